@@ -1,0 +1,69 @@
+//! Time, injectable so tests can move it.
+
+use std::sync::{Arc, Mutex};
+
+use time::{Duration, OffsetDateTime, UtcOffset};
+
+/// Truncates to whole microseconds in UTC: the precision PostgreSQL and MySQL
+/// keep, so a timestamp reads back exactly as it was hashed into the audit chain.
+pub fn normalize(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(UtcOffset::UTC);
+    let micros = at.microsecond();
+    at.replace_nanosecond(micros * 1_000).unwrap_or(at)
+}
+
+/// A source of the current time (UTC).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Now.
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// A clock that only moves when told to, for tests and demos.
+///
+/// ```
+/// use impersonation_core::{Clock, ManualClock};
+/// use time::Duration;
+/// let clock = ManualClock::new(time::macros::datetime!(2024-11-06 10:15 UTC));
+/// clock.advance(Duration::minutes(15));
+/// assert_eq!(clock.now(), time::macros::datetime!(2024-11-06 10:30 UTC));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    now: Arc<Mutex<OffsetDateTime>>,
+}
+
+impl ManualClock {
+    /// A clock stopped at `start`.
+    pub fn new(start: OffsetDateTime) -> Self {
+        Self {
+            now: Arc::new(Mutex::new(start)),
+        }
+    }
+
+    /// Moves the clock forward (or back, with a negative duration).
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        *now += by;
+    }
+
+    /// Sets the clock.
+    pub fn set(&self, to: OffsetDateTime) {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

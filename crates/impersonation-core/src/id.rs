@@ -1,0 +1,244 @@
+//! Identifiers: the host app's own user and tenant keys, and the SDK's UUID v7 ids.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Longest accepted host identifier, in bytes. Identifiers end up in database
+/// keys, Redis keys and audit rows; a bound keeps all of them predictable.
+pub const MAX_ID_LEN: usize = 255;
+
+/// Why a host identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// The identifier was empty.
+    #[error("identifier is empty")]
+    Empty,
+    /// The identifier is longer than [`MAX_ID_LEN`] bytes.
+    #[error("identifier is longer than {MAX_ID_LEN} bytes")]
+    TooLong,
+    /// The identifier contains a control character.
+    #[error("identifier contains a control character")]
+    ControlCharacter,
+}
+
+fn check_opaque(value: &str) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong);
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IdError::ControlCharacter);
+    }
+    Ok(())
+}
+
+macro_rules! opaque_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a host identifier, refusing empty, over-long or control-character values.
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                check_opaque(&value)?;
+                Ok(Self(value))
+            }
+
+            /// The identifier as the host app gave it.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, IdError> {
+                Self::new(value)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = IdError;
+            fn try_from(value: &str) -> Result<Self, IdError> {
+                Self::new(value)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(value: &str) -> Result<Self, IdError> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                Self(id.hyphenated().to_string())
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(id: u64) -> Self {
+                Self(id.to_string())
+            }
+        }
+
+        impl From<i64> for $name {
+            fn from(id: i64) -> Self {
+                Self(id.to_string())
+            }
+        }
+
+        impl From<u32> for $name {
+            fn from(id: u32) -> Self {
+                Self(id.to_string())
+            }
+        }
+
+        impl From<i32> for $name {
+            fn from(id: i32) -> Self {
+                Self(id.to_string())
+            }
+        }
+    };
+}
+
+opaque_id! {
+    /// A user of the host application, by the host's own key (integer, string or UUID).
+    ///
+    /// ```
+    /// use impersonation_core::UserId;
+    /// assert_eq!(UserId::from(42_u64).as_str(), "42");
+    /// assert!(UserId::new("").is_err());
+    /// ```
+    UserId
+}
+
+opaque_id! {
+    /// A tenant (customer organisation) of the host application, by the host's own key.
+    TenantId
+}
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A fresh, time-ordered (UUID v7) identifier.
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            /// Wraps an existing UUID (for stores reading their rows back).
+            pub const fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
+
+            /// The underlying UUID.
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = uuid::Error;
+            fn from_str(value: &str) -> Result<Self, uuid::Error> {
+                Uuid::parse_str(value).map(Self)
+            }
+        }
+
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Uuid {
+                id.0
+            }
+        }
+    };
+}
+
+uuid_id! {
+    /// An impersonation session (UUID v7, so ids sort by creation time).
+    SessionId
+}
+
+uuid_id! {
+    /// An audit event (UUID v7).
+    EventId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_keys_of_every_shape_fit() {
+        assert_eq!(UserId::from(7_u64).as_str(), "7");
+        assert_eq!(UserId::from(-7_i64).as_str(), "-7");
+        let uuid = Uuid::nil();
+        assert_eq!(
+            UserId::from(uuid).as_str(),
+            "00000000-0000-0000-0000-000000000000"
+        );
+        assert_eq!(TenantId::new("acme").map(String::from), Ok("acme".into()));
+    }
+
+    #[test]
+    fn bad_host_keys_are_refused_with_a_typed_error() {
+        assert_eq!(UserId::new(""), Err(IdError::Empty));
+        assert_eq!(UserId::new("a".repeat(256)), Err(IdError::TooLong));
+        assert_eq!(UserId::new("a\nb"), Err(IdError::ControlCharacter));
+        assert!(serde_json::from_str::<UserId>("\"\"").is_err());
+    }
+
+    #[test]
+    fn session_ids_are_version_7() {
+        assert_eq!(SessionId::new().as_uuid().get_version_num(), 7);
+        assert_eq!(EventId::new().as_uuid().get_version_num(), 7);
+    }
+}

@@ -1,0 +1,659 @@
+//! The pure, synchronous policy: who may impersonate whom, why, and for how long.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::Duration;
+
+use crate::id::{SessionId, UserId};
+use crate::principal::{Permission, PermissionPattern, Principal, RelationKind, Role, any_matches};
+
+/// Every reason a request is refused, each with a stable machine-readable code
+/// ([`Denial::code`]) that bindings return and audit events record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Denial {
+    /// The agent lacks the impersonate permission.
+    #[error("the agent lacks the impersonate permission")]
+    MissingPermission,
+    /// The agent asked to impersonate themself.
+    #[error("an agent cannot impersonate themself")]
+    SelfImpersonation,
+    /// The target holds a protected role (an administrator, say).
+    #[error("the target holds a protected role")]
+    ProtectedRole,
+    /// The target is an agent (holds the impersonate permission).
+    #[error("the target is a support agent")]
+    TargetIsAgent,
+    /// The target holds a permission the agent lacks.
+    #[error("the target holds a permission the agent lacks")]
+    Escalation,
+    /// The target is in a tenant the agent's relationships do not cover.
+    #[error("the target is outside the agent's tenants")]
+    TenantBoundary,
+    /// No reason was given.
+    #[error("a reason is required")]
+    ReasonRequired,
+    /// The reason is shorter than the policy's minimum.
+    #[error("the reason is too short")]
+    ReasonTooShort,
+    /// The reason is longer than the policy's maximum.
+    #[error("the reason is too long")]
+    ReasonTooLong,
+    /// The reason contains control or bidirectional formatting characters.
+    #[error("the reason contains control characters")]
+    ReasonInvalidCharacters,
+    /// A ticket reference is required by the policy.
+    #[error("a ticket reference is required")]
+    TicketRequired,
+    /// The ticket reference is malformed.
+    #[error("the ticket reference is malformed")]
+    TicketInvalid,
+    /// The agent is impersonating already and tried to start another session from inside it.
+    #[error("impersonation sessions cannot be nested")]
+    Nesting,
+    /// The agent already has a live session.
+    #[error("the agent already has an active impersonation session")]
+    ActiveSessionExists,
+    /// The requested duration exceeds the policy's maximum, or is not positive.
+    #[error("the requested duration is not allowed")]
+    DurationNotAllowed,
+    /// The requested scope names a permission the agent lacks.
+    #[error("the requested scope exceeds the agent's permissions")]
+    ScopeExceedsAgent,
+    /// The target user does not exist.
+    #[error("the target user does not exist")]
+    UnknownTarget,
+    /// The agent no longer exists in the directory.
+    #[error("the agent no longer exists")]
+    UnknownAgent,
+    /// Someone other than the session's agent (or an administrator) tried to stop or revoke it.
+    #[error("only the session's own agent or an administrator may end it")]
+    NotSessionAgent,
+    /// Someone other than the impersonated customer tried to answer a consent request.
+    #[error("only the impersonated customer may answer a consent request")]
+    NotSubject,
+    /// A modification was attempted in a read-only session.
+    #[error("the session is read-only")]
+    ReadOnlySession,
+    /// A route or action is refused while impersonating (billing, passwords, credentials, export).
+    #[error("this action is not available while impersonating")]
+    SensitiveAction,
+}
+
+impl Denial {
+    /// The stable code, for APIs, logs and audit details.
+    pub const fn code(&self) -> &'static str {
+        match self {
+            Self::MissingPermission => "missing_permission",
+            Self::SelfImpersonation => "self_impersonation",
+            Self::ProtectedRole => "protected_role",
+            Self::TargetIsAgent => "target_is_agent",
+            Self::Escalation => "escalation",
+            Self::TenantBoundary => "tenant_boundary",
+            Self::ReasonRequired => "reason_required",
+            Self::ReasonTooShort => "reason_too_short",
+            Self::ReasonTooLong => "reason_too_long",
+            Self::ReasonInvalidCharacters => "reason_invalid_characters",
+            Self::TicketRequired => "ticket_required",
+            Self::TicketInvalid => "ticket_invalid",
+            Self::Nesting => "nesting",
+            Self::ActiveSessionExists => "active_session_exists",
+            Self::DurationNotAllowed => "duration_not_allowed",
+            Self::ScopeExceedsAgent => "scope_exceeds_agent",
+            Self::UnknownTarget => "unknown_target",
+            Self::UnknownAgent => "unknown_agent",
+            Self::NotSessionAgent => "not_session_agent",
+            Self::NotSubject => "not_subject",
+            Self::ReadOnlySession => "read_only_session",
+            Self::SensitiveAction => "sensitive_action",
+        }
+    }
+
+    /// Every denial, for exhaustive tests and documentation.
+    pub const ALL: [Denial; 22] = [
+        Self::MissingPermission,
+        Self::SelfImpersonation,
+        Self::ProtectedRole,
+        Self::TargetIsAgent,
+        Self::Escalation,
+        Self::TenantBoundary,
+        Self::ReasonRequired,
+        Self::ReasonTooShort,
+        Self::ReasonTooLong,
+        Self::ReasonInvalidCharacters,
+        Self::TicketRequired,
+        Self::TicketInvalid,
+        Self::Nesting,
+        Self::ActiveSessionExists,
+        Self::DurationNotAllowed,
+        Self::ScopeExceedsAgent,
+        Self::UnknownTarget,
+        Self::UnknownAgent,
+        Self::NotSessionAgent,
+        Self::NotSubject,
+        Self::ReadOnlySession,
+        Self::SensitiveAction,
+    ];
+}
+
+/// Characters refused in free text besides `char::is_control`: bidirectional
+/// overrides and isolates, which can make an audit line read differently from
+/// what it stores ("Trojan Source").
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+pub(crate) fn has_forbidden_chars(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() || is_bidi_control(c))
+}
+
+/// A validated reason for an impersonation session (shown in the banner and audited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Reason(String);
+
+impl Reason {
+    /// The reason text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated support-ticket reference (`SUP-1234`, `#5678`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ticket(String);
+
+impl Ticket {
+    /// Longest accepted ticket reference.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates a ticket reference: 1 to 64 ASCII letters, digits or `-_#./:`.
+    pub fn parse(text: &str) -> Result<Self, Denial> {
+        let text = text.trim();
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || "-_#./:".contains(c);
+        if text.is_empty() || text.len() > Self::MAX_LEN || !text.chars().all(valid_char) {
+            return Err(Denial::TicketInvalid);
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    /// The reference.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an agent asks for when starting a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// The customer to impersonate.
+    pub target: UserId,
+    /// Why (required; shown in the banner, audited).
+    pub reason: String,
+    /// The support ticket, if any.
+    pub ticket: Option<String>,
+    /// A shorter duration than the policy's maximum.
+    #[serde(default, with = "crate::serde_util::opt_duration_secs")]
+    pub duration: Option<Duration>,
+    /// Narrow the session to these permissions (never wider than the agent's own).
+    pub scope: Option<BTreeSet<Permission>>,
+    /// Ask for a read-only session.
+    pub read_only: bool,
+}
+
+impl StartRequest {
+    /// A request to impersonate `target` for `reason`.
+    pub fn new(target: UserId, reason: impl Into<String>) -> Self {
+        Self {
+            target,
+            reason: reason.into(),
+            ticket: None,
+            duration: None,
+            scope: None,
+            read_only: false,
+        }
+    }
+
+    /// Adds a ticket reference.
+    #[must_use]
+    pub fn ticket(mut self, ticket: impl Into<String>) -> Self {
+        self.ticket = Some(ticket.into());
+        self
+    }
+
+    /// Asks for a shorter session.
+    #[must_use]
+    pub fn duration(mut self, duration: Duration) -> Self {
+        self.duration = Some(duration);
+        self
+    }
+
+    /// Narrows the session to these permissions.
+    #[must_use]
+    pub fn scope<P: Into<Permission>>(mut self, permissions: impl IntoIterator<Item = P>) -> Self {
+        self.scope = Some(permissions.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Asks for a read-only session.
+    #[must_use]
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+}
+
+/// What the policy allowed: the full statement of what a session may do,
+/// stored with the session so it can be audited and re-checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The validated reason.
+    pub reason: Reason,
+    /// The validated ticket.
+    pub ticket: Option<Ticket>,
+    /// The most the shadow user may hold (intersected with the target's own).
+    pub permissions: BTreeSet<Permission>,
+    /// Permissions the shadow user never holds.
+    pub denied: Vec<PermissionPattern>,
+    /// Read-only session: only permissions matching `read_only_allowed` survive.
+    pub read_only: bool,
+    /// Which permissions count as read-only.
+    pub read_only_allowed: Vec<PermissionPattern>,
+    /// How long the session may last once active.
+    #[serde(with = "crate::serde_util::duration_secs")]
+    pub duration: Duration,
+    /// How long the session may sit unused.
+    #[serde(with = "crate::serde_util::duration_secs")]
+    pub idle_timeout: Duration,
+    /// When the customer must consent first: how long the request stays open.
+    #[serde(default, with = "crate::serde_util::opt_duration_secs")]
+    pub consent_timeout: Option<Duration>,
+}
+
+impl Grant {
+    /// Whether the shadow user may hold this permission (before intersecting
+    /// with the target's own permissions).
+    pub fn allows(&self, permission: &Permission) -> bool {
+        self.permissions.contains(permission)
+            && !any_matches(&self.denied, permission)
+            && (!self.read_only || any_matches(&self.read_only_allowed, permission))
+    }
+
+    /// The shadow user's permissions: target's ∩ grant − denied (∩ read-only set).
+    pub fn effective_permissions(&self, target: &BTreeSet<Permission>) -> BTreeSet<Permission> {
+        target.iter().filter(|p| self.allows(p)).cloned().collect()
+    }
+}
+
+/// Whether the customer must consent before a session becomes active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    /// Sessions start active.
+    NotRequired,
+    /// Sessions start pending; the customer has `timeout` to answer.
+    Required {
+        /// How long a consent request stays open.
+        timeout: Duration,
+    },
+}
+
+/// The facts the policy decides on, besides the two principals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyContext {
+    /// The request comes from inside an impersonation session.
+    pub impersonating: bool,
+    /// The agent's current live session, if any.
+    pub live_session: Option<SessionId>,
+}
+
+/// The configurable, pure policy. `Policy::default()` is the secure default;
+/// every loosening has a named method.
+///
+/// ```
+/// use impersonation_core::{Policy, Principal, StartRequest, PolicyContext, UserId, TenantId, Denial};
+/// let policy = Policy::default();
+/// let t = TenantId::from(1_u64);
+/// let agent = Principal::new(UserId::from(1_u64), "Sam", t.clone())
+///     .with_permission("impersonation:start").with_permission("bookings:read");
+/// let admin = Principal::new(UserId::from(2_u64), "Root", t).with_role("admin");
+/// let request = StartRequest::new(admin.id.clone(), "Customer reported a broken page");
+/// let denied = policy.authorize(&agent, &admin, &request, PolicyContext::default());
+/// assert_eq!(denied.unwrap_err().code(), "protected_role");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Policy {
+    impersonate_permission: Permission,
+    admin_permission: Permission,
+    protected_roles: BTreeSet<Role>,
+    protect_agents: bool,
+    no_escalation: bool,
+    cross_tenant_kinds: BTreeSet<RelationKind>,
+    reason_min_chars: usize,
+    reason_max_chars: usize,
+    require_ticket: bool,
+    max_duration: Duration,
+    idle_timeout: Duration,
+    consent: Consent,
+    denied_permissions: Vec<PermissionPattern>,
+    read_only_allowed: Vec<PermissionPattern>,
+    read_only_by_default: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            impersonate_permission: Permission::new("impersonation:start"),
+            admin_permission: Permission::new("impersonation:admin"),
+            protected_roles: [Role::new("admin")].into(),
+            protect_agents: true,
+            no_escalation: true,
+            cross_tenant_kinds: [RelationKind::Partner, RelationKind::Support].into(),
+            reason_min_chars: 8,
+            reason_max_chars: 500,
+            require_ticket: false,
+            max_duration: Duration::hours(1),
+            idle_timeout: Duration::minutes(15),
+            consent: Consent::NotRequired,
+            denied_permissions: DEFAULT_DENIED
+                .iter()
+                .map(|p| PermissionPattern::new(*p))
+                .collect(),
+            read_only_allowed: DEFAULT_READ_ONLY
+                .iter()
+                .map(|p| PermissionPattern::new(*p))
+                .collect(),
+            read_only_by_default: false,
+        }
+    }
+}
+
+/// Permissions a shadow user never holds by default: billing, credentials,
+/// passwords, MFA, data export, and impersonation itself (no nesting).
+pub const DEFAULT_DENIED: &[&str] = &[
+    "billing:*",
+    "password:*",
+    "credentials:*",
+    "mfa:*",
+    "export:*",
+    "impersonation:*",
+];
+
+/// Permissions that count as read-only by default.
+pub const DEFAULT_READ_ONLY: &[&str] = &["*:read", "*:view", "*:list"];
+
+impl Policy {
+    /// The permission an agent needs (default `impersonation:start`).
+    #[must_use]
+    pub fn impersonate_permission(mut self, permission: impl Into<Permission>) -> Self {
+        self.impersonate_permission = permission.into();
+        self
+    }
+
+    /// The permission that lets a holder revoke anyone's session (default `impersonation:admin`).
+    #[must_use]
+    pub fn admin_permission(mut self, permission: impl Into<Permission>) -> Self {
+        self.admin_permission = permission.into();
+        self
+    }
+
+    /// Adds a protected role: nobody holding it can be impersonated.
+    #[must_use]
+    pub fn protect_role(mut self, role: impl Into<Role>) -> Self {
+        self.protected_roles.insert(role.into());
+        self
+    }
+
+    /// Lets agents impersonate other agents. Off by default.
+    #[must_use]
+    pub fn allow_impersonating_agents(mut self) -> Self {
+        self.protect_agents = false;
+        self
+    }
+
+    /// Lets agents impersonate users holding permissions they lack themselves.
+    /// Off by default: this is privilege escalation, opt in knowingly.
+    #[must_use]
+    pub fn allow_privilege_escalation(mut self) -> Self {
+        self.no_escalation = false;
+        self
+    }
+
+    /// Which relationship kinds let an agent cross into another tenant (default partner and support).
+    #[must_use]
+    pub fn cross_tenant_kinds(mut self, kinds: impl IntoIterator<Item = RelationKind>) -> Self {
+        self.cross_tenant_kinds = kinds.into_iter().collect();
+        self
+    }
+
+    /// Bounds on the reason's length in characters (default 8 to 500).
+    #[must_use]
+    pub fn reason_length(mut self, min_chars: usize, max_chars: usize) -> Self {
+        self.reason_min_chars = min_chars.max(1);
+        self.reason_max_chars = max_chars.max(self.reason_min_chars);
+        self
+    }
+
+    /// Requires a ticket reference on every session.
+    #[must_use]
+    pub fn require_ticket(mut self) -> Self {
+        self.require_ticket = true;
+        self
+    }
+
+    /// The longest a session may last (default one hour).
+    #[must_use]
+    pub fn max_duration(mut self, duration: Duration) -> Self {
+        self.max_duration = duration;
+        self
+    }
+
+    /// How long a session may sit unused (default fifteen minutes).
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Whether the customer must consent first.
+    #[must_use]
+    pub fn consent(mut self, consent: Consent) -> Self {
+        self.consent = consent;
+        self
+    }
+
+    /// Replaces the denied-permission patterns. `impersonation:*` is always kept.
+    #[must_use]
+    pub fn denied_permissions<P: Into<PermissionPattern>>(
+        mut self,
+        patterns: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.denied_permissions = patterns.into_iter().map(Into::into).collect();
+        let always = PermissionPattern::new("impersonation:*");
+        if !self.denied_permissions.contains(&always) {
+            self.denied_permissions.push(always);
+        }
+        self
+    }
+
+    /// Replaces the patterns of permissions that count as read-only.
+    #[must_use]
+    pub fn read_only_permissions<P: Into<PermissionPattern>>(
+        mut self,
+        patterns: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.read_only_allowed = patterns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Makes every session read-only, whatever the request says.
+    #[must_use]
+    pub fn read_only_always(mut self) -> Self {
+        self.read_only_by_default = true;
+        self
+    }
+
+    /// The permission an agent needs.
+    pub fn impersonate_permission_name(&self) -> &Permission {
+        &self.impersonate_permission
+    }
+
+    /// The administrator permission.
+    pub fn admin_permission_name(&self) -> &Permission {
+        &self.admin_permission
+    }
+
+    /// The longest a session may last.
+    pub fn max_session_duration(&self) -> Duration {
+        self.max_duration
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout_duration(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The denied-permission patterns.
+    pub fn denied_permission_patterns(&self) -> &[PermissionPattern] {
+        &self.denied_permissions
+    }
+
+    /// Whether the principal may revoke any session.
+    pub fn is_admin(&self, principal: &Principal) -> bool {
+        principal.has_permission(&self.admin_permission)
+    }
+
+    /// Decides a start request. Rules run in a fixed order, so the same
+    /// request always gets the same denial.
+    pub fn authorize(
+        &self,
+        agent: &Principal,
+        target: &Principal,
+        request: &StartRequest,
+        context: PolicyContext,
+    ) -> Result<Grant, Denial> {
+        if context.impersonating {
+            return Err(Denial::Nesting);
+        }
+        self.permits_pair(agent, target)?;
+        let reason = self.validate_reason(&request.reason)?;
+        let ticket = match &request.ticket {
+            Some(t) if !t.trim().is_empty() => Some(Ticket::parse(t)?),
+            _ if self.require_ticket => return Err(Denial::TicketRequired),
+            _ => None,
+        };
+        let duration = match request.duration {
+            Some(d) if d <= Duration::ZERO || d > self.max_duration => {
+                return Err(Denial::DurationNotAllowed);
+            }
+            Some(d) => d,
+            None => self.max_duration,
+        };
+        let permissions = match &request.scope {
+            Some(scope) => {
+                if self.no_escalation && !scope.is_subset(&agent.permissions) {
+                    return Err(Denial::ScopeExceedsAgent);
+                }
+                scope.clone()
+            }
+            None if self.no_escalation => agent.permissions.clone(),
+            None => target.permissions.clone(),
+        };
+        if context.live_session.is_some() {
+            return Err(Denial::ActiveSessionExists);
+        }
+        Ok(Grant {
+            reason,
+            ticket,
+            permissions,
+            denied: self.denied_permissions.clone(),
+            read_only: request.read_only || self.read_only_by_default,
+            read_only_allowed: self.read_only_allowed.clone(),
+            duration,
+            idle_timeout: self.idle_timeout,
+            consent_timeout: match self.consent {
+                Consent::NotRequired => None,
+                Consent::Required { timeout } => Some(timeout),
+            },
+        })
+    }
+
+    /// The rules about the two people alone, re-checked while a session runs:
+    /// the agent's permission, self-impersonation, protected targets,
+    /// escalation and the tenant boundary.
+    pub fn permits_pair(&self, agent: &Principal, target: &Principal) -> Result<(), Denial> {
+        if !agent.has_permission(&self.impersonate_permission) {
+            return Err(Denial::MissingPermission);
+        }
+        if agent.id == target.id {
+            return Err(Denial::SelfImpersonation);
+        }
+        if target
+            .roles
+            .iter()
+            .any(|r| self.protected_roles.contains(r))
+        {
+            return Err(Denial::ProtectedRole);
+        }
+        if self.protect_agents
+            && (target.has_permission(&self.impersonate_permission)
+                || target.has_permission(&self.admin_permission))
+        {
+            return Err(Denial::TargetIsAgent);
+        }
+        if self.no_escalation {
+            // Permissions the shadow user never gets cannot escalate anything.
+            let escalates = target
+                .permissions
+                .iter()
+                .any(|p| !any_matches(&self.denied_permissions, p) && !agent.has_permission(p));
+            if escalates {
+                return Err(Denial::Escalation);
+            }
+        }
+        let crosses = target.tenant != agent.tenant;
+        let covered = agent
+            .relationships
+            .iter()
+            .any(|r| self.cross_tenant_kinds.contains(&r.kind) && r.scope.covers(&target.tenant));
+        if crosses && !covered {
+            return Err(Denial::TenantBoundary);
+        }
+        Ok(())
+    }
+
+    fn validate_reason(&self, text: &str) -> Result<Reason, Denial> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(Denial::ReasonRequired);
+        }
+        if has_forbidden_chars(text) {
+            return Err(Denial::ReasonInvalidCharacters);
+        }
+        let chars = text.chars().count();
+        if chars < self.reason_min_chars {
+            return Err(Denial::ReasonTooShort);
+        }
+        if chars > self.reason_max_chars {
+            return Err(Denial::ReasonTooLong);
+        }
+        Ok(Reason(text.to_owned()))
+    }
+}

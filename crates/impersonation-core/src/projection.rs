@@ -1,0 +1,218 @@
+//! Shadow-user projection: what of the customer the agent works with.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{TenantId, UserId};
+use crate::policy::Grant;
+use crate::principal::{Permission, Principal, Relationship, Role};
+
+/// How one attribute reaches the shadow user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttributeRule {
+    /// The value as is (settings: time zone, language, feature flags).
+    Copy,
+    /// A partial view: every character hidden but the last few (card or phone numbers).
+    Mask(Mask),
+    /// The attribute is present but its value is not: the app can show "hidden".
+    Redact,
+    /// The attribute is absent. Attributes without a rule are dropped.
+    Drop,
+}
+
+/// A mask that keeps the last `keep_last` characters, and only for values
+/// long enough that those characters are a small part of the whole (three
+/// times `keep_last` or more); shorter values are hidden entirely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mask {
+    /// How many trailing characters stay visible.
+    pub keep_last: usize,
+}
+
+impl Default for Mask {
+    fn default() -> Self {
+        Self { keep_last: 4 }
+    }
+}
+
+/// The character that replaces hidden ones.
+pub const MASK_CHAR: char = '•';
+
+impl Mask {
+    /// Masks a text.
+    pub fn apply(&self, text: &str) -> String {
+        let chars: Vec<char> = text.chars().collect();
+        let keep = if chars.len() >= self.keep_last.saturating_mul(3) {
+            self.keep_last
+        } else {
+            0
+        };
+        let hidden = chars.len() - keep;
+        std::iter::repeat_n(MASK_CHAR, hidden.max(4))
+            .chain(chars[hidden..].iter().copied())
+            .collect()
+    }
+}
+
+/// An attribute as the shadow user holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum ShadowValue {
+    /// Copied as is.
+    Copied(serde_json::Value),
+    /// Masked text.
+    Masked(String),
+    /// Present, value withheld.
+    Redacted,
+}
+
+/// Per-attribute rules. The default has no rules, so every attribute is
+/// dropped: secure by default, each attribute the agent should see is opted in.
+///
+/// ```
+/// use impersonation_core::{ProjectionRules, AttributeRule, Mask};
+/// let rules = ProjectionRules::new()
+///     .rule("timezone", AttributeRule::Copy)
+///     .rule("card_number", AttributeRule::Mask(Mask::default()))
+///     .rule("email", AttributeRule::Redact);
+/// assert_eq!(rules.rule_for("password_hash"), AttributeRule::Drop);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionRules {
+    rules: BTreeMap<String, AttributeRule>,
+}
+
+impl ProjectionRules {
+    /// No rules: every attribute dropped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the rule for an attribute.
+    #[must_use]
+    pub fn rule(mut self, attribute: impl Into<String>, rule: AttributeRule) -> Self {
+        self.rules.insert(attribute.into(), rule);
+        self
+    }
+
+    /// The rule for an attribute (`Drop` when none was set).
+    pub fn rule_for(&self, attribute: &str) -> AttributeRule {
+        self.rules
+            .get(attribute)
+            .copied()
+            .unwrap_or(AttributeRule::Drop)
+    }
+
+    /// Every explicit rule.
+    pub fn rules(&self) -> impl Iterator<Item = (&str, AttributeRule)> {
+        self.rules.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Projects the customer into the shadow user the agent works as.
+    pub fn project(&self, target: &Principal, grant: &Grant) -> ShadowUser {
+        let mut attributes = BTreeMap::new();
+        for (name, value) in &target.attributes {
+            let shadow = match self.rule_for(name) {
+                AttributeRule::Copy => ShadowValue::Copied(value.clone()),
+                AttributeRule::Mask(mask) => match value {
+                    serde_json::Value::String(s) => ShadowValue::Masked(mask.apply(s)),
+                    serde_json::Value::Number(n) => ShadowValue::Masked(mask.apply(&n.to_string())),
+                    // Structured values cannot be masked meaningfully.
+                    _ => ShadowValue::Redacted,
+                },
+                AttributeRule::Redact => ShadowValue::Redacted,
+                AttributeRule::Drop => continue,
+            };
+            attributes.insert(name.clone(), shadow);
+        }
+        ShadowUser {
+            id: target.id.clone(),
+            display_name: target.display_name.clone(),
+            tenant: target.tenant.clone(),
+            roles: target.roles.clone(),
+            permissions: grant.effective_permissions(&target.permissions),
+            attributes,
+            relationships: target.relationships.clone(),
+            read_only: grant.read_only,
+        }
+    }
+}
+
+/// The user an agent works as during a session: the customer's id, tenant,
+/// roles, settings and relationships, with permissions cut to
+/// target ∩ grant − denied and sensitive attributes masked, redacted or absent.
+///
+/// Only [`ProjectionRules::project`] builds one (stores read them back through serde).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowUser {
+    id: UserId,
+    display_name: String,
+    tenant: TenantId,
+    roles: BTreeSet<Role>,
+    permissions: BTreeSet<Permission>,
+    attributes: BTreeMap<String, ShadowValue>,
+    relationships: Vec<Relationship>,
+    read_only: bool,
+}
+
+impl ShadowUser {
+    /// The customer's id (the app's "current user" id during the session).
+    pub fn id(&self) -> &UserId {
+        &self.id
+    }
+
+    /// The customer's display name.
+    pub fn display_name(&self) -> &str {
+        &self.display_name
+    }
+
+    /// The customer's tenant.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// The customer's roles.
+    pub fn roles(&self) -> &BTreeSet<Role> {
+        &self.roles
+    }
+
+    /// The effective permissions.
+    pub fn permissions(&self) -> &BTreeSet<Permission> {
+        &self.permissions
+    }
+
+    /// Whether the shadow user holds a permission.
+    pub fn has_permission(&self, permission: &Permission) -> bool {
+        self.permissions.contains(permission)
+    }
+
+    /// The projected attributes.
+    pub fn attributes(&self) -> &BTreeMap<String, ShadowValue> {
+        &self.attributes
+    }
+
+    /// One projected attribute.
+    pub fn attribute(&self, name: &str) -> Option<&ShadowValue> {
+        self.attributes.get(name)
+    }
+
+    /// The customer's company and partner relationships.
+    pub fn relationships(&self) -> &[Relationship] {
+        &self.relationships
+    }
+
+    /// The customer's company name.
+    pub fn company(&self) -> Option<&str> {
+        self.relationships
+            .iter()
+            .find(|r| r.kind == crate::principal::RelationKind::Company)
+            .map(|r| r.name.as_str())
+    }
+
+    /// Whether the session is read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}

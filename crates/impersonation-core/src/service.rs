@@ -1,0 +1,1095 @@
+//! The `Impersonation` service: the one entry point host apps and bindings call.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+use tracing::{Instrument, Span, field::Empty};
+
+use crate::audit::{
+    Actor, AuditAction, AuditDraft, ChainBreak, ChainKey, ChainReport, ChainVerifier, Details,
+};
+use crate::clock::{Clock, SystemClock, normalize};
+use crate::id::{SessionId, TenantId, UserId};
+use crate::policy::{Denial, Policy, PolicyContext, Reason, StartRequest, Ticket};
+use crate::principal::{Directory, DirectoryError, Principal};
+use crate::projection::{ProjectionRules, ShadowUser};
+use crate::secret::{SecretError, SessionSecret};
+use crate::session::{Begin, EndReason, PersonRef, Session, SessionState, TransitionError};
+use crate::store::{
+    AppendGuard, AuditPage, AuditQuery, LiveFilter, StartOutcome, Store, StoreError, Touch,
+};
+
+/// Why a service call failed. [`Error::code`] is stable; [`Error::http_status`]
+/// is the status every binding answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The policy refused; the refusal is in the audit trail.
+    #[error("denied: {0}")]
+    Denied(Denial),
+    /// No session matches the presented secret (or it is malformed).
+    #[error("no valid impersonation session")]
+    Unauthenticated,
+    /// The session has ended.
+    #[error("the impersonation session has ended ({})", .0.code())]
+    Ended(EndReason),
+    /// The session awaits the customer's consent.
+    #[error("the impersonation session awaits the customer's consent")]
+    PendingConsent,
+    /// No session has that id.
+    #[error("no such impersonation session")]
+    UnknownSession,
+    /// An illegal state transition was asked for.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// The store failed; nothing was served as an impersonated user.
+    #[error("store failure: {0}")]
+    Store(#[from] StoreError),
+    /// The directory failed; nothing was served as an impersonated user.
+    #[error("directory failure: {0}")]
+    Directory(#[from] DirectoryError),
+    /// The random source failed while generating a secret.
+    #[error("could not generate a session secret")]
+    Random,
+}
+
+impl Error {
+    /// A stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Denied(d) => d.code(),
+            Self::Unauthenticated => "unauthenticated",
+            Self::Ended(_) => "session_ended",
+            Self::PendingConsent => "pending_consent",
+            Self::UnknownSession => "unknown_session",
+            Self::Transition(_) => "illegal_transition",
+            Self::Store(_) => "store_unavailable",
+            Self::Directory(_) => "directory_unavailable",
+            Self::Random => "random_unavailable",
+        }
+    }
+
+    /// The HTTP status a binding answers with: 401 for no usable session,
+    /// 403 for a policy refusal, 404 for an unknown session id, 409 for an
+    /// illegal transition, 503 when the SDK could not check (it fails closed).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Denied(_) | Self::PendingConsent => 403,
+            Self::Unauthenticated | Self::Ended(_) => 401,
+            Self::UnknownSession => 404,
+            Self::Transition(_) => 409,
+            Self::Store(_) | Self::Directory(_) | Self::Random => 503,
+        }
+    }
+}
+
+impl From<SecretError> for Error {
+    fn from(e: SecretError) -> Self {
+        match e {
+            SecretError::Malformed => Self::Unauthenticated,
+            SecretError::Random => Self::Random,
+        }
+    }
+}
+
+/// Service settings beyond the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// How often `resolve` re-checks, through the directory, that the agent
+    /// still holds the impersonate permission and the policy still allows
+    /// the pair. `Duration::ZERO` (the default) checks on every request.
+    pub recheck_interval: Duration,
+    /// Write the idle touch at most this often. `Duration::ZERO` (the
+    /// default) writes it on every request; a few seconds spare a busy
+    /// session's writes at the cost of that much idle-timeout precision.
+    pub touch_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            recheck_interval: Duration::ZERO,
+            touch_interval: Duration::ZERO,
+        }
+    }
+}
+
+/// Who asks to start a session.
+#[derive(Debug, Clone, Copy)]
+pub enum Requester<'a> {
+    /// A signed-in user acting as themself.
+    User(&'a Principal),
+    /// A request made from inside an impersonation session: always refused (no nesting).
+    Impersonating(&'a Context),
+}
+
+/// Who initiates a bulk revocation.
+#[derive(Debug, Clone, Copy)]
+pub enum Initiator<'a> {
+    /// Host code reacting to an event (an agent disabled, a password changed).
+    System,
+    /// A person; must be entitled (see each method).
+    User(&'a Principal),
+}
+
+/// A started session and the secret to hand to the agent's client. The
+/// secret is shown once; stores keep only its hash.
+#[derive(Debug)]
+pub struct Started {
+    /// The session (active, or pending consent).
+    pub session: Session,
+    /// The bearer secret.
+    pub secret: SessionSecret,
+}
+
+/// What a request served under impersonation knows: the shadow user it acts
+/// as, the real agent beside it, and what the banner shows. Only the service
+/// builds one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Context {
+    session: SessionId,
+    agent: PersonRef,
+    shadow: ShadowUser,
+    reason: Reason,
+    ticket: Option<Ticket>,
+    #[serde(with = "time::serde::rfc3339")]
+    started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    idle_deadline: OffsetDateTime,
+}
+
+impl Context {
+    fn of(session: &Session) -> Self {
+        Self {
+            session: session.id,
+            agent: session.agent.clone(),
+            shadow: session.shadow.clone(),
+            reason: session.grant.reason.clone(),
+            ticket: session.grant.ticket.clone(),
+            started_at: session.activated_at.unwrap_or(session.created_at),
+            expires_at: session.expires_at,
+            idle_deadline: session.idle_deadline().min(session.expires_at),
+        }
+    }
+
+    /// The session.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// The real agent, always reachable beside the shadow user.
+    pub fn agent(&self) -> &PersonRef {
+        &self.agent
+    }
+
+    /// The user the request acts as.
+    pub fn shadow(&self) -> &ShadowUser {
+        &self.shadow
+    }
+
+    /// The impersonated customer's id.
+    pub fn subject(&self) -> &UserId {
+        self.shadow.id()
+    }
+
+    /// The customer's tenant.
+    pub fn tenant(&self) -> &TenantId {
+        self.shadow.tenant()
+    }
+
+    /// Why the session was started.
+    pub fn reason(&self) -> &Reason {
+        &self.reason
+    }
+
+    /// The ticket, if any.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    /// When the session became active.
+    pub fn started_at(&self) -> OffsetDateTime {
+        self.started_at
+    }
+
+    /// When the session ends at the latest.
+    pub fn expires_at(&self) -> OffsetDateTime {
+        self.expires_at
+    }
+
+    /// When the session ends if unused.
+    pub fn idle_deadline(&self) -> OffsetDateTime {
+        self.idle_deadline
+    }
+
+    /// Whether the session is read-only.
+    pub fn read_only(&self) -> bool {
+        self.shadow.read_only()
+    }
+
+    /// The audit chain of this session.
+    pub fn chain(&self) -> ChainKey {
+        ChainKey::for_agent(&self.agent.id)
+    }
+
+    /// What the banner shows at `now`.
+    pub fn banner(&self, now: OffsetDateTime) -> Banner {
+        let left = self.expires_at.min(self.idle_deadline) - now;
+        Banner {
+            subject_name: self.shadow.display_name().to_owned(),
+            company: self.shadow.company().map(str::to_owned),
+            agent_name: self.agent.name.clone(),
+            reason: self.reason.as_str().to_owned(),
+            ticket: self.ticket.as_ref().map(|t| t.as_str().to_owned()),
+            expires_at: self.expires_at,
+            seconds_left: left.whole_seconds().max(0),
+        }
+    }
+}
+
+/// The data of the "You are impersonating …" banner. Plain text: bindings escape it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Banner {
+    /// The customer's name.
+    pub subject_name: String,
+    /// The customer's company.
+    pub company: Option<String>,
+    /// The agent's name.
+    pub agent_name: String,
+    /// The reason given.
+    pub reason: String,
+    /// The ticket, if any.
+    pub ticket: Option<String>,
+    /// When the session ends at the latest.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Seconds until the session ends (by expiry or idleness, whichever is sooner).
+    pub seconds_left: i64,
+}
+
+impl Banner {
+    /// "You are impersonating Jane Doe (Pinewood Campground)".
+    pub fn message(&self) -> String {
+        match &self.company {
+            Some(company) => format!("You are impersonating {} ({company})", self.subject_name),
+            None => format!("You are impersonating {}", self.subject_name),
+        }
+    }
+
+    /// Time left as `mm:ss` (or `h:mm:ss`).
+    pub fn time_left(&self) -> String {
+        let s = self.seconds_left.max(0);
+        if s >= 3600 {
+            format!("{}:{:02}:{:02}", s / 3600, (s % 3600) / 60, s % 60)
+        } else {
+            format!("{}:{:02}", s / 60, s % 60)
+        }
+    }
+}
+
+/// Whether an audited activity read or changed something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivityKind {
+    /// A read (safe HTTP methods).
+    Access,
+    /// A change (unsafe HTTP methods).
+    Modification,
+}
+
+/// Something the agent did inside a session, to audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// Read or change.
+    pub kind: ActivityKind,
+    /// The sentence for the table ("Accessed account settings.").
+    pub description: String,
+    /// Structured details (method, route, status…). Never secrets.
+    pub details: Details,
+}
+
+impl Activity {
+    /// A read.
+    pub fn access(description: impl Into<String>) -> Self {
+        Self {
+            kind: ActivityKind::Access,
+            description: description.into(),
+            details: Details::new(),
+        }
+    }
+
+    /// A change.
+    pub fn modification(description: impl Into<String>) -> Self {
+        Self {
+            kind: ActivityKind::Modification,
+            description: description.into(),
+            details: Details::new(),
+        }
+    }
+
+    /// Adds a detail.
+    #[must_use]
+    pub fn detail(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.details.insert(key, value);
+        self
+    }
+}
+
+/// The result of verifying every chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Chains that verified.
+    pub verified: Vec<ChainReport>,
+    /// Chains that did not, with their first bad position.
+    pub broken: Vec<ChainBreak>,
+}
+
+impl VerifyReport {
+    /// Whether every chain verified.
+    pub fn is_ok(&self) -> bool {
+        self.broken.is_empty()
+    }
+
+    /// Events verified in all.
+    pub fn events(&self) -> u64 {
+        self.verified.iter().map(|c| c.events).sum()
+    }
+}
+
+fn person(p: &Principal) -> PersonRef {
+    PersonRef {
+        id: p.id.clone(),
+        name: p.display_name.clone(),
+        tenant: p.tenant.clone(),
+    }
+}
+
+fn actor_of(p: &Principal) -> Actor {
+    Actor::user(p.id.clone(), p.display_name.clone())
+}
+
+fn denial_details(denial: &Denial, attempt: &str) -> Details {
+    Details::new()
+        .with("denial", denial.code())
+        .with("message", denial)
+        .with("attempt", attempt)
+}
+
+/// Page size used when streaming a chain for verification.
+const VERIFY_PAGE: u32 = 500;
+
+/// Ties the policy, projection, store, directory and clock together.
+///
+/// ```
+/// use impersonation_core::*;
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let directory = MemoryDirectory::new();
+/// let tenant = TenantId::from(1_u64);
+/// let agent = Principal::new(UserId::from(1_u64), "Sam Support", tenant.clone())
+///     .with_permissions(["impersonation:start", "bookings:read"]);
+/// let customer = Principal::new(UserId::from(2_u64), "Jane Camper", tenant)
+///     .with_permission("bookings:read")
+///     .with_attribute("card_number", "4242424242424242");
+/// directory.insert(agent.clone());
+/// directory.insert(customer.clone());
+///
+/// let service = Impersonation::new(MemoryStore::new(), directory)
+///     .with_projection(ProjectionRules::new().rule("card_number", AttributeRule::Mask(Mask::default())));
+/// let started = service
+///     .start(Requester::User(&agent), StartRequest::new(customer.id.clone(), "Ticket: cannot see bookings"))
+///     .await?;
+/// let ctx = service.resolve(&started.secret).await?;
+/// assert_eq!(ctx.agent().id, agent.id);
+/// assert_eq!(ctx.banner(time::OffsetDateTime::now_utc()).message(), "You are impersonating Jane Camper");
+/// service.stop(&started.secret, &agent).await?;
+/// assert!(service.resolve(&started.secret).await.is_err());
+/// # Ok::<(), Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Impersonation<S, D> {
+    store: S,
+    directory: D,
+    policy: Policy,
+    projection: ProjectionRules,
+    config: Config,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S: Store, D: Directory> Impersonation<S, D> {
+    /// A service with the default policy, no projection rules (every attribute
+    /// dropped), the default config and the system clock.
+    pub fn new(store: S, directory: D) -> Self {
+        Self {
+            store,
+            directory,
+            policy: Policy::default(),
+            projection: ProjectionRules::default(),
+            config: Config::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Replaces the policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Replaces the projection rules.
+    #[must_use]
+    pub fn with_projection(mut self, projection: ProjectionRules) -> Self {
+        self.projection = projection;
+        self
+    }
+
+    /// Replaces the config.
+    #[must_use]
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Replaces the clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The directory.
+    pub fn directory(&self) -> &D {
+        &self.directory
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The projection rules.
+    pub fn projection(&self) -> &ProjectionRules {
+        &self.projection
+    }
+
+    /// Now, by the service's clock, normalised to UTC microseconds.
+    pub fn now(&self) -> OffsetDateTime {
+        normalize(self.clock.now())
+    }
+
+    async fn audit_denial(
+        &self,
+        draft: AuditDraft,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        let mut draft = draft;
+        for (key, value) in denial_details(&denial, attempt).iter() {
+            draft.details.insert(key, value);
+        }
+        self.store.append(draft, AppendGuard::None).await?;
+        tracing::warn!(
+            denial = denial.code(),
+            attempt,
+            "impersonation attempt refused"
+        );
+        Ok(Error::Denied(denial))
+    }
+
+    /// Starts a session: checks the policy, projects the shadow user, writes
+    /// the session with its audit event, and returns the bearer secret.
+    /// Every refusal is audited.
+    pub async fn start(
+        &self,
+        requester: Requester<'_>,
+        request: StartRequest,
+    ) -> Result<Started, Error> {
+        let span = tracing::info_span!(
+            "impersonation.start",
+            impersonation.agent = Empty,
+            impersonation.subject = %request.target,
+            impersonation.session = Empty,
+        );
+        self.start_inner(requester, request, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn start_inner(
+        &self,
+        requester: Requester<'_>,
+        request: StartRequest,
+        span: Span,
+    ) -> Result<Started, Error> {
+        let now = self.now();
+        let agent = match requester {
+            Requester::User(agent) => agent,
+            Requester::Impersonating(ctx) => {
+                span.record("impersonation.agent", ctx.agent.id.as_str());
+                let draft = AuditDraft::new(
+                    now,
+                    AuditAction::Denied,
+                    Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+                    ctx.chain(),
+                )
+                .subject(
+                    ctx.subject().clone(),
+                    ctx.shadow.display_name(),
+                    ctx.tenant().clone(),
+                )
+                .session(ctx.session);
+                return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
+            }
+        };
+        span.record("impersonation.agent", agent.id.as_str());
+        let chain = ChainKey::for_agent(&agent.id);
+        let refuse = |target: Option<&Principal>| {
+            let draft = AuditDraft::new(now, AuditAction::Denied, actor_of(agent), chain.clone());
+            match target {
+                Some(t) => draft.subject(t.id.clone(), t.display_name.clone(), t.tenant.clone()),
+                None => draft,
+            }
+        };
+        let Some(target) = self.directory.principal(&request.target).await? else {
+            let draft = refuse(None).details(Details::new().with("target", &request.target));
+            return Err(self
+                .audit_denial(draft, Denial::UnknownTarget, "start")
+                .await?);
+        };
+        let live = self
+            .store
+            .live_sessions(&LiveFilter {
+                agent: Some(agent.id.clone()),
+                ..LiveFilter::default()
+            })
+            .await?;
+        let context = PolicyContext {
+            impersonating: false,
+            live_session: live.first().map(|s| s.id),
+        };
+        let grant = match self.policy.authorize(agent, &target, &request, context) {
+            Ok(grant) => grant,
+            Err(denial) => {
+                return Err(self
+                    .audit_denial(refuse(Some(&target)), denial, "start")
+                    .await?);
+            }
+        };
+        let shadow = self.projection.project(&target, &grant);
+        let secret = SessionSecret::generate(&chain)?;
+        let start = Session::begin(
+            Begin {
+                agent: person(agent),
+                subject: person(&target),
+                grant,
+                shadow,
+                secret_hash: secret.hash(),
+            },
+            now,
+        );
+        match self.store.start(start).await? {
+            StartOutcome::Started { session, .. } => {
+                span.record("impersonation.session", tracing::field::display(session.id));
+                tracing::info!(state = %session.state, "impersonation session started");
+                Ok(Started {
+                    session: *session,
+                    secret,
+                })
+            }
+            StartOutcome::Refused { .. } => {
+                tracing::warn!(
+                    denial = Denial::ActiveSessionExists.code(),
+                    "impersonation attempt refused"
+                );
+                Err(Error::Denied(Denial::ActiveSessionExists))
+            }
+        }
+    }
+
+    /// Ends a session by transition, tolerating a concurrent end: returns the
+    /// reason the session actually ended with.
+    async fn end(
+        &self,
+        session: &Session,
+        reason: EndReason,
+        by: Actor,
+        details: Details,
+    ) -> Result<EndReason, Error> {
+        let now = self.now();
+        let transition = session.end(reason, by, now, details)?;
+        match self.store.transition(transition).await {
+            Ok((ended, _)) => {
+                tracing::info!(reason = reason.code(), session = %ended.id, "impersonation session ended");
+                Ok(reason)
+            }
+            Err(StoreError::Conflict(id)) => match self.store.session(id).await? {
+                Some(Session {
+                    state: SessionState::Ended(actual),
+                    ..
+                }) => Ok(actual),
+                // Changed but still live (a consent, say): the caller retries.
+                Some(_) => Err(Error::Store(StoreError::Conflict(id))),
+                None => Err(Error::UnknownSession),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The per-request path: finds the session by secret (touching its idle
+    /// time in the same round trip), ends it if expired, idle, or no longer
+    /// allowed by the policy, and returns the context. Fails closed.
+    pub async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        let span = tracing::info_span!(
+            "impersonation.resolve",
+            impersonation.agent = Empty,
+            impersonation.subject = Empty,
+            impersonation.session = Empty,
+        );
+        self.resolve_inner(secret, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn resolve_inner(&self, secret: &SessionSecret, span: Span) -> Result<Context, Error> {
+        let now = self.now();
+        let touch = Touch {
+            now,
+            coalesce: self.config.touch_interval,
+        };
+        let Some(mut session) = self
+            .store
+            .find_by_secret(&secret.hash(), Some(touch))
+            .await?
+        else {
+            return Err(Error::Unauthenticated);
+        };
+        span.record("impersonation.agent", session.agent.id.as_str());
+        span.record("impersonation.subject", session.subject.id.as_str());
+        span.record("impersonation.session", tracing::field::display(session.id));
+        if let SessionState::Ended(reason) = session.state {
+            return Err(Error::Ended(reason));
+        }
+        if let Some(lapse) = session.lapse_at(now) {
+            let reason = self
+                .end(&session, lapse, Actor::System, Details::new())
+                .await?;
+            return Err(Error::Ended(reason));
+        }
+        if session.state == SessionState::Pending {
+            return Err(Error::PendingConsent);
+        }
+        if touch.applies_to(&session) {
+            session.last_seen_at = now;
+        }
+        if now - session.last_checked_at >= self.config.recheck_interval {
+            session = self.recheck(session, now).await?;
+        }
+        Ok(Context::of(&session))
+    }
+
+    async fn recheck(&self, mut session: Session, now: OffsetDateTime) -> Result<Session, Error> {
+        let agent = self.directory.principal(&session.agent.id).await?;
+        let target = self.directory.principal(&session.subject.id).await?;
+        let verdict = match (agent, target) {
+            (None, _) => Err(Denial::UnknownAgent),
+            (_, None) => Err(Denial::UnknownTarget),
+            (Some(a), Some(t)) => self.policy.permits_pair(&a, &t).map(|()| t),
+        };
+        let target = match verdict {
+            Ok(target) => target,
+            Err(denial) => {
+                let details = Details::new()
+                    .with(
+                        "cause",
+                        format!("policy re-check failed: {}", denial.code()),
+                    )
+                    .with("denial", denial.code());
+                let reason = self
+                    .end(&session, EndReason::Revoked, Actor::System, details)
+                    .await?;
+                return Err(Error::Ended(reason));
+            }
+        };
+        let shadow = self.projection.project(&target, &session.grant);
+        // Persisting the check is only needed to space re-checks out, or to
+        // keep a changed shadow user; an unchanged every-request check costs
+        // no write, so resolve stays one round trip.
+        if shadow != session.shadow || self.config.recheck_interval > Duration::ZERO {
+            match self
+                .store
+                .record_check(session.id, session.version, now, &shadow)
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Conflict(id)) => {
+                    return match self.store.session(id).await? {
+                        Some(Session {
+                            state: SessionState::Ended(reason),
+                            ..
+                        }) => Err(Error::Ended(reason)),
+                        _ => Err(Error::Store(StoreError::Conflict(id))),
+                    };
+                }
+                Err(e) => return Err(e.into()),
+            }
+            session.last_checked_at = now;
+            session.shadow = shadow;
+        }
+        Ok(session)
+    }
+
+    /// Stops the session the secret belongs to. Only the session's own agent may.
+    pub async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
+        let span = tracing::info_span!(
+            "impersonation.stop",
+            impersonation.agent = Empty,
+            impersonation.subject = Empty,
+            impersonation.session = Empty,
+        );
+        async {
+            let Some(session) = self.store.find_by_secret(&secret.hash(), None).await? else {
+                return Err(Error::Unauthenticated);
+            };
+            let span = Span::current();
+            span.record("impersonation.agent", session.agent.id.as_str());
+            span.record("impersonation.subject", session.subject.id.as_str());
+            span.record("impersonation.session", tracing::field::display(session.id));
+            if let SessionState::Ended(reason) = session.state {
+                return Err(Error::Ended(reason));
+            }
+            if by.id != session.agent.id {
+                let draft = session.draft(self.now(), AuditAction::Denied, actor_of(by));
+                return Err(self
+                    .audit_denial(draft, Denial::NotSessionAgent, "stop")
+                    .await?);
+            }
+            let reason = self
+                .end(&session, EndReason::Stopped, actor_of(by), Details::new())
+                .await?;
+            if reason == EndReason::Stopped {
+                Ok(reason)
+            } else {
+                Err(Error::Ended(reason))
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Revokes one session. Its own agent or a holder of the admin permission may.
+    pub async fn revoke(
+        &self,
+        session: SessionId,
+        by: &Principal,
+        note: &str,
+    ) -> Result<EndReason, Error> {
+        let Some(found) = self.store.session(session).await? else {
+            return Err(Error::UnknownSession);
+        };
+        if let SessionState::Ended(reason) = found.state {
+            return Err(Error::Ended(reason));
+        }
+        if by.id != found.agent.id && !self.policy.is_admin(by) {
+            let draft = found.draft(self.now(), AuditAction::Denied, actor_of(by));
+            return Err(self
+                .audit_denial(draft, Denial::NotSessionAgent, "revoke")
+                .await?);
+        }
+        let mut details = Details::new();
+        if !note.trim().is_empty() {
+            details.insert("note", note.trim());
+        }
+        self.end(&found, EndReason::Revoked, actor_of(by), details)
+            .await
+    }
+
+    async fn revoke_matching(
+        &self,
+        filter: LiveFilter,
+        by: Initiator<'_>,
+        cause: &str,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        let actor = match by {
+            Initiator::System => Actor::System,
+            Initiator::User(p) => actor_of(p),
+        };
+        let mut revoked = Vec::new();
+        for session in self.store.live_sessions(&filter).await? {
+            let mut details = Details::new().with("cause", cause);
+            if !note.trim().is_empty() {
+                details.insert("note", note.trim());
+            }
+            if self
+                .end(&session, EndReason::Revoked, actor.clone(), details)
+                .await?
+                == EndReason::Revoked
+            {
+                revoked.push(session.id);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Revokes every live session of an agent (disabled or demoted). The
+    /// agent themself, an administrator or host code (`Initiator::System`) may.
+    pub async fn revoke_all_for_agent(
+        &self,
+        agent: &UserId,
+        by: Initiator<'_>,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        if let Initiator::User(p) = by
+            && p.id != *agent
+            && !self.policy.is_admin(p)
+        {
+            let draft = AuditDraft::new(
+                self.now(),
+                AuditAction::Denied,
+                actor_of(p),
+                ChainKey::for_agent(agent),
+            );
+            return Err(self
+                .audit_denial(draft, Denial::NotSessionAgent, "revoke_all_for_agent")
+                .await?);
+        }
+        let filter = LiveFilter {
+            agent: Some(agent.clone()),
+            ..LiveFilter::default()
+        };
+        self.revoke_matching(filter, by, "agent_revoked", note)
+            .await
+    }
+
+    /// Revokes every live session on a customer (password or MFA changed).
+    /// The customer, an administrator or host code may.
+    pub async fn revoke_all_for_subject(
+        &self,
+        subject: &UserId,
+        by: Initiator<'_>,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        if let Initiator::User(p) = by
+            && p.id != *subject
+            && !self.policy.is_admin(p)
+        {
+            let draft = AuditDraft::new(
+                self.now(),
+                AuditAction::Denied,
+                actor_of(p),
+                ChainKey::for_agent(&p.id),
+            );
+            return Err(self
+                .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")
+                .await?);
+        }
+        let filter = LiveFilter {
+            subject: Some(subject.clone()),
+            ..LiveFilter::default()
+        };
+        self.revoke_matching(filter, by, "subject_changed", note)
+            .await
+    }
+
+    async fn pending_for(
+        &self,
+        session: SessionId,
+        by: &Principal,
+        attempt: &str,
+    ) -> Result<Session, Error> {
+        let Some(found) = self.store.session(session).await? else {
+            return Err(Error::UnknownSession);
+        };
+        if by.id != found.subject.id {
+            let draft = found.draft(self.now(), AuditAction::Denied, actor_of(by));
+            return Err(self
+                .audit_denial(draft, Denial::NotSubject, attempt)
+                .await?);
+        }
+        if let SessionState::Ended(reason) = found.state {
+            return Err(Error::Ended(reason));
+        }
+        if let Some(lapse) = found.lapse_at(self.now()) {
+            let reason = self
+                .end(&found, lapse, Actor::System, Details::new())
+                .await?;
+            return Err(Error::Ended(reason));
+        }
+        Ok(found)
+    }
+
+    /// The customer consents to a pending session, which becomes active.
+    pub async fn grant_consent(
+        &self,
+        session: SessionId,
+        by: &Principal,
+    ) -> Result<Session, Error> {
+        let found = self.pending_for(session, by, "grant_consent").await?;
+        let transition = found.activate(actor_of(by), self.now())?;
+        let (active, _) = self.store.transition(transition).await?;
+        Ok(active)
+    }
+
+    /// The customer declines a pending session.
+    pub async fn deny_consent(
+        &self,
+        session: SessionId,
+        by: &Principal,
+    ) -> Result<EndReason, Error> {
+        let found = self.pending_for(session, by, "deny_consent").await?;
+        if found.state != SessionState::Pending {
+            return Err(TransitionError {
+                from: found.state,
+                to: SessionState::Ended(EndReason::ConsentDenied),
+            }
+            .into());
+        }
+        self.end(
+            &found,
+            EndReason::ConsentDenied,
+            actor_of(by),
+            Details::new(),
+        )
+        .await
+    }
+
+    /// Consent requests awaiting this customer.
+    pub async fn pending_consents(&self, subject: &UserId) -> Result<Vec<Session>, Error> {
+        let filter = LiveFilter {
+            subject: Some(subject.clone()),
+            ..LiveFilter::default()
+        };
+        let mut sessions = self.store.live_sessions(&filter).await?;
+        sessions.retain(|s| s.state == SessionState::Pending);
+        Ok(sessions)
+    }
+
+    /// Audits an access or modification inside a session. A modification in a
+    /// read-only session is refused (and the refusal audited).
+    pub async fn record(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+    ) -> Result<crate::AuditEvent, Error> {
+        let now = self.now();
+        let base = AuditDraft::new(
+            now,
+            AuditAction::Access,
+            Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+            ctx.chain(),
+        )
+        .subject(
+            ctx.subject().clone(),
+            ctx.shadow.display_name(),
+            ctx.tenant().clone(),
+        )
+        .session(ctx.session);
+        if activity.kind == ActivityKind::Modification && ctx.read_only() {
+            let mut draft = base;
+            draft.action = AuditAction::Denied;
+            let mut details = denial_details(&Denial::ReadOnlySession, "modification");
+            details.insert("description", &activity.description);
+            self.store
+                .append(
+                    draft.details(details),
+                    AppendGuard::SessionActive(ctx.session),
+                )
+                .await?;
+            return Err(Error::Denied(Denial::ReadOnlySession));
+        }
+        let mut details = activity.details;
+        details.insert("description", &activity.description);
+        let mut draft = base.details(details);
+        if activity.kind == ActivityKind::Modification {
+            draft.action = AuditAction::Modification;
+        }
+        match self
+            .store
+            .append(draft, AppendGuard::SessionActive(ctx.session))
+            .await
+        {
+            Ok(event) => Ok(event),
+            Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                Err(Error::Unauthenticated)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Audits a refused action inside a session (a billing route, say).
+    pub async fn record_denied(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        let draft = AuditDraft::new(
+            self.now(),
+            AuditAction::Denied,
+            Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+            ctx.chain(),
+        )
+        .subject(
+            ctx.subject().clone(),
+            ctx.shadow.display_name(),
+            ctx.tenant().clone(),
+        )
+        .session(ctx.session);
+        self.audit_denial(draft, denial, attempt).await
+    }
+
+    /// A page of the audit trail.
+    pub async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, Error> {
+        Ok(self.store.audit(query).await?)
+    }
+
+    /// Verifies one chain, streaming it in pages, against the store's head.
+    pub async fn verify_chain(
+        &self,
+        chain: &ChainKey,
+    ) -> Result<Result<ChainReport, ChainBreak>, Error> {
+        let head = self.store.chain_head(chain).await?;
+        let mut verifier = ChainVerifier::new(chain.clone());
+        let mut from = 0;
+        loop {
+            let page = self.store.chain_events(chain, from, VERIFY_PAGE).await?;
+            for event in &page {
+                if let Err(b) = verifier.push(event) {
+                    return Ok(Err(b));
+                }
+            }
+            if page.len() < VERIFY_PAGE as usize {
+                break;
+            }
+            from += page.len() as u64;
+        }
+        Ok(verifier.finish(head))
+    }
+
+    /// Verifies every chain in the store.
+    pub async fn verify_all(&self) -> Result<VerifyReport, Error> {
+        let mut report = VerifyReport::default();
+        let mut after: Option<ChainKey> = None;
+        loop {
+            let keys = self.store.chains(after.as_ref(), VERIFY_PAGE).await?;
+            for key in &keys {
+                match self.verify_chain(key).await? {
+                    Ok(ok) => report.verified.push(ok),
+                    Err(b) => report.broken.push(b),
+                }
+            }
+            if keys.len() < VERIFY_PAGE as usize {
+                break;
+            }
+            after = keys.last().cloned();
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,422 @@
+//! The storage contract. Any backend implements [`Store`]; the testkit's
+//! conformance suite and state-machine test check that it keeps every promise.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::audit::{AuditAction, AuditDraft, AuditEvent, ChainHead, ChainKey};
+use crate::id::{EventId, SessionId, TenantId, UserId};
+use crate::projection::ShadowUser;
+use crate::secret::SecretHash;
+use crate::session::{Session, Start, Transition};
+
+/// A boxed error from a backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No session with that id.
+    #[error("session {0} not found")]
+    SessionNotFound(SessionId),
+    /// The session changed since the transition was computed (version mismatch).
+    #[error("session {0} changed concurrently")]
+    Conflict(SessionId),
+    /// An append required an active session and the session is not active.
+    #[error("session {0} is not active")]
+    SessionNotActive(SessionId),
+    /// The backend cannot be reached or failed mid-operation. Nothing is
+    /// assumed written; callers fail closed.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// A stored row could not be read back (corruption, schema drift).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Wraps a backend error as unavailability.
+    pub fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable(Box::new(error))
+    }
+}
+
+/// What a store did with a [`Start`].
+#[derive(Debug, Clone)]
+pub enum StartOutcome {
+    /// The session and its event were written.
+    Started {
+        /// The stored session.
+        session: Box<Session>,
+        /// Its sealed event.
+        event: AuditEvent,
+    },
+    /// The agent already had a live session; only the refusal event was written.
+    Refused {
+        /// The agent's live session.
+        live: SessionId,
+        /// The sealed refusal event.
+        event: AuditEvent,
+    },
+}
+
+/// The idle touch `find_by_secret` may apply in the same round trip.
+///
+/// A store sets `last_seen_at = now` only when the session is active, not
+/// past `expires_at`, not past its idle deadline (`last_seen_at +
+/// grant.idle_timeout`), and `last_seen_at + coalesce <= now`. It returns the
+/// record as it was *before* the touch, so the caller judges expiry on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Touch {
+    /// The time of the request.
+    pub now: OffsetDateTime,
+    /// Skip the write when the last one is more recent than this.
+    pub coalesce: Duration,
+}
+
+impl Touch {
+    /// Whether a store should write this touch on `session`.
+    pub fn applies_to(&self, session: &Session) -> bool {
+        session.state == crate::session::SessionState::Active
+            && self.now < session.expires_at
+            && self.now < session.idle_deadline()
+            && session.last_seen_at + self.coalesce <= self.now
+    }
+}
+
+/// A condition on an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendGuard {
+    /// Append unconditionally (denied attempts outside any session).
+    None,
+    /// Append only while this session is active, atomically with the check.
+    SessionActive(SessionId),
+}
+
+/// Which live (pending or active) sessions to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveFilter {
+    /// Of this agent.
+    pub agent: Option<UserId>,
+    /// On this customer.
+    pub subject: Option<UserId>,
+    /// In this tenant.
+    pub tenant: Option<TenantId>,
+}
+
+impl LiveFilter {
+    /// Whether a session matches (live-ness aside).
+    pub fn matches(&self, s: &Session) -> bool {
+        self.agent.as_ref().is_none_or(|a| *a == s.agent.id)
+            && self.subject.as_ref().is_none_or(|u| *u == s.subject.id)
+            && self.tenant.as_ref().is_none_or(|t| t == s.tenant())
+    }
+}
+
+/// Order of an audit query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Oldest first.
+    #[default]
+    Oldest,
+    /// Newest first.
+    Newest,
+}
+
+/// Where a page of audit results ended: the last event's time and id.
+/// Opaque to clients ([`AuditCursor::encode`]); stores compare by `(at, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditCursor {
+    /// The last event's time.
+    pub at: OffsetDateTime,
+    /// The last event's id.
+    pub id: EventId,
+}
+
+/// A cursor string that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid audit cursor")]
+pub struct CursorError;
+
+impl AuditCursor {
+    /// The cursor after an event.
+    pub fn after(event: &AuditEvent) -> Self {
+        Self {
+            at: event.at,
+            id: event.id,
+        }
+    }
+
+    /// An opaque, URL-safe string.
+    pub fn encode(&self) -> String {
+        let nanos = self.at.unix_timestamp_nanos();
+        URL_SAFE_NO_PAD.encode(format!("{nanos}:{}", self.id.as_uuid().simple()))
+    }
+
+    /// Reads a string from [`AuditCursor::encode`].
+    pub fn decode(text: &str) -> Result<Self, CursorError> {
+        if text.len() > 128 {
+            return Err(CursorError);
+        }
+        let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| CursorError)?;
+        let raw = String::from_utf8(raw).map_err(|_| CursorError)?;
+        let (nanos, id) = raw.split_once(':').ok_or(CursorError)?;
+        let nanos: i128 = nanos.parse().map_err(|_| CursorError)?;
+        let at = OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|_| CursorError)?;
+        let id = Uuid::parse_str(id).map_err(|_| CursorError)?;
+        Ok(Self {
+            at,
+            id: EventId::from_uuid(id),
+        })
+    }
+}
+
+impl fmt::Display for AuditCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+/// Largest page a store returns.
+pub const MAX_PAGE: u32 = 1_000;
+
+/// A filtered, paginated audit query. Every filter is optional and they combine with AND.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Events in this agent's chain.
+    pub agent: Option<UserId>,
+    /// Events performed by this person.
+    pub actor: Option<UserId>,
+    /// Events about this impersonated customer.
+    pub subject: Option<UserId>,
+    /// Events in this tenant.
+    pub tenant: Option<TenantId>,
+    /// Events of this session.
+    pub session: Option<SessionId>,
+    /// Events of this action.
+    pub action: Option<AuditAction>,
+    /// At or after.
+    pub since: Option<OffsetDateTime>,
+    /// Strictly before.
+    pub until: Option<OffsetDateTime>,
+    /// Order of results.
+    pub order: Order,
+    /// Continue after this cursor.
+    pub cursor: Option<AuditCursor>,
+    /// Page size (1 to [`MAX_PAGE`]).
+    pub limit: u32,
+}
+
+impl Default for AuditQuery {
+    fn default() -> Self {
+        Self {
+            agent: None,
+            actor: None,
+            subject: None,
+            tenant: None,
+            session: None,
+            action: None,
+            since: None,
+            until: None,
+            order: Order::Oldest,
+            cursor: None,
+            limit: 100,
+        }
+    }
+}
+
+impl AuditQuery {
+    /// Every event, oldest first, 100 a page.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The page size, clamped to 1..=[`MAX_PAGE`].
+    pub fn page_size(&self) -> usize {
+        self.limit.clamp(1, MAX_PAGE) as usize
+    }
+
+    /// Whether an event passes the filters (the cursor aside).
+    pub fn matches(&self, e: &AuditEvent) -> bool {
+        self.agent
+            .as_ref()
+            .is_none_or(|a| e.chain == ChainKey::for_agent(a))
+            && self.actor.as_ref().is_none_or(|a| e.actor.id() == Some(a))
+            && self
+                .subject
+                .as_ref()
+                .is_none_or(|s| e.subject.as_ref().map(|p| &p.id) == Some(s))
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| e.tenant.as_ref() == Some(t))
+            && self.session.is_none_or(|s| e.session == Some(s))
+            && self.action.is_none_or(|a| e.action == a)
+            && self.since.is_none_or(|t| e.at >= t)
+            && self.until.is_none_or(|t| e.at < t)
+    }
+
+    /// Whether an event comes after the cursor in this query's order.
+    pub fn after_cursor(&self, e: &AuditEvent) -> bool {
+        match self.cursor {
+            None => true,
+            Some(c) => {
+                let key = AuditCursor::after(e);
+                match self.order {
+                    Order::Oldest => key > c,
+                    Order::Newest => key < c,
+                }
+            }
+        }
+    }
+}
+
+/// One page of audit results.
+#[derive(Debug, Clone, Default)]
+pub struct AuditPage {
+    /// The events, in the query's order.
+    pub events: Vec<AuditEvent>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<AuditCursor>,
+}
+
+/// Where sessions and the audit trail live.
+///
+/// The contract, which the testkit's conformance suite checks:
+///
+/// * **Whole transitions.** [`Store::start`] and [`Store::transition`] write
+///   the session change and its audit event together or not at all; there is
+///   no method that writes a session state without its event.
+/// * **One live session per agent**, enforced atomically by `start`: two
+///   racing starts cannot both win; the loser gets its refusal event written.
+/// * **Chains.** Each appended event is sealed with [`AuditDraft::seal`] on
+///   its chain's current head, inside the same atomic step, so chains never
+///   fork. Events are never updated or deleted.
+/// * **Secrets.** Only [`SecretHash`]es are stored.
+/// * **Versions.** `transition` applies only if the stored version equals
+///   [`Transition::expected_version`], else [`StoreError::Conflict`].
+/// * **Fail closed.** Any backend failure is an error, never a guess.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Creates a session and its start event, or, if the agent already has a
+    /// live session, writes only the refusal event.
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError>;
+
+    /// Applies a state transition and its event, compare-and-set on version.
+    async fn transition(&self, transition: Transition)
+    -> Result<(Session, AuditEvent), StoreError>;
+
+    /// Appends an event (access, modification, refusal) to its chain.
+    async fn append(&self, event: AuditDraft, guard: AppendGuard)
+    -> Result<AuditEvent, StoreError>;
+
+    /// The per-request lookup: finds a session by secret hash and applies the
+    /// idle touch in the same round trip (see [`Touch`]). Returns the record
+    /// as it was before the touch.
+    async fn find_by_secret(
+        &self,
+        hash: &SecretHash,
+        touch: Option<Touch>,
+    ) -> Result<Option<Session>, StoreError>;
+
+    /// A session by id.
+    async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError>;
+
+    /// Live (pending or active) sessions matching the filter.
+    async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError>;
+
+    /// Records a passed policy re-check: `last_checked_at` and a refreshed
+    /// shadow user, only if the record still has `version` (else `Conflict`).
+    /// Not a state change, so no audit event.
+    async fn record_check(
+        &self,
+        id: SessionId,
+        version: u64,
+        checked_at: OffsetDateTime,
+        shadow: &ShadowUser,
+    ) -> Result<(), StoreError>;
+
+    /// A page of audit events.
+    async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
+
+    /// Up to `limit` events of a chain from position `from_seq`, in order of position.
+    async fn chain_events(
+        &self,
+        chain: &ChainKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// The head of a chain, `None` if it has no events.
+    async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError>;
+
+    /// Chain keys in order, after `after`, up to `limit`.
+    async fn chains(
+        &self,
+        after: Option<&ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<ChainKey>, StoreError>;
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        (**self).start(start).await
+    }
+    async fn transition(&self, t: Transition) -> Result<(Session, AuditEvent), StoreError> {
+        (**self).transition(t).await
+    }
+    async fn append(&self, e: AuditDraft, g: AppendGuard) -> Result<AuditEvent, StoreError> {
+        (**self).append(e, g).await
+    }
+    async fn find_by_secret(
+        &self,
+        h: &SecretHash,
+        t: Option<Touch>,
+    ) -> Result<Option<Session>, StoreError> {
+        (**self).find_by_secret(h, t).await
+    }
+    async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        (**self).session(id).await
+    }
+    async fn live_sessions(&self, f: &LiveFilter) -> Result<Vec<Session>, StoreError> {
+        (**self).live_sessions(f).await
+    }
+    async fn record_check(
+        &self,
+        id: SessionId,
+        v: u64,
+        at: OffsetDateTime,
+        s: &ShadowUser,
+    ) -> Result<(), StoreError> {
+        (**self).record_check(id, v, at, s).await
+    }
+    async fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        (**self).audit(q).await
+    }
+    async fn chain_events(
+        &self,
+        c: &ChainKey,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        (**self).chain_events(c, from, limit).await
+    }
+    async fn chain_head(&self, c: &ChainKey) -> Result<Option<ChainHead>, StoreError> {
+        (**self).chain_head(c).await
+    }
+    async fn chains(
+        &self,
+        after: Option<&ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<ChainKey>, StoreError> {
+        (**self).chains(after, limit).await
+    }
+}

@@ -1,0 +1,494 @@
+//! Every policy rule and every denial code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
+
+use std::collections::BTreeSet;
+
+use impersonation_core::{
+    Consent, Denial, Policy, PolicyContext, Principal, RelationKind, Relationship, SessionId,
+    StartRequest, TenantId, Ticket, UserId,
+};
+use time::Duration;
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::new(name).unwrap()
+}
+
+fn agent() -> Principal {
+    Principal::new(UserId::new("sam").unwrap(), "Sam", tenant("vendor"))
+        .with_permissions(["impersonation:start", "bookings:read", "bookings:write"])
+        .with_relationship(Relationship::new(
+            RelationKind::Support,
+            "s",
+            "Support",
+            [tenant("pinewood")],
+        ))
+}
+
+fn customer() -> Principal {
+    Principal::new(UserId::new("olive").unwrap(), "Olive", tenant("pinewood")).with_permissions([
+        "bookings:read",
+        "billing:manage",
+        "export:all",
+        "password:change",
+    ])
+}
+
+fn request(target: &Principal) -> StartRequest {
+    StartRequest::new(target.id.clone(), "Customer cannot see bookings")
+}
+
+fn decide(
+    policy: &Policy,
+    agent: &Principal,
+    target: &Principal,
+    req: &StartRequest,
+) -> Result<(), Denial> {
+    policy
+        .authorize(agent, target, req, PolicyContext::default())
+        .map(|_| ())
+}
+
+#[test]
+fn an_ordinary_request_is_granted_with_the_policy_limits() {
+    let policy = Policy::default()
+        .max_duration(Duration::minutes(30))
+        .idle_timeout(Duration::minutes(5));
+    let grant = policy
+        .authorize(
+            &agent(),
+            &customer(),
+            &request(&customer()).ticket("SUP-1"),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    assert_eq!(grant.reason.as_str(), "Customer cannot see bookings");
+    assert_eq!(grant.ticket.as_ref().map(Ticket::as_str), Some("SUP-1"));
+    assert_eq!(grant.duration, Duration::minutes(30));
+    assert_eq!(grant.idle_timeout, Duration::minutes(5));
+    assert_eq!(
+        grant.permissions,
+        agent().permissions,
+        "by default the grant is the agent's own permissions"
+    );
+    assert!(!grant.read_only);
+    assert_eq!(grant.consent_timeout, None);
+}
+
+#[test]
+fn an_agent_without_the_impersonate_permission_is_refused() {
+    let mut a = agent();
+    a.permissions
+        .retain(|p| p.as_str() != "impersonation:start");
+    assert_eq!(
+        decide(&Policy::default(), &a, &customer(), &request(&customer())),
+        Err(Denial::MissingPermission)
+    );
+    let custom = Policy::default().impersonate_permission("support:impersonate");
+    assert_eq!(
+        decide(&custom, &agent(), &customer(), &request(&customer())),
+        Err(Denial::MissingPermission)
+    );
+    let a = a.with_permission("support:impersonate");
+    assert_eq!(
+        decide(&custom, &a, &customer(), &request(&customer())),
+        Ok(())
+    );
+}
+
+#[test]
+fn an_agent_cannot_impersonate_themself() {
+    let a = agent();
+    assert_eq!(
+        decide(&Policy::default(), &a, &a, &request(&a)),
+        Err(Denial::SelfImpersonation)
+    );
+}
+
+#[test]
+fn protected_roles_cannot_be_impersonated() {
+    let admin = customer().with_role("admin");
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &admin, &request(&admin)),
+        Err(Denial::ProtectedRole)
+    );
+    let owner = customer().with_role("owner");
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &owner, &request(&owner)),
+        Ok(())
+    );
+    let policy = Policy::default().protect_role("owner");
+    assert_eq!(
+        decide(&policy, &agent(), &owner, &request(&owner)),
+        Err(Denial::ProtectedRole)
+    );
+}
+
+#[test]
+fn other_agents_cannot_be_impersonated_by_default() {
+    let other = customer().with_permission("impersonation:start");
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &other, &request(&other)),
+        Err(Denial::TargetIsAgent)
+    );
+    let admin_holder = customer().with_permission("impersonation:admin");
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &admin_holder,
+            &request(&admin_holder)
+        ),
+        Err(Denial::TargetIsAgent)
+    );
+    let a = agent().with_permission("impersonation:start");
+    let other = other.clone();
+    let policy = Policy::default().allow_impersonating_agents();
+    assert_eq!(decide(&policy, &a, &other, &request(&other)), Ok(()));
+}
+
+#[test]
+fn a_target_with_a_permission_the_agent_lacks_is_escalation() {
+    let reporter = customer().with_permission("reports:run");
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &reporter, &request(&reporter)),
+        Err(Denial::Escalation)
+    );
+    let policy = Policy::default().allow_privilege_escalation();
+    let grant = policy
+        .authorize(
+            &agent(),
+            &reporter,
+            &request(&reporter),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    assert!(
+        grant
+            .permissions
+            .iter()
+            .any(|p| p.as_str() == "reports:run"),
+        "opt-in escalation grants the target's permissions"
+    );
+}
+
+#[test]
+fn denied_permissions_do_not_count_as_escalation() {
+    // The customer holds billing, export and password permissions the agent
+    // lacks, but the shadow user never gets those, so nothing escalates.
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &customer(),
+            &request(&customer())
+        ),
+        Ok(())
+    );
+    let strict = Policy::default().denied_permissions(["billing:*"]);
+    assert_eq!(
+        decide(&strict, &agent(), &customer(), &request(&customer())),
+        Err(Denial::Escalation)
+    );
+}
+
+#[test]
+fn tenants_are_crossed_only_through_partner_or_support_relationships() {
+    let elsewhere = Principal::new(UserId::new("lake").unwrap(), "Lake", tenant("lakeside"))
+        .with_permission("bookings:read");
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &elsewhere,
+            &request(&elsewhere)
+        ),
+        Err(Denial::TenantBoundary)
+    );
+
+    let partner = agent().with_relationship(Relationship::new(
+        RelationKind::Partner,
+        "parkco",
+        "ParkCo",
+        [tenant("lakeside")],
+    ));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &partner,
+            &elsewhere,
+            &request(&elsewhere)
+        ),
+        Ok(())
+    );
+
+    let company = agent().with_relationship(Relationship::new(
+        RelationKind::Company,
+        "c",
+        "C",
+        [tenant("lakeside")],
+    ));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &company,
+            &elsewhere,
+            &request(&elsewhere)
+        ),
+        Err(Denial::TenantBoundary)
+    );
+
+    let everywhere = agent().with_relationship(Relationship::all_tenants(
+        RelationKind::Support,
+        "vendor",
+        "Vendor",
+    ));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &everywhere,
+            &elsewhere,
+            &request(&elsewhere)
+        ),
+        Ok(())
+    );
+    let partner_only = Policy::default().cross_tenant_kinds([RelationKind::Partner]);
+    assert_eq!(
+        decide(&partner_only, &everywhere, &elsewhere, &request(&elsewhere)),
+        Err(Denial::TenantBoundary)
+    );
+
+    let same_tenant = Principal::new(
+        UserId::new("colleague").unwrap(),
+        "Colleague",
+        tenant("vendor"),
+    )
+    .with_permission("bookings:read");
+    let no_relationships = Principal {
+        relationships: vec![],
+        ..agent()
+    };
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &no_relationships,
+            &same_tenant,
+            &request(&same_tenant)
+        ),
+        Ok(())
+    );
+}
+
+#[test]
+fn reasons_are_required_bounded_and_free_of_control_characters() {
+    let c = customer();
+    let with = |reason: &str| {
+        decide(
+            &Policy::default(),
+            &agent(),
+            &c,
+            &StartRequest::new(c.id.clone(), reason),
+        )
+    };
+    assert_eq!(with(""), Err(Denial::ReasonRequired));
+    assert_eq!(
+        with("   \t  ".trim_matches('\t')),
+        Err(Denial::ReasonRequired)
+    );
+    assert_eq!(with("short"), Err(Denial::ReasonTooShort));
+    assert_eq!(with(&"x".repeat(501)), Err(Denial::ReasonTooLong));
+    assert_eq!(
+        with(&"é".repeat(500)),
+        Ok(()),
+        "the bound counts characters, not bytes"
+    );
+    assert_eq!(
+        with("Line one\nline two"),
+        Err(Denial::ReasonInvalidCharacters)
+    );
+    assert_eq!(
+        with("Looks fine \u{202E}txt.exe"),
+        Err(Denial::ReasonInvalidCharacters)
+    );
+    assert_eq!(
+        with("Null \u{0} byte here"),
+        Err(Denial::ReasonInvalidCharacters)
+    );
+    let lenient = Policy::default().reason_length(1, 20);
+    assert_eq!(
+        decide(
+            &lenient,
+            &agent(),
+            &c,
+            &StartRequest::new(c.id.clone(), "ok")
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        decide(
+            &lenient,
+            &agent(),
+            &c,
+            &StartRequest::new(c.id.clone(), "x".repeat(21))
+        ),
+        Err(Denial::ReasonTooLong)
+    );
+}
+
+#[test]
+fn tickets_are_validated_and_can_be_required() {
+    let c = customer();
+    let with = |policy: &Policy, ticket: Option<&str>| {
+        let mut r = request(&c);
+        r.ticket = ticket.map(str::to_owned);
+        decide(policy, &agent(), &c, &r)
+    };
+    let p = Policy::default();
+    assert_eq!(with(&p, None), Ok(()));
+    assert_eq!(with(&p, Some("SUP-1042")), Ok(()));
+    assert_eq!(with(&p, Some("#77/a.b:c_d")), Ok(()));
+    assert_eq!(with(&p, Some("SUP 1042")), Err(Denial::TicketInvalid));
+    assert_eq!(with(&p, Some("<script>")), Err(Denial::TicketInvalid));
+    assert_eq!(with(&p, Some(&"9".repeat(65))), Err(Denial::TicketInvalid));
+    let strict = Policy::default().require_ticket();
+    assert_eq!(with(&strict, None), Err(Denial::TicketRequired));
+    assert_eq!(with(&strict, Some("  ")), Err(Denial::TicketRequired));
+    assert_eq!(with(&strict, Some("SUP-1")), Ok(()));
+}
+
+#[test]
+fn nesting_is_refused_before_anything_else() {
+    let context = PolicyContext {
+        impersonating: true,
+        live_session: None,
+    };
+    let mut a = agent();
+    a.permissions.clear();
+    assert_eq!(
+        Policy::default()
+            .authorize(&a, &a, &StartRequest::new(a.id.clone(), ""), context)
+            .map(|_| ()),
+        Err(Denial::Nesting)
+    );
+}
+
+#[test]
+fn a_live_session_refuses_a_second() {
+    let context = PolicyContext {
+        impersonating: false,
+        live_session: Some(SessionId::new()),
+    };
+    let result = Policy::default().authorize(&agent(), &customer(), &request(&customer()), context);
+    assert_eq!(result.map(|_| ()), Err(Denial::ActiveSessionExists));
+}
+
+#[test]
+fn durations_beyond_the_maximum_or_not_positive_are_refused() {
+    let c = customer();
+    let policy = Policy::default().max_duration(Duration::minutes(30));
+    let with = |d| decide(&policy, &agent(), &c, &request(&c).duration(d));
+    assert_eq!(with(Duration::minutes(31)), Err(Denial::DurationNotAllowed));
+    assert_eq!(with(Duration::ZERO), Err(Denial::DurationNotAllowed));
+    assert_eq!(with(Duration::minutes(-1)), Err(Denial::DurationNotAllowed));
+    let grant = policy
+        .authorize(
+            &agent(),
+            &c,
+            &request(&c).duration(Duration::minutes(10)),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    assert_eq!(grant.duration, Duration::minutes(10));
+}
+
+#[test]
+fn scopes_narrow_the_grant_and_cannot_exceed_the_agent() {
+    let c = customer();
+    let narrow = policy_grant(&request(&c).scope(["bookings:read"])).unwrap();
+    assert_eq!(narrow.permissions, BTreeSet::from(["bookings:read".into()]));
+    assert_eq!(
+        policy_grant(&request(&c).scope(["reports:run"])).map(|_| ()),
+        Err(Denial::ScopeExceedsAgent)
+    );
+}
+
+fn policy_grant(req: &StartRequest) -> Result<impersonation_core::Grant, Denial> {
+    Policy::default().authorize(&agent(), &customer(), req, PolicyContext::default())
+}
+
+#[test]
+fn read_only_can_be_asked_for_or_forced() {
+    let c = customer();
+    assert!(policy_grant(&request(&c).read_only()).unwrap().read_only);
+    let forced = Policy::default().read_only_always();
+    assert!(
+        forced
+            .authorize(&agent(), &c, &request(&c), PolicyContext::default())
+            .unwrap()
+            .read_only
+    );
+}
+
+#[test]
+fn consent_puts_a_window_in_the_grant() {
+    let policy = Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let grant = policy
+        .authorize(
+            &agent(),
+            &customer(),
+            &request(&customer()),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    assert_eq!(grant.consent_timeout, Some(Duration::minutes(10)));
+}
+
+#[test]
+fn impersonation_permissions_stay_denied_whatever_the_configuration() {
+    let policy = Policy::default().denied_permissions(Vec::<&str>::new());
+    assert!(
+        policy
+            .denied_permission_patterns()
+            .iter()
+            .any(|p| p.as_str() == "impersonation:*")
+    );
+}
+
+#[test]
+fn every_denial_has_a_unique_stable_code() {
+    let codes: BTreeSet<&str> = Denial::ALL.iter().map(Denial::code).collect();
+    assert_eq!(codes.len(), Denial::ALL.len());
+    for denial in Denial::ALL {
+        let json = serde_json::to_string(&denial).unwrap();
+        assert_eq!(
+            json,
+            format!("\"{}\"", denial.code()),
+            "serde and code() agree"
+        );
+        assert!(!denial.to_string().is_empty());
+    }
+    // Codes are API: renaming one is a breaking change this test makes loud.
+    assert_eq!(Denial::Escalation.code(), "escalation");
+    assert_eq!(Denial::TenantBoundary.code(), "tenant_boundary");
+    assert_eq!(Denial::ActiveSessionExists.code(), "active_session_exists");
+}
+
+#[test]
+fn rules_apply_in_a_fixed_order() {
+    // A request breaking several rules always gets the first in policy order.
+    let admin_agent_elsewhere = Principal::new(UserId::new("x").unwrap(), "X", tenant("far"))
+        .with_role("admin")
+        .with_permission("impersonation:start")
+        .with_permission("reports:run");
+    let c = admin_agent_elsewhere.clone();
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &c,
+            &StartRequest::new(c.id.clone(), "")
+        ),
+        Err(Denial::ProtectedRole)
+    );
+}

@@ -1,0 +1,948 @@
+//! The store conformance suite: every promise of the `Store` trait, as one
+//! async function each. Adapters run them all with one line:
+//!
+//! ```ignore
+//! impersonation_testkit::store_conformance_tests!(async { my_adapter().await });
+//! ```
+//!
+//! Each case builds its own [`World`] namespace, so a factory may hand every
+//! case the same database; queries in the cases are always filtered to the
+//! case's own people.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use impersonation_core::{
+    Actor, AppendGuard, AuditAction, AuditDraft, AuditEvent, AuditQuery, ChainKey, Details,
+    EndReason, LiveFilter, Order, Policy, Principal, Session, SessionState, StartOutcome, Store,
+    StoreError, Touch, verify_chain,
+};
+use time::Duration;
+
+use crate::world::{World, epoch};
+
+/// Starts and expects success.
+pub async fn must_start<S: Store + ?Sized>(
+    store: &S,
+    start: impersonation_core::Start,
+) -> (Session, AuditEvent) {
+    match store.start(start).await {
+        Ok(StartOutcome::Started { session, event }) => (*session, event),
+        Ok(StartOutcome::Refused { live, .. }) => panic!("start refused, live session {live}"),
+        Err(e) => panic!("start failed: {e}"),
+    }
+}
+
+/// Every event of a chain, in order of position.
+pub async fn whole_chain<S: Store + ?Sized>(store: &S, chain: &ChainKey) -> Vec<AuditEvent> {
+    let mut all = Vec::new();
+    loop {
+        let page = store
+            .chain_events(chain, all.len() as u64, 100)
+            .await
+            .expect("chain_events");
+        let done = page.len() < 100;
+        all.extend(page);
+        if done {
+            return all;
+        }
+    }
+}
+
+/// Every event matching a query, following cursors.
+pub async fn all_events<S: Store + ?Sized>(store: &S, query: AuditQuery) -> Vec<AuditEvent> {
+    let mut query = query;
+    let mut out = Vec::new();
+    loop {
+        let page = store.audit(&query).await.expect("audit query");
+        out.extend(page.events);
+        match page.next {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return out,
+        }
+    }
+}
+
+/// Asserts the chain verifies against the store's head.
+pub async fn assert_chain_verifies<S: Store + ?Sized>(store: &S, chain: &ChainKey) -> u64 {
+    let events = whole_chain(store, chain).await;
+    let head = store.chain_head(chain).await.expect("chain_head");
+    match verify_chain(chain, &events, head) {
+        Ok(report) => report.events,
+        Err(b) => panic!("chain {chain} does not verify: {b}"),
+    }
+}
+
+fn by_session(session: &Session) -> AuditQuery {
+    AuditQuery {
+        session: Some(session.id),
+        ..AuditQuery::default()
+    }
+}
+
+/// `start` writes the session and its start event together, and reads back exactly.
+pub async fn start_writes_the_session_and_its_event<S: Store>(store: S) {
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (start, secret) = w.begin(&agent, &customer, epoch());
+    let expected = start.session().clone();
+    let (session, event) = must_start(&store, start).await;
+    assert_eq!(session, expected);
+    assert_eq!(
+        store.session(session.id).await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        store.find_by_secret(&secret.hash(), None).await.unwrap(),
+        Some(expected)
+    );
+    assert_eq!(event.action, AuditAction::SessionStarted);
+    assert_eq!(event.session, Some(session.id));
+    assert_eq!(event.seq, 0);
+    let events = all_events(&store, by_session(&session)).await;
+    assert_eq!(events, vec![event]);
+    assert_chain_verifies(&store, &session.chain()).await;
+}
+
+/// A second live session for one agent is refused, and the refusal is audited.
+pub async fn start_refuses_a_second_live_session_and_audits_it<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let (first, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (live, _) = must_start(&store, first).await;
+    let (second, secret2) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    let second_id = second.session().id;
+    match store.start(second).await.unwrap() {
+        StartOutcome::Refused { live: id, event } => {
+            assert_eq!(id, live.id);
+            assert_eq!(event.action, AuditAction::Denied);
+            assert_eq!(event.details.get("denial"), Some("active_session_exists"));
+            assert_eq!(event.seq, 1);
+        }
+        StartOutcome::Started { .. } => panic!("second live session for one agent was started"),
+    }
+    assert!(store.session(second_id).await.unwrap().is_none());
+    assert!(
+        store
+            .find_by_secret(&secret2.hash(), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let live_now = store
+        .live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live_now.len(), 1);
+    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 2);
+}
+
+/// A pending session also holds the agent's one slot.
+pub async fn a_pending_session_counts_as_live<S: Store>(store: S) {
+    let w = World::new();
+    let consent = Policy::default().consent(impersonation_core::Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let agent = w.agent(1);
+    let (first, _) = w.begin_with(&consent, &agent, &w.customer(1, "t1"), epoch());
+    let (pending, event) = must_start(&store, first).await;
+    assert_eq!(pending.state, SessionState::Pending);
+    assert_eq!(event.action, AuditAction::SessionRequested);
+    let (second, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    assert!(matches!(
+        store.start(second).await.unwrap(),
+        StartOutcome::Refused { .. }
+    ));
+}
+
+/// Different agents hold sessions independently, even on one customer.
+pub async fn agents_hold_sessions_independently<S: Store>(store: S) {
+    let w = World::new();
+    let customer = w.customer(1, "t1");
+    let (a, _) = w.begin(&w.agent(1), &customer, epoch());
+    let (b, secret_b) = w.begin(&w.agent(2), &customer, epoch());
+    let (sa, _) = must_start(&store, a).await;
+    let (sb, _) = must_start(&store, b).await;
+    assert_ne!(sa.id, sb.id);
+    let found = store
+        .find_by_secret(&secret_b.hash(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        found.agent.id,
+        w.agent(2).id,
+        "each agent gets themself back"
+    );
+    let on_customer = store
+        .live_sessions(&LiveFilter {
+            subject: Some(customer.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(on_customer.len(), 2);
+}
+
+/// A transition writes the new state and its event together; the agent's slot frees on end.
+pub async fn transition_writes_state_and_event_together<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, secret) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let t = session
+        .end(
+            EndReason::Stopped,
+            Actor::user(agent.id.clone(), "Agent 1"),
+            epoch() + Duration::minutes(5),
+            Details::new(),
+        )
+        .unwrap();
+    let (ended, event) = store.transition(t).await.unwrap();
+    assert_eq!(ended.state, SessionState::Ended(EndReason::Stopped));
+    assert_eq!(ended.version, 1);
+    assert_eq!(event.action, AuditAction::SessionEnded);
+    assert_eq!(event.details.get("reason"), Some("stopped"));
+    assert_eq!(
+        store.session(session.id).await.unwrap(),
+        Some(ended.clone())
+    );
+    assert_eq!(
+        store.find_by_secret(&secret.hash(), None).await.unwrap(),
+        Some(ended)
+    );
+    let live = store
+        .live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(live.is_empty());
+    let (again, _) = w.begin(&agent, &w.customer(2, "t1"), epoch() + Duration::minutes(6));
+    must_start(&store, again).await;
+    assert_eq!(assert_chain_verifies(&store, &session.chain()).await, 3);
+}
+
+/// A transition computed from a stale record conflicts and writes nothing.
+pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let first = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let stale = session
+        .end(EndReason::Revoked, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(first).await.unwrap();
+    match store.transition(stale).await {
+        Err(StoreError::Conflict(id)) => assert_eq!(id, session.id),
+        other => panic!("stale transition: expected Conflict, got {other:?}"),
+    }
+    let ended = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, SessionState::Ended(EndReason::Stopped));
+    let ends = all_events(
+        &store,
+        AuditQuery {
+            session: Some(session.id),
+            action: Some(AuditAction::SessionEnded),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(ends.len(), 1, "exactly one end event");
+}
+
+/// A transition on a session the store never saw is `SessionNotFound`, and writes nothing.
+pub async fn transition_of_an_unknown_session_is_not_found<S: Store>(store: S) {
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let ghost = start.session().clone();
+    let t = ghost
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    assert!(matches!(
+        store.transition(t).await,
+        Err(StoreError::SessionNotFound(_))
+    ));
+    assert!(store.chain_head(&ghost.chain()).await.unwrap().is_none());
+}
+
+/// Lookup is by secret hash only; an unknown hash finds nothing.
+pub async fn find_by_secret_finds_only_by_hash<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    must_start(&store, start).await;
+    let (_, other) = w.begin(&w.agent(2), &w.customer(1, "t1"), epoch());
+    assert!(
+        store
+            .find_by_secret(&other.hash(), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .find_by_secret(&secret.hash(), None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// The touch writes `last_seen_at`, returns the record as before it, and is coalesced.
+pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let t1 = epoch() + Duration::seconds(30);
+    let before = store
+        .find_by_secret(
+            &secret.hash(),
+            Some(Touch {
+                now: t1,
+                coalesce: Duration::seconds(10),
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        before.last_seen_at, session.last_seen_at,
+        "returns the record before the touch"
+    );
+    let after = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(after.last_seen_at, t1);
+    assert_eq!(
+        after.version, session.version,
+        "a touch is not a transition"
+    );
+    // Within the coalescing window: no write.
+    let t2 = t1 + Duration::seconds(5);
+    store
+        .find_by_secret(
+            &secret.hash(),
+            Some(Touch {
+                now: t2,
+                coalesce: Duration::seconds(10),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .session(session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        t1
+    );
+    // Past it: written.
+    let t3 = t1 + Duration::seconds(10);
+    store
+        .find_by_secret(
+            &secret.hash(),
+            Some(Touch {
+                now: t3,
+                coalesce: Duration::seconds(10),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .session(session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        t3
+    );
+}
+
+/// A touch never revives an idle or expired session, nor touches a pending or ended one.
+pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let idle = session.idle_deadline();
+    for now in [
+        idle,
+        idle + Duration::seconds(1),
+        session.expires_at + Duration::seconds(1),
+    ] {
+        store
+            .find_by_secret(
+                &secret.hash(),
+                Some(Touch {
+                    now,
+                    coalesce: Duration::ZERO,
+                }),
+            )
+            .await
+            .unwrap();
+        let stored = store.session(session.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.last_seen_at, session.last_seen_at,
+            "touch at {now} revived a lapsed session"
+        );
+    }
+    let t = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(t).await.unwrap();
+    let now = epoch() + Duration::seconds(1);
+    store
+        .find_by_secret(
+            &secret.hash(),
+            Some(Touch {
+                now,
+                coalesce: Duration::ZERO,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .session(session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        session.last_seen_at
+    );
+
+    let consent = Policy::default().consent(impersonation_core::Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let (pending, psecret) = w.begin_with(&consent, &w.agent(2), &w.customer(1, "t1"), epoch());
+    let (pending, _) = must_start(&store, pending).await;
+    store
+        .find_by_secret(
+            &psecret.hash(),
+            Some(Touch {
+                now,
+                coalesce: Duration::ZERO,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .session(pending.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        pending.last_seen_at
+    );
+}
+
+/// A guarded append needs an active session; an unguarded one always appends.
+pub async fn guarded_append_requires_an_active_session<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let access = |at| {
+        session.draft(
+            at,
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "Agent 1"),
+        )
+    };
+    let ok = store
+        .append(access(epoch()), AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    assert_eq!(ok.seq, 1);
+    let t = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(t).await.unwrap();
+    assert!(matches!(
+        store
+            .append(access(epoch()), AppendGuard::SessionActive(session.id))
+            .await,
+        Err(StoreError::SessionNotActive(_))
+    ));
+    let (ghost, _) = w.begin(&w.agent(2), &w.customer(1, "t1"), epoch());
+    assert!(matches!(
+        store
+            .append(
+                access(epoch()),
+                AppendGuard::SessionActive(ghost.session().id)
+            )
+            .await,
+        Err(StoreError::SessionNotFound(_) | StoreError::SessionNotActive(_))
+    ));
+    let unguarded = store
+        .append(access(epoch()), AppendGuard::None)
+        .await
+        .unwrap();
+    assert_eq!(unguarded.seq, 3);
+    assert_eq!(assert_chain_verifies(&store, &session.chain()).await, 4);
+}
+
+/// Events read back exactly as sealed, and each chain is a gapless sequence from 0.
+pub async fn events_read_back_exactly_and_chains_verify<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let chain = ChainKey::for_agent(&agent.id);
+    let mut sealed = Vec::new();
+    for i in 0..25_i64 {
+        let details = Details::new()
+            .with("i", i)
+            .with("text", "ünïcødé | pipes \\ and \"quotes\"")
+            .with("method", "GET");
+        let draft = AuditDraft::new(
+            epoch() + Duration::microseconds(i * 1_000_001 + 7),
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "Agent 1"),
+            chain.clone(),
+        )
+        .subject(w.user("customer1"), "Customer 1", w.tenant("t1"))
+        .details(details);
+        sealed.push(store.append(draft, AppendGuard::None).await.unwrap());
+    }
+    assert_eq!(
+        sealed.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (0..25).collect::<Vec<_>>()
+    );
+    assert_eq!(whole_chain(&store, &chain).await, sealed);
+    let from_ten = store.chain_events(&chain, 10, 5).await.unwrap();
+    assert_eq!(from_ten, sealed[10..15].to_vec());
+    assert_eq!(
+        store.chain_head(&chain).await.unwrap(),
+        sealed.last().map(AuditEvent::head)
+    );
+    let queried = all_events(
+        &store,
+        AuditQuery {
+            agent: Some(agent.id.clone()),
+            limit: 7,
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(queried, sealed);
+    assert_eq!(assert_chain_verifies(&store, &chain).await, 25);
+}
+
+/// Chain keys are listed in order, with paging.
+pub async fn chains_are_listed_in_order_with_paging<S: Store>(store: S) {
+    let w = World::new();
+    let mut keys = Vec::new();
+    for n in 0..5 {
+        let agent = w.agent(n);
+        let chain = ChainKey::for_agent(&agent.id);
+        let draft = AuditDraft::new(
+            epoch(),
+            AuditAction::Denied,
+            Actor::user(agent.id.clone(), "A"),
+            chain.clone(),
+        );
+        store.append(draft, AppendGuard::None).await.unwrap();
+        keys.push(chain);
+    }
+    keys.sort();
+    let mut listed = Vec::new();
+    let mut after: Option<ChainKey> = None;
+    loop {
+        let page = store.chains(after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.windows(2).all(|p| p[0] < p[1]), "chains out of order");
+        after = page.last().cloned();
+        listed.extend(page);
+    }
+    let ours: Vec<ChainKey> = listed
+        .into_iter()
+        .filter(|k| k.as_str().starts_with(&w.ns))
+        .collect();
+    assert_eq!(ours, keys);
+}
+
+fn agent_query(agent: &Principal) -> AuditQuery {
+    AuditQuery {
+        agent: Some(agent.id.clone()),
+        ..AuditQuery::default()
+    }
+}
+
+/// Every audit filter selects exactly the matching events.
+pub async fn audit_filters_select_exactly<S: Store>(store: S) {
+    let w = World::new();
+    let (a1, a2) = (w.agent(1), w.agent(2));
+    let (c1, c2) = (w.customer(1, "t1"), w.customer(2, "t2"));
+    let (s1, _) = must_start(&store, w.begin(&a1, &c1, epoch()).0).await;
+    let (s2, _) = must_start(&store, w.begin(&a2, &c2, epoch() + Duration::minutes(1)).0).await;
+    for (i, (s, agent)) in [(&s1, &a1), (&s2, &a2), (&s1, &a1)].into_iter().enumerate() {
+        let at = epoch() + Duration::minutes(2 + i as i64);
+        let draft = s.draft(
+            at,
+            AuditAction::Modification,
+            Actor::user(agent.id.clone(), "x"),
+        );
+        store
+            .append(draft, AppendGuard::SessionActive(s.id))
+            .await
+            .unwrap();
+    }
+    let admin = w.user("admin");
+    let t = s2
+        .end(
+            EndReason::Revoked,
+            Actor::user(admin.clone(), "Admin"),
+            epoch() + Duration::minutes(9),
+            Details::new(),
+        )
+        .unwrap();
+    store.transition(t).await.unwrap();
+
+    let count = |q: AuditQuery| {
+        let store = &store;
+        async move { all_events(store, q).await.len() }
+    };
+    assert_eq!(count(agent_query(&a1)).await, 3);
+    assert_eq!(count(agent_query(&a2)).await, 3);
+    assert_eq!(
+        count(AuditQuery {
+            actor: Some(admin.clone()),
+            ..AuditQuery::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(AuditQuery {
+            actor: Some(a1.id.clone()),
+            ..AuditQuery::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            subject: Some(c2.id.clone()),
+            ..AuditQuery::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            tenant: Some(w.tenant("t1")),
+            ..AuditQuery::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            session: Some(s2.id),
+            ..AuditQuery::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            agent: Some(a1.id.clone()),
+            action: Some(AuditAction::Modification),
+            ..AuditQuery::default()
+        })
+        .await,
+        2
+    );
+    let window = AuditQuery {
+        subject: Some(c1.id.clone()),
+        since: Some(epoch() + Duration::minutes(2)),
+        until: Some(epoch() + Duration::minutes(4)),
+        ..AuditQuery::default()
+    };
+    let in_window = all_events(&store, window).await;
+    assert_eq!(in_window.len(), 1, "since is inclusive, until exclusive");
+    assert_eq!(in_window[0].at, epoch() + Duration::minutes(2));
+    let none = AuditQuery {
+        agent: Some(a1.id.clone()),
+        subject: Some(c2.id.clone()),
+        ..AuditQuery::default()
+    };
+    assert_eq!(count(none).await, 0, "filters combine with AND");
+}
+
+/// Cursor pagination visits every event once, in order, both ways.
+pub async fn audit_pages_visit_every_event_once_in_order<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let chain = ChainKey::for_agent(&agent.id);
+    let mut ids = Vec::new();
+    for i in 0..23_i64 {
+        // Several events share a timestamp, so ordering must fall back to the id.
+        let at = epoch() + Duration::seconds(i / 3);
+        let draft = AuditDraft::new(
+            at,
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "A"),
+            chain.clone(),
+        );
+        ids.push(store.append(draft, AppendGuard::None).await.unwrap());
+    }
+    let mut expected = ids.clone();
+    expected.sort_by_key(|e| (e.at, e.id));
+    for (order, limit) in [
+        (Order::Oldest, 4),
+        (Order::Newest, 5),
+        (Order::Oldest, 1000),
+    ] {
+        let query = AuditQuery {
+            agent: Some(agent.id.clone()),
+            order,
+            limit,
+            ..AuditQuery::default()
+        };
+        let mut pages = 0;
+        let mut q = query.clone();
+        let mut seen = Vec::new();
+        loop {
+            let page = store.audit(&q).await.unwrap();
+            assert!(page.events.len() <= limit as usize);
+            pages += 1;
+            seen.extend(page.events);
+            match page.next {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut want = expected.clone();
+        if order == Order::Newest {
+            want.reverse();
+        }
+        assert_eq!(seen, want, "order {order:?}, limit {limit}");
+        assert!(pages <= 23 / limit as usize + 2);
+    }
+    let single = store
+        .audit(&AuditQuery {
+            agent: Some(agent.id.clone()),
+            limit: 0,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(single.events.len(), 1, "a zero limit is clamped to one");
+}
+
+/// `record_check` stores the re-check and the refreshed shadow, on the current version only.
+pub async fn record_check_respects_the_version<S: Store>(store: S) {
+    let w = World::new();
+    let customer = w.customer(1, "t1");
+    let (start, secret) = w.begin(&w.agent(1), &customer, epoch());
+    let grant = start.session().grant.clone();
+    let (session, _) = must_start(&store, start).await;
+    let changed = customer
+        .clone()
+        .with_attribute("timezone", "America/Toronto");
+    let shadow = w.rules.project(&changed, &grant);
+    let at = epoch() + Duration::minutes(1);
+    store
+        .record_check(session.id, session.version, at, &shadow)
+        .await
+        .unwrap();
+    let stored = store
+        .find_by_secret(&secret.hash(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.last_checked_at, at);
+    assert_eq!(stored.shadow, shadow);
+    assert_eq!(stored.version, session.version);
+    let t = session
+        .end(EndReason::Stopped, Actor::System, at, Details::new())
+        .unwrap();
+    store.transition(t).await.unwrap();
+    assert!(matches!(
+        store
+            .record_check(session.id, session.version, at, &shadow)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+/// Live sessions are filtered by agent, subject and tenant, and ended ones are left out.
+pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
+    let w = World::new();
+    let (c1, c2) = (w.customer(1, "t1"), w.customer(2, "t2"));
+    let (s1, _) = must_start(&store, w.begin(&w.agent(1), &c1, epoch()).0).await;
+    let (s2, _) = must_start(&store, w.begin(&w.agent(2), &c2, epoch()).0).await;
+    let (s3, _) = must_start(&store, w.begin(&w.agent(3), &c1, epoch()).0).await;
+    let t = s3
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(t).await.unwrap();
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id).collect::<BTreeSet<_>>();
+    let by_subject = store
+        .live_sessions(&LiveFilter {
+            subject: Some(c1.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(by_subject), [s1.id].into());
+    let by_tenant = store
+        .live_sessions(&LiveFilter {
+            tenant: Some(w.tenant("t2")),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(by_tenant), [s2.id].into());
+    let by_agent = store
+        .live_sessions(&LiveFilter {
+            agent: Some(w.agent(3).id),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(by_agent.is_empty());
+}
+
+/// Racing starts by one agent leave exactly one live session; every loser's refusal is audited.
+pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) {
+    let w = World::new();
+    let store = Arc::new(store);
+    let agent = w.agent(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..16 {
+        let (start, _) = w.begin(&agent, &w.customer(n, "t1"), epoch());
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.start(start).await });
+    }
+    let (mut started, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.expect("task") {
+            Ok(StartOutcome::Started { .. }) => started += 1,
+            Ok(StartOutcome::Refused { .. }) => refused += 1,
+            Err(e) => panic!("racing start failed: {e}"),
+        }
+    }
+    assert_eq!((started, refused), (1, 15));
+    let live = store
+        .live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    let chain = ChainKey::for_agent(&agent.id);
+    assert_eq!(
+        assert_chain_verifies(&*store, &chain).await,
+        16,
+        "every attempt audited"
+    );
+}
+
+/// Concurrent appends to one chain never fork it.
+pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: S) {
+    let w = World::new();
+    let store = Arc::new(store);
+    let agent = w.agent(1);
+    let (session, _) = must_start(&*store, w.begin(&agent, &w.customer(1, "t1"), epoch()).0).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40_i64 {
+        let draft = session.draft(
+            epoch() + Duration::milliseconds(i),
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "A"),
+        );
+        let store = Arc::clone(&store);
+        let id = session.id;
+        tasks.spawn(async move { store.append(draft, AppendGuard::SessionActive(id)).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.expect("task").expect("append");
+    }
+    assert_eq!(assert_chain_verifies(&*store, &session.chain()).await, 41);
+}
+
+/// Runs every case against stores from `factory` (one fresh store per case).
+/// Prefer [`crate::store_conformance_tests!`], which makes each case its own test.
+pub async fn run_all<S, F, Fut>(factory: F)
+where
+    S: Store + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    start_writes_the_session_and_its_event(factory().await).await;
+    start_refuses_a_second_live_session_and_audits_it(factory().await).await;
+    a_pending_session_counts_as_live(factory().await).await;
+    agents_hold_sessions_independently(factory().await).await;
+    transition_writes_state_and_event_together(factory().await).await;
+    stale_transition_conflicts_and_writes_nothing(factory().await).await;
+    transition_of_an_unknown_session_is_not_found(factory().await).await;
+    find_by_secret_finds_only_by_hash(factory().await).await;
+    touch_updates_last_seen_and_is_coalesced(factory().await).await;
+    touch_never_revives_a_lapsed_session(factory().await).await;
+    guarded_append_requires_an_active_session(factory().await).await;
+    events_read_back_exactly_and_chains_verify(factory().await).await;
+    chains_are_listed_in_order_with_paging(factory().await).await;
+    audit_filters_select_exactly(factory().await).await;
+    audit_pages_visit_every_event_once_in_order(factory().await).await;
+    record_check_respects_the_version(factory().await).await;
+    live_sessions_filter_and_exclude_ended(factory().await).await;
+    racing_starts_leave_one_live_session(factory().await).await;
+    concurrent_appends_keep_the_chain_valid(factory().await).await;
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each calling the
+/// factory expression for a fresh store. The calling crate needs `tokio`
+/// with the `macros` and `rt-multi-thread` features as a dev-dependency.
+///
+/// ```ignore
+/// mod conformance {
+///     impersonation_testkit::store_conformance_tests!(async { impersonation_core::MemoryStore::new() });
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            start_writes_the_session_and_its_event,
+            start_refuses_a_second_live_session_and_audits_it,
+            a_pending_session_counts_as_live,
+            agents_hold_sessions_independently,
+            transition_writes_state_and_event_together,
+            stale_transition_conflicts_and_writes_nothing,
+            transition_of_an_unknown_session_is_not_found,
+            find_by_secret_finds_only_by_hash,
+            touch_updates_last_seen_and_is_coalesced,
+            touch_never_revives_a_lapsed_session,
+            guarded_append_requires_an_active_session,
+            events_read_back_exactly_and_chains_verify,
+            chains_are_listed_in_order_with_paging,
+            audit_filters_select_exactly,
+            audit_pages_visit_every_event_once_in_order,
+            record_check_respects_the_version,
+            live_sessions_filter_and_exclude_ended,
+            racing_starts_leave_one_live_session,
+            concurrent_appends_keep_the_chain_valid,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store = $factory.await;
+                $crate::conformance::$case(store).await;
+            }
+        )*
+    };
+}

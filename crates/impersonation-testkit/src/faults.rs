@@ -1,0 +1,187 @@
+//! A fault-injecting store wrapper: fails a chosen call before or after the
+//! inner store runs it, to show that a failed write leaves neither half and
+//! that the service fails closed.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use impersonation_core::{
+    AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
+    SecretHash, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
+    Transition,
+};
+use time::OffsetDateTime;
+
+/// When the injected failure happens relative to the inner call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// The inner store never sees the call (a connection lost before sending).
+    Before,
+    /// The inner store completes the call, then the caller gets an error (a
+    /// connection lost before the reply arrived).
+    After,
+}
+
+/// Which calls count toward the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calls {
+    /// Every call.
+    All,
+    /// Only writes: `start`, `transition`, `append`, `record_check`, and `find_by_secret` with a touch.
+    Writes,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    nth: usize,
+    when: When,
+    calls: Calls,
+}
+
+/// Wraps a store and fails the `nth` counted call.
+#[derive(Debug)]
+pub struct FaultyStore<S> {
+    inner: S,
+    plan: Mutex<Option<Plan>>,
+    counted: AtomicUsize,
+    injected: AtomicUsize,
+}
+
+/// The error a faulty call returns.
+#[derive(Debug)]
+pub struct Fault;
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("injected fault")
+    }
+}
+
+impl std::error::Error for Fault {}
+
+impl<S: Store> FaultyStore<S> {
+    /// A wrapper that injects nothing until told to.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            plan: Mutex::new(None),
+            counted: AtomicUsize::new(0),
+            injected: AtomicUsize::new(0),
+        }
+    }
+
+    /// The wrapped store (to inspect what was really written).
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Fails the `nth` (1-based) counted call from now on, then stops injecting.
+    pub fn fail_nth(&self, nth: usize, when: When, calls: Calls) {
+        self.counted.store(0, Ordering::SeqCst);
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(Plan { nth, when, calls });
+    }
+
+    /// Fails the next write.
+    pub fn fail_next_write(&self, when: When) {
+        self.fail_nth(1, when, Calls::Writes);
+    }
+
+    /// Stops injecting.
+    pub fn heal(&self) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// How many faults were injected so far.
+    pub fn injected(&self) -> usize {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    /// Decides whether this call fails, and when.
+    fn check(&self, is_write: bool) -> Option<When> {
+        let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        let p = (*plan)?;
+        if p.calls == Calls::Writes && !is_write {
+            return None;
+        }
+        let n = self.counted.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == p.nth {
+            *plan = None;
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            Some(p.when)
+        } else {
+            None
+        }
+    }
+
+    async fn run<T, F>(&self, is_write: bool, call: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match self.check(is_write) {
+            None => call.await,
+            Some(When::Before) => Err(StoreError::unavailable(Fault)),
+            Some(When::After) => {
+                let _ = call.await;
+                Err(StoreError::unavailable(Fault))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for FaultyStore<S> {
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        self.run(true, self.inner.start(start)).await
+    }
+    async fn transition(&self, t: Transition) -> Result<(Session, AuditEvent), StoreError> {
+        self.run(true, self.inner.transition(t)).await
+    }
+    async fn append(&self, e: AuditDraft, g: AppendGuard) -> Result<AuditEvent, StoreError> {
+        self.run(true, self.inner.append(e, g)).await
+    }
+    async fn find_by_secret(
+        &self,
+        h: &SecretHash,
+        t: Option<Touch>,
+    ) -> Result<Option<Session>, StoreError> {
+        self.run(t.is_some(), self.inner.find_by_secret(h, t)).await
+    }
+    async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        self.run(false, self.inner.session(id)).await
+    }
+    async fn live_sessions(&self, f: &LiveFilter) -> Result<Vec<Session>, StoreError> {
+        self.run(false, self.inner.live_sessions(f)).await
+    }
+    async fn record_check(
+        &self,
+        id: SessionId,
+        v: u64,
+        at: OffsetDateTime,
+        s: &ShadowUser,
+    ) -> Result<(), StoreError> {
+        self.run(true, self.inner.record_check(id, v, at, s)).await
+    }
+    async fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        self.run(false, self.inner.audit(q)).await
+    }
+    async fn chain_events(
+        &self,
+        c: &ChainKey,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.run(false, self.inner.chain_events(c, from, limit))
+            .await
+    }
+    async fn chain_head(&self, c: &ChainKey) -> Result<Option<ChainHead>, StoreError> {
+        self.run(false, self.inner.chain_head(c)).await
+    }
+    async fn chains(
+        &self,
+        after: Option<&ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<ChainKey>, StoreError> {
+        self.run(false, self.inner.chains(after, limit)).await
+    }
+}

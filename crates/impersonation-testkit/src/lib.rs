@@ -1,0 +1,35 @@
+//! # impersonation-testkit
+//!
+//! What every `Store` adapter runs, ours and our users':
+//!
+//! * [`store_conformance_tests!`]: one test per promise of the `Store` trait
+//!   ([`conformance`]), from a factory expression;
+//! * [`machine::run_state_machine`]: the state-machine property test that
+//!   drives the real service on your store and checks the SDK's invariants
+//!   after every step;
+//! * [`faults::FaultyStore`]: fails a chosen call before or after the inner
+//!   write, to show a failed write leaves neither half.
+//!
+//! ```no_run
+//! // tests/conformance.rs of an adapter crate
+//! impersonation_testkit::store_conformance_tests!(async { impersonation_core::MemoryStore::new() });
+//!
+//! #[test]
+//! fn state_machine() {
+//!     impersonation_testkit::machine::run_state_machine(
+//!         impersonation_testkit::machine::MachineConfig { cases: 64, max_steps: 50 },
+//!         || async { impersonation_core::MemoryStore::new() },
+//!     );
+//! }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+// A test kit fails by panicking: that is how a test reports a broken promise.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod conformance;
+pub mod faults;
+pub mod machine;
+pub mod world;
+
+pub use world::{World, epoch};

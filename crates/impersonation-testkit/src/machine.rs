@@ -1,0 +1,881 @@
+//! The state-machine property test: random sequences of start / stop /
+//! resolve / record / revoke / consent / clock moves / directory changes from
+//! several agents, run against the real service on any store, checked
+//! against a reference model after every step.
+//!
+//! Invariants checked after every step:
+//! 1. no session without its start event (the session's first event starts it);
+//! 2. each ended session has exactly one end event, a live one none;
+//! 3. at most one live session per agent (and exactly the model's);
+//! 4. `resolve` never returns a session past its maximum duration or idle timeout;
+//! 5. every audit chain verifies against its head;
+//! 6. no shadow user holds a dropped or redacted value, or a permission
+//!    outside target ∩ grant − denied;
+//! 7. no nesting: a start from inside a session is always refused;
+//! 8. no tenant is crossed without a relationship covering it;
+//! 9. every denied attempt is audited (audited refusals = the model's count).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use impersonation_core::{
+    Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Consent, Context,
+    Denial, EndReason, Error, Grant, Impersonation, Initiator, LiveFilter, ManualClock,
+    MemoryDirectory, Permission, Policy, Principal, RelationKind, Relationship, Requester,
+    SessionId, SessionSecret, SessionState, ShadowUser, ShadowValue, StartRequest, Store,
+    verify_chain,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use time::{Duration, OffsetDateTime};
+
+use crate::conformance::{all_events, whole_chain};
+use crate::world::{World, epoch};
+
+/// How many sequences, and how long.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineConfig {
+    /// Number of random sequences.
+    pub cases: u32,
+    /// Longest sequence.
+    pub max_steps: usize,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            cases: 1_000,
+            max_steps: 50,
+        }
+    }
+}
+
+/// A reason as the random agent types it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasonKind {
+    /// Acceptable.
+    Valid,
+    /// Blank.
+    Empty,
+    /// Below the minimum length.
+    Short,
+    /// With a bidirectional override.
+    Control,
+    /// Above the maximum length.
+    TooLong,
+}
+
+impl ReasonKind {
+    fn text(self) -> String {
+        match self {
+            Self::Valid => "Customer reports missing bookings".into(),
+            Self::Empty => "   ".into(),
+            Self::Short => "short".into(),
+            Self::Control => "Investigating \u{202E}gnp.exe issue".into(),
+            Self::TooLong => "x".repeat(501),
+        }
+    }
+
+    fn denial(self) -> Option<Denial> {
+        match self {
+            Self::Valid => None,
+            Self::Empty => Some(Denial::ReasonRequired),
+            Self::Short => Some(Denial::ReasonTooShort),
+            Self::Control => Some(Denial::ReasonInvalidCharacters),
+            Self::TooLong => Some(Denial::ReasonTooLong),
+        }
+    }
+}
+
+/// One step. Agents are 0 (support for tenant t1 only), 1 (support for every
+/// tenant) and 2 (the lead: every tenant, and the admin permission).
+/// Targets are 0 (t1 owner), 1 (t1 staff), 2 (t2 owner), 3 (t1 user holding
+/// a permission no agent has), 4 (t1 admin), 5 (the lead), 6 (the agent itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Start, possibly from inside the agent's own session.
+    Start {
+        /// Agent.
+        agent: usize,
+        /// Target.
+        target: usize,
+        /// Reason.
+        reason: ReasonKind,
+        /// Try from inside the agent's current session.
+        nested: bool,
+    },
+    /// Resolve the agent's latest secret.
+    Resolve {
+        /// Agent.
+        agent: usize,
+    },
+    /// Record an activity with the agent's last context.
+    Record {
+        /// Agent.
+        agent: usize,
+        /// A modification rather than an access.
+        modification: bool,
+    },
+    /// Stop the agent's latest session, as `by`.
+    Stop {
+        /// Agent.
+        agent: usize,
+        /// Who asks.
+        by: usize,
+    },
+    /// Revoke the agent's latest session, as `by`.
+    Revoke {
+        /// Agent.
+        agent: usize,
+        /// Who asks.
+        by: usize,
+    },
+    /// Host code revokes all of an agent's sessions.
+    RevokeAllForAgent {
+        /// Agent.
+        agent: usize,
+    },
+    /// Host code revokes all sessions on a customer.
+    RevokeAllForSubject {
+        /// Target.
+        target: usize,
+    },
+    /// The customer answers the agent's pending request.
+    Consent {
+        /// Agent.
+        agent: usize,
+        /// Yes or no.
+        grant: bool,
+    },
+    /// The clock moves.
+    Advance {
+        /// Seconds.
+        secs: i64,
+    },
+    /// The agent loses (or regains) the impersonate permission.
+    SetPermission {
+        /// Agent 0 or 1.
+        agent: usize,
+        /// Whether they hold it.
+        granted: bool,
+    },
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let agent = 0..3_usize;
+    let reason = prop_oneof![
+        6 => Just(ReasonKind::Valid),
+        1 => Just(ReasonKind::Empty),
+        1 => Just(ReasonKind::Short),
+        1 => Just(ReasonKind::Control),
+        1 => Just(ReasonKind::TooLong),
+    ];
+    prop_oneof![
+        6 => (agent.clone(), 0..7_usize, reason, prop::bool::weighted(0.1))
+            .prop_map(|(agent, target, reason, nested)| Op::Start { agent, target, reason, nested }),
+        6 => agent.clone().prop_map(|agent| Op::Resolve { agent }),
+        4 => (agent.clone(), any::<bool>()).prop_map(|(agent, modification)| Op::Record { agent, modification }),
+        2 => (agent.clone(), prop::sample::select(vec![0_usize, 1, 2, 0, 1, 2, 9]))
+            .prop_map(|(agent, by)| Op::Stop { agent, by: if by == 9 { agent } else { by } }),
+        1 => (agent.clone(), 0..3_usize).prop_map(|(agent, by)| Op::Revoke { agent, by }),
+        1 => agent.clone().prop_map(|agent| Op::RevokeAllForAgent { agent }),
+        1 => (0..4_usize).prop_map(|target| Op::RevokeAllForSubject { target }),
+        2 => (agent, any::<bool>()).prop_map(|(agent, grant)| Op::Consent { agent, grant }),
+        4 => prop_oneof![0..120_i64, 300..1_200_i64, Just(3_600_i64)].prop_map(|secs| Op::Advance { secs }),
+        1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
+    ]
+}
+
+/// What the model expects of a session.
+#[derive(Debug, Clone)]
+struct ModelSession {
+    id: SessionId,
+    subject: usize,
+    state: SessionState,
+    expires_at: OffsetDateTime,
+    last_seen: OffsetDateTime,
+}
+
+struct Case<S: Store> {
+    world: World,
+    service: Impersonation<S, MemoryDirectory>,
+    directory: MemoryDirectory,
+    clock: ManualClock,
+    consent: bool,
+    agents: Vec<Principal>,
+    targets: Vec<Principal>,
+    demoted: [bool; 3],
+    /// Latest session and secret of each agent.
+    latest: BTreeMap<usize, (ModelSession, SessionSecret)>,
+    /// Last context each agent resolved.
+    contexts: BTreeMap<usize, Context>,
+    /// Every session ever started, by id, with its agent.
+    sessions: BTreeMap<SessionId, usize>,
+    denials: usize,
+}
+
+const IDLE: Duration = Duration::minutes(15);
+const MAX: Duration = Duration::hours(1);
+const CONSENT_WINDOW: Duration = Duration::minutes(10);
+
+fn fail(msg: String) -> TestCaseError {
+    TestCaseError::fail(msg)
+}
+
+impl<S: Store> Case<S> {
+    fn new(store: S, consent: bool) -> Self {
+        let world = World::new();
+        let t1 = world.tenant("t1");
+        let t2 = world.tenant("t2");
+        let support = |n: u32| world.agent(n);
+        let agent0 = support(0);
+        let mut agent0 = agent0;
+        agent0.relationships = vec![Relationship::new(
+            RelationKind::Support,
+            "support-t1",
+            "Support (t1)",
+            [t1.clone()],
+        )];
+        let agent1 = support(1);
+        let lead = support(2).with_permission("impersonation:admin");
+        let escalated = Principal::new(world.user("escalated"), "Escalated", t1.clone())
+            .with_permission("reports:run");
+        let admin = Principal::new(world.user("admin"), "Admin", t1.clone())
+            .with_role("admin")
+            .with_permission("bookings:read");
+        let mut staff = world.customer(1, "t1");
+        staff.permissions = [Permission::new("bookings:read")].into();
+        let targets = vec![
+            world.customer(0, "t1"),
+            staff,
+            world.customer(2, "t2"),
+            escalated,
+            admin,
+            lead.clone(),
+        ];
+        let _ = t2;
+        let directory = MemoryDirectory::new();
+        for p in [&agent0, &agent1, &lead].into_iter().chain(targets.iter()) {
+            directory.insert(p.clone());
+        }
+        let clock = ManualClock::new(epoch());
+        let mut policy = Policy::default().max_duration(MAX).idle_timeout(IDLE);
+        if consent {
+            policy = policy.consent(Consent::Required {
+                timeout: CONSENT_WINDOW,
+            });
+        }
+        let service = Impersonation::new(store, directory.clone())
+            .with_policy(policy)
+            .with_projection(world.rules.clone())
+            .with_clock(clock.clone());
+        Self {
+            world,
+            service,
+            directory,
+            clock,
+            consent,
+            agents: vec![agent0, agent1, lead],
+            targets,
+            demoted: [false; 3],
+            latest: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            denials: 0,
+        }
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.service.now()
+    }
+
+    fn agent(&self, n: usize) -> Principal {
+        self.directory
+            .get(&self.agents[n].id)
+            .unwrap_or_else(|| self.agents[n].clone())
+    }
+
+    fn target(&self, agent: usize, n: usize) -> Principal {
+        if n == 6 {
+            self.agent(agent)
+        } else {
+            self.targets[n].clone()
+        }
+    }
+
+    /// The policy decision the model expects, rule by rule in the policy's order.
+    fn expected_denial(&self, agent: usize, target: usize, reason: ReasonKind) -> Option<Denial> {
+        if self.demoted[agent] {
+            return Some(Denial::MissingPermission);
+        }
+        let pair = match target {
+            6 => Some(Denial::SelfImpersonation),
+            5 if agent == 2 => Some(Denial::SelfImpersonation),
+            4 => Some(Denial::ProtectedRole),
+            5 => Some(Denial::TargetIsAgent),
+            3 => Some(Denial::Escalation),
+            2 if agent == 0 => Some(Denial::TenantBoundary),
+            _ => None,
+        };
+        pair.or(reason.denial()).or_else(|| {
+            self.latest
+                .get(&agent)
+                .filter(|(s, _)| s.state.is_live())
+                .map(|_| Denial::ActiveSessionExists)
+        })
+    }
+
+    fn end_model(&mut self, agent: usize, reason: EndReason) {
+        if let Some((s, _)) = self.latest.get_mut(&agent)
+            && s.state.is_live()
+        {
+            s.state = SessionState::Ended(reason);
+        }
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match *op {
+            Op::Start {
+                agent,
+                target,
+                reason,
+                nested,
+            } => self.start(agent, target, reason, nested).await,
+            Op::Resolve { agent } => self.resolve(agent).await.map(|_| ()),
+            Op::Record {
+                agent,
+                modification,
+            } => self.record(agent, modification).await,
+            Op::Stop { agent, by } => self.stop(agent, by).await,
+            Op::Revoke { agent, by } => self.revoke(agent, by).await,
+            Op::RevokeAllForAgent { agent } => {
+                let revoked = self
+                    .service
+                    .revoke_all_for_agent(
+                        &self.agents[agent].id,
+                        Initiator::System,
+                        "agent disabled",
+                    )
+                    .await
+                    .map_err(|e| fail(format!("revoke_all_for_agent: {e}")))?;
+                let live = self
+                    .latest
+                    .get(&agent)
+                    .filter(|(s, _)| s.state.is_live())
+                    .map(|(s, _)| s.id);
+                prop_assert_eq!(revoked, live.into_iter().collect::<Vec<_>>());
+                self.end_model(agent, EndReason::Revoked);
+                Ok(())
+            }
+            Op::RevokeAllForSubject { target } => {
+                let subject = self.targets[target].id.clone();
+                let mut revoked = self
+                    .service
+                    .revoke_all_for_subject(&subject, Initiator::System, "password changed")
+                    .await
+                    .map_err(|e| fail(format!("revoke_all_for_subject: {e}")))?;
+                revoked.sort();
+                let mut expected: Vec<SessionId> = Vec::new();
+                for agent in 0..3 {
+                    if let Some((s, _)) = self.latest.get(&agent)
+                        && s.state.is_live()
+                        && s.subject == target
+                    {
+                        expected.push(s.id);
+                        self.end_model(agent, EndReason::Revoked);
+                    }
+                }
+                expected.sort();
+                prop_assert_eq!(revoked, expected);
+                Ok(())
+            }
+            Op::Consent { agent, grant } => self.consent(agent, grant).await,
+            Op::Advance { secs } => {
+                self.clock.advance(Duration::seconds(secs));
+                Ok(())
+            }
+            Op::SetPermission { agent, granted } => {
+                let permission = Permission::new("impersonation:start");
+                self.directory.update(&self.agents[agent].id, |p| {
+                    if granted {
+                        p.permissions.insert(permission.clone());
+                    } else {
+                        p.permissions.remove(&permission);
+                    }
+                });
+                self.demoted[agent] = !granted;
+                Ok(())
+            }
+        }
+    }
+
+    async fn start(
+        &mut self,
+        agent: usize,
+        target: usize,
+        reason: ReasonKind,
+        nested: bool,
+    ) -> Result<(), TestCaseError> {
+        if nested && let Some(ctx) = self.resolve(agent).await? {
+            let request = StartRequest::new(self.target(agent, target).id, reason.text());
+            let result = self
+                .service
+                .start(Requester::Impersonating(&ctx), request)
+                .await;
+            self.denials += 1;
+            return match result {
+                Err(Error::Denied(Denial::Nesting)) => Ok(()),
+                other => Err(fail(format!(
+                    "nested start was not refused as nesting: {other:?}"
+                ))),
+            };
+        }
+        let principal = self.agent(agent);
+        let target_principal = self.target(agent, target);
+        let expected = self.expected_denial(agent, target, reason);
+        let request = StartRequest::new(target_principal.id.clone(), reason.text()).ticket("SUP-7");
+        let result = self
+            .service
+            .start(Requester::User(&principal), request)
+            .await;
+        match (result, expected) {
+            (Ok(started), None) => {
+                let s = &started.session;
+                let covered = target_principal.tenant == principal.tenant
+                    || principal
+                        .relationships
+                        .iter()
+                        .any(|r| r.scope.covers(&target_principal.tenant));
+                prop_assert!(covered, "a tenant was crossed without a relationship");
+                check_shadow(&s.shadow, &target_principal, &s.grant, &self.world)?;
+                prop_assert_eq!(&s.agent.id, &principal.id);
+                let state = if self.consent {
+                    SessionState::Pending
+                } else {
+                    SessionState::Active
+                };
+                prop_assert_eq!(s.state, state);
+                let now = self.now();
+                let model = ModelSession {
+                    id: s.id,
+                    subject: target,
+                    state,
+                    expires_at: now + if self.consent { CONSENT_WINDOW } else { MAX },
+                    last_seen: now,
+                };
+                self.sessions.insert(s.id, agent);
+                self.latest.insert(agent, (model, started.secret));
+                self.contexts.remove(&agent);
+                Ok(())
+            }
+            (Err(Error::Denied(actual)), Some(expected)) => {
+                self.denials += 1;
+                prop_assert_eq!(actual, expected);
+                Ok(())
+            }
+            (result, expected) => Err(fail(format!(
+                "start: expected {expected:?}, got {result:?}"
+            ))),
+        }
+    }
+
+    async fn resolve(&mut self, agent: usize) -> Result<Option<Context>, TestCaseError> {
+        let now = self.now();
+        let demoted = self.demoted[agent];
+        let Some((model, secret)) = self.latest.get(&agent) else {
+            return Ok(None);
+        };
+        let model = model.clone();
+        let result = self.service.resolve(secret).await;
+        let expected: Result<(), Error> = match model.state {
+            SessionState::Ended(r) => Err(Error::Ended(r)),
+            _ if now >= model.expires_at => Err(Error::Ended(EndReason::Expired)),
+            SessionState::Pending => Err(Error::PendingConsent),
+            _ if now >= model.last_seen + IDLE => Err(Error::Ended(EndReason::IdleTimeout)),
+            _ if demoted => Err(Error::Ended(EndReason::Revoked)),
+            _ => Ok(()),
+        };
+        match (result, expected) {
+            (Ok(ctx), Ok(())) => {
+                prop_assert!(
+                    now < model.expires_at && now < model.last_seen + IDLE,
+                    "resolve returned a lapsed session"
+                );
+                prop_assert_eq!(
+                    &ctx.agent().id,
+                    &self.agents[agent].id,
+                    "the real agent is bound to the session"
+                );
+                prop_assert_eq!(ctx.subject(), &self.targets[model.subject].id);
+                let stored = self
+                    .service
+                    .store()
+                    .session(model.id)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let grant = stored
+                    .map(|s| s.grant)
+                    .ok_or_else(|| fail("resolved session vanished".into()))?;
+                check_shadow(
+                    ctx.shadow(),
+                    &self.target(agent, model.subject),
+                    &grant,
+                    &self.world,
+                )?;
+                if let Some((m, _)) = self.latest.get_mut(&agent) {
+                    m.last_seen = now;
+                }
+                self.contexts.insert(agent, ctx.clone());
+                Ok(Some(ctx))
+            }
+            (Err(actual), Err(expected)) => {
+                prop_assert_eq!(format!("{actual:?}"), format!("{expected:?}"));
+                if let Error::Ended(reason) = expected
+                    && model.state.is_live()
+                {
+                    self.end_model(agent, reason);
+                }
+                Ok(None)
+            }
+            (result, expected) => Err(fail(format!(
+                "resolve: expected {expected:?}, got {result:?}"
+            ))),
+        }
+    }
+
+    async fn record(&mut self, agent: usize, modification: bool) -> Result<(), TestCaseError> {
+        let Some(ctx) = self.contexts.get(&agent).cloned() else {
+            return Ok(());
+        };
+        let activity = if modification {
+            Activity::modification("Updated a booking.").detail("method", "POST")
+        } else {
+            Activity::access("Viewed bookings.").detail("method", "GET")
+        };
+        let result = self.service.record(&ctx, activity).await;
+        let active = self
+            .latest
+            .get(&agent)
+            .is_some_and(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active);
+        match (result, active) {
+            (Ok(event), true) => {
+                prop_assert_eq!(event.session, Some(ctx.session()));
+                prop_assert_eq!(event.actor.id(), Some(&self.agents[agent].id));
+                Ok(())
+            }
+            (Err(Error::Unauthenticated), false) => Ok(()),
+            (result, active) => Err(fail(format!(
+                "record (session active: {active}): got {result:?}"
+            ))),
+        }
+    }
+
+    async fn stop(&mut self, agent: usize, by: usize) -> Result<(), TestCaseError> {
+        let Some((model, secret)) = self.latest.get(&agent) else {
+            return Ok(());
+        };
+        let state = model.state;
+        let result = self.service.stop(secret, &self.agent(by)).await;
+        match (result, state) {
+            (Err(Error::Ended(r)), SessionState::Ended(m)) => {
+                prop_assert_eq!(r, m);
+                Ok(())
+            }
+            (Err(Error::Denied(Denial::NotSessionAgent)), _) if by != agent => {
+                self.denials += 1;
+                Ok(())
+            }
+            (Ok(EndReason::Stopped), s) if s.is_live() && by == agent => {
+                self.end_model(agent, EndReason::Stopped);
+                Ok(())
+            }
+            (result, state) => Err(fail(format!(
+                "stop by {by} of agent {agent}'s session ({state}): {result:?}"
+            ))),
+        }
+    }
+
+    async fn revoke(&mut self, agent: usize, by: usize) -> Result<(), TestCaseError> {
+        let Some((model, _)) = self.latest.get(&agent) else {
+            return Ok(());
+        };
+        let (id, state) = (model.id, model.state);
+        let entitled = by == agent || by == 2;
+        let result = self
+            .service
+            .revoke(id, &self.agent(by), "checked by the lead")
+            .await;
+        match (result, state) {
+            (Err(Error::Ended(r)), SessionState::Ended(m)) => {
+                prop_assert_eq!(r, m);
+                Ok(())
+            }
+            (Err(Error::Denied(Denial::NotSessionAgent)), s) if s.is_live() && !entitled => {
+                self.denials += 1;
+                Ok(())
+            }
+            (Ok(EndReason::Revoked), s) if s.is_live() && entitled => {
+                self.end_model(agent, EndReason::Revoked);
+                Ok(())
+            }
+            (result, state) => Err(fail(format!(
+                "revoke by {by} of agent {agent}'s session ({state}): {result:?}"
+            ))),
+        }
+    }
+
+    async fn consent(&mut self, agent: usize, grant: bool) -> Result<(), TestCaseError> {
+        let Some((model, _)) = self.latest.get(&agent) else {
+            return Ok(());
+        };
+        if model.state != SessionState::Pending {
+            return Ok(());
+        }
+        let model = model.clone();
+        let now = self.now();
+        let customer = self.target(agent, model.subject);
+        if grant {
+            let result = self.service.grant_consent(model.id, &customer).await;
+            match result {
+                Ok(active) if now < model.expires_at => {
+                    prop_assert_eq!(active.state, SessionState::Active);
+                    if let Some((m, _)) = self.latest.get_mut(&agent) {
+                        m.state = SessionState::Active;
+                        m.expires_at = now + MAX;
+                        m.last_seen = now;
+                    }
+                    Ok(())
+                }
+                Err(Error::Ended(EndReason::Expired)) if now >= model.expires_at => {
+                    self.end_model(agent, EndReason::Expired);
+                    Ok(())
+                }
+                other => Err(fail(format!("grant_consent: {other:?}"))),
+            }
+        } else {
+            match self.service.deny_consent(model.id, &customer).await {
+                Ok(EndReason::ConsentDenied) if now < model.expires_at => {
+                    self.end_model(agent, EndReason::ConsentDenied);
+                    Ok(())
+                }
+                Err(Error::Ended(EndReason::Expired)) if now >= model.expires_at => {
+                    self.end_model(agent, EndReason::Expired);
+                    Ok(())
+                }
+                other => Err(fail(format!("deny_consent: {other:?}"))),
+            }
+        }
+    }
+
+    /// The invariants, checked against the store after every step.
+    async fn check_invariants(&self) -> Result<(), TestCaseError> {
+        let store = self.service.store();
+        let mut events: Vec<AuditEvent> = Vec::new();
+        for agent in &self.agents {
+            let chain = ChainKey::for_agent(&agent.id);
+            let chain_events = whole_chain(store, &chain).await;
+            let head = store
+                .chain_head(&chain)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if let Err(b) = verify_chain(&chain, &chain_events, head) {
+                return Err(fail(format!("invariant 5: chain does not verify: {b}")));
+            }
+            let live = store
+                .live_sessions(&LiveFilter {
+                    agent: Some(agent.id.clone()),
+                    ..LiveFilter::default()
+                })
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            prop_assert!(
+                live.len() <= 1,
+                "invariant 3: agent {} has {} live sessions",
+                agent.id,
+                live.len()
+            );
+            events.extend(chain_events);
+        }
+        // Refusals by people outside the three agents' chains would be missed
+        // above; the model has none, and this query proves it.
+        let stray = all_events(
+            store,
+            AuditQuery {
+                subject: Some(self.targets[0].id.clone()),
+                action: Some(AuditAction::Denied),
+                ..AuditQuery::default()
+            },
+        )
+        .await;
+        let all_in_agent_chains = stray.iter().all(|e| {
+            self.agents
+                .iter()
+                .any(|a| e.chain == ChainKey::for_agent(&a.id))
+        });
+        prop_assert!(
+            all_in_agent_chains,
+            "a refusal landed outside the agents' chains"
+        );
+
+        let denied = events
+            .iter()
+            .filter(|e| e.action == AuditAction::Denied)
+            .count();
+        prop_assert_eq!(
+            denied,
+            self.denials,
+            "invariant 9: every denied attempt is audited"
+        );
+
+        for (id, agent) in &self.sessions {
+            let session = store
+                .session(*id)
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("session {id} vanished")))?;
+            let mine: Vec<&AuditEvent> = events
+                .iter()
+                .filter(|e| e.session == Some(*id) && e.action != AuditAction::Denied)
+                .collect();
+            let first = mine.first().map(|e| e.action);
+            prop_assert!(
+                matches!(
+                    first,
+                    Some(AuditAction::SessionStarted | AuditAction::SessionRequested)
+                ),
+                "invariant 1: session {} has no start event first ({:?})",
+                id,
+                first
+            );
+            let ends = mine
+                .iter()
+                .filter(|e| e.action == AuditAction::SessionEnded)
+                .count();
+            match session.state {
+                SessionState::Ended(reason) => {
+                    prop_assert_eq!(
+                        ends,
+                        1,
+                        "invariant 2: ended session has {} end events",
+                        ends
+                    );
+                    let last = mine.last().map(|e| (e.action, e.details.get("reason")));
+                    prop_assert_eq!(last, Some((AuditAction::SessionEnded, Some(reason.code()))));
+                }
+                _ => prop_assert_eq!(ends, 0, "invariant 2: live session has an end event"),
+            }
+            if let Some((model, _)) = self.latest.get(agent)
+                && model.id == *id
+            {
+                prop_assert_eq!(
+                    session.state,
+                    model.state,
+                    "stored state differs from the model"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Invariant 6: what a shadow user may hold.
+fn check_shadow(
+    shadow: &ShadowUser,
+    target: &Principal,
+    grant: &Grant,
+    world: &World,
+) -> Result<(), TestCaseError> {
+    for (name, value) in shadow.attributes() {
+        let original = target.attributes.get(name);
+        match (world.rules.rule_for(name), value) {
+            (AttributeRule::Copy, ShadowValue::Copied(v)) => prop_assert_eq!(Some(v), original),
+            (AttributeRule::Mask(_), ShadowValue::Masked(m)) => {
+                if let Some(serde_json::Value::String(o)) = original {
+                    prop_assert!(
+                        m != o && !m.contains(o.as_str()),
+                        "masked value reveals the original"
+                    );
+                }
+            }
+            (AttributeRule::Mask(_) | AttributeRule::Redact, ShadowValue::Redacted) => {}
+            (rule, value) => {
+                return Err(fail(format!(
+                    "attribute {name} is {value:?} under rule {rule:?}"
+                )));
+            }
+        }
+    }
+    for name in target.attributes.keys() {
+        if world.rules.rule_for(name) == AttributeRule::Drop {
+            prop_assert!(
+                shadow.attribute(name).is_none(),
+                "dropped attribute {} present",
+                name
+            );
+        }
+    }
+    for permission in shadow.permissions() {
+        prop_assert!(
+            target.permissions.contains(permission),
+            "{} not held by the target",
+            permission
+        );
+        prop_assert!(
+            grant.permissions.contains(permission),
+            "{} outside the grant",
+            permission
+        );
+        prop_assert!(
+            !grant.denied.iter().any(|p| p.matches(permission)),
+            "denied permission {} in the shadow user",
+            permission
+        );
+    }
+    Ok(())
+}
+
+/// Runs the property test: `config.cases` random sequences of up to
+/// `config.max_steps` steps, each against a store from `factory`, on a
+/// runtime of its own. Call it from a plain `#[test]` (not `#[tokio::test]`).
+/// Stores from the factory may share a database: every case namespaces its ids.
+pub fn run_state_machine<S, F, Fut>(config: MachineConfig, factory: F)
+where
+    S: Store + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("could not build a tokio runtime: {e}"),
+    };
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: config.cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        prop::bool::weighted(0.25),
+        prop::collection::vec(op_strategy(), 1..=config.max_steps),
+    );
+    let result = runner.run(&strategy, |(consent, ops)| {
+        runtime.block_on(async {
+            let mut case = Case::new(factory().await, consent);
+            for (i, op) in ops.iter().enumerate() {
+                case.apply(op)
+                    .await
+                    .map_err(|e| fail(format!("step {i} {op:?}: {e}")))?;
+                case.check_invariants()
+                    .await
+                    .map_err(|e| fail(format!("after step {i} {op:?}: {e}")))?;
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("state-machine property failed: {e}");
+    }
+}

@@ -1,0 +1,236 @@
+//! `cargo xtask ci`: everything CI checks, in order, as one command.
+//!
+//! Every step runs even after an earlier one failed, so one run shows all
+//! problems; the exit code is non-zero if any step failed. The last line is
+//! `N passed, M failed`, summed over every libtest `test result:` line, so
+//! CI can tell a green run from one that executed no test at all (which
+//! counts as a failure here too).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use xshell::{Shell, cmd};
+
+/// One CI step. Steps run in the order of [`steps`]; append to that list to
+/// add one (e.g. a browser test).
+struct Step {
+    /// Shown in the step's header and in the summary.
+    name: &'static str,
+    /// Does the work; an error marks the step failed.
+    run: fn(&mut Ci) -> Result<()>,
+}
+
+/// State shared by the steps.
+struct Ci {
+    /// Runs from the workspace root with `RUST_BACKTRACE=1`.
+    sh: Shell,
+    /// Everything the test runs printed on stdout, kept for counting.
+    test_output: String,
+}
+
+/// The CI steps, in order.
+fn steps() -> Vec<Step> {
+    vec![
+        Step {
+            name: "services up",
+            run: |_| crate::services::up(),
+        },
+        Step {
+            name: "cargo fmt --all --check",
+            run: |ci| {
+                let cargo = crate::cargo();
+                cmd!(ci.sh, "{cargo} fmt --all --check").run()?;
+                Ok(())
+            },
+        },
+        Step {
+            name: "cargo clippy",
+            run: |ci| {
+                let cargo = crate::cargo();
+                cmd!(
+                    ci.sh,
+                    "{cargo} clippy --workspace --all-targets --locked -- -D warnings"
+                )
+                .run()?;
+                Ok(())
+            },
+        },
+        Step {
+            name: "cargo test",
+            run: |ci| {
+                // Doc tests run even if the other tests failed: the summary
+                // should count everything.
+                let all_targets = ci.cargo_test(&["--workspace", "--all-targets", "--locked"]);
+                let doc = ci.cargo_test(&["--workspace", "--doc", "--locked"]);
+                all_targets.and(doc)
+            },
+        },
+    ]
+}
+
+/// Runs every step and prints the summary; the exit code is the verdict.
+pub(crate) fn run() -> Result<ExitCode> {
+    let sh = crate::root_shell()?;
+    // CARGO_TARGET_DIR, if set, reaches cargo simply by inheritance: every
+    // child gets our environment plus this.
+    sh.set_var("RUST_BACKTRACE", "1");
+    let mut ci = Ci {
+        sh,
+        test_output: String::new(),
+    };
+
+    let started = Instant::now();
+    let mut failed_steps = Vec::new();
+    for step in steps() {
+        println!("\n==> {}", step.name);
+        let step_started = Instant::now();
+        let result = (step.run)(&mut ci);
+        let elapsed = step_started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => println!("==> {}: ok ({elapsed:.1}s)", step.name),
+            Err(err) => {
+                println!("==> {}: FAILED ({elapsed:.1}s): {err:#}", step.name);
+                failed_steps.push(step.name);
+            }
+        }
+    }
+
+    let counts = count_tests(&ci.test_output);
+    println!("\n==> summary ({:.1}s)", started.elapsed().as_secs_f64());
+    let mut ok = true;
+    if !failed_steps.is_empty() {
+        println!("failed steps: {}", failed_steps.join(", "));
+        ok = false;
+    }
+    if counts.passed == 0 {
+        println!("no test passed: a run that executes no test is a failure");
+        ok = false;
+    }
+    // A failed test also fails its step; checked anyway in case a step
+    // ever tolerates its command's exit code.
+    if counts.failed > 0 {
+        println!("{} test(s) failed", counts.failed);
+        ok = false;
+    }
+    // The verdict line, last and alone on its line, for CI to read.
+    println!("{} passed, {} failed", counts.passed, counts.failed);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+impl Ci {
+    /// Runs `cargo test <args>`, echoing its stdout live while keeping a copy
+    /// in `test_output` (stderr, where cargo reports progress, is inherited).
+    fn cargo_test(&mut self, args: &[&str]) -> Result<()> {
+        let shown = format!("cargo test {}", args.join(" "));
+        eprintln!("$ {shown}");
+        let mut child = Command::new(crate::cargo())
+            .arg("test")
+            .args(args)
+            .current_dir(self.sh.current_dir())
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        let stdout = child.stdout.take().context("child has no stdout pipe")?;
+
+        // Bytes, not `lines()`: a test may print invalid UTF-8, which must
+        // not abort the run.
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        let mut out = std::io::stdout().lock();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            out.write_all(&line)?;
+            out.flush()?;
+            self.test_output.push_str(&String::from_utf8_lossy(&line));
+        }
+        drop(out);
+
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("`{shown}` failed ({status})");
+        }
+        Ok(())
+    }
+}
+
+/// Test counts summed over a run's `test result:` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+}
+
+/// Sums every libtest summary line, e.g.
+/// `test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`.
+fn count_tests(output: &str) -> Counts {
+    let mut counts = Counts::default();
+    for line in output.lines() {
+        // Anchored at the line start so a test's own output quoting such a
+        // line (indented, or mid-line) is not counted.
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            continue;
+        };
+        // Skip the verdict ("ok." / "FAILED."): the counts tell it all.
+        let Some((_, fields)) = rest.split_once(". ") else {
+            continue;
+        };
+        for field in fields.split(';') {
+            let mut words = field.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => counts.passed += n,
+                "failed" => counts.failed += n,
+                _ => {}
+            }
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_result_line() {
+        let output = "\
+running 3 tests
+test a ... ok
+test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.20s
+test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+";
+        assert_eq!(
+            count_tests(output),
+            Counts {
+                passed: 8,
+                failed: 2
+            }
+        );
+    }
+
+    #[test]
+    fn ignores_other_lines() {
+        let output = "  test result: ok. 9 passed; 9 failed;\nsaid test result: ok. 1 passed;\n";
+        assert_eq!(count_tests(output), Counts::default());
+    }
+
+    #[test]
+    fn no_output_counts_nothing() {
+        assert_eq!(count_tests(""), Counts::default());
+    }
+}

@@ -1,0 +1,128 @@
+//! Developer tasks for the impersonation workspace, run as `cargo xtask <task>`.
+//!
+//! Everything CI does lives here rather than in shell scripts, so that a
+//! developer and CI run exactly the same steps (`.ci/run` only calls
+//! `cargo xtask ci`). Arguments are parsed by hand: the command set is tiny
+//! and an argument-parsing crate would cost more build time than it saves.
+
+mod bench;
+mod ci;
+mod demo;
+mod services;
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use xshell::Shell;
+
+/// Printed for `help` and, on stderr, for an unknown command.
+const USAGE: &str = "\
+usage: cargo xtask <task> [args...]
+
+tasks:
+  ci                  services up, fmt check, clippy, tests; ends with `N passed, M failed`
+  services up         start PostgreSQL, MariaDB and Redis if they are not reachable
+  services status     show, per service, whether it is reachable and installed
+  demo [args...]      cargo run --package impersonation-walkthrough -- [args...]
+  bench [args...]     cargo bench --package impersonation-core [args...]
+  help                show this text
+";
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line.
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Dispatches on the task name; each task reports its own exit code so that
+/// `demo`/`bench` can pass the child's code through and `ci` can print its
+/// summary line last.
+fn run(args: &[OsString]) -> Result<ExitCode> {
+    // Task names are ASCII; a non-UTF-8 one is simply unknown. Arguments
+    // passed through to cargo stay `OsString`s.
+    let task = args.first().map(|a| a.to_string_lossy().into_owned());
+    let rest = args.get(1..).unwrap_or_default();
+    match (task.as_deref(), rest.first().and_then(|a| a.to_str())) {
+        (Some("ci"), _) if rest.is_empty() => ci::run(),
+        (Some("services"), Some("up")) if rest.len() == 1 => {
+            services::up()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Some("services"), Some("status")) if rest.len() == 1 => {
+            services::status()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Some("demo"), _) => demo::run(rest),
+        (Some("bench"), _) => bench::run(rest),
+        (Some("help" | "-h" | "--help"), _) => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            let given: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+            if given.is_empty() {
+                eprintln!("xtask: missing command\n\n{USAGE}");
+            } else {
+                eprintln!("xtask: unknown command: `{}`\n\n{USAGE}", given.join(" "));
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The workspace root: xtask lives one level below it. Every command runs
+/// from here so that `cargo xtask` behaves the same from any subdirectory.
+fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+/// A shell whose current directory is the workspace root.
+fn root_shell() -> Result<Shell> {
+    let sh = Shell::new()?;
+    sh.change_dir(workspace_root()?);
+    Ok(sh)
+}
+
+/// The cargo to run: `$CARGO` (set by `cargo run`, so nested builds use the
+/// same toolchain as the one that started xtask), else `cargo` from PATH.
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// Runs `cargo <args>` from the workspace root with inherited stdin/stdout/
+/// stderr (a demo may be interactive), echoing the command first, and passes
+/// the child's exit code through.
+fn run_cargo_passthrough<I, S>(args: I) -> Result<ExitCode>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(cargo());
+    cmd.args(args).current_dir(workspace_root()?);
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    match status.code() {
+        Some(0) => Ok(ExitCode::SUCCESS),
+        // Exit codes are 0..=255 on Unix; anything else still means failure.
+        Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
+        None => bail!("`{shown}` was killed by a signal ({status})"),
+    }
+}

@@ -1,0 +1,417 @@
+//! `cargo xtask services up|status`: the database servers the tests talk to.
+//!
+//! The integration tests expect PostgreSQL, MariaDB and Redis on their
+//! default ports on 127.0.0.1 with password-less access and a `test`
+//! database. A fresh machine (CI included) has none of that, so `up`
+//! installs what is missing, starts what is down and repairs access, and is
+//! idempotent so it can run before every CI run. Everything here assumes we
+//! are root, as on the project's machines.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use xshell::{Shell, cmd};
+
+/// One service the tests need. To add a service (e.g. a Redis Cluster on
+/// other ports), add an entry to [`SERVICES`] with its own start and access
+/// functions.
+pub(crate) struct Service {
+    /// Name shown in messages.
+    name: &'static str,
+    /// TCP ports on 127.0.0.1 that must all accept connections.
+    ports: &'static [u16],
+    /// Debian package that provides the server.
+    apt_package: &'static str,
+    /// Where the server binary is, if it is installed.
+    server_binary: fn() -> Option<PathBuf>,
+    /// Starts the (installed) server in the background.
+    start: fn(&Shell) -> Result<()>,
+    /// Checks, and where possible repairs, the access the tests rely on;
+    /// returns a short description of what was checked.
+    ensure_access: fn(&Shell) -> Result<&'static str>,
+}
+
+/// Every service `up` and `status` handle, in start order.
+pub(crate) const SERVICES: &[Service] = &[
+    Service {
+        name: "postgresql",
+        ports: &[5432],
+        apt_package: "postgresql",
+        server_binary: postgres_binary,
+        start: postgres_start,
+        ensure_access: postgres_access,
+    },
+    Service {
+        name: "mariadb",
+        ports: &[3306],
+        apt_package: "mariadb-server",
+        server_binary: || existing("/usr/sbin/mariadbd"),
+        start: mariadb_start,
+        ensure_access: mariadb_access,
+    },
+    Service {
+        name: "redis",
+        ports: &[6379],
+        apt_package: "redis-server",
+        server_binary: || existing("/usr/bin/redis-server"),
+        start: redis_start,
+        ensure_access: redis_access,
+    },
+];
+
+/// How long `status` waits for a TCP connect: the services are local, so a
+/// live one answers at once.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often, and for how long per port, `up` polls a starting server.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Service {
+    /// `127.0.0.1:<port>` for each port, for messages.
+    fn addresses(&self) -> String {
+        let addrs: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        addrs.join(",")
+    }
+
+    /// Whether every port accepts a TCP connection right now.
+    fn reachable(&self) -> bool {
+        self.ports.iter().all(|&port| port_open(port))
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), CONNECT_TIMEOUT).is_ok()
+}
+
+fn existing(path: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(path);
+    path.exists().then_some(path)
+}
+
+/// Prints one line per service: reachable or not, installed or not.
+pub(crate) fn status() -> Result<()> {
+    for service in SERVICES {
+        let reachable = if service.reachable() {
+            "reachable"
+        } else {
+            "not reachable"
+        };
+        let installed = match (service.server_binary)() {
+            Some(path) => format!("installed ({})", path.display()),
+            None => format!("not installed (apt package {})", service.apt_package),
+        };
+        println!(
+            "{:<11} {:<16} {:<14} {installed}",
+            service.name,
+            service.addresses(),
+            reachable
+        );
+    }
+    Ok(())
+}
+
+/// Installs, starts and repairs every service as needed; fails naming each
+/// service that could not be brought up.
+pub(crate) fn up() -> Result<()> {
+    let sh = crate::root_shell()?;
+
+    // Install the servers of services that are down and missing, in one apt
+    // run: `apt-get update` is slow, so do it at most once.
+    let mut packages: Vec<&str> = SERVICES
+        .iter()
+        .filter(|s| !s.reachable() && (s.server_binary)().is_none())
+        .map(|s| s.apt_package)
+        .collect();
+    packages.sort_unstable();
+    packages.dedup();
+    if !packages.is_empty() {
+        println!("services: installing {}", packages.join(" "));
+        apt_install(&sh, &packages)?;
+    }
+
+    // Try every service even if one fails, so a single run reports them all.
+    let mut failures = Vec::new();
+    for service in SERVICES {
+        if let Err(err) = bring_up(&sh, service) {
+            eprintln!("{}: FAILED: {err:#}", service.name);
+            failures.push(format!("{} ({err:#})", service.name));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("could not bring up: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
+    // Noninteractive: CI has no terminal to answer debconf questions on.
+    let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
+    cmd!(sh, "apt-get update")
+        .run()
+        .context("apt-get update failed")?;
+    cmd!(
+        sh,
+        "apt-get install -y --no-install-recommends {packages...}"
+    )
+    .run()
+    .with_context(|| format!("could not install {}", packages.join(" ")))
+}
+
+fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
+    let name = service.name;
+    // Re-check: installing a Debian package may already have started it.
+    if service.reachable() {
+        println!("{name}: reachable on {}", service.addresses());
+    } else {
+        if (service.server_binary)().is_none() {
+            bail!("server not installed (apt package {})", service.apt_package);
+        }
+        println!(
+            "{name}: not reachable on {}, starting it",
+            service.addresses()
+        );
+        // A failed start may still leave a server coming up (e.g. one a
+        // package's postinst started a moment ago), so the port decides.
+        let started = (service.start)(sh);
+        if let Err(err) = wait_for_ports(service) {
+            return Err(match started {
+                Err(start_err) => start_err.context(err.to_string()),
+                Ok(()) => err,
+            });
+        }
+        println!("{name}: now reachable on {}", service.addresses());
+    }
+    let checked = (service.ensure_access)(sh)?;
+    println!("{name}: ok: {checked}");
+    Ok(())
+}
+
+fn wait_for_ports(service: &Service) -> Result<()> {
+    for &port in service.ports {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !port_open(port) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "nothing accepts connections on 127.0.0.1:{port} after {} s",
+                    START_TIMEOUT.as_secs()
+                );
+            }
+            sleep(POLL_INTERVAL);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a check command quietly; on failure returns its stderr, which is
+/// what tells which fix applies and what to show the user.
+fn check(cmd: xshell::Cmd<'_>) -> Result<(), String> {
+    match cmd.ignore_status().output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+const POSTGRES_CONF: &str = "/etc/postgresql";
+const POSTGRES_LIB: &str = "/usr/lib/postgresql";
+/// Prepended to pg_hba.conf (first match wins) so tests connect over TCP
+/// as `postgres` without a password. The comment line makes the edit
+/// recognisable and the prepend idempotent.
+const PG_HBA_TRUST: &str = "\
+# Added by `cargo xtask services up`: tests connect over TCP without a password.
+host all all 127.0.0.1/32 trust
+host all all ::1/128 trust
+";
+
+/// Subdirectories of `dir` (Debian's per-major-version layout), highest
+/// version first, keeping those for which `keep` holds.
+fn pg_versions(dir: &str, keep: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut versions: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| keep(&entry.path()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    // Numeric order: "9.6" < "15".
+    versions.sort_by_key(|v| {
+        let parts: Vec<u32> = v.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+        std::cmp::Reverse(parts)
+    });
+    versions
+}
+
+/// The newest installed server version (e.g. "15").
+fn postgres_server_version() -> Option<String> {
+    let versions = pg_versions(POSTGRES_LIB, |p| p.join("bin/postgres").exists());
+    versions.into_iter().next()
+}
+
+fn postgres_binary() -> Option<PathBuf> {
+    postgres_server_version().map(|v| Path::new(POSTGRES_LIB).join(v).join("bin/postgres"))
+}
+
+/// The version of the newest existing `main` cluster, if any.
+fn postgres_cluster() -> Option<String> {
+    let versions = pg_versions(POSTGRES_CONF, |p| p.join("main/postgresql.conf").exists());
+    versions.into_iter().next()
+}
+
+fn postgres_start(sh: &Shell) -> Result<()> {
+    let version = match postgres_cluster() {
+        Some(version) => version,
+        None => {
+            let version = postgres_server_version().context("no PostgreSQL server found")?;
+            println!("postgresql: no cluster yet, creating {version}/main");
+            cmd!(sh, "pg_createcluster {version} main").run()?;
+            version
+        }
+    };
+    // --skip-systemctl-redirect: there is no systemd in containers/CI.
+    cmd!(
+        sh,
+        "pg_ctlcluster --skip-systemctl-redirect {version} main start"
+    )
+    .run()?;
+    Ok(())
+}
+
+fn postgres_access(sh: &Shell) -> Result<&'static str> {
+    const OK: &str = "database `test` reachable over TCP as postgres without password";
+    // `runuser -u postgres` would warn that it cannot enter /work/...
+    let _dir = sh.push_dir("/");
+    // -w: fail instead of prompting for a password (there is no terminal).
+    let tcp_select = || {
+        check(cmd!(
+            sh,
+            "psql -w -X -h 127.0.0.1 -U postgres -d test -c 'select 1'"
+        ))
+    };
+    if tcp_select().is_ok() {
+        return Ok(OK);
+    }
+
+    // The database can be created over the unix socket (peer auth as the
+    // postgres user) whatever the TCP auth rules say, so do that first.
+    let query = "select 1 from pg_database where datname = 'test'";
+    let exists = cmd!(sh, "runuser -u postgres -- psql -X -tA -c {query}")
+        .read()
+        .context("cannot query PostgreSQL over its unix socket as postgres")?;
+    if exists.trim() != "1" {
+        println!("postgresql: creating database `test`");
+        cmd!(sh, "runuser -u postgres -- createdb test").run()?;
+    }
+    if tcp_select().is_ok() {
+        return Ok(OK);
+    }
+
+    // Still failing: it is the auth rules. Trust local TCP and reload.
+    let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
+    let hba = format!("{POSTGRES_CONF}/{version}/main/pg_hba.conf");
+    let content = sh.read_file(&hba)?;
+    if !content.starts_with(PG_HBA_TRUST) {
+        println!("postgresql: trusting 127.0.0.1 and ::1 in {hba}");
+        sh.write_file(&hba, format!("{PG_HBA_TRUST}{content}"))?;
+    }
+    cmd!(
+        sh,
+        "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
+    )
+    .run()?;
+    tcp_select().map_err(|stderr| {
+        anyhow!("`psql -h 127.0.0.1 -U postgres -d test` still fails after creating `test` and trusting 127.0.0.1 in {hba}: {stderr}")
+    })?;
+    Ok(OK)
+}
+
+// ------------------------------------------------------------------- MariaDB
+
+/// Run as root over the unix socket (Debian's root uses unix_socket auth) to
+/// let root in over TCP without a password. Idempotent: `OR REPLACE`, and
+/// root@localhost keeps socket auth. Both accounts are needed: 127.0.0.1
+/// counts as `localhost` unless the server runs with skip-name-resolve.
+const MARIADB_ROOT_OVER_TCP: &str = "\
+ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('');
+CREATE OR REPLACE USER 'root'@'127.0.0.1' IDENTIFIED BY '';
+GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+CREATE OR REPLACE USER 'root'@'::1' IDENTIFIED BY '';
+GRANT ALL PRIVILEGES ON *.* TO 'root'@'::1' WITH GRANT OPTION;";
+
+fn mariadb_start(sh: &Shell) -> Result<()> {
+    // mariadbd puts its socket and pid file here and runs as `mysql`; /run
+    // is a tmpfs, so the directory vanishes on reboot.
+    if !sh.path_exists("/run/mysqld") {
+        sh.create_dir("/run/mysqld")?;
+        cmd!(sh, "chown mysql:mysql /run/mysqld").run()?;
+    }
+    cmd!(
+        sh,
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
+    )
+    .run()?;
+    Ok(())
+}
+
+fn mariadb_access(sh: &Shell) -> Result<&'static str> {
+    const OK: &str = "database `test` exists, root reaches it over TCP without password";
+    let sql = "CREATE DATABASE IF NOT EXISTS test";
+    let create_test = || check(cmd!(sh, "mariadb -uroot -h127.0.0.1 -e {sql}"));
+    if create_test().is_ok() {
+        return Ok(OK);
+    }
+    println!("mariadb: root cannot log in over TCP, fixing it over the unix socket");
+    cmd!(sh, "mariadb -e {MARIADB_ROOT_OVER_TCP}")
+        .run()
+        .context("cannot fix root's access as root over MariaDB's unix socket")?;
+    create_test().map_err(|stderr| {
+        anyhow!("`mariadb -uroot -h127.0.0.1` still fails after granting root@127.0.0.1: {stderr}")
+    })?;
+    Ok(OK)
+}
+
+// --------------------------------------------------------------------- Redis
+
+/// Arguments for `redis-server`: in-memory only (`--save ""`, no AOF), so
+/// tests never wait on disk and never see data from an earlier run after a
+/// restart. `-::1` binds IPv6 loopback only if the machine has it.
+const REDIS_START_ARGS: &[&str] = &[
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
+];
+
+fn redis_start(sh: &Shell) -> Result<()> {
+    sh.create_dir("/var/lib/redis")?;
+    sh.create_dir("/var/log/redis")?;
+    sh.cmd("redis-server").args(REDIS_START_ARGS).run()?;
+    Ok(())
+}
+
+fn redis_access(sh: &Shell) -> Result<&'static str> {
+    let reply = cmd!(sh, "redis-cli -h 127.0.0.1 ping").read()?;
+    if reply.trim() != "PONG" {
+        bail!("`redis-cli -h 127.0.0.1 ping` answered {reply:?}, expected PONG");
+    }
+    Ok("answers PING with PONG")
+}
