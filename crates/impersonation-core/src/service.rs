@@ -532,7 +532,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let agent = match requester {
             Requester::User(agent) => agent,
             Requester::Impersonating(ctx) => {
-                span.record("impersonation.agent", ctx.agent.id.as_str());
+                span.record(
+                    "impersonation.agent",
+                    tracing::field::display(&ctx.agent.id),
+                );
                 let draft = AuditDraft::new(
                     now,
                     AuditAction::Denied,
@@ -548,7 +551,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
             }
         };
-        span.record("impersonation.agent", agent.id.as_str());
+        span.record("impersonation.agent", tracing::field::display(&agent.id));
         let chain = ChainKey::for_agent(&agent.id);
         let refuse = |target: Option<&Principal>| {
             let draft = AuditDraft::new(now, AuditAction::Denied, actor_of(agent), chain.clone());
@@ -670,8 +673,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         else {
             return Err(Error::Unauthenticated);
         };
-        span.record("impersonation.agent", session.agent.id.as_str());
-        span.record("impersonation.subject", session.subject.id.as_str());
+        span.record(
+            "impersonation.agent",
+            tracing::field::display(&session.agent.id),
+        );
+        span.record(
+            "impersonation.subject",
+            tracing::field::display(&session.subject.id),
+        );
         span.record("impersonation.session", tracing::field::display(session.id));
         if let SessionState::Ended(reason) = session.state {
             return Err(Error::Ended(reason));
@@ -758,8 +767,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 return Err(Error::Unauthenticated);
             };
             let span = Span::current();
-            span.record("impersonation.agent", session.agent.id.as_str());
-            span.record("impersonation.subject", session.subject.id.as_str());
+            span.record(
+                "impersonation.agent",
+                tracing::field::display(&session.agent.id),
+            );
+            span.record(
+                "impersonation.subject",
+                tracing::field::display(&session.subject.id),
+            );
             span.record("impersonation.session", tracing::field::display(session.id));
             if let SessionState::Ended(reason) = session.state {
                 return Err(Error::Ended(reason));

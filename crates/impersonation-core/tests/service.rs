@@ -1,0 +1,1053 @@
+//! The `Impersonation` service end to end on `MemoryStore`: authority rules,
+//! lapses, re-checks, consent, read-only, fail-closed behaviour and secrecy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use impersonation_core::{
+    Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, Config, Consent, Denial,
+    Directory, DirectoryError, EndReason, Error, Impersonation, Initiator, ManualClock, Mask,
+    MemoryDirectory, MemoryStore, Permission, Policy, Principal, ProjectionRules, RelationKind,
+    Relationship, Requester, SessionState, ShadowValue, StartRequest, Store, TenantId, UserId,
+};
+use impersonation_testkit::conformance::all_events;
+use impersonation_testkit::epoch;
+use impersonation_testkit::faults::{Calls, FaultyStore, When};
+use time::Duration;
+
+fn id(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn agent(name: &str) -> Principal {
+    Principal::new(id(name), name, TenantId::new("vendor").unwrap())
+        .with_permissions([
+            "impersonation:start",
+            "bookings:read",
+            "bookings:write",
+            "settings:write",
+        ])
+        .with_relationship(Relationship::all_tenants(
+            RelationKind::Support,
+            "support",
+            "Support",
+        ))
+}
+
+fn lead() -> Principal {
+    agent("lead").with_permission("impersonation:admin")
+}
+
+fn customer(name: &str) -> Principal {
+    let t = TenantId::new("pinewood").unwrap();
+    Principal::new(id(name), format!("{name} owner"), t.clone())
+        .with_permissions(["bookings:read", "bookings:write", "billing:manage"])
+        .with_attribute("card_number", "4242424242424242")
+        .with_attribute("timezone", "Europe/Lisbon")
+        .with_relationship(Relationship::new(
+            RelationKind::Company,
+            "pw",
+            "Pinewood Campground",
+            [t],
+        ))
+}
+
+struct Fixture<S: Store> {
+    service: Impersonation<S, MemoryDirectory>,
+    directory: MemoryDirectory,
+    clock: ManualClock,
+}
+
+fn fixture_with<S: Store>(store: S, policy: Policy, config: Config) -> Fixture<S> {
+    let directory = MemoryDirectory::new();
+    for p in [
+        agent("sam"),
+        agent("kim"),
+        lead(),
+        customer("olive"),
+        customer("oscar"),
+    ] {
+        directory.insert(p);
+    }
+    let clock = ManualClock::new(epoch());
+    let service = Impersonation::new(store, directory.clone())
+        .with_policy(policy)
+        .with_config(config)
+        .with_clock(clock.clone())
+        .with_projection(
+            ProjectionRules::new()
+                .rule("card_number", AttributeRule::Mask(Mask::default()))
+                .rule("timezone", AttributeRule::Copy),
+        );
+    Fixture {
+        service,
+        directory,
+        clock,
+    }
+}
+
+fn fixture() -> Fixture<MemoryStore> {
+    fixture_with(MemoryStore::new(), Policy::default(), Config::default())
+}
+
+fn req(target: &str) -> StartRequest {
+    StartRequest::new(id(target), "Customer cannot see bookings")
+}
+
+async fn session_events<S: Store>(
+    f: &Fixture<S>,
+    session: impersonation_core::SessionId,
+) -> Vec<AuditEvent> {
+    all_events(
+        f.service.store(),
+        AuditQuery {
+            session: Some(session),
+            ..AuditQuery::default()
+        },
+    )
+    .await
+}
+
+async fn denied<S: Store>(f: &Fixture<S>, code: &str) -> usize {
+    let all = all_events(
+        f.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::Denied),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    all.iter()
+        .filter(|e| e.details.get("denial") == Some(code))
+        .count()
+}
+
+#[tokio::test]
+async fn start_resolve_record_stop_audits_every_step() {
+    let f = fixture();
+    let sam = agent("sam");
+    let started = f
+        .service
+        .start(Requester::User(&sam), req("olive").ticket("SUP-1"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    assert_eq!(ctx.agent().id, sam.id);
+    assert_eq!(ctx.subject(), &id("olive"));
+    assert_eq!(
+        ctx.shadow().attribute("card_number"),
+        Some(&ShadowValue::Masked("••••••••••••4242".into()))
+    );
+    assert!(
+        !ctx.shadow()
+            .has_permission(&Permission::new("billing:manage"))
+    );
+    let banner = ctx.banner(f.service.now());
+    assert_eq!(
+        banner.message(),
+        "You are impersonating olive owner (Pinewood Campground)"
+    );
+    assert_eq!(banner.ticket.as_deref(), Some("SUP-1"));
+    f.service
+        .record(&ctx, Activity::access("Accessed account settings."))
+        .await
+        .unwrap();
+    f.service
+        .record(&ctx, Activity::modification("Updated profile information."))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.service.stop(&started.secret, &sam).await.unwrap(),
+        EndReason::Stopped
+    );
+    let actions: Vec<AuditAction> = session_events(&f, started.session.id)
+        .await
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::SessionStarted,
+            AuditAction::Access,
+            AuditAction::Modification,
+            AuditAction::SessionEnded
+        ]
+    );
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    assert!(f.service.verify_all().await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn each_recorded_event_names_both_agent_and_customer() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    let event = f
+        .service
+        .record(
+            &ctx,
+            Activity::access("Viewed bookings.").detail("status", 200),
+        )
+        .await
+        .unwrap();
+    assert_eq!(event.actor.id(), Some(&id("sam")));
+    assert_eq!(event.subject.as_ref().map(|s| &s.id), Some(&id("olive")));
+    assert_eq!(event.tenant, Some(TenantId::new("pinewood").unwrap()));
+    assert_eq!(event.details.get("status"), Some("200"));
+}
+
+#[tokio::test]
+async fn an_unknown_target_is_refused_and_audited() {
+    let f = fixture();
+    let err = f
+        .service
+        .start(Requester::User(&agent("sam")), req("nobody"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::UnknownTarget)));
+    assert_eq!(err.http_status(), 403);
+    assert_eq!(denied(&f, "unknown_target").await, 1);
+}
+
+#[tokio::test]
+async fn policy_refusals_are_audited_with_their_code() {
+    let f = fixture();
+    let err = f
+        .service
+        .start(Requester::User(&agent("sam")), req("lead"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::TargetIsAgent)));
+    assert_eq!(denied(&f, "target_is_agent").await, 1);
+}
+
+#[tokio::test]
+async fn a_second_session_for_one_agent_is_refused_and_audited() {
+    let f = fixture();
+    let sam = agent("sam");
+    f.service
+        .start(Requester::User(&sam), req("olive"))
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .start(Requester::User(&sam), req("oscar"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::ActiveSessionExists)));
+    assert_eq!(denied(&f, "active_session_exists").await, 1);
+}
+
+#[tokio::test]
+async fn starting_from_inside_a_session_is_refused_as_nesting() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    let err = f
+        .service
+        .start(Requester::Impersonating(&ctx), req("oscar"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::Nesting)));
+    assert_eq!(denied(&f, "nesting").await, 1);
+}
+
+#[tokio::test]
+async fn stop_by_another_agent_is_refused_and_audited() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .stop(&started.secret, &agent("kim"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSessionAgent)));
+    assert_eq!(denied(&f, "not_session_agent").await, 1);
+    assert!(
+        f.service.resolve(&started.secret).await.is_ok(),
+        "the session survives"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_may_revoke_any_session_and_others_may_not() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .revoke(started.session.id, &agent("kim"), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSessionAgent)));
+    assert_eq!(
+        f.service
+            .revoke(started.session.id, &lead(), "audit review")
+            .await
+            .unwrap(),
+        EndReason::Revoked
+    );
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(end.actor.id(), Some(&id("lead")));
+    assert_eq!(end.details.get("note"), Some("audit review"));
+    assert_eq!(
+        end.chain,
+        impersonation_core::ChainKey::for_agent(&id("sam")),
+        "the end is in the agent's chain"
+    );
+    assert!(matches!(
+        f.service.revoke(started.session.id, &lead(), "").await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+    assert!(matches!(
+        f.service
+            .revoke(impersonation_core::SessionId::new(), &lead(), "")
+            .await,
+        Err(Error::UnknownSession)
+    ));
+}
+
+#[tokio::test]
+async fn revoke_all_for_agent_ends_every_live_session_of_that_agent() {
+    let f = fixture();
+    let sam = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await
+        .unwrap();
+    let revoked = f
+        .service
+        .revoke_all_for_agent(&id("sam"), Initiator::System, "agent disabled")
+        .await
+        .unwrap();
+    assert_eq!(revoked, vec![sam.session.id]);
+    assert!(matches!(
+        f.service.resolve(&sam.secret).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+    assert!(f.service.resolve(&kim.secret).await.is_ok());
+    let err = f
+        .service
+        .revoke_all_for_agent(&id("kim"), Initiator::User(&agent("sam")), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSessionAgent)));
+    assert_eq!(
+        f.service
+            .revoke_all_for_agent(&id("kim"), Initiator::User(&lead()), "")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn revoke_all_for_subject_ends_sessions_of_every_agent() {
+    let f = fixture();
+    let sam = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await
+        .unwrap();
+    let other = f
+        .service
+        .start(Requester::User(&lead()), req("oscar"))
+        .await
+        .unwrap();
+    let olive = customer("olive");
+    let mut revoked = f
+        .service
+        .revoke_all_for_subject(&olive.id, Initiator::User(&olive), "password changed")
+        .await
+        .unwrap();
+    revoked.sort();
+    let mut expected = vec![sam.session.id, kim.session.id];
+    expected.sort();
+    assert_eq!(revoked, expected);
+    assert!(f.service.resolve(&other.secret).await.is_ok());
+    let err = f
+        .service
+        .revoke_all_for_subject(&id("oscar"), Initiator::User(&olive), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSubject)));
+}
+
+#[tokio::test]
+async fn two_agents_on_one_customer_each_get_themselves_back() {
+    let f = fixture();
+    let sam = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.service.resolve(&sam.secret).await.unwrap().agent().id,
+        id("sam")
+    );
+    assert_eq!(
+        f.service.resolve(&kim.secret).await.unwrap().agent().id,
+        id("kim")
+    );
+    f.service.stop(&sam.secret, &agent("sam")).await.unwrap();
+    assert_eq!(
+        f.service.resolve(&kim.secret).await.unwrap().agent().id,
+        id("kim")
+    );
+}
+
+#[tokio::test]
+async fn resolve_ends_an_expired_session_with_an_expired_event() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        f.clock.advance(Duration::minutes(10));
+        f.service.resolve(&started.secret).await.unwrap();
+    }
+    f.clock.advance(Duration::minutes(10));
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Expired))
+    ));
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("expired"))
+    );
+    assert_eq!(end.actor, impersonation_core::Actor::System);
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Expired))
+    ));
+}
+
+#[tokio::test]
+async fn resolve_ends_an_idle_session_and_use_keeps_it_alive() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::minutes(14));
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    assert_eq!(
+        ctx.idle_deadline(),
+        f.service.now() + Duration::minutes(15),
+        "the touch moved the idle deadline"
+    );
+    f.clock.advance(Duration::minutes(15));
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::IdleTimeout))
+    ));
+}
+
+#[tokio::test]
+async fn touches_are_coalesced_when_configured() {
+    let config = Config {
+        touch_interval: Duration::seconds(30),
+        ..Config::default()
+    };
+    let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::seconds(10));
+    f.service.resolve(&started.secret).await.unwrap();
+    let stored = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.last_seen_at,
+        epoch(),
+        "within the interval: no write"
+    );
+    f.clock.advance(Duration::seconds(25));
+    f.service.resolve(&started.secret).await.unwrap();
+    let stored = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.last_seen_at, epoch() + Duration::seconds(35));
+}
+
+#[tokio::test]
+async fn a_demoted_agent_loses_the_session_on_the_next_request() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.service.resolve(&started.secret).await.unwrap();
+    f.directory.update(&id("sam"), |p| {
+        p.permissions
+            .remove(&Permission::new("impersonation:start"));
+    });
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(end.details.get("denial"), Some("missing_permission"));
+    assert_eq!(
+        end.describe(),
+        "Ended impersonation session (revoked). Cause: policy re-check failed: missing_permission."
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_agent_or_customer_ends_the_session() {
+    for (who, code) in [("sam", "unknown_agent"), ("olive", "unknown_target")] {
+        let f = fixture();
+        let started = f
+            .service
+            .start(Requester::User(&agent("sam")), req("olive"))
+            .await
+            .unwrap();
+        f.directory.remove(&id(who));
+        assert!(matches!(
+            f.service.resolve(&started.secret).await,
+            Err(Error::Ended(EndReason::Revoked))
+        ));
+        let end = session_events(&f, started.session.id).await.pop().unwrap();
+        assert_eq!(end.details.get("denial"), Some(code));
+    }
+}
+
+#[tokio::test]
+async fn a_customer_promoted_to_admin_ends_the_session() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.directory.update(&id("olive"), |p| {
+        p.roles.insert("admin".into());
+    });
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+}
+
+#[tokio::test]
+async fn rechecks_can_be_spaced_out() {
+    let config = Config {
+        recheck_interval: Duration::seconds(60),
+        ..Config::default()
+    };
+    let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.directory.update(&id("sam"), |p| {
+        p.permissions
+            .remove(&Permission::new("impersonation:start"));
+    });
+    f.clock.advance(Duration::seconds(30));
+    assert!(
+        f.service.resolve(&started.secret).await.is_ok(),
+        "not due yet"
+    );
+    f.clock.advance(Duration::seconds(30));
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+}
+
+#[tokio::test]
+async fn changed_customer_settings_reach_the_shadow_user_on_recheck() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.directory.update(&id("olive"), |p| {
+        p.attributes
+            .insert("timezone".into(), "America/Toronto".into());
+    });
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    assert_eq!(
+        ctx.shadow().attribute("timezone"),
+        Some(&ShadowValue::Copied("America/Toronto".into()))
+    );
+    let stored = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.shadow,
+        *ctx.shadow(),
+        "the refreshed shadow user is stored"
+    );
+}
+
+fn consent_policy() -> Policy {
+    Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    })
+}
+
+#[tokio::test]
+async fn a_session_needing_consent_is_pending_until_the_customer_agrees() {
+    let f = fixture_with(MemoryStore::new(), consent_policy(), Config::default());
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    assert_eq!(started.session.state, SessionState::Pending);
+    let err = f.service.resolve(&started.secret).await.unwrap_err();
+    assert!(matches!(err, Error::PendingConsent));
+    let pending = f.service.pending_consents(&id("olive")).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![started.session.id]
+    );
+    let err = f
+        .service
+        .grant_consent(started.session.id, &customer("oscar"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSubject)));
+    f.clock.advance(Duration::minutes(2));
+    let active = f
+        .service
+        .grant_consent(started.session.id, &customer("olive"))
+        .await
+        .unwrap();
+    assert_eq!(active.state, SessionState::Active);
+    assert_eq!(active.expires_at, epoch() + Duration::minutes(62));
+    assert!(f.service.resolve(&started.secret).await.is_ok());
+    let actions: Vec<AuditAction> = session_events(&f, started.session.id)
+        .await
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::SessionRequested,
+            AuditAction::Denied,
+            AuditAction::SessionStarted
+        ]
+    );
+}
+
+#[tokio::test]
+async fn declined_or_unanswered_consent_ends_the_session() {
+    let f = fixture_with(MemoryStore::new(), consent_policy(), Config::default());
+    let declined = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.service
+            .deny_consent(declined.session.id, &customer("olive"))
+            .await
+            .unwrap(),
+        EndReason::ConsentDenied
+    );
+    assert!(matches!(
+        f.service.resolve(&declined.secret).await,
+        Err(Error::Ended(EndReason::ConsentDenied))
+    ));
+    let unanswered = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::minutes(10));
+    let err = f
+        .service
+        .grant_consent(unanswered.session.id, &customer("olive"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Ended(EndReason::Expired)));
+}
+
+#[tokio::test]
+async fn read_only_sessions_refuse_modifications_and_audit_the_refusal() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive").read_only())
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    assert!(ctx.read_only());
+    f.service
+        .record(&ctx, Activity::access("Viewed bookings."))
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .record(&ctx, Activity::modification("Cancelled booking."))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::ReadOnlySession)));
+    assert_eq!(denied(&f, "read_only_session").await, 1);
+}
+
+#[tokio::test]
+async fn a_refused_sensitive_route_is_audited_in_the_session() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    let err = f
+        .service
+        .record_denied(&ctx, Denial::SensitiveAction, "GET /billing")
+        .await
+        .unwrap();
+    assert_eq!(err.http_status(), 403);
+    let last = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(last.action, AuditAction::Denied);
+    assert_eq!(
+        last.describe(),
+        "Refused GET /billing: this action is not available while impersonating."
+    );
+}
+
+#[tokio::test]
+async fn recording_after_the_session_ended_is_refused() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .record(&ctx, Activity::access("Viewed bookings."))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated));
+    assert_eq!(err.http_status(), 401);
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_secrets_are_unauthenticated() {
+    let f = fixture();
+    let other = impersonation_core::SessionSecret::generate(
+        &impersonation_core::ChainKey::for_agent(&id("x")),
+    )
+    .unwrap();
+    assert!(matches!(
+        f.service.resolve(&other).await,
+        Err(Error::Unauthenticated)
+    ));
+    let parsed: Result<impersonation_core::SessionSecret, Error> =
+        impersonation_core::SessionSecret::parse("imp1.garbage").map_err(Error::from);
+    assert!(matches!(parsed, Err(Error::Unauthenticated)));
+}
+
+// --- failure and secrecy -----------------------------------------------------
+
+fn faulty() -> Fixture<Arc<FaultyStore<MemoryStore>>> {
+    fixture_with(
+        Arc::new(FaultyStore::new(MemoryStore::new())),
+        Policy::default(),
+        Config::default(),
+    )
+}
+
+#[tokio::test]
+async fn a_failed_start_leaves_neither_half() {
+    let f = faulty();
+    let store = f.service.store().clone();
+    store.fail_next_write(When::Before);
+    let err = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 503);
+    let chain = impersonation_core::ChainKey::for_agent(&id("sam"));
+    assert!(
+        store.inner().chain_head(&chain).await.unwrap().is_none(),
+        "no event"
+    );
+    assert!(
+        store
+            .inner()
+            .live_sessions(&Default::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "no session"
+    );
+
+    // Lost after the write: both halves are there, never one.
+    store.fail_next_write(When::After);
+    assert!(
+        f.service
+            .start(Requester::User(&agent("sam")), req("olive"))
+            .await
+            .is_err()
+    );
+    let live = store
+        .inner()
+        .live_sessions(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    let events = all_events(
+        store.inner(),
+        AuditQuery {
+            session: Some(live[0].id),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].action, AuditAction::SessionStarted);
+}
+
+#[tokio::test]
+async fn a_failed_stop_leaves_neither_half() {
+    let f = faulty();
+    let store = f.service.store().clone();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    store.fail_next_write(When::Before);
+    assert!(matches!(
+        f.service.stop(&started.secret, &agent("sam")).await,
+        Err(Error::Store(_))
+    ));
+    let s = store
+        .inner()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.state, SessionState::Active);
+    assert_eq!(
+        session_events(&f, started.session.id).await.len(),
+        1,
+        "no end event without the end"
+    );
+    store.fail_next_write(When::After);
+    assert!(
+        f.service
+            .stop(&started.secret, &agent("sam"))
+            .await
+            .is_err()
+    );
+    let s = store
+        .inner()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.state, SessionState::Ended(EndReason::Stopped));
+    assert_eq!(
+        session_events(&f, started.session.id).await.len(),
+        2,
+        "the end with its event"
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_fails_closed() {
+    let f = faulty();
+    let store = f.service.store().clone();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    store.fail_nth(1, When::Before, Calls::All);
+    let err = f.service.resolve(&started.secret).await.unwrap_err();
+    assert!(matches!(err, Error::Store(_)));
+    assert_eq!(err.http_status(), 503);
+    assert!(f.service.resolve(&started.secret).await.is_ok(), "healed");
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    store.fail_next_write(When::Before);
+    assert!(matches!(
+        f.service.record(&ctx, Activity::access("Viewed.")).await,
+        Err(Error::Store(_))
+    ));
+}
+
+#[derive(Clone)]
+struct DownDirectory;
+
+#[async_trait]
+impl Directory for DownDirectory {
+    async fn principal(&self, _: &UserId) -> Result<Option<Principal>, DirectoryError> {
+        Err(DirectoryError::new("connection refused"))
+    }
+}
+
+#[tokio::test]
+async fn a_directory_outage_fails_closed_without_ending_the_session() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let down =
+        Impersonation::new(f.service.store().clone(), DownDirectory).with_clock(f.clock.clone());
+    let err = down.resolve(&started.secret).await.unwrap_err();
+    assert!(matches!(err, Error::Directory(_)));
+    assert_eq!(err.http_status(), 503);
+    assert!(
+        f.service.resolve(&started.secret).await.is_ok(),
+        "the session was not ended by an outage"
+    );
+}
+
+#[tokio::test]
+async fn the_bearer_secret_is_stored_only_as_a_hash() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let token = started.secret.expose().to_owned();
+    let random_part = token.rsplit('.').next().unwrap().to_owned();
+    let stored =
+        serde_json::to_string(&f.service.store().session(started.session.id).await.unwrap())
+            .unwrap();
+    let events = serde_json::to_string(&session_events(&f, started.session.id).await).unwrap();
+    for text in [&stored, &events] {
+        assert!(!text.contains(&random_part));
+    }
+    assert!(stored.contains(&started.secret.hash().to_hex()));
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn secrets_and_sensitive_values_never_reach_a_log_line() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let token = tracing::subscriber::with_default(subscriber, || {
+        rt.block_on(async {
+            let f = fixture();
+            let started = f
+                .service
+                .start(Requester::User(&agent("sam")), req("olive"))
+                .await
+                .unwrap();
+            let ctx = f.service.resolve(&started.secret).await.unwrap();
+            tracing::info!(?ctx, secret = ?started.secret, "context");
+            let _ = f.service.stop(&started.secret, &agent("kim")).await;
+            f.service
+                .stop(&started.secret, &agent("sam"))
+                .await
+                .unwrap();
+            started.secret.expose().to_owned()
+        })
+    });
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("impersonation.agent=sam"),
+        "spans carry impersonation.* fields:\n{logs}"
+    );
+    assert!(logs.contains("impersonation.session="));
+    let random_part = token.rsplit('.').next().unwrap();
+    assert!(
+        !logs.contains(random_part),
+        "the bearer secret reached the logs"
+    );
+    assert!(
+        !logs.contains("4242424242424242"),
+        "a card number reached the logs"
+    );
+}

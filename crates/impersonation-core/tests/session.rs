@@ -1,0 +1,607 @@
+//! The session state machine (every legal and illegal transition), the
+//! projection rules, and the audit chain (tampering, exports).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
+
+use impersonation_core::{
+    Actor, AttributeRule, AuditAction, AuditDraft, AuditEvent, Begin, BreakKind, ChainKey, Consent,
+    Details, EndReason, Mask, PersonRef, Policy, PolicyContext, Principal, ProjectionRules,
+    RelationKind, Relationship, Session, SessionSecret, SessionState, ShadowValue, StartRequest,
+    TenantId, UserId, to_json_lines, to_table, verify_chain,
+};
+use time::{Duration, OffsetDateTime, macros::datetime};
+
+const T0: OffsetDateTime = datetime!(2024-11-06 10:15 UTC);
+
+fn agent() -> Principal {
+    Principal::new(UserId::from(1_u64), "AdminUser1", TenantId::from(1_u64)).with_permissions([
+        "impersonation:start",
+        "bookings:read",
+        "bookings:write",
+        "settings:read",
+    ])
+}
+
+fn customer() -> Principal {
+    let t = TenantId::from(1_u64);
+    Principal::new(UserId::from(123_u64), "User123", t.clone())
+        .with_permissions([
+            "bookings:read",
+            "bookings:write",
+            "billing:manage",
+            "password:change",
+            "export:csv",
+        ])
+        .with_attribute("timezone", "Europe/Lisbon")
+        .with_attribute("card_number", "4242424242424242")
+        .with_attribute("pin", "1234")
+        .with_attribute("email", "user123@example.com")
+        .with_attribute("address", serde_json::json!({"city": "Porto"}))
+        .with_attribute("password_hash", "$argon2id$secret")
+        .with_relationship(Relationship::new(
+            RelationKind::Company,
+            "co",
+            "Pinewood Campground",
+            [t.clone()],
+        ))
+        .with_relationship(Relationship::new(
+            RelationKind::Partner,
+            "pc",
+            "ParkCo",
+            [t],
+        ))
+}
+
+fn rules() -> ProjectionRules {
+    ProjectionRules::new()
+        .rule("timezone", AttributeRule::Copy)
+        .rule("card_number", AttributeRule::Mask(Mask::default()))
+        .rule("pin", AttributeRule::Mask(Mask::default()))
+        .rule("address", AttributeRule::Mask(Mask::default()))
+        .rule("email", AttributeRule::Redact)
+        .rule("password_hash", AttributeRule::Drop)
+}
+
+fn person(p: &Principal) -> PersonRef {
+    PersonRef {
+        id: p.id.clone(),
+        name: p.display_name.clone(),
+        tenant: p.tenant.clone(),
+    }
+}
+
+fn session_with(policy: &Policy) -> Session {
+    let (a, c) = (agent(), customer());
+    let grant = policy
+        .authorize(
+            &a,
+            &c,
+            &StartRequest::new(c.id.clone(), "Started impersonation session"),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    let shadow = rules().project(&c, &grant);
+    let secret = SessionSecret::generate(&ChainKey::for_agent(&a.id)).unwrap();
+    let start = Session::begin(
+        Begin {
+            agent: person(&a),
+            subject: person(&c),
+            grant,
+            shadow,
+            secret_hash: secret.hash(),
+        },
+        T0,
+    );
+    assert_eq!(
+        start.session().state,
+        if policy_requires_consent(policy) {
+            SessionState::Pending
+        } else {
+            SessionState::Active
+        }
+    );
+    start.session().clone()
+}
+
+fn policy_requires_consent(policy: &Policy) -> bool {
+    let (a, c) = (agent(), customer());
+    policy
+        .authorize(
+            &a,
+            &c,
+            &StartRequest::new(c.id.clone(), "Started impersonation session"),
+            PolicyContext::default(),
+        )
+        .unwrap()
+        .consent_timeout
+        .is_some()
+}
+
+fn active() -> Session {
+    session_with(&Policy::default())
+}
+
+fn pending() -> Session {
+    session_with(&Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    }))
+}
+
+fn ended(reason: EndReason) -> Session {
+    let s = if reason == EndReason::ConsentDenied {
+        pending()
+    } else {
+        active()
+    };
+    s.end(reason, Actor::System, T0, Details::new())
+        .unwrap()
+        .next()
+        .clone()
+}
+
+// --- state machine -------------------------------------------------------
+
+#[test]
+fn begin_returns_the_session_with_its_start_event_and_a_refusal_event() {
+    let (a, c) = (agent(), customer());
+    let grant = Policy::default()
+        .authorize(
+            &a,
+            &c,
+            &StartRequest::new(c.id.clone(), "Customer cannot log in").ticket("SUP-9"),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    let start = Session::begin(
+        Begin {
+            agent: person(&a),
+            subject: person(&c),
+            shadow: rules().project(&c, &grant),
+            grant,
+            secret_hash: SessionSecret::generate(&ChainKey::for_agent(&a.id))
+                .unwrap()
+                .hash(),
+        },
+        T0,
+    );
+    let s = start.session();
+    assert_eq!(
+        (s.state, s.version, s.activated_at),
+        (SessionState::Active, 0, Some(T0))
+    );
+    assert_eq!(s.expires_at, T0 + Duration::hours(1));
+    assert_eq!(start.event().action, AuditAction::SessionStarted);
+    assert_eq!(start.event().session, Some(s.id));
+    assert_eq!(start.event().chain, ChainKey::for_agent(&a.id));
+    assert_eq!(start.event().details.get("ticket"), Some("SUP-9"));
+    assert_eq!(start.refusal().action, AuditAction::Denied);
+    assert_eq!(
+        start.refusal().details.get("denial"),
+        Some("active_session_exists")
+    );
+    assert_eq!(
+        start.refusal().session,
+        None,
+        "a refused start has no session"
+    );
+}
+
+#[test]
+fn consent_starts_pending_and_activation_starts_the_clock() {
+    let p = pending();
+    assert_eq!(p.expires_at, T0 + Duration::minutes(10));
+    let later = T0 + Duration::minutes(3);
+    let customer = Actor::user(customer().id, "User123");
+    let t = p.activate(customer, later).unwrap();
+    assert_eq!(t.next().state, SessionState::Active);
+    assert_eq!(t.next().activated_at, Some(later));
+    assert_eq!(t.next().expires_at, later + Duration::hours(1));
+    assert_eq!(t.next().version, 1);
+    assert_eq!(t.expected_version(), 0);
+    assert_eq!(t.event().action, AuditAction::SessionStarted);
+    assert_eq!(t.event().details.get("consented_by"), Some("123"));
+}
+
+#[test]
+fn every_legal_transition_returns_the_next_state_and_its_event() {
+    let legal = [
+        (active(), EndReason::Stopped),
+        (active(), EndReason::Expired),
+        (active(), EndReason::IdleTimeout),
+        (active(), EndReason::Revoked),
+        (pending(), EndReason::Stopped),
+        (pending(), EndReason::Expired),
+        (pending(), EndReason::Revoked),
+        (pending(), EndReason::ConsentDenied),
+    ];
+    for (session, reason) in legal {
+        let at = T0 + Duration::minutes(1);
+        let t = session
+            .end(
+                reason,
+                Actor::System,
+                at,
+                Details::new().with("note", "why"),
+            )
+            .unwrap_or_else(|e| panic!("{} -> {reason:?} refused: {e}", session.state));
+        assert_eq!(t.next().state, SessionState::Ended(reason));
+        assert_eq!(t.next().ended_at, Some(at));
+        assert_eq!(t.next().version, session.version + 1);
+        assert_eq!(t.event().action, AuditAction::SessionEnded);
+        assert_eq!(t.event().details.get("reason"), Some(reason.code()));
+        assert_eq!(t.event().details.get("note"), Some("why"));
+        assert_eq!(t.event().session, Some(session.id));
+        assert_eq!(
+            t.event().chain,
+            session.chain(),
+            "end events go to the agent's chain"
+        );
+    }
+}
+
+#[test]
+fn every_illegal_transition_is_a_typed_error() {
+    let a = active();
+    let e = a
+        .end(EndReason::ConsentDenied, Actor::System, T0, Details::new())
+        .unwrap_err();
+    assert_eq!(
+        (e.from, e.to),
+        (
+            SessionState::Active,
+            SessionState::Ended(EndReason::ConsentDenied)
+        )
+    );
+    assert!(a.activate(Actor::System, T0).is_err(), "active -> active");
+    assert!(
+        pending()
+            .end(EndReason::IdleTimeout, Actor::System, T0, Details::new())
+            .is_err(),
+        "pending cannot idle out"
+    );
+    for reason in EndReason::ALL {
+        let done = ended(reason);
+        assert!(done.activate(Actor::System, T0).is_err(), "ended -> active");
+        for again in EndReason::ALL {
+            let err = done
+                .end(again, Actor::System, T0, Details::new())
+                .unwrap_err();
+            assert_eq!(err.from, SessionState::Ended(reason));
+        }
+    }
+}
+
+#[test]
+fn lapse_is_judged_by_expiry_then_idleness() {
+    let s = active();
+    assert_eq!(s.lapse_at(T0 + Duration::minutes(14)), None);
+    assert_eq!(
+        s.lapse_at(T0 + Duration::minutes(15)),
+        Some(EndReason::IdleTimeout)
+    );
+    assert_eq!(
+        s.lapse_at(T0 + Duration::hours(1)),
+        Some(EndReason::Expired)
+    );
+    let p = pending();
+    assert_eq!(
+        p.lapse_at(T0 + Duration::minutes(9)),
+        None,
+        "pending sessions do not idle"
+    );
+    assert_eq!(
+        p.lapse_at(T0 + Duration::minutes(10)),
+        Some(EndReason::Expired)
+    );
+    assert_eq!(
+        ended(EndReason::Stopped).lapse_at(T0 + Duration::days(9)),
+        None
+    );
+}
+
+// --- projection ------------------------------------------------------------
+
+#[test]
+fn copy_mask_redact_and_drop_each_apply() {
+    let shadow = active().shadow;
+    assert_eq!(
+        shadow.attribute("timezone"),
+        Some(&ShadowValue::Copied("Europe/Lisbon".into()))
+    );
+    assert_eq!(
+        shadow.attribute("card_number"),
+        Some(&ShadowValue::Masked("••••••••••••4242".into()))
+    );
+    assert_eq!(shadow.attribute("email"), Some(&ShadowValue::Redacted));
+    assert_eq!(shadow.attribute("password_hash"), None);
+    let json = serde_json::to_string(&shadow).unwrap();
+    for secret in [
+        "user123@example.com",
+        "4242424242424242",
+        "argon2id",
+        "Porto",
+    ] {
+        assert!(
+            !json.contains(secret),
+            "{secret} leaked into the shadow user"
+        );
+    }
+}
+
+#[test]
+fn attributes_without_a_rule_are_dropped() {
+    let c = customer().with_attribute("ssn", "123-45-6789");
+    let grant = Policy::default()
+        .authorize(
+            &agent(),
+            &c,
+            &StartRequest::new(c.id.clone(), "Looking into it"),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        ProjectionRules::new()
+            .project(&c, &grant)
+            .attributes()
+            .len(),
+        0,
+        "no rules: nothing copied"
+    );
+    assert!(rules().project(&c, &grant).attribute("ssn").is_none());
+}
+
+#[test]
+fn short_and_structured_values_are_masked_entirely() {
+    let shadow = active().shadow;
+    assert_eq!(
+        shadow.attribute("pin"),
+        Some(&ShadowValue::Masked("••••".into())),
+        "a 4-digit pin shows nothing"
+    );
+    assert_eq!(
+        shadow.attribute("address"),
+        Some(&ShadowValue::Redacted),
+        "objects cannot be masked, so they are redacted"
+    );
+    assert_eq!(Mask { keep_last: 2 }.apply("abcdef"), "••••ef");
+    assert_eq!(Mask { keep_last: 4 }.apply(""), "••••");
+    assert_eq!(Mask { keep_last: 0 }.apply("whatever"), "••••••••");
+}
+
+#[test]
+fn permissions_are_the_targets_within_the_grant_minus_the_denied_set() {
+    let shadow = active().shadow;
+    let got: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(
+        got,
+        ["bookings:read", "bookings:write"],
+        "billing, password and export are denied; settings is not the target's"
+    );
+}
+
+#[test]
+fn read_only_keeps_only_read_permissions() {
+    let (a, c) = (agent(), customer());
+    let grant = Policy::default()
+        .authorize(
+            &a,
+            &c,
+            &StartRequest::new(c.id.clone(), "Only looking").read_only(),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    let shadow = rules().project(&c, &grant);
+    assert!(shadow.read_only());
+    let got: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(got, ["bookings:read"]);
+}
+
+#[test]
+fn identity_roles_and_relationships_are_copied() {
+    let shadow = active().shadow;
+    assert_eq!(shadow.id(), &customer().id);
+    assert_eq!(shadow.display_name(), "User123");
+    assert_eq!(shadow.tenant(), &customer().tenant);
+    assert_eq!(shadow.relationships(), customer().relationships.as_slice());
+    assert_eq!(shadow.company(), Some("Pinewood Campground"));
+}
+
+// --- audit chain -------------------------------------------------------------
+
+fn chain_of(n: usize) -> (ChainKey, Vec<AuditEvent>) {
+    let chain = ChainKey::for_agent(&UserId::from(1_u64));
+    let mut events: Vec<AuditEvent> = Vec::new();
+    for i in 0..n {
+        let draft = AuditDraft::new(
+            T0 + Duration::minutes(i as i64),
+            AuditAction::Access,
+            Actor::user(UserId::from(1_u64), "AdminUser1"),
+            chain.clone(),
+        )
+        .subject(UserId::from(123_u64), "User123", TenantId::from(1_u64))
+        .details(Details::new().with("description", format!("Accessed page {i}.")));
+        events.push(draft.seal(events.last().map(AuditEvent::head)));
+    }
+    (chain, events)
+}
+
+#[test]
+fn an_intact_chain_verifies() {
+    let (chain, events) = chain_of(5);
+    let report = verify_chain(&chain, &events, events.last().map(AuditEvent::head)).unwrap();
+    assert_eq!(report.events, 5);
+    assert_eq!(events[0].prev_hash, impersonation_core::EventHash::GENESIS);
+}
+
+#[test]
+fn editing_an_event_breaks_the_chain_at_its_position() {
+    let (chain, mut events) = chain_of(5);
+    events[2].details = Details::new().with("description", "Accessed nothing.");
+    let b = verify_chain(&chain, &events, None).unwrap_err();
+    assert_eq!((b.position, b.kind), (2, BreakKind::HashMismatch));
+    let (chain, mut events) = chain_of(5);
+    events[3].at += Duration::seconds(1);
+    assert_eq!(verify_chain(&chain, &events, None).unwrap_err().position, 3);
+    let (chain, mut events) = chain_of(5);
+    events[1].actor = Actor::System;
+    assert_eq!(verify_chain(&chain, &events, None).unwrap_err().position, 1);
+}
+
+#[test]
+fn rehashing_an_edited_event_still_breaks_the_next_link() {
+    let (chain, mut events) = chain_of(5);
+    events[2].details = Details::new().with("description", "Forged.");
+    events[2].hash = events[2].compute_hash();
+    let b = verify_chain(&chain, &events, None).unwrap_err();
+    assert_eq!((b.position, b.kind), (3, BreakKind::BrokenLink));
+}
+
+#[test]
+fn deleting_an_event_breaks_the_chain_at_its_position() {
+    let (chain, mut events) = chain_of(5);
+    events.remove(1);
+    let b = verify_chain(&chain, &events, None).unwrap_err();
+    assert_eq!(
+        (b.position, b.kind),
+        (1, BreakKind::OutOfSequence { found: 2 })
+    );
+}
+
+#[test]
+fn reordering_events_breaks_the_chain() {
+    let (chain, mut events) = chain_of(5);
+    events.swap(1, 3);
+    assert_eq!(verify_chain(&chain, &events, None).unwrap_err().position, 1);
+    let (chain, mut events) = chain_of(5);
+    // Swapping the positions too, as a raw UPDATE would.
+    let (s1, s3) = (events[1].seq, events[3].seq);
+    events[1].seq = s3;
+    events[3].seq = s1;
+    events.swap(1, 3);
+    let b = verify_chain(&chain, &events, None).unwrap_err();
+    assert_eq!((b.position, b.kind), (1, BreakKind::BrokenLink));
+}
+
+#[test]
+fn truncating_the_chain_is_caught_by_the_head() {
+    let (chain, mut events) = chain_of(5);
+    let head = events.last().map(AuditEvent::head);
+    events.pop();
+    let b = verify_chain(&chain, &events, head).unwrap_err();
+    assert_eq!(b.kind, BreakKind::Truncated { head_seq: 4 });
+    assert_eq!(b.position, 4);
+}
+
+#[test]
+fn an_event_from_another_chain_is_caught() {
+    let (chain, mut events) = chain_of(3);
+    events[1].chain = ChainKey::for_agent(&UserId::from(2_u64));
+    assert_eq!(
+        verify_chain(&chain, &events, None).unwrap_err().kind,
+        BreakKind::WrongChain
+    );
+}
+
+#[test]
+fn the_table_has_the_seed_columns_and_escapes_cells() {
+    let (_, mut events) = chain_of(2);
+    events[1].details = Details::new().with("description", "Viewed a | b");
+    let table = to_table(&events);
+    let mut lines = table.lines();
+    assert_eq!(
+        lines.next(),
+        Some("| Timestamp | Action | User Performing Action | Impersonated User | Details |")
+    );
+    assert_eq!(lines.next(), Some("|---|---|---|---|---|"));
+    assert_eq!(
+        lines.next(),
+        Some(
+            "| 2024-11-06 10:15:00 AM UTC | Data Access | AdminUser1 | User123 | Accessed page 0. |"
+        )
+    );
+    assert_eq!(
+        lines.next(),
+        Some(
+            "| 2024-11-06 10:16:00 AM UTC | Data Access | AdminUser1 | User123 | Viewed a \\| b |"
+        )
+    );
+}
+
+#[test]
+fn each_action_reads_like_the_seed_table() {
+    let s = active();
+    let start = Session::draft(
+        &s,
+        T0,
+        AuditAction::SessionStarted,
+        Actor::user(agent().id, "AdminUser1"),
+    )
+    .details(Details::new().with("reason_text", "Customer cannot log in"))
+    .seal(None);
+    assert_eq!(start.action.label(), "User Impersonation");
+    assert_eq!(
+        start.describe(),
+        "Started impersonation session. Reason: Customer cannot log in."
+    );
+    let end = s
+        .end(EndReason::Stopped, Actor::System, T0, Details::new())
+        .unwrap()
+        .event()
+        .clone()
+        .seal(None);
+    assert_eq!(end.action.label(), "User Impersonation End");
+    assert_eq!(
+        end.describe(),
+        "Ended impersonation session (stopped by the agent)."
+    );
+    assert_eq!(AuditAction::Access.label(), "Data Access");
+    assert_eq!(AuditAction::Modification.label(), "Data Modification");
+    for action in AuditAction::ALL {
+        assert_eq!(AuditAction::from_code(action.code()), Some(action));
+    }
+}
+
+#[test]
+fn json_lines_round_trip_and_still_verify() {
+    let (chain, events) = chain_of(4);
+    let text = to_json_lines(&events);
+    assert_eq!(text.lines().count(), 4);
+    let back: Vec<AuditEvent> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(back, events);
+    assert!(verify_chain(&chain, &back, None).is_ok());
+}
+
+#[test]
+fn details_are_sanitised_and_bounded() {
+    let d = Details::new()
+        .with("note", "line\nbreak \u{202E}rtl")
+        .with("long", "y".repeat(5_000))
+        .with("bad key!", "dropped")
+        .with("", "dropped");
+    assert_eq!(d.get("note"), Some("line\u{FFFD}break \u{FFFD}rtl"));
+    assert_eq!(
+        d.get("long").unwrap().chars().count(),
+        impersonation_core::MAX_DETAIL_VALUE
+    );
+    assert_eq!(d.iter().count(), 2);
+    let mut many = Details::new();
+    for i in 0..100 {
+        many.insert(&format!("k{i}"), i);
+    }
+    assert_eq!(many.iter().count(), impersonation_core::MAX_DETAIL_ENTRIES);
+}
+
+#[test]
+fn timestamps_are_kept_to_the_microsecond_in_utc() {
+    let at = datetime!(2024-11-06 10:15:00.123456789 +02:00);
+    let draft = AuditDraft::new(
+        at,
+        AuditAction::Access,
+        Actor::System,
+        ChainKey::for_agent(&UserId::from(1_u64)),
+    );
+    assert_eq!(draft.at, datetime!(2024-11-06 08:15:00.123456 UTC));
+    assert_eq!(draft.at.offset(), time::UtcOffset::UTC);
+}
