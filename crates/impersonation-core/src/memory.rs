@@ -201,9 +201,20 @@ impl Store for MemoryStore {
 
     async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
         let inner = self.lock();
-        let mut found: Vec<Session> = inner
-            .sessions
-            .values()
+        // Every live session is in the per-agent index (one per agent), so
+        // ended sessions, however many, are never scanned.
+        let ids: Vec<SessionId> = match &filter.agent {
+            Some(agent) => inner
+                .live_by_agent
+                .get(agent)
+                .copied()
+                .into_iter()
+                .collect(),
+            None => inner.live_by_agent.values().copied().collect(),
+        };
+        let mut found: Vec<Session> = ids
+            .iter()
+            .filter_map(|id| inner.sessions.get(id))
             .filter(|s| s.state.is_live() && filter.matches(s))
             .cloned()
             .collect();
