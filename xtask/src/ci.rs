@@ -58,6 +58,10 @@ fn steps() -> Vec<Step> {
             },
         },
         Step {
+            name: "reset test databases",
+            run: |ci| crate::services::reset_test_databases(&ci.sh, &crate::target_dir()),
+        },
+        Step {
             name: "cargo test",
             run: |ci| {
                 // Doc tests run even if the other tests failed: the summary

@@ -126,3 +126,12 @@ where
         None => bail!("`{shown}` was killed by a signal ({status})"),
     }
 }
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` if set, else `target/`
+/// under the workspace root.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| workspace_root().ok().map(|root| root.join("target")))
+        .unwrap_or_else(|| PathBuf::from("target"))
+}

@@ -415,3 +415,50 @@ fn redis_access(sh: &Shell) -> Result<&'static str> {
     }
     Ok("answers PING with PONG")
 }
+
+/// Prefix of every schema, database and file the test suites create.
+const TEST_PREFIX: &str = "imptest_";
+
+/// Drops what earlier test runs left behind: PostgreSQL schemas and MariaDB
+/// databases named `imptest_*`, and the SQLite files under the target
+/// directory. Tests create their own on every run, so nothing is lost; on a
+/// machine that is kept between runs this stops the catalogues growing.
+pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> {
+    let drop_schemas = format!(
+        "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
+         WHERE nspname LIKE '{TEST_PREFIX}%' LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$;"
+    );
+    cmd!(
+        sh,
+        "psql -w -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -c {drop_schemas}"
+    )
+    .quiet()
+    .run()
+    .context("dropping leftover PostgreSQL test schemas")?;
+    let list = format!(
+        "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE '{TEST_PREFIX}%'"
+    );
+    let databases = cmd!(sh, "mariadb -uroot -h127.0.0.1 -N -B -e {list}")
+        .read()
+        .context("listing leftover MariaDB test databases")?;
+    let drops: String = databases
+        .lines()
+        .map(str::trim)
+        .filter(|db| {
+            db.starts_with(TEST_PREFIX)
+                && db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .map(|db| format!("DROP DATABASE `{db}`;"))
+        .collect();
+    if !drops.is_empty() {
+        cmd!(sh, "mariadb -uroot -h127.0.0.1 -e {drops}")
+            .quiet()
+            .run()
+            .context("dropping leftover MariaDB test databases")?;
+    }
+    let files = target_dir.join("test-dbs");
+    if files.exists() {
+        std::fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
+    }
+    Ok(())
+}

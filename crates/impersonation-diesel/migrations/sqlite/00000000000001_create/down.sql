@@ -1,0 +1,3 @@
+DROP TABLE impersonation_audit_events;
+DROP TABLE impersonation_audit_chains;
+DROP TABLE impersonation_sessions;

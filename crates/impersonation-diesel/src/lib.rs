@@ -1,0 +1,619 @@
+//! # impersonation-diesel
+//!
+//! The `impersonation` [`Store`] on Diesel 2, async through `diesel-async`:
+//! **PostgreSQL** and **MySQL/MariaDB** with pure-Rust drivers, **SQLite**
+//! bundled (no system library) on a blocking-pool wrapper. One code path
+//! serves all three; the backend is chosen by the URL.
+//!
+//! ```no_run
+//! use impersonation_diesel::{DieselConfig, DieselStore};
+//! # async fn example() -> Result<(), impersonation_diesel::DieselError> {
+//! let store = DieselStore::connect(DieselConfig::new("sqlite://target/impersonation.db")).await?;
+//! store.migrate().await?; // embedded migrations, idempotent
+//! let service = impersonation_core::Impersonation::new(store, impersonation_core::MemoryDirectory::new());
+//! # Ok(()) }
+//! ```
+//!
+//! URLs: `postgres://user@host/db`, `mysql://user@host/db` (or `mariadb://`),
+//! `sqlite://path/to/file.db`, `sqlite://:memory:`.
+//!
+//! Every transition is one database transaction that writes the session
+//! change and its audit event or neither; each chain's head row is locked by
+//! every write to it, so chains never fork and "one live session per agent"
+//! is checked atomically, with a unique index as the database's own
+//! guarantee. Any database failure is a [`StoreError::Unavailable`]: the SDK
+//! fails closed. See `docs/diesel.md` for the schema.
+//!
+//! ## Feature flags
+//!
+//! - `sqlite` (default): SQLite, bundled.
+//! - `postgres`: PostgreSQL through `tokio-postgres`.
+//! - `mysql`: MySQL and MariaDB through `mysql_async`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod ops;
+mod rows;
+mod sql;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use impersonation_core::{
+    AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
+    SecretHash, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
+    Transition,
+};
+use time::OffsetDateTime;
+
+use crate::ops::{OpError, retryable};
+
+#[cfg(feature = "sqlite")]
+type SqliteConn =
+    diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+    /// SQLite.
+    Sqlite,
+}
+
+impl BackendKind {
+    /// The backend a URL names.
+    pub fn of_url(url: &str) -> Result<Self, DieselError> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "mysql" | "mariadb" => Ok(Self::Mysql),
+            "sqlite" | "file" => Ok(Self::Sqlite),
+            _ => Err(DieselError::UnsupportedUrl(scheme.to_owned())),
+        }
+    }
+}
+
+/// Why connecting or migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DieselError {
+    /// The URL's scheme names no supported database.
+    #[error(
+        "unsupported database URL scheme `{0}` (expected postgres://, mysql://, mariadb:// or sqlite://)"
+    )]
+    UnsupportedUrl(String),
+    /// The backend's cargo feature is not enabled.
+    #[error("this build lacks the `{0}` feature of impersonation-diesel")]
+    FeatureDisabled(&'static str),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database could not be reached.
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    /// The migrations failed.
+    #[error("migrations failed: {0}")]
+    Migration(String),
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct DieselConfig {
+    url: String,
+    max_connections: usize,
+    wait_timeout: Duration,
+    connect_timeout: Duration,
+    busy_timeout: Duration,
+    schema: Option<String>,
+}
+
+impl DieselConfig {
+    /// Settings for a database URL, with 8 connections and 5-second timeouts.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 8,
+            wait_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(5),
+            schema: None,
+        }
+    }
+
+    /// The pool's size (an in-memory SQLite database always uses one connection).
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a request waits for a free connection before failing closed.
+    #[must_use]
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// SQLite: how long a writer waits for another writer's lock.
+    #[must_use]
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL: keep the tables in this schema (created by [`DieselStore::migrate`]).
+    /// Letters, digits and `_` only.
+    #[must_use]
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    fn sqlite_path(&self) -> String {
+        let rest = self
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.url.strip_prefix("file://"))
+            .unwrap_or(&self.url);
+        rest.to_owned()
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    #[cfg(feature = "postgres")]
+    Postgres(Pool<diesel_async::AsyncPgConnection>),
+    #[cfg(feature = "mysql")]
+    Mysql(Pool<diesel_async::AsyncMysqlConnection>),
+    #[cfg(feature = "sqlite")]
+    Sqlite(Pool<SqliteConn>),
+}
+
+/// The Diesel store. Cheap to clone (it is a pool handle).
+#[derive(Clone)]
+pub struct DieselStore {
+    backend: Backend,
+    config: DieselConfig,
+}
+
+impl std::fmt::Debug for DieselStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: print only the backend.
+        f.debug_struct("DieselStore")
+            .field("backend", &self.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+fn valid_schema(schema: &str) -> bool {
+    !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(feature = "postgres")]
+mod pg_setup {
+    use diesel::ConnectionResult;
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+
+    pub(crate) async fn establish(
+        url: String,
+        schema: Option<String>,
+    ) -> ConnectionResult<AsyncPgConnection> {
+        let mut conn = AsyncPgConnection::establish(&url).await?;
+        if let Some(schema) = schema {
+            // The schema name was validated: letters, digits and `_` only.
+            conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
+                .await
+                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        }
+        Ok(conn)
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql_setup {
+    use diesel::ConnectionResult;
+    use diesel_async::{AsyncConnection, AsyncMysqlConnection, SimpleAsyncConnection};
+
+    pub(crate) async fn establish(url: String) -> ConnectionResult<AsyncMysqlConnection> {
+        let url = match url.strip_prefix("mariadb://") {
+            Some(rest) => format!("mysql://{rest}"),
+            None => url,
+        };
+        let mut conn = AsyncMysqlConnection::establish(&url).await?;
+        // Read committed: plain reads see the latest commit, and InnoDB takes
+        // no gap locks that could deadlock concurrent appends.
+        conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        Ok(conn)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite_setup {
+    use diesel::ConnectionResult;
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+
+    pub(crate) async fn establish(
+        path: String,
+        busy_ms: u128,
+    ) -> ConnectionResult<super::SqliteConn> {
+        let mut conn = super::SqliteConn::establish(&path).await?;
+        // WAL lets readers run beside the writer; FULL sync keeps a committed
+        // audit event through a power loss; busy_timeout makes writers queue.
+        conn.batch_execute(&format!(
+            "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+        ))
+        .await
+        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        Ok(conn)
+    }
+}
+
+fn pool_error(e: impl std::fmt::Display) -> OpError {
+    OpError::Store(StoreError::Unavailable(
+        format!("connection pool: {e}").into(),
+    ))
+}
+
+macro_rules! build_pool {
+    ($conn:ty, $config:expr, $setup:expr) => {{
+        let mut manager_config = ManagerConfig::<$conn>::default();
+        manager_config.custom_setup = Box::new($setup);
+        let manager = AsyncDieselConnectionManager::<$conn>::new_with_config(
+            $config.url.clone(),
+            manager_config,
+        );
+        Pool::builder(manager)
+            .max_size($config.max_connections)
+            .wait_timeout(Some($config.wait_timeout))
+            .create_timeout(Some($config.connect_timeout))
+            .recycle_timeout(Some($config.connect_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| DieselError::Config(e.to_string()))?
+    }};
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of the store's
+/// backend and `$ops` to that backend's operations.
+macro_rules! with_conn {
+    ($self:expr, |$conn:ident, $ops:ident| $body:expr) => {
+        match &$self.backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pool) => {
+                use crate::ops::pg as $ops;
+                let mut pooled = pool.get().await.map_err(pool_error)?;
+                let $conn = &mut *pooled;
+                $body
+            }
+            #[cfg(feature = "mysql")]
+            Backend::Mysql(pool) => {
+                use crate::ops::mysql as $ops;
+                let mut pooled = pool.get().await.map_err(pool_error)?;
+                let $conn = &mut *pooled;
+                $body
+            }
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(pool) => {
+                use crate::ops::sqlite as $ops;
+                let mut pooled = pool.get().await.map_err(pool_error)?;
+                let $conn = &mut *pooled;
+                $body
+            }
+        }
+    };
+}
+
+/// Attempts of a write that hit a deadlock, serialisation failure or busy database.
+const WRITE_ATTEMPTS: u32 = 6;
+
+fn store_error(e: OpError) -> StoreError {
+    match e {
+        OpError::Store(e) => e,
+        OpError::Db(e) => StoreError::Unavailable(Box::new(e)),
+    }
+}
+
+impl DieselStore {
+    /// Opens a connection pool and checks that the database answers.
+    pub async fn connect(config: DieselConfig) -> Result<Self, DieselError> {
+        if let Some(schema) = &config.schema
+            && !valid_schema(schema)
+        {
+            return Err(DieselError::Config(format!(
+                "invalid schema name `{schema}`"
+            )));
+        }
+        let backend = match BackendKind::of_url(&config.url)? {
+            #[cfg(feature = "postgres")]
+            BackendKind::Postgres => {
+                let schema = config.schema.clone();
+                Backend::Postgres(build_pool!(
+                    diesel_async::AsyncPgConnection,
+                    config,
+                    move |url: &str| {
+                        Box::pin(pg_setup::establish(url.to_owned(), schema.clone()))
+                    }
+                ))
+            }
+            #[cfg(feature = "mysql")]
+            BackendKind::Mysql => Backend::Mysql(build_pool!(
+                diesel_async::AsyncMysqlConnection,
+                config,
+                |url: &str| { Box::pin(mysql_setup::establish(url.to_owned())) }
+            )),
+            #[cfg(feature = "sqlite")]
+            BackendKind::Sqlite => {
+                let path = config.sqlite_path();
+                let busy_ms = config.busy_timeout.as_millis();
+                let mut config = config.clone();
+                if path == ":memory:" {
+                    // Each connection to :memory: is its own database.
+                    config.max_connections = 1;
+                }
+                let pool = build_pool!(SqliteConn, config, move |_url: &str| {
+                    Box::pin(sqlite_setup::establish(path.clone(), busy_ms))
+                });
+                return Self::checked(Backend::Sqlite(pool), config).await;
+            }
+            #[allow(unreachable_patterns)]
+            BackendKind::Postgres => return Err(DieselError::FeatureDisabled("postgres")),
+            #[allow(unreachable_patterns)]
+            BackendKind::Mysql => return Err(DieselError::FeatureDisabled("mysql")),
+            #[allow(unreachable_patterns)]
+            BackendKind::Sqlite => return Err(DieselError::FeatureDisabled("sqlite")),
+        };
+        Self::checked(backend, config).await
+    }
+
+    async fn checked(backend: Backend, config: DieselConfig) -> Result<Self, DieselError> {
+        let store = Self { backend, config };
+        let ping: Result<(), OpError> =
+            async { with_conn!(store, |conn, ops| ops::ping(conn).await) }.await;
+        ping.map_err(|e| DieselError::Connect(store_error(e).to_string()))?;
+        Ok(store)
+    }
+
+    /// [`DieselStore::connect`], then [`DieselStore::migrate`].
+    pub async fn connect_and_migrate(config: DieselConfig) -> Result<Self, DieselError> {
+        let store = Self::connect(config).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The backend.
+    pub fn kind(&self) -> BackendKind {
+        match &self.backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => BackendKind::Postgres,
+            #[cfg(feature = "mysql")]
+            Backend::Mysql(_) => BackendKind::Mysql,
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+        }
+    }
+
+    /// Runs the embedded migrations that have not run yet (idempotent; safe
+    /// to call at every start-up).
+    pub async fn migrate(&self) -> Result<(), DieselError> {
+        let fail = |e: &dyn std::fmt::Display| DieselError::Migration(e.to_string());
+        match &self.backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => {
+                let mut conn = pg_setup::establish(self.config.url.clone(), None)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                if let Some(schema) = &self.config.schema {
+                    use diesel_async::SimpleAsyncConnection;
+                    conn.batch_execute(&format!(
+                        "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+                    ))
+                    .await
+                    .map_err(|e| fail(&e))?;
+                }
+                migrate_async(conn, migrations::POSTGRES).await
+            }
+            #[cfg(feature = "mysql")]
+            Backend::Mysql(_) => {
+                let conn = mysql_setup::establish(self.config.url.clone())
+                    .await
+                    .map_err(|e| fail(&e))?;
+                migrate_async(conn, migrations::MYSQL).await
+            }
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(pool) => {
+                // On the pool's own connection: an in-memory database exists only there.
+                let mut conn = pool.get().await.map_err(|e| fail(&e))?;
+                let outcome = conn
+                    .spawn_blocking(|conn| {
+                        use diesel_migrations::MigrationHarness;
+                        Ok(conn
+                            .run_pending_migrations(migrations::SQLITE)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()))
+                    })
+                    .await
+                    .map_err(|e| fail(&e))?;
+                outcome.map_err(|e| fail(&e))
+            }
+        }
+    }
+}
+
+mod migrations {
+    use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+    #[cfg(feature = "postgres")]
+    pub(crate) const POSTGRES: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+    #[cfg(feature = "mysql")]
+    pub(crate) const MYSQL: EmbeddedMigrations = embed_migrations!("migrations/mysql");
+    #[cfg(feature = "sqlite")]
+    pub(crate) const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+}
+
+/// Runs sync diesel_migrations on an async connection, on a blocking thread.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn migrate_async<C>(
+    conn: C,
+    migrations: diesel_migrations::EmbeddedMigrations,
+) -> Result<(), DieselError>
+where
+    C: diesel_async::AsyncConnection + 'static,
+    diesel_async::async_connection_wrapper::AsyncConnectionWrapper<C>:
+        diesel::Connection<Backend = C::Backend> + diesel_migrations::MigrationHarness<C::Backend>,
+{
+    let outcome = tokio::task::spawn_blocking(move || {
+        use diesel_migrations::MigrationHarness;
+        let mut wrapper =
+            diesel_async::async_connection_wrapper::AsyncConnectionWrapper::<C>::from(conn);
+        wrapper
+            .run_pending_migrations(migrations)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| DieselError::Migration(e.to_string()))?;
+    outcome.map_err(DieselError::Migration)
+}
+
+impl DieselStore {
+    async fn write<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OpError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(OpError::Db(e)) if retryable(&e) && attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "retrying a write after a transient conflict");
+                    tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+                    attempt += 1;
+                }
+                other => return other.map_err(store_error),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for DieselStore {
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        self.write(|| async { with_conn!(self, |conn, ops| ops::start(conn, &start).await) })
+            .await
+    }
+
+    async fn transition(
+        &self,
+        transition: Transition,
+    ) -> Result<(Session, AuditEvent), StoreError> {
+        self.write(|| async {
+            with_conn!(self, |conn, ops| ops::transition(conn, &transition).await)
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        event: AuditDraft,
+        guard: AppendGuard,
+    ) -> Result<AuditEvent, StoreError> {
+        self.write(|| async {
+            with_conn!(self, |conn, ops| ops::append(conn, &event, guard).await)
+        })
+        .await
+    }
+
+    async fn find_by_secret(
+        &self,
+        hash: &SecretHash,
+        touch: Option<Touch>,
+    ) -> Result<Option<Session>, StoreError> {
+        self.write(|| async {
+            with_conn!(self, |conn, ops| ops::find_by_secret(conn, hash, touch)
+                .await)
+        })
+        .await
+    }
+
+    async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::session(conn, id).await) }.await;
+        r.map_err(store_error)
+    }
+
+    async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::live_sessions(conn, filter).await) }.await;
+        r.map_err(store_error)
+    }
+
+    async fn record_check(
+        &self,
+        id: SessionId,
+        version: u64,
+        checked_at: OffsetDateTime,
+        shadow: &ShadowUser,
+    ) -> Result<(), StoreError> {
+        self.write(|| async {
+            with_conn!(self, |conn, ops| ops::record_check(
+                conn, id, version, checked_at, shadow
+            )
+            .await)
+        })
+        .await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::audit(conn, query).await) }.await;
+        r.map_err(store_error)
+    }
+
+    async fn chain_events(
+        &self,
+        chain: &ChainKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let r: Result<_, OpError> = async {
+            with_conn!(self, |conn, ops| ops::chain_events(
+                conn, chain, from_seq, limit
+            )
+            .await)
+        }
+        .await;
+        r.map_err(store_error)
+    }
+
+    async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::chain_head(conn, chain).await) }.await;
+        r.map_err(store_error)
+    }
+
+    async fn chains(
+        &self,
+        after: Option<&ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<ChainKey>, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::chains(conn, after, limit).await) }.await;
+        r.map_err(store_error)
+    }
+}

@@ -1,0 +1,490 @@
+//! Store operations, written once and stamped out for each backend's
+//! connection type by `store_ops!`, with the few dialect differences in
+//! small `dialect` modules. Every write is one transaction that first locks
+//! the head row of the chain it appends to: that lock serialises the chain
+//! (no fork), and since a session's state changes only under its agent's
+//! chain lock, it also makes the one-live-session check atomic.
+
+use impersonation_core::StoreError;
+
+/// What an operation can fail with: a database error (classified by the
+/// caller, which may retry) or a store-level outcome.
+#[derive(Debug)]
+pub(crate) enum OpError {
+    Db(diesel::result::Error),
+    Store(StoreError),
+}
+
+impl From<diesel::result::Error> for OpError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Deadlocks, serialisation failures and busy databases: the transaction
+/// was rolled back and may simply be run again.
+pub(crate) fn retryable(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+        Error::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("deadlock")
+                || m.contains("Deadlock")
+                || m.contains("database is locked")
+                || m.contains("Lock wait timeout")
+        }
+        _ => false,
+    }
+}
+
+#[allow(dead_code)] // each dialect uses only what its backend needs
+pub(crate) mod dialect {
+    pub(crate) mod postgres {
+        pub(crate) const LOCK: &str = " FOR UPDATE";
+        pub(crate) const UPSERT_CHAIN: &str = "INSERT INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '') ON CONFLICT (chain) DO NOTHING";
+        /// Lock first: an upsert on an existing row takes no lock here.
+        pub(crate) const UPSERT_FIRST: bool = false;
+        /// Find and touch in one statement (a data-modifying CTE).
+        pub(crate) const ONE_STATEMENT_TOUCH: bool = true;
+    }
+    pub(crate) mod mysql {
+        pub(crate) const LOCK: &str = " FOR UPDATE";
+        pub(crate) const UPSERT_CHAIN: &str =
+            "INSERT IGNORE INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '')";
+        /// Lock first: INSERT IGNORE on an existing key takes a shared lock,
+        /// and two of those upgrading to exclusive would deadlock.
+        pub(crate) const UPSERT_FIRST: bool = false;
+        pub(crate) const ONE_STATEMENT_TOUCH: bool = false;
+    }
+    pub(crate) mod sqlite {
+        /// SQLite locks the whole database for a writer; no row locks.
+        pub(crate) const LOCK: &str = "";
+        pub(crate) const UPSERT_CHAIN: &str = "INSERT INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '') ON CONFLICT (chain) DO NOTHING";
+        /// Write first, so the transaction takes the write lock at once
+        /// (waiting on busy_timeout) instead of failing to upgrade later.
+        pub(crate) const UPSERT_FIRST: bool = true;
+        pub(crate) const ONE_STATEMENT_TOUCH: bool = false;
+    }
+}
+
+macro_rules! store_ops {
+    ($module:ident, $conn:ty, $dialect:ident) => {
+        pub(crate) mod $module {
+            use diesel_async::{AsyncConnection, RunQueryDsl};
+            use impersonation_core::{
+                AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, AuditCursor, ChainHead,
+                ChainKey, LiveFilter, Order, SecretHash, Session, SessionId, ShadowUser, Start,
+                StartOutcome, StoreError, Touch, Transition,
+            };
+            use time::OffsetDateTime;
+
+            use crate::ops::OpError;
+            use crate::ops::dialect::$dialect as d;
+            use crate::rows::{
+                EventRow, HeadRow, IdRow, KeyRow, SessionColumns, SessionRow, StateRow, VersionRow, micros, to_json,
+            };
+            use crate::sql::Sql;
+
+            type Conn = $conn;
+
+            const SESSION_COLUMNS: &str = "record, shadow, last_seen_us, last_checked_us, version";
+
+            fn corrupt(what: &str, e: impl std::fmt::Display) -> OpError {
+                OpError::Store(StoreError::Corrupt(format!("{what}: {e}")))
+            }
+
+            fn count(n: u64) -> i64 {
+                i64::try_from(n).unwrap_or(i64::MAX)
+            }
+
+            async fn head_row(conn: &mut Conn, chain: &ChainKey) -> Result<Option<HeadRow>, OpError> {
+                let sql = Sql::new(format!("SELECT seq, hash FROM impersonation_audit_chains WHERE chain = ?{}", d::LOCK))
+                    .arg(chain.as_str());
+                Ok(sql.load::<HeadRow>(conn).await?.into_iter().next())
+            }
+
+            /// Locks the chain's head row (creating it if needed) and returns the head.
+            async fn lock_chain(conn: &mut Conn, chain: &ChainKey) -> Result<Option<ChainHead>, OpError> {
+                if d::UPSERT_FIRST {
+                    Sql::new(d::UPSERT_CHAIN).arg(chain.as_str()).execute(conn).await?;
+                }
+                let row = match head_row(conn, chain).await? {
+                    Some(row) => row,
+                    None => {
+                        Sql::new(d::UPSERT_CHAIN).arg(chain.as_str()).execute(conn).await?;
+                        head_row(conn, chain)
+                            .await?
+                            .ok_or_else(|| corrupt("chain head", "vanished after insert"))?
+                    }
+                };
+                Ok(row.into_head()?)
+            }
+
+            async fn append_sealed(conn: &mut Conn, event: &AuditEvent) -> Result<(), OpError> {
+                let json = to_json("audit event", event)?;
+                Sql::new(
+                    "INSERT INTO impersonation_audit_events \
+                     (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .arg(event.id.to_string())
+                .arg(event.chain.as_str())
+                .arg(count(event.seq))
+                .arg(micros(event.at))
+                .arg(event.action.code())
+                .arg(event.actor.id().map(|a| a.as_str().to_owned()))
+                .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
+                .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
+                .arg(event.session.map(|s| s.to_string()))
+                .arg(json)
+                .execute(conn)
+                .await?;
+                Sql::new("UPDATE impersonation_audit_chains SET seq = ?, hash = ? WHERE chain = ?")
+                    .arg(count(event.seq))
+                    .arg(event.hash.to_hex())
+                    .arg(event.chain.as_str())
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_session(conn: &mut Conn, s: &Session) -> Result<(), OpError> {
+                let c = SessionColumns::of(s)?;
+                Sql::new(
+                    "INSERT INTO impersonation_sessions \
+                     (id, agent, subject, tenant, state, secret_hash, created_us, expires_us, idle_us, \
+                      last_seen_us, last_checked_us, version, record, shadow) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .arg(c.id)
+                .arg(c.agent)
+                .arg(c.subject)
+                .arg(c.tenant)
+                .arg(c.state)
+                .arg(c.secret_hash)
+                .arg(c.created_us)
+                .arg(c.expires_us)
+                .arg(c.idle_us)
+                .arg(c.last_seen_us)
+                .arg(c.last_checked_us)
+                .arg(c.version)
+                .arg(c.record)
+                .arg(c.shadow)
+                .execute(conn)
+                .await?;
+                Ok(())
+            }
+
+            pub(crate) async fn ping(conn: &mut Conn) -> Result<(), OpError> {
+                Sql::new("SELECT 1").execute(conn).await?;
+                Ok(())
+            }
+
+            pub(crate) async fn start(conn: &mut Conn, start: &Start) -> Result<StartOutcome, OpError> {
+                conn.transaction::<_, OpError, _>(async |conn| {
+                    let session = start.session();
+                    let head = lock_chain(conn, &session.chain()).await?;
+                    let live = Sql::new(format!(
+                        "SELECT id FROM impersonation_sessions WHERE agent = ? AND state IN ('pending', 'active'){}",
+                        d::LOCK
+                    ))
+                    .arg(session.agent.id.as_str())
+                    .load::<IdRow>(conn)
+                    .await?;
+                    if let Some(row) = live.into_iter().next() {
+                        let live: SessionId = row.id.parse().map_err(|e| corrupt("session id", e))?;
+                        let event = start.refusal().clone().seal(head);
+                        append_sealed(conn, &event).await?;
+                        return Ok(StartOutcome::Refused { live, event });
+                    }
+                    insert_session(conn, session).await?;
+                    let event = start.event().clone().seal(head);
+                    append_sealed(conn, &event).await?;
+                    Ok(StartOutcome::Started {
+                        session: Box::new(session.clone()),
+                        event,
+                    })
+                })
+                .await
+            }
+
+            pub(crate) async fn transition(conn: &mut Conn, t: &Transition) -> Result<(Session, AuditEvent), OpError> {
+                conn.transaction::<_, OpError, _>(async |conn| {
+                    let next = t.next();
+                    let head = lock_chain(conn, &next.chain()).await?;
+                    let current = Sql::new(format!("SELECT version FROM impersonation_sessions WHERE id = ?{}", d::LOCK))
+                        .arg(next.id.to_string())
+                        .load::<VersionRow>(conn)
+                        .await?;
+                    let Some(current) = current.into_iter().next() else {
+                        return Err(OpError::Store(StoreError::SessionNotFound(next.id)));
+                    };
+                    if current.version != count(t.expected_version()) {
+                        return Err(OpError::Store(StoreError::Conflict(next.id)));
+                    }
+                    let c = SessionColumns::of(next)?;
+                    Sql::new(
+                        "UPDATE impersonation_sessions SET state = ?, expires_us = ?, last_seen_us = ?, \
+                         last_checked_us = ?, version = ?, record = ?, shadow = ? WHERE id = ?",
+                    )
+                    .arg(c.state)
+                    .arg(c.expires_us)
+                    .arg(c.last_seen_us)
+                    .arg(c.last_checked_us)
+                    .arg(c.version)
+                    .arg(c.record)
+                    .arg(c.shadow)
+                    .arg(c.id)
+                    .execute(conn)
+                    .await?;
+                    let event = t.event().clone().seal(head);
+                    append_sealed(conn, &event).await?;
+                    Ok((next.clone(), event))
+                })
+                .await
+            }
+
+            pub(crate) async fn append(conn: &mut Conn, draft: &AuditDraft, guard: AppendGuard) -> Result<AuditEvent, OpError> {
+                conn.transaction::<_, OpError, _>(async |conn| {
+                    let head = lock_chain(conn, &draft.chain).await?;
+                    if let AppendGuard::SessionActive(id) = guard {
+                        // Under the agent's chain lock the session's state cannot change.
+                        let state = Sql::new("SELECT state FROM impersonation_sessions WHERE id = ?")
+                            .arg(id.to_string())
+                            .load::<StateRow>(conn)
+                            .await?;
+                        match state.into_iter().next() {
+                            None => return Err(OpError::Store(StoreError::SessionNotFound(id))),
+                            Some(row) if row.state != "active" => {
+                                return Err(OpError::Store(StoreError::SessionNotActive(id)));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    let event = draft.clone().seal(head);
+                    append_sealed(conn, &event).await?;
+                    Ok(event)
+                })
+                .await
+            }
+
+            pub(crate) async fn find_by_secret(
+                conn: &mut Conn,
+                hash: &SecretHash,
+                touch: Option<Touch>,
+            ) -> Result<Option<Session>, OpError> {
+                if let (true, Some(touch)) = (d::ONE_STATEMENT_TOUCH, touch) {
+                    let now = micros(touch.now);
+                    let coalesce = i64::try_from(touch.coalesce.whole_microseconds()).unwrap_or(i64::MAX);
+                    // The data-modifying CTE runs whether or not it is read;
+                    // the outer SELECT sees the row as it was before it.
+                    let sql = Sql::new(
+                        "WITH prev AS (SELECT id, record, shadow, last_seen_us, last_checked_us, version \
+                         FROM impersonation_sessions WHERE secret_hash = ?), \
+                         touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
+                         WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
+                         AND s.last_seen_us + s.idle_us > ? AND s.last_seen_us + ? <= ? RETURNING s.id) \
+                         SELECT record, shadow, last_seen_us, last_checked_us, version FROM prev",
+                    )
+                    .arg(hash.to_hex())
+                    .arg(now)
+                    .arg(now)
+                    .arg(now)
+                    .arg(coalesce)
+                    .arg(now);
+                    let row = sql.load::<SessionRow>(conn).await?.into_iter().next();
+                    return Ok(row.map(SessionRow::into_session).transpose()?);
+                }
+                let row = Sql::new(format!("SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash = ?"))
+                    .arg(hash.to_hex())
+                    .load::<SessionRow>(conn)
+                    .await?
+                    .into_iter()
+                    .next();
+                let Some(session) = row.map(SessionRow::into_session).transpose()? else {
+                    return Ok(None);
+                };
+                if let Some(touch) = touch.filter(|t| t.applies_to(&session)) {
+                    let now = micros(touch.now);
+                    let coalesce = i64::try_from(touch.coalesce.whole_microseconds()).unwrap_or(i64::MAX);
+                    Sql::new(
+                        "UPDATE impersonation_sessions SET last_seen_us = ? WHERE id = ? AND state = 'active' \
+                         AND expires_us > ? AND last_seen_us + idle_us > ? AND last_seen_us + ? <= ?",
+                    )
+                    .arg(now)
+                    .arg(session.id.to_string())
+                    .arg(now)
+                    .arg(now)
+                    .arg(coalesce)
+                    .arg(now)
+                    .execute(conn)
+                    .await?;
+                }
+                Ok(Some(session))
+            }
+
+            pub(crate) async fn session(conn: &mut Conn, id: SessionId) -> Result<Option<Session>, OpError> {
+                let row = Sql::new(format!("SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE id = ?"))
+                    .arg(id.to_string())
+                    .load::<SessionRow>(conn)
+                    .await?
+                    .into_iter()
+                    .next();
+                Ok(row.map(SessionRow::into_session).transpose()?)
+            }
+
+            pub(crate) async fn live_sessions(conn: &mut Conn, filter: &LiveFilter) -> Result<Vec<Session>, OpError> {
+                let mut sql = Sql::new(format!(
+                    "SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE state IN ('pending', 'active')"
+                ));
+                if let Some(agent) = &filter.agent {
+                    sql.push_arg(" AND agent = ?", agent.as_str());
+                }
+                if let Some(subject) = &filter.subject {
+                    sql.push_arg(" AND subject = ?", subject.as_str());
+                }
+                if let Some(tenant) = &filter.tenant {
+                    sql.push_arg(" AND tenant = ?", tenant.as_str());
+                }
+                sql.push(" ORDER BY id");
+                let rows = sql.load::<SessionRow>(conn).await?;
+                Ok(rows.into_iter().map(SessionRow::into_session).collect::<Result<_, _>>()?)
+            }
+
+            pub(crate) async fn record_check(
+                conn: &mut Conn,
+                id: SessionId,
+                version: u64,
+                checked_at: OffsetDateTime,
+                shadow: &ShadowUser,
+            ) -> Result<(), OpError> {
+                let updated = Sql::new(
+                    "UPDATE impersonation_sessions SET last_checked_us = ?, shadow = ? WHERE id = ? AND version = ?",
+                )
+                .arg(micros(checked_at))
+                .arg(to_json("shadow user", shadow)?)
+                .arg(id.to_string())
+                .arg(count(version))
+                .execute(conn)
+                .await?;
+                if updated > 0 {
+                    return Ok(());
+                }
+                // MySQL counts only changed rows: an identical update reports
+                // 0 yet matched. Tell that apart from a real mismatch.
+                let current = Sql::new("SELECT version FROM impersonation_sessions WHERE id = ?")
+                    .arg(id.to_string())
+                    .load::<VersionRow>(conn)
+                    .await?;
+                match current.into_iter().next() {
+                    None => Err(OpError::Store(StoreError::SessionNotFound(id))),
+                    Some(row) if row.version == count(version) => Ok(()),
+                    Some(_) => Err(OpError::Store(StoreError::Conflict(id))),
+                }
+            }
+
+            pub(crate) async fn audit(conn: &mut Conn, query: &AuditQuery) -> Result<AuditPage, OpError> {
+                let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE 1 = 1");
+                if let Some(agent) = &query.agent {
+                    sql.push_arg(" AND chain = ?", ChainKey::for_agent(agent).as_str());
+                }
+                if let Some(actor) = &query.actor {
+                    sql.push_arg(" AND actor = ?", actor.as_str());
+                }
+                if let Some(subject) = &query.subject {
+                    sql.push_arg(" AND subject = ?", subject.as_str());
+                }
+                if let Some(tenant) = &query.tenant {
+                    sql.push_arg(" AND tenant = ?", tenant.as_str());
+                }
+                if let Some(session) = query.session {
+                    sql.push_arg(" AND session_id = ?", session.to_string());
+                }
+                if let Some(action) = query.action {
+                    sql.push_arg(" AND action = ?", action.code());
+                }
+                if let Some(since) = query.since {
+                    sql.push_arg(" AND at_us >= ?", micros(since));
+                }
+                if let Some(until) = query.until {
+                    sql.push_arg(" AND at_us < ?", micros(until));
+                }
+                let (cmp, dir) = match query.order {
+                    Order::Oldest => (">", "ASC"),
+                    Order::Newest => ("<", "DESC"),
+                };
+                if let Some(cursor) = query.cursor {
+                    let at = micros(cursor.at);
+                    sql.push_arg(&format!(" AND (at_us {cmp} ?"), at);
+                    sql.push_arg(&format!(" OR (at_us = ? AND id {cmp} ?))"), at);
+                    sql = sql.arg(cursor.id.to_string());
+                }
+                let limit = query.page_size();
+                sql.push(&format!(" ORDER BY at_us {dir}, id {dir}"));
+                sql.push_arg(" LIMIT ?", count(limit as u64 + 1));
+                let rows = sql.load::<EventRow>(conn).await?;
+                let mut events: Vec<AuditEvent> = rows.into_iter().map(EventRow::into_event).collect::<Result<_, _>>()?;
+                let next = if events.len() > limit {
+                    events.truncate(limit);
+                    events.last().map(AuditCursor::after)
+                } else {
+                    None
+                };
+                Ok(AuditPage { events, next })
+            }
+
+            pub(crate) async fn chain_events(
+                conn: &mut Conn,
+                chain: &ChainKey,
+                from_seq: u64,
+                limit: u32,
+            ) -> Result<Vec<AuditEvent>, OpError> {
+                let rows = Sql::new("SELECT event FROM impersonation_audit_events WHERE chain = ? AND seq >= ? ORDER BY seq LIMIT ?")
+                    .arg(chain.as_str())
+                    .arg(count(from_seq))
+                    .arg(i64::from(limit))
+                    .load::<EventRow>(conn)
+                    .await?;
+                Ok(rows.into_iter().map(EventRow::into_event).collect::<Result<_, _>>()?)
+            }
+
+            pub(crate) async fn chain_head(conn: &mut Conn, chain: &ChainKey) -> Result<Option<ChainHead>, OpError> {
+                let row = Sql::new("SELECT seq, hash FROM impersonation_audit_chains WHERE chain = ?")
+                    .arg(chain.as_str())
+                    .load::<HeadRow>(conn)
+                    .await?
+                    .into_iter()
+                    .next();
+                Ok(row.map(HeadRow::into_head).transpose()?.flatten())
+            }
+
+            pub(crate) async fn chains(conn: &mut Conn, after: Option<&ChainKey>, limit: u32) -> Result<Vec<ChainKey>, OpError> {
+                let mut sql = Sql::new("SELECT chain FROM impersonation_audit_chains WHERE seq >= 0");
+                if let Some(after) = after {
+                    sql.push_arg(" AND chain > ?", after.as_str());
+                }
+                sql.push_arg(" ORDER BY chain LIMIT ?", i64::from(limit));
+                let rows = sql.load::<KeyRow>(conn).await?;
+                Ok(rows.into_iter().map(|r| ChainKey::from_stored(r.chain)).collect())
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+store_ops!(pg, diesel_async::AsyncPgConnection, postgres);
+#[cfg(feature = "mysql")]
+store_ops!(mysql, diesel_async::AsyncMysqlConnection, mysql);
+#[cfg(feature = "sqlite")]
+store_ops!(
+    sqlite,
+    diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>,
+    sqlite
+);

@@ -1,0 +1,125 @@
+//! One small query type for every backend: SQL text with `?` markers, each
+//! replaced by a bound parameter in the backend's own placeholder style
+//! (`$1` on PostgreSQL, `?` elsewhere).
+//!
+//! Unlike `diesel::sql_query`, it lets the connection cache the prepared
+//! statement (keyed by its SQL text), so a hot query such as the
+//! per-request session lookup costs one round trip, not a prepare and an
+//! execute.
+
+use diesel::QueryResult;
+use diesel::backend::Backend;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, HasSqlType, Nullable, Text, Untyped};
+
+/// A bound value.
+#[derive(Debug, Clone)]
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+    OptText(Option<String>),
+}
+
+impl From<&str> for Arg {
+    fn from(v: &str) -> Self {
+        Self::Text(v.to_owned())
+    }
+}
+
+impl From<String> for Arg {
+    fn from(v: String) -> Self {
+        Self::Text(v)
+    }
+}
+
+impl From<i64> for Arg {
+    fn from(v: i64) -> Self {
+        Self::Int(v)
+    }
+}
+
+impl From<Option<String>> for Arg {
+    fn from(v: Option<String>) -> Self {
+        Self::OptText(v)
+    }
+}
+
+/// SQL text and its arguments, in order of the `?` markers. The text must
+/// not contain `?` anywhere else (no literal question marks).
+#[derive(Debug, Clone)]
+pub(crate) struct Sql {
+    text: String,
+    args: Vec<Arg>,
+}
+
+impl Sql {
+    pub(crate) fn new(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Binds the next `?`.
+    pub(crate) fn arg(mut self, value: impl Into<Arg>) -> Self {
+        self.args.push(value.into());
+        self
+    }
+
+    /// Appends text (with its own markers bound by later `arg` calls).
+    pub(crate) fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    /// Appends text and binds one marker in it.
+    pub(crate) fn push_arg(&mut self, text: &str, value: impl Into<Arg>) {
+        self.text.push_str(text);
+        self.args.push(value.into());
+    }
+}
+
+impl QueryId for Sql {
+    type QueryId = ();
+    // Not static: the statement cache keys on the SQL text instead.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for Sql {
+    type SqlType = Untyped;
+}
+
+impl<DB> QueryFragment<DB> for Sql
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
+    String: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+    Option<String>: ToSql<Nullable<Text>, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        let mut args = self.args.iter();
+        for (i, part) in self.text.split('?').enumerate() {
+            if i > 0 {
+                match args.next() {
+                    Some(Arg::Text(v)) => out.push_bind_param::<Text, String>(v)?,
+                    Some(Arg::Int(v)) => out.push_bind_param::<BigInt, i64>(v)?,
+                    Some(Arg::OptText(v)) => {
+                        out.push_bind_param::<Nullable<Text>, Option<String>>(v)?
+                    }
+                    None => {
+                        return Err(diesel::result::Error::QueryBuilderError(
+                            "more `?` markers than arguments".into(),
+                        ));
+                    }
+                }
+            }
+            out.push_sql(part);
+        }
+        if args.next().is_some() {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "more arguments than `?` markers".into(),
+            ));
+        }
+        Ok(())
+    }
+}

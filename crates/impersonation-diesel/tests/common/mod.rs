@@ -1,0 +1,141 @@
+//! Test databases: each test gets its own PostgreSQL schema, MariaDB
+//! database or SQLite file, so tests run in parallel without seeing each other.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use impersonation_diesel::{DieselConfig, DieselStore};
+
+pub(crate) const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub(crate) const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+pub(crate) fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{prefix}_{}", &id[20..])
+}
+
+pub(crate) fn target_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        })
+        .join("test-dbs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A test database: its store, and where to reach it with raw SQL.
+pub(crate) struct TestDb {
+    pub(crate) store: DieselStore,
+    pub(crate) place: Place,
+}
+
+pub(crate) enum Place {
+    Postgres { schema: String },
+    Mysql { url: String },
+    Sqlite { path: String },
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_db(pool: usize) -> TestDb {
+    let schema = unique("imptest");
+    let config = DieselConfig::new(PG_URL)
+        .schema(schema.clone())
+        .max_connections(pool);
+    let store = DieselStore::connect_and_migrate(config)
+        .await
+        .expect("PostgreSQL test store");
+    TestDb {
+        store,
+        place: Place::Postgres { schema },
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres() -> DieselStore {
+    postgres_db(8).await.store
+}
+
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql_db(pool: usize) -> TestDb {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let db = unique("imptest");
+    let mut admin = diesel_async::AsyncMysqlConnection::establish(&format!("{MYSQL_SERVER}/test"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .await
+        .unwrap();
+    let url = format!("{MYSQL_SERVER}/{db}");
+    let store =
+        DieselStore::connect_and_migrate(DieselConfig::new(url.clone()).max_connections(pool))
+            .await
+            .expect("MariaDB test store");
+    TestDb {
+        store,
+        place: Place::Mysql { url },
+    }
+}
+
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql() -> DieselStore {
+    mysql_db(8).await.store
+}
+
+pub(crate) async fn sqlite_file_db(pool: usize) -> TestDb {
+    let path = target_dir()
+        .join(format!("{}.db", unique("imptest")))
+        .display()
+        .to_string();
+    let config = DieselConfig::new(format!("sqlite://{path}")).max_connections(pool);
+    let store = DieselStore::connect_and_migrate(config)
+        .await
+        .expect("SQLite file store");
+    TestDb {
+        store,
+        place: Place::Sqlite { path },
+    }
+}
+
+pub(crate) async fn sqlite_file() -> DieselStore {
+    sqlite_file_db(4).await.store
+}
+
+pub(crate) async fn sqlite_memory() -> DieselStore {
+    DieselStore::connect_and_migrate(DieselConfig::new("sqlite://:memory:"))
+        .await
+        .expect("SQLite memory store")
+}
+
+/// Runs raw SQL statements against a test database (to tamper, say).
+pub(crate) async fn raw(place: &Place, sql: &str) -> Result<(), String> {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    match place {
+        #[cfg(feature = "postgres")]
+        Place::Postgres { schema } => {
+            let mut conn = diesel_async::AsyncPgConnection::establish(PG_URL)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.batch_execute(&format!("SET search_path TO \"{schema}\"; {sql}"))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        #[cfg(feature = "mysql")]
+        Place::Mysql { url } => {
+            let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.batch_execute(sql).await.map_err(|e| e.to_string())
+        }
+        Place::Sqlite { path } => {
+            use diesel::Connection;
+            let mut conn = diesel::SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+            diesel::connection::SimpleConnection::batch_execute(&mut conn, sql)
+                .map_err(|e| e.to_string())
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err("backend feature disabled".into()),
+    }
+}

@@ -1,0 +1,532 @@
+//! Crashes, races and tampering against real databases.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Place, TestDb, raw};
+use impersonation_core::{
+    Activity, Actor, AuditAction, AuditQuery, BreakKind, ChainKey, Denial, Details, EndReason,
+    Error, Impersonation, MemoryDirectory, Principal, Requester, SessionState, StartRequest, Store,
+    StoreError,
+};
+use impersonation_diesel::DieselStore;
+use impersonation_testkit::conformance::{all_events, must_start, whole_chain};
+use impersonation_testkit::{World, epoch};
+
+fn service(
+    world: &World,
+    store: DieselStore,
+    people: &[Principal],
+) -> Impersonation<DieselStore, MemoryDirectory> {
+    let directory = MemoryDirectory::new();
+    for p in people {
+        directory.insert(p.clone());
+    }
+    Impersonation::new(store, directory).with_projection(world.rules.clone())
+}
+
+// --- races --------------------------------------------------------------------
+
+/// 64 concurrent starts by one agent through separate pool connections:
+/// exactly one live session, 63 typed refusals, every attempt audited, and
+/// a chain that verifies.
+async fn racing_starts(db: TestDb) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let customers: Vec<Principal> = (0..64).map(|n| w.customer(n, "t1")).collect();
+    let mut people = customers.clone();
+    people.push(agent.clone());
+    let svc = service(&w, db.store.clone(), &people);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in &customers {
+        let (svc, agent, target) = (svc.clone(), agent.clone(), c.id.clone());
+        tasks.spawn(async move {
+            svc.start(
+                Requester::User(&agent),
+                StartRequest::new(target, "Racing to help the customer"),
+            )
+            .await
+        });
+    }
+    let (mut started, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(_) => started += 1,
+            Err(Error::Denied(Denial::ActiveSessionExists)) => refused += 1,
+            Err(other) => panic!("a racing start failed with {other:?}"),
+        }
+    }
+    assert_eq!((started, refused), (1, 63));
+    let live = db
+        .store
+        .live_sessions(&impersonation_core::LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    let chain = ChainKey::for_agent(&agent.id);
+    let events = whole_chain(&db.store, &chain).await;
+    assert_eq!(events.len(), 64, "every attempt audited");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == AuditAction::Denied)
+            .count(),
+        63
+    );
+    let report = svc.verify_chain(&chain).await.unwrap().unwrap();
+    assert_eq!(report.events, 64);
+}
+
+/// 1,000 concurrent records from 20 agents in 10 tenants: every chain verifies.
+async fn concurrent_records(db: TestDb) {
+    let w = World::new();
+    let agents: Vec<Principal> = (0..20).map(|n| w.agent(n)).collect();
+    let customers: Vec<Principal> = (0..10)
+        .map(|n| w.customer(n, &format!("tenant{n}")))
+        .collect();
+    let people: Vec<Principal> = agents.iter().chain(customers.iter()).cloned().collect();
+    let svc = service(&w, db.store.clone(), &people);
+    let mut contexts = Vec::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let target = customers[i % 10].id.clone();
+        let started = svc
+            .start(
+                Requester::User(agent),
+                StartRequest::new(target, "Checking the bookings"),
+            )
+            .await
+            .unwrap();
+        contexts.push(svc.resolve(&started.secret).await.unwrap());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1_000 {
+        let (svc, ctx) = (svc.clone(), contexts[i % 20].clone());
+        tasks.spawn(async move {
+            svc.record(&ctx, Activity::access(format!("Viewed page {i}.")))
+                .await
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    for agent in &agents {
+        let report = svc
+            .verify_chain(&ChainKey::for_agent(&agent.id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.events, 51, "start + 50 records");
+    }
+    for n in 0..10 {
+        let in_tenant = all_events(
+            &db.store,
+            AuditQuery {
+                tenant: Some(w.tenant(&format!("tenant{n}"))),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            in_tenant.len(),
+            102,
+            "two agents per tenant, 51 events each"
+        );
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_on_postgres() {
+    racing_starts(common::postgres_db(64).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_on_mariadb() {
+    racing_starts(common::mysql_db(64).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_on_sqlite() {
+    racing_starts(common::sqlite_file_db(8).await).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_records_on_postgres() {
+    concurrent_records(common::postgres_db(32).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_records_on_mariadb() {
+    concurrent_records(common::mysql_db(32).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_records_on_sqlite() {
+    concurrent_records(common::sqlite_file_db(8).await).await;
+}
+
+// --- tampering ----------------------------------------------------------------
+
+/// Starts a session, records four accesses and stops: a chain of six events.
+async fn six_event_chain(store: &DieselStore) -> ChainKey {
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let svc = service(&w, store.clone(), &[agent.clone(), customer.clone()]);
+    let started = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Tamper test"),
+        )
+        .await
+        .unwrap();
+    let ctx = svc.resolve(&started.secret).await.unwrap();
+    for i in 1..=4 {
+        svc.record(&ctx, Activity::access(format!("Viewed page {i}.")))
+            .await
+            .unwrap();
+    }
+    svc.stop(&started.secret, &agent).await.unwrap();
+    ChainKey::for_agent(&agent.id)
+}
+
+fn bypass_triggers(place: &Place) -> &'static str {
+    match place {
+        // A superuser can switch triggers off for its session: exactly the
+        // limit of database-level append-only (see docs/diesel.md).
+        Place::Postgres { .. } => "SET session_replication_role = replica;",
+        Place::Mysql { .. } | Place::Sqlite { .. } => {
+            "DROP TRIGGER IF EXISTS impersonation_audit_events_no_update; DROP TRIGGER IF EXISTS impersonation_audit_events_no_delete;"
+        }
+    }
+}
+
+async fn tampering_is_refused_then_detected(db: TestDb) {
+    let svc = Impersonation::new(db.store.clone(), MemoryDirectory::new());
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    let intact = svc.verify_chain(&chain).await.unwrap().unwrap();
+    assert_eq!(intact.events, 6);
+
+    // The database itself refuses to change or remove audit rows.
+    for sql in [
+        format!("UPDATE impersonation_audit_events SET event = event WHERE chain = '{c}'"),
+        format!("DELETE FROM impersonation_audit_events WHERE chain = '{c}'"),
+    ] {
+        let refused = raw(&db.place, &sql)
+            .await
+            .expect_err("the audit table accepted a change");
+        assert!(refused.contains("append-only"), "{refused}");
+    }
+    assert!(svc.verify_chain(&chain).await.unwrap().is_ok());
+
+    let bypass = bypass_triggers(&db.place);
+    // Edit one row.
+    raw(
+        &db.place,
+        &format!("{bypass} UPDATE impersonation_audit_events SET event = REPLACE(event, 'Viewed page 2', 'Viewed page 9') WHERE chain = '{c}' AND seq = 2"),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!((b.position, b.kind), (2, BreakKind::HashMismatch));
+
+    // Delete one row (of another, intact chain).
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    raw(
+        &db.place,
+        &format!("{bypass} DELETE FROM impersonation_audit_events WHERE chain = '{c}' AND seq = 3"),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!(
+        (b.position, b.kind),
+        (3, BreakKind::OutOfSequence { found: 4 })
+    );
+
+    // Reorder two rows.
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    raw(
+        &db.place,
+        &format!(
+            "{bypass} UPDATE impersonation_audit_events SET seq = -1 WHERE chain = '{c}' AND seq = 1; \
+             UPDATE impersonation_audit_events SET seq = 1 WHERE chain = '{c}' AND seq = 4; \
+             UPDATE impersonation_audit_events SET seq = 4 WHERE chain = '{c}' AND seq = -1;"
+        ),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!(
+        (b.position, b.kind),
+        (1, BreakKind::OutOfSequence { found: 4 })
+    );
+
+    // Cut the last row off: the head row still names it.
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    raw(
+        &db.place,
+        &format!("{bypass} DELETE FROM impersonation_audit_events WHERE chain = '{c}' AND seq = 5"),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!(b.kind, BreakKind::Truncated { head_seq: 5 });
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_on_postgres_is_refused_then_detected() {
+    tampering_is_refused_then_detected(common::postgres_db(4).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_on_mariadb_is_refused_then_detected() {
+    tampering_is_refused_then_detected(common::mysql_db(4).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_on_sqlite_is_refused_then_detected() {
+    tampering_is_refused_then_detected(common::sqlite_file_db(2).await).await;
+}
+
+// --- crashes --------------------------------------------------------------------
+
+/// Holds an uncommitted audit row at `(chain, seq)`, so the store's insert of
+/// its own event at that position waits mid-transaction; then kills the
+/// waiting connection from outside, as a crash or a network cut would.
+#[cfg(feature = "postgres")]
+mod postgres_crash {
+    use diesel::QueryableByName;
+    use diesel::sql_types::BigInt;
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+
+    use super::*;
+
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = BigInt)]
+        pid: i64,
+    }
+
+    async fn connect(schema: &str) -> AsyncPgConnection {
+        let mut conn = AsyncPgConnection::establish(common::PG_URL).await.unwrap();
+        conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
+            .await
+            .unwrap();
+        conn
+    }
+
+    async fn pids(conn: &mut AsyncPgConnection, sql: &str) -> Vec<i64> {
+        diesel::sql_query(sql)
+            .load::<Pid>(conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// Runs `write` while a blocker holds `(chain, seq)`, kills the writer's
+    /// backend once it waits, and returns what the write returned.
+    async fn killed_mid_write<T: Send + 'static>(
+        schema: &str,
+        chain: &ChainKey,
+        seq: u64,
+        write: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let mut blocker = connect(schema).await;
+        blocker
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO impersonation_audit_events (id, chain, seq, at_us, action, event) \
+                 VALUES ('blocker-{seq}', '{}', {seq}, 0, 'access', '{{}}')",
+                chain.as_str()
+            ))
+            .await
+            .unwrap();
+        let blocker_pid = pids(&mut blocker, "SELECT pg_backend_pid()::bigint AS pid").await[0];
+        let task = tokio::spawn(write);
+        let mut admin = connect(schema).await;
+        let victim = loop {
+            let waiting = pids(
+                &mut admin,
+                &format!("SELECT pid::bigint AS pid FROM pg_stat_activity WHERE {blocker_pid} = ANY(pg_blocking_pids(pid))"),
+            )
+            .await;
+            if let Some(pid) = <[_]>::first(&waiting) {
+                break *pid;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        pids(
+            &mut admin,
+            &format!(
+                "SELECT {victim}::bigint AS pid FROM (SELECT pg_terminate_backend({victim})) AS t"
+            ),
+        )
+        .await;
+        let result = task.await.unwrap();
+        blocker.batch_execute("ROLLBACK").await.unwrap();
+        result
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_killed_mid_transaction_leaves_neither_half() {
+        let db = common::postgres_db(2).await;
+        let Place::Postgres { schema } = &db.place else {
+            unreachable!()
+        };
+        let w = World::new();
+        let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+        let id = start.session().id;
+        let chain = start.session().chain();
+        let store = db.store.clone();
+        let result =
+            killed_mid_write(schema, &chain, 0, async move { store.start(start).await }).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(db.store.session(id).await.unwrap().is_none(), "no session");
+        assert!(
+            db.store.chain_head(&chain).await.unwrap().is_none(),
+            "no event"
+        );
+        assert!(
+            all_events(
+                &db.store,
+                AuditQuery {
+                    agent: Some(w.agent(1).id),
+                    ..Default::default()
+                }
+            )
+            .await
+            .is_empty()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transition_killed_mid_transaction_leaves_neither_half() {
+        let db = common::postgres_db(2).await;
+        let Place::Postgres { schema } = &db.place else {
+            unreachable!()
+        };
+        let w = World::new();
+        let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+        let (session, _) = must_start(&db.store, start).await;
+        let t = session
+            .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+            .unwrap();
+        let store = db.store.clone();
+        let result = killed_mid_write(schema, &session.chain(), 1, async move {
+            store.transition(t).await
+        })
+        .await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        let stored = db.store.session(session.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.state, stored.version),
+            (SessionState::Active, 0),
+            "the session did not end"
+        );
+        let events = whole_chain(&db.store, &session.chain()).await;
+        assert_eq!(events.len(), 1, "only the start event");
+        // The store recovers: the same stop goes through afterwards.
+        let t = session
+            .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+            .unwrap();
+        db.store.transition(t).await.unwrap();
+        assert_eq!(whole_chain(&db.store, &session.chain()).await.len(), 2);
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mariadb_crash {
+    use diesel::QueryableByName;
+    use diesel::sql_types::BigInt;
+    use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
+
+    use super::*;
+
+    #[derive(QueryableByName)]
+    struct Thread {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transition_killed_mid_transaction_leaves_neither_half() {
+        let db = common::mysql_db(2).await;
+        let Place::Mysql { url } = &db.place else {
+            unreachable!()
+        };
+        let w = World::new();
+        let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+        let (session, _) = must_start(&db.store, start).await;
+        let chain = session.chain();
+        let mut blocker = AsyncMysqlConnection::establish(url).await.unwrap();
+        blocker
+            .batch_execute(&format!(
+                "START TRANSACTION; INSERT INTO impersonation_audit_events (id, chain, seq, at_us, action, event) \
+                 VALUES ('blocker', '{}', 1, 0, 'access', '{{}}')",
+                chain.as_str()
+            ))
+            .await
+            .unwrap();
+        let t = session
+            .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+            .unwrap();
+        let store = db.store.clone();
+        let task = tokio::spawn(async move { store.transition(t).await });
+        let mut admin = AsyncMysqlConnection::establish(url).await.unwrap();
+        let victim = loop {
+            let waiting = diesel::sql_query(
+                "SELECT CAST(r.trx_mysql_thread_id AS SIGNED) AS id FROM information_schema.innodb_lock_waits w \
+                 JOIN information_schema.innodb_trx r ON r.trx_id = w.requesting_trx_id \
+                 JOIN information_schema.innodb_trx b ON b.trx_id = w.blocking_trx_id \
+                 WHERE r.trx_query LIKE 'INSERT INTO impersonation_audit_events%'",
+            )
+            .load::<Thread>(&mut admin)
+            .await
+            .unwrap();
+            if let Some(t) = <[_]>::first(&waiting) {
+                break t.id;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        admin
+            .batch_execute(&format!("KILL CONNECTION {victim}"))
+            .await
+            .unwrap();
+        let result = task.await.unwrap();
+        blocker.batch_execute("ROLLBACK").await.unwrap();
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        let stored = db.store.session(session.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.state, stored.version),
+            (SessionState::Active, 0),
+            "the session did not end"
+        );
+        assert_eq!(
+            whole_chain(&db.store, &chain).await.len(),
+            1,
+            "only the start event"
+        );
+    }
+}

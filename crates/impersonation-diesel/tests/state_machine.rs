@@ -1,0 +1,61 @@
+//! The state-machine property test on every backend. Cases share one store
+//! per backend (each case namespaces its ids), created inside the runner's
+//! runtime because pooled connections belong to the runtime that made them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use impersonation_diesel::DieselStore;
+use impersonation_testkit::machine::{MachineConfig, run_state_machine};
+
+fn cases() -> u32 {
+    std::env::var("IMPERSONATION_DB_MACHINE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
+fn run<F, Fut>(make: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = DieselStore> + Send,
+{
+    let cell = Arc::new(tokio::sync::OnceCell::new());
+    let make = Arc::new(make);
+    run_state_machine(
+        MachineConfig {
+            cases: cases(),
+            max_steps: 50,
+        },
+        move || {
+            let cell = Arc::clone(&cell);
+            let make = Arc::clone(&make);
+            async move { cell.get_or_init(|| make()).await.clone() }
+        },
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn state_machine_on_postgres() {
+    run(common::postgres);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn state_machine_on_mariadb() {
+    run(common::mysql);
+}
+
+#[test]
+fn state_machine_on_sqlite_file() {
+    run(common::sqlite_file);
+}
+
+#[test]
+fn state_machine_on_sqlite_memory() {
+    run(common::sqlite_memory);
+}
