@@ -7,12 +7,18 @@ use anyhow::Result;
 
 /// Packages that have benchmarks; add a package here to have `cargo xtask
 /// bench` run its benches too.
-const BENCH_PACKAGES: &[&str] = &["impersonation-core"];
+const BENCH_PACKAGES: &[&str] = &["impersonation-core", "impersonation-diesel"];
+
+/// Features the benched packages need (the Diesel benches run on
+/// PostgreSQL and SQLite).
+const BENCH_FEATURES: &str = "impersonation-diesel/postgres,impersonation-diesel/sqlite";
 
 /// Runs `cargo bench --package <p>... [args...]`, e.g. `cargo xtask bench --
 /// --save-baseline main` to forward options to criterion.
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
-    let mut cargo_args: Vec<OsString> = vec!["bench".into()];
+    crate::services::up()?;
+    let mut cargo_args: Vec<OsString> =
+        vec!["bench".into(), "--features".into(), BENCH_FEATURES.into()];
     for package in BENCH_PACKAGES {
         cargo_args.push("--package".into());
         cargo_args.push(package.into());

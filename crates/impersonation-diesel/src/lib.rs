@@ -36,11 +36,15 @@ mod ops;
 mod rows;
 mod sql;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use diesel_async::pooled_connection::deadpool::Pool;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use impersonation_core::{
     AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
     SecretHash, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
@@ -53,6 +57,73 @@ use crate::ops::{OpError, retryable};
 #[cfg(feature = "sqlite")]
 type SqliteConn =
     diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>;
+
+/// Counts the statements a store sends and the statements it prepares,
+/// through diesel's instrumentation: for metrics, and for tests that pin down
+/// how many statements a call costs.
+#[derive(Debug, Default)]
+pub struct QueryCounter {
+    queries: AtomicU64,
+    prepared: AtomicU64,
+    recent: std::sync::Mutex<std::collections::VecDeque<String>>,
+}
+
+/// How many statement texts a [`QueryCounter`] keeps.
+const RECENT_STATEMENTS: usize = 32;
+
+impl QueryCounter {
+    /// A counter at zero.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Statements sent so far.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Statements prepared (and cached) so far.
+    pub fn prepared(&self) -> u64 {
+        self.prepared.load(Ordering::Relaxed)
+    }
+
+    /// The texts of the most recent statements (bind values are not kept),
+    /// oldest first.
+    pub fn recent(&self) -> Vec<String> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+}
+
+struct Counting(Arc<QueryCounter>);
+
+impl diesel::connection::Instrumentation for Counting {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        use diesel::connection::InstrumentationEvent as E;
+        match event {
+            E::StartQuery { query, .. } => {
+                self.0.queries.fetch_add(1, Ordering::Relaxed);
+                let mut recent = self.0.recent.lock().unwrap_or_else(|e| e.into_inner());
+                if recent.len() == RECENT_STATEMENTS {
+                    recent.pop_front();
+                }
+                // The debug form of a query carries its binds; keep only the SQL.
+                let text = query.to_string();
+                recent.push_back(text.split(" -- binds:").next().unwrap_or("").to_owned());
+            }
+            E::CacheQuery { .. } => {
+                self.0.prepared.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn instrument<C: diesel_async::AsyncConnection>(conn: &mut C, counter: &Option<Arc<QueryCounter>>) {
+    if let Some(counter) = counter {
+        conn.set_instrumentation(Counting(Arc::clone(counter)));
+    }
+}
 
 /// Which database a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +180,7 @@ pub struct DieselConfig {
     connect_timeout: Duration,
     busy_timeout: Duration,
     schema: Option<String>,
+    counter: Option<Arc<QueryCounter>>,
 }
 
 impl DieselConfig {
@@ -121,7 +193,15 @@ impl DieselConfig {
             connect_timeout: Duration::from_secs(5),
             busy_timeout: Duration::from_secs(5),
             schema: None,
+            counter: None,
         }
+    }
+
+    /// Counts every statement the store's connections send.
+    #[must_use]
+    pub fn query_counter(mut self, counter: Arc<QueryCounter>) -> Self {
+        self.counter = Some(counter);
+        self
     }
 
     /// The pool's size (an in-memory SQLite database always uses one connection).
@@ -212,6 +292,7 @@ mod pg_setup {
     pub(crate) async fn establish(
         url: String,
         schema: Option<String>,
+        counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<AsyncPgConnection> {
         let mut conn = AsyncPgConnection::establish(&url).await?;
         if let Some(schema) = schema {
@@ -220,6 +301,7 @@ mod pg_setup {
                 .await
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
         }
+        super::instrument(&mut conn, &counter);
         Ok(conn)
     }
 }
@@ -229,7 +311,10 @@ mod mysql_setup {
     use diesel::ConnectionResult;
     use diesel_async::{AsyncConnection, AsyncMysqlConnection, SimpleAsyncConnection};
 
-    pub(crate) async fn establish(url: String) -> ConnectionResult<AsyncMysqlConnection> {
+    pub(crate) async fn establish(
+        url: String,
+        counter: Option<std::sync::Arc<super::QueryCounter>>,
+    ) -> ConnectionResult<AsyncMysqlConnection> {
         let url = match url.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
             None => url,
@@ -240,6 +325,7 @@ mod mysql_setup {
         conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        super::instrument(&mut conn, &counter);
         Ok(conn)
     }
 }
@@ -252,6 +338,7 @@ mod sqlite_setup {
     pub(crate) async fn establish(
         path: String,
         busy_ms: u128,
+        counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<super::SqliteConn> {
         let mut conn = super::SqliteConn::establish(&path).await?;
         // WAL lets readers run beside the writer; FULL sync keeps a committed
@@ -261,6 +348,7 @@ mod sqlite_setup {
         ))
         .await
         .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        super::instrument(&mut conn, &counter);
         Ok(conn)
     }
 }
@@ -275,6 +363,10 @@ macro_rules! build_pool {
     ($conn:ty, $config:expr, $setup:expr) => {{
         let mut manager_config = ManagerConfig::<$conn>::default();
         manager_config.custom_setup = Box::new($setup);
+        // No `SELECT 1` on every checkout (it would double each call's round
+        // trips): a connection is dropped when the driver reports it broken.
+        // One that died silently fails its next request, closed, and is replaced.
+        manager_config.recycling_method = RecyclingMethod::Fast;
         let manager = AsyncDieselConnectionManager::<$conn>::new_with_config(
             $config.url.clone(),
             manager_config,
@@ -343,21 +435,30 @@ impl DieselStore {
         let backend = match BackendKind::of_url(&config.url)? {
             #[cfg(feature = "postgres")]
             BackendKind::Postgres => {
-                let schema = config.schema.clone();
+                let (schema, counter) = (config.schema.clone(), config.counter.clone());
                 Backend::Postgres(build_pool!(
                     diesel_async::AsyncPgConnection,
                     config,
                     move |url: &str| {
-                        Box::pin(pg_setup::establish(url.to_owned(), schema.clone()))
+                        Box::pin(pg_setup::establish(
+                            url.to_owned(),
+                            schema.clone(),
+                            counter.clone(),
+                        ))
                     }
                 ))
             }
             #[cfg(feature = "mysql")]
-            BackendKind::Mysql => Backend::Mysql(build_pool!(
-                diesel_async::AsyncMysqlConnection,
-                config,
-                |url: &str| { Box::pin(mysql_setup::establish(url.to_owned())) }
-            )),
+            BackendKind::Mysql => {
+                let counter = config.counter.clone();
+                Backend::Mysql(build_pool!(
+                    diesel_async::AsyncMysqlConnection,
+                    config,
+                    move |url: &str| {
+                        Box::pin(mysql_setup::establish(url.to_owned(), counter.clone()))
+                    }
+                ))
+            }
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => {
                 let path = config.sqlite_path();
@@ -367,8 +468,13 @@ impl DieselStore {
                     // Each connection to :memory: is its own database.
                     config.max_connections = 1;
                 }
+                let counter = config.counter.clone();
                 let pool = build_pool!(SqliteConn, config, move |_url: &str| {
-                    Box::pin(sqlite_setup::establish(path.clone(), busy_ms))
+                    Box::pin(sqlite_setup::establish(
+                        path.clone(),
+                        busy_ms,
+                        counter.clone(),
+                    ))
                 });
                 return Self::checked(Backend::Sqlite(pool), config).await;
             }
@@ -416,7 +522,7 @@ impl DieselStore {
         match &self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres(_) => {
-                let mut conn = pg_setup::establish(self.config.url.clone(), None)
+                let mut conn = pg_setup::establish(self.config.url.clone(), None, None)
                     .await
                     .map_err(|e| fail(&e))?;
                 if let Some(schema) = &self.config.schema {
@@ -431,7 +537,7 @@ impl DieselStore {
             }
             #[cfg(feature = "mysql")]
             Backend::Mysql(_) => {
-                let conn = mysql_setup::establish(self.config.url.clone())
+                let conn = mysql_setup::establish(self.config.url.clone(), None)
                     .await
                     .map_err(|e| fail(&e))?;
                 migrate_async(conn, migrations::MYSQL).await
@@ -508,6 +614,35 @@ impl DieselStore {
                 other => return other.map_err(store_error),
             }
         }
+    }
+}
+
+/// Support for `cargo xtask bench`: baselines on the store's own pool and a
+/// bulk loader. Not part of the API; it bypasses the store's guarantees.
+#[doc(hidden)]
+impl DieselStore {
+    pub async fn bench_prepare(&self) -> Result<(), StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::bench_prepare(conn).await) }.await;
+        r.map_err(store_error)
+    }
+
+    pub async fn bench_baseline_select(&self, hash: &str) -> Result<usize, StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::baseline_select(conn, hash).await) }.await;
+        r.map_err(store_error)
+    }
+
+    pub async fn bench_baseline_insert(&self, id: &str) -> Result<(), StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::baseline_insert(conn, id).await) }.await;
+        r.map_err(store_error)
+    }
+
+    pub async fn bench_bulk_append(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        let r: Result<_, OpError> =
+            async { with_conn!(self, |conn, ops| ops::bulk_append(conn, events).await) }.await;
+        r.map_err(store_error)
     }
 }
 

@@ -182,6 +182,76 @@ macro_rules! store_ops {
                 Ok(())
             }
 
+            /// Bench baseline: a bare single-row SELECT by a unique key.
+            pub(crate) async fn baseline_select(conn: &mut Conn, hash: &str) -> Result<usize, OpError> {
+                Ok(Sql::new("SELECT id FROM impersonation_sessions WHERE secret_hash = ?")
+                    .arg(hash)
+                    .load::<IdRow>(conn)
+                    .await?
+                    .len())
+            }
+
+            /// Bench baseline: a bare single-row INSERT.
+            pub(crate) async fn baseline_insert(conn: &mut Conn, id: &str) -> Result<(), OpError> {
+                Sql::new("INSERT INTO impersonation_bench_rows (id, body) VALUES (?, ?)")
+                    .arg(id)
+                    .arg("a row of about the size of a session record's columns")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            /// Bench setup: the scratch table of the INSERT baseline.
+            pub(crate) async fn bench_prepare(conn: &mut Conn) -> Result<(), OpError> {
+                Sql::new("CREATE TABLE IF NOT EXISTS impersonation_bench_rows (id VARCHAR(64) PRIMARY KEY, body TEXT NOT NULL)")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            /// Bench setup: appends already-sealed events in bulk, many rows
+            /// per statement, and moves each chain's head to its last event.
+            pub(crate) async fn bulk_append(conn: &mut Conn, events: &[AuditEvent]) -> Result<(), OpError> {
+                conn.transaction::<_, OpError, _>(async |conn| {
+                    for batch in events.chunks(500) {
+                        let mut sql = Sql::new(
+                            "INSERT INTO impersonation_audit_events \
+                             (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) VALUES ",
+                        );
+                        for (i, e) in batch.iter().enumerate() {
+                            sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
+                            sql = sql
+                                .arg(e.id.to_string())
+                                .arg(e.chain.as_str())
+                                .arg(count(e.seq))
+                                .arg(micros(e.at))
+                                .arg(e.action.code())
+                                .arg(e.actor.id().map(|a| a.as_str().to_owned()))
+                                .arg(e.subject.as_ref().map(|s| s.id.as_str().to_owned()))
+                                .arg(e.tenant.as_ref().map(|t| t.as_str().to_owned()))
+                                .arg(e.session.map(|s| s.to_string()))
+                                .arg(to_json("audit event", e)?);
+                        }
+                        sql.execute(conn).await?;
+                    }
+                    let mut heads: std::collections::BTreeMap<&ChainKey, &AuditEvent> = std::collections::BTreeMap::new();
+                    for e in events {
+                        heads.insert(&e.chain, e);
+                    }
+                    for e in heads.values() {
+                        lock_chain(conn, &e.chain).await?;
+                        Sql::new("UPDATE impersonation_audit_chains SET seq = ?, hash = ? WHERE chain = ?")
+                            .arg(count(e.seq))
+                            .arg(e.hash.to_hex())
+                            .arg(e.chain.as_str())
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+
             pub(crate) async fn ping(conn: &mut Conn) -> Result<(), OpError> {
                 Sql::new("SELECT 1").execute(conn).await?;
                 Ok(())

@@ -1,0 +1,249 @@
+//! What each call costs in statements, counted through diesel's
+//! instrumentation, and what an outage does: the SDK fails closed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use impersonation_core::{
+    Activity, Config, Error, Impersonation, MemoryDirectory, Principal, Requester, StartRequest,
+    StoreError,
+};
+use impersonation_diesel::{DieselConfig, DieselError, DieselStore, QueryCounter};
+use impersonation_testkit::World;
+use time::Duration;
+
+struct Costs {
+    start: u64,
+    resolve: u64,
+    resolve_coalesced: u64,
+    record: u64,
+    stop: u64,
+    prepared_in_steady_state: u64,
+}
+
+async fn costs(config: DieselConfig) -> Costs {
+    let counter = QueryCounter::new();
+    let store = DieselStore::connect_and_migrate(
+        config
+            .query_counter(Arc::clone(&counter))
+            .max_connections(1),
+    )
+    .await
+    .unwrap();
+    let w = World::new();
+    let directory = MemoryDirectory::new();
+    let (agent, customer): (Principal, Principal) = (w.agent(1), w.customer(1, "t1"));
+    directory.insert(agent.clone());
+    directory.insert(customer.clone());
+    let clock = impersonation_core::ManualClock::new(impersonation_testkit::epoch());
+    let svc = Impersonation::new(store, directory)
+        .with_clock(clock.clone())
+        .with_config(Config {
+            touch_interval: Duration::seconds(10),
+            ..Config::default()
+        });
+    // Warm up: every statement prepared and cached once.
+    for _ in 0..2 {
+        let s = svc
+            .start(
+                Requester::User(&agent),
+                StartRequest::new(customer.id.clone(), "Warming the caches"),
+            )
+            .await
+            .unwrap();
+        clock.advance(Duration::seconds(11));
+        let ctx = svc.resolve(&s.secret).await.unwrap();
+        svc.resolve(&s.secret).await.unwrap();
+        svc.record(&ctx, Activity::access("Viewed.")).await.unwrap();
+        svc.stop(&s.secret, &agent).await.unwrap();
+    }
+    let measure = |before: u64| counter.queries() - before;
+    let prepared = counter.prepared();
+    let q = counter.queries();
+    let s = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Counting statements"),
+        )
+        .await
+        .unwrap();
+    let start = measure(q);
+    clock.advance(Duration::seconds(11));
+    let q = counter.queries();
+    let ctx = svc.resolve(&s.secret).await.unwrap();
+    let resolve = measure(q);
+    let recent = counter.recent();
+    for sql in &recent[recent.len() - resolve as usize..] {
+        println!("  resolve ran: {}", &sql[..sql.len().min(110)]);
+    }
+    let q = counter.queries();
+    svc.resolve(&s.secret).await.unwrap();
+    let resolve_coalesced = measure(q);
+    let q = counter.queries();
+    svc.record(&ctx, Activity::access("Viewed.")).await.unwrap();
+    let record = measure(q);
+    let q = counter.queries();
+    svc.stop(&s.secret, &agent).await.unwrap();
+    let stop = measure(q);
+    Costs {
+        start,
+        resolve,
+        resolve_coalesced,
+        record,
+        stop,
+        prepared_in_steady_state: counter.prepared() - prepared,
+    }
+}
+
+fn report(name: &str, c: &Costs) {
+    println!(
+        "{name}: start {} statements, resolve {} (touch written) / {} (touch coalesced), record {}, stop {}, newly prepared {}",
+        c.start, c.resolve, c.resolve_coalesced, c.record, c.stop, c.prepared_in_steady_state
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_is_one_cached_statement_on_postgres() {
+    let c = costs(DieselConfig::new(common::PG_URL).schema(common::unique("imptest"))).await;
+    report("postgres", &c);
+    assert_eq!(c.resolve, 1, "find and touch in one statement");
+    assert_eq!(c.resolve_coalesced, 1);
+    assert_eq!(
+        c.prepared_in_steady_state, 0,
+        "every statement comes from the cache: one round trip each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_costs_on_sqlite() {
+    let path = common::target_dir().join(format!("{}.db", common::unique("imptest")));
+    let c = costs(DieselConfig::new(format!("sqlite://{}", path.display()))).await;
+    report("sqlite", &c);
+    assert_eq!(
+        (c.resolve, c.resolve_coalesced),
+        (2, 1),
+        "select, then the touch only when due"
+    );
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_costs_on_mariadb() {
+    let db = common::mysql_db(1).await;
+    let common::Place::Mysql { url } = db.place else {
+        unreachable!()
+    };
+    let c = costs(DieselConfig::new(url)).await;
+    report("mariadb", &c);
+    assert_eq!(
+        (c.resolve, c.resolve_coalesced),
+        (2, 1),
+        "select, then the touch only when due"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_typed_error() {
+    // Port 1 on loopback: nothing listens there.
+    let config = DieselConfig::new("postgres://postgres@127.0.0.1:1/test")
+        .connect_timeout(std::time::Duration::from_secs(2));
+    match DieselStore::connect(config).await {
+        Err(DieselError::Connect(_)) => {}
+        #[cfg(not(feature = "postgres"))]
+        Err(DieselError::FeatureDisabled(_)) => {}
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    assert!(matches!(
+        DieselStore::connect(DieselConfig::new("oracle://x")).await,
+        Err(DieselError::UnsupportedUrl(_))
+    ));
+}
+
+/// A TCP proxy between the store and PostgreSQL, which the test can cut.
+#[cfg(feature = "postgres")]
+struct Proxy {
+    port: u16,
+    accept: tokio::task::JoinHandle<()>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+#[cfg(feature = "postgres")]
+impl Proxy {
+    async fn to(upstream: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = Arc::clone(&links);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().unwrap().push(link);
+            }
+        });
+        Self {
+            port,
+            accept,
+            links,
+        }
+    }
+
+    /// The network goes away: no new connections, open ones dropped.
+    fn cut(&self) {
+        self.accept.abort();
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fails_closed() {
+    let proxy = Proxy::to("127.0.0.1:5432").await;
+    let config = DieselConfig::new(format!("postgres://postgres@127.0.0.1:{}/test", proxy.port))
+        .schema(common::unique("imptest"))
+        .wait_timeout(std::time::Duration::from_secs(2))
+        .connect_timeout(std::time::Duration::from_secs(2));
+    let store = DieselStore::connect_and_migrate(config).await.unwrap();
+    let w = World::new();
+    let directory = MemoryDirectory::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    directory.insert(agent.clone());
+    directory.insert(customer.clone());
+    let svc = Impersonation::new(store, directory);
+    let started = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Before the outage"),
+        )
+        .await
+        .unwrap();
+    assert!(svc.resolve(&started.secret).await.is_ok());
+
+    proxy.cut();
+    let err = svc.resolve(&started.secret).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::Unavailable(_))),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.http_status(),
+        503,
+        "no request is served as an impersonated user the SDK could not check"
+    );
+    let err = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "During the outage"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 503);
+}
