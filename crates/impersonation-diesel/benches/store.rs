@@ -165,10 +165,18 @@ fn bench_backend(c: &mut Criterion, rt: &tokio::runtime::Runtime, backend: &str)
     });
 
     // Audit queries as the trail grows: the same queries at 100k and at 1M events.
-    let large: u64 = std::env::var("IMPERSONATION_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    // `cargo test --all-targets` runs each bench once to check it works,
+    // without `--bench`: then a tiny trail will do.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let (small, large): (u64, u64) = if benching {
+        let large = std::env::var("IMPERSONATION_BENCH_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        (100_000, large)
+    } else {
+        (1_000, 2_000)
+    };
     let by_subject = AuditQuery {
         subject: Some(UserId::from(100_042_u64)),
         order: Order::Newest,
@@ -184,7 +192,7 @@ fn bench_backend(c: &mut Criterion, rt: &tokio::runtime::Runtime, backend: &str)
     };
     let mut loaded = 0;
     let mut heads: Vec<Option<AuditEvent>> = vec![None; 200];
-    for size in [100_000, large] {
+    for size in [small, large] {
         let events = trail(size - loaded, loaded, &mut heads);
         for chunk in events.chunks(50_000) {
             rt.block_on(store.bench_bulk_append(chunk)).unwrap();
