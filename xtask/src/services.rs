@@ -2,7 +2,8 @@
 //!
 //! The integration tests expect PostgreSQL, MariaDB and Redis on their
 //! default ports on 127.0.0.1 with password-less access and a `test`
-//! database. A fresh machine (CI included) has none of that, so `up`
+//! database, plus a three-master Redis Cluster on ports 7001-7003 for the
+//! cluster tests. A fresh machine (CI included) has none of that, so `up`
 //! installs what is missing, starts what is down and repairs access, and is
 //! idempotent so it can run before every CI run. Everything here assumes we
 //! are root, as on the project's machines.
@@ -15,9 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use xshell::{Shell, cmd};
 
-/// One service the tests need. To add a service (e.g. a Redis Cluster on
-/// other ports), add an entry to [`SERVICES`] with its own start and access
-/// functions.
+/// One service the tests need. To add a service, add an entry to
+/// [`SERVICES`] with its own start and access functions.
 pub(crate) struct Service {
     /// Name shown in messages.
     name: &'static str,
@@ -60,6 +60,16 @@ pub(crate) const SERVICES: &[Service] = &[
         start: redis_start,
         ensure_access: redis_access,
     },
+    Service {
+        name: "redis-cluster",
+        ports: CLUSTER_PORTS,
+        // Same package and binary as `redis`: the cluster is just three more
+        // redis-server processes in cluster mode.
+        apt_package: "redis-server",
+        server_binary: || existing("/usr/bin/redis-server"),
+        start: redis_cluster_start,
+        ensure_access: redis_cluster_access,
+    },
 ];
 
 /// How long `status` waits for a TCP connect: the services are local, so a
@@ -70,14 +80,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Service {
-    /// `127.0.0.1:<port>` for each port, for messages.
+    /// `127.0.0.1:<port>[,<port>...]`, for messages: the host is written
+    /// once so that the cluster's three ports keep the status table narrow.
     fn addresses(&self) -> String {
-        let addrs: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
-        addrs.join(",")
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        format!("127.0.0.1:{}", ports.join(","))
     }
 
     /// Whether every port accepts a TCP connection right now.
@@ -97,6 +104,14 @@ fn existing(path: &str) -> Option<PathBuf> {
 
 /// Prints one line per service: reachable or not, installed or not.
 pub(crate) fn status() -> Result<()> {
+    // Column widths from the table, so a longer name or address list (the
+    // cluster's) does not push its line out of alignment.
+    let name_width = SERVICES.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let addr_width = SERVICES
+        .iter()
+        .map(|s| s.addresses().len())
+        .max()
+        .unwrap_or(0);
     for service in SERVICES {
         let reachable = if service.reachable() {
             "reachable"
@@ -108,7 +123,7 @@ pub(crate) fn status() -> Result<()> {
             None => format!("not installed (apt package {})", service.apt_package),
         };
         println!(
-            "{:<11} {:<16} {:<14} {installed}",
+            "{:<name_width$} {:<addr_width$} {:<14} {installed}",
             service.name,
             service.addresses(),
             reachable
@@ -194,17 +209,20 @@ fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
 }
 
 fn wait_for_ports(service: &Service) -> Result<()> {
-    for &port in service.ports {
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !port_open(port) {
-            if Instant::now() >= deadline {
-                bail!(
-                    "nothing accepts connections on 127.0.0.1:{port} after {} s",
-                    START_TIMEOUT.as_secs()
-                );
-            }
-            sleep(POLL_INTERVAL);
+    service.ports.iter().try_for_each(|&port| wait_for_port(port))
+}
+
+/// Waits up to [`START_TIMEOUT`] for `port` to accept connections.
+fn wait_for_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !port_open(port) {
+        if Instant::now() >= deadline {
+            bail!(
+                "nothing accepts connections on 127.0.0.1:{port} after {} s",
+                START_TIMEOUT.as_secs()
+            );
         }
+        sleep(POLL_INTERVAL);
     }
     Ok(())
 }

@@ -89,7 +89,7 @@ pub use principal::{
     RelationKind, Relationship, Role, TenantScope,
 };
 pub use projection::{AttributeRule, MASK_CHAR, Mask, ProjectionRules, ShadowUser, ShadowValue};
-pub use secret::{SecretError, SecretHash, SessionSecret, TOKEN_LEN};
+pub use secret::{SecretError, SecretHash, SecretLookup, SessionSecret, TOKEN_LEN};
 pub use service::{
     Activity, ActivityKind, Banner, Config, Context, Error, Impersonation, Initiator, Requester,
     Started, VerifyReport,

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::audit::{AuditDraft, AuditEvent, ChainHead, ChainKey};
 use crate::id::{EventId, SessionId, UserId};
 use crate::projection::ShadowUser;
-use crate::secret::SecretHash;
+use crate::secret::{SecretHash, SecretLookup};
 use crate::session::{Session, Start, Transition};
 use crate::store::{
     AppendGuard, AuditCursor, AuditPage, AuditQuery, LiveFilter, Order, StartOutcome, Store,
@@ -176,11 +176,11 @@ impl Store for MemoryStore {
 
     async fn find_by_secret(
         &self,
-        hash: &SecretHash,
+        secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
         let mut inner = self.lock();
-        let Some(id) = inner.by_hash.get(hash).copied() else {
+        let Some(id) = inner.by_hash.get(&secret.hash).copied() else {
             return Ok(None);
         };
         let Some(session) = inner.sessions.get_mut(&id) else {

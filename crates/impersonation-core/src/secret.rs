@@ -112,6 +112,27 @@ impl SessionSecret {
     pub fn hash(&self) -> SecretHash {
         self.hash
     }
+
+    /// What a store looks a presented secret up by: its hash, and the
+    /// non-secret route that lets a sharded store find the slot at once.
+    pub fn lookup(&self) -> SecretLookup {
+        SecretLookup {
+            hash: self.hash,
+            route: self.route().to_owned(),
+        }
+    }
+}
+
+/// How a store finds the session of a presented secret: the secret's hash
+/// (what the store keeps) and the token's routing part (16 hex characters,
+/// the digest of the session's chain key; see [`ChainKey::route`]). Neither
+/// reveals the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SecretLookup {
+    /// SHA-256 of the secret.
+    pub hash: SecretHash,
+    /// The route the token carries.
+    pub route: String,
 }
 
 impl fmt::Debug for SessionSecret {

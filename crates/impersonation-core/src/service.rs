@@ -668,7 +668,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         };
         let Some(mut session) = self
             .store
-            .find_by_secret(&secret.hash(), Some(touch))
+            .find_by_secret(&secret.lookup(), Some(touch))
             .await?
         else {
             return Err(Error::Unauthenticated);
@@ -763,7 +763,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonation.session = Empty,
         );
         async {
-            let Some(session) = self.store.find_by_secret(&secret.hash(), None).await? else {
+            let Some(session) = self.store.find_by_secret(&secret.lookup(), None).await? else {
                 return Err(Error::Unauthenticated);
             };
             let span = Span::current();

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::audit::{AuditAction, AuditDraft, AuditEvent, ChainHead, ChainKey};
 use crate::id::{EventId, SessionId, TenantId, UserId};
 use crate::projection::ShadowUser;
-use crate::secret::SecretHash;
+use crate::secret::SecretLookup;
 use crate::session::{Session, Start, Transition};
 
 /// A boxed error from a backend.
@@ -322,7 +322,7 @@ pub trait Store: Send + Sync {
     /// as it was before the touch.
     async fn find_by_secret(
         &self,
-        hash: &SecretHash,
+        secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError>;
 
@@ -378,7 +378,7 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn find_by_secret(
         &self,
-        h: &SecretHash,
+        h: &SecretLookup,
         t: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
         (**self).find_by_secret(h, t).await

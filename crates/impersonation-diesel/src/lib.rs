@@ -47,7 +47,7 @@ use diesel_async::pooled_connection::{
 };
 use impersonation_core::{
     AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
-    SecretHash, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
+    SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
     Transition,
 };
 use time::OffsetDateTime;
@@ -676,12 +676,16 @@ impl Store for DieselStore {
 
     async fn find_by_secret(
         &self,
-        hash: &SecretHash,
+        secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
         self.write(|| async {
-            with_conn!(self, |conn, ops| ops::find_by_secret(conn, hash, touch)
-                .await)
+            with_conn!(self, |conn, ops| ops::find_by_secret(
+                conn,
+                &secret.hash,
+                touch
+            )
+            .await)
         })
         .await
     }

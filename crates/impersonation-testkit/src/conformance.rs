@@ -93,7 +93,7 @@ pub async fn start_writes_the_session_and_its_event<S: Store>(store: S) {
         Some(expected.clone())
     );
     assert_eq!(
-        store.find_by_secret(&secret.hash(), None).await.unwrap(),
+        store.find_by_secret(&secret.lookup(), None).await.unwrap(),
         Some(expected)
     );
     assert_eq!(event.action, AuditAction::SessionStarted);
@@ -124,7 +124,7 @@ pub async fn start_refuses_a_second_live_session_and_audits_it<S: Store>(store: 
     assert!(store.session(second_id).await.unwrap().is_none());
     assert!(
         store
-            .find_by_secret(&secret2.hash(), None)
+            .find_by_secret(&secret2.lookup(), None)
             .await
             .unwrap()
             .is_none()
@@ -168,7 +168,7 @@ pub async fn agents_hold_sessions_independently<S: Store>(store: S) {
     let (sb, _) = must_start(&store, b).await;
     assert_ne!(sa.id, sb.id);
     let found = store
-        .find_by_secret(&secret_b.hash(), None)
+        .find_by_secret(&secret_b.lookup(), None)
         .await
         .unwrap()
         .unwrap();
@@ -211,7 +211,7 @@ pub async fn transition_writes_state_and_event_together<S: Store>(store: S) {
         Some(ended.clone())
     );
     assert_eq!(
-        store.find_by_secret(&secret.hash(), None).await.unwrap(),
+        store.find_by_secret(&secret.lookup(), None).await.unwrap(),
         Some(ended)
     );
     let live = store
@@ -280,14 +280,14 @@ pub async fn find_by_secret_finds_only_by_hash<S: Store>(store: S) {
     let (_, other) = w.begin(&w.agent(2), &w.customer(1, "t1"), epoch());
     assert!(
         store
-            .find_by_secret(&other.hash(), None)
+            .find_by_secret(&other.lookup(), None)
             .await
             .unwrap()
             .is_none()
     );
     assert!(
         store
-            .find_by_secret(&secret.hash(), None)
+            .find_by_secret(&secret.lookup(), None)
             .await
             .unwrap()
             .is_some()
@@ -302,7 +302,7 @@ pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let t1 = epoch() + Duration::seconds(30);
     let before = store
         .find_by_secret(
-            &secret.hash(),
+            &secret.lookup(),
             Some(Touch {
                 now: t1,
                 coalesce: Duration::seconds(10),
@@ -325,7 +325,7 @@ pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let t2 = t1 + Duration::seconds(5);
     store
         .find_by_secret(
-            &secret.hash(),
+            &secret.lookup(),
             Some(Touch {
                 now: t2,
                 coalesce: Duration::seconds(10),
@@ -346,7 +346,7 @@ pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let t3 = t1 + Duration::seconds(10);
     store
         .find_by_secret(
-            &secret.hash(),
+            &secret.lookup(),
             Some(Touch {
                 now: t3,
                 coalesce: Duration::seconds(10),
@@ -378,7 +378,7 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
     ] {
         store
             .find_by_secret(
-                &secret.hash(),
+                &secret.lookup(),
                 Some(Touch {
                     now,
                     coalesce: Duration::ZERO,
@@ -399,7 +399,7 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
     let now = epoch() + Duration::seconds(1);
     store
         .find_by_secret(
-            &secret.hash(),
+            &secret.lookup(),
             Some(Touch {
                 now,
                 coalesce: Duration::ZERO,
@@ -424,7 +424,7 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
     let (pending, _) = must_start(&store, pending).await;
     store
         .find_by_secret(
-            &psecret.hash(),
+            &psecret.lookup(),
             Some(Touch {
                 now,
                 coalesce: Duration::ZERO,
@@ -757,7 +757,7 @@ pub async fn record_check_respects_the_version<S: Store>(store: S) {
         .await
         .unwrap();
     let stored = store
-        .find_by_secret(&secret.hash(), None)
+        .find_by_secret(&secret.lookup(), None)
         .await
         .unwrap()
         .unwrap();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use impersonation_core::{
     AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
-    SecretHash, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
+    SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
     Transition,
 };
 use time::OffsetDateTime;
@@ -142,7 +142,7 @@ impl<S: Store> Store for FaultyStore<S> {
     }
     async fn find_by_secret(
         &self,
-        h: &SecretHash,
+        h: &SecretLookup,
         t: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
         self.run(t.is_some(), self.inner.find_by_secret(h, t)).await
