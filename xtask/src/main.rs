@@ -23,8 +23,9 @@ usage: cargo xtask <task> [args...]
 
 tasks:
   ci                  services up, fmt check, clippy, tests; ends with `N passed, M failed`
-  services up         start PostgreSQL, MariaDB and Redis if they are not reachable
+  services up         start PostgreSQL, MariaDB, Redis and a Redis Cluster if they are not up
   services status     show, per service, whether it is reachable and installed
+  services reset      drop what test runs left: imptest_* schemas, databases, Redis keys, SQLite files
   demo [args...]      cargo run --package impersonation-walkthrough -- [args...]
   bench [args...]     cargo bench --package impersonation-core [args...]
   help                show this text
@@ -54,6 +55,11 @@ fn run(args: &[OsString]) -> Result<ExitCode> {
         (Some("ci"), _) if rest.is_empty() => ci::run(),
         (Some("services"), Some("up")) if rest.len() == 1 => {
             services::up()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Some("services"), Some("reset")) if rest.len() == 1 => {
+            services::reset_test_databases(&root_shell()?, &target_dir())?;
+            println!("test schemas, databases, keys and files removed");
             Ok(ExitCode::SUCCESS)
         }
         (Some("services"), Some("status")) if rest.len() == 1 => {

@@ -209,7 +209,10 @@ fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
 }
 
 fn wait_for_ports(service: &Service) -> Result<()> {
-    service.ports.iter().try_for_each(|&port| wait_for_port(port))
+    service
+        .ports
+        .iter()
+        .try_for_each(|&port| wait_for_port(port))
 }
 
 /// Waits up to [`START_TIMEOUT`] for `port` to accept connections.
@@ -434,6 +437,287 @@ fn redis_access(sh: &Shell) -> Result<&'static str> {
     Ok("answers PING with PONG")
 }
 
+// ------------------------------------------------------------- Redis Cluster
+
+/// Ports of the test Redis Cluster's nodes: three masters and no replicas,
+/// the smallest cluster Redis accepts, so keys really spread over nodes and
+/// the tests see `MOVED` redirects.
+const CLUSTER_PORTS: &[u16] = &[7001, 7002, 7003];
+/// Parent of the nodes' data directories, one per port: each node keeps its
+/// `nodes-<port>.conf` there, and two nodes must never share one.
+const CLUSTER_DATA: &str = "/var/lib/redis-cluster";
+/// Number of hash slots; the cluster serves every key only when a master
+/// owns each of them.
+const CLUSTER_SLOTS: u32 = 16384;
+/// How long `up` waits for a new cluster to agree on its slot map.
+const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `up` waits for a node it shut down to free its port.
+const CLUSTER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What `up` reports for a healthy cluster; [`NodeView::healthy`] checks
+/// every part of it on every node.
+const CLUSTER_OK: &str = "3 masters, 16384 slots, cluster_state:ok";
+
+/// The fields of one node's `cluster info` that tell a healthy cluster from
+/// one that was never formed and from a broken one.
+#[derive(Debug)]
+struct NodeView {
+    /// `cluster_state`: `ok` once every slot is served, else `fail`.
+    state: String,
+    /// `cluster_slots_assigned`: slots that some master owns.
+    slots_assigned: u32,
+    /// `cluster_known_nodes`: nodes this one has met, itself included.
+    known_nodes: usize,
+    /// `cluster_size`: masters that own at least one slot.
+    size: usize,
+}
+
+impl NodeView {
+    /// Parses `cluster info` output (`key:value` lines); `None` if a field
+    /// is missing, e.g. because the reply was an error.
+    fn parse(info: &str) -> Option<Self> {
+        let field = |key: &str| {
+            info.lines()
+                .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(':'))
+        };
+        Some(Self {
+            state: field("cluster_state")?.to_owned(),
+            slots_assigned: field("cluster_slots_assigned")?.parse().ok()?,
+            known_nodes: field("cluster_known_nodes")?.parse().ok()?,
+            size: field("cluster_size")?.parse().ok()?,
+        })
+    }
+
+    /// Whether this node sees the cluster the tests need: all slots served
+    /// by exactly our three masters. Anything else (a replica, a fourth
+    /// node) is a cluster someone changed, and gets rebuilt.
+    fn healthy(&self) -> bool {
+        self.state == "ok"
+            && self.slots_assigned == CLUSTER_SLOTS
+            && self.known_nodes == CLUSTER_PORTS.len()
+            && self.size == CLUSTER_PORTS.len()
+    }
+
+    /// Whether this node is a freshly started one that has joined nothing:
+    /// only then can `redis-cli --cluster create` use it.
+    fn unformed(&self) -> bool {
+        self.known_nodes == 1 && self.slots_assigned == 0
+    }
+}
+
+/// What the nodes together say about the cluster.
+enum ClusterHealth {
+    /// Every node sees the cluster the tests need.
+    Healthy,
+    /// Every node runs but none has joined a cluster yet: `cluster create`
+    /// never ran (or failed before touching any node).
+    Unformed,
+    /// Anything else, with a description of what is wrong.
+    Broken(String),
+}
+
+/// Asks the node on `port` for `cluster info`; the error says why there is
+/// no usable answer (connection refused, cluster mode disabled, ...).
+fn node_view(sh: &Shell, port: u16) -> Result<NodeView, String> {
+    let port = port.to_string();
+    let out = cmd!(sh, "redis-cli -h 127.0.0.1 -p {port} cluster info")
+        .ignore_status()
+        .output()
+        .map_err(|err| err.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    NodeView::parse(&stdout).ok_or_else(|| {
+        // redis-cli prints an error reply on stdout, a connection error on
+        // stderr; show whichever there is.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        format!(
+            "`cluster info` answered {:?}",
+            format!("{stdout}{stderr}").trim()
+        )
+    })
+}
+
+/// Checks every node, so that a node restarted on its own (which has
+/// forgotten the cluster) is noticed even while the others still look fine.
+fn cluster_health(sh: &Shell) -> ClusterHealth {
+    let mut views = Vec::new();
+    for &port in CLUSTER_PORTS {
+        match node_view(sh, port) {
+            Ok(view) => views.push((port, view)),
+            Err(why) => return ClusterHealth::Broken(format!("127.0.0.1:{port}: {why}")),
+        }
+    }
+    if views.iter().all(|(_, view)| view.healthy()) {
+        ClusterHealth::Healthy
+    } else if views.iter().all(|(_, view)| view.unformed()) {
+        ClusterHealth::Unformed
+    } else {
+        let views: Vec<String> = views
+            .iter()
+            .map(|(port, v)| {
+                format!(
+                    "{port}: cluster_state:{} slots_assigned:{} known_nodes:{} size:{}",
+                    v.state, v.slots_assigned, v.known_nodes, v.size
+                )
+            })
+            .collect();
+        ClusterHealth::Broken(views.join("; "))
+    }
+}
+
+/// Starts the cluster from scratch: any node still running is shut down,
+/// as a half-formed cluster cannot take wiped nodes back, then every node
+/// starts empty and `redis-cli --cluster create` joins them.
+fn redis_cluster_start(sh: &Shell) -> Result<()> {
+    stop_cluster_nodes(sh)?;
+    sh.create_dir("/var/log/redis")?;
+    for &port in CLUSTER_PORTS {
+        let dir = format!("{CLUSTER_DATA}/{port}");
+        wipe_node_dir(sh, Path::new(&dir), port)?;
+        let port = port.to_string();
+        let conf = format!("nodes-{port}.conf");
+        let log = format!("/var/log/redis/cluster-{port}.log");
+        // A daemonized redis-server without --pidfile writes, and on
+        // shutdown deletes, /var/run/redis.pid: the plain Redis's default.
+        let pidfile = format!("/var/run/redis-cluster-{port}.pid");
+        // In-memory only (`--save ''`, no AOF), like the plain Redis: tests
+        // never wait on disk. --protected-mode no: the nodes have no
+        // password, and they only listen on loopback anyway.
+        cmd!(
+            sh,
+            "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file {conf} --cluster-node-timeout 5000 --appendonly no --save '' --dir {dir} --daemonize yes --logfile {log} --pidfile {pidfile} --protected-mode no"
+        )
+        .run()?;
+    }
+    // `--daemonize yes` returns before the node listens.
+    CLUSTER_PORTS
+        .iter()
+        .try_for_each(|&port| wait_for_port(port))?;
+    create_cluster(sh)
+}
+
+/// Shuts down every node that still answers and waits for its port to be
+/// free, so that a new node can bind it.
+fn stop_cluster_nodes(sh: &Shell) -> Result<()> {
+    for &port in CLUSTER_PORTS.iter().filter(|&&port| port_open(port)) {
+        println!("redis-cluster: shutting down the node on 127.0.0.1:{port}");
+        let port = port.to_string();
+        // The outcome is ignored: the node may drop the connection before
+        // answering, and whether the port frees up is what counts.
+        let _ = cmd!(sh, "redis-cli -h 127.0.0.1 -p {port} shutdown nosave")
+            .ignore_status()
+            .output();
+    }
+    for &port in CLUSTER_PORTS {
+        let deadline = Instant::now() + CLUSTER_STOP_TIMEOUT;
+        while port_open(port) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "127.0.0.1:{port} still accepts connections {} s after `shutdown nosave`; is something other than a cluster node listening there?",
+                    CLUSTER_STOP_TIMEOUT.as_secs()
+                );
+            }
+            sleep(POLL_INTERVAL);
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` and deletes what an earlier run of the node on `port` left
+/// in it: a node that finds its old `nodes-<port>.conf` rejoins a cluster
+/// that no longer exists, and `cluster create` refuses nodes with data.
+fn wipe_node_dir(sh: &Shell, dir: &Path, port: u16) -> Result<()> {
+    sh.create_dir(dir)?;
+    let nodes_conf = format!("nodes-{port}.conf");
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // `appendonly*` covers both appendonly.aof (Redis < 7) and the
+        // appendonlydir directory (Redis 7).
+        if name == nodes_conf.as_str() || name == "dump.rdb" || name.starts_with("appendonly") {
+            sh.remove_path(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Joins the three running, empty nodes into a cluster and waits until it
+/// serves every slot.
+fn create_cluster(sh: &Shell) -> Result<()> {
+    let nodes: Vec<String> = CLUSTER_PORTS
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    println!("redis-cluster: creating the cluster");
+    // --cluster-yes accepts the proposed slot layout: there is no terminal
+    // to type `yes` on. The output (a page of slot tables) is shown only
+    // when it failed.
+    let out = cmd!(
+        sh,
+        "redis-cli --cluster create {nodes...} --cluster-replicas 0 --cluster-yes"
+    )
+    .ignore_status()
+    .output()
+    .context("could not run `redis-cli --cluster create`")?;
+    if !out.status.success() {
+        // redis-cli reports `[ERR] ...` on stdout, so show both streams.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "`redis-cli --cluster create` failed: {}",
+            format!("{stdout}\n{stderr}").trim()
+        );
+    }
+    wait_for_cluster(sh)
+}
+
+/// Polls until every node sees a healthy cluster: `create` returns once the
+/// nodes agree on the slots, but the state turns `ok` only after gossip.
+fn wait_for_cluster(sh: &Shell) -> Result<()> {
+    let deadline = Instant::now() + CLUSTER_FORM_TIMEOUT;
+    loop {
+        let why = match cluster_health(sh) {
+            ClusterHealth::Healthy => return Ok(()),
+            ClusterHealth::Unformed => "no node has joined a cluster".to_owned(),
+            ClusterHealth::Broken(why) => why,
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "cluster not ok {} s after creating it: {why}",
+                CLUSTER_FORM_TIMEOUT.as_secs()
+            );
+        }
+        sleep(POLL_INTERVAL);
+    }
+}
+
+/// The cluster counts as up only if it is healthy, not merely if its ports
+/// answer: nodes left from a run that never created the cluster are joined
+/// now, and a broken cluster is rebuilt from scratch.
+fn redis_cluster_access(sh: &Shell) -> Result<&'static str> {
+    match cluster_health(sh) {
+        ClusterHealth::Healthy => return Ok(CLUSTER_OK),
+        ClusterHealth::Unformed => {
+            println!("redis-cluster: nodes run but form no cluster yet");
+            // A failed create may leave nodes half-joined; starting over
+            // is the one fix that works from any state.
+            if let Err(err) = create_cluster(sh) {
+                println!("redis-cluster: {err:#}; rebuilding it from scratch");
+                redis_cluster_start(sh)?;
+            }
+        }
+        ClusterHealth::Broken(why) => {
+            println!("redis-cluster: broken cluster ({why}); rebuilding it from scratch");
+            redis_cluster_start(sh)?;
+        }
+    }
+    match cluster_health(sh) {
+        ClusterHealth::Healthy => Ok(CLUSTER_OK),
+        ClusterHealth::Unformed => bail!("still no cluster after creating it"),
+        ClusterHealth::Broken(why) => bail!("cluster still broken after repairing it: {why}"),
+    }
+}
+
 /// Prefix of every schema, database and file the test suites create.
 const TEST_PREFIX: &str = "imptest_";
 
@@ -443,7 +727,7 @@ const TEST_PREFIX: &str = "imptest_";
 /// machine that is kept between runs this stops the catalogues growing.
 pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> {
     let drop_schemas = format!(
-        "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
+        "SET client_min_messages = warning; DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
          WHERE nspname LIKE '{TEST_PREFIX}%' LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$;"
     );
     cmd!(
@@ -473,6 +757,32 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
             .quiet()
             .run()
             .context("dropping leftover MariaDB test databases")?;
+    }
+    // Redis: the test suites' namespaces, on the single server and on each
+    // cluster node (keys live on the node that owns their slot).
+    for port in ["6379", "7001", "7002", "7003"] {
+        let pattern = format!("{TEST_PREFIX}*");
+        let Ok(keys) = cmd!(sh, "redis-cli -p {port} --scan --pattern {pattern}")
+            .quiet()
+            .read()
+        else {
+            continue; // a node that is not up has nothing to clean
+        };
+        let unlinks: String = keys
+            .lines()
+            .filter(|k| {
+                k.starts_with(TEST_PREFIX) && !k.contains(char::is_whitespace) && !k.contains('"')
+            })
+            .map(|k| format!("UNLINK \"{k}\"\n"))
+            .collect();
+        if !unlinks.is_empty() {
+            cmd!(sh, "redis-cli -p {port}")
+                .stdin(unlinks)
+                .quiet()
+                .ignore_stdout()
+                .run()
+                .with_context(|| format!("removing leftover Redis test keys on port {port}"))?;
+        }
     }
     let files = target_dir.join("test-dbs");
     if files.exists() {

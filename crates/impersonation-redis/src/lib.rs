@@ -1,0 +1,1115 @@
+//! # impersonation-redis
+//!
+//! The `impersonation` [`Store`] on Redis, for a single server or a **Redis
+//! Cluster**, chosen by configuration:
+//!
+//! ```no_run
+//! use impersonation_redis::{RedisConfig, RedisStore};
+//! # async fn example() -> Result<(), impersonation_redis::RedisStoreError> {
+//! let single = RedisStore::connect(RedisConfig::new("redis://127.0.0.1:6379")?.namespace("app")?).await?;
+//! let cluster = RedisStore::connect(RedisConfig::new("redis+cluster://10.0.0.1:7001,10.0.0.2:7002")?).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every write is one Lua script (EVALSHA, falling back to EVAL on
+//! `NOSCRIPT`) confined to one hash slot: the slot of the agent the write is
+//! about (see `docs/redis.md` for the key layout and slot plan). A session
+//! change and its audit event (a Redis Stream entry) are written together or
+//! not at all. `resolve` is one command. Only secret hashes are stored.
+//! Any Redis failure is [`StoreError::Unavailable`]: the SDK fails closed.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod keys;
+mod scripts;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use impersonation_core::{
+    AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey,
+    EventHash, LiveFilter, Order, SecretLookup, Session, SessionId, ShadowUser, Start,
+    StartOutcome, Store, StoreError, Touch, Transition,
+};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use time::{Duration, OffsetDateTime};
+
+use crate::keys::{Slot, audit_all, audit_index, chains, is_route, live_all, live_set, where_key};
+use crate::scripts::{
+    APPEND_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, TRANSITION_SCRIPT,
+};
+
+/// Why connecting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Redis could not be reached.
+    #[error("cannot connect to Redis: {0}")]
+    Connect(String),
+    /// The server could lose the audit trail on restart and the
+    /// configuration requires durability.
+    #[error("Redis persistence is off, the audit trail would not survive a restart: {0}")]
+    NotDurable(String),
+}
+
+/// What to do when the server keeps nothing on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Log a warning through `tracing` and go on (the default).
+    Warn,
+    /// Refuse to start.
+    Require,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    urls: Vec<String>,
+    cluster: bool,
+    namespace: String,
+    retention: Duration,
+    durability: Durability,
+}
+
+impl RedisConfig {
+    /// `redis://host:port` for one server, `redis+cluster://h1:p1,h2:p2` for a
+    /// cluster (any reachable nodes; the rest are discovered).
+    pub fn new(url: &str) -> Result<Self, RedisStoreError> {
+        let (urls, cluster) = match url.strip_prefix("redis+cluster://") {
+            Some(nodes) => (
+                nodes
+                    .split(',')
+                    .map(|n| format!("redis://{}", n.trim()))
+                    .collect(),
+                true,
+            ),
+            None if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                (vec![url.to_owned()], false)
+            }
+            None => return Err(RedisStoreError::Config(format!("not a Redis URL: {url}"))),
+        };
+        Ok(Self {
+            urls,
+            cluster,
+            namespace: "impersonation".into(),
+            retention: Duration::days(1),
+            durability: Durability::Warn,
+        })
+    }
+
+    /// Prefix of every key (default `impersonation`), so several apps share
+    /// one Redis without collision. Letters, digits, `_`, `-` and `.`.
+    pub fn namespace(mut self, namespace: &str) -> Result<Self, RedisStoreError> {
+        let valid = !namespace.is_empty()
+            && namespace.len() <= 64
+            && namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !valid {
+            return Err(RedisStoreError::Config(format!(
+                "invalid namespace `{namespace}`"
+            )));
+        }
+        self.namespace = namespace.to_owned();
+        Ok(self)
+    }
+
+    /// How long a session's keys outlive its end of validity (default one
+    /// day): ended sessions answer "ended" rather than "unknown" meanwhile.
+    /// The audit chains never expire.
+    #[must_use]
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Refuse to start unless the server persists data (AOF or RDB snapshots).
+    #[must_use]
+    pub fn require_durability(mut self) -> Self {
+        self.durability = Durability::Require;
+        self
+    }
+}
+
+/// One connection handle for both modes. Both are multiplexed and cheap to
+/// clone; the manager reconnects a single server, the cluster client follows
+/// MOVED/ASK and failovers.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What the server said about persistence at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurabilityReport {
+    /// `appendonly` per node (`None`: CONFIG is not allowed there).
+    pub appendonly: Vec<Option<bool>>,
+    /// `save` per node.
+    pub save: Vec<Option<String>>,
+}
+
+impl DurabilityReport {
+    /// Whether every node persists data. `None` when it could not be read.
+    pub fn durable(&self) -> Option<bool> {
+        let mut all = true;
+        for (aof, save) in self.appendonly.iter().zip(&self.save) {
+            match (aof, save) {
+                (Some(true), _) => {}
+                (Some(false), Some(save)) if !save.trim().is_empty() => {}
+                (Some(false), Some(_)) => all = false,
+                _ => return None,
+            }
+        }
+        Some(all)
+    }
+}
+
+type HeadCache = Arc<tokio::sync::Mutex<Option<Option<ChainHead>>>>;
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    ns: String,
+    retention: Duration,
+    durability: DurabilityReport,
+    /// Per chain: a queue for this process's writes and the last head seen.
+    heads: Arc<Mutex<HashMap<ChainKey, HeadCache>>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .field("namespace", &self.ns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Writes retried when another process moved a chain's head meanwhile.
+const CAS_ATTEMPTS: usize = 32;
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn from_micros(text: &str) -> Result<OffsetDateTime, StoreError> {
+    let us: i64 = text.parse().map_err(|e| corrupt("timestamp", e))?;
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .map_err(|e| corrupt("timestamp", e))
+}
+
+fn to_json<T: serde::Serialize>(what: &str, value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| corrupt(what, e))
+}
+
+/// A session's stored fields, in the scripts' order.
+fn session_fields(s: &Session) -> Result<[String; 8], StoreError> {
+    Ok([
+        to_json("session record", s)?,
+        to_json("shadow user", &s.shadow)?,
+        s.state.code().to_owned(),
+        s.version.to_string(),
+        micros(s.last_seen_at).to_string(),
+        micros(s.last_checked_at).to_string(),
+        micros(s.expires_at).to_string(),
+        s.grant.idle_timeout.whole_microseconds().to_string(),
+    ])
+}
+
+/// A session from `[record, shadow, last_seen_us, last_checked_us, version]`.
+fn decode_session(fields: &[Option<String>]) -> Result<Option<Session>, StoreError> {
+    let [
+        Some(record),
+        Some(shadow),
+        Some(seen),
+        Some(checked),
+        Some(version),
+    ] = fields
+    else {
+        return Ok(None);
+    };
+    let mut session: Session =
+        serde_json::from_str(record).map_err(|e| corrupt("session record", e))?;
+    session.shadow = serde_json::from_str(shadow).map_err(|e| corrupt("shadow user", e))?;
+    session.last_seen_at = from_micros(seen)?;
+    session.last_checked_at = from_micros(checked)?;
+    session.version = version.parse().map_err(|e| corrupt("version", e))?;
+    Ok(Some(session))
+}
+
+const SESSION_FIELDS: [&str; 5] = [
+    "record",
+    "shadow",
+    "last_seen_us",
+    "last_checked_us",
+    "version",
+];
+
+fn parse_head(seq: &str, hash: &str) -> Result<Option<ChainHead>, StoreError> {
+    if seq == "-1" {
+        return Ok(None);
+    }
+    Ok(Some(ChainHead {
+        seq: seq.parse().map_err(|e| corrupt("chain head", e))?,
+        hash: EventHash::from_hex(hash).map_err(|e| corrupt("chain head hash", e))?,
+    }))
+}
+
+fn head_args(head: Option<ChainHead>) -> (String, String) {
+    match head {
+        Some(h) => (h.seq.to_string(), h.hash.to_hex()),
+        None => ("-1".into(), String::new()),
+    }
+}
+
+fn ttl_ms(expires_at: OffsetDateTime, now: OffsetDateTime, retention: Duration) -> i64 {
+    let left = (expires_at - now).max(Duration::ZERO) + retention;
+    i64::try_from(left.whole_milliseconds())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// A member of an audit index: `event-id|seq|route|chain`.
+fn index_member(event: &AuditEvent, route: &str) -> String {
+    format!(
+        "{}|{}|{}|{}",
+        event.id,
+        event.seq,
+        route,
+        event.chain.as_str()
+    )
+}
+
+impl RedisStore {
+    /// Connects, loads nothing eagerly (scripts load on first use), and reads
+    /// the server's persistence settings: warns through `tracing`, or refuses
+    /// with [`RedisConfig::require_durability`], if the audit trail could be
+    /// lost on restart.
+    pub async fn connect(config: RedisConfig) -> Result<Self, RedisStoreError> {
+        let connect_err = |e: redis::RedisError| RedisStoreError::Connect(e.to_string());
+        let conn = if config.cluster {
+            let client =
+                redis::cluster::ClusterClient::new(config.urls.clone()).map_err(connect_err)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(connect_err)?)
+        } else {
+            let url = config
+                .urls
+                .first()
+                .ok_or_else(|| RedisStoreError::Config("no URL".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(connect_err)?;
+            Conn::Single(ConnectionManager::new(client).await.map_err(connect_err)?)
+        };
+        let durability = Self::read_durability(&config.urls).await;
+        match (durability.durable(), config.durability) {
+            (Some(true), _) => {}
+            (Some(false), Durability::Require) => {
+                return Err(RedisStoreError::NotDurable(format!("{durability:?}")));
+            }
+            (Some(false), Durability::Warn) => tracing::warn!(
+                report = ?durability,
+                "Redis keeps nothing on disk: the impersonation audit trail will be lost on restart; \
+                 enable appendonly (appendfsync everysec or always) for production"
+            ),
+            (None, Durability::Require) => {
+                return Err(RedisStoreError::NotDurable(
+                    "CONFIG GET is not allowed, persistence unknown".into(),
+                ));
+            }
+            (None, Durability::Warn) => {
+                tracing::warn!("cannot read Redis persistence settings (CONFIG GET refused)")
+            }
+        }
+        Ok(Self {
+            conn,
+            ns: config.namespace,
+            retention: config.retention,
+            durability,
+            heads: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    async fn read_durability(urls: &[String]) -> DurabilityReport {
+        let mut report = DurabilityReport {
+            appendonly: Vec::new(),
+            save: Vec::new(),
+        };
+        for url in urls {
+            let read = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut c = client.get_multiplexed_async_connection().await?;
+                let aof: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("appendonly")
+                    .query_async(&mut c)
+                    .await?;
+                let save: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("save")
+                    .query_async(&mut c)
+                    .await?;
+                Ok::<_, redis::RedisError>((aof.get(1).map(|v| v == "yes"), save.get(1).cloned()))
+            };
+            let (aof, save) = read.await.unwrap_or((None, None));
+            report.appendonly.push(aof);
+            report.save.push(save);
+        }
+        report
+    }
+
+    /// The persistence settings read at start-up.
+    pub fn durability(&self) -> &DurabilityReport {
+        &self.durability
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn chain_cache(&self, chain: &ChainKey) -> HeadCache {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(heads.entry(chain.clone()).or_default())
+    }
+
+    async fn read_head(&self, slot: &Slot) -> Result<Option<ChainHead>, StoreError> {
+        let mut conn = self.conn.clone();
+        let head: (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(slot.head())
+            .arg("seq")
+            .arg("hash")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match head {
+            (Some(seq), Some(hash)) => parse_head(&seq, &hash),
+            _ => Ok(None),
+        }
+    }
+
+    /// Runs independent commands concurrently (they may live on different nodes).
+    async fn run_all(&self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        let futures = cmds.into_iter().map(|cmd| {
+            let mut conn = self.conn.clone();
+            async move { cmd.query_async::<Value>(&mut conn).await }
+        });
+        try_join_all(futures).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The derived audit views of an event (written after its script).
+    async fn index_event(&self, event: &AuditEvent, route: &str) -> Result<(), StoreError> {
+        let member = index_member(event, route);
+        let score = micros(event.at) as f64;
+        let mut keys = vec![
+            audit_all(&self.ns),
+            audit_index(&self.ns, "agent", event.chain.as_str()),
+        ];
+        if let Some(s) = &event.subject {
+            keys.push(audit_index(&self.ns, "subject", s.id.as_str()));
+        }
+        if let Some(t) = &event.tenant {
+            keys.push(audit_index(&self.ns, "tenant", t.as_str()));
+        }
+        if let Some(a) = event.actor.id() {
+            keys.push(audit_index(&self.ns, "actor", a.as_str()));
+        }
+        if let Some(s) = event.session {
+            keys.push(audit_index(&self.ns, "session", &s.to_string()));
+        }
+        let cmds = keys
+            .into_iter()
+            .map(|k| {
+                let mut c = redis::cmd("ZADD");
+                c.arg(k).arg(score).arg(&member);
+                c
+            })
+            .collect();
+        self.run_all(cmds).await
+    }
+
+    fn live_sets(&self, session: &Session) -> [String; 3] {
+        [
+            live_set(&self.ns, "subject", session.subject.id.as_str()),
+            live_set(&self.ns, "tenant", session.tenant().as_str()),
+            live_all(&self.ns),
+        ]
+    }
+
+    async fn forget_live(&self, session: &Session, route: &str) -> Result<(), StoreError> {
+        let member = format!("{route}|{}", session.id);
+        let cmds = self
+            .live_sets(session)
+            .into_iter()
+            .map(|k| {
+                let mut c = redis::cmd("SREM");
+                c.arg(k).arg(&member);
+                c
+            })
+            .collect();
+        self.run_all(cmds).await
+    }
+
+    async fn session_in(&self, slot: &Slot, id: SessionId) -> Result<Option<Session>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(slot.session(id))
+            .arg(&SESSION_FIELDS[..])
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        decode_session(&fields)
+    }
+
+    async fn route_of(&self, id: SessionId) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(where_key(&self.ns, id))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Rebuilds the derived views (audit indexes, chain list) from the chains
+    /// themselves, after a crash between a script and its index writes.
+    /// Scans every chain listed or found by `SCAN` on a single server.
+    pub async fn rebuild_indexes(&self, chains_to_scan: &[ChainKey]) -> Result<u64, StoreError> {
+        let mut indexed = 0;
+        for chain in chains_to_scan {
+            let slot = Slot::of_chain(&self.ns, chain);
+            let mut from = 0;
+            loop {
+                let page = self.chain_events(chain, from, 500).await?;
+                for event in &page {
+                    self.index_event(event, &slot.route).await?;
+                    indexed += 1;
+                }
+                if page.len() < 500 {
+                    break;
+                }
+                from += page.len() as u64;
+            }
+            let mut conn = self.conn.clone();
+            let _: Value = redis::cmd("ZADD")
+                .arg(chains(&self.ns))
+                .arg(0)
+                .arg(chain.as_str())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(indexed)
+    }
+
+    async fn fetch_event(&self, member: &str) -> Result<Option<AuditEvent>, StoreError> {
+        let mut parts = member.splitn(4, '|');
+        let (Some(id), Some(seq), Some(route), Some(chain)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(None);
+        };
+        let seq: u64 = seq.parse().map_err(|e| corrupt("index member", e))?;
+        let chain = ChainKey::from_stored(chain);
+        let slot = Slot::of_chain(&self.ns, &chain);
+        if slot.route != route {
+            return Ok(None);
+        }
+        let entry_id = format!("0-{}", seq + 1);
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(slot.chain())
+            .arg(&entry_id)
+            .arg(&entry_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(entry) = reply.ids.into_iter().next() else {
+            return Ok(None);
+        };
+        let Some(json) = entry.get::<String>("e") else {
+            return Ok(None);
+        };
+        let event: AuditEvent =
+            serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))?;
+        // An index entry whose event is not the one at that position (never
+        // written) is skipped.
+        Ok((event.id.to_string() == id).then_some(event))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        let (session, event, refusal) = start.into_parts();
+        let chain = session.chain();
+        let slot = Slot::of_chain(&self.ns, &chain);
+        let ttl = ttl_ms(session.expires_at, session.created_at, self.retention);
+        // The views a revocation reads are written first: a session may be
+        // listed before it exists (reads skip it), never exist unlisted.
+        let member = format!("{}|{}", slot.route, session.id);
+        let mut intents = vec![];
+        let mut c = redis::cmd("SET");
+        c.arg(where_key(&self.ns, session.id))
+            .arg(&slot.route)
+            .arg("PX")
+            .arg(ttl);
+        intents.push(c);
+        for set in self.live_sets(&session) {
+            let mut c = redis::cmd("SADD");
+            c.arg(set).arg(&member);
+            intents.push(c);
+        }
+        let mut c = redis::cmd("ZADD");
+        c.arg(chains(&self.ns)).arg("NX").arg(0).arg(chain.as_str());
+        intents.push(c);
+        self.run_all(intents).await?;
+
+        let keys = [
+            slot.head(),
+            slot.chain(),
+            slot.live(),
+            slot.session(session.id),
+            slot.secret(&session.secret_hash.to_hex()),
+        ];
+        if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
+            return Err(StoreError::Corrupt(
+                "start script keys span hash slots".into(),
+            ));
+        }
+        let fields = session_fields(&session)?;
+        let cache = self.chain_cache(&chain);
+        let mut cached = cache.lock().await;
+        for _ in 0..CAS_ATTEMPTS {
+            let head = match *cached {
+                Some(h) => h,
+                None => self.read_head(&slot).await?,
+            };
+            let started = event.clone().seal(head);
+            let refused = refusal.clone().seal(head);
+            let (seq, hash) = head_args(head);
+            let mut inv = START_SCRIPT.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&seq)
+                .arg(&hash)
+                .arg(session.id.to_string())
+                .arg(ttl)
+                .arg(to_json("audit event", &started)?)
+                .arg(started.seq)
+                .arg(started.hash.to_hex())
+                .arg(to_json("audit event", &refused)?)
+                .arg(refused.seq)
+                .arg(refused.hash.to_hex());
+            for f in &fields {
+                inv.arg(f);
+            }
+            let mut conn = self.conn.clone();
+            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    *cached = None;
+                    return Err(unavailable(e));
+                }
+            };
+            match reply.first().map(String::as_str) {
+                Some("head") => {
+                    *cached = Some(parse_head(
+                        reply.get(1).map_or("-1", String::as_str),
+                        reply.get(2).map_or("", String::as_str),
+                    )?);
+                }
+                Some("started") => {
+                    *cached = Some(Some(started.head()));
+                    drop(cached);
+                    self.index_event(&started, &slot.route).await?;
+                    return Ok(StartOutcome::Started {
+                        session: Box::new(session),
+                        event: started,
+                    });
+                }
+                Some("refused") => {
+                    *cached = Some(Some(refused.head()));
+                    drop(cached);
+                    let live: SessionId = reply
+                        .get(1)
+                        .ok_or_else(|| corrupt("start reply", "no live id"))?
+                        .parse()
+                        .map_err(|e| corrupt("session id", e))?;
+                    // The intents for the session that was not created go again.
+                    self.forget_live(&session, &slot.route).await?;
+                    self.index_event(&refused, &slot.route).await?;
+                    return Ok(StartOutcome::Refused {
+                        live,
+                        event: refused,
+                    });
+                }
+                other => return Err(corrupt("start reply", format!("{other:?}"))),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the chain head kept moving; gave up".into(),
+        ))
+    }
+
+    async fn transition(
+        &self,
+        transition: Transition,
+    ) -> Result<(Session, AuditEvent), StoreError> {
+        let (next, expected, draft) = transition.into_parts();
+        let chain = next.chain();
+        let slot = Slot::of_chain(&self.ns, &chain);
+        let keys = [
+            slot.head(),
+            slot.chain(),
+            slot.live(),
+            slot.session(next.id),
+            slot.secret(&next.secret_hash.to_hex()),
+        ];
+        if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
+            return Err(StoreError::Corrupt(
+                "transition script keys span hash slots".into(),
+            ));
+        }
+        let ttl = ttl_ms(next.expires_at, draft.at, self.retention);
+        let fields = session_fields(&next)?;
+        let cache = self.chain_cache(&chain);
+        let mut cached = cache.lock().await;
+        for _ in 0..CAS_ATTEMPTS {
+            let head = match *cached {
+                Some(h) => h,
+                None => self.read_head(&slot).await?,
+            };
+            let event = draft.clone().seal(head);
+            let (seq, hash) = head_args(head);
+            let mut inv = TRANSITION_SCRIPT.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&seq)
+                .arg(&hash)
+                .arg(expected.to_string())
+                .arg(next.id.to_string())
+                .arg(ttl)
+                .arg(to_json("audit event", &event)?)
+                .arg(event.seq)
+                .arg(event.hash.to_hex());
+            for f in &fields {
+                inv.arg(f);
+            }
+            let mut conn = self.conn.clone();
+            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    *cached = None;
+                    return Err(unavailable(e));
+                }
+            };
+            match reply.first().map(String::as_str) {
+                Some("head") => {
+                    *cached = Some(parse_head(
+                        reply.get(1).map_or("-1", String::as_str),
+                        reply.get(2).map_or("", String::as_str),
+                    )?);
+                }
+                Some("ok") => {
+                    *cached = Some(Some(event.head()));
+                    drop(cached);
+                    if !next.state.is_live() {
+                        self.forget_live(&next, &slot.route).await?;
+                    }
+                    self.index_event(&event, &slot.route).await?;
+                    return Ok((next, event));
+                }
+                Some("notfound") => {
+                    *cached = Some(head);
+                    return Err(StoreError::SessionNotFound(next.id));
+                }
+                Some("conflict") => {
+                    *cached = Some(head);
+                    return Err(StoreError::Conflict(next.id));
+                }
+                other => return Err(corrupt("transition reply", format!("{other:?}"))),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the chain head kept moving; gave up".into(),
+        ))
+    }
+
+    async fn append(
+        &self,
+        draft: AuditDraft,
+        guard: AppendGuard,
+    ) -> Result<AuditEvent, StoreError> {
+        let chain = draft.chain.clone();
+        let slot = Slot::of_chain(&self.ns, &chain);
+        let (guard_arg, session_key) = match guard {
+            AppendGuard::None => (
+                "none",
+                slot.session(SessionId::from_uuid(uuid::Uuid::nil())),
+            ),
+            AppendGuard::SessionActive(id) => ("active", slot.session(id)),
+        };
+        let keys = [slot.head(), slot.chain(), session_key];
+        if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
+            return Err(StoreError::Corrupt(
+                "append script keys span hash slots".into(),
+            ));
+        }
+        let cache = self.chain_cache(&chain);
+        let mut cached = cache.lock().await;
+        for _ in 0..CAS_ATTEMPTS {
+            let head = match *cached {
+                Some(h) => h,
+                None => self.read_head(&slot).await?,
+            };
+            let event = draft.clone().seal(head);
+            let (seq, hash) = head_args(head);
+            let mut inv = APPEND_SCRIPT.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&seq)
+                .arg(&hash)
+                .arg(guard_arg)
+                .arg(to_json("audit event", &event)?)
+                .arg(event.seq)
+                .arg(event.hash.to_hex());
+            let mut conn = self.conn.clone();
+            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    *cached = None;
+                    return Err(unavailable(e));
+                }
+            };
+            match reply.first().map(String::as_str) {
+                Some("head") => {
+                    *cached = Some(parse_head(
+                        reply.get(1).map_or("-1", String::as_str),
+                        reply.get(2).map_or("", String::as_str),
+                    )?);
+                }
+                Some("ok") => {
+                    *cached = Some(Some(event.head()));
+                    drop(cached);
+                    if event.seq == 0 {
+                        let mut conn = self.conn.clone();
+                        let _: Value = redis::cmd("ZADD")
+                            .arg(chains(&self.ns))
+                            .arg("NX")
+                            .arg(0)
+                            .arg(chain.as_str())
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    self.index_event(&event, &slot.route).await?;
+                    return Ok(event);
+                }
+                Some(outcome @ ("notfound" | "notactive")) => {
+                    *cached = Some(head);
+                    let AppendGuard::SessionActive(id) = guard else {
+                        return Err(corrupt("append reply", outcome));
+                    };
+                    return Err(if outcome == "notfound" {
+                        StoreError::SessionNotFound(id)
+                    } else {
+                        StoreError::SessionNotActive(id)
+                    });
+                }
+                other => return Err(corrupt("append reply", format!("{other:?}"))),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the chain head kept moving; gave up".into(),
+        ))
+    }
+
+    async fn find_by_secret(
+        &self,
+        secret: &SecretLookup,
+        touch: Option<Touch>,
+    ) -> Result<Option<Session>, StoreError> {
+        if !is_route(&secret.route) {
+            return Ok(None);
+        }
+        let slot = Slot::of_route(&self.ns, &secret.route);
+        let (now, coalesce) = match touch {
+            Some(t) => (
+                micros(t.now),
+                i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX),
+            ),
+            None => (0, -1),
+        };
+        let mut inv = RESOLVE_SCRIPT.prepare_invoke();
+        inv.key(slot.secret(&secret.hash.to_hex()))
+            .arg(slot.session_prefix())
+            .arg(now)
+            .arg(coalesce);
+        let mut conn = self.conn.clone();
+        let reply: Option<Vec<Option<String>>> =
+            inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        match reply {
+            Some(fields) => decode_session(&fields),
+            None => Ok(None),
+        }
+    }
+
+    async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        let Some(route) = self.route_of(id).await? else {
+            return Ok(None);
+        };
+        self.session_in(&Slot::of_route(&self.ns, &route), id).await
+    }
+
+    async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
+        let mut found = Vec::new();
+        if let Some(agent) = &filter.agent {
+            let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
+            let mut conn = self.conn.clone();
+            let live: Option<String> = redis::cmd("GET")
+                .arg(slot.live())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if let Some(id) = live {
+                let id: SessionId = id.parse().map_err(|e| corrupt("session id", e))?;
+                if let Some(s) = self.session_in(&slot, id).await? {
+                    found.push(s);
+                }
+            }
+        } else {
+            let set = match (&filter.subject, &filter.tenant) {
+                (Some(s), _) => live_set(&self.ns, "subject", s.as_str()),
+                (None, Some(t)) => live_set(&self.ns, "tenant", t.as_str()),
+                (None, None) => live_all(&self.ns),
+            };
+            let mut conn = self.conn.clone();
+            let members: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let lookups = members.iter().filter_map(|m| {
+                let (route, id) = m.split_once('|')?;
+                let id: SessionId = id.parse().ok()?;
+                Some(async move {
+                    self.session_in(&Slot::of_route(&self.ns, route), id)
+                        .await
+                        .map(|s| (m, s))
+                })
+            });
+            for (member, session) in try_join_all(lookups).await? {
+                match session {
+                    Some(s) if s.state.is_live() => found.push(s),
+                    // Ended, expired or never created: drop the stale entry.
+                    _ => {
+                        let mut conn = self.conn.clone();
+                        let _: Value = redis::cmd("SREM")
+                            .arg(&set)
+                            .arg(member)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+        }
+        found.retain(|s| s.state.is_live() && filter.matches(s));
+        found.sort_by_key(|s| s.id);
+        Ok(found)
+    }
+
+    async fn record_check(
+        &self,
+        id: SessionId,
+        version: u64,
+        checked_at: OffsetDateTime,
+        shadow: &ShadowUser,
+    ) -> Result<(), StoreError> {
+        let Some(route) = self.route_of(id).await? else {
+            return Err(StoreError::SessionNotFound(id));
+        };
+        let slot = Slot::of_route(&self.ns, &route);
+        let mut inv = RECORD_CHECK_SCRIPT.prepare_invoke();
+        inv.key(slot.session(id))
+            .arg(version.to_string())
+            .arg(micros(checked_at))
+            .arg(to_json("shadow user", shadow)?);
+        let mut conn = self.conn.clone();
+        let reply: String = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            "notfound" => Err(StoreError::SessionNotFound(id)),
+            "conflict" => Err(StoreError::Conflict(id)),
+            other => Err(corrupt("record_check reply", other)),
+        }
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let index = if let Some(s) = query.session {
+            audit_index(&self.ns, "session", &s.to_string())
+        } else if let Some(s) = &query.subject {
+            audit_index(&self.ns, "subject", s.as_str())
+        } else if let Some(a) = &query.agent {
+            audit_index(&self.ns, "agent", ChainKey::for_agent(a).as_str())
+        } else if let Some(t) = &query.tenant {
+            audit_index(&self.ns, "tenant", t.as_str())
+        } else if let Some(a) = &query.actor {
+            audit_index(&self.ns, "actor", a.as_str())
+        } else {
+            audit_all(&self.ns)
+        };
+        let limit = query.page_size();
+        // Score bounds: the query's window, narrowed by the cursor (inclusive:
+        // ties at the cursor's time are settled by id below).
+        let mut low = query.since.map(micros);
+        let mut high = query.until.map(|u| micros(u) - 1);
+        if let Some(c) = query.cursor {
+            match query.order {
+                Order::Oldest => low = Some(low.map_or(micros(c.at), |l| l.max(micros(c.at)))),
+                Order::Newest => high = Some(high.map_or(micros(c.at), |h| h.min(micros(c.at)))),
+            }
+        }
+        let (low, high) = (
+            low.map_or("-inf".to_owned(), |v| v.to_string()),
+            high.map_or("+inf".to_owned(), |v| v.to_string()),
+        );
+        let batch = (limit * 2).max(50);
+        let mut offset = 0;
+        let mut events = Vec::with_capacity(limit + 1);
+        loop {
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(&index);
+            match query.order {
+                Order::Oldest => cmd.arg(&low).arg(&high).arg("BYSCORE"),
+                Order::Newest => cmd.arg(&high).arg(&low).arg("BYSCORE").arg("REV"),
+            };
+            cmd.arg("LIMIT").arg(offset).arg(batch);
+            let mut conn = self.conn.clone();
+            let members: Vec<String> = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+            offset += members.len();
+            let fetched = try_join_all(members.iter().map(|m| self.fetch_event(m))).await?;
+            for event in fetched.into_iter().flatten() {
+                if query.matches(&event) && query.after_cursor(&event) {
+                    events.push(event);
+                }
+            }
+            if events.len() > limit || members.len() < batch {
+                break;
+            }
+        }
+        // Same-score members come back in member (event id) order; settle
+        // (at, id) order exactly before cutting the page.
+        match query.order {
+            Order::Oldest => events.sort_by_key(|e| (e.at, e.id)),
+            Order::Newest => events.sort_by_key(|e| std::cmp::Reverse((e.at, e.id))),
+        }
+        let next = if events.len() > limit {
+            events.truncate(limit);
+            events.last().map(AuditCursor::after)
+        } else {
+            None
+        };
+        Ok(AuditPage { events, next })
+    }
+
+    async fn chain_events(
+        &self,
+        chain: &ChainKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let slot = Slot::of_chain(&self.ns, chain);
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(slot.chain())
+            .arg(format!("0-{}", from_seq + 1))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let json: String = entry
+                    .get("e")
+                    .ok_or_else(|| corrupt("chain entry", "no event"))?;
+                serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))
+            })
+            .collect()
+    }
+
+    async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError> {
+        self.read_head(&Slot::of_chain(&self.ns, chain)).await
+    }
+
+    async fn chains(
+        &self,
+        after: Option<&ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<ChainKey>, StoreError> {
+        let start = after.map_or("-".to_owned(), |a| format!("({}", a.as_str()));
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = redis::cmd("ZRANGE")
+            .arg(chains(&self.ns))
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(keys.into_iter().map(ChainKey::from_stored).collect())
+    }
+}

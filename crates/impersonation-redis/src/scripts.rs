@@ -1,0 +1,126 @@
+//! The Lua scripts: one per store write, each atomic in Redis and confined
+//! to one agent's hash slot.
+//!
+//! Redis Lua has no SHA-256, so the client seals each event against the
+//! chain head it expects, and the script applies the write only if the head
+//! is still that one (compare-and-set); otherwise it returns the current head
+//! (`{'head', seq, hash}`) and the client reseals and retries. Within one
+//! process writes to a chain are queued, so a retry only happens when two
+//! processes write the same agent's chain at once.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Shared helpers, prepended to each script.
+const PRELUDE: &str = r#"
+local function head_of(k)
+  local h = redis.call('HMGET', k, 'seq', 'hash')
+  if not h[1] then return '-1', '' end
+  return h[1], h[2]
+end
+local function head_is(k, seq, hash)
+  local s, h = head_of(k)
+  return s == seq and h == hash
+end
+local function moved(k)
+  local s, h = head_of(k)
+  return {'head', s, h}
+end
+local function append(head_k, chain_k, seq, hash, event)
+  redis.call('XADD', chain_k, '0-' .. (tonumber(seq) + 1), 'e', event)
+  redis.call('HSET', head_k, 'seq', seq, 'hash', hash)
+end
+"#;
+
+/// KEYS: head, chain, live, session, secret.
+/// ARGV: expected seq, expected hash, session id, ttl ms, start event, its seq,
+/// its hash, refusal event, its seq, its hash, then the session's fields
+/// record, shadow, state, version, last_seen_us, last_checked_us, expires_us, idle_us.
+const START: &str = r#"
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+local live = redis.call('GET', KEYS[3])
+if live then
+  append(KEYS[1], KEYS[2], ARGV[9], ARGV[10], ARGV[8])
+  return {'refused', live}
+end
+redis.call('HSET', KEYS[4], 'record', ARGV[11], 'shadow', ARGV[12], 'state', ARGV[13], 'version', ARGV[14],
+  'last_seen_us', ARGV[15], 'last_checked_us', ARGV[16], 'expires_us', ARGV[17], 'idle_us', ARGV[18])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
+redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+append(KEYS[1], KEYS[2], ARGV[6], ARGV[7], ARGV[5])
+return {'started'}
+"#;
+
+/// KEYS: head, chain, live, session, secret.
+/// ARGV: expected seq, expected hash, expected version, session id, ttl ms,
+/// event, its seq, its hash, then the session's fields as in START.
+const TRANSITION: &str = r#"
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+local v = redis.call('HGET', KEYS[4], 'version')
+if not v then return {'notfound'} end
+if v ~= ARGV[3] then return {'conflict'} end
+redis.call('HSET', KEYS[4], 'record', ARGV[9], 'shadow', ARGV[10], 'state', ARGV[11], 'version', ARGV[12],
+  'last_seen_us', ARGV[13], 'last_checked_us', ARGV[14], 'expires_us', ARGV[15], 'idle_us', ARGV[16])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[5])
+if ARGV[11] == 'ended' then
+  if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+else
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+end
+append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
+return {'ok'}
+"#;
+
+/// KEYS: head, chain, session (a placeholder in the same slot when unguarded).
+/// ARGV: expected seq, expected hash, guard ('none' or 'active'), event, its seq, its hash.
+const APPEND: &str = r#"
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+if ARGV[3] == 'active' then
+  local st = redis.call('HGET', KEYS[3], 'state')
+  if not st then return {'notfound'} end
+  if st ~= 'active' then return {'notactive'} end
+end
+append(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[4])
+return {'ok'}
+"#;
+
+/// The per-request lookup, one command. KEYS: secret key.
+/// ARGV: session key prefix (same slot), now µs, coalesce µs (-1: no touch).
+const RESOLVE: &str = r#"
+local sid = redis.call('GET', KEYS[1])
+if not sid then return false end
+local k = ARGV[1] .. sid
+local s = redis.call('HMGET', k, 'record', 'shadow', 'last_seen_us', 'last_checked_us', 'version', 'state', 'expires_us', 'idle_us')
+if not s[1] then return false end
+if ARGV[3] ~= '-1' then
+  local now = tonumber(ARGV[2])
+  local seen = tonumber(s[3])
+  if s[6] == 'active' and tonumber(s[7]) > now and seen + tonumber(s[8]) > now and seen + tonumber(ARGV[3]) <= now then
+    redis.call('HSET', k, 'last_seen_us', ARGV[2])
+  end
+end
+return {s[1], s[2], s[3], s[4], s[5]}
+"#;
+
+/// KEYS: session. ARGV: version, checked µs, shadow.
+const RECORD_CHECK: &str = r#"
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return 'notfound' end
+if v ~= ARGV[1] then return 'conflict' end
+redis.call('HSET', KEYS[1], 'last_checked_us', ARGV[2], 'shadow', ARGV[3])
+return 'ok'
+"#;
+
+fn with_prelude(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
+pub(crate) static START_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(START));
+pub(crate) static TRANSITION_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(TRANSITION));
+pub(crate) static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(APPEND));
+pub(crate) static RESOLVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESOLVE));
+pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(RECORD_CHECK));

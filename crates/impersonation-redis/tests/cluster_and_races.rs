@@ -1,0 +1,227 @@
+//! Hash slots on the cluster, namespaces, and racing starts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use impersonation_core::{
+    Activity, AuditQuery, ChainKey, Denial, Error, Impersonation, LiveFilter, MemoryDirectory,
+    Principal, Requester, StartRequest, Store,
+};
+use impersonation_redis::RedisStore;
+use impersonation_testkit::World;
+use impersonation_testkit::conformance::{all_events, whole_chain};
+
+fn service(
+    world: &World,
+    store: RedisStore,
+    people: &[Principal],
+) -> Impersonation<RedisStore, MemoryDirectory> {
+    let directory = MemoryDirectory::new();
+    for p in people {
+        directory.insert(p.clone());
+    }
+    Impersonation::new(store, directory).with_projection(world.rules.clone())
+}
+
+async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_of_an_agent_lives_in_the_agents_slot() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::CLUSTER, &ns).await;
+    let w = World::new();
+    let agents: Vec<Principal> = (0..6).map(|n| w.agent(n)).collect();
+    let customer = w.customer(1, "t1");
+    let mut people = agents.clone();
+    people.push(customer.clone());
+    let svc = service(&w, store, &people);
+    for agent in &agents {
+        let started = svc
+            .start(
+                Requester::User(agent),
+                StartRequest::new(customer.id.clone(), "Checking slots"),
+            )
+            .await
+            .unwrap();
+        let ctx = svc.resolve(&started.secret).await.unwrap();
+        svc.record(&ctx, Activity::access("Viewed.")).await.unwrap();
+        svc.stop(&started.secret, agent).await.unwrap();
+    }
+    // Every key written, from every node, by its hash tag.
+    let mut by_tag: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut untagged = 0;
+    for port in [7001, 7002, 7003] {
+        let mut conn = node(port).await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for key in keys {
+            match key
+                .split_once('{')
+                .and_then(|(_, rest)| rest.split_once('}'))
+            {
+                Some((tag, _)) => {
+                    by_tag.entry(tag.to_owned()).or_default().insert(key);
+                }
+                None => untagged += 1,
+            }
+        }
+    }
+    assert_eq!(by_tag.len(), agents.len(), "one tag per agent");
+    assert!(
+        untagged > 0,
+        "the derived views live outside the agents' slots"
+    );
+    let mut conn = node(7001).await;
+    for agent in &agents {
+        let route = ChainKey::for_agent(&agent.id).route();
+        let keys = by_tag
+            .get(&route)
+            .expect("the agent's keys are tagged with its route");
+        let expected: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{{{route}}}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let kinds: BTreeSet<&str> = keys.iter().filter_map(|k| k.rsplit(':').next()).collect();
+        assert!(
+            kinds.contains("head") && kinds.contains("chain"),
+            "{keys:?}"
+        );
+        for key in keys {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(slot, expected, "{key} is outside the agent's slot");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_with_different_namespaces_never_see_each_other() {
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let a = common::single().await;
+    let b = common::single().await;
+    let svc_a = service(&w, a.clone(), &[agent.clone(), customer.clone()]);
+    let svc_b = service(&w, b.clone(), &[agent.clone(), customer.clone()]);
+    let started = svc_a
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Namespace A"),
+        )
+        .await
+        .unwrap();
+    let ctx = svc_a.resolve(&started.secret).await.unwrap();
+    svc_a
+        .record(&ctx, Activity::access("Viewed."))
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        svc_b.resolve(&started.secret).await,
+        Err(Error::Unauthenticated)
+    ));
+    assert!(b.session(started.session.id).await.unwrap().is_none());
+    assert!(
+        b.live_sessions(&LiveFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        b.live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    assert!(all_events(&b, AuditQuery::default()).await.is_empty());
+    assert!(b.chains(None, 100).await.unwrap().is_empty());
+    // The same agent starts in B as if A did not exist.
+    let other = svc_b
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Namespace B"),
+        )
+        .await
+        .unwrap();
+    assert_ne!(other.session.id, started.session.id);
+    assert_eq!(all_events(&a, AuditQuery::default()).await.len(), 2);
+    assert_eq!(all_events(&b, AuditQuery::default()).await.len(), 1);
+}
+
+/// 64 concurrent starts by one agent, each through a store instance of its
+/// own (own connection, own head cache): as 64 processes would race.
+async fn racing_starts(url: &str) {
+    let ns = common::unique("imptest");
+    let w = World::new();
+    let agent = w.agent(1);
+    let customers: Vec<Principal> = (0..64).map(|n| w.customer(n, "t1")).collect();
+    let mut people = customers.clone();
+    people.push(agent.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in &customers {
+        let svc = service(&w, common::store_at(url, &ns).await, &people);
+        let (agent, target) = (agent.clone(), c.id.clone());
+        tasks.spawn(async move {
+            svc.start(
+                Requester::User(&agent),
+                StartRequest::new(target, "Racing to help"),
+            )
+            .await
+        });
+    }
+    let (mut started, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(_) => started += 1,
+            Err(Error::Denied(Denial::ActiveSessionExists)) => refused += 1,
+            Err(other) => panic!("a racing start failed with {other:?}"),
+        }
+    }
+    assert_eq!((started, refused), (1, 63));
+    let store = common::store_at(url, &ns).await;
+    let live = store
+        .live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    let chain = ChainKey::for_agent(&agent.id);
+    assert_eq!(
+        whole_chain(&store, &chain).await.len(),
+        64,
+        "every attempt audited"
+    );
+    let svc = service(&w, store, &people);
+    assert_eq!(svc.verify_chain(&chain).await.unwrap().unwrap().events, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_on_redis_leave_one_live_session() {
+    racing_starts(common::SINGLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_on_the_cluster_leave_one_live_session() {
+    racing_starts(common::CLUSTER).await;
+}

@@ -1,0 +1,55 @@
+//! The testkit's conformance suite and state-machine property test on a real
+//! Redis and on a real three-master Redis Cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use impersonation_redis::RedisStore;
+use impersonation_testkit::machine::{MachineConfig, run_state_machine};
+
+mod single {
+    impersonation_testkit::store_conformance_tests!(super::common::single());
+}
+
+mod cluster {
+    impersonation_testkit::store_conformance_tests!(super::common::cluster());
+}
+
+fn cases() -> u32 {
+    std::env::var("IMPERSONATION_DB_MACHINE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
+fn run<F, Fut>(make: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = RedisStore> + Send,
+{
+    let cell = Arc::new(tokio::sync::OnceCell::new());
+    let make = Arc::new(make);
+    run_state_machine(
+        MachineConfig {
+            cases: cases(),
+            max_steps: 50,
+        },
+        move || {
+            let (cell, make) = (Arc::clone(&cell), Arc::clone(&make));
+            async move { cell.get_or_init(|| make()).await.clone() }
+        },
+    );
+}
+
+#[test]
+fn state_machine_on_redis() {
+    run(common::single);
+}
+
+#[test]
+fn state_machine_on_redis_cluster() {
+    run(common::cluster);
+}

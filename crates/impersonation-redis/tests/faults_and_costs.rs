@@ -1,0 +1,458 @@
+//! On a Redis server of the test's own: commands per call (INFO
+//! commandstats), connections killed and the server restarted during work,
+//! and the persistence check at start-up.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::OwnServer;
+use impersonation_core::{
+    Activity, Actor, AuditAction, ChainKey, Details, EndReason, Error, Impersonation,
+    MemoryDirectory, Principal, Requester, StartOutcome, StartRequest, Store,
+};
+use impersonation_redis::{RedisConfig, RedisStore, RedisStoreError};
+use impersonation_testkit::conformance::whole_chain;
+use impersonation_testkit::{World, epoch};
+
+async fn admin(server: &OwnServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Calls per command since the server started.
+async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// What ran between two snapshots, leaving out the INFO calls themselves.
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .filter_map(|(name, calls)| {
+            let d = calls - before.get(name).copied().unwrap_or(0);
+            (d > 0).then(|| (name.clone(), d))
+        })
+        .collect()
+}
+
+/// Top-level commands as MONITOR sees them: a script's own calls are tagged
+/// `lua` and left out, and so are this test's INFO calls.
+struct Monitor {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn start(server: &OwnServer) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "monitor"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Self { child, lines }
+    }
+
+    /// The top-level commands seen since the last call.
+    fn take(&self) -> Vec<String> {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let mut lines = self.lines.lock().unwrap();
+        lines
+            .drain(..)
+            .filter(|l| l.contains('[') && !l.contains(" lua]"))
+            .filter_map(|l| l.split('"').nth(1).map(str::to_lowercase))
+            .filter(|command| command != "info")
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scripts(d: &BTreeMap<String, u64>) -> u64 {
+    d.get("evalsha").copied().unwrap_or(0) + d.get("eval").copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_is_one_command_and_start_and_stop_one_script_call_each() {
+    let server = OwnServer::start();
+    let store = common::store_at(&server.url(), &common::unique("imptest")).await;
+    let mut info = admin(&server).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    // Warm up: scripts loaded, the chain head cached.
+    for _ in 0..2 {
+        let (start, warm) = w.begin(&agent, &customer, epoch());
+        let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+            panic!("refused")
+        };
+        store.find_by_secret(&warm.lookup(), None).await.unwrap();
+        let stop = session
+            .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+            .unwrap();
+        store.transition(stop).await.unwrap();
+    }
+
+    let monitor = Monitor::start(&server);
+    monitor.take();
+    let (start, secret) = w.begin(&agent, &customer, epoch());
+    let before = commandstats(&mut info).await;
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    let start_cost = delta(&before, &commandstats(&mut info).await);
+    let start_sent = monitor.take();
+
+    let touch = impersonation_core::Touch {
+        now: epoch() + time::Duration::seconds(5),
+        coalesce: time::Duration::ZERO,
+    };
+    let before = commandstats(&mut info).await;
+    assert!(
+        store
+            .find_by_secret(&secret.lookup(), Some(touch))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let resolve_cost = delta(&before, &commandstats(&mut info).await);
+    let resolve_sent = monitor.take();
+
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let before = commandstats(&mut info).await;
+    store.transition(stop).await.unwrap();
+    let stop_cost = delta(&before, &commandstats(&mut info).await);
+    let stop_sent = monitor.take();
+
+    println!("start sent {start_sent:?}\nresolve sent {resolve_sent:?}\nstop sent {stop_sent:?}");
+    println!(
+        "server-side calls (scripts' own included): start {start_cost:?}, resolve {resolve_cost:?}, stop {stop_cost:?}"
+    );
+    assert_eq!(resolve_sent, ["evalsha"], "resolve is one command");
+    assert_eq!(scripts(&resolve_cost), 1);
+    assert_eq!(
+        scripts(&start_cost),
+        1,
+        "start is one script call: {start_cost:?}"
+    );
+    assert_eq!(
+        scripts(&stop_cost),
+        1,
+        "stop is one script call: {stop_cost:?}"
+    );
+    assert!(
+        !start_sent.iter().any(|c| c == "hmget"),
+        "a warm head cache reads nothing first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_leave_no_session_without_its_events() {
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let store = common::store_at(&server.url(), &ns).await;
+    let w = World::new();
+    let agents: Vec<Principal> = (0..6).map(|n| w.agent(n)).collect();
+    let customer = w.customer(1, "t1");
+    let mut people = agents.clone();
+    people.push(customer.clone());
+    let directory = MemoryDirectory::new();
+    for p in &people {
+        directory.insert(p.clone());
+    }
+    let svc = Impersonation::new(store.clone(), directory);
+
+    let stop_killing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = std::sync::Arc::clone(&stop_killing);
+        let mut conn = admin(&server).await;
+        tokio::spawn(async move {
+            let mut kills = 0_u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _: Result<redis::Value, _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query_async(&mut conn)
+                    .await;
+                kills += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            }
+            kills
+        })
+    };
+    let mut workers = tokio::task::JoinSet::new();
+    for agent in agents.clone() {
+        let (svc, target) = (svc.clone(), customer.id.clone());
+        workers.spawn(async move {
+            let (mut served, mut failed) = (0_u32, 0_u32);
+            for _ in 0..40 {
+                let Ok(started) = svc
+                    .start(
+                        Requester::User(&agent),
+                        StartRequest::new(target.clone(), "Working through failures"),
+                    )
+                    .await
+                else {
+                    failed += 1;
+                    // A start whose reply was lost may have succeeded: end
+                    // whatever is live before the next attempt.
+                    let _ = svc
+                        .revoke_all_for_agent(
+                            &agent.id,
+                            impersonation_core::Initiator::System,
+                            "cleanup",
+                        )
+                        .await;
+                    continue;
+                };
+                match svc.resolve(&started.secret).await {
+                    Ok(ctx) => {
+                        served += 1;
+                        let _ = svc.record(&ctx, Activity::access("Viewed.")).await;
+                    }
+                    Err(_) => failed += 1,
+                }
+                if svc.stop(&started.secret, &agent).await.is_err() {
+                    failed += 1;
+                    let _ = svc
+                        .revoke_all_for_agent(
+                            &agent.id,
+                            impersonation_core::Initiator::System,
+                            "cleanup",
+                        )
+                        .await;
+                }
+            }
+            (served, failed)
+        });
+    }
+    let (mut served, mut failed) = (0, 0);
+    while let Some(r) = workers.join_next().await {
+        let (s, f) = r.unwrap();
+        served += s;
+        failed += f;
+    }
+    stop_killing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.await.unwrap();
+    println!("{kills} CLIENT KILLs; {served} requests served, {failed} operations failed");
+    assert!(failed > 0, "the kills interrupted work");
+    assert!(served > 0, "work went on between kills");
+
+    // Invariants over everything that was written.
+    let mut conn = admin(&server).await;
+    let session_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:*:s:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    for agent in &agents {
+        let chain = ChainKey::for_agent(&agent.id);
+        let report = svc.verify_chain(&chain).await.unwrap();
+        assert!(report.is_ok(), "chain of {} broken: {report:?}", agent.id);
+        events.extend(whole_chain(&store, &chain).await);
+    }
+    assert!(!session_keys.is_empty());
+    for key in session_keys {
+        let id: impersonation_core::SessionId = key.rsplit(':').next().unwrap().parse().unwrap();
+        let session = store
+            .session(id)
+            .await
+            .unwrap()
+            .expect("a session the index knows");
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e.session == Some(id) && e.action != AuditAction::Denied)
+            .collect();
+        assert_eq!(
+            mine.first().map(|e| e.action),
+            Some(AuditAction::SessionStarted),
+            "session {id} has no start event"
+        );
+        let ends = mine
+            .iter()
+            .filter(|e| e.action == AuditAction::SessionEnded)
+            .count();
+        assert_eq!(
+            ends,
+            usize::from(!session.state.is_live()),
+            "session {id}: {ends} end events, state {}",
+            session.state
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_serves_nothing_it_lost() {
+    let mut server = OwnServer::start();
+    let store = common::store_at(&server.url(), &common::unique("imptest")).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let directory = MemoryDirectory::new();
+    directory.insert(agent.clone());
+    directory.insert(customer.clone());
+    let svc = Impersonation::new(store.clone(), directory);
+    let started = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "Before the restart"),
+        )
+        .await
+        .unwrap();
+    assert!(svc.resolve(&started.secret).await.is_ok());
+
+    server.restart(); // persistence is off: everything is gone
+    let mut outcomes = Vec::new();
+    for _ in 0..20 {
+        match svc.resolve(&started.secret).await {
+            Ok(_) => panic!("a request was served from a session the server no longer has"),
+            Err(e) => outcomes.push(e.http_status()),
+        }
+        if outcomes.last() == Some(&401) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        outcomes.last(),
+        Some(&401),
+        "after reconnecting, the lost session is unknown: {outcomes:?}"
+    );
+    // The store recovers: a new session, with its start event, on the emptied server.
+    let again = svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(customer.id.clone(), "After the restart"),
+        )
+        .await
+        .unwrap();
+    assert!(svc.resolve(&again.secret).await.is_ok());
+    let chain = ChainKey::for_agent(&agent.id);
+    let events = whole_chain(&store, &chain).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].session, Some(again.session.id));
+    assert!(svc.verify_chain(&chain).await.unwrap().is_ok());
+    let _ = Error::Unauthenticated;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_is_checked_at_start_up() {
+    let server = OwnServer::start();
+    let config = || {
+        RedisConfig::new(&server.url())
+            .unwrap()
+            .namespace(&common::unique("imptest"))
+            .unwrap()
+    };
+    let lax = RedisStore::connect(config()).await.unwrap();
+    assert_eq!(
+        lax.durability().durable(),
+        Some(false),
+        "--save '' --appendonly no keeps nothing"
+    );
+    assert!(matches!(
+        RedisStore::connect(config().require_durability()).await,
+        Err(RedisStoreError::NotDurable(_))
+    ));
+    let mut conn = admin(&server).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("yes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let strict = RedisStore::connect(config().require_durability())
+        .await
+        .unwrap();
+    assert_eq!(strict.durability().durable(), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keys_expire_by_ttl_beside_the_cores_own_check() {
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let config = RedisConfig::new(&server.url())
+        .unwrap()
+        .namespace(&ns)
+        .unwrap()
+        .retention(time::Duration::minutes(5));
+    let store = RedisStore::connect(config).await.unwrap();
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    let mut conn = admin(&server).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expected = (session.expires_at - session.created_at + time::Duration::minutes(5))
+        .whole_milliseconds() as i64;
+    let mut timed = 0;
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if key.contains(":s:")
+            || key.contains(":k:")
+            || key.ends_with(":live")
+            || key.contains(":where:")
+        {
+            assert!(
+                ttl > expected - 5_000 && ttl <= expected,
+                "{key}: PTTL {ttl}, expected about {expected}"
+            );
+            timed += 1;
+        } else {
+            assert_eq!(ttl, -1, "{key}: the audit trail and its views never expire");
+        }
+    }
+    assert_eq!(timed, 4, "session, secret, live and where keys: {keys:?}");
+}
