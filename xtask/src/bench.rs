@@ -7,7 +7,11 @@ use anyhow::Result;
 
 /// Packages that have benchmarks; add a package here to have `cargo xtask
 /// bench` run its benches too.
-const BENCH_PACKAGES: &[&str] = &["impersonation-core", "impersonation-diesel"];
+const BENCH_PACKAGES: &[&str] = &[
+    "impersonation-core",
+    "impersonation-diesel",
+    "impersonation-redis",
+];
 
 /// Features the benched packages need (the Diesel benches run on
 /// PostgreSQL and SQLite).

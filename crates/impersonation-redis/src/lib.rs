@@ -580,6 +580,30 @@ impl RedisStore {
     }
 }
 
+/// Support for `cargo xtask bench`: bare commands on the store's own
+/// connection, as baselines. Not part of the API.
+#[doc(hidden)]
+impl RedisStore {
+    pub async fn bench_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(format!("{}:bench:{key}", self.ns))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn bench_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}:bench:{key}", self.ns))
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
