@@ -1,0 +1,164 @@
+//! Extractors: the impersonation context, the effective and the real user,
+//! and a guard for routes that must not be reached while impersonating.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use impersonation_core::{Context, Denial, Principal, ShadowUser};
+
+use crate::layer::{Audited, CsrfToken, Handle};
+
+fn reject(status: StatusCode, text: &'static str) -> Response {
+    (
+        status,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        text,
+    )
+        .into_response()
+}
+
+/// The impersonation context; rejects with 403 when the request is not
+/// made under impersonation.
+#[derive(Debug, Clone)]
+pub struct Impersonating(pub Context);
+
+impl<S: Send + Sync> FromRequestParts<S> for Impersonating {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        parts
+            .extensions
+            .get::<Context>()
+            .cloned()
+            .map(Self)
+            .ok_or_else(|| reject(StatusCode::FORBIDDEN, "not impersonating"))
+    }
+}
+
+/// The impersonation context, if any. Never rejects.
+#[derive(Debug, Clone)]
+pub struct MaybeImpersonating(pub Option<Context>);
+
+impl<S: Send + Sync> FromRequestParts<S> for MaybeImpersonating {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.extensions.get::<Context>().cloned()))
+    }
+}
+
+/// The signed-in person (the real agent while impersonating), as the host
+/// app's authentication put it in the request; 401 without one.
+#[derive(Debug, Clone)]
+pub struct RealUser(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for RealUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Self)
+            .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, "sign in first"))
+    }
+}
+
+/// The user the request acts as: the shadow user while impersonating, the
+/// signed-in principal otherwise; 401 without either.
+#[derive(Debug, Clone)]
+pub enum EffectiveUser {
+    /// Impersonating: the projection of the customer.
+    Shadow(Box<ShadowUser>),
+    /// Not impersonating: the signed-in person.
+    Real(Box<Principal>),
+}
+
+impl EffectiveUser {
+    /// The effective user's display name.
+    pub fn display_name(&self) -> &str {
+        match self {
+            Self::Shadow(s) => s.display_name(),
+            Self::Real(p) => &p.display_name,
+        }
+    }
+
+    /// Whether the effective user holds a permission.
+    pub fn has_permission(&self, permission: &str) -> bool {
+        let p = impersonation_core::Permission::new(permission);
+        match self {
+            Self::Shadow(s) => s.has_permission(&p),
+            Self::Real(r) => r.has_permission(&p),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for EffectiveUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        if let Some(ctx) = parts.extensions.get::<Context>() {
+            return Ok(Self::Shadow(Box::new(ctx.shadow().clone())));
+        }
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(|p| Self::Real(Box::new(p)))
+            .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, "sign in first"))
+    }
+}
+
+/// A guard for billing, password, credential and export routes: while
+/// impersonating it refuses with 403 and audits the refusal (as the
+/// request's one audit event).
+#[derive(Debug, Clone, Copy)]
+pub struct NotImpersonating;
+
+impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let Some(ctx) = parts.extensions.get::<Context>().cloned() else {
+            return Ok(Self);
+        };
+        let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+            return Err(reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "impersonation layer missing",
+            ));
+        };
+        let attempt = format!("{} {}", parts.method, parts.uri.path());
+        if let Some(flag) = parts.extensions.get::<Audited>() {
+            flag.0.store(true, Ordering::SeqCst);
+        }
+        match shared
+            .api
+            .record_denied(&ctx, Denial::SensitiveAction, &attempt)
+            .await
+        {
+            Ok(_) => Err(reject(
+                StatusCode::FORBIDDEN,
+                "This page is not available while impersonating a customer.",
+            )),
+            Err(_) => Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable")),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CsrfToken {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        parts.extensions.get::<CsrfToken>().cloned().ok_or_else(|| {
+            reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "impersonation layer missing",
+            )
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! The tower layer: reads the session secret, resolves it, makes the shadow
+//! user the request's user, audits the request once, marks the response
+//! `no-store` and injects the banner.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context as TaskContext, Poll};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cookie::{Cookie, SameSite};
+use futures_like::BoxFuture;
+use http_body_util::BodyExt;
+use impersonation_core::{Activity, Context, Principal, SessionSecret};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::api::ImpersonationApi;
+use crate::banner::{banner_html, inject};
+
+mod futures_like {
+    pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+}
+
+/// Largest HTML body the layer buffers to inject the banner; a larger one is
+/// refused (500) rather than served without it.
+pub const MAX_BANNER_BODY: usize = 8 * 1024 * 1024;
+
+/// Which requests served under impersonation are audited.
+pub(crate) type AuditFilter = Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>;
+
+/// Settings of the layer and routes.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) mount: String,
+    pub(crate) secure_cookies: bool,
+    pub(crate) audit: AuditFilter,
+}
+
+impl Settings {
+    pub(crate) fn secret_cookie(&self) -> &'static str {
+        if self.secure_cookies {
+            "__Host-impersonation"
+        } else {
+            "impersonation"
+        }
+    }
+
+    pub(crate) fn csrf_cookie(&self) -> &'static str {
+        if self.secure_cookies {
+            "__Host-impersonation-csrf"
+        } else {
+            "impersonation-csrf"
+        }
+    }
+
+    /// A cookie with the SDK's attributes: HttpOnly, Secure (unless in
+    /// development mode), SameSite=Strict, Path=/ (what `__Host-` requires).
+    pub(crate) fn cookie(
+        &self,
+        name: &'static str,
+        value: String,
+        http_only: bool,
+    ) -> Cookie<'static> {
+        let mut c = Cookie::new(name, value);
+        c.set_path("/");
+        c.set_http_only(http_only);
+        c.set_secure(self.secure_cookies);
+        c.set_same_site(SameSite::Strict);
+        c
+    }
+
+    pub(crate) fn removal(&self, name: &'static str) -> Cookie<'static> {
+        let mut c = self.cookie(name, String::new(), true);
+        c.make_removal();
+        c
+    }
+
+    pub(crate) fn stop_path(&self) -> String {
+        format!("{}/stop", self.mount.trim_end_matches('/'))
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) api: Arc<dyn ImpersonationApi>,
+    pub(crate) settings: Settings,
+}
+
+/// Request extension: the layer's shared state, for routes and extractors.
+#[derive(Clone)]
+pub(crate) struct Handle(pub(crate) Arc<Shared>);
+
+/// Request extension: the session secret the request presented (even when
+/// it did not resolve for this user), for the stop route.
+#[derive(Clone)]
+pub(crate) struct PresentedSecret(pub(crate) Arc<SessionSecret>);
+
+/// Request extension: set once the request has been audited (a refusal by
+/// [`crate::NotImpersonating`]), so the layer does not audit it twice.
+#[derive(Clone, Default)]
+pub(crate) struct Audited(pub(crate) Arc<AtomicBool>);
+
+/// Request extension: the CSRF token of this browser (double-submit cookie).
+#[derive(Clone, Debug)]
+pub struct CsrfToken(pub(crate) String);
+
+impl CsrfToken {
+    /// The token, for a hidden `csrf` field in forms that post to the SDK's routes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn new_token() -> Option<String> {
+    let mut bytes = [0_u8; 32];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The layer. Build it with [`crate::ImpersonationLayer::new`].
+#[derive(Clone)]
+pub struct ImpersonationLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S> Layer<S> for ImpersonationLayer {
+    type Service = ImpersonationService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ImpersonationService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service the layer wraps around the app.
+#[derive(Clone)]
+pub struct ImpersonationService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, [(header::CACHE_CONTROL, "no-store")], text).into_response()
+}
+
+fn cookies_of(req: &Request) -> Vec<Cookie<'static>> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            Cookie::split_parse(v.to_owned())
+                .filter_map(Result::ok)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn set_cookie(res: &mut Response, cookie: &Cookie<'static>) {
+    if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
+}
+
+impl<S> Service<Request> for ImpersonationService<S>
+where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        // The clone that was polled ready serves this call; a fresh clone
+        // stays behind for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let settings = &shared.settings;
+            let jar = cookies_of(&req);
+            let cookie = |name: &str| {
+                jar.iter()
+                    .find(|c| c.name() == name)
+                    .map(|c| c.value().to_owned())
+            };
+
+            let (csrf, fresh_csrf) = match cookie(settings.csrf_cookie()).filter(|v| v.len() == 43)
+            {
+                Some(token) => (token, false),
+                None => match new_token() {
+                    Some(token) => (token, true),
+                    None => {
+                        return Ok(plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "random source unavailable",
+                        ));
+                    }
+                },
+            };
+            req.extensions_mut().insert(CsrfToken(csrf.clone()));
+            req.extensions_mut().insert(Handle(Arc::clone(&shared)));
+
+            // The secret: the cookie for browsers, `Authorization: Bearer` for APIs.
+            let bearer = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .filter(|t| t.starts_with("imp1."))
+                .map(str::to_owned);
+            let from_cookie = bearer.is_none();
+            let presented = bearer.or_else(|| cookie(settings.secret_cookie()));
+
+            let mut clear_secret = false;
+            let mut ctx: Option<Context> = None;
+            if let Some(text) = presented {
+                match SessionSecret::parse(&text) {
+                    Err(_) if from_cookie => clear_secret = true,
+                    Err(_) => {
+                        return Ok(plain(
+                            StatusCode::UNAUTHORIZED,
+                            "invalid impersonation token",
+                        ));
+                    }
+                    Ok(secret) => {
+                        let secret = Arc::new(secret);
+                        req.extensions_mut()
+                            .insert(PresentedSecret(Arc::clone(&secret)));
+                        match shared.api.resolve(&secret).await {
+                            Ok(c) => {
+                                // The session is the signed-in agent's own, or it is not used.
+                                let signed_in =
+                                    req.extensions().get::<Principal>().map(|p| p.id.clone());
+                                match signed_in {
+                                    Some(id) if id != c.agent().id => {}
+                                    _ => ctx = Some(c),
+                                }
+                            }
+                            Err(e) if e.http_status() == 503 => {
+                                tracing::error!(error = %e, "impersonation check failed; refusing the request");
+                                return Ok(plain(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "impersonation check unavailable",
+                                ));
+                            }
+                            Err(_) if from_cookie => clear_secret = true,
+                            Err(_) => {
+                                return Ok(plain(
+                                    StatusCode::UNAUTHORIZED,
+                                    "impersonation session ended",
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+
+            let method = req.method().clone();
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_else(|| req.uri().path().to_owned());
+            let audited = Audited::default();
+            let span = match &ctx {
+                Some(c) => {
+                    req.extensions_mut().insert(c.clone());
+                    req.extensions_mut().insert(audited.clone());
+                    tracing::info_span!(
+                        "impersonation.request",
+                        impersonation.agent = %c.agent().id,
+                        impersonation.subject = %c.subject(),
+                        impersonation.session = %c.session(),
+                    )
+                }
+                None => tracing::Span::none(),
+            };
+
+            let mut res = inner.call(req).instrument(span).await?;
+
+            if let Some(c) = &ctx {
+                // The SDK's own routes are audited as session events already.
+                let own_route = route.starts_with(&format!("{}/", settings.mount));
+                if !own_route
+                    && !audited.0.load(Ordering::SeqCst)
+                    && (settings.audit)(&method, &route)
+                {
+                    let status = res.status().as_u16();
+                    let description = format!("{method} {route} ({status})");
+                    let activity = if method.is_safe() {
+                        Activity::access(description)
+                    } else {
+                        Activity::modification(description)
+                    };
+                    let activity = activity
+                        .detail("method", &method)
+                        .detail("route", &route)
+                        .detail("status", status);
+                    match shared.api.record(c, activity).await {
+                        Ok(_) => {}
+                        // Nothing is served that the audit trail does not show.
+                        Err(e) if e.http_status() == 503 => {
+                            tracing::error!(error = %e, "could not audit an impersonated request; withholding the response");
+                            return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
+                        }
+                        // The session ended while the request ran (revoked, say):
+                        // its end is audited; this request went through as it began.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "session ended during an impersonated request")
+                        }
+                    }
+                }
+                res.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let is_html = res
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/html"));
+                if is_html {
+                    let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
+                    let (mut parts, body) = res.into_parts();
+                    let bytes = match http_body_util::Limited::new(body, MAX_BANNER_BODY)
+                        .collect()
+                        .await
+                    {
+                        Ok(collected) => collected.to_bytes(),
+                        Err(_) => {
+                            return Ok(plain(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "page too large to show the impersonation banner",
+                            ));
+                        }
+                    };
+                    let html = String::from_utf8_lossy(&bytes);
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    res = Response::from_parts(parts, Body::from(inject(&html, &banner)));
+                }
+            }
+            if fresh_csrf {
+                set_cookie(
+                    &mut res,
+                    &settings.cookie(settings.csrf_cookie(), csrf, false),
+                );
+            }
+            if clear_secret {
+                set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
+            }
+            Ok(res)
+        })
+    }
+}

@@ -1,0 +1,108 @@
+//! # impersonation-axum
+//!
+//! The Axum binding of the impersonation SDK: a tower [`Layer`](tower::Layer)
+//! that resolves the session on every request, extractors, the start/stop
+//! routes and the banner.
+//!
+//! The host app keeps its own authentication: its auth middleware puts the
+//! signed-in [`Principal`](impersonation_core::Principal) into the request's
+//! extensions (`req.extensions_mut().insert(principal)`) before this layer
+//! runs. Then:
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use impersonation_axum::{ImpersonationLayer, EffectiveUser, NotImpersonating};
+//! use impersonation_core::{Impersonation, MemoryDirectory, MemoryStore};
+//!
+//! async fn dashboard(user: EffectiveUser) -> String { format!("Hello {}", user.display_name()) }
+//! async fn billing(_: NotImpersonating) -> &'static str { "card on file" }
+//!
+//! let service = Impersonation::new(MemoryStore::new(), MemoryDirectory::new());
+//! let app: Router = Router::new()
+//!     .route("/", get(dashboard))
+//!     .route("/billing", get(billing))
+//!     .nest("/impersonation", impersonation_axum::routes())
+//!     .layer(ImpersonationLayer::new(service));
+//!     // .layer(your_auth_layer) — outermost, so the Principal is there first
+//! ```
+//!
+//! Under impersonation every response is `Cache-Control: no-store`, every
+//! request is audited once (access for safe methods, modification for the
+//! others, with method, route template and status), and `text/html`
+//! responses get the banner before `</body>`. HTML bodies are buffered to
+//! inject it (up to [`MAX_BANNER_BODY`]); a streamed HTML page is therefore
+//! sent whole. Cookies are `__Host-` prefixed, `HttpOnly`, `Secure` and
+//! `SameSite=Strict`; [`ImpersonationLayer::development_mode`] drops the
+//! prefix and `Secure` for plain `http://localhost`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod api;
+mod banner;
+mod extract;
+mod layer;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::http::Method;
+
+pub use api::ImpersonationApi;
+pub use banner::banner_html;
+pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
+pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
+pub use routes::{StartForm, StopForm, routes};
+
+use layer::{Settings, Shared};
+
+impl ImpersonationLayer {
+    /// A layer over a service, with the routes mounted at `/impersonation`,
+    /// secure cookies, and every impersonated request audited.
+    pub fn new(service: impl ImpersonationApi) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                api: Arc::new(service),
+                settings: Settings {
+                    mount: "/impersonation".into(),
+                    secure_cookies: true,
+                    audit: Arc::new(|_, _| true),
+                },
+            }),
+        }
+    }
+
+    fn with(self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.shared.settings.clone();
+        change(&mut settings);
+        Self {
+            shared: Arc::new(Shared {
+                api: Arc::clone(&self.shared.api),
+                settings,
+            }),
+        }
+    }
+
+    /// Where [`routes`] are nested (the banner's Stop button posts there).
+    #[must_use]
+    pub fn mount_path(self, path: &str) -> Self {
+        let path = path.trim_end_matches('/').to_owned();
+        self.with(|s| s.mount = path)
+    }
+
+    /// Cookies without the `__Host-` prefix and `Secure`, for plain
+    /// `http://localhost` during development. Never in production.
+    #[must_use]
+    pub fn development_mode(self) -> Self {
+        self.with(|s| s.secure_cookies = false)
+    }
+
+    /// Which impersonated requests are audited, by method and route template
+    /// (default: all). Refusals by [`NotImpersonating`] are always audited.
+    #[must_use]
+    pub fn audit_when(
+        self,
+        filter: impl Fn(&Method, &str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.with(|s| s.audit = Arc::new(filter))
+    }
+}

@@ -1,0 +1,249 @@
+//! The routes to mount: `POST start`, `POST stop`, `GET status`.
+
+use axum::Form;
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
+use serde::Deserialize;
+
+use crate::layer::{CsrfToken, Handle, PresentedSecret, Settings};
+
+/// The SDK's routes; nest them under the layer's mount path, inside the layer:
+/// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
+/// Start and stop are POST only (GET gets 405), CSRF-checked and rotate the secret.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/start", post(start))
+        .route("/stop", post(stop))
+        .route("/status", get(status))
+}
+
+/// The start form.
+#[derive(Debug, Deserialize)]
+pub struct StartForm {
+    /// The customer's id.
+    pub target: String,
+    /// Why.
+    pub reason: String,
+    /// The support ticket.
+    #[serde(default)]
+    pub ticket: Option<String>,
+    /// `on` for a read-only session.
+    #[serde(default)]
+    pub read_only: Option<String>,
+    /// The CSRF token.
+    #[serde(default)]
+    pub csrf: String,
+    /// Where to go afterwards (a local path).
+    #[serde(default)]
+    pub return_to: Option<String>,
+}
+
+/// The stop form.
+#[derive(Debug, Deserialize)]
+pub struct StopForm {
+    /// The CSRF token.
+    #[serde(default)]
+    pub csrf: String,
+    /// Where to go afterwards (a local path).
+    #[serde(default)]
+    pub return_to: Option<String>,
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
+}
+
+fn error(e: &Error) -> Response {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    text(status, format!("{e} ({})", e.code()))
+}
+
+/// Same-origin checks on top of the token: a foreign `Origin` or a
+/// cross-site `Sec-Fetch-Site` is refused even with a valid token.
+fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && !matches!(site, "same-origin" | "none")
+    {
+        return false;
+    }
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+        if host.is_empty() || origin_host != host {
+            return false;
+        }
+    }
+    true
+}
+
+fn csrf_ok(headers: &HeaderMap, sent: &str, token: &CsrfToken, had_cookie: bool) -> bool {
+    had_cookie && !sent.is_empty() && sent == token.as_str() && same_origin(headers)
+}
+
+fn local(return_to: Option<&str>) -> String {
+    match return_to {
+        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+            path.to_owned()
+        }
+        _ => "/".to_owned(),
+    }
+}
+
+fn had_csrf_cookie(headers: &HeaderMap, settings: &Settings) -> bool {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(';').any(|c| {
+                c.trim_start()
+                    .starts_with(&format!("{}=", settings.csrf_cookie()))
+            })
+        })
+}
+
+async fn start(req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "impersonation layer missing".into(),
+        );
+    };
+    let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
+        return text(StatusCode::UNAUTHORIZED, "sign in first".into());
+    };
+    let Some(token) = parts.extensions.get::<CsrfToken>().cloned() else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "impersonation layer missing".into(),
+        );
+    };
+    // Started from inside a session: the core refuses it as nesting (audited).
+    let ctx: Option<Context> = parts.extensions.get::<Context>().cloned();
+    let req = Request::from_parts(parts, body);
+    let headers = req.headers().clone();
+    let Ok(Form(form)) =
+        <Form<StartForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a form with target and reason".into(),
+        );
+    };
+    let settings = &shared.settings;
+    if !csrf_ok(
+        &headers,
+        &form.csrf,
+        &token,
+        had_csrf_cookie(&headers, settings),
+    ) {
+        return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
+    }
+    let Ok(target) = UserId::new(form.target.trim()) else {
+        return text(StatusCode::BAD_REQUEST, "invalid target".into());
+    };
+    let mut request = StartRequest::new(target, form.reason);
+    request.ticket = form.ticket.filter(|t| !t.trim().is_empty());
+    request.read_only = form.read_only.is_some();
+    let requester = match &ctx {
+        Some(ctx) => Requester::Impersonating(ctx),
+        None => Requester::User(&principal),
+    };
+    let started = match shared.api.start(requester, request).await {
+        Ok(started) => started,
+        Err(e) => return error(&e),
+    };
+    let mut cookie = settings.cookie(
+        settings.secret_cookie(),
+        started.secret.expose().to_owned(),
+        true,
+    );
+    let max_age = started.session.expires_at - shared.api.now();
+    cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
+    let mut res = Redirect::to(&local(form.return_to.as_deref())).into_response();
+    if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
+    res
+}
+
+async fn stop(req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "impersonation layer missing".into(),
+        );
+    };
+    let principal = parts.extensions.get::<Principal>().cloned();
+    let token = parts.extensions.get::<CsrfToken>().cloned();
+    let secret = parts.extensions.get::<PresentedSecret>().cloned();
+    let req = Request::from_parts(parts, body);
+    let headers = req.headers().clone();
+    let Ok(Form(form)) =
+        <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
+    else {
+        return text(StatusCode::BAD_REQUEST, "expected a form".into());
+    };
+    let settings = &shared.settings;
+    let (Some(principal), Some(token)) = (principal, token) else {
+        return text(StatusCode::UNAUTHORIZED, "sign in first".into());
+    };
+    if !csrf_ok(
+        &headers,
+        &form.csrf,
+        &token,
+        had_csrf_cookie(&headers, settings),
+    ) {
+        return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
+    }
+    let Some(PresentedSecret(secret)) = secret else {
+        return text(StatusCode::UNAUTHORIZED, "no impersonation session".into());
+    };
+    if let Err(e) = shared.api.stop(&secret, &principal).await {
+        return error(&e);
+    }
+    let mut res = Redirect::to(&local(form.return_to.as_deref())).into_response();
+    if let Ok(value) =
+        header::HeaderValue::from_str(&settings.removal(settings.secret_cookie()).to_string())
+    {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
+    res
+}
+
+async fn status(req: Request) -> Response {
+    let Some(Handle(shared)) = req.extensions().get::<Handle>().cloned() else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "impersonation layer missing".into(),
+        );
+    };
+    let body = match req.extensions().get::<Context>() {
+        Some(ctx) => {
+            let banner = ctx.banner(shared.api.now());
+            serde_json::json!({
+                "impersonating": true,
+                "session": ctx.session().to_string(),
+                "agent": { "id": ctx.agent().id.as_str(), "name": ctx.agent().name },
+                "subject": { "id": ctx.subject().as_str(), "name": ctx.shadow().display_name() },
+                "message": banner.message(),
+                "reason": banner.reason,
+                "ticket": banner.ticket,
+                "expires_at": ctx.expires_at().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "seconds_left": banner.seconds_left,
+                "read_only": ctx.read_only(),
+            })
+        }
+        None => serde_json::json!({ "impersonating": false }),
+    };
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}

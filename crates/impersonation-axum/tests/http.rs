@@ -1,0 +1,539 @@
+//! In-process HTTP tests of every rule of the Axum binding.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{Html, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, RealUser, routes};
+use impersonation_core::{
+    AuditAction, AuditEvent, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore,
+    Principal, RelationKind, Relationship, Store, TenantId, UserId,
+};
+use impersonation_testkit::conformance::all_events;
+use impersonation_testkit::epoch;
+use impersonation_testkit::faults::{Calls, FaultyStore, When};
+use time::Duration;
+use tower::ServiceExt;
+
+type Svc = Impersonation<Arc<FaultyStore<MemoryStore>>, MemoryDirectory>;
+
+fn agent(id: &str) -> Principal {
+    Principal::new(
+        UserId::new(id).unwrap(),
+        format!("Agent {id}"),
+        TenantId::new("vendor").unwrap(),
+    )
+    .with_permissions(["impersonation:start", "bookings:read", "bookings:write"])
+    .with_relationship(Relationship::all_tenants(
+        RelationKind::Support,
+        "s",
+        "Support",
+    ))
+}
+
+fn customer(id: &str, name: &str) -> Principal {
+    let t = TenantId::new("pinewood").unwrap();
+    Principal::new(UserId::new(id).unwrap(), name, t.clone())
+        .with_permissions(["bookings:read", "billing:manage"])
+        .with_relationship(Relationship::new(
+            RelationKind::Company,
+            "pw",
+            "Pinewood Campground",
+            [t],
+        ))
+}
+
+/// The host app's authentication, as a test stands in for it: the
+/// `x-test-user` header names the signed-in person.
+async fn auth(State(directory): State<MemoryDirectory>, mut req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get("x-test-user")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|u| UserId::new(u).ok());
+    if let Some(principal) = user.and_then(|u| directory.get(&u)) {
+        req.extensions_mut().insert(principal);
+    }
+    next.run(req).await
+}
+
+struct Fixture {
+    app: Router,
+    svc: Svc,
+    clock: ManualClock,
+    store: Arc<FaultyStore<MemoryStore>>,
+}
+
+fn fixture() -> Fixture {
+    let directory = MemoryDirectory::new();
+    for p in [
+        agent("sam"),
+        agent("kim"),
+        customer("olive", "Olive Owner"),
+        customer("mallory", "<script>alert(1)</script>"),
+    ] {
+        directory.insert(p);
+    }
+    let clock = ManualClock::new(epoch());
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
+    let app = Router::new()
+        .route(
+            "/",
+            get(|user: EffectiveUser| async move {
+                Html(format!(
+                    "<html><body><h1>Dashboard</h1><p>{}</p></body></html>",
+                    user.has_permission("bookings:read")
+                ))
+            }),
+        )
+        .route(
+            "/billing",
+            get(|_: NotImpersonating| async { Html("<html><body>card on file</body></html>") }),
+        )
+        .route("/bookings/{id}", post(|| async { "saved" }))
+        .route(
+            "/me",
+            get(|RealUser(p): RealUser| async move { p.id.to_string() }),
+        )
+        .nest("/impersonation", routes())
+        .layer(ImpersonationLayer::new(svc.clone()))
+        .layer(from_fn_with_state(directory, auth));
+    Fixture {
+        app,
+        svc,
+        clock,
+        store,
+    }
+}
+
+/// A browser: keeps cookies, signs in as one user.
+struct Browser {
+    app: Router,
+    user: String,
+    cookies: BTreeMap<String, String>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Browser {
+    fn new(f: &Fixture, user: &str) -> Self {
+        Self {
+            app: f.app.clone(),
+            user: user.into(),
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    fn csrf(&self) -> String {
+        self.cookies
+            .get("__Host-impersonation-csrf")
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn secret(&self) -> Option<String> {
+        self.cookies.get("__Host-impersonation").cloned()
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        uri: &str,
+        form: Option<String>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "app.example")
+            .header("x-test-user", &self.user);
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            req = req.header(header::COOKIE, jar.join("; "));
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let body = match form {
+            Some(form) => {
+                req = req.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+                Body::from(form)
+            }
+            None => Body::empty(),
+        };
+        let res = self
+            .app
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        for value in res.headers().get_all(header::SET_COOKIE) {
+            let c = cookie::Cookie::parse(value.to_str().unwrap().to_owned()).unwrap();
+            if c.max_age() == Some(time::Duration::ZERO) || c.value().is_empty() {
+                self.cookies.remove(c.name());
+            } else {
+                self.cookies
+                    .insert(c.name().to_owned(), c.value().to_owned());
+            }
+        }
+        let (parts, body) = res.into_parts();
+        let body = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    async fn get(&mut self, uri: &str) -> Reply {
+        self.send(Method::GET, uri, None, &[]).await
+    }
+
+    async fn start(&mut self, target: &str) -> Reply {
+        let form = format!(
+            "target={target}&reason=Customer+cannot+see+bookings&ticket=SUP-1&csrf={}",
+            self.csrf()
+        );
+        self.send(
+            Method::POST,
+            "/impersonation/start",
+            Some(form),
+            &[
+                ("origin", "https://app.example"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+        )
+        .await
+    }
+
+    async fn stop(&mut self) -> Reply {
+        let form = format!("csrf={}", self.csrf());
+        self.send(
+            Method::POST,
+            "/impersonation/stop",
+            Some(form),
+            &[("origin", "https://app.example")],
+        )
+        .await
+    }
+}
+
+async fn events(f: &Fixture) -> Vec<AuditEvent> {
+    all_events(f.store.inner(), AuditQuery::default()).await
+}
+
+#[tokio::test]
+async fn start_and_stop_are_post_only() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    assert_eq!(
+        b.get("/impersonation/start").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        b.get("/impersonation/stop").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test]
+async fn cross_site_starts_are_refused() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await; // gets the CSRF cookie
+    let form = |csrf: &str| {
+        Some(format!(
+            "target=olive&reason=Customer+cannot+see+bookings&csrf={csrf}"
+        ))
+    };
+    let same = [("origin", "https://app.example")];
+    assert_eq!(
+        b.send(Method::POST, "/impersonation/start", form(""), &same)
+            .await
+            .status,
+        StatusCode::FORBIDDEN,
+        "missing token"
+    );
+    assert_eq!(
+        b.send(Method::POST, "/impersonation/start", form("forged"), &same)
+            .await
+            .status,
+        StatusCode::FORBIDDEN,
+        "wrong token"
+    );
+    let token = b.csrf();
+    let foreign = [("origin", "https://evil.example")];
+    assert_eq!(
+        b.send(Method::POST, "/impersonation/start", form(&token), &foreign)
+            .await
+            .status,
+        StatusCode::FORBIDDEN,
+        "foreign origin"
+    );
+    let cross = [("sec-fetch-site", "cross-site")];
+    assert_eq!(
+        b.send(Method::POST, "/impersonation/start", form(&token), &cross)
+            .await
+            .status,
+        StatusCode::FORBIDDEN,
+        "cross-site fetch"
+    );
+    assert!(b.secret().is_none());
+    assert_eq!(
+        b.start("olive").await.status,
+        StatusCode::SEE_OTHER,
+        "the same request, same-origin with the token"
+    );
+}
+
+#[tokio::test]
+async fn a_started_session_sets_a_host_cookie_and_shows_the_banner() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    let started = b.start("olive").await;
+    let set = started
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("__Host-impersonation="))
+        .unwrap();
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attribute), "{set} lacks {attribute}");
+    }
+    let page = b.get("/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    assert!(page.body.contains("role=\"alert\""));
+    assert!(
+        page.body
+            .contains("You are impersonating Olive Owner (Pinewood Campground)"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Customer cannot see bookings"));
+    assert!(
+        page.body.find("impersonation-banner").unwrap() < page.body.find("</body>").unwrap(),
+        "banner before </body>"
+    );
+    assert!(
+        page.body.contains("<p>true</p>"),
+        "the page ran as the shadow user"
+    );
+    assert_eq!(
+        b.get("/me").await.body,
+        "sam",
+        "the real agent stays reachable"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&b.get("/impersonation/status").await.body).unwrap();
+    assert_eq!(status["impersonating"], true);
+    assert_eq!(status["agent"]["id"], "sam");
+    assert_eq!(status["subject"]["id"], "olive");
+}
+
+#[tokio::test]
+async fn the_secret_rotates_on_start_and_stop() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("olive").await;
+    let first = b.secret().unwrap();
+    assert_eq!(b.stop().await.status, StatusCode::SEE_OTHER);
+    assert!(b.secret().is_none(), "stop clears the cookie");
+    let page = b.get("/").await;
+    assert!(!page.body.contains("impersonation-banner"));
+    b.start("olive").await;
+    let second = b.secret().unwrap();
+    assert_ne!(first, second);
+    let bearer = |t: &str| format!("Bearer {t}");
+    let old = b
+        .send(
+            Method::GET,
+            "/impersonation/status",
+            None,
+            &[("authorization", &bearer(&first))],
+        )
+        .await;
+    assert_eq!(
+        old.status,
+        StatusCode::UNAUTHORIZED,
+        "the old secret gets 401"
+    );
+    let new = b
+        .send(
+            Method::GET,
+            "/impersonation/status",
+            None,
+            &[("authorization", &bearer(&second))],
+        )
+        .await;
+    assert_eq!(new.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn stop_is_accepted_only_from_the_sessions_own_agent() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let token = sam.secret().unwrap();
+    let mut kim = Browser::new(&f, "kim");
+    kim.get("/").await;
+    let form = Some(format!("csrf={}", kim.csrf()));
+    let bearer = format!("Bearer {token}");
+    let reply = kim
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            form,
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(
+        events(&f)
+            .await
+            .iter()
+            .any(|e| e.details.get("denial") == Some("not_session_agent"))
+    );
+    assert!(
+        sam.get("/").await.body.contains("impersonation-banner"),
+        "the session goes on"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_session_ends_with_an_expired_event_and_no_banner() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("olive").await;
+    f.clock.advance(Duration::hours(2));
+    let page = b.get("/").await;
+    assert_eq!(page.status, StatusCode::OK, "the agent goes on as themself");
+    assert!(!page.body.contains("impersonation-banner"));
+    assert!(b.secret().is_none(), "the dead cookie is cleared");
+    let end = events(&f)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == AuditAction::SessionEnded)
+        .unwrap();
+    assert_eq!(end.details.get("reason"), Some("expired"));
+}
+
+#[tokio::test]
+async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("olive").await;
+    let before = events(&f).await.len();
+    let refused = b.get("/billing").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let after = events(&f).await;
+    assert_eq!(after.len(), before + 1, "exactly one event for the request");
+    let last = after.last().unwrap();
+    assert_eq!(last.action, AuditAction::Denied);
+    assert_eq!(last.details.get("denial"), Some("sensitive_action"));
+    assert_eq!(last.details.get("attempt"), Some("GET /billing"));
+    f.svc
+        .stop(
+            &impersonation_core::SessionSecret::parse(&b.secret().unwrap()).unwrap(),
+            &agent("sam"),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn each_impersonated_request_gives_exactly_one_event_naming_agent_and_customer() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("olive").await;
+    let before = events(&f).await.len();
+    b.get("/").await;
+    b.send(Method::POST, "/bookings/42", Some(String::new()), &[])
+        .await;
+    let new: Vec<AuditEvent> = events(&f).await.into_iter().skip(before).collect();
+    assert_eq!(new.len(), 2);
+    assert_eq!(
+        (new[0].action, new[1].action),
+        (AuditAction::Access, AuditAction::Modification)
+    );
+    for e in &new {
+        assert_eq!(e.actor.id().map(UserId::as_str), Some("sam"));
+        assert_eq!(e.subject.as_ref().map(|s| s.id.as_str()), Some("olive"));
+    }
+    assert_eq!(
+        new[1].details.get("route"),
+        Some("/bookings/{id}"),
+        "the route template, not the path"
+    );
+    assert_eq!(new[1].details.get("status"), Some("200"));
+}
+
+#[tokio::test]
+async fn the_banner_escapes_the_customers_name() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("mallory").await;
+    let page = b.get("/").await;
+    assert!(
+        page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<script>alert(1)"));
+}
+
+#[tokio::test]
+async fn an_outage_fails_closed() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("olive").await;
+    f.store.fail_nth(1, When::Before, Calls::All);
+    let page = b.get("/").await;
+    assert_eq!(
+        page.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no page served as a user the SDK could not check"
+    );
+    assert!(
+        b.get("/").await.body.contains("impersonation-banner"),
+        "healed"
+    );
+    f.store.fail_next_write(When::Before);
+    // The audit append fails after the handler ran: the response is withheld.
+    let page = b.get("/").await;
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    let _ = f
+        .store
+        .inner()
+        .chain_head(&impersonation_core::ChainKey::for_agent(
+            &UserId::new("sam").unwrap(),
+        ))
+        .await;
+}
