@@ -357,7 +357,12 @@ mod postgres_crash {
         let blocker_pid = pids(&mut blocker, "SELECT pg_backend_pid()::bigint AS pid").await[0];
         let task = tokio::spawn(write);
         let mut admin = connect(schema).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let victim = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write never waited on the blocker"
+            );
             let waiting = pids(
                 &mut admin,
                 &format!("SELECT pid::bigint AS pid FROM pg_stat_activity WHERE {blocker_pid} = ANY(pg_blocking_pids(pid))"),
@@ -478,6 +483,11 @@ mod mariadb_crash {
         let (session, _) = must_start(&db.store, start).await;
         let chain = session.chain();
         let mut blocker = AsyncMysqlConnection::establish(url).await.unwrap();
+        let blocker_id = diesel::sql_query("SELECT CAST(CONNECTION_ID() AS SIGNED) AS id")
+            .load::<Thread>(&mut blocker)
+            .await
+            .unwrap()[0]
+            .id;
         blocker
             .batch_execute(&format!(
                 "START TRANSACTION; INSERT INTO impersonation_audit_events (id, chain, seq, at_us, action, event) \
@@ -492,13 +502,19 @@ mod mariadb_crash {
         let store = db.store.clone();
         let task = tokio::spawn(async move { store.transition(t).await });
         let mut admin = AsyncMysqlConnection::establish(url).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let victim = loop {
-            let waiting = diesel::sql_query(
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write never waited on the blocker"
+            );
+            // Only the connection our blocker holds up: other tests run beside this one.
+            let waiting = diesel::sql_query(format!(
                 "SELECT CAST(r.trx_mysql_thread_id AS SIGNED) AS id FROM information_schema.innodb_lock_waits w \
                  JOIN information_schema.innodb_trx r ON r.trx_id = w.requesting_trx_id \
                  JOIN information_schema.innodb_trx b ON b.trx_id = w.blocking_trx_id \
-                 WHERE r.trx_query LIKE 'INSERT INTO impersonation_audit_events%'",
-            )
+                 WHERE b.trx_mysql_thread_id = {blocker_id}"
+            ))
             .load::<Thread>(&mut admin)
             .await
             .unwrap();
