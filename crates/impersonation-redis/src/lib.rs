@@ -299,6 +299,15 @@ fn parse_head(seq: &str, hash: &str) -> Result<Option<ChainHead>, StoreError> {
     }))
 }
 
+/// The head a compare-and-set script reported when the chain had moved:
+/// `{'head', seq, hash}`.
+fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
+    parse_head(
+        reply.get(1).map_or("-1", String::as_str),
+        reply.get(2).map_or("", String::as_str),
+    )
+}
+
 fn head_args(head: Option<ChainHead>) -> (String, String) {
     match head {
         Some(h) => (h.seq.to_string(), h.hash.to_hex()),
@@ -413,6 +422,20 @@ impl RedisStore {
     fn chain_cache(&self, chain: &ChainKey) -> HeadCache {
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(heads.entry(chain.clone()).or_default())
+    }
+
+    /// Runs a compare-and-set script. On a Redis error the script may or may
+    /// not have run, so the cached head is forgotten.
+    async fn invoke_cas(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        cached: &mut Option<Option<ChainHead>>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        inv.invoke_async(&mut conn).await.map_err(|e| {
+            *cached = None;
+            unavailable(e)
+        })
     }
 
     async fn read_head(&self, slot: &Slot) -> Result<Option<ChainHead>, StoreError> {
@@ -671,21 +694,9 @@ impl Store for RedisStore {
             for f in &fields {
                 inv.arg(f);
             }
-            let mut conn = self.conn.clone();
-            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    *cached = None;
-                    return Err(unavailable(e));
-                }
-            };
+            let reply = self.invoke_cas(&inv, &mut cached).await?;
             match reply.first().map(String::as_str) {
-                Some("head") => {
-                    *cached = Some(parse_head(
-                        reply.get(1).map_or("-1", String::as_str),
-                        reply.get(2).map_or("", String::as_str),
-                    )?);
-                }
+                Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("started") => {
                     *cached = Some(Some(started.head()));
                     drop(cached);
@@ -764,21 +775,9 @@ impl Store for RedisStore {
             for f in &fields {
                 inv.arg(f);
             }
-            let mut conn = self.conn.clone();
-            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    *cached = None;
-                    return Err(unavailable(e));
-                }
-            };
+            let reply = self.invoke_cas(&inv, &mut cached).await?;
             match reply.first().map(String::as_str) {
-                Some("head") => {
-                    *cached = Some(parse_head(
-                        reply.get(1).map_or("-1", String::as_str),
-                        reply.get(2).map_or("", String::as_str),
-                    )?);
-                }
+                Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
                     *cached = Some(Some(event.head()));
                     drop(cached);
@@ -843,21 +842,9 @@ impl Store for RedisStore {
                 .arg(to_json("audit event", &event)?)
                 .arg(event.seq)
                 .arg(event.hash.to_hex());
-            let mut conn = self.conn.clone();
-            let reply: Vec<String> = match inv.invoke_async(&mut conn).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    *cached = None;
-                    return Err(unavailable(e));
-                }
-            };
+            let reply = self.invoke_cas(&inv, &mut cached).await?;
             match reply.first().map(String::as_str) {
-                Some("head") => {
-                    *cached = Some(parse_head(
-                        reply.get(1).map_or("-1", String::as_str),
-                        reply.get(2).map_or("", String::as_str),
-                    )?);
-                }
+                Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
                     *cached = Some(Some(event.head()));
                     drop(cached);
