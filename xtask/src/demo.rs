@@ -1,4 +1,5 @@
-//! `cargo xtask demo [args...]`: runs the walkthrough example.
+//! `cargo xtask demo [args...]`: runs the campground demo app (`--walkthrough`
+//! plays its story over HTTP; `--help` lists the options).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -6,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 /// The example package that demonstrates the SDK end to end.
-const DEMO_PACKAGE: &str = "impersonation-walkthrough";
+const DEMO_PACKAGE: &str = "campground-demo";
 
-/// Runs `cargo run --quiet --package impersonation-walkthrough -- [args...]`.
+/// Runs `cargo run --quiet --package campground-demo -- [args...]`.
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
         .into_iter()

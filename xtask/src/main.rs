@@ -23,10 +23,12 @@ usage: cargo xtask <task> [args...]
 
 tasks:
   ci                  services up, fmt check, clippy, tests; ends with `N passed, M failed`
-  services up         start PostgreSQL, MariaDB, Redis and a Redis Cluster if they are not up
+  services up         start PostgreSQL, MariaDB, Redis and a Redis Cluster if they are not up;
+                      install Chromium and chromedriver for the browser test if missing
   services status     show, per service, whether it is reachable and installed
   services reset      drop what test runs left: imptest_* schemas, databases, Redis keys, SQLite files
-  demo [args...]      cargo run --package impersonation-walkthrough -- [args...]
+  demo [args...]      the campground demo app on 127.0.0.1:3000 (SQLite); --walkthrough plays
+                      its story over HTTP; --store, --url, --port, --help
   bench [args...]     cargo bench --package impersonation-core [args...]
   help                show this text
 ";

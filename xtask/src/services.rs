@@ -102,6 +102,22 @@ fn existing(path: &str) -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// Programs the tests run besides the services (the browser test drives
+/// Debian's Chromium through chromedriver): binary and apt package.
+const TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/chromium", "chromium"),
+    ("/usr/bin/chromedriver", "chromium-driver"),
+];
+
+/// The apt packages of [`TOOLS`] that are missing.
+fn missing_tools() -> Vec<&'static str> {
+    TOOLS
+        .iter()
+        .filter(|(binary, _)| existing(binary).is_none())
+        .map(|(_, package)| *package)
+        .collect()
+}
+
 /// Prints one line per service: reachable or not, installed or not.
 pub(crate) fn status() -> Result<()> {
     // Column widths from the table, so a longer name or address list (the
@@ -129,11 +145,20 @@ pub(crate) fn status() -> Result<()> {
             reachable
         );
     }
+    for (binary, package) in TOOLS {
+        let state = if existing(binary).is_some() {
+            "installed"
+        } else {
+            "not installed"
+        };
+        println!("{package:<name_width$} {binary} {state}");
+    }
     Ok(())
 }
 
-/// Installs, starts and repairs every service as needed; fails naming each
-/// service that could not be brought up.
+/// Installs, starts and repairs every service as needed, and installs the
+/// browser the tests drive; fails naming each service that could not be
+/// brought up.
 pub(crate) fn up() -> Result<()> {
     let sh = crate::root_shell()?;
 
@@ -144,6 +169,7 @@ pub(crate) fn up() -> Result<()> {
         .filter(|s| !s.reachable() && (s.server_binary)().is_none())
         .map(|s| s.apt_package)
         .collect();
+    packages.extend(missing_tools());
     packages.sort_unstable();
     packages.dedup();
     if !packages.is_empty() {

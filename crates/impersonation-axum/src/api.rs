@@ -1,6 +1,8 @@
 //! The service behind one object-safe trait, so the layer, routes and
 //! extractors need no store or directory type parameters.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use impersonation_core::{
     Activity, AuditEvent, Context, Denial, Directory, EndReason, Error, Impersonation, Principal,
@@ -67,5 +69,38 @@ where
     }
     fn now(&self) -> OffsetDateTime {
         Impersonation::now(self)
+    }
+}
+
+/// A shared service (`Arc<Impersonation<..>>`) serves as well, so the host
+/// app can keep its own handle for audit pages and revocation.
+#[async_trait]
+impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
+    async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        (**self).resolve(secret).await
+    }
+    async fn start(
+        &self,
+        requester: Requester<'_>,
+        request: StartRequest,
+    ) -> Result<Started, Error> {
+        (**self).start(requester, request).await
+    }
+    async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
+        (**self).stop(secret, by).await
+    }
+    async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
+        (**self).record(ctx, activity).await
+    }
+    async fn record_denied(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        (**self).record_denied(ctx, denial, attempt).await
+    }
+    fn now(&self) -> OffsetDateTime {
+        (**self).now()
     }
 }

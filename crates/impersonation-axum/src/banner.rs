@@ -13,6 +13,8 @@ fn attr(text: &str) -> String {
 }
 
 /// The banner as an HTML fragment, for apps that render it themselves.
+/// It is `position:fixed` at the top of the viewport; give the page some top
+/// padding (about 3.5em, more on narrow screens) while impersonating.
 /// `stop_action` is the stop route's path; `csrf` the request's CSRF token.
 pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: &str) -> String {
     let banner = ctx.banner(now);
@@ -36,7 +38,7 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
             "<form method=\"post\" action=\"{action}\" style=\"margin:0 0 0 auto\">",
             "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">",
-            "<button type=\"submit\" style=\"font:inherit;padding:.2em .8em\">Stop impersonating</button>",
+            "<button type=\"submit\" style=\"font:inherit;padding:.2em .8em;white-space:nowrap\">Stop impersonating</button>",
             "</form></div>"
         ),
         message = esc(&banner.message()),

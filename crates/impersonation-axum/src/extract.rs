@@ -87,6 +87,27 @@ impl EffectiveUser {
         }
     }
 
+    /// The effective user's id (the customer's while impersonating).
+    pub fn id(&self) -> &impersonation_core::UserId {
+        match self {
+            Self::Shadow(s) => s.id(),
+            Self::Real(p) => &p.id,
+        }
+    }
+
+    /// The effective user's tenant.
+    pub fn tenant(&self) -> &impersonation_core::TenantId {
+        match self {
+            Self::Shadow(s) => s.tenant(),
+            Self::Real(p) => &p.tenant,
+        }
+    }
+
+    /// Whether this is a shadow user (the request is impersonated).
+    pub fn is_shadow(&self) -> bool {
+        matches!(self, Self::Shadow(_))
+    }
+
     /// Whether the effective user holds a permission.
     pub fn has_permission(&self, permission: &str) -> bool {
         let p = impersonation_core::Permission::new(permission);

@@ -40,6 +40,11 @@ pub struct StartForm {
     /// Where to go afterwards (a local path).
     #[serde(default)]
     pub return_to: Option<String>,
+    /// Where to go when the start is refused (a local path); the refusal's
+    /// code is appended as `denied=<code>`. Without it a refusal is a plain
+    /// 4xx response.
+    #[serde(default)]
+    pub error_to: Option<String>,
 }
 
 /// The stop form.
@@ -159,7 +164,16 @@ async fn start(req: Request) -> Response {
     };
     let started = match shared.api.start(requester, request).await {
         Ok(started) => started,
-        Err(e) => return error(&e),
+        Err(e) => {
+            return match form.error_to.as_deref() {
+                Some(path) if e.http_status() < 500 => {
+                    let path = local(Some(path));
+                    let joiner = if path.contains('?') { '&' } else { '?' };
+                    Redirect::to(&format!("{path}{joiner}denied={}", e.code())).into_response()
+                }
+                _ => error(&e),
+            };
+        }
     };
     let mut cookie = settings.cookie(
         settings.secret_cookie(),

@@ -537,3 +537,37 @@ async fn an_outage_fails_closed() {
         ))
         .await;
 }
+
+#[tokio::test]
+async fn a_refused_start_can_go_back_to_the_form_with_the_denial_code() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let form = format!(
+        "target=kim&reason=Customer+cannot+see+bookings&csrf={}&error_to=/support%3Fq%3Dkim",
+        sam.csrf()
+    );
+    let reply = sam
+        .send(
+            Method::POST,
+            "/impersonation/start",
+            Some(form),
+            &[("sec-fetch-site", "same-origin")],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        reply.headers[header::LOCATION],
+        "/support?q=kim&denied=target_is_agent"
+    );
+    assert!(sam.secret().is_none(), "no session, no cookie");
+    // An outside address is never a redirect target.
+    let form = format!(
+        "target=kim&reason=Customer+cannot+see+bookings&csrf={}&error_to=//evil.example/",
+        sam.csrf()
+    );
+    let reply = sam
+        .send(Method::POST, "/impersonation/start", Some(form), &[])
+        .await;
+    assert_eq!(reply.headers[header::LOCATION], "/?denied=target_is_agent");
+}

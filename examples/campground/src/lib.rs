@@ -1,0 +1,174 @@
+//! # campground-demo
+//!
+//! A small campground-management SaaS with the impersonation SDK wired in,
+//! behind `cargo xtask demo`. The app keeps its own (demo) sign-in: a picker
+//! that sets a cookie naming a seeded person; its auth middleware puts that
+//! [`Principal`] into the request, and [`ImpersonationLayer`] does the rest.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use campground_demo::{Demo, StoreKind};
+//! let demo = Demo::open(StoreKind::Memory, "memory").await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! axum::serve(listener, demo.router()).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod pages;
+pub mod seed;
+pub mod stores;
+pub mod walkthrough;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Result;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use axum::routing::{get, post};
+use impersonation_axum::ImpersonationLayer;
+use impersonation_core::{Impersonation, MemoryDirectory, Principal, Store, UserId};
+use time::OffsetDateTime;
+
+pub use seed::Booking;
+pub use stores::StoreKind;
+
+/// The SDK service as the demo holds it.
+pub type Service = Impersonation<Arc<dyn Store>, MemoryDirectory>;
+
+/// The demo's sign-in cookie (a demo: it just names a seeded person).
+pub const SIGN_IN_COOKIE: &str = "campground_user";
+
+/// The app's own data, kept in memory (the SDK's sessions and audit trail
+/// live in the chosen store).
+#[derive(Debug, Default)]
+pub struct AppData {
+    /// Bookings per tenant.
+    pub bookings: BTreeMap<String, Vec<Booking>>,
+    /// Settings per user: (timezone, language).
+    pub settings: BTreeMap<UserId, (String, String)>,
+    /// When each user last changed their password.
+    pub password_changed: BTreeMap<UserId, OffsetDateTime>,
+}
+
+/// The running demo: the SDK service, the directory and the app's data.
+pub struct Demo {
+    service: Arc<Service>,
+    data: Mutex<AppData>,
+    store: StoreKind,
+}
+
+impl Demo {
+    /// Opens the store (PostgreSQL schema / Redis namespace
+    /// `campground_demo`) and seeds the world.
+    pub async fn open(store: StoreKind, url: &str) -> Result<Arc<Self>> {
+        Self::open_in(store, url, "campground_demo").await
+    }
+
+    /// As [`Demo::open`], in a namespace of its own (tests use one each).
+    pub async fn open_in(store: StoreKind, url: &str, namespace: &str) -> Result<Arc<Self>> {
+        let directory = seed::directory()?;
+        let backing = store.connect(url, namespace).await?;
+        let service = Impersonation::new(backing, directory.clone())
+            .with_policy(seed::policy())
+            .with_projection(seed::projection());
+        Ok(Self::with_service(service, store))
+    }
+
+    /// Wraps a service built elsewhere (tests give it a manual clock).
+    pub fn with_service(service: Service, store: StoreKind) -> Arc<Self> {
+        let mut data = AppData::default();
+        for c in seed::CAMPGROUNDS {
+            data.bookings
+                .insert(c.tenant.into(), seed::bookings(c.tenant));
+        }
+        for p in service.directory().all() {
+            let text = |name: &str| {
+                p.attributes
+                    .get(name)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            data.settings
+                .insert(p.id.clone(), (text("timezone"), text("language")));
+        }
+        Arc::new(Self {
+            service: Arc::new(service),
+            data: Mutex::new(data),
+            store,
+        })
+    }
+
+    /// The SDK service.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// The store kind in use.
+    pub fn store_kind(&self) -> StoreKind {
+        self.store
+    }
+
+    /// The app's data (a poisoned lock still yields the data: every write is
+    /// a single insert, so it is never half-done).
+    pub fn data(&self) -> MutexGuard<'_, AppData> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The app: pages, the SDK's routes under `/impersonation`, the layer,
+    /// and the demo sign-in outermost.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let layer = ImpersonationLayer::new(Arc::clone(&self.service))
+            .mount_path("/impersonation")
+            // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
+            .development_mode();
+        Router::new()
+            .route("/", get(pages::home))
+            .route("/signin", post(pages::sign_in))
+            .route("/signout", post(pages::sign_out))
+            .route("/dashboard", get(pages::dashboard))
+            .route("/bookings", post(pages::add_booking))
+            .route("/settings", get(pages::settings).post(pages::save_settings))
+            .route("/billing", get(pages::billing))
+            .route("/profile", get(pages::profile))
+            .route("/profile/password", post(pages::change_password))
+            .route("/support", get(pages::support))
+            .route("/support/revoke", post(pages::revoke))
+            .route("/audit", get(pages::audit))
+            .route("/audit/verify", post(pages::verify))
+            .route("/audit.txt", get(pages::audit_text))
+            .nest("/impersonation", impersonation_axum::routes())
+            .with_state(Arc::clone(self))
+            .layer(layer)
+            .layer(from_fn_with_state(Arc::clone(self), sign_in))
+    }
+}
+
+/// The host app's own authentication, in one line of substance: find the
+/// signed-in person and put their `Principal` into the request.
+async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(&format!("{SIGN_IN_COOKIE}="))
+                .map(str::to_owned)
+        });
+    if let Some(principal) = user
+        .and_then(|id| UserId::new(id).ok())
+        .and_then(|id| demo.service.directory().get(&id))
+    {
+        req.extensions_mut().insert::<Principal>(principal);
+    }
+    next.run(req).await
+}

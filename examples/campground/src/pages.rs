@@ -1,0 +1,1130 @@
+//! The demo's pages. Plain server-rendered HTML; the SDK's layer adds the
+//! banner to every page served under impersonation.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use impersonation_axum::{CsrfToken, NotImpersonating};
+use impersonation_core::{
+    AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
+    Principal, RelationKind, Session, SessionId, ShadowValue, TenantId, UserId, table_timestamp,
+    to_table,
+};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::seed::{self, Booking, CAMPGROUNDS};
+use crate::{Demo, SIGN_IN_COOKIE};
+
+type AppState = State<Arc<Demo>>;
+
+fn esc(text: &str) -> String {
+    html_escape::encode_text(text).into_owned()
+}
+
+fn attr(text: &str) -> String {
+    html_escape::encode_double_quoted_attribute(text).into_owned()
+}
+
+/// Who is looking: the signed-in person, the impersonation (if any) and the
+/// request's CSRF token.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    /// The signed-in person (the agent, while impersonating).
+    pub real: Option<Principal>,
+    /// The impersonation, when the request is made under one.
+    pub ctx: Option<Context>,
+    /// The CSRF token every form carries.
+    pub csrf: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Viewer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self {
+            real: parts.extensions.get::<Principal>().cloned(),
+            ctx: parts.extensions.get::<Context>().cloned(),
+            csrf: parts
+                .extensions
+                .get::<CsrfToken>()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl Viewer {
+    /// Whether the effective user (the shadow user while impersonating)
+    /// holds a permission.
+    fn can(&self, permission: &str) -> bool {
+        let p = Permission::new(permission);
+        match (&self.ctx, &self.real) {
+            (Some(ctx), _) => ctx.shadow().has_permission(&p),
+            (None, Some(real)) => real.has_permission(&p),
+            (None, None) => false,
+        }
+    }
+
+    fn effective_id(&self) -> Option<&UserId> {
+        match (&self.ctx, &self.real) {
+            (Some(ctx), _) => Some(ctx.shadow().id()),
+            (None, Some(real)) => Some(&real.id),
+            (None, None) => None,
+        }
+    }
+
+    fn effective_name(&self) -> &str {
+        match (&self.ctx, &self.real) {
+            (Some(ctx), _) => ctx.shadow().display_name(),
+            (None, Some(real)) => &real.display_name,
+            (None, None) => "",
+        }
+    }
+
+    fn effective_tenant(&self) -> Option<&TenantId> {
+        match (&self.ctx, &self.real) {
+            (Some(ctx), _) => Some(ctx.shadow().tenant()),
+            (None, Some(real)) => Some(&real.tenant),
+            (None, None) => None,
+        }
+    }
+
+    /// Campgrounds the effective user works with: their own and those their
+    /// company or partner relationships cover.
+    fn campgrounds(&self) -> Vec<&'static seed::Campground> {
+        let relationships = match (&self.ctx, &self.real) {
+            (Some(ctx), _) => ctx.shadow().relationships().to_vec(),
+            (None, Some(real)) => real.relationships.clone(),
+            (None, None) => Vec::new(),
+        };
+        CAMPGROUNDS
+            .iter()
+            .filter(|c| {
+                let Ok(tenant) = TenantId::new(c.tenant) else {
+                    return false;
+                };
+                self.effective_tenant() == Some(&tenant)
+                    || relationships.iter().any(|r| {
+                        matches!(r.kind, RelationKind::Company | RelationKind::Partner)
+                            && r.scope.covers(&tenant)
+                    })
+            })
+            .collect()
+    }
+
+    /// An attribute as the effective user sees it: the real value when not
+    /// impersonating, the projection (copied, masked, redacted or absent)
+    /// when impersonating.
+    fn attribute(&self, name: &str) -> String {
+        match (&self.ctx, &self.real) {
+            (Some(ctx), _) => match ctx.shadow().attribute(name) {
+                Some(ShadowValue::Copied(v)) => {
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                }
+                Some(ShadowValue::Masked(m)) => format!("{m} (masked)"),
+                Some(ShadowValue::Redacted) => "[redacted]".into(),
+                None => "(not shared with support)".into(),
+            },
+            (None, Some(real)) => real
+                .attributes
+                .get(name)
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .unwrap_or_else(|| "-".into()),
+            (None, None) => String::new(),
+        }
+    }
+
+    fn is_agent(&self, demo: &Demo) -> bool {
+        self.real.as_ref().is_some_and(|r| {
+            r.has_permission(demo.service().policy().impersonate_permission_name())
+                || demo.service().policy().is_admin(r)
+        })
+    }
+
+    fn is_admin(&self, demo: &Demo) -> bool {
+        self.real
+            .as_ref()
+            .is_some_and(|r| demo.service().policy().is_admin(r))
+    }
+
+    fn csrf_ok(&self, sent: &str) -> bool {
+        !self.csrf.is_empty() && sent == self.csrf
+    }
+}
+
+const STYLE: &str = "\
+body{margin:0;font:15px/1.5 system-ui,sans-serif;color:#1f2937;background:#f6f7f4}\
+body.impersonating{padding-top:4.4em}\
+header{display:flex;gap:1.2em;align-items:center;padding:.7em 1.5em;background:#14532d;color:#fff}\
+header a{color:#dcfce7;text-decoration:none}header a:hover{text-decoration:underline}\
+header .brand{font-weight:700;color:#fff;margin-right:1em}header .who{margin-left:auto;font-size:.9em}\
+header form{display:inline;margin:0}header button{font:inherit;font-size:.85em}\
+main{max-width:68em;margin:1.5em auto;padding:0 1.5em}\
+table{border-collapse:collapse;width:100%;background:#fff}th,td{border:1px solid #d6d3d1;padding:.35em .6em;text-align:left;vertical-align:top}\
+th{background:#ecfccb}.card{background:#fff;border:1px solid #d6d3d1;border-radius:6px;padding:1em 1.2em;margin:1em 0}\
+.note{color:#57534e;font-size:.9em}.refused{border-color:#b91c1c;background:#fef2f2}.ok{border-color:#15803d;background:#f0fdf4}\
+label{display:block;margin:.4em 0}input[type=text],textarea{font:inherit;width:100%;max-width:32em}\
+button{font:inherit;padding:.25em .9em;cursor:pointer}.people{display:grid;grid-template-columns:repeat(auto-fill,minmax(18em,1fr));gap:.8em}\
+code{background:#f5f5f4;padding:0 .2em}";
+
+fn layout(v: &Viewer, demo: &Demo, title: &str, body: &str) -> String {
+    let mut nav = String::new();
+    if let Some(real) = &v.real {
+        nav.push_str("<a href=\"/dashboard\">Dashboard</a><a href=\"/settings\">Settings</a><a href=\"/billing\">Billing</a><a href=\"/profile\">Profile</a>");
+        if v.is_agent(demo) {
+            nav.push_str(
+                "<a href=\"/support\">Support console</a><a href=\"/audit\">Audit trail</a>",
+            );
+        }
+        let acting = match &v.ctx {
+            Some(ctx) => format!(
+                ", acting as <strong>{}</strong>",
+                esc(ctx.shadow().display_name())
+            ),
+            None => String::new(),
+        };
+        let _ = write!(
+            nav,
+            "<span class=\"who\">Signed in as <strong id=\"signed-in\">{}</strong>{acting} \
+             <form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <button type=\"submit\">Sign out</button></form></span>",
+            esc(&real.display_name),
+            attr(&v.csrf)
+        );
+    }
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · Campground Cloud</title><style>{STYLE}</style></head>\
+         <body class=\"{class}\"><header><a class=\"brand\" href=\"/\">Campground Cloud</a>{nav}</header>\
+         <main><h1>{title}</h1>{body}</main></body></html>",
+        title = esc(title),
+        class = if v.ctx.is_some() { "impersonating" } else { "" },
+    )
+}
+
+fn html(status: StatusCode, page: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
+}
+
+fn page(v: &Viewer, demo: &Demo, title: &str, body: &str) -> Response {
+    html(StatusCode::OK, layout(v, demo, title, body))
+}
+
+fn refused(v: &Viewer, demo: &Demo, status: StatusCode, title: &str, message: &str) -> Response {
+    html(
+        status,
+        layout(
+            v,
+            demo,
+            title,
+            &format!(
+                "<div class=\"card refused\" id=\"refused\">{}</div>",
+                esc(message)
+            ),
+        ),
+    )
+}
+
+fn sign_in_first() -> Response {
+    Redirect::to("/").into_response()
+}
+
+fn bad_csrf(v: &Viewer, demo: &Demo) -> Response {
+    refused(
+        v,
+        demo,
+        StatusCode::FORBIDDEN,
+        "Form expired",
+        "This form's security token did not match. Reload the page and try again.",
+    )
+}
+
+/// `GET /`: the sign-in picker (a demo), or on to the dashboard.
+pub async fn home(State(demo): AppState, v: Viewer) -> Response {
+    if let Some(real) = &v.real {
+        let to = if v.is_agent(&demo)
+            && v.ctx.is_none()
+            && !real.has_permission(&Permission::new("bookings:read"))
+        {
+            "/support"
+        } else {
+            "/dashboard"
+        };
+        return Redirect::to(to).into_response();
+    }
+    let mut cards = String::new();
+    let directory = demo.service().directory();
+    for id in seed::people()
+        .map(|ps| ps.into_iter().map(|p| p.id))
+        .into_iter()
+        .flatten()
+    {
+        let Some(p) = directory.get(&id) else {
+            continue;
+        };
+        let _ = write!(
+            cards,
+            "<form class=\"card\" method=\"post\" action=\"/signin\">\
+             <strong>{name}</strong><div class=\"note\">{what}</div>\
+             <input type=\"hidden\" name=\"user\" value=\"{id}\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <button type=\"submit\" id=\"sign-in-{id}\">Sign in as {name}</button></form>",
+            name = esc(&p.display_name),
+            what = esc(&seed::describe(&p)),
+            id = attr(p.id.as_str()),
+            csrf = attr(&v.csrf),
+        );
+    }
+    page(
+        &v,
+        &demo,
+        "Sign in",
+        &format!(
+            "<p>This is a demo: pick anyone. Support agents find the <em>Support console</em> in the menu; \
+             sessions and the audit trail are kept in the <code>{}</code> store.</p><div class=\"people\">{cards}</div>",
+            demo.store_kind()
+        ),
+    )
+}
+
+/// The sign-in form.
+#[derive(Debug, Deserialize)]
+pub struct SignInForm {
+    user: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /signin`.
+pub async fn sign_in(State(demo): AppState, v: Viewer, Form(form): Form<SignInForm>) -> Response {
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    let Some(person) = UserId::new(form.user.trim())
+        .ok()
+        .and_then(|id| demo.service().directory().get(&id))
+    else {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::BAD_REQUEST,
+            "Sign in",
+            "No such person.",
+        );
+    };
+    let mut res = Redirect::to("/").into_response();
+    let cookie = format!(
+        "{SIGN_IN_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax",
+        person.id.as_str()
+    );
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
+    res
+}
+
+/// A form that carries only the CSRF token.
+#[derive(Debug, Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /signout`: ends a running impersonation first (revoked by its own agent).
+pub async fn sign_out(State(demo): AppState, v: Viewer, Form(form): Form<TokenForm>) -> Response {
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    if let (Some(ctx), Some(real)) = (&v.ctx, &v.real)
+        && let Err(e) = demo
+            .service()
+            .revoke(ctx.session(), real, "agent signed out")
+            .await
+    {
+        tracing::warn!(error = %e, "could not end the impersonation on sign-out");
+        return refused(
+            &v,
+            &demo,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign out",
+            "The impersonation could not be ended; try again.",
+        );
+    }
+    let mut res = Redirect::to("/").into_response();
+    let cookie = format!("{SIGN_IN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
+    res
+}
+
+fn bookings_table(rows: &[Booking]) -> String {
+    if rows.is_empty() {
+        return "<p class=\"note\">No bookings yet.</p>".into();
+    }
+    let mut out =
+        String::from("<table><tr><th>Guest</th><th>Site</th><th>Arrival</th><th>Nights</th></tr>");
+    for b in rows {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&b.guest),
+            esc(&b.site),
+            esc(&b.arrival),
+            b.nights
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// `GET /dashboard`: the bookings of the effective user's campgrounds.
+pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
+    if v.real.is_none() {
+        return sign_in_first();
+    }
+    let campgrounds = v.campgrounds();
+    let mut body = format!(
+        "<p>Welcome, <strong id=\"effective-user\">{}</strong>.</p>",
+        esc(v.effective_name())
+    );
+    if campgrounds.is_empty() {
+        body.push_str("<p class=\"note\">You work for the platform, not a campground. Use the <a href=\"/support\">Support console</a> to help a customer.</p>");
+    }
+    if !v.can("bookings:read") && !campgrounds.is_empty() {
+        body.push_str("<p class=\"note\">You may not read bookings.</p>");
+    } else {
+        let data = demo.data();
+        for c in &campgrounds {
+            let rows = data.bookings.get(c.tenant).cloned().unwrap_or_default();
+            let _ = write!(
+                body,
+                "<div class=\"card\"><h2>{}</h2>{}</div>",
+                esc(c.name),
+                bookings_table(&rows)
+            );
+        }
+    }
+    if v.can("bookings:write") && !campgrounds.is_empty() {
+        let _ = write!(
+            body,
+            "<form class=\"card\" method=\"post\" action=\"/bookings\"><h2>Add a booking</h2>\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <label>Guest <input type=\"text\" name=\"guest\" required maxlength=\"80\"></label>\
+             <label>Site <input type=\"text\" name=\"site\" required maxlength=\"40\"></label>\
+             <label>Arrival <input type=\"date\" name=\"arrival\" required></label>\
+             <label>Nights <input type=\"number\" name=\"nights\" min=\"1\" max=\"60\" value=\"1\"></label>\
+             <button type=\"submit\">Add booking</button></form>",
+            attr(&v.csrf)
+        );
+    }
+    page(&v, &demo, "Dashboard", &body)
+}
+
+/// The add-booking form.
+#[derive(Debug, Deserialize)]
+pub struct BookingForm {
+    guest: String,
+    site: String,
+    arrival: String,
+    nights: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /bookings`: adds a booking to the effective user's campground.
+pub async fn add_booking(
+    State(demo): AppState,
+    v: Viewer,
+    Form(form): Form<BookingForm>,
+) -> Response {
+    if v.real.is_none() {
+        return sign_in_first();
+    }
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    if !v.can("bookings:write") {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Add a booking",
+            "You may not change bookings.",
+        );
+    }
+    let date = time::macros::format_description!("[year]-[month]-[day]");
+    let nights = form
+        .nights
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=60).contains(n));
+    let (guest, site) = (form.guest.trim(), form.site.trim());
+    let valid = !guest.is_empty()
+        && guest.chars().count() <= 80
+        && !site.is_empty()
+        && site.chars().count() <= 40
+        && time::Date::parse(form.arrival.trim(), &date).is_ok();
+    let (Some(nights), true) = (nights, valid) else {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::BAD_REQUEST,
+            "Add a booking",
+            "A booking needs a guest, a site, an arrival date (YYYY-MM-DD) and 1 to 60 nights.",
+        );
+    };
+    let Some(tenant) = v.effective_tenant().map(|t| t.as_str().to_owned()) else {
+        return sign_in_first();
+    };
+    demo.data()
+        .bookings
+        .entry(tenant)
+        .or_default()
+        .push(Booking {
+            guest: guest.into(),
+            site: site.into(),
+            arrival: form.arrival.trim().into(),
+            nights,
+        });
+    Redirect::to("/dashboard").into_response()
+}
+
+/// `GET /settings`: the effective user's settings (copied into the shadow user).
+pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
+    let Some(id) = v.effective_id().cloned() else {
+        return sign_in_first();
+    };
+    let (tz, lang) = demo.data().settings.get(&id).cloned().unwrap_or_default();
+    let editable = v.can("settings:write");
+    let body = format!(
+        "<form class=\"card\" method=\"post\" action=\"/settings\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>Time zone <input type=\"text\" name=\"timezone\" value=\"{tz}\" maxlength=\"64\" {ro}></label>\
+         <label>Language <input type=\"text\" name=\"language\" value=\"{lang}\" maxlength=\"16\" {ro}></label>\
+         {button}</form>",
+        csrf = attr(&v.csrf),
+        tz = attr(&tz),
+        lang = attr(&lang),
+        ro = if editable { "" } else { "readonly" },
+        button = if editable {
+            "<button type=\"submit\">Save settings</button>"
+        } else {
+            "<p class=\"note\">You may read these settings, not change them.</p>"
+        },
+    );
+    page(&v, &demo, "Settings", &body)
+}
+
+/// The settings form.
+#[derive(Debug, Deserialize)]
+pub struct SettingsForm {
+    timezone: String,
+    language: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /settings`.
+pub async fn save_settings(
+    State(demo): AppState,
+    v: Viewer,
+    Form(form): Form<SettingsForm>,
+) -> Response {
+    let Some(id) = v.effective_id().cloned() else {
+        return sign_in_first();
+    };
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    if !v.can("settings:write") {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Settings",
+            "You may not change settings.",
+        );
+    }
+    let (tz, lang) = (form.timezone.trim(), form.language.trim());
+    if tz.is_empty() || tz.len() > 64 || lang.is_empty() || lang.len() > 16 {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::BAD_REQUEST,
+            "Settings",
+            "Time zone and language must be filled in.",
+        );
+    }
+    demo.data().settings.insert(id, (tz.into(), lang.into()));
+    Redirect::to("/settings").into_response()
+}
+
+fn guarded(
+    guard: Result<NotImpersonating, Response>,
+    v: &Viewer,
+    demo: &Demo,
+    title: &str,
+    what: &str,
+) -> Option<Response> {
+    match guard {
+        Ok(NotImpersonating) => None,
+        Err(rejection) if rejection.status() == StatusCode::FORBIDDEN => Some(refused(
+            v,
+            demo,
+            StatusCode::FORBIDDEN,
+            title,
+            &format!(
+                "{what} is not available while impersonating a customer. This attempt was recorded in the audit trail."
+            ),
+        )),
+        Err(rejection) => Some(rejection),
+    }
+}
+
+/// `GET /billing`: the card on file. Refused (and audited) while impersonating.
+pub async fn billing(
+    State(demo): AppState,
+    guard: Result<NotImpersonating, Response>,
+    v: Viewer,
+) -> Response {
+    if v.real.is_none() {
+        return sign_in_first();
+    }
+    if let Some(refusal) = guarded(guard, &v, &demo, "Billing", "Billing") {
+        return refusal;
+    }
+    if !v.can("billing:manage") {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Billing",
+            "Only a campground's owner manages its billing.",
+        );
+    }
+    let body = format!(
+        "<div class=\"card\"><h2>Plan</h2><p>Campground Cloud Pro · €49 a month</p></div>\
+         <div class=\"card\"><h2>Card on file</h2><p id=\"card\">{}</p></div>",
+        esc(&v.attribute("card_number"))
+    );
+    page(&v, &demo, "Billing", &body)
+}
+
+/// `GET /profile`: personal data as the effective user sees it (redacted and
+/// masked in the shadow user) and the password form.
+pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
+    let Some(id) = v.effective_id().cloned() else {
+        return sign_in_first();
+    };
+    let changed = demo
+        .data()
+        .password_changed
+        .get(&id)
+        .map_or_else(|| "never".to_owned(), |at| table_timestamp(*at));
+    let body = format!(
+        "<div class=\"card\"><table>\
+         <tr><th>Name</th><td>{name}</td></tr>\
+         <tr><th>Email</th><td id=\"email\">{email}</td></tr>\
+         <tr><th>Phone</th><td id=\"phone\">{phone}</td></tr>\
+         <tr><th>Card on file</th><td id=\"card\">{card}</td></tr>\
+         <tr><th>Password last changed</th><td>{changed}</td></tr></table></div>\
+         <form class=\"card\" method=\"post\" action=\"/profile/password\"><h2>Change password</h2>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>New password <input type=\"password\" name=\"password\" minlength=\"12\" required></label>\
+         <button type=\"submit\">Change password</button></form>",
+        name = esc(v.effective_name()),
+        email = esc(&v.attribute("email")),
+        phone = esc(&v.attribute("phone")),
+        card = esc(&v.attribute("card_number")),
+        changed = esc(&changed),
+        csrf = attr(&v.csrf),
+    );
+    page(&v, &demo, "Profile", &body)
+}
+
+/// The password form.
+#[derive(Debug, Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /profile/password`: refused (and audited) while impersonating.
+pub async fn change_password(
+    State(demo): AppState,
+    guard: Result<NotImpersonating, Response>,
+    v: Viewer,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
+    if let Some(refusal) = guarded(guard, &v, &demo, "Change password", "Changing the password") {
+        return refusal;
+    }
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    if form.password.chars().count() < 12 {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::BAD_REQUEST,
+            "Change password",
+            "Use at least 12 characters.",
+        );
+    }
+    // A demo: the new password is not kept, only when it changed.
+    demo.data()
+        .password_changed
+        .insert(real.id, OffsetDateTime::now_utc());
+    Redirect::to("/profile").into_response()
+}
+
+/// The support console's query string.
+#[derive(Debug, Deserialize)]
+pub struct SupportQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    denied: Option<String>,
+}
+
+fn denial_text(code: &str) -> String {
+    Denial::ALL
+        .iter()
+        .find(|d| d.code() == code)
+        .map_or_else(|| code.to_owned(), |d| format!("{d} ({code})"))
+}
+
+fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
+    if sessions.is_empty() {
+        return "<p class=\"note\">No live sessions.</p>".into();
+    }
+    let mut out = String::from(
+        "<table id=\"live-sessions\"><tr><th>Agent</th><th>Customer</th><th>Reason</th><th>Ticket</th><th>Started</th><th>Ends in</th><th></th></tr>",
+    );
+    for s in sessions {
+        let left = (s.expires_at - now).whole_minutes().max(0);
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{left} min</td><td>\
+             <form method=\"post\" action=\"/support/revoke\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <input type=\"hidden\" name=\"session\" value=\"{}\"><button type=\"submit\">Revoke</button></form></td></tr>",
+            esc(&s.agent.name),
+            esc(&s.subject.name),
+            esc(s.grant.reason.as_str()),
+            esc(s.grant.ticket.as_ref().map_or("", |t| t.as_str())),
+            esc(&table_timestamp(s.activated_at.unwrap_or(s.created_at))),
+            attr(&v.csrf),
+            attr(&s.id.to_string()),
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// `GET /support`: search customers, start impersonating with a reason and
+/// a ticket, see (and revoke) live sessions.
+pub async fn support(
+    State(demo): AppState,
+    v: Viewer,
+    Query(query): Query<SupportQuery>,
+) -> Response {
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
+    if let Some(ctx) = &v.ctx {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Support console",
+            &format!(
+                "You are impersonating {}. Stop first to use the console.",
+                ctx.shadow().display_name()
+            ),
+        );
+    }
+    if !v.is_agent(&demo) {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Support console",
+            "The support console is for support agents.",
+        );
+    }
+    let service = demo.service();
+    let mut body = String::new();
+    if let Some(code) = &query.denied {
+        let _ = write!(
+            body,
+            "<div class=\"card refused\" id=\"denied\">Impersonation refused: {}. The attempt is in the audit trail.</div>",
+            esc(&denial_text(code))
+        );
+    }
+    let q = query.q.trim().to_lowercase();
+    let _ = write!(
+        body,
+        "<form method=\"get\" action=\"/support\" class=\"card\"><label>Find a customer \
+         <input type=\"text\" name=\"q\" value=\"{}\" placeholder=\"name, campground or company\" id=\"search\"></label>\
+         <button type=\"submit\">Search</button></form>",
+        attr(&query.q)
+    );
+    let mut people = service.directory().all();
+    people.sort_by(|a, b| a.display_name.cmp(&b.display_name));
+    body.push_str("<div class=\"people\">");
+    for p in people.iter().filter(|p| p.id != real.id) {
+        let haystack = format!(
+            "{} {} {} {}",
+            p.display_name,
+            p.id,
+            p.tenant,
+            p.relationships
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .to_lowercase();
+        if !q.is_empty() && !haystack.contains(&q) {
+            continue;
+        }
+        let head = format!(
+            "<strong>{}</strong><div class=\"note\">{}</div>",
+            esc(&p.display_name),
+            esc(&seed::describe(p))
+        );
+        match service.policy().permits_pair(&real, p) {
+            Ok(()) => {
+                let _ = write!(
+                    body,
+                    "<form class=\"card\" method=\"post\" action=\"/impersonation/start\" id=\"start-{id}\">{head}\
+                     <input type=\"hidden\" name=\"target\" value=\"{id}\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <input type=\"hidden\" name=\"return_to\" value=\"/dashboard\">\
+                     <input type=\"hidden\" name=\"error_to\" value=\"/support?q={q}\">\
+                     <label>Reason <textarea name=\"reason\" rows=\"2\" minlength=\"8\" maxlength=\"500\" required></textarea></label>\
+                     <label>Ticket <input type=\"text\" name=\"ticket\" maxlength=\"64\" placeholder=\"SUP-1234\"></label>\
+                     <label><input type=\"checkbox\" name=\"read_only\"> read only</label>\
+                     <button type=\"submit\">Impersonate {name}</button></form>",
+                    id = attr(p.id.as_str()),
+                    csrf = attr(&v.csrf),
+                    q = attr(&query.q),
+                    name = esc(&p.display_name),
+                );
+            }
+            Err(denial) => {
+                let _ = write!(
+                    body,
+                    "<div class=\"card\">{head}<p class=\"note\">Not available to you: {}.</p></div>",
+                    esc(&denial.to_string())
+                );
+            }
+        }
+    }
+    body.push_str("</div>");
+    let filter = if v.is_admin(&demo) {
+        LiveFilter::default()
+    } else {
+        LiveFilter {
+            agent: Some(real.id.clone()),
+            ..LiveFilter::default()
+        }
+    };
+    match service.store().live_sessions(&filter).await {
+        Ok(sessions) => {
+            let _ = write!(
+                body,
+                "<h2>{}</h2>{}",
+                if v.is_admin(&demo) {
+                    "All live sessions"
+                } else {
+                    "Your live sessions"
+                },
+                live_table(&sessions, &v, service.now())
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list live sessions");
+            body.push_str("<p class=\"card refused\">Live sessions are unavailable right now.</p>");
+        }
+    }
+    page(&v, &demo, "Support console", &body)
+}
+
+/// The revoke form.
+#[derive(Debug, Deserialize)]
+pub struct RevokeForm {
+    session: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /support/revoke`: its own agent or a lead/admin ends a session.
+pub async fn revoke(State(demo): AppState, v: Viewer, Form(form): Form<RevokeForm>) -> Response {
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    let Ok(session) = form.session.trim().parse::<SessionId>() else {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::BAD_REQUEST,
+            "Revoke",
+            "That is not a session id.",
+        );
+    };
+    match demo
+        .service()
+        .revoke(session, &real, "revoked from the support console")
+        .await
+    {
+        Ok(_) => Redirect::to("/support").into_response(),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            refused(
+                &v,
+                &demo,
+                status,
+                "Revoke",
+                &format!("Not revoked: {e} ({}).", e.code()),
+            )
+        }
+    }
+}
+
+/// The audit page's query string.
+#[derive(Debug, Deserialize)]
+pub struct AuditParams {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+}
+
+fn audit_scope(v: &Viewer, demo: &Demo) -> Result<AuditQuery, (StatusCode, &'static str)> {
+    let Some(real) = &v.real else {
+        return Err((StatusCode::UNAUTHORIZED, "Sign in first."));
+    };
+    if v.ctx.is_some() {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "The audit trail is not available while impersonating a customer.",
+        ));
+    }
+    if !v.is_agent(demo) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "The audit trail is for support agents.",
+        ));
+    }
+    let mut query = AuditQuery::new();
+    if !v.is_admin(demo) {
+        query.agent = Some(real.id.clone());
+    }
+    Ok(query)
+}
+
+fn audit_rows(events: &[AuditEvent]) -> String {
+    let mut out = String::from(
+        "<table id=\"audit\"><tr><th>Timestamp</th><th>Action</th><th>User Performing Action</th><th>Impersonated User</th><th>Details</th></tr>",
+    );
+    for e in events {
+        let _ = write!(
+            out,
+            "<tr data-action=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e.action.code(),
+            esc(&table_timestamp(e.at)),
+            esc(e.action.label()),
+            esc(e.actor.name()),
+            esc(e.subject.as_ref().map_or("", |s| s.name.as_str())),
+            esc(&e.describe()),
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+async fn audit_page(
+    demo: &Demo,
+    v: &Viewer,
+    params: &AuditParams,
+    verified: Option<String>,
+) -> Response {
+    let mut query = match audit_scope(v, demo) {
+        Ok(q) => q,
+        Err((status, message)) => return refused(v, demo, status, "Audit trail", message),
+    };
+    query.order = Order::Newest;
+    query.limit = 50;
+    query.cursor = params
+        .cursor
+        .as_deref()
+        .and_then(|c| AuditCursor::decode(c).ok());
+    let page_of = match demo.service().audit(&query).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit query failed");
+            return refused(
+                v,
+                demo,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Audit trail",
+                "The audit trail is unavailable right now.",
+            );
+        }
+    };
+    let mut body = String::new();
+    if let Some(result) = verified {
+        body.push_str(&result);
+    }
+    let _ = write!(
+        body,
+        "<form method=\"post\" action=\"/audit/verify\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered row breaks it.</p>\
+         <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt\">plain text</a></form>",
+        attr(&v.csrf)
+    );
+    body.push_str(&audit_rows(&page_of.events));
+    if let Some(next) = &page_of.next {
+        let _ = write!(
+            body,
+            "<p><a href=\"/audit?cursor={}\">Older events →</a></p>",
+            attr(&next.encode())
+        );
+    }
+    page(v, demo, "Audit trail", &body)
+}
+
+/// `GET /audit`: the trail as the SDK's table (an agent sees their own
+/// chain, a lead or admin everyone's).
+pub async fn audit(
+    State(demo): AppState,
+    v: Viewer,
+    Query(params): Query<AuditParams>,
+) -> Response {
+    audit_page(&demo, &v, &params, None).await
+}
+
+/// `POST /audit/verify`: verifies the hash chains in view.
+pub async fn verify(State(demo): AppState, v: Viewer, Form(form): Form<TokenForm>) -> Response {
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
+    }
+    let Some(real) = &v.real else {
+        return sign_in_first();
+    };
+    let service = demo.service();
+    let outcome = if v.is_admin(&demo) {
+        service.verify_all().await.map(|report| {
+            if report.is_ok() {
+                Ok(format!(
+                    "{} chains, {} events",
+                    report.verified.len(),
+                    report.events()
+                ))
+            } else {
+                Err(report
+                    .broken
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            }
+        })
+    } else {
+        service
+            .verify_chain(&ChainKey::for_agent(&real.id))
+            .await
+            .map(|r| match r {
+                Ok(report) => Ok(format!("your chain, {} events", report.events)),
+                Err(broken) => Err(broken.to_string()),
+            })
+    };
+    let result = match outcome {
+        Ok(Ok(text)) => format!(
+            "<div class=\"card ok\" id=\"verified\">✓ Chain verified: {}.</div>",
+            esc(&text)
+        ),
+        Ok(Err(text)) => format!(
+            "<div class=\"card refused\" id=\"verified\">✗ Chain broken: {}.</div>",
+            esc(&text)
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "verification failed to run");
+            "<div class=\"card refused\" id=\"verified\">The store could not be read; nothing was verified.</div>".into()
+        }
+    };
+    let params = AuditParams {
+        cursor: None,
+        since: None,
+    };
+    audit_page(&demo, &v, &params, Some(result)).await
+}
+
+/// `GET /audit.txt?since=RFC3339`: the trail as the SDK's Markdown table, oldest first.
+pub async fn audit_text(
+    State(demo): AppState,
+    v: Viewer,
+    Query(params): Query<AuditParams>,
+) -> Response {
+    let mut query = match audit_scope(&v, &demo) {
+        Ok(q) => q,
+        Err((status, message)) => return (status, message).into_response(),
+    };
+    if let Some(since) = params.since.as_deref().filter(|s| !s.is_empty()) {
+        match OffsetDateTime::parse(since, &Rfc3339) {
+            Ok(at) => query.since = Some(at),
+            Err(_) => {
+                return (StatusCode::BAD_REQUEST, "since: expected an RFC 3339 time")
+                    .into_response();
+            }
+        }
+    }
+    query.limit = impersonation_core::MAX_PAGE;
+    let mut events = Vec::new();
+    loop {
+        match demo.service().audit(&query).await {
+            Ok(page) => {
+                events.extend(page.events);
+                match page.next {
+                    Some(next) => query.cursor = Some(next),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit query failed");
+                return (StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable")
+                    .into_response();
+            }
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        to_table(&events),
+    )
+        .into_response()
+}

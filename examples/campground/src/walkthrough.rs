@@ -1,0 +1,382 @@
+//! `cargo xtask demo --walkthrough`: the demo's story played over HTTP
+//! against a running demo, the way a browser would (cookies, forms, CSRF
+//! tokens read from the pages), ending with the audit table.
+
+use std::io::Write;
+
+use anyhow::{Context as _, Result, bail};
+use reqwest::StatusCode;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// One person's browser: its own cookie jar, the last CSRF token it saw.
+struct Browser {
+    client: reqwest::Client,
+    base: String,
+    csrf: String,
+}
+
+/// A page as fetched.
+struct Page {
+    status: StatusCode,
+    path: String,
+    body: String,
+}
+
+impl Page {
+    fn has_banner(&self) -> bool {
+        self.body.contains("id=\"impersonation-banner\"")
+    }
+
+    /// The text of the first element whose opening tag contains `marker`.
+    fn text_of(&self, marker: &str) -> Option<String> {
+        let at = self.body.find(marker)?;
+        let open_end = at + self.body[at..].find('>')? + 1;
+        let rest = &self.body[open_end..];
+        // The element's text up to its matching close; nested tags removed.
+        let mut depth = 0usize;
+        let mut text = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c == '<' {
+                let tag = &rest[i..];
+                if tag.starts_with("</") {
+                    if depth == 0 {
+                        break;
+                    }
+                    depth -= 1;
+                } else if !tag.starts_with("<input") && !tag.starts_with("<br") {
+                    depth += 1;
+                }
+                for (_, c) in chars.by_ref() {
+                    if c == '>' {
+                        break;
+                    }
+                }
+            } else {
+                text.push(c);
+            }
+        }
+        Some(html_escape::decode_html_entities(text.trim()).into_owned())
+    }
+}
+
+impl Browser {
+    fn new(base: &str) -> Result<Self> {
+        Ok(Self {
+            client: reqwest::Client::builder().cookie_store(true).build()?,
+            base: base.trim_end_matches('/').to_owned(),
+            csrf: String::new(),
+        })
+    }
+
+    fn remember_csrf(&mut self, body: &str) {
+        let marker = "name=\"csrf\" value=\"";
+        if let Some(at) = body.find(marker) {
+            let rest = &body[at + marker.len()..];
+            if let Some(end) = rest.find('"') {
+                self.csrf = rest[..end].to_owned();
+            }
+        }
+    }
+
+    async fn finish(&mut self, res: reqwest::Response) -> Result<Page> {
+        let status = res.status();
+        let path = res.url().path().to_owned();
+        let body = res.text().await?;
+        self.remember_csrf(&body);
+        Ok(Page { status, path, body })
+    }
+
+    async fn get(&mut self, path: &str) -> Result<Page> {
+        let res = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        self.finish(res).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Result<Page> {
+        let mut fields: Vec<(&str, &str)> = form.to_vec();
+        let csrf = self.csrf.clone();
+        fields.push(("csrf", &csrf));
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .form(&fields)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        self.finish(res).await
+    }
+
+    async fn sign_in(base: &str, user: &str) -> Result<Self> {
+        let mut b = Self::new(base)?;
+        b.get("/").await?;
+        let page = b.post("/signin", &[("user", user)]).await?;
+        if page.status != StatusCode::OK {
+            bail!("signing in as {user} gave {}", page.status);
+        }
+        Ok(b)
+    }
+
+    async fn start(&mut self, target: &str, reason: &str, ticket: &str) -> Result<Page> {
+        self.get("/support").await?;
+        self.post(
+            "/impersonation/start",
+            &[
+                ("target", target),
+                ("reason", reason),
+                ("ticket", ticket),
+                ("return_to", "/dashboard"),
+                ("error_to", "/support"),
+            ],
+        )
+        .await
+    }
+}
+
+struct Out<'a, W: Write> {
+    out: &'a mut W,
+    color: bool,
+    step: u32,
+}
+
+impl<W: Write> Out<'_, W> {
+    fn step(&mut self, title: &str) -> Result<()> {
+        self.step += 1;
+        let line = format!("{}. {title}", self.step);
+        if self.color {
+            writeln!(self.out, "\n\x1b[1m{line}\x1b[0m")?;
+        } else {
+            writeln!(self.out, "\n{line}")?;
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, text: &str) -> Result<()> {
+        writeln!(self.out, "   {text}")?;
+        Ok(())
+    }
+}
+
+fn expect(page: &Page, status: StatusCode, what: &str) -> Result<()> {
+    if page.status != status {
+        bail!(
+            "{what}: expected {status}, got {} at {}",
+            page.status,
+            page.path
+        );
+    }
+    Ok(())
+}
+
+/// The session id in the live-sessions row naming both people.
+fn live_session(page: &Page, agent: &str, customer: &str) -> Option<String> {
+    page.body.split("<tr>").find_map(|row| {
+        if !(row.contains(agent) && row.contains(customer)) {
+            return None;
+        }
+        let marker = "name=\"session\" value=\"";
+        let at = row.find(marker)? + marker.len();
+        let end = row[at..].find('"')?;
+        Some(row[at..at + end].to_owned())
+    })
+}
+
+/// Plays the story against the demo at `base` (e.g. `http://127.0.0.1:3000`).
+pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
+    let since = (OffsetDateTime::now_utc() - time::Duration::seconds(1)).format(&Rfc3339)?;
+    let mut o = Out {
+        out,
+        color,
+        step: 0,
+    };
+    writeln!(o.out, "Campground Cloud walkthrough over HTTP at {base}")?;
+
+    // Sessions left running by an earlier run on a persistent store would
+    // refuse a second start; the admin ends them first.
+    let mut ada = Browser::sign_in(base, "ada").await?;
+    let console = ada.get("/support").await?;
+    for (agent, customer) in [
+        ("Sam Support", "Olive Owner"),
+        ("Lee Lead", "Paula Partner"),
+    ] {
+        if let Some(id) = live_session(&console, agent, customer) {
+            ada.post("/support/revoke", &[("session", &id)]).await?;
+            writeln!(
+                o.out,
+                "(ended a session left over from an earlier run: {agent} → {customer})"
+            )?;
+        }
+    }
+
+    o.step("Sam Support (ordinary agent) signs in and opens the support console")?;
+    let mut sam = Browser::sign_in(base, "sam").await?;
+    let console = sam.get("/support?q=pinewood").await?;
+    expect(&console, StatusCode::OK, "support console")?;
+    o.line(&format!(
+        "searching \"pinewood\": {} customers he may impersonate",
+        console
+            .body
+            .matches("action=\"/impersonation/start\"")
+            .count()
+    ))?;
+
+    o.step("Sam tries to impersonate Ada Admin: refused, and audited")?;
+    let page = sam
+        .start("ada", "Checking the admin settings page", "SUP-1040")
+        .await?;
+    o.line(
+        &page
+            .text_of("id=\"denied\"")
+            .context("a refusal is shown")?,
+    )?;
+
+    o.step("Sam tries Paula Partner, who holds a permission he lacks: refused")?;
+    let page = sam
+        .start("paula", "Partner cannot open the report", "SUP-1041")
+        .await?;
+    o.line(
+        &page
+            .text_of("id=\"denied\"")
+            .context("a refusal is shown")?,
+    )?;
+
+    o.step("Sam starts impersonating Olive Owner, with a reason and a ticket")?;
+    let page = sam
+        .start("olive", "Olive cannot see next week's bookings", "SUP-1042")
+        .await?;
+    expect(&page, StatusCode::OK, "start")?;
+    if !page.has_banner() {
+        bail!("no banner after starting");
+    }
+    o.line(&format!(
+        "banner: \"{}\" · reason: {} · {} left",
+        page.text_of("class=\"impersonation-message\"")
+            .unwrap_or_default(),
+        page.text_of("class=\"impersonation-reason\"")
+            .unwrap_or_default(),
+        page.text_of("class=\"impersonation-time-left\"")
+            .unwrap_or_default(),
+    ))?;
+    o.line(&format!(
+        "dashboard as {}: {} bookings at Pinewood",
+        page.text_of("id=\"effective-user\"").unwrap_or_default(),
+        page.body.matches("<tr><td>").count()
+    ))?;
+
+    o.step("Sam adds a booking for Olive (a modification, audited)")?;
+    let page = sam
+        .post(
+            "/bookings",
+            &[
+                ("guest", "K. Lindqvist"),
+                ("site", "Pitch 4"),
+                ("arrival", "2026-12-08"),
+                ("nights", "2"),
+            ],
+        )
+        .await?;
+    expect(&page, StatusCode::OK, "add booking")?;
+    o.line(&format!(
+        "dashboard now lists {} bookings",
+        page.body.matches("<tr><td>").count()
+    ))?;
+
+    o.step("Olive's profile as the shadow user shows it")?;
+    let page = sam.get("/profile").await?;
+    o.line(&format!(
+        "email: {}",
+        page.text_of("id=\"email\"").unwrap_or_default()
+    ))?;
+    o.line(&format!(
+        "phone: {}",
+        page.text_of("id=\"phone\"").unwrap_or_default()
+    ))?;
+    o.line(&format!(
+        "card on file: {}",
+        page.text_of("id=\"card\"").unwrap_or_default()
+    ))?;
+
+    o.step("Billing and the password change are refused while impersonating")?;
+    let page = sam.get("/billing").await?;
+    expect(&page, StatusCode::FORBIDDEN, "billing")?;
+    o.line(&format!(
+        "GET /billing → {}: {}",
+        page.status,
+        page.text_of("id=\"refused\"").unwrap_or_default()
+    ))?;
+    let page = sam
+        .post(
+            "/profile/password",
+            &[("password", "correct horse battery staple")],
+        )
+        .await?;
+    expect(&page, StatusCode::FORBIDDEN, "password change")?;
+    o.line(&format!("POST /profile/password → {}", page.status))?;
+
+    o.step("The status endpoint (JSON) for scripts and single-page apps")?;
+    let page = sam.get("/impersonation/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&page.body)?;
+    o.line(&format!(
+        "impersonating: {}, subject: {}, seconds left: {}",
+        status["impersonating"], status["subject"]["name"], status["seconds_left"]
+    ))?;
+
+    o.step("Sam stops: the banner is gone")?;
+    let page = sam.post("/impersonation/stop", &[]).await?;
+    expect(&page, StatusCode::OK, "stop")?;
+    o.line(&format!(
+        "after stop: {} at {}, banner shown: {}",
+        page.status,
+        page.path,
+        page.has_banner()
+    ))?;
+
+    o.step("Lee Lead (support lead) impersonates Paula Partner, who manages two campgrounds")?;
+    let mut lee = Browser::sign_in(base, "lee").await?;
+    let page = lee
+        .start(
+            "paula",
+            "Partner report shows the wrong campground",
+            "SUP-1043",
+        )
+        .await?;
+    expect(&page, StatusCode::OK, "lead start")?;
+    o.line(&format!(
+        "banner: \"{}\"; dashboard shows {} campgrounds",
+        page.text_of("class=\"impersonation-message\"")
+            .unwrap_or_default(),
+        page.body.matches("<div class=\"card\"><h2>").count()
+    ))?;
+
+    o.step("Ada Admin revokes Lee's session from her console; Lee's next request has no banner")?;
+    let console = ada.get("/support").await?;
+    let id =
+        live_session(&console, "Lee Lead", "Paula Partner").context("Lee's session is listed")?;
+    let page = ada.post("/support/revoke", &[("session", &id)]).await?;
+    expect(&page, StatusCode::OK, "revoke")?;
+    let page = lee.get("/dashboard").await?;
+    o.line(&format!(
+        "Lee's next page: {}, banner shown: {}",
+        page.status,
+        page.has_banner()
+    ))?;
+
+    o.step("Ada verifies the audit chains")?;
+    let page = ada.post("/audit/verify", &[]).await?;
+    o.line(
+        &page
+            .text_of("id=\"verified\"")
+            .context("a verification result")?,
+    )?;
+
+    o.step("The audit trail of this walkthrough")?;
+    let table = ada.get(&format!("/audit.txt?since={since}")).await?;
+    expect(&table, StatusCode::OK, "audit table")?;
+    writeln!(o.out, "\n{}", table.body)?;
+    Ok(())
+}

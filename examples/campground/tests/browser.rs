@@ -1,0 +1,313 @@
+//! The whole flow in a real browser: Debian's headless Chromium, driven
+//! through chromedriver (WebDriver) by fantoccini. `cargo xtask ci`
+//! installs both when they are missing. Screenshots land in
+//! `<target>/screenshots/` for people to look at.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use campground_demo::{Demo, StoreKind};
+use fantoccini::{Client, ClientBuilder, Locator};
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+fn find_binary(env: &str, candidates: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} not found (set {env}); `cargo xtask ci` installs Debian's chromium and chromium-driver, \
+                 or run `apt-get install chromium chromium-driver`",
+                candidates[0]
+            )
+        })
+}
+
+/// chromedriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let binary = find_binary(
+            "CHROMEDRIVER",
+            &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
+        );
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let chromium = find_binary(
+        "CHROMIUM",
+        &["/usr/bin/chromium", "/usr/bin/chromium-browser"],
+    );
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-extensions", "--no-first-run",
+                "--window-size=1280,900", "--lang=en-GB",
+            ],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a Chromium session through chromedriver")
+}
+
+async fn shot(client: &Client, dir: &Path, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(dir.join(name), png).unwrap();
+}
+
+async fn text(client: &Client, css: &str) -> String {
+    client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn banner_count(client: &Client) -> usize {
+    client
+        .find_all(Locator::Css("#impersonation-banner"))
+        .await
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_impersonates_a_customer_in_chromium() {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let db = target_dir()
+        .join("test-dbs")
+        .join(format!("imptest_browser_{}.db", &id[20..]));
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let demo = Demo::open(StoreKind::Sqlite, &format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo.router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let screenshots = target_dir().join("screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+
+    let driver = Driver::start();
+    let client = browser(&driver).await;
+    // Run the steps in a task so a failed assertion still closes the browser.
+    let steps = {
+        let client = client.clone();
+        tokio::spawn(async move { walk(&client, &base, &screenshots).await })
+    };
+    let outcome = steps.await;
+    client.close().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn walk(client: &Client, base: &str, screenshots: &Path) {
+    let (client, screenshots) = (client, screenshots);
+    {
+        // Sign in as the agent.
+        client.goto(base).await.unwrap();
+        shot(client, screenshots, "1-sign-in.png").await;
+        client
+            .find(Locator::Css("#sign-in-sam"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        assert_eq!(text(client, "#signed-in").await, "Sam Support");
+
+        // Start impersonating Olive with a reason and a ticket.
+        client
+            .goto(&format!("{base}/support?q=olive"))
+            .await
+            .unwrap();
+        let form = client.find(Locator::Css("#start-olive")).await.unwrap();
+        form.find(Locator::Css("textarea[name=reason]"))
+            .await
+            .unwrap()
+            .send_keys("Olive cannot see next week's bookings")
+            .await
+            .unwrap();
+        form.find(Locator::Css("input[name=ticket]"))
+            .await
+            .unwrap()
+            .send_keys("SUP-1042")
+            .await
+            .unwrap();
+        shot(client, screenshots, "2-support-console.png").await;
+        form.find(Locator::Css("button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+
+        // The banner, with the customer's name and the reason.
+        let message = text(client, "#impersonation-banner .impersonation-message").await;
+        assert_eq!(
+            message,
+            "You are impersonating Olive Owner (Pinewood Campground)"
+        );
+        assert_eq!(
+            text(client, "#impersonation-banner .impersonation-reason").await,
+            "Olive cannot see next week's bookings"
+        );
+        let role = client
+            .find(Locator::Css("#impersonation-banner"))
+            .await
+            .unwrap()
+            .attr("role")
+            .await
+            .unwrap();
+        assert_eq!(role.as_deref(), Some("alert"));
+        assert_eq!(text(client, "#effective-user").await, "Olive Owner");
+        shot(client, screenshots, "3-banner.png").await;
+
+        // Billing refused; the card masked on the profile.
+        client.goto(&format!("{base}/billing")).await.unwrap();
+        assert!(
+            text(client, "#refused")
+                .await
+                .contains("not available while impersonating")
+        );
+        assert_eq!(
+            banner_count(client).await,
+            1,
+            "the banner stays on the refusal page"
+        );
+        shot(client, screenshots, "4-billing-refused.png").await;
+        client.goto(&format!("{base}/profile")).await.unwrap();
+        let card = text(client, "#card").await;
+        assert!(
+            card.starts_with('•') && card.ends_with("4242 (masked)"),
+            "{card}"
+        );
+        assert!(
+            !client
+                .source()
+                .await
+                .unwrap()
+                .contains("4242 4242 4242 4242")
+        );
+        assert_eq!(text(client, "#email").await, "[redacted]");
+        shot(client, screenshots, "5-profile-masked.png").await;
+
+        // Stop from the banner: the banner is gone.
+        client
+            .find(Locator::Css("#impersonation-banner button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while banner_count(client).await > 0 {
+            assert!(Instant::now() < deadline, "the banner stays after stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(text(client, "#effective-user").await, "Sam Support");
+        shot(client, screenshots, "6-stopped.png").await;
+
+        // The audit page lists start, access, refusal and stop, and verifies.
+        client.goto(&format!("{base}/audit")).await.unwrap();
+        client
+            .find(Locator::Css("#verify"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        assert!(
+            text(client, "#verified")
+                .await
+                .starts_with("✓ Chain verified")
+        );
+        let mut actions = Vec::new();
+        for row in client
+            .find_all(Locator::Css("#audit tr[data-action]"))
+            .await
+            .unwrap()
+        {
+            actions.push(row.attr("data-action").await.unwrap().unwrap_or_default());
+        }
+        actions.reverse(); // the page shows newest first
+        assert_eq!(
+            actions.first().map(String::as_str),
+            Some("session_started"),
+            "{actions:?}"
+        );
+        assert_eq!(
+            actions.last().map(String::as_str),
+            Some("session_ended"),
+            "{actions:?}"
+        );
+        for action in ["access", "denied"] {
+            assert!(
+                actions.iter().any(|a| a == action),
+                "{action} missing: {actions:?}"
+            );
+        }
+        let page = client.source().await.unwrap();
+        assert!(
+            page.contains("Refused GET /billing"),
+            "the refusal names the route"
+        );
+        shot(client, screenshots, "7-audit.png").await;
+    }
+}

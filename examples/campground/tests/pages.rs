@@ -1,0 +1,240 @@
+//! The demo's own rules around the SDK: its forms are CSRF-checked, bad
+//! input gets a 4xx page, signing out ends an impersonation, and the audit
+//! page shows an agent only their own chain.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use campground_demo::{Demo, StoreKind};
+use reqwest::StatusCode;
+
+struct User {
+    client: reqwest::Client,
+    base: String,
+    csrf: String,
+}
+
+impl User {
+    async fn sign_in(base: &str, id: &str) -> Self {
+        let mut u = Self {
+            client: reqwest::Client::builder()
+                .cookie_store(true)
+                .build()
+                .unwrap(),
+            base: base.into(),
+            csrf: String::new(),
+        };
+        u.get("/").await;
+        let (status, _) = u.post("/signin", &[("user", id)]).await;
+        assert_eq!(status, StatusCode::OK);
+        u
+    }
+
+    fn remember(&mut self, body: &str) {
+        let marker = "name=\"csrf\" value=\"";
+        if let Some(at) = body.find(marker) {
+            let rest = &body[at + marker.len()..];
+            self.csrf = rest[..rest.find('"').unwrap()].to_owned();
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> (StatusCode, String) {
+        let res = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        self.remember(&body);
+        (status, body)
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
+        let mut fields = form.to_vec();
+        let csrf = self.csrf.clone();
+        fields.push(("csrf", &csrf));
+        self.post_raw(path, &fields).await
+    }
+
+    async fn post_raw(&mut self, path: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        self.remember(&body);
+        (status, body)
+    }
+}
+
+async fn demo() -> String {
+    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo.router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+async fn impersonate(sam: &mut User, target: &str) {
+    sam.get("/support").await;
+    let (status, body) = sam
+        .post(
+            "/impersonation/start",
+            &[
+                ("target", target),
+                ("reason", "Customer cannot see bookings"),
+                ("return_to", "/dashboard"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("impersonation-banner"));
+}
+
+#[tokio::test]
+async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
+    let base = demo().await;
+    let mut olive = User::sign_in(&base, "olive").await;
+    olive.get("/dashboard").await;
+    let booking = [
+        ("guest", "A. Guest"),
+        ("site", "Pitch 1"),
+        ("arrival", "2026-12-01"),
+        ("nights", "2"),
+    ];
+    let (status, _) = olive.post_raw("/bookings", &booking).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "no token");
+    let mut forged = booking.to_vec();
+    forged.push(("csrf", "forged"));
+    let (status, _) = olive.post_raw("/bookings", &forged).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "wrong token");
+    for bad in [
+        [
+            ("guest", ""),
+            ("site", "Pitch 1"),
+            ("arrival", "2026-12-01"),
+            ("nights", "2"),
+        ],
+        [
+            ("guest", "A"),
+            ("site", "Pitch 1"),
+            ("arrival", "next week"),
+            ("nights", "2"),
+        ],
+        [
+            ("guest", "A"),
+            ("site", "Pitch 1"),
+            ("arrival", "2026-12-01"),
+            ("nights", "-1"),
+        ],
+        [
+            ("guest", "A"),
+            ("site", "Pitch 1"),
+            ("arrival", "2026-12-01"),
+            ("nights", "99999999999"),
+        ],
+    ] {
+        olive.get("/dashboard").await;
+        let (status, body) = olive.post("/bookings", &bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+    }
+    olive.get("/dashboard").await;
+    let (status, body) = olive.post("/bookings", &booking).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("A. Guest"));
+
+    let mut lee = User::sign_in(&base, "lee").await;
+    lee.get("/support").await;
+    let (status, _) = lee
+        .post("/support/revoke", &[("session", "not-a-uuid")])
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    lee.get("/support").await;
+    let (status, _) = lee
+        .post(
+            "/support/revoke",
+            &[("session", "0195d3c1-9c1e-7cc3-a2a4-2f7d1f8e4a10")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an unknown session");
+}
+
+#[tokio::test]
+async fn signing_out_ends_the_impersonation() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    let (status, _) = sam.post("/signout", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, page) = sam.get("/dashboard").await;
+    assert!(!page.contains("impersonation-banner"));
+    let (_, table) = sam.get("/audit.txt").await;
+    assert!(
+        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "stan").await;
+    let (status, body) = sam.get("/audit").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "not while impersonating");
+    assert!(
+        body.contains("impersonation-banner"),
+        "the refusal page keeps the banner"
+    );
+    sam.post("/impersonation/stop", &[]).await;
+
+    let mut lee = User::sign_in(&base, "lee").await;
+    impersonate(&mut lee, "paula").await;
+    lee.post("/impersonation/stop", &[]).await;
+
+    let (status, sams) = sam.get("/audit.txt").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        sams.contains("Stan Staff") && !sams.contains("Paula Partner"),
+        "{sams}"
+    );
+    let (_, all) = lee.get("/audit.txt").await;
+    assert!(
+        all.contains("Stan Staff") && all.contains("Paula Partner"),
+        "{all}"
+    );
+
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (status, _) = olive.get("/audit").await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "customers do not read the trail"
+    );
+    let (status, _) = olive.get("/audit.txt?since=yesterday").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = lee.get("/audit.txt?since=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_support_console_offers_only_what_the_policy_allows() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, console) = sam.get("/support").await;
+    for allowed in ["start-olive", "start-stan", "start-lena", "start-rosa"] {
+        assert!(console.contains(&format!("id=\"{allowed}\"")), "{allowed}");
+    }
+    for refused in ["start-ada", "start-lee", "start-paula"] {
+        assert!(!console.contains(&format!("id=\"{refused}\"")), "{refused}");
+    }
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (status, _) = olive.get("/support").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

@@ -1,0 +1,151 @@
+//! The HTTP walkthrough against the demo on every store it offers: the
+//! same story, the same audit trail, verified chains.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use campground_demo::{Demo, StoreKind, walkthrough};
+
+fn unique() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("imptest_{}", &id[20..])
+}
+
+async fn serve(demo: &Arc<Demo>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo.router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+/// The actions of the audit table, in order.
+fn actions(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(" | ").nth(1).map(str::to_owned))
+        .collect()
+}
+
+async fn story(kind: StoreKind, url: &str) {
+    let demo = Demo::open_in(kind, url, &unique()).await.unwrap();
+    let base = serve(&demo).await;
+    let mut out = Vec::new();
+    walkthrough::run(&base, &mut out, false).await.unwrap();
+    let out = String::from_utf8(out).unwrap();
+
+    for expected in [
+        "Impersonation refused: the target holds a protected role (protected_role)",
+        "Impersonation refused: the target holds a permission the agent lacks (escalation)",
+        "banner: \"You are impersonating Olive Owner (Pinewood Campground)\" · reason: Olive cannot see next week's bookings",
+        "dashboard as Olive Owner: 3 bookings",
+        "dashboard now lists 4 bookings",
+        "email: [redacted]",
+        "card on file: •••••••••••••••4242 (masked)",
+        "GET /billing → 403 Forbidden",
+        "POST /profile/password → 403 Forbidden",
+        "impersonating: true, subject: \"Olive Owner\"",
+        "after stop: 200 OK at /dashboard, banner shown: false",
+        "banner: \"You are impersonating Paula Partner (ParkCo Management)\"; dashboard shows 2 campgrounds",
+        "Lee's next page: 200 OK, banner shown: false",
+        "✓ Chain verified: 2 chains, 13 events.",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("4242 4242 4242 4242"),
+        "the card never shows whole"
+    );
+    let table = &out[out.find("| Timestamp |").expect("the audit table")..];
+    assert_eq!(
+        actions(table),
+        [
+            "Denied Attempt",
+            "Denied Attempt",
+            "User Impersonation",
+            "Data Access",
+            "Data Modification",
+            "Data Access",
+            "Data Access",
+            "Denied Attempt",
+            "Denied Attempt",
+            "User Impersonation End",
+            "User Impersonation",
+            "Data Access",
+            "User Impersonation End",
+        ],
+        "{table}"
+    );
+    assert!(table.contains("| Sam Support | Olive Owner | Refused GET /billing"));
+    assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
+}
+
+#[tokio::test]
+async fn walkthrough_on_memory() {
+    story(StoreKind::Memory, "memory").await;
+}
+
+#[tokio::test]
+async fn walkthrough_on_sqlite_the_default() {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        })
+        .join("test-dbs");
+    let url = format!(
+        "sqlite://{}",
+        dir.join(format!("{}.db", unique())).display()
+    );
+    story(StoreKind::Sqlite, &url).await;
+}
+
+#[tokio::test]
+async fn walkthrough_on_postgres() {
+    story(
+        StoreKind::Postgres,
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn walkthrough_on_mariadb() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let db = unique();
+    let mut admin =
+        diesel_async::AsyncMysqlConnection::establish("mysql://root@127.0.0.1:3306/test")
+            .await
+            .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .await
+        .unwrap();
+    story(
+        StoreKind::Mariadb,
+        &format!("mysql://root@127.0.0.1:3306/{db}"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn walkthrough_on_redis() {
+    story(StoreKind::Redis, "redis://127.0.0.1:6379").await;
+}
+
+#[test]
+fn store_names_parse_and_unknown_ones_are_refused() {
+    for kind in StoreKind::ALL {
+        assert_eq!(kind.name().parse::<StoreKind>().unwrap(), kind);
+    }
+    assert_eq!("pg".parse::<StoreKind>().unwrap(), StoreKind::Postgres);
+    assert_eq!("MySQL".parse::<StoreKind>().unwrap(), StoreKind::Mariadb);
+    let err = "oracle".parse::<StoreKind>().unwrap_err();
+    assert!(
+        err.contains("sqlite, postgres, mariadb, redis, memory"),
+        "{err}"
+    );
+}
