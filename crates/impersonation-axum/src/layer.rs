@@ -196,9 +196,21 @@ where
                     .map(|c| c.value().to_owned())
             };
 
+            // The secret: the cookie for browsers, `Authorization: Bearer` for APIs.
+            let bearer = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .filter(|t| t.starts_with("imp1."))
+                .map(str::to_owned);
+
+            // API clients (bearer) are not browsers: no CSRF cookie is
+            // issued to them, and their forms carry no token.
             let (csrf, fresh_csrf) = match cookie(settings.csrf_cookie()).filter(|v| v.len() == 43)
             {
                 Some(token) => (token, false),
+                None if bearer.is_some() => (String::new(), false),
                 None => match new_token() {
                     Some(token) => (token, true),
                     None => {
@@ -212,14 +224,6 @@ where
             req.extensions_mut().insert(CsrfToken(csrf.clone()));
             req.extensions_mut().insert(Handle(Arc::clone(&shared)));
 
-            // The secret: the cookie for browsers, `Authorization: Bearer` for APIs.
-            let bearer = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .filter(|t| t.starts_with("imp1."))
-                .map(str::to_owned);
             let from_cookie = bearer.is_none();
             let presented = bearer.or_else(|| cookie(settings.secret_cookie()));
 

@@ -571,3 +571,23 @@ async fn a_refused_start_can_go_back_to_the_form_with_the_denial_code() {
         .await;
     assert_eq!(reply.headers[header::LOCATION], "/?denied=target_is_agent");
 }
+
+#[tokio::test]
+async fn api_clients_with_a_bearer_token_get_no_csrf_cookie() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut api = Browser::new(&f, "sam");
+    let reply = api
+        .send(Method::GET, "/", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers.get(header::SET_COOKIE).is_none());
+    assert!(reply.body.contains("true"), "served as the shadow user");
+    // A browser without the cookie still gets one.
+    let mut fresh = Browser::new(&f, "kim");
+    let reply = fresh.get("/").await;
+    assert!(reply.headers.get(header::SET_COOKIE).is_some());
+}

@@ -1,0 +1,104 @@
+//! The request's tracing span names the agent, the customer and the
+//! session. A binary of its own: it installs a subscriber, and tracing's
+//! per-callsite interest cache must not have been filled by other tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::{Next, from_fn};
+use axum::routing::get;
+use impersonation_axum::{EffectiveUser, ImpersonationLayer};
+use impersonation_core::{
+    Impersonation, MemoryDirectory, MemoryStore, Principal, Requester, StartRequest, TenantId,
+    UserId,
+};
+use tower::ServiceExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// Records the fields of every span named `impersonation.request`.
+#[derive(Clone, Default)]
+struct SpanFields(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanFields {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Visit(BTreeMap<String, String>);
+        impl tracing::field::Visit for Visit {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+        }
+        if attrs.metadata().name() == "impersonation.request" {
+            let mut visit = Visit(BTreeMap::new());
+            attrs.record(&mut visit);
+            self.0.lock().unwrap().push(visit.0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_request_span_names_agent_subject_and_session() {
+    let spans = SpanFields::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let tenant = TenantId::new("t").unwrap();
+    let sam = Principal::new(UserId::new("sam").unwrap(), "Sam", tenant.clone())
+        .with_permissions(["impersonation:start", "bookings:read"]);
+    let olive = Principal::new(UserId::new("olive").unwrap(), "Olive", tenant)
+        .with_permissions(["bookings:read"]);
+    let directory = MemoryDirectory::new();
+    directory.insert(sam.clone());
+    directory.insert(olive.clone());
+    let service = Impersonation::new(MemoryStore::new(), directory);
+    let started = service
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(olive.id.clone(), "Bookings page is empty"),
+        )
+        .await
+        .unwrap();
+    let agent = sam.clone();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|u: EffectiveUser| async move { u.display_name().to_owned() }),
+        )
+        .layer(ImpersonationLayer::new(service))
+        .layer(from_fn(move |mut req: Request, next: Next| {
+            req.extensions_mut().insert(agent.clone());
+            next.run(req)
+        }));
+    let plain = Request::get("/").body(Body::empty()).unwrap();
+    assert_eq!(
+        app.clone().oneshot(plain).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(
+        spans.0.lock().unwrap().is_empty(),
+        "no span outside impersonation"
+    );
+
+    let bearer = format!("Bearer {}", started.secret.expose());
+    let req = Request::get("/")
+        .header(header::AUTHORIZATION, bearer)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
+    let recorded = spans.0.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["impersonation.agent"], "sam");
+    assert_eq!(recorded[0]["impersonation.subject"], "olive");
+    assert_eq!(
+        recorded[0]["impersonation.session"],
+        started.session.id.to_string()
+    );
+}
