@@ -461,6 +461,16 @@ impl DieselStore {
             }
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => {
+                if tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+                }) {
+                    // diesel-async's SQLite wrapper blocks in place when a
+                    // query future is dropped unfinished, which panics here.
+                    tracing::warn!(
+                        "the SQLite store needs tokio's multi-thread runtime: on a current-thread \
+                         runtime a cancelled request panics inside diesel-async (docs/diesel.md)"
+                    );
+                }
                 let path = config.sqlite_path();
                 let busy_ms = config.busy_timeout.as_millis();
                 let mut config = config.clone();
