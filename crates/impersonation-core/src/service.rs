@@ -1,5 +1,6 @@
 //! The `Impersonation` service: the one entry point host apps and bindings call.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -7,14 +8,16 @@ use time::{Duration, OffsetDateTime};
 use tracing::{Instrument, Span, field::Empty};
 
 use crate::audit::{
-    Actor, AuditAction, AuditDraft, ChainBreak, ChainKey, ChainReport, ChainVerifier, Details,
+    Actor, AuditAction, AuditDraft, AuditEvent, ChainBreak, ChainKey, ChainReport, ChainVerifier,
+    Details,
 };
+use crate::batch::{Coalescer, Interrupted};
 use crate::clock::{Clock, SystemClock, normalize};
 use crate::id::{SessionId, TenantId, UserId};
 use crate::policy::{Denial, Policy, PolicyContext, Reason, StartRequest, Ticket};
 use crate::principal::{Directory, DirectoryError, Principal};
 use crate::projection::{ProjectionRules, ShadowUser};
-use crate::secret::{SecretError, SessionSecret};
+use crate::secret::{SecretError, SecretHash, SecretLookup, SessionSecret};
 use crate::session::{Begin, EndReason, PersonRef, Session, SessionState, TransitionError};
 use crate::store::{
     AppendGuard, AuditPage, AuditQuery, LiveFilter, StartOutcome, Store, StoreError, Touch,
@@ -415,12 +418,27 @@ pub struct Impersonation<S, D> {
     projection: ProjectionRules,
     config: Config,
     clock: Arc<dyn Clock>,
+    // Group commit, for stores whose `batches()` says so; clones share them.
+    appends: Arc<Coalescer<(AuditDraft, AppendGuard), Result<AuditEvent, StoreError>>>,
+    lookups: Arc<Coalescer<SecretLookup, Result<Option<Session>, StoreError>>>,
+}
+
+/// The store call that carried a write or lookup was abandoned before it
+/// answered (its caller was cancelled); whether a write took effect is
+/// unknown, so the caller fails closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the store call carrying this request was interrupted")]
+struct CallInterrupted;
+
+fn interrupted() -> StoreError {
+    StoreError::unavailable(CallInterrupted)
 }
 
 impl<S: Store, D: Directory> Impersonation<S, D> {
     /// A service with the default policy, no projection rules (every attribute
     /// dropped), the default config and the system clock.
     pub fn new(store: S, directory: D) -> Self {
+        let in_flight = store.concurrent_batches();
         Self {
             store,
             directory,
@@ -428,6 +446,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             projection: ProjectionRules::default(),
             config: Config::default(),
             clock: Arc::new(SystemClock),
+            appends: Arc::new(Coalescer::new(in_flight)),
+            lookups: Arc::new(Coalescer::new(in_flight)),
         }
     }
 
@@ -484,6 +504,60 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         normalize(self.clock.now())
     }
 
+    /// Appends through the group commit when the store batches.
+    async fn append(
+        &self,
+        draft: AuditDraft,
+        guard: AppendGuard,
+    ) -> Result<AuditEvent, StoreError> {
+        if self.store.concurrent_batches() == 0 {
+            return self.store.append(draft, guard).await;
+        }
+        self.appends
+            .submit((draft, guard), |batch| self.store.append_batch(batch))
+            .await
+            .unwrap_or_else(|Interrupted| Err(interrupted()))
+    }
+
+    /// The per-request lookup, through the group commit when the store
+    /// batches (identical secrets in one batch are looked up once).
+    async fn find_touching(
+        &self,
+        lookup: SecretLookup,
+        touch: Touch,
+    ) -> Result<Option<Session>, StoreError> {
+        if self.store.concurrent_batches() == 0 {
+            return self.store.find_by_secret(&lookup, Some(touch)).await;
+        }
+        let run = |lookups: Vec<SecretLookup>| async move {
+            // Stamped when the call starts: no earlier than any request in it.
+            let touch = Touch {
+                now: self.now(),
+                coalesce: touch.coalesce,
+            };
+            let mut distinct: Vec<SecretLookup> = Vec::new();
+            let mut position: HashMap<SecretHash, usize> = HashMap::new();
+            let slots: Vec<usize> = lookups
+                .into_iter()
+                .map(|l| {
+                    *position.entry(l.hash).or_insert_with(|| {
+                        distinct.push(l);
+                        distinct.len() - 1
+                    })
+                })
+                .collect();
+            let found = self.store.find_by_secrets(&distinct, Some(touch)).await;
+            slots
+                .into_iter()
+                .map(|i| found.get(i).cloned().unwrap_or_else(|| Err(interrupted())))
+                .collect()
+        };
+        self.lookups
+            .submit(lookup, run)
+            .await
+            .unwrap_or_else(|Interrupted| Err(interrupted()))
+    }
+
     async fn audit_denial(
         &self,
         draft: AuditDraft,
@@ -494,7 +568,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         for (key, value) in denial_details(&denial, attempt).iter() {
             draft.details.insert(key, value);
         }
-        self.store.append(draft, AppendGuard::None).await?;
+        self.append(draft, AppendGuard::None).await?;
         tracing::warn!(
             denial = denial.code(),
             attempt,
@@ -666,11 +740,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             now,
             coalesce: self.config.touch_interval,
         };
-        let Some(mut session) = self
-            .store
-            .find_by_secret(&secret.lookup(), Some(touch))
-            .await?
-        else {
+        let Some(mut session) = self.find_touching(secret.lookup(), touch).await? else {
             return Err(Error::Unauthenticated);
         };
         span.record(
@@ -1011,12 +1081,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             draft.action = AuditAction::Denied;
             let mut details = denial_details(&Denial::ReadOnlySession, "modification");
             details.insert("description", &activity.description);
-            self.store
-                .append(
-                    draft.details(details),
-                    AppendGuard::SessionActive(ctx.session),
-                )
-                .await?;
+            self.append(
+                draft.details(details),
+                AppendGuard::SessionActive(ctx.session),
+            )
+            .await?;
             return Err(Error::Denied(Denial::ReadOnlySession));
         }
         let mut details = activity.details;
@@ -1026,7 +1095,6 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             draft.action = AuditAction::Modification;
         }
         match self
-            .store
             .append(draft, AppendGuard::SessionActive(ctx.session))
             .await
         {

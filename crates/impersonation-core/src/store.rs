@@ -16,11 +16,12 @@ use crate::projection::ShadowUser;
 use crate::secret::SecretLookup;
 use crate::session::{Session, Start, Transition};
 
-/// A boxed error from a backend.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A backend's error, shared so that one failed call can answer every
+/// caller it carried (see [`Store::append_batch`]).
+pub type BackendError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// No session with that id.
     #[error("session {0} not found")]
@@ -34,7 +35,7 @@ pub enum StoreError {
     /// The backend cannot be reached or failed mid-operation. Nothing is
     /// assumed written; callers fail closed.
     #[error("store unavailable: {0}")]
-    Unavailable(#[source] BoxError),
+    Unavailable(#[source] BackendError),
     /// A stored row could not be read back (corruption, schema drift).
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
@@ -43,7 +44,13 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps a backend error as unavailability.
     pub fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Unavailable(Box::new(error))
+        Self::Unavailable(std::sync::Arc::new(error))
+    }
+
+    /// Unavailability described by a message (no underlying error value).
+    pub fn unavailable_because(message: impl Into<String>) -> Self {
+        let boxed: Box<dyn std::error::Error + Send + Sync> = message.into().into();
+        Self::Unavailable(boxed.into())
     }
 }
 
@@ -317,6 +324,22 @@ pub trait Store: Send + Sync {
     async fn append(&self, event: AuditDraft, guard: AppendGuard)
     -> Result<AuditEvent, StoreError>;
 
+    /// Appends several events, each under its own guard, in order, and
+    /// returns one result per event in the same order. Each event is judged
+    /// alone: a refused guard does not stop the others. A store that can
+    /// write a batch in one round trip (one transaction, one script) should
+    /// override this and [`Store::concurrent_batches`]; the default appends one by one.
+    async fn append_batch(
+        &self,
+        batch: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for (event, guard) in batch {
+            results.push(self.append(event, guard).await);
+        }
+        results
+    }
+
     /// The per-request lookup: finds a session by secret hash and applies the
     /// idle touch in the same round trip (see [`Touch`]). Returns the record
     /// as it was before the touch.
@@ -325,6 +348,34 @@ pub trait Store: Send + Sync {
         secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError>;
+
+    /// Several [`Store::find_by_secret`] lookups, each touched as `touch`
+    /// says; one result per lookup, in order. The default looks them up one
+    /// by one; a store that can answer them in one round trip should
+    /// override it (see [`Store::concurrent_batches`]).
+    async fn find_by_secrets(
+        &self,
+        lookups: &[SecretLookup],
+        touch: Option<Touch>,
+    ) -> Vec<Result<Option<Session>, StoreError>> {
+        let mut results = Vec::with_capacity(lookups.len());
+        for lookup in lookups {
+            results.push(self.find_by_secret(lookup, touch).await);
+        }
+        results
+    }
+
+    /// Group commit: how many [`Store::append_batch`] calls, and how many
+    /// [`Store::find_by_secrets`] calls, the service keeps in flight at
+    /// once. Callers that arrive while that many are running wait and share
+    /// the next call. `0`, the default, turns it off: every append and
+    /// lookup is its own call, which suits a store that answers at once,
+    /// such as [`crate::MemoryStore`]. A store whose batched calls cost one
+    /// round trip whatever their size says how many it can serve in
+    /// parallel (a connection pool's size, say).
+    fn concurrent_batches(&self) -> usize {
+        0
+    }
 
     /// A session by id.
     async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError>;
@@ -375,6 +426,22 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn append(&self, e: AuditDraft, g: AppendGuard) -> Result<AuditEvent, StoreError> {
         (**self).append(e, g).await
+    }
+    async fn append_batch(
+        &self,
+        b: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        (**self).append_batch(b).await
+    }
+    async fn find_by_secrets(
+        &self,
+        l: &[SecretLookup],
+        t: Option<Touch>,
+    ) -> Vec<Result<Option<Session>, StoreError>> {
+        (**self).find_by_secrets(l, t).await
+    }
+    fn concurrent_batches(&self) -> usize {
+        (**self).concurrent_batches()
     }
     async fn find_by_secret(
         &self,

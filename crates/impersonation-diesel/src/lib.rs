@@ -354,9 +354,9 @@ mod sqlite_setup {
 }
 
 fn pool_error(e: impl std::fmt::Display) -> OpError {
-    OpError::Store(StoreError::Unavailable(
-        format!("connection pool: {e}").into(),
-    ))
+    OpError::Store(StoreError::unavailable_because(format!(
+        "connection pool: {e}"
+    )))
 }
 
 macro_rules! build_pool {
@@ -418,7 +418,7 @@ const WRITE_ATTEMPTS: u32 = 6;
 fn store_error(e: OpError) -> StoreError {
     match e {
         OpError::Store(e) => e,
-        OpError::Db(e) => StoreError::Unavailable(Box::new(e)),
+        OpError::Db(e) => StoreError::unavailable(e),
     }
 }
 
@@ -682,6 +682,53 @@ impl Store for DieselStore {
             with_conn!(self, |conn, ops| ops::append(conn, &event, guard).await)
         })
         .await
+    }
+
+    async fn append_batch(
+        &self,
+        batch: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let n = batch.len();
+        let outcome = self
+            .write(|| async { with_conn!(self, |conn, ops| ops::append_batch(conn, &batch).await) })
+            .await;
+        match outcome {
+            Ok(results) => results,
+            // The transaction rolled back: nothing in it was written.
+            Err(e) => vec![Err(e); n],
+        }
+    }
+
+    async fn find_by_secrets(
+        &self,
+        lookups: &[SecretLookup],
+        touch: Option<Touch>,
+    ) -> Vec<Result<Option<Session>, StoreError>> {
+        let hashes: Vec<_> = lookups.iter().map(|l| l.hash).collect();
+        let outcome = self
+            .write(|| async {
+                with_conn!(self, |conn, ops| ops::find_by_secrets(conn, &hashes, touch)
+                    .await)
+            })
+            .await;
+        match outcome {
+            Ok(found) => found.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); lookups.len()],
+        }
+    }
+
+    fn concurrent_batches(&self) -> usize {
+        match self.kind() {
+            // One writer at a time: a single lane makes the biggest batches.
+            #[cfg(feature = "sqlite")]
+            BackendKind::Sqlite => 1,
+            // Half the pool each for appends and lookups.
+            #[allow(unreachable_patterns)]
+            _ => self.config.max_connections.div_ceil(2),
+        }
     }
 
     async fn find_by_secret(

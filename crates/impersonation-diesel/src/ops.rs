@@ -83,12 +83,15 @@ macro_rules! store_ops {
                 ChainKey, LiveFilter, Order, SecretHash, Session, SessionId, ShadowUser, Start,
                 StartOutcome, StoreError, Touch, Transition,
             };
+            use std::collections::{BTreeMap, BTreeSet, HashMap};
+
             use time::OffsetDateTime;
 
             use crate::ops::OpError;
             use crate::ops::dialect::$dialect as d;
             use crate::rows::{
-                EventRow, HeadRow, IdRow, KeyRow, SessionColumns, SessionRow, StateRow, VersionRow, micros, to_json,
+                EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, SessionColumns, SessionRow, StateRow,
+                VersionRow, micros, to_json,
             };
             use crate::sql::Sql;
 
@@ -128,24 +131,39 @@ macro_rules! store_ops {
             }
 
             async fn append_sealed(conn: &mut Conn, event: &AuditEvent) -> Result<(), OpError> {
-                let json = to_json("audit event", event)?;
-                Sql::new(
+                insert_events(conn, &[event]).await?;
+                set_head(conn, event).await
+            }
+
+            /// Inserts events in one statement (one row each).
+            async fn insert_events(conn: &mut Conn, events: &[&AuditEvent]) -> Result<(), OpError> {
+                if events.is_empty() {
+                    return Ok(());
+                }
+                let mut sql = Sql::new(
                     "INSERT INTO impersonation_audit_events \
-                     (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .arg(event.id.to_string())
-                .arg(event.chain.as_str())
-                .arg(count(event.seq))
-                .arg(micros(event.at))
-                .arg(event.action.code())
-                .arg(event.actor.id().map(|a| a.as_str().to_owned()))
-                .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
-                .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
-                .arg(event.session.map(|s| s.to_string()))
-                .arg(json)
-                .execute(conn)
-                .await?;
+                     (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) VALUES ",
+                );
+                for (i, event) in events.iter().enumerate() {
+                    sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
+                    sql = sql
+                        .arg(event.id.to_string())
+                        .arg(event.chain.as_str())
+                        .arg(count(event.seq))
+                        .arg(micros(event.at))
+                        .arg(event.action.code())
+                        .arg(event.actor.id().map(|a| a.as_str().to_owned()))
+                        .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
+                        .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
+                        .arg(event.session.map(|s| s.to_string()))
+                        .arg(to_json("audit event", event)?);
+                }
+                sql.execute(conn).await?;
+                Ok(())
+            }
+
+            /// Moves the chain's head row to `event`.
+            async fn set_head(conn: &mut Conn, event: &AuditEvent) -> Result<(), OpError> {
                 Sql::new("UPDATE impersonation_audit_chains SET seq = ?, hash = ? WHERE chain = ?")
                     .arg(count(event.seq))
                     .arg(event.hash.to_hex())
@@ -153,6 +171,15 @@ macro_rules! store_ops {
                     .execute(conn)
                     .await?;
                 Ok(())
+            }
+
+            /// `(?, ?, ...)` with `n` markers.
+            fn markers(sql: &mut Sql, n: usize) {
+                sql.push("(");
+                for i in 0..n {
+                    sql.push(if i == 0 { "?" } else { ", ?" });
+                }
+                sql.push(")");
             }
 
             async fn insert_session(conn: &mut Conn, s: &Session) -> Result<(), OpError> {
@@ -343,6 +370,137 @@ macro_rules! store_ops {
                     Ok(event)
                 })
                 .await
+            }
+
+            /// A batch of appends in one transaction: each chain's head row is
+            /// locked once, in key order (so two batches cannot deadlock), each
+            /// guarded session is read once under those locks, and every event
+            /// goes into one INSERT.
+            pub(crate) async fn append_batch(
+                conn: &mut Conn,
+                batch: &[(AuditDraft, AppendGuard)],
+            ) -> Result<Vec<Result<AuditEvent, StoreError>>, OpError> {
+                conn.transaction::<_, OpError, _>(async |conn| {
+                    let mut heads: BTreeMap<&ChainKey, Option<ChainHead>> =
+                        batch.iter().map(|(d, _)| (&d.chain, None)).collect();
+                    for (chain, head) in heads.iter_mut() {
+                        *head = lock_chain(conn, chain).await?;
+                    }
+                    let guarded: BTreeSet<SessionId> = batch
+                        .iter()
+                        .filter_map(|(_, g)| match g {
+                            AppendGuard::SessionActive(id) => Some(*id),
+                            AppendGuard::None => None,
+                        })
+                        .collect();
+                    let mut states: HashMap<String, String> = HashMap::new();
+                    if !guarded.is_empty() {
+                        let mut sql = Sql::new("SELECT id, state FROM impersonation_sessions WHERE id IN ");
+                        markers(&mut sql, guarded.len());
+                        for id in &guarded {
+                            sql = sql.arg(id.to_string());
+                        }
+                        for row in sql.load::<IdStateRow>(conn).await? {
+                            states.insert(row.id, row.state);
+                        }
+                    }
+                    let mut results = Vec::with_capacity(batch.len());
+                    for (draft, guard) in batch {
+                        if let AppendGuard::SessionActive(id) = guard {
+                            match states.get(&id.to_string()).map(String::as_str) {
+                                None => {
+                                    results.push(Err(StoreError::SessionNotFound(*id)));
+                                    continue;
+                                }
+                                Some("active") => {}
+                                Some(_) => {
+                                    results.push(Err(StoreError::SessionNotActive(*id)));
+                                    continue;
+                                }
+                            }
+                        }
+                        let head = heads
+                            .get_mut(&draft.chain)
+                            .ok_or_else(|| corrupt("chain head", "not locked"))?;
+                        let event = draft.clone().seal(*head);
+                        *head = Some(event.head());
+                        results.push(Ok(event));
+                    }
+                    let sealed: Vec<&AuditEvent> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+                    insert_events(conn, &sealed).await?;
+                    // The last event of each chain is its new head.
+                    let mut last: BTreeMap<&ChainKey, &AuditEvent> = BTreeMap::new();
+                    for event in &sealed {
+                        last.insert(&event.chain, event);
+                    }
+                    for event in last.values() {
+                        set_head(conn, event).await?;
+                    }
+                    Ok(results)
+                })
+                .await
+            }
+
+            /// Several lookups in one statement (the touch in a second one,
+            /// or in the same one on PostgreSQL).
+            pub(crate) async fn find_by_secrets(
+                conn: &mut Conn,
+                hashes: &[SecretHash],
+                touch: Option<Touch>,
+            ) -> Result<Vec<Option<Session>>, OpError> {
+                if let [hash] = hashes {
+                    return Ok(vec![find_by_secret(conn, hash, touch).await?]);
+                }
+                if hashes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = touch.map(|t| micros(t.now)).unwrap_or_default();
+                let coalesce = touch
+                    .map(|t| i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX))
+                    .unwrap_or_default();
+                let touch_in_query = d::ONE_STATEMENT_TOUCH && touch.is_some();
+                let mut sql = if touch_in_query {
+                    Sql::new(
+                        "WITH prev AS (SELECT id, secret_hash, record, shadow, last_seen_us, last_checked_us, version \
+                         FROM impersonation_sessions WHERE secret_hash IN ",
+                    )
+                } else {
+                    Sql::new(format!(
+                        "SELECT secret_hash, id, {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash IN "
+                    ))
+                };
+                markers(&mut sql, hashes.len());
+                for hash in hashes {
+                    sql = sql.arg(hash.to_hex());
+                }
+                if touch_in_query {
+                    sql.push(
+                        "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
+                         WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
+                         AND s.last_seen_us + s.idle_us > ? AND s.last_seen_us + ? <= ? RETURNING s.id) \
+                         SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
+                    );
+                    sql = sql.arg(now).arg(now).arg(now).arg(coalesce).arg(now);
+                }
+                let mut found: HashMap<String, Session> = HashMap::new();
+                let mut due = Vec::new();
+                for keyed in sql.load::<KeyedSessionRow>(conn).await? {
+                    let session = keyed.row.into_session()?;
+                    if !touch_in_query && touch.is_some_and(|t| t.applies_to(&session)) {
+                        due.push(keyed.id);
+                    }
+                    found.insert(keyed.secret_hash, session);
+                }
+                if !due.is_empty() {
+                    let mut sql = Sql::new("UPDATE impersonation_sessions SET last_seen_us = ? WHERE id IN ").arg(now);
+                    markers(&mut sql, due.len());
+                    for id in due {
+                        sql = sql.arg(id);
+                    }
+                    sql.push(" AND state = 'active' AND expires_us > ? AND last_seen_us + idle_us > ? AND last_seen_us + ? <= ?");
+                    sql.arg(now).arg(now).arg(coalesce).arg(now).execute(conn).await?;
+                }
+                Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned()).collect())
             }
 
             pub(crate) async fn find_by_secret(

@@ -151,3 +151,22 @@ pub(crate) struct StateRow {
     #[diesel(sql_type = Text)]
     pub(crate) state: String,
 }
+
+#[derive(QueryableByName)]
+pub(crate) struct IdStateRow {
+    #[diesel(sql_type = Text)]
+    pub(crate) id: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) state: String,
+}
+
+/// A session row with the secret hash it was found by.
+#[derive(QueryableByName)]
+pub(crate) struct KeyedSessionRow {
+    #[diesel(sql_type = Text)]
+    pub(crate) secret_hash: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) id: String,
+    #[diesel(embed)]
+    pub(crate) row: SessionRow,
+}

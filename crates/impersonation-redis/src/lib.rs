@@ -23,11 +23,11 @@
 mod keys;
 mod scripts;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use impersonation_core::{
     AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey,
     EventHash, LiveFilter, Order, SecretLookup, Session, SessionId, ShadowUser, Start,
@@ -40,7 +40,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::keys::{Slot, audit_all, audit_index, chains, is_route, live_all, live_set, where_key};
 use crate::scripts::{
-    APPEND_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, TRANSITION_SCRIPT,
+    APPEND_MANY_SCRIPT, APPEND_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT,
+    TRANSITION_SCRIPT,
 };
 
 /// Why connecting failed.
@@ -221,11 +222,15 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Batched calls in flight at once, per kind (see
+/// [`Store::concurrent_batches`]); they share the multiplexed connection.
+const CONCURRENT_BATCHES: usize = 4;
+
 /// Writes retried when another process moved a chain's head meanwhile.
 const CAS_ATTEMPTS: usize = 32;
 
 fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(Box::new(e))
+    StoreError::unavailable(e)
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -465,33 +470,166 @@ impl RedisStore {
 
     /// The derived audit views of an event (written after its script).
     async fn index_event(&self, event: &AuditEvent, route: &str) -> Result<(), StoreError> {
-        let member = index_member(event, route);
-        let score = micros(event.at) as f64;
-        let mut keys = vec![
-            audit_all(&self.ns),
-            audit_index(&self.ns, "agent", event.chain.as_str()),
-        ];
-        if let Some(s) = &event.subject {
-            keys.push(audit_index(&self.ns, "subject", s.id.as_str()));
+        self.index_events(std::slice::from_ref(event), route).await
+    }
+
+    /// The derived audit views of events of one chain: one `ZADD` per index
+    /// key, carrying every event that belongs there.
+    async fn index_events(&self, events: &[AuditEvent], route: &str) -> Result<(), StoreError> {
+        let mut by_key: BTreeMap<String, Vec<(f64, String)>> = BTreeMap::new();
+        for event in events {
+            let member = index_member(event, route);
+            let score = micros(event.at) as f64;
+            let mut keys = vec![
+                audit_all(&self.ns),
+                audit_index(&self.ns, "agent", event.chain.as_str()),
+            ];
+            if let Some(s) = &event.subject {
+                keys.push(audit_index(&self.ns, "subject", s.id.as_str()));
+            }
+            if let Some(t) = &event.tenant {
+                keys.push(audit_index(&self.ns, "tenant", t.as_str()));
+            }
+            if let Some(a) = event.actor.id() {
+                keys.push(audit_index(&self.ns, "actor", a.as_str()));
+            }
+            if let Some(s) = event.session {
+                keys.push(audit_index(&self.ns, "session", &s.to_string()));
+            }
+            for key in keys {
+                by_key.entry(key).or_default().push((score, member.clone()));
+            }
         }
-        if let Some(t) = &event.tenant {
-            keys.push(audit_index(&self.ns, "tenant", t.as_str()));
-        }
-        if let Some(a) = event.actor.id() {
-            keys.push(audit_index(&self.ns, "actor", a.as_str()));
-        }
-        if let Some(s) = event.session {
-            keys.push(audit_index(&self.ns, "session", &s.to_string()));
-        }
-        let cmds = keys
+        let cmds = by_key
             .into_iter()
-            .map(|k| {
+            .map(|(key, entries)| {
                 let mut c = redis::cmd("ZADD");
-                c.arg(k).arg(score).arg(&member);
+                c.arg(key);
+                for (score, member) in entries {
+                    c.arg(score).arg(member);
+                }
                 c
             })
             .collect();
         self.run_all(cmds).await
+    }
+
+    /// Appends one chain's share of a batch with one script call (more only
+    /// if a guard refuses or another process moves the head). `items` carry
+    /// their positions in the batch.
+    async fn append_chain(
+        &self,
+        chain: &ChainKey,
+        mut items: Vec<(usize, &AuditDraft, AppendGuard)>,
+    ) -> Result<Vec<(usize, Result<AuditEvent, StoreError>)>, StoreError> {
+        let slot = Slot::of_chain(&self.ns, chain);
+        let placeholder = slot.session(SessionId::from_uuid(uuid::Uuid::nil()));
+        let mut done = Vec::with_capacity(items.len());
+        let cache = self.chain_cache(chain);
+        let mut cached = cache.lock().await;
+        for _ in 0..CAS_ATTEMPTS {
+            if items.is_empty() {
+                return Ok(done);
+            }
+            let head = match *cached {
+                Some(h) => h,
+                None => self.read_head(&slot).await?,
+            };
+            let mut events = Vec::with_capacity(items.len());
+            let mut next = head;
+            for (_, draft, _) in &items {
+                let event = (*draft).clone().seal(next);
+                next = Some(event.head());
+                events.push(event);
+            }
+            let mut keys = vec![slot.head(), slot.chain()];
+            keys.extend(items.iter().map(|(_, _, guard)| match guard {
+                AppendGuard::None => placeholder.clone(),
+                AppendGuard::SessionActive(id) => slot.session(*id),
+            }));
+            if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
+                return Err(StoreError::Corrupt(
+                    "append script keys span hash slots".into(),
+                ));
+            }
+            let (seq, hash) = head_args(head);
+            let mut inv = APPEND_MANY_SCRIPT.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&seq).arg(&hash);
+            for ((_, _, guard), event) in items.iter().zip(&events) {
+                let guard = match guard {
+                    AppendGuard::None => "none",
+                    AppendGuard::SessionActive(_) => "active",
+                };
+                inv.arg(guard)
+                    .arg(to_json("audit event", event)?)
+                    .arg(event.seq)
+                    .arg(event.hash.to_hex());
+            }
+            let reply = self.invoke_cas(&inv, &mut cached).await?;
+            match reply.first().map(String::as_str) {
+                Some("head") => *cached = Some(moved_head(&reply)?),
+                Some("ok") => {
+                    *cached = Some(next);
+                    drop(cached);
+                    if events.first().is_some_and(|e| e.seq == 0) {
+                        let mut conn = self.conn.clone();
+                        let _: Value = redis::cmd("ZADD")
+                            .arg(chains(&self.ns))
+                            .arg("NX")
+                            .arg(0)
+                            .arg(chain.as_str())
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    self.index_events(&events, &slot.route).await?;
+                    done.extend(
+                        items
+                            .iter()
+                            .map(|(i, _, _)| *i)
+                            .zip(events.into_iter().map(Ok)),
+                    );
+                    return Ok(done);
+                }
+                Some("refused") => {
+                    *cached = Some(head);
+                    let refused: HashMap<usize, &str> = reply[1..]
+                        .chunks(2)
+                        .filter_map(|pair| match pair {
+                            [at, why] => Some((at.parse().ok()?, why.as_str())),
+                            _ => None,
+                        })
+                        .collect();
+                    if refused.is_empty() {
+                        return Err(corrupt("append reply", "refused nothing"));
+                    }
+                    let mut kept = Vec::with_capacity(items.len());
+                    for (k, item) in items.into_iter().enumerate() {
+                        let Some(why) = refused.get(&(k + 1)) else {
+                            kept.push(item);
+                            continue;
+                        };
+                        let AppendGuard::SessionActive(id) = item.2 else {
+                            return Err(corrupt("append reply", "refused an unguarded event"));
+                        };
+                        let error = if *why == "notfound" {
+                            StoreError::SessionNotFound(id)
+                        } else {
+                            StoreError::SessionNotActive(id)
+                        };
+                        done.push((item.0, Err(error)));
+                    }
+                    items = kept;
+                }
+                other => return Err(corrupt("append reply", format!("{other:?}"))),
+            }
+        }
+        Err(StoreError::unavailable_because(
+            "the chain head kept moving; gave up",
+        ))
     }
 
     fn live_sets(&self, session: &Session) -> [String; 3] {
@@ -725,8 +863,8 @@ impl Store for RedisStore {
                 other => return Err(corrupt("start reply", format!("{other:?}"))),
             }
         }
-        Err(StoreError::Unavailable(
-            "the chain head kept moving; gave up".into(),
+        Err(StoreError::unavailable_because(
+            "the chain head kept moving; gave up",
         ))
     }
 
@@ -798,8 +936,8 @@ impl Store for RedisStore {
                 other => return Err(corrupt("transition reply", format!("{other:?}"))),
             }
         }
-        Err(StoreError::Unavailable(
-            "the chain head kept moving; gave up".into(),
+        Err(StoreError::unavailable_because(
+            "the chain head kept moving; gave up",
         ))
     }
 
@@ -876,9 +1014,65 @@ impl Store for RedisStore {
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
             }
         }
-        Err(StoreError::Unavailable(
-            "the chain head kept moving; gave up".into(),
+        Err(StoreError::unavailable_because(
+            "the chain head kept moving; gave up",
         ))
+    }
+
+    async fn append_batch(
+        &self,
+        batch: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        // Each chain's share in one script call, the chains concurrently
+        // (they may live on different nodes).
+        let mut by_chain: BTreeMap<&ChainKey, Vec<(usize, &AuditDraft, AppendGuard)>> =
+            BTreeMap::new();
+        for (i, (draft, guard)) in batch.iter().enumerate() {
+            by_chain
+                .entry(&draft.chain)
+                .or_default()
+                .push((i, draft, *guard));
+        }
+        let writes = by_chain.into_iter().map(|(chain, items)| async move {
+            let positions: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
+            self.append_chain(chain, items)
+                .await
+                .map_err(|e| (positions, e))
+        });
+        let mut results: Vec<Option<Result<AuditEvent, StoreError>>> =
+            (0..batch.len()).map(|_| None).collect();
+        for outcome in join_all(writes).await {
+            match outcome {
+                Ok(done) => {
+                    for (i, result) in done {
+                        results[i] = Some(result);
+                    }
+                }
+                Err((positions, e)) => {
+                    for i in positions {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(corrupt("append batch", "an event got no result"))))
+            .collect()
+    }
+
+    async fn find_by_secrets(
+        &self,
+        lookups: &[SecretLookup],
+        touch: Option<Touch>,
+    ) -> Vec<Result<Option<Session>, StoreError>> {
+        // One script each (the secrets live in different slots), sent
+        // together over the multiplexed connection.
+        join_all(lookups.iter().map(|l| self.find_by_secret(l, touch))).await
+    }
+
+    fn concurrent_batches(&self) -> usize {
+        CONCURRENT_BATCHES
     }
 
     async fn find_by_secret(

@@ -87,6 +87,38 @@ append(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[4])
 return {'ok'}
 "#;
 
+/// Several events on one chain, in order. KEYS: head, chain, then one
+/// session key per event (a placeholder in the same slot when unguarded).
+/// ARGV: expected seq, expected hash, then per event: guard ('none' or
+/// 'active'), event, its seq, its hash. The client sealed the events as if
+/// all pass, so if any guard fails nothing is written and the reply lists
+/// the refused positions (`{'refused', i, reason, ...}`, 1-based) for the
+/// client to drop and reseal the rest.
+const APPEND_MANY: &str = r#"
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+local n = #KEYS - 2
+local refused = {}
+for i = 1, n do
+  if ARGV[2 + (i - 1) * 4 + 1] == 'active' then
+    local st = redis.call('HGET', KEYS[2 + i], 'state')
+    if not st then
+      table.insert(refused, tostring(i)); table.insert(refused, 'notfound')
+    elseif st ~= 'active' then
+      table.insert(refused, tostring(i)); table.insert(refused, 'notactive')
+    end
+  end
+end
+if #refused > 0 then
+  table.insert(refused, 1, 'refused')
+  return refused
+end
+for i = 1, n do
+  local a = 2 + (i - 1) * 4
+  append(KEYS[1], KEYS[2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 2])
+end
+return {'ok'}
+"#;
+
 /// The per-request lookup, one command. KEYS: secret key.
 /// ARGV: session key prefix (same slot), now µs, coalesce µs (-1: no touch).
 const RESOLVE: &str = r#"
@@ -121,6 +153,8 @@ fn with_prelude(body: &str) -> Script {
 pub(crate) static START_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(START));
 pub(crate) static TRANSITION_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(TRANSITION));
 pub(crate) static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(APPEND));
+pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| with_prelude(APPEND_MANY));
 pub(crate) static RESOLVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESOLVE));
 pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(RECORD_CHECK));

@@ -873,6 +873,133 @@ pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: 
     assert_eq!(assert_chain_verifies(&*store, &session.chain()).await, 41);
 }
 
+/// A batch of appends judges each event alone, keeps their order within
+/// each chain, and returns one result per event, in order.
+pub async fn append_batch_judges_each_event_and_keeps_order<S: Store>(store: S) {
+    let w = World::new();
+    let (a, b) = (w.agent(1), w.agent(2));
+    let (live, _) = must_start(&store, w.begin(&a, &w.customer(1, "t1"), epoch()).0).await;
+    let (ended, _) = must_start(&store, w.begin(&b, &w.customer(2, "t1"), epoch()).0).await;
+    let t = ended
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(t).await.unwrap();
+    let access = |session: &Session, who: &Principal, i: i64| {
+        session
+            .draft(
+                epoch() + Duration::seconds(i),
+                AuditAction::Access,
+                Actor::user(who.id.clone(), "agent"),
+            )
+            .details(Details::new().with("i", i))
+    };
+    let batch = vec![
+        (access(&live, &a, 1), AppendGuard::SessionActive(live.id)),
+        (access(&ended, &b, 2), AppendGuard::SessionActive(ended.id)),
+        (access(&ended, &b, 3), AppendGuard::None),
+        (access(&live, &a, 4), AppendGuard::None),
+        (access(&live, &a, 5), AppendGuard::SessionActive(live.id)),
+    ];
+    let results = store.append_batch(batch).await;
+    assert_eq!(results.len(), 5);
+    assert!(matches!(results[1], Err(StoreError::SessionNotActive(_))));
+    let ok: Vec<&AuditEvent> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        ok.iter()
+            .map(|e| (e.chain.clone(), e.seq))
+            .collect::<Vec<_>>(),
+        vec![
+            (live.chain(), 1),
+            (ended.chain(), 2),
+            (live.chain(), 2),
+            (live.chain(), 3),
+        ]
+    );
+    assert_eq!(
+        ok.iter().map(|e| e.details.get("i")).collect::<Vec<_>>(),
+        [Some("1"), Some("3"), Some("4"), Some("5")]
+    );
+    let chain_a = whole_chain(&store, &live.chain()).await;
+    assert_eq!(
+        chain_a[1..].iter().collect::<Vec<_>>(),
+        [ok[0], ok[2], ok[3]]
+    );
+    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 4);
+    assert_eq!(assert_chain_verifies(&store, &ended.chain()).await, 3);
+    assert!(store.append_batch(Vec::new()).await.is_empty());
+}
+
+/// A batch of lookups answers each in order (unknown secrets with `None`)
+/// and touches every session it finds.
+pub async fn find_by_secrets_answers_each_lookup_in_order<S: Store>(store: S) {
+    let w = World::new();
+    let (start1, secret1) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (start2, secret2) = w.begin(&w.agent(2), &w.customer(2, "t1"), epoch());
+    let (_, unknown) = w.begin(&w.agent(3), &w.customer(1, "t1"), epoch());
+    let (s1, _) = must_start(&store, start1).await;
+    let (s2, _) = must_start(&store, start2).await;
+    let now = epoch() + Duration::seconds(30);
+    let touch = Touch {
+        now,
+        coalesce: Duration::ZERO,
+    };
+    let found = store
+        .find_by_secrets(
+            &[secret2.lookup(), unknown.lookup(), secret1.lookup()],
+            Some(touch),
+        )
+        .await;
+    let ids: Vec<Option<_>> = found
+        .into_iter()
+        .map(|r| r.unwrap().map(|s| s.id))
+        .collect();
+    assert_eq!(ids, [Some(s2.id), None, Some(s1.id)]);
+    for id in [s1.id, s2.id] {
+        assert_eq!(
+            store.session(id).await.unwrap().unwrap().last_seen_at,
+            now,
+            "touched"
+        );
+    }
+    assert!(store.find_by_secrets(&[], Some(touch)).await.is_empty());
+}
+
+/// Concurrent batches over the same chains never fork them.
+pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store: S) {
+    let w = World::new();
+    let store = Arc::new(store);
+    let (a, b) = (w.agent(1), w.agent(2));
+    let (sa, _) = must_start(&*store, w.begin(&a, &w.customer(1, "t1"), epoch()).0).await;
+    let (sb, _) = must_start(&*store, w.begin(&b, &w.customer(2, "t1"), epoch()).0).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12_i64 {
+        let batch: Vec<_> = (0..5_i64)
+            .map(|j| {
+                let (s, who) = if (i + j) % 2 == 0 {
+                    (&sa, &a)
+                } else {
+                    (&sb, &b)
+                };
+                let draft = s.draft(
+                    epoch() + Duration::milliseconds(i * 10 + j),
+                    AuditAction::Access,
+                    Actor::user(who.id.clone(), "agent"),
+                );
+                (draft, AppendGuard::SessionActive(s.id))
+            })
+            .collect();
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.append_batch(batch).await });
+    }
+    while let Some(results) = tasks.join_next().await {
+        for r in results.expect("task") {
+            r.expect("append");
+        }
+    }
+    assert_eq!(assert_chain_verifies(&*store, &sa.chain()).await, 31);
+    assert_eq!(assert_chain_verifies(&*store, &sb.chain()).await, 31);
+}
+
 /// Runs every case against stores from `factory` (one fresh store per case).
 /// Prefer [`crate::store_conformance_tests!`], which makes each case its own test.
 pub async fn run_all<S, F, Fut>(factory: F)
@@ -900,6 +1027,9 @@ where
     live_sessions_filter_and_exclude_ended(factory().await).await;
     racing_starts_leave_one_live_session(factory().await).await;
     concurrent_appends_keep_the_chain_valid(factory().await).await;
+    append_batch_judges_each_event_and_keeps_order(factory().await).await;
+    find_by_secrets_answers_each_lookup_in_order(factory().await).await;
+    concurrent_batches_keep_the_chains_valid(factory().await).await;
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling the
@@ -934,6 +1064,9 @@ macro_rules! store_conformance_tests {
             live_sessions_filter_and_exclude_ended,
             racing_starts_leave_one_live_session,
             concurrent_appends_keep_the_chain_valid,
+            append_batch_judges_each_event_and_keeps_order,
+            find_by_secrets_answers_each_lookup_in_order,
+            concurrent_batches_keep_the_chains_valid,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -140,6 +140,44 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn append(&self, e: AuditDraft, g: AppendGuard) -> Result<AuditEvent, StoreError> {
         self.run(true, self.inner.append(e, g)).await
     }
+    async fn append_batch(
+        &self,
+        b: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        // One call, one fault: every event in it fails together.
+        let n = b.len();
+        match self.check(true) {
+            None => self.inner.append_batch(b).await,
+            Some(when) => {
+                if when == When::After {
+                    let _ = self.inner.append_batch(b).await;
+                }
+                (0..n)
+                    .map(|_| Err(StoreError::unavailable(Fault)))
+                    .collect()
+            }
+        }
+    }
+    async fn find_by_secrets(
+        &self,
+        l: &[SecretLookup],
+        t: Option<Touch>,
+    ) -> Vec<Result<Option<Session>, StoreError>> {
+        match self.check(t.is_some()) {
+            None => self.inner.find_by_secrets(l, t).await,
+            Some(when) => {
+                if when == When::After {
+                    let _ = self.inner.find_by_secrets(l, t).await;
+                }
+                l.iter()
+                    .map(|_| Err(StoreError::unavailable(Fault)))
+                    .collect()
+            }
+        }
+    }
+    fn concurrent_batches(&self) -> usize {
+        self.inner.concurrent_batches()
+    }
     async fn find_by_secret(
         &self,
         h: &SecretLookup,
