@@ -72,8 +72,8 @@ impl<S: Send + Sync> FromRequestParts<S> for RealUser {
 /// signed-in principal otherwise; 401 without either.
 #[derive(Debug, Clone)]
 pub enum EffectiveUser {
-    /// Impersonating: the projection of the customer.
-    Shadow(Box<ShadowUser>),
+    /// Impersonating: the projection of the customer (a cheap shared handle).
+    Shadow(ShadowUser),
     /// Not impersonating: the signed-in person.
     Real(Box<Principal>),
 }
@@ -123,7 +123,7 @@ impl<S: Send + Sync> FromRequestParts<S> for EffectiveUser {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
         if let Some(ctx) = parts.extensions.get::<Context>() {
-            return Ok(Self::Shadow(Box::new(ctx.shadow().clone())));
+            return Ok(Self::Shadow(ctx.shadow().clone()));
         }
         parts
             .extensions

@@ -8,7 +8,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -149,17 +149,32 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], text).into_response()
 }
 
-fn cookies_of(req: &Request) -> Vec<Cookie<'static>> {
-    req.headers()
+/// The value of the first cookie called `name`, read in place (the request
+/// path parses only the cookies the SDK owns, and copies nothing).
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            Cookie::split_parse(v.to_owned())
-                .filter_map(Result::ok)
-                .collect::<Vec<_>>()
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (n, value) = pair.trim().split_once('=')?;
+            (n == name).then(|| value.trim_matches('"'))
         })
-        .collect()
+}
+
+enum RouteName {
+    Matched(MatchedPath),
+    Path(String),
+}
+
+impl RouteName {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Matched(m) => m.as_str(),
+            Self::Path(p) => p,
+        }
+    }
 }
 
 fn set_cookie(res: &mut Response, cookie: &Cookie<'static>) {
@@ -189,12 +204,6 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let settings = &shared.settings;
-            let jar = cookies_of(&req);
-            let cookie = |name: &str| {
-                jar.iter()
-                    .find(|c| c.name() == name)
-                    .map(|c| c.value().to_owned())
-            };
 
             // The secret: the cookie for browsers, `Authorization: Bearer` for APIs.
             let bearer = req
@@ -207,25 +216,26 @@ where
 
             // API clients (bearer) are not browsers: no CSRF cookie is
             // issued to them, and their forms carry no token.
-            let (csrf, fresh_csrf) = match cookie(settings.csrf_cookie()).filter(|v| v.len() == 43)
-            {
-                Some(token) => (token, false),
-                None if bearer.is_some() => (String::new(), false),
-                None => match new_token() {
-                    Some(token) => (token, true),
-                    None => {
-                        return Ok(plain(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "random source unavailable",
-                        ));
-                    }
-                },
-            };
+            let (csrf, fresh_csrf) =
+                match cookie(req.headers(), settings.csrf_cookie()).filter(|v| v.len() == 43) {
+                    Some(token) => (token.to_owned(), false),
+                    None if bearer.is_some() => (String::new(), false),
+                    None => match new_token() {
+                        Some(token) => (token, true),
+                        None => {
+                            return Ok(plain(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "random source unavailable",
+                            ));
+                        }
+                    },
+                };
             req.extensions_mut().insert(CsrfToken(csrf.clone()));
             req.extensions_mut().insert(Handle(Arc::clone(&shared)));
 
             let from_cookie = bearer.is_none();
-            let presented = bearer.or_else(|| cookie(settings.secret_cookie()));
+            let presented = bearer
+                .or_else(|| cookie(req.headers(), settings.secret_cookie()).map(str::to_owned));
 
             let mut clear_secret = false;
             let mut ctx: Option<Context> = None;
@@ -272,11 +282,11 @@ where
             }
 
             let method = req.method().clone();
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map(|m| m.as_str().to_owned())
-                .unwrap_or_else(|| req.uri().path().to_owned());
+            // The route template (a shared string), or the path outside a router.
+            let route = match req.extensions().get::<MatchedPath>() {
+                Some(m) => RouteName::Matched(m.clone()),
+                None => RouteName::Path(req.uri().path().to_owned()),
+            };
             let audited = Audited::default();
             let span = match &ctx {
                 Some(c) => {
@@ -296,10 +306,13 @@ where
 
             if let Some(c) = &ctx {
                 // The SDK's own routes are audited as session events already.
-                let own_route = route.starts_with(&format!("{}/", settings.mount));
+                let route = route.as_str();
+                let own_route = route
+                    .strip_prefix(settings.mount.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'));
                 if !own_route
                     && !audited.0.load(Ordering::SeqCst)
-                    && (settings.audit)(&method, &route)
+                    && (settings.audit)(&method, route)
                 {
                     let status = res.status().as_u16();
                     let description = format!("{method} {route} ({status})");
@@ -310,7 +323,7 @@ where
                     };
                     let activity = activity
                         .detail("method", &method)
-                        .detail("route", &route)
+                        .detail("route", route)
                         .detail("status", status);
                     match shared.api.record(c, activity).await {
                         Ok(_) => {}

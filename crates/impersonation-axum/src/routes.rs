@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
 
-use crate::layer::{CsrfToken, Handle, PresentedSecret, Settings};
+use crate::layer::{CsrfToken, Handle, PresentedSecret, Settings, cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
@@ -102,16 +102,7 @@ fn local(return_to: Option<&str>) -> String {
 }
 
 fn had_csrf_cookie(headers: &HeaderMap, settings: &Settings) -> bool {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(';').any(|c| {
-                c.trim_start()
-                    .starts_with(&format!("{}=", settings.csrf_cookie()))
-            })
-        })
+    cookie(headers, settings.csrf_cookie()).is_some()
 }
 
 async fn start(req: Request) -> Response {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -159,7 +160,7 @@ impl Details {
         if !key_ok || (self.0.len() >= MAX_DETAIL_ENTRIES && !self.0.contains_key(key)) {
             return false;
         }
-        self.0.insert(key.to_owned(), sanitize(&value.to_string()));
+        self.0.insert(key.to_owned(), sanitize(value.to_string()));
         true
     }
 
@@ -179,7 +180,12 @@ impl Details {
     }
 }
 
-fn sanitize(text: &str) -> String {
+fn sanitize(text: String) -> String {
+    // The common case: short and clean, kept as it is (no byte count above
+    // the limit can hold more characters than the limit).
+    if text.len() <= MAX_DETAIL_VALUE && !has_forbidden_chars(&text) {
+        return text;
+    }
     let cleaned: String = text
         .chars()
         .map(|c| {
@@ -202,19 +208,21 @@ fn sanitize(text: &str) -> String {
 /// The key of one hash chain. By default one chain per support agent: the
 /// agent whose impersonation the event is about, even when an administrator
 /// revokes or the clock expires the session.
+///
+/// Cloning is cheap: the text is shared.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct ChainKey(String);
+pub struct ChainKey(Arc<str>);
 
 impl ChainKey {
     /// The chain of an agent.
     pub fn for_agent(agent: &UserId) -> Self {
-        Self(agent.as_str().to_owned())
+        Self(agent.shared())
     }
 
     /// Wraps a stored key.
     pub fn from_stored(key: impl Into<String>) -> Self {
-        Self(key.into())
+        Self(key.into().into())
     }
 
     /// The key as stored.

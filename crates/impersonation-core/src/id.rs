@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -40,21 +41,29 @@ fn check_opaque(value: &str) -> Result<(), IdError> {
 macro_rules! opaque_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        ///
+        /// Cloning is cheap: the text is shared.
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Wraps a host identifier, refusing empty, over-long or control-character values.
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 check_opaque(&value)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             /// The identifier as the host app gave it.
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+
+            /// The shared text, for keys derived from the id without copying it.
+            #[allow(dead_code)] // not every id kind derives keys
+            pub(crate) fn shared(&self) -> Arc<str> {
+                Arc::clone(&self.0)
             }
         }
 
@@ -91,39 +100,45 @@ macro_rules! opaque_id {
             }
         }
 
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
         impl From<Uuid> for $name {
             fn from(id: Uuid) -> Self {
-                Self(id.hyphenated().to_string())
+                Self(id.hyphenated().to_string().into())
             }
         }
 
         impl From<u64> for $name {
             fn from(id: u64) -> Self {
-                Self(id.to_string())
+                Self(id.to_string().into())
             }
         }
 
         impl From<i64> for $name {
             fn from(id: i64) -> Self {
-                Self(id.to_string())
+                Self(id.to_string().into())
             }
         }
 
         impl From<u32> for $name {
             fn from(id: u32) -> Self {
-                Self(id.to_string())
+                Self(id.to_string().into())
             }
         }
 
         impl From<i32> for $name {
             fn from(id: i32) -> Self {
-                Self(id.to_string())
+                Self(id.to_string().into())
             }
         }
     };

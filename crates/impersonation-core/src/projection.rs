@@ -1,6 +1,7 @@
 //! Shadow-user projection: what of the customer the agent works with.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -127,7 +128,7 @@ impl ProjectionRules {
             };
             attributes.insert(name.clone(), shadow);
         }
-        ShadowUser {
+        ShadowUser(Arc::new(ShadowData {
             id: target.id.clone(),
             display_name: target.display_name.clone(),
             tenant: target.tenant.clone(),
@@ -136,7 +137,7 @@ impl ProjectionRules {
             attributes,
             relationships: target.relationships.clone(),
             read_only: grant.read_only,
-        }
+        }))
     }
 }
 
@@ -145,8 +146,15 @@ impl ProjectionRules {
 /// target ∩ grant − denied and sensitive attributes masked, redacted or absent.
 ///
 /// Only [`ProjectionRules::project`] builds one (stores read them back through serde).
+///
+/// Cloning is cheap (the data is shared and never changes), so every request
+/// can carry its own handle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShadowUser {
+#[serde(transparent)]
+pub struct ShadowUser(Arc<ShadowData>);
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ShadowData {
     id: UserId,
     display_name: String,
     tenant: TenantId,
@@ -160,52 +168,53 @@ pub struct ShadowUser {
 impl ShadowUser {
     /// The customer's id (the app's "current user" id during the session).
     pub fn id(&self) -> &UserId {
-        &self.id
+        &self.0.id
     }
 
     /// The customer's display name.
     pub fn display_name(&self) -> &str {
-        &self.display_name
+        &self.0.display_name
     }
 
     /// The customer's tenant.
     pub fn tenant(&self) -> &TenantId {
-        &self.tenant
+        &self.0.tenant
     }
 
     /// The customer's roles.
     pub fn roles(&self) -> &BTreeSet<Role> {
-        &self.roles
+        &self.0.roles
     }
 
     /// The effective permissions.
     pub fn permissions(&self) -> &BTreeSet<Permission> {
-        &self.permissions
+        &self.0.permissions
     }
 
     /// Whether the shadow user holds a permission.
     pub fn has_permission(&self, permission: &Permission) -> bool {
-        self.permissions.contains(permission)
+        self.0.permissions.contains(permission)
     }
 
     /// The projected attributes.
     pub fn attributes(&self) -> &BTreeMap<String, ShadowValue> {
-        &self.attributes
+        &self.0.attributes
     }
 
     /// One projected attribute.
     pub fn attribute(&self, name: &str) -> Option<&ShadowValue> {
-        self.attributes.get(name)
+        self.0.attributes.get(name)
     }
 
     /// The customer's company and partner relationships.
     pub fn relationships(&self) -> &[Relationship] {
-        &self.relationships
+        &self.0.relationships
     }
 
     /// The customer's company name.
     pub fn company(&self) -> Option<&str> {
-        self.relationships
+        self.0
+            .relationships
             .iter()
             .find(|r| r.kind == crate::principal::RelationKind::Company)
             .map(|r| r.name.as_str())
@@ -213,6 +222,6 @@ impl ShadowUser {
 
     /// Whether the session is read-only.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.0.read_only
     }
 }

@@ -148,8 +148,14 @@ pub struct Started {
 /// What a request served under impersonation knows: the shadow user it acts
 /// as, the real agent beside it, and what the banner shows. Only the service
 /// builds one.
+///
+/// Cloning is cheap: a context is shared, never changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Context {
+#[serde(transparent)]
+pub struct Context(Arc<ContextData>);
+
+#[derive(Debug, PartialEq, Eq, Serialize)]
+struct ContextData {
     session: SessionId,
     agent: PersonRef,
     shadow: ShadowUser,
@@ -165,7 +171,7 @@ pub struct Context {
 
 impl Context {
     fn of(session: &Session) -> Self {
-        Self {
+        Self(Arc::new(ContextData {
             session: session.id,
             agent: session.agent.clone(),
             shadow: session.shadow.clone(),
@@ -174,79 +180,79 @@ impl Context {
             started_at: session.activated_at.unwrap_or(session.created_at),
             expires_at: session.expires_at,
             idle_deadline: session.idle_deadline().min(session.expires_at),
-        }
+        }))
     }
 
     /// The session.
     pub fn session(&self) -> SessionId {
-        self.session
+        self.0.session
     }
 
     /// The real agent, always reachable beside the shadow user.
     pub fn agent(&self) -> &PersonRef {
-        &self.agent
+        &self.0.agent
     }
 
     /// The user the request acts as.
     pub fn shadow(&self) -> &ShadowUser {
-        &self.shadow
+        &self.0.shadow
     }
 
     /// The impersonated customer's id.
     pub fn subject(&self) -> &UserId {
-        self.shadow.id()
+        self.0.shadow.id()
     }
 
     /// The customer's tenant.
     pub fn tenant(&self) -> &TenantId {
-        self.shadow.tenant()
+        self.0.shadow.tenant()
     }
 
     /// Why the session was started.
     pub fn reason(&self) -> &Reason {
-        &self.reason
+        &self.0.reason
     }
 
     /// The ticket, if any.
     pub fn ticket(&self) -> Option<&Ticket> {
-        self.ticket.as_ref()
+        self.0.ticket.as_ref()
     }
 
     /// When the session became active.
     pub fn started_at(&self) -> OffsetDateTime {
-        self.started_at
+        self.0.started_at
     }
 
     /// When the session ends at the latest.
     pub fn expires_at(&self) -> OffsetDateTime {
-        self.expires_at
+        self.0.expires_at
     }
 
     /// When the session ends if unused.
     pub fn idle_deadline(&self) -> OffsetDateTime {
-        self.idle_deadline
+        self.0.idle_deadline
     }
 
     /// Whether the session is read-only.
     pub fn read_only(&self) -> bool {
-        self.shadow.read_only()
+        self.0.shadow.read_only()
     }
 
     /// The audit chain of this session.
     pub fn chain(&self) -> ChainKey {
-        ChainKey::for_agent(&self.agent.id)
+        ChainKey::for_agent(&self.0.agent.id)
     }
 
     /// What the banner shows at `now`.
     pub fn banner(&self, now: OffsetDateTime) -> Banner {
-        let left = self.expires_at.min(self.idle_deadline) - now;
+        let left = self.0.expires_at.min(self.0.idle_deadline) - now;
         Banner {
-            subject_name: self.shadow.display_name().to_owned(),
-            company: self.shadow.company().map(str::to_owned),
-            agent_name: self.agent.name.clone(),
-            reason: self.reason.as_str().to_owned(),
-            ticket: self.ticket.as_ref().map(|t| t.as_str().to_owned()),
-            expires_at: self.expires_at,
+            subject_name: self.0.shadow.display_name().to_owned(),
+            company: self.0.shadow.company().map(str::to_owned),
+            agent_name: self.0.agent.name.clone(),
+            reason: self.0.reason.as_str().to_owned(),
+            ticket: self.0.ticket.as_ref().map(|t| t.as_str().to_owned()),
+            expires_at: self.0.expires_at,
             seconds_left: left.whole_seconds().max(0),
         }
     }
@@ -608,20 +614,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             Requester::Impersonating(ctx) => {
                 span.record(
                     "impersonation.agent",
-                    tracing::field::display(&ctx.agent.id),
+                    tracing::field::display(&ctx.0.agent.id),
                 );
                 let draft = AuditDraft::new(
                     now,
                     AuditAction::Denied,
-                    Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+                    Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
                     ctx.chain(),
                 )
                 .subject(
                     ctx.subject().clone(),
-                    ctx.shadow.display_name(),
+                    ctx.0.shadow.display_name(),
                     ctx.tenant().clone(),
                 )
-                .session(ctx.session);
+                .session(ctx.0.session);
                 return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
             }
         };
@@ -1067,15 +1073,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let base = AuditDraft::new(
             now,
             AuditAction::Access,
-            Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+            Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
             ctx.chain(),
         )
         .subject(
             ctx.subject().clone(),
-            ctx.shadow.display_name(),
+            ctx.0.shadow.display_name(),
             ctx.tenant().clone(),
         )
-        .session(ctx.session);
+        .session(ctx.0.session);
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
             let mut draft = base;
             draft.action = AuditAction::Denied;
@@ -1083,7 +1089,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             details.insert("description", &activity.description);
             self.append(
                 draft.details(details),
-                AppendGuard::SessionActive(ctx.session),
+                AppendGuard::SessionActive(ctx.0.session),
             )
             .await?;
             return Err(Error::Denied(Denial::ReadOnlySession));
@@ -1095,7 +1101,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             draft.action = AuditAction::Modification;
         }
         match self
-            .append(draft, AppendGuard::SessionActive(ctx.session))
+            .append(draft, AppendGuard::SessionActive(ctx.0.session))
             .await
         {
             Ok(event) => Ok(event),
@@ -1116,15 +1122,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let draft = AuditDraft::new(
             self.now(),
             AuditAction::Denied,
-            Actor::user(ctx.agent.id.clone(), ctx.agent.name.clone()),
+            Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
             ctx.chain(),
         )
         .subject(
             ctx.subject().clone(),
-            ctx.shadow.display_name(),
+            ctx.0.shadow.display_name(),
             ctx.tenant().clone(),
         )
-        .session(ctx.session);
+        .session(ctx.0.session);
         self.audit_denial(draft, denial, attempt).await
     }
 

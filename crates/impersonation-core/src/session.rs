@@ -2,6 +2,7 @@
 //! next record *and* the audit event recording it.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -120,8 +121,8 @@ pub struct Session {
     pub agent: PersonRef,
     /// The impersonated customer.
     pub subject: PersonRef,
-    /// What the policy allowed.
-    pub grant: Grant,
+    /// What the policy allowed (shared: it never changes once granted).
+    pub grant: Arc<Grant>,
     /// The customer as the agent sees them (refreshed at each policy re-check).
     pub shadow: ShadowUser,
     /// Hash of the bearer secret; stores never see the secret itself.
@@ -279,7 +280,7 @@ impl Session {
             id: SessionId::new(),
             agent: begin.agent,
             subject: begin.subject,
-            grant: begin.grant,
+            grant: Arc::new(begin.grant),
             shadow: begin.shadow,
             secret_hash: begin.secret_hash,
             state,

@@ -146,20 +146,25 @@ macro_rules! store_ops {
                 );
                 for (i, event) in events.iter().enumerate() {
                     sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
-                    sql = sql
-                        .arg(event.id.to_string())
-                        .arg(event.chain.as_str())
-                        .arg(count(event.seq))
-                        .arg(micros(event.at))
-                        .arg(event.action.code())
-                        .arg(event.actor.id().map(|a| a.as_str().to_owned()))
-                        .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
-                        .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
-                        .arg(event.session.map(|s| s.to_string()))
-                        .arg(to_json("audit event", event)?);
+                    sql = event_args(sql, event)?;
                 }
                 sql.execute(conn).await?;
                 Ok(())
+            }
+
+            /// Binds an event's ten columns, in the order of the INSERTs.
+            fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
+                Ok(sql
+                    .arg(event.id.to_string())
+                    .arg(event.chain.as_str())
+                    .arg(count(event.seq))
+                    .arg(micros(event.at))
+                    .arg(event.action.code())
+                    .arg(event.actor.id().map(|a| a.as_str().to_owned()))
+                    .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
+                    .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
+                    .arg(event.session.map(|s| s.to_string()))
+                    .arg(to_json("audit event", event)?))
             }
 
             /// Moves the chain's head row to `event`.
@@ -439,6 +444,52 @@ macro_rules! store_ops {
                     Ok(results)
                 })
                 .await
+            }
+
+            /// One statement that appends `events` (sealed after `expected`,
+            /// all on one chain) if the chain's head is still `expected` and
+            /// every `guarded` session is active; otherwise writes nothing.
+            /// PostgreSQL only (a data-modifying CTE). Returns whether it wrote.
+            #[allow(dead_code)] // only the PostgreSQL store calls it
+            pub(crate) async fn append_cas(
+                conn: &mut Conn,
+                expected: ChainHead,
+                events: &[AuditEvent],
+                guarded: &BTreeSet<SessionId>,
+            ) -> Result<bool, OpError> {
+                let (Some(first), Some(last)) = (events.first(), events.last()) else {
+                    return Ok(true);
+                };
+                let mut sql = Sql::new(
+                    "WITH head AS (UPDATE impersonation_audit_chains SET seq = ?, hash = ? \
+                     WHERE chain = ? AND seq = ? AND hash = ?",
+                )
+                .arg(count(last.seq))
+                .arg(last.hash.to_hex())
+                .arg(first.chain.as_str())
+                .arg(count(expected.seq))
+                .arg(expected.hash.to_hex());
+                if !guarded.is_empty() {
+                    sql.push(" AND (SELECT count(*) FROM impersonation_sessions WHERE state = 'active' AND id IN ");
+                    markers(&mut sql, guarded.len());
+                    for id in guarded {
+                        sql = sql.arg(id.to_string());
+                    }
+                    sql.push(") = ?");
+                    sql = sql.arg(i64::try_from(guarded.len()).unwrap_or(i64::MAX));
+                }
+                sql.push(
+                    " RETURNING chain) INSERT INTO impersonation_audit_events \
+                     (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
+                     SELECT v.* FROM (VALUES ",
+                );
+                for (i, event) in events.iter().enumerate() {
+                    sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
+                    sql = event_args(sql, event)?;
+                }
+                sql.push(") AS v WHERE EXISTS (SELECT 1 FROM head)");
+                let inserted = sql.execute(conn).await?;
+                Ok(inserted == events.len())
             }
 
             /// Several lookups in one statement (the touch in a second one,

@@ -355,13 +355,19 @@ mod postgres_crash {
             .await
             .unwrap();
         let blocker_pid = pids(&mut blocker, "SELECT pg_backend_pid()::bigint AS pid").await[0];
-        let task = tokio::spawn(write);
+        let mut task = tokio::spawn(write);
         let mut admin = connect(schema).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let victim = loop {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the write never waited on the blocker"
+            );
+            // A write that did not wait at all says why.
+            assert!(
+                !task.is_finished(),
+                "the write finished without waiting (its error: {:?})",
+                (&mut task).await.map(Result::err)
             );
             let waiting = pids(
                 &mut admin,
@@ -500,13 +506,19 @@ mod mariadb_crash {
             .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
             .unwrap();
         let store = db.store.clone();
-        let task = tokio::spawn(async move { store.transition(t).await });
+        let mut task = tokio::spawn(async move { store.transition(t).await });
         let mut admin = AsyncMysqlConnection::establish(url).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let victim = loop {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the write never waited on the blocker"
+            );
+            // A write that did not wait at all says why.
+            assert!(
+                !task.is_finished(),
+                "the write finished without waiting (its error: {:?})",
+                (&mut task).await.map(Result::err)
             );
             // Only the connection our blocker holds up: other tests run beside this one.
             let waiting = diesel::sql_query(format!(

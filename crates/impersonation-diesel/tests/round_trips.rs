@@ -112,6 +112,10 @@ async fn resolve_is_one_cached_statement_on_postgres() {
     assert_eq!(c.resolve, 1, "find and touch in one statement");
     assert_eq!(c.resolve_coalesced, 1);
     assert_eq!(
+        c.record, 1,
+        "an append on a known head is one statement (compare-and-set)"
+    );
+    assert_eq!(
         c.prepared_in_steady_state, 0,
         "every statement comes from the cache: one round trip each"
     );
@@ -246,4 +250,70 @@ async fn a_database_outage_fails_closed() {
         .await
         .unwrap_err();
     assert_eq!(err.http_status(), 503);
+}
+
+/// The one-statement append trusts a head cached in this process; when
+/// another process has moved the chain (here: ended the session), the
+/// compare-and-set fails, the transaction path runs, and the guard holds.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cached_head_falls_back_and_the_guard_holds_on_postgres() {
+    use impersonation_core::{
+        Actor, AppendGuard, AuditAction, Details, EndReason, Store, verify_chain,
+    };
+    let schema = common::unique("imptest");
+    let config = || DieselConfig::new(common::PG_URL).schema(schema.clone());
+    let counter = QueryCounter::new();
+    let here = DieselStore::connect_and_migrate(config().query_counter(Arc::clone(&counter)))
+        .await
+        .unwrap();
+    let elsewhere = DieselStore::connect(config()).await.unwrap();
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), impersonation_testkit::epoch());
+    let (session, _) = impersonation_testkit::conformance::must_start(&here, start).await;
+    let access = |i: i64| {
+        (
+            session
+                .draft(
+                    impersonation_testkit::epoch() + Duration::seconds(i),
+                    AuditAction::Access,
+                    Actor::user(agent.id.clone(), "Agent 1"),
+                )
+                .details(Details::new().with("i", i)),
+            AppendGuard::SessionActive(session.id),
+        )
+    };
+    // The head is known here: one statement.
+    let q = counter.queries();
+    let first = here.append_batch(vec![access(1), access(2)]).await;
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    assert_eq!(counter.queries() - q, 1);
+    // Another process ends the session, moving the head.
+    let end = session
+        .end(
+            EndReason::Revoked,
+            Actor::System,
+            impersonation_testkit::epoch() + Duration::seconds(3),
+            Details::new(),
+        )
+        .unwrap();
+    elsewhere.transition(end).await.unwrap();
+    // Here the cached head is stale: refused, and nothing forks.
+    let late = here.append_batch(vec![access(4)]).await;
+    assert!(
+        matches!(late.as_slice(), [Err(StoreError::SessionNotActive(_))]),
+        "{late:?}"
+    );
+    let unguarded = here
+        .append_batch(vec![(access(5).0, AppendGuard::None)])
+        .await;
+    assert_eq!(unguarded[0].as_ref().unwrap().seq, 4);
+    let events = impersonation_testkit::conformance::whole_chain(&here, &session.chain()).await;
+    let head = here.chain_head(&session.chain()).await.unwrap();
+    let report = verify_chain(&session.chain(), &events, head).unwrap();
+    assert_eq!(
+        report.events, 5,
+        "start, two accesses, the end, one unguarded"
+    );
 }

@@ -223,8 +223,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 /// Batched calls in flight at once, per kind (see
-/// [`Store::concurrent_batches`]); they share the multiplexed connection.
-const CONCURRENT_BATCHES: usize = 4;
+/// [`Store::concurrent_batches`]): one measured best, since calls share the
+/// multiplexed connection and a chain's appends queue behind each other.
+const CONCURRENT_BATCHES: usize = 1;
 
 /// Writes retried when another process moved a chain's head meanwhile.
 const CAS_ATTEMPTS: usize = 32;
