@@ -99,8 +99,8 @@ pub use session::{
     Begin, EndReason, PersonRef, Session, SessionState, Start, Transition, TransitionError,
 };
 pub use store::{
-    AppendGuard, AuditCursor, AuditPage, AuditQuery, BackendError, CursorError, LiveFilter,
-    MAX_PAGE, Order, StartOutcome, Store, StoreError, Touch,
+    AppendGuard, AuditCursor, AuditPage, AuditQuery, BackendError, Batching, CursorError,
+    LiveFilter, MAX_PAGE, Order, StartOutcome, Store, StoreError, Touch,
 };
 
 /// Re-exported so adapters and apps use the same versions.

@@ -102,9 +102,10 @@ pub struct Config {
     /// still holds the impersonate permission and the policy still allows
     /// the pair. `Duration::ZERO` (the default) checks on every request.
     pub recheck_interval: Duration,
-    /// Write the idle touch at most this often. `Duration::ZERO` (the
-    /// default) writes it on every request; a few seconds spare a busy
-    /// session's writes at the cost of that much idle-timeout precision.
+    /// Write the idle touch at most this often (default: one second, so a
+    /// page's burst of requests writes it once; idle timeouts are minutes).
+    /// `Duration::ZERO` writes it on every request; a few seconds spare a
+    /// busy session's writes at the cost of that much idle-timeout precision.
     pub touch_interval: Duration,
 }
 
@@ -112,7 +113,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             recheck_interval: Duration::ZERO,
-            touch_interval: Duration::ZERO,
+            touch_interval: Duration::seconds(1),
         }
     }
 }
@@ -444,7 +445,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// A service with the default policy, no projection rules (every attribute
     /// dropped), the default config and the system clock.
     pub fn new(store: S, directory: D) -> Self {
-        let in_flight = store.concurrent_batches();
+        let batching = store.batching();
         Self {
             store,
             directory,
@@ -452,8 +453,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             projection: ProjectionRules::default(),
             config: Config::default(),
             clock: Arc::new(SystemClock),
-            appends: Arc::new(Coalescer::new(in_flight)),
-            lookups: Arc::new(Coalescer::new(in_flight)),
+            appends: Arc::new(Coalescer::new(batching.appends)),
+            lookups: Arc::new(Coalescer::new(batching.lookups)),
         }
     }
 
@@ -516,7 +517,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         draft: AuditDraft,
         guard: AppendGuard,
     ) -> Result<AuditEvent, StoreError> {
-        if self.store.concurrent_batches() == 0 {
+        if self.store.batching().appends == 0 {
             return self.store.append(draft, guard).await;
         }
         self.appends
@@ -532,7 +533,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         lookup: SecretLookup,
         touch: Touch,
     ) -> Result<Option<Session>, StoreError> {
-        if self.store.concurrent_batches() == 0 {
+        if self.store.batching().lookups == 0 {
             return self.store.find_by_secret(&lookup, Some(touch)).await;
         }
         let run = |lookups: Vec<SecretLookup>| async move {

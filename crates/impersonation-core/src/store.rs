@@ -97,6 +97,24 @@ impl Touch {
     }
 }
 
+/// How many batched calls of each kind a store serves at once (see
+/// [`Store::batching`]); `0` for a kind means no batching for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Batching {
+    /// [`Store::append_batch`] calls in flight at once.
+    pub appends: usize,
+    /// [`Store::find_by_secrets`] calls in flight at once.
+    pub lookups: usize,
+}
+
+impl Batching {
+    /// No batching: one store call per append and per lookup.
+    pub const OFF: Self = Self {
+        appends: 0,
+        lookups: 0,
+    };
+}
+
 /// A condition on an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendGuard {
@@ -328,7 +346,7 @@ pub trait Store: Send + Sync {
     /// returns one result per event in the same order. Each event is judged
     /// alone: a refused guard does not stop the others. A store that can
     /// write a batch in one round trip (one transaction, one script) should
-    /// override this and [`Store::concurrent_batches`]; the default appends one by one.
+    /// override this and [`Store::batching`]; the default appends one by one.
     async fn append_batch(
         &self,
         batch: Vec<(AuditDraft, AppendGuard)>,
@@ -352,7 +370,7 @@ pub trait Store: Send + Sync {
     /// Several [`Store::find_by_secret`] lookups, each touched as `touch`
     /// says; one result per lookup, in order. The default looks them up one
     /// by one; a store that can answer them in one round trip should
-    /// override it (see [`Store::concurrent_batches`]).
+    /// override it (see [`Store::batching`]).
     async fn find_by_secrets(
         &self,
         lookups: &[SecretLookup],
@@ -365,16 +383,15 @@ pub trait Store: Send + Sync {
         results
     }
 
-    /// Group commit: how many [`Store::append_batch`] calls, and how many
-    /// [`Store::find_by_secrets`] calls, the service keeps in flight at
+    /// Group commit: how many [`Store::append_batch`] and
+    /// [`Store::find_by_secrets`] calls the service keeps in flight at
     /// once. Callers that arrive while that many are running wait and share
-    /// the next call. `0`, the default, turns it off: every append and
-    /// lookup is its own call, which suits a store that answers at once,
-    /// such as [`crate::MemoryStore`]. A store whose batched calls cost one
-    /// round trip whatever their size says how many it can serve in
-    /// parallel (a connection pool's size, say).
-    fn concurrent_batches(&self) -> usize {
-        0
+    /// the next call. The default turns it off: every append and lookup is
+    /// its own call, which suits a store that answers at once, such as
+    /// [`crate::MemoryStore`]. A store whose batched calls cost one round
+    /// trip whatever their size says how many it serves in parallel.
+    fn batching(&self) -> Batching {
+        Batching::OFF
     }
 
     /// A session by id.
@@ -440,8 +457,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     ) -> Vec<Result<Option<Session>, StoreError>> {
         (**self).find_by_secrets(l, t).await
     }
-    fn concurrent_batches(&self) -> usize {
-        (**self).concurrent_batches()
+    fn batching(&self) -> Batching {
+        (**self).batching()
     }
     async fn find_by_secret(
         &self,

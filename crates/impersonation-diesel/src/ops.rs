@@ -5,7 +5,12 @@
 //! (no fork), and since a session's state changes only under its agent's
 //! chain lock, it also makes the one-live-session check atomic.
 
-use impersonation_core::StoreError;
+use std::collections::BTreeSet;
+
+use impersonation_core::{AuditEvent, ChainHead, SessionId, StoreError};
+
+use crate::rows::{micros, to_json};
+use crate::sql::Sql;
 
 /// What an operation can fail with: a database error (classified by the
 /// caller, which may retry) or a store-level outcome.
@@ -74,6 +79,85 @@ pub(crate) mod dialect {
     }
 }
 
+pub(crate) fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Binds an event's ten columns, in the order of the INSERTs.
+pub(crate) fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
+    Ok(sql
+        .arg(event.id.to_string())
+        .arg(event.chain.as_str())
+        .arg(count(event.seq))
+        .arg(micros(event.at))
+        .arg(event.action.code())
+        .arg(event.actor.id().map(|a| a.as_str().to_owned()))
+        .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
+        .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
+        .arg(event.session.map(|s| s.to_string()))
+        .arg(to_json("audit event", event)?))
+}
+
+/// `(?, ?, ...)` with `n` markers.
+pub(crate) fn markers(sql: &mut Sql, n: usize) {
+    sql.push("(");
+    for i in 0..n {
+        sql.push(if i == 0 { "?" } else { ", ?" });
+    }
+    sql.push(")");
+}
+
+/// One statement that appends `events` (sealed after `expected`, all on
+/// one chain) if the chain's head is still `expected` and every `guarded`
+/// session is active, and otherwise writes nothing: it inserts all the
+/// events or none. PostgreSQL only (a data-modifying CTE). (Passing the rows
+/// as one JSON parameter, for a statement text that never varies, measured
+/// about 10% slower than this VALUES list.)
+pub(crate) fn cas_sql(
+    expected: ChainHead,
+    events: &[AuditEvent],
+    guarded: &BTreeSet<SessionId>,
+) -> Result<Sql, OpError> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Err(OpError::Store(StoreError::Corrupt("an empty batch".into())));
+    };
+    let mut sql = Sql::new(
+        "WITH head AS (UPDATE impersonation_audit_chains SET seq = ?, hash = ? \
+         WHERE chain = ? AND seq = ? AND hash = ?",
+    )
+    .arg(count(last.seq))
+    .arg(last.hash.to_hex())
+    .arg(first.chain.as_str())
+    .arg(count(expected.seq))
+    .arg(expected.hash.to_hex());
+    if !guarded.is_empty() {
+        sql.push(
+            " AND (SELECT count(*) FROM impersonation_sessions WHERE state = 'active' AND id IN ",
+        );
+        markers(&mut sql, guarded.len());
+        for id in guarded {
+            sql = sql.arg(id.to_string());
+        }
+        sql.push(") = ?");
+        sql = sql.arg(i64::try_from(guarded.len()).unwrap_or(i64::MAX));
+    }
+    sql.push(
+        " RETURNING chain) INSERT INTO impersonation_audit_events \
+         (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
+         SELECT v.* FROM (VALUES ",
+    );
+    for (i, event) in events.iter().enumerate() {
+        sql.push(if i == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+        sql = event_args(sql, event)?;
+    }
+    sql.push(") AS v WHERE EXISTS (SELECT 1 FROM head)");
+    Ok(sql)
+}
+
 macro_rules! store_ops {
     ($module:ident, $conn:ty, $dialect:ident) => {
         pub(crate) mod $module {
@@ -87,7 +171,7 @@ macro_rules! store_ops {
 
             use time::OffsetDateTime;
 
-            use crate::ops::OpError;
+            use crate::ops::{OpError, count, event_args, markers};
             use crate::ops::dialect::$dialect as d;
             use crate::rows::{
                 EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, SessionColumns, SessionRow, StateRow,
@@ -101,10 +185,6 @@ macro_rules! store_ops {
 
             fn corrupt(what: &str, e: impl std::fmt::Display) -> OpError {
                 OpError::Store(StoreError::Corrupt(format!("{what}: {e}")))
-            }
-
-            fn count(n: u64) -> i64 {
-                i64::try_from(n).unwrap_or(i64::MAX)
             }
 
             async fn head_row(conn: &mut Conn, chain: &ChainKey) -> Result<Option<HeadRow>, OpError> {
@@ -152,20 +232,6 @@ macro_rules! store_ops {
                 Ok(())
             }
 
-            /// Binds an event's ten columns, in the order of the INSERTs.
-            fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
-                Ok(sql
-                    .arg(event.id.to_string())
-                    .arg(event.chain.as_str())
-                    .arg(count(event.seq))
-                    .arg(micros(event.at))
-                    .arg(event.action.code())
-                    .arg(event.actor.id().map(|a| a.as_str().to_owned()))
-                    .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
-                    .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
-                    .arg(event.session.map(|s| s.to_string()))
-                    .arg(to_json("audit event", event)?))
-            }
 
             /// Moves the chain's head row to `event`.
             async fn set_head(conn: &mut Conn, event: &AuditEvent) -> Result<(), OpError> {
@@ -176,15 +242,6 @@ macro_rules! store_ops {
                     .execute(conn)
                     .await?;
                 Ok(())
-            }
-
-            /// `(?, ?, ...)` with `n` markers.
-            fn markers(sql: &mut Sql, n: usize) {
-                sql.push("(");
-                for i in 0..n {
-                    sql.push(if i == 0 { "?" } else { ", ?" });
-                }
-                sql.push(")");
             }
 
             async fn insert_session(conn: &mut Conn, s: &Session) -> Result<(), OpError> {
@@ -446,10 +503,7 @@ macro_rules! store_ops {
                 .await
             }
 
-            /// One statement that appends `events` (sealed after `expected`,
-            /// all on one chain) if the chain's head is still `expected` and
-            /// every `guarded` session is active; otherwise writes nothing.
-            /// PostgreSQL only (a data-modifying CTE). Returns whether it wrote.
+            /// [`cas_sql`](crate::ops::cas_sql) on a pooled connection.
             #[allow(dead_code)] // only the PostgreSQL store calls it
             pub(crate) async fn append_cas(
                 conn: &mut Conn,
@@ -457,38 +511,7 @@ macro_rules! store_ops {
                 events: &[AuditEvent],
                 guarded: &BTreeSet<SessionId>,
             ) -> Result<bool, OpError> {
-                let (Some(first), Some(last)) = (events.first(), events.last()) else {
-                    return Ok(true);
-                };
-                let mut sql = Sql::new(
-                    "WITH head AS (UPDATE impersonation_audit_chains SET seq = ?, hash = ? \
-                     WHERE chain = ? AND seq = ? AND hash = ?",
-                )
-                .arg(count(last.seq))
-                .arg(last.hash.to_hex())
-                .arg(first.chain.as_str())
-                .arg(count(expected.seq))
-                .arg(expected.hash.to_hex());
-                if !guarded.is_empty() {
-                    sql.push(" AND (SELECT count(*) FROM impersonation_sessions WHERE state = 'active' AND id IN ");
-                    markers(&mut sql, guarded.len());
-                    for id in guarded {
-                        sql = sql.arg(id.to_string());
-                    }
-                    sql.push(") = ?");
-                    sql = sql.arg(i64::try_from(guarded.len()).unwrap_or(i64::MAX));
-                }
-                sql.push(
-                    " RETURNING chain) INSERT INTO impersonation_audit_events \
-                     (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
-                     SELECT v.* FROM (VALUES ",
-                );
-                for (i, event) in events.iter().enumerate() {
-                    sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
-                    sql = event_args(sql, event)?;
-                }
-                sql.push(") AS v WHERE EXISTS (SELECT 1 FROM head)");
-                let inserted = sql.execute(conn).await?;
+                let inserted = crate::ops::cas_sql(expected, events, guarded)?.execute(conn).await?;
                 Ok(inserted == events.len())
             }
 

@@ -510,10 +510,29 @@ mod mariadb_crash {
         let mut admin = AsyncMysqlConnection::establish(url).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let victim = loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the write never waited on the blocker"
-            );
+            if std::time::Instant::now() >= deadline {
+                #[derive(QueryableByName, Debug)]
+                #[allow(dead_code)] // read through Debug, in the message below
+                struct Proc {
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    info: String,
+                }
+                let procs = diesel::sql_query(
+                    "SELECT CONCAT_WS(' | ', ID, COMMAND, STATE, TIME, COALESCE(INFO, '')) AS info FROM information_schema.processlist",
+                )
+                .load::<Proc>(&mut admin)
+                .await
+                .unwrap();
+                let trx = diesel::sql_query(
+                    "SELECT CONCAT_WS(' | ', trx_id, trx_state, trx_mysql_thread_id, COALESCE(trx_query, ''), COALESCE(trx_requested_lock_id, '')) AS info FROM information_schema.innodb_trx",
+                )
+                .load::<Proc>(&mut admin)
+                .await
+                .unwrap();
+                panic!(
+                    "the write never waited on the blocker (blocker {blocker_id}); processes: {procs:#?}; transactions: {trx:#?}"
+                );
+            }
             // A write that did not wait at all says why.
             assert!(
                 !task.is_finished(),

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 use impersonation_core::{
-    AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey,
-    EventHash, LiveFilter, Order, SecretLookup, Session, SessionId, ShadowUser, Start,
+    AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead,
+    ChainKey, EventHash, LiveFilter, Order, SecretLookup, Session, SessionId, ShadowUser, Start,
     StartOutcome, Store, StoreError, Touch, Transition,
 };
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -222,10 +222,13 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// Batched calls in flight at once, per kind (see
-/// [`Store::concurrent_batches`]): one measured best, since calls share the
-/// multiplexed connection and a chain's appends queue behind each other.
-const CONCURRENT_BATCHES: usize = 1;
+/// Batched calls in flight at once, per kind (see [`Store::batching`]): one
+/// measured best, since calls share the multiplexed connection and a
+/// chain's appends queue behind each other.
+const BATCHING: Batching = Batching {
+    appends: 1,
+    lookups: 1,
+};
 
 /// Writes retried when another process moved a chain's head meanwhile.
 const CAS_ATTEMPTS: usize = 32;
@@ -459,8 +462,21 @@ impl RedisStore {
         }
     }
 
-    /// Runs independent commands concurrently (they may live on different nodes).
+    /// Runs independent commands: on one server as one pipeline (one
+    /// write, one read), on a cluster concurrently (a cluster pipeline must
+    /// stay in one hash slot, and these span several).
     async fn run_all(&self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        if let Conn::Single(_) = &self.conn {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd).ignore();
+            }
+            let mut conn = self.conn.clone();
+            return pipe.query_async::<()>(&mut conn).await.map_err(unavailable);
+        }
         let futures = cmds.into_iter().map(|cmd| {
             let mut conn = self.conn.clone();
             async move { cmd.query_async::<Value>(&mut conn).await }
@@ -477,6 +493,10 @@ impl RedisStore {
     /// The derived audit views of events of one chain: one `ZADD` per index
     /// key, carrying every event that belongs there.
     async fn index_events(&self, events: &[AuditEvent], route: &str) -> Result<(), StoreError> {
+        self.run_all(self.index_commands(events, route)).await
+    }
+
+    fn index_commands(&self, events: &[AuditEvent], route: &str) -> Vec<Cmd> {
         let mut by_key: BTreeMap<String, Vec<(f64, String)>> = BTreeMap::new();
         for event in events {
             let member = index_member(event, route);
@@ -501,7 +521,7 @@ impl RedisStore {
                 by_key.entry(key).or_default().push((score, member.clone()));
             }
         }
-        let cmds = by_key
+        by_key
             .into_iter()
             .map(|(key, entries)| {
                 let mut c = redis::cmd("ZADD");
@@ -511,8 +531,7 @@ impl RedisStore {
                 }
                 c
             })
-            .collect();
-        self.run_all(cmds).await
+            .collect()
     }
 
     /// Appends one chain's share of a batch with one script call (more only
@@ -575,18 +594,17 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(next);
                     drop(cached);
+                    let mut cmds = self.index_commands(&events, &slot.route);
                     if events.first().is_some_and(|e| e.seq == 0) {
-                        let mut conn = self.conn.clone();
-                        let _: Value = redis::cmd("ZADD")
+                        let mut known = redis::cmd("ZADD");
+                        known
                             .arg(chains(&self.ns))
                             .arg("NX")
                             .arg(0)
-                            .arg(chain.as_str())
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(unavailable)?;
+                            .arg(chain.as_str());
+                        cmds.push(known);
                     }
-                    self.index_events(&events, &slot.route).await?;
+                    self.run_all(cmds).await?;
                     done.extend(
                         items
                             .iter()
@@ -1072,8 +1090,8 @@ impl Store for RedisStore {
         join_all(lookups.iter().map(|l| self.find_by_secret(l, touch))).await
     }
 
-    fn concurrent_batches(&self) -> usize {
-        CONCURRENT_BATCHES
+    fn batching(&self) -> Batching {
+        BATCHING
     }
 
     async fn find_by_secret(

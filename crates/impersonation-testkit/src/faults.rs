@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use impersonation_core::{
-    AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, ChainKey, LiveFilter,
-    SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch,
-    Transition,
+    AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead, ChainKey,
+    LiveFilter, SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome, Store,
+    StoreError, Touch, Transition,
 };
 use time::OffsetDateTime;
 
@@ -175,8 +175,8 @@ impl<S: Store> Store for FaultyStore<S> {
             }
         }
     }
-    fn concurrent_batches(&self) -> usize {
-        self.inner.concurrent_batches()
+    fn batching(&self) -> Batching {
+        self.inner.batching()
     }
     async fn find_by_secret(
         &self,
