@@ -100,7 +100,7 @@ pub use session::{
 };
 pub use store::{
     AppendGuard, AuditCursor, AuditPage, AuditQuery, BackendError, Batching, CursorError,
-    LiveFilter, MAX_PAGE, Order, StartOutcome, Store, StoreError, Touch,
+    DecodedSessions, LiveFilter, MAX_PAGE, Order, StartOutcome, Store, StoreError, Touch,
 };
 
 /// Re-exported so adapters and apps use the same versions.

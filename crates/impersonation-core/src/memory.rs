@@ -22,7 +22,9 @@ struct Inner {
     sessions: HashMap<SessionId, Session>,
     by_hash: HashMap<SecretHash, SessionId>,
     live_by_agent: HashMap<UserId, SessionId>,
-    chains: BTreeMap<ChainKey, Vec<AuditEvent>>,
+    // Shared events: a growing chain moves pointers when it reallocates,
+    // not whole events.
+    chains: BTreeMap<ChainKey, Vec<Arc<AuditEvent>>>,
     // Kept apart from the events, as a database keeps a head row, so that
     // cutting events off the end of a chain is detectable.
     heads: HashMap<ChainKey, ChainHead>,
@@ -37,7 +39,7 @@ impl Inner {
         let chain = self.chains.entry(event.chain.clone()).or_default();
         self.by_time
             .insert((event.at, event.id), (event.chain.clone(), chain.len()));
-        chain.push(event.clone());
+        chain.push(Arc::new(event.clone()));
         event
     }
 }
@@ -88,7 +90,7 @@ impl MemoryStore {
             .and_then(|events| events.get_mut(usize::try_from(seq).unwrap_or(usize::MAX)));
         match event {
             Some(e) => {
-                edit(e);
+                edit(Arc::make_mut(e));
                 true
             }
             None => false,
@@ -258,7 +260,7 @@ impl Store for MemoryStore {
         };
         for event in candidates.filter_map(lookup) {
             if query.matches(event) && query.after_cursor(event) {
-                events.push(event.clone());
+                events.push(AuditEvent::clone(event));
                 if events.len() > limit {
                     break;
                 }
@@ -289,7 +291,7 @@ impl Store for MemoryStore {
                     .iter()
                     .skip(from)
                     .take(limit as usize)
-                    .cloned()
+                    .map(|e| AuditEvent::clone(e))
                     .collect()
             })
             .unwrap_or_default())

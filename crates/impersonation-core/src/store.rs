@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::audit::{AuditAction, AuditDraft, AuditEvent, ChainHead, ChainKey};
 use crate::id::{EventId, SessionId, TenantId, UserId};
 use crate::projection::ShadowUser;
-use crate::secret::SecretLookup;
+use crate::secret::{SecretHash, SecretLookup};
 use crate::session::{Session, Start, Transition};
 
 /// A backend's error, shared so that one failed call can answer every
@@ -502,5 +502,64 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         limit: u32,
     ) -> Result<Vec<ChainKey>, StoreError> {
         (**self).chains(after, limit).await
+    }
+}
+
+/// Most sessions a [`DecodedSessions`] remembers before it starts over.
+const DECODED_CAPACITY: usize = 4_096;
+
+/// Sessions a store decoded last, by secret hash, for stores that keep a
+/// session as JSON text (its record and its shadow user): a lookup whose
+/// stored texts are exactly the ones decoded last time for that secret
+/// skips the parse. The texts are compared whole, so an edited or
+/// re-checked session is always parsed afresh.
+#[derive(Debug, Default)]
+pub struct DecodedSessions {
+    entries: std::sync::Mutex<std::collections::HashMap<SecretHash, Decoded>>,
+}
+
+#[derive(Debug)]
+struct Decoded {
+    record: Box<str>,
+    shadow: Box<str>,
+    session: Session,
+}
+
+impl DecodedSessions {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The session stored as `record` (a [`Session`] as JSON) with `shadow`
+    /// (its [`ShadowUser`] as JSON), for the secret `key`.
+    pub fn decode(
+        &self,
+        key: SecretHash,
+        record: &str,
+        shadow: &str,
+    ) -> Result<Session, serde_json::Error> {
+        let lock = || self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = lock().get(&key)
+            && *known.record == *record
+            && *known.shadow == *shadow
+        {
+            return Ok(known.session.clone());
+        }
+        let mut session: Session = serde_json::from_str(record)?;
+        session.shadow = serde_json::from_str(shadow)?;
+        let mut entries = lock();
+        if entries.len() >= DECODED_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(
+            key,
+            Decoded {
+                record: record.into(),
+                shadow: shadow.into(),
+                session: session.clone(),
+            },
+        );
+        Ok(session)
     }
 }

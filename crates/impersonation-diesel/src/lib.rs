@@ -47,8 +47,8 @@ use diesel_async::pooled_connection::{
 };
 use impersonation_core::{
     AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead, ChainKey,
-    LiveFilter, SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome, Store,
-    StoreError, Touch, Transition,
+    DecodedSessions, LiveFilter, SecretLookup, Session, SessionId, ShadowUser, Start, StartOutcome,
+    Store, StoreError, Touch, Transition,
 };
 use time::OffsetDateTime;
 
@@ -269,6 +269,8 @@ pub struct DieselStore {
     /// append on PostgreSQL (a compare-and-set on the head: a stale entry
     /// only costs a fall-back to the transaction).
     heads: Arc<std::sync::Mutex<std::collections::HashMap<ChainKey, ChainHead>>>,
+    /// The sessions lookups decoded last, to skip unchanged JSON.
+    decoded: Arc<DecodedSessions>,
 }
 
 impl std::fmt::Debug for DieselStore {
@@ -507,6 +509,7 @@ impl DieselStore {
             backend,
             config,
             heads: Arc::default(),
+            decoded: Arc::default(),
         };
         let ping: Result<(), OpError> =
             async { with_conn!(store, |conn, ops| ops::ping(conn).await) }.await;
@@ -836,8 +839,13 @@ impl Store for DieselStore {
         let hashes: Vec<_> = lookups.iter().map(|l| l.hash).collect();
         let outcome = self
             .write(|| async {
-                with_conn!(self, |conn, ops| ops::find_by_secrets(conn, &hashes, touch)
-                    .await)
+                with_conn!(self, |conn, ops| ops::find_by_secrets(
+                    conn,
+                    &hashes,
+                    touch,
+                    &self.decoded
+                )
+                .await)
             })
             .await;
         match outcome {
@@ -867,7 +875,8 @@ impl Store for DieselStore {
             with_conn!(self, |conn, ops| ops::find_by_secret(
                 conn,
                 &secret.hash,
-                touch
+                touch,
+                &self.decoded
             )
             .await)
         })

@@ -163,7 +163,7 @@ macro_rules! store_ops {
         pub(crate) mod $module {
             use diesel_async::{AsyncConnection, RunQueryDsl};
             use impersonation_core::{
-                AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, AuditCursor, ChainHead,
+                AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, AuditCursor, ChainHead, DecodedSessions,
                 ChainKey, LiveFilter, Order, SecretHash, Session, SessionId, ShadowUser, Start,
                 StartOutcome, StoreError, Touch, Transition,
             };
@@ -521,9 +521,10 @@ macro_rules! store_ops {
                 conn: &mut Conn,
                 hashes: &[SecretHash],
                 touch: Option<Touch>,
+                decoded: &DecodedSessions,
             ) -> Result<Vec<Option<Session>>, OpError> {
                 if let [hash] = hashes {
-                    return Ok(vec![find_by_secret(conn, hash, touch).await?]);
+                    return Ok(vec![find_by_secret(conn, hash, touch, decoded).await?]);
                 }
                 if hashes.is_empty() {
                     return Ok(Vec::new());
@@ -556,10 +557,14 @@ macro_rules! store_ops {
                     );
                     sql = sql.arg(now).arg(now).arg(now).arg(coalesce).arg(now);
                 }
+                let asked: HashMap<String, SecretHash> = hashes.iter().map(|h| (h.to_hex(), *h)).collect();
                 let mut found: HashMap<String, Session> = HashMap::new();
                 let mut due = Vec::new();
                 for keyed in sql.load::<KeyedSessionRow>(conn).await? {
-                    let session = keyed.row.into_session()?;
+                    let session = match asked.get(&keyed.secret_hash) {
+                        Some(key) => keyed.row.into_session_via(*key, decoded)?,
+                        None => keyed.row.into_session()?,
+                    };
                     if !touch_in_query && touch.is_some_and(|t| t.applies_to(&session)) {
                         due.push(keyed.id);
                     }
@@ -581,7 +586,9 @@ macro_rules! store_ops {
                 conn: &mut Conn,
                 hash: &SecretHash,
                 touch: Option<Touch>,
+                decoded: &DecodedSessions,
             ) -> Result<Option<Session>, OpError> {
+                let decode = |row: SessionRow| row.into_session_via(*hash, decoded);
                 if let (true, Some(touch)) = (d::ONE_STATEMENT_TOUCH, touch) {
                     let now = micros(touch.now);
                     let coalesce = i64::try_from(touch.coalesce.whole_microseconds()).unwrap_or(i64::MAX);
@@ -602,7 +609,7 @@ macro_rules! store_ops {
                     .arg(coalesce)
                     .arg(now);
                     let row = sql.load::<SessionRow>(conn).await?.into_iter().next();
-                    return Ok(row.map(SessionRow::into_session).transpose()?);
+                    return Ok(row.map(decode).transpose()?);
                 }
                 let row = Sql::new(format!("SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash = ?"))
                     .arg(hash.to_hex())
@@ -610,7 +617,7 @@ macro_rules! store_ops {
                     .await?
                     .into_iter()
                     .next();
-                let Some(session) = row.map(SessionRow::into_session).transpose()? else {
+                let Some(session) = row.map(decode).transpose()? else {
                     return Ok(None);
                 };
                 if let Some(touch) = touch.filter(|t| t.applies_to(&session)) {

@@ -2,7 +2,9 @@
 
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
-use impersonation_core::{AuditEvent, ChainHead, EventHash, Session, ShadowUser, StoreError};
+use impersonation_core::{
+    AuditEvent, ChainHead, DecodedSessions, EventHash, SecretHash, Session, ShadowUser, StoreError,
+};
 use time::OffsetDateTime;
 
 /// Microseconds since the Unix epoch: the stored form of every timestamp,
@@ -47,6 +49,24 @@ impl SessionRow {
         let shadow: ShadowUser =
             serde_json::from_str(&self.shadow).map_err(|e| corrupt("shadow user", e))?;
         session.shadow = shadow;
+        self.with_bookkeeping(session)
+    }
+
+    /// As [`SessionRow::into_session`], reusing the last decode of this
+    /// secret's session when its stored texts are unchanged.
+    pub(crate) fn into_session_via(
+        self,
+        key: SecretHash,
+        decoded: &DecodedSessions,
+    ) -> Result<Session, StoreError> {
+        let session = decoded
+            .decode(key, &self.record, &self.shadow)
+            .map_err(|e| corrupt("session record", e))?;
+        self.with_bookkeeping(session)
+    }
+
+    /// The columns that change without a transition win over the JSON.
+    fn with_bookkeeping(&self, mut session: Session) -> Result<Session, StoreError> {
         session.last_seen_at = from_micros(self.last_seen_us)?;
         session.last_checked_at = from_micros(self.last_checked_us)?;
         session.version = u64::try_from(self.version).map_err(|e| corrupt("version", e))?;

@@ -539,12 +539,18 @@ mod mariadb_crash {
                 "the write finished without waiting (its error: {:?})",
                 (&mut task).await.map(Result::err)
             );
-            // Only the connection our blocker holds up: other tests run beside this one.
+            // Only the connection our blocker holds up: other tests run beside
+            // this one. InnoDB does not always list a duplicate-key wait in
+            // innodb_lock_waits, so a connection of this test's database
+            // busy inserting into the events table counts as well.
             let waiting = diesel::sql_query(format!(
                 "SELECT CAST(r.trx_mysql_thread_id AS SIGNED) AS id FROM information_schema.innodb_lock_waits w \
                  JOIN information_schema.innodb_trx r ON r.trx_id = w.requesting_trx_id \
                  JOIN information_schema.innodb_trx b ON b.trx_id = w.blocking_trx_id \
-                 WHERE b.trx_mysql_thread_id = {blocker_id}"
+                 WHERE b.trx_mysql_thread_id = {blocker_id} \
+                 UNION SELECT CAST(ID AS SIGNED) AS id FROM information_schema.processlist \
+                 WHERE DB = DATABASE() AND ID <> {blocker_id} AND ID <> CONNECTION_ID() \
+                 AND INFO LIKE 'INSERT INTO impersonation_audit_events%' AND TIME_MS > 200"
             ))
             .load::<Thread>(&mut admin)
             .await

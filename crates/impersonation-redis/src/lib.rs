@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 use impersonation_core::{
     AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead,
-    ChainKey, EventHash, LiveFilter, Order, SecretLookup, Session, SessionId, ShadowUser, Start,
-    StartOutcome, Store, StoreError, Touch, Transition,
+    ChainKey, DecodedSessions, EventHash, LiveFilter, Order, SecretHash, SecretLookup, Session,
+    SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch, Transition,
 };
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -211,6 +211,8 @@ pub struct RedisStore {
     durability: DurabilityReport,
     /// Per chain: a queue for this process's writes and the last head seen.
     heads: Arc<Mutex<HashMap<ChainKey, HeadCache>>>,
+    /// The sessions lookups decoded last, to skip unchanged JSON.
+    decoded: Arc<DecodedSessions>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -269,8 +271,13 @@ fn session_fields(s: &Session) -> Result<[String; 8], StoreError> {
     ])
 }
 
-/// A session from `[record, shadow, last_seen_us, last_checked_us, version]`.
-fn decode_session(fields: &[Option<String>]) -> Result<Option<Session>, StoreError> {
+/// A session from `[record, shadow, last_seen_us, last_checked_us, version]`,
+/// reusing the last decode of this secret's session (`key`) when its
+/// stored texts are unchanged.
+fn decode_session(
+    fields: &[Option<String>],
+    key: Option<(SecretHash, &DecodedSessions)>,
+) -> Result<Option<Session>, StoreError> {
     let [
         Some(record),
         Some(shadow),
@@ -281,9 +288,17 @@ fn decode_session(fields: &[Option<String>]) -> Result<Option<Session>, StoreErr
     else {
         return Ok(None);
     };
-    let mut session: Session =
-        serde_json::from_str(record).map_err(|e| corrupt("session record", e))?;
-    session.shadow = serde_json::from_str(shadow).map_err(|e| corrupt("shadow user", e))?;
+    let mut session = match key {
+        Some((key, decoded)) => decoded
+            .decode(key, record, shadow)
+            .map_err(|e| corrupt("session record", e))?,
+        None => {
+            let mut session: Session =
+                serde_json::from_str(record).map_err(|e| corrupt("session record", e))?;
+            session.shadow = serde_json::from_str(shadow).map_err(|e| corrupt("shadow user", e))?;
+            session
+        }
+    };
     session.last_seen_at = from_micros(seen)?;
     session.last_checked_at = from_micros(checked)?;
     session.version = version.parse().map_err(|e| corrupt("version", e))?;
@@ -387,6 +402,7 @@ impl RedisStore {
             retention: config.retention,
             durability,
             heads: Arc::new(Mutex::new(HashMap::new())),
+            decoded: Arc::default(),
         })
     }
 
@@ -681,7 +697,7 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        decode_session(&fields)
+        decode_session(&fields, None)
     }
 
     async fn route_of(&self, id: SessionId) -> Result<Option<String>, StoreError> {
@@ -1119,7 +1135,7 @@ impl Store for RedisStore {
         let reply: Option<Vec<Option<String>>> =
             inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         match reply {
-            Some(fields) => decode_session(&fields),
+            Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))),
             None => Ok(None),
         }
     }
