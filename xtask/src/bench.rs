@@ -1,4 +1,5 @@
-//! `cargo xtask bench [args...]`: runs the benchmarks.
+//! `cargo xtask bench [args...]`: runs the criterion benchmarks;
+//! `cargo xtask bench http [args...]`: the HTTP load bench (wrk).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -17,10 +18,32 @@ const BENCH_PACKAGES: &[&str] = &[
 /// PostgreSQL and SQLite).
 const BENCH_FEATURES: &str = "impersonation-diesel/postgres,impersonation-diesel/sqlite";
 
+/// The load bench's manifest: a workspace of its own, so the
+/// tower-sessions stores it compares against (sqlx, fred) stay out of CI.
+const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
+
 /// Runs `cargo bench --package <p>... [args...]`, e.g. `cargo xtask bench --
-/// --save-baseline main` to forward options to criterion.
+/// --save-baseline main` to forward options to criterion; or, for `http`,
+/// the load bench with its arguments (`--seconds N`, `--connections N`,
+/// variant names).
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     crate::services::up()?;
+    if args.first().and_then(|a| a.to_str()) == Some("http") {
+        crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk")])?;
+        let mut cargo_args: Vec<OsString> = [
+            "run",
+            "--release",
+            "--locked",
+            "--manifest-path",
+            HTTP_BENCH,
+            "--",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        cargo_args.extend_from_slice(&args[1..]);
+        return crate::run_cargo_passthrough(cargo_args);
+    }
     let mut cargo_args: Vec<OsString> =
         vec!["bench".into(), "--features".into(), BENCH_FEATURES.into()];
     for package in BENCH_PACKAGES {

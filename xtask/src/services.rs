@@ -118,6 +118,21 @@ fn missing_tools() -> Vec<&'static str> {
         .collect()
 }
 
+/// Installs the apt packages of the given tools (binary, package) that are
+/// missing.
+pub(crate) fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(binary, _)| existing(binary).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {}", missing.join(" "));
+    apt_install(&crate::root_shell()?, &missing)
+}
+
 /// Prints one line per service: reachable or not, installed or not.
 pub(crate) fn status() -> Result<()> {
     // Column widths from the table, so a longer name or address list (the

@@ -1,0 +1,412 @@
+//! Requests per second of one small handler, served by one tokio worker
+//! pinned to core 0 while wrk loads it from core 1:
+//!
+//! - `bare`: the handler alone;
+//! - `layer-<store>`: behind the impersonation layer, under a live
+//!   impersonation (resolve, shadow user, one audit event per request);
+//! - `layer-<store>-tuned`: the same with the idle touch and the policy
+//!   re-check written at most every 5 s (`Config`), so resolve is a read;
+//! - `layer-<store>-unaudited`: tuned, with `audit_when` off (resolve only);
+//! - `ts-<store>`: behind tower-sessions 0.14 with its store on the same
+//!   backend, the handler reading one value from the session;
+//! - `layer-ordinary`: behind the layer, a signed-in user who is not
+//!   impersonating anyone (the app's everyday traffic: no store call).
+//!
+//! Usage: `impersonation-http-bench [--seconds N] [--connections N] [VARIANT...]`
+//! (`cargo xtask bench http`). The `serve` subcommand is internal.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{Next, from_fn};
+use axum::routing::get;
+use impersonation_axum::{EffectiveUser, ImpersonationLayer};
+use impersonation_core::{
+    Config, Impersonation, MemoryDirectory, MemoryStore, Principal, Requester, StartRequest, Store,
+    TenantId, UserId,
+};
+use tower_sessions::{Session, SessionManagerLayer};
+
+const VARIANTS: &[&str] = &[
+    "bare",
+    "layer-ordinary",
+    "layer-memory",
+    "layer-memory-tuned",
+    "layer-memory-unaudited",
+    "ts-memory",
+    "layer-sqlite",
+    "layer-sqlite-tuned",
+    "layer-sqlite-unaudited",
+    "ts-sqlite",
+    "layer-postgres",
+    "layer-postgres-tuned",
+    "layer-postgres-unaudited",
+    "ts-postgres",
+    "layer-redis",
+    "layer-redis-tuned",
+    "layer-redis-unaudited",
+    "ts-redis",
+];
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+fn unique() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("imptest_bench_{}", &id[20..])
+}
+
+fn scratch_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        })
+        .join("test-dbs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("serve") {
+        let (Some(variant), Some(port)) = (args.get(1), args.get(2)) else {
+            bail!("usage: serve VARIANT PORT");
+        };
+        let port: u16 = port.parse()?;
+        // One tokio worker. (A multi-thread runtime with one worker rather
+        // than the current-thread one: diesel-async's SQLite wrapper blocks
+        // in place when a query is cancelled, which the latter forbids.)
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(serve(variant, port));
+    }
+    let mut seconds = 10u64;
+    let mut connections = 32u32;
+    let mut chosen = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
+            "--connections" => connections = it.next().context("--connections N")?.parse()?,
+            v if VARIANTS.contains(&v) => chosen.push(v.to_owned()),
+            other => bail!("unknown argument {other}; variants: {}", VARIANTS.join(" ")),
+        }
+    }
+    if chosen.is_empty() {
+        chosen = VARIANTS.iter().map(|v| (*v).to_owned()).collect();
+    }
+    if !chosen.iter().any(|v| v == "bare") {
+        chosen.insert(0, "bare".into());
+    }
+    let mut results = Vec::new();
+    for variant in &chosen {
+        let rps = measure(variant, seconds, connections)?;
+        println!("{variant:<26} {rps:>10.0} req/s");
+        results.push((variant.clone(), rps));
+    }
+    report(&results, seconds, connections);
+    Ok(())
+}
+
+fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
+    let bare = results
+        .iter()
+        .find(|(v, _)| v == "bare")
+        .map_or(1.0, |(_, r)| *r);
+    let get = |name: &str| results.iter().find(|(v, _)| v == name).map(|(_, r)| *r);
+    println!(
+        "\n{seconds} s per variant, wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
+    );
+    println!(
+        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 |"
+    );
+    println!("|---|---|---|---|---|");
+    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | |");
+    if let Some(r) = get("layer-ordinary") {
+        println!(
+            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | |",
+            r / bare
+        );
+    }
+    for backend in ["memory", "sqlite", "postgres", "redis"] {
+        let cell = |name: String| match get(&name) {
+            Some(r) => format!("{r:.0} req/s = {:.2}", r / bare),
+            None => "-".into(),
+        };
+        println!(
+            "| {backend} | {} | {} | {} | {} |",
+            cell(format!("layer-{backend}")),
+            cell(format!("layer-{backend}-tuned")),
+            cell(format!("layer-{backend}-unaudited")),
+            cell(format!("ts-{backend}")),
+        );
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn curl(args: &[&str]) -> Result<String> {
+    let out = Command::new("curl").arg("-s").args(args).output()?;
+    if !out.status.success() {
+        bail!("curl {args:?} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wrk(url: &str, header: Option<&str>, seconds: u64, connections: u32) -> Result<f64> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "wrk", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"));
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx or 3xx responses") || text.contains("Socket errors") {
+        bail!("wrk saw errors:\n{text}");
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .context("wrk printed no Requests/sec")?
+        .trim()
+        .parse()
+        .context("parsing Requests/sec")
+}
+
+fn measure(variant: &str, seconds: u64, connections: u32) -> Result<f64> {
+    let port = free_port()?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(exe)
+        .args(["serve", variant, &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let server = Server(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let header = line
+        .strip_prefix("READY")
+        .with_context(|| format!("{variant}: server did not start: {line}"))?
+        .trim()
+        .to_owned();
+    let url = format!("http://127.0.0.1:{port}/");
+    let header = if variant.starts_with("ts-") {
+        let headers = curl(&["-D", "-", "-o", "/dev/null", &format!("{url}login")])?;
+        let cookie = headers
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("set-cookie")
+                    .then(|| value.trim().to_owned())
+            })
+            .context("tower-sessions set no cookie")?;
+        let pair = cookie.split(';').next().unwrap_or_default().to_owned();
+        Some(format!("Cookie: {pair}"))
+    } else if header.is_empty() {
+        None
+    } else {
+        Some(header)
+    };
+    // Each variant must really serve its user before it is timed.
+    let mut check = vec!["-f"];
+    if let Some(h) = &header {
+        check.extend(["-H", h.as_str()]);
+    }
+    check.push(&url);
+    let body = curl(&check)?;
+    if !body.starts_with("hello ") || (variant != "bare" && !body.contains("Cora Customer")) {
+        bail!("{variant}: unexpected body {body:?}");
+    }
+    wrk(&url, header.as_deref(), 2, connections)?; // warm-up
+    let rps = wrk(&url, header.as_deref(), seconds, connections)?;
+    drop(server);
+    Ok(rps)
+}
+
+fn people() -> Result<(Principal, Principal)> {
+    let tenant = TenantId::new("bench")?;
+    let agent = Principal::new(UserId::new("agent")?, "Abe Agent", tenant.clone())
+        .with_permissions(["impersonation:start", "bookings:read"]);
+    let customer = Principal::new(UserId::new("customer")?, "Cora Customer", tenant)
+        .with_permissions(["bookings:read"]);
+    Ok((agent, customer))
+}
+
+async fn store_for(backend: &str) -> Result<Arc<dyn Store>> {
+    use impersonation_diesel::{DieselConfig, DieselStore};
+    Ok(match backend {
+        "memory" => Arc::new(MemoryStore::new()),
+        "sqlite" => {
+            let path = scratch_dir().join(format!("{}.db", unique()));
+            Arc::new(
+                DieselStore::connect_and_migrate(DieselConfig::new(format!(
+                    "sqlite://{}",
+                    path.display()
+                )))
+                .await?,
+            )
+        }
+        "postgres" => Arc::new(
+            DieselStore::connect_and_migrate(DieselConfig::new(PG_URL).schema(unique())).await?,
+        ),
+        "redis" => {
+            let config = impersonation_redis::RedisConfig::new(REDIS_URL)?.namespace(&unique())?;
+            Arc::new(impersonation_redis::RedisStore::connect(config).await?)
+        }
+        other => bail!("unknown backend {other}"),
+    })
+}
+
+async fn serve(variant: &str, port: u16) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let (app, ready) = if variant == "bare" {
+        let app = Router::new().route("/", get(|| async { "hello world" }));
+        (app, String::new())
+    } else if variant == "layer-ordinary" {
+        let (agent, customer) = people()?;
+        let directory = MemoryDirectory::new();
+        directory.insert(agent);
+        let service = Impersonation::new(MemoryStore::new(), directory);
+        let app = Router::new()
+            .route(
+                "/",
+                get(|user: EffectiveUser| async move { format!("hello {}", user.display_name()) }),
+            )
+            .layer(ImpersonationLayer::new(service).development_mode())
+            .layer(from_fn(move |mut req: Request, next: Next| {
+                // The host app's auth: an ordinary customer, signed in.
+                req.extensions_mut().insert(customer.clone());
+                next.run(req)
+            }));
+        // A browser that already holds its CSRF cookie.
+        let csrf = "c".repeat(43);
+        (app, format!("Cookie: impersonation-csrf={csrf}"))
+    } else if let Some(rest) = variant.strip_prefix("layer-") {
+        let (backend, tuned, audited) = if let Some(b) = rest.strip_suffix("-unaudited") {
+            (b, true, false)
+        } else if let Some(b) = rest.strip_suffix("-tuned") {
+            (b, true, true)
+        } else {
+            (rest, false, true)
+        };
+        let (agent, customer) = people()?;
+        let directory = MemoryDirectory::new();
+        directory.insert(agent.clone());
+        directory.insert(customer.clone());
+        let mut service = Impersonation::new(store_for(backend).await?, directory);
+        if tuned {
+            service = service.with_config(Config {
+                touch_interval: time::Duration::seconds(5),
+                recheck_interval: time::Duration::seconds(5),
+            });
+        }
+        let started = service
+            .start(
+                Requester::User(&agent),
+                StartRequest::new(customer.id.clone(), "Load bench session"),
+            )
+            .await?;
+        let mut layer = ImpersonationLayer::new(service).development_mode();
+        if !audited {
+            layer = layer.audit_when(|_, _| false);
+        }
+        let app = Router::new()
+            .route(
+                "/",
+                get(|user: EffectiveUser| async move { format!("hello {}", user.display_name()) }),
+            )
+            .layer(layer)
+            .layer(from_fn(move |mut req: Request, next: Next| {
+                // The host app's auth: the signed-in agent.
+                req.extensions_mut().insert(agent.clone());
+                next.run(req)
+            }));
+        (
+            app,
+            format!("Authorization: Bearer {}", started.secret.expose()),
+        )
+    } else if let Some(backend) = variant.strip_prefix("ts-") {
+        let app = Router::new()
+            .route(
+                "/",
+                get(|session: Session| async move {
+                    match session.get::<String>("user").await {
+                        Ok(Some(user)) => format!("hello {user}"),
+                        _ => "hello nobody".to_owned(),
+                    }
+                }),
+            )
+            .route(
+                "/login",
+                get(|session: Session| async move {
+                    match session.insert("user", "Cora Customer").await {
+                        Ok(()) => "signed in",
+                        Err(_) => "failed",
+                    }
+                }),
+            );
+        let app = match backend {
+            "memory" => app.layer(
+                SessionManagerLayer::new(tower_sessions::MemoryStore::default()).with_secure(false),
+            ),
+            "sqlite" => {
+                use tower_sessions_sqlx_store::{SqliteStore, sqlx::SqlitePool};
+                let path = scratch_dir().join(format!("{}.db", unique()));
+                let pool =
+                    SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
+                let store = SqliteStore::new(pool);
+                store.migrate().await?;
+                app.layer(SessionManagerLayer::new(store).with_secure(false))
+            }
+            "postgres" => {
+                use tower_sessions_sqlx_store::{PostgresStore, sqlx::PgPool};
+                let pool = PgPool::connect(PG_URL).await?;
+                let store = PostgresStore::new(pool)
+                    .with_schema_name(unique())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                store.migrate().await?;
+                app.layer(SessionManagerLayer::new(store).with_secure(false))
+            }
+            "redis" => {
+                use tower_sessions_redis_store::RedisStore;
+                use tower_sessions_redis_store::fred::prelude::{ClientLike, Config, Pool};
+                let pool = Pool::new(Config::from_url(REDIS_URL)?, None, None, None, 6)?;
+                pool.init().await?;
+                app.layer(SessionManagerLayer::new(RedisStore::new(pool)).with_secure(false))
+            }
+            other => bail!("unknown backend {other}"),
+        };
+        (app, String::new())
+    } else {
+        bail!("unknown variant {variant}");
+    };
+    println!("READY {ready}");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
