@@ -747,9 +747,60 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             now,
             coalesce: self.config.touch_interval,
         };
-        let Some(mut session) = self.find_touching(secret.lookup(), touch).await? else {
+        let Some(session) = self.find_touching(secret.lookup(), touch).await? else {
             return Err(Error::Unauthenticated);
         };
+        self.judge(session, now, touch, &span).await
+    }
+
+    /// Like [`Impersonation::resolve`], for a credential that names the
+    /// session by id instead of carrying its bearer secret (the signed
+    /// tokens of `impersonation-oidc`): the same checks, so a stopped,
+    /// expired or revoked session fails on the next request.
+    pub async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
+        let span = tracing::info_span!(
+            "impersonation.resolve",
+            impersonation.agent = Empty,
+            impersonation.subject = Empty,
+            impersonation.session = %id,
+        );
+        async {
+            let now = self.now();
+            let touch = Touch {
+                now,
+                coalesce: self.config.touch_interval,
+            };
+            let Some(found) = self.store.session(id).await? else {
+                return Err(Error::Unauthenticated);
+            };
+            // The idle touch goes through the lookup by secret hash (once a
+            // touch interval), which every store writes in one step.
+            let session = if touch.applies_to(&found) {
+                let lookup = SecretLookup {
+                    hash: found.secret_hash,
+                    route: found.chain().route(),
+                };
+                match self.find_touching(lookup, touch).await? {
+                    Some(session) if session.id == id => session,
+                    _ => return Err(Error::Unauthenticated),
+                }
+            } else {
+                found
+            };
+            self.judge(session, now, touch, &span).await
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    /// The checks every resolution makes on the record the store returned.
+    async fn judge(
+        &self,
+        mut session: Session,
+        now: OffsetDateTime,
+        touch: Touch,
+        span: &Span,
+    ) -> Result<Context, Error> {
         span.record(
             "impersonation.agent",
             tracing::field::display(&session.agent.id),

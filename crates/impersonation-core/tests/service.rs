@@ -989,3 +989,69 @@ async fn the_bearer_secret_is_stored_only_as_a_hash() {
     }
     assert!(stored.contains(&started.secret.hash().to_hex()));
 }
+
+#[tokio::test]
+async fn a_session_resolves_by_id_with_the_same_checks() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let sid = started.session.id;
+    let by_id = f.service.resolve_session(sid).await.unwrap();
+    let by_secret = f.service.resolve(&started.secret).await.unwrap();
+    assert_eq!(by_id.session(), by_secret.session());
+    assert_eq!(by_id.agent().id, id("sam"));
+    assert_eq!(by_id.subject(), &id("olive"));
+    // Use by id keeps the session alive: the touch is written.
+    f.clock.advance(Duration::minutes(14));
+    f.service.resolve_session(sid).await.unwrap();
+    assert_eq!(
+        f.service
+            .store()
+            .session(sid)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        f.service.now()
+    );
+    f.clock.advance(Duration::minutes(14));
+    f.service.resolve_session(sid).await.unwrap();
+    // A stopped session fails at once, by id as by secret.
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.service.resolve_session(sid).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    assert!(matches!(
+        f.service
+            .resolve_session(impersonation_core::SessionId::new())
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+}
+
+#[tokio::test]
+async fn resolving_by_id_ends_an_idle_session_with_its_event() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::minutes(16));
+    assert!(matches!(
+        f.service.resolve_session(started.session.id).await,
+        Err(Error::Ended(EndReason::IdleTimeout))
+    ));
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+}
