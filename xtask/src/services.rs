@@ -118,6 +118,27 @@ fn missing_tools() -> Vec<&'static str> {
         .collect()
 }
 
+/// Node projects the tests run (the OpenID provider of the OIDC interop
+/// tests), each installed from its lockfile when its `node_modules` lacks
+/// the package named.
+const NPM_PROJECTS: &[(&str, &str)] =
+    &[("crates/impersonation-oidc/tests/provider", "oidc-provider")];
+
+fn npm_projects(sh: &Shell) -> Result<()> {
+    for (dir, package) in NPM_PROJECTS {
+        let root = crate::workspace_root()?.join(dir);
+        if root.join("node_modules").join(package).exists() {
+            continue;
+        }
+        println!("npm: installing {dir} from its lockfile");
+        let _dir = sh.push_dir(&root);
+        cmd!(sh, "npm ci --no-audit --no-fund")
+            .run()
+            .with_context(|| format!("npm ci in {dir} (Node.js and npm are needed)"))?;
+    }
+    Ok(())
+}
+
 /// Installs the apt packages of the given tools (binary, package) that are
 /// missing.
 pub(crate) fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
@@ -194,6 +215,10 @@ pub(crate) fn up() -> Result<()> {
 
     // Try every service even if one fails, so a single run reports them all.
     let mut failures = Vec::new();
+    if let Err(err) = npm_projects(&sh) {
+        eprintln!("npm: FAILED: {err:#}");
+        failures.push(format!("npm packages ({err:#})"));
+    }
     for service in SERVICES {
         if let Err(err) = bring_up(&sh, service) {
             eprintln!("{}: FAILED: {err:#}", service.name);

@@ -19,8 +19,8 @@ use impersonation_core::{Activity, Context, Principal, SessionSecret};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::api::ImpersonationApi;
 use crate::banner::{banner_html, inject};
+use impersonation_core::{ImpersonationApi, TokenResolver};
 
 mod futures_like {
     pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -39,6 +39,7 @@ pub(crate) struct Settings {
     pub(crate) mount: String,
     pub(crate) secure_cookies: bool,
     pub(crate) audit: AuditFilter,
+    pub(crate) tokens: Option<Arc<dyn TokenResolver>>,
 }
 
 impl Settings {
@@ -205,21 +206,30 @@ where
         Box::pin(async move {
             let settings = &shared.settings;
 
-            // The secret: the cookie for browsers, `Authorization: Bearer` for APIs.
-            let bearer = req
+            // The secret: the cookie for browsers, `Authorization: Bearer` for
+            // APIs; or, with a token resolver, a signed token naming a session.
+            let authorization = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let bearer = authorization
                 .filter(|t| t.starts_with("imp1."))
                 .map(str::to_owned);
+            let signed_token = match (&settings.tokens, authorization) {
+                (Some(tokens), Some(token)) if bearer.is_none() => {
+                    tokens.resolve_token(token).await
+                }
+                _ => None,
+            };
 
             // API clients (bearer) are not browsers: no CSRF cookie is
             // issued to them, and their forms carry no token.
             let (csrf, fresh_csrf) =
                 match cookie(req.headers(), settings.csrf_cookie()).filter(|v| v.len() == 43) {
                     Some(token) => (token.to_owned(), false),
-                    None if bearer.is_some() => (String::new(), false),
+                    None if bearer.is_some() || signed_token.is_some() => (String::new(), false),
                     None => match new_token() {
                         Some(token) => (token, true),
                         None => {
@@ -239,7 +249,30 @@ where
 
             let mut clear_secret = false;
             let mut ctx: Option<Context> = None;
-            if let Some(text) = presented {
+            if let Some(resolved) = signed_token {
+                match resolved {
+                    Ok(c) => {
+                        let signed_in = req.extensions().get::<Principal>().map(|p| p.id.clone());
+                        match signed_in {
+                            Some(id) if id != c.agent().id => {}
+                            _ => ctx = Some(c),
+                        }
+                    }
+                    Err(e) if e.http_status() == 503 => {
+                        tracing::error!(error = %e, "impersonation check failed; refusing the request");
+                        return Ok(plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "impersonation check unavailable",
+                        ));
+                    }
+                    Err(_) => {
+                        return Ok(plain(
+                            StatusCode::UNAUTHORIZED,
+                            "impersonation token refused",
+                        ));
+                    }
+                }
+            } else if let Some(text) = presented {
                 match SessionSecret::parse(&text) {
                     Err(_) if from_cookie => clear_secret = true,
                     Err(_) => {

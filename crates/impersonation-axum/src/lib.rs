@@ -37,7 +37,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod api;
 mod banner;
 mod extract;
 mod layer;
@@ -47,12 +46,13 @@ use std::sync::Arc;
 
 use axum::http::Method;
 
-pub use api::ImpersonationApi;
 pub use banner::banner_html;
 pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
+pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
 pub use routes::{StartForm, StopForm, routes};
 
+use impersonation_core::TokenResolver;
 use layer::{Settings, Shared};
 
 impl ImpersonationLayer {
@@ -66,6 +66,7 @@ impl ImpersonationLayer {
                     mount: "/impersonation".into(),
                     secure_cookies: true,
                     audit: Arc::new(|_, _| true),
+                    tokens: None,
                 },
             }),
         }
@@ -94,6 +95,17 @@ impl ImpersonationLayer {
     #[must_use]
     pub fn development_mode(self) -> Self {
         self.with(|s| s.secure_cookies = false)
+    }
+
+    /// Also accept signed impersonation tokens (`Authorization: Bearer`),
+    /// such as those of `impersonation-oidc`'s issuer: a bearer value that
+    /// is not a session secret goes to `tokens`; one it does not recognise
+    /// (the agent's own access token, say) leaves the request
+    /// unimpersonated, one it refuses gets 401.
+    #[must_use]
+    pub fn accept_tokens(self, tokens: impl TokenResolver) -> Self {
+        let tokens: Arc<dyn TokenResolver> = Arc::new(tokens);
+        self.with(|s| s.tokens = Some(tokens))
     }
 
     /// Which impersonated requests are audited, by method and route template

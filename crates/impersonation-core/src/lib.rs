@@ -59,6 +59,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod api;
 mod audit;
 mod batch;
 mod clock;
@@ -73,6 +74,7 @@ mod service;
 mod session;
 mod store;
 
+pub use api::{ImpersonationApi, TokenResolver};
 pub use audit::{
     Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainHead, ChainKey,
     ChainReport, ChainVerifier, Details, EventHash, MAX_DETAIL_ENTRIES, MAX_DETAIL_KEY,

@@ -1,21 +1,28 @@
-//! The service behind one object-safe trait, so the layer, routes and
-//! extractors need no store or directory type parameters.
+//! The service behind one object-safe trait, so that bindings (layers,
+//! routes, extractors, token endpoints) need no store or directory type
+//! parameters.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use impersonation_core::{
-    Activity, AuditEvent, Context, Denial, Directory, EndReason, Error, Impersonation, Principal,
-    Requester, SessionSecret, StartRequest, Started, Store,
-};
 use time::OffsetDateTime;
 
+use crate::{
+    Activity, AuditEvent, Context, Denial, Directory, EndReason, Error, Impersonation, Principal,
+    Requester, SessionId, SessionSecret, StartRequest, Started, Store, UserId,
+};
+
 /// What a binding needs of an [`Impersonation`] service. Implemented for
-/// every `Impersonation<S, D>`; host apps never implement it themselves.
+/// every `Impersonation<S, D>` (and for `Arc`s of one); host apps never
+/// implement it themselves.
 #[async_trait]
 pub trait ImpersonationApi: Send + Sync + 'static {
     /// See [`Impersonation::resolve`].
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error>;
+    /// See [`Impersonation::resolve_session`].
+    async fn resolve_session(&self, id: SessionId) -> Result<Context, Error>;
+    /// A person by id, from the service's [`Directory`] (`None`: unknown).
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error>;
     /// See [`Impersonation::start`].
     async fn start(
         &self,
@@ -45,6 +52,12 @@ where
 {
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
         Impersonation::resolve(self, secret).await
+    }
+    async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
+        Impersonation::resolve_session(self, id).await
+    }
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
+        Ok(self.directory().principal(id).await?)
     }
     async fn start(
         &self,
@@ -79,6 +92,12 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
         (**self).resolve(secret).await
     }
+    async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
+        (**self).resolve_session(id).await
+    }
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
+        (**self).principal(id).await
+    }
     async fn start(
         &self,
         requester: Requester<'_>,
@@ -103,4 +122,16 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     fn now(&self) -> OffsetDateTime {
         (**self).now()
     }
+}
+
+/// Turns a bearer token that is not a session secret (a signed token that
+/// names a session, such as `impersonation-oidc`'s) into the context of
+/// that session. Bindings try it on `Authorization: Bearer` values that are
+/// not `imp1.` secrets.
+#[async_trait]
+pub trait TokenResolver: Send + Sync + 'static {
+    /// `None` when the token is not of this resolver's kind (the request is
+    /// then not an impersonation, and the binding goes on without one);
+    /// `Some(Err(_))` when it is, and is refused.
+    async fn resolve_token(&self, token: &str) -> Option<Result<Context, Error>>;
 }

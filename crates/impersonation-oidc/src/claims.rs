@@ -1,0 +1,64 @@
+//! The claims of an impersonation token (RFC 8693): `sub` is the customer,
+//! `act.sub` the agent acting for them, `sid` the impersonation session.
+
+use openidconnect::core::{
+    CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
+};
+use openidconnect::{AdditionalClaims, IdToken};
+use serde::{Deserialize, Serialize};
+
+/// The actor (RFC 8693 §4.1): who acts for the subject. Only the current
+/// actor is authoritative; prior actors (a nested `act`) are kept as they
+/// came, never read for authorisation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorClaim {
+    /// The acting party: the support agent.
+    pub sub: String,
+    /// Prior actors, if a chain of delegation was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
+}
+
+/// The claims this crate adds to the registered ones (`iss`, `sub`, `aud`,
+/// `exp`, `iat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImpersonationClaims {
+    /// The impersonation session the token belongs to.
+    pub sid: String,
+    /// The agent acting as the subject.
+    pub act: ActorClaim,
+    /// A unique token id.
+    pub jti: String,
+    /// Not before (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// The client the token was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Granted scope, if any was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+impl AdditionalClaims for ImpersonationClaims {}
+
+/// An impersonation token as a JWT (signed, never encrypted).
+pub type ImpersonationToken = IdToken<
+    ImpersonationClaims,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
+
+/// What an external provider's exchanged token may say about its actor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalClaims {
+    /// The actor, if the provider recorded one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<ActorClaim>,
+    /// The provider's session id, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+}
+
+impl AdditionalClaims for ExternalClaims {}

@@ -1,0 +1,140 @@
+//! Errors: the token endpoint's RFC 6749 §5.2 error responses, and the
+//! refusals of the verifier and the client.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// The `error` codes of RFC 6749 §5.2 (and RFC 8693 §2.2.2) the token
+/// endpoint answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A parameter is missing, repeated, malformed or not supported.
+    InvalidRequest,
+    /// Client authentication failed (HTTP 401).
+    InvalidClient,
+    /// The actor or subject token is invalid, expired or not trusted, or
+    /// the impersonation policy refused the pair.
+    InvalidGrant,
+    /// The client may not use this grant type.
+    UnauthorizedClient,
+    /// The grant type is not token exchange.
+    UnsupportedGrantType,
+    /// The requested audience or resource is not one the client may ask for.
+    InvalidTarget,
+    /// The server cannot serve the request now (store or provider outage).
+    TemporarilyUnavailable,
+}
+
+impl ErrorCode {
+    /// The wire form (`invalid_grant`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::InvalidGrant => "invalid_grant",
+            Self::UnauthorizedClient => "unauthorized_client",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidTarget => "invalid_target",
+            Self::TemporarilyUnavailable => "temporarily_unavailable",
+        }
+    }
+
+    /// The HTTP status the token endpoint answers with.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidClient => 401,
+            Self::TemporarilyUnavailable => 503,
+            _ => 400,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused token request, as RFC 6749 §5.2 describes it. The description
+/// never carries a token or a secret; a policy refusal carries the core's
+/// denial code (`denied: target_is_protected`, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{error}: {error_description}")]
+pub struct OAuthError {
+    /// The error code.
+    pub error: ErrorCode,
+    /// What went wrong, for the client's developer.
+    pub error_description: String,
+}
+
+impl OAuthError {
+    /// An error with a description.
+    pub fn new(error: ErrorCode, description: impl Into<String>) -> Self {
+        Self {
+            error,
+            error_description: description.into(),
+        }
+    }
+
+    /// The HTTP status to answer with.
+    pub fn http_status(&self) -> u16 {
+        self.error.http_status()
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> String {
+        // Two plain strings: serialisation cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// Why a presented impersonation token was refused (the binding answers 401,
+/// or 503 for [`TokenError::Unavailable`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a compact JWS with three parts, or its header or claims are
+    /// malformed (including an `act` nested too deeply to read).
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The signature, algorithm or key id did not verify.
+    #[error("signature rejected: {0}")]
+    Signature(String),
+    /// `iss`, `aud`, `exp`, `nbf` or the lifetime bound did not hold.
+    #[error("claims rejected: {0}")]
+    Claims(String),
+    /// The session the token names is not active any more, or no longer
+    /// matches the token (stopped, expired, revoked, another agent).
+    #[error("session ended or unknown: {0}")]
+    Session(String),
+    /// The store or the provider could not be reached: fail closed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why building or using an issuer, verifier or client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A key could not be generated, read or used.
+    #[error("key: {0}")]
+    Key(String),
+    /// An OpenID provider could not be reached or answered nonsense.
+    #[error("provider: {0}")]
+    Provider(String),
+    /// The provider refused a token exchange (the client part), with its
+    /// RFC 6749 §5.2 `error` and description.
+    #[error("the provider refused the exchange: {error}: {description}")]
+    Refused {
+        /// The provider's `error` code.
+        error: String,
+        /// Its `error_description`, if any.
+        description: String,
+    },
+    /// The provider's token could not be verified (the client part).
+    #[error("the provider's token did not verify: {0}")]
+    Token(TokenError),
+}

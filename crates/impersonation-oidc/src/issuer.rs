@@ -1,0 +1,475 @@
+//! The issuer: a framework-agnostic token-exchange endpoint that turns an
+//! agent's access token into a short-lived impersonation token, after the
+//! impersonation policy has allowed it and the session (with its audit
+//! event) has started. It also publishes its discovery document and JWKS.
+
+use std::sync::Arc;
+
+use impersonation_core::{Denial, Error, ImpersonationApi, Requester, StartRequest, UserId};
+use openidconnect::core::{
+    CoreJwsSigningAlgorithm, CoreProviderMetadata, CoreResponseType, CoreSubjectIdentifierType,
+};
+use openidconnect::{
+    Audience, AuthUrl, EmptyAdditionalProviderMetadata, IssuerUrl, JsonWebKeySetUrl, ResponseTypes,
+    StandardClaims, SubjectIdentifier, TokenUrl,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use time::{Duration, OffsetDateTime};
+
+use crate::claims::{ActorClaim, ImpersonationClaims, ImpersonationToken};
+use crate::error::{ErrorCode, OAuthError, OidcError};
+use crate::jwt::to_chrono;
+use crate::keys::KeyRing;
+use crate::provider::Provider;
+use crate::request::{
+    ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, JWT_TOKEN_TYPE, Subject, TOKEN_EXCHANGE,
+};
+use crate::verifier::TokenVerifier;
+
+/// Default lifetime of an impersonation token (never past its session's end).
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::minutes(5);
+
+/// Where the issuer's endpoints live, relative to its issuer URL.
+pub mod paths {
+    /// The token-exchange endpoint.
+    pub const TOKEN: &str = "token";
+    /// The JWKS.
+    pub const JWKS: &str = "jwks.json";
+    /// The discovery document (`/.well-known/openid-configuration`).
+    pub const DISCOVERY: &str = ".well-known/openid-configuration";
+    /// Listed because OpenID discovery requires one; this issuer has no
+    /// authorization flow, so it answers `unsupported_response_type`.
+    pub const AUTHORIZE: &str = "authorize";
+}
+
+/// A client allowed to call the token endpoint.
+#[derive(Clone)]
+pub struct ClientRegistration {
+    id: String,
+    secret_hash: [u8; 32],
+    audiences: Vec<String>,
+    may_exchange: bool,
+}
+
+impl std::fmt::Debug for ClientRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRegistration")
+            .field("id", &self.id)
+            .field("audiences", &self.audiences)
+            .field("may_exchange", &self.may_exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientRegistration {
+    /// A confidential client with its secret (kept only as a SHA-256 hash)
+    /// and the audiences it may ask tokens for (the first is the default).
+    pub fn new(
+        id: impl Into<String>,
+        secret: &str,
+        audiences: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            secret_hash: Sha256::digest(secret.as_bytes()).into(),
+            audiences: audiences.into_iter().map(Into::into).collect(),
+            may_exchange: true,
+        }
+    }
+
+    /// Registered, but not for token exchange (its requests get
+    /// `unauthorized_client`).
+    #[must_use]
+    pub fn without_token_exchange(mut self) -> Self {
+        self.may_exchange = false;
+        self
+    }
+
+    fn secret_matches(&self, secret: &str) -> bool {
+        let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        bool::from(presented.ct_eq(&self.secret_hash))
+    }
+}
+
+/// The issuer's settings.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    issuer: IssuerUrl,
+    token_lifetime: Duration,
+    clients: Vec<ClientRegistration>,
+}
+
+impl IssuerConfig {
+    /// An issuer at `issuer` (an `https` URL in production; its endpoints
+    /// hang below it, see [`paths`]).
+    pub fn new(issuer: &str) -> Result<Self, OidcError> {
+        let issuer = IssuerUrl::new(issuer.trim_end_matches('/').to_owned())
+            .map_err(|e| OidcError::Config(format!("issuer URL: {e}")))?;
+        Ok(Self {
+            issuer,
+            token_lifetime: DEFAULT_TOKEN_LIFETIME,
+            clients: Vec::new(),
+        })
+    }
+
+    /// Registers a client.
+    #[must_use]
+    pub fn client(mut self, client: ClientRegistration) -> Self {
+        self.clients.push(client);
+        self
+    }
+
+    /// How long an issued token lives (at most; never past its session's end).
+    #[must_use]
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = lifetime.max(Duration::seconds(1));
+        self
+    }
+}
+
+/// An HTTP answer of the token endpoint, for the binding to send as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEndpointResponse {
+    /// The status code.
+    pub status: u16,
+    /// Headers to set (`Content-Type`, `Cache-Control: no-store`, and on a
+    /// failed Basic authentication `WWW-Authenticate`).
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body.
+    pub body: String,
+}
+
+/// The success body of RFC 8693 §2.2.1.
+#[derive(Debug, Serialize)]
+struct Issued<'a> {
+    access_token: String,
+    issued_token_type: &'a str,
+    token_type: &'a str,
+    expires_in: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+/// The token-exchange issuer.
+#[derive(Clone)]
+pub struct Issuer {
+    config: Arc<IssuerConfig>,
+    keys: KeyRing,
+    provider: Provider,
+    api: Arc<dyn ImpersonationApi>,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field("issuer", &self.config.issuer.as_str())
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+fn oauth(error: ErrorCode, description: impl Into<String>) -> OAuthError {
+    OAuthError::new(error, description)
+}
+
+/// Which RFC error a policy refusal is: a malformed reason or ticket is the
+/// request's fault; every other refusal means the grant does not allow it.
+fn denial_error(denial: &Denial) -> OAuthError {
+    let code = match denial {
+        Denial::ReasonRequired
+        | Denial::ReasonTooShort
+        | Denial::ReasonTooLong
+        | Denial::ReasonInvalidCharacters
+        | Denial::TicketRequired
+        | Denial::TicketInvalid => ErrorCode::InvalidRequest,
+        _ => ErrorCode::InvalidGrant,
+    };
+    oauth(code, format!("denied: {} ({denial})", denial.code()))
+}
+
+impl Issuer {
+    /// An issuer signing with `keys`, trusting `provider` for agents'
+    /// tokens, and starting sessions through `api`.
+    pub fn new(
+        config: IssuerConfig,
+        keys: KeyRing,
+        provider: Provider,
+        api: Arc<dyn ImpersonationApi>,
+    ) -> Self {
+        Self {
+            config: Arc::new(config),
+            keys,
+            provider,
+            api,
+        }
+    }
+
+    /// The issuer URL (`iss` of its tokens).
+    pub fn issuer(&self) -> &IssuerUrl {
+        &self.config.issuer
+    }
+
+    /// The key ring (rotate it to roll keys).
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.config.issuer.as_str())
+    }
+
+    /// A verifier for tokens addressed to `audience`, reading this issuer's
+    /// keys (so it sees rotations at once).
+    pub fn verifier(&self, audience: impl Into<String>) -> TokenVerifier {
+        TokenVerifier::with_ring(
+            self.config.issuer.clone(),
+            audience.into(),
+            self.keys.clone(),
+            self.config.token_lifetime,
+            Arc::clone(&self.api),
+        )
+    }
+
+    /// The JWKS document (public keys only).
+    pub fn jwks_json(&self) -> String {
+        serde_json::to_string(&self.keys.jwks()).unwrap_or_else(|_| r#"{"keys":[]}"#.into())
+    }
+
+    /// The OpenID discovery document.
+    pub fn discovery_json(&self) -> Result<String, OidcError> {
+        let url = |path: &str| self.url(path);
+        let metadata = CoreProviderMetadata::new(
+            self.config.issuer.clone(),
+            AuthUrl::new(url(paths::AUTHORIZE)).map_err(|e| OidcError::Config(e.to_string()))?,
+            JsonWebKeySetUrl::new(url(paths::JWKS))
+                .map_err(|e| OidcError::Config(e.to_string()))?,
+            vec![ResponseTypes::new(vec![CoreResponseType::Token])],
+            vec![CoreSubjectIdentifierType::Public],
+            vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
+            EmptyAdditionalProviderMetadata {},
+        )
+        .set_token_endpoint(Some(
+            TokenUrl::new(url(paths::TOKEN)).map_err(|e| OidcError::Config(e.to_string()))?,
+        ))
+        .set_grant_types_supported(Some(vec![openidconnect::core::CoreGrantType::Extension(
+            TOKEN_EXCHANGE.to_owned(),
+        )]))
+        .set_token_endpoint_auth_methods_supported(Some(vec![
+            openidconnect::core::CoreClientAuthMethod::ClientSecretBasic,
+            openidconnect::core::CoreClientAuthMethod::ClientSecretPost,
+        ]));
+        serde_json::to_string(&metadata).map_err(|e| OidcError::Config(e.to_string()))
+    }
+
+    /// Answers a token request: `authorization` is the request's
+    /// `Authorization` header, `body` its form body.
+    pub async fn exchange(
+        &self,
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> TokenEndpointResponse {
+        match self.issue(authorization, body).await {
+            Ok(body) => TokenEndpointResponse {
+                status: 200,
+                headers: json_headers(),
+                body,
+            },
+            Err(e) => {
+                let mut headers = json_headers();
+                if e.error == ErrorCode::InvalidClient && authorization.is_some() {
+                    headers.push(("WWW-Authenticate", r#"Basic realm="token""#.into()));
+                }
+                tracing::info!(error = %e.error, description = %e.error_description, "token exchange refused");
+                TokenEndpointResponse {
+                    status: e.http_status(),
+                    headers,
+                    body: e.to_json(),
+                }
+            }
+        }
+    }
+
+    async fn issue(&self, authorization: Option<&str>, body: &[u8]) -> Result<String, OAuthError> {
+        let request = ExchangeRequest::parse(body)?;
+        let credentials = ClientCredentials::from_request(authorization, &request)?;
+        let client = self
+            .config
+            .clients
+            .iter()
+            .find(|c| c.id == credentials.id)
+            .filter(|c| c.secret_matches(&credentials.secret))
+            .ok_or_else(|| oauth(ErrorCode::InvalidClient, "unknown client or wrong secret"))?;
+        if !client.may_exchange {
+            return Err(oauth(
+                ErrorCode::UnauthorizedClient,
+                "this client may not use token exchange",
+            ));
+        }
+        let audiences = self.audiences(client, &request)?;
+        let now = self.api.now();
+        let agent_id = self
+            .provider
+            .user_of(&request.actor_token, now)
+            .await
+            .map_err(|e| token_error("actor_token", &e))?;
+        let target = match &request.subject {
+            Subject::Requested(id) => UserId::new(id.as_str())
+                .map_err(|e| oauth(ErrorCode::InvalidRequest, format!("requested_subject: {e}")))?,
+            Subject::Token { token, .. } => self
+                .provider
+                .user_of(token, now)
+                .await
+                .map_err(|e| token_error("subject_token", &e))?,
+        };
+        let agent = self
+            .api
+            .principal(&agent_id)
+            .await
+            .map_err(|e| core_error(&e))?
+            .ok_or_else(|| {
+                oauth(
+                    ErrorCode::InvalidGrant,
+                    "the agent is not a user of this app",
+                )
+            })?;
+        let mut start =
+            StartRequest::new(target.clone(), request.reason.clone().unwrap_or_default());
+        start.ticket = request.ticket.clone();
+        let started = self
+            .api
+            .start(Requester::User(&agent), start)
+            .await
+            .map_err(|e| core_error(&e))?;
+        let expires_at = (now + self.config.token_lifetime).min(started.session.expires_at);
+        let token = self.sign(
+            &target,
+            &agent_id,
+            &audiences,
+            now,
+            expires_at,
+            started.session.id,
+            &client.id,
+            request.scope.as_deref(),
+        )?;
+        tracing::info!(
+            impersonation.agent = %agent_id,
+            impersonation.subject = %target,
+            impersonation.session = %started.session.id,
+            client = %client.id,
+            "impersonation token issued"
+        );
+        let issued_token_type = match request.requested_token_type.as_deref() {
+            Some(JWT_TOKEN_TYPE) => JWT_TOKEN_TYPE,
+            _ => ACCESS_TOKEN_TYPE,
+        };
+        serde_json::to_string(&Issued {
+            access_token: token,
+            issued_token_type,
+            token_type: "Bearer",
+            expires_in: (expires_at - now).whole_seconds().max(0),
+            scope: request.scope.as_deref(),
+        })
+        .map_err(|e| oauth(ErrorCode::TemporarilyUnavailable, e.to_string()))
+    }
+
+    /// The audiences asked for (`audience` and `resource` alike), each one
+    /// the client may ask for; none asked: the client's default.
+    fn audiences(
+        &self,
+        client: &ClientRegistration,
+        request: &ExchangeRequest,
+    ) -> Result<Vec<String>, OAuthError> {
+        let asked: Vec<&String> = request.audiences.iter().chain(&request.resources).collect();
+        if asked.is_empty() {
+            return client
+                .audiences
+                .first()
+                .map(|a| vec![a.clone()])
+                .ok_or_else(|| oauth(ErrorCode::InvalidTarget, "the client has no audience"));
+        }
+        let mut out: Vec<String> = Vec::new();
+        for a in asked {
+            if !client.audiences.contains(a) {
+                return Err(oauth(
+                    ErrorCode::InvalidTarget,
+                    format!("`{a}` is not an audience this client may ask for"),
+                ));
+            }
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign(
+        &self,
+        subject: &UserId,
+        agent: &UserId,
+        audiences: &[String],
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+        session: impersonation_core::SessionId,
+        client: &str,
+        scope: Option<&str>,
+    ) -> Result<String, OAuthError> {
+        let claims = openidconnect::IdTokenClaims::new(
+            self.config.issuer.clone(),
+            audiences.iter().cloned().map(Audience::new).collect(),
+            to_chrono(expires_at),
+            to_chrono(now),
+            StandardClaims::new(SubjectIdentifier::new(subject.as_str().to_owned())),
+            ImpersonationClaims {
+                sid: session.to_string(),
+                act: ActorClaim {
+                    sub: agent.as_str().to_owned(),
+                    act: None,
+                },
+                jti: uuid::Uuid::now_v7().to_string(),
+                nbf: Some(now.unix_timestamp()),
+                client_id: Some(client.to_owned()),
+                scope: scope.map(str::to_owned),
+            },
+        );
+        let key = self.keys.current();
+        ImpersonationToken::new(
+            claims,
+            key.signer(),
+            CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+            None,
+            None,
+        )
+        .map(|t| t.to_string())
+        .map_err(|e| oauth(ErrorCode::TemporarilyUnavailable, format!("signing: {e}")))
+    }
+}
+
+fn json_headers() -> Vec<(&'static str, String)> {
+    vec![
+        ("Content-Type", "application/json".into()),
+        ("Cache-Control", "no-store".into()),
+        ("Pragma", "no-cache".into()),
+    ]
+}
+
+fn token_error(which: &str, e: &crate::error::TokenError) -> OAuthError {
+    match e {
+        crate::error::TokenError::Unavailable(cause) => {
+            oauth(ErrorCode::TemporarilyUnavailable, cause.clone())
+        }
+        other => oauth(ErrorCode::InvalidGrant, format!("{which}: {other}")),
+    }
+}
+
+fn core_error(e: &Error) -> OAuthError {
+    match e {
+        Error::Denied(denial) => denial_error(denial),
+        other if other.http_status() == 503 => {
+            oauth(ErrorCode::TemporarilyUnavailable, other.code().to_owned())
+        }
+        other => oauth(ErrorCode::InvalidGrant, other.code().to_owned()),
+    }
+}

@@ -1,0 +1,176 @@
+//! One JWT check for every token this crate reads (its own impersonation
+//! tokens, agents' access tokens, an external provider's tokens): shape and
+//! size first, then the `openidconnect` crate's verifier (signature by
+//! `kid`, algorithm allow-list, `iss`, `aud`, `exp`), then what that
+//! verifier leaves out (`kid` required, `iat`, `nbf`, lifetime bound).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use openidconnect::core::{CoreGenderClaim, CoreJsonWebKeySet, CoreJwsSigningAlgorithm};
+use openidconnect::{
+    AdditionalClaims, ClaimsVerificationError, ClientId, IdToken, IdTokenClaims, IdTokenVerifier,
+    IssuerUrl, JsonWebTokenType, Nonce,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::claims::ImpersonationClaims;
+use crate::error::TokenError;
+
+/// Longest token accepted, in bytes: a bound on what a hostile client can
+/// make the verifier parse.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// How far clocks may disagree when checking `iat` and `nbf`.
+pub(crate) const LEEWAY: Duration = Duration::seconds(30);
+
+/// The only signature algorithm accepted: no `none`, no HMAC (an RSA public
+/// key can never be mistaken for a shared secret).
+pub(crate) const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 1] =
+    [CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256];
+
+/// What to check a token against.
+pub(crate) struct Expect<'a> {
+    pub(crate) issuer: &'a IssuerUrl,
+    pub(crate) audience: &'a str,
+    pub(crate) keys: &'a CoreJsonWebKeySet,
+    pub(crate) now: OffsetDateTime,
+    /// The longest `exp - iat` accepted.
+    pub(crate) max_lifetime: Duration,
+    /// Accept `typ: at+jwt` (RFC 9068 access tokens).
+    pub(crate) access_token_type: bool,
+}
+
+pub(crate) fn to_chrono(at: OffsetDateTime) -> DateTime<Utc> {
+    DateTime::from_timestamp(at.unix_timestamp(), 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Shape checks that need no parsing: size, three non-empty base64url parts.
+pub(crate) fn check_shape(token: &str) -> Result<(), TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed("token too long".into()));
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err(TokenError::Malformed(format!(
+            "a signed JWT has 3 parts, this one {}",
+            parts.len()
+        )));
+    }
+    let base64url = |p: &&str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !parts.iter().all(base64url) {
+        return Err(TokenError::Malformed("parts must be base64url".into()));
+    }
+    Ok(())
+}
+
+fn claims_error(e: ClaimsVerificationError) -> TokenError {
+    match e {
+        ClaimsVerificationError::SignatureVerification(e) => TokenError::Signature(e.to_string()),
+        ClaimsVerificationError::Unsupported(e) => TokenError::Malformed(e),
+        other => TokenError::Claims(other.to_string()),
+    }
+}
+
+/// Verifies `token` and returns its claims.
+pub(crate) fn verify<AC: AdditionalClaims>(
+    token: &str,
+    expect: &Expect<'_>,
+) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
+    check_shape(token)?;
+    let parsed = IdToken::<
+        AC,
+        CoreGenderClaim,
+        openidconnect::core::CoreJweContentEncryptionAlgorithm,
+        CoreJwsSigningAlgorithm,
+    >::from_str(token)
+    .map_err(|e| TokenError::Malformed(e.to_string()))?;
+    // The verifier picks the key by `kid`; with one published key it would
+    // accept a token without one, which this crate never issues.
+    let header = unverified_header(token)?;
+    if header.kid.as_deref().is_none_or(str::is_empty) {
+        return Err(TokenError::Signature("the token names no key (kid)".into()));
+    }
+    let now = to_chrono(expect.now);
+    let mut types = vec![JsonWebTokenType::new("JWT".into())];
+    if expect.access_token_type {
+        types.push(JsonWebTokenType::new("at+jwt".into()));
+    }
+    let verifier = IdTokenVerifier::new_public_client(
+        ClientId::new(expect.audience.to_owned()),
+        expect.issuer.clone(),
+        expect.keys.clone(),
+    )
+    .set_allowed_algs(ALLOWED_ALGS)
+    .set_allowed_jose_types(types.iter().filter_map(|t| t.normalize().ok()))
+    // Extra audiences are fine for access tokens (a resource list).
+    .set_other_audience_verifier_fn(|_| true)
+    .set_time_fn(move || now);
+    let claims = parsed
+        .into_claims(&verifier, |_: Option<&Nonce>| Ok(()))
+        .map_err(claims_error)?;
+    let iat = claims.issue_time().timestamp();
+    let exp = claims.expiration().timestamp();
+    let now_s = expect.now.unix_timestamp();
+    if iat > now_s + LEEWAY.whole_seconds() {
+        return Err(TokenError::Claims("issued in the future".into()));
+    }
+    if exp.saturating_sub(iat) > expect.max_lifetime.whole_seconds() {
+        return Err(TokenError::Claims(format!(
+            "lifetime of {} s exceeds the {} s allowed",
+            exp.saturating_sub(iat),
+            expect.max_lifetime.whole_seconds()
+        )));
+    }
+    Ok(claims)
+}
+
+/// The parts of a JOSE header this crate reads before verification.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct RawHeader {
+    #[serde(default)]
+    pub(crate) kid: Option<String>,
+}
+
+pub(crate) fn unverified_header(token: &str) -> Result<RawHeader, TokenError> {
+    let part = token.split('.').next().unwrap_or_default();
+    decode_part(part)
+}
+
+/// The unverified payload, for routing only (which issuer?), never for a
+/// decision.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct RawPayload {
+    #[serde(default)]
+    pub(crate) iss: Option<String>,
+}
+
+pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> {
+    let part = token.split('.').nth(1).unwrap_or_default();
+    decode_part(part)
+}
+
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed("not base64url".into()))?;
+    serde_json::from_slice(&bytes).map_err(|e| TokenError::Malformed(e.to_string()))
+}
+
+/// `nbf` is not a claim the OpenID crate reads: checked here.
+pub(crate) fn check_not_before(
+    claims: &ImpersonationClaims,
+    now: OffsetDateTime,
+) -> Result<(), TokenError> {
+    match claims.nbf {
+        Some(nbf) if nbf > now.unix_timestamp() + LEEWAY.whole_seconds() => {
+            Err(TokenError::Claims("not valid yet (nbf)".into()))
+        }
+        _ => Ok(()),
+    }
+}

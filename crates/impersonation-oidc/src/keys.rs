@@ -1,0 +1,160 @@
+//! Signing keys: RS256 keys with RFC 7638 thumbprints as `kid`, and a key
+//! ring that signs with the current key while the previous one still
+//! verifies (rotation without a gap).
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use openidconnect::core::{CoreJsonWebKey, CoreJsonWebKeySet, CoreRsaPrivateSigningKey};
+use openidconnect::{JsonWebKeyId, PrivateSigningKey};
+use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+use rsa::pkcs8::DecodePrivateKey;
+use rsa::traits::PublicKeyParts;
+use sha2::{Digest, Sha256};
+
+use crate::error::OidcError;
+
+/// Bits of a generated RSA key.
+const RSA_BITS: usize = 2048;
+
+/// An RS256 signing key. Its `Debug` shows the key id only.
+#[derive(Clone)]
+pub struct SigningKey {
+    signer: Arc<CoreRsaPrivateSigningKey>,
+    public: CoreJsonWebKey,
+    kid: String,
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// A fresh 2048-bit RSA key from the operating system's random source.
+    pub fn generate() -> Result<Self, OidcError> {
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, RSA_BITS)
+            .map_err(|e| OidcError::Key(format!("generating an RSA key: {e}")))?;
+        Self::from_rsa(&key)
+    }
+
+    /// A key from PEM text: PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8
+    /// (`BEGIN PRIVATE KEY`).
+    pub fn from_pem(pem: &str) -> Result<Self, OidcError> {
+        let key = rsa::RsaPrivateKey::from_pkcs1_pem(pem)
+            .or_else(|_| rsa::RsaPrivateKey::from_pkcs8_pem(pem))
+            .map_err(|_| OidcError::Key("not an RSA private key in PEM form".into()))?;
+        Self::from_rsa(&key)
+    }
+
+    fn from_rsa(key: &rsa::RsaPrivateKey) -> Result<Self, OidcError> {
+        if key.size() * 8 < RSA_BITS {
+            return Err(OidcError::Key(format!(
+                "RSA keys need at least {RSA_BITS} bits"
+            )));
+        }
+        let n = key.n().to_bytes_be();
+        let e = key.e().to_bytes_be();
+        let kid = thumbprint(&n, &e);
+        let pem = key
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .map_err(|e| OidcError::Key(format!("encoding the key: {e}")))?;
+        let signer = CoreRsaPrivateSigningKey::from_pem(&pem, Some(JsonWebKeyId::new(kid.clone())))
+            .map_err(OidcError::Key)?;
+        let public = signer.as_verification_key();
+        Ok(Self {
+            signer: Arc::new(signer),
+            public,
+            kid,
+        })
+    }
+
+    /// The key id (`kid`): the key's RFC 7638 thumbprint.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public half, as a JWK.
+    pub fn public_jwk(&self) -> &CoreJsonWebKey {
+        &self.public
+    }
+
+    pub(crate) fn signer(&self) -> &CoreRsaPrivateSigningKey {
+        &self.signer
+    }
+}
+
+/// RFC 7638: SHA-256 over `{"e":…,"kty":"RSA","n":…}`, base64url.
+fn thumbprint(n: &[u8], e: &[u8]) -> String {
+    let canonical = format!(
+        r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(e),
+        URL_SAFE_NO_PAD.encode(n)
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+#[derive(Debug, Clone)]
+struct Keys {
+    current: SigningKey,
+    previous: Option<SigningKey>,
+}
+
+/// The issuer's keys: tokens are signed with the current key; the JWKS
+/// publishes it and, after a rotation, the previous one, so tokens signed
+/// before the rotation keep verifying until they expire. Cheap to clone
+/// (clones share the keys).
+#[derive(Debug, Clone)]
+pub struct KeyRing {
+    keys: Arc<RwLock<Keys>>,
+}
+
+impl KeyRing {
+    /// A ring with one key.
+    pub fn new(current: SigningKey) -> Self {
+        Self {
+            keys: Arc::new(RwLock::new(Keys {
+                current,
+                previous: None,
+            })),
+        }
+    }
+
+    fn read(&self) -> Keys {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `next` the signing key; the current one keeps verifying.
+    pub fn rotate(&self, next: SigningKey) {
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let current = std::mem::replace(&mut keys.current, next);
+        keys.previous = Some(current);
+    }
+
+    /// Stops publishing the previous key (once every token it signed has
+    /// expired).
+    pub fn retire_previous(&self) {
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .previous = None;
+    }
+
+    /// The key that signs now.
+    pub fn current(&self) -> SigningKey {
+        self.read().current
+    }
+
+    /// The public keys: the current one first.
+    pub fn jwks(&self) -> CoreJsonWebKeySet {
+        let keys = self.read();
+        let mut published = vec![keys.current.public.clone()];
+        published.extend(keys.previous.map(|k| k.public));
+        CoreJsonWebKeySet::new(published)
+    }
+}

@@ -1,0 +1,216 @@
+//! The app's own OpenID provider, as the issuer sees it: where agents' (and
+//! subjects') tokens come from. Its keys come from discovery and its JWKS,
+//! fetched again when a token names a key not seen yet.
+
+use std::sync::{Arc, RwLock};
+
+use impersonation_core::UserId;
+use openidconnect::core::{CoreGenderClaim, CoreJsonWebKeySet, CoreProviderMetadata};
+use openidconnect::reqwest;
+use openidconnect::{
+    AdditionalClaims, EmptyAdditionalClaims, IdTokenClaims, IssuerUrl, JsonWebKey,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{OidcError, TokenError};
+use crate::jwt::{Expect, unverified_header, verify};
+
+/// The longest lifetime accepted for a provider's token.
+const PROVIDER_MAX_LIFETIME: Duration = Duration::hours(24);
+
+/// How soon the JWKS may be fetched again for an unknown key id.
+const REFRESH_AFTER: Duration = Duration::seconds(30);
+
+type SubjectMap = Arc<dyn Fn(&str) -> Option<UserId> + Send + Sync>;
+
+/// An HTTP client for providers: no redirects (a provider that redirects
+/// discovery elsewhere is refused, which closes a server-side request
+/// forgery path), short timeouts.
+pub fn http_client() -> Result<reqwest::Client, OidcError> {
+    reqwest::ClientBuilder::new()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| OidcError::Config(format!("HTTP client: {e}")))
+}
+
+#[derive(Debug)]
+struct KeyCache {
+    keys: CoreJsonWebKeySet,
+    fetched_at: Option<OffsetDateTime>,
+}
+
+/// The provider whose access tokens identify agents (and whose tokens may
+/// name the subject). Verifies them as RFC 9068 JWT access tokens: RS256
+/// signature by `kid` from the provider's JWKS, `iss`, an `aud` that
+/// includes this issuer's expected audience, `exp`, `iat`.
+#[derive(Clone)]
+pub struct Provider {
+    issuer: IssuerUrl,
+    audience: String,
+    jwks_uri: Option<openidconnect::JsonWebKeySetUrl>,
+    keys: Arc<RwLock<KeyCache>>,
+    http: Option<reqwest::Client>,
+    subject: SubjectMap,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("issuer", &self.issuer.as_str())
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provider {
+    /// Discovers the provider at `issuer` (its `/.well-known/openid-configuration`
+    /// and JWKS). `audience` is what its tokens must be addressed to for
+    /// this issuer to accept them (a resource indicator, say).
+    pub async fn discover(
+        issuer: &str,
+        audience: impl Into<String>,
+        http: reqwest::Client,
+    ) -> Result<Self, OidcError> {
+        let issuer = IssuerUrl::new(issuer.to_owned())
+            .map_err(|e| OidcError::Config(format!("provider issuer: {e}")))?;
+        let metadata = CoreProviderMetadata::discover_async(issuer.clone(), &http)
+            .await
+            .map_err(|e| OidcError::Provider(format!("discovery at {}: {e}", issuer.as_str())))?;
+        Ok(Self {
+            issuer,
+            audience: audience.into(),
+            jwks_uri: Some(metadata.jwks_uri().clone()),
+            keys: Arc::new(RwLock::new(KeyCache {
+                keys: metadata.jwks().clone(),
+                fetched_at: Some(OffsetDateTime::now_utc()),
+            })),
+            http: Some(http),
+            subject: Arc::new(|sub| UserId::new(sub).ok()),
+        })
+    }
+
+    /// A provider known by its keys alone (no discovery, no refresh).
+    pub fn with_keys(
+        issuer: &str,
+        audience: impl Into<String>,
+        keys: CoreJsonWebKeySet,
+    ) -> Result<Self, OidcError> {
+        Ok(Self {
+            issuer: IssuerUrl::new(issuer.to_owned())
+                .map_err(|e| OidcError::Config(format!("provider issuer: {e}")))?,
+            audience: audience.into(),
+            jwks_uri: None,
+            keys: Arc::new(RwLock::new(KeyCache {
+                keys,
+                fetched_at: None,
+            })),
+            http: None,
+            subject: Arc::new(|sub| UserId::new(sub).ok()),
+        })
+    }
+
+    /// How a token's `sub` becomes the app's user id (default: as it is).
+    #[must_use]
+    pub fn map_subject(
+        mut self,
+        map: impl Fn(&str) -> Option<UserId> + Send + Sync + 'static,
+    ) -> Self {
+        self.subject = Arc::new(map);
+        self
+    }
+
+    /// The provider's issuer.
+    pub fn issuer(&self) -> &IssuerUrl {
+        &self.issuer
+    }
+
+    fn keys(&self) -> CoreJsonWebKeySet {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .clone()
+    }
+
+    /// Verifies one of the provider's tokens and returns the user it names.
+    pub async fn user_of(&self, token: &str, now: OffsetDateTime) -> Result<UserId, TokenError> {
+        let claims = self.claims_of::<EmptyAdditionalClaims>(token, now).await?;
+        (self.subject)(claims.subject().as_str()).ok_or_else(|| {
+            TokenError::Claims("the token's subject is not a user of this app".into())
+        })
+    }
+
+    /// Verifies one of the provider's tokens and returns its claims.
+    pub async fn claims_of<AC: AdditionalClaims>(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
+        match self.verify_with::<AC>(token, now, &self.keys()) {
+            // A key id the cached JWKS lacks: the provider may have rotated.
+            Err(TokenError::Signature(_)) if self.refresh_due(token, now) => {
+                let keys = self.refresh(now).await?;
+                self.verify_with(token, now, &keys)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_with<AC: AdditionalClaims>(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+        keys: &CoreJsonWebKeySet,
+    ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
+        verify::<AC>(
+            token,
+            &Expect {
+                issuer: &self.issuer,
+                audience: &self.audience,
+                keys,
+                now,
+                max_lifetime: PROVIDER_MAX_LIFETIME,
+                access_token_type: true,
+            },
+        )
+    }
+
+    /// Whether a refetch could help: the token names a key we do not hold,
+    /// and the last fetch is old enough (so a flood of bogus key ids cannot
+    /// turn into a flood of requests to the provider).
+    fn refresh_due(&self, token: &str, now: OffsetDateTime) -> bool {
+        let (Some(_), Some(_)) = (&self.jwks_uri, &self.http) else {
+            return false;
+        };
+        let Ok(header) = unverified_header(token) else {
+            return false;
+        };
+        let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let known = header.kid.as_deref().is_some_and(|kid| {
+            cache
+                .keys
+                .keys()
+                .iter()
+                .any(|k| k.key_id().is_some_and(|id| id.as_str() == kid))
+        });
+        !known && cache.fetched_at.is_none_or(|at| now - at >= REFRESH_AFTER)
+    }
+
+    async fn refresh(&self, now: OffsetDateTime) -> Result<CoreJsonWebKeySet, TokenError> {
+        let (Some(uri), Some(http)) = (&self.jwks_uri, &self.http) else {
+            return Ok(self.keys());
+        };
+        // Mark the attempt first: failures count against the rate limit too.
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .fetched_at = Some(now);
+        let keys = CoreJsonWebKeySet::fetch_async(uri, http)
+            .await
+            .map_err(|e| TokenError::Unavailable(format!("provider JWKS: {e}")))?;
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).keys = keys.clone();
+        Ok(keys)
+    }
+}

@@ -1,0 +1,296 @@
+//! The token-exchange request (RFC 8693 §2.1) and client authentication
+//! (RFC 6749 §2.3.1), parsed strictly: bounded sizes, no repeated
+//! parameter, every refusal an RFC 6749 §5.2 error.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::error::{ErrorCode, OAuthError};
+
+/// `grant_type` of a token exchange.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// Token type of an OAuth access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Token type of a JWT.
+pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Token type of an OpenID Connect ID token.
+pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+
+/// Largest request body read, in bytes.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Longest parameter value (tokens included), in bytes.
+pub const MAX_VALUE: usize = 8 * 1024;
+/// Most `audience` plus `resource` values in one request.
+pub const MAX_TARGETS: usize = 8;
+
+/// Who the token is to be about: the customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A token the provider issued about the customer (`subject_token`).
+    Token {
+        /// The token.
+        token: String,
+        /// Its type (`subject_token_type`).
+        token_type: String,
+    },
+    /// The customer's id (`requested_subject`, Keycloak's legacy form).
+    Requested(String),
+}
+
+/// A parsed token-exchange request.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExchangeRequest {
+    /// The customer.
+    pub subject: Subject,
+    /// The agent's own access token (`actor_token`).
+    pub actor_token: String,
+    /// Its type (`actor_token_type`).
+    pub actor_token_type: String,
+    /// `audience` values, in order.
+    pub audiences: Vec<String>,
+    /// `resource` values, in order.
+    pub resources: Vec<String>,
+    /// `scope`, if given.
+    pub scope: Option<String>,
+    /// `requested_token_type`, if given.
+    pub requested_token_type: Option<String>,
+    /// Why the agent impersonates (this SDK's extension; the policy needs it).
+    pub reason: Option<String>,
+    /// The support ticket (extension).
+    pub ticket: Option<String>,
+    /// `client_id` and `client_secret` sent in the body (`client_secret_post`).
+    pub form_client: Option<(String, Option<String>)>,
+}
+
+impl std::fmt::Debug for ExchangeRequest {
+    // Tokens and secrets never reach a Debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let subject = match &self.subject {
+            Subject::Token { token_type, .. } => format!("subject_token of type {token_type}"),
+            Subject::Requested(id) => format!("requested_subject {id:?}"),
+        };
+        f.debug_struct("ExchangeRequest")
+            .field("subject", &subject)
+            .field("actor_token_type", &self.actor_token_type)
+            .field("audiences", &self.audiences)
+            .field("resources", &self.resources)
+            .field("scope", &self.scope)
+            .field("requested_token_type", &self.requested_token_type)
+            .field("reason", &self.reason)
+            .field("ticket", &self.ticket)
+            .field("form_client", &self.form_client.as_ref().map(|(id, _)| id))
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(description: impl Into<String>) -> OAuthError {
+    OAuthError::new(ErrorCode::InvalidRequest, description)
+}
+
+const TOKEN_TYPES: [&str; 3] = [ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, ID_TOKEN_TYPE];
+
+/// Parameters that may appear once at most (RFC 6749 §3.2); `audience` and
+/// `resource` may repeat (RFC 8693 §2.1).
+const SINGLE: [&str; 13] = [
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_subject",
+    "scope",
+    "requested_token_type",
+    "reason",
+    "ticket",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+];
+
+impl ExchangeRequest {
+    /// Parses an `application/x-www-form-urlencoded` body.
+    pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+        if body.len() > MAX_BODY {
+            return Err(invalid(format!("the body exceeds {MAX_BODY} bytes")));
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(invalid("the body is not UTF-8"));
+        }
+        let mut single: Vec<(&'static str, String)> = Vec::new();
+        let mut audiences = Vec::new();
+        let mut resources = Vec::new();
+        for (name, value) in form_urlencoded::parse(body) {
+            if value.len() > MAX_VALUE {
+                return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
+            }
+            match name.as_ref() {
+                "audience" => audiences.push(value.into_owned()),
+                "resource" => resources.push(value.into_owned()),
+                other => {
+                    // Unknown parameters are ignored (RFC 6749 §3.2).
+                    let Some(known) = SINGLE.iter().find(|k| **k == other) else {
+                        continue;
+                    };
+                    if single.iter().any(|(k, _)| k == known) {
+                        return Err(invalid(format!("`{known}` appears more than once")));
+                    }
+                    single.push((known, value.into_owned()));
+                }
+            }
+            if audiences.len() + resources.len() > MAX_TARGETS {
+                return Err(invalid(format!(
+                    "at most {MAX_TARGETS} audience and resource values"
+                )));
+            }
+        }
+        let take = |name: &str| {
+            single
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        match take("grant_type").as_deref() {
+            None => return Err(invalid("`grant_type` is required")),
+            Some(TOKEN_EXCHANGE) => {}
+            Some(_) => {
+                return Err(OAuthError::new(
+                    ErrorCode::UnsupportedGrantType,
+                    "only token exchange is supported here",
+                ));
+            }
+        }
+        if take("client_assertion").is_some() {
+            return Err(invalid(
+                "client assertions are not supported; use client_secret_basic or client_secret_post",
+            ));
+        }
+        let token_type = |name: &str| -> Result<String, OAuthError> {
+            let value = take(name).ok_or_else(|| invalid(format!("`{name}` is required")))?;
+            if TOKEN_TYPES.contains(&value.as_str()) {
+                Ok(value)
+            } else {
+                Err(invalid(format!("`{name}` `{value}` is not supported")))
+            }
+        };
+        let subject = match (take("subject_token"), take("requested_subject")) {
+            (Some(token), None) => Subject::Token {
+                token,
+                token_type: token_type("subject_token_type")?,
+            },
+            (None, Some(id)) => Subject::Requested(id),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give either `subject_token` or `requested_subject`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "`subject_token` or `requested_subject` names the customer",
+                ));
+            }
+        };
+        let actor_token = take("actor_token")
+            .ok_or_else(|| invalid("`actor_token` (the agent's access token) is required"))?;
+        let actor_token_type = token_type("actor_token_type")?;
+        let requested_token_type = take("requested_token_type");
+        if let Some(t) = &requested_token_type
+            && t != ACCESS_TOKEN_TYPE
+            && t != JWT_TOKEN_TYPE
+        {
+            return Err(invalid(format!(
+                "`requested_token_type` `{t}` is not issued here"
+            )));
+        }
+        let form_client = take("client_id").map(|id| (id, take("client_secret")));
+        if form_client.is_none() && take("client_secret").is_some() {
+            return Err(invalid("`client_secret` without `client_id`"));
+        }
+        Ok(Self {
+            subject,
+            actor_token,
+            actor_token_type,
+            audiences,
+            resources,
+            scope: take("scope"),
+            requested_token_type,
+            reason: take("reason"),
+            ticket: take("ticket"),
+            form_client,
+        })
+    }
+}
+
+/// The client's credentials, from the `Authorization` header or the body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCredentials {
+    /// The client id.
+    pub id: String,
+    /// The secret.
+    pub secret: String,
+    /// Whether they came in an `Authorization: Basic` header.
+    pub basic: bool,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("id", &self.id)
+            .field("basic", &self.basic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid_client(description: &str) -> OAuthError {
+    OAuthError::new(ErrorCode::InvalidClient, description)
+}
+
+impl ClientCredentials {
+    /// Reads `client_secret_basic` (RFC 6749 §2.3.1: the id and secret are
+    /// form-urlencoded, then joined by `:` and base64-encoded) or
+    /// `client_secret_post`; using both is refused.
+    pub fn from_request(
+        authorization: Option<&str>,
+        request: &ExchangeRequest,
+    ) -> Result<Self, OAuthError> {
+        match (authorization, &request.form_client) {
+            (Some(_), Some(_)) => Err(invalid(
+                "authenticate the client one way only (header or body)",
+            )),
+            (Some(header), None) => Self::from_basic(header),
+            (None, Some((id, Some(secret)))) => Ok(Self {
+                id: id.clone(),
+                secret: secret.clone(),
+                basic: false,
+            }),
+            (None, Some((_, None))) | (None, None) => {
+                Err(invalid_client("client authentication is required"))
+            }
+        }
+    }
+
+    fn from_basic(header: &str) -> Result<Self, OAuthError> {
+        let encoded = header
+            .strip_prefix("Basic ")
+            .ok_or_else(|| invalid_client("only HTTP Basic client authentication is accepted"))?;
+        let decoded = STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| invalid_client("malformed Basic credentials"))?;
+        let (id, secret) = decoded
+            .split_once(':')
+            .ok_or_else(|| invalid_client("malformed Basic credentials"))?;
+        let unescape = |s: &str| -> String {
+            form_urlencoded::parse(format!("v={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            id: unescape(id),
+            secret: unescape(secret),
+            basic: true,
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! What the OIDC tests share: a real OpenID provider (the npm package
+//! `oidc-provider`, run by Node on loopback), the app's people and service,
+//! this crate's issuer served over HTTP, and a forger of hostile tokens.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use impersonation_core::{
+    Impersonation, MemoryDirectory, MemoryStore, Principal, RelationKind, Relationship, Role,
+    TenantId, UserId,
+};
+use impersonation_oidc::{
+    ClientRegistration, Issuer, IssuerConfig, KeyRing, Provider, SigningKey, http_client,
+};
+use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::traits::PublicKeyParts;
+use sha2_10::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The API the agents' tokens are for, and our tokens' audience.
+pub const API: &str = "https://api.test/";
+/// Our registered client.
+pub const CLIENT: &str = "support-console";
+pub const CLIENT_SECRET: &str = "console-secret";
+
+pub type Service = Impersonation<MemoryStore, MemoryDirectory>;
+
+/// `oidc-provider` on a free loopback port; killed when dropped.
+pub struct TestProvider {
+    _child: Child,
+    pub issuer: String,
+}
+
+fn provider_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/provider")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestProvider {
+    pub async fn start() -> Self {
+        let dir = provider_dir();
+        assert!(
+            dir.join("node_modules/oidc-provider").exists(),
+            "run `cargo xtask services up` to install the test provider (npm ci in {})",
+            dir.display()
+        );
+        let port = free_port();
+        let mut child = Command::new("node")
+            .arg("server.mjs")
+            .arg(port.to_string())
+            .arg(API)
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node (Node.js) must be installed");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(StdDuration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(issuer) = line.strip_prefix("READY ") {
+                    return issuer.to_owned();
+                }
+            }
+            panic!("the provider exited before it was ready");
+        })
+        .await
+        .expect("the provider did not start within 30 s");
+        // Keep draining its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            _child: child,
+            issuer: ready,
+        }
+    }
+
+    /// A user's access token for the API, from the provider's test grant.
+    pub async fn token_for(&self, user: &str) -> String {
+        let response = http_client()
+            .unwrap()
+            .post(format!("{}/token", self.issuer))
+            .basic_auth("agent-app", Some("agent-app-secret"))
+            .form(&[
+                ("grant_type", "urn:test:grant-type:login"),
+                ("username", user),
+                ("resource", API),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "login grant for {user}");
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+pub fn agent(id: &str) -> Principal {
+    Principal::new(
+        UserId::new(id).unwrap(),
+        format!("Agent {id}"),
+        TenantId::new("vendor").unwrap(),
+    )
+    .with_permissions(["impersonation:start", "bookings:read"])
+    .with_relationship(Relationship::all_tenants(
+        RelationKind::Support,
+        "s",
+        "Support",
+    ))
+}
+
+pub fn customer(id: &str) -> Principal {
+    Principal::new(
+        UserId::new(id).unwrap(),
+        format!("Customer {id}"),
+        TenantId::new("pinewood").unwrap(),
+    )
+    .with_permissions(["bookings:read"])
+}
+
+/// The app's people: agents sam and kim, customers olive and oscar, the
+/// admin ada (protected), and mallory, who may not impersonate.
+pub fn directory() -> MemoryDirectory {
+    let directory = MemoryDirectory::new();
+    for p in [
+        agent("sam"),
+        agent("kim"),
+        customer("olive"),
+        customer("oscar"),
+        Principal::new(
+            UserId::new("ada").unwrap(),
+            "Ada Admin",
+            TenantId::new("vendor").unwrap(),
+        )
+        .with_role(Role::new("admin")),
+        customer("mallory"),
+    ] {
+        directory.insert(p);
+    }
+    directory
+}
+
+/// A test RSA key: its PEM for the issuer, the key itself for forging.
+pub fn rsa_key() -> (rsa::RsaPrivateKey, SigningKey) {
+    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+    let pem = key.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+    let signing = SigningKey::from_pem(&pem).unwrap();
+    (key, signing)
+}
+
+/// This crate's issuer over HTTP on loopback, trusting `provider`.
+pub struct Served {
+    pub issuer: Issuer,
+    pub url: String,
+    pub service: Arc<Service>,
+    pub directory: MemoryDirectory,
+    pub key: rsa::RsaPrivateKey,
+}
+
+pub async fn serve_issuer(provider: Provider) -> Served {
+    let directory = directory();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory.clone()));
+    let (key, signing) = rsa_key();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API]))
+            .client(
+                ClientRegistration::new("reporting", "reporting-secret", [API])
+                    .without_token_exchange(),
+            ),
+        KeyRing::new(signing),
+        provider,
+        service.clone(),
+    );
+    let app = issuer_routes(issuer.clone());
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Served {
+        issuer,
+        url,
+        service,
+        directory,
+        key,
+    }
+}
+
+/// The issuer's endpoints as a small axum router (what an app mounts).
+pub fn issuer_routes(issuer: Issuer) -> Router {
+    let json = |body: String| ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let (d, j, t) = (issuer.clone(), issuer.clone(), issuer);
+    Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || {
+                let d = d.clone();
+                async move { json(d.discovery_json().unwrap()) }
+            }),
+        )
+        .route(
+            "/jwks.json",
+            get(move || {
+                let j = j.clone();
+                async move { json(j.jwks_json()) }
+            }),
+        )
+        .route(
+            "/token",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let t = t.clone();
+                async move {
+                    let authorization = headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    let answer = t.exchange(authorization, &body).await;
+                    let mut response =
+                        (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
+                    for (name, value) in answer.headers {
+                        response.headers_mut().insert(name, value.parse().unwrap());
+                    }
+                    response
+                }
+            }),
+        )
+        .route(
+            "/authorize",
+            get(|| async {
+                (
+                    StatusCode::BAD_REQUEST,
+                    r#"{"error":"unsupported_response_type"}"#,
+                )
+            }),
+        )
+}
+
+/// POSTs a token exchange to our issuer.
+pub async fn exchange(url: &str, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let response = http_client()
+        .unwrap()
+        .post(format!("{url}/token"))
+        .basic_auth(CLIENT, Some(CLIENT_SECRET))
+        .form(params)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap(),
+    )
+}
+
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// The standard form of an impersonation request for `subject` by the
+/// holder of `actor_token`.
+pub fn form<'a>(actor_token: &'a str, subject: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", TOKEN_EXCHANGE),
+        ("actor_token", actor_token),
+        ("actor_token_type", ACCESS_TOKEN),
+        ("requested_subject", subject),
+        ("audience", API),
+        ("reason", "Customer cannot see next week's bookings"),
+    ]
+}
+
+/// Builds JWTs by hand, signed (or not) as a test says.
+pub struct Forger {
+    pub key: rsa::RsaPrivateKey,
+}
+
+impl Forger {
+    pub fn kid(&self) -> String {
+        let n = URL_SAFE_NO_PAD.encode(self.key.n().to_bytes_be());
+        let e = URL_SAFE_NO_PAD.encode(self.key.e().to_bytes_be());
+        let canonical = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
+        URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    pub fn unsigned(header: &serde_json::Value, payload: &serde_json::Value) -> String {
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(payload.to_string())
+        )
+    }
+
+    /// RS256 over header and payload as given.
+    pub fn sign(&self, header: &serde_json::Value, payload: &serde_json::Value) -> String {
+        let input = Self::unsigned(header, payload);
+        let digest = Sha256::digest(input.as_bytes());
+        let signature = self
+            .key
+            .sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest)
+            .unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    /// HS256 with `secret` (for the algorithm-confusion test).
+    pub fn hmac(header: &serde_json::Value, payload: &serde_json::Value, secret: &[u8]) -> String {
+        use hmac::Mac;
+        let input = Self::unsigned(header, payload);
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(input.as_bytes());
+        format!(
+            "{input}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    }
+}
