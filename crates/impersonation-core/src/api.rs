@@ -31,6 +31,8 @@ pub trait ImpersonationApi: Send + Sync + 'static {
     ) -> Result<Started, Error>;
     /// See [`Impersonation::stop`].
     async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error>;
+    /// See [`Impersonation::stop_session`].
+    async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error>;
     /// See [`Impersonation::record`].
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error>;
     /// See [`Impersonation::record_denied`].
@@ -68,6 +70,9 @@ where
     }
     async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
         Impersonation::stop(self, secret, by).await
+    }
+    async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
+        Impersonation::stop_session(self, id, by).await
     }
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
         Impersonation::record(self, ctx, activity).await
@@ -107,6 +112,9 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     }
     async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
         (**self).stop(secret, by).await
+    }
+    async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
+        (**self).stop_session(id, by).await
     }
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
         (**self).record(ctx, activity).await

@@ -379,6 +379,15 @@ fn actor_of(p: &Principal) -> Actor {
     Actor::user(p.id.clone(), p.display_name.clone())
 }
 
+fn stop_span() -> Span {
+    tracing::info_span!(
+        "impersonation.stop",
+        impersonation.agent = Empty,
+        impersonation.subject = Empty,
+        impersonation.session = Empty,
+    )
+}
+
 fn denial_details(denial: &Denial, attempt: &str) -> Details {
     Details::new()
         .with("denial", denial.code())
@@ -884,46 +893,59 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Stops the session the secret belongs to. Only the session's own agent may.
     pub async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
-        let span = tracing::info_span!(
-            "impersonation.stop",
-            impersonation.agent = Empty,
-            impersonation.subject = Empty,
-            impersonation.session = Empty,
-        );
+        let span = stop_span();
         async {
-            let Some(session) = self.store.find_by_secret(&secret.lookup(), None).await? else {
-                return Err(Error::Unauthenticated);
-            };
-            let span = Span::current();
-            span.record(
-                "impersonation.agent",
-                tracing::field::display(&session.agent.id),
-            );
-            span.record(
-                "impersonation.subject",
-                tracing::field::display(&session.subject.id),
-            );
-            span.record("impersonation.session", tracing::field::display(session.id));
-            if let SessionState::Ended(reason) = session.state {
-                return Err(Error::Ended(reason));
-            }
-            if by.id != session.agent.id {
-                let draft = session.draft(self.now(), AuditAction::Denied, actor_of(by));
-                return Err(self
-                    .audit_denial(draft, Denial::NotSessionAgent, "stop")
-                    .await?);
-            }
-            let reason = self
-                .end(&session, EndReason::Stopped, actor_of(by), Details::new())
-                .await?;
-            if reason == EndReason::Stopped {
-                Ok(reason)
-            } else {
-                Err(Error::Ended(reason))
-            }
+            let found = self.store.find_by_secret(&secret.lookup(), None).await?;
+            self.stop_found(found, by).await
         }
         .instrument(span)
         .await
+    }
+
+    /// Stops a session named by id (for credentials that carry the id, such
+    /// as `impersonation-oidc`'s tokens). Only the session's own agent may;
+    /// an unknown id is `Unauthenticated`, as an unknown secret is.
+    pub async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
+        let span = stop_span();
+        async {
+            let found = self.store.session(id).await?;
+            self.stop_found(found, by).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn stop_found(&self, found: Option<Session>, by: &Principal) -> Result<EndReason, Error> {
+        let Some(session) = found else {
+            return Err(Error::Unauthenticated);
+        };
+        let span = Span::current();
+        span.record(
+            "impersonation.agent",
+            tracing::field::display(&session.agent.id),
+        );
+        span.record(
+            "impersonation.subject",
+            tracing::field::display(&session.subject.id),
+        );
+        span.record("impersonation.session", tracing::field::display(session.id));
+        if let SessionState::Ended(reason) = session.state {
+            return Err(Error::Ended(reason));
+        }
+        if by.id != session.agent.id {
+            let draft = session.draft(self.now(), AuditAction::Denied, actor_of(by));
+            return Err(self
+                .audit_denial(draft, Denial::NotSessionAgent, "stop")
+                .await?);
+        }
+        let reason = self
+            .end(&session, EndReason::Stopped, actor_of(by), Details::new())
+            .await?;
+        if reason == EndReason::Stopped {
+            Ok(reason)
+        } else {
+            Err(Error::Ended(reason))
+        }
     }
 
     /// Revokes one session. Its own agent or a holder of the admin permission may.

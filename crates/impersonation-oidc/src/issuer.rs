@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use impersonation_core::{Denial, Error, ImpersonationApi, Requester, StartRequest, UserId};
 use openidconnect::core::{
-    CoreJwsSigningAlgorithm, CoreProviderMetadata, CoreResponseType, CoreSubjectIdentifierType,
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGrantType,
+    CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
+    CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    Audience, AuthUrl, EmptyAdditionalProviderMetadata, IssuerUrl, JsonWebKeySetUrl, ResponseTypes,
+    AdditionalProviderMetadata, Audience, AuthUrl, IssuerUrl, JsonWebKeySetUrl, ResponseTypes,
     StandardClaims, SubjectIdentifier, TokenUrl,
 };
 use serde::Serialize;
@@ -24,7 +26,8 @@ use crate::jwt::to_chrono;
 use crate::keys::KeyRing;
 use crate::provider::Provider;
 use crate::request::{
-    ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, JWT_TOKEN_TYPE, Subject, TOKEN_EXCHANGE,
+    ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, JWT_TOKEN_TYPE, RevocationRequest,
+    Subject, TOKEN_EXCHANGE,
 };
 use crate::verifier::TokenVerifier;
 
@@ -35,6 +38,8 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::minutes(5);
 pub mod paths {
     /// The token-exchange endpoint.
     pub const TOKEN: &str = "token";
+    /// The revocation endpoint (RFC 7009): ends the token's session.
+    pub const REVOKE: &str = "revoke";
     /// The JWKS.
     pub const JWKS: &str = "jwks.json";
     /// The discovery document (`/.well-known/openid-configuration`).
@@ -128,6 +133,29 @@ impl IssuerConfig {
         self
     }
 }
+
+/// Discovery metadata beyond OpenID's: where to revoke (RFC 8414).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct RevocationMetadata {
+    revocation_endpoint: String,
+}
+
+impl AdditionalProviderMetadata for RevocationMetadata {}
+
+type ProviderMetadata = openidconnect::ProviderMetadata<
+    RevocationMetadata,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
 
 /// An HTTP answer of the token endpoint, for the binding to send as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,7 +268,7 @@ impl Issuer {
     /// The OpenID discovery document.
     pub fn discovery_json(&self) -> Result<String, OidcError> {
         let url = |path: &str| self.url(path);
-        let metadata = CoreProviderMetadata::new(
+        let metadata = ProviderMetadata::new(
             self.config.issuer.clone(),
             AuthUrl::new(url(paths::AUTHORIZE)).map_err(|e| OidcError::Config(e.to_string()))?,
             JsonWebKeySetUrl::new(url(paths::JWKS))
@@ -248,17 +276,19 @@ impl Issuer {
             vec![ResponseTypes::new(vec![CoreResponseType::Token])],
             vec![CoreSubjectIdentifierType::Public],
             vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
-            EmptyAdditionalProviderMetadata {},
+            RevocationMetadata {
+                revocation_endpoint: url(paths::REVOKE),
+            },
         )
         .set_token_endpoint(Some(
             TokenUrl::new(url(paths::TOKEN)).map_err(|e| OidcError::Config(e.to_string()))?,
         ))
-        .set_grant_types_supported(Some(vec![openidconnect::core::CoreGrantType::Extension(
+        .set_grant_types_supported(Some(vec![CoreGrantType::Extension(
             TOKEN_EXCHANGE.to_owned(),
         )]))
         .set_token_endpoint_auth_methods_supported(Some(vec![
-            openidconnect::core::CoreClientAuthMethod::ClientSecretBasic,
-            openidconnect::core::CoreClientAuthMethod::ClientSecretPost,
+            CoreClientAuthMethod::ClientSecretBasic,
+            CoreClientAuthMethod::ClientSecretPost,
         ]));
         serde_json::to_string(&metadata).map_err(|e| OidcError::Config(e.to_string()))
     }
@@ -276,31 +306,82 @@ impl Issuer {
                 headers: json_headers(),
                 body,
             },
-            Err(e) => {
-                let mut headers = json_headers();
-                if e.error == ErrorCode::InvalidClient && authorization.is_some() {
-                    headers.push(("WWW-Authenticate", r#"Basic realm="token""#.into()));
-                }
-                tracing::info!(error = %e.error, description = %e.error_description, "token exchange refused");
-                TokenEndpointResponse {
-                    status: e.http_status(),
-                    headers,
-                    body: e.to_json(),
-                }
+            Err(e) => self.refusal(authorization, &e),
+        }
+    }
+
+    fn authenticate(
+        &self,
+        credentials: &ClientCredentials,
+    ) -> Result<&ClientRegistration, OAuthError> {
+        self.config
+            .clients
+            .iter()
+            .find(|c| c.id == credentials.id)
+            .filter(|c| c.secret_matches(&credentials.secret))
+            .ok_or_else(|| oauth(ErrorCode::InvalidClient, "unknown client or wrong secret"))
+    }
+
+    /// Answers a revocation request (RFC 7009): the client authenticates and
+    /// names one of its impersonation tokens; the token's session stops, on
+    /// its agent's behalf (audited as stopped by the agent), so every token
+    /// of that session stops working. An invalid or foreign token also gets
+    /// 200, as the RFC asks.
+    pub async fn revoke(&self, authorization: Option<&str>, body: &[u8]) -> TokenEndpointResponse {
+        let outcome = async {
+            let request = RevocationRequest::parse(body)?;
+            let credentials =
+                ClientCredentials::from_parts(authorization, request.form_client.as_ref())?;
+            let client = self.authenticate(&credentials)?;
+            let verified = client
+                .audiences
+                .iter()
+                .find_map(|aud| self.verifier(aud.as_str()).verify(&request.token).ok())
+                .filter(|v| v.client_id.as_deref() == Some(client.id.as_str()));
+            let Some(verified) = verified else {
+                return Ok(());
+            };
+            let Some(agent) = self
+                .api
+                .principal(&verified.actor)
+                .await
+                .map_err(|e| core_error(&e))?
+            else {
+                return Ok(());
+            };
+            match self.api.stop_session(verified.session, &agent).await {
+                Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => Ok(()),
+                Err(e) => Err(core_error(&e)),
             }
+        }
+        .await;
+        match outcome {
+            Ok(()) => TokenEndpointResponse {
+                status: 200,
+                headers: json_headers(),
+                body: "{}".into(),
+            },
+            Err(e) => self.refusal(authorization, &e),
+        }
+    }
+
+    fn refusal(&self, authorization: Option<&str>, e: &OAuthError) -> TokenEndpointResponse {
+        let mut headers = json_headers();
+        if e.error == ErrorCode::InvalidClient && authorization.is_some() {
+            headers.push(("WWW-Authenticate", r#"Basic realm="token""#.into()));
+        }
+        tracing::info!(error = %e.error, description = %e.error_description, "token request refused");
+        TokenEndpointResponse {
+            status: e.http_status(),
+            headers,
+            body: e.to_json(),
         }
     }
 
     async fn issue(&self, authorization: Option<&str>, body: &[u8]) -> Result<String, OAuthError> {
         let request = ExchangeRequest::parse(body)?;
         let credentials = ClientCredentials::from_request(authorization, &request)?;
-        let client = self
-            .config
-            .clients
-            .iter()
-            .find(|c| c.id == credentials.id)
-            .filter(|c| c.secret_matches(&credentials.secret))
-            .ok_or_else(|| oauth(ErrorCode::InvalidClient, "unknown client or wrong secret"))?;
+        let client = self.authenticate(&credentials)?;
         if !client.may_exchange {
             return Err(oauth(
                 ErrorCode::UnauthorizedClient,

@@ -80,7 +80,7 @@ pub use keys::{KeyRing, SigningKey};
 pub use provider::{Provider, http_client};
 pub use request::{
     ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, ID_TOKEN_TYPE, JWT_TOKEN_TYPE, MAX_BODY,
-    MAX_TARGETS, MAX_VALUE, Subject, TOKEN_EXCHANGE,
+    MAX_TARGETS, MAX_VALUE, RevocationRequest, Subject, TOKEN_EXCHANGE,
 };
 pub use verifier::{TokenVerifier, VerifiedToken};
 

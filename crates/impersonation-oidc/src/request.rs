@@ -253,7 +253,16 @@ impl ClientCredentials {
         authorization: Option<&str>,
         request: &ExchangeRequest,
     ) -> Result<Self, OAuthError> {
-        match (authorization, &request.form_client) {
+        Self::from_parts(authorization, request.form_client.as_ref())
+    }
+
+    /// As [`ClientCredentials::from_request`], from the `Authorization`
+    /// header and the body's `client_id` and `client_secret`, if any.
+    pub fn from_parts(
+        authorization: Option<&str>,
+        form_client: Option<&(String, Option<String>)>,
+    ) -> Result<Self, OAuthError> {
+        match (authorization, form_client) {
             (Some(_), Some(_)) => Err(invalid(
                 "authenticate the client one way only (header or body)",
             )),
@@ -291,6 +300,59 @@ impl ClientCredentials {
             id: unescape(id),
             secret: unescape(secret),
             basic: true,
+        })
+    }
+}
+
+/// A token revocation request (RFC 7009 §2.1).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RevocationRequest {
+    /// The token to revoke.
+    pub token: String,
+    /// `client_id` and `client_secret` sent in the body.
+    pub form_client: Option<(String, Option<String>)>,
+}
+
+impl std::fmt::Debug for RevocationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationRequest")
+            .field("form_client", &self.form_client.as_ref().map(|(id, _)| id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RevocationRequest {
+    /// Parses an `application/x-www-form-urlencoded` body.
+    pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+        if body.len() > MAX_BODY {
+            return Err(invalid(format!("the body exceeds {MAX_BODY} bytes")));
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(invalid("the body is not UTF-8"));
+        }
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for (name, value) in form_urlencoded::parse(body) {
+            if value.len() > MAX_VALUE {
+                return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
+            }
+            if !["token", "token_type_hint", "client_id", "client_secret"].contains(&name.as_ref())
+            {
+                continue;
+            }
+            if seen.iter().any(|(k, _)| *k == name) {
+                return Err(invalid(format!("`{name}` appears more than once")));
+            }
+            seen.push((name.into_owned(), value.into_owned()));
+        }
+        let take = |name: &str| {
+            seen.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(Self {
+            token: take("token").ok_or_else(|| invalid("`token` is required"))?,
+            form_client: take("client_id").map(|id| (id, take("client_secret"))),
         })
     }
 }

@@ -217,7 +217,7 @@ pub async fn serve_issuer(provider: Provider) -> Served {
 /// The issuer's endpoints as a small axum router (what an app mounts).
 pub fn issuer_routes(issuer: Issuer) -> Router {
     let json = |body: String| ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-    let (d, j, t) = (issuer.clone(), issuer.clone(), issuer);
+    let (d, j, t, r) = (issuer.clone(), issuer.clone(), issuer.clone(), issuer);
     Router::new()
         .route(
             "/.well-known/openid-configuration",
@@ -241,13 +241,19 @@ pub fn issuer_routes(issuer: Issuer) -> Router {
                     let authorization = headers
                         .get(header::AUTHORIZATION)
                         .and_then(|v| v.to_str().ok());
-                    let answer = t.exchange(authorization, &body).await;
-                    let mut response =
-                        (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
-                    for (name, value) in answer.headers {
-                        response.headers_mut().insert(name, value.parse().unwrap());
-                    }
-                    response
+                    to_response(t.exchange(authorization, &body).await)
+                }
+            }),
+        )
+        .route(
+            "/revoke",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let r = r.clone();
+                async move {
+                    let authorization = headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    to_response(r.revoke(authorization, &body).await)
                 }
             }),
         )
@@ -260,6 +266,14 @@ pub fn issuer_routes(issuer: Issuer) -> Router {
                 )
             }),
         )
+}
+
+fn to_response(answer: impersonation_oidc::TokenEndpointResponse) -> axum::response::Response {
+    let mut response = (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
+    for (name, value) in answer.headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
 }
 
 /// POSTs a token exchange to our issuer.
@@ -338,4 +352,48 @@ impl Forger {
             URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
         )
     }
+}
+
+/// The provider's issuer URL when its keys are the test's own.
+pub const OP: &str = "https://login.test";
+
+/// A provider whose keys the test holds (to forge its tokens at will).
+pub fn forged_provider() -> (Forger, Provider) {
+    let (key, signing) = rsa_key();
+    let keys = impersonation_oidc::openidconnect::core::CoreJsonWebKeySet::new(vec![
+        signing.public_jwk().clone(),
+    ]);
+    (Forger { key }, Provider::with_keys(OP, API, keys).unwrap())
+}
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Forger {
+    /// A provider access token for `sub`, as `oidc-provider` shapes them,
+    /// after `tweak` has had its way with header and payload.
+    pub fn op_token(
+        &self,
+        sub: &str,
+        tweak: impl FnOnce(&mut serde_json::Value, &mut serde_json::Value),
+    ) -> String {
+        let mut header = serde_json::json!({"alg": "RS256", "typ": "at+jwt", "kid": self.kid()});
+        let mut payload = serde_json::json!({
+            "iss": OP, "sub": sub, "aud": API, "iat": now(), "exp": now() + 600,
+            "client_id": "agent-app", "jti": uuid::Uuid::now_v7().to_string(), "scope": "api",
+        });
+        tweak(&mut header, &mut payload);
+        self.sign(&header, &payload)
+    }
+}
+
+/// A JWT's header and payload, decoded without any check.
+pub fn decode(token: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut parts = token.split('.');
+    let mut part = || {
+        let bytes = URL_SAFE_NO_PAD.decode(parts.next().unwrap()).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (part(), part())
 }

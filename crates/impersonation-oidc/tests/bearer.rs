@@ -1,0 +1,206 @@
+//! The Axum binding with impersonation tokens as bearer credentials: the
+//! same context as the cookie path, each request audited once, and the
+//! bearer-outlives-stop class of bug: after stop or revoke, the very next
+//! request with the token gets 401. The agent's own token never carries
+//! the customer's rights.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use axum::routing::get;
+use common::*;
+use impersonation_axum::{EffectiveUser, ImpersonationLayer};
+use impersonation_core::{AuditAction, AuditQuery, MemoryDirectory, UserId};
+use tower::ServiceExt;
+
+/// The host app's own authentication, as a test stands in for it: a
+/// provider token (issuer `OP`) signs its subject in. Impersonation tokens
+/// are not the host's business.
+async fn host_auth(
+    State(directory): State<MemoryDirectory>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    if let Some(token) = bearer
+        && token.split('.').count() == 3
+    {
+        let (_, claims) = decode(&token);
+        if claims["iss"] == OP
+            && let Some(user) = claims["sub"].as_str().and_then(|s| UserId::new(s).ok())
+            && let Some(p) = directory.get(&user)
+        {
+            req.extensions_mut().insert(p);
+        }
+    }
+    next.run(req).await
+}
+
+struct Fixture {
+    served: Served,
+    op: Forger,
+    app: Router,
+}
+
+async fn fixture() -> Fixture {
+    let (op, provider) = forged_provider();
+    let served = serve_issuer(provider).await;
+    let app = Router::new()
+        .route(
+            "/bookings",
+            get(|user: EffectiveUser| async move {
+                format!(
+                    "bookings of {} (shadow: {})",
+                    user.display_name(),
+                    user.is_shadow()
+                )
+            }),
+        )
+        .layer(
+            ImpersonationLayer::new(served.service.clone())
+                .accept_tokens(served.issuer.verifier(API)),
+        )
+        .layer(from_fn_with_state(served.directory.clone(), host_auth));
+    Fixture { served, op, app }
+}
+
+impl Fixture {
+    async fn token(&self) -> String {
+        let actor = self.op.op_token("sam", |_, _| {});
+        let (status, body) = exchange(&self.served.url, &form(&actor, "olive")).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn get(&self, bearer: &str) -> (StatusCode, String, Option<String>) {
+        let response = self
+            .app
+            .clone()
+            .oneshot(
+                Request::get("/bookings")
+                    .header(header::AUTHORIZATION, format!("Bearer {bearer}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let cache = response
+            .headers()
+            .get(header::CACHE_CONTROL)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap(), cache)
+    }
+
+    async fn accesses(&self) -> usize {
+        impersonation_testkit::conformance::all_events(
+            self.served.service.store(),
+            AuditQuery {
+                action: Some(AuditAction::Access),
+                ..AuditQuery::default()
+            },
+        )
+        .await
+        .len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impersonation_token_is_served_as_the_customer_and_audited_once_a_request() {
+    let f = fixture().await;
+    let token = f.token().await;
+    for n in 1..=3 {
+        let (status, body, cache) = f.get(&token).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "bookings of Customer olive (shadow: true)");
+        assert_eq!(cache.as_deref(), Some("no-store"));
+        assert_eq!(f.accesses().await, n);
+    }
+    let events = impersonation_testkit::conformance::all_events(
+        f.served.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::Access),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert!(events.iter().all(|e| {
+        e.actor.id().map(|a| a.as_str()) == Some("sam")
+            && e.subject.as_ref().map(|s| s.id.as_str()) == Some("olive")
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_stop_the_token_gets_401_on_the_next_request() {
+    let f = fixture().await;
+    let token = f.token().await;
+    assert_eq!(f.get(&token).await.0, StatusCode::OK);
+    let http = impersonation_oidc::http_client().unwrap();
+    let stopped = http
+        .post(format!("{}/revoke", f.served.url))
+        .basic_auth(CLIENT, Some(CLIENT_SECRET))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    let (status, body, _) = f.get(&token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(!body.contains("olive"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_revocation_the_token_gets_401_on_the_next_request() {
+    let f = fixture().await;
+    let token = f.token().await;
+    assert_eq!(f.get(&token).await.0, StatusCode::OK);
+    // An administrator (here: host code) revokes every session of the agent.
+    f.served
+        .service
+        .revoke_all_for_agent(
+            &UserId::new("sam").unwrap(),
+            impersonation_core::Initiator::System,
+            "agent left the team",
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.get(&token).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_token_never_carries_the_customers_rights() {
+    let f = fixture().await;
+    let _impersonating = f.token().await;
+    // The agent's provider token, even while a session runs: the agent.
+    let own = f.op.op_token("sam", |_, _| {});
+    let (status, body, _) = f.get(&own).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "bookings of Agent sam (shadow: false)");
+    // A provider token of the customer herself is hers, not an impersonation.
+    let olive = f.op.op_token("olive", |_, _| {});
+    assert_eq!(
+        f.get(&olive).await.1,
+        "bookings of Customer olive (shadow: false)"
+    );
+    // And a forged impersonation token is refused outright.
+    let forged = f.op.sign(
+        &serde_json::json!({"alg": "RS256", "kid": f.op.kid()}),
+        &serde_json::json!({"iss": f.served.url, "sub": "olive", "aud": API,
+            "iat": now(), "exp": now() + 60, "sid": "x", "jti": "x", "act": {"sub": "sam"}}),
+    );
+    assert_eq!(f.get(&forged).await.0, StatusCode::UNAUTHORIZED);
+}

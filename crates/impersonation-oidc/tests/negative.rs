@@ -1,0 +1,562 @@
+//! Every hostile or unlucky case, refused with the right RFC 6749 error at
+//! the token endpoint or with a refusal (401 at a binding) at the verifier.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use impersonation_core::{AuditAction, AuditQuery, ImpersonationApi, Principal, UserId};
+use impersonation_oidc::TokenError;
+use serde_json::{Value, json};
+
+struct Fixture {
+    served: Served,
+    op: Forger,
+}
+
+async fn fixture() -> Fixture {
+    let (op, provider) = forged_provider();
+    Fixture {
+        served: serve_issuer(provider).await,
+        op,
+    }
+}
+
+impl Fixture {
+    async fn exchange(&self, params: &[(&str, &str)]) -> (u16, Value) {
+        exchange(&self.served.url, params).await
+    }
+
+    /// Exchanges a good provider token of `agent` for `subject`.
+    async fn issue(&self, agent: &str, subject: &str) -> String {
+        let actor = self.op.op_token(agent, |_, _| {});
+        let (status, body) = self.exchange(&form(&actor, subject)).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    fn ours(&self) -> Forger {
+        Forger {
+            key: self.served.key.clone(),
+        }
+    }
+}
+
+fn assert_refused(answer: &(u16, Value), status: u16, error: &str) {
+    assert_eq!(
+        (answer.0, answer.1["error"].as_str()),
+        (status, Some(error)),
+        "{}",
+        answer.1
+    );
+}
+
+// ---- The agent's token, at the token endpoint: invalid_grant. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_actor_tokens_are_invalid_grants() {
+    let f = fixture().await;
+    let now = now();
+    let signed = |tweak: &dyn Fn(&mut Value, &mut Value)| f.op.op_token("sam", |h, p| tweak(h, p));
+    let (good_header, good_payload) = decode(&signed(&|_, _| {}));
+    let public_pem = {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        f.op.key
+            .to_public_key()
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap()
+    };
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "alg none, no signature",
+            format!(
+                "{}.",
+                Forger::unsigned(&json!({"alg": "none", "typ": "at+jwt"}), &good_payload)
+            ),
+        ),
+        (
+            "alg none, a signature anyway",
+            format!(
+                "{}.c2ln",
+                Forger::unsigned(&json!({"alg": "none", "kid": f.op.kid()}), &good_payload)
+            ),
+        ),
+        (
+            "the RSA public key as an HMAC secret",
+            Forger::hmac(
+                &json!({"alg": "HS256", "kid": f.op.kid()}),
+                &good_payload,
+                public_pem.as_bytes(),
+            ),
+        ),
+        (
+            "a key id nobody published",
+            signed(&|h, _| h["kid"] = json!("not-a-key")),
+        ),
+        (
+            "no key id",
+            signed(&|h, _| {
+                h.as_object_mut().unwrap().remove("kid");
+            }),
+        ),
+        (
+            "expired",
+            signed(&|_, p| {
+                p["iat"] = json!(now - 7200);
+                p["exp"] = json!(now - 60);
+            }),
+        ),
+        (
+            "a lifetime of ten years",
+            signed(&|_, p| p["exp"] = json!(now + 315_360_000)),
+        ),
+        (
+            "an exp past any date",
+            signed(&|_, p| p["exp"] = json!(1e20)),
+        ),
+        (
+            "issued in the future",
+            signed(&|_, p| {
+                p["iat"] = json!(now + 3600);
+                p["exp"] = json!(now + 4200);
+            }),
+        ),
+        (
+            "for another audience",
+            signed(&|_, p| p["aud"] = json!("https://other.test/")),
+        ),
+        (
+            "from another issuer",
+            signed(&|_, p| p["iss"] = json!("https://evil.test")),
+        ),
+        ("four segments", format!("{}.eA", signed(&|_, _| {}))),
+        ("a tampered payload", {
+            let token = signed(&|_, _| {});
+            let mut parts: Vec<&str> = token.split('.').collect();
+            let mut payload = good_payload.clone();
+            payload["sub"] = json!("kim");
+            let forged = base64_json(&payload);
+            parts[1] = &forged;
+            parts.join(".")
+        }),
+        ("not a JWT", "sam".into()),
+        (
+            "a typ that is not a token",
+            signed(&|h, _| h["typ"] = json!("application/pdf")),
+        ),
+    ];
+    let _ = good_header;
+    for (what, token) in cases {
+        let answer = f.exchange(&form(&token, "olive")).await;
+        assert_eq!(
+            (answer.0, answer.1["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{what}: {}",
+            answer.1
+        );
+    }
+    // None of them started a session.
+    assert!(
+        impersonation_testkit::conformance::all_events(
+            f.served.service.store(),
+            AuditQuery::default()
+        )
+        .await
+        .is_empty()
+    );
+}
+
+fn base64_json(value: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+// ---- The policy, at the token endpoint. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refusals_are_invalid_grants_with_the_denial_code_and_are_audited() {
+    let f = fixture().await;
+    // A target outside the policy: an administrator.
+    let sam = f.op.op_token("sam", |_, _| {});
+    let answer = f.exchange(&form(&sam, "ada")).await;
+    assert_refused(&answer, 400, "invalid_grant");
+    assert!(
+        answer.1["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("protected_role"),
+        "{}",
+        answer.1
+    );
+    // An agent without the impersonate permission.
+    let mallory = f.op.op_token("mallory", |_, _| {});
+    let answer = f.exchange(&form(&mallory, "olive")).await;
+    assert_refused(&answer, 400, "invalid_grant");
+    assert!(
+        answer.1["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("missing_permission")
+    );
+    // A user the provider knows but the app does not.
+    let stranger = f.op.op_token("stranger", |_, _| {});
+    assert_refused(
+        &f.exchange(&form(&stranger, "olive")).await,
+        400,
+        "invalid_grant",
+    );
+    // No reason: the request's fault.
+    let mut no_reason = form(&sam, "olive");
+    no_reason.retain(|(k, _)| *k != "reason");
+    let answer = f.exchange(&no_reason).await;
+    assert_refused(&answer, 400, "invalid_request");
+    assert!(
+        answer.1["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("reason")
+    );
+    // The policy's refusals are in the audit trail.
+    let denied = impersonation_testkit::conformance::all_events(
+        f.served.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::Denied),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_who_lost_the_permission_gets_no_token_and_loses_the_one_held() {
+    let f = fixture().await;
+    let token = f.issue("sam", "olive").await;
+    let verifier = f.served.issuer.verifier(API);
+    verifier.authorize(&token).await.unwrap();
+    // Sam is demoted.
+    f.served.directory.insert(
+        Principal::new(
+            UserId::new("sam").unwrap(),
+            "Agent sam",
+            impersonation_core::TenantId::new("vendor").unwrap(),
+        )
+        .with_permission("bookings:read"),
+    );
+    assert!(matches!(
+        verifier.authorize(&token).await,
+        Err(TokenError::Session(_))
+    ));
+    let sam = f.op.op_token("sam", |_, _| {});
+    let answer = f.exchange(&form(&sam, "oscar")).await;
+    assert_refused(&answer, 400, "invalid_grant");
+    assert!(
+        answer.1["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("missing_permission")
+    );
+}
+
+// ---- The client and the request, at the token endpoint. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_requests_are_refused_with_their_rfc_errors() {
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let http = impersonation_oidc::http_client().unwrap();
+    let post = |user: &'static str, secret: &'static str, params: Vec<(&'static str, String)>| {
+        let http = http.clone();
+        let url = format!("{}/token", f.served.url);
+        async move {
+            let response = http
+                .post(url)
+                .basic_auth(user, Some(secret))
+                .form(&params)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let www = response.headers().get("www-authenticate").is_some();
+            let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            (status, body, www)
+        }
+    };
+    let good: Vec<(&'static str, String)> = form(&sam, "olive")
+        .into_iter()
+        .map(|(k, v)| {
+            let k: &'static str = match k {
+                "grant_type" => "grant_type",
+                "actor_token" => "actor_token",
+                "actor_token_type" => "actor_token_type",
+                "requested_subject" => "requested_subject",
+                "audience" => "audience",
+                _ => "reason",
+            };
+            (k, v.to_owned())
+        })
+        .collect();
+
+    let (status, body, www) = post(CLIENT, "not-the-secret-9f2", good.clone()).await;
+    assert_eq!(
+        (status, body["error"].as_str(), www),
+        (401, Some("invalid_client"), true)
+    );
+    let (status, body, _) = post("nobody", "x", good.clone()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+    let (status, body, _) = post("reporting", "reporting-secret", good.clone()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unauthorized_client"))
+    );
+
+    let mut other_audience = good.clone();
+    other_audience.push(("audience", "https://elsewhere.test/".into()));
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, other_audience).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_target"))
+    );
+
+    let mut twice = good.clone();
+    twice.push((
+        "grant_type",
+        "urn:ietf:params:oauth:grant-type:token-exchange".into(),
+    ));
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, twice).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let mut wrong_grant = good.clone();
+    wrong_grant.retain(|(k, _)| *k != "grant_type");
+    wrong_grant.push(("grant_type", "client_credentials".into()));
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, wrong_grant).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+
+    let mut no_actor = good.clone();
+    no_actor.retain(|(k, _)| *k != "actor_token");
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, no_actor).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let mut both_subjects = good.clone();
+    both_subjects.push(("subject_token", sam.clone()));
+    both_subjects.push(("subject_token_type", ACCESS_TOKEN.into()));
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, both_subjects).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // Nothing leaked a token or a secret into a description.
+    let (_, body, _) = post(CLIENT, "not-the-secret-9f2", good.clone()).await;
+    let text = body.to_string();
+    assert!(
+        !text.contains(&sam) && !text.contains("not-the-secret-9f2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_token_names_the_customer() {
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let olive = f.op.op_token("olive", |_, _| {});
+    let mut params = form(&sam, "");
+    params.retain(|(k, _)| *k != "requested_subject");
+    params.push(("subject_token", &olive));
+    params.push(("subject_token_type", ACCESS_TOKEN));
+    let (status, body) = f.exchange(&params).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, claims) = decode(body["access_token"].as_str().unwrap());
+    assert_eq!(claims["sub"], "olive");
+    assert_eq!(claims["act"]["sub"], "sam");
+    // A forged subject token is refused like a forged actor token.
+    let forged = olive.replace('.', ".x");
+    params.retain(|(k, _)| *k != "subject_token");
+    params.push(("subject_token", &forged));
+    assert_refused(&f.exchange(&params).await, 400, "invalid_grant");
+}
+
+// ---- Our own tokens, at the verifier (a binding answers 401). ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
+    let f = fixture().await;
+    let token = f.issue("sam", "olive").await;
+    let verifier = f.served.issuer.verifier(API);
+    verifier.authorize(&token).await.unwrap();
+    let ours = f.ours();
+    let (header, payload) = decode(&token);
+    let resign = |tweak: &dyn Fn(&mut Value, &mut Value)| {
+        let (mut h, mut p) = (header.clone(), payload.clone());
+        tweak(&mut h, &mut p);
+        ours.sign(&h, &p)
+    };
+    let now = now();
+    let public_pem = {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        ours.key
+            .to_public_key()
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap()
+    };
+    let nested = (0..200).fold(
+        json!({"sub": "prior"}),
+        |inner, _| json!({"sub": "x", "act": inner}),
+    );
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "alg none",
+            format!("{}.", Forger::unsigned(&json!({"alg": "none"}), &payload)),
+        ),
+        (
+            "the RSA public key as an HMAC secret",
+            Forger::hmac(
+                &json!({"alg": "HS256", "kid": header["kid"]}),
+                &payload,
+                public_pem.as_bytes(),
+            ),
+        ),
+        (
+            "a wrong key id",
+            resign(&|h, _| h["kid"] = json!("rotated-away")),
+        ),
+        (
+            "expired",
+            resign(&|_, p| {
+                p["iat"] = json!(now - 600);
+                p["exp"] = json!(now - 10);
+            }),
+        ),
+        (
+            "a huge exp",
+            resign(&|_, p| p["exp"] = json!(now + 31_536_000)),
+        ),
+        (
+            "an exp past any date",
+            resign(&|_, p| p["exp"] = json!(1e20)),
+        ),
+        (
+            "not valid yet",
+            resign(&|_, p| p["nbf"] = json!(now + 3600)),
+        ),
+        (
+            "for another audience",
+            resign(&|_, p| p["aud"] = json!(["https://other.test/"])),
+        ),
+        ("from another issuer", resign(&|_, p| p["iss"] = json!(OP))),
+        ("four segments", format!("{token}.eA")),
+        ("a tampered act", {
+            let mut p = payload.clone();
+            p["act"]["sub"] = json!("kim");
+            let parts: Vec<&str> = token.split('.').collect();
+            format!("{}.{}.{}", parts[0], base64_json(&p), parts[2])
+        }),
+        (
+            "a deeply nested act",
+            resign(&|_, p| p["act"] = nested.clone()),
+        ),
+        (
+            "no sid",
+            resign(&|_, p| {
+                p.as_object_mut().unwrap().remove("sid");
+            }),
+        ),
+        (
+            "a session id of another session",
+            resign(&|_, p| {
+                p["sid"] = json!(impersonation_core::SessionId::new().to_string());
+            }),
+        ),
+        (
+            "another customer for the same session",
+            resign(&|_, p| p["sub"] = json!("oscar")),
+        ),
+        (
+            "too long",
+            format!("{token}{}", "A".repeat(impersonation_oidc::MAX_TOKEN_LEN)),
+        ),
+    ];
+    for (what, hostile) in cases {
+        let refused = verifier.authorize(&hostile).await;
+        assert!(refused.is_err(), "{what} was accepted");
+        assert!(
+            !matches!(refused, Err(TokenError::Unavailable(_))),
+            "{what}: {refused:?}"
+        );
+    }
+    // The genuine token still works: nothing above touched the session.
+    verifier.authorize(&token).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
+    let f = fixture().await;
+    let verifier = f.served.issuer.verifier(API);
+    let sam = f
+        .served
+        .service
+        .directory()
+        .get(&UserId::new("sam").unwrap())
+        .unwrap();
+
+    // Stopped through the revocation endpoint (the agent's client).
+    let token = f.issue("sam", "olive").await;
+    verifier.authorize(&token).await.unwrap();
+    let http = impersonation_oidc::http_client().unwrap();
+    let answer = http
+        .post(format!("{}/revoke", f.served.url))
+        .basic_auth(CLIENT, Some(CLIENT_SECRET))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(matches!(
+        verifier.authorize(&token).await,
+        Err(TokenError::Session(_))
+    ));
+
+    // Revoked by the agent through the service (any other path: same).
+    let token = f.issue("sam", "olive").await;
+    let ctx = verifier.authorize(&token).await.unwrap();
+    f.served
+        .service
+        .revoke(ctx.session(), &sam, "done")
+        .await
+        .unwrap();
+    assert!(matches!(
+        verifier.authorize(&token).await,
+        Err(TokenError::Session(_))
+    ));
+
+    // A revocation request with a garbage token is still 200 (RFC 7009).
+    let answer = http
+        .post(format!("{}/revoke", f.served.url))
+        .basic_auth(CLIENT, Some(CLIENT_SECRET))
+        .form(&[("token", "garbage")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    // ...but not without client authentication.
+    let answer = http
+        .post(format!("{}/revoke", f.served.url))
+        .form(&[("token", "garbage")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
+    let _ = f.served.service.now();
+}
