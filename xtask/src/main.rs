@@ -8,6 +8,7 @@
 mod bench;
 mod ci;
 mod demo;
+mod fuzz;
 mod services;
 
 use std::ffi::{OsStr, OsString};
@@ -32,6 +33,7 @@ tasks:
   bench [args...]     the criterion benches of core, diesel and redis [args to criterion]
   bench http [args]   requests/s: bare axum vs the impersonation layer vs tower-sessions (wrk);
                       [--seconds N] [--connections N] [variant...]
+  fuzz [--cases N]    the OIDC fuzzers (proptest), N cases per property (default 100000)
   help                show this text
 ";
 
@@ -72,6 +74,7 @@ fn run(args: &[OsString]) -> Result<ExitCode> {
         }
         (Some("demo"), _) => demo::run(rest),
         (Some("bench"), _) => bench::run(rest),
+        (Some("fuzz"), _) => fuzz::run(rest),
         (Some("help" | "-h" | "--help"), _) => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -118,8 +121,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_cargo_with_env(args, &[])
+}
+
+/// [`run_cargo_passthrough`] with extra environment for the child.
+fn run_cargo_with_env<I, S>(args: I, env: &[(&str, String)]) -> Result<ExitCode>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut cmd = Command::new(cargo());
     cmd.args(args).current_dir(workspace_root()?);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy().into_owned())

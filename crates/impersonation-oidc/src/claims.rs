@@ -10,13 +10,33 @@ use serde::{Deserialize, Serialize};
 /// The actor (RFC 8693 §4.1): who acts for the subject. Only the current
 /// actor is authoritative; prior actors (a nested `act`) are kept as they
 /// came, never read for authorisation.
+///
+/// Read strictly: an object with a string `sub`, prior actors objects too
+/// (serde would otherwise take `["sam"]` for `{"sub": "sam"}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub struct ActorClaim {
     /// The acting party: the support agent.
     pub sub: String,
     /// Prior actors, if a chain of delegation was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<serde_json::Value>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for ActorClaim {
+    type Error = String;
+
+    fn try_from(mut object: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let sub = match object.remove("sub") {
+            Some(serde_json::Value::String(sub)) if !sub.is_empty() => sub,
+            _ => return Err("act.sub must be a non-empty string".into()),
+        };
+        let act = object.remove("act");
+        if act.as_ref().is_some_and(|prior| !prior.is_object()) {
+            return Err("a prior actor must be an object".into());
+        }
+        Ok(Self { sub, act })
+    }
 }
 
 /// The claims this crate adds to the registered ones (`iss`, `sub`, `aud`,

@@ -82,7 +82,7 @@ pub use request::{
     ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, ID_TOKEN_TYPE, JWT_TOKEN_TYPE, MAX_BODY,
     MAX_TARGETS, MAX_VALUE, RevocationRequest, Subject, TOKEN_EXCHANGE,
 };
-pub use verifier::{TokenVerifier, VerifiedToken};
+pub use verifier::{MAX_PRIOR_ACTORS, TokenVerifier, VerifiedToken};
 
 /// Re-exported so apps and tests name the same types.
 pub use openidconnect;

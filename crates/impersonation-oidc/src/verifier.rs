@@ -16,6 +16,21 @@ use crate::error::TokenError;
 use crate::jwt::{Expect, check_not_before, check_shape, unverified_payload, verify};
 use crate::keys::KeyRing;
 
+/// The most prior actors (a nested `act` chain, RFC 8693 §4.1) a token may
+/// record. They are never read for a decision; the bound only refuses
+/// tokens built to exhaust a parser.
+pub const MAX_PRIOR_ACTORS: usize = 16;
+
+fn prior_actors(act: &crate::claims::ActorClaim) -> usize {
+    let mut count = 0;
+    let mut prior = act.act.as_ref();
+    while let Some(actor) = prior {
+        count += 1;
+        prior = actor.get("act");
+    }
+    count
+}
+
 /// A token that verified: who acts for whom, in which session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedToken {
@@ -125,6 +140,11 @@ impl TokenVerifier {
         )?;
         let extra = claims.additional_claims();
         check_not_before(extra, now)?;
+        if prior_actors(&extra.act) > MAX_PRIOR_ACTORS {
+            return Err(TokenError::Malformed(format!(
+                "more than {MAX_PRIOR_ACTORS} prior actors"
+            )));
+        }
         let subject = UserId::new(claims.subject().as_str())
             .map_err(|e| TokenError::Malformed(format!("sub: {e}")))?;
         let actor = UserId::new(extra.act.sub.as_str())
