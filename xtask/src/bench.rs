@@ -12,6 +12,7 @@ const BENCH_PACKAGES: &[&str] = &[
     "impersonation-core",
     "impersonation-diesel",
     "impersonation-redis",
+    "impersonation-oidc",
 ];
 
 /// Features the benched packages need (the Diesel benches run on

@@ -518,7 +518,7 @@ impl Issuer {
         let key = self.keys.current();
         ImpersonationToken::new(
             claims,
-            key.signer(),
+            key.rsa_signer(),
             CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
             None,
             None,

@@ -84,7 +84,9 @@ impl SigningKey {
         &self.public
     }
 
-    pub(crate) fn signer(&self) -> &CoreRsaPrivateSigningKey {
+    /// The key as the `openidconnect` crate signs with it, for an app that
+    /// issues tokens of its own with it (`IdToken::new`, say).
+    pub fn rsa_signer(&self) -> &CoreRsaPrivateSigningKey {
         &self.signer
     }
 }
