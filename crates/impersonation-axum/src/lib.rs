@@ -34,12 +34,21 @@
 //! sent whole. Cookies are `__Host-` prefixed, `HttpOnly`, `Secure` and
 //! `SameSite=Strict`; [`ImpersonationLayer::development_mode`] drops the
 //! prefix and `Secure` for plain `http://localhost`.
+//!
+//! Signed impersonation tokens (RFC 8693, `impersonation-oidc`) are accepted
+//! as bearer credentials with [`ImpersonationLayer::accept_tokens`].
+//!
+//! ## Feature flags
+//!
+//! - `oidc`: [`oidc::routes`], the routes of an `impersonation-oidc` issuer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod banner;
 mod extract;
 mod layer;
+#[cfg(feature = "oidc")]
+pub mod oidc;
 mod routes;
 
 use std::sync::Arc;

@@ -15,10 +15,6 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use impersonation_core::{
@@ -214,66 +210,9 @@ pub async fn serve_issuer(provider: Provider) -> Served {
     }
 }
 
-/// The issuer's endpoints as a small axum router (what an app mounts).
+/// The issuer's endpoints, as the Axum binding mounts them.
 pub fn issuer_routes(issuer: Issuer) -> Router {
-    let json = |body: String| ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-    let (d, j, t, r) = (issuer.clone(), issuer.clone(), issuer.clone(), issuer);
-    Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || {
-                let d = d.clone();
-                async move { json(d.discovery_json().unwrap()) }
-            }),
-        )
-        .route(
-            "/jwks.json",
-            get(move || {
-                let j = j.clone();
-                async move { json(j.jwks_json()) }
-            }),
-        )
-        .route(
-            "/token",
-            post(move |headers: HeaderMap, body: Bytes| {
-                let t = t.clone();
-                async move {
-                    let authorization = headers
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    to_response(t.exchange(authorization, &body).await)
-                }
-            }),
-        )
-        .route(
-            "/revoke",
-            post(move |headers: HeaderMap, body: Bytes| {
-                let r = r.clone();
-                async move {
-                    let authorization = headers
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    to_response(r.revoke(authorization, &body).await)
-                }
-            }),
-        )
-        .route(
-            "/authorize",
-            get(|| async {
-                (
-                    StatusCode::BAD_REQUEST,
-                    r#"{"error":"unsupported_response_type"}"#,
-                )
-            }),
-        )
-}
-
-fn to_response(answer: impersonation_oidc::TokenEndpointResponse) -> axum::response::Response {
-    let mut response = (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
-    for (name, value) in answer.headers {
-        response.headers_mut().insert(name, value.parse().unwrap());
-    }
-    response
+    impersonation_axum::oidc::routes(issuer)
 }
 
 /// POSTs a token exchange to our issuer.
