@@ -224,13 +224,13 @@ impl Issuer {
         config: IssuerConfig,
         keys: KeyRing,
         provider: Provider,
-        api: Arc<dyn ImpersonationApi>,
+        api: impl ImpersonationApi,
     ) -> Self {
         Self {
             config: Arc::new(config),
             keys,
             provider,
-            api,
+            api: Arc::new(api),
         }
     }
 

@@ -5,24 +5,28 @@
 //! that sets a cookie naming a seeded person; its auth middleware puts that
 //! [`Principal`] into the request, and [`ImpersonationLayer`] does the rest.
 //!
+//! It also offers an API for impersonation by token (RFC 8693, see [`api`]).
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use campground_demo::{Demo, StoreKind};
 //! let demo = Demo::open(StoreKind::Memory, "memory").await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! axum::serve(listener, demo.router()).await?;
+//! let base = format!("http://{}", listener.local_addr()?);
+//! axum::serve(listener, demo.router(&base)?).await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod pages;
 pub mod seed;
 pub mod stores;
 pub mod walkthrough;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use anyhow::Result;
 use axum::Router;
@@ -61,6 +65,7 @@ pub struct Demo {
     service: Arc<Service>,
     data: Mutex<AppData>,
     store: StoreKind,
+    api: OnceLock<api::ApiState>,
 }
 
 impl Demo {
@@ -102,6 +107,7 @@ impl Demo {
             service: Arc::new(service),
             data: Mutex::new(data),
             store,
+            api: OnceLock::new(),
         })
     }
 
@@ -121,14 +127,30 @@ impl Demo {
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The app: pages, the SDK's routes under `/impersonation`, the layer,
-    /// and the demo sign-in outermost.
-    pub fn router(self: &Arc<Self>) -> Router {
+    /// The API side (token exchange), once [`Demo::router`] has built it.
+    pub fn api(&self) -> Option<&api::ApiState> {
+        self.api.get()
+    }
+
+    /// The app at `base` (its public URL, which the token issuer names in
+    /// its tokens): pages, the SDK's routes under `/impersonation`, the API
+    /// side under `/idp`, `/oidc` and `/api`, the layer (which also accepts
+    /// impersonation tokens), and the demo sign-in outermost.
+    pub fn router(self: &Arc<Self>, base: &str) -> Result<Router> {
+        let base = base.trim_end_matches('/');
+        if self.api.get().is_none() {
+            let _ = self.api.set(api::ApiState::new(self, base)?);
+        }
+        let api = self
+            .api
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("the API side did not start"))?;
         let layer = ImpersonationLayer::new(Arc::clone(&self.service))
             .mount_path("/impersonation")
+            .accept_tokens(api.issuer().verifier(api.audience.clone()))
             // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
             .development_mode();
-        Router::new()
+        Ok(Router::new()
             .route("/", get(pages::home))
             .route("/signin", post(pages::sign_in))
             .route("/signout", post(pages::sign_out))
@@ -143,10 +165,17 @@ impl Demo {
             .route("/audit", get(pages::audit))
             .route("/audit/verify", post(pages::verify))
             .route("/audit.txt", get(pages::audit_text))
+            .route("/idp/token", post(api::idp_token))
+            .route("/idp/jwks.json", get(api::idp_jwks))
+            .route("/api/bookings", get(api::bookings))
             .nest("/impersonation", impersonation_axum::routes())
+            .nest(
+                "/oidc",
+                impersonation_axum::oidc::routes(api.issuer().clone()),
+            )
             .with_state(Arc::clone(self))
             .layer(layer)
-            .layer(from_fn_with_state(Arc::clone(self), sign_in))
+            .layer(from_fn_with_state(Arc::clone(self), sign_in)))
     }
 }
 
@@ -164,10 +193,23 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
                 .strip_prefix(&format!("{SIGN_IN_COOKIE}="))
                 .map(str::to_owned)
         });
-    if let Some(principal) = user
-        .and_then(|id| UserId::new(id).ok())
-        .and_then(|id| demo.service.directory().get(&id))
+    let mut user = user.and_then(|id| UserId::new(id).ok());
+    // API clients: the (stand-in) identity provider's access token signs
+    // its person in. An impersonation token is the layer's business.
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let (None, Some(token), Some(api)) = (&user, bearer, demo.api())
+        && let Ok(id) = api
+            .provider()
+            .user_of(token, time::OffsetDateTime::now_utc())
+            .await
     {
+        user = Some(id);
+    }
+    if let Some(principal) = user.and_then(|id| demo.service.directory().get(&id)) {
         req.extensions_mut().insert::<Principal>(principal);
     }
     next.run(req).await

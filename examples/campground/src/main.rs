@@ -102,7 +102,7 @@ async fn run() -> Result<()> {
         .with_context(|| format!("cannot listen on 127.0.0.1:{port} (try --port 0)"))?;
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
-    let app = demo.router();
+    let app = demo.router(&base)?;
 
     if args.walkthrough {
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -125,7 +125,15 @@ async fn run() -> Result<()> {
     println!("Try it: sign in as Sam Support, open the Support console, impersonate");
     println!("Olive Owner with a reason; see the banner, open Billing (refused) and");
     println!("Profile (card masked), press Stop, then read the Audit trail and verify it.");
-    println!("`cargo xtask demo --walkthrough` plays this story over HTTP. Ctrl-C stops.");
+    println!();
+    println!("API (RFC 8693 token exchange): a signed-in agent gets their own access token");
+    println!("at POST {base}/idp/token, exchanges it at POST {base}/oidc/token (client");
+    println!(
+        "{}:{}) for an impersonation token, and calls GET {base}/api/bookings with it.",
+        campground_demo::api::CLIENT_ID,
+        campground_demo::api::CLIENT_SECRET
+    );
+    println!("`cargo xtask demo --walkthrough` plays all of this over HTTP. Ctrl-C stops.");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -64,7 +64,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Viewer {
 impl Viewer {
     /// Whether the effective user (the shadow user while impersonating)
     /// holds a permission.
-    fn can(&self, permission: &str) -> bool {
+    pub(crate) fn can(&self, permission: &str) -> bool {
         let p = Permission::new(permission);
         match (&self.ctx, &self.real) {
             (Some(ctx), _) => ctx.shadow().has_permission(&p),
@@ -73,7 +73,7 @@ impl Viewer {
         }
     }
 
-    fn effective_id(&self) -> Option<&UserId> {
+    pub(crate) fn effective_id(&self) -> Option<&UserId> {
         match (&self.ctx, &self.real) {
             (Some(ctx), _) => Some(ctx.shadow().id()),
             (None, Some(real)) => Some(&real.id),
@@ -81,7 +81,7 @@ impl Viewer {
         }
     }
 
-    fn effective_name(&self) -> &str {
+    pub(crate) fn effective_name(&self) -> &str {
         match (&self.ctx, &self.real) {
             (Some(ctx), _) => ctx.shadow().display_name(),
             (None, Some(real)) => &real.display_name,
@@ -99,7 +99,7 @@ impl Viewer {
 
     /// Campgrounds the effective user works with: their own and those their
     /// company or partner relationships cover.
-    fn campgrounds(&self) -> Vec<&'static seed::Campground> {
+    pub(crate) fn campgrounds(&self) -> Vec<&'static seed::Campground> {
         let relationships = match (&self.ctx, &self.real) {
             (Some(ctx), _) => ctx.shadow().relationships().to_vec(),
             (None, Some(real)) => real.relationships.clone(),
@@ -155,7 +155,7 @@ impl Viewer {
             .is_some_and(|r| demo.service().policy().is_admin(r))
     }
 
-    fn csrf_ok(&self, sent: &str) -> bool {
+    pub(crate) fn csrf_ok(&self, sent: &str) -> bool {
         !self.csrf.is_empty() && sent == self.csrf
     }
 }

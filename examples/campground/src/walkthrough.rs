@@ -366,6 +366,109 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
         page.has_banner()
     ))?;
 
+    o.step("Sam's API client gets Sam's own access token from the identity provider (/idp)")?;
+    let page = sam.post("/idp/token", &[]).await?;
+    expect(&page, StatusCode::OK, "provider token")?;
+    let own: serde_json::Value = serde_json::from_str(&page.body)?;
+    let own = own["access_token"]
+        .as_str()
+        .context("an access token")?
+        .to_owned();
+    o.line(&format!(
+        "a JWT for sub \"{}\", audience {base}/api",
+        claims_of(&own)?["sub"].as_str().unwrap_or_default()
+    ))?;
+
+    o.step(
+        "It exchanges that token for an impersonation token for Olive (RFC 8693, POST /oidc/token)",
+    )?;
+    let api = reqwest::Client::new();
+    let audience = format!("{base}/api");
+    let exchanged = api
+        .post(format!("{base}/oidc/token"))
+        .basic_auth(crate::api::CLIENT_ID, Some(crate::api::CLIENT_SECRET))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("actor_token", own.as_str()),
+            (
+                "actor_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("requested_subject", "olive"),
+            ("audience", audience.as_str()),
+            ("reason", "Olive's booking sync fails through the API"),
+            ("ticket", "SUP-1044"),
+        ])
+        .send()
+        .await?;
+    let status = exchanged.status();
+    let body: serde_json::Value = serde_json::from_str(&exchanged.text().await?)?;
+    if status != StatusCode::OK {
+        bail!("token exchange: {status}: {body}");
+    }
+    let token = body["access_token"]
+        .as_str()
+        .context("an impersonation token")?
+        .to_owned();
+    let claims = claims_of(&token)?;
+    o.line(&format!(
+        "{status}: {} token, expires in {} s, no refresh token",
+        body["token_type"].as_str().unwrap_or_default(),
+        body["expires_in"]
+    ))?;
+    o.line(&format!(
+        "claims: sub \"{}\", act {{sub: \"{}\"}}, sid {}",
+        claims["sub"].as_str().unwrap_or_default(),
+        claims["act"]["sub"].as_str().unwrap_or_default(),
+        claims["sid"].as_str().unwrap_or_default()
+    ))?;
+
+    o.step("The client calls the API with it: Olive's bookings, Sam beside (GET /api/bookings)")?;
+    let call = |bearer: String| {
+        let api = api.clone();
+        let url = format!("{base}/api/bookings");
+        async move {
+            let res = api.get(url).bearer_auth(bearer).send().await?;
+            let status = res.status();
+            let text = res.text().await?;
+            anyhow::Ok((status, text))
+        }
+    };
+    let (status, text) = call(token.clone()).await?;
+    let listing: serde_json::Value = serde_json::from_str(&text)?;
+    o.line(&format!(
+        "{status}: as {} (impersonated by {}), {} bookings",
+        listing["name"].as_str().unwrap_or_default(),
+        listing["impersonated_by"].as_str().unwrap_or("nobody"),
+        listing["bookings"].as_array().map_or(0, Vec::len)
+    ))?;
+    let (status, text) = call(own.clone()).await?;
+    let listing: serde_json::Value = serde_json::from_str(&text)?;
+    o.line(&format!(
+        "with Sam's own token instead: {status}, as {}, {} bookings",
+        listing["name"].as_str().unwrap_or_default(),
+        listing["bookings"].as_array().map_or(0, Vec::len)
+    ))?;
+
+    o.step("The client revokes the token (POST /oidc/revoke): the next call gets 401")?;
+    let revoked = api
+        .post(format!("{base}/oidc/revoke"))
+        .basic_auth(crate::api::CLIENT_ID, Some(crate::api::CLIENT_SECRET))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await?;
+    let (status, _) = call(token.clone()).await?;
+    o.line(&format!(
+        "revocation: {}; the same token next: {status}",
+        revoked.status()
+    ))?;
+    if status != StatusCode::UNAUTHORIZED {
+        bail!("a revoked token still worked: {status}");
+    }
+
     o.step("Ada verifies the audit chains")?;
     let page = ada.post("/audit/verify", &[]).await?;
     o.line(
@@ -379,4 +482,12 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     expect(&table, StatusCode::OK, "audit table")?;
     writeln!(o.out, "\n{}", table.body)?;
     Ok(())
+}
+
+/// A JWT's claims, decoded for display (the server verified them).
+fn claims_of(token: &str) -> Result<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).context("a JWT has three parts")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    Ok(serde_json::from_slice(&bytes)?)
 }

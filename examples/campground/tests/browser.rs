@@ -138,7 +138,7 @@ async fn an_agent_impersonates_a_customer_in_chromium() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo.router();
+    let app = demo.router(&base).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let screenshots = target_dir().join("screenshots");
     std::fs::create_dir_all(&screenshots).unwrap();

@@ -75,7 +75,7 @@ async fn demo() -> String {
     let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo.router();
+    let app = demo.router(&base).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     base
 }

@@ -14,7 +14,7 @@ fn unique() -> String {
 async fn serve(demo: &Arc<Demo>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo.router();
+    let app = demo.router(&base).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     base
 }
@@ -49,7 +49,13 @@ async fn story(kind: StoreKind, url: &str) {
         "after stop: 200 OK at /dashboard, banner shown: false",
         "banner: \"You are impersonating Paula Partner (ParkCo Management)\"; dashboard shows 2 campgrounds",
         "Lee's next page: 200 OK, banner shown: false",
-        "✓ Chain verified: 2 chains, 13 events.",
+        "a JWT for sub \"sam\"",
+        "200 OK: Bearer token, expires in 300 s, no refresh token",
+        "claims: sub \"olive\", act {sub: \"sam\"}",
+        "200 OK: as Olive Owner (impersonated by sam), 4 bookings",
+        "with Sam's own token instead: 200 OK, as Sam Support, 0 bookings",
+        "revocation: 200 OK; the same token next: 401 Unauthorized",
+        "✓ Chain verified: 2 chains, 16 events.",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
@@ -74,8 +80,15 @@ async fn story(kind: StoreKind, url: &str) {
             "User Impersonation",
             "Data Access",
             "User Impersonation End",
+            "User Impersonation",
+            "Data Access",
+            "User Impersonation End",
         ],
         "{table}"
+    );
+    assert!(table.contains("| Sam Support | Olive Owner | GET /api/bookings (200)"));
+    assert!(
+        table.contains("Reason: Olive's booking sync fails through the API. Ticket: SUP-1044.")
     );
     assert!(table.contains("| Sam Support | Olive Owner | Refused GET /billing"));
     assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
