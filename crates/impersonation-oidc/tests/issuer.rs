@@ -1,0 +1,157 @@
+//! The issuer's own promises: key rotation with two keys live and `kid`
+//! chosen, the JWKS and discovery it publishes, and a token that never
+//! outlives its session.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use impersonation_core::{Impersonation, MemoryStore};
+use impersonation_oidc::{
+    ClientRegistration, Issuer, IssuerConfig, KeyRing, SigningKey, TokenError,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
+    let (op, provider) = forged_provider();
+    let served = serve_issuer(provider).await;
+    let verifier = served.issuer.verifier(API);
+    let issue = || async {
+        let actor = op.op_token("sam", |_, _| {});
+        let (status, body) = exchange(&served.url, &form(&actor, "olive")).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+    let before = issue().await;
+    let first_kid = served.issuer.keys().current().kid().to_owned();
+    assert_eq!(decode(&before).0["kid"], first_kid.as_str());
+
+    // Rotate: new tokens name the new key, the old token still verifies,
+    // and the JWKS publishes both.
+    served.issuer.keys().rotate(SigningKey::generate().unwrap());
+    let second_kid = served.issuer.keys().current().kid().to_owned();
+    assert_ne!(first_kid, second_kid);
+    let jwks: serde_json::Value = serde_json::from_str(&served.issuer.jwks_json()).unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, [second_kid.as_str(), first_kid.as_str()]);
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k.get("d").is_none()),
+        "public keys only"
+    );
+    verifier.verify(&before).unwrap();
+    // One agent, one live session: end the first before a second exchange.
+    let ctx = verifier.authorize(&before).await.unwrap();
+    let sam = served
+        .directory
+        .get(&impersonation_core::UserId::new("sam").unwrap())
+        .unwrap();
+    served
+        .service
+        .stop_session(ctx.session(), &sam)
+        .await
+        .unwrap();
+    let after = issue().await;
+    assert_eq!(decode(&after).0["kid"], second_kid.as_str());
+    verifier.verify(&after).unwrap();
+
+    // Retire the old key: tokens it signed are refused, the new ones not.
+    served.issuer.keys().retire_previous();
+    assert!(matches!(
+        verifier.verify(&before),
+        Err(TokenError::Signature(_))
+    ));
+    verifier.verify(&after).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_never_outlives_its_session() {
+    let (op, provider) = forged_provider();
+    let directory = directory();
+    let service = Arc::new(
+        Impersonation::new(MemoryStore::new(), directory).with_policy(
+            impersonation_core::Policy::default().max_duration(time::Duration::minutes(20)),
+        ),
+    );
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .token_lifetime(time::Duration::hours(2))
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service.clone(),
+    );
+    let actor = op.op_token("sam", |_, _| {});
+    let body: String = form(&actor, "olive")
+        .into_iter()
+        .fold(
+            form_urlencoded::Serializer::new(String::new()),
+            |mut f, (k, v)| {
+                f.append_pair(k, v);
+                f
+            },
+        )
+        .finish();
+    let basic = {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{CLIENT_SECRET}"))
+        )
+    };
+    let answer = issuer.exchange(Some(&basic), body.as_bytes()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let (_, claims) = decode(issued["access_token"].as_str().unwrap());
+    let ctx = issuer
+        .verifier(API)
+        .authorize(issued["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        claims["exp"].as_i64().unwrap(),
+        ctx.expires_at().unix_timestamp(),
+        "exp is the session's end, not the two hours asked for"
+    );
+    assert!(issued["expires_in"].as_i64().unwrap() <= 20 * 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_names_the_endpoints_and_the_one_algorithm() {
+    let (_, provider) = forged_provider();
+    let served = serve_issuer(provider).await;
+    let doc: serde_json::Value =
+        serde_json::from_str(&served.issuer.discovery_json().unwrap()).unwrap();
+    assert_eq!(doc["issuer"], served.url.as_str());
+    assert_eq!(doc["token_endpoint"], format!("{}/token", served.url));
+    assert_eq!(doc["revocation_endpoint"], format!("{}/revoke", served.url));
+    assert_eq!(doc["jwks_uri"], format!("{}/jwks.json", served.url));
+    assert_eq!(
+        doc["grant_types_supported"],
+        serde_json::json!(["urn:ietf:params:oauth:grant-type:token-exchange"])
+    );
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        serde_json::json!(["RS256"])
+    );
+    // The authorize route OpenID discovery requires refuses politely.
+    let answer = impersonation_oidc::http_client()
+        .unwrap()
+        .get(format!("{}/authorize", served.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+}
