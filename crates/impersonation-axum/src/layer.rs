@@ -248,10 +248,37 @@ where
                 .or_else(|| cookie(req.headers(), settings.secret_cookie()).map(str::to_owned));
 
             let mut clear_secret = false;
+            // What was presented, resolved, and whether a refusal only
+            // clears the browser's cookie (rather than answering 401).
+            let resolved = if let Some(result) = signed_token {
+                Some((result, false))
+            } else if let Some(text) = presented {
+                match SessionSecret::parse(&text) {
+                    Err(_) if from_cookie => {
+                        clear_secret = true;
+                        None
+                    }
+                    Err(_) => {
+                        return Ok(plain(
+                            StatusCode::UNAUTHORIZED,
+                            "invalid impersonation token",
+                        ));
+                    }
+                    Ok(secret) => {
+                        let secret = Arc::new(secret);
+                        req.extensions_mut()
+                            .insert(PresentedSecret(Arc::clone(&secret)));
+                        Some((shared.api.resolve(&secret).await, from_cookie))
+                    }
+                }
+            } else {
+                None
+            };
             let mut ctx: Option<Context> = None;
-            if let Some(resolved) = signed_token {
-                match resolved {
+            if let Some((result, from_cookie)) = resolved {
+                match result {
                     Ok(c) => {
+                        // The session is the signed-in agent's own, or it is not used.
                         let signed_in = req.extensions().get::<Principal>().map(|p| p.id.clone());
                         match signed_in {
                             Some(id) if id != c.agent().id => {}
@@ -265,51 +292,12 @@ where
                             "impersonation check unavailable",
                         ));
                     }
+                    Err(_) if from_cookie => clear_secret = true,
                     Err(_) => {
                         return Ok(plain(
                             StatusCode::UNAUTHORIZED,
                             "impersonation token refused",
                         ));
-                    }
-                }
-            } else if let Some(text) = presented {
-                match SessionSecret::parse(&text) {
-                    Err(_) if from_cookie => clear_secret = true,
-                    Err(_) => {
-                        return Ok(plain(
-                            StatusCode::UNAUTHORIZED,
-                            "invalid impersonation token",
-                        ));
-                    }
-                    Ok(secret) => {
-                        let secret = Arc::new(secret);
-                        req.extensions_mut()
-                            .insert(PresentedSecret(Arc::clone(&secret)));
-                        match shared.api.resolve(&secret).await {
-                            Ok(c) => {
-                                // The session is the signed-in agent's own, or it is not used.
-                                let signed_in =
-                                    req.extensions().get::<Principal>().map(|p| p.id.clone());
-                                match signed_in {
-                                    Some(id) if id != c.agent().id => {}
-                                    _ => ctx = Some(c),
-                                }
-                            }
-                            Err(e) if e.http_status() == 503 => {
-                                tracing::error!(error = %e, "impersonation check failed; refusing the request");
-                                return Ok(plain(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "impersonation check unavailable",
-                                ));
-                            }
-                            Err(_) if from_cookie => clear_secret = true,
-                            Err(_) => {
-                                return Ok(plain(
-                                    StatusCode::UNAUTHORIZED,
-                                    "impersonation session ended",
-                                ));
-                            }
-                        }
                     }
                 }
             }

@@ -379,6 +379,19 @@ fn actor_of(p: &Principal) -> Actor {
     Actor::user(p.id.clone(), p.display_name.clone())
 }
 
+/// Fills a span's `impersonation.*` fields from the session it is about.
+fn record_session(span: &Span, session: &Session) {
+    span.record(
+        "impersonation.agent",
+        tracing::field::display(&session.agent.id),
+    );
+    span.record(
+        "impersonation.subject",
+        tracing::field::display(&session.subject.id),
+    );
+    span.record("impersonation.session", tracing::field::display(session.id));
+}
+
 fn stop_span() -> Span {
     tracing::info_span!(
         "impersonation.stop",
@@ -810,15 +823,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         touch: Touch,
         span: &Span,
     ) -> Result<Context, Error> {
-        span.record(
-            "impersonation.agent",
-            tracing::field::display(&session.agent.id),
-        );
-        span.record(
-            "impersonation.subject",
-            tracing::field::display(&session.subject.id),
-        );
-        span.record("impersonation.session", tracing::field::display(session.id));
+        record_session(span, &session);
         if let SessionState::Ended(reason) = session.state {
             return Err(Error::Ended(reason));
         }
@@ -919,16 +924,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let Some(session) = found else {
             return Err(Error::Unauthenticated);
         };
-        let span = Span::current();
-        span.record(
-            "impersonation.agent",
-            tracing::field::display(&session.agent.id),
-        );
-        span.record(
-            "impersonation.subject",
-            tracing::field::display(&session.subject.id),
-        );
-        span.record("impersonation.session", tracing::field::display(session.id));
+        record_session(&Span::current(), &session);
         if let SessionState::Ended(reason) = session.state {
             return Err(Error::Ended(reason));
         }

@@ -303,25 +303,8 @@ macro_rules! store_ops {
             pub(crate) async fn bulk_append(conn: &mut Conn, events: &[AuditEvent]) -> Result<(), OpError> {
                 conn.transaction::<_, OpError, _>(async |conn| {
                     for batch in events.chunks(500) {
-                        let mut sql = Sql::new(
-                            "INSERT INTO impersonation_audit_events \
-                             (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) VALUES ",
-                        );
-                        for (i, e) in batch.iter().enumerate() {
-                            sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
-                            sql = sql
-                                .arg(e.id.to_string())
-                                .arg(e.chain.as_str())
-                                .arg(count(e.seq))
-                                .arg(micros(e.at))
-                                .arg(e.action.code())
-                                .arg(e.actor.id().map(|a| a.as_str().to_owned()))
-                                .arg(e.subject.as_ref().map(|s| s.id.as_str().to_owned()))
-                                .arg(e.tenant.as_ref().map(|t| t.as_str().to_owned()))
-                                .arg(e.session.map(|s| s.to_string()))
-                                .arg(to_json("audit event", e)?);
-                        }
-                        sql.execute(conn).await?;
+                        let batch: Vec<&AuditEvent> = batch.iter().collect();
+                        insert_events(conn, &batch).await?;
                     }
                     let mut heads: std::collections::BTreeMap<&ChainKey, &AuditEvent> = std::collections::BTreeMap::new();
                     for e in events {
@@ -329,12 +312,7 @@ macro_rules! store_ops {
                     }
                     for e in heads.values() {
                         lock_chain(conn, &e.chain).await?;
-                        Sql::new("UPDATE impersonation_audit_chains SET seq = ?, hash = ? WHERE chain = ?")
-                            .arg(count(e.seq))
-                            .arg(e.hash.to_hex())
-                            .arg(e.chain.as_str())
-                            .execute(conn)
-                            .await?;
+                        set_head(conn, e).await?;
                     }
                     Ok(())
                 })

@@ -149,15 +149,7 @@ async fn after_stop_the_token_gets_401_on_the_next_request() {
     let f = fixture().await;
     let token = f.token().await;
     assert_eq!(f.get(&token).await.0, StatusCode::OK);
-    let http = impersonation_oidc::http_client().unwrap();
-    let stopped = http
-        .post(format!("{}/revoke", f.served.url))
-        .basic_auth(CLIENT, Some(CLIENT_SECRET))
-        .form(&[("token", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stopped.status(), 200);
+    assert_eq!(revoke(&f.served.url, &token, true).await, 200);
     let (status, body, _) = f.get(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(!body.contains("olive"));

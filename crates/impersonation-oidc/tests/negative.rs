@@ -59,13 +59,7 @@ async fn hostile_actor_tokens_are_invalid_grants() {
     let now = now();
     let signed = |tweak: &dyn Fn(&mut Value, &mut Value)| f.op.op_token("sam", |h, p| tweak(h, p));
     let (good_header, good_payload) = decode(&signed(&|_, _| {}));
-    let public_pem = {
-        use rsa::pkcs1::EncodeRsaPublicKey;
-        f.op.key
-            .to_public_key()
-            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
-            .unwrap()
-    };
+    let public_pem = public_pem(&f.op.key);
     let cases: Vec<(&str, String)> = vec![
         (
             "alg none, no signature",
@@ -404,13 +398,7 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
         ours.sign(&h, &p)
     };
     let now = now();
-    let public_pem = {
-        use rsa::pkcs1::EncodeRsaPublicKey;
-        ours.key
-            .to_public_key()
-            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
-            .unwrap()
-    };
+    let public_pem = public_pem(&ours.key);
     let nested = (0..200).fold(
         json!({"sub": "prior"}),
         |inner, _| json!({"sub": "x", "act": inner}),
@@ -514,15 +502,7 @@ async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
     // Stopped through the revocation endpoint (the agent's client).
     let token = f.issue("sam", "olive").await;
     verifier.authorize(&token).await.unwrap();
-    let http = impersonation_oidc::http_client().unwrap();
-    let answer = http
-        .post(format!("{}/revoke", f.served.url))
-        .basic_auth(CLIENT, Some(CLIENT_SECRET))
-        .form(&[("token", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    assert_eq!(revoke(&f.served.url, &token, true).await, 200);
     assert!(matches!(
         verifier.authorize(&token).await,
         Err(TokenError::Session(_))
@@ -542,21 +522,8 @@ async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
     ));
 
     // A revocation request with a garbage token is still 200 (RFC 7009).
-    let answer = http
-        .post(format!("{}/revoke", f.served.url))
-        .basic_auth(CLIENT, Some(CLIENT_SECRET))
-        .form(&[("token", "garbage")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    assert_eq!(revoke(&f.served.url, "garbage", true).await, 200);
     // ...but not without client authentication.
-    let answer = http
-        .post(format!("{}/revoke", f.served.url))
-        .form(&[("token", "garbage")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 401);
+    assert_eq!(revoke(&f.served.url, "garbage", false).await, 401);
     let _ = f.served.service.now();
 }

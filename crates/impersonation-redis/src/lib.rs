@@ -239,6 +239,16 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::unavailable(e)
 }
 
+/// The error for an append the script refused because its guard failed:
+/// `"notfound"` when the session is gone, otherwise not active.
+fn guard_refusal(why: &str, id: SessionId) -> StoreError {
+    if why == "notfound" {
+        StoreError::SessionNotFound(id)
+    } else {
+        StoreError::SessionNotActive(id)
+    }
+}
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
@@ -650,12 +660,7 @@ impl RedisStore {
                         let AppendGuard::SessionActive(id) = item.2 else {
                             return Err(corrupt("append reply", "refused an unguarded event"));
                         };
-                        let error = if *why == "notfound" {
-                            StoreError::SessionNotFound(id)
-                        } else {
-                            StoreError::SessionNotActive(id)
-                        };
-                        done.push((item.0, Err(error)));
+                        done.push((item.0, Err(guard_refusal(why, id))));
                     }
                     items = kept;
                 }
@@ -1040,11 +1045,7 @@ impl Store for RedisStore {
                     let AppendGuard::SessionActive(id) = guard else {
                         return Err(corrupt("append reply", outcome));
                     };
-                    return Err(if outcome == "notfound" {
-                        StoreError::SessionNotFound(id)
-                    } else {
-                        StoreError::SessionNotActive(id)
-                    });
+                    return Err(guard_refusal(outcome, id));
                 }
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
             }

@@ -169,6 +169,29 @@ pub fn rsa_key() -> (rsa::RsaPrivateKey, SigningKey) {
     (key, signing)
 }
 
+/// The PKCS#1 PEM of `key`'s public half, as a verifier is given it.
+pub fn public_pem(key: &rsa::RsaPrivateKey) -> String {
+    use rsa::pkcs1::EncodeRsaPublicKey;
+    key.to_public_key()
+        .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap()
+}
+
+/// POSTs `token` to our issuer's revocation endpoint (RFC 7009), with the
+/// client's credentials when `authenticated`; answers the status.
+pub async fn revoke(url: &str, token: &str, authenticated: bool) -> u16 {
+    let request = http_client()
+        .unwrap()
+        .post(format!("{url}/revoke"))
+        .form(&[("token", token)]);
+    let request = if authenticated {
+        request.basic_auth(CLIENT, Some(CLIENT_SECRET))
+    } else {
+        request
+    };
+    request.send().await.unwrap().status().as_u16()
+}
+
 /// This crate's issuer over HTTP on loopback, trusting `provider`.
 pub struct Served {
     pub issuer: Issuer,
