@@ -30,7 +30,7 @@ tasks:
   services reset      drop what test runs left: imptest_* schemas, databases, Redis keys, SQLite files
   demo [args...]      the campground demo app on 127.0.0.1:3000 (SQLite); --walkthrough plays
                       its story over HTTP; --store, --url, --port, --help
-  bench [args...]     the criterion benches of core, diesel and redis [args to criterion]
+  bench [args...]     the criterion benches of core, diesel, redis and oidc [args to criterion]
   bench http [args]   requests/s: bare axum vs the impersonation layer vs tower-sessions (wrk);
                       [--seconds N] [--connections N] [variant...]
   fuzz [--cases N]    the OIDC fuzzers (proptest), N cases per property (default 100000)

@@ -109,9 +109,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/chromedriver", "chromium-driver"),
 ];
 
-/// The apt packages of [`TOOLS`] that are missing.
-fn missing_tools() -> Vec<&'static str> {
-    TOOLS
+/// The apt packages of `tools` (binary, package) whose binary is missing.
+fn missing_tools<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
+    tools
         .iter()
         .filter(|(binary, _)| existing(binary).is_none())
         .map(|(_, package)| *package)
@@ -142,11 +142,7 @@ fn npm_projects(sh: &Shell) -> Result<()> {
 /// Installs the apt packages of the given tools (binary, package) that are
 /// missing.
 pub(crate) fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|(binary, _)| existing(binary).is_none())
-        .map(|(_, package)| *package)
-        .collect();
+    let missing = missing_tools(tools);
     if missing.is_empty() {
         return Ok(());
     }
@@ -205,7 +201,7 @@ pub(crate) fn up() -> Result<()> {
         .filter(|s| !s.reachable() && (s.server_binary)().is_none())
         .map(|s| s.apt_package)
         .collect();
-    packages.extend(missing_tools());
+    packages.extend(missing_tools(TOOLS));
     packages.sort_unstable();
     packages.dedup();
     if !packages.is_empty() {

@@ -150,18 +150,18 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], text).into_response()
 }
 
-/// The value of the first cookie called `name`, read in place (the request
-/// path parses only the cookies the SDK owns, and copies nothing).
+/// The value of the first cookie called `name`, borrowed from the header
+/// (the `cookie` crate parses in place: nothing is copied).
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (n, value) = pair.trim().split_once('=')?;
-            (n == name).then(|| value.trim_matches('"'))
-        })
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name)
+        .and_then(|c| c.value_raw())
+        .map(|value| value.trim_matches('"'))
 }
 
 enum RouteName {
@@ -215,7 +215,7 @@ where
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
             let bearer = authorization
-                .filter(|t| t.starts_with("imp1."))
+                .filter(|t| SessionSecret::is_marked(t))
                 .map(str::to_owned);
             let signed_token = match (&settings.tokens, authorization) {
                 (Some(tokens), Some(token)) if bearer.is_none() => {

@@ -64,6 +64,16 @@ impl SessionSecret {
         })
     }
 
+    /// Whether `text` is written as a session secret (it starts with
+    /// `imp1.`), whether or not it parses: how a binding tells a session
+    /// secret from another bearer credential (a signed token, say) before
+    /// parsing it.
+    pub fn is_marked(text: &str) -> bool {
+        text.trim()
+            .strip_prefix(PREFIX)
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+
     /// Parses a token presented by a client (cookie or header).
     pub fn parse(token: &str) -> Result<Self, SecretError> {
         let token = token.trim();
@@ -257,6 +267,23 @@ mod tests {
                 Some(SecretError::Malformed),
                 "{case}"
             );
+        }
+    }
+
+    #[test]
+    fn secrets_are_told_from_other_bearer_tokens_by_their_mark() {
+        let good = SessionSecret::generate(&chain()).unwrap();
+        assert!(SessionSecret::is_marked(good.expose()));
+        // Marked but malformed: still a secret (refused by `parse`).
+        assert!(SessionSecret::is_marked("imp1.."));
+        for other in [
+            "",
+            "imp1",
+            "imp2.x.y",
+            "eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
+            "imp1x.a.b",
+        ] {
+            assert!(!SessionSecret::is_marked(other), "{other}");
         }
     }
 

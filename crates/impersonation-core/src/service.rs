@@ -244,6 +244,22 @@ impl Context {
         ChainKey::for_agent(&self.0.agent.id)
     }
 
+    /// An event of `action` by the agent, about this session's customer.
+    fn draft(&self, at: OffsetDateTime, action: AuditAction) -> AuditDraft {
+        AuditDraft::new(
+            at,
+            action,
+            Actor::user(self.0.agent.id.clone(), self.0.agent.name.clone()),
+            self.chain(),
+        )
+        .subject(
+            self.subject().clone(),
+            self.0.shadow.display_name(),
+            self.tenant().clone(),
+        )
+        .session(self.0.session)
+    }
+
     /// What the banner shows at `now`.
     pub fn banner(&self, now: OffsetDateTime) -> Banner {
         let left = self.0.expires_at.min(self.0.idle_deadline) - now;
@@ -639,18 +655,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     "impersonation.agent",
                     tracing::field::display(&ctx.0.agent.id),
                 );
-                let draft = AuditDraft::new(
-                    now,
-                    AuditAction::Denied,
-                    Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
-                    ctx.chain(),
-                )
-                .subject(
-                    ctx.subject().clone(),
-                    ctx.0.shadow.display_name(),
-                    ctx.tenant().clone(),
-                )
-                .session(ctx.0.session);
+                let draft = ctx.draft(now, AuditAction::Denied);
                 return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
             }
         };
@@ -1140,18 +1145,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         activity: Activity,
     ) -> Result<crate::AuditEvent, Error> {
         let now = self.now();
-        let base = AuditDraft::new(
-            now,
-            AuditAction::Access,
-            Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
-            ctx.chain(),
-        )
-        .subject(
-            ctx.subject().clone(),
-            ctx.0.shadow.display_name(),
-            ctx.tenant().clone(),
-        )
-        .session(ctx.0.session);
+        let base = ctx.draft(now, AuditAction::Access);
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
             let mut draft = base;
             draft.action = AuditAction::Denied;
@@ -1189,18 +1183,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error> {
-        let draft = AuditDraft::new(
-            self.now(),
-            AuditAction::Denied,
-            Actor::user(ctx.0.agent.id.clone(), ctx.0.agent.name.clone()),
-            ctx.chain(),
-        )
-        .subject(
-            ctx.subject().clone(),
-            ctx.0.shadow.display_name(),
-            ctx.tenant().clone(),
-        )
-        .session(ctx.0.session);
+        let draft = ctx.draft(self.now(), AuditAction::Denied);
         self.audit_denial(draft, denial, attempt).await
     }
 

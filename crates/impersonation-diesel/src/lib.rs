@@ -708,13 +708,7 @@ impl DieselStore {
             }
             (expected, events)
         };
-        let guarded: std::collections::BTreeSet<impersonation_core::SessionId> = batch
-            .iter()
-            .filter_map(|(_, g)| match g {
-                AppendGuard::SessionActive(id) => Some(*id),
-                AppendGuard::None => None,
-            })
-            .collect();
+        let guarded = ops::guarded_sessions(batch);
         let written: Result<bool, OpError> = async {
             with_conn!(self, |conn, ops| ops::append_cas(
                 conn, expected, &events, &guarded

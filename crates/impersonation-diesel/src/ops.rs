@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use impersonation_core::{AuditEvent, ChainHead, SessionId, StoreError};
+use impersonation_core::{AppendGuard, AuditDraft, AuditEvent, ChainHead, SessionId, StoreError};
 
 use crate::rows::{micros, to_json};
 use crate::sql::Sql;
@@ -98,6 +98,33 @@ pub(crate) fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
         .arg(to_json("audit event", event)?))
 }
 
+/// Appends `(?, ...), (?, ...)` for `events`, binding each event's columns.
+pub(crate) fn event_rows<'a>(
+    mut sql: Sql,
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> Result<Sql, OpError> {
+    for (i, event) in events.into_iter().enumerate() {
+        sql.push(if i == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+        sql = event_args(sql, event)?;
+    }
+    Ok(sql)
+}
+
+/// The sessions whose activity guards some append of `batch`.
+pub(crate) fn guarded_sessions(batch: &[(AuditDraft, AppendGuard)]) -> BTreeSet<SessionId> {
+    batch
+        .iter()
+        .filter_map(|(_, g)| match g {
+            AppendGuard::SessionActive(id) => Some(*id),
+            AppendGuard::None => None,
+        })
+        .collect()
+}
+
 /// `(?, ?, ...)` with `n` markers.
 pub(crate) fn markers(sql: &mut Sql, n: usize) {
     sql.push("(");
@@ -146,14 +173,7 @@ pub(crate) fn cas_sql(
          (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
          SELECT v.* FROM (VALUES ",
     );
-    for (i, event) in events.iter().enumerate() {
-        sql.push(if i == 0 {
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        } else {
-            ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        });
-        sql = event_args(sql, event)?;
-    }
+    let mut sql = event_rows(sql, events)?;
     sql.push(") AS v WHERE EXISTS (SELECT 1 FROM head)");
     Ok(sql)
 }
@@ -171,7 +191,7 @@ macro_rules! store_ops {
 
             use time::OffsetDateTime;
 
-            use crate::ops::{OpError, count, event_args, markers};
+            use crate::ops::{OpError, count, event_rows, guarded_sessions, markers};
             use crate::ops::dialect::$dialect as d;
             use crate::rows::{
                 EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, SessionColumns, SessionRow, StateRow,
@@ -220,15 +240,11 @@ macro_rules! store_ops {
                 if events.is_empty() {
                     return Ok(());
                 }
-                let mut sql = Sql::new(
+                let sql = Sql::new(
                     "INSERT INTO impersonation_audit_events \
                      (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) VALUES ",
                 );
-                for (i, event) in events.iter().enumerate() {
-                    sql.push(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" });
-                    sql = event_args(sql, event)?;
-                }
-                sql.execute(conn).await?;
+                event_rows(sql, events.iter().copied())?.execute(conn).await?;
                 Ok(())
             }
 
@@ -426,13 +442,7 @@ macro_rules! store_ops {
                     for (chain, head) in heads.iter_mut() {
                         *head = lock_chain(conn, chain).await?;
                     }
-                    let guarded: BTreeSet<SessionId> = batch
-                        .iter()
-                        .filter_map(|(_, g)| match g {
-                            AppendGuard::SessionActive(id) => Some(*id),
-                            AppendGuard::None => None,
-                        })
-                        .collect();
+                    let guarded = guarded_sessions(batch);
                     let mut states: HashMap<String, String> = HashMap::new();
                     if !guarded.is_empty() {
                         let mut sql = Sql::new("SELECT id, state FROM impersonation_sessions WHERE id IN ");
@@ -493,17 +503,16 @@ macro_rules! store_ops {
                 Ok(inserted == events.len())
             }
 
-            /// Several lookups in one statement (the touch in a second one,
-            /// or in the same one on PostgreSQL).
+            /// Lookups in one statement (the touch in a second one, or in
+            /// the same one on PostgreSQL: its data-modifying CTE runs
+            /// whether or not it is read, and the outer SELECT sees the rows
+            /// as they were before it).
             pub(crate) async fn find_by_secrets(
                 conn: &mut Conn,
                 hashes: &[SecretHash],
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
             ) -> Result<Vec<Option<Session>>, OpError> {
-                if let [hash] = hashes {
-                    return Ok(vec![find_by_secret(conn, hash, touch, decoded).await?]);
-                }
                 if hashes.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -566,55 +575,8 @@ macro_rules! store_ops {
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
             ) -> Result<Option<Session>, OpError> {
-                let decode = |row: SessionRow| row.into_session_via(*hash, decoded);
-                if let (true, Some(touch)) = (d::ONE_STATEMENT_TOUCH, touch) {
-                    let now = micros(touch.now);
-                    let coalesce = i64::try_from(touch.coalesce.whole_microseconds()).unwrap_or(i64::MAX);
-                    // The data-modifying CTE runs whether or not it is read;
-                    // the outer SELECT sees the row as it was before it.
-                    let sql = Sql::new(
-                        "WITH prev AS (SELECT id, record, shadow, last_seen_us, last_checked_us, version \
-                         FROM impersonation_sessions WHERE secret_hash = ?), \
-                         touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
-                         WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
-                         AND s.last_seen_us + s.idle_us > ? AND s.last_seen_us + ? <= ? RETURNING s.id) \
-                         SELECT record, shadow, last_seen_us, last_checked_us, version FROM prev",
-                    )
-                    .arg(hash.to_hex())
-                    .arg(now)
-                    .arg(now)
-                    .arg(now)
-                    .arg(coalesce)
-                    .arg(now);
-                    let row = sql.load::<SessionRow>(conn).await?.into_iter().next();
-                    return Ok(row.map(decode).transpose()?);
-                }
-                let row = Sql::new(format!("SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash = ?"))
-                    .arg(hash.to_hex())
-                    .load::<SessionRow>(conn)
-                    .await?
-                    .into_iter()
-                    .next();
-                let Some(session) = row.map(decode).transpose()? else {
-                    return Ok(None);
-                };
-                if let Some(touch) = touch.filter(|t| t.applies_to(&session)) {
-                    let now = micros(touch.now);
-                    let coalesce = i64::try_from(touch.coalesce.whole_microseconds()).unwrap_or(i64::MAX);
-                    Sql::new(
-                        "UPDATE impersonation_sessions SET last_seen_us = ? WHERE id = ? AND state = 'active' \
-                         AND expires_us > ? AND last_seen_us + idle_us > ? AND last_seen_us + ? <= ?",
-                    )
-                    .arg(now)
-                    .arg(session.id.to_string())
-                    .arg(now)
-                    .arg(now)
-                    .arg(coalesce)
-                    .arg(now)
-                    .execute(conn)
-                    .await?;
-                }
-                Ok(Some(session))
+                let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded).await?;
+                Ok(found.into_iter().next().flatten())
             }
 
             pub(crate) async fn session(conn: &mut Conn, id: SessionId) -> Result<Option<Session>, OpError> {

@@ -33,7 +33,7 @@ pub(crate) const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 1] =
 pub(crate) struct Expect<'a> {
     pub(crate) issuer: &'a IssuerUrl,
     pub(crate) audience: &'a str,
-    pub(crate) keys: &'a CoreJsonWebKeySet,
+    pub(crate) keys: CoreJsonWebKeySet,
     pub(crate) now: OffsetDateTime,
     /// The longest `exp - iat` accepted.
     pub(crate) max_lifetime: Duration,
@@ -79,7 +79,7 @@ fn claims_error(e: ClaimsVerificationError) -> TokenError {
 /// Verifies `token` and returns its claims.
 pub(crate) fn verify<AC: AdditionalClaims>(
     token: &str,
-    expect: &Expect<'_>,
+    expect: Expect<'_>,
 ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
     check_shape(token)?;
     let parsed = IdToken::<
@@ -103,7 +103,7 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     let verifier = IdTokenVerifier::new_public_client(
         ClientId::new(expect.audience.to_owned()),
         expect.issuer.clone(),
-        expect.keys.clone(),
+        expect.keys,
     )
     .set_allowed_algs(ALLOWED_ALGS)
     .set_allowed_jose_types(types.iter().filter_map(|t| t.normalize().ok()))

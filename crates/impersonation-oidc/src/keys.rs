@@ -127,10 +127,6 @@ impl KeyRing {
         }
     }
 
-    fn read(&self) -> Keys {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// Makes `next` the signing key; the current one keeps verifying.
     pub fn rotate(&self, next: SigningKey) {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -149,14 +145,18 @@ impl KeyRing {
 
     /// The key that signs now.
     pub fn current(&self) -> SigningKey {
-        self.read().current
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
     }
 
     /// The public keys: the current one first.
     pub fn jwks(&self) -> CoreJsonWebKeySet {
-        let keys = self.read();
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         let mut published = vec![keys.current.public.clone()];
-        published.extend(keys.previous.map(|k| k.public));
+        published.extend(keys.previous.as_ref().map(|k| k.public.clone()));
         CoreJsonWebKeySet::new(published)
     }
 }

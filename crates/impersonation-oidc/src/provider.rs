@@ -148,11 +148,11 @@ impl Provider {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
-        match self.verify_with::<AC>(token, now, &self.keys()) {
+        match self.verify_with::<AC>(token, now, self.keys()) {
             // A key id the cached JWKS lacks: the provider may have rotated.
             Err(TokenError::Signature(_)) if self.refresh_due(token, now) => {
                 let keys = self.refresh(now).await?;
-                self.verify_with(token, now, &keys)
+                self.verify_with(token, now, keys)
             }
             other => other,
         }
@@ -162,11 +162,11 @@ impl Provider {
         &self,
         token: &str,
         now: OffsetDateTime,
-        keys: &CoreJsonWebKeySet,
+        keys: CoreJsonWebKeySet,
     ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
         verify::<AC>(
             token,
-            &Expect {
+            Expect {
                 issuer: &self.issuer,
                 audience: &self.audience,
                 keys,

@@ -107,49 +107,78 @@ const SINGLE: [&str; 13] = [
     "client_assertion",
 ];
 
-impl ExchangeRequest {
-    /// Parses an `application/x-www-form-urlencoded` body.
-    pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+/// A form body read strictly, the same way for every endpoint: bounded
+/// body and values, UTF-8, each parameter of `single` once at most, those
+/// of `repeatable` at most `max_repeated` times together; unknown
+/// parameters ignored (RFC 6749 §3.2).
+struct Form {
+    single: Vec<(&'static str, String)>,
+    repeated: Vec<(&'static str, String)>,
+}
+
+impl Form {
+    fn parse(
+        body: &[u8],
+        single: &[&'static str],
+        repeatable: &[&'static str],
+        max_repeated: usize,
+    ) -> Result<Self, OAuthError> {
         if body.len() > MAX_BODY {
             return Err(invalid(format!("the body exceeds {MAX_BODY} bytes")));
         }
         if std::str::from_utf8(body).is_err() {
             return Err(invalid("the body is not UTF-8"));
         }
-        let mut single: Vec<(&'static str, String)> = Vec::new();
-        let mut audiences = Vec::new();
-        let mut resources = Vec::new();
+        let mut form = Self {
+            single: Vec::new(),
+            repeated: Vec::new(),
+        };
         for (name, value) in form_urlencoded::parse(body) {
             if value.len() > MAX_VALUE {
                 return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
             }
-            match name.as_ref() {
-                "audience" => audiences.push(value.into_owned()),
-                "resource" => resources.push(value.into_owned()),
-                other => {
-                    // Unknown parameters are ignored (RFC 6749 §3.2).
-                    let Some(known) = SINGLE.iter().find(|k| **k == other) else {
-                        continue;
-                    };
-                    if single.iter().any(|(k, _)| k == known) {
-                        return Err(invalid(format!("`{known}` appears more than once")));
-                    }
-                    single.push((known, value.into_owned()));
+            if let Some(known) = repeatable.iter().find(|k| **k == name) {
+                form.repeated.push((known, value.into_owned()));
+                if form.repeated.len() > max_repeated {
+                    return Err(invalid(format!(
+                        "at most {max_repeated} {} values",
+                        repeatable.join(" and ")
+                    )));
                 }
-            }
-            if audiences.len() + resources.len() > MAX_TARGETS {
-                return Err(invalid(format!(
-                    "at most {MAX_TARGETS} audience and resource values"
-                )));
+            } else if let Some(known) = single.iter().find(|k| **k == name) {
+                if form.single.iter().any(|(k, _)| k == known) {
+                    return Err(invalid(format!("`{known}` appears more than once")));
+                }
+                form.single.push((known, value.into_owned()));
             }
         }
-        let take = |name: &str| {
-            single
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.clone())
-                .filter(|v| !v.is_empty())
-        };
+        Ok(form)
+    }
+
+    /// A single parameter's value; an empty one counts as absent.
+    fn take(&self, name: &str) -> Option<String> {
+        self.single
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A repeatable parameter's values, in order.
+    fn all(&self, name: &str) -> Vec<String> {
+        self.repeated
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+impl ExchangeRequest {
+    /// Parses an `application/x-www-form-urlencoded` body.
+    pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+        let form = Form::parse(body, &SINGLE, &["audience", "resource"], MAX_TARGETS)?;
+        let take = |name: &str| form.take(name);
         match take("grant_type").as_deref() {
             None => return Err(invalid("`grant_type` is required")),
             Some(TOKEN_EXCHANGE) => {}
@@ -210,8 +239,8 @@ impl ExchangeRequest {
             subject,
             actor_token,
             actor_token_type,
-            audiences,
-            resources,
+            audiences: form.all("audience"),
+            resources: form.all("resource"),
             scope: take("scope"),
             requested_token_type,
             reason: take("reason"),
@@ -324,32 +353,13 @@ impl std::fmt::Debug for RevocationRequest {
 impl RevocationRequest {
     /// Parses an `application/x-www-form-urlencoded` body.
     pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
-        if body.len() > MAX_BODY {
-            return Err(invalid(format!("the body exceeds {MAX_BODY} bytes")));
-        }
-        if std::str::from_utf8(body).is_err() {
-            return Err(invalid("the body is not UTF-8"));
-        }
-        let mut seen: Vec<(String, String)> = Vec::new();
-        for (name, value) in form_urlencoded::parse(body) {
-            if value.len() > MAX_VALUE {
-                return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
-            }
-            if !["token", "token_type_hint", "client_id", "client_secret"].contains(&name.as_ref())
-            {
-                continue;
-            }
-            if seen.iter().any(|(k, _)| *k == name) {
-                return Err(invalid(format!("`{name}` appears more than once")));
-            }
-            seen.push((name.into_owned(), value.into_owned()));
-        }
-        let take = |name: &str| {
-            seen.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .filter(|v| !v.is_empty())
-        };
+        let form = Form::parse(
+            body,
+            &["token", "token_type_hint", "client_id", "client_secret"],
+            &[],
+            0,
+        )?;
+        let take = |name: &str| form.take(name);
         Ok(Self {
             token: take("token").ok_or_else(|| invalid("`token` is required"))?,
             form_client: take("client_id").map(|id| (id, take("client_secret"))),

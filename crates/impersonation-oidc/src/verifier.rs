@@ -129,10 +129,10 @@ impl TokenVerifier {
         let now = self.api.now();
         let claims = verify::<ImpersonationClaims>(
             token,
-            &Expect {
+            Expect {
                 issuer: &self.issuer,
                 audience: &self.audience,
-                keys: &keys,
+                keys,
                 now,
                 max_lifetime: self.max_lifetime,
                 access_token_type: false,

@@ -40,8 +40,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::keys::{Slot, audit_all, audit_index, chains, is_route, live_all, live_set, where_key};
 use crate::scripts::{
-    APPEND_MANY_SCRIPT, APPEND_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT,
-    TRANSITION_SCRIPT,
+    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, TRANSITION_SCRIPT,
 };
 
 /// Why connecting failed.
@@ -986,73 +985,14 @@ impl Store for RedisStore {
         draft: AuditDraft,
         guard: AppendGuard,
     ) -> Result<AuditEvent, StoreError> {
-        let chain = draft.chain.clone();
-        let slot = Slot::of_chain(&self.ns, &chain);
-        let (guard_arg, session_key) = match guard {
-            AppendGuard::None => (
-                "none",
-                slot.session(SessionId::from_uuid(uuid::Uuid::nil())),
-            ),
-            AppendGuard::SessionActive(id) => ("active", slot.session(id)),
-        };
-        let keys = [slot.head(), slot.chain(), session_key];
-        if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
-            return Err(StoreError::Corrupt(
-                "append script keys span hash slots".into(),
-            ));
+        // A batch of one: the same script, guard and retry as a batch.
+        let done = self
+            .append_chain(&draft.chain, vec![(0, &draft, guard)])
+            .await?;
+        match done.into_iter().next() {
+            Some((_, result)) => result,
+            None => Err(corrupt("append", "the event got no result")),
         }
-        let cache = self.chain_cache(&chain);
-        let mut cached = cache.lock().await;
-        for _ in 0..CAS_ATTEMPTS {
-            let head = match *cached {
-                Some(h) => h,
-                None => self.read_head(&slot).await?,
-            };
-            let event = draft.clone().seal(head);
-            let (seq, hash) = head_args(head);
-            let mut inv = APPEND_SCRIPT.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            inv.arg(&seq)
-                .arg(&hash)
-                .arg(guard_arg)
-                .arg(to_json("audit event", &event)?)
-                .arg(event.seq)
-                .arg(event.hash.to_hex());
-            let reply = self.invoke_cas(&inv, &mut cached).await?;
-            match reply.first().map(String::as_str) {
-                Some("head") => *cached = Some(moved_head(&reply)?),
-                Some("ok") => {
-                    *cached = Some(Some(event.head()));
-                    drop(cached);
-                    if event.seq == 0 {
-                        let mut conn = self.conn.clone();
-                        let _: Value = redis::cmd("ZADD")
-                            .arg(chains(&self.ns))
-                            .arg("NX")
-                            .arg(0)
-                            .arg(chain.as_str())
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(unavailable)?;
-                    }
-                    self.index_event(&event, &slot.route).await?;
-                    return Ok(event);
-                }
-                Some(outcome @ ("notfound" | "notactive")) => {
-                    *cached = Some(head);
-                    let AppendGuard::SessionActive(id) = guard else {
-                        return Err(corrupt("append reply", outcome));
-                    };
-                    return Err(guard_refusal(outcome, id));
-                }
-                other => return Err(corrupt("append reply", format!("{other:?}"))),
-            }
-        }
-        Err(StoreError::unavailable_because(
-            "the chain head kept moving; gave up",
-        ))
     }
 
     async fn append_batch(

@@ -74,20 +74,7 @@ append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 return {'ok'}
 "#;
 
-/// KEYS: head, chain, session (a placeholder in the same slot when unguarded).
-/// ARGV: expected seq, expected hash, guard ('none' or 'active'), event, its seq, its hash.
-const APPEND: &str = r#"
-if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
-if ARGV[3] == 'active' then
-  local st = redis.call('HGET', KEYS[3], 'state')
-  if not st then return {'notfound'} end
-  if st ~= 'active' then return {'notactive'} end
-end
-append(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[4])
-return {'ok'}
-"#;
-
-/// Several events on one chain, in order. KEYS: head, chain, then one
+/// Events on one chain, in order (one or many). KEYS: head, chain, then one
 /// session key per event (a placeholder in the same slot when unguarded).
 /// ARGV: expected seq, expected hash, then per event: guard ('none' or
 /// 'active'), event, its seq, its hash. The client sealed the events as if
@@ -152,7 +139,6 @@ fn with_prelude(body: &str) -> Script {
 
 pub(crate) static START_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(START));
 pub(crate) static TRANSITION_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(TRANSITION));
-pub(crate) static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(APPEND));
 pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| with_prelude(APPEND_MANY));
 pub(crate) static RESOLVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESOLVE));

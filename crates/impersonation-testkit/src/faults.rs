@@ -127,6 +127,18 @@ impl<S: Store> FaultyStore<S> {
             }
         }
     }
+
+    /// [`FaultyStore::run`] for a batched call of `n` items: one call, one
+    /// fault, so every item in it fails together.
+    async fn run_batch<T, F>(&self, is_write: bool, n: usize, call: F) -> Vec<Result<T, StoreError>>
+    where
+        F: std::future::Future<Output = Vec<Result<T, StoreError>>>,
+    {
+        match self.run(is_write, async { Ok(call.await) }).await {
+            Ok(results) => results,
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
 }
 
 #[async_trait]
@@ -144,36 +156,16 @@ impl<S: Store> Store for FaultyStore<S> {
         &self,
         b: Vec<(AuditDraft, AppendGuard)>,
     ) -> Vec<Result<AuditEvent, StoreError>> {
-        // One call, one fault: every event in it fails together.
         let n = b.len();
-        match self.check(true) {
-            None => self.inner.append_batch(b).await,
-            Some(when) => {
-                if when == When::After {
-                    let _ = self.inner.append_batch(b).await;
-                }
-                (0..n)
-                    .map(|_| Err(StoreError::unavailable(Fault)))
-                    .collect()
-            }
-        }
+        self.run_batch(true, n, self.inner.append_batch(b)).await
     }
     async fn find_by_secrets(
         &self,
         l: &[SecretLookup],
         t: Option<Touch>,
     ) -> Vec<Result<Option<Session>, StoreError>> {
-        match self.check(t.is_some()) {
-            None => self.inner.find_by_secrets(l, t).await,
-            Some(when) => {
-                if when == When::After {
-                    let _ = self.inner.find_by_secrets(l, t).await;
-                }
-                l.iter()
-                    .map(|_| Err(StoreError::unavailable(Fault)))
-                    .collect()
-            }
-        }
+        self.run_batch(t.is_some(), l.len(), self.inner.find_by_secrets(l, t))
+            .await
     }
     fn batching(&self) -> Batching {
         self.inner.batching()
