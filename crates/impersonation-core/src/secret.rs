@@ -186,7 +186,7 @@ impl SecretHash {
 
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        crate::serde_util::lower_hex(&self.0)
     }
 
     /// Parses lower- or upper-case hex.

@@ -263,7 +263,10 @@ fn from_micros(text: &str) -> Result<OffsetDateTime, StoreError> {
 }
 
 fn to_json<T: serde::Serialize>(what: &str, value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| corrupt(what, e))
+    // Room for a typical event or session record, so the buffer seldom grows.
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, value).map_err(|e| corrupt(what, e))?;
+    String::from_utf8(out).map_err(|e| corrupt(what, e))
 }
 
 /// A session's stored fields, in the scripts' order.
@@ -522,37 +525,44 @@ impl RedisStore {
     }
 
     fn index_commands(&self, events: &[AuditEvent], route: &str) -> Vec<Cmd> {
-        let mut by_key: BTreeMap<String, Vec<(f64, String)>> = BTreeMap::new();
-        for event in events {
-            let member = index_member(event, route);
+        // A batch's events mostly share their agent, customer, tenant and
+        // session: each index key is built once, with its members in order.
+        // (index kind, value) -> (score, event position), in event order.
+        type Index<'a> = ((&'a str, &'a str), Vec<(f64, usize)>);
+        let mut by_key: Vec<Index<'_>> = Vec::new();
+        let members: Vec<String> = events.iter().map(|e| index_member(e, route)).collect();
+        let session_ids: Vec<Option<String>> = events
+            .iter()
+            .map(|e| e.session.map(|s| s.to_string()))
+            .collect();
+        for (i, event) in events.iter().enumerate() {
             let score = micros(event.at) as f64;
-            let mut keys = vec![
-                audit_all(&self.ns),
-                audit_index(&self.ns, "agent", event.chain.as_str()),
+            let indexes = [
+                Some(("", "")),
+                Some(("agent", event.chain.as_str())),
+                event.subject.as_ref().map(|s| ("subject", s.id.as_str())),
+                event.tenant.as_ref().map(|t| ("tenant", t.as_str())),
+                event.actor.id().map(|a| ("actor", a.as_str())),
+                session_ids[i].as_deref().map(|s| ("session", s)),
             ];
-            if let Some(s) = &event.subject {
-                keys.push(audit_index(&self.ns, "subject", s.id.as_str()));
-            }
-            if let Some(t) = &event.tenant {
-                keys.push(audit_index(&self.ns, "tenant", t.as_str()));
-            }
-            if let Some(a) = event.actor.id() {
-                keys.push(audit_index(&self.ns, "actor", a.as_str()));
-            }
-            if let Some(s) = event.session {
-                keys.push(audit_index(&self.ns, "session", &s.to_string()));
-            }
-            for key in keys {
-                by_key.entry(key).or_default().push((score, member.clone()));
+            for index in indexes.into_iter().flatten() {
+                match by_key.iter_mut().find(|(k, _)| *k == index) {
+                    Some((_, entries)) => entries.push((score, i)),
+                    None => by_key.push((index, vec![(score, i)])),
+                }
             }
         }
         by_key
             .into_iter()
-            .map(|(key, entries)| {
+            .map(|((kind, value), entries)| {
                 let mut c = redis::cmd("ZADD");
-                c.arg(key);
-                for (score, member) in entries {
-                    c.arg(score).arg(member);
+                if kind.is_empty() {
+                    c.arg(audit_all(&self.ns));
+                } else {
+                    c.arg(audit_index(&self.ns, kind, value));
+                }
+                for (score, i) in entries {
+                    c.arg(score).arg(&members[i]);
                 }
                 c
             })

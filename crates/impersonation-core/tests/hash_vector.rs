@@ -1,0 +1,55 @@
+//! The chain hash is part of the stored format: every store, and any tool
+//! in another language that verifies an export, must compute the same bytes.
+//! A fixed event must keep its fixed hash.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use impersonation_core::{
+    Actor, AuditAction, AuditDraft, ChainHead, ChainKey, Details, EventHash, EventId, Party,
+    SessionId, TenantId, UserId,
+};
+use time::macros::datetime;
+
+fn fixed_event(head: Option<ChainHead>) -> impersonation_core::AuditEvent {
+    let agent = UserId::new("agent-7").unwrap();
+    let mut draft = AuditDraft::new(
+        datetime!(2026-11-25 14:36:43.123456 UTC),
+        AuditAction::Access,
+        Actor::user(agent.clone(), "Abe \"Agent\" Ångström"),
+        ChainKey::for_agent(&agent),
+    );
+    draft.id = "0193f1a2-7c3e-7b1a-9c55-0a1b2c3d4e5f"
+        .parse::<EventId>()
+        .unwrap();
+    draft.subject = Some(Party {
+        id: UserId::new("cust-1").unwrap(),
+        name: "<script>alert(1)</script>".into(),
+    });
+    draft.tenant = Some(TenantId::new("pinecone").unwrap());
+    draft.session = Some(
+        "0193f1a2-0000-7000-8000-000000000001"
+            .parse::<SessionId>()
+            .unwrap(),
+    );
+    draft.details = Details::new()
+        .with("method", "GET")
+        .with("route", "/bookings/{id}")
+        .with("status", 200);
+    draft.seal(head)
+}
+
+#[test]
+fn a_fixed_event_keeps_its_hash() {
+    let first = fixed_event(None);
+    assert_eq!(first.seq, 0);
+    assert_eq!(first.prev_hash, EventHash::GENESIS);
+    let second = fixed_event(Some(first.head()));
+    assert_eq!(first.hash, first.compute_hash());
+    assert_eq!(second.prev_hash, first.hash);
+    assert_eq!(first.hash.to_hex(), FIRST);
+    assert_eq!(second.hash.to_hex(), SECOND);
+}
+
+/// Computed by the implementation that hashed a serialised buffer, before
+/// the JSON was streamed into the hash: the bytes must not have moved.
+const FIRST: &str = "8b9980dd9cd0fad42c356c30fc237c5694608229b535c34845f620774c6f1c12";
+const SECOND: &str = "419a16f463311ed4d7114fb181d3e9c7da6b84fa59327b7bab77301b81cb98ec";
