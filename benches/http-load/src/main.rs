@@ -10,7 +10,13 @@
 //! - `ts-<store>`: behind tower-sessions 0.14 with its store on the same
 //!   backend, the handler reading one value from the session;
 //! - `layer-ordinary`: behind the layer, a signed-in user who is not
-//!   impersonating anyone (the app's everyday traffic: no store call).
+//!   impersonating anyone (the app's everyday traffic: no store call);
+//! - `floor-<store>`: no SDK, no session: the handler itself writes one
+//!   audit-sized JSON record per request before answering (memory: hashed
+//!   into a chain under a mutex; Redis: one `XADD`; SQLite and PostgreSQL:
+//!   one `INSERT` through a sqlx pool). It is the least any library can do that keeps
+//!   "no access without an audit record", and so the ceiling for an audited
+//!   request on that backend.
 //!
 //! Usage: `impersonation-http-bench [--seconds N] [--connections N] [VARIANT...]`
 //! (`cargo xtask bench http`). The `serve` subcommand is internal.
@@ -51,6 +57,10 @@ const VARIANTS: &[&str] = &[
     "layer-redis-tuned",
     "layer-redis-unaudited",
     "ts-redis",
+    "floor-memory",
+    "floor-sqlite",
+    "floor-postgres",
+    "floor-redis",
 ];
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -126,13 +136,13 @@ fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
         "\n{seconds} s per variant, wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
     );
     println!(
-        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 |"
+        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | floor: one raw audit write |"
     );
-    println!("|---|---|---|---|---|");
-    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | |");
+    println!("|---|---|---|---|---|---|");
+    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | | |");
     if let Some(r) = get("layer-ordinary") {
         println!(
-            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | |",
+            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | | |",
             r / bare
         );
     }
@@ -142,11 +152,12 @@ fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
             None => "-".into(),
         };
         println!(
-            "| {backend} | {} | {} | {} | {} |",
+            "| {backend} | {} | {} | {} | {} | {} |",
             cell(format!("layer-{backend}")),
             cell(format!("layer-{backend}-tuned")),
             cell(format!("layer-{backend}-unaudited")),
             cell(format!("ts-{backend}")),
+            cell(format!("floor-{backend}")),
         );
     }
 }
@@ -351,6 +362,8 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
             app,
             format!("Authorization: Bearer {}", started.secret.expose()),
         )
+    } else if let Some(backend) = variant.strip_prefix("floor-") {
+        (floor_app(backend).await?, String::new())
     } else if let Some(backend) = variant.strip_prefix("ts-") {
         let app = Router::new()
             .route(
@@ -409,4 +422,121 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
     println!("READY {ready}");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// One audit-sized record, as JSON (what the layer's access event holds).
+fn floor_record(n: u64) -> String {
+    serde_json::json!({
+        "id": uuid::Uuid::now_v7(),
+        "at_us": time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000,
+        "seq": n,
+        "action": "access",
+        "actor": {"kind": "user", "id": "agent", "name": "Abe Agent"},
+        "subject": {"id": "customer", "name": "Cora Customer"},
+        "tenant": "bench",
+        "session": "0193f1a2-7c3e-7b1a-9c55-0a1b2c3d4e5f",
+        "details": {"method": "GET", "route": "/", "status": 200},
+    })
+    .to_string()
+}
+
+/// The floor variants: the handler writes one record per request itself.
+async fn floor_app(backend: &str) -> Result<Router> {
+    use sha2::{Digest, Sha256};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const BODY: &str = "hello Cora Customer";
+    let counter = Arc::new(AtomicU64::new(0));
+    Ok(match backend {
+        "memory" => {
+            // A hash chain under a mutex, every record kept.
+            let chain = Arc::new(Mutex::new(([0_u8; 32], Vec::<String>::new())));
+            Router::new().route(
+                "/",
+                get(move || async move {
+                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
+                    let mut chain = chain.lock().unwrap_or_else(|e| e.into_inner());
+                    let hash: [u8; 32] = Sha256::new()
+                        .chain_update(chain.0)
+                        .chain_update(record.as_bytes())
+                        .finalize()
+                        .into();
+                    chain.0 = hash;
+                    chain.1.push(record);
+                    BODY
+                }),
+            )
+        }
+        "redis" => {
+            let client = redis::Client::open(REDIS_URL)?;
+            let conn = client.get_multiplexed_async_connection().await?;
+            let key = format!("{}:floor", unique());
+            Router::new().route(
+                "/",
+                get(move || async move {
+                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
+                    let mut conn = conn.clone();
+                    let written: redis::RedisResult<String> = redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("e")
+                        .arg(record)
+                        .query_async(&mut conn)
+                        .await;
+                    match written {
+                        Ok(_) => Ok(BODY),
+                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                    }
+                }),
+            )
+        }
+        "sqlite" => {
+            use tower_sessions_sqlx_store::sqlx::{self, SqlitePool, sqlite};
+            let path = scratch_dir().join(format!("{}.db", unique()));
+            // WAL and synchronous=FULL: each commit on disk, as our SQLite store does.
+            let options = sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlite::SqliteSynchronous::Full);
+            let pool = SqlitePool::connect_with(options).await?;
+            sqlx::query("CREATE TABLE floor (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+                .execute(&pool)
+                .await?;
+            Router::new().route(
+                "/",
+                get(move || async move {
+                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
+                    let insert = sqlx::query("INSERT INTO floor (body) VALUES ($1)").bind(record);
+                    match insert.execute(&pool).await {
+                        Ok(_) => Ok(BODY),
+                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                    }
+                }),
+            )
+        }
+        "postgres" => {
+            use tower_sessions_sqlx_store::sqlx::{self, PgPool};
+            let pool = PgPool::connect(PG_URL).await?;
+            let table = unique();
+            sqlx::query(&format!(
+                "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
+            ))
+            .execute(&pool)
+            .await?;
+            let insert: Arc<str> = format!("INSERT INTO {table} (body) VALUES ($1)").into();
+            Router::new().route(
+                "/",
+                get(move || async move {
+                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
+                    match sqlx::query(&insert).bind(record).execute(&pool).await {
+                        Ok(_) => Ok(BODY),
+                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                    }
+                }),
+            )
+        }
+        other => bail!("no floor variant for {other}"),
+    })
 }
