@@ -237,7 +237,7 @@ impl ChainKey {
             .chain_update(b"impersonation-route-v1\0")
             .chain_update(self.0.as_bytes())
             .finalize();
-        crate::serde_util::lower_hex(&digest[..8])
+        base16ct::lower::encode_string(&digest[..8])
     }
 }
 
@@ -268,7 +268,7 @@ impl EventHash {
 
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        crate::serde_util::lower_hex(&self.0)
+        base16ct::lower::encode_string(&self.0)
     }
 
     /// Parses hex.
@@ -447,20 +447,6 @@ struct Canonical<'a> {
     details: &'a Details,
 }
 
-/// Feeds what is written into a hash.
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.update(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn unix_micros(at: OffsetDateTime) -> i64 {
     let micros = at.unix_timestamp_nanos() / 1_000;
     i64::try_from(micros).unwrap_or(i64::MAX)
@@ -482,14 +468,16 @@ impl AuditEvent {
             session: &self.session,
             details: &self.details,
         };
-        let mut hasher = Sha256::new()
-            .chain_update(b"impersonation-audit-v1\0")
-            .chain_update(self.prev_hash.as_bytes());
+        let mut hasher = digest_io::IoWrapper(
+            Sha256::new()
+                .chain_update(b"impersonation-audit-v1\0")
+                .chain_update(self.prev_hash.as_bytes()),
+        );
         // The JSON goes straight into the hash, with no buffer between.
         // Serialising plain structs, strings and a BTreeMap cannot fail; a
         // cut-short body would only make the hash mismatch, never pass.
-        let _ = serde_json::to_writer(HashWriter(&mut hasher), &canonical);
-        let digest = hasher.finalize();
+        let _ = serde_json::to_writer(&mut hasher, &canonical);
+        let digest = hasher.0.finalize();
         let mut out = [0_u8; 32];
         out.copy_from_slice(&digest);
         EventHash(out)

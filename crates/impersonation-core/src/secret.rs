@@ -186,7 +186,7 @@ impl SecretHash {
 
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        crate::serde_util::lower_hex(&self.0)
+        base16ct::lower::encode_string(&self.0)
     }
 
     /// Parses lower- or upper-case hex.

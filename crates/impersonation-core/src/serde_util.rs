@@ -30,25 +30,3 @@ pub(crate) mod opt_duration_secs {
         Ok(Option::<i64>::deserialize(d)?.map(Duration::seconds))
     }
 }
-
-/// Lower-case hex of `bytes`. (`hex::encode` goes through a char iterator,
-/// several times slower; this is on every audited request's path.)
-pub(crate) fn lower_hex(bytes: &[u8]) -> String {
-    let mut out = vec![0_u8; bytes.len() * 2];
-    // The buffer has exactly the size `encode_to_slice` needs, and its
-    // output is ASCII: neither fallback can run.
-    if hex::encode_to_slice(bytes, &mut out).is_err() {
-        return hex::encode(bytes);
-    }
-    String::from_utf8(out).unwrap_or_else(|_| hex::encode(bytes))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn lower_hex_matches_the_hex_crate() {
-        for bytes in [&[][..], &[0x00], &[0xab, 0x01, 0xff], &[7; 32]] {
-            assert_eq!(super::lower_hex(bytes), hex::encode(bytes));
-        }
-    }
-}

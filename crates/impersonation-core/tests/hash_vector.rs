@@ -53,3 +53,26 @@ fn a_fixed_event_keeps_its_hash() {
 /// the JSON was streamed into the hash: the bytes must not have moved.
 const FIRST: &str = "8b9980dd9cd0fad42c356c30fc237c5694608229b535c34845f620774c6f1c12";
 const SECOND: &str = "419a16f463311ed4d7114fb181d3e9c7da6b84fa59327b7bab77301b81cb98ec";
+
+/// Hashes and routes are written as lower-case hex, byte for byte what the
+/// `hex` crate writes, and read back.
+#[test]
+fn hashes_are_lower_case_hex_and_read_back() {
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xa5);
+    let secret = impersonation_core::SecretHash::from_bytes(bytes);
+    assert_eq!(secret.to_hex(), hex::encode(bytes));
+    assert_eq!(
+        impersonation_core::SecretHash::from_hex(&secret.to_hex()).unwrap(),
+        secret
+    );
+    let event = EventHash::from_bytes(bytes);
+    assert_eq!(event.to_hex(), hex::encode(bytes));
+    assert_eq!(EventHash::from_hex(&event.to_hex()).unwrap(), event);
+    let route = ChainKey::for_agent(&UserId::new("agent-7").unwrap()).route();
+    assert_eq!(route.len(), 16);
+    assert!(
+        route
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+}

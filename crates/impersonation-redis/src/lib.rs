@@ -527,7 +527,8 @@ impl RedisStore {
     fn index_commands(&self, events: &[AuditEvent], route: &str) -> Vec<Cmd> {
         // A batch's events mostly share their agent, customer, tenant and
         // session: each index key is built once, with its members in order.
-        // (index kind, value) -> (score, event position), in event order.
+        // (index kind, value) -> (score, event position), in event order;
+        // kind "all" is the index of every event.
         type Index<'a> = ((&'a str, &'a str), Vec<(f64, usize)>);
         let mut by_key: Vec<Index<'_>> = Vec::new();
         let members: Vec<String> = events.iter().map(|e| index_member(e, route)).collect();
@@ -538,7 +539,7 @@ impl RedisStore {
         for (i, event) in events.iter().enumerate() {
             let score = micros(event.at) as f64;
             let indexes = [
-                Some(("", "")),
+                Some(("all", "")),
                 Some(("agent", event.chain.as_str())),
                 event.subject.as_ref().map(|s| ("subject", s.id.as_str())),
                 event.tenant.as_ref().map(|t| ("tenant", t.as_str())),
@@ -556,7 +557,7 @@ impl RedisStore {
             .into_iter()
             .map(|((kind, value), entries)| {
                 let mut c = redis::cmd("ZADD");
-                if kind.is_empty() {
+                if kind == "all" {
                     c.arg(audit_all(&self.ns));
                 } else {
                     c.arg(audit_index(&self.ns, kind, value));
