@@ -36,6 +36,7 @@ use impersonation_core::{
     Config, Impersonation, MemoryDirectory, MemoryStore, Principal, Requester, StartRequest, Store,
     TenantId, UserId,
 };
+use impersonation_testkit::scratch::{scratch_file, unique_name};
 use tower_sessions::{Session, SessionManagerLayer};
 
 const VARIANTS: &[&str] = &[
@@ -65,22 +66,6 @@ const VARIANTS: &[&str] = &[
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-fn unique() -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("imptest_bench_{}", &id[20..])
-}
-
-fn scratch_dir() -> std::path::PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
-        })
-        .join("test-dbs");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -274,7 +259,7 @@ async fn store_for(backend: &str) -> Result<Arc<dyn Store>> {
     Ok(match backend {
         "memory" => Arc::new(MemoryStore::new()),
         "sqlite" => {
-            let path = scratch_dir().join(format!("{}.db", unique()));
+            let path = scratch_file("imptest_bench", "db");
             Arc::new(
                 DieselStore::connect_and_migrate(DieselConfig::new(format!(
                     "sqlite://{}",
@@ -284,10 +269,14 @@ async fn store_for(backend: &str) -> Result<Arc<dyn Store>> {
             )
         }
         "postgres" => Arc::new(
-            DieselStore::connect_and_migrate(DieselConfig::new(PG_URL).schema(unique())).await?,
+            DieselStore::connect_and_migrate(
+                DieselConfig::new(PG_URL).schema(unique_name("imptest_bench")),
+            )
+            .await?,
         ),
         "redis" => {
-            let config = impersonation_redis::RedisConfig::new(REDIS_URL)?.namespace(&unique())?;
+            let config = impersonation_redis::RedisConfig::new(REDIS_URL)?
+                .namespace(&unique_name("imptest_bench"))?;
             Arc::new(impersonation_redis::RedisStore::connect(config).await?)
         }
         other => bail!("unknown backend {other}"),
@@ -390,7 +379,7 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
             ),
             "sqlite" => {
                 use tower_sessions_sqlx_store::{SqliteStore, sqlx::SqlitePool};
-                let path = scratch_dir().join(format!("{}.db", unique()));
+                let path = scratch_file("imptest_bench", "db");
                 let pool =
                     SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
                 let store = SqliteStore::new(pool);
@@ -401,7 +390,7 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
                 use tower_sessions_sqlx_store::{PostgresStore, sqlx::PgPool};
                 let pool = PgPool::connect(PG_URL).await?;
                 let store = PostgresStore::new(pool)
-                    .with_schema_name(unique())
+                    .with_schema_name(unique_name("imptest_bench"))
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 store.migrate().await?;
                 app.layer(SessionManagerLayer::new(store).with_secure(false))
@@ -471,7 +460,7 @@ async fn floor_app(backend: &str) -> Result<Router> {
         "redis" => {
             let client = redis::Client::open(REDIS_URL)?;
             let conn = client.get_multiplexed_async_connection().await?;
-            let key = format!("{}:floor", unique());
+            let key = format!("{}:floor", unique_name("imptest_bench"));
             Router::new().route(
                 "/",
                 get(move || async move {
@@ -493,7 +482,7 @@ async fn floor_app(backend: &str) -> Result<Router> {
         }
         "sqlite" => {
             use tower_sessions_sqlx_store::sqlx::{self, SqlitePool, sqlite};
-            let path = scratch_dir().join(format!("{}.db", unique()));
+            let path = scratch_file("imptest_bench", "db");
             // WAL and synchronous=FULL: each commit on disk, as our SQLite store does.
             let options = sqlite::SqliteConnectOptions::new()
                 .filename(path)
@@ -519,7 +508,7 @@ async fn floor_app(backend: &str) -> Result<Router> {
         "postgres" => {
             use tower_sessions_sqlx_store::sqlx::{self, PgPool};
             let pool = PgPool::connect(PG_URL).await?;
-            let table = unique();
+            let table = unique_name("imptest_bench");
             sqlx::query(&format!(
                 "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
             ))

@@ -17,21 +17,7 @@ use impersonation_core::{
 use impersonation_diesel::{DieselConfig, DieselStore};
 use time::{Duration, OffsetDateTime};
 
-fn unique(prefix: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("{prefix}_{}", &id[20..])
-}
-
-fn target_dir() -> std::path::PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
-        })
-        .join("test-dbs");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use impersonation_testkit::scratch::{scratch_file, unique_name as unique};
 
 async fn open(backend: &str) -> DieselStore {
     let config = match backend {
@@ -39,9 +25,7 @@ async fn open(backend: &str) -> DieselStore {
             .schema(unique("imptest_bench")),
         _ => DieselConfig::new(format!(
             "sqlite://{}",
-            target_dir()
-                .join(format!("{}.db", unique("imptest_bench")))
-                .display()
+            scratch_file("imptest_bench", "db").display()
         )),
     };
     let store = DieselStore::connect_and_migrate(config.max_connections(4))

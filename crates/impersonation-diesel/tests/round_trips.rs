@@ -123,7 +123,7 @@ async fn resolve_is_one_cached_statement_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolve_costs_on_sqlite() {
-    let path = common::target_dir().join(format!("{}.db", common::unique("imptest")));
+    let path = common::scratch_file("imptest", "db");
     let c = costs(DieselConfig::new(format!("sqlite://{}", path.display()))).await;
     report("sqlite", &c);
     assert_eq!(

@@ -37,8 +37,7 @@ fn agent(n: u64) -> Principal {
 }
 
 fn bench_target(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, url: &str) {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let ns = format!("imptest_bench_{}", &id[20..]);
+    let ns = impersonation_testkit::scratch::unique_name("imptest_bench");
     let store = rt
         .block_on(RedisStore::connect(
             RedisConfig::new(url).unwrap().namespace(&ns).unwrap(),

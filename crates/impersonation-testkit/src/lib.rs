@@ -8,7 +8,9 @@
 //!   drives the real service on your store and checks the SDK's invariants
 //!   after every step;
 //! * [`faults::FaultyStore`]: fails a chosen call before or after the inner
-//!   write, to show a failed write leaves neither half.
+//!   write, to show a failed write leaves neither half;
+//! * [`scratch`]: unique names and SQLite file paths that keep parallel
+//!   tests apart on shared servers.
 //!
 //! ```no_run
 //! // tests/conformance.rs of an adapter crate
@@ -30,6 +32,7 @@
 pub mod conformance;
 pub mod faults;
 pub mod machine;
+pub mod scratch;
 pub mod world;
 
 pub use world::{World, epoch};

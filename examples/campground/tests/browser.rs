@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 
 use campground_demo::{Demo, StoreKind};
 use fantoccini::{Client, ClientBuilder, Locator};
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
-}
+use impersonation_testkit::scratch::{scratch_file, target_dir};
 
 fn find_binary(env: &str, candidates: &[&str]) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
@@ -128,11 +123,7 @@ async fn banner_count(client: &Client) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_impersonates_a_customer_in_chromium() {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let db = target_dir()
-        .join("test-dbs")
-        .join(format!("imptest_browser_{}.db", &id[20..]));
-    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let db = scratch_file("imptest_browser", "db");
     let demo = Demo::open(StoreKind::Sqlite, &format!("sqlite://{}", db.display()))
         .await
         .unwrap();

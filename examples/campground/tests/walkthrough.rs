@@ -5,11 +5,7 @@
 use std::sync::Arc;
 
 use campground_demo::{Demo, StoreKind, walkthrough};
-
-fn unique() -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("imptest_{}", &id[20..])
-}
+use impersonation_testkit::scratch::{scratch_file, unique_name};
 
 async fn serve(demo: &Arc<Demo>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -29,7 +25,9 @@ fn actions(table: &str) -> Vec<String> {
 }
 
 async fn story(kind: StoreKind, url: &str) {
-    let demo = Demo::open_in(kind, url, &unique()).await.unwrap();
+    let demo = Demo::open_in(kind, url, &unique_name("imptest"))
+        .await
+        .unwrap();
     let base = serve(&demo).await;
     let mut out = Vec::new();
     walkthrough::run(&base, &mut out, false).await.unwrap();
@@ -101,16 +99,7 @@ async fn walkthrough_on_memory() {
 
 #[tokio::test]
 async fn walkthrough_on_sqlite_the_default() {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
-        })
-        .join("test-dbs");
-    let url = format!(
-        "sqlite://{}",
-        dir.join(format!("{}.db", unique())).display()
-    );
+    let url = format!("sqlite://{}", scratch_file("imptest", "db").display());
     story(StoreKind::Sqlite, &url).await;
 }
 
@@ -126,7 +115,7 @@ async fn walkthrough_on_postgres() {
 #[tokio::test]
 async fn walkthrough_on_mariadb() {
     use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let db = unique();
+    let db = unique_name("imptest");
     let mut admin =
         diesel_async::AsyncMysqlConnection::establish("mysql://root@127.0.0.1:3306/test")
             .await

@@ -7,21 +7,7 @@ use impersonation_diesel::{DieselConfig, DieselStore};
 pub(crate) const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 pub(crate) const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
 
-pub(crate) fn unique(prefix: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("{prefix}_{}", &id[20..])
-}
-
-pub(crate) fn target_dir() -> std::path::PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
-        })
-        .join("test-dbs");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+pub(crate) use impersonation_testkit::scratch::{scratch_file, unique_name as unique};
 
 /// A test database: its store, and where to reach it with raw SQL.
 pub(crate) struct TestDb {
@@ -85,10 +71,7 @@ pub(crate) async fn mysql() -> DieselStore {
 }
 
 pub(crate) async fn sqlite_file_db(pool: usize) -> TestDb {
-    let path = target_dir()
-        .join(format!("{}.db", unique("imptest")))
-        .display()
-        .to_string();
+    let path = scratch_file("imptest", "db").display().to_string();
     let config = DieselConfig::new(format!("sqlite://{path}")).max_connections(pool);
     let store = DieselStore::connect_and_migrate(config)
         .await

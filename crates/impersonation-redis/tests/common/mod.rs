@@ -7,10 +7,7 @@ use impersonation_redis::{RedisConfig, RedisStore};
 pub(crate) const SINGLE: &str = "redis://127.0.0.1:6379";
 pub(crate) const CLUSTER: &str = "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
 
-pub(crate) fn unique(prefix: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("{prefix}_{}", &id[20..])
-}
+pub(crate) use impersonation_testkit::scratch::unique_name as unique;
 
 pub(crate) async fn store_at(url: &str, ns: &str) -> RedisStore {
     RedisStore::connect(RedisConfig::new(url).unwrap().namespace(ns).unwrap())
