@@ -11,6 +11,9 @@
 //!   backend, the handler reading one value from the session;
 //! - `layer-ordinary`: behind the layer, a signed-in user who is not
 //!   impersonating anyone (the app's everyday traffic: no store call);
+//! - `ts-audited-<store>`: tower-sessions as above, and the handler then
+//!   writes one raw audit record as the floor does: what a team would build
+//!   by hand to keep every access on record;
 //! - `floor-<store>`: no SDK, no session: the handler itself writes one
 //!   audit-sized JSON record per request before answering (memory: hashed
 //!   into a chain under a mutex; Redis: one `XADD`; SQLite and PostgreSQL:
@@ -58,6 +61,10 @@ const VARIANTS: &[&str] = &[
     "layer-redis-tuned",
     "layer-redis-unaudited",
     "ts-redis",
+    "ts-audited-memory",
+    "ts-audited-sqlite",
+    "ts-audited-postgres",
+    "ts-audited-redis",
     "floor-memory",
     "floor-sqlite",
     "floor-postgres",
@@ -121,13 +128,13 @@ fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
         "\n{seconds} s per variant, wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
     );
     println!(
-        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | floor: one raw audit write |"
+        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | tower-sessions + raw audit write | floor: one raw audit write |"
     );
-    println!("|---|---|---|---|---|---|");
-    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | | |");
+    println!("|---|---|---|---|---|---|---|");
+    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | | | |");
     if let Some(r) = get("layer-ordinary") {
         println!(
-            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | | |",
+            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | | | |",
             r / bare
         );
     }
@@ -137,11 +144,12 @@ fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
             None => "-".into(),
         };
         println!(
-            "| {backend} | {} | {} | {} | {} | {} |",
+            "| {backend} | {} | {} | {} | {} | {} | {} |",
             cell(format!("layer-{backend}")),
             cell(format!("layer-{backend}-tuned")),
             cell(format!("layer-{backend}-unaudited")),
             cell(format!("ts-{backend}")),
+            cell(format!("ts-audited-{backend}")),
             cell(format!("floor-{backend}")),
         );
     }
@@ -353,15 +361,27 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
         )
     } else if let Some(backend) = variant.strip_prefix("floor-") {
         (floor_app(backend).await?, String::new())
-    } else if let Some(backend) = variant.strip_prefix("ts-") {
+    } else if let Some(rest) = variant.strip_prefix("ts-") {
+        // `ts-audited-*`: what a team would build by hand to keep "no access
+        // without an audit record": the session read, then one raw write.
+        let (backend, audit) = match rest.strip_prefix("audited-") {
+            Some(backend) => (backend, Some(RawAudit::open(backend).await?)),
+            None => (rest, None),
+        };
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let app = Router::new()
             .route(
                 "/",
-                get(|session: Session| async move {
-                    match session.get::<String>("user").await {
-                        Ok(Some(user)) => format!("hello {user}"),
-                        _ => "hello nobody".to_owned(),
+                get(move |session: Session| async move {
+                    let user = match session.get::<String>("user").await {
+                        Ok(Some(user)) => user,
+                        _ => return Ok("hello nobody".to_owned()),
+                    };
+                    if let Some(audit) = &audit {
+                        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        audit.write(floor_record(n)).await?;
                     }
+                    Ok::<_, axum::http::StatusCode>(format!("hello {user}"))
                 }),
             )
             .route(
@@ -429,103 +449,122 @@ fn floor_record(n: u64) -> String {
     .to_string()
 }
 
-/// The floor variants: the handler writes one record per request itself.
-async fn floor_app(backend: &str) -> Result<Router> {
-    use sha2::{Digest, Sha256};
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// One raw audit write per request, as a team would hand-build it: the
+/// floor variants call it alone, the `ts-audited-*` ones after reading the
+/// tower-sessions session.
+#[derive(Clone)]
+enum RawAudit {
+    /// A hash chain under a mutex, every record kept.
+    Memory(Arc<std::sync::Mutex<([u8; 32], Vec<String>)>>),
+    /// One `XADD` per record.
+    Redis(redis::aio::MultiplexedConnection, Arc<str>),
+    /// One committed `INSERT` per record (WAL, synchronous=FULL).
+    Sqlite(tower_sessions_sqlx_store::sqlx::SqlitePool),
+    /// One committed `INSERT` per record.
+    Postgres(tower_sessions_sqlx_store::sqlx::PgPool, Arc<str>),
+}
 
-    const BODY: &str = "hello Cora Customer";
-    let counter = Arc::new(AtomicU64::new(0));
-    Ok(match backend {
-        "memory" => {
-            // A hash chain under a mutex, every record kept.
-            let chain = Arc::new(Mutex::new(([0_u8; 32], Vec::<String>::new())));
-            Router::new().route(
-                "/",
-                get(move || async move {
-                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
-                    let mut chain = chain.lock().unwrap_or_else(|e| e.into_inner());
-                    let hash: [u8; 32] = Sha256::new()
-                        .chain_update(chain.0)
-                        .chain_update(record.as_bytes())
-                        .finalize()
-                        .into();
-                    chain.0 = hash;
-                    chain.1.push(record);
-                    BODY
-                }),
-            )
-        }
-        "redis" => {
-            let client = redis::Client::open(REDIS_URL)?;
-            let conn = client.get_multiplexed_async_connection().await?;
-            let key = format!("{}:floor", unique_name("imptest_bench"));
-            Router::new().route(
-                "/",
-                get(move || async move {
-                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
-                    let mut conn = conn.clone();
-                    let written: redis::RedisResult<String> = redis::cmd("XADD")
-                        .arg(&key)
-                        .arg("*")
-                        .arg("e")
-                        .arg(record)
-                        .query_async(&mut conn)
-                        .await;
-                    match written {
-                        Ok(_) => Ok(BODY),
-                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
-                    }
-                }),
-            )
-        }
-        "sqlite" => {
-            use tower_sessions_sqlx_store::sqlx::{self, SqlitePool, sqlite};
-            let path = scratch_file("imptest_bench", "db");
-            // WAL and synchronous=FULL: each commit on disk, as our SQLite store does.
-            let options = sqlite::SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlite::SqliteSynchronous::Full);
-            let pool = SqlitePool::connect_with(options).await?;
-            sqlx::query("CREATE TABLE floor (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+impl RawAudit {
+    async fn open(backend: &str) -> Result<Self> {
+        use tower_sessions_sqlx_store::sqlx::{self, PgPool, SqlitePool, sqlite};
+        Ok(match backend {
+            "memory" => Self::Memory(Arc::default()),
+            "redis" => {
+                let client = redis::Client::open(REDIS_URL)?;
+                let conn = client.get_multiplexed_async_connection().await?;
+                Self::Redis(
+                    conn,
+                    format!("{}:floor", unique_name("imptest_bench")).into(),
+                )
+            }
+            "sqlite" => {
+                // WAL and synchronous=FULL: each commit on disk, as our SQLite store does.
+                let options = sqlite::SqliteConnectOptions::new()
+                    .filename(scratch_file("imptest_bench", "db"))
+                    .create_if_missing(true)
+                    .journal_mode(sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sqlite::SqliteSynchronous::Full);
+                let pool = SqlitePool::connect_with(options).await?;
+                sqlx::query("CREATE TABLE floor (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+                    .execute(&pool)
+                    .await?;
+                Self::Sqlite(pool)
+            }
+            "postgres" => {
+                let pool = PgPool::connect(PG_URL).await?;
+                let table = unique_name("imptest_bench");
+                sqlx::query(&format!(
+                    "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
+                ))
                 .execute(&pool)
                 .await?;
-            Router::new().route(
-                "/",
-                get(move || async move {
-                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
-                    let insert = sqlx::query("INSERT INTO floor (body) VALUES ($1)").bind(record);
-                    match insert.execute(&pool).await {
-                        Ok(_) => Ok(BODY),
-                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
-                    }
-                }),
-            )
+                Self::Postgres(
+                    pool,
+                    format!("INSERT INTO {table} (body) VALUES ($1)").into(),
+                )
+            }
+            other => bail!("no raw audit writer for {other}"),
+        })
+    }
+
+    /// Writes one record; `Err` if the backend refused it.
+    async fn write(&self, record: String) -> Result<(), axum::http::StatusCode> {
+        use sha2::{Digest, Sha256};
+        use tower_sessions_sqlx_store::sqlx;
+        fn unavailable<E>(_: E) -> axum::http::StatusCode {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
         }
-        "postgres" => {
-            use tower_sessions_sqlx_store::sqlx::{self, PgPool};
-            let pool = PgPool::connect(PG_URL).await?;
-            let table = unique_name("imptest_bench");
-            sqlx::query(&format!(
-                "CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)"
-            ))
-            .execute(&pool)
-            .await?;
-            let insert: Arc<str> = format!("INSERT INTO {table} (body) VALUES ($1)").into();
-            Router::new().route(
-                "/",
-                get(move || async move {
-                    let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
-                    match sqlx::query(&insert).bind(record).execute(&pool).await {
-                        Ok(_) => Ok(BODY),
-                        Err(_) => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
-                    }
-                }),
-            )
+        match self {
+            Self::Memory(chain) => {
+                let mut chain = chain.lock().unwrap_or_else(|e| e.into_inner());
+                let hash: [u8; 32] = Sha256::new()
+                    .chain_update(chain.0)
+                    .chain_update(record.as_bytes())
+                    .finalize()
+                    .into();
+                chain.0 = hash;
+                chain.1.push(record);
+                Ok(())
+            }
+            Self::Redis(conn, key) => {
+                let mut conn = conn.clone();
+                redis::cmd("XADD")
+                    .arg(&**key)
+                    .arg("*")
+                    .arg("e")
+                    .arg(record)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(unavailable)
+            }
+            Self::Sqlite(pool) => sqlx::query("INSERT INTO floor (body) VALUES ($1)")
+                .bind(record)
+                .execute(pool)
+                .await
+                .map(drop)
+                .map_err(unavailable),
+            Self::Postgres(pool, insert) => sqlx::query(insert)
+                .bind(record)
+                .execute(pool)
+                .await
+                .map(drop)
+                .map_err(unavailable),
         }
-        other => bail!("no floor variant for {other}"),
-    })
+    }
+}
+
+/// The floor variants: the handler writes one record per request itself.
+async fn floor_app(backend: &str) -> Result<Router> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let audit = RawAudit::open(backend).await?;
+    Ok(Router::new().route(
+        "/",
+        get(move || async move {
+            let record = floor_record(counter.fetch_add(1, Ordering::Relaxed));
+            audit.write(record).await.map(|()| "hello Cora Customer")
+        }),
+    ))
 }
