@@ -9,6 +9,9 @@
 //! - `layer-<store>-unaudited`: tuned, with `audit_when` off (resolve only);
 //! - `ts-<store>`: behind tower-sessions 0.14 with its store on the same
 //!   backend, the handler reading one value from the session;
+//! - `bare-auth`: the handler behind the stand-in for the host app's own
+//!   authentication (which puts the signed-in `Principal` in the request),
+//!   reading that user: the app without the SDK;
 //! - `layer-ordinary`: behind the layer, a signed-in user who is not
 //!   impersonating anyone (the app's everyday traffic: no store call);
 //! - `ts-audited-<store>`: tower-sessions as above, and the handler then
@@ -44,6 +47,7 @@ use tower_sessions::{Session, SessionManagerLayer};
 
 const VARIANTS: &[&str] = &[
     "bare",
+    "bare-auth",
     "layer-ordinary",
     "layer-memory",
     "layer-memory-tuned",
@@ -132,6 +136,12 @@ fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
     );
     println!("|---|---|---|---|---|---|---|");
     println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | | | |");
+    if let Some(r) = get("bare-auth") {
+        println!(
+            "| none (handler behind the host's auth, no SDK) | {r:.0} req/s = {:.2} | | | | | |",
+            r / bare
+        );
+    }
     if let Some(r) = get("layer-ordinary") {
         println!(
             "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | | | |",
@@ -296,6 +306,26 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
     let (app, ready) = if variant == "bare" {
         let app = Router::new().route("/", get(|| async { "hello world" }));
         (app, String::new())
+    } else if variant == "bare-auth" {
+        // The app without the SDK: the same host auth and a handler that
+        // reads the signed-in user, so `layer-ordinary` against this is
+        // what the layer adds to everyday traffic.
+        let (_, customer) = people()?;
+        let app = Router::new()
+            .route(
+                "/",
+                get(
+                    |axum::Extension(user): axum::Extension<Principal>| async move {
+                        format!("hello {}", user.display_name)
+                    },
+                ),
+            )
+            .layer(from_fn(move |mut req: Request, next: Next| {
+                req.extensions_mut().insert(customer.clone());
+                next.run(req)
+            }));
+        let csrf = "c".repeat(43);
+        (app, format!("Cookie: impersonation-csrf={csrf}"))
     } else if variant == "layer-ordinary" {
         let (agent, customer) = people()?;
         let directory = MemoryDirectory::new();
