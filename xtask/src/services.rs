@@ -788,13 +788,17 @@ const TEST_PREFIX: &str = "imptest_";
 /// directory. Tests create their own on every run, so nothing is lost; on a
 /// machine that is kept between runs this stops the catalogues growing.
 pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> {
+    // One transaction per schema: dropping a thousand leftovers in one
+    // runs out of lock slots (max_locks_per_transaction). A DO block may
+    // commit only when it is a command of its own, hence two `-c`.
     let drop_schemas = format!(
-        "SET client_min_messages = warning; DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
-         WHERE nspname LIKE '{TEST_PREFIX}%' LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$;"
+        "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
+         WHERE nspname LIKE '{TEST_PREFIX}%' LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); COMMIT; END LOOP; END $$;"
     );
+    let quiet = "SET client_min_messages = warning";
     cmd!(
         sh,
-        "psql -w -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -c {drop_schemas}"
+        "psql -w -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -c {quiet} -c {drop_schemas}"
     )
     .quiet()
     .run()
