@@ -93,8 +93,15 @@ fn run(args: &[OsString]) -> Result<ExitCode> {
 
 /// The workspace root: xtask lives one level below it. Every command runs
 /// from here so that `cargo xtask` behaves the same from any subdirectory.
+///
+/// `cargo run` tells the process where its manifest is; that comes first.
+/// The path compiled in is only a fallback: two checkouts sharing one
+/// `CARGO_TARGET_DIR` can share one xtask binary, built in the other one.
 fn workspace_root() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .context("xtask's manifest directory has no parent")
