@@ -377,10 +377,6 @@ impl AuditDraft {
 
     /// Places the draft after `head` (or first, with `None`) and computes its hash.
     pub fn seal(self, head: Option<ChainHead>) -> AuditEvent {
-        let (seq, prev_hash) = match head {
-            Some(h) => (h.seq + 1, h.hash),
-            None => (0, EventHash::GENESIS),
-        };
         let mut event = AuditEvent {
             id: self.id,
             at: self.at,
@@ -391,11 +387,11 @@ impl AuditDraft {
             session: self.session,
             chain: self.chain,
             details: self.details,
-            seq,
-            prev_hash,
+            seq: 0,
+            prev_hash: EventHash::GENESIS,
             hash: EventHash::GENESIS,
         };
-        event.hash = event.compute_hash();
+        event.reseal(head);
         event
     }
 }
@@ -481,6 +477,18 @@ impl AuditEvent {
         let mut out = [0_u8; 32];
         out.copy_from_slice(&digest);
         EventHash(out)
+    }
+
+    /// Places the event after `head` (or first, with `None`) instead of
+    /// where it was sealed, and computes its hash anew: for a store whose
+    /// compare-and-set found the chain moved on, without going back to the
+    /// draft (same result as sealing the draft on `head`).
+    pub fn reseal(&mut self, head: Option<ChainHead>) {
+        (self.seq, self.prev_hash) = match head {
+            Some(h) => (h.seq + 1, h.hash),
+            None => (0, EventHash::GENESIS),
+        };
+        self.hash = self.compute_hash();
     }
 
     /// The head a store keeps after appending this event.

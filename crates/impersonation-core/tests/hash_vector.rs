@@ -76,3 +76,16 @@ fn hashes_are_lower_case_hex_and_read_back() {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     );
 }
+
+/// Resealing a sealed event on another head gives exactly the event that
+/// sealing the draft there gives (what a store retries with).
+#[test]
+fn a_resealed_event_equals_the_draft_sealed_there() {
+    let first = fixed_event(None);
+    let mut moved = fixed_event(None);
+    moved.reseal(Some(first.head()));
+    assert_eq!(moved, fixed_event(Some(first.head())));
+    assert_eq!(moved.hash.to_hex(), SECOND);
+    moved.reseal(None);
+    assert_eq!(moved, first);
+}

@@ -527,17 +527,19 @@ impl RedisStore {
     fn index_commands(&self, events: &[AuditEvent], route: &str) -> Vec<Cmd> {
         // A batch's events mostly share their agent, customer, tenant and
         // session: each index key is built once, with its members in order.
-        // (index kind, value) -> (score, event position), in event order;
-        // kind "all" is the index of every event.
-        type Index<'a> = ((&'a str, &'a str), Vec<(f64, usize)>);
+        // (index kind, value) -> event positions, in event order; kind
+        // "all" is the index of every event. Each event's score (its time
+        // in µs, exact as an integer) and member are formatted once, for
+        // all its indexes.
+        type Index<'a> = ((&'a str, &'a str), Vec<usize>);
         let mut by_key: Vec<Index<'_>> = Vec::new();
         let members: Vec<String> = events.iter().map(|e| index_member(e, route)).collect();
+        let scores: Vec<String> = events.iter().map(|e| micros(e.at).to_string()).collect();
         let session_ids: Vec<Option<String>> = events
             .iter()
             .map(|e| e.session.map(|s| s.to_string()))
             .collect();
         for (i, event) in events.iter().enumerate() {
-            let score = micros(event.at) as f64;
             let indexes = [
                 Some(("all", "")),
                 Some(("agent", event.chain.as_str())),
@@ -548,22 +550,31 @@ impl RedisStore {
             ];
             for index in indexes.into_iter().flatten() {
                 match by_key.iter_mut().find(|(k, _)| *k == index) {
-                    Some((_, entries)) => entries.push((score, i)),
-                    None => by_key.push((index, vec![(score, i)])),
+                    Some((_, entries)) => entries.push(i),
+                    None => by_key.push((index, vec![i])),
                 }
             }
         }
         by_key
             .into_iter()
             .map(|((kind, value), entries)| {
-                let mut c = redis::cmd("ZADD");
-                if kind == "all" {
-                    c.arg(audit_all(&self.ns));
+                let key = if kind == "all" {
+                    audit_all(&self.ns)
                 } else {
-                    c.arg(audit_index(&self.ns, kind, value));
-                }
-                for (score, i) in entries {
-                    c.arg(score).arg(&members[i]);
+                    audit_index(&self.ns, kind, value)
+                };
+                // Sized once: the command's buffer would otherwise grow
+                // (and copy) as each member is written.
+                let bytes = "ZADD".len()
+                    + key.len()
+                    + entries
+                        .iter()
+                        .map(|&i| scores[i].len() + members[i].len())
+                        .sum::<usize>();
+                let mut c = Cmd::with_capacity(2 + 2 * entries.len(), bytes);
+                c.arg("ZADD").arg(key);
+                for i in entries {
+                    c.arg(&scores[i]).arg(&members[i]);
                 }
                 c
             })
@@ -572,34 +583,52 @@ impl RedisStore {
 
     /// Appends one chain's share of a batch with one script call (more only
     /// if a guard refuses or another process moves the head). `items` carry
-    /// their positions in the batch.
+    /// their positions in the batch; each draft is sealed once, and only
+    /// resealed (its place and hash) when a retry finds another head.
     async fn append_chain(
         &self,
         chain: &ChainKey,
-        mut items: Vec<(usize, &AuditDraft, AppendGuard)>,
+        items: Vec<(usize, AuditDraft, AppendGuard)>,
     ) -> Result<Vec<(usize, Result<AuditEvent, StoreError>)>, StoreError> {
         let slot = Slot::of_chain(&self.ns, chain);
         let placeholder = slot.session(SessionId::from_uuid(uuid::Uuid::nil()));
         let mut done = Vec::with_capacity(items.len());
         let cache = self.chain_cache(chain);
         let mut cached = cache.lock().await;
+        let mut drafts = Some(items);
+        // Sealed events with their batch positions and guards, and the
+        // head they were sealed on.
+        let mut sealed: Vec<(usize, AuditEvent, AppendGuard)> = Vec::new();
+        let mut sealed_on: Option<Option<ChainHead>> = None;
         for _ in 0..CAS_ATTEMPTS {
-            if items.is_empty() {
+            if drafts.as_ref().map_or(sealed.is_empty(), Vec::is_empty) {
                 return Ok(done);
             }
             let head = match *cached {
                 Some(h) => h,
                 None => self.read_head(&slot).await?,
             };
-            let mut events = Vec::with_capacity(items.len());
             let mut next = head;
-            for (_, draft, _) in &items {
-                let event = (*draft).clone().seal(next);
-                next = Some(event.head());
-                events.push(event);
+            if let Some(items) = drafts.take() {
+                sealed = items
+                    .into_iter()
+                    .map(|(i, draft, guard)| {
+                        let event = draft.seal(next);
+                        next = Some(event.head());
+                        (i, event, guard)
+                    })
+                    .collect();
+            } else if sealed_on != Some(head) {
+                for (_, event, _) in &mut sealed {
+                    event.reseal(next);
+                    next = Some(event.head());
+                }
+            } else {
+                next = sealed.last().map(|(_, e, _)| e.head()).or(head);
             }
+            sealed_on = Some(head);
             let mut keys = vec![slot.head(), slot.chain()];
-            keys.extend(items.iter().map(|(_, _, guard)| match guard {
+            keys.extend(sealed.iter().map(|(_, _, guard)| match guard {
                 AppendGuard::None => placeholder.clone(),
                 AppendGuard::SessionActive(id) => slot.session(*id),
             }));
@@ -614,7 +643,7 @@ impl RedisStore {
                 inv.key(k);
             }
             inv.arg(&seq).arg(&hash);
-            for ((_, _, guard), event) in items.iter().zip(&events) {
+            for (_, event, guard) in &sealed {
                 let guard = match guard {
                     AppendGuard::None => "none",
                     AppendGuard::SessionActive(_) => "active",
@@ -630,6 +659,8 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(next);
                     drop(cached);
+                    let (positions, events): (Vec<usize>, Vec<AuditEvent>) =
+                        sealed.into_iter().map(|(i, e, _)| (i, e)).unzip();
                     let mut cmds = self.index_commands(&events, &slot.route);
                     if events.first().is_some_and(|e| e.seq == 0) {
                         let mut known = redis::cmd("ZADD");
@@ -641,12 +672,7 @@ impl RedisStore {
                         cmds.push(known);
                     }
                     self.run_all(cmds).await?;
-                    done.extend(
-                        items
-                            .iter()
-                            .map(|(i, _, _)| *i)
-                            .zip(events.into_iter().map(Ok)),
-                    );
+                    done.extend(positions.into_iter().zip(events.into_iter().map(Ok)));
                     return Ok(done);
                 }
                 Some("refused") => {
@@ -661,8 +687,8 @@ impl RedisStore {
                     if refused.is_empty() {
                         return Err(corrupt("append reply", "refused nothing"));
                     }
-                    let mut kept = Vec::with_capacity(items.len());
-                    for (k, item) in items.into_iter().enumerate() {
+                    let mut kept = Vec::with_capacity(sealed.len());
+                    for (k, item) in std::mem::take(&mut sealed).into_iter().enumerate() {
                         let Some(why) = refused.get(&(k + 1)) else {
                             kept.push(item);
                             continue;
@@ -672,7 +698,9 @@ impl RedisStore {
                         };
                         done.push((item.0, Err(guard_refusal(why, id))));
                     }
-                    items = kept;
+                    sealed = kept;
+                    // Those kept move up into the refused events' places.
+                    sealed_on = None;
                 }
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
             }
@@ -997,9 +1025,8 @@ impl Store for RedisStore {
         guard: AppendGuard,
     ) -> Result<AuditEvent, StoreError> {
         // A batch of one: the same script, guard and retry as a batch.
-        let done = self
-            .append_chain(&draft.chain, vec![(0, &draft, guard)])
-            .await?;
+        let chain = draft.chain.clone();
+        let done = self.append_chain(&chain, vec![(0, draft, guard)]).await?;
         match done.into_iter().next() {
             Some((_, result)) => result,
             None => Err(corrupt("append", "the event got no result")),
@@ -1012,22 +1039,25 @@ impl Store for RedisStore {
     ) -> Vec<Result<AuditEvent, StoreError>> {
         // Each chain's share in one script call, the chains concurrently
         // (they may live on different nodes).
-        let mut by_chain: BTreeMap<&ChainKey, Vec<(usize, &AuditDraft, AppendGuard)>> =
+        // The drafts move into their chain's share (a chain key is a shared
+        // string: cloning it is cheap).
+        let n = batch.len();
+        let mut by_chain: BTreeMap<ChainKey, Vec<(usize, AuditDraft, AppendGuard)>> =
             BTreeMap::new();
-        for (i, (draft, guard)) in batch.iter().enumerate() {
+        for (i, (draft, guard)) in batch.into_iter().enumerate() {
             by_chain
-                .entry(&draft.chain)
+                .entry(draft.chain.clone())
                 .or_default()
-                .push((i, draft, *guard));
+                .push((i, draft, guard));
         }
         let writes = by_chain.into_iter().map(|(chain, items)| async move {
             let positions: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
-            self.append_chain(chain, items)
+            self.append_chain(&chain, items)
                 .await
                 .map_err(|e| (positions, e))
         });
         let mut results: Vec<Option<Result<AuditEvent, StoreError>>> =
-            (0..batch.len()).map(|_| None).collect();
+            (0..n).map(|_| None).collect();
         for outcome in join_all(writes).await {
             match outcome {
                 Ok(done) => {

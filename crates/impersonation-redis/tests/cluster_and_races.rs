@@ -6,12 +6,15 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use impersonation_core::{
-    Activity, AuditQuery, ChainKey, Denial, Error, Impersonation, LiveFilter, MemoryDirectory,
-    Principal, Requester, StartRequest, Store,
+    Activity, Actor, AppendGuard, AuditAction, AuditQuery, ChainKey, Denial, Details, EndReason,
+    Error, Impersonation, LiveFilter, MemoryDirectory, Principal, Requester, StartRequest, Store,
+    StoreError,
 };
 use impersonation_redis::RedisStore;
-use impersonation_testkit::World;
-use impersonation_testkit::conformance::{all_events, whole_chain};
+use impersonation_testkit::conformance::{
+    all_events, assert_chain_verifies, must_start, whole_chain,
+};
+use impersonation_testkit::{World, epoch};
 
 fn service(
     world: &World,
@@ -224,4 +227,98 @@ async fn racing_starts_on_redis_leave_one_live_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_starts_on_the_cluster_leave_one_live_session() {
     racing_starts(common::CLUSTER).await;
+}
+
+/// Four store instances (four head caches, as four processes) append
+/// batches to one agent's chain at once: every loser of a compare-and-set
+/// reseals its batch on the head that won, and no event is lost or placed
+/// twice.
+async fn racing_appends(url: &str) {
+    let ns = common::unique("imptest");
+    let w = World::new();
+    let agent = w.agent(1);
+    let first = common::store_at(url, &ns).await;
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&first, start).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..4_i64 {
+        let store = common::store_at(url, &ns).await;
+        let (session, agent) = (session.clone(), agent.clone());
+        tasks.spawn(async move {
+            for b in 0..10_i64 {
+                let batch = (0..4_i64)
+                    .map(|i| {
+                        let draft = session
+                            .draft(
+                                epoch(),
+                                AuditAction::Access,
+                                Actor::user(agent.id.clone(), "Agent 1"),
+                            )
+                            .details(Details::new().with("p", p).with("n", b * 4 + i));
+                        (draft, AppendGuard::SessionActive(session.id))
+                    })
+                    .collect();
+                for result in store.append_batch(batch).await {
+                    result.unwrap();
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let chain = whole_chain(&first, &session.chain()).await;
+    assert_eq!(assert_chain_verifies(&first, &session.chain()).await, 161);
+    let written: BTreeSet<(&str, &str)> = chain
+        .iter()
+        .skip(1)
+        .map(|e| (e.details.get("p").unwrap(), e.details.get("n").unwrap()))
+        .collect();
+    assert_eq!(written.len(), 160, "each event once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_appends_on_redis_are_resealed_not_lost() {
+    racing_appends(common::SINGLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_appends_on_the_cluster_are_resealed_not_lost() {
+    racing_appends(common::CLUSTER).await;
+}
+
+/// A batch whose middle event is refused (its session ended): the events
+/// after it move up into its place, and the chain stays gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_in_a_batch_leaves_no_gap() {
+    let store = common::single().await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (ended, _) = must_start(&store, start).await;
+    let stop = ended
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(stop).await.unwrap();
+    let (start, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    let (live, _) = must_start(&store, start).await;
+    let access = |s: &impersonation_core::Session| {
+        (
+            s.draft(
+                epoch(),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "Agent 1"),
+            ),
+            AppendGuard::SessionActive(s.id),
+        )
+    };
+    let results = store
+        .append_batch(vec![access(&live), access(&ended), access(&live)])
+        .await;
+    assert_eq!(results.len(), 3);
+    let (a, c) = (results[0].as_ref().unwrap(), results[2].as_ref().unwrap());
+    assert!(matches!(results[1], Err(StoreError::SessionNotActive(_))));
+    assert_eq!((a.seq, c.seq), (3, 4));
+    assert_eq!(c.prev_hash, a.hash);
+    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 5);
 }
