@@ -2,9 +2,10 @@
 //! shared servers: each test its own PostgreSQL schema, MariaDB database,
 //! Redis namespace or SQLite file.
 //!
-//! Start names with `imptest` (as the examples do): `cargo xtask services
-//! reset` (and every `cargo xtask ci`) removes what earlier runs left behind
-//! by that prefix, and the files under [`scratch_dir`].
+//! Pass `imptest`, or a prefix that starts `imptest_`, so that names start
+//! `imptest_`: `cargo xtask services reset` (and every `cargo xtask ci`)
+//! removes what earlier runs left behind by that prefix, and the files under
+//! [`scratch_dir`].
 //!
 //! ```
 //! use impersonation_testkit::scratch;
