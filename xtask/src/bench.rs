@@ -26,7 +26,7 @@ const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
 /// Runs `cargo bench --package <p>... [args...]`, e.g. `cargo xtask bench --
 /// --save-baseline main` to forward options to criterion; or, for `http`,
 /// the load bench with its arguments (`--seconds N`, `--connections N`,
-/// variant names).
+/// `--rounds N` for medians over interleaved rounds, variant names).
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     crate::services::up()?;
     if args.first().and_then(|a| a.to_str()) == Some("http") {

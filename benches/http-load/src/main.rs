@@ -24,7 +24,7 @@
 //!   "no access without an audit record", and so the ceiling for an audited
 //!   request on that backend.
 //!
-//! Usage: `impersonation-http-bench [--seconds N] [--connections N] [VARIANT...]`
+//! Usage: `impersonation-http-bench [--seconds N] [--connections N] [--rounds N] [VARIANT...]`
 //! (`cargo xtask bench http`). The `serve` subcommand is internal.
 
 use std::io::{BufRead, BufReader};
@@ -96,12 +96,14 @@ fn main() -> Result<()> {
     }
     let mut seconds = 10u64;
     let mut connections = 32u32;
+    let mut rounds = 1usize;
     let mut chosen = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
             "--connections" => connections = it.next().context("--connections N")?.parse()?,
+            "--rounds" => rounds = it.next().context("--rounds N")?.parse::<usize>()?.max(1),
             v if VARIANTS.contains(&v) => chosen.push(v.to_owned()),
             other => bail!("unknown argument {other}; variants: {}", VARIANTS.join(" ")),
         }
@@ -112,47 +114,71 @@ fn main() -> Result<()> {
     if !chosen.iter().any(|v| v == "bare") {
         chosen.insert(0, "bare".into());
     }
-    let mut results = Vec::new();
-    for variant in &chosen {
-        let rps = measure(variant, seconds, connections)?;
-        println!("{variant:<26} {rps:>10.0} req/s");
-        results.push((variant.clone(), rps));
+    // Every round measures every variant once, bare first: a ratio is
+    // taken within its round, so drift between rounds cancels out.
+    let mut results: Vec<(String, Vec<f64>)> =
+        chosen.iter().map(|v| (v.clone(), Vec::new())).collect();
+    for round in 1..=rounds {
+        for (variant, runs) in &mut results {
+            let rps = measure(variant, seconds, connections)?;
+            println!("round {round}: {variant:<26} {rps:>10.0} req/s");
+            runs.push(rps);
+        }
     }
     report(&results, seconds, connections);
     Ok(())
 }
 
-fn report(results: &[(String, f64)], seconds: u64, connections: u32) {
-    let bare = results
-        .iter()
-        .find(|(v, _)| v == "bare")
-        .map_or(1.0, |(_, r)| *r);
-    let get = |name: &str| results.iter().find(|(v, _)| v == name).map(|(_, r)| *r);
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Median requests/s and median ratio to the same round's bare handler,
+/// with the ratios' range when there were several rounds.
+fn cell(results: &[(String, Vec<f64>)], name: &str) -> Option<String> {
+    let bare = &results.iter().find(|(v, _)| v == "bare")?.1;
+    let runs = &results.iter().find(|(v, _)| v == name)?.1;
+    let mut ratios: Vec<f64> = runs.iter().zip(bare).map(|(r, b)| r / b).collect();
+    let rps = median(&mut runs.clone());
+    let ratio = median(&mut ratios);
+    Some(if ratios.len() > 1 {
+        format!(
+            "{rps:.0} req/s = {ratio:.2} ({:.2}-{:.2})",
+            ratios[0],
+            ratios[ratios.len() - 1]
+        )
+    } else {
+        format!("{rps:.0} req/s = {ratio:.2}")
+    })
+}
+
+fn report(results: &[(String, Vec<f64>)], seconds: u64, connections: u32) {
+    let rounds = results.first().map_or(0, |(_, runs)| runs.len());
+    let get = |name: &str| cell(results, name);
     println!(
-        "\n{seconds} s per variant, wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
+        "\n{seconds} s per variant, {rounds} round(s): medians, and the range of the ratio over rounds; \
+         wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
     );
     println!(
         "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | tower-sessions + raw audit write | floor: one raw audit write |"
     );
     println!("|---|---|---|---|---|---|---|");
-    println!("| none (bare handler) | {bare:.0} req/s = 1.00 | | | | | |");
-    if let Some(r) = get("bare-auth") {
-        println!(
-            "| none (handler behind the host's auth, no SDK) | {r:.0} req/s = {:.2} | | | | | |",
-            r / bare
-        );
-    }
-    if let Some(r) = get("layer-ordinary") {
-        println!(
-            "| none (layer, not impersonating) | {r:.0} req/s = {:.2} | | | | | |",
-            r / bare
-        );
+    for (label, name) in [
+        ("none (bare handler)", "bare"),
+        ("none (handler behind the host's auth, no SDK)", "bare-auth"),
+        ("none (layer, not impersonating)", "layer-ordinary"),
+    ] {
+        if let Some(c) = get(name) {
+            println!("| {label} | {c} | | | | | |");
+        }
     }
     for backend in ["memory", "sqlite", "postgres", "redis"] {
-        let cell = |name: String| match get(&name) {
-            Some(r) => format!("{r:.0} req/s = {:.2}", r / bare),
-            None => "-".into(),
-        };
+        let cell = |name: String| get(&name).unwrap_or_else(|| "-".into());
         println!(
             "| {backend} | {} | {} | {} | {} | {} | {} |",
             cell(format!("layer-{backend}")),
