@@ -546,8 +546,7 @@ impl DecodedSessions {
         {
             return Ok(known.session.clone());
         }
-        let mut session: Session = serde_json::from_str(record)?;
-        session.shadow = serde_json::from_str(shadow)?;
+        let session = Self::parse(record, shadow)?;
         let mut entries = lock();
         if entries.len() >= DECODED_CAPACITY {
             entries.clear();
@@ -560,6 +559,14 @@ impl DecodedSessions {
                 session: session.clone(),
             },
         );
+        Ok(session)
+    }
+
+    /// The session stored as `record` with `shadow`, parsed without the
+    /// cache (for a lookup that has no secret to key it by).
+    pub fn parse(record: &str, shadow: &str) -> Result<Session, serde_json::Error> {
+        let mut session: Session = serde_json::from_str(record)?;
+        session.shadow = serde_json::from_str(shadow)?;
         Ok(session)
     }
 }

@@ -301,16 +301,10 @@ fn decode_session(
         return Ok(None);
     };
     let mut session = match key {
-        Some((key, decoded)) => decoded
-            .decode(key, record, shadow)
-            .map_err(|e| corrupt("session record", e))?,
-        None => {
-            let mut session: Session =
-                serde_json::from_str(record).map_err(|e| corrupt("session record", e))?;
-            session.shadow = serde_json::from_str(shadow).map_err(|e| corrupt("shadow user", e))?;
-            session
-        }
-    };
+        Some((key, decoded)) => decoded.decode(key, record, shadow),
+        None => DecodedSessions::parse(record, shadow),
+    }
+    .map_err(|e| corrupt("session record", e))?;
     session.last_seen_at = from_micros(seen)?;
     session.last_checked_at = from_micros(checked)?;
     session.version = version.parse().map_err(|e| corrupt("version", e))?;
