@@ -178,15 +178,15 @@ fn report(results: &[(String, Vec<f64>)], seconds: u64, connections: u32) {
         }
     }
     for backend in ["memory", "sqlite", "postgres", "redis"] {
-        let cell = |name: String| get(&name).unwrap_or_else(|| "-".into());
+        let or_dash = |name: String| get(&name).unwrap_or_else(|| "-".into());
         println!(
             "| {backend} | {} | {} | {} | {} | {} | {} |",
-            cell(format!("layer-{backend}")),
-            cell(format!("layer-{backend}-tuned")),
-            cell(format!("layer-{backend}-unaudited")),
-            cell(format!("ts-{backend}")),
-            cell(format!("ts-audited-{backend}")),
-            cell(format!("floor-{backend}")),
+            or_dash(format!("layer-{backend}")),
+            or_dash(format!("layer-{backend}-tuned")),
+            or_dash(format!("layer-{backend}-unaudited")),
+            or_dash(format!("ts-{backend}")),
+            or_dash(format!("ts-audited-{backend}")),
+            or_dash(format!("floor-{backend}")),
         );
     }
 }

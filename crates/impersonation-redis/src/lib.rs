@@ -590,10 +590,10 @@ impl RedisStore {
         let cache = self.chain_cache(chain);
         let mut cached = cache.lock().await;
         let mut drafts = Some(items);
-        // Sealed events with their batch positions and guards, and the
-        // head they were sealed on.
+        // Sealed events with their batch positions and guards. Every retry
+        // follows a moved head or a refusal that shifted the batch, so it
+        // reseals them all.
         let mut sealed: Vec<(usize, AuditEvent, AppendGuard)> = Vec::new();
-        let mut sealed_on: Option<Option<ChainHead>> = None;
         for _ in 0..CAS_ATTEMPTS {
             if drafts.as_ref().map_or(sealed.is_empty(), Vec::is_empty) {
                 return Ok(done);
@@ -612,15 +612,12 @@ impl RedisStore {
                         (i, event, guard)
                     })
                     .collect();
-            } else if sealed_on != Some(head) {
+            } else {
                 for (_, event, _) in &mut sealed {
                     event.reseal(next);
                     next = Some(event.head());
                 }
-            } else {
-                next = sealed.last().map(|(_, e, _)| e.head()).or(head);
             }
-            sealed_on = Some(head);
             let mut keys = vec![slot.head(), slot.chain()];
             keys.extend(sealed.iter().map(|(_, _, guard)| match guard {
                 AppendGuard::None => placeholder.clone(),
@@ -692,9 +689,8 @@ impl RedisStore {
                         };
                         done.push((item.0, Err(guard_refusal(why, id))));
                     }
-                    sealed = kept;
                     // Those kept move up into the refused events' places.
-                    sealed_on = None;
+                    sealed = kept;
                 }
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
             }
