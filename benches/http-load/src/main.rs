@@ -388,6 +388,7 @@ async fn serve(variant: &str, port: u16) -> Result<()> {
             service = service.with_config(Config {
                 touch_interval: time::Duration::seconds(5),
                 recheck_interval: time::Duration::seconds(5),
+                ..Config::default()
             });
         }
         let started = service

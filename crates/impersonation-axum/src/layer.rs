@@ -268,14 +268,25 @@ where
                         let secret = Arc::new(secret);
                         req.extensions_mut()
                             .insert(PresentedSecret(Arc::clone(&secret)));
-                        Some((shared.api.resolve(&secret).await, from_cookie))
+                        // A read may be served from a session resolved a
+                        // moment ago (its audit write checks the store
+                        // again); a change always reads the store first.
+                        let result = if req.method().is_safe() {
+                            shared.api.resolve(&secret).await
+                        } else {
+                            shared.api.resolve_fresh(&secret).await
+                        };
+                        Some((result, from_cookie))
                     }
                 }
             } else {
                 None
             };
             let mut ctx: Option<Context> = None;
+            // Whether the session came from the browser's cookie.
+            let mut cookie_session = false;
             if let Some((result, from_cookie)) = resolved {
+                cookie_session = from_cookie;
                 match result {
                     Ok(c) => {
                         // The session is the signed-in agent's own, or it is not used.
@@ -353,10 +364,23 @@ where
                             tracing::error!(error = %e, "could not audit an impersonated request; withholding the response");
                             return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
                         }
-                        // The session ended while the request ran (revoked, say):
-                        // its end is audited; this request went through as it began.
+                        // The session has ended (revoked elsewhere, say): the
+                        // audit write refused this read, so its answer, from
+                        // a session that is over, is withheld.
+                        Err(e) if method.is_safe() => {
+                            tracing::warn!(error = %e, "session ended; withholding an impersonated read");
+                            let mut res =
+                                plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
+                            if cookie_session {
+                                set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
+                            }
+                            return Ok(res);
+                        }
+                        // A change that began in an active session and saw it
+                        // end meanwhile: its end is audited, and the change is
+                        // made; its answer goes out as it began.
                         Err(e) => {
-                            tracing::warn!(error = %e, "session ended during an impersonated request")
+                            tracing::warn!(error = %e, "session ended during an impersonated change")
                         }
                     }
                 }

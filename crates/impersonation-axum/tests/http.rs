@@ -591,3 +591,48 @@ async fn api_clients_with_a_bearer_token_get_no_csrf_cookie() {
     let reply = fresh.get("/").await;
     assert!(reply.headers.get(header::SET_COOKIE).is_some());
 }
+
+#[tokio::test]
+async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() {
+    let f = fixture();
+    // A second process of the same app, on the same store.
+    let other = Impersonation::new(Arc::clone(&f.store), f.svc.directory().clone())
+        .with_clock(f.clock.clone());
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+    let secret = impersonation_core::SessionSecret::parse(&sam.secret().unwrap()).unwrap();
+    other.stop(&secret, &agent("sam")).await.unwrap();
+    let before = events(&f).await.len();
+
+    // Within the reuse interval this process still knows the session as
+    // active, but the audit write checks the store: the page is withheld.
+    let page = sam.get("/").await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(page.body, "impersonation session ended");
+    assert_eq!(sam.secret(), None, "the cookie is cleared");
+    assert_eq!(
+        events(&f).await.len(),
+        before,
+        "nothing recorded after the end"
+    );
+    let page = sam.get("/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("impersonation-banner"));
+
+    // A change always reads the store first: it never runs as the customer.
+    sam.start("olive").await;
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+    let secret = impersonation_core::SessionSecret::parse(&sam.secret().unwrap()).unwrap();
+    other.stop(&secret, &agent("sam")).await.unwrap();
+    let before = events(&f).await.len();
+    let saved = sam.send(Method::POST, "/bookings/7", None, &[]).await;
+    assert_eq!(saved.status, StatusCode::OK, "served as the agent themself");
+    assert_eq!(sam.secret(), None);
+    assert_eq!(
+        events(&f).await.len(),
+        before,
+        "no modification in the ended session"
+    );
+}

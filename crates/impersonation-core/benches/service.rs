@@ -1,7 +1,8 @@
 #![allow(missing_docs, clippy::panic)] // criterion_main! generates an undocumented main
 //! Criterion benches of the service on `MemoryStore`: `start`, `resolve`
-//! (re-checking the policy on every request, the default, and every 60 s),
-//! and `record`. Run with `cargo xtask bench`.
+//! (reading the store and re-checking the policy on every read, or every
+//! 60 s; and reusing a session resolved a moment ago, as by default), and
+//! `record`. Run with `cargo xtask bench`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,11 +71,25 @@ fn benches(c: &mut Criterion) {
         )
     });
 
-    for (name, recheck) in [
-        ("resolve (re-check every request)", Duration::ZERO),
-        ("resolve (re-check every 60 s)", Duration::seconds(60)),
+    for (name, reuse, recheck) in [
+        (
+            "resolve (store read, re-check every read)",
+            Duration::ZERO,
+            Duration::ZERO,
+        ),
+        (
+            "resolve (store read, re-check every 60 s)",
+            Duration::ZERO,
+            Duration::seconds(60),
+        ),
+        (
+            "resolve (reused, the default)",
+            Duration::seconds(60),
+            Duration::ZERO,
+        ),
     ] {
         let svc = service(Config {
+            reuse_interval: reuse,
             recheck_interval: recheck,
             touch_interval: Duration::ZERO,
         });
@@ -87,7 +102,7 @@ fn benches(c: &mut Criterion) {
         c.bench_function(name, |b| {
             b.iter(|| rt.block_on(svc.resolve(&started.secret)))
         });
-        if recheck == Duration::ZERO {
+        if reuse == Duration::ZERO && recheck == Duration::ZERO {
             let ctx = match rt.block_on(svc.resolve(&started.secret)) {
                 Ok(ctx) => ctx,
                 Err(e) => panic!("resolve: {e}"),

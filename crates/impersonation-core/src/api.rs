@@ -19,6 +19,8 @@ use crate::{
 pub trait ImpersonationApi: Send + Sync + 'static {
     /// See [`Impersonation::resolve`].
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error>;
+    /// See [`Impersonation::resolve_fresh`].
+    async fn resolve_fresh(&self, secret: &SessionSecret) -> Result<Context, Error>;
     /// See [`Impersonation::resolve_session`].
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error>;
     /// A person by id, from the service's [`Directory`] (`None`: unknown).
@@ -54,6 +56,9 @@ where
 {
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
         Impersonation::resolve(self, secret).await
+    }
+    async fn resolve_fresh(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        Impersonation::resolve_fresh(self, secret).await
     }
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
         Impersonation::resolve_session(self, id).await
@@ -96,6 +101,9 @@ where
 impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
         (**self).resolve(secret).await
+    }
+    async fn resolve_fresh(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        (**self).resolve_fresh(secret).await
     }
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
         (**self).resolve_session(id).await

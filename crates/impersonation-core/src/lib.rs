@@ -68,6 +68,7 @@ mod memory;
 mod policy;
 mod principal;
 mod projection;
+mod reuse;
 mod secret;
 mod serde_util;
 mod service;

@@ -17,6 +17,7 @@ use crate::id::{SessionId, TenantId, UserId};
 use crate::policy::{Denial, Policy, PolicyContext, Reason, StartRequest, Ticket};
 use crate::principal::{Directory, DirectoryError, Principal};
 use crate::projection::{ProjectionRules, ShadowUser};
+use crate::reuse::Reuse;
 use crate::secret::{SecretError, SecretHash, SecretLookup, SessionSecret};
 use crate::session::{Begin, EndReason, PersonRef, Session, SessionState, TransitionError};
 use crate::store::{
@@ -98,20 +99,37 @@ impl From<SecretError> for Error {
 /// Service settings beyond the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// How often `resolve` re-checks, through the directory, that the agent
-    /// still holds the impersonate permission and the policy still allows
-    /// the pair. `Duration::ZERO` (the default) checks on every request.
+    /// How long this process reuses a session it resolved (the store's
+    /// record of it and its policy check) before reading the store again
+    /// (default: one second, so a page's burst of requests reads it once).
+    ///
+    /// A stop, revocation or expiry made through this service takes effect
+    /// at once whatever the interval. One made by another process reaches
+    /// an audited request at once too (the audit write checks the session
+    /// in the store, and a refused write withholds the response), and any
+    /// other request within this interval; so does a permission removed in
+    /// the directory. Requests that change something
+    /// ([`Impersonation::resolve_fresh`]) always read the store.
+    /// `Duration::ZERO` reads the store on every request.
+    pub reuse_interval: Duration,
+    /// When `resolve` reads the store, it re-checks through the directory
+    /// that the agent still holds the impersonate permission and the policy
+    /// still allows the pair if the last check is this old.
+    /// `Duration::ZERO` (the default) checks at every read.
     pub recheck_interval: Duration,
     /// Write the idle touch at most this often (default: one second, so a
     /// page's burst of requests writes it once; idle timeouts are minutes).
-    /// `Duration::ZERO` writes it on every request; a few seconds spare a
-    /// busy session's writes at the cost of that much idle-timeout precision.
+    /// `Duration::ZERO` writes it at every read of the store; a few seconds
+    /// spare a busy session's writes at the cost of that much idle-timeout
+    /// precision. (Reused sessions are not touched: the touch waits for the
+    /// next read, at most `reuse_interval` later.)
     pub touch_interval: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
+            reuse_interval: Duration::seconds(1),
             recheck_interval: Duration::ZERO,
             touch_interval: Duration::seconds(1),
         }
@@ -408,6 +426,22 @@ fn record_session(span: &Span, session: &Session) {
     span.record("impersonation.session", tracing::field::display(session.id));
 }
 
+/// Fills a span's `impersonation.*` fields from a reused context.
+fn record_context(span: &Span, ctx: &Context) {
+    span.record(
+        "impersonation.agent",
+        tracing::field::display(&ctx.agent().id),
+    );
+    span.record(
+        "impersonation.subject",
+        tracing::field::display(ctx.subject()),
+    );
+    span.record(
+        "impersonation.session",
+        tracing::field::display(ctx.session()),
+    );
+}
+
 fn stop_span() -> Span {
     tracing::info_span!(
         "impersonation.stop",
@@ -466,6 +500,8 @@ pub struct Impersonation<S, D> {
     // Group commit, for stores whose `batches()` says so; clones share them.
     appends: Arc<Coalescer<(AuditDraft, AppendGuard), Result<AuditEvent, StoreError>>>,
     lookups: Arc<Coalescer<SecretLookup, Result<Option<Session>, StoreError>>>,
+    // Sessions resolved a moment ago (`Config::reuse_interval`); clones share them.
+    reuse: Arc<Reuse>,
 }
 
 /// The store call that carried a write or lookup was abandoned before it
@@ -493,6 +529,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             clock: Arc::new(SystemClock),
             appends: Arc::new(Coalescer::new(batching.appends)),
             lookups: Arc::new(Coalescer::new(batching.lookups)),
+            reuse: Arc::default(),
         }
     }
 
@@ -542,6 +579,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The projection rules.
     pub fn projection(&self) -> &ProjectionRules {
         &self.projection
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Now, by the service's clock, normalised to UTC microseconds.
@@ -735,7 +777,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     ) -> Result<EndReason, Error> {
         let now = self.now();
         let transition = session.end(reason, by, now, details)?;
-        match self.store.transition(transition).await {
+        let outcome = self.store.transition(transition).await;
+        // Whatever the outcome, this process stops reusing the session: it
+        // has ended, or changed under us.
+        self.reuse.forget(session.id);
+        match outcome {
             Ok((ended, _)) => {
                 tracing::info!(reason = reason.code(), session = %ended.id, "impersonation session ended");
                 Ok(reason)
@@ -756,20 +802,53 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The per-request path: finds the session by secret (touching its idle
     /// time in the same round trip), ends it if expired, idle, or no longer
     /// allowed by the policy, and returns the context. Fails closed.
+    ///
+    /// A session this process resolved less than
+    /// [`Config::reuse_interval`] ago is not read again: use this for
+    /// requests that only read (and are audited, or may be served with a
+    /// view up to that old), and [`Impersonation::resolve_fresh`] for those
+    /// that change something.
     pub async fn resolve(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        self.resolve_traced(secret, true).await
+    }
+
+    /// [`Impersonation::resolve`], always reading the store: for requests
+    /// that change something, which must not run in a session that has
+    /// just ended elsewhere.
+    pub async fn resolve_fresh(&self, secret: &SessionSecret) -> Result<Context, Error> {
+        self.resolve_traced(secret, false).await
+    }
+
+    async fn resolve_traced(&self, secret: &SessionSecret, reuse: bool) -> Result<Context, Error> {
         let span = tracing::info_span!(
             "impersonation.resolve",
             impersonation.agent = Empty,
             impersonation.subject = Empty,
             impersonation.session = Empty,
         );
-        self.resolve_inner(secret, span.clone())
+        self.resolve_inner(secret, reuse, span.clone())
             .instrument(span)
             .await
     }
 
-    async fn resolve_inner(&self, secret: &SessionSecret, span: Span) -> Result<Context, Error> {
+    async fn resolve_inner(
+        &self,
+        secret: &SessionSecret,
+        reuse: bool,
+        span: Span,
+    ) -> Result<Context, Error> {
         let now = self.now();
+        let interval = self.config.reuse_interval;
+        if reuse
+            && interval > Duration::ZERO
+            && let Some(ctx) = self.reuse.get(&secret.hash(), now, interval)
+        {
+            record_context(&span, &ctx);
+            return Ok(ctx);
+        }
+        // Read before the store: an end that lands meanwhile keeps this
+        // answer out of the reuse map.
+        let epoch = self.reuse.epoch();
         let touch = Touch {
             now,
             coalesce: self.config.touch_interval,
@@ -777,7 +856,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let Some(session) = self.find_touching(secret.lookup(), touch).await? else {
             return Err(Error::Unauthenticated);
         };
-        self.judge(session, now, touch, &span).await
+        let ctx = self.judge(session, now, touch, &span).await?;
+        self.reuse.put(secret.hash(), &ctx, now, epoch, interval);
+        Ok(ctx)
     }
 
     /// Like [`Impersonation::resolve`], for a credential that names the
@@ -1170,6 +1251,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         {
             Ok(event) => Ok(event),
             Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                // Ended elsewhere: stop reusing it here.
+                self.reuse.forget(ctx.0.session);
                 Err(Error::Unauthenticated)
             }
             Err(e) => Err(e.into()),

@@ -522,7 +522,7 @@ async fn touches_are_coalesced_when_configured() {
 }
 
 #[tokio::test]
-async fn a_demoted_agent_loses_the_session_on_the_next_request() {
+async fn a_demoted_agent_loses_the_session_once_the_reuse_interval_is_over() {
     let f = fixture();
     let started = f
         .service
@@ -534,8 +534,12 @@ async fn a_demoted_agent_loses_the_session_on_the_next_request() {
         p.permissions
             .remove(&Permission::new("impersonation:start"));
     });
+    // Within the interval the session resolved a moment ago is reused;
+    // a request that changes something reads the store and is refused.
+    f.clock.advance(Duration::milliseconds(500));
+    f.service.resolve(&started.secret).await.unwrap();
     assert!(matches!(
-        f.service.resolve(&started.secret).await,
+        f.service.resolve_fresh(&started.secret).await,
         Err(Error::Ended(EndReason::Revoked))
     ));
     let end = session_events(&f, started.session.id).await.pop().unwrap();
@@ -544,6 +548,83 @@ async fn a_demoted_agent_loses_the_session_on_the_next_request() {
         end.describe(),
         "Ended impersonation session (revoked). Cause: policy re-check failed: missing_permission."
     );
+    // The end, made here, is seen at once by reads too.
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+}
+
+#[tokio::test]
+async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval() {
+    for reuse in [Duration::ZERO, Duration::seconds(1)] {
+        let config = Config {
+            reuse_interval: reuse,
+            ..Config::default()
+        };
+        let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+        let started = f
+            .service
+            .start(Requester::User(&agent("sam")), req("olive"))
+            .await
+            .unwrap();
+        f.service.resolve(&started.secret).await.unwrap();
+        f.directory.update(&id("sam"), |p| {
+            p.permissions
+                .remove(&Permission::new("impersonation:start"));
+        });
+        f.clock.advance(reuse);
+        assert!(
+            matches!(
+                f.service.resolve(&started.secret).await,
+                Err(Error::Ended(EndReason::Revoked))
+            ),
+            "reuse interval {reuse}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_end_made_by_another_process_refuses_the_next_audited_read() {
+    // Two services on one store: two processes of the same app.
+    let store = Arc::new(MemoryStore::new());
+    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
+    let other =
+        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    // This process still reuses the session for a read within the interval,
+    // but its audit write checks the store and is refused...
+    let reused = f.service.resolve(&started.secret).await.unwrap();
+    assert_eq!(reused, ctx);
+    assert!(matches!(
+        f.service
+            .record(&reused, Activity::access("Viewed bookings."))
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+    // ...after which the session is not reused any more.
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    // A change reads the store at once.
+    let started = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    f.service.resolve(&started.secret).await.unwrap();
+    other.stop(&started.secret, &agent("kim")).await.unwrap();
+    assert!(matches!(
+        f.service.resolve_fresh(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
 }
 
 #[tokio::test]

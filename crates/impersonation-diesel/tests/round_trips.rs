@@ -18,6 +18,8 @@ struct Costs {
     start: u64,
     resolve: u64,
     resolve_coalesced: u64,
+    /// A resolve within `Config::reuse_interval` of a store read.
+    resolve_reused: u64,
     record: u64,
     stop: u64,
     prepared_in_steady_state: u64,
@@ -72,15 +74,18 @@ async fn costs(config: DieselConfig) -> Costs {
     let start = measure(q);
     clock.advance(Duration::seconds(11));
     let q = counter.queries();
-    let ctx = svc.resolve(&s.secret).await.unwrap();
+    let ctx = svc.resolve_fresh(&s.secret).await.unwrap();
     let resolve = measure(q);
     let recent = counter.recent();
     for sql in &recent[recent.len() - resolve as usize..] {
         println!("  resolve ran: {}", &sql[..sql.len().min(110)]);
     }
     let q = counter.queries();
-    svc.resolve(&s.secret).await.unwrap();
+    svc.resolve_fresh(&s.secret).await.unwrap();
     let resolve_coalesced = measure(q);
+    let q = counter.queries();
+    svc.resolve(&s.secret).await.unwrap();
+    let resolve_reused = measure(q);
     let q = counter.queries();
     svc.record(&ctx, Activity::access("Viewed.")).await.unwrap();
     let record = measure(q);
@@ -91,6 +96,7 @@ async fn costs(config: DieselConfig) -> Costs {
         start,
         resolve,
         resolve_coalesced,
+        resolve_reused,
         record,
         stop,
         prepared_in_steady_state: counter.prepared() - prepared,
@@ -99,8 +105,14 @@ async fn costs(config: DieselConfig) -> Costs {
 
 fn report(name: &str, c: &Costs) {
     println!(
-        "{name}: start {} statements, resolve {} (touch written) / {} (touch coalesced), record {}, stop {}, newly prepared {}",
-        c.start, c.resolve, c.resolve_coalesced, c.record, c.stop, c.prepared_in_steady_state
+        "{name}: start {} statements, resolve {} (touch written) / {} (touch coalesced) / {} (reused), record {}, stop {}, newly prepared {}",
+        c.start,
+        c.resolve,
+        c.resolve_coalesced,
+        c.resolve_reused,
+        c.record,
+        c.stop,
+        c.prepared_in_steady_state
     );
 }
 
@@ -111,6 +123,7 @@ async fn resolve_is_one_cached_statement_on_postgres() {
     report("postgres", &c);
     assert_eq!(c.resolve, 1, "find and touch in one statement");
     assert_eq!(c.resolve_coalesced, 1);
+    assert_eq!(c.resolve_reused, 0, "a session read a moment ago is reused");
     assert_eq!(
         c.record, 1,
         "an append on a known head is one statement (compare-and-set)"
@@ -131,6 +144,7 @@ async fn resolve_costs_on_sqlite() {
         (2, 1),
         "select, then the touch only when due"
     );
+    assert_eq!(c.resolve_reused, 0, "a session read a moment ago is reused");
 }
 
 #[cfg(feature = "mysql")]
@@ -147,6 +161,7 @@ async fn resolve_costs_on_mariadb() {
         (2, 1),
         "select, then the touch only when due"
     );
+    assert_eq!(c.resolve_reused, 0, "a session read a moment ago is reused");
 }
 
 #[tokio::test]
@@ -229,10 +244,17 @@ async fn a_database_outage_fails_closed() {
         )
         .await
         .unwrap();
-    assert!(svc.resolve(&started.secret).await.is_ok());
+    let ctx = svc.resolve(&started.secret).await.unwrap();
 
     proxy.cut();
-    let err = svc.resolve(&started.secret).await.unwrap_err();
+    // A read of the session resolved a moment ago is not served either:
+    // its audit write fails, and the binding withholds the response.
+    let err = svc
+        .record(&ctx, Activity::access("Viewed bookings."))
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 503, "{err:?}");
+    let err = svc.resolve_fresh(&started.secret).await.unwrap_err();
     assert!(
         matches!(err, Error::Store(StoreError::Unavailable(_))),
         "{err:?}"

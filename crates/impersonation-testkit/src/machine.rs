@@ -209,6 +209,9 @@ struct Case<S: Store> {
     latest: BTreeMap<usize, (ModelSession, SessionSecret)>,
     /// Last context each agent resolved.
     contexts: BTreeMap<usize, Context>,
+    /// The session each agent's last store read resolved, and when: the
+    /// service reuses it for `Config::reuse_interval`.
+    reused: BTreeMap<usize, (SessionId, OffsetDateTime)>,
     /// Every session ever started, by id, with its agent.
     sessions: BTreeMap<SessionId, usize>,
     denials: usize,
@@ -280,6 +283,7 @@ impl<S: Store> Case<S> {
             demoted: [false; 3],
             latest: BTreeMap::new(),
             contexts: BTreeMap::new(),
+            reused: BTreeMap::new(),
             sessions: BTreeMap::new(),
             denials: 0,
         }
@@ -326,6 +330,8 @@ impl<S: Store> Case<S> {
     }
 
     fn end_model(&mut self, agent: usize, reason: EndReason) {
+        // Every end goes through the service, which stops reusing the session.
+        self.reused.remove(&agent);
         if let Some((s, _)) = self.latest.get_mut(&agent)
             && s.state.is_live()
         {
@@ -487,12 +493,20 @@ impl<S: Store> Case<S> {
         };
         let model = model.clone();
         let result = self.service.resolve(secret).await;
+        // A session this service read a moment ago is reused without a
+        // store read or a policy re-check (so a demotion waits for the
+        // next read), unless it has lapsed by the clock.
+        let reuse = self.service.config().reuse_interval;
+        let reused = self
+            .reused
+            .get(&agent)
+            .is_some_and(|&(id, at)| id == model.id && at <= now && now - at < reuse);
         let expected: Result<(), Error> = match model.state {
             SessionState::Ended(r) => Err(Error::Ended(r)),
             _ if now >= model.expires_at => Err(Error::Ended(EndReason::Expired)),
             SessionState::Pending => Err(Error::PendingConsent),
             _ if now >= model.last_seen + IDLE => Err(Error::Ended(EndReason::IdleTimeout)),
-            _ if demoted => Err(Error::Ended(EndReason::Revoked)),
+            _ if demoted && !reused => Err(Error::Ended(EndReason::Revoked)),
             _ => Ok(()),
         };
         match (result, expected) {
@@ -524,6 +538,9 @@ impl<S: Store> Case<S> {
                 )?;
                 if let Some((m, _)) = self.latest.get_mut(&agent) {
                     m.last_seen = now;
+                }
+                if !reused {
+                    self.reused.insert(agent, (model.id, now));
                 }
                 self.contexts.insert(agent, ctx.clone());
                 Ok(Some(ctx))
