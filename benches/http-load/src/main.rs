@@ -85,9 +85,8 @@ fn main() -> Result<()> {
             bail!("usage: serve VARIANT PORT");
         };
         let port: u16 = port.parse()?;
-        // One tokio worker. (A multi-thread runtime with one worker rather
-        // than the current-thread one: diesel-async's SQLite wrapper blocks
-        // in place when a query is cancelled, which the latter forbids.)
+        // One tokio worker, as a multi-thread runtime (how servers run;
+        // the SQLite store's blocking threads run beside it).
         return tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

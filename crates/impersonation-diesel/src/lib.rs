@@ -54,9 +54,15 @@ use time::OffsetDateTime;
 
 use crate::ops::{OpError, retryable};
 
+/// SQLite through diesel-async's wrapper, with its statements run in place:
+/// the store moves each whole call (every statement of a transaction) onto
+/// one blocking thread itself (`on_blocking_thread`), rather than the
+/// wrapper hopping to the blocking pool and back for every statement.
 #[cfg(feature = "sqlite")]
-type SqliteConn =
-    diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>;
+pub(crate) type SqliteConn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
+    diesel::SqliteConnection,
+    sqlite_setup::InPlace,
+>;
 
 /// Counts the statements a store sends and the statements it prepares,
 /// through diesel's instrumentation: for metrics, and for tests that pin down
@@ -338,22 +344,55 @@ mod mysql_setup {
 
 #[cfg(feature = "sqlite")]
 mod sqlite_setup {
-    use diesel::ConnectionResult;
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    use std::error::Error;
+    use std::future::{Future, ready};
+    use std::pin::Pin;
+
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, ConnectionResult, SqliteConnection};
+    use diesel_async::sync_connection_wrapper::SpawnBlocking;
+
+    /// Runs the wrapper's "blocking" tasks at once, on the calling thread:
+    /// that thread is already one of tokio's blocking threads.
+    pub(crate) struct InPlace;
+
+    type TaskResult<R> = Result<R, Box<dyn Error + Send + Sync + 'static>>;
+
+    impl SpawnBlocking for InPlace {
+        fn spawn_blocking<'a, R>(
+            &mut self,
+            task: impl FnOnce() -> R + Send + 'static,
+        ) -> Pin<Box<dyn Future<Output = TaskResult<R>> + Send + 'a>>
+        where
+            R: Send + 'static,
+        {
+            Box::pin(ready(Ok(task())))
+        }
+
+        fn get_runtime() -> Self {
+            InPlace
+        }
+    }
 
     pub(crate) async fn establish(
         path: String,
         busy_ms: u128,
         counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<super::SqliteConn> {
-        let mut conn = super::SqliteConn::establish(&path).await?;
-        // WAL lets readers run beside the writer; FULL sync keeps a committed
-        // audit event through a power loss; busy_timeout makes writers queue.
-        conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
-        ))
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut conn = SqliteConnection::establish(&path)?;
+            // WAL lets readers run beside the writer; FULL sync keeps a
+            // committed audit event through a power loss; busy_timeout
+            // makes writers queue.
+            conn.batch_execute(&format!(
+                "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+            ))
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            Ok::<_, diesel::ConnectionError>(conn)
+        })
         .await
         .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        let mut conn = super::SqliteConn::with_runtime(opened?, InPlace);
         super::instrument(&mut conn, &counter);
         Ok(conn)
     }
@@ -389,33 +428,83 @@ macro_rules! build_pool {
 }
 
 /// Runs `$body` with `$conn` bound to a pooled connection of the store's
-/// backend and `$ops` to that backend's operations.
+/// backend and `$ops` to that backend's operations, as a unit that runs to
+/// its end once it has its connection, even if the caller is dropped: a
+/// request whose client went away must not hand a connection back to the
+/// pool in the middle of a transaction, where it would hold the chain's
+/// lock (or SQLite's write lock) and stall every later request. The body
+/// owns what it uses: each listed name is cloned into it.
 macro_rules! with_conn {
-    ($self:expr, |$conn:ident, $ops:ident| $body:expr) => {
+    ($self:expr, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {{
         match &$self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres(pool) => {
-                use crate::ops::pg as $ops;
                 let mut pooled = pool.get().await.map_err(pool_error)?;
-                let $conn = &mut *pooled;
-                $body
+                $( let $cap = $cap.clone(); )*
+                detached(async move {
+                    use crate::ops::pg as $ops;
+                    let $conn = &mut *pooled;
+                    $body
+                })
+                .await
             }
             #[cfg(feature = "mysql")]
             Backend::Mysql(pool) => {
-                use crate::ops::mysql as $ops;
                 let mut pooled = pool.get().await.map_err(pool_error)?;
-                let $conn = &mut *pooled;
-                $body
+                $( let $cap = $cap.clone(); )*
+                detached(async move {
+                    use crate::ops::mysql as $ops;
+                    let $conn = &mut *pooled;
+                    $body
+                })
+                .await
             }
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(pool) => {
-                use crate::ops::sqlite as $ops;
-                let mut pooled = pool.get().await.map_err(pool_error)?;
-                let $conn = &mut *pooled;
-                $body
+                let pooled = pool.get().await.map_err(pool_error)?;
+                $( let $cap = $cap.clone(); )*
+                on_blocking_thread(pooled, async move |$conn: &mut SqliteConn| {
+                    use crate::ops::sqlite as $ops;
+                    $body
+                })
+                .await
             }
         }
-    };
+    }};
+}
+
+/// Runs a call on its own task, so that dropping the caller does not drop
+/// it halfway.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn detached<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, OpError>> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::spawn(call).await.map_err(task_error)?
+}
+
+/// Runs a whole SQLite call (all its statements) on one blocking thread,
+/// which also cannot be cancelled halfway.
+#[cfg(feature = "sqlite")]
+async fn on_blocking_thread<T, F>(
+    mut pooled: deadpool::managed::Object<AsyncDieselConnectionManager<SqliteConn>>,
+    call: F,
+) -> Result<T, OpError>
+where
+    T: Send + 'static,
+    F: AsyncFnOnce(&mut SqliteConn) -> Result<T, OpError> + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::current();
+    // Every statement runs in place (`InPlace`), so the future is ready
+    // after one poll; `block_on` only drives it.
+    tokio::task::spawn_blocking(move || runtime.block_on(call(&mut pooled)))
+        .await
+        .map_err(task_error)?
+}
+
+fn task_error(e: tokio::task::JoinError) -> OpError {
+    OpError::Store(StoreError::unavailable_because(format!(
+        "store call did not finish: {e}"
+    )))
 }
 
 /// Attempts of a write that hit a deadlock, serialisation failure or busy database.
@@ -467,16 +556,6 @@ impl DieselStore {
             }
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => {
-                if tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
-                }) {
-                    // diesel-async's SQLite wrapper blocks in place when a
-                    // query future is dropped unfinished, which panics here.
-                    tracing::warn!(
-                        "the SQLite store needs tokio's multi-thread runtime: on a current-thread \
-                         runtime a cancelled request panics inside diesel-async (docs/diesel.md)"
-                    );
-                }
                 let path = config.sqlite_path();
                 let busy_ms = config.busy_timeout.as_millis();
                 let mut config = config.clone();
@@ -512,7 +591,7 @@ impl DieselStore {
             decoded: Arc::default(),
         };
         let ping: Result<(), OpError> =
-            async { with_conn!(store, |conn, ops| ops::ping(conn).await) }.await;
+            async { with_conn!(store, [], |conn, ops| ops::ping(conn).await) }.await;
         ping.map_err(|e| DieselError::Connect(store_error(e).to_string()))?;
         Ok(store)
     }
@@ -566,9 +645,9 @@ impl DieselStore {
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(pool) => {
                 // On the pool's own connection: an in-memory database exists only there.
-                let mut conn = pool.get().await.map_err(|e| fail(&e))?;
-                let outcome = conn
-                    .spawn_blocking(|conn| {
+                let conn = pool.get().await.map_err(|e| fail(&e))?;
+                let outcome = on_blocking_thread(conn, async |conn: &mut SqliteConn| {
+                    conn.spawn_blocking(|conn| {
                         use diesel_migrations::MigrationHarness;
                         Ok(conn
                             .run_pending_migrations(migrations::SQLITE)
@@ -576,7 +655,10 @@ impl DieselStore {
                             .map_err(|e| e.to_string()))
                     })
                     .await
-                    .map_err(|e| fail(&e))?;
+                    .map_err(OpError::Db)
+                })
+                .await
+                .map_err(|e| fail(&store_error(e)))?;
                 outcome.map_err(|e| fail(&e))
             }
         }
@@ -709,15 +791,16 @@ impl DieselStore {
             (expected, events)
         };
         let guarded = ops::guarded_sessions(batch);
+        let events = Arc::new(events);
         let written: Result<bool, OpError> = async {
-            with_conn!(self, |conn, ops| ops::append_cas(
+            with_conn!(self, [events, guarded], |conn, ops| ops::append_cas(
                 conn, expected, &events, &guarded
             )
             .await)
         }
         .await;
         match written {
-            Ok(true) => Some(events.into_iter().map(Ok).collect()),
+            Ok(true) => Some(Arc::unwrap_or_clone(events).into_iter().map(Ok).collect()),
             // Not written (or, on an error, unknown): the transaction path
             // re-reads the head, so the batch cannot be written twice.
             Ok(false) | Err(_) => {
@@ -734,25 +817,37 @@ impl DieselStore {
 impl DieselStore {
     pub async fn bench_prepare(&self) -> Result<(), StoreError> {
         let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::bench_prepare(conn).await) }.await;
+            async { with_conn!(self, [], |conn, ops| ops::bench_prepare(conn).await) }.await;
         r.map_err(store_error)
     }
 
     pub async fn bench_baseline_select(&self, hash: &str) -> Result<usize, StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::baseline_select(conn, hash).await) }.await;
+        let hash = hash.to_owned();
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [hash], |conn, ops| ops::baseline_select(conn, &hash)
+                .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 
     pub async fn bench_baseline_insert(&self, id: &str) -> Result<(), StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::baseline_insert(conn, id).await) }.await;
+        let id = id.to_owned();
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [id], |conn, ops| ops::baseline_insert(conn, &id)
+                .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 
     pub async fn bench_bulk_append(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::bulk_append(conn, events).await) }.await;
+        let events = Arc::new(events.to_vec());
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [events], |conn, ops| ops::bulk_append(conn, &events)
+                .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 }
@@ -760,8 +855,11 @@ impl DieselStore {
 #[async_trait]
 impl Store for DieselStore {
     async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        let start = Arc::new(start);
         let outcome = self
-            .write(|| async { with_conn!(self, |conn, ops| ops::start(conn, &start).await) })
+            .write(|| async {
+                with_conn!(self, [start], |conn, ops| ops::start(conn, &start).await)
+            })
             .await?;
         match &outcome {
             StartOutcome::Started { event, .. } | StartOutcome::Refused { event, .. } => {
@@ -775,9 +873,14 @@ impl Store for DieselStore {
         &self,
         transition: Transition,
     ) -> Result<(Session, AuditEvent), StoreError> {
+        let transition = Arc::new(transition);
         let (session, event) = self
             .write(|| async {
-                with_conn!(self, |conn, ops| ops::transition(conn, &transition).await)
+                with_conn!(self, [transition], |conn, ops| ops::transition(
+                    conn,
+                    &transition
+                )
+                .await)
             })
             .await?;
         self.remember_heads(std::iter::once(&event));
@@ -789,9 +892,11 @@ impl Store for DieselStore {
         event: AuditDraft,
         guard: AppendGuard,
     ) -> Result<AuditEvent, StoreError> {
+        let event = Arc::new(event);
         let event = self
             .write(|| async {
-                with_conn!(self, |conn, ops| ops::append(conn, &event, guard).await)
+                with_conn!(self, [event], |conn, ops| ops::append(conn, &event, guard)
+                    .await)
             })
             .await?;
         self.remember_heads(std::iter::once(&event));
@@ -809,8 +914,12 @@ impl Store for DieselStore {
             return results;
         }
         let n = batch.len();
+        let batch = Arc::new(batch);
         let outcome = self
-            .write(|| async { with_conn!(self, |conn, ops| ops::append_batch(conn, &batch).await) })
+            .write(|| async {
+                with_conn!(self, [batch], |conn, ops| ops::append_batch(conn, &batch)
+                    .await)
+            })
             .await;
         match outcome {
             Ok(results) => {
@@ -830,14 +939,12 @@ impl Store for DieselStore {
         lookups: &[SecretLookup],
         touch: Option<Touch>,
     ) -> Vec<Result<Option<Session>, StoreError>> {
-        let hashes: Vec<_> = lookups.iter().map(|l| l.hash).collect();
+        let hashes: Arc<Vec<_>> = Arc::new(lookups.iter().map(|l| l.hash).collect());
+        let decoded = &self.decoded;
         let outcome = self
             .write(|| async {
-                with_conn!(self, |conn, ops| ops::find_by_secrets(
-                    conn,
-                    &hashes,
-                    touch,
-                    &self.decoded
+                with_conn!(self, [hashes, decoded], |conn, ops| ops::find_by_secrets(
+                    conn, &hashes, touch, &decoded
                 )
                 .await)
             })
@@ -865,12 +972,10 @@ impl Store for DieselStore {
         secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
+        let (hash, decoded) = (secret.hash, &self.decoded);
         self.write(|| async {
-            with_conn!(self, |conn, ops| ops::find_by_secret(
-                conn,
-                &secret.hash,
-                touch,
-                &self.decoded
+            with_conn!(self, [decoded], |conn, ops| ops::find_by_secret(
+                conn, &hash, touch, &decoded
             )
             .await)
         })
@@ -879,13 +984,18 @@ impl Store for DieselStore {
 
     async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
         let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::session(conn, id).await) }.await;
+            async { with_conn!(self, [], |conn, ops| ops::session(conn, id).await) }.await;
         r.map_err(store_error)
     }
 
     async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::live_sessions(conn, filter).await) }.await;
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [filter], |conn, ops| ops::live_sessions(
+                conn, &filter
+            )
+            .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 
@@ -897,8 +1007,8 @@ impl Store for DieselStore {
         shadow: &ShadowUser,
     ) -> Result<(), StoreError> {
         self.write(|| async {
-            with_conn!(self, |conn, ops| ops::record_check(
-                conn, id, version, checked_at, shadow
+            with_conn!(self, [shadow], |conn, ops| ops::record_check(
+                conn, id, version, checked_at, &shadow
             )
             .await)
         })
@@ -907,7 +1017,7 @@ impl Store for DieselStore {
 
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
         let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::audit(conn, query).await) }.await;
+            async { with_conn!(self, [query], |conn, ops| ops::audit(conn, &query).await) }.await;
         r.map_err(store_error)
     }
 
@@ -918,8 +1028,8 @@ impl Store for DieselStore {
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let r: Result<_, OpError> = async {
-            with_conn!(self, |conn, ops| ops::chain_events(
-                conn, chain, from_seq, limit
+            with_conn!(self, [chain], |conn, ops| ops::chain_events(
+                conn, &chain, from_seq, limit
             )
             .await)
         }
@@ -928,8 +1038,11 @@ impl Store for DieselStore {
     }
 
     async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::chain_head(conn, chain).await) }.await;
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [chain], |conn, ops| ops::chain_head(conn, &chain)
+                .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 
@@ -938,8 +1051,16 @@ impl Store for DieselStore {
         after: Option<&ChainKey>,
         limit: u32,
     ) -> Result<Vec<ChainKey>, StoreError> {
-        let r: Result<_, OpError> =
-            async { with_conn!(self, |conn, ops| ops::chains(conn, after, limit).await) }.await;
+        let after = after.cloned();
+        let r: Result<_, OpError> = async {
+            with_conn!(self, [after], |conn, ops| ops::chains(
+                conn,
+                after.as_ref(),
+                limit
+            )
+            .await)
+        }
+        .await;
         r.map_err(store_error)
     }
 }

@@ -732,8 +732,4 @@ store_ops!(pg, diesel_async::AsyncPgConnection, postgres);
 #[cfg(feature = "mysql")]
 store_ops!(mysql, diesel_async::AsyncMysqlConnection, mysql);
 #[cfg(feature = "sqlite")]
-store_ops!(
-    sqlite,
-    diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>,
-    sqlite
-);
+store_ops!(sqlite, crate::SqliteConn, sqlite);
