@@ -833,9 +833,23 @@ impl RedisStore {
     }
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+/// The writes, run by the `Store` methods on tasks of their own.
+impl RedisStore {
+    /// Runs a write on a task of its own: once begun, its script and the
+    /// index and live-set writes after it all happen even if the caller is
+    /// dropped (a client that went away), so no written event is missing
+    /// from the views.
+    async fn detached<T, Fut>(&self, write: impl FnOnce(RedisStore) -> Fut) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        tokio::spawn(write(self.clone())).await.map_err(|e| {
+            StoreError::unavailable_because(format!("store call did not finish: {e}"))
+        })?
+    }
+
+    async fn start_now(&self, start: Start) -> Result<StartOutcome, StoreError> {
         let (session, event, refusal) = start.into_parts();
         let chain = session.chain();
         let slot = Slot::of_chain(&self.ns, &chain);
@@ -936,7 +950,7 @@ impl Store for RedisStore {
         ))
     }
 
-    async fn transition(
+    async fn transition_now(
         &self,
         transition: Transition,
     ) -> Result<(Session, AuditEvent), StoreError> {
@@ -1009,21 +1023,7 @@ impl Store for RedisStore {
         ))
     }
 
-    async fn append(
-        &self,
-        draft: AuditDraft,
-        guard: AppendGuard,
-    ) -> Result<AuditEvent, StoreError> {
-        // A batch of one: the same script, guard and retry as a batch.
-        let chain = draft.chain.clone();
-        let done = self.append_chain(&chain, vec![(0, draft, guard)]).await?;
-        match done.into_iter().next() {
-            Some((_, result)) => result,
-            None => Err(corrupt("append", "the event got no result")),
-        }
-    }
-
-    async fn append_batch(
+    async fn append_batch_now(
         &self,
         batch: Vec<(AuditDraft, AppendGuard)>,
     ) -> Vec<Result<AuditEvent, StoreError>> {
@@ -1066,6 +1066,50 @@ impl Store for RedisStore {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(corrupt("append batch", "an event got no result"))))
             .collect()
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn start(&self, start: Start) -> Result<StartOutcome, StoreError> {
+        self.detached(|store| async move { store.start_now(start).await })
+            .await
+    }
+
+    async fn transition(
+        &self,
+        transition: Transition,
+    ) -> Result<(Session, AuditEvent), StoreError> {
+        self.detached(|store| async move { store.transition_now(transition).await })
+            .await
+    }
+
+    async fn append(
+        &self,
+        draft: AuditDraft,
+        guard: AppendGuard,
+    ) -> Result<AuditEvent, StoreError> {
+        // A batch of one: the same script, guard and retry as a batch.
+        self.detached(|store| async move {
+            let chain = draft.chain.clone();
+            let done = store.append_chain(&chain, vec![(0, draft, guard)]).await?;
+            match done.into_iter().next() {
+                Some((_, result)) => result,
+                None => Err(corrupt("append", "the event got no result")),
+            }
+        })
+        .await
+    }
+
+    async fn append_batch(
+        &self,
+        batch: Vec<(AuditDraft, AppendGuard)>,
+    ) -> Vec<Result<AuditEvent, StoreError>> {
+        let n = batch.len();
+        let written = self
+            .detached(|store| async move { Ok(store.append_batch_now(batch).await) })
+            .await;
+        written.unwrap_or_else(|e| vec![Err(e); n])
     }
 
     async fn find_by_secrets(
