@@ -509,16 +509,13 @@ impl RedisStore {
 
     /// The derived audit views of an event (written after its script).
     async fn index_event(&self, event: &AuditEvent, route: &str) -> Result<(), StoreError> {
-        self.index_events(std::slice::from_ref(event), route).await
+        self.run_all(self.index_commands(&[event], route, "ZADD"))
+            .await
     }
 
-    /// The derived audit views of events of one chain: one `ZADD` per index
-    /// key, carrying every event that belongs there.
-    async fn index_events(&self, events: &[AuditEvent], route: &str) -> Result<(), StoreError> {
-        self.run_all(self.index_commands(events, route)).await
-    }
-
-    fn index_commands(&self, events: &[AuditEvent], route: &str) -> Vec<Cmd> {
+    /// `ZADD` (or, for entries to take back, `ZREM`) per view key,
+    /// carrying every event of `events` that belongs there.
+    fn index_commands(&self, events: &[&AuditEvent], route: &str, command: &str) -> Vec<Cmd> {
         // A batch's events mostly share their agent, customer, tenant and
         // session: each index key is built once, with its members in order.
         // (index kind, value) -> event positions, in event order; kind
@@ -559,16 +556,20 @@ impl RedisStore {
                 };
                 // Sized once: the command's buffer would otherwise grow
                 // (and copy) as each member is written.
-                let bytes = "ZADD".len()
+                let adding = command == "ZADD";
+                let bytes = command.len()
                     + key.len()
                     + entries
                         .iter()
-                        .map(|&i| scores[i].len() + members[i].len())
+                        .map(|&i| members[i].len() + if adding { scores[i].len() } else { 0 })
                         .sum::<usize>();
                 let mut c = Cmd::with_capacity(2 + 2 * entries.len(), bytes);
-                c.arg("ZADD").arg(key);
+                c.arg(command).arg(key);
                 for i in entries {
-                    c.arg(&scores[i]).arg(&members[i]);
+                    if adding {
+                        c.arg(&scores[i]);
+                    }
+                    c.arg(&members[i]);
                 }
                 c
             })
@@ -594,8 +595,15 @@ impl RedisStore {
         // follows a moved head or a refusal that shifted the batch, so it
         // reseals them all.
         let mut sealed: Vec<(usize, AuditEvent, AppendGuard)> = Vec::new();
+        // The events as the last attempt, which wrote nothing, listed them
+        // in the views: their entries are taken back with the next attempt
+        // (all but those it lists again at the same place).
+        let mut unwritten: Vec<AuditEvent> = Vec::new();
         for _ in 0..CAS_ATTEMPTS {
             if drafts.as_ref().map_or(sealed.is_empty(), Vec::is_empty) {
+                let stale: Vec<&AuditEvent> = unwritten.iter().collect();
+                self.run_all(self.index_commands(&stale, &slot.route, "ZREM"))
+                    .await?;
                 return Ok(done);
             }
             let head = match *cached {
@@ -644,26 +652,40 @@ impl RedisStore {
                     .arg(event.seq)
                     .arg(event.hash.to_hex());
             }
-            let reply = self.invoke_cas(&inv, &mut cached).await?;
+            // The views go out with the script, not after it: one round
+            // trip for both. Readers skip an entry whose event is not at
+            // its position, so entries of an attempt the script refuses
+            // are harmless, and removed with the next attempt.
+            let events: Vec<&AuditEvent> = sealed.iter().map(|(_, e, _)| e).collect();
+            let relisted =
+                |old: &AuditEvent| events.iter().any(|e| e.id == old.id && e.seq == old.seq);
+            let stale: Vec<&AuditEvent> = unwritten.iter().filter(|old| !relisted(old)).collect();
+            let mut views = self.index_commands(&stale, &slot.route, "ZREM");
+            views.extend(self.index_commands(&events, &slot.route, "ZADD"));
+            let (reply, indexed) =
+                tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
+            let reply = reply?;
+            unwritten = if reply.first().map(String::as_str) == Some("ok") {
+                Vec::new()
+            } else {
+                events.into_iter().cloned().collect()
+            };
             match reply.first().map(String::as_str) {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
                     *cached = Some(next);
                     drop(cached);
-                    let (positions, events): (Vec<usize>, Vec<AuditEvent>) =
-                        sealed.into_iter().map(|(i, e, _)| (i, e)).unzip();
-                    let mut cmds = self.index_commands(&events, &slot.route);
-                    if events.first().is_some_and(|e| e.seq == 0) {
+                    indexed?;
+                    if sealed.first().is_some_and(|(_, e, _)| e.seq == 0) {
                         let mut known = redis::cmd("ZADD");
                         known
                             .arg(chains(&self.ns))
                             .arg("NX")
                             .arg(0)
                             .arg(chain.as_str());
-                        cmds.push(known);
+                        self.run_all(vec![known]).await?;
                     }
-                    self.run_all(cmds).await?;
-                    done.extend(positions.into_iter().zip(events.into_iter().map(Ok)));
+                    done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
                     return Ok(done);
                 }
                 Some("refused") => {

@@ -275,6 +275,35 @@ async fn racing_appends(url: &str) {
         .map(|e| (e.details.get("p").unwrap(), e.details.get("n").unwrap()))
         .collect();
     assert_eq!(written.len(), 160, "each event once");
+    // The views went out with each attempt; those of attempts that lost
+    // the race were taken back: the session's view holds each event once.
+    let key = format!("{ns}:audit:session:{}", session.id);
+    let listed: usize = if url == common::SINGLE {
+        redis::cmd("ZCARD")
+            .arg(&key)
+            .query_async(&mut node(6379).await)
+            .await
+            .unwrap()
+    } else {
+        let client = redis::cluster::ClusterClient::new(vec![
+            "redis://127.0.0.1:7001",
+            "redis://127.0.0.1:7002",
+            "redis://127.0.0.1:7003",
+        ])
+        .unwrap();
+        let mut conn = client.get_async_connection().await.unwrap();
+        redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap()
+    };
+    assert_eq!(listed, chain.len(), "no entry left behind by a lost race");
+    let viewed = all_events(
+        &first,
+        AuditQuery {
+            session: Some(session.id),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(viewed.len(), chain.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
