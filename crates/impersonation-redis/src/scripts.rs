@@ -85,9 +85,16 @@ const APPEND_MANY: &str = r#"
 if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
 local n = #KEYS - 2
 local refused = {}
+-- A batch's events mostly share one session: read each state once.
+local states = {}
 for i = 1, n do
   if ARGV[2 + (i - 1) * 4 + 1] == 'active' then
-    local st = redis.call('HGET', KEYS[2 + i], 'state')
+    local k = KEYS[2 + i]
+    local st = states[k]
+    if st == nil then
+      st = redis.call('HGET', k, 'state') or false
+      states[k] = st
+    end
     if not st then
       table.insert(refused, tostring(i)); table.insert(refused, 'notfound')
     elseif st ~= 'active' then
@@ -99,10 +106,13 @@ if #refused > 0 then
   table.insert(refused, 1, 'refused')
   return refused
 end
+-- The events, then the head once: the last event's place and hash.
+local a
 for i = 1, n do
-  local a = 2 + (i - 1) * 4
-  append(KEYS[1], KEYS[2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 2])
+  a = 2 + (i - 1) * 4
+  redis.call('XADD', KEYS[2], '0-' .. (tonumber(ARGV[a + 3]) + 1), 'e', ARGV[a + 2])
 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[a + 3], 'hash', ARGV[a + 4])
 return {'ok'}
 "#;
 

@@ -292,7 +292,11 @@ async fn racing_appends(url: &str) {
         ])
         .unwrap();
         let mut conn = client.get_async_connection().await.unwrap();
-        redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap()
+        redis::cmd("ZCARD")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
     };
     assert_eq!(listed, chain.len(), "no entry left behind by a lost race");
     let viewed = all_events(
