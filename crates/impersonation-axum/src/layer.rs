@@ -164,6 +164,25 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
         .map(|value| value.trim_matches('"'))
 }
 
+/// The values of the first cookies called `names`, in one pass.
+fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Option<&'a str>; N] {
+    let mut found: [Option<Option<&'a str>>; N] = [None; N];
+    let parsed = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok);
+    for c in parsed {
+        if let Some(i) = names.iter().position(|n| *n == c.name())
+            && found[i].is_none()
+        {
+            found[i] = Some(c.value_raw().map(|value| value.trim_matches('"')));
+        }
+    }
+    found.map(Option::flatten)
+}
+
 enum RouteName {
     Matched(MatchedPath),
     Path(String),
@@ -214,46 +233,48 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
-            let bearer = authorization
-                .filter(|t| SessionSecret::is_marked(t))
-                .map(str::to_owned);
+            let bearer = authorization.filter(|t| SessionSecret::is_marked(t));
             let signed_token = match (&settings.tokens, authorization) {
                 (Some(tokens), Some(token)) if bearer.is_none() => {
                     tokens.resolve_token(token).await
                 }
                 _ => None,
             };
+            // Both cookies in one pass over the header.
+            let [csrf_cookie, secret_cookie] = cookies(
+                req.headers(),
+                [settings.csrf_cookie(), settings.secret_cookie()],
+            );
 
             // API clients (bearer) are not browsers: no CSRF cookie is
             // issued to them, and their forms carry no token.
-            let (csrf, fresh_csrf) =
-                match cookie(req.headers(), settings.csrf_cookie()).filter(|v| v.len() == 43) {
-                    Some(token) => (token.to_owned(), false),
-                    None if bearer.is_some() || signed_token.is_some() => (String::new(), false),
-                    None => match new_token() {
-                        Some(token) => (token, true),
-                        None => {
-                            return Ok(plain(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "random source unavailable",
-                            ));
-                        }
-                    },
-                };
-            req.extensions_mut().insert(CsrfToken(csrf.clone()));
-            req.extensions_mut().insert(Handle(Arc::clone(&shared)));
+            let (csrf, fresh_csrf) = match csrf_cookie.filter(|v| v.len() == 43) {
+                Some(token) => (token.to_owned(), false),
+                None if bearer.is_some() || signed_token.is_some() => (String::new(), false),
+                None => match new_token() {
+                    Some(token) => (token, true),
+                    None => {
+                        return Ok(plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "random source unavailable",
+                        ));
+                    }
+                },
+            };
 
             let from_cookie = bearer.is_none();
-            let presented = bearer
-                .or_else(|| cookie(req.headers(), settings.secret_cookie()).map(str::to_owned));
+            // Parsed while the headers are borrowed; only the result is kept.
+            let presented = bearer.or(secret_cookie).map(SessionSecret::parse);
+            req.extensions_mut().insert(CsrfToken(csrf.clone()));
+            req.extensions_mut().insert(Handle(Arc::clone(&shared)));
 
             let mut clear_secret = false;
             // What was presented, resolved, and whether a refusal only
             // clears the browser's cookie (rather than answering 401).
             let resolved = if let Some(result) = signed_token {
                 Some((result, false))
-            } else if let Some(text) = presented {
-                match SessionSecret::parse(&text) {
+            } else if let Some(parsed) = presented {
+                match parsed {
                     Err(_) if from_cookie => {
                         clear_secret = true;
                         None
@@ -313,17 +334,20 @@ where
                 }
             }
 
-            let method = req.method().clone();
-            // The route template (a shared string), or the path outside a router.
-            let route = match req.extensions().get::<MatchedPath>() {
-                Some(m) => RouteName::Matched(m.clone()),
-                None => RouteName::Path(req.uri().path().to_owned()),
-            };
-            let audited = Audited::default();
+            // What the audit needs of the request, only under impersonation.
+            let mut audit = None;
             let span = match &ctx {
                 Some(c) => {
+                    let method = req.method().clone();
+                    // The route template (a shared string), or the path outside a router.
+                    let route = match req.extensions().get::<MatchedPath>() {
+                        Some(m) => RouteName::Matched(m.clone()),
+                        None => RouteName::Path(req.uri().path().to_owned()),
+                    };
+                    let audited = Audited::default();
                     req.extensions_mut().insert(c.clone());
                     req.extensions_mut().insert(audited.clone());
+                    audit = Some((method, route, audited));
                     tracing::info_span!(
                         "impersonation.request",
                         impersonation.agent = %c.agent().id,
@@ -336,7 +360,7 @@ where
 
             let mut res = inner.call(req).instrument(span).await?;
 
-            if let Some(c) = &ctx {
+            if let (Some(c), Some((method, route, audited))) = (&ctx, audit) {
                 // The SDK's own routes are audited as session events already.
                 let route = route.as_str();
                 let own_route = route
