@@ -153,18 +153,12 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
 /// The value of the first cookie called `name`, borrowed from the header
 /// (the `cookie` crate parses in place: nothing is copied).
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(Cookie::split_parse)
-        .filter_map(Result::ok)
-        .find(|c| c.name() == name)
-        .and_then(|c| c.value_raw())
-        .map(|value| value.trim_matches('"'))
+    let [value] = cookies(headers, [name]);
+    value
 }
 
-/// The values of the first cookies called `names`, in one pass.
+/// The values of the first cookies called `names`, in one pass over the
+/// header.
 fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Option<&'a str>; N] {
     let mut found: [Option<Option<&'a str>>; N] = [None; N];
     let parsed = headers
