@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | `ns:where:<session>` | string | the session's route |
 //! | `ns:live:subject:<user>`, `ns:live:tenant:<t>`, `ns:live:all` | set | `R|session` of live sessions |
-//! | `ns:audit:{all,agent,subject,tenant,actor,session}:<v>` | sorted set | `event-id|seq|R|chain`, score = time in µs |
+//! | `ns:audit:{all,agent,subject,tenant,actor,session}:<v>` | sorted set | runs of one chain's events: `first-seq|last-seq|first-event-id|chain`, score = earliest time in µs |
 //! | `ns:chains` | sorted set | chain keys (lexicographic) |
 
 use impersonation_core::{ChainKey, SessionId};

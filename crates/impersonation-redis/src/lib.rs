@@ -23,15 +23,15 @@
 mod keys;
 mod scripts;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 use impersonation_core::{
     AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead,
-    ChainKey, DecodedSessions, EventHash, LiveFilter, Order, SecretHash, SecretLookup, Session,
-    SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch, Transition,
+    ChainKey, DecodedSessions, EventHash, EventId, LiveFilter, Order, SecretHash, SecretLookup,
+    Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch, Transition,
 };
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -352,15 +352,97 @@ fn ttl_ms(expires_at: OffsetDateTime, now: OffsetDateTime, retention: Duration) 
         .max(1)
 }
 
-/// A member of an audit index: `event-id|seq|route|chain`.
-fn index_member(event: &AuditEvent, route: &str) -> String {
-    format!(
-        "{}|{}|{}|{}",
-        event.id,
-        event.seq,
-        route,
-        event.chain.as_str()
-    )
+/// The longest time, in µs, between the earliest and the latest event of
+/// one view entry: a reader after the events from time `t` reads the
+/// entries scored from `t - RUN_SPAN_US`, and one going back in time from
+/// `t` may stop at an entry scored below `t - RUN_SPAN_US`.
+const RUN_SPAN_US: i64 = 1_000_000;
+
+/// The most events one view entry lists (one `XRANGE` of that many when
+/// the view is read).
+const RUN_LEN: usize = 256;
+
+/// One view key and its entries: (score, member).
+type ViewEntries = (String, Vec<(i64, String)>);
+
+/// One `ZADD` (scores and members) or `ZREM` (members) per view key.
+fn view_commands(views: &[ViewEntries], command: &str) -> Vec<Cmd> {
+    let adding = command == "ZADD";
+    views
+        .iter()
+        .filter(|(_, entries)| !entries.is_empty())
+        .map(|(key, entries)| {
+            let mut c = Cmd::with_capacity(
+                2 + 2 * entries.len(),
+                command.len()
+                    + key.len()
+                    + entries.iter().map(|(_, m)| m.len() + 20).sum::<usize>(),
+            );
+            c.arg(command).arg(key);
+            for (score, member) in entries {
+                if adding {
+                    c.arg(score);
+                }
+                c.arg(member);
+            }
+            c
+        })
+        .collect()
+}
+
+/// The entries of `old` that `new` does not list again (same key, same
+/// member): those to take back once `new` replaces them.
+fn views_without(old: Vec<ViewEntries>, new: &[ViewEntries]) -> Vec<ViewEntries> {
+    old.into_iter()
+        .map(|(key, entries)| {
+            let again = new.iter().find(|(k, _)| *k == key).map(|(_, e)| e);
+            let entries = entries
+                .into_iter()
+                .filter(|(_, m)| again.is_none_or(|e| !e.iter().any(|(_, n)| n == m)))
+                .collect();
+            (key, entries)
+        })
+        .collect()
+}
+
+/// A view entry's member: `first-seq|last-seq|first-event-id|chain`; or,
+/// as written before runs, one event: `event-id|seq|route|chain`.
+struct Member<'a> {
+    first: u64,
+    last: u64,
+    id: &'a str,
+    chain: ChainKey,
+}
+
+impl<'a> Member<'a> {
+    fn parse(member: &'a str) -> Result<Self, StoreError> {
+        let mut parts = member.splitn(4, '|');
+        let (Some(first), Some(last), Some(id), Some(chain)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt("view entry", "not first|last|id|chain"));
+        };
+        let Ok(first) = first.parse::<u64>() else {
+            // The earlier form: the event's id comes first, then its place.
+            let seq: u64 = last.parse().map_err(|e| corrupt("view entry", e))?;
+            return Ok(Self {
+                first: seq,
+                last: seq,
+                id: first,
+                chain: ChainKey::from_stored(chain),
+            });
+        };
+        let last: u64 = last.parse().map_err(|e| corrupt("view entry", e))?;
+        if last < first || last - first >= RUN_LEN as u64 {
+            return Err(corrupt("view entry", "run out of bounds"));
+        }
+        Ok(Self {
+            first,
+            last,
+            id,
+            chain: ChainKey::from_stored(chain),
+        })
+    }
 }
 
 impl RedisStore {
@@ -508,29 +590,34 @@ impl RedisStore {
     }
 
     /// The derived audit views of an event (written after its script).
-    async fn index_event(&self, event: &AuditEvent, route: &str) -> Result<(), StoreError> {
-        self.run_all(self.index_commands(&[event], route, "ZADD"))
+    async fn index_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.run_all(view_commands(&self.view_entries(&[event]), "ZADD"))
             .await
     }
 
-    /// `ZADD` (or, for entries to take back, `ZREM`) per view key,
-    /// carrying every event of `events` that belongs there.
-    fn index_commands(&self, events: &[&AuditEvent], route: &str, command: &str) -> Vec<Cmd> {
-        // A batch's events mostly share their agent, customer, tenant and
-        // session: each index key is built once, with its members in order.
-        // (index kind, value) -> event positions, in event order; kind
-        // "all" is the index of every event. Each event's score (its time
-        // in µs, exact as an integer) and member are formatted once, for
-        // all its indexes.
-        type Index<'a> = ((&'a str, &'a str), Vec<usize>);
-        let mut by_key: Vec<Index<'_>> = Vec::new();
-        let members: Vec<String> = events.iter().map(|e| index_member(e, route)).collect();
-        let scores: Vec<String> = events.iter().map(|e| micros(e.at).to_string()).collect();
+    /// The view entries of `events` (consecutive events of one chain, in
+    /// chain order): per view key, the runs of consecutive events in that
+    /// view (see [`RUN_SPAN_US`]), each as its score and member
+    /// `first-seq|last-seq|first-event-id|chain`. A batch's events mostly
+    /// share their agent, customer, tenant and session, so a batch costs
+    /// each view one entry, not one per event.
+    fn view_entries(&self, events: &[&AuditEvent]) -> Vec<ViewEntries> {
+        struct Run {
+            first: usize,
+            last_seq: u64,
+            len: usize,
+            min_at: i64,
+            max_at: i64,
+        }
+        // (index kind, value) -> its runs; kind "all" is the index of
+        // every event.
+        let mut by_key: Vec<((&str, &str), Vec<Run>)> = Vec::new();
         let session_ids: Vec<Option<String>> = events
             .iter()
             .map(|e| e.session.map(|s| s.to_string()))
             .collect();
         for (i, event) in events.iter().enumerate() {
+            let at = micros(event.at);
             let indexes = [
                 Some(("all", "")),
                 Some(("agent", event.chain.as_str())),
@@ -540,38 +627,61 @@ impl RedisStore {
                 session_ids[i].as_deref().map(|s| ("session", s)),
             ];
             for index in indexes.into_iter().flatten() {
-                match by_key.iter_mut().find(|(k, _)| *k == index) {
-                    Some((_, entries)) => entries.push(i),
-                    None => by_key.push((index, vec![i])),
+                let runs = match by_key.iter_mut().find(|(k, _)| *k == index) {
+                    Some((_, runs)) => runs,
+                    None => {
+                        by_key.push((index, Vec::new()));
+                        let Some((_, runs)) = by_key.last_mut() else {
+                            continue;
+                        };
+                        runs
+                    }
+                };
+                match runs.last_mut() {
+                    Some(run)
+                        if run.last_seq.checked_add(1) == Some(event.seq)
+                            && events[run.first].chain == event.chain
+                            && run.len < RUN_LEN
+                            && run.max_at.max(at) - run.min_at.min(at) <= RUN_SPAN_US =>
+                    {
+                        run.last_seq = event.seq;
+                        run.len += 1;
+                        run.min_at = run.min_at.min(at);
+                        run.max_at = run.max_at.max(at);
+                    }
+                    _ => runs.push(Run {
+                        first: i,
+                        last_seq: event.seq,
+                        len: 1,
+                        min_at: at,
+                        max_at: at,
+                    }),
                 }
             }
         }
         by_key
             .into_iter()
-            .map(|((kind, value), entries)| {
+            .map(|((kind, value), runs)| {
                 let key = if kind == "all" {
                     audit_all(&self.ns)
                 } else {
                     audit_index(&self.ns, kind, value)
                 };
-                // Sized once: the command's buffer would otherwise grow
-                // (and copy) as each member is written.
-                let adding = command == "ZADD";
-                let bytes = command.len()
-                    + key.len()
-                    + entries
-                        .iter()
-                        .map(|&i| members[i].len() + if adding { scores[i].len() } else { 0 })
-                        .sum::<usize>();
-                let mut c = Cmd::with_capacity(2 + 2 * entries.len(), bytes);
-                c.arg(command).arg(key);
-                for i in entries {
-                    if adding {
-                        c.arg(&scores[i]);
-                    }
-                    c.arg(&members[i]);
-                }
-                c
+                let entries = runs
+                    .into_iter()
+                    .map(|run| {
+                        let first = events[run.first];
+                        let member = format!(
+                            "{}|{}|{}|{}",
+                            first.seq,
+                            run.last_seq,
+                            first.id,
+                            first.chain.as_str()
+                        );
+                        (run.min_at, member)
+                    })
+                    .collect();
+                (key, entries)
             })
             .collect()
     }
@@ -602,7 +712,7 @@ impl RedisStore {
         for _ in 0..CAS_ATTEMPTS {
             if drafts.as_ref().map_or(sealed.is_empty(), Vec::is_empty) {
                 let stale: Vec<&AuditEvent> = unwritten.iter().collect();
-                self.run_all(self.index_commands(&stale, &slot.route, "ZREM"))
+                self.run_all(view_commands(&self.view_entries(&stale), "ZREM"))
                     .await?;
                 return Ok(done);
             }
@@ -657,11 +767,13 @@ impl RedisStore {
             // its position, so entries of an attempt the script refuses
             // are harmless, and removed with the next attempt.
             let events: Vec<&AuditEvent> = sealed.iter().map(|(_, e, _)| e).collect();
-            let relisted =
-                |old: &AuditEvent| events.iter().any(|e| e.id == old.id && e.seq == old.seq);
-            let stale: Vec<&AuditEvent> = unwritten.iter().filter(|old| !relisted(old)).collect();
-            let mut views = self.index_commands(&stale, &slot.route, "ZREM");
-            views.extend(self.index_commands(&events, &slot.route, "ZADD"));
+            let entries = self.view_entries(&events);
+            let stale = views_without(
+                self.view_entries(&unwritten.iter().collect::<Vec<_>>()),
+                &entries,
+            );
+            let mut views = view_commands(&stale, "ZREM");
+            views.extend(view_commands(&entries, "ZADD"));
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
             let reply = reply?;
@@ -770,14 +882,13 @@ impl RedisStore {
     pub async fn rebuild_indexes(&self, chains_to_scan: &[ChainKey]) -> Result<u64, StoreError> {
         let mut indexed = 0;
         for chain in chains_to_scan {
-            let slot = Slot::of_chain(&self.ns, chain);
             let mut from = 0;
             loop {
                 let page = self.chain_events(chain, from, 500).await?;
-                for event in &page {
-                    self.index_event(event, &slot.route).await?;
-                    indexed += 1;
-                }
+                let events: Vec<&AuditEvent> = page.iter().collect();
+                self.run_all(view_commands(&self.view_entries(&events), "ZADD"))
+                    .await?;
+                indexed += page.len() as u64;
                 if page.len() < 500 {
                     break;
                 }
@@ -795,39 +906,34 @@ impl RedisStore {
         Ok(indexed)
     }
 
-    async fn fetch_event(&self, member: &str) -> Result<Option<AuditEvent>, StoreError> {
-        let mut parts = member.splitn(4, '|');
-        let (Some(id), Some(seq), Some(route), Some(chain)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Ok(None);
-        };
-        let seq: u64 = seq.parse().map_err(|e| corrupt("index member", e))?;
-        let chain = ChainKey::from_stored(chain);
-        let slot = Slot::of_chain(&self.ns, &chain);
-        if slot.route != route {
-            return Ok(None);
-        }
-        let entry_id = format!("0-{}", seq + 1);
+    /// The events a view entry lists, read from their chain in one
+    /// `XRANGE`; none if the entry's first event is not the one at that
+    /// position (an attempt that wrote nothing listed it).
+    async fn fetch_run(&self, member: &str) -> Result<Vec<AuditEvent>, StoreError> {
+        let member = Member::parse(member)?;
+        let slot = Slot::of_chain(&self.ns, &member.chain);
         let mut conn = self.conn.clone();
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(slot.chain())
-            .arg(&entry_id)
-            .arg(&entry_id)
+            .arg(format!("0-{}", member.first + 1))
+            .arg(format!("0-{}", member.last + 1))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let Some(entry) = reply.ids.into_iter().next() else {
-            return Ok(None);
-        };
-        let Some(json) = entry.get::<String>("e") else {
-            return Ok(None);
-        };
-        let event: AuditEvent =
-            serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))?;
-        // An index entry whose event is not the one at that position (never
-        // written) is skipped.
-        Ok((event.id.to_string() == id).then_some(event))
+        let mut events = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let Some(json) = entry.get::<String>("e") else {
+                return Err(corrupt("chain entry", "no event"));
+            };
+            let event: AuditEvent =
+                serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))?;
+            if events.is_empty() && (event.seq != member.first || event.id.to_string() != member.id)
+            {
+                return Ok(Vec::new());
+            }
+            events.push(event);
+        }
+        Ok(events)
     }
 }
 
@@ -942,7 +1048,7 @@ impl RedisStore {
                 Some("started") => {
                     *cached = Some(Some(started.head()));
                     drop(cached);
-                    self.index_event(&started, &slot.route).await?;
+                    self.index_event(&started).await?;
                     return Ok(StartOutcome::Started {
                         session: Box::new(session),
                         event: started,
@@ -958,7 +1064,7 @@ impl RedisStore {
                         .map_err(|e| corrupt("session id", e))?;
                     // The intents for the session that was not created go again.
                     self.forget_live(&session, &slot.route).await?;
-                    self.index_event(&refused, &slot.route).await?;
+                    self.index_event(&refused).await?;
                     return Ok(StartOutcome::Refused {
                         live,
                         event: refused,
@@ -1026,7 +1132,7 @@ impl RedisStore {
                     if !next.state.is_live() {
                         self.forget_live(&next, &slot.route).await?;
                     }
-                    self.index_event(&event, &slot.route).await?;
+                    self.index_event(&event).await?;
                     return Ok((next, event));
                 }
                 Some("notfound") => {
@@ -1284,23 +1390,31 @@ impl Store for RedisStore {
             audit_all(&self.ns)
         };
         let limit = query.page_size();
-        // Score bounds: the query's window, narrowed by the cursor (inclusive:
-        // ties at the cursor's time are settled by id below).
-        let mut low = query.since.map(micros);
+        // Score bounds: the query's window, narrowed by the cursor, in
+        // entry scores: an entry is scored by its earliest event, and its
+        // latest is at most `RUN_SPAN_US` later.
+        let mut low = query.since.map(|s| micros(s) - RUN_SPAN_US);
         let mut high = query.until.map(|u| micros(u) - 1);
         if let Some(c) = query.cursor {
+            let at = micros(c.at);
             match query.order {
-                Order::Oldest => low = Some(low.map_or(micros(c.at), |l| l.max(micros(c.at)))),
-                Order::Newest => high = Some(high.map_or(micros(c.at), |h| h.min(micros(c.at)))),
+                Order::Oldest => {
+                    low = Some(low.map_or(at - RUN_SPAN_US, |l| l.max(at - RUN_SPAN_US)));
+                }
+                Order::Newest => high = Some(high.map_or(at, |h| h.min(at))),
             }
         }
         let (low, high) = (
             low.map_or("-inf".to_owned(), |v| v.to_string()),
             high.map_or("+inf".to_owned(), |v| v.to_string()),
         );
-        let batch = (limit * 2).max(50);
+        let batch = (limit / 2).clamp(16, 128);
         let mut offset = 0;
-        let mut events = Vec::with_capacity(limit + 1);
+        let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
+        // An event is listed by one entry, and an entry left by an attempt
+        // that lost a race may list it again.
+        let mut seen: HashSet<EventId> = HashSet::new();
+        let key = |e: &AuditEvent| (e.at, e.id);
         loop {
             let mut cmd = redis::cmd("ZRANGE");
             cmd.arg(&index);
@@ -1308,18 +1422,36 @@ impl Store for RedisStore {
                 Order::Oldest => cmd.arg(&low).arg(&high).arg("BYSCORE"),
                 Order::Newest => cmd.arg(&high).arg(&low).arg("BYSCORE").arg("REV"),
             };
-            cmd.arg("LIMIT").arg(offset).arg(batch);
+            cmd.arg("LIMIT").arg(offset).arg(batch).arg("WITHSCORES");
             let mut conn = self.conn.clone();
-            let members: Vec<String> = cmd.query_async(&mut conn).await.map_err(unavailable)?;
-            offset += members.len();
-            let fetched = try_join_all(members.iter().map(|m| self.fetch_event(m))).await?;
+            let entries: Vec<(String, f64)> =
+                cmd.query_async(&mut conn).await.map_err(unavailable)?;
+            offset += entries.len();
+            let fetched = try_join_all(entries.iter().map(|(m, _)| self.fetch_run(m))).await?;
             for event in fetched.into_iter().flatten() {
-                if query.matches(&event) && query.after_cursor(&event) {
+                if query.matches(&event) && query.after_cursor(&event) && seen.insert(event.id) {
                     events.push(event);
                 }
             }
-            if events.len() > limit || members.len() < batch {
+            let Some(&(_, last_score)) = entries.last().filter(|_| entries.len() == batch) else {
                 break;
+            };
+            if events.len() > limit {
+                // Done once no entry still unread can hold an event that
+                // sorts before the first one this page leaves out.
+                match query.order {
+                    Order::Oldest => events.sort_by_key(key),
+                    Order::Newest => events.sort_by_key(|e| std::cmp::Reverse(key(e))),
+                }
+                events.truncate(limit + 1);
+                let cut = events.last().map_or(0, |e| micros(e.at)) as f64;
+                let done = match query.order {
+                    Order::Oldest => last_score > cut,
+                    Order::Newest => last_score + (RUN_SPAN_US as f64) < cut,
+                };
+                if done {
+                    break;
+                }
             }
         }
         // Same-score members come back in member (event id) order; settle

@@ -276,11 +276,14 @@ async fn racing_appends(url: &str) {
         .collect();
     assert_eq!(written.len(), 160, "each event once");
     // The views went out with each attempt; those of attempts that lost
-    // the race were taken back: the session's view holds each event once.
+    // the race were taken back: the session's view lists each event once,
+    // in entries whose first event is the one they name.
     let key = format!("{ns}:audit:session:{}", session.id);
-    let listed: usize = if url == common::SINGLE {
-        redis::cmd("ZCARD")
+    let members: Vec<String> = if url == common::SINGLE {
+        redis::cmd("ZRANGE")
             .arg(&key)
+            .arg(0)
+            .arg(-1)
             .query_async(&mut node(6379).await)
             .await
             .unwrap()
@@ -292,13 +295,31 @@ async fn racing_appends(url: &str) {
         ])
         .unwrap();
         let mut conn = client.get_async_connection().await.unwrap();
-        redis::cmd("ZCARD")
+        redis::cmd("ZRANGE")
             .arg(&key)
+            .arg(0)
+            .arg(-1)
             .query_async(&mut conn)
             .await
             .unwrap()
     };
-    assert_eq!(listed, chain.len(), "no entry left behind by a lost race");
+    let mut listed: Vec<u64> = Vec::new();
+    for member in &members {
+        let parts: Vec<&str> = member.splitn(4, '|').collect();
+        let (first, last): (u64, u64) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
+        assert_eq!(
+            chain[first as usize].id.to_string(),
+            parts[2],
+            "entry {member} names the event at its place"
+        );
+        listed.extend(first..=last);
+    }
+    listed.sort_unstable();
+    assert_eq!(
+        listed,
+        (0..chain.len() as u64).collect::<Vec<_>>(),
+        "no entry left behind by a lost race, and every event listed once"
+    );
     let viewed = all_events(
         &first,
         AuditQuery {
@@ -354,4 +375,71 @@ async fn a_refused_event_in_a_batch_leaves_no_gap() {
     assert_eq!((a.seq, c.seq), (3, 4));
     assert_eq!(c.prev_hash, a.hash);
     assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 5);
+}
+
+/// A view written before entries listed runs (`event-id|seq|route|chain`,
+/// one event each) still reads back every event, beside entries of today.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_written_one_event_per_entry_still_read() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (live, _) = must_start(&store, start).await;
+    let access = |i: i64| {
+        (
+            live.draft(
+                epoch() + time::Duration::seconds(i),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "Agent 1"),
+            ),
+            AppendGuard::SessionActive(live.id),
+        )
+    };
+    for result in store.append_batch((1..=4).map(access).collect()).await {
+        result.unwrap();
+    }
+    let chain = whole_chain(&store, &live.chain()).await;
+    // The session's view as the earlier form wrote it.
+    let key = format!("{ns}:audit:session:{}", live.id);
+    let mut conn = node(6379).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for event in &chain {
+        let member = format!(
+            "{}|{}|{}|{}",
+            event.id,
+            event.seq,
+            event.chain.route(),
+            event.chain.as_str()
+        );
+        let _: () = redis::cmd("ZADD")
+            .arg(&key)
+            .arg(event.at.unix_timestamp_nanos() / 1_000)
+            .arg(member)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for result in store.append_batch(vec![access(5)]).await {
+        result.unwrap();
+    }
+    let viewed = all_events(
+        &store,
+        AuditQuery {
+            session: Some(live.id),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    let want = whole_chain(&store, &live.chain()).await;
+    assert_eq!(want.len(), chain.len() + 1);
+    assert_eq!(
+        viewed, want,
+        "every event once: the earlier entries and the new one"
+    );
 }

@@ -1000,6 +1000,125 @@ pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store:
     assert_eq!(assert_chain_verifies(&*store, &sb.chain()).await, 31);
 }
 
+/// Batches whose events' times run out of order, tie, and spread over
+/// seconds (as concurrent requests do), on two chains: every filter and
+/// window, in both orders and at any page size, pages through exactly the
+/// matching events in `(at, id)` order, each once. The batches and the
+/// queries are drawn by proptest's deterministic runner.
+pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+
+    let w = World::new();
+    let (a, b) = (w.agent(1), w.agent(2));
+    let (c1, c2) = (w.customer(1, "t1"), w.customer(2, "t2"));
+    let (sa, _) = must_start(&store, w.begin(&a, &c1, epoch()).0).await;
+    let (sb, _) = must_start(&store, w.begin(&b, &c2, epoch()).0).await;
+    let mut runner = TestRunner::deterministic();
+    let mut draw = |strategy: proptest::strategy::BoxedStrategy<Vec<(bool, i64, bool)>>| {
+        strategy
+            .new_tree(&mut runner)
+            .map(|tree| tree.current())
+            .unwrap_or_default()
+    };
+    // Per event: which session, its time (100 ms steps over 2.6 s from the
+    // batch's start: out of order, with ties), whether the system acts.
+    let event = (
+        proptest::bool::weighted(0.5),
+        0..27_i64,
+        proptest::bool::weighted(0.15),
+    );
+    let mut n = 0_i64;
+    for round in 0..12_i64 {
+        let drawn = draw(proptest::collection::vec(event.clone(), 1..30).boxed());
+        let batch = drawn
+            .into_iter()
+            .map(|(on_a, step, system)| {
+                let (session, who) = if on_a { (&sa, &a) } else { (&sb, &b) };
+                let at = epoch() + Duration::milliseconds(round * 400 + step * 100);
+                let actor = if system {
+                    Actor::System
+                } else {
+                    Actor::user(who.id.clone(), "agent")
+                };
+                n += 1;
+                let draft = session
+                    .draft(at, AuditAction::Access, actor)
+                    .details(Details::new().with("n", n));
+                (draft, AppendGuard::None)
+            })
+            .collect();
+        for result in store.append_batch(batch).await {
+            result.unwrap();
+        }
+    }
+    let mut every = whole_chain(&store, &sa.chain()).await;
+    every.extend(whole_chain(&store, &sb.chain()).await);
+    assert_eq!(every.len() as i64, 2 + n);
+    let filters = [
+        AuditQuery::default(),
+        AuditQuery {
+            session: Some(sb.id),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            subject: Some(c1.id.clone()),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            tenant: Some(c2.tenant.clone()),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            actor: Some(a.id.clone()),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            agent: Some(b.id.clone()),
+            ..AuditQuery::default()
+        },
+    ];
+    let queries = (
+        0..filters.len(),
+        proptest::option::of(0..75_i64),
+        proptest::option::of(0..75_i64),
+        proptest::bool::ANY,
+        1..40_u32,
+    );
+    let mut runner = TestRunner::deterministic();
+    for _ in 0..60 {
+        let Ok(tree) = queries.new_tree(&mut runner) else {
+            continue;
+        };
+        let (filter, since, until, newest, limit) = tree.current();
+        let at = |step: i64| epoch() + Duration::milliseconds(step * 100);
+        let query = AuditQuery {
+            since: since.map(at),
+            until: until.map(at),
+            order: if newest { Order::Newest } else { Order::Oldest },
+            limit,
+            ..filters[filter].clone()
+        };
+        let mut want: Vec<&AuditEvent> = every.iter().filter(|e| query.matches(e)).collect();
+        want.sort_by_key(|e| (e.at, e.id));
+        if newest {
+            want.reverse();
+        }
+        let mut q = query.clone();
+        let mut seen = Vec::new();
+        loop {
+            let page = store.audit(&q).await.unwrap();
+            assert!(page.events.len() <= limit as usize);
+            seen.extend(page.events);
+            match page.next {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.iter().collect::<Vec<_>>(), want, "{query:?}");
+    }
+}
+
 /// Runs every case against stores from `factory` (one fresh store per case).
 /// Prefer [`crate::store_conformance_tests!`], which makes each case its own test.
 pub async fn run_all<S, F, Fut>(factory: F)
@@ -1023,6 +1142,7 @@ where
     chains_are_listed_in_order_with_paging(factory().await).await;
     audit_filters_select_exactly(factory().await).await;
     audit_pages_visit_every_event_once_in_order(factory().await).await;
+    audit_pages_over_batches_match_a_sorted_scan(factory().await).await;
     record_check_respects_the_version(factory().await).await;
     live_sessions_filter_and_exclude_ended(factory().await).await;
     racing_starts_leave_one_live_session(factory().await).await;
@@ -1060,6 +1180,7 @@ macro_rules! store_conformance_tests {
             chains_are_listed_in_order_with_paging,
             audit_filters_select_exactly,
             audit_pages_visit_every_event_once_in_order,
+            audit_pages_over_batches_match_a_sorted_scan,
             record_check_respects_the_version,
             live_sessions_filter_and_exclude_ended,
             racing_starts_leave_one_live_session,
