@@ -277,6 +277,29 @@ pub struct DieselStore {
     heads: Arc<std::sync::Mutex<std::collections::HashMap<ChainKey, ChainHead>>>,
     /// The sessions lookups decoded last, to skip unchanged JSON.
     decoded: Arc<DecodedSessions>,
+    /// SQLite: this process's writers, one at a time.
+    writes: WriteGate,
+}
+
+/// SQLite lets one writer in at a time, and a writer that finds the lock
+/// taken polls for it with growing sleeps (up to 100 ms each): under a
+/// steady stream of commits from this process, one waiting writer (the
+/// idle touch, say, which every lookup then waits on) could miss the lock
+/// for a second or more. The process's own writers take turns here
+/// instead, first come first served, each once it holds its connection
+/// (so a turn never waits on the pool); only other processes' writers
+/// meet the busy handler. On the other databases it lets everyone through.
+#[derive(Clone, Default)]
+pub(crate) struct WriteGate(Option<Arc<tokio::sync::Mutex<()>>>);
+
+impl WriteGate {
+    /// Waits for this process's turn to write (at once off SQLite).
+    pub(crate) async fn hold(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.0 {
+            Some(gate) => Some(Arc::clone(gate).lock_owned().await),
+            None => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for DieselStore {
@@ -435,7 +458,15 @@ macro_rules! build_pool {
 /// lock (or SQLite's write lock) and stall every later request. The body
 /// owns what it uses: each listed name is cloned into it.
 macro_rules! with_conn {
-    ($self:expr, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {{
+    // A call that writes: on SQLite it waits for the process's turn to write
+    // (`WriteGate`) once it has its connection, and holds it to its end.
+    ($self:expr, write, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {
+        with_conn!(@run $self, true, [$($cap),*], |$conn, $ops| $body)
+    };
+    ($self:expr, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {
+        with_conn!(@run $self, false, [$($cap),*], |$conn, $ops| $body)
+    };
+    (@run $self:expr, $writes:expr, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {{
         match &$self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres(pool) => {
@@ -462,9 +493,11 @@ macro_rules! with_conn {
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(pool) => {
                 let pooled = pool.get().await.map_err(pool_error)?;
+                let turn = if $writes { $self.writes.hold().await } else { None };
                 $( let $cap = $cap.clone(); )*
                 on_blocking_thread(pooled, async move |$conn: &mut SqliteConn| {
                     use crate::ops::sqlite as $ops;
+                    let _turn = turn;
                     $body
                 })
                 .await
@@ -584,11 +617,20 @@ impl DieselStore {
     }
 
     async fn checked(backend: Backend, config: DieselConfig) -> Result<Self, DieselError> {
+        #[cfg(feature = "sqlite")]
+        let writes = match &backend {
+            Backend::Sqlite(_) => WriteGate(Some(Arc::default())),
+            #[allow(unreachable_patterns)]
+            _ => WriteGate::default(),
+        };
+        #[cfg(not(feature = "sqlite"))]
+        let writes = WriteGate::default();
         let store = Self {
             backend,
             config,
             heads: Arc::default(),
             decoded: Arc::default(),
+            writes,
         };
         let ping: Result<(), OpError> =
             async { with_conn!(store, [], |conn, ops| ops::ping(conn).await) }.await;
@@ -793,7 +835,7 @@ impl DieselStore {
         let guarded = ops::guarded_sessions(batch);
         let events = Arc::new(events);
         let written: Result<bool, OpError> = async {
-            with_conn!(self, [events, guarded], |conn, ops| ops::append_cas(
+            with_conn!(self, write, [events, guarded], |conn, ops| ops::append_cas(
                 conn, expected, &events, &guarded
             )
             .await)
@@ -858,7 +900,8 @@ impl Store for DieselStore {
         let start = Arc::new(start);
         let outcome = self
             .write(|| async {
-                with_conn!(self, [start], |conn, ops| ops::start(conn, &start).await)
+                with_conn!(self, write, [start], |conn, ops| ops::start(conn, &start)
+                    .await)
             })
             .await?;
         match &outcome {
@@ -876,7 +919,7 @@ impl Store for DieselStore {
         let transition = Arc::new(transition);
         let (session, event) = self
             .write(|| async {
-                with_conn!(self, [transition], |conn, ops| ops::transition(
+                with_conn!(self, write, [transition], |conn, ops| ops::transition(
                     conn,
                     &transition
                 )
@@ -895,8 +938,10 @@ impl Store for DieselStore {
         let event = Arc::new(event);
         let event = self
             .write(|| async {
-                with_conn!(self, [event], |conn, ops| ops::append(conn, &event, guard)
-                    .await)
+                with_conn!(self, write, [event], |conn, ops| ops::append(
+                    conn, &event, guard
+                )
+                .await)
             })
             .await?;
         self.remember_heads(std::iter::once(&event));
@@ -917,8 +962,10 @@ impl Store for DieselStore {
         let batch = Arc::new(batch);
         let outcome = self
             .write(|| async {
-                with_conn!(self, [batch], |conn, ops| ops::append_batch(conn, &batch)
-                    .await)
+                with_conn!(self, write, [batch], |conn, ops| ops::append_batch(
+                    conn, &batch
+                )
+                .await)
             })
             .await;
         match outcome {
@@ -940,13 +987,12 @@ impl Store for DieselStore {
         touch: Option<Touch>,
     ) -> Vec<Result<Option<Session>, StoreError>> {
         let hashes: Arc<Vec<_>> = Arc::new(lookups.iter().map(|l| l.hash).collect());
-        let decoded = &self.decoded;
+        let (decoded, writes) = (&self.decoded, &self.writes);
         let outcome = self
             .write(|| async {
-                with_conn!(self, [hashes, decoded], |conn, ops| ops::find_by_secrets(
-                    conn, &hashes, touch, &decoded
-                )
-                .await)
+                with_conn!(self, [hashes, decoded, writes], |conn, ops| {
+                    ops::find_by_secrets(conn, &hashes, touch, &decoded, &writes).await
+                })
             })
             .await;
         match outcome {
@@ -972,10 +1018,10 @@ impl Store for DieselStore {
         secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
-        let (hash, decoded) = (secret.hash, &self.decoded);
+        let (hash, decoded, writes) = (secret.hash, &self.decoded, &self.writes);
         self.write(|| async {
-            with_conn!(self, [decoded], |conn, ops| ops::find_by_secret(
-                conn, &hash, touch, &decoded
+            with_conn!(self, [decoded, writes], |conn, ops| ops::find_by_secret(
+                conn, &hash, touch, &decoded, &writes
             )
             .await)
         })
@@ -1007,7 +1053,7 @@ impl Store for DieselStore {
         shadow: &ShadowUser,
     ) -> Result<(), StoreError> {
         self.write(|| async {
-            with_conn!(self, [shadow], |conn, ops| ops::record_check(
+            with_conn!(self, write, [shadow], |conn, ops| ops::record_check(
                 conn, id, version, checked_at, &shadow
             )
             .await)

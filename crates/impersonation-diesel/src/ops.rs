@@ -512,6 +512,7 @@ macro_rules! store_ops {
                 hashes: &[SecretHash],
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
+                writes: &crate::WriteGate,
             ) -> Result<Vec<Option<Session>>, OpError> {
                 if hashes.is_empty() {
                     return Ok(Vec::new());
@@ -558,6 +559,8 @@ macro_rules! store_ops {
                     found.insert(keyed.secret_hash, session);
                 }
                 if !due.is_empty() {
+                    // The lookup itself read without waiting; the touch is a write.
+                    let _turn = writes.hold().await;
                     let mut sql = Sql::new("UPDATE impersonation_sessions SET last_seen_us = ? WHERE id IN ").arg(now);
                     markers(&mut sql, due.len());
                     for id in due {
@@ -574,8 +577,9 @@ macro_rules! store_ops {
                 hash: &SecretHash,
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
+                writes: &crate::WriteGate,
             ) -> Result<Option<Session>, OpError> {
-                let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded).await?;
+                let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded, writes).await?;
                 Ok(found.into_iter().next().flatten())
             }
 
