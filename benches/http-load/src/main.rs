@@ -211,7 +211,13 @@ fn curl(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn wrk(url: &str, header: Option<&str>, seconds: u64, connections: u32) -> Result<f64> {
+fn wrk(
+    variant: &str,
+    url: &str,
+    header: Option<&str>,
+    seconds: u64,
+    connections: u32,
+) -> Result<f64> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1", "wrk", "-t1"])
         .arg(format!("-c{connections}"))
@@ -224,8 +230,26 @@ fn wrk(url: &str, header: Option<&str>, seconds: u64, connections: u32) -> Resul
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Non-2xx or 3xx responses") || text.contains("Socket errors") {
-        bail!("wrk saw errors:\n{text}");
+    // A wrong answer spoils the figure; a slow one is part of it, and is
+    // reported (wrk counts a request over 2 s as a timeout).
+    let socket_errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"));
+    let only_timeouts = socket_errors.is_some_and(|e| {
+        e.split(',').all(|part| {
+            let part = part.trim();
+            part.starts_with("timeout") || part.ends_with(" 0")
+        })
+    });
+    if text.contains("Non-2xx or 3xx responses") || (socket_errors.is_some() && !only_timeouts) {
+        bail!("{variant}: wrk saw errors:\n{text}");
+    }
+    if let Some(errors) = socket_errors {
+        let max = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Latency"))
+            .unwrap_or_default();
+        eprintln!("warning: {variant}: requests over 2 s ({errors}); latency avg/stdev/max: {max}");
     }
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -282,8 +306,8 @@ fn measure(variant: &str, seconds: u64, connections: u32) -> Result<f64> {
     if !body.starts_with("hello ") || (variant != "bare" && !body.contains("Cora Customer")) {
         bail!("{variant}: unexpected body {body:?}");
     }
-    wrk(&url, header.as_deref(), 2, connections)?; // warm-up
-    let rps = wrk(&url, header.as_deref(), seconds, connections)?;
+    wrk(variant, &url, header.as_deref(), 2, connections)?; // warm-up
+    let rps = wrk(variant, &url, header.as_deref(), seconds, connections)?;
     drop(server);
     Ok(rps)
 }
