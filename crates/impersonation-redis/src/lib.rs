@@ -627,16 +627,14 @@ impl RedisStore {
                 session_ids[i].as_deref().map(|s| ("session", s)),
             ];
             for index in indexes.into_iter().flatten() {
-                let runs = match by_key.iter_mut().find(|(k, _)| *k == index) {
-                    Some((_, runs)) => runs,
+                let at_key = match by_key.iter().position(|(k, _)| *k == index) {
+                    Some(k) => k,
                     None => {
                         by_key.push((index, Vec::new()));
-                        let Some((_, runs)) = by_key.last_mut() else {
-                            continue;
-                        };
-                        runs
+                        by_key.len() - 1
                     }
                 };
+                let runs = &mut by_key[at_key].1;
                 match runs.last_mut() {
                     Some(run)
                         if run.last_seq.checked_add(1) == Some(event.seq)
@@ -1454,11 +1452,11 @@ impl Store for RedisStore {
                 }
             }
         }
-        // Same-score members come back in member (event id) order; settle
-        // (at, id) order exactly before cutting the page.
+        // Entries overlap in time and list their events in chain order:
+        // settle (at, id) order exactly before cutting the page.
         match query.order {
-            Order::Oldest => events.sort_by_key(|e| (e.at, e.id)),
-            Order::Newest => events.sort_by_key(|e| std::cmp::Reverse((e.at, e.id))),
+            Order::Oldest => events.sort_by_key(key),
+            Order::Newest => events.sort_by_key(|e| std::cmp::Reverse(key(e))),
         }
         let next = if events.len() > limit {
             events.truncate(limit);
