@@ -293,6 +293,11 @@ pub struct DieselStore {
 pub(crate) struct WriteGate(Option<Arc<tokio::sync::Mutex<()>>>);
 
 impl WriteGate {
+    /// Turns on SQLite; on the other databases, a gate that is always open.
+    fn for_backend(kind: BackendKind) -> Self {
+        Self((kind == BackendKind::Sqlite).then(Arc::default))
+    }
+
     /// Waits for this process's turn to write (at once off SQLite).
     pub(crate) async fn hold(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         match &self.0 {
@@ -617,21 +622,14 @@ impl DieselStore {
     }
 
     async fn checked(backend: Backend, config: DieselConfig) -> Result<Self, DieselError> {
-        #[cfg(feature = "sqlite")]
-        let writes = match &backend {
-            Backend::Sqlite(_) => WriteGate(Some(Arc::default())),
-            #[allow(unreachable_patterns)]
-            _ => WriteGate::default(),
-        };
-        #[cfg(not(feature = "sqlite"))]
-        let writes = WriteGate::default();
-        let store = Self {
+        let mut store = Self {
             backend,
             config,
             heads: Arc::default(),
             decoded: Arc::default(),
-            writes,
+            writes: WriteGate::default(),
         };
+        store.writes = WriteGate::for_backend(store.kind());
         let ping: Result<(), OpError> =
             async { with_conn!(store, [], |conn, ops| ops::ping(conn).await) }.await;
         ping.map_err(|e| DieselError::Connect(store_error(e).to_string()))?;
