@@ -246,6 +246,7 @@ impl DieselConfig {
         self
     }
 
+    #[cfg(feature = "sqlite")]
     fn sqlite_path(&self) -> String {
         let rest = self
             .url
@@ -270,6 +271,9 @@ enum Backend {
 #[derive(Clone)]
 pub struct DieselStore {
     backend: Backend,
+    /// Read by the PostgreSQL and MariaDB migrations, which open a
+    /// connection of their own.
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     config: DieselConfig,
     /// The last chain heads this process wrote, for the one-statement
     /// append on PostgreSQL (a compare-and-set on the head: a stale entry
@@ -565,32 +569,33 @@ impl DieselStore {
                 "invalid schema name `{schema}`"
             )));
         }
-        let backend = match BackendKind::of_url(&config.url)? {
+        // Each arm gives the pool and the configuration the store keeps
+        // (SQLite's may differ from the one asked for).
+        let (backend, config) = match BackendKind::of_url(&config.url)? {
             #[cfg(feature = "postgres")]
             BackendKind::Postgres => {
                 let (schema, counter) = (config.schema.clone(), config.counter.clone());
-                Backend::Postgres(build_pool!(
-                    diesel_async::AsyncPgConnection,
-                    config,
-                    move |url: &str| {
+                let pool =
+                    build_pool!(diesel_async::AsyncPgConnection, config, move |url: &str| {
                         Box::pin(pg_setup::establish(
                             url.to_owned(),
                             schema.clone(),
                             counter.clone(),
                         ))
-                    }
-                ))
+                    });
+                (Backend::Postgres(pool), config)
             }
             #[cfg(feature = "mysql")]
             BackendKind::Mysql => {
                 let counter = config.counter.clone();
-                Backend::Mysql(build_pool!(
+                let pool = build_pool!(
                     diesel_async::AsyncMysqlConnection,
                     config,
                     move |url: &str| {
                         Box::pin(mysql_setup::establish(url.to_owned(), counter.clone()))
                     }
-                ))
+                );
+                (Backend::Mysql(pool), config)
             }
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => {
@@ -609,7 +614,7 @@ impl DieselStore {
                         counter.clone(),
                     ))
                 });
-                return Self::checked(Backend::Sqlite(pool), config).await;
+                (Backend::Sqlite(pool), config)
             }
             #[allow(unreachable_patterns)]
             BackendKind::Postgres => return Err(DieselError::FeatureDisabled("postgres")),

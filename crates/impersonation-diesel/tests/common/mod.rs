@@ -1,6 +1,12 @@
 //! Test databases: each test gets its own PostgreSQL schema, MariaDB
 //! database or SQLite file, so tests run in parallel without seeing each other.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A build with one backend (`--no-default-features --features sqlite`,
+// say) leaves the other backends' helpers and imports unused.
+#![cfg_attr(
+    not(all(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(unused_imports)
+)]
 
 use impersonation_diesel::{DieselConfig, DieselStore};
 
