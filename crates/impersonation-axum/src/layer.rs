@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cookie::{Cookie, SameSite};
 use futures_like::BoxFuture;
 use http_body_util::BodyExt;
-use impersonation_core::{Activity, Context, Principal, SessionSecret};
+use impersonation_core::{Activity, ActivityKind, Context, Principal, SessionSecret};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -79,6 +79,14 @@ impl Settings {
         let mut c = self.cookie(name, String::new(), true);
         c.make_removal();
         c
+    }
+
+    /// Whether `route` is one of the SDK's own (under the mount point),
+    /// which audit themselves as session events.
+    pub(crate) fn own_route(&self, route: &str) -> bool {
+        route
+            .strip_prefix(self.mount.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
     }
 
     pub(crate) fn stop_path(&self) -> String {
@@ -352,14 +360,41 @@ where
                 None => tracing::Span::none(),
             };
 
+            // A change is asked for before it is made (a read-only session
+            // may make none); the SDK's own routes (stop) are always let in.
+            if let (Some(c), Some((method, route, _))) = (&ctx, &audit)
+                && !method.is_safe()
+                && !settings.own_route(route.as_str())
+            {
+                let attempt = format!("{method} {}", route.as_str());
+                match shared
+                    .api
+                    .admit(c, ActivityKind::Modification, &attempt)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if e.http_status() == 503 => {
+                        tracing::error!(error = %e, "could not audit a refused impersonated change");
+                        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
+                    }
+                    Err(e) => {
+                        let mut res = plain(
+                            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::FORBIDDEN),
+                            "refused during impersonation: the session is read-only",
+                        );
+                        res.headers_mut()
+                            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                        return Ok(res);
+                    }
+                }
+            }
+
             let mut res = inner.call(req).instrument(span).await?;
 
             if let (Some(c), Some((method, route, audited))) = (&ctx, audit) {
                 // The SDK's own routes are audited as session events already.
                 let route = route.as_str();
-                let own_route = route
-                    .strip_prefix(settings.mount.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'));
+                let own_route = settings.own_route(route);
                 if !own_route
                     && !audited.0.load(Ordering::SeqCst)
                     && (settings.audit)(&method, route)
@@ -375,7 +410,7 @@ where
                         .detail("method", &method)
                         .detail("route", route)
                         .detail("status", status);
-                    match shared.api.record(c, activity).await {
+                    match shared.api.record_completed(c, activity).await {
                         Ok(_) => {}
                         // Nothing is served that the audit trail does not show.
                         Err(e) if e.http_status() == 503 => {
@@ -395,8 +430,8 @@ where
                             return Ok(res);
                         }
                         // A change that began in an active session and saw it
-                        // end meanwhile: its end is audited, and the change is
-                        // made; its answer goes out as it began.
+                        // end meanwhile: the change is made and on the trail
+                        // (after the end); its answer goes out as it began.
                         Err(e) => {
                             tracing::warn!(error = %e, "session ended during an impersonated change")
                         }

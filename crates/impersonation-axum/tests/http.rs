@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::Body;
@@ -12,7 +13,9 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{Html, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
-use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, RealUser, routes};
+use impersonation_axum::{
+    EffectiveUser, Impersonating, ImpersonationLayer, NotImpersonating, RealUser, routes,
+};
 use impersonation_core::{
     AuditAction, AuditEvent, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore,
     Principal, RelationKind, Relationship, Store, TenantId, UserId,
@@ -70,6 +73,8 @@ struct Fixture {
     svc: Svc,
     clock: ManualClock,
     store: Arc<FaultyStore<MemoryStore>>,
+    /// Changes the `/bookings/{id}` and `/racing-change` handlers made.
+    changes: Arc<AtomicUsize>,
 }
 
 fn fixture() -> Fixture {
@@ -85,6 +90,11 @@ fn fixture() -> Fixture {
     let clock = ManualClock::new(epoch());
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let svc = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
+    let changes = Arc::new(AtomicUsize::new(0));
+    let (saved, raced) = (Arc::clone(&changes), Arc::clone(&changes));
+    // Another process of the app, which ends the session while the
+    // handler of `/racing-change` is making its change.
+    let other = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
     let app = Router::new()
         .route(
             "/",
@@ -99,7 +109,25 @@ fn fixture() -> Fixture {
             "/billing",
             get(|_: NotImpersonating| async { Html("<html><body>card on file</body></html>") }),
         )
-        .route("/bookings/{id}", post(|| async { "saved" }))
+        .route(
+            "/bookings/{id}",
+            post(move || async move {
+                saved.fetch_add(1, Ordering::SeqCst);
+                "saved"
+            }),
+        )
+        .route(
+            "/racing-change",
+            post(move |Impersonating(ctx): Impersonating| async move {
+                raced.fetch_add(1, Ordering::SeqCst);
+                // The agent's other tab stops the session meanwhile.
+                other
+                    .stop_session(ctx.session(), &agent("sam"))
+                    .await
+                    .unwrap();
+                "saved"
+            }),
+        )
         .route(
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
@@ -112,6 +140,7 @@ fn fixture() -> Fixture {
         svc,
         clock,
         store,
+        changes,
     }
 }
 
@@ -635,4 +664,84 @@ async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() 
         before,
         "no modification in the ended session"
     );
+}
+
+#[tokio::test]
+async fn a_read_only_session_makes_no_change_and_its_attempt_is_audited() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let form = format!(
+        "target=olive&reason=Customer+cannot+see+bookings&read_only=on&csrf={}",
+        sam.csrf()
+    );
+    let started = sam
+        .send(
+            Method::POST,
+            "/impersonation/start",
+            Some(form),
+            &[("origin", "https://app.example")],
+        )
+        .await;
+    assert!(started.status.is_redirection() || started.status.is_success());
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+    let before = events(&f).await.len();
+
+    let refused = sam.send(Method::POST, "/bookings/42", None, &[]).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(f.changes.load(Ordering::SeqCst), 0, "the handler never ran");
+    let new: Vec<AuditEvent> = events(&f).await.into_iter().skip(before).collect();
+    assert_eq!(new.len(), 1, "{new:#?}");
+    assert_eq!(new[0].action, AuditAction::Denied);
+    assert_eq!(new[0].details.get("denial"), Some("read_only_session"));
+    assert_eq!(
+        new[0].details.get("description"),
+        Some("POST /bookings/{id}")
+    );
+    assert_eq!(
+        new[0].subject.as_ref().map(|s| s.id.as_str()),
+        Some("olive")
+    );
+
+    // Reads go on, and the agent can still stop.
+    assert_eq!(sam.get("/").await.status, StatusCode::OK);
+    assert!(sam.stop().await.status.is_redirection());
+    assert!(!sam.get("/").await.body.contains("impersonation-banner"));
+    let saved = sam.send(Method::POST, "/bookings/42", None, &[]).await;
+    assert_eq!(saved.status, StatusCode::OK);
+    assert_eq!(f.changes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_change_whose_session_ends_while_it_runs_stays_on_the_trail() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let before = events(&f).await.len();
+
+    let saved = sam.send(Method::POST, "/racing-change", None, &[]).await;
+    assert_eq!(f.changes.load(Ordering::SeqCst), 1, "the change was made");
+    assert_eq!(saved.status, StatusCode::OK, "its answer goes out");
+    let new: Vec<AuditEvent> = events(&f).await.into_iter().skip(before).collect();
+    let actions: Vec<AuditAction> = new.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [AuditAction::SessionEnded, AuditAction::Modification],
+        "the revocation, then the change it could not stop"
+    );
+    let change = &new[1];
+    assert_eq!(change.details.get("after_end"), Some("true"));
+    assert_eq!(change.details.get("route"), Some("/racing-change"));
+    assert_eq!(change.actor.id().map(UserId::as_str), Some("sam"));
+    assert_eq!(
+        change.subject.as_ref().map(|s| s.id.as_str()),
+        Some("olive")
+    );
+    assert_eq!(change.session, new[0].session);
+    let report = f.svc.verify_all().await.unwrap();
+    assert!(report.broken.is_empty(), "{report:?}");
+
+    // The session is over for the next request.
+    assert!(!sam.get("/").await.body.contains("impersonation-banner"));
 }

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::{
-    Activity, AuditEvent, Context, Denial, Directory, EndReason, Error, Impersonation, Principal,
-    Requester, SessionId, SessionSecret, StartRequest, Started, Store, UserId,
+    Activity, ActivityKind, AuditEvent, Context, Denial, Directory, EndReason, Error,
+    Impersonation, Principal, Requester, SessionId, SessionSecret, StartRequest, Started, Store,
+    UserId,
 };
 
 /// What a binding needs of an [`Impersonation`] service. Implemented for
@@ -37,6 +38,14 @@ pub trait ImpersonationApi: Send + Sync + 'static {
     async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error>;
     /// See [`Impersonation::record`].
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error>;
+    /// See [`Impersonation::admit`].
+    async fn admit(&self, ctx: &Context, kind: ActivityKind, attempt: &str) -> Result<(), Error>;
+    /// See [`Impersonation::record_completed`].
+    async fn record_completed(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+    ) -> Result<AuditEvent, Error>;
     /// See [`Impersonation::record_denied`].
     async fn record_denied(
         &self,
@@ -82,6 +91,16 @@ where
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
         Impersonation::record(self, ctx, activity).await
     }
+    async fn admit(&self, ctx: &Context, kind: ActivityKind, attempt: &str) -> Result<(), Error> {
+        Impersonation::admit(self, ctx, kind, attempt).await
+    }
+    async fn record_completed(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+    ) -> Result<AuditEvent, Error> {
+        Impersonation::record_completed(self, ctx, activity).await
+    }
     async fn record_denied(
         &self,
         ctx: &Context,
@@ -126,6 +145,16 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     }
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
         (**self).record(ctx, activity).await
+    }
+    async fn admit(&self, ctx: &Context, kind: ActivityKind, attempt: &str) -> Result<(), Error> {
+        (**self).admit(ctx, kind, attempt).await
+    }
+    async fn record_completed(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+    ) -> Result<AuditEvent, Error> {
+        (**self).record_completed(ctx, activity).await
     }
     async fn record_denied(
         &self,

@@ -1218,33 +1218,50 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok(sessions)
     }
 
-    /// Audits an access or modification inside a session. A modification in a
-    /// read-only session is refused (and the refusal audited).
+    /// Asks, before a change is made, whether the session may make it: a
+    /// modification in a read-only session may not, and the refusal is
+    /// audited (`Denied`, `read_only_session`, with `attempt` as its
+    /// description). An access is always admitted. It makes no store call
+    /// unless it refuses, so a binding calls it before every handler that
+    /// changes something, and [`Impersonation::record_completed`] after it.
+    pub async fn admit(
+        &self,
+        ctx: &Context,
+        kind: ActivityKind,
+        attempt: &str,
+    ) -> Result<(), Error> {
+        if kind == ActivityKind::Modification && ctx.read_only() {
+            return Err(self.refuse_read_only(ctx, attempt).await?);
+        }
+        Ok(())
+    }
+
+    /// Audits the refused change of a read-only session; the error to return.
+    async fn refuse_read_only(&self, ctx: &Context, attempt: &str) -> Result<Error, Error> {
+        let mut draft = ctx.draft(self.now(), AuditAction::Denied);
+        let mut details = denial_details(&Denial::ReadOnlySession, "modification");
+        details.insert("description", attempt);
+        draft = draft.details(details);
+        self.append(draft, AppendGuard::SessionActive(ctx.0.session))
+            .await?;
+        Ok(Error::Denied(Denial::ReadOnlySession))
+    }
+
+    /// Audits an access or modification inside a session, before it takes
+    /// place: a modification in a read-only session is refused (and the
+    /// refusal audited), and so is anything in a session that has ended
+    /// (`Unauthenticated`, nothing recorded), so the caller goes on only
+    /// if this succeeds. For an activity that has already happened, call
+    /// [`Impersonation::record_completed`].
     pub async fn record(
         &self,
         ctx: &Context,
         activity: Activity,
     ) -> Result<crate::AuditEvent, Error> {
-        let now = self.now();
-        let base = ctx.draft(now, AuditAction::Access);
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
-            let mut draft = base;
-            draft.action = AuditAction::Denied;
-            let mut details = denial_details(&Denial::ReadOnlySession, "modification");
-            details.insert("description", &activity.description);
-            self.append(
-                draft.details(details),
-                AppendGuard::SessionActive(ctx.0.session),
-            )
-            .await?;
-            return Err(Error::Denied(Denial::ReadOnlySession));
+            return Err(self.refuse_read_only(ctx, &activity.description).await?);
         }
-        let mut details = activity.details;
-        details.insert("description", &activity.description);
-        let mut draft = base.details(details);
-        if activity.kind == ActivityKind::Modification {
-            draft.action = AuditAction::Modification;
-        }
+        let draft = Self::activity_draft(ctx, self.now(), activity);
         match self
             .append(draft, AppendGuard::SessionActive(ctx.0.session))
             .await
@@ -1257,6 +1274,61 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Audits an access or modification that has already taken place (a
+    /// binding calls it once the handler has answered, to record the
+    /// status), after [`Impersonation::admit`] let it in.
+    ///
+    /// If the session ended in the meantime (another process stopped or
+    /// revoked it while the handler ran), an access is refused as with
+    /// [`Impersonation::record`] (`Unauthenticated`: withhold the answer,
+    /// nothing recorded), but a modification has been made and so stays on
+    /// the trail: it is appended after the session's end, with the detail
+    /// `after_end = true`, and the call still returns
+    /// `Err(Error::Unauthenticated)` so the caller knows the session is over.
+    pub async fn record_completed(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+    ) -> Result<crate::AuditEvent, Error> {
+        let kind = activity.kind;
+        let draft = Self::activity_draft(ctx, self.now(), activity);
+        let late = (kind == ActivityKind::Modification).then(|| draft.clone());
+        match self
+            .append(draft, AppendGuard::SessionActive(ctx.0.session))
+            .await
+        {
+            Ok(event) => Ok(event),
+            Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                self.reuse.forget(ctx.0.session);
+                if let Some(mut draft) = late {
+                    // A new event (the refused one was never written),
+                    // placed after the end.
+                    draft.id = crate::EventId::new();
+                    draft.at = normalize(self.now());
+                    draft.details.insert("after_end", "true");
+                    self.append(draft, AppendGuard::None).await?;
+                    tracing::warn!(
+                        session = %ctx.0.session,
+                        "an impersonated change finished after its session ended; recorded after the end"
+                    );
+                }
+                Err(Error::Unauthenticated)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The draft that audits `activity` (its description among its details).
+    fn activity_draft(ctx: &Context, now: OffsetDateTime, activity: Activity) -> AuditDraft {
+        let mut details = activity.details;
+        details.insert("description", &activity.description);
+        let action = match activity.kind {
+            ActivityKind::Access => AuditAction::Access,
+            ActivityKind::Modification => AuditAction::Modification,
+        };
+        ctx.draft(now, action).details(details)
     }
 
     /// Audits a refused action inside a session (a billing route, say).

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use impersonation_core::{
-    Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, Config, Consent, Denial,
-    Directory, DirectoryError, EndReason, Error, Impersonation, Initiator, ManualClock, Mask,
-    MemoryDirectory, MemoryStore, Permission, Policy, Principal, ProjectionRules, RelationKind,
-    Relationship, Requester, SessionState, ShadowValue, StartRequest, Store, TenantId, UserId,
+    Activity, ActivityKind, AttributeRule, AuditAction, AuditEvent, AuditQuery, Config, Consent,
+    Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator, ManualClock,
+    Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal, ProjectionRules,
+    RelationKind, Relationship, Requester, SessionState, ShadowValue, StartRequest, Store,
+    TenantId, UserId,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -828,6 +829,109 @@ async fn read_only_sessions_refuse_modifications_and_audit_the_refusal() {
         .unwrap_err();
     assert!(matches!(err, Error::Denied(Denial::ReadOnlySession)));
     assert_eq!(denied(&f, "read_only_session").await, 1);
+}
+
+#[tokio::test]
+async fn admit_asks_before_a_change_and_only_a_read_only_session_is_refused() {
+    let f = fixture();
+    let open = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&open.secret).await.unwrap();
+    let before = session_events(&f, ctx.session()).await.len();
+    for kind in [ActivityKind::Access, ActivityKind::Modification] {
+        f.service.admit(&ctx, kind, "POST /bookings").await.unwrap();
+    }
+    assert_eq!(
+        session_events(&f, ctx.session()).await.len(),
+        before,
+        "admitting writes nothing"
+    );
+
+    let closed = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar").read_only())
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&closed.secret).await.unwrap();
+    f.service
+        .admit(&ctx, ActivityKind::Access, "GET /bookings")
+        .await
+        .unwrap();
+    let err = f
+        .service
+        .admit(&ctx, ActivityKind::Modification, "POST /bookings")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::ReadOnlySession)));
+    let events = session_events(&f, ctx.session()).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.action, AuditAction::Denied);
+    assert_eq!(last.details.get("denial"), Some("read_only_session"));
+    assert_eq!(last.details.get("description"), Some("POST /bookings"));
+}
+
+#[tokio::test]
+async fn a_completed_change_stays_on_the_trail_when_its_session_ended_meanwhile() {
+    // Two services on one store: the other process ends the session while
+    // this one's handler runs.
+    let store = Arc::new(MemoryStore::new());
+    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
+    let other =
+        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve_fresh(&started.secret).await.unwrap();
+    f.service
+        .record_completed(&ctx, Activity::modification("Moved booking 7."))
+        .await
+        .unwrap();
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    f.clock.advance(Duration::milliseconds(5));
+
+    // A read that finished after the end is not recorded (its answer is withheld)...
+    assert!(matches!(
+        f.service
+            .record_completed(&ctx, Activity::access("Viewed bookings."))
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+    // ...but a change that did is, after the end, and the caller still learns the end.
+    assert!(matches!(
+        f.service
+            .record_completed(&ctx, Activity::modification("Cancelled booking 7."))
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+    let events = session_events(&f, ctx.session()).await;
+    let tail: Vec<(AuditAction, Option<&str>)> = events
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|e| (e.action, e.details.get("description")))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (AuditAction::Modification, Some("Moved booking 7.")),
+            (AuditAction::SessionEnded, None),
+            (AuditAction::Modification, Some("Cancelled booking 7.")),
+        ]
+    );
+    let late = events.last().unwrap();
+    assert_eq!(late.details.get("after_end"), Some("true"));
+    assert_eq!(late.subject.as_ref().map(|s| s.id.as_str()), Some("olive"));
+    assert!(f.service.verify_all().await.unwrap().is_ok());
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
 }
 
 #[tokio::test]
