@@ -694,7 +694,6 @@ impl RedisStore {
         items: Vec<(usize, AuditDraft, AppendGuard)>,
     ) -> Result<Vec<(usize, Result<AuditEvent, StoreError>)>, StoreError> {
         let slot = Slot::of_chain(&self.ns, chain);
-        let placeholder = slot.session(SessionId::from_uuid(uuid::Uuid::nil()));
         let mut done = Vec::with_capacity(items.len());
         let cache = self.chain_cache(chain);
         let mut cached = cache.lock().await;
@@ -734,31 +733,38 @@ impl RedisStore {
                     next = Some(event.head());
                 }
             }
+            // The guarding sessions, each once (a batch's events mostly
+            // share one), and each event's guard as its place among them.
             let mut keys = vec![slot.head(), slot.chain()];
-            keys.extend(sealed.iter().map(|(_, _, guard)| match guard {
-                AppendGuard::None => placeholder.clone(),
-                AppendGuard::SessionActive(id) => slot.session(*id),
-            }));
+            let mut guarding: Vec<SessionId> = Vec::new();
+            let guards: Vec<usize> = sealed
+                .iter()
+                .map(|(_, _, guard)| match guard {
+                    AppendGuard::None => 0,
+                    AppendGuard::SessionActive(id) => match guarding.iter().position(|g| g == id) {
+                        Some(k) => k + 1,
+                        None => {
+                            guarding.push(*id);
+                            keys.push(slot.session(*id));
+                            guarding.len()
+                        }
+                    },
+                })
+                .collect();
             if !slot.owns_all(&keys.iter().map(String::as_str).collect::<Vec<_>>()) {
                 return Err(StoreError::Corrupt(
                     "append script keys span hash slots".into(),
                 ));
             }
             let (seq, hash) = head_args(head);
+            let (last_seq, last_hash) = head_args(next);
             let mut inv = APPEND_MANY_SCRIPT.prepare_invoke();
             for k in &keys {
                 inv.key(k);
             }
-            inv.arg(&seq).arg(&hash);
-            for (_, event, guard) in &sealed {
-                let guard = match guard {
-                    AppendGuard::None => "none",
-                    AppendGuard::SessionActive(_) => "active",
-                };
-                inv.arg(guard)
-                    .arg(to_json("audit event", event)?)
-                    .arg(event.seq)
-                    .arg(event.hash.to_hex());
+            inv.arg(&seq).arg(&hash).arg(&last_seq).arg(&last_hash);
+            for ((_, event, _), guard) in sealed.iter().zip(&guards) {
+                inv.arg(guard).arg(to_json("audit event", event)?);
             }
             // The views go out with the script, not after it: one round
             // trip for both. Readers skip an entry whose event is not at

@@ -74,27 +74,27 @@ append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 return {'ok'}
 "#;
 
-/// Events on one chain, in order (one or many). KEYS: head, chain, then one
-/// session key per event (a placeholder in the same slot when unguarded).
-/// ARGV: expected seq, expected hash, then per event: guard ('none' or
-/// 'active'), event, its seq, its hash. The client sealed the events as if
-/// all pass, so if any guard fails nothing is written and the reply lists
-/// the refused positions (`{'refused', i, reason, ...}`, 1-based) for the
-/// client to drop and reseal the rest.
+/// Events on one chain, in order (one or many), placed right after the
+/// expected head. KEYS: head, chain, then the distinct session keys that
+/// guard some event. ARGV: expected seq, expected hash, the last event's
+/// seq and hash (the new head), then per event: its guard (`0`: none, `k`: the
+/// session at KEYS[2 + k] must be active) and the event. The client sealed
+/// the events as if all pass, so if any guard fails nothing is written and
+/// the reply lists the refused positions (`{'refused', i, reason, ...}`,
+/// 1-based) for the client to drop and reseal the rest.
 const APPEND_MANY: &str = r#"
 if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
-local n = #KEYS - 2
+local n = (#ARGV - 4) / 2
 local refused = {}
--- A batch's events mostly share one session: read each state once.
+-- Each guarding session's state, read once.
 local states = {}
+for k = 3, #KEYS do
+  states[k - 2] = redis.call('HGET', KEYS[k], 'state') or false
+end
 for i = 1, n do
-  if ARGV[2 + (i - 1) * 4 + 1] == 'active' then
-    local k = KEYS[2 + i]
-    local st = states[k]
-    if st == nil then
-      st = redis.call('HGET', k, 'state') or false
-      states[k] = st
-    end
+  local g = tonumber(ARGV[3 + i * 2])
+  if g > 0 then
+    local st = states[g]
     if not st then
       table.insert(refused, tostring(i)); table.insert(refused, 'notfound')
     elseif st ~= 'active' then
@@ -106,13 +106,12 @@ if #refused > 0 then
   table.insert(refused, 1, 'refused')
   return refused
 end
--- The events, then the head once: the last event's place and hash.
-local a
+-- Event i has seq expected + i, stored at id 0-(seq + 1); then the head once.
+local base = tonumber(ARGV[1]) + 1
 for i = 1, n do
-  a = 2 + (i - 1) * 4
-  redis.call('XADD', KEYS[2], '0-' .. (tonumber(ARGV[a + 3]) + 1), 'e', ARGV[a + 2])
+  redis.call('XADD', KEYS[2], '0-' .. (base + i), 'e', ARGV[4 + i * 2])
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[a + 3], 'hash', ARGV[a + 4])
+redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'hash', ARGV[4])
 return {'ok'}
 "#;
 

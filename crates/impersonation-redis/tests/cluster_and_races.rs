@@ -366,15 +366,29 @@ async fn a_refused_event_in_a_batch_leaves_no_gap() {
             AppendGuard::SessionActive(s.id),
         )
     };
+    // Each session guards more than one event, and one event is unguarded.
+    let (unguarded, _) = access(&live);
     let results = store
-        .append_batch(vec![access(&live), access(&ended), access(&live)])
+        .append_batch(vec![
+            access(&live),
+            access(&ended),
+            access(&live),
+            access(&ended),
+            (unguarded, AppendGuard::None),
+        ])
         .await;
-    assert_eq!(results.len(), 3);
-    let (a, c) = (results[0].as_ref().unwrap(), results[2].as_ref().unwrap());
+    assert_eq!(results.len(), 5);
+    let (a, c, e) = (
+        results[0].as_ref().unwrap(),
+        results[2].as_ref().unwrap(),
+        results[4].as_ref().unwrap(),
+    );
     assert!(matches!(results[1], Err(StoreError::SessionNotActive(_))));
-    assert_eq!((a.seq, c.seq), (3, 4));
+    assert!(matches!(results[3], Err(StoreError::SessionNotActive(_))));
+    assert_eq!((a.seq, c.seq, e.seq), (3, 4, 5));
     assert_eq!(c.prev_hash, a.hash);
-    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 5);
+    assert_eq!(e.prev_hash, c.hash);
+    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 6);
 }
 
 /// A view written before entries listed runs (`event-id|seq|route|chain`,
