@@ -377,11 +377,16 @@ where
                         tracing::error!(error = %e, "could not audit a refused impersonated change");
                         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
                     }
+                    // A read-only session (the refusal is audited), or
+                    // one that ended while the refusal was written.
                     Err(e) => {
-                        let mut res = plain(
-                            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::FORBIDDEN),
-                            "refused during impersonation: the session is read-only",
-                        );
+                        let mut res = match e {
+                            impersonation_core::Error::Denied(_) => plain(
+                                StatusCode::FORBIDDEN,
+                                "refused during impersonation: the session is read-only",
+                            ),
+                            _ => plain(StatusCode::UNAUTHORIZED, "impersonation session ended"),
+                        };
                         res.headers_mut()
                             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                         return Ok(res);
