@@ -115,17 +115,92 @@ fn main() -> Result<()> {
     }
     // Every round measures every variant once, bare first: a ratio is
     // taken within its round, so drift between rounds cancels out.
-    let mut results: Vec<(String, Vec<f64>)> =
+    let mut results: Vec<(String, Vec<Sample>)> =
         chosen.iter().map(|v| (v.clone(), Vec::new())).collect();
     for round in 1..=rounds {
         for (variant, runs) in &mut results {
-            let rps = measure(variant, seconds, connections)?;
-            println!("round {round}: {variant:<26} {rps:>10.0} req/s");
-            runs.push(rps);
+            let sample = measure(variant, seconds, connections)?;
+            println!(
+                "round {round}: {variant:<26} {:>10.0} req/s  CPU/request: server {:>5.1} us, databases {:>5.1} us",
+                sample.rps, sample.server_us, sample.db_us
+            );
+            runs.push(sample);
         }
     }
     report(&results, seconds, connections);
     Ok(())
+}
+
+/// One timed run of one variant.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Requests per second, as wrk counted them.
+    rps: f64,
+    /// CPU time of the server process per request, in microseconds.
+    server_us: f64,
+    /// CPU time of the database servers (Redis, PostgreSQL, MariaDB) per
+    /// request, in microseconds.
+    db_us: f64,
+}
+
+/// The database servers whose CPU time is counted per request.
+const DATABASE_PROCESSES: &[&str] = &["redis-server", "postgres", "mariadbd", "mysqld"];
+
+/// CPU ticks (user + system) of one process.
+fn process_ticks(pid: i32) -> Result<u64> {
+    let stat = procfs::process::Process::new(pid)?.stat()?;
+    Ok(stat.utime + stat.stime)
+}
+
+/// CPU ticks of every database server process running now.
+fn database_ticks() -> Result<u64> {
+    let mut ticks = 0;
+    for process in procfs::process::all_processes()? {
+        // A process may exit while the list is read: skip it.
+        let Ok(stat) = process.and_then(|p| p.stat()) else {
+            continue;
+        };
+        if DATABASE_PROCESSES.contains(&stat.comm.as_str()) {
+            ticks += stat.utime + stat.stime;
+        }
+    }
+    Ok(ticks)
+}
+
+/// Waits (up to 20 s) until the machine is nearly idle, so that work left
+/// over from the previous variant (PostgreSQL's autovacuum and
+/// checkpoints after thousands of inserts, say) does not land on the next
+/// one's figure.
+fn settle() -> Result<()> {
+    let busy_and_total = || -> Result<(u64, u64)> {
+        let cpu = <procfs::KernelStats as procfs::CurrentSI>::current()?.total;
+        let idle = cpu.idle + cpu.iowait.unwrap_or(0);
+        let busy = cpu.user
+            + cpu.nice
+            + cpu.system
+            + cpu.irq.unwrap_or(0)
+            + cpu.softirq.unwrap_or(0)
+            + cpu.steal.unwrap_or(0);
+        Ok((busy, busy + idle))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut last = busy_and_total()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = busy_and_total()?;
+        let (busy, total) = (now.0 - last.0, now.1 - last.1);
+        last = now;
+        if total > 0 && busy * 100 < total * 5 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "warning: the machine stayed busy ({}% of CPU) before the next variant",
+                busy * 100 / total.max(1)
+            );
+            return Ok(());
+        }
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -139,11 +214,11 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// Median requests/s and median ratio to the same round's bare handler,
 /// with the ratios' range when there were several rounds.
-fn cell(results: &[(String, Vec<f64>)], name: &str) -> Option<String> {
+fn cell(results: &[(String, Vec<Sample>)], name: &str) -> Option<String> {
     let bare = &results.iter().find(|(v, _)| v == "bare")?.1;
     let runs = &results.iter().find(|(v, _)| v == name)?.1;
-    let mut ratios: Vec<f64> = runs.iter().zip(bare).map(|(r, b)| r / b).collect();
-    let rps = median(&mut runs.clone());
+    let mut ratios: Vec<f64> = runs.iter().zip(bare).map(|(r, b)| r.rps / b.rps).collect();
+    let rps = median(&mut runs.iter().map(|r| r.rps).collect::<Vec<_>>());
     let ratio = median(&mut ratios);
     Some(if ratios.len() > 1 {
         format!(
@@ -156,7 +231,15 @@ fn cell(results: &[(String, Vec<f64>)], name: &str) -> Option<String> {
     })
 }
 
-fn report(results: &[(String, Vec<f64>)], seconds: u64, connections: u32) {
+/// Median CPU per request, server + databases, in microseconds.
+fn cpu_cell(results: &[(String, Vec<Sample>)], name: &str) -> Option<String> {
+    let runs = &results.iter().find(|(v, _)| v == name)?.1;
+    let server = median(&mut runs.iter().map(|r| r.server_us).collect::<Vec<_>>());
+    let db = median(&mut runs.iter().map(|r| r.db_us).collect::<Vec<_>>());
+    Some(format!("{server:.1} + {db:.1}"))
+}
+
+fn report(results: &[(String, Vec<Sample>)], seconds: u64, connections: u32) {
     let rounds = results.first().map_or(0, |(_, runs)| runs.len());
     let get = |name: &str| cell(results, name);
     println!(
@@ -178,6 +261,36 @@ fn report(results: &[(String, Vec<f64>)], seconds: u64, connections: u32) {
     }
     for backend in ["memory", "sqlite", "postgres", "redis"] {
         let or_dash = |name: String| get(&name).unwrap_or_else(|| "-".into());
+        println!(
+            "| {backend} | {} | {} | {} | {} | {} | {} |",
+            or_dash(format!("layer-{backend}")),
+            or_dash(format!("layer-{backend}-tuned")),
+            or_dash(format!("layer-{backend}-unaudited")),
+            or_dash(format!("ts-{backend}")),
+            or_dash(format!("ts-audited-{backend}")),
+            or_dash(format!("floor-{backend}")),
+        );
+    }
+    println!(
+        "\nCPU per request in microseconds, medians: the server process + the database servers \
+         ({}); the cost a request puts on the machine, whichever core it lands on\n",
+        DATABASE_PROCESSES.join(", ")
+    );
+    println!(
+        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | tower-sessions + raw audit write | floor: one raw audit write |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (label, name) in [
+        ("none (bare handler)", "bare"),
+        ("none (handler behind the host's auth, no SDK)", "bare-auth"),
+        ("none (layer, not impersonating)", "layer-ordinary"),
+    ] {
+        if let Some(c) = cpu_cell(results, name) {
+            println!("| {label} | {c} | | | | | |");
+        }
+    }
+    for backend in ["memory", "sqlite", "postgres", "redis"] {
+        let or_dash = |name: String| cpu_cell(results, &name).unwrap_or_else(|| "-".into());
         println!(
             "| {backend} | {} | {} | {} | {} | {} | {} |",
             or_dash(format!("layer-{backend}")),
@@ -217,7 +330,7 @@ fn wrk(
     header: Option<&str>,
     seconds: u64,
     connections: u32,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1", "wrk", "-t1"])
         .arg(format!("-c{connections}"))
@@ -251,15 +364,27 @@ fn wrk(
             .unwrap_or_default();
         eprintln!("warning: {variant}: requests over 2 s ({errors}); latency avg/stdev/max: {max}");
     }
-    text.lines()
+    let rps = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .context("wrk printed no Requests/sec")?
         .trim()
         .parse()
-        .context("parsing Requests/sec")
+        .context("parsing Requests/sec")?;
+    // "  1234567 requests in 6.00s, ..."
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .context("wrk printed no request count")?
+        .0
+        .trim()
+        .parse()
+        .context("parsing the request count")?;
+    Ok((rps, requests))
 }
 
-fn measure(variant: &str, seconds: u64, connections: u32) -> Result<f64> {
+fn measure(variant: &str, seconds: u64, connections: u32) -> Result<Sample> {
+    settle()?;
     let port = free_port()?;
     let exe = std::env::current_exe()?;
     let mut child = Command::new("taskset")
@@ -270,6 +395,8 @@ fn measure(variant: &str, seconds: u64, connections: u32) -> Result<f64> {
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().context("server stdout")?;
+    // taskset execs the server: this is the server's own pid.
+    let pid = i32::try_from(child.id()).context("server pid")?;
     let server = Server(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
@@ -307,9 +434,17 @@ fn measure(variant: &str, seconds: u64, connections: u32) -> Result<f64> {
         bail!("{variant}: unexpected body {body:?}");
     }
     wrk(variant, &url, header.as_deref(), 2, connections)?; // warm-up
-    let rps = wrk(variant, &url, header.as_deref(), seconds, connections)?;
+    let (server0, db0) = (process_ticks(pid)?, database_ticks()?);
+    let (rps, requests) = wrk(variant, &url, header.as_deref(), seconds, connections)?;
+    let (server1, db1) = (process_ticks(pid)?, database_ticks()?);
     drop(server);
-    Ok(rps)
+    let us_per_tick = 1e6 / procfs::ticks_per_second() as f64;
+    let per_request = |ticks: u64| ticks as f64 * us_per_tick / requests.max(1) as f64;
+    Ok(Sample {
+        rps,
+        server_us: per_request(server1.saturating_sub(server0)),
+        db_us: per_request(db1.saturating_sub(db0)),
+    })
 }
 
 fn people() -> Result<(Principal, Principal)> {
