@@ -74,6 +74,7 @@ mod serde_util;
 mod service;
 mod session;
 mod store;
+pub mod views;
 
 pub use api::{ImpersonationApi, TokenResolver};
 pub use audit::{

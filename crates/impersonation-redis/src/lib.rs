@@ -352,15 +352,9 @@ fn ttl_ms(expires_at: OffsetDateTime, now: OffsetDateTime, retention: Duration) 
         .max(1)
 }
 
-/// The longest time, in µs, between the earliest and the latest event of
-/// one view entry: a reader after the events from time `t` reads the
-/// entries scored from `t - RUN_SPAN_US`, and one going back in time from
-/// `t` may stop at an entry scored below `t - RUN_SPAN_US`.
-const RUN_SPAN_US: i64 = 1_000_000;
-
-/// The most events one view entry lists (one `XRANGE` of that many when
-/// the view is read).
-const RUN_LEN: usize = 256;
+/// How far apart one view entry's events may be, and how many it lists
+/// (one `XRANGE` of at most that many when the view is read).
+use impersonation_core::views::{RUN_LEN, RUN_SPAN_US, View};
 
 /// One view key and its entries: (score, member).
 type ViewEntries = (String, Vec<(i64, String)>);
@@ -597,91 +591,38 @@ impl RedisStore {
 
     /// The view entries of `events` (consecutive events of one chain, in
     /// chain order): per view key, the runs of consecutive events in that
-    /// view (see [`RUN_SPAN_US`]), each as its score and member
+    /// view ([`impersonation_core::views`]), each as its score and member
     /// `first-seq|last-seq|first-event-id|chain`. A batch's events mostly
     /// share their agent, customer, tenant and session, so a batch costs
     /// each view one entry, not one per event.
     fn view_entries(&self, events: &[&AuditEvent]) -> Vec<ViewEntries> {
-        struct Run {
-            first: usize,
-            last_seq: u64,
-            len: usize,
-            min_at: i64,
-            max_at: i64,
-        }
-        // (index kind, value) -> its runs; kind "all" is the index of
-        // every event.
-        let mut by_key: Vec<((&str, &str), Vec<Run>)> = Vec::new();
-        let session_ids: Vec<Option<String>> = events
-            .iter()
-            .map(|e| e.session.map(|s| s.to_string()))
-            .collect();
-        for (i, event) in events.iter().enumerate() {
-            let at = micros(event.at);
-            let indexes = [
-                Some(("all", "")),
-                Some(("agent", event.chain.as_str())),
-                event.subject.as_ref().map(|s| ("subject", s.id.as_str())),
-                event.tenant.as_ref().map(|t| ("tenant", t.as_str())),
-                event.actor.id().map(|a| ("actor", a.as_str())),
-                session_ids[i].as_deref().map(|s| ("session", s)),
-            ];
-            for index in indexes.into_iter().flatten() {
-                let at_key = match by_key.iter().position(|(k, _)| *k == index) {
-                    Some(k) => k,
-                    None => {
-                        by_key.push((index, Vec::new()));
-                        by_key.len() - 1
-                    }
-                };
-                let runs = &mut by_key[at_key].1;
-                match runs.last_mut() {
-                    Some(run)
-                        if run.last_seq.checked_add(1) == Some(event.seq)
-                            && events[run.first].chain == event.chain
-                            && run.len < RUN_LEN
-                            && run.max_at.max(at) - run.min_at.min(at) <= RUN_SPAN_US =>
-                    {
-                        run.last_seq = event.seq;
-                        run.len += 1;
-                        run.min_at = run.min_at.min(at);
-                        run.max_at = run.max_at.max(at);
-                    }
-                    _ => runs.push(Run {
-                        first: i,
-                        last_seq: event.seq,
-                        len: 1,
-                        min_at: at,
-                        max_at: at,
-                    }),
+        let mut out: Vec<ViewEntries> = Vec::new();
+        let mut last: Option<(View, String)> = None;
+        for run in impersonation_core::views::view_runs(events) {
+            let member = format!(
+                "{}|{}|{}|{}",
+                run.first_seq,
+                run.last_seq,
+                run.first_id,
+                run.chain.as_str()
+            );
+            // Runs of one key come out together.
+            let same = last
+                .as_ref()
+                .is_some_and(|(v, k)| *v == run.view && *k == run.key);
+            match out.last_mut() {
+                Some((_, entries)) if same => entries.push((run.first_at_us, member)),
+                _ => {
+                    let key = match run.view {
+                        View::All => audit_all(&self.ns),
+                        v => audit_index(&self.ns, v.code(), &run.key),
+                    };
+                    out.push((key, vec![(run.first_at_us, member)]));
+                    last = Some((run.view, run.key));
                 }
             }
         }
-        by_key
-            .into_iter()
-            .map(|((kind, value), runs)| {
-                let key = if kind == "all" {
-                    audit_all(&self.ns)
-                } else {
-                    audit_index(&self.ns, kind, value)
-                };
-                let entries = runs
-                    .into_iter()
-                    .map(|run| {
-                        let first = events[run.first];
-                        let member = format!(
-                            "{}|{}|{}|{}",
-                            first.seq,
-                            run.last_seq,
-                            first.id,
-                            first.chain.as_str()
-                        );
-                        (run.min_at, member)
-                    })
-                    .collect();
-                (key, entries)
-            })
-            .collect()
+        out
     }
 
     /// Appends one chain's share of a batch with one script call (more only
@@ -1380,18 +1321,9 @@ impl Store for RedisStore {
     }
 
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
-        let index = if let Some(s) = query.session {
-            audit_index(&self.ns, "session", &s.to_string())
-        } else if let Some(s) = &query.subject {
-            audit_index(&self.ns, "subject", s.as_str())
-        } else if let Some(a) = &query.agent {
-            audit_index(&self.ns, "agent", ChainKey::for_agent(a).as_str())
-        } else if let Some(t) = &query.tenant {
-            audit_index(&self.ns, "tenant", t.as_str())
-        } else if let Some(a) = &query.actor {
-            audit_index(&self.ns, "actor", a.as_str())
-        } else {
-            audit_all(&self.ns)
+        let index = match View::for_query(query) {
+            (View::All, _) => audit_all(&self.ns),
+            (view, key) => audit_index(&self.ns, view.code(), &key),
         };
         let limit = query.page_size();
         // Score bounds: the query's window, narrowed by the cursor, in

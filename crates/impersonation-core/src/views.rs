@@ -1,0 +1,196 @@
+//! Audit views by runs: how a store can index its audit trail for
+//! [`AuditQuery`] with a few entries per appended batch instead of one per
+//! event and per filter.
+//!
+//! A batch's events mostly share their agent, customer, tenant and
+//! session, so per view (every event, by agent, customer, tenant, actor,
+//! session) the batch's events form one or a few *runs*: consecutive
+//! events of one chain that share the view's key, listed as one entry
+//! (the chain, the first and last seq, the earliest time). A reader takes
+//! the entries of its view in time order, reads each run's events from the
+//! chain by position, and filters them with [`AuditQuery::matches`]. An
+//! entry is placed by its earliest event, and its latest is at most
+//! [`RUN_SPAN_US`] later, which bounds how far back a reader must look.
+//!
+//! ```
+//! use impersonation_core::views::{View, view_runs};
+//! use impersonation_core::*;
+//!
+//! let agent = UserId::new("sam").unwrap();
+//! let chain = ChainKey::for_agent(&agent);
+//! let at = time::OffsetDateTime::UNIX_EPOCH;
+//! let mut head = None;
+//! let events: Vec<AuditEvent> = (0..3)
+//!     .map(|_| {
+//!         let draft = AuditDraft::new(at, AuditAction::Access, Actor::user(agent.clone(), "Sam"), chain.clone());
+//!         let event = draft.seal(head);
+//!         head = Some(event.head());
+//!         event
+//!     })
+//!     .collect();
+//! let runs = view_runs(&events.iter().collect::<Vec<_>>());
+//! // Every event, by agent, by actor: one run each, covering seqs 0 to 2.
+//! assert_eq!(runs.len(), 3);
+//! assert!(runs.iter().all(|r| (r.first_seq, r.last_seq) == (0, 2)));
+//! assert_eq!(runs[0].view, View::All);
+//! ```
+
+use time::OffsetDateTime;
+
+use crate::{AuditEvent, AuditQuery, ChainKey, EventId};
+
+/// The widest time span of one run's events, in microseconds: a run's
+/// entry is placed at its earliest event, so a reader that wants events
+/// from `t` on starts at entries placed from `t - RUN_SPAN_US`, and one
+/// going back in time from `t` may stop at an entry placed before
+/// `t - RUN_SPAN_US`.
+pub const RUN_SPAN_US: i64 = 1_000_000;
+
+/// The most events one run lists, so that reading a run stays one small
+/// range read.
+pub const RUN_LEN: usize = 256;
+
+/// One way of looking up the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum View {
+    /// Every event.
+    All,
+    /// By agent (the chain).
+    Agent,
+    /// By customer.
+    Subject,
+    /// By tenant.
+    Tenant,
+    /// By the person acting.
+    Actor,
+    /// By session.
+    Session,
+}
+
+impl View {
+    /// A stable lower-case name (`all`, `agent`, `subject`, `tenant`,
+    /// `actor`, `session`), for keys and columns.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Agent => "agent",
+            Self::Subject => "subject",
+            Self::Tenant => "tenant",
+            Self::Actor => "actor",
+            Self::Session => "session",
+        }
+    }
+
+    /// The narrowest view that holds every event `query` can match, and
+    /// its key (empty for [`View::All`]).
+    pub fn for_query(query: &AuditQuery) -> (Self, String) {
+        if let Some(s) = query.session {
+            (Self::Session, s.to_string())
+        } else if let Some(s) = &query.subject {
+            (Self::Subject, s.as_str().to_owned())
+        } else if let Some(a) = &query.agent {
+            (Self::Agent, ChainKey::for_agent(a).as_str().to_owned())
+        } else if let Some(t) = &query.tenant {
+            (Self::Tenant, t.as_str().to_owned())
+        } else if let Some(a) = &query.actor {
+            (Self::Actor, a.as_str().to_owned())
+        } else {
+            (Self::All, String::new())
+        }
+    }
+}
+
+/// One entry of a view: consecutive events of one chain that share the
+/// view's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewRun {
+    /// The view.
+    pub view: View,
+    /// Its key (the agent's chain, the customer's id...; empty for
+    /// [`View::All`]).
+    pub key: String,
+    /// The earliest time of the run's events, in microseconds since the
+    /// Unix epoch: where the entry is placed.
+    pub first_at_us: i64,
+    /// The chain the events are on.
+    pub chain: ChainKey,
+    /// The first event's seq.
+    pub first_seq: u64,
+    /// The last event's seq.
+    pub last_seq: u64,
+    /// The first event's id.
+    pub first_id: EventId,
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// The view entries of `events` (consecutive events of one chain, in
+/// chain order, as one append writes them): per view key, its runs, at
+/// most [`RUN_LEN`] events and [`RUN_SPAN_US`] apart each. Runs of one key
+/// come out together, keys in the order they first appear.
+pub fn view_runs(events: &[&AuditEvent]) -> Vec<ViewRun> {
+    struct Open {
+        run: ViewRun,
+        len: usize,
+        max_at: i64,
+    }
+    let mut by_key: Vec<((View, String), Vec<Open>)> = Vec::new();
+    for event in events {
+        let at = unix_micros(event.at);
+        let session = event.session.map(|s| s.to_string());
+        let keys = [
+            Some((View::All, "")),
+            Some((View::Agent, event.chain.as_str())),
+            event
+                .subject
+                .as_ref()
+                .map(|s| (View::Subject, s.id.as_str())),
+            event.tenant.as_ref().map(|t| (View::Tenant, t.as_str())),
+            event.actor.id().map(|a| (View::Actor, a.as_str())),
+            session.as_deref().map(|s| (View::Session, s)),
+        ];
+        for (view, key) in keys.into_iter().flatten() {
+            let runs = match by_key.iter().position(|(k, _)| k.0 == view && k.1 == key) {
+                Some(k) => &mut by_key[k].1,
+                None => {
+                    by_key.push(((view, key.to_owned()), Vec::new()));
+                    let last = by_key.len() - 1;
+                    &mut by_key[last].1
+                }
+            };
+            match runs.last_mut() {
+                Some(open)
+                    if open.run.last_seq.checked_add(1) == Some(event.seq)
+                        && open.run.chain == event.chain
+                        && open.len < RUN_LEN
+                        && open.max_at.max(at) - open.run.first_at_us.min(at) <= RUN_SPAN_US =>
+                {
+                    open.run.last_seq = event.seq;
+                    open.run.first_at_us = open.run.first_at_us.min(at);
+                    open.max_at = open.max_at.max(at);
+                    open.len += 1;
+                }
+                _ => runs.push(Open {
+                    run: ViewRun {
+                        view,
+                        key: key.to_owned(),
+                        first_at_us: at,
+                        chain: event.chain.clone(),
+                        first_seq: event.seq,
+                        last_seq: event.seq,
+                        first_id: event.id,
+                    },
+                    len: 1,
+                    max_at: at,
+                }),
+            }
+        }
+    }
+    by_key
+        .into_iter()
+        .flat_map(|(_, runs)| runs.into_iter().map(|o| o.run))
+        .collect()
+}
