@@ -114,6 +114,39 @@ pub(crate) fn event_rows<'a>(
     Ok(sql)
 }
 
+/// The view entries of `events` (one append's, on one chain, in chain
+/// order: see [`impersonation_core::views`]) as `(?, ...), (?, ...)` rows
+/// of `impersonation_audit_runs`; `None` for no events.
+pub(crate) fn run_rows<'a>(
+    mut sql: Sql,
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> Option<Sql> {
+    let events: Vec<&AuditEvent> = events.into_iter().collect();
+    let runs = impersonation_core::views::view_runs(&events);
+    if runs.is_empty() {
+        return None;
+    }
+    for (i, run) in runs.into_iter().enumerate() {
+        sql.push(if i == 0 {
+            "(?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?)"
+        });
+        sql = sql
+            .arg(run.view.code())
+            .arg(run.key)
+            .arg(run.first_at_us)
+            .arg(run.chain.as_str())
+            .arg(count(run.first_seq))
+            .arg(count(run.last_seq));
+    }
+    Some(sql)
+}
+
+/// The `INSERT` of `impersonation_audit_runs`, up to its `VALUES`.
+pub(crate) const INSERT_RUNS: &str = "INSERT INTO impersonation_audit_runs \
+     (view_name, view_key, first_us, chain, first_seq, last_seq) VALUES ";
+
 /// The sessions whose activity guards some append of `batch`.
 pub(crate) fn guarded_sessions(batch: &[(AuditDraft, AppendGuard)]) -> BTreeSet<SessionId> {
     batch
@@ -169,12 +202,22 @@ pub(crate) fn cas_sql(
         sql = sql.arg(i64::try_from(guarded.len()).unwrap_or(i64::MAX));
     }
     sql.push(
-        " RETURNING chain) INSERT INTO impersonation_audit_events \
+        " RETURNING chain), appended AS (INSERT INTO impersonation_audit_events \
          (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) \
          SELECT v.* FROM (VALUES ",
     );
     let mut sql = event_rows(sql, events)?;
-    sql.push(") AS v WHERE EXISTS (SELECT 1 FROM head)");
+    sql.push(
+        ") AS v WHERE EXISTS (SELECT 1 FROM head)) \
+         INSERT INTO impersonation_audit_runs \
+         (view_name, view_key, first_us, chain, first_seq, last_seq) \
+         SELECT r.* FROM (VALUES ",
+    );
+    let mut sql = run_rows(sql, events)
+        .ok_or_else(|| OpError::Store(StoreError::Corrupt("an empty batch".into())))?;
+    // The runs go in exactly when the events do (both hang on the head's
+    // update), so the rows this statement reports say whether they did.
+    sql.push(") AS r WHERE EXISTS (SELECT 1 FROM head)");
     Ok(sql)
 }
 
@@ -194,7 +237,7 @@ macro_rules! store_ops {
             use crate::ops::{OpError, count, event_rows, guarded_sessions, markers};
             use crate::ops::dialect::$dialect as d;
             use crate::rows::{
-                EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, SessionColumns, SessionRow, StateRow,
+                EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, RunRow, SessionColumns, SessionRow, StateRow,
                 VersionRow, micros, to_json,
             };
             use crate::sql::Sql;
@@ -245,6 +288,17 @@ macro_rules! store_ops {
                      (id, chain, seq, at_us, action, actor, subject, tenant, session_id, event) VALUES ",
                 );
                 event_rows(sql, events.iter().copied())?.execute(conn).await?;
+                // Their view entries: one batch's events are on one chain
+                // each, in chain order, so group them by chain.
+                let mut chains: Vec<&ChainKey> = events.iter().map(|e| &e.chain).collect();
+                chains.sort();
+                chains.dedup();
+                for chain in chains {
+                    let of_chain = events.iter().copied().filter(|e| &e.chain == chain);
+                    if let Some(sql) = crate::ops::run_rows(Sql::new(crate::ops::INSERT_RUNS), of_chain) {
+                        sql.execute(conn).await?;
+                    }
+                }
                 Ok(())
             }
 
@@ -500,7 +554,7 @@ macro_rules! store_ops {
                 guarded: &BTreeSet<SessionId>,
             ) -> Result<bool, OpError> {
                 let inserted = crate::ops::cas_sql(expected, events, guarded)?.execute(conn).await?;
-                Ok(inserted == events.len())
+                Ok(inserted > 0)
             }
 
             /// Lookups in one statement (the touch in a second one, or in
@@ -643,47 +697,94 @@ macro_rules! store_ops {
                 }
             }
 
+            /// A page of the trail through its view's entries (see
+            /// [`impersonation_core::views`]): the entries in time order,
+            /// a batch at a time, each run's events read by position, until
+            /// no entry still unread can hold an event that belongs on the
+            /// page.
             pub(crate) async fn audit(conn: &mut Conn, query: &AuditQuery) -> Result<AuditPage, OpError> {
-                let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE 1 = 1");
-                if let Some(agent) = &query.agent {
-                    sql.push_arg(" AND chain = ?", ChainKey::for_agent(agent).as_str());
-                }
-                if let Some(actor) = &query.actor {
-                    sql.push_arg(" AND actor = ?", actor.as_str());
-                }
-                if let Some(subject) = &query.subject {
-                    sql.push_arg(" AND subject = ?", subject.as_str());
-                }
-                if let Some(tenant) = &query.tenant {
-                    sql.push_arg(" AND tenant = ?", tenant.as_str());
-                }
-                if let Some(session) = query.session {
-                    sql.push_arg(" AND session_id = ?", session.to_string());
-                }
-                if let Some(action) = query.action {
-                    sql.push_arg(" AND action = ?", action.code());
-                }
-                if let Some(since) = query.since {
-                    sql.push_arg(" AND at_us >= ?", micros(since));
-                }
-                if let Some(until) = query.until {
-                    sql.push_arg(" AND at_us < ?", micros(until));
-                }
-                let (cmp, dir) = match query.order {
-                    Order::Oldest => (">", "ASC"),
-                    Order::Newest => ("<", "DESC"),
-                };
-                if let Some(cursor) = query.cursor {
-                    let at = micros(cursor.at);
-                    sql.push_arg(&format!(" AND (at_us {cmp} ?"), at);
-                    sql.push_arg(&format!(" OR (at_us = ? AND id {cmp} ?))"), at);
-                    sql = sql.arg(cursor.id.to_string());
-                }
+                use impersonation_core::views::{RUN_SPAN_US, View};
+                let (view, key) = View::for_query(query);
                 let limit = query.page_size();
-                sql.push(&format!(" ORDER BY at_us {dir}, id {dir}"));
-                sql.push_arg(" LIMIT ?", count(limit as u64 + 1));
-                let rows = sql.load::<EventRow>(conn).await?;
-                let mut events: Vec<AuditEvent> = rows.into_iter().map(EventRow::into_event).collect::<Result<_, _>>()?;
+                // Entry bounds: the query's window, narrowed by the cursor.
+                // An entry sits at its earliest event, and its latest is at
+                // most `RUN_SPAN_US` later.
+                let mut low = query.since.map(|s| micros(s) - RUN_SPAN_US);
+                let mut high = query.until.map(|u| micros(u) - 1);
+                if let Some(c) = query.cursor {
+                    let at = micros(c.at);
+                    match query.order {
+                        Order::Oldest => low = Some(low.map_or(at - RUN_SPAN_US, |l| l.max(at - RUN_SPAN_US))),
+                        Order::Newest => high = Some(high.map_or(at, |h| h.min(at))),
+                    }
+                }
+                let dir = match query.order {
+                    Order::Oldest => "ASC",
+                    Order::Newest => "DESC",
+                };
+                let batch = (limit / 2).clamp(16, 128);
+                let mut offset: usize = 0;
+                let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
+                let mut seen: std::collections::HashSet<impersonation_core::EventId> = std::collections::HashSet::new();
+                let sort = |events: &mut Vec<AuditEvent>| match query.order {
+                    Order::Oldest => events.sort_by_key(|e| (e.at, e.id)),
+                    Order::Newest => events.sort_by_key(|e| std::cmp::Reverse((e.at, e.id))),
+                };
+                loop {
+                    let mut sql = Sql::new(
+                        "SELECT chain, first_seq, last_seq, first_us FROM impersonation_audit_runs \
+                         WHERE view_name = ?",
+                    )
+                    .arg(view.code());
+                    sql.push_arg(" AND view_key = ?", key.clone());
+                    if let Some(low) = low {
+                        sql.push_arg(" AND first_us >= ?", low);
+                    }
+                    if let Some(high) = high {
+                        sql.push_arg(" AND first_us <= ?", high);
+                    }
+                    sql.push(&format!(" ORDER BY first_us {dir}, chain {dir}, first_seq {dir}"));
+                    sql.push_arg(" LIMIT ?", count(batch as u64));
+                    sql.push_arg(" OFFSET ?", count(offset as u64));
+                    let runs = sql.load::<RunRow>(conn).await?;
+                    offset += runs.len();
+                    if !runs.is_empty() {
+                        let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE ");
+                        for (i, run) in runs.iter().enumerate() {
+                            if i > 0 {
+                                sql.push(" OR ");
+                            }
+                            sql.push_arg("(chain = ?", run.chain.clone());
+                            sql.push_arg(" AND seq >= ?", run.first_seq);
+                            sql.push_arg(" AND seq <= ?)", run.last_seq);
+                        }
+                        for row in sql.load::<EventRow>(conn).await? {
+                            let event = row.into_event()?;
+                            if query.matches(&event) && query.after_cursor(&event) && seen.insert(event.id) {
+                                events.push(event);
+                            }
+                        }
+                    }
+                    let Some(last_us) = runs.last().filter(|_| runs.len() == batch).map(|r| r.first_us) else {
+                        break;
+                    };
+                    if events.len() > limit {
+                        // Done once no entry still unread can hold an
+                        // event that sorts before the first one this page
+                        // leaves out.
+                        sort(&mut events);
+                        events.truncate(limit + 1);
+                        let cut = events.last().map_or(0, |e| micros(e.at));
+                        let done = match query.order {
+                            Order::Oldest => last_us > cut,
+                            Order::Newest => last_us.saturating_add(RUN_SPAN_US) < cut,
+                        };
+                        if done {
+                            break;
+                        }
+                    }
+                }
+                sort(&mut events);
                 let next = if events.len() > limit {
                     events.truncate(limit);
                     events.last().map(AuditCursor::after)

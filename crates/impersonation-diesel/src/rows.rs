@@ -126,6 +126,19 @@ impl EventRow {
     }
 }
 
+/// One entry of an audit view (`impersonation_audit_runs`).
+#[derive(QueryableByName)]
+pub(crate) struct RunRow {
+    #[diesel(sql_type = Text)]
+    pub(crate) chain: String,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) first_seq: i64,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) last_seq: i64,
+    #[diesel(sql_type = BigInt)]
+    pub(crate) first_us: i64,
+}
+
 #[derive(QueryableByName)]
 pub(crate) struct HeadRow {
     #[diesel(sql_type = BigInt)]

@@ -1,0 +1,38 @@
+-- The audit views by runs (impersonation_core::views): one row per run
+-- of a batch's consecutive same-chain events that share a view's key,
+-- instead of one entry per event in each of six indexes. Events written
+-- before this migration get one run each.
+CREATE TABLE impersonation_audit_runs (
+    view_name TEXT NOT NULL,
+    view_key  TEXT NOT NULL,
+    first_us  INTEGER NOT NULL,
+    chain     TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL
+);
+CREATE INDEX impersonation_audit_runs_by_view
+    ON impersonation_audit_runs (view_name, view_key, first_us);
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'all', '', at_us, chain, seq, seq FROM impersonation_audit_events;
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'agent', chain, at_us, chain, seq, seq FROM impersonation_audit_events;
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'subject', subject, at_us, chain, seq, seq FROM impersonation_audit_events WHERE subject IS NOT NULL;
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'tenant', tenant, at_us, chain, seq, seq FROM impersonation_audit_events WHERE tenant IS NOT NULL;
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'actor', actor, at_us, chain, seq, seq FROM impersonation_audit_events WHERE actor IS NOT NULL;
+INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
+    SELECT 'session', session_id, at_us, chain, seq, seq FROM impersonation_audit_events WHERE session_id IS NOT NULL;
+DROP INDEX impersonation_audit_by_time;
+DROP INDEX impersonation_audit_by_agent;
+DROP INDEX impersonation_audit_by_subject;
+DROP INDEX impersonation_audit_by_actor;
+DROP INDEX impersonation_audit_by_tenant;
+DROP INDEX impersonation_audit_by_session;
+CREATE TRIGGER impersonation_audit_runs_no_update
+    BEFORE UPDATE ON impersonation_audit_runs
+    BEGIN SELECT RAISE(ABORT, 'impersonation_audit_runs is append-only: UPDATE refused'); END;
+CREATE TRIGGER impersonation_audit_runs_no_delete
+    BEFORE DELETE ON impersonation_audit_runs
+    BEGIN SELECT RAISE(ABORT, 'impersonation_audit_runs is append-only: DELETE refused'); END;

@@ -1,0 +1,136 @@
+//! A database written before the audit views by runs (migration 2): the
+//! migration lists every event already stored, and every query finds what a
+//! scan of the whole trail finds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A build with one backend leaves the other backends' imports unused.
+#![cfg_attr(
+    not(all(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(unused_imports, dead_code)
+)]
+
+mod common;
+
+use common::{Place, TestDb, raw};
+use impersonation_core::{
+    Actor, AppendGuard, AuditAction, AuditEvent, AuditQuery, Order, Store, UserId,
+};
+use impersonation_testkit::conformance::{all_events, must_start};
+use impersonation_testkit::{World, epoch};
+
+/// What migration 2 undoes, and the row that says it ran, per backend.
+fn downgrade(place: &Place) -> String {
+    let (down, table) = match place {
+        Place::Postgres { .. } => (
+            include_str!("../migrations/postgres/00000000000002_audit_runs/down.sql"),
+            "__diesel_schema_migrations",
+        ),
+        Place::Mysql { .. } => (
+            include_str!("../migrations/mysql/00000000000002_audit_runs/down.sql"),
+            "__diesel_schema_migrations",
+        ),
+        Place::Sqlite { .. } => (
+            include_str!("../migrations/sqlite/00000000000002_audit_runs/down.sql"),
+            "__diesel_schema_migrations",
+        ),
+    };
+    format!("{down}\nDELETE FROM {table} WHERE version = '00000000000002';")
+}
+
+async fn upgrade_lists_every_stored_event(db: TestDb) {
+    let store = &db.store;
+    let w = World::new();
+    // Three agents, three customers in two tenants, a few batches each.
+    for (a, c, tenant) in [(1, 1, "t1"), (2, 2, "t1"), (3, 3, "t2")] {
+        let agent = w.agent(a);
+        let (start, _) = w.begin(&agent, &w.customer(c, tenant), epoch());
+        let (session, _) = must_start(store, start).await;
+        for round in 0..3_i64 {
+            let batch = (0..4_i64)
+                .map(|i| {
+                    (
+                        session.draft(
+                            epoch() + time::Duration::milliseconds(700 * round + i),
+                            AuditAction::Access,
+                            Actor::user(agent.id.clone(), "Agent"),
+                        ),
+                        AppendGuard::SessionActive(session.id),
+                    )
+                })
+                .collect();
+            for result in store.append_batch(batch).await {
+                result.unwrap();
+            }
+        }
+    }
+    let everything = all_events(store, AuditQuery::default()).await;
+    assert_eq!(everything.len(), 3 * (1 + 12));
+
+    // Back to before migration 2 (its first statement drops the views),
+    // then up again: the views now come from the stored events alone.
+    raw(&db.place, &downgrade(&db.place)).await.unwrap();
+    store.migrate().await.unwrap();
+
+    let first = &everything[0];
+    let queries = [
+        AuditQuery::default(),
+        AuditQuery {
+            agent: Some(w.agent(1).id),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            subject: first.subject.as_ref().map(|s| s.id.clone()),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            tenant: first.tenant.clone(),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            session: first.session,
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            actor: Some(UserId::new(w.agent(2).id.as_str()).unwrap()),
+            ..AuditQuery::default()
+        },
+    ];
+    for query in queries {
+        for order in [Order::Oldest, Order::Newest] {
+            let query = AuditQuery {
+                order,
+                limit: 5,
+                ..query.clone()
+            };
+            let mut expected: Vec<&AuditEvent> =
+                everything.iter().filter(|e| query.matches(e)).collect();
+            expected.sort_by_key(|e| (e.at, e.id));
+            if order == Order::Newest {
+                expected.reverse();
+            }
+            let found = all_events(store, query.clone()).await;
+            assert!(!found.is_empty(), "{query:?}");
+            assert_eq!(
+                found.iter().map(|e| e.id).collect::<Vec<_>>(),
+                expected.iter().map(|e| e.id).collect::<Vec<_>>(),
+                "{query:?}"
+            );
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_postgres_lists_every_stored_event() {
+    upgrade_lists_every_stored_event(common::postgres_db(4).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_mariadb_lists_every_stored_event() {
+    upgrade_lists_every_stored_event(common::mysql_db(4).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_sqlite_lists_every_stored_event() {
+    upgrade_lists_every_stored_event(common::sqlite_file_db(4).await).await;
+}
