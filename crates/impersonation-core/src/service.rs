@@ -1261,19 +1261,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
             return Err(self.refuse_read_only(ctx, &activity.description).await?);
         }
-        let draft = Self::activity_draft(ctx, self.now(), activity);
-        match self
-            .append(draft, AppendGuard::SessionActive(ctx.0.session))
-            .await
-        {
-            Ok(event) => Ok(event),
-            Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
-                // Ended elsewhere: stop reusing it here.
-                self.reuse.forget(ctx.0.session);
-                Err(Error::Unauthenticated)
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.record_guarded(ctx, activity, false).await
     }
 
     /// Audits an access or modification that has already taken place (a
@@ -1292,15 +1280,27 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         ctx: &Context,
         activity: Activity,
     ) -> Result<crate::AuditEvent, Error> {
-        let kind = activity.kind;
+        self.record_guarded(ctx, activity, true).await
+    }
+
+    /// Appends `activity`, guarded on the session being active; if it has
+    /// `happened` and is a modification, a refusal appends it after the end.
+    async fn record_guarded(
+        &self,
+        ctx: &Context,
+        activity: Activity,
+        happened: bool,
+    ) -> Result<crate::AuditEvent, Error> {
+        let keep = happened && activity.kind == ActivityKind::Modification;
         let draft = Self::activity_draft(ctx, self.now(), activity);
-        let late = (kind == ActivityKind::Modification).then(|| draft.clone());
+        let late = keep.then(|| draft.clone());
         match self
             .append(draft, AppendGuard::SessionActive(ctx.0.session))
             .await
         {
             Ok(event) => Ok(event),
             Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                // Ended elsewhere: stop reusing it here.
                 self.reuse.forget(ctx.0.session);
                 if let Some(mut draft) = late {
                     // A new event (the refused one was never written),

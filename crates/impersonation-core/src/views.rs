@@ -35,9 +35,11 @@
 //! assert_eq!(runs[0].view, View::All);
 //! ```
 
+use std::collections::HashSet;
+
 use time::OffsetDateTime;
 
-use crate::{AuditEvent, AuditQuery, ChainKey, EventId};
+use crate::{AuditCursor, AuditEvent, AuditPage, AuditQuery, ChainKey, EventId, Order};
 
 /// The widest time span of one run's events, in microseconds: a run's
 /// entry is placed at its earliest event, so a reader that wants events
@@ -193,4 +195,107 @@ pub fn view_runs(events: &[&AuditEvent]) -> Vec<ViewRun> {
         .into_iter()
         .flat_map(|(_, runs)| runs.into_iter().map(|o| o.run))
         .collect()
+}
+
+/// The placements (µs, inclusive) between which a view's entries can hold
+/// events of `query`'s page: its window, narrowed by its cursor; `None`
+/// leaves that side open.
+pub fn entry_bounds(query: &AuditQuery) -> (Option<i64>, Option<i64>) {
+    let mut low = query.since.map(|s| unix_micros(s) - RUN_SPAN_US);
+    let mut high = query.until.map(|u| unix_micros(u) - 1);
+    if let Some(c) = query.cursor {
+        let at = unix_micros(c.at);
+        match query.order {
+            Order::Oldest => low = Some(low.map_or(at - RUN_SPAN_US, |l| l.max(at - RUN_SPAN_US))),
+            Order::Newest => high = Some(high.map_or(at, |h| h.min(at))),
+        }
+    }
+    (low, high)
+}
+
+/// Gathers one page of `query` from its view's entries, read a batch at a
+/// time in the query's order (by placement) within [`entry_bounds`]: hand
+/// it each batch's events with [`PageReader::push`] until it says the page
+/// is complete, then take the page with [`PageReader::finish`].
+#[derive(Debug)]
+pub struct PageReader<'q> {
+    query: &'q AuditQuery,
+    limit: usize,
+    events: Vec<AuditEvent>,
+    // An entry left by an attempt that lost a race may list an event again.
+    seen: HashSet<EventId>,
+}
+
+impl<'q> PageReader<'q> {
+    /// A reader for one page of `query`.
+    pub fn new(query: &'q AuditQuery) -> Self {
+        let limit = query.page_size();
+        Self {
+            query,
+            limit,
+            events: Vec::with_capacity(limit + 1),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// How many entries to read at a time.
+    pub fn batch(&self) -> usize {
+        (self.limit / 2).clamp(16, 128)
+    }
+
+    /// Takes the events of the entries just read (in any order; those the
+    /// query does not match are dropped). `last_placed` is the placement of
+    /// the last entry read when the batch was full (more may follow), or
+    /// `None` when the view has no more entries. Returns whether the page
+    /// is complete: no entry still unread can hold an event that sorts
+    /// before the first one the page leaves out.
+    pub fn push(
+        &mut self,
+        events: impl IntoIterator<Item = AuditEvent>,
+        last_placed: Option<i64>,
+    ) -> bool {
+        for event in events {
+            if self.query.matches(&event)
+                && self.query.after_cursor(&event)
+                && self.seen.insert(event.id)
+            {
+                self.events.push(event);
+            }
+        }
+        let Some(last) = last_placed else {
+            return true;
+        };
+        if self.events.len() <= self.limit {
+            return false;
+        }
+        self.sort();
+        self.events.truncate(self.limit + 1);
+        let cut = self.events.last().map_or(0, |e| unix_micros(e.at));
+        match self.query.order {
+            Order::Oldest => last > cut,
+            Order::Newest => last.saturating_add(RUN_SPAN_US) < cut,
+        }
+    }
+
+    /// The page, in the query's exact `(at, id)` order, with its cursor.
+    pub fn finish(mut self) -> AuditPage {
+        self.sort();
+        let next = if self.events.len() > self.limit {
+            self.events.truncate(self.limit);
+            self.events.last().map(AuditCursor::after)
+        } else {
+            None
+        };
+        AuditPage {
+            events: self.events,
+            next,
+        }
+    }
+
+    fn sort(&mut self) {
+        match self.query.order {
+            Order::Oldest => self.events.sort_by_key(|e| (e.at, e.id)),
+            Order::Newest => self.events.sort_by_key(|e| std::cmp::Reverse((e.at, e.id))),
+        }
+    }
 }

@@ -226,7 +226,7 @@ macro_rules! store_ops {
         pub(crate) mod $module {
             use diesel_async::{AsyncConnection, RunQueryDsl};
             use impersonation_core::{
-                AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, AuditCursor, ChainHead, DecodedSessions,
+                AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, DecodedSessions,
                 ChainKey, LiveFilter, Order, SecretHash, Session, SessionId, ShadowUser, Start,
                 StartOutcome, StoreError, Touch, Transition,
             };
@@ -703,33 +703,16 @@ macro_rules! store_ops {
             /// no entry still unread can hold an event that belongs on the
             /// page.
             pub(crate) async fn audit(conn: &mut Conn, query: &AuditQuery) -> Result<AuditPage, OpError> {
-                use impersonation_core::views::{RUN_SPAN_US, View};
+                use impersonation_core::views::{PageReader, View, entry_bounds};
                 let (view, key) = View::for_query(query);
-                let limit = query.page_size();
-                // Entry bounds: the query's window, narrowed by the cursor.
-                // An entry sits at its earliest event, and its latest is at
-                // most `RUN_SPAN_US` later.
-                let mut low = query.since.map(|s| micros(s) - RUN_SPAN_US);
-                let mut high = query.until.map(|u| micros(u) - 1);
-                if let Some(c) = query.cursor {
-                    let at = micros(c.at);
-                    match query.order {
-                        Order::Oldest => low = Some(low.map_or(at - RUN_SPAN_US, |l| l.max(at - RUN_SPAN_US))),
-                        Order::Newest => high = Some(high.map_or(at, |h| h.min(at))),
-                    }
-                }
+                let (low, high) = entry_bounds(query);
                 let dir = match query.order {
                     Order::Oldest => "ASC",
                     Order::Newest => "DESC",
                 };
-                let batch = (limit / 2).clamp(16, 128);
+                let mut page = PageReader::new(query);
+                let batch = page.batch();
                 let mut offset: usize = 0;
-                let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
-                let mut seen: std::collections::HashSet<impersonation_core::EventId> = std::collections::HashSet::new();
-                let sort = |events: &mut Vec<AuditEvent>| match query.order {
-                    Order::Oldest => events.sort_by_key(|e| (e.at, e.id)),
-                    Order::Newest => events.sort_by_key(|e| std::cmp::Reverse((e.at, e.id))),
-                };
                 loop {
                     let mut sql = Sql::new(
                         "SELECT chain, first_seq, last_seq, first_us FROM impersonation_audit_runs \
@@ -748,6 +731,7 @@ macro_rules! store_ops {
                     sql.push_arg(" OFFSET ?", count(offset as u64));
                     let runs = sql.load::<RunRow>(conn).await?;
                     offset += runs.len();
+                    let mut events = Vec::new();
                     if !runs.is_empty() {
                         let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE ");
                         for (i, run) in runs.iter().enumerate() {
@@ -759,39 +743,14 @@ macro_rules! store_ops {
                             sql.push_arg(" AND seq <= ?)", run.last_seq);
                         }
                         for row in sql.load::<EventRow>(conn).await? {
-                            let event = row.into_event()?;
-                            if query.matches(&event) && query.after_cursor(&event) && seen.insert(event.id) {
-                                events.push(event);
-                            }
+                            events.push(row.into_event()?);
                         }
                     }
-                    let Some(last_us) = runs.last().filter(|_| runs.len() == batch).map(|r| r.first_us) else {
-                        break;
-                    };
-                    if events.len() > limit {
-                        // Done once no entry still unread can hold an
-                        // event that sorts before the first one this page
-                        // leaves out.
-                        sort(&mut events);
-                        events.truncate(limit + 1);
-                        let cut = events.last().map_or(0, |e| micros(e.at));
-                        let done = match query.order {
-                            Order::Oldest => last_us > cut,
-                            Order::Newest => last_us.saturating_add(RUN_SPAN_US) < cut,
-                        };
-                        if done {
-                            break;
-                        }
+                    let last = runs.last().filter(|_| runs.len() == batch).map(|r| r.first_us);
+                    if page.push(events, last) {
+                        return Ok(page.finish());
                     }
                 }
-                sort(&mut events);
-                let next = if events.len() > limit {
-                    events.truncate(limit);
-                    events.last().map(AuditCursor::after)
-                } else {
-                    None
-                };
-                Ok(AuditPage { events, next })
             }
 
             pub(crate) async fn chain_events(

@@ -23,15 +23,15 @@
 mod keys;
 mod scripts;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 use impersonation_core::{
-    AppendGuard, AuditCursor, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead,
-    ChainKey, DecodedSessions, EventHash, EventId, LiveFilter, Order, SecretHash, SecretLookup,
-    Session, SessionId, ShadowUser, Start, StartOutcome, Store, StoreError, Touch, Transition,
+    AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, Batching, ChainHead, ChainKey,
+    DecodedSessions, EventHash, LiveFilter, Order, SecretHash, SecretLookup, Session, SessionId,
+    ShadowUser, Start, StartOutcome, Store, StoreError, Touch, Transition,
 };
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -352,9 +352,9 @@ fn ttl_ms(expires_at: OffsetDateTime, now: OffsetDateTime, retention: Duration) 
         .max(1)
 }
 
-/// How far apart one view entry's events may be, and how many it lists
-/// (one `XRANGE` of at most that many when the view is read).
-use impersonation_core::views::{RUN_LEN, RUN_SPAN_US, View};
+// The most events one view entry lists (one `XRANGE` of at most that many
+// when the view is read), and the views.
+use impersonation_core::views::{RUN_LEN, View};
 
 /// One view key and its entries: (score, member).
 type ViewEntries = (String, Vec<(i64, String)>);
@@ -1325,32 +1325,14 @@ impl Store for RedisStore {
             (View::All, _) => audit_all(&self.ns),
             (view, key) => audit_index(&self.ns, view.code(), &key),
         };
-        let limit = query.page_size();
-        // Score bounds: the query's window, narrowed by the cursor, in
-        // entry scores: an entry is scored by its earliest event, and its
-        // latest is at most `RUN_SPAN_US` later.
-        let mut low = query.since.map(|s| micros(s) - RUN_SPAN_US);
-        let mut high = query.until.map(|u| micros(u) - 1);
-        if let Some(c) = query.cursor {
-            let at = micros(c.at);
-            match query.order {
-                Order::Oldest => {
-                    low = Some(low.map_or(at - RUN_SPAN_US, |l| l.max(at - RUN_SPAN_US)));
-                }
-                Order::Newest => high = Some(high.map_or(at, |h| h.min(at))),
-            }
-        }
+        let (low, high) = impersonation_core::views::entry_bounds(query);
         let (low, high) = (
             low.map_or("-inf".to_owned(), |v| v.to_string()),
             high.map_or("+inf".to_owned(), |v| v.to_string()),
         );
-        let batch = (limit / 2).clamp(16, 128);
+        let mut page = impersonation_core::views::PageReader::new(query);
+        let batch = page.batch();
         let mut offset = 0;
-        let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
-        // An event is listed by one entry, and an entry left by an attempt
-        // that lost a race may list it again.
-        let mut seen: HashSet<EventId> = HashSet::new();
-        let key = |e: &AuditEvent| (e.at, e.id);
         loop {
             let mut cmd = redis::cmd("ZRANGE");
             cmd.arg(&index);
@@ -1364,45 +1346,15 @@ impl Store for RedisStore {
                 cmd.query_async(&mut conn).await.map_err(unavailable)?;
             offset += entries.len();
             let fetched = try_join_all(entries.iter().map(|(m, _)| self.fetch_run(m))).await?;
-            for event in fetched.into_iter().flatten() {
-                if query.matches(&event) && query.after_cursor(&event) && seen.insert(event.id) {
-                    events.push(event);
-                }
-            }
-            let Some(&(_, last_score)) = entries.last().filter(|_| entries.len() == batch) else {
-                break;
-            };
-            if events.len() > limit {
-                // Done once no entry still unread can hold an event that
-                // sorts before the first one this page leaves out.
-                match query.order {
-                    Order::Oldest => events.sort_by_key(key),
-                    Order::Newest => events.sort_by_key(|e| std::cmp::Reverse(key(e))),
-                }
-                events.truncate(limit + 1);
-                let cut = events.last().map_or(0, |e| micros(e.at)) as f64;
-                let done = match query.order {
-                    Order::Oldest => last_score > cut,
-                    Order::Newest => last_score + (RUN_SPAN_US as f64) < cut,
-                };
-                if done {
-                    break;
-                }
+            // Scores are whole microseconds, written as integers.
+            let last = entries
+                .last()
+                .filter(|_| entries.len() == batch)
+                .map(|&(_, score)| score as i64);
+            if page.push(fetched.into_iter().flatten(), last) {
+                return Ok(page.finish());
             }
         }
-        // Entries overlap in time and list their events in chain order:
-        // settle (at, id) order exactly before cutting the page.
-        match query.order {
-            Order::Oldest => events.sort_by_key(key),
-            Order::Newest => events.sort_by_key(|e| std::cmp::Reverse(key(e))),
-        }
-        let next = if events.len() > limit {
-            events.truncate(limit);
-            events.last().map(AuditCursor::after)
-        } else {
-            None
-        };
-        Ok(AuditPage { events, next })
     }
 
     async fn chain_events(
