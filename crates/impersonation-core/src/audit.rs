@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::clock::normalize;
+use crate::clock::{normalize, unix_micros};
 use crate::id::{EventId, SessionId, TenantId, UserId};
 use crate::policy::has_forbidden_chars;
 
@@ -441,11 +441,6 @@ struct Canonical<'a> {
     tenant: &'a Option<TenantId>,
     session: &'a Option<SessionId>,
     details: &'a Details,
-}
-
-fn unix_micros(at: OffsetDateTime) -> i64 {
-    let micros = at.unix_timestamp_nanos() / 1_000;
-    i64::try_from(micros).unwrap_or(i64::MAX)
 }
 
 impl AuditEvent {

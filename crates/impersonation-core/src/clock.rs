@@ -12,6 +12,12 @@ pub fn normalize(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_nanosecond(micros * 1_000).unwrap_or(at)
 }
 
+/// Microseconds since the Unix epoch: how the audit hash and the stores
+/// write a time (saturating far beyond any real date).
+pub fn unix_micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
 /// A source of the current time (UTC).
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Now.

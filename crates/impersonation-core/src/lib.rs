@@ -82,7 +82,7 @@ pub use audit::{
     ChainReport, ChainVerifier, Details, EventHash, MAX_DETAIL_ENTRIES, MAX_DETAIL_KEY,
     MAX_DETAIL_VALUE, Party, table_timestamp, to_json_lines, to_table, verify_chain,
 };
-pub use clock::{Clock, ManualClock, SystemClock, normalize};
+pub use clock::{Clock, ManualClock, SystemClock, normalize, unix_micros};
 pub use id::{EventId, IdError, MAX_ID_LEN, SessionId, TenantId, UserId};
 pub use memory::MemoryStore;
 pub use policy::{

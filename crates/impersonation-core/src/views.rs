@@ -37,9 +37,9 @@
 
 use std::collections::HashSet;
 
-use time::OffsetDateTime;
-
-use crate::{AuditCursor, AuditEvent, AuditPage, AuditQuery, ChainKey, EventId, Order};
+use crate::{
+    AuditCursor, AuditEvent, AuditPage, AuditQuery, ChainKey, EventId, Order, unix_micros,
+};
 
 /// The widest time span of one run's events, in microseconds: a run's
 /// entry is placed at its earliest event, so a reader that wants events
@@ -122,11 +122,6 @@ pub struct ViewRun {
     pub last_seq: u64,
     /// The first event's id.
     pub first_id: EventId,
-}
-
-/// Microseconds since the Unix epoch.
-pub fn unix_micros(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
 /// The view entries of `events` (consecutive events of one chain, in

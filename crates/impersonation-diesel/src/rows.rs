@@ -9,9 +9,7 @@ use time::OffsetDateTime;
 
 /// Microseconds since the Unix epoch: the stored form of every timestamp,
 /// exact on every backend and ordered as integers.
-pub(crate) fn micros(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
+pub(crate) use impersonation_core::unix_micros as micros;
 
 pub(crate) fn from_micros(us: i64) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)

@@ -252,9 +252,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-fn micros(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
+use impersonation_core::unix_micros as micros;
 
 fn from_micros(text: &str) -> Result<OffsetDateTime, StoreError> {
     let us: i64 = text.parse().map_err(|e| corrupt("timestamp", e))?;
