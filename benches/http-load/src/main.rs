@@ -241,11 +241,22 @@ fn cpu_cell(results: &[(String, Vec<Sample>)], name: &str) -> Option<String> {
 
 fn report(results: &[(String, Vec<Sample>)], seconds: u64, connections: u32) {
     let rounds = results.first().map_or(0, |(_, runs)| runs.len());
-    let get = |name: &str| cell(results, name);
     println!(
         "\n{seconds} s per variant, {rounds} round(s): medians, and the range of the ratio over rounds; \
          wrk -t1 -c{connections} on core 1, server on core 0 (one tokio worker)\n"
     );
+    table(|name| cell(results, name));
+    println!(
+        "\nCPU per request in microseconds, medians: the server process + the database servers \
+         ({}); the cost a request puts on the machine, whichever core it lands on\n",
+        DATABASE_PROCESSES.join(", ")
+    );
+    table(|name| cpu_cell(results, name));
+}
+
+/// One table of the report: a row per backend, a column per kind of
+/// variant, each cell as `get` gives it for the variant's name.
+fn table(get: impl Fn(&str) -> Option<String>) {
     println!(
         "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | tower-sessions + raw audit write | floor: one raw audit write |"
     );
@@ -261,36 +272,6 @@ fn report(results: &[(String, Vec<Sample>)], seconds: u64, connections: u32) {
     }
     for backend in ["memory", "sqlite", "postgres", "redis"] {
         let or_dash = |name: String| get(&name).unwrap_or_else(|| "-".into());
-        println!(
-            "| {backend} | {} | {} | {} | {} | {} | {} |",
-            or_dash(format!("layer-{backend}")),
-            or_dash(format!("layer-{backend}-tuned")),
-            or_dash(format!("layer-{backend}-unaudited")),
-            or_dash(format!("ts-{backend}")),
-            or_dash(format!("ts-audited-{backend}")),
-            or_dash(format!("floor-{backend}")),
-        );
-    }
-    println!(
-        "\nCPU per request in microseconds, medians: the server process + the database servers \
-         ({}); the cost a request puts on the machine, whichever core it lands on\n",
-        DATABASE_PROCESSES.join(", ")
-    );
-    println!(
-        "| backend | layer, defaults (audited) | layer, 5 s touch/re-check (audited) | layer, 5 s, audit off | tower-sessions 0.14 | tower-sessions + raw audit write | floor: one raw audit write |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (label, name) in [
-        ("none (bare handler)", "bare"),
-        ("none (handler behind the host's auth, no SDK)", "bare-auth"),
-        ("none (layer, not impersonating)", "layer-ordinary"),
-    ] {
-        if let Some(c) = cpu_cell(results, name) {
-            println!("| {label} | {c} | | | | | |");
-        }
-    }
-    for backend in ["memory", "sqlite", "postgres", "redis"] {
-        let or_dash = |name: String| cpu_cell(results, &name).unwrap_or_else(|| "-".into());
         println!(
             "| {backend} | {} | {} | {} | {} | {} | {} |",
             or_dash(format!("layer-{backend}")),
