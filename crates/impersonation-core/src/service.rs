@@ -914,9 +914,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             return Err(Error::Ended(reason));
         }
         if let Some(lapse) = session.lapse_at(now) {
-            let reason = self
-                .end(&session, lapse, Actor::System, Details::new())
-                .await?;
+            // Boxed here and below: the rare ending path stays out of the
+            // every-request future, which is moved at each await level.
+            let reason = Box::pin(self.end(&session, lapse, Actor::System, Details::new())).await?;
             return Err(Error::Ended(reason));
         }
         if session.state == SessionState::Pending {
@@ -948,9 +948,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                         format!("policy re-check failed: {}", denial.code()),
                     )
                     .with("denial", denial.code());
-                let reason = self
-                    .end(&session, EndReason::Revoked, Actor::System, details)
-                    .await?;
+                let reason =
+                    Box::pin(self.end(&session, EndReason::Revoked, Actor::System, details))
+                        .await?;
                 return Err(Error::Ended(reason));
             }
         };
@@ -1308,7 +1308,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     draft.id = crate::EventId::new();
                     draft.at = normalize(self.now());
                     draft.details.insert("after_end", "true");
-                    self.append(draft, AppendGuard::None).await?;
+                    Box::pin(self.append(draft, AppendGuard::None)).await?;
                     tracing::warn!(
                         session = %ctx.0.session,
                         "an impersonated change finished after its session ended; recorded after the end"

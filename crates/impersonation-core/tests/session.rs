@@ -605,3 +605,41 @@ fn timestamps_are_kept_to_the_microsecond_in_utc() {
     assert_eq!(draft.at, datetime!(2024-11-06 08:15:00.123456 UTC));
     assert_eq!(draft.at.offset(), time::UtcOffset::UTC);
 }
+
+proptest::proptest! {
+    /// `Details` is a sorted list: whatever the order of inserts, it reads,
+    /// iterates and serialises exactly as a sorted map given the same
+    /// inserts would (the audit hash covers that JSON), and reads back.
+    #[test]
+    fn details_behave_as_a_sorted_map(
+        inserts in proptest::collection::vec(("[a-e]{1,2}", "[ -~]{0,8}"), 0..60),
+    ) {
+        let mut details = Details::new();
+        let mut map = std::collections::BTreeMap::<String, String>::new();
+        for (key, value) in &inserts {
+            let kept = details.insert(key, value);
+            let fits = map.len() < impersonation_core::MAX_DETAIL_ENTRIES || map.contains_key(key);
+            proptest::prop_assert_eq!(kept, fits);
+            if fits {
+                map.insert(key.clone(), value.clone());
+            }
+        }
+        for key in map.keys() {
+            proptest::prop_assert_eq!(details.get(key), map.get(key).map(String::as_str));
+        }
+        proptest::prop_assert_eq!(details.get("zz"), None);
+        let listed: Vec<(&str, &str)> = details.iter().collect();
+        let expected: Vec<(&str, &str)> = map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        proptest::prop_assert_eq!(listed, expected);
+        let json = serde_json::to_string(&details).unwrap();
+        proptest::prop_assert_eq!(&json, &serde_json::to_string(&map).unwrap());
+        let back: Details = serde_json::from_str(&json).unwrap();
+        proptest::prop_assert_eq!(back, details);
+    }
+}
+
+#[test]
+fn details_read_a_repeated_key_as_a_map_does() {
+    let back: Details = serde_json::from_str(r#"{"b":"1","a":"2","b":"3"}"#).unwrap();
+    assert_eq!(back.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+}
