@@ -26,11 +26,15 @@ const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
 /// Runs `cargo bench --package <p>... [args...]`, e.g. `cargo xtask bench --
 /// --save-baseline main` to forward options to criterion; or, for `http`,
 /// the load bench with its arguments (`--seconds N`, `--connections N`,
-/// `--rounds N` for medians over interleaved rounds, variant names).
+/// `--rounds N` for medians over interleaved rounds, `--instructions` for
+/// instructions per request under callgrind, variant names).
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     crate::services::up()?;
     if args.first().and_then(|a| a.to_str()) == Some("http") {
         crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk")])?;
+        if args.iter().any(|a| a == "--instructions") {
+            crate::services::ensure_tools(&[("/usr/bin/valgrind", "valgrind")])?;
+        }
         let mut cargo_args: Vec<OsString> = [
             "run",
             "--release",

@@ -24,8 +24,15 @@
 //!   "no access without an audit record", and so the ceiling for an audited
 //!   request on that backend.
 //!
-//! Usage: `impersonation-http-bench [--seconds N] [--connections N] [--rounds N] [VARIANT...]`
+//! Usage: `impersonation-http-bench [--seconds N] [--connections N] [--rounds N] [--instructions] [VARIANT...]`
 //! (`cargo xtask bench http`). The `serve` subcommand is internal.
+//!
+//! `--instructions` runs each server under `valgrind --tool=callgrind` and
+//! reports the instructions it executes per request (after a warm-up, all
+//! its threads): a count that, unlike requests per second, does not move
+//! with the machine's other load, for comparing two versions of the code.
+//! It leaves out the database servers' work, and valgrind hides SHA-NI, so
+//! SHA-256 counts about ten times what it costs on a CPU that has it.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener as StdListener;
@@ -96,6 +103,7 @@ fn main() -> Result<()> {
     let mut seconds = 10u64;
     let mut connections = 32u32;
     let mut rounds = 1usize;
+    let mut mode = Mode::Time;
     let mut chosen = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -103,6 +111,7 @@ fn main() -> Result<()> {
             "--seconds" => seconds = it.next().context("--seconds N")?.parse()?,
             "--connections" => connections = it.next().context("--connections N")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse::<usize>()?.max(1),
+            "--instructions" => mode = Mode::Instructions,
             v if VARIANTS.contains(&v) => chosen.push(v.to_owned()),
             other => bail!("unknown argument {other}; variants: {}", VARIANTS.join(" ")),
         }
@@ -119,16 +128,44 @@ fn main() -> Result<()> {
         chosen.iter().map(|v| (v.clone(), Vec::new())).collect();
     for round in 1..=rounds {
         for (variant, runs) in &mut results {
-            let sample = measure(variant, seconds, connections)?;
-            println!(
-                "round {round}: {variant:<26} {:>10.0} req/s  CPU/request: server {:>5.1} us, databases {:>5.1} us",
-                sample.rps, sample.server_us, sample.db_us
-            );
+            let sample = measure(variant, seconds, connections, mode)?;
+            match mode {
+                Mode::Time => println!(
+                    "round {round}: {variant:<26} {:>10.0} req/s  CPU/request: server {:>5.1} us, databases {:>5.1} us",
+                    sample.rps, sample.server_us, sample.db_us
+                ),
+                Mode::Instructions => println!(
+                    "round {round}: {variant:<26} {:>10.0} instructions/request (server, under callgrind)",
+                    sample.instructions
+                ),
+            }
             runs.push(sample);
         }
     }
-    report(&results, seconds, connections);
+    match mode {
+        Mode::Time => report(&results, seconds, connections),
+        Mode::Instructions => {
+            println!(
+                "\nInstructions per request executed by the server process (medians, thousands), \
+                 under callgrind: no database servers' work; SHA-256 without SHA-NI\n"
+            );
+            table(|name| {
+                let runs = &results.iter().find(|(v, _)| v == name)?.1;
+                let median = median(&mut runs.iter().map(|r| r.instructions).collect::<Vec<_>>());
+                Some(format!("{:.1}k", median / 1000.0))
+            });
+        }
+    }
     Ok(())
+}
+
+/// What a run measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Requests per second and CPU time per request.
+    Time,
+    /// Instructions per request, under callgrind.
+    Instructions,
 }
 
 /// One timed run of one variant.
@@ -141,6 +178,9 @@ struct Sample {
     /// CPU time of the database servers (Redis, PostgreSQL, MariaDB) per
     /// request, in microseconds.
     db_us: f64,
+    /// Instructions the server executed per request (`Mode::Instructions`
+    /// only; zero otherwise).
+    instructions: f64,
 }
 
 /// The database servers whose CPU time is counted per request.
@@ -364,12 +404,21 @@ fn wrk(
     Ok((rps, requests))
 }
 
-fn measure(variant: &str, seconds: u64, connections: u32) -> Result<Sample> {
+fn measure(variant: &str, seconds: u64, connections: u32, mode: Mode) -> Result<Sample> {
     settle()?;
     let port = free_port()?;
     let exe = std::env::current_exe()?;
-    let mut child = Command::new("taskset")
-        .args(["-c", "0"])
+    // callgrind writes its dump beside this path, as `<path>.1`.
+    let callgrind_out = scratch_file("imptest_callgrind", "out");
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0"]);
+    if mode == Mode::Instructions {
+        // valgrind runs the server in its own process: the pid stays the server's.
+        command
+            .args(["valgrind", "--tool=callgrind", "--quiet"])
+            .arg(format!("--callgrind-out-file={}", callgrind_out.display()));
+    }
+    let mut child = command
         .arg(exe)
         .args(["serve", variant, &port.to_string()])
         .stdout(Stdio::piped())
@@ -415,6 +464,31 @@ fn measure(variant: &str, seconds: u64, connections: u32) -> Result<Sample> {
         bail!("{variant}: unexpected body {body:?}");
     }
     wrk(variant, &url, header.as_deref(), 2, connections)?; // warm-up
+    if mode == Mode::Instructions {
+        callgrind_control(&["-z"], pid)?; // count from here
+        let (rps, requests) = wrk(variant, &url, header.as_deref(), seconds, connections)?;
+        callgrind_control(&["-d"], pid)?; // writes <callgrind_out>.1
+        drop(server);
+        let dump_path = callgrind_out.with_extension("out.1");
+        let dump = std::fs::read_to_string(&dump_path).context("reading callgrind's dump");
+        for path in [&callgrind_out, &dump_path] {
+            let _ = std::fs::remove_file(path);
+        }
+        let dump = dump?;
+        let total: f64 = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:"))
+            .context("callgrind's dump has no summary")?
+            .trim()
+            .parse()
+            .context("parsing callgrind's summary")?;
+        return Ok(Sample {
+            rps,
+            server_us: 0.0,
+            db_us: 0.0,
+            instructions: total / requests.max(1) as f64,
+        });
+    }
     let (server0, db0) = (process_ticks(pid)?, database_ticks()?);
     let (rps, requests) = wrk(variant, &url, header.as_deref(), seconds, connections)?;
     let (server1, db1) = (process_ticks(pid)?, database_ticks()?);
@@ -425,7 +499,24 @@ fn measure(variant: &str, seconds: u64, connections: u32) -> Result<Sample> {
         rps,
         server_us: per_request(server1.saturating_sub(server0)),
         db_us: per_request(db1.saturating_sub(db0)),
+        instructions: 0.0,
     })
+}
+
+/// Runs `callgrind_control ARGS PID` (zero the counts, dump them).
+fn callgrind_control(args: &[&str], pid: i32) -> Result<()> {
+    let out = Command::new("callgrind_control")
+        .args(args)
+        .arg(pid.to_string())
+        .output()
+        .context("running callgrind_control (apt-get install valgrind)")?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn people() -> Result<(Principal, Principal)> {
