@@ -409,10 +409,11 @@ fn measure(variant: &str, seconds: u64, connections: u32, mode: Mode) -> Result<
     let port = free_port()?;
     let exe = std::env::current_exe()?;
     // callgrind writes its dump beside this path, as `<path>.1`.
-    let callgrind_out = scratch_file("imptest_callgrind", "out");
+    let callgrind_out =
+        (mode == Mode::Instructions).then(|| scratch_file("imptest_callgrind", "out"));
     let mut command = Command::new("taskset");
     command.args(["-c", "0"]);
-    if mode == Mode::Instructions {
+    if let Some(callgrind_out) = &callgrind_out {
         // valgrind runs the server in its own process: the pid stays the server's.
         command
             .args(["valgrind", "--tool=callgrind", "--quiet"])
@@ -464,7 +465,7 @@ fn measure(variant: &str, seconds: u64, connections: u32, mode: Mode) -> Result<
         bail!("{variant}: unexpected body {body:?}");
     }
     wrk(variant, &url, header.as_deref(), 2, connections)?; // warm-up
-    if mode == Mode::Instructions {
+    if let Some(callgrind_out) = callgrind_out {
         callgrind_control(&["-z"], pid)?; // count from here
         let (rps, requests) = wrk(variant, &url, header.as_deref(), seconds, connections)?;
         callgrind_control(&["-d"], pid)?; // writes <callgrind_out>.1

@@ -165,11 +165,13 @@ impl Details {
         if !key_ok {
             return false;
         }
-        let value = sanitize(value.to_string());
+        // A refused detail is not formatted or sanitised.
         match self.position(key) {
-            Ok(i) => self.0[i].1 = value,
+            Ok(i) => self.0[i].1 = sanitize(value.to_string()),
             Err(_) if self.0.len() >= MAX_DETAIL_ENTRIES => return false,
-            Err(i) => self.0.insert(i, (key.to_owned(), value)),
+            Err(i) => self
+                .0
+                .insert(i, (key.to_owned(), sanitize(value.to_string()))),
         }
         true
     }
