@@ -1,6 +1,7 @@
 //! The audit trail: append-only events in SHA-256 hash chains, their
 //! verification, and exports as JSON lines and as the table people read.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -138,8 +139,40 @@ pub const MAX_DETAIL_VALUE: usize = 1_000;
 /// event's handful of details costs one small allocation, not a tree node
 /// sized for eleven. It serialises as a JSON object with its keys in order,
 /// exactly as a sorted map does, so the audit hash does not depend on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Details(Vec<(String, String)>);
+///
+/// Cloning is cheap: the list is shared, and copied only when a clone is
+/// changed. The SDK's own keys (`method`, `route`, `status`, …) are static
+/// text, not allocated per event.
+#[derive(Clone, Default)]
+pub struct Details(Option<Arc<Vec<Detail>>>);
+
+/// One detail: its key (static text for the SDK's own keys) and value.
+type Detail = (Cow<'static, str>, String);
+
+/// The keys the SDK itself writes, kept as static text.
+fn known_key(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "after_end" => "after_end",
+        "attempt" => "attempt",
+        "cause" => "cause",
+        "consented_by" => "consented_by",
+        "denial" => "denial",
+        "description" => "description",
+        "expires_at" => "expires_at",
+        "message" => "message",
+        "method" => "method",
+        "note" => "note",
+        "reason" => "reason",
+        "reason_text" => "reason_text",
+        "read_only" => "read_only",
+        "route" => "route",
+        "status" => "status",
+        "target" => "target",
+        "text" => "text",
+        "ticket" => "ticket",
+        _ => return None,
+    })
+}
 
 impl Details {
     /// No details.
@@ -157,6 +190,16 @@ impl Details {
     /// Adds a detail (sanitised), replacing one with the same key; returns
     /// whether it was kept.
     pub fn insert(&mut self, key: &str, value: impl fmt::Display) -> bool {
+        // A refused detail is not formatted or sanitised.
+        self.insert_with(key, || value.to_string())
+    }
+
+    /// [`Details::insert`] of a value already in a `String` (moved, not copied).
+    pub(crate) fn insert_owned(&mut self, key: &str, value: String) -> bool {
+        self.insert_with(key, || value)
+    }
+
+    fn insert_with(&mut self, key: &str, value: impl FnOnce() -> String) -> bool {
         let key_ok = !key.is_empty()
             && key.len() <= MAX_DETAIL_KEY
             && key
@@ -165,40 +208,70 @@ impl Details {
         if !key_ok {
             return false;
         }
-        // A refused detail is not formatted or sanitised.
-        match self.position(key) {
-            Ok(i) => self.0[i].1 = sanitize(value.to_string()),
-            Err(_) if self.0.len() >= MAX_DETAIL_ENTRIES => return false,
-            Err(i) => self
-                .0
-                .insert(i, (key.to_owned(), sanitize(value.to_string()))),
+        let position = self.position(key);
+        if position.is_err() && self.len() >= MAX_DETAIL_ENTRIES {
+            return false;
+        }
+        let value = sanitize(value());
+        // Shared with a clone: copied here, so the clone keeps its own.
+        let entries = Arc::make_mut(self.0.get_or_insert_with(Arc::default));
+        match position {
+            Ok(i) => entries[i].1 = value,
+            Err(i) => {
+                let key = known_key(key).map_or_else(|| Cow::Owned(key.to_owned()), Cow::Borrowed);
+                entries.insert(i, (key, value));
+            }
         }
         true
     }
 
+    fn entries(&self) -> &[Detail] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+
     fn position(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+        self.entries().binary_search_by(|(k, _)| (**k).cmp(key))
     }
 
     /// A detail's value.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.position(key).ok().map(|i| self.0[i].1.as_str())
+        self.position(key)
+            .ok()
+            .map(|i| self.entries()[i].1.as_str())
     }
 
     /// Every detail, ordered by key.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.entries().iter().map(|(k, v)| (&**k, v.as_str()))
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.entries().is_empty()
+    }
+}
+
+impl PartialEq for Details {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Details {}
+
+impl fmt::Debug for Details {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
 impl Serialize for Details {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        serializer.collect_map(self.iter())
     }
 }
 
@@ -208,7 +281,17 @@ impl<'de> Deserialize<'de> for Details {
     /// last value, as a map would.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, String>::deserialize(deserializer)?;
-        Ok(Self(map.into_iter().collect()))
+        if map.is_empty() {
+            return Ok(Self::default());
+        }
+        let entries = map
+            .into_iter()
+            .map(|(k, v)| {
+                let key = known_key(&k).map_or(Cow::Owned(k), Cow::Borrowed);
+                (key, v)
+            })
+            .collect();
+        Ok(Self(Some(Arc::new(entries))))
     }
 }
 
@@ -459,8 +542,75 @@ pub struct AuditEvent {
 }
 
 /// Room for a typical event's canonical JSON (an access event is about
-/// 350 bytes), so the buffer is allocated once.
-const CANONICAL_CAPACITY: usize = 640;
+/// 350 bytes), so it reaches the hash in one update.
+const CANONICAL_BUFFER: usize = 512;
+
+/// Buffers the canonical JSON on the stack on its way into the hash.
+struct HashWriter {
+    hasher: Sha256,
+    buf: [u8; CANONICAL_BUFFER],
+    len: usize,
+}
+
+impl HashWriter {
+    fn new(hasher: Sha256) -> Self {
+        Self {
+            hasher,
+            buf: [0; CANONICAL_BUFFER],
+            len: 0,
+        }
+    }
+
+    fn finish(mut self) -> Sha256 {
+        self.hasher.update(&self.buf[..self.len]);
+        self.hasher
+    }
+}
+
+impl HashWriter {
+    // Inlined into serde's many small writes, most of them a byte or two
+    // of constant length: a call per write would cost more than the copy.
+    #[inline]
+    fn put(&mut self, data: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + data.len()) {
+            Some(room) => {
+                room.copy_from_slice(data);
+                self.len += data.len();
+            }
+            None => self.spill(data),
+        }
+    }
+
+    #[cold]
+    fn spill(&mut self, data: &[u8]) {
+        self.hasher.update(&self.buf[..self.len]);
+        self.len = 0;
+        if data.len() > CANONICAL_BUFFER {
+            self.hasher.update(data);
+        } else {
+            self.buf[..data.len()].copy_from_slice(data);
+            self.len = data.len();
+        }
+    }
+}
+
+impl std::io::Write for HashWriter {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.put(data);
+        Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.put(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The canonical form hashed into the chain: fixed field order, timestamp as
 /// integer microseconds, so every store and language computes the same bytes.
@@ -495,19 +645,19 @@ impl AuditEvent {
             session: &self.session,
             details: &self.details,
         };
-        // The JSON goes into one buffer and the buffer into the hash in one
-        // update: serde writes a few bytes at a time, and each write straight
-        // into the hasher would pay its block bookkeeping (a quarter of the
-        // append's instructions, measured). Serialising plain structs,
-        // strings and the details into a Vec cannot fail; a cut-short body
-        // would only make the hash mismatch, never pass.
-        let mut json = Vec::with_capacity(CANONICAL_CAPACITY);
-        let _ = serde_json::to_writer(&mut json, &canonical);
-        let digest = Sha256::new()
-            .chain_update(b"impersonation-audit-v1\0")
-            .chain_update(self.prev_hash.as_bytes())
-            .chain_update(&json)
-            .finalize();
+        // The JSON goes into a buffer on the stack and from there into the
+        // hash in a few large updates: serde writes a few bytes at a time,
+        // and each write straight into the hasher would pay its block
+        // bookkeeping (a quarter of the append's instructions, measured).
+        // Serialising plain structs, strings and the details cannot fail;
+        // a cut-short body would only make the hash mismatch, never pass.
+        let mut hasher = HashWriter::new(
+            Sha256::new()
+                .chain_update(b"impersonation-audit-v1\0")
+                .chain_update(self.prev_hash.as_bytes()),
+        );
+        let _ = serde_json::to_writer(&mut hasher, &canonical);
+        let digest = hasher.finish().finalize();
         let mut out = [0_u8; 32];
         out.copy_from_slice(&digest);
         EventHash(out)

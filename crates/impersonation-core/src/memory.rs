@@ -22,13 +22,23 @@ struct Inner {
     sessions: HashMap<SessionId, Session>,
     by_hash: HashMap<SecretHash, SessionId>,
     live_by_agent: HashMap<UserId, SessionId>,
-    // Shared events: a growing chain moves pointers when it reallocates,
-    // not whole events.
-    chains: BTreeMap<ChainKey, Vec<Arc<AuditEvent>>>,
+    // An event is cheap to clone (its text is shared), so each chain keeps
+    // its events by value: one allocation less per event than behind an `Arc`.
+    chains: BTreeMap<ChainKey, Vec<AuditEvent>>,
     // Kept apart from the events, as a database keeps a head row, so that
     // cutting events off the end of a chain is detectable.
     heads: HashMap<ChainKey, ChainHead>,
-    by_time: BTreeMap<(OffsetDateTime, EventId), (ChainKey, usize)>,
+    // Every event by (time, id), ascending: events arrive nearly in time
+    // order, so an append almost always lands at the end.
+    by_time: Vec<TimeEntry>,
+}
+
+#[derive(Debug)]
+struct TimeEntry {
+    at: OffsetDateTime,
+    id: EventId,
+    chain: ChainKey,
+    index: usize,
 }
 
 impl Inner {
@@ -37,9 +47,23 @@ impl Inner {
         let event = draft.seal(head);
         self.heads.insert(event.chain.clone(), event.head());
         let chain = self.chains.entry(event.chain.clone()).or_default();
-        self.by_time
-            .insert((event.at, event.id), (event.chain.clone(), chain.len()));
-        chain.push(Arc::new(event.clone()));
+        let key = (event.at, event.id);
+        let at = match self.by_time.last() {
+            Some(last) if (last.at, last.id) > key => {
+                self.by_time.partition_point(|e| (e.at, e.id) < key)
+            }
+            _ => self.by_time.len(),
+        };
+        self.by_time.insert(
+            at,
+            TimeEntry {
+                at: event.at,
+                id: event.id,
+                chain: event.chain.clone(),
+                index: chain.len(),
+            },
+        );
+        chain.push(event.clone());
         event
     }
 }
@@ -90,7 +114,7 @@ impl MemoryStore {
             .and_then(|events| events.get_mut(usize::try_from(seq).unwrap_or(usize::MAX)));
         match event {
             Some(e) => {
-                edit(Arc::make_mut(e));
+                edit(e);
                 true
             }
             None => false,
@@ -247,20 +271,20 @@ impl Store for MemoryStore {
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
         let inner = self.lock();
         let limit = query.page_size();
-        let lookup = |(chain, index): &(ChainKey, usize)| {
+        let lookup = |entry: &TimeEntry| {
             inner
                 .chains
-                .get(chain)
-                .and_then(|events| events.get(*index))
+                .get(&entry.chain)
+                .and_then(|events| events.get(entry.index))
         };
         let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
-        let candidates: Box<dyn Iterator<Item = &(ChainKey, usize)>> = match query.order {
-            Order::Oldest => Box::new(inner.by_time.values()),
-            Order::Newest => Box::new(inner.by_time.values().rev()),
+        let candidates: Box<dyn Iterator<Item = &TimeEntry>> = match query.order {
+            Order::Oldest => Box::new(inner.by_time.iter()),
+            Order::Newest => Box::new(inner.by_time.iter().rev()),
         };
         for event in candidates.filter_map(lookup) {
             if query.matches(event) && query.after_cursor(event) {
-                events.push(AuditEvent::clone(event));
+                events.push(event.clone());
                 if events.len() > limit {
                     break;
                 }
@@ -291,7 +315,7 @@ impl Store for MemoryStore {
                     .iter()
                     .skip(from)
                     .take(limit as usize)
-                    .map(|e| AuditEvent::clone(e))
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default())

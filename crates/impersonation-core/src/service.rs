@@ -1323,7 +1323,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The draft that audits `activity` (its description among its details).
     fn activity_draft(ctx: &Context, now: OffsetDateTime, activity: Activity) -> AuditDraft {
         let mut details = activity.details;
-        details.insert("description", &activity.description);
+        details.insert_owned("description", activity.description);
         let action = match activity.kind {
             ActivityKind::Access => AuditAction::Access,
             ActivityKind::Modification => AuditAction::Modification,

@@ -638,6 +638,30 @@ proptest::proptest! {
     }
 }
 
+/// A clone shares its list until one of them changes: the change is the
+/// changed one's own.
+#[test]
+fn a_changed_clone_of_details_leaves_the_original_alone() {
+    let original = Details::new().with("method", "GET").with("route", "/a");
+    let mut copy = original.clone();
+    assert_eq!(copy, original);
+    assert!(copy.insert("route", "/b"));
+    assert!(copy.insert("custom.key", 200));
+    assert_eq!(
+        original.iter().collect::<Vec<_>>(),
+        [("method", "GET"), ("route", "/a")]
+    );
+    assert_eq!(
+        copy.iter().collect::<Vec<_>>(),
+        [("custom.key", "200"), ("method", "GET"), ("route", "/b")]
+    );
+    assert_ne!(copy, original);
+    // Empty reads back as empty, however it was made.
+    let empty: Details = serde_json::from_str("{}").unwrap();
+    assert_eq!(empty, Details::new());
+    assert!(empty.is_empty());
+}
+
 #[test]
 fn details_read_a_repeated_key_as_a_map_does() {
     let back: Details = serde_json::from_str(r#"{"b":"1","a":"2","b":"3"}"#).unwrap();
