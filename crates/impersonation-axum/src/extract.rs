@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use impersonation_core::{Context, Denial, Principal, ShadowUser};
 
-use crate::layer::{Audited, CsrfToken, Handle};
+use crate::layer::{CsrfToken, Handle};
 
 fn reject(status: StatusCode, text: &'static str) -> Response {
     (
@@ -147,17 +147,16 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         let Some(ctx) = parts.extensions.get::<Context>().cloned() else {
             return Ok(Self);
         };
-        let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+        let Some(Handle(state)) = parts.extensions.get::<Handle>().cloned() else {
             return Err(reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "impersonation layer missing",
             ));
         };
         let attempt = format!("{} {}", parts.method, parts.uri.path());
-        if let Some(flag) = parts.extensions.get::<Audited>() {
-            flag.0.store(true, Ordering::SeqCst);
-        }
-        match shared
+        state.audited.store(true, Ordering::SeqCst);
+        match state
+            .shared
             .api
             .record_denied(&ctx, Denial::SensitiveAction, &attempt)
             .await

@@ -99,23 +99,26 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
 }
 
-/// Request extension: the layer's shared state, for routes and extractors.
+/// Request extension: what the layer hands its routes and extractors, in
+/// one allocation (each extension is one more, and the request's map grows).
 #[derive(Clone)]
-pub(crate) struct Handle(pub(crate) Arc<Shared>);
+pub(crate) struct Handle(pub(crate) Arc<RequestState>);
 
-/// Request extension: the session secret the request presented (even when
-/// it did not resolve for this user), for the stop route.
-#[derive(Clone)]
-pub(crate) struct PresentedSecret(pub(crate) Arc<SessionSecret>);
-
-/// Request extension: set once the request has been audited (a refusal by
-/// [`crate::NotImpersonating`]), so the layer does not audit it twice.
-#[derive(Clone, Default)]
-pub(crate) struct Audited(pub(crate) Arc<AtomicBool>);
+pub(crate) struct RequestState {
+    /// The layer's shared state.
+    pub(crate) shared: Arc<Shared>,
+    /// The session secret the request presented (even when it did not
+    /// resolve for this user), for the stop route.
+    pub(crate) secret: Option<SessionSecret>,
+    /// Set once the request has been audited (a refusal by
+    /// [`crate::NotImpersonating`]), so the layer does not audit it twice.
+    pub(crate) audited: AtomicBool,
+}
 
 /// Request extension: the CSRF token of this browser (double-submit cookie).
+/// Cloning is cheap: the text is shared.
 #[derive(Clone, Debug)]
-pub struct CsrfToken(pub(crate) String);
+pub struct CsrfToken(pub(crate) Arc<str>);
 
 impl CsrfToken {
     /// The token, for a hidden `csrf` field in forms that post to the SDK's routes.
@@ -250,11 +253,11 @@ where
 
             // API clients (bearer) are not browsers: no CSRF cookie is
             // issued to them, and their forms carry no token.
-            let (csrf, fresh_csrf) = match csrf_cookie.filter(|v| v.len() == 43) {
-                Some(token) => (token.to_owned(), false),
-                None if bearer.is_some() || signed_token.is_some() => (String::new(), false),
+            let (csrf, fresh_csrf): (Arc<str>, bool) = match csrf_cookie.filter(|v| v.len() == 43) {
+                Some(token) => (token.into(), false),
+                None if bearer.is_some() || signed_token.is_some() => ("".into(), false),
                 None => match new_token() {
-                    Some(token) => (token, true),
+                    Some(token) => (token.into(), true),
                     None => {
                         return Ok(plain(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -267,8 +270,9 @@ where
             let from_cookie = bearer.is_none();
             // Parsed while the headers are borrowed; only the result is kept.
             let presented = bearer.or(secret_cookie).map(SessionSecret::parse);
-            req.extensions_mut().insert(CsrfToken(csrf.clone()));
-            req.extensions_mut().insert(Handle(Arc::clone(&shared)));
+            req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+            // The secret presented, for the stop route.
+            let mut kept_secret = None;
 
             let mut clear_secret = false;
             // What was presented, resolved, and whether a refusal only
@@ -288,9 +292,6 @@ where
                         ));
                     }
                     Ok(secret) => {
-                        let secret = Arc::new(secret);
-                        req.extensions_mut()
-                            .insert(PresentedSecret(Arc::clone(&secret)));
                         // A read may be served from a session resolved a
                         // moment ago (its audit write checks the store
                         // again); a change always reads the store first.
@@ -299,6 +300,7 @@ where
                         } else {
                             shared.api.resolve_fresh(&secret).await
                         };
+                        kept_secret = Some(secret);
                         Some((result, from_cookie))
                     }
                 }
@@ -336,6 +338,13 @@ where
                 }
             }
 
+            let state = Arc::new(RequestState {
+                shared: Arc::clone(&shared),
+                secret: kept_secret,
+                audited: AtomicBool::new(false),
+            });
+            req.extensions_mut().insert(Handle(Arc::clone(&state)));
+
             // What the audit needs of the request, only under impersonation.
             let mut audit = None;
             let span = match &ctx {
@@ -346,10 +355,8 @@ where
                         Some(m) => RouteName::Matched(m.clone()),
                         None => RouteName::Path(req.uri().path().to_owned()),
                     };
-                    let audited = Audited::default();
                     req.extensions_mut().insert(c.clone());
-                    req.extensions_mut().insert(audited.clone());
-                    audit = Some((method, route, audited));
+                    audit = Some((method, route));
                     tracing::info_span!(
                         "impersonation.request",
                         impersonation.agent = %c.agent().id,
@@ -362,7 +369,7 @@ where
 
             // A change is asked for before it is made (a read-only session
             // may make none); the SDK's own routes (stop) are always let in.
-            if let (Some(c), Some((method, route, _))) = (&ctx, &audit)
+            if let (Some(c), Some((method, route))) = (&ctx, &audit)
                 && !method.is_safe()
                 && !settings.own_route(route.as_str())
             {
@@ -396,12 +403,12 @@ where
 
             let mut res = inner.call(req).instrument(span).await?;
 
-            if let (Some(c), Some((method, route, audited))) = (&ctx, audit) {
+            if let (Some(c), Some((method, route))) = (&ctx, audit) {
                 // The SDK's own routes are audited as session events already.
                 let route = route.as_str();
                 let own_route = settings.own_route(route);
                 if !own_route
-                    && !audited.0.load(Ordering::SeqCst)
+                    && !state.audited.load(Ordering::SeqCst)
                     && (settings.audit)(&method, route)
                 {
                     let status = res.status().as_u16();
@@ -472,7 +479,7 @@ where
             if fresh_csrf {
                 set_cookie(
                     &mut res,
-                    &settings.cookie(settings.csrf_cookie(), csrf, false),
+                    &settings.cookie(settings.csrf_cookie(), csrf.to_string(), false),
                 );
             }
             if clear_secret {

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
 
-use crate::layer::{CsrfToken, Handle, PresentedSecret, Settings, cookie};
+use crate::layer::{CsrfToken, Handle, Settings, cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
@@ -107,12 +107,13 @@ fn had_csrf_cookie(headers: &HeaderMap, settings: &Settings) -> bool {
 
 async fn start(req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+    let Some(Handle(state)) = parts.extensions.get::<Handle>().cloned() else {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "impersonation layer missing".into(),
         );
     };
+    let shared = &state.shared;
     let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
@@ -182,15 +183,15 @@ async fn start(req: Request) -> Response {
 
 async fn stop(req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let Some(Handle(shared)) = parts.extensions.get::<Handle>().cloned() else {
+    let Some(Handle(state)) = parts.extensions.get::<Handle>().cloned() else {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "impersonation layer missing".into(),
         );
     };
+    let shared = &state.shared;
     let principal = parts.extensions.get::<Principal>().cloned();
     let token = parts.extensions.get::<CsrfToken>().cloned();
-    let secret = parts.extensions.get::<PresentedSecret>().cloned();
     let req = Request::from_parts(parts, body);
     let headers = req.headers().clone();
     let Ok(Form(form)) =
@@ -210,10 +211,10 @@ async fn stop(req: Request) -> Response {
     ) {
         return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
     }
-    let Some(PresentedSecret(secret)) = secret else {
+    let Some(secret) = &state.secret else {
         return text(StatusCode::UNAUTHORIZED, "no impersonation session".into());
     };
-    if let Err(e) = shared.api.stop(&secret, &principal).await {
+    if let Err(e) = shared.api.stop(secret, &principal).await {
         return error(&e);
     }
     let mut res = Redirect::to(&local(form.return_to.as_deref())).into_response();
@@ -226,12 +227,13 @@ async fn stop(req: Request) -> Response {
 }
 
 async fn status(req: Request) -> Response {
-    let Some(Handle(shared)) = req.extensions().get::<Handle>().cloned() else {
+    let Some(Handle(state)) = req.extensions().get::<Handle>().cloned() else {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "impersonation layer missing".into(),
         );
     };
+    let shared = &state.shared;
     let body = match req.extensions().get::<Context>() {
         Some(ctx) => {
             let banner = ctx.banner(shared.api.now());
