@@ -278,9 +278,26 @@ impl Store for MemoryStore {
                 .and_then(|events| events.get(entry.index))
         };
         let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
+        // Only the part of the index inside the time window and past the
+        // cursor is read: a page costs its own length, not the trail's.
+        let index = &inner.by_time;
+        let mut from = query
+            .since
+            .map_or(0, |t| index.partition_point(|e| e.at < t));
+        let mut to = query
+            .until
+            .map_or(index.len(), |t| index.partition_point(|e| e.at < t));
+        if let Some(c) = query.cursor {
+            let key = (c.at, c.id);
+            match query.order {
+                Order::Oldest => from = from.max(index.partition_point(|e| (e.at, e.id) <= key)),
+                Order::Newest => to = to.min(index.partition_point(|e| (e.at, e.id) < key)),
+            }
+        }
+        let window = index.get(from..to).unwrap_or_default();
         let candidates: Box<dyn Iterator<Item = &TimeEntry>> = match query.order {
-            Order::Oldest => Box::new(inner.by_time.iter()),
-            Order::Newest => Box::new(inner.by_time.iter().rev()),
+            Order::Oldest => Box::new(window.iter()),
+            Order::Newest => Box::new(window.iter().rev()),
         };
         for event in candidates.filter_map(lookup) {
             if query.matches(event) && query.after_cursor(event) {
