@@ -81,8 +81,8 @@ pub enum Actor {
     User {
         /// Their id.
         id: UserId,
-        /// Their display name at the time.
-        name: String,
+        /// Their display name at the time (shared text: cloning is cheap).
+        name: Arc<str>,
     },
     /// The SDK itself (expiry, idle timeout, a failed policy re-check) or host code.
     System,
@@ -90,7 +90,7 @@ pub enum Actor {
 
 impl Actor {
     /// A person.
-    pub fn user(id: UserId, name: impl Into<String>) -> Self {
+    pub fn user(id: UserId, name: impl Into<Arc<str>>) -> Self {
         Self::User {
             id,
             name: name.into(),
@@ -119,8 +119,8 @@ impl Actor {
 pub struct Party {
     /// Their id.
     pub id: UserId,
-    /// Their display name at the time.
-    pub name: String,
+    /// Their display name at the time (shared text: cloning is cheap).
+    pub name: Arc<str>,
 }
 
 /// Bounds on audit details, so a hostile caller cannot bloat the trail.
@@ -467,7 +467,7 @@ impl AuditDraft {
 
     /// Names the impersonated customer and their tenant.
     #[must_use]
-    pub fn subject(mut self, id: UserId, name: impl Into<String>, tenant: TenantId) -> Self {
+    pub fn subject(mut self, id: UserId, name: impl Into<Arc<str>>, tenant: TenantId) -> Self {
         self.subject = Some(Party {
             id,
             name: name.into(),
@@ -905,7 +905,7 @@ pub fn to_table<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> String 
         "| Timestamp | Action | User Performing Action | Impersonated User | Details |\n|---|---|---|---|---|\n",
     );
     for e in events {
-        let subject = e.subject.as_ref().map_or("", |s| s.name.as_str());
+        let subject = e.subject.as_ref().map_or("", |s| &*s.name);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} |",

@@ -130,7 +130,7 @@ impl ProjectionRules {
         }
         ShadowUser(Arc::new(ShadowData {
             id: target.id.clone(),
-            display_name: target.display_name.clone(),
+            display_name: target.display_name.as_str().into(),
             tenant: target.tenant.clone(),
             roles: target.roles.clone(),
             permissions: grant.effective_permissions(&target.permissions),
@@ -156,7 +156,7 @@ pub struct ShadowUser(Arc<ShadowData>);
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct ShadowData {
     id: UserId,
-    display_name: String,
+    display_name: Arc<str>,
     tenant: TenantId,
     roles: BTreeSet<Role>,
     permissions: BTreeSet<Permission>,
@@ -174,6 +174,11 @@ impl ShadowUser {
     /// The customer's display name.
     pub fn display_name(&self) -> &str {
         &self.0.display_name
+    }
+
+    /// The display name as shared text, for events that name the customer.
+    pub(crate) fn display_name_shared(&self) -> Arc<str> {
+        Arc::clone(&self.0.display_name)
     }
 
     /// The customer's tenant.

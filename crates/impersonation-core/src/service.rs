@@ -272,7 +272,7 @@ impl Context {
         )
         .subject(
             self.subject().clone(),
-            self.0.shadow.display_name(),
+            self.0.shadow.display_name_shared(),
             self.tenant().clone(),
         )
         .session(self.0.session)
@@ -284,7 +284,7 @@ impl Context {
         Banner {
             subject_name: self.0.shadow.display_name().to_owned(),
             company: self.0.shadow.company().map(str::to_owned),
-            agent_name: self.0.agent.name.clone(),
+            agent_name: self.0.agent.name.to_string(),
             reason: self.0.reason.as_str().to_owned(),
             ticket: self.0.ticket.as_ref().map(|t| t.as_str().to_owned()),
             expires_at: self.0.expires_at,
@@ -404,7 +404,7 @@ impl VerifyReport {
 fn person(p: &Principal) -> PersonRef {
     PersonRef {
         id: p.id.clone(),
-        name: p.display_name.clone(),
+        name: p.display_name.as_str().into(),
         tenant: p.tenant.clone(),
     }
 }

@@ -95,8 +95,8 @@ impl fmt::Display for SessionState {
 pub struct PersonRef {
     /// Their id.
     pub id: UserId,
-    /// Their display name.
-    pub name: String,
+    /// Their display name (shared text: cloning is cheap).
+    pub name: Arc<str>,
     /// Their tenant.
     pub tenant: TenantId,
 }

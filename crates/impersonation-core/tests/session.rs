@@ -64,7 +64,7 @@ fn rules() -> ProjectionRules {
 fn person(p: &Principal) -> PersonRef {
     PersonRef {
         id: p.id.clone(),
-        name: p.display_name.clone(),
+        name: p.display_name.as_str().into(),
         tenant: p.tenant.clone(),
     }
 }

@@ -151,7 +151,7 @@ impl World {
 pub fn person(p: &Principal) -> PersonRef {
     PersonRef {
         id: p.id.clone(),
-        name: p.display_name.clone(),
+        name: p.display_name.as_str().into(),
         tenant: p.tenant.clone(),
     }
 }

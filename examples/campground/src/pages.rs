@@ -960,7 +960,7 @@ fn audit_rows(events: &[AuditEvent]) -> String {
             esc(&table_timestamp(e.at)),
             esc(e.action.label()),
             esc(e.actor.name()),
-            esc(e.subject.as_ref().map_or("", |s| s.name.as_str())),
+            esc(e.subject.as_ref().map_or("", |s| &*s.name)),
             esc(&e.describe()),
         );
     }
