@@ -136,8 +136,8 @@ pub const MAX_DETAIL_VALUE: usize = 1_000;
 /// characters become `�`, over-long values are cut. Never put a secret here.
 ///
 /// Kept as a short list sorted by key (at most [`MAX_DETAIL_ENTRIES`]): an
-/// event's handful of details costs one small allocation, not a tree node
-/// sized for eleven. It serialises as a JSON object with its keys in order,
+/// event's handful of details costs the list and its values, not a tree
+/// node sized for eleven. It serialises as a JSON object with its keys in order,
 /// exactly as a sorted map does, so the audit hash does not depend on it.
 ///
 /// Cloning is cheap: the list is shared, and copied only when a clone is
@@ -542,7 +542,7 @@ pub struct AuditEvent {
 }
 
 /// Room for a typical event's canonical JSON (an access event is about
-/// 350 bytes), so it reaches the hash in one update.
+/// 350 bytes), so it usually reaches the hash in one update.
 const CANONICAL_BUFFER: usize = 512;
 
 /// Buffers the canonical JSON on the stack on its way into the hash.

@@ -100,6 +100,7 @@ impl MemoryStore {
 
     /// Overwrites a stored event, bypassing the append-only contract. For
     /// tamper tests only: it is how an attacker with database access would edit a row.
+    /// The time index keeps the event's old time, as a database index would.
     #[doc(hidden)]
     pub fn tamper_with_event(
         &self,
@@ -121,7 +122,9 @@ impl MemoryStore {
         }
     }
 
-    /// Removes a stored event, bypassing the append-only contract. For tamper tests only.
+    /// Removes a stored event, bypassing the append-only contract. For tamper tests only:
+    /// the time index keeps its old positions, so `audit` pages may skip or
+    /// repeat events afterwards (chain reads and verification see the change).
     #[doc(hidden)]
     pub fn tamper_remove_event(&self, chain: &ChainKey, seq: u64) -> bool {
         let mut inner = self.lock();
@@ -279,7 +282,8 @@ impl Store for MemoryStore {
         };
         let mut events: Vec<AuditEvent> = Vec::with_capacity(limit + 1);
         // Only the part of the index inside the time window and past the
-        // cursor is read: a page costs its own length, not the trail's.
+        // cursor is read: a page costs that window (scanned for the other
+        // filters), not the whole trail.
         let index = &inner.by_time;
         let mut from = query
             .since

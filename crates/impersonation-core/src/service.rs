@@ -410,7 +410,7 @@ fn person(p: &Principal) -> PersonRef {
 }
 
 fn actor_of(p: &Principal) -> Actor {
-    Actor::user(p.id.clone(), p.display_name.clone())
+    Actor::user(p.id.clone(), p.display_name.as_str())
 }
 
 /// Fills a span's `impersonation.*` fields from the session it is about.
@@ -706,7 +706,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let refuse = |target: Option<&Principal>| {
             let draft = AuditDraft::new(now, AuditAction::Denied, actor_of(agent), chain.clone());
             match target {
-                Some(t) => draft.subject(t.id.clone(), t.display_name.clone(), t.tenant.clone()),
+                Some(t) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
                 None => draft,
             }
         };
