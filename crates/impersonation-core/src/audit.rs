@@ -362,10 +362,20 @@ impl fmt::Display for ChainKey {
     }
 }
 
-/// A SHA-256 digest in the chain.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
+/// A SHA-256 digest in the chain; lower-case hex in JSON.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct EventHash([u8; 32]);
+
+impl Serialize for EventHash {
+    /// The hex is written from the stack: no `String` per hash.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0_u8; 64];
+        let hex =
+            base16ct::lower::encode_str(&self.0, &mut buf).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(hex)
+    }
+}
 
 impl EventHash {
     /// The hash before the first event of every chain.
@@ -431,7 +441,7 @@ pub struct AuditDraft {
     /// Event id (UUID v7).
     pub id: EventId,
     /// When (UTC, microseconds).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::serde_util::rfc3339")]
     pub at: OffsetDateTime,
     /// What happened.
     pub action: AuditAction,
@@ -517,7 +527,7 @@ pub struct AuditEvent {
     /// Event id (UUID v7).
     pub id: EventId,
     /// When (UTC, microseconds).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::serde_util::rfc3339")]
     pub at: OffsetDateTime,
     /// What happened.
     pub action: AuditAction,

@@ -30,3 +30,30 @@ pub(crate) mod opt_duration_secs {
         Ok(Option::<i64>::deserialize(d)?.map(Duration::seconds))
     }
 }
+
+/// RFC 3339 timestamps written as `time::serde::rfc3339` writes them,
+/// formatted on the stack rather than into a `String` per value (an event
+/// stored as JSON has one; the stores write thousands per second).
+pub(crate) mod rfc3339 {
+    use serde::{Deserializer, Serializer};
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    /// Room for the longest RFC 3339 form `time` writes (nanoseconds and an
+    /// offset: 35 bytes).
+    const ROOM: usize = 40;
+
+    pub(crate) fn serialize<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0_u8; ROOM];
+        let mut out = &mut buf[..];
+        at.format_into(&mut out, &Rfc3339)
+            .map_err(serde::ser::Error::custom)?;
+        let written = ROOM - out.len();
+        let text = std::str::from_utf8(&buf[..written]).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(text)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        time::serde::rfc3339::deserialize(d)
+    }
+}

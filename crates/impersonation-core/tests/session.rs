@@ -667,3 +667,28 @@ fn details_read_a_repeated_key_as_a_map_does() {
     let back: Details = serde_json::from_str(r#"{"b":"1","a":"2","b":"3"}"#).unwrap();
     assert_eq!(back.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
 }
+
+proptest::proptest! {
+    /// A stored event's time and hashes read exactly as `time`'s RFC 3339
+    /// and lower-case hex write them (they are formatted on the stack), and
+    /// read back to the same event.
+    #[test]
+    fn stored_times_and_hashes_keep_their_text(
+        micros in 0_i64..253_402_300_799_999_999,
+        seq in 0_usize..3,
+    ) {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).unwrap();
+        let (_, mut events) = chain_of(seq + 1);
+        let mut event = events.pop().unwrap();
+        event.at = at;
+        event.hash = event.compute_hash();
+        let json = serde_json::to_value(&event).unwrap();
+        let expected = at.format(&time::format_description::well_known::Rfc3339).unwrap();
+        proptest::prop_assert_eq!(json["at"].as_str(), Some(expected.as_str()));
+        let (hash, prev) = (event.hash.to_hex(), event.prev_hash.to_hex());
+        proptest::prop_assert_eq!(json["hash"].as_str(), Some(hash.as_str()));
+        proptest::prop_assert_eq!(json["prev_hash"].as_str(), Some(prev.as_str()));
+        let back: AuditEvent = serde_json::from_value(json).unwrap();
+        proptest::prop_assert_eq!(back, event);
+    }
+}
