@@ -240,8 +240,14 @@ where
                 .map(str::trim);
             let bearer = authorization.filter(|t| SessionSecret::is_marked(t));
             let signed_token = match (&settings.tokens, authorization) {
+                // As for a secret: a read may reuse a session resolved a
+                // moment ago, a change reads the store.
                 (Some(tokens), Some(token)) if bearer.is_none() => {
-                    tokens.resolve_token(token).await
+                    if req.method().is_safe() {
+                        tokens.resolve_token_for_read(token).await
+                    } else {
+                        tokens.resolve_token(token).await
+                    }
                 }
                 _ => None,
             };

@@ -24,6 +24,8 @@ pub trait ImpersonationApi: Send + Sync + 'static {
     async fn resolve_fresh(&self, secret: &SessionSecret) -> Result<Context, Error>;
     /// See [`Impersonation::resolve_session`].
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error>;
+    /// See [`Impersonation::resolve_session_reusing`].
+    async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error>;
     /// A person by id, from the service's [`Directory`] (`None`: unknown).
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error>;
     /// See [`Impersonation::start`].
@@ -71,6 +73,9 @@ where
     }
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
         Impersonation::resolve_session(self, id).await
+    }
+    async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error> {
+        Impersonation::resolve_session_reusing(self, id).await
     }
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
         Ok(self.directory().principal(id).await?)
@@ -127,6 +132,9 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
         (**self).resolve_session(id).await
     }
+    async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error> {
+        (**self).resolve_session_reusing(id).await
+    }
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
         (**self).principal(id).await
     }
@@ -179,4 +187,12 @@ pub trait TokenResolver: Send + Sync + 'static {
     /// then not an impersonation, and the binding goes on without one);
     /// `Some(Err(_))` when it is, and is refused.
     async fn resolve_token(&self, token: &str) -> Option<Result<Context, Error>>;
+
+    /// [`TokenResolver::resolve_token`] for a request that only reads (a
+    /// safe method): it may answer from a session resolved a moment ago
+    /// ([`Impersonation::resolve_session_reusing`]), where `resolve_token`,
+    /// used for changes, must read the store. The default reads the store.
+    async fn resolve_token_for_read(&self, token: &str) -> Option<Result<Context, Error>> {
+        self.resolve_token(token).await
+    }
 }

@@ -32,9 +32,19 @@ struct Entry {
     fetched_at: OffsetDateTime,
 }
 
+/// What a context was resolved from: a session secret, or a session id
+/// named by a verified token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ReuseKey {
+    /// Resolved from this secret (its hash).
+    Secret(SecretHash),
+    /// Resolved by id, for a signed token that names the session.
+    Session(SessionId),
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    entries: HashMap<SecretHash, Entry>,
+    entries: HashMap<ReuseKey, Entry>,
     /// Bumped by every `forget`: a lookup that began before it does not
     /// put its answer back.
     epoch: u64,
@@ -53,16 +63,16 @@ impl Reuse {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The context resolved for `hash` less than `interval` ago, if its
+    /// The context resolved for `key` less than `interval` ago, if its
     /// session is still within its deadlines at `now`.
     pub(crate) fn get(
         &self,
-        hash: &SecretHash,
+        key: &ReuseKey,
         now: OffsetDateTime,
         interval: Duration,
     ) -> Option<Context> {
         let inner = self.lock();
-        let entry = inner.entries.get(hash)?;
+        let entry = inner.entries.get(key)?;
         let fresh = entry.fetched_at <= now && now - entry.fetched_at < interval;
         let live = now < entry.context.expires_at() && now < entry.context.idle_deadline();
         (fresh && live).then(|| entry.context.clone())
@@ -77,7 +87,7 @@ impl Reuse {
     /// `epoch`, unless a session has been forgotten since.
     pub(crate) fn put(
         &self,
-        hash: SecretHash,
+        key: ReuseKey,
         context: &Context,
         now: OffsetDateTime,
         epoch: u64,
@@ -97,7 +107,7 @@ impl Reuse {
             inner.purge_at = inner.entries.len().saturating_mul(2);
         }
         inner.entries.insert(
-            hash,
+            key,
             Entry {
                 context: context.clone(),
                 fetched_at: now,
@@ -130,7 +140,7 @@ mod tests {
         UserId,
     };
 
-    async fn context() -> (Context, SecretHash) {
+    async fn context() -> (Context, ReuseKey) {
         let tenant = TenantId::from(1_u64);
         let agent = Principal::new(UserId::from(1_u64), "Sam", tenant.clone())
             .with_permissions(["impersonation:start"]);
@@ -147,7 +157,7 @@ mod tests {
             .await
             .unwrap();
         let ctx = service.resolve(&started.secret).await.unwrap();
-        (ctx, started.secret.hash())
+        (ctx, ReuseKey::Secret(started.secret.hash()))
     }
 
     fn second() -> Duration {
@@ -221,7 +231,7 @@ mod tests {
             let mut bytes = [0_u8; 32];
             bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
             reuse.put(
-                SecretHash::from_bytes(bytes),
+                ReuseKey::Secret(SecretHash::from_bytes(bytes)),
                 &ctx,
                 at,
                 reuse.epoch(),
@@ -231,7 +241,7 @@ mod tests {
         assert_eq!(reuse.len(), PURGE_FLOOR);
         // One interval on, the next insert finds them all stale.
         reuse.put(
-            SecretHash::from_bytes([255; 32]),
+            ReuseKey::Session(ctx.session()),
             &ctx,
             at + second(),
             reuse.epoch(),

@@ -17,7 +17,7 @@ use crate::id::{SessionId, TenantId, UserId};
 use crate::policy::{Denial, Policy, PolicyContext, Reason, StartRequest, Ticket};
 use crate::principal::{Directory, DirectoryError, Principal};
 use crate::projection::{ProjectionRules, ShadowUser};
-use crate::reuse::Reuse;
+use crate::reuse::{Reuse, ReuseKey};
 use crate::secret::{SecretError, SecretHash, SecretLookup, SessionSecret};
 use crate::session::{Begin, EndReason, PersonRef, Session, SessionState, TransitionError};
 use crate::store::{
@@ -841,7 +841,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let interval = self.config.reuse_interval;
         if reuse
             && interval > Duration::ZERO
-            && let Some(ctx) = self.reuse.get(&secret.hash(), now, interval)
+            && let Some(ctx) = self
+                .reuse
+                .get(&ReuseKey::Secret(secret.hash()), now, interval)
         {
             record_context(&span, &ctx);
             return Ok(ctx);
@@ -857,15 +859,30 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             return Err(Error::Unauthenticated);
         };
         let ctx = self.judge(session, now, touch, &span).await?;
-        self.reuse.put(secret.hash(), &ctx, now, epoch, interval);
+        self.reuse
+            .put(ReuseKey::Secret(secret.hash()), &ctx, now, epoch, interval);
         Ok(ctx)
     }
 
-    /// Like [`Impersonation::resolve`], for a credential that names the
-    /// session by id instead of carrying its bearer secret (the signed
-    /// tokens of `impersonation-oidc`): the same checks, so a stopped,
-    /// expired or revoked session fails on the next request.
+    /// Like [`Impersonation::resolve_fresh`], for a credential that names
+    /// the session by id instead of carrying its bearer secret (the signed
+    /// tokens of `impersonation-oidc`): the same checks, always on the
+    /// store's record, so a stopped, expired or revoked session fails on
+    /// the next request.
     pub async fn resolve_session(&self, id: SessionId) -> Result<Context, Error> {
+        self.resolve_session_traced(id, false).await
+    }
+
+    /// Like [`Impersonation::resolve`], by session id: for a request that
+    /// only reads, a session this process resolved less than
+    /// [`Config::reuse_interval`] ago is answered without a store call, as
+    /// for a secret (its audit write still checks the store). A request
+    /// that changes something calls [`Impersonation::resolve_session`].
+    pub async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error> {
+        self.resolve_session_traced(id, true).await
+    }
+
+    async fn resolve_session_traced(&self, id: SessionId, reuse: bool) -> Result<Context, Error> {
         let span = tracing::info_span!(
             "impersonation.resolve",
             impersonation.agent = Empty,
@@ -874,6 +891,17 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         );
         async {
             let now = self.now();
+            let interval = self.config.reuse_interval;
+            let key = ReuseKey::Session(id);
+            if reuse
+                && interval > Duration::ZERO
+                && let Some(ctx) = self.reuse.get(&key, now, interval)
+            {
+                record_context(&span, &ctx);
+                return Ok(ctx);
+            }
+            // Read before the store, as for a secret.
+            let epoch = self.reuse.epoch();
             let touch = Touch {
                 now,
                 coalesce: self.config.touch_interval,
@@ -895,7 +923,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             } else {
                 found
             };
-            self.judge(session, now, touch, &span).await
+            let ctx = self.judge(session, now, touch, &span).await?;
+            self.reuse.put(key, &ctx, now, epoch, interval);
+            Ok(ctx)
         }
         .instrument(span.clone())
         .await

@@ -628,6 +628,77 @@ async fn an_end_made_by_another_process_refuses_the_next_audited_read() {
     ));
 }
 
+/// A session named by id (a signed token) is reused for reads as a secret
+/// is: within the interval a read is answered from this process, a change
+/// always reads the store, and an end made here is seen at once.
+#[tokio::test]
+async fn a_session_named_by_id_is_reused_for_reads_only() {
+    let store = Arc::new(MemoryStore::new());
+    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
+    let other =
+        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let id = started.session.id;
+    let ctx = f.service.resolve_session_reusing(id).await.unwrap();
+    assert_eq!(ctx.session(), id);
+    // Another process ends it: a read within the interval is still
+    // answered here (its audit write is what refuses it)...
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    f.clock.advance(Duration::milliseconds(500));
+    assert_eq!(f.service.resolve_session_reusing(id).await.unwrap(), ctx);
+    assert!(matches!(
+        f.service
+            .record(&ctx, Activity::access("Viewed bookings."))
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+    // ...and not once the refused write has made this process forget it.
+    assert!(matches!(
+        f.service.resolve_session_reusing(id).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+
+    // A change reads the store at once; and past the interval so does a read.
+    let started = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    let id = started.session.id;
+    f.service.resolve_session_reusing(id).await.unwrap();
+    other.stop(&started.secret, &agent("kim")).await.unwrap();
+    assert!(matches!(
+        f.service.resolve_session(id).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    f.clock.advance(Config::default().reuse_interval);
+    assert!(matches!(
+        f.service.resolve_session_reusing(id).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+
+    // An end made by this process is seen at once, reads included.
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let id = started.session.id;
+    f.service.resolve_session_reusing(id).await.unwrap();
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.service.resolve_session_reusing(id).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+}
+
 #[tokio::test]
 async fn a_deleted_agent_or_customer_ends_the_session() {
     for (who, code) in [("sam", "unknown_agent"), ("olive", "unknown_target")] {

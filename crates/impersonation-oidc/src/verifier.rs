@@ -169,15 +169,28 @@ impl TokenVerifier {
     /// revocation, the policy re-check) and belong to the token's agent and
     /// customer. Returns the same context the cookie path gives.
     pub async fn authorize(&self, token: &str) -> Result<Context, TokenError> {
+        self.authorize_with(token, false).await
+    }
+
+    /// [`TokenVerifier::authorize`] for a request that only reads: the
+    /// session may come from this process's reuse map
+    /// ([`impersonation_core::Impersonation::resolve_session_reusing`]);
+    /// the token itself is verified every time.
+    pub async fn authorize_for_read(&self, token: &str) -> Result<Context, TokenError> {
+        self.authorize_with(token, true).await
+    }
+
+    async fn authorize_with(&self, token: &str, reuse: bool) -> Result<Context, TokenError> {
         let verified = self.verify(token)?;
-        let ctx = self
-            .api
-            .resolve_session(verified.session)
-            .await
-            .map_err(|e| match e.http_status() {
-                503 => TokenError::Unavailable(e.to_string()),
-                _ => TokenError::Session(e.code().to_owned()),
-            })?;
+        let resolved = if reuse {
+            self.api.resolve_session_reusing(verified.session).await
+        } else {
+            self.api.resolve_session(verified.session).await
+        };
+        let ctx = resolved.map_err(|e| match e.http_status() {
+            503 => TokenError::Unavailable(e.to_string()),
+            _ => TokenError::Session(e.code().to_owned()),
+        })?;
         if ctx.agent().id != verified.actor || *ctx.subject() != verified.subject {
             return Err(TokenError::Session(
                 "the session belongs to another agent or customer".into(),
@@ -200,12 +213,22 @@ impl TokenVerifier {
 #[async_trait]
 impl TokenResolver for TokenVerifier {
     async fn resolve_token(&self, token: &str) -> Option<Result<Context, Error>> {
+        self.resolve(token, false).await
+    }
+
+    async fn resolve_token_for_read(&self, token: &str) -> Option<Result<Context, Error>> {
+        self.resolve(token, true).await
+    }
+}
+
+impl TokenVerifier {
+    async fn resolve(&self, token: &str, reuse: bool) -> Option<Result<Context, Error>> {
         // Another issuer's token (the agent's own access token, say) is
         // not an impersonation credential: the binding ignores it.
         if !self.is_from_issuer(token) {
             return None;
         }
-        Some(self.authorize(token).await.map_err(|e| {
+        Some(self.authorize_with(token, reuse).await.map_err(|e| {
             tracing::info!(error = %e, "impersonation token refused");
             match e {
                 TokenError::Unavailable(cause) => {

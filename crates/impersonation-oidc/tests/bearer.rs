@@ -17,6 +17,8 @@ use axum::routing::get;
 use common::*;
 use impersonation_axum::{EffectiveUser, ImpersonationLayer};
 use impersonation_core::{AuditAction, AuditQuery, MemoryDirectory, UserId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tower::ServiceExt;
 
 /// The host app's own authentication, as a test stands in for it: a
@@ -51,11 +53,15 @@ struct Fixture {
     served: Served,
     op: Forger,
     app: Router,
+    /// How many changes the app's handler has made.
+    changes: Arc<AtomicUsize>,
 }
 
 async fn fixture() -> Fixture {
     let (op, provider) = forged_provider();
     let served = serve_issuer(provider).await;
+    let changes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&changes);
     let app = Router::new()
         .route(
             "/bookings",
@@ -65,6 +71,10 @@ async fn fixture() -> Fixture {
                     user.display_name(),
                     user.is_shadow()
                 )
+            })
+            .post(move || async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                "booked"
             }),
         )
         .layer(
@@ -72,7 +82,12 @@ async fn fixture() -> Fixture {
                 .accept_tokens(served.issuer.verifier(API)),
         )
         .layer(from_fn_with_state(served.directory.clone(), host_auth));
-    Fixture { served, op, app }
+    Fixture {
+        served,
+        op,
+        app,
+        changes,
+    }
 }
 
 impl Fixture {
@@ -84,11 +99,23 @@ impl Fixture {
     }
 
     async fn get(&self, bearer: &str) -> (StatusCode, String, Option<String>) {
+        self.call(Request::get("/bookings"), bearer).await
+    }
+
+    async fn post(&self, bearer: &str) -> StatusCode {
+        self.call(Request::post("/bookings"), bearer).await.0
+    }
+
+    async fn call(
+        &self,
+        request: axum::http::request::Builder,
+        bearer: &str,
+    ) -> (StatusCode, String, Option<String>) {
         let response = self
             .app
             .clone()
             .oneshot(
-                Request::get("/bookings")
+                request
                     .header(header::AUTHORIZATION, format!("Bearer {bearer}"))
                     .body(Body::empty())
                     .unwrap(),
@@ -195,4 +222,36 @@ async fn the_agents_own_token_never_carries_the_customers_rights() {
             "iat": now(), "exp": now() + 60, "sid": "x", "jti": "x", "act": {"sub": "sam"}}),
     );
     assert_eq!(f.get(&forged).await.0, StatusCode::UNAUTHORIZED);
+}
+
+/// As with a cookie: a read by token may be answered from a session this
+/// process resolved a moment ago, but its audit write checks the store, so
+/// a session another process ended is not served; a change by token reads
+/// the store first and is never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_another_process_stops_the_session_no_read_is_served_and_no_change_is_made() {
+    let f = fixture().await;
+    let token = f.token().await;
+    assert_eq!(f.get(&token).await.0, StatusCode::OK);
+    assert_eq!(f.post(&token).await, StatusCode::OK);
+    assert_eq!(f.changes.load(Ordering::SeqCst), 1);
+    // A second process of the app, on the same store, stops the session.
+    let other = impersonation_core::Impersonation::new(
+        f.served.service.store().clone(),
+        f.served.directory.clone(),
+    );
+    let (_, claims) = decode(&token);
+    let session = claims["sid"].as_str().unwrap().parse().unwrap();
+    let sam = f
+        .served
+        .directory
+        .get(&UserId::new("sam").unwrap())
+        .unwrap();
+    other.stop_session(session, &sam).await.unwrap();
+    // The change is refused before the handler runs.
+    assert_eq!(f.post(&token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.changes.load(Ordering::SeqCst), 1);
+    let (status, body, _) = f.get(&token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(!body.contains("olive"));
 }
