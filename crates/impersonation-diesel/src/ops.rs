@@ -706,13 +706,17 @@ macro_rules! store_ops {
                 use impersonation_core::views::{PageReader, View, entry_bounds};
                 let (view, key) = View::for_query(query);
                 let (low, high) = entry_bounds(query);
-                let dir = match query.order {
-                    Order::Oldest => "ASC",
-                    Order::Newest => "DESC",
+                let (dir, past) = match query.order {
+                    Order::Oldest => ("ASC", ">"),
+                    Order::Newest => ("DESC", "<"),
                 };
                 let mut page = PageReader::new(query);
                 let batch = page.batch();
-                let mut offset: usize = 0;
+                // Where the last batch of runs ended, in the sort order: the
+                // next one starts past it (keyset), so a page that needs many
+                // batches does not make the database count through the
+                // earlier ones again, as an OFFSET would.
+                let mut after: Option<(i64, String, i64)> = None;
                 loop {
                     let mut sql = Sql::new(
                         "SELECT chain, first_seq, last_seq, first_us FROM impersonation_audit_runs \
@@ -726,11 +730,19 @@ macro_rules! store_ops {
                     if let Some(high) = high {
                         sql.push_arg(" AND first_us <= ?", high);
                     }
+                    if let Some((us, chain, seq)) = &after {
+                        // The plain bound first, for the index's range scan.
+                        sql.push_arg(&format!(" AND first_us {past}= ?"), *us);
+                        sql.push_arg(&format!(" AND (first_us {past} ?"), *us);
+                        sql.push_arg(" OR (first_us = ?", *us);
+                        sql.push_arg(&format!(" AND (chain {past} ?"), chain.clone());
+                        sql.push_arg(" OR (chain = ?", chain.clone());
+                        sql.push_arg(&format!(" AND first_seq {past} ?))))"), *seq);
+                    }
                     sql.push(&format!(" ORDER BY first_us {dir}, chain {dir}, first_seq {dir}"));
                     sql.push_arg(" LIMIT ?", count(batch as u64));
-                    sql.push_arg(" OFFSET ?", count(offset as u64));
                     let runs = sql.load::<RunRow>(conn).await?;
-                    offset += runs.len();
+                    after = runs.last().map(|r| (r.first_us, r.chain.clone(), r.first_seq));
                     let mut events = Vec::new();
                     if !runs.is_empty() {
                         let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE ");
