@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditDraft, AuditEvent, ChainHead, ChainKey};
-use crate::id::{EventId, SessionId, UserId};
+use crate::id::{SessionId, UserId};
 use crate::projection::ShadowUser;
 use crate::secret::{SecretHash, SecretLookup};
 use crate::session::{Session, Start, Transition};
@@ -35,8 +35,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct TimeEntry {
-    at: OffsetDateTime,
-    id: EventId,
+    /// The event's (time, id), ordered as audit pages are.
+    key: AuditCursor,
     chain: ChainKey,
     index: usize,
 }
@@ -47,18 +47,15 @@ impl Inner {
         let event = draft.seal(head);
         self.heads.insert(event.chain.clone(), event.head());
         let chain = self.chains.entry(event.chain.clone()).or_default();
-        let key = (event.at, event.id);
+        let key = AuditCursor::after(&event);
         let at = match self.by_time.last() {
-            Some(last) if (last.at, last.id) > key => {
-                self.by_time.partition_point(|e| (e.at, e.id) < key)
-            }
+            Some(last) if last.key > key => self.by_time.partition_point(|e| e.key < key),
             _ => self.by_time.len(),
         };
         self.by_time.insert(
             at,
             TimeEntry {
-                at: event.at,
-                id: event.id,
+                key,
                 chain: event.chain.clone(),
                 index: chain.len(),
             },
@@ -287,15 +284,14 @@ impl Store for MemoryStore {
         let index = &inner.by_time;
         let mut from = query
             .since
-            .map_or(0, |t| index.partition_point(|e| e.at < t));
+            .map_or(0, |t| index.partition_point(|e| e.key.at < t));
         let mut to = query
             .until
-            .map_or(index.len(), |t| index.partition_point(|e| e.at < t));
+            .map_or(index.len(), |t| index.partition_point(|e| e.key.at < t));
         if let Some(c) = query.cursor {
-            let key = (c.at, c.id);
             match query.order {
-                Order::Oldest => from = from.max(index.partition_point(|e| (e.at, e.id) <= key)),
-                Order::Newest => to = to.min(index.partition_point(|e| (e.at, e.id) < key)),
+                Order::Oldest => from = from.max(index.partition_point(|e| e.key <= c)),
+                Order::Newest => to = to.min(index.partition_point(|e| e.key < c)),
             }
         }
         let window = index.get(from..to).unwrap_or_default();
