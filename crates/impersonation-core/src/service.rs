@@ -838,14 +838,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         span: Span,
     ) -> Result<Context, Error> {
         let now = self.now();
-        let interval = self.config.reuse_interval;
-        if reuse
-            && interval > Duration::ZERO
-            && let Some(ctx) = self
-                .reuse
-                .get(&ReuseKey::Secret(secret.hash()), now, interval)
-        {
-            record_context(&span, &ctx);
+        let key = ReuseKey::Secret(secret.hash());
+        if reuse && let Some(ctx) = self.reused(&key, now, &span) {
             return Ok(ctx);
         }
         // Read before the store: an end that lands meanwhile keeps this
@@ -860,8 +854,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         };
         let ctx = self.judge(session, now, touch, &span).await?;
         self.reuse
-            .put(ReuseKey::Secret(secret.hash()), &ctx, now, epoch, interval);
+            .put(key, &ctx, now, epoch, self.config.reuse_interval);
         Ok(ctx)
+    }
+
+    /// The context this process resolved for `key` within
+    /// [`Config::reuse_interval`], if any, its session recorded on `span`.
+    fn reused(&self, key: &ReuseKey, now: OffsetDateTime, span: &Span) -> Option<Context> {
+        let interval = self.config.reuse_interval;
+        if interval <= Duration::ZERO {
+            return None;
+        }
+        let ctx = self.reuse.get(key, now, interval)?;
+        record_context(span, &ctx);
+        Some(ctx)
     }
 
     /// Like [`Impersonation::resolve_fresh`], for a credential that names
@@ -891,13 +897,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         );
         async {
             let now = self.now();
-            let interval = self.config.reuse_interval;
             let key = ReuseKey::Session(id);
-            if reuse
-                && interval > Duration::ZERO
-                && let Some(ctx) = self.reuse.get(&key, now, interval)
-            {
-                record_context(&span, &ctx);
+            if reuse && let Some(ctx) = self.reused(&key, now, &span) {
                 return Ok(ctx);
             }
             // Read before the store, as for a secret.
@@ -924,7 +925,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 found
             };
             let ctx = self.judge(session, now, touch, &span).await?;
-            self.reuse.put(key, &ctx, now, epoch, interval);
+            self.reuse
+                .put(key, &ctx, now, epoch, self.config.reuse_interval);
             Ok(ctx)
         }
         .instrument(span.clone())
