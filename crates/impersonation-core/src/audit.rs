@@ -575,9 +575,7 @@ impl HashWriter {
         self.hasher.update(&self.buf[..self.len]);
         self.hasher
     }
-}
 
-impl HashWriter {
     // Inlined into serde's many small writes, most of them a byte or two
     // of constant length: a call per write would cost more than the copy.
     #[inline]

@@ -222,6 +222,8 @@ impl TokenResolver for TokenVerifier {
 }
 
 impl TokenVerifier {
+    /// [`TokenResolver`]'s answer: `None` for another issuer's token, a
+    /// refusal as the core's error.
     async fn resolve(&self, token: &str, reuse: bool) -> Option<Result<Context, Error>> {
         // Another issuer's token (the agent's own access token, say) is
         // not an impersonation credential: the binding ignores it.
