@@ -502,7 +502,27 @@ impl AuditDraft {
 
     /// Places the draft after `head` (or first, with `None`) and computes its hash.
     pub fn seal(self, head: Option<ChainHead>) -> AuditEvent {
-        let mut event = AuditEvent {
+        let mut event = self.placed(head);
+        event.hash = event.compute_hash();
+        event
+    }
+
+    /// Seals the draft as [`seal`](Self::seal) does and writes its
+    /// [record](AuditEvent::to_record) in the same pass: for a store that
+    /// keeps events as text, one serialisation instead of two.
+    pub fn seal_to_record(
+        self,
+        head: Option<ChainHead>,
+    ) -> serde_json::Result<(AuditEvent, String)> {
+        let mut event = self.placed(head);
+        let record = event.hash_into_record()?;
+        Ok((event, record))
+    }
+
+    /// The event after `head`, its hash not yet computed.
+    fn placed(self, head: Option<ChainHead>) -> AuditEvent {
+        let (seq, prev_hash) = place_after(head);
+        AuditEvent {
             id: self.id,
             at: self.at,
             action: self.action,
@@ -512,12 +532,18 @@ impl AuditDraft {
             session: self.session,
             chain: self.chain,
             details: self.details,
-            seq: 0,
-            prev_hash: EventHash::GENESIS,
+            seq,
+            prev_hash,
             hash: EventHash::GENESIS,
-        };
-        event.reseal(head);
-        event
+        }
+    }
+}
+
+/// The position and previous hash of an event placed after `head`.
+fn place_after(head: Option<ChainHead>) -> (u64, EventHash) {
+    match head {
+        Some(h) => (h.seq + 1, h.hash),
+        None => (0, EventHash::GENESIS),
     }
 }
 
@@ -552,28 +578,50 @@ pub struct AuditEvent {
 }
 
 /// Room for a typical event's canonical JSON (an access event is about
-/// 350 bytes), so it usually reaches the hash in one update.
+/// 350 bytes), so it usually reaches the hash or the record in one piece.
 const CANONICAL_BUFFER: usize = 512;
 
-/// Buffers the canonical JSON on the stack on its way into the hash.
-struct HashWriter {
-    hasher: Sha256,
+/// Where a [`StackWriter`] sends its buffer when it fills, and at the end.
+trait Spill {
+    fn take(&mut self, data: &[u8]);
+}
+
+impl Spill for Sha256 {
+    fn take(&mut self, data: &[u8]) {
+        self.update(data);
+    }
+}
+
+impl Spill for Vec<u8> {
+    fn take(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
+/// Buffers the canonical JSON on the stack on its way into the hash or a
+/// record: serde writes a few bytes at a time, and each write straight
+/// into the hasher would pay its block bookkeeping (a quarter of the
+/// append's instructions, measured), each into a `Vec` a call to `memcpy`
+/// and a capacity check (4k instructions per event, measured).
+struct StackWriter<S> {
+    sink: S,
     buf: [u8; CANONICAL_BUFFER],
     len: usize,
 }
 
-impl HashWriter {
-    fn new(hasher: Sha256) -> Self {
+impl<S: Spill> StackWriter<S> {
+    fn new(sink: S) -> Self {
         Self {
-            hasher,
+            sink,
             buf: [0; CANONICAL_BUFFER],
             len: 0,
         }
     }
 
-    fn finish(mut self) -> Sha256 {
-        self.hasher.update(&self.buf[..self.len]);
-        self.hasher
+    /// The sink, having taken what is still buffered.
+    fn finish(mut self) -> S {
+        self.sink.take(&self.buf[..self.len]);
+        self.sink
     }
 
     // Inlined into serde's many small writes, most of them a byte or two
@@ -591,10 +639,10 @@ impl HashWriter {
 
     #[cold]
     fn spill(&mut self, data: &[u8]) {
-        self.hasher.update(&self.buf[..self.len]);
+        self.sink.take(&self.buf[..self.len]);
         self.len = 0;
         if data.len() > CANONICAL_BUFFER {
-            self.hasher.update(data);
+            self.sink.take(data);
         } else {
             self.buf[..data.len()].copy_from_slice(data);
             self.len = data.len();
@@ -602,7 +650,7 @@ impl HashWriter {
     }
 }
 
-impl std::io::Write for HashWriter {
+impl<S: Spill> std::io::Write for StackWriter<S> {
     #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.put(data);
@@ -637,10 +685,43 @@ struct Canonical<'a> {
     details: &'a Details,
 }
 
+/// What a [record](AuditEvent::to_record) holds: the canonical fields,
+/// then the two hashes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    v: u8,
+    id: EventId,
+    chain: ChainKey,
+    seq: u64,
+    at_us: i64,
+    action: AuditAction,
+    actor: Actor,
+    subject: Option<Party>,
+    tenant: Option<TenantId>,
+    session: Option<SessionId>,
+    details: Details,
+    prev_hash: EventHash,
+    hash: EventHash,
+}
+
+/// What a record adds to the canonical JSON: the two hashes, their names
+/// and punctuation.
+const RECORD_TAIL: usize = 2 * 64 + 27;
+
+/// Appends `hash` as lower-case hex.
+fn push_hex(out: &mut Vec<u8>, hash: &EventHash) {
+    let mut buf = [0_u8; 64];
+    // 64 bytes is exactly the room 32 bytes of hex need.
+    if let Ok(hex) = base16ct::lower::encode_str(&hash.0, &mut buf) {
+        out.extend_from_slice(hex.as_bytes());
+    }
+}
+
 impl AuditEvent {
-    /// Recomputes the hash from the event's content and `prev_hash`.
-    pub fn compute_hash(&self) -> EventHash {
-        let canonical = Canonical {
+    /// The canonical form of this event (what its hash covers).
+    fn canonical(&self) -> Canonical<'_> {
+        Canonical {
             v: 1,
             id: &self.id,
             chain: &self.chain,
@@ -652,23 +733,29 @@ impl AuditEvent {
             tenant: &self.tenant,
             session: &self.session,
             details: &self.details,
-        };
+        }
+    }
+
+    /// A hasher that has taken the domain tag and `prev_hash`: the
+    /// canonical JSON follows.
+    fn chain_hasher(&self) -> Sha256 {
+        Sha256::new()
+            .chain_update(b"impersonation-audit-v1\0")
+            .chain_update(self.prev_hash.as_bytes())
+    }
+
+    /// Recomputes the hash from the event's content and `prev_hash`.
+    pub fn compute_hash(&self) -> EventHash {
+        let canonical = self.canonical();
         // The JSON goes into a buffer on the stack and from there into the
         // hash in a few large updates: serde writes a few bytes at a time,
         // and each write straight into the hasher would pay its block
         // bookkeeping (a quarter of the append's instructions, measured).
         // Serialising plain structs, strings and the details cannot fail;
         // a cut-short body would only make the hash mismatch, never pass.
-        let mut hasher = HashWriter::new(
-            Sha256::new()
-                .chain_update(b"impersonation-audit-v1\0")
-                .chain_update(self.prev_hash.as_bytes()),
-        );
+        let mut hasher = StackWriter::new(self.chain_hasher());
         let _ = serde_json::to_writer(&mut hasher, &canonical);
-        let digest = hasher.finish().finalize();
-        let mut out = [0_u8; 32];
-        out.copy_from_slice(&digest);
-        EventHash(out)
+        EventHash(hasher.finish().finalize().into())
     }
 
     /// Places the event after `head` (or first, with `None`) instead of
@@ -676,11 +763,102 @@ impl AuditEvent {
     /// compare-and-set found the chain moved on, without going back to the
     /// draft (same result as sealing the draft on `head`).
     pub fn reseal(&mut self, head: Option<ChainHead>) {
-        (self.seq, self.prev_hash) = match head {
-            Some(h) => (h.seq + 1, h.hash),
-            None => (0, EventHash::GENESIS),
-        };
+        (self.seq, self.prev_hash) = place_after(head);
         self.hash = self.compute_hash();
+    }
+
+    /// [`reseal`](Self::reseal), returning the event's new
+    /// [record](Self::to_record), written in the pass that hashes it.
+    pub fn reseal_to_record(&mut self, head: Option<ChainHead>) -> serde_json::Result<String> {
+        (self.seq, self.prev_hash) = place_after(head);
+        self.hash_into_record()
+    }
+
+    /// The event as a store keeps it in text: its canonical JSON, byte for
+    /// byte what its hash covers (fields `v`, `id`, `chain`, `seq`, `at_us`,
+    /// `action`, `actor`, `subject`, `tenant`, `session`, `details`), with
+    /// `prev_hash` and `hash` added at the end. A reader can check an event
+    /// against its hash from the stored text alone; [`from_record`]
+    /// (Self::from_record) reads it back.
+    pub fn to_record(&self) -> serde_json::Result<String> {
+        let out = self.canonical_json()?;
+        self.close_record(out)
+    }
+
+    /// Reads a [record](Self::to_record). The hashes are taken as stored:
+    /// [`verify_chain`] is what checks them.
+    ///
+    /// It also reads an event stored as its serde JSON
+    /// (`serde_json::to_string(&event)`), which the SDK's stores kept before
+    /// records, so trails written then stay readable. The two are told
+    /// apart by their first field: a record opens with `{"v":`.
+    pub fn from_record(text: &str) -> serde_json::Result<Self> {
+        use serde::de::Error as _;
+        if !text.starts_with("{\"v\":") {
+            return serde_json::from_str(text);
+        }
+        let r: Record = serde_json::from_str(text)?;
+        if r.v != 1 {
+            return Err(serde_json::Error::custom(format!(
+                "unknown audit record version {}",
+                r.v
+            )));
+        }
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.at_us) * 1_000)
+            .map_err(serde_json::Error::custom)?;
+        Ok(Self {
+            id: r.id,
+            at,
+            action: r.action,
+            actor: r.actor,
+            subject: r.subject,
+            tenant: r.tenant,
+            session: r.session,
+            chain: r.chain,
+            details: r.details,
+            seq: r.seq,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        })
+    }
+
+    /// Writes the canonical JSON once, hashes it into `self.hash`, and
+    /// returns it with the hashes added (the record).
+    fn hash_into_record(&mut self) -> serde_json::Result<String> {
+        let out = self.canonical_json()?;
+        self.hash = EventHash(self.chain_hasher().chain_update(&out).finalize().into());
+        self.close_record(out)
+    }
+
+    /// The canonical JSON, in a buffer with room for the hashes.
+    fn canonical_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut writer = StackWriter::new(Vec::new());
+        serde_json::to_writer(&mut writer, &self.canonical())?;
+        // Mostly all of it is still on the stack: the record's buffer is
+        // allocated once, at its final size.
+        let StackWriter {
+            sink: spilled,
+            buf,
+            len,
+        } = writer;
+        let mut out = Vec::with_capacity(spilled.len() + len + RECORD_TAIL);
+        out.extend_from_slice(&spilled);
+        out.extend_from_slice(&buf[..len]);
+        Ok(out)
+    }
+
+    /// Turns the canonical JSON into the record: the hashes go in before
+    /// the object's closing brace.
+    fn close_record(&self, mut out: Vec<u8>) -> serde_json::Result<String> {
+        if out.pop() != Some(b'}') {
+            return Err(serde::ser::Error::custom("canonical form is not an object"));
+        }
+        out.extend_from_slice(b",\"prev_hash\":\"");
+        push_hex(&mut out, &self.prev_hash);
+        out.extend_from_slice(b"\",\"hash\":\"");
+        push_hex(&mut out, &self.hash);
+        out.extend_from_slice(b"\"}");
+        String::from_utf8(out).map_err(serde::ser::Error::custom)
     }
 
     /// The head a store keeps after appending this event.

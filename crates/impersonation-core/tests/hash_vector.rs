@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use impersonation_core::{
-    Actor, AuditAction, AuditDraft, ChainHead, ChainKey, Details, EventHash, EventId, Party,
-    SessionId, TenantId, UserId,
+    Actor, AuditAction, AuditDraft, AuditEvent, ChainHead, ChainKey, Details, EventHash, EventId,
+    Party, SessionId, TenantId, UserId,
 };
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 use time::macros::datetime;
 
 fn fixed_event(head: Option<ChainHead>) -> impersonation_core::AuditEvent {
@@ -88,4 +90,151 @@ fn a_resealed_event_equals_the_draft_sealed_there() {
     assert_eq!(moved.hash.to_hex(), SECOND);
     moved.reseal(None);
     assert_eq!(moved, first);
+}
+
+/// A record is the canonical JSON its hash covers, with the two hashes
+/// added before the closing brace. Its text is part of the stored format
+/// (the Redis store keeps it), so it is pinned here byte for byte.
+#[test]
+fn a_record_is_the_hashed_json_with_the_hashes_added() {
+    let first = fixed_event(None);
+    let record = first.to_record().unwrap();
+    assert_eq!(
+        record,
+        concat!(
+            r#"{"v":1,"id":"0193f1a2-7c3e-7b1a-9c55-0a1b2c3d4e5f","chain":"agent-7","seq":0,"#,
+            r#""at_us":1795617403123456,"action":"access","#,
+            r#""actor":{"kind":"user","id":"agent-7","name":"Abe \"Agent\" Ångström"},"#,
+            r#""subject":{"id":"cust-1","name":"<script>alert(1)</script>"},"tenant":"pinecone","#,
+            r#""session":"0193f1a2-0000-7000-8000-000000000001","#,
+            r#""details":{"method":"GET","route":"/bookings/{id}","status":"200"},"#,
+            r#""prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","#,
+            r#""hash":"8b9980dd9cd0fad42c356c30fc237c5694608229b535c34845f620774c6f1c12"}"#,
+        )
+    );
+    assert_eq!(AuditEvent::from_record(&record).unwrap(), first);
+    // Sealing straight to a record gives the same event and text.
+    let mut moved_first = fixed_event(None);
+    let (sealed, text) = draft_of(&moved_first).seal_to_record(None).unwrap();
+    assert_eq!((&sealed, &text), (&first, &record));
+    // So does moving an event to another head.
+    let second = fixed_event(Some(first.head()));
+    let moved = moved_first.reseal_to_record(Some(first.head())).unwrap();
+    assert_eq!(moved_first, second);
+    assert_eq!(moved, second.to_record().unwrap());
+    assert_eq!(second.hash.to_hex(), SECOND);
+}
+
+/// A record of another version, or with a field it does not know, is
+/// refused; an event stored as serde JSON (the form before records) reads.
+#[test]
+fn a_record_of_another_shape_is_refused() {
+    let record = fixed_event(None).to_record().unwrap();
+    let v2 = record.replacen(r#"{"v":1,"#, r#"{"v":2,"#, 1);
+    assert!(
+        AuditEvent::from_record(&v2)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2")
+    );
+    let extra = record.replacen(r#"{"v":1,"#, r#"{"v":1,"extra":true,"#, 1);
+    assert!(AuditEvent::from_record(&extra).is_err());
+    // An event stored as its serde JSON (before records) still reads.
+    let legacy = serde_json::to_string(&fixed_event(None)).unwrap();
+    assert!(legacy.starts_with(r#"{"id":"#));
+    assert_eq!(AuditEvent::from_record(&legacy).unwrap(), fixed_event(None));
+    let cut = &record[..record.len() - 2];
+    assert!(AuditEvent::from_record(cut).is_err());
+    assert!(AuditEvent::from_record("[]").is_err());
+}
+
+/// The draft an event was sealed from.
+fn draft_of(event: &AuditEvent) -> AuditDraft {
+    AuditDraft {
+        id: event.id,
+        at: event.at,
+        action: event.action,
+        actor: event.actor.clone(),
+        subject: event.subject.clone(),
+        tenant: event.tenant.clone(),
+        session: event.session,
+        chain: event.chain.clone(),
+        details: event.details.clone(),
+    }
+}
+
+fn arb_name() -> impl Strategy<Value = String> {
+    // Quotes, backslashes, control characters, non-ASCII: everything JSON
+    // must escape or carry as it is.
+    proptest::string::string_regex("[ -~\"\\\\\u{7}\u{1f}é€😀]{0,24}").unwrap()
+}
+
+prop_compose! {
+    fn arb_event()(
+        micros in -62_135_596_800_000_000_i64..253_402_300_799_999_999,
+        action in proptest::sample::select(AuditAction::ALL.to_vec()),
+        actor in proptest::option::of(("[a-z0-9-]{1,12}", arb_name())),
+        subject in proptest::option::of(("[a-z0-9-]{1,12}", arb_name(), "[a-z]{1,8}")),
+        session in proptest::option::of(any::<u128>()),
+        details in proptest::collection::vec(("[a-z_.]{1,10}", arb_name()), 0..6),
+        head in proptest::option::of((0_u64..u64::MAX / 2, any::<[u8; 32]>())),
+    ) -> AuditEvent {
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).unwrap();
+        let actor = match actor {
+            Some((id, name)) => Actor::user(UserId::new(id).unwrap(), name),
+            None => Actor::System,
+        };
+        let mut draft = AuditDraft::new(
+            at,
+            action,
+            actor,
+            ChainKey::for_agent(&UserId::new("agent-7").unwrap()),
+        );
+        if let Some((id, name, tenant)) = subject {
+            draft = draft.subject(UserId::new(id).unwrap(), name, TenantId::new(tenant).unwrap());
+        }
+        if let Some(session) = session {
+            draft = draft.session(SessionId::from_uuid(uuid::Uuid::from_u128(session)));
+        }
+        let mut d = Details::new();
+        for (key, value) in details {
+            d.insert(&key, value);
+        }
+        draft.details(d).seal(head.map(|(seq, hash)| ChainHead { seq, hash: EventHash::from_bytes(hash) }))
+    }
+}
+
+proptest! {
+    /// Whatever an event holds, its record reads back to the same event,
+    /// sealing or resealing straight to a record gives what sealing and
+    /// then writing it gives, and the record's text before the hashes,
+    /// closed, is exactly the JSON its hash covers.
+    #[test]
+    fn records_read_back_and_carry_the_hashed_bytes(event in arb_event()) {
+        let record = event.to_record().unwrap();
+        prop_assert_eq!(&AuditEvent::from_record(&record).unwrap(), &event);
+
+        let head = (event.seq > 0).then(|| ChainHead { seq: event.seq - 1, hash: event.prev_hash });
+        let (sealed, text) = draft_of(&event).seal_to_record(head).unwrap();
+        prop_assert_eq!(&sealed, &event);
+        prop_assert_eq!(&text, &record);
+        let mut moved = sealed.clone();
+        let elsewhere = Some(ChainHead { seq: 41, hash: event.hash });
+        let moved_text = moved.reseal_to_record(elsewhere).unwrap();
+        prop_assert_eq!(&moved, &draft_of(&event).seal(elsewhere));
+        prop_assert_eq!(moved_text, moved.to_record().unwrap());
+
+        let (hashed, hashes) = record.rsplit_once(r#","prev_hash":"#).unwrap();
+        let digest = Sha256::new()
+            .chain_update(b"impersonation-audit-v1\0")
+            .chain_update(event.prev_hash.as_bytes())
+            .chain_update(hashed.as_bytes())
+            .chain_update(b"}")
+            .finalize();
+        prop_assert_eq!(EventHash::from_bytes(digest.into()), event.hash);
+        prop_assert_eq!(
+            hashes,
+            format!(r#""{}","hash":"{}"}}"#, event.prev_hash.to_hex(), event.hash.to_hex())
+        );
+    }
 }
