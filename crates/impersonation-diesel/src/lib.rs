@@ -822,16 +822,14 @@ impl DieselStore {
             let mut heads = self.cached_heads();
             let expected = *heads.get(chain)?;
             let mut head = Some(expected);
-            let events: Vec<AuditEvent> = batch
-                .iter()
-                .map(|(draft, _)| {
-                    let event = draft.clone().seal(head);
-                    head = Some(event.head());
-                    event
-                })
-                .collect();
+            let mut events = Vec::with_capacity(batch.len());
+            for (draft, _) in batch {
+                let sealed = ops::Sealed::new(draft.clone(), head).ok()?;
+                head = Some(sealed.event.head());
+                events.push(sealed);
+            }
             if let Some(last) = events.last() {
-                heads.insert(chain.clone(), last.head());
+                heads.insert(chain.clone(), last.event.head());
             }
             (expected, events)
         };
@@ -845,7 +843,12 @@ impl DieselStore {
         }
         .await;
         match written {
-            Ok(true) => Some(Arc::unwrap_or_clone(events).into_iter().map(Ok).collect()),
+            Ok(true) => Some(
+                Arc::unwrap_or_clone(events)
+                    .into_iter()
+                    .map(|s| Ok(s.event))
+                    .collect(),
+            ),
             // Not written (or, on an error, unknown): the transaction path
             // re-reads the head, so the batch cannot be written twice.
             Ok(false) | Err(_) => {

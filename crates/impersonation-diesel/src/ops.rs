@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use impersonation_core::{AppendGuard, AuditDraft, AuditEvent, ChainHead, SessionId, StoreError};
 
-use crate::rows::{micros, to_json};
+use crate::rows::micros;
 use crate::sql::Sql;
 
 /// What an operation can fail with: a database error (classified by the
@@ -83,8 +83,35 @@ pub(crate) fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A sealed event with its record (`AuditEvent::to_record`), the text its
+/// `event` column keeps, written in the pass that computed its hash.
+#[derive(Clone)]
+pub(crate) struct Sealed {
+    pub(crate) event: AuditEvent,
+    pub(crate) record: String,
+}
+
+impl Sealed {
+    /// Seals `draft` after `head`.
+    pub(crate) fn new(draft: AuditDraft, head: Option<ChainHead>) -> Result<Self, OpError> {
+        let (event, record) = draft
+            .seal_to_record(head)
+            .map_err(|e| OpError::Store(StoreError::Corrupt(format!("audit event: {e}"))))?;
+        Ok(Self { event, record })
+    }
+
+    /// An event sealed elsewhere (bench loading).
+    pub(crate) fn of(event: AuditEvent) -> Result<Self, OpError> {
+        let record = event
+            .to_record()
+            .map_err(|e| OpError::Store(StoreError::Corrupt(format!("audit event: {e}"))))?;
+        Ok(Self { event, record })
+    }
+}
+
 /// Binds an event's ten columns, in the order of the INSERTs.
-pub(crate) fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
+pub(crate) fn event_args(sql: Sql, sealed: &Sealed) -> Result<Sql, OpError> {
+    let event = &sealed.event;
     Ok(sql
         .arg(event.id.to_string())
         .arg(event.chain.as_str())
@@ -95,13 +122,13 @@ pub(crate) fn event_args(sql: Sql, event: &AuditEvent) -> Result<Sql, OpError> {
         .arg(event.subject.as_ref().map(|s| s.id.as_str().to_owned()))
         .arg(event.tenant.as_ref().map(|t| t.as_str().to_owned()))
         .arg(event.session.map(|s| s.to_string()))
-        .arg(to_json("audit event", event)?))
+        .arg(sealed.record.clone()))
 }
 
 /// Appends `(?, ...), (?, ...)` for `events`, binding each event's columns.
 pub(crate) fn event_rows<'a>(
     mut sql: Sql,
-    events: impl IntoIterator<Item = &'a AuditEvent>,
+    events: impl IntoIterator<Item = &'a Sealed>,
 ) -> Result<Sql, OpError> {
     for (i, event) in events.into_iter().enumerate() {
         sql.push(if i == 0 {
@@ -175,10 +202,13 @@ pub(crate) fn markers(sql: &mut Sql, n: usize) {
 /// about 10% slower than this VALUES list.)
 pub(crate) fn cas_sql(
     expected: ChainHead,
-    events: &[AuditEvent],
+    events: &[Sealed],
     guarded: &BTreeSet<SessionId>,
 ) -> Result<Sql, OpError> {
-    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+    let (Some(first), Some(last)) = (
+        events.first().map(|s| &s.event),
+        events.last().map(|s| &s.event),
+    ) else {
         return Err(OpError::Store(StoreError::Corrupt("an empty batch".into())));
     };
     let mut sql = Sql::new(
@@ -213,7 +243,7 @@ pub(crate) fn cas_sql(
          (view_name, view_key, first_us, chain, first_seq, last_seq) \
          SELECT r.* FROM (VALUES ",
     );
-    let mut sql = run_rows(sql, events)
+    let mut sql = run_rows(sql, events.iter().map(|s| &s.event))
         .ok_or_else(|| OpError::Store(StoreError::Corrupt("an empty batch".into())))?;
     // The runs go in exactly when the events do (both hang on the head's
     // update), so the rows this statement reports say whether they did.
@@ -234,7 +264,7 @@ macro_rules! store_ops {
 
             use time::OffsetDateTime;
 
-            use crate::ops::{OpError, count, event_rows, guarded_sessions, markers};
+            use crate::ops::{OpError, Sealed, count, event_rows, guarded_sessions, markers};
             use crate::ops::dialect::$dialect as d;
             use crate::rows::{
                 EventRow, HeadRow, IdRow, IdStateRow, KeyRow, KeyedSessionRow, RunRow, SessionColumns, SessionRow, StateRow,
@@ -273,13 +303,13 @@ macro_rules! store_ops {
                 Ok(row.into_head()?)
             }
 
-            async fn append_sealed(conn: &mut Conn, event: &AuditEvent) -> Result<(), OpError> {
-                insert_events(conn, &[event]).await?;
-                set_head(conn, event).await
+            async fn append_sealed(conn: &mut Conn, sealed: &Sealed) -> Result<(), OpError> {
+                insert_events(conn, &[sealed]).await?;
+                set_head(conn, &sealed.event).await
             }
 
             /// Inserts events in one statement (one row each).
-            async fn insert_events(conn: &mut Conn, events: &[&AuditEvent]) -> Result<(), OpError> {
+            async fn insert_events(conn: &mut Conn, events: &[&Sealed]) -> Result<(), OpError> {
                 if events.is_empty() {
                     return Ok(());
                 }
@@ -290,11 +320,11 @@ macro_rules! store_ops {
                 event_rows(sql, events.iter().copied())?.execute(conn).await?;
                 // Their view entries: one batch's events are on one chain
                 // each, in chain order, so group them by chain.
-                let mut chains: Vec<&ChainKey> = events.iter().map(|e| &e.chain).collect();
+                let mut chains: Vec<&ChainKey> = events.iter().map(|s| &s.event.chain).collect();
                 chains.sort();
                 chains.dedup();
                 for chain in chains {
-                    let of_chain = events.iter().copied().filter(|e| &e.chain == chain);
+                    let of_chain = events.iter().map(|s| &s.event).filter(|e| &e.chain == chain);
                     if let Some(sql) = crate::ops::run_rows(Sql::new(crate::ops::INSERT_RUNS), of_chain) {
                         sql.execute(conn).await?;
                     }
@@ -373,7 +403,8 @@ macro_rules! store_ops {
             pub(crate) async fn bulk_append(conn: &mut Conn, events: &[AuditEvent]) -> Result<(), OpError> {
                 conn.transaction::<_, OpError, _>(async |conn| {
                     for batch in events.chunks(500) {
-                        let batch: Vec<&AuditEvent> = batch.iter().collect();
+                        let sealed = batch.iter().cloned().map(Sealed::of).collect::<Result<Vec<_>, _>>()?;
+                        let batch: Vec<&Sealed> = sealed.iter().collect();
                         insert_events(conn, &batch).await?;
                     }
                     let mut heads: std::collections::BTreeMap<&ChainKey, &AuditEvent> = std::collections::BTreeMap::new();
@@ -407,16 +438,16 @@ macro_rules! store_ops {
                     .await?;
                     if let Some(row) = live.into_iter().next() {
                         let live: SessionId = row.id.parse().map_err(|e| corrupt("session id", e))?;
-                        let event = start.refusal().clone().seal(head);
-                        append_sealed(conn, &event).await?;
-                        return Ok(StartOutcome::Refused { live, event });
+                        let sealed = Sealed::new(start.refusal().clone(), head)?;
+                        append_sealed(conn, &sealed).await?;
+                        return Ok(StartOutcome::Refused { live, event: sealed.event });
                     }
                     insert_session(conn, session).await?;
-                    let event = start.event().clone().seal(head);
-                    append_sealed(conn, &event).await?;
+                    let sealed = Sealed::new(start.event().clone(), head)?;
+                    append_sealed(conn, &sealed).await?;
                     Ok(StartOutcome::Started {
                         session: Box::new(session.clone()),
-                        event,
+                        event: sealed.event,
                     })
                 })
                 .await
@@ -451,9 +482,9 @@ macro_rules! store_ops {
                     .arg(c.id)
                     .execute(conn)
                     .await?;
-                    let event = t.event().clone().seal(head);
-                    append_sealed(conn, &event).await?;
-                    Ok((next.clone(), event))
+                    let sealed = Sealed::new(t.event().clone(), head)?;
+                    append_sealed(conn, &sealed).await?;
+                    Ok((next.clone(), sealed.event))
                 })
                 .await
             }
@@ -475,9 +506,9 @@ macro_rules! store_ops {
                             Some(_) => {}
                         }
                     }
-                    let event = draft.clone().seal(head);
-                    append_sealed(conn, &event).await?;
-                    Ok(event)
+                    let sealed = Sealed::new(draft.clone(), head)?;
+                    append_sealed(conn, &sealed).await?;
+                    Ok(sealed.event)
                 })
                 .await
             }
@@ -526,21 +557,21 @@ macro_rules! store_ops {
                         let head = heads
                             .get_mut(&draft.chain)
                             .ok_or_else(|| corrupt("chain head", "not locked"))?;
-                        let event = draft.clone().seal(*head);
-                        *head = Some(event.head());
-                        results.push(Ok(event));
+                        let sealed = Sealed::new(draft.clone(), *head)?;
+                        *head = Some(sealed.event.head());
+                        results.push(Ok(sealed));
                     }
-                    let sealed: Vec<&AuditEvent> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+                    let sealed: Vec<&Sealed> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
                     insert_events(conn, &sealed).await?;
                     // The last event of each chain is its new head.
                     let mut last: BTreeMap<&ChainKey, &AuditEvent> = BTreeMap::new();
-                    for event in &sealed {
-                        last.insert(&event.chain, event);
+                    for s in &sealed {
+                        last.insert(&s.event.chain, &s.event);
                     }
                     for event in last.values() {
                         set_head(conn, event).await?;
                     }
-                    Ok(results)
+                    Ok(results.into_iter().map(|r| r.map(|s| s.event)).collect())
                 })
                 .await
             }
@@ -550,7 +581,7 @@ macro_rules! store_ops {
             pub(crate) async fn append_cas(
                 conn: &mut Conn,
                 expected: ChainHead,
-                events: &[AuditEvent],
+                events: &[Sealed],
                 guarded: &BTreeSet<SessionId>,
             ) -> Result<bool, OpError> {
                 let inserted = crate::ops::cas_sql(expected, events, guarded)?.execute(conn).await?;

@@ -120,7 +120,7 @@ pub(crate) struct EventRow {
 
 impl EventRow {
     pub(crate) fn into_event(self) -> Result<AuditEvent, StoreError> {
-        serde_json::from_str(&self.event).map_err(|e| corrupt("audit event", e))
+        AuditEvent::from_record(&self.event).map_err(|e| corrupt("audit event", e))
     }
 }
 

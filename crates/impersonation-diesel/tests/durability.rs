@@ -232,6 +232,24 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
     assert!(svc.verify_chain(&chain).await.unwrap().is_ok());
 
     let bypass = bypass_triggers(&db.place);
+    // A row written before records (the event's serde JSON, where rows
+    // now keep its record) still reads and verifies.
+    let events = whole_chain(&db.store, &chain).await;
+    let legacy = serde_json::to_string(&events[1]).unwrap();
+    assert!(!legacy.starts_with(r#"{"v":"#));
+    // As an SQL literal as it is (MySQL would read a backslash as an escape).
+    assert!(!legacy.contains('\\'));
+    raw(
+        &db.place,
+        &format!(
+            "{bypass} UPDATE impersonation_audit_events SET event = '{}' WHERE chain = '{c}' AND seq = 1",
+            legacy.replace('\'', "''")
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(whole_chain(&db.store, &chain).await, events);
+    assert!(svc.verify_chain(&chain).await.unwrap().is_ok());
     // Edit one row.
     raw(
         &db.place,

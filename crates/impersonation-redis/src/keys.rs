@@ -5,7 +5,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `ns:{R}:a:<agent>:head` | hash | the chain head: `seq`, `hash` |
-//! | `ns:{R}:a:<agent>:chain` | stream | the chain; entry `0-<seq+1>`, field `e` = event JSON |
+//! | `ns:{R}:a:<agent>:chain` | stream | the chain; entry `0-<seq+1>`, field `e` = the event's record (`AuditEvent::to_record`) |
 //! | `ns:{R}:a:<agent>:live` | string | the agent's live session id |
 //! | `ns:{R}:s:<session>` | hash | the session |
 //! | `ns:{R}:k:<secret hash>` | string | session id by secret hash |

@@ -260,6 +260,17 @@ fn from_micros(text: &str) -> Result<OffsetDateTime, StoreError> {
         .map_err(|e| corrupt("timestamp", e))
 }
 
+/// An event's record could not be written (it cannot happen for the
+/// plain data an event holds; a typed error all the same).
+fn unrecorded(e: serde_json::Error) -> StoreError {
+    corrupt("audit event", e)
+}
+
+/// An event read back from its stored record.
+fn read_record(text: &str) -> Result<AuditEvent, StoreError> {
+    AuditEvent::from_record(text).map_err(|e| corrupt("audit event", e))
+}
+
 fn to_json<T: serde::Serialize>(what: &str, value: &T) -> Result<String, StoreError> {
     // Room for a typical event or session record, so the buffer seldom grows.
     let mut out = Vec::with_capacity(1024);
@@ -657,18 +668,20 @@ impl RedisStore {
                 None => self.read_head(&slot).await?,
             };
             let mut next = head;
+            // Each event's record is written in the pass that hashes it.
+            let mut records = Vec::with_capacity(sealed.len());
             if let Some(items) = drafts.take() {
-                sealed = items
-                    .into_iter()
-                    .map(|(i, draft, guard)| {
-                        let event = draft.seal(next);
-                        next = Some(event.head());
-                        (i, event, guard)
-                    })
-                    .collect();
+                records.reserve(items.len());
+                sealed = Vec::with_capacity(items.len());
+                for (i, draft, guard) in items {
+                    let (event, record) = draft.seal_to_record(next).map_err(unrecorded)?;
+                    next = Some(event.head());
+                    records.push(record);
+                    sealed.push((i, event, guard));
+                }
             } else {
                 for (_, event, _) in &mut sealed {
-                    event.reseal(next);
+                    records.push(event.reseal_to_record(next).map_err(unrecorded)?);
                     next = Some(event.head());
                 }
             }
@@ -702,8 +715,8 @@ impl RedisStore {
                 inv.key(k);
             }
             inv.arg(&seq).arg(&hash).arg(&last_seq).arg(&last_hash);
-            for ((_, event, _), guard) in sealed.iter().zip(&guards) {
-                inv.arg(guard).arg(to_json("audit event", event)?);
+            for (guard, record) in guards.iter().zip(records) {
+                inv.arg(guard).arg(record);
             }
             // The views go out with the script, not after it: one round
             // trip for both. Readers skip an entry whose event is not at
@@ -868,8 +881,7 @@ impl RedisStore {
             let Some(json) = entry.get::<String>("e") else {
                 return Err(corrupt("chain entry", "no event"));
             };
-            let event: AuditEvent =
-                serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))?;
+            let event = read_record(&json)?;
             if events.is_empty() && (event.seq != member.first || event.id.to_string() != member.id)
             {
                 return Ok(Vec::new());
@@ -965,8 +977,10 @@ impl RedisStore {
                 Some(h) => h,
                 None => self.read_head(&slot).await?,
             };
-            let started = event.clone().seal(head);
-            let refused = refusal.clone().seal(head);
+            let (started, started_record) =
+                event.clone().seal_to_record(head).map_err(unrecorded)?;
+            let (refused, refused_record) =
+                refusal.clone().seal_to_record(head).map_err(unrecorded)?;
             let (seq, hash) = head_args(head);
             let mut inv = START_SCRIPT.prepare_invoke();
             for k in &keys {
@@ -976,10 +990,10 @@ impl RedisStore {
                 .arg(&hash)
                 .arg(session.id.to_string())
                 .arg(ttl)
-                .arg(to_json("audit event", &started)?)
+                .arg(started_record)
                 .arg(started.seq)
                 .arg(started.hash.to_hex())
-                .arg(to_json("audit event", &refused)?)
+                .arg(refused_record)
                 .arg(refused.seq)
                 .arg(refused.hash.to_hex());
             for f in &fields {
@@ -1049,7 +1063,7 @@ impl RedisStore {
                 Some(h) => h,
                 None => self.read_head(&slot).await?,
             };
-            let event = draft.clone().seal(head);
+            let (event, record) = draft.clone().seal_to_record(head).map_err(unrecorded)?;
             let (seq, hash) = head_args(head);
             let mut inv = TRANSITION_SCRIPT.prepare_invoke();
             for k in &keys {
@@ -1060,7 +1074,7 @@ impl RedisStore {
                 .arg(expected.to_string())
                 .arg(next.id.to_string())
                 .arg(ttl)
-                .arg(to_json("audit event", &event)?)
+                .arg(record)
                 .arg(event.seq)
                 .arg(event.hash.to_hex());
             for f in &fields {
@@ -1379,7 +1393,7 @@ impl Store for RedisStore {
                 let json: String = entry
                     .get("e")
                     .ok_or_else(|| corrupt("chain entry", "no event"))?;
-                serde_json::from_str(&json).map_err(|e| corrupt("audit event", e))
+                read_record(&json)
             })
             .collect()
     }

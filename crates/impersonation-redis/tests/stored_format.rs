@@ -1,0 +1,81 @@
+//! What the chain stream holds, read raw: each event as its record (the
+//! canonical JSON its hash covers, with the hashes added), so an event can
+//! be checked against its hash from the stored text alone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use impersonation_core::{
+    Actor, AppendGuard, AuditAction, AuditEvent, Details, EndReason, StartOutcome, Store,
+    verify_chain,
+};
+use impersonation_testkit::conformance::whole_chain;
+use impersonation_testkit::{World, epoch};
+use time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_keeps_each_event_as_its_record() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (start, _) = w.begin(&agent, &customer, epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    // A batch (the service's path under load), one of it refused by its
+    // guard, and a single append; then the session ends.
+    let access = |s: i64, what: &str| {
+        session
+            .draft(
+                epoch() + Duration::seconds(s),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "Agent \"1\" ✓"),
+            )
+            .details(Details::new().with("route", what))
+    };
+    let guard = AppendGuard::SessionActive(session.id);
+    let ghost = AppendGuard::SessionActive(impersonation_core::SessionId::new());
+    let results = store
+        .append_batch(vec![
+            (access(1, "/a"), guard),
+            (access(2, "/b"), ghost),
+            (access(3, "/c\u{1b}[31m"), guard),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+    store.append(access(4, "/d"), guard).await.unwrap();
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(stop).await.unwrap();
+
+    let chain = session.chain();
+    let events = whole_chain(&store, &chain).await;
+    assert_eq!(events.len(), 5, "start, three accesses, stop");
+    let head = store.chain_head(&chain).await.unwrap();
+    assert!(verify_chain(&chain, &events, head).is_ok());
+
+    let key = format!("{ns}:{{{}}}:a:{}:chain", chain.route(), chain.as_str());
+    let mut raw = redis::Client::open(common::SINGLE)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stream: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(stream.ids.len(), events.len());
+    for (entry, event) in stream.ids.iter().zip(&events) {
+        assert_eq!(entry.id, format!("0-{}", event.seq + 1));
+        let stored: String = entry.get("e").expect("field e");
+        assert_eq!(stored, event.to_record().unwrap());
+        let read = AuditEvent::from_record(&stored).unwrap();
+        assert_eq!(read.hash, read.compute_hash(), "seq {}", read.seq);
+        assert_eq!(&read, event);
+    }
+}
