@@ -690,6 +690,7 @@ struct Canonical<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
+    #[allow(dead_code)] // checked before parsing: always 1 here
     v: u8,
     id: EventId,
     chain: ChainKey,
@@ -794,16 +795,18 @@ impl AuditEvent {
     /// apart by their first field: a record opens with `{"v":`.
     pub fn from_record(text: &str) -> serde_json::Result<Self> {
         use serde::de::Error as _;
-        if !text.starts_with("{\"v\":") {
+        let Some(rest) = text.strip_prefix("{\"v\":") else {
             return serde_json::from_str(text);
-        }
-        let r: Record = serde_json::from_str(text)?;
-        if r.v != 1 {
+        };
+        // The version first, so a later one is named as such rather than
+        // refused for a field this version does not know.
+        if !rest.starts_with("1,") {
+            let version: String = rest.chars().take_while(char::is_ascii_digit).collect();
             return Err(serde_json::Error::custom(format!(
-                "unknown audit record version {}",
-                r.v
+                "unknown audit record version {version}"
             )));
         }
+        let r: Record = serde_json::from_str(text)?;
         let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.at_us) * 1_000)
             .map_err(serde_json::Error::custom)?;
         Ok(Self {

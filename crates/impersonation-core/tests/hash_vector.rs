@@ -137,6 +137,14 @@ fn a_record_of_another_shape_is_refused() {
             .to_string()
             .contains("version 2")
     );
+    // A later version with fields this one does not know is named as such.
+    let v12 = record.replacen(r#"{"v":1,"#, r#"{"v":12,"more":[],"#, 1);
+    assert!(
+        AuditEvent::from_record(&v12)
+            .unwrap_err()
+            .to_string()
+            .contains("version 12")
+    );
     let extra = record.replacen(r#"{"v":1,"#, r#"{"v":1,"extra":true,"#, 1);
     assert!(AuditEvent::from_record(&extra).is_err());
     // An event stored as its serde JSON (before records) still reads.
