@@ -519,12 +519,14 @@ impl AuditDraft {
         Ok((event, record))
     }
 
-    /// The event after `head`, its hash not yet computed.
+    /// The event after `head`, its hash not yet computed. Its time is
+    /// normalised to UTC microseconds, as `new` does (the fields are
+    /// public), so the event a store returns is the one it reads back.
     fn placed(self, head: Option<ChainHead>) -> AuditEvent {
         let (seq, prev_hash) = place_after(head);
         AuditEvent {
             id: self.id,
-            at: self.at,
+            at: normalize(self.at),
             action: self.action,
             actor: self.actor,
             subject: self.subject,
@@ -698,8 +700,13 @@ struct Record {
     at_us: i64,
     action: AuditAction,
     actor: Actor,
+    // A record always writes these, `null` when empty: one without them
+    // is refused rather than read as `None`.
+    #[serde(deserialize_with = "Option::deserialize")]
     subject: Option<Party>,
+    #[serde(deserialize_with = "Option::deserialize")]
     tenant: Option<TenantId>,
+    #[serde(deserialize_with = "Option::deserialize")]
     session: Option<SessionId>,
     details: Details,
     prev_hash: EventHash,
@@ -778,16 +785,23 @@ impl AuditEvent {
     /// The event as a store keeps it in text: its canonical JSON, byte for
     /// byte what its hash covers (fields `v`, `id`, `chain`, `seq`, `at_us`,
     /// `action`, `actor`, `subject`, `tenant`, `session`, `details`), with
-    /// `prev_hash` and `hash` added at the end. A reader can check an event
-    /// against its hash from the stored text alone; [`from_record`]
-    /// (Self::from_record) reads it back.
+    /// `prev_hash` and `hash` added at the end. A record as written here
+    /// can be checked against its hash from the text alone;
+    /// [`from_record`](Self::from_record) reads it back.
+    ///
+    /// Rows and entries written as records cannot be read by a version of
+    /// the SDK from before records: upgrade every reader before the first
+    /// writer.
     pub fn to_record(&self) -> serde_json::Result<String> {
         let out = self.canonical_json()?;
         self.close_record(out)
     }
 
     /// Reads a [record](Self::to_record). The hashes are taken as stored:
-    /// [`verify_chain`] is what checks them.
+    /// [`verify_chain`] is what checks them, against the event as read (so
+    /// a record whose text differs from the canonical form without changing
+    /// the event, its keys reordered or escaped otherwise, still verifies;
+    /// a tool that hashes the stored text would refuse it).
     ///
     /// It also reads an event stored as its serde JSON
     /// (`serde_json::to_string(&event)`), which the SDK's stores kept before
@@ -801,9 +815,13 @@ impl AuditEvent {
         // The version first, so a later one is named as such rather than
         // refused for a field this version does not know.
         if !rest.starts_with("1,") {
-            let version: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            let version: String = rest
+                .chars()
+                .take_while(|c| !matches!(c, ',' | '}'))
+                .take(16)
+                .collect();
             return Err(serde_json::Error::custom(format!(
-                "unknown audit record version {version}"
+                "unknown audit record version {version:?}"
             )));
         }
         let r: Record = serde_json::from_str(text)?;

@@ -130,23 +130,33 @@ fn a_record_is_the_hashed_json_with_the_hashes_added() {
 #[test]
 fn a_record_of_another_shape_is_refused() {
     let record = fixed_event(None).to_record().unwrap();
-    let v2 = record.replacen(r#"{"v":1,"#, r#"{"v":2,"#, 1);
-    assert!(
-        AuditEvent::from_record(&v2)
-            .unwrap_err()
-            .to_string()
-            .contains("version 2")
-    );
-    // A later version with fields this one does not know is named as such.
-    let v12 = record.replacen(r#"{"v":1,"#, r#"{"v":12,"more":[],"#, 1);
-    assert!(
-        AuditEvent::from_record(&v12)
-            .unwrap_err()
-            .to_string()
-            .contains("version 12")
-    );
+    // Another version is named as such, even one with fields this one
+    // does not know.
+    for (written, named) in [
+        ("2,", "2"),
+        ("12,\"more\":[],", "12"),
+        ("1.0,", "1.0"),
+        (" 1,", " 1"),
+    ] {
+        let other = record.replacen(r#"{"v":1,"#, &format!(r#"{{"v":{written}"#), 1);
+        let refused = AuditEvent::from_record(&other).unwrap_err().to_string();
+        assert!(refused.contains(&format!("version {named:?}")), "{refused}");
+    }
     let extra = record.replacen(r#"{"v":1,"#, r#"{"v":1,"extra":true,"#, 1);
-    assert!(AuditEvent::from_record(&extra).is_err());
+    let refused = AuditEvent::from_record(&extra).unwrap_err().to_string();
+    assert!(refused.contains("unknown field"), "{refused}");
+    // A record always names its subject, tenant and session (`null` when
+    // empty): one without them is refused, not read as having none.
+    for field in [
+        r#""subject":{"id":"cust-1","name":"<script>alert(1)</script>"},"#,
+        r#""tenant":"pinecone","#,
+        r#""session":"0193f1a2-0000-7000-8000-000000000001","#,
+    ] {
+        assert!(record.contains(field));
+        let without = record.replacen(field, "", 1);
+        let refused = AuditEvent::from_record(&without).unwrap_err().to_string();
+        assert!(refused.contains("missing field"), "{refused}");
+    }
     // An event stored as its serde JSON (before records) still reads.
     let legacy = serde_json::to_string(&fixed_event(None)).unwrap();
     assert!(legacy.starts_with(r#"{"id":"#));
@@ -177,6 +187,17 @@ fn arb_name() -> impl Strategy<Value = String> {
     proptest::string::string_regex("[ -~\"\\\\\u{7}\u{1f}é€😀]{0,24}").unwrap()
 }
 
+/// A detail value: mostly short, sometimes long enough to overflow the
+/// 512-byte buffer the canonical JSON is written through, in one write
+/// (a long run of plain characters) or several.
+fn arb_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => arb_name(),
+        1 => "[a-z]{500,1000}",
+        1 => proptest::string::string_regex("[ -~é\"]{200,1000}").unwrap(),
+    ]
+}
+
 prop_compose! {
     fn arb_event()(
         micros in -62_135_596_800_000_000_i64..253_402_300_799_999_999,
@@ -184,7 +205,7 @@ prop_compose! {
         actor in proptest::option::of(("[a-z0-9-]{1,12}", arb_name())),
         subject in proptest::option::of(("[a-z0-9-]{1,12}", arb_name(), "[a-z]{1,8}")),
         session in proptest::option::of(any::<u128>()),
-        details in proptest::collection::vec(("[a-z_.]{1,10}", arb_name()), 0..6),
+        details in proptest::collection::vec(("[a-z_.]{1,10}", arb_value()), 0..6),
         head in proptest::option::of((0_u64..u64::MAX / 2, any::<[u8; 32]>())),
     ) -> AuditEvent {
         let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).unwrap();
@@ -245,4 +266,17 @@ proptest! {
             format!(r#""{}","hash":"{}"}}"#, event.prev_hash.to_hex(), event.hash.to_hex())
         );
     }
+}
+
+/// A draft whose time was set by hand, finer than microseconds or off UTC,
+/// is sealed at its normalised time, so the event returned is the event
+/// its record reads back as (the hash covers whole microseconds anyway).
+#[test]
+fn a_hand_set_time_is_sealed_normalised() {
+    let mut draft = draft_of(&fixed_event(None));
+    draft.at = time::macros::datetime!(2026-11-25 16:36:43.123456789 +02:00);
+    let (event, record) = draft.clone().seal_to_record(None).unwrap();
+    assert_eq!(event, fixed_event(None));
+    assert_eq!(draft.seal(None), event);
+    assert_eq!(AuditEvent::from_record(&record).unwrap(), event);
 }

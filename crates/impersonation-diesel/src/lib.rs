@@ -850,7 +850,10 @@ impl DieselStore {
                     .collect(),
             ),
             // Not written (or, on an error, unknown): the transaction path
-            // re-reads the head, so the batch cannot be written twice.
+            // re-reads the head and seals the drafts again. Should the
+            // statement have committed after all, their event ids meet the
+            // primary key there and the batch fails: it is never written
+            // twice, though its callers then hear of a failure.
             Ok(false) | Err(_) => {
                 self.forget_heads(std::iter::once(chain));
                 None

@@ -20,7 +20,11 @@ async fn the_chain_keeps_each_event_as_its_record() {
     let w = World::new();
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
     let (start, _) = w.begin(&agent, &customer, epoch());
-    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+    let StartOutcome::Started {
+        session,
+        event: started,
+    } = store.start(start).await.unwrap()
+    else {
         panic!("refused")
     };
     // A batch (the service's path under load), one of it refused by its
@@ -43,16 +47,48 @@ async fn the_chain_keeps_each_event_as_its_record() {
             (access(3, "/c\u{1b}[31m"), guard),
         ])
         .await;
-    assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
-    store.append(access(4, "/d"), guard).await.unwrap();
+    assert!(results[1].is_err(), "the ghost session's event is refused");
+    let single = store.append(access(4, "/d"), guard).await.unwrap();
     let stop = session
         .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
         .unwrap();
-    store.transition(stop).await.unwrap();
+    let (_, stopped) = store.transition(stop).await.unwrap();
+    // Another process moves the head under this store's cached one: this
+    // store's next batch is refused by the script's compare-and-set, and
+    // resealed (place, hash and record) on the head the script reports.
+    let other = common::store_at(common::SINGLE, &ns).await;
+    let note = |s: i64| {
+        session
+            .draft(
+                epoch() + Duration::seconds(s),
+                AuditAction::Access,
+                Actor::System,
+            )
+            .details(Details::new().with("note", "after the end"))
+    };
+    let elsewhere = other.append(note(5), AppendGuard::None).await.unwrap();
+    let resealed = store
+        .append_batch(vec![
+            (note(6), AppendGuard::None),
+            (note(7), AppendGuard::None),
+        ])
+        .await;
+    let resealed: Vec<AuditEvent> = resealed.into_iter().map(Result::unwrap).collect();
+    assert_eq!(resealed[0].prev_hash, elsewhere.hash);
+    // What each call returned is what was stored.
+    let mut returned = vec![
+        started,
+        results[0].clone().unwrap(),
+        results[2].clone().unwrap(),
+        single,
+        stopped,
+        elsewhere,
+    ];
+    returned.extend(resealed);
 
     let chain = session.chain();
     let events = whole_chain(&store, &chain).await;
-    assert_eq!(events.len(), 5, "start, three accesses, stop");
+    assert_eq!(events, returned, "start, three accesses, stop, three notes");
     let head = store.chain_head(&chain).await.unwrap();
     assert!(verify_chain(&chain, &events, head).is_ok());
 
