@@ -134,16 +134,11 @@ fn main() -> Result<()> {
     let bare = results.iter().position(|(v, _)| v == "bare").unwrap_or(0);
     let others: Vec<usize> = (0..results.len()).filter(|&i| i != bare).collect();
     for round in 1..=rounds {
-        let order: Vec<usize> = if round % 2 == 0 {
-            std::iter::once(bare)
-                .chain(others.iter().rev().copied())
-                .collect()
-        } else {
-            std::iter::once(bare)
-                .chain(others.iter().copied())
-                .collect()
-        };
-        for i in order {
+        let mut order = others.clone();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for i in std::iter::once(bare).chain(order) {
             let (variant, runs) = &mut results[i];
             let sample = measure(variant, seconds, connections, mode)?;
             match mode {

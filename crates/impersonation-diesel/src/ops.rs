@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use impersonation_core::{AppendGuard, AuditDraft, AuditEvent, ChainHead, SessionId, StoreError};
 
-use crate::rows::micros;
+use crate::rows::{corrupt, micros};
 use crate::sql::Sql;
 
 /// What an operation can fail with: a database error (classified by the
@@ -94,19 +94,21 @@ pub(crate) struct Sealed {
 impl Sealed {
     /// Seals `draft` after `head`.
     pub(crate) fn new(draft: AuditDraft, head: Option<ChainHead>) -> Result<Self, OpError> {
-        let (event, record) = draft
-            .seal_to_record(head)
-            .map_err(|e| OpError::Store(StoreError::Corrupt(format!("audit event: {e}"))))?;
+        let (event, record) = draft.seal_to_record(head).map_err(unrecorded)?;
         Ok(Self { event, record })
     }
 
     /// An event sealed elsewhere (bench loading).
     pub(crate) fn of(event: AuditEvent) -> Result<Self, OpError> {
-        let record = event
-            .to_record()
-            .map_err(|e| OpError::Store(StoreError::Corrupt(format!("audit event: {e}"))))?;
+        let record = event.to_record().map_err(unrecorded)?;
         Ok(Self { event, record })
     }
+}
+
+/// An event's record could not be written (it cannot happen for the
+/// plain data an event holds; a typed error all the same).
+fn unrecorded(e: serde_json::Error) -> OpError {
+    OpError::Store(corrupt("audit event", e))
 }
 
 /// Binds an event's ten columns, in the order of the INSERTs.
