@@ -137,7 +137,12 @@ pub fn view_runs(events: &[&AuditEvent]) -> Vec<ViewRun> {
     let mut by_key: Vec<((View, String), Vec<Open>)> = Vec::new();
     for event in events {
         let at = unix_micros(event.at);
-        let session = event.session.map(|s| s.to_string());
+        // The session's key, formatted on the stack (a `String` per event
+        // was most of this function's allocations).
+        let mut session_buf = uuid::Uuid::encode_buffer();
+        let session = event
+            .session
+            .map(|s| &*s.as_uuid().hyphenated().encode_lower(&mut session_buf));
         let keys = [
             Some((View::All, "")),
             Some((View::Agent, event.chain.as_str())),
@@ -147,7 +152,7 @@ pub fn view_runs(events: &[&AuditEvent]) -> Vec<ViewRun> {
                 .map(|s| (View::Subject, s.id.as_str())),
             event.tenant.as_ref().map(|t| (View::Tenant, t.as_str())),
             event.actor.id().map(|a| (View::Actor, a.as_str())),
-            session.as_deref().map(|s| (View::Session, s)),
+            session.map(|s| (View::Session, s)),
         ];
         for (view, key) in keys.into_iter().flatten() {
             let runs = match by_key.iter().position(|(k, _)| k.0 == view && k.1 == key) {

@@ -40,7 +40,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::keys::{Slot, audit_all, audit_index, chains, is_route, live_all, live_set, where_key};
 use crate::scripts::{
-    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, TRANSITION_SCRIPT,
+    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, ScriptCall,
+    TRANSITION_SCRIPT,
 };
 
 /// Why connecting failed.
@@ -544,11 +545,11 @@ impl RedisStore {
     /// not have run, so the cached head is forgotten.
     async fn invoke_cas(
         &self,
-        inv: &redis::ScriptInvocation<'_>,
+        call: &ScriptCall,
         cached: &mut Option<Option<ChainHead>>,
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn.clone();
-        inv.invoke_async(&mut conn).await.map_err(|e| {
+        call.invoke(&mut conn).await.map_err(|e| {
             *cached = None;
             unavailable(e)
         })
@@ -710,13 +711,15 @@ impl RedisStore {
             }
             let (seq, hash) = head_args(head);
             let (last_seq, last_hash) = head_args(next);
-            let mut inv = APPEND_MANY_SCRIPT.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
+            let bytes = seq.len()
+                + hash.len()
+                + last_seq.len()
+                + last_hash.len()
+                + records.iter().map(|r| r.len() + 4).sum::<usize>();
+            let mut inv = ScriptCall::new(&APPEND_MANY_SCRIPT, &keys, 4 + 2 * records.len(), bytes);
             inv.arg(&seq).arg(&hash).arg(&last_seq).arg(&last_hash);
-            for (guard, record) in guards.iter().zip(records) {
-                inv.arg(guard).arg(record);
+            for (guard, record) in guards.iter().zip(&records) {
+                inv.arg(guard).arg(record.as_str());
             }
             // The views go out with the script, not after it: one round
             // trip for both. Readers skip an entry whose event is not at
@@ -982,10 +985,7 @@ impl RedisStore {
             let (refused, refused_record) =
                 refusal.clone().seal_to_record(head).map_err(unrecorded)?;
             let (seq, hash) = head_args(head);
-            let mut inv = START_SCRIPT.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
+            let mut inv = ScriptCall::new(&START_SCRIPT, &keys, 10 + fields.len(), 4096);
             inv.arg(&seq)
                 .arg(&hash)
                 .arg(session.id.to_string())
@@ -1065,10 +1065,7 @@ impl RedisStore {
             };
             let (event, record) = draft.clone().seal_to_record(head).map_err(unrecorded)?;
             let (seq, hash) = head_args(head);
-            let mut inv = TRANSITION_SCRIPT.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
+            let mut inv = ScriptCall::new(&TRANSITION_SCRIPT, &keys, 8 + fields.len(), 4096);
             inv.arg(&seq)
                 .arg(&hash)
                 .arg(expected.to_string())

@@ -10,7 +10,8 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, ToRedisArgs};
 
 /// Shared helpers, prepended to each script.
 const PRELUDE: &str = r#"
@@ -153,3 +154,53 @@ pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Script> =
 pub(crate) static RESOLVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESOLVE));
 pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(RECORD_CHECK));
+
+/// One call of a script, built as a single `EVALSHA` command whose keys and
+/// arguments are written once, straight into the command's buffer. (A
+/// `ScriptInvocation` copies each argument into a `Vec` of its own, then
+/// again into the command: for the append script, every event's record
+/// twice more.)
+pub(crate) struct ScriptCall {
+    script: &'static Script,
+    cmd: Cmd,
+}
+
+impl ScriptCall {
+    /// A call of `script` with `keys`, room made for `args` arguments of
+    /// about `bytes` bytes in all.
+    pub(crate) fn new(script: &'static Script, keys: &[String], args: usize, bytes: usize) -> Self {
+        let hash = script.get_hash();
+        let key_bytes: usize = keys.iter().map(String::len).sum();
+        let mut cmd = Cmd::with_capacity(
+            3 + keys.len() + args,
+            "EVALSHA".len() + hash.len() + 20 + key_bytes + bytes,
+        );
+        cmd.arg("EVALSHA").arg(hash).arg(keys.len());
+        for key in keys {
+            cmd.arg(key.as_str());
+        }
+        Self { script, cmd }
+    }
+
+    /// Adds an argument (`ARGV[i]`).
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    /// Runs the call; if the server does not know the script (`NOSCRIPT`:
+    /// restarted, flushed, or a new node), loads it and runs it once more,
+    /// as `ScriptInvocation` does.
+    pub(crate) async fn invoke<T: FromRedisValue>(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> RedisResult<T> {
+        match self.cmd.query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.script.load_async(conn).await?;
+                self.cmd.query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}

@@ -115,3 +115,70 @@ async fn the_chain_keeps_each_event_as_its_record() {
         assert_eq!(&read, event);
     }
 }
+
+/// The writes go out as `EVALSHA` of scripts the server is assumed to know.
+/// A server that has forgotten them (`SCRIPT FLUSH`, or a restart with
+/// persistence off, or a new node) answers `NOSCRIPT`; the store loads the
+/// script and runs the same call once more, for the start, each append
+/// (single and batched) and the end, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_forgot_the_scripts_gets_them_again() {
+    let server = common::OwnServer::start();
+    let store = common::store_at(&server.url(), &common::unique("imptest")).await;
+    let mut raw = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut forget = async || {
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    };
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (start, _) = w.begin(&agent, &customer, epoch());
+    forget().await;
+    let StartOutcome::Started {
+        session,
+        event: started,
+    } = store.start(start).await.unwrap()
+    else {
+        panic!("refused")
+    };
+    let access = |s: i64| {
+        session
+            .draft(
+                epoch() + Duration::seconds(s),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "Agent 1"),
+            )
+            .details(Details::new().with("route", "/bookings"))
+    };
+    let guard = AppendGuard::SessionActive(session.id);
+    forget().await;
+    let single = store.append(access(1), guard).await.unwrap();
+    forget().await;
+    let batch: Vec<AuditEvent> = store
+        .append_batch(vec![(access(2), guard), (access(3), guard)])
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    forget().await;
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let (_, stopped) = store.transition(stop).await.unwrap();
+
+    let chain = session.chain();
+    let events = whole_chain(&store, &chain).await;
+    let mut expected = vec![started, single];
+    expected.extend(batch);
+    expected.push(stopped);
+    assert_eq!(events, expected, "start, three accesses, stop");
+    let head = store.chain_head(&chain).await.unwrap();
+    assert!(verify_chain(&chain, &events, head).is_ok());
+}
