@@ -112,6 +112,13 @@ fn main() -> Result<()> {
             "--connections" => connections = it.next().context("--connections N")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse::<usize>()?.max(1),
             "--instructions" => mode = Mode::Instructions,
+            "--help" | "-h" => {
+                println!(
+                    "usage: impersonation-http-bench [--seconds N] [--connections N] [--rounds N] [--instructions] [VARIANT...]\nvariants: {}",
+                    VARIANTS.join(" ")
+                );
+                return Ok(());
+            }
             v if VARIANTS.contains(&v) => chosen.push(v.to_owned()),
             other => bail!("unknown argument {other}; variants: {}", VARIANTS.join(" ")),
         }
@@ -375,6 +382,13 @@ fn wrk(
         .arg(url)
         .output()
         .context("running wrk (apt-get install wrk)")?;
+    if !out.status.success() {
+        bail!(
+            "{variant}: wrk failed ({}); is it installed? (`cargo xtask bench http` installs it)\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     // A wrong answer spoils the figure; a slow one is part of it, and is
     // reported (wrk counts a request over 2 s as a timeout).
