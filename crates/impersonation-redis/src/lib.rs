@@ -11,8 +11,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every write is one Lua script (EVALSHA, falling back to EVAL on
-//! `NOSCRIPT`) confined to one hash slot: the slot of the agent the write is
+//! Every write is one Lua script (EVALSHA; on `NOSCRIPT` the script is loaded
+//! and the call run again) confined to one hash slot: the slot of the agent the write is
 //! about (see `docs/redis.md` for the key layout and slot plan). A session
 //! change and its audit event (a Redis Stream entry) are written together or
 //! not at all. `resolve` is one command. Only secret hashes are stored.
