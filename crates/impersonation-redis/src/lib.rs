@@ -11,11 +11,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every write is one Lua script (EVALSHA; on `NOSCRIPT` the script is loaded
-//! and the call run again) confined to one hash slot: the slot of the agent the write is
-//! about (see `docs/redis.md` for the key layout and slot plan). A session
-//! change and its audit event (a Redis Stream entry) are written together or
-//! not at all. `resolve` is one command. Only secret hashes are stored.
+//! Every write is one Lua script (EVALSHA; on `NOSCRIPT` the script is
+//! loaded and the call run again) confined to one hash slot: the slot of the
+//! agent the write is about (see `docs/redis.md` for the key layout and slot
+//! plan). A session change and its audit event (a Redis Stream entry) are
+//! written together or not at all. `resolve` is one command. Only secret
+//! hashes are stored.
 //! Any Redis failure is [`StoreError::Unavailable`]: the SDK fails closed.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
