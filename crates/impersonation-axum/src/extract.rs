@@ -153,7 +153,13 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
                 "impersonation layer missing",
             ));
         };
-        let attempt = format!("{} {}", parts.method, parts.uri.path());
+        // The route's template, not its path: a path may carry a token
+        // (`/password/reset/{token}`), which must not reach the trail.
+        let route = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map_or_else(|| parts.uri.path(), |m| m.as_str());
+        let attempt = format!("{} {route}", parts.method);
         state.audited.store(true, Ordering::SeqCst);
         match state
             .shared

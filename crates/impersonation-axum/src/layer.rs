@@ -81,12 +81,14 @@ impl Settings {
         c
     }
 
-    /// Whether `route` is one of the SDK's own (under the mount point),
-    /// which audit themselves as session events.
+    /// Whether `route` is the SDK's start or stop route (under the mount
+    /// point), which audit themselves as session events. Exactly those two:
+    /// with the routes mounted at the root, every other route still is
+    /// checked and audited (and `status`, a read, is audited as one).
     pub(crate) fn own_route(&self, route: &str) -> bool {
         route
             .strip_prefix(self.mount.as_str())
-            .is_some_and(|rest| rest.starts_with('/'))
+            .is_some_and(|rest| rest == "/start" || rest == "/stop")
     }
 
     pub(crate) fn stop_path(&self) -> String {
@@ -116,9 +118,25 @@ pub(crate) struct RequestState {
 }
 
 /// Request extension: the CSRF token of this browser (double-submit cookie).
-/// Cloning is cheap: the text is shared.
-#[derive(Clone, Debug)]
+/// Cloning is cheap: the text is shared. Its `Debug` does not show it.
+#[derive(Clone)]
 pub struct CsrfToken(pub(crate) Arc<str>);
+
+impl std::fmt::Debug for CsrfToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CsrfToken(<redacted>)")
+    }
+}
+
+/// The credentials of `Authorization: Bearer <token>`; the scheme's name is
+/// case-insensitive (RFC 9110, section 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
 
 impl CsrfToken {
     /// The token, for a hidden `csrf` field in forms that post to the SDK's routes.
@@ -236,8 +254,7 @@ where
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(bearer_token);
             let bearer = authorization.filter(|t| SessionSecret::is_marked(t));
             let signed_token = match (&settings.tokens, authorization) {
                 // As for a secret: a read may reuse a session resolved a
@@ -457,12 +474,7 @@ where
                 }
                 res.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                let is_html = res
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with("text/html"));
-                if is_html {
+                if banner_fits(&res) {
                     let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
                     let (mut parts, body) = res.into_parts();
                     let bytes = match http_body_util::Limited::new(body, MAX_BANNER_BODY)
@@ -477,9 +489,14 @@ where
                             ));
                         }
                     };
-                    let html = String::from_utf8_lossy(&bytes);
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    res = Response::from_parts(parts, Body::from(inject(&html, &banner)));
+                    // A page that is not UTF-8 after all is served as it is.
+                    res = match std::str::from_utf8(&bytes) {
+                        Ok(html) => {
+                            parts.headers.remove(header::CONTENT_LENGTH);
+                            Response::from_parts(parts, Body::from(inject(html, &banner)))
+                        }
+                        Err(_) => Response::from_parts(parts, Body::from(bytes)),
+                    };
                 }
             }
             if fresh_csrf {
@@ -494,4 +511,47 @@ where
             Ok(res)
         })
     }
+}
+
+/// Whether the banner can go into `res`: a whole HTML page in UTF-8, as the
+/// app wrote it. Not into an encoded body (`Content-Encoding`: put a
+/// compression layer outside this one, so that it compresses the page with
+/// the banner), a part of a page (`206`, `Content-Range`), a download
+/// (`Content-Disposition: attachment`), or a page in another charset.
+fn banner_fits(res: &Response) -> bool {
+    let headers = res.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let Some(content_type) = text(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let mut params = content_type.split(';').map(str::trim);
+    let is_html = params
+        .next()
+        .is_some_and(|essence| essence.eq_ignore_ascii_case("text/html"));
+    let utf8 = params.all(|p| match p.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim().trim_matches('"');
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        }
+        _ => true,
+    });
+    let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
+        !v.to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+    });
+    let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
+        d.split(';')
+            .next()
+            .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
+    });
+    is_html
+        && utf8
+        && !encoded
+        && !attachment
+        && res.status() != StatusCode::PARTIAL_CONTENT
+        && !headers.contains_key(header::CONTENT_RANGE)
 }

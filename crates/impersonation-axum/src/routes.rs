@@ -21,8 +21,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/status", get(status))
 }
 
-/// The start form.
-#[derive(Debug, Deserialize)]
+/// The start form. Its `Debug` leaves the CSRF token out.
+#[derive(Deserialize)]
 pub struct StartForm {
     /// The customer's id.
     pub target: String,
@@ -47,8 +47,8 @@ pub struct StartForm {
     pub error_to: Option<String>,
 }
 
-/// The stop form.
-#[derive(Debug, Deserialize)]
+/// The stop form. Its `Debug` leaves the CSRF token out.
+#[derive(Deserialize)]
 pub struct StopForm {
     /// The CSRF token.
     #[serde(default)]
@@ -56,6 +56,29 @@ pub struct StopForm {
     /// Where to go afterwards (a local path).
     #[serde(default)]
     pub return_to: Option<String>,
+}
+
+impl std::fmt::Debug for StartForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartForm")
+            .field("target", &self.target)
+            .field("reason", &self.reason)
+            .field("ticket", &self.ticket)
+            .field("read_only", &self.read_only)
+            .field("csrf", &"<redacted>")
+            .field("return_to", &self.return_to)
+            .field("error_to", &self.error_to)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StopForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopForm")
+            .field("csrf", &"<redacted>")
+            .field("return_to", &self.return_to)
+            .finish()
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -67,34 +90,88 @@ fn error(e: &Error) -> Response {
     text(status, format!("{e} ({})", e.code()))
 }
 
-/// Same-origin checks on top of the token: a foreign `Origin` or a
-/// cross-site `Sec-Fetch-Site` is refused even with a valid token.
-fn same_origin(headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
-        && !matches!(site, "same-origin" | "none")
+/// The request's own origin, as seen by the routes: its scheme (`https`,
+/// or `http` too in development mode) and its host, from `Host` or, over
+/// HTTP/2 (which has no `Host` header), the URI's authority.
+struct Site {
+    host: String,
+    secure: bool,
+}
+
+impl Site {
+    fn of(req: &Request, settings: &Settings) -> Self {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        Site {
+            host: host.to_owned(),
+            secure: settings.secure_cookies,
+        }
+    }
+
+    /// Whether `origin` (`scheme://host[:port]`) is this site.
+    fn is<'h>(&'h self, origin: &'h str) -> bool {
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        let scheme_ok = if self.secure {
+            scheme.eq_ignore_ascii_case("https")
+        } else {
+            scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http")
+        };
+        // A default port may be written or left out on either side.
+        let bare = |h: &'h str| -> &'h str {
+            if scheme.eq_ignore_ascii_case("https") {
+                h.strip_suffix(":443").unwrap_or(h)
+            } else {
+                h.strip_suffix(":80").unwrap_or(h)
+            }
+        };
+        scheme_ok && !self.host.is_empty() && bare(host).eq_ignore_ascii_case(bare(&self.host))
+    }
+}
+
+/// Same-origin checks on top of the token: a foreign `Origin` (another
+/// host, or plain `http` outside development mode) or a cross-site
+/// `Sec-Fetch-Site` is refused even with a valid token.
+fn same_origin(headers: &HeaderMap, site: &Site) -> bool {
+    if let Some(fetch_site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && !matches!(fetch_site, "same-origin" | "none")
     {
         return false;
     }
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
-        if host.is_empty() || origin_host != host {
-            return false;
-        }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        return origin.to_str().is_ok_and(|o| site.is(o));
     }
     true
 }
 
-fn csrf_ok(headers: &HeaderMap, sent: &str, token: &CsrfToken, had_cookie: bool) -> bool {
-    had_cookie && !sent.is_empty() && sent == token.as_str() && same_origin(headers)
+fn csrf_ok(
+    headers: &HeaderMap,
+    site: &Site,
+    sent: &str,
+    token: &CsrfToken,
+    had_cookie: bool,
+) -> bool {
+    had_cookie && !sent.is_empty() && sent == token.as_str() && same_origin(headers, site)
 }
 
+/// A local path to go to: one path on this site, or `/`. Refused: a
+/// scheme-relative `//host` or `/\host` (browsers read `\` as `/`), and any
+/// byte but visible ASCII: browsers drop tabs and newlines from a URL, so
+/// `/<TAB>/evil.example` would lead to `//evil.example`, and a `Location`
+/// header cannot carry them anyway.
 fn local(return_to: Option<&str>) -> String {
     match return_to {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+        Some(path)
+            if path.starts_with('/')
+                && !path.starts_with("//")
+                && !path.contains('\\')
+                && path.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
             path.to_owned()
         }
         _ => "/".to_owned(),
@@ -127,6 +204,8 @@ async fn start(req: Request) -> Response {
     let ctx: Option<Context> = parts.extensions.get::<Context>().cloned();
     let req = Request::from_parts(parts, body);
     let headers = req.headers().clone();
+    let settings = &shared.settings;
+    let site = Site::of(&req, settings);
     let Ok(Form(form)) =
         <Form<StartForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
     else {
@@ -135,9 +214,9 @@ async fn start(req: Request) -> Response {
             "expected a form with target and reason".into(),
         );
     };
-    let settings = &shared.settings;
     if !csrf_ok(
         &headers,
+        &site,
         &form.csrf,
         &token,
         had_csrf_cookie(&headers, settings),
@@ -194,17 +273,19 @@ async fn stop(req: Request) -> Response {
     let token = parts.extensions.get::<CsrfToken>().cloned();
     let req = Request::from_parts(parts, body);
     let headers = req.headers().clone();
+    let settings = &shared.settings;
+    let site = Site::of(&req, settings);
     let Ok(Form(form)) =
         <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
     else {
         return text(StatusCode::BAD_REQUEST, "expected a form".into());
     };
-    let settings = &shared.settings;
     let (Some(principal), Some(token)) = (principal, token) else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
     if !csrf_ok(
         &headers,
+        &site,
         &form.csrf,
         &token,
         had_csrf_cookie(&headers, settings),

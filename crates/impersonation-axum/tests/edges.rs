@@ -1,0 +1,467 @@
+//! Edge cases of the binding: the banner goes only into pages it fits, the
+//! routes' redirects stay on the site, the origin check holds over HTTP/2
+//! and for the scheme, the guard records route templates (not paths that
+//! may carry tokens), the routes mounted at the root leave every other route
+//! audited, and the bearer scheme's name is case-insensitive.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::BodyExt;
+use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, routes};
+use impersonation_core::{
+    AuditAction, AuditEvent, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Principal,
+    RelationKind, Relationship, Requester, StartRequest, TenantId, UserId,
+};
+use impersonation_testkit::conformance::all_events;
+use tower::ServiceExt;
+
+fn agent(id: &str) -> Principal {
+    Principal::new(
+        UserId::new(id).unwrap(),
+        format!("Agent {id}"),
+        TenantId::new("vendor").unwrap(),
+    )
+    .with_permissions(["impersonation:start", "bookings:read"])
+    .with_relationship(Relationship::all_tenants(
+        RelationKind::Support,
+        "s",
+        "Support",
+    ))
+}
+
+fn customer(id: &str) -> Principal {
+    Principal::new(
+        UserId::new(id).unwrap(),
+        "Olive Owner",
+        TenantId::new("pinewood").unwrap(),
+    )
+    .with_permissions(["bookings:read"])
+}
+
+/// The host's auth: `x-test-user` names the signed-in person.
+async fn auth(State(directory): State<MemoryDirectory>, mut req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get("x-test-user")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|u| UserId::new(u).ok());
+    if let Some(principal) = user.and_then(|u| directory.get(&u)) {
+        req.extensions_mut().insert(principal);
+    }
+    next.run(req).await
+}
+
+type Svc = Impersonation<Arc<MemoryStore>, MemoryDirectory>;
+
+struct Fx {
+    app: Router,
+    svc: Svc,
+    store: Arc<MemoryStore>,
+    directory: MemoryDirectory,
+}
+
+/// Pages of every kind the banner meets; the SDK's routes under
+/// `/impersonation`, or merged at the root with `root`.
+fn fixture(root: bool) -> Fx {
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), agent("kim"), customer("olive")] {
+        directory.insert(p);
+    }
+    let store = Arc::new(MemoryStore::new());
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let page = |headers: Vec<(header::HeaderName, &'static str)>, body: &'static [u8]| {
+        move || async move {
+            let mut res = Body::from(body).into_response();
+            for (name, value) in headers {
+                res.headers_mut()
+                    .insert(name, header::HeaderValue::from_static(value));
+            }
+            res
+        }
+    };
+    let html = header::CONTENT_TYPE;
+    let mut app = Router::new()
+        .route(
+            "/plain",
+            get(page(
+                vec![(html.clone(), "text/html; charset=utf-8")],
+                b"<html><body>plain</body></html>",
+            )),
+        )
+        .route(
+            "/upper",
+            get(page(
+                vec![(html.clone(), "Text/HTML; Charset=\"UTF-8\"")],
+                b"<html><body>upper</body></html>",
+            )),
+        )
+        .route(
+            "/gzip",
+            get(page(
+                vec![
+                    (html.clone(), "text/html"),
+                    (header::CONTENT_ENCODING, "gzip"),
+                ],
+                &[
+                    0x1f, 0x8b, 0x08, 0x00, 0x3c, 0x2f, 0x62, 0x6f, 0x64, 0x79, 0x3e,
+                ],
+            )),
+        )
+        .route(
+            "/sjis",
+            get(page(
+                vec![(html.clone(), "text/html; charset=Shift_JIS")],
+                b"<html><body>\x82\xa0</body></html>",
+            )),
+        )
+        .route(
+            "/not-utf8",
+            get(page(
+                vec![(html.clone(), "text/html")],
+                b"<html><body>caf\xe9</body></html>",
+            )),
+        )
+        .route(
+            "/download",
+            get(page(
+                vec![
+                    (html.clone(), "text/html"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "Attachment; filename=\"a.html\"",
+                    ),
+                ],
+                b"<html><body>download</body></html>",
+            )),
+        )
+        .route(
+            "/part",
+            get(|| async {
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    [
+                        (header::CONTENT_TYPE, "text/html"),
+                        (header::CONTENT_RANGE, "bytes 0-13/100"),
+                    ],
+                    "<html><body>",
+                )
+                    .into_response()
+            }),
+        )
+        .route(
+            "/whoami",
+            get(|user: EffectiveUser| async move { user.id().to_string() }),
+        )
+        .route(
+            "/password/reset/{token}",
+            get(|_: NotImpersonating| async { Html("<html><body>reset</body></html>") }),
+        );
+    let layer = ImpersonationLayer::new(svc.clone());
+    let layer = if root {
+        app = app.merge(routes());
+        layer.mount_path("/")
+    } else {
+        app = app.nest("/impersonation", routes());
+        layer
+    };
+    let app = app
+        .layer(layer)
+        .layer(from_fn_with_state(directory.clone(), auth));
+    Fx {
+        app,
+        svc,
+        store,
+        directory,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn has_banner(&self) -> bool {
+        String::from_utf8_lossy(&self.body).contains("role=\"alert\"")
+    }
+
+    fn location(&self) -> &str {
+        self.headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn send(app: &Router, req: axum::http::request::Builder, body: Body) -> Reply {
+    let res = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let (parts, body) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes().to_vec(),
+    }
+}
+
+/// Starts `who` impersonating Olive through the service; the secret.
+async fn impersonate(f: &Fx, who: &str) -> String {
+    let agent = f.directory.get(&UserId::new(who).unwrap()).unwrap();
+    let started = f
+        .svc
+        .start(
+            Requester::User(&agent),
+            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot see bookings"),
+        )
+        .await
+        .unwrap();
+    started.secret.expose().to_owned()
+}
+
+/// A GET by `who`, with the session cookie (if any).
+fn get_as(who: &str, uri: &str, secret: Option<&str>) -> axum::http::request::Builder {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .header(header::HOST, "app.example")
+        .header("x-test-user", who);
+    match secret {
+        Some(s) => req.header(header::COOKIE, format!("__Host-impersonation={s}")),
+        None => req,
+    }
+}
+
+async fn events(f: &Fx) -> Vec<AuditEvent> {
+    all_events(&*f.store, AuditQuery::default()).await
+}
+
+#[tokio::test]
+async fn the_banner_goes_only_into_whole_utf8_pages() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    for uri in ["/plain", "/upper"] {
+        let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
+        assert_eq!(page.status, StatusCode::OK, "{uri}");
+        assert!(page.has_banner(), "{uri} gets the banner");
+    }
+    // Served byte for byte as the app wrote them, without the banner: an
+    // encoded body, a page in another charset or not UTF-8 at all, a
+    // download, a part of a page.
+    let cases: [(&str, &[u8]); 5] = [
+        (
+            "/gzip",
+            &[
+                0x1f, 0x8b, 0x08, 0x00, 0x3c, 0x2f, 0x62, 0x6f, 0x64, 0x79, 0x3e,
+            ],
+        ),
+        ("/sjis", b"<html><body>\x82\xa0</body></html>"),
+        ("/not-utf8", b"<html><body>caf\xe9</body></html>"),
+        ("/download", b"<html><body>download</body></html>"),
+        ("/part", b"<html><body>"),
+    ];
+    for (uri, body) in cases {
+        let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
+        assert!(page.status.is_success(), "{uri}: {}", page.status);
+        assert_eq!(page.body, body, "{uri} is served unchanged");
+        assert_eq!(
+            page.headers.get(header::CACHE_CONTROL).unwrap(),
+            "no-store",
+            "{uri}"
+        );
+    }
+    // Each was still audited, once.
+    let accesses = events(&f)
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Access)
+        .count();
+    assert_eq!(accesses, 7);
+}
+
+#[tokio::test]
+async fn the_routes_redirect_only_to_a_path_on_this_site() {
+    let f = fixture(false);
+    // The CSRF cookie comes with a first page.
+    let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
+    let csrf = first
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let post = |uri: &str, form: String| {
+        (
+            Request::builder()
+                .method(Method::POST)
+                .uri(uri)
+                .header(header::HOST, "app.example")
+                .header(header::ORIGIN, "https://app.example")
+                .header("x-test-user", "sam")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(header::COOKIE, format!("__Host-impersonation-csrf={csrf}")),
+            Body::from(form),
+        )
+    };
+    // A tab (which browsers drop: `//evil.example`) leads home instead.
+    let (req, body) = post(
+        "/impersonation/start",
+        format!("target=olive&reason=Sync+fails&csrf={csrf}&return_to=%2F%09%2Fevil.example"),
+    );
+    let started = send(&f.app, req, body).await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER);
+    assert_eq!(started.location(), "/");
+    let secret = started
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("__Host-impersonation="))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    // A newline, which a `Location` header cannot carry, leads home too
+    // (and the stop is made, not lost to an error).
+    let (req, body) = post(
+        "/impersonation/stop",
+        format!("csrf={csrf}&return_to=%2Fdone%0A%2F%2Fevil.example"),
+    );
+    let req = req.header(header::COOKIE, format!("__Host-impersonation={secret}"));
+    let stopped = send(&f.app, req, body).await;
+    assert_eq!(stopped.status, StatusCode::SEE_OTHER);
+    assert_eq!(stopped.location(), "/");
+    let ended = events(&f)
+        .await
+        .iter()
+        .filter(|e| e.action == AuditAction::SessionEnded)
+        .count();
+    assert_eq!(ended, 1, "the stop was made");
+    // A plain local path is kept.
+    let (req, body) = post(
+        "/impersonation/start",
+        format!("target=olive&reason=Sync+fails&csrf={csrf}&return_to=%2Fdashboard%3Ftab%3D2"),
+    );
+    assert_eq!(send(&f.app, req, body).await.location(), "/dashboard?tab=2");
+}
+
+#[tokio::test]
+async fn the_origin_check_reads_http2_authority_and_the_scheme() {
+    let f = fixture(false);
+    let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
+    let csrf = first
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let start = |who: &str, uri: &str, host: Option<&str>, origin: &str| {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::ORIGIN, origin)
+            .header("x-test-user", who)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("__Host-impersonation-csrf={csrf}"));
+        if let Some(host) = host {
+            req = req.header(header::HOST, host);
+        }
+        (
+            req,
+            Body::from(format!("target=olive&reason=Sync+fails&csrf={csrf}")),
+        )
+    };
+    // Plain http is another origin than this https site.
+    let (req, body) = start(
+        "sam",
+        "/impersonation/start",
+        Some("app.example"),
+        "http://app.example",
+    );
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::FORBIDDEN);
+    // HTTP/2 carries the host in the URI's authority, with no `Host`.
+    let (req, body) = start(
+        "sam",
+        "https://app.example/impersonation/start",
+        None,
+        "https://app.example",
+    );
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::SEE_OTHER);
+    // Host names are case-insensitive; the default port may be written.
+    let (req, body) = start(
+        "kim",
+        "/impersonation/start",
+        Some("App.Example"),
+        "https://app.example:443",
+    );
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn the_guard_records_the_route_template_not_the_path() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    let refused = send(
+        &f.app,
+        get_as("sam", "/password/reset/tok-3f9a8c77e1", Some(&secret)),
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let trail = serde_json::to_string(&events(&f).await).unwrap();
+    assert!(!trail.contains("tok-3f9a8c77e1"), "{trail}");
+    assert!(trail.contains("GET /password/reset/{token}"), "{trail}");
+}
+
+#[tokio::test]
+async fn with_the_routes_at_the_root_every_other_request_is_audited() {
+    let f = fixture(true);
+    let secret = impersonate(&f, "sam").await;
+    for uri in ["/plain", "/status", "/whoami"] {
+        let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
+        assert_eq!(page.status, StatusCode::OK, "{uri}");
+    }
+    let routes: Vec<String> = events(&f)
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Access)
+        .filter_map(|e| e.details.get("route").map(str::to_owned))
+        .collect();
+    assert_eq!(routes, ["/plain", "/status", "/whoami"]);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let req = Request::builder()
+            .uri("/whoami")
+            .header(header::HOST, "app.example")
+            .header("x-test-user", "sam")
+            .header(header::AUTHORIZATION, format!("{scheme} {secret}"));
+        let reply = send(&f.app, req, Body::empty()).await;
+        assert_eq!(reply.body, b"olive", "{scheme}");
+    }
+}
+
+#[test]
+fn debug_output_leaves_the_csrf_token_out() {
+    let form: impersonation_axum::StartForm =
+        serde_urlencoded::from_str("target=olive&reason=r&csrf=tok-5e2b9d").unwrap();
+    assert!(!format!("{form:?}").contains("tok-5e2b9d"));
+    let form: impersonation_axum::StopForm = serde_urlencoded::from_str("csrf=tok-5e2b9d").unwrap();
+    assert!(!format!("{form:?}").contains("tok-5e2b9d"));
+}
