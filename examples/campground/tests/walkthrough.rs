@@ -53,7 +53,7 @@ async fn story(kind: StoreKind, url: &str) {
         "200 OK: as Olive Owner (impersonated by sam), 4 bookings",
         "with Sam's own token instead: 200 OK, as Sam Support, 0 bookings",
         "revocation: 200 OK; the same token next: 401 Unauthorized",
-        "✓ Chain verified: 2 chains, 16 events.",
+        "✓ Chain verified: 2 chains, 17 events.",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
@@ -74,6 +74,7 @@ async fn story(kind: StoreKind, url: &str) {
             "Data Access",
             "Denied Attempt",
             "Denied Attempt",
+            "Data Access",
             "User Impersonation End",
             "User Impersonation",
             "Data Access",
@@ -89,6 +90,8 @@ async fn story(kind: StoreKind, url: &str) {
         table.contains("Reason: Olive's booking sync fails through the API. Ticket: SUP-1044.")
     );
     assert!(table.contains("| Sam Support | Olive Owner | Refused GET /billing"));
+    // The status endpoint is a read under impersonation like any other.
+    assert!(table.contains("| Sam Support | Olive Owner | GET /impersonation/status (200)"));
     assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
 }
 
