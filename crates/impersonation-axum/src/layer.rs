@@ -445,7 +445,24 @@ where
                         .detail("method", &method)
                         .detail("route", route)
                         .detail("status", status);
-                    match shared.api.record_completed(c, activity).await {
+                    // The write runs to its end even if the client goes
+                    // away meanwhile (hyper then drops this future): a
+                    // change already made is never left off the trail, and
+                    // a batched write this request carries is not cut
+                    // short for the requests that share it.
+                    let api = Arc::clone(&shared.api);
+                    let ctx = c.clone();
+                    let write =
+                        tokio::spawn(async move { api.record_completed(&ctx, activity).await });
+                    let recorded = match write.await {
+                        Ok(recorded) => recorded,
+                        Err(e) => Err(impersonation_core::Error::Store(
+                            impersonation_core::StoreError::unavailable_because(format!(
+                                "the audit write failed: {e}"
+                            )),
+                        )),
+                    };
+                    match recorded {
                         Ok(_) => {}
                         // Nothing is served that the audit trail does not show.
                         Err(e) if e.http_status() == 503 => {

@@ -465,3 +465,68 @@ fn debug_output_leaves_the_csrf_token_out() {
     let form: impersonation_axum::StopForm = serde_urlencoded::from_str("csrf=tok-5e2b9d").unwrap();
     assert!(!format!("{form:?}").contains("tok-5e2b9d"));
 }
+
+/// A client that goes away while its change is being audited (hyper then
+/// drops the request's future) does not take the audit write with it: the
+/// change is made, so it is on the trail.
+#[tokio::test]
+async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
+    use impersonation_testkit::faults::{FaultyStore, SLOW_CALL, When};
+
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive")] {
+        directory.insert(p);
+    }
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let slowed = Arc::clone(&store);
+    let made = Arc::new(tokio::sync::Notify::new());
+    let told = Arc::clone(&made);
+    let app = Router::new()
+        .route(
+            "/bookings",
+            axum::routing::post(move || async move {
+                // The change is made; the write that audits it is slow.
+                slowed.fail_next_write(When::Slow);
+                told.notify_one();
+                "saved"
+            }),
+        )
+        .layer(ImpersonationLayer::new(svc.clone()))
+        .layer(from_fn_with_state(directory.clone(), auth));
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let secret = svc
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save"),
+        )
+        .await
+        .unwrap()
+        .secret;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/bookings")
+        .header(header::HOST, "app.example")
+        .header("x-test-user", "sam")
+        .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+        .body(Body::empty())
+        .unwrap();
+    let mut request = Box::pin(app.oneshot(req));
+    tokio::select! {
+        _ = &mut request => panic!("answered before the change was made"),
+        () = made.notified() => {}
+    }
+    // The change is made; the client waits a little longer, then goes
+    // away while its audit write is under way (the future is dropped).
+    let gone = tokio::time::timeout(SLOW_CALL / 2, &mut request).await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    drop(request);
+    tokio::time::sleep(SLOW_CALL * 2).await;
+    let modifications: Vec<String> = all_events(store.inner(), AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Modification)
+        .filter_map(|e| e.details.get("route").map(str::to_owned))
+        .collect();
+    assert_eq!(modifications, ["/bookings"]);
+}

@@ -21,7 +21,14 @@ pub enum When {
     /// The inner store completes the call, then the caller gets an error (a
     /// connection lost before the reply arrived).
     After,
+    /// No error: the inner store gets the call after a pause of
+    /// [`SLOW_CALL`] (a slow network), long enough for a test to give up on
+    /// its caller meanwhile.
+    Slow,
 }
+
+/// How long a [`When::Slow`] call waits before it reaches the inner store.
+pub const SLOW_CALL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Which calls count toward the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +131,10 @@ impl<S: Store> FaultyStore<S> {
             Some(When::After) => {
                 let _ = call.await;
                 Err(StoreError::unavailable(Fault))
+            }
+            Some(When::Slow) => {
+                tokio::time::sleep(SLOW_CALL).await;
+                call.await
             }
         }
     }
