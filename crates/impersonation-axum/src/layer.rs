@@ -82,9 +82,9 @@ impl Settings {
     }
 
     /// Whether `route` is the SDK's start or stop route (under the mount
-    /// point), which audit themselves as session events. Exactly those two:
-    /// with the routes mounted at the root, every other route still is
-    /// checked and audited (and `status`, a read, is audited as one).
+    /// point), which a read-only session may still post to (stop ends it).
+    /// Exactly those two: with the routes mounted at the root, every other
+    /// route still is checked.
     pub(crate) fn own_route(&self, route: &str) -> bool {
         route
             .strip_prefix(self.mount.as_str())
@@ -113,7 +113,8 @@ pub(crate) struct RequestState {
     /// resolve for this user), for the stop route.
     pub(crate) secret: Option<SessionSecret>,
     /// Set once the request has been audited (a refusal by
-    /// [`crate::NotImpersonating`]), so the layer does not audit it twice.
+    /// [`crate::NotImpersonating`]) or handed to the service, which audits
+    /// it (start, stop), so the layer does not audit it twice.
     pub(crate) audited: AtomicBool,
 }
 
@@ -427,13 +428,12 @@ where
             let mut res = inner.call(req).instrument(span).await?;
 
             if let (Some(c), Some((method, route))) = (&ctx, audit) {
-                // The SDK's own routes are audited as session events already.
+                // Start and stop are audited by the service (as the session's
+                // start or end, or a refusal) once they reach it; a request
+                // they turn away before that (a failed CSRF check, a GET) is
+                // audited here like any other.
                 let route = route.as_str();
-                let own_route = settings.own_route(route);
-                if !own_route
-                    && !state.audited.load(Ordering::SeqCst)
-                    && (settings.audit)(&method, route)
-                {
+                if !state.audited.load(Ordering::SeqCst) && (settings.audit)(&method, route) {
                     let status = res.status().as_u16();
                     let description = format!("{method} {route} ({status})");
                     let activity = if method.is_safe() {

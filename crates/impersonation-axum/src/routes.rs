@@ -1,5 +1,7 @@
 //! The routes to mount: `POST start`, `POST stop`, `GET status`.
 
+use std::sync::atomic::Ordering;
+
 use axum::Form;
 use axum::Router;
 use axum::extract::Request;
@@ -233,6 +235,9 @@ async fn start(req: Request) -> Response {
         Some(ctx) => Requester::Impersonating(ctx),
         None => Requester::User(&principal),
     };
+    // From here the service audits the outcome (a refusal, or the start),
+    // so the layer does not audit this request again.
+    state.audited.store(true, Ordering::SeqCst);
     let started = match shared.api.start(requester, request).await {
         Ok(started) => started,
         Err(e) => {
@@ -295,6 +300,8 @@ async fn stop(req: Request) -> Response {
     let Some(secret) = &state.secret else {
         return text(StatusCode::UNAUTHORIZED, "no impersonation session".into());
     };
+    // From here the service audits the outcome (the end, or a refusal).
+    state.audited.store(true, Ordering::SeqCst);
     if let Err(e) = shared.api.stop(secret, &principal).await {
         return error(&e);
     }

@@ -530,3 +530,67 @@ async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
         .collect();
     assert_eq!(modifications, ["/bookings"]);
 }
+
+/// Start and stop are audited by the service once they reach it; a request
+/// to them that is turned away before (a forged token, a GET) is still a
+/// request under impersonation, and audited once like any other.
+#[tokio::test]
+async fn turned_away_stops_are_audited_and_a_stop_is_audited_once() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    let first = send(
+        &f.app,
+        get_as("sam", "/plain", Some(&secret)),
+        Body::empty(),
+    )
+    .await;
+    let csrf = first
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let stop = |method: Method, token: &str| {
+        (
+            Request::builder()
+                .method(method)
+                .uri("/impersonation/stop")
+                .header(header::HOST, "app.example")
+                .header(header::ORIGIN, "https://app.example")
+                .header("x-test-user", "sam")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(
+                    header::COOKIE,
+                    format!("__Host-impersonation={secret}; __Host-impersonation-csrf={csrf}"),
+                ),
+            Body::from(format!("csrf={token}")),
+        )
+    };
+    let (req, body) = stop(Method::POST, "forged");
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::FORBIDDEN);
+    let (req, body) = stop(Method::GET, &csrf);
+    assert_eq!(
+        send(&f.app, req, body).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let (req, body) = stop(Method::POST, &csrf);
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::SEE_OTHER);
+    let after_page: Vec<(AuditAction, Option<String>)> = events(&f)
+        .await
+        .into_iter()
+        .skip_while(|e| e.details.get("route") != Some("/plain"))
+        .skip(1)
+        .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        after_page,
+        [
+            (AuditAction::Modification, Some("403".to_owned())),
+            (AuditAction::Access, Some("405".to_owned())),
+            (AuditAction::SessionEnded, None),
+        ]
+    );
+}
