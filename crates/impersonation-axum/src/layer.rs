@@ -338,10 +338,15 @@ where
                 cookie_session = from_cookie;
                 match result {
                     Ok(c) => {
-                        // The session is the signed-in agent's own, or it is not used.
+                        // The session is the signed-in agent's own, or it is
+                        // not used. A browser's cookie also needs its agent
+                        // signed in: once the agent signs out of the app, the
+                        // cookie alone impersonates no one. (An API client's
+                        // bearer secret or token is its credential.)
                         let signed_in = req.extensions().get::<Principal>().map(|p| p.id.clone());
                         match signed_in {
                             Some(id) if id != c.agent().id => {}
+                            None if from_cookie => {}
                             _ => ctx = Some(c),
                         }
                     }

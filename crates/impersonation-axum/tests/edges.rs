@@ -594,3 +594,26 @@ async fn turned_away_stops_are_audited_and_a_stop_is_audited_once() {
         ]
     );
 }
+
+/// A browser's session cookie needs its agent signed in to the app: after
+/// the agent signs out, the cookie alone impersonates no one. An API
+/// client's bearer secret is its own credential.
+#[tokio::test]
+async fn a_cookie_without_its_signed_in_agent_impersonates_no_one() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    let signed_out = Request::builder()
+        .uri("/whoami")
+        .header(header::HOST, "app.example")
+        .header(header::COOKIE, format!("__Host-impersonation={secret}"));
+    let reply = send(&f.app, signed_out, Body::empty()).await;
+    assert_ne!(reply.body, b"olive");
+    assert!(reply.status.is_client_error(), "{}", reply.status);
+    let api = Request::builder()
+        .uri("/whoami")
+        .header(header::HOST, "app.example")
+        .header(header::AUTHORIZATION, format!("Bearer {secret}"));
+    assert_eq!(send(&f.app, api, Body::empty()).await.body, b"olive");
+    let signed_in = get_as("sam", "/whoami", Some(&secret));
+    assert_eq!(send(&f.app, signed_in, Body::empty()).await.body, b"olive");
+}
