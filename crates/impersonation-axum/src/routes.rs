@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
 use crate::layer::{CsrfToken, Handle, Settings, cookie};
 
@@ -158,7 +159,10 @@ fn csrf_ok(
     token: &CsrfToken,
     had_cookie: bool,
 ) -> bool {
-    had_cookie && !sent.is_empty() && sent == token.as_str() && same_origin(headers, site)
+    // Compared in constant time: how long a refusal takes says nothing of
+    // how much of a guess was right.
+    let matches: bool = sent.as_bytes().ct_eq(token.as_str().as_bytes()).into();
+    had_cookie && !sent.is_empty() && matches && same_origin(headers, site)
 }
 
 /// A local path to go to: one path on this site, or `/`. Refused: a
