@@ -2,6 +2,7 @@
 //! user the request's user, audits the request once, marks the response
 //! `no-store` and injects the banner.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
@@ -14,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cookie::{Cookie, SameSite};
 use futures_like::BoxFuture;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use impersonation_core::{Activity, ActivityKind, Context, Principal, SessionSecret};
 use tower::{Layer, Service};
@@ -430,7 +432,35 @@ where
                 }
             }
 
-            let mut res = inner.call(req).instrument(span).await?;
+            // A panic is caught to be audited, then passed on.
+            let served = {
+                let caught = AssertUnwindSafe(inner.call(req).instrument(span))
+                    .catch_unwind()
+                    .await;
+                match caught {
+                    Ok(res) => Ok(res?),
+                    Err(panic) => Err(panic),
+                }
+            };
+            let mut res = match served {
+                Ok(res) => res,
+                Err(panic) => {
+                    // The handler panicked: it served nothing, but it may
+                    // have changed something first, so the attempt goes on
+                    // the trail (status 500) before the panic goes on to
+                    // whatever catches it.
+                    if let (Some(c), Some((method, route))) = (&ctx, &audit)
+                        && !state.audited.load(Ordering::SeqCst)
+                        && (settings.audit)(method, route.as_str())
+                    {
+                        let activity = request_activity(method, route.as_str(), 500);
+                        if let Err(e) = shared.api.record_completed(c, activity).await {
+                            tracing::error!(error = %e, "could not audit an impersonated request whose handler panicked");
+                        }
+                    }
+                    std::panic::resume_unwind(panic);
+                }
+            };
 
             if let (Some(c), Some((method, route))) = (&ctx, audit) {
                 // Start and stop are audited by the service (as the session's
@@ -439,17 +469,7 @@ where
                 // audited here like any other.
                 let route = route.as_str();
                 if !state.audited.load(Ordering::SeqCst) && (settings.audit)(&method, route) {
-                    let status = res.status().as_u16();
-                    let description = format!("{method} {route} ({status})");
-                    let activity = if method.is_safe() {
-                        Activity::access(description)
-                    } else {
-                        Activity::modification(description)
-                    };
-                    let activity = activity
-                        .detail("method", &method)
-                        .detail("route", route)
-                        .detail("status", status);
+                    let activity = request_activity(&method, route, res.status().as_u16());
                     // The write runs to its end even if the client goes
                     // away meanwhile (hyper then drops this future): a
                     // change already made is never left off the trail, and
@@ -576,4 +596,19 @@ fn banner_fits(res: &Response) -> bool {
         && !attachment
         && res.status() != StatusCode::PARTIAL_CONTENT
         && !headers.contains_key(header::CONTENT_RANGE)
+}
+
+/// What a request served under impersonation did: an access (safe methods)
+/// or a modification, with its method, route template and status.
+fn request_activity(method: &Method, route: &str, status: u16) -> Activity {
+    let description = format!("{method} {route} ({status})");
+    let activity = if method.is_safe() {
+        Activity::access(description)
+    } else {
+        Activity::modification(description)
+    };
+    activity
+        .detail("method", method)
+        .detail("route", route)
+        .detail("status", status)
 }

@@ -617,3 +617,61 @@ async fn a_cookie_without_its_signed_in_agent_impersonates_no_one() {
     let signed_in = get_as("sam", "/whoami", Some(&secret));
     assert_eq!(send(&f.app, signed_in, Body::empty()).await.body, b"olive");
 }
+
+/// A handler that panics served nothing, but may have changed something
+/// first: the attempt is on the trail (status 500), and the panic goes on
+/// to whatever catches it outside the layer.
+#[tokio::test]
+async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
+    use futures_util::FutureExt;
+
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive")] {
+        directory.insert(p);
+    }
+    let store = Arc::new(MemoryStore::new());
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let app: Router = Router::new()
+        .route(
+            "/bookings",
+            axum::routing::post(|| async {
+                if true {
+                    panic!("the handler failed midway");
+                }
+                "saved"
+            }),
+        )
+        .layer(ImpersonationLayer::new(svc.clone()))
+        .layer(from_fn_with_state(directory.clone(), auth));
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let secret = svc
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save"),
+        )
+        .await
+        .unwrap()
+        .secret;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/bookings")
+        .header(header::HOST, "app.example")
+        .header("x-test-user", "sam")
+        .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+        .body(Body::empty())
+        .unwrap();
+    let outcome = std::panic::AssertUnwindSafe(app.oneshot(req))
+        .catch_unwind()
+        .await;
+    assert!(outcome.is_err(), "the panic is passed on");
+    let attempts: Vec<(AuditAction, Option<String>)> = all_events(&*store, AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.details.get("route") == Some("/bookings"))
+        .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        attempts,
+        [(AuditAction::Modification, Some("500".to_owned()))]
+    );
+}
