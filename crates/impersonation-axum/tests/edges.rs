@@ -21,6 +21,7 @@ use impersonation_core::{
     RelationKind, Relationship, Requester, StartRequest, TenantId, UserId,
 };
 use impersonation_testkit::conformance::all_events;
+use impersonation_testkit::faults::{FaultyStore, SLOW_CALL, When};
 use tower::ServiceExt;
 
 fn agent(id: &str) -> Principal {
@@ -190,6 +191,17 @@ struct Reply {
 }
 
 impl Reply {
+    /// The value of a cookie this reply sets.
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned)
+    }
+
     fn has_banner(&self) -> bool {
         String::from_utf8_lossy(&self.body).contains("role=\"alert\"")
     }
@@ -291,15 +303,7 @@ async fn the_routes_redirect_only_to_a_path_on_this_site() {
     let f = fixture(false);
     // The CSRF cookie comes with a first page.
     let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
-    let csrf = first
-        .headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
+    let csrf = first.cookie("__Host-impersonation-csrf").unwrap();
     let post = |uri: &str, form: String| {
         (
             Request::builder()
@@ -321,15 +325,7 @@ async fn the_routes_redirect_only_to_a_path_on_this_site() {
     let started = send(&f.app, req, body).await;
     assert_eq!(started.status, StatusCode::SEE_OTHER);
     assert_eq!(started.location(), "/");
-    let secret = started
-        .headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.strip_prefix("__Host-impersonation="))
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
+    let secret = started.cookie("__Host-impersonation").unwrap();
     // A newline, which a `Location` header cannot carry, leads home too
     // (and the stop is made, not lost to an error).
     let (req, body) = post(
@@ -358,15 +354,7 @@ async fn the_routes_redirect_only_to_a_path_on_this_site() {
 async fn the_origin_check_reads_http2_authority_and_the_scheme() {
     let f = fixture(false);
     let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
-    let csrf = first
-        .headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
+    let csrf = first.cookie("__Host-impersonation-csrf").unwrap();
     let start = |who: &str, uri: &str, host: Option<&str>, origin: &str| {
         let mut req = Request::builder()
             .method(Method::POST)
@@ -466,32 +454,20 @@ fn debug_output_leaves_the_csrf_token_out() {
     assert!(!format!("{form:?}").contains("tok-5e2b9d"));
 }
 
-/// A client that goes away while its change is being audited (hyper then
-/// drops the request's future) does not take the audit write with it: the
-/// change is made, so it is on the trail.
-#[tokio::test]
-async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
-    use impersonation_testkit::faults::{FaultyStore, SLOW_CALL, When};
-
+/// `route` as `POST /bookings` behind the layer and the host's auth, on
+/// `store`, with Sam impersonating Olive: the app, and Sam's request to the
+/// route under the session (by bearer secret).
+async fn one_route(
+    store: &Arc<FaultyStore<MemoryStore>>,
+    route: axum::routing::MethodRouter,
+) -> (Router, Request) {
     let directory = MemoryDirectory::new();
     for p in [agent("sam"), customer("olive")] {
         directory.insert(p);
     }
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
-    let slowed = Arc::clone(&store);
-    let made = Arc::new(tokio::sync::Notify::new());
-    let told = Arc::clone(&made);
+    let svc = Impersonation::new(Arc::clone(store), directory.clone());
     let app = Router::new()
-        .route(
-            "/bookings",
-            axum::routing::post(move || async move {
-                // The change is made; the write that audits it is slow.
-                slowed.fail_next_write(When::Slow);
-                told.notify_one();
-                "saved"
-            }),
-        )
+        .route("/bookings", route)
         .layer(ImpersonationLayer::new(svc.clone()))
         .layer(from_fn_with_state(directory.clone(), auth));
     let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
@@ -511,6 +487,28 @@ async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
         .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
         .body(Body::empty())
         .unwrap();
+    (app, req)
+}
+
+/// A client that goes away while its change is being audited (hyper then
+/// drops the request's future) does not take the audit write with it: the
+/// change is made, so it is on the trail.
+#[tokio::test]
+async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let slowed = Arc::clone(&store);
+    let made = Arc::new(tokio::sync::Notify::new());
+    let told = Arc::clone(&made);
+    let (app, req) = one_route(
+        &store,
+        axum::routing::post(move || async move {
+            // The change is made; the write that audits it is slow.
+            slowed.fail_next_write(When::Slow);
+            told.notify_one();
+            "saved"
+        }),
+    )
+    .await;
     let mut request = Box::pin(app.oneshot(req));
     tokio::select! {
         _ = &mut request => panic!("answered before the change was made"),
@@ -544,15 +542,7 @@ async fn turned_away_stops_are_audited_and_a_stop_is_audited_once() {
         Body::empty(),
     )
     .await;
-    let csrf = first
-        .headers
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.strip_prefix("__Host-impersonation-csrf="))
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
+    let csrf = first.cookie("__Host-impersonation-csrf").unwrap();
     let stop = |method: Method, token: &str| {
         (
             Request::builder()
@@ -625,51 +615,28 @@ async fn a_cookie_without_its_signed_in_agent_impersonates_no_one() {
 async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
     use futures_util::FutureExt;
 
-    let directory = MemoryDirectory::new();
-    for p in [agent("sam"), customer("olive")] {
-        directory.insert(p);
-    }
-    let store = Arc::new(MemoryStore::new());
-    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
-    let app: Router = Router::new()
-        .route(
-            "/bookings",
-            axum::routing::post(|| async {
-                if true {
-                    panic!("the handler failed midway");
-                }
-                "saved"
-            }),
-        )
-        .layer(ImpersonationLayer::new(svc.clone()))
-        .layer(from_fn_with_state(directory.clone(), auth));
-    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
-    let secret = svc
-        .start(
-            Requester::User(&sam),
-            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save"),
-        )
-        .await
-        .unwrap()
-        .secret;
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri("/bookings")
-        .header(header::HOST, "app.example")
-        .header("x-test-user", "sam")
-        .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
-        .body(Body::empty())
-        .unwrap();
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(
+        &store,
+        axum::routing::post(|| async {
+            if true {
+                panic!("the handler failed midway");
+            }
+            "saved"
+        }),
+    )
+    .await;
     let outcome = std::panic::AssertUnwindSafe(app.oneshot(req))
         .catch_unwind()
         .await;
     assert!(outcome.is_err(), "the panic is passed on");
-    let attempts: Vec<(AuditAction, Option<String>)> = all_events(&*store, AuditQuery::default())
-        .await
-        .into_iter()
-        .filter(|e| e.details.get("route") == Some("/bookings"))
-        .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
-        .collect();
+    let attempts: Vec<(AuditAction, Option<String>)> =
+        all_events(store.inner(), AuditQuery::default())
+            .await
+            .into_iter()
+            .filter(|e| e.details.get("route") == Some("/bookings"))
+            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+            .collect();
     assert_eq!(
         attempts,
         [(AuditAction::Modification, Some("500".to_owned()))]
