@@ -432,7 +432,9 @@ where
                 }
             }
 
-            // A panic is caught to be audited, then passed on.
+            // A panic is caught to be audited, then passed on. (In two
+            // steps: the inner service's error need not be `Send`, so it is
+            // not held across the audit write's await.)
             let served = {
                 let caught = AssertUnwindSafe(inner.call(req).instrument(span))
                     .catch_unwind()
@@ -450,68 +452,42 @@ where
                     // the trail (status 500) before the panic goes on to
                     // whatever catches it.
                     if let (Some(c), Some((method, route))) = (&ctx, &audit)
-                        && !state.audited.load(Ordering::SeqCst)
-                        && (settings.audit)(method, route.as_str())
+                        && let Some(Err(e)) =
+                            audit_request(&shared, &state, c, method, route.as_str(), 500).await
                     {
-                        let activity = request_activity(method, route.as_str(), 500);
-                        if let Err(e) = shared.api.record_completed(c, activity).await {
-                            tracing::error!(error = %e, "could not audit an impersonated request whose handler panicked");
-                        }
+                        tracing::error!(error = %e, "could not audit an impersonated request whose handler panicked");
                     }
                     std::panic::resume_unwind(panic);
                 }
             };
 
             if let (Some(c), Some((method, route))) = (&ctx, audit) {
-                // Start and stop are audited by the service (as the session's
-                // start or end, or a refusal) once they reach it; a request
-                // they turn away before that (a failed CSRF check, a GET) is
-                // audited here like any other.
                 let route = route.as_str();
-                if !state.audited.load(Ordering::SeqCst) && (settings.audit)(&method, route) {
-                    let activity = request_activity(&method, route, res.status().as_u16());
-                    // The write runs to its end even if the client goes
-                    // away meanwhile (hyper then drops this future): a
-                    // change already made is never left off the trail, and
-                    // a batched write this request carries is not cut
-                    // short for the requests that share it.
-                    let api = Arc::clone(&shared.api);
-                    let ctx = c.clone();
-                    let write =
-                        tokio::spawn(async move { api.record_completed(&ctx, activity).await });
-                    let recorded = match write.await {
-                        Ok(recorded) => recorded,
-                        Err(e) => Err(impersonation_core::Error::Store(
-                            impersonation_core::StoreError::unavailable_because(format!(
-                                "the audit write failed: {e}"
-                            )),
-                        )),
-                    };
-                    match recorded {
-                        Ok(_) => {}
-                        // Nothing is served that the audit trail does not show.
-                        Err(e) if e.http_status() == 503 => {
-                            tracing::error!(error = %e, "could not audit an impersonated request; withholding the response");
-                            return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
+                let status = res.status().as_u16();
+                match audit_request(&shared, &state, c, &method, route, status).await {
+                    None | Some(Ok(())) => {}
+                    // Nothing is served that the audit trail does not show.
+                    Some(Err(e)) if e.http_status() == 503 => {
+                        tracing::error!(error = %e, "could not audit an impersonated request; withholding the response");
+                        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
+                    }
+                    // The session has ended (revoked elsewhere, say): the
+                    // audit write refused this read, so its answer, from
+                    // a session that is over, is withheld.
+                    Some(Err(e)) if method.is_safe() => {
+                        tracing::warn!(error = %e, "session ended; withholding an impersonated read");
+                        let mut res =
+                            plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
+                        if cookie_session {
+                            set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
                         }
-                        // The session has ended (revoked elsewhere, say): the
-                        // audit write refused this read, so its answer, from
-                        // a session that is over, is withheld.
-                        Err(e) if method.is_safe() => {
-                            tracing::warn!(error = %e, "session ended; withholding an impersonated read");
-                            let mut res =
-                                plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
-                            if cookie_session {
-                                set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
-                            }
-                            return Ok(res);
-                        }
-                        // A change that began in an active session and saw it
-                        // end meanwhile: the change is made and on the trail
-                        // (after the end); its answer goes out as it began.
-                        Err(e) => {
-                            tracing::warn!(error = %e, "session ended during an impersonated change")
-                        }
+                        return Ok(res);
+                    }
+                    // A change that began in an active session and saw it
+                    // end meanwhile: the change is made and on the trail
+                    // (after the end); its answer goes out as it began.
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "session ended during an impersonated change")
                     }
                 }
                 res.headers_mut()
@@ -596,6 +572,39 @@ fn banner_fits(res: &Response) -> bool {
         && !attachment
         && res.status() != StatusCode::PARTIAL_CONTENT
         && !headers.contains_key(header::CONTENT_RANGE)
+}
+
+/// Audits a request served under impersonation, as [`request_activity`]:
+/// `None` when it needs no record here (audited already, by the guard or
+/// by the service for start and stop, or left out by `audit_when`).
+///
+/// The write is spawned and awaited, so it runs to its end even if the
+/// client goes away meanwhile (hyper then drops the request's future): a
+/// change already made is never left off the trail, and a batched write
+/// this request carries is not cut short for the requests that share it.
+async fn audit_request(
+    shared: &Shared,
+    state: &RequestState,
+    ctx: &Context,
+    method: &Method,
+    route: &str,
+    status: u16,
+) -> Option<Result<(), impersonation_core::Error>> {
+    if state.audited.load(Ordering::SeqCst) || !(shared.settings.audit)(method, route) {
+        return None;
+    }
+    let activity = request_activity(method, route, status);
+    let api = Arc::clone(&shared.api);
+    let ctx = ctx.clone();
+    let write = tokio::spawn(async move { api.record_completed(&ctx, activity).await });
+    Some(match write.await {
+        Ok(recorded) => recorded.map(drop),
+        Err(e) => Err(impersonation_core::Error::Store(
+            impersonation_core::StoreError::unavailable_because(format!(
+                "the audit write failed: {e}"
+            )),
+        )),
+    })
 }
 
 /// What a request served under impersonation did: an access (safe methods)
