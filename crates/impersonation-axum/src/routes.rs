@@ -116,24 +116,20 @@ impl Site {
     }
 
     /// Whether `origin` (`scheme://host[:port]`) is this site.
-    fn is<'h>(&'h self, origin: &'h str) -> bool {
+    fn is(&self, origin: &str) -> bool {
         let Some((scheme, host)) = origin.split_once("://") else {
             return false;
         };
-        let scheme_ok = if self.secure {
-            scheme.eq_ignore_ascii_case("https")
-        } else {
-            scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http")
-        };
+        let https = scheme.eq_ignore_ascii_case("https");
+        let scheme_ok = https || (!self.secure && scheme.eq_ignore_ascii_case("http"));
         // A default port may be written or left out on either side.
-        let bare = |h: &'h str| -> &'h str {
-            if scheme.eq_ignore_ascii_case("https") {
-                h.strip_suffix(":443").unwrap_or(h)
-            } else {
-                h.strip_suffix(":80").unwrap_or(h)
-            }
-        };
-        scheme_ok && !self.host.is_empty() && bare(host).eq_ignore_ascii_case(bare(&self.host))
+        let default_port = if https { ":443" } else { ":80" };
+        fn bare<'a>(host: &'a str, port: &str) -> &'a str {
+            host.strip_suffix(port).unwrap_or(host)
+        }
+        scheme_ok
+            && !self.host.is_empty()
+            && bare(host, default_port).eq_ignore_ascii_case(bare(&self.host, default_port))
     }
 }
 
