@@ -6,10 +6,9 @@
 mod common;
 
 use impersonation_core::{
-    Actor, AppendGuard, AuditAction, AuditEvent, Details, EndReason, StartOutcome, Store,
-    verify_chain,
+    Actor, AppendGuard, AuditAction, AuditEvent, Details, EndReason, Store, verify_chain,
 };
-use impersonation_testkit::conformance::whole_chain;
+use impersonation_testkit::conformance::{must_start, whole_chain};
 use impersonation_testkit::{World, epoch};
 use time::Duration;
 
@@ -20,13 +19,7 @@ async fn the_chain_keeps_each_event_as_its_record() {
     let w = World::new();
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
     let (start, _) = w.begin(&agent, &customer, epoch());
-    let StartOutcome::Started {
-        session,
-        event: started,
-    } = store.start(start).await.unwrap()
-    else {
-        panic!("refused")
-    };
+    let (session, started) = must_start(&store, start).await;
     // A batch (the service's path under load), one of it refused by its
     // guard, and a single append; then the session ends.
     let access = |s: i64, what: &str| {
@@ -141,13 +134,7 @@ async fn a_server_that_forgot_the_scripts_gets_them_again() {
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
     let (start, _) = w.begin(&agent, &customer, epoch());
     forget().await;
-    let StartOutcome::Started {
-        session,
-        event: started,
-    } = store.start(start).await.unwrap()
-    else {
-        panic!("refused")
-    };
+    let (session, started) = must_start(&store, start).await;
     let access = |s: i64| {
         session
             .draft(
