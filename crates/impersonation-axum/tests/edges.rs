@@ -5,60 +5,28 @@
 //! audited, and the bearer scheme's name is case-insensitive.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
-use axum::middleware::{Next, from_fn_with_state};
-use axum::response::{Html, IntoResponse, Response};
+use axum::middleware::from_fn_with_state;
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use http_body_util::BodyExt;
 use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, routes};
 use impersonation_core::{
-    AuditAction, AuditEvent, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Principal,
-    RelationKind, Relationship, Requester, StartRequest, TenantId, UserId,
+    AuditAction, AuditEvent, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester,
+    StartRequest, UserId,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::faults::{FaultyStore, SLOW_CALL, When};
 use tower::ServiceExt;
 
-fn agent(id: &str) -> Principal {
-    Principal::new(
-        UserId::new(id).unwrap(),
-        format!("Agent {id}"),
-        TenantId::new("vendor").unwrap(),
-    )
-    .with_permissions(["impersonation:start", "bookings:read"])
-    .with_relationship(Relationship::all_tenants(
-        RelationKind::Support,
-        "s",
-        "Support",
-    ))
-}
-
-fn customer(id: &str) -> Principal {
-    Principal::new(
-        UserId::new(id).unwrap(),
-        "Olive Owner",
-        TenantId::new("pinewood").unwrap(),
-    )
-    .with_permissions(["bookings:read"])
-}
-
-/// The host's auth: `x-test-user` names the signed-in person.
-async fn auth(State(directory): State<MemoryDirectory>, mut req: Request, next: Next) -> Response {
-    let user = req
-        .headers()
-        .get("x-test-user")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|u| UserId::new(u).ok());
-    if let Some(principal) = user.and_then(|u| directory.get(&u)) {
-        req.extensions_mut().insert(principal);
-    }
-    next.run(req).await
-}
+use common::{agent, auth, customer};
 
 type Svc = Impersonation<Arc<MemoryStore>, MemoryDirectory>;
 
@@ -73,7 +41,7 @@ struct Fx {
 /// `/impersonation`, or merged at the root with `root`.
 fn fixture(root: bool) -> Fx {
     let directory = MemoryDirectory::new();
-    for p in [agent("sam"), agent("kim"), customer("olive")] {
+    for p in [agent("sam"), agent("kim"), customer("olive", "Olive Owner")] {
         directory.insert(p);
     }
     let store = Arc::new(MemoryStore::new());
@@ -462,7 +430,7 @@ async fn one_route(
     route: axum::routing::MethodRouter,
 ) -> (Router, Request) {
     let directory = MemoryDirectory::new();
-    for p in [agent("sam"), customer("olive")] {
+    for p in [agent("sam"), customer("olive", "Olive Owner")] {
         directory.insert(p);
     }
     let svc = Impersonation::new(Arc::clone(store), directory.clone());
@@ -492,8 +460,10 @@ async fn one_route(
 
 /// A client that goes away while its change is being audited (hyper then
 /// drops the request's future) does not take the audit write with it: the
-/// change is made, so it is on the trail.
-#[tokio::test]
+/// change is made, so it is on the trail. On tokio's paused clock, so the
+/// order of the client's wait and the slow write is fixed however loaded
+/// the machine is: the clock moves only when every task is waiting.
+#[tokio::test(start_paused = true)]
 async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let slowed = Arc::clone(&store);
@@ -630,6 +600,39 @@ async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
         .catch_unwind()
         .await;
     assert!(outcome.is_err(), "the panic is passed on");
+    let attempts: Vec<(AuditAction, Option<String>)> =
+        all_events(store.inner(), AuditQuery::default())
+            .await
+            .into_iter()
+            .filter(|e| e.details.get("route") == Some("/bookings"))
+            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+            .collect();
+    assert_eq!(
+        attempts,
+        [(AuditAction::Modification, Some("500".to_owned()))]
+    );
+}
+
+/// A catch-panic layer inside the impersonation layer turns the panic into
+/// a 500 that then passes through the layer like any answer: audited once,
+/// with `Cache-Control: no-store`, which a 500 made outside cannot carry.
+#[tokio::test]
+async fn a_panic_caught_inside_the_layer_is_an_answer_like_any_other() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(
+        &store,
+        axum::routing::post(|| async {
+            if true {
+                panic!("the handler failed midway");
+            }
+            "saved"
+        })
+        .layer(tower_http::catch_panic::CatchPanicLayer::new()),
+    )
+    .await;
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     let attempts: Vec<(AuditAction, Option<String>)> =
         all_events(store.inner(), AuditQuery::default())
             .await

@@ -1,16 +1,18 @@
 //! In-process HTTP tests of every rule of the Axum binding.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
-use axum::middleware::{Next, from_fn_with_state};
-use axum::response::{Html, Response};
+use axum::middleware::from_fn_with_state;
+use axum::response::Html;
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use impersonation_axum::{
@@ -18,7 +20,7 @@ use impersonation_axum::{
 };
 use impersonation_core::{
     AuditAction, AuditEvent, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore,
-    Principal, RelationKind, Relationship, Store, TenantId, UserId,
+    Store, UserId,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -26,47 +28,9 @@ use impersonation_testkit::faults::{Calls, FaultyStore, When};
 use time::Duration;
 use tower::ServiceExt;
 
+use common::{agent, auth, customer};
+
 type Svc = Impersonation<Arc<FaultyStore<MemoryStore>>, MemoryDirectory>;
-
-fn agent(id: &str) -> Principal {
-    Principal::new(
-        UserId::new(id).unwrap(),
-        format!("Agent {id}"),
-        TenantId::new("vendor").unwrap(),
-    )
-    .with_permissions(["impersonation:start", "bookings:read", "bookings:write"])
-    .with_relationship(Relationship::all_tenants(
-        RelationKind::Support,
-        "s",
-        "Support",
-    ))
-}
-
-fn customer(id: &str, name: &str) -> Principal {
-    let t = TenantId::new("pinewood").unwrap();
-    Principal::new(UserId::new(id).unwrap(), name, t.clone())
-        .with_permissions(["bookings:read", "billing:manage"])
-        .with_relationship(Relationship::new(
-            RelationKind::Company,
-            "pw",
-            "Pinewood Campground",
-            [t],
-        ))
-}
-
-/// The host app's authentication, as a test stands in for it: the
-/// `x-test-user` header names the signed-in person.
-async fn auth(State(directory): State<MemoryDirectory>, mut req: Request, next: Next) -> Response {
-    let user = req
-        .headers()
-        .get("x-test-user")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|u| UserId::new(u).ok());
-    if let Some(principal) = user.and_then(|u| directory.get(&u)) {
-        req.extensions_mut().insert(principal);
-    }
-    next.run(req).await
-}
 
 struct Fixture {
     app: Router,
