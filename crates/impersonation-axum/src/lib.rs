@@ -45,6 +45,7 @@
 #![warn(missing_docs)]
 
 mod banner;
+mod csrf;
 mod extract;
 mod layer;
 #[cfg(feature = "oidc")]
@@ -56,6 +57,7 @@ use std::sync::Arc;
 use axum::http::Method;
 
 pub use banner::banner_html;
+pub use csrf::CsrfCheck;
 pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
 pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};

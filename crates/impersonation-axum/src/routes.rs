@@ -5,14 +5,14 @@ use std::sync::atomic::Ordering;
 use axum::Form;
 use axum::Router;
 use axum::extract::Request;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
-use crate::layer::{CsrfToken, Handle, Settings, cookie};
+use crate::csrf::CsrfCheck;
+use crate::layer::{CsrfToken, Handle};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
@@ -93,74 +93,6 @@ fn error(e: &Error) -> Response {
     text(status, format!("{e} ({})", e.code()))
 }
 
-/// The request's own origin, as seen by the routes: its scheme (`https`,
-/// or `http` too in development mode) and its host, from `Host` or, over
-/// HTTP/2 (which has no `Host` header), the URI's authority.
-struct Site {
-    host: String,
-    secure: bool,
-}
-
-impl Site {
-    fn of(req: &Request, settings: &Settings) -> Self {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        Site {
-            host: host.to_owned(),
-            secure: settings.secure_cookies,
-        }
-    }
-
-    /// Whether `origin` (`scheme://host[:port]`) is this site.
-    fn is(&self, origin: &str) -> bool {
-        let Some((scheme, host)) = origin.split_once("://") else {
-            return false;
-        };
-        let https = scheme.eq_ignore_ascii_case("https");
-        let scheme_ok = https || (!self.secure && scheme.eq_ignore_ascii_case("http"));
-        // A default port may be written or left out on either side.
-        let default_port = if https { ":443" } else { ":80" };
-        fn bare<'a>(host: &'a str, port: &str) -> &'a str {
-            host.strip_suffix(port).unwrap_or(host)
-        }
-        scheme_ok
-            && !self.host.is_empty()
-            && bare(host, default_port).eq_ignore_ascii_case(bare(&self.host, default_port))
-    }
-}
-
-/// Same-origin checks on top of the token: a foreign `Origin` (another
-/// host, or plain `http` outside development mode) or a cross-site
-/// `Sec-Fetch-Site` is refused even with a valid token.
-fn same_origin(headers: &HeaderMap, site: &Site) -> bool {
-    if let Some(fetch_site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
-        && !matches!(fetch_site, "same-origin" | "none")
-    {
-        return false;
-    }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        return origin.to_str().is_ok_and(|o| site.is(o));
-    }
-    true
-}
-
-fn csrf_ok(
-    headers: &HeaderMap,
-    site: &Site,
-    sent: &str,
-    token: &CsrfToken,
-    had_cookie: bool,
-) -> bool {
-    // Compared in constant time: how long a refusal takes says nothing of
-    // how much of a guess was right.
-    let matches: bool = sent.as_bytes().ct_eq(token.as_str().as_bytes()).into();
-    had_cookie && !sent.is_empty() && matches && same_origin(headers, site)
-}
-
 /// A local path to go to: one path on this site, or `/`. Refused: a
 /// scheme-relative `//host` or `/\host` (browsers read `\` as `/`), and any
 /// byte but visible ASCII: browsers drop tabs and newlines from a URL, so
@@ -178,10 +110,6 @@ fn local(return_to: Option<&str>) -> String {
         }
         _ => "/".to_owned(),
     }
-}
-
-fn had_csrf_cookie(headers: &HeaderMap, settings: &Settings) -> bool {
-    cookie(headers, settings.csrf_cookie()).is_some()
 }
 
 async fn start(req: Request) -> Response {
@@ -204,10 +132,9 @@ async fn start(req: Request) -> Response {
     };
     // Started from inside a session: the core refuses it as nesting (audited).
     let ctx: Option<Context> = parts.extensions.get::<Context>().cloned();
-    let req = Request::from_parts(parts, body);
-    let headers = req.headers().clone();
     let settings = &shared.settings;
-    let site = Site::of(&req, settings);
+    let check = CsrfCheck::of(&parts, settings, token);
+    let req = Request::from_parts(parts, body);
     let Ok(Form(form)) =
         <Form<StartForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
     else {
@@ -216,13 +143,7 @@ async fn start(req: Request) -> Response {
             "expected a form with target and reason".into(),
         );
     };
-    if !csrf_ok(
-        &headers,
-        &site,
-        &form.csrf,
-        &token,
-        had_csrf_cookie(&headers, settings),
-    ) {
+    if !check.verify(&form.csrf) {
         return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
     }
     let Ok(target) = UserId::new(form.target.trim()) else {
@@ -275,26 +196,22 @@ async fn stop(req: Request) -> Response {
     };
     let shared = &state.shared;
     let principal = parts.extensions.get::<Principal>().cloned();
-    let token = parts.extensions.get::<CsrfToken>().cloned();
-    let req = Request::from_parts(parts, body);
-    let headers = req.headers().clone();
     let settings = &shared.settings;
-    let site = Site::of(&req, settings);
+    let check = parts
+        .extensions
+        .get::<CsrfToken>()
+        .cloned()
+        .map(|token| CsrfCheck::of(&parts, settings, token));
+    let req = Request::from_parts(parts, body);
     let Ok(Form(form)) =
         <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
     else {
         return text(StatusCode::BAD_REQUEST, "expected a form".into());
     };
-    let (Some(principal), Some(token)) = (principal, token) else {
+    let (Some(principal), Some(check)) = (principal, check) else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
-    if !csrf_ok(
-        &headers,
-        &site,
-        &form.csrf,
-        &token,
-        had_csrf_cookie(&headers, settings),
-    ) {
+    if !check.verify(&form.csrf) {
         return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
     }
     let Some(secret) = &state.secret else {

@@ -1,0 +1,145 @@
+//! The cross-site check of the SDK's start and stop, also offered to the
+//! host app's own forms as [`CsrfCheck`].
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use crate::layer::{CsrfToken, Handle, Settings, cookie};
+
+/// The cross-site check for a form this site's pages post: the double-submit
+/// token, plus the browser's own word on where the request came from.
+///
+/// A request passes when the browser sent the CSRF cookie, the form's token
+/// equals it (compared in constant time), `Sec-Fetch-Site` (if sent) is
+/// `same-origin` or `none`, and `Origin` (if sent) is this site: its host,
+/// and `https` outside development mode. The origin check is what stops a
+/// page on another port of the same host, which can set the cookie
+/// (browsers do not keep cookies apart by port) but cannot send this site's
+/// origin.
+///
+/// The SDK's start and stop routes use it; a host app uses it for its own
+/// forms (settings, sign-out, anything that changes something), with
+/// whatever body extractor it likes. It needs the [`crate::ImpersonationLayer`]
+/// in front (without it the extractor answers 500).
+///
+/// ```
+/// use axum::{Form, http::StatusCode};
+/// use impersonation_axum::CsrfCheck;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Settings { timezone: String, csrf: String }
+///
+/// async fn save(check: CsrfCheck, Form(form): Form<Settings>) -> StatusCode {
+///     if !check.verify(&form.csrf) {
+///         return StatusCode::FORBIDDEN;
+///     }
+///     // … save form.timezone …
+///     StatusCode::SEE_OTHER
+/// }
+/// # let _ = axum::Router::<()>::new().route("/settings", axum::routing::post(save));
+/// ```
+/// Its `Debug` does not show the token.
+#[derive(Clone, Debug)]
+pub struct CsrfCheck {
+    token: CsrfToken,
+    /// The browser sent the cookie, and no header says another site sent
+    /// the request.
+    same_site: bool,
+}
+
+impl CsrfCheck {
+    pub(crate) fn of(parts: &Parts, settings: &Settings, token: CsrfToken) -> Self {
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let site = Site {
+            host,
+            secure: settings.secure_cookies,
+        };
+        let had_cookie = cookie(&parts.headers, settings.csrf_cookie()).is_some();
+        Self {
+            token,
+            same_site: had_cookie && same_origin(&parts.headers, &site),
+        }
+    }
+
+    /// The token to put in the form's hidden field (the same as the
+    /// [`CsrfToken`] extension).
+    pub fn token(&self) -> &CsrfToken {
+        &self.token
+    }
+
+    /// Whether a form that sent `sent` as its token passes the check.
+    pub fn verify(&self, sent: &str) -> bool {
+        // Compared in constant time: how long a refusal takes says nothing
+        // of how much of a guess was right.
+        let matches: bool = sent.as_bytes().ct_eq(self.token.as_str().as_bytes()).into();
+        self.same_site && !sent.is_empty() && matches
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CsrfCheck {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let layer = parts.extensions.get::<Handle>().cloned();
+        let token = parts.extensions.get::<CsrfToken>().cloned();
+        let (Some(Handle(state)), Some(token)) = (layer, token) else {
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CACHE_CONTROL, "no-store")],
+                "impersonation layer missing",
+            )
+                .into_response());
+        };
+        Ok(Self::of(parts, &state.shared.settings, token))
+    }
+}
+
+/// The request's own origin: its scheme (`https`, or `http` too in
+/// development mode) and its host, from `Host` or, over HTTP/2 (which has
+/// no `Host` header), the URI's authority.
+struct Site<'a> {
+    host: &'a str,
+    secure: bool,
+}
+
+impl Site<'_> {
+    /// Whether `origin` (`scheme://host[:port]`) is this site.
+    fn is(&self, origin: &str) -> bool {
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        let https = scheme.eq_ignore_ascii_case("https");
+        let scheme_ok = https || (!self.secure && scheme.eq_ignore_ascii_case("http"));
+        // A default port may be written or left out on either side.
+        let default_port = if https { ":443" } else { ":80" };
+        fn bare<'a>(host: &'a str, port: &str) -> &'a str {
+            host.strip_suffix(port).unwrap_or(host)
+        }
+        scheme_ok
+            && !self.host.is_empty()
+            && bare(host, default_port).eq_ignore_ascii_case(bare(self.host, default_port))
+    }
+}
+
+/// Same-origin checks on top of the token: a foreign `Origin` (another
+/// host, or plain `http` outside development mode) or a cross-site
+/// `Sec-Fetch-Site` is refused even with a valid token.
+fn same_origin(headers: &HeaderMap, site: &Site<'_>) -> bool {
+    if let Some(fetch_site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && !matches!(fetch_site, "same-origin" | "none")
+    {
+        return false;
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        return origin.to_str().is_ok_and(|o| site.is(o));
+    }
+    true
+}
