@@ -32,15 +32,18 @@ mod futures_like {
 /// refused (500) rather than served without it.
 pub const MAX_BANNER_BODY: usize = 8 * 1024 * 1024;
 
-/// Which requests served under impersonation are audited.
-pub(crate) type AuditFilter = Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>;
+/// A choice made per request, by method and route template: which
+/// requests under impersonation are audited, which are changes.
+pub(crate) type RouteFilter = Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>;
 
 /// Settings of the layer and routes.
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) mount: String,
     pub(crate) secure_cookies: bool,
-    pub(crate) audit: AuditFilter,
+    pub(crate) audit: RouteFilter,
+    /// Which requests are changes; `None`: all but the safe methods.
+    pub(crate) changes: Option<RouteFilter>,
     pub(crate) tokens: Option<Arc<dyn TokenResolver>>,
 }
 
@@ -250,6 +253,18 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let settings = &shared.settings;
+            // A change is refused in a read-only session, always reads the
+            // session from the store, and is audited as a modification.
+            let is_change = match &settings.changes {
+                None => !req.method().is_safe(),
+                Some(changes) => {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or_else(|| req.uri().path(), |m| m.as_str());
+                    changes(req.method(), route)
+                }
+            };
 
             // The secret: the cookie for browsers, `Authorization: Bearer` for
             // APIs; or, with a token resolver, a signed token naming a session.
@@ -263,7 +278,7 @@ where
                 // As for a secret: a read may reuse a session resolved a
                 // moment ago, a change reads the store.
                 (Some(tokens), Some(token)) if bearer.is_none() => {
-                    if req.method().is_safe() {
+                    if !is_change {
                         tokens.resolve_token_for_read(token).await
                     } else {
                         tokens.resolve_token(token).await
@@ -321,7 +336,7 @@ where
                         // A read may be served from a session resolved a
                         // moment ago (its audit write checks the store
                         // again); a change always reads the store first.
-                        let result = if req.method().is_safe() {
+                        let result = if !is_change {
                             shared.api.resolve(&secret).await
                         } else {
                             shared.api.resolve_fresh(&secret).await
@@ -401,7 +416,7 @@ where
             // A change is asked for before it is made (a read-only session
             // may make none); the SDK's own routes (stop) are always let in.
             if let (Some(c), Some((method, route))) = (&ctx, &audit)
-                && !method.is_safe()
+                && is_change
                 && !settings.own_route(route.as_str())
             {
                 let attempt = format!("{method} {}", route.as_str());
@@ -452,8 +467,16 @@ where
                     // the trail (status 500) before the panic goes on to
                     // whatever catches it.
                     if let (Some(c), Some((method, route))) = (&ctx, &audit)
-                        && let Some(Err(e)) =
-                            audit_request(&shared, &state, c, method, route.as_str(), 500).await
+                        && let Some(Err(e)) = audit_request(
+                            &shared,
+                            &state,
+                            c,
+                            method,
+                            route.as_str(),
+                            is_change,
+                            500,
+                        )
+                        .await
                     {
                         tracing::error!(error = %e, "could not audit an impersonated request whose handler panicked");
                     }
@@ -464,7 +487,7 @@ where
             if let (Some(c), Some((method, route))) = (&ctx, audit) {
                 let route = route.as_str();
                 let status = res.status().as_u16();
-                match audit_request(&shared, &state, c, &method, route, status).await {
+                match audit_request(&shared, &state, c, &method, route, is_change, status).await {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
                     Some(Err(e)) if e.http_status() == 503 => {
@@ -474,7 +497,7 @@ where
                     // The session has ended (revoked elsewhere, say): the
                     // audit write refused this read, so its answer, from
                     // a session that is over, is withheld.
-                    Some(Err(e)) if method.is_safe() => {
+                    Some(Err(e)) if !is_change => {
                         tracing::warn!(error = %e, "session ended; withholding an impersonated read");
                         let mut res =
                             plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
@@ -588,12 +611,13 @@ async fn audit_request(
     ctx: &Context,
     method: &Method,
     route: &str,
+    is_change: bool,
     status: u16,
 ) -> Option<Result<(), impersonation_core::Error>> {
     if state.audited.load(Ordering::SeqCst) || !(shared.settings.audit)(method, route) {
         return None;
     }
-    let activity = request_activity(method, route, status);
+    let activity = request_activity(method, route, is_change, status);
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
     let write = tokio::spawn(async move { api.record_completed(&ctx, activity).await });
@@ -607,14 +631,14 @@ async fn audit_request(
     })
 }
 
-/// What a request served under impersonation did: an access (safe methods)
-/// or a modification, with its method, route template and status.
-fn request_activity(method: &Method, route: &str, status: u16) -> Activity {
+/// What a request served under impersonation did: a modification (a
+/// change) or an access, with its method, route template and status.
+fn request_activity(method: &Method, route: &str, is_change: bool, status: u16) -> Activity {
     let description = format!("{method} {route} ({status})");
-    let activity = if method.is_safe() {
-        Activity::access(description)
-    } else {
+    let activity = if is_change {
         Activity::modification(description)
+    } else {
+        Activity::access(description)
     };
     activity
         .detail("method", method)

@@ -77,6 +77,7 @@ impl ImpersonationLayer {
                     mount: "/impersonation".into(),
                     secure_cookies: true,
                     audit: Arc::new(|_, _| true),
+                    changes: None,
                     tokens: None,
                 },
             }),
@@ -127,5 +128,38 @@ impl ImpersonationLayer {
         filter: impl Fn(&Method, &str) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.with(|s| s.audit = Arc::new(filter))
+    }
+
+    /// Which impersonated requests change something, by method and route
+    /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
+    /// `TRACE`). A change is refused in a read-only session, always reads
+    /// the session from the store rather than a moment-old copy, and is
+    /// audited as a modification; any other request is audited as an
+    /// access. The SDK's start and stop are let into read-only sessions
+    /// whatever this says.
+    ///
+    /// Use it for a `POST` that changes nothing of the customer's, so that
+    /// read-only sessions can use it: the host's sign-out, a search form, a
+    /// GraphQL endpoint that only queries. A route marked so that does
+    /// change something is let through read-only sessions. A read whose
+    /// session is over by the time it is audited is withheld (401); so a
+    /// sign-out that ends the session should also be left out of the
+    /// per-request audit with [`Self::audit_when`]: the service audits the
+    /// end, as for the SDK's stop.
+    ///
+    /// ```
+    /// # use impersonation_axum::ImpersonationLayer;
+    /// # use impersonation_core::{Impersonation, MemoryDirectory, MemoryStore};
+    /// # let service = Impersonation::new(MemoryStore::new(), MemoryDirectory::new());
+    /// let layer = ImpersonationLayer::new(service)
+    ///     .changes_when(|method, route| !method.is_safe() && route != "/signout")
+    ///     .audit_when(|_, route| route != "/signout");
+    /// ```
+    #[must_use]
+    pub fn changes_when(
+        self,
+        changes: impl Fn(&Method, &str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.with(|s| s.changes = Some(Arc::new(changes)))
     }
 }

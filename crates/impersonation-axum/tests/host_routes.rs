@@ -1,0 +1,171 @@
+//! What the binding offers the host app's own routes: the SDK's cross-site
+//! check for its forms (`CsrfCheck`), and the choice of which of its
+//! requests are changes (`changes_when`), so that a read-only session can
+//! still sign out.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::from_fn_with_state;
+use axum::routing::post;
+use axum::{Form, Router};
+use impersonation_axum::{CsrfCheck, ImpersonationLayer};
+use impersonation_core::{
+    AuditAction, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester, StartRequest,
+    UserId,
+};
+use impersonation_testkit::conformance::all_events;
+use serde::Deserialize;
+use tower::ServiceExt;
+
+use common::{agent, auth, customer};
+
+const TOKEN: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+
+#[derive(Deserialize)]
+struct Settings {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The host's sign-out, a change to nothing of the customer's, and its
+/// bookings, a change; both check the form with the SDK's `CsrfCheck`.
+fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
+    async fn checked(check: CsrfCheck, Form(form): Form<Settings>) -> StatusCode {
+        if check.verify(&form.csrf) {
+            StatusCode::OK
+        } else {
+            StatusCode::FORBIDDEN
+        }
+    }
+    let svc = Impersonation::new(Arc::clone(store), directory.clone());
+    Router::new()
+        .route("/signout", post(checked))
+        .route("/bookings", post(checked))
+        .layer(
+            ImpersonationLayer::new(svc)
+                .changes_when(|method, route| !method.is_safe() && route != "/signout"),
+        )
+        .layer(from_fn_with_state(directory.clone(), auth))
+}
+
+fn people() -> MemoryDirectory {
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive", "Olive Owner")] {
+        directory.insert(p);
+    }
+    directory
+}
+
+/// A form POST by Sam from `origin`, with the CSRF cookie if `cookie`, the
+/// field `csrf`, and the session's secret if any.
+fn form(uri: &str, origin: &str, cookie: bool, csrf: &str, secret: Option<&str>) -> Request {
+    let mut cookies = Vec::new();
+    if cookie {
+        cookies.push(format!("__Host-impersonation-csrf={TOKEN}"));
+    }
+    if let Some(secret) = secret {
+        cookies.push(format!("__Host-impersonation={secret}"));
+    }
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::HOST, "app.example")
+        .header(header::ORIGIN, origin)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("x-test-user", "sam");
+    if !cookies.is_empty() {
+        req = req.header(header::COOKIE, cookies.join("; "));
+    }
+    req.body(Body::from(format!("csrf={csrf}"))).unwrap()
+}
+
+async fn status(app: &Router, req: Request) -> StatusCode {
+    app.clone().oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn a_host_form_passes_the_csrf_check_only_from_this_site() {
+    let store = Arc::new(MemoryStore::new());
+    let app = app(&store, &people());
+    let here = "https://app.example";
+    assert_eq!(
+        status(&app, form("/bookings", here, true, TOKEN, None)).await,
+        StatusCode::OK
+    );
+    let refused = [
+        // The cookie set by a page on another port of this host, which
+        // cannot send this site's origin.
+        form("/bookings", "https://app.example:8443", true, TOKEN, None),
+        form("/bookings", "http://app.example", true, TOKEN, None),
+        form("/bookings", "https://evil.example", true, TOKEN, None),
+        // No cookie, an empty field, another token.
+        form("/bookings", here, false, TOKEN, None),
+        form("/bookings", here, true, "", None),
+        form("/bookings", here, true, &TOKEN.replace('0', "1"), None),
+    ];
+    for req in refused {
+        let what = format!("{:?} {:?}", req.headers().get(header::ORIGIN), req.body());
+        assert_eq!(status(&app, req).await, StatusCode::FORBIDDEN, "{what}");
+    }
+    // Without the layer in front the check cannot be made, and says so.
+    let bare = Router::new().route("/bookings", post(|_: CsrfCheck| async { StatusCode::OK }));
+    assert_eq!(
+        status(&bare, form("/bookings", here, true, TOKEN, None)).await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app(&store, &directory);
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let mut request = StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot see a thing");
+    request.read_only = true;
+    let secret = svc
+        .start(Requester::User(&sam), request)
+        .await
+        .unwrap()
+        .secret;
+    let secret = Some(secret.expose());
+    let here = "https://app.example";
+    // A change is refused in a read-only session; the host's sign-out,
+    // marked as no change, is served, and audited as an access.
+    assert_eq!(
+        status(&app, form("/bookings", here, true, TOKEN, secret)).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(&app, form("/signout", here, true, TOKEN, secret)).await,
+        StatusCode::OK
+    );
+    let trail: Vec<(AuditAction, String)> = all_events(&*store, AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action != AuditAction::SessionStarted)
+        .map(|e| {
+            let what = e
+                .details
+                .get("route")
+                .or_else(|| e.details.get("description"))
+                .unwrap_or_default()
+                .to_owned();
+            (e.action, what)
+        })
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            (AuditAction::Denied, "POST /bookings".to_owned()),
+            (AuditAction::Access, "/signout".to_owned()),
+        ]
+    );
+}
