@@ -140,7 +140,8 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// The form of `POST /idp/token`.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct IdpTokenForm {
     #[serde(default)]
     csrf: String,

@@ -148,6 +148,12 @@ impl Demo {
         let layer = ImpersonationLayer::new(Arc::clone(&self.service))
             .mount_path("/impersonation")
             .accept_tokens(api.issuer().verifier(api.audience.clone()))
+            // Signing out changes nothing of the customer's: a read-only
+            // session may do it. It ends the session, which the service
+            // audits (as for the SDK's stop), so the layer does not audit
+            // it again: it could not, the session being over.
+            .changes_when(|method, route| !method.is_safe() && route != "/signout")
+            .audit_when(|_, route| route != "/signout")
             // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
             .development_mode();
         Ok(Router::new()

@@ -10,7 +10,7 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use impersonation_axum::{CsrfToken, NotImpersonating};
+use impersonation_axum::{CsrfCheck, NotImpersonating};
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
     Principal, RelationKind, Session, SessionId, ShadowValue, TenantId, UserId, table_timestamp,
@@ -41,22 +41,19 @@ pub struct Viewer {
     pub real: Option<Principal>,
     /// The impersonation, when the request is made under one.
     pub ctx: Option<Context>,
-    /// The CSRF token every form carries.
-    pub csrf: String,
+    /// The cross-site check of the SDK, whose token every form carries
+    /// (none without the impersonation layer in front).
+    pub csrf: Option<CsrfCheck>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Viewer {
     type Rejection = Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
         Ok(Self {
             real: parts.extensions.get::<Principal>().cloned(),
             ctx: parts.extensions.get::<Context>().cloned(),
-            csrf: parts
-                .extensions
-                .get::<CsrfToken>()
-                .map(|t| t.as_str().to_owned())
-                .unwrap_or_default(),
+            csrf: CsrfCheck::from_request_parts(parts, state).await.ok(),
         })
     }
 }
@@ -155,8 +152,24 @@ impl Viewer {
             .is_some_and(|r| demo.service().policy().is_admin(r))
     }
 
+    /// Whether the effective user may make a change that needs
+    /// `permission`: never in a read-only impersonation, which the SDK
+    /// refuses every change.
+    pub(crate) fn can_change(&self, permission: &str) -> bool {
+        self.can(permission) && !self.ctx.as_ref().is_some_and(Context::read_only)
+    }
+
+    /// The SDK's cross-site check: the form's token, the cookie, and the
+    /// browser's `Origin` and `Sec-Fetch-Site`.
     pub(crate) fn csrf_ok(&self, sent: &str) -> bool {
-        !self.csrf.is_empty() && sent == self.csrf
+        self.csrf.as_ref().is_some_and(|check| check.verify(sent))
+    }
+
+    /// The token for a form's hidden `csrf` field.
+    pub(crate) fn csrf(&self) -> &str {
+        self.csrf
+            .as_ref()
+            .map_or("", |check| check.token().as_str())
     }
 }
 
@@ -197,7 +210,7 @@ fn layout(v: &Viewer, demo: &Demo, title: &str, body: &str) -> String {
              <form method=\"post\" action=\"/signout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button type=\"submit\">Sign out</button></form></span>",
             esc(&real.display_name),
-            attr(&v.csrf)
+            attr(v.csrf())
         );
     }
     format!(
@@ -285,7 +298,7 @@ pub async fn home(State(demo): AppState, v: Viewer) -> Response {
             name = esc(&p.display_name),
             what = esc(&seed::describe(&p)),
             id = attr(p.id.as_str()),
-            csrf = attr(&v.csrf),
+            csrf = attr(v.csrf()),
         );
     }
     page(
@@ -301,7 +314,8 @@ pub async fn home(State(demo): AppState, v: Viewer) -> Response {
 }
 
 /// The sign-in form.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct SignInForm {
     user: String,
     #[serde(default)]
@@ -312,6 +326,17 @@ pub struct SignInForm {
 pub async fn sign_in(State(demo): AppState, v: Viewer, Form(form): Form<SignInForm>) -> Response {
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
+    }
+    // Signing in as someone else would leave the impersonation running,
+    // with no one signed in to stop it.
+    if v.ctx.is_some() {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::CONFLICT,
+            "Sign in",
+            "Stop impersonating before you sign in as someone else.",
+        );
     }
     let Some(person) = UserId::new(form.user.trim())
         .ok()
@@ -337,7 +362,8 @@ pub async fn sign_in(State(demo): AppState, v: Viewer, Form(form): Form<SignInFo
 }
 
 /// A form that carries only the CSRF token.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct TokenForm {
     #[serde(default)]
     csrf: String,
@@ -418,7 +444,7 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
             );
         }
     }
-    if v.can("bookings:write") && !campgrounds.is_empty() {
+    if v.can_change("bookings:write") && !campgrounds.is_empty() {
         let _ = write!(
             body,
             "<form class=\"card\" method=\"post\" action=\"/bookings\"><h2>Add a booking</h2>\
@@ -428,14 +454,15 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
              <label>Arrival <input type=\"date\" name=\"arrival\" required></label>\
              <label>Nights <input type=\"number\" name=\"nights\" min=\"1\" max=\"60\" value=\"1\"></label>\
              <button type=\"submit\">Add booking</button></form>",
-            attr(&v.csrf)
+            attr(v.csrf())
         );
     }
     page(&v, &demo, "Dashboard", &body)
 }
 
 /// The add-booking form.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct BookingForm {
     guest: String,
     site: String,
@@ -457,7 +484,7 @@ pub async fn add_booking(
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
-    if !v.can("bookings:write") {
+    if !v.can_change("bookings:write") {
         return refused(
             &v,
             &demo,
@@ -510,14 +537,14 @@ pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
         return sign_in_first();
     };
     let (tz, lang) = demo.data().settings.get(&id).cloned().unwrap_or_default();
-    let editable = v.can("settings:write");
+    let editable = v.can_change("settings:write");
     let body = format!(
         "<form class=\"card\" method=\"post\" action=\"/settings\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>Time zone <input type=\"text\" name=\"timezone\" value=\"{tz}\" maxlength=\"64\" {ro}></label>\
          <label>Language <input type=\"text\" name=\"language\" value=\"{lang}\" maxlength=\"16\" {ro}></label>\
          {button}</form>",
-        csrf = attr(&v.csrf),
+        csrf = attr(v.csrf()),
         tz = attr(&tz),
         lang = attr(&lang),
         ro = if editable { "" } else { "readonly" },
@@ -531,7 +558,8 @@ pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
 }
 
 /// The settings form.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct SettingsForm {
     timezone: String,
     language: String,
@@ -551,7 +579,7 @@ pub async fn save_settings(
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
-    if !v.can("settings:write") {
+    if !v.can_change("settings:write") {
         return refused(
             &v,
             &demo,
@@ -652,13 +680,14 @@ pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
         phone = esc(&v.attribute("phone")),
         card = esc(&v.attribute("card_number")),
         changed = esc(&changed),
-        csrf = attr(&v.csrf),
+        csrf = attr(v.csrf()),
     );
     page(&v, &demo, "Profile", &body)
 }
 
 /// The password form.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token and a password.
+#[derive(Deserialize)]
 pub struct PasswordForm {
     #[serde(default)]
     password: String,
@@ -707,11 +736,21 @@ pub struct SupportQuery {
     denied: Option<String>,
 }
 
+/// The text of a refusal's code from the query string: a denial's
+/// description, or another error's code as it is. Anything that is not a
+/// code (`refused_by_policy`) is not echoed: a link could make the page say
+/// anything.
 fn denial_text(code: &str) -> String {
-    Denial::ALL
-        .iter()
-        .find(|d| d.code() == code)
-        .map_or_else(|| code.to_owned(), |d| format!("{d} ({code})"))
+    match Denial::ALL.iter().find(|d| d.code() == code) {
+        Some(d) => format!("{d} ({code})"),
+        None if !code.is_empty()
+            && code.len() <= 40
+            && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+        {
+            code.to_owned()
+        }
+        None => "the start was refused".to_owned(),
+    }
 }
 
 fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
@@ -733,7 +772,7 @@ fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
             esc(s.grant.reason.as_str()),
             esc(s.grant.ticket.as_ref().map_or("", |t| t.as_str())),
             esc(&table_timestamp(s.activated_at.unwrap_or(s.created_at))),
-            attr(&v.csrf),
+            attr(v.csrf()),
             attr(&s.id.to_string()),
         );
     }
@@ -827,8 +866,12 @@ pub async fn support(
                      <label><input type=\"checkbox\" name=\"read_only\"> read only</label>\
                      <button type=\"submit\">Impersonate {name}</button></form>",
                     id = attr(p.id.as_str()),
-                    csrf = attr(&v.csrf),
-                    q = attr(&query.q),
+                    csrf = attr(v.csrf()),
+                    // Percent-encoded: the SDK follows `error_to` only
+                    // if it is a plain local path (no spaces, no `#`).
+                    q = attr(
+                        &form_urlencoded::byte_serialize(query.q.as_bytes()).collect::<String>()
+                    ),
                     name = esc(&p.display_name),
                 );
             }
@@ -872,7 +915,8 @@ pub async fn support(
 }
 
 /// The revoke form.
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
 pub struct RevokeForm {
     session: String,
     #[serde(default)]
@@ -1006,7 +1050,7 @@ async fn audit_page(
         "<form method=\"post\" action=\"/audit/verify\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
          <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered row breaks it.</p>\
          <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt\">plain text</a></form>",
-        attr(&v.csrf)
+        attr(v.csrf())
     );
     body.push_str(&audit_rows(&page_of.events));
     if let Some(next) = &page_of.next {

@@ -81,17 +81,20 @@ async fn demo() -> String {
 }
 
 async fn impersonate(sam: &mut User, target: &str) {
+    impersonate_with(sam, target, &[]).await;
+}
+
+/// Starts an impersonation from the support console, with `extra` fields
+/// in the start form (`read_only`).
+async fn impersonate_with(sam: &mut User, target: &str, extra: &[(&str, &str)]) {
     sam.get("/support").await;
-    let (status, body) = sam
-        .post(
-            "/impersonation/start",
-            &[
-                ("target", target),
-                ("reason", "Customer cannot see bookings"),
-                ("return_to", "/dashboard"),
-            ],
-        )
-        .await;
+    let mut form = vec![
+        ("target", target),
+        ("reason", "Customer cannot see bookings"),
+        ("return_to", "/dashboard"),
+    ];
+    form.extend_from_slice(extra);
+    let (status, body) = sam.post("/impersonation/start", &form).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("impersonation-banner"));
 }
@@ -113,6 +116,22 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
     forged.push(("csrf", "forged"));
     let (status, _) = olive.post_raw("/bookings", &forged).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "wrong token");
+    // The right token, from a page on another port of this host (which
+    // could have set the cookie: browsers do not keep cookies apart by
+    // port), is refused by the SDK's origin check.
+    olive.get("/dashboard").await;
+    let mut right = booking.to_vec();
+    let csrf = olive.csrf.clone();
+    right.push(("csrf", &csrf));
+    let res = olive
+        .client
+        .post(format!("{base}/bookings"))
+        .header("origin", "http://127.0.0.1:1")
+        .form(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "another origin");
     for bad in [
         [
             ("guest", ""),
@@ -237,4 +256,60 @@ async fn the_support_console_offers_only_what_the_policy_allows() {
     let mut olive = User::sign_in(&base, "olive").await;
     let (status, _) = olive.get("/support").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// A read-only impersonation offers no change it would refuse, may still
+/// sign out (which ends it), and cannot be left running by signing in as
+/// someone else.
+#[tokio::test]
+async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate_with(&mut sam, "olive", &[("read_only", "on")]).await;
+    let (_, dashboard) = sam.get("/dashboard").await;
+    assert!(dashboard.contains("impersonation-banner"));
+    assert!(!dashboard.contains("Add a booking"), "{dashboard}");
+    let (_, settings) = sam.get("/settings").await;
+    assert!(!settings.contains("Save settings"), "{settings}");
+    let (status, _) = sam.post("/signin", &[("user", "lee")]).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a change, in a read-only session"
+    );
+    sam.get("/dashboard").await;
+    let (status, body) = sam.post("/signout", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, table) = sam.get("/audit.txt").await;
+    assert!(
+        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn signing_in_as_someone_else_while_impersonating_is_refused() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    let (status, body) = sam.post("/signin", &[("user", "lee")]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, page) = sam.get("/dashboard").await;
+    assert!(page.contains("You are impersonating Olive Owner"), "{page}");
+}
+
+/// The console shows a refusal's code as the SDK sent it, but echoes no
+/// text a link could put in its place.
+#[tokio::test]
+async fn the_console_echoes_no_made_up_refusal() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, page) = sam
+        .get("/support?denied=Your%20account%20is%20suspended")
+        .await;
+    assert!(!page.contains("suspended"), "{page}");
+    assert!(page.contains("the start was refused"), "{page}");
+    let (_, page) = sam.get("/support?denied=reason_required").await;
+    assert!(page.contains("reason_required"), "{page}");
 }
