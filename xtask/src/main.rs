@@ -142,9 +142,18 @@ where
     for (name, value) in env {
         cmd.env(name, value);
     }
+    // A URL with credentials in it (`--url postgres://app:pw@db/x`) is not
+    // echoed: the demo prints it itself, password masked.
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy().into_owned())
+        .map(|arg| {
+            if arg.contains("://") && arg.contains('@') {
+                "<url with credentials>".to_owned()
+            } else {
+                arg
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ");
     eprintln!("$ {shown}");
