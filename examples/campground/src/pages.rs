@@ -931,6 +931,17 @@ pub async fn revoke(State(demo): AppState, v: Viewer, Form(form): Form<RevokeFor
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
+    // The console's work, like the console itself, is not done as the
+    // customer.
+    if v.ctx.is_some() {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Revoke",
+            "You are impersonating a customer. Stop first to use the console.",
+        );
+    }
     let Ok(session) = form.session.trim().parse::<SessionId>() else {
         return refused(
             &v,
@@ -1024,10 +1035,19 @@ async fn audit_page(
     };
     query.order = Order::Newest;
     query.limit = 50;
-    query.cursor = params
-        .cursor
-        .as_deref()
-        .and_then(|c| AuditCursor::decode(c).ok());
+    query.cursor = match params.cursor.as_deref().map(AuditCursor::decode) {
+        None => None,
+        Some(Ok(cursor)) => Some(cursor),
+        Some(Err(_)) => {
+            return refused(
+                v,
+                demo,
+                StatusCode::BAD_REQUEST,
+                "Audit trail",
+                "That is not a page of the audit trail.",
+            );
+        }
+    };
     let page_of = match demo.service().audit(&query).await {
         Ok(p) => p,
         Err(e) => {

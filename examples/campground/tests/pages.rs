@@ -181,6 +181,8 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "an unknown session");
+    let (status, _) = lee.get("/audit?cursor=not-a-cursor").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a cursor that is not one");
 }
 
 #[tokio::test]
@@ -289,12 +291,24 @@ async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
 }
 
 #[tokio::test]
-async fn signing_in_as_someone_else_while_impersonating_is_refused() {
+async fn sign_in_and_the_console_are_refused_while_impersonating() {
     let base = demo().await;
     let mut sam = User::sign_in(&base, "sam").await;
     impersonate(&mut sam, "olive").await;
     let (status, body) = sam.post("/signin", &[("user", "lee")]).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    sam.get("/dashboard").await;
+    let (status, body) = sam
+        .post(
+            "/support/revoke",
+            &[("session", "0195d3c1-9c1e-7cc3-a2a4-2f7d1f8e4a10")],
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the console, as the customer: {body}"
+    );
     let (_, page) = sam.get("/dashboard").await;
     assert!(page.contains("You are impersonating Olive Owner"), "{page}");
 }
