@@ -108,6 +108,16 @@ impl EffectiveUser {
         matches!(self, Self::Shadow(_))
     }
 
+    /// Whether the request is made in a read-only impersonation, where the
+    /// layer refuses every change: a page can leave out the forms that
+    /// would make one, as the permissions alone still allow them.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Self::Shadow(s) => s.read_only(),
+            Self::Real(_) => false,
+        }
+    }
+
     /// Whether the effective user holds a permission.
     pub fn has_permission(&self, permission: &str) -> bool {
         let p = impersonation_core::Permission::new(permission);

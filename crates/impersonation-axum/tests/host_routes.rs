@@ -12,9 +12,9 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Form, Router};
-use impersonation_axum::{CsrfCheck, ImpersonationLayer};
+use impersonation_axum::{CsrfCheck, EffectiveUser, ImpersonationLayer};
 use impersonation_core::{
     AuditAction, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester, StartRequest,
     UserId,
@@ -47,6 +47,10 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
     Router::new()
         .route("/signout", post(checked))
         .route("/bookings", post(checked))
+        .route(
+            "/read-only",
+            get(|user: EffectiveUser| async move { user.read_only().to_string() }),
+        )
         .layer(
             ImpersonationLayer::new(svc)
                 .changes_when(|method, route| !method.is_safe() && route != "/signout"),
@@ -137,6 +141,23 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         .secret;
     let secret = Some(secret.expose());
     let here = "https://app.example";
+    // A page can tell, and leave out the forms it would refuse.
+    let read_only = |secret: Option<&str>| {
+        let mut req = Request::builder()
+            .uri("/read-only")
+            .header(header::HOST, "app.example")
+            .header("x-test-user", "sam");
+        if let Some(secret) = secret {
+            req = req.header(header::COOKIE, format!("__Host-impersonation={secret}"));
+        }
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+            axum::body::to_bytes(res.into_body(), 64).await.unwrap()
+        }
+    };
+    assert_eq!(read_only(secret).await, "true");
+    assert_eq!(read_only(None).await, "false");
     // A change is refused in a read-only session; the host's sign-out,
     // marked as no change, is served, and audited as an access.
     assert_eq!(
@@ -151,6 +172,7 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         .await
         .into_iter()
         .filter(|e| e.action != AuditAction::SessionStarted)
+        .filter(|e| e.details.get("route") != Some("/read-only"))
         .map(|e| {
             let what = e
                 .details
