@@ -105,6 +105,7 @@ pub use session::{
 pub use store::{
     AppendGuard, AuditCursor, AuditPage, AuditQuery, BackendError, Batching, CursorError,
     DecodedSessions, LiveFilter, MAX_PAGE, Order, StartOutcome, Store, StoreError, Touch,
+    redacted_url,
 };
 
 /// Re-exported so adapters and apps use the same versions.

@@ -570,3 +570,95 @@ impl DecodedSessions {
         Ok(session)
     }
 }
+
+/// A database URL as it may be shown in a log line, an error or a `Debug`
+/// output. Everything between the scheme and the last `@` (a user name and
+/// password) becomes `***`, and so does the value of every `password=`
+/// query parameter; the rest (scheme, hosts, database) stays, to tell
+/// which database is meant.
+///
+/// ```
+/// use impersonation_core::redacted_url;
+///
+/// assert_eq!(redacted_url("postgres://app:hunter2@db:5432/app"), "postgres://***@db:5432/app");
+/// assert_eq!(redacted_url("postgres://db/app?password=hunter2"), "postgres://db/app?password=***");
+/// assert_eq!(redacted_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+/// ```
+pub fn redacted_url(url: &str) -> String {
+    const PASSWORD: &str = "password=";
+    // The query's passwords first: one may hold an `@`, which the user
+    // name and password below would otherwise end at.
+    let mut url = url.to_owned();
+    let mut from = 0;
+    while let Some(found) = url[from..].to_ascii_lowercase().find(PASSWORD) {
+        let start = from + found + PASSWORD.len();
+        let end = url[start..].find('&').map_or(url.len(), |i| start + i);
+        url.replace_range(start..end, "***");
+        from = start + "***".len();
+    }
+    match url.split_once("://") {
+        // The last `@`: a password may hold `@` or `/` unencoded.
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+            None => url,
+        },
+        None => url,
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redacted_url;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_redacted_url_keeps_what_names_the_database() {
+        for (url, shown) in [
+            (
+                "postgres://app:pw@db.example:5432/x",
+                "postgres://***@db.example:5432/x",
+            ),
+            ("mysql://root@127.0.0.1/test", "mysql://***@127.0.0.1/test"),
+            ("redis://:s3cret@127.0.0.1/", "redis://***@127.0.0.1/"),
+            (
+                "redis+cluster://u:p@a:7001,b:7002",
+                "redis+cluster://***@a:7001,b:7002",
+            ),
+            ("postgres://app:pa/ss@db/x", "postgres://***@db/x"),
+            ("postgres://app:p@ss@db/x", "postgres://***@db/x"),
+            (
+                "postgres://db/x?sslmode=require&Password=pw&a=b",
+                "postgres://db/x?sslmode=require&Password=***&a=b",
+            ),
+            ("sqlite://target/demo/x.db", "sqlite://target/demo/x.db"),
+            (":memory:", ":memory:"),
+            ("", ""),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn no_password_is_shown(
+            scheme in "[a-z+]{1,12}",
+            user in "[^/?#]{0,12}",
+            password in "[^&]{6,24}",
+            host in "[a-z0-9.:,]{1,24}",
+            path in "(/[a-z0-9_.]{0,12}){0,2}",
+            in_query in any::<bool>(),
+        ) {
+            let url = if in_query {
+                format!("{scheme}://{host}{path}?password={password}")
+            } else {
+                format!("{scheme}://{user}:{password}@{host}{path}")
+            };
+            let shown = redacted_url(&url);
+            // Some password could be spelled by what is left (a host that
+            // contains it): only the case where it is not.
+            let left = format!("{scheme}://***@{host}{path}?password=***");
+            prop_assume!(!left.contains(&password));
+            prop_assert!(!shown.contains(&password), "{url} shown as {shown}");
+        }
+    }
+}

@@ -177,8 +177,8 @@ pub enum DieselError {
     Migration(String),
 }
 
-/// Connection settings.
-#[derive(Debug, Clone)]
+/// Connection settings. Their `Debug` shows the URL without its password.
+#[derive(Clone)]
 pub struct DieselConfig {
     url: String,
     max_connections: usize,
@@ -187,6 +187,20 @@ pub struct DieselConfig {
     busy_timeout: Duration,
     schema: Option<String>,
     counter: Option<Arc<QueryCounter>>,
+}
+
+impl std::fmt::Debug for DieselConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DieselConfig")
+            .field("url", &impersonation_core::redacted_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("schema", &self.schema)
+            .field("counter", &self.counter)
+            .finish()
+    }
 }
 
 impl DieselConfig {
@@ -1117,5 +1131,18 @@ impl Store for DieselStore {
         }
         .await;
         r.map_err(store_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DieselConfig;
+
+    #[test]
+    fn debug_output_leaves_the_password_out() {
+        let config = DieselConfig::new("postgres://app:hunter2@db.example/app");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://***@db.example/app"), "{shown}");
     }
 }

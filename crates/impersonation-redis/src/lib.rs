@@ -70,13 +70,31 @@ pub enum Durability {
 }
 
 /// Connection settings.
-#[derive(Debug, Clone)]
+/// Its `Debug` shows the URLs without their passwords.
+#[derive(Clone)]
 pub struct RedisConfig {
     urls: Vec<String>,
     cluster: bool,
     namespace: String,
     retention: Duration,
     durability: Durability,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| impersonation_core::redacted_url(u))
+            .collect();
+        f.debug_struct("RedisConfig")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("namespace", &self.namespace)
+            .field("retention", &self.retention)
+            .field("durability", &self.durability)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -94,7 +112,13 @@ impl RedisConfig {
             None if url.starts_with("redis://") || url.starts_with("rediss://") => {
                 (vec![url.to_owned()], false)
             }
-            None => return Err(RedisStoreError::Config(format!("not a Redis URL: {url}"))),
+            // Only the scheme: the rest may hold a password.
+            None => {
+                let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+                return Err(RedisStoreError::Config(format!(
+                    "not a Redis URL (scheme `{scheme}`; expected redis://, rediss:// or redis+cluster://)"
+                )));
+            }
         };
         Ok(Self {
             urls,
@@ -1419,5 +1443,21 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(keys.into_iter().map(ChainKey::from_stored).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisConfig;
+
+    #[test]
+    fn neither_debug_output_nor_errors_show_a_password() {
+        let config = RedisConfig::new("redis://:hunter2@cache.example:6379/").unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://***@cache.example:6379/"), "{shown}");
+        let wrong = RedisConfig::new("postgres://app:hunter2@db/app").unwrap_err();
+        assert!(!wrong.to_string().contains("hunter2"), "{wrong}");
+        assert!(wrong.to_string().contains("`postgres`"), "{wrong}");
     }
 }
