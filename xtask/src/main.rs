@@ -148,7 +148,8 @@ where
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy().into_owned())
         .map(|arg| {
-            if arg.contains("://") && arg.contains('@') {
+            let lower = arg.to_ascii_lowercase();
+            if lower.contains("://") && (lower.contains('@') || lower.contains("password=")) {
                 "<url with credentials>".to_owned()
             } else {
                 arg

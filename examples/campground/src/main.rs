@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
-use campground_demo::{Demo, StoreKind, seed, stores, walkthrough};
+use campground_demo::{Demo, StoreKind, seed, walkthrough};
 use tracing_subscriber::EnvFilter;
 
 const HELP: &str = "\
@@ -115,7 +115,11 @@ async fn run() -> Result<()> {
     println!("Campground Cloud (impersonation SDK demo) is running.");
     println!();
     println!("  Open {base} in your browser.");
-    println!("  Store: {} ({})", args.store, stores::shown_url(&url));
+    println!(
+        "  Store: {} ({})",
+        args.store,
+        impersonation_core::redacted_url(&url)
+    );
     println!();
     println!("Seeded people (sign in as anyone; it is a demo):");
     for p in seed::people()? {

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use impersonation_core::{MemoryStore, Store};
+use impersonation_core::{MemoryStore, Store, redacted_url};
 use impersonation_diesel::{DieselConfig, DieselStore};
 use impersonation_redis::{RedisConfig, RedisStore};
 
@@ -82,7 +82,7 @@ impl StoreKind {
                 Arc::new(
                     RedisStore::connect(config)
                         .await
-                        .with_context(|| format!("connecting to Redis at {}", shown_url(url)))?,
+                        .with_context(|| format!("connecting to Redis at {}", redacted_url(url)))?,
                 )
             }
         })
@@ -96,26 +96,7 @@ async fn diesel(url: &str, namespace: &str) -> Result<DieselStore> {
     }
     DieselStore::connect_and_migrate(config)
         .await
-        .with_context(|| format!("opening the store at {}", shown_url(url)))
-}
-
-/// A store URL as it may be shown (printed, or in an error): its password,
-/// if it has one, replaced with `***`. `url::Url` cannot be used here: a
-/// Redis cluster URL names several hosts.
-pub fn shown_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let path = &rest[authority.len()..];
-            let password = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{password}@{hosts}{path}")
-        }
-        None => url.to_owned(),
-    }
+        .with_context(|| format!("opening the store at {}", redacted_url(url)))
 }
 
 impl fmt::Display for StoreKind {
@@ -140,37 +121,5 @@ impl FromStr for StoreKind {
                 let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
                 format!("unknown store `{s}` (expected one of {})", names.join(", "))
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shown_url;
-
-    #[test]
-    fn a_shown_url_keeps_everything_but_the_password() {
-        assert_eq!(
-            shown_url("postgres://app:hunter2@db.example:5432/x?sslmode=require"),
-            "postgres://app:***@db.example:5432/x?sslmode=require"
-        );
-        assert_eq!(
-            shown_url("redis://:s3cret@127.0.0.1/"),
-            "redis://:***@127.0.0.1/"
-        );
-        assert_eq!(
-            shown_url("redis+cluster://u:p@a:7001,b:7002"),
-            "redis+cluster://u:***@a:7001,b:7002"
-        );
-        assert_eq!(
-            shown_url("mysql://root@127.0.0.1/test"),
-            "mysql://root@127.0.0.1/test"
-        );
-        assert_eq!(
-            shown_url("sqlite://target/demo/x.db"),
-            "sqlite://target/demo/x.db"
-        );
-        // An `@` in the path is not a password's end.
-        assert_eq!(shown_url("sqlite:///tmp/a@b.db"), "sqlite:///tmp/a@b.db");
-        assert_eq!(shown_url(":memory:"), ":memory:");
     }
 }
