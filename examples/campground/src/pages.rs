@@ -152,13 +152,6 @@ impl Viewer {
             .is_some_and(|r| demo.service().policy().is_admin(r))
     }
 
-    /// Whether the effective user may make a change that needs
-    /// `permission`: never in a read-only impersonation, which the SDK
-    /// refuses every change.
-    pub(crate) fn can_change(&self, permission: &str) -> bool {
-        self.can(permission) && !self.ctx.as_ref().is_some_and(Context::read_only)
-    }
-
     /// The SDK's cross-site check: the form's token, the cookie, and the
     /// browser's `Origin` and `Sec-Fetch-Site`.
     pub(crate) fn csrf_ok(&self, sent: &str) -> bool {
@@ -374,11 +367,17 @@ pub async fn sign_out(State(demo): AppState, v: Viewer, Form(form): Form<TokenFo
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
+    // A session that ended meanwhile (elsewhere, or by expiry) needs no
+    // ending: the sign-out goes on.
     if let (Some(ctx), Some(real)) = (&v.ctx, &v.real)
         && let Err(e) = demo
             .service()
             .revoke(ctx.session(), real, "agent signed out")
             .await
+        && !matches!(
+            e,
+            impersonation_core::Error::Ended(_) | impersonation_core::Error::UnknownSession
+        )
     {
         tracing::warn!(error = %e, "could not end the impersonation on sign-out");
         return refused(
@@ -444,7 +443,7 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
             );
         }
     }
-    if v.can_change("bookings:write") && !campgrounds.is_empty() {
+    if v.can("bookings:write") && !campgrounds.is_empty() {
         let _ = write!(
             body,
             "<form class=\"card\" method=\"post\" action=\"/bookings\"><h2>Add a booking</h2>\
@@ -484,7 +483,7 @@ pub async fn add_booking(
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
-    if !v.can_change("bookings:write") {
+    if !v.can("bookings:write") {
         return refused(
             &v,
             &demo,
@@ -537,7 +536,7 @@ pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
         return sign_in_first();
     };
     let (tz, lang) = demo.data().settings.get(&id).cloned().unwrap_or_default();
-    let editable = v.can_change("settings:write");
+    let editable = v.can("settings:write");
     let body = format!(
         "<form class=\"card\" method=\"post\" action=\"/settings\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -579,7 +578,7 @@ pub async fn save_settings(
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
-    if !v.can_change("settings:write") {
+    if !v.can("settings:write") {
         return refused(
             &v,
             &demo,
@@ -736,19 +735,23 @@ pub struct SupportQuery {
     denied: Option<String>,
 }
 
+/// The codes of the SDK's refusals of a start that are not denials (those
+/// below 500; a start that fails with 503 is no redirect).
+const OTHER_REFUSALS: &[&str] = &[
+    "unauthenticated",
+    "session_ended",
+    "pending_consent",
+    "unknown_session",
+    "illegal_transition",
+];
+
 /// The text of a refusal's code from the query string: a denial's
-/// description, or another error's code as it is. Anything that is not a
-/// code (`refused_by_policy`) is not echoed: a link could make the page say
-/// anything.
+/// description, or another refusal's code. Nothing else is echoed: a link
+/// could make the page say anything.
 fn denial_text(code: &str) -> String {
     match Denial::ALL.iter().find(|d| d.code() == code) {
         Some(d) => format!("{d} ({code})"),
-        None if !code.is_empty()
-            && code.len() <= 40
-            && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
-        {
-            code.to_owned()
-        }
+        None if OTHER_REFUSALS.contains(&code) => code.to_owned(),
         None => "the start was refused".to_owned(),
     }
 }

@@ -260,9 +260,9 @@ async fn the_support_console_offers_only_what_the_policy_allows() {
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
-/// A read-only impersonation offers no change it would refuse, may still
-/// sign out (which ends it), and cannot be left running by signing in as
-/// someone else.
+/// A read-only impersonation shows no form its shadow user may not use
+/// (the policy keeps only read permissions), may still sign out of the app
+/// (which ends it), and cannot sign in as someone else.
 #[tokio::test]
 async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
     let base = demo().await;
@@ -273,12 +273,9 @@ async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
     assert!(!dashboard.contains("Add a booking"), "{dashboard}");
     let (_, settings) = sam.get("/settings").await;
     assert!(!settings.contains("Save settings"), "{settings}");
-    let (status, _) = sam.post("/signin", &[("user", "lee")]).await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "a change, in a read-only session"
-    );
+    let (status, body) = sam.post("/signin", &[("user", "lee")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a change, read-only");
+    assert!(body.contains("the session is read-only"), "{body}");
     sam.get("/dashboard").await;
     let (status, body) = sam.post("/signout", &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -309,6 +306,7 @@ async fn sign_in_and_the_console_are_refused_while_impersonating() {
         StatusCode::FORBIDDEN,
         "the console, as the customer: {body}"
     );
+    assert!(body.contains("Stop first"), "{body}");
     let (_, page) = sam.get("/dashboard").await;
     assert!(page.contains("You are impersonating Olive Owner"), "{page}");
 }
@@ -324,6 +322,8 @@ async fn the_console_echoes_no_made_up_refusal() {
         .await;
     assert!(!page.contains("suspended"), "{page}");
     assert!(page.contains("the start was refused"), "{page}");
-    let (_, page) = sam.get("/support?denied=reason_required").await;
-    assert!(page.contains("reason_required"), "{page}");
+    let (_, page) = sam.get("/support?denied=your_account_is_suspended").await;
+    assert!(!page.contains("suspended"), "{page}");
+    let (_, page) = sam.get("/support?denied=session_ended").await;
+    assert!(page.contains("session_ended"), "{page}");
 }
