@@ -109,8 +109,10 @@ impl EffectiveUser {
     }
 
     /// Whether the request is made in a read-only impersonation, where the
-    /// layer refuses every change: a page can leave out the forms that
-    /// would make one, as the permissions alone still allow them.
+    /// layer refuses every change: a page can say so, and leave out forms
+    /// that change something without a permission of their own. (The
+    /// shadow user of a read-only session holds only the permissions the
+    /// policy counts as reads, `*:read`, `*:view` and `*:list` by default.)
     pub fn read_only(&self) -> bool {
         match self {
             Self::Shadow(s) => s.read_only(),

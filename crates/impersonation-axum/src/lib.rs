@@ -145,7 +145,9 @@ impl ImpersonationLayer {
     /// session is over by the time it is audited is withheld (401); so a
     /// sign-out that ends the session should also be left out of the
     /// per-request audit with [`Self::audit_when`]: the service audits the
-    /// end, as for the SDK's stop.
+    /// end, as for the SDK's stop. (Left out, a sign-out the host refuses,
+    /// for a bad CSRF token say, leaves no event either: it changed
+    /// nothing.)
     ///
     /// ```
     /// # use impersonation_axum::ImpersonationLayer;

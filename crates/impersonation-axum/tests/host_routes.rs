@@ -45,7 +45,7 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
     }
     let svc = Impersonation::new(Arc::clone(store), directory.clone());
     Router::new()
-        .route("/signout", post(checked))
+        .route("/signout/{device}", post(checked))
         .route("/bookings", post(checked))
         .route(
             "/read-only",
@@ -53,7 +53,7 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
         )
         .layer(
             ImpersonationLayer::new(svc)
-                .changes_when(|method, route| !method.is_safe() && route != "/signout"),
+                .changes_when(|method, route| !method.is_safe() && route != "/signout/{device}"),
         )
         .layer(from_fn_with_state(directory.clone(), auth))
 }
@@ -102,7 +102,25 @@ async fn a_host_form_passes_the_csrf_check_only_from_this_site() {
         status(&app, form("/bookings", here, true, TOKEN, None)).await,
         StatusCode::OK
     );
+    // A browser that sends no `Origin` (an older one) and says it is this
+    // site, or says nothing: the token and cookie decide.
+    let mut quiet = form("/bookings", here, true, TOKEN, None);
+    quiet.headers_mut().remove(header::ORIGIN);
+    assert_eq!(status(&app, quiet).await, StatusCode::OK);
+    let mut same = form("/bookings", here, true, TOKEN, None);
+    same.headers_mut().insert(
+        "sec-fetch-site",
+        header::HeaderValue::from_static("same-origin"),
+    );
+    assert_eq!(status(&app, same).await, StatusCode::OK);
+    // A browser that says the request came from another site.
+    let mut cross = form("/bookings", here, true, TOKEN, None);
+    cross.headers_mut().insert(
+        "sec-fetch-site",
+        header::HeaderValue::from_static("same-site"),
+    );
     let refused = [
+        cross,
         // The cookie set by a page on another port of this host, which
         // cannot send this site's origin.
         form("/bookings", "https://app.example:8443", true, TOKEN, None),
@@ -165,7 +183,7 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        status(&app, form("/signout", here, true, TOKEN, secret)).await,
+        status(&app, form("/signout/phone", here, true, TOKEN, secret)).await,
         StatusCode::OK
     );
     let trail: Vec<(AuditAction, String)> = all_events(&*store, AuditQuery::default())
@@ -187,7 +205,7 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         trail,
         [
             (AuditAction::Denied, "POST /bookings".to_owned()),
-            (AuditAction::Access, "/signout".to_owned()),
+            (AuditAction::Access, "/signout/{device}".to_owned()),
         ]
     );
 }
