@@ -169,8 +169,8 @@ pub struct TokenEndpointResponse {
     pub body: String,
 }
 
-/// The success body of RFC 8693 §2.2.1.
-#[derive(Debug, Serialize)]
+/// The success body of RFC 8693 §2.2.1. No `Debug`: it holds the token.
+#[derive(Serialize)]
 struct Issued<'a> {
     access_token: String,
     issued_token_type: &'a str,

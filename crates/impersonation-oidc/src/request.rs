@@ -23,8 +23,9 @@ pub const MAX_VALUE: usize = 8 * 1024;
 /// Most `audience` plus `resource` values in one request.
 pub const MAX_TARGETS: usize = 8;
 
-/// Who the token is to be about: the customer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who the token is to be about: the customer. Its `Debug` leaves the
+/// token out.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Subject {
     /// A token the provider issued about the customer (`subject_token`).
     Token {
@@ -60,6 +61,20 @@ pub struct ExchangeRequest {
     pub ticket: Option<String>,
     /// `client_id` and `client_secret` sent in the body (`client_secret_post`).
     pub form_client: Option<(String, Option<String>)>,
+}
+
+impl std::fmt::Debug for Subject {
+    // A subject token is a bearer credential: it never reaches a Debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Token { token_type, .. } => f
+                .debug_struct("Token")
+                .field("token", &"<redacted>")
+                .field("token_type", token_type)
+                .finish(),
+            Subject::Requested(id) => f.debug_tuple("Requested").field(id).finish(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ExchangeRequest {
@@ -364,5 +379,23 @@ impl RevocationRequest {
             token: take("token").ok_or_else(|| invalid("`token` is required"))?,
             form_client: take("client_id").map(|id| (id, take("client_secret"))),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ACCESS_TOKEN_TYPE, Subject};
+
+    #[test]
+    fn a_subjects_debug_output_leaves_its_token_out() {
+        let subject = Subject::Token {
+            token: "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0.c2ln".into(),
+            token_type: ACCESS_TOKEN_TYPE.into(),
+        };
+        let shown = format!("{subject:?}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(shown.contains(ACCESS_TOKEN_TYPE), "{shown}");
+        let by_id = Subject::Requested("olive".into());
+        assert_eq!(format!("{by_id:?}"), "Requested(\"olive\")");
     }
 }
