@@ -108,6 +108,16 @@ impl EffectiveUser {
         matches!(self, Self::Shadow(_))
     }
 
+    /// The effective user's company and partner relationships (the
+    /// customer's, while impersonating): which tenants beyond their own
+    /// they work with.
+    pub fn relationships(&self) -> &[impersonation_core::Relationship] {
+        match self {
+            Self::Shadow(s) => s.relationships(),
+            Self::Real(p) => &p.relationships,
+        }
+    }
+
     /// Whether the request is made in a read-only impersonation, where the
     /// layer refuses every change: a page can say so, and leave out forms
     /// that change something without a permission of their own. (The

@@ -49,7 +49,14 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
         .route("/bookings", post(checked))
         .route(
             "/read-only",
-            get(|user: EffectiveUser| async move { user.read_only().to_string() }),
+            get(|user: EffectiveUser| async move {
+                let companies: Vec<&str> = user
+                    .relationships()
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect();
+                format!("{} {}", user.read_only(), companies.join(","))
+            }),
         )
         .layer(
             ImpersonationLayer::new(svc)
@@ -174,8 +181,9 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
             axum::body::to_bytes(res.into_body(), 64).await.unwrap()
         }
     };
-    assert_eq!(read_only(secret).await, "true");
-    assert_eq!(read_only(None).await, "false");
+    // And works with the customer's companies, not the agent's.
+    assert_eq!(read_only(secret).await, "true Pinewood Campground");
+    assert_eq!(read_only(None).await, "false Support");
     // A change is refused in a read-only session; the host's sign-out,
     // marked as no change, is served, and audited as an access.
     assert_eq!(
