@@ -10,7 +10,7 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use impersonation_axum::{CsrfCheck, NotImpersonating};
+use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating};
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
     Principal, RelationKind, Session, SessionId, ShadowValue, TenantId, UserId, table_timestamp,
@@ -41,6 +41,9 @@ pub struct Viewer {
     pub real: Option<Principal>,
     /// The impersonation, when the request is made under one.
     pub ctx: Option<Context>,
+    /// Who the request acts as: the shadow user while impersonating, the
+    /// signed-in person otherwise (the SDK's extractor).
+    pub effective: Option<EffectiveUser>,
     /// The cross-site check of the SDK, whose token every form carries
     /// (none without the impersonation layer in front).
     pub csrf: Option<CsrfCheck>,
@@ -53,6 +56,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Viewer {
         Ok(Self {
             real: parts.extensions.get::<Principal>().cloned(),
             ctx: parts.extensions.get::<Context>().cloned(),
+            effective: EffectiveUser::from_request_parts(parts, state).await.ok(),
             csrf: CsrfCheck::from_request_parts(parts, state).await.ok(),
         })
     }
@@ -62,45 +66,26 @@ impl Viewer {
     /// Whether the effective user (the shadow user while impersonating)
     /// holds a permission.
     pub(crate) fn can(&self, permission: &str) -> bool {
-        let p = Permission::new(permission);
-        match (&self.ctx, &self.real) {
-            (Some(ctx), _) => ctx.shadow().has_permission(&p),
-            (None, Some(real)) => real.has_permission(&p),
-            (None, None) => false,
-        }
+        self.effective
+            .as_ref()
+            .is_some_and(|user| user.has_permission(permission))
     }
 
     pub(crate) fn effective_id(&self) -> Option<&UserId> {
-        match (&self.ctx, &self.real) {
-            (Some(ctx), _) => Some(ctx.shadow().id()),
-            (None, Some(real)) => Some(&real.id),
-            (None, None) => None,
-        }
+        self.effective.as_ref().map(EffectiveUser::id)
     }
 
     pub(crate) fn effective_name(&self) -> &str {
-        match (&self.ctx, &self.real) {
-            (Some(ctx), _) => ctx.shadow().display_name(),
-            (None, Some(real)) => &real.display_name,
-            (None, None) => "",
-        }
-    }
-
-    fn effective_tenant(&self) -> Option<&TenantId> {
-        match (&self.ctx, &self.real) {
-            (Some(ctx), _) => Some(ctx.shadow().tenant()),
-            (None, Some(real)) => Some(&real.tenant),
-            (None, None) => None,
-        }
+        self.effective
+            .as_ref()
+            .map_or("", EffectiveUser::display_name)
     }
 
     /// Campgrounds the effective user works with: their own and those their
     /// company or partner relationships cover.
     pub(crate) fn campgrounds(&self) -> Vec<&'static seed::Campground> {
-        let relationships = match (&self.ctx, &self.real) {
-            (Some(ctx), _) => ctx.shadow().relationships().to_vec(),
-            (None, Some(real)) => real.relationships.clone(),
-            (None, None) => Vec::new(),
+        let Some(user) = &self.effective else {
+            return Vec::new();
         };
         CAMPGROUNDS
             .iter()
@@ -108,8 +93,8 @@ impl Viewer {
                 let Ok(tenant) = TenantId::new(c.tenant) else {
                     return false;
                 };
-                self.effective_tenant() == Some(&tenant)
-                    || relationships.iter().any(|r| {
+                user.tenant() == &tenant
+                    || user.relationships().iter().any(|r| {
                         matches!(r.kind, RelationKind::Company | RelationKind::Partner)
                             && r.scope.covers(&tenant)
                     })
@@ -514,7 +499,7 @@ pub async fn add_booking(
             "A booking needs a guest, a site, an arrival date (YYYY-MM-DD) and 1 to 60 nights.",
         );
     };
-    let Some(tenant) = v.effective_tenant().map(|t| t.as_str().to_owned()) else {
+    let Some(tenant) = v.effective.as_ref().map(|u| u.tenant().as_str().to_owned()) else {
         return sign_in_first();
     };
     demo.data()
