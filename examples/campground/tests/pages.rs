@@ -185,6 +185,16 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "a cursor that is not one");
 }
 
+/// Sam's trail shows his session with Olive revoked by his sign-out.
+async fn assert_sign_out_ended_the_session(base: &str) {
+    let mut sam = User::sign_in(base, "sam").await;
+    let (_, table) = sam.get("/audit.txt").await;
+    assert!(
+        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
+        "{table}"
+    );
+}
+
 #[tokio::test]
 async fn signing_out_ends_the_impersonation() {
     let base = demo().await;
@@ -195,11 +205,7 @@ async fn signing_out_ends_the_impersonation() {
     let mut sam = User::sign_in(&base, "sam").await;
     let (_, page) = sam.get("/dashboard").await;
     assert!(!page.contains("impersonation-banner"));
-    let (_, table) = sam.get("/audit.txt").await;
-    assert!(
-        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
-        "{table}"
-    );
+    assert_sign_out_ended_the_session(&base).await;
 }
 
 #[tokio::test]
@@ -279,12 +285,7 @@ async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
     sam.get("/dashboard").await;
     let (status, body) = sam.post("/signout", &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let mut sam = User::sign_in(&base, "sam").await;
-    let (_, table) = sam.get("/audit.txt").await;
-    assert!(
-        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
-        "{table}"
-    );
+    assert_sign_out_ended_the_session(&base).await;
 }
 
 #[tokio::test]
