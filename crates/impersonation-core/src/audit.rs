@@ -1105,12 +1105,22 @@ fn cell(text: &str) -> String {
     text.replace('\\', "\\\\").replace('|', "\\|")
 }
 
+/// The head of [`to_table`]: the column names and the Markdown rule below them.
+pub const TABLE_HEAD: &str = "| Timestamp | Action | User Performing Action | Impersonated User | Details |\n|---|---|---|---|---|\n";
+
 /// Renders events as the table people read (Markdown), with the columns of
 /// the seed guide: Timestamp | Action | User Performing Action | Impersonated User | Details.
 pub fn to_table<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> String {
-    let mut out = String::from(
-        "| Timestamp | Action | User Performing Action | Impersonated User | Details |\n|---|---|---|---|---|\n",
-    );
+    let mut out = String::from(TABLE_HEAD);
+    out.push_str(&table_rows(events));
+    out
+}
+
+/// The rows of [`to_table`] without its head, one line per event: a long
+/// trail can be written page by page after [`TABLE_HEAD`], without holding
+/// it all.
+pub fn table_rows<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> String {
+    let mut out = String::new();
     for e in events {
         let subject = e.subject.as_ref().map_or("", |s| &*s.name);
         let _ = writeln!(
