@@ -10,11 +10,12 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
+use futures_util::StreamExt as _;
 use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating};
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
-    Principal, RelationKind, Session, SessionId, ShadowValue, TenantId, UserId, table_timestamp,
-    to_table,
+    Principal, RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId,
+    table_rows, table_timestamp,
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -1157,26 +1158,40 @@ pub async fn audit_text(
         }
     }
     query.limit = impersonation_core::MAX_PAGE;
-    let mut events = Vec::new();
-    loop {
-        match demo.service().audit(&query).await {
-            Ok(page) => {
-                events.extend(page.events);
-                match page.next {
-                    Some(next) => query.cursor = Some(next),
-                    None => break,
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "audit query failed");
-                return (StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable")
-                    .into_response();
-            }
+    // The first page before the answer, so that a store that is down is a
+    // 503; then page by page, so a long trail is never held whole. A store
+    // that fails after the first page cuts the body short (the connection
+    // is reset), never a table that looks complete.
+    let first = match demo.service().audit(&query).await {
+        Ok(page) => page,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit query failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "audit trail unavailable").into_response();
         }
-    }
+    };
+    let head = format!("{TABLE_HEAD}{}", table_rows(&first.events));
+    let service = Arc::clone(demo.service());
+    let rest = futures_util::stream::try_unfold(
+        first.next.map(|cursor| (service, query, cursor)),
+        |state| async move {
+            let Some((service, mut query, cursor)) = state else {
+                return Ok(None);
+            };
+            query.cursor = Some(cursor);
+            let page = service.audit(&query).await.inspect_err(|e| {
+                tracing::warn!(error = %e, "audit query failed midway through an export");
+            })?;
+            let rows = table_rows(&page.events);
+            Ok::<_, impersonation_core::Error>(Some((
+                rows,
+                page.next.map(|cursor| (service, query, cursor)),
+            )))
+        },
+    );
+    let body = futures_util::stream::once(async { Ok(head) }).chain(rest);
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        to_table(&events),
+        axum::body::Body::from_stream(body),
     )
         .into_response()
 }

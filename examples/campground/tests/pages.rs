@@ -328,3 +328,53 @@ async fn the_console_echoes_no_made_up_refusal() {
     let (_, page) = sam.get("/support?denied=session_ended").await;
     assert!(page.contains("session_ended"), "{page}");
 }
+
+/// A trail longer than one page of the store is exported whole, page after
+/// page, under one table head, oldest first.
+#[tokio::test]
+async fn the_text_export_runs_over_every_page_of_the_trail() {
+    use impersonation_core::{Activity, Requester, StartRequest, UserId};
+
+    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    let service = std::sync::Arc::clone(demo.service());
+    let directory = service.directory();
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let started = service
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(UserId::new("olive").unwrap(), "A long look at the bookings"),
+        )
+        .await
+        .unwrap();
+    let ctx = service.resolve(&started.secret).await.unwrap();
+    let reads = impersonation_core::MAX_PAGE as usize + 20;
+    for n in 0..reads {
+        service
+            .record_completed(&ctx, Activity::access(format!("GET /bookings/{n} (200)")))
+            .await
+            .unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo.router(&base).unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (status, table) = sam.get("/audit.txt").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(table.matches("| Timestamp |").count(), 1, "one head");
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    // The start, then every read in order.
+    assert_eq!(rows.len(), 1 + reads, "{}", rows.len());
+    assert!(
+        rows[0].contains("Started impersonation session"),
+        "{}",
+        rows[0]
+    );
+    for (n, row) in rows[1..].iter().enumerate() {
+        assert!(
+            row.ends_with(&format!("| GET /bookings/{n} (200) |")),
+            "{n}: {row}"
+        );
+    }
+}
