@@ -1,4 +1,4 @@
-//! The banner: "You are impersonating <name> (<company>)", escaped, with the
+//! The banner: "You are impersonating `<name>` (`<company>`)", escaped, with the
 //! reason, the time left and a Stop button.
 
 use impersonation_core::Context;
