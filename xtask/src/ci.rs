@@ -85,6 +85,17 @@ fn steps() -> Vec<Step> {
             },
         },
         Step {
+            name: "cargo doc",
+            run: |ci| {
+                // The public API's docs build without a warning (a broken
+                // link, stray HTML): what a user reads on docs.rs.
+                let cargo = crate::cargo();
+                let _flags = ci.sh.push_env("RUSTDOCFLAGS", "-D warnings");
+                cmd!(ci.sh, "{cargo} doc --workspace --no-deps --locked").run()?;
+                Ok(())
+            },
+        },
+        Step {
             name: "reset test databases",
             run: |ci| crate::services::reset_test_databases(&ci.sh, &crate::target_dir()),
         },
