@@ -1,5 +1,6 @@
 //! The banner: "You are impersonating `<name>` (`<company>`)", escaped, with the
-//! reason, the time left and a Stop button.
+//! reason, the ticket, "read only" for a read-only session, the time left
+//! and a Stop button.
 
 use impersonation_core::Context;
 use time::OffsetDateTime;
@@ -28,13 +29,19 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             )
         })
         .unwrap_or_default();
+    // Says why every change is refused.
+    let read_only = if ctx.read_only() {
+        " · <span class=\"impersonation-read-only\">read only</span>"
+    } else {
+        ""
+    };
     format!(
         concat!(
             "<div id=\"impersonation-banner\" role=\"alert\" aria-live=\"assertive\" ",
             "style=\"position:fixed;top:0;left:0;right:0;z-index:2147483647;display:flex;gap:1em;align-items:center;",
             "padding:.6em 1em;background:#b91c1c;color:#fff;font:600 15px/1.4 system-ui,sans-serif\">",
             "<span class=\"impersonation-message\">{message}</span>",
-            "<span style=\"font-weight:400\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}",
+            "<span style=\"font-weight:400\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
             "<form method=\"post\" action=\"{action}\" style=\"margin:0 0 0 auto\">",
             "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">",
@@ -44,6 +51,7 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
         message = esc(&banner.message()),
         reason = esc(&banner.reason),
         ticket = ticket,
+        read_only = read_only,
         seconds = banner.seconds_left,
         left = esc(&banner.time_left()),
         action = attr(stop_action),

@@ -322,6 +322,10 @@ async fn a_started_session_sets_a_host_cookie_and_shows_the_banner() {
         "{}",
         page.body
     );
+    assert!(
+        !page.body.contains("impersonation-read-only"),
+        "a full session"
+    );
     assert!(page.body.contains("Customer cannot see bookings"));
     assert!(
         page.body.find("impersonation-banner").unwrap() < page.body.find("</body>").unwrap(),
@@ -648,7 +652,13 @@ async fn a_read_only_session_makes_no_change_and_its_attempt_is_audited() {
         )
         .await;
     assert!(started.status.is_redirection() || started.status.is_success());
-    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+    let page = sam.get("/").await.body;
+    assert!(page.contains("impersonation-banner"));
+    // The banner says why changes will be refused.
+    assert!(
+        page.contains("<span class=\"impersonation-read-only\">read only</span>"),
+        "{page}"
+    );
     let before = events(&f).await.len();
 
     let refused = sam.send(Method::POST, "/bookings/42", None, &[]).await;
