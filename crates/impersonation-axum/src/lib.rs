@@ -38,6 +38,12 @@
 //! Signed impersonation tokens (RFC 8693, `impersonation-oidc`) are accepted
 //! as bearer credentials with [`ImpersonationLayer::accept_tokens`].
 //!
+//! The host app's own forms get the cross-site check of start and stop with
+//! the [`CsrfCheck`] extractor. Which requests count as changes (refused in
+//! a read-only session, audited as modifications) is every method but the
+//! safe ones, or what [`ImpersonationLayer::changes_when`] says: mark a
+//! sign-out or a search `POST` so that a read-only session may use it.
+//!
 //! ## Feature flags
 //!
 //! - `oidc`: [`oidc::routes`], the routes of an `impersonation-oidc` issuer.
