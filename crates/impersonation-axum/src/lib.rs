@@ -46,7 +46,7 @@
 //!
 //! ## Feature flags
 //!
-//! - `oidc`: [`oidc::routes`], the routes of an `impersonation-oidc` issuer.
+//! - `oidc`: `oidc::routes`, the routes of an `impersonation-oidc` issuer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
