@@ -586,6 +586,15 @@ impl DecodedSessions {
 /// ```
 pub fn redacted_url(url: &str) -> String {
     const PASSWORD: &str = "password=";
+    if !url.contains("://") {
+        // Not a URL: a `key=value` connection string (`host=db password =
+        // 'x y'`), whose spacing and quoting are the driver's. Everything
+        // after the keyword goes.
+        return match url.to_ascii_lowercase().find("password") {
+            Some(at) => format!("{}password***", &url[..at]),
+            None => url.to_owned(),
+        };
+    }
     // The query's passwords first: one may hold an `@`, which the user
     // name and password below would otherwise end at.
     let mut url = url.to_owned();
@@ -631,6 +640,8 @@ mod redaction_tests {
                 "postgres://db/x?sslmode=require&Password=***&a=b",
             ),
             ("sqlite://target/demo/x.db", "sqlite://target/demo/x.db"),
+            ("host=db password = 'a b' dbname=x", "host=db password***"),
+            ("host=db PASSWORD=x", "host=db password***"),
             (":memory:", ":memory:"),
             ("", ""),
         ] {
