@@ -1160,8 +1160,10 @@ pub async fn audit_text(
     query.limit = impersonation_core::MAX_PAGE;
     // The first page before the answer, so that a store that is down is a
     // 503; then page by page, so a long trail is never held whole. A store
-    // that fails after the first page cuts the body short (the connection
-    // is reset), never a table that looks complete.
+    // that fails after the first page ends the response with an error:
+    // the chunked body is left unfinished, which an HTTP/1.1 client
+    // reports (`curl` exits with 18), though what it received so far is
+    // whole rows.
     let first = match demo.service().audit(&query).await {
         Ok(page) => page,
         Err(e) => {

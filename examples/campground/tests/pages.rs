@@ -329,6 +329,24 @@ async fn the_console_echoes_no_made_up_refusal() {
     assert!(page.contains("session_ended"), "{page}");
 }
 
+/// A partner sees every campground its company manages, and an agent
+/// impersonating the partner sees the same: the partner's relationships,
+/// not the agent's.
+#[tokio::test]
+async fn a_partner_sees_the_campgrounds_it_manages_impersonated_or_not() {
+    let base = demo().await;
+    let mut paula = User::sign_in(&base, "paula").await;
+    let (_, own) = paula.get("/dashboard").await;
+    let mut lee = User::sign_in(&base, "lee").await;
+    impersonate(&mut lee, "paula").await;
+    let (_, seen) = lee.get("/dashboard").await;
+    for page in [&own, &seen] {
+        assert!(page.contains("<h2>Pinewood Campground</h2>"), "{page}");
+        assert!(page.contains("<h2>Lakeside RV Park</h2>"), "{page}");
+        assert!(!page.contains("<h2>Red Rock Camp</h2>"), "{page}");
+    }
+}
+
 /// A trail longer than one page of the store is exported whole, page after
 /// page, under one table head, oldest first.
 #[tokio::test]
