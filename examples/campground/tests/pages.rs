@@ -396,3 +396,79 @@ async fn the_text_export_runs_over_every_page_of_the_trail() {
         );
     }
 }
+
+/// A start refused after a search with a space in it comes back to that
+/// search with the refusal shown (the search is percent-encoded into
+/// `error_to`, which the SDK follows only as a plain local path).
+#[tokio::test]
+async fn a_refused_start_returns_to_the_search_with_its_reason() {
+    let base = demo().await;
+    let mut first_tab = User::sign_in(&base, "sam").await;
+    impersonate(&mut first_tab, "olive").await;
+    // Another browser: Sam is not impersonating there, but he already is
+    // elsewhere, and one live session per agent is the rule.
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, console) = sam.get("/support?q=Pinewood%20Campground").await;
+    assert!(
+        console.contains("value=\"/support?q=Pinewood+Campground\""),
+        "{console}"
+    );
+    let (_, page) = sam
+        .post(
+            "/impersonation/start",
+            &[
+                ("target", "olive"),
+                ("reason", "Customer cannot see bookings"),
+                ("return_to", "/dashboard"),
+                ("error_to", "/support?q=Pinewood+Campground"),
+            ],
+        )
+        .await;
+    assert!(page.contains("id=\"denied\""), "{page}");
+    assert!(
+        page.contains("Olive Owner"),
+        "still the search's results: {page}"
+    );
+}
+
+/// A sign-out whose session was revoked a moment before by another
+/// process of the app (this one may still hold the session as it was a
+/// moment ago) signs out all the same.
+#[tokio::test]
+async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out() {
+    // Two processes of the app on one SQLite database.
+    let file = std::env::temp_dir().join(format!(
+        "imptest_campground_{}_{}.sqlite3",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let url = format!("sqlite://{}", file.display());
+    let mut bases = Vec::new();
+    for _ in 0..2 {
+        let demo = Demo::open(StoreKind::Sqlite, &url).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = demo.router(&base).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        bases.push(base);
+    }
+    let mut sam = User::sign_in(&bases[0], "sam").await;
+    impersonate(&mut sam, "olive").await;
+    sam.get("/dashboard").await;
+    // Lee, on the other process, revokes it.
+    let mut lee = User::sign_in(&bases[1], "lee").await;
+    let (_, console) = lee.get("/support").await;
+    let marker = "name=\"session\" value=\"";
+    let at = console.find(marker).expect("a live session") + marker.len();
+    let session = console[at..].split('"').next().unwrap().to_owned();
+    let (status, body) = lee.post("/support/revoke", &[("session", &session)]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = sam.post("/signout", &[]).await;
+    assert_eq!(status, StatusCode::OK, "signed out: {body}");
+    let (_, page) = sam.get("/").await;
+    assert!(page.contains("Sign in"), "{page}");
+    let _ = std::fs::remove_file(&file);
+}
