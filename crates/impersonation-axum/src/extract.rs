@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use impersonation_core::{Context, Denial, Principal, ShadowUser};
 
-use crate::layer::{CsrfToken, Handle};
+use crate::layer::{CsrfToken, Handle, route_of};
 
 fn reject(status: StatusCode, text: &'static str) -> Response {
     (
@@ -177,10 +177,7 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         };
         // The route's template, not its path: a path may carry a token
         // (`/password/reset/{token}`), which must not reach the trail.
-        let route = parts
-            .extensions
-            .get::<axum::extract::MatchedPath>()
-            .map_or_else(|| parts.uri.path(), |m| m.as_str());
+        let route = route_of(&parts.extensions, &parts.uri);
         let attempt = format!("{} {route}", parts.method);
         state.audited.store(true, Ordering::SeqCst);
         match state

@@ -212,6 +212,17 @@ fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Opt
     found.map(Option::flatten)
 }
 
+/// The route a request is for, as the audit names it: its template
+/// (`/bookings/{id}`) when a router matched it, its path otherwise.
+pub(crate) fn route_of<'a>(
+    extensions: &'a axum::http::Extensions,
+    uri: &'a axum::http::Uri,
+) -> &'a str {
+    extensions
+        .get::<MatchedPath>()
+        .map_or_else(|| uri.path(), MatchedPath::as_str)
+}
+
 enum RouteName {
     Matched(MatchedPath),
     Path(String),
@@ -257,13 +268,7 @@ where
             // session from the store, and is audited as a modification.
             let is_change = match &settings.changes {
                 None => !req.method().is_safe(),
-                Some(changes) => {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map_or_else(|| req.uri().path(), |m| m.as_str());
-                    changes(req.method(), route)
-                }
+                Some(changes) => changes(req.method(), route_of(req.extensions(), req.uri())),
             };
 
             // The secret: the cookie for browsers, `Authorization: Bearer` for
