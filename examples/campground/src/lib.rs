@@ -48,6 +48,10 @@ pub type Service = Impersonation<Arc<dyn Store>, MemoryDirectory>;
 /// The demo's sign-in cookie (a demo: it just names a seeded person).
 pub const SIGN_IN_COOKIE: &str = "campground_user";
 
+/// The sign-out route: no change for a read-only session, and audited by
+/// the service as the session's end rather than by the layer.
+const SIGN_OUT: &str = "/signout";
+
 /// The app's own data, kept in memory (the SDK's sessions and audit trail
 /// live in the chosen store).
 #[derive(Debug, Default)]
@@ -152,14 +156,14 @@ impl Demo {
             // session may do it. It ends the session, which the service
             // audits (as for the SDK's stop), so the layer does not audit
             // it again: it could not, the session being over.
-            .changes_when(|method, route| !method.is_safe() && route != "/signout")
-            .audit_when(|_, route| route != "/signout")
+            .changes_when(|method, route| !method.is_safe() && route != SIGN_OUT)
+            .audit_when(|_, route| route != SIGN_OUT)
             // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
             .development_mode();
         Ok(Router::new()
             .route("/", get(pages::home))
             .route("/signin", post(pages::sign_in))
-            .route("/signout", post(pages::sign_out))
+            .route(SIGN_OUT, post(pages::sign_out))
             .route("/dashboard", get(pages::dashboard))
             .route("/bookings", post(pages::add_booking))
             .route("/settings", get(pages::settings).post(pages::save_settings))
