@@ -72,7 +72,11 @@ impl User {
 }
 
 async fn demo() -> String {
-    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    serve(&Demo::open(StoreKind::Memory, "memory").await.unwrap()).await
+}
+
+/// Serves `demo` on a free port of 127.0.0.1; its base URL.
+async fn serve(demo: &std::sync::Arc<Demo>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = demo.router(&base).unwrap();
@@ -372,10 +376,7 @@ async fn the_text_export_runs_over_every_page_of_the_trail() {
             .await
             .unwrap();
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo.router(&base).unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(&demo).await;
 
     let mut sam = User::sign_in(&base, "sam").await;
     let (status, table) = sam.get("/audit.txt").await;
@@ -437,23 +438,11 @@ async fn a_refused_start_returns_to_the_search_with_its_reason() {
 #[tokio::test]
 async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out() {
     // Two processes of the app on one SQLite database.
-    let file = std::env::temp_dir().join(format!(
-        "imptest_campground_{}_{}.sqlite3",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
+    let file = impersonation_testkit::scratch::scratch_file("imptest_campground", "sqlite3");
     let url = format!("sqlite://{}", file.display());
     let mut bases = Vec::new();
     for _ in 0..2 {
-        let demo = Demo::open(StoreKind::Sqlite, &url).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = demo.router(&base).unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        bases.push(base);
+        bases.push(serve(&Demo::open(StoreKind::Sqlite, &url).await.unwrap()).await);
     }
     let mut sam = User::sign_in(&bases[0], "sam").await;
     impersonate(&mut sam, "olive").await;
@@ -470,5 +459,4 @@ async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out
     assert_eq!(status, StatusCode::OK, "signed out: {body}");
     let (_, page) = sam.get("/").await;
     assert!(page.contains("Sign in"), "{page}");
-    let _ = std::fs::remove_file(&file);
 }
