@@ -1160,10 +1160,10 @@ pub async fn audit_text(
     query.limit = impersonation_core::MAX_PAGE;
     // The first page before the answer, so that a store that is down is a
     // 503; then page by page, so a long trail is never held whole. A store
-    // that fails after the first page ends the response with an error:
-    // the chunked body is left unfinished, which an HTTP/1.1 client
-    // reports (`curl` exits with 18), though what it received so far is
-    // whole rows.
+    // that fails after the first page ends the response with an error, so
+    // that no client takes what it got for the whole trail: hyper closes
+    // the connection without finishing the chunked body (`curl` exits with
+    // 18), and what it had not yet sent of the rows before is lost with it.
     let first = match demo.service().audit(&query).await {
         Ok(page) => page,
         Err(e) => {

@@ -351,14 +351,12 @@ async fn a_partner_sees_the_campgrounds_it_manages_impersonated_or_not() {
     }
 }
 
-/// A trail longer than one page of the store is exported whole, page after
-/// page, under one table head, oldest first.
-#[tokio::test]
-async fn the_text_export_runs_over_every_page_of_the_trail() {
+/// Sam impersonates Olive and reads `reads` pages, straight through the
+/// service: a trail longer than one page of the store.
+async fn long_trail(demo: &Demo, reads: usize) {
     use impersonation_core::{Activity, Requester, StartRequest, UserId};
 
-    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
-    let service = std::sync::Arc::clone(demo.service());
+    let service = demo.service();
     let directory = service.directory();
     let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
     let started = service
@@ -369,13 +367,21 @@ async fn the_text_export_runs_over_every_page_of_the_trail() {
         .await
         .unwrap();
     let ctx = service.resolve(&started.secret).await.unwrap();
-    let reads = impersonation_core::MAX_PAGE as usize + 20;
     for n in 0..reads {
         service
             .record_completed(&ctx, Activity::access(format!("GET /bookings/{n} (200)")))
             .await
             .unwrap();
     }
+}
+
+/// A trail longer than one page of the store is exported whole, page after
+/// page, under one table head, oldest first.
+#[tokio::test]
+async fn the_text_export_runs_over_every_page_of_the_trail() {
+    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    let reads = impersonation_core::MAX_PAGE as usize + 20;
+    long_trail(&demo, reads).await;
     let base = serve(&demo).await;
 
     let mut sam = User::sign_in(&base, "sam").await;
@@ -459,4 +465,45 @@ async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out
     assert_eq!(status, StatusCode::OK, "signed out: {body}");
     let (_, page) = sam.get("/").await;
     assert!(page.contains("Sign in"), "{page}");
+}
+
+/// A store that fails after the first page of an export: the response
+/// ends in an error (hyper closes the connection before the chunked body
+/// ends), never as if it were the whole trail, and the next export, with
+/// the store back, is whole.
+#[tokio::test]
+async fn an_export_cut_short_by_the_store_ends_in_an_error() {
+    use campground_demo::seed;
+    use impersonation_core::{Impersonation, MAX_PAGE, MemoryStore, Store};
+    use impersonation_testkit::faults::{Calls, FaultyStore, When};
+    use std::sync::Arc;
+
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let store: Arc<dyn Store> = faulty.clone();
+    let service = Impersonation::new(store, seed::directory().unwrap())
+        .with_policy(seed::policy())
+        .with_projection(seed::projection());
+    let demo = Demo::with_service(service, StoreKind::Memory);
+    let reads = MAX_PAGE as usize + 20;
+    long_trail(&demo, reads).await;
+    let base = serve(&demo).await;
+    let mut sam = User::sign_in(&base, "sam").await;
+
+    // The export's first store call reads the first page; its second fails.
+    faulty.fail_nth(2, When::Before, Calls::All);
+    let export = async {
+        let mut res = sam.client.get(format!("{base}/audit.txt")).send().await?;
+        let mut received = 0;
+        while let Some(chunk) = res.chunk().await? {
+            received += chunk.len();
+        }
+        Ok::<_, reqwest::Error>((res.status(), received))
+    };
+    let ended = export.await;
+    assert!(ended.is_err(), "the export ended as if whole: {ended:?}");
+    assert_eq!(faulty.injected(), 1);
+
+    let (status, table) = sam.get("/audit.txt").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(table.lines().skip(2).count(), 1 + reads);
 }
