@@ -826,22 +826,30 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonation.subject = Empty,
             impersonation.session = Empty,
         );
-        self.resolve_inner(secret, reuse, span.clone())
-            .instrument(span)
-            .await
-    }
-
-    async fn resolve_inner(
-        &self,
-        secret: &SessionSecret,
-        reuse: bool,
-        span: Span,
-    ) -> Result<Context, Error> {
         let now = self.now();
         let key = ReuseKey::Secret(secret.hash());
         if reuse && let Some(ctx) = self.reused(&key, now, &span) {
             return Ok(ctx);
         }
+        // Boxed: a read served from the reuse map, the common case, then
+        // builds no store-call future at all (a store call's future is
+        // over a kilobyte, which would otherwise be allocated, and take
+        // malloc's slow path, on every request).
+        Box::pin(
+            self.resolve_from_store(secret, key, now, span.clone())
+                .instrument(span),
+        )
+        .await
+    }
+
+    /// [`Impersonation::resolve`] past the reuse map: the store's record.
+    async fn resolve_from_store(
+        &self,
+        secret: &SessionSecret,
+        key: ReuseKey,
+        now: OffsetDateTime,
+        span: Span,
+    ) -> Result<Context, Error> {
         // Read before the store: an end that lands meanwhile keeps this
         // answer out of the reuse map.
         let epoch = self.reuse.epoch();
@@ -895,41 +903,44 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonation.subject = Empty,
             impersonation.session = %id,
         );
-        async {
-            let now = self.now();
-            let key = ReuseKey::Session(id);
-            if reuse && let Some(ctx) = self.reused(&key, now, &span) {
-                return Ok(ctx);
-            }
-            // Read before the store, as for a secret.
-            let epoch = self.reuse.epoch();
-            let touch = Touch {
-                now,
-                coalesce: self.config.touch_interval,
-            };
-            let Some(found) = self.store.session(id).await? else {
-                return Err(Error::Unauthenticated);
-            };
-            // The idle touch goes through the lookup by secret hash (once a
-            // touch interval), which every store writes in one step.
-            let session = if touch.applies_to(&found) {
-                let lookup = SecretLookup {
-                    hash: found.secret_hash,
-                    route: found.chain().route(),
-                };
-                match self.find_touching(lookup, touch).await? {
-                    Some(session) if session.id == id => session,
-                    _ => return Err(Error::Unauthenticated),
-                }
-            } else {
-                found
-            };
-            let ctx = self.judge(session, now, touch, &span).await?;
-            self.reuse
-                .put(key, &ctx, now, epoch, self.config.reuse_interval);
-            Ok(ctx)
+        let now = self.now();
+        let key = ReuseKey::Session(id);
+        if reuse && let Some(ctx) = self.reused(&key, now, &span) {
+            return Ok(ctx);
         }
-        .instrument(span.clone())
+        // Boxed, as for a secret: a reused read builds no store-call future.
+        Box::pin(
+            async {
+                // Read before the store, as for a secret.
+                let epoch = self.reuse.epoch();
+                let touch = Touch {
+                    now,
+                    coalesce: self.config.touch_interval,
+                };
+                let Some(found) = self.store.session(id).await? else {
+                    return Err(Error::Unauthenticated);
+                };
+                // The idle touch goes through the lookup by secret hash (once a
+                // touch interval), which every store writes in one step.
+                let session = if touch.applies_to(&found) {
+                    let lookup = SecretLookup {
+                        hash: found.secret_hash,
+                        route: found.chain().route(),
+                    };
+                    match self.find_touching(lookup, touch).await? {
+                        Some(session) if session.id == id => session,
+                        _ => return Err(Error::Unauthenticated),
+                    }
+                } else {
+                    found
+                };
+                let ctx = self.judge(session, now, touch, &span).await?;
+                self.reuse
+                    .put(key, &ctx, now, epoch, self.config.reuse_interval);
+                Ok(ctx)
+            }
+            .instrument(span.clone()),
+        )
         .await
     }
 
