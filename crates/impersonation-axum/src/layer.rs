@@ -606,10 +606,10 @@ fn banner_fits(res: &Response) -> bool {
 /// `None` when it needs no record here (audited already, by the guard or
 /// by the service for start and stop, or left out by `audit_when`).
 ///
-/// The write runs to its end even if the client goes away meanwhile
-/// (hyper then drops the request's future): a change already made is never
-/// left off the trail, and a batched write this request carries is not cut
-/// short for the requests that share it. See [`run_to_end`].
+/// The write is spawned and awaited, so it runs to its end even if the
+/// client goes away meanwhile (hyper then drops the request's future): a
+/// change already made is never left off the trail, and a batched write
+/// this request carries is not cut short for the requests that share it.
 async fn audit_request(
     shared: &Shared,
     state: &RequestState,
@@ -625,7 +625,7 @@ async fn audit_request(
     let activity = request_activity(method, route, is_change, status);
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
-    let write = run_to_end(async move { api.record_completed(&ctx, activity).await });
+    let write = tokio::spawn(async move { api.record_completed(&ctx, activity).await });
     Some(match write.await {
         Ok(recorded) => recorded.map(drop),
         Err(e) => Err(impersonation_core::Error::Store(
@@ -634,26 +634,6 @@ async fn audit_request(
             )),
         )),
     })
-}
-
-/// Runs `work` to its end whether or not the caller is dropped midway.
-///
-/// It is polled once here, in the caller's task: work that finishes without
-/// waiting (the in-memory store's write) needs no task of its own. Work
-/// that has to wait is spawned as it stands, with no await point between
-/// that first poll and the spawn, and the caller awaits the task; dropping
-/// the caller then leaves the task running.
-async fn run_to_end<T: Send + 'static>(
-    work: impl Future<Output = T> + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    let mut work = Box::pin(work);
-    // Polled through `poll_fn`, which itself is always ready, so this await
-    // never yields: the spawn below follows the first poll directly.
-    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(out) => Ok(out),
-        Poll::Pending => tokio::spawn(work).await,
-    }
 }
 
 /// What a request served under impersonation did: a modification (a
@@ -669,69 +649,4 @@ fn request_activity(method: &Method, route: &str, is_change: bool, status: u16) 
         .detail("method", method)
         .detail("route", route)
         .detail("status", status)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::task::Poll;
-
-    use tokio::sync::oneshot;
-
-    use super::run_to_end;
-
-    /// The caller's task and the one the work ran in (the test's body runs
-    /// in a task, as a request's future does under hyper).
-    async fn tasks_of(
-        work: impl Future<Output = ()> + Send + 'static,
-    ) -> (tokio::task::Id, Option<tokio::task::Id>) {
-        let caller = tokio::spawn(async move {
-            let ran_in = run_to_end(async move {
-                work.await;
-                tokio::task::id()
-            })
-            .await;
-            (tokio::task::id(), ran_in.ok())
-        });
-        caller.await.unwrap()
-    }
-
-    #[tokio::test]
-    async fn work_that_does_not_wait_runs_in_the_callers_task() {
-        let (caller, ran_in) = tasks_of(async {}).await;
-        assert_eq!(ran_in, Some(caller));
-    }
-
-    #[tokio::test]
-    async fn work_that_waits_gets_a_task_of_its_own() {
-        let (caller, ran_in) = tasks_of(tokio::task::yield_now()).await;
-        assert!(ran_in.is_some());
-        assert_ne!(ran_in, Some(caller));
-    }
-
-    #[tokio::test]
-    async fn work_that_waits_ends_even_when_its_caller_is_dropped() {
-        let (go, wait) = oneshot::channel::<()>();
-        let done = Arc::new(AtomicBool::new(false));
-        let finished = Arc::clone(&done);
-        let mut caller = Box::pin(run_to_end(async move {
-            let _ = wait.await;
-            finished.store(true, Ordering::SeqCst);
-        }));
-        // One poll starts the work and leaves it waiting; then the caller
-        // goes, as hyper drops a request's future when its client leaves.
-        let polled = std::future::poll_fn(|cx| Poll::Ready(caller.as_mut().poll(cx))).await;
-        assert!(polled.is_pending());
-        drop(caller);
-        assert!(go.send(()).is_ok());
-        for _ in 0..100 {
-            if done.load(Ordering::SeqCst) {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(done.load(Ordering::SeqCst));
-    }
 }
