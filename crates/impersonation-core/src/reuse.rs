@@ -123,10 +123,32 @@ impl Reuse {
         inner.entries.retain(|_, e| e.context.session() != session);
     }
 
+    /// Forgets `session` when the guard is dropped: after a store call that
+    /// may end it, whether the call answers or its caller is dropped while
+    /// it is in flight (the store may have ended the session all the same).
+    pub(crate) fn forget_on_drop(&self, session: SessionId) -> ForgetOnDrop<'_> {
+        ForgetOnDrop {
+            reuse: self,
+            session,
+        }
+    }
+
     /// How many entries are kept (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().entries.len()
+    }
+}
+
+/// See [`Reuse::forget_on_drop`].
+pub(crate) struct ForgetOnDrop<'a> {
+    reuse: &'a Reuse,
+    session: SessionId,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.reuse.forget(self.session);
     }
 }
 

@@ -777,10 +777,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     ) -> Result<EndReason, Error> {
         let now = self.now();
         let transition = session.end(reason, by, now, details)?;
-        let outcome = self.store.transition(transition).await;
         // Whatever the outcome, this process stops reusing the session: it
-        // has ended, or changed under us.
-        self.reuse.forget(session.id);
+        // has ended, or changed under us. Also if this call is dropped
+        // while the store works on it: the store may have ended it anyway.
+        let forget = self.reuse.forget_on_drop(session.id);
+        let outcome = self.store.transition(transition).await;
+        drop(forget);
         match outcome {
             Ok((ended, _)) => {
                 tracing::info!(reason = reason.code(), session = %ended.id, "impersonation session ended");

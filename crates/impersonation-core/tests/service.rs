@@ -1128,6 +1128,45 @@ async fn a_failed_start_leaves_neither_half() {
     assert_eq!(events[0].action, AuditAction::SessionStarted);
 }
 
+/// A stop whose caller is dropped after the store has ended the session
+/// (its reply lost, the request given up) still stops this process from
+/// reusing the session: the next read is refused, not served from the
+/// reuse map.
+#[tokio::test]
+async fn a_stop_dropped_after_the_store_ended_the_session_is_not_reused() {
+    let f = faulty();
+    let store = f.service.store().clone();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    // A read fills the reuse map.
+    f.service.resolve(&started.secret).await.unwrap();
+
+    store.fail_next_write(When::Hang);
+    let sam = agent("sam");
+    let mut stop = Box::pin(f.service.stop(&started.secret, &sam));
+    let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(stop.as_mut().poll(cx))).await;
+    assert!(polled.is_pending());
+    drop(stop);
+    assert_eq!(store.injected(), 1);
+    let ended = store
+        .inner()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ended.state, SessionState::Ended(EndReason::Stopped)),
+        "{:?}",
+        ended.state
+    );
+
+    let read = f.service.resolve(&started.secret).await;
+    assert!(read.is_err(), "served from the reuse map: {read:?}");
+}
+
 #[tokio::test]
 async fn a_failed_stop_leaves_neither_half() {
     let f = faulty();

@@ -21,6 +21,10 @@ pub enum When {
     /// The inner store completes the call, then the caller gets an error (a
     /// connection lost before the reply arrived).
     After,
+    /// The inner store completes the call, and the caller never hears back
+    /// (a reply lost on a connection with no timeout): the call stays
+    /// pending, for a test to drop its caller after the store has acted.
+    Hang,
     /// No error: the inner store gets the call after a pause of
     /// [`SLOW_CALL`] (a slow network), long enough for a test to give up on
     /// its caller meanwhile.
@@ -131,6 +135,10 @@ impl<S: Store> FaultyStore<S> {
             Some(When::After) => {
                 let _ = call.await;
                 Err(StoreError::unavailable(Fault))
+            }
+            Some(When::Hang) => {
+                let _ = call.await;
+                std::future::pending().await
             }
             Some(When::Slow) => {
                 tokio::time::sleep(SLOW_CALL).await;
