@@ -12,7 +12,9 @@
 //! Cancellation is safe at every await: a caller dropped in the middle of a
 //! call passes its place on (from `Drop`), and the callers whose items that
 //! call was carrying get [`Interrupted`]; a caller dropped after being told
-//! to run passes the place on in turn.
+//! to run passes the place on in turn. The item of a caller dropped while
+//! it waited stays queued, and the next call carries it (a write still
+//! lands); whoever runs a call always carries its own item among them.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -59,9 +61,26 @@ impl<I, O> Lane<I, O> {
         self.running = self.running.saturating_sub(1);
     }
 
-    fn take_batch(&mut self) -> Vec<Waiting<I, O>> {
+    /// The next call's items: the oldest, up to [`MAX_BATCH`], and always
+    /// the item of the caller who runs the call (`own`, if still queued).
+    /// Behind a full batch of items whose callers went away, the runner
+    /// would otherwise carry theirs, give up its place, and wait for an
+    /// answer that no call is bringing.
+    fn take_batch(&mut self, own: &oneshot::Receiver<O>) -> Vec<Waiting<I, O>> {
         let n = self.pending.len().min(MAX_BATCH);
-        self.pending.drain(..n).collect()
+        let beyond = self
+            .pending
+            .iter()
+            .skip(n)
+            .position(|w| w.done.is_connected_to(own));
+        match beyond.and_then(|at| self.pending.remove(n + at)) {
+            Some(mine) => {
+                let mut batch: Vec<_> = self.pending.drain(..n - 1).collect();
+                batch.push(mine);
+                batch
+            }
+            None => self.pending.drain(..n).collect(),
+        }
     }
 }
 
@@ -159,7 +178,7 @@ impl<I, O> Coalescer<I, O> {
             });
             if lane.running < self.limit {
                 lane.running += 1;
-                Some(lane.take_batch())
+                Some(lane.take_batch(&done))
             } else {
                 None
             }
@@ -192,7 +211,7 @@ impl<I, O> Coalescer<I, O> {
                 Woken::Done(Ok(output)) => return Ok(output),
                 Woken::Done(Err(oneshot::Canceled)) => return Err(Interrupted),
                 Woken::Run(Ok(())) => {
-                    let batch = self.lock().take_batch();
+                    let batch = self.lock().take_batch(&caller.done);
                     self.run_batch(batch, &run).await;
                 }
                 // Our item went into a call without us being told to run:
@@ -292,6 +311,47 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 2);
         assert_eq!(c.lock().running, 0);
+    }
+
+    /// A caller told to run carries its own item even behind a full batch
+    /// of items whose callers went away (clients that disconnected while a
+    /// slow call was in flight), and gets its answer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_caller_behind_a_batch_of_cancelled_ones_still_gets_its_answer() {
+        let c = Coalescer::<usize, usize>::new(1);
+        let echo = |items: Vec<usize>| async move { items };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // A call is in flight: everyone queues behind it.
+        c.lock().running = 1;
+        for i in 0..MAX_BATCH {
+            let mut gone = Box::pin(c.submit(i, echo));
+            assert!(gone.as_mut().poll(&mut cx).is_pending());
+        }
+        let mut caller = Box::pin(c.submit(999, echo));
+        assert!(caller.as_mut().poll(&mut cx).is_pending());
+        // The call in flight ends and passes its place on.
+        c.lock().hand_over();
+        let mut answer = Poll::Pending;
+        for _ in 0..3 {
+            answer = caller.as_mut().poll(&mut cx);
+            if answer.is_ready() {
+                break;
+            }
+        }
+        assert_eq!(answer, Poll::Ready(Ok(999)));
+        // Its call carried the oldest of the others' items besides its own;
+        // the one left over waits, as any item whose caller went away, for
+        // the next call, which carries it.
+        assert_eq!(c.lock().pending.len(), 1);
+        assert_eq!(c.lock().running, 0);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let mut next = Box::pin(c.submit(1000, |items: Vec<usize>| {
+            seen.lock().unwrap().extend(items.iter().copied());
+            async move { items }
+        }));
+        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(Ok(1000)));
+        assert_eq!(*seen.lock().unwrap(), [MAX_BATCH - 1, 1000]);
+        assert!(c.lock().pending.is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]
