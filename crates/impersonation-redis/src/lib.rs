@@ -1304,12 +1304,16 @@ impl Store for RedisStore {
                 Some(async move {
                     self.session_in(&Slot::of_route(&self.ns, route), id)
                         .await
-                        .map(|s| (m, s))
+                        .map(|s| (m, id, s))
                 })
             });
-            for (member, session) in try_join_all(lookups).await? {
+            for (member, id, session) in try_join_all(lookups).await? {
                 match session {
                     Some(s) if s.state.is_live() => found.push(s),
+                    // Listed by a start whose script has not run yet: left
+                    // alone, or the session would come to exist unlisted
+                    // (and a revocation of all of its sessions miss it).
+                    None if may_be_starting(id) => {}
                     // Ended, expired or never created: drop the stale entry.
                     _ => {
                         let mut conn = self.conn.clone();
@@ -1444,6 +1448,25 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         Ok(keys.into_iter().map(ChainKey::from_stored).collect())
     }
+}
+
+/// How long after its id was made a session may still be on its way into
+/// the store: a start lists it in the live sets before its script writes
+/// it. Far longer than a start takes; an entry whose start failed in
+/// between is dropped once this has passed (reads skip it meanwhile).
+const START_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether session `id` (a UUID v7, stamped when it was made) may still be
+/// starting. A time ahead of this machine's clock counts as starting.
+fn may_be_starting(id: SessionId) -> bool {
+    let Some(stamp) = id.as_uuid().get_timestamp() else {
+        return false;
+    };
+    let (secs, nanos) = stamp.to_unix();
+    let made = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+    std::time::SystemTime::now()
+        .duration_since(made)
+        .map_or(true, |age| age < START_GRACE)
 }
 
 #[cfg(test)]

@@ -457,3 +457,44 @@ async fn views_written_one_event_per_entry_still_read() {
         "every event once: the earlier entries and the new one"
     );
 }
+
+/// A start lists its session in the live sets before its script writes the
+/// session. A read of the live sessions in between must leave that entry
+/// alone: if it dropped it, the session would come to exist unlisted, and
+/// a revocation of all of the customer's sessions would miss it. An entry
+/// whose session never came, long ago, is dropped.
+#[tokio::test]
+async fn a_session_listed_before_it_exists_stays_listed() {
+    use impersonation_core::{SessionId, UserId};
+
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let set = format!("{ns}:live:subject:olive");
+    let starting = format!("r|{}", SessionId::new());
+    let long_ago = uuid::Builder::from_unix_timestamp_millis(1_600_000_000_000, &[7; 10]);
+    let never_came = format!("r|{}", SessionId::from_uuid(long_ago.into_uuid()));
+    let mut conn = redis::Client::open(common::SINGLE)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SADD")
+        .arg(&set)
+        .arg(&starting)
+        .arg(&never_came)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let filter = LiveFilter {
+        subject: Some(UserId::new("olive").unwrap()),
+        ..LiveFilter::default()
+    };
+    assert!(store.live_sessions(&filter).await.unwrap().is_empty());
+    let left: BTreeSet<String> = redis::cmd("SMEMBERS")
+        .arg(&set)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, BTreeSet::from([starting]));
+}
