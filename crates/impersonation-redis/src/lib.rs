@@ -827,17 +827,20 @@ impl RedisStore {
     }
 
     async fn forget_live(&self, session: &Session, route: &str) -> Result<(), StoreError> {
+        self.run_all(self.live_removals(session, route)).await
+    }
+
+    /// The commands that take `session` out of the live sets.
+    fn live_removals(&self, session: &Session, route: &str) -> Vec<Cmd> {
         let member = format!("{route}|{}", session.id);
-        let cmds = self
-            .live_sets(session)
+        self.live_sets(session)
             .into_iter()
             .map(|k| {
                 let mut c = redis::cmd("SREM");
                 c.arg(k).arg(&member);
                 c
             })
-            .collect();
-        self.run_all(cmds).await
+            .collect()
     }
 
     async fn session_in(&self, slot: &Slot, id: SessionId) -> Result<Option<Session>, StoreError> {
@@ -1108,9 +1111,21 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(Some(event.head()));
                     drop(cached);
+                    // The key that finds the session by id lives as long as
+                    // the session's own (an activation moves its expiry);
+                    // an ended session leaves the live sets. One round trip.
+                    let mut after = Vec::with_capacity(4);
+                    let mut where_to = redis::cmd("SET");
+                    where_to
+                        .arg(where_key(&self.ns, next.id))
+                        .arg(&slot.route)
+                        .arg("PX")
+                        .arg(ttl);
+                    after.push(where_to);
                     if !next.state.is_live() {
-                        self.forget_live(&next, &slot.route).await?;
+                        after.extend(self.live_removals(&next, &slot.route));
                     }
+                    self.run_all(after).await?;
                     self.index_event(&event).await?;
                     return Ok((next, event));
                 }

@@ -485,3 +485,59 @@ async fn session_keys_expire_by_ttl_beside_the_cores_own_check() {
     }
     assert_eq!(timed, 4, "session, secret, live and where keys: {keys:?}");
 }
+
+/// A session started pending consent and activated later lives longer than
+/// its start gave its keys: the key that finds it by id (`where`) is
+/// extended with the others, or `session(id)` (revoke, stop by id, the
+/// policy re-check) would lose it while it is still in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
+    use impersonation_core::{Consent, Policy};
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let retention = time::Duration::minutes(5);
+    let config = RedisConfig::new(&server.url())
+        .unwrap()
+        .namespace(&ns)
+        .unwrap()
+        .retention(retention);
+    let store = RedisStore::connect(config).await.unwrap();
+    let w = World::new();
+    let policy = Policy::default().consent(Consent::Required {
+        timeout: time::Duration::minutes(10),
+    });
+    let (start, _) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    let activated_at = epoch() + time::Duration::minutes(9);
+    let activation = session.activate(Actor::System, activated_at).unwrap();
+    let (active, _) = store.transition(activation).await.unwrap();
+    let expected = (active.expires_at - activated_at + retention).whole_milliseconds() as i64;
+
+    let mut conn = admin(&server).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut timed = 0;
+    for key in keys
+        .iter()
+        .filter(|k| k.contains(":s:") || k.contains(":where:"))
+    {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > expected - 5_000 && ttl <= expected,
+            "{key}: PTTL {ttl}, expected about {expected}"
+        );
+        timed += 1;
+    }
+    assert_eq!(timed, 2, "session and where keys: {keys:?}");
+    assert_eq!(store.session(active.id).await.unwrap(), Some(active));
+}
