@@ -1385,19 +1385,23 @@ impl Store for RedisStore {
         );
         let mut page = impersonation_core::views::PageReader::new(query);
         let batch = page.batch();
-        let mut offset = 0;
+        let mut resume = Resume::default();
         loop {
+            let (low, high) = resume.bounds(query.order, &low, &high);
             let mut cmd = redis::cmd("ZRANGE");
             cmd.arg(&index);
             match query.order {
                 Order::Oldest => cmd.arg(&low).arg(&high).arg("BYSCORE"),
                 Order::Newest => cmd.arg(&high).arg(&low).arg("BYSCORE").arg("REV"),
             };
-            cmd.arg("LIMIT").arg(offset).arg(batch).arg("WITHSCORES");
+            cmd.arg("LIMIT")
+                .arg(resume.skip)
+                .arg(batch)
+                .arg("WITHSCORES");
             let mut conn = self.conn.clone();
             let entries: Vec<(String, f64)> =
                 cmd.query_async(&mut conn).await.map_err(unavailable)?;
-            offset += entries.len();
+            resume.advance(&entries);
             let fetched = try_join_all(entries.iter().map(|(m, _)| self.fetch_run(m))).await?;
             // Scores are whole microseconds, written as integers.
             let last = entries
@@ -1465,6 +1469,51 @@ impl Store for RedisStore {
     }
 }
 
+/// Where the next batch of a view's entries starts: at the score of the
+/// last entry read, past the entries already read at that score. Not at an
+/// offset from the start: view entries come and go while a page is read
+/// (an append refused by its guard takes back the entries written beside
+/// its script), and an entry gone from before an offset would move an
+/// unread one into the part already passed.
+#[derive(Debug, Default, PartialEq)]
+struct Resume {
+    /// The last score read (whole microseconds), once a batch was read.
+    score: Option<i64>,
+    /// How many entries at `score` were read; skipped by the next batch.
+    skip: usize,
+}
+
+impl Resume {
+    /// The next batch's score bounds, from the query's `(low, high)`.
+    fn bounds(&self, order: Order, low: &str, high: &str) -> (String, String) {
+        match (self.score, order) {
+            (None, _) => (low.to_owned(), high.to_owned()),
+            (Some(score), Order::Oldest) => (score.to_string(), high.to_owned()),
+            (Some(score), Order::Newest) => (low.to_owned(), score.to_string()),
+        }
+    }
+
+    /// Moves past `entries`, just read in the query's order.
+    fn advance(&mut self, entries: &[(String, f64)]) {
+        let Some(&(_, last)) = entries.last() else {
+            return;
+        };
+        // Scores are whole microseconds, written as integers.
+        let last = last as i64;
+        let at_last = entries
+            .iter()
+            .rev()
+            .take_while(|e| e.1 as i64 == last)
+            .count();
+        self.skip = if self.score == Some(last) && at_last == entries.len() {
+            self.skip + at_last
+        } else {
+            at_last
+        };
+        self.score = Some(last);
+    }
+}
+
 /// How long after its id was made a session may still be on its way into
 /// the store: a start lists it in the live sets before its script writes
 /// it. Far longer than a start takes; an entry whose start failed in
@@ -1486,7 +1535,77 @@ fn may_be_starting(id: SessionId) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::RedisConfig;
+    use super::{Order, RedisConfig, Resume};
+
+    fn entries(scores: &[i64]) -> Vec<(String, f64)> {
+        scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (format!("m{i}"), s as f64))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_resumes_at_the_last_score_past_what_was_read_there() {
+        let mut r = Resume::default();
+        assert_eq!(
+            r.bounds(Order::Oldest, "-inf", "+inf"),
+            ("-inf".into(), "+inf".into())
+        );
+        r.advance(&entries(&[10, 20, 30, 30]));
+        assert_eq!(
+            r,
+            Resume {
+                score: Some(30),
+                skip: 2
+            }
+        );
+        assert_eq!(
+            r.bounds(Order::Oldest, "5", "+inf"),
+            ("30".into(), "+inf".into())
+        );
+        assert_eq!(
+            r.bounds(Order::Newest, "5", "+inf"),
+            ("5".into(), "30".into())
+        );
+        // A batch all at the same score adds to the entries to skip there.
+        r.advance(&entries(&[30, 30]));
+        assert_eq!(
+            r,
+            Resume {
+                score: Some(30),
+                skip: 4
+            }
+        );
+        // A new score starts the count again.
+        r.advance(&entries(&[30, 40]));
+        assert_eq!(
+            r,
+            Resume {
+                score: Some(40),
+                skip: 1
+            }
+        );
+        // Newest first: scores fall; the same rule.
+        let mut r = Resume::default();
+        r.advance(&entries(&[90, 80, 80]));
+        assert_eq!(
+            r,
+            Resume {
+                score: Some(80),
+                skip: 2
+            }
+        );
+        // Nothing read: nothing moves.
+        r.advance(&[]);
+        assert_eq!(
+            r,
+            Resume {
+                score: Some(80),
+                skip: 2
+            }
+        );
+    }
 
     #[test]
     fn neither_debug_output_nor_errors_show_a_password() {
