@@ -758,6 +758,19 @@ impl RedisStore {
             );
             let mut views = view_commands(&stale, "ZREM");
             views.extend(view_commands(&entries, "ZADD"));
+            // A chain's first event: the chain is listed before the script
+            // writes it, as a start lists its own, so that no failure after
+            // the script (a view write, the process) leaves a chain that
+            // nothing lists and `verify_all` never checks.
+            if sealed.first().is_some_and(|(_, e, _)| e.seq == 0) {
+                let mut known = redis::cmd("ZADD");
+                known
+                    .arg(chains(&self.ns))
+                    .arg("NX")
+                    .arg(0)
+                    .arg(chain.as_str());
+                self.run_all(vec![known]).await?;
+            }
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
             let reply = reply?;
@@ -772,15 +785,6 @@ impl RedisStore {
                     *cached = Some(next);
                     drop(cached);
                     indexed?;
-                    if sealed.first().is_some_and(|(_, e, _)| e.seq == 0) {
-                        let mut known = redis::cmd("ZADD");
-                        known
-                            .arg(chains(&self.ns))
-                            .arg("NX")
-                            .arg(0)
-                            .arg(chain.as_str());
-                        self.run_all(vec![known]).await?;
-                    }
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
                     return Ok(done);
                 }
@@ -864,8 +868,9 @@ impl RedisStore {
     }
 
     /// Rebuilds the derived views (audit indexes, chain list) from the chains
-    /// themselves, after a crash between a script and its index writes.
-    /// Scans every chain listed or found by `SCAN` on a single server.
+    /// themselves, after a crash between a script and its index writes:
+    /// every event of each chain in `chains_to_scan` is put back in its
+    /// views, and the chain in the chain list. Returns the events indexed.
     pub async fn rebuild_indexes(&self, chains_to_scan: &[ChainKey]) -> Result<u64, StoreError> {
         let mut indexed = 0;
         for chain in chains_to_scan {
