@@ -23,6 +23,9 @@ pub enum ErrorCode {
     UnsupportedGrantType,
     /// The requested audience or resource is not one the client may ask for.
     InvalidTarget,
+    /// The requested `scope` is malformed, or exceeds what the agent may
+    /// grant.
+    InvalidScope,
     /// The server cannot serve the request now (store or provider outage).
     TemporarilyUnavailable,
 }
@@ -37,6 +40,7 @@ impl ErrorCode {
             Self::UnauthorizedClient => "unauthorized_client",
             Self::UnsupportedGrantType => "unsupported_grant_type",
             Self::InvalidTarget => "invalid_target",
+            Self::InvalidScope => "invalid_scope",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
         }
     }

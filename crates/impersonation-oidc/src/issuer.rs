@@ -212,6 +212,7 @@ fn denial_error(denial: &Denial) -> OAuthError {
         | Denial::ReasonInvalidCharacters
         | Denial::TicketRequired
         | Denial::TicketInvalid => ErrorCode::InvalidRequest,
+        Denial::ScopeExceedsAgent => ErrorCode::InvalidScope,
         _ => ErrorCode::InvalidGrant,
     };
     oauth(code, format!("denied: {} ({denial})", denial.code()))
@@ -418,6 +419,12 @@ impl Issuer {
         let mut start =
             StartRequest::new(target.clone(), request.reason.clone().unwrap_or_default());
         start.ticket = request.ticket.clone();
+        // A scope narrows the session to those permissions (the policy
+        // refuses one beyond the agent's), so the `scope` the token carries
+        // is what the session grants, never only what the client asked.
+        if let Some(scope) = request.scope.as_deref() {
+            start = start.scope(scope_tokens(scope)?);
+        }
         let started = self
             .api
             .start(Requester::User(&agent), start)
@@ -525,6 +532,25 @@ impl Issuer {
         )
         .map(|t| t.to_string())
         .map_err(|e| oauth(ErrorCode::TemporarilyUnavailable, format!("signing: {e}")))
+    }
+}
+
+/// The permissions a `scope` names (RFC 6749 §3.3: scope tokens of
+/// printable ASCII other than `"` and `\`, separated by single spaces).
+fn scope_tokens(scope: &str) -> Result<Vec<&str>, OAuthError> {
+    let tokens: Vec<&str> = scope.split(' ').collect();
+    let well_formed = tokens.iter().all(|t| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
+    if well_formed {
+        Ok(tokens)
+    } else {
+        Err(oauth(
+            ErrorCode::InvalidScope,
+            "scope: expected permissions separated by single spaces",
+        ))
     }
 }
 

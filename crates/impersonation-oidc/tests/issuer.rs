@@ -155,3 +155,78 @@ async fn discovery_names_the_endpoints_and_the_one_algorithm() {
         .unwrap();
     assert_eq!(answer.status(), 400);
 }
+
+/// A `scope` narrows the session to those permissions, and the token and
+/// the response say what was granted. A scope beyond the agent's
+/// permissions, or not a scope at all, is `invalid_scope`, and starts
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_narrows_the_session_and_is_checked() {
+    let (op, provider) = forged_provider();
+    let directory = directory();
+    directory.insert(agent("sam").with_permission("bookings:write"));
+    directory.insert(customer("olive").with_permission("bookings:write"));
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service.clone(),
+    );
+    let basic = {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{CLIENT_SECRET}"))
+        )
+    };
+    let actor = op.op_token("sam", |_, _| {});
+    let with_scope = |scope: &'static str| {
+        let mut params = form(&actor, "olive");
+        params.push(("scope", scope));
+        params
+            .into_iter()
+            .fold(
+                form_urlencoded::Serializer::new(String::new()),
+                |mut f, (k, v)| {
+                    f.append_pair(k, v);
+                    f
+                },
+            )
+            .finish()
+    };
+
+    for refused in ["billing:manage", "bookings:read  bookings:write", "a\"b"] {
+        let answer = issuer
+            .exchange(Some(&basic), with_scope(refused).as_bytes())
+            .await;
+        assert_eq!(answer.status, 400, "{refused:?}: {}", answer.body);
+        let error: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(error["error"], "invalid_scope", "{refused:?}: {error}");
+    }
+
+    let answer = issuer
+        .exchange(Some(&basic), with_scope("bookings:read").as_bytes())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(issued["scope"], "bookings:read");
+    let token = issued["access_token"].as_str().unwrap();
+    let (_, claims) = decode(token);
+    assert_eq!(claims["scope"], "bookings:read");
+    let ctx = issuer.verifier(API).authorize(token).await.unwrap();
+    let granted: Vec<&str> = ctx
+        .shadow()
+        .permissions()
+        .iter()
+        .map(|p| p.as_str())
+        .collect();
+    assert_eq!(
+        granted,
+        ["bookings:read"],
+        "without the scope: bookings:write too"
+    );
+}
