@@ -723,9 +723,23 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 ..LiveFilter::default()
             })
             .await?;
+        // A session of the agent's whose time is up (expired, or idle too
+        // long) but that no request came along to end is ended now, with
+        // its own audit event, instead of blocking this start as if it
+        // were live: the agent may have lost its secret (another browser,
+        // an expired token) and could not end it otherwise.
+        let mut still_live = None;
+        for session in &live {
+            match session.lapse_at(now) {
+                Some(lapse) => {
+                    Box::pin(self.end(session, lapse, Actor::System, Details::new())).await?;
+                }
+                None => still_live = still_live.or(Some(session.id)),
+            }
+        }
         let context = PolicyContext {
             impersonating: false,
-            live_session: live.first().map(|s| s.id),
+            live_session: still_live,
         };
         let grant = match self.policy.authorize(agent, &target, &request, context) {
             Ok(grant) => grant,

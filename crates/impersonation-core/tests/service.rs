@@ -1128,6 +1128,56 @@ async fn a_failed_start_leaves_neither_half() {
     assert_eq!(events[0].action, AuditAction::SessionStarted);
 }
 
+/// A session whose time is up, with no request since to end it, does not
+/// keep its agent from starting another (the agent may have lost its
+/// secret): the start ends it first, audited as expired or idle.
+#[tokio::test]
+async fn a_lapsed_session_nobody_ended_does_not_block_the_next_start() {
+    let f = fixture();
+    let sam = agent("sam");
+    let first = f
+        .service
+        .start(Requester::User(&sam), req("olive"))
+        .await
+        .unwrap();
+    // Still live: a second start is refused.
+    let refused = f.service.start(Requester::User(&sam), req("oscar")).await;
+    assert!(
+        matches!(refused, Err(Error::Denied(Denial::ActiveSessionExists))),
+        "{refused:?}"
+    );
+
+    f.clock.advance(Duration::hours(3));
+    let second = f
+        .service
+        .start(Requester::User(&sam), req("oscar"))
+        .await
+        .unwrap();
+    assert_ne!(second.session.id, first.session.id);
+    let old = f
+        .service
+        .store()
+        .session(first.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            old.state,
+            SessionState::Ended(EndReason::Expired | EndReason::IdleTimeout)
+        ),
+        "{:?}",
+        old.state
+    );
+    let ends: Vec<AuditAction> = session_events(&f, first.session.id)
+        .await
+        .into_iter()
+        .map(|e| e.action)
+        .filter(|a| *a == AuditAction::SessionEnded)
+        .collect();
+    assert_eq!(ends.len(), 1);
+}
+
 /// A stop whose caller is dropped after the store has ended the session
 /// (its reply lost, the request given up) still stops this process from
 /// reusing the session: the next read is refused, not served from the

@@ -221,6 +221,17 @@ const IDLE: Duration = Duration::minutes(15);
 const MAX: Duration = Duration::hours(1);
 const CONSENT_WINDOW: Duration = Duration::minutes(10);
 
+/// Why the model's session has lapsed at `now`, if it has: the rules a
+/// resolve applies (`Session::lapse_at`).
+fn lapse_of(m: &ModelSession, now: OffsetDateTime) -> Option<EndReason> {
+    match m.state {
+        SessionState::Ended(_) => None,
+        _ if now >= m.expires_at => Some(EndReason::Expired),
+        SessionState::Active if now >= m.last_seen + IDLE => Some(EndReason::IdleTimeout),
+        _ => None,
+    }
+}
+
 fn fail(msg: String) -> TestCaseError {
     TestCaseError::fail(msg)
 }
@@ -435,6 +446,12 @@ impl<S: Store> Case<S> {
                     "nested start was not refused as nesting: {other:?}"
                 ))),
             };
+        }
+        // The service ends a session of the agent's whose time is up before
+        // it decides (expired, or idle too long), as a resolve would.
+        let now = self.now();
+        if let Some(lapse) = self.latest.get(&agent).and_then(|(m, _)| lapse_of(m, now)) {
+            self.end_model(agent, lapse);
         }
         let principal = self.agent(agent);
         let target_principal = self.target(agent, target);
