@@ -119,6 +119,15 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     if iat > now_s + LEEWAY.whole_seconds() {
         return Err(TokenError::Claims("issued in the future".into()));
     }
+    // `nbf` (RFC 7519 §4.1.5), which the OpenID crate does not read, on
+    // every token: the signature is verified, so the payload may be read.
+    let not_before: NotBefore = decode_part(token.split('.').nth(1).unwrap_or_default())?;
+    if not_before
+        .nbf
+        .is_some_and(|nbf| nbf > (now_s + LEEWAY.whole_seconds()) as f64)
+    {
+        return Err(TokenError::Claims("not valid yet (nbf)".into()));
+    }
     if exp.saturating_sub(iat) > expect.max_lifetime.whole_seconds() {
         return Err(TokenError::Claims(format!(
             "lifetime of {} s exceeds the {} s allowed",
@@ -127,6 +136,13 @@ pub(crate) fn verify<AC: AdditionalClaims>(
         )));
     }
     Ok(claims)
+}
+
+/// A verified payload's `nbf` (a NumericDate, which may have a fraction).
+#[derive(Debug, serde::Deserialize)]
+struct NotBefore {
+    #[serde(default)]
+    nbf: Option<f64>,
 }
 
 /// The parts of a JOSE header this crate reads before verification.

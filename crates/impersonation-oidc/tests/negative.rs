@@ -116,6 +116,10 @@ async fn hostile_actor_tokens_are_invalid_grants() {
             }),
         ),
         (
+            "not valid for another ten minutes (nbf)",
+            signed(&|_, p| p["nbf"] = json!(now + 600)),
+        ),
+        (
             "for another audience",
             signed(&|_, p| p["aud"] = json!("https://other.test/")),
         ),
