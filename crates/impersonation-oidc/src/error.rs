@@ -74,11 +74,22 @@ pub struct OAuthError {
 }
 
 impl OAuthError {
-    /// An error with a description.
+    /// An error with a description. A description may quote what the
+    /// client sent, so any character RFC 6749 §5.2 does not allow in one
+    /// (outside printable ASCII, `"` and `\\`) becomes `?`: no line break
+    /// or control character reaches the response or a log line.
     pub fn new(error: ErrorCode, description: impl Into<String>) -> Self {
+        let mut error_description = description.into();
+        let allowed = |c: char| matches!(c, ' '..='~') && c != '"' && c != '\\';
+        if !error_description.chars().all(allowed) {
+            error_description = error_description
+                .chars()
+                .map(|c| if allowed(c) { c } else { '?' })
+                .collect();
+        }
         Self {
             error,
-            error_description: description.into(),
+            error_description,
         }
     }
 
@@ -141,4 +152,29 @@ pub enum OidcError {
     /// The provider's token could not be verified (the client part).
     #[error("the provider's token did not verify: {0}")]
     Token(TokenError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorCode, OAuthError};
+
+    #[test]
+    fn a_description_carries_no_line_break_quote_or_control_character() {
+        let e = OAuthError::new(
+            ErrorCode::InvalidRequest,
+            "subject_token_type: x\n2025-01-01T00:00:00Z INFO token issued\r\u{7}\"q\" \\ é",
+        );
+        assert_eq!(
+            e.error_description,
+            "subject_token_type: x?2025-01-01T00:00:00Z INFO token issued???q? ? ?"
+        );
+        let plain = OAuthError::new(
+            ErrorCode::InvalidGrant,
+            "denied: protected_role (the target is protected)",
+        );
+        assert_eq!(
+            plain.error_description,
+            "denied: protected_role (the target is protected)"
+        );
+    }
 }

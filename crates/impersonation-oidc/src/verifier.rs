@@ -231,7 +231,9 @@ impl TokenVerifier {
             return None;
         }
         Some(self.authorize_with(token, reuse).await.map_err(|e| {
-            tracing::info!(error = %e, "impersonation token refused");
+            // Debug, not Display: the error may quote the token's own
+            // claims, and Debug escapes any line break in them.
+            tracing::info!(error = ?e, "impersonation token refused");
             match e {
                 TokenError::Unavailable(cause) => {
                     Error::Store(StoreError::unavailable_because(cause))
