@@ -237,6 +237,16 @@ impl RouteName {
     }
 }
 
+/// Whether `res` already sets the cookie `name`.
+fn sets_cookie(res: &Response, name: &str) -> bool {
+    res.headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split_once('='))
+        .any(|(set, _)| set.trim() == name)
+}
+
 fn set_cookie(res: &mut Response, cookie: &Cookie<'static>) {
     if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
         res.headers_mut().append(header::SET_COOKIE, value);
@@ -551,7 +561,10 @@ where
                     &settings.cookie(settings.csrf_cookie(), csrf.to_string(), false),
                 );
             }
-            if clear_secret {
+            // A dead secret cookie is cleared, unless the response sets a
+            // new one (a start posted over it): cookies apply in order, and
+            // a removal after the new secret would wipe it.
+            if clear_secret && !sets_cookie(&res, settings.secret_cookie()) {
                 set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
             }
             Ok(res)

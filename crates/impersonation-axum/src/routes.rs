@@ -84,6 +84,16 @@ impl std::fmt::Debug for StopForm {
     }
 }
 
+/// `res`, marked `Cache-Control: no-store` (as every answer of these
+/// routes is; the layer marks only responses under impersonation).
+fn no_store(mut res: Response) -> Response {
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
 fn text(status: StatusCode, body: String) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
 }
@@ -166,7 +176,9 @@ async fn start(req: Request) -> Response {
                 Some(path) if e.http_status() < 500 => {
                     let path = local(Some(path));
                     let joiner = if path.contains('?') { '&' } else { '?' };
-                    Redirect::to(&format!("{path}{joiner}denied={}", e.code())).into_response()
+                    no_store(
+                        Redirect::to(&format!("{path}{joiner}denied={}", e.code())).into_response(),
+                    )
                 }
                 _ => error(&e),
             };
@@ -179,7 +191,7 @@ async fn start(req: Request) -> Response {
     );
     let max_age = started.session.expires_at - shared.api.now();
     cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
-    let mut res = Redirect::to(&local(form.return_to.as_deref())).into_response();
+    let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
         res.headers_mut().append(header::SET_COOKIE, value);
     }

@@ -589,6 +589,31 @@ async fn api_clients_with_a_bearer_token_get_no_csrf_cookie() {
     assert!(reply.headers.get(header::SET_COOKIE).is_some());
 }
 
+/// A start posted with the cookie of a session that has since ended (a
+/// form left open in another tab) keeps the new secret: the dead cookie's
+/// removal must not come after the new one and wipe it, leaving a live
+/// session nobody holds. The redirect carries `no-store`.
+#[tokio::test]
+async fn a_start_over_a_dead_session_cookie_keeps_the_new_secret() {
+    let f = fixture();
+    let other = Impersonation::new(Arc::clone(&f.store), f.svc.directory().clone())
+        .with_clock(f.clock.clone());
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let old = sam.secret().unwrap();
+    let secret = impersonation_core::SessionSecret::parse(&old).unwrap();
+    other.stop(&secret, &agent("sam")).await.unwrap();
+
+    let started = sam.start("olive").await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+    assert_eq!(started.headers[header::CACHE_CONTROL], "no-store");
+    let new = sam.secret();
+    assert!(new.is_some(), "the new secret was wiped");
+    assert_ne!(new, Some(old));
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+}
+
 #[tokio::test]
 async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() {
     let f = fixture();
