@@ -8,8 +8,8 @@ use time::{Duration, OffsetDateTime};
 use tracing::{Instrument, Span, field::Empty};
 
 use crate::audit::{
-    Actor, AuditAction, AuditDraft, AuditEvent, ChainBreak, ChainKey, ChainReport, ChainVerifier,
-    Details,
+    Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainKey, ChainReport,
+    ChainVerifier, Details,
 };
 use crate::batch::{Coalescer, Interrupted};
 use crate::clock::{Clock, SystemClock, normalize};
@@ -1411,21 +1411,49 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         &self,
         chain: &ChainKey,
     ) -> Result<Result<ChainReport, ChainBreak>, Error> {
-        let head = self.store.chain_head(chain).await?;
+        let first = self.store.chain_head(chain).await?;
         let mut verifier = ChainVerifier::new(chain.clone());
-        let mut from = 0;
+        // The hash found at the first head's position, and how many events
+        // were read in all.
+        let mut at_first = None;
+        let mut read = 0_u64;
         loop {
-            let page = self.store.chain_events(chain, from, VERIFY_PAGE).await?;
+            let page = self.store.chain_events(chain, read, VERIFY_PAGE).await?;
             for event in &page {
                 if let Err(b) = verifier.push(event) {
                     return Ok(Err(b));
                 }
+                if first.is_some_and(|h| h.seq == event.seq) {
+                    at_first = Some(event.hash);
+                }
             }
+            read += page.len() as u64;
             if page.len() < VERIFY_PAGE as usize {
                 break;
             }
-            from += page.len() as u64;
         }
+        // Events past the first head were appended while the chain was
+        // read (an agent at work), or written without moving the head. The
+        // first head must match what was read at its position, and the
+        // head read again must cover them: exactly, and it is compared as
+        // usual; past them, more was appended since, and the chain is
+        // verified as far as read; short of them, they are past any head.
+        let head = match first {
+            Some(h) if read > h.seq + 1 => {
+                if at_first != Some(h.hash) {
+                    return Ok(Err(ChainBreak {
+                        chain: chain.clone(),
+                        position: h.seq,
+                        kind: BreakKind::HeadMismatch,
+                    }));
+                }
+                match self.store.chain_head(chain).await? {
+                    Some(now) if now.seq + 1 > read => None,
+                    now => now.or(first),
+                }
+            }
+            other => other,
+        };
         Ok(verifier.finish(head))
     }
 

@@ -1400,3 +1400,146 @@ async fn resolving_by_id_ends_an_idle_session_with_its_event() {
         (AuditAction::SessionEnded, Some("idle_timeout"))
     );
 }
+
+/// A store whose `chain_head` is followed at once by one more event on
+/// that chain (an agent at work while the chain is being verified), or,
+/// `stale`, whose head stays at the chain's first event (events written
+/// past it without moving it).
+struct BusyChain(MemoryStore, bool);
+
+#[async_trait]
+impl Store for BusyChain {
+    async fn start(
+        &self,
+        s: impersonation_core::Start,
+    ) -> Result<impersonation_core::StartOutcome, impersonation_core::StoreError> {
+        self.0.start(s).await
+    }
+    async fn transition(
+        &self,
+        t: impersonation_core::Transition,
+    ) -> Result<(impersonation_core::Session, AuditEvent), impersonation_core::StoreError> {
+        self.0.transition(t).await
+    }
+    async fn append(
+        &self,
+        e: impersonation_core::AuditDraft,
+        g: impersonation_core::AppendGuard,
+    ) -> Result<AuditEvent, impersonation_core::StoreError> {
+        self.0.append(e, g).await
+    }
+    async fn find_by_secret(
+        &self,
+        l: &impersonation_core::SecretLookup,
+        t: Option<impersonation_core::Touch>,
+    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        self.0.find_by_secret(l, t).await
+    }
+    async fn session(
+        &self,
+        id: impersonation_core::SessionId,
+    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        self.0.session(id).await
+    }
+    async fn live_sessions(
+        &self,
+        f: &impersonation_core::LiveFilter,
+    ) -> Result<Vec<impersonation_core::Session>, impersonation_core::StoreError> {
+        self.0.live_sessions(f).await
+    }
+    async fn record_check(
+        &self,
+        id: impersonation_core::SessionId,
+        v: u64,
+        at: time::OffsetDateTime,
+        s: &impersonation_core::ShadowUser,
+    ) -> Result<(), impersonation_core::StoreError> {
+        self.0.record_check(id, v, at, s).await
+    }
+    async fn audit(
+        &self,
+        q: &AuditQuery,
+    ) -> Result<impersonation_core::AuditPage, impersonation_core::StoreError> {
+        self.0.audit(q).await
+    }
+    async fn chain_events(
+        &self,
+        c: &impersonation_core::ChainKey,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, impersonation_core::StoreError> {
+        self.0.chain_events(c, from, limit).await
+    }
+    async fn chain_head(
+        &self,
+        c: &impersonation_core::ChainKey,
+    ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
+        let head = self.0.chain_head(c).await?;
+        if self.1 {
+            return Ok(self
+                .0
+                .chain_events(c, 0, 1)
+                .await?
+                .first()
+                .map(AuditEvent::head));
+        }
+        let draft = impersonation_core::AuditDraft::new(
+            epoch(),
+            AuditAction::Access,
+            impersonation_core::Actor::System,
+            c.clone(),
+        );
+        self.0
+            .append(draft, impersonation_core::AppendGuard::None)
+            .await?;
+        Ok(head)
+    }
+    async fn chains(
+        &self,
+        after: Option<&impersonation_core::ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<impersonation_core::ChainKey>, impersonation_core::StoreError> {
+        self.0.chains(after, limit).await
+    }
+}
+
+/// A chain written to while it is verified is verified as of its head
+/// when the check began: the events appended meanwhile are left for the
+/// next check, not taken for a head that disagrees (a chain reported
+/// broken while nothing was changed).
+#[tokio::test]
+async fn a_chain_written_to_while_it_is_verified_still_verifies() {
+    let f = fixture_with(
+        BusyChain(MemoryStore::new(), false),
+        Policy::default(),
+        Config::default(),
+    );
+    f.service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let chain = impersonation_core::ChainKey::for_agent(&id("sam"));
+    let report = f.service.verify_chain(&chain).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    // The next check covers what was appended during the first.
+    let again = f.service.verify_chain(&chain).await.unwrap().unwrap();
+    assert!(again.events >= 2, "{again:?}");
+
+    // Events past a head that never moves are still a mismatch.
+    let f = fixture_with(
+        BusyChain(MemoryStore::new(), true),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    let broken = f.service.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!(broken.kind, impersonation_core::BreakKind::HeadMismatch);
+}
