@@ -1070,14 +1070,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             return Err(Error::Unauthenticated);
         };
         record_session(&Span::current(), &session);
-        if let SessionState::Ended(reason) = session.state {
-            return Err(Error::Ended(reason));
-        }
+        // Who asks before how it stands: a stranger's attempt is audited,
+        // and learns nothing of how the session ended.
         if by.id != session.agent.id {
             let draft = session.draft(self.now(), AuditAction::Denied, actor_of(by));
             return Err(self
                 .audit_denial(draft, Denial::NotSessionAgent, "stop")
                 .await?);
+        }
+        if let SessionState::Ended(reason) = session.state {
+            return Err(Error::Ended(reason));
         }
         let reason = self
             .end(&session, EndReason::Stopped, actor_of(by), Details::new())
@@ -1099,14 +1101,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let Some(found) = self.store.session(session).await? else {
             return Err(Error::UnknownSession);
         };
-        if let SessionState::Ended(reason) = found.state {
-            return Err(Error::Ended(reason));
-        }
+        // Who asks before how it stands, as for a stop.
         if by.id != found.agent.id && !self.policy.is_admin(by) {
             let draft = found.draft(self.now(), AuditAction::Denied, actor_of(by));
             return Err(self
                 .audit_denial(draft, Denial::NotSessionAgent, "revoke")
                 .await?);
+        }
+        if let SessionState::Ended(reason) = found.state {
+            return Err(Error::Ended(reason));
         }
         let mut details = Details::new();
         if !note.trim().is_empty() {

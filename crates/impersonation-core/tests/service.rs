@@ -1543,3 +1543,42 @@ async fn a_chain_written_to_while_it_is_verified_still_verifies() {
     let broken = f.service.verify_chain(&chain).await.unwrap().unwrap_err();
     assert_eq!(broken.kind, impersonation_core::BreakKind::HeadMismatch);
 }
+
+/// Someone who may not stop or revoke a session is refused as such, and
+/// audited, even once it has ended: the answer does not tell a stranger
+/// how it ended.
+#[tokio::test]
+async fn a_stranger_is_refused_even_on_an_ended_session_and_audited() {
+    let f = fixture();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    let before = denied(&f, "not_session_agent").await;
+
+    let revoke = f
+        .service
+        .revoke(started.session.id, &agent("kim"), "")
+        .await;
+    assert!(
+        matches!(revoke, Err(Error::Denied(Denial::NotSessionAgent))),
+        "{revoke:?}"
+    );
+    let stop = f.service.stop(&started.secret, &agent("kim")).await;
+    assert!(
+        matches!(stop, Err(Error::Denied(Denial::NotSessionAgent))),
+        "{stop:?}"
+    );
+    assert_eq!(denied(&f, "not_session_agent").await, before + 2);
+    // The agent themself still hears how it ended.
+    let again = f.service.stop(&started.secret, &agent("sam")).await;
+    assert!(
+        matches!(again, Err(Error::Ended(EndReason::Stopped))),
+        "{again:?}"
+    );
+}
