@@ -461,6 +461,10 @@ fn denial_details(denial: &Denial, attempt: &str) -> Details {
 /// Page size used when streaming a chain for verification.
 const VERIFY_PAGE: u32 = 500;
 
+/// How many times a revoke-all reads again a session that keeps changing
+/// under it before it moves on (reporting the conflict).
+const CHANGED_RETRIES: usize = 3;
+
 /// Ties the policy, projection, store, directory and clock together.
 ///
 /// ```
@@ -1131,20 +1135,51 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             Initiator::User(p) => actor_of(p),
         };
         let mut revoked = Vec::new();
-        for session in self.store.live_sessions(&filter).await? {
-            let mut details = Details::new().with("cause", cause);
-            if !note.trim().is_empty() {
-                details.insert("note", note.trim());
-            }
-            if self
-                .end(&session, EndReason::Revoked, actor.clone(), details)
-                .await?
-                == EndReason::Revoked
-            {
-                revoked.push(session.id);
+        // A failure on one session does not stop the others; the first is
+        // returned once every session has been tried.
+        let mut failed = None;
+        for listed in self.store.live_sessions(&filter).await? {
+            let mut session = listed;
+            // A session that changed since it was listed (a consent came
+            // in) is read again and ended as it now stands.
+            for attempt in 1..=CHANGED_RETRIES {
+                let mut details = Details::new().with("cause", cause);
+                if !note.trim().is_empty() {
+                    details.insert("note", note.trim());
+                }
+                match self
+                    .end(&session, EndReason::Revoked, actor.clone(), details)
+                    .await
+                {
+                    Ok(EndReason::Revoked) => revoked.push(session.id),
+                    // Ended otherwise meanwhile.
+                    Ok(_) => {}
+                    Err(Error::Store(StoreError::Conflict(id))) => {
+                        match self.store.session(id).await {
+                            Ok(Some(now)) if now.state.is_live() && attempt < CHANGED_RETRIES => {
+                                session = now;
+                                continue;
+                            }
+                            Ok(Some(now)) if now.state.is_live() => {
+                                failed.get_or_insert(Error::Store(StoreError::Conflict(id)));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                failed.get_or_insert(e.into());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+                break;
             }
         }
-        Ok(revoked)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(revoked),
+        }
     }
 
     /// Revokes every live session of an agent (disabled or demoted). The

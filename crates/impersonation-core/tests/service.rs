@@ -1404,8 +1404,20 @@ async fn resolving_by_id_ends_an_idle_session_with_its_event() {
 /// A store whose `chain_head` is followed at once by one more event on
 /// that chain (an agent at work while the chain is being verified), or,
 /// `stale`, whose head stays at the chain's first event (events written
-/// past it without moving it).
-struct BusyChain(MemoryStore, bool);
+/// past it without moving it). With `consent_race` set, the first
+/// transition finds its (pending) session activated a moment before, as
+/// if the customer had just consented.
+struct BusyChain(MemoryStore, bool, std::sync::atomic::AtomicBool);
+
+impl BusyChain {
+    fn new(stale: bool) -> Self {
+        Self(MemoryStore::new(), stale, false.into())
+    }
+
+    fn consent_race() -> Self {
+        Self(MemoryStore::new(), false, true.into())
+    }
+}
 
 #[async_trait]
 impl Store for BusyChain {
@@ -1419,6 +1431,15 @@ impl Store for BusyChain {
         &self,
         t: impersonation_core::Transition,
     ) -> Result<(impersonation_core::Session, AuditEvent), impersonation_core::StoreError> {
+        if self.2.swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Some(pending) = self.0.session(t.next().id).await?
+            && pending.state == SessionState::Pending
+        {
+            let consent = pending
+                .activate(impersonation_core::Actor::System, epoch())
+                .unwrap();
+            self.0.transition(consent).await?;
+        }
         self.0.transition(t).await
     }
     async fn append(
@@ -1509,11 +1530,7 @@ impl Store for BusyChain {
 /// broken while nothing was changed).
 #[tokio::test]
 async fn a_chain_written_to_while_it_is_verified_still_verifies() {
-    let f = fixture_with(
-        BusyChain(MemoryStore::new(), false),
-        Policy::default(),
-        Config::default(),
-    );
+    let f = fixture_with(BusyChain::new(false), Policy::default(), Config::default());
     f.service
         .start(Requester::User(&agent("sam")), req("olive"))
         .await
@@ -1526,11 +1543,7 @@ async fn a_chain_written_to_while_it_is_verified_still_verifies() {
     assert!(again.events >= 2, "{again:?}");
 
     // Events past a head that never moves are still a mismatch.
-    let f = fixture_with(
-        BusyChain(MemoryStore::new(), true),
-        Policy::default(),
-        Config::default(),
-    );
+    let f = fixture_with(BusyChain::new(true), Policy::default(), Config::default());
     let started = f
         .service
         .start(Requester::User(&agent("sam")), req("olive"))
@@ -1581,4 +1594,34 @@ async fn a_stranger_is_refused_even_on_an_ended_session_and_audited() {
         matches!(again, Err(Error::Ended(EndReason::Stopped))),
         "{again:?}"
     );
+}
+
+/// A revoke-all whose listing a consent overtakes (the session it ends
+/// was activated a moment before) reads that session again and ends it,
+/// and goes on to the others: every session on the customer ends.
+#[tokio::test]
+async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
+    let consent = Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let f = fixture_with(BusyChain::consent_race(), consent, Config::default());
+    let mut started = Vec::new();
+    for who in ["sam", "kim"] {
+        let s = f
+            .service
+            .start(Requester::User(&agent(who)), req("olive"))
+            .await
+            .unwrap();
+        started.push(s.session.id);
+    }
+    let revoked = f
+        .service
+        .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+        .await
+        .unwrap();
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
+    for session in started {
+        let now = f.service.store().session(session).await.unwrap().unwrap();
+        assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
+    }
 }
