@@ -461,6 +461,16 @@ fn denial_details(denial: &Denial, attempt: &str) -> Details {
 /// Page size used when streaming a chain for verification.
 const VERIFY_PAGE: u32 = 500;
 
+/// How an attempt to end a session came out.
+enum Ending {
+    /// It ended: by this call, with its reason, or by another first.
+    Ended(EndReason),
+    /// It changed under the call and is still live, as it now stands.
+    Changed(Box<Session>),
+    /// The store no longer has it.
+    Gone,
+}
+
 /// How many times a revoke-all reads again a session that keeps changing
 /// under it before it moves on (reporting the conflict).
 const CHANGED_RETRIES: usize = 3;
@@ -793,6 +803,23 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         by: Actor,
         details: Details,
     ) -> Result<EndReason, Error> {
+        match self.try_end(session, reason, by, details).await? {
+            Ending::Ended(reason) => Ok(reason),
+            // Changed but still live (a consent, say): the caller retries.
+            Ending::Changed(now) => Err(Error::Store(StoreError::Conflict(now.id))),
+            Ending::Gone => Err(Error::UnknownSession),
+        }
+    }
+
+    /// [`Impersonation::end`], answering with the session as it now stands
+    /// when it changed under the call and is still live.
+    async fn try_end(
+        &self,
+        session: &Session,
+        reason: EndReason,
+        by: Actor,
+        details: Details,
+    ) -> Result<Ending, Error> {
         let now = self.now();
         let transition = session.end(reason, by, now, details)?;
         // Whatever the outcome, this process stops reusing the session: it
@@ -804,17 +831,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         match outcome {
             Ok((ended, _)) => {
                 tracing::info!(reason = reason.code(), session = %ended.id, "impersonation session ended");
-                Ok(reason)
+                Ok(Ending::Ended(reason))
             }
-            Err(StoreError::Conflict(id)) => match self.store.session(id).await? {
+            Err(StoreError::Conflict(id)) => Ok(match self.store.session(id).await? {
                 Some(Session {
                     state: SessionState::Ended(actual),
                     ..
-                }) => Ok(actual),
-                // Changed but still live (a consent, say): the caller retries.
-                Some(_) => Err(Error::Store(StoreError::Conflict(id))),
-                None => Err(Error::UnknownSession),
-            },
+                }) => Ending::Ended(actual),
+                Some(now) => Ending::Changed(Box::new(now)),
+                None => Ending::Gone,
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -1138,36 +1164,31 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // A failure on one session does not stop the others; the first is
         // returned once every session has been tried.
         let mut failed = None;
+        let mut details = Details::new().with("cause", cause);
+        if !note.trim().is_empty() {
+            details.insert("note", note.trim());
+        }
         for listed in self.store.live_sessions(&filter).await? {
             let mut session = listed;
             // A session that changed since it was listed (a consent came
-            // in) is read again and ended as it now stands.
+            // in) is ended as it now stands.
             for attempt in 1..=CHANGED_RETRIES {
-                let mut details = Details::new().with("cause", cause);
-                if !note.trim().is_empty() {
-                    details.insert("note", note.trim());
-                }
                 match self
-                    .end(&session, EndReason::Revoked, actor.clone(), details)
+                    .try_end(&session, EndReason::Revoked, actor.clone(), details.clone())
                     .await
                 {
-                    Ok(EndReason::Revoked) => revoked.push(session.id),
+                    Ok(Ending::Ended(EndReason::Revoked)) => revoked.push(session.id),
+                    Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => {
+                        session = *now;
+                        continue;
+                    }
+                    Ok(Ending::Changed(now)) => {
+                        failed.get_or_insert(Error::Store(StoreError::Conflict(now.id)));
+                    }
                     // Ended otherwise meanwhile.
-                    Ok(_) => {}
-                    Err(Error::Store(StoreError::Conflict(id))) => {
-                        match self.store.session(id).await {
-                            Ok(Some(now)) if now.state.is_live() && attempt < CHANGED_RETRIES => {
-                                session = now;
-                                continue;
-                            }
-                            Ok(Some(now)) if now.state.is_live() => {
-                                failed.get_or_insert(Error::Store(StoreError::Conflict(id)));
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                failed.get_or_insert(e.into());
-                            }
-                        }
+                    Ok(Ending::Ended(_)) => {}
+                    Ok(Ending::Gone) => {
+                        failed.get_or_insert(Error::UnknownSession);
                     }
                     Err(e) => {
                         failed.get_or_insert(e);
