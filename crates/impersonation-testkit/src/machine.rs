@@ -518,11 +518,10 @@ impl<S: Store> Case<S> {
             .reused
             .get(&agent)
             .is_some_and(|&(id, at)| id == model.id && at <= now && now - at < reuse);
-        let expected: Result<(), Error> = match model.state {
-            SessionState::Ended(r) => Err(Error::Ended(r)),
-            _ if now >= model.expires_at => Err(Error::Ended(EndReason::Expired)),
-            SessionState::Pending => Err(Error::PendingConsent),
-            _ if now >= model.last_seen + IDLE => Err(Error::Ended(EndReason::IdleTimeout)),
+        let expected: Result<(), Error> = match (model.state, lapse_of(&model, now)) {
+            (SessionState::Ended(r), _) => Err(Error::Ended(r)),
+            (_, Some(lapse)) => Err(Error::Ended(lapse)),
+            (SessionState::Pending, None) => Err(Error::PendingConsent),
             _ if demoted && !reused => Err(Error::Ended(EndReason::Revoked)),
             _ => Ok(()),
         };
