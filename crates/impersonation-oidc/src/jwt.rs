@@ -14,7 +14,6 @@ use openidconnect::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::claims::ImpersonationClaims;
 use crate::error::TokenError;
 
 /// Longest token accepted, in bytes: a bound on what a hostile client can
@@ -121,7 +120,7 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     }
     // `nbf` (RFC 7519 §4.1.5), which the OpenID crate does not read, on
     // every token: the signature is verified, so the payload may be read.
-    let not_before: NotBefore = decode_part(token.split('.').nth(1).unwrap_or_default())?;
+    let not_before: NotBefore = payload(token)?;
     if not_before
         .nbf
         .is_some_and(|nbf| nbf > (now_s + LEEWAY.whole_seconds()) as f64)
@@ -166,8 +165,13 @@ pub(crate) struct RawPayload {
 }
 
 pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> {
-    let part = token.split('.').nth(1).unwrap_or_default();
-    decode_part(part)
+    payload(token)
+}
+
+/// The payload of `token` (its second part), read as `T`: for a decision
+/// only once the signature is verified.
+fn payload<T: serde::de::DeserializeOwned>(token: &str) -> Result<T, TokenError> {
+    decode_part(token.split('.').nth(1).unwrap_or_default())
 }
 
 fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
@@ -176,17 +180,4 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenErr
         .decode(part)
         .map_err(|_| TokenError::Malformed("not base64url".into()))?;
     serde_json::from_slice(&bytes).map_err(|e| TokenError::Malformed(e.to_string()))
-}
-
-/// `nbf` is not a claim the OpenID crate reads: checked here.
-pub(crate) fn check_not_before(
-    claims: &ImpersonationClaims,
-    now: OffsetDateTime,
-) -> Result<(), TokenError> {
-    match claims.nbf {
-        Some(nbf) if nbf > now.unix_timestamp() + LEEWAY.whole_seconds() => {
-            Err(TokenError::Claims("not valid yet (nbf)".into()))
-        }
-        _ => Ok(()),
-    }
 }

@@ -13,7 +13,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::claims::ImpersonationClaims;
 use crate::error::TokenError;
-use crate::jwt::{Expect, check_not_before, check_shape, unverified_payload, verify};
+use crate::jwt::{Expect, check_shape, unverified_payload, verify};
 use crate::keys::KeyRing;
 
 /// The most prior actors (a nested `act` chain, RFC 8693 §4.1) a token may
@@ -139,7 +139,6 @@ impl TokenVerifier {
             },
         )?;
         let extra = claims.additional_claims();
-        check_not_before(extra, now)?;
         if prior_actors(&extra.act) > MAX_PRIOR_ACTORS {
             return Err(TokenError::Malformed(format!(
                 "more than {MAX_PRIOR_ACTORS} prior actors"
