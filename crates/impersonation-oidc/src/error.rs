@@ -73,6 +73,13 @@ pub struct OAuthError {
     pub error_description: String,
 }
 
+/// RFC 6749's `NQCHAR` (appendix A): printable ASCII but space, `"` and
+/// `\\`, the characters of a scope token; an error description may hold
+/// these and spaces.
+pub(crate) fn is_nqchar(c: char) -> bool {
+    matches!(c, '!'..='~') && c != '"' && c != '\\'
+}
+
 impl OAuthError {
     /// An error with a description. A description may quote what the
     /// client sent, so any character RFC 6749 §5.2 does not allow in one
@@ -80,7 +87,7 @@ impl OAuthError {
     /// or control character reaches the response or a log line.
     pub fn new(error: ErrorCode, description: impl Into<String>) -> Self {
         let mut error_description = description.into();
-        let allowed = |c: char| matches!(c, ' '..='~') && c != '"' && c != '\\';
+        let allowed = |c: char| c == ' ' || is_nqchar(c);
         if !error_description.chars().all(allowed) {
             error_description = error_description
                 .chars()

@@ -539,11 +539,9 @@ impl Issuer {
 /// printable ASCII other than `"` and `\`, separated by single spaces).
 fn scope_tokens(scope: &str) -> Result<Vec<&str>, OAuthError> {
     let tokens: Vec<&str> = scope.split(' ').collect();
-    let well_formed = tokens.iter().all(|t| {
-        !t.is_empty()
-            && t.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    });
+    let well_formed = tokens
+        .iter()
+        .all(|t| !t.is_empty() && t.chars().all(crate::error::is_nqchar));
     if well_formed {
         Ok(tokens)
     } else {
