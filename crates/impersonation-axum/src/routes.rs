@@ -95,7 +95,7 @@ fn no_store(mut res: Response) -> Response {
 }
 
 fn text(status: StatusCode, body: String) -> Response {
-    (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
+    no_store((status, body).into_response())
 }
 
 fn error(e: &Error) -> Response {
