@@ -763,13 +763,7 @@ impl RedisStore {
             // the script (a view write, the process) leaves a chain that
             // nothing lists and `verify_all` never checks.
             if sealed.first().is_some_and(|(_, e, _)| e.seq == 0) {
-                let mut known = redis::cmd("ZADD");
-                known
-                    .arg(chains(&self.ns))
-                    .arg("NX")
-                    .arg(0)
-                    .arg(chain.as_str());
-                self.run_all(vec![known]).await?;
+                self.run_all(vec![self.list_chain(chain)]).await?;
             }
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
@@ -828,6 +822,24 @@ impl RedisStore {
             live_set(&self.ns, "tenant", session.tenant().as_str()),
             live_all(&self.ns),
         ]
+    }
+
+    /// The command that records session `id`'s route (the key that finds
+    /// it by id), to live `ttl_ms` like the session's own keys.
+    fn set_route(&self, id: SessionId, route: &str, ttl_ms: i64) -> Cmd {
+        let mut c = redis::cmd("SET");
+        c.arg(where_key(&self.ns, id))
+            .arg(route)
+            .arg("PX")
+            .arg(ttl_ms);
+        c
+    }
+
+    /// The command that puts `chain` in the chain list (if not yet there).
+    fn list_chain(&self, chain: &ChainKey) -> Cmd {
+        let mut c = redis::cmd("ZADD");
+        c.arg(chains(&self.ns)).arg("NX").arg(0).arg(chain.as_str());
+        c
     }
 
     async fn forget_live(&self, session: &Session, route: &str) -> Result<(), StoreError> {
@@ -976,21 +988,13 @@ impl RedisStore {
         // The views a revocation reads are written first: a session may be
         // listed before it exists (reads skip it), never exist unlisted.
         let member = format!("{}|{}", slot.route, session.id);
-        let mut intents = vec![];
-        let mut c = redis::cmd("SET");
-        c.arg(where_key(&self.ns, session.id))
-            .arg(&slot.route)
-            .arg("PX")
-            .arg(ttl);
-        intents.push(c);
+        let mut intents = vec![self.set_route(session.id, &slot.route, ttl)];
         for set in self.live_sets(&session) {
             let mut c = redis::cmd("SADD");
             c.arg(set).arg(&member);
             intents.push(c);
         }
-        let mut c = redis::cmd("ZADD");
-        c.arg(chains(&self.ns)).arg("NX").arg(0).arg(chain.as_str());
-        intents.push(c);
+        intents.push(self.list_chain(&chain));
         self.run_all(intents).await?;
 
         let keys = [
@@ -1119,14 +1123,7 @@ impl RedisStore {
                     // The key that finds the session by id lives as long as
                     // the session's own (an activation moves its expiry);
                     // an ended session leaves the live sets. One round trip.
-                    let mut after = Vec::with_capacity(4);
-                    let mut where_to = redis::cmd("SET");
-                    where_to
-                        .arg(where_key(&self.ns, next.id))
-                        .arg(&slot.route)
-                        .arg("PX")
-                        .arg(ttl);
-                    after.push(where_to);
+                    let mut after = vec![self.set_route(next.id, &slot.route, ttl)];
                     if !next.state.is_live() {
                         after.extend(self.live_removals(&next, &slot.route));
                     }
