@@ -439,48 +439,67 @@ async fn persistence_is_checked_at_start_up() {
     assert_eq!(strict.durability().durable(), Some(true));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_keys_expire_by_ttl_beside_the_cores_own_check() {
-    let server = OwnServer::start();
-    let ns = common::unique("imptest");
+/// A store on `server` in namespace `ns` that keeps ended sessions for
+/// `retention`.
+async fn retaining(server: &OwnServer, ns: &str, retention: time::Duration) -> RedisStore {
     let config = RedisConfig::new(&server.url())
         .unwrap()
-        .namespace(&ns)
+        .namespace(ns)
         .unwrap()
-        .retention(time::Duration::minutes(5));
-    let store = RedisStore::connect(config).await.unwrap();
-    let w = World::new();
-    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
-    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
-        panic!("refused")
-    };
-    let mut conn = admin(&server).await;
+        .retention(retention);
+    RedisStore::connect(config).await.unwrap()
+}
+
+/// Every key of namespace `ns`, with its PTTL (-1: none).
+async fn key_ttls(server: &OwnServer, ns: &str) -> Vec<(String, i64)> {
+    let mut conn = admin(server).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{ns}:*"))
         .query_async(&mut conn)
         .await
         .unwrap();
-    let expected = (session.expires_at - session.created_at + time::Duration::minutes(5))
-        .whole_milliseconds() as i64;
-    let mut timed = 0;
-    for key in &keys {
+    let mut ttls = Vec::with_capacity(keys.len());
+    for key in keys {
         let ttl: i64 = redis::cmd("PTTL")
-            .arg(key)
+            .arg(&key)
             .query_async(&mut conn)
             .await
             .unwrap();
+        ttls.push((key, ttl));
+    }
+    ttls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keys_expire_by_ttl_beside_the_cores_own_check() {
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let store = retaining(&server, &ns, time::Duration::minutes(5)).await;
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    let keys = key_ttls(&server, &ns).await;
+    let expected = (session.expires_at - session.created_at + time::Duration::minutes(5))
+        .whole_milliseconds() as i64;
+    let mut timed = 0;
+    for (key, ttl) in &keys {
         if key.contains(":s:")
             || key.contains(":k:")
             || key.ends_with(":live")
             || key.contains(":where:")
         {
             assert!(
-                ttl > expected - 5_000 && ttl <= expected,
+                *ttl > expected - 5_000 && *ttl <= expected,
                 "{key}: PTTL {ttl}, expected about {expected}"
             );
             timed += 1;
         } else {
-            assert_eq!(ttl, -1, "{key}: the audit trail and its views never expire");
+            assert_eq!(
+                *ttl, -1,
+                "{key}: the audit trail and its views never expire"
+            );
         }
     }
     assert_eq!(timed, 4, "session, secret, live and where keys: {keys:?}");
@@ -497,12 +516,7 @@ async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
     let server = OwnServer::start();
     let ns = common::unique("imptest");
     let retention = time::Duration::minutes(5);
-    let config = RedisConfig::new(&server.url())
-        .unwrap()
-        .namespace(&ns)
-        .unwrap()
-        .retention(retention);
-    let store = RedisStore::connect(config).await.unwrap();
+    let store = retaining(&server, &ns, retention).await;
     let w = World::new();
     let policy = Policy::default().consent(Consent::Required {
         timeout: time::Duration::minutes(10),
@@ -516,24 +530,14 @@ async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
     let (active, _) = store.transition(activation).await.unwrap();
     let expected = (active.expires_at - activated_at + retention).whole_milliseconds() as i64;
 
-    let mut conn = admin(&server).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = key_ttls(&server, &ns).await;
     let mut timed = 0;
-    for key in keys
+    for (key, ttl) in keys
         .iter()
-        .filter(|k| k.contains(":s:") || k.contains(":where:"))
+        .filter(|(k, _)| k.contains(":s:") || k.contains(":where:"))
     {
-        let ttl: i64 = redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
         assert!(
-            ttl > expected - 5_000 && ttl <= expected,
+            *ttl > expected - 5_000 && *ttl <= expected,
             "{key}: PTTL {ttl}, expected about {expected}"
         );
         timed += 1;
