@@ -17,17 +17,23 @@ use impersonation_core::{
 use impersonation_testkit::conformance::{all_events, must_start};
 use impersonation_testkit::{World, epoch};
 
-/// What migration 2 undoes, and the row that says it ran, per backend.
+/// What migration 2 (and every later one) undoes, and the rows that say
+/// they ran, per backend.
 fn downgrade(place: &Place) -> String {
     let (down, table) = match place {
         Place::Postgres { .. } => (
             include_str!("../migrations/postgres/00000000000002_audit_runs/down.sql"),
             "__diesel_schema_migrations",
         ),
-        Place::Mysql { .. } => (
-            include_str!("../migrations/mysql/00000000000002_audit_runs/down.sql"),
-            "__diesel_schema_migrations",
-        ),
+        Place::Mysql { .. } => {
+            // Migration 3 (ids as binary strings) came after 2 and goes first,
+            // so that the upgrade below runs both on a populated database.
+            return format!(
+                "{}\nDELETE FROM __diesel_schema_migrations WHERE version = '00000000000003';\n{}\nDELETE FROM __diesel_schema_migrations WHERE version = '00000000000002';",
+                include_str!("../migrations/mysql/00000000000003_ids_no_pad/down.sql"),
+                include_str!("../migrations/mysql/00000000000002_audit_runs/down.sql"),
+            );
+        }
         Place::Sqlite { .. } => (
             include_str!("../migrations/sqlite/00000000000002_audit_runs/down.sql"),
             "__diesel_schema_migrations",

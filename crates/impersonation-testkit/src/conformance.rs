@@ -15,7 +15,7 @@ use std::sync::Arc;
 use impersonation_core::{
     Actor, AppendGuard, AuditAction, AuditDraft, AuditEvent, AuditQuery, ChainKey, Details,
     EndReason, LiveFilter, Order, Policy, Principal, Session, SessionState, StartOutcome, Store,
-    StoreError, Touch, verify_chain,
+    StoreError, Touch, UserId, verify_chain,
 };
 use time::Duration;
 
@@ -679,6 +679,90 @@ pub async fn audit_filters_select_exactly<S: Store>(store: S) {
     assert_eq!(count(none).await, 0, "filters combine with AND");
 }
 
+/// Ids that differ only by trailing spaces name different people: their
+/// live-session slots, chains, live lists and audit views stay apart.
+/// (Under a PAD SPACE collation, as MySQL's and MariaDB's `utf8mb4_bin`
+/// are, `'ann' = 'ann '`.)
+pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S) {
+    let w = World::new();
+    let spaced = |id: &UserId| UserId::new(format!("{id} ")).unwrap_or_else(|e| panic!("{e}"));
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let mut agent_sp = agent.clone();
+    agent_sp.id = spaced(&agent.id);
+    let mut customer_sp = w.customer(1, "t1 ");
+    customer_sp.id = spaced(&customer.id);
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    // Refused here if the store took the agent's slot for the other's.
+    let (session_sp, _) = must_start(&store, w.begin(&agent_sp, &customer_sp, epoch()).0).await;
+    let draft = session_sp.draft(
+        epoch() + Duration::minutes(1),
+        AuditAction::Modification,
+        Actor::user(agent_sp.id.clone(), "Agent 1"),
+    );
+    store
+        .append(draft, AppendGuard::SessionActive(session_sp.id))
+        .await
+        .unwrap();
+    for (agent, customer, session, events) in [
+        (&agent, &customer, &session, 1),
+        (&agent_sp, &customer_sp, &session_sp, 2),
+    ] {
+        let who = format!("{:?}", agent.id);
+        assert_eq!(
+            assert_chain_verifies(&store, &session.chain()).await,
+            events,
+            "{who}'s chain"
+        );
+        let filters = [
+            LiveFilter {
+                agent: Some(agent.id.clone()),
+                ..LiveFilter::default()
+            },
+            LiveFilter {
+                subject: Some(customer.id.clone()),
+                ..LiveFilter::default()
+            },
+            LiveFilter {
+                tenant: Some(customer.tenant.clone()),
+                ..LiveFilter::default()
+            },
+        ];
+        for filter in filters {
+            let live: Vec<_> = store
+                .live_sessions(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect();
+            assert_eq!(live, vec![session.id], "{filter:?}");
+        }
+        let queries = [
+            agent_query(agent),
+            AuditQuery {
+                actor: Some(agent.id.clone()),
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                subject: Some(customer.id.clone()),
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                tenant: Some(customer.tenant.clone()),
+                ..AuditQuery::default()
+            },
+        ];
+        for query in queries {
+            let found = all_events(&store, query.clone()).await;
+            assert_eq!(found.len(), events as usize, "{query:?}");
+            assert!(
+                found.iter().all(|e| e.session == Some(session.id)),
+                "{query:?}"
+            );
+        }
+    }
+}
+
 /// Cursor pagination visits every event once, in order, both ways.
 pub async fn audit_pages_visit_every_event_once_in_order<S: Store>(store: S) {
     let w = World::new();
@@ -1141,6 +1225,7 @@ where
     events_read_back_exactly_and_chains_verify(factory().await).await;
     chains_are_listed_in_order_with_paging(factory().await).await;
     audit_filters_select_exactly(factory().await).await;
+    ids_differing_only_by_trailing_spaces_stay_apart(factory().await).await;
     audit_pages_visit_every_event_once_in_order(factory().await).await;
     audit_pages_over_batches_match_a_sorted_scan(factory().await).await;
     record_check_respects_the_version(factory().await).await;
@@ -1179,6 +1264,7 @@ macro_rules! store_conformance_tests {
             events_read_back_exactly_and_chains_verify,
             chains_are_listed_in_order_with_paging,
             audit_filters_select_exactly,
+            ids_differing_only_by_trailing_spaces_stay_apart,
             audit_pages_visit_every_event_once_in_order,
             audit_pages_over_batches_match_a_sorted_scan,
             record_check_respects_the_version,
