@@ -560,10 +560,18 @@ fn json_headers() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A token refused, as the client hears it. Why the provider could not be
+/// asked (its JWKS address, a network error naming hosts inside ours) is
+/// the operator's business: it goes to the log, the client learns only
+/// that it may try again.
 fn token_error(which: &str, e: &crate::error::TokenError) -> OAuthError {
     match e {
         crate::error::TokenError::Unavailable(cause) => {
-            oauth(ErrorCode::TemporarilyUnavailable, cause.clone())
+            tracing::warn!(token = which, cause = ?cause, "the identity provider could not be asked");
+            oauth(
+                ErrorCode::TemporarilyUnavailable,
+                format!("{which}: the identity provider could not be reached; try again"),
+            )
         }
         other => oauth(ErrorCode::InvalidGrant, format!("{which}: {other}")),
     }
@@ -576,5 +584,25 @@ fn core_error(e: &Error) -> OAuthError {
             oauth(ErrorCode::TemporarilyUnavailable, other.code().to_owned())
         }
         other => oauth(ErrorCode::InvalidGrant, other.code().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::TokenError;
+
+    #[test]
+    fn an_unreachable_provider_is_named_to_the_log_not_the_client() {
+        let cause = "provider JWKS: error sending request for url (http://10.1.2.3:8080/jwks)";
+        let answer = token_error("subject_token", &TokenError::Unavailable(cause.into()));
+        assert_eq!(answer.error, ErrorCode::TemporarilyUnavailable);
+        assert_eq!(
+            answer.error_description,
+            "subject_token: the identity provider could not be reached; try again"
+        );
+        let refused = token_error("actor_token", &TokenError::Claims("expired".into()));
+        assert_eq!(refused.error, ErrorCode::InvalidGrant);
+        assert_eq!(refused.error_description, "actor_token: claims rejected: expired");
     }
 }
