@@ -82,3 +82,42 @@ pub struct ExternalClaims {
 }
 
 impl AdditionalClaims for ExternalClaims {}
+
+/// Who a subject lets act for them (RFC 8693 §4.4 `may_act`): the actor's
+/// `sub`, and the issuer that `sub` belongs to when it is not the token's
+/// own. Read strictly, as [`ActorClaim`] is: an object with a non-empty
+/// string `sub` and, if present, a string `iss`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+pub(crate) struct MayActClaim {
+    pub(crate) sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) iss: Option<String>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
+    type Error = String;
+
+    fn try_from(mut object: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let sub = match object.remove("sub") {
+            Some(serde_json::Value::String(sub)) if !sub.is_empty() => sub,
+            _ => return Err("may_act.sub must be a non-empty string".into()),
+        };
+        let iss = match object.remove("iss") {
+            None => None,
+            Some(serde_json::Value::String(iss)) => Some(iss),
+            Some(_) => return Err("may_act.iss must be a string".into()),
+        };
+        Ok(Self { sub, iss })
+    }
+}
+
+/// What the issuer reads of a subject token beyond the registered claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SubjectClaims {
+    /// Who may act for the subject, if the token says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) may_act: Option<MayActClaim>,
+}
+
+impl AdditionalClaims for SubjectClaims {}

@@ -7,20 +7,23 @@ use std::sync::Arc;
 
 use impersonation_core::{Denial, Error, ImpersonationApi, Requester, StartRequest, UserId};
 use openidconnect::core::{
-    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGrantType,
-    CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
-    CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGenderClaim,
+    CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType,
+    CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AdditionalProviderMetadata, Audience, AuthUrl, IssuerUrl, JsonWebKeySetUrl, ResponseTypes,
-    StandardClaims, SubjectIdentifier, TokenUrl,
+    AdditionalProviderMetadata, Audience, AuthUrl, EmptyAdditionalClaims, IdTokenClaims, IssuerUrl,
+    JsonWebKeySetUrl, ResponseTypes, StandardClaims, SubjectIdentifier, TokenUrl,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 
-use crate::claims::{ActorClaim, ImpersonationClaims, ImpersonationToken};
+use crate::claims::{
+    ActorClaim, ImpersonationClaims, ImpersonationToken, MayActClaim, SubjectClaims,
+};
 use crate::error::{ErrorCode, OAuthError, OidcError};
 use crate::jwt::to_chrono;
 use crate::keys::KeyRing;
@@ -391,19 +394,25 @@ impl Issuer {
         }
         let audiences = self.audiences(client, &request)?;
         let now = self.api.now();
-        let agent_id = self
+        let (agent_id, actor) = self
             .provider
-            .user_of(&request.actor_token, now)
+            .user_and_claims::<EmptyAdditionalClaims>(&request.actor_token, now)
             .await
             .map_err(|e| token_error("actor_token", &e))?;
         let target = match &request.subject {
             Subject::Requested(id) => UserId::new(id.as_str())
                 .map_err(|e| oauth(ErrorCode::InvalidRequest, format!("requested_subject: {e}")))?,
-            Subject::Token { token, .. } => self
-                .provider
-                .user_of(token, now)
-                .await
-                .map_err(|e| token_error("subject_token", &e))?,
+            Subject::Token { token, .. } => {
+                let (target, subject) = self
+                    .provider
+                    .user_and_claims::<SubjectClaims>(token, now)
+                    .await
+                    .map_err(|e| token_error("subject_token", &e))?;
+                if let Some(may_act) = &subject.additional_claims().may_act {
+                    may_act_allows(may_act, &actor)?;
+                }
+                target
+            }
         };
         let agent = self
             .api
@@ -552,6 +561,24 @@ fn scope_tokens(scope: &str) -> Result<Vec<&str>, OAuthError> {
     }
 }
 
+/// A subject token's `may_act` (RFC 8693 §4.4) narrows who may act for
+/// the subject to one party: the actor token must name it (its `sub`, and
+/// its issuer when `may_act` names one). The policy still decides after.
+fn may_act_allows(
+    may_act: &MayActClaim,
+    actor: &IdTokenClaims<EmptyAdditionalClaims, CoreGenderClaim>,
+) -> Result<(), OAuthError> {
+    let issuer = may_act.iss.as_deref().unwrap_or(actor.issuer().as_str());
+    if may_act.sub == actor.subject().as_str() && issuer == actor.issuer().as_str() {
+        Ok(())
+    } else {
+        Err(oauth(
+            ErrorCode::InvalidGrant,
+            "subject_token: may_act names another actor",
+        ))
+    }
+}
+
 fn json_headers() -> Vec<(&'static str, String)> {
     vec![
         ("Content-Type", "application/json".into()),
@@ -603,6 +630,9 @@ mod tests {
         );
         let refused = token_error("actor_token", &TokenError::Claims("expired".into()));
         assert_eq!(refused.error, ErrorCode::InvalidGrant);
-        assert_eq!(refused.error_description, "actor_token: claims rejected: expired");
+        assert_eq!(
+            refused.error_description,
+            "actor_token: claims rejected: expired"
+        );
     }
 }

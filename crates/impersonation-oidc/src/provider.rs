@@ -136,10 +136,23 @@ impl Provider {
 
     /// Verifies one of the provider's tokens and returns the user it names.
     pub async fn user_of(&self, token: &str, now: OffsetDateTime) -> Result<UserId, TokenError> {
-        let claims = self.claims_of::<EmptyAdditionalClaims>(token, now).await?;
-        (self.subject)(claims.subject().as_str()).ok_or_else(|| {
+        self.user_and_claims::<EmptyAdditionalClaims>(token, now)
+            .await
+            .map(|(user, _)| user)
+    }
+
+    /// Verifies one of the provider's tokens and returns the user it names
+    /// with its claims.
+    pub(crate) async fn user_and_claims<AC: AdditionalClaims>(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<(UserId, IdTokenClaims<AC, CoreGenderClaim>), TokenError> {
+        let claims = self.claims_of::<AC>(token, now).await?;
+        let user = (self.subject)(claims.subject().as_str()).ok_or_else(|| {
             TokenError::Claims("the token's subject is not a user of this app".into())
-        })
+        })?;
+        Ok((user, claims))
     }
 
     /// Verifies one of the provider's tokens and returns its claims.

@@ -386,6 +386,55 @@ async fn a_subject_token_names_the_customer() {
     assert_refused(&f.exchange(&params).await, 400, "invalid_grant");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let exchange_for = async |may_act: Value| {
+        let olive = f.op.op_token("olive", |_, p| p["may_act"] = may_act);
+        let mut params = form(&sam, "");
+        params.retain(|(k, _)| *k != "requested_subject");
+        params.push(("subject_token", &olive));
+        params.push(("subject_token_type", ACCESS_TOKEN));
+        f.exchange(&params).await
+    };
+    for refused in [
+        json!({"sub": "kim"}),
+        json!({"sub": "sam", "iss": "https://elsewhere.test"}),
+        json!({"sub": "Sam"}),
+        json!("sam"),
+        json!({"sub": ""}),
+        json!({"sub": "sam", "iss": 7}),
+    ] {
+        let answer = exchange_for(refused.clone()).await;
+        assert_refused(&answer, 400, "invalid_grant");
+        assert!(
+            answer.1["error_description"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("subject_token: ")),
+            "{refused}: {}",
+            answer.1
+        );
+    }
+    // None of them reached the policy: nothing started, nothing audited.
+    assert!(
+        impersonation_testkit::conformance::all_events(
+            f.served.service.store(),
+            AuditQuery::default()
+        )
+        .await
+        .is_empty()
+    );
+    // Naming sam, with or without the provider as issuer, lets sam act.
+    let (status, body) = exchange_for(json!({"sub": "sam", "iss": OP})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, claims) = decode(body["access_token"].as_str().unwrap());
+    assert_eq!(
+        (&claims["sub"], &claims["act"]["sub"]),
+        (&json!("olive"), &json!("sam"))
+    );
+}
+
 // ---- Our own tokens, at the verifier (a binding answers 401). ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
