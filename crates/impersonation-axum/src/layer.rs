@@ -462,6 +462,21 @@ where
                 }
             }
 
+            // Until its own audit below, a request given up midway (the
+            // client went away, hyper dropped this future and the
+            // handler's with it) is audited on the way out.
+            let mut given_up = match (&ctx, &audit) {
+                (Some(c), Some((method, route))) => Some(AuditIfGivenUp {
+                    shared: &shared,
+                    state: &state,
+                    ctx: c,
+                    method,
+                    route: route.as_str(),
+                    is_change,
+                    status: CLIENT_CLOSED,
+                }),
+                _ => None,
+            };
             // A panic is caught to be audited, then passed on. (In two
             // steps: the inner service's error need not be `Send`, so it is
             // not held across the audit write's await.)
@@ -470,10 +485,21 @@ where
                     .catch_unwind()
                     .await;
                 match caught {
-                    Ok(res) => Ok(res?),
+                    Ok(Ok(res)) => Ok(res),
+                    // The service failed without an answer (never under a
+                    // `Router`, whose services are infallible): audited as a
+                    // 500 on the way out.
+                    Ok(Err(e)) => {
+                        if let Some(g) = &mut given_up {
+                            g.status = 500;
+                        }
+                        return Err(e);
+                    }
                     Err(panic) => Err(panic),
                 }
             };
+            // From here the request is audited below, whatever happens.
+            AuditIfGivenUp::disarm(given_up);
             let mut res = match served {
                 Ok(res) => res,
                 Err(panic) => {
@@ -647,6 +673,62 @@ async fn audit_request(
             )),
         )),
     })
+}
+
+/// The status a request given up by its client is audited with (nginx's
+/// "client closed request": no status was ever sent).
+const CLIENT_CLOSED: u16 = 499;
+
+/// Audits a request under impersonation that is dropped before its own
+/// audit: hyper drops the request's future when the client goes away while
+/// the handler runs, and the handler may already have read or changed
+/// something. The record goes out from a task of its own, with
+/// [`CLIENT_CLOSED`] (or 500 for a service that failed without an answer).
+/// Nothing is cloned unless that happens.
+struct AuditIfGivenUp<'a> {
+    shared: &'a Shared,
+    state: &'a RequestState,
+    ctx: &'a Context,
+    method: &'a Method,
+    route: &'a str,
+    is_change: bool,
+    status: u16,
+}
+
+impl AuditIfGivenUp<'_> {
+    /// The request reached its own audit: nothing to do on drop.
+    fn disarm(guard: Option<Self>) {
+        if let Some(guard) = guard {
+            std::mem::forget(guard);
+        }
+    }
+}
+
+impl Drop for AuditIfGivenUp<'_> {
+    fn drop(&mut self) {
+        if self.state.audited.load(Ordering::SeqCst)
+            || !(self.shared.settings.audit)(self.method, self.route)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(route = self.route, "an impersonated request was given up outside a runtime; it could not be audited");
+            return;
+        };
+        tracing::warn!(
+            route = self.route,
+            status = self.status,
+            "an impersonated request was given up before its answer; auditing it"
+        );
+        let activity = request_activity(self.method, self.route, self.is_change, self.status);
+        let api = Arc::clone(&self.shared.api);
+        let ctx = self.ctx.clone();
+        runtime.spawn(async move {
+            if let Err(e) = api.record_completed(&ctx, activity).await {
+                tracing::error!(error = %e, "could not audit an impersonated request that was given up");
+            }
+        });
+    }
 }
 
 /// What a request served under impersonation did: a modification (a

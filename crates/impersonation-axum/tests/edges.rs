@@ -619,6 +619,49 @@ async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
     assert_audited_as_a_500(&store).await;
 }
 
+/// A client that goes away while the handler runs (hyper then drops the
+/// request's future, and the handler's with it) leaves the attempt on the
+/// trail: the handler may have changed something already. It is audited
+/// once, with status 499 (client closed request).
+#[tokio::test]
+async fn a_request_given_up_while_its_handler_runs_is_audited_as_a_499() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (started, handler_started) = tokio::sync::oneshot::channel::<()>();
+    let started = Arc::new(std::sync::Mutex::new(Some(started)));
+    let saves_then_waits = axum::routing::post(move || async move {
+        // The change is made, then the handler waits on something slow.
+        if let Some(started) = started.lock().unwrap().take() {
+            let _ = started.send(());
+        }
+        std::future::pending::<()>().await;
+        "saved"
+    });
+    let (app, req) = one_route(&store, saves_then_waits).await;
+    tokio::select! {
+        _ = app.oneshot(req) => panic!("the handler never answers"),
+        _ = handler_started => {}
+    }
+    // The request's future is gone; its record is written by a task of
+    // its own.
+    let mut attempts = Vec::new();
+    for _ in 0..500 {
+        attempts = all_events(store.inner(), AuditQuery::default())
+            .await
+            .into_iter()
+            .filter(|e| e.details.get("route") == Some("/bookings"))
+            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+            .collect();
+        if !attempts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        attempts,
+        [(AuditAction::Modification, Some("499".to_owned()))]
+    );
+}
+
 /// A catch-panic layer inside the impersonation layer turns the panic into
 /// a 500 that then passes through the layer like any answer: audited once,
 /// with `Cache-Control: no-store`, which a 500 made outside cannot carry.
