@@ -712,7 +712,10 @@ impl Drop for AuditIfGivenUp<'_> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(route = self.route, "an impersonated request was given up outside a runtime; it could not be audited");
+            tracing::error!(
+                route = self.route,
+                "an impersonated request was given up outside a runtime; it could not be audited"
+            );
             return;
         };
         tracing::warn!(

@@ -265,13 +265,13 @@ impl Session {
         let (state, expires_at, activated_at, action) = match begin.grant.consent_timeout {
             Some(window) => (
                 SessionState::Pending,
-                now + window,
+                now.saturating_add(window),
                 None,
                 AuditAction::SessionRequested,
             ),
             None => (
                 SessionState::Active,
-                now + begin.grant.duration,
+                now.saturating_add(begin.grant.duration),
                 Some(now),
                 AuditAction::SessionStarted,
             ),
@@ -338,7 +338,7 @@ impl Session {
         let mut next = self.clone();
         next.state = SessionState::Active;
         next.activated_at = Some(now);
-        next.expires_at = normalize(now + self.grant.duration);
+        next.expires_at = normalize(now.saturating_add(self.grant.duration));
         next.last_seen_at = now;
         next.version = self.version + 1;
         let mut details = Details::new()
@@ -396,7 +396,7 @@ impl Session {
 
     /// The instant after which the session counts as idle.
     pub fn idle_deadline(&self) -> OffsetDateTime {
-        self.last_seen_at + self.grant.idle_timeout
+        self.last_seen_at.saturating_add(self.grant.idle_timeout)
     }
 
     /// Why the session is over at `now` by the clock alone, if it is.

@@ -492,3 +492,34 @@ fn rules_apply_in_a_fixed_order() {
         Err(Denial::ProtectedRole)
     );
 }
+
+/// A policy without practical bounds (`Duration::MAX` for "unlimited")
+/// gives sessions whose clocks saturate at the latest date rather than
+/// overflow: beginning, consenting and checking for a lapse never panic.
+#[test]
+fn durations_as_long_as_time_allows_saturate_the_session_clock() {
+    use impersonation_core::{Actor, Consent};
+    use impersonation_testkit::{World, epoch};
+
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let unbounded = Policy::default()
+        .max_duration(Duration::MAX)
+        .idle_timeout(Duration::MAX);
+    let (start, _) = w.begin_with(&unbounded, &agent, &customer, epoch());
+    let session = start.session();
+    let far = epoch() + Duration::days(365 * 5000);
+    assert!(session.expires_at > far && session.idle_deadline() > far);
+    assert_eq!(session.lapse_at(far), None);
+
+    let consent = unbounded.consent(Consent::Required {
+        timeout: Duration::MAX,
+    });
+    let (start, _) = w.begin_with(&consent, &agent, &customer, epoch());
+    let pending = start.session();
+    assert!(pending.expires_at > far);
+    let activated = pending
+        .activate(Actor::user(customer.id.clone(), "Customer 1"), far)
+        .unwrap();
+    assert!(activated.next().expires_at > far);
+}
