@@ -479,7 +479,9 @@ impl Policy {
         self
     }
 
-    /// Replaces the denied-permission patterns. `impersonation:*` is always kept.
+    /// Replaces the denied-permission patterns. `impersonation:*` is always
+    /// kept, and a grant also denies the impersonate and admin permissions
+    /// by their configured names.
     #[must_use]
     pub fn denied_permissions<P: Into<PermissionPattern>>(
         mut self,
@@ -583,7 +585,7 @@ impl Policy {
             reason,
             ticket,
             permissions,
-            denied: self.denied_permissions.clone(),
+            denied: self.never_held(),
             read_only: request.read_only || self.read_only_by_default,
             read_only_allowed: self.read_only_allowed.clone(),
             duration,
@@ -623,7 +625,7 @@ impl Policy {
             let escalates = target
                 .permissions
                 .iter()
-                .any(|p| !any_matches(&self.denied_permissions, p) && !agent.has_permission(p));
+                .any(|p| !self.never_holds(p) && !agent.has_permission(p));
             if escalates {
                 return Err(Denial::Escalation);
             }
@@ -637,6 +639,27 @@ impl Policy {
             return Err(Denial::TenantBoundary);
         }
         Ok(())
+    }
+
+    /// What a shadow user never holds: the denied patterns, and the
+    /// impersonate and admin permissions under whatever names they were
+    /// given (`impersonation:*` covers only the default names), so that
+    /// impersonation never nests.
+    fn never_held(&self) -> Vec<PermissionPattern> {
+        let mut denied = self.denied_permissions.clone();
+        for permission in [&self.impersonate_permission, &self.admin_permission] {
+            if !any_matches(&denied, permission) {
+                denied.push(PermissionPattern::new(permission.as_str()));
+            }
+        }
+        denied
+    }
+
+    /// Whether `permission` is one a shadow user never holds.
+    fn never_holds(&self, permission: &Permission) -> bool {
+        any_matches(&self.denied_permissions, permission)
+            || *permission == self.impersonate_permission
+            || *permission == self.admin_permission
     }
 
     fn validate_reason(&self, text: &str) -> Result<Reason, Denial> {

@@ -455,6 +455,28 @@ fn impersonation_permissions_stay_denied_whatever_the_configuration() {
     );
 }
 
+/// Renamed impersonate and admin permissions are still never granted to
+/// a shadow user: an agent impersonating another agent cannot impersonate
+/// (or revoke) as them.
+#[test]
+fn renamed_impersonation_permissions_stay_denied_to_the_shadow_user() {
+    use impersonation_core::ProjectionRules;
+
+    let policy = Policy::default()
+        .impersonate_permission("support:impersonate")
+        .admin_permission("support:admin")
+        .allow_impersonating_agents();
+    let lead = agent().with_permissions(["support:impersonate", "support:admin"]);
+    let tier1 = Principal::new(UserId::new("tim").unwrap(), "Tim", tenant("pinewood"))
+        .with_permissions(["support:impersonate", "support:admin", "bookings:read"]);
+    let grant = policy
+        .authorize(&lead, &tier1, &request(&tier1), PolicyContext::default())
+        .unwrap();
+    let shadow = ProjectionRules::new().project(&tier1, &grant);
+    let held: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(held, ["bookings:read"]);
+}
+
 #[test]
 fn every_denial_has_a_unique_stable_code() {
     let codes: BTreeSet<&str> = Denial::ALL.iter().map(Denial::code).collect();
