@@ -6,8 +6,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::Duration;
 
-use crate::id::{SessionId, UserId};
-use crate::principal::{Permission, PermissionPattern, Principal, RelationKind, Role, any_matches};
+use crate::id::{SessionId, TenantId, UserId};
+use crate::principal::{
+    Permission, PermissionPattern, Principal, RelationKind, Relationship, Role, TenantScope,
+    any_matches,
+};
 
 /// Every reason a request is refused, each with a stable machine-readable code
 /// ([`Denial::code`]) that bindings return and audit events record.
@@ -29,8 +32,9 @@ pub enum Denial {
     /// The target holds a permission the agent lacks.
     #[error("the target holds a permission the agent lacks")]
     Escalation,
-    /// The target is in a tenant the agent's relationships do not cover.
-    #[error("the target is outside the agent's tenants")]
+    /// The target is in a tenant the agent's relationships do not cover,
+    /// or has a relationship reaching one (the shadow user would carry it).
+    #[error("the target is in, or reaches, a tenant outside the agent's")]
     TenantBoundary,
     /// No reason was given.
     #[error("a reason is required")]
@@ -630,12 +634,31 @@ impl Policy {
                 return Err(Denial::Escalation);
             }
         }
-        let crosses = target.tenant != agent.tenant;
-        let covered = agent
+        let crossing = |r: &&Relationship| self.cross_tenant_kinds.contains(&r.kind);
+        let reaches = |tenant: &TenantId| {
+            *tenant == agent.tenant
+                || agent
+                    .relationships
+                    .iter()
+                    .filter(crossing)
+                    .any(|r| r.scope.covers(tenant))
+        };
+        if !reaches(&target.tenant) {
+            return Err(Denial::TenantBoundary);
+        }
+        // The customer's relationships go to the shadow user as they are:
+        // one reaching a tenant the agent cannot reach (a partner's other
+        // campgrounds, say) would carry the agent there.
+        let reaches_all = agent
             .relationships
             .iter()
-            .any(|r| self.cross_tenant_kinds.contains(&r.kind) && r.scope.covers(&target.tenant));
-        if crosses && !covered {
+            .filter(crossing)
+            .any(|r| r.scope == TenantScope::AllTenants);
+        let beyond = target.relationships.iter().any(|r| match &r.scope {
+            TenantScope::Tenants(tenants) => !tenants.iter().all(reaches),
+            TenantScope::AllTenants => !reaches_all,
+        });
+        if beyond {
             return Err(Denial::TenantBoundary);
         }
         Ok(())

@@ -477,6 +477,90 @@ fn renamed_impersonation_permissions_stay_denied_to_the_shadow_user() {
     assert_eq!(held, ["bookings:read"]);
 }
 
+/// The customer's relationships go to the shadow user: a target whose
+/// relationships reach a tenant the agent cannot reach is refused, as the
+/// target's own tenant would be.
+#[test]
+fn a_target_reaching_tenants_beyond_the_agents_is_refused() {
+    // The agent reaches pinewood (support) and vendor (their own tenant).
+    let partner_of = |scope: Relationship| {
+        Principal::new(UserId::new("paula").unwrap(), "Paula", tenant("pinewood"))
+            .with_permission("bookings:read")
+            .with_relationship(scope)
+    };
+    let parkco = |tenants: &[&str]| {
+        Relationship::new(
+            RelationKind::Partner,
+            "parkco",
+            "ParkCo",
+            tenants.iter().map(|t| tenant(t)),
+        )
+    };
+    let within = partner_of(parkco(&["pinewood", "vendor"]));
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &within, &request(&within)),
+        Ok(())
+    );
+    let beyond = partner_of(parkco(&["pinewood", "lakeside"]));
+    assert_eq!(
+        decide(&Policy::default(), &agent(), &beyond, &request(&beyond)),
+        Err(Denial::TenantBoundary)
+    );
+    let everywhere = partner_of(Relationship::all_tenants(
+        RelationKind::Other("franchise".into()),
+        "fr",
+        "Franchise",
+    ));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &everywhere,
+            &request(&everywhere)
+        ),
+        Err(Denial::TenantBoundary)
+    );
+    // An agent who reaches those tenants may impersonate either.
+    let lakeside_too = agent().with_relationship(parkco(&["lakeside"]));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &lakeside_too,
+            &beyond,
+            &request(&beyond)
+        ),
+        Ok(())
+    );
+    let support_everywhere = agent().with_relationship(Relationship::all_tenants(
+        RelationKind::Support,
+        "vendor",
+        "Vendor",
+    ));
+    for target in [&beyond, &everywhere] {
+        assert_eq!(
+            decide(
+                &Policy::default(),
+                &support_everywhere,
+                target,
+                &request(target)
+            ),
+            Ok(())
+        );
+    }
+    // Reaching counts only through the kinds that may cross tenants.
+    let company_wide =
+        agent().with_relationship(Relationship::all_tenants(RelationKind::Company, "c", "C"));
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &company_wide,
+            &everywhere,
+            &request(&everywhere)
+        ),
+        Err(Denial::TenantBoundary)
+    );
+}
+
 #[test]
 fn every_denial_has_a_unique_stable_code() {
     let codes: BTreeSet<&str> = Denial::ALL.iter().map(Denial::code).collect();
