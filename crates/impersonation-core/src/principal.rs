@@ -57,7 +57,10 @@ name_newtype! {
 }
 
 /// A pattern over permission names where `*` matches any run of characters
-/// (`"billing:*"`, `"*:read"`). Matching is done by the `wildmatch` crate.
+/// and `?` any one character (`"billing:*"`, `"*:read"`), ignoring case:
+/// `"billing:*"` keeps `Billing:Manage` from a shadow user too, whatever
+/// casing the host app gives its permissions. Matching is done by the
+/// `wildmatch` crate.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub struct PermissionPattern {
@@ -69,7 +72,7 @@ impl PermissionPattern {
     /// Compiles a pattern.
     pub fn new(pattern: impl Into<String>) -> Self {
         let source = pattern.into();
-        let matcher = WildMatch::new(&source);
+        let matcher = WildMatch::new_case_insensitive(&source);
         Self { source, matcher }
     }
 

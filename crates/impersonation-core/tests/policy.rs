@@ -561,6 +561,29 @@ fn a_target_reaching_tenants_beyond_the_agents_is_refused() {
     );
 }
 
+/// Denied patterns ignore case: a host app that spells its permissions
+/// `Billing:Manage` gets the same protection as one that spells them
+/// `billing:manage`.
+#[test]
+fn denied_patterns_match_whatever_the_casing() {
+    use impersonation_core::ProjectionRules;
+
+    let shouting = Principal::new(UserId::new("olga").unwrap(), "Olga", tenant("pinewood"))
+        .with_permissions(["Bookings:Read", "Billing:Manage", "PASSWORD:CHANGE"]);
+    let agent = agent().with_permissions(["Bookings:Read", "Billing:Manage", "PASSWORD:CHANGE"]);
+    let grant = Policy::default()
+        .authorize(
+            &agent,
+            &shouting,
+            &request(&shouting),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    let shadow = ProjectionRules::new().project(&shouting, &grant);
+    let held: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(held, ["Bookings:Read"]);
+}
+
 #[test]
 fn every_denial_has_a_unique_stable_code() {
     let codes: BTreeSet<&str> = Denial::ALL.iter().map(Denial::code).collect();
