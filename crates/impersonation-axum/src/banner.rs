@@ -17,6 +17,8 @@ fn attr(text: &str) -> String {
 /// It is `position:fixed` at the top of the viewport; give the page some top
 /// padding (about 3.5em, more on narrow screens) while impersonating.
 /// `stop_action` is the stop route's path; `csrf` the request's CSRF token.
+/// The fragment is pure ASCII (other characters as numeric references), so
+/// it fits a page in any ASCII-compatible charset.
 pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: &str) -> String {
     let banner = ctx.banner(now);
     let ticket = banner
@@ -35,7 +37,7 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
     } else {
         ""
     };
-    format!(
+    ascii_only(format!(
         concat!(
             "<div id=\"impersonation-banner\" role=\"alert\" aria-live=\"assertive\" ",
             "style=\"position:fixed;top:0;left:0;right:0;z-index:2147483647;display:flex;gap:1em;align-items:center;",
@@ -56,20 +58,40 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
         left = esc(&banner.time_left()),
         action = attr(stop_action),
         csrf = attr(csrf),
-    )
+    ))
 }
 
 /// Inserts the banner before the last `</body>` (any case), or appends it.
-pub(crate) fn inject(html: &str, banner: &str) -> String {
-    let lower = html.to_ascii_lowercase();
-    match lower.rfind("</body>") {
-        Some(at) => {
-            let mut out = String::with_capacity(html.len() + banner.len());
-            out.push_str(&html[..at]);
-            out.push_str(banner);
-            out.push_str(&html[at..]);
-            out
-        }
-        None => format!("{html}{banner}"),
+/// The page's bytes are not decoded: the banner is pure ASCII, so it reads
+/// the same in any charset that keeps ASCII as ASCII, and a page with a
+/// stray invalid byte gets its banner too.
+pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
+    let at = html
+        .windows(7)
+        .rposition(|w| w.eq_ignore_ascii_case(b"</body>"))
+        .unwrap_or(html.len());
+    let mut out = Vec::with_capacity(html.len() + banner.len());
+    out.extend_from_slice(&html[..at]);
+    out.extend_from_slice(banner.as_bytes());
+    out.extend_from_slice(&html[at..]);
+    out
+}
+
+/// `html` with every non-ASCII character written as a numeric character
+/// reference (`&#183;` for `·`), which HTML reads the same in text and in
+/// attribute values, whatever the page's charset.
+fn ascii_only(html: String) -> String {
+    if html.is_ascii() {
+        return html;
     }
+    let mut out = String::with_capacity(html.len() + 16);
+    for c in html.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            // Writing to a String cannot fail.
+            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("&#{};", u32::from(c)));
+        }
+    }
+    out
 }

@@ -498,8 +498,6 @@ where
                     Err(panic) => Err(panic),
                 }
             };
-            // From here the request is audited below, whatever happens.
-            AuditIfGivenUp::disarm(given_up);
             let mut res = match served {
                 Ok(res) => res,
                 Err(panic) => {
@@ -507,6 +505,7 @@ where
                     // have changed something first, so the attempt goes on
                     // the trail (status 500) before the panic goes on to
                     // whatever catches it.
+                    AuditIfGivenUp::disarm(given_up);
                     if let (Some(c), Some((method, route))) = (&ctx, &audit)
                         && let Some(Err(e)) = audit_request(
                             &shared,
@@ -525,10 +524,32 @@ where
                 }
             };
 
-            if let (Some(c), Some((method, route))) = (&ctx, audit) {
+            if let (Some(c), Some((method, route))) = (&ctx, &audit) {
                 let route = route.as_str();
+                // An HTML page is read whole and given its banner before it
+                // is audited, so that the trail shows the status sent. A
+                // client that goes away meanwhile had the handler's answer.
+                if let Some(g) = &mut given_up {
+                    g.status = res.status().as_u16();
+                }
+                match page_kind(&res) {
+                    Page::Injectable => {
+                        let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
+                        res = with_banner(res, &banner).await;
+                    }
+                    Page::BannerCannotGoIn(why) => {
+                        tracing::warn!(
+                            route,
+                            why,
+                            "an impersonated HTML page is served without the banner"
+                        );
+                    }
+                    Page::Other => {}
+                }
+                // From here the request is audited below, whatever happens.
+                AuditIfGivenUp::disarm(given_up);
                 let status = res.status().as_u16();
-                match audit_request(&shared, &state, c, &method, route, is_change, status).await {
+                match audit_request(&shared, &state, c, method, route, is_change, status).await {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
                     Some(Err(e)) if e.http_status() == 503 => {
@@ -556,30 +577,6 @@ where
                 }
                 res.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                if banner_fits(&res) {
-                    let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
-                    let (mut parts, body) = res.into_parts();
-                    let bytes = match http_body_util::Limited::new(body, MAX_BANNER_BODY)
-                        .collect()
-                        .await
-                    {
-                        Ok(collected) => collected.to_bytes(),
-                        Err(_) => {
-                            return Ok(plain(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "page too large to show the impersonation banner",
-                            ));
-                        }
-                    };
-                    // A page that is not UTF-8 after all is served as it is.
-                    res = match std::str::from_utf8(&bytes) {
-                        Ok(html) => {
-                            parts.headers.remove(header::CONTENT_LENGTH);
-                            Response::from_parts(parts, Body::from(inject(html, &banner)))
-                        }
-                        Err(_) => Response::from_parts(parts, Body::from(bytes)),
-                    };
-                }
             }
             if fresh_csrf {
                 set_cookie(
@@ -598,12 +595,25 @@ where
     }
 }
 
-/// Whether the banner can go into `res`: a whole HTML page in UTF-8, as the
-/// app wrote it. Not into an encoded body (`Content-Encoding`: put a
-/// compression layer outside this one, so that it compresses the page with
-/// the banner), a part of a page (`206`, `Content-Range`), a download
-/// (`Content-Disposition: attachment`), or a page in another charset.
-fn banner_fits(res: &Response) -> bool {
+/// What a response is to the banner.
+enum Page {
+    /// An HTML page the banner goes into.
+    Injectable,
+    /// An HTML page the banner cannot go into, and why: it is served as it
+    /// is, with a warning in the log.
+    BannerCannotGoIn(&'static str),
+    /// Not a page: not HTML, a part of one (`206`, `Content-Range`), a
+    /// download (`Content-Disposition: attachment`), or no body at all.
+    Other,
+}
+
+/// Whether the banner can go into `res`: a whole HTML page as the app wrote
+/// it, in any charset that keeps ASCII as ASCII (UTF-8, the ISO 8859 and
+/// Windows code pages; the banner itself is pure ASCII). Not into an
+/// encoded body (`Content-Encoding`: put a compression layer outside this
+/// one, so that it compresses the page with the banner) or a UTF-16 or
+/// UTF-32 one.
+fn page_kind(res: &Response) -> Page {
     let headers = res.headers();
     let text = |name| {
         headers
@@ -611,34 +621,83 @@ fn banner_fits(res: &Response) -> bool {
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     let Some(content_type) = text(header::CONTENT_TYPE) else {
-        return false;
+        return Page::Other;
     };
     let mut params = content_type.split(';').map(str::trim);
     let is_html = params
         .next()
         .is_some_and(|essence| essence.eq_ignore_ascii_case("text/html"));
-    let utf8 = params.all(|p| match p.split_once('=') {
-        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
-            let value = value.trim().trim_matches('"');
-            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
-        }
-        _ => true,
-    });
-    let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
-        !v.to_str()
-            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
-    });
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
         d.split(';')
             .next()
             .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
     });
-    is_html
-        && utf8
-        && !encoded
-        && !attachment
-        && res.status() != StatusCode::PARTIAL_CONTENT
-        && !headers.contains_key(header::CONTENT_RANGE)
+    let status = res.status();
+    if !is_html
+        || attachment
+        || status == StatusCode::PARTIAL_CONTENT
+        || headers.contains_key(header::CONTENT_RANGE)
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Page::Other;
+    }
+    let wide = params.any(|p| match p.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim().trim_matches('"').to_ascii_lowercase();
+            [
+                "utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4",
+            ]
+            .iter()
+            .any(|w| value.starts_with(w))
+        }
+        _ => false,
+    });
+    let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
+        !v.to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+    });
+    if encoded {
+        Page::BannerCannotGoIn("the page's body is encoded (Content-Encoding)")
+    } else if wide {
+        Page::BannerCannotGoIn("the page's charset is not ASCII-compatible")
+    } else {
+        Page::Injectable
+    }
+}
+
+/// The page with the banner in, or a 500 when it cannot be read whole
+/// (larger than [`MAX_BANNER_BODY`], or its body failed): a page under
+/// impersonation is not served without its banner.
+async fn with_banner(res: Response, banner: &str) -> Response {
+    let (mut parts, body) = res.into_parts();
+    match http_body_util::Limited::new(body, MAX_BANNER_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(inject(&collected.to_bytes(), banner)))
+        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            tracing::error!(
+                limit = MAX_BANNER_BODY,
+                "an impersonated HTML page is too large for the banner; answering 500"
+            );
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "page too large to show the impersonation banner",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "an impersonated HTML page's body failed; answering 500");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page failed before the impersonation banner could be shown",
+            )
+        }
+    }
 }
 
 /// Audits a request served under impersonation, as [`request_activity`]:

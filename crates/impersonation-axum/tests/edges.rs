@@ -92,6 +92,20 @@ fn fixture(root: bool) -> Fx {
             )),
         )
         .route(
+            "/utf16",
+            get(page(
+                vec![(html.clone(), "text/html; charset=UTF-16LE")],
+                b"<\0/\0b\0o\0d\0y\0>\0",
+            )),
+        )
+        .route(
+            "/plain-text",
+            get(page(
+                vec![(html.clone(), "text/plain; charset=utf-8")],
+                b"</body> is only text here",
+            )),
+        )
+        .route(
             "/not-utf8",
             get(page(
                 vec![(html.clone(), "text/html")],
@@ -224,7 +238,7 @@ async fn events(f: &Fx) -> Vec<AuditEvent> {
 }
 
 #[tokio::test]
-async fn the_banner_goes_only_into_whole_utf8_pages() {
+async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
     let f = fixture(false);
     let secret = impersonate(&f, "sam").await;
     for uri in ["/plain", "/upper"] {
@@ -232,9 +246,39 @@ async fn the_banner_goes_only_into_whole_utf8_pages() {
         assert_eq!(page.status, StatusCode::OK, "{uri}");
         assert!(page.has_banner(), "{uri} gets the banner");
     }
+    // A page in another ASCII-compatible charset, or not valid UTF-8
+    // after all, gets the banner (pure ASCII) before its `</body>`, its
+    // own bytes untouched.
+    for (uri, head, tail) in [
+        (
+            "/sjis",
+            &b"<html><body>\x82\xa0"[..],
+            &b"</body></html>"[..],
+        ),
+        ("/not-utf8", b"<html><body>caf\xe9", b"</body></html>"),
+    ] {
+        let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
+        assert_eq!(page.status, StatusCode::OK, "{uri}");
+        assert!(page.has_banner(), "{uri} gets the banner");
+        assert!(
+            page.body.starts_with(head) && page.body.ends_with(tail),
+            "{uri}: {}",
+            String::from_utf8_lossy(&page.body)
+        );
+        let banner = &page.body[head.len()..page.body.len() - tail.len()];
+        assert!(banner.is_ascii(), "{uri}: the banner is pure ASCII");
+        // The app's length is gone; one set afterwards is the new body's.
+        if let Some(length) = page.headers.get(header::CONTENT_LENGTH) {
+            assert_eq!(
+                length.to_str().unwrap(),
+                page.body.len().to_string(),
+                "{uri}"
+            );
+        }
+    }
     // Served byte for byte as the app wrote them, without the banner: an
-    // encoded body, a page in another charset or not UTF-8 at all, a
-    // download, a part of a page.
+    // encoded body and a UTF-16 page (the banner cannot go in; the log
+    // says so), a download, a part of a page.
     let cases: [(&str, &[u8]); 5] = [
         (
             "/gzip",
@@ -242,10 +286,10 @@ async fn the_banner_goes_only_into_whole_utf8_pages() {
                 0x1f, 0x8b, 0x08, 0x00, 0x3c, 0x2f, 0x62, 0x6f, 0x64, 0x79, 0x3e,
             ],
         ),
-        ("/sjis", b"<html><body>\x82\xa0</body></html>"),
-        ("/not-utf8", b"<html><body>caf\xe9</body></html>"),
+        ("/utf16", b"<\0/\0b\0o\0d\0y\0>\0"),
         ("/download", b"<html><body>download</body></html>"),
         ("/part", b"<html><body>"),
+        ("/plain-text", b"</body> is only text here"),
     ];
     for (uri, body) in cases {
         let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
@@ -263,7 +307,7 @@ async fn the_banner_goes_only_into_whole_utf8_pages() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 7);
+    assert_eq!(accesses, 9);
 }
 
 #[tokio::test]
@@ -660,6 +704,33 @@ async fn a_request_given_up_while_its_handler_runs_is_audited_as_a_499() {
         attempts,
         [(AuditAction::Modification, Some("499".to_owned()))]
     );
+}
+
+/// A page the banner cannot be shown on (larger than `MAX_BANNER_BODY`,
+/// or whose body fails midway) is answered 500, and the trail shows the
+/// 500 that was sent, not the handler's 200.
+#[tokio::test]
+async fn a_page_that_cannot_carry_the_banner_is_a_500_on_the_trail_too() {
+    let too_large =
+        axum::routing::post(|| async { Html("a".repeat(impersonation_axum::MAX_BANNER_BODY + 1)) });
+    let failing = axum::routing::post(|| async {
+        let chunks: Vec<Result<&'static str, std::io::Error>> = vec![
+            Ok("<html><body>"),
+            Err(std::io::Error::other("the database went away")),
+        ];
+        (
+            [(header::CONTENT_TYPE, "text/html")],
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+    });
+    for route in [too_large, failing] {
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let (app, req) = one_route(&store, route).await;
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+        assert_audited_as_a_500(&store).await;
+    }
 }
 
 /// A catch-panic layer inside the impersonation layer turns the panic into
