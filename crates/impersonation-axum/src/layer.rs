@@ -575,8 +575,12 @@ where
                         tracing::warn!(error = %e, "session ended during an impersonated change")
                     }
                 }
-                res.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let headers = res.headers_mut();
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                // CDNs let these override Cache-Control at their edge.
+                for cdn in CDN_CACHE_HEADERS {
+                    headers.remove(cdn);
+                }
             }
             if fresh_csrf {
                 set_cookie(
@@ -733,6 +737,16 @@ async fn audit_request(
         )),
     })
 }
+
+/// Cache headers that CDNs read before `Cache-Control` (Fastly's and
+/// Akamai's `Surrogate-Control`, RFC 9213's `CDN-Cache-Control`,
+/// Cloudflare's own): an app's, left on a page served under
+/// impersonation, could have the edge keep the customer's page.
+const CDN_CACHE_HEADERS: [&str; 3] = [
+    "surrogate-control",
+    "cdn-cache-control",
+    "cloudflare-cdn-cache-control",
+];
 
 /// The status a request given up by its client is audited with (nginx's
 /// "client closed request": no status was ever sent).

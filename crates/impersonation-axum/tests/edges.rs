@@ -733,6 +733,47 @@ async fn a_page_that_cannot_carry_the_banner_is_a_500_on_the_trail_too() {
     }
 }
 
+/// A page served under impersonation is `no-store`, and cache headers
+/// that CDNs read before `Cache-Control` are taken off it.
+#[tokio::test]
+async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
+    let cached = axum::routing::post(|| async {
+        (
+            [
+                (header::CACHE_CONTROL, "public, max-age=600"),
+                (
+                    header::HeaderName::from_static("surrogate-control"),
+                    "max-age=600",
+                ),
+                (
+                    header::HeaderName::from_static("cdn-cache-control"),
+                    "max-age=600",
+                ),
+                (
+                    header::HeaderName::from_static("cloudflare-cdn-cache-control"),
+                    "max-age=600",
+                ),
+                (header::VARY, "Accept"),
+            ],
+            "saved",
+        )
+    });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, cached).await;
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let headers = res.headers();
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    for cdn in [
+        "surrogate-control",
+        "cdn-cache-control",
+        "cloudflare-cdn-cache-control",
+    ] {
+        assert!(!headers.contains_key(cdn), "{cdn}");
+    }
+    assert_eq!(headers[header::VARY], "Accept", "other headers stay");
+}
+
 /// A catch-panic layer inside the impersonation layer turns the panic into
 /// a 500 that then passes through the layer like any answer: audited once,
 /// with `Cache-Control: no-store`, which a 500 made outside cannot carry.
