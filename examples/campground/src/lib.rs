@@ -51,6 +51,7 @@ pub const SIGN_IN_COOKIE: &str = "campground_user";
 /// The sign-out route: no change for a read-only session, and audited by
 /// the service as the session's end rather than by the layer.
 const SIGN_OUT: &str = "/signout";
+const VERIFY: &str = "/audit/verify";
 
 /// The app's own data, kept in memory (the SDK's sessions and audit trail
 /// live in the chosen store).
@@ -156,7 +157,8 @@ impl Demo {
             // session may do it. It ends the session, which the service
             // audits (as for the SDK's stop), so the layer does not audit
             // it again: it could not, the session being over.
-            .changes_when(|method, route| !method.is_safe() && route != SIGN_OUT)
+            // Verifying the chains reads them: an access, not a change.
+            .changes_when(|method, route| !method.is_safe() && route != SIGN_OUT && route != VERIFY)
             .audit_when(|_, route| route != SIGN_OUT)
             // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
             .development_mode();
@@ -173,7 +175,7 @@ impl Demo {
             .route("/support", get(pages::support))
             .route("/support/revoke", post(pages::revoke))
             .route("/audit", get(pages::audit))
-            .route("/audit/verify", post(pages::verify))
+            .route(VERIFY, post(pages::verify))
             .route("/audit.txt", get(pages::audit_text))
             .route("/idp/token", post(api::idp_token))
             .route("/idp/jwks.json", get(api::idp_jwks))

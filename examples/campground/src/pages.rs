@@ -615,11 +615,13 @@ pub async fn billing(
     guard: Result<NotImpersonating, Response>,
     v: Viewer,
 ) -> Response {
-    if v.real.is_none() {
-        return sign_in_first();
-    }
+    // The guard first: under an API client's impersonation token nobody is
+    // signed in, and its refusal (already on the trail) is the answer.
     if let Some(refusal) = guarded(guard, &v, &demo, "Billing", "Billing") {
         return refusal;
+    }
+    if v.real.is_none() {
+        return sign_in_first();
     }
     if !v.can("billing:manage") {
         return refused(
@@ -687,12 +689,12 @@ pub async fn change_password(
     v: Viewer,
     Form(form): Form<PasswordForm>,
 ) -> Response {
-    let Some(real) = v.real.clone() else {
-        return sign_in_first();
-    };
     if let Some(refusal) = guarded(guard, &v, &demo, "Change password", "Changing the password") {
         return refusal;
     }
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
@@ -1090,6 +1092,11 @@ pub async fn verify(State(demo): AppState, v: Viewer, Form(form): Form<TokenForm
     let Some(real) = &v.real else {
         return sign_in_first();
     };
+    // Who may read the trail may verify it; nobody else makes the server
+    // read the chains.
+    if let Err((status, message)) = audit_scope(&v, &demo) {
+        return refused(&v, &demo, status, "Audit trail", message);
+    }
     let service = demo.service();
     let outcome = if v.is_admin(&demo) {
         service.verify_all().await.map(|report| {

@@ -223,6 +223,11 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
         body.contains("impersonation-banner"),
         "the refusal page keeps the banner"
     );
+    // Nor is the trail verified: the refusal comes first, and the attempt
+    // is an access (it reads), not a change of Stan's.
+    let (status, body) = sam.post("/audit/verify", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(!body.contains("Chain verified"), "{body}");
     sam.post("/impersonation/stop", &[]).await;
 
     let mut lee = User::sign_in(&base, "lee").await;
@@ -235,6 +240,11 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
         sams.contains("Stan Staff") && !sams.contains("Paula Partner"),
         "{sams}"
     );
+    let verify = sams
+        .lines()
+        .find(|l| l.contains("POST /audit/verify (403)"))
+        .unwrap_or_else(|| panic!("{sams}"));
+    assert!(verify.contains("Data Access"), "{verify}");
     let (_, all) = lee.get("/audit.txt").await;
     assert!(
         all.contains("Stan Staff") && all.contains("Paula Partner"),
@@ -242,6 +252,9 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
     );
 
     let mut olive = User::sign_in(&base, "olive").await;
+    let (status, body) = olive.post("/audit/verify", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "customers verify nothing");
+    assert!(!body.contains("Chain verified"), "{body}");
     let (status, _) = olive.get("/audit").await;
     assert_eq!(
         status,
@@ -506,4 +519,63 @@ async fn an_export_cut_short_by_the_store_ends_in_an_error() {
     let (status, table) = sam.get("/audit.txt").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(table.lines().skip(2).count(), 1 + reads);
+}
+
+/// An API client under an impersonation token has nobody signed in: a
+/// guarded page answers it with the guard's 403 (which is on the trail),
+/// not with the sign-in redirect.
+#[tokio::test]
+async fn a_token_client_is_refused_a_guarded_page_with_a_403() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    sam.get("/dashboard").await;
+    let (status, own) = sam.post("/idp/token", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{own}");
+    let own: serde_json::Value = serde_json::from_str(&own).unwrap();
+    let api = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let exchanged = api
+        .post(format!("{base}/oidc/token"))
+        .basic_auth(
+            campground_demo::api::CLIENT_ID,
+            Some(campground_demo::api::CLIENT_SECRET),
+        )
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("actor_token", own["access_token"].as_str().unwrap()),
+            (
+                "actor_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("requested_subject", "olive"),
+            ("audience", &format!("{base}/api")),
+            ("reason", "Olive's booking sync fails through the API"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exchanged: serde_json::Value = serde_json::from_str(&exchanged).unwrap();
+    let token = exchanged["access_token"].as_str().unwrap();
+    let billing = api
+        .get(format!("{base}/billing"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(billing.status(), StatusCode::FORBIDDEN);
+    let (_, trail) = sam.get("/audit.txt").await;
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("Denied Attempt") && l.contains("GET /billing")),
+        "{trail}"
+    );
 }
