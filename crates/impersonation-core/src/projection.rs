@@ -14,6 +14,9 @@ use crate::principal::{Permission, Principal, Relationship, Role};
 #[serde(rename_all = "snake_case")]
 pub enum AttributeRule {
     /// The value as is (settings: time zone, language, feature flags).
+    /// A structured value is copied whole, every nested field with it:
+    /// give `Copy` to an object only if all of it may be seen (a
+    /// `preferences` object holding a saved card may not).
     Copy,
     /// A partial view: every character hidden but the last few (card or phone numbers).
     Mask(Mask),
