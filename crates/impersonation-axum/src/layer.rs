@@ -577,9 +577,16 @@ where
                 }
                 let headers = res.headers_mut();
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                // CDNs let these override Cache-Control at their edge.
-                for cdn in CDN_CACHE_HEADERS {
-                    headers.remove(cdn);
+                // CDNs let these override Cache-Control at their edge. (A
+                // look over the few headers a response has costs less than
+                // hashing three names that are seldom there.)
+                if headers
+                    .keys()
+                    .any(|k| CDN_CACHE_HEADERS.contains(&k.as_str()))
+                {
+                    for cdn in CDN_CACHE_HEADERS {
+                        headers.remove(cdn);
+                    }
                 }
             }
             if fresh_csrf {
