@@ -418,7 +418,8 @@ impl Policy {
         self
     }
 
-    /// Adds a protected role: nobody holding it can be impersonated.
+    /// Adds a protected role: nobody holding it (in any casing) can be
+    /// impersonated.
     #[must_use]
     pub fn protect_role(mut self, role: impl Into<Role>) -> Self {
         self.protected_roles.insert(role.into());
@@ -611,11 +612,18 @@ impl Policy {
         if agent.id == target.id {
             return Err(Denial::SelfImpersonation);
         }
-        if target
-            .roles
-            .iter()
-            .any(|r| self.protected_roles.contains(r))
-        {
+        // Ignoring case, as permission patterns do: `Admin` is protected by
+        // `admin`, whatever casing the host app gives its roles.
+        let same = |a: &str, b: &str| {
+            a.chars()
+                .flat_map(char::to_lowercase)
+                .eq(b.chars().flat_map(char::to_lowercase))
+        };
+        if target.roles.iter().any(|r| {
+            self.protected_roles
+                .iter()
+                .any(|p| same(p.as_str(), r.as_str()))
+        }) {
             return Err(Denial::ProtectedRole);
         }
         if self.protect_agents

@@ -121,6 +121,15 @@ fn protected_roles_cannot_be_impersonated() {
         decide(&policy, &agent(), &owner, &request(&owner)),
         Err(Denial::ProtectedRole)
     );
+    // In any casing the host app gives its roles.
+    for role in ["Admin", "ADMIN", "Owner"] {
+        let held = customer().with_role(role);
+        assert_eq!(
+            decide(&policy, &agent(), &held, &request(&held)),
+            Err(Denial::ProtectedRole),
+            "{role}"
+        );
+    }
 }
 
 #[test]
