@@ -152,8 +152,22 @@ fn is_bidi_control(c: char) -> bool {
     )
 }
 
+/// Whether free text holds a character refused in it: a control character,
+/// a bidirectional control, or a line or paragraph separator (U+2028,
+/// U+2029), which break a line as a newline does.
 pub(crate) fn has_forbidden_chars(text: &str) -> bool {
-    text.chars().any(|c| c.is_control() || is_bidi_control(c))
+    text.chars()
+        .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
+}
+
+/// Characters that show: all but the invisible format characters (zero-width
+/// spaces and joiners, the soft hyphen, the byte-order mark), so that eight
+/// zero-width spaces are no reason.
+fn visible_chars(text: &str) -> usize {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    text.chars()
+        .filter(|c| c.general_category() != GeneralCategory::Format)
+        .count()
 }
 
 /// A validated reason for an impersonation session (shown in the banner and audited).
@@ -701,11 +715,10 @@ impl Policy {
         if has_forbidden_chars(text) {
             return Err(Denial::ReasonInvalidCharacters);
         }
-        let chars = text.chars().count();
-        if chars < self.reason_min_chars {
+        if visible_chars(text) < self.reason_min_chars {
             return Err(Denial::ReasonTooShort);
         }
-        if chars > self.reason_max_chars {
+        if text.chars().count() > self.reason_max_chars {
             return Err(Denial::ReasonTooLong);
         }
         Ok(Reason(text.to_owned()))

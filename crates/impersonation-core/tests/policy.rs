@@ -322,6 +322,20 @@ fn reasons_are_required_bounded_and_free_of_control_characters() {
         with("Null \u{0} byte here"),
         Err(Denial::ReasonInvalidCharacters)
     );
+    // A line or paragraph separator breaks a line as a newline does.
+    for separator in ['\u{2028}', '\u{2029}'] {
+        assert_eq!(
+            with(&format!("Line one{separator}line two")),
+            Err(Denial::ReasonInvalidCharacters)
+        );
+    }
+    // Invisible characters are no reason: they do not count.
+    assert_eq!(with(&"\u{200B}".repeat(8)), Err(Denial::ReasonTooShort));
+    assert_eq!(
+        with("ab\u{200B}\u{200D}\u{2060}\u{FEFF}\u{AD}cd"),
+        Err(Denial::ReasonTooShort)
+    );
+    assert_eq!(with("Fix the\u{AD}bookings"), Ok(()));
     let lenient = Policy::default().reason_length(1, 20);
     assert_eq!(
         decide(
