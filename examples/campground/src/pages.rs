@@ -171,7 +171,8 @@ fn layout(v: &Viewer, demo: &Demo, title: &str, body: &str) -> String {
     let mut nav = String::new();
     if let Some(real) = &v.real {
         nav.push_str("<a href=\"/dashboard\">Dashboard</a><a href=\"/settings\">Settings</a><a href=\"/billing\">Billing</a><a href=\"/profile\">Profile</a>");
-        if v.is_agent(demo) {
+        // Both are refused while impersonating (the banner's Stop comes first).
+        if v.is_agent(demo) && v.ctx.is_none() {
             nav.push_str(
                 "<a href=\"/support\">Support console</a><a href=\"/audit\">Audit trail</a>",
             );

@@ -327,6 +327,15 @@ async fn sign_in_and_the_console_are_refused_while_impersonating() {
     assert!(body.contains("Stop first"), "{body}");
     let (_, page) = sam.get("/dashboard").await;
     assert!(page.contains("You are impersonating Olive Owner"), "{page}");
+    // The menu offers neither while impersonating, and both again after.
+    for link in ["href=\"/support\"", "href=\"/audit\""] {
+        assert!(!page.contains(link), "{link}: {page}");
+    }
+    sam.post("/impersonation/stop", &[]).await;
+    let (_, page) = sam.get("/dashboard").await;
+    for link in ["href=\"/support\"", "href=\"/audit\""] {
+        assert!(page.contains(link), "{link}: {page}");
+    }
 }
 
 /// The console shows a refusal's code as the SDK sent it, but echoes no
