@@ -204,7 +204,13 @@ struct BookingJson<'a> {
 /// `GET /api/bookings`: the effective user's bookings.
 pub async fn bookings(State(demo): State<Arc<Demo>>, v: Viewer) -> Response {
     let Some(user) = v.effective_id().cloned() else {
-        return error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        let mut res = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        // RFC 6750 §3: a 401 names the scheme it wants.
+        res.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return res;
     };
     if !v.can("bookings:read") {
         return error(StatusCode::FORBIDDEN, "may not read bookings");

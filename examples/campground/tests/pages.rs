@@ -534,7 +534,7 @@ async fn an_export_cut_short_by_the_store_ends_in_an_error() {
 /// guarded page answers it with the guard's 403 (which is on the trail),
 /// not with the sign-in redirect.
 #[tokio::test]
-async fn a_token_client_is_refused_a_guarded_page_with_a_403() {
+async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_token_without_one() {
     let base = demo().await;
     let mut sam = User::sign_in(&base, "sam").await;
     sam.get("/dashboard").await;
@@ -573,6 +573,14 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403() {
         .unwrap();
     let exchanged: serde_json::Value = serde_json::from_str(&exchanged).unwrap();
     let token = exchanged["access_token"].as_str().unwrap();
+    // Without a token the API asks for one (RFC 6750 §3).
+    let bare = api
+        .get(format!("{base}/api/bookings"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(bare.headers()["www-authenticate"], "Bearer");
     let billing = api
         .get(format!("{base}/billing"))
         .bearer_auth(token)
