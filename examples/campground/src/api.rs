@@ -13,7 +13,6 @@
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use axum::Form;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -151,7 +150,7 @@ pub struct IdpTokenForm {
 pub async fn idp_token(
     State(demo): State<Arc<Demo>>,
     v: Viewer,
-    Form(form): Form<IdpTokenForm>,
+    crate::pages::AppForm(form): crate::pages::AppForm<IdpTokenForm>,
 ) -> Response {
     let (Some(api), Some(real)) = (demo.api(), &v.real) else {
         return error(StatusCode::UNAUTHORIZED, "sign in first");

@@ -26,6 +26,29 @@ use crate::{Demo, SIGN_IN_COOKIE};
 
 type AppState = State<Arc<Demo>>;
 
+/// A form, as axum's `Form`, whose rejection (a field missing, a body that
+/// is not a form) is a 400 page rather than axum's 422 or 415 text.
+pub struct AppForm<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for AppForm<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Form::<T>::from_request(req, state).await {
+            Ok(Form(value)) => Ok(Self(value)),
+            Err(rejection) => Err((
+                StatusCode::BAD_REQUEST,
+                axum::response::Html(format!(
+                    "<!doctype html><html><head><title>Bad request</title></head><body>\
+                     <h1>Bad request</h1><p>{}</p><p><a href=\"/\">Back</a></p></body></html>",
+                    esc(&rejection.body_text())
+                )),
+            )
+                .into_response()),
+        }
+    }
+}
+
 fn esc(text: &str) -> String {
     html_escape::encode_text(text).into_owned()
 }
@@ -303,7 +326,11 @@ pub struct SignInForm {
 }
 
 /// `POST /signin`.
-pub async fn sign_in(State(demo): AppState, v: Viewer, Form(form): Form<SignInForm>) -> Response {
+pub async fn sign_in(
+    State(demo): AppState,
+    v: Viewer,
+    AppForm(form): AppForm<SignInForm>,
+) -> Response {
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
@@ -350,7 +377,11 @@ pub struct TokenForm {
 }
 
 /// `POST /signout`: ends a running impersonation first (revoked by its own agent).
-pub async fn sign_out(State(demo): AppState, v: Viewer, Form(form): Form<TokenForm>) -> Response {
+pub async fn sign_out(
+    State(demo): AppState,
+    v: Viewer,
+    AppForm(form): AppForm<TokenForm>,
+) -> Response {
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
@@ -462,7 +493,7 @@ pub struct BookingForm {
 pub async fn add_booking(
     State(demo): AppState,
     v: Viewer,
-    Form(form): Form<BookingForm>,
+    AppForm(form): AppForm<BookingForm>,
 ) -> Response {
     if v.real.is_none() {
         return sign_in_first();
@@ -557,7 +588,7 @@ pub struct SettingsForm {
 pub async fn save_settings(
     State(demo): AppState,
     v: Viewer,
-    Form(form): Form<SettingsForm>,
+    AppForm(form): AppForm<SettingsForm>,
 ) -> Response {
     let Some(id) = v.effective_id().cloned() else {
         return sign_in_first();
@@ -688,7 +719,7 @@ pub async fn change_password(
     State(demo): AppState,
     guard: Result<NotImpersonating, Response>,
     v: Viewer,
-    Form(form): Form<PasswordForm>,
+    AppForm(form): AppForm<PasswordForm>,
 ) -> Response {
     if let Some(refusal) = guarded(guard, &v, &demo, "Change password", "Changing the password") {
         return refusal;
@@ -916,7 +947,11 @@ pub struct RevokeForm {
 }
 
 /// `POST /support/revoke`: its own agent or a lead/admin ends a session.
-pub async fn revoke(State(demo): AppState, v: Viewer, Form(form): Form<RevokeForm>) -> Response {
+pub async fn revoke(
+    State(demo): AppState,
+    v: Viewer,
+    AppForm(form): AppForm<RevokeForm>,
+) -> Response {
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
@@ -1086,7 +1121,11 @@ pub async fn audit(
 }
 
 /// `POST /audit/verify`: verifies the hash chains in view.
-pub async fn verify(State(demo): AppState, v: Viewer, Form(form): Form<TokenForm>) -> Response {
+pub async fn verify(
+    State(demo): AppState,
+    v: Viewer,
+    AppForm(form): AppForm<TokenForm>,
+) -> Response {
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }

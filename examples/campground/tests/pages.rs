@@ -166,6 +166,11 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
         let (status, body) = olive.post("/bookings", &bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
     }
+    // A field missing is bad input too: a 400 page, not axum's 422.
+    olive.get("/dashboard").await;
+    let (status, body) = olive.post("/bookings", &booking[..3]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("Bad request"), "{body}");
     olive.get("/dashboard").await;
     let (status, body) = olive.post("/bookings", &booking).await;
     assert_eq!(status, StatusCode::OK);
