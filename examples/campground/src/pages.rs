@@ -462,10 +462,31 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
         }
     }
     if v.can("bookings:write") && !campgrounds.is_empty() {
+        // A partner managing several campgrounds says which one.
+        let campground = match campgrounds.as_slice() {
+            [one] => format!(
+                "<input type=\"hidden\" name=\"campground\" value=\"{}\">",
+                attr(one.tenant)
+            ),
+            several => {
+                several.iter().fold(
+                    String::from("<label>Campground <select name=\"campground\">"),
+                    |mut out, c| {
+                        let _ = write!(
+                            out,
+                            "<option value=\"{}\">{}</option>",
+                            attr(c.tenant),
+                            esc(c.name)
+                        );
+                        out
+                    },
+                ) + "</select></label>"
+            }
+        };
         let _ = write!(
             body,
             "<form class=\"card\" method=\"post\" action=\"/bookings\"><h2>Add a booking</h2>\
-             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">{campground}\
              <label>Guest <input type=\"text\" name=\"guest\" required maxlength=\"80\"></label>\
              <label>Site <input type=\"text\" name=\"site\" required maxlength=\"40\"></label>\
              <label>Arrival <input type=\"date\" name=\"arrival\" required></label>\
@@ -485,11 +506,15 @@ pub struct BookingForm {
     site: String,
     arrival: String,
     nights: String,
+    /// The campground's tenant; may be left out by someone who sees one.
+    #[serde(default)]
+    campground: String,
     #[serde(default)]
     csrf: String,
 }
 
-/// `POST /bookings`: adds a booking to the effective user's campground.
+/// `POST /bookings`: adds a booking to one of the effective user's
+/// campgrounds (the one they see, or the one they chose).
 pub async fn add_booking(
     State(demo): AppState,
     v: Viewer,
@@ -532,12 +557,23 @@ pub async fn add_booking(
             "A booking needs a guest, a site, an arrival date (YYYY-MM-DD) and 1 to 60 nights.",
         );
     };
-    let Some(tenant) = v.effective.as_ref().map(|u| u.tenant().as_str().to_owned()) else {
-        return sign_in_first();
+    let campgrounds = v.campgrounds();
+    let chosen = match (form.campground.trim(), campgrounds.as_slice()) {
+        ("", [one]) => Some(*one),
+        (tenant, all) => all.iter().find(|c| c.tenant == tenant).copied(),
+    };
+    let Some(campground) = chosen else {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Add a booking",
+            "Choose one of the campgrounds you manage.",
+        );
     };
     demo.data()
         .bookings
-        .entry(tenant)
+        .entry(campground.tenant.to_owned())
         .or_default()
         .push(Booking {
             guest: guest.into(),

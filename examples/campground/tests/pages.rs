@@ -175,6 +175,16 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
     let (status, body) = olive.post("/bookings", &booking).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("A. Guest"));
+    // Only into a campground the writer sees: not another's, and not the
+    // support team's own tenant, which no page shows.
+    let mut elsewhere = booking.to_vec();
+    elsewhere.push(("campground", "redrock"));
+    let (status, _) = olive.post("/bookings", &elsewhere).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "another's campground");
+    let mut sam = User::sign_in(&base, "sam").await;
+    sam.get("/dashboard").await;
+    let (status, body) = sam.post("/bookings", &booking).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 
     let mut lee = User::sign_in(&base, "lee").await;
     lee.get("/support").await;
