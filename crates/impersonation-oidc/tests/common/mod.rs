@@ -48,6 +48,24 @@ fn provider_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/provider")
 }
 
+/// The Node.js that runs the provider: the build `cargo xtask services up`
+/// put beside it when the machine's was missing or too old, else the
+/// machine's own.
+fn node_program() -> PathBuf {
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "x64",
+    };
+    let own = provider_dir().join(format!(
+        ".node-runtime/node_modules/node-linux-{arch}/bin/node"
+    ));
+    if own.exists() {
+        own
+    } else {
+        PathBuf::from("node")
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -65,7 +83,7 @@ impl TestProvider {
             dir.display()
         );
         let port = free_port();
-        let mut child = Command::new("node")
+        let mut child = Command::new(node_program())
             .arg("server.mjs")
             .arg(port.to_string())
             .arg(API)
