@@ -408,10 +408,8 @@ where
 
             // What the audit needs of the request, only under impersonation.
             let mut audit = None;
-            let mut swaps_a_part = false;
             let span = match &ctx {
                 Some(c) => {
-                    swaps_a_part = htmx_swaps_a_part(req.headers());
                     let method = req.method().clone();
                     // The route template (a shared string), or the path outside a router.
                     let route = match req.extensions().get::<MatchedPath>() {
@@ -535,8 +533,6 @@ where
                     g.status = res.status().as_u16();
                 }
                 match page_kind(&res) {
-                    // Into a page that already shows the banner.
-                    Page::Injectable if swaps_a_part => {}
                     Page::Injectable => {
                         let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
                         res = with_banner(res, &banner).await;
@@ -608,17 +604,6 @@ where
             Ok(res)
         })
     }
-}
-
-/// Whether an htmx request swaps its answer into a part of the page
-/// (`HX-Request`), which already shows the banner: a second one would go
-/// into the swapped element (a table row, say). Not a boosted link or a
-/// history restore, whose answer becomes the whole page and needs its
-/// banner.
-fn htmx_swaps_a_part(headers: &axum::http::HeaderMap) -> bool {
-    headers.contains_key("hx-request")
-        && !headers.contains_key("hx-boosted")
-        && !headers.contains_key("hx-history-restore-request")
 }
 
 /// What a response is to the banner.

@@ -310,43 +310,6 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
     assert_eq!(accesses, 9);
 }
 
-/// An htmx request that swaps its answer into a part of a page gets no
-/// banner (the page shows one already); a boosted link or a history
-/// restore, whose answer becomes the whole page, gets it. Each is audited.
-#[tokio::test]
-async fn an_htmx_swap_of_a_part_gets_no_second_banner() {
-    let f = fixture(false);
-    let secret = impersonate(&f, "sam").await;
-    let cases: [(&[(&str, &str)], bool); 4] = [
-        (&[("hx-request", "true")], false),
-        (&[("hx-request", "true"), ("hx-boosted", "true")], true),
-        (
-            &[
-                ("hx-request", "true"),
-                ("hx-history-restore-request", "true"),
-            ],
-            true,
-        ),
-        (&[], true),
-    ];
-    for (headers, banner) in cases {
-        let mut req = get_as("sam", "/plain", Some(&secret));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let page = send(&f.app, req, Body::empty()).await;
-        assert_eq!(page.status, StatusCode::OK);
-        assert_eq!(page.has_banner(), banner, "{headers:?}");
-        assert_eq!(page.headers[header::CACHE_CONTROL], "no-store");
-    }
-    let accesses = events(&f)
-        .await
-        .into_iter()
-        .filter(|e| e.action == AuditAction::Access)
-        .count();
-    assert_eq!(accesses, 4);
-}
-
 #[tokio::test]
 async fn the_routes_redirect_only_to_a_path_on_this_site() {
     let f = fixture(false);
