@@ -179,18 +179,24 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         // (`/password/reset/{token}`), which must not reach the trail.
         let route = route_of(&parts.extensions, &parts.uri);
         let attempt = format!("{} {route}", parts.method);
+        // The refusal is the request's record, so the layer writes none. It
+        // is spawned, as the layer's own writes are: a client that goes away
+        // meanwhile does not take it off the trail.
         state.audited.store(true, Ordering::SeqCst);
-        match state
-            .shared
-            .api
-            .record_denied(&ctx, Denial::SensitiveAction, &attempt)
-            .await
-        {
-            Ok(_) => Err(reject(
+        let api = std::sync::Arc::clone(&state.shared.api);
+        let ctx = ctx.clone();
+        let write = tokio::spawn(async move {
+            api.record_denied(&ctx, Denial::SensitiveAction, &attempt)
+                .await
+        });
+        match write.await {
+            Ok(Ok(_)) => Err(reject(
                 StatusCode::FORBIDDEN,
                 "This page is not available while impersonating a customer.",
             )),
-            Err(_) => Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable")),
+            Ok(Err(_)) | Err(_) => {
+                Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"))
+            }
         }
     }
 }

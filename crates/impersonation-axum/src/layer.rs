@@ -528,14 +528,28 @@ where
                 let route = route.as_str();
                 // An HTML page is read whole and given its banner before it
                 // is audited, so that the trail shows the status sent. A
-                // client that goes away meanwhile had the handler's answer.
-                if let Some(g) = &mut given_up {
-                    g.status = res.status().as_u16();
-                }
+                // client that goes away meanwhile was sent nothing (499).
                 match page_kind(&res) {
                     Page::Injectable => {
                         let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
-                        res = with_banner(res, &banner).await;
+                        // A body that panics while it is read is audited as
+                        // the handler's panic is, then passed on.
+                        match AssertUnwindSafe(with_banner(res, &banner))
+                            .catch_unwind()
+                            .await
+                        {
+                            Ok(page) => res = page,
+                            Err(panic) => {
+                                AuditIfGivenUp::disarm(given_up);
+                                if let Some(Err(e)) =
+                                    audit_request(&shared, &state, c, method, route, is_change, 500)
+                                        .await
+                                {
+                                    tracing::error!(error = %e, "could not audit an impersonated request whose body panicked");
+                                }
+                                std::panic::resume_unwind(panic);
+                            }
+                        }
                     }
                     Page::BannerCannotGoIn(why) => {
                         tracing::warn!(
@@ -654,17 +668,13 @@ fn page_kind(res: &Response) -> Page {
     {
         return Page::Other;
     }
-    let wide = params.any(|p| match p.split_once('=') {
+    let charset = params.find_map(|p| match p.split_once('=') {
         Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
-            let value = value.trim().trim_matches('"').to_ascii_lowercase();
-            [
-                "utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4",
-            ]
-            .iter()
-            .any(|w| value.starts_with(w))
+            Some(value.trim().trim_matches('"').to_ascii_lowercase())
         }
-        _ => false,
+        _ => None,
     });
+    let wide = charset.is_some_and(|c| !keeps_ascii(&c));
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
         !v.to_str()
             .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
@@ -672,10 +682,57 @@ fn page_kind(res: &Response) -> Page {
     if encoded {
         Page::BannerCannotGoIn("the page's body is encoded (Content-Encoding)")
     } else if wide {
-        Page::BannerCannotGoIn("the page's charset is not ASCII-compatible")
+        Page::BannerCannotGoIn("the page's charset is not one known to keep ASCII as ASCII")
     } else {
         Page::Injectable
     }
+}
+
+/// Whether a charset label (lowercase) names an encoding known to keep
+/// ASCII bytes as ASCII characters everywhere in a page, so that `</body>`
+/// found byte for byte is the tag and ASCII inserted before it reads as
+/// written: UTF-8, the ISO 8859 and Windows code pages, KOI8, the Mac
+/// ones, and the CJK encodings whose trailing bytes never fall on `<`.
+/// Not UTF-16 or UTF-32, and not ISO-2022, which switches modes inside the
+/// page; an unknown label counts as not.
+fn keeps_ascii(label: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "utf-8",
+        "utf8",
+        "unicode-1-1-utf-8",
+        "us-ascii",
+        "ascii",
+        "latin1",
+        "l1",
+        "shift_jis",
+        "shift-jis",
+        "sjis",
+        "ms_kanji",
+        "windows-31j",
+        "csshiftjis",
+        "euc-jp",
+        "euc-kr",
+        "gbk",
+        "gb2312",
+        "gb18030",
+        "big5",
+        "big5-hkscs",
+        "macintosh",
+        "tis-620",
+        "ibm866",
+        "cp866",
+    ];
+    const PREFIXES: &[&str] = &[
+        "iso-8859-",
+        "iso8859-",
+        "iso_8859-",
+        "windows-125",
+        "windows-874",
+        "cp125",
+        "koi8",
+        "x-mac-",
+    ];
+    EXACT.contains(&label) || PREFIXES.iter().any(|p| label.starts_with(p))
 }
 
 /// The page with the banner in, or a 500 when it cannot be read whole
@@ -688,8 +745,16 @@ async fn with_banner(res: Response, banner: &str) -> Response {
         .await
     {
         Ok(collected) => {
+            let bytes = collected.to_bytes();
+            // A UTF-16 byte-order mark overrides the header's charset.
+            if bytes.starts_with(&[0xFE, 0xFF]) || bytes.starts_with(&[0xFF, 0xFE]) {
+                tracing::warn!(
+                    "an impersonated HTML page in UTF-16 (byte-order mark) is served without the banner"
+                );
+                return Response::from_parts(parts, Body::from(bytes));
+            }
             parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(parts, Body::from(inject(&collected.to_bytes(), banner)))
+            Response::from_parts(parts, Body::from(inject(&bytes, banner)))
         }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::error!(
@@ -712,8 +777,9 @@ async fn with_banner(res: Response, banner: &str) -> Response {
 }
 
 /// Audits a request served under impersonation, as [`request_activity`]:
-/// `None` when it needs no record here (audited already, by the guard or
-/// by the service for start and stop, or left out by `audit_when`).
+/// `None` when it needs no record here (audited already, by the
+/// `NotImpersonating` extractor or by the service for start and stop, or
+/// left out by `audit_when`).
 ///
 /// The write is spawned and awaited, so it runs to its end even if the
 /// client goes away meanwhile (hyper then drops the request's future): a

@@ -99,6 +99,27 @@ fn fixture(root: bool) -> Fx {
             )),
         )
         .route(
+            "/latin",
+            get(page(
+                vec![(html.clone(), "text/html; charset=windows-1252")],
+                b"<html><body>caf\xe9</body></html>",
+            )),
+        )
+        .route(
+            "/iso-2022-jp",
+            get(page(
+                vec![(html.clone(), "text/html; charset=ISO-2022-JP")],
+                b"<html><body>\x1b$B$3\x1b(B</body></html>",
+            )),
+        )
+        .route(
+            "/bom",
+            get(page(
+                vec![(html.clone(), "text/html")],
+                b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0",
+            )),
+        )
+        .route(
             "/plain-text",
             get(page(
                 vec![(html.clone(), "text/plain; charset=utf-8")],
@@ -255,6 +276,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
             &b"<html><body>\x82\xa0"[..],
             &b"</body></html>"[..],
         ),
+        ("/latin", b"<html><body>caf\xe9", b"</body></html>"),
         ("/not-utf8", b"<html><body>caf\xe9", b"</body></html>"),
     ] {
         let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
@@ -277,9 +299,10 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         }
     }
     // Served byte for byte as the app wrote them, without the banner: an
-    // encoded body and a UTF-16 page (the banner cannot go in; the log
-    // says so), a download, a part of a page.
-    let cases: [(&str, &[u8]); 5] = [
+    // encoded body, a UTF-16 page (by its charset or its byte-order mark)
+    // and an ISO-2022 one (the banner cannot go in; the log says so), a
+    // download, a part of a page.
+    let cases: [(&str, &[u8]); 7] = [
         (
             "/gzip",
             &[
@@ -287,6 +310,8 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
             ],
         ),
         ("/utf16", b"<\0/\0b\0o\0d\0y\0>\0"),
+        ("/iso-2022-jp", b"<html><body>\x1b$B$3\x1b(B</body></html>"),
+        ("/bom", b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0"),
         ("/download", b"<html><body>download</body></html>"),
         ("/part", b"<html><body>"),
         ("/plain-text", b"</body> is only text here"),
@@ -307,7 +332,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 9);
+    assert_eq!(accesses, 12);
 }
 
 #[tokio::test]
@@ -673,7 +698,8 @@ async fn a_request_given_up_while_its_handler_runs_is_audited_as_a_499() {
     let (started, handler_started) = tokio::sync::oneshot::channel::<()>();
     let started = Arc::new(std::sync::Mutex::new(Some(started)));
     let saves_then_waits = axum::routing::post(move || async move {
-        // The change is made, then the handler waits on something slow.
+        // The handler has begun (it could have changed something), then
+        // waits on something slow.
         if let Some(started) = started.lock().unwrap().take() {
             let _ = started.send(());
         }
@@ -772,6 +798,80 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
         assert!(!headers.contains_key(cdn), "{cdn}");
     }
     assert_eq!(headers[header::VARY], "Accept", "other headers stay");
+}
+
+/// A page's body that panics while the layer reads it (for the banner) is
+/// audited as a panicking handler is, with status 500, and the panic goes
+/// on.
+#[tokio::test]
+async fn a_body_that_panics_while_read_is_audited_and_the_panic_goes_on() {
+    use futures_util::FutureExt;
+
+    let panicking_body = axum::routing::post(|| async {
+        let chunks = futures_util::stream::poll_fn(
+            |_| -> std::task::Poll<Option<Result<&'static str, std::io::Error>>> {
+                panic!("the page failed while it was written")
+            },
+        );
+        (
+            [(header::CONTENT_TYPE, "text/html")],
+            Body::from_stream(chunks),
+        )
+    });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, panicking_body).await;
+    let outcome = std::panic::AssertUnwindSafe(app.oneshot(req))
+        .catch_unwind()
+        .await;
+    assert!(outcome.is_err(), "the panic is passed on");
+    assert_audited_as_a_500(&store).await;
+}
+
+/// A client that goes away while the layer reads the page for the banner
+/// was sent nothing: the request is audited with status 499.
+#[tokio::test]
+async fn a_request_given_up_while_its_page_is_read_is_audited_as_a_499() {
+    let (started, body_started) = tokio::sync::oneshot::channel::<()>();
+    let started = Arc::new(std::sync::Mutex::new(Some(started)));
+    let slow_page = axum::routing::post(move || async move {
+        let chunks = futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, std::io::Error>("<html><body>")]),
+            futures_util::stream::poll_fn(move |_| {
+                // Reached only once the layer reads past the first chunk.
+                if let Some(started) = started.lock().unwrap().take() {
+                    let _ = started.send(());
+                }
+                std::task::Poll::<Option<Result<&'static str, std::io::Error>>>::Pending
+            }),
+        );
+        (
+            [(header::CONTENT_TYPE, "text/html")],
+            Body::from_stream(chunks),
+        )
+    });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, slow_page).await;
+    tokio::select! {
+        _ = app.oneshot(req) => panic!("the page never ends"),
+        _ = body_started => {}
+    }
+    let mut attempts = Vec::new();
+    for _ in 0..500 {
+        attempts = all_events(store.inner(), AuditQuery::default())
+            .await
+            .into_iter()
+            .filter(|e| e.details.get("route") == Some("/bookings"))
+            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+            .collect();
+        if !attempts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        attempts,
+        [(AuditAction::Modification, Some("499".to_owned()))]
+    );
 }
 
 /// A catch-panic layer inside the impersonation layer turns the panic into
