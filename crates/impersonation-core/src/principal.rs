@@ -60,8 +60,8 @@ name_newtype! {
 /// and `?` any one character (`"billing:*"`, `"*:read"`), ignoring case:
 /// `"billing:*"` keeps `Billing:Manage` from a shadow user too, whatever
 /// casing the host app gives its permissions. Matching is done by the
-/// `wildmatch` crate. (Before 0.1's case-insensitive matching, a stored
-/// grant matched exactly; read back now, its read-only patterns also allow
+/// `wildmatch` crate. (A grant stored when patterns still matched exactly
+/// is read with this matching too: its read-only patterns then also allow
 /// other casings of the permissions they named.)
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
