@@ -40,6 +40,7 @@ fn service(
 /// (they queue for a connection); the bound keeps the tests that run at
 /// once (one per core) under PostgreSQL's default 100 connections on a
 /// machine with more cores than this one's two.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 const RACING_POOL: usize = 20;
 
 async fn racing_starts(db: TestDb) {
