@@ -57,21 +57,54 @@ fn fixture(root: bool) -> Fx {
         }
     };
     let html = header::CONTENT_TYPE;
-    let mut app = Router::new()
-        .route(
+    // Pages that differ by their Content-Type (and body) alone.
+    let mut app = Router::new();
+    for (path, content_type, body) in [
+        (
             "/plain",
-            get(page(
-                vec![(html.clone(), "text/html; charset=utf-8")],
-                b"<html><body>plain</body></html>",
-            )),
-        )
-        .route(
+            "text/html; charset=utf-8",
+            &b"<html><body>plain</body></html>"[..],
+        ),
+        (
             "/upper",
-            get(page(
-                vec![(html.clone(), "Text/HTML; Charset=\"UTF-8\"")],
-                b"<html><body>upper</body></html>",
-            )),
-        )
+            "Text/HTML; Charset=\"UTF-8\"",
+            b"<html><body>upper</body></html>",
+        ),
+        (
+            "/sjis",
+            "text/html; charset=Shift_JIS",
+            b"<html><body>\x82\xa0</body></html>",
+        ),
+        (
+            "/utf16",
+            "text/html; charset=UTF-16LE",
+            b"<\0/\0b\0o\0d\0y\0>\0",
+        ),
+        (
+            "/latin",
+            "text/html; charset=windows-1252",
+            b"<html><body>caf\xe9</body></html>",
+        ),
+        (
+            "/iso-2022-jp",
+            "text/html; charset=ISO-2022-JP",
+            b"<html><body>\x1b$B$3\x1b(B</body></html>",
+        ),
+        ("/bom", "text/html", b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0"),
+        (
+            "/plain-text",
+            "text/plain; charset=utf-8",
+            b"</body> is only text here",
+        ),
+        (
+            "/not-utf8",
+            "text/html",
+            b"<html><body>caf\xe9</body></html>",
+        ),
+    ] {
+        app = app.route(path, get(page(vec![(html.clone(), content_type)], body)));
+    }
+    let mut app = app
         .route(
             "/gzip",
             get(page(
@@ -82,55 +115,6 @@ fn fixture(root: bool) -> Fx {
                 &[
                     0x1f, 0x8b, 0x08, 0x00, 0x3c, 0x2f, 0x62, 0x6f, 0x64, 0x79, 0x3e,
                 ],
-            )),
-        )
-        .route(
-            "/sjis",
-            get(page(
-                vec![(html.clone(), "text/html; charset=Shift_JIS")],
-                b"<html><body>\x82\xa0</body></html>",
-            )),
-        )
-        .route(
-            "/utf16",
-            get(page(
-                vec![(html.clone(), "text/html; charset=UTF-16LE")],
-                b"<\0/\0b\0o\0d\0y\0>\0",
-            )),
-        )
-        .route(
-            "/latin",
-            get(page(
-                vec![(html.clone(), "text/html; charset=windows-1252")],
-                b"<html><body>caf\xe9</body></html>",
-            )),
-        )
-        .route(
-            "/iso-2022-jp",
-            get(page(
-                vec![(html.clone(), "text/html; charset=ISO-2022-JP")],
-                b"<html><body>\x1b$B$3\x1b(B</body></html>",
-            )),
-        )
-        .route(
-            "/bom",
-            get(page(
-                vec![(html.clone(), "text/html")],
-                b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0",
-            )),
-        )
-        .route(
-            "/plain-text",
-            get(page(
-                vec![(html.clone(), "text/plain; charset=utf-8")],
-                b"</body> is only text here",
-            )),
-        )
-        .route(
-            "/not-utf8",
-            get(page(
-                vec![(html.clone(), "text/html")],
-                b"<html><body>caf\xe9</body></html>",
             )),
         )
         .route(
@@ -659,16 +643,51 @@ fn panicking() -> axum::routing::MethodRouter {
 
 /// The attempt at `POST /bookings` is on the trail once, with status 500.
 async fn assert_audited_as_a_500(store: &FaultyStore<MemoryStore>) {
-    let attempts: Vec<(AuditAction, Option<String>)> =
-        all_events(store.inner(), AuditQuery::default())
-            .await
-            .into_iter()
-            .filter(|e| e.details.get("route") == Some("/bookings"))
-            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
-            .collect();
+    assert_eq!(
+        attempts_at_bookings(store).await,
+        [(AuditAction::Modification, Some("500".to_owned()))]
+    );
+}
+
+/// The attempts at `POST /bookings` on the trail: action and status.
+async fn attempts_at_bookings(
+    store: &FaultyStore<MemoryStore>,
+) -> Vec<(AuditAction, Option<String>)> {
+    all_events(store.inner(), AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.details.get("route") == Some("/bookings"))
+        .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
+        .collect()
+}
+
+/// Serves `POST /bookings` by `route` under impersonation, gives the
+/// request up (drops its future, as hyper does when the client goes away)
+/// once `reached` fires, and asserts the attempt reaches the trail with
+/// status 499. Its record is written by a task of its own once the
+/// request's future is gone, so this waits for it (up to 5 s).
+async fn give_up_once_reached(
+    route: axum::routing::MethodRouter,
+    reached: tokio::sync::oneshot::Receiver<()>,
+) {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, route).await;
+    tokio::select! {
+        _ = app.oneshot(req) => panic!("the request never ends"),
+        _ = reached => {}
+    }
+    let store = &*store;
+    let mut attempts = Vec::new();
+    for _ in 0..500 {
+        attempts = attempts_at_bookings(store).await;
+        if !attempts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(
         attempts,
-        [(AuditAction::Modification, Some("500".to_owned()))]
+        [(AuditAction::Modification, Some("499".to_owned()))]
     );
 }
 
@@ -677,10 +696,17 @@ async fn assert_audited_as_a_500(store: &FaultyStore<MemoryStore>) {
 /// to whatever catches it outside the layer.
 #[tokio::test]
 async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
+    assert_panic_is_audited_and_passed_on(panicking()).await;
+}
+
+/// Serves `POST /bookings` by `route` (which panics) under impersonation:
+/// the panic comes out of the layer, and the attempt is on the trail once,
+/// with status 500.
+async fn assert_panic_is_audited_and_passed_on(route: axum::routing::MethodRouter) {
     use futures_util::FutureExt;
 
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let (app, req) = one_route(&store, panicking()).await;
+    let (app, req) = one_route(&store, route).await;
     let outcome = std::panic::AssertUnwindSafe(app.oneshot(req))
         .catch_unwind()
         .await;
@@ -691,10 +717,9 @@ async fn a_panicking_handler_is_audited_and_the_panic_goes_on() {
 /// A client that goes away while the handler runs (hyper then drops the
 /// request's future, and the handler's with it) leaves the attempt on the
 /// trail: the handler may have changed something already. It is audited
-/// once, with status 499 (client closed request).
+/// with status 499 (client closed request).
 #[tokio::test]
 async fn a_request_given_up_while_its_handler_runs_is_audited_as_a_499() {
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let (started, handler_started) = tokio::sync::oneshot::channel::<()>();
     let started = Arc::new(std::sync::Mutex::new(Some(started)));
     let saves_then_waits = axum::routing::post(move || async move {
@@ -706,30 +731,7 @@ async fn a_request_given_up_while_its_handler_runs_is_audited_as_a_499() {
         std::future::pending::<()>().await;
         "saved"
     });
-    let (app, req) = one_route(&store, saves_then_waits).await;
-    tokio::select! {
-        _ = app.oneshot(req) => panic!("the handler never answers"),
-        _ = handler_started => {}
-    }
-    // The request's future is gone; its record is written by a task of
-    // its own.
-    let mut attempts = Vec::new();
-    for _ in 0..500 {
-        attempts = all_events(store.inner(), AuditQuery::default())
-            .await
-            .into_iter()
-            .filter(|e| e.details.get("route") == Some("/bookings"))
-            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
-            .collect();
-        if !attempts.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        attempts,
-        [(AuditAction::Modification, Some("499".to_owned()))]
-    );
+    give_up_once_reached(saves_then_waits, handler_started).await;
 }
 
 /// A page the banner cannot be shown on (larger than `MAX_BANNER_BODY`,
@@ -805,8 +807,6 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
 /// on.
 #[tokio::test]
 async fn a_body_that_panics_while_read_is_audited_and_the_panic_goes_on() {
-    use futures_util::FutureExt;
-
     let panicking_body = axum::routing::post(|| async {
         let chunks = futures_util::stream::poll_fn(
             |_| -> std::task::Poll<Option<Result<&'static str, std::io::Error>>> {
@@ -818,13 +818,7 @@ async fn a_body_that_panics_while_read_is_audited_and_the_panic_goes_on() {
             Body::from_stream(chunks),
         )
     });
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let (app, req) = one_route(&store, panicking_body).await;
-    let outcome = std::panic::AssertUnwindSafe(app.oneshot(req))
-        .catch_unwind()
-        .await;
-    assert!(outcome.is_err(), "the panic is passed on");
-    assert_audited_as_a_500(&store).await;
+    assert_panic_is_audited_and_passed_on(panicking_body).await;
 }
 
 /// A client that goes away while the layer reads the page for the banner
@@ -849,29 +843,7 @@ async fn a_request_given_up_while_its_page_is_read_is_audited_as_a_499() {
             Body::from_stream(chunks),
         )
     });
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let (app, req) = one_route(&store, slow_page).await;
-    tokio::select! {
-        _ = app.oneshot(req) => panic!("the page never ends"),
-        _ = body_started => {}
-    }
-    let mut attempts = Vec::new();
-    for _ in 0..500 {
-        attempts = all_events(store.inner(), AuditQuery::default())
-            .await
-            .into_iter()
-            .filter(|e| e.details.get("route") == Some("/bookings"))
-            .map(|e| (e.action, e.details.get("status").map(str::to_owned)))
-            .collect();
-        if !attempts.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        attempts,
-        [(AuditAction::Modification, Some("499".to_owned()))]
-    );
+    give_up_once_reached(slow_page, body_started).await;
 }
 
 /// A catch-panic layer inside the impersonation layer turns the panic into
