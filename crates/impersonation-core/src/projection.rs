@@ -28,7 +28,8 @@ pub enum AttributeRule {
 
 /// A mask that keeps the last `keep_last` characters, and only for values
 /// long enough that those characters are a small part of the whole (three
-/// times `keep_last` or more); shorter values are hidden entirely.
+/// times `keep_last` letters or digits or more; spaces and punctuation, a
+/// PIN's padding say, do not count); shorter values are hidden entirely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mask {
     /// How many trailing characters stay visible.
@@ -48,7 +49,8 @@ impl Mask {
     /// Masks a text.
     pub fn apply(&self, text: &str) -> String {
         let chars: Vec<char> = text.chars().collect();
-        let keep = if chars.len() >= self.keep_last.saturating_mul(3) {
+        let significant = chars.iter().filter(|c| c.is_alphanumeric()).count();
+        let keep = if significant >= self.keep_last.saturating_mul(3) {
             self.keep_last
         } else {
             0

@@ -365,6 +365,13 @@ fn short_and_structured_values_are_masked_entirely() {
     assert_eq!(Mask { keep_last: 2 }.apply("abcdef"), "••••ef");
     assert_eq!(Mask { keep_last: 4 }.apply(""), "••••");
     assert_eq!(Mask { keep_last: 0 }.apply("whatever"), "••••••••");
+    // Padding and punctuation do not make a short value long enough to
+    // show its end: a right-aligned PIN stays hidden, a card keeps 4.
+    assert_eq!(Mask { keep_last: 4 }.apply("        4821"), "••••••••••••");
+    assert_eq!(
+        Mask { keep_last: 4 }.apply("4242-4242-4242-4242"),
+        "•••••••••••••••4242"
+    );
 }
 
 #[test]
