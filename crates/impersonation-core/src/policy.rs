@@ -160,13 +160,18 @@ pub(crate) fn has_forbidden_chars(text: &str) -> bool {
         .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
 }
 
-/// Characters that show: all but the invisible format characters (zero-width
-/// spaces and joiners, the soft hyphen, the byte-order mark), so that eight
-/// zero-width spaces are no reason.
+/// Characters that stand on their own: all but the invisible format
+/// characters (zero-width spaces and joiners, the soft hyphen, the
+/// byte-order mark) and combining marks (which only change the character
+/// before them), so that eight zero-width spaces, or one letter under
+/// seven accents, are no reason.
 fn visible_chars(text: &str) -> usize {
-    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
     text.chars()
-        .filter(|c| c.general_category() != GeneralCategory::Format)
+        .filter(|c| {
+            c.general_category() != GeneralCategory::Format
+                && c.general_category_group() != GeneralCategoryGroup::Mark
+        })
         .count()
 }
 

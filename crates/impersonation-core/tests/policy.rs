@@ -336,6 +336,12 @@ fn reasons_are_required_bounded_and_free_of_control_characters() {
         Err(Denial::ReasonTooShort)
     );
     assert_eq!(with("Fix the\u{AD}bookings"), Ok(()));
+    // Nor do combining marks: one letter under seven accents is one.
+    assert_eq!(
+        with(&format!("a{}", "\u{301}".repeat(7))),
+        Err(Denial::ReasonTooShort)
+    );
+    assert_eq!(with("Cafe\u{301} bookings vanish"), Ok(()));
     let lenient = Policy::default().reason_length(1, 20);
     assert_eq!(
         decide(
