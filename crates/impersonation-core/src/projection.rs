@@ -29,7 +29,8 @@ pub enum AttributeRule {
 /// A mask that keeps the last `keep_last` characters, and only for values
 /// long enough that those characters are a small part of the whole (three
 /// times `keep_last` letters or digits or more; spaces and punctuation, a
-/// PIN's padding say, do not count); shorter values are hidden entirely.
+/// PIN's padding say, do not count); shorter values are hidden entirely,
+/// length included (eight mask characters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mask {
     /// How many trailing characters stay visible.
@@ -45,6 +46,10 @@ impl Default for Mask {
 /// The character that replaces hidden ones.
 pub const MASK_CHAR: char = '•';
 
+/// How many [`MASK_CHAR`]s stand for a value hidden entirely, whatever its
+/// length.
+const HIDDEN_WIDTH: usize = 8;
+
 impl Mask {
     /// Masks a text.
     pub fn apply(&self, text: &str) -> String {
@@ -55,8 +60,12 @@ impl Mask {
         } else {
             0
         };
+        if keep == 0 {
+            // Hidden entirely: its length is withheld too.
+            return std::iter::repeat_n(MASK_CHAR, HIDDEN_WIDTH).collect();
+        }
         let hidden = chars.len() - keep;
-        std::iter::repeat_n(MASK_CHAR, hidden.max(4))
+        std::iter::repeat_n(MASK_CHAR, hidden)
             .chain(chars[hidden..].iter().copied())
             .collect()
     }

@@ -354,8 +354,8 @@ fn short_and_structured_values_are_masked_entirely() {
     let shadow = active().shadow;
     assert_eq!(
         shadow.attribute("pin"),
-        Some(&ShadowValue::Masked("••••".into())),
-        "a 4-digit pin shows nothing"
+        Some(&ShadowValue::Masked("••••••••".into())),
+        "a 4-digit pin shows nothing, not even its length"
     );
     assert_eq!(
         shadow.attribute("address"),
@@ -363,11 +363,12 @@ fn short_and_structured_values_are_masked_entirely() {
         "objects cannot be masked, so they are redacted"
     );
     assert_eq!(Mask { keep_last: 2 }.apply("abcdef"), "••••ef");
-    assert_eq!(Mask { keep_last: 4 }.apply(""), "••••");
+    assert_eq!(Mask { keep_last: 4 }.apply(""), "••••••••");
+    assert_eq!(Mask { keep_last: 4 }.apply("0123456789a"), "••••••••");
     assert_eq!(Mask { keep_last: 0 }.apply("whatever"), "••••••••");
     // Padding and punctuation do not make a short value long enough to
     // show its end: a right-aligned PIN stays hidden, a card keeps 4.
-    assert_eq!(Mask { keep_last: 4 }.apply("        4821"), "••••••••••••");
+    assert_eq!(Mask { keep_last: 4 }.apply("        4821"), "••••••••");
     assert_eq!(
         Mask { keep_last: 4 }.apply("4242-4242-4242-4242"),
         "•••••••••••••••4242"
