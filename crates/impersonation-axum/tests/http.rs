@@ -41,6 +41,23 @@ struct Fixture {
     changes: Arc<AtomicUsize>,
 }
 
+impl Fixture {
+    /// A second process of the same app, on the same store and clock.
+    fn other_process(&self) -> Svc {
+        Impersonation::new(Arc::clone(&self.store), self.svc.directory().clone())
+            .with_clock(self.clock.clone())
+    }
+}
+
+/// `other` stops the session whose cookie `sam` holds, as another process
+/// would; the secret as the cookie held it.
+async fn stop_elsewhere(other: &Svc, sam: &Browser) -> String {
+    let held = sam.secret().unwrap();
+    let secret = impersonation_core::SessionSecret::parse(&held).unwrap();
+    other.stop(&secret, &agent("sam")).await.unwrap();
+    held
+}
+
 fn fixture() -> Fixture {
     let directory = MemoryDirectory::new();
     for p in [
@@ -596,14 +613,11 @@ async fn api_clients_with_a_bearer_token_get_no_csrf_cookie() {
 #[tokio::test]
 async fn a_start_over_a_dead_session_cookie_keeps_the_new_secret() {
     let f = fixture();
-    let other = Impersonation::new(Arc::clone(&f.store), f.svc.directory().clone())
-        .with_clock(f.clock.clone());
+    let other = f.other_process();
     let mut sam = Browser::new(&f, "sam");
     sam.get("/").await;
     sam.start("olive").await;
-    let old = sam.secret().unwrap();
-    let secret = impersonation_core::SessionSecret::parse(&old).unwrap();
-    other.stop(&secret, &agent("sam")).await.unwrap();
+    let old = stop_elsewhere(&other, &sam).await;
 
     let started = sam.start("olive").await;
     assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
@@ -617,15 +631,12 @@ async fn a_start_over_a_dead_session_cookie_keeps_the_new_secret() {
 #[tokio::test]
 async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() {
     let f = fixture();
-    // A second process of the same app, on the same store.
-    let other = Impersonation::new(Arc::clone(&f.store), f.svc.directory().clone())
-        .with_clock(f.clock.clone());
+    let other = f.other_process();
     let mut sam = Browser::new(&f, "sam");
     sam.get("/").await;
     sam.start("olive").await;
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
-    let secret = impersonation_core::SessionSecret::parse(&sam.secret().unwrap()).unwrap();
-    other.stop(&secret, &agent("sam")).await.unwrap();
+    stop_elsewhere(&other, &sam).await;
     let before = events(&f).await.len();
 
     // Within the reuse interval this process still knows the session as
@@ -646,8 +657,7 @@ async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() 
     // A change always reads the store first: it never runs as the customer.
     sam.start("olive").await;
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
-    let secret = impersonation_core::SessionSecret::parse(&sam.secret().unwrap()).unwrap();
-    other.stop(&secret, &agent("sam")).await.unwrap();
+    stop_elsewhere(&other, &sam).await;
     let before = events(&f).await.len();
     let saved = sam.send(Method::POST, "/bookings/7", None, &[]).await;
     assert_eq!(saved.status, StatusCode::OK, "served as the agent themself");

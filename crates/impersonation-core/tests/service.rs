@@ -9,7 +9,7 @@ use impersonation_core::{
     Activity, ActivityKind, AttributeRule, AuditAction, AuditEvent, AuditQuery, Config, Consent,
     Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator, ManualClock,
     Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal, ProjectionRules,
-    RelationKind, Relationship, Requester, SessionState, ShadowValue, StartRequest, Store,
+    RelationKind, Relationship, Requester, SessionState, ShadowValue, StartRequest, Started, Store,
     TenantId, UserId,
 };
 use impersonation_testkit::conformance::all_events;
@@ -58,6 +58,16 @@ struct Fixture<S: Store> {
     service: Impersonation<S, MemoryDirectory>,
     directory: MemoryDirectory,
     clock: ManualClock,
+}
+
+impl<S: Store> Fixture<S> {
+    /// Sam starts impersonating Olive, as the tests' usual first step.
+    async fn sam_on_olive(&self) -> Started {
+        self.service
+            .start(Requester::User(&agent("sam")), req("olive"))
+            .await
+            .unwrap()
+    }
 }
 
 fn fixture_with<S: Store>(store: S, policy: Policy, config: Config) -> Fixture<S> {
@@ -186,11 +196,7 @@ async fn start_resolve_record_stop_audits_every_step() {
 #[tokio::test]
 async fn each_recorded_event_names_both_agent_and_customer() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     let event = f
         .service
@@ -251,11 +257,7 @@ async fn a_second_session_for_one_agent_is_refused_and_audited() {
 #[tokio::test]
 async fn starting_from_inside_a_session_is_refused_as_nesting() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     let err = f
         .service
@@ -269,11 +271,7 @@ async fn starting_from_inside_a_session_is_refused_as_nesting() {
 #[tokio::test]
 async fn stop_by_another_agent_is_refused_and_audited() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let err = f
         .service
         .stop(&started.secret, &agent("kim"))
@@ -290,11 +288,7 @@ async fn stop_by_another_agent_is_refused_and_audited() {
 #[tokio::test]
 async fn an_admin_may_revoke_any_session_and_others_may_not() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let err = f
         .service
         .revoke(started.session.id, &agent("kim"), "")
@@ -331,11 +325,7 @@ async fn an_admin_may_revoke_any_session_and_others_may_not() {
 #[tokio::test]
 async fn revoke_all_for_agent_ends_every_live_session_of_that_agent() {
     let f = fixture();
-    let sam = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let sam = f.sam_on_olive().await;
     let kim = f
         .service
         .start(Requester::User(&agent("kim")), req("olive"))
@@ -371,11 +361,7 @@ async fn revoke_all_for_agent_ends_every_live_session_of_that_agent() {
 #[tokio::test]
 async fn revoke_all_for_subject_ends_sessions_of_every_agent() {
     let f = fixture();
-    let sam = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let sam = f.sam_on_olive().await;
     let kim = f
         .service
         .start(Requester::User(&agent("kim")), req("olive"))
@@ -408,11 +394,7 @@ async fn revoke_all_for_subject_ends_sessions_of_every_agent() {
 #[tokio::test]
 async fn two_agents_on_one_customer_each_get_themselves_back() {
     let f = fixture();
-    let sam = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let sam = f.sam_on_olive().await;
     let kim = f
         .service
         .start(Requester::User(&agent("kim")), req("olive"))
@@ -436,11 +418,7 @@ async fn two_agents_on_one_customer_each_get_themselves_back() {
 #[tokio::test]
 async fn resolve_ends_an_expired_session_with_an_expired_event() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     for _ in 0..5 {
         f.clock.advance(Duration::minutes(10));
         f.service.resolve(&started.secret).await.unwrap();
@@ -465,11 +443,7 @@ async fn resolve_ends_an_expired_session_with_an_expired_event() {
 #[tokio::test]
 async fn resolve_ends_an_idle_session_and_use_keeps_it_alive() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.clock.advance(Duration::minutes(14));
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     assert_eq!(
@@ -491,11 +465,7 @@ async fn touches_are_coalesced_when_configured() {
         ..Config::default()
     };
     let f = fixture_with(MemoryStore::new(), Policy::default(), config);
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.clock.advance(Duration::seconds(10));
     f.service.resolve(&started.secret).await.unwrap();
     let stored = f
@@ -525,11 +495,7 @@ async fn touches_are_coalesced_when_configured() {
 #[tokio::test]
 async fn a_demoted_agent_loses_the_session_once_the_reuse_interval_is_over() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.service.resolve(&started.secret).await.unwrap();
     f.directory.update(&id("sam"), |p| {
         p.permissions
@@ -564,11 +530,7 @@ async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval()
             ..Config::default()
         };
         let f = fixture_with(MemoryStore::new(), Policy::default(), config);
-        let started = f
-            .service
-            .start(Requester::User(&agent("sam")), req("olive"))
-            .await
-            .unwrap();
+        let started = f.sam_on_olive().await;
         f.service.resolve(&started.secret).await.unwrap();
         f.directory.update(&id("sam"), |p| {
             p.permissions
@@ -592,11 +554,7 @@ async fn an_end_made_by_another_process_refuses_the_next_audited_read() {
     let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
     let other =
         Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     other.stop(&started.secret, &agent("sam")).await.unwrap();
     // This process still reuses the session for a read within the interval,
@@ -637,11 +595,7 @@ async fn a_session_named_by_id_is_reused_for_reads_only() {
     let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
     let other =
         Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let id = started.session.id;
     let ctx = f.service.resolve_session_reusing(id).await.unwrap();
     assert_eq!(ctx.session(), id);
@@ -682,11 +636,7 @@ async fn a_session_named_by_id_is_reused_for_reads_only() {
     ));
 
     // An end made by this process is seen at once, reads included.
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let id = started.session.id;
     f.service.resolve_session_reusing(id).await.unwrap();
     f.service
@@ -703,11 +653,7 @@ async fn a_session_named_by_id_is_reused_for_reads_only() {
 async fn a_deleted_agent_or_customer_ends_the_session() {
     for (who, code) in [("sam", "unknown_agent"), ("olive", "unknown_target")] {
         let f = fixture();
-        let started = f
-            .service
-            .start(Requester::User(&agent("sam")), req("olive"))
-            .await
-            .unwrap();
+        let started = f.sam_on_olive().await;
         f.directory.remove(&id(who));
         assert!(matches!(
             f.service.resolve(&started.secret).await,
@@ -721,11 +667,7 @@ async fn a_deleted_agent_or_customer_ends_the_session() {
 #[tokio::test]
 async fn a_customer_promoted_to_admin_ends_the_session() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.directory.update(&id("olive"), |p| {
         p.roles.insert("admin".into());
     });
@@ -742,11 +684,7 @@ async fn rechecks_can_be_spaced_out() {
         ..Config::default()
     };
     let f = fixture_with(MemoryStore::new(), Policy::default(), config);
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.directory.update(&id("sam"), |p| {
         p.permissions
             .remove(&Permission::new("impersonation:start"));
@@ -766,11 +704,7 @@ async fn rechecks_can_be_spaced_out() {
 #[tokio::test]
 async fn changed_customer_settings_reach_the_shadow_user_on_recheck() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.directory.update(&id("olive"), |p| {
         p.attributes
             .insert("timezone".into(), "America/Toronto".into());
@@ -803,11 +737,7 @@ fn consent_policy() -> Policy {
 #[tokio::test]
 async fn a_session_needing_consent_is_pending_until_the_customer_agrees() {
     let f = fixture_with(MemoryStore::new(), consent_policy(), Config::default());
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     assert_eq!(started.session.state, SessionState::Pending);
     let err = f.service.resolve(&started.secret).await.unwrap_err();
     assert!(matches!(err, Error::PendingConsent));
@@ -849,11 +779,7 @@ async fn a_session_needing_consent_is_pending_until_the_customer_agrees() {
 #[tokio::test]
 async fn declined_or_unanswered_consent_ends_the_session() {
     let f = fixture_with(MemoryStore::new(), consent_policy(), Config::default());
-    let declined = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let declined = f.sam_on_olive().await;
     assert_eq!(
         f.service
             .deny_consent(declined.session.id, &customer("olive"))
@@ -865,11 +791,7 @@ async fn declined_or_unanswered_consent_ends_the_session() {
         f.service.resolve(&declined.secret).await,
         Err(Error::Ended(EndReason::ConsentDenied))
     ));
-    let unanswered = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let unanswered = f.sam_on_olive().await;
     f.clock.advance(Duration::minutes(10));
     let err = f
         .service
@@ -905,11 +827,7 @@ async fn read_only_sessions_refuse_modifications_and_audit_the_refusal() {
 #[tokio::test]
 async fn admit_asks_before_a_change_and_only_a_read_only_session_is_refused() {
     let f = fixture();
-    let open = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let open = f.sam_on_olive().await;
     let ctx = f.service.resolve(&open.secret).await.unwrap();
     let before = session_events(&f, ctx.session()).await.len();
     for kind in [ActivityKind::Access, ActivityKind::Modification] {
@@ -952,11 +870,7 @@ async fn a_completed_change_stays_on_the_trail_when_its_session_ended_meanwhile(
     let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
     let other =
         Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve_fresh(&started.secret).await.unwrap();
     f.service
         .record_completed(&ctx, Activity::modification("Moved booking 7."))
@@ -1008,11 +922,7 @@ async fn a_completed_change_stays_on_the_trail_when_its_session_ended_meanwhile(
 #[tokio::test]
 async fn a_refused_sensitive_route_is_audited_in_the_session() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     let err = f
         .service
@@ -1031,11 +941,7 @@ async fn a_refused_sensitive_route_is_audited_in_the_session() {
 #[tokio::test]
 async fn recording_after_the_session_ended_is_refused() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     f.service
         .stop(&started.secret, &agent("sam"))
@@ -1186,11 +1092,7 @@ async fn a_lapsed_session_nobody_ended_does_not_block_the_next_start() {
 async fn a_stop_dropped_after_the_store_ended_the_session_is_not_reused() {
     let f = faulty();
     let store = f.service.store().clone();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     // A read fills the reuse map.
     f.service.resolve(&started.secret).await.unwrap();
 
@@ -1221,11 +1123,7 @@ async fn a_stop_dropped_after_the_store_ended_the_session_is_not_reused() {
 async fn a_failed_stop_leaves_neither_half() {
     let f = faulty();
     let store = f.service.store().clone();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     store.fail_next_write(When::Before);
     assert!(matches!(
         f.service.stop(&started.secret, &agent("sam")).await,
@@ -1268,11 +1166,7 @@ async fn a_failed_stop_leaves_neither_half() {
 async fn a_store_outage_fails_closed() {
     let f = faulty();
     let store = f.service.store().clone();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     store.fail_nth(1, When::Before, Calls::All);
     let err = f.service.resolve(&started.secret).await.unwrap_err();
     assert!(matches!(err, Error::Store(_)));
@@ -1299,11 +1193,7 @@ impl Directory for DownDirectory {
 #[tokio::test]
 async fn a_directory_outage_fails_closed_without_ending_the_session() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let down =
         Impersonation::new(f.service.store().clone(), DownDirectory).with_clock(f.clock.clone());
     let err = down.resolve(&started.secret).await.unwrap_err();
@@ -1318,11 +1208,7 @@ async fn a_directory_outage_fails_closed_without_ending_the_session() {
 #[tokio::test]
 async fn the_bearer_secret_is_stored_only_as_a_hash() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let token = started.secret.expose().to_owned();
     let random_part = token.rsplit('.').next().unwrap().to_owned();
     let stored =
@@ -1338,11 +1224,7 @@ async fn the_bearer_secret_is_stored_only_as_a_hash() {
 #[tokio::test]
 async fn a_session_resolves_by_id_with_the_same_checks() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     let sid = started.session.id;
     let by_id = f.service.resolve_session(sid).await.unwrap();
     let by_secret = f.service.resolve(&started.secret).await.unwrap();
@@ -1384,11 +1266,7 @@ async fn a_session_resolves_by_id_with_the_same_checks() {
 #[tokio::test]
 async fn resolving_by_id_ends_an_idle_session_with_its_event() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.clock.advance(Duration::minutes(16));
     assert!(matches!(
         f.service.resolve_session(started.session.id).await,
@@ -1531,10 +1409,7 @@ impl Store for BusyChain {
 #[tokio::test]
 async fn a_chain_written_to_while_it_is_verified_still_verifies() {
     let f = fixture_with(BusyChain::new(false), Policy::default(), Config::default());
-    f.service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    f.sam_on_olive().await;
     let chain = impersonation_core::ChainKey::for_agent(&id("sam"));
     let report = f.service.verify_chain(&chain).await.unwrap();
     assert!(report.is_ok(), "{report:?}");
@@ -1544,11 +1419,7 @@ async fn a_chain_written_to_while_it_is_verified_still_verifies() {
 
     // Events past a head that never moves are still a mismatch.
     let f = fixture_with(BusyChain::new(true), Policy::default(), Config::default());
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.service
         .stop(&started.secret, &agent("sam"))
         .await
@@ -1563,11 +1434,7 @@ async fn a_chain_written_to_while_it_is_verified_still_verifies() {
 #[tokio::test]
 async fn a_stranger_is_refused_even_on_an_ended_session_and_audited() {
     let f = fixture();
-    let started = f
-        .service
-        .start(Requester::User(&agent("sam")), req("olive"))
-        .await
-        .unwrap();
+    let started = f.sam_on_olive().await;
     f.service
         .stop(&started.secret, &agent("sam"))
         .await
