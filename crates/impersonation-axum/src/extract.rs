@@ -185,18 +185,16 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         state.audited.store(true, Ordering::SeqCst);
         let api = std::sync::Arc::clone(&state.shared.api);
         let ctx = ctx.clone();
-        let write = tokio::spawn(async move {
+        let write = crate::layer::run_to_end(async move {
             api.record_denied(&ctx, Denial::SensitiveAction, &attempt)
                 .await
         });
         match write.await {
-            Ok(Ok(_)) => Err(reject(
+            Ok(_) => Err(reject(
                 StatusCode::FORBIDDEN,
                 "This page is not available while impersonating a customer.",
             )),
-            Ok(Err(_)) | Err(_) => {
-                Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"))
-            }
+            Err(_) => Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable")),
         }
     }
 }

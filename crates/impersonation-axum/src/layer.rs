@@ -448,16 +448,14 @@ where
                     // A read-only session (the refusal is audited), or
                     // one that ended while the refusal was written.
                     Err(e) => {
-                        let mut res = match e {
+                        // `plain` answers are `no-store`.
+                        return Ok(match e {
                             impersonation_core::Error::Denied(_) => plain(
                                 StatusCode::FORBIDDEN,
                                 "refused during impersonation: the session is read-only",
                             ),
                             _ => plain(StatusCode::UNAUTHORIZED, "impersonation session ended"),
-                        };
-                        res.headers_mut()
-                            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                        return Ok(res);
+                        });
                     }
                 }
             }
@@ -501,24 +499,18 @@ where
             let mut res = match served {
                 Ok(res) => res,
                 Err(panic) => {
-                    // The handler panicked: it served nothing, but it may
-                    // have changed something first, so the attempt goes on
-                    // the trail (status 500) before the panic goes on to
-                    // whatever catches it.
                     AuditIfGivenUp::disarm(given_up);
-                    if let (Some(c), Some((method, route))) = (&ctx, &audit)
-                        && let Some(Err(e)) = audit_request(
+                    if let (Some(c), Some((method, route))) = (&ctx, &audit) {
+                        audit_panic_and_resume(
                             &shared,
                             &state,
                             c,
                             method,
                             route.as_str(),
                             is_change,
-                            500,
+                            panic,
                         )
-                        .await
-                    {
-                        tracing::error!(error = %e, "could not audit an impersonated request whose handler panicked");
+                        .await;
                     }
                     std::panic::resume_unwind(panic);
                 }
@@ -541,13 +533,10 @@ where
                             Ok(page) => res = page,
                             Err(panic) => {
                                 AuditIfGivenUp::disarm(given_up);
-                                if let Some(Err(e)) =
-                                    audit_request(&shared, &state, c, method, route, is_change, 500)
-                                        .await
-                                {
-                                    tracing::error!(error = %e, "could not audit an impersonated request whose body panicked");
-                                }
-                                std::panic::resume_unwind(panic);
+                                audit_panic_and_resume(
+                                    &shared, &state, c, method, route, is_change, panic,
+                                )
+                                .await;
                             }
                         }
                     }
@@ -800,15 +789,43 @@ async fn audit_request(
     let activity = request_activity(method, route, is_change, status);
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
-    let write = tokio::spawn(async move { api.record_completed(&ctx, activity).await });
-    Some(match write.await {
-        Ok(recorded) => recorded.map(drop),
+    Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
+}
+
+/// Runs an audit write on a task of its own and awaits it, so that it runs
+/// to its end even if the request's future is dropped meanwhile (hyper
+/// drops it when the client goes away). A task that fails is the store's
+/// failure to record.
+pub(crate) async fn run_to_end<T: Send + 'static>(
+    write: impl Future<Output = Result<T, impersonation_core::Error>> + Send + 'static,
+) -> Result<T, impersonation_core::Error> {
+    match tokio::spawn(write).await {
+        Ok(recorded) => recorded,
         Err(e) => Err(impersonation_core::Error::Store(
             impersonation_core::StoreError::unavailable_because(format!(
                 "the audit write failed: {e}"
             )),
         )),
-    })
+    }
+}
+
+/// A request under impersonation whose handler, or whose body while the
+/// layer read it, panicked: it served nothing, but may have changed
+/// something first, so the attempt goes on the trail (status 500); then
+/// the panic goes on to whatever catches it.
+async fn audit_panic_and_resume(
+    shared: &Shared,
+    state: &RequestState,
+    ctx: &Context,
+    method: &Method,
+    route: &str,
+    is_change: bool,
+    panic: Box<dyn std::any::Any + Send>,
+) -> ! {
+    if let Some(Err(e)) = audit_request(shared, state, ctx, method, route, is_change, 500).await {
+        tracing::error!(error = %e, "could not audit an impersonated request that panicked");
+    }
+    std::panic::resume_unwind(panic)
 }
 
 /// Cache headers that CDNs read before `Cache-Control` (Fastly's and
