@@ -65,7 +65,7 @@ impl Mask {
             return std::iter::repeat_n(MASK_CHAR, HIDDEN_WIDTH).collect();
         }
         let hidden = chars.len() - keep;
-        std::iter::repeat_n(MASK_CHAR, hidden)
+        std::iter::repeat_n(MASK_CHAR, hidden.max(4))
             .chain(chars[hidden..].iter().copied())
             .collect()
     }

@@ -363,6 +363,8 @@ fn short_and_structured_values_are_masked_entirely() {
         "objects cannot be masked, so they are redacted"
     );
     assert_eq!(Mask { keep_last: 2 }.apply("abcdef"), "••••ef");
+    // A kept end still follows at least four mask characters.
+    assert_eq!(Mask { keep_last: 1 }.apply("abc"), "••••c");
     assert_eq!(Mask { keep_last: 4 }.apply(""), "••••••••");
     assert_eq!(Mask { keep_last: 4 }.apply("0123456789a"), "••••••••");
     assert_eq!(Mask { keep_last: 0 }.apply("whatever"), "••••••••");
