@@ -518,19 +518,20 @@ CREATE OR REPLACE USER 'root'@'::1' IDENTIFIED BY '';
 GRANT ALL PRIVILEGES ON *.* TO 'root'@'::1' WITH GRANT OPTION;";
 
 fn mariadb_start(sh: &Shell) -> Result<()> {
-    // mariadbd puts its socket and pid file here and runs as `mysql`; /run
-    // is a tmpfs, so the directory vanishes on reboot.
-    if !sh.path_exists("/run/mysqld") {
-        sh.create_dir("/run/mysqld")?;
-        cmd!(sh, "chown mysql:mysql /run/mysqld").run()?;
-    }
+    // Directories mariadbd, running as `mysql`, writes to.
+    let owned_by_mysql = |dir: &str| -> Result<()> {
+        if !sh.path_exists(dir) {
+            sh.create_dir(dir)?;
+            cmd!(sh, "chown mysql:mysql {dir}").run()?;
+        }
+        Ok(())
+    };
+    // Its socket and pid file; /run is a tmpfs, so this vanishes on reboot.
+    owned_by_mysql("/run/mysqld")?;
     // --user: Debian's own config leaves `user = mysql` commented out, and
     // mariadbd refuses to run as root. --background sends its output
     // nowhere, so its errors go to a log of their own.
-    if !sh.path_exists("/var/log/mysql") {
-        sh.create_dir("/var/log/mysql")?;
-        cmd!(sh, "chown mysql:mysql /var/log/mysql").run()?;
-    }
+    owned_by_mysql("/var/log/mysql")?;
     cmd!(
         sh,
         "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql --log-error=/var/log/mysql/ci.log"
