@@ -792,13 +792,21 @@ async fn audit_request(
     Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
 }
 
-/// Runs an audit write on a task of its own and awaits it, so that it runs
-/// to its end even if the request's future is dropped meanwhile (hyper
-/// drops it when the client goes away). A task that fails is the store's
-/// failure to record.
+/// Runs an audit write to its end even if the request's future is dropped
+/// meanwhile (hyper drops it when the client goes away). The write is
+/// polled once here: one that finishes at once (the memory store's) is
+/// done, and no drop can come between. One that has to wait goes on to a
+/// task of its own, which this awaits; a task that fails is the store's
+/// failure to record. (Spawning every write cost an in-memory audited
+/// request a task, a wake and a second pass through hyper's futures.)
 pub(crate) async fn run_to_end<T: Send + 'static>(
     write: impl Future<Output = Result<T, impersonation_core::Error>> + Send + 'static,
 ) -> Result<T, impersonation_core::Error> {
+    let mut write = Box::pin(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(recorded) = first {
+        return recorded;
+    }
     match tokio::spawn(write).await {
         Ok(recorded) => recorded,
         Err(e) => Err(impersonation_core::Error::Store(
