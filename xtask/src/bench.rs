@@ -29,6 +29,9 @@ const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
 /// `--rounds N` for medians over interleaved rounds, `--instructions` for
 /// instructions per request under callgrind, variant names).
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
+    // The benches make schemas and keys of their own; a CI run starting
+    // meanwhile would clear them (and skew the figures).
+    let _lock = crate::services::lock_test_services()?;
     crate::services::up()?;
     if args.first().and_then(|a| a.to_str()) == Some("http") {
         crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk")])?;

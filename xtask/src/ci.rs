@@ -130,6 +130,9 @@ fn steps() -> Vec<Step> {
 
 /// Runs every step and prints the summary; the exit code is the verdict.
 pub(crate) fn run() -> Result<ExitCode> {
+    // For the whole run: its tests' schemas must outlive it, and two builds
+    // at once would only slow each other down on a small machine.
+    let _lock = crate::services::lock_test_services()?;
     let sh = crate::root_shell()?;
     // CARGO_TARGET_DIR, if set, reaches cargo simply by inheritance: every
     // child gets our environment plus this.

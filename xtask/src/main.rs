@@ -64,6 +64,7 @@ fn run(args: &[OsString]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         (Some("services"), Some("reset")) if rest.len() == 1 => {
+            let _lock = services::lock_test_services()?;
             services::reset_test_databases(&root_shell()?, &target_dir())?;
             println!("test schemas, databases, keys and files removed");
             Ok(ExitCode::SUCCESS)

@@ -876,6 +876,47 @@ fn redis_cluster_access(sh: &Shell) -> Result<&'static str> {
     }
 }
 
+/// Held while a command uses or clears the shared test databases (`ci`,
+/// `services reset`, `bench http`): a second such command on the machine
+/// waits for it instead of dropping the first one's schemas mid-run. The
+/// lock is the operating system's on one file, so a run that dies lets go.
+pub(crate) struct TestServicesLock(std::fs::File);
+
+impl Drop for TestServicesLock {
+    fn drop(&mut self) {
+        // Closing the file would release it too; this says so explicitly.
+        let _ = self.0.unlock();
+    }
+}
+
+/// Takes the [`TestServicesLock`], waiting (and saying so) while another
+/// command holds it. The lock file is machine-wide, in the system's
+/// temporary directory, since the databases are too.
+pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
+    let path = std::env::temp_dir().join("impersonation-test-services.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            println!(
+                "another command is using the test databases (it holds {}); waiting for it to finish",
+                path.display()
+            );
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    Ok(TestServicesLock(file))
+}
+
 /// Prefix of every schema, database and file the test suites create.
 const TEST_PREFIX: &str = "imptest_";
 
