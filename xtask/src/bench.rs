@@ -21,7 +21,7 @@ const BENCH_FEATURES: &str = "impersonation-diesel/postgres,impersonation-diesel
 
 /// The load bench's manifest: a workspace of its own, so the
 /// tower-sessions stores it compares against (sqlx, fred) stay out of CI.
-const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
+pub(crate) const HTTP_BENCH: &str = "benches/http-load/Cargo.toml";
 
 /// Runs `cargo bench --package <p>... [args...]`, e.g. `cargo xtask bench --
 /// --save-baseline main` to forward options to criterion; or, for `http`,

@@ -96,6 +96,28 @@ fn steps() -> Vec<Step> {
             },
         },
         Step {
+            name: "the load bench's Cargo.lock is current",
+            run: |ci| {
+                // The load bench is a workspace of its own, which CI does not
+                // build; a dependency added to an SDK crate must still reach
+                // its lock file, or `cargo xtask bench http` (which builds
+                // with `--locked`) stops. Fetching its sources for this
+                // machine is enough to tell, and builds nothing.
+                let cargo = crate::cargo();
+                let manifest = crate::bench::HTTP_BENCH;
+                let version = cmd!(ci.sh, "{cargo} -vV").read()?;
+                let Some(host) = version.lines().find_map(|l| l.strip_prefix("host: ")) else {
+                    bail!("`cargo -vV` names no host:\n{version}");
+                };
+                cmd!(
+                    ci.sh,
+                    "{cargo} fetch --locked --target {host} --manifest-path {manifest}"
+                )
+                .run()?;
+                Ok(())
+            },
+        },
+        Step {
             name: "cargo doc",
             run: |ci| {
                 // The public API's docs build without a warning (a broken
