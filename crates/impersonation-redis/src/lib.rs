@@ -568,6 +568,12 @@ impl RedisStore {
 
     /// Runs a compare-and-set script. On a Redis error the script may or may
     /// not have run, so the cached head is forgotten.
+    ///
+    /// A `head` reply can be the call's own doing: the cluster client sends
+    /// a call again when its connection drops, also after the script ran,
+    /// and the second run finds the head the first one made. So each caller
+    /// takes a moved head equal to the one its own events make as success.
+    /// The hash covers those events, so nothing else can make that head.
     async fn invoke_cas(
         &self,
         call: &ScriptCall,
@@ -578,6 +584,16 @@ impl RedisStore {
             *cached = None;
             unavailable(e)
         })
+    }
+
+    /// The id of the agent's live session, if any.
+    async fn live_session_of(&self, slot: &Slot) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(slot.live())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     async fn read_head(&self, slot: &Slot) -> Result<Option<ChainHead>, StoreError> {
@@ -768,12 +784,16 @@ impl RedisStore {
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
             let reply = reply?;
-            unwritten = if reply.first().map(String::as_str) == Some("ok") {
+            let status = match reply.first().map(String::as_str) {
+                Some("head") if moved_head(&reply)? == next => Some("ok"),
+                status => status,
+            };
+            unwritten = if status == Some("ok") {
                 Vec::new()
             } else {
                 events.into_iter().cloned().collect()
             };
-            match reply.first().map(String::as_str) {
+            match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
                     *cached = Some(next);
@@ -1037,7 +1057,21 @@ impl RedisStore {
                 inv.arg(f);
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
-            match reply.first().map(String::as_str) {
+            let mut status = reply.first().map(String::as_str);
+            // The live session's id, if the start was refused.
+            let mut live = reply.get(1).cloned();
+            if status == Some("head") {
+                // A lost reply (see `invoke_cas`): the head this very call
+                // made means it ran, started or refused.
+                let moved = moved_head(&reply)?;
+                if moved == Some(started.head()) {
+                    status = Some("started");
+                } else if moved == Some(refused.head()) {
+                    status = Some("refused");
+                    live = self.live_session_of(&slot).await?;
+                }
+            }
+            match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("started") => {
                     *cached = Some(Some(started.head()));
@@ -1051,9 +1085,14 @@ impl RedisStore {
                 Some("refused") => {
                     *cached = Some(Some(refused.head()));
                     drop(cached);
-                    let live: SessionId = reply
-                        .get(1)
-                        .ok_or_else(|| corrupt("start reply", "no live id"))?
+                    // Only after a lost reply can it be missing: the live
+                    // session ended meanwhile. The refusal is on record.
+                    let live: SessionId = live
+                        .ok_or_else(|| {
+                            StoreError::unavailable_because(
+                                "the start was refused and audited, and the session in the way has ended since; try again",
+                            )
+                        })?
                         .parse()
                         .map_err(|e| corrupt("session id", e))?;
                     // The intents for the session that was not created go again.
@@ -1115,7 +1154,11 @@ impl RedisStore {
                 inv.arg(f);
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
-            match reply.first().map(String::as_str) {
+            let status = match reply.first().map(String::as_str) {
+                Some("head") if moved_head(&reply)? == Some(event.head()) => Some("ok"),
+                status => status,
+            };
+            match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
                     *cached = Some(Some(event.head()));

@@ -498,3 +498,93 @@ async fn a_session_listed_before_it_exists_stays_listed() {
         .unwrap();
     assert_eq!(left, BTreeSet::from([starting]));
 }
+
+/// The cluster client sends a call again when its connection drops, also
+/// after the script ran and only the reply was lost; the second run then
+/// finds the head the first one made. Two stores on one namespace play
+/// that out: each has its own cached head, so the second one sends the
+/// very call the first one already applied, sealed against the old head.
+/// Every kind of write is taken as done, once: no event twice, a stop
+/// not taken for a conflict, a start not refused by its own session.
+#[tokio::test]
+async fn a_write_sent_again_after_its_reply_was_lost_is_applied_once() {
+    use impersonation_core::StartOutcome;
+
+    let ns = common::unique("imptest");
+    let first = common::store_at(common::SINGLE, &ns).await;
+    let again = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    // `again` writes first, so its cached head is the start's.
+    let (session, _) = must_start(&again, start).await;
+    let chain = session.chain();
+
+    let access = (
+        session.draft(
+            epoch(),
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "Agent 1"),
+        ),
+        AppendGuard::SessionActive(session.id),
+    );
+    let applied = first.append(access.0.clone(), access.1).await.unwrap();
+    let resent = again.append(access.0, access.1).await.unwrap();
+    assert_eq!(resent, applied);
+
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let (_, applied) = first.transition(stop.clone()).await.unwrap();
+    let (ended, resent) = again.transition(stop).await.unwrap();
+    assert_eq!(resent, applied);
+    assert!(!ended.state.is_live());
+
+    let (start, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    let StartOutcome::Started { session: live, .. } = first.start(start.clone()).await.unwrap()
+    else {
+        panic!("the start is refused");
+    };
+    let StartOutcome::Started {
+        session: resent, ..
+    } = again.start(start).await.unwrap()
+    else {
+        panic!("the call sent again is refused by the session it started");
+    };
+    assert_eq!(resent.id, live.id);
+
+    // A start refused (the agent has a live session), then sent again.
+    let (start, _) = w.begin(&agent, &w.customer(3, "t1"), epoch());
+    let refused = first.start(start.clone()).await.unwrap();
+    let StartOutcome::Refused {
+        live: in_the_way, ..
+    } = refused
+    else {
+        panic!("a second live session");
+    };
+    assert_eq!(in_the_way, live.id);
+    match again.start(start).await.unwrap() {
+        StartOutcome::Refused {
+            live: in_the_way, ..
+        } => assert_eq!(in_the_way, live.id),
+        StartOutcome::Started { .. } => panic!("a second live session"),
+    }
+
+    // start, access, stop, start, refusal: each once.
+    assert_eq!(assert_chain_verifies(&first, &chain).await, 5);
+    let ids: BTreeSet<String> = whole_chain(&first, &chain)
+        .await
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 5, "no event written twice");
+    let listed = first
+        .live_sessions(&LiveFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.agent.id == agent.id)
+        .map(|s| s.id)
+        .collect::<Vec<_>>();
+    assert_eq!(listed, [live.id], "the live session is still listed");
+}
