@@ -735,10 +735,14 @@ async fn with_banner(res: Response, banner: &str) -> Response {
     {
         Ok(collected) => {
             let bytes = collected.to_bytes();
-            // A UTF-16 byte-order mark overrides the header's charset.
-            if bytes.starts_with(&[0xFE, 0xFF]) || bytes.starts_with(&[0xFF, 0xFE]) {
+            // A UTF-16 or UTF-32 byte-order mark overrides the header's
+            // charset (`FF FE` also begins UTF-32LE's).
+            if bytes.starts_with(&[0xFE, 0xFF])
+                || bytes.starts_with(&[0xFF, 0xFE])
+                || bytes.starts_with(&[0x00, 0x00, 0xFE, 0xFF])
+            {
                 tracing::warn!(
-                    "an impersonated HTML page in UTF-16 (byte-order mark) is served without the banner"
+                    "an impersonated HTML page in UTF-16 or UTF-32 (byte-order mark) is served without the banner"
                 );
                 return Response::from_parts(parts, Body::from(bytes));
             }
@@ -770,8 +774,8 @@ async fn with_banner(res: Response, banner: &str) -> Response {
 /// `NotImpersonating` extractor or by the service for start and stop, or
 /// left out by `audit_when`).
 ///
-/// The write is spawned and awaited, so it runs to its end even if the
-/// client goes away meanwhile (hyper then drops the request's future): a
+/// The write runs to its end ([`run_to_end`]) even if the client goes
+/// away meanwhile (hyper then drops the request's future): a
 /// change already made is never left off the trail, and a batched write
 /// this request carries is not cut short for the requests that share it.
 async fn audit_request(

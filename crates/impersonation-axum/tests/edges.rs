@@ -92,6 +92,11 @@ fn fixture(root: bool) -> Fx {
         ),
         ("/bom", "text/html", b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0"),
         (
+            "/bom-utf32be",
+            "text/html",
+            b"\0\0\xfe\xff\0\0\0<\0\0\0/\0\0\0b\0\0\0o\0\0\0d\0\0\0y\0\0\0>",
+        ),
+        (
             "/plain-text",
             "text/plain; charset=utf-8",
             b"</body> is only text here",
@@ -283,10 +288,11 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         }
     }
     // Served byte for byte as the app wrote them, without the banner: an
-    // encoded body, a UTF-16 page (by its charset or its byte-order mark)
+    // encoded body, a UTF-16 page (by its charset or its byte-order mark), a
+    // UTF-32 one (by its mark)
     // and an ISO-2022 one (the banner cannot go in; the log says so), a
     // download, a part of a page.
-    let cases: [(&str, &[u8]); 7] = [
+    let cases: [(&str, &[u8]); 8] = [
         (
             "/gzip",
             &[
@@ -296,6 +302,10 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         ("/utf16", b"<\0/\0b\0o\0d\0y\0>\0"),
         ("/iso-2022-jp", b"<html><body>\x1b$B$3\x1b(B</body></html>"),
         ("/bom", b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0"),
+        (
+            "/bom-utf32be",
+            b"\0\0\xfe\xff\0\0\0<\0\0\0/\0\0\0b\0\0\0o\0\0\0d\0\0\0y\0\0\0>",
+        ),
         ("/download", b"<html><body>download</body></html>"),
         ("/part", b"<html><body>"),
         ("/plain-text", b"</body> is only text here"),
@@ -316,7 +326,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 12);
+    assert_eq!(accesses, 13);
 }
 
 #[tokio::test]
