@@ -180,8 +180,8 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         let route = route_of(&parts.extensions, &parts.uri);
         let attempt = format!("{} {route}", parts.method);
         // The refusal is the request's record, so the layer writes none. It
-        // is spawned, as the layer's own writes are: a client that goes away
-        // meanwhile does not take it off the trail.
+        // runs to its end, as the layer's own writes do: a client that goes
+        // away meanwhile does not take it off the trail.
         state.audited.store(true, Ordering::SeqCst);
         let api = std::sync::Arc::clone(&state.shared.api);
         let ctx = ctx.clone();

@@ -31,9 +31,10 @@
 //! others, with method, route template and status), and `text/html`
 //! responses get the banner before `</body>`. HTML bodies are buffered to
 //! inject it (up to [`MAX_BANNER_BODY`]); a streamed HTML page is therefore
-//! sent whole. Cookies are `__Host-` prefixed, `HttpOnly`, `Secure` and
-//! `SameSite=Strict`; [`ImpersonationLayer::development_mode`] drops the
-//! prefix and `Secure` for plain `http://localhost`.
+//! sent whole. Cookies are `__Host-` prefixed, `Secure` and
+//! `SameSite=Strict`, and the session cookie is `HttpOnly` (the CSRF cookie,
+//! a double-submit token, is not); [`ImpersonationLayer::development_mode`]
+//! drops the prefix and `Secure` for plain `http://localhost`.
 //!
 //! Signed impersonation tokens (RFC 8693, `impersonation-oidc`) are accepted
 //! as bearer credentials with [`ImpersonationLayer::accept_tokens`].

@@ -18,9 +18,13 @@
 //!   ([`KeyRing`]: two keys live, `kid` chosen).
 //! * [`TokenVerifier`]: for resource servers. Checks the signature (by
 //!   `kid`, RS256 only), `iss`, `aud`, `exp`, `nbf`, `iat` and a lifetime
-//!   bound, reads the top-level claims and the current actor, then asks the
-//!   store whether the session is still active, so stop and revocation take
-//!   effect on the next request. It is a
+//!   bound, reads the top-level claims and the current actor, then resolves
+//!   the session: a change asks the store whether it is still active, and a
+//!   read may reuse the session as this process resolved it within
+//!   `Config::reuse_interval` (its audit write checks the store again). So
+//!   stop and revocation take effect on the next change, the next audited
+//!   read, and every request once the reuse interval is over; an end made by
+//!   this process, at once. It is a
 //!   [`TokenResolver`](impersonation_core::TokenResolver): bindings accept
 //!   its tokens as bearer credentials and yield the same context as the
 //!   cookie path.

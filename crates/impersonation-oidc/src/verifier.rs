@@ -95,7 +95,7 @@ impl TokenVerifier {
     }
 
     /// A verifier for a resource server of its own: the issuer's JWKS (as
-    /// published at `/.well-known/jwks.json`), the audience this server is,
+    /// published at `{issuer}/jwks.json`), the audience this server is,
     /// and the service whose store holds the sessions.
     pub fn new(
         issuer: IssuerUrl,

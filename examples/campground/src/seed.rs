@@ -242,7 +242,7 @@ pub fn describe(p: &Principal) -> String {
     let place = p.company().unwrap_or(p.tenant.as_str());
     match role.as_str() {
         "support" => "support agent (ordinary): staff and owners, not partners".into(),
-        "support-lead" => "support lead: anyone but admins; sees and revokes every session".into(),
+        "support-lead" => "support lead: every customer, partners included (not agents or admins); sees and revokes every session".into(),
         "admin" => "platform admin: protected, nobody may impersonate her".into(),
         _ => format!("{role} at {place}"),
     }

@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: the terminal walkthrough of the impersonation SDK.
+//! `cargo run -p impersonation-walkthrough`: the terminal walkthrough of the
+//! impersonation SDK on the in-memory store.
 
 use std::io::IsTerminal;
 
