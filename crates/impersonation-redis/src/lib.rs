@@ -373,6 +373,23 @@ fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
     )
 }
 
+/// A write that follows a committed script (views, live sets, the route
+/// key), whose data derives from what the script wrote. Its failure is
+/// logged, not returned: a caller told that a committed change failed
+/// would lose what it made (the secret of a session that exists and blocks
+/// the agent's next start) or make it again (the same events twice).
+/// `RedisStore::rebuild_indexes` rebuilds the views from the chains;
+/// readers skip stale live-set entries.
+fn after_commit(what: &str, written: Result<(), StoreError>) {
+    if let Err(e) = written {
+        tracing::error!(
+            error = %e,
+            "{what} could not be written after the change was committed; \
+             the change stands (run RedisStore::rebuild_indexes if audit views miss events)"
+        );
+    }
+}
+
 fn head_args(head: Option<ChainHead>) -> (String, String) {
     match head {
         Some(h) => (h.seq.to_string(), h.hash.to_hex()),
@@ -798,7 +815,7 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(next);
                     drop(cached);
-                    indexed?;
+                    after_commit("the events' views", indexed);
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
                     return Ok(done);
                 }
@@ -1076,7 +1093,7 @@ impl RedisStore {
                 Some("started") => {
                     *cached = Some(Some(started.head()));
                     drop(cached);
-                    self.index_event(&started).await?;
+                    after_commit("the start's views", self.index_event(&started).await);
                     return Ok(StartOutcome::Started {
                         session: Box::new(session),
                         event: started,
@@ -1096,8 +1113,11 @@ impl RedisStore {
                         .parse()
                         .map_err(|e| corrupt("session id", e))?;
                     // The intents for the session that was not created go again.
-                    self.forget_live(&session, &slot.route).await?;
-                    self.index_event(&refused).await?;
+                    after_commit(
+                        "the refused start's live-set entries",
+                        self.forget_live(&session, &slot.route).await,
+                    );
+                    after_commit("the refusal's views", self.index_event(&refused).await);
                     return Ok(StartOutcome::Refused {
                         live,
                         event: refused,
@@ -1170,8 +1190,11 @@ impl RedisStore {
                     if !next.state.is_live() {
                         after.extend(self.live_removals(&next, &slot.route));
                     }
-                    self.run_all(after).await?;
-                    self.index_event(&event).await?;
+                    after_commit(
+                        "the session's route and live sets",
+                        self.run_all(after).await,
+                    );
+                    after_commit("the transition's views", self.index_event(&event).await);
                     return Ok((next, event));
                 }
                 Some("notfound") => {

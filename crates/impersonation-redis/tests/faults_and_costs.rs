@@ -545,3 +545,87 @@ async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
     assert_eq!(timed, 2, "session and where keys: {keys:?}");
     assert_eq!(store.session(active.id).await.unwrap(), Some(active));
 }
+
+/// A write after a committed script (views, live sets, the route key) that
+/// fails does not make the change a failure: a start would lose its
+/// secret while its session blocks the agent, an append would be sent
+/// again and written twice. The change stands and the views are rebuilt
+/// from the chain. A user the server lets write everything but the audit
+/// views stands in for a connection lost right after the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
+    use impersonation_core::{AppendGuard, AuditQuery};
+    use impersonation_testkit::conformance::all_events;
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let mut conn = admin(&server).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noviews")
+        .arg("on")
+        .arg(">noviews-password")
+        .arg(format!("~{ns}:{{*"))
+        .arg(format!("~{ns}:where:*"))
+        .arg(format!("~{ns}:live:*"))
+        .arg(format!("~{ns}:chains"))
+        .arg("+@all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let store = |url: String| {
+        let ns = ns.clone();
+        async move {
+            RedisStore::connect(RedisConfig::new(&url).unwrap().namespace(&ns).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let limited = store(format!(
+        "redis://noviews:noviews-password@127.0.0.1:{}",
+        server.port
+    ))
+    .await;
+    let whole = store(server.url()).await;
+
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = limited.start(start).await.unwrap() else {
+        panic!("refused");
+    };
+    let access = session.draft(
+        epoch(),
+        AuditAction::Access,
+        Actor::user(agent.id.clone(), "Agent 1"),
+    );
+    limited
+        .append(access, AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let (ended, _) = limited.transition(stop).await.unwrap();
+    assert!(!ended.state.is_live());
+
+    // All three are on the chain, each once; the views list none of them
+    // until they are rebuilt from it.
+    let chain = whole_chain(&whole, &session.chain()).await;
+    let actions: Vec<AuditAction> = chain.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::SessionStarted,
+            AuditAction::Access,
+            AuditAction::SessionEnded
+        ]
+    );
+    let by_session = || AuditQuery {
+        session: Some(session.id),
+        ..AuditQuery::default()
+    };
+    assert!(all_events(&whole, by_session()).await.is_empty());
+    assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
+    assert_eq!(all_events(&whole, by_session()).await, chain);
+}
