@@ -155,7 +155,9 @@ impl RedisConfig {
         self
     }
 
-    /// Refuse to start unless the server persists data (AOF or RDB snapshots).
+    /// Refuse to start unless the server persists data (AOF or RDB
+    /// snapshots) and never evicts keys (`maxmemory-policy noeviction`, or
+    /// no `maxmemory` limit).
     #[must_use]
     pub fn require_durability(mut self) -> Self {
         self.durability = Durability::Require;
@@ -200,24 +202,33 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// What the server said about persistence at start-up.
+/// What the server said at start-up about keeping data: on disk, and in
+/// memory when it runs out of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DurabilityReport {
     /// `appendonly` per node (`None`: CONFIG is not allowed there).
     pub appendonly: Vec<Option<bool>>,
     /// `save` per node.
     pub save: Vec<Option<String>>,
+    /// Per node, whether it may evict keys when full: a `maxmemory` limit
+    /// with a `maxmemory-policy` other than `noeviction` (the default of
+    /// some hosted services). An evicted chain head, live marker or
+    /// session loses audit events or lets an agent start a second session.
+    pub evicts: Vec<Option<bool>>,
 }
 
 impl DurabilityReport {
-    /// Whether every node persists data. `None` when it could not be read.
+    /// Whether every node persists data and never evicts keys. `None` when
+    /// it could not be read.
     pub fn durable(&self) -> Option<bool> {
         let mut all = true;
-        for (aof, save) in self.appendonly.iter().zip(&self.save) {
-            match (aof, save) {
-                (Some(true), _) => {}
-                (Some(false), Some(save)) if !save.trim().is_empty() => {}
-                (Some(false), Some(_)) => all = false,
+        for ((aof, save), evicts) in self.appendonly.iter().zip(&self.save).zip(&self.evicts) {
+            match (aof, save, evicts) {
+                (_, _, None) => return None,
+                (_, _, Some(true)) => all = false,
+                (Some(true), _, _) => {}
+                (Some(false), Some(save), _) if !save.trim().is_empty() => {}
+                (Some(false), Some(_), _) => all = false,
                 _ => return None,
             }
         }
@@ -518,8 +529,9 @@ impl RedisStore {
             }
             (Some(false), Durability::Warn) => tracing::warn!(
                 report = ?durability,
-                "Redis keeps nothing on disk: the impersonation audit trail will be lost on restart; \
-                 enable appendonly (appendfsync everysec or always) for production"
+                "Redis keeps nothing on disk, or evicts keys when full: the impersonation audit trail \
+                 can be lost; enable appendonly (appendfsync everysec or always) and set \
+                 maxmemory-policy noeviction for production"
             ),
             (None, Durability::Require) => {
                 return Err(RedisStoreError::NotDurable(
@@ -544,6 +556,7 @@ impl RedisStore {
         let mut report = DurabilityReport {
             appendonly: Vec::new(),
             save: Vec::new(),
+            evicts: Vec::new(),
         };
         for url in urls {
             let read = async {
@@ -559,11 +572,33 @@ impl RedisStore {
                     .arg("save")
                     .query_async(&mut c)
                     .await?;
-                Ok::<_, redis::RedisError>((aof.get(1).map(|v| v == "yes"), save.get(1).cloned()))
+                // A limit of 0 is none: nothing is evicted, whatever the policy.
+                let limit: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory")
+                    .query_async(&mut c)
+                    .await?;
+                let policy: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .query_async(&mut c)
+                    .await?;
+                let evicts = match (limit.get(1), policy.get(1)) {
+                    (Some(limit), Some(policy)) => {
+                        Some(limit.trim() != "0" && policy.trim() != "noeviction")
+                    }
+                    _ => None,
+                };
+                Ok::<_, redis::RedisError>((
+                    aof.get(1).map(|v| v == "yes"),
+                    save.get(1).cloned(),
+                    evicts,
+                ))
             };
-            let (aof, save) = read.await.unwrap_or((None, None));
+            let (aof, save, evicts) = read.await.unwrap_or((None, None, None));
             report.appendonly.push(aof);
             report.save.push(save);
+            report.evicts.push(evicts);
         }
         report
     }

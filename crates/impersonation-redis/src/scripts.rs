@@ -45,12 +45,14 @@ if live then
   append(KEYS[1], KEYS[2], ARGV[9], ARGV[10], ARGV[8])
   return {'refused', live}
 end
+-- The event first: if its XADD fails (a full server, a stream damaged
+-- by eviction), Redis does not undo what ran before it, so nothing may.
+append(KEYS[1], KEYS[2], ARGV[6], ARGV[7], ARGV[5])
 redis.call('HSET', KEYS[4], 'record', ARGV[11], 'shadow', ARGV[12], 'state', ARGV[13], 'version', ARGV[14],
   'last_seen_us', ARGV[15], 'last_checked_us', ARGV[16], 'expires_us', ARGV[17], 'idle_us', ARGV[18])
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-append(KEYS[1], KEYS[2], ARGV[6], ARGV[7], ARGV[5])
 return {'started'}
 "#;
 
@@ -62,6 +64,8 @@ if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
 local v = redis.call('HGET', KEYS[4], 'version')
 if not v then return {'notfound'} end
 if v ~= ARGV[3] then return {'conflict'} end
+-- The event first, as in START.
+append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 redis.call('HSET', KEYS[4], 'record', ARGV[9], 'shadow', ARGV[10], 'state', ARGV[11], 'version', ARGV[12],
   'last_seen_us', ARGV[13], 'last_checked_us', ARGV[14], 'expires_us', ARGV[15], 'idle_us', ARGV[16])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
@@ -71,7 +75,6 @@ if ARGV[11] == 'ended' then
 else
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 end
-append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 return {'ok'}
 "#;
 

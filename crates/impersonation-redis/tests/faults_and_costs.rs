@@ -437,6 +437,37 @@ async fn persistence_is_checked_at_start_up() {
         .await
         .unwrap();
     assert_eq!(strict.durability().durable(), Some(true));
+    assert_eq!(strict.durability().evicts, [Some(false)]);
+
+    // On disk, but a server that evicts keys when full (a limit and an
+    // evicting policy) can still lose the trail; a limit that refuses
+    // writes instead does not.
+    let set = |name: &'static str, value: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    set("maxmemory", "1gb").await;
+    set("maxmemory-policy", "volatile-lru").await;
+    let evicting = RedisStore::connect(config()).await.unwrap();
+    assert_eq!(evicting.durability().evicts, [Some(true)]);
+    assert_eq!(evicting.durability().durable(), Some(false));
+    assert!(matches!(
+        RedisStore::connect(config().require_durability()).await,
+        Err(RedisStoreError::NotDurable(_))
+    ));
+    set("maxmemory-policy", "noeviction").await;
+    let strict = RedisStore::connect(config().require_durability())
+        .await
+        .unwrap();
+    assert_eq!(strict.durability().durable(), Some(true));
 }
 
 /// A store on `server` in namespace `ns` that keeps ended sessions for
@@ -628,4 +659,55 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
     assert!(all_events(&whole, by_session()).await.is_empty());
     assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
     assert_eq!(all_events(&whole, by_session()).await, chain);
+}
+
+/// A start whose event cannot be written (here: the chain head evicted, so
+/// the event's stream id is taken) writes nothing else either. Redis does
+/// not undo a script's earlier writes when a later one fails, so the event
+/// goes first: no live session without its start event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_event_cannot_be_written_leaves_no_session() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused");
+    };
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    store.transition(stop).await.unwrap();
+    let chain = session.chain();
+    let head = format!("{ns}:{{{}}}:a:{}:head", chain.route(), chain.as_str());
+    let mut conn = redis::Client::open(common::SINGLE)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let removed: u32 = redis::cmd("DEL")
+        .arg(&head)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the head key is {head}");
+
+    // A fresh process (no cached head) reads no head, seals the start as
+    // the chain's first event, and its stream id is taken.
+    let fresh = common::store_at(common::SINGLE, &ns).await;
+    let (start, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    let id = start.session().id;
+    assert!(fresh.start(start).await.is_err());
+    assert_eq!(fresh.session(id).await.unwrap(), None, "no session");
+    let live = impersonation_core::LiveFilter {
+        agent: Some(agent.id.clone()),
+        ..impersonation_core::LiveFilter::default()
+    };
+    assert!(fresh.live_sessions(&live).await.unwrap().is_empty());
+    assert_eq!(
+        whole_chain(&fresh, &chain).await.len(),
+        2,
+        "start and stop only"
+    );
 }
