@@ -201,8 +201,11 @@ pub fn view_runs(events: &[&AuditEvent]) -> Vec<ViewRun> {
 /// events of `query`'s page: its window, narrowed by its cursor; `None`
 /// leaves that side open.
 pub fn entry_bounds(query: &AuditQuery) -> (Option<i64>, Option<i64>) {
-    let mut low = query.since.map(|s| unix_micros(s) - RUN_SPAN_US);
-    let mut high = query.until.map(|u| unix_micros(u) - 1);
+    // Events are placed at whole microseconds; a bound between two of them
+    // is rounded outward (an event at X µs lies before an `until` of X µs
+    // and 500 ns), and the page's own filter keeps to the exact bound.
+    let mut low = query.since.map(|s| micros_rounded(s, false) - RUN_SPAN_US);
+    let mut high = query.until.map(|u| micros_rounded(u, true) - 1);
     if let Some(c) = query.cursor {
         let at = unix_micros(c.at);
         match query.order {
@@ -211,6 +214,16 @@ pub fn entry_bounds(query: &AuditQuery) -> (Option<i64>, Option<i64>) {
         }
     }
     (low, high)
+}
+
+/// Microseconds since the Unix epoch, rounded down, or up with `up`.
+fn micros_rounded(at: time::OffsetDateTime, up: bool) -> i64 {
+    let nanos = at.unix_timestamp_nanos();
+    let mut micros = nanos.div_euclid(1_000);
+    if up && nanos.rem_euclid(1_000) != 0 {
+        micros += 1;
+    }
+    i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Gathers one page of `query` from its view's entries, read a batch at a

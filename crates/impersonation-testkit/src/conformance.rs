@@ -671,6 +671,17 @@ pub async fn audit_filters_select_exactly<S: Store>(store: S) {
     let in_window = all_events(&store, window).await;
     assert_eq!(in_window.len(), 1, "since is inclusive, until exclusive");
     assert_eq!(in_window[0].at, epoch() + Duration::minutes(2));
+    // Bounds finer than the events' microseconds: the event at 2:00 lies
+    // within half a microsecond either side of it.
+    let fine = AuditQuery {
+        subject: Some(c1.id.clone()),
+        since: Some(epoch() + Duration::minutes(2) - Duration::nanoseconds(500)),
+        until: Some(epoch() + Duration::minutes(2) + Duration::nanoseconds(500)),
+        ..AuditQuery::default()
+    };
+    let in_fine_window = all_events(&store, fine).await;
+    assert_eq!(in_fine_window.len(), 1, "bounds between two microseconds");
+    assert_eq!(in_fine_window[0].at, epoch() + Duration::minutes(2));
     let none = AuditQuery {
         agent: Some(a1.id.clone()),
         subject: Some(c2.id.clone()),
