@@ -148,11 +148,16 @@ impl RedisConfig {
 
     /// How long a session's keys outlive its end of validity (default one
     /// day): ended sessions answer "ended" rather than "unknown" meanwhile.
-    /// The audit chains never expire.
-    #[must_use]
-    pub fn retention(mut self, retention: Duration) -> Self {
+    /// The audit chains never expire. A negative retention is refused: it
+    /// would expire a live session's keys before the session.
+    pub fn retention(mut self, retention: Duration) -> Result<Self, RedisStoreError> {
+        if retention.is_negative() {
+            return Err(RedisStoreError::Config(format!(
+                "negative retention ({retention})"
+            )));
+        }
         self.retention = retention;
-        self
+        Ok(self)
     }
 
     /// Refuse to start unless the server persists data (AOF or RDB
@@ -482,6 +487,9 @@ impl<'a> Member<'a> {
         let Ok(first) = first.parse::<u64>() else {
             // The earlier form: the event's id comes first, then its place.
             let seq: u64 = last.parse().map_err(|e| corrupt("view entry", e))?;
+            if seq == u64::MAX {
+                return Err(corrupt("view entry", "no stream id for its place"));
+            }
             return Ok(Self {
                 first: seq,
                 last: seq,
@@ -490,7 +498,8 @@ impl<'a> Member<'a> {
             });
         };
         let last: u64 = last.parse().map_err(|e| corrupt("view entry", e))?;
-        if last < first || last - first >= RUN_LEN as u64 {
+        // An event at `seq` is stream entry `0-(seq + 1)`.
+        if last < first || last - first >= RUN_LEN as u64 || last == u64::MAX {
             return Err(corrupt("view entry", "run out of bounds"));
         }
         Ok(Self {
@@ -1523,11 +1532,15 @@ impl Store for RedisStore {
         from_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
+        // An event at `seq` is stream entry `0-(seq + 1)`; none is past the last.
+        let Some(from_entry) = from_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         let slot = Slot::of_chain(&self.ns, chain);
         let mut conn = self.conn.clone();
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(slot.chain())
-            .arg(format!("0-{}", from_seq + 1))
+            .arg(format!("0-{from_entry}"))
             .arg("+")
             .arg("COUNT")
             .arg(limit)
@@ -1719,5 +1732,26 @@ mod tests {
         let wrong = RedisConfig::new("postgres://app:hunter2@db/app").unwrap_err();
         assert!(!wrong.to_string().contains("hunter2"), "{wrong}");
         assert!(wrong.to_string().contains("`postgres`"), "{wrong}");
+    }
+
+    /// A negative retention would give a live session's keys a TTL shorter
+    /// than the session (1 ms, at the floor): refused when configured.
+    #[test]
+    fn a_negative_retention_is_refused() {
+        let config = || RedisConfig::new("redis://127.0.0.1:6379").unwrap();
+        assert!(config().retention(time::Duration::hours(-2)).is_err());
+        assert!(config().retention(time::Duration::ZERO).is_ok());
+        assert!(config().retention(time::Duration::days(7)).is_ok());
+    }
+
+    /// A view entry is read as stream entries `0-(first + 1)` to
+    /// `0-(last + 1)`: one whose place has no stream id is corrupt, not an
+    /// overflow.
+    #[test]
+    fn a_view_entry_at_the_last_place_is_corrupt() {
+        let max = u64::MAX;
+        assert!(super::Member::parse(&format!("{max}|{max}|e|agent")).is_err());
+        assert!(super::Member::parse(&format!("e|{max}|r|agent")).is_err());
+        assert!(super::Member::parse("3|4|e|agent").is_ok());
     }
 }

@@ -477,7 +477,8 @@ async fn retaining(server: &OwnServer, ns: &str, retention: time::Duration) -> R
         .unwrap()
         .namespace(ns)
         .unwrap()
-        .retention(retention);
+        .retention(retention)
+        .unwrap();
     RedisStore::connect(config).await.unwrap()
 }
 
