@@ -508,8 +508,15 @@ macro_rules! with_conn {
                 $( let $cap = $cap.clone(); )*
                 detached(async move {
                     use crate::ops::mysql as $ops;
-                    let $conn = &mut *pooled;
-                    $body
+                    let result = async {
+                        let $conn = &mut *pooled;
+                        $body
+                    }
+                    .await;
+                    if result.is_err() {
+                        drop_if_closed(pooled).await;
+                    }
+                    result
                 })
                 .await
             }
@@ -527,6 +534,25 @@ macro_rules! with_conn {
             }
         }
     }};
+}
+
+/// After a failed call, pings its MySQL connection and takes it out of the
+/// pool if it is gone. diesel-async reports a MySQL connection broken only
+/// by its transaction state, so one the server closed (a restart, a
+/// failover, `wait_timeout` overnight) would otherwise go back to the pool
+/// and fail every call it is handed to until the app restarts. The ping
+/// costs a round trip on the error path only.
+#[cfg(feature = "mysql")]
+async fn drop_if_closed(
+    mut pooled: deadpool::managed::Object<
+        AsyncDieselConnectionManager<diesel_async::AsyncMysqlConnection>,
+    >,
+) {
+    use diesel_async::pooled_connection::PoolableConnection;
+    if pooled.ping(&RecyclingMethod::Verified).await.is_err() {
+        tracing::warn!("a MySQL connection went away; it leaves the pool");
+        drop(deadpool::managed::Object::take(pooled));
+    }
 }
 
 /// Runs a call on its own task, so that dropping the caller does not drop

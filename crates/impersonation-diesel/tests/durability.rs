@@ -509,6 +509,57 @@ mod mariadb_crash {
         id: i64,
     }
 
+    /// A pooled connection the server closes while it is idle (a restart,
+    /// a failover, `wait_timeout` overnight) leaves the pool at the first
+    /// call that fails on it; the calls after that are served. (diesel-async
+    /// judges a MySQL connection broken by its transaction state alone.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_closed_while_idle_leaves_the_pool() {
+        let db = common::mysql_db(2).await;
+        let Place::Mysql { url } = &db.place else {
+            unreachable!()
+        };
+        let w = World::new();
+        let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+        let (session, _) = must_start(&db.store, start).await;
+        let (a, b) = tokio::join!(db.store.session(session.id), db.store.session(session.id));
+        assert!(a.unwrap().is_some() && b.unwrap().is_some());
+
+        // The server closes every connection the store holds.
+        let mut admin = AsyncMysqlConnection::establish(url).await.unwrap();
+        let name = url.rsplit('/').next().unwrap();
+        let pooled = diesel::sql_query(format!(
+            "SELECT CAST(ID AS SIGNED) AS id FROM information_schema.processlist \
+             WHERE DB = '{name}' AND ID <> CONNECTION_ID()"
+        ))
+        .load::<Thread>(&mut admin)
+        .await
+        .unwrap();
+        assert!(!pooled.is_empty(), "the store holds connections");
+        for thread in &pooled {
+            admin
+                .batch_execute(&format!("KILL {}", thread.id))
+                .await
+                .unwrap();
+        }
+
+        // At most one failed call per closed connection, then service.
+        let mut failed = 0;
+        for _ in 0..10 {
+            match db.store.session(session.id).await {
+                Ok(found) => {
+                    assert_eq!(found.map(|s| s.id), Some(session.id));
+                    break;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(failed <= pooled.len(), "{failed} calls failed");
+        for _ in 0..4 {
+            assert!(db.store.session(session.id).await.unwrap().is_some());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transition_killed_mid_transaction_leaves_neither_half() {
         let db = common::mysql_db(2).await;
