@@ -627,10 +627,12 @@ macro_rules! store_ops {
                     sql.push(
                         "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
                          WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
-                         AND s.last_seen_us + s.idle_us > ? AND s.last_seen_us + ? <= ? RETURNING s.id) \
+                         AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - ? RETURNING s.id) \
                          SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
                     );
-                    sql = sql.arg(now).arg(now).arg(now).arg(coalesce).arg(now);
+                    // `idle_us` may be i64::MAX (never idle): the sums are
+                    // written as differences, which cannot overflow BIGINT.
+                    sql = sql.arg(now).arg(now).arg(now).arg(now).arg(coalesce);
                 }
                 let asked: HashMap<String, SecretHash> = hashes.iter().map(|h| (h.to_hex(), *h)).collect();
                 let mut found: HashMap<String, Session> = HashMap::new();
@@ -653,8 +655,8 @@ macro_rules! store_ops {
                     for id in due {
                         sql = sql.arg(id);
                     }
-                    sql.push(" AND state = 'active' AND expires_us > ? AND last_seen_us + idle_us > ? AND last_seen_us + ? <= ?");
-                    sql.arg(now).arg(now).arg(coalesce).arg(now).execute(conn).await?;
+                    sql.push(" AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - ?");
+                    sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await?;
                 }
                 Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned()).collect())
             }

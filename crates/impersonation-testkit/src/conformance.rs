@@ -294,6 +294,30 @@ pub async fn find_by_secret_finds_only_by_hash<S: Store>(store: S) {
     );
 }
 
+/// A session that never idles (an idle timeout as long as a `Duration`
+/// goes) is found and touched like any other: nothing in the store's
+/// arithmetic on its times overflows.
+pub async fn a_session_that_never_idles_is_found_and_touched<S: Store>(store: S) {
+    let w = World::new();
+    let policy = w.policy.clone().idle_timeout(Duration::MAX);
+    let (start, secret) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let t1 = epoch() + Duration::seconds(30);
+    let found = store
+        .find_by_secret(
+            &secret.lookup(),
+            Some(Touch {
+                now: t1,
+                coalesce: Duration::seconds(10),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.map(|s| s.id), Some(session.id));
+    let touched = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(touched.last_seen_at, t1);
+}
+
 /// The touch writes `last_seen_at`, returns the record as before it, and is coalesced.
 pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let w = World::new();
@@ -1231,6 +1255,7 @@ where
     transition_of_an_unknown_session_is_not_found(factory().await).await;
     find_by_secret_finds_only_by_hash(factory().await).await;
     touch_updates_last_seen_and_is_coalesced(factory().await).await;
+    a_session_that_never_idles_is_found_and_touched(factory().await).await;
     touch_never_revives_a_lapsed_session(factory().await).await;
     guarded_append_requires_an_active_session(factory().await).await;
     events_read_back_exactly_and_chains_verify(factory().await).await;
@@ -1270,6 +1295,7 @@ macro_rules! store_conformance_tests {
             transition_of_an_unknown_session_is_not_found,
             find_by_secret_finds_only_by_hash,
             touch_updates_last_seen_and_is_coalesced,
+            a_session_that_never_idles_is_found_and_touched,
             touch_never_revives_a_lapsed_session,
             guarded_append_requires_an_active_session,
             events_read_back_exactly_and_chains_verify,
