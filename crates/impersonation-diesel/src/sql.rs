@@ -89,14 +89,49 @@ impl Query for Sql {
     type SqlType = Untyped;
 }
 
+/// How many bound values a statement may have and still be kept prepared
+/// on its connection. A statement's text grows with its lists (the
+/// lookups' `IN`, a batch's `VALUES`), so every length is a statement of
+/// its own, and the connection's cache never lets one go.
+pub(crate) trait CachePolicy {
+    /// Statements with more bound values are prepared for one use.
+    const MAX_CACHED_ARGS: usize;
+}
+
+/// MySQL and MariaDB count every connection's prepared statements against
+/// one server-wide limit (`max_prepared_stmt_count`, 16,382 by default),
+/// which the lists' lengths would reach across a few app servers' pools.
+/// Up to 16 values, a lookup of up to 16 secrets and a one-row insert stay
+/// prepared; a longer batch costs one more round trip (its `PREPARE`).
+#[cfg(feature = "mysql")]
+impl CachePolicy for diesel::mysql::Mysql {
+    const MAX_CACHED_ARGS: usize = 16;
+}
+
+/// PostgreSQL keeps a connection's statements in that connection's own
+/// backend process, with no server-wide limit.
+#[cfg(feature = "postgres")]
+impl CachePolicy for diesel::pg::Pg {
+    const MAX_CACHED_ARGS: usize = usize::MAX;
+}
+
+/// SQLite's statements live in this process, one cache per connection.
+#[cfg(feature = "sqlite")]
+impl CachePolicy for diesel::sqlite::Sqlite {
+    const MAX_CACHED_ARGS: usize = usize::MAX;
+}
+
 impl<DB> QueryFragment<DB> for Sql
 where
-    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt> + CachePolicy,
     String: ToSql<Text, DB>,
     i64: ToSql<BigInt, DB>,
     Option<String>: ToSql<Nullable<Text>, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        if self.args.len() > DB::MAX_CACHED_ARGS {
+            out.unsafe_to_cache_prepared();
+        }
         let mut args = self.args.iter();
         for (i, part) in self.text.split('?').enumerate() {
             if i > 0 {

@@ -345,3 +345,57 @@ async fn a_stale_cached_head_falls_back_and_the_guard_holds_on_postgres() {
         "start, two accesses, the end, one unguarded"
     );
 }
+
+/// Batches of every length from 1 to 40 events. Each length is a statement
+/// text of its own (its `VALUES` list); on MariaDB, whose prepared
+/// statements count against one server-wide limit
+/// (`max_prepared_stmt_count`), few of them stay prepared, where each
+/// would stay for the connection's life.
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_every_length_keep_few_statements_prepared_on_mariadb() {
+    use impersonation_core::{Actor, AppendGuard, AuditAction, Store};
+    use impersonation_testkit::conformance::{must_start, whole_chain};
+
+    let db = common::mysql_db(1).await;
+    let common::Place::Mysql { url } = db.place else {
+        unreachable!()
+    };
+    let counter = QueryCounter::new();
+    let store = DieselStore::connect_and_migrate(
+        DieselConfig::new(url)
+            .query_counter(Arc::clone(&counter))
+            .max_connections(1),
+    )
+    .await
+    .unwrap();
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), impersonation_testkit::epoch());
+    let (session, _) = must_start(&store, start).await;
+    let before = counter.prepared();
+    for n in 1..=40_i64 {
+        let batch = (0..n)
+            .map(|i| {
+                let draft = session.draft(
+                    impersonation_testkit::epoch() + Duration::seconds(n * 100 + i),
+                    AuditAction::Access,
+                    Actor::user(agent.id.clone(), "Agent 1"),
+                );
+                (draft, AppendGuard::SessionActive(session.id))
+            })
+            .collect();
+        for appended in store.append_batch(batch).await {
+            appended.unwrap();
+        }
+    }
+    let kept = counter.prepared() - before;
+    assert!(
+        kept <= 8,
+        "{kept} statements kept prepared for 40 batch lengths"
+    );
+    assert_eq!(
+        whole_chain(&store, &session.chain()).await.len(),
+        1 + (1..=40).sum::<usize>()
+    );
+}
