@@ -58,6 +58,9 @@ pub(crate) mod dialect {
         pub(crate) const UPSERT_FIRST: bool = false;
         /// Find and touch in one statement (a data-modifying CTE).
         pub(crate) const ONE_STATEMENT_TOUCH: bool = true;
+        /// The column a live session's agent is matched on (with
+        /// `state IN ('pending', 'active')`, the partial index's condition).
+        pub(crate) const LIVE_AGENT: &str = "agent";
     }
     pub(crate) mod mysql {
         pub(crate) const LOCK: &str = " FOR UPDATE";
@@ -67,6 +70,10 @@ pub(crate) mod dialect {
         /// and two of those upgrading to exclusive would deadlock.
         pub(crate) const UPSERT_FIRST: bool = false;
         pub(crate) const ONE_STATEMENT_TOUCH: bool = false;
+        /// The generated column under the one-live-session index (`agent`
+        /// has no index of its own here: matched on it, a start's locking
+        /// read scans every session ever held).
+        pub(crate) const LIVE_AGENT: &str = "live_agent";
     }
     pub(crate) mod sqlite {
         /// SQLite locks the whole database for a writer; no row locks.
@@ -76,6 +83,7 @@ pub(crate) mod dialect {
         /// (waiting on busy_timeout) instead of failing to upgrade later.
         pub(crate) const UPSERT_FIRST: bool = true;
         pub(crate) const ONE_STATEMENT_TOUCH: bool = false;
+        pub(crate) const LIVE_AGENT: &str = "agent";
     }
 }
 
@@ -432,7 +440,8 @@ macro_rules! store_ops {
                     let session = start.session();
                     let head = lock_chain(conn, &session.chain()).await?;
                     let live = Sql::new(format!(
-                        "SELECT id FROM impersonation_sessions WHERE agent = ? AND state IN ('pending', 'active'){}",
+                        "SELECT id FROM impersonation_sessions WHERE {} = ? AND state IN ('pending', 'active'){}",
+                        d::LIVE_AGENT,
                         d::LOCK
                     ))
                     .arg(session.agent.id.as_str())
@@ -687,7 +696,7 @@ macro_rules! store_ops {
                     "SELECT {SESSION_COLUMNS} FROM impersonation_sessions WHERE state IN ('pending', 'active')"
                 ));
                 if let Some(agent) = &filter.agent {
-                    sql.push_arg(" AND agent = ?", agent.as_str());
+                    sql.push_arg(&format!(" AND {} = ?", d::LIVE_AGENT), agent.as_str());
                 }
                 if let Some(subject) = &filter.subject {
                     sql.push_arg(" AND subject = ?", subject.as_str());
