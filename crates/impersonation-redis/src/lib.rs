@@ -99,16 +99,26 @@ impl std::fmt::Debug for RedisConfig {
 
 impl RedisConfig {
     /// `redis://host:port` for one server, `redis+cluster://h1:p1,h2:p2` for a
-    /// cluster (any reachable nodes; the rest are discovered).
+    /// cluster (any reachable nodes; the rest are discovered). A user and
+    /// password written on the first node (`redis+cluster://:pw@h1:p1,h2:p2`)
+    /// are every node's.
     pub fn new(url: &str) -> Result<Self, RedisStoreError> {
         let (urls, cluster) = match url.strip_prefix("redis+cluster://") {
-            Some(nodes) => (
-                nodes
-                    .split(',')
-                    .map(|n| format!("redis://{}", n.trim()))
-                    .collect(),
-                true,
-            ),
+            Some(nodes) => {
+                let nodes: Vec<&str> = nodes.split(',').map(str::trim).collect();
+                let auth = nodes
+                    .first()
+                    .and_then(|n| n.rsplit_once('@'))
+                    .map(|(auth, _)| auth);
+                let urls = nodes
+                    .iter()
+                    .map(|n| match auth {
+                        Some(auth) if !n.contains('@') => format!("redis://{auth}@{n}"),
+                        _ => format!("redis://{n}"),
+                    })
+                    .collect();
+                (urls, true)
+            }
             None if url.starts_with("redis://") || url.starts_with("rediss://") => {
                 (vec![url.to_owned()], false)
             }
@@ -1376,14 +1386,17 @@ impl Store for RedisStore {
             ),
             None => (0, -1),
         };
-        let mut inv = RESOLVE_SCRIPT.prepare_invoke();
-        inv.key(slot.secret(&secret.hash.to_hex()))
-            .arg(slot.session_prefix())
-            .arg(now)
-            .arg(coalesce);
+        let prefix = slot.session_prefix();
+        let mut inv = ScriptCall::new(
+            &RESOLVE_SCRIPT,
+            &[slot.secret(&secret.hash.to_hex())],
+            3,
+            prefix.len() + 40,
+        );
+        inv.arg(prefix).arg(now).arg(coalesce);
         let mut conn = self.conn.clone();
         let reply: Option<Vec<Option<String>>> =
-            inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+            inv.invoke(&mut conn).await.map_err(unavailable)?;
         match reply {
             Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))),
             None => Ok(None),
@@ -1470,13 +1483,18 @@ impl Store for RedisStore {
             return Err(StoreError::SessionNotFound(id));
         };
         let slot = Slot::of_route(&self.ns, &route);
-        let mut inv = RECORD_CHECK_SCRIPT.prepare_invoke();
-        inv.key(slot.session(id))
-            .arg(version.to_string())
+        let shadow = to_json("shadow user", shadow)?;
+        let mut inv = ScriptCall::new(
+            &RECORD_CHECK_SCRIPT,
+            &[slot.session(id)],
+            3,
+            shadow.len() + 40,
+        );
+        inv.arg(version.to_string())
             .arg(micros(checked_at))
-            .arg(to_json("shadow user", shadow)?);
+            .arg(shadow);
         let mut conn = self.conn.clone();
-        let reply: String = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let reply: String = inv.invoke(&mut conn).await.map_err(unavailable)?;
         match reply.as_str() {
             "ok" => Ok(()),
             "notfound" => Err(StoreError::SessionNotFound(id)),
@@ -1506,20 +1524,18 @@ impl Store for RedisStore {
                 Order::Oldest => cmd.arg(&low).arg(&high).arg("BYSCORE"),
                 Order::Newest => cmd.arg(&high).arg(&low).arg("BYSCORE").arg("REV"),
             };
-            cmd.arg("LIMIT")
-                .arg(resume.skip)
-                .arg(batch)
-                .arg("WITHSCORES");
+            let asked = resume.limit(batch);
+            cmd.arg("LIMIT").arg(0).arg(asked).arg("WITHSCORES");
             let mut conn = self.conn.clone();
-            let entries: Vec<(String, f64)> =
-                cmd.query_async(&mut conn).await.map_err(unavailable)?;
-            resume.advance(&entries);
-            let fetched = try_join_all(entries.iter().map(|(m, _)| self.fetch_run(m))).await?;
-            // Scores are whole microseconds, written as integers.
-            let last = entries
+            let read: Vec<(String, f64)> = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+            // Scores are whole microseconds, written as integers. A full
+            // batch may have more behind it.
+            let last = read
                 .last()
-                .filter(|_| entries.len() == batch)
+                .filter(|_| read.len() == asked)
                 .map(|&(_, score)| score as i64);
+            let entries = resume.take_new(read);
+            let fetched = try_join_all(entries.iter().map(|(m, _)| self.fetch_run(m))).await?;
             if page.push(fetched.into_iter().flatten(), last) {
                 return Ok(page.finish());
             }
@@ -1586,17 +1602,17 @@ impl Store for RedisStore {
 }
 
 /// Where the next batch of a view's entries starts: at the score of the
-/// last entry read, past the entries already read at that score. Not at an
-/// offset from the start: view entries come and go while a page is read
-/// (an append refused by its guard takes back the entries written beside
-/// its script), and an entry gone from before an offset would move an
-/// unread one into the part already passed.
+/// last entry read, leaving out the entries already read at that score.
+/// Not at an offset, from the start or within that score: view entries
+/// come and go while a page is read (an append refused by its guard takes
+/// back the entries written beside its script), and one gone from before
+/// an offset would move an unread one into the part already passed.
 #[derive(Debug, Default, PartialEq)]
 struct Resume {
     /// The last score read (whole microseconds), once a batch was read.
     score: Option<i64>,
-    /// How many entries at `score` were read; skipped by the next batch.
-    skip: usize,
+    /// The entries read at `score`; the next batch reads past them.
+    seen: Vec<String>,
 }
 
 impl Resume {
@@ -1609,24 +1625,36 @@ impl Resume {
         }
     }
 
-    /// Moves past `entries`, just read in the query's order.
-    fn advance(&mut self, entries: &[(String, f64)]) {
-        let Some(&(_, last)) = entries.last() else {
-            return;
-        };
+    /// How many entries to ask for so that `batch` of them are new: the
+    /// ones at `score` already read come again first.
+    fn limit(&self, batch: usize) -> usize {
+        batch + self.seen.len()
+    }
+
+    /// The entries of a batch just read, in the query's order, without
+    /// those read before; and moves past them.
+    fn take_new(&mut self, read: Vec<(String, f64)>) -> Vec<(String, f64)> {
         // Scores are whole microseconds, written as integers.
-        let last = last as i64;
-        let at_last = entries
-            .iter()
-            .rev()
-            .take_while(|e| e.1 as i64 == last)
-            .count();
-        self.skip = if self.score == Some(last) && at_last == entries.len() {
-            self.skip + at_last
-        } else {
-            at_last
-        };
-        self.score = Some(last);
+        let fresh: Vec<(String, f64)> = read
+            .into_iter()
+            .filter(|(member, score)| {
+                !(self.score == Some(*score as i64) && self.seen.contains(member))
+            })
+            .collect();
+        if let Some(&(_, last)) = fresh.last() {
+            let last = last as i64;
+            if self.score != Some(last) {
+                self.seen.clear();
+            }
+            self.seen.extend(
+                fresh
+                    .iter()
+                    .filter(|(_, score)| *score as i64 == last)
+                    .map(|(member, _)| member.clone()),
+            );
+            self.score = Some(last);
+        }
+        fresh
     }
 }
 
@@ -1661,6 +1689,10 @@ mod tests {
             .collect()
     }
 
+    fn scores(read: &[(String, f64)]) -> Vec<i64> {
+        read.iter().map(|&(_, s)| s as i64).collect()
+    }
+
     #[test]
     fn a_batch_resumes_at_the_last_score_past_what_was_read_there() {
         let mut r = Resume::default();
@@ -1668,14 +1700,11 @@ mod tests {
             r.bounds(Order::Oldest, "-inf", "+inf"),
             ("-inf".into(), "+inf".into())
         );
-        r.advance(&entries(&[10, 20, 30, 30]));
-        assert_eq!(
-            r,
-            Resume {
-                score: Some(30),
-                skip: 2
-            }
-        );
+        assert_eq!(r.limit(4), 4);
+        let read = r.take_new(entries(&[10, 20, 30, 30]));
+        assert_eq!(scores(&read), [10, 20, 30, 30]);
+        assert_eq!(r.score, Some(30));
+        assert_eq!(r.seen, ["m2", "m3"]);
         assert_eq!(
             r.bounds(Order::Oldest, "5", "+inf"),
             ("30".into(), "+inf".into())
@@ -1684,43 +1713,39 @@ mod tests {
             r.bounds(Order::Newest, "5", "+inf"),
             ("5".into(), "30".into())
         );
-        // A batch all at the same score adds to the entries to skip there.
-        r.advance(&entries(&[30, 30]));
-        assert_eq!(
-            r,
-            Resume {
-                score: Some(30),
-                skip: 4
-            }
-        );
-        // A new score starts the count again.
-        r.advance(&entries(&[30, 40]));
-        assert_eq!(
-            r,
-            Resume {
-                score: Some(40),
-                skip: 1
-            }
-        );
+        // The next batch asks for the two again, and drops them.
+        assert_eq!(r.limit(4), 6);
+        let again = vec![
+            ("m2".to_owned(), 30.0),
+            ("m3".to_owned(), 30.0),
+            ("m4".to_owned(), 30.0),
+            ("m5".to_owned(), 40.0),
+        ];
+        let read = r.take_new(again);
+        assert_eq!(read, [("m4".to_owned(), 30.0), ("m5".to_owned(), 40.0)]);
+        // A new score starts the list again.
+        assert_eq!((r.score, r.seen.clone()), (Some(40), vec!["m5".to_owned()]));
+        // Nothing read: nothing moves.
+        assert!(r.take_new(Vec::new()).is_empty());
+        assert_eq!((r.score, r.seen.len()), (Some(40), 1));
+    }
+
+    /// An entry read at the last score that is gone by the next batch (an
+    /// append refused by its guard took it back) does not make the next
+    /// batch skip an unread one, as an offset past the read ones would.
+    #[test]
+    fn an_entry_gone_between_batches_hides_no_other() {
+        let mut r = Resume::default();
+        let first = vec![("gone".to_owned(), 30.0), ("kept".to_owned(), 30.0)];
+        assert_eq!(r.take_new(first).len(), 2);
+        // At score 30 now: `kept`, then `unread`; `gone` was removed.
+        let next = vec![("kept".to_owned(), 30.0), ("unread".to_owned(), 30.0)];
+        assert_eq!(r.take_new(next), [("unread".to_owned(), 30.0)]);
         // Newest first: scores fall; the same rule.
         let mut r = Resume::default();
-        r.advance(&entries(&[90, 80, 80]));
-        assert_eq!(
-            r,
-            Resume {
-                score: Some(80),
-                skip: 2
-            }
-        );
-        // Nothing read: nothing moves.
-        r.advance(&[]);
-        assert_eq!(
-            r,
-            Resume {
-                score: Some(80),
-                skip: 2
-            }
-        );
+        let read = r.take_new(entries(&[90, 80, 80]));
+        assert_eq!(scores(&read), [90, 80, 80]);
+        assert_eq!((r.score, r.seen.len()), (Some(80), 2));
     }
 
     #[test]
@@ -1732,6 +1757,28 @@ mod tests {
         let wrong = RedisConfig::new("postgres://app:hunter2@db/app").unwrap_err();
         assert!(!wrong.to_string().contains("hunter2"), "{wrong}");
         assert!(wrong.to_string().contains("`postgres`"), "{wrong}");
+    }
+
+    /// The cluster client takes one password for every node: written once,
+    /// on the first node, it goes to the others too.
+    #[test]
+    fn a_cluster_password_on_the_first_node_is_every_nodes() {
+        let config = RedisConfig::new("redis+cluster://:pw@a:7001, b:7002,u:other@c:7003").unwrap();
+        assert_eq!(
+            config.urls,
+            [
+                "redis://:pw@a:7001",
+                "redis://:pw@b:7002",
+                "redis://u:other@c:7003"
+            ]
+        );
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("pw@") && !shown.contains("other@"),
+            "{shown}"
+        );
+        let open = RedisConfig::new("redis+cluster://a:7001,b:7002").unwrap();
+        assert_eq!(open.urls, ["redis://a:7001", "redis://b:7002"]);
     }
 
     /// A negative retention would give a live session's keys a TTL shorter

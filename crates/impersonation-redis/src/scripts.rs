@@ -11,7 +11,9 @@
 use std::sync::LazyLock;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, ToRedisArgs};
+use redis::{
+    Arg, Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, ToRedisArgs,
+};
 
 /// Shared helpers, prepended to each script.
 const PRELUDE: &str = r#"
@@ -146,17 +148,37 @@ redis.call('HSET', KEYS[1], 'last_checked_us', ARGV[2], 'shadow', ARGV[3])
 return 'ok'
 "#;
 
-fn with_prelude(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}{body}"))
+/// A script and its source: calls go by its hash (`EVALSHA`), and by its
+/// source when the server does not know it (`EVAL`).
+pub(crate) struct Lua {
+    script: Script,
+    code: String,
 }
 
-pub(crate) static START_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(START));
-pub(crate) static TRANSITION_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(TRANSITION));
-pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| with_prelude(APPEND_MANY));
-pub(crate) static RESOLVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESOLVE));
-pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(RECORD_CHECK));
+impl Lua {
+    fn new(code: String) -> Self {
+        Self {
+            script: Script::new(&code),
+            code,
+        }
+    }
+
+    /// The script's SHA-1, as `EVALSHA` takes it.
+    pub(crate) fn get_hash(&self) -> &str {
+        self.script.get_hash()
+    }
+}
+
+fn with_prelude(body: &str) -> Lua {
+    Lua::new(format!("{PRELUDE}{body}"))
+}
+
+pub(crate) static START_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(START));
+pub(crate) static TRANSITION_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(TRANSITION));
+pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(APPEND_MANY));
+pub(crate) static RESOLVE_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESOLVE.to_owned()));
+pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(RECORD_CHECK.to_owned()));
 
 /// One call of a script, built as a single `EVALSHA` command whose keys and
 /// arguments are written once, straight into the command's buffer. (A
@@ -164,14 +186,14 @@ pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Script> =
 /// again into the command: for the append script, every event's record
 /// twice more.)
 pub(crate) struct ScriptCall {
-    script: &'static Script,
+    script: &'static Lua,
     cmd: Cmd,
 }
 
 impl ScriptCall {
     /// A call of `script` with `keys`, room made for `args` arguments of
     /// about `bytes` bytes in all.
-    pub(crate) fn new(script: &'static Script, keys: &[String], args: usize, bytes: usize) -> Self {
+    pub(crate) fn new(script: &'static Lua, keys: &[String], args: usize, bytes: usize) -> Self {
         let hash = script.get_hash();
         let key_bytes: usize = keys.iter().map(String::len).sum();
         let mut cmd = Cmd::with_capacity(
@@ -192,16 +214,26 @@ impl ScriptCall {
     }
 
     /// Runs the call; if the server does not know the script (`NOSCRIPT`:
-    /// restarted, flushed, or a new node), loads it and runs it once more,
-    /// as `ScriptInvocation` does.
+    /// restarted, flushed, or a node new since a failover), runs it once
+    /// more by its source (`EVAL`), which the node that owns the keys then
+    /// keeps. (Loading it first with `SCRIPT LOAD` goes to every node of a
+    /// cluster, and fails while any of them is unreachable.) `NOSCRIPT`
+    /// means the script did not run, so it runs once either way.
     pub(crate) async fn invoke<T: FromRedisValue>(
         &self,
         conn: &mut impl ConnectionLike,
     ) -> RedisResult<T> {
         match self.cmd.query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.script.load_async(conn).await?;
-                self.cmd.query_async(conn).await
+                let mut eval = Cmd::with_capacity(self.cmd.args_iter().len(), 0);
+                eval.arg("EVAL").arg(self.script.code.as_str());
+                // After `EVALSHA` and the hash: the key count, keys, arguments.
+                for arg in self.cmd.args_iter().skip(2) {
+                    if let Arg::Simple(bytes) = arg {
+                        eval.arg(bytes);
+                    }
+                }
+                eval.query_async(conn).await
             }
             other => other,
         }

@@ -111,9 +111,11 @@ async fn the_chain_keeps_each_event_as_its_record() {
 
 /// The writes go out as `EVALSHA` of scripts the server is assumed to know.
 /// A server that has forgotten them (`SCRIPT FLUSH`, or a restart with
-/// persistence off, or a new node) answers `NOSCRIPT`; the store loads the
-/// script and runs the same call once more, for the start, each append
-/// (single and batched) and the end, and loses nothing.
+/// persistence off, or a node new since a failover) answers `NOSCRIPT`;
+/// the store runs the same call once more by the script's source
+/// (`EVAL`), for the start, each append
+/// (single and batched), the lookup, the policy re-check and the end, and
+/// loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_forgot_the_scripts_gets_them_again() {
     let server = common::OwnServer::start();
@@ -132,7 +134,7 @@ async fn a_server_that_forgot_the_scripts_gets_them_again() {
     };
     let w = World::new();
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let (start, _) = w.begin(&agent, &customer, epoch());
+    let (start, secret) = w.begin(&agent, &customer, epoch());
     forget().await;
     let (session, started) = must_start(&store, start).await;
     let access = |s: i64| {
@@ -154,6 +156,21 @@ async fn a_server_that_forgot_the_scripts_gets_them_again() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
+    forget().await;
+    let touch = impersonation_core::Touch {
+        now: epoch() + Duration::seconds(30),
+        coalesce: Duration::seconds(1),
+    };
+    let found = store
+        .find_by_secret(&secret.lookup(), Some(touch))
+        .await
+        .unwrap();
+    assert_eq!(found.map(|s| s.id), Some(session.id));
+    forget().await;
+    store
+        .record_check(session.id, session.version, epoch(), &session.shadow)
+        .await
+        .unwrap();
     forget().await;
     let stop = session
         .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
