@@ -11,8 +11,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every write is one Lua script (EVALSHA; on `NOSCRIPT` the script is
-//! loaded and the call run again) confined to one hash slot: the slot of the
+//! Every write is one Lua script (EVALSHA; on `NOSCRIPT` the call runs
+//! again by the script's source, EVAL) confined to one hash slot: the slot of the
 //! agent the write is about (see `docs/redis.md` for the key layout and slot
 //! plan). A session change and its audit event (a Redis Stream entry) are
 //! written together or not at all. `resolve` is one command. Only secret
@@ -119,14 +119,20 @@ impl RedisConfig {
                     .collect();
                 (urls, true)
             }
-            None if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                (vec![url.to_owned()], false)
+            // The client is built without TLS; said here, not at connect.
+            None if url.starts_with("rediss://") => {
+                return Err(RedisStoreError::Config(
+                    "TLS (rediss://) is not built into this store; reach Redis over a private \
+                     network or through a TLS tunnel"
+                        .into(),
+                ));
             }
+            None if url.starts_with("redis://") => (vec![url.to_owned()], false),
             // Only the scheme: the rest may hold a password.
             None => {
                 let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
                 return Err(RedisStoreError::Config(format!(
-                    "not a Redis URL (scheme `{scheme}`; expected redis://, rediss:// or redis+cluster://)"
+                    "not a Redis URL (scheme `{scheme}`; expected redis:// or redis+cluster://)"
                 )));
             }
         };
@@ -1757,6 +1763,15 @@ mod tests {
         let wrong = RedisConfig::new("postgres://app:hunter2@db/app").unwrap_err();
         assert!(!wrong.to_string().contains("hunter2"), "{wrong}");
         assert!(wrong.to_string().contains("`postgres`"), "{wrong}");
+    }
+
+    /// No TLS is built in: a `rediss://` URL is refused when configured,
+    /// with the reason, not at connect with the client's.
+    #[test]
+    fn a_tls_url_is_refused_with_the_reason() {
+        let refused = RedisConfig::new("rediss://:hunter2@cache.example:6380").unwrap_err();
+        assert!(refused.to_string().contains("TLS"), "{refused}");
+        assert!(!refused.to_string().contains("hunter2"), "{refused}");
     }
 
     /// The cluster client takes one password for every node: written once,
