@@ -701,7 +701,8 @@ impl DieselStore {
     }
 
     /// Runs the embedded migrations that have not run yet (idempotent; safe
-    /// to call at every start-up).
+    /// to call at every start-up, also from several replicas at once: on
+    /// PostgreSQL and MySQL they take turns under a lock on the server).
     pub async fn migrate(&self) -> Result<(), DieselError> {
         let fail = |e: &dyn std::fmt::Display| DieselError::Migration(e.to_string());
         match &self.backend {
@@ -710,8 +711,18 @@ impl DieselStore {
                 let mut conn = pg_setup::establish(self.config.url.clone(), None, None)
                     .await
                     .map_err(|e| fail(&e))?;
-                if let Some(schema) = &self.config.schema {
-                    use diesel_async::SimpleAsyncConnection;
+                use diesel_async::SimpleAsyncConnection;
+                // Replicas starting at once migrate one at a time: diesel's
+                // harness takes no lock, and the second would fail on a table
+                // the first just made. The lock is the session's, so it ends
+                // with the connection. (The schema name is checked.)
+                let schema = self.config.schema.as_deref().unwrap_or("");
+                conn.batch_execute(&format!(
+                    "SELECT pg_advisory_lock(hashtext('impersonation_migrations:{schema}'))"
+                ))
+                .await
+                .map_err(|e| fail(&e))?;
+                if !schema.is_empty() {
                     conn.batch_execute(&format!(
                         "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
                     ))
@@ -722,9 +733,24 @@ impl DieselStore {
             }
             #[cfg(feature = "mysql")]
             Backend::Mysql(_) => {
-                let conn = mysql_setup::establish(self.config.url.clone(), None)
+                use diesel_async::RunQueryDsl;
+                let mut conn = mysql_setup::establish(self.config.url.clone(), None)
                     .await
                     .map_err(|e| fail(&e))?;
+                // As on PostgreSQL: one migrator per database at a time. The
+                // lock is the connection's (a name under MySQL's 64 characters).
+                let locked = diesel::sql_query(
+                    "SELECT CAST(COALESCE(GET_LOCK(CONCAT('impersonation_migrations:', \
+                     SHA1(COALESCE(DATABASE(), ''))), 300), 0) AS SIGNED) AS locked",
+                )
+                .load::<rows::Locked>(&mut conn)
+                .await
+                .map_err(|e| fail(&e))?;
+                if locked.into_iter().next().is_none_or(|row| row.locked != 1) {
+                    return Err(DieselError::Migration(
+                        "another process held the migration lock for 5 minutes".into(),
+                    ));
+                }
                 migrate_async(conn, migrations::MYSQL).await
             }
             #[cfg(feature = "sqlite")]

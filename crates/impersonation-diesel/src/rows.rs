@@ -112,6 +112,14 @@ impl SessionColumns {
     }
 }
 
+/// `GET_LOCK`'s answer: 1 when the lock is held.
+#[cfg(feature = "mysql")]
+#[derive(QueryableByName)]
+pub(crate) struct Locked {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) locked: i64,
+}
+
 #[derive(QueryableByName)]
 pub(crate) struct EventRow {
     #[diesel(sql_type = Text)]

@@ -140,3 +140,55 @@ async fn upgrading_mariadb_lists_every_stored_event() {
 async fn upgrading_sqlite_lists_every_stored_event() {
     upgrade_lists_every_stored_event(common::sqlite_file_db(4).await).await;
 }
+
+/// Replicas that start at once migrate one database: each takes the
+/// migration lock in turn, the first runs the migrations and the others
+/// find nothing left to do. (diesel's harness takes no lock of its own:
+/// without one, a second replica failed on a table the first had just
+/// made, or on the version row it had just written.)
+async fn replicas_start_at_once(config: impl Fn() -> impersonation_diesel::DieselConfig) {
+    let mut starting = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        starting.spawn(impersonation_diesel::DieselStore::connect_and_migrate(
+            config().max_connections(1),
+        ));
+    }
+    while let Some(started) = starting.join_next().await {
+        let store = started.unwrap().expect("every replica starts");
+        let w = World::new();
+        must_start(
+            &store,
+            w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+        )
+        .await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_on_postgres_all_migrate() {
+    let schema = common::unique("imptest");
+    replicas_start_at_once(|| {
+        impersonation_diesel::DieselConfig::new(common::PG_URL).schema(schema.clone())
+    })
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_on_mariadb_all_migrate() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let db = common::unique("imptest");
+    let mut admin =
+        diesel_async::AsyncMysqlConnection::establish(&format!("{}/test", common::MYSQL_SERVER))
+            .await
+            .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", common::MYSQL_SERVER);
+    replicas_start_at_once(|| impersonation_diesel::DieselConfig::new(url.clone())).await;
+}
