@@ -18,28 +18,53 @@ use impersonation_testkit::conformance::{all_events, must_start};
 use impersonation_testkit::{World, epoch};
 
 /// What migration 2 (and every later one) undoes, and the rows that say
-/// they ran, per backend.
+/// they ran, per backend: the later ones first, so that the upgrade below
+/// runs them all on a populated database.
 fn downgrade(place: &Place) -> String {
-    let (down, table) = match place {
-        Place::Postgres { .. } => (
-            include_str!("../migrations/postgres/00000000000002_audit_runs/down.sql"),
-            "__diesel_schema_migrations",
-        ),
-        Place::Mysql { .. } => {
-            // Migration 3 (ids as binary strings) came after 2 and goes first,
-            // so that the upgrade below runs both on a populated database.
-            return format!(
-                "{}\nDELETE FROM __diesel_schema_migrations WHERE version = '00000000000003';\n{}\nDELETE FROM __diesel_schema_migrations WHERE version = '00000000000002';",
-                include_str!("../migrations/mysql/00000000000003_ids_no_pad/down.sql"),
-                include_str!("../migrations/mysql/00000000000002_audit_runs/down.sql"),
-            );
-        }
-        Place::Sqlite { .. } => (
-            include_str!("../migrations/sqlite/00000000000002_audit_runs/down.sql"),
-            "__diesel_schema_migrations",
-        ),
+    let forget = |version: &str| {
+        format!("\nDELETE FROM __diesel_schema_migrations WHERE version = '{version}';\n")
     };
-    format!("{down}\nDELETE FROM {table} WHERE version = '00000000000002';")
+    let steps: &[(&str, &str)] = match place {
+        Place::Postgres { .. } => &[
+            (
+                include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql"),
+                "00000000000004",
+            ),
+            (
+                include_str!("../migrations/postgres/00000000000002_audit_runs/down.sql"),
+                "00000000000002",
+            ),
+        ],
+        Place::Mysql { .. } => &[
+            (
+                include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql"),
+                "00000000000004",
+            ),
+            // Migration 3 (ids as binary strings).
+            (
+                include_str!("../migrations/mysql/00000000000003_ids_no_pad/down.sql"),
+                "00000000000003",
+            ),
+            (
+                include_str!("../migrations/mysql/00000000000002_audit_runs/down.sql"),
+                "00000000000002",
+            ),
+        ],
+        Place::Sqlite { .. } => &[
+            (
+                include_str!("../migrations/sqlite/00000000000004_runs_in_order/down.sql"),
+                "00000000000004",
+            ),
+            (
+                include_str!("../migrations/sqlite/00000000000002_audit_runs/down.sql"),
+                "00000000000002",
+            ),
+        ],
+    };
+    steps
+        .iter()
+        .map(|(down, version)| format!("{down}{}", forget(version)))
+        .collect()
 }
 
 async fn upgrade_lists_every_stored_event(db: TestDb) {
@@ -191,4 +216,75 @@ async fn replicas_starting_at_once_on_mariadb_all_migrate() {
         .unwrap();
     let url = format!("{}/{db}", common::MYSQL_SERVER);
     replicas_start_at_once(|| impersonation_diesel::DieselConfig::new(url.clone())).await;
+}
+
+/// Audit pages read a view's runs in `(first_us, chain, first_seq)` order,
+/// a batch at a time under a `LIMIT`. Since migration 4 an index holds
+/// that whole order, so no backend sorts every run in range first (in the
+/// planners' words: a `Sort` step, `Using filesort`, a temporary B-tree).
+/// Undoing the migration brings the sort back, which shows the check sees it.
+async fn runs_are_read_in_the_order_of_an_index(db: TestDb) {
+    let w = World::new();
+    for c in 1..=3 {
+        let agent = w.agent(c);
+        let (session, _) =
+            must_start(&db.store, w.begin(&agent, &w.customer(c, "t1"), epoch()).0).await;
+        for i in 0..5_i64 {
+            let draft = session.draft(
+                epoch() + time::Duration::seconds(10 * i),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "Agent"),
+            );
+            db.store
+                .append(draft, AppendGuard::SessionActive(session.id))
+                .await
+                .unwrap();
+        }
+    }
+    let sorts = |plan: &[String]| {
+        plan.iter()
+            .any(|l| l.contains("Sort") || l.contains("filesort") || l.contains("TEMP B-TREE"))
+    };
+    let pages = ["ASC", "DESC"].map(|dir| {
+        format!(
+            "SELECT chain, first_seq, last_seq, first_us FROM impersonation_audit_runs \
+             WHERE view_name = 'all' AND view_key = '' AND first_us >= 0 \
+             ORDER BY first_us {dir}, chain {dir}, first_seq {dir} LIMIT 50"
+        )
+    });
+    for page in &pages {
+        let plan = common::plan(&db.place, page).await;
+        assert!(!sorts(&plan), "{page}: {plan:#?}");
+    }
+    let down = match &db.place {
+        Place::Postgres { .. } => {
+            include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql")
+        }
+        Place::Mysql { .. } => {
+            include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql")
+        }
+        Place::Sqlite { .. } => {
+            include_str!("../migrations/sqlite/00000000000004_runs_in_order/down.sql")
+        }
+    };
+    raw(&db.place, down).await.unwrap();
+    let plan = common::plan(&db.place, &pages[0]).await;
+    assert!(sorts(&plan), "before migration 4: {plan:#?}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_read_in_index_order_on_postgres() {
+    runs_are_read_in_the_order_of_an_index(common::postgres_db(2).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_read_in_index_order_on_mariadb() {
+    runs_are_read_in_the_order_of_an_index(common::mysql_db(2).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_read_in_index_order_on_sqlite() {
+    runs_are_read_in_the_order_of_an_index(common::sqlite_file_db(2).await).await;
 }

@@ -128,3 +128,74 @@ pub(crate) async fn raw(place: &Place, sql: &str) -> Result<(), String> {
         _ => Err("backend feature disabled".into()),
     }
 }
+
+/// The planner's account of `sql` on a test database, one line per step:
+/// PostgreSQL's `EXPLAIN` (sequential scans off, so that a table of a few
+/// rows is read as a large one would be), MySQL's `EXPLAIN` `Extra`
+/// column, SQLite's `EXPLAIN QUERY PLAN` details.
+pub(crate) async fn plan(place: &Place, sql: &str) -> Vec<String> {
+    use diesel::QueryableByName;
+    use diesel::sql_types::{Nullable, Text};
+    match place {
+        #[cfg(feature = "postgres")]
+        Place::Postgres { schema } => {
+            use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+            #[derive(QueryableByName)]
+            struct Line {
+                #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+                line: String,
+            }
+            let mut conn = diesel_async::AsyncPgConnection::establish(PG_URL)
+                .await
+                .unwrap();
+            conn.batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; SET enable_seqscan = off"
+            ))
+            .await
+            .unwrap();
+            diesel::sql_query(format!("EXPLAIN {sql}"))
+                .load::<Line>(&mut conn)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.line)
+                .collect()
+        }
+        #[cfg(feature = "mysql")]
+        Place::Mysql { url } => {
+            use diesel_async::{AsyncConnection, RunQueryDsl};
+            #[derive(QueryableByName)]
+            struct Line {
+                #[diesel(sql_type = Nullable<Text>, column_name = "Extra")]
+                extra: Option<String>,
+            }
+            let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+                .await
+                .unwrap();
+            diesel::sql_query(format!("EXPLAIN {sql}"))
+                .load::<Line>(&mut conn)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.extra.unwrap_or_default())
+                .collect()
+        }
+        Place::Sqlite { path } => {
+            use diesel::{Connection, RunQueryDsl};
+            #[derive(QueryableByName)]
+            struct Line {
+                #[diesel(sql_type = Text)]
+                detail: String,
+            }
+            let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+            diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+                .load::<Line>(&mut conn)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.detail)
+                .collect()
+        }
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("backend feature disabled"),
+    }
+}

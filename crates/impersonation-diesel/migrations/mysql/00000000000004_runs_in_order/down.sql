@@ -1,0 +1,1 @@
+ALTER TABLE impersonation_audit_runs DROP PRIMARY KEY;
