@@ -831,6 +831,9 @@ impl DieselStore {
     }
 }
 
+/// Most chain heads a store remembers (PostgreSQL) before it starts over.
+const HEADS_CAPACITY: usize = 4_096;
+
 impl DieselStore {
     fn cached_heads(
         &self,
@@ -844,6 +847,12 @@ impl DieselStore {
         }
         let mut heads = self.cached_heads();
         for event in events {
+            // Bounded as the decoded sessions are: one entry per agent who
+            // ever wrote would grow for the process's life. Starting over
+            // costs each chain one append by the transaction.
+            if heads.len() >= HEADS_CAPACITY && !heads.contains_key(&event.chain) {
+                heads.clear();
+            }
             heads.insert(event.chain.clone(), event.head());
         }
     }
