@@ -513,7 +513,7 @@ macro_rules! with_conn {
                         $body
                     }
                     .await;
-                    if result.is_err() {
+                    if matches!(result, Err(OpError::Db(_))) {
                         drop_if_closed(pooled).await;
                     }
                     result
@@ -536,12 +536,14 @@ macro_rules! with_conn {
     }};
 }
 
-/// After a failed call, pings its MySQL connection and takes it out of the
-/// pool if it is gone. diesel-async reports a MySQL connection broken only
-/// by its transaction state, so one the server closed (a restart, a
-/// failover, `wait_timeout` overnight) would otherwise go back to the pool
-/// and fail every call it is handed to until the app restarts. The ping
-/// costs a round trip on the error path only.
+/// After a call the database failed (not a refusal of the store's own,
+/// such as a session no longer active), pings its MySQL connection and
+/// takes it out of the pool if it is gone or does not answer within a
+/// second. diesel-async reports a MySQL connection broken only by its
+/// transaction state, so one the server closed (a restart, a failover,
+/// `wait_timeout` overnight) would otherwise go back to the pool and fail
+/// every call it is handed to until the app restarts. The ping costs a
+/// round trip on that error path only.
 #[cfg(feature = "mysql")]
 async fn drop_if_closed(
     mut pooled: deadpool::managed::Object<
@@ -549,7 +551,11 @@ async fn drop_if_closed(
     >,
 ) {
     use diesel_async::pooled_connection::PoolableConnection;
-    if pooled.ping(&RecyclingMethod::Verified).await.is_err() {
+    let ping = pooled.ping(&RecyclingMethod::Verified);
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(()))
+    ) {
         tracing::warn!("a MySQL connection went away; it leaves the pool");
         drop(deadpool::managed::Object::take(pooled));
     }
@@ -716,9 +722,12 @@ impl DieselStore {
                 // harness takes no lock, and the second would fail on a table
                 // the first just made. The lock is the session's, so it ends
                 // with the connection. (The schema name is checked.)
+                // Waiting at most 5 minutes, as on MySQL.
                 let schema = self.config.schema.as_deref().unwrap_or("");
                 conn.batch_execute(&format!(
-                    "SELECT pg_advisory_lock(hashtext('impersonation_migrations:{schema}'))"
+                    "SET lock_timeout = '300s'; \
+                     SELECT pg_advisory_lock(hashtext('impersonation_migrations:{schema}')); \
+                     RESET lock_timeout"
                 ))
                 .await
                 .map_err(|e| fail(&e))?;
@@ -738,9 +747,10 @@ impl DieselStore {
                     .await
                     .map_err(|e| fail(&e))?;
                 // As on PostgreSQL: one migrator per database at a time. The
-                // lock is the connection's (a name under MySQL's 64 characters).
+                // lock is the connection's; its name, 15 + 40 characters, is
+                // within MySQL's 64 (MariaDB takes longer ones).
                 let locked = diesel::sql_query(
-                    "SELECT CAST(COALESCE(GET_LOCK(CONCAT('impersonation_migrations:', \
+                    "SELECT CAST(COALESCE(GET_LOCK(CONCAT('imp_migrations:', \
                      SHA1(COALESCE(DATABASE(), ''))), 300), 0) AS SIGNED) AS locked",
                 )
                 .load::<rows::Locked>(&mut conn)
