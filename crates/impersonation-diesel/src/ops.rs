@@ -140,7 +140,9 @@ pub(crate) fn event_rows<'a>(
     mut sql: Sql,
     events: impl IntoIterator<Item = &'a Sealed>,
 ) -> Result<Sql, OpError> {
+    let mut rows = 0;
     for (i, event) in events.into_iter().enumerate() {
+        rows = i + 1;
         sql.push(if i == 0 {
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         } else {
@@ -148,6 +150,7 @@ pub(crate) fn event_rows<'a>(
         });
         sql = event_args(sql, event)?;
     }
+    sql.list(rows);
     Ok(sql)
 }
 
@@ -163,6 +166,7 @@ pub(crate) fn run_rows<'a>(
     if runs.is_empty() {
         return None;
     }
+    sql.list(runs.len());
     for (i, run) in runs.into_iter().enumerate() {
         sql.push(if i == 0 {
             "(?, ?, ?, ?, ?, ?)"
@@ -197,6 +201,7 @@ pub(crate) fn guarded_sessions(batch: &[(AuditDraft, AppendGuard)]) -> BTreeSet<
 
 /// `(?, ?, ...)` with `n` markers.
 pub(crate) fn markers(sql: &mut Sql, n: usize) {
+    sql.list(n);
     sql.push("(");
     for i in 0..n {
         sql.push(if i == 0 { "?" } else { ", ?" });
@@ -790,6 +795,7 @@ macro_rules! store_ops {
                     let mut events = Vec::new();
                     if !runs.is_empty() {
                         let mut sql = Sql::new("SELECT event FROM impersonation_audit_events WHERE ");
+                        sql.list(runs.len());
                         for (i, run) in runs.iter().enumerate() {
                             if i > 0 {
                                 sql.push(" OR ");

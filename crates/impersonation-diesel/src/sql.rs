@@ -51,6 +51,9 @@ impl From<Option<String>> for Arg {
 pub(crate) struct Sql {
     text: String,
     args: Vec<Arg>,
+    /// The longest list in the text (`IN (?, ...)`, `VALUES` rows, `OR`ed
+    /// terms), as its builder declared with [`Sql::list`].
+    longest_list: usize,
 }
 
 impl Sql {
@@ -58,7 +61,14 @@ impl Sql {
         Self {
             text: text.into(),
             args: Vec::new(),
+            longest_list: 0,
         }
+    }
+
+    /// Declares a list of `n` items in the text: each length makes the
+    /// statement a text of its own (see [`CachePolicy`]).
+    pub(crate) fn list(&mut self, n: usize) {
+        self.longest_list = self.longest_list.max(n);
     }
 
     /// Binds the next `?`.
@@ -89,36 +99,38 @@ impl Query for Sql {
     type SqlType = Untyped;
 }
 
-/// How many bound values a statement may have and still be kept prepared
-/// on its connection. A statement's text grows with its lists (the
-/// lookups' `IN`, a batch's `VALUES`), so every length is a statement of
-/// its own, and the connection's cache never lets one go.
+/// How long a statement's lists may be for it to stay prepared on its
+/// connection. A statement's text grows with its lists (the lookups' `IN`,
+/// a batch's `VALUES`), so every length is a statement of its own, and the
+/// connection's cache never lets one go.
 pub(crate) trait CachePolicy {
-    /// Statements with more bound values are prepared for one use.
-    const MAX_CACHED_ARGS: usize;
+    /// Statements with a longer list are prepared for one use.
+    const MAX_CACHED_LIST: usize;
 }
 
 /// MySQL and MariaDB count every connection's prepared statements against
 /// one server-wide limit (`max_prepared_stmt_count`, 16,382 by default),
 /// which the lists' lengths would reach across a few app servers' pools.
-/// Up to 16 values, a lookup of up to 16 secrets and a one-row insert stay
-/// prepared; a longer batch costs one more round trip (its `PREPARE`).
+/// Lists of up to 8 stay prepared: a lookup of up to 8 secrets, a batch of
+/// up to 8 events and its view runs (one event has 6), so a connection
+/// keeps a few dozen statements; a longer batch costs one more round trip
+/// (its `PREPARE`), spread over its events.
 #[cfg(feature = "mysql")]
 impl CachePolicy for diesel::mysql::Mysql {
-    const MAX_CACHED_ARGS: usize = 16;
+    const MAX_CACHED_LIST: usize = 8;
 }
 
 /// PostgreSQL keeps a connection's statements in that connection's own
 /// backend process, with no server-wide limit.
 #[cfg(feature = "postgres")]
 impl CachePolicy for diesel::pg::Pg {
-    const MAX_CACHED_ARGS: usize = usize::MAX;
+    const MAX_CACHED_LIST: usize = usize::MAX;
 }
 
 /// SQLite's statements live in this process, one cache per connection.
 #[cfg(feature = "sqlite")]
 impl CachePolicy for diesel::sqlite::Sqlite {
-    const MAX_CACHED_ARGS: usize = usize::MAX;
+    const MAX_CACHED_LIST: usize = usize::MAX;
 }
 
 impl<DB> QueryFragment<DB> for Sql
@@ -129,7 +141,7 @@ where
     Option<String>: ToSql<Nullable<Text>, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        if self.args.len() > DB::MAX_CACHED_ARGS {
+        if self.longest_list > DB::MAX_CACHED_LIST {
             out.unsafe_to_cache_prepared();
         }
         let mut args = self.args.iter();

@@ -346,11 +346,12 @@ async fn a_stale_cached_head_falls_back_and_the_guard_holds_on_postgres() {
     );
 }
 
-/// Batches of every length from 1 to 40 events. Each length is a statement
+/// Batches of every length from 1 to 80 events. Each length is a statement
 /// text of its own (its `VALUES` list); on MariaDB, whose prepared
 /// statements count against one server-wide limit
-/// (`max_prepared_stmt_count`), few of them stay prepared, where each
-/// would stay for the connection's life.
+/// (`max_prepared_stmt_count`), those of short lists stay prepared and
+/// the others are prepared for one use, where each would stay for the
+/// connection's life.
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_every_length_keep_few_statements_prepared_on_mariadb() {
@@ -373,29 +374,42 @@ async fn batches_of_every_length_keep_few_statements_prepared_on_mariadb() {
     let agent = w.agent(1);
     let (start, _) = w.begin(&agent, &w.customer(1, "t1"), impersonation_testkit::epoch());
     let (session, _) = must_start(&store, start).await;
-    let before = counter.prepared();
-    for n in 1..=40_i64 {
-        let batch = (0..n)
-            .map(|i| {
-                let draft = session.draft(
-                    impersonation_testkit::epoch() + Duration::seconds(n * 100 + i),
-                    AuditAction::Access,
-                    Actor::user(agent.id.clone(), "Agent 1"),
-                );
-                (draft, AppendGuard::SessionActive(session.id))
-            })
-            .collect();
-        for appended in store.append_batch(batch).await {
-            appended.unwrap();
+    let batches = |lengths: std::ops::RangeInclusive<i64>| {
+        let (store, session, agent) = (&store, &session, &agent);
+        async move {
+            for n in lengths {
+                let batch = (0..n)
+                    .map(|i| {
+                        let draft = session.draft(
+                            impersonation_testkit::epoch() + Duration::seconds(n * 100 + i),
+                            AuditAction::Access,
+                            Actor::user(agent.id.clone(), "Agent 1"),
+                        );
+                        (draft, AppendGuard::SessionActive(session.id))
+                    })
+                    .collect();
+                for appended in store.append_batch(batch).await {
+                    appended.unwrap();
+                }
+            }
         }
-    }
-    let kept = counter.prepared() - before;
+    };
+    let before = counter.prepared();
+    batches(1..=40).await;
+    let short = counter.prepared() - before;
     assert!(
-        kept <= 8,
-        "{kept} statements kept prepared for 40 batch lengths"
+        short <= 16,
+        "{short} statements kept prepared for 40 batch lengths"
+    );
+    let before = counter.prepared();
+    batches(41..=80).await;
+    assert_eq!(
+        counter.prepared() - before,
+        0,
+        "a longer batch keeps no statement"
     );
     assert_eq!(
         whole_chain(&store, &session.chain()).await.len(),
-        1 + (1..=40).sum::<usize>()
+        1 + (1..=80).sum::<usize>()
     );
 }
