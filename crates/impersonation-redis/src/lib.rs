@@ -417,7 +417,8 @@ fn after_commit(what: &str, written: Result<(), StoreError>) {
         tracing::error!(
             error = %e,
             "{what} could not be written after the change was committed; \
-             the change stands (run RedisStore::rebuild_indexes if audit views miss events)"
+             the change stands (RedisStore::rebuild_indexes puts back missing audit views; \
+             stale live-set entries are skipped by readers)"
         );
     }
 }
@@ -663,6 +664,28 @@ impl RedisStore {
         })
     }
 
+    /// After a `head` reply (`moved`), whether `event`, the first event this
+    /// call writes, is the one stored at its place: the call ran, its reply
+    /// was lost and it was sent again (see `invoke_cas`), also when other
+    /// writes followed it before the second run. The hash covers the event
+    /// and every one before it, so no other write can match it.
+    async fn wrote(
+        &self,
+        moved: Option<ChainHead>,
+        event: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        if moved.is_none_or(|head| head.seq < event.seq) {
+            return Ok(false);
+        }
+        if moved == Some(event.head()) {
+            return Ok(true);
+        }
+        let stored = Store::chain_events(self, &event.chain, event.seq, 1).await?;
+        Ok(stored
+            .first()
+            .is_some_and(|e| e.id == event.id && e.hash == event.hash))
+    }
+
     /// The id of the agent's live session, if any.
     async fn live_session_of(&self, slot: &Slot) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
@@ -861,10 +884,19 @@ impl RedisStore {
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
             let reply = reply?;
-            let status = match reply.first().map(String::as_str) {
-                Some("head") if moved_head(&reply)? == next => Some("ok"),
-                status => status,
-            };
+            let mut status = reply.first().map(String::as_str);
+            // The head as it is, where a lost reply is found to have
+            // written this call's events.
+            let mut moved = None;
+            if status == Some("head") {
+                let head = moved_head(&reply)?;
+                if let Some(first) = events.first()
+                    && self.wrote(head, first).await?
+                {
+                    status = Some("ok");
+                    moved = Some(head);
+                }
+            }
             unwritten = if status == Some("ok") {
                 Vec::new()
             } else {
@@ -873,7 +905,7 @@ impl RedisStore {
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
-                    *cached = Some(next);
+                    *cached = Some(moved.unwrap_or(next));
                     drop(cached);
                     after_commit("the events' views", indexed);
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
@@ -1135,23 +1167,23 @@ impl RedisStore {
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
             let mut status = reply.first().map(String::as_str);
-            // The live session's id, if the start was refused.
-            let mut live = reply.get(1).cloned();
+            // Where a lost reply is found to have started or refused: the
+            // head as it is.
+            let mut moved = None;
             if status == Some("head") {
-                // A lost reply (see `invoke_cas`): the head this very call
-                // made means it ran, started or refused.
-                let moved = moved_head(&reply)?;
-                if moved == Some(started.head()) {
+                let head = moved_head(&reply)?;
+                if self.wrote(head, &started).await? {
                     status = Some("started");
-                } else if moved == Some(refused.head()) {
+                    moved = Some(head);
+                } else if self.wrote(head, &refused).await? {
                     status = Some("refused");
-                    live = self.live_session_of(&slot).await?;
+                    moved = Some(head);
                 }
             }
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("started") => {
-                    *cached = Some(Some(started.head()));
+                    *cached = Some(moved.unwrap_or(Some(started.head())));
                     drop(cached);
                     after_commit("the start's views", self.index_event(&started).await);
                     return Ok(StartOutcome::Started {
@@ -1160,10 +1192,21 @@ impl RedisStore {
                     });
                 }
                 Some("refused") => {
-                    *cached = Some(Some(refused.head()));
+                    *cached = Some(moved.unwrap_or(Some(refused.head())));
                     drop(cached);
-                    // Only after a lost reply can it be missing: the live
-                    // session ended meanwhile. The refusal is on record.
+                    // The intents for the session that was not created go again.
+                    after_commit(
+                        "the refused start's live-set entries",
+                        self.forget_live(&session, &slot.route).await,
+                    );
+                    after_commit("the refusal's views", self.index_event(&refused).await);
+                    // The reply names the session in the way. After a lost
+                    // reply it is read back (it may have ended since, or be
+                    // a later one); the refusal is on record either way.
+                    let live = match moved {
+                        None => reply.get(1).cloned(),
+                        Some(_) => self.live_session_of(&slot).await?,
+                    };
                     let live: SessionId = live
                         .ok_or_else(|| {
                             StoreError::unavailable_because(
@@ -1172,12 +1215,6 @@ impl RedisStore {
                         })?
                         .parse()
                         .map_err(|e| corrupt("session id", e))?;
-                    // The intents for the session that was not created go again.
-                    after_commit(
-                        "the refused start's live-set entries",
-                        self.forget_live(&session, &slot.route).await,
-                    );
-                    after_commit("the refusal's views", self.index_event(&refused).await);
                     return Ok(StartOutcome::Refused {
                         live,
                         event: refused,
@@ -1234,14 +1271,19 @@ impl RedisStore {
                 inv.arg(f);
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
-            let status = match reply.first().map(String::as_str) {
-                Some("head") if moved_head(&reply)? == Some(event.head()) => Some("ok"),
-                status => status,
-            };
+            let mut status = reply.first().map(String::as_str);
+            let mut moved = None;
+            if status == Some("head") {
+                let head = moved_head(&reply)?;
+                if self.wrote(head, &event).await? {
+                    status = Some("ok");
+                    moved = Some(head);
+                }
+            }
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
-                    *cached = Some(Some(event.head()));
+                    *cached = Some(moved.unwrap_or(Some(event.head())));
                     drop(cached);
                     // The key that finds the session by id lives as long as
                     // the session's own (an activation moves its expiry);

@@ -588,3 +588,74 @@ async fn a_write_sent_again_after_its_reply_was_lost_is_applied_once() {
         .collect::<Vec<_>>();
     assert_eq!(listed, [live.id], "the live session is still listed");
 }
+
+/// As above, when other writes reached the chain between the call's first
+/// run and its second: the second run finds the head moved past the call's
+/// events, and the store reads its first event back from its place to
+/// tell that the call ran.
+#[tokio::test]
+async fn a_write_sent_again_after_others_followed_it_is_applied_once() {
+    use impersonation_core::StartOutcome;
+
+    let ns = common::unique("imptest");
+    let first = common::store_at(common::SINGLE, &ns).await;
+    let again = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&again, start).await;
+    let chain = session.chain();
+    let draft = |s: &impersonation_core::Session| {
+        s.draft(
+            epoch(),
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "Agent 1"),
+        )
+    };
+    // Another write after each call's first run.
+    let (access, other) = (draft(&session), draft(&session));
+    let applied = first
+        .append(access.clone(), AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    first.append(other, AppendGuard::None).await.unwrap();
+    let resent = again
+        .append(access, AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    assert_eq!(resent, applied);
+
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let (_, applied) = first.transition(stop.clone()).await.unwrap();
+    first
+        .append(draft(&session), AppendGuard::None)
+        .await
+        .unwrap();
+    let (_, resent) = again.transition(stop).await.unwrap();
+    assert_eq!(resent, applied);
+
+    let (start, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
+    let StartOutcome::Started { session: live, .. } = first.start(start.clone()).await.unwrap()
+    else {
+        panic!("the start is refused");
+    };
+    first.append(draft(&live), AppendGuard::None).await.unwrap();
+    let StartOutcome::Started {
+        session: resent, ..
+    } = again.start(start).await.unwrap()
+    else {
+        panic!("the call sent again is refused by the session it started");
+    };
+    assert_eq!(resent.id, live.id);
+
+    // start, access, other, stop, other, start, other: each once.
+    assert_eq!(assert_chain_verifies(&first, &chain).await, 7);
+    let ids: BTreeSet<String> = whole_chain(&first, &chain)
+        .await
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 7, "no event written twice");
+}
