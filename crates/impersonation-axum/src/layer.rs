@@ -807,9 +807,22 @@ pub(crate) async fn run_to_end<T: Send + 'static>(
     write: impl Future<Output = Result<T, impersonation_core::Error>> + Send + 'static,
 ) -> Result<T, impersonation_core::Error> {
     let mut write = Box::pin(write);
-    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    if let Poll::Ready(recorded) = first {
-        return recorded;
+    // A store that panics here answers as one that failed on its task
+    // (a 503), as before the first poll moved out of the task.
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+            write.as_mut().poll(cx)
+        })))
+    })
+    .await;
+    match first {
+        Ok(Poll::Ready(recorded)) => return recorded,
+        Ok(Poll::Pending) => {}
+        Err(_) => {
+            return Err(impersonation_core::Error::Store(
+                impersonation_core::StoreError::unavailable_because("the audit write panicked"),
+            ));
+        }
     }
     match tokio::spawn(write).await {
         Ok(recorded) => recorded,

@@ -562,6 +562,27 @@ async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
     assert_eq!(modifications, ["/bookings"]);
 }
 
+/// A store that panics while it writes a request's record (a bug in the
+/// store) is a store that failed: the answer is a 503, as for any store
+/// error, and the panic stops there. (Since the write's first poll runs
+/// in the request, not on a task of its own.)
+#[tokio::test]
+async fn a_store_that_panics_while_auditing_is_a_503() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let faulty = Arc::clone(&store);
+    let (app, req) = one_route(
+        &store,
+        axum::routing::post(move || async move {
+            faulty.fail_next_write(When::Panic);
+            "saved"
+        }),
+    )
+    .await;
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(store.injected(), 1, "the panic was injected");
+}
+
 /// Start and stop are audited by the service once they reach it; a request
 /// to them that is turned away before (a forged token, a GET) is still a
 /// request under impersonation, and audited once like any other.

@@ -29,6 +29,9 @@ pub enum When {
     /// [`SLOW_CALL`] (a slow network), long enough for a test to give up on
     /// its caller meanwhile.
     Slow,
+    /// The call panics before the inner store sees it (a bug in a store),
+    /// for a test that its caller answers as for a failed store.
+    Panic,
 }
 
 /// How long a [`When::Slow`] call waits before it reaches the inner store.
@@ -144,6 +147,7 @@ impl<S: Store> FaultyStore<S> {
                 tokio::time::sleep(SLOW_CALL).await;
                 call.await
             }
+            Some(When::Panic) => panic!("injected panic in a store call"),
         }
     }
 
