@@ -893,13 +893,24 @@ impl Drop for TestServicesLock {
 /// command holds it. The lock file is machine-wide, in the system's
 /// temporary directory, since the databases are too.
 pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
+    use std::os::unix::fs::PermissionsExt as _;
     let path = std::env::temp_dir().join("impersonation-test-services.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    // Read-only is enough for a lock, and works on a file another user
+    // made; one made here is left writable by all for the same reason.
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            // Best effort: another user may have made it in between.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+            file
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
