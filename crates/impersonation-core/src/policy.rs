@@ -162,15 +162,21 @@ pub(crate) fn has_forbidden_chars(text: &str) -> bool {
 
 /// Characters that stand on their own: all but the invisible format
 /// characters (zero-width spaces and joiners, the soft hyphen, the
-/// byte-order mark) and combining marks (which only change the character
-/// before them), so that eight zero-width spaces, or one letter under
-/// seven accents, are no reason.
+/// byte-order mark), combining marks (which only change the character
+/// before them) and the letters and symbols that are drawn blank (the
+/// Hangul fillers, the blank braille pattern), so that eight zero-width
+/// spaces, eight Hangul fillers or one letter under seven accents are no
+/// reason.
 fn visible_chars(text: &str) -> usize {
     use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
     text.chars()
         .filter(|c| {
             c.general_category() != GeneralCategory::Format
                 && c.general_category_group() != GeneralCategoryGroup::Mark
+                && !matches!(
+                    c,
+                    '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+                )
         })
         .count()
 }
@@ -445,7 +451,11 @@ impl Policy {
         self
     }
 
-    /// Lets agents impersonate other agents. Off by default.
+    /// Lets agents impersonate other agents: holders of the impersonate
+    /// permission and of the admin permission alike. Off by default. The
+    /// shadow user never holds either permission, so this cannot nest or
+    /// lend admin powers; to keep admins out of reach anyway, give them a
+    /// role passed to [`Policy::protect_role`].
     #[must_use]
     pub fn allow_impersonating_agents(mut self) -> Self {
         self.protect_agents = false;

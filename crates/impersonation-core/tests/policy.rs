@@ -336,6 +336,14 @@ fn reasons_are_required_bounded_and_free_of_control_characters() {
         Err(Denial::ReasonTooShort)
     );
     assert_eq!(with("Fix the\u{AD}bookings"), Ok(()));
+    // Nor do letters and symbols drawn blank.
+    for blank in ['\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}', '\u{2800}'] {
+        assert_eq!(
+            with(&blank.to_string().repeat(8)),
+            Err(Denial::ReasonTooShort),
+            "{blank:?}"
+        );
+    }
     // Nor do combining marks: one letter under seven accents is one.
     assert_eq!(
         with(&format!("a{}", "\u{301}".repeat(7))),
