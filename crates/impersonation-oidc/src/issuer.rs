@@ -13,8 +13,8 @@ use openidconnect::core::{
     CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AdditionalProviderMetadata, Audience, AuthUrl, EmptyAdditionalClaims, IdTokenClaims, IssuerUrl,
-    JsonWebKeySetUrl, ResponseTypes, StandardClaims, SubjectIdentifier, TokenUrl,
+    AdditionalProviderMetadata, Audience, AuthUrl, IdTokenClaims, IssuerUrl, JsonWebKeySetUrl,
+    ResponseTypes, StandardClaims, SubjectIdentifier, TokenUrl,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 
 use crate::claims::{
-    ActorClaim, ImpersonationClaims, ImpersonationToken, MayActClaim, SubjectClaims,
+    ActorClaim, ExternalClaims, ImpersonationClaims, ImpersonationToken, MayActClaim, SubjectClaims,
 };
 use crate::error::{ErrorCode, OAuthError, OidcError};
 use crate::jwt::to_chrono;
@@ -161,7 +161,8 @@ type ProviderMetadata = openidconnect::ProviderMetadata<
 >;
 
 /// An HTTP answer of the token endpoint, for the binding to send as it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its `Debug` leaves out the body of a success, which holds the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TokenEndpointResponse {
     /// The status code.
     pub status: u16,
@@ -170,6 +171,21 @@ pub struct TokenEndpointResponse {
     pub headers: Vec<(&'static str, String)>,
     /// The JSON body.
     pub body: String,
+}
+
+impl std::fmt::Debug for TokenEndpointResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = if self.status == 200 {
+            "<redacted: holds the token>"
+        } else {
+            self.body.as_str()
+        };
+        f.debug_struct("TokenEndpointResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &body)
+            .finish()
+    }
 }
 
 /// The success body of RFC 8693 §2.2.1. No `Debug`: it holds the token.
@@ -396,9 +412,18 @@ impl Issuer {
         let now = self.api.now();
         let (agent_id, actor) = self
             .provider
-            .user_and_claims::<EmptyAdditionalClaims>(&request.actor_token, now)
+            .user_and_claims::<ExternalClaims>(&request.actor_token, now)
             .await
             .map_err(|e| token_error("actor_token", &e))?;
+        // A token that itself names an actor stands for someone acting as
+        // its `sub`: taking that `sub` for the agent would run the policy
+        // with another person's rights and put them on the trail.
+        if actor.additional_claims().act.is_some() {
+            return Err(oauth(
+                ErrorCode::InvalidGrant,
+                "actor_token: a delegated token (it names an actor); present the agent's own",
+            ));
+        }
         let target = match &request.subject {
             Subject::Requested(id) => UserId::new(id.as_str())
                 .map_err(|e| oauth(ErrorCode::InvalidRequest, format!("requested_subject: {e}")))?,
@@ -439,7 +464,11 @@ impl Issuer {
             .start(Requester::User(&agent), start)
             .await
             .map_err(|e| core_error(&e))?;
-        let expires_at = (now + self.config.token_lifetime).min(started.session.expires_at);
+        let expires_at = now
+            .checked_add(self.config.token_lifetime)
+            .map_or(started.session.expires_at, |end| {
+                end.min(started.session.expires_at)
+            });
         let token = self.sign(
             &target,
             &agent_id,
@@ -566,7 +595,7 @@ fn scope_tokens(scope: &str) -> Result<Vec<&str>, OAuthError> {
 /// its issuer when `may_act` names one). The policy still decides after.
 fn may_act_allows(
     may_act: &MayActClaim,
-    actor: &IdTokenClaims<EmptyAdditionalClaims, CoreGenderClaim>,
+    actor: &IdTokenClaims<ExternalClaims, CoreGenderClaim>,
 ) -> Result<(), OAuthError> {
     let issuer = may_act.iss.as_deref().unwrap_or(actor.issuer().as_str());
     if may_act.sub == actor.subject().as_str() && issuer == actor.issuer().as_str() {

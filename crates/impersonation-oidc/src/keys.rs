@@ -127,9 +127,15 @@ impl KeyRing {
         }
     }
 
-    /// Makes `next` the signing key; the current one keeps verifying.
+    /// Makes `next` the signing key; the current one keeps verifying. The
+    /// key signing now, given again (a reload of an unchanged key file),
+    /// changes nothing: publishing one `kid` twice would make every token
+    /// ambiguous to verify.
     pub fn rotate(&self, next: SigningKey) {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if next.kid == keys.current.kid {
+            return;
+        }
         let current = std::mem::replace(&mut keys.current, next);
         keys.previous = Some(current);
     }

@@ -214,7 +214,12 @@ impl ExchangeRequest {
             if TOKEN_TYPES.contains(&value.as_str()) {
                 Ok(value)
             } else {
-                Err(invalid(format!("`{name}` `{value}` is not supported")))
+                // The value is not echoed: a client that put a token in
+                // the wrong field would see it in logs and answers.
+                Err(invalid(format!(
+                    "`{name}` names a token type that is not supported (supported: {})",
+                    TOKEN_TYPES.join(", ")
+                )))
             }
         };
         let subject = match (take("subject_token"), take("requested_subject")) {
@@ -323,8 +328,11 @@ impl ClientCredentials {
     }
 
     fn from_basic(header: &str) -> Result<Self, OAuthError> {
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
         let encoded = header
-            .strip_prefix("Basic ")
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Basic"))
+            .map(|(_, credentials)| credentials)
             .ok_or_else(|| invalid_client("only HTTP Basic client authentication is accepted"))?;
         let decoded = STANDARD
             .decode(encoded.trim())
@@ -384,7 +392,21 @@ impl RevocationRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::{ACCESS_TOKEN_TYPE, Subject};
+    use super::{ACCESS_TOKEN_TYPE, ClientCredentials, Subject};
+
+    /// An authentication scheme's name is case-insensitive (RFC 9110
+    /// §11.1): `basic` and `BASIC` are Basic; another scheme is not.
+    #[test]
+    fn basic_credentials_are_read_whatever_the_schemes_case() {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode("app:s%3Acret");
+        for scheme in ["Basic", "basic", "BASIC"] {
+            let read = ClientCredentials::from_basic(&format!("{scheme} {encoded}")).unwrap();
+            assert_eq!((read.id.as_str(), read.secret.as_str()), ("app", "s:cret"));
+        }
+        assert!(ClientCredentials::from_basic(&format!("Bearer {encoded}")).is_err());
+        assert!(ClientCredentials::from_basic("Basic").is_err());
+    }
 
     #[test]
     fn a_subjects_debug_output_leaves_its_token_out() {

@@ -41,6 +41,11 @@ async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(kids, [second_kid.as_str(), first_kid.as_str()]);
+    // The key signing now, given again (a reloaded key file), changes
+    // nothing: the same kid published twice would make tokens ambiguous.
+    served.issuer.keys().rotate(served.issuer.keys().current());
+    let again: serde_json::Value = serde_json::from_str(&served.issuer.jwks_json()).unwrap();
+    assert_eq!(again, jwks, "the same two keys");
     assert!(
         jwks["keys"]
             .as_array()
@@ -114,6 +119,12 @@ async fn a_token_never_outlives_its_session() {
     let answer = issuer.exchange(Some(&basic), body.as_bytes()).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    // A logged answer (`?response`) does not carry the token.
+    let shown = format!("{answer:?}");
+    assert!(
+        !shown.contains(issued["access_token"].as_str().unwrap()),
+        "{shown}"
+    );
     let (_, claims) = decode(issued["access_token"].as_str().unwrap());
     let ctx = issuer
         .verifier(API)

@@ -139,6 +139,10 @@ async fn hostile_actor_tokens_are_invalid_grants() {
         }),
         ("not a JWT", "sam".into()),
         (
+            "a delegated token: lee acting as sam",
+            signed(&|_, p| p["act"] = json!({"sub": "lee"})),
+        ),
+        (
             "a typ that is not a token",
             signed(&|h, _| h["typ"] = json!("application/pdf")),
         ),
