@@ -81,7 +81,7 @@ pub use issuer::{
 };
 pub use jwt::MAX_TOKEN_LEN;
 pub use keys::{KeyRing, SigningKey};
-pub use provider::{Provider, http_client};
+pub use provider::{JWKS_MAX_AGE, Provider, http_client};
 pub use request::{
     ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, ID_TOKEN_TYPE, JWT_TOKEN_TYPE, MAX_BODY,
     MAX_TARGETS, MAX_VALUE, RevocationRequest, Subject, TOKEN_EXCHANGE,

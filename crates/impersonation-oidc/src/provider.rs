@@ -1,8 +1,10 @@
 //! The app's own OpenID provider, as the issuer sees it: where agents' (and
 //! subjects') tokens come from. Its keys come from discovery and its JWKS,
-//! fetched again when a token names a key not seen yet.
+//! fetched again when a token names a key not seen yet, and once they are
+//! older than their maximum age.
 
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use impersonation_core::UserId;
 use openidconnect::core::{CoreGenderClaim, CoreJsonWebKeySet, CoreProviderMetadata};
@@ -18,8 +20,18 @@ use crate::jwt::{Expect, unverified_header, verify};
 /// The longest lifetime accepted for a provider's token.
 const PROVIDER_MAX_LIFETIME: Duration = Duration::hours(24);
 
-/// How soon the JWKS may be fetched again for an unknown key id.
-const REFRESH_AFTER: Duration = Duration::seconds(30);
+/// How soon the JWKS may be fetched again after any attempt (so a flood of
+/// bogus key ids cannot turn into a flood of requests to the provider).
+const REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long fetched keys are trusted before they are fetched again, by
+/// default: a key the provider stopped publishing (rotated out, or
+/// compromised) stops being accepted within this.
+pub const JWKS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Past their age, while the provider cannot be reached, the keys it last
+/// published serve this much longer; then its tokens fail closed.
+const JWKS_STALE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 type SubjectMap = Arc<dyn Fn(&str) -> Option<UserId> + Send + Sync>;
 
@@ -38,7 +50,10 @@ pub fn http_client() -> Result<reqwest::Client, OidcError> {
 #[derive(Debug)]
 struct KeyCache {
     keys: CoreJsonWebKeySet,
-    fetched_at: Option<OffsetDateTime>,
+    /// When `keys` were fetched (`None`: given, never fetched).
+    fetched: Option<Instant>,
+    /// When a fetch was last tried, whatever came of it.
+    tried: Option<Instant>,
 }
 
 /// The provider whose access tokens identify agents (and whose tokens may
@@ -51,6 +66,7 @@ pub struct Provider {
     audience: String,
     jwks_uri: Option<openidconnect::JsonWebKeySetUrl>,
     keys: Arc<RwLock<KeyCache>>,
+    max_age: std::time::Duration,
     http: Option<reqwest::Client>,
     subject: SubjectMap,
 }
@@ -84,8 +100,10 @@ impl Provider {
             jwks_uri: Some(metadata.jwks_uri().clone()),
             keys: Arc::new(RwLock::new(KeyCache {
                 keys: metadata.jwks().clone(),
-                fetched_at: Some(OffsetDateTime::now_utc()),
+                fetched: Some(Instant::now()),
+                tried: Some(Instant::now()),
             })),
+            max_age: JWKS_MAX_AGE,
             http: Some(http),
             subject: Arc::new(|sub| UserId::new(sub).ok()),
         })
@@ -104,11 +122,23 @@ impl Provider {
             jwks_uri: None,
             keys: Arc::new(RwLock::new(KeyCache {
                 keys,
-                fetched_at: None,
+                fetched: None,
+                tried: None,
             })),
+            max_age: JWKS_MAX_AGE,
             http: None,
             subject: Arc::new(|sub| UserId::new(sub).ok()),
         })
+    }
+
+    /// How long the provider's keys are trusted before they are fetched
+    /// again (default [`JWKS_MAX_AGE`], ten minutes): a key it stopped
+    /// publishing is refused within this. A provider known by its keys
+    /// alone ([`Provider::with_keys`]) has nothing to fetch them from.
+    #[must_use]
+    pub fn jwks_max_age(mut self, max_age: std::time::Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// How a token's `sub` becomes the app's user id (default: as it is).
@@ -124,14 +154,6 @@ impl Provider {
     /// The provider's issuer.
     pub fn issuer(&self) -> &IssuerUrl {
         &self.issuer
-    }
-
-    fn keys(&self) -> CoreJsonWebKeySet {
-        self.keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .clone()
     }
 
     /// Verifies one of the provider's tokens and returns the user it names.
@@ -161,13 +183,40 @@ impl Provider {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
-        match self.verify_with::<AC>(token, now, self.keys()) {
+        let keys = self.current_keys().await?;
+        match self.verify_with::<AC>(token, now, keys) {
             // A key id the cached JWKS lacks: the provider may have rotated.
-            Err(TokenError::Signature(_)) if self.refresh_due(token, now) => {
-                let keys = self.refresh(now).await?;
-                self.verify_with(token, now, keys)
+            Err(TokenError::Signature(e)) if self.names_unknown_key(token) => {
+                match self.refresh().await? {
+                    Some(keys) => self.verify_with(token, now, keys),
+                    None => Err(TokenError::Signature(e)),
+                }
             }
             other => other,
+        }
+    }
+
+    /// The keys to verify with: fetched again once older than the maximum
+    /// age; while that fails, the last ones serve until the stale limit.
+    async fn current_keys(&self) -> Result<CoreJsonWebKeySet, TokenError> {
+        let (keys, age) = {
+            let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            (cache.keys.clone(), cache.fetched.map(|at| at.elapsed()))
+        };
+        let Some(age) = age.filter(|age| *age >= self.max_age) else {
+            return Ok(keys);
+        };
+        match self.refresh().await {
+            Ok(Some(fresh)) => Ok(fresh),
+            Ok(None) if age < JWKS_STALE_LIMIT => Ok(keys),
+            Err(e) if age < JWKS_STALE_LIMIT => {
+                tracing::warn!(error = %e, "the provider's JWKS could not be fetched again; using the last one");
+                Ok(keys)
+            }
+            Ok(None) => Err(TokenError::Unavailable(
+                "provider JWKS: not fetched for over an hour".into(),
+            )),
+            Err(e) => Err(e),
         }
     }
 
@@ -190,40 +239,46 @@ impl Provider {
         )
     }
 
-    /// Whether a refetch could help: the token names a key we do not hold,
-    /// and the last fetch is old enough (so a flood of bogus key ids cannot
-    /// turn into a flood of requests to the provider).
-    fn refresh_due(&self, token: &str, now: OffsetDateTime) -> bool {
-        let (Some(_), Some(_)) = (&self.jwks_uri, &self.http) else {
+    /// Whether a refetch could help: the token names a key we do not hold.
+    fn names_unknown_key(&self, token: &str) -> bool {
+        if self.jwks_uri.is_none() {
             return false;
-        };
+        }
         let Ok(header) = unverified_header(token) else {
             return false;
         };
         let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let known = header.kid.as_deref().is_some_and(|kid| {
+        !header.kid.as_deref().is_some_and(|kid| {
             cache
                 .keys
                 .keys()
                 .iter()
                 .any(|k| k.key_id().is_some_and(|id| id.as_str() == kid))
-        });
-        !known && cache.fetched_at.is_none_or(|at| now - at >= REFRESH_AFTER)
+        })
     }
 
-    async fn refresh(&self, now: OffsetDateTime) -> Result<CoreJsonWebKeySet, TokenError> {
+    /// Fetches the JWKS, unless a fetch was tried less than `REFRESH_AFTER`
+    /// (or the maximum age, if shorter) ago: `None`. The attempt is claimed
+    /// under the lock, so requests that arrive together fetch once.
+    async fn refresh(&self) -> Result<Option<CoreJsonWebKeySet>, TokenError> {
         let (Some(uri), Some(http)) = (&self.jwks_uri, &self.http) else {
-            return Ok(self.keys());
+            return Ok(None);
         };
-        // Mark the attempt first: failures count against the rate limit too.
-        self.keys
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .fetched_at = Some(now);
+        {
+            let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let pause = REFRESH_AFTER.min(self.max_age);
+            if cache.tried.is_some_and(|at| at.elapsed() < pause) {
+                return Ok(None);
+            }
+            // Failures count against the rate limit too.
+            cache.tried = Some(Instant::now());
+        }
         let keys = CoreJsonWebKeySet::fetch_async(uri, http)
             .await
             .map_err(|e| TokenError::Unavailable(format!("provider JWKS: {e}")))?;
-        self.keys.write().unwrap_or_else(|e| e.into_inner()).keys = keys.clone();
-        Ok(keys)
+        let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        cache.keys = keys.clone();
+        cache.fetched = Some(Instant::now());
+        Ok(Some(keys))
     }
 }

@@ -124,3 +124,108 @@ async fn the_client_part_exchanges_at_a_real_provider_and_reads_its_act_claim() 
         other => panic!("{other:?}"),
     }
 }
+
+/// Between us and the real provider: passes its discovery document and
+/// JWKS through, counts the JWKS fetches, and on cue answers the JWKS with
+/// no key at all (the provider stopped publishing its key: rotated out,
+/// or compromised).
+struct KeysProxy {
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    withdrawn: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeysProxy {
+    fn serve(listener: tokio::net::TcpListener, upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let proxy = Self {
+            fetches: Default::default(),
+            withdrawn: Default::default(),
+        };
+        let (fetches, withdrawn) = (proxy.fetches.clone(), proxy.withdrawn.clone());
+        let http = http_client().unwrap();
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+                let (fetches, withdrawn, http, upstream) = (
+                    fetches.clone(),
+                    withdrawn.clone(),
+                    http.clone(),
+                    upstream.clone(),
+                );
+                async move {
+                    if uri.path().ends_with("/jwks") {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        if withdrawn.load(Ordering::SeqCst) {
+                            return (
+                                [("content-type", "application/json".to_owned())],
+                                br#"{"keys":[]}"#.to_vec(),
+                            );
+                        }
+                    }
+                    // The provider names its endpoints by the Host it is
+                    // asked at: the proxy's, so that they lead back here.
+                    let mut ask = http.get(format!("{upstream}{uri}"));
+                    if let Some(host) = headers.get("host") {
+                        ask = ask.header("host", host.clone());
+                    }
+                    let answer = ask.send().await.unwrap();
+                    let kind = answer
+                        .headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("application/json")
+                        .to_owned();
+                    (
+                        [("content-type", kind)],
+                        answer.bytes().await.unwrap().to_vec(),
+                    )
+                }
+            },
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        proxy
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn withdraw(&self) {
+        self.withdrawn
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The provider's keys are fetched again once older than their maximum age
+/// (`Provider::jwks_max_age`, ten minutes by default), so a key the
+/// provider stopped publishing is refused from then on, not trusted until
+/// the process restarts (a known key id never asks for a fetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_provider_stopped_publishing_is_refused_once_the_keys_are_old() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let op = TestProvider::start_as(Some(&url)).await;
+    let proxy = KeysProxy::serve(listener, op.direct.clone());
+    let max_age = std::time::Duration::from_secs(2);
+    let provider = Provider::discover(&url, API, http_client().unwrap())
+        .await
+        .unwrap()
+        .jwks_max_age(max_age);
+    let sam = op.token_for("sam").await;
+    let now = time::OffsetDateTime::now_utc();
+    assert_eq!(provider.user_of(&sam, now).await.unwrap().as_str(), "sam");
+    let fetched = proxy.fetches();
+    assert!(fetched >= 1, "discovery fetched the keys through the proxy");
+
+    proxy.withdraw();
+    // Within their age, the keys held serve, and nothing is fetched.
+    assert!(provider.user_of(&sam, now).await.is_ok());
+    assert_eq!(proxy.fetches(), fetched);
+    // Older: fetched again, and the key is gone.
+    tokio::time::sleep(max_age + std::time::Duration::from_millis(200)).await;
+    let refused = provider.user_of(&sam, now).await;
+    assert!(
+        matches!(refused, Err(impersonation_oidc::TokenError::Signature(_))),
+        "{refused:?}"
+    );
+    assert_eq!(proxy.fetches(), fetched + 1);
+}

@@ -42,6 +42,8 @@ pub type Service = Impersonation<MemoryStore, MemoryDirectory>;
 pub struct TestProvider {
     _child: Child,
     pub issuer: String,
+    /// Where it listens (its issuer, unless a proxy stands in front).
+    pub direct: String,
 }
 
 fn provider_dir() -> PathBuf {
@@ -76,6 +78,12 @@ pub fn free_port() -> u16 {
 
 impl TestProvider {
     pub async fn start() -> Self {
+        Self::start_as(None).await
+    }
+
+    /// As [`TestProvider::start`], naming itself `issuer` (a proxy's
+    /// address) instead of its own.
+    pub async fn start_as(issuer: Option<&str>) -> Self {
         let dir = provider_dir();
         assert!(
             dir.join("node_modules/oidc-provider").exists(),
@@ -87,6 +95,7 @@ impl TestProvider {
             .arg("server.mjs")
             .arg(port.to_string())
             .arg(API)
+            .args(issuer)
             .current_dir(&dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -110,6 +119,7 @@ impl TestProvider {
         Self {
             _child: child,
             issuer: ready,
+            direct: format!("http://127.0.0.1:{port}"),
         }
     }
 
@@ -117,7 +127,7 @@ impl TestProvider {
     pub async fn token_for(&self, user: &str) -> String {
         let response = http_client()
             .unwrap()
-            .post(format!("{}/token", self.issuer))
+            .post(format!("{}/token", self.direct))
             .basic_auth("agent-app", Some("agent-app-secret"))
             .form(&[
                 ("grant_type", "urn:test:grant-type:login"),

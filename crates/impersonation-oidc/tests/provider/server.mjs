@@ -3,8 +3,10 @@
 // that logs a user in without a browser, and a token-exchange grant that
 // records the actor (RFC 8693 §4.1) for the client part's tests.
 //
-// usage: node server.mjs PORT API_AUDIENCE
-// prints `READY <issuer>` once listening.
+// usage: node server.mjs PORT API_AUDIENCE [ISSUER]
+// prints `READY <issuer>` once listening. ISSUER (default
+// http://127.0.0.1:PORT) is the address it names itself by, for a test
+// that puts a proxy in front of it.
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 
 import * as jose from 'jose';
@@ -13,7 +15,7 @@ import ResourceServer from 'oidc-provider/lib/helpers/resource_server.js';
 
 const port = Number(process.argv[2]);
 const api = process.argv[3];
-const issuer = `http://127.0.0.1:${port}`;
+const issuer = process.argv[4] || `http://127.0.0.1:${port}`;
 
 // The people the provider knows; the app decides who may impersonate whom.
 const users = new Set(['sam', 'lee', 'kim', 'olive', 'oscar', 'paula', 'ada', 'mallory']);
