@@ -10,12 +10,16 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// A parameter is missing, repeated, malformed or not supported.
+    /// A parameter is missing, repeated, malformed or not supported; or,
+    /// as RFC 8693 §2.2.2 has it, the actor or subject token is invalid,
+    /// expired or not trusted, or the impersonation policy refused the
+    /// pair ("unacceptable based on policy").
     InvalidRequest,
     /// Client authentication failed (HTTP 401).
     InvalidClient,
-    /// The actor or subject token is invalid, expired or not trusted, or
-    /// the impersonation policy refused the pair.
+    /// RFC 6749's code for a grant that is invalid. The token-exchange
+    /// endpoint does not answer with it (RFC 8693 §2.2.2 asks for
+    /// `invalid_request`); other grants' servers do.
     InvalidGrant,
     /// The client may not use this grant type.
     UnauthorizedClient,

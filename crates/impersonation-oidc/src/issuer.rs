@@ -232,7 +232,9 @@ fn denial_error(denial: &Denial) -> OAuthError {
         | Denial::TicketRequired
         | Denial::TicketInvalid => ErrorCode::InvalidRequest,
         Denial::ScopeExceedsAgent => ErrorCode::InvalidScope,
-        _ => ErrorCode::InvalidGrant,
+        // RFC 8693 §2.2.2: tokens "unacceptable based on policy" are
+        // `invalid_request`, as the request's own faults are.
+        _ => ErrorCode::InvalidRequest,
     };
     oauth(code, format!("denied: {} ({denial})", denial.code()))
 }
@@ -420,7 +422,7 @@ impl Issuer {
         // with another person's rights and put them on the trail.
         if actor.additional_claims().act.is_some() {
             return Err(oauth(
-                ErrorCode::InvalidGrant,
+                ErrorCode::InvalidRequest,
                 "actor_token: a delegated token (it names an actor); present the agent's own",
             ));
         }
@@ -446,7 +448,7 @@ impl Issuer {
             .map_err(|e| core_error(&e))?
             .ok_or_else(|| {
                 oauth(
-                    ErrorCode::InvalidGrant,
+                    ErrorCode::InvalidRequest,
                     "the agent is not a user of this app",
                 )
             })?;
@@ -602,7 +604,7 @@ fn may_act_allows(
         Ok(())
     } else {
         Err(oauth(
-            ErrorCode::InvalidGrant,
+            ErrorCode::InvalidRequest,
             "subject_token: may_act names another actor",
         ))
     }
@@ -629,7 +631,9 @@ fn token_error(which: &str, e: &crate::error::TokenError) -> OAuthError {
                 format!("{which}: the identity provider could not be reached; try again"),
             )
         }
-        other => oauth(ErrorCode::InvalidGrant, format!("{which}: {other}")),
+        // RFC 8693 §2.2.2: a subject or actor token "invalid for any
+        // reason" is `invalid_request`.
+        other => oauth(ErrorCode::InvalidRequest, format!("{which}: {other}")),
     }
 }
 
@@ -639,7 +643,7 @@ fn core_error(e: &Error) -> OAuthError {
         other if other.http_status() == 503 => {
             oauth(ErrorCode::TemporarilyUnavailable, other.code().to_owned())
         }
-        other => oauth(ErrorCode::InvalidGrant, other.code().to_owned()),
+        other => oauth(ErrorCode::InvalidRequest, other.code().to_owned()),
     }
 }
 
@@ -658,7 +662,7 @@ mod tests {
             "subject_token: the identity provider could not be reached; try again"
         );
         let refused = token_error("actor_token", &TokenError::Claims("expired".into()));
-        assert_eq!(refused.error, ErrorCode::InvalidGrant);
+        assert_eq!(refused.error, ErrorCode::InvalidRequest);
         assert_eq!(
             refused.error_description,
             "actor_token: claims rejected: expired"

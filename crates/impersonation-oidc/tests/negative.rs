@@ -51,10 +51,10 @@ fn assert_refused(answer: &(u16, Value), status: u16, error: &str) {
     );
 }
 
-// ---- The agent's token, at the token endpoint: invalid_grant. ----
+// ---- The agent's token, at the token endpoint: invalid_request (RFC 8693 §2.2.2). ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_actor_tokens_are_invalid_grants() {
+async fn hostile_actor_tokens_are_invalid_requests() {
     let f = fixture().await;
     let now = now();
     let signed = |tweak: &dyn Fn(&mut Value, &mut Value)| f.op.op_token("sam", |h, p| tweak(h, p));
@@ -152,7 +152,7 @@ async fn hostile_actor_tokens_are_invalid_grants() {
         let answer = f.exchange(&form(&token, "olive")).await;
         assert_eq!(
             (answer.0, answer.1["error"].as_str()),
-            (400, Some("invalid_grant")),
+            (400, Some("invalid_request")),
             "{what}: {}",
             answer.1
         );
@@ -181,12 +181,12 @@ fn base64_json(value: &Value) -> String {
 // ---- The policy, at the token endpoint. ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_refusals_are_invalid_grants_with_the_denial_code_and_are_audited() {
+async fn policy_refusals_are_invalid_requests_with_the_denial_code_and_are_audited() {
     let f = fixture().await;
     // A target outside the policy: an administrator.
     let sam = f.op.op_token("sam", |_, _| {});
     let answer = f.exchange(&form(&sam, "ada")).await;
-    assert_refused(&answer, 400, "invalid_grant");
+    assert_refused(&answer, 400, "invalid_request");
     assert!(
         answer.1["error_description"]
             .as_str()
@@ -198,7 +198,7 @@ async fn policy_refusals_are_invalid_grants_with_the_denial_code_and_are_audited
     // An agent without the impersonate permission.
     let mallory = f.op.op_token("mallory", |_, _| {});
     let answer = f.exchange(&form(&mallory, "olive")).await;
-    assert_refused(&answer, 400, "invalid_grant");
+    assert_refused(&answer, 400, "invalid_request");
     assert!(
         answer.1["error_description"]
             .as_str()
@@ -210,7 +210,7 @@ async fn policy_refusals_are_invalid_grants_with_the_denial_code_and_are_audited
     assert_refused(
         &f.exchange(&form(&stranger, "olive")).await,
         400,
-        "invalid_grant",
+        "invalid_request",
     );
     // No reason: the request's fault.
     let mut no_reason = form(&sam, "olive");
@@ -256,7 +256,7 @@ async fn an_agent_who_lost_the_permission_gets_no_token_and_loses_the_one_held()
     ));
     let sam = f.op.op_token("sam", |_, _| {});
     let answer = f.exchange(&form(&sam, "oscar")).await;
-    assert_refused(&answer, 400, "invalid_grant");
+    assert_refused(&answer, 400, "invalid_request");
     assert!(
         answer.1["error_description"]
             .as_str()
@@ -392,7 +392,7 @@ async fn a_subject_token_names_the_customer() {
     let forged = olive.replace('.', ".x");
     params.retain(|(k, _)| *k != "subject_token");
     params.push(("subject_token", &forged));
-    assert_refused(&f.exchange(&params).await, 400, "invalid_grant");
+    assert_refused(&f.exchange(&params).await, 400, "invalid_request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,7 +416,7 @@ async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
         json!({"sub": "sam", "iss": 7}),
     ] {
         let answer = exchange_for(refused.clone()).await;
-        assert_refused(&answer, 400, "invalid_grant");
+        assert_refused(&answer, 400, "invalid_request");
         assert!(
             answer.1["error_description"]
                 .as_str()
