@@ -423,6 +423,16 @@ fn after_commit(what: &str, written: Result<(), StoreError>) {
     }
 }
 
+/// The head a script reports beside its answer, at `at` and `at + 1`, when
+/// it found the call already applied (sent again after a lost reply): the
+/// chain may have moved on since. `None`: not reported.
+fn reported_head(reply: &[String], at: usize) -> Result<Option<Option<ChainHead>>, StoreError> {
+    match (reply.get(at), reply.get(at + 1)) {
+        (Some(seq), Some(hash)) => parse_head(seq, hash).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn head_args(head: Option<ChainHead>) -> (String, String) {
     match head {
         Some(h) => (h.seq.to_string(), h.hash.to_hex()),
@@ -647,11 +657,10 @@ impl RedisStore {
     /// Runs a compare-and-set script. On a Redis error the script may or may
     /// not have run, so the cached head is forgotten.
     ///
-    /// A `head` reply can be the call's own doing: the cluster client sends
-    /// a call again when its connection drops, also after the script ran,
-    /// and the second run finds the head the first one made. So each caller
-    /// takes a moved head equal to the one its own events make as success.
-    /// The hash covers those events, so nothing else can make that head.
+    /// The cluster client sends a call again when its connection drops,
+    /// also after the script ran; the scripts answer such a second run as
+    /// the first one did, since they find the call's first event at its
+    /// place (`landed` in the scripts), so no write is made twice.
     async fn invoke_cas(
         &self,
         call: &ScriptCall,
@@ -662,38 +671,6 @@ impl RedisStore {
             *cached = None;
             unavailable(e)
         })
-    }
-
-    /// After a `head` reply (`moved`), whether `event`, the first event this
-    /// call writes, is the one stored at its place: the call ran, its reply
-    /// was lost and it was sent again (see `invoke_cas`), also when other
-    /// writes followed it before the second run. The hash covers the event
-    /// and every one before it, so no other write can match it.
-    async fn wrote(
-        &self,
-        moved: Option<ChainHead>,
-        event: &AuditEvent,
-    ) -> Result<bool, StoreError> {
-        if moved.is_none_or(|head| head.seq < event.seq) {
-            return Ok(false);
-        }
-        if moved == Some(event.head()) {
-            return Ok(true);
-        }
-        let stored = Store::chain_events(self, &event.chain, event.seq, 1).await?;
-        Ok(stored
-            .first()
-            .is_some_and(|e| e.id == event.id && e.hash == event.hash))
-    }
-
-    /// The id of the agent's live session, if any.
-    async fn live_session_of(&self, slot: &Slot) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("GET")
-            .arg(slot.live())
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)
     }
 
     async fn read_head(&self, slot: &Slot) -> Result<Option<ChainHead>, StoreError> {
@@ -884,19 +861,7 @@ impl RedisStore {
             let (reply, indexed) =
                 tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
             let reply = reply?;
-            let mut status = reply.first().map(String::as_str);
-            // The head as it is, where a lost reply is found to have
-            // written this call's events.
-            let mut moved = None;
-            if status == Some("head") {
-                let head = moved_head(&reply)?;
-                if let Some(first) = events.first()
-                    && self.wrote(head, first).await?
-                {
-                    status = Some("ok");
-                    moved = Some(head);
-                }
-            }
+            let status = reply.first().map(String::as_str);
             unwritten = if status == Some("ok") {
                 Vec::new()
             } else {
@@ -905,7 +870,7 @@ impl RedisStore {
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
-                    *cached = Some(moved.unwrap_or(next));
+                    *cached = Some(reported_head(&reply, 1)?.unwrap_or(next));
                     drop(cached);
                     after_commit("the events' views", indexed);
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
@@ -1166,24 +1131,11 @@ impl RedisStore {
                 inv.arg(f);
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
-            let mut status = reply.first().map(String::as_str);
-            // Where a lost reply is found to have started or refused: the
-            // head as it is.
-            let mut moved = None;
-            if status == Some("head") {
-                let head = moved_head(&reply)?;
-                if self.wrote(head, &started).await? {
-                    status = Some("started");
-                    moved = Some(head);
-                } else if self.wrote(head, &refused).await? {
-                    status = Some("refused");
-                    moved = Some(head);
-                }
-            }
+            let status = reply.first().map(String::as_str);
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("started") => {
-                    *cached = Some(moved.unwrap_or(Some(started.head())));
+                    *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(started.head())));
                     drop(cached);
                     after_commit("the start's views", self.index_event(&started).await);
                     return Ok(StartOutcome::Started {
@@ -1192,7 +1144,7 @@ impl RedisStore {
                     });
                 }
                 Some("refused") => {
-                    *cached = Some(moved.unwrap_or(Some(refused.head())));
+                    *cached = Some(reported_head(&reply, 2)?.unwrap_or(Some(refused.head())));
                     drop(cached);
                     // The intents for the session that was not created go again.
                     after_commit(
@@ -1200,14 +1152,13 @@ impl RedisStore {
                         self.forget_live(&session, &slot.route).await,
                     );
                     after_commit("the refusal's views", self.index_event(&refused).await);
-                    // The reply names the session in the way. After a lost
-                    // reply it is read back (it may have ended since, or be
-                    // a later one); the refusal is on record either way.
-                    let live = match moved {
-                        None => reply.get(1).cloned(),
-                        Some(_) => self.live_session_of(&slot).await?,
-                    };
-                    let live: SessionId = live
+                    // The reply names the session in the way; after a lost
+                    // reply the script reads it again, and it may have ended
+                    // since. The refusal is on record either way.
+                    let live: SessionId = reply
+                        .get(1)
+                        .filter(|id| !id.is_empty())
+                        .cloned()
                         .ok_or_else(|| {
                             StoreError::unavailable_because(
                                 "the start was refused and audited, and the session in the way has ended since; try again",
@@ -1271,19 +1222,11 @@ impl RedisStore {
                 inv.arg(f);
             }
             let reply = self.invoke_cas(&inv, &mut cached).await?;
-            let mut status = reply.first().map(String::as_str);
-            let mut moved = None;
-            if status == Some("head") {
-                let head = moved_head(&reply)?;
-                if self.wrote(head, &event).await? {
-                    status = Some("ok");
-                    moved = Some(head);
-                }
-            }
+            let status = reply.first().map(String::as_str);
             match status {
                 Some("head") => *cached = Some(moved_head(&reply)?),
                 Some("ok") => {
-                    *cached = Some(moved.unwrap_or(Some(event.head())));
+                    *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(event.head())));
                     drop(cached);
                     // The key that finds the session by id lives as long as
                     // the session's own (an activation moves its expiry);

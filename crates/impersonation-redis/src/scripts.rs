@@ -3,10 +3,12 @@
 //!
 //! Redis Lua has no SHA-256, so the client seals each event against the
 //! chain head it expects, and the script applies the write only if the head
-//! is still that one (compare-and-set); otherwise it returns the current head
-//! (`{'head', seq, hash}`) and the client reseals and retries. Within one
-//! process writes to a chain are queued, so a retry only happens when two
-//! processes write the same agent's chain at once.
+//! is still that one (compare-and-set). Otherwise, unless the call's own
+//! first event is at its place already (a call sent again after its reply
+//! was lost: the script then answers as its first run did), it returns the
+//! current head (`{'head', seq, hash}`) and the client reseals and retries.
+//! Within one process writes to a chain are queued, so a retry only happens
+//! when another process wrote the agent's chain since this one last did.
 
 use std::sync::LazyLock;
 
@@ -30,6 +32,18 @@ local function moved(k)
   local s, h = head_of(k)
   return {'head', s, h}
 end
+-- Whether `event` is the record at place `seq` of the chain: the call that
+-- brings it ran before, its reply was lost, and the client sent it again
+-- (the cluster client does, on a dropped connection), maybe after other
+-- writes. The record holds the event's id and hash, and its hash covers
+-- every event before it, so no other write can match it.
+local function landed(head_k, chain_k, seq, event)
+  local s = head_of(head_k)
+  if tonumber(s) < tonumber(seq) then return false end
+  local id = '0-' .. (tonumber(seq) + 1)
+  local e = redis.call('XRANGE', chain_k, id, id)
+  return e[1] ~= nil and e[1][2][2] == event
+end
 local function append(head_k, chain_k, seq, hash, event)
   redis.call('XADD', chain_k, '0-' .. (tonumber(seq) + 1), 'e', event)
   redis.call('HSET', head_k, 'seq', seq, 'hash', hash)
@@ -41,7 +55,15 @@ end
 /// its hash, refusal event, its seq, its hash, then the session's fields
 /// record, shadow, state, version, last_seen_us, last_checked_us, expires_us, idle_us.
 const START: &str = r#"
-if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then
+  -- As the first run answered, with the head as it is now.
+  local s, h = head_of(KEYS[1])
+  if landed(KEYS[1], KEYS[2], ARGV[6], ARGV[5]) then return {'started', s, h} end
+  if landed(KEYS[1], KEYS[2], ARGV[9], ARGV[8]) then
+    return {'refused', redis.call('GET', KEYS[3]) or '', s, h}
+  end
+  return moved(KEYS[1])
+end
 local live = redis.call('GET', KEYS[3])
 if live then
   append(KEYS[1], KEYS[2], ARGV[9], ARGV[10], ARGV[8])
@@ -62,7 +84,13 @@ return {'started'}
 /// ARGV: expected seq, expected hash, expected version, session id, ttl ms,
 /// event, its seq, its hash, then the session's fields as in START.
 const TRANSITION: &str = r#"
-if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then
+  if landed(KEYS[1], KEYS[2], ARGV[7], ARGV[6]) then
+    local s, h = head_of(KEYS[1])
+    return {'ok', s, h}
+  end
+  return moved(KEYS[1])
+end
 local v = redis.call('HGET', KEYS[4], 'version')
 if not v then return {'notfound'} end
 if v ~= ARGV[3] then return {'conflict'} end
@@ -89,7 +117,14 @@ return {'ok'}
 /// the reply lists the refused positions (`{'refused', i, reason, ...}`,
 /// 1-based) for the client to drop and reseal the rest.
 const APPEND_MANY: &str = r#"
-if not head_is(KEYS[1], ARGV[1], ARGV[2]) then return moved(KEYS[1]) end
+if not head_is(KEYS[1], ARGV[1], ARGV[2]) then
+  -- The events go in together: the first one landed means all did.
+  if landed(KEYS[1], KEYS[2], tonumber(ARGV[1]) + 1, ARGV[6]) then
+    local s, h = head_of(KEYS[1])
+    return {'ok', s, h}
+  end
+  return moved(KEYS[1])
+end
 local n = (#ARGV - 4) / 2
 local refused = {}
 -- Each guarding session's state, read once.
