@@ -113,6 +113,18 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
 }
 
 /// What the issuer reads of a subject token beyond the registered claims.
+/// What the issuer reads from an agent's access token beyond the standard
+/// claims: only whether it names an actor (`act`, of any shape), which
+/// makes it a delegated token, not the agent's own. Other claims, whatever
+/// their types, are left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ActorTokenClaims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) act: Option<serde_json::Value>,
+}
+
+impl AdditionalClaims for ActorTokenClaims {}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SubjectClaims {
     /// Who may act for the subject, if the token says.

@@ -22,7 +22,8 @@ use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 
 use crate::claims::{
-    ActorClaim, ExternalClaims, ImpersonationClaims, ImpersonationToken, MayActClaim, SubjectClaims,
+    ActorClaim, ActorTokenClaims, ImpersonationClaims, ImpersonationToken, MayActClaim,
+    SubjectClaims,
 };
 use crate::error::{ErrorCode, OAuthError, OidcError};
 use crate::jwt::to_chrono;
@@ -221,8 +222,9 @@ fn oauth(error: ErrorCode, description: impl Into<String>) -> OAuthError {
     OAuthError::new(error, description)
 }
 
-/// Which RFC error a policy refusal is: a malformed reason or ticket is the
-/// request's fault; every other refusal means the grant does not allow it.
+/// Which RFC error a policy refusal is: `invalid_scope` for a scope beyond
+/// the agent's permissions, `invalid_request` for the rest (a malformed
+/// reason or ticket, and, per RFC 8693 §2.2.2, a pair the policy refuses).
 fn denial_error(denial: &Denial) -> OAuthError {
     let code = match denial {
         Denial::ReasonRequired
@@ -414,7 +416,7 @@ impl Issuer {
         let now = self.api.now();
         let (agent_id, actor) = self
             .provider
-            .user_and_claims::<ExternalClaims>(&request.actor_token, now)
+            .user_and_claims::<ActorTokenClaims>(&request.actor_token, now)
             .await
             .map_err(|e| token_error("actor_token", &e))?;
         // A token that itself names an actor stands for someone acting as
@@ -597,7 +599,7 @@ fn scope_tokens(scope: &str) -> Result<Vec<&str>, OAuthError> {
 /// its issuer when `may_act` names one). The policy still decides after.
 fn may_act_allows(
     may_act: &MayActClaim,
-    actor: &IdTokenClaims<ExternalClaims, CoreGenderClaim>,
+    actor: &IdTokenClaims<ActorTokenClaims, CoreGenderClaim>,
 ) -> Result<(), OAuthError> {
     let issuer = may_act.iss.as_deref().unwrap_or(actor.issuer().as_str());
     if may_act.sub == actor.subject().as_str() && issuer == actor.issuer().as_str() {

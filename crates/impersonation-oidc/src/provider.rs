@@ -29,8 +29,8 @@ const REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// compromised) stops being accepted within this.
 pub const JWKS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Past their age, while the provider cannot be reached, the keys it last
-/// published serve this much longer; then its tokens fail closed.
+/// Past their maximum age, while the provider cannot be reached, the keys
+/// it last published serve this much longer; then its tokens fail closed.
 const JWKS_STALE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 type SubjectMap = Arc<dyn Fn(&str) -> Option<UserId> + Send + Sync>;
@@ -186,11 +186,14 @@ impl Provider {
         let keys = self.current_keys().await?;
         match self.verify_with::<AC>(token, now, keys) {
             // A key id the cached JWKS lacks: the provider may have rotated.
-            Err(TokenError::Signature(e)) if self.names_unknown_key(token) => {
-                match self.refresh().await? {
-                    Some(keys) => self.verify_with(token, now, keys),
-                    None => Err(TokenError::Signature(e)),
-                }
+            // If a fetch was tried just now, by another request perhaps,
+            // what it brought is in the cache.
+            Err(TokenError::Signature(_)) if self.names_unknown_key(token) => {
+                let keys = match self.refresh().await? {
+                    Some(keys) => keys,
+                    None => self.cached().0,
+                };
+                self.verify_with(token, now, keys)
             }
             other => other,
         }
@@ -199,25 +202,33 @@ impl Provider {
     /// The keys to verify with: fetched again once older than the maximum
     /// age; while that fails, the last ones serve until the stale limit.
     async fn current_keys(&self) -> Result<CoreJsonWebKeySet, TokenError> {
-        let (keys, age) = {
-            let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            (cache.keys.clone(), cache.fetched.map(|at| at.elapsed()))
-        };
+        let (keys, age) = self.cached();
         let Some(age) = age.filter(|age| *age >= self.max_age) else {
             return Ok(keys);
         };
+        let usable = |age: std::time::Duration| age < self.max_age.saturating_add(JWKS_STALE_LIMIT);
         match self.refresh().await {
             Ok(Some(fresh)) => Ok(fresh),
-            Ok(None) if age < JWKS_STALE_LIMIT => Ok(keys),
-            Err(e) if age < JWKS_STALE_LIMIT => {
+            // Another request is fetching, or just tried: what the cache
+            // holds now, if not too old.
+            Ok(None) => match self.cached() {
+                (_, Some(age)) if !usable(age) => Err(TokenError::Unavailable(
+                    "provider JWKS: not fetched again for over an hour past its age".into(),
+                )),
+                (keys, _) => Ok(keys),
+            },
+            Err(e) if usable(age) => {
                 tracing::warn!(error = %e, "the provider's JWKS could not be fetched again; using the last one");
                 Ok(keys)
             }
-            Ok(None) => Err(TokenError::Unavailable(
-                "provider JWKS: not fetched for over an hour".into(),
-            )),
             Err(e) => Err(e),
         }
+    }
+
+    /// The cached keys and how long ago they were fetched (`None`: given).
+    fn cached(&self) -> (CoreJsonWebKeySet, Option<std::time::Duration>) {
+        let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        (cache.keys.clone(), cache.fetched.map(|at| at.elapsed()))
     }
 
     fn verify_with<AC: AdditionalClaims>(
@@ -266,7 +277,10 @@ impl Provider {
         };
         {
             let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
-            let pause = REFRESH_AFTER.min(self.max_age);
+            // Never more than one attempt a second, whatever the age set.
+            let pause = REFRESH_AFTER
+                .min(self.max_age)
+                .max(std::time::Duration::from_secs(1));
             if cache.tried.is_some_and(|at| at.elapsed() < pause) {
                 return Ok(None);
             }

@@ -161,6 +161,20 @@ async fn hostile_actor_tokens_are_invalid_requests() {
     assert_nothing_audited(&f).await;
 }
 
+/// The issuer reads only `act` beyond the standard claims of an agent's
+/// token: claims it has no use for pass whatever their shape (a provider's
+/// numeric `sid`, say).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_token_with_claims_of_other_shapes_is_accepted() {
+    let f = fixture().await;
+    let actor = f.op.op_token("sam", |_, p| {
+        p["sid"] = json!(42);
+        p["roles"] = json!({"values": [1, 2]});
+    });
+    let (status, body) = f.exchange(&form(&actor, "olive")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Asserts the trail is empty: no request reached the policy.
 async fn assert_nothing_audited(f: &Fixture) {
     assert!(
