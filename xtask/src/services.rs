@@ -900,14 +900,20 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let file = std::fs::OpenOptions::new()
+            match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            // Best effort: another user may have made it in between.
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
-            file
+            {
+                Ok(file) => {
+                    // On the handle, not the path: best effort.
+                    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o666));
+                    file
+                }
+                // Another user made it in between.
+                Err(_) => std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            }
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 
 /// When the injected failure happens relative to the inner call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum When {
     /// The inner store never sees the call (a connection lost before sending).
     Before,
