@@ -338,11 +338,13 @@ impl Issuer {
         &self,
         credentials: &ClientCredentials,
     ) -> Result<&ClientRegistration, OAuthError> {
+        // Every registration of the id is tried: one client registered twice,
+        // with the old secret and the new, is how a secret is rotated.
         self.config
             .clients
             .iter()
-            .find(|c| c.id == credentials.id)
-            .filter(|c| c.secret_matches(&credentials.secret))
+            .filter(|c| c.id == credentials.id)
+            .find(|c| c.secret_matches(&credentials.secret))
             .ok_or_else(|| oauth(ErrorCode::InvalidClient, "unknown client or wrong secret"))
     }
 

@@ -241,3 +241,64 @@ async fn a_scope_narrows_the_session_and_is_checked() {
         "without the scope: bookings:write too"
     );
 }
+
+/// A client registered twice, with its old secret and its new one, is how
+/// a secret is rotated: either authenticates until the old registration
+/// goes; a third secret does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_registered_with_two_secrets_authenticates_with_either() {
+    let (op, provider) = forged_provider();
+    let people = directory();
+    let sam = people
+        .get(&impersonation_core::UserId::new("sam").unwrap())
+        .unwrap();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), people));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .client(ClientRegistration::new(CLIENT, "the old secret", [API]))
+            .client(ClientRegistration::new(CLIENT, "the new secret", [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service.clone(),
+    );
+    let basic = |secret: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{secret}"))
+        )
+    };
+    let body = |subject: &str| {
+        let actor = op.op_token("sam", |_, _| {});
+        form(&actor, subject)
+            .into_iter()
+            .fold(
+                form_urlencoded::Serializer::new(String::new()),
+                |mut f, (k, v)| {
+                    f.append_pair(k, v);
+                    f
+                },
+            )
+            .finish()
+    };
+    let wrong = issuer
+        .exchange(Some(&basic("a third secret")), body("olive").as_bytes())
+        .await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    for secret in ["the new secret", "the old secret"] {
+        let answer = issuer
+            .exchange(Some(&basic(secret)), body("olive").as_bytes())
+            .await;
+        assert_eq!(answer.status, 200, "{secret}: {}", answer.body);
+        // One live session per agent: end it before the next exchange.
+        let token: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        let ctx = issuer
+            .verifier(API)
+            .authorize(token["access_token"].as_str().unwrap())
+            .await
+            .unwrap();
+        service.stop_session(ctx.session(), &sam).await.unwrap();
+    }
+}
