@@ -4,6 +4,7 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -75,16 +76,26 @@ pub fn routes<S: Clone + Send + Sync + 'static>(issuer: Issuer) -> Router<S> {
         )
         .route(
             &format!("/{}", paths::TOKEN),
-            post(move |headers: HeaderMap, body: Bytes| {
+            post(move |headers: HeaderMap, body: Result<Bytes, BytesRejection>| {
                 let issuer = token.clone();
-                async move { answer(issuer.exchange(authorization(&headers), &body).await) }
+                async move {
+                    match body {
+                        Ok(body) => answer(issuer.exchange(authorization(&headers), &body).await),
+                        Err(refused) => unreadable(&refused),
+                    }
+                }
             }),
         )
         .route(
             &format!("/{}", paths::REVOKE),
-            post(move |headers: HeaderMap, body: Bytes| {
+            post(move |headers: HeaderMap, body: Result<Bytes, BytesRejection>| {
                 let issuer = revoke.clone();
-                async move { answer(issuer.revoke(authorization(&headers), &body).await) }
+                async move {
+                    match body {
+                        Ok(body) => answer(issuer.revoke(authorization(&headers), &body).await),
+                        Err(refused) => unreadable(&refused),
+                    }
+                }
             }),
         )
         .route(
@@ -98,4 +109,19 @@ pub fn routes<S: Clone + Send + Sync + 'static>(issuer: Issuer) -> Router<S> {
             }),
         )
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// A body the endpoint could not read (over [`MAX_BODY`], or cut off), as
+/// an RFC 6749 §5.2 error: `invalid_request`, with the status axum gives it
+/// (413 for a body too large).
+fn unreadable(refused: &BytesRejection) -> Response {
+    let description = if refused.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        "the request body is too large"
+    } else {
+        "the request body could not be read"
+    };
+    json(
+        refused.status(),
+        format!(r#"{{"error":"invalid_request","error_description":"{description}"}}"#),
+    )
 }

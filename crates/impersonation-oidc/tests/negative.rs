@@ -175,6 +175,29 @@ async fn an_agents_token_with_claims_of_other_shapes_is_accepted() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A body over `MAX_BODY` is refused before it is read, with RFC 6749's
+/// JSON error (413), like every other answer of the endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_is_a_json_error() {
+    let f = fixture().await;
+    let padding = "a".repeat(impersonation_oidc::MAX_BODY + 1);
+    for endpoint in ["token", "revoke"] {
+        let answer = impersonation_oidc::http_client()
+            .unwrap()
+            .post(format!("{}/{endpoint}", f.served.url))
+            .basic_auth(CLIENT, Some(CLIENT_SECRET))
+            .form(&[("reason", padding.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 413, "{endpoint}");
+        assert_eq!(answer.headers()["content-type"], "application/json");
+        let error: Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+        assert_eq!(error["error"], "invalid_request", "{endpoint}: {error}");
+    }
+    assert_nothing_audited(&f).await;
+}
+
 /// Asserts the trail is empty: no request reached the policy.
 async fn assert_nothing_audited(f: &Fixture) {
     assert!(
