@@ -67,10 +67,24 @@ pub(crate) fn check_shape(token: &str) -> Result<(), TokenError> {
     Ok(())
 }
 
+/// The refusal, in words that name no configured value: openidconnect's
+/// messages for a wrong `iss` or `aud` quote the expected one ("expected
+/// `https://idp.internal…`"), which would tell a client our provider's or
+/// audiences' addresses. What was expected goes to the debug log.
 fn claims_error(e: ClaimsVerificationError) -> TokenError {
+    let plain = |what: &str, detail: &str| {
+        tracing::debug!(detail, "{what}");
+        TokenError::Claims(what.to_owned())
+    };
     match e {
         ClaimsVerificationError::SignatureVerification(e) => TokenError::Signature(e.to_string()),
         ClaimsVerificationError::Unsupported(e) => TokenError::Malformed(e),
+        ClaimsVerificationError::InvalidIssuer(detail) => {
+            plain("not from the expected issuer", &detail)
+        }
+        ClaimsVerificationError::InvalidAudience(detail) => {
+            plain("not addressed to the expected audience", &detail)
+        }
         other => TokenError::Claims(other.to_string()),
     }
 }

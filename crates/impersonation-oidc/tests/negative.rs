@@ -156,6 +156,10 @@ async fn hostile_actor_tokens_are_invalid_requests() {
             "{what}: {}",
             answer.1
         );
+        // The answer names no configured value (the provider's address,
+        // the audiences): what was expected stays in the log.
+        let told = answer.1["error_description"].as_str().unwrap_or_default();
+        assert!(!told.contains(OP) && !told.contains(API), "{what}: {told}");
     }
     // None of them started a session.
     assert_nothing_audited(&f).await;
