@@ -176,6 +176,8 @@ pub(crate) fn unverified_header(token: &str) -> Result<RawHeader, TokenError> {
 pub(crate) struct RawPayload {
     #[serde(default)]
     pub(crate) iss: Option<String>,
+    #[serde(default)]
+    pub(crate) exp: Option<i64>,
 }
 
 pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> {

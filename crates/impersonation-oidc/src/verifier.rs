@@ -122,11 +122,19 @@ impl TokenVerifier {
     /// `iat` and the lifetime bound, and reads `sub`, the current actor and
     /// `sid`. Does not ask the store: see [`TokenVerifier::authorize`].
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        self.verify_at(token, self.api.now())
+    }
+
+    /// [`TokenVerifier::verify`] as of `now`.
+    pub(crate) fn verify_at(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<VerifiedToken, TokenError> {
         let keys = match &self.keys {
             Keys::Ring(ring) => ring.jwks(),
             Keys::Fixed(keys) => keys.clone(),
         };
-        let now = self.api.now();
         let claims = verify::<ImpersonationClaims>(
             token,
             Expect {

@@ -302,3 +302,79 @@ async fn a_client_registered_with_two_secrets_authenticates_with_either() {
         service.stop_session(ctx.session(), &sam).await.unwrap();
     }
 }
+
+/// A token lasts minutes, its session up to an hour, and no second token
+/// is issued while the session lives (one live session per agent). So a
+/// client may revoke an expired token of its own: the session it names
+/// ends, and the agent can exchange again. Another client's expired token
+/// ends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_revoked_by_its_client_ends_its_session() {
+    let (op, provider) = forged_provider();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .token_lifetime(time::Duration::seconds(1))
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API]))
+            .client(ClientRegistration::new("other", "other-secret", [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service.clone(),
+    );
+    let basic = |id: &str, secret: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+        )
+    };
+    let encode = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .fold(
+                form_urlencoded::Serializer::new(String::new()),
+                |mut f, (k, v)| {
+                    f.append_pair(k, v);
+                    f
+                },
+            )
+            .finish()
+    };
+    let exchange = || {
+        let actor = op.op_token("sam", |_, _| {});
+        let body = encode(&form(&actor, "olive"));
+        let issuer = issuer.clone();
+        let auth = basic(CLIENT, CLIENT_SECRET);
+        async move { issuer.exchange(Some(&auth), body.as_bytes()).await }
+    };
+    let first = exchange().await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let issued: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+    let token = issued["access_token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert!(issuer.verifier(API).verify(&token).is_err(), "expired");
+    let refused = exchange().await;
+    assert_eq!(
+        refused.status, 400,
+        "the session lives on: {}",
+        refused.body
+    );
+
+    // Another client's revocation of it ends nothing (RFC 7009: 200).
+    let body = encode(&[("token", token.as_str())]);
+    let answer = issuer
+        .revoke(Some(&basic("other", "other-secret")), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(exchange().await.status, 400, "still live");
+
+    // Its own client's ends the session: the agent may exchange again.
+    let answer = issuer
+        .revoke(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 200);
+    let again = exchange().await;
+    assert_eq!(again.status, 200, "{}", again.body);
+}
