@@ -38,6 +38,10 @@ pub(crate) struct Expect<'a> {
     pub(crate) max_lifetime: Duration,
     /// Accept `typ: at+jwt` (RFC 9068 access tokens).
     pub(crate) access_token_type: bool,
+    /// Refuse a token that names no key (`kid`). This crate's own tokens
+    /// always name one; OpenID Connect lets a provider that publishes a
+    /// single key leave it out (then that key must verify it).
+    pub(crate) kid_required: bool,
 }
 
 pub(crate) fn to_chrono(at: OffsetDateTime) -> DateTime<Utc> {
@@ -103,9 +107,11 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     >::from_str(token)
     .map_err(|e| TokenError::Malformed(e.to_string()))?;
     // The verifier picks the key by `kid`; with one published key it would
-    // accept a token without one, which this crate never issues.
+    // accept a token without one, which this crate never issues. With
+    // several, a token without one is ambiguous: refused either way.
     let header = unverified_header(token)?;
-    if header.kid.as_deref().is_none_or(str::is_empty) {
+    let names_key = header.kid.as_deref().is_some_and(|kid| !kid.is_empty());
+    if !names_key && (expect.kid_required || expect.keys.keys().len() != 1) {
         return Err(TokenError::Signature("the token names no key (kid)".into()));
     }
     let now = to_chrono(expect.now);

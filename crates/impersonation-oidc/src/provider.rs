@@ -246,6 +246,7 @@ impl Provider {
                 now,
                 max_lifetime: PROVIDER_MAX_LIFETIME,
                 access_token_type: true,
+                kid_required: false,
             },
         )
     }
@@ -258,14 +259,16 @@ impl Provider {
         let Ok(header) = unverified_header(token) else {
             return false;
         };
+        // No key named: nothing a fetch could find.
+        let Some(kid) = header.kid.as_deref() else {
+            return false;
+        };
         let cache = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        !header.kid.as_deref().is_some_and(|kid| {
-            cache
-                .keys
-                .keys()
-                .iter()
-                .any(|k| k.key_id().is_some_and(|id| id.as_str() == kid))
-        })
+        !cache
+            .keys
+            .keys()
+            .iter()
+            .any(|k| k.key_id().is_some_and(|id| id.as_str() == kid))
     }
 
     /// Fetches the JWKS, unless a fetch was tried less than `REFRESH_AFTER`

@@ -144,6 +144,7 @@ impl TokenVerifier {
                 now,
                 max_lifetime: self.max_lifetime,
                 access_token_type: false,
+                kid_required: true,
             },
         )?;
         let extra = claims.additional_claims();
