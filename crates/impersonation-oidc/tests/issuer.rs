@@ -99,24 +99,10 @@ async fn a_token_never_outlives_its_session() {
         service.clone(),
     );
     let actor = op.op_token("sam", |_, _| {});
-    let body: String = form(&actor, "olive")
-        .into_iter()
-        .fold(
-            form_urlencoded::Serializer::new(String::new()),
-            |mut f, (k, v)| {
-                f.append_pair(k, v);
-                f
-            },
-        )
-        .finish();
-    let basic = {
-        use base64::Engine;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{CLIENT_SECRET}"))
-        )
-    };
-    let answer = issuer.exchange(Some(&basic), body.as_bytes()).await;
+    let body = encode(&form(&actor, "olive"));
+    let answer = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
     // A logged answer (`?response`) does not carry the token.
@@ -187,27 +173,12 @@ async fn a_scope_narrows_the_session_and_is_checked() {
         provider,
         service.clone(),
     );
-    let basic = {
-        use base64::Engine;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{CLIENT_SECRET}"))
-        )
-    };
+    let basic = basic(CLIENT, CLIENT_SECRET);
     let actor = op.op_token("sam", |_, _| {});
     let with_scope = |scope: &'static str| {
         let mut params = form(&actor, "olive");
         params.push(("scope", scope));
-        params
-            .into_iter()
-            .fold(
-                form_urlencoded::Serializer::new(String::new()),
-                |mut f, (k, v)| {
-                    f.append_pair(k, v);
-                    f
-                },
-            )
-            .finish()
+        encode(&params)
     };
 
     for refused in ["billing:manage", "bookings:read  bookings:write", "a\"b"] {
@@ -263,33 +234,17 @@ async fn a_client_registered_with_two_secrets_authenticates_with_either() {
         provider,
         service.clone(),
     );
-    let basic = |secret: &str| {
-        use base64::Engine;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT}:{secret}"))
-        )
-    };
-    let body = |subject: &str| {
-        let actor = op.op_token("sam", |_, _| {});
-        form(&actor, subject)
-            .into_iter()
-            .fold(
-                form_urlencoded::Serializer::new(String::new()),
-                |mut f, (k, v)| {
-                    f.append_pair(k, v);
-                    f
-                },
-            )
-            .finish()
-    };
+    let body = |subject: &str| encode(&form(&op.op_token("sam", |_, _| {}), subject));
     let wrong = issuer
-        .exchange(Some(&basic("a third secret")), body("olive").as_bytes())
+        .exchange(
+            Some(&basic(CLIENT, "a third secret")),
+            body("olive").as_bytes(),
+        )
         .await;
     assert_eq!(wrong.status, 401, "{}", wrong.body);
     for secret in ["the new secret", "the old secret"] {
         let answer = issuer
-            .exchange(Some(&basic(secret)), body("olive").as_bytes())
+            .exchange(Some(&basic(CLIENT, secret)), body("olive").as_bytes())
             .await;
         assert_eq!(answer.status, 200, "{secret}: {}", answer.body);
         // One live session per agent: end it before the next exchange.
@@ -323,25 +278,6 @@ async fn an_expired_token_revoked_by_its_client_ends_its_session() {
         provider,
         service.clone(),
     );
-    let basic = |id: &str, secret: &str| {
-        use base64::Engine;
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-        )
-    };
-    let encode = |pairs: &[(&str, &str)]| {
-        pairs
-            .iter()
-            .fold(
-                form_urlencoded::Serializer::new(String::new()),
-                |mut f, (k, v)| {
-                    f.append_pair(k, v);
-                    f
-                },
-            )
-            .finish()
-    };
     let exchange = || {
         let actor = op.op_token("sam", |_, _| {});
         let body = encode(&form(&actor, "olive"));

@@ -286,6 +286,29 @@ pub async fn exchange(url: &str, params: &[(&str, &str)]) -> (u16, serde_json::V
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
+/// An `Authorization: Basic` value for a client id and secret.
+pub fn basic(id: &str, secret: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+/// Form fields as an `application/x-www-form-urlencoded` body.
+pub fn encode(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .fold(
+            form_urlencoded::Serializer::new(String::new()),
+            |mut f, (k, v)| {
+                f.append_pair(k, v);
+                f
+            },
+        )
+        .finish()
+}
+
 /// The standard form of an impersonation request for `subject` by the
 /// holder of `actor_token`.
 pub fn form<'a>(actor_token: &'a str, subject: &'a str) -> Vec<(&'a str, &'a str)> {
