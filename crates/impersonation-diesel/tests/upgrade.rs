@@ -202,19 +202,7 @@ async fn replicas_starting_at_once_on_postgres_all_migrate() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_at_once_on_mariadb_all_migrate() {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let db = common::unique("imptest");
-    let mut admin =
-        diesel_async::AsyncMysqlConnection::establish(&format!("{}/test", common::MYSQL_SERVER))
-            .await
-            .unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-        ))
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", common::MYSQL_SERVER);
+    let url = common::mysql_database().await;
     replicas_start_at_once(|| impersonation_diesel::DieselConfig::new(url.clone())).await;
 }
 

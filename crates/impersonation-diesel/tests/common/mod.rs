@@ -47,8 +47,9 @@ pub(crate) async fn postgres() -> DieselStore {
     postgres_db(8).await.store
 }
 
+/// A new, empty MariaDB database of the test's own; its URL.
 #[cfg(feature = "mysql")]
-pub(crate) async fn mysql_db(pool: usize) -> TestDb {
+pub(crate) async fn mysql_database() -> String {
     use diesel_async::{AsyncConnection, SimpleAsyncConnection};
     let db = unique("imptest");
     let mut admin = diesel_async::AsyncMysqlConnection::establish(&format!("{MYSQL_SERVER}/test"))
@@ -60,7 +61,12 @@ pub(crate) async fn mysql_db(pool: usize) -> TestDb {
         ))
         .await
         .unwrap();
-    let url = format!("{MYSQL_SERVER}/{db}");
+    format!("{MYSQL_SERVER}/{db}")
+}
+
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql_db(pool: usize) -> TestDb {
+    let url = mysql_database().await;
     let store =
         DieselStore::connect_and_migrate(DieselConfig::new(url.clone()).max_connections(pool))
             .await
