@@ -499,6 +499,26 @@ async fn a_session_listed_before_it_exists_stays_listed() {
     assert_eq!(left, BTreeSet::from([starting]));
 }
 
+/// Two stores on one namespace, each with its own cached head (two
+/// processes), and a session of agent 1 that the second one started: its
+/// cached head is the start's.
+async fn two_processes() -> (
+    RedisStore,
+    RedisStore,
+    World,
+    Principal,
+    impersonation_core::Session,
+) {
+    let ns = common::unique("imptest");
+    let first = common::store_at(common::SINGLE, &ns).await;
+    let again = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&again, start).await;
+    (first, again, w, agent, session)
+}
+
 /// The cluster client sends a call again when its connection drops, also
 /// after the script ran and only the reply was lost; the second run then
 /// finds the head the first one made. Two stores on one namespace play
@@ -510,14 +530,7 @@ async fn a_session_listed_before_it_exists_stays_listed() {
 async fn a_write_sent_again_after_its_reply_was_lost_is_applied_once() {
     use impersonation_core::StartOutcome;
 
-    let ns = common::unique("imptest");
-    let first = common::store_at(common::SINGLE, &ns).await;
-    let again = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let agent = w.agent(1);
-    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
-    // `again` writes first, so its cached head is the start's.
-    let (session, _) = must_start(&again, start).await;
+    let (first, again, w, agent, session) = two_processes().await;
     let chain = session.chain();
 
     let access = (
@@ -591,19 +604,13 @@ async fn a_write_sent_again_after_its_reply_was_lost_is_applied_once() {
 
 /// As above, when other writes reached the chain between the call's first
 /// run and its second: the second run finds the head moved past the call's
-/// events, and the store reads its first event back from its place to
-/// tell that the call ran.
+/// events, and the script finds the call's first event at its place, which
+/// tells it that the call ran.
 #[tokio::test]
 async fn a_write_sent_again_after_others_followed_it_is_applied_once() {
     use impersonation_core::StartOutcome;
 
-    let ns = common::unique("imptest");
-    let first = common::store_at(common::SINGLE, &ns).await;
-    let again = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let agent = w.agent(1);
-    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
-    let (session, _) = must_start(&again, start).await;
+    let (first, again, w, agent, session) = two_processes().await;
     let chain = session.chain();
     let draft = |s: &impersonation_core::Session| {
         s.draft(
