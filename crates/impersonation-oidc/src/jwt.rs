@@ -186,7 +186,10 @@ pub(crate) struct RawPayload {
     pub(crate) exp: Option<i64>,
 }
 
+/// Reads it from a token of the right shape only ([`check_shape`]), so
+/// that no oversized token is decoded.
 pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> {
+    check_shape(token)?;
     payload(token)
 }
 
