@@ -815,22 +815,19 @@ pub(crate) async fn run_to_end<T: Send + 'static>(
         })))
     })
     .await;
+    let failed = |why: String| {
+        Err(impersonation_core::Error::Store(
+            impersonation_core::StoreError::unavailable_because(why),
+        ))
+    };
     match first {
         Ok(Poll::Ready(recorded)) => return recorded,
         Ok(Poll::Pending) => {}
-        Err(_) => {
-            return Err(impersonation_core::Error::Store(
-                impersonation_core::StoreError::unavailable_because("the audit write panicked"),
-            ));
-        }
+        Err(_) => return failed("the audit write panicked".into()),
     }
     match tokio::spawn(write).await {
         Ok(recorded) => recorded,
-        Err(e) => Err(impersonation_core::Error::Store(
-            impersonation_core::StoreError::unavailable_because(format!(
-                "the audit write failed: {e}"
-            )),
-        )),
+        Err(e) => failed(format!("the audit write failed: {e}")),
     }
 }
 
