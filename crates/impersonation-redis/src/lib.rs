@@ -964,13 +964,47 @@ impl RedisStore {
         decode_session(&fields, None)
     }
 
-    async fn route_of(&self, id: SessionId) -> Result<Option<String>, StoreError> {
+    /// Session `id`'s route, and whether it came from the live sets
+    /// because its own key (`where`) was missing.
+    ///
+    /// The `where` key lives as long as the session's keys, but the write
+    /// that extends it after an activation follows the committed script
+    /// and may fail (logged by `after_commit`); the old expiry would then
+    /// lose a session still in use, and a revocation by id would find
+    /// nothing: fail open. A live session is always in `live:all` (written
+    /// before its start script, taken out when it ends), so a missing key
+    /// is looked up there before the answer is "no such session".
+    async fn route_of(&self, id: SessionId) -> Result<Option<(String, bool)>, StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("GET")
+        let route: Option<String> = redis::cmd("GET")
             .arg(where_key(&self.ns, id))
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if let Some(route) = route {
+            return Ok(Some((route, false)));
+        }
+        let suffix = format!("|{id}");
+        let mut cursor = 0u64;
+        loop {
+            let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(live_all(&self.ns))
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("*{suffix}"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if let Some(route) = members.iter().find_map(|m| m.strip_suffix(&suffix)) {
+                return Ok(is_route(route).then(|| (route.to_owned(), true)));
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            cursor = next;
+        }
     }
 
     /// Rebuilds the derived views (audit indexes, chain list) from the chains
@@ -1395,10 +1429,20 @@ impl Store for RedisStore {
     }
 
     async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
-        let Some(route) = self.route_of(id).await? else {
+        let Some((route, from_live_set)) = self.route_of(id).await? else {
             return Ok(None);
         };
-        self.session_in(&Slot::of_route(&self.ns, &route), id).await
+        let found = self
+            .session_in(&Slot::of_route(&self.ns, &route), id)
+            .await?;
+        if let (Some(s), true) = (&found, from_live_set) {
+            // Put the missing key back, to live as long as the session's.
+            let ttl = ttl_ms(s.expires_at, OffsetDateTime::now_utc(), self.retention);
+            if let Err(e) = self.run_all(vec![self.set_route(id, &route, ttl)]).await {
+                tracing::warn!(error = %e, session = %id, "the session's missing route key could not be put back; it is found through the live sets meanwhile");
+            }
+        }
+        Ok(found)
     }
 
     async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
@@ -1470,7 +1514,7 @@ impl Store for RedisStore {
         checked_at: OffsetDateTime,
         shadow: &ShadowUser,
     ) -> Result<(), StoreError> {
-        let Some(route) = self.route_of(id).await? else {
+        let Some((route, _)) = self.route_of(id).await? else {
             return Err(StoreError::SessionNotFound(id));
         };
         let slot = Slot::of_route(&self.ns, &route);

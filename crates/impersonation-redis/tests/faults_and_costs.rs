@@ -578,6 +578,124 @@ async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
     assert_eq!(store.session(active.id).await.unwrap(), Some(active));
 }
 
+/// The write that extends the `where` key after an activation follows the
+/// committed script and may fail; the key then runs out with the start's
+/// shorter expiry while the session is still in use. Finding the session
+/// by id must not fail open (a revocation that finds nothing leaves the
+/// agent impersonating): a live session is looked up in the live sets
+/// and its key put back. A user the server lets write everything but the
+/// `where` keys stands in for a connection lost right after the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_whose_route_key_ran_out_is_still_found_and_revoked() {
+    use impersonation_core::{Consent, Policy};
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let retention = time::Duration::minutes(5);
+    let mut conn = admin(&server).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nowhere")
+        .arg("on")
+        .arg(">nowhere-password")
+        .arg(format!("~{ns}:{{*"))
+        .arg(format!("~{ns}:live:*"))
+        .arg(format!("~{ns}:audit:*"))
+        .arg(format!("~{ns}:chains"))
+        .arg("+@all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let store = retaining(&server, &ns, retention).await;
+    let limited = RedisStore::connect(
+        RedisConfig::new(&format!(
+            "redis://nowhere:nowhere-password@127.0.0.1:{}",
+            server.port
+        ))
+        .unwrap()
+        .namespace(&ns)
+        .unwrap()
+        .retention(retention)
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let w = World::new();
+    let policy = Policy::default().consent(Consent::Required {
+        timeout: time::Duration::minutes(10),
+    });
+    // On the wall clock: the key put back lives from now.
+    let started_at = time::OffsetDateTime::now_utc();
+    let (start, _) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), started_at);
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    let where_key = format!("{ns}:where:{}", session.id);
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut c = redis::cmd("PTTL");
+        c.arg(&where_key);
+        let conn = conn.clone();
+        async move {
+            let mut conn = conn;
+            c.query_async::<i64>(&mut conn).await.unwrap()
+        }
+    };
+    let started_ttl = pttl(&mut conn).await;
+    let activated_at = started_at;
+    let activation = session.activate(Actor::System, activated_at).unwrap();
+    let (active, _) = limited.transition(activation).await.unwrap();
+    assert_eq!(
+        pttl(&mut conn).await / 1000,
+        started_ttl / 1000,
+        "the limited user could not extend the where key"
+    );
+
+    // Its start's expiry runs out while the session is live.
+    let removed: u32 = redis::cmd("DEL")
+        .arg(&where_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    assert_eq!(
+        store.session(active.id).await.unwrap(),
+        Some(active.clone())
+    );
+    let expected = (active.expires_at - activated_at + retention).whole_milliseconds() as i64;
+    let ttl = pttl(&mut conn).await;
+    assert!(
+        ttl > expected - 5_000 && ttl <= expected,
+        "the where key is put back to live as long as the session: PTTL {ttl}, expected about {expected}"
+    );
+
+    // And a revocation by id (`Impersonation::revoke` reads the session
+    // by id, then ends it) ends it.
+    redis::cmd("DEL")
+        .arg(&where_key)
+        .query_async::<u32>(&mut conn)
+        .await
+        .unwrap();
+    let found = store.session(active.id).await.unwrap().unwrap();
+    let revocation = found
+        .end(
+            EndReason::Revoked,
+            Actor::System,
+            activated_at,
+            Details::new(),
+        )
+        .unwrap();
+    let (ended, _) = store.transition(revocation).await.unwrap();
+    assert!(!ended.state.is_live());
+    assert!(
+        store
+            .live_sessions(&Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// A write after a committed script (views, live sets, the route key) that
 /// fails does not make the change a failure: a start would lose its
 /// secret while its session blocks the agent, an append would be sent
