@@ -122,7 +122,9 @@ pub struct Config {
     /// `Duration::ZERO` writes it at every read of the store; a few seconds
     /// spare a busy session's writes at the cost of that much idle-timeout
     /// precision. (Reused sessions are not touched: the touch waits for the
-    /// next read, at most `reuse_interval` later.)
+    /// next read, at most `reuse_interval` later.) An interval above half
+    /// the policy's idle timeout is taken as half of it: a longer one would
+    /// let a busy session idle out.
     pub touch_interval: Duration,
 }
 
@@ -821,6 +823,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         details: Details,
     ) -> Result<Ending, Error> {
         let now = self.now();
+        // A session whose time is already up ended then, by the clock,
+        // whoever asks now: the trail says it expired or idled out, not
+        // that it was stopped or revoked after it should have ended.
+        let (reason, by, details) = match session.lapse_at(now) {
+            Some(lapse) => (lapse, Actor::System, Details::new()),
+            None => (reason, by, details),
+        };
         let transition = session.end(reason, by, now, details)?;
         // Whatever the outcome, this process stops reusing the session: it
         // has ended, or changed under us. Also if this call is dropped
@@ -899,10 +908,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // Read before the store: an end that lands meanwhile keeps this
         // answer out of the reuse map.
         let epoch = self.reuse.epoch();
-        let touch = Touch {
-            now,
-            coalesce: self.config.touch_interval,
-        };
+        let touch = self.touch(now);
         let Some(session) = self.find_touching(secret.lookup(), touch).await? else {
             return Err(Error::Unauthenticated);
         };
@@ -910,6 +916,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         self.reuse
             .put(key, &ctx, now, epoch, self.config.reuse_interval);
         Ok(ctx)
+    }
+
+    /// The idle touch of a read of the store at `now`: written at most once
+    /// a [`Config::touch_interval`], but at least twice an idle timeout,
+    /// or a busy session would never count as used and idle out.
+    fn touch(&self, now: OffsetDateTime) -> Touch {
+        let most: Duration = self.policy.idle_timeout_duration() / 2_i32;
+        Touch {
+            now,
+            coalesce: self
+                .config
+                .touch_interval
+                .clamp(Duration::ZERO, most.max(Duration::ZERO)),
+        }
     }
 
     /// The context this process resolved for `key` within
@@ -959,10 +979,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             async {
                 // Read before the store, as for a secret.
                 let epoch = self.reuse.epoch();
-                let touch = Touch {
-                    now,
-                    coalesce: self.config.touch_interval,
-                };
+                let touch = self.touch(now);
                 let Some(found) = self.store.session(id).await? else {
                     return Err(Error::Unauthenticated);
                 };
@@ -1122,6 +1139,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     /// Revokes one session. Its own agent or a holder of the admin permission may.
+    ///
+    /// `Ok(Revoked)` when this call ended it; [`Error::Ended`] with the
+    /// reason when it had ended already, or its time was up (it is ended
+    /// now as expired or idle, which the trail records).
     pub async fn revoke(
         &self,
         session: SessionId,
@@ -1145,8 +1166,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if !note.trim().is_empty() {
             details.insert("note", note.trim());
         }
-        self.end(&found, EndReason::Revoked, actor_of(by), details)
-            .await
+        match self
+            .end(&found, EndReason::Revoked, actor_of(by), details)
+            .await?
+        {
+            EndReason::Revoked => Ok(EndReason::Revoked),
+            // Its time was up, or it ended otherwise meanwhile.
+            other => Err(Error::Ended(other)),
+        }
     }
 
     async fn revoke_matching(

@@ -93,7 +93,7 @@ impl Touch {
         session.state == crate::session::SessionState::Active
             && self.now < session.expires_at
             && self.now < session.idle_deadline()
-            && session.last_seen_at + self.coalesce <= self.now
+            && session.last_seen_at.saturating_add(self.coalesce) <= self.now
     }
 }
 

@@ -322,6 +322,59 @@ async fn an_admin_may_revoke_any_session_and_others_may_not() {
     ));
 }
 
+/// A stop or revocation that comes after a session's time was up (no
+/// request came along to end it) ends it as it lapsed: the trail says it
+/// idled out or expired, by the system, not that a person ended a session
+/// that was still running.
+#[tokio::test]
+async fn a_stop_or_revocation_after_the_session_lapsed_records_the_lapse() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    f.clock.advance(Duration::minutes(20));
+    assert!(matches!(
+        f.service.stop(&started.secret, &agent("sam")).await,
+        Err(Error::Ended(EndReason::IdleTimeout))
+    ));
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+    assert_eq!(end.actor, impersonation_core::Actor::System);
+
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        f.clock.advance(Duration::minutes(10));
+    }
+    assert!(matches!(
+        f.service
+            .revoke(kim.session.id, &lead(), "audit review")
+            .await,
+        Err(Error::Ended(EndReason::Expired))
+    ));
+    let end = session_events(&f, kim.session.id).await.pop().unwrap();
+    assert_eq!(
+        (
+            end.action,
+            end.details.get("reason"),
+            end.details.get("note")
+        ),
+        (AuditAction::SessionEnded, Some("expired"), None)
+    );
+    assert_eq!(end.actor, impersonation_core::Actor::System);
+    assert!(
+        f.service
+            .revoke_all_for_agent(&id("kim"), Initiator::System, "")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[tokio::test]
 async fn revoke_all_for_agent_ends_every_live_session_of_that_agent() {
     let f = fixture();
@@ -456,6 +509,30 @@ async fn resolve_ends_an_idle_session_and_use_keeps_it_alive() {
         f.service.resolve(&started.secret).await,
         Err(Error::Ended(EndReason::IdleTimeout))
     ));
+}
+
+/// A touch interval at or above the idle timeout would never let a touch
+/// land before the idle deadline: a busy session would idle out. It is
+/// taken as half the idle timeout, and one out of any range panics nowhere.
+#[tokio::test]
+async fn a_touch_interval_longer_than_the_idle_timeout_still_keeps_a_busy_session() {
+    for interval in [Duration::minutes(15), Duration::hours(2), Duration::MAX] {
+        let config = Config {
+            touch_interval: interval,
+            ..Config::default()
+        };
+        let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+        let started = f.sam_on_olive().await;
+        // A request every 10 minutes for 50 minutes, against a 15-minute
+        // idle timeout.
+        for _ in 0..5 {
+            f.clock.advance(Duration::minutes(10));
+            f.service
+                .resolve(&started.secret)
+                .await
+                .unwrap_or_else(|e| panic!("interval {interval}: {e}"));
+        }
+    }
 }
 
 #[tokio::test]

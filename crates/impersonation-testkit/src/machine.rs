@@ -375,13 +375,20 @@ impl<S: Store> Case<S> {
                     )
                     .await
                     .map_err(|e| fail(format!("revoke_all_for_agent: {e}")))?;
+                // A session whose time was up ends as expired or idle, and
+                // is not among those revoked.
+                let now = self.now();
                 let live = self
                     .latest
                     .get(&agent)
                     .filter(|(s, _)| s.state.is_live())
-                    .map(|(s, _)| s.id);
-                prop_assert_eq!(revoked, live.into_iter().collect::<Vec<_>>());
-                self.end_model(agent, EndReason::Revoked);
+                    .map(|(s, _)| (s.id, lapse_of(s, now)));
+                let expected = live.and_then(|(id, lapse)| lapse.is_none().then_some(id));
+                prop_assert_eq!(revoked, expected.into_iter().collect::<Vec<_>>());
+                let reason = live
+                    .and_then(|(_, lapse)| lapse)
+                    .unwrap_or(EndReason::Revoked);
+                self.end_model(agent, reason);
                 Ok(())
             }
             Op::RevokeAllForSubject { target } => {
@@ -393,13 +400,19 @@ impl<S: Store> Case<S> {
                     .map_err(|e| fail(format!("revoke_all_for_subject: {e}")))?;
                 revoked.sort();
                 let mut expected: Vec<SessionId> = Vec::new();
+                let now = self.now();
                 for agent in 0..3 {
                     if let Some((s, _)) = self.latest.get(&agent)
                         && s.state.is_live()
                         && s.subject == target
                     {
-                        expected.push(s.id);
-                        self.end_model(agent, EndReason::Revoked);
+                        match lapse_of(s, now) {
+                            Some(lapse) => self.end_model(agent, lapse),
+                            None => {
+                                expected.push(s.id);
+                                self.end_model(agent, EndReason::Revoked);
+                            }
+                        }
                     }
                 }
                 expected.sort();
@@ -608,6 +621,7 @@ impl<S: Store> Case<S> {
             return Ok(());
         };
         let state = model.state;
+        let lapse = lapse_of(model, self.now());
         let result = self.service.stop(secret, &self.agent(by)).await;
         // Who asks comes first: a stranger is refused, ended or not.
         match (result, state) {
@@ -615,11 +629,17 @@ impl<S: Store> Case<S> {
                 prop_assert_eq!(r, m);
                 Ok(())
             }
+            // Its time was up: it ends as expired or idle, not stopped.
+            (Err(Error::Ended(r)), s) if s.is_live() && by == agent && lapse.is_some() => {
+                prop_assert_eq!(Some(r), lapse);
+                self.end_model(agent, r);
+                Ok(())
+            }
             (Err(Error::Denied(Denial::NotSessionAgent)), _) if by != agent => {
                 self.denials += 1;
                 Ok(())
             }
-            (Ok(EndReason::Stopped), s) if s.is_live() && by == agent => {
+            (Ok(EndReason::Stopped), s) if s.is_live() && by == agent && lapse.is_none() => {
                 self.end_model(agent, EndReason::Stopped);
                 Ok(())
             }
@@ -634,6 +654,7 @@ impl<S: Store> Case<S> {
             return Ok(());
         };
         let (id, state) = (model.id, model.state);
+        let lapse = lapse_of(model, self.now());
         let entitled = by == agent || by == 2;
         let result = self
             .service
@@ -644,11 +665,17 @@ impl<S: Store> Case<S> {
                 prop_assert_eq!(r, m);
                 Ok(())
             }
+            // Its time was up: it ends as expired or idle, not revoked.
+            (Err(Error::Ended(r)), s) if s.is_live() && entitled && lapse.is_some() => {
+                prop_assert_eq!(Some(r), lapse);
+                self.end_model(agent, r);
+                Ok(())
+            }
             (Err(Error::Denied(Denial::NotSessionAgent)), _) if !entitled => {
                 self.denials += 1;
                 Ok(())
             }
-            (Ok(EndReason::Revoked), s) if s.is_live() && entitled => {
+            (Ok(EndReason::Revoked), s) if s.is_live() && entitled && lapse.is_none() => {
                 self.end_model(agent, EndReason::Revoked);
                 Ok(())
             }
