@@ -17,7 +17,8 @@ use cookie::{Cookie, SameSite};
 use futures_like::BoxFuture;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
-use impersonation_core::{Activity, ActivityKind, Context, Principal, SessionSecret};
+use impersonation_core::{Activity, ActivityKind, Context, Principal, SecretHash, SessionSecret};
+use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -151,10 +152,26 @@ impl CsrfToken {
     }
 }
 
-fn new_token() -> Option<String> {
+pub(crate) fn new_token() -> Option<String> {
     let mut bytes = [0_u8; 32];
     getrandom::fill(&mut bytes).ok()?;
     Some(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The CSRF token that replaces `old` once the browser's impersonation
+/// cookie names a session that has ended (or cannot be read): forms
+/// rendered under that session then fail the check instead of posting as
+/// the agent. Derived, not drawn, so that a page's requests sent side by
+/// side with the same dead cookie all arrive at the same new token (the
+/// last cookie set wins); no one without the old token can compute it.
+fn rotated_token(old: &str, dead: Option<SecretHash>) -> String {
+    let mut digest = Sha256::new();
+    digest.update(b"impersonation-axum csrf rotation\0");
+    digest.update(old.as_bytes());
+    if let Some(hash) = dead {
+        digest.update(hash.as_bytes());
+    }
+    URL_SAFE_NO_PAD.encode(digest.finalize())
 }
 
 /// The layer. Build it with [`crate::ImpersonationLayer::new`].
@@ -399,6 +416,43 @@ where
                 }
             }
 
+            // The browser's cookie names a session that has ended: the
+            // pages it rendered are the customer's, and their forms must not
+            // post as the agent. Their CSRF token is replaced (before the
+            // handler reads it), and a change posted with the dead cookie
+            // is refused here, whatever CSRF check the app makes itself.
+            // (Not the SDK's start and stop: a start begins anew, and a
+            // stop of an ended session is done.)
+            let mut csrf = csrf;
+            let mut fresh_csrf = fresh_csrf;
+            if clear_secret
+                && !csrf.is_empty()
+                && !settings.own_route(match req.extensions().get::<MatchedPath>() {
+                    Some(m) => m.as_str(),
+                    None => req.uri().path(),
+                })
+            {
+                csrf = rotated_token(&csrf, kept_secret.as_ref().map(SessionSecret::hash)).into();
+                fresh_csrf = true;
+                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+                if is_change {
+                    tracing::info!(
+                        route = req.uri().path(),
+                        "a change posted under an impersonation session that has ended is refused"
+                    );
+                    let mut res = plain(
+                        StatusCode::CONFLICT,
+                        "the impersonation session this page belongs to has ended; nothing was changed (reload the page)",
+                    );
+                    set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
+                    set_cookie(
+                        &mut res,
+                        &settings.cookie(settings.csrf_cookie(), csrf.to_string(), false),
+                    );
+                    return Ok(res);
+                }
+            }
+
             let state = Arc::new(RequestState {
                 shared: Arc::clone(&shared),
                 secret: kept_secret,
@@ -592,7 +646,8 @@ where
                     }
                 }
             }
-            if fresh_csrf {
+            // (Unless the response sets its own: a start or stop replaces it.)
+            if fresh_csrf && !sets_cookie(&res, settings.csrf_cookie()) {
                 set_cookie(
                     &mut res,
                     &settings.cookie(settings.csrf_cookie(), csrf.to_string(), false),

@@ -195,7 +195,25 @@ async fn start(req: Request) -> Response {
     if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
         res.headers_mut().append(header::SET_COOKIE, value);
     }
+    replace_csrf_token(&mut res, settings);
     res
+}
+
+/// A start or stop changes whom the browser acts as: the forms of pages
+/// rendered before it (another tab's settings form, say) are given a CSRF
+/// token that no longer passes, so they cannot post as the new identity.
+fn replace_csrf_token(res: &mut Response, settings: &crate::layer::Settings) {
+    let Some(token) = crate::layer::new_token() else {
+        tracing::warn!("random source unavailable; the CSRF token is not replaced");
+        return;
+    };
+    if let Ok(value) = header::HeaderValue::from_str(
+        &settings
+            .cookie(settings.csrf_cookie(), token, false)
+            .to_string(),
+    ) {
+        res.headers_mut().append(header::SET_COOKIE, value);
+    }
 }
 
 async fn stop(req: Request) -> Response {
@@ -231,15 +249,22 @@ async fn stop(req: Request) -> Response {
     };
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);
-    if let Err(e) = shared.api.stop(secret, &principal).await {
-        return error(&e);
+    match shared.api.stop(secret, &principal).await {
+        Ok(_) => {}
+        // The agent's own session had ended already (it expired, idled
+        // out or was revoked; the trail says so), or is gone from the
+        // store: what the stop asked for holds, and the browser is let go
+        // of it as for a stop.
+        Err(impersonation_core::Error::Ended(_) | impersonation_core::Error::Unauthenticated) => {}
+        Err(e) => return error(&e),
     }
-    let mut res = Redirect::to(&local(form.return_to.as_deref())).into_response();
+    let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     if let Ok(value) =
         header::HeaderValue::from_str(&settings.removal(settings.secret_cookie()).to_string())
     {
         res.headers_mut().append(header::SET_COOKIE, value);
     }
+    replace_csrf_token(&mut res, settings);
     res
 }
 

@@ -16,7 +16,7 @@ use axum::response::Html;
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use impersonation_axum::{
-    EffectiveUser, Impersonating, ImpersonationLayer, NotImpersonating, RealUser, routes,
+    CsrfCheck, EffectiveUser, Impersonating, ImpersonationLayer, NotImpersonating, RealUser, routes,
 };
 use impersonation_core::{
     AuditAction, AuditEvent, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore,
@@ -112,6 +112,21 @@ fn fixture() -> Fixture {
         .route(
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
+        )
+        .route(
+            "/settings",
+            post(
+                |check: CsrfCheck,
+                 user: EffectiveUser,
+                 axum::Form(form): axum::Form<BTreeMap<String, String>>| async move {
+                    let sent = form.get("csrf").map_or("", String::as_str);
+                    if check.verify(sent) {
+                        (StatusCode::OK, format!("saved for {}", user.id()))
+                    } else {
+                        (StatusCode::FORBIDDEN, "cross-site request refused".into())
+                    }
+                },
+            ),
         )
         .nest("/impersonation", routes())
         .layer(ImpersonationLayer::new(svc.clone()))
@@ -243,6 +258,18 @@ impl Browser {
         )
         .await
     }
+}
+
+/// A settings form posted with `token` (the one its page carried).
+async fn post_settings(b: &mut Browser, token: &str) -> Reply {
+    let form = format!("timezone=Europe%2FBerlin&csrf={token}");
+    b.send(
+        Method::POST,
+        "/settings",
+        Some(form),
+        &[("origin", "https://app.example")],
+    )
+    .await
 }
 
 async fn events(f: &Fixture) -> Vec<AuditEvent> {
@@ -654,19 +681,104 @@ async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() 
     assert_eq!(page.status, StatusCode::OK);
     assert!(!page.body.contains("impersonation-banner"));
 
-    // A change always reads the store first: it never runs as the customer.
+    // A change always reads the store first: it never runs as the
+    // customer. Nor as the agent: the form it comes from was the
+    // customer's page, so it is refused and nothing is changed.
     sam.start("olive").await;
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
     stop_elsewhere(&other, &sam).await;
     let before = events(&f).await.len();
     let saved = sam.send(Method::POST, "/bookings/7", None, &[]).await;
-    assert_eq!(saved.status, StatusCode::OK, "served as the agent themself");
+    assert_eq!(saved.status, StatusCode::CONFLICT, "{}", saved.body);
+    assert!(saved.body.contains("nothing was changed"), "{}", saved.body);
+    assert_eq!(saved.headers[header::CACHE_CONTROL], "no-store");
     assert_eq!(sam.secret(), None);
     assert_eq!(
         events(&f).await.len(),
         before,
         "no modification in the ended session"
     );
+}
+
+/// A form posts as the identity its page was rendered under, or not at
+/// all: the CSRF token is replaced when the browser's identity changes
+/// (a start, a stop, a session found ended), so a form left open in
+/// another tab cannot post the agent's own settings onto the customer, the
+/// customer's onto the agent, or one customer's onto the next.
+#[tokio::test]
+async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity() {
+    let f = fixture();
+    let other = f.other_process();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let own_form = sam.csrf();
+    let reply = post_settings(&mut sam, &own_form).await;
+    assert_eq!(reply.body, "saved for sam");
+
+    // The agent's own settings form, posted after the start: refused.
+    sam.start("olive").await;
+    let olives_form = sam.csrf();
+    assert_ne!(olives_form, own_form);
+    let reply = post_settings(&mut sam, &own_form).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let reply = post_settings(&mut sam, &olives_form).await;
+    assert_eq!(reply.body, "saved for olive");
+
+    // Olive's form, posted after the stop: refused.
+    sam.stop().await;
+    assert_ne!(sam.csrf(), olives_form);
+    let reply = post_settings(&mut sam, &olives_form).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+
+    // Olive's form, after her session ended elsewhere (the cookie still
+    // names it): refused, and nothing changed, whatever the app checks.
+    sam.start("olive").await;
+    let olives_form = sam.csrf();
+    stop_elsewhere(&other, &sam).await;
+    let dead_jar = sam.cookies.clone();
+    let changes = f.changes.load(Ordering::SeqCst);
+    let saved = sam.send(Method::POST, "/bookings/7", None, &[]).await;
+    assert_eq!(saved.status, StatusCode::CONFLICT, "{}", saved.body);
+    assert_eq!(f.changes.load(Ordering::SeqCst), changes, "nothing changed");
+    assert_ne!(sam.csrf(), olives_form, "a new token came with the refusal");
+    let reply = post_settings(&mut sam, &olives_form).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+
+    // A page's requests sent side by side with the same dead cookie all
+    // arrive at the same new token, and it works on the page rendered.
+    let tokens: Vec<String> = {
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let mut tab = Browser::new(&f, "sam");
+            tab.cookies = dead_jar.clone();
+            tab.get("/").await;
+            out.push(tab.csrf());
+        }
+        out
+    };
+    assert_eq!(tokens[0], tokens[1]);
+    assert_eq!(tokens[0], sam.csrf());
+    let token = sam.csrf();
+    let reply = post_settings(&mut sam, &token).await;
+    assert_eq!(reply.body, "saved for sam");
+}
+
+/// The banner's Stop, clicked after the session ended (it idled out while
+/// the tab was open): the stop's aim holds, so the agent is sent on as
+/// for a stop, with the cookie cleared, not shown an error.
+#[tokio::test]
+async fn stopping_a_session_that_has_ended_lets_the_browser_go_of_it() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    f.clock.advance(Duration::minutes(20));
+    let stopped = sam.stop().await;
+    assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
+    assert_eq!(stopped.headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(sam.secret(), None);
+    let end = events(&f).await.pop().unwrap();
+    assert_eq!(end.details.get("reason"), Some("idle_timeout"));
 }
 
 #[tokio::test]
