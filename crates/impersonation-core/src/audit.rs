@@ -225,12 +225,30 @@ impl Details {
         true
     }
 
-    fn entries(&self) -> &[Detail] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+    /// Takes out the detail `key`, if there is one.
+    pub(crate) fn remove(&mut self, key: &str) {
+        if let Ok(i) = self.position(key)
+            && let Some(entries) = self.0.as_mut()
+        {
+            Arc::make_mut(entries).remove(i);
+        }
     }
 
-    fn len(&self) -> usize {
+    /// Keeps the first `len` details (by key).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if self.len() > len
+            && let Some(entries) = self.0.as_mut()
+        {
+            Arc::make_mut(entries).truncate(len);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
         self.entries().len()
+    }
+
+    fn entries(&self) -> &[Detail] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 
     fn position(&self, key: &str) -> Result<usize, usize> {

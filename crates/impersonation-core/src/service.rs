@@ -352,6 +352,9 @@ pub struct Activity {
     /// The sentence for the table ("Accessed account settings.").
     pub description: String,
     /// Structured details (method, route, status…). Never secrets.
+    /// `description` and `after_end` are the SDK's own keys (a host's are
+    /// dropped), and at most [`crate::MAX_DETAIL_ENTRIES`] − 2 are kept
+    /// (the first by key).
     pub details: Details,
 }
 
@@ -1272,12 +1275,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             && p.id != *subject
             && !self.policy.is_admin(p)
         {
-            let draft = AuditDraft::new(
+            let mut draft = AuditDraft::new(
                 self.now(),
                 AuditAction::Denied,
                 actor_of(p),
                 ChainKey::for_agent(&p.id),
             );
+            // Named as the customer, so that a look at the customer's
+            // trail finds the attempt; by id if the directory has no such
+            // person.
+            draft = match self.directory.principal(subject).await? {
+                Some(t) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
+                None => draft.details(Details::new().with("target", subject)),
+            };
             return Err(self
                 .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")
                 .await?);
@@ -1387,9 +1397,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let mut details = denial_details(&Denial::ReadOnlySession, "modification");
         details.insert("description", attempt);
         draft = draft.details(details);
-        self.append(draft, AppendGuard::SessionActive(ctx.0.session))
-            .await?;
-        Ok(Error::Denied(Denial::ReadOnlySession))
+        match self
+            .append(draft, AppendGuard::SessionActive(ctx.0.session))
+            .await
+        {
+            Ok(_) => Ok(Error::Denied(Denial::ReadOnlySession)),
+            // Ended elsewhere meanwhile: as for any request in an ended
+            // session, nothing is recorded and the caller is told so.
+            Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                self.reuse.forget(ctx.0.session);
+                Ok(Error::Unauthenticated)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Audits an access or modification inside a session, before it takes
@@ -1468,6 +1488,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The draft that audits `activity` (its description among its details).
     fn activity_draft(ctx: &Context, now: OffsetDateTime, activity: Activity) -> AuditDraft {
         let mut details = activity.details;
+        // `description` and `after_end` are the SDK's to write: a host's
+        // detail never stands in for them, and a full set of the host's
+        // details leaves room for both.
+        details.remove("after_end");
+        details.remove("description");
+        details.truncate(crate::audit::MAX_DETAIL_ENTRIES - 2);
         details.insert_owned("description", activity.description);
         let action = match activity.kind {
             ActivityKind::Access => AuditAction::Access,

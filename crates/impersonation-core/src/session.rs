@@ -18,7 +18,7 @@ use crate::secret::SecretHash;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
-    /// The agent (or an administrator acting for them) stopped it.
+    /// The session's agent stopped it (an administrator revokes instead).
     Stopped,
     /// The maximum duration passed (or a consent request went unanswered).
     Expired,

@@ -939,6 +939,81 @@ async fn admit_asks_before_a_change_and_only_a_read_only_session_is_refused() {
     assert_eq!(last.details.get("description"), Some("POST /bookings"));
 }
 
+/// A read-only session's refused change, in a session that another
+/// process ended meanwhile: told the session is over (nothing recorded
+/// after the end), not a store failure.
+#[tokio::test]
+async fn a_read_only_refusal_in_a_session_ended_elsewhere_is_unauthenticated() {
+    let store = Arc::new(MemoryStore::new());
+    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
+    let other = Impersonation::new(Arc::clone(&store), f.service.directory().clone())
+        .with_clock(f.clock.clone());
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive").read_only())
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    let before = session_events(&f, ctx.session()).await.len();
+    assert!(matches!(
+        f.service
+            .admit(&ctx, ActivityKind::Modification, "POST /bookings")
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+    assert_eq!(session_events(&f, ctx.session()).await.len(), before);
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+}
+
+/// `description` and `after_end` are the SDK's: a host's detail neither
+/// crowds them out (a full set of details) nor stands in for them (an
+/// `after_end` of its own on a change made in the session).
+#[tokio::test]
+async fn a_hosts_details_neither_crowd_out_nor_forge_the_sdks_own() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let ctx = f.service.resolve_fresh(&started.secret).await.unwrap();
+    let mut activity = Activity::modification("Moved booking 7.");
+    activity.details.insert("after_end", "true");
+    for i in 0..40 {
+        activity.details.insert(&format!("k{i:02}"), i);
+    }
+    let event = f.service.record_completed(&ctx, activity).await.unwrap();
+    assert_eq!(event.details.get("description"), Some("Moved booking 7."));
+    assert_eq!(event.details.get("after_end"), None);
+    assert_eq!(
+        event.details.iter().count(),
+        impersonation_core::MAX_DETAIL_ENTRIES - 1
+    );
+}
+
+/// A stranger's attempt to revoke a customer's sessions is on the
+/// customer's trail.
+#[tokio::test]
+async fn a_refused_revoke_all_for_a_customer_names_the_customer() {
+    let f = fixture();
+    let err = f
+        .service
+        .revoke_all_for_subject(&id("olive"), Initiator::User(&agent("kim")), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSubject)));
+    let on_olive = all_events(
+        f.service.store(),
+        AuditQuery {
+            subject: Some(id("olive")),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(on_olive.len(), 1);
+    assert_eq!(on_olive[0].details.get("denial"), Some("not_subject"));
+}
+
 #[tokio::test]
 async fn a_completed_change_stays_on_the_trail_when_its_session_ended_meanwhile() {
     // Two services on one store: the other process ends the session while
