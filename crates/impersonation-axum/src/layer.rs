@@ -202,6 +202,17 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], text).into_response()
 }
 
+/// A refused bearer credential (RFC 6750 §3: the scheme and why, so a
+/// client knows to get a new one rather than to sign in anew).
+fn bearer_refused(text: &'static str) -> Response {
+    let mut res = plain(StatusCode::UNAUTHORIZED, text);
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    res
+}
+
 /// The value of the first cookie called `name`, borrowed from the header
 /// (the `cookie` crate parses in place: nothing is copied).
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -359,10 +370,7 @@ where
                         None
                     }
                     Err(_) => {
-                        return Ok(plain(
-                            StatusCode::UNAUTHORIZED,
-                            "invalid impersonation token",
-                        ));
+                        return Ok(bearer_refused("invalid impersonation token"));
                     }
                     Ok(secret) => {
                         // A read may be served from a session resolved a
@@ -408,10 +416,7 @@ where
                     }
                     Err(_) if from_cookie => clear_secret = true,
                     Err(_) => {
-                        return Ok(plain(
-                            StatusCode::UNAUTHORIZED,
-                            "impersonation token refused",
-                        ));
+                        return Ok(bearer_refused("impersonation token refused"));
                     }
                 }
             }

@@ -145,14 +145,13 @@ async fn start(req: Request) -> Response {
     let settings = &shared.settings;
     let check = CsrfCheck::of(&parts, settings, token);
     let req = Request::from_parts(parts, body);
-    let Ok(Form(form)) =
-        <Form<StartForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
-    else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "expected a form with target and reason".into(),
-        );
-    };
+    let form =
+        match <Form<StartForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
+            Ok(Form(form)) => form,
+            Err(rejection) => {
+                return form_refused(&rejection, "expected a form with target and reason");
+            }
+        };
     if !check.verify(&form.csrf) {
         return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
     }
@@ -199,6 +198,17 @@ async fn start(req: Request) -> Response {
     res
 }
 
+/// The answer to a start or stop whose body is not the form: 413 for one
+/// too large, 415 for one that is not a form, 400 otherwise.
+fn form_refused(rejection: &axum::extract::rejection::FormRejection, expected: &str) -> Response {
+    match rejection.status() {
+        s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => {
+            text(s, rejection.body_text())
+        }
+        _ => text(StatusCode::BAD_REQUEST, expected.into()),
+    }
+}
+
 /// A start or stop changes whom the browser acts as: the forms of pages
 /// rendered before it (another tab's settings form, say) are given a CSRF
 /// token that no longer passes, so they cannot post as the new identity.
@@ -233,11 +243,11 @@ async fn stop(req: Request) -> Response {
         .cloned()
         .map(|token| CsrfCheck::of(&parts, settings, token));
     let req = Request::from_parts(parts, body);
-    let Ok(Form(form)) =
-        <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await
-    else {
-        return text(StatusCode::BAD_REQUEST, "expected a form".into());
-    };
+    let form =
+        match <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
+            Ok(Form(form)) => form,
+            Err(rejection) => return form_refused(&rejection, "expected a form"),
+        };
     let (Some(principal), Some(check)) = (principal, check) else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };

@@ -763,6 +763,46 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
     assert_eq!(reply.body, "saved for sam");
 }
 
+/// A refused bearer credential names the scheme and why (RFC 6750 §3);
+/// a start whose body is not a form is a 415, not a 400.
+#[tokio::test]
+async fn refusals_say_what_was_wrong() {
+    let f = fixture();
+    let mut api = Browser::new(&f, "sam");
+    let refused = api
+        .send(
+            Method::GET,
+            "/",
+            None,
+            &[("authorization", "Bearer imp1.not-a-secret")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.headers[header::WWW_AUTHENTICATE],
+        "Bearer error=\"invalid_token\""
+    );
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let json = sam
+        .send(
+            Method::POST,
+            "/impersonation/start",
+            None,
+            &[
+                ("content-type", "application/json"),
+                ("origin", "https://app.example"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        json.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        json.body
+    );
+}
+
 /// The banner's Stop, clicked after the session ended (it idled out while
 /// the tab was open): the stop's aim holds, so the agent is sent on as
 /// for a stop, with the cookie cleared, not shown an error.

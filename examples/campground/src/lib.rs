@@ -212,7 +212,9 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     if let (None, Some(token), Some(api)) = (&user, bearer, demo.api())
         && let Ok(id) = api
             .provider()

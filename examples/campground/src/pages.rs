@@ -26,8 +26,9 @@ use crate::{Demo, SIGN_IN_COOKIE};
 
 type AppState = State<Arc<Demo>>;
 
-/// A form, as axum's `Form`, whose rejection (a field missing, a body that
-/// is not a form) is a 400 page rather than axum's 422 or 415 text.
+/// A form, as axum's `Form`, whose rejection is an HTML page rather than
+/// axum's text: 400 for a field missing or a body that does not parse,
+/// 413 for one too large, 415 for one that is not a form.
 pub struct AppForm<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for AppForm<T> {
@@ -37,7 +38,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
         match Form::<T>::from_request(req, state).await {
             Ok(Form(value)) => Ok(Self(value)),
             Err(rejection) => Err((
-                StatusCode::BAD_REQUEST,
+                // Too large and not a form keep their own status.
+                match rejection.status() {
+                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+                    _ => StatusCode::BAD_REQUEST,
+                },
                 axum::response::Html(format!(
                     "<!doctype html><html><head><title>Bad request</title></head><body>\
                      <h1>Bad request</h1><p>{}</p><p><a href=\"/\">Back</a></p></body></html>",
@@ -227,10 +232,16 @@ fn layout(v: &Viewer, demo: &Demo, title: &str, body: &str) -> String {
     )
 }
 
+/// Every page of the demo is someone's own (bookings, a card number, the
+/// support console, the audit trail): none is kept by a browser or proxy
+/// cache, so Back after signing out on a shared machine shows nothing.
 fn html(status: StatusCode, page: String) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         page,
     )
         .into_response()
@@ -714,11 +725,15 @@ pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
     let Some(id) = v.effective_id().cloned() else {
         return sign_in_first();
     };
-    let changed = demo
-        .data()
-        .password_changed
-        .get(&id)
-        .map_or_else(|| "never".to_owned(), |at| table_timestamp(*at));
+    // Account data outside the shadow user: not the support agent's to see.
+    let changed = if v.ctx.is_some() {
+        "(not shared with support)".to_owned()
+    } else {
+        demo.data()
+            .password_changed
+            .get(&id)
+            .map_or_else(|| "never".to_owned(), |at| table_timestamp(*at))
+    };
     let body = format!(
         "<div class=\"card\"><table>\
          <tr><th>Name</th><td>{name}</td></tr>\
@@ -920,7 +935,7 @@ pub async fn support(
                      <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
                      <input type=\"hidden\" name=\"return_to\" value=\"/dashboard\">\
                      <input type=\"hidden\" name=\"error_to\" value=\"/support?q={q}\">\
-                     <label>Reason <textarea name=\"reason\" rows=\"2\" minlength=\"8\" maxlength=\"500\" required></textarea></label>\
+                     <label>Reason <input type=\"text\" name=\"reason\" minlength=\"8\" maxlength=\"500\" required></label>\
                      <label>Ticket <input type=\"text\" name=\"ticket\" maxlength=\"64\" placeholder=\"SUP-1234\"></label>\
                      <label><input type=\"checkbox\" name=\"read_only\"> read only</label>\
                      <button type=\"submit\">Impersonate {name}</button></form>",
@@ -1150,18 +1165,26 @@ async fn audit_page(
 /// chain, a lead or admin everyone's).
 pub async fn audit(
     State(demo): AppState,
+    guard: Result<NotImpersonating, Response>,
     v: Viewer,
     Query(params): Query<AuditParams>,
 ) -> Response {
+    if let Some(refusal) = guarded(guard, &v, &demo, "Audit trail", "The audit trail") {
+        return refusal;
+    }
     audit_page(&demo, &v, &params, None).await
 }
 
 /// `POST /audit/verify`: verifies the hash chains in view.
 pub async fn verify(
     State(demo): AppState,
+    guard: Result<NotImpersonating, Response>,
     v: Viewer,
     AppForm(form): AppForm<TokenForm>,
 ) -> Response {
+    if let Some(refusal) = guarded(guard, &v, &demo, "Audit trail", "The audit trail") {
+        return refusal;
+    }
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
@@ -1225,9 +1248,14 @@ pub async fn verify(
 /// `GET /audit.txt?since=RFC3339`: the trail as the SDK's Markdown table, oldest first.
 pub async fn audit_text(
     State(demo): AppState,
+    guard: Result<NotImpersonating, Response>,
     v: Viewer,
     Query(params): Query<AuditParams>,
 ) -> Response {
+    // An export: refused while impersonating, the refusal audited.
+    if let Err(refusal) = guard {
+        return refusal;
+    }
     let mut query = match audit_scope(&v, &demo) {
         Ok(q) => q,
         Err((status, message)) => return (status, message).into_response(),

@@ -169,7 +169,7 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
             .await
             .unwrap();
         let form = client.find(Locator::Css("#start-olive")).await.unwrap();
-        form.find(Locator::Css("textarea[name=reason]"))
+        form.find(Locator::Css("input[name=reason]"))
             .await
             .unwrap()
             .send_keys("Olive cannot see next week's bookings")

@@ -166,6 +166,25 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
         let (status, body) = olive.post("/bookings", &bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
     }
+    // A body that is not a form is a 415, one too large a 413.
+    olive.get("/dashboard").await;
+    let res = olive
+        .client
+        .post(format!("{base}/bookings"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let res = olive
+        .client
+        .post(format!("{base}/bookings"))
+        .form(&[("guest", "x".repeat(3 << 20))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // A field missing is bad input too: a 400 page, not axum's 422.
     olive.get("/dashboard").await;
     let (status, body) = olive.post("/bookings", &booking[..3]).await;
@@ -255,11 +274,13 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
         sams.contains("Stan Staff") && !sams.contains("Paula Partner"),
         "{sams}"
     );
+    // Refused by the guard on exports and credentials: on the trail as
+    // denied attempts.
     let verify = sams
         .lines()
-        .find(|l| l.contains("POST /audit/verify (403)"))
+        .find(|l| l.contains("POST /audit/verify"))
         .unwrap_or_else(|| panic!("{sams}"));
-    assert!(verify.contains("Data Access"), "{verify}");
+    assert!(verify.contains("Denied Attempt"), "{verify}");
     let (_, all) = lee.get("/audit.txt").await;
     assert!(
         all.contains("Stan Staff") && all.contains("Paula Partner"),
@@ -280,6 +301,49 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = lee.get("/audit.txt?since=yesterday").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// While impersonating, the exports and the credential route are refused
+/// by the guard (audited as denied attempts), the profile keeps the
+/// customer's account data to itself, and no page is kept in a cache.
+#[tokio::test]
+async fn exports_credentials_and_account_data_stay_out_of_an_impersonation() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let res = sam
+        .client
+        .get(format!("{base}/support"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["cache-control"], "no-store", "the console");
+    impersonate(&mut sam, "olive").await;
+    let (status, body) = sam.get("/audit.txt").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    sam.get("/dashboard").await;
+    let (status, body) = sam.post("/idp/token", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.contains("access_token"), "{body}");
+    let (_, profile) = sam.get("/profile").await;
+    assert!(profile.contains("(not shared with support)"), "{profile}");
+    sam.get("/dashboard").await;
+    sam.post("/impersonation/stop", &[]).await;
+
+    let (_, trail) = sam.get("/audit.txt").await;
+    for attempt in ["GET /audit.txt", "POST /idp/token"] {
+        let line = trail
+            .lines()
+            .find(|l| l.contains(attempt))
+            .unwrap_or_else(|| panic!("{attempt}: {trail}"));
+        assert!(line.contains("Denied Attempt"), "{line}");
+    }
+    let res = sam
+        .client
+        .get(format!("{base}/audit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["cache-control"], "no-store", "the trail");
 }
 
 #[tokio::test]
@@ -588,6 +652,18 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_tok
         .unwrap();
     let exchanged: serde_json::Value = serde_json::from_str(&exchanged).unwrap();
     let token = exchanged["access_token"].as_str().unwrap();
+    // The provider's own token signs its person in, its scheme in any case
+    // (RFC 7235: auth schemes are case-insensitive).
+    let own_call = api
+        .get(format!("{base}/api/bookings"))
+        .header(
+            "authorization",
+            format!("bearer {}", own["access_token"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own_call.status(), StatusCode::OK);
     // Without a token the API asks for one (RFC 6750 §3).
     let bare = api
         .get(format!("{base}/api/bookings"))
