@@ -614,8 +614,20 @@ where
                 match audit_request(&shared, &state, c, method, route, is_change, status).await {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
+                    // A change has been made by then: the log line is
+                    // its only record, so it names all the trail would.
                     Some(Err(e)) if e.http_status() == 503 => {
-                        tracing::error!(error = %e, "could not audit an impersonated request; withholding the response");
+                        tracing::error!(
+                            error = %e,
+                            change = is_change,
+                            session = %c.session(),
+                            agent = %c.agent().id,
+                            subject = %c.subject(),
+                            method = %method,
+                            route,
+                            status,
+                            "could not audit an impersonated request; withholding the response"
+                        );
                         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
                     }
                     // The session has ended (revoked elsewhere, say): the
