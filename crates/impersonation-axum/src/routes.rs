@@ -188,7 +188,13 @@ async fn start(req: Request) -> Response {
         started.secret.expose().to_owned(),
         true,
     );
-    let max_age = started.session.expires_at - shared.api.now();
+    // The browser keeps the cookie past the session's end, so that the
+    // layer sees it dead (and refuses the change a form of the customer's
+    // page posts after the end, instead of running it as the agent): as
+    // long as the session could last once consent comes (a pending
+    // session's expiry is its consent deadline), and a day more.
+    let left = (started.session.expires_at - shared.api.now()).max(time::Duration::ZERO);
+    let max_age = left + started.session.grant.duration + DEAD_COOKIE_KEPT;
     cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
@@ -197,6 +203,10 @@ async fn start(req: Request) -> Response {
     replace_csrf_token(&mut res, settings);
     res
 }
+
+/// How long the browser keeps a session's cookie past the longest the
+/// session could last.
+const DEAD_COOKIE_KEPT: time::Duration = time::Duration::days(1);
 
 /// The answer to a start or stop whose body is not the form: 413 for one
 /// too large, 415 for one that is not a form, 400 otherwise.
@@ -254,8 +264,10 @@ async fn stop(req: Request) -> Response {
     if !check.verify(&form.csrf) {
         return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
     }
+    // No session cookie: nothing to stop (the browser let go of it), and
+    // the agent is sent on as for a stop.
     let Some(secret) = &state.secret else {
-        return text(StatusCode::UNAUTHORIZED, "no impersonation session".into());
+        return no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     };
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);

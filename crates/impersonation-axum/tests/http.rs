@@ -803,6 +803,42 @@ async fn refusals_say_what_was_wrong() {
     );
 }
 
+/// The browser keeps the session's cookie past the session's end (it
+/// would otherwise drop it at expiry, and a form of the customer's page
+/// posted after it would find no cookie and run as the agent): the layer
+/// sees it dead, refuses the change, and lets go of it.
+#[tokio::test]
+async fn a_form_posted_after_the_session_expired_is_refused_not_run_as_the_agent() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let started = sam.start("olive").await;
+    let cookie = started
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| cookie::Cookie::parse(v.to_str().unwrap().to_owned()).unwrap())
+        .find(|c| c.name() == "__Host-impersonation")
+        .unwrap();
+    let max_age = cookie.max_age().unwrap();
+    assert!(
+        max_age >= Duration::hours(1) + Duration::days(1),
+        "kept past the session's hour: {max_age}"
+    );
+    f.clock.advance(Duration::minutes(61));
+    let changes = f.changes.load(Ordering::SeqCst);
+    let saved = sam.send(Method::POST, "/bookings/7", None, &[]).await;
+    assert_eq!(saved.status, StatusCode::CONFLICT, "{}", saved.body);
+    assert_eq!(f.changes.load(Ordering::SeqCst), changes);
+    assert_eq!(sam.secret(), None);
+    let end = events(&f).await.pop().unwrap();
+    assert_eq!(end.details.get("reason"), Some("expired"));
+
+    // And a Stop with no session cookie left sends the agent on.
+    let stopped = sam.stop().await;
+    assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
+}
+
 /// The banner's Stop, clicked after the session ended (it idled out while
 /// the tab was open): the stop's aim holds, so the agent is sent on as
 /// for a stop, with the cookie cleared, not shown an error.
