@@ -828,10 +828,25 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let now = self.now();
         // A session whose time is already up ended then, by the clock,
         // whoever asks now: the trail says it expired or idled out, not
-        // that it was stopped or revoked after it should have ended.
-        let (reason, by, details) = match session.lapse_at(now) {
-            Some(lapse) => (lapse, Actor::System, Details::new()),
-            None => (reason, by, details),
+        // that it was stopped or revoked after it should have ended. The
+        // caller's copy may be older than a touch since (a revoke-all's
+        // listing), so a lapse is judged on the store's record.
+        let fresh;
+        let (session, reason, by, details) = match session.lapse_at(now) {
+            None => (session, reason, by, details),
+            Some(_) => {
+                fresh = match self.store.session(session.id).await? {
+                    Some(s) => s,
+                    None => return Ok(Ending::Gone),
+                };
+                if let SessionState::Ended(actual) = fresh.state {
+                    return Ok(Ending::Ended(actual));
+                }
+                match fresh.lapse_at(now) {
+                    Some(lapse) => (&fresh, lapse, Actor::System, Details::new()),
+                    None => (&fresh, reason, by, details),
+                }
+            }
         };
         let transition = session.end(reason, by, now, details)?;
         // Whatever the outcome, this process stops reusing the session: it
@@ -1284,9 +1299,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             // Named as the customer, so that a look at the customer's
             // trail finds the attempt; by id if the directory has no such
             // person.
-            draft = match self.directory.principal(subject).await? {
-                Some(t) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
-                None => draft.details(Details::new().with("target", subject)),
+            // (A directory that cannot answer does not keep the refusal
+            // off the trail.)
+            draft = match self.directory.principal(subject).await {
+                Ok(Some(t)) => {
+                    draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone())
+                }
+                Ok(None) | Err(_) => draft.details(Details::new().with("target", subject)),
             };
             return Err(self
                 .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")

@@ -1012,6 +1012,17 @@ async fn a_refused_revoke_all_for_a_customer_names_the_customer() {
     .await;
     assert_eq!(on_olive.len(), 1);
     assert_eq!(on_olive[0].details.get("denial"), Some("not_subject"));
+
+    // A directory that cannot answer does not keep the refusal off the
+    // trail: the customer is named by id.
+    let down =
+        Impersonation::new(f.service.store().clone(), DownDirectory).with_clock(f.clock.clone());
+    let err = down
+        .revoke_all_for_subject(&id("olive"), Initiator::User(&agent("kim")), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Denied(Denial::NotSubject)));
+    assert_eq!(denied(&f, "not_subject").await, 2);
 }
 
 #[tokio::test]
@@ -1431,21 +1442,54 @@ async fn resolving_by_id_ends_an_idle_session_with_its_event() {
     );
 }
 
+/// A revoke-all's listing may be older than a touch since: a session it
+/// shows as idle too long, but that was used meanwhile, is revoked, not
+/// ended as idle.
+#[tokio::test]
+async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
+    let f = fixture_with(
+        BusyChain::listed_before(Duration::minutes(14)),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    f.clock.advance(Duration::minutes(14));
+    f.service.resolve(&started.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(2));
+    let revoked = f
+        .service
+        .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+        .await
+        .unwrap();
+    assert_eq!(revoked, [started.session.id]);
+    let end = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(
+        (end.details.get("reason"), end.details.get("cause")),
+        (Some("revoked"), Some("subject_changed"))
+    );
+}
+
 /// A store whose `chain_head` is followed at once by one more event on
 /// that chain (an agent at work while the chain is being verified), or,
 /// `stale`, whose head stays at the chain's first event (events written
 /// past it without moving it). With `consent_race` set, the first
 /// transition finds its (pending) session activated a moment before, as
 /// if the customer had just consented.
-struct BusyChain(MemoryStore, bool, std::sync::atomic::AtomicBool);
+/// With a `listed_before` duration, its listing of live sessions shows
+/// each as last seen that much earlier (listed before a touch).
+struct BusyChain(MemoryStore, bool, std::sync::atomic::AtomicBool, Duration);
 
 impl BusyChain {
     fn new(stale: bool) -> Self {
-        Self(MemoryStore::new(), stale, false.into())
+        Self(MemoryStore::new(), stale, false.into(), Duration::ZERO)
     }
 
     fn consent_race() -> Self {
-        Self(MemoryStore::new(), false, true.into())
+        Self(MemoryStore::new(), false, true.into(), Duration::ZERO)
+    }
+
+    fn listed_before(touch: Duration) -> Self {
+        Self(MemoryStore::new(), false, false.into(), touch)
     }
 }
 
@@ -1496,7 +1540,11 @@ impl Store for BusyChain {
         &self,
         f: &impersonation_core::LiveFilter,
     ) -> Result<Vec<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.0.live_sessions(f).await
+        let mut listed = self.0.live_sessions(f).await?;
+        for s in &mut listed {
+            s.last_seen_at -= self.3;
+        }
+        Ok(listed)
     }
     async fn record_check(
         &self,
