@@ -617,16 +617,14 @@ where
                     // A change has been made by then: the log line is
                     // its only record, so it names all the trail would.
                     Some(Err(e)) if e.http_status() == 503 => {
-                        tracing::error!(
-                            error = %e,
-                            change = is_change,
-                            session = %c.session(),
-                            agent = %c.agent().id,
-                            subject = %c.subject(),
-                            method = %method,
+                        log_unaudited(
+                            &e,
+                            c,
+                            method,
                             route,
+                            is_change,
                             status,
-                            "could not audit an impersonated request; withholding the response"
+                            "withholding the response",
                         );
                         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
                     }
@@ -917,9 +915,43 @@ async fn audit_panic_and_resume(
     panic: Box<dyn std::any::Any + Send>,
 ) -> ! {
     if let Some(Err(e)) = audit_request(shared, state, ctx, method, route, is_change, 500).await {
-        tracing::error!(error = %e, "could not audit an impersonated request that panicked");
+        log_unaudited(
+            &e,
+            ctx,
+            method,
+            route,
+            is_change,
+            500,
+            "its handler panicked",
+        );
     }
     std::panic::resume_unwind(panic)
+}
+
+/// A request served under impersonation that could not be put on the
+/// trail (a change has been made by then): the log line is its only
+/// record, so it names all the trail would have.
+fn log_unaudited(
+    e: &impersonation_core::Error,
+    ctx: &Context,
+    method: &Method,
+    route: &str,
+    is_change: bool,
+    status: u16,
+    then: &'static str,
+) {
+    tracing::error!(
+        error = %e,
+        change = is_change,
+        session = %ctx.session(),
+        agent = %ctx.agent().id,
+        subject = %ctx.subject(),
+        method = %method,
+        route,
+        status,
+        then,
+        "could not audit an impersonated request"
+    );
 }
 
 /// Cache headers that CDNs read before `Cache-Control` (Fastly's and
@@ -983,9 +1015,19 @@ impl Drop for AuditIfGivenUp<'_> {
         let activity = request_activity(self.method, self.route, self.is_change, self.status);
         let api = Arc::clone(&self.shared.api);
         let ctx = self.ctx.clone();
+        let (method, route) = (self.method.clone(), self.route.to_owned());
+        let (is_change, status) = (self.is_change, self.status);
         runtime.spawn(async move {
             if let Err(e) = api.record_completed(&ctx, activity).await {
-                tracing::error!(error = %e, "could not audit an impersonated request that was given up");
+                log_unaudited(
+                    &e,
+                    &ctx,
+                    &method,
+                    &route,
+                    is_change,
+                    status,
+                    "the client had gone away",
+                );
             }
         });
     }
