@@ -102,3 +102,88 @@ async fn the_request_span_names_agent_subject_and_session() {
         started.session.id.to_string()
     );
 }
+
+/// Records the fields of every `ERROR` event.
+#[derive(Clone, Default)]
+struct Errors(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Visit(BTreeMap<String, String>);
+        impl tracing::field::Visit for Visit {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+        }
+        if *event.metadata().level() == tracing::Level::ERROR {
+            let mut visit = Visit(BTreeMap::new());
+            event.record(&mut visit);
+            self.0.lock().unwrap().push(visit.0);
+        }
+    }
+}
+
+/// A change made under impersonation whose audit write fails is on no
+/// trail: the error logged names everything the trail would have shown.
+#[tokio::test(flavor = "current_thread")]
+async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show() {
+    use impersonation_testkit::faults::{FaultyStore, When};
+
+    let errors = Errors::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
+    let tenant = TenantId::new("t").unwrap();
+    let sam = Principal::new(UserId::new("sam").unwrap(), "Sam", tenant.clone())
+        .with_permissions(["impersonation:start", "bookings:write"]);
+    let olive = Principal::new(UserId::new("olive").unwrap(), "Olive", tenant)
+        .with_permissions(["bookings:write"]);
+    let directory = MemoryDirectory::new();
+    directory.insert(sam.clone());
+    directory.insert(olive.clone());
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let service = Impersonation::new(Arc::clone(&store), directory);
+    let started = service
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(olive.id.clone(), "Bookings page is empty"),
+        )
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/bookings/{id}",
+            axum::routing::post(move || async move {
+                // The booking is saved; the store fails before the audit.
+                store.fail_next_write(When::Before);
+                "saved"
+            }),
+        )
+        .layer(ImpersonationLayer::new(service));
+    let req = Request::post("/bookings/7")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.oneshot(req).await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let logged = errors.0.lock().unwrap().clone();
+    let line = logged
+        .iter()
+        .find(|e| e["message"] == "could not audit an impersonated request")
+        .unwrap_or_else(|| panic!("{logged:?}"));
+    for (field, value) in [
+        ("change", "true".to_owned()),
+        ("session", started.session.id.to_string()),
+        ("agent", "sam".into()),
+        ("subject", "olive".into()),
+        ("method", "POST".into()),
+        ("route", "\"/bookings/{id}\"".into()),
+        ("status", "200".into()),
+    ] {
+        assert_eq!(line[field], value, "{field}: {line:?}");
+    }
+}
