@@ -1034,7 +1034,12 @@ pub async fn revoke(
         .revoke(session, &real, "revoked from the support console")
         .await
     {
-        Ok(_) => Redirect::to("/support").into_response(),
+        // Revoked, or it had ended already (its time was up: the console
+        // lists a lapsed session nobody ended, and revoking ends it as
+        // expired or idle): either way it is over.
+        Ok(_) | Err(impersonation_core::Error::Ended(_)) => {
+            Redirect::to("/support").into_response()
+        }
         Err(e) => {
             let status =
                 StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -568,6 +568,43 @@ async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out
     assert!(page.contains("Sign in"), "{page}");
 }
 
+/// The console lists a session whose time is up but that nobody ended;
+/// revoking it ends it (as expired) and the console shows it gone, not an
+/// error.
+#[tokio::test]
+async fn revoking_a_session_whose_time_was_up_ends_it_without_an_error() {
+    use campground_demo::seed;
+    use impersonation_core::{Impersonation, ManualClock, MemoryStore, Store};
+    use std::sync::Arc;
+
+    let clock = ManualClock::new(time::OffsetDateTime::now_utc());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let service = Impersonation::new(store, seed::directory().unwrap())
+        .with_policy(seed::policy())
+        .with_projection(seed::projection())
+        .with_clock(clock.clone());
+    let base = serve(&Demo::with_service(service, StoreKind::Memory)).await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    clock.advance(time::Duration::hours(2));
+
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, console) = lee.get("/support").await;
+    let marker = "name=\"session\" value=\"";
+    let at = console.find(marker).expect("the lapsed session listed") + marker.len();
+    let session = console[at..].split('"').next().unwrap().to_owned();
+    let (status, body) = lee.post("/support/revoke", &[("session", &session)]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!body.contains(&session), "{body}");
+    let (_, trail) = lee.get("/audit.txt").await;
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("Olive Owner") && l.contains("maximum duration reached")),
+        "{trail}"
+    );
+}
+
 /// A store that fails after the first page of an export: the response
 /// ends in an error (hyper closes the connection before the chunked body
 /// ends), never as if it were the whole trail, and the next export, with
