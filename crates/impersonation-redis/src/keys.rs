@@ -17,6 +17,7 @@
 //! |---|---|---|
 //! | `ns:where:<session>` | string | the session's route |
 //! | `ns:live:subject:<user>`, `ns:live:tenant:<t>`, `ns:live:all` | set | `R|session` of live sessions |
+//! | `ns:live:routes` | hash | session id → route, for live sessions (finds one whose `where` key ran out) |
 //! | `ns:audit:{all,agent,subject,tenant,actor,session}:<v>` | sorted set | runs of one chain's events: `first-seq|last-seq|first-event-id|chain`, score = earliest time in µs |
 //! | `ns:chains` | sorted set | chain keys (lexicographic) |
 
@@ -113,6 +114,10 @@ pub(crate) fn live_set(ns: &str, kind: &str, value: &str) -> String {
 
 pub(crate) fn live_all(ns: &str) -> String {
     format!("{ns}:live:all")
+}
+
+pub(crate) fn live_routes(ns: &str) -> String {
+    format!("{ns}:live:routes")
 }
 
 pub(crate) fn audit_index(ns: &str, kind: &str, value: &str) -> String {

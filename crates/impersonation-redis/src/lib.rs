@@ -39,7 +39,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use time::{Duration, OffsetDateTime};
 
-use crate::keys::{Slot, audit_all, audit_index, chains, is_route, live_all, live_set, where_key};
+use crate::keys::{
+    Slot, audit_all, audit_index, chains, is_route, live_all, live_routes, live_set, where_key,
+};
 use crate::scripts::{
     APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, ScriptCall,
     TRANSITION_SCRIPT,
@@ -940,17 +942,23 @@ impl RedisStore {
         self.run_all(self.live_removals(session, route)).await
     }
 
-    /// The commands that take `session` out of the live sets.
+    /// The commands that take `session` out of the live sets and the live
+    /// routes.
     fn live_removals(&self, session: &Session, route: &str) -> Vec<Cmd> {
         let member = format!("{route}|{}", session.id);
-        self.live_sets(session)
+        let mut cmds: Vec<Cmd> = self
+            .live_sets(session)
             .into_iter()
             .map(|k| {
                 let mut c = redis::cmd("SREM");
                 c.arg(k).arg(&member);
                 c
             })
-            .collect()
+            .collect();
+        let mut c = redis::cmd("HDEL");
+        c.arg(live_routes(&self.ns)).arg(session.id.to_string());
+        cmds.push(c);
+        cmds
     }
 
     async fn session_in(&self, slot: &Slot, id: SessionId) -> Result<Option<Session>, StoreError> {
@@ -971,9 +979,10 @@ impl RedisStore {
     /// that extends it after an activation follows the committed script
     /// and may fail (logged by `after_commit`); the old expiry would then
     /// lose a session still in use, and a revocation by id would find
-    /// nothing: fail open. A live session is always in `live:all` (written
-    /// before its start script, taken out when it ends), so a missing key
-    /// is looked up there before the answer is "no such session".
+    /// nothing: fail open. A live session is always in `live:routes`
+    /// (written before its start script, taken out when it ends), so a
+    /// missing key is looked up there, in one step, before the answer is
+    /// "no such session".
     async fn route_of(&self, id: SessionId) -> Result<Option<(String, bool)>, StoreError> {
         let mut conn = self.conn.clone();
         let route: Option<String> = redis::cmd("GET")
@@ -984,27 +993,13 @@ impl RedisStore {
         if let Some(route) = route {
             return Ok(Some((route, false)));
         }
-        let suffix = format!("|{id}");
-        let mut cursor = 0u64;
-        loop {
-            let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
-                .arg(live_all(&self.ns))
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("*{suffix}"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if let Some(route) = members.iter().find_map(|m| m.strip_suffix(&suffix)) {
-                return Ok(is_route(route).then(|| (route.to_owned(), true)));
-            }
-            if next == 0 {
-                return Ok(None);
-            }
-            cursor = next;
-        }
+        let live: Option<String> = redis::cmd("HGET")
+            .arg(live_routes(&self.ns))
+            .arg(id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(live.filter(|r| is_route(r)).map(|r| (r, true)))
     }
 
     /// Rebuilds the derived views (audit indexes, chain list) from the chains
@@ -1122,6 +1117,11 @@ impl RedisStore {
             c.arg(set).arg(&member);
             intents.push(c);
         }
+        let mut c = redis::cmd("HSET");
+        c.arg(live_routes(&self.ns))
+            .arg(session.id.to_string())
+            .arg(&slot.route);
+        intents.push(c);
         intents.push(self.list_chain(&chain));
         self.run_all(intents).await?;
 
@@ -1438,7 +1438,10 @@ impl Store for RedisStore {
         if let (Some(s), true) = (&found, from_live_set) {
             // Put the missing key back, to live as long as the session's.
             let ttl = ttl_ms(s.expires_at, OffsetDateTime::now_utc(), self.retention);
-            if let Err(e) = self.run_all(vec![self.set_route(id, &route, ttl)]).await {
+            // Not over a key an activation has just written meanwhile.
+            let mut put_back = self.set_route(id, &route, ttl);
+            put_back.arg("NX");
+            if let Err(e) = self.run_all(vec![put_back]).await {
                 tracing::warn!(error = %e, session = %id, "the session's missing route key could not be put back; it is found through the live sets meanwhile");
             }
         }
@@ -1489,7 +1492,8 @@ impl Store for RedisStore {
                     // alone, or the session would come to exist unlisted
                     // (and a revocation of all of its sessions miss it).
                     None if may_be_starting(id) => {}
-                    // Ended, expired or never created: drop the stale entry.
+                    // Ended, expired or never created: drop the stale entry
+                    // (and, from the list of all, its live route).
                     _ => {
                         let mut conn = self.conn.clone();
                         let _: Value = redis::cmd("SREM")
@@ -1498,6 +1502,14 @@ impl Store for RedisStore {
                             .query_async(&mut conn)
                             .await
                             .map_err(unavailable)?;
+                        if filter.subject.is_none() && filter.tenant.is_none() {
+                            let _: Value = redis::cmd("HDEL")
+                                .arg(live_routes(&self.ns))
+                                .arg(id.to_string())
+                                .query_async(&mut conn)
+                                .await
+                                .map_err(unavailable)?;
+                        }
                     }
                 }
             }

@@ -582,7 +582,7 @@ async fn activating_a_session_extends_the_key_that_finds_it_by_id() {
 /// committed script and may fail; the key then runs out with the start's
 /// shorter expiry while the session is still in use. Finding the session
 /// by id must not fail open (a revocation that finds nothing leaves the
-/// agent impersonating): a live session is looked up in the live sets
+/// agent impersonating): a live session is looked up in the live routes
 /// and its key put back. A user the server lets write everything but the
 /// `where` keys stands in for a connection lost right after the script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,6 +693,23 @@ async fn a_live_session_whose_route_key_ran_out_is_still_found_and_revoked() {
             .await
             .unwrap()
             .is_empty()
+    );
+    let routes: u32 = redis::cmd("HLEN")
+        .arg(format!("{ns}:live:routes"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(routes, 0, "an ended session leaves the live routes");
+
+    // An id nobody knows costs two lookups, whatever the number of live
+    // sessions: no scan.
+    let before = commandstats(&mut conn).await;
+    let unknown = impersonation_core::SessionId::new();
+    assert_eq!(store.session(unknown).await.unwrap(), None);
+    let after = commandstats(&mut conn).await;
+    assert_eq!(
+        delta(&before, &after),
+        BTreeMap::from([("get".to_owned(), 1), ("hget".to_owned(), 1)])
     );
 }
 
