@@ -77,13 +77,16 @@ pub enum StartOutcome {
 ///
 /// A store sets `last_seen_at = now` only when the session is active, not
 /// past `expires_at`, not past its idle deadline (`last_seen_at +
-/// grant.idle_timeout`), and `last_seen_at + coalesce <= now`. It returns the
-/// record as it was *before* the touch, so the caller judges expiry on it.
+/// grant.idle_timeout`), and `last_seen_at + min(coalesce,
+/// grant.idle_timeout / 2) <= now` (a longer coalescing would let a busy
+/// session idle out). It returns the record as it was *before* the touch,
+/// so the caller judges expiry on it. [`Touch::applies_to`] is the rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Touch {
     /// The time of the request.
     pub now: OffsetDateTime,
-    /// Skip the write when the last one is more recent than this.
+    /// Skip the write when the last one is more recent than this (or than
+    /// half the session's idle timeout, if that is shorter).
     pub coalesce: Duration,
 }
 
@@ -93,7 +96,16 @@ impl Touch {
         session.state == crate::session::SessionState::Active
             && self.now < session.expires_at
             && self.now < session.idle_deadline()
-            && session.last_seen_at.saturating_add(self.coalesce) <= self.now
+            && session
+                .last_seen_at
+                .saturating_add(self.coalesce_for(session))
+                <= self.now
+    }
+
+    /// The coalescing that applies to `session`: at most half its idle
+    /// timeout.
+    pub fn coalesce_for(&self, session: &Session) -> Duration {
+        self.coalesce.min(session.grant.idle_timeout / 2_i32)
     }
 }
 

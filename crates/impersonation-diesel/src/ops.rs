@@ -52,6 +52,9 @@ pub(crate) fn retryable(e: &diesel::result::Error) -> bool {
 #[allow(dead_code)] // each dialect uses only what its backend needs
 pub(crate) mod dialect {
     pub(crate) mod postgres {
+        /// The coalescing a touch applies to a session, given the asked
+        /// one (`?`): at most half the session's idle timeout.
+        pub(crate) const COALESCE: &str = "LEAST(?, idle_us / 2)";
         pub(crate) const LOCK: &str = " FOR UPDATE";
         pub(crate) const UPSERT_CHAIN: &str = "INSERT INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '') ON CONFLICT (chain) DO NOTHING";
         /// Lock first: an upsert on an existing row takes no lock here.
@@ -63,6 +66,9 @@ pub(crate) mod dialect {
         pub(crate) const LIVE_AGENT: &str = "agent";
     }
     pub(crate) mod mysql {
+        /// The coalescing a touch applies to a session, given the asked
+        /// one (`?`): at most half the session's idle timeout.
+        pub(crate) const COALESCE: &str = "LEAST(?, idle_us DIV 2)";
         pub(crate) const LOCK: &str = " FOR UPDATE";
         pub(crate) const UPSERT_CHAIN: &str =
             "INSERT IGNORE INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '')";
@@ -76,6 +82,9 @@ pub(crate) mod dialect {
         pub(crate) const LIVE_AGENT: &str = "live_agent";
     }
     pub(crate) mod sqlite {
+        /// The coalescing a touch applies to a session, given the asked
+        /// one (`?`): at most half the session's idle timeout.
+        pub(crate) const COALESCE: &str = "MIN(?, idle_us / 2)";
         /// SQLite locks the whole database for a writer; no row locks.
         pub(crate) const LOCK: &str = "";
         pub(crate) const UPSERT_CHAIN: &str = "INSERT INTO impersonation_audit_chains (chain, seq, hash) VALUES (?, -1, '') ON CONFLICT (chain) DO NOTHING";
@@ -641,7 +650,7 @@ macro_rules! store_ops {
                     sql.push(
                         "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
                          WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
-                         AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - ? RETURNING s.id) \
+                         AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - LEAST(?, s.idle_us / 2) RETURNING s.id) \
                          SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
                     );
                     // `idle_us` may be i64::MAX (never idle): the sums are
@@ -669,7 +678,10 @@ macro_rules! store_ops {
                     for id in due {
                         sql = sql.arg(id);
                     }
-                    sql.push(" AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - ?");
+                    sql.push(&format!(
+                        " AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - {}",
+                        d::COALESCE
+                    ));
                     sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await?;
                 }
                 Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned()).collect())

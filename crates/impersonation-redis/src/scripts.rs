@@ -167,7 +167,10 @@ if not s[1] then return false end
 if ARGV[3] ~= '-1' then
   local now = tonumber(ARGV[2])
   local seen = tonumber(s[3])
-  if s[6] == 'active' and tonumber(s[7]) > now and seen + tonumber(s[8]) > now and seen + tonumber(ARGV[3]) <= now then
+  local idle = tonumber(s[8])
+  -- Coalesced at most half the idle timeout, or a busy session idles out.
+  local coalesce = math.min(tonumber(ARGV[3]), math.floor(idle / 2))
+  if s[6] == 'active' and tonumber(s[7]) > now and seen + idle > now and seen + coalesce <= now then
     redis.call('HSET', k, 'last_seen_us', ARGV[2])
   end
 end

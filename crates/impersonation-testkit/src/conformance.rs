@@ -318,6 +318,36 @@ pub async fn a_session_that_never_idles_is_found_and_touched<S: Store>(store: S)
     assert_eq!(touched.last_seen_at, t1);
 }
 
+/// A touch is coalesced at most half the session's own idle timeout,
+/// whatever the caller asks: a longer coalescing would let a session used
+/// every few minutes idle out.
+pub async fn a_touch_is_coalesced_at_most_half_the_idle_timeout<S: Store>(store: S) {
+    let w = World::new();
+    let policy = w.policy.clone().idle_timeout(Duration::minutes(10));
+    let (start, secret) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let touch = |minutes| Touch {
+        now: epoch() + Duration::minutes(minutes),
+        coalesce: Duration::hours(1),
+    };
+    store
+        .find_by_secret(&secret.lookup(), Some(touch(4)))
+        .await
+        .unwrap();
+    let stored = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_seen_at, epoch(), "4 minutes: within half of 10");
+    store
+        .find_by_secret(&secret.lookup(), Some(touch(6)))
+        .await
+        .unwrap();
+    let stored = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.last_seen_at,
+        epoch() + Duration::minutes(6),
+        "6 minutes: past half of 10, touched although an hour was asked"
+    );
+}
+
 /// The touch writes `last_seen_at`, returns the record as before it, and is coalesced.
 pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let w = World::new();
@@ -1256,6 +1286,7 @@ where
     find_by_secret_finds_only_by_hash(factory().await).await;
     touch_updates_last_seen_and_is_coalesced(factory().await).await;
     a_session_that_never_idles_is_found_and_touched(factory().await).await;
+    a_touch_is_coalesced_at_most_half_the_idle_timeout(factory().await).await;
     touch_never_revives_a_lapsed_session(factory().await).await;
     guarded_append_requires_an_active_session(factory().await).await;
     events_read_back_exactly_and_chains_verify(factory().await).await;
@@ -1296,6 +1327,7 @@ macro_rules! store_conformance_tests {
             find_by_secret_finds_only_by_hash,
             touch_updates_last_seen_and_is_coalesced,
             a_session_that_never_idles_is_found_and_touched,
+            a_touch_is_coalesced_at_most_half_the_idle_timeout,
             touch_never_revives_a_lapsed_session,
             guarded_append_requires_an_active_session,
             events_read_back_exactly_and_chains_verify,
