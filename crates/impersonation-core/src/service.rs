@@ -123,8 +123,9 @@ pub struct Config {
     /// spare a busy session's writes at the cost of that much idle-timeout
     /// precision. (Reused sessions are not touched: the touch waits for the
     /// next read, at most `reuse_interval` later.) An interval above half
-    /// the policy's idle timeout is taken as half of it: a longer one would
-    /// let a busy session idle out.
+    /// a session's idle timeout is taken as half of it (stores apply
+    /// [`crate::Touch::coalesce_for`]): a longer one would let a busy
+    /// session idle out.
     pub touch_interval: Duration,
 }
 
