@@ -7,8 +7,11 @@
 //! counts as a failure here too).
 
 use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use xshell::{Shell, cmd};
@@ -218,9 +221,13 @@ impl Ci {
             .current_dir(self.sh.current_dir())
             .env("RUST_BACKTRACE", "1")
             .stdout(Stdio::piped())
+            // A group of its own, so that a watchdog can end cargo and
+            // every test binary under it at once.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child has no stdout pipe")?;
+        let watchdog = Watchdog::start(child.id(), TEST_DEADLINE, shown.clone());
 
         // Bytes, not `lines()`: a test may print invalid UTF-8, which must
         // not abort the run.
@@ -239,10 +246,61 @@ impl Ci {
         drop(out);
 
         let status = child.wait()?;
+        if watchdog.finish() {
+            bail!(
+                "`{shown}` ran past {} minutes and was stopped (a test hangs?)",
+                TEST_DEADLINE.as_secs() / 60
+            );
+        }
         if !status.success() {
             bail!("`{shown}` failed ({status})");
         }
         Ok(())
+    }
+}
+
+/// How long one `cargo test` run (build included) may take before CI stops
+/// it: a hung test fails the run instead of holding the machine (and the
+/// test-services lock) forever. A cold run takes under 10 minutes here.
+const TEST_DEADLINE: Duration = Duration::from_secs(45 * 60);
+
+/// Kills a process group that outlives its deadline.
+struct Watchdog {
+    done: Arc<(Mutex<bool>, Condvar)>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(pgid: u32, deadline: Duration, what: String) -> Self {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let fired = Arc::new(AtomicBool::new(false));
+        let (d, f) = (Arc::clone(&done), Arc::clone(&fired));
+        std::thread::spawn(move || {
+            let (lock, cvar) = &*d;
+            let Ok(guard) = lock.lock() else { return };
+            let Ok((guard, timeout)) = cvar.wait_timeout_while(guard, deadline, |done| !*done)
+            else {
+                return;
+            };
+            if timeout.timed_out() && !*guard {
+                f.store(true, Ordering::SeqCst);
+                eprintln!("`{what}` passed its deadline; stopping it and its tests");
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{pgid}")])
+                    .status();
+            }
+        });
+        Self { done, fired }
+    }
+
+    /// Stops watching; whether the deadline had passed.
+    fn finish(self) -> bool {
+        let (lock, cvar) = &*self.done;
+        if let Ok(mut done) = lock.lock() {
+            *done = true;
+        }
+        cvar.notify_all();
+        self.fired.load(Ordering::SeqCst)
     }
 }
 
@@ -286,6 +344,56 @@ fn count_tests(output: &str) -> Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(script: &str) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    /// A run past its deadline is stopped, with the processes it started.
+    #[test]
+    fn the_watchdog_stops_a_hung_run_and_its_children() {
+        let started = Instant::now();
+        let mut child = group("sleep 30 & sleep 30; wait");
+        let watchdog = Watchdog::start(child.id(), Duration::from_millis(300), "sleep".into());
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(watchdog.finish(), "it fired");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not left to run"
+        );
+        // Killed at once; reaped by init a moment later.
+        let mut leftover = Vec::new();
+        for _ in 0..50 {
+            leftover = Command::new("pgrep")
+                .args(["-g", &child.id().to_string()])
+                .output()
+                .unwrap()
+                .stdout;
+            if leftover.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            leftover.is_empty(),
+            "the group's sleeps are gone: {}",
+            String::from_utf8_lossy(&leftover)
+        );
+    }
+
+    /// A run that ends in time is left alone.
+    #[test]
+    fn the_watchdog_leaves_a_run_that_ends_in_time() {
+        let mut child = group("true");
+        let watchdog = Watchdog::start(child.id(), Duration::from_secs(30), "true".into());
+        assert!(child.wait().unwrap().success());
+        assert!(!watchdog.finish());
+    }
 
     #[test]
     fn sums_every_result_line() {

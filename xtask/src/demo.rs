@@ -9,8 +9,28 @@ use anyhow::Result;
 /// The example package that demonstrates the SDK end to end.
 const DEMO_PACKAGE: &str = "campground-demo";
 
-/// Runs `cargo run --quiet --package campground-demo -- [args...]`.
+/// Runs `cargo run --quiet --package campground-demo -- [args...]`; with
+/// `--store postgres|mariadb|redis` and no `--url`, first brings up the
+/// local services those stores' default URLs point at (`services up`).
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
+    let text: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    let store = text
+        .iter()
+        .position(|a| *a == "--store")
+        .and_then(|i| text.get(i + 1))
+        .copied()
+        .or_else(|| text.iter().find_map(|a| a.strip_prefix("--store=")));
+    let own_url = text
+        .iter()
+        .any(|a| *a == "--url" || a.starts_with("--url="));
+    let served = store.map(str::to_ascii_lowercase);
+    if matches!(
+        served.as_deref(),
+        Some("postgres" | "pg" | "mariadb" | "mysql" | "redis")
+    ) && !own_url
+    {
+        crate::services::up()?;
+    }
     let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
         .into_iter()
         .map(OsString::from)

@@ -284,13 +284,32 @@ pub(crate) fn up() -> Result<()> {
     packages.extend(missing_tools(TOOLS));
     packages.sort_unstable();
     packages.dedup();
+    // Installing and starting servers takes root; say so once, plainly,
+    // rather than let apt-get and the daemons fail one by one.
+    let idle: Vec<&str> = SERVICES
+        .iter()
+        .filter(|s| !s.reachable())
+        .map(|s| s.name)
+        .collect();
+    if (!packages.is_empty() || !idle.is_empty()) && !is_root(&sh) {
+        bail!(
+            "to install {:?} and start {:?}, this needs root: run it as root (`sudo -E cargo xtask services up`), \
+             or install and start them yourself (README, \"Before the two commands\", lists what the tests expect)",
+            packages,
+            idle
+        );
+    }
+    // Try every service even if one fails, so a single run reports them all
+    // (an install that fails, offline say, leaves the installed ones to
+    // start).
+    let mut failures = Vec::new();
     if !packages.is_empty() {
         println!("services: installing {}", packages.join(" "));
-        apt_install(&sh, &packages)?;
+        if let Err(err) = apt_install(&sh, &packages) {
+            eprintln!("apt-get: FAILED: {err:#}");
+            failures.push(format!("installing {} ({err:#})", packages.join(" ")));
+        }
     }
-
-    // Try every service even if one fails, so a single run reports them all.
-    let mut failures = Vec::new();
     if let Err(err) = npm_projects(&sh) {
         eprintln!("npm: FAILED: {err:#}");
         failures.push(format!("npm packages ({err:#})"));
@@ -305,6 +324,13 @@ pub(crate) fn up() -> Result<()> {
         bail!("could not bring up: {}", failures.join("; "));
     }
     Ok(())
+}
+
+fn is_root(sh: &Shell) -> bool {
+    cmd!(sh, "id -u")
+        .quiet()
+        .read()
+        .is_ok_and(|uid| uid.trim() == "0")
 }
 
 fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
@@ -392,6 +418,14 @@ const POSTGRES_LIB: &str = "/usr/lib/postgresql";
 /// as `postgres` without a password. The comment line makes the edit
 /// recognisable and the prepend idempotent.
 const PG_HBA_TRUST: &str = "\
+# Added by `cargo xtask services up`: tests connect to `test` as `postgres` over local TCP without a password.
+host test postgres 127.0.0.1/32 trust
+host test postgres ::1/128 trust
+";
+
+/// What an earlier version prepended (every database and user): replaced
+/// by [`PG_HBA_TRUST`] where found.
+const PG_HBA_TRUST_BEFORE: &str = "\
 # Added by `cargo xtask services up`: tests connect over TCP without a password.
 host all all 127.0.0.1/32 trust
 host all all ::1/128 trust
@@ -490,7 +524,12 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
     let hba = format!("{POSTGRES_CONF}/{version}/main/pg_hba.conf");
     let content = sh.read_file(&hba)?;
     if !content.starts_with(PG_HBA_TRUST) {
-        println!("postgresql: trusting 127.0.0.1 and ::1 in {hba}");
+        let content = content
+            .strip_prefix(PG_HBA_TRUST_BEFORE)
+            .unwrap_or(&content);
+        println!(
+            "postgresql: letting `postgres` into database `test` from 127.0.0.1 and ::1 without a password ({hba})"
+        );
         sh.write_file(&hba, format!("{PG_HBA_TRUST}{content}"))?;
     }
     cmd!(
@@ -498,10 +537,18 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
         "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
     )
     .run()?;
-    tcp_select().map_err(|stderr| {
-        anyhow!("`psql -h 127.0.0.1 -U postgres -d test` still fails after creating `test` and trusting 127.0.0.1 in {hba}: {stderr}")
-    })?;
-    Ok(OK)
+    // A reload only signals the server: give it a moment to re-read.
+    let mut last = String::new();
+    for _ in 0..20 {
+        match tcp_select() {
+            Ok(_) => return Ok(OK),
+            Err(stderr) => last = stderr,
+        }
+        sleep(Duration::from_millis(250));
+    }
+    Err(anyhow!(
+        "`psql -h 127.0.0.1 -U postgres -d test` still fails after creating `test` and trusting 127.0.0.1 in {hba}: {last}"
+    ))
 }
 
 // ------------------------------------------------------------------- MariaDB
@@ -924,8 +971,25 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
                 "another command is using the test databases (it holds {}); waiting for it to finish",
                 path.display()
             );
-            file.lock()
-                .with_context(|| format!("locking {}", path.display()))?;
+            // Not forever: a CI run's tests stop at their deadline, so a
+            // holder past an hour is stuck.
+            let waited = Instant::now();
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock) if waited.elapsed() < LOCK_WAIT => {
+                        sleep(Duration::from_secs(1));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => bail!(
+                        "another command has held {} for over an hour; is it stuck? (`fuser {}` names it)",
+                        path.display(),
+                        path.display()
+                    ),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(e).with_context(|| format!("locking {}", path.display()));
+                    }
+                }
+            }
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("locking {}", path.display()));
@@ -933,6 +997,9 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
     }
     Ok(TestServicesLock(file))
 }
+
+/// How long a command waits for another to release the test services.
+const LOCK_WAIT: Duration = Duration::from_secs(60 * 60);
 
 /// Prefix of every schema, database and file the test suites create.
 const TEST_PREFIX: &str = "imptest_";
