@@ -166,14 +166,16 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
-        let Some(ctx) = parts.extensions.get::<Context>().cloned() else {
-            return Ok(Self);
-        };
+        // Without the layer in front nobody can tell: a route wired outside
+        // it fails loudly rather than pass the guard unchecked.
         let Some(Handle(state)) = parts.extensions.get::<Handle>().cloned() else {
             return Err(reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "impersonation layer missing",
             ));
+        };
+        let Some(ctx) = parts.extensions.get::<Context>().cloned() else {
+            return Ok(Self);
         };
         // The route's template, not its path: a path may carry a token
         // (`/password/reset/{token}`), which must not reach the trail.

@@ -402,11 +402,34 @@ where
                         // bearer secret or token is its credential.)
                         let signed_in = req.extensions().get::<Principal>().map(|p| p.id.clone());
                         match signed_in {
-                            Some(id) if id != c.agent().id => {}
+                            // A bearer credential names its agent: someone
+                            // else signed in beside it (the host's auth
+                            // taking the token's customer for the user, say)
+                            // is refused, never served as that person. (The
+                            // SDK's stop answers it itself: 403, audited.)
+                            Some(id) if id != c.agent().id => {
+                                let own = settings.own_route(
+                                    match req.extensions().get::<MatchedPath>() {
+                                        Some(m) => m.as_str(),
+                                        None => req.uri().path(),
+                                    },
+                                );
+                                if !from_cookie && !own {
+                                    tracing::warn!(
+                                        session = %c.session(),
+                                        "an impersonation credential sent by someone other than its agent is refused"
+                                    );
+                                    return Ok(bearer_refused("impersonation token refused"));
+                                }
+                            }
                             None if from_cookie => {}
                             _ => ctx = Some(c),
                         }
                     }
+                    // Waiting for the customer's consent: the cookie stays
+                    // (it is the only copy of the secret), and the agent is
+                    // served as themself until the customer agrees.
+                    Err(impersonation_core::Error::PendingConsent) if from_cookie => {}
                     Err(e) if e.http_status() == 503 => {
                         tracing::error!(error = %e, "impersonation check failed; refusing the request");
                         return Ok(plain(
@@ -476,6 +499,25 @@ where
                         None => RouteName::Path(req.uri().path().to_owned()),
                     };
                     req.extensions_mut().insert(c.clone());
+                    // The page must come back whole, as the app renders it
+                    // now, for the banner to go in: not encoded (a
+                    // precompressed file; a compression layer outside this
+                    // one still compresses the answer), not a part, and not
+                    // "unchanged" (a 304 shows the browser's copy from
+                    // before the impersonation, without the banner). A
+                    // change keeps its preconditions (`If-Match`).
+                    let headers = req.headers_mut();
+                    headers.remove(header::ACCEPT_ENCODING);
+                    if !is_change {
+                        for name in [
+                            header::IF_NONE_MATCH,
+                            header::IF_MODIFIED_SINCE,
+                            header::IF_RANGE,
+                            header::RANGE,
+                        ] {
+                            headers.remove(name);
+                        }
+                    }
                     audit = Some((method, route));
                     tracing::info_span!(
                         "impersonation.request",

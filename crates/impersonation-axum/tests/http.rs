@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
-use axum::response::Html;
+use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use impersonation_axum::{
@@ -59,6 +59,10 @@ async fn stop_elsewhere(other: &Svc, sam: &Browser) -> String {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(impersonation_core::Policy::default())
+}
+
+fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
     let directory = MemoryDirectory::new();
     for p in [
         agent("sam"),
@@ -70,7 +74,9 @@ fn fixture() -> Fixture {
     }
     let clock = ManualClock::new(epoch());
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let svc = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone())
+        .with_clock(clock.clone())
+        .with_policy(policy);
     let changes = Arc::new(AtomicUsize::new(0));
     let (saved, raced) = (Arc::clone(&changes), Arc::clone(&changes));
     // Another process of the app, which ends the session while the
@@ -112,6 +118,34 @@ fn fixture() -> Fixture {
         .route(
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
+        )
+        // A page the way a static-file service answers one: unchanged for
+        // a matching ETag, a part for a range, the precompressed file for
+        // an encoding the client accepts.
+        .route(
+            "/conditional",
+            get(|headers: HeaderMap| async move {
+                let page = "<html><body>the page</body></html>";
+                if headers.contains_key(header::IF_NONE_MATCH) {
+                    return StatusCode::NOT_MODIFIED.into_response();
+                }
+                if headers.contains_key(header::RANGE) {
+                    return (
+                        StatusCode::PARTIAL_CONTENT,
+                        [(header::CONTENT_RANGE, "bytes 0-9/34")],
+                        Html(&page[..10]),
+                    )
+                        .into_response();
+                }
+                if headers.contains_key(header::ACCEPT_ENCODING) {
+                    return (
+                        [(header::CONTENT_ENCODING, "br")],
+                        Html(vec![0x1b_u8, 0x21, 0x00]),
+                    )
+                        .into_response();
+                }
+                Html(page).into_response()
+            }),
         )
         .route(
             "/settings",
@@ -839,6 +873,101 @@ async fn a_form_posted_after_the_session_expired_is_refused_not_run_as_the_agent
     assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
 }
 
+/// A session waiting for the customer's consent is not a dead one: its
+/// cookie (the only copy of the secret) stays, the agent is served as
+/// themself meanwhile, and once the customer agrees the next page is the
+/// customer's, with the banner.
+#[tokio::test]
+async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agrees() {
+    let f = fixture_with(impersonation_core::Policy::default().consent(
+        impersonation_core::Consent::Required {
+            timeout: Duration::minutes(10),
+        },
+    ));
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let started = sam.start("olive").await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+    let secret = sam.secret().unwrap();
+    let token = sam.csrf();
+
+    let page = sam.get("/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("impersonation-banner"), "not yet");
+    assert_eq!(sam.secret(), Some(secret.clone()), "the cookie stays");
+    assert_eq!(sam.csrf(), token, "the identity has not changed");
+    let reply = post_settings(&mut sam, &token).await;
+    assert_eq!(reply.body, "saved for sam", "a change runs as the agent");
+
+    let pending = impersonation_core::SessionSecret::parse(&secret).unwrap();
+    let session = f
+        .store
+        .inner()
+        .find_by_secret(&pending.lookup(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    f.svc
+        .grant_consent(session.id, &customer("olive", "Olive Owner"))
+        .await
+        .unwrap();
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+}
+
+/// A bearer credential names its agent; sent by someone else signed in
+/// (the host's auth taking the token's customer for the user, say), it is
+/// refused, not served as that person.
+#[tokio::test]
+async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut olive = Browser::new(&f, "olive");
+    let reply = olive
+        .send(Method::GET, "/billing", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
+    assert!(!reply.body.contains("card on file"));
+}
+
+/// Under impersonation a page comes back whole, for the banner to go in:
+/// no 304 from the browser's copy of before, no part, no precompressed
+/// file.
+#[tokio::test]
+async fn an_impersonated_page_is_never_a_304_a_part_or_encoded() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let seen = sam
+        .send(
+            Method::GET,
+            "/conditional",
+            None,
+            &[
+                ("if-none-match", "\"v1\""),
+                ("range", "bytes=0-9"),
+                ("accept-encoding", "br"),
+            ],
+        )
+        .await;
+    assert_eq!(seen.status, StatusCode::OK, "{}", seen.body);
+    assert!(seen.body.contains("impersonation-banner"), "{}", seen.body);
+    // Without impersonation the app's answer stands.
+    let mut kim = Browser::new(&f, "kim");
+    let cached = kim
+        .send(
+            Method::GET,
+            "/conditional",
+            None,
+            &[("if-none-match", "\"v1\"")],
+        )
+        .await;
+    assert_eq!(cached.status, StatusCode::NOT_MODIFIED);
+}
+
 /// The banner's Stop, clicked after the session ended (it idled out while
 /// the tab was open): the stop's aim holds, so the agent is sent on as
 /// for a stop, with the cookie cleared, not shown an error.
@@ -941,4 +1070,19 @@ async fn a_change_whose_session_ends_while_it_runs_stays_on_the_trail() {
 
     // The session is over for the next request.
     assert!(!sam.get("/").await.body.contains("impersonation-banner"));
+}
+
+/// A guarded route wired outside the layer fails loudly instead of
+/// passing the guard unchecked.
+#[tokio::test]
+async fn the_guard_without_the_layer_is_a_500_not_a_pass() {
+    let app: Router = Router::new().route(
+        "/billing",
+        get(|_: NotImpersonating| async { "card on file" }),
+    );
+    let res = app
+        .oneshot(Request::get("/billing").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
