@@ -165,10 +165,17 @@ fn node_runtime_package() -> &'static str {
 /// that Node.js is too old too, an official build goes beside the provider.
 fn ensure_node(sh: &Shell) -> Result<()> {
     let new_enough = |v: Option<(u32, u32)>| v.is_some_and(|v| v >= MIN_NODE);
+    let has_npm = || check(cmd!(sh, "npm --version").quiet()).is_ok();
     if new_enough(node_version(sh, Path::new("node"))) {
+        // Debian packages npm apart from nodejs: a Node.js brought in by
+        // another package may have come without it.
+        if !has_npm() {
+            println!("npm: Node.js is here but npm is not, installing Debian's");
+            apt_install(sh, &["npm"])?;
+        }
         return Ok(());
     }
-    if check(cmd!(sh, "npm --version").quiet()).is_err() {
+    if !has_npm() {
         println!("npm: Node.js and npm missing, installing Debian's");
         apt_install(sh, &["nodejs", "npm"])?;
         if new_enough(node_version(sh, Path::new("node"))) {
