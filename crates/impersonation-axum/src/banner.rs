@@ -61,20 +61,63 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
     ))
 }
 
-/// Inserts the banner before the last `</body>` (any case), or appends it.
-/// The page's bytes are not decoded: the banner is pure ASCII, so it reads
-/// the same in any charset that keeps ASCII as ASCII, and a page with a
-/// stray invalid byte gets its banner too.
+/// Inserts the banner before the last `</body>` (any case) that is markup,
+/// or appends it. The page's bytes are not decoded: the banner is pure
+/// ASCII, so it reads the same in any charset that keeps ASCII as ASCII,
+/// and a page with a stray invalid byte gets its banner too.
 pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
-    let at = html
-        .windows(7)
-        .rposition(|w| w.eq_ignore_ascii_case(b"</body>"))
-        .unwrap_or(html.len());
+    let at = banner_place(html);
     let mut out = Vec::with_capacity(html.len() + banner.len());
     out.extend_from_slice(&html[..at]);
     out.extend_from_slice(banner.as_bytes());
     out.extend_from_slice(&html[at..]);
     out
+}
+
+/// Where the banner goes: before the last `</body>` that is markup, not
+/// text inside a script, a style, a textarea or a comment (a customer's
+/// note quoting `</body>` in a page's JSON, in a page that leaves out its
+/// own `</body>`); at the end if there is none. The banner inside a
+/// script would break the script and show nothing.
+fn banner_place(html: &[u8]) -> usize {
+    // Checked from the end; a page that quotes `</body>` more often than
+    // this gets the banner appended.
+    const MOST_TRIED: usize = 16;
+    let mut end = html.len();
+    for _ in 0..MOST_TRIED {
+        let Some(at) = html[..end]
+            .windows(7)
+            .rposition(|w| w.eq_ignore_ascii_case(b"</body>"))
+        else {
+            break;
+        };
+        if !inside_raw_text(&html[at..]) {
+            return at;
+        }
+        end = at;
+    }
+    html.len()
+}
+
+/// Whether the text from `rest` on closes a script, style, textarea or
+/// comment before it opens one: `rest` then starts inside it.
+fn inside_raw_text(rest: &[u8]) -> bool {
+    const OPEN: [&[u8]; 4] = [b"<script", b"<style", b"<textarea", b"<!--"];
+    const CLOSE: [&[u8]; 4] = [b"</script", b"</style", b"</textarea", b"-->"];
+    let first = |needles: &[&[u8]]| {
+        needles
+            .iter()
+            .filter_map(|n| {
+                rest.windows(n.len())
+                    .position(|w| w.eq_ignore_ascii_case(n))
+            })
+            .min()
+    };
+    match (first(&CLOSE), first(&OPEN)) {
+        (Some(close), Some(open)) => close < open,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 /// `html` with every non-ASCII character written as a numeric character
@@ -94,4 +137,40 @@ fn ascii_only(html: String) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inject;
+
+    fn placed(page: &str) -> String {
+        String::from_utf8(inject(page.as_bytes(), "[B]")).unwrap()
+    }
+
+    #[test]
+    fn the_banner_goes_before_the_last_body_end_that_is_markup() {
+        assert_eq!(
+            placed("<p>x</p></BODY></html>"),
+            "<p>x</p>[B]</BODY></html>"
+        );
+        // A script after the body (analytics) does not move it.
+        assert_eq!(
+            placed("<p>x</p></body><script>a()</script>"),
+            "<p>x</p>[B]</body><script>a()</script>"
+        );
+        // `</body>` quoted in a script, a comment or a textarea of a page
+        // without its own: appended, not put inside them.
+        for page in [
+            "<p>x</p><script type=\"application/json\">{\"note\":\"</body>\"}</script>",
+            "<p>x</p><!-- </body> -->",
+            "<textarea></body></textarea>",
+        ] {
+            assert_eq!(placed(page), format!("{page}[B]"));
+        }
+        // Quoted before the real one: the real one.
+        assert_eq!(
+            placed("<script>var s=\"</body>\";</script><p>x</p></body>"),
+            "<script>var s=\"</body>\";</script><p>x</p>[B]</body>"
+        );
+    }
 }
