@@ -623,6 +623,27 @@ where
                 // is audited, so that the trail shows the status sent. A
                 // client that goes away meanwhile was sent nothing (499).
                 match page_kind(&res) {
+                    // An explicit HEAD handler's answer: no body to put the
+                    // banner in, but the length it announces is the page's
+                    // with the banner, as a GET's would be.
+                    Page::Injectable
+                        if *method == Method::HEAD
+                            && axum::body::HttpBody::size_hint(res.body()).exact() == Some(0) =>
+                    {
+                        let announced = res
+                            .headers()
+                            .get(header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok());
+                        if let Some(n) = announced {
+                            let banner =
+                                banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
+                            let with =
+                                n.saturating_add(u64::try_from(banner.len()).unwrap_or(u64::MAX));
+                            res.headers_mut()
+                                .insert(header::CONTENT_LENGTH, HeaderValue::from(with));
+                        }
+                    }
                     Page::Injectable => {
                         let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
                         // A body that panics while it is read is audited as

@@ -119,6 +119,20 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
         )
+        // A page with a HEAD handler of its own, which announces the
+        // page's length and sends no body.
+        .route(
+            "/sized",
+            get(|| async { Html("<html><body>the page</body></html>") }).head(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                        (header::CONTENT_LENGTH, "34"),
+                    ],
+                    "",
+                )
+            }),
+        )
         // A page the way a static-file service answers one: unchanged for
         // a matching ETag, a part for a range, the precompressed file for
         // an encoding the client accepts.
@@ -1070,6 +1084,24 @@ async fn a_change_whose_session_ends_while_it_runs_stays_on_the_trail() {
 
     // The session is over for the next request.
     assert!(!sam.get("/").await.body.contains("impersonation-banner"));
+}
+
+/// A HEAD handler of the app's own announces the length the GET sends:
+/// the page's with the banner.
+#[tokio::test]
+async fn an_explicit_head_announces_the_length_with_the_banner() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let page = sam.get("/sized").await;
+    assert!(page.body.contains("impersonation-banner"));
+    let head = sam.send(Method::HEAD, "/sized", None, &[]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(
+        head.headers[header::CONTENT_LENGTH],
+        page.body.len().to_string()
+    );
 }
 
 /// A guarded route wired outside the layer fails loudly instead of
