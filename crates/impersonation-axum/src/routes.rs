@@ -193,8 +193,13 @@ async fn start(req: Request) -> Response {
     // page posts after the end, instead of running it as the agent): as
     // long as the session could last once consent comes (a pending
     // session's expiry is its consent deadline), and a day more.
+    // (Saturating, and within what browsers keep: a policy may set no
+    // limit, `Duration::MAX`.)
     let left = (started.session.expires_at - shared.api.now()).max(time::Duration::ZERO);
-    let max_age = left + started.session.grant.duration + DEAD_COOKIE_KEPT;
+    let max_age = left
+        .saturating_add(started.session.grant.duration)
+        .saturating_add(DEAD_COOKIE_KEPT)
+        .min(MOST_COOKIE_AGE);
     cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
@@ -207,6 +212,9 @@ async fn start(req: Request) -> Response {
 /// How long the browser keeps a session's cookie past the longest the
 /// session could last.
 const DEAD_COOKIE_KEPT: time::Duration = time::Duration::days(1);
+
+/// The longest `Max-Age` browsers honour (RFC 6265bis caps it at 400 days).
+const MOST_COOKIE_AGE: time::Duration = time::Duration::days(400);
 
 /// The answer to a start or stop whose body is not the form: 413 for one
 /// too large, 415 for one that is not a form, 400 otherwise.

@@ -928,6 +928,24 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
 }
 
+/// A policy with no time limit (`Duration::MAX`) starts a session whose
+/// cookie lasts as long as browsers keep one: no overflow, no panic after
+/// the session was created.
+#[tokio::test]
+async fn a_session_without_a_time_limit_gets_its_cookie() {
+    let f = fixture_with(
+        impersonation_core::Policy::default()
+            .max_duration(Duration::MAX)
+            .idle_timeout(Duration::MAX),
+    );
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    let started = sam.start("olive").await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+    assert!(sam.secret().is_some());
+    assert!(sam.get("/").await.body.contains("impersonation-banner"));
+}
+
 /// A bearer credential names its agent; sent by someone else signed in
 /// (the host's auth taking the token's customer for the user, say), it is
 /// refused, not served as that person.
