@@ -164,11 +164,16 @@ pub(crate) fn new_token() -> Option<String> {
 /// the agent. Derived, not drawn, so that a page's requests sent side by
 /// side with the same dead cookie all arrive at the same new token (the
 /// last cookie set wins); no one without the old token can compute it.
-fn rotated_token(old: &str, dead: Option<SecretHash>) -> String {
+///
+/// The same derivation, for another `purpose`, gives the token of pages
+/// served while a session waits for consent.
+fn derived_token(purpose: &[u8], old: &str, secret: Option<SecretHash>) -> String {
     let mut digest = Sha256::new();
-    digest.update(b"impersonation-axum csrf rotation\0");
+    digest.update(b"impersonation-axum csrf ");
+    digest.update(purpose);
+    digest.update(b"\0");
     digest.update(old.as_bytes());
-    if let Some(hash) = dead {
+    if let Some(hash) = secret {
         digest.update(hash.as_bytes());
     }
     URL_SAFE_NO_PAD.encode(digest.finalize())
@@ -391,6 +396,8 @@ where
             let mut ctx: Option<Context> = None;
             // Whether the session came from the browser's cookie.
             let mut cookie_session = false;
+            // Whether the cookie's session waits for the customer's consent.
+            let mut pending = false;
             if let Some((result, from_cookie)) = resolved {
                 cookie_session = from_cookie;
                 match result {
@@ -429,7 +436,7 @@ where
                     // Waiting for the customer's consent: the cookie stays
                     // (it is the only copy of the secret), and the agent is
                     // served as themself until the customer agrees.
-                    Err(impersonation_core::Error::PendingConsent) if from_cookie => {}
+                    Err(impersonation_core::Error::PendingConsent) if from_cookie => pending = true,
                     Err(e) if e.http_status() == 503 => {
                         tracing::error!(error = %e, "impersonation check failed; refusing the request");
                         return Ok(plain(
@@ -453,6 +460,19 @@ where
             // stop of an ended session is done.)
             let mut csrf = csrf;
             let mut fresh_csrf = fresh_csrf;
+            // Waiting for consent, the agent's pages carry a token of their
+            // own, derived and not stored: a form rendered now, as the
+            // agent, fails the check once the customer has agreed and the
+            // same browser is the customer.
+            if pending && !csrf.is_empty() {
+                csrf = derived_token(
+                    b"pending",
+                    &csrf,
+                    kept_secret.as_ref().map(SessionSecret::hash),
+                )
+                .into();
+                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+            }
             if clear_secret
                 && !csrf.is_empty()
                 && !settings.own_route(match req.extensions().get::<MatchedPath>() {
@@ -460,7 +480,12 @@ where
                     None => req.uri().path(),
                 })
             {
-                csrf = rotated_token(&csrf, kept_secret.as_ref().map(SessionSecret::hash)).into();
+                csrf = derived_token(
+                    b"rotation",
+                    &csrf,
+                    kept_secret.as_ref().map(SessionSecret::hash),
+                )
+                .into();
                 fresh_csrf = true;
                 req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
                 if is_change {
@@ -499,24 +524,19 @@ where
                         None => RouteName::Path(req.uri().path().to_owned()),
                     };
                     req.extensions_mut().insert(c.clone());
-                    // The page must come back whole, as the app renders it
-                    // now, for the banner to go in: not encoded (a
-                    // precompressed file; a compression layer outside this
-                    // one still compresses the answer), not a part, and not
-                    // "unchanged" (a 304 shows the browser's copy from
-                    // before the impersonation, without the banner). A
-                    // change keeps its preconditions (`If-Match`).
+                    // The page must come back as the app renders it now,
+                    // for the banner to go in: not encoded (a precompressed
+                    // file; a compression layer outside this one still
+                    // compresses the answer), and not "unchanged" (a 304
+                    // shows the browser's copy from before the
+                    // impersonation, without the banner). A change keeps
+                    // its preconditions (`If-Match`); a range request keeps
+                    // its range (a video, a resumed download: no page).
                     let headers = req.headers_mut();
                     headers.remove(header::ACCEPT_ENCODING);
                     if !is_change {
-                        for name in [
-                            header::IF_NONE_MATCH,
-                            header::IF_MODIFIED_SINCE,
-                            header::IF_RANGE,
-                            header::RANGE,
-                        ] {
-                            headers.remove(name);
-                        }
+                        headers.remove(header::IF_NONE_MATCH);
+                        headers.remove(header::IF_MODIFIED_SINCE);
                     }
                     audit = Some((method, route));
                     tracing::info_span!(
