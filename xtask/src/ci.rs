@@ -7,7 +7,6 @@
 //! counts as a failure here too).
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::process::CommandExt as _;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -221,9 +220,6 @@ impl Ci {
             .current_dir(self.sh.current_dir())
             .env("RUST_BACKTRACE", "1")
             .stdout(Stdio::piped())
-            // A group of its own, so that a watchdog can end cargo and
-            // every test binary under it at once.
-            .process_group(0)
             .spawn()
             .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child has no stdout pipe")?;
@@ -259,19 +255,59 @@ impl Ci {
     }
 }
 
+/// Every process under `pid` (children, theirs, …), read from `/proc`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: the name may hold spaces and
+        // parentheses, so the fields are read after its last `)`.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((child, ppid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
+}
+
 /// How long one `cargo test` run (build included) may take before CI stops
 /// it: a hung test fails the run instead of holding the machine (and the
 /// test-services lock) forever. A cold run takes under 10 minutes here.
 const TEST_DEADLINE: Duration = Duration::from_secs(45 * 60);
 
-/// Kills a process group that outlives its deadline.
+/// Kills a process, and every process under it, that outlives its
+/// deadline. (By the tree, not a process group of its own: that would
+/// take cargo out of the terminal's foreground group, and Ctrl-C would no
+/// longer reach it.)
 struct Watchdog {
     done: Arc<(Mutex<bool>, Condvar)>,
     fired: Arc<AtomicBool>,
 }
 
 impl Watchdog {
-    fn start(pgid: u32, deadline: Duration, what: String) -> Self {
+    fn start(pid: u32, deadline: Duration, what: String) -> Self {
         let done = Arc::new((Mutex::new(false), Condvar::new()));
         let fired = Arc::new(AtomicBool::new(false));
         let (d, f) = (Arc::clone(&done), Arc::clone(&fired));
@@ -285,8 +321,11 @@ impl Watchdog {
             if timeout.timed_out() && !*guard {
                 f.store(true, Ordering::SeqCst);
                 eprintln!("`{what}` passed its deadline; stopping it and its tests");
+                let mut tree = descendants(pid);
+                tree.push(pid);
                 let _ = Command::new("kill")
-                    .args(["-s", "KILL", "--", &format!("-{pgid}")])
+                    .args(["-s", "KILL", "--"])
+                    .args(tree.iter().map(u32::to_string))
                     .status();
             }
         });
@@ -345,19 +384,27 @@ fn count_tests(output: &str) -> Counts {
 mod tests {
     use super::*;
 
-    fn group(script: &str) -> std::process::Child {
-        Command::new("sh")
-            .args(["-c", script])
-            .process_group(0)
-            .spawn()
-            .unwrap()
+    fn shell(script: &str) -> std::process::Child {
+        Command::new("sh").args(["-c", script]).spawn().unwrap()
+    }
+
+    /// Whether `pid` is still running (not gone, not a zombie).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z")
+        })
     }
 
     /// A run past its deadline is stopped, with the processes it started.
     #[test]
     fn the_watchdog_stops_a_hung_run_and_its_children() {
         let started = Instant::now();
-        let mut child = group("sleep 30 & sleep 30; wait");
+        let mut child = shell("sleep 30 & sleep 31; wait");
+        std::thread::sleep(Duration::from_millis(200));
+        let sleeps = descendants(child.id());
+        assert_eq!(sleeps.len(), 2, "{sleeps:?}");
         let watchdog = Watchdog::start(child.id(), Duration::from_millis(300), "sleep".into());
         let status = child.wait().unwrap();
         assert!(!status.success());
@@ -366,30 +413,16 @@ mod tests {
             started.elapsed() < Duration::from_secs(20),
             "not left to run"
         );
-        // Killed at once; reaped by init a moment later.
-        let mut leftover = Vec::new();
-        for _ in 0..50 {
-            leftover = Command::new("pgrep")
-                .args(["-g", &child.id().to_string()])
-                .output()
-                .unwrap()
-                .stdout;
-            if leftover.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
+        for pid in sleeps {
+            assert!(!running(pid), "sleep {pid} is gone");
         }
-        assert!(
-            leftover.is_empty(),
-            "the group's sleeps are gone: {}",
-            String::from_utf8_lossy(&leftover)
-        );
     }
 
     /// A run that ends in time is left alone.
     #[test]
     fn the_watchdog_leaves_a_run_that_ends_in_time() {
-        let mut child = group("true");
+        let mut child = shell("true");
         let watchdog = Watchdog::start(child.id(), Duration::from_secs(30), "true".into());
         assert!(child.wait().unwrap().success());
         assert!(!watchdog.finish());

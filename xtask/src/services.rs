@@ -978,8 +978,9 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
                 "another command is using the test databases (it holds {}); waiting for it to finish",
                 path.display()
             );
-            // Not forever: a CI run's tests stop at their deadline, so a
-            // holder past an hour is stuck.
+            // Not forever: a CI run's tests stop at their deadline (two
+            // runs of at most 45 minutes, after the builds), so a holder
+            // past three hours is stuck.
             let waited = Instant::now();
             loop {
                 match file.try_lock() {
@@ -988,7 +989,7 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
                         sleep(Duration::from_secs(1));
                     }
                     Err(std::fs::TryLockError::WouldBlock) => bail!(
-                        "another command has held {} for over an hour; is it stuck? (`fuser {}` names it)",
+                        "another command has held {} for over three hours; is it stuck? (`fuser {}` names it)",
                         path.display(),
                         path.display()
                     ),
@@ -1006,7 +1007,7 @@ pub(crate) fn lock_test_services() -> Result<TestServicesLock> {
 }
 
 /// How long a command waits for another to release the test services.
-const LOCK_WAIT: Duration = Duration::from_secs(60 * 60);
+const LOCK_WAIT: Duration = Duration::from_secs(3 * 60 * 60);
 
 /// Prefix of every schema, database and file the test suites create.
 const TEST_PREFIX: &str = "imptest_";
