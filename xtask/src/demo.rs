@@ -11,7 +11,7 @@ const DEMO_PACKAGE: &str = "campground-demo";
 
 /// Runs `cargo run --quiet --package campground-demo -- [args...]`; with
 /// `--store postgres|mariadb|redis` and no `--url`, first brings up the
-/// local services those stores' default URLs point at (`services up`).
+/// local service that store's default URL points at, if it is down.
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     let text: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
     let store = text
@@ -23,13 +23,14 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     let own_url = text
         .iter()
         .any(|a| *a == "--url" || a.starts_with("--url="));
-    let served = store.map(str::to_ascii_lowercase);
-    if matches!(
-        served.as_deref(),
-        Some("postgres" | "pg" | "mariadb" | "mysql" | "redis")
-    ) && !own_url
-    {
-        crate::services::up()?;
+    let service = match store.map(str::to_ascii_lowercase).as_deref() {
+        Some("postgres" | "pg") => Some("postgresql"),
+        Some("mariadb" | "mysql") => Some("mariadb"),
+        Some("redis") => Some("redis"),
+        _ => None,
+    };
+    if let (Some(service), false) = (service, own_url) {
+        crate::services::up_one(service)?;
     }
     let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
         .into_iter()

@@ -333,6 +333,31 @@ pub(crate) fn up() -> Result<()> {
     Ok(())
 }
 
+/// Brings up one service (by name) if it is not reachable: installs its
+/// server if missing and starts it, as `up` does, without the others or
+/// the test tools. For `cargo xtask demo --store …`.
+pub(crate) fn up_one(name: &str) -> Result<()> {
+    let service = SERVICES
+        .iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no service called {name}"))?;
+    if service.reachable() {
+        return Ok(());
+    }
+    let sh = crate::root_shell()?;
+    if !is_root(&sh) {
+        bail!(
+            "{name} is not running on {}; start it, or run `sudo -E cargo xtask services up`",
+            service.addresses()
+        );
+    }
+    if (service.server_binary)().is_none() {
+        println!("services: installing {}", service.apt_package);
+        apt_install(&sh, &[service.apt_package])?;
+    }
+    bring_up(&sh, service)
+}
+
 fn is_root(sh: &Shell) -> bool {
     cmd!(sh, "id -u")
         .quiet()
@@ -508,6 +533,23 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
             "psql -w -X -h 127.0.0.1 -U postgres -d test -c 'select 1'"
         ))
     };
+    // A machine set up by an earlier version trusts every database and
+    // user over local TCP: narrowed to what the tests use.
+    if let Some(version) = postgres_cluster() {
+        let hba = format!("{POSTGRES_CONF}/{version}/main/pg_hba.conf");
+        if let Ok(content) = sh.read_file(&hba)
+            && let Some(rest) = content.strip_prefix(PG_HBA_TRUST_BEFORE)
+        {
+            println!("postgresql: narrowing the trust line an earlier version added to {hba}");
+            sh.write_file(&hba, format!("{PG_HBA_TRUST}{rest}"))?;
+            cmd!(
+                sh,
+                "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
+            )
+            .run()?;
+            sleep(Duration::from_millis(500));
+        }
+    }
     if tcp_select().is_ok() {
         return Ok(OK);
     }
