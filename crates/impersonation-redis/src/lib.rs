@@ -1006,7 +1006,31 @@ impl RedisStore {
     /// themselves, after a crash between a script and its index writes:
     /// every event of each chain in `chains_to_scan` is put back in its
     /// views, and the chain in the chain list. Returns the events indexed.
+    ///
+    /// It also lists every live session in `live:routes` (which finds one
+    /// by id when its own key has run out): run it once after upgrading
+    /// from a version without that list, for the sessions live then.
     pub async fn rebuild_indexes(&self, chains_to_scan: &[ChainKey]) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let live: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(live_all(&self.ns))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let routes: Vec<(&str, &str)> = live
+            .iter()
+            .filter_map(|m| m.split_once('|'))
+            .filter(|(route, _)| is_route(route))
+            .map(|(route, id)| (id, route))
+            .collect();
+        for batch in routes.chunks(500) {
+            let mut c = redis::cmd("HSET");
+            c.arg(live_routes(&self.ns));
+            for (id, route) in batch {
+                c.arg(*id).arg(*route);
+            }
+            let _: Value = c.query_async(&mut conn).await.map_err(unavailable)?;
+        }
         let mut indexed = 0;
         for chain in chains_to_scan {
             let mut from = 0;

@@ -701,6 +701,32 @@ async fn a_live_session_whose_route_key_ran_out_is_still_found_and_revoked() {
         .unwrap();
     assert_eq!(routes, 0, "an ended session leaves the live routes");
 
+    // A session started before the live routes existed (its entry
+    // missing) is listed there again by `rebuild_indexes`.
+    let w2 = World::new();
+    let (start, _) = w2.begin(&w2.agent(1), &w2.customer(1, "t1"), started_at);
+    let StartOutcome::Started { session: older, .. } = store.start(start).await.unwrap() else {
+        panic!("refused")
+    };
+    for (cmd, key) in [
+        ("HDEL", format!("{ns}:live:routes")),
+        ("DEL", format!("{ns}:where:{}", older.id)),
+    ] {
+        let mut c = redis::cmd(cmd);
+        c.arg(&key);
+        if cmd == "HDEL" {
+            c.arg(older.id.to_string());
+        }
+        let removed: u32 = c.query_async(&mut conn).await.unwrap();
+        assert_eq!(removed, 1, "{cmd} {key}");
+    }
+    assert_eq!(store.session(older.id).await.unwrap(), None, "lost");
+    store.rebuild_indexes(&[]).await.unwrap();
+    assert_eq!(
+        store.session(older.id).await.unwrap().map(|s| s.id),
+        Some(older.id)
+    );
+
     // An id nobody knows costs two lookups, whatever the number of live
     // sessions: no scan.
     let before = commandstats(&mut conn).await;
