@@ -153,7 +153,7 @@ async fn start(req: Request) -> Response {
             }
         };
     if !check.verify(&form.csrf) {
-        return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
+        return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
     }
     let Ok(target) = UserId::new(form.target.trim()) else {
         return text(StatusCode::BAD_REQUEST, "invalid target".into());
@@ -208,6 +208,11 @@ async fn start(req: Request) -> Response {
     replace_csrf_token(&mut res, settings);
     res
 }
+
+/// A start or stop whose CSRF check failed: most often a form shown
+/// before the browser's identity changed (a start, a stop, a session
+/// that ended), seldom an attack.
+const FORM_REFUSED: &str = "refused: this form is out of date (it was shown before an impersonation started or ended; reload the page and try again) or was sent from another site";
 
 /// How long the browser keeps a session's cookie past the longest the
 /// session could last.
@@ -270,7 +275,7 @@ async fn stop(req: Request) -> Response {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
     if !check.verify(&form.csrf) {
-        return text(StatusCode::FORBIDDEN, "cross-site request refused".into());
+        return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
     }
     // No session cookie: nothing to stop (the browser let go of it), and
     // the agent is sent on as for a stop.

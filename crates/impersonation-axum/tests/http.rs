@@ -779,9 +779,24 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
     let reply = post_settings(&mut sam, &olives_form).await;
     assert_eq!(reply.body, "saved for olive");
 
-    // Olive's form, posted after the stop: refused.
+    // Olive's form, posted after the stop: refused. (The SDK's own routes
+    // say why in words a person can act on.)
     sam.stop().await;
     assert_ne!(sam.csrf(), olives_form);
+    let stale_stop = sam
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            Some(format!("csrf={olives_form}")),
+            &[("origin", "https://app.example")],
+        )
+        .await;
+    assert_eq!(stale_stop.status, StatusCode::FORBIDDEN);
+    assert!(
+        stale_stop.body.contains("out of date"),
+        "{}",
+        stale_stop.body
+    );
     let reply = post_settings(&mut sam, &olives_form).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
 

@@ -276,7 +276,7 @@ fn bad_csrf(v: &Viewer, demo: &Demo) -> Response {
         demo,
         StatusCode::FORBIDDEN,
         "Form expired",
-        "This form's security token did not match. Reload the page and try again.",
+        "This form is out of date: it was shown before an impersonation started or ended (in this tab or another). Reload the page and try again.",
     )
 }
 
