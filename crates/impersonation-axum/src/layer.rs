@@ -720,6 +720,21 @@ where
                             plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
                         if cookie_session {
                             set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
+                            // The browser acts as the agent from here: the
+                            // customer's open forms lose their token, as
+                            // when a request brings the dead cookie (the
+                            // same derivation, so both arrive at one token).
+                            if !csrf.is_empty() {
+                                let next = derived_token(
+                                    b"rotation",
+                                    &csrf,
+                                    state.secret.as_ref().map(SessionSecret::hash),
+                                );
+                                set_cookie(
+                                    &mut res,
+                                    &settings.cookie(settings.csrf_cookie(), next, false),
+                                );
+                            }
                         }
                         return Ok(res);
                     }

@@ -723,10 +723,17 @@ async fn a_session_ended_by_another_process_is_not_served_on_the_next_request() 
 
     // Within the reuse interval this process still knows the session as
     // active, but the audit write checks the store: the page is withheld.
+    let olives_form = sam.csrf();
     let page = sam.get("/").await;
     assert_eq!(page.status, StatusCode::UNAUTHORIZED);
     assert_eq!(page.body, "impersonation session ended");
     assert_eq!(sam.secret(), None, "the cookie is cleared");
+    // And the customer's forms lose their token with it: posted now, with
+    // no cookie left to show the session ended, they would run as the
+    // agent.
+    assert_ne!(sam.csrf(), olives_form);
+    let reply = post_settings(&mut sam, &olives_form).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
     assert_eq!(
         events(&f).await.len(),
         before,
