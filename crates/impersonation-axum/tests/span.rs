@@ -14,11 +14,50 @@ use axum::middleware::{Next, from_fn};
 use axum::routing::get;
 use impersonation_axum::{EffectiveUser, ImpersonationLayer};
 use impersonation_core::{
-    Impersonation, MemoryDirectory, MemoryStore, Principal, Requester, StartRequest, TenantId,
-    UserId,
+    Impersonation, MemoryDirectory, MemoryStore, Principal, Requester, StartRequest, Started,
+    Store, TenantId, UserId,
 };
 use tower::ServiceExt;
 use tracing_subscriber::layer::SubscriberExt;
+
+/// A span's or event's fields, each as its `Debug` text.
+#[derive(Default)]
+struct Fields(BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+/// Sam, an agent, and Olive, a customer, both holding `permission`, in a
+/// directory.
+fn sam_and_olive(permission: &str) -> (Principal, Principal, MemoryDirectory) {
+    let tenant = TenantId::new("t").unwrap();
+    let sam = Principal::new(UserId::new("sam").unwrap(), "Sam", tenant.clone())
+        .with_permissions(["impersonation:start", permission]);
+    let olive = Principal::new(UserId::new("olive").unwrap(), "Olive", tenant)
+        .with_permissions([permission]);
+    let directory = MemoryDirectory::new();
+    directory.insert(sam.clone());
+    directory.insert(olive.clone());
+    (sam, olive, directory)
+}
+
+/// Sam starts impersonating Olive.
+async fn sam_on_olive<S: Store>(
+    service: &Impersonation<S, MemoryDirectory>,
+    sam: &Principal,
+    olive: &Principal,
+) -> Started {
+    service
+        .start(
+            Requester::User(sam),
+            StartRequest::new(olive.id.clone(), "Bookings page is empty"),
+        )
+        .await
+        .unwrap()
+}
 
 /// Records the fields of every span named `impersonation.request`.
 #[derive(Clone, Default)]
@@ -31,16 +70,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanFields {
         _: &tracing::span::Id,
         _: tracing_subscriber::layer::Context<'_, S>,
     ) {
-        struct Visit(BTreeMap<String, String>);
-        impl tracing::field::Visit for Visit {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                self.0.insert(field.name().to_owned(), format!("{value:?}"));
-            }
-        }
         if attrs.metadata().name() == "impersonation.request" {
-            let mut visit = Visit(BTreeMap::new());
-            attrs.record(&mut visit);
-            self.0.lock().unwrap().push(visit.0);
+            let mut fields = Fields::default();
+            attrs.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
         }
     }
 }
@@ -50,22 +83,9 @@ async fn the_request_span_names_agent_subject_and_session() {
     let spans = SpanFields::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
-    let tenant = TenantId::new("t").unwrap();
-    let sam = Principal::new(UserId::new("sam").unwrap(), "Sam", tenant.clone())
-        .with_permissions(["impersonation:start", "bookings:read"]);
-    let olive = Principal::new(UserId::new("olive").unwrap(), "Olive", tenant)
-        .with_permissions(["bookings:read"]);
-    let directory = MemoryDirectory::new();
-    directory.insert(sam.clone());
-    directory.insert(olive.clone());
+    let (sam, olive, directory) = sam_and_olive("bookings:read");
     let service = Impersonation::new(MemoryStore::new(), directory);
-    let started = service
-        .start(
-            Requester::User(&sam),
-            StartRequest::new(olive.id.clone(), "Bookings page is empty"),
-        )
-        .await
-        .unwrap();
+    let started = sam_on_olive(&service, &sam, &olive).await;
     let agent = sam.clone();
     let app = Router::new()
         .route(
@@ -109,16 +129,10 @@ struct Errors(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Visit(BTreeMap<String, String>);
-        impl tracing::field::Visit for Visit {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                self.0.insert(field.name().to_owned(), format!("{value:?}"));
-            }
-        }
         if *event.metadata().level() == tracing::Level::ERROR {
-            let mut visit = Visit(BTreeMap::new());
-            event.record(&mut visit);
-            self.0.lock().unwrap().push(visit.0);
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
         }
     }
 }
@@ -132,23 +146,10 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
     let errors = Errors::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
-    let tenant = TenantId::new("t").unwrap();
-    let sam = Principal::new(UserId::new("sam").unwrap(), "Sam", tenant.clone())
-        .with_permissions(["impersonation:start", "bookings:write"]);
-    let olive = Principal::new(UserId::new("olive").unwrap(), "Olive", tenant)
-        .with_permissions(["bookings:write"]);
-    let directory = MemoryDirectory::new();
-    directory.insert(sam.clone());
-    directory.insert(olive.clone());
+    let (sam, olive, directory) = sam_and_olive("bookings:write");
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let service = Impersonation::new(Arc::clone(&store), directory);
-    let started = service
-        .start(
-            Requester::User(&sam),
-            StartRequest::new(olive.id.clone(), "Bookings page is empty"),
-        )
-        .await
-        .unwrap();
+    let started = sam_on_olive(&service, &sam, &olive).await;
     let app = Router::new()
         .route(
             "/bookings/{id}",

@@ -98,6 +98,17 @@ fn fixture_with<S: Store>(store: S, policy: Policy, config: Config) -> Fixture<S
     }
 }
 
+/// Two services on one store and clock: two processes of the same app.
+fn two_processes() -> (
+    Fixture<Arc<MemoryStore>>,
+    Impersonation<Arc<MemoryStore>, MemoryDirectory>,
+) {
+    let store = Arc::new(MemoryStore::new());
+    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
+    let other = Impersonation::new(store, f.directory.clone()).with_clock(f.clock.clone());
+    (f, other)
+}
+
 fn fixture() -> Fixture<MemoryStore> {
     fixture_with(MemoryStore::new(), Policy::default(), Config::default())
 }
@@ -627,10 +638,7 @@ async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval()
 #[tokio::test]
 async fn an_end_made_by_another_process_refuses_the_next_audited_read() {
     // Two services on one store: two processes of the same app.
-    let store = Arc::new(MemoryStore::new());
-    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
-    let other =
-        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let (f, other) = two_processes();
     let started = f.sam_on_olive().await;
     let ctx = f.service.resolve(&started.secret).await.unwrap();
     other.stop(&started.secret, &agent("sam")).await.unwrap();
@@ -668,10 +676,7 @@ async fn an_end_made_by_another_process_refuses_the_next_audited_read() {
 /// always reads the store, and an end made here is seen at once.
 #[tokio::test]
 async fn a_session_named_by_id_is_reused_for_reads_only() {
-    let store = Arc::new(MemoryStore::new());
-    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
-    let other =
-        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let (f, other) = two_processes();
     let started = f.sam_on_olive().await;
     let id = started.session.id;
     let ctx = f.service.resolve_session_reusing(id).await.unwrap();
@@ -944,10 +949,7 @@ async fn admit_asks_before_a_change_and_only_a_read_only_session_is_refused() {
 /// after the end), not a store failure.
 #[tokio::test]
 async fn a_read_only_refusal_in_a_session_ended_elsewhere_is_unauthenticated() {
-    let store = Arc::new(MemoryStore::new());
-    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
-    let other = Impersonation::new(Arc::clone(&store), f.service.directory().clone())
-        .with_clock(f.clock.clone());
+    let (f, other) = two_processes();
     let started = f
         .service
         .start(Requester::User(&agent("sam")), req("olive").read_only())
@@ -1029,10 +1031,7 @@ async fn a_refused_revoke_all_for_a_customer_names_the_customer() {
 async fn a_completed_change_stays_on_the_trail_when_its_session_ended_meanwhile() {
     // Two services on one store: the other process ends the session while
     // this one's handler runs.
-    let store = Arc::new(MemoryStore::new());
-    let f = fixture_with(Arc::clone(&store), Policy::default(), Config::default());
-    let other =
-        Impersonation::new(Arc::clone(&store), f.directory.clone()).with_clock(f.clock.clone());
+    let (f, other) = two_processes();
     let started = f.sam_on_olive().await;
     let ctx = f.service.resolve_fresh(&started.secret).await.unwrap();
     f.service

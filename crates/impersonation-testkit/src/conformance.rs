@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use impersonation_core::{
     Actor, AppendGuard, AuditAction, AuditDraft, AuditEvent, AuditQuery, ChainKey, Details,
-    EndReason, LiveFilter, Order, Policy, Principal, Session, SessionState, StartOutcome, Store,
-    StoreError, Touch, UserId, verify_chain,
+    EndReason, LiveFilter, Order, Policy, Principal, Session, SessionId, SessionSecret,
+    SessionState, StartOutcome, Store, StoreError, Touch, UserId, verify_chain,
 };
-use time::Duration;
+use time::{Duration, OffsetDateTime};
 
 use crate::world::{World, epoch};
 
@@ -294,6 +294,24 @@ pub async fn find_by_secret_finds_only_by_hash<S: Store>(store: S) {
     );
 }
 
+/// `find_by_secret` with the idle touch at `now`: the record as before it.
+async fn touch<S: Store>(
+    store: &S,
+    secret: &SessionSecret,
+    now: OffsetDateTime,
+    coalesce: Duration,
+) -> Option<Session> {
+    store
+        .find_by_secret(&secret.lookup(), Some(Touch { now, coalesce }))
+        .await
+        .unwrap()
+}
+
+/// When the stored session was last seen.
+async fn last_seen<S: Store>(store: &S, id: SessionId) -> OffsetDateTime {
+    store.session(id).await.unwrap().unwrap().last_seen_at
+}
+
 /// A session that never idles (an idle timeout as long as a `Duration`
 /// goes) is found and touched like any other: nothing in the store's
 /// arithmetic on its times overflows.
@@ -303,19 +321,9 @@ pub async fn a_session_that_never_idles_is_found_and_touched<S: Store>(store: S)
     let (start, secret) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
     let (session, _) = must_start(&store, start).await;
     let t1 = epoch() + Duration::seconds(30);
-    let found = store
-        .find_by_secret(
-            &secret.lookup(),
-            Some(Touch {
-                now: t1,
-                coalesce: Duration::seconds(10),
-            }),
-        )
-        .await
-        .unwrap();
+    let found = touch(&store, &secret, t1, Duration::seconds(10)).await;
     assert_eq!(found.map(|s| s.id), Some(session.id));
-    let touched = store.session(session.id).await.unwrap().unwrap();
-    assert_eq!(touched.last_seen_at, t1);
+    assert_eq!(last_seen(&store, session.id).await, t1);
 }
 
 /// A touch is coalesced at most half the session's own idle timeout,
@@ -326,23 +334,16 @@ pub async fn a_touch_is_coalesced_at_most_half_the_idle_timeout<S: Store>(store:
     let policy = w.policy.clone().idle_timeout(Duration::minutes(10));
     let (start, secret) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
     let (session, _) = must_start(&store, start).await;
-    let touch = |minutes| Touch {
-        now: epoch() + Duration::minutes(minutes),
-        coalesce: Duration::hours(1),
-    };
-    store
-        .find_by_secret(&secret.lookup(), Some(touch(4)))
-        .await
-        .unwrap();
-    let stored = store.session(session.id).await.unwrap().unwrap();
-    assert_eq!(stored.last_seen_at, epoch(), "4 minutes: within half of 10");
-    store
-        .find_by_secret(&secret.lookup(), Some(touch(6)))
-        .await
-        .unwrap();
-    let stored = store.session(session.id).await.unwrap().unwrap();
+    let at = |minutes| epoch() + Duration::minutes(minutes);
+    touch(&store, &secret, at(4), Duration::hours(1)).await;
     assert_eq!(
-        stored.last_seen_at,
+        last_seen(&store, session.id).await,
+        epoch(),
+        "4 minutes: within half of 10"
+    );
+    touch(&store, &secret, at(6), Duration::hours(1)).await;
+    assert_eq!(
+        last_seen(&store, session.id).await,
         epoch() + Duration::minutes(6),
         "6 minutes: past half of 10, touched although an hour was asked"
     );
@@ -354,16 +355,8 @@ pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
     let (session, _) = must_start(&store, start).await;
     let t1 = epoch() + Duration::seconds(30);
-    let before = store
-        .find_by_secret(
-            &secret.lookup(),
-            Some(Touch {
-                now: t1,
-                coalesce: Duration::seconds(10),
-            }),
-        )
+    let before = touch(&store, &secret, t1, Duration::seconds(10))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         before.last_seen_at, session.last_seen_at,
@@ -377,46 +370,12 @@ pub async fn touch_updates_last_seen_and_is_coalesced<S: Store>(store: S) {
     );
     // Within the coalescing window: no write.
     let t2 = t1 + Duration::seconds(5);
-    store
-        .find_by_secret(
-            &secret.lookup(),
-            Some(Touch {
-                now: t2,
-                coalesce: Duration::seconds(10),
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session(session.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at,
-        t1
-    );
+    touch(&store, &secret, t2, Duration::seconds(10)).await;
+    assert_eq!(last_seen(&store, session.id).await, t1);
     // Past it: written.
     let t3 = t1 + Duration::seconds(10);
-    store
-        .find_by_secret(
-            &secret.lookup(),
-            Some(Touch {
-                now: t3,
-                coalesce: Duration::seconds(10),
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session(session.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at,
-        t3
-    );
+    touch(&store, &secret, t3, Duration::seconds(10)).await;
+    assert_eq!(last_seen(&store, session.id).await, t3);
 }
 
 /// A touch never revives an idle or expired session, nor touches a pending or ended one.
@@ -430,19 +389,10 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
         idle + Duration::seconds(1),
         session.expires_at + Duration::seconds(1),
     ] {
-        store
-            .find_by_secret(
-                &secret.lookup(),
-                Some(Touch {
-                    now,
-                    coalesce: Duration::ZERO,
-                }),
-            )
-            .await
-            .unwrap();
-        let stored = store.session(session.id).await.unwrap().unwrap();
+        touch(&store, &secret, now, Duration::ZERO).await;
         assert_eq!(
-            stored.last_seen_at, session.last_seen_at,
+            last_seen(&store, session.id).await,
+            session.last_seen_at,
             "touch at {now} revived a lapsed session"
         );
     }
@@ -451,50 +401,16 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
         .unwrap();
     store.transition(t).await.unwrap();
     let now = epoch() + Duration::seconds(1);
-    store
-        .find_by_secret(
-            &secret.lookup(),
-            Some(Touch {
-                now,
-                coalesce: Duration::ZERO,
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session(session.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at,
-        session.last_seen_at
-    );
+    touch(&store, &secret, now, Duration::ZERO).await;
+    assert_eq!(last_seen(&store, session.id).await, session.last_seen_at);
 
     let consent = Policy::default().consent(impersonation_core::Consent::Required {
         timeout: Duration::minutes(10),
     });
     let (pending, psecret) = w.begin_with(&consent, &w.agent(2), &w.customer(1, "t1"), epoch());
     let (pending, _) = must_start(&store, pending).await;
-    store
-        .find_by_secret(
-            &psecret.lookup(),
-            Some(Touch {
-                now,
-                coalesce: Duration::ZERO,
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session(pending.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at,
-        pending.last_seen_at
-    );
+    touch(&store, &psecret, now, Duration::ZERO).await;
+    assert_eq!(last_seen(&store, pending.id).await, pending.last_seen_at);
 }
 
 /// A guarded append needs an active session; an unguarded one always appends.
