@@ -179,6 +179,12 @@ fn derived_token(purpose: &[u8], old: &str, secret: Option<SecretHash>) -> Strin
     URL_SAFE_NO_PAD.encode(digest.finalize())
 }
 
+/// The token that replaces `old` once the session of `secret` is found
+/// ended: one derivation for every place that finds it, so they agree.
+fn ended_session_token(old: &str, secret: Option<&SessionSecret>) -> String {
+    derived_token(b"rotation", old, secret.map(SessionSecret::hash))
+}
+
 /// The layer. Build it with [`crate::ImpersonationLayer::new`].
 #[derive(Clone)]
 pub struct ImpersonationLayer {
@@ -280,7 +286,7 @@ fn sets_cookie(res: &Response, name: &str) -> bool {
         .any(|(set, _)| set.trim() == name)
 }
 
-fn set_cookie(res: &mut Response, cookie: &Cookie<'static>) {
+pub(crate) fn set_cookie(res: &mut Response, cookie: &Cookie<'static>) {
     if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
         res.headers_mut().append(header::SET_COOKIE, value);
     }
@@ -415,12 +421,7 @@ where
                             // is refused, never served as that person. (The
                             // SDK's stop answers it itself: 403, audited.)
                             Some(id) if id != c.agent().id => {
-                                let own = settings.own_route(
-                                    match req.extensions().get::<MatchedPath>() {
-                                        Some(m) => m.as_str(),
-                                        None => req.uri().path(),
-                                    },
-                                );
+                                let own = settings.own_route(route_of(req.extensions(), req.uri()));
                                 if !from_cookie && !own {
                                     tracing::warn!(
                                         session = %c.session(),
@@ -475,17 +476,9 @@ where
             }
             if clear_secret
                 && !csrf.is_empty()
-                && !settings.own_route(match req.extensions().get::<MatchedPath>() {
-                    Some(m) => m.as_str(),
-                    None => req.uri().path(),
-                })
+                && !settings.own_route(route_of(req.extensions(), req.uri()))
             {
-                csrf = derived_token(
-                    b"rotation",
-                    &csrf,
-                    kept_secret.as_ref().map(SessionSecret::hash),
-                )
-                .into();
+                csrf = ended_session_token(&csrf, kept_secret.as_ref()).into();
                 fresh_csrf = true;
                 req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
                 if is_change {
@@ -725,11 +718,7 @@ where
                             // when a request brings the dead cookie (the
                             // same derivation, so both arrive at one token).
                             if !csrf.is_empty() {
-                                let next = derived_token(
-                                    b"rotation",
-                                    &csrf,
-                                    state.secret.as_ref().map(SessionSecret::hash),
-                                );
+                                let next = ended_session_token(&csrf, state.secret.as_ref());
                                 set_cookie(
                                     &mut res,
                                     &settings.cookie(settings.csrf_cookie(), next, false),

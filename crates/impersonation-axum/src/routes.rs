@@ -12,7 +12,7 @@ use impersonation_core::{Context, Error, Principal, Requester, StartRequest, Use
 use serde::Deserialize;
 
 use crate::csrf::CsrfCheck;
-use crate::layer::{CsrfToken, Handle};
+use crate::layer::{CsrfToken, Handle, set_cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
@@ -202,9 +202,7 @@ async fn start(req: Request) -> Response {
         .min(MOST_COOKIE_AGE);
     cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
-    if let Ok(value) = header::HeaderValue::from_str(&cookie.to_string()) {
-        res.headers_mut().append(header::SET_COOKIE, value);
-    }
+    set_cookie(&mut res, &cookie);
     replace_csrf_token(&mut res, settings);
     res
 }
@@ -240,13 +238,7 @@ fn replace_csrf_token(res: &mut Response, settings: &crate::layer::Settings) {
         tracing::warn!("random source unavailable; the CSRF token is not replaced");
         return;
     };
-    if let Ok(value) = header::HeaderValue::from_str(
-        &settings
-            .cookie(settings.csrf_cookie(), token, false)
-            .to_string(),
-    ) {
-        res.headers_mut().append(header::SET_COOKIE, value);
-    }
+    set_cookie(res, &settings.cookie(settings.csrf_cookie(), token, false));
 }
 
 async fn stop(req: Request) -> Response {
@@ -294,11 +286,7 @@ async fn stop(req: Request) -> Response {
         Err(e) => return error(&e),
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
-    if let Ok(value) =
-        header::HeaderValue::from_str(&settings.removal(settings.secret_cookie()).to_string())
-    {
-        res.headers_mut().append(header::SET_COOKIE, value);
-    }
+    set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
     replace_csrf_token(&mut res, settings);
     res
 }
