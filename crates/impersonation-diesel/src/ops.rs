@@ -647,12 +647,15 @@ macro_rules! store_ops {
                     sql = sql.arg(hash.to_hex());
                 }
                 if touch_in_query {
-                    sql.push(
+                    // (`idle_us` in the coalescing is the session's: `prev`
+                    // has no such column.)
+                    sql.push(&format!(
                         "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
                          WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
-                         AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - LEAST(?, s.idle_us / 2) RETURNING s.id) \
+                         AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - {} RETURNING s.id) \
                          SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
-                    );
+                        d::COALESCE
+                    ));
                     // `idle_us` may be i64::MAX (never idle): the sums are
                     // written as differences, which cannot overflow BIGINT.
                     sql = sql.arg(now).arg(now).arg(now).arg(now).arg(coalesce);
