@@ -255,6 +255,15 @@ impl Ci {
     }
 }
 
+/// The fields of `/proc/<pid>/stat` after the process's name (state,
+/// parent, …) for the process directory `proc_dir`. The name may hold
+/// spaces and parentheses, so the fields are read after its last `)`.
+fn stat_fields(proc_dir: &std::path::Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Every process under `pid` (children, theirs, …), read from `/proc`.
 fn descendants(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
@@ -266,15 +275,8 @@ fn descendants(pid: u32) -> Vec<u32> {
         else {
             continue;
         };
-        // `pid (comm) state ppid …`: the name may hold spaces and
-        // parentheses, so the fields are read after its last `)`.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
+        let ppid = stat_fields(&entry.path())
+            .and_then(|fields| fields.get(1).and_then(|p| p.parse::<u32>().ok()));
         if let Some(ppid) = ppid {
             parents.push((child, ppid));
         }
@@ -390,11 +392,8 @@ mod tests {
 
     /// Whether `pid` is still running (not gone, not a zombie).
     fn running(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state != "Z")
-        })
+        stat_fields(std::path::Path::new(&format!("/proc/{pid}")))
+            .is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
     }
 
     /// A run past its deadline is stopped, with the processes it started.

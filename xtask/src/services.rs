@@ -522,6 +522,16 @@ fn postgres_start(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
+/// Has the cluster re-read its configuration (it only signals the server).
+fn pg_reload(sh: &Shell, version: &str) -> Result<()> {
+    cmd!(
+        sh,
+        "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
+    )
+    .run()?;
+    Ok(())
+}
+
 fn postgres_access(sh: &Shell) -> Result<&'static str> {
     const OK: &str = "database `test` reachable over TCP as postgres without password";
     // `runuser -u postgres` would warn that it cannot enter /work/...
@@ -542,11 +552,7 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
         {
             println!("postgresql: narrowing the trust line an earlier version added to {hba}");
             sh.write_file(&hba, format!("{PG_HBA_TRUST}{rest}"))?;
-            cmd!(
-                sh,
-                "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
-            )
-            .run()?;
+            pg_reload(sh, &version)?;
             sleep(Duration::from_millis(500));
         }
     }
@@ -581,11 +587,7 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
         );
         sh.write_file(&hba, format!("{PG_HBA_TRUST}{content}"))?;
     }
-    cmd!(
-        sh,
-        "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
-    )
-    .run()?;
+    pg_reload(sh, &version)?;
     // A reload only signals the server: give it a moment to re-read.
     let mut last = String::new();
     for _ in 0..20 {
