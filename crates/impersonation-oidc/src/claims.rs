@@ -32,8 +32,16 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for ActorClaim {
             _ => return Err("act.sub must be a non-empty string".into()),
         };
         let act = object.remove("act");
-        if act.as_ref().is_some_and(|prior| !prior.is_object()) {
-            return Err("a prior actor must be an object".into());
+        // Every prior actor down the chain is held to the same shape.
+        let mut prior = act.as_ref();
+        while let Some(actor) = prior {
+            let serde_json::Value::Object(actor) = actor else {
+                return Err("a prior actor must be an object".into());
+            };
+            if !matches!(actor.get("sub"), Some(serde_json::Value::String(s)) if !s.is_empty()) {
+                return Err("a prior actor's sub must be a non-empty string".into());
+            }
+            prior = actor.get("act");
         }
         Ok(Self { sub, act })
     }

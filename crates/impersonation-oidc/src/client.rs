@@ -189,14 +189,44 @@ impl ExchangeClient {
                 .map_err(|e| OidcError::Provider(format!("token response: {e}")));
         }
         match serde_json::from_slice::<ProviderError>(response.body()) {
+            // The provider's words reach the host's logs: printable ASCII
+            // only (as this crate's own refusals), and bounded.
             Ok(refusal) => Err(OidcError::Refused {
-                error: refusal.error,
-                description: refusal.error_description.unwrap_or_default(),
+                error: bounded(refusal.error),
+                description: bounded(refusal.error_description.unwrap_or_default()),
             }),
             Err(_) => Err(OidcError::Provider(format!(
                 "token endpoint answered {}",
                 response.status()
             ))),
         }
+    }
+}
+
+/// How much of a provider's `error` or `error_description` is kept.
+const MAX_PROVIDER_TEXT: usize = 512;
+
+/// A provider's refusal text, as this crate's own refusals are: printable
+/// ASCII only (no line break reaches a log line) and at most
+/// [`MAX_PROVIDER_TEXT`] characters.
+fn bounded(text: String) -> String {
+    let text = crate::error::printable(text);
+    match text.char_indices().nth(MAX_PROVIDER_TEXT) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A hostile provider's refusal can neither break a log line nor fill it.
+    #[test]
+    fn a_providers_refusal_text_is_printable_and_bounded() {
+        let forged = "invalid_grant\nlevel=INFO msg=\"all fine\"\u{1b}[2J".to_owned();
+        let kept = super::bounded(forged);
+        assert_eq!(kept, "invalid_grant?level=INFO msg=?all fine??[2J");
+        let long = super::bounded("é".repeat(2000));
+        assert_eq!(long, "?".repeat(super::MAX_PROVIDER_TEXT));
+        assert_eq!(super::bounded("ok".into()), "ok");
     }
 }

@@ -84,23 +84,28 @@ pub(crate) fn is_nqchar(c: char) -> bool {
     matches!(c, '!'..='~') && c != '"' && c != '\\'
 }
 
+/// `text` with every character RFC 6749 §5.2 does not allow in an error
+/// description (outside printable ASCII, `"` and `\\`) turned into `?`.
+pub(crate) fn printable(text: String) -> String {
+    let allowed = |c: char| c == ' ' || is_nqchar(c);
+    if text.chars().all(allowed) {
+        text
+    } else {
+        text.chars()
+            .map(|c| if allowed(c) { c } else { '?' })
+            .collect()
+    }
+}
+
 impl OAuthError {
     /// An error with a description. A description may quote what the
     /// client sent, so any character RFC 6749 §5.2 does not allow in one
     /// (outside printable ASCII, `"` and `\\`) becomes `?`: no line break
     /// or control character reaches the response or a log line.
     pub fn new(error: ErrorCode, description: impl Into<String>) -> Self {
-        let mut error_description = description.into();
-        let allowed = |c: char| c == ' ' || is_nqchar(c);
-        if !error_description.chars().all(allowed) {
-            error_description = error_description
-                .chars()
-                .map(|c| if allowed(c) { c } else { '?' })
-                .collect();
-        }
         Self {
             error,
-            error_description,
+            error_description: printable(description.into()),
         }
     }
 

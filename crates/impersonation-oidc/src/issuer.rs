@@ -477,9 +477,8 @@ impl Issuer {
         let mut start =
             StartRequest::new(target.clone(), request.reason.clone().unwrap_or_default());
         start.ticket = request.ticket.clone();
-        // A scope narrows the session to those permissions (the policy
-        // refuses one beyond the agent's), so the `scope` the token carries
-        // is what the session grants, never only what the client asked.
+        // A scope narrows the session to those permissions (with
+        // `no_escalation`, the policy refuses one beyond the agent's).
         if let Some(scope) = request.scope.as_deref() {
             start = start.scope(scope_tokens(scope)?);
         }
@@ -493,7 +492,20 @@ impl Issuer {
             .map_or(started.session.expires_at, |end| {
                 end.min(started.session.expires_at)
             });
-        let token = self.sign(
+        // The `scope` the token and the answer carry is what the session
+        // grants: the asked-for permissions the shadow user holds (the
+        // customer's, cut by the policy), never only what the client asked.
+        let scope = request.scope.as_ref().map(|_| {
+            let granted: Vec<&str> = started
+                .session
+                .shadow
+                .permissions()
+                .iter()
+                .map(|p| p.as_str())
+                .collect();
+            granted.join(" ")
+        });
+        let signed = self.sign(
             &target,
             &agent_id,
             &audiences,
@@ -501,8 +513,23 @@ impl Issuer {
             expires_at,
             started.session.id,
             &client.id,
-            request.scope.as_deref(),
-        )?;
+            scope.as_deref(),
+        );
+        let token = match signed {
+            Ok(token) => token,
+            Err(e) => {
+                // No client will ever hold this session: end it now rather
+                // than leave the agent refused new ones until it lapses.
+                if let Err(stop) = self.api.stop_session(started.session.id, &agent).await {
+                    tracing::warn!(
+                        impersonation.session = %started.session.id,
+                        error = %stop,
+                        "a session whose token could not be signed could not be ended"
+                    );
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(
             impersonation.agent = %agent_id,
             impersonation.subject = %target,
@@ -519,7 +546,7 @@ impl Issuer {
             issued_token_type,
             token_type: "Bearer",
             expires_in: (expires_at - now).whole_seconds().max(0),
-            scope: request.scope.as_deref(),
+            scope: scope.as_deref(),
         })
         .map_err(|e| oauth(ErrorCode::TemporarilyUnavailable, e.to_string()))
     }

@@ -247,8 +247,10 @@ impl ExchangeRequest {
             && t != ACCESS_TOKEN_TYPE
             && t != JWT_TOKEN_TYPE
         {
+            // Not echoed: a client that put a token in the wrong field
+            // would find it in the answer and the log.
             return Err(invalid(format!(
-                "`requested_token_type` `{t}` is not issued here"
+                "`requested_token_type`: only `{ACCESS_TOKEN_TYPE}` and `{JWT_TOKEN_TYPE}` are issued here"
             )));
         }
         let form_client = take("client_id").map(|id| (id, take("client_secret")));
@@ -406,6 +408,26 @@ mod tests {
         }
         assert!(ClientCredentials::from_basic(&format!("Bearer {encoded}")).is_err());
         assert!(ClientCredentials::from_basic("Basic").is_err());
+    }
+
+    /// A token put in `requested_token_type` by mistake stays out of the
+    /// refusal (which reaches the client and the log).
+    #[test]
+    fn an_unknown_requested_token_type_is_not_echoed() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0.c2ln";
+        let body = format!(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange\
+             &requested_subject=olive&actor_token=a.b.c\
+             &actor_token_type={}&requested_token_type={token}",
+            ACCESS_TOKEN_TYPE.replace(':', "%3A"),
+        );
+        let refused = super::ExchangeRequest::parse(body.as_bytes()).unwrap_err();
+        assert_eq!(refused.error, crate::ErrorCode::InvalidRequest);
+        assert!(refused.error_description.contains("requested_token_type"));
+        assert!(
+            !refused.error_description.contains("c2VjcmV0"),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -161,7 +161,11 @@ async fn discovery_names_the_endpoints_and_the_one_algorithm() {
 async fn a_scope_narrows_the_session_and_is_checked() {
     let (op, provider) = forged_provider();
     let directory = directory();
-    directory.insert(agent("sam").with_permission("bookings:write"));
+    directory.insert(
+        agent("sam")
+            .with_permission("bookings:write")
+            .with_permission("reports:export"),
+    );
     directory.insert(customer("olive").with_permission("bookings:write"));
     let service = Arc::new(Impersonation::new(MemoryStore::new(), directory));
     let url = format!("http://127.0.0.1:{}", free_port());
@@ -190,8 +194,13 @@ async fn a_scope_narrows_the_session_and_is_checked() {
         assert_eq!(error["error"], "invalid_scope", "{refused:?}: {error}");
     }
 
+    // The agent may export reports, the customer may not: the session
+    // grants what both hold, and the token and the answer say so.
     let answer = issuer
-        .exchange(Some(&basic), with_scope("bookings:read").as_bytes())
+        .exchange(
+            Some(&basic),
+            with_scope("bookings:read reports:export").as_bytes(),
+        )
         .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();

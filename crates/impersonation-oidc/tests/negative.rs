@@ -576,6 +576,18 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
             resign(&|_, p| p["act"] = nested.clone()),
         ),
         (
+            "a prior actor two down that is not an object",
+            resign(&|_, p| p["act"]["act"] = json!({"sub": "lee", "act": "x"})),
+        ),
+        (
+            "a prior actor two down without a sub",
+            resign(&|_, p| p["act"]["act"] = json!({"sub": "lee", "act": [1]})),
+        ),
+        (
+            "a prior actor with an empty sub",
+            resign(&|_, p| p["act"]["act"] = json!({"sub": ""})),
+        ),
+        (
             "no sid",
             resign(&|_, p| {
                 p.as_object_mut().unwrap().remove("sid");
