@@ -10,6 +10,20 @@ mod conformance {
     });
 }
 
+/// The suite's promise to adapter authors: a factory may hand every case
+/// the same database. Here every case gets one shared store (clones of a
+/// `MemoryStore` share their state), and the cases run one after another
+/// on it, each meeting the rows of the ones before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_passes_on_one_shared_store() {
+    let shared = MemoryStore::new();
+    impersonation_testkit::conformance::run_all(|| {
+        let store = shared.clone();
+        async move { store }
+    })
+    .await;
+}
+
 #[test]
 fn state_machine_invariants_hold_on_the_memory_store() {
     let cases = std::env::var("IMPERSONATION_MACHINE_CASES")
