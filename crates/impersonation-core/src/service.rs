@@ -1320,6 +1320,80 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .await
     }
 
+    /// Ends, each with its audit event, every live session whose time is
+    /// up (expired, idle too long, or a consent request unanswered) that
+    /// no request came along to end. Answers the sessions it found lapsed
+    /// and that are ended now.
+    ///
+    /// A lapsed session refuses every request whether or not this runs;
+    /// what it adds is the trail's end event, on time, for a session its
+    /// agent walked away from (a closed tab, a token never used again),
+    /// and stores that expire their own keys (Redis: the session's end of
+    /// validity plus the retention) need it to run within that retention
+    /// for the end event to be written at all. Host code runs it every
+    /// minute or so (a `tokio::time::interval` task, a cron job).
+    ///
+    /// A failure on one session does not stop the others; the first is
+    /// returned once every session has been tried.
+    pub async fn end_lapsed(&self) -> Result<Vec<SessionId>, Error> {
+        let span = tracing::info_span!("impersonation.end_lapsed");
+        async {
+            let mut ended = Vec::new();
+            let mut failed = None;
+            for listed in self.store.live_sessions(&LiveFilter::default()).await? {
+                // The listing may be older than a touch, never newer: a
+                // session it shows live in time is, and one it shows
+                // lapsed is judged again on the store's record.
+                if listed.lapse_at(self.now()).is_none() {
+                    continue;
+                }
+                let mut current = match self.store.session(listed.id).await {
+                    Ok(Some(session)) => session,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        failed.get_or_insert(e.into());
+                        continue;
+                    }
+                };
+                for attempt in 1..=CHANGED_RETRIES {
+                    if matches!(current.state, SessionState::Ended(_)) {
+                        break;
+                    }
+                    let Some(lapse) = current.lapse_at(self.now()) else {
+                        break;
+                    };
+                    match self
+                        .try_end(&current, lapse, Actor::System, Details::new())
+                        .await
+                    {
+                        Ok(Ending::Ended(_)) => ended.push(current.id),
+                        Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => {
+                            current = *now;
+                            continue;
+                        }
+                        Ok(Ending::Changed(now)) => {
+                            failed.get_or_insert(Error::Store(StoreError::Conflict(now.id)));
+                        }
+                        Ok(Ending::Gone) => {}
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                    break;
+                }
+            }
+            if !ended.is_empty() {
+                tracing::info!(count = ended.len(), "lapsed impersonation sessions ended");
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(ended),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn pending_for(
         &self,
         session: SessionId,

@@ -333,6 +333,48 @@ async fn an_admin_may_revoke_any_session_and_others_may_not() {
     ));
 }
 
+/// `end_lapsed` writes the end of a session its agent walked away from, as
+/// it lapsed and by the system; a session still in time is left alone,
+/// and a second sweep finds nothing more to end.
+#[tokio::test]
+async fn end_lapsed_ends_only_the_sessions_whose_time_is_up() {
+    let f = fixture();
+    let sam = f.sam_on_olive().await;
+    f.clock.advance(Duration::minutes(10));
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    assert_eq!(f.service.end_lapsed().await.unwrap(), []);
+    // Sam's session idles out at 15 minutes; Kim's (started at 10) not yet.
+    f.clock.advance(Duration::minutes(6));
+    assert_eq!(f.service.end_lapsed().await.unwrap(), [sam.session.id]);
+    let end = session_events(&f, sam.session.id).await.pop().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+    assert_eq!(end.actor, impersonation_core::Actor::System);
+    assert_eq!(session_events(&f, kim.session.id).await.len(), 1);
+    f.service.resolve(&kim.secret).await.unwrap();
+    assert_eq!(f.service.end_lapsed().await.unwrap(), []);
+    // Kept in use, Kim's session runs to its maximum duration.
+    for _ in 0..5 {
+        f.clock.advance(Duration::minutes(10));
+        f.service.resolve(&kim.secret).await.unwrap();
+    }
+    f.clock.advance(Duration::minutes(10));
+    assert_eq!(f.service.end_lapsed().await.unwrap(), [kim.session.id]);
+    let end = session_events(&f, kim.session.id).await.pop().unwrap();
+    assert_eq!(end.details.get("reason"), Some("expired"));
+    assert_eq!(f.service.end_lapsed().await.unwrap(), []);
+    assert!(matches!(
+        f.service.resolve(&sam.secret).await,
+        Err(Error::Ended(EndReason::IdleTimeout))
+    ));
+}
+
 /// A stop or revocation that comes after a session's time was up (no
 /// request came along to end it) ends it as it lapsed: the trail says it
 /// idled out or expired, by the system, not that a person ended a session

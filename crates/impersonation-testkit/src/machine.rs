@@ -1,5 +1,6 @@
 //! The state-machine property test: random sequences of start / stop /
-//! resolve / record / revoke / consent / clock moves / directory changes from
+//! resolve / record / revoke / consent / lapse sweeps / clock moves /
+//! directory changes from
 //! several agents, run against the real service on any store, checked
 //! against a reference model after every step.
 //!
@@ -147,6 +148,8 @@ pub enum Op {
         /// Yes or no.
         grant: bool,
     },
+    /// Host code ends every lapsed session (`Impersonation::end_lapsed`).
+    EndLapsed,
     /// The clock moves.
     Advance {
         /// Seconds.
@@ -183,6 +186,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (agent, any::<bool>()).prop_map(|(agent, grant)| Op::Consent { agent, grant }),
         4 => prop_oneof![0..120_i64, 300..1_200_i64, Just(3_600_i64)].prop_map(|secs| Op::Advance { secs }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
+        1 => Just(Op::EndLapsed),
     ]
 }
 
@@ -420,6 +424,34 @@ impl<S: Store> Case<S> {
                 Ok(())
             }
             Op::Consent { agent, grant } => self.consent(agent, grant).await,
+            Op::EndLapsed => {
+                let ended = self
+                    .service
+                    .end_lapsed()
+                    .await
+                    .map_err(|e| fail(format!("end_lapsed: {e}")))?;
+                // The store may hold other cases' sessions (one database for
+                // all of them): of this case's, exactly the lapsed ones end.
+                let now = self.now();
+                for agent in 0..3 {
+                    let Some((s, _)) = self.latest.get(&agent) else {
+                        continue;
+                    };
+                    let (id, lapse) = (s.id, lapse_of(s, now).filter(|_| s.state.is_live()));
+                    prop_assert_eq!(
+                        ended.contains(&id),
+                        lapse.is_some(),
+                        "end_lapsed and agent {}'s session {} (lapse {:?})",
+                        agent,
+                        id,
+                        lapse
+                    );
+                    if let Some(lapse) = lapse {
+                        self.end_model(agent, lapse);
+                    }
+                }
+                Ok(())
+            }
             Op::Advance { secs } => {
                 self.clock.advance(Duration::seconds(secs));
                 Ok(())
@@ -732,7 +764,7 @@ impl<S: Store> Case<S> {
     async fn check_invariants(&self) -> Result<(), TestCaseError> {
         let store = self.service.store();
         let mut events: Vec<AuditEvent> = Vec::new();
-        for agent in &self.agents {
+        for (index, agent) in self.agents.iter().enumerate() {
             let chain = ChainKey::for_agent(&agent.id);
             let chain_events = whole_chain(store, &chain).await;
             let head = store
@@ -754,6 +786,22 @@ impl<S: Store> Case<S> {
                 "invariant 3: agent {} has {} live sessions",
                 agent.id,
                 live.len()
+            );
+            // And exactly the model's: its latest session while that is
+            // live (pending or active, lapsed by the clock or not), else none.
+            let listed: Vec<SessionId> = live.iter().map(|s| s.id).collect();
+            let expected: Vec<SessionId> = self
+                .latest
+                .get(&index)
+                .filter(|(model, _)| model.state.is_live())
+                .map(|(model, _)| model.id)
+                .into_iter()
+                .collect();
+            prop_assert_eq!(
+                listed,
+                expected,
+                "invariant 3: agent {}'s live sessions differ from the model's",
+                agent.id
             );
             events.extend(chain_events);
         }

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use campground_demo::{Demo, StoreKind, seed, walkthrough};
@@ -111,6 +112,19 @@ async fn run() -> Result<()> {
         server.abort();
         return result;
     }
+
+    // A session whose agent walked away gets its end on the trail within
+    // a minute of lapsing, not only when someone next uses it.
+    let sweeper = Arc::clone(demo.service());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            if let Err(e) = sweeper.end_lapsed().await {
+                tracing::warn!(error = %e, "could not end lapsed impersonation sessions");
+            }
+        }
+    });
 
     println!("Campground Cloud (impersonation SDK demo) is running.");
     println!();
