@@ -165,13 +165,17 @@ impl RedisConfig {
     }
 
     /// How long a session's keys outlive its end of validity (default one
-    /// day): ended sessions answer "ended" rather than "unknown" meanwhile.
-    /// The audit chains never expire. A negative retention is refused: it
-    /// would expire a live session's keys before the session.
+    /// day, at least [`MIN_RETENTION`]): ended sessions answer "ended"
+    /// rather than "unknown" meanwhile, and a session nobody came back to
+    /// is still there for `Impersonation::end_lapsed` to write its end
+    /// event. The audit chains never expire. A shorter retention is
+    /// refused: a negative one would expire a live session's keys before
+    /// the session, and with none the keys of a session that lapsed go
+    /// at once, before any sweep can record how it ended.
     pub fn retention(mut self, retention: Duration) -> Result<Self, RedisStoreError> {
-        if retention.is_negative() {
+        if retention < MIN_RETENTION {
             return Err(RedisStoreError::Config(format!(
-                "negative retention ({retention})"
+                "retention {retention} is under the minimum of {MIN_RETENTION}"
             )));
         }
         self.retention = retention;
@@ -282,6 +286,9 @@ impl std::fmt::Debug for RedisStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The shortest [`RedisConfig::retention`] accepted: five minutes.
+pub const MIN_RETENTION: Duration = Duration::minutes(5);
 
 /// Batched calls in flight at once, per kind (see [`Store::batching`]): one
 /// measured best, since calls share the multiplexed connection and a
@@ -1862,12 +1869,17 @@ mod tests {
     }
 
     /// A negative retention would give a live session's keys a TTL shorter
-    /// than the session (1 ms, at the floor): refused when configured.
+    /// than the session (1 ms, at the floor), and a zero one would drop a
+    /// lapsed session's keys before its end is recorded: anything under
+    /// the minimum is refused when configured.
     #[test]
-    fn a_negative_retention_is_refused() {
+    fn a_retention_under_the_minimum_is_refused() {
         let config = || RedisConfig::new("redis://127.0.0.1:6379").unwrap();
         assert!(config().retention(time::Duration::hours(-2)).is_err());
-        assert!(config().retention(time::Duration::ZERO).is_ok());
+        assert!(config().retention(time::Duration::ZERO).is_err());
+        let just_under = super::MIN_RETENTION - time::Duration::milliseconds(1);
+        assert!(config().retention(just_under).is_err());
+        assert!(config().retention(super::MIN_RETENTION).is_ok());
         assert!(config().retention(time::Duration::days(7)).is_ok());
     }
 
