@@ -245,7 +245,11 @@ impl DieselConfig {
         self
     }
 
-    /// SQLite: how long a writer waits for another writer's lock.
+    /// How long a write waits for a lock another writer holds before it
+    /// fails (default 5 s): SQLite's `busy_timeout`, PostgreSQL's
+    /// `lock_timeout`, MySQL and MariaDB's `innodb_lock_wait_timeout`
+    /// (whole seconds, rounded up). A writer that died holding a lock
+    /// then costs a failed write, not a connection stuck for hours.
     #[must_use]
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
@@ -350,9 +354,18 @@ mod pg_setup {
     pub(crate) async fn establish(
         url: String,
         schema: Option<String>,
+        lock_timeout: std::time::Duration,
         counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<AsyncPgConnection> {
         let mut conn = AsyncPgConnection::establish(&url).await?;
+        // A write waits this long for a lock another connection holds (a
+        // host that died mid-transaction holds its locks until TCP notices,
+        // hours): past it the write fails closed instead of taking a pooled
+        // connection with it. PostgreSQL's own default is to wait forever.
+        let ms = lock_timeout.as_millis().max(1);
+        conn.batch_execute(&format!("SET lock_timeout = '{ms}ms'"))
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
         if let Some(schema) = schema {
             // The schema name was validated: letters, digits and `_` only.
             conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
@@ -371,6 +384,7 @@ mod mysql_setup {
 
     pub(crate) async fn establish(
         url: String,
+        lock_timeout: std::time::Duration,
         counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<AsyncMysqlConnection> {
         let url = match url.strip_prefix("mariadb://") {
@@ -381,6 +395,12 @@ mod mysql_setup {
         // Read committed: plain reads see the latest commit, and InnoDB takes
         // no gap locks that could deadlock concurrent appends.
         conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        // As on PostgreSQL, a bounded wait for another writer's row lock
+        // (InnoDB counts whole seconds; its default is 50).
+        let secs = lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        conn.batch_execute(&format!("SET SESSION innodb_lock_wait_timeout = {secs}"))
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
         super::instrument(&mut conn, &counter);
@@ -595,6 +615,11 @@ fn task_error(e: tokio::task::JoinError) -> OpError {
     )))
 }
 
+/// How long a migration waits for a lock (another replica migrating, the
+/// app's own writes): five minutes.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Attempts of a write that hit a deadlock, serialisation failure or busy database.
 const WRITE_ATTEMPTS: u32 = 6;
 
@@ -621,11 +646,13 @@ impl DieselStore {
             #[cfg(feature = "postgres")]
             BackendKind::Postgres => {
                 let (schema, counter) = (config.schema.clone(), config.counter.clone());
+                let lock_timeout = config.busy_timeout;
                 let pool =
                     build_pool!(diesel_async::AsyncPgConnection, config, move |url: &str| {
                         Box::pin(pg_setup::establish(
                             url.to_owned(),
                             schema.clone(),
+                            lock_timeout,
                             counter.clone(),
                         ))
                     });
@@ -634,11 +661,16 @@ impl DieselStore {
             #[cfg(feature = "mysql")]
             BackendKind::Mysql => {
                 let counter = config.counter.clone();
+                let lock_timeout = config.busy_timeout;
                 let pool = build_pool!(
                     diesel_async::AsyncMysqlConnection,
                     config,
                     move |url: &str| {
-                        Box::pin(mysql_setup::establish(url.to_owned(), counter.clone()))
+                        Box::pin(mysql_setup::establish(
+                            url.to_owned(),
+                            lock_timeout,
+                            counter.clone(),
+                        ))
                     }
                 );
                 (Backend::Mysql(pool), config)
@@ -714,9 +746,10 @@ impl DieselStore {
         match &self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres(_) => {
-                let mut conn = pg_setup::establish(self.config.url.clone(), None, None)
-                    .await
-                    .map_err(|e| fail(&e))?;
+                let mut conn =
+                    pg_setup::establish(self.config.url.clone(), None, MIGRATION_WAIT, None)
+                        .await
+                        .map_err(|e| fail(&e))?;
                 use diesel_async::SimpleAsyncConnection;
                 // Replicas starting at once migrate one at a time: diesel's
                 // harness takes no lock, and the second would fail on a table
@@ -743,9 +776,10 @@ impl DieselStore {
             #[cfg(feature = "mysql")]
             Backend::Mysql(_) => {
                 use diesel_async::RunQueryDsl;
-                let mut conn = mysql_setup::establish(self.config.url.clone(), None)
-                    .await
-                    .map_err(|e| fail(&e))?;
+                let mut conn =
+                    mysql_setup::establish(self.config.url.clone(), MIGRATION_WAIT, None)
+                        .await
+                        .map_err(|e| fail(&e))?;
                 // As on PostgreSQL: one migrator per database at a time. The
                 // lock is the connection's; its name, 15 + 40 characters, is
                 // within MySQL's 64 (MariaDB takes longer ones).

@@ -184,6 +184,94 @@ async fn a_thousand_concurrent_records_on_sqlite() {
     concurrent_records(common::sqlite_file_db(8).await).await;
 }
 
+// --- a writer that holds a lock and never lets go ----------------------------
+
+/// Another connection locks every chain row and sits in its transaction
+/// (a host that died mid-write holds its locks until TCP notices, hours
+/// later). A write on a locked chain fails as unavailable once the store's
+/// `busy_timeout` has passed, rather than waiting with a pooled connection
+/// for as long as the lock lives; once the holder lets go, it goes through.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn a_held_lock_fails_a_write_instead_of_stalling_it(
+    store: DieselStore,
+    hold: impl AsyncFnOnce() -> Box<dyn std::any::Any + Send>,
+) {
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let ended = || {
+        session
+            .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+            .unwrap()
+    };
+    let holder = hold().await;
+    let waited = tokio::time::timeout(
+        // A guard against the stall itself, not a timing assertion.
+        std::time::Duration::from_secs(120),
+        store.transition(ended()),
+    )
+    .await
+    .expect("the write waited on the lock for two minutes");
+    assert!(
+        matches!(waited, Err(StoreError::Unavailable(_))),
+        "{waited:?}"
+    );
+    drop(holder);
+    let (after, _) = store.transition(ended()).await.unwrap();
+    assert_eq!(after.state, SessionState::Ended(EndReason::Stopped));
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let schema = common::unique("imptest");
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(common::PG_URL)
+            .schema(schema.clone())
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    a_held_lock_fails_a_write_instead_of_stalling_it(store, async move || {
+        let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+            .await
+            .unwrap();
+        conn.batch_execute(&format!(
+            "SET search_path TO \"{schema}\"; BEGIN; \
+             SELECT * FROM impersonation_audit_chains FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+        Box::new(conn) as Box<dyn std::any::Any + Send>
+    })
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let url = common::mysql_database().await;
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(url.clone())
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    a_held_lock_fails_a_write_instead_of_stalling_it(store, async move || {
+        let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
+            .await
+            .unwrap();
+        conn.batch_execute("START TRANSACTION").await.unwrap();
+        conn.batch_execute("SELECT * FROM impersonation_audit_chains FOR UPDATE")
+            .await
+            .unwrap();
+        Box::new(conn) as Box<dyn std::any::Any + Send>
+    })
+    .await;
+}
+
 // --- tampering ----------------------------------------------------------------
 
 /// Starts a session, records four accesses and stops: a chain of six events.
