@@ -67,6 +67,7 @@ mod claims;
 mod client;
 mod error;
 mod issuer;
+mod jwks;
 mod jwt;
 mod keys;
 mod provider;

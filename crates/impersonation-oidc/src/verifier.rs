@@ -53,6 +53,8 @@ enum Keys {
     Ring(KeyRing),
     /// A fixed set (fetched from the issuer's JWKS).
     Fixed(openidconnect::core::CoreJsonWebKeySet),
+    /// The issuer's JWKS, fetched again as it rotates.
+    Fetched(crate::jwks::Jwks),
 }
 
 /// Verifies impersonation tokens for one audience. As a
@@ -94,9 +96,57 @@ impl TokenVerifier {
         }
     }
 
-    /// A verifier for a resource server of its own: the issuer's JWKS (as
-    /// published at `{issuer}/jwks.json`), the audience this server is,
-    /// and the service whose store holds the sessions.
+    /// A verifier for a resource server in another process that fetches
+    /// the issuer's JWKS (`{issuer}/jwks.json`) now, and again as
+    /// [`crate::Provider`] does for its provider: when a token names a key
+    /// it lacks (a [`KeyRing::rotate`] on the issuer; at most every 30 s),
+    /// and once the keys are older than [`crate::JWKS_MAX_AGE`] (a key the
+    /// issuer retired is refused within that; see
+    /// [`TokenVerifier::jwks_max_age`]). `http` as from
+    /// [`crate::http_client`].
+    pub async fn fetch(
+        issuer: IssuerUrl,
+        audience: impl Into<String>,
+        http: openidconnect::reqwest::Client,
+        max_lifetime: Duration,
+        api: Arc<dyn ImpersonationApi>,
+    ) -> Result<Self, crate::OidcError> {
+        let url = format!(
+            "{}/{}",
+            issuer.as_str().trim_end_matches('/'),
+            crate::paths::JWKS
+        );
+        let uri = openidconnect::JsonWebKeySetUrl::new(url)
+            .map_err(|e| crate::OidcError::Config(format!("issuer JWKS address: {e}")))?;
+        let keys = crate::jwks::Jwks::fetch("issuer", uri, http)
+            .await
+            .map_err(|e| crate::OidcError::Provider(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            audience: audience.into(),
+            keys: Keys::Fetched(keys),
+            max_lifetime,
+            api,
+        })
+    }
+
+    /// How long a fetched JWKS ([`TokenVerifier::fetch`]) is trusted
+    /// before it is fetched again (default [`crate::JWKS_MAX_AGE`], ten
+    /// minutes). Other verifiers have nothing to fetch.
+    #[must_use]
+    pub fn jwks_max_age(mut self, max_age: std::time::Duration) -> Self {
+        if let Keys::Fetched(keys) = self.keys {
+            self.keys = Keys::Fetched(keys.max_age(max_age));
+        }
+        self
+    }
+
+    /// A verifier for a resource server of its own, with a fixed key set:
+    /// the issuer's JWKS (as published at `{issuer}/jwks.json`), the
+    /// audience this server is, and the service whose store holds the
+    /// sessions. The keys are never fetched again: after the issuer
+    /// rotates, its new tokens are refused here until this verifier is
+    /// built again; [`TokenVerifier::fetch`] follows rotations itself.
     pub fn new(
         issuer: IssuerUrl,
         audience: impl Into<String>,
@@ -121,6 +171,10 @@ impl TokenVerifier {
     /// Checks signature, algorithm, key id, `iss`, `aud`, `exp`, `nbf`,
     /// `iat` and the lifetime bound, and reads `sub`, the current actor and
     /// `sid`. Does not ask the store: see [`TokenVerifier::authorize`].
+    ///
+    /// A verifier built by [`TokenVerifier::fetch`] checks against the
+    /// keys it holds; [`TokenVerifier::authorize`] also fetches them again
+    /// when they are old or the token names a key they lack.
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         self.verify_at(token, self.api.now())
     }
@@ -134,7 +188,34 @@ impl TokenVerifier {
         let keys = match &self.keys {
             Keys::Ring(ring) => ring.jwks(),
             Keys::Fixed(keys) => keys.clone(),
+            Keys::Fetched(keys) => keys.cached().0,
         };
+        self.verify_with(token, now, keys)
+    }
+
+    /// [`TokenVerifier::verify`], fetching a rotated or aged JWKS first
+    /// for a verifier built by [`TokenVerifier::fetch`].
+    async fn verify_fresh(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let Keys::Fetched(jwks) = &self.keys else {
+            return self.verify(token);
+        };
+        let now = self.api.now();
+        match self.verify_with(token, now, jwks.current().await?) {
+            // A key id the keys lack: the issuer may have rotated.
+            Err(e @ TokenError::Signature(_)) => match jwks.for_unknown_key(token).await? {
+                Some(keys) => self.verify_with(token, now, keys),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+        keys: openidconnect::core::CoreJsonWebKeySet,
+    ) -> Result<VerifiedToken, TokenError> {
         let claims = verify::<ImpersonationClaims>(
             token,
             Expect {
@@ -189,7 +270,7 @@ impl TokenVerifier {
     }
 
     async fn authorize_with(&self, token: &str, reuse: bool) -> Result<Context, TokenError> {
-        let verified = self.verify(token)?;
+        let verified = self.verify_fresh(token).await?;
         let resolved = if reuse {
             self.api.resolve_session_reusing(verified.session).await
         } else {

@@ -79,6 +79,90 @@ async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
     verifier.verify(&after).unwrap();
 }
 
+/// A resource server in another process follows the issuer's key
+/// rotation: `TokenVerifier::fetch` takes the published JWKS, fetches it
+/// again when a token names a key it has not seen, and drops a retired key
+/// once its copy is older than its maximum age. A verifier built with
+/// `new` keeps the keys it was given and refuses the new key's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
+    use impersonation_oidc::TokenVerifier;
+    use impersonation_oidc::openidconnect::IssuerUrl;
+    let (op, provider) = forged_provider();
+    let served = serve_issuer(provider).await;
+    let api = served.service.clone() as Arc<dyn impersonation_core::ImpersonationApi>;
+    let issuer_url = IssuerUrl::new(served.url.clone()).unwrap();
+    let lifetime = time::Duration::minutes(5);
+    let fetching = || {
+        TokenVerifier::fetch(
+            issuer_url.clone(),
+            API,
+            impersonation_oidc::http_client().unwrap(),
+            lifetime,
+            api.clone(),
+        )
+    };
+    // One that keeps its keys ten minutes (only a new key id makes it
+    // fetch again during this test), one that keeps them a second.
+    let rotating = fetching().await.unwrap();
+    let aging = fetching()
+        .await
+        .unwrap()
+        .jwks_max_age(std::time::Duration::from_secs(1));
+    let fixed = TokenVerifier::new(
+        issuer_url.clone(),
+        API,
+        serde_json::from_str(&served.issuer.jwks_json()).unwrap(),
+        lifetime,
+        api.clone(),
+    );
+    let sam = served
+        .directory
+        .get(&impersonation_core::UserId::new("sam").unwrap())
+        .unwrap();
+    let issue = || async {
+        let actor = op.op_token("sam", |_, _| {});
+        let (status, body) = exchange(&served.url, &form(&actor, "olive")).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+
+    let before = issue().await;
+    let ctx = rotating.authorize(&before).await.unwrap();
+    fixed.authorize(&before).await.unwrap();
+    served
+        .service
+        .stop_session(ctx.session(), &sam)
+        .await
+        .unwrap();
+
+    served.issuer.keys().rotate(SigningKey::generate().unwrap());
+    let after = issue().await;
+    assert!(matches!(
+        fixed.verify(&after),
+        Err(TokenError::Signature(_))
+    ));
+    let ctx = rotating.authorize(&after).await.unwrap();
+    rotating.verify(&before).unwrap();
+    served
+        .service
+        .stop_session(ctx.session(), &sam)
+        .await
+        .unwrap();
+
+    // Retired on the issuer: refused once the copy is older than its age
+    // (a known key id never asks for a fetch).
+    served.issuer.keys().retire_previous();
+    aging.verify(&before).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(matches!(
+        aging.authorize(&before).await,
+        Err(TokenError::Signature(_))
+    ));
+    aging.verify(&after).unwrap();
+    rotating.verify(&before).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_never_outlives_its_session() {
     let (op, provider) = forged_provider();

@@ -98,22 +98,53 @@ impl TestProvider {
             .args(issuer)
             .current_dir(&dir)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("node (Node.js) must be installed");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(StdDuration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
+        // What the provider says on stderr, kept (the last 64 lines) to
+        // explain a provider that does not come up.
+        let said = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+        let kept = Arc::clone(&said);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() == 64 {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        let started = std::time::Instant::now();
+        let ready = tokio::time::timeout(StdDuration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(issuer) = line.strip_prefix("READY ") {
-                    return issuer.to_owned();
+                    return Some(issuer.to_owned());
                 }
             }
-            panic!("the provider exited before it was ready");
+            None
         })
-        .await
-        .expect("the provider did not start within 30 s");
+        .await;
+        let ready = match ready {
+            Ok(Some(issuer)) => issuer,
+            outcome => {
+                let status = child.try_wait();
+                let said: Vec<String> = said.lock().unwrap().iter().cloned().collect();
+                panic!(
+                    "the provider on port {port} did not come up ({}, after {:?}; process: {status:?}); its stderr:\n{}",
+                    if outcome.is_err() {
+                        "no READY within 60 s"
+                    } else {
+                        "its stdout closed"
+                    },
+                    started.elapsed(),
+                    said.join("\n")
+                );
+            }
+        };
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
