@@ -849,6 +849,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 }
             }
         };
+        self.apply_end(session, reason, by, details, now).await
+    }
+
+    /// Ends `session` as the caller's copy has it: the store refuses the
+    /// end if the session changed since (its version moved on), and the
+    /// answer then says how it stands now.
+    async fn apply_end(
+        &self,
+        session: &Session,
+        reason: EndReason,
+        by: Actor,
+        details: Details,
+        now: OffsetDateTime,
+    ) -> Result<Ending, Error> {
         let transition = session.end(reason, by, now, details)?;
         // Whatever the outcome, this process stops reusing the session: it
         // has ended, or changed under us. Also if this call is dropped
@@ -1322,8 +1336,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Ends, each with its audit event, every live session whose time is
     /// up (expired, idle too long, or a consent request unanswered) that
-    /// no request came along to end. Answers the sessions it found lapsed
-    /// and that are ended now.
+    /// no request came along to end. Answers the sessions it ended (and
+    /// those another request ended the same way meanwhile). A session is
+    /// judged on the store's record and ended only as that record stands:
+    /// one a consent activated since it was read is left alone. (A use
+    /// cannot bring a lapsed session back: the store refuses the touch.)
     ///
     /// A lapsed session refuses every request whether or not this runs;
     /// what it adds is the trail's end event, on time, for a session its
@@ -1359,14 +1376,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     if matches!(current.state, SessionState::Ended(_)) {
                         break;
                     }
-                    let Some(lapse) = current.lapse_at(self.now()) else {
+                    // Judged on this record, and ended only as it stands:
+                    // a consent or a stop since makes the store refuse the
+                    // end, and the session is judged again as it is then.
+                    let now = self.now();
+                    let Some(lapse) = current.lapse_at(now) else {
                         break;
                     };
                     match self
-                        .try_end(&current, lapse, Actor::System, Details::new())
+                        .apply_end(&current, lapse, Actor::System, Details::new(), now)
                         .await
                     {
-                        Ok(Ending::Ended(_)) => ended.push(current.id),
+                        Ok(Ending::Ended(reason)) if reason == lapse => ended.push(current.id),
+                        // Stopped or revoked by someone else meanwhile.
+                        Ok(Ending::Ended(_)) => {}
                         Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => {
                             current = *now;
                             continue;

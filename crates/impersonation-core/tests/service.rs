@@ -375,6 +375,154 @@ async fn end_lapsed_ends_only_the_sessions_whose_time_is_up() {
     ));
 }
 
+/// A store on which the customer's consent lands just after the service
+/// read a pending session: another process's request, between the sweep's
+/// read and its end.
+struct ConsentLandsAfterRead {
+    inner: MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+    clock: ManualClock,
+}
+
+#[async_trait]
+impl Store for ConsentLandsAfterRead {
+    async fn session(
+        &self,
+        id: impersonation_core::SessionId,
+    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        let read = self.inner.session(id).await?;
+        if let Some(s) = &read
+            && s.state == SessionState::Pending
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            let by = impersonation_core::Actor::user(s.subject.id.clone(), "customer");
+            let consent = s
+                .activate(by, impersonation_core::Clock::now(&self.clock))
+                .unwrap();
+            self.inner.transition(consent).await?;
+        }
+        Ok(read)
+    }
+    async fn start(
+        &self,
+        start: impersonation_core::Start,
+    ) -> Result<impersonation_core::StartOutcome, impersonation_core::StoreError> {
+        self.inner.start(start).await
+    }
+    async fn transition(
+        &self,
+        t: impersonation_core::Transition,
+    ) -> Result<(impersonation_core::Session, AuditEvent), impersonation_core::StoreError> {
+        self.inner.transition(t).await
+    }
+    async fn append(
+        &self,
+        e: impersonation_core::AuditDraft,
+        g: impersonation_core::AppendGuard,
+    ) -> Result<AuditEvent, impersonation_core::StoreError> {
+        self.inner.append(e, g).await
+    }
+    async fn find_by_secret(
+        &self,
+        h: &impersonation_core::SecretLookup,
+        t: Option<impersonation_core::Touch>,
+    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        self.inner.find_by_secret(h, t).await
+    }
+    async fn live_sessions(
+        &self,
+        f: &impersonation_core::LiveFilter,
+    ) -> Result<Vec<impersonation_core::Session>, impersonation_core::StoreError> {
+        self.inner.live_sessions(f).await
+    }
+    async fn record_check(
+        &self,
+        id: impersonation_core::SessionId,
+        v: u64,
+        at: time::OffsetDateTime,
+        s: &impersonation_core::ShadowUser,
+    ) -> Result<(), impersonation_core::StoreError> {
+        self.inner.record_check(id, v, at, s).await
+    }
+    async fn audit(
+        &self,
+        q: &AuditQuery,
+    ) -> Result<impersonation_core::AuditPage, impersonation_core::StoreError> {
+        self.inner.audit(q).await
+    }
+    async fn chain_events(
+        &self,
+        c: &impersonation_core::ChainKey,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, impersonation_core::StoreError> {
+        self.inner.chain_events(c, from, limit).await
+    }
+    async fn chain_head(
+        &self,
+        c: &impersonation_core::ChainKey,
+    ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
+        self.inner.chain_head(c).await
+    }
+    async fn chains(
+        &self,
+        after: Option<&impersonation_core::ChainKey>,
+        limit: u32,
+    ) -> Result<Vec<impersonation_core::ChainKey>, impersonation_core::StoreError> {
+        self.inner.chains(after, limit).await
+    }
+}
+
+/// A consent that lands between the sweep's read of a pending session past
+/// its deadline and its end: the store refuses the end (the session moved
+/// on), and the sweep judges it again as it now stands, active and in
+/// time, and leaves it alone rather than record it expired.
+#[tokio::test]
+async fn end_lapsed_leaves_a_session_a_consent_just_activated() {
+    let clock = ManualClock::new(epoch());
+    let store = ConsentLandsAfterRead {
+        inner: MemoryStore::new(),
+        armed: std::sync::atomic::AtomicBool::new(false),
+        clock: clock.clone(),
+    };
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive")] {
+        directory.insert(p);
+    }
+    let service = Impersonation::new(store, directory)
+        .with_policy(consent_policy())
+        .with_clock(clock.clone());
+    let started = service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    assert_eq!(started.session.state, SessionState::Pending);
+    clock.advance(Duration::minutes(10));
+    service
+        .store()
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(service.end_lapsed().await.unwrap(), []);
+    let now = service
+        .store()
+        .inner
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.state, SessionState::Active);
+    let ends = all_events(
+        service.store(),
+        AuditQuery {
+            session: Some(started.session.id),
+            action: Some(AuditAction::SessionEnded),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(ends, []);
+}
+
 /// A stop or revocation that comes after a session's time was up (no
 /// request came along to end it) ends it as it lapsed: the trail says it
 /// idled out or expired, by the system, not that a person ended a session
