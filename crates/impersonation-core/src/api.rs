@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 
 use crate::{
     Activity, ActivityKind, AuditEvent, Context, Denial, Directory, EndReason, Error,
-    Impersonation, Principal, Requester, SessionId, SessionSecret, StartRequest, Started, Store,
-    UserId,
+    Impersonation, Initiator, Principal, Requester, SessionId, SessionSecret, StartRequest,
+    Started, Store, UserId,
 };
 
 /// What a binding needs of an [`Impersonation`] service. Implemented for
@@ -38,6 +38,13 @@ pub trait ImpersonationApi: Send + Sync + 'static {
     async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error>;
     /// See [`Impersonation::stop_session`].
     async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error>;
+    /// See [`Impersonation::revoke_all_for_agent`].
+    async fn revoke_all_for_agent(
+        &self,
+        agent: &UserId,
+        by: Initiator<'_>,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error>;
     /// See [`Impersonation::record`].
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error>;
     /// See [`Impersonation::admit`].
@@ -93,6 +100,14 @@ where
     async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
         Impersonation::stop_session(self, id, by).await
     }
+    async fn revoke_all_for_agent(
+        &self,
+        agent: &UserId,
+        by: Initiator<'_>,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        Impersonation::revoke_all_for_agent(self, agent, by, note).await
+    }
     async fn record(&self, ctx: &Context, activity: Activity) -> Result<AuditEvent, Error> {
         Impersonation::record(self, ctx, activity).await
     }
@@ -147,6 +162,14 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     }
     async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
         (**self).stop(secret, by).await
+    }
+    async fn revoke_all_for_agent(
+        &self,
+        agent: &UserId,
+        by: Initiator<'_>,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        (**self).revoke_all_for_agent(agent, by, note).await
     }
     async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
         (**self).stop_session(id, by).await

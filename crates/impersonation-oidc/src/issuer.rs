@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use impersonation_core::{Denial, Error, ImpersonationApi, Requester, StartRequest, UserId};
+use impersonation_core::{
+    Denial, Error, ImpersonationApi, Initiator, Requester, StartRequest, UserId,
+};
 use openidconnect::core::{
     CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGenderClaim,
     CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
@@ -515,21 +517,37 @@ impl Issuer {
             &client.id,
             scope.as_deref(),
         );
-        let token = match signed {
-            Ok(token) => token,
-            Err(e) => {
-                // No client will ever hold this session: end it now rather
-                // than leave the agent refused new ones until it lapses.
-                if let Err(stop) = self.api.stop_session(started.session.id, &agent).await {
-                    tracing::warn!(
-                        impersonation.session = %started.session.id,
-                        error = %stop,
-                        "a session whose token could not be signed could not be ended"
-                    );
-                }
-                return Err(e);
-            }
+        let refused = match (&signed, scope.as_deref()) {
+            (Err(e), _) => Some((e.clone(), "no token could be signed for it")),
+            // RFC 6749 §3.3: a scope holds at least one token; none of the
+            // asked-for permissions is the customer's (or all are withheld).
+            (Ok(_), Some("")) => Some((
+                oauth(
+                    ErrorCode::InvalidScope,
+                    "the session would grant none of the permissions asked for",
+                ),
+                "it granted none of the permissions asked for",
+            )),
+            _ => None,
         };
+        if let Some((e, why)) = refused {
+            // No client will ever hold this session: ended now, by the
+            // system, rather than leave the agent refused new ones until
+            // it lapses.
+            if let Err(end) = self
+                .api
+                .revoke_all_for_agent(&agent.id, Initiator::System, why)
+                .await
+            {
+                tracing::warn!(
+                    impersonation.session = %started.session.id,
+                    error = %end,
+                    "a session no token was issued for could not be ended"
+                );
+            }
+            return Err(e);
+        }
+        let token = signed?;
         tracing::info!(
             impersonation.agent = %agent_id,
             impersonation.subject = %target,

@@ -278,6 +278,28 @@ async fn a_scope_narrows_the_session_and_is_checked() {
         assert_eq!(error["error"], "invalid_scope", "{refused:?}: {error}");
     }
 
+    // Nothing asked for is the customer's: no token (a scope is never
+    // empty), and the session started for it is ended at once, by the
+    // system, so the agent's next exchange is not refused.
+    let answer = issuer
+        .exchange(Some(&basic), with_scope("reports:export").as_bytes())
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let error: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(error["error"], "invalid_scope", "{error}");
+    let sam = impersonation_core::UserId::new("sam").unwrap();
+    let ended = impersonation_testkit::conformance::all_events(
+        service.store(),
+        impersonation_core::AuditQuery {
+            agent: Some(sam),
+            action: Some(impersonation_core::AuditAction::SessionEnded),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].actor, impersonation_core::Actor::System);
+
     // The agent may export reports, the customer may not: the session
     // grants what both hold, and the token and the answer say so.
     let answer = issuer

@@ -580,8 +580,12 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
             resign(&|_, p| p["act"]["act"] = json!({"sub": "lee", "act": "x"})),
         ),
         (
-            "a prior actor two down without a sub",
+            "a prior actor two down that is an array",
             resign(&|_, p| p["act"]["act"] = json!({"sub": "lee", "act": [1]})),
+        ),
+        (
+            "a prior actor without a sub",
+            resign(&|_, p| p["act"]["act"] = json!({"iss": "https://elsewhere.test/"})),
         ),
         (
             "a prior actor with an empty sub",
