@@ -939,6 +939,105 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
     );
 }
 
+/// Ends, idle touches and guarded appends racing on one session: exactly
+/// one end lands (the others, built on the same version, conflict), no
+/// touch puts the ended session back, and no guarded append lands after
+/// the end. A store that reads, then writes, outside one atomic step
+/// fails this.
+pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(store: S) {
+    let w = World::new();
+    let store = Arc::new(store);
+    let agent = w.agent(1);
+    let (start, secret) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&*store, start).await;
+    let secret = Arc::new(secret);
+    let mut ends = tokio::task::JoinSet::new();
+    let mut others = tokio::task::JoinSet::new();
+    for i in 0..8_i64 {
+        let reason = if i % 2 == 0 {
+            EndReason::Stopped
+        } else {
+            EndReason::Revoked
+        };
+        let end = session
+            .end(
+                reason,
+                Actor::user(agent.id.clone(), "agent"),
+                epoch() + Duration::seconds(30),
+                Details::new().with("n", i),
+            )
+            .unwrap();
+        let s = Arc::clone(&store);
+        ends.spawn(async move { s.transition(end).await.map(|(after, _)| after.state) });
+        let (s, secret) = (Arc::clone(&store), Arc::clone(&secret));
+        let now = epoch() + Duration::seconds(20 + i);
+        others.spawn(async move {
+            s.find_by_secret(
+                &secret.lookup(),
+                Some(Touch {
+                    now,
+                    coalesce: Duration::ZERO,
+                }),
+            )
+            .await
+            .map(|_| None)
+        });
+        let s = Arc::clone(&store);
+        let draft = session
+            .draft(
+                epoch() + Duration::seconds(25),
+                AuditAction::Access,
+                Actor::user(agent.id.clone(), "agent"),
+            )
+            .details(Details::new().with("n", i));
+        others.spawn(async move {
+            match s
+                .append(draft, AppendGuard::SessionActive(session.id))
+                .await
+            {
+                Ok(event) => Ok(Some(event.seq)),
+                Err(StoreError::SessionNotActive(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+    }
+    let mut landed = Vec::new();
+    while let Some(result) = ends.join_next().await {
+        match result.expect("task") {
+            Ok(state) => landed.push(state),
+            Err(StoreError::Conflict(id)) => assert_eq!(id, session.id),
+            Err(e) => panic!("racing end failed: {e}"),
+        }
+    }
+    assert_eq!(landed.len(), 1, "exactly one end lands: {landed:?}");
+    let mut appended = Vec::new();
+    while let Some(result) = others.join_next().await {
+        match result.expect("task") {
+            Ok(Some(seq)) => appended.push(seq),
+            Ok(None) => {}
+            Err(e) => panic!("racing touch or append failed: {e}"),
+        }
+    }
+    let stored = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, landed[0], "no touch put the session back");
+    let chain = ChainKey::for_agent(&agent.id);
+    let events = whole_chain(&*store, &chain).await;
+    let ends: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.action == AuditAction::SessionEnded)
+        .collect();
+    assert_eq!(ends.len(), 1, "one end event");
+    assert!(
+        appended.iter().all(|seq| *seq < ends[0].seq),
+        "an access landed after the end: {appended:?} against {}",
+        ends[0].seq
+    );
+    assert_eq!(
+        assert_chain_verifies(&*store, &chain).await,
+        2 + appended.len() as u64
+    );
+}
+
 /// Concurrent appends to one chain never fork it.
 pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: S) {
     let w = World::new();
@@ -1206,10 +1305,14 @@ pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
             }
         }
         // The unfiltered query also meets other cases' events when the
-        // factory hands every case one database: of what the pages
-        // visited, this case's own must be exactly the expected ones.
+        // factory hands every case one database: of what its pages
+        // visited, this case's own must be exactly the expected ones. The
+        // filtered ones name this case's people, so meet no others.
         let ours = [sa.chain(), sb.chain()];
-        let seen: Vec<&AuditEvent> = seen.iter().filter(|e| ours.contains(&e.chain)).collect();
+        let seen: Vec<&AuditEvent> = seen
+            .iter()
+            .filter(|e| filter != 0 || ours.contains(&e.chain))
+            .collect();
         assert_eq!(seen, want, "{query:?}");
     }
 }
@@ -1244,6 +1347,7 @@ where
     record_check_respects_the_version(factory().await).await;
     live_sessions_filter_and_exclude_ended(factory().await).await;
     racing_starts_leave_one_live_session(factory().await).await;
+    racing_ends_touches_and_appends_leave_one_end(factory().await).await;
     concurrent_appends_keep_the_chain_valid(factory().await).await;
     append_batch_judges_each_event_and_keeps_order(factory().await).await;
     find_by_secrets_answers_each_lookup_in_order(factory().await).await;
@@ -1285,6 +1389,7 @@ macro_rules! store_conformance_tests {
             record_check_respects_the_version,
             live_sessions_filter_and_exclude_ended,
             racing_starts_leave_one_live_session,
+            racing_ends_touches_and_appends_leave_one_end,
             concurrent_appends_keep_the_chain_valid,
             append_batch_judges_each_event_and_keeps_order,
             find_by_secrets_answers_each_lookup_in_order,
