@@ -245,11 +245,12 @@ impl DieselConfig {
         self
     }
 
-    /// How long a write waits for a lock another writer holds before it
-    /// fails (default 5 s): SQLite's `busy_timeout`, PostgreSQL's
+    /// How long each attempt of a write waits for a lock another writer
+    /// holds (default 5 s): SQLite's `busy_timeout`, PostgreSQL's
     /// `lock_timeout`, MySQL and MariaDB's `innodb_lock_wait_timeout`
-    /// (whole seconds, rounded up). A writer that died holding a lock
-    /// then costs a failed write, not a connection stuck for hours.
+    /// (whole seconds, rounded up). PostgreSQL then fails the write; the
+    /// others retry it, up to six attempts. A writer that died holding a
+    /// lock then costs a failed write, not a connection stuck for hours.
     #[must_use]
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;

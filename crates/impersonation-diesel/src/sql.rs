@@ -121,16 +121,21 @@ impl CachePolicy for diesel::mysql::Mysql {
 }
 
 /// PostgreSQL keeps a connection's statements in that connection's own
-/// backend process, with no server-wide limit.
+/// backend process, with no server-wide limit, but every one costs that
+/// process memory for as long as the connection lives: lists of up to 64
+/// stay prepared (the batches of ordinary traffic; a longer one, under a
+/// burst, is parsed for its one use), so a connection's statements stay
+/// a bounded set rather than one per list length ever seen, up to 256.
 #[cfg(feature = "postgres")]
 impl CachePolicy for diesel::pg::Pg {
-    const MAX_CACHED_LIST: usize = usize::MAX;
+    const MAX_CACHED_LIST: usize = 64;
 }
 
-/// SQLite's statements live in this process, one cache per connection.
+/// SQLite's statements live in this process, one cache per connection:
+/// bounded as PostgreSQL's are.
 #[cfg(feature = "sqlite")]
 impl CachePolicy for diesel::sqlite::Sqlite {
-    const MAX_CACHED_LIST: usize = usize::MAX;
+    const MAX_CACHED_LIST: usize = 64;
 }
 
 impl<DB> QueryFragment<DB> for Sql

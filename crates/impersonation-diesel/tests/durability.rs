@@ -192,9 +192,10 @@ async fn a_thousand_concurrent_records_on_sqlite() {
 /// `busy_timeout` has passed, rather than waiting with a pooled connection
 /// for as long as the lock lives; once the holder lets go, it goes through.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-async fn a_held_lock_fails_a_write_instead_of_stalling_it(
+async fn a_held_lock_fails_a_write_instead_of_stalling_it<H>(
     store: DieselStore,
-    hold: impl AsyncFnOnce() -> Box<dyn std::any::Any + Send>,
+    hold: impl AsyncFnOnce() -> H,
+    release: impl AsyncFnOnce(H),
 ) {
     let w = World::new();
     let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
@@ -216,7 +217,7 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it(
         matches!(waited, Err(StoreError::Unavailable(_))),
         "{waited:?}"
     );
-    drop(holder);
+    release(holder).await;
     let (after, _) = store.transition(ended()).await.unwrap();
     assert_eq!(after.state, SessionState::Ended(EndReason::Stopped));
 }
@@ -233,18 +234,22 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
     )
     .await
     .unwrap();
-    a_held_lock_fails_a_write_instead_of_stalling_it(store, async move || {
-        let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+    a_held_lock_fails_a_write_instead_of_stalling_it(
+        store,
+        async move || {
+            let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+                .await
+                .unwrap();
+            conn.batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; BEGIN; \
+                 SELECT * FROM impersonation_audit_chains FOR UPDATE"
+            ))
             .await
             .unwrap();
-        conn.batch_execute(&format!(
-            "SET search_path TO \"{schema}\"; BEGIN; \
-             SELECT * FROM impersonation_audit_chains FOR UPDATE"
-        ))
-        .await
-        .unwrap();
-        Box::new(conn) as Box<dyn std::any::Any + Send>
-    })
+            conn
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
     .await;
 }
 
@@ -259,16 +264,20 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
     )
     .await
     .unwrap();
-    a_held_lock_fails_a_write_instead_of_stalling_it(store, async move || {
-        let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
-            .await
-            .unwrap();
-        conn.batch_execute("START TRANSACTION").await.unwrap();
-        conn.batch_execute("SELECT * FROM impersonation_audit_chains FOR UPDATE")
-            .await
-            .unwrap();
-        Box::new(conn) as Box<dyn std::any::Any + Send>
-    })
+    a_held_lock_fails_a_write_instead_of_stalling_it(
+        store,
+        async move || {
+            let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
+                .await
+                .unwrap();
+            conn.batch_execute("START TRANSACTION").await.unwrap();
+            conn.batch_execute("SELECT * FROM impersonation_audit_chains FOR UPDATE")
+                .await
+                .unwrap();
+            conn
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
     .await;
 }
 
