@@ -216,10 +216,7 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     if let (None, Some(token), Some(api)) = (&user, bearer, demo.api())
-        && let Ok(id) = api
-            .provider()
-            .user_of(token, time::OffsetDateTime::now_utc())
-            .await
+        && let Ok(id) = api.provider().user_of(token, demo.service.now()).await
     {
         user = Some(id);
     }
