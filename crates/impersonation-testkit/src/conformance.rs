@@ -863,9 +863,15 @@ pub async fn record_check_respects_the_version<S: Store>(store: S) {
             .await,
         Err(StoreError::Conflict(_))
     ));
+    let unknown = SessionId::new();
+    assert!(matches!(
+        store.record_check(unknown, 1, at, &shadow).await,
+        Err(StoreError::SessionNotFound(id)) if id == unknown
+    ));
 }
 
-/// Live sessions are filtered by agent, subject and tenant, and ended ones are left out.
+/// Live sessions (pending ones too) are filtered by agent, subject and
+/// tenant, all that are given at once, and ended ones are left out.
 pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
     let w = World::new();
     let (c1, c2) = (w.customer(1, "t1"), w.customer(2, "t2"));
@@ -901,6 +907,49 @@ pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
         .await
         .unwrap();
     assert!(by_agent.is_empty());
+
+    // A pending session is live too; filters combine (all must match); no
+    // filter lists every live session (others' too, on a shared database).
+    let consent = Policy::default().consent(impersonation_core::Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let c3 = w.customer(3, "t2");
+    let (s4, _) = must_start(&store, w.begin_with(&consent, &w.agent(4), &c3, epoch()).0).await;
+    assert_eq!(s4.state, SessionState::Pending);
+    let live = |filter: LiveFilter| {
+        let store = &store;
+        async move { ids(store.live_sessions(&filter).await.unwrap()) }
+    };
+    assert_eq!(
+        live(LiveFilter {
+            tenant: Some(w.tenant("t2")),
+            ..LiveFilter::default()
+        })
+        .await,
+        [s2.id, s4.id].into()
+    );
+    assert_eq!(
+        live(LiveFilter {
+            subject: Some(c3.id.clone()),
+            tenant: Some(w.tenant("t2")),
+            ..LiveFilter::default()
+        })
+        .await,
+        [s4.id].into()
+    );
+    assert_eq!(
+        live(LiveFilter {
+            agent: Some(w.agent(1).id),
+            tenant: Some(w.tenant("t2")),
+            ..LiveFilter::default()
+        })
+        .await,
+        BTreeSet::new()
+    );
+    let all = live(LiveFilter::default()).await;
+    let mine = [s1.id, s2.id, s4.id];
+    assert!(mine.iter().all(|id| all.contains(id)), "{all:?}");
+    assert!(!all.contains(&s3.id), "an ended session is not live");
 }
 
 /// Racing starts by one agent leave exactly one live session; every loser's refusal is audited.
