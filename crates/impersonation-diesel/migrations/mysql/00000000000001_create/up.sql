@@ -1,5 +1,8 @@
+-- MySQL commits each CREATE at once, so a run that fails part way (a
+-- trigger refused for want of a privilege under binary logging) cannot be
+-- rolled back: every statement here may run again over what one left.
 -- utf8mb4_bin: ids compare byte for byte (case-sensitive), as in Rust.
-CREATE TABLE impersonation_sessions (
+CREATE TABLE IF NOT EXISTS impersonation_sessions (
     id              CHAR(36) NOT NULL PRIMARY KEY,
     agent           VARCHAR(255) NOT NULL,
     subject         VARCHAR(255) NOT NULL,
@@ -24,13 +27,13 @@ CREATE TABLE impersonation_sessions (
     KEY impersonation_sessions_tenant (tenant, state)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
-CREATE TABLE impersonation_audit_chains (
+CREATE TABLE IF NOT EXISTS impersonation_audit_chains (
     chain VARCHAR(255) NOT NULL PRIMARY KEY,
     seq   BIGINT NOT NULL,
     hash  CHAR(64) NOT NULL
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
-CREATE TABLE impersonation_audit_events (
+CREATE TABLE IF NOT EXISTS impersonation_audit_events (
     id         CHAR(36) NOT NULL PRIMARY KEY,
     chain      VARCHAR(255) NOT NULL,
     seq        BIGINT NOT NULL,
@@ -50,6 +53,8 @@ CREATE TABLE impersonation_audit_events (
     KEY impersonation_audit_by_session (session_id, at_us, id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
+DROP TRIGGER IF EXISTS impersonation_audit_events_no_update;
+DROP TRIGGER IF EXISTS impersonation_audit_events_no_delete;
 CREATE TRIGGER impersonation_audit_events_no_update BEFORE UPDATE ON impersonation_audit_events
     FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'impersonation_audit_events is append-only: UPDATE refused';
 CREATE TRIGGER impersonation_audit_events_no_delete BEFORE DELETE ON impersonation_audit_events
