@@ -323,8 +323,13 @@ impl Watchdog {
             if timeout.timed_out() && !*guard {
                 f.store(true, Ordering::SeqCst);
                 eprintln!("`{what}` passed its deadline; stopping it and its tests");
-                let mut tree = descendants(pid);
-                tree.push(pid);
+                // The run itself first: killed after its children, it
+                // could see them die and exit on its own, with a status
+                // of its choosing (seen: `sh` ending 0 after its `wait`).
+                // Its children, found before it dies (then they belong to
+                // init), follow in the same command.
+                let mut tree = vec![pid];
+                tree.extend(descendants(pid));
                 let _ = Command::new("kill")
                     .args(["-s", "KILL", "--"])
                     .args(tree.iter().map(u32::to_string))
