@@ -348,7 +348,15 @@ where
 
             // API clients (bearer) are not browsers: no CSRF cookie is
             // issued to them, and their forms carry no token.
-            let (csrf, fresh_csrf): (Arc<str>, bool) = match csrf_cookie.filter(|v| v.len() == 43) {
+            // Only a value this layer could have drawn (43 base64url
+            // characters): a page on another port of the same host can
+            // set the cookie, and handlers put the token into their forms.
+            let drawn = |v: &&str| {
+                v.len() == 43
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            let (csrf, fresh_csrf): (Arc<str>, bool) = match csrf_cookie.filter(drawn) {
                 Some(token) => (token.into(), false),
                 None if bearer.is_some() || signed_token.is_some() => ("".into(), false),
                 None => match new_token() {
@@ -461,6 +469,9 @@ where
             // stop of an ended session is done.)
             let mut csrf = csrf;
             let mut fresh_csrf = fresh_csrf;
+            // What a fresh cookie holds: the token, unless the page's is
+            // derived from it (below, while consent is pending).
+            let mut stored_csrf = Arc::clone(&csrf);
             // Waiting for consent, the agent's pages carry a token of their
             // own, derived and not stored: a form rendered now, as the
             // agent, fails the check once the customer has agreed and the
@@ -480,10 +491,13 @@ where
             {
                 csrf = ended_session_token(&csrf, kept_secret.as_ref()).into();
                 fresh_csrf = true;
+                stored_csrf = Arc::clone(&csrf);
                 req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
                 if is_change {
+                    // The template, not the path: a path may carry a
+                    // token (a password reset link's, say).
                     tracing::info!(
-                        route = req.uri().path(),
+                        route = route_of(req.extensions(), req.uri()),
                         "a change posted under an impersonation session that has ended is refused"
                     );
                     let mut res = plain(
@@ -752,7 +766,7 @@ where
             if fresh_csrf && !sets_cookie(&res, settings.csrf_cookie()) {
                 set_cookie(
                     &mut res,
-                    &settings.cookie(settings.csrf_cookie(), csrf.to_string(), false),
+                    &settings.cookie(settings.csrf_cookie(), stored_csrf.to_string(), false),
                 );
             }
             // A dead secret cookie is cleared, unless the response sets a

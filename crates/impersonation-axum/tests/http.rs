@@ -944,6 +944,19 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
     assert_ne!(pending_form, token);
     let reply = post_settings(&mut sam, &pending_form).await;
     assert_eq!(reply.body, "saved for sam", "a change runs as the agent");
+    // A browser that lost its CSRF cookie (a restart; it has no
+    // `Max-Age`) while waiting gets a new one, and the page a token
+    // derived from it: the page's token is never the one stored.
+    sam.cookies.remove("__Host-impersonation-csrf");
+    let restarted_form = sam.get("/token").await.body;
+    let stored = sam.csrf();
+    assert!(!stored.is_empty(), "a new CSRF cookie");
+    assert_ne!(restarted_form, stored);
+    assert_eq!(
+        sam.get("/token").await.body,
+        restarted_form,
+        "stable while waiting"
+    );
 
     let pending = impersonation_core::SessionSecret::parse(&secret).unwrap();
     let session = f
@@ -957,14 +970,40 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
         .grant_consent(session.id, &customer("olive", "Olive Owner"))
         .await
         .unwrap();
-    // The agent's own form, rendered while waiting, cannot post as the
+    // The agent's own forms, rendered while waiting, cannot post as the
     // customer now.
-    let reply = post_settings(&mut sam, &pending_form).await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    for form in [&pending_form, &restarted_form] {
+        let reply = post_settings(&mut sam, form).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    }
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
     let token = sam.csrf();
     let reply = post_settings(&mut sam, &token).await;
     assert_eq!(reply.body, "saved for olive");
+}
+
+/// A CSRF cookie this layer could not have drawn (set by a page on another
+/// port of the same host, say) is not handed to the app's forms: a fresh
+/// token replaces it.
+#[tokio::test]
+async fn a_csrf_cookie_of_foreign_characters_is_replaced() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    let hostile = format!("<script>alert(1)</script>{}", "a".repeat(18));
+    assert_eq!(hostile.len(), 43);
+    sam.cookies
+        .insert("__Host-impersonation-csrf".into(), hostile.clone());
+    let form = sam.get("/token").await.body;
+    assert_ne!(form, hostile);
+    assert_eq!(
+        sam.csrf(),
+        form,
+        "a fresh cookie, and the page's token is it"
+    );
+    assert!(
+        form.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
 }
 
 /// A policy with no time limit (`Duration::MAX`) starts a session whose
