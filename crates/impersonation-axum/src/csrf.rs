@@ -13,7 +13,9 @@ use crate::layer::{CsrfToken, Handle, Settings, cookie};
 /// token, plus the browser's own word on where the request came from.
 ///
 /// A request passes when the browser sent the CSRF cookie, the form's token
-/// equals it (compared in constant time), `Sec-Fetch-Site` (if sent) is
+/// equals the request's [`CsrfToken`] (the cookie's, or under an
+/// impersonation session one bound to it; compared in constant time),
+/// `Sec-Fetch-Site` (if sent) is
 /// `same-origin` or `none`, and `Origin` (if sent) is this site: its host,
 /// and `https` outside development mode. The origin check is what stops a
 /// page on another port of the same host, which can set the cookie

@@ -124,8 +124,12 @@ pub(crate) struct RequestState {
     pub(crate) audited: AtomicBool,
 }
 
-/// Request extension: the CSRF token of this browser (double-submit cookie).
-/// Cloning is cheap: the text is shared. Its `Debug` does not show it.
+/// Request extension: the CSRF token this request's page puts into its
+/// forms. It is the browser's CSRF cookie, or, under the browser's
+/// impersonation session (or one waiting for consent), a token derived
+/// from the cookie and bound to that session, so a form posts as the
+/// identity its page was rendered under or not at all. Cloning is cheap:
+/// the text is shared. Its `Debug` does not show it.
 #[derive(Clone)]
 pub struct CsrfToken(pub(crate) Arc<str>);
 
@@ -485,6 +489,21 @@ where
                 .into();
                 req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
             }
+            // Under the browser's session, pages carry a token bound to
+            // it: a form rendered as anyone else (the agent, on a page
+            // opened from another site, whose `SameSite=Strict` cookies
+            // stayed behind) fails the check when it arrives with this
+            // session's cookie, and a form rendered under the session
+            // fails without it.
+            if cookie_session && ctx.is_some() && !csrf.is_empty() {
+                csrf = derived_token(
+                    b"session",
+                    &stored_csrf,
+                    kept_secret.as_ref().map(SessionSecret::hash),
+                )
+                .into();
+                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+            }
             if clear_secret
                 && !csrf.is_empty()
                 && !settings.own_route(route_of(req.extensions(), req.uri()))
@@ -732,7 +751,7 @@ where
                             // when a request brings the dead cookie (the
                             // same derivation, so both arrive at one token).
                             if !csrf.is_empty() {
-                                let next = ended_session_token(&csrf, state.secret.as_ref());
+                                let next = ended_session_token(&stored_csrf, state.secret.as_ref());
                                 set_cookie(
                                     &mut res,
                                     &settings.cookie(settings.csrf_cookie(), next, false),

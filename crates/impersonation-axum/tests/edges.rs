@@ -243,6 +243,14 @@ fn get_as(who: &str, uri: &str, secret: Option<&str>) -> axum::http::request::Bu
     }
 }
 
+/// The CSRF token a page's forms carry (the banner's Stop form, say).
+fn form_token(body: &[u8]) -> String {
+    let body = String::from_utf8_lossy(body);
+    let marker = "name=\"csrf\" value=\"";
+    let start = body.find(marker).expect("a form with a token") + marker.len();
+    body[start..][..body[start..].find('"').unwrap()].to_owned()
+}
+
 async fn events(f: &Fx) -> Vec<AuditEvent> {
     all_events(&*f.store, AuditQuery::default()).await
 }
@@ -357,11 +365,22 @@ async fn the_routes_redirect_only_to_a_path_on_this_site() {
     assert_eq!(started.status, StatusCode::SEE_OTHER);
     assert_eq!(started.location(), "/");
     let secret = started.cookie("__Host-impersonation").unwrap();
+    // The banner's Stop form carries the token of the session's pages.
+    let page = send(
+        &f.app,
+        get_as("sam", "/plain", None).header(
+            header::COOKIE,
+            format!("__Host-impersonation={secret}; __Host-impersonation-csrf={csrf}"),
+        ),
+        Body::empty(),
+    )
+    .await;
+    let token = form_token(&page.body);
     // A newline, which a `Location` header cannot carry, leads home too
     // (and the stop is made, not lost to an error).
     let (req, body) = post(
         "/impersonation/stop",
-        format!("csrf={csrf}&return_to=%2Fdone%0A%2F%2Fevil.example"),
+        format!("csrf={token}&return_to=%2Fdone%0A%2F%2Fevil.example"),
     );
     let req = req.header(header::COOKIE, format!("__Host-impersonation={secret}"));
     let stopped = send(&f.app, req, body).await;
@@ -613,14 +632,18 @@ async fn turned_away_stops_are_audited_and_a_stop_is_audited_once() {
             Body::from(format!("csrf={token}")),
         )
     };
+    let token = form_token(&first.body);
     let (req, body) = stop(Method::POST, "forged");
     assert_eq!(send(&f.app, req, body).await.status, StatusCode::FORBIDDEN);
-    let (req, body) = stop(Method::GET, &csrf);
+    // The stored token is not the session's pages' token.
+    let (req, body) = stop(Method::POST, &csrf);
+    assert_eq!(send(&f.app, req, body).await.status, StatusCode::FORBIDDEN);
+    let (req, body) = stop(Method::GET, &token);
     assert_eq!(
         send(&f.app, req, body).await.status,
         StatusCode::METHOD_NOT_ALLOWED
     );
-    let (req, body) = stop(Method::POST, &csrf);
+    let (req, body) = stop(Method::POST, &token);
     assert_eq!(send(&f.app, req, body).await.status, StatusCode::SEE_OTHER);
     let after_page: Vec<(AuditAction, Option<String>)> = events(&f)
         .await
@@ -632,6 +655,7 @@ async fn turned_away_stops_are_audited_and_a_stop_is_audited_once() {
     assert_eq!(
         after_page,
         [
+            (AuditAction::Modification, Some("403".to_owned())),
             (AuditAction::Modification, Some("403".to_owned())),
             (AuditAction::Access, Some("405".to_owned())),
             (AuditAction::SessionEnded, None),

@@ -14,7 +14,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use impersonation_axum::{CsrfCheck, EffectiveUser, ImpersonationLayer};
+use impersonation_axum::{CsrfCheck, CsrfToken, EffectiveUser, ImpersonationLayer};
 use impersonation_core::{
     AuditAction, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester, StartRequest,
     UserId,
@@ -47,6 +47,11 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
     Router::new()
         .route("/signout/{device}", post(checked))
         .route("/bookings", post(checked))
+        // The token the app puts into its forms.
+        .route(
+            "/token",
+            get(|token: CsrfToken| async move { token.as_str().to_owned() }),
+        )
         .route(
             "/read-only",
             get(|user: EffectiveUser| async move {
@@ -164,7 +169,8 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         .await
         .unwrap()
         .secret;
-    let secret = Some(secret.expose());
+    let exposed = secret.expose();
+    let secret = Some(exposed);
     let here = "https://app.example";
     // A page can tell, and leave out the forms it would refuse.
     let read_only = |secret: Option<&str>| {
@@ -184,21 +190,50 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
     // And works with the customer's companies, not the agent's.
     assert_eq!(read_only(secret).await, "true Pinewood Campground");
     assert_eq!(read_only(None).await, "false Support");
+    // The session's pages carry a token bound to it.
+    let page = {
+        let req = Request::builder()
+            .uri("/token")
+            .header(header::HOST, "app.example")
+            .header("x-test-user", "sam")
+            .header(
+                header::COOKIE,
+                format!("__Host-impersonation={exposed}; __Host-impersonation-csrf={TOKEN}"),
+            );
+        let res = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        String::from_utf8(
+            axum::body::to_bytes(res.into_body(), 256)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    assert_ne!(page, TOKEN);
     // A change is refused in a read-only session; the host's sign-out,
     // marked as no change, is served, and audited as an access.
     assert_eq!(
-        status(&app, form("/bookings", here, true, TOKEN, secret)).await,
+        status(&app, form("/bookings", here, true, &page, secret)).await,
+        StatusCode::FORBIDDEN
+    );
+    // (The stored token is not the session pages' token.)
+    assert_eq!(
+        status(&app, form("/signout/phone", here, true, TOKEN, secret)).await,
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        status(&app, form("/signout/phone", here, true, TOKEN, secret)).await,
+        status(&app, form("/signout/phone", here, true, &page, secret)).await,
         StatusCode::OK
     );
     let trail: Vec<(AuditAction, String)> = all_events(&*store, AuditQuery::default())
         .await
         .into_iter()
         .filter(|e| e.action != AuditAction::SessionStarted)
-        .filter(|e| e.details.get("route") != Some("/read-only"))
+        .filter(|e| !matches!(e.details.get("route"), Some("/read-only" | "/token")))
         .map(|e| {
             let what = e
                 .details
@@ -213,6 +248,7 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
         trail,
         [
             (AuditAction::Denied, "POST /bookings".to_owned()),
+            (AuditAction::Access, "/signout/{device}".to_owned()),
             (AuditAction::Access, "/signout/{device}".to_owned()),
         ]
     );

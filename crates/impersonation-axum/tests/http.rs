@@ -303,8 +303,16 @@ impl Browser {
         .await
     }
 
+    /// The token the current page's forms carry (under a session, bound
+    /// to it; else the stored one).
+    async fn page_token(&mut self) -> String {
+        self.get("/token").await.body
+    }
+
     async fn stop(&mut self) -> Reply {
-        let form = format!("csrf={}", self.csrf());
+        // The banner's Stop form, rendered as the page is.
+        let token = self.page_token().await;
+        let form = format!("csrf={token}");
         self.send(
             Method::POST,
             "/impersonation/stop",
@@ -779,7 +787,7 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
 
     // The agent's own settings form, posted after the start: refused.
     sam.start("olive").await;
-    let olives_form = sam.csrf();
+    let olives_form = sam.page_token().await;
     assert_ne!(olives_form, own_form);
     let reply = post_settings(&mut sam, &own_form).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
@@ -977,8 +985,34 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
         assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
     }
     assert!(sam.get("/").await.body.contains("impersonation-banner"));
-    let token = sam.csrf();
+    let token = sam.page_token().await;
     let reply = post_settings(&mut sam, &token).await;
+    assert_eq!(reply.body, "saved for olive");
+}
+
+/// A page opened from another site while the browser impersonates comes
+/// without the `SameSite=Strict` cookies: it renders as the agent and
+/// draws a new CSRF token. A form on it, posted from the same site, comes
+/// with the session cookie again, and does not run as the customer: the
+/// session's pages carry a token bound to the session.
+#[tokio::test]
+async fn a_page_opened_from_another_site_does_not_post_as_the_customer() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let secret = sam.secret().unwrap();
+    // The cross-site navigation: neither Strict cookie is sent.
+    sam.cookies.remove("__Host-impersonation");
+    sam.cookies.remove("__Host-impersonation-csrf");
+    let agents_form = sam.page_token().await;
+    assert_eq!(sam.csrf(), agents_form, "a new token, stored");
+    sam.cookies.insert("__Host-impersonation".into(), secret);
+    let reply = post_settings(&mut sam, &agents_form).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    // Reloaded under the session, the page's form posts as the customer.
+    let customers_form = sam.page_token().await;
+    let reply = post_settings(&mut sam, &customers_form).await;
     assert_eq!(reply.body, "saved for olive");
 }
 
