@@ -118,6 +118,9 @@ pub(crate) struct RequestState {
     /// The session secret the request presented (even when it did not
     /// resolve for this user), for the stop route.
     pub(crate) secret: Option<SessionSecret>,
+    /// The secret came in `Authorization: Bearer` (an API client's own
+    /// credential, which a browser never sends on its own), not a cookie.
+    pub(crate) bearer: bool,
     /// Set once the request has been audited (a refusal by
     /// [`crate::NotImpersonating`]) or handed to the service, which audits
     /// it (start, stop), so the layer does not audit it twice.
@@ -534,6 +537,7 @@ where
 
             let state = Arc::new(RequestState {
                 shared: Arc::clone(&shared),
+                bearer: !from_cookie && kept_secret.is_some(),
                 secret: kept_secret,
                 audited: AtomicBool::new(false),
             });

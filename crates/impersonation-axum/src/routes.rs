@@ -252,6 +252,25 @@ async fn stop(req: Request) -> Response {
     let shared = &state.shared;
     let principal = parts.extensions.get::<Principal>().cloned();
     let settings = &shared.settings;
+    // An API client stopping with its own bearer secret: no browser sends
+    // that header on its own, so no cross-site check applies and no form
+    // is needed. The outcome is audited by the service as for a browser's
+    // stop (another agent's attempt is a refusal on the trail); the answer
+    // is 204, with no redirect and no cookie.
+    if state.bearer
+        && let Some(secret) = &state.secret
+    {
+        let Some(principal) = principal else {
+            return text(StatusCode::UNAUTHORIZED, "sign in first".into());
+        };
+        state.audited.store(true, Ordering::SeqCst);
+        return match shared.api.stop(secret, &principal).await {
+            Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => {
+                no_store(StatusCode::NO_CONTENT.into_response())
+            }
+            Err(e) => error(&e),
+        };
+    }
     let check = parts
         .extensions
         .get::<CsrfToken>()

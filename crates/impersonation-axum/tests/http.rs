@@ -525,6 +525,53 @@ async fn stop_is_accepted_only_from_the_sessions_own_agent() {
     );
 }
 
+/// An API client stops with its own bearer secret: no CSRF cookie, no
+/// form, answered 204; another agent's attempt with it is refused (403)
+/// and on the trail, as a browser's is.
+#[tokio::test]
+async fn an_api_client_stops_with_its_bearer_secret() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut kim_api = Browser::new(&f, "kim");
+    let refused = kim_api
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            None,
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert!(
+        events(&f)
+            .await
+            .iter()
+            .any(|e| e.details.get("denial") == Some("not_session_agent"))
+    );
+    let mut sam_api = Browser::new(&f, "sam");
+    let stopped = sam_api
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            None,
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(stopped.status, StatusCode::NO_CONTENT, "{}", stopped.body);
+    assert!(sam_api.cookies.is_empty(), "no cookie for an API client");
+    let end = events(&f)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == AuditAction::SessionEnded)
+        .unwrap();
+    assert_eq!(end.details.get("reason"), Some("stopped"));
+    assert!(!sam.get("/").await.body.contains("impersonation-banner"));
+}
+
 #[tokio::test]
 async fn an_expired_session_ends_with_an_expired_event_and_no_banner() {
     let f = fixture();
