@@ -477,30 +477,27 @@ where
             let mut csrf = csrf;
             let mut fresh_csrf = fresh_csrf;
             // What a fresh cookie holds: the token, unless the page's is
-            // derived from it (below, while consent is pending).
+            // derived from it (below, under a session).
             let mut stored_csrf = Arc::clone(&csrf);
-            // Waiting for consent, the agent's pages carry a token of their
-            // own, derived and not stored: a form rendered now, as the
-            // agent, fails the check once the customer has agreed and the
-            // same browser is the customer.
-            if pending && !csrf.is_empty() {
+            // Under the browser's session, pages carry a token bound to it,
+            // derived and not stored: a form rendered as anyone else (the
+            // agent, on a page opened from another site, whose
+            // `SameSite=Strict` cookies stayed behind) fails the check when
+            // it arrives with this session's cookie, and a form rendered
+            // under the session fails without it. Waiting for consent, the
+            // agent's pages get one of their own: a form rendered then, as
+            // the agent, fails once the customer has agreed and the same
+            // browser is the customer.
+            let bound_to: Option<&[u8]> = if pending {
+                Some(b"pending")
+            } else if cookie_session && ctx.is_some() {
+                Some(b"session")
+            } else {
+                None
+            };
+            if let Some(purpose) = bound_to.filter(|_| !csrf.is_empty()) {
                 csrf = derived_token(
-                    b"pending",
-                    &csrf,
-                    kept_secret.as_ref().map(SessionSecret::hash),
-                )
-                .into();
-                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
-            }
-            // Under the browser's session, pages carry a token bound to
-            // it: a form rendered as anyone else (the agent, on a page
-            // opened from another site, whose `SameSite=Strict` cookies
-            // stayed behind) fails the check when it arrives with this
-            // session's cookie, and a form rendered under the session
-            // fails without it.
-            if cookie_session && ctx.is_some() && !csrf.is_empty() {
-                csrf = derived_token(
-                    b"session",
+                    purpose,
                     &stored_csrf,
                     kept_secret.as_ref().map(SessionSecret::hash),
                 )
