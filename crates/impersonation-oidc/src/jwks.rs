@@ -114,7 +114,7 @@ impl Jwks {
 
     /// The keys to verify with: fetched again once older than the maximum
     /// age; while that fails, the last ones serve until the stale limit.
-    pub(crate) async fn current(&self) -> Result<CoreJsonWebKeySet, TokenError> {
+    async fn current(&self) -> Result<CoreJsonWebKeySet, TokenError> {
         let (keys, age) = self.cached();
         let Some(age) = age.filter(|age| *age >= self.max_age) else {
             return Ok(keys);
@@ -139,14 +139,28 @@ impl Jwks {
         }
     }
 
+    /// Runs `check` on `token` with the current keys, and once more with
+    /// keys fetched again if its signature failed because it names a key
+    /// these lack (the keys were rotated since).
+    pub(crate) async fn verify<T>(
+        &self,
+        token: &str,
+        check: impl Fn(CoreJsonWebKeySet) -> Result<T, TokenError>,
+    ) -> Result<T, TokenError> {
+        match check(self.current().await?) {
+            Err(e @ TokenError::Signature(_)) => match self.for_unknown_key(token).await? {
+                Some(keys) => check(keys),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
     /// The keys to try again with when `token` names a key these lack (the
     /// keys were rotated since): fetched now, or, if a fetch was tried just
     /// now (by another request, perhaps), what it brought. `None`: nothing
     /// a fetch could find (no key named, or nowhere to fetch from).
-    pub(crate) async fn for_unknown_key(
-        &self,
-        token: &str,
-    ) -> Result<Option<CoreJsonWebKeySet>, TokenError> {
+    async fn for_unknown_key(&self, token: &str) -> Result<Option<CoreJsonWebKeySet>, TokenError> {
         if !self.names_unknown_key(token) {
             return Ok(None);
         }

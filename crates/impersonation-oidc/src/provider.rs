@@ -149,15 +149,9 @@ impl Provider {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<IdTokenClaims<AC, CoreGenderClaim>, TokenError> {
-        let keys = self.keys.current().await?;
-        match self.verify_with::<AC>(token, now, keys) {
-            // A key id the cached JWKS lacks: the provider may have rotated.
-            Err(e @ TokenError::Signature(_)) => match self.keys.for_unknown_key(token).await? {
-                Some(keys) => self.verify_with(token, now, keys),
-                None => Err(e),
-            },
-            other => other,
-        }
+        self.keys
+            .verify(token, |keys| self.verify_with::<AC>(token, now, keys))
+            .await
     }
 
     fn verify_with<AC: AdditionalClaims>(

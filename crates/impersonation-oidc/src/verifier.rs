@@ -200,14 +200,8 @@ impl TokenVerifier {
             return self.verify(token);
         };
         let now = self.api.now();
-        match self.verify_with(token, now, jwks.current().await?) {
-            // A key id the keys lack: the issuer may have rotated.
-            Err(e @ TokenError::Signature(_)) => match jwks.for_unknown_key(token).await? {
-                Some(keys) => self.verify_with(token, now, keys),
-                None => Err(e),
-            },
-            other => other,
-        }
+        jwks.verify(token, |keys| self.verify_with(token, now, keys))
+            .await
     }
 
     fn verify_with(

@@ -13,17 +13,20 @@ use impersonation_oidc::{
     ClientRegistration, Issuer, IssuerConfig, KeyRing, SigningKey, TokenError,
 };
 
+/// An exchange of Sam's provider token for an impersonation token on Olive.
+async fn sams_token_for_olive(op: &Forger, served: &Served) -> String {
+    let actor = op.op_token("sam", |_, _| {});
+    let (status, body) = exchange(&served.url, &form(&actor, "olive")).await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
     let (op, provider) = forged_provider();
     let served = serve_issuer(provider).await;
     let verifier = served.issuer.verifier(API);
-    let issue = || async {
-        let actor = op.op_token("sam", |_, _| {});
-        let (status, body) = exchange(&served.url, &form(&actor, "olive")).await;
-        assert_eq!(status, 200, "{body}");
-        body["access_token"].as_str().unwrap().to_owned()
-    };
+    let issue = || sams_token_for_olive(&op, &served);
     let before = issue().await;
     let first_kid = served.issuer.keys().current().kid().to_owned();
     assert_eq!(decode(&before).0["kid"], first_kid.as_str());
@@ -120,12 +123,7 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
         .directory
         .get(&impersonation_core::UserId::new("sam").unwrap())
         .unwrap();
-    let issue = || async {
-        let actor = op.op_token("sam", |_, _| {});
-        let (status, body) = exchange(&served.url, &form(&actor, "olive")).await;
-        assert_eq!(status, 200, "{body}");
-        body["access_token"].as_str().unwrap().to_owned()
-    };
+    let issue = || sams_token_for_olive(&op, &served);
 
     let before = issue().await;
     let ctx = rotating.authorize(&before).await.unwrap();
