@@ -138,6 +138,10 @@ pub(crate) struct SubjectClaims {
     /// Who may act for the subject, if the token says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) may_act: Option<MayActClaim>,
+    /// Who already acts for the subject (a delegated token): the issued
+    /// token names them as prior actors. Read as strictly as any `act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) act: Option<ActorClaim>,
 }
 
 impl AdditionalClaims for SubjectClaims {}

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use impersonation_core::{
     Denial, Error, ImpersonationApi, Initiator, Requester, StartRequest, UserId,
 };
@@ -15,8 +17,9 @@ use openidconnect::core::{
     CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AdditionalProviderMetadata, Audience, AuthUrl, IdTokenClaims, IssuerUrl, JsonWebKeySetUrl,
-    ResponseTypes, StandardClaims, SubjectIdentifier, TokenUrl,
+    AdditionalProviderMetadata, Audience, AuthUrl, IdTokenClaims, IssuerUrl, JsonWebKey,
+    JsonWebKeySetUrl, PrivateSigningKey, ResponseTypes, StandardClaims, SubjectIdentifier,
+    TokenUrl,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -24,18 +27,17 @@ use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 
 use crate::claims::{
-    ActorClaim, ActorTokenClaims, ImpersonationClaims, ImpersonationToken, MayActClaim,
-    SubjectClaims,
+    ActorClaim, ActorTokenClaims, ImpersonationClaims, MayActClaim, SubjectClaims,
 };
 use crate::error::{ErrorCode, OAuthError, OidcError};
-use crate::jwt::to_chrono;
+use crate::jwt::{ACCESS_TOKEN_JWT_TYPE, to_chrono};
 use crate::keys::KeyRing;
 use crate::provider::Provider;
 use crate::request::{
     ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, JWT_TOKEN_TYPE, RevocationRequest,
     Subject, TOKEN_EXCHANGE,
 };
-use crate::verifier::TokenVerifier;
+use crate::verifier::{MAX_PRIOR_ACTORS, TokenVerifier};
 
 /// Default lifetime of an impersonation token (never past its session's end).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::minutes(5);
@@ -450,9 +452,13 @@ impl Issuer {
                 "actor_token: a delegated token (it names an actor); present the agent's own",
             ));
         }
-        let target = match &request.subject {
-            Subject::Requested(id) => UserId::new(id.as_str())
-                .map_err(|e| oauth(ErrorCode::InvalidRequest, format!("requested_subject: {e}")))?,
+        let (target, prior) = match &request.subject {
+            Subject::Requested(id) => (
+                UserId::new(id.as_str()).map_err(|e| {
+                    oauth(ErrorCode::InvalidRequest, format!("requested_subject: {e}"))
+                })?,
+                None,
+            ),
             Subject::Token { token, .. } => {
                 let (target, subject) = self
                     .provider
@@ -462,7 +468,13 @@ impl Issuer {
                 if let Some(may_act) = &subject.additional_claims().may_act {
                     may_act_allows(may_act, &actor)?;
                 }
-                target
+                let prior = subject
+                    .additional_claims()
+                    .act
+                    .as_ref()
+                    .map(|act| prior_actors(act, subject.issuer()))
+                    .transpose()?;
+                (target, prior)
             }
         };
         let agent = self
@@ -516,6 +528,7 @@ impl Issuer {
             started.session.id,
             &client.id,
             scope.as_deref(),
+            prior,
         );
         let refused = match (&signed, scope.as_deref()) {
             (Err(e), _) => Some((e.clone(), "no token could be signed for it")),
@@ -610,18 +623,21 @@ impl Issuer {
         session: impersonation_core::SessionId,
         client: &str,
         scope: Option<&str>,
+        prior: Option<serde_json::Value>,
     ) -> Result<String, OAuthError> {
         let claims = openidconnect::IdTokenClaims::new(
             self.config.issuer.clone(),
             audiences.iter().cloned().map(Audience::new).collect(),
             to_chrono(expires_at),
             to_chrono(now),
-            StandardClaims::new(SubjectIdentifier::new(subject.as_str().to_owned())),
+            StandardClaims::<CoreGenderClaim>::new(SubjectIdentifier::new(
+                subject.as_str().to_owned(),
+            )),
             ImpersonationClaims {
                 sid: session.to_string(),
                 act: ActorClaim {
                     sub: agent.as_str().to_owned(),
-                    act: None,
+                    act: prior,
                 },
                 jti: uuid::Uuid::now_v7().to_string(),
                 nbf: Some(now.unix_timestamp()),
@@ -630,16 +646,59 @@ impl Issuer {
             },
         );
         let key = self.keys.current();
-        ImpersonationToken::new(
-            claims,
-            key.rsa_signer(),
-            CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
-            None,
-            None,
-        )
-        .map(|t| t.to_string())
-        .map_err(|e| oauth(ErrorCode::TemporarilyUnavailable, format!("signing: {e}")))
+        let signing = |e: String| oauth(ErrorCode::TemporarilyUnavailable, format!("signing: {e}"));
+        // Typed as an access token (RFC 9068 §2.1, `at+jwt`), which the
+        // `openidconnect` crate's signer cannot say (it writes no `typ`):
+        // so that no other JWT signed with these keys passes for one
+        // (RFC 8725 §3.11). The signature is that crate's RS256.
+        let signer = key.rsa_signer();
+        let alg = CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256;
+        let header = serde_json::json!({
+            "alg": alg,
+            "kid": signer.as_verification_key().key_id(),
+            "typ": ACCESS_TOKEN_JWT_TYPE,
+        });
+        let payload = serde_json::to_vec(&claims).map_err(|e| signing(e.to_string()))?;
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let signature = signer
+            .sign(&alg, input.as_bytes())
+            .map_err(|e| signing(e.to_string()))?;
+        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
     }
+}
+
+/// A subject token's own delegation chain (RFC 8693 §4.1), as the issued
+/// token's prior actors. Each actor that names no issuer is given the
+/// subject token's: their `sub` is that provider's identifier, not one of
+/// this issuer's. A chain the issued token could not carry (more than
+/// [`MAX_PRIOR_ACTORS`] in all) is refused.
+fn prior_actors(act: &ActorClaim, issuer: &IssuerUrl) -> Result<serde_json::Value, OAuthError> {
+    let mut chain = serde_json::to_value(act).map_err(|e| {
+        oauth(
+            ErrorCode::InvalidRequest,
+            format!("subject_token: act: {e}"),
+        )
+    })?;
+    let mut depth = 0;
+    let mut actor = Some(&mut chain);
+    while let Some(serde_json::Value::Object(object)) = actor {
+        depth += 1;
+        if depth > MAX_PRIOR_ACTORS {
+            return Err(oauth(
+                ErrorCode::InvalidRequest,
+                format!("subject_token: more than {MAX_PRIOR_ACTORS} actors in its act chain"),
+            ));
+        }
+        object
+            .entry("iss")
+            .or_insert_with(|| serde_json::Value::String(issuer.as_str().to_owned()));
+        actor = object.get_mut("act");
+    }
+    Ok(chain)
 }
 
 /// The permissions a `scope` names (RFC 6749 §3.3: scope tokens of

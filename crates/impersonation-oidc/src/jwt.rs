@@ -28,6 +28,20 @@ pub(crate) const LEEWAY: Duration = Duration::seconds(30);
 pub(crate) const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 1] =
     [CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256];
 
+/// The JOSE type (`typ`) of an access token as a JWT (RFC 9068 §2.1).
+pub(crate) const ACCESS_TOKEN_JWT_TYPE: &str = "at+jwt";
+
+/// Which JOSE types (`typ`) a token may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Typ {
+    /// A provider's ID and access tokens: `JWT`, `at+jwt`, or none.
+    Any,
+    /// This crate's impersonation tokens: `at+jwt` and nothing else
+    /// (RFC 9068 §4), so that no other JWT signed with the same keys
+    /// passes for one (RFC 8725 §3.11).
+    AccessToken,
+}
+
 /// What to check a token against.
 pub(crate) struct Expect<'a> {
     pub(crate) issuer: &'a IssuerUrl,
@@ -36,8 +50,8 @@ pub(crate) struct Expect<'a> {
     pub(crate) now: OffsetDateTime,
     /// The longest `exp - iat` accepted.
     pub(crate) max_lifetime: Duration,
-    /// Accept `typ: at+jwt` (RFC 9068 access tokens).
-    pub(crate) access_token_type: bool,
+    /// The `typ` the token may declare.
+    pub(crate) typ: Typ,
     /// Refuse a token that names no key (`kid`). This crate's own tokens
     /// always name one; OpenID Connect lets a provider that publishes a
     /// single key leave it out (then that key must verify it).
@@ -114,11 +128,20 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     if !names_key && (expect.kid_required || expect.keys.keys().len() != 1) {
         return Err(TokenError::Signature("the token names no key (kid)".into()));
     }
+    let access_token = JsonWebTokenType::new(ACCESS_TOKEN_JWT_TYPE.into());
+    let types = match expect.typ {
+        Typ::Any => vec![JsonWebTokenType::new("JWT".into()), access_token],
+        Typ::AccessToken => {
+            // openidconnect's verifier lets a token without `typ` through.
+            if header.typ.is_none() {
+                return Err(TokenError::Malformed(format!(
+                    "not typed as an access token (typ {ACCESS_TOKEN_JWT_TYPE})"
+                )));
+            }
+            vec![access_token]
+        }
+    };
     let now = to_chrono(expect.now);
-    let mut types = vec![JsonWebTokenType::new("JWT".into())];
-    if expect.access_token_type {
-        types.push(JsonWebTokenType::new("at+jwt".into()));
-    }
     let verifier = IdTokenVerifier::new_public_client(
         ClientId::new(expect.audience.to_owned()),
         expect.issuer.clone(),
@@ -169,6 +192,8 @@ struct NotBefore {
 pub(crate) struct RawHeader {
     #[serde(default)]
     pub(crate) kid: Option<String>,
+    #[serde(default)]
+    pub(crate) typ: Option<String>,
 }
 
 pub(crate) fn unverified_header(token: &str) -> Result<RawHeader, TokenError> {

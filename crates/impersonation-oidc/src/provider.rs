@@ -13,7 +13,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::error::{OidcError, TokenError};
 use crate::jwks::Jwks;
-use crate::jwt::{Expect, verify};
+use crate::jwt::{Expect, Typ, verify};
 
 /// The longest lifetime accepted for a provider's token.
 const PROVIDER_MAX_LIFETIME: Duration = Duration::hours(24);
@@ -168,7 +168,7 @@ impl Provider {
                 keys,
                 now,
                 max_lifetime: PROVIDER_MAX_LIFETIME,
-                access_token_type: true,
+                typ: Typ::Any,
                 kid_required: false,
             },
         )

@@ -13,7 +13,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::claims::ImpersonationClaims;
 use crate::error::TokenError;
-use crate::jwt::{Expect, unverified_payload, verify};
+use crate::jwt::{Expect, Typ, unverified_payload, verify};
 use crate::keys::KeyRing;
 
 /// The most prior actors (a nested `act` chain, RFC 8693 §4.1) a token may
@@ -168,9 +168,9 @@ impl TokenVerifier {
         &self.audience
     }
 
-    /// Checks signature, algorithm, key id, `iss`, `aud`, `exp`, `nbf`,
-    /// `iat` and the lifetime bound, and reads `sub`, the current actor and
-    /// `sid`. Does not ask the store: see [`TokenVerifier::authorize`].
+    /// Checks the type (`typ: at+jwt`), signature, algorithm, key id,
+    /// `iss`, `aud`, `exp`, `nbf`, `iat` and the lifetime bound, and reads
+    /// `sub`, the current actor and `sid`. Does not ask the store: see [`TokenVerifier::authorize`].
     ///
     /// A verifier built by [`TokenVerifier::fetch`] checks against the
     /// keys it holds; [`TokenVerifier::authorize`] also fetches them again
@@ -218,7 +218,7 @@ impl TokenVerifier {
                 keys,
                 now,
                 max_lifetime: self.max_lifetime,
-                access_token_type: false,
+                typ: Typ::AccessToken,
                 kid_required: true,
             },
         )?;

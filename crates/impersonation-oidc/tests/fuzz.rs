@@ -150,6 +150,8 @@ struct Mutation {
     alg: Alg,
     /// 0: ours, 1: another key's, 2: missing, 3: not a string.
     kid: u8,
+    /// 0: `at+jwt`, 1: `application/at+jwt`, 2: missing, 3: `JWT`, 4: not a string.
+    typ: u8,
     /// Signed by our key (else by a stranger's).
     our_key: bool,
     iss_ok: bool,
@@ -185,6 +187,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     let base = (
         alg,
         prop_oneof![6 => Just(0u8), 1 => 1u8..4],
+        prop_oneof![6 => Just(0u8), 1 => 1u8..5],
         prop_oneof![6 => Just(true), 1 => Just(false)],
         prop_oneof![6 => Just(true), 1 => Just(false)],
         prop_oneof![6 => Just(0u8), 1 => 1u8..4],
@@ -202,10 +205,15 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         prop_oneof![6 => Just(0u8), 1 => 1u8..5],
     );
     (base, times, body).prop_map(
-        |((alg, kid, our_key, iss_ok, aud), (exp, iat, nbf), (sid, sub_ok, act, depth, shape))| {
+        |(
+            (alg, kid, typ, our_key, iss_ok, aud),
+            (exp, iat, nbf),
+            (sid, sub_ok, act, depth, shape),
+        )| {
             Mutation {
                 alg,
                 kid,
+                typ,
                 our_key,
                 iss_ok,
                 aud,
@@ -240,6 +248,7 @@ impl Mutation {
         };
         matches!(self.alg, Alg::Rs256)
             && self.kid == 0
+            && self.typ <= 1
             && self.our_key
             && self.iss_ok
             && self.aud <= 1
@@ -307,6 +316,13 @@ fn build(w: &World, m: &Mutation) -> String {
         1 => header["kid"] = json!(w.stranger.kid()),
         3 => header["kid"] = json!(7),
         _ => {}
+    }
+    match m.typ {
+        0 => header["typ"] = json!("at+jwt"),
+        1 => header["typ"] = json!("application/at+jwt"),
+        2 => {}
+        3 => header["typ"] = json!("JWT"),
+        _ => header["typ"] = json!(7),
     }
     let mut p = w.good.clone();
     p["iss"] = json!(if m.iss_ok {

@@ -12,7 +12,9 @@ use std::str::FromStr;
 use common::*;
 use impersonation_core::{AuditAction, AuditQuery};
 use impersonation_oidc::openidconnect::core::CoreProviderMetadata;
-use impersonation_oidc::openidconnect::{ClientId, IdTokenVerifier, IssuerUrl, Nonce};
+use impersonation_oidc::openidconnect::{
+    ClientId, IdTokenVerifier, IssuerUrl, JsonWebTokenType, Nonce,
+};
 use impersonation_oidc::{
     ExchangeClient, ExternalExchange, ImpersonationToken, Provider, Subject, http_client,
 };
@@ -51,6 +53,16 @@ async fn an_agents_token_from_a_real_provider_becomes_an_impersonation_token_a_r
         metadata.jwks().clone(),
     );
     let parsed = ImpersonationToken::from_str(token).unwrap();
+    // Typed as an access token (RFC 9068), it is not taken for an ID
+    // token, which is what the crate's verifier checks by default...
+    assert!(
+        parsed
+            .claims(&verifier, |_: Option<&Nonce>| Ok(()))
+            .is_err()
+    );
+    // ...and verifies once the relying party accepts access tokens.
+    let verifier =
+        verifier.set_allowed_jose_types(JsonWebTokenType::new("at+jwt".into()).normalize().ok());
     let claims = parsed
         .claims(&verifier, |_: Option<&Nonce>| Ok(()))
         .unwrap();

@@ -496,6 +496,69 @@ async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_tokens_delegation_chain_becomes_the_issued_tokens_prior_actors() {
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let exchange_for = async |act: Value| {
+        let olive = f.op.op_token("olive", |_, p| p["act"] = act);
+        let mut params = form(&sam, "");
+        params.retain(|(k, _)| *k != "requested_subject");
+        params.push(("subject_token", &olive));
+        params.push(("subject_token_type", ACCESS_TOKEN));
+        f.exchange(&params).await
+    };
+    // Olive's token was itself delegated: to a scheduling app, which a
+    // partner's integration acts through (that one names its own issuer).
+    let (status, body) = exchange_for(json!({
+        "sub": "scheduler-app",
+        "act": {"sub": "partner-sync", "iss": "https://partner.test/"}
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap();
+    let (_, claims) = decode(token);
+    // Sam is the current actor; the chain follows, each actor under the
+    // issuer whose subject it is.
+    assert_eq!(
+        claims["act"],
+        json!({
+            "sub": "sam",
+            "act": {
+                "sub": "scheduler-app",
+                "iss": OP,
+                "act": {"sub": "partner-sync", "iss": "https://partner.test/"}
+            }
+        })
+    );
+    // The verifier reads Sam, not a prior actor, as the agent.
+    let verified = f.served.issuer.verifier(API).verify(token).unwrap();
+    assert_eq!(verified.actor.as_str(), "sam");
+
+    // A malformed chain, or one longer than an issued token may carry, is
+    // refused before the policy runs.
+    let deep = (0..impersonation_oidc::MAX_PRIOR_ACTORS).fold(
+        json!({"sub": "first"}),
+        |inner, i| json!({"sub": format!("a{i}"), "act": inner}),
+    );
+    for refused in [
+        json!("scheduler-app"),
+        json!({"sub": ""}),
+        json!({"sub": "scheduler-app", "act": [1]}),
+        deep,
+    ] {
+        let answer = exchange_for(refused.clone()).await;
+        assert_refused(&answer, 400, "invalid_request");
+        assert!(
+            answer.1["error_description"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("subject_token: ")),
+            "{refused}: {}",
+            answer.1
+        );
+    }
+}
+
 // ---- Our own tokens, at the verifier (a binding answers 401). ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,6 +569,8 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
     verifier.authorize(&token).await.unwrap();
     let ours = f.ours();
     let (header, payload) = decode(&token);
+    // Typed as an access token (RFC 9068 §2.1).
+    assert_eq!(header["typ"], "at+jwt", "{header}");
     let resign = |tweak: &dyn Fn(&mut Value, &mut Value)| {
         let (mut h, mut p) = (header.clone(), payload.clone());
         tweak(&mut h, &mut p);
@@ -539,6 +604,16 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
             resign(&|h, _| {
                 h.as_object_mut().unwrap().remove("kid");
             }),
+        ),
+        (
+            "no typ (an untyped JWT, such as an ID token, signed with our keys)",
+            resign(&|h, _| {
+                h.as_object_mut().unwrap().remove("typ");
+            }),
+        ),
+        (
+            "typ JWT (not an access token)",
+            resign(&|h, _| h["typ"] = json!("JWT")),
         ),
         (
             "expired",
