@@ -4,7 +4,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use subtle::ConstantTimeEq;
 
 use crate::layer::{CsrfToken, Handle, Settings, cookie};
@@ -77,6 +77,19 @@ impl CsrfCheck {
         &self.token
     }
 
+    /// Whether the request comes from this site's own pages: the browser
+    /// sent the CSRF cookie (`SameSite=Strict`, so never with a request
+    /// another site starts) and neither `Origin` nor `Sec-Fetch-Site` names
+    /// another origin. [`CsrfCheck::verify`] asks this and the token.
+    ///
+    /// This alone serves a form that may outlive its token and does no
+    /// harm posted as whoever the browser is now: sign-out, whose form may
+    /// have been rendered under an impersonation that has since ended
+    /// (the layer then replaced the token).
+    pub fn same_site(&self) -> bool {
+        self.same_site
+    }
+
     /// Whether a form that sent `sent` as its token passes the check.
     pub fn verify(&self, sent: &str) -> bool {
         // Compared in constant time: how long a refusal takes says nothing
@@ -144,4 +157,37 @@ fn same_origin(headers: &HeaderMap, site: &Site<'_>) -> bool {
         return origin.to_str().is_ok_and(|o| site.is(o));
     }
     true
+}
+
+/// Response part: the browser gets a new CSRF token with this response.
+///
+/// The SDK replaces the token when an impersonation starts or stops, so
+/// that forms rendered for one identity cannot post as the next. When the
+/// host app's own sign-in changes whom the browser acts as (a sign-in, a
+/// sign-out, a switch of account), its response should carry this part:
+/// then a form another tab rendered for the person before fails the check
+/// instead of posting as the one signed in now. Requests without a
+/// browser's cookie (API clients) get no CSRF cookie, renewed or not;
+/// a response that sets the cookie itself keeps its own.
+///
+/// ```
+/// use axum::response::{IntoResponse, Redirect, Response};
+/// use impersonation_axum::RenewCsrfToken;
+///
+/// async fn sign_in() -> Response {
+///     // … check the credentials, set the app's own session cookie …
+///     (RenewCsrfToken, Redirect::to("/")).into_response()
+/// }
+/// # let _ = axum::Router::<()>::new().route("/signin", axum::routing::post(sign_in));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenewCsrfToken;
+
+impl IntoResponseParts for RenewCsrfToken {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
 }

@@ -782,6 +782,24 @@ where
                     }
                 }
             }
+            // The host app's own sign-in or sign-out changed whom the
+            // browser acts as, and asks for a new token (a browser's only).
+            if res
+                .extensions_mut()
+                .remove::<crate::csrf::RenewCsrfToken>()
+                .is_some()
+                && !csrf.is_empty()
+            {
+                match new_token() {
+                    Some(token) => {
+                        stored_csrf = token.into();
+                        fresh_csrf = true;
+                    }
+                    None => {
+                        tracing::warn!("random source unavailable; the CSRF token is not replaced");
+                    }
+                }
+            }
             // (Unless the response sets its own: a start or stop replaces it.)
             if fresh_csrf && !sets_cookie(&res, settings.csrf_cookie()) {
                 set_cookie(

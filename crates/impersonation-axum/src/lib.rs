@@ -64,7 +64,7 @@ use std::sync::Arc;
 use axum::http::Method;
 
 pub use banner::banner_html;
-pub use csrf::CsrfCheck;
+pub use csrf::{CsrfCheck, RenewCsrfToken};
 pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
 pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};

@@ -14,7 +14,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use impersonation_axum::{CsrfCheck, CsrfToken, EffectiveUser, ImpersonationLayer};
+use impersonation_axum::{CsrfCheck, CsrfToken, EffectiveUser, ImpersonationLayer, RenewCsrfToken};
 use impersonation_core::{
     AuditAction, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester, StartRequest,
     UserId,
@@ -47,6 +47,22 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
     Router::new()
         .route("/signout/{device}", post(checked))
         .route("/bookings", post(checked))
+        // The host's own sign-in: whom the browser acts as changes.
+        .route(
+            "/signin",
+            post(|| async { (RenewCsrfToken, StatusCode::SEE_OTHER) }),
+        )
+        // A form that may post with a stale token: only where it comes from.
+        .route(
+            "/leave",
+            post(|check: CsrfCheck| async move {
+                if check.same_site() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::FORBIDDEN
+                }
+            }),
+        )
         // The token the app puts into its forms.
         .route(
             "/token",
@@ -153,6 +169,80 @@ async fn a_host_form_passes_the_csrf_check_only_from_this_site() {
         status(&bare, form("/bookings", here, true, TOKEN, None)).await,
         StatusCode::INTERNAL_SERVER_ERROR
     );
+}
+
+/// The CSRF cookie a response sets, if any.
+fn csrf_cookie_set(res: &axum::response::Response) -> Option<String> {
+    res.headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("__Host-impersonation-csrf="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn the_hosts_sign_in_renews_the_csrf_token_and_a_stale_form_may_still_leave() {
+    let store = Arc::new(MemoryStore::new());
+    let app = app(&store, &people());
+    let here = "https://app.example";
+    // The host's sign-in answers with a new token for the browser...
+    let res = app
+        .clone()
+        .oneshot(form("/signin", here, true, TOKEN, None))
+        .await
+        .unwrap();
+    let renewed = csrf_cookie_set(&res).expect("a new CSRF cookie");
+    assert_eq!(renewed.len(), 43, "{renewed}");
+    assert_ne!(renewed, TOKEN);
+    // ...so a form rendered before it, with the old one, no longer passes.
+    let mut stale = form("/bookings", here, false, TOKEN, None);
+    stale.headers_mut().insert(
+        header::COOKIE,
+        format!("__Host-impersonation-csrf={renewed}")
+            .parse()
+            .unwrap(),
+    );
+    assert_eq!(status(&app, stale).await, StatusCode::FORBIDDEN);
+    // A route that asks only where the request came from lets a stale
+    // form through from this site, and no other.
+    assert_eq!(
+        status(&app, form("/leave", here, true, "stale", None)).await,
+        StatusCode::OK
+    );
+    for refused in [
+        form("/leave", "https://evil.example", true, TOKEN, None),
+        form("/leave", "https://app.example:8443", true, TOKEN, None),
+        form("/leave", here, false, TOKEN, None),
+    ] {
+        assert_eq!(status(&app, refused).await, StatusCode::FORBIDDEN);
+    }
+    // An API client (its session's secret as a bearer token) has no CSRF
+    // cookie to renew.
+    let directory = people();
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let started = svc
+        .start(
+            Requester::User(&sam),
+            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot sign in"),
+        )
+        .await
+        .unwrap();
+    let api = Request::builder()
+        .method(Method::POST)
+        .uri("/signin")
+        .header(header::HOST, "app.example")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .header("x-test-user", "sam")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(api).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(csrf_cookie_set(&res), None);
 }
 
 #[tokio::test]
