@@ -11,7 +11,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use futures_util::StreamExt as _;
-use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating};
+use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating, RenewCsrfToken};
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
     Principal, RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId,
@@ -368,7 +368,9 @@ pub async fn sign_in(
             "No such person.",
         );
     };
-    let mut res = Redirect::to("/").into_response();
+    // Forms rendered for whoever was signed in before (another tab's)
+    // must not post as this person: the browser gets a new CSRF token.
+    let mut res = (RenewCsrfToken, Redirect::to("/")).into_response();
     let cookie = format!(
         "{SIGN_IN_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax",
         person.id.as_str()
@@ -391,9 +393,14 @@ pub struct TokenForm {
 pub async fn sign_out(
     State(demo): AppState,
     v: Viewer,
-    AppForm(form): AppForm<TokenForm>,
+    AppForm(_): AppForm<TokenForm>,
 ) -> Response {
-    if !v.csrf_ok(&form.csrf) {
+    // A sign-out form may be older than its token: rendered under an
+    // impersonation that has ended since (revoked, expired), whose pages'
+    // token the SDK then replaced. Posted as whoever the browser is now,
+    // it can only sign them out, so it needs only to come from this site
+    // (its token is not compared).
+    if !v.csrf.as_ref().is_some_and(CsrfCheck::same_site) {
         return bad_csrf(&v, &demo);
     }
     // A session that ended meanwhile (elsewhere, or by expiry) needs no
@@ -417,7 +424,7 @@ pub async fn sign_out(
             "The impersonation could not be ended; try again.",
         );
     }
-    let mut res = Redirect::to("/").into_response();
+    let mut res = (RenewCsrfToken, Redirect::to("/")).into_response();
     let cookie = format!("{SIGN_IN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         res.headers_mut().append(header::SET_COOKIE, value);

@@ -568,6 +568,64 @@ async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out
     assert!(page.contains("Sign in"), "{page}");
 }
 
+/// Sam's sign-out form, shown under the impersonation, still signs out
+/// once the session has ended (revoked by the lead here; the SDK replaced
+/// the token its pages carried), but not when another site posts it.
+#[tokio::test]
+async fn a_sign_out_form_from_an_ended_session_still_signs_out_from_this_site() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    sam.get("/dashboard").await;
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, console) = lee.get("/support").await;
+    let marker = "name=\"session\" value=\"";
+    let at = console.find(marker).expect("a live session") + marker.len();
+    let session = console[at..].split('"').next().unwrap().to_owned();
+    let (status, body) = lee.post("/support/revoke", &[("session", &session)]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Another site's post (its origin says so) is refused.
+    let csrf = sam.csrf.clone();
+    let res = sam
+        .client
+        .post(format!("{base}/signout"))
+        .header("origin", "https://elsewhere.example")
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let (status, body) = sam.post("/signout", &[]).await;
+    assert_eq!(status, StatusCode::OK, "signed out: {body}");
+    let (_, page) = sam.get("/").await;
+    assert!(page.contains("Sign in"), "{page}");
+}
+
+/// A form rendered for Sam, left open in one tab, does not post as Lee
+/// once the browser has signed out and in as Lee in another.
+#[tokio::test]
+async fn signing_in_as_someone_else_retires_the_forms_of_the_one_before() {
+    let base = demo().await;
+    let mut browser = User::sign_in(&base, "sam").await;
+    browser.get("/support").await;
+    let sams_form_token = browser.csrf.clone();
+    browser.post("/signout", &[]).await;
+    browser.get("/").await;
+    let (status, _) = browser.post("/signin", &[("user", "lee")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let start = [
+        ("target", "olive"),
+        ("reason", "Customer cannot see bookings"),
+        ("return_to", "/dashboard"),
+        ("csrf", sams_form_token.as_str()),
+    ];
+    let (status, body) = browser.post_raw("/impersonation/start", &start).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(!body.contains("impersonation-banner"), "{body}");
+    // Lee's own page's form does start it.
+    impersonate(&mut browser, "olive").await;
+}
+
 /// The console lists a session whose time is up but that nobody ended;
 /// revoking it ends it (as expired) and the console shows it gone, not an
 /// error.
