@@ -17,7 +17,8 @@ USAGE: cargo xtask demo [OPTIONS]
 OPTIONS:
   --store KIND     sqlite (default), postgres, mariadb, redis or memory
   --url URL        the store's URL (default: a file under target/demo for
-                   SQLite, the local server for the others)
+                   SQLite, the local server for the others); without
+                   --store, the store its scheme names
   --port N         port on 127.0.0.1 (default 3000; 0 picks a free one)
   --walkthrough    play the story over HTTP and print the audit table, then exit
   -h, --help       this text";
@@ -36,20 +37,41 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
         port: 3000,
         walkthrough: false,
     };
+    let mut store_given = false;
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--store" => parsed.store = value("--store")?.parse().map_err(anyhow::Error::msg)?,
-            "--url" => parsed.url = Some(value("--url")?),
+        // `--store postgres` and `--store=postgres` alike.
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => (name, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || match &inline {
+            Some(v) => Ok(v.clone()),
+            None => args.next().with_context(|| format!("{name} needs a value")),
+        };
+        match name {
+            "--store" => {
+                parsed.store = value()?.parse().map_err(anyhow::Error::msg)?;
+                store_given = true;
+            }
+            "--url" => parsed.url = Some(value()?),
             "--port" => {
-                parsed.port = value("--port")?
+                parsed.port = value()?
                     .parse()
                     .context("--port takes a number from 0 to 65535")?;
             }
-            "--walkthrough" => parsed.walkthrough = true,
-            "-h" | "--help" => return Ok(None),
-            other => bail!("unknown argument `{other}`\n\n{HELP}"),
+            "--walkthrough" if inline.is_none() => parsed.walkthrough = true,
+            "-h" | "--help" if inline.is_none() => return Ok(None),
+            _ => bail!("unknown argument `{arg}`\n\n{HELP}"),
         }
+    }
+    // A URL alone names its store.
+    if let (false, Some(url)) = (store_given, &parsed.url) {
+        parsed.store = StoreKind::of_url(url).with_context(|| {
+            format!(
+                "`{}` names no store this demo offers; pass --store",
+                impersonation_core::redacted_url(url)
+            )
+        })?;
     }
     Ok(Some(parsed))
 }
@@ -158,4 +180,57 @@ async fn run() -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn args(line: &str) -> Result<Option<Args>> {
+        parse(line.split_whitespace().map(str::to_owned))
+    }
+
+    #[test]
+    fn options_take_their_value_after_a_space_or_an_equals_sign() {
+        let a = args("--store=postgres --port=0 --walkthrough")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a.store, a.port, a.walkthrough),
+            (StoreKind::Postgres, 0, true)
+        );
+        let a = args("--store redis --url redis://127.0.0.1:6380")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.store, StoreKind::Redis);
+        assert_eq!(a.url.as_deref(), Some("redis://127.0.0.1:6380"));
+        assert!(args("--help").unwrap().is_none());
+        for bad in [
+            "--walkthrough=yes",
+            "--store=oracle",
+            "--port=x",
+            "--frobnicate",
+            "--url",
+        ] {
+            assert!(args(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_url_alone_names_its_store() {
+        let a = args("--url postgres://postgres@127.0.0.1/test")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.store, StoreKind::Postgres);
+        let a = args("--url=mysql://root@127.0.0.1/test").unwrap().unwrap();
+        assert_eq!(a.store, StoreKind::Mariadb);
+        assert_eq!(args("").unwrap().unwrap().store, StoreKind::Sqlite);
+        assert!(args("--url http://127.0.0.1").is_err());
+        // An explicit store stays, and connecting then refuses the mismatch.
+        let a = args("--store memory --url postgres://h/db")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.store, StoreKind::Memory);
+    }
 }

@@ -340,21 +340,24 @@ pub struct SignInForm {
 pub async fn sign_in(
     State(demo): AppState,
     v: Viewer,
+    guard: Result<NotImpersonating, Response>,
     AppForm(form): AppForm<SignInForm>,
 ) -> Response {
+    // Signing in as someone else would leave the impersonation running,
+    // with no one signed in to stop it (the attempt is on the trail as
+    // denied, not as a change to the customer's data).
+    if let Some(refusal) = refused_while_impersonating(
+        guard,
+        &v,
+        &demo,
+        StatusCode::CONFLICT,
+        "Sign in",
+        "Stop impersonating before you sign in as someone else.",
+    ) {
+        return refusal;
+    }
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
-    }
-    // Signing in as someone else would leave the impersonation running,
-    // with no one signed in to stop it.
-    if v.ctx.is_some() {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::CONFLICT,
-            "Sign in",
-            "Stop impersonating before you sign in as someone else.",
-        );
     }
     let Some(person) = UserId::new(form.user.trim())
         .ok()
@@ -680,17 +683,34 @@ fn guarded(
     title: &str,
     what: &str,
 ) -> Option<Response> {
+    refused_while_impersonating(
+        guard,
+        v,
+        demo,
+        StatusCode::FORBIDDEN,
+        title,
+        &format!(
+            "{what} is not available while impersonating a customer. This attempt was recorded in the audit trail."
+        ),
+    )
+}
+
+/// The SDK's guard refused the route during an impersonation (and put
+/// the attempt on the trail as denied): this app's page for it, with
+/// `status` and `message`.
+fn refused_while_impersonating(
+    guard: Result<NotImpersonating, Response>,
+    v: &Viewer,
+    demo: &Demo,
+    status: StatusCode,
+    title: &str,
+    message: &str,
+) -> Option<Response> {
     match guard {
         Ok(NotImpersonating) => None,
-        Err(rejection) if rejection.status() == StatusCode::FORBIDDEN => Some(refused(
-            v,
-            demo,
-            StatusCode::FORBIDDEN,
-            title,
-            &format!(
-                "{what} is not available while impersonating a customer. This attempt was recorded in the audit trail."
-            ),
-        )),
+        Err(rejection) if rejection.status() == StatusCode::FORBIDDEN => {
+            Some(refused(v, demo, status, title, message))
+        }
         Err(rejection) => Some(rejection),
     }
 }
@@ -866,13 +886,15 @@ fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
 pub async fn support(
     State(demo): AppState,
     v: Viewer,
+    guard: Result<NotImpersonating, Response>,
     Query(query): Query<SupportQuery>,
 ) -> Response {
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
-    if let Some(ctx) = &v.ctx {
-        return refused(
+    if let Some(ctx) = &v.ctx
+        && let Some(refusal) = refused_while_impersonating(
+            guard,
             &v,
             &demo,
             StatusCode::FORBIDDEN,
@@ -881,7 +903,9 @@ pub async fn support(
                 "You are impersonating {}. Stop first to use the console.",
                 ctx.shadow().display_name()
             ),
-        );
+        )
+    {
+        return refusal;
     }
     if !v.is_agent(&demo) {
         return refused(
@@ -1008,24 +1032,26 @@ pub struct RevokeForm {
 pub async fn revoke(
     State(demo): AppState,
     v: Viewer,
+    guard: Result<NotImpersonating, Response>,
     AppForm(form): AppForm<RevokeForm>,
 ) -> Response {
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
-    if !v.csrf_ok(&form.csrf) {
-        return bad_csrf(&v, &demo);
-    }
     // The console's work, like the console itself, is not done as the
     // customer.
-    if v.ctx.is_some() {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Revoke",
-            "You are impersonating a customer. Stop first to use the console.",
-        );
+    if let Some(refusal) = refused_while_impersonating(
+        guard,
+        &v,
+        &demo,
+        StatusCode::FORBIDDEN,
+        "Revoke",
+        "You are impersonating a customer. Stop first to use the console.",
+    ) {
+        return refusal;
+    }
+    if !v.csrf_ok(&form.csrf) {
+        return bad_csrf(&v, &demo);
     }
     let Ok(session) = form.session.trim().parse::<SessionId>() else {
         return refused(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use impersonation_core::{MemoryStore, Store, redacted_url};
-use impersonation_diesel::{DieselConfig, DieselStore};
+use impersonation_diesel::{BackendKind, DieselConfig, DieselStore};
 use impersonation_redis::{RedisConfig, RedisStore};
 
 /// A store the demo can run on.
@@ -63,6 +63,16 @@ impl StoreKind {
     /// Connects (and migrates) the store at `url`. `namespace` is the
     /// PostgreSQL schema or the Redis key namespace (letters, digits, `_`).
     pub async fn connect(self, url: &str, namespace: &str) -> Result<Arc<dyn Store>> {
+        // The URL must name this kind of store: otherwise the store picked
+        // and the one the page and the console name would differ (or a
+        // memory store would drop the URL, and every session with it).
+        if !self.fits(url) {
+            anyhow::bail!(
+                "`{}` is not a {self} URL (expected {}); pass the --store it names",
+                redacted_url(url),
+                self.url_form()
+            );
+        }
         Ok(match self {
             Self::Memory => Arc::new(MemoryStore::new()),
             Self::Sqlite => {
@@ -86,6 +96,44 @@ impl StoreKind {
                 )
             }
         })
+    }
+}
+
+impl StoreKind {
+    /// Whether `url` names a store of this kind (by its scheme).
+    pub fn fits(self, url: &str) -> bool {
+        let diesel = BackendKind::of_url(url).ok();
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        match self {
+            Self::Memory => url == "memory",
+            Self::Sqlite => diesel == Some(BackendKind::Sqlite),
+            Self::Postgres => diesel == Some(BackendKind::Postgres),
+            Self::Mariadb => diesel == Some(BackendKind::Mysql),
+            Self::Redis => matches!(scheme, "redis" | "rediss" | "redis+unix" | "unix"),
+        }
+    }
+
+    /// The store `url` names, if any (`memory` for the memory store).
+    pub fn of_url(url: &str) -> Option<Self> {
+        [
+            Self::Sqlite,
+            Self::Postgres,
+            Self::Mariadb,
+            Self::Redis,
+            Self::Memory,
+        ]
+        .into_iter()
+        .find(|kind| kind.fits(url))
+    }
+
+    fn url_form(self) -> &'static str {
+        match self {
+            Self::Memory => "`memory`",
+            Self::Sqlite => "sqlite://PATH",
+            Self::Postgres => "postgres://…",
+            Self::Mariadb => "mysql:// or mariadb://…",
+            Self::Redis => "redis:// or rediss://…",
+        }
     }
 }
 
@@ -121,5 +169,53 @@ impl FromStr for StoreKind {
                 let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
                 format!("unknown store `{s}` (expected one of {})", names.join(", "))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn a_url_names_its_store_and_no_other() {
+        for (url, kind) in [
+            ("sqlite:///tmp/x.sqlite3", Some(StoreKind::Sqlite)),
+            ("file:///tmp/x.sqlite3", Some(StoreKind::Sqlite)),
+            (
+                "postgres://postgres@127.0.0.1/test",
+                Some(StoreKind::Postgres),
+            ),
+            ("postgresql://h/db", Some(StoreKind::Postgres)),
+            ("mysql://root@127.0.0.1/test", Some(StoreKind::Mariadb)),
+            ("mariadb://root@127.0.0.1/test", Some(StoreKind::Mariadb)),
+            ("redis://127.0.0.1:6379", Some(StoreKind::Redis)),
+            ("rediss://cache.example:6380", Some(StoreKind::Redis)),
+            ("memory", Some(StoreKind::Memory)),
+            ("http://127.0.0.1", None),
+            ("/tmp/x.sqlite3", None),
+        ] {
+            assert_eq!(StoreKind::of_url(url), kind, "{url}");
+        }
+        assert!(!StoreKind::Memory.fits("postgres://h/db"));
+        assert!(!StoreKind::Sqlite.fits("postgres://h/db"));
+    }
+
+    #[tokio::test]
+    async fn a_url_of_another_store_is_refused_before_connecting() {
+        let refused = StoreKind::Memory
+            .connect("postgres://user:hunter2@127.0.0.1/test", "x")
+            .await
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(message.contains("is not a memory URL"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let refused = StoreKind::Sqlite
+            .connect("redis://127.0.0.1:6379", "x")
+            .await
+            .err()
+            .expect("refused");
+        assert!(refused.to_string().contains("is not a sqlite URL"));
     }
 }

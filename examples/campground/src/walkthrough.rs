@@ -173,6 +173,20 @@ fn expect(page: &Page, status: StatusCode, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The session ids in the live-sessions rows naming `agent`.
+fn live_sessions_of(page: &Page, agent: &str) -> Vec<String> {
+    page.body
+        .split("<tr>")
+        .filter(|row| row.starts_with(&format!("<td>{agent}</td>")))
+        .filter_map(|row| {
+            let marker = "name=\"session\" value=\"";
+            let at = row.find(marker)? + marker.len();
+            let end = row[at..].find('"')?;
+            Some(row[at..at + end].to_owned())
+        })
+        .collect()
+}
+
 /// The session id in the live-sessions row naming both people.
 fn live_session(page: &Page, agent: &str, customer: &str) -> Option<String> {
     page.body.split("<tr>").find_map(|row| {
@@ -196,20 +210,17 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     };
     writeln!(o.out, "Campground Cloud walkthrough over HTTP at {base}")?;
 
-    // Sessions left running by an earlier run on a persistent store would
-    // refuse a second start; the admin ends them first.
+    // A session of Sam's or Lee's left running on a persistent store (by
+    // an earlier run, or by someone trying the demo) would refuse their
+    // starts (one live session per agent); the admin ends them first.
     let mut ada = Browser::sign_in(base, "ada").await?;
     let console = ada.get("/support").await?;
-    for (agent, customer) in [
-        ("Sam Support", "Olive Owner"),
-        ("Lee Lead", "Paula Partner"),
-    ] {
-        if let Some(id) = live_session(&console, agent, customer) {
-            ada.post("/support/revoke", &[("session", &id)]).await?;
-            writeln!(
-                o.out,
-                "(ended a session left over from an earlier run: {agent} → {customer})"
-            )?;
+    expect(&console, StatusCode::OK, "the admin's console")?;
+    for agent in ["Sam Support", "Lee Lead"] {
+        for id in live_sessions_of(&console, agent) {
+            let page = ada.post("/support/revoke", &[("session", &id)]).await?;
+            expect(&page, StatusCode::OK, "ending a session left running")?;
+            writeln!(o.out, "(ended a session of {agent}'s left running before)")?;
         }
     }
 
@@ -346,6 +357,9 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
         )
         .await?;
     expect(&page, StatusCode::OK, "lead start")?;
+    if !page.has_banner() {
+        bail!("no banner after Lee's start");
+    }
     o.line(&format!(
         "banner: \"{}\"; dashboard shows {} campgrounds",
         page.text_of("class=\"impersonation-message\"")

@@ -410,10 +410,23 @@ async fn sign_in_and_the_console_are_refused_while_impersonating() {
     for link in ["href=\"/support\"", "href=\"/audit\""] {
         assert!(!page.contains(link), "{link}: {page}");
     }
+    let (status, body) = sam.get("/support").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     sam.post("/impersonation/stop", &[]).await;
     let (_, page) = sam.get("/dashboard").await;
     for link in ["href=\"/support\"", "href=\"/audit\""] {
         assert!(page.contains(link), "{link}: {page}");
+    }
+    // On the trail, each is a denied attempt, not a change to Olive's data.
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, trail) = lee.get("/audit.txt").await;
+    for route in ["POST /signin", "POST /support/revoke", "GET /support"] {
+        let rows: Vec<&str> = trail
+            .lines()
+            .filter(|l| l.contains(&format!("{route}:")) || l.contains(&format!("{route} (")))
+            .collect();
+        assert_eq!(rows.len(), 1, "{route}: {trail}");
+        assert!(rows[0].contains("| Denied Attempt |"), "{route}: {trail}");
     }
 }
 

@@ -95,6 +95,40 @@ async fn story(kind: StoreKind, url: &str) {
     assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
 }
 
+/// Sessions of Sam's and Lee's left running (the demo tried by hand
+/// before the walkthrough, on a store that keeps them) are ended first,
+/// whoever they impersonate, rather than refusing the story's starts.
+#[tokio::test]
+async fn the_walkthrough_ends_sessions_its_agents_left_running() {
+    use impersonation_core::{Requester, StartRequest, UserId};
+    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    let service = demo.service();
+    for (agent, customer) in [("sam", "stan"), ("lee", "olive")] {
+        let agent = service
+            .directory()
+            .get(&UserId::new(agent).unwrap())
+            .unwrap();
+        service
+            .start(
+                Requester::User(&agent),
+                StartRequest::new(UserId::new(customer).unwrap(), "Trying the demo"),
+            )
+            .await
+            .unwrap();
+    }
+    let base = serve(&demo).await;
+    let mut out = Vec::new();
+    walkthrough::run(&base, &mut out, false).await.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    for expected in [
+        "(ended a session of Sam Support's left running before)",
+        "(ended a session of Lee Lead's left running before)",
+        "banner: \"You are impersonating Paula Partner (ParkCo Management)\"; dashboard shows 2 campgrounds",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+}
+
 #[tokio::test]
 async fn walkthrough_on_memory() {
     story(StoreKind::Memory, "memory").await;

@@ -1,8 +1,11 @@
-//! The terminal walkthrough behind `cargo xtask demo` of the impersonation SDK on the
-//! in-memory store. A support agent impersonates a campground owner with a
-//! reason; the shadow user is shown beside the real customer; actions are
-//! audited; an escalation attempt and a billing page are refused; the agent
-//! stops; the audit table is printed and every chain verified.
+//! The demo's story in the terminal, on the core API alone and the
+//! in-memory store (`cargo run -p impersonation-walkthrough`; `cargo xtask
+//! demo --walkthrough` plays it over HTTP against the demo app). A support
+//! agent impersonates a campground owner with a reason; the shadow user is
+//! shown beside the real customer; actions are audited; the billing page,
+//! a session started from inside one, and an attempt on the platform
+//! admin are refused; the agent stops; the audit table is printed and
+//! every chain verified.
 
 use std::io::Write;
 
@@ -242,7 +245,7 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
         out,
         color,
         4,
-        "Refused: the billing page, an escalation, and nesting",
+        "Refused: the billing page, nesting, and the platform admin",
     )?;
     clock.advance(Duration::minutes(1));
     let ctx = service.resolve(&started.secret).await?;
@@ -278,7 +281,7 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
                 e.code()
             )?;
         }
-        other => bail!("escalation was not refused: {other:?}"),
+        other => bail!("impersonating the admin was not refused: {other:?}"),
     }
 
     step(out, color, 5, "Sam stops; the secret no longer works")?;
