@@ -260,8 +260,23 @@ async fn stop(req: Request) -> Response {
     if state.bearer
         && let Some(secret) = &state.secret
     {
-        let Some(principal) = principal else {
-            return text(StatusCode::UNAUTHORIZED, "sign in first".into());
+        let principal = match (principal, parts.extensions.get::<Context>()) {
+            (Some(principal), _) => principal,
+            // No one signed in by the host: the secret is the agent's own
+            // credential (the layer serves the session on it alone), and
+            // its holder may end what it may act in. The session's agent
+            // stops it, as the trail says.
+            (None, Some(ctx)) => match shared.api.principal(&ctx.agent().id).await {
+                Ok(Some(agent)) => agent,
+                Ok(None) => {
+                    return text(
+                        StatusCode::UNAUTHORIZED,
+                        "the session's agent is no longer a user".into(),
+                    );
+                }
+                Err(e) => return error(&e),
+            },
+            (None, None) => return text(StatusCode::UNAUTHORIZED, "sign in first".into()),
         };
         state.audited.store(true, Ordering::SeqCst);
         return match shared.api.stop(secret, &principal).await {

@@ -572,6 +572,45 @@ async fn an_api_client_stops_with_its_bearer_secret() {
     assert!(!sam.get("/").await.body.contains("impersonation-banner"));
 }
 
+/// An API client that holds only the bearer secret (the host's own
+/// authentication signs no one in for it) is served the session on it
+/// alone, and may stop it with it alone: the trail names the session's
+/// agent as the one who stopped it.
+#[tokio::test]
+async fn an_api_client_with_only_its_bearer_secret_stops_as_the_sessions_agent() {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut api = Browser::new(&f, "");
+    let served = api
+        .send(Method::GET, "/", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(served.status, StatusCode::OK, "{}", served.body);
+    let stopped = api
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            None,
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(stopped.status, StatusCode::NO_CONTENT, "{}", stopped.body);
+    let end = events(&f)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == AuditAction::SessionEnded)
+        .unwrap();
+    assert_eq!(end.details.get("reason"), Some("stopped"));
+    assert_eq!(end.actor.id().map(|a| a.as_str()), Some("sam"));
+    let after = api
+        .send(Method::GET, "/", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn an_expired_session_ends_with_an_expired_event_and_no_banner() {
     let f = fixture();
