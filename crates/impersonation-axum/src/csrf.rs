@@ -170,6 +170,10 @@ fn same_origin(headers: &HeaderMap, site: &Site<'_>) -> bool {
 /// browser's cookie (API clients) get no CSRF cookie, renewed or not;
 /// a response that sets the cookie itself keeps its own.
 ///
+/// Put it on a redirect: the page that follows renders with the new
+/// token. The forms of a page that carries it were rendered with the old
+/// one (the banner's Stop button too), and fail.
+///
 /// ```
 /// use axum::response::{IntoResponse, Redirect, Response};
 /// use impersonation_axum::RenewCsrfToken;

@@ -33,17 +33,46 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for ActorClaim {
         };
         let act = object.remove("act");
         // Every prior actor down the chain is held to the same shape.
-        let mut prior = act.as_ref();
-        while let Some(actor) = prior {
-            let serde_json::Value::Object(actor) = actor else {
-                return Err("a prior actor must be an object".into());
-            };
-            if !matches!(actor.get("sub"), Some(serde_json::Value::String(s)) if !s.is_empty()) {
-                return Err("a prior actor's sub must be a non-empty string".into());
-            }
-            prior = actor.get("act");
-        }
+        check_actors(act.as_ref(), "a prior actor")?;
         Ok(Self { sub, act })
+    }
+}
+
+/// Each actor from `first` down its `act` chain: an object with a
+/// non-empty string `sub`. `what` names them in the refusal.
+fn check_actors(first: Option<&serde_json::Value>, what: &str) -> Result<(), String> {
+    let mut actor = first;
+    while let Some(next) = actor {
+        let serde_json::Value::Object(object) = next else {
+            return Err(format!("{what} must be an object"));
+        };
+        if !matches!(object.get("sub"), Some(serde_json::Value::String(s)) if !s.is_empty()) {
+            return Err(format!("{what}'s sub must be a non-empty string"));
+        }
+        actor = object.get("act");
+    }
+    Ok(())
+}
+
+/// A delegation chain as a token states it (`act`, RFC 8693 §4.1): each
+/// actor an object with a non-empty string `sub`, and every member of it
+/// (`iss`, say) kept as it came.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "serde_json::Value")]
+pub(crate) struct ActorChain(pub(crate) serde_json::Value);
+
+impl TryFrom<serde_json::Value> for ActorChain {
+    type Error = String;
+
+    fn try_from(value: serde_json::Value) -> Result<Self, String> {
+        check_actors(Some(&value), "an actor")?;
+        Ok(Self(value))
+    }
+}
+
+impl From<ActorChain> for serde_json::Value {
+    fn from(chain: ActorChain) -> Self {
+        chain.0
     }
 }
 
@@ -139,9 +168,10 @@ pub(crate) struct SubjectClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) may_act: Option<MayActClaim>,
     /// Who already acts for the subject (a delegated token): the issued
-    /// token names them as prior actors. Read as strictly as any `act`.
+    /// token names them as prior actors. Read as strictly as any `act`,
+    /// and kept whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) act: Option<ActorClaim>,
+    pub(crate) act: Option<ActorChain>,
 }
 
 impl AdditionalClaims for SubjectClaims {}

@@ -27,10 +27,10 @@ use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
 
 use crate::claims::{
-    ActorClaim, ActorTokenClaims, ImpersonationClaims, MayActClaim, SubjectClaims,
+    ActorChain, ActorClaim, ActorTokenClaims, ImpersonationClaims, MayActClaim, SubjectClaims,
 };
 use crate::error::{ErrorCode, OAuthError, OidcError};
-use crate::jwt::{ACCESS_TOKEN_JWT_TYPE, to_chrono};
+use crate::jwt::{ACCESS_TOKEN_JWT_TYPE, MAX_TOKEN_LEN, to_chrono};
 use crate::keys::KeyRing;
 use crate::provider::Provider;
 use crate::request::{
@@ -379,11 +379,8 @@ impl Issuer {
                 .iter()
                 .find_map(|aud| {
                     let verifier = self.verifier(aud.as_str());
-                    match expired_at {
-                        Some(exp) => verifier.verify_at(&request.token, exp - Duration::seconds(1)),
-                        None => verifier.verify(&request.token),
-                    }
-                    .ok()
+                    let at = expired_at.map_or(now, |exp| exp - Duration::seconds(1));
+                    verifier.verify_for_revocation(&request.token, at).ok()
                 })
                 .filter(|v| v.client_id.as_deref() == Some(client.id.as_str()));
             let Some(verified) = verified else {
@@ -531,7 +528,7 @@ impl Issuer {
             prior,
         );
         let refused = match (&signed, scope.as_deref()) {
-            (Err(e), _) => Some((e.clone(), "no token could be signed for it")),
+            (Err(e), _) => Some((e.clone(), "no token could be issued for it")),
             // RFC 6749 §3.3: a scope holds at least one token; none of the
             // asked-for permissions is the customer's (or all are withheld).
             (Ok(_), Some("")) => Some((
@@ -667,7 +664,18 @@ impl Issuer {
         let signature = signer
             .sign(&alg, input.as_bytes())
             .map_err(|e| signing(e.to_string()))?;
-        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+        let token = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature));
+        // A token no verifier of this crate would read (nor the revocation
+        // endpoint) must not be handed out: refused, and its session ended.
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(oauth(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the token would be longer than {MAX_TOKEN_LEN} bytes (the subject token's delegation chain is too large)"
+                ),
+            ));
+        }
+        Ok(token)
     }
 }
 
@@ -676,13 +684,8 @@ impl Issuer {
 /// subject token's: their `sub` is that provider's identifier, not one of
 /// this issuer's. A chain the issued token could not carry (more than
 /// [`MAX_PRIOR_ACTORS`] in all) is refused.
-fn prior_actors(act: &ActorClaim, issuer: &IssuerUrl) -> Result<serde_json::Value, OAuthError> {
-    let mut chain = serde_json::to_value(act).map_err(|e| {
-        oauth(
-            ErrorCode::InvalidRequest,
-            format!("subject_token: act: {e}"),
-        )
-    })?;
+fn prior_actors(act: &ActorChain, issuer: &IssuerUrl) -> Result<serde_json::Value, OAuthError> {
+    let mut chain = act.0.clone();
     let mut depth = 0;
     let mut actor = Some(&mut chain);
     while let Some(serde_json::Value::Object(object)) = actor {

@@ -40,6 +40,9 @@ pub(crate) enum Typ {
     /// (RFC 9068 §4), so that no other JWT signed with the same keys
     /// passes for one (RFC 8725 §3.11).
     AccessToken,
+    /// At the revocation endpoint: `at+jwt`, or none (this issuer's tokens
+    /// before they were typed).
+    UntypedOrAccessToken,
 }
 
 /// What to check a token against.
@@ -140,6 +143,7 @@ pub(crate) fn verify<AC: AdditionalClaims>(
             }
             vec![access_token]
         }
+        Typ::UntypedOrAccessToken => vec![access_token],
     };
     let now = to_chrono(expect.now);
     let verifier = IdTokenVerifier::new_public_client(

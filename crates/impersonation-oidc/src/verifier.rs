@@ -176,21 +176,33 @@ impl TokenVerifier {
     /// keys it holds; [`TokenVerifier::authorize`] also fetches them again
     /// when they are old or the token names a key they lack.
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
-        self.verify_at(token, self.api.now())
+        self.verify_typed(token, self.api.now(), Typ::AccessToken)
     }
 
-    /// [`TokenVerifier::verify`] as of `now`.
-    pub(crate) fn verify_at(
+    /// For revocation only: also an untyped token, as this issuer signed
+    /// them before 2026-12-05, so that a client holding one can still end
+    /// its session (which would otherwise block its next exchange until
+    /// the session lapsed). Ending a session is all such a token can do.
+    pub(crate) fn verify_for_revocation(
         &self,
         token: &str,
         now: OffsetDateTime,
+    ) -> Result<VerifiedToken, TokenError> {
+        self.verify_typed(token, now, Typ::UntypedOrAccessToken)
+    }
+
+    fn verify_typed(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+        typ: Typ,
     ) -> Result<VerifiedToken, TokenError> {
         let keys = match &self.keys {
             Keys::Ring(ring) => ring.jwks(),
             Keys::Fixed(keys) => keys.clone(),
             Keys::Fetched(keys) => keys.cached().0,
         };
-        self.verify_with(token, now, keys)
+        self.verify_with(token, now, keys, typ)
     }
 
     /// [`TokenVerifier::verify`], fetching a rotated or aged JWKS first
@@ -200,8 +212,10 @@ impl TokenVerifier {
             return self.verify(token);
         };
         let now = self.api.now();
-        jwks.verify(token, |keys| self.verify_with(token, now, keys))
-            .await
+        jwks.verify(token, |keys| {
+            self.verify_with(token, now, keys, Typ::AccessToken)
+        })
+        .await
     }
 
     fn verify_with(
@@ -209,6 +223,7 @@ impl TokenVerifier {
         token: &str,
         now: OffsetDateTime,
         keys: openidconnect::core::CoreJsonWebKeySet,
+        typ: Typ,
     ) -> Result<VerifiedToken, TokenError> {
         let claims = verify::<ImpersonationClaims>(
             token,
@@ -218,7 +233,7 @@ impl TokenVerifier {
                 keys,
                 now,
                 max_lifetime: self.max_lifetime,
-                typ: Typ::AccessToken,
+                typ,
                 kid_required: true,
             },
         )?;

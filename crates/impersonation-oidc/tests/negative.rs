@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use impersonation_core::{AuditAction, AuditQuery, ImpersonationApi, Principal, UserId};
+use impersonation_core::{AuditAction, AuditQuery, ImpersonationApi, Initiator, Principal, UserId};
 use impersonation_oidc::TokenError;
 use serde_json::{Value, json};
 
@@ -512,7 +512,7 @@ async fn a_subject_tokens_delegation_chain_becomes_the_issued_tokens_prior_actor
     // partner's integration acts through (that one names its own issuer).
     let (status, body) = exchange_for(json!({
         "sub": "scheduler-app",
-        "act": {"sub": "partner-sync", "iss": "https://partner.test/"}
+        "act": {"sub": "partner-sync", "iss": "https://partner.test/", "client": "sync-7"}
     }))
     .await;
     assert_eq!(status, 200, "{body}");
@@ -527,13 +527,60 @@ async fn a_subject_tokens_delegation_chain_becomes_the_issued_tokens_prior_actor
             "act": {
                 "sub": "scheduler-app",
                 "iss": OP,
-                "act": {"sub": "partner-sync", "iss": "https://partner.test/"}
+                "act": {"sub": "partner-sync", "iss": "https://partner.test/", "client": "sync-7"}
             }
         })
     );
     // The verifier reads Sam, not a prior actor, as the agent.
     let verified = f.served.issuer.verifier(API).verify(token).unwrap();
     assert_eq!(verified.actor.as_str(), "sam");
+    f.served
+        .service
+        .revoke_all_for_agent(&UserId::new("sam").unwrap(), Initiator::System, "next case")
+        .await
+        .unwrap();
+
+    // The first actor's own members are kept too (its `iss` above all),
+    // and a chain of 16 actors, the most an issued token carries, passes.
+    let sixteen = (1..impersonation_oidc::MAX_PRIOR_ACTORS).fold(
+        json!({"sub": "first"}),
+        |inner, i| json!({"sub": format!("a{i}"), "act": inner}),
+    );
+    let mut chain = sixteen.clone();
+    chain["iss"] = json!("https://partner.test/");
+    let (status, body) = exchange_for(chain).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, claims) = decode(body["access_token"].as_str().unwrap());
+    assert_eq!(claims["act"]["act"]["iss"], "https://partner.test/");
+    assert_eq!(claims["act"]["act"]["act"]["iss"], OP);
+    f.served
+        .issuer
+        .verifier(API)
+        .verify(body["access_token"].as_str().unwrap())
+        .unwrap();
+    f.served
+        .service
+        .revoke_all_for_agent(&UserId::new("sam").unwrap(), Initiator::System, "next case")
+        .await
+        .unwrap();
+
+    // A chain that would make a token longer than any verifier reads is
+    // refused, and the session started for it ended: Sam may exchange
+    // again at once.
+    let bulky = (0..6_000usize)
+        .rev()
+        .step_by(10)
+        .map(|n| json!({"sub": "scheduler-app", "note": "x".repeat(n)}))
+        .find(|act| {
+            let act = act.clone();
+            f.op.op_token("olive", move |_, p| p["act"] = act).len()
+                <= impersonation_oidc::MAX_TOKEN_LEN
+        })
+        .unwrap();
+    let answer = exchange_for(bulky).await;
+    assert_refused(&answer, 400, "invalid_request");
+    let (status, body) = exchange_for(json!({"sub": "scheduler-app"})).await;
+    assert_eq!(status, 200, "{body}");
 
     // A malformed chain, or one longer than an issued token may carry, is
     // refused before the policy runs.
@@ -731,6 +778,29 @@ async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
         verifier.authorize(&token).await,
         Err(TokenError::Session(_))
     ));
+
+    // A token of this issuer's from before its tokens were typed (no
+    // `typ`): the verifier refuses it, and the revocation endpoint still
+    // ends its session with it (else it would block the next exchange).
+    let token = f.issue("sam", "olive").await;
+    let (mut header, payload) = decode(&token);
+    header.as_object_mut().unwrap().remove("typ");
+    let untyped = f.ours().sign(&header, &payload);
+    assert!(verifier.authorize(&untyped).await.is_err());
+    assert_eq!(revoke(&f.served.url, &untyped, true).await, 200);
+    assert!(matches!(
+        verifier.authorize(&token).await,
+        Err(TokenError::Session(_))
+    ));
+    // ...but not one typed as something else.
+    let token = f.issue("sam", "olive").await;
+    let (mut header, payload) = decode(&token);
+    header["typ"] = json!("JWT");
+    assert_eq!(
+        revoke(&f.served.url, &f.ours().sign(&header, &payload), true).await,
+        200
+    );
+    verifier.authorize(&token).await.unwrap();
 
     // A revocation request with a garbage token is still 200 (RFC 7009).
     assert_eq!(revoke(&f.served.url, "garbage", true).await, 200);
