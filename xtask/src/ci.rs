@@ -30,6 +30,8 @@ struct Ci {
     sh: Shell,
     /// Everything the test runs printed on stdout, kept for counting.
     test_output: String,
+    /// When the run's budget is spent: no test run goes on past it.
+    deadline: Instant,
 }
 
 /// Packages built with only some of their features, as an app that picks
@@ -144,8 +146,11 @@ fn steps() -> Vec<Step> {
             run: |ci| {
                 // Doc tests run even if the other tests failed: the summary
                 // should count everything.
-                let all_targets = ci.cargo_test(&["--workspace", "--all-targets", "--locked"]);
-                let doc = ci.cargo_test(&["--workspace", "--doc", "--locked"]);
+                // `--no-fail-fast`: a failing test binary does not hide
+                // the ones after it.
+                let all_targets =
+                    ci.cargo_test(&["--workspace", "--all-targets", "--locked", "--no-fail-fast"]);
+                let doc = ci.cargo_test(&["--workspace", "--doc", "--locked", "--no-fail-fast"]);
                 all_targets.and(doc)
             },
         },
@@ -161,12 +166,13 @@ pub(crate) fn run() -> Result<ExitCode> {
     // CARGO_TARGET_DIR, if set, reaches cargo simply by inheritance: every
     // child gets our environment plus this.
     sh.set_var("RUST_BACKTRACE", "1");
+    let started = Instant::now();
     let mut ci = Ci {
         sh,
         test_output: String::new(),
+        deadline: started + RUN_BUDGET,
     };
 
-    let started = Instant::now();
     let mut failed_steps = Vec::new();
     for step in steps() {
         println!("\n==> {}", step.name);
@@ -223,7 +229,9 @@ impl Ci {
             .spawn()
             .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child has no stdout pipe")?;
-        let watchdog = Watchdog::start(child.id(), TEST_DEADLINE, shown.clone());
+        // Its own deadline, or what is left of the run's, if sooner.
+        let limit = TEST_DEADLINE.min(self.deadline.saturating_duration_since(Instant::now()));
+        let watchdog = Watchdog::start(child.id(), limit, shown.clone());
 
         // Bytes, not `lines()`: a test may print invalid UTF-8, which must
         // not abort the run.
@@ -245,7 +253,7 @@ impl Ci {
         if watchdog.finish() {
             bail!(
                 "`{shown}` ran past {} minutes and was stopped (a test hangs?)",
-                TEST_DEADLINE.as_secs() / 60
+                limit.as_secs() / 60
             );
         }
         if !status.success() {
@@ -298,6 +306,10 @@ fn descendants(pid: u32) -> Vec<u32> {
 /// it: a hung test fails the run instead of holding the machine (and the
 /// test-services lock) forever. A cold run takes under 10 minutes here.
 const TEST_DEADLINE: Duration = Duration::from_secs(45 * 60);
+
+/// How long the whole run may take before its test runs are stopped (CI
+/// allows 90 minutes; a cold run takes about ten).
+const RUN_BUDGET: Duration = Duration::from_secs(80 * 60);
 
 /// Kills a process, and every process under it, that outlives its
 /// deadline. (By the tree, not a process group of its own: that would

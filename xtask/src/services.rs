@@ -214,7 +214,17 @@ fn npm_projects(sh: &Shell) -> Result<()> {
     ensure_node(sh)?;
     for (dir, package) in NPM_PROJECTS {
         let root = crate::workspace_root()?.join(dir);
-        if root.join("node_modules").join(package).exists() {
+        // Installed from this very lockfile (a copy is kept beside what it
+        // installed): an install that was cut short, or one from before
+        // the lockfile changed, is done again.
+        let lockfile = std::fs::read(root.join("package-lock.json"))
+            .with_context(|| format!("reading {dir}/package-lock.json"))?;
+        let stamp = root
+            .join("node_modules")
+            .join(".installed-package-lock.json");
+        if root.join("node_modules").join(package).exists()
+            && std::fs::read(&stamp).is_ok_and(|installed| installed == lockfile)
+        {
             continue;
         }
         println!("npm: installing {dir} from its lockfile");
@@ -222,6 +232,8 @@ fn npm_projects(sh: &Shell) -> Result<()> {
         cmd!(sh, "npm ci --no-audit --no-fund")
             .run()
             .with_context(|| format!("npm ci in {dir} (Node.js and npm are needed)"))?;
+        std::fs::write(&stamp, &lockfile)
+            .with_context(|| format!("writing {}", stamp.display()))?;
     }
     Ok(())
 }
@@ -300,7 +312,7 @@ pub(crate) fn up() -> Result<()> {
         .collect();
     if (!packages.is_empty() || !idle.is_empty()) && !is_root(&sh) {
         bail!(
-            "to install {:?} and start {:?}, this needs root: run it as root (`sudo -E cargo xtask services up`), \
+            "to install {:?} and start {:?}, this needs root: run it as root (`sudo env \"PATH=$PATH\" cargo xtask services up`: sudo's own PATH lacks rustup's cargo), \
              or install and start them yourself (README, \"Before the two commands\", lists what the tests expect)",
             packages,
             idle
@@ -347,7 +359,7 @@ pub(crate) fn up_one(name: &str) -> Result<()> {
     let sh = crate::root_shell()?;
     if !is_root(&sh) {
         bail!(
-            "{name} is not running on {}; start it, or run `sudo -E cargo xtask services up`",
+            "{name} is not running on {}; start it, or run `sudo env \"PATH=$PATH\" cargo xtask services up`",
             service.addresses()
         );
     }
@@ -368,9 +380,18 @@ fn is_root(sh: &Shell) -> bool {
 fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
     // Noninteractive: CI has no terminal to answer debconf questions on.
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
-    cmd!(sh, "apt-get -o DPkg::Lock::Timeout=300 update")
-        .run()
-        .context("apt-get update failed")?;
+    // The package lists' lock (held by a fresh machine's apt-daily run at
+    // boot, say) is not the dpkg lock the option waits for: a refused
+    // update is tried again, for up to five minutes.
+    let mut tries = 0;
+    while let Err(e) = cmd!(sh, "apt-get -o DPkg::Lock::Timeout=300 update").run() {
+        tries += 1;
+        if tries == 10 {
+            return Err(e).context("apt-get update failed (ten times, 30 s apart)");
+        }
+        eprintln!("apt-get update failed ({e}); trying again in 30 s");
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    }
     // A fresh machine's unattended upgrades may hold dpkg's lock for a
     // while: wait for it rather than fail at once.
     cmd!(
