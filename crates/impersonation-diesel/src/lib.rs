@@ -28,6 +28,11 @@
 //!
 //! - `sqlite` (default): SQLite, bundled.
 //! - `postgres`: PostgreSQL through `tokio-postgres`.
+//! - `postgres-tls`: PostgreSQL over TLS (rustls) for a URL with
+//!   `sslmode=require`: the server's certificate and name are verified,
+//!   against the Mozilla roots or the authorities given to
+//!   [`DieselConfig::tls_root_certificates_pem`]. Without `sslmode=require`
+//!   a connection is not encrypted.
 //! - `mysql`: MySQL and MariaDB through `mysql_async`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -187,6 +192,8 @@ pub struct DieselConfig {
     busy_timeout: Duration,
     schema: Option<String>,
     counter: Option<Arc<QueryCounter>>,
+    /// PEM certificate authorities to verify a PostgreSQL server by.
+    tls_roots_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for DieselConfig {
@@ -199,6 +206,7 @@ impl std::fmt::Debug for DieselConfig {
             .field("busy_timeout", &self.busy_timeout)
             .field("schema", &self.schema)
             .field("counter", &self.counter)
+            .field("tls_roots", &self.tls_roots_pem.is_some())
             .finish()
     }
 }
@@ -214,7 +222,20 @@ impl DieselConfig {
             busy_timeout: Duration::from_secs(5),
             schema: None,
             counter: None,
+            tls_roots_pem: None,
         }
+    }
+
+    /// PostgreSQL over TLS (a URL with `sslmode=require`): verify the
+    /// server by these certificate authorities (PEM, one or more
+    /// certificates) rather than the Mozilla roots, as a managed database
+    /// needs (Amazon RDS's, Cloud SQL's) or one with a certificate of its
+    /// own. The server's name must match its certificate either way.
+    #[cfg(feature = "postgres-tls")]
+    #[must_use]
+    pub fn tls_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots_pem = Some(pem.into());
+        self
     }
 
     /// Counts every statement the store's connections send.
@@ -352,13 +373,94 @@ mod pg_setup {
     use diesel::ConnectionResult;
     use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 
+    /// How a connection is secured, built once per store.
+    #[derive(Clone)]
+    pub(crate) struct Tls {
+        #[cfg(feature = "postgres-tls")]
+        config: std::sync::Arc<rustls::ClientConfig>,
+    }
+
+    impl Tls {
+        #[cfg(feature = "postgres-tls")]
+        pub(crate) fn of(config: &super::DieselConfig) -> Result<Self, super::DieselError> {
+            use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+            let bad = |what: String| super::DieselError::Config(format!("TLS: {what}"));
+            let mut roots = rustls::RootCertStore::empty();
+            match &config.tls_roots_pem {
+                Some(pem) => {
+                    for cert in CertificateDer::pem_slice_iter(pem) {
+                        let cert = cert.map_err(|e| bad(format!("the root certificates: {e}")))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| bad(format!("a root certificate: {e}")))?;
+                    }
+                    if roots.is_empty() {
+                        return Err(bad("no certificate in the root certificates' PEM".into()));
+                    }
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let client = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Self {
+                config: std::sync::Arc::new(client),
+            })
+        }
+
+        #[cfg(not(feature = "postgres-tls"))]
+        pub(crate) fn of(_: &super::DieselConfig) -> Result<Self, super::DieselError> {
+            Ok(Self {})
+        }
+    }
+
+    /// Opens the connection: over TLS when the URL asks for it.
+    #[cfg(feature = "postgres-tls")]
+    async fn open(url: &str, tls: &Tls) -> ConnectionResult<AsyncPgConnection> {
+        use tokio_postgres::config::SslMode;
+        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            diesel::ConnectionError::InvalidConnectionUrl(e.to_string())
+        })?;
+        if config.get_ssl_mode() != SslMode::Require {
+            return AsyncPgConnection::establish(url).await;
+        }
+        let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.config).clone());
+        let (client, connection) = config.connect(connector).await.map_err(|e| {
+            // The handshake's cause (an unknown issuer, a name that does
+            // not match) is in the error's sources, not its message.
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cause = c.source();
+            }
+            diesel::ConnectionError::BadConnection(text)
+        })?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    }
+
+    #[cfg(not(feature = "postgres-tls"))]
+    async fn open(url: &str, _: &Tls) -> ConnectionResult<AsyncPgConnection> {
+        if url.contains("sslmode=require") {
+            return Err(diesel::ConnectionError::InvalidConnectionUrl(
+                "sslmode=require needs the `postgres-tls` feature of impersonation-diesel".into(),
+            ));
+        }
+        AsyncPgConnection::establish(url).await
+    }
+
     pub(crate) async fn establish(
         url: String,
         schema: Option<String>,
         lock_timeout: std::time::Duration,
         counter: Option<std::sync::Arc<super::QueryCounter>>,
+        tls: Tls,
     ) -> ConnectionResult<AsyncPgConnection> {
-        let mut conn = AsyncPgConnection::establish(&url).await?;
+        let mut conn = open(&url, &tls).await?;
         // A write waits this long for a lock another connection holds (a
         // host that died mid-transaction holds its locks until TCP notices,
         // hours): past it the write fails closed instead of taking a pooled
@@ -648,6 +750,7 @@ impl DieselStore {
             BackendKind::Postgres => {
                 let (schema, counter) = (config.schema.clone(), config.counter.clone());
                 let lock_timeout = config.busy_timeout;
+                let tls = pg_setup::Tls::of(&config)?;
                 let pool =
                     build_pool!(diesel_async::AsyncPgConnection, config, move |url: &str| {
                         Box::pin(pg_setup::establish(
@@ -655,6 +758,7 @@ impl DieselStore {
                             schema.clone(),
                             lock_timeout,
                             counter.clone(),
+                            tls.clone(),
                         ))
                     });
                 (Backend::Postgres(pool), config)
@@ -747,8 +851,9 @@ impl DieselStore {
         match &self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres(_) => {
+                let tls = pg_setup::Tls::of(&self.config)?;
                 let mut conn =
-                    pg_setup::establish(self.config.url.clone(), None, MIGRATION_WAIT, None)
+                    pg_setup::establish(self.config.url.clone(), None, MIGRATION_WAIT, None, tls)
                         .await
                         .map_err(|e| fail(&e))?;
                 use diesel_async::SimpleAsyncConnection;
