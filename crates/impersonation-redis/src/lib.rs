@@ -18,6 +18,14 @@
 //! written together or not at all. `resolve` is one command. Only secret
 //! hashes are stored.
 //! Any Redis failure is [`StoreError::Unavailable`]: the SDK fails closed.
+//!
+//! ## Feature flags
+//!
+//! - `tls`: `rediss://` and `rediss+cluster://` URLs, over rustls (the
+//!   `ring` provider): the server's certificate must chain to the system's
+//!   roots, or to the authorities given to
+//!   [`RedisConfig::tls_root_certificates_pem`], and name the host the URL
+//!   names. Without it such a URL is refused by [`RedisConfig::new`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -80,6 +88,8 @@ pub struct RedisConfig {
     namespace: String,
     retention: Duration,
     durability: Durability,
+    /// PEM certificate authorities to verify a TLS server by.
+    tls_roots_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -95,6 +105,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("namespace", &self.namespace)
             .field("retention", &self.retention)
             .field("durability", &self.durability)
+            .field("tls_roots", &self.tls_roots_pem.is_some())
             .finish()
     }
 }
@@ -103,10 +114,27 @@ impl RedisConfig {
     /// `redis://host:port` for one server, `redis+cluster://h1:p1,h2:p2` for a
     /// cluster (any reachable nodes; the rest are discovered). A user and
     /// password written on the first node (`redis+cluster://:pw@h1:p1,h2:p2`)
-    /// are every node's.
+    /// are every node's. Over TLS (feature `tls`): `rediss://` and
+    /// `rediss+cluster://`.
     pub fn new(url: &str) -> Result<Self, RedisStoreError> {
-        let (urls, cluster) = match url.strip_prefix("redis+cluster://") {
-            Some(nodes) => {
+        let cluster_nodes = url
+            .strip_prefix("redis+cluster://")
+            .map(|nodes| (nodes, "redis"))
+            .or_else(|| {
+                url.strip_prefix("rediss+cluster://")
+                    .map(|nodes| (nodes, "rediss"))
+            });
+        // Without the feature the client is built without TLS; said here,
+        // not at connect.
+        if !cfg!(feature = "tls")
+            && (url.starts_with("rediss://") || url.starts_with("rediss+cluster://"))
+        {
+            return Err(RedisStoreError::Config(
+                "TLS (rediss://) needs the `tls` feature of impersonation-redis".into(),
+            ));
+        }
+        let (urls, cluster) = match cluster_nodes {
+            Some((nodes, scheme)) => {
                 let nodes: Vec<&str> = nodes.split(',').map(str::trim).collect();
                 let auth = nodes
                     .first()
@@ -115,26 +143,21 @@ impl RedisConfig {
                 let urls = nodes
                     .iter()
                     .map(|n| match auth {
-                        Some(auth) if !n.contains('@') => format!("redis://{auth}@{n}"),
-                        _ => format!("redis://{n}"),
+                        Some(auth) if !n.contains('@') => format!("{scheme}://{auth}@{n}"),
+                        _ => format!("{scheme}://{n}"),
                     })
                     .collect();
                 (urls, true)
             }
-            // The client is built without TLS; said here, not at connect.
-            None if url.starts_with("rediss://") => {
-                return Err(RedisStoreError::Config(
-                    "TLS (rediss://) is not built into this store; reach Redis over a private \
-                     network or through a TLS tunnel"
-                        .into(),
-                ));
+            None if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                (vec![url.to_owned()], false)
             }
-            None if url.starts_with("redis://") => (vec![url.to_owned()], false),
             // Only the scheme: the rest may hold a password.
             None => {
                 let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
                 return Err(RedisStoreError::Config(format!(
-                    "not a Redis URL (scheme `{scheme}`; expected redis:// or redis+cluster://)"
+                    "not a Redis URL (scheme `{scheme}`; expected redis://, rediss://, \
+                     redis+cluster:// or rediss+cluster://)"
                 )));
             }
         };
@@ -144,7 +167,53 @@ impl RedisConfig {
             namespace: "impersonation".into(),
             retention: Duration::days(1),
             durability: Durability::Warn,
+            tls_roots_pem: None,
         })
+    }
+
+    /// Over TLS: verify the server by these certificate authorities (PEM)
+    /// rather than the system's roots, as a managed Redis needs (its
+    /// provider's CA) or one with a certificate of its own. The server's
+    /// name must match its certificate either way.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots_pem = Some(pem.into());
+        self
+    }
+
+    /// A client for one node, over TLS with the roots given if any.
+    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        #[cfg(feature = "tls")]
+        {
+            install_crypto_provider();
+            if let Some(pem) = &self.tls_roots_pem {
+                return redis::Client::build_with_tls(url, self.certificates(pem));
+            }
+        }
+        redis::Client::open(url)
+    }
+
+    /// The cluster's client, over TLS with the roots given if any.
+    fn cluster_client(&self) -> redis::RedisResult<redis::cluster::ClusterClient> {
+        #[allow(unused_mut)]
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone());
+        #[cfg(feature = "tls")]
+        {
+            install_crypto_provider();
+            if let Some(pem) = &self.tls_roots_pem {
+                builder = builder.certs(self.certificates(pem));
+            }
+        }
+        builder.build()
+    }
+
+    #[cfg(feature = "tls")]
+    fn certificates(&self, pem: &[u8]) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        }
     }
 
     /// Prefix of every key (default `impersonation`), so several apps share
@@ -300,6 +369,16 @@ const BATCHING: Batching = Batching {
 
 /// Writes retried when another process moved a chain's head meanwhile.
 const CAS_ATTEMPTS: usize = 32;
+
+/// rustls needs a process-wide crypto provider, which the Redis client
+/// does not choose: `ring`, unless the application installed one first.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Lost a race with another installer: theirs serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::unavailable(e)
@@ -555,18 +634,17 @@ impl RedisStore {
     pub async fn connect(config: RedisConfig) -> Result<Self, RedisStoreError> {
         let connect_err = |e: redis::RedisError| RedisStoreError::Connect(e.to_string());
         let conn = if config.cluster {
-            let client =
-                redis::cluster::ClusterClient::new(config.urls.clone()).map_err(connect_err)?;
+            let client = config.cluster_client().map_err(connect_err)?;
             Conn::Cluster(client.get_async_connection().await.map_err(connect_err)?)
         } else {
             let url = config
                 .urls
                 .first()
                 .ok_or_else(|| RedisStoreError::Config("no URL".into()))?;
-            let client = redis::Client::open(url.as_str()).map_err(connect_err)?;
+            let client = config.client(url).map_err(connect_err)?;
             Conn::Single(ConnectionManager::new(client).await.map_err(connect_err)?)
         };
-        let durability = Self::read_durability(&config.urls).await;
+        let durability = Self::read_durability(&config).await;
         match (durability.durable(), config.durability) {
             (Some(true), _) => {}
             (Some(false), Durability::Require) => {
@@ -597,15 +675,15 @@ impl RedisStore {
         })
     }
 
-    async fn read_durability(urls: &[String]) -> DurabilityReport {
+    async fn read_durability(config: &RedisConfig) -> DurabilityReport {
         let mut report = DurabilityReport {
             appendonly: Vec::new(),
             save: Vec::new(),
             evicts: Vec::new(),
         };
-        for url in urls {
+        for url in &config.urls {
             let read = async {
-                let client = redis::Client::open(url.as_str())?;
+                let client = config.client(url)?;
                 let mut c = client.get_multiplexed_async_connection().await?;
                 let aof: Vec<String> = redis::cmd("CONFIG")
                     .arg("GET")
@@ -1837,8 +1915,10 @@ mod tests {
         assert!(wrong.to_string().contains("`postgres`"), "{wrong}");
     }
 
-    /// No TLS is built in: a `rediss://` URL is refused when configured,
-    /// with the reason, not at connect with the client's.
+    /// Without the `tls` feature a `rediss://` URL is refused when
+    /// configured, with the reason, not at connect with the client's; the
+    /// password stays out of the message.
+    #[cfg(not(feature = "tls"))]
     #[test]
     fn a_tls_url_is_refused_with_the_reason() {
         let refused = RedisConfig::new("rediss://:hunter2@cache.example:6380").unwrap_err();
@@ -1866,6 +1946,30 @@ mod tests {
         );
         let open = RedisConfig::new("redis+cluster://a:7001,b:7002").unwrap();
         assert_eq!(open.urls, ["redis://a:7001", "redis://b:7002"]);
+    }
+
+    /// Over TLS every node is reached over TLS; without the feature such a
+    /// URL is refused by name.
+    #[test]
+    fn rediss_urls_need_the_tls_feature_and_make_every_node_tls() {
+        for url in ["rediss://a:6380", "rediss+cluster://:pw@a:7001,b:7002"] {
+            let config = RedisConfig::new(url);
+            if cfg!(feature = "tls") {
+                let config = config.unwrap();
+                assert!(
+                    config.urls.iter().all(|u| u.starts_with("rediss://")),
+                    "{url}"
+                );
+            } else {
+                let refused = config.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(refused.contains("`tls` feature"), "{refused}");
+            }
+        }
+        if cfg!(feature = "tls") {
+            let config = RedisConfig::new("rediss+cluster://:pw@a:7001,b:7002").unwrap();
+            assert_eq!(config.urls, ["rediss://:pw@a:7001", "rediss://:pw@b:7002"]);
+            assert!(config.cluster);
+        }
     }
 
     /// A negative retention would give a live session's keys a TTL shorter
