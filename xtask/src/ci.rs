@@ -40,6 +40,9 @@ const SINGLE_FEATURE_SETS: &[(&str, &str)] = &[
     ("impersonation-diesel", "sqlite"),
     ("impersonation-diesel", "postgres"),
     ("impersonation-diesel", "mysql"),
+    ("impersonation-diesel", "postgres-tls"),
+    ("impersonation-redis", ""),
+    ("impersonation-redis", "tls"),
     ("impersonation-oidc", ""),
     ("impersonation-axum", ""),
 ];

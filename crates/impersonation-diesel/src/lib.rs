@@ -31,7 +31,7 @@
 //! - `postgres-tls`: PostgreSQL over TLS (rustls) for a URL with
 //!   `sslmode=require`: the server's certificate and name are verified,
 //!   against the Mozilla roots or the authorities given to
-//!   [`DieselConfig::tls_root_certificates_pem`]. Without `sslmode=require`
+//!   `DieselConfig::tls_root_certificates_pem`. Without `sslmode=require`
 //!   a connection is not encrypted.
 //! - `mysql`: MySQL and MariaDB through `mysql_async`.
 #![forbid(unsafe_code)]
@@ -401,11 +401,14 @@ mod pg_setup {
                 None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             }
             let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let client = rustls::ClientConfig::builder_with_provider(provider)
+            let mut client = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| bad(e.to_string()))?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
+            // PostgreSQL 17 refuses a direct TLS start (`sslnegotiation=
+            // direct`) that does not name its protocol; the others ignore it.
+            client.alpn_protocols = vec![b"postgresql".to_vec()];
             Ok(Self {
                 config: std::sync::Arc::new(client),
             })
@@ -422,25 +425,32 @@ mod pg_setup {
     async fn open(url: &str, tls: &Tls) -> ConnectionResult<AsyncPgConnection> {
         use tokio_postgres::config::SslMode;
         let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            diesel::ConnectionError::InvalidConnectionUrl(e.to_string())
+            diesel::ConnectionError::InvalidConnectionUrl(with_causes(&e))
         })?;
         if config.get_ssl_mode() != SslMode::Require {
             return AsyncPgConnection::establish(url).await;
         }
         let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.config).clone());
-        let (client, connection) = config.connect(connector).await.map_err(|e| {
-            // The handshake's cause (an unknown issuer, a name that does
-            // not match) is in the error's sources, not its message.
-            let mut text = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                text.push_str(": ");
-                text.push_str(&c.to_string());
-                cause = c.source();
-            }
-            diesel::ConnectionError::BadConnection(text)
-        })?;
+        let (client, connection) = config
+            .connect(connector)
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(with_causes(&e)))?;
         AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    }
+
+    /// The error and its sources: the handshake's cause (an unknown
+    /// issuer, a name that does not match) and a URL's bad option are in
+    /// the sources, not the message.
+    #[cfg(feature = "postgres-tls")]
+    fn with_causes(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
     }
 
     #[cfg(not(feature = "postgres-tls"))]

@@ -24,7 +24,7 @@
 //! - `tls`: `rediss://` and `rediss+cluster://` URLs, over rustls (the
 //!   `ring` provider): the server's certificate must chain to the system's
 //!   roots, or to the authorities given to
-//!   [`RedisConfig::tls_root_certificates_pem`], and name the host the URL
+//!   `RedisConfig::tls_root_certificates_pem`, and name the host the URL
 //!   names. Without it such a URL is refused by [`RedisConfig::new`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -124,6 +124,13 @@ impl RedisConfig {
                 url.strip_prefix("rediss+cluster://")
                     .map(|nodes| (nodes, "rediss"))
             });
+        // redis-rs reads `#insecure` as "verify nothing" wherever some
+        // crate enables its insecure feature: never taken here.
+        if url.contains('#') {
+            return Err(RedisStoreError::Config(
+                "a Redis URL with a fragment (`#…`, such as `#insecure`) is not taken".into(),
+            ));
+        }
         // Without the feature the client is built without TLS; said here,
         // not at connect.
         if !cfg!(feature = "tls")
@@ -633,6 +640,15 @@ impl RedisStore {
     /// lost on restart.
     pub async fn connect(config: RedisConfig) -> Result<Self, RedisStoreError> {
         let connect_err = |e: redis::RedisError| RedisStoreError::Connect(e.to_string());
+        // Roots for a plain-text URL would be ignored by the cluster client,
+        // which then connects in plain text: refused for either kind.
+        if config.tls_roots_pem.is_some() && !config.urls.iter().all(|u| u.starts_with("rediss://"))
+        {
+            return Err(RedisStoreError::Config(
+                "TLS roots were given for a plain-text URL: use rediss:// (or rediss+cluster://)"
+                    .into(),
+            ));
+        }
         let conn = if config.cluster {
             let client = config.cluster_client().map_err(connect_err)?;
             Conn::Cluster(client.get_async_connection().await.map_err(connect_err)?)
