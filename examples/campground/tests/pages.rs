@@ -49,6 +49,16 @@ impl User {
         (status, body)
     }
 
+    /// From the support console: revokes the first session it lists.
+    async fn revoke_the_first_live_session(&mut self) {
+        let (_, console) = self.get("/support").await;
+        let marker = "name=\"session\" value=\"";
+        let at = console.find(marker).expect("a live session") + marker.len();
+        let session = console[at..].split('"').next().unwrap().to_owned();
+        let (status, body) = self.post("/support/revoke", &[("session", &session)]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
     async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
         let mut fields = form.to_vec();
         let csrf = self.csrf.clone();
@@ -569,12 +579,7 @@ async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out
     sam.get("/dashboard").await;
     // Lee, on the other process, revokes it.
     let mut lee = User::sign_in(&bases[1], "lee").await;
-    let (_, console) = lee.get("/support").await;
-    let marker = "name=\"session\" value=\"";
-    let at = console.find(marker).expect("a live session") + marker.len();
-    let session = console[at..].split('"').next().unwrap().to_owned();
-    let (status, body) = lee.post("/support/revoke", &[("session", &session)]).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    lee.revoke_the_first_live_session().await;
     let (status, body) = sam.post("/signout", &[]).await;
     assert_eq!(status, StatusCode::OK, "signed out: {body}");
     let (_, page) = sam.get("/").await;
@@ -591,12 +596,7 @@ async fn a_sign_out_form_from_an_ended_session_still_signs_out_from_this_site() 
     impersonate(&mut sam, "olive").await;
     sam.get("/dashboard").await;
     let mut lee = User::sign_in(&base, "lee").await;
-    let (_, console) = lee.get("/support").await;
-    let marker = "name=\"session\" value=\"";
-    let at = console.find(marker).expect("a live session") + marker.len();
-    let session = console[at..].split('"').next().unwrap().to_owned();
-    let (status, body) = lee.post("/support/revoke", &[("session", &session)]).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    lee.revoke_the_first_live_session().await;
     // Another site's post (its origin says so) is refused.
     let csrf = sam.csrf.clone();
     let res = sam
