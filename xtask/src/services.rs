@@ -706,8 +706,11 @@ fn redis_start(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
+// Every `redis-cli` runs under coreutils' `timeout`: a listener that
+// accepts a connection and never answers must not hold `services up` (and
+// CI, which no watchdog covers at that step) forever.
 fn redis_access(sh: &Shell) -> Result<&'static str> {
-    let reply = cmd!(sh, "redis-cli -h 127.0.0.1 ping").read()?;
+    let reply = cmd!(sh, "timeout 30 redis-cli -h 127.0.0.1 ping").read()?;
     if reply.trim() != "PONG" {
         bail!("`redis-cli -h 127.0.0.1 ping` answered {reply:?}, expected PONG");
     }
@@ -796,10 +799,13 @@ enum ClusterHealth {
 /// no usable answer (connection refused, cluster mode disabled, ...).
 fn node_view(sh: &Shell, port: u16) -> Result<NodeView, String> {
     let port = port.to_string();
-    let out = cmd!(sh, "redis-cli -h 127.0.0.1 -p {port} cluster info")
-        .ignore_status()
-        .output()
-        .map_err(|err| err.to_string())?;
+    let out = cmd!(
+        sh,
+        "timeout 30 redis-cli -h 127.0.0.1 -p {port} cluster info"
+    )
+    .ignore_status()
+    .output()
+    .map_err(|err| err.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     NodeView::parse(&stdout).ok_or_else(|| {
         // redis-cli prints an error reply on stdout, a connection error on
@@ -879,9 +885,12 @@ fn stop_cluster_nodes(sh: &Shell) -> Result<()> {
         let port = port.to_string();
         // The outcome is ignored: the node may drop the connection before
         // answering, and whether the port frees up is what counts.
-        let _ = cmd!(sh, "redis-cli -h 127.0.0.1 -p {port} shutdown nosave")
-            .ignore_status()
-            .output();
+        let _ = cmd!(
+            sh,
+            "timeout 30 redis-cli -h 127.0.0.1 -p {port} shutdown nosave"
+        )
+        .ignore_status()
+        .output();
     }
     for &port in CLUSTER_PORTS {
         let deadline = Instant::now() + CLUSTER_STOP_TIMEOUT;
@@ -931,7 +940,7 @@ fn create_cluster(sh: &Shell) -> Result<()> {
     // when it failed.
     let out = cmd!(
         sh,
-        "redis-cli --cluster create {nodes...} --cluster-replicas 0 --cluster-yes"
+        "timeout 120 redis-cli --cluster create {nodes...} --cluster-replicas 0 --cluster-yes"
     )
     .ignore_status()
     .output()
@@ -1122,10 +1131,12 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     // cluster node (keys live on the node that owns their slot).
     for port in ["6379", "7001", "7002", "7003"] {
         let pattern = format!("{TEST_PREFIX}*");
-        let Ok(keys) = cmd!(sh, "redis-cli -p {port} --scan --pattern {pattern}")
-            .quiet()
-            .read()
-        else {
+        let Ok(keys) = cmd!(
+            sh,
+            "timeout 300 redis-cli -p {port} --scan --pattern {pattern}"
+        )
+        .quiet()
+        .read() else {
             continue; // a node that is not up has nothing to clean
         };
         let unlinks: String = keys
@@ -1136,7 +1147,7 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
             .map(|k| format!("UNLINK \"{k}\"\n"))
             .collect();
         if !unlinks.is_empty() {
-            cmd!(sh, "redis-cli -p {port}")
+            cmd!(sh, "timeout 300 redis-cli -p {port}")
                 .stdin(unlinks)
                 .quiet()
                 .ignore_stdout()
