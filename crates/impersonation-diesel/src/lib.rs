@@ -737,8 +737,18 @@ const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 const WRITE_ATTEMPTS: u32 = 6;
 
 fn store_error(e: OpError) -> StoreError {
+    use diesel::result::{DatabaseErrorKind, Error};
     match e {
         OpError::Store(e) => e,
+        // MySQL and MariaDB quote the duplicated value in the message
+        // (`Duplicate entry '…' for key …`): for the sessions' unique
+        // keys, a secret's lookup hash. Only the constraint is named.
+        OpError::Db(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info)) => {
+            StoreError::unavailable_because(match info.constraint_name() {
+                Some(constraint) => format!("a unique constraint was violated ({constraint})"),
+                None => "a unique constraint was violated".to_owned(),
+            })
+        }
         OpError::Db(e) => StoreError::unavailable(e),
     }
 }
@@ -1365,5 +1375,29 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("postgres://***@db.example/app"), "{shown}");
+    }
+
+    /// MySQL's duplicate-key message quotes the value (a secret's lookup
+    /// hash for the sessions' unique key): the store's error leaves it out.
+    #[test]
+    fn a_duplicate_keys_value_stays_out_of_the_stores_error() {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let hash = "5f2b8c0e4d1a9b7c3e6f0a2d4b8c1e7f";
+        let mysql = Error::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            Box::new(format!(
+                "Duplicate entry '{hash}' for key 'impersonation_sessions_secret'"
+            )),
+        );
+        let shown = super::store_error(super::ops::OpError::Db(mysql)).to_string();
+        assert!(!shown.contains(hash), "{shown}");
+        assert!(shown.contains("unique constraint"), "{shown}");
+        // Other database errors keep their message.
+        let other = Error::DatabaseError(
+            DatabaseErrorKind::SerializationFailure,
+            Box::new("could not serialize access".to_owned()),
+        );
+        let shown = super::store_error(super::ops::OpError::Db(other)).to_string();
+        assert!(shown.contains("could not serialize access"), "{shown}");
     }
 }
