@@ -1403,6 +1403,31 @@ where
     concurrent_batches_keep_the_chains_valid(factory().await).await;
 }
 
+/// How long one conformance case may take: every case finishes in
+/// seconds on the stores here; a store whose call never returns (a lock
+/// never released, a reply never read) fails its case after this, with
+/// the case named, instead of hanging the test run.
+pub const CASE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `case` (the conformance case named `name`), failing it if it takes
+/// longer than [`CASE_DEADLINE`]. Used by [`crate::store_conformance_tests`].
+pub async fn within_deadline(name: &str, case: impl std::future::Future<Output = ()>) {
+    within(CASE_DEADLINE, name, case).await;
+}
+
+async fn within(
+    deadline: std::time::Duration,
+    name: &str,
+    case: impl std::future::Future<Output = ()>,
+) {
+    let finished = tokio::time::timeout(deadline, case).await;
+    assert!(
+        finished.is_ok(),
+        "conformance case `{name}` ran past {} ms: a store call does not return",
+        deadline.as_millis()
+    );
+}
+
 /// Expands to one `#[tokio::test]` per conformance case, each calling the
 /// factory expression for a fresh store. The calling crate needs `tokio`
 /// with the `macros` and `rt-multi-thread` features as a dev-dependency.
@@ -1450,8 +1475,35 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let store = $factory.await;
-                $crate::conformance::$case(store).await;
+                $crate::conformance::within_deadline(
+                    stringify!($case),
+                    $crate::conformance::$case(store),
+                )
+                .await;
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A case whose store call never returns fails, named, at its deadline
+    /// (rather than hanging the run).
+    #[tokio::test]
+    #[should_panic(expected = "conformance case `a_hanging_case` ran past 50 ms")]
+    async fn a_case_that_never_finishes_fails_at_its_deadline() {
+        super::within(
+            Duration::from_millis(50),
+            "a_hanging_case",
+            std::future::pending(),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_case_that_finishes_passes() {
+        super::within(Duration::from_secs(5), "a_quick_case", async {}).await;
+    }
 }
