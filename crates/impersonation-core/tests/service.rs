@@ -375,104 +375,6 @@ async fn end_lapsed_ends_only_the_sessions_whose_time_is_up() {
     ));
 }
 
-/// A store on which the customer's consent lands just after the service
-/// read a pending session: another process's request, between the sweep's
-/// read and its end.
-struct ConsentLandsAfterRead {
-    inner: MemoryStore,
-    armed: std::sync::atomic::AtomicBool,
-    clock: ManualClock,
-}
-
-#[async_trait]
-impl Store for ConsentLandsAfterRead {
-    async fn session(
-        &self,
-        id: impersonation_core::SessionId,
-    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
-        let read = self.inner.session(id).await?;
-        if let Some(s) = &read
-            && s.state == SessionState::Pending
-            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            let by = impersonation_core::Actor::user(s.subject.id.clone(), "customer");
-            let consent = s
-                .activate(by, impersonation_core::Clock::now(&self.clock))
-                .unwrap();
-            self.inner.transition(consent).await?;
-        }
-        Ok(read)
-    }
-    async fn start(
-        &self,
-        start: impersonation_core::Start,
-    ) -> Result<impersonation_core::StartOutcome, impersonation_core::StoreError> {
-        self.inner.start(start).await
-    }
-    async fn transition(
-        &self,
-        t: impersonation_core::Transition,
-    ) -> Result<(impersonation_core::Session, AuditEvent), impersonation_core::StoreError> {
-        self.inner.transition(t).await
-    }
-    async fn append(
-        &self,
-        e: impersonation_core::AuditDraft,
-        g: impersonation_core::AppendGuard,
-    ) -> Result<AuditEvent, impersonation_core::StoreError> {
-        self.inner.append(e, g).await
-    }
-    async fn find_by_secret(
-        &self,
-        h: &impersonation_core::SecretLookup,
-        t: Option<impersonation_core::Touch>,
-    ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.inner.find_by_secret(h, t).await
-    }
-    async fn live_sessions(
-        &self,
-        f: &impersonation_core::LiveFilter,
-    ) -> Result<Vec<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.inner.live_sessions(f).await
-    }
-    async fn record_check(
-        &self,
-        id: impersonation_core::SessionId,
-        v: u64,
-        at: time::OffsetDateTime,
-        s: &impersonation_core::ShadowUser,
-    ) -> Result<(), impersonation_core::StoreError> {
-        self.inner.record_check(id, v, at, s).await
-    }
-    async fn audit(
-        &self,
-        q: &AuditQuery,
-    ) -> Result<impersonation_core::AuditPage, impersonation_core::StoreError> {
-        self.inner.audit(q).await
-    }
-    async fn chain_events(
-        &self,
-        c: &impersonation_core::ChainKey,
-        from: u64,
-        limit: u32,
-    ) -> Result<Vec<AuditEvent>, impersonation_core::StoreError> {
-        self.inner.chain_events(c, from, limit).await
-    }
-    async fn chain_head(
-        &self,
-        c: &impersonation_core::ChainKey,
-    ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
-        self.inner.chain_head(c).await
-    }
-    async fn chains(
-        &self,
-        after: Option<&impersonation_core::ChainKey>,
-        limit: u32,
-    ) -> Result<Vec<impersonation_core::ChainKey>, impersonation_core::StoreError> {
-        self.inner.chains(after, limit).await
-    }
-}
-
 /// A consent that lands between the sweep's read of a pending session past
 /// its deadline and its end: the store refuses the end (the session moved
 /// on), and the sweep judges it again as it now stands, active and in
@@ -480,11 +382,7 @@ impl Store for ConsentLandsAfterRead {
 #[tokio::test]
 async fn end_lapsed_leaves_a_session_a_consent_just_activated() {
     let clock = ManualClock::new(epoch());
-    let store = ConsentLandsAfterRead {
-        inner: MemoryStore::new(),
-        armed: std::sync::atomic::AtomicBool::new(false),
-        clock: clock.clone(),
-    };
+    let store = BusyChain::consent_on_read();
     let directory = MemoryDirectory::new();
     for p in [agent("sam"), customer("olive")] {
         directory.insert(p);
@@ -498,10 +396,6 @@ async fn end_lapsed_leaves_a_session_a_consent_just_activated() {
         .unwrap();
     assert_eq!(started.session.state, SessionState::Pending);
     clock.advance(Duration::minutes(10));
-    service
-        .store()
-        .armed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(service.end_lapsed().await.unwrap(), []);
     let now = service
         .store()
@@ -1663,22 +1557,60 @@ async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
 /// `stale`, whose head stays at the chain's first event (events written
 /// past it without moving it). With `consent_race` set, the first
 /// transition finds its (pending) session activated a moment before, as
-/// if the customer had just consented.
+/// if the customer had just consented; with `consent_on_read`, the consent
+/// lands just after the first read of a pending session (another
+/// process's request, between a caller's read and its write).
 /// With a `listed_before` duration, its listing of live sessions shows
 /// each as last seen that much earlier (listed before a touch).
-struct BusyChain(MemoryStore, bool, std::sync::atomic::AtomicBool, Duration);
+struct BusyChain {
+    inner: MemoryStore,
+    stale: bool,
+    consent_race: std::sync::atomic::AtomicBool,
+    consent_on_read: std::sync::atomic::AtomicBool,
+    listed_before: Duration,
+}
 
 impl BusyChain {
     fn new(stale: bool) -> Self {
-        Self(MemoryStore::new(), stale, false.into(), Duration::ZERO)
+        Self {
+            inner: MemoryStore::new(),
+            stale,
+            consent_race: false.into(),
+            consent_on_read: false.into(),
+            listed_before: Duration::ZERO,
+        }
     }
 
     fn consent_race() -> Self {
-        Self(MemoryStore::new(), false, true.into(), Duration::ZERO)
+        Self {
+            consent_race: true.into(),
+            ..Self::new(false)
+        }
+    }
+
+    fn consent_on_read() -> Self {
+        Self {
+            consent_on_read: true.into(),
+            ..Self::new(false)
+        }
     }
 
     fn listed_before(touch: Duration) -> Self {
-        Self(MemoryStore::new(), false, false.into(), touch)
+        Self {
+            listed_before: touch,
+            ..Self::new(false)
+        }
+    }
+
+    /// Activates `pending`, as the customer's consent would.
+    async fn consent(
+        &self,
+        pending: &impersonation_core::Session,
+    ) -> Result<(), impersonation_core::StoreError> {
+        let consent = pending
+            .activate(impersonation_core::Actor::System, epoch())
+            .unwrap();
+        self.inner.transition(consent).await.map(|_| ())
     }
 }
 
@@ -1688,50 +1620,58 @@ impl Store for BusyChain {
         &self,
         s: impersonation_core::Start,
     ) -> Result<impersonation_core::StartOutcome, impersonation_core::StoreError> {
-        self.0.start(s).await
+        self.inner.start(s).await
     }
     async fn transition(
         &self,
         t: impersonation_core::Transition,
     ) -> Result<(impersonation_core::Session, AuditEvent), impersonation_core::StoreError> {
-        if self.2.swap(false, std::sync::atomic::Ordering::SeqCst)
-            && let Some(pending) = self.0.session(t.next().id).await?
+        if self
+            .consent_race
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Some(pending) = self.inner.session(t.next().id).await?
             && pending.state == SessionState::Pending
         {
-            let consent = pending
-                .activate(impersonation_core::Actor::System, epoch())
-                .unwrap();
-            self.0.transition(consent).await?;
+            self.consent(&pending).await?;
         }
-        self.0.transition(t).await
+        self.inner.transition(t).await
     }
     async fn append(
         &self,
         e: impersonation_core::AuditDraft,
         g: impersonation_core::AppendGuard,
     ) -> Result<AuditEvent, impersonation_core::StoreError> {
-        self.0.append(e, g).await
+        self.inner.append(e, g).await
     }
     async fn find_by_secret(
         &self,
         l: &impersonation_core::SecretLookup,
         t: Option<impersonation_core::Touch>,
     ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.0.find_by_secret(l, t).await
+        self.inner.find_by_secret(l, t).await
     }
     async fn session(
         &self,
         id: impersonation_core::SessionId,
     ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.0.session(id).await
+        let read = self.inner.session(id).await?;
+        if let Some(pending) = &read
+            && pending.state == SessionState::Pending
+            && self
+                .consent_on_read
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.consent(pending).await?;
+        }
+        Ok(read)
     }
     async fn live_sessions(
         &self,
         f: &impersonation_core::LiveFilter,
     ) -> Result<Vec<impersonation_core::Session>, impersonation_core::StoreError> {
-        let mut listed = self.0.live_sessions(f).await?;
+        let mut listed = self.inner.live_sessions(f).await?;
         for s in &mut listed {
-            s.last_seen_at -= self.3;
+            s.last_seen_at -= self.listed_before;
         }
         Ok(listed)
     }
@@ -1742,13 +1682,13 @@ impl Store for BusyChain {
         at: time::OffsetDateTime,
         s: &impersonation_core::ShadowUser,
     ) -> Result<(), impersonation_core::StoreError> {
-        self.0.record_check(id, v, at, s).await
+        self.inner.record_check(id, v, at, s).await
     }
     async fn audit(
         &self,
         q: &AuditQuery,
     ) -> Result<impersonation_core::AuditPage, impersonation_core::StoreError> {
-        self.0.audit(q).await
+        self.inner.audit(q).await
     }
     async fn chain_events(
         &self,
@@ -1756,16 +1696,16 @@ impl Store for BusyChain {
         from: u64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, impersonation_core::StoreError> {
-        self.0.chain_events(c, from, limit).await
+        self.inner.chain_events(c, from, limit).await
     }
     async fn chain_head(
         &self,
         c: &impersonation_core::ChainKey,
     ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
-        let head = self.0.chain_head(c).await?;
-        if self.1 {
+        let head = self.inner.chain_head(c).await?;
+        if self.stale {
             return Ok(self
-                .0
+                .inner
                 .chain_events(c, 0, 1)
                 .await?
                 .first()
@@ -1777,7 +1717,7 @@ impl Store for BusyChain {
             impersonation_core::Actor::System,
             c.clone(),
         );
-        self.0
+        self.inner
             .append(draft, impersonation_core::AppendGuard::None)
             .await?;
         Ok(head)
@@ -1787,7 +1727,7 @@ impl Store for BusyChain {
         after: Option<&impersonation_core::ChainKey>,
         limit: u32,
     ) -> Result<Vec<impersonation_core::ChainKey>, impersonation_core::StoreError> {
-        self.0.chains(after, limit).await
+        self.inner.chains(after, limit).await
     }
 }
 
