@@ -202,6 +202,25 @@ struct Browser {
     cookies: BTreeMap<String, String>,
 }
 
+/// Sam, signed in, impersonating Olive: where most tests here begin.
+async fn sam_on_olive() -> (Fixture, Browser) {
+    let f = fixture();
+    let mut sam = Browser::new(&f, "sam");
+    sam.get("/").await;
+    sam.start("olive").await;
+    (f, sam)
+}
+
+/// The trail's latest end of a session.
+async fn last_end(f: &Fixture) -> AuditEvent {
+    events(f)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == AuditAction::SessionEnded)
+        .expect("a session ended")
+}
+
 struct Reply {
     status: StatusCode,
     headers: HeaderMap,
@@ -456,10 +475,7 @@ async fn a_started_session_sets_a_host_cookie_and_shows_the_banner() {
 
 #[tokio::test]
 async fn the_secret_rotates_on_start_and_stop() {
-    let f = fixture();
-    let mut b = Browser::new(&f, "sam");
-    b.get("/").await;
-    b.start("olive").await;
+    let (_f, mut b) = sam_on_olive().await;
     let first = b.secret().unwrap();
     assert_eq!(b.stop().await.status, StatusCode::SEE_OTHER);
     assert!(b.secret().is_none(), "stop clears the cookie");
@@ -495,10 +511,7 @@ async fn the_secret_rotates_on_start_and_stop() {
 
 #[tokio::test]
 async fn stop_is_accepted_only_from_the_sessions_own_agent() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, mut sam) = sam_on_olive().await;
     let token = sam.secret().unwrap();
     let mut kim = Browser::new(&f, "kim");
     kim.get("/").await;
@@ -530,10 +543,7 @@ async fn stop_is_accepted_only_from_the_sessions_own_agent() {
 /// and on the trail, as a browser's is.
 #[tokio::test]
 async fn an_api_client_stops_with_its_bearer_secret() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, mut sam) = sam_on_olive().await;
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut kim_api = Browser::new(&f, "kim");
     let refused = kim_api
@@ -562,12 +572,7 @@ async fn an_api_client_stops_with_its_bearer_secret() {
         .await;
     assert_eq!(stopped.status, StatusCode::NO_CONTENT, "{}", stopped.body);
     assert!(sam_api.cookies.is_empty(), "no cookie for an API client");
-    let end = events(&f)
-        .await
-        .into_iter()
-        .rev()
-        .find(|e| e.action == AuditAction::SessionEnded)
-        .unwrap();
+    let end = last_end(&f).await;
     assert_eq!(end.details.get("reason"), Some("stopped"));
     assert!(!sam.get("/").await.body.contains("impersonation-banner"));
 }
@@ -578,10 +583,7 @@ async fn an_api_client_stops_with_its_bearer_secret() {
 /// agent as the one who stopped it.
 #[tokio::test]
 async fn an_api_client_with_only_its_bearer_secret_stops_as_the_sessions_agent() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, sam) = sam_on_olive().await;
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut api = Browser::new(&f, "");
     let served = api
@@ -597,12 +599,7 @@ async fn an_api_client_with_only_its_bearer_secret_stops_as_the_sessions_agent()
         )
         .await;
     assert_eq!(stopped.status, StatusCode::NO_CONTENT, "{}", stopped.body);
-    let end = events(&f)
-        .await
-        .into_iter()
-        .rev()
-        .find(|e| e.action == AuditAction::SessionEnded)
-        .unwrap();
+    let end = last_end(&f).await;
     assert_eq!(end.details.get("reason"), Some("stopped"));
     assert_eq!(end.actor.id().map(|a| a.as_str()), Some("sam"));
     let after = api
@@ -613,30 +610,19 @@ async fn an_api_client_with_only_its_bearer_secret_stops_as_the_sessions_agent()
 
 #[tokio::test]
 async fn an_expired_session_ends_with_an_expired_event_and_no_banner() {
-    let f = fixture();
-    let mut b = Browser::new(&f, "sam");
-    b.get("/").await;
-    b.start("olive").await;
+    let (f, mut b) = sam_on_olive().await;
     f.clock.advance(Duration::hours(2));
     let page = b.get("/").await;
     assert_eq!(page.status, StatusCode::OK, "the agent goes on as themself");
     assert!(!page.body.contains("impersonation-banner"));
     assert!(b.secret().is_none(), "the dead cookie is cleared");
-    let end = events(&f)
-        .await
-        .into_iter()
-        .rev()
-        .find(|e| e.action == AuditAction::SessionEnded)
-        .unwrap();
+    let end = last_end(&f).await;
     assert_eq!(end.details.get("reason"), Some("expired"));
 }
 
 #[tokio::test]
 async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
-    let f = fixture();
-    let mut b = Browser::new(&f, "sam");
-    b.get("/").await;
-    b.start("olive").await;
+    let (f, mut b) = sam_on_olive().await;
     let before = events(&f).await.len();
     let refused = b.get("/billing").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
@@ -657,10 +643,7 @@ async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
 
 #[tokio::test]
 async fn each_impersonated_request_gives_exactly_one_event_naming_agent_and_customer() {
-    let f = fixture();
-    let mut b = Browser::new(&f, "sam");
-    b.get("/").await;
-    b.start("olive").await;
+    let (f, mut b) = sam_on_olive().await;
     let before = events(&f).await.len();
     b.get("/").await;
     b.send(Method::POST, "/bookings/42", Some(String::new()), &[])
@@ -700,10 +683,7 @@ async fn the_banner_escapes_the_customers_name() {
 
 #[tokio::test]
 async fn an_outage_fails_closed() {
-    let f = fixture();
-    let mut b = Browser::new(&f, "sam");
-    b.get("/").await;
-    b.start("olive").await;
+    let (f, mut b) = sam_on_olive().await;
     f.store.fail_nth(1, When::Before, Calls::All);
     let page = b.get("/").await;
     assert_eq!(
@@ -764,10 +744,7 @@ async fn a_refused_start_can_go_back_to_the_form_with_the_denial_code() {
 
 #[tokio::test]
 async fn api_clients_with_a_bearer_token_get_no_csrf_cookie() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, sam) = sam_on_olive().await;
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut api = Browser::new(&f, "sam");
     let reply = api
@@ -1083,10 +1060,7 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
 /// session's pages carry a token bound to the session.
 #[tokio::test]
 async fn a_page_opened_from_another_site_does_not_post_as_the_customer() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (_f, mut sam) = sam_on_olive().await;
     let secret = sam.secret().unwrap();
     // The cross-site navigation: neither Strict cookie is sent.
     sam.cookies.remove("__Host-impersonation");
@@ -1149,10 +1123,7 @@ async fn a_session_without_a_time_limit_gets_its_cookie() {
 /// refused, not served as that person.
 #[tokio::test]
 async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, sam) = sam_on_olive().await;
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut olive = Browser::new(&f, "olive");
     let reply = olive
@@ -1167,10 +1138,7 @@ async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
 /// file. A range request keeps its range (a video, a download).
 #[tokio::test]
 async fn an_impersonated_page_is_never_a_304_or_encoded() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, mut sam) = sam_on_olive().await;
     let seen = sam
         .send(
             Method::GET,
@@ -1203,10 +1171,7 @@ async fn an_impersonated_page_is_never_a_304_or_encoded() {
 /// for a stop, with the cookie cleared, not shown an error.
 #[tokio::test]
 async fn stopping_a_session_that_has_ended_lets_the_browser_go_of_it() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, mut sam) = sam_on_olive().await;
     f.clock.advance(Duration::minutes(20));
     let stopped = sam.stop().await;
     assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
@@ -1270,10 +1235,7 @@ async fn a_read_only_session_makes_no_change_and_its_attempt_is_audited() {
 
 #[tokio::test]
 async fn a_change_whose_session_ends_while_it_runs_stays_on_the_trail() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (f, mut sam) = sam_on_olive().await;
     let before = events(&f).await.len();
 
     let saved = sam.send(Method::POST, "/racing-change", None, &[]).await;
@@ -1306,10 +1268,7 @@ async fn a_change_whose_session_ends_while_it_runs_stays_on_the_trail() {
 /// the page's with the banner.
 #[tokio::test]
 async fn an_explicit_head_announces_the_length_with_the_banner() {
-    let f = fixture();
-    let mut sam = Browser::new(&f, "sam");
-    sam.get("/").await;
-    sam.start("olive").await;
+    let (_f, mut sam) = sam_on_olive().await;
     let page = sam.get("/sized").await;
     assert!(page.body.contains("impersonation-banner"));
     let head = sam.send(Method::HEAD, "/sized", None, &[]).await;
