@@ -27,6 +27,22 @@ impl Fixture {
         exchange(&self.served.url, params).await
     }
 
+    /// Exchanges the provider token `actor` for the customer a provider
+    /// token of Olive's names (`subject_token`), after `tweak` has had its
+    /// way with that token's payload.
+    async fn exchange_for_olive(
+        &self,
+        actor: &str,
+        tweak: impl FnOnce(&mut Value),
+    ) -> (u16, Value) {
+        let olive = self.op.op_token("olive", |_, p| tweak(p));
+        let mut params = form(actor, "");
+        params.retain(|(k, _)| *k != "requested_subject");
+        params.push(("subject_token", &olive));
+        params.push(("subject_token_type", ACCESS_TOKEN));
+        self.exchange(&params).await
+    }
+
     /// Exchanges a good provider token of `agent` for `subject`.
     async fn issue(&self, agent: &str, subject: &str) -> String {
         let actor = self.op.op_token(agent, |_, _| {});
@@ -458,14 +474,8 @@ async fn a_subject_token_names_the_customer() {
 async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
     let f = fixture().await;
     let sam = f.op.op_token("sam", |_, _| {});
-    let exchange_for = async |may_act: Value| {
-        let olive = f.op.op_token("olive", |_, p| p["may_act"] = may_act);
-        let mut params = form(&sam, "");
-        params.retain(|(k, _)| *k != "requested_subject");
-        params.push(("subject_token", &olive));
-        params.push(("subject_token_type", ACCESS_TOKEN));
-        f.exchange(&params).await
-    };
+    let exchange_for =
+        async |may_act: Value| f.exchange_for_olive(&sam, |p| p["may_act"] = may_act).await;
     for refused in [
         json!({"sub": "kim"}),
         json!({"sub": "sam", "iss": "https://elsewhere.test"}),
@@ -500,14 +510,7 @@ async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
 async fn a_subject_tokens_delegation_chain_becomes_the_issued_tokens_prior_actors() {
     let f = fixture().await;
     let sam = f.op.op_token("sam", |_, _| {});
-    let exchange_for = async |act: Value| {
-        let olive = f.op.op_token("olive", |_, p| p["act"] = act);
-        let mut params = form(&sam, "");
-        params.retain(|(k, _)| *k != "requested_subject");
-        params.push(("subject_token", &olive));
-        params.push(("subject_token_type", ACCESS_TOKEN));
-        f.exchange(&params).await
-    };
+    let exchange_for = async |act: Value| f.exchange_for_olive(&sam, |p| p["act"] = act).await;
     // Olive's token was itself delegated: to a scheduling app, which a
     // partner's integration acts through (that one names its own issuer).
     let (status, body) = exchange_for(json!({
