@@ -15,6 +15,14 @@ async fn serve(demo: &Arc<Demo>) -> String {
     base
 }
 
+/// The walkthrough's output, played against `demo`.
+async fn played(demo: &Arc<Demo>) -> String {
+    let base = serve(demo).await;
+    let mut out = Vec::new();
+    walkthrough::run(&base, &mut out, false).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 /// The actions of the audit table, in order.
 fn actions(table: &str) -> Vec<String> {
     table
@@ -28,10 +36,7 @@ async fn story(kind: StoreKind, url: &str) {
     let demo = Demo::open_in(kind, url, &unique_name("imptest"))
         .await
         .unwrap();
-    let base = serve(&demo).await;
-    let mut out = Vec::new();
-    walkthrough::run(&base, &mut out, false).await.unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let out = played(&demo).await;
 
     for expected in [
         "Impersonation refused: the target holds a protected role (protected_role)",
@@ -116,10 +121,7 @@ async fn the_walkthrough_ends_sessions_its_agents_left_running() {
             .await
             .unwrap();
     }
-    let base = serve(&demo).await;
-    let mut out = Vec::new();
-    walkthrough::run(&base, &mut out, false).await.unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let out = played(&demo).await;
     for expected in [
         "(ended a session of Sam Support's left running before)",
         "(ended a session of Lee Lead's left running before)",
