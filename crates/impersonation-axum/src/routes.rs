@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
 
-use crate::csrf::CsrfCheck;
+use crate::csrf::{CsrfCheck, RenewCsrfToken};
 use crate::layer::{CsrfToken, Handle, set_cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
@@ -203,7 +203,7 @@ async fn start(req: Request) -> Response {
     cookie.set_max_age(time::Duration::seconds(max_age.whole_seconds().max(1)));
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     set_cookie(&mut res, &cookie);
-    replace_csrf_token(&mut res, settings);
+    replace_csrf_token(&mut res);
     res
 }
 
@@ -233,12 +233,9 @@ fn form_refused(rejection: &axum::extract::rejection::FormRejection, expected: &
 /// A start or stop changes whom the browser acts as: the forms of pages
 /// rendered before it (another tab's settings form, say) are given a CSRF
 /// token that no longer passes, so they cannot post as the new identity.
-fn replace_csrf_token(res: &mut Response, settings: &crate::layer::Settings) {
-    let Some(token) = crate::layer::new_token() else {
-        tracing::warn!("random source unavailable; the CSRF token is not replaced");
-        return;
-    };
-    set_cookie(res, &settings.cookie(settings.csrf_cookie(), token, false));
+/// The layer draws it, as for a host's sign-in ([`RenewCsrfToken`]).
+fn replace_csrf_token(res: &mut Response) {
+    res.extensions_mut().insert(RenewCsrfToken);
 }
 
 async fn stop(req: Request) -> Response {
@@ -321,7 +318,7 @@ async fn stop(req: Request) -> Response {
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
-    replace_csrf_token(&mut res, settings);
+    replace_csrf_token(&mut res);
     res
 }
 

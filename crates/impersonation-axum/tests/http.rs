@@ -850,6 +850,10 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
 
     // The agent's own settings form, posted after the start: refused.
     sam.start("olive").await;
+    // The stored token itself is replaced, not only the page's (derived
+    // from it under the session).
+    let during = sam.csrf();
+    assert_ne!(during, own_form);
     let olives_form = sam.page_token().await;
     assert_ne!(olives_form, own_form);
     let reply = post_settings(&mut sam, &own_form).await;
@@ -861,6 +865,7 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
     // say why in words a person can act on.)
     sam.stop().await;
     assert_ne!(sam.csrf(), olives_form);
+    assert_ne!(sam.csrf(), during);
     let stale_stop = sam
         .send(
             Method::POST,
