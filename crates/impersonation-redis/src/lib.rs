@@ -194,8 +194,8 @@ impl RedisConfig {
         #[cfg(feature = "tls")]
         {
             install_crypto_provider();
-            if let Some(pem) = &self.tls_roots_pem {
-                return redis::Client::build_with_tls(url, self.certificates(pem));
+            if let Some(certificates) = self.certificates() {
+                return redis::Client::build_with_tls(url, certificates);
             }
         }
         redis::Client::open(url)
@@ -208,19 +208,22 @@ impl RedisConfig {
         #[cfg(feature = "tls")]
         {
             install_crypto_provider();
-            if let Some(pem) = &self.tls_roots_pem {
-                builder = builder.certs(self.certificates(pem));
+            if let Some(certificates) = self.certificates() {
+                builder = builder.certs(certificates);
             }
         }
         builder.build()
     }
 
+    /// The roots given, as the Redis client takes them.
     #[cfg(feature = "tls")]
-    fn certificates(&self, pem: &[u8]) -> redis::TlsCertificates {
-        redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.to_vec()),
-        }
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.tls_roots_pem
+            .as_ref()
+            .map(|pem| redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            })
     }
 
     /// Prefix of every key (default `impersonation`), so several apps share
