@@ -300,7 +300,8 @@ impl DieselConfig {
 #[derive(Clone)]
 enum Backend {
     #[cfg(feature = "postgres")]
-    Postgres(Pool<diesel_async::AsyncPgConnection>),
+    /// The pool, and how its connections (and the migrations') are secured.
+    Postgres(Pool<diesel_async::AsyncPgConnection>, pg_setup::Tls),
     #[cfg(feature = "mysql")]
     Mysql(Pool<diesel_async::AsyncMysqlConnection>),
     #[cfg(feature = "sqlite")]
@@ -625,7 +626,7 @@ macro_rules! with_conn {
     (@run $self:expr, $writes:expr, [$($cap:ident),*], |$conn:ident, $ops:ident| $body:expr) => {{
         match &$self.backend {
             #[cfg(feature = "postgres")]
-            Backend::Postgres(pool) => {
+            Backend::Postgres(pool, _) => {
                 let mut pooled = pool.get().await.map_err(pool_error)?;
                 $( let $cap = $cap.clone(); )*
                 detached(async move {
@@ -771,6 +772,7 @@ impl DieselStore {
                 let (schema, counter) = (config.schema.clone(), config.counter.clone());
                 let lock_timeout = config.busy_timeout;
                 let tls = pg_setup::Tls::of(&config)?;
+                let tls_for_pool = tls.clone();
                 let pool =
                     build_pool!(diesel_async::AsyncPgConnection, config, move |url: &str| {
                         Box::pin(pg_setup::establish(
@@ -778,10 +780,10 @@ impl DieselStore {
                             schema.clone(),
                             lock_timeout,
                             counter.clone(),
-                            tls.clone(),
+                            tls_for_pool.clone(),
                         ))
                     });
-                (Backend::Postgres(pool), config)
+                (Backend::Postgres(pool, tls), config)
             }
             #[cfg(feature = "mysql")]
             BackendKind::Mysql => {
@@ -855,7 +857,7 @@ impl DieselStore {
     pub fn kind(&self) -> BackendKind {
         match &self.backend {
             #[cfg(feature = "postgres")]
-            Backend::Postgres(_) => BackendKind::Postgres,
+            Backend::Postgres(..) => BackendKind::Postgres,
             #[cfg(feature = "mysql")]
             Backend::Mysql(_) => BackendKind::Mysql,
             #[cfg(feature = "sqlite")]
@@ -870,12 +872,16 @@ impl DieselStore {
         let fail = |e: &dyn std::fmt::Display| DieselError::Migration(e.to_string());
         match &self.backend {
             #[cfg(feature = "postgres")]
-            Backend::Postgres(_) => {
-                let tls = pg_setup::Tls::of(&self.config)?;
-                let mut conn =
-                    pg_setup::establish(self.config.url.clone(), None, MIGRATION_WAIT, None, tls)
-                        .await
-                        .map_err(|e| fail(&e))?;
+            Backend::Postgres(_, tls) => {
+                let mut conn = pg_setup::establish(
+                    self.config.url.clone(),
+                    None,
+                    MIGRATION_WAIT,
+                    None,
+                    tls.clone(),
+                )
+                .await
+                .map_err(|e| fail(&e))?;
                 use diesel_async::SimpleAsyncConnection;
                 // Replicas starting at once migrate one at a time: diesel's
                 // harness takes no lock, and the second would fail on a table
@@ -1036,7 +1042,7 @@ impl DieselStore {
 
     fn appends_by_cached_head(&self) -> bool {
         #[cfg(feature = "postgres")]
-        if matches!(self.backend, Backend::Postgres(_)) {
+        if matches!(self.backend, Backend::Postgres(..)) {
             return true;
         }
         false
