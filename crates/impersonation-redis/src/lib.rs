@@ -448,13 +448,22 @@ fn session_fields(s: &Session) -> Result<[String; 8], StoreError> {
     ])
 }
 
+/// A damaged session hash (some of its fields but not all), as the error
+/// it is, never read as "no session".
+fn damaged(missing: &[&str]) -> StoreError {
+    corrupt(
+        "session hash",
+        format!("fields missing: {}", missing.join(", ")),
+    )
+}
+
 /// A session from `[record, shadow, last_seen_us, last_checked_us, version]`,
 /// reusing the last decode of this secret's session (`key`) when its
 /// stored texts are unchanged.
 fn decode_session(
     fields: &[Option<String>],
     key: Option<(SecretHash, &DecodedSessions)>,
-) -> Result<Option<Session>, StoreError> {
+) -> Result<Session, StoreError> {
     let [
         Some(record),
         Some(shadow),
@@ -463,7 +472,7 @@ fn decode_session(
         Some(version),
     ] = fields
     else {
-        return Ok(None);
+        return Err(corrupt("session reply", format!("{} fields", fields.len())));
     };
     let mut session = match key {
         Some((key, decoded)) => decoded.decode(key, record, shadow),
@@ -473,16 +482,24 @@ fn decode_session(
     session.last_seen_at = from_micros(seen)?;
     session.last_checked_at = from_micros(checked)?;
     session.version = version.parse().map_err(|e| corrupt("version", e))?;
-    Ok(Some(session))
+    Ok(session)
 }
 
-const SESSION_FIELDS: [&str; 5] = [
+/// The session hash's fields the client decodes, then those only the
+/// scripts read (the session's state and times, kept beside its record).
+const SESSION_FIELDS: [&str; 8] = [
     "record",
     "shadow",
     "last_seen_us",
     "last_checked_us",
     "version",
+    "state",
+    "expires_us",
+    "idle_us",
 ];
+
+/// How many of `SESSION_FIELDS` the client decodes.
+const DECODED_FIELDS: usize = 5;
 
 fn parse_head(seq: &str, hash: &str) -> Result<Option<ChainHead>, StoreError> {
     if seq == "-1" {
@@ -1073,7 +1090,19 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        decode_session(&fields, None)
+        if fields.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let missing: Vec<&str> = SESSION_FIELDS
+            .iter()
+            .zip(&fields)
+            .filter(|(_, f)| f.is_none())
+            .map(|(name, _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(damaged(&missing));
+        }
+        decode_session(&fields[..DECODED_FIELDS], None).map(Some)
     }
 
     /// Session `id`'s route, and whether it came from the live sets
@@ -1551,7 +1580,16 @@ impl Store for RedisStore {
         let reply: Option<Vec<Option<String>>> =
             inv.invoke(&mut conn).await.map_err(unavailable)?;
         match reply {
-            Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))),
+            Some(reply)
+                if reply
+                    .first()
+                    .is_some_and(|f| f.as_deref() == Some("damaged")) =>
+            {
+                let missing: Vec<&str> =
+                    reply.iter().skip(1).flatten().map(String::as_str).collect();
+                Err(damaged(&missing))
+            }
+            Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))).map(Some),
             None => Ok(None),
         }
     }

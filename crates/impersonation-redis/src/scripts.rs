@@ -158,12 +158,21 @@ return {'ok'}
 
 /// The per-request lookup, one command. KEYS: secret key.
 /// ARGV: session key prefix (same slot), now µs, coalesce µs (-1: no touch).
+/// Reply: nil (no session), `{'damaged', missing field names...}`, or
+/// the fields the client decodes (`SESSION_FIELDS`).
 const RESOLVE: &str = r#"
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 local k = ARGV[1] .. sid
-local s = redis.call('HMGET', k, 'record', 'shadow', 'last_seen_us', 'last_checked_us', 'version', 'state', 'expires_us', 'idle_us')
-if not s[1] then return false end
+local names = {'record', 'shadow', 'last_seen_us', 'last_checked_us', 'version', 'state', 'expires_us', 'idle_us'}
+local s = redis.call('HMGET', k, unpack(names))
+local missing = {'damaged'}
+for i = 1, #names do
+  if not s[i] then table.insert(missing, names[i]) end
+end
+if #missing > #names then return false end
+-- Some fields but not all: a damaged hash, for the client to report.
+if #missing > 1 then return missing end
 if ARGV[3] ~= '-1' then
   local now = tonumber(ARGV[2])
   local seen = tonumber(s[3])

@@ -186,3 +186,63 @@ async fn a_server_that_forgot_the_scripts_gets_them_again() {
     let head = store.chain_head(&chain).await.unwrap();
     assert!(verify_chain(&chain, &events, head).is_ok());
 }
+
+/// A session hash with some of its fields gone (a hand edit, a restore
+/// gone wrong) is damage to report, not "no such session": a lookup by
+/// secret and one by id both fail as corrupt, naming what is missing,
+/// while the session's other keys stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (start, secret) = w.begin(&agent, &customer, epoch());
+    let (session, _) = must_start(&store, start).await;
+    let mut raw = redis::Client::open(common::SINGLE)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
+    let touch = impersonation_core::Touch {
+        now: epoch() + Duration::seconds(30),
+        coalesce: Duration::seconds(1),
+    };
+    // One field the client decodes, then one only the scripts read.
+    for (field, touched) in [("shadow", None), ("idle_us", Some(touch))] {
+        let removed: u32 = redis::cmd("HDEL")
+            .arg(&key)
+            .arg(field)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1, "{field} was stored");
+        for found in [
+            store.find_by_secret(&secret.lookup(), touched).await,
+            store.session(session.id).await,
+        ] {
+            match found {
+                Err(impersonation_core::StoreError::Corrupt(why)) => {
+                    assert!(why.contains(field), "{why}");
+                }
+                other => panic!("without {field}: {other:?}"),
+            }
+        }
+    }
+    let seen: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("last_seen_us")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.as_deref(),
+        Some(
+            impersonation_core::unix_micros(session.last_seen_at)
+                .to_string()
+                .as_str()
+        ),
+        "a damaged session is not touched"
+    );
+}
