@@ -560,14 +560,32 @@ mod sqlite_setup {
         counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<super::SqliteConn> {
         let opened = tokio::task::spawn_blocking(move || {
+            let bad =
+                |e: diesel::result::Error| diesel::ConnectionError::BadConnection(e.to_string());
             let mut conn = SqliteConnection::establish(&path)?;
-            // WAL lets readers run beside the writer; FULL sync keeps a
-            // committed audit event through a power loss; busy_timeout
-            // makes writers queue.
-            conn.batch_execute(&format!(
-                "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
-            ))
-            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            // busy_timeout makes writers queue; WAL lets readers run beside
+            // the writer; FULL sync keeps a committed audit event through a
+            // power loss.
+            conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms}"))
+                .map_err(bad)?;
+            // Turning a new database to WAL needs its exclusive lock, and
+            // SQLite answers "locked" at once, without the busy timeout's
+            // wait, while another connection is turning it too (waiting
+            // there could deadlock): processes opening a new file at once
+            // try again, for as long as the busy timeout.
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_millis(u64::try_from(busy_ms).unwrap_or(u64::MAX));
+            loop {
+                match conn.batch_execute("PRAGMA journal_mode = WAL") {
+                    Ok(()) => break,
+                    Err(e) if crate::ops::retryable(&e) && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(bad(e)),
+                }
+            }
+            conn.batch_execute("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+                .map_err(bad)?;
             Ok::<_, diesel::ConnectionError>(conn)
         })
         .await
@@ -867,7 +885,8 @@ impl DieselStore {
 
     /// Runs the embedded migrations that have not run yet (idempotent; safe
     /// to call at every start-up, also from several replicas at once: on
-    /// PostgreSQL and MySQL they take turns under a lock on the server).
+    /// PostgreSQL and MySQL they take turns under a lock on the server, on
+    /// SQLite under the database's own lock, for at most the busy timeout).
     pub async fn migrate(&self) -> Result<(), DieselError> {
         let fail = |e: &dyn std::fmt::Display| DieselError::Migration(e.to_string());
         match &self.backend {
@@ -936,9 +955,16 @@ impl DieselStore {
                 let outcome = on_blocking_thread(conn, async |conn: &mut SqliteConn| {
                     conn.spawn_blocking(|conn| {
                         use diesel_migrations::MigrationHarness;
+                        // SQLite has no lock beside the database to take:
+                        // the whole run is one exclusive transaction (each
+                        // migration a savepoint in it), so processes
+                        // starting at once take turns, waiting up to the
+                        // busy timeout, and the later ones find nothing
+                        // left to do.
                         Ok(conn
-                            .run_pending_migrations(migrations::SQLITE)
-                            .map(|_| ())
+                            .exclusive_transaction(|conn| {
+                                conn.run_pending_migrations(migrations::SQLITE).map(|_| ())
+                            })
                             .map_err(|e| e.to_string()))
                     })
                     .await

@@ -206,6 +206,20 @@ async fn replicas_starting_at_once_on_mariadb_all_migrate() {
     replicas_start_at_once(|| impersonation_diesel::DieselConfig::new(url.clone())).await;
 }
 
+/// SQLite has no lock to take beside the database: the migrations run in
+/// one exclusive transaction, so a second process waits (up to its busy
+/// timeout) and then finds them done. Several fresh files, each migrated by
+/// four stores at once (each a process's own pool, as SQLite's locks do not
+/// tell connections of one process from those of two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_on_sqlite_all_migrate() {
+    for _ in 0..4 {
+        let path = impersonation_testkit::scratch::scratch_file("imptest", "db");
+        let url = format!("sqlite://{}", path.display());
+        replicas_start_at_once(|| impersonation_diesel::DieselConfig::new(url.clone())).await;
+    }
+}
+
 /// MySQL and MariaDB commit each `CREATE` at once, so a first migration
 /// that failed part way (a trigger refused for want of a privilege under
 /// binary logging, a connection lost) leaves what it made, with no record
