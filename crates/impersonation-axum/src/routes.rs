@@ -276,12 +276,8 @@ async fn stop(req: Request) -> Response {
             (None, None) => return text(StatusCode::UNAUTHORIZED, "sign in first".into()),
         };
         state.audited.store(true, Ordering::SeqCst);
-        return match shared.api.stop(secret, &principal).await {
-            Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => {
-                no_store(StatusCode::NO_CONTENT.into_response())
-            }
-            Err(e) => error(&e),
-        };
+        return stop_failed(shared.api.stop(secret, &principal).await)
+            .unwrap_or_else(|| no_store(StatusCode::NO_CONTENT.into_response()));
     }
     let check = parts
         .extensions
@@ -307,19 +303,24 @@ async fn stop(req: Request) -> Response {
     };
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);
-    match shared.api.stop(secret, &principal).await {
-        Ok(_) => {}
-        // The agent's own session had ended already (it expired, idled
-        // out or was revoked; the trail says so), or is gone from the
-        // store: what the stop asked for holds, and the browser is let go
-        // of it as for a stop.
-        Err(impersonation_core::Error::Ended(_) | impersonation_core::Error::Unauthenticated) => {}
-        Err(e) => return error(&e),
+    if let Some(res) = stop_failed(shared.api.stop(secret, &principal).await) {
+        return res;
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
     replace_csrf_token(&mut res);
     res
+}
+
+/// The answer to a stop that failed, or `None` when it is done: the
+/// session ended now, or had ended already (it expired, idled out or was
+/// revoked; the trail says so), or is gone from the store. What the stop
+/// asked for holds then, and the client is let go of it as for a stop.
+fn stop_failed<T>(outcome: Result<T, Error>) -> Option<Response> {
+    match outcome {
+        Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => None,
+        Err(e) => Some(error(&e)),
+    }
 }
 
 async fn status(req: Request) -> Response {
