@@ -750,11 +750,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // an expired token) and could not end it otherwise.
         let mut still_live = None;
         for session in &live {
-            match session.lapse_at(now) {
-                Some(lapse) => {
-                    Box::pin(self.end(session, lapse, Actor::System, Details::new())).await?;
-                }
-                None => still_live = still_live.or(Some(session.id)),
+            let ended = match session.lapse_at(now) {
+                Some(lapse) => Box::pin(self.end_lapse(session, lapse)).await?.is_some(),
+                None => false,
+            };
+            if !ended {
+                still_live = still_live.or(Some(session.id));
             }
         }
         let context = PolicyContext {
@@ -817,8 +818,31 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
     }
 
+    /// Ends a session the caller's copy shows lapsed (`lapse`: expired or
+    /// idle too long), as judged again on the store's record: the reason it
+    /// ended with (its lapse, or whatever ended it first), or `None` if
+    /// the store's record is live (used since the caller's copy was read).
+    async fn end_lapse(
+        &self,
+        session: &Session,
+        lapse: EndReason,
+    ) -> Result<Option<EndReason>, Error> {
+        match self
+            .try_end(session, lapse, Actor::System, Details::new())
+            .await?
+        {
+            Ending::Ended(reason) => Ok(Some(reason)),
+            Ending::Changed(now) if now.lapse_at(self.now()).is_none() => Ok(None),
+            // Changed and lapsed still (a consent, say): the caller retries.
+            Ending::Changed(now) => Err(Error::Store(StoreError::Conflict(now.id))),
+            Ending::Gone => Err(Error::UnknownSession),
+        }
+    }
+
     /// [`Impersonation::end`], answering with the session as it now stands
-    /// when it changed under the call and is still live.
+    /// when it changed under the call and is still live. An end for a
+    /// lapse (`Expired`, `IdleTimeout`) that the store's record does not
+    /// show is not made: the answer is that record, as changed.
     async fn try_end(
         &self,
         session: &Session,
@@ -845,6 +869,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 }
                 match fresh.lapse_at(now) {
                     Some(lapse) => (&fresh, lapse, Actor::System, Details::new()),
+                    // The caller judged a lapse on an older copy.
+                    None if matches!(reason, EndReason::Expired | EndReason::IdleTimeout) => {
+                        return Ok(Ending::Changed(Box::new(fresh)));
+                    }
                     None => (&fresh, reason, by, details),
                 }
             }
@@ -1055,8 +1083,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let Some(lapse) = session.lapse_at(now) {
             // Boxed here and below: the rare ending path stays out of the
             // every-request future, which is moved at each await level.
-            let reason = Box::pin(self.end(&session, lapse, Actor::System, Details::new())).await?;
-            return Err(Error::Ended(reason));
+            // (The record was read a moment ago; another request's use
+            // since keeps it live.)
+            if let Some(reason) = Box::pin(self.end_lapse(&session, lapse)).await? {
+                return Err(Error::Ended(reason));
+            }
         }
         if session.state == SessionState::Pending {
             return Err(Error::PendingConsent);
@@ -1435,10 +1466,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let SessionState::Ended(reason) = found.state {
             return Err(Error::Ended(reason));
         }
-        if let Some(lapse) = found.lapse_at(self.now()) {
-            let reason = self
-                .end(&found, lapse, Actor::System, Details::new())
-                .await?;
+        if let Some(lapse) = found.lapse_at(self.now())
+            && let Some(reason) = self.end_lapse(&found, lapse).await?
+        {
             return Err(Error::Ended(reason));
         }
         Ok(found)
@@ -1456,7 +1486,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok(active)
     }
 
-    /// The customer declines a pending session.
+    /// The customer declines a pending session: `Ok(ConsentDenied)` when
+    /// this call ended it; [`Error::Ended`] with the reason when something
+    /// else ended it first.
     pub async fn deny_consent(
         &self,
         session: SessionId,
@@ -1470,13 +1502,21 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
             .into());
         }
-        self.end(
-            &found,
-            EndReason::ConsentDenied,
-            actor_of(by),
-            Details::new(),
-        )
-        .await
+        let reason = self
+            .end(
+                &found,
+                EndReason::ConsentDenied,
+                actor_of(by),
+                Details::new(),
+            )
+            .await?;
+        // Ended otherwise meanwhile (stopped, revoked, expired): as for a
+        // stop, the answer says it had ended, not that the decline did.
+        if reason == EndReason::ConsentDenied {
+            Ok(reason)
+        } else {
+            Err(Error::Ended(reason))
+        }
     }
 
     /// Consent requests awaiting this customer.

@@ -1552,6 +1552,37 @@ async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
     );
 }
 
+/// A start's listing of the agent's sessions may be older than a touch
+/// since: a session it shows as idle too long, but that was used
+/// meanwhile, is live on the store's record. It still blocks the new
+/// start, and is not ended as idle.
+#[tokio::test]
+async fn a_start_judges_a_lapse_on_the_store_not_on_its_listing() {
+    let f = fixture_with(
+        BusyChain::listed_before(Duration::minutes(14)),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    f.clock.advance(Duration::minutes(14));
+    f.service.resolve(&started.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(2));
+    let second = f
+        .service
+        .start(Requester::User(&agent("sam")), req("oscar"))
+        .await;
+    assert!(
+        matches!(second, Err(Error::Denied(Denial::ActiveSessionExists))),
+        "{second:?}"
+    );
+    let events = session_events(&f, started.session.id).await;
+    assert!(
+        events.iter().all(|e| e.action != AuditAction::SessionEnded),
+        "{events:?}"
+    );
+    f.service.resolve_fresh(&started.secret).await.unwrap();
+}
+
 /// A store whose `chain_head` is followed at once by one more event on
 /// that chain (an agent at work while the chain is being verified), or,
 /// `stale`, whose head stays at the chain's first event (events written
@@ -1560,6 +1591,8 @@ async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
 /// if the customer had just consented; with `consent_on_read`, the consent
 /// lands just after the first read of a pending session (another
 /// process's request, between a caller's read and its write).
+/// With `stop_race`, the first transition finds its session stopped by
+/// its agent a moment before.
 /// With a `listed_before` duration, its listing of live sessions shows
 /// each as last seen that much earlier (listed before a touch).
 struct BusyChain {
@@ -1567,6 +1600,7 @@ struct BusyChain {
     stale: bool,
     consent_race: std::sync::atomic::AtomicBool,
     consent_on_read: std::sync::atomic::AtomicBool,
+    stop_race: std::sync::atomic::AtomicBool,
     listed_before: Duration,
 }
 
@@ -1577,6 +1611,7 @@ impl BusyChain {
             stale,
             consent_race: false.into(),
             consent_on_read: false.into(),
+            stop_race: false.into(),
             listed_before: Duration::ZERO,
         }
     }
@@ -1591,6 +1626,13 @@ impl BusyChain {
     fn consent_on_read() -> Self {
         Self {
             consent_on_read: true.into(),
+            ..Self::new(false)
+        }
+    }
+
+    fn stop_race() -> Self {
+        Self {
+            stop_race: true.into(),
             ..Self::new(false)
         }
     }
@@ -1633,6 +1675,22 @@ impl Store for BusyChain {
             && pending.state == SessionState::Pending
         {
             self.consent(&pending).await?;
+        }
+        if self
+            .stop_race
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Some(live) = self.inner.session(t.next().id).await?
+        {
+            let by = impersonation_core::Actor::user(live.agent.id.clone(), "agent");
+            let stop = live
+                .end(
+                    EndReason::Stopped,
+                    by,
+                    epoch(),
+                    impersonation_core::Details::new(),
+                )
+                .unwrap();
+            self.inner.transition(stop).await?;
         }
         self.inner.transition(t).await
     }
@@ -1789,6 +1847,25 @@ async fn a_stranger_is_refused_even_on_an_ended_session_and_audited() {
     assert!(
         matches!(again, Err(Error::Ended(EndReason::Stopped))),
         "{again:?}"
+    );
+}
+
+/// A customer who declines a session its agent stopped a moment before
+/// is told it had ended (stopped), not that the decline ended it.
+#[tokio::test]
+async fn declining_a_session_stopped_meanwhile_says_it_had_ended() {
+    let consent = Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let f = fixture_with(BusyChain::stop_race(), consent, Config::default());
+    let started = f.sam_on_olive().await;
+    let declined = f
+        .service
+        .deny_consent(started.session.id, &customer("olive"))
+        .await;
+    assert!(
+        matches!(declined, Err(Error::Ended(EndReason::Stopped))),
+        "{declined:?}"
     );
 }
 
