@@ -134,10 +134,13 @@ impl IssuerConfig {
         self
     }
 
-    /// How long an issued token lives (at most; never past its session's end).
+    /// How long an issued token lives (at most; never past its session's
+    /// end), in whole seconds as a JWT's times are: a fraction is rounded
+    /// up, and anything under a second is one.
     #[must_use]
     pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
-        self.token_lifetime = lifetime.max(Duration::seconds(1));
+        let whole = lifetime.whole_seconds() + i64::from(lifetime.subsec_nanoseconds() > 0);
+        self.token_lifetime = Duration::seconds(whole.max(1));
         self
     }
 }
@@ -374,12 +377,16 @@ impl Issuer {
                 .and_then(|p| p.exp)
                 .and_then(|exp| OffsetDateTime::from_unix_timestamp(exp).ok())
                 .filter(|exp| *exp <= now);
+            // Checked: the `exp` read so far is unverified, and may be the
+            // earliest instant `time` holds.
+            let at = expired_at
+                .and_then(|exp| exp.checked_sub(Duration::seconds(1)))
+                .unwrap_or(now);
             let verified = client
                 .audiences
                 .iter()
                 .find_map(|aud| {
                     let verifier = self.verifier(aud.as_str());
-                    let at = expired_at.map_or(now, |exp| exp - Duration::seconds(1));
                     verifier.verify_for_revocation(&request.token, at).ok()
                 })
                 .filter(|v| v.client_id.as_deref() == Some(client.id.as_str()));

@@ -161,6 +161,45 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
     rotating.verify(&before).unwrap();
 }
 
+/// A JWT's times are whole seconds, so a lifetime with a fraction of one
+/// is rounded up: a token issued late in a second (here at .6 s, with
+/// 90.5 s to live) verifies. Before, its `exp` fell 91 s after its `iat`,
+/// past the 90 s the verifier allowed, and it was refused on every
+/// request, and by the revocation endpoint too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifetime_with_a_fraction_of_a_second_issues_tokens_that_verify() {
+    let (op, provider) = forged_provider();
+    let second = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let clock = impersonation_core::ManualClock::new(second + time::Duration::milliseconds(600));
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()).with_clock(clock));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .token_lifetime(time::Duration::milliseconds(90_500))
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service,
+    );
+    let actor = op.op_token("sam", |_, _| {});
+    let body = encode(&form(&actor, "olive"));
+    let answer = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let token = issued["access_token"].as_str().unwrap();
+    let (_, claims) = decode(token);
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        91
+    );
+    issuer.verifier(API).authorize(token).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_never_outlives_its_session() {
     let (op, provider) = forged_provider();

@@ -807,6 +807,19 @@ async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
 
     // A revocation request with a garbage token is still 200 (RFC 7009).
     assert_eq!(revoke(&f.served.url, "garbage", true).await, 200);
+    // So is one whose unsigned `exp` is the earliest date `time` holds
+    // (the endpoint reads it before verifying, and steps a second back).
+    let earliest = format!(
+        "{}.{}.{}",
+        base64_json(&json!({"alg": "RS256"})),
+        base64_json(&json!({"exp": -377_705_116_800_i64})),
+        base64_json(&json!("sig"))
+    );
+    assert_eq!(revoke(&f.served.url, &earliest, true).await, 200);
+    verifier
+        .authorize(&f.issue("kim", "olive").await)
+        .await
+        .unwrap();
     // ...but not without client authentication.
     assert_eq!(revoke(&f.served.url, "garbage", false).await, 401);
     let _ = f.served.service.now();
