@@ -583,11 +583,15 @@ where
                 && !settings.own_route(route.as_str())
             {
                 let attempt = format!("{method} {}", route.as_str());
-                match shared
-                    .api
-                    .admit(c, ActivityKind::Modification, &attempt)
-                    .await
-                {
+                // A refusal is written to its end, as the request's own
+                // record is (`run_to_end`): a client gone meanwhile takes
+                // neither it nor the other records its store call carries.
+                let (api, admitted) = (Arc::clone(&shared.api), c.clone());
+                let admission = run_to_end(async move {
+                    api.admit(&admitted, ActivityKind::Modification, &attempt)
+                        .await
+                });
+                match admission.await {
                     Ok(()) => {}
                     Err(e) if e.http_status() == 503 => {
                         tracing::error!(error = %e, "could not audit a refused impersonated change");

@@ -1,5 +1,6 @@
 //! The routes to mount: `POST start`, `POST stop`, `GET status`.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Form;
@@ -8,11 +9,11 @@ use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use impersonation_core::{Context, Error, Principal, Requester, StartRequest, UserId};
+use impersonation_core::{Context, EndReason, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
 
 use crate::csrf::{CsrfCheck, RenewCsrfToken};
-use crate::layer::{CsrfToken, Handle, set_cookie};
+use crate::layer::{CsrfToken, Handle, RequestState, run_to_end, set_cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
@@ -161,14 +162,20 @@ async fn start(req: Request) -> Response {
     let mut request = StartRequest::new(target, form.reason);
     request.ticket = form.ticket.filter(|t| !t.trim().is_empty());
     request.read_only = form.read_only.is_some();
-    let requester = match &ctx {
-        Some(ctx) => Requester::Impersonating(ctx),
-        None => Requester::User(&principal),
-    };
     // From here the service audits the outcome (a refusal, or the start),
-    // so the layer does not audit this request again.
+    // so the layer does not audit this request again. It runs to its end
+    // (`run_to_end`), as the layer's own writes do: a client gone
+    // meanwhile takes neither the record nor others its store call carries.
     state.audited.store(true, Ordering::SeqCst);
-    let started = match shared.api.start(requester, request).await {
+    let api = Arc::clone(&shared.api);
+    let outcome = run_to_end(async move {
+        let requester = match &ctx {
+            Some(ctx) => Requester::Impersonating(ctx),
+            None => Requester::User(&principal),
+        };
+        api.start(requester, request).await
+    });
+    let started = match outcome.await {
         Ok(started) => started,
         Err(e) => {
             return match form.error_to.as_deref() {
@@ -254,9 +261,7 @@ async fn stop(req: Request) -> Response {
     // is needed. The outcome is audited by the service as for a browser's
     // stop (another agent's attempt is a refusal on the trail); the answer
     // is 204, with no redirect and no cookie.
-    if state.bearer
-        && let Some(secret) = &state.secret
-    {
+    if state.bearer && state.secret.is_some() {
         let principal = match (principal, parts.extensions.get::<Context>()) {
             (Some(principal), _) => principal,
             // No one signed in by the host: the secret is the agent's own
@@ -276,7 +281,7 @@ async fn stop(req: Request) -> Response {
             (None, None) => return text(StatusCode::UNAUTHORIZED, "sign in first".into()),
         };
         state.audited.store(true, Ordering::SeqCst);
-        return stop_failed(shared.api.stop(secret, &principal).await)
+        return stop_failed(stop_to_end(&state, principal).await)
             .unwrap_or_else(|| no_store(StatusCode::NO_CONTENT.into_response()));
     }
     let check = parts
@@ -298,18 +303,31 @@ async fn stop(req: Request) -> Response {
     }
     // No session cookie: nothing to stop (the browser let go of it), and
     // the agent is sent on as for a stop.
-    let Some(secret) = &state.secret else {
+    if state.secret.is_none() {
         return no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
-    };
+    }
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);
-    if let Some(res) = stop_failed(shared.api.stop(secret, &principal).await) {
+    if let Some(res) = stop_failed(stop_to_end(&state, principal).await) {
         return res;
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
     replace_csrf_token(&mut res);
     res
+}
+
+/// Stops the request's session as `principal`, to its end (`run_to_end`)
+/// even if the client goes away, as the layer's own writes are.
+async fn stop_to_end(state: &Arc<RequestState>, principal: Principal) -> Result<EndReason, Error> {
+    let held = Arc::clone(state);
+    run_to_end(async move {
+        match &held.secret {
+            Some(secret) => held.shared.api.stop(secret, &principal).await,
+            None => Err(Error::Unauthenticated),
+        }
+    })
+    .await
 }
 
 /// The answer to a stop that failed, or `None` when it is done: the

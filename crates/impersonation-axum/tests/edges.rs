@@ -23,7 +23,7 @@ use impersonation_core::{
     StartRequest, UserId,
 };
 use impersonation_testkit::conformance::all_events;
-use impersonation_testkit::faults::{FaultyStore, SLOW_CALL, When};
+use impersonation_testkit::faults::{Calls, FaultyStore, SLOW_CALL, When};
 use tower::ServiceExt;
 
 use common::{agent, auth, customer};
@@ -511,6 +511,16 @@ async fn one_route(
     store: &Arc<FaultyStore<MemoryStore>>,
     route: axum::routing::MethodRouter,
 ) -> (Router, Request) {
+    let start = StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save");
+    one_route_in(store, route, start).await
+}
+
+/// [`one_route`], in a session started with `start`.
+async fn one_route_in(
+    store: &Arc<FaultyStore<MemoryStore>>,
+    route: axum::routing::MethodRouter,
+    start: StartRequest,
+) -> (Router, Request) {
     let directory = MemoryDirectory::new();
     for p in [agent("sam"), customer("olive", "Olive Owner")] {
         directory.insert(p);
@@ -522,10 +532,7 @@ async fn one_route(
         .layer(from_fn_with_state(directory.clone(), auth));
     let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
     let secret = svc
-        .start(
-            Requester::User(&sam),
-            StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save"),
-        )
+        .start(Requester::User(&sam), start)
         .await
         .unwrap()
         .secret;
@@ -579,6 +586,31 @@ async fn a_change_stays_on_record_when_the_client_goes_away_mid_audit() {
         .filter_map(|e| e.details.get("route").map(str::to_owned))
         .collect();
     assert_eq!(modifications, ["/bookings"]);
+}
+
+/// A change refused in a read-only session is on the trail even if the
+/// client goes away while the refusal is being written: the write runs to
+/// its end, as a completed request's does. (A write may carry other
+/// requests' records in the same store call, which a dropped write would
+/// leave unsure of having landed.)
+#[tokio::test(start_paused = true)]
+async fn a_read_only_refusal_stays_on_record_when_the_client_goes_away() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let mut start = StartRequest::new(UserId::new("olive").unwrap(), "Olive cannot save");
+    start.read_only = true;
+    let (app, req) = one_route_in(&store, axum::routing::post(|| async { "saved" }), start).await;
+    // The second write: the first is the lookup's idle touch.
+    store.fail_nth(2, When::Slow, Calls::Writes);
+    let gone = tokio::time::timeout(SLOW_CALL / 2, app.oneshot(req)).await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    tokio::time::sleep(SLOW_CALL * 2).await;
+    let refusals: Vec<String> = all_events(store.inner(), AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Denied)
+        .filter_map(|e| e.details.get("denial").map(str::to_owned))
+        .collect();
+    assert_eq!(refusals, ["read_only_session"]);
 }
 
 /// A store that panics while it writes a request's record (a bug in the
