@@ -79,45 +79,68 @@ pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
 /// note quoting `</body>` in a page's JSON, in a page that leaves out its
 /// own `</body>`); at the end if there is none. The banner inside a
 /// script would break the script and show nothing.
+///
+/// One pass from the start, as a browser reads the page: an element whose
+/// content is raw text is passed over to its end tag, a comment to its
+/// `-->`, so nothing quoted inside them (a `</body>`, or an opening tag
+/// after one) counts. Raw text left open runs to the end of the page.
 fn banner_place(html: &[u8]) -> usize {
-    // Checked from the end; a page that quotes `</body>` more often than
-    // this gets the banner appended.
-    const MOST_TRIED: usize = 16;
-    let mut end = html.len();
-    for _ in 0..MOST_TRIED {
-        let Some(at) = html[..end]
-            .windows(7)
-            .rposition(|w| w.eq_ignore_ascii_case(b"</body>"))
-        else {
-            break;
-        };
-        if !inside_raw_text(&html[at..]) {
-            return at;
+    /// Openers of raw text, and what ends each.
+    const RAW: [(&[u8], &[u8]); 4] = [
+        (b"<script", b"</script"),
+        (b"<style", b"</style"),
+        (b"<textarea", b"</textarea"),
+        (b"<!--", b"-->"),
+    ];
+    let mut last = None;
+    let mut at = 0;
+    while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
+        let here = at + lt;
+        let rest = &html[here..];
+        if tag_at(rest, b"</body") {
+            last = Some(here);
+            at = here + b"</body".len();
+            continue;
         }
-        end = at;
+        if let Some((open, close)) = RAW.iter().find(|(open, _)| tag_at(rest, open)) {
+            let inside = here + open.len();
+            match closing_at(&html[inside..], close) {
+                Some(end) => at = inside + end + close.len(),
+                None => break,
+            }
+            continue;
+        }
+        at = here + 1;
     }
-    html.len()
+    last.unwrap_or(html.len())
 }
 
-/// Whether the text from `rest` on closes a script, style, textarea or
-/// comment before it opens one: `rest` then starts inside it.
-fn inside_raw_text(rest: &[u8]) -> bool {
-    const OPEN: [&[u8]; 4] = [b"<script", b"<style", b"<textarea", b"<!--"];
-    const CLOSE: [&[u8]; 4] = [b"</script", b"</style", b"</textarea", b"-->"];
-    let first = |needles: &[&[u8]]| {
-        needles
-            .iter()
-            .filter_map(|n| {
-                rest.windows(n.len())
-                    .position(|w| w.eq_ignore_ascii_case(n))
-            })
-            .min()
-    };
-    match (first(&CLOSE), first(&OPEN)) {
-        (Some(close), Some(open)) => close < open,
-        (Some(_), None) => true,
-        (None, _) => false,
+/// Whether `text` starts with `name` (any case) as a whole tag name: a
+/// comment's `<!--`, or a name followed by the end of its tag or an
+/// attribute (not `<scripts>`, not a custom `<script-box>`).
+fn tag_at(text: &[u8], name: &[u8]) -> bool {
+    text.len() >= name.len()
+        && text[..name.len()].eq_ignore_ascii_case(name)
+        && (name == b"<!--"
+            || text
+                .get(name.len())
+                .is_none_or(|b| matches!(b, b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r' | 0x0c)))
+}
+
+/// Where the first `close` (an end tag's start, or `-->`) is in `text`.
+fn closing_at(text: &[u8], close: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(found) = text[from..]
+        .windows(close.len())
+        .position(|w| w.eq_ignore_ascii_case(close))
+    {
+        let at = from + found;
+        if close == b"-->" || tag_at(&text[at..], close) {
+            return Some(at);
+        }
+        from = at + 1;
     }
+    None
 }
 
 /// `html` with every non-ASCII character written as a numeric character
@@ -172,5 +195,39 @@ mod tests {
             placed("<script>var s=\"</body>\";</script><p>x</p></body>"),
             "<script>var s=\"</body>\";</script><p>x</p>[B]</body>"
         );
+        // Quoted with an opening tag after it, in a page without its own:
+        // still inside the script or comment, so appended.
+        for page in [
+            "<div><script type=\"application/json\">{\"note\":\"see </body> and <!-- x\"}</script></div>",
+            "<p>x</p><!-- </body> <script -->",
+            "<style>/* </body> <textarea */</style>",
+        ] {
+            assert_eq!(placed(page), format!("{page}[B]"));
+        }
+        // A tag whose name only begins like a raw-text one is markup.
+        assert_eq!(
+            placed("<scripts-box></scripts-box><p>x</p></body>"),
+            "<scripts-box></scripts-box><p>x</p>[B]</body>"
+        );
+        // An end tag with a space before its `>`, and a script closed by
+        // one: both seen.
+        assert_eq!(
+            placed("<script>a()</script ><p>x</p></body >"),
+            "<script>a()</script ><p>x</p>[B]</body >"
+        );
+        // A raw-text element left open runs to the end.
+        assert_eq!(
+            placed("<p>x</p><script>if (a </body>"),
+            "<p>x</p><script>if (a </body>[B]"
+        );
+    }
+
+    #[test]
+    fn many_quoted_body_ends_still_find_the_real_one() {
+        // Scripts after the body that quote `</body>`, more than any
+        // fixed number of tries from the end would pass over.
+        let quoted = "<script>\"</body>\"</script>".repeat(40);
+        let page = format!("<p>x</p></body>{quoted}</html>");
+        assert_eq!(placed(&page), format!("<p>x</p>[B]</body>{quoted}</html>"));
     }
 }
