@@ -7,7 +7,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use subtle::ConstantTimeEq;
 
-use crate::layer::{CsrfToken, Handle, Settings, cookie};
+use impersonation_core::SecretHash;
+
+use crate::layer::{CsrfToken, Handle, Settings, cookie, session_token};
 
 /// The cross-site check for a form this site's pages post: the double-submit
 /// token, plus the browser's own word on where the request came from.
@@ -95,6 +97,15 @@ impl CsrfCheck {
         // Compared in constant time: how long a refusal takes says nothing
         // of how much of a guess was right.
         let matches: bool = sent.as_bytes().ct_eq(self.token.as_str().as_bytes()).into();
+        self.same_site && !sent.is_empty() && matches
+    }
+
+    /// Like [`CsrfCheck::verify`], for the token pages carried under the
+    /// session of `secret` (bound to it, as the layer derives it), where
+    /// this request's own token is the stored one.
+    pub(crate) fn verify_bound(&self, sent: &str, secret: SecretHash) -> bool {
+        let bound = session_token(self.token.as_str(), secret);
+        let matches: bool = sent.as_bytes().ct_eq(bound.as_bytes()).into();
         self.same_site && !sent.is_empty() && matches
     }
 }

@@ -186,6 +186,15 @@ fn derived_token(purpose: &[u8], old: &str, secret: Option<SecretHash>) -> Strin
     URL_SAFE_NO_PAD.encode(digest.finalize())
 }
 
+/// The token pages carry under the browser's session of `secret`, whose
+/// stored token is `stored`.
+pub(crate) fn session_token(stored: &str, secret: SecretHash) -> String {
+    derived_token(SESSION_PURPOSE, stored, Some(secret))
+}
+
+/// What a token bound to a live session is derived for.
+const SESSION_PURPOSE: &[u8] = b"session";
+
 /// The token that replaces `old` once the session of `secret` is found
 /// ended: one derivation for every place that finds it, so they agree.
 fn ended_session_token(old: &str, secret: Option<&SessionSecret>) -> String {
@@ -491,7 +500,7 @@ where
             let bound_to: Option<&[u8]> = if pending {
                 Some(b"pending")
             } else if cookie_session && ctx.is_some() {
-                Some(b"session")
+                Some(SESSION_PURPOSE)
             } else {
                 None
             };

@@ -289,6 +289,7 @@ async fn stop(req: Request) -> Response {
         .get::<CsrfToken>()
         .cloned()
         .map(|token| CsrfCheck::of(&parts, settings, token));
+    let live = parts.extensions.get::<Context>().is_some();
     let req = Request::from_parts(parts, body);
     let form =
         match <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
@@ -298,7 +299,15 @@ async fn stop(req: Request) -> Response {
     let (Some(principal), Some(check)) = (principal, check) else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
-    if !check.verify(&form.csrf) {
+    // A banner left open on a session that has ended since: its form
+    // carries the token pages had under that session (bound to it), which
+    // the cookie's session, dead, no longer gives this request.
+    let banner_of_ended = !live
+        && state
+            .secret
+            .as_ref()
+            .is_some_and(|secret| check.verify_bound(&form.csrf, secret.hash()));
+    if !check.verify(&form.csrf) && !banner_of_ended {
         return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
     }
     // No session cookie: nothing to stop (the browser let go of it), and

@@ -331,6 +331,11 @@ impl Browser {
     async fn stop(&mut self) -> Reply {
         // The banner's Stop form, rendered as the page is.
         let token = self.page_token().await;
+        self.stop_with(&token).await
+    }
+
+    /// The Stop form of a page rendered earlier, carrying `token`.
+    async fn stop_with(&mut self, token: &str) -> Reply {
         let form = format!("csrf={token}");
         self.send(
             Method::POST,
@@ -1173,12 +1178,15 @@ async fn an_impersonated_page_is_never_a_304_or_encoded() {
 
 /// The banner's Stop, clicked after the session ended (it idled out while
 /// the tab was open): the stop's aim holds, so the agent is sent on as
-/// for a stop, with the cookie cleared, not shown an error.
+/// for a stop, with the cookie cleared, not shown an error. The form is
+/// the one the page carried while the session lived (its token bound to
+/// the session), and nothing was loaded since.
 #[tokio::test]
 async fn stopping_a_session_that_has_ended_lets_the_browser_go_of_it() {
     let (f, mut sam) = sam_on_olive().await;
+    let banner = sam.page_token().await;
     f.clock.advance(Duration::minutes(20));
-    let stopped = sam.stop().await;
+    let stopped = sam.stop_with(&banner).await;
     assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
     assert_eq!(stopped.headers[header::CACHE_CONTROL], "no-store");
     assert_eq!(sam.secret(), None);
