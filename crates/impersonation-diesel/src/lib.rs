@@ -190,6 +190,7 @@ pub struct DieselConfig {
     wait_timeout: Duration,
     connect_timeout: Duration,
     busy_timeout: Duration,
+    migration_wait: Duration,
     schema: Option<String>,
     counter: Option<Arc<QueryCounter>>,
     /// PEM certificate authorities to verify a PostgreSQL server by.
@@ -204,6 +205,7 @@ impl std::fmt::Debug for DieselConfig {
             .field("wait_timeout", &self.wait_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("busy_timeout", &self.busy_timeout)
+            .field("migration_wait", &self.migration_wait)
             .field("schema", &self.schema)
             .field("counter", &self.counter)
             .field("tls_roots", &self.tls_roots_pem.is_some())
@@ -220,6 +222,7 @@ impl DieselConfig {
             wait_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             busy_timeout: Duration::from_secs(5),
+            migration_wait: MIGRATION_WAIT,
             schema: None,
             counter: None,
             tls_roots_pem: None,
@@ -268,13 +271,24 @@ impl DieselConfig {
 
     /// How long each attempt of a write waits for a lock another writer
     /// holds (default 5 s): SQLite's `busy_timeout`, PostgreSQL's
-    /// `lock_timeout`, MySQL and MariaDB's `innodb_lock_wait_timeout`
-    /// (whole seconds, rounded up). PostgreSQL then fails the write; the
+    /// `lock_timeout`, MySQL and MariaDB's `innodb_lock_wait_timeout` and
+    /// `lock_wait_timeout` (whole seconds, rounded up). PostgreSQL then fails the write; the
     /// others retry it, up to six attempts. A writer that died holding a
     /// lock then costs a failed write, not a connection stuck for hours.
     #[must_use]
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
+        self
+    }
+
+    /// How long [`DieselStore::migrate`] waits, on PostgreSQL and MySQL,
+    /// for each lock it needs (default 5 minutes): the migration lock
+    /// another replica holds, then each lock its statements take (a long
+    /// transaction reading a table it alters). Past it the migration fails
+    /// and can be run again. (SQLite waits its `busy_timeout`.)
+    #[must_use]
+    pub fn migration_wait(mut self, wait: Duration) -> Self {
+        self.migration_wait = wait;
         self
     }
 
@@ -512,11 +526,15 @@ mod mysql_setup {
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
         // As on PostgreSQL, a bounded wait for another writer's row lock
-        // (InnoDB counts whole seconds; its default is 50).
-        let secs = lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
-        conn.batch_execute(&format!("SET SESSION innodb_lock_wait_timeout = {secs}"))
-            .await
-            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        // (InnoDB counts whole seconds; its default is 50), and for a
+        // table's metadata lock (an `ALTER` behind a long transaction, or
+        // a statement behind the `ALTER`; the default is a year).
+        let secs = super::whole_seconds(lock_timeout);
+        conn.batch_execute(&format!(
+            "SET SESSION innodb_lock_wait_timeout = {secs}; SET SESSION lock_wait_timeout = {secs}"
+        ))
+        .await
+        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
         super::instrument(&mut conn, &counter);
         Ok(conn)
     }
@@ -747,10 +765,15 @@ fn task_error(e: tokio::task::JoinError) -> OpError {
     )))
 }
 
-/// How long a migration waits for a lock (another replica migrating, the
-/// app's own writes): five minutes.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// How long a migration waits for a lock by default (another replica
+/// migrating, the app's own writes): five minutes.
 const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A wait in whole seconds, rounded up, at least one (MySQL's lock waits).
+#[cfg(feature = "mysql")]
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
 
 /// Attempts of a write that hit a deadlock, serialisation failure or busy database.
 const WRITE_ATTEMPTS: u32 = 6;
@@ -895,7 +918,7 @@ impl DieselStore {
                 let mut conn = pg_setup::establish(
                     self.config.url.clone(),
                     None,
-                    MIGRATION_WAIT,
+                    self.config.migration_wait,
                     None,
                     tls.clone(),
                 )
@@ -905,13 +928,13 @@ impl DieselStore {
                 // Replicas starting at once migrate one at a time: diesel's
                 // harness takes no lock, and the second would fail on a table
                 // the first just made. The lock is the session's, so it ends
-                // with the connection. (The schema name is checked.)
-                // Waiting at most 5 minutes, as on MySQL.
+                // with the connection. (The schema name is checked.) It
+                // waits, as every statement of the migrations after it,
+                // at most the migration wait (the connection's
+                // `lock_timeout`), as on MySQL.
                 let schema = self.config.schema.as_deref().unwrap_or("");
                 conn.batch_execute(&format!(
-                    "SET lock_timeout = '300s'; \
-                     SELECT pg_advisory_lock(hashtext('impersonation_migrations:{schema}')); \
-                     RESET lock_timeout"
+                    "SELECT pg_advisory_lock(hashtext('impersonation_migrations:{schema}'))"
                 ))
                 .await
                 .map_err(|e| fail(&e))?;
@@ -927,24 +950,25 @@ impl DieselStore {
             #[cfg(feature = "mysql")]
             Backend::Mysql(_) => {
                 use diesel_async::RunQueryDsl;
-                let mut conn =
-                    mysql_setup::establish(self.config.url.clone(), MIGRATION_WAIT, None)
-                        .await
-                        .map_err(|e| fail(&e))?;
+                let wait = self.config.migration_wait;
+                let mut conn = mysql_setup::establish(self.config.url.clone(), wait, None)
+                    .await
+                    .map_err(|e| fail(&e))?;
                 // As on PostgreSQL: one migrator per database at a time. The
                 // lock is the connection's; its name, 15 + 40 characters, is
                 // within MySQL's 64 (MariaDB takes longer ones).
-                let locked = diesel::sql_query(
+                let secs = whole_seconds(wait);
+                let locked = diesel::sql_query(format!(
                     "SELECT CAST(COALESCE(GET_LOCK(CONCAT('imp_migrations:', \
-                     SHA1(COALESCE(DATABASE(), ''))), 300), 0) AS SIGNED) AS locked",
-                )
+                     SHA1(COALESCE(DATABASE(), ''))), {secs}), 0) AS SIGNED) AS locked"
+                ))
                 .load::<rows::Locked>(&mut conn)
                 .await
                 .map_err(|e| fail(&e))?;
                 if locked.into_iter().next().is_none_or(|row| row.locked != 1) {
-                    return Err(DieselError::Migration(
-                        "another process held the migration lock for 5 minutes".into(),
-                    ));
+                    return Err(DieselError::Migration(format!(
+                        "another process held the migration lock for {secs} s"
+                    )));
                 }
                 migrate_async(conn, migrations::MYSQL).await
             }

@@ -220,6 +220,93 @@ async fn replicas_starting_at_once_on_sqlite_all_migrate() {
     }
 }
 
+/// A migration held up by a lock (here a transaction holding the table
+/// that migration 4 indexes) waits at most the migration wait, then
+/// fails, and runs once the lock is gone. (PostgreSQL's `lock_timeout`
+/// had been reset to wait forever once the migration lock was taken;
+/// MySQL's metadata locks waited a year.)
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn a_migration_held_up_by_a_lock_gives_up(
+    db: TestDb,
+    config: impersonation_diesel::DieselConfig,
+    hold: &str,
+    release: &str,
+) {
+    let forget = match &db.place {
+        Place::Postgres { .. } => {
+            include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql")
+        }
+        _ => include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql"),
+    };
+    raw(
+        &db.place,
+        &format!(
+            "{forget}\nDELETE FROM __diesel_schema_migrations WHERE version = '00000000000004';"
+        ),
+    )
+    .await
+    .unwrap();
+    let mut holder = common::Held::open(&db.place).await;
+    holder.run(hold).await;
+    let wait = std::time::Duration::from_secs(2);
+    let migrating =
+        impersonation_diesel::DieselStore::connect_and_migrate(config.clone().migration_wait(wait));
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), migrating)
+        .await
+        .expect("the migration gave up within its wait");
+    assert!(
+        matches!(
+            outcome,
+            Err(impersonation_diesel::DieselError::Migration(_))
+        ),
+        "{outcome:?}"
+    );
+    holder.run(release).await;
+    let store = impersonation_diesel::DieselStore::connect_and_migrate(config)
+        .await
+        .unwrap();
+    let w = World::new();
+    must_start(
+        &store,
+        w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+    )
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_held_up_by_a_lock_gives_up_on_postgres() {
+    let db = common::postgres_db(2).await;
+    let Place::Postgres { schema } = &db.place else {
+        unreachable!("a PostgreSQL test database")
+    };
+    let config = impersonation_diesel::DieselConfig::new(common::PG_URL).schema(schema.clone());
+    a_migration_held_up_by_a_lock_gives_up(
+        db,
+        config,
+        "BEGIN; LOCK TABLE impersonation_audit_runs IN ACCESS EXCLUSIVE MODE",
+        "COMMIT",
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_held_up_by_a_lock_gives_up_on_mariadb() {
+    let db = common::mysql_db(2).await;
+    let Place::Mysql { url } = &db.place else {
+        unreachable!("a MariaDB test database")
+    };
+    let config = impersonation_diesel::DieselConfig::new(url.clone());
+    a_migration_held_up_by_a_lock_gives_up(
+        db,
+        config,
+        "START TRANSACTION; SELECT 1 FROM impersonation_audit_runs LIMIT 1",
+        "COMMIT",
+    )
+    .await;
+}
+
 /// MySQL and MariaDB commit each `CREATE` at once, so a first migration
 /// that failed part way (a trigger refused for want of a privilege under
 /// binary logging, a connection lost) leaves what it made, with no record

@@ -104,6 +104,53 @@ pub(crate) async fn sqlite_memory() -> DieselStore {
         .expect("SQLite memory store")
 }
 
+/// A connection of its own to a PostgreSQL or MySQL test database (its
+/// schema the search path), for a test to hold a transaction open on.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) enum Held {
+    #[cfg(feature = "postgres")]
+    Postgres(Box<diesel_async::AsyncPgConnection>),
+    #[cfg(feature = "mysql")]
+    Mysql(diesel_async::AsyncMysqlConnection),
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl Held {
+    pub(crate) async fn open(place: &Place) -> Self {
+        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        match place {
+            #[cfg(feature = "postgres")]
+            Place::Postgres { schema } => {
+                let mut conn = diesel_async::AsyncPgConnection::establish(PG_URL)
+                    .await
+                    .unwrap();
+                conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
+                    .await
+                    .unwrap();
+                Self::Postgres(Box::new(conn))
+            }
+            #[cfg(feature = "mysql")]
+            Place::Mysql { url } => Self::Mysql(
+                diesel_async::AsyncMysqlConnection::establish(url)
+                    .await
+                    .unwrap(),
+            ),
+            _ => panic!("no connection to hold on SQLite"),
+        }
+    }
+
+    /// Runs `sql` on the held connection.
+    pub(crate) async fn run(&mut self, sql: &str) {
+        use diesel_async::SimpleAsyncConnection;
+        match self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(conn) => conn.batch_execute(sql).await.unwrap(),
+            #[cfg(feature = "mysql")]
+            Self::Mysql(conn) => conn.batch_execute(sql).await.unwrap(),
+        }
+    }
+}
+
 /// Runs raw SQL statements against a test database (to tamper, say).
 pub(crate) async fn raw(place: &Place, sql: &str) -> Result<(), String> {
     use diesel_async::{AsyncConnection, SimpleAsyncConnection};
