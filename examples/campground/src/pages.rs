@@ -663,13 +663,15 @@ pub async fn save_settings(
         );
     }
     let (tz, lang) = (form.timezone.trim(), form.language.trim());
-    if tz.is_empty() || tz.len() > 64 || lang.is_empty() || lang.len() > 16 {
+    // Counted in characters, as the fields' `maxlength` counts them.
+    let fits = |text: &str, most: usize| !text.is_empty() && text.chars().count() <= most;
+    if !fits(tz, 64) || !fits(lang, 16) {
         return refused(
             &v,
             &demo,
             StatusCode::BAD_REQUEST,
             "Settings",
-            "Time zone and language must be filled in.",
+            "Time zone (at most 64 characters) and language (at most 16) must be filled in.",
         );
     }
     demo.data().settings.insert(id, (tz.into(), lang.into()));
@@ -1342,7 +1344,11 @@ pub async fn audit_text(
     );
     let body = futures_util::stream::once(async { Ok(head) }).chain(rest);
     (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            // Like every page of the demo: someone's own, kept by no cache.
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         axum::body::Body::from_stream(body),
     )
         .into_response()

@@ -347,13 +347,40 @@ async fn exports_credentials_and_account_data_stay_out_of_an_impersonation() {
             .unwrap_or_else(|| panic!("{attempt}: {trail}"));
         assert!(line.contains("Denied Attempt"), "{line}");
     }
-    let res = sam
-        .client
-        .get(format!("{base}/audit"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.headers()["cache-control"], "no-store", "the trail");
+    for page in ["/audit", "/audit.txt"] {
+        let res = sam
+            .client
+            .get(format!("{base}{page}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["cache-control"], "no-store", "{page}");
+    }
+}
+
+/// Settings are limited in characters, as their fields are: a language
+/// written in six Chinese characters (18 bytes) is saved, and one past
+/// the field's length is refused, saying what is wrong.
+#[tokio::test]
+async fn settings_take_what_their_fields_allow() {
+    let base = demo().await;
+    let mut olive = User::sign_in(&base, "olive").await;
+    olive.get("/settings").await;
+    let chinese = "中文（简体）";
+    let (status, body) = olive
+        .post(
+            "/settings",
+            &[("timezone", "Asia/Shanghai"), ("language", chinese)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(chinese), "{body}");
+    let long = "x".repeat(17);
+    let (status, body) = olive
+        .post("/settings", &[("timezone", "UTC"), ("language", &long)])
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("at most 16"), "{body}");
 }
 
 #[tokio::test]
