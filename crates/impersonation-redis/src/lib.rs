@@ -84,6 +84,8 @@ pub enum Durability {
 #[derive(Clone)]
 pub struct RedisConfig {
     urls: Vec<String>,
+    /// The URL as given, its user and password masked, for `Debug`.
+    shown: String,
     cluster: bool,
     namespace: String,
     retention: Duration,
@@ -94,13 +96,8 @@ pub struct RedisConfig {
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<String> = self
-            .urls
-            .iter()
-            .map(|u| impersonation_core::redacted_url(u))
-            .collect();
         f.debug_struct("RedisConfig")
-            .field("urls", &urls)
+            .field("url", &self.shown)
             .field("cluster", &self.cluster)
             .field("namespace", &self.namespace)
             .field("retention", &self.retention)
@@ -114,7 +111,8 @@ impl RedisConfig {
     /// `redis://host:port` for one server, `redis+cluster://h1:p1,h2:p2` for a
     /// cluster (any reachable nodes; the rest are discovered). A user and
     /// password written on the first node (`redis+cluster://:pw@h1:p1,h2:p2`)
-    /// are every node's. Over TLS (feature `tls`): `rediss://` and
+    /// are every node's; a `,` in that password is written `%2C`, or it
+    /// would split the list. Over TLS (feature `tls`): `rediss://` and
     /// `rediss+cluster://`.
     pub fn new(url: &str) -> Result<Self, RedisStoreError> {
         let cluster_nodes = url
@@ -170,6 +168,10 @@ impl RedisConfig {
         };
         Ok(Self {
             urls,
+            // The whole list masked up to its last `@`, not each node's
+            // URL: a `,` in a password (RFC 3986 allows it unencoded)
+            // splits it across two nodes, the first then with no `@`.
+            shown: impersonation_core::redacted_url(url),
             cluster,
             namespace: "impersonation".into(),
             retention: Duration::days(1),
@@ -1999,6 +2001,13 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(
             !shown.contains("pw@") && !shown.contains("other@"),
+            "{shown}"
+        );
+        // A `,` in the password: no part of it is shown.
+        let comma = RedisConfig::new("redis+cluster://:pa55,w0rd@a:7001,b:7002").unwrap();
+        let shown = format!("{comma:?}");
+        assert!(
+            !shown.contains("pa55") && !shown.contains("w0rd"),
             "{shown}"
         );
         let open = RedisConfig::new("redis+cluster://a:7001,b:7002").unwrap();
