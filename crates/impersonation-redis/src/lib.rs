@@ -382,6 +382,9 @@ const BATCHING: Batching = Batching {
 /// Writes retried when another process moved a chain's head meanwhile.
 const CAS_ATTEMPTS: usize = 32;
 
+/// Attempts of a view write (5, 10, 20, 40 and 80 ms apart).
+const VIEW_ATTEMPTS: u32 = 6;
+
 /// rustls needs a process-wide crypto provider, which the Redis client
 /// does not choose: `ring`, unless the application installed one first.
 #[cfg(feature = "tls")]
@@ -836,10 +839,33 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The derived audit views of an event (written after its script).
-    async fn index_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        self.run_all(view_commands(&self.view_entries(&[event]), "ZADD"))
-            .await
+    /// Writes view entries (`ZADD`, `ZREM`), tried again a few times on a
+    /// failure (a connection killed mid-write, which the client reopens):
+    /// they are idempotent, and an entry missed for good hides its event
+    /// from every query by that view until `rebuild_indexes`. At most
+    /// about 150 ms more, then the failure is the caller's to log.
+    async fn write_views(&self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        let mut wait = std::time::Duration::from_millis(5);
+        let mut attempt = 1;
+        loop {
+            match self.run_all(cmds.clone()).await {
+                Err(_) if attempt < VIEW_ATTEMPTS => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                written => return written,
+            }
+        }
+    }
+
+    /// The entries of `events` written, with those of `stale` (an
+    /// attempt that did not land) taken back unless listed again: the
+    /// commands that go out beside a script.
+    fn views_beside(&self, entries: &[ViewEntries], stale: Vec<ViewEntries>) -> Vec<Cmd> {
+        let mut cmds = view_commands(&views_without(stale, entries), "ZREM");
+        cmds.extend(view_commands(entries, "ZADD"));
+        cmds
     }
 
     /// The view entries of `events` (consecutive events of one chain, in
@@ -984,7 +1010,7 @@ impl RedisStore {
                 self.run_all(vec![self.list_chain(chain)]).await?;
             }
             let (reply, indexed) =
-                tokio::join!(self.invoke_cas(&inv, &mut cached), self.run_all(views));
+                tokio::join!(self.invoke_cas(&inv, &mut cached), self.write_views(views));
             let reply = reply?;
             let status = reply.first().map(String::as_str);
             unwritten = if status == Some("ok") {
@@ -1299,6 +1325,9 @@ impl RedisStore {
         let fields = session_fields(&session)?;
         let cache = self.chain_cache(&chain);
         let mut cached = cache.lock().await;
+        // Entries of an attempt that found the head moved: taken back with
+        // the next one.
+        let mut stale: Vec<ViewEntries> = Vec::new();
         for _ in 0..CAS_ATTEMPTS {
             let head = match *cached {
                 Some(h) => h,
@@ -1308,6 +1337,17 @@ impl RedisStore {
                 event.clone().seal_to_record(head).map_err(unrecorded)?;
             let (refused, refused_record) =
                 refusal.clone().seal_to_record(head).map_err(unrecorded)?;
+            // The views of both outcomes go out beside the script, as an
+            // append's do: a reply lost after the script ran (a single
+            // server's client does not send it again) leaves its event
+            // listed all the same. Readers skip the entry of the outcome
+            // that did not happen (no event of its id at its place), and
+            // it is taken back once the reply says which one did.
+            let started_views = self.view_entries(&[&started]);
+            let refused_views = self.view_entries(&[&refused]);
+            let mut entries = started_views.clone();
+            entries.extend(refused_views.iter().cloned());
+            let views = self.views_beside(&entries, std::mem::take(&mut stale));
             let (seq, hash) = head_args(head);
             let mut inv = ScriptCall::new(&START_SCRIPT, &keys, 10 + fields.len(), 4096);
             inv.arg(&seq)
@@ -1323,14 +1363,24 @@ impl RedisStore {
             for f in &fields {
                 inv.arg(f);
             }
-            let reply = self.invoke_cas(&inv, &mut cached).await?;
+            let (reply, indexed) =
+                tokio::join!(self.invoke_cas(&inv, &mut cached), self.write_views(views));
+            let reply = reply?;
             let status = reply.first().map(String::as_str);
             match status {
-                Some("head") => *cached = Some(moved_head(&reply)?),
+                Some("head") => {
+                    *cached = Some(moved_head(&reply)?);
+                    stale = entries;
+                }
                 Some("started") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(started.head())));
                     drop(cached);
-                    after_commit("the start's views", self.index_event(&started).await);
+                    after_commit("the start's views", indexed);
+                    let other = views_without(refused_views, &started_views);
+                    after_commit(
+                        "the unused refusal's view entries",
+                        self.write_views(view_commands(&other, "ZREM")).await,
+                    );
                     return Ok(StartOutcome::Started {
                         session: Box::new(session),
                         event: started,
@@ -1344,7 +1394,12 @@ impl RedisStore {
                         "the refused start's live-set entries",
                         self.forget_live(&session, &slot.route).await,
                     );
-                    after_commit("the refusal's views", self.index_event(&refused).await);
+                    after_commit("the refusal's views", indexed);
+                    let other = views_without(started_views, &refused_views);
+                    after_commit(
+                        "the unused start's view entries",
+                        self.write_views(view_commands(&other, "ZREM")).await,
+                    );
                     // The reply names the session in the way; after a lost
                     // reply the script reads it again, and it may have ended
                     // since. The refusal is on record either way.
@@ -1395,12 +1450,16 @@ impl RedisStore {
         let fields = session_fields(&next)?;
         let cache = self.chain_cache(&chain);
         let mut cached = cache.lock().await;
+        let mut stale: Vec<ViewEntries> = Vec::new();
         for _ in 0..CAS_ATTEMPTS {
             let head = match *cached {
                 Some(h) => h,
                 None => self.read_head(&slot).await?,
             };
             let (event, record) = draft.clone().seal_to_record(head).map_err(unrecorded)?;
+            // Beside the script, as for a start.
+            let entries = self.view_entries(&[&event]);
+            let views = self.views_beside(&entries, std::mem::take(&mut stale));
             let (seq, hash) = head_args(head);
             let mut inv = ScriptCall::new(&TRANSITION_SCRIPT, &keys, 8 + fields.len(), 4096);
             inv.arg(&seq)
@@ -1414,10 +1473,22 @@ impl RedisStore {
             for f in &fields {
                 inv.arg(f);
             }
-            let reply = self.invoke_cas(&inv, &mut cached).await?;
+            let (reply, indexed) =
+                tokio::join!(self.invoke_cas(&inv, &mut cached), self.write_views(views));
+            let reply = reply?;
             let status = reply.first().map(String::as_str);
+            // Nothing written: the entries are taken back.
+            let unused = |entries: Vec<ViewEntries>| async move {
+                after_commit(
+                    "the unused transition's view entries",
+                    self.write_views(view_commands(&entries, "ZREM")).await,
+                );
+            };
             match status {
-                Some("head") => *cached = Some(moved_head(&reply)?),
+                Some("head") => {
+                    *cached = Some(moved_head(&reply)?);
+                    stale = entries;
+                }
                 Some("ok") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(event.head())));
                     drop(cached);
@@ -1432,15 +1503,19 @@ impl RedisStore {
                         "the session's route and live sets",
                         self.run_all(after).await,
                     );
-                    after_commit("the transition's views", self.index_event(&event).await);
+                    after_commit("the transition's views", indexed);
                     return Ok((next, event));
                 }
                 Some("notfound") => {
                     *cached = Some(head);
+                    drop(cached);
+                    unused(entries).await;
                     return Err(StoreError::SessionNotFound(next.id));
                 }
                 Some("conflict") => {
                     *cached = Some(head);
+                    drop(cached);
+                    unused(entries).await;
                     return Err(StoreError::Conflict(next.id));
                 }
                 other => return Err(corrupt("transition reply", format!("{other:?}"))),

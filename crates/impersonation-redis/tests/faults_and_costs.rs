@@ -13,7 +13,7 @@ use impersonation_core::{
     MemoryDirectory, Principal, Requester, StartOutcome, StartRequest, Store,
 };
 use impersonation_redis::{RedisConfig, RedisStore, RedisStoreError};
-use impersonation_testkit::conformance::whole_chain;
+use impersonation_testkit::conformance::{all_events, whole_chain};
 use impersonation_testkit::{World, epoch};
 
 async fn admin(server: &OwnServer) -> redis::aio::MultiplexedConnection {
@@ -335,6 +335,27 @@ async fn killed_connections_leave_no_session_without_its_events() {
             "session {id}: {ends} end events, state {}",
             session.state
         );
+        // Every event of the session is in its audit view, also one whose
+        // script ran and whose reply the kill took.
+        let listed: Vec<_> = all_events(
+            &store,
+            impersonation_core::AuditQuery {
+                session: Some(id),
+                ..impersonation_core::AuditQuery::default()
+            },
+        )
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+        for event in events.iter().filter(|e| e.session == Some(id)) {
+            assert!(
+                listed.contains(&event.id),
+                "session {id}: {:?} event {} is in no view",
+                event.action,
+                event.seq
+            );
+        }
     }
 }
 
