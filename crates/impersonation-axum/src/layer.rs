@@ -523,7 +523,9 @@ where
                 req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
                 if is_change {
                     // The template, not the path: a path may carry a
-                    // token (a password reset link's, say).
+                    // token (a password reset link's, say). (Outside a
+                    // router, a fallback or `nest_service`, axum gives no
+                    // template, and this is the path: see docs/axum.md.)
                     tracing::info!(
                         route = route_of(req.extensions(), req.uri()),
                         "a change posted under an impersonation session that has ended is refused"
