@@ -516,6 +516,24 @@ fn parse_head(seq: &str, hash: &str) -> Result<Option<ChainHead>, StoreError> {
     }))
 }
 
+/// A session read for a listing: `None` if its hash is damaged, which is
+/// logged and left out, so that one damaged session does not fail a
+/// revocation of all the others (it cannot be used: a lookup of it fails
+/// as corrupt). Any other error fails the listing.
+fn listed(
+    id: SessionId,
+    read: Result<Option<Session>, StoreError>,
+) -> Result<Option<Option<Session>>, StoreError> {
+    match read {
+        Ok(session) => Ok(Some(session)),
+        Err(StoreError::Corrupt(why)) => {
+            tracing::error!(session = %id, error = %why, "a damaged session is left out of a listing; repair or delete its keys");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The head a compare-and-set script reported when the chain had moved:
 /// `{'head', seq, hash}`.
 fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
@@ -1703,7 +1721,7 @@ impl Store for RedisStore {
                 .map_err(unavailable)?;
             if let Some(id) = live {
                 let id: SessionId = id.parse().map_err(|e| corrupt("session id", e))?;
-                if let Some(s) = self.session_in(&slot, id).await? {
+                if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
                     found.push(s);
                 }
             }
@@ -1723,18 +1741,19 @@ impl Store for RedisStore {
                 let (route, id) = m.split_once('|')?;
                 let id: SessionId = id.parse().ok()?;
                 Some(async move {
-                    self.session_in(&Slot::of_route(&self.ns, route), id)
-                        .await
-                        .map(|s| (m, id, s))
+                    let read = self.session_in(&Slot::of_route(&self.ns, route), id).await;
+                    listed(id, read).map(|s| (m, id, s))
                 })
             });
             for (member, id, session) in try_join_all(lookups).await? {
                 match session {
-                    Some(s) if s.state.is_live() => found.push(s),
+                    // Damaged: left out, and left listed.
+                    None => {}
+                    Some(Some(s)) if s.state.is_live() => found.push(s),
                     // Listed by a start whose script has not run yet: left
                     // alone, or the session would come to exist unlisted
                     // (and a revocation of all of its sessions miss it).
-                    None if may_be_starting(id) => {}
+                    Some(None) if may_be_starting(id) => {}
                     // Ended, expired or never created: drop the stale entry
                     // (and, from the list of all, its live route).
                     _ => {

@@ -230,6 +230,35 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
             }
         }
     }
+    // Listings leave it out, and list the others: a revocation of all the
+    // customer's sessions still reaches every other one.
+    let (other, _) = w.begin(&w.agent(2), &customer, epoch());
+    let (other, _) = must_start(&store, other).await;
+    for filter in [
+        impersonation_core::LiveFilter {
+            subject: Some(customer.id.clone()),
+            ..Default::default()
+        },
+        impersonation_core::LiveFilter::default(),
+        impersonation_core::LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..Default::default()
+        },
+    ] {
+        let live: Vec<_> = store
+            .live_sessions(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let expected = if filter.agent.is_some() {
+            vec![]
+        } else {
+            vec![other.id]
+        };
+        assert_eq!(live, expected, "{filter:?}");
+    }
     let seen: Option<String> = redis::cmd("HGET")
         .arg(&key)
         .arg("last_seen_us")
