@@ -769,10 +769,14 @@ fn task_error(e: tokio::task::JoinError) -> OpError {
 /// migrating, the app's own writes): five minutes.
 const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// A wait in whole seconds, rounded up, at least one (MySQL's lock waits).
+/// A wait in whole seconds for MySQL's lock waits: rounded up, at least
+/// one, at most a year (`lock_wait_timeout`'s own limit).
 #[cfg(feature = "mysql")]
 fn whole_seconds(wait: std::time::Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    const YEAR: u64 = 365 * 24 * 3600;
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .clamp(1, YEAR)
 }
 
 /// Attempts of a write that hit a deadlock, serialisation failure or busy database.
@@ -1424,6 +1428,18 @@ impl Store for DieselStore {
 #[cfg(test)]
 mod tests {
     use super::DieselConfig;
+
+    /// MySQL's lock waits in whole seconds: rounded up, at least one, and
+    /// a wait of "forever" (`Duration::MAX`) a year, not an overflow.
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn lock_waits_are_whole_seconds_within_mysqls_range() {
+        use std::time::Duration;
+        assert_eq!(super::whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(super::whole_seconds(Duration::from_millis(2_500)), 3);
+        assert_eq!(super::whole_seconds(Duration::from_secs(300)), 300);
+        assert_eq!(super::whole_seconds(Duration::MAX), 365 * 24 * 3600);
+    }
 
     #[test]
     fn debug_output_leaves_the_password_out() {

@@ -139,7 +139,9 @@ impl IssuerConfig {
     /// up, and anything under a second is one.
     #[must_use]
     pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
-        let whole = lifetime.whole_seconds() + i64::from(lifetime.subsec_nanoseconds() > 0);
+        let whole = lifetime
+            .whole_seconds()
+            .saturating_add(i64::from(lifetime.subsec_nanoseconds() > 0));
         self.token_lifetime = Duration::seconds(whole.max(1));
         self
     }

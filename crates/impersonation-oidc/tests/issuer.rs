@@ -198,6 +198,30 @@ async fn a_lifetime_with_a_fraction_of_a_second_issues_tokens_that_verify() {
         91
     );
     issuer.verifier(API).authorize(token).await.unwrap();
+
+    // "As long as the session" (`Duration::MAX`): not an overflow, and not
+    // a one-second token.
+    let (op, provider) = forged_provider();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()));
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .token_lifetime(time::Duration::MAX)
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service,
+    );
+    let actor = op.op_token("sam", |_, _| {});
+    let body = encode(&form(&actor, "olive"));
+    let answer = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let (_, claims) = decode(issued["access_token"].as_str().unwrap());
+    let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert!(lifetime > 60, "{lifetime} s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
