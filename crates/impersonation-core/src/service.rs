@@ -751,7 +751,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let mut still_live = None;
         for session in &live {
             let ended = match session.lapse_at(now) {
-                Some(lapse) => Box::pin(self.end_lapse(session, lapse)).await?.is_some(),
+                Some(lapse) => Box::pin(self.end_lapse(session, lapse)).await?.is_ok(),
                 None => false,
             };
             if !ended {
@@ -820,19 +820,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Ends a session the caller's copy shows lapsed (`lapse`: expired or
     /// idle too long), as judged again on the store's record: the reason it
-    /// ended with (its lapse, or whatever ended it first), or `None` if
-    /// the store's record is live (used since the caller's copy was read).
+    /// ended with (its lapse, or whatever ended it first), or the store's
+    /// record if that is live (used since the caller's copy was read).
     async fn end_lapse(
         &self,
         session: &Session,
         lapse: EndReason,
-    ) -> Result<Option<EndReason>, Error> {
+    ) -> Result<Result<EndReason, Box<Session>>, Error> {
         match self
             .try_end(session, lapse, Actor::System, Details::new())
             .await?
         {
-            Ending::Ended(reason) => Ok(Some(reason)),
-            Ending::Changed(now) if now.lapse_at(self.now()).is_none() => Ok(None),
+            Ending::Ended(reason) => Ok(Ok(reason)),
+            Ending::Changed(now) if now.lapse_at(self.now()).is_none() => Ok(Err(now)),
             // Changed and lapsed still (a consent, say): the caller retries.
             Ending::Changed(now) => Err(Error::Store(StoreError::Conflict(now.id))),
             Ending::Gone => Err(Error::UnknownSession),
@@ -1084,9 +1084,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             // Boxed here and below: the rare ending path stays out of the
             // every-request future, which is moved at each await level.
             // (The record was read a moment ago; another request's use
-            // since keeps it live.)
-            if let Some(reason) = Box::pin(self.end_lapse(&session, lapse)).await? {
-                return Err(Error::Ended(reason));
+            // since keeps it live, and it is judged as it is now.)
+            match Box::pin(self.end_lapse(&session, lapse)).await? {
+                Ok(reason) => return Err(Error::Ended(reason)),
+                Err(now) => session = *now,
             }
         }
         if session.state == SessionState::Pending {
@@ -1466,10 +1467,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let SessionState::Ended(reason) = found.state {
             return Err(Error::Ended(reason));
         }
-        if let Some(lapse) = found.lapse_at(self.now())
-            && let Some(reason) = self.end_lapse(&found, lapse).await?
-        {
-            return Err(Error::Ended(reason));
+        if let Some(lapse) = found.lapse_at(self.now()) {
+            return match self.end_lapse(&found, lapse).await? {
+                Ok(reason) => Err(Error::Ended(reason)),
+                Err(now) => Ok(*now),
+            };
         }
         Ok(found)
     }
