@@ -1583,6 +1583,29 @@ async fn a_start_judges_a_lapse_on_the_store_not_on_its_listing() {
     f.service.resolve_fresh(&started.secret).await.unwrap();
 }
 
+/// A request's read may show its session idle too long where the store's
+/// record, used since by another request, does not: the session is not
+/// ended, and the request is served.
+#[tokio::test]
+async fn a_request_judges_a_lapse_on_the_store_not_on_its_read() {
+    let f = fixture_with(
+        BusyChain::found_before(Duration::minutes(14)),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    f.clock.advance(Duration::minutes(2));
+    // The read shows it last seen 16 minutes ago (idle past 15); the
+    // store, 2.
+    let served = f.service.resolve_fresh(&started.secret).await;
+    assert!(served.is_ok(), "{served:?}");
+    let events = session_events(&f, started.session.id).await;
+    assert!(
+        events.iter().all(|e| e.action != AuditAction::SessionEnded),
+        "{events:?}"
+    );
+}
+
 /// A store whose `chain_head` is followed at once by one more event on
 /// that chain (an agent at work while the chain is being verified), or,
 /// `stale`, whose head stays at the chain's first event (events written
@@ -1593,6 +1616,8 @@ async fn a_start_judges_a_lapse_on_the_store_not_on_its_listing() {
 /// process's request, between a caller's read and its write).
 /// With `stop_race`, the first transition finds its session stopped by
 /// its agent a moment before.
+/// With a `found_before` duration, a lookup by secret shows the session
+/// last seen that much earlier (a read older than another request's use).
 /// With a `listed_before` duration, its listing of live sessions shows
 /// each as last seen that much earlier (listed before a touch).
 struct BusyChain {
@@ -1602,6 +1627,7 @@ struct BusyChain {
     consent_on_read: std::sync::atomic::AtomicBool,
     stop_race: std::sync::atomic::AtomicBool,
     listed_before: Duration,
+    found_before: Duration,
 }
 
 impl BusyChain {
@@ -1613,6 +1639,7 @@ impl BusyChain {
             consent_on_read: false.into(),
             stop_race: false.into(),
             listed_before: Duration::ZERO,
+            found_before: Duration::ZERO,
         }
     }
 
@@ -1633,6 +1660,13 @@ impl BusyChain {
     fn stop_race() -> Self {
         Self {
             stop_race: true.into(),
+            ..Self::new(false)
+        }
+    }
+
+    fn found_before(touch: Duration) -> Self {
+        Self {
+            found_before: touch,
             ..Self::new(false)
         }
     }
@@ -1706,7 +1740,11 @@ impl Store for BusyChain {
         l: &impersonation_core::SecretLookup,
         t: Option<impersonation_core::Touch>,
     ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
-        self.inner.find_by_secret(l, t).await
+        let mut found = self.inner.find_by_secret(l, t).await?;
+        if let Some(s) = &mut found {
+            s.last_seen_at -= self.found_before;
+        }
+        Ok(found)
     }
     async fn session(
         &self,
