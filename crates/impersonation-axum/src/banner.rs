@@ -104,6 +104,14 @@ fn banner_place(html: &[u8]) -> usize {
         }
         if let Some((open, close)) = RAW.iter().find(|(open, _)| tag_at(rest, open)) {
             let inside = here + open.len();
+            // `<!-->` and `<!--->`: a comment that ends where it begins.
+            if *open == b"<!--" {
+                let after = &html[inside..];
+                if let Some(end) = [&b">"[..], b"->"].iter().find(|e| after.starts_with(e)) {
+                    at = inside + end.len();
+                    continue;
+                }
+            }
             match closing_at(&html[inside..], close) {
                 Some(end) => at = inside + end + close.len(),
                 None => break,
@@ -214,6 +222,15 @@ mod tests {
         assert_eq!(
             placed("<script>a()</script ><p>x</p></body >"),
             "<script>a()</script ><p>x</p>[B]</body >"
+        );
+        // An empty comment ends where it begins, as browsers read it.
+        assert_eq!(
+            placed("<!--><p>x</p></body><!-- -->"),
+            "<!--><p>x</p>[B]</body><!-- -->"
+        );
+        assert_eq!(
+            placed("<!---><p>x</p></body><!-- -->"),
+            "<!---><p>x</p>[B]</body><!-- -->"
         );
         // A raw-text element left open runs to the end.
         assert_eq!(
