@@ -481,6 +481,41 @@ pub async fn guarded_append_requires_an_active_session<S: Store>(store: S) {
         .unwrap();
     assert_eq!(unguarded.seq, 3);
     assert_eq!(assert_chain_verifies(&store, &session.chain()).await, 4);
+
+    // The guard names one session, not the agent's live one: with the
+    // agent in a new session, the ended one's guard still refuses (a
+    // request still holding the old session records nothing in it), and
+    // so does a pending session's (live, but not active).
+    let (next, _) = must_start(&store, w.begin(&agent, &w.customer(2, "t1"), epoch()).0).await;
+    assert!(matches!(
+        store
+            .append(access(epoch()), AppendGuard::SessionActive(session.id))
+            .await,
+        Err(StoreError::SessionNotActive(_))
+    ));
+    let in_next = next.draft(epoch(), AuditAction::Access, Actor::System);
+    store
+        .append(in_next, AppendGuard::SessionActive(next.id))
+        .await
+        .unwrap();
+    let consent = Policy::default().consent(impersonation_core::Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let other = w.agent(3);
+    let (pending, _) = must_start(
+        &store,
+        w.begin_with(&consent, &other, &w.customer(1, "t1"), epoch())
+            .0,
+    )
+    .await;
+    assert_eq!(pending.state, SessionState::Pending);
+    let in_pending = pending.draft(epoch(), AuditAction::Access, Actor::System);
+    assert!(matches!(
+        store
+            .append(in_pending, AppendGuard::SessionActive(pending.id))
+            .await,
+        Err(StoreError::SessionNotActive(_))
+    ));
 }
 
 /// Events read back exactly as sealed, and each chain is a gapless sequence from 0.
@@ -920,6 +955,21 @@ pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
         let store = &store;
         async move { ids(store.live_sessions(&filter).await.unwrap()) }
     };
+    // The same customer id in another tenant: a filter on both customer
+    // and tenant leaves it out.
+    let (s5, _) = must_start(
+        &store,
+        w.begin(&w.agent(5), &w.customer(3, "t1"), epoch()).0,
+    )
+    .await;
+    assert_eq!(
+        live(LiveFilter {
+            subject: Some(c3.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await,
+        [s4.id, s5.id].into()
+    );
     assert_eq!(
         live(LiveFilter {
             tenant: Some(w.tenant("t2")),
@@ -1199,6 +1249,51 @@ pub async fn find_by_secrets_answers_each_lookup_in_order<S: Store>(store: S) {
         );
     }
     assert!(store.find_by_secrets(&[], Some(touch)).await.is_empty());
+
+    // The touch rules hold in a batch as in a single lookup: each record
+    // comes back as it was before the touch; a lapsed session (idle too
+    // long) is found and not touched; a touch within the coalescing
+    // window is not written; no touch asked, none written.
+    let idle_at = epoch() + Duration::minutes(20);
+    let (start3, secret3) = w.begin(&w.agent(4), &w.customer(1, "t1"), idle_at);
+    let (s3, _) = must_start(&store, start3).await;
+    let later = idle_at + Duration::seconds(10);
+    let before: Vec<_> = [s1.id, s2.id, s3.id].into_iter().collect();
+    let mut stored = Vec::new();
+    for id in &before {
+        stored.push(store.session(*id).await.unwrap().unwrap());
+    }
+    let found = store
+        .find_by_secrets(
+            &[secret1.lookup(), secret2.lookup(), secret3.lookup()],
+            Some(Touch {
+                now: later,
+                coalesce: Duration::seconds(30),
+            }),
+        )
+        .await;
+    let found: Vec<_> = found.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    assert_eq!(found, stored, "as they were before the touch");
+    for (id, expected) in [
+        // Idle past its 15 minutes since `now` (30 s in): not touched.
+        (s1.id, now),
+        (s2.id, now),
+        // Seen 10 s ago, within the 30 s window: not written.
+        (s3.id, idle_at),
+    ] {
+        assert_eq!(
+            store.session(id).await.unwrap().unwrap().last_seen_at,
+            expected,
+            "{id}"
+        );
+    }
+    let found = store.find_by_secrets(&[secret3.lookup()], None).await;
+    assert!(found[0].as_ref().unwrap().is_some());
+    assert_eq!(
+        store.session(s3.id).await.unwrap().unwrap().last_seen_at,
+        idle_at,
+        "no touch asked"
+    );
 }
 
 /// Concurrent batches over the same chains never fork them.
