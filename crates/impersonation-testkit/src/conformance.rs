@@ -255,6 +255,48 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
     )
     .await;
     assert_eq!(ends.len(), 1, "exactly one end event");
+
+    // The version decides, not the state: on a session still live, a
+    // change made from a copy an activation has overtaken conflicts too
+    // (a store that only refused changes to ended sessions would let a
+    // decline undo a consent).
+    let consent = Policy::default().consent(impersonation_core::Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let (pending, _) = must_start(
+        &store,
+        w.begin_with(&consent, &w.agent(2), &w.customer(1, "t1"), epoch())
+            .0,
+    )
+    .await;
+    let activate = pending
+        .activate(Actor::System, epoch() + Duration::seconds(5))
+        .unwrap();
+    let (active, _) = store.transition(activate).await.unwrap();
+    assert_eq!(active.state, SessionState::Active);
+    for stale in [
+        pending
+            .activate(Actor::System, epoch() + Duration::seconds(6))
+            .unwrap(),
+        pending
+            .end(
+                EndReason::ConsentDenied,
+                Actor::System,
+                epoch(),
+                Details::new(),
+            )
+            .unwrap(),
+    ] {
+        match store.transition(stale).await {
+            Err(StoreError::Conflict(id)) => assert_eq!(id, pending.id),
+            other => panic!("stale change of a live session: expected Conflict, got {other:?}"),
+        }
+    }
+    let now = store.session(pending.id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.state, now.version),
+        (SessionState::Active, active.version)
+    );
 }
 
 /// A transition on a session the store never saw is `SessionNotFound`, and writes nothing.
@@ -888,6 +930,22 @@ pub async fn record_check_respects_the_version<S: Store>(store: S) {
     assert_eq!(stored.last_checked_at, at);
     assert_eq!(stored.shadow, shadow);
     assert_eq!(stored.version, session.version);
+    // A version that is not the session's, on a live session: refused,
+    // and nothing written.
+    let other_shadow = w.rules.project(&customer, &grant);
+    let later = at + Duration::minutes(1);
+    assert!(matches!(
+        store
+            .record_check(session.id, session.version + 1, later, &other_shadow)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let unchanged = store.session(session.id).await.unwrap().unwrap();
+    assert_eq!(
+        (unchanged.last_checked_at, &unchanged.shadow),
+        (at, &shadow),
+        "a refused check writes nothing"
+    );
     let t = session
         .end(EndReason::Stopped, Actor::System, at, Details::new())
         .unwrap();
