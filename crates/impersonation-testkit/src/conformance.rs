@@ -851,16 +851,27 @@ pub async fn audit_pages_visit_every_event_once_in_order<S: Store>(store: S) {
     let agent = w.agent(1);
     let chain = ChainKey::for_agent(&agent.id);
     let mut ids = Vec::new();
-    for i in 0..23_i64 {
-        // Several events share a timestamp, so ordering must fall back to the id.
-        let at = epoch() + Duration::seconds(i / 3);
-        let draft = AuditDraft::new(
-            at,
-            AuditAction::Access,
-            Actor::user(agent.id.clone(), "A"),
-            chain.clone(),
-        );
-        ids.push(store.append(draft, AppendGuard::None).await.unwrap());
+    // Several events share a timestamp, so ordering must fall back to the
+    // id. Each group of three is drafted first and appended in reverse,
+    // so that the ids do not follow the order of writing (as they do not
+    // across processes): a store ordering ties by row rather than by id
+    // would skip or repeat events at page boundaries.
+    for group in 0..8_i64 {
+        let at = epoch() + Duration::seconds(group);
+        let size = if group == 7 { 2 } else { 3 };
+        let drafts: Vec<AuditDraft> = (0..size)
+            .map(|_| {
+                AuditDraft::new(
+                    at,
+                    AuditAction::Access,
+                    Actor::user(agent.id.clone(), "A"),
+                    chain.clone(),
+                )
+            })
+            .collect();
+        for draft in drafts.into_iter().rev() {
+            ids.push(store.append(draft, AppendGuard::None).await.unwrap());
+        }
     }
     let mut expected = ids.clone();
     expected.sort_by_key(|e| (e.at, e.id));
@@ -1229,10 +1240,13 @@ pub async fn append_batch_judges_each_event_and_keeps_order<S: Store>(store: S) 
         .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
         .unwrap();
     store.transition(t).await.unwrap();
+    // Each later in the batch but earlier in time (and its id drawn
+    // later): the chain keeps the batch's order, which a store sorting a
+    // batch by time would not.
     let access = |session: &Session, who: &Principal, i: i64| {
         session
             .draft(
-                epoch() + Duration::seconds(i),
+                epoch() + Duration::seconds(100 - i),
                 AuditAction::Access,
                 Actor::user(who.id.clone(), "agent"),
             )
