@@ -1223,10 +1223,15 @@ pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: 
         let id = session.id;
         tasks.spawn(async move { store.append(draft, AppendGuard::SessionActive(id)).await });
     }
+    let mut returned = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        result.expect("task").expect("append");
+        returned.push(result.expect("task").expect("append"));
     }
     assert_eq!(assert_chain_verifies(&*store, &session.chain()).await, 41);
+    // What each call returned is what was stored (an event resealed after
+    // a race is returned as resealed).
+    returned.sort_by_key(|e| e.seq);
+    assert_eq!(returned, whole_chain(&*store, &session.chain()).await[1..]);
 }
 
 /// A batch of appends judges each event alone, keeps their order within
@@ -1395,13 +1400,24 @@ pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store:
         let store = Arc::clone(&store);
         tasks.spawn(async move { store.append_batch(batch).await });
     }
+    let mut returned = Vec::new();
     while let Some(results) = tasks.join_next().await {
         for r in results.expect("task") {
-            r.expect("append");
+            returned.push(r.expect("append"));
         }
     }
     assert_eq!(assert_chain_verifies(&*store, &sa.chain()).await, 31);
     assert_eq!(assert_chain_verifies(&*store, &sb.chain()).await, 31);
+    // What each call returned is what was stored.
+    for s in [&sa, &sb] {
+        let mut mine: Vec<AuditEvent> = returned
+            .iter()
+            .filter(|e| e.chain == s.chain())
+            .cloned()
+            .collect();
+        mine.sort_by_key(|e| e.seq);
+        assert_eq!(mine, whole_chain(&*store, &s.chain()).await[1..]);
+    }
 }
 
 /// Batches whose events' times run out of order, tie, and spread over
