@@ -1137,18 +1137,26 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
             .unwrap();
         let s = Arc::clone(&store);
         ends.spawn(async move { s.transition(end).await.map(|(after, _)| after.state) });
+        // Half the touches and appends go through the batched calls,
+        // which a store may implement on their own (one query each).
+        let batched = i % 2 == 1;
         let (s, secret) = (Arc::clone(&store), Arc::clone(&secret));
         let now = epoch() + Duration::seconds(20 + i);
         others.spawn(async move {
-            s.find_by_secret(
-                &secret.lookup(),
-                Some(Touch {
-                    now,
-                    coalesce: Duration::ZERO,
-                }),
-            )
-            .await
-            .map(|_| None)
+            let touch = Some(Touch {
+                now,
+                coalesce: Duration::ZERO,
+            });
+            let found = if batched {
+                s.find_by_secrets(&[secret.lookup()], touch)
+                    .await
+                    .into_iter()
+                    .next()
+                    .expect("one answer per lookup")
+            } else {
+                s.find_by_secret(&secret.lookup(), touch).await
+            };
+            found.map(|_| None)
         });
         let s = Arc::clone(&store);
         let draft = session
@@ -1159,10 +1167,17 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
             )
             .details(Details::new().with("n", i));
         others.spawn(async move {
-            match s
-                .append(draft, AppendGuard::SessionActive(session.id))
-                .await
-            {
+            let guard = AppendGuard::SessionActive(session.id);
+            let appended = if batched {
+                s.append_batch(vec![(draft, guard)])
+                    .await
+                    .into_iter()
+                    .next()
+                    .expect("one result per event")
+            } else {
+                s.append(draft, guard).await
+            };
+            match appended {
                 Ok(event) => Ok(Some(event.seq)),
                 Err(StoreError::SessionNotActive(_)) => Ok(None),
                 Err(e) => Err(e),
