@@ -1525,11 +1525,10 @@ async fn resolving_by_id_ends_an_idle_session_with_its_event() {
     );
 }
 
-/// A revoke-all's listing may be older than a touch since: a session it
-/// shows as idle too long, but that was used meanwhile, is revoked, not
-/// ended as idle.
-#[tokio::test]
-async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
+/// Sam on Olive, used 14 minutes in, now 16 minutes in, on a store whose
+/// listing of live sessions is 14 minutes old (so it shows the session
+/// idle past its 15 minutes; the store's record, 2).
+async fn used_since_it_was_listed() -> (Fixture<BusyChain>, Started) {
     let f = fixture_with(
         BusyChain::listed_before(Duration::minutes(14)),
         Policy::default(),
@@ -1539,6 +1538,15 @@ async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
     f.clock.advance(Duration::minutes(14));
     f.service.resolve(&started.secret).await.unwrap();
     f.clock.advance(Duration::minutes(2));
+    (f, started)
+}
+
+/// A revoke-all's listing may be older than a touch since: a session it
+/// shows as idle too long, but that was used meanwhile, is revoked, not
+/// ended as idle.
+#[tokio::test]
+async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
+    let (f, started) = used_since_it_was_listed().await;
     let revoked = f
         .service
         .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
@@ -1558,15 +1566,7 @@ async fn a_revoke_all_judges_a_lapse_on_the_store_not_on_its_listing() {
 /// start, and is not ended as idle.
 #[tokio::test]
 async fn a_start_judges_a_lapse_on_the_store_not_on_its_listing() {
-    let f = fixture_with(
-        BusyChain::listed_before(Duration::minutes(14)),
-        Policy::default(),
-        Config::default(),
-    );
-    let started = f.sam_on_olive().await;
-    f.clock.advance(Duration::minutes(14));
-    f.service.resolve(&started.secret).await.unwrap();
-    f.clock.advance(Duration::minutes(2));
+    let (f, started) = used_since_it_was_listed().await;
     let second = f
         .service
         .start(Requester::User(&agent("sam")), req("oscar"))

@@ -161,6 +161,39 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
     rotating.verify(&before).unwrap();
 }
 
+/// An issuer of tokens lasting `lifetime`, over `service`, with one client.
+fn issuer_lasting(
+    lifetime: time::Duration,
+    provider: impersonation_oidc::Provider,
+    service: Arc<Impersonation<MemoryStore, impersonation_core::MemoryDirectory>>,
+) -> Issuer {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .token_lifetime(lifetime)
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service,
+    )
+}
+
+/// Exchanges Sam's provider token for a token on Olive at `issuer`: the
+/// token and its claims.
+async fn exchange_sam_for_olive(issuer: &Issuer, op: &Forger) -> (String, serde_json::Value) {
+    let actor = op.op_token("sam", |_, _| {});
+    let body = encode(&form(&actor, "olive"));
+    let answer = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let token = issued["access_token"].as_str().unwrap().to_owned();
+    let (_, claims) = decode(&token);
+    (token, claims)
+}
+
 /// A JWT's times are whole seconds, so a lifetime with a fraction of one
 /// is rounded up: a token issued late in a second (here at .6 s, with
 /// 90.5 s to live) verifies. Before, its `exp` fell 91 s after its `iat`,
@@ -174,52 +207,20 @@ async fn a_lifetime_with_a_fraction_of_a_second_issues_tokens_that_verify() {
         .unwrap();
     let clock = impersonation_core::ManualClock::new(second + time::Duration::milliseconds(600));
     let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()).with_clock(clock));
-    let url = format!("http://127.0.0.1:{}", free_port());
-    let issuer = Issuer::new(
-        IssuerConfig::new(&url)
-            .unwrap()
-            .token_lifetime(time::Duration::milliseconds(90_500))
-            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
-        KeyRing::new(SigningKey::generate().unwrap()),
-        provider,
-        service,
-    );
-    let actor = op.op_token("sam", |_, _| {});
-    let body = encode(&form(&actor, "olive"));
-    let answer = issuer
-        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
-    let token = issued["access_token"].as_str().unwrap();
-    let (_, claims) = decode(token);
+    let issuer = issuer_lasting(time::Duration::milliseconds(90_500), provider, service);
+    let (token, claims) = exchange_sam_for_olive(&issuer, &op).await;
     assert_eq!(
         claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
         91
     );
-    issuer.verifier(API).authorize(token).await.unwrap();
+    issuer.verifier(API).authorize(&token).await.unwrap();
 
     // "As long as the session" (`Duration::MAX`): not an overflow, and not
     // a one-second token.
     let (op, provider) = forged_provider();
     let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()));
-    let issuer = Issuer::new(
-        IssuerConfig::new(&url)
-            .unwrap()
-            .token_lifetime(time::Duration::MAX)
-            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API])),
-        KeyRing::new(SigningKey::generate().unwrap()),
-        provider,
-        service,
-    );
-    let actor = op.op_token("sam", |_, _| {});
-    let body = encode(&form(&actor, "olive"));
-    let answer = issuer
-        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    let issued: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
-    let (_, claims) = decode(issued["access_token"].as_str().unwrap());
+    let issuer = issuer_lasting(time::Duration::MAX, provider, service);
+    let (_, claims) = exchange_sam_for_olive(&issuer, &op).await;
     let lifetime = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
     assert!(lifetime > 60, "{lifetime} s");
 }
