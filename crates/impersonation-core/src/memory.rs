@@ -189,9 +189,11 @@ impl Store for MemoryStore {
     ) -> Result<AuditEvent, StoreError> {
         let mut inner = self.lock();
         if let AppendGuard::SessionActive(id) = guard {
+            // Only a session of the event's chain can guard it.
             let session = inner
                 .sessions
                 .get(&id)
+                .filter(|s| s.chain() == event.chain)
                 .ok_or(StoreError::SessionNotFound(id))?;
             if session.state != crate::session::SessionState::Active {
                 return Err(StoreError::SessionNotActive(id));

@@ -133,6 +133,10 @@ pub enum AppendGuard {
     /// Append unconditionally (denied attempts outside any session).
     None,
     /// Append only while this session is active, atomically with the check.
+    /// The session is one of the event's own chain (its agent's): a store
+    /// answers [`StoreError::SessionNotFound`] for a session of another
+    /// chain, whose state the chain's write does not hold still (and which a
+    /// store that keeps each agent's data apart, in one shard, cannot see).
     SessionActive(SessionId),
 }
 
@@ -437,7 +441,10 @@ pub trait Store: Send + Sync {
     /// The head of a chain, `None` if it has no events.
     async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError>;
 
-    /// Chain keys in order, after `after`, up to `limit`.
+    /// Chain keys in order, after `after`, up to `limit`. Every chain with
+    /// an event is listed; a store that lists a chain before its first
+    /// write (as an intent, beside the write) may also list one whose
+    /// first write then failed: it has no events, and its head is `None`.
     async fn chains(
         &self,
         after: Option<&ChainKey>,

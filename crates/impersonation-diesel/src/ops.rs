@@ -245,9 +245,11 @@ pub(crate) fn cas_sql(
     .arg(count(expected.seq))
     .arg(expected.hash.to_hex());
     if !guarded.is_empty() {
+        // Only the chain's own sessions: their state changes move its head.
         sql.push(
-            " AND (SELECT count(*) FROM impersonation_sessions WHERE state = 'active' AND id IN ",
+            " AND (SELECT count(*) FROM impersonation_sessions WHERE state = 'active' AND agent = ? AND id IN ",
         );
+        sql = sql.arg(first.chain.as_str());
         markers(&mut sql, guarded.len());
         for id in guarded {
             sql = sql.arg(id.to_string());
@@ -518,9 +520,12 @@ macro_rules! store_ops {
                 conn.transaction::<_, OpError, _>(async |conn| {
                     let head = lock_chain(conn, &draft.chain).await?;
                     if let AppendGuard::SessionActive(id) = guard {
-                        // Under the agent's chain lock the session's state cannot change.
-                        let state = Sql::new("SELECT state FROM impersonation_sessions WHERE id = ?")
+                        // Under the agent's chain lock the state of the agent's
+                        // session cannot change; another agent's session
+                        // cannot guard the event (`AppendGuard`).
+                        let state = Sql::new("SELECT state FROM impersonation_sessions WHERE id = ? AND agent = ?")
                             .arg(id.to_string())
+                            .arg(draft.chain.as_str())
                             .load::<StateRow>(conn)
                             .await?;
                         match state.into_iter().next() {
@@ -553,21 +558,27 @@ macro_rules! store_ops {
                         *head = lock_chain(conn, chain).await?;
                     }
                     let guarded = guarded_sessions(batch);
-                    let mut states: HashMap<String, String> = HashMap::new();
+                    // Each guarding session's agent and state.
+                    let mut states: HashMap<String, (String, String)> = HashMap::new();
                     if !guarded.is_empty() {
-                        let mut sql = Sql::new("SELECT id, state FROM impersonation_sessions WHERE id IN ");
+                        let mut sql = Sql::new("SELECT id, agent, state FROM impersonation_sessions WHERE id IN ");
                         markers(&mut sql, guarded.len());
                         for id in &guarded {
                             sql = sql.arg(id.to_string());
                         }
                         for row in sql.load::<IdStateRow>(conn).await? {
-                            states.insert(row.id, row.state);
+                            states.insert(row.id, (row.agent, row.state));
                         }
                     }
                     let mut results = Vec::with_capacity(batch.len());
                     for (draft, guard) in batch {
                         if let AppendGuard::SessionActive(id) = guard {
-                            match states.get(&id.to_string()).map(String::as_str) {
+                            // Only a session of the event's own chain guards it.
+                            let state = states
+                                .get(&id.to_string())
+                                .filter(|(agent, _)| agent.as_str() == draft.chain.as_str())
+                                .map(|(_, state)| state.as_str());
+                            match state {
                                 None => {
                                     results.push(Err(StoreError::SessionNotFound(*id)));
                                     continue;

@@ -196,6 +196,8 @@ pub(crate) struct IdStateRow {
     #[diesel(sql_type = Text)]
     pub(crate) id: String,
     #[diesel(sql_type = Text)]
+    pub(crate) agent: String,
+    #[diesel(sql_type = Text)]
     pub(crate) state: String,
 }
 
