@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use impersonation_core::{
     Actor, AppendGuard, AuditAction, AuditDraft, AuditEvent, AuditQuery, ChainKey, Details,
-    EndReason, LiveFilter, Order, Policy, Principal, Session, SessionId, SessionSecret,
+    EndReason, LiveFilter, MAX_PAGE, Order, Policy, Principal, Session, SessionId, SessionSecret,
     SessionState, StartOutcome, Store, StoreError, Touch, UserId, verify_chain,
 };
 use time::{Duration, OffsetDateTime};
@@ -479,7 +479,8 @@ pub async fn touch_never_revives_a_lapsed_session<S: Store>(store: S) {
     assert_eq!(last_seen(&store, session.id).await, before);
 }
 
-/// A guarded append needs an active session; an unguarded one always appends.
+/// A guarded append needs an active session of its own chain; an
+/// unguarded one always appends.
 pub async fn guarded_append_requires_an_active_session<S: Store>(store: S) {
     let w = World::new();
     let agent = w.agent(1);
@@ -554,10 +555,19 @@ pub async fn guarded_append_requires_an_active_session<S: Store>(store: S) {
     let in_pending = pending.draft(epoch(), AuditAction::Access, Actor::System);
     assert!(matches!(
         store
-            .append(in_pending, AppendGuard::SessionActive(pending.id))
+            .append(in_pending.clone(), AppendGuard::SessionActive(pending.id))
             .await,
         Err(StoreError::SessionNotActive(_))
     ));
+    // Another agent's session, active as it is, guards nothing on this
+    // chain: the chain's write does not hold its state still.
+    assert!(matches!(
+        store
+            .append(in_pending, AppendGuard::SessionActive(next.id))
+            .await,
+        Err(StoreError::SessionNotFound(_))
+    ));
+    assert_eq!(assert_chain_verifies(&store, &pending.chain()).await, 1);
 }
 
 /// Events read back exactly as sealed, and each chain is a gapless sequence from 0.
@@ -917,6 +927,56 @@ pub async fn audit_pages_visit_every_event_once_in_order<S: Store>(store: S) {
     assert_eq!(single.events.len(), 1, "a zero limit is clamped to one");
 }
 
+/// A page holds at most [`MAX_PAGE`] events, whatever limit is asked
+/// (a store passing a huge limit straight to its database, or reading a
+/// whole trail into memory for it, fails this), and the next page goes on
+/// where it stopped.
+pub async fn a_page_holds_at_most_max_page_events<S: Store>(store: S) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let chain = ChainKey::for_agent(&agent.id);
+    let total = MAX_PAGE as usize + 3;
+    let mut written = Vec::with_capacity(total);
+    for first in (0..total).step_by(250) {
+        let batch: Vec<(AuditDraft, AppendGuard)> = (first..total.min(first + 250))
+            .map(|i| {
+                let at = epoch() + Duration::milliseconds(i64::try_from(i).unwrap_or(0));
+                let draft = AuditDraft::new(
+                    at,
+                    AuditAction::Access,
+                    Actor::user(agent.id.clone(), "A"),
+                    chain.clone(),
+                );
+                (draft, AppendGuard::None)
+            })
+            .collect();
+        for result in store.append_batch(batch).await {
+            written.push(result.unwrap());
+        }
+    }
+    for limit in [MAX_PAGE + 1, u32::MAX] {
+        let query = AuditQuery {
+            agent: Some(agent.id.clone()),
+            limit,
+            ..AuditQuery::default()
+        };
+        let first = store.audit(&query).await.unwrap();
+        assert_eq!(first.events.len(), MAX_PAGE as usize, "limit {limit}");
+        assert_eq!(first.events[..], written[..MAX_PAGE as usize]);
+        let cursor = first.next.expect("a second page");
+        let rest = store
+            .audit(&AuditQuery {
+                cursor: Some(cursor),
+                ..query
+            })
+            .await
+            .unwrap();
+        assert_eq!(rest.events[..], written[MAX_PAGE as usize..]);
+        assert!(rest.next.is_none());
+    }
+    assert_eq!(assert_chain_verifies(&store, &chain).await, total as u64);
+}
+
 /// `record_check` stores the re-check and the refreshed shadow, on the current version only.
 pub async fn record_check_respects_the_version<S: Store>(store: S) {
     let w = World::new();
@@ -1071,7 +1131,8 @@ pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
     assert!(!all.contains(&s3.id), "an ended session is not live");
 }
 
-/// Racing starts by one agent leave exactly one live session; every loser's refusal is audited.
+/// Racing starts by one agent leave exactly one live session; every loser's
+/// refusal is audited, names the winner, and leaves no session behind.
 pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) {
     let w = World::new();
     let store = Arc::new(store);
@@ -1080,17 +1141,29 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
     for n in 0..16 {
         let (start, _) = w.begin(&agent, &w.customer(n, "t1"), epoch());
         let store = Arc::clone(&store);
-        tasks.spawn(async move { store.start(start).await });
+        let id = start.session().id;
+        tasks.spawn(async move { (id, store.start(start).await) });
     }
-    let (mut started, mut refused) = (0, 0);
+    let (mut winners, mut losers, mut named) = (Vec::new(), Vec::new(), BTreeSet::new());
     while let Some(result) = tasks.join_next().await {
         match result.expect("task") {
-            Ok(StartOutcome::Started { .. }) => started += 1,
-            Ok(StartOutcome::Refused { .. }) => refused += 1,
-            Err(e) => panic!("racing start failed: {e}"),
+            (id, Ok(StartOutcome::Started { session, .. })) => {
+                assert_eq!(session.id, id);
+                winners.push(id);
+            }
+            (id, Ok(StartOutcome::Refused { live, .. })) => {
+                losers.push(id);
+                named.insert(live);
+            }
+            (_, Err(e)) => panic!("racing start failed: {e}"),
         }
     }
-    assert_eq!((started, refused), (1, 15));
+    assert_eq!((winners.len(), losers.len()), (1, 15));
+    // Every refusal names the one winner, and no loser's session exists.
+    assert_eq!(named.into_iter().collect::<Vec<_>>(), winners);
+    for loser in losers {
+        assert!(store.session(loser).await.unwrap().is_none(), "{loser}");
+    }
     let live = store
         .live_sessions(&LiveFilter {
             agent: Some(agent.id.clone()),
@@ -1098,7 +1171,7 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
         })
         .await
         .unwrap();
-    assert_eq!(live.len(), 1);
+    assert_eq!(live.iter().map(|s| s.id).collect::<Vec<_>>(), winners);
     let chain = ChainKey::for_agent(&agent.id);
     assert_eq!(
         assert_chain_verifies(&*store, &chain).await,
@@ -1278,10 +1351,13 @@ pub async fn append_batch_judges_each_event_and_keeps_order<S: Store>(store: S) 
         (access(&ended, &b, 3), AppendGuard::None),
         (access(&live, &a, 4), AppendGuard::None),
         (access(&live, &a, 5), AppendGuard::SessionActive(live.id)),
+        // Guarded by the other agent's live session: not of its chain.
+        (access(&ended, &b, 6), AppendGuard::SessionActive(live.id)),
     ];
     let results = store.append_batch(batch).await;
-    assert_eq!(results.len(), 5);
+    assert_eq!(results.len(), 6);
     assert!(matches!(results[1], Err(StoreError::SessionNotActive(_))));
+    assert!(matches!(results[5], Err(StoreError::SessionNotFound(_))));
     let ok: Vec<&AuditEvent> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(
         ok.iter()
@@ -1306,6 +1382,20 @@ pub async fn append_batch_judges_each_event_and_keeps_order<S: Store>(store: S) 
     assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 4);
     assert_eq!(assert_chain_verifies(&store, &ended.chain()).await, 3);
     assert!(store.append_batch(Vec::new()).await.is_empty());
+
+    // A batch on one chain (whose head this store has just written: the
+    // shortest path a store may have), one event guarded by another
+    // agent's active session: refused alone.
+    let (b_live, _) = must_start(&store, w.begin(&b, &w.customer(3, "t1"), epoch()).0).await;
+    let results = store
+        .append_batch(vec![
+            (access(&live, &a, 7), AppendGuard::SessionActive(b_live.id)),
+            (access(&live, &a, 8), AppendGuard::SessionActive(live.id)),
+        ])
+        .await;
+    assert!(matches!(results[0], Err(StoreError::SessionNotFound(_))));
+    assert_eq!(results[1].as_ref().map(|e| e.seq).ok(), Some(4));
+    assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 5);
 }
 
 /// A batch of lookups answers each in order (unknown secrets with `None`)
@@ -1566,6 +1656,9 @@ pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
 
 /// Runs every case against stores from `factory` (one fresh store per case).
 /// Prefer [`crate::store_conformance_tests!`], which makes each case its own test.
+/// Call it on tokio's multi-thread runtime
+/// (`#[tokio::test(flavor = "multi_thread")]`), as the macro's tests run:
+/// the racing cases spawn tasks that must run side by side to race.
 pub async fn run_all<S, F, Fut>(factory: F)
 where
     S: Store + 'static,
@@ -1590,6 +1683,7 @@ where
     audit_filters_select_exactly(factory().await).await;
     ids_differing_only_by_trailing_spaces_stay_apart(factory().await).await;
     audit_pages_visit_every_event_once_in_order(factory().await).await;
+    a_page_holds_at_most_max_page_events(factory().await).await;
     audit_pages_over_batches_match_a_sorted_scan(factory().await).await;
     record_check_respects_the_version(factory().await).await;
     live_sessions_filter_and_exclude_ended(factory().await).await;
@@ -1657,6 +1751,7 @@ macro_rules! store_conformance_tests {
             audit_filters_select_exactly,
             ids_differing_only_by_trailing_spaces_stay_apart,
             audit_pages_visit_every_event_once_in_order,
+            a_page_holds_at_most_max_page_events,
             audit_pages_over_batches_match_a_sorted_scan,
             record_check_respects_the_version,
             live_sessions_filter_and_exclude_ended,
