@@ -19,6 +19,11 @@ use redis::{
 
 /// Shared helpers, prepended to each script.
 const PRELUDE: &str = r#"
+-- The stream entry id of place `seq` + `after`: written with '%d', as Lua
+-- writes a number from 1e14 on as '1e+14', which no stream id is.
+local function entry(seq, after)
+  return string.format('0-%d', tonumber(seq) + after)
+end
 local function head_of(k)
   local h = redis.call('HMGET', k, 'seq', 'hash')
   if not h[1] then return '-1', '' end
@@ -40,12 +45,12 @@ end
 local function landed(head_k, chain_k, seq, event)
   local s = head_of(head_k)
   if tonumber(s) < tonumber(seq) then return false end
-  local id = '0-' .. (tonumber(seq) + 1)
+  local id = entry(seq, 1)
   local e = redis.call('XRANGE', chain_k, id, id)
   return e[1] ~= nil and e[1][2][2] == event
 end
 local function append(head_k, chain_k, seq, hash, event)
-  redis.call('XADD', chain_k, '0-' .. (tonumber(seq) + 1), 'e', event)
+  redis.call('XADD', chain_k, entry(seq, 1), 'e', event)
   redis.call('HSET', head_k, 'seq', seq, 'hash', hash)
 end
 "#;
@@ -148,9 +153,8 @@ if #refused > 0 then
   return refused
 end
 -- Event i has seq expected + i, stored at id 0-(seq + 1); then the head once.
-local base = tonumber(ARGV[1]) + 1
 for i = 1, n do
-  redis.call('XADD', KEYS[2], '0-' .. (base + i), 'e', ARGV[4 + i * 2])
+  redis.call('XADD', KEYS[2], entry(ARGV[1], 1 + i), 'e', ARGV[4 + i * 2])
 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'hash', ARGV[4])
 return {'ok'}

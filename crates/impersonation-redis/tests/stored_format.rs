@@ -275,3 +275,71 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
         "a damaged session is not touched"
     );
 }
+
+/// A chain far along (its head at place 10^14 - 1, set here by hand: no
+/// test writes that many events) still takes events, single and batched,
+/// each at its stream entry `0-<seq + 1>` written in digits: the scripts'
+/// Lua writes a number from 10^14 on as `1e+14` unless told otherwise,
+/// and no stream id reads so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_past_ten_to_the_fourteen_places_takes_events() {
+    let ns = common::unique("imptest");
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (start, _) = w.begin(&agent, &customer, epoch());
+    let (session, started) = must_start(&common::store_at(common::SINGLE, &ns).await, start).await;
+    let chain = session.chain();
+    let prefix = format!("{ns}:{{{}}}:a:{}", chain.route(), chain.as_str());
+    let mut raw = redis::Client::open(common::SINGLE)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let far: u64 = 100_000_000_000_000 - 1;
+    redis::cmd("HSET")
+        .arg(format!("{prefix}:head"))
+        .arg("seq")
+        .arg(far)
+        .query_async::<i64>(&mut raw)
+        .await
+        .unwrap();
+    // A store that has not seen the chain reads its head from the server.
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let access = |s: i64| {
+        session.draft(
+            epoch() + Duration::seconds(s),
+            AuditAction::Access,
+            Actor::System,
+        )
+    };
+    let guard = AppendGuard::SessionActive(session.id);
+    let single = store.append(access(1), guard).await.unwrap();
+    assert_eq!((single.seq, single.prev_hash), (far + 1, started.hash));
+    let batch = store
+        .append_batch(vec![(access(2), guard), (access(3), guard)])
+        .await;
+    let seqs: Vec<u64> = batch.into_iter().map(|r| r.unwrap().seq).collect();
+    assert_eq!(seqs, [far + 2, far + 3]);
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{prefix}:chain"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = entries.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "0-1",
+            "0-100000000000001",
+            "0-100000000000002",
+            "0-100000000000003"
+        ]
+    );
+    let read = store.chain_events(&chain, far + 1, 10).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [far + 1, far + 2, far + 3]
+    );
+}
