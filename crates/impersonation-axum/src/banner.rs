@@ -75,21 +75,31 @@ pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
 }
 
 /// Where the banner goes: before the last `</body>` that is markup, not
-/// text inside a script, a style, a textarea or a comment (a customer's
-/// note quoting `</body>` in a page's JSON, in a page that leaves out its
-/// own `</body>`); at the end if there is none. The banner inside a
-/// script would break the script and show nothing.
+/// text inside a script, a style, a title, a textarea or a comment (a
+/// customer's note quoting `</body>` in a page's JSON, in a page that
+/// leaves out its own `</body>`); at the end if there is none. The banner
+/// inside a script would break the script and show nothing.
 ///
 /// One pass from the start, as a browser reads the page: an element whose
-/// content is raw text is passed over to its end tag, a comment to its
-/// `-->`, so nothing quoted inside them (a `</body>`, or an opening tag
-/// after one) counts. Raw text left open runs to the end of the page.
+/// content is text (HTML's raw text and escapable raw text elements, and
+/// `<noscript>`, `<noembed>` and `<noframes>`, which a browser that runs
+/// scripts reads as text too) is passed over to its end tag, a comment to
+/// its `-->`, so nothing quoted inside them (a `</body>`, or an opening
+/// tag after one) counts. Text left open (`<plaintext>` always is) runs
+/// to the end of the page: then the banner goes before it, unless a
+/// `</body>` came earlier.
 fn banner_place(html: &[u8]) -> usize {
-    /// Openers of raw text, and what ends each.
-    const RAW: [(&[u8], &[u8]); 4] = [
+    /// Openers of text, and what ends each.
+    const RAW: [(&[u8], &[u8]); 10] = [
         (b"<script", b"</script"),
         (b"<style", b"</style"),
         (b"<textarea", b"</textarea"),
+        (b"<title", b"</title"),
+        (b"<xmp", b"</xmp"),
+        (b"<iframe", b"</iframe"),
+        (b"<noscript", b"</noscript"),
+        (b"<noembed", b"</noembed"),
+        (b"<noframes", b"</noframes"),
         (b"<!--", b"-->"),
     ];
     let mut last = None;
@@ -114,9 +124,12 @@ fn banner_place(html: &[u8]) -> usize {
             }
             match closing_at(&html[inside..], close) {
                 Some(end) => at = inside + end + close.len(),
-                None => break,
+                None => return last.unwrap_or(here),
             }
             continue;
+        }
+        if tag_at(rest, b"<plaintext") {
+            return last.unwrap_or(here);
         }
         at = here + 1;
     }
@@ -232,11 +245,41 @@ mod tests {
             placed("<!---><p>x</p></body><!-- -->"),
             "<!---><p>x</p>[B]</body><!-- -->"
         );
-        // A raw-text element left open runs to the end.
+        // Text left open runs to the end: the banner goes before it, where
+        // it shows, unless the body ended earlier.
         assert_eq!(
             placed("<p>x</p><script>if (a </body>"),
-            "<p>x</p><script>if (a </body>[B]"
+            "<p>x</p>[B]<script>if (a </body>"
         );
+        assert_eq!(
+            placed("<p>x</p><PLAINTEXT></body>"),
+            "<p>x</p>[B]<PLAINTEXT></body>"
+        );
+        assert_eq!(
+            placed("<p>x</p></body><!-- </body>"),
+            "<p>x</p>[B]</body><!-- </body>"
+        );
+    }
+
+    #[test]
+    fn every_element_browsers_read_as_text_is_passed_over() {
+        for name in [
+            "title", "xmp", "iframe", "noscript", "noembed", "noframes", "TiTlE",
+        ] {
+            let page = format!("<p>x</p></body><{name}>a </body> <script b</{name}>");
+            assert_eq!(
+                placed(&page),
+                format!("<p>x</p>[B]</body><{name}>a </body> <script b</{name}>"),
+                "{name}"
+            );
+            // Left open, with no `</body>` before it: before it.
+            let page = format!("<p>x</p><{name} class=\"q\">a </body>");
+            assert_eq!(
+                placed(&page),
+                format!("<p>x</p>[B]<{name} class=\"q\">a </body>"),
+                "{name}"
+            );
+        }
     }
 
     #[test]
