@@ -605,11 +605,21 @@ pub async fn add_booking(
     Redirect::to("/dashboard").into_response()
 }
 
-/// `GET /settings`: the effective user's settings (copied into the shadow user).
+/// `GET /settings`: the effective user's settings (copied into the shadow
+/// user), for a user with `settings:read`.
 pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
     let Some(id) = v.effective_id().cloned() else {
         return sign_in_first();
     };
+    if !v.can("settings:read") {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Settings",
+            "You may not read settings.",
+        );
+    }
     let (tz, lang) = demo.data().settings.get(&id).cloned().unwrap_or_default();
     let editable = v.can("settings:write");
     let body = format!(

@@ -383,6 +383,47 @@ async fn settings_take_what_their_fields_allow() {
     assert!(body.contains("at most 16"), "{body}");
 }
 
+/// Settings are shown only to a user who may read them, and to an agent
+/// impersonating one: Stan, without `settings:read` in this directory, is
+/// refused the page, and so is Sam while impersonating him; Olive's page
+/// is still there.
+#[tokio::test]
+async fn settings_are_shown_only_with_settings_read() {
+    use campground_demo::seed;
+    use impersonation_core::{Impersonation, MemoryStore, Permission, Store, UserId};
+    use std::sync::Arc;
+
+    let directory = seed::directory().unwrap();
+    let unread = Permission::new("settings:read");
+    assert!(directory.update(&UserId::new("stan").unwrap(), |stan| {
+        stan.permissions.remove(&unread);
+    }));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let service = Impersonation::new(store, directory)
+        .with_policy(seed::policy())
+        .with_projection(seed::projection());
+    let base = serve(&Demo::with_service(service, StoreKind::Memory)).await;
+
+    let mut stan = User::sign_in(&base, "stan").await;
+    let (status, body) = stan.get("/settings").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("You may not read settings."), "{body}");
+    assert!(!body.contains("name=\"timezone\""), "{body}");
+
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (status, body) = sam.get("/settings").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    impersonate(&mut sam, "stan").await;
+    let (status, body) = sam.get("/settings").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("impersonation-banner"), "{body}");
+
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (status, body) = olive.get("/settings").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("name=\"timezone\""), "{body}");
+}
+
 #[tokio::test]
 async fn the_support_console_offers_only_what_the_policy_allows() {
     let base = demo().await;
