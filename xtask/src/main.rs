@@ -32,7 +32,7 @@ tasks:
                       its story over HTTP; --store, --url, --port, --help
   bench [args...]     the criterion benches of core, diesel, redis and oidc [args to criterion]
   bench http [args]   requests/s: bare axum vs the impersonation layer vs tower-sessions (wrk);
-                      [--seconds N] [--connections N] [variant...]
+                      [--seconds N] [--connections N] [--rounds N] [--instructions] [variant...]
   fuzz [--cases N]    the OIDC fuzzers (proptest), N cases per property (default 100000)
   help                show this text
 ";

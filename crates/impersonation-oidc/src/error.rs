@@ -67,7 +67,7 @@ impl fmt::Display for ErrorCode {
 
 /// A refused token request, as RFC 6749 §5.2 describes it. The description
 /// never carries a token or a secret; a policy refusal carries the core's
-/// denial code (`denied: target_is_protected`, say).
+/// denial code (`denied: protected_role`, say).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{error}: {error_description}")]
 pub struct OAuthError {
