@@ -1119,8 +1119,20 @@ pub fn table_timestamp(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.to_string())
 }
 
+/// A table cell: `\` and `|` escaped, and line breaks, other control
+/// characters and bidirectional controls (from a display name, say)
+/// shown as U+FFFD, so no text can end its row or start a forged one.
 fn cell(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('|', "\\|")
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '|' => out.push_str("\\|"),
+            c if has_forbidden_chars(c.encode_utf8(&mut [0; 4])) => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The head of [`to_table`]: the column names and the Markdown rule below them.

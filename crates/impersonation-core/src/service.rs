@@ -730,12 +730,6 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 None => draft,
             }
         };
-        let Some(target) = self.directory.principal(&request.target).await? else {
-            let draft = refuse(None).details(Details::new().with("target", &request.target));
-            return Err(self
-                .audit_denial(draft, Denial::UnknownTarget, "start")
-                .await?);
-        };
         let live = self
             .store
             .live_sessions(&LiveFilter {
@@ -758,6 +752,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 still_live = still_live.or(Some(session.id));
             }
         }
+        // Before the directory is asked: someone who may not impersonate
+        // anyone learns nothing of who exists from the refusal.
+        if !agent.has_permission(self.policy.impersonate_permission_name()) {
+            let draft = refuse(None).details(Details::new().with("target", &request.target));
+            return Err(self
+                .audit_denial(draft, Denial::MissingPermission, "start")
+                .await?);
+        }
+        let Some(target) = self.directory.principal(&request.target).await? else {
+            let draft = refuse(None).details(Details::new().with("target", &request.target));
+            return Err(self
+                .audit_denial(draft, Denial::UnknownTarget, "start")
+                .await?);
+        };
         let context = PolicyContext {
             impersonating: false,
             live_session: still_live,
@@ -1096,7 +1104,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if touch.applies_to(&session) {
             session.last_seen_at = now;
         }
-        if now - session.last_checked_at >= self.config.recheck_interval {
+        // A check stamped ahead of this clock (another server's runs fast)
+        // is due too, or a skew would put off every re-check until this
+        // clock caught up.
+        let since_check = now - session.last_checked_at;
+        if since_check >= self.config.recheck_interval || since_check.is_negative() {
             session = self.recheck(session, now).await?;
         }
         Ok(Context::of(&session))

@@ -236,6 +236,27 @@ async fn an_unknown_target_is_refused_and_audited() {
     assert_eq!(denied(&f, "unknown_target").await, 1);
 }
 
+/// Someone without the impersonate permission is refused the same way
+/// whether or not the target exists: the refusal tells no one who does.
+#[tokio::test]
+async fn a_start_without_the_permission_is_refused_before_the_target_is_looked_up() {
+    let f = fixture();
+    let olive = customer("olive");
+    for target in ["oscar", "nobody"] {
+        let err = f
+            .service
+            .start(Requester::User(&olive), req(target))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Denied(Denial::MissingPermission)),
+            "{target}: {err:?}"
+        );
+    }
+    assert_eq!(denied(&f, "missing_permission").await, 2);
+    assert_eq!(denied(&f, "unknown_target").await, 0);
+}
+
 #[tokio::test]
 async fn policy_refusals_are_audited_with_their_code() {
     let f = fixture();
@@ -841,6 +862,36 @@ async fn a_customer_promoted_to_admin_ends_the_session() {
         f.service.resolve(&started.secret).await,
         Err(Error::Ended(EndReason::Revoked))
     ));
+}
+
+/// A re-check stamped ahead of this server's clock (written by a server
+/// whose clock runs fast; here this clock goes back) is still due: the
+/// demoted agent loses the session on the next read, not once this clock
+/// has caught up.
+#[tokio::test]
+async fn a_recheck_stamped_ahead_of_this_clock_is_still_due() {
+    for recheck in [Duration::ZERO, Duration::seconds(60)] {
+        let config = Config {
+            reuse_interval: Duration::ZERO,
+            recheck_interval: recheck,
+            ..Config::default()
+        };
+        let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+        let started = f.sam_on_olive().await;
+        f.service.resolve(&started.secret).await.unwrap();
+        f.directory.update(&id("sam"), |p| {
+            p.permissions
+                .remove(&Permission::new("impersonation:start"));
+        });
+        f.clock.advance(Duration::seconds(-30));
+        assert!(
+            matches!(
+                f.service.resolve(&started.secret).await,
+                Err(Error::Ended(EndReason::Revoked))
+            ),
+            "re-check interval {recheck}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -536,6 +536,31 @@ fn the_table_has_the_seed_columns_and_escapes_cells() {
     );
 }
 
+/// A display name with a line break cannot end its row and forge another
+/// (a customer who renamed themself `Jane\n| ... | Session Ended | ...`),
+/// and bidirectional controls cannot reorder what the row shows.
+#[test]
+fn names_cannot_forge_or_reorder_table_rows() {
+    let chain = ChainKey::for_agent(&UserId::from(1_u64));
+    let forged = "Jane\n| 2024-11-06 10:20:00 AM UTC | User Impersonation | Kim | Jane | Stopped |";
+    let event = AuditDraft::new(
+        T0,
+        AuditAction::Access,
+        Actor::user(UserId::from(1_u64), "Sam\u{202E}troppuS"),
+        chain,
+    )
+    .subject(UserId::from(123_u64), forged, TenantId::from(1_u64))
+    .seal(None);
+    let table = to_table([&event]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    let row = table.lines().nth(2).unwrap();
+    assert!(row.contains("| Sam\u{FFFD}troppuS |"), "{row}");
+    assert!(row.contains("| Jane\u{FFFD}\\| 2024-11-06"), "{row}");
+    for c in ['\n', '\r', '\u{2028}', '\u{202E}'] {
+        assert!(!row.contains(c), "{row:?}");
+    }
+}
+
 #[test]
 fn each_action_reads_like_the_seed_table() {
     let s = active();
