@@ -113,7 +113,16 @@ fn banner_place(html: &[u8]) -> usize {
             continue;
         }
         if let Some((open, close)) = RAW.iter().find(|(open, _)| tag_at(rest, open)) {
-            let inside = here + open.len();
+            // The text begins after the opening tag (its attributes
+            // included) or, for a comment, after `<!--`.
+            let inside = if *open == b"<!--" {
+                here + open.len()
+            } else {
+                match tag_end(rest) {
+                    Some(end) => here + end + 1,
+                    None => return last.unwrap_or(here),
+                }
+            };
             // `<!-->` and `<!--->`: a comment that ends where it begins.
             if *open == b"<!--" {
                 let after = &html[inside..];
@@ -131,9 +140,43 @@ fn banner_place(html: &[u8]) -> usize {
         if tag_at(rest, b"<plaintext") {
             return last.unwrap_or(here);
         }
+        // Any other start tag is passed over whole: a quoted attribute
+        // value (a customer's text in a `title`) holding `<!--`,
+        // `<script` or `</body>` is text, not markup. A tag left open
+        // runs to the end.
+        if rest.get(1).is_some_and(u8::is_ascii_alphabetic) {
+            match tag_end(rest) {
+                Some(end) => at = here + end + 1,
+                None => return last.unwrap_or(here),
+            }
+            continue;
+        }
         at = here + 1;
     }
     last.unwrap_or(html.len())
+}
+
+/// Where the start tag at the start of `tag` ends: its `>`, not one
+/// inside a quoted attribute value (`title="a > b"`).
+fn tag_end(tag: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(&b) = tag.get(i) {
+        match b {
+            b'>' => return Some(i),
+            b'=' => {
+                i += 1;
+                while tag.get(i).is_some_and(u8::is_ascii_whitespace) {
+                    i += 1;
+                }
+                if let Some(&quote @ (b'"' | b'\'')) = tag.get(i) {
+                    let value = tag.get(i + 1..)?;
+                    i += 1 + value.iter().position(|&c| c == quote)? + 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Whether `text` starts with `name` (any case) as a whole tag name: a
@@ -258,6 +301,38 @@ mod tests {
         assert_eq!(
             placed("<p>x</p></body><!-- </body>"),
             "<p>x</p>[B]</body><!-- </body>"
+        );
+    }
+
+    #[test]
+    fn attribute_values_are_text() {
+        // Quoted, a customer's text in an attribute is no markup, whatever
+        // it holds: the banner goes before the real `</body>`.
+        for tag in [
+            "<p title=\"I <3 it <!-- see\">",
+            "<img alt='<script'>",
+            "<div data-note = \"</body> and <plaintext>\">",
+            "<input value=\"a > b\" title='<title>'>",
+        ] {
+            let page = format!("{tag}<p>x</p></body>");
+            assert_eq!(placed(&page), format!("{tag}<p>x</p>[B]</body>"), "{tag}");
+        }
+        // Only quoted, with no `</body>` outside it: appended.
+        let page = "<div data-x=\"</body>\"></div>";
+        assert_eq!(placed(page), format!("{page}[B]"));
+        // A script's own attributes are not its text.
+        assert_eq!(
+            placed("<script data-x=\"</script>\">a()</script><p>x</p></body>"),
+            "<script data-x=\"</script>\">a()</script><p>x</p>[B]</body>"
+        );
+        // Unquoted values, and a tag left open at the end of the page.
+        assert_eq!(
+            placed("<a href=/x>y</a></body><div title=\"open"),
+            "<a href=/x>y</a>[B]</body><div title=\"open"
+        );
+        assert_eq!(
+            placed("<p>x</p><div title=\"open"),
+            "<p>x</p>[B]<div title=\"open"
         );
     }
 

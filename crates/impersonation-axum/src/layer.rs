@@ -330,9 +330,11 @@ where
         Box::pin(async move {
             let settings = &shared.settings;
             // A change is refused in a read-only session, always reads the
-            // session from the store, and is audited as a modification.
+            // session from the store, and is audited as a modification. By
+            // default an upgrade (a WebSocket's handshake, a `GET`) is one
+            // too: what its messages do later, the layer never sees.
             let is_change = match &settings.changes {
-                None => !req.method().is_safe(),
+                None => !req.method().is_safe() || req.headers().contains_key(header::UPGRADE),
                 Some(changes) => changes(req.method(), route_of(req.extensions(), req.uri())),
             };
 
@@ -406,6 +408,15 @@ where
                     }
                     Err(_) => {
                         return Ok(bearer_refused("invalid impersonation token"));
+                    }
+                    // No one signed in: the cookie impersonates no one
+                    // (below), so it is not looked up either. A lookup
+                    // touches the session, and requests not served under
+                    // it (the agent signed out, a tab left polling) must
+                    // not keep it from idling out.
+                    Ok(secret) if from_cookie && req.extensions().get::<Principal>().is_none() => {
+                        kept_secret = Some(secret);
+                        None
                     }
                     Ok(secret) => {
                         // A read may be served from a session resolved a
@@ -787,7 +798,7 @@ where
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 // CDNs let these override Cache-Control at their edge. (A
                 // look over the few headers a response has costs less than
-                // hashing three names that are seldom there.)
+                // hashing four names that are seldom there.)
                 if headers
                     .keys()
                     .any(|k| CDN_CACHE_HEADERS.contains(&k.as_str()))
@@ -1110,12 +1121,14 @@ fn log_unaudited(
 
 /// Cache headers that CDNs read before `Cache-Control` (Fastly's and
 /// Akamai's `Surrogate-Control`, RFC 9213's `CDN-Cache-Control`,
-/// Cloudflare's own): an app's, left on a page served under
-/// impersonation, could have the edge keep the customer's page.
-const CDN_CACHE_HEADERS: [&str; 3] = [
+/// Cloudflare's own, nginx's `X-Accel-Expires` for its `proxy_cache`): an
+/// app's, left on a page served under impersonation, could have the edge
+/// or the proxy keep the customer's page.
+const CDN_CACHE_HEADERS: [&str; 4] = [
     "surrogate-control",
     "cdn-cache-control",
     "cloudflare-cdn-cache-control",
+    "x-accel-expires",
 ];
 
 /// The status a request given up by its client is audited with (nginx's

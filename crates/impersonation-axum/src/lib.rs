@@ -68,7 +68,7 @@ pub use csrf::{CsrfCheck, RenewCsrfToken};
 pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
 pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
-pub use routes::{StartForm, StopForm, routes};
+pub use routes::{MAX_FORM, StartForm, StopForm, routes};
 
 use impersonation_core::TokenResolver;
 use layer::{Settings, Shared};
@@ -139,7 +139,10 @@ impl ImpersonationLayer {
 
     /// Which impersonated requests change something, by method and route
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
-    /// `TRACE`). A change is refused in a read-only session, always reads
+    /// `TRACE`, and any request with an `Upgrade` header: a WebSocket's
+    /// handshake is a `GET`, and the layer sees none of its messages, nor
+    /// does it close the socket when the session ends; a filter given here
+    /// decides for upgrades too). A change is refused in a read-only session, always reads
     /// the session from the store rather than a moment-old copy, and is
     /// audited as a modification; any other request is audited as an
     /// access. The SDK's start and stop are let into read-only sessions

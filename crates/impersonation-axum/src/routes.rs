@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Form;
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -18,12 +18,20 @@ use crate::layer::{CsrfToken, Handle, RequestState, run_to_end, set_cookie};
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
 /// `app.nest("/impersonation", impersonation_axum::routes()).layer(layer)`.
 /// Start and stop are POST only (GET gets 405), CSRF-checked and rotate the secret.
+/// Their forms are read up to [`MAX_FORM`] bytes, whatever body limit the
+/// app sets for its own routes (one that lifts it for uploads included).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/start", post(start))
         .route("/stop", post(stop))
         .route("/status", get(status))
+        .layer(DefaultBodyLimit::max(MAX_FORM))
 }
+
+/// The largest start or stop form the routes read, in bytes (a larger one
+/// gets 413): room for a reason of 500 characters, each percent-encoded
+/// from four bytes of UTF-8, many times over.
+pub const MAX_FORM: usize = 64 * 1024;
 
 /// The start form. Its `Debug` leaves the CSRF token out.
 #[derive(Deserialize)]
@@ -290,15 +298,16 @@ async fn stop(req: Request) -> Response {
         .cloned()
         .map(|token| CsrfCheck::of(&parts, settings, token));
     let live = parts.extensions.get::<Context>().is_some();
+    // Before the body is read: no one signed in gets nothing read.
+    let (Some(principal), Some(check)) = (principal, check) else {
+        return text(StatusCode::UNAUTHORIZED, "sign in first".into());
+    };
     let req = Request::from_parts(parts, body);
     let form =
         match <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
             Ok(Form(form)) => form,
             Err(rejection) => return form_refused(&rejection, "expected a form"),
         };
-    let (Some(principal), Some(check)) = (principal, check) else {
-        return text(StatusCode::UNAUTHORIZED, "sign in first".into());
-    };
     // A banner left open on a session that has ended since: its form
     // carries the token pages had under that session (bound to it), which
     // the cookie's session, dead, no longer gives this request.

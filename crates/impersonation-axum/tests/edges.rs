@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, routes};
 use impersonation_core::{
     AuditAction, AuditEvent, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester,
-    StartRequest, UserId,
+    StartRequest, Store, UserId,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::faults::{Calls, FaultyStore, SLOW_CALL, When};
@@ -718,6 +718,39 @@ async fn a_cookie_without_its_signed_in_agent_impersonates_no_one() {
     assert_eq!(send(&f.app, signed_in, Body::empty()).await.body, b"olive");
 }
 
+/// Requests with the cookie from no one signed in (the agent signed out
+/// of the app and left a tab polling) do not keep the session from idling
+/// out: they do not touch it. The agent's own next request does.
+#[tokio::test]
+async fn a_cookie_without_its_signed_in_agent_does_not_touch_the_session() {
+    let f = fixture(false);
+    let secret = impersonate(&f, "sam").await;
+    let session = |f: &Fx| {
+        let store = Arc::clone(&f.store);
+        async move {
+            let live = store
+                .live_sessions(&impersonation_core::LiveFilter::default())
+                .await
+                .unwrap();
+            live[0].last_seen_at
+        }
+    };
+    let started = session(&f).await;
+    // Past the touch's coalescing (1 s by default).
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    for _ in 0..3 {
+        let signed_out = Request::builder()
+            .uri("/whoami")
+            .header(header::HOST, "app.example")
+            .header(header::COOKIE, format!("__Host-impersonation={secret}"));
+        send(&f.app, signed_out, Body::empty()).await;
+    }
+    assert_eq!(session(&f).await, started);
+    let signed_in = get_as("sam", "/whoami", Some(&secret));
+    assert_eq!(send(&f.app, signed_in, Body::empty()).await.body, b"olive");
+    assert!(session(&f).await > started);
+}
+
 /// `POST /bookings`, whose handler panics.
 fn panicking() -> axum::routing::MethodRouter {
     axum::routing::post(|| async {
@@ -868,6 +901,7 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
                     header::HeaderName::from_static("cloudflare-cdn-cache-control"),
                     "max-age=600",
                 ),
+                (header::HeaderName::from_static("x-accel-expires"), "600"),
                 (header::VARY, "Accept"),
             ],
             "saved",
@@ -883,6 +917,7 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
         "surrogate-control",
         "cdn-cache-control",
         "cloudflare-cdn-cache-control",
+        "x-accel-expires",
     ] {
         assert!(!headers.contains_key(cdn), "{cdn}");
     }
@@ -948,4 +983,80 @@ async fn a_panic_caught_inside_the_layer_is_an_answer_like_any_other() {
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     assert_audited_as_a_500(&store).await;
+}
+
+/// The SDK's routes read a form up to `MAX_FORM`, in an app that lifts
+/// the body limit for its own routes too; and a stop from no one signed
+/// in is refused before its body is read (a body that fails when read
+/// would make it a 400).
+#[tokio::test]
+async fn the_routes_read_forms_up_to_their_own_limit_and_only_from_someone() {
+    use axum::extract::DefaultBodyLimit;
+    use impersonation_axum::MAX_FORM;
+
+    let f = fixture(false);
+    let app = f.app.clone().layer(DefaultBodyLimit::disable());
+    let post = |path: &str, who: Option<&str>| {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::HOST, "app.example")
+            .header(header::ORIGIN, "http://app.example")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        match who {
+            Some(who) => req.header("x-test-user", who),
+            None => req,
+        }
+    };
+    let big = format!("csrf=x&target=olive&reason=r&pad={}", "a".repeat(MAX_FORM));
+    for path in ["/impersonation/start", "/impersonation/stop"] {
+        let reply = send(&app, post(path, Some("sam")), Body::from(big.clone())).await;
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+    }
+    let failing = || {
+        Body::from_stream(futures_util::stream::iter([Err::<&str, _>(
+            std::io::Error::other("the client's body broke"),
+        )]))
+    };
+    let reply = send(&app, post("/impersonation/stop", None), failing()).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = send(&app, post("/impersonation/stop", Some("sam")), failing()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "read once signed in");
+}
+
+/// A WebSocket's handshake is a `GET`, but what its messages do the layer
+/// never sees: by default it is a change, refused in a read-only session
+/// and audited as a modification in another.
+#[tokio::test]
+async fn an_upgrade_is_a_change() {
+    for read_only in [true, false] {
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let mut start = StartRequest::new(UserId::new("olive").unwrap(), "Olive's live feed");
+        start.read_only = read_only;
+        let (app, req) =
+            one_route_in(&store, axum::routing::get(|| async { "upgraded" }), start).await;
+        let upgrade = Request::builder()
+            .method(Method::GET)
+            .uri("/bookings")
+            .header(header::HOST, "app.example")
+            .header("x-test-user", "sam")
+            .header(
+                header::AUTHORIZATION,
+                req.headers()[header::AUTHORIZATION].clone(),
+            )
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket");
+        let reply = send(&app, upgrade, Body::empty()).await;
+        let events = all_events(store.inner(), AuditQuery::default()).await;
+        let last = events.last().unwrap();
+        if read_only {
+            assert_eq!(reply.status, StatusCode::FORBIDDEN);
+            assert_eq!(last.action, AuditAction::Denied);
+            assert_eq!(last.details.get("denial"), Some("read_only_session"));
+        } else {
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(last.action, AuditAction::Modification);
+            assert_eq!(last.details.get("method"), Some("GET"));
+        }
+    }
 }
