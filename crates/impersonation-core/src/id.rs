@@ -20,8 +20,10 @@ pub enum IdError {
     /// The identifier is longer than [`MAX_ID_LEN`] bytes.
     #[error("identifier is longer than {MAX_ID_LEN} bytes")]
     TooLong,
-    /// The identifier contains a control character.
-    #[error("identifier contains a control character")]
+    /// The identifier contains a control character, a bidirectional
+    /// control or a line or paragraph separator (any of which could
+    /// rewrite a log line or a table row the id is shown in).
+    #[error("identifier contains a control, bidirectional or line-separator character")]
     ControlCharacter,
 }
 
@@ -32,7 +34,7 @@ fn check_opaque(value: &str) -> Result<(), IdError> {
     if value.len() > MAX_ID_LEN {
         return Err(IdError::TooLong);
     }
-    if value.chars().any(char::is_control) {
+    if crate::policy::has_forbidden_chars(value) {
         return Err(IdError::ControlCharacter);
     }
     Ok(())
@@ -48,7 +50,9 @@ macro_rules! opaque_id {
         pub struct $name(Arc<str>);
 
         impl $name {
-            /// Wraps a host identifier, refusing empty, over-long or control-character values.
+            /// Wraps a host identifier, refusing empty, over-long or
+            /// control-character values (bidirectional controls and line
+            /// separators included).
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 check_opaque(&value)?;
@@ -248,7 +252,19 @@ mod tests {
         assert_eq!(UserId::new(""), Err(IdError::Empty));
         assert_eq!(UserId::new("a".repeat(256)), Err(IdError::TooLong));
         assert_eq!(UserId::new("a\nb"), Err(IdError::ControlCharacter));
+        // Bidirectional controls and line separators rewrite what a log
+        // line or a table row shows: refused too.
+        for bad in ["ann\u{202E}lee", "ann\u{2028}lee", "\u{2066}x"] {
+            assert_eq!(UserId::new(bad), Err(IdError::ControlCharacter), "{bad:?}");
+            assert_eq!(
+                TenantId::new(bad),
+                Err(IdError::ControlCharacter),
+                "{bad:?}"
+            );
+        }
         assert!(serde_json::from_str::<UserId>("\"\"").is_err());
+        assert!(serde_json::from_str::<UserId>(r#""a\u202eb""#).is_err());
+        assert_eq!(UserId::new("josé").map(String::from), Ok("josé".into()));
     }
 
     #[test]

@@ -155,6 +155,11 @@ fn is_bidi_control(c: char) -> bool {
 /// Whether free text holds a character refused in it: a control character,
 /// a bidirectional control, or a line or paragraph separator (U+2028,
 /// U+2029), which break a line as a newline does.
+/// Whether a permission's name holds a wildcard character.
+fn is_wildcard(permission: &Permission) -> bool {
+    permission.as_str().contains(['*', '?'])
+}
+
 pub(crate) fn has_forbidden_chars(text: &str) -> bool {
     text.chars()
         .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
@@ -319,9 +324,12 @@ pub struct Grant {
 
 impl Grant {
     /// Whether the shadow user may hold this permission (before intersecting
-    /// with the target's own permissions).
+    /// with the target's own permissions). Never one whose name holds `*`
+    /// or `?`: an app may read such a permission as a wildcard (`*`,
+    /// `bill*`), and no denied pattern could tell what it covers.
     pub fn allows(&self, permission: &Permission) -> bool {
         self.permissions.contains(permission)
+            && !is_wildcard(permission)
             && !any_matches(&self.denied, permission)
             && (!self.read_only || any_matches(&self.read_only_allowed, permission))
     }
@@ -655,10 +663,14 @@ impl Policy {
         }) {
             return Err(Denial::ProtectedRole);
         }
-        if self.protect_agents
-            && (target.has_permission(&self.impersonate_permission)
-                || target.has_permission(&self.admin_permission))
-        {
+        // An agent by any spelling: a held permission that, read as a
+        // pattern ignoring case (`impersonation:*`, `*`,
+        // `Impersonation:Admin`), covers the impersonate or admin one.
+        let agent_permission = |held: &Permission| {
+            let held = PermissionPattern::new(held.as_str());
+            held.matches(&self.impersonate_permission) || held.matches(&self.admin_permission)
+        };
+        if self.protect_agents && target.permissions.iter().any(agent_permission) {
             return Err(Denial::TargetIsAgent);
         }
         if self.no_escalation {

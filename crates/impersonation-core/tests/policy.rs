@@ -155,6 +155,62 @@ fn other_agents_cannot_be_impersonated_by_default() {
     assert_eq!(decide(&policy, &a, &other, &request(&other)), Ok(()));
 }
 
+/// An agent is one by any spelling the host may read as the impersonate
+/// or admin permission: a wildcard (`impersonation:*`, `*`) or another
+/// casing (`Impersonation:Admin`).
+#[test]
+fn agents_holding_wildcards_or_other_casings_are_agents_too() {
+    for held in [
+        "impersonation:*",
+        "*",
+        "Impersonation:Admin",
+        "IMPERSONATION:START",
+        "imp*:st?rt",
+    ] {
+        let admin = customer().with_permission(held);
+        assert_eq!(
+            decide(&Policy::default(), &agent(), &admin, &request(&admin)),
+            Err(Denial::TargetIsAgent),
+            "{held}"
+        );
+    }
+    let wildcard_reader = customer().with_permission("bookings:*");
+    assert_ne!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &wildcard_reader,
+            &request(&wildcard_reader)
+        ),
+        Err(Denial::TargetIsAgent)
+    );
+}
+
+/// A permission whose name is a wildcard (`*`, `bill*`) never reaches a
+/// shadow user: an app may read it as one, and the deny list could not
+/// tell what it covers.
+#[test]
+fn wildcard_permissions_never_reach_the_shadow_user() {
+    use impersonation_core::ProjectionRules;
+
+    let policy = Policy::default()
+        .allow_privilege_escalation()
+        .allow_impersonating_agents();
+    let superuser = agent().with_permissions(["*", "bill*", "bookings:?ead"]);
+    let owner = customer().with_permissions(["*", "bill*", "bookings:?ead"]);
+    let grant = policy
+        .authorize(
+            &superuser,
+            &owner,
+            &request(&owner),
+            PolicyContext::default(),
+        )
+        .unwrap();
+    let shadow = ProjectionRules::new().project(&owner, &grant);
+    let held: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(held, ["bookings:read"]);
+}
+
 #[test]
 fn a_target_with_a_permission_the_agent_lacks_is_escalation() {
     let reporter = customer().with_permission("reports:run");
