@@ -878,11 +878,35 @@ fn redis_cluster_start(sh: &Shell) -> Result<()> {
 }
 
 /// Shuts down every node that still answers and waits for its port to be
-/// free, so that a new node can bind it.
+/// free, so that a new node can bind it. Only nodes this tool started
+/// (their data under [`CLUSTER_DATA`]): something else on a cluster port
+/// (a developer's own cluster, another app's Redis) is left alone, and
+/// the repair stops, naming the port.
 fn stop_cluster_nodes(sh: &Shell) -> Result<()> {
     for &port in CLUSTER_PORTS.iter().filter(|&&port| port_open(port)) {
-        println!("redis-cluster: shutting down the node on 127.0.0.1:{port}");
         let port = port.to_string();
+        let dir = cmd!(
+            sh,
+            "timeout 10 redis-cli -h 127.0.0.1 -p {port} config get dir"
+        )
+        .ignore_status()
+        .quiet()
+        .read()
+        .unwrap_or_default();
+        if !dir
+            .lines()
+            .any(|line| line.trim().starts_with(&format!("{CLUSTER_DATA}/")))
+        {
+            bail!(
+                "127.0.0.1:{port} is taken by something this tool did not start (not a node with its data under {CLUSTER_DATA}); stop it, or free ports {}, for the test cluster",
+                CLUSTER_PORTS
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        println!("redis-cluster: shutting down the node on 127.0.0.1:{port}");
         // The outcome is ignored: the node may drop the connection before
         // answering, and whether the port frees up is what counts.
         let _ = cmd!(
@@ -1096,7 +1120,7 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     // commit only when it is a command of its own, hence two `-c`.
     let drop_schemas = format!(
         "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
-         WHERE nspname LIKE '{TEST_PREFIX}%' LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); COMMIT; END LOOP; END $$;"
+         WHERE starts_with(nspname, '{TEST_PREFIX}') LOOP EXECUTE format('DROP SCHEMA %I CASCADE', s); COMMIT; END LOOP; END $$;"
     );
     let quiet = "SET client_min_messages = warning";
     cmd!(
