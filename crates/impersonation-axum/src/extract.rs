@@ -158,7 +158,9 @@ impl<S: Send + Sync> FromRequestParts<S> for EffectiveUser {
 
 /// A guard for billing, password, credential and export routes: while
 /// impersonating it refuses with 403 and audits the refusal (as the
-/// request's one audit event).
+/// request's one audit event, when the request is answered as refused; a
+/// handler taking it as a `Result` that carries on to a success answer is
+/// audited as well).
 #[derive(Debug, Clone, Copy)]
 pub struct NotImpersonating;
 
@@ -181,10 +183,12 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         // (`/password/reset/{token}`), which must not reach the trail.
         let route = route_of(&parts.extensions, &parts.uri);
         let attempt = format!("{} {route}", parts.method);
-        // The refusal is the request's record, so the layer writes none. It
-        // runs to its end, as the layer's own writes do: a client that goes
-        // away meanwhile does not take it off the trail.
-        state.audited.store(true, Ordering::SeqCst);
+        // The refusal is the request's record, so the layer writes none
+        // (unless a handler taking this as a `Result` carries on and
+        // answers with success). It runs to its end, as the layer's own
+        // writes do: a client that goes away meanwhile does not take it
+        // off the trail.
+        state.guard_refused.store(true, Ordering::SeqCst);
         let api = std::sync::Arc::clone(&state.shared.api);
         let ctx = ctx.clone();
         let write = crate::layer::run_to_end(async move {

@@ -17,7 +17,9 @@ use cookie::{Cookie, SameSite};
 use futures_like::BoxFuture;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
-use impersonation_core::{Activity, ActivityKind, Context, Principal, SecretHash, SessionSecret};
+use impersonation_core::{
+    Activity, ActivityKind, ChainKey, Context, Principal, SecretHash, SessionSecret,
+};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -121,10 +123,15 @@ pub(crate) struct RequestState {
     /// The secret came in `Authorization: Bearer` (an API client's own
     /// credential, which a browser never sends on its own), not a cookie.
     pub(crate) bearer: bool,
-    /// Set once the request has been audited (a refusal by
-    /// [`crate::NotImpersonating`]) or handed to the service, which audits
+    /// Set once the request has been handed to the service, which audits
     /// it (start, stop), so the layer does not audit it twice.
     pub(crate) audited: AtomicBool,
+    /// Set once [`crate::NotImpersonating`] has refused the request and
+    /// audited the refusal: that is its record, if it is answered as
+    /// refused (an error status). A handler that took the guard as a
+    /// `Result` and answered with success carried on, maybe with a change:
+    /// then its request is audited too.
+    pub(crate) guard_refused: AtomicBool,
 }
 
 /// Request extension: the CSRF token this request's page puts into its
@@ -409,12 +416,19 @@ where
                     Err(_) => {
                         return Ok(bearer_refused("invalid impersonation token"));
                     }
-                    // No one signed in: the cookie impersonates no one
-                    // (below), so it is not looked up either. A lookup
-                    // touches the session, and requests not served under
-                    // it (the agent signed out, a tab left polling) must
-                    // not keep it from idling out.
-                    Ok(secret) if from_cookie && req.extensions().get::<Principal>().is_none() => {
+                    // No one signed in, or someone other than the agent
+                    // whose chain the secret names (its route): the cookie
+                    // impersonates no one (below), so it is not looked up
+                    // either. A lookup touches the session, and requests
+                    // not served under it (the agent signed out and a
+                    // colleague signed in, a tab left polling) must not
+                    // keep it from idling out.
+                    Ok(secret)
+                        if from_cookie
+                            && req.extensions().get::<Principal>().is_none_or(|p| {
+                                ChainKey::for_agent(&p.id).route() != secret.route()
+                            }) =>
+                    {
                         kept_secret = Some(secret);
                         None
                     }
@@ -559,6 +573,7 @@ where
                 bearer: !from_cookie && kept_secret.is_some(),
                 secret: kept_secret,
                 audited: AtomicBool::new(false),
+                guard_refused: AtomicBool::new(false),
             });
             req.extensions_mut().insert(Handle(Arc::clone(&state)));
 
@@ -1022,13 +1037,23 @@ async fn audit_request(
     is_change: bool,
     status: u16,
 ) -> Option<Result<(), impersonation_core::Error>> {
-    if state.audited.load(Ordering::SeqCst) || !(shared.settings.audit)(method, route) {
+    if state.audited.load(Ordering::SeqCst)
+        || refused_by_the_guard(state, status)
+        || !(shared.settings.audit)(method, route)
+    {
         return None;
     }
     let activity = request_activity(method, route, is_change, status);
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
     Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
+}
+
+/// Whether the guard's refusal is the request's record: it refused, and
+/// the answer is not a success (a handler that carried on past it and
+/// answered 2xx or 3xx is audited as well).
+fn refused_by_the_guard(state: &RequestState, status: u16) -> bool {
+    state.guard_refused.load(Ordering::SeqCst) && !(200..400).contains(&status)
 }
 
 /// Runs an audit write to its end even if the request's future is dropped
@@ -1163,6 +1188,7 @@ impl AuditIfGivenUp<'_> {
 impl Drop for AuditIfGivenUp<'_> {
     fn drop(&mut self) {
         if self.state.audited.load(Ordering::SeqCst)
+            || refused_by_the_guard(self.state, self.status)
             || !(self.shared.settings.audit)(self.method, self.route)
         {
             return;

@@ -719,8 +719,9 @@ async fn a_cookie_without_its_signed_in_agent_impersonates_no_one() {
 }
 
 /// Requests with the cookie from no one signed in (the agent signed out
-/// of the app and left a tab polling) do not keep the session from idling
-/// out: they do not touch it. The agent's own next request does.
+/// of the app and left a tab polling), or from a colleague signed in on
+/// the same browser, do not keep the session from idling out: they do not
+/// touch it. The agent's own next request does.
 #[tokio::test]
 async fn a_cookie_without_its_signed_in_agent_does_not_touch_the_session() {
     let f = fixture(false);
@@ -744,6 +745,8 @@ async fn a_cookie_without_its_signed_in_agent_does_not_touch_the_session() {
             .header(header::HOST, "app.example")
             .header(header::COOKIE, format!("__Host-impersonation={secret}"));
         send(&f.app, signed_out, Body::empty()).await;
+        let colleague = get_as("kim", "/whoami", Some(&secret));
+        assert_eq!(send(&f.app, colleague, Body::empty()).await.body, b"kim");
     }
     assert_eq!(session(&f).await, started);
     let signed_in = get_as("sam", "/whoami", Some(&secret));
@@ -1058,5 +1061,39 @@ async fn an_upgrade_is_a_change() {
             assert_eq!(last.action, AuditAction::Modification);
             assert_eq!(last.details.get("method"), Some("GET"));
         }
+    }
+}
+
+/// A handler that takes the guard as a `Result` and, refused, carries on
+/// and answers with success (saving what is not sensitive, say) is
+/// audited as well as refused: its change is on the trail. One that
+/// answers its own refusal page (an error status) leaves the refusal as
+/// the request's one record, as the demo's pages do.
+#[tokio::test]
+async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
+    for (carries_on, expected) in [
+        (true, vec![AuditAction::Denied, AuditAction::Modification]),
+        (false, vec![AuditAction::Denied]),
+    ] {
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let route = axum::routing::post(
+            move |guard: Result<NotImpersonating, axum::response::Response>| async move {
+                match (guard, carries_on) {
+                    (Ok(_), _) => (StatusCode::OK, "saved everything"),
+                    (Err(_), true) => (StatusCode::OK, "saved the rest"),
+                    (Err(_), false) => (StatusCode::FORBIDDEN, "not while impersonating"),
+                }
+            },
+        );
+        let (app, req) = one_route(&store, route).await;
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status().is_success(), carries_on);
+        let actions: Vec<AuditAction> = all_events(store.inner(), AuditQuery::default())
+            .await
+            .into_iter()
+            .skip(1) // the start
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, expected, "carries on: {carries_on}");
     }
 }
