@@ -152,14 +152,14 @@ fn is_bidi_control(c: char) -> bool {
     )
 }
 
-/// Whether free text holds a character refused in it: a control character,
-/// a bidirectional control, or a line or paragraph separator (U+2028,
-/// U+2029), which break a line as a newline does.
 /// Whether a permission's name holds a wildcard character.
 fn is_wildcard(permission: &Permission) -> bool {
     permission.as_str().contains(['*', '?'])
 }
 
+/// Whether free text holds a character refused in it: a control character,
+/// a bidirectional control, or a line or paragraph separator (U+2028,
+/// U+2029), which break a line as a newline does.
 pub(crate) fn has_forbidden_chars(text: &str) -> bool {
     text.chars()
         .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
@@ -666,9 +666,15 @@ impl Policy {
         // An agent by any spelling: a held permission that, read as a
         // pattern ignoring case (`impersonation:*`, `*`,
         // `Impersonation:Admin`), covers the impersonate or admin one.
+        // (A plain name is compared as text; only a wildcard is compiled.)
         let agent_permission = |held: &Permission| {
-            let held = PermissionPattern::new(held.as_str());
-            held.matches(&self.impersonate_permission) || held.matches(&self.admin_permission)
+            let names = [&self.impersonate_permission, &self.admin_permission];
+            if is_wildcard(held) {
+                let held = PermissionPattern::new(held.as_str());
+                names.iter().any(|name| held.matches(name))
+            } else {
+                names.iter().any(|name| same(held.as_str(), name.as_str()))
+            }
         };
         if self.protect_agents && target.permissions.iter().any(agent_permission) {
             return Err(Denial::TargetIsAgent);
@@ -729,7 +735,8 @@ impl Policy {
 
     /// Whether `permission` is one a shadow user never holds.
     fn never_holds(&self, permission: &Permission) -> bool {
-        any_matches(&self.denied_permissions, permission)
+        is_wildcard(permission)
+            || any_matches(&self.denied_permissions, permission)
             || *permission == self.impersonate_permission
             || *permission == self.admin_permission
     }

@@ -752,10 +752,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 still_live = still_live.or(Some(session.id));
             }
         }
-        // Before the directory is asked: someone who may not impersonate
-        // anyone learns nothing of who exists from the refusal.
+        // Decided before the directory is asked: someone who may not
+        // impersonate anyone gets the same refusal whether or not the
+        // target exists. The record still names the customer when they do
+        // (their and their tenant's views of the trail show the attempt);
+        // a directory failure then only leaves the name out.
         if !agent.has_permission(self.policy.impersonate_permission_name()) {
-            let draft = refuse(None).details(Details::new().with("target", &request.target));
+            let named = self
+                .directory
+                .principal(&request.target)
+                .await
+                .ok()
+                .flatten();
+            let draft =
+                refuse(named.as_ref()).details(Details::new().with("target", &request.target));
             return Err(self
                 .audit_denial(draft, Denial::MissingPermission, "start")
                 .await?);

@@ -209,6 +209,18 @@ fn wildcard_permissions_never_reach_the_shadow_user() {
     let shadow = ProjectionRules::new().project(&owner, &grant);
     let held: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
     assert_eq!(held, ["bookings:read"]);
+    // Never held, so no escalation either: an agent without `bill*` may
+    // impersonate a customer with it.
+    let wildcard_holder = customer().with_permission("bill*");
+    assert_eq!(
+        decide(
+            &Policy::default(),
+            &agent(),
+            &wildcard_holder,
+            &request(&wildcard_holder)
+        ),
+        Ok(())
+    );
 }
 
 #[test]

@@ -255,6 +255,20 @@ async fn a_start_without_the_permission_is_refused_before_the_target_is_looked_u
     }
     assert_eq!(denied(&f, "missing_permission").await, 2);
     assert_eq!(denied(&f, "unknown_target").await, 0);
+    // The record of the attempt on Oscar names him, for his views.
+    let on_oscar = all_events(
+        f.service.store(),
+        AuditQuery {
+            subject: Some(id("oscar")),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(on_oscar.len(), 1);
+    assert_eq!(
+        on_oscar[0].details.get("denial"),
+        Some("missing_permission")
+    );
 }
 
 #[tokio::test]
