@@ -341,7 +341,7 @@ where
             // default an upgrade (a WebSocket's handshake, a `GET`) is one
             // too: what its messages do later, the layer never sees.
             let is_change = match &settings.changes {
-                None => !req.method().is_safe() || req.headers().contains_key(header::UPGRADE),
+                None => !req.method().is_safe() || upgrades(req.headers()),
                 Some(changes) => changes(req.method(), route_of(req.extensions(), req.uri())),
             };
 
@@ -1050,10 +1050,12 @@ async fn audit_request(
 }
 
 /// Whether the guard's refusal is the request's record: it refused, and
-/// the answer is not a success (a handler that carried on past it and
-/// answered 2xx or 3xx is audited as well).
+/// the answer is an error. A handler that carried on past it and answered
+/// anything else (a page, a redirect, a WebSocket's 101) is audited as
+/// well: over-recording a refusal answered by a redirect is the price of
+/// never missing a change.
 fn refused_by_the_guard(state: &RequestState, status: u16) -> bool {
-    state.guard_refused.load(Ordering::SeqCst) && !(200..400).contains(&status)
+    state.guard_refused.load(Ordering::SeqCst) && status >= 400
 }
 
 /// Runs an audit write to its end even if the request's future is dropped
@@ -1155,6 +1157,20 @@ const CDN_CACHE_HEADERS: [&str; 4] = [
     "cloudflare-cdn-cache-control",
     "x-accel-expires",
 ];
+
+/// Whether a request asks to switch protocols to something that outlives
+/// it (a WebSocket, say): an `Upgrade` header naming anything but `h2c`
+/// (which some clients offer on every plain-HTTP request, and which ends
+/// in ordinary requests).
+fn upgrades(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|value| {
+        value.to_str().map_or(true, |protocols| {
+            protocols
+                .split(',')
+                .any(|p| !p.trim().is_empty() && !p.trim().eq_ignore_ascii_case("h2c"))
+        })
+    })
+}
 
 /// The status a request given up by its client is audited with (nginx's
 /// "client closed request": no status was ever sent).

@@ -1097,3 +1097,28 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
         assert_eq!(actions, expected, "carries on: {carries_on}");
     }
 }
+
+/// `Upgrade: h2c`, which some clients offer on every plain-HTTP request,
+/// is no change: a read-only session still reads.
+#[tokio::test]
+async fn an_h2c_upgrade_offer_is_no_change() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let mut start = StartRequest::new(UserId::new("olive").unwrap(), "Olive's bookings");
+    start.read_only = true;
+    let (app, req) = one_route_in(&store, axum::routing::get(|| async { "read" }), start).await;
+    let offer = Request::builder()
+        .method(Method::GET)
+        .uri("/bookings")
+        .header(header::HOST, "app.example")
+        .header("x-test-user", "sam")
+        .header(
+            header::AUTHORIZATION,
+            req.headers()[header::AUTHORIZATION].clone(),
+        )
+        .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+        .header(header::UPGRADE, "h2c");
+    let reply = send(&app, offer, Body::empty()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let events = all_events(store.inner(), AuditQuery::default()).await;
+    assert_eq!(events.last().unwrap().action, AuditAction::Access);
+}
