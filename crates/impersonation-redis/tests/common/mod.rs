@@ -32,24 +32,33 @@ pub(crate) struct OwnServer {
 }
 
 impl OwnServer {
+    /// On a free port. The port is free when drawn, then released for the
+    /// server to bind: should another test's server take it meanwhile,
+    /// ours exits, and another port is drawn.
     pub(crate) fn start() -> Self {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
         let dir = std::env::temp_dir().join(unique("imptest_redis"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = Self {
-            port,
+            port: 0,
             dir,
             child: None,
         };
-        server.spawn();
-        server
+        for _ in 0..5 {
+            server.port = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().port()
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server found its port taken five times");
     }
 
-    fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
+    /// Starts redis-server on the port; whether it is this one that
+    /// answers there (by its process id), not another that took the port.
+    fn spawn(&mut self) -> bool {
+        let mut child = std::process::Command::new("redis-server")
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -65,9 +74,23 @@ impl OwnServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (installed by cargo xtask services up)");
-        self.child = Some(child);
+        let ours = format!("process_id:{}", child.id());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // it could not bind the port
+            }
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "info", "server"])
+                .output();
+            if info.is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.trim() == ours)
+            }) {
+                self.child = Some(child);
+                return true;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
@@ -89,7 +112,11 @@ impl OwnServer {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "another server took port {} while this one restarted",
+            self.port
+        );
     }
 }
 
