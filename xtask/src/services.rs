@@ -102,11 +102,17 @@ fn existing(path: &str) -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-/// Programs the tests run besides the services (the browser test drives
+/// Programs the tests and this tool run besides the services (the browser test drives
 /// Debian's Chromium through chromedriver): binary and apt package.
 const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/chromium", "chromium"),
     ("/usr/bin/chromedriver", "chromium-driver"),
+    // The clients this tool and the tests' setup talk to the servers
+    // with: needed also when the servers run elsewhere (a container) and
+    // none of them is installed here.
+    ("/usr/bin/psql", "postgresql-client"),
+    ("/usr/bin/mariadb", "mariadb-client"),
+    ("/usr/bin/redis-cli", "redis-tools"),
 ];
 
 /// The apt packages of `tools` (binary, package) whose binary is missing.
