@@ -752,20 +752,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 still_live = still_live.or(Some(session.id));
             }
         }
-        // Decided before the directory is asked: someone who may not
-        // impersonate anyone gets the same refusal whether or not the
-        // target exists. The record still names the customer when they do
-        // (their and their tenant's views of the trail show the attempt);
-        // a directory failure then only leaves the name out.
+        // Before the directory is asked: someone who may not impersonate
+        // anyone gets the same refusal, with the same work behind it,
+        // whether or not the target exists, and writes nothing into a
+        // customer's or a tenant's view of the trail. The record, in the
+        // requester's own chain, names the target asked for as a detail.
         if !agent.has_permission(self.policy.impersonate_permission_name()) {
-            let named = self
-                .directory
-                .principal(&request.target)
-                .await
-                .ok()
-                .flatten();
-            let draft =
-                refuse(named.as_ref()).details(Details::new().with("target", &request.target));
+            let draft = refuse(None).details(Details::new().with("target", &request.target));
             return Err(self
                 .audit_denial(draft, Denial::MissingPermission, "start")
                 .await?);
