@@ -1130,8 +1130,8 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     let drop_schemas = format!(
         "DO $$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace \
          WHERE starts_with(nspname, '{TEST_PREFIX}') LOOP \
-         BEGIN EXECUTE format('DROP SCHEMA %I CASCADE', s); \
-         EXCEPTION WHEN lock_not_available THEN RAISE WARNING 'left % (in use)', s; END; \
+         BEGIN EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', s); \
+         EXCEPTION WHEN lock_not_available OR deadlock_detected THEN RAISE WARNING 'left % (in use)', s; END; \
          COMMIT; END LOOP; END $$;"
     );
     let quiet = "SET client_min_messages = warning";

@@ -58,7 +58,7 @@ impl OwnServer {
     /// Starts redis-server on the port; whether it is this one that
     /// answers there (by its process id), not another that took the port.
     fn spawn(&mut self) -> bool {
-        let mut child = std::process::Command::new("redis-server")
+        let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -75,20 +75,29 @@ impl OwnServer {
             .spawn()
             .expect("redis-server (installed by cargo xtask services up)");
         let ours = format!("process_id:{}", child.id());
+        // Kept at once, so that `Drop` stops it should the wait below fail.
+        let child = self.child.insert(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
                 return false; // it could not bind the port
             }
-            let info = std::process::Command::new("redis-cli")
-                .args(["-p", &self.port.to_string(), "info", "server"])
+            let info = std::process::Command::new("timeout")
+                .args([
+                    "5",
+                    "redis-cli",
+                    "-p",
+                    &self.port.to_string(),
+                    "info",
+                    "server",
+                ])
                 .output();
             if info.is_ok_and(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .any(|l| l.trim() == ours)
             }) {
-                self.child = Some(child);
                 return true;
             }
             assert!(
@@ -109,7 +118,13 @@ impl OwnServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {} still answers 10 s after its server was killed",
+                self.port
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(
