@@ -90,7 +90,22 @@ impl TestProvider {
             "run `cargo xtask services up` to install the test provider (npm ci in {})",
             dir.display()
         );
-        let port = free_port();
+        // The port is free when drawn, then released for the provider to
+        // bind: should another test's server take it meanwhile, the
+        // provider exits (EADDRINUSE), and another port is drawn.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_on(free_port(), issuer).await {
+                Ok(provider) => return provider,
+                Err(why) if attempt < 5 && why.contains("EADDRINUSE") => {}
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    async fn start_on(port: u16, issuer: Option<&str>) -> Result<Self, String> {
+        let dir = provider_dir();
         let mut child = Command::new(node_program())
             .arg("server.mjs")
             .arg(port.to_string())
@@ -132,8 +147,10 @@ impl TestProvider {
             Ok(Some(issuer)) => issuer,
             outcome => {
                 let status = child.try_wait();
+                // What it said before its stderr closed.
+                tokio::time::sleep(StdDuration::from_millis(100)).await;
                 let said: Vec<String> = said.lock().unwrap().iter().cloned().collect();
-                panic!(
+                return Err(format!(
                     "the provider on port {port} did not come up ({}, after {:?}; process: {status:?}); its stderr:\n{}",
                     if outcome.is_err() {
                         "no READY within 60 s"
@@ -142,16 +159,16 @@ impl TestProvider {
                     },
                     started.elapsed(),
                     said.join("\n")
-                );
+                ));
             }
         };
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
+        Ok(Self {
             _child: child,
             issuer: ready,
             direct: format!("http://127.0.0.1:{port}"),
-        }
+        })
     }
 
     /// A user's access token for the API, from the provider's test grant.
