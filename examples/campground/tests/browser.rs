@@ -42,27 +42,64 @@ impl Driver {
             "CHROMEDRIVER",
             &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
         );
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(binary)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen");
-            std::thread::sleep(Duration::from_millis(50));
+        // The port is free when drawn, then released for chromedriver to
+        // bind: should another test's server take it meanwhile,
+        // chromedriver exits, and another port is drawn.
+        for _ in 0..5 {
+            let port = StdListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new(&binary)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // it could not bind the port
+                }
+                if is_chromedriver(port) {
+                    return Self {
+                        child,
+                        url: format!("http://127.0.0.1:{port}"),
+                    };
+                }
+                assert!(Instant::now() < deadline, "chromedriver did not listen");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
+        panic!("chromedriver found its port taken five times");
+    }
+}
+
+/// Whether chromedriver answers on `port` (not another test's server
+/// that took the port): its `/status` names it.
+fn is_chromedriver(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if stream
+        .write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    // Read until it names itself, the answer ends, or 5 s pass.
+    let mut answer = Vec::new();
+    let mut chunk = [0_u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut chunk) {
+        answer.extend_from_slice(&chunk[..n]);
+        if String::from_utf8_lossy(&answer).contains("ChromeDriver") {
+            return true;
         }
     }
+    false
 }
 
 impl Drop for Driver {
