@@ -46,11 +46,32 @@ impl TlsServer {
         std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
         std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let child = Command::new("redis-server")
+        // The port is free when drawn, then released for the server to
+        // bind: should another test's server take it meanwhile, ours says
+        // so in its log and exits, and another port is drawn. Its log
+        // says when it is ready, so no other server passes for it.
+        for _ in 0..5 {
+            let port = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().port()
+            };
+            if let Some(child) = Self::spawn(&dir, port, options) {
+                return Self {
+                    port,
+                    ca_pem: ca.pem(),
+                    dir,
+                    child,
+                };
+            }
+        }
+        panic!("redis-server found its port taken five times");
+    }
+
+    /// A TLS redis-server on `port`, once its log says it listens there;
+    /// `None` if it exited instead (the port was taken).
+    fn spawn(dir: &std::path::Path, port: u16, options: &[&str]) -> Option<Child> {
+        let log = dir.join(format!("redis-{port}.log"));
+        let mut child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--tls-auth-clients", "no"])
@@ -62,20 +83,27 @@ impl TlsServer {
             .arg("--tls-ca-cert-file")
             .arg(dir.join("ca.pem"))
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (installed by cargo xtask services up)");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            if said.contains("Ready to accept connections") {
+                return Some(child);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not start; its log:\n{said}");
+            }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            port,
-            ca_pem: ca.pem(),
-            dir,
-            child,
         }
     }
 }
