@@ -61,6 +61,14 @@ struct Fixture<S: Store> {
 }
 
 impl<S: Store> Fixture<S> {
+    /// Sam loses the impersonate permission in the directory.
+    fn demote_sam(&self) {
+        self.directory.update(&id("sam"), |p| {
+            p.permissions
+                .remove(&Permission::new("impersonation:start"));
+        });
+    }
+
     /// Sam starts impersonating Olive, as the tests' usual first step.
     async fn sam_on_olive(&self) -> Started {
         self.service
@@ -707,10 +715,7 @@ async fn a_demoted_agent_loses_the_session_once_the_reuse_interval_is_over() {
     let f = fixture();
     let started = f.sam_on_olive().await;
     f.service.resolve(&started.secret).await.unwrap();
-    f.directory.update(&id("sam"), |p| {
-        p.permissions
-            .remove(&Permission::new("impersonation:start"));
-    });
+    f.demote_sam();
     // Within the interval the session resolved a moment ago is reused;
     // a request that changes something reads the store and is refused.
     f.clock.advance(Duration::milliseconds(500));
@@ -742,10 +747,7 @@ async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval()
         let f = fixture_with(MemoryStore::new(), Policy::default(), config);
         let started = f.sam_on_olive().await;
         f.service.resolve(&started.secret).await.unwrap();
-        f.directory.update(&id("sam"), |p| {
-            p.permissions
-                .remove(&Permission::new("impersonation:start"));
-        });
+        f.demote_sam();
         f.clock.advance(reuse);
         assert!(
             matches!(
@@ -896,10 +898,7 @@ async fn a_recheck_stamped_ahead_of_this_clock_is_still_due() {
         let f = fixture_with(MemoryStore::new(), Policy::default(), config);
         let started = f.sam_on_olive().await;
         f.service.resolve(&started.secret).await.unwrap();
-        f.directory.update(&id("sam"), |p| {
-            p.permissions
-                .remove(&Permission::new("impersonation:start"));
-        });
+        f.demote_sam();
         f.clock.advance(Duration::seconds(-30));
         assert!(
             matches!(
@@ -919,10 +918,7 @@ async fn rechecks_can_be_spaced_out() {
     };
     let f = fixture_with(MemoryStore::new(), Policy::default(), config);
     let started = f.sam_on_olive().await;
-    f.directory.update(&id("sam"), |p| {
-        p.permissions
-            .remove(&Permission::new("impersonation:start"));
-    });
+    f.demote_sam();
     f.clock.advance(Duration::seconds(30));
     assert!(
         f.service.resolve(&started.secret).await.is_ok(),
