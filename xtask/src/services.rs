@@ -1117,8 +1117,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(3 * 60 * 60);
 const TEST_PREFIX: &str = "imptest_";
 
 /// Drops what earlier test runs left behind: PostgreSQL schemas and MariaDB
-/// databases named `imptest_*`, and the SQLite files under the target
-/// directory. Tests create their own on every run, so nothing is lost; on a
+/// databases named `imptest_*`, the SQLite files under the target
+/// directory, and `imptest_*` directories in the temporary directory. Tests create their own on every run, so nothing is lost; on a
 /// machine that is kept between runs this stops the catalogues growing.
 pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> {
     // One transaction per schema: dropping a thousand leftovers in one
@@ -1208,12 +1208,53 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     if files.exists() {
         std::fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
     }
+    // The data directories of the Redis tests' own servers, which a test
+    // removes when it ends, unless it was killed (by the CI watchdog, say).
+    remove_test_dirs(&std::env::temp_dir())?;
     Ok(())
+}
+
+/// Removes the directories directly in `dir` whose names start with
+/// [`TEST_PREFIX`]; how many.
+fn remove_test_dirs(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let ours = entry.file_name().to_string_lossy().starts_with(TEST_PREFIX);
+        if ours && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only `imptest_*` directories go; files and other directories stay.
+    #[test]
+    fn only_test_directories_are_removed() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let dir = std::env::temp_dir().join(format!("xtask-reset-{}-{nanos}", std::process::id()));
+        for sub in ["imptest_redis_a1", "imptest_redis_tls_b2/inner", "keep_me"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("imptest_file"), "a file").unwrap();
+        assert_eq!(remove_test_dirs(&dir).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["imptest_file", "keep_me"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn node_versions_are_read_from_node_version_output() {
