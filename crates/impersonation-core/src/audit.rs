@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use crate::clock::{normalize, unix_micros};
 use crate::id::{EventId, SessionId, TenantId, UserId};
-use crate::policy::has_forbidden_chars;
+use crate::policy::{has_forbidden_chars, is_forbidden_char};
 
 /// What an audit event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -321,13 +321,7 @@ fn sanitize(text: String) -> String {
     }
     let cleaned: String = text
         .chars()
-        .map(|c| {
-            if has_forbidden_chars(c.encode_utf8(&mut [0; 4])) {
-                '\u{FFFD}'
-            } else {
-                c
-            }
-        })
+        .map(|c| if is_forbidden_char(c) { '\u{FFFD}' } else { c })
         .collect();
     if cleaned.chars().count() > MAX_DETAIL_VALUE {
         let mut cut: String = cleaned.chars().take(MAX_DETAIL_VALUE - 1).collect();
@@ -1128,7 +1122,7 @@ fn cell(text: &str) -> String {
         match c {
             '\\' => out.push_str("\\\\"),
             '|' => out.push_str("\\|"),
-            c if has_forbidden_chars(c.encode_utf8(&mut [0; 4])) => out.push('\u{FFFD}'),
+            c if is_forbidden_char(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }

@@ -41,10 +41,7 @@ fn check_opaque(value: &str) -> Result<(), IdError> {
     if value.len() > MAX_ID_LEN {
         return Err(IdError::TooLong);
     }
-    if value.chars().any(|c| {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-    }) {
+    if value.chars().any(crate::policy::rewrites_lines) {
         return Err(IdError::ControlCharacter);
     }
     Ok(())

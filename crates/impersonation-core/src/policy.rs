@@ -142,14 +142,24 @@ impl Denial {
     ];
 }
 
-/// Characters refused in free text besides `char::is_control`: bidirectional
-/// overrides and isolates, which can make an audit line read differently from
-/// what it stores ("Trojan Source").
-fn is_bidi_control(c: char) -> bool {
-    matches!(
-        c,
-        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-    )
+/// Characters that rewrite the line they are shown in, besides
+/// `char::is_control`: the line and paragraph separators (U+2028, U+2029),
+/// which break it as a newline does, and the bidirectional embeddings,
+/// overrides and isolates, which can make it read differently from what it
+/// stores ("Trojan Source"). Refused in ids as well as in free text.
+pub(crate) fn rewrites_lines(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// A character refused in free text: one that [`rewrites_lines`], or a
+/// plain direction mark (U+061C, U+200E, U+200F), which ids may hold but
+/// reasons and audit details need not.
+pub(crate) fn is_forbidden_char(c: char) -> bool {
+    rewrites_lines(c) || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}')
 }
 
 /// Whether a permission's name holds a wildcard character.
@@ -157,12 +167,9 @@ fn is_wildcard(permission: &Permission) -> bool {
     permission.as_str().contains(['*', '?'])
 }
 
-/// Whether free text holds a character refused in it: a control character,
-/// a bidirectional control, or a line or paragraph separator (U+2028,
-/// U+2029), which break a line as a newline does.
+/// Whether free text holds a character refused in it ([`is_forbidden_char`]).
 pub(crate) fn has_forbidden_chars(text: &str) -> bool {
-    text.chars()
-        .any(|c| c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}'))
+    text.chars().any(is_forbidden_char)
 }
 
 /// Characters that stand on their own: all but the invisible format
