@@ -646,13 +646,23 @@ impl Policy {
         })
     }
 
+    /// The rule about the agent alone, the first of [`Self::permits_pair`]:
+    /// they hold the impersonate permission. The service asks it before it
+    /// looks the target up, so that a refusal for want of it tells no one
+    /// whether the target exists.
+    pub fn permits_agent(&self, agent: &Principal) -> Result<(), Denial> {
+        if agent.has_permission(&self.impersonate_permission) {
+            Ok(())
+        } else {
+            Err(Denial::MissingPermission)
+        }
+    }
+
     /// The rules about the two people alone, re-checked while a session runs:
     /// the agent's permission, self-impersonation, protected targets,
     /// escalation and the tenant boundary.
     pub fn permits_pair(&self, agent: &Principal, target: &Principal) -> Result<(), Denial> {
-        if !agent.has_permission(&self.impersonate_permission) {
-            return Err(Denial::MissingPermission);
-        }
+        self.permits_agent(agent)?;
         if agent.id == target.id {
             return Err(Denial::SelfImpersonation);
         }

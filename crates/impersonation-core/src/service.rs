@@ -757,16 +757,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // whether or not the target exists, and writes nothing into a
         // customer's or a tenant's view of the trail. The record, in the
         // requester's own chain, names the target asked for as a detail.
-        if !agent.has_permission(self.policy.impersonate_permission_name()) {
-            let draft = refuse(None).details(Details::new().with("target", &request.target));
-            return Err(self
-                .audit_denial(draft, Denial::MissingPermission, "start")
-                .await?);
+        let unnamed = || refuse(None).details(Details::new().with("target", &request.target));
+        if let Err(denial) = self.policy.permits_agent(agent) {
+            return Err(self.audit_denial(unnamed(), denial, "start").await?);
         }
         let Some(target) = self.directory.principal(&request.target).await? else {
-            let draft = refuse(None).details(Details::new().with("target", &request.target));
             return Err(self
-                .audit_denial(draft, Denial::UnknownTarget, "start")
+                .audit_denial(unnamed(), Denial::UnknownTarget, "start")
                 .await?);
         };
         let context = PolicyContext {
