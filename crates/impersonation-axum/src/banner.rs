@@ -116,7 +116,14 @@ fn banner_place(html: &[u8]) -> usize {
             // The text begins after the opening tag (its attributes
             // included) or, for a comment, after `<!--`.
             let inside = if *open == b"<!--" {
-                here + open.len()
+                let inside = here + open.len();
+                // `<!-->` and `<!--->`: a comment that ends where it begins.
+                let after = &html[inside..];
+                if let Some(end) = [&b">"[..], b"->"].iter().find(|e| after.starts_with(e)) {
+                    at = inside + end.len();
+                    continue;
+                }
+                inside
             } else {
                 match tag_end(rest) {
                     // A tag that closes itself opens no text: in an svg,
@@ -131,14 +138,6 @@ fn banner_place(html: &[u8]) -> usize {
                     None => return last.unwrap_or(here),
                 }
             };
-            // `<!-->` and `<!--->`: a comment that ends where it begins.
-            if *open == b"<!--" {
-                let after = &html[inside..];
-                if let Some(end) = [&b">"[..], b"->"].iter().find(|e| after.starts_with(e)) {
-                    at = inside + end.len();
-                    continue;
-                }
-            }
             match closing_at(&html[inside..], close) {
                 Some(end) => at = inside + end + close.len(),
                 None => return last.unwrap_or(here),

@@ -1037,10 +1037,7 @@ async fn audit_request(
     is_change: bool,
     status: u16,
 ) -> Option<Result<(), impersonation_core::Error>> {
-    if state.audited.load(Ordering::SeqCst)
-        || refused_by_the_guard(state, status)
-        || !(shared.settings.audit)(method, route)
-    {
+    if !needs_record(shared, state, method, route, status) {
         return None;
     }
     let activity = request_activity(method, route, is_change, status);
@@ -1049,13 +1046,24 @@ async fn audit_request(
     Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
 }
 
-/// Whether the guard's refusal is the request's record: it refused, and
-/// the answer is an error. A handler that carried on past it and answered
-/// anything else (a page, a redirect, a WebSocket's 101) is audited as
-/// well: over-recording a refusal answered by a redirect is the price of
-/// never missing a change.
-fn refused_by_the_guard(state: &RequestState, status: u16) -> bool {
-    state.guard_refused.load(Ordering::SeqCst) && status >= 400
+/// Whether a request under impersonation answered with `status` needs a
+/// record from the layer: not if the service audited it (start, stop),
+/// not if `audit_when` leaves it out, and not if the guard's refusal is
+/// its record: the guard refused and the answer is an error. A handler
+/// that carried on past the guard and answered anything else (a page, a
+/// redirect, a WebSocket's 101) is audited as well: over-recording a
+/// refusal answered by a redirect is the price of never missing a change.
+fn needs_record(
+    shared: &Shared,
+    state: &RequestState,
+    method: &Method,
+    route: &str,
+    status: u16,
+) -> bool {
+    let refused_by_the_guard = state.guard_refused.load(Ordering::SeqCst) && status >= 400;
+    !state.audited.load(Ordering::SeqCst)
+        && !refused_by_the_guard
+        && (shared.settings.audit)(method, route)
 }
 
 /// Runs an audit write to its end even if the request's future is dropped
@@ -1167,7 +1175,8 @@ fn upgrades(headers: &HeaderMap) -> bool {
         value.to_str().map_or(true, |protocols| {
             protocols
                 .split(',')
-                .any(|p| !p.trim().is_empty() && !p.trim().eq_ignore_ascii_case("h2c"))
+                .map(str::trim)
+                .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
         })
     })
 }
@@ -1203,10 +1212,13 @@ impl AuditIfGivenUp<'_> {
 
 impl Drop for AuditIfGivenUp<'_> {
     fn drop(&mut self) {
-        if self.state.audited.load(Ordering::SeqCst)
-            || refused_by_the_guard(self.state, self.status)
-            || !(self.shared.settings.audit)(self.method, self.route)
-        {
+        if !needs_record(
+            self.shared,
+            self.state,
+            self.method,
+            self.route,
+            self.status,
+        ) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

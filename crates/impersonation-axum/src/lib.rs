@@ -139,10 +139,11 @@ impl ImpersonationLayer {
 
     /// Which impersonated requests change something, by method and route
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
-    /// `TRACE`, and any request with an `Upgrade` header: a WebSocket's
-    /// handshake is a `GET`, and the layer sees none of its messages, nor
-    /// does it close the socket when the session ends; a filter given here
-    /// decides for upgrades too). A change is refused in a read-only session, always reads
+    /// `TRACE`, and any request with an `Upgrade` header naming anything
+    /// but `h2c`: a WebSocket's handshake is a `GET`, and the layer sees
+    /// none of its messages, nor does it close the socket when the session
+    /// ends; a filter given here decides for upgrades too). A change is
+    /// refused in a read-only session, always reads
     /// the session from the store rather than a moment-old copy, and is
     /// audited as a modification; any other request is audited as an
     /// access. The SDK's start and stop are let into read-only sessions
