@@ -877,6 +877,16 @@ impl RedisStore {
         }
     }
 
+    /// Takes back view entries written beside a script for an outcome that
+    /// did not happen; a failure is logged as `what` (readers skip such an
+    /// entry meanwhile: no event of its id is at its place).
+    async fn take_back_views(&self, what: &str, entries: Vec<ViewEntries>) {
+        after_commit(
+            what,
+            self.write_views(view_commands(&entries, "ZREM")).await,
+        );
+    }
+
     /// The entries of `events` written, with those of `stale` (an
     /// attempt that did not land) taken back unless listed again: the
     /// commands that go out beside a script.
@@ -1394,11 +1404,11 @@ impl RedisStore {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(started.head())));
                     drop(cached);
                     after_commit("the start's views", indexed);
-                    let other = views_without(refused_views, &started_views);
-                    after_commit(
+                    self.take_back_views(
                         "the unused refusal's view entries",
-                        self.write_views(view_commands(&other, "ZREM")).await,
-                    );
+                        views_without(refused_views, &started_views),
+                    )
+                    .await;
                     return Ok(StartOutcome::Started {
                         session: Box::new(session),
                         event: started,
@@ -1413,11 +1423,11 @@ impl RedisStore {
                         self.forget_live(&session, &slot.route).await,
                     );
                     after_commit("the refusal's views", indexed);
-                    let other = views_without(started_views, &refused_views);
-                    after_commit(
+                    self.take_back_views(
                         "the unused start's view entries",
-                        self.write_views(view_commands(&other, "ZREM")).await,
-                    );
+                        views_without(started_views, &refused_views),
+                    )
+                    .await;
                     // The reply names the session in the way; after a lost
                     // reply the script reads it again, and it may have ended
                     // since. The refusal is on record either way.
@@ -1496,12 +1506,7 @@ impl RedisStore {
             let reply = reply?;
             let status = reply.first().map(String::as_str);
             // Nothing written: the entries are taken back.
-            let unused = |entries: Vec<ViewEntries>| async move {
-                after_commit(
-                    "the unused transition's view entries",
-                    self.write_views(view_commands(&entries, "ZREM")).await,
-                );
-            };
+            let unused = "the unused transition's view entries";
             match status {
                 Some("head") => {
                     *cached = Some(moved_head(&reply)?);
@@ -1527,13 +1532,13 @@ impl RedisStore {
                 Some("notfound") => {
                     *cached = Some(head);
                     drop(cached);
-                    unused(entries).await;
+                    self.take_back_views(unused, entries).await;
                     return Err(StoreError::SessionNotFound(next.id));
                 }
                 Some("conflict") => {
                     *cached = Some(head);
                     drop(cached);
-                    unused(entries).await;
+                    self.take_back_views(unused, entries).await;
                     return Err(StoreError::Conflict(next.id));
                 }
                 other => return Err(corrupt("transition reply", format!("{other:?}"))),
