@@ -8,7 +8,7 @@ mod common;
 use impersonation_core::{
     Actor, AppendGuard, AuditAction, AuditEvent, Details, EndReason, Store, verify_chain,
 };
-use impersonation_testkit::conformance::{must_start, whole_chain};
+use impersonation_testkit::conformance::{live_ids, must_start, whole_chain};
 use impersonation_testkit::{World, epoch};
 use time::Duration;
 
@@ -245,13 +245,7 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
             ..Default::default()
         },
     ] {
-        let live: Vec<_> = store
-            .live_sessions(&filter)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let live = live_ids(&store, &filter).await;
         let expected = if filter.agent.is_some() {
             vec![]
         } else {

@@ -49,6 +49,17 @@ pub async fn whole_chain<S: Store + ?Sized>(store: &S, chain: &ChainKey) -> Vec<
     }
 }
 
+/// The ids of the live sessions a filter lists, in the store's order.
+pub async fn live_ids<S: Store + ?Sized>(store: &S, filter: &LiveFilter) -> Vec<SessionId> {
+    store
+        .live_sessions(filter)
+        .await
+        .expect("live_sessions")
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
+}
+
 /// Every event matching a query, following cursors.
 pub async fn all_events<S: Store + ?Sized>(store: &S, query: AuditQuery) -> Vec<AuditEvent> {
     let mut query = query;
@@ -820,14 +831,11 @@ pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S
             },
         ];
         for filter in filters {
-            let live: Vec<_> = store
-                .live_sessions(&filter)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|s| s.id)
-                .collect();
-            assert_eq!(live, vec![session.id], "{filter:?}");
+            assert_eq!(
+                live_ids(&store, &filter).await,
+                vec![session.id],
+                "{filter:?}"
+            );
         }
         let queries = [
             agent_query(agent),
@@ -1164,14 +1172,11 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
     for loser in losers {
         assert!(store.session(loser).await.unwrap().is_none(), "{loser}");
     }
-    let live = store
-        .live_sessions(&LiveFilter {
-            agent: Some(agent.id.clone()),
-            ..LiveFilter::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(live.iter().map(|s| s.id).collect::<Vec<_>>(), winners);
+    let live = LiveFilter {
+        agent: Some(agent.id.clone()),
+        ..LiveFilter::default()
+    };
+    assert_eq!(live_ids(&*store, &live).await, winners);
     let chain = ChainKey::for_agent(&agent.id);
     assert_eq!(
         assert_chain_verifies(&*store, &chain).await,
