@@ -51,10 +51,7 @@ impl TlsServer {
         // so in its log and exits, and another port is drawn. Its log
         // says when it is ready, so no other server passes for it.
         for _ in 0..5 {
-            let port = {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                listener.local_addr().unwrap().port()
-            };
+            let port = impersonation_testkit::scratch::released_port();
             if let Some(child) = Self::spawn(&dir, port, options) {
                 return Self {
                     port,

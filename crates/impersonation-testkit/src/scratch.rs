@@ -47,6 +47,20 @@ pub fn scratch_dir() -> PathBuf {
     dir
 }
 
+/// A port of 127.0.0.1 that was free when drawn, released for a server a
+/// test starts to bind. Another test's server may take it meanwhile: the
+/// caller checks that its own server answers there, and draws again if not.
+///
+/// # Panics
+///
+/// If no port can be bound at all.
+pub fn released_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|e| panic!("drawing a free port: {e}"))
+}
+
 /// A fresh path `<target>/test-dbs/<unique name>.<extension>` (the file is
 /// not created).
 pub fn scratch_file(prefix: &str, extension: &str) -> PathBuf {

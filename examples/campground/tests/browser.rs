@@ -4,7 +4,6 @@
 //! `<target>/screenshots/` for people to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,11 +45,7 @@ impl Driver {
         // bind: should another test's server take it meanwhile,
         // chromedriver exits, and another port is drawn.
         for _ in 0..5 {
-            let port = StdListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = impersonation_testkit::scratch::released_port();
             let mut child = Command::new(&binary)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())

@@ -68,13 +68,7 @@ fn node_program() -> PathBuf {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use impersonation_testkit::scratch::released_port as free_port;
 
 impl TestProvider {
     pub async fn start() -> Self {

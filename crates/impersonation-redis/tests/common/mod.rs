@@ -44,10 +44,7 @@ impl OwnServer {
             child: None,
         };
         for _ in 0..5 {
-            server.port = {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                listener.local_addr().unwrap().port()
-            };
+            server.port = impersonation_testkit::scratch::released_port();
             if server.spawn() {
                 return server;
             }
