@@ -102,8 +102,9 @@ fn existing(path: &str) -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-/// Programs the tests and this tool run besides the services (the browser test drives
-/// Debian's Chromium through chromedriver): binary and apt package.
+/// Programs the tests and this tool run besides the services (the browser
+/// test drives Debian's Chromium through chromedriver): binary and apt
+/// package.
 const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/chromium", "chromium"),
     ("/usr/bin/chromedriver", "chromium-driver"),
@@ -1118,8 +1119,9 @@ const TEST_PREFIX: &str = "imptest_";
 
 /// Drops what earlier test runs left behind: PostgreSQL schemas and MariaDB
 /// databases named `imptest_*`, the SQLite files under the target
-/// directory, and `imptest_*` directories in the temporary directory. Tests create their own on every run, so nothing is lost; on a
-/// machine that is kept between runs this stops the catalogues growing.
+/// directory, and `imptest_*` directories in the temporary directory.
+/// Tests create their own on every run, so nothing is lost; on a machine
+/// that is kept between runs this stops the catalogues growing.
 pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> {
     // One transaction per schema: dropping a thousand leftovers in one
     // runs out of lock slots (max_locks_per_transaction). A DO block may
