@@ -29,11 +29,7 @@ fn service(
 }
 
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    common::raw(&format!("redis://127.0.0.1:{port}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,11 +469,7 @@ async fn a_session_listed_before_it_exists_stays_listed() {
     let starting = format!("r|{}", SessionId::new());
     let long_ago = uuid::Builder::from_unix_timestamp_millis(1_600_000_000_000, &[7; 10]);
     let never_came = format!("r|{}", SessionId::from_uuid(long_ago.into_uuid()));
-    let mut conn = redis::Client::open(common::SINGLE)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::raw(common::SINGLE).await;
     let _: () = redis::cmd("SADD")
         .arg(&set)
         .arg(&starting)

@@ -17,11 +17,7 @@ use impersonation_testkit::conformance::{all_events, whole_chain};
 use impersonation_testkit::{World, epoch};
 
 async fn admin(server: &OwnServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    common::raw(&server.url()).await
 }
 
 /// Calls per command since the server started.
@@ -869,12 +865,8 @@ async fn a_start_whose_event_cannot_be_written_leaves_no_session() {
         .unwrap();
     store.transition(stop).await.unwrap();
     let chain = session.chain();
-    let head = format!("{ns}:{{{}}}:a:{}:head", chain.route(), chain.as_str());
-    let mut conn = redis::Client::open(common::SINGLE)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let head = format!("{}:head", common::agent_keys(&ns, &chain));
+    let mut conn = common::raw(common::SINGLE).await;
     let removed: u32 = redis::cmd("DEL")
         .arg(&head)
         .query_async(&mut conn)

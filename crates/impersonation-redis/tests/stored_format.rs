@@ -85,19 +85,9 @@ async fn the_chain_keeps_each_event_as_its_record() {
     let head = store.chain_head(&chain).await.unwrap();
     assert!(verify_chain(&chain, &events, head).is_ok());
 
-    let key = format!("{ns}:{{{}}}:a:{}:chain", chain.route(), chain.as_str());
-    let mut raw = redis::Client::open(common::SINGLE)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let stream: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let key = format!("{}:chain", common::agent_keys(&ns, &chain));
+    let mut raw = common::raw(common::SINGLE).await;
+    let stream = common::stream_entries(&mut raw, &key).await;
     assert_eq!(stream.ids.len(), events.len());
     for (entry, event) in stream.ids.iter().zip(&events) {
         assert_eq!(entry.id, format!("0-{}", event.seq + 1));
@@ -120,11 +110,7 @@ async fn the_chain_keeps_each_event_as_its_record() {
 async fn a_server_that_forgot_the_scripts_gets_them_again() {
     let server = common::OwnServer::start();
     let store = common::store_at(&server.url(), &common::unique("imptest")).await;
-    let mut raw = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut raw = common::raw(&server.url()).await;
     let mut forget = async || {
         let () = redis::cmd("SCRIPT")
             .arg("FLUSH")
@@ -199,11 +185,7 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
     let (start, secret) = w.begin(&agent, &customer, epoch());
     let (session, _) = must_start(&store, start).await;
-    let mut raw = redis::Client::open(common::SINGLE)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut raw = common::raw(common::SINGLE).await;
     let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
     let touch = impersonation_core::Touch {
         now: epoch() + Duration::seconds(30),
@@ -283,12 +265,8 @@ async fn a_chain_past_ten_to_the_fourteen_places_takes_events() {
     let (start, _) = w.begin(&agent, &customer, epoch());
     let (session, started) = must_start(&common::store_at(common::SINGLE, &ns).await, start).await;
     let chain = session.chain();
-    let prefix = format!("{ns}:{{{}}}:a:{}", chain.route(), chain.as_str());
-    let mut raw = redis::Client::open(common::SINGLE)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let prefix = common::agent_keys(&ns, &chain);
+    let mut raw = common::raw(common::SINGLE).await;
     let far: u64 = 100_000_000_000_000 - 1;
     redis::cmd("HSET")
         .arg(format!("{prefix}:head"))
@@ -314,13 +292,7 @@ async fn a_chain_past_ten_to_the_fourteen_places_takes_events() {
         .await;
     let seqs: Vec<u64> = batch.into_iter().map(|r| r.unwrap().seq).collect();
     assert_eq!(seqs, [far + 2, far + 3]);
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{prefix}:chain"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let entries = common::stream_entries(&mut raw, &format!("{prefix}:chain")).await;
     let ids: Vec<&str> = entries.ids.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
         ids,

@@ -15,6 +15,37 @@ pub(crate) async fn store_at(url: &str, ns: &str) -> RedisStore {
         .expect("Redis test store")
 }
 
+/// A plain connection to the server at `url`, for a test that reads,
+/// damages or counts stored keys itself.
+pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The prefix of the keys of `chain`'s agent in namespace `ns`
+/// (`ns:{<route>}:a:<agent>`, as keys.rs lays them out), for a test that
+/// reads or damages them: `:head`, `:chain`, `:live`.
+pub(crate) fn agent_keys(ns: &str, chain: &impersonation_core::ChainKey) -> String {
+    format!("{ns}:{{{}}}:a:{}", chain.route(), chain.as_str())
+}
+
+/// Every entry of the stream at `key`, read raw.
+pub(crate) async fn stream_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> redis::streams::StreamRangeReply {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
 pub(crate) async fn single() -> RedisStore {
     store_at(SINGLE, &unique("imptest")).await
 }
