@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cookie::{Cookie, SameSite};
-use futures_like::BoxFuture;
+pub(crate) use futures_like::BoxFuture;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use impersonation_core::{
@@ -25,6 +25,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::banner::{banner_html, inject};
+use crate::watch::{EndsWithSession, session_end};
 use impersonation_core::{ImpersonationApi, TokenResolver};
 
 mod futures_like {
@@ -48,6 +49,9 @@ pub(crate) struct Settings {
     /// Which requests are changes; `None`: all but the safe methods.
     pub(crate) changes: Option<RouteFilter>,
     pub(crate) tokens: Option<Arc<dyn TokenResolver>>,
+    /// How often a streamed response (and [`crate::SessionEnd`]) checks
+    /// that its session is still live.
+    pub(crate) stream_check: std::time::Duration,
 }
 
 impl Settings {
@@ -821,6 +825,13 @@ where
                     for cdn in CDN_CACHE_HEADERS {
                         headers.remove(cdn);
                     }
+                }
+                // A body of no known length may stream on (server-sent
+                // events, a long export) after the session has ended: it is
+                // cut then. (A page with the banner was read whole above.)
+                if HttpBody::size_hint(res.body()).exact().is_none() {
+                    let end = session_end(Arc::clone(&shared.api), c, settings.stream_check);
+                    res = res.map(|body| Body::new(EndsWithSession::new(body, end)));
                 }
             }
             // The host app's own sign-in or sign-out changed whom the

@@ -58,6 +58,7 @@ mod layer;
 #[cfg(feature = "oidc")]
 pub mod oidc;
 mod routes;
+mod watch;
 
 use std::sync::Arc;
 
@@ -69,9 +70,15 @@ pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersona
 pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
 pub use routes::{MAX_FORM, StartForm, StopForm, routes};
+pub use watch::SessionEnd;
 
 use impersonation_core::TokenResolver;
 use layer::{Settings, Shared};
+
+/// How often, by default, a streamed response under impersonation (and a
+/// [`SessionEnd`]) checks its session on the store:
+/// [`ImpersonationLayer::check_streams_every`].
+pub const DEFAULT_STREAM_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ImpersonationLayer {
     /// A layer over a service, with the routes mounted at `/impersonation`,
@@ -86,6 +93,7 @@ impl ImpersonationLayer {
                     audit: Arc::new(|_, _| true),
                     changes: None,
                     tokens: None,
+                    stream_check: DEFAULT_STREAM_CHECK,
                 },
             }),
         }
@@ -137,12 +145,27 @@ impl ImpersonationLayer {
         self.with(|s| s.audit = Arc::new(filter))
     }
 
+    /// How often what outlives its request under impersonation checks that
+    /// the session is still live (default [`DEFAULT_STREAM_CHECK`], 5 s): a
+    /// response body streamed without a known length (server-sent events,
+    /// a long export), which the layer cuts when the session has ended,
+    /// and a [`SessionEnd`] (for a WebSocket, whose messages the layer
+    /// never sees). Each check of each open stream is one store read, and
+    /// none touches the session's idle time: an open stream does not keep
+    /// a session alive. Expiry and the idle deadline end a stream on time
+    /// whatever this is; a stop or revocation, within this long.
+    #[must_use]
+    pub fn check_streams_every(self, every: std::time::Duration) -> Self {
+        self.with(|s| s.stream_check = every)
+    }
+
     /// Which impersonated requests change something, by method and route
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
     /// `TRACE`, and any request with an `Upgrade` header naming anything
     /// but `h2c`: a WebSocket's handshake is a `GET`, and the layer sees
-    /// none of its messages, nor does it close the socket when the session
-    /// ends; a filter given here decides for upgrades too). A change is
+    /// none of its messages (its handler closes the socket when the
+    /// session ends with [`SessionEnd`]); a filter given here decides for
+    /// upgrades too). A change is
     /// refused in a read-only session, always reads
     /// the session from the store rather than a moment-old copy, and is
     /// audited as a modification; any other request is audited as an

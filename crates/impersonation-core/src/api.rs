@@ -26,6 +26,8 @@ pub trait ImpersonationApi: Send + Sync + 'static {
     async fn resolve_session(&self, id: SessionId) -> Result<Context, Error>;
     /// See [`Impersonation::resolve_session_reusing`].
     async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error>;
+    /// See [`Impersonation::check_session`].
+    async fn check_session(&self, id: SessionId) -> Result<Context, Error>;
     /// A person by id, from the service's [`Directory`] (`None`: unknown).
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error>;
     /// See [`Impersonation::start`].
@@ -83,6 +85,9 @@ where
     }
     async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error> {
         Impersonation::resolve_session_reusing(self, id).await
+    }
+    async fn check_session(&self, id: SessionId) -> Result<Context, Error> {
+        Impersonation::check_session(self, id).await
     }
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
         Ok(self.directory().principal(id).await?)
@@ -149,6 +154,9 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
     }
     async fn resolve_session_reusing(&self, id: SessionId) -> Result<Context, Error> {
         (**self).resolve_session_reusing(id).await
+    }
+    async fn check_session(&self, id: SessionId) -> Result<Context, Error> {
+        (**self).check_session(id).await
     }
     async fn principal(&self, id: &UserId) -> Result<Option<Principal>, Error> {
         (**self).principal(id).await

@@ -981,7 +981,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let Some(session) = self.find_touching(secret.lookup(), touch).await? else {
             return Err(Error::Unauthenticated);
         };
-        let ctx = self.judge(session, now, touch, &span).await?;
+        let ctx = self.judge(session, now, Some(touch), &span).await?;
         self.reuse
             .put(key, &ctx, now, epoch, self.config.reuse_interval);
         Ok(ctx)
@@ -1066,7 +1066,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 } else {
                     found
                 };
-                let ctx = self.judge(session, now, touch, &span).await?;
+                let ctx = self.judge(session, now, Some(touch), &span).await?;
                 self.reuse
                     .put(key, &ctx, now, epoch, self.config.reuse_interval);
                 Ok(ctx)
@@ -1076,12 +1076,39 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         .await
     }
 
+    /// Whether the session is still live, judged on the store's record as
+    /// a request would be (ended, expired, idled out, or refused by a
+    /// policy re-check that is due: the last three end it, on the trail,
+    /// as [`Impersonation::resolve_session`] would), but without counting
+    /// as its use: the idle time is not touched, so a watcher that checks
+    /// every few seconds does not keep a session alive that its agent has
+    /// walked away from. For what outlives one request: a streamed
+    /// response, a WebSocket, which must end when their session does.
+    /// Never served from the reuse map.
+    pub async fn check_session(&self, id: SessionId) -> Result<Context, Error> {
+        let span = tracing::info_span!(
+            "impersonation.check",
+            impersonation.agent = Empty,
+            impersonation.subject = Empty,
+            impersonation.session = %id,
+        );
+        async {
+            let now = self.now();
+            let Some(session) = self.store.session(id).await? else {
+                return Err(Error::Unauthenticated);
+            };
+            self.judge(session, now, None, &span).await
+        }
+        .instrument(span.clone())
+        .await
+    }
+
     /// The checks every resolution makes on the record the store returned.
     async fn judge(
         &self,
         mut session: Session,
         now: OffsetDateTime,
-        touch: Touch,
+        touch: Option<Touch>,
         span: &Span,
     ) -> Result<Context, Error> {
         record_session(span, &session);
@@ -1101,7 +1128,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if session.state == SessionState::Pending {
             return Err(Error::PendingConsent);
         }
-        if touch.applies_to(&session) {
+        if touch.is_some_and(|t| t.applies_to(&session)) {
             session.last_seen_at = now;
         }
         // A check stamped ahead of this clock (another server's runs fast)

@@ -2000,3 +2000,70 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
         assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
     }
 }
+
+/// A watcher's check (a stream, a WebSocket) sees the session as a request
+/// would, but is no use of it: checks every minute do not keep a session
+/// alive that its agent walked away from, and the one that finds it idle
+/// ends it, on the trail.
+#[tokio::test]
+async fn checking_a_session_does_not_keep_it_alive_and_ends_it_when_idle() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let id = started.session.id;
+    let before = f.service.check_session(id).await.unwrap();
+    for _ in 0..14 {
+        f.clock.advance(Duration::minutes(1));
+        let ctx = f.service.check_session(id).await.unwrap();
+        assert_eq!(ctx.idle_deadline(), before.idle_deadline(), "no touch");
+    }
+    f.clock.advance(Duration::minutes(1));
+    assert!(matches!(
+        f.service.check_session(id).await,
+        Err(Error::Ended(EndReason::IdleTimeout))
+    ));
+    let end = session_events(&f, id).await.pop().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+    // Another request's use in between does move the deadline it checks.
+    let again = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::minutes(10));
+    f.service.resolve(&again.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(10));
+    let ctx = f.service.check_session(again.session.id).await.unwrap();
+    assert_eq!(ctx.idle_deadline(), f.service.now() + Duration::minutes(5));
+}
+
+/// A check finds a stopped session ended, and one the policy no longer
+/// allows (its re-check due) revoked, as a request would.
+#[tokio::test]
+async fn checking_a_session_finds_it_stopped_or_revoked() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.service.check_session(started.session.id).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    let started = f.sam_on_olive().await;
+    f.demote_sam();
+    f.clock.advance(Duration::minutes(2));
+    assert!(matches!(
+        f.service.check_session(started.session.id).await,
+        Err(Error::Ended(EndReason::Revoked))
+    ));
+    assert!(matches!(
+        f.service
+            .check_session(impersonation_core::SessionId::new())
+            .await,
+        Err(Error::Unauthenticated)
+    ));
+}

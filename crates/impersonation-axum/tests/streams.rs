@@ -1,0 +1,284 @@
+//! What outlives its request ends with its session: a response streamed
+//! under impersonation is cut when the session is stopped, expires or
+//! idles out (and the checks that find it so do not keep it alive), and
+//! `SessionEnd`, a WebSocket handler's signal, completes then.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{Request, StatusCode, header};
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::BodyExt;
+use impersonation_axum::{ImpersonationLayer, SessionEnd};
+use impersonation_core::{
+    AuditAction, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore, Requester,
+    StartRequest, Started,
+};
+use impersonation_testkit::conformance::all_events;
+use impersonation_testkit::epoch;
+use time::Duration;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+
+use common::{agent, auth, customer};
+
+type Svc = Arc<Impersonation<Arc<MemoryStore>, MemoryDirectory>>;
+
+/// What `/socket` hands the test: whether its request was impersonated,
+/// and a signal sent when its `SessionEnd` completes.
+type Sockets = Arc<Mutex<Vec<(bool, oneshot::Receiver<()>)>>>;
+
+struct Fx {
+    app: Router,
+    svc: Svc,
+    store: Arc<MemoryStore>,
+    clock: ManualClock,
+    sockets: Sockets,
+}
+
+/// An endless event stream, one event every 10 ms.
+fn ticks() -> Response {
+    let stream = futures_util::stream::unfold(0_u64, |n| async move {
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+        Some((
+            Ok::<_, Infallible>(Bytes::from(format!("data: {n}\n\n"))),
+            n + 1,
+        ))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A WebSocket handler's shape: the socket's task (here, one that only
+/// waits) is spawned with the request's `SessionEnd`.
+async fn socket(State(sockets): State<Sockets>, end: SessionEnd) -> &'static str {
+    let (tx, rx) = oneshot::channel();
+    sockets.lock().unwrap().push((end.is_impersonating(), rx));
+    tokio::spawn(async move {
+        end.await;
+        let _ = tx.send(());
+    });
+    "switching"
+}
+
+fn fixture(check: StdDuration, clock: Option<ManualClock>) -> Fx {
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive", "Olive Owner")] {
+        directory.insert(p);
+    }
+    let store = Arc::new(MemoryStore::new());
+    let clock_used = clock.clone().unwrap_or_else(|| ManualClock::new(epoch()));
+    let mut svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    if let Some(clock) = clock {
+        svc = svc.with_clock(clock);
+    }
+    let svc = Arc::new(svc);
+    let sockets = Sockets::default();
+    let app = Router::new()
+        .route("/events", get(|| async { ticks() }))
+        .route("/sized", get(|| async { "a page of known length" }))
+        .route("/socket", get(socket))
+        .with_state(Arc::clone(&sockets))
+        .layer(
+            ImpersonationLayer::new(Arc::clone(&svc))
+                .development_mode()
+                .check_streams_every(check),
+        )
+        .layer(from_fn_with_state(directory, auth));
+    Fx {
+        app,
+        svc,
+        store,
+        clock: clock_used,
+        sockets,
+    }
+}
+
+async fn start(fx: &Fx, request: StartRequest) -> Started {
+    fx.svc
+        .start(Requester::User(&agent("sam")), request)
+        .await
+        .unwrap()
+}
+
+fn olive() -> StartRequest {
+    StartRequest::new(customer("olive", "").id, "Customer cannot see bookings")
+}
+
+/// Sam's request for `path`, under `started` if given.
+async fn get_as_sam(fx: &Fx, path: &str, started: Option<&Started>) -> Response {
+    let mut req = Request::get(path).header("x-test-user", "sam");
+    if let Some(s) = started {
+        req = req.header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", s.secret.expose()),
+        );
+    }
+    fx.app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Reads frames until the body ends or fails: how many arrived, and
+/// whether it failed (was cut). Gives up after `most` frames (an endless
+/// stream that was not cut) or 30 s (one that hangs).
+async fn drain(res: Response, most: usize) -> (usize, bool) {
+    let mut body = res.into_body();
+    let mut frames = 0;
+    let read = async {
+        while frames < most {
+            match body.frame().await {
+                None => return false,
+                Some(Err(_)) => return true,
+                Some(Ok(_)) => frames += 1,
+            }
+        }
+        false
+    };
+    let cut = tokio::time::timeout(StdDuration::from_secs(30), read)
+        .await
+        .expect("the stream neither ended nor went on");
+    (frames, cut)
+}
+
+#[tokio::test]
+async fn a_stream_is_cut_once_its_session_is_stopped() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    let (_, cut) = drain(Response::new(body), 100_000).await;
+    assert!(cut, "the stream went on after its session was stopped");
+}
+
+#[tokio::test]
+async fn a_stream_outside_impersonation_and_a_page_of_known_length_are_left_alone() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    // Sam's own stream, no session: many checks' worth of events, uncut.
+    let (frames, cut) = drain(get_as_sam(&fx, "/events", None).await, 30).await;
+    assert_eq!((frames, cut), (30, false));
+    // A page sent whole under a session stopped right after: it arrives whole.
+    let started = start(&fx, olive()).await;
+    let res = get_as_sam(&fx, "/sized", Some(&started)).await;
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    tokio::time::sleep(StdDuration::from_millis(50)).await;
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"a page of known length");
+}
+
+/// The checks of an open stream are no use of its session: with the
+/// service's clock moved past the idle timeout (and no request since), the
+/// stream is cut, and the session ends idle, by the system, on the trail.
+#[tokio::test]
+async fn a_stream_does_not_keep_its_session_alive_and_ends_with_it_when_idle() {
+    let clock = ManualClock::new(epoch());
+    let fx = fixture(StdDuration::from_millis(20), Some(clock));
+    let started = start(&fx, olive()).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    let mut body = res.into_body();
+    // Fourteen minutes of checks, none of which moves the idle deadline.
+    for _ in 0..14 {
+        fx.clock.advance(Duration::minutes(1));
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+    }
+    fx.clock.advance(Duration::minutes(1));
+    let (_, cut) = drain(Response::new(body), 100_000).await;
+    assert!(cut, "the stream outlived its session's idle timeout");
+    let events = all_events(
+        fx.store.as_ref(),
+        AuditQuery {
+            session: Some(started.session.id),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    let end = events.last().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+}
+
+/// A session's expiry ends its stream on time even when the checks are an
+/// hour apart: the watcher wakes at the deadline.
+#[tokio::test]
+async fn a_stream_ends_at_its_sessions_expiry_whatever_the_check_interval() {
+    let fx = fixture(StdDuration::from_secs(3600), None);
+    let started = start(&fx, olive().duration(Duration::milliseconds(300))).await;
+    let (frames, cut) = drain(get_as_sam(&fx, "/events", Some(&started)).await, 100_000).await;
+    assert!(cut, "the stream outlived its session's expiry");
+    assert!(
+        frames > 0,
+        "the stream was served while its session was live"
+    );
+    let events = all_events(
+        fx.store.as_ref(),
+        AuditQuery {
+            session: Some(started.session.id),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    let end = events.last().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("expired"))
+    );
+}
+
+/// `SessionEnd`, which a WebSocket's task selects on, completes when the
+/// session is stopped, and never outside impersonation.
+#[tokio::test]
+async fn session_end_completes_when_the_session_ends_and_never_outside_one() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    assert_eq!(
+        get_as_sam(&fx, "/socket", Some(&started)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_as_sam(&fx, "/socket", None).await.status(),
+        StatusCode::OK
+    );
+    let (under, mut outside) = {
+        let mut sockets = fx.sockets.lock().unwrap();
+        let outside = sockets.pop().unwrap();
+        (sockets.pop().unwrap(), outside)
+    };
+    assert_eq!((under.0, outside.0), (true, false));
+    // Live: checks come and go, and the socket stays.
+    let mut under = under.1;
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    assert_eq!(under.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    tokio::time::timeout(StdDuration::from_secs(30), under)
+        .await
+        .expect("SessionEnd did not complete after the stop")
+        .unwrap();
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    assert_eq!(
+        outside.1.try_recv(),
+        Err(oneshot::error::TryRecvError::Empty)
+    );
+}
