@@ -720,7 +720,7 @@ where
                     // with the banner, as a GET's would be.
                     Page::Injectable
                         if *method == Method::HEAD
-                            && axum::body::HttpBody::size_hint(res.body()).exact() == Some(0) =>
+                            && HttpBody::size_hint(res.body()).exact() == Some(0) =>
                     {
                         let announced = res
                             .headers()
@@ -766,6 +766,8 @@ where
                 // From here the request is audited below, whatever happens.
                 AuditIfGivenUp::disarm(given_up);
                 let status = res.status().as_u16();
+                // Whether the audit found the session ended meanwhile.
+                let mut session_over = false;
                 match audit_request(&shared, &state, c, method, route, is_change, status).await {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
@@ -810,7 +812,8 @@ where
                     // end meanwhile: the change is made and on the trail
                     // (after the end); its answer goes out as it began.
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "session ended during an impersonated change")
+                        tracing::warn!(error = %e, "session ended during an impersonated change");
+                        session_over = true;
                     }
                 }
                 let headers = res.headers_mut();
@@ -829,8 +832,13 @@ where
                 // A body of no known length may stream on (server-sent
                 // events, a long export) after the session has ended: it is
                 // cut then. (A page with the banner was read whole above.)
+                // (Cut at once when the session ended while the handler ran.)
                 if HttpBody::size_hint(res.body()).exact().is_none() {
-                    let end = session_end(Arc::clone(&shared.api), c, settings.stream_check);
+                    let end: BoxFuture<()> = if session_over {
+                        Box::pin(std::future::ready(()))
+                    } else {
+                        session_end(Arc::clone(&shared.api), c, settings.stream_check)
+                    };
                     res = res.map(|body| Body::new(EndsWithSession::new(body, end)));
                 }
             }

@@ -150,12 +150,21 @@ impl ImpersonationLayer {
     /// response body streamed without a known length (server-sent events,
     /// a long export), which the layer cuts when the session has ended,
     /// and a [`SessionEnd`] (for a WebSocket, whose messages the layer
-    /// never sees). Each check of each open stream is one store read, and
-    /// none touches the session's idle time: an open stream does not keep
-    /// a session alive. Expiry and the idle deadline end a stream on time
-    /// whatever this is; a stop or revocation, within this long.
+    /// never sees). Each check of each open stream is a store read (and,
+    /// when a policy re-check falls due, the directory's reads and a
+    /// write, as for a request), and none touches the session's idle
+    /// time: an open stream does not keep a session alive. Expiry and the
+    /// idle deadline end a stream on time whatever this is; a stop or
+    /// revocation, within this long.
+    ///
+    /// A check that fails, or takes longer than this (but at least one
+    /// and at most five seconds), ends the stream too: it fails closed,
+    /// as a request does. The
+    /// watch sleeps on tokio's timer, which `#[tokio::main]` enables (a
+    /// runtime built by hand needs `enable_time`). Below 100 ms, 100 ms.
     #[must_use]
     pub fn check_streams_every(self, every: std::time::Duration) -> Self {
+        let every = every.max(std::time::Duration::from_millis(100));
         self.with(|s| s.stream_check = every)
     }
 
@@ -163,9 +172,9 @@ impl ImpersonationLayer {
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
     /// `TRACE`, and any request with an `Upgrade` header naming anything
     /// but `h2c`: a WebSocket's handshake is a `GET`, and the layer sees
-    /// none of its messages (its handler closes the socket when the
-    /// session ends with [`SessionEnd`]); a filter given here decides for
-    /// upgrades too). A change is
+    /// none of its messages (to close the socket when the session ends,
+    /// its handler must select on [`SessionEnd`]); a filter given here
+    /// decides for upgrades too). A change is
     /// refused in a read-only session, always reads
     /// the session from the store rather than a moment-old copy, and is
     /// audited as a modification; any other request is audited as an

@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use futures_util::FutureExt;
 use http_body::{Frame, SizeHint};
 
-use impersonation_core::{Context, Error, ImpersonationApi};
+use impersonation_core::{Context, ImpersonationApi};
 
 use crate::layer::{BoxFuture, Handle};
 
@@ -25,31 +25,53 @@ const LEAST_WAIT: Duration = Duration::from_millis(5);
 /// Resolves once the session of `ctx` has ended: checked on the store
 /// every `every`, and at its expiry and idle deadline (so it ends on time
 /// even with a long `every`), without touching its idle time
-/// ([`ImpersonationApi::check_session`]). A check that fails (the store is
-/// out of reach) ends it too: a stream fails closed, as a request does.
+/// ([`ImpersonationApi::check_session`]). A check that fails (the store
+/// or the directory is out of reach) or takes longer than `every` (at
+/// least [`LEAST_CHECK_TIME`], at most [`MOST_CHECK_TIME`]) ends it too: a stream fails closed, as a
+/// request does. And once the session's expiry has passed on this
+/// server's clock it ends without asking: no answer can extend it.
 pub(crate) fn session_end(
     api: Arc<dyn ImpersonationApi>,
     ctx: &Context,
     every: Duration,
-) -> BoxFuture<Error> {
+) -> BoxFuture<()> {
     let id = ctx.session();
-    let mut deadline = ctx.expires_at().min(ctx.idle_deadline());
+    let expires = ctx.expires_at();
+    let mut deadline = expires.min(ctx.idle_deadline());
     Box::pin(async move {
         loop {
             let left = deadline - api.now();
             // Past the deadline by a hair, so the check sees it lapsed.
             let to_deadline = Duration::try_from(left).unwrap_or(Duration::ZERO) + LEAST_WAIT;
             tokio::time::sleep(every.min(to_deadline).max(LEAST_WAIT)).await;
-            match api.check_session(id).await {
-                Ok(now) => deadline = now.expires_at().min(now.idle_deadline()),
-                Err(e) => {
-                    tracing::info!(session = %id, error = %e, "impersonation session over: ending what outlived its request");
-                    return e;
+            let check = tokio::time::timeout(
+                every.clamp(LEAST_CHECK_TIME, MOST_CHECK_TIME),
+                api.check_session(id),
+            );
+            let why = match check.await {
+                Ok(Ok(now)) if api.now() < expires => {
+                    deadline = now.expires_at().min(now.idle_deadline());
+                    continue;
                 }
-            }
+                Ok(Ok(_)) => "it has expired".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the check of it did not answer in time".to_owned(),
+            };
+            tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
+            return;
         }
     })
 }
+
+/// The least time a check of a session is given before it counts as
+/// failed (more, up to [`MOST_CHECK_TIME`], when the checks are further
+/// apart).
+const LEAST_CHECK_TIME: Duration = Duration::from_secs(1);
+
+/// The most time a check is given: a store or directory that has not
+/// answered by then is out of reach, and the session's expiry must not
+/// wait on it.
+const MOST_CHECK_TIME: Duration = Duration::from_secs(5);
 
 /// A response body that ends when its session does: cut with an error,
 /// so that the client sees a stream broken off rather than one that
@@ -57,11 +79,11 @@ pub(crate) fn session_end(
 /// `EventSource` reconnects, and is then served as whoever it is).
 pub(crate) struct EndsWithSession {
     inner: Body,
-    end: Option<BoxFuture<Error>>,
+    end: Option<BoxFuture<()>>,
 }
 
 impl EndsWithSession {
-    pub(crate) fn new(inner: Body, end: BoxFuture<Error>) -> Self {
+    pub(crate) fn new(inner: Body, end: BoxFuture<()>) -> Self {
         Self {
             inner,
             end: Some(end),
@@ -84,7 +106,8 @@ impl HttpBody for EndsWithSession {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         if let Some(end) = &mut this.end {
-            if end.poll_unpin(cx).is_ready() {
+            // A body that has sent all it had is let finish, not cut.
+            if !this.inner.is_end_stream() && end.poll_unpin(cx).is_ready() {
                 this.end = None;
                 this.inner = Body::empty();
                 return Poll::Ready(Some(Err(axum::Error::new(SessionEnded))));
@@ -138,12 +161,22 @@ impl HttpBody for EndsWithSession {
 /// says, and at its expiry and idle deadline; the checks do not count as
 /// use of the session (only requests do), so an open socket does not keep
 /// alive a session its agent has walked away from.
-pub struct SessionEnd(Option<BoxFuture<Error>>);
+pub struct SessionEnd(Watch);
+
+/// Where a [`SessionEnd`] stands.
+enum Watch {
+    /// Not impersonating: it never completes.
+    Never,
+    /// Watching the session.
+    Watching(BoxFuture<()>),
+    /// Completed: every later poll is ready too.
+    Over,
+}
 
 impl std::fmt::Debug for SessionEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionEnd")
-            .field("impersonating", &self.0.is_some())
+            .field("impersonating", &self.is_impersonating())
             .finish()
     }
 }
@@ -152,7 +185,7 @@ impl SessionEnd {
     /// Whether the request was served under impersonation (otherwise the
     /// future never completes).
     pub fn is_impersonating(&self) -> bool {
-        self.0.is_some()
+        !matches!(self.0, Watch::Never)
     }
 }
 
@@ -161,8 +194,17 @@ impl Future for SessionEnd {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         match &mut self.0 {
-            Some(end) => end.poll_unpin(cx).map(drop),
-            None => Poll::Pending,
+            Watch::Watching(end) => {
+                let ready = end.poll_unpin(cx);
+                if ready.is_ready() {
+                    // Polled again (a select loop that goes on to close
+                    // the socket), it stays ready.
+                    self.0 = Watch::Over;
+                }
+                ready
+            }
+            Watch::Over => Poll::Ready(()),
+            Watch::Never => Poll::Pending,
         }
     }
 }
@@ -174,12 +216,12 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionEnd {
         let handle = parts.extensions.get::<Handle>();
         let ctx = parts.extensions.get::<Context>();
         Ok(Self(match (handle, ctx) {
-            (Some(Handle(state)), Some(ctx)) => Some(session_end(
+            (Some(Handle(state)), Some(ctx)) => Watch::Watching(session_end(
                 Arc::clone(&state.shared.api),
                 ctx,
                 state.shared.settings.stream_check,
             )),
-            _ => None,
+            _ => Watch::Never,
         }))
     }
 }

@@ -25,13 +25,14 @@ use impersonation_core::{
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
+use impersonation_testkit::faults::{Calls, FaultyStore, When};
 use time::Duration;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use common::{agent, auth, customer};
 
-type Svc = Arc<Impersonation<Arc<MemoryStore>, MemoryDirectory>>;
+type Svc = Arc<Impersonation<Arc<FaultyStore<MemoryStore>>, MemoryDirectory>>;
 
 /// What `/socket` hands the test: whether its request was impersonated,
 /// and a signal sent when its `SessionEnd` completes.
@@ -40,8 +41,7 @@ type Sockets = Arc<Mutex<Vec<(bool, oneshot::Receiver<()>)>>>;
 struct Fx {
     app: Router,
     svc: Svc,
-    store: Arc<MemoryStore>,
-    clock: ManualClock,
+    store: Arc<FaultyStore<MemoryStore>>,
     sockets: Sockets,
 }
 
@@ -78,11 +78,10 @@ fn fixture(check: StdDuration, clock: Option<ManualClock>) -> Fx {
     for p in [agent("sam"), customer("olive", "Olive Owner")] {
         directory.insert(p);
     }
-    let store = Arc::new(MemoryStore::new());
-    let clock_used = clock.clone().unwrap_or_else(|| ManualClock::new(epoch()));
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let mut svc = Impersonation::new(Arc::clone(&store), directory.clone());
-    if let Some(clock) = clock {
-        svc = svc.with_clock(clock);
+    if let Some(clock) = &clock {
+        svc = svc.with_clock(clock.clone());
     }
     let svc = Arc::new(svc);
     let sockets = Sockets::default();
@@ -101,7 +100,6 @@ fn fixture(check: StdDuration, clock: Option<ManualClock>) -> Fx {
         app,
         svc,
         store,
-        clock: clock_used,
         sockets,
     }
 }
@@ -176,13 +174,19 @@ async fn a_stream_outside_impersonation_and_a_page_of_known_length_are_left_alon
     // Sam's own stream, no session: many checks' worth of events, uncut.
     let (frames, cut) = drain(get_as_sam(&fx, "/events", None).await, 30).await;
     assert_eq!((frames, cut), (30, false));
-    // A page sent whole under a session stopped right after: it arrives whole.
+    // A page of known length under a session is sent as it is: not
+    // wrapped, its length announced.
     let started = start(&fx, olive()).await;
     let res = get_as_sam(&fx, "/sized", Some(&started)).await;
-    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
-    tokio::time::sleep(StdDuration::from_millis(50)).await;
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"a page of known length");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        axum::body::HttpBody::size_hint(res.body()).exact(),
+        Some(22)
+    );
+    // A stream under the session is watched: no known length.
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(axum::body::HttpBody::size_hint(res.body()).exact(), None);
 }
 
 /// The checks of an open stream are no use of its session: with the
@@ -191,22 +195,22 @@ async fn a_stream_outside_impersonation_and_a_page_of_known_length_are_left_alon
 #[tokio::test]
 async fn a_stream_does_not_keep_its_session_alive_and_ends_with_it_when_idle() {
     let clock = ManualClock::new(epoch());
-    let fx = fixture(StdDuration::from_millis(20), Some(clock));
+    let fx = fixture(StdDuration::from_millis(20), Some(clock.clone()));
     let started = start(&fx, olive()).await;
     let res = get_as_sam(&fx, "/events", Some(&started)).await;
     let mut body = res.into_body();
     // Fourteen minutes of checks, none of which moves the idle deadline.
     for _ in 0..14 {
-        fx.clock.advance(Duration::minutes(1));
+        clock.advance(Duration::minutes(1));
         for _ in 0..3 {
             body.frame().await.unwrap().unwrap();
         }
     }
-    fx.clock.advance(Duration::minutes(1));
+    clock.advance(Duration::minutes(1));
     let (_, cut) = drain(Response::new(body), 100_000).await;
     assert!(cut, "the stream outlived its session's idle timeout");
     let events = all_events(
-        fx.store.as_ref(),
+        fx.store.inner(),
         AuditQuery {
             session: Some(started.session.id),
             ..AuditQuery::default()
@@ -225,15 +229,18 @@ async fn a_stream_does_not_keep_its_session_alive_and_ends_with_it_when_idle() {
 #[tokio::test]
 async fn a_stream_ends_at_its_sessions_expiry_whatever_the_check_interval() {
     let fx = fixture(StdDuration::from_secs(3600), None);
-    let started = start(&fx, olive().duration(Duration::milliseconds(300))).await;
-    let (frames, cut) = drain(get_as_sam(&fx, "/events", Some(&started)).await, 100_000).await;
+    // Long enough to be served on a busy machine; the checks never come.
+    let started = start(&fx, olive().duration(Duration::seconds(2))).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let (frames, cut) = drain(res, 100_000).await;
     assert!(cut, "the stream outlived its session's expiry");
     assert!(
         frames > 0,
         "the stream was served while its session was live"
     );
     let events = all_events(
-        fx.store.as_ref(),
+        fx.store.inner(),
         AuditQuery {
             session: Some(started.session.id),
             ..AuditQuery::default()
@@ -281,4 +288,113 @@ async fn session_end_completes_when_the_session_ends_and_never_outside_one() {
         outside.1.try_recv(),
         Err(oneshot::error::TryRecvError::Empty)
     );
+}
+
+/// A store that fails, or does not answer, cuts the stream: it cannot
+/// confirm the session, and a stream fails closed as a request does.
+#[tokio::test]
+async fn a_stream_is_cut_when_its_session_cannot_be_checked() {
+    for when in [When::Before, When::Hang] {
+        let fx = fixture(StdDuration::from_millis(20), None);
+        let started = start(&fx, olive()).await;
+        let res = get_as_sam(&fx, "/events", Some(&started)).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let mut body = res.into_body();
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+        // The watch's next store call fails, or never answers.
+        fx.store.fail_nth(1, when, Calls::All);
+        let (_, cut) = drain(Response::new(body), 100_000).await;
+        assert!(cut, "{when:?}: the stream went on unchecked");
+        assert_eq!(fx.store.injected(), 1, "{when:?}");
+    }
+}
+
+/// A completed `SessionEnd` polled again (a socket loop that goes on to
+/// send its close frame) stays complete rather than panic.
+#[tokio::test]
+async fn a_completed_session_end_stays_ready() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    let app = Router::new()
+        .route(
+            "/twice",
+            get(|end: SessionEnd| async move {
+                let mut end = std::pin::pin!(end);
+                (&mut end).await;
+                (&mut end).await;
+                "ended, twice"
+            }),
+        )
+        .layer(
+            ImpersonationLayer::new(Arc::clone(&fx.svc))
+                .development_mode()
+                .check_streams_every(StdDuration::from_millis(20)),
+        );
+    let directory = MemoryDirectory::new();
+    directory.insert(agent("sam"));
+    let app = app.layer(from_fn_with_state(directory, auth));
+    let req = Request::get("/twice")
+        .header("x-test-user", "sam")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let svc = Arc::clone(&fx.svc);
+    let stop = tokio::spawn(async move {
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+        svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    });
+    let res = tokio::time::timeout(StdDuration::from_secs(30), app.oneshot(req))
+        .await
+        .expect("SessionEnd never completed")
+        .unwrap();
+    stop.await.unwrap();
+    // The request's own audit finds its session ended: withheld, 401.
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// A change whose session ends while its handler runs is made and on the
+/// trail, and its answer goes out; but a stream it answers with is cut at
+/// once, not at the next check (an hour away here).
+#[tokio::test]
+async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_once() {
+    let fx = fixture(StdDuration::from_secs(3600), None);
+    let started = Arc::new(start(&fx, olive()).await);
+    let (svc, secret) = (Arc::clone(&fx.svc), Arc::clone(&started));
+    let app = Router::new()
+        .route(
+            "/export",
+            axum::routing::post(move || {
+                let (svc, secret) = (Arc::clone(&svc), Arc::clone(&secret));
+                async move {
+                    // Stopped elsewhere while the export is being made.
+                    svc.stop(&secret.secret, &agent("sam")).await.unwrap();
+                    ticks()
+                }
+            }),
+        )
+        .layer(
+            ImpersonationLayer::new(Arc::clone(&fx.svc))
+                .development_mode()
+                .check_streams_every(StdDuration::from_secs(3600)),
+        );
+    let directory = MemoryDirectory::new();
+    directory.insert(agent("sam"));
+    let app = app.layer(from_fn_with_state(directory, auth));
+    let req = Request::post("/export")
+        .header("x-test-user", "sam")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let (frames, cut) = drain(res, 100_000).await;
+    assert_eq!((frames, cut), (0, true));
 }
