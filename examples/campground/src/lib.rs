@@ -152,6 +152,8 @@ impl Demo {
             .ok_or_else(|| anyhow::anyhow!("the API side did not start"))?;
         let layer = ImpersonationLayer::new(Arc::clone(&self.service))
             .mount_path("/impersonation")
+            // The dashboard's live line ends within 2 s of a stop.
+            .check_streams_every(std::time::Duration::from_secs(2))
             .accept_tokens(api.issuer().verifier(api.audience.clone()))
             // Signing out changes nothing of the customer's: a read-only
             // session may do it. It ends the session, which the service
@@ -167,6 +169,7 @@ impl Demo {
             .route("/signin", post(pages::sign_in))
             .route(SIGN_OUT, post(pages::sign_out))
             .route("/dashboard", get(pages::dashboard))
+            .route("/dashboard/live", get(pages::live))
             .route("/bookings", post(pages::add_booking))
             .route("/settings", get(pages::settings).post(pages::save_settings))
             .route("/billing", get(pages::billing))

@@ -9,6 +9,7 @@ use axum::Form;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use futures_util::StreamExt as _;
 use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating, RenewCsrfToken};
@@ -455,6 +456,39 @@ fn bookings_table(rows: &[Booking]) -> String {
     out
 }
 
+/// How often the dashboard's live line is sent.
+pub const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /dashboard/live`, the dashboard's live line: how many bookings the viewer's campgrounds
+/// hold, as a server-sent event now and every [`LIVE_EVERY`]. A stream
+/// of no known length: under impersonation the SDK's layer cuts it once
+/// the session ends, so a tab left open stops showing the customer's
+/// data.
+pub async fn live(State(demo): AppState, v: Viewer) -> Response {
+    if v.real.is_none() || !v.can("bookings:read") {
+        return (StatusCode::FORBIDDEN, "sign in with bookings:read").into_response();
+    }
+    let tenants: Vec<&'static str> = v.campgrounds().iter().map(|c| c.tenant).collect();
+    let events = futures_util::stream::unfold(true, move |first| {
+        let (demo, tenants) = (Arc::clone(&demo), tenants.clone());
+        async move {
+            if !first {
+                tokio::time::sleep(LIVE_EVERY).await;
+            }
+            let count: usize = {
+                let data = demo.data();
+                tenants
+                    .iter()
+                    .map(|t| data.bookings.get(*t).map_or(0, Vec::len))
+                    .sum()
+            };
+            let event = Event::default().event("bookings").data(count.to_string());
+            Some((Ok::<_, Infallible>(event), false))
+        }
+    });
+    Sse::new(events).into_response()
+}
+
 /// `GET /dashboard`: the bookings of the effective user's campgrounds.
 pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
     if v.real.is_none() {
@@ -465,6 +499,16 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
         "<p>Welcome, <strong id=\"effective-user\">{}</strong>.</p>",
         esc(v.effective_name())
     );
+    if v.can("bookings:read") && !campgrounds.is_empty() {
+        // The live line: server-sent events, which the SDK's layer cuts
+        // when the impersonation ends (the browser then reconnects as
+        // whoever it is).
+        body.push_str(
+            "<p class=\"note\" id=\"live-line\">Live: <span id=\"live\">\u{2026}</span> bookings</p>\
+             <script>new EventSource('/dashboard/live').addEventListener('bookings',\
+             e=>{document.getElementById('live').textContent=e.data})</script>",
+        );
+    }
     if campgrounds.is_empty() {
         body.push_str("<p class=\"note\">You work for the platform, not a campground. Use the <a href=\"/support\">Support console</a> to help a customer.</p>");
     }

@@ -240,6 +240,13 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
             .unwrap();
         assert_eq!(role.as_deref(), Some("alert"));
         assert_eq!(text(client, "#effective-user").await, "Olive Owner");
+        // The live line (server-sent events through the layer) fills in
+        // with the count of Olive's bookings.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while text(client, "#live").await != "3" {
+            assert!(Instant::now() < deadline, "the live line never arrived");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         shot(client, screenshots, "3-banner.png").await;
 
         // Billing refused; the card masked on the profile.

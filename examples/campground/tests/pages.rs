@@ -863,3 +863,71 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_tok
         "{trail}"
     );
 }
+
+/// Reads a response's body until it ends or fails: whether it failed (was
+/// cut), what it carried. Gives up after 30 s (a stream that went on).
+async fn read_to_end_or_cut(mut res: reqwest::Response) -> (bool, String) {
+    let mut seen = String::new();
+    let read = async {
+        loop {
+            match res.chunk().await {
+                Ok(Some(chunk)) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) => return false,
+                Err(_) => return true,
+            }
+        }
+    };
+    let cut = tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the live line went on after the impersonation ended");
+    (cut, seen)
+}
+
+/// The dashboard's live line (server-sent events, over a real connection)
+/// shows the customer's bookings under impersonation, and is cut, not
+/// finished, once the impersonation is stopped: a tab left open stops
+/// showing the customer's data. Outside an impersonation it goes on.
+#[tokio::test]
+async fn the_live_line_is_cut_when_the_impersonation_ends() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    // Sam, a support agent, has no campground of his own.
+    let (status, page) = sam.get("/dashboard").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!page.contains("id=\"live-line\""));
+    impersonate(&mut sam, "olive").await;
+    let (_, page) = sam.get("/dashboard").await;
+    assert!(page.contains("id=\"live-line\""), "{page}");
+    let mut res = sam
+        .client
+        .get(format!("{base}/dashboard/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let first = res.chunk().await.unwrap().unwrap();
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.contains("event: bookings"), "{first}");
+    let (status, _) = sam.post("/impersonation/stop", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (cut, _) = read_to_end_or_cut(res).await;
+    assert!(cut, "the live line finished instead of being cut");
+
+    // Olive's own live line, outside any impersonation, goes on past
+    // a check: two events at least, two seconds apart.
+    let olive = User::sign_in(&base, "olive").await;
+    let mut res = olive
+        .client
+        .get(format!("{base}/dashboard/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut events = 0;
+    while events < 2 {
+        let chunk = res.chunk().await.unwrap().expect("the live line ended");
+        events += String::from_utf8_lossy(&chunk)
+            .matches("event: bookings")
+            .count();
+    }
+}
