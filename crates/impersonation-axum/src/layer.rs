@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cookie::{Cookie, SameSite};
-pub(crate) use futures_like::BoxFuture;
+use futures_like::BoxFuture;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use impersonation_core::{
@@ -25,7 +25,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::banner::{banner_html, inject};
-use crate::watch::{EndsWithSession, session_end};
+use crate::watch::{EndsWithSession, ended, watch_session};
 use impersonation_core::{ImpersonationApi, TokenResolver};
 
 mod futures_like {
@@ -136,6 +136,26 @@ pub(crate) struct RequestState {
     /// `Result` and answered with success carried on, maybe with a change:
     /// then its request is audited too.
     pub(crate) guard_refused: AtomicBool,
+    /// Set to true once the layer finds the session ended while the
+    /// request was served; made only when a [`crate::SessionEnd`] asks.
+    pub(crate) over: std::sync::OnceLock<tokio::sync::watch::Sender<bool>>,
+}
+
+impl RequestState {
+    /// What a [`crate::SessionEnd`] of this request watches, to end at
+    /// once when the layer finds the session over.
+    pub(crate) fn ended_while_served(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.over
+            .get_or_init(|| tokio::sync::watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// The layer found the session ended while the request was served.
+    fn found_over(&self) {
+        if let Some(over) = self.over.get() {
+            over.send_replace(true);
+        }
+    }
 }
 
 /// Request extension: the CSRF token this request's page puts into its
@@ -578,6 +598,7 @@ where
                 secret: kept_secret,
                 audited: AtomicBool::new(false),
                 guard_refused: AtomicBool::new(false),
+                over: std::sync::OnceLock::new(),
             });
             req.extensions_mut().insert(Handle(Arc::clone(&state)));
 
@@ -790,6 +811,7 @@ where
                     // a session that is over, is withheld.
                     Some(Err(e)) if !is_change => {
                         tracing::warn!(error = %e, "session ended; withholding an impersonated read");
+                        state.found_over();
                         let mut res =
                             plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
                         if cookie_session {
@@ -814,6 +836,7 @@ where
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "session ended during an impersonated change");
                         session_over = true;
+                        state.found_over();
                     }
                 }
                 let headers = res.headers_mut();
@@ -834,10 +857,10 @@ where
                 // cut then. (A page with the banner was read whole above.)
                 // (Cut at once when the session ended while the handler ran.)
                 if HttpBody::size_hint(res.body()).exact().is_none() {
-                    let end: BoxFuture<()> = if session_over {
-                        Box::pin(std::future::ready(()))
+                    let end = if session_over {
+                        ended()
                     } else {
-                        session_end(Arc::clone(&shared.api), c, settings.stream_check)
+                        watch_session(Arc::clone(&shared.api), c, settings.stream_check, None)
                     };
                     res = res.map(|body| Body::new(EndsWithSession::new(body, end)));
                 }

@@ -15,52 +15,92 @@ use http_body::{Frame, SizeHint};
 
 use impersonation_core::{Context, ImpersonationApi};
 
-use crate::layer::{BoxFuture, Handle};
+use tokio::sync::{oneshot, watch};
+
+use crate::layer::Handle;
 
 /// The least a watcher sleeps between two checks, so that a deadline the
 /// clock has not quite reached (a check a moment early) costs a few more
 /// checks, not a busy loop.
 const LEAST_WAIT: Duration = Duration::from_millis(5);
 
-/// Resolves once the session of `ctx` has ended: checked on the store
-/// every `every`, and at its expiry and idle deadline (so it ends on time
-/// even with a long `every`), without touching its idle time
+/// Watches the session of `ctx` on a task of its own, and answers on
+/// the returned channel once it has ended: checked on the store every
+/// `every`, and at its expiry and idle deadline (so it ends on time even
+/// with a long `every`), without touching its idle time
 /// ([`ImpersonationApi::check_session`]). A check that fails (the store
 /// or the directory is out of reach) or takes longer than `every` (at
-/// least [`LEAST_CHECK_TIME`], at most [`MOST_CHECK_TIME`]) ends it too: a stream fails closed, as a
-/// request does. And once the session's expiry has passed on this
-/// server's clock it ends without asking: no answer can extend it.
-pub(crate) fn session_end(
+/// least [`LEAST_CHECK_TIME`], at most [`MOST_CHECK_TIME`]) ends it too: a
+/// stream fails closed, as a request does. Once the session's expiry has
+/// passed on the service's clock it ends without asking (no answer can
+/// extend it), and a check then only writes the end on the trail. `over`
+/// turning true (the layer found the session ended while the request was
+/// served) ends it at once.
+///
+/// On a task, not in the body's poll: hyper stops polling a body whose
+/// client does not read, and a check frozen there would hold its store
+/// connection (a write transaction, at a lapse) for as long. A check
+/// that has begun runs to its end; the task stops at its next wait once
+/// no one listens (the body or the [`SessionEnd`] is gone).
+pub(crate) fn watch_session(
     api: Arc<dyn ImpersonationApi>,
     ctx: &Context,
     every: Duration,
-) -> BoxFuture<()> {
+    over: Option<watch::Receiver<bool>>,
+) -> oneshot::Receiver<()> {
+    let (mut tx, rx) = oneshot::channel();
     let id = ctx.session();
     let expires = ctx.expires_at();
     let mut deadline = expires.min(ctx.idle_deadline());
-    Box::pin(async move {
-        loop {
+    let budget = every.clamp(LEAST_CHECK_TIME, MOST_CHECK_TIME);
+    tokio::spawn(async move {
+        let mut over = over;
+        let ended_while_served = async {
+            match &mut over {
+                // The request served without finding it over (its state,
+                // and the sender, gone): only the checks can end it now.
+                Some(over) => {
+                    if over.wait_for(|over| *over).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(ended_while_served);
+        let why = loop {
             let left = deadline - api.now();
             // Past the deadline by a hair, so the check sees it lapsed.
             let to_deadline = Duration::try_from(left).unwrap_or(Duration::ZERO) + LEAST_WAIT;
-            tokio::time::sleep(every.min(to_deadline).max(LEAST_WAIT)).await;
-            let check = tokio::time::timeout(
-                every.clamp(LEAST_CHECK_TIME, MOST_CHECK_TIME),
-                api.check_session(id),
-            );
-            let why = match check.await {
-                Ok(Ok(now)) if api.now() < expires => {
-                    deadline = now.expires_at().min(now.idle_deadline());
-                    continue;
-                }
-                Ok(Ok(_)) => "it has expired".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "the check of it did not answer in time".to_owned(),
-            };
-            tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
-            return;
-        }
-    })
+            tokio::select! {
+                () = tx.closed() => return,
+                () = &mut ended_while_served => break "it ended while its request was served".to_owned(),
+                () = tokio::time::sleep(every.min(to_deadline).max(LEAST_WAIT)) => {}
+            }
+            if api.now() >= expires {
+                // Cut first; then the check ends it on the trail.
+                let _ = tx.send(());
+                let _ = tokio::time::timeout(budget, api.check_session(id)).await;
+                tracing::info!(session = %id, "impersonation session expired: ending what outlived its request");
+                return;
+            }
+            match tokio::time::timeout(budget, api.check_session(id)).await {
+                Ok(Ok(now)) => deadline = now.expires_at().min(now.idle_deadline()),
+                Ok(Err(e)) => break e.to_string(),
+                Err(_) => break "the check of it did not answer in time".to_owned(),
+            }
+        };
+        tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// An end already known: the channel answers at once.
+pub(crate) fn ended() -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(());
+    rx
 }
 
 /// The least time a check of a session is given before it counts as
@@ -79,11 +119,12 @@ const MOST_CHECK_TIME: Duration = Duration::from_secs(5);
 /// `EventSource` reconnects, and is then served as whoever it is).
 pub(crate) struct EndsWithSession {
     inner: Body,
-    end: Option<BoxFuture<()>>,
+    /// Answers (or is dropped) once the session has ended.
+    end: Option<oneshot::Receiver<()>>,
 }
 
 impl EndsWithSession {
-    pub(crate) fn new(inner: Body, end: BoxFuture<()>) -> Self {
+    pub(crate) fn new(inner: Body, end: oneshot::Receiver<()>) -> Self {
         Self {
             inner,
             end: Some(end),
@@ -106,7 +147,9 @@ impl HttpBody for EndsWithSession {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         if let Some(end) = &mut this.end {
-            // A body that has sent all it had is let finish, not cut.
+            // A body that has sent all it had is let finish, not cut. (A
+            // watch gone without a word, its task stopped with the
+            // runtime, counts as an end: fail closed.)
             if !this.inner.is_end_stream() && end.poll_unpin(cx).is_ready() {
                 this.end = None;
                 this.inner = Body::empty();
@@ -168,7 +211,7 @@ enum Watch {
     /// Not impersonating: it never completes.
     Never,
     /// Watching the session.
-    Watching(BoxFuture<()>),
+    Watching(oneshot::Receiver<()>),
     /// Completed: every later poll is ready too.
     Over,
 }
@@ -195,7 +238,7 @@ impl Future for SessionEnd {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         match &mut self.0 {
             Watch::Watching(end) => {
-                let ready = end.poll_unpin(cx);
+                let ready = end.poll_unpin(cx).map(drop);
                 if ready.is_ready() {
                     // Polled again (a select loop that goes on to close
                     // the socket), it stays ready.
@@ -216,10 +259,11 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionEnd {
         let handle = parts.extensions.get::<Handle>();
         let ctx = parts.extensions.get::<Context>();
         Ok(Self(match (handle, ctx) {
-            (Some(Handle(state)), Some(ctx)) => Watch::Watching(session_end(
+            (Some(Handle(state)), Some(ctx)) => Watch::Watching(watch_session(
                 Arc::clone(&state.shared.api),
                 ctx,
                 state.shared.settings.stream_check,
+                Some(state.ended_while_served()),
             )),
             _ => Watch::Never,
         }))

@@ -398,3 +398,109 @@ async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_onc
     let (frames, cut) = drain(res, 100_000).await;
     assert_eq!((frames, cut), (0, true));
 }
+
+/// The watch runs on a task of its own, not in the body's poll: hyper
+/// stops polling a body whose client does not read, and a check frozen
+/// there would hold its store connection as long. Here the body is not
+/// polled at all, and the watch still checks the store, finds it failing,
+/// and the first poll afterwards is the cut.
+#[tokio::test]
+async fn the_watch_checks_the_session_while_the_client_reads_nothing() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    fx.store.fail_nth(1, When::Before, Calls::All);
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(30);
+    while fx.store.injected() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no check while the body was not read"
+        );
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    let mut body = res.into_body();
+    assert!(
+        matches!(body.frame().await, Some(Err(_))),
+        "the first read after the failed check is the cut"
+    );
+}
+
+/// Past the session's expiry on the service's clock the stream is cut
+/// without waiting for the store: here the check hangs, and the cut comes
+/// long before its time budget (a second) runs out. (Tokio's clock is
+/// paused: the waits are counted, not slept.)
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_cut_at_expiry_without_waiting_for_a_hung_check() {
+    let clock = ManualClock::new(epoch());
+    let fx = fixture(StdDuration::from_millis(20), Some(clock.clone()));
+    let started = start(&fx, olive().duration(Duration::minutes(10))).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    // From here every store call hangs, and the session is past expiry.
+    fx.store.fail_nth(1, When::Hang, Calls::All);
+    clock.advance(Duration::minutes(11));
+    let read = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return,
+                None => panic!("the stream finished instead of being cut"),
+            }
+        }
+    };
+    tokio::time::timeout(StdDuration::from_millis(500), read)
+        .await
+        .expect("the cut waited for the hung check");
+}
+
+/// `SessionEnd` completes at once when the layer finds the session ended
+/// while the request was served (here a change whose handler stopped it,
+/// as another tab would): the next check, an hour away, is not awaited.
+#[tokio::test]
+async fn session_end_completes_at_once_when_the_session_ended_while_served() {
+    let fx = fixture(StdDuration::from_secs(3600), None);
+    let started = Arc::new(start(&fx, olive()).await);
+    let (svc, secret) = (Arc::clone(&fx.svc), Arc::clone(&started));
+    let (tx, rx) = oneshot::channel();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let app = Router::new()
+        .route(
+            "/live",
+            axum::routing::post(move |end: SessionEnd| {
+                let (svc, secret, tx) = (Arc::clone(&svc), Arc::clone(&secret), Arc::clone(&tx));
+                async move {
+                    let tx = tx.lock().unwrap().take().unwrap();
+                    tokio::spawn(async move {
+                        end.await;
+                        let _ = tx.send(());
+                    });
+                    svc.stop(&secret.secret, &agent("sam")).await.unwrap();
+                    "socket open"
+                }
+            }),
+        )
+        .layer(
+            ImpersonationLayer::new(Arc::clone(&fx.svc))
+                .development_mode()
+                .check_streams_every(StdDuration::from_secs(3600)),
+        );
+    let directory = MemoryDirectory::new();
+    directory.insert(agent("sam"));
+    let app = app.layer(from_fn_with_state(directory, auth));
+    let req = Request::post("/live")
+        .header("x-test-user", "sam")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
+    tokio::time::timeout(StdDuration::from_secs(30), rx)
+        .await
+        .expect("SessionEnd waited for the next check")
+        .unwrap();
+}

@@ -462,8 +462,8 @@ pub const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// `GET /dashboard/live`, the dashboard's live line: how many bookings the viewer's campgrounds
 /// hold, as a server-sent event now and every [`LIVE_EVERY`]. A stream
 /// of no known length: under impersonation the SDK's layer cuts it once
-/// the session ends, so a tab left open stops showing the customer's
-/// data.
+/// the session ends, and the page's script then stops listening, so a
+/// tab left open stops showing the customer's data.
 pub async fn live(State(demo): AppState, v: Viewer) -> Response {
     if v.real.is_none() || !v.can("bookings:read") {
         return (StatusCode::FORBIDDEN, "sign in with bookings:read").into_response();
@@ -501,12 +501,15 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
     );
     if v.can("bookings:read") && !campgrounds.is_empty() {
         // The live line: server-sent events, which the SDK's layer cuts
-        // when the impersonation ends (the browser then reconnects as
-        // whoever it is).
+        // when the impersonation ends. The page then stops listening and
+        // says so, rather than reconnect as whoever the browser is by then
+        // (the agent, or the next customer) under this page's banner.
         body.push_str(
             "<p class=\"note\" id=\"live-line\">Live: <span id=\"live\">\u{2026}</span> bookings</p>\
-             <script>new EventSource('/dashboard/live').addEventListener('bookings',\
-             e=>{document.getElementById('live').textContent=e.data})</script>",
+             <script>(()=>{const live=document.getElementById('live'),\
+             s=new EventSource('/dashboard/live');\
+             s.addEventListener('bookings',e=>{live.textContent=e.data});\
+             s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'}})()</script>",
         );
     }
     if campgrounds.is_empty() {

@@ -913,8 +913,8 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
     let (cut, _) = read_to_end_or_cut(res).await;
     assert!(cut, "the live line finished instead of being cut");
 
-    // Olive's own live line, outside any impersonation, goes on past
-    // a check: two events at least, two seconds apart.
+    // Olive's own live line, outside any impersonation, is not watched:
+    // it goes on, two events at least, two seconds apart.
     let olive = User::sign_in(&base, "olive").await;
     let mut res = olive
         .client
