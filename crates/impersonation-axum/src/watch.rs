@@ -39,21 +39,32 @@ const LEAST_WAIT: Duration = Duration::from_millis(5);
 ///
 /// On a task, not in the body's poll: hyper stops polling a body whose
 /// client does not read, and a check frozen there would hold its store
-/// connection (a write transaction, at a lapse) for as long. A check
-/// that has begun runs to its end; the task stops at its next wait once
-/// no one listens (the body or the [`SessionEnd`] is gone).
+/// connection (a write transaction, at a lapse) for as long. While a
+/// check runs, the expiry, the request's finding and the listener going
+/// away are still watched; a check that has begun runs to its end or its
+/// time budget, whichever comes first, so that an end it writes lands.
+/// The task stops once no one listens (the body or the [`SessionEnd`] is
+/// gone). Outside a tokio runtime nothing can watch: the end comes at
+/// once (fail closed), with an error in the log.
 pub(crate) fn watch_session(
     api: Arc<dyn ImpersonationApi>,
     ctx: &Context,
     every: Duration,
     over: Option<watch::Receiver<bool>>,
 ) -> oneshot::Receiver<()> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::error!(
+            session = %ctx.session(),
+            "no tokio runtime to watch an impersonated stream on: it is ended at once"
+        );
+        return ended();
+    };
     let (mut tx, rx) = oneshot::channel();
     let id = ctx.session();
     let expires = ctx.expires_at();
     let mut deadline = expires.min(ctx.idle_deadline());
     let budget = every.clamp(LEAST_CHECK_TIME, MOST_CHECK_TIME);
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let mut over = over;
         let ended_while_served = async {
             match &mut over {
@@ -68,32 +79,62 @@ pub(crate) fn watch_session(
             }
         };
         tokio::pin!(ended_while_served);
-        let why = loop {
-            let left = deadline - api.now();
-            // Past the deadline by a hair, so the check sees it lapsed.
-            let to_deadline = Duration::try_from(left).unwrap_or(Duration::ZERO) + LEAST_WAIT;
+        // How long until `at` on the service's clock, and a hair more, so
+        // that a check made then sees it passed.
+        let until = |at: time::OffsetDateTime| {
+            Duration::try_from(at - api.now()).unwrap_or(Duration::ZERO) + LEAST_WAIT
+        };
+        let (why, expired) = loop {
             tokio::select! {
                 () = tx.closed() => return,
-                () = &mut ended_while_served => break "it ended while its request was served".to_owned(),
-                () = tokio::time::sleep(every.min(to_deadline).max(LEAST_WAIT)) => {}
+                () = &mut ended_while_served => break ("it ended while its request was served".to_owned(), false),
+                () = tokio::time::sleep(every.min(until(deadline)).max(LEAST_WAIT)) => {}
             }
             if api.now() >= expires {
-                // Cut first; then the check ends it on the trail.
+                break ("it has expired".to_owned(), true);
+            }
+            let check = tokio::time::timeout(budget, api.check_session(id));
+            tokio::pin!(check);
+            // While the check runs, what needs no answer still ends it:
+            // the listener may go, the request's finding or the expiry
+            // may come. The check then runs on, for the end it writes.
+            let cut = tokio::select! {
+                checked = &mut check => match checked {
+                    Ok(Ok(now)) => {
+                        deadline = now.expires_at().min(now.idle_deadline());
+                        continue;
+                    }
+                    Ok(Err(e)) => break (e.to_string(), false),
+                    Err(_) => break ("the check of it did not answer in time".to_owned(), false),
+                },
+                () = tx.closed() => None,
+                () = &mut ended_while_served => Some("it ended while its request was served"),
+                () = tokio::time::sleep(until(expires)) => Some("it has expired"),
+            };
+            if let Some(why) = cut {
+                tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
                 let _ = tx.send(());
-                let _ = tokio::time::timeout(budget, api.check_session(id)).await;
-                tracing::info!(session = %id, "impersonation session expired: ending what outlived its request");
-                return;
             }
-            match tokio::time::timeout(budget, api.check_session(id)).await {
-                Ok(Ok(now)) => deadline = now.expires_at().min(now.idle_deadline()),
-                Ok(Err(e)) => break e.to_string(),
-                Err(_) => break "the check of it did not answer in time".to_owned(),
-            }
+            let _ = check.await;
+            return;
         };
         tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
         let _ = tx.send(());
+        if expired {
+            // Cut first; then the check ends it on the trail.
+            let _ = tokio::time::timeout(budget, api.check_session(id)).await;
+        }
     });
     rx
+}
+
+/// A watch that stopped without an answer: its task panicked (a runtime
+/// without its timer: `enable_time`) or the runtime is shutting down.
+/// What it watched ends (fail closed), and the log says why.
+fn watch_lost() {
+    tracing::error!(
+        "the watch of an impersonation session stopped without an answer (a tokio runtime without its timer, or one shutting down): ending what it watched"
+    );
 }
 
 /// An end already known: the channel answers at once.
@@ -150,7 +191,12 @@ impl HttpBody for EndsWithSession {
             // A body that has sent all it had is let finish, not cut. (A
             // watch gone without a word, its task stopped with the
             // runtime, counts as an end: fail closed.)
-            if !this.inner.is_end_stream() && end.poll_unpin(cx).is_ready() {
+            if !this.inner.is_end_stream()
+                && let Poll::Ready(answer) = end.poll_unpin(cx)
+            {
+                if answer.is_err() {
+                    watch_lost();
+                }
                 this.end = None;
                 this.inner = Body::empty();
                 return Poll::Ready(Some(Err(axum::Error::new(SessionEnded))));
@@ -238,7 +284,11 @@ impl Future for SessionEnd {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         match &mut self.0 {
             Watch::Watching(end) => {
-                let ready = end.poll_unpin(cx).map(drop);
+                let ready = end.poll_unpin(cx).map(|answer| {
+                    if answer.is_err() {
+                        watch_lost();
+                    }
+                });
                 if ready.is_ready() {
                     // Polled again (a select loop that goes on to close
                     // the socket), it stays ready.

@@ -239,19 +239,28 @@ async fn a_stream_ends_at_its_sessions_expiry_whatever_the_check_interval() {
         frames > 0,
         "the stream was served while its session was live"
     );
-    let events = all_events(
-        fx.store.inner(),
-        AuditQuery {
-            session: Some(started.session.id),
-            ..AuditQuery::default()
-        },
-    )
-    .await;
-    let end = events.last().unwrap();
-    assert_eq!(
-        (end.action, end.details.get("reason")),
-        (AuditAction::SessionEnded, Some("expired"))
-    );
+    // The cut goes first; the watch's check then writes the end.
+    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(30);
+    loop {
+        let events = all_events(
+            fx.store.inner(),
+            AuditQuery {
+                session: Some(started.session.id),
+                ..AuditQuery::default()
+            },
+        )
+        .await;
+        let end = events.last().unwrap();
+        if end.action == AuditAction::SessionEnded {
+            assert_eq!(end.details.get("reason"), Some("expired"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expiry never reached the trail"
+        );
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
 }
 
 /// `SessionEnd`, which a WebSocket's task selects on, completes when the
@@ -402,8 +411,8 @@ async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_onc
 /// The watch runs on a task of its own, not in the body's poll: hyper
 /// stops polling a body whose client does not read, and a check frozen
 /// there would hold its store connection as long. Here the body is not
-/// polled at all, and the watch still checks the store, finds it failing,
-/// and the first poll afterwards is the cut.
+/// polled at all, and the watch still checks the store and finds it
+/// failing; the reads that follow end in the cut.
 #[tokio::test]
 async fn the_watch_checks_the_session_while_the_client_reads_nothing() {
     let fx = fixture(StdDuration::from_millis(20), None);
@@ -419,11 +428,8 @@ async fn the_watch_checks_the_session_while_the_client_reads_nothing() {
         );
         tokio::time::sleep(StdDuration::from_millis(10)).await;
     }
-    let mut body = res.into_body();
-    assert!(
-        matches!(body.frame().await, Some(Err(_))),
-        "the first read after the failed check is the cut"
-    );
+    let (_, cut) = drain(res, 100_000).await;
+    assert!(cut, "the stream went on after its failed check");
 }
 
 /// Past the session's expiry on the service's clock the stream is cut
@@ -439,7 +445,8 @@ async fn a_stream_is_cut_at_expiry_without_waiting_for_a_hung_check() {
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
-    // From here every store call hangs, and the session is past expiry.
+    // The next store call (the watch's check) hangs, and the session is
+    // past expiry.
     fx.store.fail_nth(1, When::Hang, Calls::All);
     clock.advance(Duration::minutes(11));
     let read = async {
@@ -503,4 +510,35 @@ async fn session_end_completes_at_once_when_the_session_ended_while_served() {
         .await
         .expect("SessionEnd waited for the next check")
         .unwrap();
+}
+
+/// A check that began just before the expiry and hangs does not hold the
+/// cut back: the expiry is watched while the check runs. (Tokio's clock
+/// is paused; the service's clock is set a moment before the expiry.)
+#[tokio::test(start_paused = true)]
+async fn a_check_under_way_at_expiry_does_not_hold_the_cut_back() {
+    let clock = ManualClock::new(epoch());
+    let fx = fixture(StdDuration::from_millis(20), Some(clock.clone()));
+    let started = start(&fx, olive().duration(Duration::minutes(10))).await;
+    let res = get_as_sam(&fx, "/events", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    // 100 ms before the expiry, the next check starts, and hangs.
+    clock.advance(Duration::minutes(10) - Duration::milliseconds(100));
+    fx.store.fail_nth(1, When::Hang, Calls::All);
+    let read = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return,
+                None => panic!("the stream finished instead of being cut"),
+            }
+        }
+    };
+    // Well inside the check's budget of a second.
+    tokio::time::timeout(StdDuration::from_millis(500), read)
+        .await
+        .expect("the cut waited for the hung check");
+    assert_eq!(fx.store.injected(), 1, "the check was under way");
 }

@@ -463,7 +463,8 @@ pub const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// hold, as a server-sent event now and every [`LIVE_EVERY`]. A stream
 /// of no known length: under impersonation the SDK's layer cuts it once
 /// the session ends, and the page's script then stops listening, so a
-/// tab left open stops showing the customer's data.
+/// tab left open stops updating the customer's count (what the page
+/// showed before stays on screen until it is reloaded).
 pub async fn live(State(demo): AppState, v: Viewer) -> Response {
     if v.real.is_none() || !v.can("bookings:read") {
         return (StatusCode::FORBIDDEN, "sign in with bookings:read").into_response();
@@ -501,15 +502,22 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
     );
     if v.can("bookings:read") && !campgrounds.is_empty() {
         // The live line: server-sent events, which the SDK's layer cuts
-        // when the impersonation ends. The page then stops listening and
-        // says so, rather than reconnect as whoever the browser is by then
-        // (the agent, or the next customer) under this page's banner.
-        body.push_str(
-            "<p class=\"note\" id=\"live-line\">Live: <span id=\"live\">\u{2026}</span> bookings</p>\
-             <script>(()=>{const live=document.getElementById('live'),\
+        // when the impersonation ends. Under one, the page then stops
+        // listening and says so, rather than reconnect as whoever the
+        // browser is by then (the agent, or the next customer) under this
+        // page's banner; outside one, it reconnects after a blip as
+        // `EventSource` does.
+        let on_error = if v.ctx.is_some() {
+            "s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'};"
+        } else {
+            ""
+        };
+        let _ = write!(
+            body,
+            "<p class=\"note\" id=\"live-line\">Live: <span id=\"live\">&#8230;</span> bookings</p>\
+             <script>(()=>{{const live=document.getElementById('live'),\
              s=new EventSource('/dashboard/live');\
-             s.addEventListener('bookings',e=>{live.textContent=e.data});\
-             s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'}})()</script>",
+             s.addEventListener('bookings',e=>{{live.textContent=e.data}});{on_error}}})()</script>"
         );
     }
     if campgrounds.is_empty() {

@@ -898,6 +898,8 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
     impersonate(&mut sam, "olive").await;
     let (_, page) = sam.get("/dashboard").await;
     assert!(page.contains("id=\"live-line\""), "{page}");
+    // Under the impersonation the page stops listening once cut.
+    assert!(page.contains("s.onerror"), "{page}");
     let mut res = sam
         .client
         .get(format!("{base}/dashboard/live"))
@@ -915,7 +917,10 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
 
     // Olive's own live line, outside any impersonation, is not watched:
     // it goes on, two events at least, two seconds apart.
-    let olive = User::sign_in(&base, "olive").await;
+    let mut olive = User::sign_in(&base, "olive").await;
+    // Her own page reconnects after a blip, as `EventSource` does.
+    let (_, page) = olive.get("/dashboard").await;
+    assert!(page.contains("id=\"live-line\"") && !page.contains("s.onerror"));
     let mut res = olive
         .client
         .get(format!("{base}/dashboard/live"))
