@@ -13,7 +13,7 @@ use std::time::Duration as StdDuration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{Method, Request, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -128,6 +128,35 @@ async fn get_as_sam(fx: &Fx, path: &str, started: Option<&Started>) -> Response 
         .clone()
         .oneshot(req.body(Body::empty()).unwrap())
         .await
+        .unwrap()
+}
+
+/// A test's own `routes` behind the layer (checking streams every
+/// `every`) and the stand-in for the host's auth, over the fixture's
+/// service.
+fn behind_the_layer(fx: &Fx, routes: Router, every: StdDuration) -> Router {
+    let directory = MemoryDirectory::new();
+    directory.insert(agent("sam"));
+    routes
+        .layer(
+            ImpersonationLayer::new(Arc::clone(&fx.svc))
+                .development_mode()
+                .check_streams_every(every),
+        )
+        .layer(from_fn_with_state(directory, auth))
+}
+
+/// Sam's `method path`, under `started`'s secret.
+fn sams_request(method: Method, path: &str, started: &Started) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("x-test-user", "sam")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", started.secret.expose()),
+        )
+        .body(Body::empty())
         .unwrap()
 }
 
@@ -326,32 +355,17 @@ async fn a_stream_is_cut_when_its_session_cannot_be_checked() {
 async fn a_completed_session_end_stays_ready() {
     let fx = fixture(StdDuration::from_millis(20), None);
     let started = start(&fx, olive()).await;
-    let app = Router::new()
-        .route(
-            "/twice",
-            get(|end: SessionEnd| async move {
-                let mut end = std::pin::pin!(end);
-                (&mut end).await;
-                (&mut end).await;
-                "ended, twice"
-            }),
-        )
-        .layer(
-            ImpersonationLayer::new(Arc::clone(&fx.svc))
-                .development_mode()
-                .check_streams_every(StdDuration::from_millis(20)),
-        );
-    let directory = MemoryDirectory::new();
-    directory.insert(agent("sam"));
-    let app = app.layer(from_fn_with_state(directory, auth));
-    let req = Request::get("/twice")
-        .header("x-test-user", "sam")
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", started.secret.expose()),
-        )
-        .body(Body::empty())
-        .unwrap();
+    let app = Router::new().route(
+        "/twice",
+        get(|end: SessionEnd| async move {
+            let mut end = std::pin::pin!(end);
+            (&mut end).await;
+            (&mut end).await;
+            "ended, twice"
+        }),
+    );
+    let app = behind_the_layer(&fx, app, StdDuration::from_millis(20));
+    let req = sams_request(Method::GET, "/twice", &started);
     let svc = Arc::clone(&fx.svc);
     let stop = tokio::spawn(async move {
         tokio::time::sleep(StdDuration::from_millis(50)).await;
@@ -374,34 +388,19 @@ async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_onc
     let fx = fixture(StdDuration::from_secs(3600), None);
     let started = Arc::new(start(&fx, olive()).await);
     let (svc, secret) = (Arc::clone(&fx.svc), Arc::clone(&started));
-    let app = Router::new()
-        .route(
-            "/export",
-            axum::routing::post(move || {
-                let (svc, secret) = (Arc::clone(&svc), Arc::clone(&secret));
-                async move {
-                    // Stopped elsewhere while the export is being made.
-                    svc.stop(&secret.secret, &agent("sam")).await.unwrap();
-                    ticks()
-                }
-            }),
-        )
-        .layer(
-            ImpersonationLayer::new(Arc::clone(&fx.svc))
-                .development_mode()
-                .check_streams_every(StdDuration::from_secs(3600)),
-        );
-    let directory = MemoryDirectory::new();
-    directory.insert(agent("sam"));
-    let app = app.layer(from_fn_with_state(directory, auth));
-    let req = Request::post("/export")
-        .header("x-test-user", "sam")
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", started.secret.expose()),
-        )
-        .body(Body::empty())
-        .unwrap();
+    let app = Router::new().route(
+        "/export",
+        axum::routing::post(move || {
+            let (svc, secret) = (Arc::clone(&svc), Arc::clone(&secret));
+            async move {
+                // Stopped elsewhere while the export is being made.
+                svc.stop(&secret.secret, &agent("sam")).await.unwrap();
+                ticks()
+            }
+        }),
+    );
+    let app = behind_the_layer(&fx, app, StdDuration::from_secs(3600));
+    let req = sams_request(Method::POST, "/export", &started);
     let res = app.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let (frames, cut) = drain(res, 100_000).await;
@@ -449,18 +448,11 @@ async fn a_stream_is_cut_at_expiry_without_waiting_for_a_hung_check() {
     // past expiry.
     fx.store.fail_nth(1, When::Hang, Calls::All);
     clock.advance(Duration::minutes(11));
-    let read = async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return,
-                None => panic!("the stream finished instead of being cut"),
-            }
-        }
-    };
-    tokio::time::timeout(StdDuration::from_millis(500), read)
+    let read = drain(Response::new(body), 100_000);
+    let (_, cut) = tokio::time::timeout(StdDuration::from_millis(500), read)
         .await
         .expect("the cut waited for the hung check");
+    assert!(cut, "the stream finished instead of being cut");
 }
 
 /// `SessionEnd` completes at once when the layer finds the session ended
@@ -473,38 +465,23 @@ async fn session_end_completes_at_once_when_the_session_ended_while_served() {
     let (svc, secret) = (Arc::clone(&fx.svc), Arc::clone(&started));
     let (tx, rx) = oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
-    let app = Router::new()
-        .route(
-            "/live",
-            axum::routing::post(move |end: SessionEnd| {
-                let (svc, secret, tx) = (Arc::clone(&svc), Arc::clone(&secret), Arc::clone(&tx));
-                async move {
-                    let tx = tx.lock().unwrap().take().unwrap();
-                    tokio::spawn(async move {
-                        end.await;
-                        let _ = tx.send(());
-                    });
-                    svc.stop(&secret.secret, &agent("sam")).await.unwrap();
-                    "socket open"
-                }
-            }),
-        )
-        .layer(
-            ImpersonationLayer::new(Arc::clone(&fx.svc))
-                .development_mode()
-                .check_streams_every(StdDuration::from_secs(3600)),
-        );
-    let directory = MemoryDirectory::new();
-    directory.insert(agent("sam"));
-    let app = app.layer(from_fn_with_state(directory, auth));
-    let req = Request::post("/live")
-        .header("x-test-user", "sam")
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", started.secret.expose()),
-        )
-        .body(Body::empty())
-        .unwrap();
+    let app = Router::new().route(
+        "/live",
+        axum::routing::post(move |end: SessionEnd| {
+            let (svc, secret, tx) = (Arc::clone(&svc), Arc::clone(&secret), Arc::clone(&tx));
+            async move {
+                let tx = tx.lock().unwrap().take().unwrap();
+                tokio::spawn(async move {
+                    end.await;
+                    let _ = tx.send(());
+                });
+                svc.stop(&secret.secret, &agent("sam")).await.unwrap();
+                "socket open"
+            }
+        }),
+    );
+    let app = behind_the_layer(&fx, app, StdDuration::from_secs(3600));
+    let req = sams_request(Method::POST, "/live", &started);
     assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
     tokio::time::timeout(StdDuration::from_secs(30), rx)
         .await
@@ -527,18 +504,11 @@ async fn a_check_under_way_at_expiry_does_not_hold_the_cut_back() {
     // 100 ms before the expiry, the next check starts, and hangs.
     clock.advance(Duration::minutes(10) - Duration::milliseconds(100));
     fx.store.fail_nth(1, When::Hang, Calls::All);
-    let read = async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return,
-                None => panic!("the stream finished instead of being cut"),
-            }
-        }
-    };
+    let read = drain(Response::new(body), 100_000);
     // Well inside the check's budget of a second.
-    tokio::time::timeout(StdDuration::from_millis(500), read)
+    let (_, cut) = tokio::time::timeout(StdDuration::from_millis(500), read)
         .await
         .expect("the cut waited for the hung check");
+    assert!(cut, "the stream finished instead of being cut");
     assert_eq!(fx.store.injected(), 1, "the check was under way");
 }

@@ -49,6 +49,15 @@ impl User {
         (status, body)
     }
 
+    /// `GET path`, its body left unread (a stream to read as it comes).
+    async fn open(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// From the support console: revokes the first session it lists.
     async fn revoke_the_first_live_session(&mut self) {
         let (_, console) = self.get("/support").await;
@@ -900,12 +909,7 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
     assert!(page.contains("id=\"live-line\""), "{page}");
     // Under the impersonation the page stops listening once cut.
     assert!(page.contains("s.onerror"), "{page}");
-    let mut res = sam
-        .client
-        .get(format!("{base}/dashboard/live"))
-        .send()
-        .await
-        .unwrap();
+    let mut res = sam.open("/dashboard/live").await;
     assert_eq!(res.status(), StatusCode::OK);
     let first = res.chunk().await.unwrap().unwrap();
     let first = String::from_utf8_lossy(&first);
@@ -921,12 +925,7 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
     // Her own page reconnects after a blip, as `EventSource` does.
     let (_, page) = olive.get("/dashboard").await;
     assert!(page.contains("id=\"live-line\"") && !page.contains("s.onerror"));
-    let mut res = olive
-        .client
-        .get(format!("{base}/dashboard/live"))
-        .send()
-        .await
-        .unwrap();
+    let mut res = olive.open("/dashboard/live").await;
     assert_eq!(res.status(), StatusCode::OK);
     let mut events = 0;
     while events < 2 {
