@@ -88,7 +88,7 @@ pub(crate) fn watch_session(
             tokio::select! {
                 () = tx.closed() => return,
                 () = &mut ended_while_served => break ("it ended while its request was served".to_owned(), false),
-                () = tokio::time::sleep(every.min(until(deadline)).max(LEAST_WAIT)) => {}
+                () = tokio::time::sleep(every.min(until(deadline))) => {}
             }
             if api.now() >= expires {
                 break ("it has expired".to_owned(), true);
@@ -97,7 +97,9 @@ pub(crate) fn watch_session(
             tokio::pin!(check);
             // While the check runs, what needs no answer still ends it:
             // the listener may go, the request's finding or the expiry
-            // may come. The check then runs on, for the end it writes.
+            // may come. The check then runs on, for the end it writes;
+            // one begun before the expiry cannot write that, so another
+            // check follows it then.
             let cut = tokio::select! {
                 checked = &mut check => match checked {
                     Ok(Ok(now)) => {
@@ -108,14 +110,18 @@ pub(crate) fn watch_session(
                     Err(_) => break ("the check of it did not answer in time".to_owned(), false),
                 },
                 () = tx.closed() => None,
-                () = &mut ended_while_served => Some("it ended while its request was served"),
-                () = tokio::time::sleep(until(expires)) => Some("it has expired"),
+                () = &mut ended_while_served => Some(("it ended while its request was served", false)),
+                () = tokio::time::sleep(until(expires)) => Some(("it has expired", true)),
             };
-            if let Some(why) = cut {
+            let expired = cut.is_some_and(|(_, expired)| expired);
+            if let Some((why, _)) = cut {
                 tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
                 let _ = tx.send(());
             }
             let _ = check.await;
+            if expired {
+                let _ = tokio::time::timeout(budget, api.check_session(id)).await;
+            }
             return;
         };
         tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");

@@ -200,7 +200,8 @@ async fn a_stream_is_cut_once_its_session_is_stopped() {
 #[tokio::test]
 async fn a_stream_outside_impersonation_and_a_page_of_known_length_are_left_alone() {
     let fx = fixture(StdDuration::from_millis(20), None);
-    // Sam's own stream, no session: many checks' worth of events, uncut.
+    // Sam's own stream, no session: a few checks' worth of events (one
+    // every 100 ms, the least interval), uncut.
     let (frames, cut) = drain(get_as_sam(&fx, "/events", None).await, 30).await;
     assert_eq!((frames, cut), (30, false));
     // A page of known length under a session is sent as it is: not
@@ -511,4 +512,25 @@ async fn a_check_under_way_at_expiry_does_not_hold_the_cut_back() {
         .expect("the cut waited for the hung check");
     assert!(cut, "the stream finished instead of being cut");
     assert_eq!(fx.store.injected(), 1, "the check was under way");
+    // That check, begun before the expiry, cannot write it; the one that
+    // follows it does, once the clock has passed it.
+    clock.advance(Duration::milliseconds(200));
+    for step in 0.. {
+        assert!(step < 100, "the expiry never reached the trail");
+        let events = all_events(
+            fx.store.inner(),
+            AuditQuery {
+                session: Some(started.session.id),
+                ..AuditQuery::default()
+            },
+        )
+        .await;
+        let end = events.last().unwrap();
+        if end.action == AuditAction::SessionEnded {
+            assert_eq!(end.details.get("reason"), Some("expired"));
+            break;
+        }
+        // Paused: this waits for the watch's next step, not the clock.
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
 }
