@@ -44,6 +44,8 @@ pub struct Provider {
     audience: String,
     keys: Jwks,
     subject: SubjectMap,
+    /// The JOSE types its tokens may declare.
+    typ: Typ,
 }
 
 impl std::fmt::Debug for Provider {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("issuer", &self.issuer.as_str())
             .field("audience", &self.audience)
+            .field("typ", &self.typ)
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +82,7 @@ impl Provider {
                 metadata.jwks().clone(),
             ),
             subject: Arc::new(|sub| UserId::new(sub).ok()),
+            typ: Typ::Any,
         })
     }
 
@@ -94,6 +98,7 @@ impl Provider {
             audience: audience.into(),
             keys: Jwks::given("provider", keys),
             subject: Arc::new(|sub| UserId::new(sub).ok()),
+            typ: Typ::Any,
         })
     }
 
@@ -104,6 +109,19 @@ impl Provider {
     #[must_use]
     pub fn jwks_max_age(mut self, max_age: std::time::Duration) -> Self {
         self.keys = self.keys.max_age(max_age);
+        self
+    }
+
+    /// Takes only tokens typed as access tokens (`typ: at+jwt`, RFC 9068
+    /// §2.1), refusing untyped ones and `typ: JWT`: then none of the
+    /// provider's ID tokens passes for an agent's or a subject's access
+    /// token, even one addressed to an audience this issuer also expects
+    /// (RFC 8725 §3.11). For a provider that types its access tokens; by
+    /// default `at+jwt`, `JWT` and none are all taken, as many providers
+    /// do not type them.
+    #[must_use]
+    pub fn require_typed_access_tokens(mut self) -> Self {
+        self.typ = Typ::AccessToken;
         self
     }
 
@@ -168,7 +186,7 @@ impl Provider {
                 keys,
                 now,
                 max_lifetime: PROVIDER_MAX_LIFETIME,
-                typ: Typ::Any,
+                typ: self.typ,
                 kid_required: false,
             },
         )

@@ -824,3 +824,36 @@ async fn a_token_of_a_stopped_or_revoked_session_is_refused_at_once() {
     assert_eq!(revoke(&f.served.url, "garbage", false).await, 401);
     let _ = f.served.service.now();
 }
+
+/// A provider that types its access tokens can be held to it: its ID
+/// tokens (`typ: JWT`) and untyped tokens, even addressed to this
+/// issuer's audience, then fail as an agent's token. By default all
+/// three are taken, as many providers do not type access tokens.
+#[tokio::test]
+async fn a_provider_held_to_typed_access_tokens_refuses_its_id_tokens() {
+    let (forger, provider) = forged_provider();
+    let at = time::OffsetDateTime::now_utc();
+    let typed = forger.op_token("sam", |_, _| {});
+    let id_token = forger.op_token("sam", |h, _| h["typ"] = json!("JWT"));
+    let untyped = forger.op_token("sam", |h, _| {
+        h.as_object_mut().unwrap().remove("typ");
+    });
+    for token in [&typed, &id_token, &untyped] {
+        assert_eq!(
+            provider.user_of(token, at).await.unwrap(),
+            UserId::new("sam").unwrap()
+        );
+    }
+    let strict = provider.require_typed_access_tokens();
+    assert_eq!(
+        strict.user_of(&typed, at).await.unwrap(),
+        UserId::new("sam").unwrap()
+    );
+    for token in [&id_token, &untyped] {
+        let refused = strict.user_of(token, at).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("typed as an access token") || refused.contains("JWT type `JWT`"),
+            "{refused}"
+        );
+    }
+}
