@@ -17,6 +17,21 @@ use impersonation_core::{
 use impersonation_testkit::conformance::{all_events, must_start};
 use impersonation_testkit::{World, epoch};
 
+/// Migration 4's `down.sql` (it puts the runs' order back) for `place`'s backend.
+fn runs_in_order_down(place: &Place) -> &'static str {
+    match place {
+        Place::Postgres { .. } => {
+            include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql")
+        }
+        Place::Mysql { .. } => {
+            include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql")
+        }
+        Place::Sqlite { .. } => {
+            include_str!("../migrations/sqlite/00000000000004_runs_in_order/down.sql")
+        }
+    }
+}
+
 /// What migration 2 (and every later one) undoes, and the rows that say
 /// they ran, per backend: the later ones first, so that the upgrade below
 /// runs them all on a populated database.
@@ -26,20 +41,14 @@ fn downgrade(place: &Place) -> String {
     };
     let steps: &[(&str, &str)] = match place {
         Place::Postgres { .. } => &[
-            (
-                include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql"),
-                "00000000000004",
-            ),
+            (runs_in_order_down(place), "00000000000004"),
             (
                 include_str!("../migrations/postgres/00000000000002_audit_runs/down.sql"),
                 "00000000000002",
             ),
         ],
         Place::Mysql { .. } => &[
-            (
-                include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql"),
-                "00000000000004",
-            ),
+            (runs_in_order_down(place), "00000000000004"),
             // Migration 3 (ids as binary strings).
             (
                 include_str!("../migrations/mysql/00000000000003_ids_no_pad/down.sql"),
@@ -51,10 +60,7 @@ fn downgrade(place: &Place) -> String {
             ),
         ],
         Place::Sqlite { .. } => &[
-            (
-                include_str!("../migrations/sqlite/00000000000004_runs_in_order/down.sql"),
-                "00000000000004",
-            ),
+            (runs_in_order_down(place), "00000000000004"),
             (
                 include_str!("../migrations/sqlite/00000000000002_audit_runs/down.sql"),
                 "00000000000002",
@@ -232,12 +238,7 @@ async fn a_migration_held_up_by_a_lock_gives_up(
     hold: &str,
     release: &str,
 ) {
-    let forget = match &db.place {
-        Place::Postgres { .. } => {
-            include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql")
-        }
-        _ => include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql"),
-    };
+    let forget = runs_in_order_down(&db.place);
     raw(
         &db.place,
         &format!(
@@ -368,17 +369,7 @@ async fn runs_are_read_in_the_order_of_an_index(db: TestDb) {
         let plan = common::plan(&db.place, page).await;
         assert!(!sorts(&plan), "{page}: {plan:#?}");
     }
-    let down = match &db.place {
-        Place::Postgres { .. } => {
-            include_str!("../migrations/postgres/00000000000004_runs_in_order/down.sql")
-        }
-        Place::Mysql { .. } => {
-            include_str!("../migrations/mysql/00000000000004_runs_in_order/down.sql")
-        }
-        Place::Sqlite { .. } => {
-            include_str!("../migrations/sqlite/00000000000004_runs_in_order/down.sql")
-        }
-    };
+    let down = runs_in_order_down(&db.place);
     raw(&db.place, down).await.unwrap();
     let plan = common::plan(&db.place, &pages[0]).await;
     assert!(sorts(&plan), "before migration 4: {plan:#?}");
