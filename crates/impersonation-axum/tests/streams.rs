@@ -20,8 +20,8 @@ use axum::routing::get;
 use http_body_util::BodyExt;
 use impersonation_axum::{ImpersonationLayer, SessionEnd};
 use impersonation_core::{
-    AuditAction, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore, Requester,
-    StartRequest, Started,
+    AuditAction, AuditEvent, AuditQuery, Impersonation, ManualClock, MemoryDirectory, MemoryStore,
+    Requester, StartRequest, Started,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -160,6 +160,34 @@ fn sams_request(method: Method, path: &str, started: &Started) -> Request<Body> 
         .unwrap()
 }
 
+/// The trail of `started`'s session, oldest first.
+async fn trail(fx: &Fx, started: &Started) -> Vec<AuditEvent> {
+    all_events(
+        fx.store.inner(),
+        AuditQuery {
+            session: Some(started.session.id),
+            ..AuditQuery::default()
+        },
+    )
+    .await
+}
+
+/// The end event of `started`'s session once it is on the trail: a cut
+/// goes out before the watch's check writes an expiry. Gives up after 300
+/// looks 100 ms apart (with tokio's clock paused, the waits let the watch
+/// take its next step and cost no time).
+async fn end_on_trail(fx: &Fx, started: &Started) -> AuditEvent {
+    for _ in 0..300 {
+        let events = trail(fx, started).await;
+        let last = events.last().unwrap();
+        if last.action == AuditAction::SessionEnded {
+            return last.clone();
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    panic!("the session's end never reached the trail");
+}
+
 /// Reads frames until the body ends or fails: how many arrived, and
 /// whether it failed (was cut). Gives up after `most` frames (an endless
 /// stream that was not cut) or 30 s (one that hangs).
@@ -239,14 +267,7 @@ async fn a_stream_does_not_keep_its_session_alive_and_ends_with_it_when_idle() {
     clock.advance(Duration::minutes(1));
     let (_, cut) = drain(Response::new(body), 100_000).await;
     assert!(cut, "the stream outlived its session's idle timeout");
-    let events = all_events(
-        fx.store.inner(),
-        AuditQuery {
-            session: Some(started.session.id),
-            ..AuditQuery::default()
-        },
-    )
-    .await;
+    let events = trail(&fx, &started).await;
     let end = events.last().unwrap();
     assert_eq!(
         (end.action, end.details.get("reason")),
@@ -270,27 +291,8 @@ async fn a_stream_ends_at_its_sessions_expiry_whatever_the_check_interval() {
         "the stream was served while its session was live"
     );
     // The cut goes first; the watch's check then writes the end.
-    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(30);
-    loop {
-        let events = all_events(
-            fx.store.inner(),
-            AuditQuery {
-                session: Some(started.session.id),
-                ..AuditQuery::default()
-            },
-        )
-        .await;
-        let end = events.last().unwrap();
-        if end.action == AuditAction::SessionEnded {
-            assert_eq!(end.details.get("reason"), Some("expired"));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the expiry never reached the trail"
-        );
-        tokio::time::sleep(StdDuration::from_millis(10)).await;
-    }
+    let end = end_on_trail(&fx, &started).await;
+    assert_eq!(end.details.get("reason"), Some("expired"));
 }
 
 /// `SessionEnd`, which a WebSocket's task selects on, completes when the
@@ -515,22 +517,6 @@ async fn a_check_under_way_at_expiry_does_not_hold_the_cut_back() {
     // That check, begun before the expiry, cannot write it; the one that
     // follows it does, once the clock has passed it.
     clock.advance(Duration::milliseconds(200));
-    for step in 0.. {
-        assert!(step < 100, "the expiry never reached the trail");
-        let events = all_events(
-            fx.store.inner(),
-            AuditQuery {
-                session: Some(started.session.id),
-                ..AuditQuery::default()
-            },
-        )
-        .await;
-        let end = events.last().unwrap();
-        if end.action == AuditAction::SessionEnded {
-            assert_eq!(end.details.get("reason"), Some("expired"));
-            break;
-        }
-        // Paused: this waits for the watch's next step, not the clock.
-        tokio::time::sleep(StdDuration::from_millis(100)).await;
-    }
+    let end = end_on_trail(&fx, &started).await;
+    assert_eq!(end.details.get("reason"), Some("expired"));
 }
