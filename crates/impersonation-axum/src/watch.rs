@@ -1,6 +1,7 @@
 //! What outlives one request ends with its session: a streamed response is
 //! cut, and a WebSocket handler is told through [`SessionEnd`].
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,51 +85,45 @@ pub(crate) fn watch_session(
         let until = |at: time::OffsetDateTime| {
             Duration::try_from(at - api.now()).unwrap_or(Duration::ZERO) + LEAST_WAIT
         };
-        let (why, expired) = loop {
+        let check = || tokio::time::timeout(budget, api.check_session(id));
+        // Why it ends, whether by expiry (a check then writes that end on
+        // the trail), and a check still running, to let finish.
+        let (why, expired, running): (Cow<'static, str>, bool, _) = loop {
             tokio::select! {
                 () = tx.closed() => return,
-                () = &mut ended_while_served => break ("it ended while its request was served".to_owned(), false),
+                () = &mut ended_while_served => break (SERVED_OVER.into(), false, None),
                 () = tokio::time::sleep(every.min(until(deadline))) => {}
             }
             if api.now() >= expires {
-                break ("it has expired".to_owned(), true);
+                break (EXPIRED.into(), true, None);
             }
-            let check = tokio::time::timeout(budget, api.check_session(id));
-            tokio::pin!(check);
             // While the check runs, what needs no answer still ends it:
             // the listener may go, the request's finding or the expiry
             // may come. The check then runs on, for the end it writes;
             // one begun before the expiry cannot write that, so another
             // check follows it then.
-            let cut = tokio::select! {
-                checked = &mut check => match checked {
-                    Ok(Ok(now)) => {
-                        deadline = now.expires_at().min(now.idle_deadline());
-                        continue;
-                    }
-                    Ok(Err(e)) => break (e.to_string(), false),
-                    Err(_) => break ("the check of it did not answer in time".to_owned(), false),
+            let mut running = Box::pin(check());
+            tokio::select! {
+                checked = &mut running => match checked {
+                    Ok(Ok(now)) => deadline = now.expires_at().min(now.idle_deadline()),
+                    Ok(Err(e)) => break (e.to_string().into(), false, None),
+                    Err(_) => break ("the check of it did not answer in time".into(), false, None),
                 },
-                () = tx.closed() => None,
-                () = &mut ended_while_served => Some(("it ended while its request was served", false)),
-                () = tokio::time::sleep(until(expires)) => Some(("it has expired", true)),
-            };
-            let expired = cut.is_some_and(|(_, expired)| expired);
-            if let Some((why, _)) = cut {
-                tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
-                let _ = tx.send(());
+                () = tx.closed() => {
+                    let _ = running.await;
+                    return;
+                }
+                () = &mut ended_while_served => break (SERVED_OVER.into(), false, Some(running)),
+                () = tokio::time::sleep(until(expires)) => break (EXPIRED.into(), true, Some(running)),
             }
-            let _ = check.await;
-            if expired {
-                let _ = tokio::time::timeout(budget, api.check_session(id)).await;
-            }
-            return;
         };
-        tracing::info!(session = %id, why, "impersonation session over: ending what outlived its request");
+        tracing::info!(session = %id, why = %why, "impersonation session over: ending what outlived its request");
         let _ = tx.send(());
+        if let Some(running) = running {
+            let _ = running.await;
+        }
         if expired {
-            // Cut first; then the check ends it on the trail.
-            let _ = tokio::time::timeout(budget, api.check_session(id)).await;
+            let _ = check().await;
         }
     });
     rx
@@ -149,6 +144,13 @@ pub(crate) fn ended() -> oneshot::Receiver<()> {
     let _ = tx.send(());
     rx
 }
+
+/// Why a watch ends what it watches, when the layer found the session
+/// ended while the request was served.
+const SERVED_OVER: &str = "it ended while its request was served";
+
+/// Why a watch ends what it watches at the session's expiry.
+const EXPIRED: &str = "it has expired";
 
 /// The least time a check of a session is given before it counts as
 /// failed (more, up to [`MOST_CHECK_TIME`], when the checks are further
