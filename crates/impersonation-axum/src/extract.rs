@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use impersonation_core::{Context, Denial, Principal, ShadowUser};
 
-use crate::layer::{CsrfToken, Handle, route_of};
+use crate::layer::{CsrfToken, Handle, RefusalAnswer, route_of};
 
 fn reject(status: StatusCode, text: &'static str) -> Response {
     (
@@ -157,23 +157,99 @@ impl<S: Send + Sync> FromRequestParts<S> for EffectiveUser {
 }
 
 /// A guard for billing, password, credential and export routes: while
-/// impersonating it refuses with 403 and audits the refusal (as the
-/// request's one audit event, when the request is answered as refused; a
-/// handler taking it as a `Result` that carries on to a success answer is
-/// audited as well).
+/// impersonating it refuses with 403 and audits the refusal.
+///
+/// Answered with its refusal ([`NotImpersonatingRejection`], as is or
+/// dressed by [`NotImpersonatingRejection::answer_with`]), the request's
+/// one audit event is the denial. A handler that takes the guard as a
+/// `Result` and answers anything else of its own carried on past the
+/// refusal: its request is audited as well, as an access or a
+/// modification with its status.
 #[derive(Debug, Clone, Copy)]
 pub struct NotImpersonating;
 
-impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
-    type Rejection = Response;
+/// The [`NotImpersonating`] guard's refusal.
+///
+/// As a response it is a plain-text 403 (or a 503 when the refusal could
+/// not be put on the trail, or a 500 when the impersonation layer is
+/// missing). An app that renders its own refusal page, or redirects,
+/// answers with [`answer_with`](Self::answer_with), so that the denial
+/// stays the request's one record:
+///
+/// ```
+/// use axum::http::StatusCode;
+/// use axum::response::{IntoResponse, Redirect, Response};
+/// use impersonation_axum::{NotImpersonating, NotImpersonatingRejection};
+///
+/// async fn billing(guard: Result<NotImpersonating, NotImpersonatingRejection>) -> Response {
+///     match guard {
+///         Ok(NotImpersonating) => "card on file".into_response(),
+///         Err(refusal) if refusal.status() == StatusCode::FORBIDDEN => {
+///             refusal.answer_with(Redirect::to("/?refused=billing"))
+///         }
+///         Err(other) => other.into_response(),
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct NotImpersonatingRejection {
+    status: StatusCode,
+    text: &'static str,
+    /// The denial is on the trail: an answer made of this refusal is
+    /// marked as the refusal, so the layer writes no second record.
+    recorded: bool,
+}
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+impl NotImpersonatingRejection {
+    /// 403 for a refusal on the trail, 503 when the trail could not take
+    /// it, 500 when the impersonation layer is missing.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Answers the refusal with `response` (the app's own refusal page,
+    /// a redirect): the denial the guard put on the trail stays the
+    /// request's one record. Answer with it only when nothing was done
+    /// past the refusal; an answer of the handler's own, made without
+    /// it, is audited as a request that carried on.
+    ///
+    /// A refusal that did not reach the trail (503) or found no layer
+    /// (500) marks nothing: the layer then records the request itself.
+    pub fn answer_with(self, response: impl IntoResponse) -> Response {
+        let mut res = response.into_response();
+        if self.recorded {
+            res.extensions_mut().insert(RefusalAnswer);
+        }
+        res
+    }
+}
+
+impl IntoResponse for NotImpersonatingRejection {
+    fn into_response(self) -> Response {
+        let (status, text) = (self.status, self.text);
+        self.answer_with(reject(status, text))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
+    type Rejection = NotImpersonatingRejection;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> Result<Self, NotImpersonatingRejection> {
+        let refusal = |status, text, recorded| NotImpersonatingRejection {
+            status,
+            text,
+            recorded,
+        };
         // Without the layer in front nobody can tell: a route wired outside
         // it fails loudly rather than pass the guard unchecked.
         let Some(Handle(state)) = parts.extensions.get::<Handle>().cloned() else {
-            return Err(reject(
+            return Err(refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "impersonation layer missing",
+                false,
             ));
         };
         let Some(ctx) = parts.extensions.get::<Context>().cloned() else {
@@ -183,9 +259,8 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         // (`/password/reset/{token}`), which must not reach the trail.
         let route = route_of(&parts.extensions, &parts.uri);
         let attempt = format!("{} {route}", parts.method);
-        // The refusal is the request's record, so the layer writes none
-        // (unless a handler taking this as a `Result` carries on and
-        // answers with success). It runs to its end, as the layer's own
+        // The refusal is the request's record if it is the answer, so the
+        // layer then writes none. It runs to its end, as the layer's own
         // writes do: a client that goes away meanwhile does not take it
         // off the trail.
         state.guard_refused.store(true, Ordering::SeqCst);
@@ -196,11 +271,16 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
                 .await
         });
         match write.await {
-            Ok(_) => Err(reject(
+            Ok(_) => Err(refusal(
                 StatusCode::FORBIDDEN,
                 "This page is not available while impersonating a customer.",
+                true,
             )),
-            Err(_) => Err(reject(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable")),
+            Err(_) => Err(refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit unavailable",
+                false,
+            )),
         }
     }
 }

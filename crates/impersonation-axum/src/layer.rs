@@ -131,10 +131,10 @@ pub(crate) struct RequestState {
     /// it (start, stop), so the layer does not audit it twice.
     pub(crate) audited: AtomicBool,
     /// Set once [`crate::NotImpersonating`] has refused the request and
-    /// audited the refusal: that is its record, if it is answered as
-    /// refused (an error status). A handler that took the guard as a
-    /// `Result` and answered with success carried on, maybe with a change:
-    /// then its request is audited too.
+    /// audited the refusal: that is its record, if the answer is the
+    /// refusal (it carries [`RefusalAnswer`]). A handler that took the
+    /// guard as a `Result` and answered anything else carried on, maybe
+    /// to a change: then its request is audited too.
     pub(crate) guard_refused: AtomicBool,
     /// Set to true once the layer finds the session ended while the
     /// request was served; made only when a [`crate::SessionEnd`] asks.
@@ -787,9 +787,10 @@ where
                 // From here the request is audited below, whatever happens.
                 AuditIfGivenUp::disarm(given_up);
                 let status = res.status().as_u16();
+                let answer = Answer::of(&state, &res);
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
-                match audit_request(&shared, &state, c, method, route, is_change, status).await {
+                match audit_request(&shared, &state, c, method, route, is_change, answer).await {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
                     // A change has been made by then: the log line is
@@ -1077,34 +1078,70 @@ async fn audit_request(
     method: &Method,
     route: &str,
     is_change: bool,
-    status: u16,
+    answer: Answer,
 ) -> Option<Result<(), impersonation_core::Error>> {
-    if !needs_record(shared, state, method, route, status) {
+    if !needs_record(shared, state, method, route, answer.as_refused) {
         return None;
     }
-    let activity = request_activity(method, route, is_change, status);
+    let activity = request_activity(method, route, is_change, answer.status);
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
     Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
 }
 
-/// Whether a request under impersonation answered with `status` needs a
-/// record from the layer: not if the service audited it (start, stop),
-/// not if `audit_when` leaves it out, and not if the guard's refusal is
-/// its record: the guard refused and the answer is an error. A handler
-/// that carried on past the guard and answered anything else (a page, a
-/// redirect, a WebSocket's 101) is audited as well: over-recording a
-/// refusal answered by a redirect is the price of never missing a change.
+/// How a request under impersonation was answered, for its record.
+#[derive(Clone, Copy)]
+struct Answer {
+    /// The answer's status.
+    status: u16,
+    /// The answer is the [`crate::NotImpersonating`] guard's refusal, as
+    /// the guard gave it or as the handler dressed it
+    /// ([`crate::NotImpersonatingRejection::answer_with`]): the denial
+    /// the guard wrote is the request's record.
+    as_refused: bool,
+}
+
+impl Answer {
+    /// `res`, the answer the inner service gave.
+    fn of(state: &RequestState, res: &Response) -> Self {
+        Self {
+            status: res.status().as_u16(),
+            as_refused: state.guard_refused.load(Ordering::SeqCst)
+                && res.extensions().get::<RefusalAnswer>().is_some(),
+        }
+    }
+
+    /// No answer came (a panic, a failed service, a client gone): the
+    /// handler may have done anything, so the request is recorded.
+    fn none(status: u16) -> Self {
+        Self {
+            status,
+            as_refused: false,
+        }
+    }
+}
+
+/// Marks an answer as the [`crate::NotImpersonating`] guard's refusal
+/// (a response extension; only the guard's rejection sets it).
+#[derive(Clone, Copy)]
+pub(crate) struct RefusalAnswer;
+
+/// Whether a request under impersonation needs a record from the layer:
+/// not if the service audited it (start, stop), not if `audit_when`
+/// leaves it out, and not if it was answered with the guard's refusal,
+/// whose denial is its record. A handler that took the guard as a
+/// `Result` and answered anything else of its own (a page, a redirect, an
+/// error, a WebSocket's 101) carried on past the refusal, maybe to a
+/// change: its request is audited as well.
 fn needs_record(
     shared: &Shared,
     state: &RequestState,
     method: &Method,
     route: &str,
-    status: u16,
+    answered_as_refused: bool,
 ) -> bool {
-    let refused_by_the_guard = state.guard_refused.load(Ordering::SeqCst) && status >= 400;
     !state.audited.load(Ordering::SeqCst)
-        && !refused_by_the_guard
+        && !answered_as_refused
         && (shared.settings.audit)(method, route)
 }
 
@@ -1156,7 +1193,17 @@ async fn audit_panic_and_resume(
     is_change: bool,
     panic: Box<dyn std::any::Any + Send>,
 ) -> ! {
-    if let Some(Err(e)) = audit_request(shared, state, ctx, method, route, is_change, 500).await {
+    if let Some(Err(e)) = audit_request(
+        shared,
+        state,
+        ctx,
+        method,
+        route,
+        is_change,
+        Answer::none(500),
+    )
+    .await
+    {
         log_unaudited(
             &e,
             ctx,
@@ -1254,13 +1301,7 @@ impl AuditIfGivenUp<'_> {
 
 impl Drop for AuditIfGivenUp<'_> {
     fn drop(&mut self) {
-        if !needs_record(
-            self.shared,
-            self.state,
-            self.method,
-            self.route,
-            self.status,
-        ) {
+        if !needs_record(self.shared, self.state, self.method, self.route, false) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

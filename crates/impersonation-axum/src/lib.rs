@@ -66,7 +66,10 @@ use axum::http::Method;
 
 pub use banner::banner_html;
 pub use csrf::{CsrfCheck, RenewCsrfToken};
-pub use extract::{EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, RealUser};
+pub use extract::{
+    EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, NotImpersonatingRejection,
+    RealUser,
+};
 pub use impersonation_core::ImpersonationApi;
 pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
 pub use routes::{MAX_FORM, StartForm, StopForm, routes};

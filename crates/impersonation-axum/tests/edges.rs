@@ -17,7 +17,9 @@ use axum::middleware::from_fn_with_state;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use http_body_util::BodyExt;
-use impersonation_axum::{EffectiveUser, ImpersonationLayer, NotImpersonating, routes};
+use impersonation_axum::{
+    EffectiveUser, ImpersonationLayer, NotImpersonating, NotImpersonatingRejection, routes,
+};
 use impersonation_core::{
     AuditAction, AuditEvent, AuditQuery, Impersonation, MemoryDirectory, MemoryStore, Requester,
     StartRequest, Store, UserId,
@@ -1069,37 +1071,77 @@ async fn an_upgrade_is_a_change() {
     }
 }
 
-/// A handler that takes the guard as a `Result` and, refused, carries on
-/// and answers with success (saving what is not sensitive, say) is
-/// audited as well as refused: its change is on the trail. One that
-/// answers its own refusal page (an error status) leaves the refusal as
-/// the request's one record, as the demo's pages do.
+/// A handler that takes the guard as a `Result` and answers with the
+/// refusal (as is, or dressed as its own page or a redirect by
+/// `answer_with`) leaves the denial as the request's one record. One that
+/// answers anything of its own carried on past the refusal, maybe to a
+/// change: whatever its status (a success, its own 403), the request is
+/// audited as well.
 #[tokio::test]
 async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
-    for (carries_on, expected) in [
-        (true, vec![AuditAction::Denied, AuditAction::Modification]),
-        (false, vec![AuditAction::Denied]),
+    #[derive(Clone, Copy, Debug)]
+    enum Answers {
+        TheRefusal,
+        ItsOwnPageForTheRefusal,
+        ARedirectForTheRefusal,
+        SuccessOfItsOwn,
+        ErrorOfItsOwn,
+    }
+    use Answers::*;
+    for (answers, expected) in [
+        (TheRefusal, vec![AuditAction::Denied]),
+        (ItsOwnPageForTheRefusal, vec![AuditAction::Denied]),
+        (ARedirectForTheRefusal, vec![AuditAction::Denied]),
+        (
+            SuccessOfItsOwn,
+            vec![AuditAction::Denied, AuditAction::Modification],
+        ),
+        (
+            ErrorOfItsOwn,
+            vec![AuditAction::Denied, AuditAction::Modification],
+        ),
     ] {
         let store = Arc::new(FaultyStore::new(MemoryStore::new()));
         let route = axum::routing::post(
-            move |guard: Result<NotImpersonating, axum::response::Response>| async move {
-                match (guard, carries_on) {
-                    (Ok(_), _) => (StatusCode::OK, "saved everything"),
-                    (Err(_), true) => (StatusCode::OK, "saved the rest"),
-                    (Err(_), false) => (StatusCode::FORBIDDEN, "not while impersonating"),
+            move |guard: Result<NotImpersonating, NotImpersonatingRejection>| async move {
+                let refusal = match guard {
+                    Ok(_) => return (StatusCode::OK, "saved everything").into_response(),
+                    Err(refusal) => refusal,
+                };
+                assert_eq!(refusal.status(), StatusCode::FORBIDDEN);
+                match answers {
+                    TheRefusal => refusal.into_response(),
+                    ItsOwnPageForTheRefusal => refusal.answer_with((
+                        StatusCode::FORBIDDEN,
+                        Html("<html><body>not while impersonating</body></html>"),
+                    )),
+                    ARedirectForTheRefusal => {
+                        refusal.answer_with(axum::response::Redirect::to("/?refused"))
+                    }
+                    SuccessOfItsOwn => (StatusCode::OK, "saved the rest").into_response(),
+                    ErrorOfItsOwn => {
+                        (StatusCode::FORBIDDEN, "saved the rest, refused the card").into_response()
+                    }
                 }
             },
         );
         let (app, req) = one_route(&store, route).await;
         let res = app.oneshot(req).await.unwrap();
-        assert_eq!(res.status().is_success(), carries_on);
-        let actions: Vec<AuditAction> = all_events(store.inner(), AuditQuery::default())
+        let status = res.status();
+        let events: Vec<AuditEvent> = all_events(store.inner(), AuditQuery::default())
             .await
             .into_iter()
             .skip(1) // the start
-            .map(|e| e.action)
             .collect();
-        assert_eq!(actions, expected, "carries on: {carries_on}");
+        let actions: Vec<AuditAction> = events.iter().map(|e| e.action).collect();
+        assert_eq!(actions, expected, "answers: {answers:?}");
+        if let Some(served) = events.get(1) {
+            assert_eq!(
+                served.details.get("status"),
+                Some(status.as_str()),
+                "answers: {answers:?}"
+            );
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use impersonation_axum::NotImpersonating;
+use impersonation_axum::{NotImpersonating, NotImpersonatingRejection};
 use impersonation_oidc::openidconnect::core::{
     CoreGenderClaim, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
 };
@@ -157,14 +157,14 @@ pub struct IdpTokenForm {
 /// `POST /idp/token`: the signed-in person's own API access token.
 pub async fn idp_token(
     State(demo): State<Arc<Demo>>,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
     crate::pages::AppForm(form): crate::pages::AppForm<IdpTokenForm>,
 ) -> Response {
     // A credential: refused while impersonating (the token would be the
     // agent's own), the refusal audited as a denied attempt.
     if let Err(refusal) = guard {
-        return refusal;
+        return refusal.into_response();
     }
     let (Some(api), Some(real)) = (demo.api(), &v.real) else {
         return error(StatusCode::UNAUTHORIZED, "sign in first");

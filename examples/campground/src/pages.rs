@@ -12,7 +12,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use futures_util::StreamExt as _;
-use impersonation_axum::{CsrfCheck, EffectiveUser, NotImpersonating, RenewCsrfToken};
+use impersonation_axum::{
+    CsrfCheck, EffectiveUser, NotImpersonating, NotImpersonatingRejection, RenewCsrfToken,
+};
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
     Principal, RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId,
@@ -341,7 +343,7 @@ pub struct SignInForm {
 pub async fn sign_in(
     State(demo): AppState,
     v: Viewer,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     AppForm(form): AppForm<SignInForm>,
 ) -> Response {
     // Signing in as someone else would leave the impersonation running,
@@ -744,7 +746,7 @@ pub async fn save_settings(
 }
 
 fn guarded(
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: &Viewer,
     demo: &Demo,
     title: &str,
@@ -766,7 +768,7 @@ fn guarded(
 /// the attempt on the trail as denied): this app's page for it, with
 /// `status` and `message`.
 fn refused_while_impersonating(
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: &Viewer,
     demo: &Demo,
     status: StatusCode,
@@ -775,17 +777,19 @@ fn refused_while_impersonating(
 ) -> Option<Response> {
     match guard {
         Ok(NotImpersonating) => None,
+        // The app's own page answers the refusal, which stays the
+        // request's one record on the trail.
         Err(rejection) if rejection.status() == StatusCode::FORBIDDEN => {
-            Some(refused(v, demo, status, title, message))
+            Some(rejection.answer_with(refused(v, demo, status, title, message)))
         }
-        Err(rejection) => Some(rejection),
+        Err(rejection) => Some(rejection.into_response()),
     }
 }
 
 /// `GET /billing`: the card on file. Refused (and audited) while impersonating.
 pub async fn billing(
     State(demo): AppState,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
 ) -> Response {
     // The guard first: under an API client's impersonation token nobody is
@@ -862,7 +866,7 @@ pub struct PasswordForm {
 /// `POST /profile/password`: refused (and audited) while impersonating.
 pub async fn change_password(
     State(demo): AppState,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
     AppForm(form): AppForm<PasswordForm>,
 ) -> Response {
@@ -953,7 +957,7 @@ fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
 pub async fn support(
     State(demo): AppState,
     v: Viewer,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     Query(query): Query<SupportQuery>,
 ) -> Response {
     let Some(real) = v.real.clone() else {
@@ -1099,7 +1103,7 @@ pub struct RevokeForm {
 pub async fn revoke(
     State(demo): AppState,
     v: Viewer,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     AppForm(form): AppForm<RevokeForm>,
 ) -> Response {
     let Some(real) = v.real.clone() else {
@@ -1270,7 +1274,7 @@ async fn audit_page(
 /// chain, a lead or admin everyone's).
 pub async fn audit(
     State(demo): AppState,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
     Query(params): Query<AuditParams>,
 ) -> Response {
@@ -1283,7 +1287,7 @@ pub async fn audit(
 /// `POST /audit/verify`: verifies the hash chains in view.
 pub async fn verify(
     State(demo): AppState,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
     AppForm(form): AppForm<TokenForm>,
 ) -> Response {
@@ -1353,13 +1357,13 @@ pub async fn verify(
 /// `GET /audit.txt?since=RFC3339`: the trail as the SDK's Markdown table, oldest first.
 pub async fn audit_text(
     State(demo): AppState,
-    guard: Result<NotImpersonating, Response>,
+    guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
     Query(params): Query<AuditParams>,
 ) -> Response {
     // An export: refused while impersonating, the refusal audited.
     if let Err(refusal) = guard {
-        return refusal;
+        return refusal.into_response();
     }
     let mut query = match audit_scope(&v, &demo) {
         Ok(q) => q,
