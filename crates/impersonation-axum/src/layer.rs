@@ -854,10 +854,15 @@ where
                     }
                 }
                 // A body of no known length may stream on (server-sent
-                // events, a long export) after the session has ended: it is
-                // cut then. (A page with the banner was read whole above.)
-                // (Cut at once when the session ended while the handler ran.)
-                if HttpBody::size_hint(res.body()).exact().is_none() {
+                // events, a long export) after the session has ended, and
+                // so may a large one of known length (a file sent in
+                // chunks): it is cut then. (A page with the banner was read
+                // whole above.) (Cut at once when the session ended while
+                // the handler ran.)
+                if HttpBody::size_hint(res.body())
+                    .exact()
+                    .is_none_or(|len| len >= WATCHED_FROM)
+                {
                     let end = if session_over {
                         ended()
                     } else {
@@ -1273,6 +1278,12 @@ fn upgrades(headers: &HeaderMap) -> bool {
 /// The status a request given up by its client is audited with (nginx's
 /// "client closed request": no status was ever sent).
 const CLIENT_CLOSED: u16 = 499;
+
+/// The least length of a response body of known length that is watched,
+/// and cut when its session ends, like a body of no known length: a
+/// download may take minutes. Below it (the pages, the JSON answers) a
+/// body is sent in moments, and spared a watch.
+pub(crate) const WATCHED_FROM: u64 = 64 * 1024;
 
 /// Audits a request under impersonation that is dropped before its own
 /// audit: hyper drops the request's future when the client goes away while

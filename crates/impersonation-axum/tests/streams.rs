@@ -61,6 +61,49 @@ fn ticks() -> Response {
         .into_response()
 }
 
+/// A download of known length (1 MiB, as a file server sends one): 1 KiB
+/// every 10 ms, its length announced.
+fn download() -> Response {
+    const LEN: u64 = 1024 * 1024;
+    let chunks = futures_util::stream::unfold(0_u64, |sent| async move {
+        if sent == LEN {
+            return None;
+        }
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+        Some((
+            Ok::<_, Infallible>(Bytes::from(vec![b'x'; 1024])),
+            sent + 1024,
+        ))
+    });
+    Body::new(KnownLength {
+        inner: Body::from_stream(chunks),
+        len: LEN,
+    })
+    .into_response()
+}
+
+/// A body that announces its length (`Body::from_stream` cannot).
+struct KnownLength {
+    inner: Body,
+    len: u64,
+}
+
+impl axum::body::HttpBody for KnownLength {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len)
+    }
+}
+
 /// A WebSocket handler's shape: the socket's task (here, one that only
 /// waits) is spawned with the request's `SessionEnd`.
 async fn socket(State(sockets): State<Sockets>, end: SessionEnd) -> &'static str {
@@ -88,6 +131,7 @@ fn fixture(check: StdDuration, clock: Option<ManualClock>) -> Fx {
     let app = Router::new()
         .route("/events", get(|| async { ticks() }))
         .route("/sized", get(|| async { "a page of known length" }))
+        .route("/download", get(|| async { download() }))
         .route("/socket", get(socket))
         .with_state(Arc::clone(&sockets))
         .layer(
@@ -225,6 +269,34 @@ async fn a_stream_is_cut_once_its_session_is_stopped() {
     assert!(cut, "the stream went on after its session was stopped");
 }
 
+/// A large body of known length (a download) is watched as a stream is:
+/// cut when its session is stopped, its length still announced.
+#[tokio::test]
+async fn a_download_of_known_length_is_cut_once_its_session_is_stopped() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    let res = get_as_sam(&fx, "/download", Some(&started)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        axum::body::HttpBody::size_hint(res.body()).exact(),
+        Some(1024 * 1024)
+    );
+    let mut body = res.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    let (frames, cut) = drain(Response::new(body), 100_000).await;
+    assert!(cut, "the download went on after its session was stopped");
+    assert!(
+        frames < 1021,
+        "the download was sent whole: {frames} more frames"
+    );
+    // Sam's own download, outside impersonation, is sent whole.
+    let (frames, cut) = drain(get_as_sam(&fx, "/download", None).await, 100_000).await;
+    assert_eq!((frames, cut), (1024, false));
+}
+
 #[tokio::test]
 async fn a_stream_outside_impersonation_and_a_page_of_known_length_are_left_alone() {
     let fx = fixture(StdDuration::from_millis(20), None);
@@ -329,6 +401,53 @@ async fn session_end_completes_when_the_session_ends_and_never_outside_one() {
         outside.1.try_recv(),
         Err(oneshot::error::TryRecvError::Empty)
     );
+}
+
+/// Outside a tokio runtime nothing can watch a stream, so the layer cuts
+/// an impersonated one at once (fail closed) rather than let it outlive
+/// its session unwatched; one outside impersonation is served whole. (The
+/// bodies here need no timer: no runtime drives them.)
+#[test]
+fn outside_a_tokio_runtime_an_impersonated_stream_is_cut_at_once() {
+    use futures_executor::block_on;
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = block_on(start(&fx, olive()));
+    let app = behind_the_layer(
+        &fx,
+        Router::new().route(
+            "/counted",
+            get(|| async {
+                let events =
+                    (0..3).map(|n| Ok::<_, Infallible>(Bytes::from(format!("data: {n}\n\n"))));
+                Body::from_stream(futures_util::stream::iter(events))
+            }),
+        ),
+        StdDuration::from_millis(20),
+    );
+    let mut own = Request::get("/counted")
+        .header("x-test-user", "sam")
+        .body(Body::empty())
+        .unwrap();
+    let res = block_on(app.clone().oneshot(own)).unwrap();
+    assert_eq!(block_on(drain_at_once(res)), (3, false));
+    own = sams_request(Method::GET, "/counted", &started);
+    let res = block_on(app.oneshot(own)).unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(block_on(drain_at_once(res)), (0, true));
+}
+
+/// [`drain`] with no timer: how many frames a body gives, and whether it
+/// failed.
+async fn drain_at_once(res: Response) -> (usize, bool) {
+    let mut body = res.into_body();
+    let mut frames = 0;
+    loop {
+        match body.frame().await {
+            None => return (frames, false),
+            Some(Err(_)) => return (frames, true),
+            Some(Ok(_)) => frames += 1,
+        }
+    }
 }
 
 /// A store that fails, or does not answer, cuts the stream: it cannot
