@@ -732,6 +732,14 @@ where
 
             if let (Some(c), Some((method, route))) = (&ctx, &audit) {
                 let route = route.as_str();
+                // Whether the handler answered with the guard's refusal,
+                // seen before the banner step may replace the answer (a
+                // page too large for it: 500).
+                let as_refused = Answer::refusal_in(&state, &res);
+                // Whether the body is held whole now: a page with its
+                // banner, sent as one piece, which a watch could only cut
+                // before its first byte.
+                let mut held_whole = false;
                 // An HTML page is read whole and given its banner before it
                 // is audited, so that the trail shows the status sent. A
                 // client that goes away meanwhile was sent nothing (499).
@@ -765,7 +773,10 @@ where
                             .catch_unwind()
                             .await
                         {
-                            Ok(page) => res = page,
+                            Ok(page) => {
+                                res = page;
+                                held_whole = true;
+                            }
                             Err(panic) => {
                                 AuditIfGivenUp::disarm(given_up);
                                 audit_panic_and_resume(
@@ -787,7 +798,7 @@ where
                 // From here the request is audited below, whatever happens.
                 AuditIfGivenUp::disarm(given_up);
                 let status = res.status().as_u16();
-                let answer = Answer::of(&state, &res);
+                let answer = Answer { status, as_refused };
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
                 match audit_request(&shared, &state, c, method, route, is_change, answer).await {
@@ -856,13 +867,15 @@ where
                 // A body of no known length may stream on (server-sent
                 // events, a long export) after the session has ended, and
                 // so may a large one of known length (a file sent in
-                // chunks): it is cut then. (A page with the banner was read
-                // whole above.) (Cut at once when the session ended while
-                // the handler ran.)
-                if HttpBody::size_hint(res.body())
-                    .exact()
-                    .is_none_or(|len| len >= WATCHED_FROM)
-                {
+                // chunks): it is cut then. Cut at once when the session
+                // ended while the handler ran, a stream only: an answer of
+                // known length to that change goes out as it began. (A
+                // page with the banner is one piece: not watched.)
+                let watched = match HttpBody::size_hint(res.body()).exact() {
+                    None => true,
+                    Some(len) => len >= WATCHED_FROM && !session_over && !held_whole,
+                };
+                if watched {
                     let end = if session_over {
                         ended()
                     } else {
@@ -1107,13 +1120,11 @@ struct Answer {
 }
 
 impl Answer {
-    /// `res`, the answer the inner service gave.
-    fn of(state: &RequestState, res: &Response) -> Self {
-        Self {
-            status: res.status().as_u16(),
-            as_refused: state.guard_refused.load(Ordering::SeqCst)
-                && res.extensions().get::<RefusalAnswer>().is_some(),
-        }
+    /// Whether `res`, the answer the inner service gave, is the guard's
+    /// refusal.
+    fn refusal_in(state: &RequestState, res: &Response) -> bool {
+        state.guard_refused.load(Ordering::SeqCst)
+            && res.extensions().get::<RefusalAnswer>().is_some()
     }
 
     /// No answer came (a panic, a failed service, a client gone): the

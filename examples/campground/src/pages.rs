@@ -960,9 +960,7 @@ pub async fn support(
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
     Query(query): Query<SupportQuery>,
 ) -> Response {
-    let Some(real) = v.real.clone() else {
-        return sign_in_first();
-    };
+    // The guard first, as for billing.
     if let Some(ctx) = &v.ctx
         && let Some(refusal) = refused_while_impersonating(
             guard,
@@ -978,6 +976,9 @@ pub async fn support(
     {
         return refusal;
     }
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
     if !v.is_agent(&demo) {
         return refused(
             &v,
@@ -1106,11 +1107,9 @@ pub async fn revoke(
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
     AppForm(form): AppForm<RevokeForm>,
 ) -> Response {
-    let Some(real) = v.real.clone() else {
-        return sign_in_first();
-    };
     // The console's work, like the console itself, is not done as the
-    // customer.
+    // customer. The guard first: under an API client's impersonation token
+    // nobody is signed in, and its refusal (on the trail) is the answer.
     if let Some(refusal) = refused_while_impersonating(
         guard,
         &v,
@@ -1121,6 +1120,9 @@ pub async fn revoke(
     ) {
         return refusal;
     }
+    let Some(real) = v.real.clone() else {
+        return sign_in_first();
+    };
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
     }
