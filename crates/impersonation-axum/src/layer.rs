@@ -867,16 +867,18 @@ where
                 // A body of no known length may stream on (server-sent
                 // events, a long export) after the session has ended, and
                 // so may a large one of known length (a file sent in
-                // chunks): it is cut then. Cut at once when the session
-                // ended while the handler ran, a stream only: an answer of
-                // known length to that change goes out as it began. (A
-                // page with the banner is one piece: not watched.)
-                let watched = match HttpBody::size_hint(res.body()).exact() {
+                // chunks): it is cut then. (A page with the banner is one
+                // piece: not watched.) When the session ended while the
+                // handler ran, a stream is cut at once; an answer of known
+                // length to that change begins, as the change was made,
+                // and is cut at the watch's first check.
+                let length = HttpBody::size_hint(res.body()).exact();
+                let watched = match length {
                     None => true,
-                    Some(len) => len >= WATCHED_FROM && !session_over && !held_whole,
+                    Some(len) => len >= WATCHED_FROM && !held_whole,
                 };
                 if watched {
-                    let end = if session_over {
+                    let end = if session_over && length.is_none() {
                         ended()
                     } else {
                         watch_session(Arc::clone(&shared.api), c, settings.stream_check, None)

@@ -151,8 +151,9 @@ impl ImpersonationLayer {
     /// How often what outlives its request under impersonation checks that
     /// the session is still live (default [`DEFAULT_STREAM_CHECK`], 5 s): a
     /// response body streamed without a known length (server-sent events,
-    /// a long export) or with one of 64 KiB or more (a download), which
-    /// the layer cuts when the session has ended,
+    /// a long export) or with one of 64 KiB or more (a download; not a
+    /// page the layer put the banner in, which is sent as one piece),
+    /// which the layer cuts when the session has ended,
     /// and a [`SessionEnd`] (for a WebSocket, whose messages the layer
     /// never sees). Each check of each open stream is a store read (and,
     /// when a policy re-check falls due, the directory's reads and a

@@ -1083,6 +1083,7 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
     enum Answers {
         TheRefusal,
         ItsOwnPageForTheRefusal,
+        ItsPageTooLargeForTheBanner,
         ARedirectForTheRefusal,
         SuccessOfItsOwn,
         ErrorOfItsOwn,
@@ -1091,6 +1092,9 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
     for (answers, expected) in [
         (TheRefusal, vec![AuditAction::Denied]),
         (ItsOwnPageForTheRefusal, vec![AuditAction::Denied]),
+        // Replaced by the layer's 500 (no room for the banner): still the
+        // refusal.
+        (ItsPageTooLargeForTheBanner, vec![AuditAction::Denied]),
         (ARedirectForTheRefusal, vec![AuditAction::Denied]),
         (
             SuccessOfItsOwn,
@@ -1115,6 +1119,10 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
                         StatusCode::FORBIDDEN,
                         Html("<html><body>not while impersonating</body></html>"),
                     )),
+                    ItsPageTooLargeForTheBanner => refusal.answer_with(Html(format!(
+                        "<html><body>{}</body></html>",
+                        "x".repeat(impersonation_axum::MAX_BANNER_BODY)
+                    ))),
                     ARedirectForTheRefusal => {
                         refusal.answer_with(axum::response::Redirect::to("/?refused"))
                     }
@@ -1128,6 +1136,9 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
         let (app, req) = one_route(&store, route).await;
         let res = app.oneshot(req).await.unwrap();
         let status = res.status();
+        if matches!(answers, ItsPageTooLargeForTheBanner) {
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        }
         let events: Vec<AuditEvent> = all_events(store.inner(), AuditQuery::default())
             .await
             .into_iter()

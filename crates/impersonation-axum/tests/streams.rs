@@ -64,12 +64,17 @@ fn ticks() -> Response {
 /// A download of known length (1 MiB, as a file server sends one): 16 KiB
 /// every 10 ms, its length announced.
 fn download() -> Response {
+    download_paced(StdDuration::from_millis(10))
+}
+
+/// [`download`], a chunk every `pace`.
+fn download_paced(pace: StdDuration) -> Response {
     const LEN: u64 = 1024 * 1024;
-    let chunks = futures_util::stream::unfold(0_u64, |sent| async move {
+    let chunks = futures_util::stream::unfold(0_u64, move |sent| async move {
         if sent == LEN {
             return None;
         }
-        tokio::time::sleep(StdDuration::from_millis(10)).await;
+        tokio::time::sleep(pace).await;
         Some((
             Ok::<_, Infallible>(Bytes::from(vec![b'x'; 16 * 1024])),
             sent + 16 * 1024,
@@ -522,11 +527,15 @@ async fn a_completed_session_end_stays_ready() {
 /// A change whose session ends while its handler runs is made and on the
 /// trail, and its answer goes out; but a stream it answers with is cut at
 /// once, not at the next check (an hour away here). An answer of known
-/// length, however large, goes out whole: the change was made.
+/// length begins, as the change was made, and is cut at the watch's first
+/// check: whole with the checks an hour apart, part way with them 100 ms
+/// apart (the least). (The export takes 3 s either way.)
 #[tokio::test]
 async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_once() {
-    for (stream, expected) in [(true, (0, true)), (false, (64, false))] {
-        let fx = fixture(StdDuration::from_secs(3600), None);
+    let hour = StdDuration::from_secs(3600);
+    let least = StdDuration::from_millis(100);
+    for (stream, every) in [(true, hour), (false, hour), (false, least)] {
+        let fx = fixture(every, None);
         let started = Arc::new(start(&fx, olive()).await);
         let (svc, secret) = (Arc::clone(&fx.svc), Arc::clone(&started));
         let app = Router::new().route(
@@ -536,15 +545,27 @@ async fn a_stream_answering_a_change_whose_session_ended_meanwhile_is_cut_at_onc
                 async move {
                     // Stopped elsewhere while the export is being made.
                     svc.stop(&secret.secret, &agent("sam")).await.unwrap();
-                    if stream { ticks() } else { download() }
+                    // Paced so that the whole takes 3 s: the first check,
+                    // 100 ms in, comes well before its end.
+                    if stream {
+                        ticks()
+                    } else {
+                        download_paced(StdDuration::from_millis(50))
+                    }
                 }
             }),
         );
-        let app = behind_the_layer(&fx, app, StdDuration::from_secs(3600));
+        let app = behind_the_layer(&fx, app, every);
         let req = sams_request(Method::POST, "/export", &started);
         let res = app.oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(drain(res, 100_000).await, expected, "stream: {stream}");
+        let (frames, cut) = drain(res, 100_000).await;
+        let case = format!("stream: {stream}, checks every {every:?}");
+        match (stream, every == hour) {
+            (true, _) => assert_eq!((frames, cut), (0, true), "{case}"),
+            (false, true) => assert_eq!((frames, cut), (64, false), "{case}"),
+            (false, false) => assert!(cut && frames > 0 && frames < 64, "{case}: {frames}"),
+        }
     }
 }
 

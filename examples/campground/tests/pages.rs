@@ -864,13 +864,33 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_tok
         .await
         .unwrap();
     assert_eq!(billing.status(), StatusCode::FORBIDDEN);
+    // The console too, with nobody signed in: refused by the guard, not
+    // sent to sign in.
+    let console = api
+        .get(format!("{base}/support"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(console.status(), StatusCode::FORBIDDEN);
+    let revoke = api
+        .post(format!("{base}/support/revoke"))
+        .bearer_auth(token)
+        .form(&[("session", "none"), ("csrf", "")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), StatusCode::FORBIDDEN);
+    // Each refusal is its request's one record.
     let (_, trail) = sam.get("/audit.txt").await;
-    assert!(
-        trail
+    for route in ["GET /billing", "GET /support", "POST /support/revoke"] {
+        let rows: Vec<&str> = trail
             .lines()
-            .any(|l| l.contains("Denied Attempt") && l.contains("GET /billing")),
-        "{trail}"
-    );
+            .filter(|l| l.contains(&format!("{route}:")) || l.contains(&format!("{route} (")))
+            .collect();
+        assert_eq!(rows.len(), 1, "{route}: {trail}");
+        assert!(rows[0].contains("| Denied Attempt |"), "{route}: {trail}");
+    }
 }
 
 /// Reads a response's body until it ends or fails: whether it failed (was
