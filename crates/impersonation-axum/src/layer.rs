@@ -1170,6 +1170,8 @@ fn needs_record(
 /// task of its own, which this awaits; a task that fails is the store's
 /// failure to record. (Spawning every write cost an in-memory audited
 /// request a task, a wake and a second pass through hyper's futures.)
+/// Outside a tokio runtime it is awaited in place: a drop then cuts it
+/// short, as any future.
 pub(crate) async fn run_to_end<T: Send + 'static>(
     write: impl Future<Output = Result<T, impersonation_core::Error>> + Send + 'static,
 ) -> Result<T, impersonation_core::Error> {
@@ -1192,7 +1194,16 @@ pub(crate) async fn run_to_end<T: Send + 'static>(
         Ok(Poll::Pending) => {}
         Err(_) => return failed("the audit write panicked".into()),
     }
-    match tokio::spawn(write).await {
+    // Outside a tokio runtime (a host driving the service on an executor
+    // of its own) no task can carry the write past a drop: it is awaited
+    // here, and a panic in it is still the store's failure.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return match AssertUnwindSafe(write).catch_unwind().await {
+            Ok(recorded) => recorded,
+            Err(_) => failed("the audit write panicked".into()),
+        };
+    };
+    match runtime.spawn(write).await {
         Ok(recorded) => recorded,
         Err(e) => failed(format!("the audit write failed: {e}")),
     }

@@ -1156,6 +1156,29 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
     }
 }
 
+/// A host may drive the service on an executor of its own, outside any
+/// tokio runtime. An audit write that has to wait (here it yields once,
+/// with no timer) cannot go to a task of its own there; it is awaited in
+/// place: the request is answered and on the trail, and nothing panics.
+#[test]
+fn outside_a_tokio_runtime_an_audit_write_that_waits_is_awaited_in_place() {
+    use futures_executor::block_on;
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let route = axum::routing::post(|| async { "saved" });
+    let (app, req) = block_on(one_route(&store, route));
+    // The request's writes: the resolve's touch, then its audit event.
+    store.fail_nth(2, When::Yield, Calls::Writes);
+    let res = block_on(app.oneshot(req)).unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(store.injected(), 1);
+    let events = block_on(all_events(store.inner(), AuditQuery::default()));
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.action, last.details.get("route")),
+        (AuditAction::Modification, Some("/bookings"))
+    );
+}
+
 /// `Upgrade: h2c`, which some clients offer on every plain-HTTP request,
 /// is no change: a read-only session still reads.
 #[tokio::test]

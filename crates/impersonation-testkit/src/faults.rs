@@ -33,6 +33,11 @@ pub enum When {
     /// The call panics before the inner store sees it (a bug in a store),
     /// for a test that its caller answers as for a failed store.
     Panic,
+    /// No error: the call waits once (it answers `Pending`, having woken
+    /// itself) before it reaches the inner store, as a store that has to
+    /// wait for its server does. It needs no timer, so a caller outside a
+    /// tokio runtime can be tested with it.
+    Yield,
 }
 
 /// How long a [`When::Slow`] call waits before it reaches the inner store.
@@ -149,6 +154,11 @@ impl<S: Store> FaultyStore<S> {
                 call.await
             }
             Some(When::Panic) => panic!("injected panic in a store call"),
+            Some(When::Yield) => {
+                // Outside a runtime, tokio's yield wakes the task at once.
+                tokio::task::yield_now().await;
+                call.await
+            }
         }
     }
 
