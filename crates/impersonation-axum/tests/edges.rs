@@ -1163,10 +1163,20 @@ async fn a_handler_carrying_on_past_the_guard_is_audited_too() {
 #[test]
 fn outside_a_tokio_runtime_an_audit_write_that_waits_is_awaited_in_place() {
     use futures_executor::block_on;
+    // The request's writes: the resolve's touch, then its audit event. (A
+    // failure there is the audit's: the change is withheld, 503.)
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let route = axum::routing::post(|| async { "saved" });
+    let (app, req) = block_on(one_route(&store, route.clone()));
+    store.fail_nth(2, When::Before, Calls::Writes);
+    let res = block_on(app.oneshot(req)).unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = block_on(res.into_body().collect()).unwrap().to_bytes();
+    assert_eq!(&body[..], b"audit unavailable");
+    assert_eq!(store.injected(), 1);
+    // The same write waits once.
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let (app, req) = block_on(one_route(&store, route));
-    // The request's writes: the resolve's touch, then its audit event.
     store.fail_nth(2, When::Yield, Calls::Writes);
     let res = block_on(app.oneshot(req)).unwrap();
     assert_eq!(res.status(), StatusCode::OK);
