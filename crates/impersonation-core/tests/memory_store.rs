@@ -10,6 +10,15 @@ mod conformance {
     });
 }
 
+/// Clones of a `MemoryStore` share their state: two handles on one store,
+/// as the two-instance cases ask for.
+mod two_instances {
+    impersonation_testkit::store_pair_conformance_tests!(async {
+        let store = impersonation_core::MemoryStore::new();
+        (store.clone(), store)
+    });
+}
+
 /// The suite's promise to adapter authors: a factory may hand every case
 /// the same database. Here every case gets one shared store (clones of a
 /// `MemoryStore` share their state), and the cases run one after another

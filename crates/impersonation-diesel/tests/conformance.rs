@@ -21,3 +21,23 @@ mod sqlite_memory {
 mod mariadb {
     impersonation_testkit::store_conformance_tests!(super::common::mysql());
 }
+
+/// Two stores, each with its own pool, on one database: two processes of
+/// an app. (SQLite in memory is one process's own.)
+mod two_instances {
+    #[cfg(feature = "postgres")]
+    mod postgres {
+        impersonation_testkit::store_pair_conformance_tests!(super::super::common::postgres_pair());
+    }
+
+    mod sqlite_file {
+        impersonation_testkit::store_pair_conformance_tests!(
+            super::super::common::sqlite_file_pair()
+        );
+    }
+
+    #[cfg(feature = "mysql")]
+    mod mariadb {
+        impersonation_testkit::store_pair_conformance_tests!(super::super::common::mysql_pair());
+    }
+}

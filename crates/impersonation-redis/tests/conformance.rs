@@ -18,6 +18,28 @@ mod cluster {
     impersonation_testkit::store_conformance_tests!(super::common::cluster());
 }
 
+/// Two stores on one namespace, each with its own connection and cached
+/// chain heads: two processes of an app.
+mod two_instances {
+    mod single {
+        impersonation_testkit::store_pair_conformance_tests!(async {
+            let ns = super::super::common::unique("imptest");
+            let url = super::super::common::SINGLE;
+            let first = super::super::common::store_at(url, &ns).await;
+            (first, super::super::common::store_at(url, &ns).await)
+        });
+    }
+
+    mod cluster {
+        impersonation_testkit::store_pair_conformance_tests!(async {
+            let ns = super::super::common::unique("imptest");
+            let url = super::super::common::CLUSTER;
+            let first = super::super::common::store_at(url, &ns).await;
+            (first, super::super::common::store_at(url, &ns).await)
+        });
+    }
+}
+
 fn cases() -> u32 {
     std::env::var("IMPERSONATION_DB_MACHINE_CASES")
         .ok()

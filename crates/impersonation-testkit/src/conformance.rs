@@ -1142,13 +1142,30 @@ pub async fn live_sessions_filter_and_exclude_ended<S: Store>(store: S) {
 /// Racing starts by one agent leave exactly one live session; every loser's
 /// refusal is audited, names the winner, and leaves no session behind.
 pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) {
+    racing_starts_over(&[Arc::new(store)]).await;
+}
+
+/// [`racing_starts_leave_one_live_session`] with the starts shared between
+/// two instances of the store on the same data (two processes of an app).
+pub async fn racing_starts_across_instances_leave_one_live_session<S: Store + 'static>(
+    (a, b): (S, S),
+) {
+    racing_starts_over(&[Arc::new(a), Arc::new(b)]).await;
+}
+
+/// Instance `n` of `handles`, round the list.
+fn nth<S>(handles: &[Arc<S>], n: usize) -> Arc<S> {
+    Arc::clone(&handles[n % handles.len()])
+}
+
+async fn racing_starts_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
-    let store = Arc::new(store);
+    let store = nth(handles, 0);
     let agent = w.agent(1);
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..16 {
         let (start, _) = w.begin(&agent, &w.customer(n, "t1"), epoch());
-        let store = Arc::clone(&store);
+        let store = nth(handles, n as usize);
         let id = start.session().id;
         tasks.spawn(async move { (id, store.start(start).await) });
     }
@@ -1176,7 +1193,13 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
         agent: Some(agent.id.clone()),
         ..LiveFilter::default()
     };
-    assert_eq!(live_ids(&*store, &live).await, winners);
+    for store in handles {
+        assert_eq!(
+            live_ids(&**store, &live).await,
+            winners,
+            "on every instance"
+        );
+    }
     let chain = ChainKey::for_agent(&agent.id);
     assert_eq!(
         assert_chain_verifies(&*store, &chain).await,
@@ -1191,8 +1214,20 @@ pub async fn racing_starts_leave_one_live_session<S: Store + 'static>(store: S) 
 /// the end. A store that reads, then writes, outside one atomic step
 /// fails this.
 pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(store: S) {
+    racing_ends_over(&[Arc::new(store)]).await;
+}
+
+/// [`racing_ends_touches_and_appends_leave_one_end`] with the calls shared
+/// between two instances of the store on the same data.
+pub async fn racing_ends_touches_and_appends_across_instances_leave_one_end<S: Store + 'static>(
+    (a, b): (S, S),
+) {
+    racing_ends_over(&[Arc::new(a), Arc::new(b)]).await;
+}
+
+async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
-    let store = Arc::new(store);
+    let store = nth(handles, 0);
     let agent = w.agent(1);
     let (start, secret) = w.begin(&agent, &w.customer(1, "t1"), epoch());
     let (session, _) = must_start(&*store, start).await;
@@ -1213,12 +1248,13 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
                 Details::new().with("n", i),
             )
             .unwrap();
-        let s = Arc::clone(&store);
+        let n = usize::try_from(i).unwrap_or_default();
+        let s = nth(handles, n);
         ends.spawn(async move { s.transition(end).await.map(|(after, _)| after.state) });
         // Half the touches and appends go through the batched calls,
         // which a store may implement on their own (one query each).
         let batched = i % 2 == 1;
-        let (s, secret) = (Arc::clone(&store), Arc::clone(&secret));
+        let (s, secret) = (nth(handles, n + 1), Arc::clone(&secret));
         let now = epoch() + Duration::seconds(20 + i);
         others.spawn(async move {
             let touch = Some(Touch {
@@ -1236,7 +1272,7 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
             };
             found.map(|_| None)
         });
-        let s = Arc::clone(&store);
+        let s = nth(handles, n);
         let draft = session
             .draft(
                 epoch() + Duration::seconds(25),
@@ -1279,8 +1315,10 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
             Err(e) => panic!("racing touch or append failed: {e}"),
         }
     }
-    let stored = store.session(session.id).await.unwrap().unwrap();
-    assert_eq!(stored.state, landed[0], "no touch put the session back");
+    for store in handles {
+        let stored = store.session(session.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, landed[0], "no touch put the session back");
+    }
     let chain = ChainKey::for_agent(&agent.id);
     let events = whole_chain(&*store, &chain).await;
     let ends: Vec<&AuditEvent> = events
@@ -1301,8 +1339,21 @@ pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(s
 
 /// Concurrent appends to one chain never fork it.
 pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: S) {
+    concurrent_appends_over(&[Arc::new(store)]).await;
+}
+
+/// [`concurrent_appends_keep_the_chain_valid`] with the appends shared
+/// between two instances of the store on the same data, each of which may
+/// hold its own idea of the chain's head.
+pub async fn concurrent_appends_across_instances_keep_the_chain_valid<S: Store + 'static>(
+    (a, b): (S, S),
+) {
+    concurrent_appends_over(&[Arc::new(a), Arc::new(b)]).await;
+}
+
+async fn concurrent_appends_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
-    let store = Arc::new(store);
+    let store = nth(handles, 0);
     let agent = w.agent(1);
     let (session, _) = must_start(&*store, w.begin(&agent, &w.customer(1, "t1"), epoch()).0).await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -1312,7 +1363,7 @@ pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: 
             AuditAction::Access,
             Actor::user(agent.id.clone(), "A"),
         );
-        let store = Arc::clone(&store);
+        let store = nth(handles, usize::try_from(i).unwrap_or_default());
         let id = session.id;
         tasks.spawn(async move { store.append(draft, AppendGuard::SessionActive(id)).await });
     }
@@ -1324,7 +1375,9 @@ pub async fn concurrent_appends_keep_the_chain_valid<S: Store + 'static>(store: 
     // What each call returned is what was stored (an event resealed after
     // a race is returned as resealed).
     returned.sort_by_key(|e| e.seq);
-    assert_eq!(returned, whole_chain(&*store, &session.chain()).await[1..]);
+    for store in handles {
+        assert_eq!(returned, whole_chain(&**store, &session.chain()).await[1..]);
+    }
 }
 
 /// A batch of appends judges each event alone, keeps their order within
@@ -1485,8 +1538,20 @@ pub async fn find_by_secrets_answers_each_lookup_in_order<S: Store>(store: S) {
 
 /// Concurrent batches over the same chains never fork them.
 pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store: S) {
+    concurrent_batches_over(&[Arc::new(store)]).await;
+}
+
+/// [`concurrent_batches_keep_the_chains_valid`] with the batches shared
+/// between two instances of the store on the same data.
+pub async fn concurrent_batches_across_instances_keep_the_chains_valid<S: Store + 'static>(
+    (a, b): (S, S),
+) {
+    concurrent_batches_over(&[Arc::new(a), Arc::new(b)]).await;
+}
+
+async fn concurrent_batches_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
-    let store = Arc::new(store);
+    let store = nth(handles, 0);
     let (a, b) = (w.agent(1), w.agent(2));
     let (sa, _) = must_start(&*store, w.begin(&a, &w.customer(1, "t1"), epoch()).0).await;
     let (sb, _) = must_start(&*store, w.begin(&b, &w.customer(2, "t1"), epoch()).0).await;
@@ -1507,7 +1572,7 @@ pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store:
                 (draft, AppendGuard::SessionActive(s.id))
             })
             .collect();
-        let store = Arc::clone(&store);
+        let store = nth(handles, usize::try_from(i).unwrap_or_default());
         tasks.spawn(async move { store.append_batch(batch).await });
     }
     let mut returned = Vec::new();
@@ -1526,8 +1591,68 @@ pub async fn concurrent_batches_keep_the_chains_valid<S: Store + 'static>(store:
             .cloned()
             .collect();
         mine.sort_by_key(|e| e.seq);
-        assert_eq!(mine, whole_chain(&*store, &s.chain()).await[1..]);
+        for store in handles {
+            assert_eq!(mine, whole_chain(&**store, &s.chain()).await[1..]);
+        }
     }
+}
+
+/// A session started on one instance of the store is found, touched,
+/// audited and ended on either, with the two taking turns: each sees what
+/// the other wrote (the touch, the chain's head, the end), whatever it
+/// held of its own, and the chain stays one.
+pub async fn a_session_is_served_by_either_instance<S: Store>((a, b): (S, S)) {
+    let w = World::new();
+    let agent = w.agent(1);
+    let actor = || Actor::user(agent.id.clone(), "agent");
+    let (start, secret) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&a, start).await;
+    let seen = epoch() + Duration::seconds(30);
+    let found = touch(&b, &secret, seen, Duration::ZERO).await;
+    assert_eq!(found.map(|s| s.id), Some(session.id), "found on the other");
+    assert_eq!(
+        last_seen(&a, session.id).await,
+        seen,
+        "the touch seen on the first"
+    );
+    for i in 0..4_i64 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        let draft = session.draft(
+            epoch() + Duration::seconds(31 + i),
+            AuditAction::Access,
+            actor(),
+        );
+        on.append(draft, AppendGuard::SessionActive(session.id))
+            .await
+            .expect("an append on either instance");
+    }
+    let current = b.session(session.id).await.unwrap().unwrap();
+    let end = current
+        .end(
+            EndReason::Stopped,
+            actor(),
+            epoch() + Duration::seconds(40),
+            Details::new(),
+        )
+        .unwrap();
+    b.transition(end).await.expect("the end on the other");
+    let stored = a.session(session.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, SessionState::Ended(EndReason::Stopped));
+    let late = session.draft(
+        epoch() + Duration::seconds(41),
+        AuditAction::Access,
+        actor(),
+    );
+    assert!(
+        matches!(
+            a.append(late, AppendGuard::SessionActive(session.id)).await,
+            Err(StoreError::SessionNotActive(_))
+        ),
+        "no access after the end, on the instance that did not end it"
+    );
+    let chain = session.chain();
+    assert_eq!(assert_chain_verifies(&a, &chain).await, 6);
+    assert_eq!(whole_chain(&a, &chain).await, whole_chain(&b, &chain).await);
 }
 
 /// Batches whose events' times run out of order, tie, and spread over
@@ -1780,6 +1905,34 @@ macro_rules! store_conformance_tests {
                 .await;
             }
         )*
+    };
+}
+
+/// Expands to one `#[tokio::test]` per conformance case that needs two
+/// instances of the store on the same data, as two processes of an app
+/// hold: each calling the factory expression for a fresh pair `(S, S)`.
+/// A store that caches anything of what it stored (a chain's head, say)
+/// must still agree with the other instance. The calling crate needs
+/// `tokio` as for [`store_conformance_tests!`](crate::store_conformance_tests).
+///
+/// ```ignore
+/// mod two_instances {
+///     impersonation_testkit::store_pair_conformance_tests!(async {
+///         let place = my_database().await;
+///         (my_adapter(&place).await, my_adapter(&place).await)
+///     });
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_pair_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            racing_starts_across_instances_leave_one_live_session,
+            racing_ends_touches_and_appends_across_instances_leave_one_end,
+            concurrent_appends_across_instances_keep_the_chain_valid,
+            concurrent_batches_across_instances_keep_the_chains_valid,
+            a_session_is_served_by_either_instance,
+        );
     };
 }
 

@@ -4,6 +4,9 @@
 //!
 //! * [`store_conformance_tests!`]: one test per promise of the `Store` trait
 //!   ([`conformance`]), from a factory expression;
+//! * [`store_pair_conformance_tests!`]: the racing cases again over two
+//!   instances of the store on the same data (two processes), from a
+//!   factory of pairs;
 //! * [`machine::run_state_machine`]: the state-machine property test that
 //!   drives the real service on your store and checks the SDK's invariants
 //!   after every step;

@@ -47,6 +47,26 @@ pub(crate) async fn postgres() -> DieselStore {
     postgres_db(8).await.store
 }
 
+/// A second store, with a pool of its own, on `db`'s database: another
+/// process of the app.
+pub(crate) async fn another_store_on(db: &TestDb, pool: usize) -> DieselStore {
+    let config = match &db.place {
+        Place::Postgres { schema } => DieselConfig::new(PG_URL).schema(schema.clone()),
+        Place::Mysql { url } => DieselConfig::new(url.clone()),
+        Place::Sqlite { path } => DieselConfig::new(format!("sqlite://{path}")),
+    };
+    DieselStore::connect_and_migrate(config.max_connections(pool))
+        .await
+        .expect("a second store on the test database")
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_pair() -> (DieselStore, DieselStore) {
+    let db = postgres_db(4).await;
+    let other = another_store_on(&db, 4).await;
+    (db.store, other)
+}
+
 /// A new, empty MariaDB database of the test's own; its URL.
 #[cfg(feature = "mysql")]
 pub(crate) async fn mysql_database() -> String {
@@ -82,6 +102,13 @@ pub(crate) async fn mysql() -> DieselStore {
     mysql_db(8).await.store
 }
 
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql_pair() -> (DieselStore, DieselStore) {
+    let db = mysql_db(4).await;
+    let other = another_store_on(&db, 4).await;
+    (db.store, other)
+}
+
 pub(crate) async fn sqlite_file_db(pool: usize) -> TestDb {
     let path = scratch_file("imptest", "db").display().to_string();
     let config = DieselConfig::new(format!("sqlite://{path}")).max_connections(pool);
@@ -96,6 +123,12 @@ pub(crate) async fn sqlite_file_db(pool: usize) -> TestDb {
 
 pub(crate) async fn sqlite_file() -> DieselStore {
     sqlite_file_db(4).await.store
+}
+
+pub(crate) async fn sqlite_file_pair() -> (DieselStore, DieselStore) {
+    let db = sqlite_file_db(2).await;
+    let other = another_store_on(&db, 2).await;
+    (db.store, other)
 }
 
 pub(crate) async fn sqlite_memory() -> DieselStore {
