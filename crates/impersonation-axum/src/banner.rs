@@ -5,7 +5,16 @@
 use impersonation_core::Context;
 use time::OffsetDateTime;
 
+/// `text` escaped for HTML, and without Unicode's bidirectional controls
+/// (embeddings, overrides, isolates, marks): a name holding U+202E would
+/// reverse what follows it in the banner and could make it read as
+/// something else.
 fn esc(text: &str) -> String {
+    let is_bidi_control = |c: char| matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if text.contains(is_bidi_control) {
+        let plain: String = text.chars().filter(|&c| !is_bidi_control(c)).collect();
+        return html_escape::encode_text(&plain).into_owned();
+    }
     html_escape::encode_text(text).into_owned()
 }
 
@@ -40,7 +49,10 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
     ascii_only(format!(
         concat!(
             "<div id=\"impersonation-banner\" role=\"alert\" aria-live=\"assertive\" ",
-            "style=\"position:fixed;top:0;left:0;right:0;z-index:2147483647;display:flex;gap:1em;align-items:center;",
+            // `!important` in the element's own style outranks a page's
+            // stylesheet (a customer's theme) that would hide it.
+            "style=\"position:fixed!important;top:0!important;left:0;right:0;z-index:2147483647!important;",
+            "display:flex!important;visibility:visible!important;opacity:1!important;gap:1em;align-items:center;",
             "padding:.6em 1em;background:#b91c1c;color:#fff;font:600 15px/1.4 system-ui,sans-serif\">",
             "<span class=\"impersonation-message\">{message}</span>",
             "<span style=\"font-weight:400\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
@@ -138,7 +150,12 @@ fn banner_place(html: &[u8]) -> usize {
                     None => return last.unwrap_or(here),
                 }
             };
-            match closing_at(&html[inside..], close) {
+            let closed = if *open == b"<script" {
+                script_end(&html[inside..])
+            } else {
+                closing_at(&html[inside..], close)
+            };
+            match closed {
                 Some(end) => at = inside + end + close.len(),
                 None => return last.unwrap_or(here),
             }
@@ -210,6 +227,73 @@ fn closing_at(text: &[u8], close: &[u8]) -> Option<usize> {
             return Some(at);
         }
         from = at + 1;
+    }
+    None
+}
+
+/// Where a script's text ends (its `</script`), as browsers read it: after
+/// `<!--` in a script, a `<script` opens an inner "double-escaped" part
+/// that its own `</script` closes, not the element, until `-->` (HTML's
+/// script data states). A customer's `<!--<script>` put in a JSON script
+/// runs the element past the first `</script>`, to the page's end, or to
+/// a later one.
+fn script_end(text: &[u8]) -> Option<usize> {
+    enum State {
+        Data,
+        Escaped,
+        DoubleEscaped,
+    }
+    let mut state = State::Data;
+    // Dashes just read in an escaped part: `>` after two ends it (the
+    // dashes of its `<!--` count: `<!-->` ends where it begins).
+    let mut dashes = 0;
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        let rest = &text[i..];
+        match state {
+            State::Data => {
+                if rest.starts_with(b"<!--") {
+                    state = State::Escaped;
+                    dashes = 2;
+                    i += b"<!--".len();
+                    continue;
+                }
+                if tag_at(rest, b"</script") {
+                    return Some(i);
+                }
+            }
+            State::Escaped | State::DoubleEscaped => {
+                match b {
+                    b'-' => {
+                        dashes += 1;
+                        i += 1;
+                        continue;
+                    }
+                    b'>' if dashes >= 2 => {
+                        state = State::Data;
+                        dashes = 0;
+                        i += 1;
+                        continue;
+                    }
+                    _ => dashes = 0,
+                }
+                if matches!(state, State::Escaped) {
+                    if tag_at(rest, b"</script") {
+                        return Some(i);
+                    }
+                    if tag_at(rest, b"<script") {
+                        state = State::DoubleEscaped;
+                        i += b"<script".len();
+                        continue;
+                    }
+                } else if tag_at(rest, b"</script") {
+                    state = State::Escaped;
+                    i += b"</script".len();
+                    continue;
+                }
+            }
+        }
+        i += 1;
     }
     None
 }
@@ -309,6 +393,56 @@ mod tests {
             placed("<p>x</p></body><!-- </body>"),
             "<p>x</p>[B]</body><!-- </body>"
         );
+    }
+
+    #[test]
+    fn banner_text_loses_bidirectional_controls_and_is_escaped() {
+        assert_eq!(
+            super::esc("Olive \u{202E}renwO\u{202C} <b>"),
+            "Olive renwO &lt;b&gt;"
+        );
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{2066}', '\u{2069}',
+        ] {
+            assert_eq!(super::esc(&format!("a{c}b")), "ab", "{:?}", c);
+        }
+        // Right-to-left letters themselves stay.
+        assert_eq!(super::esc("\u{05D0}\u{05D1}"), "\u{05D0}\u{05D1}");
+    }
+
+    /// After `<!--`, a `<script` in a script opens a part its own
+    /// `</script>` closes, not the element (HTML's double-escaped script
+    /// data): browsers then read on to a later `</script>` or the page's
+    /// end, and a banner put before the first `</script>`'s `</body>`
+    /// would be script text, never shown.
+    #[test]
+    fn a_script_escaped_twice_runs_past_its_first_end_tag() {
+        // A customer's note in a JSON script: the rest of the page is
+        // script, so the banner goes before it, where it shows.
+        let page = "<p>x</p><script type=\"application/json\">{\"note\":\"<!--<script>\"}</script><p>y</p></body></html>";
+        assert_eq!(
+            placed(page),
+            format!("<p>x</p>[B]{}", &page["<p>x</p>".len()..])
+        );
+        // Closed by a later `</script>`: the body's end after it counts.
+        let page = "<script>s='<!--<script>';</script>t='</script>';</script><p>y</p></body>";
+        assert_eq!(placed(page), page.replace("</body>", "[B]</body>"));
+        // `-->` ends the escaped part, and `<!-->` ends where it begins:
+        // the first `</script>` then closes the element.
+        for script in [
+            "<script>a('<!--<script></script>-->');</script>",
+            "<script>a('<!-->');</script>",
+            "<script>a('<!--->');</script>",
+            "<script>a('<!--');</script>",
+            "<script>a('<!-- x <scripts>');</script>",
+        ] {
+            let page = format!("{script}<p>y</p></body>");
+            assert_eq!(
+                placed(&page),
+                format!("{script}<p>y</p>[B]</body>"),
+                "{script}"
+            );
+        }
     }
 
     #[test]

@@ -1273,12 +1273,13 @@ fn log_unaudited(
 }
 
 /// Cache headers that CDNs read before `Cache-Control` (Fastly's and
-/// Akamai's `Surrogate-Control`, RFC 9213's `CDN-Cache-Control`,
-/// Cloudflare's own, nginx's `X-Accel-Expires` for its `proxy_cache`): an
-/// app's, left on a page served under impersonation, could have the edge
-/// or the proxy keep the customer's page.
-const CDN_CACHE_HEADERS: [&str; 4] = [
+/// Akamai's `Surrogate-Control`, Akamai's `Edge-Control`, RFC 9213's
+/// `CDN-Cache-Control`, Cloudflare's own, nginx's `X-Accel-Expires` for its
+/// `proxy_cache`): an app's, left on a page served under impersonation,
+/// could have the edge or the proxy keep the customer's page.
+const CDN_CACHE_HEADERS: [&str; 5] = [
     "surrogate-control",
+    "edge-control",
     "cdn-cache-control",
     "cloudflare-cdn-cache-control",
     "x-accel-expires",

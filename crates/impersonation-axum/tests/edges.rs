@@ -899,6 +899,10 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
                     "max-age=600",
                 ),
                 (
+                    header::HeaderName::from_static("edge-control"),
+                    "cache-maxage=600s",
+                ),
+                (
                     header::HeaderName::from_static("cdn-cache-control"),
                     "max-age=600",
                 ),
@@ -920,6 +924,7 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");
     for cdn in [
         "surrogate-control",
+        "edge-control",
         "cdn-cache-control",
         "cloudflare-cdn-cache-control",
         "x-accel-expires",
