@@ -3,7 +3,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use subtle::ConstantTimeEq;
 
@@ -56,20 +56,10 @@ pub struct CsrfCheck {
 
 impl CsrfCheck {
     pub(crate) fn of(parts: &Parts, settings: &Settings, token: CsrfToken) -> Self {
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let site = Site {
-            host,
-            secure: settings.secure_cookies,
-        };
         let had_cookie = cookie(&parts.headers, settings.csrf_cookie()).is_some();
         Self {
             token,
-            same_site: had_cookie && same_origin(&parts.headers, &site),
+            same_site: had_cookie && from_this_site(&parts.headers, &parts.uri, settings),
         }
     }
 
@@ -153,6 +143,23 @@ impl Site<'_> {
             && !self.host.is_empty()
             && bare(host, default_port).eq_ignore_ascii_case(bare(self.host, default_port))
     }
+}
+
+/// Whether neither `Origin` nor `Sec-Fetch-Site` says another origin sent
+/// the request to `uri` (its host from `Host`, or over HTTP/2 from the
+/// URI's authority): the check [`CsrfCheck`] makes beside the token, and
+/// the layer's for a WebSocket's handshake, which carries no form.
+pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings) -> bool {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let site = Site {
+        host,
+        secure: settings.secure_cookies,
+    };
+    same_origin(headers, &site)
 }
 
 /// Same-origin checks on top of the token: a foreign `Origin` (another

@@ -361,13 +361,16 @@ where
         Box::pin(async move {
             let settings = &shared.settings;
             // A change is refused in a read-only session, always reads the
-            // session from the store, and is audited as a modification. By
-            // default an upgrade (a WebSocket's handshake, a `GET`) is one
-            // too: what its messages do later, the layer never sees.
-            let is_change = match &settings.changes {
-                None => !req.method().is_safe() || upgrades(req.headers()),
-                Some(changes) => changes(req.method(), route_of(req.extensions(), req.uri())),
-            };
+            // session from the store, and is audited as a modification. An
+            // upgrade (a WebSocket's handshake, a `GET`) is one, whatever
+            // `changes_when` says of its method and route: what its
+            // messages do later, the layer never sees.
+            let upgrade = upgrades(req.headers());
+            let is_change = upgrade
+                || match &settings.changes {
+                    None => !req.method().is_safe(),
+                    Some(changes) => changes(req.method(), route_of(req.extensions(), req.uri())),
+                };
 
             // The secret: the cookie for browsers, `Authorization: Bearer` for
             // APIs; or, with a token resolver, a signed token naming a session.
@@ -637,6 +640,45 @@ where
                 }
                 None => tracing::Span::none(),
             };
+
+            // A browser's WebSocket to the customer's session opened by a
+            // page of another origin (a sibling subdomain's, whose requests
+            // carry the `SameSite=Strict` cookies): that page would read
+            // and send the socket's messages as the customer. A handshake
+            // carries no form to hold a CSRF token, so its `Origin` (which
+            // browsers always send on one) and `Sec-Fetch-Site` decide.
+            // Refused before the handler runs, and on the trail as the
+            // request's one record (403).
+            if let (Some(c), Some((method, route))) = (&ctx, &audit)
+                && upgrade
+                && cookie_session
+                && !crate::csrf::from_this_site(req.headers(), req.uri(), settings)
+            {
+                tracing::warn!(
+                    route = route.as_str(),
+                    "an upgrade from another origin under an impersonation session is refused"
+                );
+                let status = StatusCode::FORBIDDEN;
+                let answer = Answer::none(status.as_u16());
+                if let Some(Err(e)) =
+                    audit_request(&shared, &state, c, method, route.as_str(), true, answer).await
+                {
+                    log_unaudited(
+                        &e,
+                        c,
+                        method,
+                        route.as_str(),
+                        true,
+                        status.as_u16(),
+                        "refusing it",
+                    );
+                    return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
+                }
+                return Ok(plain(
+                    status,
+                    "refused during impersonation: a WebSocket opened from another origin",
+                ));
+            }
 
             // A change is asked for before it is made (a read-only session
             // may make none); the SDK's own routes (stop) are always let in.

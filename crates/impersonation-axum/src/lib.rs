@@ -175,11 +175,13 @@ impl ImpersonationLayer {
 
     /// Which impersonated requests change something, by method and route
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
-    /// `TRACE`, and any request with an `Upgrade` header naming anything
-    /// but `h2c`: a WebSocket's handshake is a `GET`, and the layer sees
-    /// none of its messages (to close the socket when the session ends,
-    /// its handler must select on [`SessionEnd`]); a filter given here
-    /// decides for upgrades too). A change is
+    /// `TRACE`). Whatever the filter says, a request with an `Upgrade`
+    /// header naming anything but `h2c` is a change: a WebSocket's
+    /// handshake is a `GET`, and the layer sees none of its messages (to
+    /// close the socket when the session ends, its handler must select on
+    /// [`SessionEnd`]); a browser's, under a cookie session, is refused
+    /// (403, on the trail) when its `Origin` or `Sec-Fetch-Site` names
+    /// another origin, since no form carries a CSRF token there. A change is
     /// refused in a read-only session, always reads
     /// the session from the store rather than a moment-old copy, and is
     /// audited as a modification; any other request is audited as an

@@ -68,6 +68,8 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
             "/token",
             get(|token: CsrfToken| async move { token.as_str().to_owned() }),
         )
+        // A WebSocket's handshake (the test sends its headers only).
+        .route("/live", get(|| async { "switching" }))
         .route(
             "/read-only",
             get(|user: EffectiveUser| async move {
@@ -342,4 +344,116 @@ async fn a_read_only_session_may_use_a_route_marked_as_no_change() {
             (AuditAction::Access, "/signout/{device}".to_owned()),
         ]
     );
+}
+
+/// A WebSocket handshake (its headers; the handler answers 200) by Sam
+/// from `origin`, with the session's cookie.
+fn handshake(origin: &str, sec_fetch_site: Option<&str>, secret: &str) -> Request {
+    let mut req = Request::builder()
+        .uri("/live")
+        .header(header::HOST, "app.example")
+        .header(header::ORIGIN, origin)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::COOKIE, format!("__Host-impersonation={secret}"))
+        .header("x-test-user", "sam");
+    if let Some(site) = sec_fetch_site {
+        req = req.header("sec-fetch-site", site);
+    }
+    req.body(Body::empty()).unwrap()
+}
+
+/// Sam's session on Olive, read-only if asked: its secret.
+async fn sams_session(
+    store: &Arc<MemoryStore>,
+    directory: &MemoryDirectory,
+    read_only: bool,
+) -> String {
+    let svc = Impersonation::new(Arc::clone(store), directory.clone());
+    let sam = directory.get(&UserId::new("sam").unwrap()).unwrap();
+    let mut request = StartRequest::new(UserId::new("olive").unwrap(), "Olive's live bookings");
+    request.read_only = read_only;
+    let started = svc.start(Requester::User(&sam), request).await.unwrap();
+    started.secret.expose().to_owned()
+}
+
+/// The modifications and denials on the trail, by route or description.
+async fn changes_on_trail(store: &Arc<MemoryStore>) -> Vec<(AuditAction, String)> {
+    all_events(&**store, AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.action, AuditAction::Modification | AuditAction::Denied))
+        .map(|e| {
+            let what = e
+                .details
+                .get("description")
+                .or_else(|| e.details.get("route"))
+                .unwrap_or_default()
+                .to_owned();
+            (e.action, what)
+        })
+        .collect()
+}
+
+/// An upgrade is a change whatever `changes_when` says of its method: the
+/// app's filter here (`!method.is_safe()`, as the docs show) would take
+/// the handshake's `GET` for a read, yet a read-only session is refused it.
+#[tokio::test]
+async fn an_upgrade_is_a_change_whatever_the_hosts_filter_says() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app(&store, &directory);
+    let secret = sams_session(&store, &directory, true).await;
+    let here = "https://app.example";
+    assert_eq!(
+        status(&app, handshake(here, Some("same-origin"), &secret)).await,
+        StatusCode::FORBIDDEN
+    );
+    let trail = changes_on_trail(&store).await;
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(trail[0].0, AuditAction::Denied);
+}
+
+/// A page of another origin (a sibling subdomain's, whose requests carry
+/// the `SameSite=Strict` cookies) cannot open a WebSocket to the
+/// customer's session: refused before the handler, with one record. The
+/// app's own page can.
+#[tokio::test]
+async fn a_websocket_from_another_origin_is_refused_under_impersonation() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app(&store, &directory);
+    let secret = sams_session(&store, &directory, false).await;
+    let sibling = "https://blog.app.example";
+    for (origin, site) in [
+        (sibling, Some("same-site")),
+        (sibling, None),
+        ("https://app.example", Some("same-site")),
+        ("http://app.example", None),
+    ] {
+        assert_eq!(
+            status(&app, handshake(origin, site, &secret)).await,
+            StatusCode::FORBIDDEN,
+            "{origin} {site:?}"
+        );
+    }
+    let here = "https://app.example";
+    assert_eq!(
+        status(&app, handshake(here, Some("same-origin"), &secret)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        changes_on_trail(&store).await,
+        [
+            (AuditAction::Modification, "GET /live (403)".to_owned()),
+            (AuditAction::Modification, "GET /live (403)".to_owned()),
+            (AuditAction::Modification, "GET /live (403)".to_owned()),
+            (AuditAction::Modification, "GET /live (403)".to_owned()),
+            (AuditAction::Modification, "GET /live (200)".to_owned()),
+        ]
+    );
+    // Outside impersonation the app's own rules apply: the layer lets it be.
+    let mut own = handshake(sibling, Some("same-site"), "none");
+    own.headers_mut().remove(header::COOKIE);
+    assert_eq!(status(&app, own).await, StatusCode::OK);
 }
