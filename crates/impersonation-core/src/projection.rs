@@ -163,11 +163,43 @@ impl ProjectionRules {
 ///
 /// Cloning is cheap (the data is shared and never changes), so every request
 /// can carry its own handle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its `Debug` names the attributes and how each is held, never their
+/// values (as [`Principal`]'s does): the customer's settings, even masked
+/// ones, do not reach a log through a handler's `#[instrument]`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ShadowUser(Arc<ShadowData>);
 
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl std::fmt::Debug for ShadowUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = &self.0;
+        let held: BTreeMap<&str, &str> = d
+            .attributes
+            .iter()
+            .map(|(name, value)| {
+                let how = match value {
+                    ShadowValue::Copied(_) => "copied",
+                    ShadowValue::Masked(_) => "masked",
+                    ShadowValue::Redacted => "redacted",
+                };
+                (name.as_str(), how)
+            })
+            .collect();
+        f.debug_struct("ShadowUser")
+            .field("id", &d.id)
+            .field("display_name", &d.display_name)
+            .field("tenant", &d.tenant)
+            .field("roles", &d.roles)
+            .field("permissions", &d.permissions)
+            .field("attributes", &held)
+            .field("relationships", &d.relationships)
+            .field("read_only", &d.read_only)
+            .finish()
+    }
+}
+
+#[derive(PartialEq, Eq, Serialize, Deserialize)]
 struct ShadowData {
     id: UserId,
     display_name: Arc<str>,

@@ -33,6 +33,7 @@ fn customer(name: &str) -> Principal {
     )
     .with_permission("bookings:read")
     .with_attribute("card_number", "4242424242424242")
+    .with_attribute("phone", "+47 5550 1234")
 }
 
 #[derive(Clone, Default)]
@@ -68,7 +69,9 @@ fn secrets_and_sensitive_values_never_reach_a_log_line() {
                 directory.insert(p);
             }
             let service = Impersonation::new(MemoryStore::new(), directory).with_projection(
-                ProjectionRules::new().rule("card_number", AttributeRule::Mask(Mask::default())),
+                ProjectionRules::new()
+                    .rule("card_number", AttributeRule::Mask(Mask::default()))
+                    .rule("phone", AttributeRule::Copy),
             );
             let request = StartRequest::new(
                 UserId::new("olive").unwrap(),
@@ -99,5 +102,19 @@ fn secrets_and_sensitive_values_never_reach_a_log_line() {
     assert!(
         !logs.contains("4242424242424242"),
         "a card number reached the logs"
+    );
+    // The context's shadow user names its attributes and how it holds
+    // them, never their values: not the masked card, not a copied phone.
+    assert!(
+        logs.contains("card_number") && logs.contains("masked"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains('\u{2022}'),
+        "a masked value reached the logs"
+    );
+    assert!(
+        !logs.contains("5550 1234"),
+        "a customer's phone reached the logs"
     );
 }
