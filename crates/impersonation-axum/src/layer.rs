@@ -365,7 +365,7 @@ where
             // upgrade (a WebSocket's handshake, a `GET`) is one, whatever
             // `changes_when` says of its method and route: what its
             // messages do later, the layer never sees.
-            let upgrade = upgrades(req.headers());
+            let upgrade = upgrades(req.method(), req.headers());
             let is_change = upgrade
                 || match &settings.changes {
                     None => !req.method().is_safe(),
@@ -658,11 +658,18 @@ where
                     route = route.as_str(),
                     "an upgrade from another origin under an impersonation session is refused"
                 );
+                // Recorded whatever `audit_when` says of the route: a
+                // refusal is never left out.
                 let status = StatusCode::FORBIDDEN;
-                let answer = Answer::none(status.as_u16());
-                if let Some(Err(e)) =
-                    audit_request(&shared, &state, c, method, route.as_str(), true, answer).await
-                {
+                let activity = request_activity(method, route.as_str(), true, status.as_u16())
+                    .detail("refused", "cross_origin_upgrade");
+                let (api, refused) = (Arc::clone(&shared.api), c.clone());
+                let recorded =
+                    run_to_end(
+                        async move { api.record_completed(&refused, activity).await.map(drop) },
+                    )
+                    .await;
+                if let Err(e) = recorded {
                     log_unaudited(
                         &e,
                         c,
@@ -1330,8 +1337,12 @@ const CDN_CACHE_HEADERS: [&str; 5] = [
 /// Whether a request asks to switch protocols to something that outlives
 /// it (a WebSocket, say): an `Upgrade` header naming anything but `h2c`
 /// (which some clients offer on every plain-HTTP request, and which ends
-/// in ordinary requests).
-fn upgrades(headers: &HeaderMap) -> bool {
+/// in ordinary requests), or a `CONNECT` (over HTTP/2, a WebSocket opens
+/// with an extended `CONNECT`, RFC 8441, and no `Upgrade` header).
+fn upgrades(method: &Method, headers: &HeaderMap) -> bool {
+    if method == Method::CONNECT {
+        return true;
+    }
     headers.get_all(header::UPGRADE).iter().any(|value| {
         value.to_str().map_or(true, |protocols| {
             protocols

@@ -176,7 +176,8 @@ impl ImpersonationLayer {
     /// Which impersonated requests change something, by method and route
     /// template (default: every method but `GET`, `HEAD`, `OPTIONS` and
     /// `TRACE`). Whatever the filter says, a request with an `Upgrade`
-    /// header naming anything but `h2c` is a change: a WebSocket's
+    /// header naming anything but `h2c`, or a `CONNECT` (HTTP/2's
+    /// WebSocket), is a change: a WebSocket's
     /// handshake is a `GET`, and the layer sees none of its messages (to
     /// close the socket when the session ends, its handler must select on
     /// [`SessionEnd`]); a browser's, under a cookie session, is refused

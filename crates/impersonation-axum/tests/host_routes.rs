@@ -69,7 +69,7 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
             get(|token: CsrfToken| async move { token.as_str().to_owned() }),
         )
         // A WebSocket's handshake (the test sends its headers only).
-        .route("/live", get(|| async { "switching" }))
+        .route("/live", axum::routing::any(|| async { "switching" }))
         .route(
             "/read-only",
             get(|user: EffectiveUser| async move {
@@ -456,4 +456,84 @@ async fn a_websocket_from_another_origin_is_refused_under_impersonation() {
     let mut own = handshake(sibling, Some("same-site"), "none");
     own.headers_mut().remove(header::COOKIE);
     assert_eq!(status(&app, own).await, StatusCode::OK);
+}
+
+/// Over HTTP/2 a WebSocket opens with an extended `CONNECT` (RFC 8441): no
+/// `Upgrade` header, no `Host` (the authority is the URI's). It is an
+/// upgrade all the same: from another origin it is refused, from the
+/// app's own page served.
+#[tokio::test]
+async fn an_http2_websocket_from_another_origin_is_refused_too() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app(&store, &directory);
+    let secret = sams_session(&store, &directory, false).await;
+    let connect = |origin: &str, site: &str| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .version(axum::http::Version::HTTP_2)
+            .uri("https://app.example/live")
+            .header(header::ORIGIN, origin)
+            .header("sec-fetch-site", site)
+            .header(header::COOKIE, format!("__Host-impersonation={secret}"))
+            .header("x-test-user", "sam")
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        status(&app, connect("https://blog.app.example", "same-site")).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(&app, connect("https://app.example", "same-origin")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        changes_on_trail(&store).await,
+        [
+            (AuditAction::Modification, "CONNECT /live (403)".to_owned()),
+            (AuditAction::Modification, "CONNECT /live (200)".to_owned()),
+        ]
+    );
+}
+
+/// A route the host leaves out of the per-request audit (`audit_when`: a
+/// chatty socket, say) still has its cross-origin refusals on the trail: a
+/// refusal is never left out.
+#[tokio::test]
+async fn a_cross_origin_upgrade_is_recorded_even_on_a_route_left_out_of_the_audit() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let svc = Impersonation::new(Arc::clone(&store), directory.clone());
+    let app = Router::new()
+        .route("/live", get(|| async { "switching" }))
+        .layer(ImpersonationLayer::new(svc).audit_when(|_, route| route != "/live"))
+        .layer(from_fn_with_state(directory.clone(), auth));
+    let secret = sams_session(&store, &directory, false).await;
+    assert_eq!(
+        status(
+            &app,
+            handshake("https://blog.app.example", Some("same-site"), &secret)
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(
+            &app,
+            handshake("https://app.example", Some("same-origin"), &secret)
+        )
+        .await,
+        StatusCode::OK
+    );
+    let events: Vec<_> = all_events(&*store, AuditQuery::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == AuditAction::Modification)
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].details.get("refused"),
+        Some("cross_origin_upgrade")
+    );
 }
