@@ -164,16 +164,18 @@ fn banner_place(html: &[u8]) -> usize {
                 }
             };
             let closed = if *open == b"<script" {
-                script_end(&html[inside..])
+                script_end(&html[inside..]).map(|at| (at, close.len()))
+            } else if *open == b"<!--" {
+                comment_end(&html[inside..])
             } else {
                 closing_at(&html[inside..], close)
             };
             match closed {
-                Some(end) if *open == b"<!--" => at = inside + end + close.len(),
+                Some((end, len)) if *open == b"<!--" => at = inside + end + len,
                 // An end tag runs to its `>` (past attributes, quoted
                 // ones too, that an end tag may carry): `</script ` left
                 // open takes in what follows, the banner included.
-                Some(end) => match tag_end(&html[inside + end..]) {
+                Some((end, _)) => match tag_end(&html[inside + end..]) {
                     Some(gt) => at = inside + end + gt + 1,
                     None => return last.unwrap_or(here),
                 },
@@ -203,7 +205,7 @@ fn banner_place(html: &[u8]) -> usize {
             if is_end {
                 foreign.end(&name);
             } else {
-                foreign.start(name, rest[end - 1] == b'/');
+                foreign.start(name, &rest[..end], rest[end - 1] == b'/');
             }
             at = here + end + 1;
             continue;
@@ -242,11 +244,20 @@ enum Kind {
 }
 
 /// The elements open inside an svg or a math, as [`banner_place`] follows
-/// them.
+/// them: at most [`FOREIGN_DEPTH`], so that a page of a million nested
+/// `<g>`s costs a look at each tag, not a search of a million names.
 #[derive(Default)]
 struct Foreign {
     open: Vec<(Vec<u8>, Kind)>,
+    /// The HTML elements open outside any svg or math (at most
+    /// [`FOREIGN_DEPTH`] of them): an end tag in an svg that names one
+    /// (`<button><svg>…</button>`, the svg's end left out) ends the svg.
+    around: Vec<Vec<u8>>,
 }
+
+/// The most open elements [`Foreign`] follows; deeper ones (no icon or
+/// chart nests so far) are passed over as if they were not there.
+const FOREIGN_DEPTH: usize = 64;
 
 impl Foreign {
     /// Whether a tag here is read by HTML's rules (raw text elements,
@@ -272,7 +283,11 @@ impl Foreign {
         }
     }
 
-    fn start(&mut self, name: Vec<u8>, closes_itself: bool) {
+    /// A start tag `name` (`tag`, its text up to its `>`).
+    fn start(&mut self, name: Vec<u8>, tag: &[u8], closes_itself: bool) {
+        if self.open.len() >= FOREIGN_DEPTH {
+            return;
+        }
         let current = match self.open.last() {
             Some((_, Kind::Foreign(ns))) => Some(*ns),
             _ => None,
@@ -281,10 +296,13 @@ impl Foreign {
             // In an svg's or a math's own element, a tag is theirs (an
             // `<svg>` in a math is a math element), unless it is one of
             // HTML's that end them.
-            Some(_) if breaks_out(&name) => {
+            Some(_) if breaks_out(&name) || (name == b"font" && font_breaks_out(tag)) => {
                 self.break_out();
-                if !self.open.is_empty() && !closes_itself && !is_void(&name) {
+                if closes_itself || is_void(&name) {
+                } else if !self.open.is_empty() {
                     self.open.push((name, Kind::Html));
+                } else if self.around.len() < FOREIGN_DEPTH {
+                    self.around.push(name);
                 }
             }
             Some(_) if closes_itself => {}
@@ -317,6 +335,9 @@ impl Foreign {
             None if !self.open.is_empty() && !is_void(&name) => {
                 self.open.push((name, Kind::Html));
             }
+            None if !closes_itself && !is_void(&name) && self.around.len() < FOREIGN_DEPTH => {
+                self.around.push(name);
+            }
             None => {}
         }
     }
@@ -328,8 +349,129 @@ impl Foreign {
         }
         if let Some(at) = self.open.iter().rposition(|(open, _)| open == name) {
             self.open.truncate(at);
+            return;
+        }
+        // `</html>` changes no element, as `</body>` does not.
+        if name == b"html" {
+            return;
+        }
+        // The end of an HTML element open around the svg or math (its own
+        // end left out) ends it too, unless a "special" element (a
+        // `<button>`, a `<div>`) stands between; one that closes nothing
+        // changes nothing.
+        if let Some(at) = self.around.iter().rposition(|open| open == name)
+            && !self.around[at + 1..].iter().any(|open| is_special(open))
+        {
+            self.open.clear();
+            self.around.truncate(at);
         }
     }
+}
+
+/// Whether a `<font>` start tag (`tag`) ends the svg or math it appears
+/// in: only with a `color`, `face` or `size` attribute.
+fn font_breaks_out(tag: &[u8]) -> bool {
+    let lower = tag.to_ascii_lowercase();
+    [&b"color"[..], b"face", b"size"].iter().any(|attr| {
+        lower.windows(attr.len() + 1).enumerate().any(|(i, w)| {
+            w[0].is_ascii_whitespace()
+                && &w[1..] == *attr
+                && lower.get(i + attr.len() + 1).is_none_or(|b| {
+                    matches!(b, b'=' | b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r' | 0x0c)
+                })
+        })
+    })
+}
+
+/// HTML's "special" elements, which an end tag of another name does not
+/// reach past.
+fn is_special(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"address"
+            | b"applet"
+            | b"area"
+            | b"article"
+            | b"aside"
+            | b"base"
+            | b"basefont"
+            | b"bgsound"
+            | b"blockquote"
+            | b"body"
+            | b"br"
+            | b"button"
+            | b"caption"
+            | b"center"
+            | b"col"
+            | b"colgroup"
+            | b"dd"
+            | b"details"
+            | b"dir"
+            | b"div"
+            | b"dl"
+            | b"dt"
+            | b"embed"
+            | b"fieldset"
+            | b"figcaption"
+            | b"figure"
+            | b"footer"
+            | b"form"
+            | b"frame"
+            | b"frameset"
+            | b"h1"
+            | b"h2"
+            | b"h3"
+            | b"h4"
+            | b"h5"
+            | b"h6"
+            | b"head"
+            | b"header"
+            | b"hgroup"
+            | b"hr"
+            | b"html"
+            | b"iframe"
+            | b"img"
+            | b"input"
+            | b"keygen"
+            | b"li"
+            | b"link"
+            | b"listing"
+            | b"main"
+            | b"marquee"
+            | b"menu"
+            | b"meta"
+            | b"nav"
+            | b"noembed"
+            | b"noframes"
+            | b"noscript"
+            | b"object"
+            | b"ol"
+            | b"p"
+            | b"param"
+            | b"plaintext"
+            | b"pre"
+            | b"script"
+            | b"search"
+            | b"section"
+            | b"select"
+            | b"source"
+            | b"style"
+            | b"summary"
+            | b"table"
+            | b"tbody"
+            | b"td"
+            | b"template"
+            | b"textarea"
+            | b"tfoot"
+            | b"th"
+            | b"thead"
+            | b"title"
+            | b"tr"
+            | b"track"
+            | b"ul"
+            | b"wbr"
+            | b"xmp"
+    )
 }
 
 /// HTML's void elements, which have no end tag and hold nothing.
@@ -419,6 +561,15 @@ fn tag_end(tag: &[u8]) -> Option<usize> {
                 if let Some(&quote @ (b'"' | b'\'')) = tag.get(i) {
                     let value = tag.get(i + 1..)?;
                     i += 1 + value.iter().position(|&c| c == quote)? + 1;
+                } else {
+                    // An unquoted value runs to a space or the `>`: a
+                    // quote or `=` inside it (`href=/?q='x`) is its text.
+                    while tag
+                        .get(i)
+                        .is_some_and(|&c| !c.is_ascii_whitespace() && c != b'>')
+                    {
+                        i += 1;
+                    }
                 }
             }
             _ => i += 1,
@@ -439,18 +590,34 @@ fn tag_at(text: &[u8], name: &[u8]) -> bool {
                 .is_none_or(|b| matches!(b, b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r' | 0x0c)))
 }
 
-/// Where the first `close` (an end tag's start, or `-->`) is in `text`.
-fn closing_at(text: &[u8], close: &[u8]) -> Option<usize> {
+/// Where the first `close` (an end tag's start) is in `text`, and its
+/// length.
+fn closing_at(text: &[u8], close: &[u8]) -> Option<(usize, usize)> {
     let mut from = 0;
     while let Some(found) = text[from..]
         .windows(close.len())
         .position(|w| w.eq_ignore_ascii_case(close))
     {
         let at = from + found;
-        if close == b"-->" || tag_at(&text[at..], close) {
-            return Some(at);
+        if tag_at(&text[at..], close) {
+            return Some((at, close.len()));
         }
         from = at + 1;
+    }
+    None
+}
+
+/// Where a comment's text ends: its first `-->`, or `--!>`, which
+/// browsers take for one too; and the end's length.
+fn comment_end(text: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(found) = text[from..].windows(2).position(|w| w == b"--") {
+        let at = from + found;
+        match text.get(at + 2..) {
+            Some([b'>', ..]) => return Some((at, 3)),
+            Some([b'!', b'>', ..]) => return Some((at, 4)),
+            _ => from = at + 1,
+        }
     }
     None
 }
@@ -594,6 +761,15 @@ mod tests {
             inner().prop_map(|t| format!("<svg><foreignObject>{t}</foreignObject></svg>")),
             inner().prop_map(|t| format!("<math><mi>{t}</mi></math>")),
             Just("<br/>".to_owned()),
+            Just("<button><svg><path d=x></button>".to_owned()),
+            Just("<svg><font>".to_owned()),
+            Just("<svg><font size=2>".to_owned()),
+            Just("<a href=/?q='x>y</a>".to_owned()),
+            inner().prop_map(|t| format!("<!--{t}--!>")),
+            inner().prop_map(|t| format!("<xmp>{t}</xmp>")),
+            inner().prop_map(|t| format!("<iframe>{t}</iframe>")),
+            inner().prop_map(|t| format!("<noembed>{t}</noembed>")),
+            inner().prop_map(|t| format!("<noframes>{t}</noframes>")),
             Just("<img>".to_owned()),
             inner().prop_map(|t| format!("<div title=\"{}\">y</div>", t.replace('"', ""))),
             (inner(), any::<bool>())
@@ -712,6 +888,21 @@ mod tests {
             placed("<p>x</p></body><!-- </body>"),
             "<p>x</p>[B]</body><!-- </body>"
         );
+    }
+
+    /// Elements nested deeper than the scanner follows (a million `<g>`s
+    /// in an svg) are passed over, each tag looked at once: the banner
+    /// still goes before the body's end.
+    #[test]
+    fn a_deeply_nested_svg_is_passed_over() {
+        let depth = 1_000_000;
+        let page = format!(
+            "<body><svg>{}{}</svg><p>x</p></body>",
+            "<g>".repeat(depth),
+            "</x>".repeat(depth)
+        );
+        let placed = placed(&page);
+        assert!(placed.ends_with("<p>x</p>[B]</body>"));
     }
 
     #[test]
