@@ -996,19 +996,35 @@ fn page_kind(res: &Response) -> Page {
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
+    let status = res.status();
+    let no_body = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || HttpBody::size_hint(res.body()).exact() == Some(0);
     let Some(content_type) = text(header::CONTENT_TYPE) else {
-        return Page::Other;
+        // A browser sniffs a body of no stated type, and may show it as
+        // a page: one without the banner. (Its type is the app's to set.)
+        return if no_body {
+            Page::Other
+        } else {
+            Page::BannerCannotGoIn(
+                "the response has no Content-Type (a browser may take it for a page)",
+            )
+        };
     };
     let mut params = content_type.split(';').map(str::trim);
-    let is_html = params
-        .next()
-        .is_some_and(|essence| essence.eq_ignore_ascii_case("text/html"));
+    let essence = params.next().unwrap_or_default();
+    let is_html = essence.eq_ignore_ascii_case("text/html");
+    if essence.eq_ignore_ascii_case("application/xhtml+xml") && !no_body {
+        // A page all the same, parsed as XML: the banner's HTML could
+        // break it.
+        return Page::BannerCannotGoIn("the page is XHTML (application/xhtml+xml)");
+    }
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
         d.split(';')
             .next()
             .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
     });
-    let status = res.status();
     if !is_html
         || attachment
         || status == StatusCode::PARTIAL_CONTENT

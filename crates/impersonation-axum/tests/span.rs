@@ -188,3 +188,65 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
         assert_eq!(line[field], value, "{field}: {line:?}");
     }
 }
+
+/// Records the fields of every `WARN` event.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+}
+
+/// A response under impersonation that a browser may show as a page but
+/// the banner cannot go into (no `Content-Type`, which browsers sniff, or
+/// XHTML) is served as it is, with a warning naming the route and why; an
+/// empty answer of no type is no page and gets none.
+#[tokio::test(flavor = "current_thread")]
+async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
+    let warnings = Warnings::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let (sam, olive, directory) = sam_and_olive("bookings:read");
+    let service = Impersonation::new(MemoryStore::new(), directory);
+    let started = sam_on_olive(&service, &sam, &olive).await;
+    let app = Router::new()
+        .route(
+            "/untyped",
+            get(|| async { axum::response::Response::new(Body::from("<p>bookings</p>")) }),
+        )
+        .route(
+            "/xhtml",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/xhtml+xml")],
+                    "<html xmlns=\"http://www.w3.org/1999/xhtml\"><body/></html>",
+                )
+            }),
+        )
+        .route("/empty", get(|| async {}))
+        .layer(ImpersonationLayer::new(service));
+    let bearer = format!("Bearer {}", started.secret.expose());
+    for path in ["/untyped", "/xhtml", "/empty"] {
+        let req = Request::get(path)
+            .header(header::AUTHORIZATION, &bearer)
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
+        assert!(!String::from_utf8_lossy(&body).contains("impersonation-banner"));
+    }
+    let logged = warnings.0.lock().unwrap().clone();
+    let routes: Vec<&str> = logged
+        .iter()
+        .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
+        .map(|e| e["route"].as_str())
+        .collect();
+    assert_eq!(routes, ["\"/untyped\"", "\"/xhtml\""], "{logged:?}");
+}
