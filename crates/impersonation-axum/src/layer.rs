@@ -902,6 +902,22 @@ where
                 }
                 let headers = res.headers_mut();
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                // Framed unseen by a page of another origin (a sibling
+                // subdomain's, which gets the `SameSite=Strict` cookies),
+                // the customer's page could have the agent click its
+                // Stop or a form of the customer's. Only this site may
+                // frame it: an app's own `X-Frame-Options` stays, and the
+                // policy adds to any it sets (browsers enforce each one).
+                if !headers.contains_key(header::X_FRAME_OPTIONS) {
+                    headers.insert(
+                        header::X_FRAME_OPTIONS,
+                        HeaderValue::from_static("SAMEORIGIN"),
+                    );
+                }
+                headers.append(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static("frame-ancestors 'self'"),
+                );
                 // CDNs let these override Cache-Control at their edge. (A
                 // look over the few headers a response has costs less than
                 // hashing four names that are seldom there.)

@@ -107,8 +107,19 @@ fn text(status: StatusCode, body: String) -> Response {
     no_store((status, body).into_response())
 }
 
+/// The answer to a start or stop the service refused or could not make:
+/// a refusal says why (a policy's reason, for the agent); a failure (5xx)
+/// says only its code, its text (a store's or a directory's error, which
+/// may name hosts and users) going to the log.
 fn error(e: &Error) -> Response {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::error!(error = %e, code = e.code(), "an impersonation start or stop failed");
+        return text(
+            status,
+            format!("impersonation is unavailable; try again ({})", e.code()),
+        );
+    }
     text(status, format!("{e} ({})", e.code()))
 }
 

@@ -934,6 +934,33 @@ async fn cdn_cache_headers_are_taken_off_an_impersonated_page() {
     assert_eq!(headers[header::VARY], "Accept", "other headers stay");
 }
 
+/// An app's own framing rules stay on an impersonated page, stricter
+/// ones too, and the layer's `frame-ancestors 'self'` policy comes beside
+/// its own policy rather than replacing it.
+#[tokio::test]
+async fn an_apps_own_framing_rules_stay_beside_the_layers() {
+    let framed = axum::routing::post(|| async {
+        (
+            [
+                (header::X_FRAME_OPTIONS, "DENY"),
+                (header::CONTENT_SECURITY_POLICY, "default-src 'self'"),
+            ],
+            "saved",
+        )
+    });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, framed).await;
+    let res = app.oneshot(req).await.unwrap();
+    let headers = res.headers();
+    assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+    let policies: Vec<&str> = headers
+        .get_all(header::CONTENT_SECURITY_POLICY)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(policies, ["default-src 'self'", "frame-ancestors 'self'"]);
+}
+
 /// A page's body that panics while the layer reads it (for the banner) is
 /// audited as a panicking handler is, with status 500, and the panic goes
 /// on.

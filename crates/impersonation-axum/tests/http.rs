@@ -446,6 +446,13 @@ async fn a_started_session_sets_a_host_cookie_and_shows_the_banner() {
     let page = b.get("/").await;
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    // Only this site may frame it (a sibling's frame could have the agent
+    // click the banner's Stop unseen).
+    assert_eq!(page.headers[header::X_FRAME_OPTIONS], "SAMEORIGIN");
+    assert_eq!(
+        page.headers[header::CONTENT_SECURITY_POLICY],
+        "frame-ancestors 'self'"
+    );
     assert!(page.body.contains("role=\"alert\""));
     assert!(
         page.body
@@ -684,6 +691,22 @@ async fn the_banner_escapes_the_customers_name() {
         page.body
     );
     assert!(!page.body.contains("<script>alert(1)"));
+}
+
+/// A start the store cannot make answers 503 with its code only: the
+/// store's own error text (which may name hosts and users) goes to the
+/// log, not to the browser.
+#[tokio::test]
+async fn a_failed_start_tells_the_browser_its_code_only() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    f.store.fail_nth(1, When::Before, Calls::All);
+    let reply = b.start("olive").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(f.store.injected(), 1);
+    assert!(!reply.body.contains("injected fault"), "{}", reply.body);
+    assert!(reply.body.contains("unavailable"), "{}", reply.body);
 }
 
 #[tokio::test]
