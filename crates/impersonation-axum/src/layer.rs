@@ -663,13 +663,7 @@ where
                 let status = StatusCode::FORBIDDEN;
                 let activity = request_activity(method, route.as_str(), true, status.as_u16())
                     .detail("refused", "cross_origin_upgrade");
-                let (api, refused) = (Arc::clone(&shared.api), c.clone());
-                let recorded =
-                    run_to_end(
-                        async move { api.record_completed(&refused, activity).await.map(drop) },
-                    )
-                    .await;
-                if let Err(e) = recorded {
+                if let Err(e) = write_record(&shared, c, activity).await {
                     log_unaudited(
                         &e,
                         c,
@@ -1185,9 +1179,19 @@ async fn audit_request(
         return None;
     }
     let activity = request_activity(method, route, is_change, answer.status);
+    Some(write_record(shared, ctx, activity).await)
+}
+
+/// Writes `activity` on the trail of `ctx`'s session, to its end
+/// ([`run_to_end`]).
+async fn write_record(
+    shared: &Shared,
+    ctx: &Context,
+    activity: Activity,
+) -> Result<(), impersonation_core::Error> {
     let api = Arc::clone(&shared.api);
     let ctx = ctx.clone();
-    Some(run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await)
+    run_to_end(async move { api.record_completed(&ctx, activity).await.map(drop) }).await
 }
 
 /// How a request under impersonation was answered, for its record.
