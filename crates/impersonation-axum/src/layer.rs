@@ -1007,10 +1007,11 @@ fn page_kind(res: &Response) -> Page {
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     let status = res.status();
-    let no_body = status.is_informational()
+    // A status that carries no body.
+    let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || HttpBody::size_hint(res.body()).exact() == Some(0);
+        || status == StatusCode::NOT_MODIFIED;
+    let no_body = bodiless || HttpBody::size_hint(res.body()).exact() == Some(0);
     let Some(content_type) = text(header::CONTENT_TYPE) else {
         // A browser sniffs a body of no stated type, and may show it as
         // a page: one without the banner. (Its type is the app's to set.)
@@ -1039,9 +1040,7 @@ fn page_kind(res: &Response) -> Page {
         || attachment
         || status == StatusCode::PARTIAL_CONTENT
         || headers.contains_key(header::CONTENT_RANGE)
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
+        || bodiless
     {
         return Page::Other;
     }
