@@ -123,16 +123,32 @@ async fn the_request_span_names_agent_subject_and_session() {
     );
 }
 
-/// Records the fields of every `ERROR` event.
-#[derive(Clone, Default)]
-struct Errors(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+/// Records the fields of every event of one level.
+#[derive(Clone)]
+struct Events {
+    level: tracing::Level,
+    seen: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
+}
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+impl Events {
+    fn at(level: tracing::Level) -> Self {
+        Self {
+            level,
+            seen: Arc::default(),
+        }
+    }
+
+    fn seen(&self) -> Vec<BTreeMap<String, String>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if *event.metadata().level() == tracing::Level::ERROR {
+        if *event.metadata().level() == self.level {
             let mut fields = Fields::default();
             event.record(&mut fields);
-            self.0.lock().unwrap().push(fields.0);
+            self.seen.lock().unwrap().push(fields.0);
         }
     }
 }
@@ -143,7 +159,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
 async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show() {
     use impersonation_testkit::faults::{FaultyStore, When};
 
-    let errors = Errors::default();
+    let errors = Events::at(tracing::Level::ERROR);
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
     let (sam, olive, directory) = sam_and_olive("bookings:write");
@@ -171,7 +187,7 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
         app.oneshot(req).await.unwrap().status(),
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let logged = errors.0.lock().unwrap().clone();
+    let logged = errors.seen();
     let line = logged
         .iter()
         .find(|e| e["message"] == "could not audit an impersonated request")
@@ -189,27 +205,13 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
     }
 }
 
-/// Records the fields of every `WARN` event.
-#[derive(Clone, Default)]
-struct Warnings(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if *event.metadata().level() == tracing::Level::WARN {
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            self.0.lock().unwrap().push(fields.0);
-        }
-    }
-}
-
 /// A response under impersonation that a browser may show as a page but
 /// the banner cannot go into (no `Content-Type`, which browsers sniff, or
 /// XHTML) is served as it is, with a warning naming the route and why; an
 /// empty answer of no type is no page and gets none.
 #[tokio::test(flavor = "current_thread")]
 async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
-    let warnings = Warnings::default();
+    let warnings = Events::at(tracing::Level::WARN);
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
     let (sam, olive, directory) = sam_and_olive("bookings:read");
@@ -242,7 +244,7 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
         let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
         assert!(!String::from_utf8_lossy(&body).contains("impersonation-banner"));
     }
-    let logged = warnings.0.lock().unwrap().clone();
+    let logged = warnings.seen();
     let routes: Vec<&str> = logged
         .iter()
         .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
