@@ -118,6 +118,69 @@ impl<S: Send + Sync> FromRequestParts<S> for CsrfCheck {
     }
 }
 
+/// An origin this site is served on, as a browser names it in `Origin`
+/// (`https://app.example.com`, `http://localhost:3000`): for
+/// [`ImpersonationLayer::site_origin`](crate::ImpersonationLayer::site_origin),
+/// when the `Host` the app sees is not the one the browser asked for (a
+/// proxy that rewrites it), or to hold `Origin` to a fixed list rather than
+/// whatever `Host` a request carries.
+///
+/// Parsed from `scheme://host[:port]` (a trailing `/` is allowed); the
+/// host compares case-insensitively, as its ASCII form, and a default port
+/// may be written or not.
+///
+/// ```
+/// use impersonation_axum::SiteOrigin;
+///
+/// let origin: SiteOrigin = "https://App.Example.com:443/".parse()?;
+/// assert_eq!(origin.to_string(), "https://app.example.com");
+/// assert!("https://app.example.com/billing".parse::<SiteOrigin>().is_err());
+/// # Ok::<(), impersonation_axum::InvalidOrigin>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteOrigin(url::Origin);
+
+/// Why a text is not a [`SiteOrigin`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOrigin {
+    /// Not a URL at all.
+    #[error("{0:?} is not an origin (scheme://host[:port])")]
+    NotAUrl(String),
+    /// A scheme other than `http` or `https`.
+    #[error("{0:?} is not an http or https origin")]
+    Scheme(String),
+    /// A path, query, fragment or user name beside the origin.
+    #[error("{0:?} holds more than scheme, host and port")]
+    NotJustOrigin(String),
+}
+
+impl std::str::FromStr for SiteOrigin {
+    type Err = InvalidOrigin;
+
+    fn from_str(text: &str) -> Result<Self, InvalidOrigin> {
+        let url = url::Url::parse(text).map_err(|_| InvalidOrigin::NotAUrl(text.to_owned()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(InvalidOrigin::Scheme(text.to_owned()));
+        }
+        // The URL parser fills in `/` for an origin without a path.
+        if url.path() != "/"
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return Err(InvalidOrigin::NotJustOrigin(text.to_owned()));
+        }
+        Ok(Self(url.origin()))
+    }
+}
+
+impl std::fmt::Display for SiteOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.ascii_serialization())
+    }
+}
+
 /// The request's own origin: its scheme (`https`, or `http` too in
 /// development mode) and its host, from `Host` or, over HTTP/2 (which has
 /// no `Host` header), the URI's authority.
@@ -146,35 +209,40 @@ impl Site<'_> {
 }
 
 /// Whether neither `Origin` nor `Sec-Fetch-Site` says another origin sent
-/// the request to `uri` (its host from `Host`, or over HTTP/2 from the
-/// URI's authority): the check [`CsrfCheck`] makes beside the token, and
-/// the layer's for a WebSocket's handshake, which carries no form.
+/// the request: the check [`CsrfCheck`] makes beside the token, and the
+/// layer's for a WebSocket's handshake, which carries no form. A foreign
+/// `Origin` or a cross-site `Sec-Fetch-Site` is refused even with a valid
+/// token. This site is the origins the layer was given
+/// ([`SiteOrigin`]), or else the request's own: `uri`'s host from `Host`
+/// (over HTTP/2, from the URI's authority), and `https` outside
+/// development mode.
 pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings) -> bool {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let site = Site {
-        host,
-        secure: settings.secure_cookies,
-    };
-    same_origin(headers, &site)
-}
-
-/// Same-origin checks on top of the token: a foreign `Origin` (another
-/// host, or plain `http` outside development mode) or a cross-site
-/// `Sec-Fetch-Site` is refused even with a valid token.
-fn same_origin(headers: &HeaderMap, site: &Site<'_>) -> bool {
     if let Some(fetch_site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
         && !matches!(fetch_site, "same-origin" | "none")
     {
         return false;
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        return origin.to_str().is_ok_and(|o| site.is(o));
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if !settings.origins.is_empty() {
+        return origin
+            .parse::<SiteOrigin>()
+            .is_ok_and(|o| settings.origins.contains(&o));
     }
-    true
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    Site {
+        host,
+        secure: settings.secure_cookies,
+    }
+    .is(origin)
 }
 
 /// Response part: the browser gets a new CSRF token with this response.

@@ -52,6 +52,8 @@ pub(crate) struct Settings {
     /// How often a streamed response (and [`crate::SessionEnd`]) checks
     /// that its session is still live.
     pub(crate) stream_check: std::time::Duration,
+    /// The origins `Origin` may name; empty: the request's own, by `Host`.
+    pub(crate) origins: Vec<crate::SiteOrigin>,
 }
 
 impl Settings {

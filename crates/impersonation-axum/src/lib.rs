@@ -65,7 +65,7 @@ use std::sync::Arc;
 use axum::http::Method;
 
 pub use banner::banner_html;
-pub use csrf::{CsrfCheck, RenewCsrfToken};
+pub use csrf::{CsrfCheck, InvalidOrigin, RenewCsrfToken, SiteOrigin};
 pub use extract::{
     EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, NotImpersonatingRejection,
     RealUser,
@@ -97,6 +97,7 @@ impl ImpersonationLayer {
                     changes: None,
                     tokens: None,
                     stream_check: DEFAULT_STREAM_CHECK,
+                    origins: Vec::new(),
                 },
             }),
         }
@@ -125,6 +126,39 @@ impl ImpersonationLayer {
     #[must_use]
     pub fn development_mode(self) -> Self {
         self.with(|s| s.secure_cookies = false)
+    }
+
+    /// An origin this site is served on; call once for each. Once any is
+    /// given, a request's `Origin` must be one of them to pass the
+    /// cross-site check (start, stop, [`CsrfCheck`], a WebSocket's
+    /// handshake under a cookie session), whatever its `Host` says.
+    ///
+    /// Without any, `Origin` must name the request's own host (`Host`, or
+    /// over HTTP/2 the URI's authority) with `https` (or `http` too in
+    /// [development mode](Self::development_mode)). Give the origins when a
+    /// proxy in front rewrites `Host` (the app would see `app:8080` where
+    /// the browser asked for `app.example.com`, and refuse every form), and
+    /// to hold `Origin` to a fixed list: a page that reaches the app under
+    /// a name of its own (DNS rebinding, a `Host` the proxy passes on
+    /// unchecked) then cannot post as this site.
+    ///
+    /// ```
+    /// use impersonation_axum::ImpersonationLayer;
+    /// use impersonation_core::{Impersonation, MemoryDirectory, MemoryStore};
+    ///
+    /// let service = Impersonation::new(MemoryStore::new(), MemoryDirectory::new());
+    /// let layer = ImpersonationLayer::new(service)
+    ///     .site_origin("https://app.example.com".parse()?)
+    ///     .site_origin("https://eu.app.example.com".parse()?);
+    /// # Ok::<(), impersonation_axum::InvalidOrigin>(())
+    /// ```
+    #[must_use]
+    pub fn site_origin(self, origin: SiteOrigin) -> Self {
+        self.with(|s| {
+            if !s.origins.contains(&origin) {
+                s.origins.push(origin);
+            }
+        })
     }
 
     /// Also accept signed impersonation tokens (`Authorization: Bearer`),

@@ -36,6 +36,15 @@ struct Settings {
 /// The host's sign-out, a change to nothing of the customer's, and its
 /// bookings, a change; both check the form with the SDK's `CsrfCheck`.
 fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
+    app_with(store, directory, |layer| layer)
+}
+
+/// [`app`], its layer set up further by `configure`.
+fn app_with(
+    store: &Arc<MemoryStore>,
+    directory: &MemoryDirectory,
+    configure: impl FnOnce(ImpersonationLayer) -> ImpersonationLayer,
+) -> Router {
     async fn checked(check: CsrfCheck, Form(form): Form<Settings>) -> StatusCode {
         if check.verify(&form.csrf) {
             StatusCode::OK
@@ -81,10 +90,9 @@ fn app(store: &Arc<MemoryStore>, directory: &MemoryDirectory) -> Router {
                 format!("{} {}", user.read_only(), companies.join(","))
             }),
         )
-        .layer(
-            ImpersonationLayer::new(svc)
-                .changes_when(|method, route| !method.is_safe() && route != "/signout/{device}"),
-        )
+        .layer(configure(ImpersonationLayer::new(svc).changes_when(
+            |method, route| !method.is_safe() && route != "/signout/{device}",
+        )))
         .layer(from_fn_with_state(directory.clone(), auth))
 }
 
@@ -171,6 +179,130 @@ async fn a_host_form_passes_the_csrf_check_only_from_this_site() {
         status(&bare, form("/bookings", here, true, TOKEN, None)).await,
         StatusCode::INTERNAL_SERVER_ERROR
     );
+}
+
+/// Behind a proxy that rewrites `Host`, the app sees its internal name
+/// (`app.example` here) where the browser asked for the public one: given
+/// the site's origins, a form passes from those and no other, whatever
+/// `Host` says, and so does a WebSocket's handshake.
+#[tokio::test]
+async fn given_its_origins_the_site_is_those_whatever_the_host() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app_with(&store, &directory, |layer| {
+        layer
+            .site_origin("https://app.example.com".parse().unwrap())
+            .site_origin("http://localhost:3000/".parse().unwrap())
+    });
+    for origin in [
+        "https://app.example.com",
+        "https://APP.example.com:443",
+        "http://localhost:3000",
+    ] {
+        assert_eq!(
+            status(&app, form("/bookings", origin, true, TOKEN, None)).await,
+            StatusCode::OK,
+            "{origin}"
+        );
+    }
+    // No `Origin` (an older browser): the token and cookie decide, as before.
+    let mut quiet = form("/bookings", "https://app.example.com", true, TOKEN, None);
+    quiet.headers_mut().remove(header::ORIGIN);
+    assert_eq!(status(&app, quiet).await, StatusCode::OK);
+    for origin in [
+        // The `Host` the request carries is no longer this site.
+        "https://app.example",
+        "https://app.example.com:8443",
+        "http://app.example.com",
+        "http://localhost:3001",
+        "https://evil.example",
+        "null",
+        "https://app.example.com/bookings",
+    ] {
+        assert_eq!(
+            status(&app, form("/bookings", origin, true, TOKEN, None)).await,
+            StatusCode::FORBIDDEN,
+            "{origin}"
+        );
+    }
+    // A listed origin still needs the token, and a same-site fetch is
+    // still another site's.
+    assert_eq!(
+        status(
+            &app,
+            form("/bookings", "https://app.example.com", true, "", None)
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    let mut sibling = form("/bookings", "https://app.example.com", true, TOKEN, None);
+    sibling.headers_mut().insert(
+        "sec-fetch-site",
+        header::HeaderValue::from_static("same-site"),
+    );
+    assert_eq!(status(&app, sibling).await, StatusCode::FORBIDDEN);
+    // A WebSocket under the customer's session: from a listed origin only.
+    let secret = sams_session(&store, &directory, false).await;
+    assert_eq!(
+        status(&app, handshake("https://app.example", None, &secret)).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(
+            &app,
+            handshake("https://app.example.com", Some("same-origin"), &secret)
+        )
+        .await,
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn a_site_origin_is_scheme_host_and_port_only() {
+    use impersonation_axum::{InvalidOrigin, SiteOrigin};
+    let parsed = |text: &str| text.parse::<SiteOrigin>().map(|o| o.to_string());
+    assert_eq!(
+        parsed("https://App.Example.com:443/"),
+        Ok("https://app.example.com".to_owned())
+    );
+    assert_eq!(
+        parsed("http://[::1]:3000"),
+        Ok("http://[::1]:3000".to_owned())
+    );
+    assert_eq!(
+        parsed("https://bücher.example"),
+        Ok("https://xn--bcher-kva.example".to_owned())
+    );
+    for (text, error) in [
+        (
+            "app.example.com",
+            InvalidOrigin::NotAUrl("app.example.com".into()),
+        ),
+        ("null", InvalidOrigin::NotAUrl("null".into())),
+        (
+            "ftp://app.example.com",
+            InvalidOrigin::Scheme("ftp://app.example.com".into()),
+        ),
+        ("file:///etc", InvalidOrigin::Scheme("file:///etc".into())),
+        (
+            "https://app.example.com/x",
+            InvalidOrigin::NotJustOrigin("https://app.example.com/x".into()),
+        ),
+        (
+            "https://app.example.com/?a",
+            InvalidOrigin::NotJustOrigin("https://app.example.com/?a".into()),
+        ),
+        (
+            "https://app.example.com#a",
+            InvalidOrigin::NotJustOrigin("https://app.example.com#a".into()),
+        ),
+        (
+            "https://me@app.example.com",
+            InvalidOrigin::NotJustOrigin("https://me@app.example.com".into()),
+        ),
+    ] {
+        assert_eq!(text.parse::<SiteOrigin>(), Err(error), "{text}");
+    }
 }
 
 /// The CSRF cookie a response sets, if any.

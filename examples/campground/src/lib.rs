@@ -164,6 +164,14 @@ impl Demo {
             .audit_when(|_, route| route != SIGN_OUT)
             // Plain http://127.0.0.1: no `__Host-` prefix, no `Secure`.
             .development_mode();
+        // Forms post from the address the demo prints (or its `localhost`
+        // twin) and no other, whatever `Host` a request carries: a page
+        // of another name resolved to 127.0.0.1 (DNS rebinding) cannot
+        // post as this site.
+        let mut layer = layer.site_origin(base.parse()?);
+        if base.contains("//127.0.0.1:") {
+            layer = layer.site_origin(base.replacen("//127.0.0.1:", "//localhost:", 1).parse()?);
+        }
         Ok(Router::new()
             .route("/", get(pages::home))
             .route("/signin", post(pages::sign_in))

@@ -155,6 +155,34 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::FORBIDDEN, "another origin");
+    // A page of another name that resolves to 127.0.0.1 (DNS rebinding):
+    // its `Host` and `Origin` agree with each other, not with the demo's
+    // address, and the post is refused.
+    let port = base.rsplit(':').next().unwrap();
+    let res = olive
+        .client
+        .post(format!("{base}/bookings"))
+        .header("host", format!("rebound.example:{port}"))
+        .header("origin", format!("http://rebound.example:{port}"))
+        .form(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "a rebound name");
+    // The demo's own address under its other name passes.
+    let res = olive
+        .client
+        .post(format!("{base}/bookings"))
+        .header("origin", format!("http://localhost:{port}"))
+        .form(&right)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.status().is_success() || res.status().is_redirection(),
+        "{}",
+        res.status()
+    );
     for bad in [
         [
             ("guest", ""),
