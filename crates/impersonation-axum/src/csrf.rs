@@ -125,9 +125,15 @@ impl<S: Send + Sync> FromRequestParts<S> for CsrfCheck {
 /// proxy that rewrites it), or to hold `Origin` to a fixed list rather than
 /// whatever `Host` a request carries.
 ///
-/// Parsed from `scheme://host[:port]` (a trailing `/` is allowed); the
-/// host compares case-insensitively, as its ASCII form, and a default port
-/// may be written or not.
+/// Parsed from `scheme://host[:port]` (a trailing `/` is allowed), or taken
+/// from a whole URL with [`SiteOrigin::of_url`], and kept as a browser
+/// serialises an origin: lower case, the host in its ASCII form, without a
+/// default port. A request's `Origin` must be that text exactly, as
+/// browsers send it.
+///
+/// A configured `http` origin is taken as given; outside
+/// [development mode](crate::ImpersonationLayer::development_mode) the
+/// cookies are `Secure` and `__Host-`, which a plain-http page never sends.
 ///
 /// ```
 /// use impersonation_axum::SiteOrigin;
@@ -138,7 +144,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CsrfCheck {
 /// # Ok::<(), impersonation_axum::InvalidOrigin>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SiteOrigin(url::Origin);
+pub struct SiteOrigin(String);
 
 /// Why a text is not a [`SiteOrigin`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,9 +155,25 @@ pub enum InvalidOrigin {
     /// A scheme other than `http` or `https`.
     #[error("{0:?} is not an http or https origin")]
     Scheme(String),
-    /// A path, query, fragment or user name beside the origin.
+    /// A path, query, fragment, user name or password beside the origin.
     #[error("{0:?} holds more than scheme, host and port")]
     NotJustOrigin(String),
+}
+
+impl SiteOrigin {
+    /// The origin of a whole URL (its path, query and fragment dropped):
+    /// an app's public address, `https://app.example.com/campground/`.
+    pub fn of_url(text: &str) -> Result<Self, InvalidOrigin> {
+        let url = url::Url::parse(text).map_err(|_| InvalidOrigin::NotAUrl(text.to_owned()))?;
+        Self::of(&url, text)
+    }
+
+    fn of(url: &url::Url, text: &str) -> Result<Self, InvalidOrigin> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(InvalidOrigin::Scheme(text.to_owned()));
+        }
+        Ok(Self(url.origin().ascii_serialization()))
+    }
 }
 
 impl std::str::FromStr for SiteOrigin {
@@ -171,13 +193,13 @@ impl std::str::FromStr for SiteOrigin {
         {
             return Err(InvalidOrigin::NotJustOrigin(text.to_owned()));
         }
-        Ok(Self(url.origin()))
+        Self::of(&url, text)
     }
 }
 
 impl std::fmt::Display for SiteOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.ascii_serialization())
+        f.write_str(&self.0)
     }
 }
 
@@ -229,9 +251,9 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
         return false;
     };
     if !settings.origins.is_empty() {
-        return origin
-            .parse::<SiteOrigin>()
-            .is_ok_and(|o| settings.origins.contains(&o));
+        // Compared as sent: a browser sends the origin's serialisation,
+        // which is how the configured ones are kept.
+        return settings.origins.iter().any(|o| o.0 == origin);
     }
     let host = headers
         .get(header::HOST)
