@@ -22,10 +22,30 @@ fn attr(text: &str) -> String {
     html_escape::encode_double_quoted_attribute(text).into_owned()
 }
 
+/// The banner's `style` attributes, in the order they appear: the banner,
+/// its details, the Stop form and button. (Plain ASCII with no `"` or `&`:
+/// each attribute's value is the text itself, which is what a page's
+/// Content-Security-Policy hashes, see [`crate::banner_style_sources`].)
+pub(crate) const STYLES: [&str; 4] = [
+    // `!important` in the element's own style outranks a page's
+    // stylesheet (a customer's theme) that would hide it.
+    concat!(
+        "position:fixed!important;top:0!important;left:0;right:0;z-index:2147483647!important;",
+        "display:flex!important;visibility:visible!important;opacity:1!important;gap:1em;align-items:center;",
+        "padding:.6em 1em;background:#b91c1c;color:#fff;font:600 15px/1.4 system-ui,sans-serif"
+    ),
+    "font-weight:400",
+    "margin:0 0 0 auto",
+    "font:inherit;padding:.2em .8em;white-space:nowrap",
+];
+
 /// The banner as an HTML fragment, for apps that render it themselves.
 /// It is `position:fixed` at the top of the viewport; give the page some top
 /// padding (about 3.5em, more on narrow screens) while impersonating.
 /// `stop_action` is the stop route's path; `csrf` the request's CSRF token.
+/// Its styles are inline `style` attributes: under a Content-Security-Policy
+/// that blocks those, add [`crate::banner_style_sources`] to the page's
+/// policy (the layer does so itself for the banner it injects).
 /// The fragment is pure ASCII (other characters as numeric references), so
 /// it fits a page in any ASCII-compatible charset.
 pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: &str) -> String {
@@ -46,22 +66,23 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
     } else {
         ""
     };
+    let [banner_style, details_style, form_style, button_style] = STYLES;
     ascii_only(format!(
         concat!(
             "<div id=\"impersonation-banner\" role=\"alert\" aria-live=\"assertive\" ",
-            // `!important` in the element's own style outranks a page's
-            // stylesheet (a customer's theme) that would hide it.
-            "style=\"position:fixed!important;top:0!important;left:0;right:0;z-index:2147483647!important;",
-            "display:flex!important;visibility:visible!important;opacity:1!important;gap:1em;align-items:center;",
-            "padding:.6em 1em;background:#b91c1c;color:#fff;font:600 15px/1.4 system-ui,sans-serif\">",
+            "style=\"{banner_style}\">",
             "<span class=\"impersonation-message\">{message}</span>",
-            "<span style=\"font-weight:400\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
+            "<span style=\"{details_style}\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
-            "<form method=\"post\" action=\"{action}\" style=\"margin:0 0 0 auto\">",
+            "<form method=\"post\" action=\"{action}\" style=\"{form_style}\">",
             "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">",
-            "<button type=\"submit\" style=\"font:inherit;padding:.2em .8em;white-space:nowrap\">Stop impersonating</button>",
+            "<button type=\"submit\" style=\"{button_style}\">Stop impersonating</button>",
             "</form></div>"
         ),
+        banner_style = banner_style,
+        details_style = details_style,
+        form_style = form_style,
+        button_style = button_style,
         message = esc(&banner.message()),
         reason = esc(&banner.reason),
         ticket = ticket,

@@ -1136,6 +1136,9 @@ async fn with_banner(res: Response, banner: &str) -> Response {
                 return Response::from_parts(parts, Body::from(bytes));
             }
             parts.headers.remove(header::CONTENT_LENGTH);
+            // A policy that blocks inline styles would leave the banner
+            // unstyled, at the foot of the page: its own styles go through.
+            crate::csp::allow_banner_styles(&mut parts.headers);
             Response::from_parts(parts, Body::from(inject(&bytes, banner)))
         }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {

@@ -52,6 +52,7 @@
 #![warn(missing_docs)]
 
 mod banner;
+mod csp;
 mod csrf;
 mod extract;
 mod layer;
@@ -65,6 +66,7 @@ use std::sync::Arc;
 use axum::http::Method;
 
 pub use banner::banner_html;
+pub use csp::banner_style_sources;
 pub use csrf::{CsrfCheck, InvalidOrigin, RenewCsrfToken, SiteOrigin};
 pub use extract::{
     EffectiveUser, Impersonating, MaybeImpersonating, NotImpersonating, NotImpersonatingRejection,
@@ -137,10 +139,17 @@ impl ImpersonationLayer {
     /// over HTTP/2 the URI's authority) with `https` (or `http` too in
     /// [development mode](Self::development_mode)). Give the origins when a
     /// proxy in front rewrites `Host` (the app would see `app:8080` where
-    /// the browser asked for `app.example.com`, and refuse every form), and
-    /// to hold `Origin` to a fixed list: a page that reaches the app under
-    /// a name of its own (DNS rebinding, a `Host` the proxy passes on
-    /// unchecked) then cannot post as this site.
+    /// the browser asked for `app.example.com`, and refuse every form),
+    /// and to hold `Origin` to a fixed list: a page served under another
+    /// name that resolves to the app (DNS rebinding) then cannot post to
+    /// it, even through a form that needs no secret (a password-free
+    /// sign-in, trust by network). Such a page holds none of this site's
+    /// cookies, so it could never post as the app's signed-in users; and
+    /// reads (`GET`) it can still make: only a `Host` allowlist in front of
+    /// the app stops rebinding as a whole. The origins are compared with
+    /// `Origin` as browsers write it (see [`SiteOrigin`]). A browser sends
+    /// `Origin: null` for a form on a page with `Referrer-Policy:
+    /// no-referrer`, which is refused with or without origins given.
     ///
     /// ```
     /// use impersonation_axum::ImpersonationLayer;

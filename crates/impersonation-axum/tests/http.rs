@@ -126,6 +126,16 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 token.as_str().to_owned()
             }),
         )
+        // A page under a policy that allows no inline style.
+        .route(
+            "/strict",
+            get(|| async {
+                (
+                    [(header::CONTENT_SECURITY_POLICY, "default-src 'self'")],
+                    Html("<html><body>the page</body></html>"),
+                )
+            }),
+        )
         // A page with a HEAD handler of its own, which announces the
         // page's length and sends no body.
         .route(
@@ -425,6 +435,57 @@ async fn cross_site_starts_are_refused() {
         StatusCode::SEE_OTHER,
         "the same request, same-origin with the token"
     );
+}
+
+/// A page whose policy allows no inline style still shows the banner
+/// styled (fixed at the top): its policy lets the banner's own `style`
+/// attributes through by their hashes, and nothing more. Outside
+/// impersonation the policy is the app's, untouched.
+#[tokio::test]
+async fn a_page_that_allows_no_inline_style_lets_the_banners_own_through() {
+    use base64::Engine;
+    use sha2::Digest;
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    let plain = b.get("/strict").await;
+    assert_eq!(
+        plain.headers[header::CONTENT_SECURITY_POLICY],
+        "default-src 'self'"
+    );
+    b.start("olive").await;
+    let page = b.get("/strict").await;
+    let policies: Vec<&str> = page
+        .headers
+        .get_all(header::CONTENT_SECURITY_POLICY)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    let sources = impersonation_axum::banner_style_sources();
+    assert_eq!(
+        policies,
+        [
+            format!("default-src 'self'; style-src-attr 'self' {sources}").as_str(),
+            "frame-ancestors 'self'",
+        ]
+    );
+    // The hashes are those of the styles the banner carries, as a parser
+    // reads them out of the page.
+    let html = scraper::Html::parse_document(&page.body);
+    let styled =
+        scraper::Selector::parse("#impersonation-banner, #impersonation-banner [style]").unwrap();
+    let hashes: Vec<String> = html
+        .select(&styled)
+        .map(|e| {
+            let style = e.value().attr("style").unwrap();
+            let digest = sha2::Sha256::digest(style.as_bytes());
+            format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            )
+        })
+        .collect();
+    assert_eq!(hashes.len(), 4, "{}", page.body);
+    assert_eq!(sources, format!("'unsafe-hashes' {}", hashes.join(" ")));
 }
 
 #[tokio::test]

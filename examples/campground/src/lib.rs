@@ -35,7 +35,7 @@ use axum::http::header;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::Response;
 use axum::routing::{get, post};
-use impersonation_axum::ImpersonationLayer;
+use impersonation_axum::{ImpersonationLayer, SiteOrigin};
 use impersonation_core::{Impersonation, MemoryDirectory, Principal, Store, UserId};
 use time::OffsetDateTime;
 
@@ -166,11 +166,13 @@ impl Demo {
             .development_mode();
         // Forms post from the address the demo prints (or its `localhost`
         // twin) and no other, whatever `Host` a request carries: a page
-        // of another name resolved to 127.0.0.1 (DNS rebinding) cannot
-        // post as this site.
-        let mut layer = layer.site_origin(base.parse()?);
+        // served under another name that resolves to 127.0.0.1 (DNS
+        // rebinding) cannot use the demo's password-free sign-in to post
+        // as a seeded person.
+        let mut layer = layer.site_origin(SiteOrigin::of_url(base)?);
         if base.contains("//127.0.0.1:") {
-            layer = layer.site_origin(base.replacen("//127.0.0.1:", "//localhost:", 1).parse()?);
+            let twin = base.replacen("//127.0.0.1:", "//localhost:", 1);
+            layer = layer.site_origin(SiteOrigin::of_url(&twin)?);
         }
         Ok(Router::new()
             .route("/", get(pages::home))
@@ -197,6 +199,9 @@ impl Demo {
                 impersonation_axum::oidc::routes(api.issuer().clone()),
             )
             .with_state(Arc::clone(self))
+            // Inside the SDK's layer, so that the banner it injects finds
+            // the policy (and lets its own styles through it).
+            .layer(axum::middleware::map_response(with_policy))
             .layer(layer)
             .layer(from_fn_with_state(Arc::clone(self), sign_in)))
     }
@@ -235,4 +240,20 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
         req.extensions_mut().insert::<Principal>(principal);
     }
     next.run(req).await
+}
+
+/// Serves every page under the demo's Content-Security-Policy.
+async fn with_policy(mut res: Response) -> Response {
+    let is_page = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if is_page && !res.headers().contains_key(header::CONTENT_SECURITY_POLICY) {
+        res.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            axum::http::HeaderValue::from_static(pages::content_security_policy()),
+        );
+    }
+    res
 }

@@ -183,6 +183,45 @@ impl Viewer {
     }
 }
 
+/// The dashboard's live line, as its `<script>` holds it: listening to the
+/// bookings' events, and under impersonation closing for good on an error.
+fn live_script(impersonating: bool) -> String {
+    let on_error = if impersonating {
+        "s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'};"
+    } else {
+        ""
+    };
+    format!(
+        "(()=>{{const live=document.getElementById('live'),\
+         s=new EventSource('/dashboard/live');\
+         s.addEventListener('bookings',e=>{{live.textContent=e.data}});{on_error}}})()"
+    )
+}
+
+/// The policy every page is served under: nothing inline but the pages'
+/// own stylesheet and the live line's two scripts, by their hashes. (The
+/// SDK lets its banner's styles through it when it injects the banner.)
+pub(crate) fn content_security_policy() -> &'static str {
+    static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let hash = |text: &str| {
+            format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text))
+            )
+        };
+        format!(
+            "default-src 'self'; script-src {} {}; style-src {}; object-src 'none'; \
+             base-uri 'none'; form-action 'self'",
+            hash(&live_script(false)),
+            hash(&live_script(true)),
+            hash(STYLE)
+        )
+    });
+    &POLICY
+}
+
 const STYLE: &str = "\
 body{margin:0;font:15px/1.5 system-ui,sans-serif;color:#1f2937;background:#f6f7f4}\
 body.impersonating{padding-top:4.4em}\
@@ -509,17 +548,11 @@ pub async fn dashboard(State(demo): AppState, v: Viewer) -> Response {
         // browser is by then (the agent, or the next customer) under this
         // page's banner; outside one, it reconnects after a blip as
         // `EventSource` does.
-        let on_error = if v.ctx.is_some() {
-            "s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'};"
-        } else {
-            ""
-        };
         let _ = write!(
             body,
             "<p class=\"note\" id=\"live-line\">Live: <span id=\"live\">&#8230;</span> bookings</p>\
-             <script>(()=>{{const live=document.getElementById('live'),\
-             s=new EventSource('/dashboard/live');\
-             s.addEventListener('bookings',e=>{{live.textContent=e.data}});{on_error}}})()</script>"
+             <script>{}</script>",
+            live_script(v.ctx.is_some())
         );
     }
     if campgrounds.is_empty() {

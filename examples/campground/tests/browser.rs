@@ -239,6 +239,23 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
             .await
             .unwrap();
         assert_eq!(role.as_deref(), Some("alert"));
+        // Styled, fixed at the top, though every page of the demo is
+        // served under a policy that allows no inline style: the SDK let
+        // the banner's own styles through it.
+        let placed = client
+            .execute(
+                "const b = document.getElementById('impersonation-banner'); \
+                 const s = getComputedStyle(b); \
+                 return [s.position, b.getBoundingClientRect().top, s.backgroundColor];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            placed,
+            serde_json::json!(["fixed", 0, "rgb(185, 28, 28)"]),
+            "the banner's styles were blocked"
+        );
         assert_eq!(text(client, "#effective-user").await, "Olive Owner");
         // The live line (server-sent events through the layer) fills in
         // with the count of Olive's bookings.
