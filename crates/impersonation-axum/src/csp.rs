@@ -149,17 +149,27 @@ fn rewrite_policy(policy: &str) -> Option<String> {
         .iter()
         .find_map(|name| directives.iter().position(|d| d.name == *name))?;
     let sources = &directives[governing].sources;
-    let has = |wanted: &str| sources.iter().any(|s| is_keyword(s, wanted));
-    if allows_inline(sources) || (has("'unsafe-hashes'") && HASHES.iter().all(|h| has(h))) {
+    let unsafe_hashes = sources.iter().any(|s| is_keyword(s, "'unsafe-hashes'"));
+    // Hashes are base64: compared exactly.
+    if allows_inline(sources) || (unsafe_hashes && HASHES.iter().all(|h| sources.contains(&&**h))) {
         return None;
     }
-    // `'none'` allows nothing and stands alone: it goes.
+    // `'none'` allows nothing and stands alone: it goes. Without
+    // `'unsafe-hashes'` the list's hashes (and its nonces, always) did not
+    // apply to style attributes: they go too, or `'unsafe-hashes'` would
+    // let an attribute through that matches a `<style>` element's hash.
     let mut sources: Vec<&str> = sources
         .iter()
         .copied()
-        .filter(|s| !is_keyword(s, "'none'"))
+        .filter(|s| {
+            let lower = s.to_ascii_lowercase();
+            let is_hash = ["'sha256-", "'sha384-", "'sha512-"]
+                .iter()
+                .any(|p| lower.starts_with(p));
+            lower != "'none'" && !lower.starts_with("'nonce-") && (unsafe_hashes || !is_hash)
+        })
         .collect();
-    if !sources.iter().any(|s| is_keyword(s, "'unsafe-hashes'")) {
+    if !unsafe_hashes {
         sources.push("'unsafe-hashes'");
     }
     sources.extend(HASHES.iter().map(String::as_str));
@@ -211,12 +221,24 @@ mod tests {
                 "Style-Src 'self' https://cdn.example 'sha256-abc=' 'unsafe-inline'",
                 format!(
                     "style-src 'self' https://cdn.example 'sha256-abc=' 'unsafe-inline'; \
-                     style-src-attr 'self' https://cdn.example 'sha256-abc=' 'unsafe-inline' 'unsafe-hashes' {h}"
+                     style-src-attr 'self' https://cdn.example 'unsafe-inline' 'unsafe-hashes' {h}"
                 ),
             ),
             (
                 "style-src 'nonce-r4nd0m'; style-src-attr 'none'",
                 format!("style-src 'nonce-r4nd0m'; style-src-attr 'unsafe-hashes' {h}"),
+            ),
+            // The app's hashes and nonces, which did not apply to style
+            // attributes, are not made to.
+            (
+                "style-src 'self' 'nonce-r4nd0m' 'sha256-abc='",
+                format!(
+                    "style-src 'self' 'nonce-r4nd0m' 'sha256-abc='; style-src-attr 'self' 'unsafe-hashes' {h}"
+                ),
+            ),
+            (
+                "style-src-attr 'sha384-def='",
+                format!("style-src-attr 'unsafe-hashes' {h}"),
             ),
             (
                 "style-src-attr 'unsafe-hashes' 'sha256-abc='; style-src-attr 'unsafe-inline'",
