@@ -75,7 +75,8 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             "<span style=\"{details_style}\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
             "<form method=\"post\" action=\"{action}\" style=\"{form_style}\">",
-            "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">",
+            // Closed as XML closes it: the same markup goes into XHTML pages.
+            "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\" />",
             "<button type=\"submit\" style=\"{button_style}\">Stop impersonating</button>",
             "</form></div>"
         ),

@@ -792,7 +792,7 @@ where
                     // An explicit HEAD handler's answer: no body to put the
                     // banner in, but the length it announces is the page's
                     // with the banner, as a GET's would be.
-                    Page::Injectable
+                    Page::Injectable(markup)
                         if *method == Method::HEAD
                             && HttpBody::size_hint(res.body()).exact() == Some(0) =>
                     {
@@ -802,19 +802,24 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<u64>().ok());
                         if let Some(n) = announced {
-                            let banner =
-                                banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
+                            let banner = banner_for(
+                                markup,
+                                banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
+                            );
                             let with =
                                 n.saturating_add(u64::try_from(banner.len()).unwrap_or(u64::MAX));
                             res.headers_mut()
                                 .insert(header::CONTENT_LENGTH, HeaderValue::from(with));
                         }
                     }
-                    Page::Injectable => {
-                        let banner = banner_html(c, shared.api.now(), &settings.stop_path(), &csrf);
+                    Page::Injectable(markup) => {
+                        let banner = banner_for(
+                            markup,
+                            banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
+                        );
                         // A body that panics while it is read is audited as
                         // the handler's panic is, then passed on.
-                        match AssertUnwindSafe(with_banner(res, &banner))
+                        match AssertUnwindSafe(with_banner(res, &banner, markup, route))
                             .catch_unwind()
                             .await
                         {
@@ -983,10 +988,27 @@ where
     }
 }
 
+/// The banner's markup for a page of `markup`.
+fn banner_for(markup: Markup, html: String) -> String {
+    match markup {
+        Markup::Html => html,
+        Markup::Xhtml => crate::xhtml::banner(&html),
+    }
+}
+
+/// How a page is parsed, and so how the banner goes in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Markup {
+    /// `text/html`.
+    Html,
+    /// `application/xhtml+xml`: XML (see [`crate::xhtml`]).
+    Xhtml,
+}
+
 /// What a response is to the banner.
 enum Page {
-    /// An HTML page the banner goes into.
-    Injectable,
+    /// An HTML or XHTML page the banner goes into.
+    Injectable(Markup),
     /// An HTML page the banner cannot go into, and why: it is served as it
     /// is, with a warning in the log.
     BannerCannotGoIn(&'static str),
@@ -1027,12 +1049,8 @@ fn page_kind(res: &Response) -> Page {
     };
     let mut params = content_type.split(';').map(str::trim);
     let essence = params.next().unwrap_or_default();
-    let is_html = essence.eq_ignore_ascii_case("text/html");
-    if essence.eq_ignore_ascii_case("application/xhtml+xml") && !no_body {
-        // A page all the same, parsed as XML: the banner's HTML could
-        // break it.
-        return Page::BannerCannotGoIn("the page is XHTML (application/xhtml+xml)");
-    }
+    let is_xhtml = essence.eq_ignore_ascii_case("application/xhtml+xml");
+    let is_html = is_xhtml || essence.eq_ignore_ascii_case("text/html");
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
         d.split(';')
             .next()
@@ -1061,8 +1079,10 @@ fn page_kind(res: &Response) -> Page {
         Page::BannerCannotGoIn("the page's body is encoded (Content-Encoding)")
     } else if wide {
         Page::BannerCannotGoIn("the page's charset is not one known to keep ASCII as ASCII")
+    } else if is_xhtml {
+        Page::Injectable(Markup::Xhtml)
     } else {
-        Page::Injectable
+        Page::Injectable(Markup::Html)
     }
 }
 
@@ -1116,7 +1136,7 @@ fn keeps_ascii(label: &str) -> bool {
 /// The page with the banner in, or a 500 when it cannot be read whole
 /// (larger than [`MAX_BANNER_BODY`], or its body failed): a page under
 /// impersonation is not served without its banner.
-async fn with_banner(res: Response, banner: &str) -> Response {
+async fn with_banner(res: Response, banner: &str, markup: Markup, route: &str) -> Response {
     let (mut parts, body) = res.into_parts();
     match http_body_util::Limited::new(body, MAX_BANNER_BODY)
         .collect()
@@ -1135,11 +1155,27 @@ async fn with_banner(res: Response, banner: &str) -> Response {
                 );
                 return Response::from_parts(parts, Body::from(bytes));
             }
+            let page = match markup {
+                Markup::Html => inject(&bytes, banner),
+                Markup::Xhtml => match crate::xhtml::inject(&bytes, banner) {
+                    Some(page) => page,
+                    None => {
+                        // Nothing may follow an XML page's root element:
+                        // the banner appended would break the page.
+                        tracing::warn!(
+                            route,
+                            why = "the XHTML page has no body element the banner can go into",
+                            "an impersonated HTML page is served without the banner"
+                        );
+                        return Response::from_parts(parts, Body::from(bytes));
+                    }
+                },
+            };
             parts.headers.remove(header::CONTENT_LENGTH);
             // A policy that blocks inline styles would leave the banner
             // unstyled, at the foot of the page: its own styles go through.
             crate::csp::allow_banner_styles(&mut parts.headers);
-            Response::from_parts(parts, Body::from(inject(&bytes, banner)))
+            Response::from_parts(parts, Body::from(page))
         }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::error!(

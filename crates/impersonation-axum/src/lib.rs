@@ -60,6 +60,7 @@ mod layer;
 pub mod oidc;
 mod routes;
 mod watch;
+mod xhtml;
 
 use std::sync::Arc;
 

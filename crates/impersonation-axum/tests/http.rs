@@ -126,6 +126,17 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 token.as_str().to_owned()
             }),
         )
+        // An XHTML page, parsed by browsers as XML, its XHTML under a prefix.
+        .route(
+            "/xhtml",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/xhtml+xml; charset=utf-8")],
+                    "<?xml version=\"1.0\"?>\n<h:html xmlns:h=\"http://www.w3.org/1999/xhtml\">\
+                     <h:body><h:p>bookings</h:p><!-- </h:body> --></h:body></h:html>",
+                )
+            }),
+        )
         // A page under a policy that allows no inline style.
         .route(
             "/strict",
@@ -434,6 +445,54 @@ async fn cross_site_starts_are_refused() {
         b.start("olive").await.status,
         StatusCode::SEE_OTHER,
         "the same request, same-origin with the token"
+    );
+}
+
+/// An XHTML page gets the banner as XHTML: still well-formed XML (a
+/// browser shows nothing of a page that is not), the banner an XHTML
+/// element in the page's body, its Stop form posting the bound token.
+#[tokio::test]
+async fn an_xhtml_page_gets_the_banner_and_stays_xml() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    let plain = b.get("/xhtml").await;
+    assert!(!plain.body.contains("impersonation-banner"));
+    b.start("olive").await;
+    let page = b.get("/xhtml").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let doc =
+        roxmltree::Document::parse(&page.body).unwrap_or_else(|e| panic!("{e}: {}", page.body));
+    let xhtml = "http://www.w3.org/1999/xhtml";
+    let banner = doc
+        .descendants()
+        .find(|n| n.attribute("id") == Some("impersonation-banner"))
+        .expect("the banner");
+    assert_eq!(banner.tag_name().namespace(), Some(xhtml));
+    assert!(
+        banner
+            .parent_element()
+            .unwrap()
+            .has_tag_name((xhtml, "body"))
+    );
+    assert_eq!(banner.attribute("role"), Some("alert"));
+    let message = banner
+        .descendants()
+        .find(|n| n.attribute("class") == Some("impersonation-message"))
+        .unwrap();
+    assert_eq!(
+        message.text(),
+        Some("You are impersonating Olive Owner (Pinewood Campground)")
+    );
+    let csrf = banner
+        .descendants()
+        .find(|n| n.attribute("name") == Some("csrf"))
+        .unwrap();
+    // The same token an HTML page's banner carries (bound to the session).
+    let html = b.get("/").await.body;
+    let token = csrf.attribute("value").unwrap();
+    assert!(
+        html.contains(&format!("name=\"csrf\" value=\"{token}\"")),
+        "{token} {html}"
     );
 }
 

@@ -207,8 +207,8 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
 
 /// A response under impersonation that a browser may show as a page but
 /// the banner cannot go into (no `Content-Type`, which browsers sniff, or
-/// XHTML) is served as it is, with a warning naming the route and why; an
-/// empty answer of no type is no page and gets none.
+/// XHTML with no body) is served as it is, with a warning naming the route
+/// and why; an empty answer of no type is no page and gets none.
 #[tokio::test(flavor = "current_thread")]
 async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
     let warnings = Events::at(tracing::Level::WARN);
@@ -227,7 +227,7 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
             get(|| async {
                 (
                     [(header::CONTENT_TYPE, "application/xhtml+xml")],
-                    "<html xmlns=\"http://www.w3.org/1999/xhtml\"><body/></html>",
+                    "<html xmlns=\"http://www.w3.org/1999/xhtml\"><p>no body</p></html>",
                 )
             }),
         )
