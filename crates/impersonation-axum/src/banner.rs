@@ -9,16 +9,40 @@ use time::OffsetDateTime;
 /// (embeddings, overrides, isolates, marks): a name holding U+202E would
 /// reverse what follows it in the banner and could make it read as
 /// something else.
+///
+/// Characters XML 1.0 does not allow (C0 controls but tab, line feed and
+/// carriage return; U+FFFE and U+FFFF) become U+FFFD: one of them in a
+/// customer's name would make an XHTML page fail to render at all.
 fn esc(text: &str) -> String {
     let is_bidi_control = |c: char| matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
-    if text.contains(is_bidi_control) {
-        let plain: String = text.chars().filter(|&c| !is_bidi_control(c)).collect();
+    if text.contains(is_bidi_control) || text.contains(not_xml) {
+        let plain: String = text
+            .chars()
+            .filter(|&c| !is_bidi_control(c))
+            .map(xml_char)
+            .collect();
         return html_escape::encode_text(&plain).into_owned();
     }
     html_escape::encode_text(text).into_owned()
 }
 
+/// Whether XML 1.0 allows `c` nowhere (Rust strings hold no surrogates).
+fn not_xml(c: char) -> bool {
+    (c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r' | '\u{7F}'))
+        || matches!(c, '\u{FFFE}' | '\u{FFFF}')
+}
+
+fn xml_char(c: char) -> char {
+    if not_xml(c) { '\u{FFFD}' } else { c }
+}
+
+/// `text` escaped for a double-quoted attribute, characters XML does not
+/// allow replaced as in [`esc`].
 fn attr(text: &str) -> String {
+    if text.contains(not_xml) {
+        let plain: String = text.chars().map(xml_char).collect();
+        return html_escape::encode_double_quoted_attribute(&plain).into_owned();
+    }
     html_escape::encode_double_quoted_attribute(text).into_owned()
 }
 
@@ -734,6 +758,18 @@ fn ascii_only(html: String) -> String {
 mod tests {
     use super::inject;
     use proptest::prelude::*;
+
+    /// What XML does not allow never reaches the banner: one such
+    /// character in a name would make an XHTML page fail to render.
+    #[test]
+    fn banner_text_keeps_to_what_xml_allows() {
+        assert_eq!(
+            super::esc("Ol\u{0}ive\u{1B} & \u{FFFE}Co\u{FFFF}\t\u{7F}"),
+            "Ol\u{FFFD}ive\u{FFFD} &amp; \u{FFFD}Co\u{FFFD}\t\u{7F}"
+        );
+        assert_eq!(super::attr("a\u{8}\"b"), "a\u{FFFD}&quot;b");
+        assert_eq!(super::esc("Olive <Owner>"), "Olive &lt;Owner&gt;");
+    }
 
     /// Text a script, style, comment or textarea may hold: the markers
     /// that open, close or escape one, and plain text.

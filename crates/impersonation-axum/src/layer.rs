@@ -801,6 +801,10 @@ where
                             .get(header::CONTENT_LENGTH)
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<u64>().ok());
+                        // (An XHTML page's GET may differ: an empty
+                        // `<body/>` adds its end tag, a page with no body
+                        // gets no banner. A missing length would read as
+                        // 0 to the router, which fills it in.)
                         if let Some(n) = announced {
                             let banner = banner_for(
                                 markup,
@@ -988,6 +992,18 @@ where
     }
 }
 
+/// Whether the response's `Content-Type` names a charset.
+fn has_charset(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.split(';')
+                .skip(1)
+                .any(|p| p.trim().to_ascii_lowercase().starts_with("charset="))
+        })
+}
+
 /// The banner's markup for a page of `markup`.
 fn banner_for(markup: Markup, html: String) -> String {
     match markup {
@@ -1157,19 +1173,30 @@ async fn with_banner(res: Response, banner: &str, markup: Markup, route: &str) -
             }
             let page = match markup {
                 Markup::Html => inject(&bytes, banner),
-                Markup::Xhtml => match crate::xhtml::inject(&bytes, banner) {
-                    Some(page) => page,
-                    None => {
-                        // Nothing may follow an XML page's root element:
-                        // the banner appended would break the page.
-                        tracing::warn!(
-                            route,
-                            why = "the XHTML page has no body element the banner can go into",
-                            "an impersonated HTML page is served without the banner"
-                        );
-                        return Response::from_parts(parts, Body::from(bytes));
+                Markup::Xhtml => {
+                    let placed = match crate::xhtml::declared_encoding(&bytes) {
+                        // Without a charset in the header, the XML
+                        // declaration's encoding is the page's.
+                        Some(e) if !has_charset(&parts.headers) && !keeps_ascii(&e) => Err(
+                            "the XHTML page's declared encoding is not one known to keep ASCII as ASCII",
+                        ),
+                        _ => crate::xhtml::inject(&bytes, banner)
+                            // Nothing may follow an XML page's root
+                            // element: the banner appended would break it.
+                            .ok_or("the XHTML page has no body element the banner can go into"),
+                    };
+                    match placed {
+                        Ok(page) => page,
+                        Err(why) => {
+                            tracing::warn!(
+                                route,
+                                why,
+                                "an impersonated HTML page is served without the banner"
+                            );
+                            return Response::from_parts(parts, Body::from(bytes));
+                        }
                     }
-                },
+                }
             };
             parts.headers.remove(header::CONTENT_LENGTH);
             // A policy that blocks inline styles would leave the banner

@@ -72,6 +72,28 @@ fn is_body(name: &[u8]) -> bool {
     name.rsplit(|&b| b == b':').next() == Some(b"body".as_slice())
 }
 
+/// The encoding an XML declaration at the page's start names
+/// (`<?xml version="1.0" encoding="ISO-2022-JP"?>`), in lower case, after
+/// a UTF-8 byte-order mark if any.
+pub(crate) fn declared_encoding(xml: &[u8]) -> Option<String> {
+    let xml = xml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(xml);
+    if !xml.starts_with(b"<?xml") {
+        return None;
+    }
+    let decl = &xml[..find(xml, b"?>")?];
+    let at = find(decl, b"encoding")? + b"encoding".len();
+    let rest = decl[at..]
+        .trim_ascii_start()
+        .strip_prefix(b"=")?
+        .trim_ascii_start();
+    let (&quote, rest) = rest.split_first()?;
+    if !matches!(quote, b'"' | b'\'') {
+        return None;
+    }
+    let value = &rest[..rest.iter().position(|&b| b == quote)?];
+    Some(String::from_utf8_lossy(value).to_ascii_lowercase())
+}
+
 /// Where `needle` starts in `text`.
 fn find(text: &[u8], needle: &[u8]) -> Option<usize> {
     text.windows(needle.len()).position(|w| w == needle)
@@ -94,29 +116,45 @@ fn tag_end(text: &[u8]) -> Option<usize> {
 }
 
 /// The end of a document type declaration at `text[0]`: past its internal
-/// subset (`[…]`) and quoted literals, either of which may hold a `>`.
+/// subset (`[…]`), whose comments and processing instructions are passed
+/// over whole, and quoted literals, any of which may hold a `>`.
 fn doctype_end(text: &[u8]) -> Option<usize> {
     let (mut quote, mut depth) = (None, 0_usize);
-    for (i, &b) in text.iter().enumerate().skip(2) {
+    let mut i = 2;
+    while let Some(&b) = text.get(i) {
         match (quote, b) {
             (Some(q), _) if b == q => quote = None,
             (Some(_), _) => {}
+            (None, b'<') if depth > 0 && text[i..].starts_with(b"<!--") => {
+                i += 4 + find(&text[i + 4..], b"-->")? + 3;
+                continue;
+            }
+            (None, b'<') if depth > 0 && text[i..].starts_with(b"<?") => {
+                i += 2 + find(&text[i + 2..], b"?>")? + 2;
+                continue;
+            }
             (None, b'"' | b'\'') => quote = Some(b),
             (None, b'[') => depth += 1,
             (None, b']') => depth = depth.saturating_sub(1),
             (None, b'>') if depth == 0 => return Some(i + 1),
             _ => {}
         }
+        i += 1;
     }
     None
 }
 
-/// Where the last end tag of a `body` element (`</body>`, or `</h:body>`
-/// under a prefix; XML names are case-sensitive) begins, outside comments,
+/// Where the banner goes: before the end tag of the root element's `body`
+/// child (`</body>`, or `</h:body>` under a prefix; XML names are
+/// case-sensitive), or into that child written empty (`<body/>`). Elements
+/// are followed by depth, so a `body` of another vocabulary deeper in (an
+/// XHTML 1.0 frameset's `<noframes><body>`) is not taken for it; comments,
 /// CDATA sections, processing instructions and the document type
-/// declaration. A construct left open ends the search.
+/// declaration are passed over. A construct left open ends the search.
 fn body_end(xml: &[u8]) -> Option<Place<'_>> {
     let mut found = None;
+    // Elements open around the scan: the root is depth 1.
+    let mut depth = 0_usize;
     let mut i = 0;
     while let Some(lt) = xml[i..].iter().position(|&b| b == b'<') {
         let at = i + lt;
@@ -130,23 +168,26 @@ fn body_end(xml: &[u8]) -> Option<Place<'_>> {
         } else if rest.starts_with(b"<!") {
             doctype_end(rest)
         } else if let Some(close) = rest.strip_prefix(b"</") {
-            if is_body(tag_name(close)) {
+            if depth == 2 && is_body(tag_name(close)) {
                 found = Some(Place::Before(at));
             }
+            depth = depth.saturating_sub(1);
             tag_end(rest)
         } else {
             let end = tag_end(rest);
             let name = tag_name(&rest[1..]);
-            if let Some(end) = end
-                && end >= 2
-                && rest[end - 2] == b'/'
-                && is_body(name)
-            {
-                found = Some(Place::Empty {
-                    slash: at + end - 2,
-                    end: at + end,
-                    name,
-                });
+            match end {
+                // An empty element, `<body/>` when it is the root's child.
+                Some(end) if end >= 2 && rest[end - 2] == b'/' => {
+                    let place = Place::Empty {
+                        slash: at + end - 2,
+                        end: at + end,
+                        name,
+                    };
+                    found = (depth == 1 && is_body(name)).then_some(place).or(found);
+                }
+                Some(_) => depth += 1,
+                None => {}
             }
             end
         };
@@ -203,6 +244,8 @@ mod tests {
             "<h:html xmlns:h=\"http://www.w3.org/1999/xhtml\"><h:body><h:p>x</h:p></h:body></h:html>",
             "<html xmlns=\"http://www.w3.org/1999/xhtml\"><body/></html>",
             "<h:html xmlns:h=\"http://www.w3.org/1999/xhtml\"><h:body class='a/b' /></h:html>",
+            "<!DOCTYPE html [<!-- Olive's notes --><?pi a ]> b ?>]><html xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>x</p></body></html>",
+            "<!DOCTYPE html [<!-- ]> ' --><?pi ]> ?>]><html xmlns=\"http://www.w3.org/1999/xhtml\"><head><title>t</title></head><body><p>x</p></body></html>",
             "<html xmlns=\"http://www.w3.org/1999/xhtml\"><body><svg xmlns=\"http://www.w3.org/2000/svg\"><title>&lt;/body&gt;</title></svg></body >\n</html><!-- </body> -->",
         ] {
             let out = String::from_utf8(inject(page.as_bytes(), &banner).unwrap()).unwrap();
@@ -217,6 +260,12 @@ mod tests {
     #[test]
     fn a_page_without_its_bodys_end_tag_is_left_alone() {
         for page in [
+            // A comment in the doctype's subset quoting `]>` and `</body>`,
+            // and an apostrophe in another.
+            "<!DOCTYPE x [<!-- ]> </body> --><!-- Olive's -->]><html xmlns=\"http://www.w3.org/1999/xhtml\"><p/></html>",
+            // A `body` deeper than the root's child.
+            "<html xmlns=\"http://www.w3.org/1999/xhtml\"><frameset><noframes><body>x</body></noframes></frameset></html>",
+            "<html xmlns=\"http://www.w3.org/1999/xhtml\"><div><body/></div></html>",
             "<html xmlns=\"http://www.w3.org/1999/xhtml\"><body><p>x</p>",
             "<html><BODY></BODY></html>",
             "<html><body><!-- </body> --></html>",
@@ -224,6 +273,29 @@ mod tests {
             "",
         ] {
             assert_eq!(inject(page.as_bytes(), BANNER), None, "{page}");
+        }
+    }
+
+    #[test]
+    fn the_xml_declaration_names_the_encoding() {
+        for (page, encoding) in [
+            (
+                "<?xml version=\"1.0\" encoding=\"ISO-2022-JP\"?><html/>",
+                Some("iso-2022-jp"),
+            ),
+            (
+                "\u{FEFF}<?xml version='1.0' encoding = 'UTF-8' ?><html/>",
+                Some("utf-8"),
+            ),
+            ("<?xml version=\"1.0\"?><html/>", None),
+            ("<html/>", None),
+            ("<?xml version=\"1.0\" encoding=\"x", None),
+        ] {
+            assert_eq!(
+                declared_encoding(page.as_bytes()).as_deref(),
+                encoding,
+                "{page}"
+            );
         }
     }
 

@@ -487,12 +487,39 @@ async fn an_xhtml_page_gets_the_banner_and_stays_xml() {
         .descendants()
         .find(|n| n.attribute("name") == Some("csrf"))
         .unwrap();
+    // A HEAD (served by the GET handler) announces the length a GET sends.
+    let head = b.send(Method::HEAD, "/xhtml", None, &[]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(
+        head.headers[header::CONTENT_LENGTH],
+        page.body.len().to_string().as_str()
+    );
     // The same token an HTML page's banner carries (bound to the session).
     let html = b.get("/").await.body;
     let token = csrf.attribute("value").unwrap();
     assert!(
         html.contains(&format!("name=\"csrf\" value=\"{token}\"")),
         "{token} {html}"
+    );
+}
+
+/// A customer named in markup still gets a well-formed XHTML page.
+#[tokio::test]
+async fn an_xhtml_page_stays_xml_whatever_the_customers_name() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    b.get("/").await;
+    b.start("mallory").await;
+    let page = b.get("/xhtml").await;
+    let doc =
+        roxmltree::Document::parse(&page.body).unwrap_or_else(|e| panic!("{e}: {}", page.body));
+    let message = doc
+        .descendants()
+        .find(|n| n.attribute("class") == Some("impersonation-message"))
+        .unwrap();
+    assert_eq!(
+        message.text(),
+        Some("You are impersonating <script>alert(1)</script> (Pinewood Campground)")
     );
 }
 

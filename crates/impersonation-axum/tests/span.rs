@@ -207,7 +207,7 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
 
 /// A response under impersonation that a browser may show as a page but
 /// the banner cannot go into (no `Content-Type`, which browsers sniff, or
-/// XHTML with no body) is served as it is, with a warning naming the route
+/// XHTML with no body, or in an encoding that switches modes) is served as it is, with a warning naming the route
 /// and why; an empty answer of no type is no page and gets none.
 #[tokio::test(flavor = "current_thread")]
 async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
@@ -231,10 +231,20 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
                 )
             }),
         )
+        .route(
+            "/xhtml-jis",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/xhtml+xml")],
+                    "<?xml version=\"1.0\" encoding=\"ISO-2022-JP\"?>\
+                     <html xmlns=\"http://www.w3.org/1999/xhtml\"><body></body></html>",
+                )
+            }),
+        )
         .route("/empty", get(|| async {}))
         .layer(ImpersonationLayer::new(service));
     let bearer = format!("Bearer {}", started.secret.expose());
-    for path in ["/untyped", "/xhtml", "/empty"] {
+    for path in ["/untyped", "/xhtml", "/xhtml-jis", "/empty"] {
         let req = Request::get(path)
             .header(header::AUTHORIZATION, &bearer)
             .body(Body::empty())
@@ -250,5 +260,23 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
         .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
         .map(|e| e["route"].as_str())
         .collect();
-    assert_eq!(routes, ["\"/untyped\"", "\"/xhtml\""], "{logged:?}");
+    assert_eq!(
+        routes,
+        ["\"/untyped\"", "\"/xhtml\"", "\"/xhtml-jis\""],
+        "{logged:?}"
+    );
+    let why: Vec<&str> = logged
+        .iter()
+        .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
+        .map(|e| e["why"].as_str())
+        .collect();
+    assert_eq!(
+        why,
+        [
+            "\"the response has no Content-Type (a browser may take it for a page)\"",
+            "\"the XHTML page has no body element the banner can go into\"",
+            "\"the XHTML page's declared encoding is not one known to keep ASCII as ASCII\""
+        ],
+        "{logged:?}"
+    );
 }
