@@ -30,6 +30,12 @@ pub enum AuditAction {
     Modification,
     /// An attempt was refused; `details.denial` has the code.
     Denied,
+    /// Every impersonation of a customer was revoked
+    /// ([`Impersonation::revoke_all_for_subject`](crate::Impersonation::revoke_all_for_subject)):
+    /// written in the customer's revocation chain
+    /// ([`ChainKey::revocations_of`]) before the sessions are ended, each
+    /// with its own end event.
+    SessionsRevoked,
 }
 
 impl AuditAction {
@@ -42,6 +48,7 @@ impl AuditAction {
             Self::Access => "access",
             Self::Modification => "modification",
             Self::Denied => "denied",
+            Self::SessionsRevoked => "sessions_revoked",
         }
     }
 
@@ -59,17 +66,19 @@ impl AuditAction {
             Self::Access => "Data Access",
             Self::Modification => "Data Modification",
             Self::Denied => "Denied Attempt",
+            Self::SessionsRevoked => "Impersonation Revoked",
         }
     }
 
     /// Every action.
-    pub const ALL: [AuditAction; 6] = [
+    pub const ALL: [AuditAction; 7] = [
         Self::SessionRequested,
         Self::SessionStarted,
         Self::SessionEnded,
         Self::Access,
         Self::Modification,
         Self::Denied,
+        Self::SessionsRevoked,
     ];
 }
 
@@ -345,6 +354,21 @@ impl ChainKey {
     /// The chain of an agent.
     pub fn for_agent(agent: &UserId) -> Self {
         Self(agent.shared())
+    }
+
+    /// The revocation chain of a customer: where
+    /// [`revoke_all_for_subject`](crate::Impersonation::revoke_all_for_subject)
+    /// writes its [`AuditAction::SessionsRevoked`] event before it ends the
+    /// customer's sessions, and whose head a start reads before and after it
+    /// writes its session (a start that a revocation overtook ends its
+    /// session at once). `revocations:` and a SHA-256 of the customer's id,
+    /// so it fits any store's key and stays apart from the agents' chains.
+    pub fn revocations_of(subject: &UserId) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"impersonation-revocations-v1\0")
+            .chain_update(subject.as_str().as_bytes())
+            .finalize();
+        Self(format!("revocations:{}", base16ct::lower::encode_string(&digest)).into())
     }
 
     /// Wraps a stored key.
@@ -931,6 +955,9 @@ impl AuditEvent {
                     _ => "Modified data.".to_owned(),
                 },
             },
+            AuditAction::SessionsRevoked => {
+                "Revoked every impersonation of the customer.".to_owned()
+            }
             AuditAction::Denied => {
                 let why = d.get("message").or(d.get("denial")).unwrap_or("denied");
                 match d.get("attempt") {

@@ -761,6 +761,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let Err(denial) = self.policy.permits_agent(agent) {
             return Err(self.audit_denial(unnamed(), denial, "start").await?);
         }
+        // The customer's revocation chain as it stands before the directory
+        // is asked: a revocation that moves it on from here may have been
+        // for what the directory answers now (a password changed).
+        let fence = ChainKey::revocations_of(&request.target);
+        let fenced = self.store.chain_head(&fence).await?;
         let Some(target) = self.directory.principal(&request.target).await? else {
             return Err(self
                 .audit_denial(unnamed(), Denial::UnknownTarget, "start")
@@ -794,6 +799,27 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             StartOutcome::Started { session, .. } => {
                 span.record("impersonation.session", tracing::field::display(session.id));
                 tracing::info!(state = %session.state, "impersonation session started");
+                // A revocation of the customer's sessions that began after
+                // this start read the directory may have listed them before
+                // this one was written: it would not have ended it. It
+                // moved the revocation chain on first, so this session
+                // ends now, as revoked, and its secret is never handed out.
+                let moved = match self.store.chain_head(&fence).await {
+                    Ok(now) if now == fenced => None,
+                    Ok(_) => Some(Error::Ended(EndReason::Revoked)),
+                    // Unconfirmed: not handed out, and ended if it can be.
+                    Err(e) => Some(e.into()),
+                };
+                if let Some(refusal) = moved {
+                    let details = Details::new().with("cause", "revoked_while_starting");
+                    if let Err(e) = self
+                        .end(&session, EndReason::Revoked, Actor::System, details)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "a session a revocation overtook could not be ended; its secret was not handed out");
+                    }
+                    return Err(refusal);
+                }
                 Ok(Started {
                     session: *session,
                     secret,
@@ -1366,6 +1392,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Revokes every live session on a customer (password or MFA changed).
     /// The customer, an administrator or host code may.
+    ///
+    /// The revocation is written first, as an
+    /// [`AuditAction::SessionsRevoked`] event in the customer's revocation
+    /// chain ([`ChainKey::revocations_of`]), even when there is no session
+    /// to end. A start that read the directory before that and writes its
+    /// session after the listing here (so this call cannot see it) finds
+    /// the chain moved and ends its session at once, as revoked, without
+    /// handing out its secret.
     pub async fn revoke_all_for_subject(
         &self,
         subject: &UserId,
@@ -1397,6 +1431,33 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")
                 .await?);
         }
+        // First on the trail, and what a start that overtakes the listing
+        // below finds changed after it writes its session (it then ends
+        // it): the customer's revocation chain moves on.
+        let actor = match by {
+            Initiator::System => Actor::System,
+            Initiator::User(p) => actor_of(p),
+        };
+        let mut draft = AuditDraft::new(
+            self.now(),
+            AuditAction::SessionsRevoked,
+            actor,
+            ChainKey::revocations_of(subject),
+        );
+        draft = match self.directory.principal(subject).await {
+            Ok(Some(t)) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
+            // Named by id: a directory that cannot answer does not hold
+            // the revocation up.
+            Ok(None) | Err(_) => draft,
+        };
+        let mut details = Details::new()
+            .with("target", subject)
+            .with("cause", "subject_changed");
+        if !note.trim().is_empty() {
+            details.insert("note", note.trim());
+        }
+        self.append(draft.details(details), AppendGuard::None)
+            .await?;
         let filter = LiveFilter {
             subject: Some(subject.clone()),
             ..LiveFilter::default()

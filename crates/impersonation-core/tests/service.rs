@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use impersonation_core::{
-    Activity, ActivityKind, AttributeRule, AuditAction, AuditEvent, AuditQuery, Config, Consent,
-    Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator, ManualClock,
-    Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal, ProjectionRules,
-    RelationKind, Relationship, Requester, SessionState, ShadowValue, StartRequest, Started, Store,
-    TenantId, UserId,
+    Activity, ActivityKind, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Config,
+    Consent, Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator,
+    LiveFilter, ManualClock, Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal,
+    ProjectionRules, RelationKind, Relationship, Requester, SessionState, ShadowValue,
+    StartRequest, Started, Store, TenantId, UserId, verify_chain,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -1670,8 +1670,9 @@ async fn a_request_judges_a_lapse_on_the_store_not_on_its_read() {
     );
 }
 
-/// A store whose `chain_head` is followed at once by one more event on
-/// that chain (an agent at work while the chain is being verified), or,
+/// A store whose `chain_head` of an agent's chain is followed at once by
+/// one more event on that chain (an agent at work while the chain is
+/// being verified), or,
 /// `stale`, whose head stays at the chain's first event (events written
 /// past it without moving it). With `consent_race` set, the first
 /// transition finds its (pending) session activated a moment before, as
@@ -1692,7 +1693,17 @@ struct BusyChain {
     stop_race: std::sync::atomic::AtomicBool,
     listed_before: Duration,
     found_before: Duration,
+    /// Holds the first start before it reaches the store: says so on the
+    /// first channel, goes on when the second says.
+    start_gate: StartGate,
 }
+
+type StartGate = std::sync::Mutex<
+    Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
+>;
 
 impl BusyChain {
     fn new(stale: bool) -> Self {
@@ -1704,6 +1715,19 @@ impl BusyChain {
             stop_race: false.into(),
             listed_before: Duration::ZERO,
             found_before: Duration::ZERO,
+            start_gate: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Holds the first start before the store writes it, until `go`;
+    /// `reached` says it is held.
+    fn hold_start(
+        reached: tokio::sync::oneshot::Sender<()>,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> Self {
+        Self {
+            start_gate: std::sync::Mutex::new(Some((reached, go))),
+            ..Self::new(false)
         }
     }
 
@@ -1760,6 +1784,15 @@ impl Store for BusyChain {
         &self,
         s: impersonation_core::Start,
     ) -> Result<impersonation_core::StartOutcome, impersonation_core::StoreError> {
+        let gate = self
+            .start_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((reached, go)) = gate {
+            let _ = reached.send(());
+            let _ = go.await;
+        }
         self.inner.start(s).await
     }
     async fn transition(
@@ -1863,6 +1896,11 @@ impl Store for BusyChain {
         c: &impersonation_core::ChainKey,
     ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
         let head = self.inner.chain_head(c).await?;
+        // Busy are the agents' chains; a customer's revocation chain moves
+        // only when a revocation writes it (a start reads it to tell).
+        if c.as_str().starts_with("revocations:") {
+            return Ok(head);
+        }
         if self.stale {
             return Ok(self
                 .inner
@@ -1999,6 +2037,109 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
         let now = f.service.store().session(session).await.unwrap().unwrap();
         assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
     }
+}
+
+/// A start that a revocation of the customer's sessions overtakes (the
+/// revocation lists them after the start read the directory and before it
+/// wrote its session, so it finds nothing to end) ends its session at once,
+/// as revoked, and hands out no secret. The trail says so, in order: the
+/// revocation in the customer's revocation chain, then the session's start
+/// and its end.
+#[tokio::test]
+async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
+    let (reached_tx, reached) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    let f = fixture_with(
+        BusyChain::hold_start(reached_tx, go_rx),
+        Policy::default(),
+        Config::default(),
+    );
+    let sam = agent("sam");
+    let start = f.service.start(Requester::User(&sam), req("olive"));
+    let revoke = async {
+        reached.await.unwrap();
+        let revoked = f
+            .service
+            .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+            .await
+            .unwrap();
+        go.send(()).unwrap();
+        revoked
+    };
+    let (started, revoked) = tokio::join!(start, revoke);
+    assert!(
+        revoked.is_empty(),
+        "nothing was written to list: {revoked:?}"
+    );
+    assert!(
+        matches!(started, Err(Error::Ended(EndReason::Revoked))),
+        "{started:?}"
+    );
+    let live = f
+        .service
+        .store()
+        .live_sessions(&LiveFilter {
+            subject: Some(id("olive")),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(live.is_empty(), "{live:?}");
+    let trail = all_events(
+        f.service.store(),
+        AuditQuery {
+            subject: Some(id("olive")),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    let mut trail: Vec<(AuditAction, Option<String>)> = trail
+        .iter()
+        .map(|e| (e.action, e.details.get("cause").map(str::to_owned)))
+        .collect();
+    trail.sort_by_key(|(action, _)| *action);
+    assert_eq!(
+        trail,
+        [
+            (AuditAction::SessionStarted, None),
+            (
+                AuditAction::SessionEnded,
+                Some("revoked_while_starting".to_owned())
+            ),
+            (
+                AuditAction::SessionsRevoked,
+                Some("subject_changed".to_owned())
+            ),
+        ]
+    );
+    // A start after the revocation is the customer's new state's: it stands.
+    f.sam_on_olive().await;
+}
+
+/// A revocation of a customer's sessions is on the trail even when there
+/// is none to end, in the customer's own revocation chain, which verifies.
+#[tokio::test]
+async fn a_revocation_is_recorded_in_the_customers_revocation_chain() {
+    let f = fixture();
+    let revoked = f
+        .service
+        .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+        .await
+        .unwrap();
+    assert!(revoked.is_empty());
+    let chain = ChainKey::revocations_of(&id("olive"));
+    let events = f.service.store().chain_events(&chain, 0, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.action, AuditAction::SessionsRevoked);
+    assert_eq!(event.subject.as_ref().map(|p| p.id.as_str()), Some("olive"));
+    assert_eq!(
+        event.describe(),
+        "Revoked every impersonation of the customer. Note: password changed. Cause: subject_changed."
+    );
+    let head = f.service.store().chain_head(&chain).await.unwrap();
+    verify_chain(&chain, &events, head).unwrap();
+    assert_ne!(chain, ChainKey::for_agent(&id("olive")));
 }
 
 /// A watcher's check (a stream, a WebSocket) sees the session as a request
