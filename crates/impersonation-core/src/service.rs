@@ -55,6 +55,11 @@ pub enum Error {
     /// The random source failed while generating a secret.
     #[error("could not generate a session secret")]
     Random,
+    /// A revocation of the customer's sessions overtook this start: the
+    /// session was ended as it was written, and its secret is not handed
+    /// out. Starting again judges the customer as they are now.
+    #[error("the customer's sessions were revoked while this one started")]
+    RevokedWhileStarting,
 }
 
 impl Error {
@@ -70,6 +75,7 @@ impl Error {
             Self::Store(_) => "store_unavailable",
             Self::Directory(_) => "directory_unavailable",
             Self::Random => "random_unavailable",
+            Self::RevokedWhileStarting => "revoked_while_starting",
         }
     }
 
@@ -81,7 +87,7 @@ impl Error {
             Self::Denied(_) | Self::PendingConsent => 403,
             Self::Unauthenticated | Self::Ended(_) => 401,
             Self::UnknownSession => 404,
-            Self::Transition(_) => 409,
+            Self::Transition(_) | Self::RevokedWhileStarting => 409,
             Self::Store(_) | Self::Directory(_) | Self::Random => 503,
         }
     }
@@ -806,18 +812,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 // ends now, as revoked, and its secret is never handed out.
                 let moved = match self.store.chain_head(&fence).await {
                     Ok(now) if now == fenced => None,
-                    Ok(_) => Some(Error::Ended(EndReason::Revoked)),
+                    Ok(_) => Some(Error::RevokedWhileStarting),
                     // Unconfirmed: not handed out, and ended if it can be.
                     Err(e) => Some(e.into()),
                 };
                 if let Some(refusal) = moved {
-                    let details = Details::new().with("cause", "revoked_while_starting");
-                    if let Err(e) = self
-                        .end(&session, EndReason::Revoked, Actor::System, details)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "a session a revocation overtook could not be ended; its secret was not handed out");
-                    }
+                    self.end_overtaken(*session).await;
                     return Err(refusal);
                 }
                 Ok(Started {
@@ -833,6 +833,30 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 Err(Error::Denied(Denial::ActiveSessionExists))
             }
         }
+    }
+
+    /// Ends a session a revocation overtook as it started, reading it again
+    /// if it changed meanwhile (the customer consented to it, say), as a
+    /// revoke-all does. Its secret is not handed out whatever happens: if
+    /// it cannot be ended, nobody can use it, and it ends when its time is
+    /// up.
+    async fn end_overtaken(&self, mut session: Session) {
+        for attempt in 1..=CHANGED_RETRIES {
+            let details = Details::new().with("cause", "revoked_while_starting");
+            match self
+                .try_end(&session, EndReason::Revoked, Actor::System, details)
+                .await
+            {
+                Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => session = *now,
+                Ok(Ending::Ended(_) | Ending::Gone) => return,
+                Ok(Ending::Changed(_)) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, session = %session.id, "a session a revocation overtook could not be ended; its secret was not handed out");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(session = %session.id, "a session a revocation overtook kept changing and was not ended; its secret was not handed out");
     }
 
     /// Ends a session by transition, tolerating a concurrent end: returns the
@@ -1456,14 +1480,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if !note.trim().is_empty() {
             details.insert("note", note.trim());
         }
-        self.append(draft.details(details), AppendGuard::None)
-            .await?;
+        // A failed write does not hold the revocation up: the sessions are
+        // ended all the same, and the failure answered after.
+        let fenced = self.append(draft.details(details), AppendGuard::None).await;
         let filter = LiveFilter {
             subject: Some(subject.clone()),
             ..LiveFilter::default()
         };
-        self.revoke_matching(filter, by, "subject_changed", note)
-            .await
+        let revoked = self
+            .revoke_matching(filter, by, "subject_changed", note)
+            .await?;
+        fenced?;
+        Ok(revoked)
     }
 
     /// Ends, each with its audit event, every live session whose time is

@@ -2042,9 +2042,8 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
 /// A start that a revocation of the customer's sessions overtakes (the
 /// revocation lists them after the start read the directory and before it
 /// wrote its session, so it finds nothing to end) ends its session at once,
-/// as revoked, and hands out no secret. The trail says so, in order: the
-/// revocation in the customer's revocation chain, then the session's start
-/// and its end.
+/// as revoked, and hands out no secret. The trail holds the revocation, in
+/// the customer's revocation chain, and the session's start and end.
 #[tokio::test]
 async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
     let (reached_tx, reached) = tokio::sync::oneshot::channel();
@@ -2072,7 +2071,7 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
         "nothing was written to list: {revoked:?}"
     );
     assert!(
-        matches!(started, Err(Error::Ended(EndReason::Revoked))),
+        matches!(started, Err(Error::RevokedWhileStarting)),
         "{started:?}"
     );
     let live = f
@@ -2114,6 +2113,74 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
     );
     // A start after the revocation is the customer's new state's: it stands.
     f.sam_on_olive().await;
+}
+
+/// A consent-required start that a revocation overtakes, its session
+/// consented to by the customer in the moment the start ends it: read
+/// again and ended all the same, never left live with a secret nobody has.
+#[tokio::test]
+async fn an_overtaken_start_consented_meanwhile_is_ended_all_the_same() {
+    let (reached_tx, reached) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    let store = BusyChain {
+        consent_race: true.into(),
+        ..BusyChain::hold_start(reached_tx, go_rx)
+    };
+    let consent = Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let f = fixture_with(store, consent, Config::default());
+    let sam = agent("sam");
+    let start = f.service.start(Requester::User(&sam), req("olive"));
+    let revoke = async {
+        reached.await.unwrap();
+        f.service
+            .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+            .await
+            .unwrap();
+        go.send(()).unwrap();
+    };
+    let (started, ()) = tokio::join!(start, revoke);
+    assert!(
+        matches!(started, Err(Error::RevokedWhileStarting)),
+        "{started:?}"
+    );
+    let live = f
+        .service
+        .store()
+        .live_sessions(&LiveFilter {
+            subject: Some(id("olive")),
+            ..LiveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(live.is_empty(), "{live:?}");
+}
+
+/// A revocation whose own record cannot be written still ends the
+/// customer's sessions, and then answers the failure.
+#[tokio::test]
+async fn a_revocation_ends_the_sessions_even_if_its_record_fails() {
+    let f = fixture_with(
+        FaultyStore::new(MemoryStore::new()),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    f.service.store().fail_next_write(When::Before);
+    let outcome = f
+        .service
+        .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+        .await;
+    assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
+    let now = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
 }
 
 /// A revocation of a customer's sessions is on the trail even when there

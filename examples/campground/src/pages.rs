@@ -945,6 +945,7 @@ const OTHER_REFUSALS: &[&str] = &[
     "pending_consent",
     "unknown_session",
     "illegal_transition",
+    "revoked_while_starting",
 ];
 
 /// The text of a refusal's code from the query string: a denial's
