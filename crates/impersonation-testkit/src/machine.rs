@@ -9,7 +9,8 @@
 //! 2. each ended session has exactly one end event, a live one none;
 //! 3. at most one live session per agent (and exactly the model's);
 //! 4. `resolve` never returns a session past its maximum duration or idle timeout;
-//! 5. every audit chain verifies against its head;
+//! 5. every audit chain verifies against its head (the agents' and the
+//!    customers' revocation chains);
 //! 6. no shadow user holds a dropped or redacted value, or a permission
 //!    outside target ∩ grant − denied;
 //! 7. no nesting: a start from inside a session is always refused;
@@ -804,6 +805,20 @@ impl<S: Store> Case<S> {
                 agent.id
             );
             events.extend(chain_events);
+        }
+        // The customers' revocation chains, which no agent's is, verify too.
+        for target in &self.targets {
+            let chain = ChainKey::revocations_of(&target.id);
+            let chain_events = whole_chain(store, &chain).await;
+            let head = store
+                .chain_head(&chain)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if let Err(b) = verify_chain(&chain, &chain_events, head) {
+                return Err(fail(format!(
+                    "invariant 5: a revocation chain does not verify: {b}"
+                )));
+            }
         }
         // Refusals by people outside the three agents' chains would be missed
         // above; the model has none, and this query proves it.
