@@ -2039,20 +2039,24 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
     }
 }
 
-/// A start that a revocation of the customer's sessions overtakes (the
-/// revocation lists them after the start read the directory and before it
-/// wrote its session, so it finds nothing to end) ends its session at once,
-/// as revoked, and hands out no secret. The trail holds the revocation, in
-/// the customer's revocation chain, and the session's start and end.
-#[tokio::test]
-async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
+/// Sam's start on Olive, held before the store writes it while a
+/// revoke-all of Olive's sessions runs (its listing then finds nothing
+/// to end), on a `BusyChain` that `configure` sets up further: the
+/// start's outcome, what the revoke-all ended, and Olive's live sessions
+/// after.
+async fn start_overtaken_by_revocation(
+    configure: impl FnOnce(BusyChain) -> BusyChain,
+    policy: Policy,
+) -> (
+    Fixture<BusyChain>,
+    Result<Started, Error>,
+    Vec<impersonation_core::SessionId>,
+    Vec<impersonation_core::Session>,
+) {
     let (reached_tx, reached) = tokio::sync::oneshot::channel();
     let (go, go_rx) = tokio::sync::oneshot::channel();
-    let f = fixture_with(
-        BusyChain::hold_start(reached_tx, go_rx),
-        Policy::default(),
-        Config::default(),
-    );
+    let store = configure(BusyChain::hold_start(reached_tx, go_rx));
+    let f = fixture_with(store, policy, Config::default());
     let sam = agent("sam");
     let start = f.service.start(Requester::User(&sam), req("olive"));
     let revoke = async {
@@ -2066,14 +2070,6 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
         revoked
     };
     let (started, revoked) = tokio::join!(start, revoke);
-    assert!(
-        revoked.is_empty(),
-        "nothing was written to list: {revoked:?}"
-    );
-    assert!(
-        matches!(started, Err(Error::RevokedWhileStarting)),
-        "{started:?}"
-    );
     let live = f
         .service
         .store()
@@ -2083,6 +2079,26 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
         })
         .await
         .unwrap();
+    (f, started, revoked, live)
+}
+
+/// A start that a revocation of the customer's sessions overtakes (the
+/// revocation lists them after the start read the directory and before it
+/// wrote its session, so it finds nothing to end) ends its session at once,
+/// as revoked, and hands out no secret. The trail holds the revocation, in
+/// the customer's revocation chain, and the session's start and end.
+#[tokio::test]
+async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
+    let (f, started, revoked, live) =
+        start_overtaken_by_revocation(|store| store, Policy::default()).await;
+    assert!(
+        revoked.is_empty(),
+        "nothing was written to list: {revoked:?}"
+    );
+    assert!(
+        matches!(started, Err(Error::RevokedWhileStarting)),
+        "{started:?}"
+    );
     assert!(live.is_empty(), "{live:?}");
     let trail = all_events(
         f.service.store(),
@@ -2120,40 +2136,21 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
 /// again and ended all the same, never left live with a secret nobody has.
 #[tokio::test]
 async fn an_overtaken_start_consented_meanwhile_is_ended_all_the_same() {
-    let (reached_tx, reached) = tokio::sync::oneshot::channel();
-    let (go, go_rx) = tokio::sync::oneshot::channel();
-    let store = BusyChain {
-        consent_race: true.into(),
-        ..BusyChain::hold_start(reached_tx, go_rx)
-    };
     let consent = Policy::default().consent(Consent::Required {
         timeout: Duration::minutes(10),
     });
-    let f = fixture_with(store, consent, Config::default());
-    let sam = agent("sam");
-    let start = f.service.start(Requester::User(&sam), req("olive"));
-    let revoke = async {
-        reached.await.unwrap();
-        f.service
-            .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
-            .await
-            .unwrap();
-        go.send(()).unwrap();
-    };
-    let (started, ()) = tokio::join!(start, revoke);
+    let (_, started, _, live) = start_overtaken_by_revocation(
+        |store| BusyChain {
+            consent_race: true.into(),
+            ..store
+        },
+        consent,
+    )
+    .await;
     assert!(
         matches!(started, Err(Error::RevokedWhileStarting)),
         "{started:?}"
     );
-    let live = f
-        .service
-        .store()
-        .live_sessions(&LiveFilter {
-            subject: Some(id("olive")),
-            ..LiveFilter::default()
-        })
-        .await
-        .unwrap();
     assert!(live.is_empty(), "{live:?}");
 }
 

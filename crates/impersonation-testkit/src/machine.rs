@@ -766,15 +766,7 @@ impl<S: Store> Case<S> {
         let store = self.service.store();
         let mut events: Vec<AuditEvent> = Vec::new();
         for (index, agent) in self.agents.iter().enumerate() {
-            let chain = ChainKey::for_agent(&agent.id);
-            let chain_events = whole_chain(store, &chain).await;
-            let head = store
-                .chain_head(&chain)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            if let Err(b) = verify_chain(&chain, &chain_events, head) {
-                return Err(fail(format!("invariant 5: chain does not verify: {b}")));
-            }
+            let chain_events = verified_chain(store, &ChainKey::for_agent(&agent.id)).await?;
             let live = store
                 .live_sessions(&LiveFilter {
                     agent: Some(agent.id.clone()),
@@ -808,17 +800,7 @@ impl<S: Store> Case<S> {
         }
         // The customers' revocation chains, which no agent's is, verify too.
         for target in &self.targets {
-            let chain = ChainKey::revocations_of(&target.id);
-            let chain_events = whole_chain(store, &chain).await;
-            let head = store
-                .chain_head(&chain)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            if let Err(b) = verify_chain(&chain, &chain_events, head) {
-                return Err(fail(format!(
-                    "invariant 5: a revocation chain does not verify: {b}"
-                )));
-            }
+            verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
         }
         // Refusals by people outside the three agents' chains would be missed
         // above; the model has none, and this query proves it.
@@ -1001,5 +983,23 @@ where
     });
     if let Err(e) = result {
         panic!("state-machine property failed: {e}");
+    }
+}
+
+/// A chain's events, once they verify against its head (invariant 5).
+async fn verified_chain<S: Store + ?Sized>(
+    store: &S,
+    chain: &ChainKey,
+) -> Result<Vec<AuditEvent>, TestCaseError> {
+    let events = whole_chain(store, chain).await;
+    let head = store
+        .chain_head(chain)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    match verify_chain(chain, &events, head) {
+        Ok(_) => Ok(events),
+        Err(b) => Err(fail(format!(
+            "invariant 5: chain {chain} does not verify: {b}"
+        ))),
     }
 }
