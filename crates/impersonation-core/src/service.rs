@@ -425,6 +425,24 @@ fn actor_of(p: &Principal) -> Actor {
     Actor::user(p.id.clone(), p.display_name.as_str())
 }
 
+/// Who a revocation's events name as acting: the person, or the system.
+fn actor_by(by: Initiator<'_>) -> Actor {
+    match by {
+        Initiator::System => Actor::System,
+        Initiator::User(p) => actor_of(p),
+    }
+}
+
+/// A revocation's details: `details`, then its cause, and the note if one
+/// was given.
+fn revocation_details(details: Details, cause: &str, note: &str) -> Details {
+    let mut details = details.with("cause", cause);
+    if !note.trim().is_empty() {
+        details.insert("note", note.trim());
+    }
+    details
+}
+
 /// Fills a span's `impersonation.*` fields from the session it is about.
 fn record_session(span: &Span, session: &Session) {
     span.record(
@@ -1337,18 +1355,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         cause: &str,
         note: &str,
     ) -> Result<Vec<SessionId>, Error> {
-        let actor = match by {
-            Initiator::System => Actor::System,
-            Initiator::User(p) => actor_of(p),
-        };
+        let actor = actor_by(by);
         let mut revoked = Vec::new();
         // A failure on one session does not stop the others; the first is
         // returned once every session has been tried.
         let mut failed = None;
-        let mut details = Details::new().with("cause", cause);
-        if !note.trim().is_empty() {
-            details.insert("note", note.trim());
-        }
+        let details = revocation_details(Details::new(), cause, note);
         for listed in self.store.live_sessions(&filter).await? {
             let mut session = listed;
             // A session that changed since it was listed (a consent came
@@ -1414,6 +1426,17 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .await
     }
 
+    /// `draft` named as the customer `subject`, so that a look at the
+    /// customer's trail finds it; by id (a `target` detail) if the
+    /// directory has no such person, or cannot answer (which does not keep
+    /// the record off the trail, nor hold it up).
+    async fn naming_customer(&self, draft: AuditDraft, subject: &UserId) -> AuditDraft {
+        match self.directory.principal(subject).await {
+            Ok(Some(t)) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
+            Ok(None) | Err(_) => draft.details(Details::new().with("target", subject)),
+        }
+    }
+
     /// Revokes every live session on a customer (password or MFA changed).
     /// The customer, an administrator or host code may.
     ///
@@ -1434,23 +1457,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             && p.id != *subject
             && !self.policy.is_admin(p)
         {
-            let mut draft = AuditDraft::new(
+            let draft = AuditDraft::new(
                 self.now(),
                 AuditAction::Denied,
                 actor_of(p),
                 ChainKey::for_agent(&p.id),
             );
-            // Named as the customer, so that a look at the customer's
-            // trail finds the attempt; by id if the directory has no such
-            // person.
-            // (A directory that cannot answer does not keep the refusal
-            // off the trail.)
-            draft = match self.directory.principal(subject).await {
-                Ok(Some(t)) => {
-                    draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone())
-                }
-                Ok(None) | Err(_) => draft.details(Details::new().with("target", subject)),
-            };
+            let draft = self.naming_customer(draft, subject).await;
             return Err(self
                 .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")
                 .await?);
@@ -1458,28 +1471,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // First on the trail, and what a start that overtakes the listing
         // below finds changed after it writes its session (it then ends
         // it): the customer's revocation chain moves on.
-        let actor = match by {
-            Initiator::System => Actor::System,
-            Initiator::User(p) => actor_of(p),
-        };
-        let mut draft = AuditDraft::new(
+        let draft = AuditDraft::new(
             self.now(),
             AuditAction::SessionsRevoked,
-            actor,
+            actor_by(by),
             ChainKey::revocations_of(subject),
         );
-        draft = match self.directory.principal(subject).await {
-            Ok(Some(t)) => draft.subject(t.id.clone(), t.display_name.as_str(), t.tenant.clone()),
-            // Named by id: a directory that cannot answer does not hold
-            // the revocation up.
-            Ok(None) | Err(_) => draft,
-        };
-        let mut details = Details::new()
-            .with("target", subject)
-            .with("cause", "subject_changed");
-        if !note.trim().is_empty() {
-            details.insert("note", note.trim());
-        }
+        let draft = self.naming_customer(draft, subject).await;
+        let details = revocation_details(
+            Details::new().with("target", subject),
+            "subject_changed",
+            note,
+        );
         // A failed write does not hold the revocation up: the sessions are
         // ended all the same, and the failure answered after.
         let fenced = self.append(draft.details(details), AppendGuard::None).await;
