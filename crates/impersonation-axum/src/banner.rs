@@ -594,7 +594,7 @@ fn breaks_out(name: &[u8]) -> bool {
 
 /// Where the start tag at the start of `tag` ends: its `>`, not one
 /// inside a quoted attribute value (`title="a > b"`).
-fn tag_end(tag: &[u8]) -> Option<usize> {
+pub(crate) fn tag_end(tag: &[u8]) -> Option<usize> {
     let mut i = 1;
     while let Some(&b) = tag.get(i) {
         match b {

@@ -117,15 +117,29 @@ fn is_keyword(source: &str, keyword: &str) -> bool {
     source.eq_ignore_ascii_case(keyword)
 }
 
+/// Whether `source` starts with `prefix` (lower case), in any case.
+fn starts_with_any_case(source: &str, prefix: &str) -> bool {
+    source
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+}
+
+/// Whether a source is a hash (`'sha256-…'` and its kin).
+fn is_hash(source: &str) -> bool {
+    ["'sha256-", "'sha384-", "'sha512-"]
+        .iter()
+        .any(|p| starts_with_any_case(source, p))
+}
+
+/// Whether a source is a nonce (`'nonce-…'`).
+fn is_nonce(source: &str) -> bool {
+    starts_with_any_case(source, "'nonce-")
+}
+
 /// Whether `sources` allow any inline style: `'unsafe-inline'`, which a
 /// nonce or a hash beside it turns off (CSP Level 3).
 fn allows_inline(sources: &[&str]) -> bool {
-    let has_nonce_or_hash = sources.iter().any(|s| {
-        let s = s.to_ascii_lowercase();
-        ["'nonce-", "'sha256-", "'sha384-", "'sha512-"]
-            .iter()
-            .any(|p| s.starts_with(p))
-    });
+    let has_nonce_or_hash = sources.iter().any(|s| is_nonce(s) || is_hash(s));
     !has_nonce_or_hash && sources.iter().any(|s| is_keyword(s, "'unsafe-inline'"))
 }
 
@@ -161,13 +175,7 @@ fn rewrite_policy(policy: &str) -> Option<String> {
     let mut sources: Vec<&str> = sources
         .iter()
         .copied()
-        .filter(|s| {
-            let lower = s.to_ascii_lowercase();
-            let is_hash = ["'sha256-", "'sha384-", "'sha512-"]
-                .iter()
-                .any(|p| lower.starts_with(p));
-            lower != "'none'" && !lower.starts_with("'nonce-") && (unsafe_hashes || !is_hash)
-        })
+        .filter(|s| !is_keyword(s, "'none'") && !is_nonce(s) && (unsafe_hashes || !is_hash(s)))
         .collect();
     if !unsafe_hashes {
         sources.push("'unsafe-hashes'");

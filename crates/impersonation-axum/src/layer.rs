@@ -992,16 +992,22 @@ where
     }
 }
 
+/// The charset a `Content-Type`'s parameters name (lower case), if any.
+fn charset_of<'a>(mut params: impl Iterator<Item = &'a str>) -> Option<String> {
+    params.find_map(|p| match p.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            Some(value.trim().trim_matches('"').to_ascii_lowercase())
+        }
+        _ => None,
+    })
+}
+
 /// Whether the response's `Content-Type` names a charset.
 fn has_charset(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| {
-            t.split(';')
-                .skip(1)
-                .any(|p| p.trim().to_ascii_lowercase().starts_with("charset="))
-        })
+        .is_some_and(|t| charset_of(t.split(';').skip(1)).is_some())
 }
 
 /// The banner's markup for a page of `markup`.
@@ -1080,13 +1086,7 @@ fn page_kind(res: &Response) -> Page {
     {
         return Page::Other;
     }
-    let charset = params.find_map(|p| match p.split_once('=') {
-        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
-            Some(value.trim().trim_matches('"').to_ascii_lowercase())
-        }
-        _ => None,
-    });
-    let wide = charset.is_some_and(|c| !keeps_ascii(&c));
+    let wide = charset_of(params).is_some_and(|c| !keeps_ascii(&c));
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
         !v.to_str()
             .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))

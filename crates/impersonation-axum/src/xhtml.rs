@@ -100,19 +100,10 @@ fn find(text: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The end of a tag starting at `text[0]` (`<`): the index after its `>`,
-/// past quoted attribute values (which may hold a `>`).
+/// past quoted attribute values (which may hold a `>`), as the HTML
+/// scanner reads a tag.
 fn tag_end(text: &[u8]) -> Option<usize> {
-    let mut quote = None;
-    for (i, &b) in text.iter().enumerate().skip(1) {
-        match (quote, b) {
-            (Some(q), _) if b == q => quote = None,
-            (Some(_), _) => {}
-            (None, b'"' | b'\'') => quote = Some(b),
-            (None, b'>') => return Some(i + 1),
-            _ => {}
-        }
-    }
-    None
+    crate::banner::tag_end(text).map(|gt| gt + 1)
 }
 
 /// The end of a document type declaration at `text[0]`: past its internal
