@@ -2,13 +2,23 @@
 -- of a batch's consecutive same-chain events that share a view's key,
 -- instead of one entry per event in each of six indexes. Events written
 -- before this migration get one run each.
+--
+-- The table has its primary key from the start: servers that refuse a
+-- table without one (MySQL's sql_require_primary_key, on by default on
+-- some managed services; MariaDB's innodb_force_primary_key) would refuse
+-- it otherwise. A run is one chain's events from first_seq on, in one
+-- view, so the key is unique; its ids are binary strings (as migration 3
+-- makes every id), so two chains whose ids differ only by trailing spaces
+-- cannot collide in it. Migration 4 adds the key where an earlier version
+-- of this migration made the table without it.
 CREATE TABLE impersonation_audit_runs (
     view_name VARCHAR(16) NOT NULL,
-    view_key  VARCHAR(255) NOT NULL,
+    view_key  VARBINARY(255) NOT NULL,
     first_us  BIGINT NOT NULL,
-    chain     VARCHAR(255) NOT NULL,
+    chain     VARBINARY(255) NOT NULL,
     first_seq BIGINT NOT NULL,
     last_seq  BIGINT NOT NULL,
+    PRIMARY KEY (view_name, view_key, chain, first_seq),
     KEY impersonation_audit_runs_by_view (view_name, view_key, first_us)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 INSERT INTO impersonation_audit_runs (view_name, view_key, first_us, chain, first_seq, last_seq)
