@@ -148,6 +148,7 @@ pub struct SiteOrigin(String);
 
 /// Why a text is not a [`SiteOrigin`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum InvalidOrigin {
     /// Not a URL at all.
     #[error("{0:?} is not an origin (scheme://host[:port])")]

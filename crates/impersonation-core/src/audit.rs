@@ -17,6 +17,7 @@ use crate::policy::{has_forbidden_chars, is_forbidden_char};
 /// What an audit event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum AuditAction {
     /// A session was requested and awaits the customer's consent.
     SessionRequested,
@@ -984,6 +985,7 @@ impl AuditEvent {
 /// What was wrong at the first bad position of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
+#[non_exhaustive]
 pub enum BreakKind {
     /// The event belongs to another chain.
     WrongChain,

@@ -13,6 +13,7 @@ pub const MAX_ID_LEN: usize = 255;
 
 /// Why a host identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdError {
     /// The identifier was empty.
     #[error("identifier is empty")]

@@ -16,6 +16,7 @@ use crate::principal::{
 /// ([`Denial::code`]) that bindings return and audit events record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Denial {
     /// The agent lacks the impersonate permission.
     #[error("the agent lacks the impersonate permission")]

@@ -18,6 +18,7 @@ pub const TOKEN_LEN: usize = PREFIX.len() + 1 + ROUTE_HEX + 1 + SECRET_B64;
 
 /// Why a presented token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SecretError {
     /// The token is not of the form `imp1.<route>.<secret>`.
     #[error("malformed session token")]

@@ -27,6 +27,7 @@ use crate::store::{
 /// Why a service call failed. [`Error::code`] is stable; [`Error::http_status`]
 /// is the status every binding answers with.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The policy refused; the refusal is in the audit trail.
     #[error("denied: {0}")]

@@ -22,6 +22,7 @@ pub type BackendError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// No session with that id.
     #[error("session {0} not found")]

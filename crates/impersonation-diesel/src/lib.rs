@@ -162,6 +162,7 @@ impl BackendKind {
 
 /// Why connecting or migrating failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DieselError {
     /// The URL's scheme names no supported database.
     #[error(

@@ -124,6 +124,7 @@ impl OAuthError {
 /// Why a presented impersonation token was refused (the binding answers 401,
 /// or 503 for [`TokenError::Unavailable`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenError {
     /// Not a compact JWS with three parts, or its header or claims are
     /// malformed (including an `act` nested too deeply to read).
@@ -146,6 +147,7 @@ pub enum TokenError {
 
 /// Why building or using an issuer, verifier or client failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OidcError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]

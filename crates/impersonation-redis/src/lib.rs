@@ -57,6 +57,7 @@ use crate::scripts::{
 
 /// Why connecting failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RedisStoreError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
