@@ -8,8 +8,8 @@ use time::{Duration, OffsetDateTime};
 use tracing::{Instrument, Span, field::Empty};
 
 use crate::audit::{
-    Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainKey, ChainReport,
-    ChainVerifier, Details,
+    Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainHead, ChainKey,
+    ChainReport, ChainVerifier, Details,
 };
 use crate::batch::{Coalescer, Interrupted};
 use crate::clock::{Clock, SystemClock, normalize};
@@ -712,6 +712,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// Starts a session: checks the policy, projects the shadow user, writes
     /// the session with its audit event, and returns the bearer secret.
     /// Every refusal is audited.
+    ///
+    /// The agent is judged as the host gives them and as the directory has
+    /// them now (the check a session's first use makes), so an agent the
+    /// host read before a demotion is refused. A revoke-all of the agent's
+    /// or the customer's sessions that overtakes the start ends its session
+    /// at once ([`Error::RevokedWhileStarting`]).
     pub async fn start(
         &self,
         requester: Requester<'_>,
@@ -786,11 +792,29 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let Err(denial) = self.policy.permits_agent(agent) {
             return Err(self.audit_denial(unnamed(), denial, "start").await?);
         }
-        // The customer's revocation chain as it stands before the directory
-        // is asked: a revocation that moves it on from here may have been
-        // for what the directory answers now (a password changed).
-        let fence = ChainKey::revocations_of(&request.target);
-        let fenced = self.store.chain_head(&fence).await?;
+        // The customer's and the agent's revocation chains as they stand
+        // before the directory is asked: a revocation that moves one on
+        // from here may have been for what the directory answers now (a
+        // password changed, an agent demoted).
+        let fences = [
+            ChainKey::revocations_of(&request.target),
+            ChainKey::agent_revocations_of(&agent.id),
+        ];
+        let fenced = self.fence_heads(&fences).await?;
+        // The agent as the directory has them now, not only as the host
+        // read them when its request began (perhaps before a demotion
+        // that a revocation of their sessions followed, and that this
+        // start's fence above came too late to see moved): the same check
+        // a session's first use would make, so a start it would end is
+        // refused.
+        let current = match self.directory.principal(&agent.id).await? {
+            Some(current) => self.policy.permits_agent(&current).map(|()| current),
+            None => Err(Denial::UnknownAgent),
+        };
+        let current = match current {
+            Ok(current) => current,
+            Err(denial) => return Err(self.audit_denial(unnamed(), denial, "start").await?),
+        };
         let Some(target) = self.directory.principal(&request.target).await? else {
             return Err(self
                 .audit_denial(unnamed(), Denial::UnknownTarget, "start")
@@ -800,7 +824,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonating: false,
             live_session: still_live,
         };
-        let grant = match self.policy.authorize(agent, &target, &request, context) {
+        let grant = match self
+            .policy
+            .authorize(agent, &target, &request, context)
+            .and_then(|grant| self.policy.permits_pair(&current, &target).map(|()| grant))
+        {
             Ok(grant) => grant,
             Err(denial) => {
                 return Err(self
@@ -824,16 +852,17 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             StartOutcome::Started { session, .. } => {
                 span.record("impersonation.session", tracing::field::display(session.id));
                 tracing::info!(state = %session.state, "impersonation session started");
-                // A revocation of the customer's sessions that began after
-                // this start read the directory may have listed them before
-                // this one was written: it would not have ended it. It
-                // moved the revocation chain on first, so this session
-                // ends now, as revoked, and its secret is never handed out.
-                let moved = match self.store.chain_head(&fence).await {
+                // A revocation of the customer's or the agent's sessions
+                // that began after this start read the directory may have
+                // listed them before this one was written: it would not
+                // have ended it. It moved its revocation chain on first,
+                // so this session ends now, as revoked, and its secret is
+                // never handed out.
+                let moved = match self.fence_heads(&fences).await {
                     Ok(now) if now == fenced => None,
                     Ok(_) => Some(Error::RevokedWhileStarting),
                     // Unconfirmed: not handed out, and ended if it can be.
-                    Err(e) => Some(e.into()),
+                    Err(e) => Some(e),
                 };
                 if let Some(refusal) = moved {
                     self.end_overtaken(*session).await;
@@ -852,6 +881,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 Err(Error::Denied(Denial::ActiveSessionExists))
             }
         }
+    }
+
+    /// The heads of a start's revocation chains (its fences).
+    async fn fence_heads(&self, fences: &[ChainKey; 2]) -> Result<[Option<ChainHead>; 2], Error> {
+        let subject = self.store.chain_head(&fences[0]).await?;
+        Ok([subject, self.store.chain_head(&fences[1]).await?])
     }
 
     /// Ends a session a revocation overtook as it started, reading it again
@@ -1399,6 +1434,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Revokes every live session of an agent (disabled or demoted). The
     /// agent themself, an administrator or host code (`Initiator::System`) may.
+    ///
+    /// Change the agent in the directory first, then call this. The
+    /// revocation is written first, as an [`AuditAction::SessionsRevoked`]
+    /// event in the agent's revocation chain
+    /// ([`ChainKey::agent_revocations_of`]), even when there is no session
+    /// to end. A start by the agent that is under way meanwhile either
+    /// reads the directory after the change (and is refused), or finds the
+    /// chain moved once its session is written (and ends it at once, as
+    /// revoked, without handing out its secret).
     pub async fn revoke_all_for_agent(
         &self,
         agent: &UserId,
@@ -1419,12 +1463,27 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .audit_denial(draft, Denial::NotSessionAgent, "revoke_all_for_agent")
                 .await?);
         }
+        // First on the trail, and what a start that overtakes the listing
+        // below finds changed after it writes its session.
+        let draft = AuditDraft::new(
+            self.now(),
+            AuditAction::SessionsRevoked,
+            actor_by(by),
+            ChainKey::agent_revocations_of(agent),
+        );
+        let details =
+            revocation_details(Details::new().with("agent", agent), "agent_revoked", note);
+        // A failed write does not hold the revocation up.
+        let fenced = self.append(draft.details(details), AppendGuard::None).await;
         let filter = LiveFilter {
             agent: Some(agent.clone()),
             ..LiveFilter::default()
         };
-        self.revoke_matching(filter, by, "agent_revoked", note)
-            .await
+        let revoked = self
+            .revoke_matching(filter, by, "agent_revoked", note)
+            .await?;
+        fenced?;
+        Ok(revoked)
     }
 
     /// `draft` named as the customer `subject`, so that a look at the

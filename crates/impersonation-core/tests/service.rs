@@ -1896,9 +1896,10 @@ impl Store for BusyChain {
         c: &impersonation_core::ChainKey,
     ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
         let head = self.inner.chain_head(c).await?;
-        // Busy are the agents' chains; a customer's revocation chain moves
-        // only when a revocation writes it (a start reads it to tell).
-        if c.as_str().starts_with("revocations:") {
+        // Busy are the agents' chains; a revocation chain (a customer's or
+        // an agent's) moves only when a revocation writes it (a start reads
+        // it to tell).
+        if c.as_str().starts_with("revocations:") || c.as_str().starts_with("agent-revocations:") {
             return Ok(head);
         }
         if self.stale {
@@ -2039,12 +2040,34 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
     }
 }
 
+/// Whose sessions a revoke-all ends.
+#[derive(Clone, Copy)]
+enum Revoking {
+    /// Olive's (her password changed).
+    Customer,
+    /// Sam's (demoted in the directory first).
+    Agent,
+}
+
 /// Sam's start on Olive, held before the store writes it while a
-/// revoke-all of Olive's sessions runs (its listing then finds nothing
-/// to end), on a `BusyChain` that `configure` sets up further: the
+/// revoke-all of Olive's (or Sam's) sessions runs (its listing then finds
+/// nothing to end), on a `BusyChain` that `configure` sets up further: the
 /// start's outcome, what the revoke-all ended, and Olive's live sessions
 /// after.
 async fn start_overtaken_by_revocation(
+    configure: impl FnOnce(BusyChain) -> BusyChain,
+    policy: Policy,
+) -> (
+    Fixture<BusyChain>,
+    Result<Started, Error>,
+    Vec<impersonation_core::SessionId>,
+    Vec<impersonation_core::Session>,
+) {
+    start_overtaken_by(Revoking::Customer, configure, policy).await
+}
+
+async fn start_overtaken_by(
+    revoking: Revoking,
     configure: impl FnOnce(BusyChain) -> BusyChain,
     policy: Policy,
 ) -> (
@@ -2061,11 +2084,20 @@ async fn start_overtaken_by_revocation(
     let start = f.service.start(Requester::User(&sam), req("olive"));
     let revoke = async {
         reached.await.unwrap();
-        let revoked = f
-            .service
-            .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
-            .await
-            .unwrap();
+        let revoked = match revoking {
+            Revoking::Customer => {
+                f.service
+                    .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+                    .await
+            }
+            Revoking::Agent => {
+                f.demote_sam();
+                f.service
+                    .revoke_all_for_agent(&id("sam"), Initiator::System, "agent demoted")
+                    .await
+            }
+        }
+        .unwrap();
         go.send(()).unwrap();
         revoked
     };
@@ -2129,6 +2161,150 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
     );
     // A start after the revocation is the customer's new state's: it stands.
     f.sam_on_olive().await;
+}
+
+/// The same for a revocation of the agent's sessions (the agent demoted
+/// after the start read the directory): the start's session ends at once,
+/// as revoked, its secret unhanded; the trail holds the revocation, in
+/// the agent's revocation chain, and the session's start and end.
+#[tokio::test]
+async fn a_start_an_agent_revocation_overtakes_ends_its_session_at_once() {
+    let (f, started, revoked, live) =
+        start_overtaken_by(Revoking::Agent, |store| store, Policy::default()).await;
+    assert!(revoked.is_empty(), "{revoked:?}");
+    assert!(
+        matches!(started, Err(Error::RevokedWhileStarting)),
+        "{started:?}"
+    );
+    assert!(live.is_empty(), "{live:?}");
+    let store = f.service.store();
+    let fence = store
+        .chain_events(&ChainKey::agent_revocations_of(&id("sam")), 0, 10)
+        .await
+        .unwrap();
+    let fence: Vec<_> = fence
+        .iter()
+        .map(|e| {
+            (
+                e.action,
+                e.details.get("agent").map(str::to_owned),
+                e.details.get("cause").map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fence,
+        [(
+            AuditAction::SessionsRevoked,
+            Some("sam".to_owned()),
+            Some("agent_revoked".to_owned())
+        )]
+    );
+    let own = store
+        .chain_events(&ChainKey::for_agent(&id("sam")), 0, 10)
+        .await
+        .unwrap();
+    let own: Vec<_> = own
+        .iter()
+        .map(|e| (e.action, e.details.get("cause").map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        own,
+        [
+            (AuditAction::SessionStarted, None),
+            (
+                AuditAction::SessionEnded,
+                Some("revoked_while_starting".to_owned())
+            ),
+        ]
+    );
+    // Demoted, Sam cannot start again, whatever the host's copy of him says.
+    let again = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await;
+    assert!(
+        matches!(again, Err(Error::Denied(Denial::MissingPermission))),
+        "{again:?}"
+    );
+}
+
+/// A start is judged on the agent as the directory has them, not only as
+/// the host read them when its request began: an agent demoted meanwhile
+/// is refused (audited), as their session's first use would end it.
+#[tokio::test]
+async fn a_start_by_an_agent_the_directory_has_demoted_is_refused() {
+    let f = fixture();
+    f.demote_sam();
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await;
+    assert!(
+        matches!(started, Err(Error::Denied(Denial::MissingPermission))),
+        "{started:?}"
+    );
+    // So is an agent the directory no longer knows.
+    f.directory.remove(&id("kim"));
+    let unknown = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await;
+    assert!(
+        matches!(unknown, Err(Error::Denied(Denial::UnknownAgent))),
+        "{unknown:?}"
+    );
+    let denied = all_events(
+        f.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::Denied),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    let mut codes: Vec<_> = denied
+        .iter()
+        .map(|e| {
+            (
+                e.chain.to_string(),
+                e.details.get("denial").map(str::to_owned),
+            )
+        })
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            ("kim".to_owned(), Some("unknown_agent".to_owned())),
+            ("sam".to_owned(), Some("missing_permission".to_owned())),
+        ]
+    );
+}
+
+/// A revocation of an agent's sessions is on the trail even when there is
+/// none to end, in the agent's own revocation chain, which verifies.
+#[tokio::test]
+async fn a_revocation_is_recorded_in_the_agents_revocation_chain() {
+    let f = fixture();
+    let revoked = f
+        .service
+        .revoke_all_for_agent(&id("sam"), Initiator::User(&lead()), "left the team")
+        .await
+        .unwrap();
+    assert!(revoked.is_empty());
+    let chain = ChainKey::agent_revocations_of(&id("sam"));
+    let events = f.service.store().chain_events(&chain, 0, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.action, AuditAction::SessionsRevoked);
+    assert_eq!(event.subject, None);
+    assert_eq!(event.details.get("note"), Some("left the team"));
+    assert!(
+        matches!(&event.actor, impersonation_core::Actor::User { id: who, .. } if who.as_str() == "lead")
+    );
+    let head = f.service.store().chain_head(&chain).await.unwrap();
+    assert!(verify_chain(&chain, &events, head).is_ok());
+    assert_ne!(chain, ChainKey::revocations_of(&id("sam")));
 }
 
 /// A consent-required start that a revocation overtakes, its session

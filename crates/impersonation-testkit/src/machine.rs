@@ -798,9 +798,13 @@ impl<S: Store> Case<S> {
             );
             events.extend(chain_events);
         }
-        // The customers' revocation chains, which no agent's is, verify too.
+        // The customers' and the agents' revocation chains, which no
+        // agent's chain is, verify too.
         for target in &self.targets {
             verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
+        }
+        for agent in &self.agents {
+            verified_chain(store, &ChainKey::agent_revocations_of(&agent.id)).await?;
         }
         // Refusals by people outside the three agents' chains would be missed
         // above; the model has none, and this query proves it.
