@@ -35,9 +35,9 @@ pub enum AuditAction {
     /// ([`Impersonation::revoke_all_for_subject`](crate::Impersonation::revoke_all_for_subject)),
     /// or every one by an agent
     /// ([`Impersonation::revoke_all_for_agent`](crate::Impersonation::revoke_all_for_agent)):
-    /// written in the customer's ([`ChainKey::revocations_of`]) or the
-    /// agent's ([`ChainKey::agent_revocations_of`]) revocation chain before
-    /// the sessions are ended, each with its own end event.
+    /// written in the customer's revocation chain
+    /// ([`ChainKey::revocations_of`]) or the agent's chain before the
+    /// sessions are ended, each with its own end event.
     SessionsRevoked,
 }
 
@@ -372,27 +372,6 @@ impl ChainKey {
             .chain_update(subject.as_str().as_bytes())
             .finalize();
         Self(format!("revocations:{}", base16ct::lower::encode_string(&digest)).into())
-    }
-
-    /// The revocation chain of a support agent: where
-    /// [`revoke_all_for_agent`](crate::Impersonation::revoke_all_for_agent)
-    /// writes its [`AuditAction::SessionsRevoked`] event before it ends the
-    /// agent's sessions, and whose head a start reads before and after it
-    /// writes its session, as it does the customer's
-    /// ([`ChainKey::revocations_of`]). `agent-revocations:` and a SHA-256 of
-    /// the agent's id.
-    pub fn agent_revocations_of(agent: &UserId) -> Self {
-        let digest = Sha256::new()
-            .chain_update(b"impersonation-agent-revocations-v1\0")
-            .chain_update(agent.as_str().as_bytes())
-            .finalize();
-        Self(
-            format!(
-                "agent-revocations:{}",
-                base16ct::lower::encode_string(&digest)
-            )
-            .into(),
-        )
     }
 
     /// Wraps a stored key.

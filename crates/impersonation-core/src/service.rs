@@ -792,21 +792,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if let Err(denial) = self.policy.permits_agent(agent) {
             return Err(self.audit_denial(unnamed(), denial, "start").await?);
         }
-        // The customer's and the agent's revocation chains as they stand
-        // before the directory is asked: a revocation that moves one on
-        // from here may have been for what the directory answers now (a
-        // password changed, an agent demoted).
-        let fences = [
-            ChainKey::revocations_of(&request.target),
-            ChainKey::agent_revocations_of(&agent.id),
-        ];
-        let fenced = self.fence_heads(&fences).await?;
+        // The customer's revocation chain and the agent's own chain as
+        // they stand before the directory is asked: a revocation that
+        // moves the one, or writes into the other, from here may have been
+        // for what the directory answers now (a password changed, an agent
+        // demoted).
+        let fence = ChainKey::revocations_of(&request.target);
+        let fenced = self.store.chain_head(&fence).await?;
+        let agent_head = self.store.chain_head(&chain).await?;
         // The agent as the directory has them now, not only as the host
         // read them when its request began (perhaps before a demotion
-        // that a revocation of their sessions followed, and that this
-        // start's fence above came too late to see moved): the same check
-        // a session's first use would make, so a start it would end is
-        // refused.
+        // that a revocation of their sessions followed, which the reads
+        // above came too late to see): the same check a session's first
+        // use would make, so a start it would end is refused.
         let current = match self.directory.principal(&agent.id).await? {
             Some(current) => self.policy.permits_agent(&current).map(|()| current),
             None => Err(Denial::UnknownAgent),
@@ -824,10 +822,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonating: false,
             live_session: still_live,
         };
+        // The grant is the directory's agent's (what the session's
+        // re-checks hold it to); the host's copy must pass the pair's
+        // rules too.
         let grant = match self
             .policy
-            .authorize(agent, &target, &request, context)
-            .and_then(|grant| self.policy.permits_pair(&current, &target).map(|()| grant))
+            .authorize(&current, &target, &request, context)
+            .and_then(|grant| self.policy.permits_pair(agent, &target).map(|()| grant))
         {
             Ok(grant) => grant,
             Err(denial) => {
@@ -858,9 +859,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 // have ended it. It moved its revocation chain on first,
                 // so this session ends now, as revoked, and its secret is
                 // never handed out.
-                let moved = match self.fence_heads(&fences).await {
-                    Ok(now) if now == fenced => None,
-                    Ok(_) => Some(Error::RevokedWhileStarting),
+                let moved = match self.overtaken(&fence, fenced, &chain, agent_head).await {
+                    Ok(false) => None,
+                    Ok(true) => Some(Error::RevokedWhileStarting),
                     // Unconfirmed: not handed out, and ended if it can be.
                     Err(e) => Some(e),
                 };
@@ -883,10 +884,36 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
     }
 
-    /// The heads of a start's revocation chains (its fences).
-    async fn fence_heads(&self, fences: &[ChainKey; 2]) -> Result<[Option<ChainHead>; 2], Error> {
-        let subject = self.store.chain_head(&fences[0]).await?;
-        Ok([subject, self.store.chain_head(&fences[1]).await?])
+    /// Whether a revoke-all overtook a start that read `fenced` and `from`
+    /// before it asked the directory: the customer's revocation chain
+    /// `fence` moved on, or a revocation of the agent's sessions follows
+    /// `from` in their chain (where the start's own event, and refusals of
+    /// the agent's other attempts meanwhile, go too).
+    async fn overtaken(
+        &self,
+        fence: &ChainKey,
+        fenced: Option<ChainHead>,
+        chain: &ChainKey,
+        from: Option<ChainHead>,
+    ) -> Result<bool, Error> {
+        if self.store.chain_head(fence).await? != fenced {
+            return Ok(true);
+        }
+        const PAGE: u32 = 64;
+        let mut seq = from.map_or(0, |h| h.seq + 1);
+        loop {
+            let events = self.store.chain_events(chain, seq, PAGE).await?;
+            if events
+                .iter()
+                .any(|e| e.action == AuditAction::SessionsRevoked)
+            {
+                return Ok(true);
+            }
+            if events.len() < PAGE as usize {
+                return Ok(false);
+            }
+            seq += u64::from(PAGE);
+        }
     }
 
     /// Ends a session a revocation overtook as it started, reading it again
@@ -1437,12 +1464,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     ///
     /// Change the agent in the directory first, then call this. The
     /// revocation is written first, as an [`AuditAction::SessionsRevoked`]
-    /// event in the agent's revocation chain
-    /// ([`ChainKey::agent_revocations_of`]), even when there is no session
-    /// to end. A start by the agent that is under way meanwhile either
-    /// reads the directory after the change (and is refused), or finds the
-    /// chain moved once its session is written (and ends it at once, as
-    /// revoked, without handing out its secret).
+    /// event in the agent's chain, even when there is no session to end.
+    /// A start by the agent that is under way meanwhile either reads the
+    /// directory after the change (and is refused), or finds that event in
+    /// the agent's chain once its session is written (and ends it at once,
+    /// as revoked, without handing out its secret). Both need a directory
+    /// that answers with what was last written to it (not a stale cache
+    /// or replica), and a record that was written: if the record fails,
+    /// the sessions listed are ended all the same and the failure is
+    /// answered, but a start under way may keep its session until its
+    /// first re-check.
     pub async fn revoke_all_for_agent(
         &self,
         agent: &UserId,
@@ -1464,12 +1495,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .await?);
         }
         // First on the trail, and what a start that overtakes the listing
-        // below finds changed after it writes its session.
+        // below finds in the agent's chain after it writes its session.
         let draft = AuditDraft::new(
             self.now(),
             AuditAction::SessionsRevoked,
             actor_by(by),
-            ChainKey::agent_revocations_of(agent),
+            ChainKey::for_agent(agent),
         );
         let details =
             revocation_details(Details::new().with("agent", agent), "agent_revoked", note);

@@ -1896,10 +1896,9 @@ impl Store for BusyChain {
         c: &impersonation_core::ChainKey,
     ) -> Result<Option<impersonation_core::ChainHead>, impersonation_core::StoreError> {
         let head = self.inner.chain_head(c).await?;
-        // Busy are the agents' chains; a revocation chain (a customer's or
-        // an agent's) moves only when a revocation writes it (a start reads
-        // it to tell).
-        if c.as_str().starts_with("revocations:") || c.as_str().starts_with("agent-revocations:") {
+        // Busy are the agents' chains; a customer's revocation chain moves
+        // only when a revocation writes it (a start reads it to tell).
+        if c.as_str().starts_with("revocations:") {
             return Ok(head);
         }
         if self.stale {
@@ -2165,8 +2164,8 @@ async fn a_start_a_revocation_overtakes_ends_its_session_at_once() {
 
 /// The same for a revocation of the agent's sessions (the agent demoted
 /// after the start read the directory): the start's session ends at once,
-/// as revoked, its secret unhanded; the trail holds the revocation, in
-/// the agent's revocation chain, and the session's start and end.
+/// as revoked, its secret unhanded; the agent's chain holds the
+/// revocation, then the session's start and end.
 #[tokio::test]
 async fn a_start_an_agent_revocation_overtakes_ends_its_session_at_once() {
     let (f, started, revoked, live) =
@@ -2177,30 +2176,9 @@ async fn a_start_an_agent_revocation_overtakes_ends_its_session_at_once() {
         "{started:?}"
     );
     assert!(live.is_empty(), "{live:?}");
-    let store = f.service.store();
-    let fence = store
-        .chain_events(&ChainKey::agent_revocations_of(&id("sam")), 0, 10)
-        .await
-        .unwrap();
-    let fence: Vec<_> = fence
-        .iter()
-        .map(|e| {
-            (
-                e.action,
-                e.details.get("agent").map(str::to_owned),
-                e.details.get("cause").map(str::to_owned),
-            )
-        })
-        .collect();
-    assert_eq!(
-        fence,
-        [(
-            AuditAction::SessionsRevoked,
-            Some("sam".to_owned()),
-            Some("agent_revoked".to_owned())
-        )]
-    );
-    let own = store
+    let own = f
+        .service
+        .store()
         .chain_events(&ChainKey::for_agent(&id("sam")), 0, 10)
         .await
         .unwrap();
@@ -2211,6 +2189,13 @@ async fn a_start_an_agent_revocation_overtakes_ends_its_session_at_once() {
     assert_eq!(
         own,
         [
+            // The busy chain's own write, as the start first read its head:
+            // other events in the agent's chain are not a revocation.
+            (AuditAction::Access, None),
+            (
+                AuditAction::SessionsRevoked,
+                Some("agent_revoked".to_owned())
+            ),
             (AuditAction::SessionStarted, None),
             (
                 AuditAction::SessionEnded,
@@ -2282,9 +2267,10 @@ async fn a_start_by_an_agent_the_directory_has_demoted_is_refused() {
 }
 
 /// A revocation of an agent's sessions is on the trail even when there is
-/// none to end, in the agent's own revocation chain, which verifies.
+/// none to end, in the agent's own chain (so their part of the trail shows
+/// it), which verifies; a start after it stands.
 #[tokio::test]
-async fn a_revocation_is_recorded_in_the_agents_revocation_chain() {
+async fn a_revocation_is_recorded_in_the_agents_chain() {
     let f = fixture();
     let revoked = f
         .service
@@ -2292,19 +2278,54 @@ async fn a_revocation_is_recorded_in_the_agents_revocation_chain() {
         .await
         .unwrap();
     assert!(revoked.is_empty());
-    let chain = ChainKey::agent_revocations_of(&id("sam"));
-    let events = f.service.store().chain_events(&chain, 0, 10).await.unwrap();
-    assert_eq!(events.len(), 1);
-    let event = &events[0];
+    let trail = all_events(
+        f.service.store(),
+        AuditQuery {
+            agent: Some(id("sam")),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(trail.len(), 1);
+    let event = &trail[0];
     assert_eq!(event.action, AuditAction::SessionsRevoked);
     assert_eq!(event.subject, None);
+    assert_eq!(event.details.get("agent"), Some("sam"));
     assert_eq!(event.details.get("note"), Some("left the team"));
     assert!(
         matches!(&event.actor, impersonation_core::Actor::User { id: who, .. } if who.as_str() == "lead")
     );
+    let chain = ChainKey::for_agent(&id("sam"));
     let head = f.service.store().chain_head(&chain).await.unwrap();
-    assert!(verify_chain(&chain, &events, head).is_ok());
-    assert_ne!(chain, ChainKey::revocations_of(&id("sam")));
+    assert!(verify_chain(&chain, &trail, head).is_ok());
+    // Sam was not demoted: his next start is his new state's, and stands.
+    f.sam_on_olive().await;
+}
+
+/// A revocation of an agent's sessions whose own record cannot be
+/// written still ends them, and then answers the failure.
+#[tokio::test]
+async fn an_agent_revocation_ends_the_sessions_even_if_its_record_fails() {
+    let f = fixture_with(
+        FaultyStore::new(MemoryStore::new()),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    f.service.store().fail_next_write(When::Before);
+    let outcome = f
+        .service
+        .revoke_all_for_agent(&id("sam"), Initiator::System, "agent disabled")
+        .await;
+    assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
+    let now = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
 }
 
 /// A consent-required start that a revocation overtakes, its session
