@@ -32,6 +32,17 @@ fn runs_in_order_down(place: &Place) -> &'static str {
     }
 }
 
+/// What undoes migration 4's effect, the runs' order in an index, on
+/// `place`'s backend: its `down.sql`, or on MySQL and MariaDB (where the
+/// primary key that gives the order now comes with the table, and the
+/// `down.sql` keeps it) dropping that key: hold [`common::keys_lock`].
+fn runs_order_undone(place: &Place) -> &'static str {
+    match place {
+        Place::Mysql { .. } => "ALTER TABLE impersonation_audit_runs DROP PRIMARY KEY;",
+        _ => runs_in_order_down(place),
+    }
+}
+
 /// What migration 2 (and every later one) undoes, and the rows that say
 /// they ran, per backend: the later ones first, so that the upgrade below
 /// runs them all on a populated database.
@@ -238,7 +249,7 @@ async fn a_migration_held_up_by_a_lock_gives_up(
     hold: &str,
     release: &str,
 ) {
-    let forget = runs_in_order_down(&db.place);
+    let forget = runs_order_undone(&db.place);
     raw(
         &db.place,
         &format!(
@@ -294,6 +305,7 @@ async fn a_migration_held_up_by_a_lock_gives_up_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_held_up_by_a_lock_gives_up_on_mariadb() {
+    let keys = common::keys_lock().await;
     let db = common::mysql_db(2).await;
     let Place::Mysql { url } = &db.place else {
         unreachable!("a MariaDB test database")
@@ -306,6 +318,7 @@ async fn a_migration_held_up_by_a_lock_gives_up_on_mariadb() {
         "COMMIT",
     )
     .await;
+    keys.release().await;
 }
 
 /// MySQL and MariaDB commit each `CREATE` at once, so a first migration
@@ -334,42 +347,79 @@ async fn a_first_migration_that_stopped_part_way_runs_again_on_mariadb() {
 /// Servers that refuse a table without a primary key (MySQL's
 /// `sql_require_primary_key`, on by default on some managed services;
 /// MariaDB's `innodb_force_primary_key`) run every migration, and the
-/// store works. MariaDB's setting is global only: while it is on, a
-/// parallel test's tables are refused too unless each has a key, which is
-/// what this shows of every table a migration makes.
+/// store works: on a new database, and on one an earlier migration 2 left
+/// with a runs table without its key (migration 3 adds it there). The
+/// setting is server-wide on MariaDB: on only while the keys lock is held.
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_migration_runs_where_each_table_needs_a_primary_key_on_mariadb() {
-    let url = common::mysql_database().await;
-    let place = Place::Mysql { url: url.clone() };
-    raw(&place, "SET GLOBAL innodb_force_primary_key = ON")
-        .await
-        .unwrap();
-    let migrated = impersonation_diesel::DieselStore::connect_and_migrate(
-        impersonation_diesel::DieselConfig::new(url),
+    let fresh = common::mysql_database().await;
+    let earlier = common::mysql_database().await;
+    let place = Place::Mysql {
+        url: earlier.clone(),
+    };
+    // What the earlier version of migrations 1 and 2 left, on record as run.
+    let first = include_str!("../migrations/mysql/00000000000001_create/up.sql");
+    let unkeyed = include_str!("fixtures/mysql_audit_runs_unkeyed.sql");
+    raw(
+        &place,
+        &format!(
+            "{first}\n{unkeyed}\n\
+             CREATE TABLE __diesel_schema_migrations (\
+                 version VARCHAR(50) PRIMARY KEY NOT NULL, \
+                 run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);\n\
+             INSERT INTO __diesel_schema_migrations (version) \
+                 VALUES ('00000000000001'), ('00000000000002');"
+        ),
     )
-    .await;
+    .await
+    .unwrap();
+    let mut keys = common::keys_lock().await;
+    keys.run("SET GLOBAL innodb_force_primary_key = ON").await;
+    let mut migrated = Vec::new();
+    for url in [&fresh, &earlier] {
+        migrated.push(
+            impersonation_diesel::DieselStore::connect_and_migrate(
+                impersonation_diesel::DieselConfig::new(url.clone()),
+            )
+            .await,
+        );
+    }
     // Off again before anything here can fail.
-    raw(&place, "SET GLOBAL innodb_force_primary_key = OFF")
-        .await
-        .unwrap();
-    let store = migrated.unwrap();
-    let w = World::new();
-    let (session, _) = must_start(
-        &store,
-        w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+    keys.release().await;
+    for store in migrated {
+        let store = store.unwrap();
+        let w = World::new();
+        let (session, _) = must_start(
+            &store,
+            w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+        )
+        .await;
+        let draft = session.draft(
+            epoch(),
+            AuditAction::Access,
+            Actor::user(session.agent.id.clone(), "Agent"),
+        );
+        store
+            .append(draft, AppendGuard::SessionActive(session.id))
+            .await
+            .unwrap();
+        assert_eq!(all_events(&store, AuditQuery::default()).await.len(), 2);
+    }
+    // A second primary key is refused: the earlier database's runs table
+    // has its key now.
+    let again = raw(
+        &place,
+        "ALTER TABLE impersonation_audit_runs \
+         ADD PRIMARY KEY (view_name, view_key, chain, first_seq)",
     )
     .await;
-    let draft = session.draft(
-        epoch(),
-        AuditAction::Access,
-        Actor::user(session.agent.id.clone(), "Agent"),
+    assert!(
+        again
+            .as_ref()
+            .is_err_and(|e| e.contains("Multiple primary key")),
+        "{again:?}"
     );
-    store
-        .append(draft, AppendGuard::SessionActive(session.id))
-        .await
-        .unwrap();
-    assert_eq!(all_events(&store, AuditQuery::default()).await.len(), 2);
 }
 
 /// Audit pages read a view's runs in `(first_us, chain, first_seq)` order,
@@ -410,7 +460,7 @@ async fn runs_are_read_in_the_order_of_an_index(db: TestDb) {
         let plan = common::plan(&db.place, page).await;
         assert!(!sorts(&plan), "{page}: {plan:#?}");
     }
-    let down = runs_in_order_down(&db.place);
+    let down = runs_order_undone(&db.place);
     raw(&db.place, down).await.unwrap();
     let plan = common::plan(&db.place, &pages[0]).await;
     assert!(sorts(&plan), "before migration 4: {plan:#?}");
@@ -425,7 +475,9 @@ async fn runs_are_read_in_index_order_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_are_read_in_index_order_on_mariadb() {
+    let keys = common::keys_lock().await;
     runs_are_read_in_the_order_of_an_index(common::mysql_db(2).await).await;
+    keys.release().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,61 @@ pub(crate) async fn mysql_database() -> String {
     format!("{MYSQL_SERVER}/{db}")
 }
 
+/// MariaDB's named lock `impersonation_tests_keys`, held on a connection
+/// of its own until [`KeysLock::release`] (or the test's process ends).
+/// `innodb_force_primary_key` is a server-wide setting: the test that
+/// turns it on holds this lock meanwhile, and so does every test that
+/// drops a primary key, which the setting would refuse.
+#[cfg(feature = "mysql")]
+pub(crate) struct KeysLock(diesel_async::AsyncMysqlConnection);
+
+/// Takes the [`KeysLock`], waiting for it, and turns
+/// `innodb_force_primary_key` off: on only while its holder wants it, even
+/// if a test that turned it on died before turning it off.
+#[cfg(feature = "mysql")]
+pub(crate) async fn keys_lock() -> KeysLock {
+    use diesel::QueryableByName;
+    use diesel::sql_types::BigInt;
+    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    #[derive(QueryableByName)]
+    struct Got {
+        #[diesel(sql_type = BigInt)]
+        got: i64,
+    }
+    let mut conn = diesel_async::AsyncMysqlConnection::establish(&format!("{MYSQL_SERVER}/test"))
+        .await
+        .unwrap();
+    let got: Got = diesel::sql_query(
+        "SELECT CAST(COALESCE(GET_LOCK('impersonation_tests_keys', 600), 0) AS SIGNED) AS got",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(got.got, 1, "the keys lock was not free within 600 s");
+    conn.batch_execute("SET GLOBAL innodb_force_primary_key = OFF")
+        .await
+        .unwrap();
+    KeysLock(conn)
+}
+
+#[cfg(feature = "mysql")]
+impl KeysLock {
+    /// Runs `sql` on the lock's connection (`SET GLOBAL`, say).
+    pub(crate) async fn run(&mut self, sql: &str) {
+        use diesel_async::SimpleAsyncConnection;
+        self.0.batch_execute(sql).await.unwrap();
+    }
+
+    /// Turns `innodb_force_primary_key` off and lets the lock go.
+    pub(crate) async fn release(mut self) {
+        self.run(
+            "SET GLOBAL innodb_force_primary_key = OFF; \
+             DO RELEASE_LOCK('impersonation_tests_keys')",
+        )
+        .await;
+    }
+}
+
 #[cfg(feature = "mysql")]
 pub(crate) async fn mysql_db(pool: usize) -> TestDb {
     let url = mysql_database().await;

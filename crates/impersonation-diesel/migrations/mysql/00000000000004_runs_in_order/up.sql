@@ -6,8 +6,9 @@
 -- one view: the key is unique.) Rebuilds the table: writes wait meanwhile.
 --
 -- Migration 2 now makes the table with this key (servers that set
--- sql_require_primary_key refuse a table without one), so the key is added
--- only where an earlier version of it made the table without.
+-- sql_require_primary_key refuse a table without one), and migration 3
+-- adds it to a table an earlier migration 2 made without, so it is added
+-- here only where that earlier migration 3 ran too.
 SET @impersonation_runs_keyed = (
     SELECT COUNT(*) FROM information_schema.table_constraints
     WHERE table_schema = DATABASE()
