@@ -958,9 +958,10 @@ impl AuditEvent {
                     _ => "Modified data.".to_owned(),
                 },
             },
-            AuditAction::SessionsRevoked => {
-                "Revoked every impersonation of the customer.".to_owned()
-            }
+            AuditAction::SessionsRevoked => match d.get("cause") {
+                Some("agent_revoked") => "Revoked every impersonation by the agent.".to_owned(),
+                _ => "Revoked every impersonation of the customer.".to_owned(),
+            },
             AuditAction::Denied => {
                 let why = d.get("message").or(d.get("denial")).unwrap_or("denied");
                 match d.get("attempt") {

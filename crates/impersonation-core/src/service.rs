@@ -56,10 +56,10 @@ pub enum Error {
     /// The random source failed while generating a secret.
     #[error("could not generate a session secret")]
     Random,
-    /// A revocation of the customer's sessions overtook this start: the
-    /// session was ended as it was written, and its secret is not handed
-    /// out. Starting again judges the customer as they are now.
-    #[error("the customer's sessions were revoked while this one started")]
+    /// A revocation of the customer's or the agent's sessions overtook
+    /// this start: the session was ended as it was written, and its secret
+    /// is not handed out. Starting again judges both as they are now.
+    #[error("the customer's or the agent's sessions were revoked while this one started")]
     RevokedWhileStarting,
 }
 
@@ -841,7 +841,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let secret = SessionSecret::generate(&chain)?;
         let start = Session::begin(
             Begin {
-                agent: person(agent),
+                agent: person(&current),
                 subject: person(&target),
                 grant,
                 shadow,
@@ -856,8 +856,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 // A revocation of the customer's or the agent's sessions
                 // that began after this start read the directory may have
                 // listed them before this one was written: it would not
-                // have ended it. It moved its revocation chain on first,
-                // so this session ends now, as revoked, and its secret is
+                // have ended it. It wrote its record first (in the
+                // customer's revocation chain, or the agent's chain), so
+                // this session ends now, as revoked, and its secret is
                 // never handed out.
                 let moved = match self.overtaken(&fence, fenced, &chain, agent_head).await {
                     Ok(false) => None,

@@ -2293,6 +2293,13 @@ async fn a_revocation_is_recorded_in_the_agents_chain() {
     assert_eq!(event.details.get("agent"), Some("sam"));
     assert_eq!(event.details.get("note"), Some("left the team"));
     assert!(
+        event
+            .describe()
+            .starts_with("Revoked every impersonation by the agent."),
+        "{}",
+        event.describe()
+    );
+    assert!(
         matches!(&event.actor, impersonation_core::Actor::User { id: who, .. } if who.as_str() == "lead")
     );
     let chain = ChainKey::for_agent(&id("sam"));
