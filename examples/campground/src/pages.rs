@@ -924,7 +924,35 @@ pub async fn change_password(
     // A demo: the new password is not kept, only when it changed.
     demo.data()
         .password_changed
-        .insert(real.id, OffsetDateTime::now_utc());
+        .insert(real.id.clone(), OffsetDateTime::now_utc());
+    // Access to the account was granted under the old password: every
+    // impersonation of this customer ends (its agent's next page has no
+    // banner), with the revocation on the trail. An agent's own password
+    // change ends nobody's impersonation of them: agents are not
+    // impersonated.
+    if let Err(e) = demo
+        .service()
+        .revoke_all_for_subject(
+            &real.id,
+            impersonation_core::Initiator::User(&real),
+            "password changed",
+        )
+        .await
+    {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return refused(
+            &v,
+            &demo,
+            status,
+            "Change password",
+            &format!(
+                "The password changed, but support's access to your account may not have \
+                 ended: {e} ({}).",
+                e.code()
+            ),
+        );
+    }
     Redirect::to("/profile").into_response()
 }
 

@@ -670,6 +670,36 @@ async fn a_refused_start_returns_to_the_search_with_its_reason() {
 /// A sign-out whose session was revoked a moment before by another
 /// process of the app (this one may still hold the session as it was a
 /// moment ago) signs out all the same.
+/// A customer who changes their password ends every impersonation of
+/// them: the agent's next page has no banner, and the trail holds the
+/// revocation, by the customer, and the session's end.
+#[tokio::test]
+async fn changing_a_password_ends_the_impersonations_of_its_owner() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (status, body) = olive
+        .post(
+            "/profile/password",
+            &[("password", "correct horse battery")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!body.contains("Not revoked"), "{body}");
+    let (status, page) = sam.get("/dashboard").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(!page.contains("impersonation-banner"), "{page}");
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, trail) = lee.get("/audit").await;
+    assert!(trail.contains("Impersonation Revoked"), "{trail}");
+    assert!(trail.contains("password changed"), "{trail}");
+    // A start after the change is the customer's new state's: it stands.
+    impersonate(&mut sam, "olive").await;
+    let (_, page) = sam.get("/dashboard").await;
+    assert!(page.contains("impersonation-banner"), "{page}");
+}
+
 #[tokio::test]
 async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out() {
     // Two processes of the app on one SQLite database.
