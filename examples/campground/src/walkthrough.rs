@@ -380,6 +380,26 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
         page.has_banner()
     ))?;
 
+    o.step("Sam impersonates Olive again; Olive changes her password, which ends it")?;
+    let page = sam
+        .start("olive", "Olive asked us to check her settings", "SUP-1045")
+        .await?;
+    expect(&page, StatusCode::OK, "second start")?;
+    if !page.has_banner() {
+        bail!("no banner after Sam's second start");
+    }
+    let mut olive = Browser::sign_in(base, "olive").await?;
+    let page = olive
+        .post("/profile/password", &[("password", "a longer passphrase")])
+        .await?;
+    expect(&page, StatusCode::OK, "password change")?;
+    let page = sam.get("/dashboard").await?;
+    o.line(&format!(
+        "Sam's next page: {}, banner shown: {}",
+        page.status,
+        page.has_banner()
+    ))?;
+
     o.step("Sam's API client gets Sam's own access token from the identity provider (/idp)")?;
     let page = sam.post("/idp/token", &[]).await?;
     expect(&page, StatusCode::OK, "provider token")?;

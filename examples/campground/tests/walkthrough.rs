@@ -52,13 +52,14 @@ async fn story(kind: StoreKind, url: &str) {
         "after stop: 200 OK at /dashboard, banner shown: false",
         "banner: \"You are impersonating Paula Partner (ParkCo Management)\"; dashboard shows 2 campgrounds",
         "Lee's next page: 200 OK, banner shown: false",
+        "Sam's next page: 200 OK, banner shown: false",
         "a JWT for sub \"sam\"",
         "200 OK: Bearer token, expires in 300 s, no refresh token",
         "claims: sub \"olive\", act {sub: \"sam\"}",
         "200 OK: as Olive Owner (impersonated by sam), 4 bookings",
         "with Sam's own token instead: 200 OK, as Sam Support, 0 bookings",
         "revocation: 200 OK; the same token next: 401 Unauthorized",
-        "✓ Chain verified: 2 chains, 17 events.",
+        "✓ Chain verified: 3 chains, 21 events.",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
@@ -86,6 +87,10 @@ async fn story(kind: StoreKind, url: &str) {
             "User Impersonation End",
             "User Impersonation",
             "Data Access",
+            "Impersonation Revoked",
+            "User Impersonation End",
+            "User Impersonation",
+            "Data Access",
             "User Impersonation End",
         ],
         "{table}"
@@ -98,6 +103,10 @@ async fn story(kind: StoreKind, url: &str) {
     // The status endpoint is a read under impersonation like any other.
     assert!(table.contains("| Sam Support | Olive Owner | GET /impersonation/status (200)"));
     assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
+    assert!(table.contains(
+        "| Olive Owner | Olive Owner | Revoked every impersonation of the customer. Note: password changed."
+    ));
+    assert!(table.contains("| Olive Owner | Olive Owner | Ended impersonation session (revoked)"));
 }
 
 /// Sessions of Sam's and Lee's left running (the demo tried by hand
