@@ -123,12 +123,28 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
 /// or appends it. The page's bytes are not decoded: the banner is pure
 /// ASCII, so it reads the same in any charset that keeps ASCII as ASCII,
 /// and a page with a stray invalid byte gets its banner too.
+///
+/// A policy the page delivers in a `<meta http-equiv=
+/// "Content-Security-Policy">` (an app shell's, say) gets the banner's
+/// styles let through it, as one in a header does (`crate::csp`).
 pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
-    let at = banner_place(html);
+    let mut metas = Vec::new();
+    let at = scan(html, &mut metas);
+    let mut edits: Vec<(std::ops::Range<usize>, Vec<u8>)> = metas
+        .into_iter()
+        .filter_map(|tag| crate::csp::rewrite_meta(&html[tag.clone()]).map(|new| (tag, new)))
+        .collect();
+    edits.push((at..at, banner.as_bytes().to_vec()));
+    // A meta tag ends before the banner's place, or begins after it.
+    edits.sort_by_key(|(range, _)| (range.start, range.end));
     let mut out = Vec::with_capacity(html.len() + banner.len());
-    out.extend_from_slice(&html[..at]);
-    out.extend_from_slice(banner.as_bytes());
-    out.extend_from_slice(&html[at..]);
+    let mut from = 0;
+    for (range, new) in edits {
+        out.extend_from_slice(&html[from..range.start]);
+        out.extend_from_slice(&new);
+        from = range.end;
+    }
+    out.extend_from_slice(&html[from..]);
     out
 }
 
@@ -151,7 +167,10 @@ pub(crate) fn inject(html: &[u8], banner: &str) -> Vec<u8> {
 /// out to the HTML elements that end them and in to the ones (an svg's
 /// `<foreignObject>`, `<desc>` and `<title>`, MathML's `<mi>`, `<mo>`,
 /// `<mn>`, `<ms>` and `<mtext>`) whose content is HTML again.
-fn banner_place(html: &[u8]) -> usize {
+///
+/// Every `<meta>` start tag passed on the way (markup, not text) goes into
+/// `metas`, from its `<` to its `>`.
+fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
     /// Openers of text, and what ends each.
     const RAW: [(&[u8], &[u8]); 10] = [
         (b"<script", b"</script"),
@@ -251,6 +270,9 @@ fn banner_place(html: &[u8]) -> usize {
             if is_end {
                 foreign.end(&name);
             } else {
+                if name == b"meta" {
+                    metas.push(here..here + end + 1);
+                }
                 foreign.start(name, &rest[..end], rest[end - 1] == b'/');
             }
             at = here + end + 1;
@@ -289,7 +311,7 @@ enum Kind {
     Html,
 }
 
-/// The elements open inside an svg or a math, as [`banner_place`] follows
+/// The elements open inside an svg or a math, as [`scan`] follows
 /// them: at most [`FOREIGN_DEPTH`], so that a page of a million nested
 /// `<g>`s costs a look at each tag, not a search of a million names.
 #[derive(Default)]

@@ -8,7 +8,9 @@
 //! (or adds to the one it has) with `'unsafe-hashes'` and the SHA-256 of
 //! each of the banner's styles, keeping the sources the policy already
 //! allowed for style attributes. A policy that allows inline styles is
-//! left as it is.
+//! left as it is. The same goes for a policy an HTML page delivers in a
+//! `<meta http-equiv="Content-Security-Policy">` tag, rewritten in its
+//! `content` attribute as the banner is injected.
 
 use std::sync::LazyLock;
 
@@ -105,6 +107,150 @@ fn rewrite_list(list: &str) -> Option<String> {
         .map(|(old, new)| new.as_deref().unwrap_or(old.trim()))
         .collect();
     Some(parts.join(", "))
+}
+
+/// A `<meta http-equiv="Content-Security-Policy" content="…">` start tag
+/// (`tag`, from its `<` to its `>`) with the banner's styles let through
+/// its policy, or `None` if it is no such tag, its policy lets them
+/// through already, or its `content` holds a character reference other
+/// than the few a policy needs (`&amp;`, `&quot;`, `&apos;`, `&lt;`,
+/// `&gt;`, numeric ones): left as it is then, the banner unstyled. A
+/// policy a page delivers this way is enforced as one in a header is
+/// (browsers ignore a report-only one in a `<meta>`).
+pub(crate) fn rewrite_meta(tag: &[u8]) -> Option<Vec<u8>> {
+    let attributes = attributes(tag)?;
+    let value = |name: &str| {
+        attributes
+            .iter()
+            .find(|a| a.name.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    let equiv = value("http-equiv")?;
+    let equiv = std::str::from_utf8(equiv.value).ok()?;
+    if !decoded(equiv)?
+        .trim()
+        .eq_ignore_ascii_case("content-security-policy")
+    {
+        return None;
+    }
+    let content = value("content")?;
+    let policy = decoded(std::str::from_utf8(content.value).ok()?)?;
+    let new = rewrite_policy(&policy)?;
+    let escaped = new.replace('&', "&amp;").replace('"', "&quot;");
+    let mut out = Vec::with_capacity(tag.len() + escaped.len());
+    out.extend_from_slice(&tag[..content.span.start]);
+    out.push(b'"');
+    out.extend_from_slice(escaped.as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(&tag[content.span.end..]);
+    Some(out)
+}
+
+/// One attribute of a start tag: its name, its raw value (between its
+/// quotes, if any), and where that value stands in the tag, quotes
+/// included (empty, after the name, for an attribute without a value).
+struct Attribute<'a> {
+    name: &'a [u8],
+    value: &'a [u8],
+    span: std::ops::Range<usize>,
+}
+
+/// The attributes of the start tag `tag` (`<` to `>`), as HTML's tokenizer
+/// reads them: the first of a repeated name counts. `None` if the tag does
+/// not end.
+fn attributes(tag: &[u8]) -> Option<Vec<Attribute<'_>>> {
+    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
+    let end = crate::banner::tag_end(tag)?;
+    let tag = &tag[..end];
+    // Past `<` and the tag's name.
+    let mut i = 1 + tag[1..]
+        .iter()
+        .take_while(|&&b| !space(b) && b != b'/')
+        .count();
+    let mut found: Vec<Attribute<'_>> = Vec::new();
+    while i < tag.len() {
+        if space(tag[i]) || tag[i] == b'/' {
+            i += 1;
+            continue;
+        }
+        // A name runs to a space, `/`, `>` or `=` (one `=` may begin it).
+        let start = i;
+        i += 1;
+        while i < tag.len() && !space(tag[i]) && !matches!(tag[i], b'/' | b'=') {
+            i += 1;
+        }
+        let name = &tag[start..i];
+        while i < tag.len() && space(tag[i]) {
+            i += 1;
+        }
+        let (value, span) = if tag.get(i) == Some(&b'=') {
+            i += 1;
+            while i < tag.len() && space(tag[i]) {
+                i += 1;
+            }
+            match tag.get(i) {
+                Some(&quote @ (b'"' | b'\'')) => {
+                    let from = i;
+                    let len = tag[i + 1..].iter().position(|&c| c == quote)?;
+                    i += 1 + len + 1;
+                    (&tag[from + 1..from + 1 + len], from..i)
+                }
+                _ => {
+                    let from = i;
+                    while i < tag.len() && !space(tag[i]) {
+                        i += 1;
+                    }
+                    (&tag[from..i], from..i)
+                }
+            }
+        } else {
+            (&tag[i..i], i..i)
+        };
+        if !found.iter().any(|a| a.name.eq_ignore_ascii_case(name)) {
+            found.push(Attribute { name, value, span });
+        }
+    }
+    Some(found)
+}
+
+/// An attribute value with its character references decoded, or `None`
+/// if it holds a named one other than those a policy or its keyword
+/// needs (the full table of names is not kept here).
+fn decoded(raw: &str) -> Option<String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let Some(semi) = rest.find(';') else {
+            out.push_str(rest);
+            return Some(out);
+        };
+        let name = &rest[1..semi];
+        let c = match name {
+            "amp" => Some('&'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            _ => match name.strip_prefix('#') {
+                Some(hex) if hex.starts_with(['x', 'X']) => u32::from_str_radix(&hex[1..], 16)
+                    .ok()
+                    .and_then(char::from_u32),
+                Some(dec) => dec.parse::<u32>().ok().and_then(char::from_u32),
+                // A bare `&` (`&` and a space, say) is itself.
+                None if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                    out.push('&');
+                    rest = &rest[1..];
+                    continue;
+                }
+                None => return None,
+            },
+        };
+        out.push(c?);
+        rest = &rest[semi + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// One directive: its name (lower case) and its sources.
@@ -211,6 +357,123 @@ mod tests {
 
     fn ours() -> String {
         HASHES.join(" ")
+    }
+
+    fn meta(tag: &str) -> Option<String> {
+        rewrite_meta(tag.as_bytes()).map(|t| String::from_utf8(t).unwrap())
+    }
+
+    #[test]
+    fn a_meta_policy_is_rewritten_in_its_content_attribute() {
+        let h = ours();
+        let expected = format!(
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'self'; style-src-attr 'self' 'unsafe-hashes' {h}\">"
+        );
+        for tag in [
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'self'\">",
+            "<meta http-equiv=\"Content-Security-Policy\" content='default-src &#39;self&#39;'>",
+            "<meta http-equiv=\"Content-Security-Policy\" content = \"default-src &apos;self&#x27;\">",
+        ] {
+            let got = meta(tag).unwrap();
+            assert_eq!(got.replace("content = ", "content="), expected, "{tag}");
+        }
+        // Any case, any order, unquoted, closed with `/>`; `&` and `"`
+        // escaped on the way out.
+        assert_eq!(
+            meta("<META CONTENT=\"report-uri /r?a=1&amp;b=&quot;2; default-src 'none'\" Http-Equiv=content-security-policy />").unwrap(),
+            format!("<META CONTENT=\"report-uri /r?a=1&amp;b=&quot;2; default-src 'none'; style-src-attr 'unsafe-hashes' {h}\" Http-Equiv=content-security-policy />")
+        );
+        // The first of a repeated attribute is the one a browser reads.
+        assert_eq!(
+            meta("<meta http-equiv=content-security-policy content=\"style-src 'self'\" content=\"default-src *\">").unwrap(),
+            format!("<meta http-equiv=content-security-policy content=\"style-src 'self'; style-src-attr 'self' 'unsafe-hashes' {h}\" content=\"default-src *\">")
+        );
+    }
+
+    /// `text` as an attribute value a page might carry: quoted either way
+    /// or not at all, each character written as itself or as a
+    /// reference, as `pick` says.
+    fn spelled(text: &str, quote: u8, pick: &[u8]) -> String {
+        let mut out = String::new();
+        let q = match quote % 3 {
+            0 => "\"",
+            1 => "'",
+            // Unquoted only if nothing in it ends or breaks such a value.
+            _ if !text.contains([' ', '"', '\'', '=', '<', '>', '`']) => "",
+            _ => "\"",
+        };
+        out.push_str(q);
+        for (i, c) in text.chars().enumerate() {
+            let how = pick.get(i % pick.len().max(1)).copied().unwrap_or(0) % 4;
+            match (c, how) {
+                ('&', _) => out.push_str("&amp;"),
+                ('"', _) if q == "\"" => out.push_str("&quot;"),
+                ('\'', _) if q == "'" => out.push_str("&#39;"),
+                ('\'', 1) => out.push_str("&apos;"),
+                (c, 2) => out.push_str(&format!("&#{};", u32::from(c))),
+                (c, 3) => out.push_str(&format!("&#x{:X};", u32::from(c))),
+                (c, _) => out.push(c),
+            }
+        }
+        out.push_str(q);
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x6d65_7461),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// However a page spells its meta policy (quotes, references,
+        /// case, attribute order, others beside), a real HTML parser
+        /// (html5ever) reads out of the page with the banner injected
+        /// the policy with the banner's styles let through.
+        #[test]
+        fn a_parser_reads_the_rewritten_meta_policy(
+            directives in proptest::collection::vec(proptest::sample::select(vec![
+                "default-src 'self'", "default-src 'none'", "style-src 'self' https://cdn.example",
+                "style-src 'unsafe-inline'", "style-src-attr 'none'", "img-src * data:",
+                "report-uri /csp?a=1&b=\"2\"", "script-src 'nonce-r4nd0m'",
+            ]), 1..4),
+            quote in 0u8..3,
+            pick in proptest::collection::vec(0u8..8, 1..12),
+            upper in proptest::prelude::any::<bool>(),
+            content_first in proptest::prelude::any::<bool>(),
+            extra in proptest::prelude::any::<bool>(),
+        ) {
+            let policy = directives.join("; ");
+            let equiv = if upper { "HTTP-EQUIV=\"CONTENT-SECURITY-POLICY\"" } else { "http-equiv=Content-Security-Policy" };
+            let content = format!("content={}", spelled(&policy, quote, &pick));
+            let (a, b) = if content_first { (&content[..], equiv) } else { (equiv, &content[..]) };
+            let other = if extra { " data-x='a > b'" } else { "" };
+            let page = format!("<!doctype html><html><head><meta {a}{other} {b}></head><body><p>x</p></body></html>");
+            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>")).unwrap();
+            let dom = scraper::Html::parse_document(&injected);
+            let found = scraper::Selector::parse("head meta").unwrap();
+            let read: Vec<&str> = dom.select(&found).filter_map(|m| m.value().attr("content")).collect();
+            let expected = rewrite_policy(&policy).unwrap_or(policy.clone());
+            proptest::prop_assert_eq!(read, vec![expected.as_str()], "page: {}", injected);
+        }
+    }
+
+    #[test]
+    fn other_meta_tags_and_policies_that_need_nothing_are_left_alone() {
+        for tag in [
+            "<meta charset=utf-8>",
+            "<meta name=\"Content-Security-Policy\" content=\"default-src 'self'\">",
+            // Browsers ignore a report-only policy in a meta.
+            "<meta http-equiv=\"Content-Security-Policy-Report-Only\" content=\"default-src 'self'\">",
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"style-src 'unsafe-inline'\">",
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"img-src 'self'\">",
+            "<meta http-equiv=\"Content-Security-Policy\">",
+            // A named reference outside the few a policy needs: not read.
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src &nbsp;'self'\">",
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'self'",
+        ] {
+            assert_eq!(meta(tag), None, "{tag}");
+        }
     }
 
     #[test]

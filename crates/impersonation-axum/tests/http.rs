@@ -147,6 +147,18 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 )
             }),
         )
+        // An app shell whose policy is in a `<meta>`, not a header.
+        .route(
+            "/shell",
+            get(|| async {
+                Html(
+                    "<!doctype html><html><head>\
+                     <meta http-equiv='Content-Security-Policy' \
+                     content='default-src &#39;self&#39;'>\
+                     </head><body><div id=app></div></body></html>",
+                )
+            }),
+        )
         // A page with a HEAD handler of its own, which announces the
         // page's length and sends no body.
         .route(
@@ -572,6 +584,48 @@ async fn a_page_that_allows_no_inline_style_lets_the_banners_own_through() {
         .collect();
     assert_eq!(hashes.len(), 4, "{}", page.body);
     assert_eq!(sources, format!("'unsafe-hashes' {}", hashes.join(" ")));
+}
+
+/// The same for a policy the page delivers in a `<meta>` (an app shell's):
+/// the banner's styles are let through it, as a parser reads the tag's
+/// `content`; outside impersonation the page is the app's, untouched.
+#[tokio::test]
+async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    let policy_of = |body: &str| {
+        let html = scraper::Html::parse_document(body);
+        let meta = scraper::Selector::parse("head meta[http-equiv]").unwrap();
+        html.select(&meta)
+            .map(|m| m.value().attr("content").unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let plain = b.get("/shell").await;
+    assert_eq!(policy_of(&plain.body), ["default-src 'self'"]);
+    b.start("olive").await;
+    let page = b.get("/shell").await;
+    assert!(
+        page.body.contains("id=\"impersonation-banner\""),
+        "{}",
+        page.body
+    );
+    let sources = impersonation_axum::banner_style_sources();
+    assert_eq!(
+        policy_of(&page.body),
+        [format!(
+            "default-src 'self'; style-src-attr 'self' {sources}"
+        )],
+        "{}",
+        page.body
+    );
+    // No header policy was made up for it.
+    let headers: Vec<&str> = page
+        .headers
+        .get_all(header::CONTENT_SECURITY_POLICY)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(headers, ["frame-ancestors 'self'"]);
 }
 
 #[tokio::test]
