@@ -615,35 +615,57 @@ fn breaks_out(name: &[u8]) -> bool {
 }
 
 /// Where the start tag at the start of `tag` ends: its `>`, not one
-/// inside a quoted attribute value (`title="a > b"`).
+/// inside a quoted attribute value (`title="a > b"`). Read as HTML's
+/// tokenizer reads a tag: the name, then attributes, each a name (whose
+/// first character may be anything, `=` and quotes included) and, after
+/// an `=`, a value, quoted or not.
 pub(crate) fn tag_end(tag: &[u8]) -> Option<usize> {
+    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
+    // The tag's name (or, in an end tag, its `/`).
     let mut i = 1;
-    while let Some(&b) = tag.get(i) {
-        match b {
+    while tag
+        .get(i)
+        .is_some_and(|&b| !space(b) && b != b'/' && b != b'>')
+    {
+        i += 1;
+    }
+    loop {
+        // Before an attribute's name.
+        while tag.get(i).is_some_and(|&b| space(b) || b == b'/') {
+            i += 1;
+        }
+        match tag.get(i)? {
             b'>' => return Some(i),
-            b'=' => {
-                i += 1;
-                while tag.get(i).is_some_and(u8::is_ascii_whitespace) {
-                    i += 1;
-                }
-                if let Some(&quote @ (b'"' | b'\'')) = tag.get(i) {
-                    let value = tag.get(i + 1..)?;
-                    i += 1 + value.iter().position(|&c| c == quote)? + 1;
-                } else {
-                    // An unquoted value runs to a space or the `>`: a
-                    // quote or `=` inside it (`href=/?q='x`) is its text.
-                    while tag
-                        .get(i)
-                        .is_some_and(|&c| !c.is_ascii_whitespace() && c != b'>')
-                    {
-                        i += 1;
-                    }
-                }
-            }
+            // The name: its first character whatever it is.
             _ => i += 1,
         }
+        while tag
+            .get(i)
+            .is_some_and(|&b| !space(b) && !matches!(b, b'/' | b'>' | b'='))
+        {
+            i += 1;
+        }
+        while tag.get(i).is_some_and(|&b| space(b)) {
+            i += 1;
+        }
+        if tag.get(i) != Some(&b'=') {
+            continue;
+        }
+        i += 1;
+        while tag.get(i).is_some_and(|&b| space(b)) {
+            i += 1;
+        }
+        if let Some(&quote @ (b'"' | b'\'')) = tag.get(i) {
+            let value = tag.get(i + 1..)?;
+            i += 1 + value.iter().position(|&c| c == quote)? + 1;
+        } else {
+            // An unquoted value runs to a space or the `>`: a quote or
+            // `=` inside it (`href=/?q='x`) is its text.
+            while tag.get(i).is_some_and(|&c| !space(c) && c != b'>') {
+                i += 1;
+            }
+        }
     }
-    None
 }
 
 /// Whether `text` starts with `name` (any case) as a whole tag name: a
@@ -894,6 +916,15 @@ mod tests {
             let found = scraper::Selector::parse("#impersonation-banner").unwrap();
             prop_assert_eq!(dom.select(&found).count(), 1, "page: {}", injected);
         }
+    }
+
+    /// A `=` that begins an attribute's name opens no value: the tag ends
+    /// at the first `>`, as a browser's tokenizer ends it.
+    #[test]
+    fn a_name_that_begins_with_an_equals_sign_opens_no_value() {
+        assert_eq!(super::tag_end(b"<p =\"a>\" b>"), Some(6));
+        assert_eq!(super::tag_end(b"<p x =\"a>\" b>"), Some(12));
+        assert_eq!(super::tag_end(b"<p/=\"a>\">"), Some(6));
     }
 
     fn placed(page: &str) -> String {
