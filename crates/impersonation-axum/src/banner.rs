@@ -615,57 +615,132 @@ fn breaks_out(name: &[u8]) -> bool {
 }
 
 /// Where the start tag at the start of `tag` ends: its `>`, not one
-/// inside a quoted attribute value (`title="a > b"`). Read as HTML's
-/// tokenizer reads a tag: the name, then attributes, each a name (whose
-/// first character may be anything, `=` and quotes included) and, after
-/// an `=`, a value, quoted or not.
+/// inside a quoted attribute value (`title="a > b"`).
 pub(crate) fn tag_end(tag: &[u8]) -> Option<usize> {
-    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
-    // The tag's name (or, in an end tag, its `/`).
-    let mut i = 1;
-    while tag
-        .get(i)
-        .is_some_and(|&b| !space(b) && b != b'/' && b != b'>')
-    {
-        i += 1;
-    }
-    loop {
-        // Before an attribute's name.
-        while tag.get(i).is_some_and(|&b| space(b) || b == b'/') {
-            i += 1;
-        }
-        match tag.get(i)? {
-            b'>' => return Some(i),
-            // The name: its first character whatever it is.
-            _ => i += 1,
-        }
+    let mut attributes = Attributes::of(tag);
+    attributes.by_ref().for_each(drop);
+    attributes.end
+}
+
+/// One attribute of a start tag: its name, its raw value (between its
+/// quotes, if any), and where that value stands in the tag, quotes
+/// included (empty, after the name, for an attribute without a value).
+pub(crate) struct Attribute<'a> {
+    pub(crate) name: &'a [u8],
+    pub(crate) value: &'a [u8],
+    pub(crate) span: std::ops::Range<usize>,
+}
+
+/// The attributes of the tag at the start of `tag`, in order, as HTML's
+/// tokenizer reads them: the tag's name, then attributes, each a name
+/// (whose first character may be anything, `=` and quotes included) and,
+/// after an `=`, a value, quoted or not. Once they run out, `end` is where
+/// the tag ends (its `>`), or `None` if it does not.
+pub(crate) struct Attributes<'a> {
+    tag: &'a [u8],
+    at: usize,
+    /// The tag's `>`, once found.
+    pub(crate) end: Option<usize>,
+    done: bool,
+}
+
+impl<'a> Attributes<'a> {
+    pub(crate) fn of(tag: &'a [u8]) -> Self {
+        // Past `<` and the tag's name (or, in an end tag, its `/`).
+        let mut at = 1;
         while tag
-            .get(i)
-            .is_some_and(|&b| !space(b) && !matches!(b, b'/' | b'>' | b'='))
+            .get(at)
+            .is_some_and(|&b| !is_space(b) && b != b'/' && b != b'>')
         {
-            i += 1;
+            at += 1;
         }
-        while tag.get(i).is_some_and(|&b| space(b)) {
-            i += 1;
+        Self {
+            tag,
+            at,
+            end: None,
+            done: false,
         }
-        if tag.get(i) != Some(&b'=') {
-            continue;
+    }
+
+    fn skip_spaces(&mut self) {
+        while self.tag.get(self.at).is_some_and(|&b| is_space(b)) {
+            self.at += 1;
         }
-        i += 1;
-        while tag.get(i).is_some_and(|&b| space(b)) {
-            i += 1;
+    }
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = Attribute<'a>;
+
+    fn next(&mut self) -> Option<Attribute<'a>> {
+        if self.done {
+            return None;
         }
-        if let Some(&quote @ (b'"' | b'\'')) = tag.get(i) {
-            let value = tag.get(i + 1..)?;
-            i += 1 + value.iter().position(|&c| c == quote)? + 1;
+        let tag = self.tag;
+        while tag.get(self.at).is_some_and(|&b| is_space(b) || b == b'/') {
+            self.at += 1;
+        }
+        match tag.get(self.at) {
+            None => {
+                self.done = true;
+                return None;
+            }
+            Some(b'>') => {
+                self.done = true;
+                self.end = Some(self.at);
+                return None;
+            }
+            // The name: its first character whatever it is.
+            Some(_) => {}
+        }
+        let start = self.at;
+        self.at += 1;
+        while tag
+            .get(self.at)
+            .is_some_and(|&b| !is_space(b) && !matches!(b, b'/' | b'>' | b'='))
+        {
+            self.at += 1;
+        }
+        let name = &tag[start..self.at];
+        self.skip_spaces();
+        if tag.get(self.at) != Some(&b'=') {
+            let here = self.at;
+            return Some(Attribute {
+                name,
+                value: &tag[here..here],
+                span: here..here,
+            });
+        }
+        self.at += 1;
+        self.skip_spaces();
+        let from = self.at;
+        let value = if let Some(&quote @ (b'"' | b'\'')) = tag.get(from) {
+            let Some(len) = tag[from + 1..].iter().position(|&c| c == quote) else {
+                // An open quote runs past the end: the tag does not end.
+                self.done = true;
+                return None;
+            };
+            self.at = from + 1 + len + 1;
+            &tag[from + 1..from + 1 + len]
         } else {
             // An unquoted value runs to a space or the `>`: a quote or
             // `=` inside it (`href=/?q='x`) is its text.
-            while tag.get(i).is_some_and(|&c| !space(c) && c != b'>') {
-                i += 1;
+            while tag.get(self.at).is_some_and(|&c| !is_space(c) && c != b'>') {
+                self.at += 1;
             }
-        }
+            &tag[from..self.at]
+        };
+        Some(Attribute {
+            name,
+            value,
+            span: from..self.at,
+        })
     }
+}
+
+/// HTML's whitespace, between a tag's name and attributes.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c)
 }
 
 /// Whether `text` starts with `name` (any case) as a whole tag name: a

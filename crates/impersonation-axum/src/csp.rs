@@ -19,7 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use crate::banner::STYLES;
+use crate::banner::{Attribute, Attributes, STYLES};
 
 /// `'sha256-…'` of each of the banner's styles.
 static HASHES: LazyLock<Vec<String>> = LazyLock::new(|| {
@@ -151,71 +151,20 @@ pub(crate) fn rewrite_meta(tag: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// One attribute of a start tag: its name, its raw value (between its
-/// quotes, if any), and where that value stands in the tag, quotes
-/// included (empty, after the name, for an attribute without a value).
-struct Attribute<'a> {
-    name: &'a [u8],
-    value: &'a [u8],
-    span: std::ops::Range<usize>,
-}
-
-/// The attributes of the start tag `tag` (`<` to `>`), as HTML's tokenizer
-/// reads them: the first of a repeated name counts. `None` if the tag does
-/// not end.
+/// The attributes of the start tag `tag` (`<` to `>`) that a browser
+/// keeps: the first of a repeated name. `None` if the tag does not end.
 fn attributes(tag: &[u8]) -> Option<Vec<Attribute<'_>>> {
-    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
-    let end = crate::banner::tag_end(tag)?;
-    let tag = &tag[..end];
-    // Past `<` and the tag's name.
-    let mut i = 1 + tag[1..]
-        .iter()
-        .take_while(|&&b| !space(b) && b != b'/')
-        .count();
+    let mut all = Attributes::of(tag);
     let mut found: Vec<Attribute<'_>> = Vec::new();
-    while i < tag.len() {
-        if space(tag[i]) || tag[i] == b'/' {
-            i += 1;
-            continue;
-        }
-        // A name runs to a space, `/`, `>` or `=` (one `=` may begin it).
-        let start = i;
-        i += 1;
-        while i < tag.len() && !space(tag[i]) && !matches!(tag[i], b'/' | b'=') {
-            i += 1;
-        }
-        let name = &tag[start..i];
-        while i < tag.len() && space(tag[i]) {
-            i += 1;
-        }
-        let (value, span) = if tag.get(i) == Some(&b'=') {
-            i += 1;
-            while i < tag.len() && space(tag[i]) {
-                i += 1;
-            }
-            match tag.get(i) {
-                Some(&quote @ (b'"' | b'\'')) => {
-                    let from = i;
-                    let len = tag[i + 1..].iter().position(|&c| c == quote)?;
-                    i += 1 + len + 1;
-                    (&tag[from + 1..from + 1 + len], from..i)
-                }
-                _ => {
-                    let from = i;
-                    while i < tag.len() && !space(tag[i]) {
-                        i += 1;
-                    }
-                    (&tag[from..i], from..i)
-                }
-            }
-        } else {
-            (&tag[i..i], i..i)
-        };
-        if !found.iter().any(|a| a.name.eq_ignore_ascii_case(name)) {
-            found.push(Attribute { name, value, span });
+    for attribute in all.by_ref() {
+        if !found
+            .iter()
+            .any(|a| a.name.eq_ignore_ascii_case(attribute.name))
+        {
+            found.push(attribute);
         }
     }
-    Some(found)
+    all.end.map(|_| found)
 }
 
 /// An attribute value with its character references decoded as a

@@ -2309,32 +2309,6 @@ async fn a_revocation_is_recorded_in_the_agents_chain() {
     f.sam_on_olive().await;
 }
 
-/// A revocation of an agent's sessions whose own record cannot be
-/// written still ends them, and then answers the failure.
-#[tokio::test]
-async fn an_agent_revocation_ends_the_sessions_even_if_its_record_fails() {
-    let f = fixture_with(
-        FaultyStore::new(MemoryStore::new()),
-        Policy::default(),
-        Config::default(),
-    );
-    let started = f.sam_on_olive().await;
-    f.service.store().fail_next_write(When::Before);
-    let outcome = f
-        .service
-        .revoke_all_for_agent(&id("sam"), Initiator::System, "agent disabled")
-        .await;
-    assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
-    let now = f
-        .service
-        .store()
-        .session(started.session.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
-}
-
 /// A consent-required start that a revocation overtakes, its session
 /// consented to by the customer in the moment the start ends it: read
 /// again and ended all the same, never left live with a secret nobody has.
@@ -2359,29 +2333,40 @@ async fn an_overtaken_start_consented_meanwhile_is_ended_all_the_same() {
 }
 
 /// A revocation whose own record cannot be written still ends the
-/// customer's sessions, and then answers the failure.
+/// sessions, and then answers the failure: a revocation of the customer's
+/// sessions, and one of the agent's.
 #[tokio::test]
 async fn a_revocation_ends_the_sessions_even_if_its_record_fails() {
-    let f = fixture_with(
-        FaultyStore::new(MemoryStore::new()),
-        Policy::default(),
-        Config::default(),
-    );
-    let started = f.sam_on_olive().await;
-    f.service.store().fail_next_write(When::Before);
-    let outcome = f
-        .service
-        .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
-        .await;
-    assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
-    let now = f
-        .service
-        .store()
-        .session(started.session.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
+    for revoking in [Revoking::Customer, Revoking::Agent] {
+        let f = fixture_with(
+            FaultyStore::new(MemoryStore::new()),
+            Policy::default(),
+            Config::default(),
+        );
+        let started = f.sam_on_olive().await;
+        f.service.store().fail_next_write(When::Before);
+        let outcome = match revoking {
+            Revoking::Customer => {
+                f.service
+                    .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+                    .await
+            }
+            Revoking::Agent => {
+                f.service
+                    .revoke_all_for_agent(&id("sam"), Initiator::System, "agent disabled")
+                    .await
+            }
+        };
+        assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
+        let now = f
+            .service
+            .store()
+            .session(started.session.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
+    }
 }
 
 /// A revocation of a customer's sessions is on the trail even when there
