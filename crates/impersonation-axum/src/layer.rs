@@ -980,12 +980,14 @@ where
                     &mut res,
                     &settings.cookie(settings.csrf_cookie(), stored_csrf.to_string(), false),
                 );
+                keep_out_of_shared_caches(res.headers_mut());
             }
             // A dead secret cookie is cleared, unless the response sets a
             // new one (a start posted over it): cookies apply in order, and
             // a removal after the new secret would wipe it.
             if clear_secret && !sets_cookie(&res, settings.secret_cookie()) {
                 set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
+                keep_out_of_shared_caches(res.headers_mut());
             }
             Ok(res)
         })
@@ -1437,6 +1439,48 @@ const CDN_CACHE_HEADERS: [&str; 5] = [
     "x-accel-expires",
 ];
 
+/// A response the layer sets a cookie on is one browser's: a shared cache
+/// that kept it would hand the same CSRF token (or the same removal) to
+/// everyone after. Its `Cache-Control` becomes `private`, keeping the
+/// app's other directives but `public` and `s-maxage`; one that is
+/// `private` or `no-store` already stays as it is. The CDN headers that
+/// override `Cache-Control` at an edge go either way.
+fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
+    for cdn in CDN_CACHE_HEADERS {
+        headers.remove(cdn);
+    }
+    let directives: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_owned())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| name(d) == "no-store" || d.eq_ignore_ascii_case("private"))
+    {
+        return;
+    }
+    let mut kept = vec!["private".to_owned()];
+    kept.extend(
+        directives
+            .into_iter()
+            .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage" | "private")),
+    );
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+}
+
 /// Whether a request asks to switch protocols to something that outlives
 /// it (a WebSocket, say): an `Upgrade` header naming anything but `h2c`
 /// (which some clients offer on every plain-HTTP request, and which ends
@@ -1542,4 +1586,47 @@ fn request_activity(method: &Method, route: &str, is_change: bool, status: u16) 
         .detail("method", method)
         .detail("route", route)
         .detail("status", status)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn kept(cache_control: &[&str]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        for value in cache_control {
+            headers.append(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+        }
+        headers.insert("surrogate-control", HeaderValue::from_static("max-age=60"));
+        keep_out_of_shared_caches(&mut headers);
+        assert!(headers.get("surrogate-control").is_none());
+        let values: Vec<&str> = headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        (!values.is_empty()).then(|| values.join(" | "))
+    }
+
+    #[test]
+    fn a_response_with_a_cookie_of_the_layers_is_private() {
+        assert_eq!(kept(&[]).as_deref(), Some("private"));
+        assert_eq!(
+            kept(&["Public, max-age=60", "S-MaxAge=120, must-revalidate"]).as_deref(),
+            Some("private, max-age=60, must-revalidate")
+        );
+        // A field-named `private` keeps the rest shareable: made whole.
+        assert_eq!(
+            kept(&["private=\"x-user\", max-age=5"]).as_deref(),
+            Some("private, max-age=5")
+        );
+        // Already out of shared caches: as the app set it.
+        assert_eq!(kept(&["no-store"]).as_deref(), Some("no-store"));
+        assert_eq!(
+            kept(&["PRIVATE, max-age=5"]).as_deref(),
+            Some("PRIVATE, max-age=5")
+        );
+    }
 }

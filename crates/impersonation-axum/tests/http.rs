@@ -119,6 +119,22 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
         )
+        // A page the app lets shared caches keep.
+        .route(
+            "/public",
+            get(|| async {
+                (
+                    [
+                        (header::CACHE_CONTROL, "public, max-age=600, s-maxage=900"),
+                        (
+                            header::HeaderName::from_static("cdn-cache-control"),
+                            "max-age=600",
+                        ),
+                    ],
+                    "the page",
+                )
+            }),
+        )
         // The CSRF token a page would carry in its forms.
         .route(
             "/token",
@@ -626,6 +642,34 @@ async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
         .map(|v| v.to_str().unwrap())
         .collect();
     assert_eq!(headers, ["frame-ancestors 'self'"]);
+}
+
+/// A response that gives a browser its CSRF token cookie is that
+/// browser's: kept out of shared caches (`private`, the CDN's own header
+/// gone), or one would hand the same token to everyone after. Once the
+/// browser has the cookie, the app's caching stands as it set it.
+#[tokio::test]
+async fn a_response_that_sets_the_csrf_cookie_is_kept_out_of_shared_caches() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    let first = b.get("/public").await;
+    assert!(
+        first.headers.get_all(header::SET_COOKIE).iter().any(|c| c
+            .to_str()
+            .unwrap()
+            .starts_with("__Host-impersonation-csrf=")),
+        "{:?}",
+        first.headers
+    );
+    assert_eq!(first.headers[header::CACHE_CONTROL], "private, max-age=600");
+    assert!(first.headers.get("cdn-cache-control").is_none());
+    let again = b.get("/public").await;
+    assert!(again.headers.get(header::SET_COOKIE).is_none());
+    assert_eq!(
+        again.headers[header::CACHE_CONTROL],
+        "public, max-age=600, s-maxage=900"
+    );
+    assert_eq!(again.headers["cdn-cache-control"], "max-age=600");
 }
 
 #[tokio::test]
