@@ -923,17 +923,8 @@ where
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static("frame-ancestors 'self'"),
                 );
-                // CDNs let these override Cache-Control at their edge. (A
-                // look over the few headers a response has costs less than
-                // hashing four names that are seldom there.)
-                if headers
-                    .keys()
-                    .any(|k| CDN_CACHE_HEADERS.contains(&k.as_str()))
-                {
-                    for cdn in CDN_CACHE_HEADERS {
-                        headers.remove(cdn);
-                    }
-                }
+                // CDNs let these override Cache-Control at their edge.
+                remove_cdn_cache_headers(headers);
                 // A body of no known length may stream on (server-sent
                 // events, a long export) after the session has ended, and
                 // so may a large one of known length (a file sent in
@@ -1426,37 +1417,50 @@ fn log_unaudited(
     );
 }
 
-/// Cache headers that CDNs read before `Cache-Control` (Fastly's and
-/// Akamai's `Surrogate-Control`, Akamai's `Edge-Control`, RFC 9213's
-/// `CDN-Cache-Control`, Cloudflare's own, nginx's `X-Accel-Expires` for its
-/// `proxy_cache`): an app's, left on a page served under impersonation,
-/// could have the edge or the proxy keep the customer's page.
-const CDN_CACHE_HEADERS: [&str; 5] = [
-    "surrogate-control",
-    "edge-control",
-    "cdn-cache-control",
-    "cloudflare-cdn-cache-control",
-    "x-accel-expires",
-];
+/// Whether a header is one that a CDN or proxy reads before
+/// `Cache-Control` (Fastly's and Akamai's `Surrogate-Control`, Akamai's
+/// `Edge-Control` and `Akamai-Cache-Control`, RFC 9213's
+/// `CDN-Cache-Control` and every vendor's `…-CDN-Cache-Control`
+/// (Cloudflare's, Vercel's, Netlify's), nginx's `X-Accel-Expires` for its
+/// `proxy_cache`): an app's, left on a page served under impersonation or
+/// one that sets a cookie, could have the edge or the proxy keep it.
+fn is_cdn_cache_header(name: &str) -> bool {
+    matches!(
+        name,
+        "surrogate-control" | "edge-control" | "akamai-cache-control" | "x-accel-expires"
+    ) || name.ends_with("cdn-cache-control")
+}
+
+/// Removes every header [`is_cdn_cache_header`] names (the names are lower
+/// case in a `HeaderMap`).
+fn remove_cdn_cache_headers(headers: &mut HeaderMap) {
+    let found: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|k| is_cdn_cache_header(k.as_str()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
 
 /// A response the layer sets a cookie on is one browser's: a shared cache
 /// that kept it would hand the same CSRF token (or the same removal) to
 /// everyone after. Its `Cache-Control` becomes `private`, keeping the
 /// app's other directives but `public` and `s-maxage`; one that is
-/// `private` or `no-store` already stays as it is. The CDN headers that
-/// override `Cache-Control` at an edge go either way.
+/// `private` or `no-store` already stays as it is, and one this cannot
+/// read (not ASCII) becomes `no-store`. The CDN headers that override
+/// `Cache-Control` at an edge go either way.
 fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
-    for cdn in CDN_CACHE_HEADERS {
-        headers.remove(cdn);
+    remove_cdn_cache_headers(headers);
+    let mut directives: Vec<String> = Vec::new();
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return;
+        };
+        directives.extend(cache_directives(text).into_iter().map(str::to_owned));
     }
-    let directives: Vec<String> = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_owned())
-        .filter(|d| !d.is_empty())
-        .collect();
     let name = |d: &str| {
         d.split('=')
             .next()
@@ -1476,9 +1480,33 @@ fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
             .into_iter()
             .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage" | "private")),
     );
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
-        headers.insert(header::CACHE_CONTROL, value);
+    let value = HeaderValue::from_str(&kept.join(", "))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-store"));
+    headers.insert(header::CACHE_CONTROL, value);
+}
+
+/// The directives of a `Cache-Control` value, trimmed: split at the commas
+/// outside quoted strings (`no-cache="Set-Cookie, X"` is one).
+fn cache_directives(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
     }
+    out.push(&text[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect()
 }
 
 /// Whether a request asks to switch protocols to something that outlives
@@ -1628,5 +1656,44 @@ mod tests {
             kept(&["PRIVATE, max-age=5"]).as_deref(),
             Some("PRIVATE, max-age=5")
         );
+        // Commas inside a quoted value split nothing, and a directive
+        // named inside one is no directive.
+        assert_eq!(
+            kept(&["public, no-cache=\"Set-Cookie, private\", private=\"a, b\""]).as_deref(),
+            Some("private, no-cache=\"Set-Cookie, private\"")
+        );
+        // A value it cannot read (not ASCII) is not kept: no-store.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CACHE_CONTROL, HeaderValue::from_static("public"));
+        headers.append(
+            header::CACHE_CONTROL,
+            HeaderValue::from_bytes(b"no-store, x=\"\xe9\"").unwrap(),
+        );
+        keep_out_of_shared_caches(&mut headers);
+        let values: Vec<_> = headers.get_all(header::CACHE_CONTROL).iter().collect();
+        assert_eq!(values, [HeaderValue::from_static("no-store")]);
+    }
+
+    #[test]
+    fn every_vendors_cdn_cache_header_goes() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "cdn-cache-control",
+            "cloudflare-cdn-cache-control",
+            "vercel-cdn-cache-control",
+            "netlify-cdn-cache-control",
+            "akamai-cache-control",
+            "surrogate-control",
+            "edge-control",
+            "x-accel-expires",
+        ] {
+            headers.insert(
+                header::HeaderName::from_static(name),
+                HeaderValue::from_static("max-age=60"),
+            );
+        }
+        headers.insert(header::ETAG, HeaderValue::from_static("\"x\""));
+        remove_cdn_cache_headers(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [header::ETAG]);
     }
 }
