@@ -166,8 +166,16 @@ impl RequestState {
 /// from the cookie and bound to that session, so a form posts as the
 /// identity its page was rendered under or not at all. Cloning is cheap:
 /// the text is shared. Its `Debug` does not show it.
+///
+/// A browser that has no CSRF cookie yet gets one with the response only
+/// if the token was taken for it ([`CsrfToken::as_str`], the banner's Stop
+/// form): a stylesheet, an image or an API answer gives out none.
 #[derive(Clone)]
-pub struct CsrfToken(pub(crate) Arc<str>);
+pub struct CsrfToken {
+    text: Arc<str>,
+    /// Set once the token is read: its page needs the cookie.
+    taken: Arc<AtomicBool>,
+}
 
 impl std::fmt::Debug for CsrfToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,9 +194,19 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 impl CsrfToken {
-    /// The token, for a hidden `csrf` field in forms that post to the SDK's routes.
+    pub(crate) fn new(text: &Arc<str>, taken: &Arc<AtomicBool>) -> Self {
+        Self {
+            text: Arc::clone(text),
+            taken: Arc::clone(taken),
+        }
+    }
+
+    /// The token, for a hidden `csrf` field in forms that post to the SDK's
+    /// routes (and the host's own, checked with [`crate::CsrfCheck`]).
+    /// Taking it is what gives a browser without the cookie its cookie.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.taken.store(true, Ordering::Relaxed);
+        &self.text
     }
 }
 
@@ -427,7 +445,9 @@ where
             let from_cookie = bearer.is_none();
             // Parsed while the headers are borrowed; only the result is kept.
             let presented = bearer.or(secret_cookie).map(SessionSecret::parse);
-            req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+            // Whether anything took the token for the page (see `CsrfToken`).
+            let taken = Arc::new(AtomicBool::new(false));
+            req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
             // The secret presented, for the stop route.
             let mut kept_secret = None;
 
@@ -539,6 +559,9 @@ where
             // stop of an ended session is done.)
             let mut csrf = csrf;
             let mut fresh_csrf = fresh_csrf;
+            // A fresh token that must reach the browser whether or not the
+            // page takes it: it retires the forms of an identity that ended.
+            let mut renewed_csrf = false;
             // What a fresh cookie holds: the token, unless the page's is
             // derived from it (below, under a session).
             let mut stored_csrf = Arc::clone(&csrf);
@@ -565,7 +588,7 @@ where
                     kept_secret.as_ref().map(SessionSecret::hash),
                 )
                 .into();
-                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+                req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
             }
             if clear_secret
                 && !csrf.is_empty()
@@ -573,8 +596,9 @@ where
             {
                 csrf = ended_session_token(&csrf, kept_secret.as_ref()).into();
                 fresh_csrf = true;
+                renewed_csrf = true;
                 stored_csrf = Arc::clone(&csrf);
-                req.extensions_mut().insert(CsrfToken(Arc::clone(&csrf)));
+                req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
                 if is_change {
                     // The template, not the path: a path may carry a
                     // token (a password reset link's, say). (Outside a
@@ -806,6 +830,7 @@ where
                         // gets no banner. A missing length would read as
                         // 0 to the router, which fills it in.)
                         if let Some(n) = announced {
+                            taken.store(true, Ordering::Relaxed);
                             let banner = banner_for(
                                 markup,
                                 banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
@@ -817,6 +842,7 @@ where
                         }
                     }
                     Page::Injectable(markup) => {
+                        taken.store(true, Ordering::Relaxed);
                         let banner = banner_for(
                             markup,
                             banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
@@ -959,14 +985,20 @@ where
                     Some(token) => {
                         stored_csrf = token.into();
                         fresh_csrf = true;
+                        renewed_csrf = true;
                     }
                     None => {
                         tracing::warn!("random source unavailable; the CSRF token is not replaced");
                     }
                 }
             }
-            // (Unless the response sets its own: a start or stop replaces it.)
-            if fresh_csrf && !sets_cookie(&res, settings.csrf_cookie()) {
+            // A first token goes out only with a page that took it (see
+            // `CsrfToken`); a renewed one always. (Unless the response sets
+            // its own: a start or stop replaces it.)
+            if fresh_csrf
+                && (renewed_csrf || taken.load(Ordering::Relaxed))
+                && !sets_cookie(&res, settings.csrf_cookie())
+            {
                 set_cookie(
                     &mut res,
                     &settings.cookie(settings.csrf_cookie(), stored_csrf.to_string(), false),

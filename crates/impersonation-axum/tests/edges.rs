@@ -155,6 +155,17 @@ fn fixture(root: bool) -> Fx {
             "/whoami",
             get(|user: EffectiveUser| async move { user.id().to_string() }),
         )
+        // A page with a form: it takes the CSRF token, and so gives a
+        // browser without the cookie its cookie.
+        .route(
+            "/form",
+            get(|token: impersonation_axum::CsrfToken| async move {
+                Html(format!(
+                    "<html><body><form method=post><input type=hidden name=csrf value={}></form></body></html>",
+                    token.as_str()
+                ))
+            }),
+        )
         .route(
             "/password/reset/{token}",
             get(|_: NotImpersonating| async { Html("<html><body>reset</body></html>") }),
@@ -342,8 +353,8 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
 #[tokio::test]
 async fn the_routes_redirect_only_to_a_path_on_this_site() {
     let f = fixture(false);
-    // The CSRF cookie comes with a first page.
-    let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
+    // The CSRF cookie comes with a first page that has a form.
+    let first = send(&f.app, get_as("sam", "/form", None), Body::empty()).await;
     let csrf = first.cookie("__Host-impersonation-csrf").unwrap();
     let post = |uri: &str, form: String| {
         (
@@ -405,7 +416,7 @@ async fn the_routes_redirect_only_to_a_path_on_this_site() {
 #[tokio::test]
 async fn the_origin_check_reads_http2_authority_and_the_scheme() {
     let f = fixture(false);
-    let first = send(&f.app, get_as("sam", "/plain", None), Body::empty()).await;
+    let first = send(&f.app, get_as("sam", "/form", None), Body::empty()).await;
     let csrf = first.cookie("__Host-impersonation-csrf").unwrap();
     let start = |who: &str, uri: &str, host: Option<&str>, origin: &str| {
         let mut req = Request::builder()

@@ -58,6 +58,17 @@ async fn stop_elsewhere(other: &Svc, sam: &Browser) -> String {
     held
 }
 
+/// Headers that let shared caches keep a page.
+fn public_caching() -> [(header::HeaderName, &'static str); 2] {
+    [
+        (header::CACHE_CONTROL, "public, max-age=600, s-maxage=900"),
+        (
+            header::HeaderName::from_static("cdn-cache-control"),
+            "max-age=600",
+        ),
+    ]
+}
+
 fn fixture() -> Fixture {
     fixture_with(impersonation_core::Policy::default())
 }
@@ -83,14 +94,21 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
     // handler of `/racing-change` is making its change.
     let other = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
     let app = Router::new()
+        // A page with a form: it takes the CSRF token (and so gives a
+        // browser without the cookie its cookie).
         .route(
             "/",
-            get(|user: EffectiveUser| async move {
-                Html(format!(
-                    "<html><body><h1>Dashboard</h1><p>{}</p></body></html>",
-                    user.has_permission("bookings:read")
-                ))
-            }),
+            get(
+                |user: EffectiveUser, token: impersonation_axum::CsrfToken| async move {
+                    Html(format!(
+                        "<html><body><h1>Dashboard</h1><p>{}</p>\
+                         <form method=post action=/bookings/1>\
+                         <input type=hidden name=csrf value={}></form></body></html>",
+                        user.has_permission("bookings:read"),
+                        token.as_str()
+                    ))
+                },
+            ),
         )
         .route(
             "/billing",
@@ -119,19 +137,21 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
             "/me",
             get(|RealUser(p): RealUser| async move { p.id.to_string() }),
         )
-        // A page the app lets shared caches keep.
+        // Pages the app lets shared caches keep: one with a form (which
+        // takes the CSRF token), one without.
         .route(
             "/public",
-            get(|| async {
+            get(|| async { (public_caching(), "the page") }),
+        )
+        .route(
+            "/public-form",
+            get(|token: impersonation_axum::CsrfToken| async move {
                 (
-                    [
-                        (header::CACHE_CONTROL, "public, max-age=600, s-maxage=900"),
-                        (
-                            header::HeaderName::from_static("cdn-cache-control"),
-                            "max-age=600",
-                        ),
-                    ],
-                    "the page",
+                    public_caching(),
+                    Html(format!(
+                        "<form method=post><input type=hidden name=csrf value={}></form>",
+                        token.as_str()
+                    )),
                 )
             }),
         )
@@ -355,6 +375,11 @@ impl Browser {
     }
 
     async fn start(&mut self, target: &str) -> Reply {
+        // The start form's page first, as a browser would have loaded it
+        // (it gives the CSRF cookie).
+        if self.csrf().is_empty() {
+            self.get("/").await;
+        }
         let form = format!(
             "target={target}&reason=Customer+cannot+see+bookings&ticket=SUP-1&csrf={}",
             self.csrf()
@@ -644,15 +669,32 @@ async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
     assert_eq!(headers, ["frame-ancestors 'self'"]);
 }
 
-/// A response that gives a browser its CSRF token cookie is that
-/// browser's: kept out of shared caches (`private`, the CDN's own header
-/// gone), or one would hand the same token to everyone after. Once the
-/// browser has the cookie, the app's caching stands as it set it.
+/// A browser without the CSRF cookie gets it only with a page that takes
+/// the token (one with a form): a page without one, a stylesheet, an API
+/// answer give out none, and stay as cacheable as the app made them. The
+/// response that gives the cookie is that browser's: kept out of shared
+/// caches (`private`, the CDN's own header gone), or one would hand the
+/// same token to everyone after. Once the browser holds the cookie, the
+/// app's caching stands.
 #[tokio::test]
-async fn a_response_that_sets_the_csrf_cookie_is_kept_out_of_shared_caches() {
+async fn only_a_page_that_takes_the_token_sets_the_csrf_cookie_and_it_stays_out_of_shared_caches() {
     let f = fixture();
     let mut b = Browser::new(&f, "sam");
-    let first = b.get("/public").await;
+    let untouched = |reply: &Reply| {
+        assert!(
+            reply.headers.get(header::SET_COOKIE).is_none(),
+            "{:?}",
+            reply.headers
+        );
+        assert_eq!(
+            reply.headers[header::CACHE_CONTROL],
+            "public, max-age=600, s-maxage=900"
+        );
+        assert_eq!(reply.headers["cdn-cache-control"], "max-age=600");
+    };
+    untouched(&b.get("/public").await);
+    assert_eq!(b.csrf(), "");
+    let first = b.get("/public-form").await;
     assert!(
         first.headers.get_all(header::SET_COOKIE).iter().any(|c| c
             .to_str()
@@ -661,15 +703,14 @@ async fn a_response_that_sets_the_csrf_cookie_is_kept_out_of_shared_caches() {
         "{:?}",
         first.headers
     );
+    assert!(
+        first.body.contains(&b.csrf()),
+        "the cookie is the form's token"
+    );
     assert_eq!(first.headers[header::CACHE_CONTROL], "private, max-age=600");
     assert!(first.headers.get("cdn-cache-control").is_none());
-    let again = b.get("/public").await;
-    assert!(again.headers.get(header::SET_COOKIE).is_none());
-    assert_eq!(
-        again.headers[header::CACHE_CONTROL],
-        "public, max-age=600, s-maxage=900"
-    );
-    assert_eq!(again.headers["cdn-cache-control"], "max-age=600");
+    untouched(&b.get("/public-form").await);
+    untouched(&b.get("/public").await);
 }
 
 #[tokio::test]
