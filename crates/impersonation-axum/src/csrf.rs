@@ -86,7 +86,10 @@ impl CsrfCheck {
     pub fn verify(&self, sent: &str) -> bool {
         // Compared in constant time: how long a refusal takes says nothing
         // of how much of a guess was right.
-        let matches: bool = sent.as_bytes().ct_eq(self.token.as_str().as_bytes()).into();
+        let matches: bool = sent
+            .as_bytes()
+            .ct_eq(self.token.compared().as_bytes())
+            .into();
         self.same_site && !sent.is_empty() && matches
     }
 
@@ -94,7 +97,7 @@ impl CsrfCheck {
     /// session of `secret` (bound to it, as the layer derives it), where
     /// this request's own token is the stored one.
     pub(crate) fn verify_bound(&self, sent: &str, secret: SecretHash) -> bool {
-        let bound = session_token(self.token.as_str(), secret);
+        let bound = session_token(self.token.compared(), secret);
         let matches: bool = sent.as_bytes().ct_eq(bound.as_bytes()).into();
         self.same_site && !sent.is_empty() && matches
     }

@@ -167,9 +167,11 @@ impl RequestState {
 /// identity its page was rendered under or not at all. Cloning is cheap:
 /// the text is shared. Its `Debug` does not show it.
 ///
-/// A browser that has no CSRF cookie yet gets one with the response only
-/// if the token was taken for it ([`CsrfToken::as_str`], the banner's Stop
-/// form): a stylesheet, an image or an API answer gives out none.
+/// A browser that has no CSRF cookie yet gets one with a page (`text/html`
+/// or XHTML, an app shell whose script reads the cookie included), or with
+/// any response whose handler took the token ([`CsrfToken::as_str`], read
+/// before the response is returned or held in its body): a stylesheet, an
+/// image or a JSON answer gives out none.
 #[derive(Clone)]
 pub struct CsrfToken {
     text: Arc<str>,
@@ -203,10 +205,22 @@ impl CsrfToken {
 
     /// The token, for a hidden `csrf` field in forms that post to the SDK's
     /// routes (and the host's own, checked with [`crate::CsrfCheck`]).
-    /// Taking it is what gives a browser without the cookie its cookie.
+    /// Taking it gives a browser without the cookie its cookie, whatever
+    /// the response's type.
     pub fn as_str(&self) -> &str {
         self.taken.store(true, Ordering::Relaxed);
         &self.text
+    }
+
+    /// The token, read to compare with a form's, not to put in a page.
+    pub(crate) fn compared(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the token was taken for the response, or may still be (a
+    /// clone of it lives on, in a body that streams, say).
+    fn was_taken(taken: &Arc<AtomicBool>) -> bool {
+        taken.load(Ordering::Relaxed) || Arc::strong_count(taken) > 1
     }
 }
 
@@ -992,11 +1006,11 @@ where
                     }
                 }
             }
-            // A first token goes out only with a page that took it (see
-            // `CsrfToken`); a renewed one always. (Unless the response sets
-            // its own: a start or stop replaces it.)
+            // A first token goes out with a page, or with a response that
+            // took it (see `CsrfToken`); a renewed one always. (Unless the
+            // response sets its own: a start or stop replaces it.)
             if fresh_csrf
-                && (renewed_csrf || taken.load(Ordering::Relaxed))
+                && (renewed_csrf || is_page(&res) || CsrfToken::was_taken(&taken))
                 && !sets_cookie(&res, settings.csrf_cookie())
             {
                 set_cookie(
@@ -1015,6 +1029,19 @@ where
             Ok(res)
         })
     }
+}
+
+/// Whether a response is a page (`text/html` or XHTML), by its type alone.
+fn is_page(res: &Response) -> bool {
+    res.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| {
+            let essence = essence.trim();
+            essence.eq_ignore_ascii_case("text/html")
+                || essence.eq_ignore_ascii_case("application/xhtml+xml")
+        })
 }
 
 /// The charset a `Content-Type`'s parameters name (lower case), if any.

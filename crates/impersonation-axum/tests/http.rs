@@ -375,11 +375,6 @@ impl Browser {
     }
 
     async fn start(&mut self, target: &str) -> Reply {
-        // The start form's page first, as a browser would have loaded it
-        // (it gives the CSRF cookie).
-        if self.csrf().is_empty() {
-            self.get("/").await;
-        }
         let form = format!(
             "target={target}&reason=Customer+cannot+see+bookings&ticket=SUP-1&csrf={}",
             self.csrf()
@@ -669,15 +664,15 @@ async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
     assert_eq!(headers, ["frame-ancestors 'self'"]);
 }
 
-/// A browser without the CSRF cookie gets it only with a page that takes
-/// the token (one with a form): a page without one, a stylesheet, an API
-/// answer give out none, and stay as cacheable as the app made them. The
-/// response that gives the cookie is that browser's: kept out of shared
-/// caches (`private`, the CDN's own header gone), or one would hand the
-/// same token to everyone after. Once the browser holds the cookie, the
-/// app's caching stands.
+/// A browser without the CSRF cookie gets it with a page, or with an
+/// answer whose handler took the token: any other answer (a stylesheet, a
+/// JSON answer; plain text here) gives out none, and stays as cacheable as
+/// the app made it. The response that gives the cookie is that browser's:
+/// kept out of shared caches (`private`, the CDN's own header gone), or
+/// one would hand the same token to everyone after. Once the browser holds
+/// the cookie, the app's caching stands.
 #[tokio::test]
-async fn only_a_page_that_takes_the_token_sets_the_csrf_cookie_and_it_stays_out_of_shared_caches() {
+async fn a_first_csrf_cookie_comes_with_a_page_or_a_taken_token_and_stays_out_of_shared_caches() {
     let f = fixture();
     let mut b = Browser::new(&f, "sam");
     let untouched = |reply: &Reply| {
@@ -711,6 +706,33 @@ async fn only_a_page_that_takes_the_token_sets_the_csrf_cookie_and_it_stays_out_
     assert!(first.headers.get("cdn-cache-control").is_none());
     untouched(&b.get("/public-form").await);
     untouched(&b.get("/public").await);
+    // An answer of another type gives the cookie only if its handler took
+    // the token.
+    let mut other = Browser::new(&f, "kim");
+    let plain = other.get("/me").await;
+    assert!(plain.headers.get(header::SET_COOKIE).is_none());
+    let token = other.get("/token").await;
+    assert_eq!(token.body, other.csrf(), "{:?}", token.headers);
+}
+
+/// A session that has ended elsewhere replaces the browser's token with
+/// the next response, whatever it is (a plain answer that takes no token
+/// here): the old identity's open forms are retired at once.
+#[tokio::test]
+async fn a_dead_sessions_token_is_replaced_on_any_answer() {
+    let (f, mut b) = sam_on_olive().await;
+    let before = b.csrf();
+    f.svc
+        .stop(
+            &impersonation_core::SessionSecret::parse(&b.secret().unwrap()).unwrap(),
+            &agent("sam"),
+        )
+        .await
+        .unwrap();
+    let reply = b.get("/me").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(!b.csrf().is_empty());
+    assert_ne!(b.csrf(), before, "{:?}", reply.headers);
 }
 
 #[tokio::test]
