@@ -1495,8 +1495,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .audit_denial(draft, Denial::NotSessionAgent, "revoke_all_for_agent")
                 .await?);
         }
-        // First on the trail, and what a start that overtakes the listing
-        // below finds in the agent's chain after it writes its session.
+        // The record goes in the agent's chain, where a start that
+        // overtakes the listing finds it after it writes its session.
         let draft = AuditDraft::new(
             self.now(),
             AuditAction::SessionsRevoked,
@@ -1505,16 +1505,30 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         );
         let details =
             revocation_details(Details::new().with("agent", agent), "agent_revoked", note);
-        // A failed write does not hold the revocation up.
-        let fenced = self.append(draft.details(details), AppendGuard::None).await;
         let filter = LiveFilter {
             agent: Some(agent.clone()),
             ..LiveFilter::default()
         };
-        let revoked = self
-            .revoke_matching(filter, by, "agent_revoked", note)
-            .await?;
-        fenced?;
+        self.revoke_recorded(draft.details(details), filter, by, "agent_revoked", note)
+            .await
+    }
+
+    /// A revoke-all: writes its `record` first (what a start that
+    /// overtakes the listing finds after it writes its session), then ends
+    /// every live session `filter` matches. A failed record does not hold
+    /// the revocation up: the sessions are ended all the same, and the
+    /// failure answered after.
+    async fn revoke_recorded(
+        &self,
+        record: AuditDraft,
+        filter: LiveFilter,
+        by: Initiator<'_>,
+        cause: &str,
+        note: &str,
+    ) -> Result<Vec<SessionId>, Error> {
+        let recorded = self.append(record, AppendGuard::None).await;
+        let revoked = self.revoke_matching(filter, by, cause, note).await?;
+        recorded?;
         Ok(revoked)
     }
 
@@ -1560,9 +1574,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .audit_denial(draft, Denial::NotSubject, "revoke_all_for_subject")
                 .await?);
         }
-        // First on the trail, and what a start that overtakes the listing
-        // below finds changed after it writes its session (it then ends
-        // it): the customer's revocation chain moves on.
+        // The record goes in the customer's revocation chain, which a
+        // start that overtakes the listing finds moved after it writes its
+        // session.
         let draft = AuditDraft::new(
             self.now(),
             AuditAction::SessionsRevoked,
@@ -1575,18 +1589,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             "subject_changed",
             note,
         );
-        // A failed write does not hold the revocation up: the sessions are
-        // ended all the same, and the failure answered after.
-        let fenced = self.append(draft.details(details), AppendGuard::None).await;
         let filter = LiveFilter {
             subject: Some(subject.clone()),
             ..LiveFilter::default()
         };
-        let revoked = self
-            .revoke_matching(filter, by, "subject_changed", note)
-            .await?;
-        fenced?;
-        Ok(revoked)
+        self.revoke_recorded(draft.details(details), filter, by, "subject_changed", note)
+            .await
     }
 
     /// Ends, each with its audit event, every live session whose time is
