@@ -175,8 +175,10 @@ impl RequestState {
 #[derive(Clone)]
 pub struct CsrfToken {
     text: Arc<str>,
-    /// Set once the token is read: its page needs the cookie.
-    taken: Arc<AtomicBool>,
+    /// Set once the token is read: its page needs the cookie. Only a first
+    /// token has one (a browser that holds the cookie, or an API client,
+    /// has no cookie to be given).
+    taken: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for CsrfToken {
@@ -196,10 +198,10 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 impl CsrfToken {
-    pub(crate) fn new(text: &Arc<str>, taken: &Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(text: &Arc<str>, taken: Option<&Arc<AtomicBool>>) -> Self {
         Self {
             text: Arc::clone(text),
-            taken: Arc::clone(taken),
+            taken: taken.cloned(),
         }
     }
 
@@ -208,7 +210,7 @@ impl CsrfToken {
     /// Taking it gives a browser without the cookie its cookie, whatever
     /// the response's type.
     pub fn as_str(&self) -> &str {
-        self.taken.store(true, Ordering::Relaxed);
+        mark_taken(self.taken.as_ref());
         &self.text
     }
 
@@ -219,8 +221,8 @@ impl CsrfToken {
 
     /// Whether the token was taken for the response, or may still be (a
     /// clone of it lives on, in a body that streams, say).
-    fn was_taken(taken: &Arc<AtomicBool>) -> bool {
-        taken.load(Ordering::Relaxed) || Arc::strong_count(taken) > 1
+    fn was_taken(taken: Option<&Arc<AtomicBool>>) -> bool {
+        taken.is_some_and(|t| t.load(Ordering::Relaxed) || Arc::strong_count(t) > 1)
     }
 }
 
@@ -459,9 +461,11 @@ where
             let from_cookie = bearer.is_none();
             // Parsed while the headers are borrowed; only the result is kept.
             let presented = bearer.or(secret_cookie).map(SessionSecret::parse);
-            // Whether anything took the token for the page (see `CsrfToken`).
-            let taken = Arc::new(AtomicBool::new(false));
-            req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
+            // For a first token: whether anything took it for the page
+            // (see `CsrfToken`).
+            let taken = fresh_csrf.then(|| Arc::new(AtomicBool::new(false)));
+            req.extensions_mut()
+                .insert(CsrfToken::new(&csrf, taken.as_ref()));
             // The secret presented, for the stop route.
             let mut kept_secret = None;
 
@@ -602,7 +606,8 @@ where
                     kept_secret.as_ref().map(SessionSecret::hash),
                 )
                 .into();
-                req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
+                req.extensions_mut()
+                    .insert(CsrfToken::new(&csrf, taken.as_ref()));
             }
             if clear_secret
                 && !csrf.is_empty()
@@ -612,7 +617,8 @@ where
                 fresh_csrf = true;
                 renewed_csrf = true;
                 stored_csrf = Arc::clone(&csrf);
-                req.extensions_mut().insert(CsrfToken::new(&csrf, &taken));
+                req.extensions_mut()
+                    .insert(CsrfToken::new(&csrf, taken.as_ref()));
                 if is_change {
                     // The template, not the path: a path may carry a
                     // token (a password reset link's, say). (Outside a
@@ -844,7 +850,7 @@ where
                         // gets no banner. A missing length would read as
                         // 0 to the router, which fills it in.)
                         if let Some(n) = announced {
-                            taken.store(true, Ordering::Relaxed);
+                            mark_taken(taken.as_ref());
                             let banner = banner_for(
                                 markup,
                                 banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
@@ -856,7 +862,7 @@ where
                         }
                     }
                     Page::Injectable(markup) => {
-                        taken.store(true, Ordering::Relaxed);
+                        mark_taken(taken.as_ref());
                         let banner = banner_for(
                             markup,
                             banner_html(c, shared.api.now(), &settings.stop_path(), &csrf),
@@ -1010,7 +1016,7 @@ where
             // took it (see `CsrfToken`); a renewed one always. (Unless the
             // response sets its own: a start or stop replaces it.)
             if fresh_csrf
-                && (renewed_csrf || is_page(&res) || CsrfToken::was_taken(&taken))
+                && (renewed_csrf || is_page(&res) || CsrfToken::was_taken(taken.as_ref()))
                 && !sets_cookie(&res, settings.csrf_cookie())
             {
                 set_cookie(
@@ -1031,17 +1037,34 @@ where
     }
 }
 
+/// Notes that a first token was taken for the page (by `as_str`, or the
+/// banner's Stop form).
+fn mark_taken(taken: Option<&Arc<AtomicBool>>) {
+    if let Some(taken) = taken {
+        taken.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Whether a response is a page (`text/html` or XHTML), by its type alone.
 fn is_page(res: &Response) -> bool {
     res.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| {
-            let essence = essence.trim();
-            essence.eq_ignore_ascii_case("text/html")
-                || essence.eq_ignore_ascii_case("application/xhtml+xml")
-        })
+        .and_then(|essence| markup_of(essence.trim()))
+        .is_some()
+}
+
+/// How a page of the media type `essence` (a `Content-Type` without its
+/// parameters) is parsed, or `None` if it is no page.
+fn markup_of(essence: &str) -> Option<Markup> {
+    if essence.eq_ignore_ascii_case("text/html") {
+        Some(Markup::Html)
+    } else if essence.eq_ignore_ascii_case("application/xhtml+xml") {
+        Some(Markup::Xhtml)
+    } else {
+        None
+    }
 }
 
 /// The charset a `Content-Type`'s parameters name (lower case), if any.
@@ -1123,15 +1146,15 @@ fn page_kind(res: &Response) -> Page {
     };
     let mut params = content_type.split(';').map(str::trim);
     let essence = params.next().unwrap_or_default();
-    let is_xhtml = essence.eq_ignore_ascii_case("application/xhtml+xml");
-    let is_html = is_xhtml || essence.eq_ignore_ascii_case("text/html");
+    let Some(markup) = markup_of(essence) else {
+        return Page::Other;
+    };
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
         d.split(';')
             .next()
             .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
     });
-    if !is_html
-        || attachment
+    if attachment
         || status == StatusCode::PARTIAL_CONTENT
         || headers.contains_key(header::CONTENT_RANGE)
         || bodiless
@@ -1147,10 +1170,8 @@ fn page_kind(res: &Response) -> Page {
         Page::BannerCannotGoIn("the page's body is encoded (Content-Encoding)")
     } else if wide {
         Page::BannerCannotGoIn("the page's charset is not one known to keep ASCII as ASCII")
-    } else if is_xhtml {
-        Page::Injectable(Markup::Xhtml)
     } else {
-        Page::Injectable(Markup::Html)
+        Page::Injectable(markup)
     }
 }
 
