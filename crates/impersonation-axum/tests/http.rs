@@ -162,6 +162,24 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 token.as_str().to_owned()
             }),
         )
+        // A plain answer whose body streams the token: the handler holds
+        // it without having read it yet when the response leaves.
+        .route(
+            "/token-stream",
+            get(|token: impersonation_axum::CsrfToken| async move {
+                axum::body::Body::from_stream(futures_util::stream::once(async move {
+                    Ok::<_, std::convert::Infallible>(token.as_str().to_owned())
+                }))
+            }),
+        )
+        // A plain answer whose handler asked for the token and let it go.
+        .route(
+            "/token-unused",
+            get(|token: impersonation_axum::CsrfToken| async move {
+                drop(token);
+                "no form here"
+            }),
+        )
         // An XHTML page, parsed by browsers as XML, its XHTML under a prefix.
         .route(
             "/xhtml",
@@ -665,7 +683,8 @@ async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
 }
 
 /// A browser without the CSRF cookie gets it with a page, or with an
-/// answer whose handler took the token: any other answer (a stylesheet, a
+/// answer whose handler took the token or holds it in a body that streams
+/// (one that asked for it and let it go gives none): any other answer (a stylesheet, a
 /// JSON answer; plain text here) gives out none, and stays as cacheable as
 /// the app made it. The response that gives the cookie is that browser's:
 /// kept out of shared caches (`private`, the CDN's own header gone), or
@@ -713,6 +732,20 @@ async fn a_first_csrf_cookie_comes_with_a_page_or_a_taken_token_and_stays_out_of
     assert!(plain.headers.get(header::SET_COOKIE).is_none());
     let token = other.get("/token").await;
     assert_eq!(token.body, other.csrf(), "{:?}", token.headers);
+    // A token the handler asked for and dropped gives none; one held in a
+    // body that streams gives the cookie, since the body may yet read it.
+    let mut third = Browser::new(&f, "sam");
+    let unused = third.get("/token-unused").await;
+    assert_eq!(unused.body, "no form here");
+    assert!(
+        unused.headers.get(header::SET_COOKIE).is_none(),
+        "{:?}",
+        unused.headers
+    );
+    let streamed = third.get("/token-stream").await;
+    assert!(!third.csrf().is_empty(), "{:?}", streamed.headers);
+    assert_eq!(streamed.body, third.csrf());
+    assert_eq!(streamed.headers[header::CACHE_CONTROL], "private");
 }
 
 /// A session that has ended elsewhere replaces the browser's token with
