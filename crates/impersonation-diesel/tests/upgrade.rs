@@ -85,6 +85,12 @@ fn downgrade(place: &Place) -> String {
 }
 
 async fn upgrade_lists_every_stored_event(db: TestDb) {
+    upgrade_over(db, "").await;
+}
+
+/// [`upgrade_lists_every_stored_event`], with `left` run after the
+/// downgrade: what a migration 2 that stopped part way left behind.
+async fn upgrade_over(db: TestDb, left: &str) {
     let store = &db.store;
     let w = World::new();
     // Three agents, three customers in two tenants, a few batches each.
@@ -116,6 +122,9 @@ async fn upgrade_lists_every_stored_event(db: TestDb) {
     // Back to before migration 2 (its first statement drops the views),
     // then up again: the views now come from the stored events alone.
     raw(&db.place, &downgrade(&db.place)).await.unwrap();
+    if !left.is_empty() {
+        raw(&db.place, left).await.unwrap();
+    }
     store.migrate().await.unwrap();
 
     let first = &everything[0];
@@ -176,6 +185,37 @@ async fn upgrading_postgres_lists_every_stored_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_mariadb_lists_every_stored_event() {
     upgrade_lists_every_stored_event(common::mysql_db(4).await).await;
+}
+
+/// MySQL and MariaDB commit each `CREATE`, `ALTER` and `DROP` at once, so
+/// a migration 2 that stopped part way (a lock wait timed out, a
+/// connection was lost) leaves what it did, with no record that it ran.
+/// The next `migrate` runs it again over that, and every view lists each
+/// stored event once: after a stop among its inserts, and after a stop
+/// once all of it had run but its version was not yet recorded. The same
+/// holds for migrations 3 and 4.
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_migration_that_stopped_part_way_runs_again_on_mariadb() {
+    let second = include_str!("../migrations/mysql/00000000000002_audit_runs/up.sql");
+    let inserts: Vec<usize> = second
+        .match_indices("INSERT INTO impersonation_audit_runs")
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(inserts.len(), 6);
+    // Up to its fourth insert: the table and three views' runs.
+    upgrade_over(common::mysql_db(4).await, &second[..inserts[3]]).await;
+    upgrade_over(common::mysql_db(4).await, second).await;
+    // Migrations 3 and 4 too, all run, none recorded: each runs again.
+    let later = [
+        include_str!("../migrations/mysql/00000000000003_ids_no_pad/up.sql"),
+        include_str!("../migrations/mysql/00000000000004_runs_in_order/up.sql"),
+    ];
+    upgrade_over(
+        common::mysql_db(4).await,
+        &format!("{second}\n{}\n{}", later[0], later[1]),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
