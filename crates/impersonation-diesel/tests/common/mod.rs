@@ -270,6 +270,45 @@ pub(crate) async fn raw(place: &Place, sql: &str) -> Result<(), String> {
     }
 }
 
+/// A MySQL or MariaDB test database's schema as one sorted line per
+/// column, index column and trigger: two databases migrated alike give
+/// the same lines.
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql_schema(url: &str) -> Vec<String> {
+    use diesel::QueryableByName;
+    use diesel::sql_types::Text;
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    #[derive(QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = Text)]
+        line: String,
+    }
+    let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+        .await
+        .unwrap();
+    diesel::sql_query(
+        "SELECT CONCAT_WS(' ', 'column', table_name, column_name, column_type, \
+                 IFNULL(collation_name, '-'), is_nullable, IFNULL(column_default, '-'), \
+                 IFNULL(generation_expression, '-')) AS line \
+             FROM information_schema.columns WHERE table_schema = DATABASE() \
+         UNION ALL \
+         SELECT CONCAT_WS(' ', 'index', table_name, index_name, seq_in_index, column_name, \
+                 non_unique) \
+             FROM information_schema.statistics WHERE table_schema = DATABASE() \
+         UNION ALL \
+         SELECT CONCAT_WS(' ', 'trigger', trigger_name, event_object_table, action_timing, \
+                 event_manipulation, action_statement) \
+             FROM information_schema.triggers WHERE trigger_schema = DATABASE() \
+         ORDER BY line",
+    )
+    .load::<Line>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|l| l.line)
+    .collect()
+}
+
 /// The planner's account of `sql` on a test database, one line per step:
 /// PostgreSQL's `EXPLAIN` (sequential scans off, so that a table of a few
 /// rows is read as a large one would be), MySQL's `EXPLAIN` `Extra`

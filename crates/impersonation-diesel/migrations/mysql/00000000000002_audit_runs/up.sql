@@ -17,7 +17,10 @@
 -- connection was lost) leaves what it did, with no record that it ran.
 -- Each step is written to run again over that: the table made if missing,
 -- an event's run inserted only where it is not there yet, the indexes
--- dropped that are still there, the triggers made anew.
+-- dropped that are still there, the triggers made anew. (Each insert
+-- reads the table it fills, so the server copies its rows to a temporary
+-- table first. Nothing writes through the store before migrate succeeds,
+-- so every run here is one event's, first_seq its seq.)
 CREATE TABLE IF NOT EXISTS impersonation_audit_runs (
     view_name VARCHAR(16) NOT NULL,
     view_key  VARBINARY(255) NOT NULL,
