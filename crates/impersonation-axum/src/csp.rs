@@ -11,6 +11,12 @@
 //! left as it is. The same goes for a policy an HTML page delivers in a
 //! `<meta http-equiv="Content-Security-Policy">` tag, rewritten in its
 //! `content` attribute as the banner is injected.
+//!
+//! A `form-action` that does not allow the site's own origin (`'none'`,
+//! say, in an app that posts no forms) would block the banner's Stop
+//! button. Such a directive gets the stop route's URL at the site's
+//! origins, and nothing else (a `'none'` beside it goes, as it must stand
+//! alone).
 
 use std::sync::LazyLock;
 
@@ -52,18 +58,20 @@ pub fn banner_style_sources() -> &'static str {
     &SOURCES
 }
 
-/// Lets the banner's styles through every policy of the response, enforced
-/// or report-only (where they would only be reported).
-pub(crate) fn allow_banner_styles(headers: &mut HeaderMap) {
+/// Lets the banner's styles, and its Stop form's post to `stop` (the
+/// sources [`crate::csrf::stop_sources`] gives, if any), through every
+/// policy of the response, enforced or report-only (where they would only
+/// be reported).
+pub(crate) fn allow_banner(headers: &mut HeaderMap, stop: Option<&str>) {
     for name in [
         header::CONTENT_SECURITY_POLICY,
         header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
     ] {
-        allow_in(headers, name);
+        allow_in(headers, name, stop);
     }
 }
 
-fn allow_in(headers: &mut HeaderMap, name: HeaderName) {
+fn allow_in(headers: &mut HeaderMap, name: HeaderName, stop: Option<&str>) {
     let mut changed = false;
     let values: Vec<HeaderValue> = headers
         .get_all(&name)
@@ -72,7 +80,7 @@ fn allow_in(headers: &mut HeaderMap, name: HeaderName) {
             let rewritten = value
                 .to_str()
                 .ok()
-                .and_then(rewrite_list)
+                .and_then(|list| rewrite_list(list, stop))
                 .and_then(|text| HeaderValue::from_str(&text).ok());
             match rewritten {
                 Some(new) => {
@@ -94,10 +102,10 @@ fn allow_in(headers: &mut HeaderMap, name: HeaderName) {
 /// A header value may hold several policies, separated by commas, each
 /// enforced: the value with every one rewritten, or `None` if none needed
 /// it.
-fn rewrite_list(list: &str) -> Option<String> {
+fn rewrite_list(list: &str, stop: Option<&str>) -> Option<String> {
     let policies: Vec<(&str, Option<String>)> = list
         .split(',')
-        .map(|policy| (policy, rewrite_policy(policy)))
+        .map(|policy| (policy, rewrite_policy(policy, stop)))
         .collect();
     if policies.iter().all(|(_, new)| new.is_none()) {
         return None;
@@ -110,14 +118,15 @@ fn rewrite_list(list: &str) -> Option<String> {
 }
 
 /// A `<meta http-equiv="Content-Security-Policy" content="…">` start tag
-/// (`tag`, from its `<` to its `>`) with the banner's styles let through
-/// its policy, or `None` if it is no such tag, its policy lets them
-/// through already, or its `content` might read otherwise to a browser
+/// (`tag`, from its `<` to its `>`) with the banner's styles (and its Stop
+/// form's post to `stop`) let through its policy, or `None` if it is no
+/// such tag, its policy lets them through already, or its `content` might
+/// read otherwise to a browser
 /// than here (see `decoded`), or holds anything but ASCII: left as it is
 /// then, the banner unstyled. A policy a page delivers this way is
 /// enforced as one in a header is (browsers ignore a report-only one in
 /// a `<meta>`).
-pub(crate) fn rewrite_meta(tag: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn rewrite_meta(tag: &[u8], stop: Option<&str>) -> Option<Vec<u8>> {
     let attributes = attributes(tag)?;
     let value = |name: &str| {
         attributes
@@ -140,7 +149,7 @@ pub(crate) fn rewrite_meta(tag: &[u8]) -> Option<Vec<u8>> {
     if !policy.is_ascii() {
         return None;
     }
-    let new = rewrite_policy(&policy)?;
+    let new = rewrite_policy(&policy, stop)?;
     let escaped = new.replace('&', "&amp;").replace('"', "&quot;");
     let mut out = Vec::with_capacity(tag.len() + escaped.len());
     out.extend_from_slice(&tag[..content.span.start]);
@@ -270,10 +279,10 @@ fn allows_inline(sources: &[&str]) -> bool {
     !has_nonce_or_hash && sources.iter().any(|s| is_keyword(s, "'unsafe-inline'"))
 }
 
-/// The policy with the banner's styles let through, or `None` if it lets
-/// them through already.
-fn rewrite_policy(policy: &str) -> Option<String> {
-    let mut directives: Vec<Directive<'_>> = policy
+/// The policy with the banner's styles, and its Stop form's post to
+/// `stop`, let through, or `None` if it lets them through already.
+fn rewrite_policy<'a>(policy: &'a str, stop: Option<&'a str>) -> Option<String> {
+    let mut directives: Vec<Directive<'a>> = policy
         .split(';')
         .filter_map(|text| {
             let mut tokens = text.split_ascii_whitespace();
@@ -284,16 +293,41 @@ fn rewrite_policy(policy: &str) -> Option<String> {
             })
         })
         .collect();
+    let styled = allow_styles(&mut directives);
+    let posted = stop.is_some_and(|stop| allow_stop(&mut directives, stop));
+    if !(styled || posted) {
+        return None;
+    }
+    let text: Vec<String> = directives
+        .iter()
+        .map(|d| {
+            let mut text = d.name.clone();
+            for source in &d.sources {
+                text.push(' ');
+                text.push_str(source);
+            }
+            text
+        })
+        .collect();
+    Some(text.join("; "))
+}
+
+/// Lets the banner's style attributes through `directives`; `false` if
+/// they were let through already.
+fn allow_styles(directives: &mut Vec<Directive<'_>>) -> bool {
     // What governs a style attribute: the first `style-src-attr`, else
     // `style-src`, else `default-src` (a repeated directive is ignored).
-    let governing = ["style-src-attr", "style-src", "default-src"]
+    let Some(governing) = ["style-src-attr", "style-src", "default-src"]
         .iter()
-        .find_map(|name| directives.iter().position(|d| d.name == *name))?;
+        .find_map(|name| directives.iter().position(|d| d.name == *name))
+    else {
+        return false;
+    };
     let sources = &directives[governing].sources;
     let unsafe_hashes = sources.iter().any(|s| is_keyword(s, "'unsafe-hashes'"));
     // Hashes are base64: compared exactly.
     if allows_inline(sources) || (unsafe_hashes && HASHES.iter().all(|h| sources.contains(&&**h))) {
-        return None;
+        return false;
     }
     // `'none'` allows nothing and stands alone: it goes. Without
     // `'unsafe-hashes'` the list's hashes (and its nonces, always) did not
@@ -316,18 +350,28 @@ fn rewrite_policy(policy: &str) -> Option<String> {
             sources,
         });
     }
-    let text: Vec<String> = directives
+    true
+}
+
+/// Lets the banner's Stop form post to `stop` through the policy's
+/// `form-action` (the first; it has no fallback, so without one forms
+/// post anywhere): unless it allows the site's own origin (`'self'`, `*`)
+/// or `stop` already, `stop` is added and a `'none'` goes. `false` if
+/// nothing changed.
+fn allow_stop<'a>(directives: &mut [Directive<'a>], stop: &'a str) -> bool {
+    let Some(action) = directives.iter_mut().find(|d| d.name == "form-action") else {
+        return false;
+    };
+    if action
+        .sources
         .iter()
-        .map(|d| {
-            let mut text = d.name.clone();
-            for source in &d.sources {
-                text.push(' ');
-                text.push_str(source);
-            }
-            text
-        })
-        .collect();
-    Some(text.join("; "))
+        .any(|s| is_keyword(s, "'self'") || *s == "*" || *s == stop)
+    {
+        return false;
+    }
+    action.sources.retain(|s| !is_keyword(s, "'none'"));
+    action.sources.push(stop);
+    true
 }
 
 #[cfg(test)]
@@ -341,7 +385,61 @@ mod tests {
     }
 
     fn meta(tag: &str) -> Option<String> {
-        rewrite_meta(tag.as_bytes()).map(|t| String::from_utf8(t).unwrap())
+        rewrite_meta(tag.as_bytes(), None).map(|t| String::from_utf8(t).unwrap())
+    }
+
+    #[test]
+    fn a_form_action_that_allows_not_even_this_site_lets_the_stop_form_post() {
+        let stop = "https://app.example.com/impersonation/stop";
+        let h = ours();
+        for (policy, expected) in [
+            ("form-action 'none'", format!("form-action {stop}")),
+            (
+                "form-action 'NONE'; base-uri 'none'",
+                format!("form-action {stop}; base-uri 'none'"),
+            ),
+            (
+                "default-src 'self'; form-action https://pay.example.com",
+                format!(
+                    "default-src 'self'; form-action https://pay.example.com {stop}; style-src-attr 'self' 'unsafe-hashes' {h}"
+                ),
+            ),
+            // Only the first `form-action` counts.
+            (
+                "form-action 'none'; form-action 'self'",
+                format!("form-action {stop}; form-action 'self'"),
+            ),
+        ] {
+            assert_eq!(
+                rewrite_policy(policy, Some(stop)),
+                Some(expected),
+                "{policy}"
+            );
+        }
+        // A directive that allows this site (or the stop route), or none
+        // at all (forms post anywhere), is left alone; so is every policy
+        // when there is no source to give.
+        for policy in [
+            "form-action 'self'",
+            "form-action 'SELF' https://pay.example.com",
+            "form-action *",
+            "form-action https://app.example.com/impersonation/stop",
+            "script-src 'self'",
+        ] {
+            assert_eq!(rewrite_policy(policy, Some(stop)), None, "{policy}");
+        }
+        assert_eq!(rewrite_policy("form-action 'none'", None), None);
+        // In a `<meta>` too.
+        assert_eq!(
+            rewrite_meta(
+                b"<meta http-equiv=Content-Security-Policy content=\"form-action &#39;none&#39;\">",
+                Some(stop)
+            )
+            .map(|t| String::from_utf8(t).unwrap()),
+            Some(format!(
+                "<meta http-equiv=Content-Security-Policy content=\"form-action {stop}\">"
+            ))
+        );
     }
 
     #[test]
@@ -456,10 +554,10 @@ mod tests {
             let (a, b) = if content_first { (&content[..], equiv) } else { (equiv, &content[..]) };
             let other = if extra { " data-x='a > b' =\"c\"" } else { "" };
             let page = format!("<!doctype html><html><head><meta {a}{other} {b}></head><body><p>x</p></body></html>");
-            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>")).unwrap();
+            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", None)).unwrap();
             let before = parsed_content(&page).unwrap();
             let after = parsed_content(&injected).unwrap();
-            let rewritten = rewrite_policy(&before);
+            let rewritten = rewrite_policy(&before, None);
             if !before.is_ascii() {
                 proptest::prop_assert_eq!(&after, &before, "page: {}", injected);
             } else if odd {
@@ -544,12 +642,12 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                rewrite_policy(policy).as_deref(),
+                rewrite_policy(policy, None).as_deref(),
                 Some(&*expected),
                 "{policy}"
             );
             // Once let through, it stays as it is.
-            assert_eq!(rewrite_policy(&expected), None, "{expected}");
+            assert_eq!(rewrite_policy(&expected, None), None, "{expected}");
         }
     }
 
@@ -563,7 +661,7 @@ mod tests {
             "default-src 'none'; style-src 'unsafe-inline'",
             "style-src 'none'; style-src-attr 'UNSAFE-INLINE'",
         ] {
-            assert_eq!(rewrite_policy(policy), None, "{policy}");
+            assert_eq!(rewrite_policy(policy, None), None, "{policy}");
         }
     }
 
@@ -582,7 +680,7 @@ mod tests {
             header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
             HeaderValue::from_static("style-src 'self'"),
         );
-        allow_banner_styles(&mut headers);
+        allow_banner(&mut headers, None);
         let h = ours();
         let enforced: Vec<&str> = headers
             .get_all(header::CONTENT_SECURITY_POLICY)

@@ -3,7 +3,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use subtle::ConstantTimeEq;
 
@@ -271,6 +271,60 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
     .is(origin)
 }
 
+/// The sources a Content-Security-Policy `form-action` needs for the
+/// banner's Stop form to post: the stop route at each origin the layer was
+/// given ([`SiteOrigin`]), or else at the request's own `host` (`https`,
+/// or `http` in development mode, which covers `https` too). `None` where
+/// no origin can be written as a source (an IPv6 address, a `Host` that is
+/// no host name) or the mount path holds what a source cannot (`;`, `,`,
+/// a space, a quote): the policy is then left as it is.
+pub(crate) fn stop_sources(settings: &Settings, host: Option<&HeaderValue>) -> Option<String> {
+    let path = settings.stop_path();
+    let path_ok = path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&()*+=:@/".contains(&b));
+    if !path_ok {
+        return None;
+    }
+    let origins: Vec<String> = if settings.origins.is_empty() {
+        let host = host?.to_str().ok()?;
+        let scheme = if settings.secure_cookies {
+            "https"
+        } else {
+            "http"
+        };
+        vec![format!("{scheme}://{host}")]
+    } else {
+        settings.origins.iter().map(|o| o.0.clone()).collect()
+    };
+    let sources: Vec<String> = origins
+        .into_iter()
+        .filter(|origin| is_source_origin(origin))
+        .map(|origin| format!("{origin}{path}"))
+        .collect();
+    (!sources.is_empty()).then(|| sources.join(" "))
+}
+
+/// Whether `origin` (`scheme://host[:port]`) can be written as a CSP
+/// host-source: a host name or IPv4 address of letters, digits, `-` and
+/// `.`, and a port of digits.
+fn is_source_origin(origin: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Response part: the browser gets a new CSRF token with this response.
 ///
 /// The SDK replaces the token when an impersonation starts or stops, so
@@ -305,5 +359,82 @@ impl IntoResponseParts for RenewCsrfToken {
     fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Self::Error> {
         res.extensions_mut().insert(self);
         Ok(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn settings(mount: &str, secure: bool, origins: &[&str]) -> Settings {
+        Settings {
+            mount: mount.to_owned(),
+            secure_cookies: secure,
+            audit: Arc::new(|_, _| true),
+            changes: None,
+            tokens: None,
+            stream_check: std::time::Duration::from_secs(5),
+            origins: origins.iter().map(|o| o.parse().unwrap()).collect(),
+        }
+    }
+
+    fn sources(settings: &Settings, host: Option<&'static str>) -> Option<String> {
+        stop_sources(settings, host.map(HeaderValue::from_static).as_ref())
+    }
+
+    #[test]
+    fn the_stop_forms_sources_are_the_stop_route_at_the_sites_origins() {
+        let plain = settings("/impersonation", true, &[]);
+        assert_eq!(
+            sources(&plain, Some("App.example.com:8443")).as_deref(),
+            Some("https://App.example.com:8443/impersonation/stop")
+        );
+        // Development mode: `http`, which a policy reads as `https` too.
+        assert_eq!(
+            sources(
+                &settings("/impersonation", false, &[]),
+                Some("localhost:3000")
+            )
+            .as_deref(),
+            Some("http://localhost:3000/impersonation/stop")
+        );
+        // Origins given win over `Host`, each one that a source can name.
+        let given = settings(
+            "/support/",
+            true,
+            &[
+                "https://app.example.com",
+                "https://[::1]:8443",
+                "http://10.0.0.7:8080",
+            ],
+        );
+        assert_eq!(
+            sources(&given, Some("internal:8080")).as_deref(),
+            Some("https://app.example.com/support/stop http://10.0.0.7:8080/support/stop")
+        );
+        // Nothing a policy could be given: no host, or one no source can
+        // name (that would end the directive, or the policy, early), or a
+        // mount path that could not be a source's path.
+        for host in [
+            None,
+            Some("[::1]:3000"),
+            Some("app.example.com; script-src *"),
+            Some("app.example.com,evil"),
+            Some("app.example.com:"),
+            Some(""),
+        ] {
+            assert_eq!(sources(&plain, host), None, "{host:?}");
+        }
+        for mount in ["/a;b", "/a,b", "/a b", "/a'b", "/a\"b"] {
+            assert_eq!(
+                sources(&settings(mount, true, &[]), Some("app.example.com")),
+                None,
+                "{mount}"
+            );
+        }
     }
 }

@@ -653,6 +653,9 @@ where
 
             // What the audit needs of the request, only under impersonation.
             let mut audit = None;
+            // The host the request named, for the banner's Stop form's
+            // place in a page's policy (see `crate::csp`).
+            let mut page_host = None;
             let span = match &ctx {
                 Some(c) => {
                     let method = req.method().clone();
@@ -662,6 +665,11 @@ where
                         None => RouteName::Path(req.uri().path().to_owned()),
                     };
                     req.extensions_mut().insert(c.clone());
+                    page_host = req.headers().get(header::HOST).cloned().or_else(|| {
+                        req.uri()
+                            .authority()
+                            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                    });
                     // The page must come back as the app renders it now,
                     // for the banner to go in: not encoded (a precompressed
                     // file; a compression layer outside this one still
@@ -869,9 +877,16 @@ where
                         );
                         // A body that panics while it is read is audited as
                         // the handler's panic is, then passed on.
-                        match AssertUnwindSafe(with_banner(res, &banner, markup, route))
-                            .catch_unwind()
-                            .await
+                        let stop = crate::csrf::stop_sources(settings, page_host.as_ref());
+                        match AssertUnwindSafe(with_banner(
+                            res,
+                            &banner,
+                            stop.as_deref(),
+                            markup,
+                            route,
+                        ))
+                        .catch_unwind()
+                        .await
                         {
                             Ok(page) => {
                                 res = page;
@@ -1225,7 +1240,13 @@ fn keeps_ascii(label: &str) -> bool {
 /// The page with the banner in, or a 500 when it cannot be read whole
 /// (larger than [`MAX_BANNER_BODY`], or its body failed): a page under
 /// impersonation is not served without its banner.
-async fn with_banner(res: Response, banner: &str, markup: Markup, route: &str) -> Response {
+async fn with_banner(
+    res: Response,
+    banner: &str,
+    stop: Option<&str>,
+    markup: Markup,
+    route: &str,
+) -> Response {
     let (mut parts, body) = res.into_parts();
     match http_body_util::Limited::new(body, MAX_BANNER_BODY)
         .collect()
@@ -1245,7 +1266,7 @@ async fn with_banner(res: Response, banner: &str, markup: Markup, route: &str) -
                 return Response::from_parts(parts, Body::from(bytes));
             }
             let page = match markup {
-                Markup::Html => inject(&bytes, banner),
+                Markup::Html => inject(&bytes, banner, stop),
                 Markup::Xhtml => {
                     let placed = match crate::xhtml::declared_encoding(&bytes) {
                         // Without a charset in the header, the XML
@@ -1273,8 +1294,10 @@ async fn with_banner(res: Response, banner: &str, markup: Markup, route: &str) -
             };
             parts.headers.remove(header::CONTENT_LENGTH);
             // A policy that blocks inline styles would leave the banner
-            // unstyled, at the foot of the page: its own styles go through.
-            crate::csp::allow_banner_styles(&mut parts.headers);
+            // unstyled, at the foot of the page: its own styles go through
+            // (and its Stop form's post, past a `form-action` that allows
+            // not even this site).
+            crate::csp::allow_banner(&mut parts.headers, stop);
             Response::from_parts(parts, Body::from(page))
         }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {

@@ -201,6 +201,20 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 )
             }),
         )
+        // A page of an app that posts no forms, under a policy that
+        // says so.
+        .route(
+            "/no-forms",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'self'; style-src 'self' 'unsafe-inline'; form-action 'none'",
+                    )],
+                    Html("<html><body>the page</body></html>"),
+                )
+            }),
+        )
         // An app shell whose policy is in a `<meta>`, not a header.
         .route(
             "/shell",
@@ -638,6 +652,52 @@ async fn a_page_that_allows_no_inline_style_lets_the_banners_own_through() {
         .collect();
     assert_eq!(hashes.len(), 4, "{}", page.body);
     assert_eq!(sources, format!("'unsafe-hashes' {}", hashes.join(" ")));
+}
+
+/// A policy that lets no form post (`form-action 'none'`) would block the
+/// banner's Stop button: it lets that one form post to the stop route, at
+/// the host the page was asked for, and nothing else.
+#[tokio::test]
+async fn a_policy_that_lets_no_form_post_lets_the_banners_stop_through() {
+    let f = fixture();
+    let mut b = Browser::new(&f, "sam");
+    let policy = "default-src 'self'; style-src 'self' 'unsafe-inline'; form-action 'none'";
+    assert_eq!(
+        b.get("/no-forms").await.headers[header::CONTENT_SECURITY_POLICY],
+        policy
+    );
+    b.start("olive").await;
+    let page = b.get("/no-forms").await;
+    let policies: Vec<&str> = page
+        .headers
+        .get_all(header::CONTENT_SECURITY_POLICY)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; \
+             form-action https://app.example/impersonation/stop",
+            "frame-ancestors 'self'",
+        ]
+    );
+    // The URL the banner's form posts to, as the browser resolves it.
+    let html = scraper::Html::parse_document(&page.body);
+    let form = scraper::Selector::parse("#impersonation-banner form").unwrap();
+    let action = html
+        .select(&form)
+        .next()
+        .and_then(|f| f.value().attr("action"))
+        .unwrap();
+    assert_eq!(
+        url::Url::parse("https://app.example/no-forms")
+            .unwrap()
+            .join(action)
+            .unwrap()
+            .as_str(),
+        "https://app.example/impersonation/stop"
+    );
 }
 
 /// The same for a policy the page delivers in a `<meta>` (an app shell's):
