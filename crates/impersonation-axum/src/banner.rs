@@ -128,7 +128,7 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
 /// "Content-Security-Policy">` (an app shell's, say) gets the banner's
 /// styles, and its Stop form's post to `stop`, let through it, as one in
 /// a header does (`crate::csp`).
-pub(crate) fn inject(html: &[u8], banner: &str, stop: Option<&str>) -> Vec<u8> {
+pub(crate) fn inject(html: &[u8], banner: &str, stop: &[String]) -> Vec<u8> {
     let mut metas = Vec::new();
     let at = scan(html, &mut metas);
     let mut edits: Vec<(std::ops::Range<usize>, Vec<u8>)> = metas
@@ -987,7 +987,7 @@ mod tests {
         fn a_real_parser_finds_the_banner_as_an_element(pieces in proptest::collection::vec(piece(), 0..10)) {
             let page = format!("<!doctype html><html><head></head><body>{}", pieces.concat());
             let banner = "<div id=\"impersonation-banner\" role=\"alert\">B</div>";
-            let injected = String::from_utf8(inject(page.as_bytes(), banner, None)).unwrap();
+            let injected = String::from_utf8(inject(page.as_bytes(), banner, &[])).unwrap();
             let dom = scraper::Html::parse_document(&injected);
             let found = scraper::Selector::parse("#impersonation-banner").unwrap();
             prop_assert_eq!(dom.select(&found).count(), 1, "page: {}", injected);
@@ -1004,7 +1004,7 @@ mod tests {
     }
 
     fn placed(page: &str) -> String {
-        String::from_utf8(inject(page.as_bytes(), "[B]", None)).unwrap()
+        String::from_utf8(inject(page.as_bytes(), "[B]", &[])).unwrap()
     }
 
     #[test]

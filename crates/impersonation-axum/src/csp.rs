@@ -62,7 +62,7 @@ pub fn banner_style_sources() -> &'static str {
 /// sources [`crate::csrf::stop_sources`] gives, if any), through every
 /// policy of the response, enforced or report-only (where they would only
 /// be reported).
-pub(crate) fn allow_banner(headers: &mut HeaderMap, stop: Option<&str>) {
+pub(crate) fn allow_banner(headers: &mut HeaderMap, stop: &[String]) {
     for name in [
         header::CONTENT_SECURITY_POLICY,
         header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
@@ -71,7 +71,7 @@ pub(crate) fn allow_banner(headers: &mut HeaderMap, stop: Option<&str>) {
     }
 }
 
-fn allow_in(headers: &mut HeaderMap, name: HeaderName, stop: Option<&str>) {
+fn allow_in(headers: &mut HeaderMap, name: HeaderName, stop: &[String]) {
     let mut changed = false;
     let values: Vec<HeaderValue> = headers
         .get_all(&name)
@@ -102,7 +102,7 @@ fn allow_in(headers: &mut HeaderMap, name: HeaderName, stop: Option<&str>) {
 /// A header value may hold several policies, separated by commas, each
 /// enforced: the value with every one rewritten, or `None` if none needed
 /// it.
-fn rewrite_list(list: &str, stop: Option<&str>) -> Option<String> {
+fn rewrite_list(list: &str, stop: &[String]) -> Option<String> {
     let policies: Vec<(&str, Option<String>)> = list
         .split(',')
         .map(|policy| (policy, rewrite_policy(policy, stop)))
@@ -126,7 +126,7 @@ fn rewrite_list(list: &str, stop: Option<&str>) -> Option<String> {
 /// then, the banner unstyled. A policy a page delivers this way is
 /// enforced as one in a header is (browsers ignore a report-only one in
 /// a `<meta>`).
-pub(crate) fn rewrite_meta(tag: &[u8], stop: Option<&str>) -> Option<Vec<u8>> {
+pub(crate) fn rewrite_meta(tag: &[u8], stop: &[String]) -> Option<Vec<u8>> {
     let attributes = attributes(tag)?;
     let value = |name: &str| {
         attributes
@@ -281,7 +281,7 @@ fn allows_inline(sources: &[&str]) -> bool {
 
 /// The policy with the banner's styles, and its Stop form's post to
 /// `stop`, let through, or `None` if it lets them through already.
-fn rewrite_policy<'a>(policy: &'a str, stop: Option<&'a str>) -> Option<String> {
+fn rewrite_policy<'a>(policy: &'a str, stop: &'a [String]) -> Option<String> {
     let mut directives: Vec<Directive<'a>> = policy
         .split(';')
         .filter_map(|text| {
@@ -294,7 +294,7 @@ fn rewrite_policy<'a>(policy: &'a str, stop: Option<&'a str>) -> Option<String> 
         })
         .collect();
     let styled = allow_styles(&mut directives);
-    let posted = stop.is_some_and(|stop| allow_stop(&mut directives, stop));
+    let posted = allow_stop(&mut directives, stop);
     if !(styled || posted) {
         return None;
     }
@@ -353,24 +353,32 @@ fn allow_styles(directives: &mut Vec<Directive<'_>>) -> bool {
     true
 }
 
-/// Lets the banner's Stop form post to `stop` through the policy's
-/// `form-action` (the first; it has no fallback, so without one forms
-/// post anywhere): unless it allows the site's own origin (`'self'`, `*`)
-/// or `stop` already, `stop` is added and a `'none'` goes. `false` if
+/// Lets the banner's Stop form post to the `stop` sources through the
+/// policy's `form-action` (the first; it has no fallback, so without one
+/// forms post anywhere): unless it allows the site's own origin (`'self'`,
+/// `*`), each source it lacks is added, and a `'none'` goes. `false` if
 /// nothing changed.
-fn allow_stop<'a>(directives: &mut [Directive<'a>], stop: &'a str) -> bool {
+fn allow_stop<'a>(directives: &mut [Directive<'a>], stop: &'a [String]) -> bool {
     let Some(action) = directives.iter_mut().find(|d| d.name == "form-action") else {
         return false;
     };
     if action
         .sources
         .iter()
-        .any(|s| is_keyword(s, "'self'") || *s == "*" || *s == stop)
+        .any(|s| is_keyword(s, "'self'") || *s == "*")
     {
         return false;
     }
+    let missing: Vec<&str> = stop
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !action.sources.contains(s))
+        .collect();
+    if missing.is_empty() {
+        return false;
+    }
     action.sources.retain(|s| !is_keyword(s, "'none'"));
-    action.sources.push(stop);
+    action.sources.extend(missing);
     true
 }
 
@@ -385,36 +393,37 @@ mod tests {
     }
 
     fn meta(tag: &str) -> Option<String> {
-        rewrite_meta(tag.as_bytes(), None).map(|t| String::from_utf8(t).unwrap())
+        rewrite_meta(tag.as_bytes(), &[]).map(|t| String::from_utf8(t).unwrap())
     }
 
     #[test]
     fn a_form_action_that_allows_not_even_this_site_lets_the_stop_form_post() {
-        let stop = "https://app.example.com/impersonation/stop";
+        let url = "https://app.example.com/impersonation/stop";
+        let stop = [url.to_owned()];
         let h = ours();
         for (policy, expected) in [
-            ("form-action 'none'", format!("form-action {stop}")),
+            ("form-action 'none'", format!("form-action {url}")),
+            ("form-action", format!("form-action {url}")),
             (
                 "form-action 'NONE'; base-uri 'none'",
-                format!("form-action {stop}; base-uri 'none'"),
+                format!("form-action {url}; base-uri 'none'"),
             ),
             (
                 "default-src 'self'; form-action https://pay.example.com",
                 format!(
-                    "default-src 'self'; form-action https://pay.example.com {stop}; style-src-attr 'self' 'unsafe-hashes' {h}"
+                    "default-src 'self'; form-action https://pay.example.com {url}; style-src-attr 'self' 'unsafe-hashes' {h}"
                 ),
             ),
             // Only the first `form-action` counts.
             (
                 "form-action 'none'; form-action 'self'",
-                format!("form-action {stop}; form-action 'self'"),
+                format!("form-action {url}; form-action 'self'"),
             ),
         ] {
-            assert_eq!(
-                rewrite_policy(policy, Some(stop)),
-                Some(expected),
-                "{policy}"
-            );
+            let rewritten = rewrite_policy(policy, &stop);
+            assert_eq!(rewritten, Some(expected), "{policy}");
+            // Rewritten once: the next rewrite finds nothing to do.
+            assert_eq!(rewrite_policy(&rewritten.unwrap(), &stop), None, "{policy}");
         }
         // A directive that allows this site (or the stop route), or none
         // at all (forms post anywhere), is left alone; so is every policy
@@ -426,19 +435,47 @@ mod tests {
             "form-action https://app.example.com/impersonation/stop",
             "script-src 'self'",
         ] {
-            assert_eq!(rewrite_policy(policy, Some(stop)), None, "{policy}");
+            assert_eq!(rewrite_policy(policy, &stop), None, "{policy}");
         }
-        assert_eq!(rewrite_policy("form-action 'none'", None), None);
+        assert_eq!(rewrite_policy("form-action 'none'", &[]), None);
+        // Several origins' stop routes: each one the directive lacks.
+        let two = [
+            url.to_owned(),
+            "https://eu.example.com/impersonation/stop".to_owned(),
+        ];
+        let once = rewrite_policy(&format!("form-action {url}"), &two).unwrap();
+        assert_eq!(once, format!("form-action {url} {}", two[1]));
+        assert_eq!(rewrite_policy(&once, &two), None);
         // In a `<meta>` too.
         assert_eq!(
             rewrite_meta(
                 b"<meta http-equiv=Content-Security-Policy content=\"form-action &#39;none&#39;\">",
-                Some(stop)
+                &stop
             )
             .map(|t| String::from_utf8(t).unwrap()),
             Some(format!(
-                "<meta http-equiv=Content-Security-Policy content=\"form-action {stop}\">"
+                "<meta http-equiv=Content-Security-Policy content=\"form-action {url}\">"
             ))
+        );
+        // And in every header policy, report-only ones too.
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            (header::CONTENT_SECURITY_POLICY, "form-action 'none'"),
+            (
+                header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
+                "form-action https://pay.example.com",
+            ),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        allow_banner(&mut headers, &stop);
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY],
+            format!("form-action {url}").as_str()
+        );
+        assert_eq!(
+            headers[header::CONTENT_SECURITY_POLICY_REPORT_ONLY],
+            format!("form-action https://pay.example.com {url}").as_str()
         );
     }
 
@@ -554,10 +591,10 @@ mod tests {
             let (a, b) = if content_first { (&content[..], equiv) } else { (equiv, &content[..]) };
             let other = if extra { " data-x='a > b' =\"c\"" } else { "" };
             let page = format!("<!doctype html><html><head><meta {a}{other} {b}></head><body><p>x</p></body></html>");
-            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", None)).unwrap();
+            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", &[])).unwrap();
             let before = parsed_content(&page).unwrap();
             let after = parsed_content(&injected).unwrap();
-            let rewritten = rewrite_policy(&before, None);
+            let rewritten = rewrite_policy(&before, &[]);
             if !before.is_ascii() {
                 proptest::prop_assert_eq!(&after, &before, "page: {}", injected);
             } else if odd {
@@ -642,12 +679,12 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                rewrite_policy(policy, None).as_deref(),
+                rewrite_policy(policy, &[]).as_deref(),
                 Some(&*expected),
                 "{policy}"
             );
             // Once let through, it stays as it is.
-            assert_eq!(rewrite_policy(&expected, None), None, "{expected}");
+            assert_eq!(rewrite_policy(&expected, &[]), None, "{expected}");
         }
     }
 
@@ -661,7 +698,7 @@ mod tests {
             "default-src 'none'; style-src 'unsafe-inline'",
             "style-src 'none'; style-src-attr 'UNSAFE-INLINE'",
         ] {
-            assert_eq!(rewrite_policy(policy, None), None, "{policy}");
+            assert_eq!(rewrite_policy(policy, &[]), None, "{policy}");
         }
     }
 
@@ -680,7 +717,7 @@ mod tests {
             header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
             HeaderValue::from_static("style-src 'self'"),
         );
-        allow_banner(&mut headers, None);
+        allow_banner(&mut headers, &[]);
         let h = ours();
         let enforced: Vec<&str> = headers
             .get_all(header::CONTENT_SECURITY_POLICY)

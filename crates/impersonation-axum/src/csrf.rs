@@ -272,53 +272,67 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
 }
 
 /// The sources a Content-Security-Policy `form-action` needs for the
-/// banner's Stop form to post: the stop route at each origin the layer was
-/// given ([`SiteOrigin`]), or else at the request's own `host` (`https`,
-/// or `http` in development mode, which covers `https` too). `None` where
-/// no origin can be written as a source (an IPv6 address, a `Host` that is
-/// no host name) or the mount path holds what a source cannot (`;`, `,`,
-/// a space, a quote): the policy is then left as it is.
-pub(crate) fn stop_sources(settings: &Settings, host: Option<&HeaderValue>) -> Option<String> {
+/// banner's Stop form to post: the stop route at the origin the layer was
+/// given ([`SiteOrigin`]) whose host and port the request's `host` names,
+/// or at each one given if none does; or else at the request's own
+/// `host`, without a scheme (so the page's own, as a browser reads such a
+/// source: `https` or, in development mode, `http` too). Left out: an
+/// origin no source can name (an IPv6 address, a `Host` that is no host
+/// name); and all of them if the mount path holds what a source's path
+/// cannot (`;`, `,`, a space, a quote, a `%`, which a browser decodes
+/// before it compares): the policy is then left as it is.
+pub(crate) fn stop_sources(settings: &Settings, host: Option<&HeaderValue>) -> Vec<String> {
     let path = settings.stop_path();
     let path_ok = path.starts_with('/')
         && path
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&()*+=:@/".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&()*+=:@/".contains(&b));
+    let host = host.and_then(|h| h.to_str().ok());
     if !path_ok {
-        return None;
+        return Vec::new();
     }
-    let origins: Vec<String> = if settings.origins.is_empty() {
-        let host = host?.to_str().ok()?;
-        let scheme = if settings.secure_cookies {
-            "https"
-        } else {
-            "http"
-        };
-        vec![format!("{scheme}://{host}")]
-    } else {
-        settings.origins.iter().map(|o| o.0.clone()).collect()
-    };
-    let sources: Vec<String> = origins
-        .into_iter()
-        .filter(|origin| is_source_origin(origin))
-        .map(|origin| format!("{origin}{path}"))
+    if settings.origins.is_empty() {
+        return host
+            .filter(|host| is_source_authority(host))
+            .map(|host| vec![format!("{host}{path}")])
+            .unwrap_or_default();
+    }
+    let named: Vec<&str> = settings
+        .origins
+        .iter()
+        .map(|o| o.0.as_str())
+        .filter(|o| host.is_some_and(|h| authority(o).eq_ignore_ascii_case(h)))
         .collect();
-    (!sources.is_empty()).then(|| sources.join(" "))
+    let origins = if named.is_empty() {
+        settings.origins.iter().map(|o| o.0.as_str()).collect()
+    } else {
+        named
+    };
+    origins
+        .into_iter()
+        .filter(|origin| {
+            origin.split_once("://").is_some_and(|(scheme, a)| {
+                matches!(scheme, "http" | "https") && is_source_authority(a)
+            })
+        })
+        .map(|origin| format!("{origin}{path}"))
+        .collect()
 }
 
-/// Whether `origin` (`scheme://host[:port]`) can be written as a CSP
+/// The `host[:port]` of an origin (`scheme://host[:port]`).
+fn authority(origin: &str) -> &str {
+    origin.split_once("://").map_or("", |(_, a)| a)
+}
+
+/// Whether `authority` (`host[:port]`) can be written in a CSP
 /// host-source: a host name or IPv4 address of letters, digits, `-` and
 /// `.`, and a port of digits.
-fn is_source_origin(origin: &str) -> bool {
-    let Some((scheme, authority)) = origin.split_once("://") else {
-        return false;
-    };
+fn is_source_authority(authority: &str) -> bool {
     let (host, port) = match authority.split_once(':') {
         Some((host, port)) => (host, Some(port)),
         None => (authority, None),
     };
-    matches!(scheme, "http" | "https")
-        && !host.is_empty()
+    !host.is_empty()
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
@@ -382,27 +396,27 @@ mod tests {
         }
     }
 
-    fn sources(settings: &Settings, host: Option<&'static str>) -> Option<String> {
+    fn sources(settings: &Settings, host: Option<&'static str>) -> Vec<String> {
         stop_sources(settings, host.map(HeaderValue::from_static).as_ref())
     }
 
     #[test]
     fn the_stop_forms_sources_are_the_stop_route_at_the_sites_origins() {
-        let plain = settings("/impersonation", true, &[]);
-        assert_eq!(
-            sources(&plain, Some("App.example.com:8443")).as_deref(),
-            Some("https://App.example.com:8443/impersonation/stop")
-        );
-        // Development mode: `http`, which a policy reads as `https` too.
-        assert_eq!(
-            sources(
-                &settings("/impersonation", false, &[]),
-                Some("localhost:3000")
-            )
-            .as_deref(),
-            Some("http://localhost:3000/impersonation/stop")
-        );
-        // Origins given win over `Host`, each one that a source can name.
+        // The request's own host, with no scheme: the page's own, as a
+        // browser reads it (`https`, or `http` in development mode, where
+        // an `http://host:port` source would not match `https` at that
+        // port).
+        for secure in [true, false] {
+            assert_eq!(
+                sources(
+                    &settings("/impersonation", secure, &[]),
+                    Some("App.example.com:8443")
+                ),
+                ["App.example.com:8443/impersonation/stop"]
+            );
+        }
+        // Origins given win over `Host`: the one it names, or else each
+        // one that a source can name.
         let given = settings(
             "/support/",
             true,
@@ -413,26 +427,34 @@ mod tests {
             ],
         );
         assert_eq!(
-            sources(&given, Some("internal:8080")).as_deref(),
-            Some("https://app.example.com/support/stop http://10.0.0.7:8080/support/stop")
+            sources(&given, Some("APP.example.com")),
+            ["https://app.example.com/support/stop"]
+        );
+        assert_eq!(
+            sources(&given, Some("internal:8080")),
+            [
+                "https://app.example.com/support/stop",
+                "http://10.0.0.7:8080/support/stop"
+            ]
         );
         // Nothing a policy could be given: no host, or one no source can
         // name (that would end the directive, or the policy, early), or a
         // mount path that could not be a source's path.
+        let plain = settings("/impersonation", true, &[]);
         for host in [
             None,
             Some("[::1]:3000"),
             Some("app.example.com; script-src *"),
             Some("app.example.com,evil"),
+            Some("user@app.example.com"),
             Some("app.example.com:"),
             Some(""),
         ] {
-            assert_eq!(sources(&plain, host), None, "{host:?}");
+            assert!(sources(&plain, host).is_empty(), "{host:?}");
         }
-        for mount in ["/a;b", "/a,b", "/a b", "/a'b", "/a\"b"] {
-            assert_eq!(
-                sources(&settings(mount, true, &[]), Some("app.example.com")),
-                None,
+        for mount in ["/a;b", "/a,b", "/a b", "/a'b", "/a\"b", "/a%2Fb"] {
+            assert!(
+                sources(&settings(mount, true, &[]), Some("app.example.com")).is_empty(),
                 "{mount}"
             );
         }

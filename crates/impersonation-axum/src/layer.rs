@@ -878,15 +878,9 @@ where
                         // A body that panics while it is read is audited as
                         // the handler's panic is, then passed on.
                         let stop = crate::csrf::stop_sources(settings, page_host.as_ref());
-                        match AssertUnwindSafe(with_banner(
-                            res,
-                            &banner,
-                            stop.as_deref(),
-                            markup,
-                            route,
-                        ))
-                        .catch_unwind()
-                        .await
+                        match AssertUnwindSafe(with_banner(res, &banner, &stop, markup, route))
+                            .catch_unwind()
+                            .await
                         {
                             Ok(page) => {
                                 res = page;
@@ -1243,7 +1237,7 @@ fn keeps_ascii(label: &str) -> bool {
 async fn with_banner(
     res: Response,
     banner: &str,
-    stop: Option<&str>,
+    stop: &[String],
     markup: Markup,
     route: &str,
 ) -> Response {

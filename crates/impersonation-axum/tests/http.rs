@@ -678,7 +678,7 @@ async fn a_policy_that_lets_no_form_post_lets_the_banners_stop_through() {
         policies,
         [
             "default-src 'self'; style-src 'self' 'unsafe-inline'; \
-             form-action https://app.example/impersonation/stop",
+             form-action app.example/impersonation/stop",
             "frame-ancestors 'self'",
         ]
     );
