@@ -358,3 +358,138 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
         shot(client, screenshots, "7-audit.png").await;
     }
 }
+
+/// An app shell whose policy is in a `<meta>` tag and lets no form post
+/// (`form-action 'none'`): in Chromium the banner is still styled and
+/// fixed at the top, and its Stop button still ends the session, through
+/// the policy as the layer rewrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banner_styles_and_stops_under_a_strict_meta_policy_in_chromium() {
+    use axum::extract::Request;
+    use axum::middleware::{Next, from_fn};
+    use axum::response::Html;
+    use axum::routing::get;
+    use impersonation_axum::{CsrfToken, ImpersonationLayer, routes};
+    use impersonation_core::{
+        AuditAction, AuditQuery, Impersonation, MemoryDirectory, MemoryStore,
+    };
+    use impersonation_testkit::World;
+
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let directory = MemoryDirectory::new();
+    directory.insert(agent.clone());
+    directory.insert(customer.clone());
+    let svc = Impersonation::new(MemoryStore::new(), directory);
+    // The app's own support page: a form that starts the impersonation.
+    let target = customer.id.to_string();
+    let begin = move |token: CsrfToken| async move {
+        Html(format!(
+            "<!doctype html><html><body><form method=post action=/impersonation/start>\
+             <input type=hidden name=target value=\"{target}\">\
+             <input type=hidden name=reason value=\"Checking the app shell\">\
+             <input type=hidden name=return_to value=/shell>\
+             <input type=hidden name=csrf value=\"{}\">\
+             <button id=start>Start</button></form></body></html>",
+            token.as_str()
+        ))
+    };
+    let shell = || async {
+        Html(
+            "<!doctype html><html><head><meta http-equiv=\"Content-Security-Policy\" \
+             content=\"default-src 'self'; form-action 'none'\"></head>\
+             <body><p id=app>the app</p></body></html>",
+        )
+    };
+    // The host's own sign-in, standing in: the agent is signed in.
+    let signed_in = agent.clone();
+    let app = axum::Router::new()
+        .route("/", get(shell))
+        .route("/shell", get(shell))
+        .route("/begin", get(begin))
+        .nest("/impersonation", routes())
+        .layer(ImpersonationLayer::new(svc.clone()).development_mode())
+        .layer(from_fn(move |mut req: Request, next: Next| {
+            req.extensions_mut().insert(signed_in.clone());
+            next.run(req)
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let screenshots = target_dir().join("screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+
+    let driver = Driver::start();
+    let client = browser(&driver).await;
+    let steps = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client.goto(&format!("{base}/shell")).await.unwrap();
+            assert_eq!(banner_count(&client).await, 0);
+            // The agent starts from the app's support page, and lands on
+            // the shell.
+            client.goto(&format!("{base}/begin")).await.unwrap();
+            client
+                .find(Locator::Css("#start"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+            client
+                .wait()
+                .at_most(Duration::from_secs(10))
+                .for_element(Locator::Css("#impersonation-banner"))
+                .await
+                .unwrap();
+            assert_eq!(client.current_url().await.unwrap().path(), "/shell");
+            assert_eq!(banner_count(&client).await, 1);
+            let placed = client
+                .execute(
+                    "const b = document.getElementById('impersonation-banner'); \
+                     return [getComputedStyle(b).position, b.getBoundingClientRect().top];",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                placed,
+                serde_json::json!(["fixed", 0]),
+                "the banner's styles were blocked"
+            );
+            shot(&client, &screenshots, "meta-policy-banner.png").await;
+            client
+                .find(Locator::Css("#impersonation-banner button"))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while banner_count(&client).await != 0 {
+                assert!(Instant::now() < deadline, "Stop was blocked");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(text(&client, "#app").await, "the app");
+        })
+    };
+    let outcome = steps.await;
+    client.close().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    // Started and ended by the browser's own posts: the trail says so.
+    let actions: Vec<AuditAction> = svc
+        .audit(&AuditQuery::default())
+        .await
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert!(
+        actions.contains(&AuditAction::SessionStarted),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&AuditAction::SessionEnded), "{actions:?}");
+}
