@@ -566,7 +566,8 @@ mod tests {
         /// case, attribute order, others beside), a real HTML parser reads
         /// out of the page with the banner injected either the policy it
         /// read before, untouched, or exactly that policy with the
-        /// banner's styles let through: never a third. One spelled with
+        /// banner's styles (and, given a stop route, its Stop form's post)
+        /// let through: never a third. One spelled with
         /// plain references only is rewritten whenever it needs to be;
         /// one with anything but ASCII never is.
         #[test]
@@ -575,7 +576,8 @@ mod tests {
                 "default-src 'self'", "default-src 'none'", "style-src 'self' https://cdn.example",
                 "style-src 'unsafe-inline'", "style-src-attr 'none'", "img-src * data:",
                 "report-uri /csp?a=1&b=\"2\"", "script-src 'nonce-r4nd0m'", "default-src",
-                "style-src 'nonce-\u{e9}'", "img-src\t'self'",
+                "style-src 'nonce-\u{e9}'", "img-src\t'self'", "form-action 'none'",
+                "form-action 'self'", "form-action https://pay.example",
             ]), 1..4),
             compact in proptest::prelude::any::<bool>(),
             quote in 0u8..3,
@@ -584,17 +586,23 @@ mod tests {
             upper in proptest::prelude::any::<bool>(),
             content_first in proptest::prelude::any::<bool>(),
             extra in proptest::prelude::any::<bool>(),
+            with_stop in proptest::prelude::any::<bool>(),
         ) {
+            let stop: Vec<String> = if with_stop {
+                vec!["app.example/impersonation/stop".to_owned()]
+            } else {
+                Vec::new()
+            };
             let policy = directives.join(if compact { ";" } else { "; " });
             let equiv = if upper { "HTTP-EQUIV=\"CONTENT-SECURITY-POLICY\"" } else { "http-equiv=Content-Security-Policy" };
             let content = format!("content={}", spelled(&policy, quote, &pick, odd));
             let (a, b) = if content_first { (&content[..], equiv) } else { (equiv, &content[..]) };
             let other = if extra { " data-x='a > b' =\"c\"" } else { "" };
             let page = format!("<!doctype html><html><head><meta {a}{other} {b}></head><body><p>x</p></body></html>");
-            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", &[])).unwrap();
+            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", &stop)).unwrap();
             let before = parsed_content(&page).unwrap();
             let after = parsed_content(&injected).unwrap();
-            let rewritten = rewrite_policy(&before, &[]);
+            let rewritten = rewrite_policy(&before, &stop);
             if !before.is_ascii() {
                 proptest::prop_assert_eq!(&after, &before, "page: {}", injected);
             } else if odd {
