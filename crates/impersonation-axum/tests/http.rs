@@ -328,6 +328,17 @@ struct Reply {
     body: String,
 }
 
+impl Reply {
+    /// The `Content-Security-Policy` headers, in order.
+    fn policies(&self) -> Vec<&str> {
+        self.headers
+            .get_all(header::CONTENT_SECURITY_POLICY)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+}
+
 impl Browser {
     fn new(f: &Fixture, user: &str) -> Self {
         Self {
@@ -620,12 +631,7 @@ async fn a_page_that_allows_no_inline_style_lets_the_banners_own_through() {
     );
     b.start("olive").await;
     let page = b.get("/strict").await;
-    let policies: Vec<&str> = page
-        .headers
-        .get_all(header::CONTENT_SECURITY_POLICY)
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .collect();
+    let policies = page.policies();
     let sources = impersonation_axum::banner_style_sources();
     assert_eq!(
         policies,
@@ -668,12 +674,7 @@ async fn a_policy_that_lets_no_form_post_lets_the_banners_stop_through() {
     );
     b.start("olive").await;
     let page = b.get("/no-forms").await;
-    let policies: Vec<&str> = page
-        .headers
-        .get_all(header::CONTENT_SECURITY_POLICY)
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .collect();
+    let policies = page.policies();
     assert_eq!(
         policies,
         [
@@ -733,13 +734,7 @@ async fn a_policy_in_a_meta_tag_lets_the_banners_own_styles_through() {
         page.body
     );
     // No header policy was made up for it.
-    let headers: Vec<&str> = page
-        .headers
-        .get_all(header::CONTENT_SECURITY_POLICY)
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .collect();
-    assert_eq!(headers, ["frame-ancestors 'self'"]);
+    assert_eq!(page.policies(), ["frame-ancestors 'self'"]);
 }
 
 /// A browser without the CSRF cookie gets it with a page, or with an

@@ -145,6 +145,17 @@ async fn text(client: &Client, css: &str) -> String {
         .unwrap()
 }
 
+/// Clicks the element `css` finds.
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn banner_count(client: &Client) -> usize {
     client
         .find_all(Locator::Css("#impersonation-banner"))
@@ -153,31 +164,43 @@ async fn banner_count(client: &Client) -> usize {
         .len()
 }
 
+/// A free loopback port to serve on, and its base URL.
+async fn loopback() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    (listener, base)
+}
+
+/// Runs `steps` with a fresh Chromium and the screenshots folder, in a
+/// task so that a failed assertion still closes the browser; then passes
+/// the failure on.
+async fn in_chromium<F, Fut>(steps: F)
+where
+    F: FnOnce(Client, PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let screenshots = target_dir().join("screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let driver = Driver::start();
+    let client = browser(&driver).await;
+    let outcome = tokio::spawn(steps(client.clone(), screenshots)).await;
+    client.close().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_impersonates_a_customer_in_chromium() {
     let db = scratch_file("imptest_browser", "db");
     let demo = Demo::open(StoreKind::Sqlite, &format!("sqlite://{}", db.display()))
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (listener, base) = loopback().await;
     let app = demo.router(&base).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let screenshots = target_dir().join("screenshots");
-    std::fs::create_dir_all(&screenshots).unwrap();
-
-    let driver = Driver::start();
-    let client = browser(&driver).await;
-    // Run the steps in a task so a failed assertion still closes the browser.
-    let steps = {
-        let client = client.clone();
-        tokio::spawn(async move { walk(&client, &base, &screenshots).await })
-    };
-    let outcome = steps.await;
-    client.close().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    in_chromium(|client, screenshots| async move { walk(&client, &base, &screenshots).await })
+        .await;
 }
 
 async fn walk(client: &Client, base: &str, screenshots: &Path) {
@@ -186,13 +209,7 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
         // Sign in as the agent.
         client.goto(base).await.unwrap();
         shot(client, screenshots, "1-sign-in.png").await;
-        client
-            .find(Locator::Css("#sign-in-sam"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(client, "#sign-in-sam").await;
         assert_eq!(text(client, "#signed-in").await, "Sam Support");
 
         // Start impersonating Olive with a reason and a ticket.
@@ -296,13 +313,7 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
         shot(client, screenshots, "5-profile-masked.png").await;
 
         // Stop from the banner: the banner is gone.
-        client
-            .find(Locator::Css("#impersonation-banner button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(client, "#impersonation-banner button").await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while banner_count(client).await > 0 {
             assert!(Instant::now() < deadline, "the banner stays after stop");
@@ -313,13 +324,7 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
 
         // The audit page lists start, access, refusal and stop, and verifies.
         client.goto(&format!("{base}/audit")).await.unwrap();
-        client
-            .find(Locator::Css("#verify"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(client, "#verify").await;
         assert!(
             text(client, "#verified")
                 .await
@@ -413,71 +418,46 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_in_chromium() {
             req.extensions_mut().insert(signed_in.clone());
             next.run(req)
         }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (listener, base) = loopback().await;
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let screenshots = target_dir().join("screenshots");
-    std::fs::create_dir_all(&screenshots).unwrap();
-
-    let driver = Driver::start();
-    let client = browser(&driver).await;
-    let steps = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client.goto(&format!("{base}/shell")).await.unwrap();
-            assert_eq!(banner_count(&client).await, 0);
-            // The agent starts from the app's support page, and lands on
-            // the shell.
-            client.goto(&format!("{base}/begin")).await.unwrap();
-            client
-                .find(Locator::Css("#start"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
-            client
-                .wait()
-                .at_most(Duration::from_secs(10))
-                .for_element(Locator::Css("#impersonation-banner"))
-                .await
-                .unwrap();
-            assert_eq!(client.current_url().await.unwrap().path(), "/shell");
-            assert_eq!(banner_count(&client).await, 1);
-            let placed = client
-                .execute(
-                    "const b = document.getElementById('impersonation-banner'); \
+    in_chromium(|client, screenshots| async move {
+        client.goto(&format!("{base}/shell")).await.unwrap();
+        assert_eq!(banner_count(&client).await, 0);
+        // The agent starts from the app's support page, and lands on
+        // the shell.
+        client.goto(&format!("{base}/begin")).await.unwrap();
+        click(&client, "#start").await;
+        client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css("#impersonation-banner"))
+            .await
+            .unwrap();
+        assert_eq!(client.current_url().await.unwrap().path(), "/shell");
+        assert_eq!(banner_count(&client).await, 1);
+        let placed = client
+            .execute(
+                "const b = document.getElementById('impersonation-banner'); \
                      return [getComputedStyle(b).position, b.getBoundingClientRect().top];",
-                    vec![],
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                placed,
-                serde_json::json!(["fixed", 0]),
-                "the banner's styles were blocked"
-            );
-            shot(&client, &screenshots, "meta-policy-banner.png").await;
-            client
-                .find(Locator::Css("#impersonation-banner button"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while banner_count(&client).await != 0 {
-                assert!(Instant::now() < deadline, "Stop was blocked");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert_eq!(text(&client, "#app").await, "the app");
-        })
-    };
-    let outcome = steps.await;
-    client.close().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            placed,
+            serde_json::json!(["fixed", 0]),
+            "the banner's styles were blocked"
+        );
+        shot(&client, &screenshots, "meta-policy-banner.png").await;
+        click(&client, "#impersonation-banner button").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while banner_count(&client).await != 0 {
+            assert!(Instant::now() < deadline, "Stop was blocked");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(text(&client, "#app").await, "the app");
+    })
+    .await;
     // Started and ended by the browser's own posts: the trail says so.
     let actions: Vec<AuditAction> = svc
         .audit(&AuditQuery::default())
