@@ -810,13 +810,7 @@ async fn a_first_csrf_cookie_comes_with_a_page_or_a_taken_token_and_stays_out_of
 async fn a_dead_sessions_token_is_replaced_on_any_answer() {
     let (f, mut b) = sam_on_olive().await;
     let before = b.csrf();
-    f.svc
-        .stop(
-            &impersonation_core::SessionSecret::parse(&b.secret().unwrap()).unwrap(),
-            &agent("sam"),
-        )
-        .await
-        .unwrap();
+    stop_elsewhere(&f.svc, &b).await;
     let reply = b.get("/me").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(!b.csrf().is_empty());
@@ -1040,13 +1034,7 @@ async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
     assert_eq!(last.action, AuditAction::Denied);
     assert_eq!(last.details.get("denial"), Some("sensitive_action"));
     assert_eq!(last.details.get("attempt"), Some("GET /billing"));
-    f.svc
-        .stop(
-            &impersonation_core::SessionSecret::parse(&b.secret().unwrap()).unwrap(),
-            &agent("sam"),
-        )
-        .await
-        .unwrap();
+    stop_elsewhere(&f.svc, &b).await;
 }
 
 #[tokio::test]

@@ -69,6 +69,25 @@ impl<S: Store> Fixture<S> {
         });
     }
 
+    /// Ends every session of Olive's (her password changed) or of Sam's.
+    async fn revoke_all(
+        &self,
+        revoking: Revoking,
+    ) -> Result<Vec<impersonation_core::SessionId>, Error> {
+        match revoking {
+            Revoking::Customer => {
+                self.service
+                    .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
+                    .await
+            }
+            Revoking::Agent => {
+                self.service
+                    .revoke_all_for_agent(&id("sam"), Initiator::System, "agent demoted")
+                    .await
+            }
+        }
+    }
+
     /// Sam starts impersonating Olive, as the tests' usual first step.
     async fn sam_on_olive(&self) -> Started {
         self.service
@@ -2083,20 +2102,10 @@ async fn start_overtaken_by(
     let start = f.service.start(Requester::User(&sam), req("olive"));
     let revoke = async {
         reached.await.unwrap();
-        let revoked = match revoking {
-            Revoking::Customer => {
-                f.service
-                    .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
-                    .await
-            }
-            Revoking::Agent => {
-                f.demote_sam();
-                f.service
-                    .revoke_all_for_agent(&id("sam"), Initiator::System, "agent demoted")
-                    .await
-            }
+        if matches!(revoking, Revoking::Agent) {
+            f.demote_sam();
         }
-        .unwrap();
+        let revoked = f.revoke_all(revoking).await.unwrap();
         go.send(()).unwrap();
         revoked
     };
@@ -2345,18 +2354,7 @@ async fn a_revocation_ends_the_sessions_even_if_its_record_fails() {
         );
         let started = f.sam_on_olive().await;
         f.service.store().fail_next_write(When::Before);
-        let outcome = match revoking {
-            Revoking::Customer => {
-                f.service
-                    .revoke_all_for_subject(&id("olive"), Initiator::System, "password changed")
-                    .await
-            }
-            Revoking::Agent => {
-                f.service
-                    .revoke_all_for_agent(&id("sam"), Initiator::System, "agent disabled")
-                    .await
-            }
-        };
+        let outcome = f.revoke_all(revoking).await;
         assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
         let now = f
             .service

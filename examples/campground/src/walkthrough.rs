@@ -173,6 +173,15 @@ fn expect(page: &Page, status: StatusCode, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A page answered 200 with the banner on it, as after a start.
+fn expect_banner(page: &Page, what: &str) -> Result<()> {
+    expect(page, StatusCode::OK, what)?;
+    if !page.has_banner() {
+        bail!("no banner after {what}");
+    }
+    Ok(())
+}
+
 /// The session ids in the live-sessions rows naming `agent`.
 fn live_sessions_of(page: &Page, agent: &str) -> Vec<String> {
     page.body
@@ -260,10 +269,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     let page = sam
         .start("olive", "Olive cannot see next week's bookings", "SUP-1042")
         .await?;
-    expect(&page, StatusCode::OK, "start")?;
-    if !page.has_banner() {
-        bail!("no banner after starting");
-    }
+    expect_banner(&page, "Sam's start")?;
     o.line(&format!(
         "banner: \"{}\" · reason: {} · {} left",
         page.text_of("class=\"impersonation-message\"")
@@ -356,10 +362,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
             "SUP-1043",
         )
         .await?;
-    expect(&page, StatusCode::OK, "lead start")?;
-    if !page.has_banner() {
-        bail!("no banner after Lee's start");
-    }
+    expect_banner(&page, "Lee's start")?;
     o.line(&format!(
         "banner: \"{}\"; dashboard shows {} campgrounds",
         page.text_of("class=\"impersonation-message\"")
@@ -384,10 +387,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     let page = sam
         .start("olive", "Olive asked us to check her settings", "SUP-1045")
         .await?;
-    expect(&page, StatusCode::OK, "second start")?;
-    if !page.has_banner() {
-        bail!("no banner after Sam's second start");
-    }
+    expect_banner(&page, "Sam's second start")?;
     let mut olive = Browser::sign_in(base, "olive").await?;
     let page = olive
         .post("/profile/password", &[("password", "a longer passphrase")])
