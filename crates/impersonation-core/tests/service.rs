@@ -88,6 +88,11 @@ impl<S: Store> Fixture<S> {
         }
     }
 
+    /// The store's record of session `id`, which must be there.
+    async fn stored(&self, id: impersonation_core::SessionId) -> impersonation_core::Session {
+        self.service.store().session(id).await.unwrap().unwrap()
+    }
+
     /// Sam starts impersonating Olive, as the tests' usual first step.
     async fn sam_on_olive(&self) -> Started {
         self.service
@@ -705,13 +710,7 @@ async fn touches_are_coalesced_when_configured() {
     let started = f.sam_on_olive().await;
     f.clock.advance(Duration::seconds(10));
     f.service.resolve(&started.secret).await.unwrap();
-    let stored = f
-        .service
-        .store()
-        .session(started.session.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = f.stored(started.session.id).await;
     assert_eq!(
         stored.last_seen_at,
         epoch(),
@@ -719,13 +718,7 @@ async fn touches_are_coalesced_when_configured() {
     );
     f.clock.advance(Duration::seconds(25));
     f.service.resolve(&started.secret).await.unwrap();
-    let stored = f
-        .service
-        .store()
-        .session(started.session.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = f.stored(started.session.id).await;
     assert_eq!(stored.last_seen_at, epoch() + Duration::seconds(35));
 }
 
@@ -963,13 +956,7 @@ async fn changed_customer_settings_reach_the_shadow_user_on_recheck() {
         ctx.shadow().attribute("timezone"),
         Some(&ShadowValue::Copied("America/Toronto".into()))
     );
-    let stored = f
-        .service
-        .store()
-        .session(started.session.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = f.stored(started.session.id).await;
     assert_eq!(
         stored.shadow,
         *ctx.shadow(),
@@ -1389,13 +1376,7 @@ async fn a_lapsed_session_nobody_ended_does_not_block_the_next_start() {
         .await
         .unwrap();
     assert_ne!(second.session.id, first.session.id);
-    let old = f
-        .service
-        .store()
-        .session(first.session.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = f.stored(first.session.id).await;
     assert!(
         matches!(
             old.state,
@@ -1563,16 +1544,7 @@ async fn a_session_resolves_by_id_with_the_same_checks() {
     // Use by id keeps the session alive: the touch is written.
     f.clock.advance(Duration::minutes(14));
     f.service.resolve_session(sid).await.unwrap();
-    assert_eq!(
-        f.service
-            .store()
-            .session(sid)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_seen_at,
-        f.service.now()
-    );
+    assert_eq!(f.stored(sid).await.last_seen_at, f.service.now());
     f.clock.advance(Duration::minutes(14));
     f.service.resolve_session(sid).await.unwrap();
     // A stopped session fails at once, by id as by secret.
@@ -2053,7 +2025,7 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
         .unwrap();
     assert_eq!(revoked.len(), 2, "{revoked:?}");
     for session in started {
-        let now = f.service.store().session(session).await.unwrap().unwrap();
+        let now = f.stored(session).await;
         assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
     }
 }
@@ -2356,13 +2328,7 @@ async fn a_revocation_ends_the_sessions_even_if_its_record_fails() {
         f.service.store().fail_next_write(When::Before);
         let outcome = f.revoke_all(revoking).await;
         assert!(matches!(outcome, Err(Error::Store(_))), "{outcome:?}");
-        let now = f
-            .service
-            .store()
-            .session(started.session.id)
-            .await
-            .unwrap()
-            .unwrap();
+        let now = f.stored(started.session.id).await;
         assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
     }
 }
