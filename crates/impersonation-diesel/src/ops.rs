@@ -280,7 +280,7 @@ pub(crate) fn cas_sql(
 macro_rules! store_ops {
     ($module:ident, $conn:ty, $dialect:ident) => {
         pub(crate) mod $module {
-            use diesel_async::{AsyncConnection, RunQueryDsl};
+            use diesel_async::AsyncConnection;
             use impersonation_core::{
                 AppendGuard, AuditDraft, AuditEvent, AuditPage, AuditQuery, ChainHead, DecodedSessions,
                 ChainKey, LiveFilter, Order, SecretHash, Session, SessionId, ShadowUser, Start,

@@ -8,6 +8,7 @@
 //! execute.
 
 use diesel::QueryResult;
+use diesel::QueryableByName;
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
@@ -87,7 +88,82 @@ impl Sql {
         self.text.push_str(text);
         self.args.push(value.into());
     }
+
+    /// Runs the statement on `conn`; how many rows it changed.
+    pub(crate) async fn execute(self, conn: &mut impl Runs) -> QueryResult<usize> {
+        conn.run(self).await
+    }
+
+    /// Runs the query on `conn`; its rows.
+    pub(crate) async fn load<U>(self, conn: &mut impl Fetches<U>) -> QueryResult<Vec<U>> {
+        conn.fetch(self).await
+    }
 }
+
+/// A connection the store's operations (`store_ops!`) run their [`Sql`] on.
+///
+/// PostgreSQL and MySQL go through diesel-async. SQLite runs each statement
+/// on the wrapped synchronous connection, where diesel binds every value
+/// by reference: diesel-async's own path would first copy each text
+/// argument into an owned bind value, and clone it again, so that its
+/// query could move to another thread. The store already runs each whole
+/// SQLite call on one blocking thread, where the wrapper runs in place
+/// (`InPlace`), and a `Sql` owns its arguments, so it moves there as it is.
+pub(crate) trait Runs {
+    /// Runs a statement; how many rows it changed.
+    async fn run(&mut self, sql: Sql) -> QueryResult<usize>;
+}
+
+/// A [`Runs`] connection that loads a query's rows as `U`.
+pub(crate) trait Fetches<U> {
+    /// Runs a query; its rows.
+    async fn fetch(&mut self, sql: Sql) -> QueryResult<Vec<U>>;
+}
+
+#[cfg(feature = "sqlite")]
+impl Runs for crate::SqliteConn {
+    async fn run(&mut self, sql: Sql) -> QueryResult<usize> {
+        self.spawn_blocking(move |c| diesel::RunQueryDsl::execute(sql, c))
+            .await
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl<U> Fetches<U> for crate::SqliteConn
+where
+    U: QueryableByName<diesel::sqlite::Sqlite> + Send + 'static,
+{
+    async fn fetch(&mut self, sql: Sql) -> QueryResult<Vec<U>> {
+        self.spawn_blocking(move |c| diesel::RunQueryDsl::load::<U>(sql, c))
+            .await
+    }
+}
+
+/// Through diesel-async, for its own async connections.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+macro_rules! runs_async {
+    ($conn:ty, $db:ty) => {
+        impl Runs for $conn {
+            async fn run(&mut self, sql: Sql) -> QueryResult<usize> {
+                diesel_async::RunQueryDsl::execute(sql, self).await
+            }
+        }
+
+        impl<U> Fetches<U> for $conn
+        where
+            U: QueryableByName<$db> + Send + 'static,
+        {
+            async fn fetch(&mut self, sql: Sql) -> QueryResult<Vec<U>> {
+                diesel_async::RunQueryDsl::load::<U>(sql, self).await
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+runs_async!(diesel_async::AsyncPgConnection, diesel::pg::Pg);
+#[cfg(feature = "mysql")]
+runs_async!(diesel_async::AsyncMysqlConnection, diesel::mysql::Mysql);
 
 impl QueryId for Sql {
     type QueryId = ();
@@ -98,6 +174,9 @@ impl QueryId for Sql {
 impl Query for Sql {
     type SqlType = Untyped;
 }
+
+#[cfg(feature = "sqlite")]
+impl<Conn> diesel::RunQueryDsl<Conn> for Sql {}
 
 /// How long a statement's lists may be for it to stay prepared on its
 /// connection. A statement's text grows with its lists (the lookups' `IN`,
