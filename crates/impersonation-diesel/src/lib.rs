@@ -118,8 +118,12 @@ impl diesel::connection::Instrumentation for Counting {
                 if recent.len() == RECENT_STATEMENTS {
                     recent.pop_front();
                 }
-                // The debug form of a query carries its binds; keep only the SQL.
-                let text = query.to_string();
+                // The debug form of a query carries its binds; keep only the
+                // SQL. Written, not `to_string()`: a query whose binds fail
+                // to format (a malformed statement) leaves a partial text
+                // here, and fails as an error where it runs, not as a panic.
+                let mut text = String::new();
+                let _ = std::fmt::Write::write_fmt(&mut text, format_args!("{query}"));
                 recent.push_back(text.split(" -- binds:").next().unwrap_or("").to_owned());
             }
             E::CacheQuery { .. } => {
@@ -1429,6 +1433,39 @@ impl Store for DieselStore {
 #[cfg(test)]
 mod tests {
     use super::DieselConfig;
+
+    /// A statement whose markers and arguments disagree (a bug of ours)
+    /// fails as an error on a counted connection, not as a panic in the
+    /// counter, which formats every statement it sees.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_malformed_statement_on_a_counted_connection_is_an_error() {
+        use diesel::{Connection, RunQueryDsl};
+        let counter = super::QueryCounter::new();
+        let mut conn = diesel::SqliteConnection::establish(":memory:").expect("in-memory SQLite");
+        conn.set_instrumentation(super::Counting(std::sync::Arc::clone(&counter)));
+        let run = |sql: crate::sql::Sql, conn: &mut diesel::SqliteConnection| {
+            // Diesel's synchronous call, as `Runs` makes it on SQLite.
+            RunQueryDsl::execute(sql, conn)
+        };
+        let missing = run(crate::sql::Sql::new("SELECT ?"), &mut conn);
+        assert!(
+            matches!(missing, Err(diesel::result::Error::QueryBuilderError(_))),
+            "{missing:?}"
+        );
+        let extra = run(crate::sql::Sql::new("SELECT 1").arg(1_i64), &mut conn);
+        assert!(
+            matches!(extra, Err(diesel::result::Error::QueryBuilderError(_))),
+            "{extra:?}"
+        );
+        assert_eq!(counter.queries(), 2, "both reached the counter");
+        run(crate::sql::Sql::new("CREATE TABLE t (v BIGINT)"), &mut conn).expect("create");
+        let inserted = run(
+            crate::sql::Sql::new("INSERT INTO t (v) VALUES (?)").arg(7_i64),
+            &mut conn,
+        );
+        assert_eq!(inserted.ok(), Some(1), "a well-formed statement runs");
+    }
 
     /// MySQL's lock waits in whole seconds: rounded up, at least one, and
     /// a wait of "forever" (`Duration::MAX`) a year, not an overflow.

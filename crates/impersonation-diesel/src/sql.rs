@@ -109,12 +109,17 @@ impl Sql {
 /// query could move to another thread. The store already runs each whole
 /// SQLite call on one blocking thread, where the wrapper runs in place
 /// (`InPlace`), and a `Sql` owns its arguments, so it moves there as it is.
+///
+/// Its methods are `run` and `fetch`, not `execute` and `load`:
+/// diesel-async implements its `RunQueryDsl` for every type, connections
+/// included, and those names would clash there.
 pub(crate) trait Runs {
     /// Runs a statement; how many rows it changed.
     async fn run(&mut self, sql: Sql) -> QueryResult<usize>;
 }
 
-/// A [`Runs`] connection that loads a query's rows as `U`.
+/// A connection that loads a [`Sql`] query's rows as `U` (a trait of its
+/// own because the rows' bound names the connection's backend).
 pub(crate) trait Fetches<U> {
     /// Runs a query; its rows.
     async fn fetch(&mut self, sql: Sql) -> QueryResult<Vec<U>>;
@@ -175,8 +180,9 @@ impl Query for Sql {
     type SqlType = Untyped;
 }
 
+/// Diesel's synchronous `execute` and `load`, for [`Runs`] on SQLite.
 #[cfg(feature = "sqlite")]
-impl<Conn> diesel::RunQueryDsl<Conn> for Sql {}
+impl diesel::RunQueryDsl<diesel::SqliteConnection> for Sql {}
 
 /// How long a statement's lists may be for it to stay prepared on its
 /// connection. A statement's text grows with its lists (the lookups' `IN`,
