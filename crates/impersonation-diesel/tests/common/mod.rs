@@ -277,16 +277,13 @@ pub(crate) async fn raw(place: &Place, sql: &str) -> Result<(), String> {
 pub(crate) async fn mysql_schema(url: &str) -> Vec<String> {
     use diesel::QueryableByName;
     use diesel::sql_types::Text;
-    use diesel_async::{AsyncConnection, RunQueryDsl};
     #[derive(QueryableByName)]
     struct Line {
         #[diesel(sql_type = Text)]
         line: String,
     }
-    let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
-        .await
-        .unwrap();
-    diesel::sql_query(
+    mysql_rows::<Line>(
+        url,
         "SELECT CONCAT_WS(' ', 'column', table_name, column_name, column_type, \
                  IFNULL(collation_name, '-'), is_nullable, IFNULL(column_default, '-'), \
                  IFNULL(generation_expression, '-')) AS line \
@@ -301,12 +298,23 @@ pub(crate) async fn mysql_schema(url: &str) -> Vec<String> {
              FROM information_schema.triggers WHERE trigger_schema = DATABASE() \
          ORDER BY line",
     )
-    .load::<Line>(&mut conn)
     .await
-    .unwrap()
     .into_iter()
     .map(|l| l.line)
     .collect()
+}
+
+/// `sql`'s rows on a MySQL or MariaDB test database.
+#[cfg(feature = "mysql")]
+async fn mysql_rows<L>(url: &str, sql: &str) -> Vec<L>
+where
+    L: diesel::QueryableByName<diesel::mysql::Mysql> + Send + 'static,
+{
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+        .await
+        .unwrap();
+    diesel::sql_query(sql).load::<L>(&mut conn).await.unwrap()
 }
 
 /// The planner's account of `sql` on a test database, one line per step:
@@ -343,19 +351,13 @@ pub(crate) async fn plan(place: &Place, sql: &str) -> Vec<String> {
         }
         #[cfg(feature = "mysql")]
         Place::Mysql { url } => {
-            use diesel_async::{AsyncConnection, RunQueryDsl};
             #[derive(QueryableByName)]
             struct Line {
                 #[diesel(sql_type = Nullable<Text>, column_name = "Extra")]
                 extra: Option<String>,
             }
-            let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+            mysql_rows::<Line>(url, &format!("EXPLAIN {sql}"))
                 .await
-                .unwrap();
-            diesel::sql_query(format!("EXPLAIN {sql}"))
-                .load::<Line>(&mut conn)
-                .await
-                .unwrap()
                 .into_iter()
                 .map(|l| l.extra.unwrap_or_default())
                 .collect()
