@@ -259,21 +259,33 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
         // which is how the configured ones are kept.
         return settings.origins.iter().any(|o| o.0 == origin);
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
+    let host = request_host(headers, uri);
     Site {
-        host,
+        host: host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
         secure: settings.secure_cookies,
     }
     .is(origin)
 }
 
+/// The host (and port) a request names: its `Host` or, over HTTP/2 (which
+/// has no `Host` header), its URI's authority; readable as text
+/// (`to_str`). A value, not a borrow, so that the layer can keep it past
+/// the request: a parsed header's value is shared, not copied.
+pub(crate) fn request_host(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
+    headers
+        .get(header::HOST)
+        .filter(|v| v.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+}
+
 /// The sources a Content-Security-Policy `form-action` needs for the
 /// banner's Stop form to post: the stop route at the origin the layer was
-/// given ([`SiteOrigin`]) whose host and port the request's `host` names,
+/// given ([`SiteOrigin`]) whose host and port the request's `host`
+/// ([`request_host`]) names,
 /// or at each one given if none does; or else at the request's own
 /// `host`, without a scheme (so the page's own, as a browser reads such a
 /// source: `https` or, in development mode, `http` too). Left out: an
@@ -281,13 +293,12 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
 /// name); and all of them if the mount path holds what a source's path
 /// cannot (`;`, `,`, a space, a quote, a `%`, which a browser decodes
 /// before it compares): the policy is then left as it is.
-pub(crate) fn stop_sources(settings: &Settings, host: Option<&HeaderValue>) -> Vec<String> {
+pub(crate) fn stop_sources(settings: &Settings, host: Option<&str>) -> Vec<String> {
     let path = settings.stop_path();
     let path_ok = path.starts_with('/')
         && path
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&()*+=:@/".contains(&b));
-    let host = host.and_then(|h| h.to_str().ok());
     if !path_ok {
         return Vec::new();
     }
@@ -397,7 +408,7 @@ mod tests {
     }
 
     fn sources(settings: &Settings, host: Option<&'static str>) -> Vec<String> {
-        stop_sources(settings, host.map(HeaderValue::from_static).as_ref())
+        stop_sources(settings, host)
     }
 
     #[test]

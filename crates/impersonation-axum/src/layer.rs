@@ -665,11 +665,7 @@ where
                         None => RouteName::Path(req.uri().path().to_owned()),
                     };
                     req.extensions_mut().insert(c.clone());
-                    page_host = req.headers().get(header::HOST).cloned().or_else(|| {
-                        req.uri()
-                            .authority()
-                            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                    });
+                    page_host = crate::csrf::request_host(req.headers(), req.uri());
                     // The page must come back as the app renders it now,
                     // for the banner to go in: not encoded (a precompressed
                     // file; a compression layer outside this one still
@@ -877,7 +873,10 @@ where
                         );
                         // A body that panics while it is read is audited as
                         // the handler's panic is, then passed on.
-                        let stop = crate::csrf::stop_sources(settings, page_host.as_ref());
+                        let stop = crate::csrf::stop_sources(
+                            settings,
+                            page_host.as_ref().and_then(|h| h.to_str().ok()),
+                        );
                         match AssertUnwindSafe(with_banner(res, &banner, &stop, markup, route))
                             .catch_unwind()
                             .await
