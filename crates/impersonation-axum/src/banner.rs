@@ -2,6 +2,7 @@
 //! reason, the ticket, "read only" for a read-only session, the time left
 //! and a Stop button.
 
+use axum::response::{IntoResponseParts, ResponseParts};
 use impersonation_core::Context;
 use time::OffsetDateTime;
 
@@ -63,7 +64,47 @@ pub(crate) const STYLES: [&str; 4] = [
     "font:inherit;padding:.2em .8em;white-space:nowrap",
 ];
 
-/// The banner as an HTML fragment, for apps that render it themselves.
+/// Marks a response whose page already holds the banner (the app rendered
+/// [`banner_html`] itself): the layer leaves its body as it is, with no
+/// second banner, and streams it rather than reading it whole, so such a
+/// page may be larger than [`MAX_BANNER_BODY`](crate::MAX_BANNER_BODY).
+/// Everything else under impersonation stays: the request is audited,
+/// the response is `no-store` and framed by this site only, and a streamed
+/// body ends with its session.
+///
+/// The page's own Content-Security-Policy is then the app's to fit to the
+/// banner ([`banner_style_sources`](crate::banner_style_sources), and the
+/// stop route in any `form-action`): the layer does not read the page.
+/// The marker is the app's word that the banner is there; the layer does
+/// not look for it.
+///
+/// ```
+/// use axum::response::{Html, IntoResponse, Response};
+/// use impersonation_axum::{BannerRendered, CsrfToken, MaybeImpersonating, banner_html};
+///
+/// async fn report(MaybeImpersonating(ctx): MaybeImpersonating, csrf: CsrfToken) -> Response {
+///     let banner = ctx
+///         .map(|c| banner_html(&c, time::OffsetDateTime::now_utc(), "/impersonation/stop", csrf.as_str()))
+///         .unwrap_or_default();
+///     (BannerRendered, Html(format!("<html><body>{banner}<h1>Report</h1></body></html>"))).into_response()
+/// }
+/// # let _ = axum::Router::<()>::new().route("/report", axum::routing::get(report));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BannerRendered;
+
+impl IntoResponseParts for BannerRendered {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
+}
+
+/// The banner as an HTML fragment, for apps that render it themselves
+/// (marking their response [`BannerRendered`], so that the layer does not
+/// add a second one).
 /// It is `position:fixed` at the top of the viewport; give the page some top
 /// padding (about 3.5em, more on narrow screens) while impersonating.
 /// `stop_action` is the stop route's path; `csrf` the request's CSRF token.

@@ -849,10 +849,11 @@ where
                             .get(header::CONTENT_LENGTH)
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<u64>().ok());
-                        // (An XHTML page's GET may differ: an empty
-                        // `<body/>` adds its end tag, a page with no body
-                        // gets no banner. A missing length would read as
-                        // 0 to the router, which fills it in.)
+                        // (The GET's page may differ: an XHTML one's
+                        // empty `<body/>` adds its end tag, one with no
+                        // body gets no banner, and a `<meta>` policy the
+                        // banner rewrites grows. A missing length would
+                        // read as 0 to the router, which fills it in.)
                         if let Some(n) = announced {
                             mark_taken(taken.as_ref());
                             let banner = banner_for(
@@ -1127,8 +1128,12 @@ enum Page {
 /// Windows code pages; the banner itself is pure ASCII). Not into an
 /// encoded body (`Content-Encoding`: put a compression layer outside this
 /// one, so that it compresses the page with the banner) or a UTF-16 or
-/// UTF-32 one.
+/// UTF-32 one. Nor into a page the app marked [`BannerRendered`]: it
+/// holds the banner already.
 fn page_kind(res: &Response) -> Page {
+    if res.extensions().get::<crate::BannerRendered>().is_some() {
+        return Page::Other;
+    }
     let headers = res.headers();
     let text = |name| {
         headers

@@ -66,7 +66,7 @@ use std::sync::Arc;
 
 use axum::http::Method;
 
-pub use banner::banner_html;
+pub use banner::{BannerRendered, banner_html};
 pub use csp::banner_style_sources;
 pub use csrf::{CsrfCheck, InvalidOrigin, RenewCsrfToken, SiteOrigin};
 pub use extract::{

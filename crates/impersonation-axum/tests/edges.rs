@@ -897,6 +897,58 @@ async fn a_page_that_cannot_carry_the_banner_is_a_500_on_the_trail_too() {
     }
 }
 
+/// A page the app renders with `banner_html` itself and marks
+/// `BannerRendered` keeps its one banner, however large, and streams as
+/// written; the request is audited once and the page is `no-store`, as
+/// any impersonated page is.
+#[tokio::test]
+async fn a_page_that_renders_its_own_banner_gets_no_second_one_and_any_size() {
+    use impersonation_axum::{BannerRendered, CsrfToken, Impersonating, banner_html};
+    let filler = "a".repeat(impersonation_axum::MAX_BANNER_BODY + 1);
+    let expected_tail = format!("{filler}</body></html>");
+    let own_banner =
+        axum::routing::post(move |Impersonating(ctx): Impersonating, csrf: CsrfToken| {
+            let filler = filler.clone();
+            async move {
+                let banner = banner_html(
+                    &ctx,
+                    time::OffsetDateTime::now_utc(),
+                    "/impersonation/stop",
+                    csrf.as_str(),
+                );
+                let chunks: Vec<Result<String, std::io::Error>> = vec![
+                    Ok(format!("<html><body>{banner}")),
+                    Ok(format!("{filler}</body></html>")),
+                ];
+                (
+                    BannerRendered,
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    Body::from_stream(futures_util::stream::iter(chunks)),
+                )
+            }
+        });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, own_banner).await;
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    let page = res.into_body().collect().await.unwrap().to_bytes();
+    let page = std::str::from_utf8(&page).unwrap();
+    assert_eq!(page.matches("id=\"impersonation-banner\"").count(), 1);
+    assert!(
+        page.contains("Olive Owner"),
+        "the app's banner names the customer"
+    );
+    assert!(
+        page.ends_with(&expected_tail),
+        "the page as the app wrote it"
+    );
+    assert_eq!(
+        attempts_at_bookings(&store).await,
+        [(AuditAction::Modification, Some("200".to_owned()))]
+    );
+}
+
 /// A page served under impersonation is `no-store`, and cache headers
 /// that CDNs read before `Cache-Control` are taken off it.
 #[tokio::test]
