@@ -955,13 +955,10 @@ impl RedisStore {
         // in the views: their entries are taken back with the next attempt
         // (all but those it lists again at the same place).
         let mut unwritten: Vec<AuditEvent> = Vec::new();
+        if drafts.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(done);
+        }
         for _ in 0..CAS_ATTEMPTS {
-            if drafts.as_ref().map_or(sealed.is_empty(), Vec::is_empty) {
-                let stale: Vec<&AuditEvent> = unwritten.iter().collect();
-                self.run_all(view_commands(&self.view_entries(&stale), "ZREM"))
-                    .await?;
-                return Ok(done);
-            }
             let head = match *cached {
                 Some(h) => h,
                 None => self.read_head(&slot).await?,
@@ -1081,6 +1078,18 @@ impl RedisStore {
                     }
                     // Those kept move up into the refused events' places.
                     sealed = kept;
+                    if sealed.is_empty() {
+                        // Every event refused: the refusals are the answer
+                        // (a change refused for its ended session is then
+                        // recorded after the end), whatever becomes of this
+                        // attempt's view entries. Readers skip them; a
+                        // failure to take them back is only logged.
+                        drop(cached);
+                        let stale: Vec<&AuditEvent> = unwritten.iter().collect();
+                        self.take_back_views("a refused batch's views", self.view_entries(&stale))
+                            .await;
+                        return Ok(done);
+                    }
                 }
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
             }

@@ -762,20 +762,11 @@ async fn a_live_session_whose_route_key_ran_out_is_still_found_and_revoked() {
     );
 }
 
-/// A write after a committed script (views, live sets, the route key) that
-/// fails does not make the change a failure: a start would lose its
-/// secret while its session blocks the agent, an append would be sent
-/// again and written twice. The change stands and the views are rebuilt
-/// from the chain. A user the server lets write everything but the audit
-/// views stands in for a connection lost right after the script.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
-    use impersonation_core::{AppendGuard, AuditQuery};
-    use impersonation_testkit::conformance::all_events;
-
-    let server = OwnServer::start();
-    let ns = common::unique("imptest");
-    let mut conn = admin(&server).await;
+/// Stores in namespace `ns` on `server`: one as a user the server lets
+/// write everything but the audit views (the chains, sessions, routes and
+/// live sets, not the views, `ns:audit:…`), and one with every key.
+async fn without_views(server: &OwnServer, ns: &str) -> (RedisStore, RedisStore) {
+    let mut conn = admin(server).await;
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("noviews")
@@ -789,20 +780,33 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let store = |url: String| {
-        let ns = ns.clone();
-        async move {
-            RedisStore::connect(RedisConfig::new(&url).unwrap().namespace(&ns).unwrap())
-                .await
-                .unwrap()
-        }
+    let store = |url: String| async move {
+        RedisStore::connect(RedisConfig::new(&url).unwrap().namespace(ns).unwrap())
+            .await
+            .unwrap()
     };
     let limited = store(format!(
         "redis://noviews:noviews-password@127.0.0.1:{}",
         server.port
     ))
     .await;
-    let whole = store(server.url()).await;
+    (limited, store(server.url()).await)
+}
+
+/// A write after a committed script (views, live sets, the route key) that
+/// fails does not make the change a failure: a start would lose its
+/// secret while its session blocks the agent, an append would be sent
+/// again and written twice. The change stands and the views are rebuilt
+/// from the chain. A user the server lets write everything but the audit
+/// views stands in for a connection lost right after the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
+    use impersonation_core::{AppendGuard, AuditQuery};
+    use impersonation_testkit::conformance::all_events;
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let (limited, whole) = without_views(&server, &ns).await;
 
     let w = World::new();
     let agent = w.agent(1);
@@ -844,6 +848,53 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
     assert!(all_events(&whole, by_session()).await.is_empty());
     assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
     assert_eq!(all_events(&whole, by_session()).await, chain);
+}
+
+/// An append refused for its ended session is answered as refused even
+/// when its attempt's view entries cannot be taken back: the service
+/// records a change made meanwhile after the end on that answer, and an
+/// outage would leave the change off the trail. The user the server lets
+/// write everything but the audit views stands in for a shard of the
+/// views failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_append_is_a_refusal_even_when_its_views_cannot_be_taken_back() {
+    use impersonation_core::{AppendGuard, StoreError};
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let (limited, _) = without_views(&server, &ns).await;
+
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = limited.start(start).await.unwrap() else {
+        panic!("refused");
+    };
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    limited.transition(stop).await.unwrap();
+    let change = session.draft(
+        epoch(),
+        AuditAction::Modification,
+        Actor::user(agent.id.clone(), "Agent 1"),
+    );
+    let refused = limited
+        .append(change, AppendGuard::SessionActive(session.id))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::SessionNotActive(id)) if id == session.id),
+        "{refused:?}"
+    );
+    let actions: Vec<AuditAction> = whole_chain(&limited, &session.chain())
+        .await
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [AuditAction::SessionStarted, AuditAction::SessionEnded]
+    );
 }
 
 /// A start whose event cannot be written (here: the chain head evicted, so
