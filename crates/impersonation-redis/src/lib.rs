@@ -253,7 +253,8 @@ impl RedisConfig {
     /// event. The audit chains never expire. A shorter retention is
     /// refused: a negative one would expire a live session's keys before
     /// the session, and with none the keys of a session that lapsed go
-    /// at once, before any sweep can record how it ended.
+    /// at once, before any sweep can record how it ended. Keys live a
+    /// thousand years at most, however long the retention.
     pub fn retention(mut self, retention: Duration) -> Result<Self, RedisStoreError> {
         if retention < MIN_RETENTION {
             return Err(RedisStoreError::Config(format!(
@@ -579,11 +580,18 @@ fn head_args(head: Option<ChainHead>) -> (String, String) {
     }
 }
 
+/// A session's keys' time to live, in milliseconds: until it expires,
+/// then `retention` more. At most a thousand years: Redis refuses an
+/// expiry past the end of its clock (`PX` near `i64::MAX`), and a huge
+/// retention would overflow the sum.
 fn ttl_ms(expires_at: OffsetDateTime, now: OffsetDateTime, retention: Duration) -> i64 {
-    let left = (expires_at - now).max(Duration::ZERO) + retention;
+    const MAX_TTL_MS: i64 = 1_000 * 366 * 24 * 3_600 * 1_000;
+    let left = (expires_at - now)
+        .max(Duration::ZERO)
+        .saturating_add(retention);
     i64::try_from(left.whole_milliseconds())
-        .unwrap_or(i64::MAX)
-        .max(1)
+        .unwrap_or(MAX_TTL_MS)
+        .clamp(1, MAX_TTL_MS)
 }
 
 // The most events one view entry lists (one `XRANGE` of at most that many
@@ -1150,12 +1158,25 @@ impl RedisStore {
 
     async fn session_in(&self, slot: &Slot, id: SessionId) -> Result<Option<Session>, StoreError> {
         let mut conn = self.conn.clone();
-        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+        // Read as bytes: a key that is not a hash, or a field that is not
+        // UTF-8, is damage (left out of a listing), not an outage.
+        let raw: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
             .arg(slot.session(id))
             .arg(&SESSION_FIELDS[..])
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                if e.code() == Some("WRONGTYPE") {
+                    corrupt("session key", "not a hash")
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let fields = raw
+            .into_iter()
+            .map(|f| f.map(String::from_utf8).transpose())
+            .collect::<Result<Vec<Option<String>>, _>>()
+            .map_err(|e| corrupt("session field", e))?;
         if fields.iter().all(Option::is_none) {
             return Ok(None);
         }

@@ -252,6 +252,85 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
     );
 }
 
+/// A session key overwritten with another type, or holding a field that
+/// is not UTF-8, is damage like a missing field: reported as corrupt, and
+/// left out of listings that go on to list the others (not an outage
+/// that fails every revocation and `end_lapsed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_key_of_another_type_or_bytes_is_reported_as_corrupt() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let customer = w.customer(1, "t1");
+    let mut raw = common::raw(common::SINGLE).await;
+    let (other, _) = must_start(&store, w.begin(&w.agent(9), &customer, epoch()).0).await;
+    for (n, what) in (1..).zip(["not a hash", "not UTF-8"]) {
+        let (session, _) = must_start(&store, w.begin(&w.agent(n), &customer, epoch()).0).await;
+        let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
+        let mut damage = redis::Cmd::new();
+        match what {
+            "not a hash" => damage.arg("SET").arg(&key).arg("overwritten"),
+            _ => damage
+                .arg("HSET")
+                .arg(&key)
+                .arg("shadow")
+                .arg(&b"\xff\xfe"[..]),
+        };
+        let _: redis::Value = damage.query_async(&mut raw).await.unwrap();
+        match store.session(session.id).await {
+            Err(impersonation_core::StoreError::Corrupt(_)) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+        for filter in [
+            impersonation_core::LiveFilter {
+                subject: Some(customer.id.clone()),
+                ..Default::default()
+            },
+            impersonation_core::LiveFilter::default(),
+        ] {
+            assert_eq!(
+                live_ids(&store, &filter).await,
+                vec![other.id],
+                "{what}: {filter:?}"
+            );
+        }
+    }
+}
+
+/// However long the retention (here the longest `Duration` there is), a
+/// session's keys get an expiry Redis takes, and the session starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_of_any_length_leaves_sessions_startable() {
+    let ns = common::unique("imptest");
+    let config = impersonation_redis::RedisConfig::new(common::SINGLE)
+        .unwrap()
+        .namespace(&ns)
+        .unwrap()
+        .retention(Duration::MAX)
+        .unwrap();
+    let store = impersonation_redis::RedisStore::connect(config)
+        .await
+        .unwrap();
+    let w = World::new();
+    let (session, _) = must_start(
+        &store,
+        w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+    )
+    .await;
+    let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
+    let mut raw = common::raw(common::SINGLE).await;
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(
+        ttl_ms > Duration::days(100 * 365).whole_milliseconds() as i64,
+        "{ttl_ms}"
+    );
+    assert!(store.session(session.id).await.unwrap().is_some());
+}
+
 /// A chain far along (its head at place 10^14 - 1, set here by hand: no
 /// test writes that many events) still takes events, single and batched,
 /// each at its stream entry `0-<seq + 1>` written in digits: the scripts'
