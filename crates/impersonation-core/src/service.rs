@@ -1805,7 +1805,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// Audits an access or modification inside a session, before it takes
     /// place: a modification in a read-only session is refused (and the
     /// refusal audited), and so is anything in a session that has ended
-    /// (`Unauthenticated`, nothing recorded), so the caller goes on only
+    /// or whose time is up, judged on the store's record when `ctx` shows
+    /// it lapsed (`Unauthenticated`, nothing recorded; a lapsed session is
+    /// ended as it lapsed), so the caller goes on only
     /// if this succeeds. For an activity that has already happened, call
     /// [`Impersonation::record_completed`].
     pub async fn record(
@@ -1816,7 +1818,33 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
             return Err(self.refuse_read_only(ctx, &activity.description).await?);
         }
+        let now = self.now();
+        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
+            Box::pin(self.refuse_if_lapsed(ctx, now)).await?;
+        }
         self.record_guarded(ctx, activity, false).await
+    }
+
+    /// A context kept past its session's time by its copy (a socket's
+    /// handler, a job): the store guards an append on the session being
+    /// active, not in time, so the session is judged here on the store's
+    /// record (other requests may have kept it in use). Lapsed there, it
+    /// is ended as it lapsed, and the answer is `Unauthenticated`.
+    async fn refuse_if_lapsed(&self, ctx: &Context, now: OffsetDateTime) -> Result<(), Error> {
+        let lapsed = match self.store.session(ctx.0.session).await? {
+            None => true,
+            Some(found) => match found.lapse_at(now) {
+                // Ended as it lapsed (or as it ended first), or found in
+                // use since it was read.
+                Some(lapse) => self.end_lapse(&found, lapse).await?.is_ok(),
+                None => matches!(found.state, SessionState::Ended(_)),
+            },
+        };
+        if lapsed {
+            self.reuse.forget(ctx.0.session);
+            return Err(Error::Unauthenticated);
+        }
+        Ok(())
     }
 
     /// Audits an access or modification that has already taken place (a

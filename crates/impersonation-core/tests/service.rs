@@ -1272,6 +1272,48 @@ async fn recording_after_the_session_ended_is_refused() {
     assert_eq!(err.http_status(), 401);
 }
 
+/// A context kept past its session's time (a socket's handler, a job)
+/// lets nothing more be done: before an activity the session is judged on
+/// the store's record, which other requests may have kept in use, and
+/// once it has lapsed there it is ended as it lapsed and nothing is
+/// recorded.
+#[tokio::test]
+async fn recording_with_a_context_kept_past_its_sessions_time_is_refused() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    // Another request keeps the session in use: the kept context's idle
+    // deadline (15 minutes) has passed, the store's has not.
+    f.clock.advance(Duration::minutes(10));
+    f.service.resolve(&started.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(6));
+    f.service
+        .record(&ctx, Activity::access("Viewed bookings."))
+        .await
+        .unwrap();
+    // Then nobody uses it, and it idles out.
+    f.clock.advance(Duration::minutes(10));
+    let err = f
+        .service
+        .record(&ctx, Activity::access("Viewed bookings again."))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated), "{err:?}");
+    let events = session_events(&f, started.session.id).await;
+    let end = events.last().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == AuditAction::Access)
+            .count(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn malformed_and_unknown_secrets_are_unauthenticated() {
     let f = fixture();

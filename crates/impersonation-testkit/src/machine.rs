@@ -636,13 +636,23 @@ impl<S: Store> Case<S> {
         } else {
             Activity::access("Viewed bookings.").detail("method", "GET")
         };
+        let now = self.now();
         let result = self.service.record(&ctx, activity).await;
-        let active = self
+        let (active, lapse) = self
             .latest
             .get(&agent)
-            .is_some_and(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active);
+            .filter(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active)
+            .map_or((false, None), |(s, _)| (true, lapse_of(s, now)));
         match (result, active) {
-            (Ok(event), true) => {
+            // Its time was up: it ends as expired or idle, and nothing is
+            // done in it.
+            (Err(Error::Unauthenticated), true) if lapse.is_some() => {
+                if let Some(reason) = lapse {
+                    self.end_model(agent, reason);
+                }
+                Ok(())
+            }
+            (Ok(event), true) if lapse.is_none() => {
                 prop_assert_eq!(event.session, Some(ctx.session()));
                 prop_assert_eq!(event.actor.id(), Some(&self.agents[agent].id));
                 Ok(())
