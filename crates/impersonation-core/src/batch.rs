@@ -14,7 +14,9 @@
 //! call was carrying get [`Interrupted`]; a caller dropped after being told
 //! to run passes the place on in turn. The item of a caller dropped while
 //! it waited stays queued, and the next call carries it (a write still
-//! lands); whoever runs a call always carries its own item among them.
+//! lands): the caller told to run next, or, when no caller is left
+//! waiting, the one whose call just finished; whoever runs a call always
+//! carries its own item among them.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,6 +41,14 @@ struct Waiting<I, O> {
     done: oneshot::Sender<O>,
     /// Taken when this caller is told to run the next call.
     run: Option<oneshot::Sender<()>>,
+}
+
+impl<I, O> Waiting<I, O> {
+    /// Whether this item's caller is still there to run a call (waiting to
+    /// be told, or told and about to).
+    fn may_run(&self) -> bool {
+        self.run.as_ref().is_none_or(|run| !run.is_canceled())
+    }
 }
 
 struct Lane<I, O> {
@@ -244,6 +254,21 @@ impl<I, O> Coalescer<I, O> {
         for (done, output) in answers.into_iter().zip(outputs) {
             let _ = done.send(output);
         }
+        // Items whose callers went away while they waited, with no caller
+        // left to run the next call: carried now, not whenever the next
+        // caller comes (if one ever does), so a write still lands, and in
+        // its turn.
+        loop {
+            let orphans: Vec<I> = {
+                let mut lane = self.lock();
+                if lane.pending.is_empty() || lane.pending.iter().any(Waiting::may_run) {
+                    break;
+                }
+                let n = lane.pending.len().min(MAX_BATCH);
+                lane.pending.drain(..n).map(|w| w.item).collect()
+            };
+            run(orphans).await;
+        }
         drop(place);
     }
 }
@@ -311,6 +336,32 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 2);
         assert_eq!(c.lock().running, 0);
+    }
+
+    /// An item whose caller went away while it waited, with nobody left
+    /// waiting, is carried by the caller whose call was in flight, before
+    /// that caller returns: not left queued until some later caller comes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_item_whose_caller_went_away_is_carried_by_the_call_in_flight() {
+        let c = Coalescer::<usize, usize>::new(1);
+        let carried = std::sync::Mutex::new(Vec::new());
+        let run = |items: Vec<usize>| {
+            carried.lock().unwrap().push(items.clone());
+            async move {
+                tokio::task::yield_now().await;
+                items
+            }
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut first = Box::pin(c.submit(1, &run));
+        assert!(first.as_mut().poll(&mut cx).is_pending(), "in flight");
+        let mut gone = Box::pin(c.submit(2, &run));
+        assert!(gone.as_mut().poll(&mut cx).is_pending(), "queued");
+        drop(gone);
+        assert_eq!(first.await, Ok(1));
+        assert_eq!(*carried.lock().unwrap(), [vec![1], vec![2]]);
+        let lane = c.lock();
+        assert!(lane.pending.is_empty() && lane.running == 0);
     }
 
     /// A caller told to run carries its own item even behind a full batch
