@@ -583,7 +583,9 @@ impl AuditDraft {
 /// The position and previous hash of an event placed after `head`.
 fn place_after(head: Option<ChainHead>) -> (u64, EventHash) {
     match head {
-        Some(h) => (h.seq + 1, h.hash),
+        // Saturating: a head at `u64::MAX` (only a damaged store holds one)
+        // places the event on the last one, which the store refuses.
+        Some(h) => (h.seq.saturating_add(1), h.hash),
         None => (0, EventHash::GENESIS),
     }
 }
@@ -1074,17 +1076,17 @@ impl ChainVerifier {
             return Err(self.broken(BreakKind::HashMismatch));
         }
         self.prev = event.hash;
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         Ok(())
     }
 
     /// Ends verification, comparing with the head the store recorded.
     pub fn finish(self, head: Option<ChainHead>) -> Result<ChainReport, ChainBreak> {
         if let Some(head) = head {
-            if head.seq + 1 > self.next {
+            if head.seq.saturating_add(1) > self.next {
                 return Err(self.broken(BreakKind::Truncated { head_seq: head.seq }));
             }
-            if head.seq + 1 < self.next || head.hash != self.prev {
+            if head.seq.saturating_add(1) < self.next || head.hash != self.prev {
                 let mut b = self.broken(BreakKind::HeadMismatch);
                 b.position = self.next.saturating_sub(1);
                 return Err(b);

@@ -901,7 +901,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             return Ok(true);
         }
         const PAGE: u32 = 64;
-        let mut seq = from.map_or(0, |h| h.seq + 1);
+        let mut seq = from.map_or(0, |h| h.seq.saturating_add(1));
         loop {
             let events = self.store.chain_events(chain, seq, PAGE).await?;
             if events
@@ -1969,7 +1969,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // usual; past them, more was appended since, and the chain is
         // verified as far as read; short of them, they are past any head.
         let head = match first {
-            Some(h) if read > h.seq + 1 => {
+            Some(h) if read > h.seq.saturating_add(1) => {
                 if at_first != Some(h.hash) {
                     return Ok(Err(ChainBreak {
                         chain: chain.clone(),
@@ -1978,7 +1978,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     }));
                 }
                 match self.store.chain_head(chain).await? {
-                    Some(now) if now.seq + 1 > read => None,
+                    Some(now) if now.seq.saturating_add(1) > read => None,
                     now => now.or(first),
                 }
             }

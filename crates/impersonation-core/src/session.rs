@@ -340,7 +340,7 @@ impl Session {
         next.activated_at = Some(now);
         next.expires_at = normalize(now.saturating_add(self.grant.duration));
         next.last_seen_at = now;
-        next.version = self.version + 1;
+        next.version = self.version.saturating_add(1);
         let mut details = Details::new()
             .with("reason_text", self.grant.reason.as_str())
             .with("expires_at", next.expires_at);
@@ -383,7 +383,7 @@ impl Session {
         let mut next = self.clone();
         next.state = to;
         next.ended_at = Some(now);
-        next.version = self.version + 1;
+        next.version = self.version.saturating_add(1);
         let mut all = details;
         all.insert("reason", reason.code());
         let event = self.draft(now, AuditAction::SessionEnded, by).details(all);

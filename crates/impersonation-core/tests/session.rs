@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
 
 use impersonation_core::{
-    Actor, AttributeRule, AuditAction, AuditDraft, AuditEvent, Begin, BreakKind, ChainKey, Consent,
-    Details, EndReason, Mask, PersonRef, Policy, PolicyContext, Principal, ProjectionRules,
-    RelationKind, Relationship, Session, SessionSecret, SessionState, ShadowValue, StartRequest,
-    TenantId, UserId, to_json_lines, to_table, verify_chain,
+    Actor, AttributeRule, AuditAction, AuditDraft, AuditEvent, Begin, BreakKind, ChainHead,
+    ChainKey, Consent, Details, EndReason, Mask, PersonRef, Policy, PolicyContext, Principal,
+    ProjectionRules, RelationKind, Relationship, Session, SessionSecret, SessionState, ShadowValue,
+    StartRequest, TenantId, UserId, to_json_lines, to_table, verify_chain,
 };
 use time::{Duration, OffsetDateTime, macros::datetime};
 
@@ -499,6 +499,28 @@ fn truncating_the_chain_is_caught_by_the_head() {
     let b = verify_chain(&chain, &events, head).unwrap_err();
     assert_eq!(b.kind, BreakKind::Truncated { head_seq: 4 });
     assert_eq!(b.position, 4);
+}
+
+/// A head at the last place there is (only a damaged store holds one)
+/// is a break to report, not an overflow; and an event placed after it
+/// takes that same last place, which the chain then refuses.
+#[test]
+fn a_head_at_the_last_place_is_a_break_not_an_overflow() {
+    let (chain, events) = chain_of(2);
+    let far = ChainHead {
+        seq: u64::MAX,
+        hash: events[1].hash,
+    };
+    let b = verify_chain(&chain, &events, Some(far)).unwrap_err();
+    assert_eq!(b.kind, BreakKind::Truncated { head_seq: u64::MAX });
+    let after = AuditDraft::new(
+        events[1].at,
+        AuditAction::Access,
+        Actor::System,
+        chain.clone(),
+    )
+    .seal(Some(far));
+    assert_eq!(after.seq, u64::MAX);
 }
 
 #[test]
