@@ -1315,7 +1315,7 @@ impl Store for DieselStore {
             })
             .await;
         match outcome {
-            Ok(found) => found.into_iter().map(Ok).collect(),
+            Ok(found) => found,
             Err(e) => vec![Err(e); lookups.len()],
         }
     }

@@ -634,7 +634,7 @@ macro_rules! store_ops {
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
                 writes: &crate::WriteGate,
-            ) -> Result<Vec<Option<Session>>, OpError> {
+            ) -> Result<Vec<Result<Option<Session>, StoreError>>, OpError> {
                 if hashes.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -672,14 +672,21 @@ macro_rules! store_ops {
                     sql = sql.arg(now).arg(now).arg(now).arg(now).arg(coalesce);
                 }
                 let asked: HashMap<String, SecretHash> = hashes.iter().map(|h| (h.to_hex(), *h)).collect();
-                let mut found: HashMap<String, Session> = HashMap::new();
+                // Each row decoded on its own: one that cannot be (damaged,
+                // or written by a version whose records this one refuses)
+                // answers its own lookup as corrupt, not the whole batch,
+                // which holds other requests' lookups.
+                let mut found: HashMap<String, Result<Session, StoreError>> = HashMap::new();
                 let mut due = Vec::new();
                 for keyed in sql.load::<KeyedSessionRow>(conn).await? {
                     let session = match asked.get(&keyed.secret_hash) {
-                        Some(key) => keyed.row.into_session_via(*key, decoded)?,
-                        None => keyed.row.into_session()?,
+                        Some(key) => keyed.row.into_session_via(*key, decoded),
+                        None => keyed.row.into_session(),
                     };
-                    if !touch_in_query && touch.is_some_and(|t| t.applies_to(&session)) {
+                    if !touch_in_query
+                        && let Ok(session) = &session
+                        && touch.is_some_and(|t| t.applies_to(session))
+                    {
                         due.push(keyed.id);
                     }
                     found.insert(keyed.secret_hash, session);
@@ -698,7 +705,7 @@ macro_rules! store_ops {
                     ));
                     sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await?;
                 }
-                Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned()).collect())
+                Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned().transpose()).collect())
             }
 
             pub(crate) async fn find_by_secret(
@@ -709,7 +716,7 @@ macro_rules! store_ops {
                 writes: &crate::WriteGate,
             ) -> Result<Option<Session>, OpError> {
                 let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded, writes).await?;
-                Ok(found.into_iter().next().flatten())
+                Ok(found.into_iter().next().transpose()?.flatten())
             }
 
             pub(crate) async fn session(conn: &mut Conn, id: SessionId) -> Result<Option<Session>, OpError> {

@@ -428,6 +428,57 @@ async fn tampering_on_sqlite_is_refused_then_detected() {
     tampering_is_refused_then_detected(common::sqlite_file_db(2).await).await;
 }
 
+/// A session row that no longer decodes (damaged, or written by a version
+/// whose records this one refuses) answers its own lookup as corrupt; the
+/// lookups batched with it, other requests', are answered as ever.
+async fn a_damaged_session_row_fails_only_its_own_lookup(db: TestDb) {
+    let w = World::new();
+    let (start, damaged_secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (damaged, _) = must_start(&db.store, start).await;
+    let (start, intact_secret) = w.begin(&w.agent(2), &w.customer(2, "t1"), epoch());
+    let (intact, _) = must_start(&db.store, start).await;
+    raw(
+        &db.place,
+        &format!(
+            "UPDATE impersonation_sessions SET record = '{{}}' WHERE id = '{}'",
+            damaged.id
+        ),
+    )
+    .await
+    .unwrap();
+    // Another process, which has decoded neither session yet.
+    let fresh = common::another_store_on(&db, 2).await;
+    let found = fresh
+        .find_by_secrets(&[damaged_secret.lookup(), intact_secret.lookup()], None)
+        .await;
+    assert!(
+        matches!(found[0], Err(StoreError::Corrupt(_))),
+        "{:?}",
+        found[0]
+    );
+    assert_eq!(
+        found[1].as_ref().unwrap().as_ref().map(|s| s.id),
+        Some(intact.id)
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_session_row_on_postgres_fails_only_its_own_lookup() {
+    a_damaged_session_row_fails_only_its_own_lookup(common::postgres_db(4).await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_session_row_on_mariadb_fails_only_its_own_lookup() {
+    a_damaged_session_row_fails_only_its_own_lookup(common::mysql_db(4).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_session_row_on_sqlite_fails_only_its_own_lookup() {
+    a_damaged_session_row_fails_only_its_own_lookup(common::sqlite_file_db(2).await).await;
+}
+
 // --- crashes --------------------------------------------------------------------
 
 /// Holds an uncommitted audit row at `(chain, seq)`, so the store's insert of
