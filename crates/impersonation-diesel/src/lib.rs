@@ -277,7 +277,9 @@ impl DieselConfig {
     /// How long each attempt of a write waits for a lock another writer
     /// holds (default 5 s): SQLite's `busy_timeout`, PostgreSQL's
     /// `lock_timeout`, MySQL and MariaDB's `innodb_lock_wait_timeout` and
-    /// `lock_wait_timeout` (whole seconds, rounded up). PostgreSQL then fails the write; the
+    /// `lock_wait_timeout` (whole seconds, rounded up, at most a year;
+    /// elsewhere whole milliseconds, at most about 24.8 days, what
+    /// PostgreSQL and SQLite take). PostgreSQL then fails the write; the
     /// others retry it, up to six attempts. A writer that died holding a
     /// lock then costs a failed write, not a connection stuck for hours.
     #[must_use]
@@ -495,7 +497,7 @@ mod pg_setup {
         // host that died mid-transaction holds its locks until TCP notices,
         // hours): past it the write fails closed instead of taking a pooled
         // connection with it. PostgreSQL's own default is to wait forever.
-        let ms = lock_timeout.as_millis().max(1);
+        let ms = super::whole_millis(lock_timeout);
         conn.batch_execute(&format!("SET lock_timeout = '{ms}ms'"))
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
@@ -579,7 +581,7 @@ mod sqlite_setup {
 
     pub(crate) async fn establish(
         path: String,
-        busy_ms: u128,
+        busy_ms: u64,
         counter: Option<std::sync::Arc<super::QueryCounter>>,
     ) -> ConnectionResult<super::SqliteConn> {
         let opened = tokio::task::spawn_blocking(move || {
@@ -596,8 +598,7 @@ mod sqlite_setup {
             // wait, while another connection is turning it too (waiting
             // there could deadlock): processes opening a new file at once
             // try again, for as long as the busy timeout.
-            let deadline = std::time::Instant::now()
-                + std::time::Duration::from_millis(u64::try_from(busy_ms).unwrap_or(u64::MAX));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(busy_ms);
             loop {
                 match conn.batch_execute("PRAGMA journal_mode = WAL") {
                     Ok(()) => break,
@@ -784,6 +785,19 @@ fn whole_seconds(wait: std::time::Duration) -> u64 {
         .clamp(1, YEAR)
 }
 
+/// `wait` in whole milliseconds, rounded up, as PostgreSQL's `lock_timeout`
+/// and SQLite's `busy_timeout` take it: at least 1, at most `i32::MAX`
+/// (about 24.8 days), which PostgreSQL refuses past and SQLite would read
+/// as 0 (no wait at all).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn whole_millis(wait: std::time::Duration) -> u64 {
+    const MAX_MS: u64 = 2_147_483_647;
+    u64::try_from(wait.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(u64::from(!wait.subsec_nanos().is_multiple_of(1_000_000)))
+        .clamp(1, MAX_MS)
+}
+
 /// Attempts of a write that hit a deadlock, serialisation failure or busy database.
 const WRITE_ATTEMPTS: u32 = 6;
 
@@ -855,7 +869,7 @@ impl DieselStore {
             #[cfg(feature = "sqlite")]
             BackendKind::Sqlite => {
                 let path = config.sqlite_path();
-                let busy_ms = config.busy_timeout.as_millis();
+                let busy_ms = whole_millis(config.busy_timeout);
                 let mut config = config.clone();
                 if path == ":memory:" {
                     // Each connection to :memory: is its own database.
@@ -1477,6 +1491,16 @@ mod tests {
         assert_eq!(super::whole_seconds(Duration::from_millis(2_500)), 3);
         assert_eq!(super::whole_seconds(Duration::from_secs(300)), 300);
         assert_eq!(super::whole_seconds(Duration::MAX), 365 * 24 * 3600);
+    }
+
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    #[test]
+    fn lock_waits_are_whole_milliseconds_within_postgres_and_sqlites_range() {
+        use std::time::Duration;
+        assert_eq!(super::whole_millis(Duration::from_micros(1)), 1);
+        assert_eq!(super::whole_millis(Duration::from_micros(2_500)), 3);
+        assert_eq!(super::whole_millis(Duration::from_secs(5)), 5_000);
+        assert_eq!(super::whole_millis(Duration::MAX), 2_147_483_647);
     }
 
     #[test]
