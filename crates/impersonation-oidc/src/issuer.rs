@@ -401,7 +401,20 @@ impl Issuer {
                 .await
                 .map_err(|e| core_error(&e))?
             else {
-                return Ok(());
+                // The agent has left the directory (offboarded): the
+                // session is revoked by the system, rather than answered
+                // as revoked and left to its next policy re-check. One
+                // agent has one live session at most.
+                return self
+                    .api
+                    .revoke_all_for_agent(
+                        &verified.actor,
+                        Initiator::System,
+                        "token revoked; its agent is not in the directory",
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|e| core_error(&e));
             };
             match self.api.stop_session(verified.session, &agent).await {
                 Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => Ok(()),

@@ -491,3 +491,40 @@ async fn an_expired_token_revoked_by_its_client_ends_its_session() {
     let again = exchange().await;
     assert_eq!(again.status, 200, "{}", again.body);
 }
+
+/// A token revoked by its client after its agent left the directory (an
+/// agent offboarded) still ends its session, by the system: the answer
+/// says revoked, and it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_after_its_agent_left_the_directory_ends_its_session() {
+    let (op, provider) = forged_provider();
+    let people = directory();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), people.clone()));
+    let issuer = issuer_lasting(time::Duration::minutes(5), provider, service.clone());
+    let (token, _) = exchange_sam_for_olive(&issuer, &op).await;
+    let token = token.as_str();
+    let session = issuer
+        .verifier(API)
+        .authorize(token)
+        .await
+        .unwrap()
+        .session();
+    people.remove(&impersonation_core::UserId::new("sam").unwrap());
+
+    let revoked = issuer
+        .revoke(
+            Some(&basic(CLIENT, CLIENT_SECRET)),
+            encode(&[("token", token)]).as_bytes(),
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    // As the store has it, with no request to re-check the policy.
+    let stored = impersonation_core::Store::session(service.store(), session)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.state,
+        impersonation_core::SessionState::Ended(impersonation_core::EndReason::Revoked)
+    );
+}
