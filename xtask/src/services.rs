@@ -355,15 +355,27 @@ pub(crate) fn up() -> Result<()> {
 /// Brings up one service (by name) if it is not reachable: installs its
 /// server if missing and starts it, as `up` does, without the others or
 /// the test tools. For `cargo xtask demo --store …`.
+///
+/// A server that is reachable may still not be set up as the demo needs
+/// (one a package started, with its own auth rules and no `test`
+/// database): its access is checked, and repaired as root, as `up` does.
+/// A check that cannot tell (no client tools beside a server in a
+/// container, say) is only a warning: opening the store says the rest.
 pub(crate) fn up_one(name: &str) -> Result<()> {
     let service = SERVICES
         .iter()
         .find(|s| s.name == name)
         .with_context(|| format!("no service called {name}"))?;
+    let sh = crate::root_shell()?;
     if service.reachable() {
+        if let Err(err) = (service.ensure_access)(&sh) {
+            eprintln!(
+                "{name}: reachable on {}, but its access could not be checked or set up: {err:#}; trying it as it is (`sudo env \"PATH=$PATH\" cargo xtask services up` sets it up)",
+                service.addresses()
+            );
+        }
         return Ok(());
     }
-    let sh = crate::root_shell()?;
     if !is_root(&sh) {
         bail!(
             "{name} is not running on {}; start it, or run `sudo env \"PATH=$PATH\" cargo xtask services up`",
