@@ -353,6 +353,10 @@ fn sanitize(text: String) -> String {
 #[serde(transparent)]
 pub struct ChainKey(Arc<str>);
 
+/// How the customers' revocation chains' keys start; no user id may
+/// (`IdError::Reserved`), so no agent's chain is one of them.
+pub(crate) const REVOCATIONS_PREFIX: &str = "revocations:";
+
 impl ChainKey {
     /// The chain of an agent.
     pub fn for_agent(agent: &UserId) -> Self {
@@ -365,13 +369,20 @@ impl ChainKey {
     /// customer's sessions, and whose head a start reads before and after it
     /// writes its session (a start that a revocation overtook ends its
     /// session at once). `revocations:` and a SHA-256 of the customer's id,
-    /// so it fits any store's key and stays apart from the agents' chains.
+    /// so it fits any store's key and stays apart from the agents' chains
+    /// (a user id may not start with `revocations:`).
     pub fn revocations_of(subject: &UserId) -> Self {
         let digest = Sha256::new()
             .chain_update(b"impersonation-revocations-v1\0")
             .chain_update(subject.as_str().as_bytes())
             .finalize();
-        Self(format!("revocations:{}", base16ct::lower::encode_string(&digest)).into())
+        Self(
+            format!(
+                "{REVOCATIONS_PREFIX}{}",
+                base16ct::lower::encode_string(&digest)
+            )
+            .into(),
+        )
     }
 
     /// Wraps a stored key.

@@ -26,6 +26,12 @@ pub enum IdError {
     /// rewrite a log line or a table row the id is shown in).
     #[error("identifier contains a control, bidirectional or line-separator character")]
     ControlCharacter,
+    /// The user identifier starts with `revocations:`, which the SDK keeps
+    /// for the customers' revocation chains: an agent of that id would
+    /// write into a customer's revocation chain (an agent's chain is named
+    /// by the agent's id).
+    #[error("user identifier starts with `revocations:`, which is reserved")]
+    Reserved,
 }
 
 /// An id: not empty, at most [`MAX_ID_LEN`] bytes, and without a control
@@ -48,8 +54,20 @@ fn check_opaque(value: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// A user id: an opaque id ([`check_opaque`]) that does not start with the
+/// prefix of the customers' revocation chains
+/// ([`ChainKey::revocations_of`](crate::ChainKey::revocations_of)), so no
+/// agent's chain, named by the agent's id, is ever one of them.
+fn check_user(value: &str) -> Result<(), IdError> {
+    check_opaque(value)?;
+    if value.starts_with(crate::audit::REVOCATIONS_PREFIX) {
+        return Err(IdError::Reserved);
+    }
+    Ok(())
+}
+
 macro_rules! opaque_id {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $check:path) => {
         $(#[$doc])*
         ///
         /// Cloning is cheap: the text is shared.
@@ -63,7 +81,7 @@ macro_rules! opaque_id {
             /// separators included).
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
-                check_opaque(&value)?;
+                $check(&value)?;
                 Ok(Self(value.into()))
             }
 
@@ -164,12 +182,12 @@ opaque_id! {
     /// assert_eq!(UserId::from(42_u64).as_str(), "42");
     /// assert!(UserId::new("").is_err());
     /// ```
-    UserId
+    UserId, check_user
 }
 
 opaque_id! {
     /// A tenant (customer organisation) of the host application, by the host's own key.
-    TenantId
+    TenantId, check_opaque
 }
 
 macro_rules! uuid_id {
@@ -276,6 +294,20 @@ mod tests {
         assert!(serde_json::from_str::<UserId>(r#""a\nb""#).is_err());
         assert!(serde_json::from_str::<UserId>(r#""a\u202eb""#).is_err());
         assert_eq!(UserId::new("josé").map(String::from), Ok("josé".into()));
+    }
+
+    /// No user id names a customer's revocation chain: an agent's chain is
+    /// named by the agent's id, and one named so would take its refusals
+    /// into the customer's revocation chain (and a start on that customer
+    /// would read them as a revocation). A tenant may be called anything.
+    #[test]
+    fn no_user_id_is_a_revocation_chains_name() {
+        let olive = UserId::new("olive").unwrap_or_else(|_| unreachable!());
+        let chain = crate::ChainKey::revocations_of(&olive);
+        assert_eq!(UserId::new(chain.as_str()), Err(IdError::Reserved));
+        assert!(serde_json::from_str::<UserId>(r#""revocations:x""#).is_err());
+        assert!(UserId::new("revocations").is_ok());
+        assert!(TenantId::new(chain.as_str()).is_ok());
     }
 
     #[test]
