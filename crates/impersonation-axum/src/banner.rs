@@ -169,9 +169,28 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
 /// "Content-Security-Policy">` (an app shell's, say) gets the banner's
 /// styles, and its Stop form's post to `stop`, let through it, as one in
 /// a header does (`crate::csp`).
-pub(crate) fn inject(html: &[u8], banner: &str, stop: &[String]) -> Vec<u8> {
+///
+/// A page whose `Content-Type` names no charset (`charset_known` false)
+/// is read in the charset its first `<meta>` declaring one names (as a
+/// browser reads it): one not known to keep ASCII as ASCII (ISO-2022, say,
+/// where a customer's kanji can spell `<script`) gets no banner, and the
+/// answer says why.
+pub(crate) fn inject(
+    html: &[u8],
+    banner: &str,
+    stop: &[String],
+    charset_known: bool,
+) -> Result<Vec<u8>, &'static str> {
     let mut metas = Vec::new();
     let at = scan(html, &mut metas);
+    if !charset_known
+        && metas
+            .iter()
+            .find_map(|tag| declared_charset(&html[tag.clone()]))
+            .is_some_and(|charset| !crate::layer::keeps_ascii(&charset))
+    {
+        return Err("the page's <meta> charset is not one known to keep ASCII as ASCII");
+    }
     let mut edits: Vec<(std::ops::Range<usize>, Vec<u8>)> = metas
         .into_iter()
         .filter_map(|tag| crate::csp::rewrite_meta(&html[tag.clone()], stop).map(|new| (tag, new)))
@@ -187,7 +206,40 @@ pub(crate) fn inject(html: &[u8], banner: &str, stop: &[String]) -> Vec<u8> {
         from = range.end;
     }
     out.extend_from_slice(&html[from..]);
-    out
+    Ok(out)
+}
+
+/// The charset a `<meta>` start tag (`<` to `>`) declares, lowercased: its
+/// `charset`, or the `charset=` in the `content` of an
+/// `http-equiv="Content-Type"`.
+fn declared_charset(tag: &[u8]) -> Option<String> {
+    let attributes = crate::csp::attributes(tag)?;
+    let value = |name: &str| {
+        attributes
+            .iter()
+            .find(|a| a.name.eq_ignore_ascii_case(name.as_bytes()))
+            .and_then(|a| std::str::from_utf8(a.value).ok())
+    };
+    if let Some(charset) = value("charset") {
+        return Some(charset.trim().to_ascii_lowercase());
+    }
+    if !value("http-equiv")?
+        .trim()
+        .eq_ignore_ascii_case("content-type")
+    {
+        return None;
+    }
+    let content = value("content")?.to_ascii_lowercase();
+    let after = &content[content.find("charset")? + "charset".len()..];
+    let label: String = after
+        .trim_start()
+        .strip_prefix('=')?
+        .trim_start()
+        .trim_start_matches(['"', '\''])
+        .chars()
+        .take_while(|&c| !matches!(c, ';' | '"' | '\'') && !c.is_whitespace())
+        .collect();
+    (!label.is_empty()).then_some(label)
 }
 
 /// Where the banner goes: before the last `</body>` that is markup, not
@@ -1028,7 +1080,7 @@ mod tests {
         fn a_real_parser_finds_the_banner_as_an_element(pieces in proptest::collection::vec(piece(), 0..10)) {
             let page = format!("<!doctype html><html><head></head><body>{}", pieces.concat());
             let banner = "<div id=\"impersonation-banner\" role=\"alert\">B</div>";
-            let injected = String::from_utf8(inject(page.as_bytes(), banner, &[])).unwrap();
+            let injected = String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
             let dom = scraper::Html::parse_document(&injected);
             let found = scraper::Selector::parse("#impersonation-banner").unwrap();
             prop_assert_eq!(dom.select(&found).count(), 1, "page: {}", injected);
@@ -1045,7 +1097,7 @@ mod tests {
     }
 
     fn placed(page: &str) -> String {
-        String::from_utf8(inject(page.as_bytes(), "[B]", &[])).unwrap()
+        String::from_utf8(inject(page.as_bytes(), "[B]", &[], true).unwrap()).unwrap()
     }
 
     #[test]

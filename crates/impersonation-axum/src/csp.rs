@@ -162,7 +162,7 @@ pub(crate) fn rewrite_meta(tag: &[u8], stop: &[String]) -> Option<Vec<u8>> {
 
 /// The attributes of the start tag `tag` (`<` to `>`) that a browser
 /// keeps: the first of a repeated name. `None` if the tag does not end.
-fn attributes(tag: &[u8]) -> Option<Vec<Attribute<'_>>> {
+pub(crate) fn attributes(tag: &[u8]) -> Option<Vec<Attribute<'_>>> {
     let mut all = Attributes::of(tag);
     let mut found: Vec<Attribute<'_>> = Vec::new();
     for attribute in all.by_ref() {
@@ -599,7 +599,7 @@ mod tests {
             let (a, b) = if content_first { (&content[..], equiv) } else { (equiv, &content[..]) };
             let other = if extra { " data-x='a > b' =\"c\"" } else { "" };
             let page = format!("<!doctype html><html><head><meta {a}{other} {b}></head><body><p>x</p></body></html>");
-            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", &stop)).unwrap();
+            let injected = String::from_utf8(crate::banner::inject(page.as_bytes(), "<div id=b></div>", &stop, true).unwrap()).unwrap();
             let before = parsed_content(&page).unwrap();
             let after = parsed_content(&injected).unwrap();
             let rewritten = rewrite_policy(&before, &stop);

@@ -1195,7 +1195,7 @@ fn page_kind(res: &Response) -> Page {
 /// ones, and the CJK encodings whose trailing bytes never fall on `<`.
 /// Not UTF-16 or UTF-32, and not ISO-2022, which switches modes inside the
 /// page; an unknown label counts as not.
-fn keeps_ascii(label: &str) -> bool {
+pub(crate) fn keeps_ascii(label: &str) -> bool {
     const EXACT: &[&str] = &[
         "utf-8",
         "utf8",
@@ -1263,31 +1263,32 @@ async fn with_banner(
                 );
                 return Response::from_parts(parts, Body::from(bytes));
             }
-            let page = match markup {
-                Markup::Html => inject(&bytes, banner, stop),
-                Markup::Xhtml => {
-                    let placed = match crate::xhtml::declared_encoding(&bytes) {
-                        // Without a charset in the header, the XML
-                        // declaration's encoding is the page's.
-                        Some(e) if !has_charset(&parts.headers) && !keeps_ascii(&e) => Err(
-                            "the XHTML page's declared encoding is not one known to keep ASCII as ASCII",
-                        ),
-                        _ => crate::xhtml::inject(&bytes, banner)
-                            // Nothing may follow an XML page's root
-                            // element: the banner appended would break it.
-                            .ok_or("the XHTML page has no body element the banner can go into"),
-                    };
-                    match placed {
-                        Ok(page) => page,
-                        Err(why) => {
-                            tracing::warn!(
-                                route,
-                                why,
-                                "an impersonated HTML page is served without the banner"
-                            );
-                            return Response::from_parts(parts, Body::from(bytes));
-                        }
-                    }
+            let charset_known = has_charset(&parts.headers);
+            let placed = match markup {
+                // Without a charset in the header, a `<meta>` one is the
+                // page's.
+                Markup::Html => inject(&bytes, banner, stop, charset_known),
+                Markup::Xhtml => match crate::xhtml::declared_encoding(&bytes) {
+                    // Without a charset in the header, the XML
+                    // declaration's encoding is the page's.
+                    Some(e) if !charset_known && !keeps_ascii(&e) => Err(
+                        "the XHTML page's declared encoding is not one known to keep ASCII as ASCII",
+                    ),
+                    _ => crate::xhtml::inject(&bytes, banner)
+                        // Nothing may follow an XML page's root
+                        // element: the banner appended would break it.
+                        .ok_or("the XHTML page has no body element the banner can go into"),
+                },
+            };
+            let page = match placed {
+                Ok(page) => page,
+                Err(why) => {
+                    tracing::warn!(
+                        route,
+                        why,
+                        "an impersonated HTML page is served without the banner"
+                    );
+                    return Response::from_parts(parts, Body::from(bytes));
                 }
             };
             parts.headers.remove(header::CONTENT_LENGTH);

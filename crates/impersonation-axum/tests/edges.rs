@@ -108,6 +108,28 @@ fn fixture(root: bool) -> Fx {
             "text/html",
             b"<html><body>caf\xe9</body></html>",
         ),
+        // No charset in the header: the page's `<meta>` names it.
+        (
+            "/meta-iso-2022-jp",
+            "text/html",
+            b"<html><head><meta charset=\"ISO-2022-JP\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
+        (
+            "/meta-equiv-iso-2022-jp",
+            "text/html",
+            b"<html><head><meta http-equiv=\"Content-Type\" content=\"text/html; charset='iso-2022-jp'\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
+        (
+            "/meta-utf8",
+            "text/html",
+            b"<html><head><meta charset=utf-8></head><body>caf\xc3\xa9</body></html>",
+        ),
+        // The header's charset is the page's, whatever a `<meta>` says.
+        (
+            "/header-over-meta",
+            "text/html; charset=utf-8",
+            b"<html><head><meta charset=\"iso-2022-jp\"></head><body>plain</body></html>",
+        ),
     ] {
         app = app.route(path, get(page(vec![(html.clone(), content_type)], body)));
     }
@@ -288,6 +310,16 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         ),
         ("/latin", b"<html><body>caf\xe9", b"</body></html>"),
         ("/not-utf8", b"<html><body>caf\xe9", b"</body></html>"),
+        (
+            "/meta-utf8",
+            b"<html><head><meta charset=utf-8></head><body>caf\xc3\xa9",
+            b"</body></html>",
+        ),
+        (
+            "/header-over-meta",
+            b"<html><head><meta charset=\"iso-2022-jp\"></head><body>plain",
+            b"</body></html>",
+        ),
     ] {
         let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
         assert_eq!(page.status, StatusCode::OK, "{uri}");
@@ -311,9 +343,9 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
     // Served byte for byte as the app wrote them, without the banner: an
     // encoded body, a UTF-16 page (by its charset or its byte-order mark), a
     // UTF-32 one (by its mark)
-    // and an ISO-2022 one (the banner cannot go in; the log says so), a
-    // download, a part of a page.
-    let cases: [(&str, &[u8]); 8] = [
+    // and an ISO-2022 one, by its header or its `<meta>` (the banner
+    // cannot go in; the log says so), a download, a part of a page.
+    let cases: [(&str, &[u8]); 10] = [
         (
             "/gzip",
             &[
@@ -322,6 +354,14 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         ),
         ("/utf16", b"<\0/\0b\0o\0d\0y\0>\0"),
         ("/iso-2022-jp", b"<html><body>\x1b$B$3\x1b(B</body></html>"),
+        (
+            "/meta-iso-2022-jp",
+            b"<html><head><meta charset=\"ISO-2022-JP\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
+        (
+            "/meta-equiv-iso-2022-jp",
+            b"<html><head><meta http-equiv=\"Content-Type\" content=\"text/html; charset='iso-2022-jp'\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
         ("/bom", b"\xff\xfe<\0/\0b\0o\0d\0y\0>\0"),
         (
             "/bom-utf32be",
@@ -347,7 +387,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 13);
+    assert_eq!(accesses, 17);
 }
 
 #[tokio::test]
