@@ -619,9 +619,11 @@ impl Issuer {
         let mut out: Vec<String> = Vec::new();
         for a in asked {
             if !client.audiences.contains(a) {
+                // Not echoed: a client that put a token in the wrong
+                // field would find it in the answer and the log.
                 return Err(oauth(
                     ErrorCode::InvalidTarget,
-                    format!("`{a}` is not an audience this client may ask for"),
+                    "an `audience` or `resource` asked for is not one this client may ask for",
                 ));
             }
             if !out.contains(a) {

@@ -402,6 +402,17 @@ async fn clients_and_requests_are_refused_with_their_rfc_errors() {
         (status, body["error"].as_str()),
         (400, Some("invalid_target"))
     );
+    // What was asked for is not echoed: it may be a token put in the
+    // wrong field.
+    let misplaced = "eyJhbGciOiJSUzI1NiJ9.a-token-in-the-wrong-field.sig";
+    let mut token_as_audience = good.clone();
+    token_as_audience.push(("audience", misplaced.into()));
+    let (status, body, _) = post(CLIENT, CLIENT_SECRET, token_as_audience).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_target"))
+    );
+    assert!(!body.to_string().contains(misplaced), "{body}");
 
     let mut twice = good.clone();
     twice.push((
