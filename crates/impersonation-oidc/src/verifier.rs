@@ -57,6 +57,17 @@ enum Keys {
     Fetched(crate::jwks::Jwks),
 }
 
+/// The issuer as its tokens name it (`iss`): without the trailing `/`
+/// [`crate::IssuerConfig::new`] drops, so that a verifier given the
+/// issuer's address with one still knows its tokens.
+fn as_issued(issuer: IssuerUrl) -> IssuerUrl {
+    let trimmed = issuer.as_str().trim_end_matches('/');
+    if trimmed.len() == issuer.as_str().len() {
+        return issuer;
+    }
+    IssuerUrl::new(trimmed.to_owned()).unwrap_or(issuer)
+}
+
 /// Verifies impersonation tokens for one audience. As a
 /// [`TokenResolver`], bindings accept its tokens as bearer credentials.
 #[derive(Clone)]
@@ -111,11 +122,8 @@ impl TokenVerifier {
         max_lifetime: Duration,
         api: Arc<dyn ImpersonationApi>,
     ) -> Result<Self, crate::OidcError> {
-        let url = format!(
-            "{}/{}",
-            issuer.as_str().trim_end_matches('/'),
-            crate::paths::JWKS
-        );
+        let issuer = as_issued(issuer);
+        let url = format!("{}/{}", issuer.as_str(), crate::paths::JWKS);
         let uri = openidconnect::JsonWebKeySetUrl::new(url)
             .map_err(|e| crate::OidcError::Config(format!("issuer JWKS address: {e}")))?;
         let keys = crate::jwks::Jwks::fetch("issuer", uri, http)
@@ -155,7 +163,7 @@ impl TokenVerifier {
         api: Arc<dyn ImpersonationApi>,
     ) -> Self {
         Self {
-            issuer,
+            issuer: as_issued(issuer),
             audience: audience.into(),
             keys: Keys::Fixed(jwks),
             max_lifetime,

@@ -112,8 +112,10 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
         .await
         .unwrap()
         .jwks_max_age(std::time::Duration::from_secs(1));
+    // Given the issuer's address with a trailing `/`, which its tokens'
+    // `iss` leaves out.
     let fixed = TokenVerifier::new(
-        issuer_url.clone(),
+        IssuerUrl::new(format!("{}/", served.url)).unwrap(),
         API,
         serde_json::from_str(&served.issuer.jwks_json()).unwrap(),
         lifetime,
