@@ -288,7 +288,13 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         let rest = &html[here..];
         if tag_at(rest, b"</body") {
             last = Some(here);
-            at = here + b"</body".len();
+            // Passed over to its `>`, as any end tag: attributes (quoted
+            // ones too) may follow its name. Left open, it takes in the
+            // rest of the page.
+            match tag_end(rest) {
+                Some(end) => at = here + end + 1,
+                None => return here,
+            }
             continue;
         }
         let as_html = foreign.reads_html();
@@ -367,7 +373,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
                 if name == b"meta" {
                     metas.push(here..here + end + 1);
                 }
-                foreign.start(name, &rest[..end], rest[end - 1] == b'/');
+                foreign.start(name, &rest[..end], closes_itself(rest, end));
             }
             at = here + end + 1;
             continue;
@@ -383,6 +389,29 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         at = here + 1;
     }
     last.unwrap_or(html.len())
+}
+
+/// Whether the start tag `tag`, whose `>` is at `end`, closes itself
+/// (`<path/>`): a `/` just before its `>` that is not the end of an
+/// unquoted attribute value (`<a href=/>` opens an `a`).
+fn closes_itself(tag: &[u8], end: usize) -> bool {
+    end > 0
+        && tag[end - 1] == b'/'
+        && Attributes::of(&tag[..=end])
+            .last()
+            .is_none_or(|a| a.span.end != end || a.span.is_empty())
+}
+
+/// Whether a MathML `<annotation-xml>` start tag (`tag`) makes its content
+/// HTML: its `encoding` is `text/html` or `application/xhtml+xml`
+/// (HTML's integration point), so a script there is a script.
+fn annotation_holds_html(tag: &[u8]) -> bool {
+    Attributes::of(tag)
+        .find(|a| a.name.eq_ignore_ascii_case(b"encoding"))
+        .is_some_and(|a| {
+            a.value.eq_ignore_ascii_case(b"text/html")
+                || a.value.eq_ignore_ascii_case(b"application/xhtml+xml")
+        })
 }
 
 /// The namespace of an element open inside an svg or a math.
@@ -460,7 +489,8 @@ impl Foreign {
             // HTML's that end them.
             Some(_) if breaks_out(&name) || (name == b"font" && font_breaks_out(tag)) => {
                 self.break_out();
-                if closes_itself || is_void(&name) {
+                // An HTML element: a `/` before its `>` closes nothing.
+                if is_void(&name) {
                 } else if !self.open.is_empty() {
                     self.open.push((name, Kind::Html));
                 } else if self.around.len() < FOREIGN_DEPTH {
@@ -481,7 +511,10 @@ impl Foreign {
             Some(ns) => {
                 let integration = match ns {
                     Ns::Svg => matches!(&name[..], b"foreignobject" | b"desc" | b"title"),
-                    Ns::MathMl => matches!(&name[..], b"mi" | b"mo" | b"mn" | b"ms" | b"mtext"),
+                    Ns::MathMl => {
+                        matches!(&name[..], b"mi" | b"mo" | b"mn" | b"ms" | b"mtext")
+                            || (name == b"annotation-xml" && annotation_holds_html(tag))
+                    }
                 };
                 let kind = if integration {
                     Kind::Integration(ns)
@@ -490,8 +523,9 @@ impl Foreign {
                 };
                 self.open.push((name, kind));
             }
-            // Read as HTML: an `<svg>` or a `<math>` opens theirs.
-            None if closes_itself => {}
+            // Read as HTML: an `<svg>` or a `<math>` opens theirs (unless
+            // it closes itself); an HTML element's `/` closes nothing.
+            None if closes_itself && matches!(&name[..], b"svg" | b"math") => {}
             None if name == b"svg" => self.open.push((name, Kind::Foreign(Ns::Svg))),
             None if name == b"math" => self.open.push((name, Kind::Foreign(Ns::MathMl))),
             None if !self.open.is_empty() && !is_void(&name) => {
@@ -1036,6 +1070,18 @@ mod tests {
             Just("<svg><font>".to_owned()),
             Just("<svg><font size=2>".to_owned()),
             Just("<a href=/?q='x>y</a>".to_owned()),
+            // A `/` ending an unquoted value closes nothing; nor does
+            // one an HTML element's tag ends with.
+            Just("<a href=/>".to_owned()),
+            Just("</a>".to_owned()),
+            Just("<span/>".to_owned()),
+            Just("</span>".to_owned()),
+            Just("<svg/>".to_owned()),
+            Just("</body data-x=\"<!--\">".to_owned()),
+            // (Not an `<annotation-xml encoding="text/html">`: the parser
+            // here, html5ever as `scraper` drives it, does not read its
+            // content as HTML, as browsers do; a test below says where the
+            // banner goes then.)
             inner().prop_map(|t| format!("<!--{t}--!>")),
             inner().prop_map(|t| format!("<xmp>{t}</xmp>")),
             inner().prop_map(|t| format!("<iframe>{t}</iframe>")),
@@ -1124,6 +1170,38 @@ mod tests {
         assert_eq!(
             placed("<script>var s=\"</body>\";</script><p>x</p></body>"),
             "<script>var s=\"</body>\";</script><p>x</p>[B]</body>"
+        );
+        // MathML's `<annotation-xml>` holds HTML when its encoding says
+        // so (any case), as browsers read it: a script in it is a script,
+        // and a `<!--` in its text opens no comment. Without the
+        // encoding, its content is MathML, where `<!--` does.
+        assert_eq!(
+            placed(
+                "<math><annotation-xml encoding=\"Text/HTML\"><script>a=\"<!--\"</script></annotation-xml></math><p>x</p></body>"
+            ),
+            "<math><annotation-xml encoding=\"Text/HTML\"><script>a=\"<!--\"</script></annotation-xml></math><p>x</p>[B]</body>"
+        );
+        assert_eq!(
+            placed(
+                "<math><annotation-xml><script>a=\"<!--\"</script></annotation-xml></math><p>x</p></body>"
+            ),
+            "<math><annotation-xml><script>a=\"[B]<!--\"</script></annotation-xml></math><p>x</p></body>"
+        );
+        // A `/` ending an unquoted value does not close an element: `</a>`
+        // ends the svg it holds, and the script after is HTML's.
+        assert_eq!(
+            placed(
+                "<a href=/><svg><path d=\"M0 0\"></a><script>if(s==\"<!--\")f()</script><p>x</p></body>"
+            ),
+            "<a href=/><svg><path d=\"M0 0\"></a><script>if(s==\"<!--\")f()</script><p>x</p>[B]</body>"
+        );
+        // An end tag's attributes are part of it: a `<!--` quoted there
+        // opens no comment, and the script after it is text.
+        assert_eq!(
+            placed(
+                "<p>x</p></body data-x=\"<!--\"><script>var s=\"-->\"; var t=\"</body>\";</script>"
+            ),
+            "<p>x</p>[B]</body data-x=\"<!--\"><script>var s=\"-->\"; var t=\"</body>\";</script>"
         );
         // Quoted with an opening tag after it, in a page without its own:
         // still inside the script or comment, so appended.
