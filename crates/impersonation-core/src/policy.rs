@@ -751,6 +751,32 @@ impl Policy {
         denied
     }
 
+    /// `grant` as it stands under this policy now: with what the policy
+    /// denies today added to what it denied when the session started. A
+    /// pattern denied since (a permission withdrawn after an incident)
+    /// reaches a live session at its next re-check; one no longer denied
+    /// does not come back to it. `None` (and no copy) when the grant
+    /// denies all of it already.
+    pub(crate) fn denying_now(&self, grant: &Grant) -> Option<Grant> {
+        let covered = self
+            .denied_permissions
+            .iter()
+            .all(|p| grant.denied.contains(p))
+            && [&self.impersonate_permission, &self.admin_permission]
+                .iter()
+                .all(|permission| any_matches(&grant.denied, permission));
+        if covered {
+            return None;
+        }
+        let mut now = grant.clone();
+        for pattern in self.never_held() {
+            if !now.denied.contains(&pattern) {
+                now.denied.push(pattern);
+            }
+        }
+        Some(now)
+    }
+
     /// Whether `permission` is one a shadow user never holds.
     fn never_holds(&self, permission: &Permission) -> bool {
         is_wildcard(permission)

@@ -1314,6 +1314,31 @@ async fn recording_with_a_context_kept_past_its_sessions_time_is_refused() {
     );
 }
 
+/// A permission the policy comes to deny while a session is live (taken
+/// away after an incident, and deployed) leaves the shadow user at the
+/// session's next re-check, not when the session ends.
+#[tokio::test]
+async fn a_permission_denied_since_the_start_leaves_the_live_shadow_user() {
+    let (f, _) = two_processes();
+    let started = f.sam_on_olive().await;
+    let write = Permission::new("bookings:write");
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    assert!(ctx.shadow().has_permission(&write));
+    // The app again, with the new policy (the store and the sessions in
+    // it are the same): what it denied, and now bookings:write too.
+    let mut denied = Policy::default().denied_permission_patterns().to_vec();
+    denied.push(impersonation_core::PermissionPattern::new("bookings:write"));
+    let redeployed = Impersonation::new(Arc::clone(f.service.store()), f.directory.clone())
+        .with_clock(f.clock.clone())
+        .with_policy(Policy::default().denied_permissions(denied));
+    let ctx = redeployed.resolve(&started.secret).await.unwrap();
+    assert!(!ctx.shadow().has_permission(&write));
+    assert!(
+        ctx.shadow()
+            .has_permission(&Permission::new("bookings:read"))
+    );
+}
+
 #[tokio::test]
 async fn malformed_and_unknown_secrets_are_unauthenticated() {
     let f = fixture();
