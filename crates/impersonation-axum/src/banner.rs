@@ -399,7 +399,7 @@ fn closes_itself(tag: &[u8], end: usize) -> bool {
         && tag[end - 1] == b'/'
         && Attributes::of(&tag[..=end])
             .last()
-            .is_none_or(|a| a.span.end != end || a.span.is_empty())
+            .is_none_or(|a| a.span.end != end)
 }
 
 /// Whether a MathML `<annotation-xml>` start tag (`tag`) makes its content

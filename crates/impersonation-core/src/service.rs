@@ -1298,10 +1298,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         };
         // Under the policy as it stands now: a permission it has come to
         // deny since the start leaves the shadow user here.
-        let shadow = match self.policy.denying_now(&session.grant) {
-            Some(grant) => self.projection.project(&target, &grant),
-            None => self.projection.project(&target, &session.grant),
-        };
+        let denying_now = self.policy.denying_now(&session.grant);
+        let shadow = self
+            .projection
+            .project(&target, denying_now.as_ref().unwrap_or(&session.grant));
         // Persisting the check is only needed to space re-checks out, or to
         // keep a changed shadow user; an unchanged every-request check costs
         // no write, so resolve stays one round trip.

@@ -950,6 +950,9 @@ impl RedisStore {
         chain: &ChainKey,
         items: Vec<(usize, AuditDraft, AppendGuard)>,
     ) -> Result<Vec<(usize, Result<AuditEvent, StoreError>)>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         let slot = Slot::of_chain(&self.ns, chain);
         let mut done = Vec::with_capacity(items.len());
         let cache = self.chain_cache(chain);
@@ -963,9 +966,6 @@ impl RedisStore {
         // in the views: their entries are taken back with the next attempt
         // (all but those it lists again at the same place).
         let mut unwritten: Vec<AuditEvent> = Vec::new();
-        if drafts.as_ref().is_some_and(Vec::is_empty) {
-            return Ok(done);
-        }
         for _ in 0..CAS_ATTEMPTS {
             let head = match *cached {
                 Some(h) => h,
