@@ -142,7 +142,14 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             "<form method=\"post\" action=\"{action}\" style=\"{form_style}\">",
             // Closed as XML closes it: the same markup goes into XHTML pages.
             "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\" />",
-            "<button type=\"submit\" style=\"{button_style}\">Stop impersonating</button>",
+            // The button names its own target, method and encoding: on a
+            // page that leaves a form of its own open, the HTML parser
+            // drops the `<form>` above and the button and token join the
+            // app's form, whose submission would otherwise be the app's
+            // (and be held up by its required fields).
+            "<button type=\"submit\" formaction=\"{action}\" formmethod=\"post\" ",
+            "formenctype=\"application/x-www-form-urlencoded\" formnovalidate=\"formnovalidate\" ",
+            "style=\"{button_style}\">Stop impersonating</button>",
             "</form></div>"
         ),
         banner_style = banner_style,

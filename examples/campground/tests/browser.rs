@@ -365,11 +365,13 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
 }
 
 /// An app shell whose policy is in a `<meta>` tag and lets no form post
-/// (`form-action 'none'`): in Chromium the banner is still styled and
-/// fixed at the top, and its Stop button still ends the session, through
-/// the policy as the layer rewrote it.
+/// (`form-action 'none'`), and whose markup leaves a form open (with a
+/// required field) where the banner goes: in Chromium the banner is still
+/// styled and fixed at the top, and its Stop button still ends the
+/// session, through the policy as the layer rewrote it, although the
+/// parser put the button into the app's form.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_banner_styles_and_stops_under_a_strict_meta_policy_in_chromium() {
+async fn the_banner_styles_and_stops_under_a_strict_meta_policy_and_an_open_form_in_chromium() {
     use axum::extract::Request;
     use axum::middleware::{Next, from_fn};
     use axum::response::Html;
@@ -403,7 +405,8 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_in_chromium() {
         Html(
             "<!doctype html><html><head><meta http-equiv=\"Content-Security-Policy\" \
              content=\"default-src 'self'; form-action 'none'\"></head>\
-             <body><p id=app>the app</p></body></html>",
+             <body><p id=app>the app</p>\
+             <form action=/search><input name=q required></body></html>",
         )
     };
     // The host's own sign-in, standing in: the agent is signed in.
