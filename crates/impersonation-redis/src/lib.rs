@@ -839,7 +839,11 @@ impl RedisStore {
             .map_err(unavailable)?;
         match head {
             (Some(seq), Some(hash)) => parse_head(&seq, &hash),
-            _ => Ok(None),
+            (None, None) => Ok(None),
+            (seq, _) => Err(corrupt(
+                "chain head",
+                format!("without its {}", if seq.is_none() { "seq" } else { "hash" }),
+            )),
         }
     }
 
@@ -1747,6 +1751,11 @@ impl Store for RedisStore {
 
     async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
         let mut found = Vec::new();
+        // An agent's sessions: the one its live marker names. A marker
+        // that names no session id (damage) is logged, and the agent's
+        // sessions are looked for among all live ones, so that a
+        // revocation of them still reaches each.
+        let mut by_marker = false;
         if let Some(agent) = &filter.agent {
             let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
             let mut conn = self.conn.clone();
@@ -1755,13 +1764,21 @@ impl Store for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if let Some(id) = live {
-                let id: SessionId = id.parse().map_err(|e| corrupt("session id", e))?;
-                if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
-                    found.push(s);
+            match live.map(|id| id.parse::<SessionId>()) {
+                None => by_marker = true,
+                Some(Ok(id)) => {
+                    by_marker = true;
+                    if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
+                        found.push(s);
+                    }
                 }
+                Some(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "an agent's live-session marker is damaged; looking among all live sessions"
+                ),
             }
-        } else {
+        }
+        if !by_marker {
             let set = match (&filter.subject, &filter.tenant) {
                 (Some(s), _) => live_set(&self.ns, "subject", s.as_str()),
                 (None, Some(t)) => live_set(&self.ns, "tenant", t.as_str()),

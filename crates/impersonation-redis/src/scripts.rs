@@ -24,10 +24,13 @@ const PRELUDE: &str = r#"
 local function entry(seq, after)
   return string.format('0-%d', tonumber(seq) + after)
 end
+-- A head with one of its fields gone (damage) reads as '' there: it
+-- matches no head a client expects, so nothing is appended on it, and the
+-- client, told of it, reports it as corrupt.
 local function head_of(k)
   local h = redis.call('HMGET', k, 'seq', 'hash')
-  if not h[1] then return '-1', '' end
-  return h[1], h[2]
+  if not h[1] and not h[2] then return '-1', '' end
+  return h[1] or '', h[2] or ''
 end
 local function head_is(k, seq, hash)
   local s, h = head_of(k)
@@ -43,8 +46,8 @@ end
 -- writes. The record holds the event's id and hash, and its hash covers
 -- every event before it, so no other write can match it.
 local function landed(head_k, chain_k, seq, event)
-  local s = head_of(head_k)
-  if tonumber(s) < tonumber(seq) then return false end
+  local s = tonumber((head_of(head_k)))
+  if not s or s < tonumber(seq) then return false end
   local id = entry(seq, 1)
   local e = redis.call('XRANGE', chain_k, id, id)
   return e[1] ~= nil and e[1][2][2] == event

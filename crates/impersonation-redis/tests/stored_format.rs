@@ -388,3 +388,108 @@ async fn a_chain_past_ten_to_the_fourteen_places_takes_events() {
         [far + 1, far + 2, far + 3]
     );
 }
+
+/// A chain head with one of its two fields gone (a hand edit, a restore
+/// gone wrong) is damage: an append, by a store that knew the head and
+/// by one that reads it fresh, fails as corrupt naming the head (not an
+/// outage that goes on being retried), and nothing is appended on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_head_missing_a_field_is_reported_as_corrupt() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let keys = common::agent_keys(&ns, &session.chain());
+    let mut raw = common::raw(common::SINGLE).await;
+    let access = || {
+        session.draft(
+            epoch() + Duration::seconds(1),
+            AuditAction::Access,
+            Actor::System,
+        )
+    };
+    let guard = AppendGuard::SessionActive(session.id);
+    // The store knows the head it wrote.
+    store.append(access(), guard).await.unwrap();
+    let before = common::stream_entries(&mut raw, &format!("{keys}:chain"))
+        .await
+        .ids
+        .len();
+    for field in ["seq", "hash"] {
+        let kept: (String, String) = redis::cmd("HMGET")
+            .arg(format!("{keys}:head"))
+            .arg("seq")
+            .arg("hash")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let _: u32 = redis::cmd("HDEL")
+            .arg(format!("{keys}:head"))
+            .arg(field)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let fresh = common::store_at(common::SINGLE, &ns).await;
+        for (who, s) in [
+            ("the store that knew the head", &store),
+            ("a fresh store", &fresh),
+        ] {
+            match s.append(access(), guard).await {
+                Err(impersonation_core::StoreError::Corrupt(why)) => {
+                    assert!(why.contains("chain head"), "{field}, {who}: {why}");
+                }
+                other => panic!("without {field}, {who}: {other:?}"),
+            }
+        }
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{keys}:head"))
+            .arg("seq")
+            .arg(&kept.0)
+            .arg("hash")
+            .arg(&kept.1)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let after = common::stream_entries(&mut raw, &format!("{keys}:chain"))
+        .await
+        .ids
+        .len();
+    assert_eq!(after, before, "nothing was appended on a damaged head");
+    // Mended, the chain goes on.
+    store.append(access(), guard).await.unwrap();
+}
+
+/// An agent's live-session marker that names no session id (damage) does
+/// not fail a listing of the agent's sessions, which a revocation of them
+/// all rests on: the agent's live session is found among all live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_live_marker_still_lists_the_agents_session() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let (other, _) = must_start(&store, w.begin(&w.agent(2), &customer, epoch()).0).await;
+    let keys = common::agent_keys(&ns, &session.chain());
+    let mut raw = common::raw(common::SINGLE).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{keys}:live"))
+        .arg("not a session id")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let filter = impersonation_core::LiveFilter {
+        agent: Some(agent.id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(live_ids(&store, &filter).await, vec![session.id]);
+    let both = impersonation_core::LiveFilter {
+        agent: Some(agent.id.clone()),
+        subject: Some(customer.id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(live_ids(&store, &both).await, vec![session.id]);
+    assert_ne!(session.id, other.id);
+}
