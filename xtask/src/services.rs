@@ -319,10 +319,11 @@ pub(crate) fn up() -> Result<()> {
         .collect();
     if (!packages.is_empty() || !idle.is_empty()) && !is_root(&sh) {
         bail!(
-            "to install {:?} and start {:?}, this needs root: run it as root (`sudo env \"PATH=$PATH\" cargo xtask services up`: sudo's own PATH lacks rustup's cargo), \
+            "to install {:?} and start {:?}, this needs root: run it as root (`{}`), \
              or install and start them yourself (README, \"Before the two commands\", lists what the tests expect)",
             packages,
-            idle
+            idle,
+            up_as_root()
         );
     }
     // Try every service even if one fails, so a single run reports them all
@@ -352,6 +353,21 @@ pub(crate) fn up() -> Result<()> {
     Ok(())
 }
 
+/// The command that runs `services up` as root: this xtask binary itself
+/// under sudo. (Through cargo it would need rustup's `PATH` and `HOME`,
+/// both of which sudo resets, and would leave root's files in the target
+/// directory.)
+fn up_as_root() -> String {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+        .and_then(|p| shlex::try_quote(&p).ok().map(|q| q.into_owned()));
+    match exe {
+        Some(exe) => format!("sudo {exe} services up"),
+        None => "sudo env \"PATH=$PATH\" \"HOME=$HOME\" cargo xtask services up".into(),
+    }
+}
+
 /// Brings up one service (by name) if it is not reachable: installs its
 /// server if missing and starts it, as `up` does, without the others or
 /// the test tools. For `cargo xtask demo --store …`.
@@ -370,16 +386,18 @@ pub(crate) fn up_one(name: &str) -> Result<()> {
     if service.reachable() {
         if let Err(err) = (service.ensure_access)(&sh) {
             eprintln!(
-                "{name}: reachable on {}, but its access could not be checked or set up: {err:#}; trying it as it is (`sudo env \"PATH=$PATH\" cargo xtask services up` sets it up)",
-                service.addresses()
+                "{name}: reachable on {}, but its access could not be checked or set up: {err:#}; trying it as it is (`{}` sets it up)",
+                service.addresses(),
+                up_as_root()
             );
         }
         return Ok(());
     }
     if !is_root(&sh) {
         bail!(
-            "{name} is not running on {}; start it, or run `sudo env \"PATH=$PATH\" cargo xtask services up`",
-            service.addresses()
+            "{name} is not running on {}; start it, or run `{}`",
+            service.addresses(),
+            up_as_root()
         );
     }
     if (service.server_binary)().is_none() {
