@@ -64,6 +64,13 @@ pub trait ImpersonationApi: Send + Sync + 'static {
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error>;
+    /// See [`Impersonation::record_used_by_other`].
+    async fn record_used_by_other(
+        &self,
+        ctx: &Context,
+        by: &Principal,
+        attempt: &str,
+    ) -> Result<Error, Error>;
     /// The service's clock.
     fn now(&self) -> OffsetDateTime;
 }
@@ -134,6 +141,14 @@ where
     ) -> Result<Error, Error> {
         Impersonation::record_denied(self, ctx, denial, attempt).await
     }
+    async fn record_used_by_other(
+        &self,
+        ctx: &Context,
+        by: &Principal,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        Impersonation::record_used_by_other(self, ctx, by, attempt).await
+    }
     fn now(&self) -> OffsetDateTime {
         Impersonation::now(self)
     }
@@ -202,6 +217,14 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
         attempt: &str,
     ) -> Result<Error, Error> {
         (**self).record_denied(ctx, denial, attempt).await
+    }
+    async fn record_used_by_other(
+        &self,
+        ctx: &Context,
+        by: &Principal,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        (**self).record_used_by_other(ctx, by, attempt).await
     }
     fn now(&self) -> OffsetDateTime {
         (**self).now()

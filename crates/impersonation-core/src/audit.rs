@@ -1153,9 +1153,9 @@ pub fn table_timestamp(at: OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day] [hour repr:12]:[minute]:[second] [period] UTC"
     );
-    at.to_offset(time::UtcOffset::UTC)
-        .format(&format)
-        .unwrap_or_else(|_| at.to_string())
+    at.checked_to_offset(time::UtcOffset::UTC)
+        .and_then(|utc| utc.format(&format).ok())
+        .unwrap_or_else(|| at.to_string())
 }
 
 /// A table cell: `\` and `|` escaped, and line breaks, other control

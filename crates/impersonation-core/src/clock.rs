@@ -6,8 +6,10 @@ use time::{Duration, OffsetDateTime, UtcOffset};
 
 /// Truncates to whole microseconds in UTC: the precision PostgreSQL and MySQL
 /// keep, so a timestamp reads back exactly as it was hashed into the audit chain.
+/// (A time whose UTC date is out of range, which only a hand-built one can
+/// be, keeps its offset.)
 pub fn normalize(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(UtcOffset::UTC);
+    let at = at.checked_to_offset(UtcOffset::UTC).unwrap_or(at);
     let micros = at.microsecond();
     at.replace_nanosecond(micros * 1_000).unwrap_or(at)
 }

@@ -53,7 +53,12 @@ pub(crate) mod rfc3339 {
         s.serialize_str(text)
     }
 
+    /// A time whose date in UTC is out of `time`'s range (`9999-12-31T23:30:00-05:00`
+    /// is year 10000 in UTC) is refused: everything downstream reads times in UTC.
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
-        time::serde::rfc3339::deserialize(d)
+        let at = time::serde::rfc3339::deserialize(d)?;
+        at.checked_to_offset(time::UtcOffset::UTC)
+            .map(|_| at)
+            .ok_or_else(|| serde::de::Error::custom("timestamp out of range in UTC"))
     }
 }

@@ -1788,7 +1788,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Audits the refused change of a read-only session; the error to return.
     async fn refuse_read_only(&self, ctx: &Context, attempt: &str) -> Result<Error, Error> {
-        let mut draft = ctx.draft(self.now(), AuditAction::Denied);
+        // A context kept past its session's time is judged first, as
+        // `record` judges it: a lapsed session refuses nothing on the
+        // trail, it ends.
+        let now = self.now();
+        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
+            Box::pin(self.refuse_if_lapsed(ctx, now)).await?;
+        }
+        let mut draft = ctx.draft(now, AuditAction::Denied);
         let mut details = denial_details(&Denial::ReadOnlySession, "modification");
         details.insert("description", attempt);
         draft = draft.details(details);
@@ -1936,6 +1943,27 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         self.audit_denial(draft, denial, attempt).await
     }
 
+    /// Audits a use of a session's credential by `by`, who is not its
+    /// agent (a bearer secret or token sent beside someone else signed
+    /// in): a `Denied` event on the session's trail, naming `by` as acting
+    /// and `not_session_agent` as the denial, as a stop by someone else is.
+    /// The session's own agent is no such person: for them nothing is
+    /// recorded, and the answer is `Unauthenticated`.
+    pub async fn record_used_by_other(
+        &self,
+        ctx: &Context,
+        by: &Principal,
+        attempt: &str,
+    ) -> Result<Error, Error> {
+        if by.id == ctx.agent().id {
+            return Ok(Error::Unauthenticated);
+        }
+        let mut draft = ctx.draft(self.now(), AuditAction::Denied);
+        draft.actor = actor_of(by);
+        self.audit_denial(draft, Denial::NotSessionAgent, attempt)
+            .await
+    }
+
     /// A page of the audit trail.
     pub async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, Error> {
         Ok(self.store.audit(query).await?)
@@ -1987,6 +2015,21 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     now => now.or(first),
                 }
             }
+            // Events and no head: the chain had none when it was first
+            // looked at, so its events were all appended while it was
+            // read, or its head was taken away (with events cut off the
+            // end, say, which only the head would tell).
+            None if read > 0 => match self.store.chain_head(chain).await? {
+                Some(now) if now.seq.saturating_add(1) > read => None,
+                Some(now) => Some(now),
+                None => {
+                    return Ok(Err(ChainBreak {
+                        chain: chain.clone(),
+                        position: read - 1,
+                        kind: BreakKind::HeadMismatch,
+                    }));
+                }
+            },
             other => other,
         };
         Ok(verifier.finish(head))

@@ -414,7 +414,11 @@ pub trait Store: Send + Sync {
     /// A session by id.
     async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError>;
 
-    /// Live (pending or active) sessions matching the filter.
+    /// Live (pending or active) sessions matching the filter. A session
+    /// stored damaged (one whose own lookup fails as
+    /// [`StoreError::Corrupt`]) may be left out, logged, so that one
+    /// damaged record does not stop `end_lapsed` or a revocation of all
+    /// the others; it serves no one, since its lookup fails.
     async fn live_sessions(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError>;
 
     /// Records a passed policy re-check: `last_checked_at` and a refreshed

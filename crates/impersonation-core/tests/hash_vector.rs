@@ -166,6 +166,26 @@ fn a_record_of_another_shape_is_refused() {
     assert!(AuditEvent::from_record("[]").is_err());
 }
 
+/// A stored event whose time is in range as written but not in UTC (a
+/// legacy serde line at `9999-12-31T23:30:00-05:00`, year 10000 in UTC)
+/// is refused when read, not a panic in the audit table; and a time built
+/// so by hand shows in the table and seals without a panic.
+#[test]
+fn a_time_past_the_last_utc_date_is_refused_not_a_panic() {
+    let legacy = serde_json::to_string(&fixed_event(None)).unwrap();
+    let at = r#""at":"2026-11-25T14:36:43.123456Z""#;
+    assert!(legacy.contains(at), "{legacy}");
+    let edge = legacy.replacen(at, r#""at":"9999-12-31T23:30:00-05:00""#, 1);
+    let refused = AuditEvent::from_record(&edge).unwrap_err().to_string();
+    assert!(refused.contains("out of range"), "{refused}");
+    let late = datetime!(9999-12-31 23:30 -5);
+    assert!(!impersonation_core::table_timestamp(late).is_empty());
+    let mut draft = draft_of(&fixed_event(None));
+    draft.at = late;
+    let event = draft.seal(None);
+    assert!(impersonation_core::to_table([&event]).contains("9999-12-31"));
+}
+
 /// The draft an event was sealed from.
 fn draft_of(event: &AuditEvent) -> AuditDraft {
     AuditDraft {

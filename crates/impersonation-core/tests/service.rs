@@ -1314,6 +1314,47 @@ async fn recording_with_a_context_kept_past_its_sessions_time_is_refused() {
     );
 }
 
+/// The same for a change in a read-only session: a context kept past the
+/// session's time gets no refusal on the trail (dated after the session's
+/// end); the session is ended as it lapsed, through `record` and
+/// `admit` alike.
+#[tokio::test]
+async fn a_read_only_change_with_a_context_kept_past_its_time_ends_the_session() {
+    let f = fixture();
+    for (n, through_admit) in [(0, false), (1, true)] {
+        let started = f
+            .service
+            .start(Requester::User(&agent("sam")), req("olive").read_only())
+            .await
+            .unwrap();
+        let ctx = f.service.resolve(&started.secret).await.unwrap();
+        f.clock.advance(Duration::minutes(16));
+        let err = if through_admit {
+            f.service
+                .admit(&ctx, ActivityKind::Modification, "POST /bookings")
+                .await
+                .unwrap_err()
+        } else {
+            f.service
+                .record(&ctx, Activity::modification("Moved booking 7."))
+                .await
+                .unwrap_err()
+        };
+        assert!(matches!(err, Error::Unauthenticated), "{n}: {err:?}");
+        let events = session_events(&f, started.session.id).await;
+        assert!(
+            events.iter().all(|e| e.action != AuditAction::Denied),
+            "{n}: {events:#?}"
+        );
+        let end = events.last().unwrap();
+        assert_eq!(
+            (end.action, end.details.get("reason")),
+            (AuditAction::SessionEnded, Some("idle_timeout")),
+            "{n}"
+        );
+    }
+}
+
 /// A permission the policy comes to deny while a session is live (taken
 /// away after an incident, and deployed) leaves the shadow user at the
 /// session's next re-check, not when the session ends.
