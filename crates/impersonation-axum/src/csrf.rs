@@ -387,6 +387,14 @@ impl IntoResponseParts for RenewCsrfToken {
     }
 }
 
+/// The stop route's answer (in place of [`RenewCsrfToken`]): the CSRF
+/// token goes on as the one every answer to the ended session's cookie
+/// derives, not a random one, so that a request the page sent before the
+/// stop, answered after it with the dead cookie, leaves the browser the
+/// token the page after the stop carries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EndedSessionToken;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

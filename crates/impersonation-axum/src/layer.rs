@@ -307,6 +307,17 @@ fn bearer_refused(text: &'static str) -> Response {
     res
 }
 
+/// The answer to a request whose session has ended: for a credential
+/// sent in a header, a refused bearer credential (with its
+/// `WWW-Authenticate`), as any other refused one.
+fn session_ended(bearer: bool) -> Response {
+    if bearer {
+        bearer_refused("impersonation session ended")
+    } else {
+        plain(StatusCode::UNAUTHORIZED, "impersonation session ended")
+    }
+}
+
 /// The value of the first cookie called `name`, borrowed from the header
 /// (the `cookie` crate parses in place: nothing is copied).
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -534,16 +545,31 @@ where
                             // A bearer credential names its agent: someone
                             // else signed in beside it (the host's auth
                             // taking the token's customer for the user, say)
-                            // is refused, never served as that person. (The
-                            // SDK's stop answers it itself: 403, audited.)
+                            // is refused, never served as that person, and
+                            // the attempt goes on the session's trail, as
+                            // the SDK's stop (which answers it itself: 403)
+                            // records it.
                             Some(id) if id != c.agent().id => {
-                                let own = settings.own_route(route_of(req.extensions(), req.uri()));
-                                if !from_cookie && !own {
-                                    tracing::warn!(
-                                        session = %c.session(),
-                                        "an impersonation credential sent by someone other than its agent is refused"
-                                    );
-                                    return Ok(bearer_refused("impersonation token refused"));
+                                let route = route_of(req.extensions(), req.uri());
+                                if !from_cookie
+                                    && !settings.own_route(route)
+                                    && let Some(by) = req.extensions().get::<Principal>().cloned()
+                                {
+                                    let attempt = format!("{} {route}", req.method());
+                                    let api = Arc::clone(&shared.api);
+                                    let write = run_to_end(async move {
+                                        api.record_used_by_other(&c, &by, &attempt).await
+                                    });
+                                    return Ok(match write.await {
+                                        Ok(_) => bearer_refused("impersonation token refused"),
+                                        Err(e) => {
+                                            tracing::error!(error = %e, "an impersonation credential sent by someone other than its agent could not be audited; refusing the request");
+                                            plain(
+                                                StatusCode::SERVICE_UNAVAILABLE,
+                                                "impersonation check unavailable",
+                                            )
+                                        }
+                                    });
                                 }
                             }
                             None if from_cookie => {}
@@ -583,6 +609,9 @@ where
             // What a fresh cookie holds: the token, unless the page's is
             // derived from it (below, under a session).
             let mut stored_csrf = Arc::clone(&csrf);
+            // The browser's token as it came, which a token for the
+            // session's end derives from.
+            let cookie_csrf = Arc::clone(&csrf);
             // Under the browser's session, pages carry a token bound to it,
             // derived and not stored: a form rendered as anyone else (the
             // agent, on a page opened from another site, whose
@@ -613,7 +642,7 @@ where
                 && !csrf.is_empty()
                 && !settings.own_route(route_of(req.extensions(), req.uri()))
             {
-                csrf = ended_session_token(&csrf, kept_secret.as_ref()).into();
+                csrf = ended_session_token(&cookie_csrf, kept_secret.as_ref()).into();
                 fresh_csrf = true;
                 renewed_csrf = true;
                 stored_csrf = Arc::clone(&csrf);
@@ -761,7 +790,7 @@ where
                                 StatusCode::FORBIDDEN,
                                 "refused during impersonation: the session is read-only",
                             ),
-                            _ => plain(StatusCode::UNAUTHORIZED, "impersonation session ended"),
+                            _ => session_ended(!cookie_session),
                         });
                     }
                 }
@@ -933,8 +962,7 @@ where
                     Some(Err(e)) if !is_change => {
                         tracing::warn!(error = %e, "session ended; withholding an impersonated read");
                         state.found_over();
-                        let mut res =
-                            plain(StatusCode::UNAUTHORIZED, "impersonation session ended");
+                        let mut res = session_ended(!cookie_session);
                         if cookie_session {
                             set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
                             // The browser acts as the agent from here: the
@@ -942,7 +970,7 @@ where
                             // when a request brings the dead cookie (the
                             // same derivation, so both arrive at one token).
                             if !csrf.is_empty() {
-                                let next = ended_session_token(&stored_csrf, state.secret.as_ref());
+                                let next = ended_session_token(&cookie_csrf, state.secret.as_ref());
                                 set_cookie(
                                     &mut res,
                                     &settings.cookie(settings.csrf_cookie(), next, false),
@@ -1001,6 +1029,20 @@ where
                     };
                     res = res.map(|body| Body::new(EndsWithSession::new(body, end)));
                 }
+            }
+            // The SDK's stop: the token for the session's end, which every
+            // answer to its dead cookie gives too (one derivation), so a
+            // request the page sent before the stop, answered after it,
+            // agrees with it.
+            if res
+                .extensions_mut()
+                .remove::<crate::csrf::EndedSessionToken>()
+                .is_some()
+                && !csrf.is_empty()
+            {
+                stored_csrf = ended_session_token(&cookie_csrf, state.secret.as_ref()).into();
+                fresh_csrf = true;
+                renewed_csrf = true;
             }
             // The host app's own sign-in or sign-out changed whom the
             // browser acts as, and asks for a new token (a browser's only).

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use impersonation_core::{Context, EndReason, Error, Principal, Requester, StartRequest, UserId};
 use serde::Deserialize;
 
-use crate::csrf::{CsrfCheck, RenewCsrfToken};
+use crate::csrf::{CsrfCheck, EndedSessionToken, RenewCsrfToken};
 use crate::layer::{CsrfToken, Handle, RequestState, run_to_end, set_cookie};
 
 /// The SDK's routes; nest them under the layer's mount path, inside the layer:
@@ -200,9 +200,16 @@ async fn start(req: Request) -> Response {
             return match form.error_to.as_deref() {
                 Some(path) if e.http_status() < 500 => {
                     let path = local(Some(path));
+                    // The code goes into the query, before any fragment
+                    // (which the server never sees).
+                    let (path, fragment) = match path.split_once('#') {
+                        Some((path, fragment)) => (path, format!("#{fragment}")),
+                        None => (path.as_str(), String::new()),
+                    };
                     let joiner = if path.contains('?') { '&' } else { '?' };
                     no_store(
-                        Redirect::to(&format!("{path}{joiner}denied={}", e.code())).into_response(),
+                        Redirect::to(&format!("{path}{joiner}denied={}{fragment}", e.code()))
+                            .into_response(),
                     )
                 }
                 _ => error(&e),
@@ -342,7 +349,7 @@ async fn stop(req: Request) -> Response {
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     set_cookie(&mut res, &settings.removal(settings.secret_cookie()));
-    replace_csrf_token(&mut res);
+    res.extensions_mut().insert(EndedSessionToken);
     res
 }
 

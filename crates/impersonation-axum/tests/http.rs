@@ -395,7 +395,19 @@ impl Browser {
             .oneshot(req.body(body).unwrap())
             .await
             .unwrap();
-        for value in res.headers().get_all(header::SET_COOKIE) {
+        self.keep(res.headers());
+        let (parts, body) = res.into_parts();
+        let body = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// Takes the cookies a response sets (or clears).
+    fn keep(&mut self, headers: &HeaderMap) {
+        for value in headers.get_all(header::SET_COOKIE) {
             let c = cookie::Cookie::parse(value.to_str().unwrap().to_owned()).unwrap();
             if c.max_age() == Some(time::Duration::ZERO) || c.value().is_empty() {
                 self.cookies.remove(c.name());
@@ -403,13 +415,6 @@ impl Browser {
                 self.cookies
                     .insert(c.name().to_owned(), c.value().to_owned());
             }
-        }
-        let (parts, body) = res.into_parts();
-        let body = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
         }
     }
 
@@ -1125,33 +1130,40 @@ async fn a_refused_start_can_go_back_to_the_form_with_the_denial_code() {
     let f = fixture();
     let mut sam = Browser::new(&f, "sam");
     sam.get("/").await;
-    let form = format!(
-        "target=kim&reason=Customer+cannot+see+bookings&csrf={}&error_to=/support%3Fq%3Dkim",
-        sam.csrf()
-    );
-    let reply = sam
-        .send(
-            Method::POST,
-            "/impersonation/start",
-            Some(form),
-            &[("sec-fetch-site", "same-origin")],
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    // Kim is an agent: the start is refused, and goes back to `error_to`
+    // (form-encoded here).
+    let mut refused_start = async |error_to: &str| {
+        let form = format!(
+            "target=kim&reason=Customer+cannot+see+bookings&csrf={}&error_to={error_to}",
+            sam.csrf()
+        );
+        let reply = sam
+            .send(
+                Method::POST,
+                "/impersonation/start",
+                Some(form),
+                &[("sec-fetch-site", "same-origin")],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::SEE_OTHER);
+        assert!(sam.secret().is_none(), "no session, no cookie");
+        reply.headers[header::LOCATION].to_str().unwrap().to_owned()
+    };
     assert_eq!(
-        reply.headers[header::LOCATION],
+        refused_start("/support%3Fq%3Dkim").await,
         "/support?q=kim&denied=target_is_agent"
     );
-    assert!(sam.secret().is_none(), "no session, no cookie");
-    // An outside address is never a redirect target.
-    let form = format!(
-        "target=kim&reason=Customer+cannot+see+bookings&csrf={}&error_to=//evil.example/",
-        sam.csrf()
+    // A fragment stays last, where the browser keeps it: the code goes
+    // into the query the server reads.
+    assert_eq!(
+        refused_start("/support%23start").await,
+        "/support?denied=target_is_agent#start"
     );
-    let reply = sam
-        .send(Method::POST, "/impersonation/start", Some(form), &[])
-        .await;
-    assert_eq!(reply.headers[header::LOCATION], "/?denied=target_is_agent");
+    // An outside address is never a redirect target.
+    assert_eq!(
+        refused_start("//evil.example/").await,
+        "/?denied=target_is_agent"
+    );
 }
 
 #[tokio::test]
@@ -1543,11 +1555,63 @@ async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
     let (f, sam) = sam_on_olive().await;
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut olive = Browser::new(&f, "olive");
+    let before = events(&f).await.len();
     let reply = olive
         .send(Method::GET, "/billing", None, &[("authorization", &bearer)])
         .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
     assert!(!reply.body.contains("card on file"));
+    // On the session's trail, as the one who tried (as a stop by someone
+    // else is), and nothing else.
+    let after = events(&f).await;
+    assert_eq!(after.len(), before + 1, "{after:#?}");
+    let refused = after.last().unwrap();
+    assert_eq!(refused.action, AuditAction::Denied);
+    assert_eq!(refused.actor.id().map(|id| id.as_str()), Some("olive"));
+    assert_eq!(refused.details.get("denial"), Some("not_session_agent"));
+    assert_eq!(refused.details.get("attempt"), Some("GET /billing"));
+}
+
+/// A bearer credential whose session another process ended, used within
+/// this one's reuse interval: the read is withheld with a 401 that says,
+/// as every refused bearer credential's does, to get a new token.
+#[tokio::test]
+async fn a_bearer_read_of_a_session_ended_elsewhere_says_the_token_is_invalid() {
+    let (f, sam) = sam_on_olive().await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut api = Browser::new(&f, "sam");
+    let served = api
+        .send(Method::GET, "/", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(served.status, StatusCode::OK, "{}", served.body);
+    stop_elsewhere(&f.other_process(), &sam).await;
+    let refused = api
+        .send(Method::GET, "/", None, &[("authorization", &bearer)])
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+    assert_eq!(refused.body, "impersonation session ended");
+    assert_eq!(
+        refused.headers[header::WWW_AUTHENTICATE],
+        "Bearer error=\"invalid_token\""
+    );
+}
+
+/// A request the page sent before its Stop and answered after it (with
+/// the cookies of before) leaves the browser the same CSRF token as the
+/// stop did: the page loaded after the stop still posts its forms.
+#[tokio::test]
+async fn a_request_answered_after_the_stop_keeps_the_stops_token() {
+    let (f, mut sam) = sam_on_olive().await;
+    let mut in_flight = Browser::new(&f, "sam");
+    in_flight.cookies = sam.cookies.clone();
+    let stopped = sam.stop().await;
+    assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
+    let after_stop = sam.page_token().await;
+    let late = in_flight.get("/").await;
+    assert!(!late.body.contains("impersonation-banner"), "{}", late.body);
+    sam.keep(&late.headers);
+    let reply = post_settings(&mut sam, &after_stop).await;
+    assert_eq!(reply.body, "saved for sam");
 }
 
 /// Under impersonation a page comes back as rendered now, for the banner
