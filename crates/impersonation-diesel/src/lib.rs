@@ -962,8 +962,14 @@ impl DieselStore {
                 .await
                 .map_err(|e| fail(&e))?;
                 if !schema.is_empty() {
+                    // Created only if missing: PostgreSQL checks the right
+                    // to create schemas in the database before it looks
+                    // whether one exists, so a role given its schema by a
+                    // DBA (and no CREATE on the database) would fail
+                    // `CREATE SCHEMA IF NOT EXISTS` on every start.
                     conn.batch_execute(&format!(
-                        "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+                        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') \
+                         THEN CREATE SCHEMA \"{schema}\"; END IF; END $$; SET search_path TO \"{schema}\""
                     ))
                     .await
                     .map_err(|e| fail(&e))?;

@@ -744,7 +744,18 @@ macro_rules! store_ops {
                 }
                 sql.push(" ORDER BY id");
                 let rows = sql.load::<SessionRow>(conn).await?;
-                Ok(rows.into_iter().map(SessionRow::into_session).collect::<Result<_, _>>()?)
+                // A row that does not decode (damage) is logged and left
+                // out, so that it does not stop `end_lapsed` or a
+                // revocation of all the others; a lookup of that session
+                // fails as corrupt, so it serves no one.
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|row| {
+                        row.into_session()
+                            .inspect_err(|e| tracing::error!(error = %e, "a live session's row does not decode; left out of the listing"))
+                            .ok()
+                    })
+                    .collect())
             }
 
             pub(crate) async fn record_check(

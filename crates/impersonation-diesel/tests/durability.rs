@@ -409,6 +409,16 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
     .unwrap();
     let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
     assert_eq!(b.kind, BreakKind::Truncated { head_seq: 5 });
+    // And the head row too: events with no head are a chain whose head
+    // was taken away, not one that verifies as far as it goes.
+    raw(
+        &db.place,
+        &format!("DELETE FROM impersonation_audit_chains WHERE chain = '{c}'"),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!((b.position, b.kind), (4, BreakKind::HeadMismatch));
 }
 
 #[cfg(feature = "postgres")]
@@ -460,6 +470,24 @@ async fn a_damaged_session_row_fails_only_its_own_lookup(db: TestDb) {
         found[1].as_ref().unwrap().as_ref().map(|s| s.id),
         Some(intact.id)
     );
+    // A listing (what `end_lapsed` and the revoke-alls rest on) leaves
+    // the damaged row out and lists the intact one.
+    for filter in [
+        impersonation_core::LiveFilter::default(),
+        impersonation_core::LiveFilter {
+            tenant: Some(intact.tenant().clone()),
+            ..Default::default()
+        },
+    ] {
+        let live: Vec<_> = fresh
+            .live_sessions(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(live, vec![intact.id], "{filter:?}");
+    }
 }
 
 #[cfg(feature = "postgres")]

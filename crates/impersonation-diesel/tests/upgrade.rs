@@ -273,6 +273,61 @@ async fn replicas_starting_at_once_on_postgres_all_migrate() {
     .await;
 }
 
+/// A least-privilege role, given its schema by a DBA and no right to
+/// create schemas in the database, migrates that schema and starts
+/// sessions in it. (PostgreSQL checks that right before it looks whether
+/// the schema exists, so `CREATE SCHEMA IF NOT EXISTS` failed every
+/// start-up.)
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_create_schemas_migrates_its_own_on_postgres() {
+    let name = common::unique("imptest");
+    let superuser = Place::Postgres {
+        schema: "public".into(),
+    };
+    // A role no one logs in as: the store connects as `postgres` acting
+    // as it (`-c role=…`), whose rights every statement is then checked
+    // against, so no password or auth rule is needed.
+    raw(
+        &superuser,
+        &format!(
+            "CREATE ROLE \"{name}\" NOLOGIN; \
+             CREATE SCHEMA \"{name}\" AUTHORIZATION \"{name}\""
+        ),
+    )
+    .await
+    .unwrap();
+    let url = format!("{}?options=-c%20role%3D{name}", common::PG_URL);
+    let schema = name.clone();
+    // In a task, so that the role and its schema go however it ends.
+    let outcome = tokio::spawn(async move {
+        let store = impersonation_diesel::DieselStore::connect_and_migrate(
+            impersonation_diesel::DieselConfig::new(url)
+                .schema(schema)
+                .max_connections(1),
+        )
+        .await
+        .expect("the role migrates its own schema");
+        let w = World::new();
+        let (session, _) = must_start(
+            &store,
+            w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+        )
+        .await;
+        session.id
+    })
+    .await;
+    raw(
+        &superuser,
+        &format!("DROP SCHEMA \"{name}\" CASCADE; DROP ROLE \"{name}\""),
+    )
+    .await
+    .unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_at_once_on_mariadb_all_migrate() {
