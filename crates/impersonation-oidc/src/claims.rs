@@ -18,6 +18,12 @@ use serde::{Deserialize, Serialize};
 pub struct ActorClaim {
     /// The acting party: the support agent.
     pub sub: String,
+    /// The issuer of `sub`, when the token names one (RFC 8693 §4.1: `iss`
+    /// and `sub` together may be needed to tell who acts, one issuer's
+    /// `sam` from another's). This crate's issuer names none: its actors
+    /// are its own users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
     /// Prior actors, if a chain of delegation was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<serde_json::Value>,
@@ -31,10 +37,15 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for ActorClaim {
             Some(serde_json::Value::String(sub)) if !sub.is_empty() => sub,
             _ => return Err("act.sub must be a non-empty string".into()),
         };
+        let iss = match object.remove("iss") {
+            None => None,
+            Some(serde_json::Value::String(iss)) if !iss.is_empty() => Some(iss),
+            Some(_) => return Err("act.iss must be a non-empty string".into()),
+        };
         let act = object.remove("act");
         // Every prior actor down the chain is held to the same shape.
         check_actors(act.as_ref(), "a prior actor")?;
-        Ok(Self { sub, act })
+        Ok(Self { sub, iss, act })
     }
 }
 
@@ -175,3 +186,30 @@ pub(crate) struct SubjectClaims {
 }
 
 impl AdditionalClaims for SubjectClaims {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::ActorClaim;
+
+    /// The current actor keeps the issuer a token names for it, and
+    /// writes none when it has none; one that is not a string is refused.
+    #[test]
+    fn the_current_actors_issuer_is_kept() {
+        let read = |json: &str| serde_json::from_str::<ActorClaim>(json);
+        let partner =
+            read(r#"{"sub":"sam","iss":"https://partner.example","act":{"sub":"lee"}}"#).unwrap();
+        assert_eq!(partner.sub, "sam");
+        assert_eq!(partner.iss.as_deref(), Some("https://partner.example"));
+        assert_eq!(
+            serde_json::to_value(&partner).unwrap(),
+            serde_json::json!({"sub": "sam", "iss": "https://partner.example", "act": {"sub": "lee"}})
+        );
+        let own = read(r#"{"sub":"sam"}"#).unwrap();
+        assert_eq!(own.iss, None);
+        assert_eq!(serde_json::to_string(&own).unwrap(), r#"{"sub":"sam"}"#);
+        for bad in [r#"{"sub":"sam","iss":5}"#, r#"{"sub":"sam","iss":""}"#] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -21,7 +21,8 @@ pub enum ErrorCode {
     /// endpoint does not answer with it (RFC 8693 §2.2.2 asks for
     /// `invalid_request`); other grants' servers do.
     InvalidGrant,
-    /// The client may not use this grant type.
+    /// The client may not use this grant type; or (revocation, RFC 7009
+    /// §2.1) the token it asks to revoke was issued to another client.
     UnauthorizedClient,
     /// The grant type is not token exchange.
     UnsupportedGrantType,

@@ -360,8 +360,9 @@ impl Issuer {
     /// Answers a revocation request (RFC 7009): the client authenticates and
     /// names one of its impersonation tokens; the token's session stops, on
     /// its agent's behalf (audited as stopped by the agent), so every token
-    /// of that session stops working. An invalid or foreign token also gets
-    /// 200, as the RFC asks.
+    /// of that session stops working. An invalid token gets 200, as the
+    /// RFC asks (§2.2); a valid one issued to another client is refused
+    /// with `unauthorized_client` (§2.1), and ends nothing.
     pub async fn revoke(&self, authorization: Option<&str>, body: &[u8]) -> TokenEndpointResponse {
         let outcome = async {
             let request = RevocationRequest::parse(body)?;
@@ -384,17 +385,22 @@ impl Issuer {
             let at = expired_at
                 .and_then(|exp| exp.checked_sub(Duration::seconds(1)))
                 .unwrap_or(now);
-            let verified = client
-                .audiences
-                .iter()
-                .find_map(|aud| {
-                    let verifier = self.verifier(aud.as_str());
-                    verifier.verify_for_revocation(&request.token, at).ok()
-                })
-                .filter(|v| v.client_id.as_deref() == Some(client.id.as_str()));
+            let verified = client.audiences.iter().find_map(|aud| {
+                let verifier = self.verifier(aud.as_str());
+                verifier.verify_for_revocation(&request.token, at).ok()
+            });
+            // An invalid token is answered 200 (RFC 7009 §2.2: the client
+            // could do nothing with an error); a valid one issued to
+            // another client is refused, and the client told (§2.1).
             let Some(verified) = verified else {
                 return Ok(());
             };
+            if verified.client_id.as_deref() != Some(client.id.as_str()) {
+                return Err(oauth(
+                    ErrorCode::UnauthorizedClient,
+                    "the token was not issued to this client",
+                ));
+            }
             let Some(agent) = self
                 .api
                 .principal(&verified.actor)
@@ -658,6 +664,7 @@ impl Issuer {
                 sid: session.to_string(),
                 act: ActorClaim {
                     sub: agent.as_str().to_owned(),
+                    iss: None,
                     act: prior,
                 },
                 jti: uuid::Uuid::now_v7().to_string(),

@@ -149,6 +149,13 @@ impl Form {
             repeated: Vec::new(),
         };
         for (name, value) in form_urlencoded::parse(body) {
+            // "Parameters sent without a value MUST be treated as if they
+            // were omitted from the request" (RFC 6749 §3.1, §3.2): an
+            // empty `audience=` asks for no audience, and an empty `scope=`
+            // beside a real one is no second scope.
+            if value.is_empty() {
+                continue;
+            }
             if value.len() > MAX_VALUE {
                 return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
             }
@@ -408,6 +415,31 @@ mod tests {
         }
         assert!(ClientCredentials::from_basic(&format!("Bearer {encoded}")).is_err());
         assert!(ClientCredentials::from_basic("Basic").is_err());
+    }
+
+    /// A parameter sent without a value counts as omitted (RFC 6749
+    /// §3.1): an empty `audience` asks for none (the client's default
+    /// then), an empty `scope` beside a real one is no repetition.
+    #[test]
+    fn an_empty_parameter_counts_as_omitted() {
+        let body = format!(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange\
+             &requested_subject=olive&actor_token=a.b.c&actor_token_type={}\
+             &audience=&resource=&scope=&scope=bookings%3Aread&reason=",
+            ACCESS_TOKEN_TYPE.replace(':', "%3A"),
+        );
+        let parsed = super::ExchangeRequest::parse(body.as_bytes()).unwrap();
+        assert!(parsed.audiences.is_empty(), "{:?}", parsed.audiences);
+        assert!(parsed.resources.is_empty(), "{:?}", parsed.resources);
+        assert_eq!(parsed.scope.as_deref(), Some("bookings:read"));
+        assert_eq!(parsed.reason, None);
+        // Two real values are still one too many.
+        let twice = body.replace("&scope=&", "&scope=bookings%3Awrite&");
+        let refused = super::ExchangeRequest::parse(twice.as_bytes()).unwrap_err();
+        assert!(
+            refused.error_description.contains("more than once"),
+            "{refused:?}"
+        );
     }
 
     /// A token put in `requested_token_type` by mistake stays out of the

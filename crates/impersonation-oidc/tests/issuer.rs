@@ -440,8 +440,8 @@ async fn a_client_registered_with_two_secrets_authenticates_with_either() {
 /// A token lasts minutes, its session up to an hour, and no second token
 /// is issued while the session lives (one live session per agent). So a
 /// client may revoke an expired token of its own: the session it names
-/// ends, and the agent can exchange again. Another client's expired token
-/// ends nothing.
+/// ends, and the agent can exchange again. Another client's revocation of
+/// it is refused (`unauthorized_client`) and ends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_revoked_by_its_client_ends_its_session() {
     let (op, provider) = forged_provider();
@@ -477,12 +477,18 @@ async fn an_expired_token_revoked_by_its_client_ends_its_session() {
         refused.body
     );
 
-    // Another client's revocation of it ends nothing (RFC 7009: 200).
+    // Another client's revocation of it is refused and ends nothing
+    // (RFC 7009 §2.1).
     let body = encode(&[("token", token.as_str())]);
     let answer = issuer
         .revoke(Some(&basic("other", "other-secret")), body.as_bytes())
         .await;
-    assert_eq!(answer.status, 200);
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(
+        answer.body.contains("unauthorized_client"),
+        "{}",
+        answer.body
+    );
     assert_eq!(exchange().await.status, 400, "still live");
 
     // Its own client's ends the session: the agent may exchange again.
