@@ -174,13 +174,29 @@ async fn run() -> Result<()> {
         campground_demo::api::CLIENT_SECRET
     );
     println!("`cargo xtask demo --walkthrough` plays all of this over HTTP. Ctrl-C stops.");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // Ctrl-C: the server takes no new connection and lets the requests in
+    // flight finish, but gives them at most `SHUTDOWN_GRACE`: the
+    // dashboard's live line is an event stream that does not end by
+    // itself, and a tab left open on it would keep the demo running.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = Arc::clone(&stopping);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        signalled.notify_one();
+    });
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {}
+    }
     Ok(())
 }
+
+/// How long Ctrl-C waits for requests in flight (open event streams among
+/// them) before the demo exits.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

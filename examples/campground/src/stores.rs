@@ -76,8 +76,10 @@ impl StoreKind {
         Ok(match self {
             Self::Memory => Arc::new(MemoryStore::new()),
             Self::Sqlite => {
+                // Both schemes the store takes for SQLite name a path.
                 if let Some(dir) = url
                     .strip_prefix("sqlite://")
+                    .or_else(|| url.strip_prefix("file://"))
                     .and_then(|p| Path::new(p).parent())
                     .filter(|d| !d.as_os_str().is_empty())
                 {
@@ -217,5 +219,17 @@ mod tests {
             .err()
             .expect("refused");
         assert!(refused.to_string().contains("is not a sqlite URL"));
+    }
+
+    /// A SQLite file in a folder not made yet opens, by either scheme.
+    #[tokio::test]
+    async fn a_sqlite_file_in_a_new_folder_opens_by_either_scheme() {
+        for scheme in ["sqlite", "file"] {
+            let dir = impersonation_testkit::scratch::scratch_file("imptest_demo", "d");
+            let url = format!("{scheme}://{}/x.db", dir.display());
+            assert!(!dir.exists());
+            StoreKind::Sqlite.connect(&url, "x").await.unwrap();
+            assert!(dir.join("x.db").exists(), "{url}");
+        }
     }
 }
