@@ -29,9 +29,20 @@ pub(crate) struct Service {
     server_binary: fn() -> Option<PathBuf>,
     /// Starts the (installed) server in the background.
     start: fn(&Shell) -> Result<()>,
-    /// Checks, and where possible repairs, the access the tests rely on;
-    /// returns a short description of what was checked.
-    ensure_access: fn(&Shell) -> Result<&'static str>,
+    /// Checks, and with `Repair::Yes` where possible repairs, the access
+    /// the tests rely on; returns a short description of what was checked.
+    ensure_access: fn(&Shell, Repair) -> Result<&'static str>,
+}
+
+/// Whether an access check may change the server's setup (its auth rules,
+/// root's grants) to pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// `up`, and a server the demo has just started: set up as the tests
+    /// and the demo expect.
+    Yes,
+    /// A server the demo finds running: someone's own, left as it is.
+    No,
 }
 
 /// Every service `up` and `status` handle, in start order.
@@ -374,9 +385,12 @@ fn up_as_root() -> String {
 ///
 /// A server that is reachable may still not be set up as the demo needs
 /// (one a package started, with its own auth rules and no `test`
-/// database): its access is checked, and repaired as root, as `up` does.
-/// A check that cannot tell (no client tools beside a server in a
-/// container, say) is only a warning: opening the store says the rest.
+/// database): its access is checked but not changed, since it is someone's
+/// own (a failed check says how to pass credentials with `--url`, or to
+/// let `services up` set it up). A check that fails or cannot tell (no
+/// client tools beside a server in a container, say) is only a warning:
+/// opening the store says the rest. A server this starts is set up as
+/// `up` sets it up.
 pub(crate) fn up_one(name: &str) -> Result<()> {
     let service = SERVICES
         .iter()
@@ -384,9 +398,13 @@ pub(crate) fn up_one(name: &str) -> Result<()> {
         .with_context(|| format!("no service called {name}"))?;
     let sh = crate::root_shell()?;
     if service.reachable() {
-        if let Err(err) = (service.ensure_access)(&sh) {
+        // Someone's own server: checked, not changed (no auth rule or
+        // grant of theirs is loosened behind their back).
+        if let Err(err) = (service.ensure_access)(&sh, Repair::No) {
             eprintln!(
-                "{name}: reachable on {}, but its access could not be checked or set up: {err:#}; trying it as it is (`{}` sets it up)",
+                "{name}: running on {}, but the demo's default URL may not reach it: {err:#}. \
+                 Pass --url with your own credentials, or run `{}`, which sets up password-free \
+                 access to its `test` database from this machine. Trying it as it is.",
                 service.addresses(),
                 up_as_root()
             );
@@ -415,6 +433,15 @@ fn is_root(sh: &Shell) -> bool {
 }
 
 fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
+    // Not root, apt-get fails at once, and would be tried again for five
+    // minutes as if its lock were held.
+    if !is_root(sh) {
+        bail!(
+            "installing {packages:?} needs root: run this as root (for the test servers, `{}`), \
+             or install them yourself",
+            up_as_root()
+        );
+    }
     // Noninteractive: CI has no terminal to answer debconf questions on.
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
     // The package lists' lock (held by a fresh machine's apt-daily run at
@@ -463,7 +490,7 @@ fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
         }
         println!("{name}: now reachable on {}", service.addresses());
     }
-    let checked = (service.ensure_access)(sh)?;
+    let checked = (service.ensure_access)(sh, Repair::Yes)?;
     println!("{name}: ok: {checked}");
     Ok(())
 }
@@ -590,7 +617,7 @@ fn pg_reload(sh: &Shell, version: &str) -> Result<()> {
     Ok(())
 }
 
-fn postgres_access(sh: &Shell) -> Result<&'static str> {
+fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     const OK: &str = "database `test` reachable over TCP as postgres without password";
     // `runuser -u postgres` would warn that it cannot enter /work/...
     let _dir = sh.push_dir("/");
@@ -603,7 +630,7 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
     };
     // A machine set up by an earlier version trusts every database and
     // user over local TCP: narrowed to what the tests use.
-    if let Some(version) = postgres_cluster() {
+    if let Some(version) = postgres_cluster().filter(|_| repair == Repair::Yes) {
         let hba = format!("{POSTGRES_CONF}/{version}/main/pg_hba.conf");
         if let Ok(content) = sh.read_file(&hba)
             && let Some(rest) = content.strip_prefix(PG_HBA_TRUST_BEFORE)
@@ -614,8 +641,12 @@ fn postgres_access(sh: &Shell) -> Result<&'static str> {
             sleep(Duration::from_millis(500));
         }
     }
-    if tcp_select().is_ok() {
-        return Ok(OK);
+    match tcp_select() {
+        Ok(()) => return Ok(OK),
+        Err(stderr) if repair == Repair::No => {
+            bail!("`psql -h 127.0.0.1 -U postgres -d test` without a password: {stderr}")
+        }
+        Err(_) => {}
     }
 
     // The database can be created over the unix socket (peer auth as the
@@ -696,10 +727,20 @@ fn mariadb_start(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
-fn mariadb_access(sh: &Shell) -> Result<&'static str> {
+fn mariadb_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     const OK: &str = "database `test` exists, root reaches it over TCP without password";
     let sql = "CREATE DATABASE IF NOT EXISTS test";
     let create_test = || check(cmd!(sh, "mariadb -uroot -h127.0.0.1 -e {sql}"));
+    // Someone's own server: only looked at.
+    if repair == Repair::No {
+        let select = "SELECT 1";
+        return match check(cmd!(sh, "mariadb -uroot -h127.0.0.1 -D test -e {select}")) {
+            Ok(()) => Ok(OK),
+            Err(stderr) => {
+                bail!("`mariadb -uroot -h127.0.0.1 -D test` without a password: {stderr}")
+            }
+        };
+    }
     if create_test().is_ok() {
         return Ok(OK);
     }
@@ -746,7 +787,7 @@ fn redis_start(sh: &Shell) -> Result<()> {
 // Every `redis-cli` runs under coreutils' `timeout`: a listener that
 // accepts a connection and never answers must not hold `services up` (and
 // CI, which no watchdog covers at that step) forever.
-fn redis_access(sh: &Shell) -> Result<&'static str> {
+fn redis_access(sh: &Shell, _: Repair) -> Result<&'static str> {
     let reply = cmd!(sh, "timeout 30 redis-cli -h 127.0.0.1 ping").read()?;
     if reply.trim() != "PONG" {
         bail!("`redis-cli -h 127.0.0.1 ping` answered {reply:?}, expected PONG");
@@ -1041,7 +1082,7 @@ fn wait_for_cluster(sh: &Shell) -> Result<()> {
 /// The cluster counts as up only if it is healthy, not merely if its ports
 /// answer: nodes left from a run that never created the cluster are joined
 /// now, and a broken cluster is rebuilt from scratch.
-fn redis_cluster_access(sh: &Shell) -> Result<&'static str> {
+fn redis_cluster_access(sh: &Shell, _: Repair) -> Result<&'static str> {
     match cluster_health(sh) {
         ClusterHealth::Healthy => return Ok(CLUSTER_OK),
         ClusterHealth::Unformed => {
