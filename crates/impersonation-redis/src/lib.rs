@@ -411,6 +411,12 @@ fn guard_refusal(why: &str, id: SessionId) -> StoreError {
     }
 }
 
+/// Whether a call's reply never came (the client's response timeout
+/// passed, or the connection dropped): the call may or may not have run.
+fn reply_lost(e: &redis::RedisError) -> bool {
+    e.is_timeout() || e.is_connection_dropped()
+}
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
@@ -815,14 +821,25 @@ impl RedisStore {
     /// The cluster client sends a call again when its connection drops,
     /// also after the script ran; the scripts answer such a second run as
     /// the first one did, since they find the call's first event at its
-    /// place (`landed` in the scripts), so no write is made twice.
+    /// place (`landed` in the scripts), so no write is made twice. A reply
+    /// lost here (the response timeout passed, the connection dropped) is
+    /// sent again once the same way: a server slow to answer (a slow
+    /// `fsync`) has most likely run the call, and the caller learns its
+    /// outcome rather than the failure of a write that was made.
     async fn invoke_cas(
         &self,
         call: &ScriptCall,
         cached: &mut Option<Option<ChainHead>>,
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn.clone();
-        call.invoke(&mut conn).await.map_err(|e| {
+        let answer = match call.invoke(&mut conn).await {
+            Err(e) if reply_lost(&e) => {
+                tracing::warn!(error = %e, "a write's reply was lost; sending the call again");
+                call.invoke(&mut conn).await
+            }
+            answer => answer,
+        };
+        answer.map_err(|e| {
             *cached = None;
             unavailable(e)
         })
@@ -860,7 +877,13 @@ impl RedisStore {
                 pipe.add_command(cmd).ignore();
             }
             let mut conn = self.conn.clone();
-            return pipe.query_async::<()>(&mut conn).await.map_err(unavailable);
+            // Every command sent here sets what it sets (`SADD`, `HSET`,
+            // `ZADD`, `SET`, `ZREM`…): one whose reply was lost goes again.
+            return match pipe.query_async::<()>(&mut conn).await {
+                Err(e) if reply_lost(&e) => pipe.query_async::<()>(&mut conn).await,
+                done => done,
+            }
+            .map_err(unavailable);
         }
         let futures = cmds.into_iter().map(|cmd| {
             let mut conn = self.conn.clone();

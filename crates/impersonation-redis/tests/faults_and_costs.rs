@@ -429,6 +429,57 @@ async fn a_restarted_server_serves_nothing_it_lost() {
     let _ = Error::Unauthenticated;
 }
 
+/// A reply slower than the client's response timeout (500 ms; here the
+/// server holds writes back for 700 ms, as a slow `fsync` would) is not
+/// taken for a failed write: the call goes again, and the server answers
+/// it as it did the first (the start's listing writes set what they set;
+/// a script finds its call landed), so a start and an append each come
+/// back done, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_slower_than_the_timeout_is_not_a_failed_write() {
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let store = common::store_at(&server.url(), &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let mut conn = admin(&server).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(700)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let outcome = store
+        .start(w.begin(&agent, &customer, epoch()).0)
+        .await
+        .expect("a slow reply is not a failure");
+    let StartOutcome::Started { session, .. } = outcome else {
+        panic!("{outcome:?}");
+    };
+    // And an append, whose script goes out first (its chain is listed).
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(700)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let access = session.draft(epoch(), AuditAction::Access, Actor::System);
+    store
+        .append(
+            access,
+            impersonation_core::AppendGuard::SessionActive(session.id),
+        )
+        .await
+        .expect("a slow reply is not a failure");
+    let events = whole_chain(&store, &session.chain()).await;
+    assert_eq!(
+        events.iter().map(|e| e.action).collect::<Vec<_>>(),
+        [AuditAction::SessionStarted, AuditAction::Access]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_is_checked_at_start_up() {
     let server = OwnServer::start();
