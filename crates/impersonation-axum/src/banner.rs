@@ -194,7 +194,7 @@ pub(crate) fn inject(
         && metas
             .iter()
             .find_map(|tag| declared_charset(&html[tag.clone()]))
-            .is_some_and(|charset| !crate::layer::keeps_ascii(&charset))
+            .is_some_and(|charset| !meta_keeps_ascii(&charset))
     {
         return Err("the page's <meta> charset is not one known to keep ASCII as ASCII");
     }
@@ -219,6 +219,18 @@ pub(crate) fn inject(
 /// The charset a `<meta>` start tag (`<` to `>`) declares, lowercased: its
 /// `charset`, or the `charset=` in the `content` of an
 /// `http-equiv="Content-Type"`.
+/// Whether a page read in the charset its `<meta>` names keeps ASCII as
+/// ASCII: as [`crate::layer::keeps_ascii`], except that a UTF-16 label
+/// there is read as UTF-8 (HTML's prescan: bytes that spell out a meta
+/// tag are not UTF-16).
+fn meta_keeps_ascii(label: &str) -> bool {
+    match encoding_rs::Encoding::for_label(label.as_bytes()) {
+        Some(e) if e == encoding_rs::UTF_16BE || e == encoding_rs::UTF_16LE => true,
+        Some(e) => e.is_ascii_compatible(),
+        None => false,
+    }
+}
+
 fn declared_charset(tag: &[u8]) -> Option<String> {
     let attributes = crate::csp::attributes(tag)?;
     let value = |name: &str| {
@@ -559,16 +571,63 @@ impl Foreign {
             return;
         }
         // The end of an HTML element open around the svg or math (its own
-        // end left out) ends it too, unless a "special" element (a
-        // `<button>`, a `<div>`) stands between; one that closes nothing
-        // changes nothing.
-        if let Some(at) = self.around.iter().rposition(|open| open == name)
-            && !self.around[at + 1..].iter().any(|open| is_special(open))
-        {
-            self.open.clear();
-            self.around.truncate(at);
+        // end left out) ends it too, unless an element stands between
+        // that HTML's rule for that end tag stops at: for a `</div>`, a
+        // `</li>` and the like (closed if "in scope") only a scope's
+        // boundary (a `<table>`, a `<td>`); for any other, a "special"
+        // element (a `<button>`, a `<div>`). Inside the svg or math, an
+        // element whose content is HTML (`<foreignObject>`) is both. One
+        // that closes nothing changes nothing.
+        if let Some(at) = self.around.iter().rposition(|open| open == name) {
+            let between = &self.around[at + 1..];
+            let blocked = match scope_of(name) {
+                Some(boundary) => between.iter().any(|open| boundary(open)),
+                None => between.iter().any(|open| is_special(open)),
+            } || self
+                .open
+                .iter()
+                .any(|(_, kind)| matches!(kind, Kind::Integration(_)));
+            if !blocked {
+                self.open.clear();
+                self.around.truncate(at);
+            }
         }
     }
+}
+
+/// For an end tag HTML closes by the "in scope" rule (in body: the
+/// block elements, `li`, `dd`, `dt`, the headings, `applet`, `marquee`,
+/// `object`), what bounds the scope it is looked for in; `None` for the
+/// others (`</span>`, `</a>`…), which a "special" element stops.
+fn scope_of(end: &[u8]) -> Option<fn(&[u8]) -> bool> {
+    match end {
+        b"li" => Some(|open| is_scope_boundary(open) || matches!(open, b"ol" | b"ul")),
+        b"address" | b"article" | b"aside" | b"blockquote" | b"button" | b"center" | b"details"
+        | b"dialog" | b"dir" | b"div" | b"dl" | b"fieldset" | b"figcaption" | b"figure"
+        | b"footer" | b"header" | b"hgroup" | b"listing" | b"main" | b"menu" | b"nav" | b"ol"
+        | b"pre" | b"search" | b"section" | b"summary" | b"ul" | b"dd" | b"dt" | b"h1" | b"h2"
+        | b"h3" | b"h4" | b"h5" | b"h6" | b"applet" | b"marquee" | b"object" => {
+            Some(is_scope_boundary)
+        }
+        _ => None,
+    }
+}
+
+/// The HTML elements that bound "in scope" (the foreign ones that also
+/// do are never in [`Foreign::around`]).
+fn is_scope_boundary(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"applet"
+            | b"caption"
+            | b"html"
+            | b"table"
+            | b"td"
+            | b"th"
+            | b"marquee"
+            | b"object"
+            | b"template"
+    )
 }
 
 /// Whether a `<font>` start tag (`tag`) ends the svg or math it appears
@@ -1001,6 +1060,14 @@ fn ascii_only(html: String) -> String {
         if c.is_ascii() {
             out.push(c);
         } else {
+            // HTML reads a reference to U+0080-U+009F (C1 controls) as the
+            // windows-1252 character of that byte (`&#153;` is "™"): the
+            // banner would show a name other than the stored one.
+            let c = if ('\u{80}'..='\u{9F}').contains(&c) {
+                '\u{FFFD}'
+            } else {
+                c
+            };
             // Writing to a String cannot fail.
             let _ = std::fmt::Write::write_fmt(&mut out, format_args!("&#{};", u32::from(c)));
         }
@@ -1074,6 +1141,12 @@ mod tests {
             inner().prop_map(|t| format!("<math><mi>{t}</mi></math>")),
             Just("<br/>".to_owned()),
             Just("<button><svg><path d=x></button>".to_owned()),
+            // A `</div>` ends an svg inside a `<p>` in the div: only a
+            // scope's boundary stops it, not the `<p>`.
+            Just("<div><p><svg><path d=M0>".to_owned()),
+            Just("</div>".to_owned()),
+            Just("<ul><li><span><svg><g>".to_owned()),
+            Just("</li>".to_owned()),
             Just("<svg><font>".to_owned()),
             Just("<svg><font size=2>".to_owned()),
             Just("<a href=/?q='x>y</a>".to_owned()),
@@ -1344,6 +1417,44 @@ mod tests {
             placed(page),
             page.replace("<p>x</p></body>", "<p>x</p>[B]</body>")
         );
+    }
+
+    #[test]
+    fn an_end_tag_closed_in_scope_ends_an_svg_past_a_paragraph() {
+        // `</div>` ends the svg left open in the `<p>` inside the div (HTML
+        // looks for the div in scope, which a `<p>` does not bound), so the
+        // script after it is a script, and its `<!--` no comment.
+        let script = "<script>if (s.startsWith(\"<!--\")) f(s)</script>";
+        let page = format!("<body><div><p><svg><path d=\"M0\"></div>{script}<p>x</p></body>");
+        assert_eq!(
+            placed(&page),
+            page.replace("<p>x</p></body>", "<p>x</p>[B]</body>")
+        );
+        // A table cell bounds the scope: the `</div>` outside it ends
+        // nothing there, and the svg goes on. Either way a real parser
+        // finds the banner as an element.
+        for page in [
+            page.clone(),
+            format!("<div><table><tr><td><svg><path></div>{script}<p>x</p></body>"),
+            format!("<div><ul><li><svg><path></div>{script}<p>x</p></body>"),
+        ] {
+            let banner = "<div id=\"impersonation-banner\">B</div>";
+            let injected =
+                String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
+            let dom = scraper::Html::parse_document(&injected);
+            let found = scraper::Selector::parse("#impersonation-banner").unwrap();
+            assert_eq!(dom.select(&found).count(), 1, "{injected}");
+        }
+    }
+
+    #[test]
+    fn a_c1_control_is_shown_as_replaced_not_as_a_windows_1252_character() {
+        // `&#153;` would read as "™", `&#133;` as "…".
+        let html = super::ascii_only("<p id=n>Ann\u{99}\u{85} é</p>".into());
+        assert_eq!(html, "<p id=n>Ann&#65533;&#65533; &#233;</p>");
+        let dom = scraper::Html::parse_fragment(&html);
+        let shown: String = dom.root_element().text().collect();
+        assert_eq!(shown, "Ann\u{FFFD}\u{FFFD} é");
     }
 
     #[test]

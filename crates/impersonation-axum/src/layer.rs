@@ -1230,51 +1230,17 @@ fn page_kind(res: &Response) -> Page {
     }
 }
 
-/// Whether a charset label (lowercase) names an encoding known to keep
-/// ASCII bytes as ASCII characters everywhere in a page, so that `</body>`
-/// found byte for byte is the tag and ASCII inserted before it reads as
-/// written: UTF-8, the ISO 8859 and Windows code pages, KOI8, the Mac
-/// ones, and the CJK encodings whose trailing bytes never fall on `<`.
-/// Not UTF-16 or UTF-32, and not ISO-2022, which switches modes inside the
-/// page; an unknown label counts as not.
+/// Whether a charset label names an encoding that keeps ASCII bytes as
+/// ASCII characters everywhere in a page, so that `</body>` found byte for
+/// byte is the tag and ASCII inserted before it reads as written: the
+/// label read as browsers read it (the WHATWG Encoding Standard's table,
+/// through `encoding_rs`), and its encoding ASCII-compatible there (UTF-8,
+/// the ISO 8859 and Windows code pages, KOI8, the Mac ones, and the CJK
+/// encodings, whose trailing bytes never fall on `<`). Not UTF-16, not
+/// ISO-2022-JP, which switches modes inside the page, and not the
+/// "replacement" encoding; an unknown label counts as not.
 pub(crate) fn keeps_ascii(label: &str) -> bool {
-    const EXACT: &[&str] = &[
-        "utf-8",
-        "utf8",
-        "unicode-1-1-utf-8",
-        "us-ascii",
-        "ascii",
-        "latin1",
-        "l1",
-        "shift_jis",
-        "shift-jis",
-        "sjis",
-        "ms_kanji",
-        "windows-31j",
-        "csshiftjis",
-        "euc-jp",
-        "euc-kr",
-        "gbk",
-        "gb2312",
-        "gb18030",
-        "big5",
-        "big5-hkscs",
-        "macintosh",
-        "tis-620",
-        "ibm866",
-        "cp866",
-    ];
-    const PREFIXES: &[&str] = &[
-        "iso-8859-",
-        "iso8859-",
-        "iso_8859-",
-        "windows-125",
-        "windows-874",
-        "cp125",
-        "koi8",
-        "x-mac-",
-    ];
-    EXACT.contains(&label) || PREFIXES.iter().any(|p| label.starts_with(p))
+    encoding_rs::Encoding::for_label(label.as_bytes()).is_some_and(|e| e.is_ascii_compatible())
 }
 
 /// The page with the banner in, or a 500 when it cannot be read whole

@@ -124,6 +124,19 @@ fn fixture(root: bool) -> Fx {
             "text/html",
             b"<html><head><meta charset=utf-8></head><body>caf\xc3\xa9</body></html>",
         ),
+        // A UTF-16 label in a `<meta>` is read as UTF-8 (HTML's prescan),
+        // and a header's label as browsers read it (`ks_c_5601-1987` is
+        // EUC-KR).
+        (
+            "/meta-utf16",
+            "text/html",
+            b"<html><head><meta charset=\"utf-16\"></head><body>plain</body></html>",
+        ),
+        (
+            "/korean",
+            "text/html; charset=ks_c_5601-1987",
+            b"<html><body>\xb0\xa1</body></html>",
+        ),
         // The header's charset is the page's, whatever a `<meta>` says.
         (
             "/header-over-meta",
@@ -320,6 +333,12 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
             b"<html><head><meta charset=\"iso-2022-jp\"></head><body>plain",
             b"</body></html>",
         ),
+        (
+            "/meta-utf16",
+            b"<html><head><meta charset=\"utf-16\"></head><body>plain",
+            b"</body></html>",
+        ),
+        ("/korean", b"<html><body>\xb0\xa1", b"</body></html>"),
     ] {
         let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
         assert_eq!(page.status, StatusCode::OK, "{uri}");
@@ -387,7 +406,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 17);
+    assert_eq!(accesses, 19);
 }
 
 #[tokio::test]
