@@ -1875,6 +1875,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         ctx: &Context,
         activity: Activity,
     ) -> Result<crate::AuditEvent, Error> {
+        // A request whose session's time ran out while it ran (a slow
+        // handler, a long page read for the banner): judged on the store's
+        // record, as `record` judges a kept context. Lapsed there, the
+        // session is ended as it lapsed, and the activity is one in an
+        // ended session: an access withheld, a change recorded after the
+        // end.
+        let now = self.now();
+        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
+            match Box::pin(self.refuse_if_lapsed(ctx, now)).await {
+                Ok(()) | Err(Error::Unauthenticated) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.record_guarded(ctx, activity, true).await
     }
 

@@ -1355,6 +1355,50 @@ async fn a_read_only_change_with_a_context_kept_past_its_time_ends_the_session()
     }
 }
 
+/// A request whose session's time runs out while its handler runs (no
+/// one has ended the session yet): when it is audited, the session is
+/// judged on the store's record and ended as it lapsed; the read is
+/// withheld, and the change, made, is recorded after the end.
+#[tokio::test]
+async fn a_request_that_outlives_its_sessions_time_is_judged_when_audited() {
+    let f = fixture();
+    for activity in [
+        Activity::access("Viewed bookings."),
+        Activity::modification("Moved booking 7."),
+    ] {
+        let kind = activity.kind;
+        let started = f.sam_on_olive().await;
+        let ctx = f.service.resolve(&started.secret).await.unwrap();
+        f.clock.advance(Duration::minutes(16));
+        let err = f
+            .service
+            .record_completed(&ctx, activity)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unauthenticated), "{kind:?}: {err:?}");
+        let events = session_events(&f, started.session.id).await;
+        let end = events
+            .iter()
+            .position(|e| e.action == AuditAction::SessionEnded)
+            .expect("ended");
+        assert_eq!(events[end].details.get("reason"), Some("idle_timeout"));
+        let after: Vec<_> = events[end + 1..].iter().map(|e| e.action).collect();
+        match kind {
+            ActivityKind::Access => assert!(after.is_empty(), "{after:?}"),
+            ActivityKind::Modification => {
+                assert_eq!(after, [AuditAction::Modification]);
+                assert_eq!(events[end + 1].details.get("after_end"), Some("true"));
+            }
+        }
+        assert!(
+            events[..end]
+                .iter()
+                .all(|e| !matches!(e.action, AuditAction::Access | AuditAction::Modification)),
+            "{kind:?}: {events:#?}"
+        );
+    }
+}
+
 /// A permission the policy comes to deny while a session is live (taken
 /// away after an incident, and deployed) leaves the shadow user at the
 /// session's next re-check, not when the session ends.
