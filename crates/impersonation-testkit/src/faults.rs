@@ -1,6 +1,8 @@
 //! A fault-injecting store wrapper: fails a chosen call before or after the
-//! inner store runs it, to show that a failed write leaves neither half and
-//! that the service fails closed.
+//! inner store runs it, to show that the service fails closed and leaves
+//! no session without its record when a store call fails whole. (It wraps
+//! whole calls: that a store's own write is atomic inside one call is for
+//! a test against its database.)
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,7 +11,9 @@
 //!   drives the real service on your store and checks the SDK's invariants
 //!   after every step;
 //! * [`faults::FaultyStore`]: fails a chosen call before or after the inner
-//!   write, to show a failed write leaves neither half;
+//!   write, to show the service fails closed around a store call that
+//!   fails (it wraps whole calls: that a failed write of your store leaves
+//!   neither half is for a test against your database itself);
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel
 //!   tests apart on shared servers.
 //!

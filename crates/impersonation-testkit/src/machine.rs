@@ -1021,6 +1021,11 @@ async fn verified_chain<S: Store + ?Sized>(
         .chain_head(chain)
         .await
         .map_err(|e| fail(e.to_string()))?;
+    if head != events.last().map(AuditEvent::head) {
+        return Err(fail(format!(
+            "invariant 5: chain {chain}'s head {head:?} is not its last event's"
+        )));
+    }
     match verify_chain(chain, &events, head) {
         Ok(_) => Ok(events),
         Err(b) => Err(fail(format!(
