@@ -1244,6 +1244,65 @@ pub async fn racing_ends_touches_and_appends_across_instances_leave_one_end<S: S
     racing_ends_over(&[Arc::new(a), Arc::new(b)]).await;
 }
 
+/// Touches that race (half of them batched), at 1 s to 16 s after the
+/// start with no coalescing, leave the session last seen at the latest:
+/// a touch that lands after a later one does not move it back (a store
+/// that reads, then writes, checks again as it writes).
+pub async fn racing_touches_keep_the_latest<S: Store + 'static>(store: S) {
+    racing_touches_over(&[Arc::new(store)]).await;
+}
+
+/// [`racing_touches_keep_the_latest`], the touches spread over two
+/// instances of the store on the same data.
+pub async fn racing_touches_across_instances_keep_the_latest<S: Store + 'static>((a, b): (S, S)) {
+    racing_touches_over(&[Arc::new(a), Arc::new(b)]).await;
+}
+
+/// A lookup of `secret` with `touch`, alone or through the batched call
+/// (which a store may implement on its own, one query for the batch).
+async fn touch_by<S: Store + ?Sized>(
+    store: &S,
+    secret: &SessionSecret,
+    touch: Option<Touch>,
+    batched: bool,
+) -> Result<Option<Session>, StoreError> {
+    if batched {
+        store
+            .find_by_secrets(&[secret.lookup()], touch)
+            .await
+            .into_iter()
+            .next()
+            .expect("one answer per lookup")
+    } else {
+        store.find_by_secret(&secret.lookup(), touch).await
+    }
+}
+
+async fn racing_touches_over<S: Store + 'static>(handles: &[Arc<S>]) {
+    let w = World::new();
+    let store = nth(handles, 0);
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&*store, start).await;
+    let secret = Arc::new(secret);
+    let mut touches = tokio::task::JoinSet::new();
+    for i in 1..=16_usize {
+        let (s, secret) = (nth(handles, i), Arc::clone(&secret));
+        let touch = Some(Touch {
+            now: epoch() + Duration::seconds(i64::try_from(i).unwrap_or_default()),
+            coalesce: Duration::ZERO,
+        });
+        touches.spawn(async move { touch_by(&*s, &secret, touch, i % 2 == 1).await });
+    }
+    while let Some(found) = touches.join_next().await {
+        assert!(
+            found.expect("task").expect("touch").is_some(),
+            "the session is found"
+        );
+    }
+    let read = store.session(session.id).await.unwrap().expect("session");
+    assert_eq!(read.last_seen_at, epoch() + Duration::seconds(16));
+}
+
 async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
     let store = nth(handles, 0);
@@ -1280,16 +1339,7 @@ async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
                 now,
                 coalesce: Duration::ZERO,
             });
-            let found = if batched {
-                s.find_by_secrets(&[secret.lookup()], touch)
-                    .await
-                    .into_iter()
-                    .next()
-                    .expect("one answer per lookup")
-            } else {
-                s.find_by_secret(&secret.lookup(), touch).await
-            };
-            found.map(|_| None)
+            touch_by(&*s, &secret, touch, batched).await.map(|_| None)
         });
         let s = nth(handles, n);
         let draft = session
@@ -1906,6 +1956,7 @@ macro_rules! store_conformance_tests {
             live_sessions_filter_and_exclude_ended,
             racing_starts_leave_one_live_session,
             racing_ends_touches_and_appends_leave_one_end,
+            racing_touches_keep_the_latest,
             concurrent_appends_keep_the_chain_valid,
             append_batch_judges_each_event_and_keeps_order,
             find_by_secrets_answers_each_lookup_in_order,
@@ -1948,6 +1999,7 @@ macro_rules! store_pair_conformance_tests {
         $crate::store_conformance_tests!(@cases $factory;
             racing_starts_across_instances_leave_one_live_session,
             racing_ends_touches_and_appends_across_instances_leave_one_end,
+            racing_touches_across_instances_keep_the_latest,
             concurrent_appends_across_instances_keep_the_chain_valid,
             concurrent_batches_across_instances_keep_the_chains_valid,
             a_session_is_served_by_either_instance,
