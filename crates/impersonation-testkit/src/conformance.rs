@@ -124,6 +124,40 @@ pub async fn start_writes_the_session_and_its_event<S: Store>(store: S) {
     assert_chain_verifies(&store, &session.chain()).await;
 }
 
+/// Session times keep their microseconds (the core's precision) at the
+/// start, a touch and a re-check: the cases above use whole seconds, so
+/// a store that kept whole seconds, or rounded, would pass them.
+pub async fn session_times_keep_their_microseconds<S: Store>(store: S) {
+    let w = World::new();
+    let at = epoch() + Duration::microseconds(123_457);
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), at);
+    let expected = start.session().clone();
+    let (session, _) = must_start(&store, start).await;
+    assert_eq!(store.session(session.id).await.unwrap(), Some(expected));
+    let touched_at = at + Duration::microseconds(2_500_001);
+    let touch = Touch {
+        now: touched_at,
+        coalesce: Duration::ZERO,
+    };
+    store
+        .find_by_secret(&secret.lookup(), Some(touch))
+        .await
+        .unwrap()
+        .expect("found");
+    let read = store.session(session.id).await.unwrap().expect("session");
+    assert_eq!(read.last_seen_at, touched_at);
+    let checked_at = at + Duration::microseconds(3_000_007);
+    store
+        .record_check(session.id, read.version, checked_at, &read.shadow)
+        .await
+        .unwrap();
+    let read = store.session(session.id).await.unwrap().expect("session");
+    assert_eq!(
+        (read.last_seen_at, read.last_checked_at),
+        (touched_at, checked_at)
+    );
+}
+
 /// A second live session for one agent is refused, and the refusal is audited.
 pub async fn start_refuses_a_second_live_session_and_audits_it<S: Store>(store: S) {
     let w = World::new();
@@ -1933,6 +1967,7 @@ macro_rules! store_conformance_tests {
     ($factory:expr) => {
         $crate::store_conformance_tests!(@cases $factory;
             start_writes_the_session_and_its_event,
+            session_times_keep_their_microseconds,
             start_refuses_a_second_live_session_and_audits_it,
             a_pending_session_counts_as_live,
             agents_hold_sessions_independently,
