@@ -1792,9 +1792,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // `record` judges it: a lapsed session refuses nothing on the
         // trail, it ends.
         let now = self.now();
-        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
-            Box::pin(self.refuse_if_lapsed(ctx, now)).await?;
-        }
+        self.refuse_if_lapsed(ctx, now).await?;
         let mut draft = ctx.draft(now, AuditAction::Denied);
         let mut details = denial_details(&Denial::ReadOnlySession, "modification");
         details.insert("description", attempt);
@@ -1830,10 +1828,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if activity.kind == ActivityKind::Modification && ctx.read_only() {
             return Err(self.refuse_read_only(ctx, &activity.description).await?);
         }
-        let now = self.now();
-        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
-            Box::pin(self.refuse_if_lapsed(ctx, now)).await?;
-        }
+        self.refuse_if_lapsed(ctx, self.now()).await?;
         self.record_guarded(ctx, activity, false).await
     }
 
@@ -1841,8 +1836,24 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// handler, a job): the store guards an append on the session being
     /// active, not in time, so the session is judged here on the store's
     /// record (other requests may have kept it in use). Lapsed there, it
-    /// is ended as it lapsed, and the answer is `Unauthenticated`.
+    /// is ended as it lapsed, and the answer is `Unauthenticated`. While
+    /// the context shows the session in time, there is nothing to judge.
     async fn refuse_if_lapsed(&self, ctx: &Context, now: OffsetDateTime) -> Result<(), Error> {
+        if now < ctx.expires_at() && now < ctx.idle_deadline() {
+            return Ok(());
+        }
+        // Boxed: the store read and the end it may write stay off the
+        // callers' futures (every audited request's) while in time.
+        Box::pin(self.refuse_lapsed_on_record(ctx, now)).await
+    }
+
+    /// [`Self::refuse_if_lapsed`] for a context that shows its session
+    /// lapsed: the store's record decides.
+    async fn refuse_lapsed_on_record(
+        &self,
+        ctx: &Context,
+        now: OffsetDateTime,
+    ) -> Result<(), Error> {
         let lapsed = match self.store.session(ctx.0.session).await? {
             None => true,
             Some(found) => match found.lapse_at(now) {
@@ -1881,12 +1892,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // session is ended as it lapsed, and the activity is one in an
         // ended session: an access withheld, a change recorded after the
         // end.
-        let now = self.now();
-        if now >= ctx.expires_at() || now >= ctx.idle_deadline() {
-            match Box::pin(self.refuse_if_lapsed(ctx, now)).await {
-                Ok(()) | Err(Error::Unauthenticated) => {}
-                Err(e) => return Err(e),
-            }
+        match self.refuse_if_lapsed(ctx, self.now()).await {
+            Ok(()) | Err(Error::Unauthenticated) => {}
+            Err(e) => return Err(e),
         }
         self.record_guarded(ctx, activity, true).await
     }
@@ -2008,42 +2016,36 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 break;
             }
         }
-        // Events past the first head were appended while the chain was
-        // read (an agent at work), or written without moving the head. The
-        // first head must match what was read at its position, and the
-        // head read again must cover them: exactly, and it is compared as
-        // usual; past them, more was appended since, and the chain is
-        // verified as far as read; short of them, they are past any head.
-        let head = match first {
-            Some(h) if read > h.seq.saturating_add(1) => {
-                if at_first != Some(h.hash) {
-                    return Ok(Err(ChainBreak {
-                        chain: chain.clone(),
-                        position: h.seq,
-                        kind: BreakKind::HeadMismatch,
-                    }));
-                }
-                match self.store.chain_head(chain).await? {
-                    Some(now) if now.seq.saturating_add(1) > read => None,
-                    now => now.or(first),
-                }
+        // Events past the first head (any event, if there was none) were
+        // appended while the chain was read (an agent at work), or written
+        // without moving the head, or the head was taken away (with events
+        // cut off the end, say, which only the head would tell). The first
+        // head must match what was read at its position, and the head read
+        // again must cover them: exactly, and it is compared as usual; past
+        // them, more was appended since, and the chain is verified as far
+        // as read; short of them, they are past any head; none at all, the
+        // chain has lost its head.
+        let past_first = first.map_or(read > 0, |h| read > h.seq.saturating_add(1));
+        let head = if past_first {
+            let broken = |position| {
+                Ok(Err(ChainBreak {
+                    chain: chain.clone(),
+                    position,
+                    kind: BreakKind::HeadMismatch,
+                }))
+            };
+            if let Some(h) = first
+                && at_first != Some(h.hash)
+            {
+                return broken(h.seq);
             }
-            // Events and no head: the chain had none when it was first
-            // looked at, so its events were all appended while it was
-            // read, or its head was taken away (with events cut off the
-            // end, say, which only the head would tell).
-            None if read > 0 => match self.store.chain_head(chain).await? {
+            match self.store.chain_head(chain).await?.or(first) {
                 Some(now) if now.seq.saturating_add(1) > read => None,
                 Some(now) => Some(now),
-                None => {
-                    return Ok(Err(ChainBreak {
-                        chain: chain.clone(),
-                        position: read - 1,
-                        kind: BreakKind::HeadMismatch,
-                    }));
-                }
-            },
-            other => other,
+                None => return broken(read - 1),
+            }
+        } else {
+            first
         };
         Ok(verifier.finish(head))
     }
