@@ -216,9 +216,6 @@ pub(crate) fn inject(
     Ok(out)
 }
 
-/// The charset a `<meta>` start tag (`<` to `>`) declares, lowercased: its
-/// `charset`, or the `charset=` in the `content` of an
-/// `http-equiv="Content-Type"`.
 /// Whether a page read in the charset its `<meta>` names keeps ASCII as
 /// ASCII: as [`crate::layer::keeps_ascii`], except that a UTF-16 label
 /// there is read as UTF-8 (HTML's prescan: bytes that spell out a meta
@@ -231,6 +228,9 @@ fn meta_keeps_ascii(label: &str) -> bool {
     }
 }
 
+/// The charset a `<meta>` start tag (`<` to `>`) declares, lowercased: its
+/// `charset`, or the `charset=` in the `content` of an
+/// `http-equiv="Content-Type"`.
 fn declared_charset(tag: &[u8]) -> Option<String> {
     let attributes = crate::csp::attributes(tag)?;
     let value = |name: &str| {

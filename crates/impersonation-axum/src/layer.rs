@@ -1030,29 +1030,27 @@ where
                     res = res.map(|body| Body::new(EndsWithSession::new(body, end)));
                 }
             }
-            // The SDK's stop: the token for the session's end, which every
-            // answer to its dead cookie gives too (one derivation), so a
-            // request the page sent before the stop, answered after it,
-            // agrees with it.
-            if res
-                .extensions_mut()
-                .remove::<crate::csrf::EndedSessionToken>()
-                .is_some()
-                && !csrf.is_empty()
-            {
-                stored_csrf = ended_session_token(&cookie_csrf, state.secret.as_ref()).into();
-                fresh_csrf = true;
-                renewed_csrf = true;
-            }
-            // The host app's own sign-in or sign-out changed whom the
-            // browser acts as, and asks for a new token (a browser's only).
-            if res
+            // A new token the response asks for (a browser's only): the
+            // host app's own sign-in or sign-out changed whom the browser
+            // acts as, and gets a random one; the SDK's stop gets the token
+            // for the session's end, which every answer to its dead cookie
+            // gives too (one derivation), so that a request the page sent
+            // before the stop, answered after it, agrees with it.
+            let renew = res
                 .extensions_mut()
                 .remove::<crate::csrf::RenewCsrfToken>()
-                .is_some()
-                && !csrf.is_empty()
-            {
-                match new_token() {
+                .is_some();
+            let ended = res
+                .extensions_mut()
+                .remove::<crate::csrf::EndedSessionToken>()
+                .is_some();
+            if (renew || ended) && !csrf.is_empty() {
+                let next = if renew {
+                    new_token()
+                } else {
+                    Some(ended_session_token(&cookie_csrf, state.secret.as_ref()))
+                };
+                match next {
                     Some(token) => {
                         stored_csrf = token.into();
                         fresh_csrf = true;
