@@ -1778,29 +1778,34 @@ impl Store for RedisStore {
         // that names no session id (damage) is logged, and the agent's
         // sessions are looked for among all live ones, so that a
         // revocation of them still reaches each.
-        let mut by_marker = false;
-        if let Some(agent) = &filter.agent {
-            let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
-            let mut conn = self.conn.clone();
-            let live: Option<String> = redis::cmd("GET")
-                .arg(slot.live())
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            match live.map(|id| id.parse::<SessionId>()) {
-                None => by_marker = true,
-                Some(Ok(id)) => {
-                    by_marker = true;
-                    if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
-                        found.push(s);
+        let by_marker = match &filter.agent {
+            None => false,
+            Some(agent) => {
+                let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
+                let mut conn = self.conn.clone();
+                let live: Option<String> = redis::cmd("GET")
+                    .arg(slot.live())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                match live.map(|id| id.parse::<SessionId>()) {
+                    None => true,
+                    Some(Ok(id)) => {
+                        if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
+                            found.push(s);
+                        }
+                        true
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(
+                            error = %e,
+                            "an agent's live-session marker is damaged; looking among all live sessions"
+                        );
+                        false
                     }
                 }
-                Some(Err(e)) => tracing::warn!(
-                    error = %e,
-                    "an agent's live-session marker is damaged; looking among all live sessions"
-                ),
             }
-        }
+        };
         if !by_marker {
             let set = match (&filter.subject, &filter.tenant) {
                 (Some(s), _) => live_set(&self.ns, "subject", s.as_str()),

@@ -442,14 +442,18 @@ async fn a_reply_slower_than_the_timeout_is_not_a_failed_write() {
     let store = common::store_at(&server.url(), &ns).await;
     let w = World::new();
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let mut conn = admin(&server).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(700)
-        .arg("WRITE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // Writes held back for 700 ms, as a slow `fsync` would.
+    let conn = admin(&server).await;
+    let hold_writes = || async {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(700)
+            .arg("WRITE")
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+    };
+    hold_writes().await;
     let outcome = store
         .start(w.begin(&agent, &customer, epoch()).0)
         .await
@@ -458,13 +462,7 @@ async fn a_reply_slower_than_the_timeout_is_not_a_failed_write() {
         panic!("{outcome:?}");
     };
     // And an append, whose script goes out first (its chain is listed).
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(700)
-        .arg("WRITE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    hold_writes().await;
     let access = session.draft(epoch(), AuditAction::Access, Actor::System);
     store
         .append(
