@@ -74,8 +74,7 @@ impl Reuse {
         let inner = self.lock();
         let entry = inner.entries.get(key)?;
         let fresh = entry.fetched_at <= now && now - entry.fetched_at < interval;
-        let live = now < entry.context.expires_at() && now < entry.context.idle_deadline();
-        (fresh && live).then(|| entry.context.clone())
+        (fresh && entry.context.in_time(now)).then(|| entry.context.clone())
     }
 
     /// The epoch to hand back to [`Reuse::put`]: read it before the store.

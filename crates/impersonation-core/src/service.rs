@@ -262,6 +262,12 @@ impl Context {
         self.0.idle_deadline
     }
 
+    /// Whether the session is within its deadlines at `now`, as this copy
+    /// of it knows them.
+    pub(crate) fn in_time(&self, now: OffsetDateTime) -> bool {
+        now < self.0.expires_at && now < self.0.idle_deadline
+    }
+
     /// Whether the session is read-only.
     pub fn read_only(&self) -> bool {
         self.0.shadow.read_only()
@@ -1839,7 +1845,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// is ended as it lapsed, and the answer is `Unauthenticated`. While
     /// the context shows the session in time, there is nothing to judge.
     async fn refuse_if_lapsed(&self, ctx: &Context, now: OffsetDateTime) -> Result<(), Error> {
-        if now < ctx.expires_at() && now < ctx.idle_deadline() {
+        if ctx.in_time(now) {
             return Ok(());
         }
         // Boxed: the store read and the end it may write stay off the
