@@ -307,12 +307,36 @@ impl Serialize for Details {
 
 impl<'de> Deserialize<'de> for Details {
     /// Reads a stored object as it was written (no sanitising, no bound:
-    /// the stored text is what the hash covers); a repeated key keeps its
-    /// last value, as a map would.
+    /// the stored text is what the hash covers). A repeated key is refused:
+    /// the hash covers one value per key, and a reader that keeps the first
+    /// of two (some JSON tools do) would show a value the hash never saw.
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+        deserializer.deserialize_map(DetailsVisitor)
+    }
+}
+
+struct DetailsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DetailsVisitor {
+    type Value = Details;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of text values, each key once")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Details, A::Error> {
+        let mut map = BTreeMap::<String, String>::new();
+        while let Some((key, value)) = access.next_entry::<String, String>()? {
+            if map.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "detail key `{}` appears twice",
+                    key.escape_debug()
+                )));
+            }
+            map.insert(key, value);
+        }
         if map.is_empty() {
-            return Ok(Self::default());
+            return Ok(Details::default());
         }
         let entries = map
             .into_iter()
@@ -321,7 +345,7 @@ impl<'de> Deserialize<'de> for Details {
                 (key, v)
             })
             .collect();
-        Ok(Self(Some(Arc::new(entries))))
+        Ok(Details(Some(Arc::new(entries))))
     }
 }
 
@@ -1021,6 +1045,10 @@ pub enum BreakKind {
     },
     /// The last event is not the one the head records.
     HeadMismatch,
+    /// An event at or after this position could not be read back: its
+    /// stored record does not decode (damaged, or edited into a shape no
+    /// writer makes, a detail key written twice, say).
+    Unreadable,
 }
 
 /// The first bad position of a chain.

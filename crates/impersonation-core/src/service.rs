@@ -1897,9 +1897,26 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // record, as `record` judges a kept context. Lapsed there, the
         // session is ended as it lapsed, and the activity is one in an
         // ended session: an access withheld, a change recorded after the
-        // end.
+        // end. Where the end could not be made (the record gone, or
+        // changed and lapsed still), the guarded append below decides on
+        // the record as it stands: a change made is never left off.
         match self.refuse_if_lapsed(ctx, self.now()).await {
             Ok(()) | Err(Error::Unauthenticated) => {}
+            Err(Error::UnknownSession | Error::Store(StoreError::Conflict(_))) => {
+                // Lapsed, and not ended (its record gone, or changed and
+                // lapsed still): an access is withheld, unrecorded; a change
+                // made is recorded as the record now allows (after the end,
+                // if there is one), and the caller still learns the
+                // session is over.
+                if activity.kind == ActivityKind::Modification {
+                    match self.record_guarded(ctx, activity, true).await {
+                        Ok(_) | Err(Error::Unauthenticated) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.reuse.forget(ctx.0.session);
+                return Err(Error::Unauthenticated);
+            }
             Err(e) => return Err(e),
         }
         self.record_guarded(ctx, activity, true).await
@@ -2008,7 +2025,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let mut at_first = None;
         let mut read = 0_u64;
         loop {
-            let page = self.store.chain_events(chain, read, VERIFY_PAGE).await?;
+            let page = match self.store.chain_events(chain, read, VERIFY_PAGE).await {
+                Ok(page) => page,
+                // A record that does not decode is a break like any other
+                // (and `verify_all` goes on to the next chain).
+                Err(StoreError::Corrupt(why)) => {
+                    tracing::error!(chain = %chain, position = read, error = %why, "an audit event does not decode");
+                    return Ok(Err(ChainBreak {
+                        chain: chain.clone(),
+                        position: read,
+                        kind: BreakKind::Unreadable,
+                    }));
+                }
+                Err(e) => return Err(e.into()),
+            };
             for event in &page {
                 if let Err(b) = verifier.push(event) {
                     return Ok(Err(b));

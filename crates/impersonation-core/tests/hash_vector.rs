@@ -161,6 +161,19 @@ fn a_record_of_another_shape_is_refused() {
     let legacy = serde_json::to_string(&fixed_event(None)).unwrap();
     assert!(legacy.starts_with(r#"{"id":"#));
     assert_eq!(AuditEvent::from_record(&legacy).unwrap(), fixed_event(None));
+    // A detail key written twice: the hash covers the last value, and a
+    // reader that keeps the first would show one it never saw.
+    let twice = record.replacen(
+        r#""details":{"method":"GET","#,
+        r#""details":{"method":"DELETE","method":"GET","#,
+        1,
+    );
+    assert_ne!(twice, record);
+    let refused = AuditEvent::from_record(&twice).unwrap_err().to_string();
+    assert!(refused.contains("`method` appears twice"), "{refused}");
+    let legacy_twice = legacy.replacen(r#""method":"GET""#, r#""method":"PUT","method":"GET""#, 1);
+    assert_ne!(legacy_twice, legacy);
+    assert!(AuditEvent::from_record(&legacy_twice).is_err());
     let cut = &record[..record.len() - 2];
     assert!(AuditEvent::from_record(cut).is_err());
     assert!(AuditEvent::from_record("[]").is_err());

@@ -1813,6 +1813,35 @@ async fn a_request_judges_a_lapse_on_the_store_not_on_its_read() {
     );
 }
 
+/// A change whose session's time ran out while it ran, and whose record
+/// is gone by the time its end would be written: the change is still on
+/// the trail (the guarded append decides), not dropped with an error.
+#[tokio::test]
+async fn a_completed_change_stays_on_the_trail_when_its_lapsed_session_cannot_be_ended() {
+    let f = fixture_with(
+        BusyChain::gone_after_first_read(),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    let ctx = f.service.resolve_fresh(&started.secret).await.unwrap();
+    f.clock.advance(Duration::hours(2));
+    let recorded = f
+        .service
+        .record_completed(&ctx, Activity::modification("Moved booking 7."))
+        .await;
+    assert!(
+        !matches!(recorded, Err(Error::UnknownSession)),
+        "{recorded:?}"
+    );
+    let events = session_events(&f, started.session.id).await;
+    assert!(
+        events.iter().any(|e| e.action == AuditAction::Modification
+            && e.details.get("description") == Some("Moved booking 7.")),
+        "{events:?}"
+    );
+}
+
 /// A store whose `chain_head` of an agent's chain is followed at once by
 /// one more event on that chain (an agent at work while the chain is
 /// being verified), or,
@@ -1836,6 +1865,10 @@ struct BusyChain {
     stop_race: std::sync::atomic::AtomicBool,
     listed_before: Duration,
     found_before: Duration,
+    /// With `gone_after_first_read`, every read of a session by id after
+    /// the first finds none (a record taken away between two reads).
+    gone_after_first_read: bool,
+    reads: std::sync::atomic::AtomicUsize,
     /// Holds the first start before it reaches the store: says so on the
     /// first channel, goes on when the second says.
     start_gate: StartGate,
@@ -1858,7 +1891,16 @@ impl BusyChain {
             stop_race: false.into(),
             listed_before: Duration::ZERO,
             found_before: Duration::ZERO,
+            gone_after_first_read: false,
+            reads: 0.into(),
             start_gate: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn gone_after_first_read() -> Self {
+        Self {
+            gone_after_first_read: true,
+            ..Self::new(false)
         }
     }
 
@@ -1990,6 +2032,10 @@ impl Store for BusyChain {
         &self,
         id: impersonation_core::SessionId,
     ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        let earlier = self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.gone_after_first_read && earlier > 0 {
+            return Ok(None);
+        }
         let read = self.inner.session(id).await?;
         if let Some(pending) = &read
             && pending.state == SessionState::Pending

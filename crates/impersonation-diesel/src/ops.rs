@@ -885,10 +885,19 @@ macro_rules! store_ops {
             }
 
             pub(crate) async fn chains(conn: &mut Conn, after: Option<&ChainKey>, limit: u32) -> Result<Vec<ChainKey>, OpError> {
-                let mut sql = Sql::new("SELECT chain FROM impersonation_audit_chains WHERE seq >= 0");
+                // The heads name every chain that has one; the events name
+                // a chain whose head row was taken away, which must still
+                // be listed for `verify_all` to report it. Each side stops
+                // at `limit` keys in the order of its index.
+                let mut sql = Sql::new("SELECT chain FROM (SELECT chain FROM impersonation_audit_chains WHERE seq >= 0");
                 if let Some(after) = after {
                     sql.push_arg(" AND chain > ?", after.as_str());
                 }
+                sql.push_arg(" ORDER BY chain LIMIT ?) h UNION SELECT chain FROM (SELECT DISTINCT chain FROM impersonation_audit_events", i64::from(limit));
+                if let Some(after) = after {
+                    sql.push_arg(" WHERE chain > ?", after.as_str());
+                }
+                sql.push_arg(" ORDER BY chain LIMIT ?) e", i64::from(limit));
                 sql.push_arg(" ORDER BY chain LIMIT ?", i64::from(limit));
                 let rows = sql.load::<KeyRow>(conn).await?;
                 Ok(rows.into_iter().map(|r| ChainKey::from_stored(r.chain)).collect())

@@ -419,6 +419,36 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
     .unwrap();
     let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
     assert_eq!((b.position, b.kind), (4, BreakKind::HeadMismatch));
+    // Verifying the whole store still finds that chain by its events.
+    let headless = chain;
+
+    // A detail key written twice (a reader keeping the first value would
+    // show one the hash never covered): the record does not read, which
+    // is a break, and the whole store's check goes on past it.
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    raw(
+        &db.place,
+        &format!(
+            "{bypass} UPDATE impersonation_audit_events SET event = REPLACE(event, '\"description\":\"Viewed page 3.', '\"description\":\"Nothing to see.\",\"description\":\"Viewed page 3.') WHERE chain = '{c}' AND seq = 3"
+        ),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
+    assert_eq!(b.kind, BreakKind::Unreadable);
+    let all = svc.verify_all().await.unwrap();
+    for (chain, kind) in [
+        (&headless, BreakKind::HeadMismatch),
+        (&chain, BreakKind::Unreadable),
+    ] {
+        assert!(
+            all.broken
+                .iter()
+                .any(|b| &b.chain == chain && b.kind == kind),
+            "{all:?}"
+        );
+    }
 }
 
 #[cfg(feature = "postgres")]
