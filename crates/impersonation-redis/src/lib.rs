@@ -51,8 +51,8 @@ use crate::keys::{
     Slot, audit_all, audit_index, chains, is_route, live_all, live_routes, live_set, where_key,
 };
 use crate::scripts::{
-    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, RESOLVE_SCRIPT, START_SCRIPT, ScriptCall,
-    TRANSITION_SCRIPT,
+    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, REPAIR_LIVE_MARKER_SCRIPT, RESOLVE_SCRIPT,
+    START_SCRIPT, ScriptCall, TRANSITION_SCRIPT,
 };
 
 /// Why connecting failed.
@@ -1489,17 +1489,31 @@ impl RedisStore {
                     // The reply names the session in the way; after a lost
                     // reply the script reads it again, and it may have ended
                     // since. The refusal is on record either way.
-                    let live: SessionId = reply
+                    let marker = reply
                         .get(1)
                         .filter(|id| !id.is_empty())
-                        .cloned()
                         .ok_or_else(|| {
                             StoreError::unavailable_because(
                                 "the start was refused and audited, and the session in the way has ended since; try again",
                             )
-                        })?
-                        .parse()
-                        .map_err(|e| corrupt("session id", e))?;
+                        })?;
+                    let live: SessionId = match marker.parse() {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::warn!(
+                                error = %e,
+                                "an agent's live-session marker is damaged; repairing it"
+                            );
+                            match self.repair_live_marker(&slot, &session, marker).await? {
+                                Some(id) => id,
+                                None => {
+                                    return Err(StoreError::unavailable_because(
+                                        "the start was refused and audited for a damaged live-session marker, which is cleared now; try again",
+                                    ));
+                                }
+                            }
+                        }
+                    };
                     return Ok(StartOutcome::Refused {
                         live,
                         event: refused,
@@ -1511,6 +1525,42 @@ impl RedisStore {
         Err(StoreError::unavailable_because(
             "the chain head kept moving; gave up",
         ))
+    }
+
+    /// Puts right an agent's live-session marker that names no session
+    /// (damage), which nothing else would ever clear: it is set to the
+    /// agent's live session, found among all live ones, if that is live
+    /// still when the marker is written, or else deleted; either only if
+    /// it still holds `damaged`. Answers the live session the marker now
+    /// names, which a start is refused for.
+    async fn repair_live_marker(
+        &self,
+        slot: &Slot,
+        starting: &Session,
+        damaged: &str,
+    ) -> Result<Option<SessionId>, StoreError> {
+        let filter = LiveFilter {
+            agent: Some(starting.agent.id.clone()),
+            ..LiveFilter::default()
+        };
+        let live = self
+            .live_sessions(&filter)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .find(|id| *id != starting.id);
+        let replacement = live.map(|id| id.to_string()).unwrap_or_default();
+        let keys = [slot.live(), slot.session(live.unwrap_or(starting.id))];
+        let mut repair = ScriptCall::new(
+            &REPAIR_LIVE_MARKER_SCRIPT,
+            &keys,
+            2,
+            damaged.len() + replacement.len(),
+        );
+        repair.arg(damaged).arg(&replacement);
+        let mut conn = self.conn.clone();
+        let named: i64 = repair.invoke(&mut conn).await.map_err(unavailable)?;
+        Ok(live.filter(|_| named == 1))
     }
 
     async fn transition_now(

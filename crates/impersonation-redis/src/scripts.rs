@@ -202,6 +202,26 @@ redis.call('HSET', KEYS[1], 'last_checked_us', ARGV[2], 'shadow', ARGV[3])
 return 'ok'
 "#;
 
+/// Repairs an agent's damaged live-session marker, if it still holds the
+/// damaged value: names the session found live instead, for as long as
+/// that session's hash lives, if it is live still; else deletes it.
+/// KEYS: the marker, the found session's hash (any key of the slot if
+/// none was found). ARGV: the damaged value, the found session's id (or
+/// ''). Answers 1 if the marker names the session now, 0 if not.
+const REPAIR_LIVE_MARKER: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then
+  local state = redis.call('HGET', KEYS[2], 'state')
+  local ttl = redis.call('PTTL', KEYS[2])
+  if (state == 'active' or state == 'pending') and ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+    return 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return 0
+"#;
+
 /// A script and its source: calls go by its hash (`EVALSHA`), and by its
 /// source when the server does not know it (`EVAL`).
 pub(crate) struct Lua {
@@ -231,6 +251,8 @@ pub(crate) static START_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(ST
 pub(crate) static TRANSITION_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(TRANSITION));
 pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(APPEND_MANY));
 pub(crate) static RESOLVE_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESOLVE.to_owned()));
+pub(crate) static REPAIR_LIVE_MARKER_SCRIPT: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(REPAIR_LIVE_MARKER.to_owned()));
 pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(RECORD_CHECK.to_owned()));
 

@@ -473,13 +473,17 @@ async fn a_damaged_live_marker_still_lists_the_agents_session() {
     let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
     let (other, _) = must_start(&store, w.begin(&w.agent(2), &customer, epoch()).0).await;
     let keys = common::agent_keys(&ns, &session.chain());
-    let mut raw = common::raw(common::SINGLE).await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("{keys}:live"))
-        .arg("not a session id")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let marker_key = format!("{keys}:live");
+    let damage = |key: String| async move {
+        let mut raw = common::raw(common::SINGLE).await;
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("not a session id")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    };
+    damage(marker_key.clone()).await;
     let filter = impersonation_core::LiveFilter {
         agent: Some(agent.id.clone()),
         ..Default::default()
@@ -492,4 +496,40 @@ async fn a_damaged_live_marker_still_lists_the_agents_session() {
     };
     assert_eq!(live_ids(&store, &both).await, vec![session.id]);
     assert_ne!(session.id, other.id);
+
+    // A start meets the damaged marker: refused for the agent's live
+    // session, found among all, and the marker names it again.
+    let marker = || async {
+        let mut raw = common::raw(common::SINGLE).await;
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&marker_key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        value
+    };
+    match store.start(w.begin(&agent, &customer, epoch()).0).await {
+        Ok(impersonation_core::StartOutcome::Refused { live, .. }) => assert_eq!(live, session.id),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(marker().await, Some(session.id.to_string()));
+    // With no live session left, a damaged marker is cleared by the start
+    // that meets it (a 503: try again), and the next start goes ahead.
+    let end = session
+        .end(
+            EndReason::Stopped,
+            Actor::user(agent.id.clone(), "agent"),
+            epoch(),
+            Details::new(),
+        )
+        .unwrap();
+    store.transition(end).await.unwrap();
+    damage(marker_key.clone()).await;
+    let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
+    assert!(
+        matches!(refused, Err(impersonation_core::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(marker().await, None);
+    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
 }
