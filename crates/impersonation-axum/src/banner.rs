@@ -140,15 +140,18 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             "<span style=\"{details_style}\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
             "<form method=\"post\" action=\"{action}\" style=\"{form_style}\">",
-            // Closed as XML closes it: the same markup goes into XHTML pages.
-            "<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\" />",
-            // The button names its own target, method and encoding: on a
-            // page that leaves a form of its own open, the HTML parser
-            // drops the `<form>` above and the button and token join the
-            // app's form, whose submission would otherwise be the app's
-            // (and be held up by its required fields).
-            "<button type=\"submit\" formaction=\"{action}\" formmethod=\"post\" ",
-            "formenctype=\"application/x-www-form-urlencoded\" formnovalidate=\"formnovalidate\" ",
+            // The token is the button's own value, sent only when the
+            // button is pressed, and the button names its own target,
+            // method, encoding and window: where the HTML parser drops
+            // the `<form>` above (inside a form the page left open, which
+            // the injected page closes first, but an app that renders
+            // this fragment in one may not), the button joins the app's
+            // form, whose own submissions must not carry the token, and
+            // whose target, method and required fields must not hold up
+            // the stop.
+            "<button type=\"submit\" name=\"csrf\" value=\"{csrf}\" formaction=\"{action}\" ",
+            "formmethod=\"post\" formenctype=\"application/x-www-form-urlencoded\" ",
+            "formtarget=\"_self\" formnovalidate=\"formnovalidate\" ",
             "style=\"{button_style}\">Stop impersonating</button>",
             "</form></div>"
         ),
@@ -568,6 +571,14 @@ impl Foreign {
         }
         // `</html>` changes no element, as `</body>` does not.
         if name == b"html" {
+            return;
+        }
+        // `</form>` takes the form out of the elements open, and leaves
+        // those open inside it (an svg among them) open.
+        if name == b"form" {
+            if let Some(at) = self.around.iter().rposition(|open| open == name) {
+                self.around.remove(at);
+            }
             return;
         }
         // The end of an HTML element open around the svg or math (its own
@@ -1438,12 +1449,32 @@ mod tests {
             format!("<div><table><tr><td><svg><path></div>{script}<p>x</p></body>"),
             format!("<div><ul><li><svg><path></div>{script}<p>x</p></body>"),
         ] {
-            let banner = "<div id=\"impersonation-banner\">B</div>";
-            let injected =
-                String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
-            let dom = scraper::Html::parse_document(&injected);
-            let found = scraper::Selector::parse("#impersonation-banner").unwrap();
-            assert_eq!(dom.select(&found).count(), 1, "{injected}");
+            assert_banner_is_an_element(&page);
+        }
+    }
+
+    /// A real HTML parser finds the banner injected into `page` as one
+    /// element.
+    fn assert_banner_is_an_element(page: &str) {
+        let banner = "<div id=\"impersonation-banner\">B</div>";
+        let injected =
+            String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
+        let dom = scraper::Html::parse_document(&injected);
+        let found = scraper::Selector::parse("#impersonation-banner").unwrap();
+        assert_eq!(dom.select(&found).count(), 1, "{injected}");
+    }
+
+    #[test]
+    fn a_form_end_tag_leaves_an_svg_inside_it_open() {
+        // `</form>` takes the form off the elements open and leaves the svg
+        // in it open: the `<style>` after is the svg's, not raw text, and
+        // its `<!--` opens a comment that runs to the end of the page. A
+        // `</div>` after that ends the div the form was in, and the svg.
+        for page in [
+            "<body><form><svg><path></form><style>/*<!--*/</style><p>x</p></body>",
+            "<body><div><form><svg><path></form></div><script>a('<!--')</script><p>x</p></body>",
+        ] {
+            assert_banner_is_an_element(page);
         }
     }
 

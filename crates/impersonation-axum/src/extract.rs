@@ -264,13 +264,16 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         // writes do: a client that goes away meanwhile does not take it
         // off the trail.
         state.guard_refused.store(true, Ordering::SeqCst);
+        state.refusal_in_flight.store(true, Ordering::SeqCst);
         let api = std::sync::Arc::clone(&state.shared.api);
         let ctx = ctx.clone();
         let write = crate::layer::run_to_end(async move {
             api.record_denied(&ctx, Denial::SensitiveAction, &attempt)
                 .await
         });
-        match write.await {
+        let written = write.await;
+        state.refusal_in_flight.store(false, Ordering::SeqCst);
+        match written {
             Ok(_) => Err(refusal(
                 StatusCode::FORBIDDEN,
                 "This page is not available while impersonating a customer.",

@@ -105,6 +105,13 @@ impl Settings {
             .is_some_and(|rest| rest == "/start" || rest == "/stop")
     }
 
+    /// Whether `route` is the SDK's stop route (under the mount point).
+    pub(crate) fn stop_route(&self, route: &str) -> bool {
+        route
+            .strip_prefix(self.mount.as_str())
+            .is_some_and(|rest| rest == "/stop")
+    }
+
     pub(crate) fn stop_path(&self) -> String {
         format!("{}/stop", self.mount.trim_end_matches('/'))
     }
@@ -138,6 +145,8 @@ pub(crate) struct RequestState {
     /// guard as a `Result` and answered anything else carried on, maybe
     /// to a change: then its request is audited too.
     pub(crate) guard_refused: AtomicBool,
+    /// Set while the guard's refusal is being written.
+    pub(crate) refusal_in_flight: AtomicBool,
     /// Set to true once the layer finds the session ended while the
     /// request was served; made only when a [`crate::SessionEnd`] asks.
     pub(crate) over: std::sync::OnceLock<tokio::sync::watch::Sender<bool>>,
@@ -546,13 +555,14 @@ where
                             // else signed in beside it (the host's auth
                             // taking the token's customer for the user, say)
                             // is refused, never served as that person, and
-                            // the attempt goes on the session's trail, as
-                            // the SDK's stop (which answers it itself: 403)
-                            // records it.
+                            // the attempt goes on the session's trail; the
+                            // SDK's stop, given a bearer secret, records it
+                            // itself (and answers 403).
                             Some(id) if id != c.agent().id => {
                                 let route = route_of(req.extensions(), req.uri());
-                                if !from_cookie
-                                    && !settings.own_route(route)
+                                let stop_answers =
+                                    settings.stop_route(route) && kept_secret.is_some();
+                                if !(from_cookie || stop_answers)
                                     && let Some(by) = req.extensions().get::<Principal>().cloned()
                                 {
                                     let attempt = format!("{} {route}", req.method());
@@ -580,6 +590,19 @@ where
                     // (it is the only copy of the secret), and the agent is
                     // served as themself until the customer agrees.
                     Err(impersonation_core::Error::PendingConsent) if from_cookie => pending = true,
+                    // A bearer credential whose session waits for the
+                    // customer's consent is valid still: not refused as
+                    // one that is not (a client would throw it away), and
+                    // the SDK's stop, as the host's signed-in agent, may
+                    // withdraw it.
+                    Err(impersonation_core::Error::PendingConsent) => {
+                        if !settings.stop_route(route_of(req.extensions(), req.uri())) {
+                            return Ok(plain(
+                                StatusCode::FORBIDDEN,
+                                "impersonation session waits for the customer's consent",
+                            ));
+                        }
+                    }
                     Err(e) if e.http_status() == 503 => {
                         tracing::error!(error = %e, "impersonation check failed; refusing the request");
                         return Ok(plain(
@@ -676,6 +699,7 @@ where
                 secret: kept_secret,
                 audited: AtomicBool::new(false),
                 guard_refused: AtomicBool::new(false),
+                refusal_in_flight: AtomicBool::new(false),
                 over: std::sync::OnceLock::new(),
             });
             req.extensions_mut().insert(Handle(Arc::clone(&state)));
@@ -808,6 +832,7 @@ where
                     route: route.as_str(),
                     is_change,
                     status: CLIENT_CLOSED,
+                    answered_refusal: false,
                 }),
                 _ => None,
             };
@@ -858,6 +883,9 @@ where
                 // seen before the banner step may replace the answer (a
                 // page too large for it: 500).
                 let as_refused = Answer::refusal_in(&state, &res);
+                if let Some(g) = &mut given_up {
+                    g.answered_refusal = as_refused;
+                }
                 // Whether the body is held whole now: a page with its
                 // banner, sent as one piece, which a watch could only cut
                 // before its first byte.
@@ -1134,10 +1162,14 @@ fn has_charset(headers: &HeaderMap) -> bool {
         .is_some_and(|t| charset_of(t.split(';').skip(1)).is_some())
 }
 
-/// The banner's markup for a page of `markup`.
+/// The banner's markup for a page of `markup`. In HTML it first closes a
+/// form the page may have left open (an end tag with none open is
+/// ignored): the banner goes before `</body>`, where the page's forms end
+/// anyway, and so its Stop is a form of its own, which the app's submit
+/// handlers and `target` do not meet.
 fn banner_for(markup: Markup, html: String) -> String {
     match markup {
-        Markup::Html => html,
+        Markup::Html => format!("</form>{html}"),
         Markup::Xhtml => crate::xhtml::banner(&html),
     }
 }
@@ -1660,6 +1692,9 @@ struct AuditIfGivenUp<'a> {
     route: &'a str,
     is_change: bool,
     status: u16,
+    /// The handler answered with the guard's refusal (set once an answer
+    /// exists).
+    answered_refusal: bool,
 }
 
 impl AuditIfGivenUp<'_> {
@@ -1673,7 +1708,12 @@ impl AuditIfGivenUp<'_> {
 
 impl Drop for AuditIfGivenUp<'_> {
     fn drop(&mut self) {
-        if !needs_record(self.shared, self.state, self.method, self.route, false) {
+        // The guard's refusal is the request's record (its write runs to
+        // its end on its own) while it is being written, and once it is
+        // the answer; a handler that carried on past it may have done
+        // anything, and is recorded.
+        let refused = self.state.refusal_in_flight.load(Ordering::SeqCst) || self.answered_refusal;
+        if !needs_record(self.shared, self.state, self.method, self.route, refused) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

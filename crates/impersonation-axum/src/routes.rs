@@ -9,7 +9,9 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use impersonation_core::{Context, EndReason, Error, Principal, Requester, StartRequest, UserId};
+use impersonation_core::{
+    Context, EndReason, Error, Principal, Requester, SessionId, StartRequest, UserId,
+};
 use serde::Deserialize;
 
 use crate::csrf::{CsrfCheck, EndedSessionToken, RenewCsrfToken};
@@ -68,6 +70,28 @@ pub struct StopForm {
     /// Where to go afterwards (a local path).
     #[serde(default)]
     pub return_to: Option<String>,
+}
+
+impl StopForm {
+    /// The stop form in `fields`, as posted: each field's last value, any
+    /// other field ignored. The banner is the last thing on its page, so
+    /// when a page leaves a form of its own open, the banner's token joins
+    /// that form after the app's fields, a field of the app's named `csrf`
+    /// among them.
+    fn from_fields(fields: Vec<(String, String)>) -> Self {
+        let mut form = Self {
+            csrf: String::new(),
+            return_to: None,
+        };
+        for (name, value) in fields {
+            match name.as_str() {
+                "csrf" => form.csrf = value,
+                "return_to" => form.return_to = Some(value),
+                _ => {}
+            }
+        }
+        form
+    }
 }
 
 impl std::fmt::Debug for StartForm {
@@ -282,12 +306,14 @@ async fn stop(req: Request) -> Response {
     let shared = &state.shared;
     let principal = parts.extensions.get::<Principal>().cloned();
     let settings = &shared.settings;
-    // An API client stopping with its own bearer secret: no browser sends
-    // that header on its own, so no cross-site check applies and no form
-    // is needed. The outcome is audited by the service as for a browser's
-    // stop (another agent's attempt is a refusal on the trail); the answer
-    // is 204, with no redirect and no cookie.
-    if state.bearer && state.secret.is_some() {
+    // An API client stopping with its own bearer secret, or with a signed
+    // token naming its session (a session resolved with no secret): no
+    // browser sends that header on its own, so no cross-site check applies
+    // and no form is needed. The outcome is audited by the service as for
+    // a browser's stop (another agent's attempt is a refusal on the
+    // trail); the answer is 204, with no redirect and no cookie.
+    let signed = state.secret.is_none() && parts.extensions.get::<Context>().is_some();
+    if (state.bearer && state.secret.is_some()) || signed {
         let principal = match (principal, parts.extensions.get::<Context>()) {
             (Some(principal), _) => principal,
             // No one signed in by the host: the secret is the agent's own
@@ -307,7 +333,8 @@ async fn stop(req: Request) -> Response {
             (None, None) => return text(StatusCode::UNAUTHORIZED, "sign in first".into()),
         };
         state.audited.store(true, Ordering::SeqCst);
-        return stop_failed(stop_to_end(&state, principal).await)
+        let session = parts.extensions.get::<Context>().map(Context::session);
+        return stop_failed(stop_to_end(&state, principal, session).await)
             .unwrap_or_else(|| no_store(StatusCode::NO_CONTENT.into_response()));
     }
     let check = parts
@@ -321,11 +348,15 @@ async fn stop(req: Request) -> Response {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());
     };
     let req = Request::from_parts(parts, body);
-    let form =
-        match <Form<StopForm> as axum::extract::FromRequest<()>>::from_request(req, &()).await {
-            Ok(Form(form)) => form,
-            Err(rejection) => return form_refused(&rejection, "expected a form"),
-        };
+    let form = match <Form<Vec<(String, String)>> as axum::extract::FromRequest<()>>::from_request(
+        req,
+        &(),
+    )
+    .await
+    {
+        Ok(Form(fields)) => StopForm::from_fields(fields),
+        Err(rejection) => return form_refused(&rejection, "expected a form"),
+    };
     // A banner left open on a session that has ended since: its form
     // carries the token pages had under that session (bound to it), which
     // the cookie's session, dead, no longer gives this request.
@@ -344,7 +375,7 @@ async fn stop(req: Request) -> Response {
     }
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);
-    if let Some(res) = stop_failed(stop_to_end(&state, principal).await) {
+    if let Some(res) = stop_failed(stop_to_end(&state, principal, None).await) {
         return res;
     }
     let mut res = no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
@@ -354,13 +385,19 @@ async fn stop(req: Request) -> Response {
 }
 
 /// Stops the request's session as `principal`, to its end (`run_to_end`)
-/// even if the client goes away, as the layer's own writes are.
-async fn stop_to_end(state: &Arc<RequestState>, principal: Principal) -> Result<EndReason, Error> {
+/// even if the client goes away, as the layer's own writes are: the one
+/// its secret names, or else `session`, the one its signed token names.
+async fn stop_to_end(
+    state: &Arc<RequestState>,
+    principal: Principal,
+    session: Option<SessionId>,
+) -> Result<EndReason, Error> {
     let held = Arc::clone(state);
     run_to_end(async move {
-        match &held.secret {
-            Some(secret) => held.shared.api.stop(secret, &principal).await,
-            None => Err(Error::Unauthenticated),
+        match (&held.secret, session) {
+            (Some(secret), _) => held.shared.api.stop(secret, &principal).await,
+            (None, Some(id)) => held.shared.api.stop_session(id, &principal).await,
+            (None, None) => Err(Error::Unauthenticated),
         }
     })
     .await

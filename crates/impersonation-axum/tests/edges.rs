@@ -685,6 +685,31 @@ async fn a_read_only_refusal_stays_on_record_when_the_client_goes_away() {
     assert_eq!(refusals, ["read_only_session"]);
 }
 
+/// A request the guard refuses, whose client goes away while the refusal
+/// is being written: the refusal is its one record, not the refusal and
+/// an access given up besides.
+#[tokio::test(start_paused = true)]
+async fn a_guard_refusal_is_the_one_record_when_the_client_goes_away_meanwhile() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(
+        &store,
+        axum::routing::post(|_: NotImpersonating| async { "saved" }),
+    )
+    .await;
+    // The second write: the first is the lookup's idle touch.
+    store.fail_nth(2, When::Slow, Calls::Writes);
+    let gone = tokio::time::timeout(SLOW_CALL / 2, app.oneshot(req)).await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    tokio::time::sleep(SLOW_CALL * 2).await;
+    let actions: Vec<AuditAction> = all_events(store.inner(), AuditQuery::default())
+        .await
+        .into_iter()
+        .map(|e| e.action)
+        .filter(|a| *a != AuditAction::SessionStarted)
+        .collect();
+    assert_eq!(actions, [AuditAction::Denied]);
+}
+
 /// A store that panics while it writes a request's record (a bug in the
 /// store) is a store that failed: the answer is a 503, as for any store
 /// error, and the panic stops there. (Since the write's first poll runs

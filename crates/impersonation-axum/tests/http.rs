@@ -453,7 +453,17 @@ impl Browser {
 
     /// The Stop form of a page rendered earlier, carrying `token`.
     async fn stop_with(&mut self, token: &str) -> Reply {
-        let form = format!("csrf={token}");
+        self.stop_form(format!("csrf={token}")).await
+    }
+
+    /// An API client's request with `bearer` as its `Authorization`.
+    async fn bearer(&mut self, method: Method, uri: &str, bearer: &str) -> Reply {
+        self.send(method, uri, None, &[("authorization", bearer)])
+            .await
+    }
+
+    /// A stop posting `form` as it is.
+    async fn stop_form(&mut self, form: String) -> Reply {
         self.send(
             Method::POST,
             "/impersonation/stop",
@@ -916,6 +926,29 @@ async fn the_secret_rotates_on_start_and_stop() {
     assert_eq!(new.status, StatusCode::OK);
 }
 
+/// A page that leaves a form of its own open: the banner's token joins
+/// that form after the app's fields, which may hold a `csrf` and a
+/// `return_to` of the app's.
+#[tokio::test]
+async fn the_banners_stop_inside_an_open_app_form_is_accepted() {
+    let (_f, mut b) = sam_on_olive().await;
+    let token = b.page_token().await;
+    let res = b
+        .stop_form(format!(
+            "csrf=the-apps-own&return_to=%2Fsettings&timezone=UTC&csrf={token}"
+        ))
+        .await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.body);
+    assert_eq!(res.headers[header::LOCATION], "/settings");
+    assert!(b.secret().is_none(), "stop clears the cookie");
+    // The app's token last is the app's form, not the banner's: refused.
+    let (_f, mut b) = sam_on_olive().await;
+    let token = b.page_token().await;
+    let res = b.stop_form(format!("csrf={token}&csrf=the-apps-own")).await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN);
+    assert!(b.secret().is_some());
+}
+
 #[tokio::test]
 async fn stop_is_accepted_only_from_the_sessions_own_agent() {
     let (f, mut sam) = sam_on_olive().await;
@@ -954,12 +987,7 @@ async fn an_api_client_stops_with_its_bearer_secret() {
     let bearer = format!("Bearer {}", sam.secret().unwrap());
     let mut kim_api = Browser::new(&f, "kim");
     let refused = kim_api
-        .send(
-            Method::POST,
-            "/impersonation/stop",
-            None,
-            &[("authorization", &bearer)],
-        )
+        .bearer(Method::POST, "/impersonation/stop", &bearer)
         .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
     assert!(
@@ -1416,12 +1444,9 @@ async fn a_form_posted_after_the_session_expired_is_refused_not_run_as_the_agent
     assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
 }
 
-/// A session waiting for the customer's consent is not a dead one: its
-/// cookie (the only copy of the secret) stays, the agent is served as
-/// themself meanwhile, and once the customer agrees the next page is the
-/// customer's, with the banner.
-#[tokio::test]
-async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agrees() {
+/// Sam has asked to impersonate Olive, under a policy that needs her
+/// consent: the session waits for it.
+async fn sam_waiting_for_olives_consent() -> (Fixture, Browser) {
     let f = fixture_with(impersonation_core::Policy::default().consent(
         impersonation_core::Consent::Required {
             timeout: Duration::minutes(10),
@@ -1431,6 +1456,16 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
     sam.get("/").await;
     let started = sam.start("olive").await;
     assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+    (f, sam)
+}
+
+/// A session waiting for the customer's consent is not a dead one: its
+/// cookie (the only copy of the secret) stays, the agent is served as
+/// themself meanwhile, and once the customer agrees the next page is the
+/// customer's, with the banner.
+#[tokio::test]
+async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agrees() {
+    let (f, mut sam) = sam_waiting_for_olives_consent().await;
     let secret = sam.secret().unwrap();
     let token = sam.csrf();
 
@@ -1480,6 +1515,27 @@ async fn a_session_waiting_for_consent_keeps_its_cookie_until_the_customer_agree
     let token = sam.page_token().await;
     let reply = post_settings(&mut sam, &token).await;
     assert_eq!(reply.body, "saved for olive");
+}
+
+/// An API client's bearer secret of a session waiting for consent is
+/// valid still: a request with it is refused as waiting (403), not as an
+/// invalid token, and the SDK's stop withdraws it.
+#[tokio::test]
+async fn a_bearer_secret_waiting_for_consent_is_refused_as_waiting_and_can_be_withdrawn() {
+    let (f, sam) = sam_waiting_for_olives_consent().await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut api = Browser::new(&f, "sam");
+    let waiting = api.bearer(Method::GET, "/", &bearer).await;
+    assert_eq!(waiting.status, StatusCode::FORBIDDEN, "{}", waiting.body);
+    assert!(waiting.headers.get(header::WWW_AUTHENTICATE).is_none());
+    let stopped = api
+        .bearer(Method::POST, "/impersonation/stop", &bearer)
+        .await;
+    assert_eq!(stopped.status, StatusCode::NO_CONTENT, "{}", stopped.body);
+    let after = api.bearer(Method::GET, "/", &bearer).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{}", after.body);
+    let ended = events(&f).await.pop().unwrap();
+    assert_eq!(ended.action, AuditAction::SessionEnded);
 }
 
 /// A page opened from another site while the browser impersonates comes
@@ -1570,6 +1626,27 @@ async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
     assert_eq!(refused.actor.id().map(|id| id.as_str()), Some("olive"));
     assert_eq!(refused.details.get("denial"), Some("not_session_agent"));
     assert_eq!(refused.details.get("attempt"), Some("GET /billing"));
+    // Sent to the SDK's start route too: refused and on the trail.
+    let form = format!("target=olive&reason=x&csrf={}", olive.csrf());
+    let reply = olive
+        .send(
+            Method::POST,
+            "/impersonation/start",
+            Some(form),
+            &[
+                ("authorization", &bearer),
+                ("origin", "https://app.example"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
+    let refused = events(&f).await.pop().unwrap();
+    assert_eq!(refused.action, AuditAction::Denied);
+    assert_eq!(refused.actor.id().map(|id| id.as_str()), Some("olive"));
+    assert_eq!(
+        refused.details.get("attempt"),
+        Some("POST /impersonation/start")
+    );
 }
 
 /// A bearer credential whose session another process ended, used within

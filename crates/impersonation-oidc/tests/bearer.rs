@@ -77,6 +77,7 @@ async fn fixture() -> Fixture {
                 "booked"
             }),
         )
+        .nest("/impersonation", impersonation_axum::routes())
         .layer(
             ImpersonationLayer::new(served.service.clone())
                 .accept_tokens(served.issuer.verifier(API)),
@@ -180,6 +181,29 @@ async fn after_stop_the_token_gets_401_on_the_next_request() {
     let (status, body, _) = f.get(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(!body.contains("olive"));
+}
+
+/// The SDK's stop route, given the token: the session it names ends (by
+/// its agent, on the trail), and the token gets 401 after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_route_ends_the_session_a_token_names() {
+    let f = fixture().await;
+    let token = f.token().await;
+    assert_eq!(f.get(&token).await.0, StatusCode::OK);
+    let (status, body, cache) = f.call(Request::post("/impersonation/stop"), &token).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(cache.as_deref(), Some("no-store"));
+    assert_eq!(f.get(&token).await.0, StatusCode::UNAUTHORIZED);
+    let ended = impersonation_testkit::conformance::all_events(
+        f.served.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::SessionEnded),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].actor.id().map(|a| a.as_str()), Some("sam"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -401,12 +401,23 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_and_an_open_form
             token.as_str()
         ))
     };
+    // The shell leaves its search form open; the form opens in another
+    // window, and its script keeps every submission of it for itself.
     let shell = || async {
         Html(
             "<!doctype html><html><head><meta http-equiv=\"Content-Security-Policy\" \
-             content=\"default-src 'self'; form-action 'none'\"></head>\
+             content=\"default-src 'self'; form-action 'none'\">\
+             <script src=/shell.js></script></head>\
              <body><p id=app>the app</p>\
-             <form action=/search><input name=q required></body></html>",
+             <form id=search action=/search target=_blank>\
+             <input type=hidden name=csrf value=the-apps-own><input name=q required></body></html>",
+        )
+    };
+    let script = || async {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/javascript")],
+            "document.addEventListener('submit', e => { if (e.target.id === 'search') { \
+             e.preventDefault(); sessionStorage.setItem('app-submitted', '1'); } });",
         )
     };
     // The host's own sign-in, standing in: the agent is signed in.
@@ -414,6 +425,7 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_and_an_open_form
     let app = axum::Router::new()
         .route("/", get(shell))
         .route("/shell", get(shell))
+        .route("/shell.js", get(script))
         .route("/begin", get(begin))
         .nest("/impersonation", routes())
         .layer(ImpersonationLayer::new(svc.clone()).development_mode())
@@ -452,6 +464,15 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_and_an_open_form
             "the banner's styles were blocked"
         );
         shot(&client, &screenshots, "meta-policy-banner.png").await;
+        // The banner's Stop is a form of its own, not the app's.
+        let owner = client
+            .execute(
+                "return document.querySelector('#impersonation-banner button').form.id;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(owner, serde_json::json!(""));
         click(&client, "#impersonation-banner button").await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while banner_count(&client).await != 0 {
@@ -459,6 +480,15 @@ async fn the_banner_styles_and_stops_under_a_strict_meta_policy_and_an_open_form
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(text(&client, "#app").await, "the app");
+        let submitted = client
+            .execute("return sessionStorage.getItem('app-submitted');", vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            submitted,
+            serde_json::Value::Null,
+            "Stop went to the app's form"
+        );
     })
     .await;
     // Started and ended by the browser's own posts: the trail says so.
