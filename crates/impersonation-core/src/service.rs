@@ -428,6 +428,16 @@ fn person(p: &Principal) -> PersonRef {
     }
 }
 
+/// The details of an end for a policy re-check that refused the pair.
+fn recheck_failed(denial: Denial) -> Details {
+    Details::new()
+        .with(
+            "cause",
+            format!("policy re-check failed: {}", denial.code()),
+        )
+        .with("denial", denial.code())
+}
+
 fn actor_of(p: &Principal) -> Actor {
     Actor::user(p.id.clone(), p.display_name.as_str())
 }
@@ -811,15 +821,26 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // that a revocation of their sessions followed, which the reads
         // above came too late to see): the same check a session's first
         // use would make, so a start it would end is refused.
+        // A directory that answers for an id other than its own (one that
+        // folds case, say) is answered as not knowing it: the fences above
+        // and the session's keys are by the ids asked for, and a revocation
+        // by the directory's own id would miss them.
         let current = match self.directory.principal(&agent.id).await? {
-            Some(current) => self.policy.permits_agent(&current).map(|()| current),
-            None => Err(Denial::UnknownAgent),
+            Some(current) if current.id == agent.id => {
+                self.policy.permits_agent(&current).map(|()| current)
+            }
+            _ => Err(Denial::UnknownAgent),
         };
         let current = match current {
             Ok(current) => current,
             Err(denial) => return Err(self.audit_denial(unnamed(), denial, "start").await?),
         };
-        let Some(target) = self.directory.principal(&request.target).await? else {
+        let Some(target) = self
+            .directory
+            .principal(&request.target)
+            .await?
+            .filter(|target| target.id == request.target)
+        else {
             return Err(self
                 .audit_denial(unnamed(), Denial::UnknownTarget, "start")
                 .await?);
@@ -1280,25 +1301,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     async fn recheck(&self, mut session: Session, now: OffsetDateTime) -> Result<Session, Error> {
-        let agent = self.directory.principal(&session.agent.id).await?;
-        let target = self.directory.principal(&session.subject.id).await?;
-        let verdict = match (agent, target) {
-            (None, _) => Err(Denial::UnknownAgent),
-            (_, None) => Err(Denial::UnknownTarget),
-            (Some(a), Some(t)) => self.policy.permits_pair(&a, &t).map(|()| t),
-        };
-        let target = match verdict {
+        let target = match self.pair_verdict(&session).await? {
             Ok(target) => target,
             Err(denial) => {
-                let details = Details::new()
-                    .with(
-                        "cause",
-                        format!("policy re-check failed: {}", denial.code()),
-                    )
-                    .with("denial", denial.code());
-                let reason =
-                    Box::pin(self.end(&session, EndReason::Revoked, Actor::System, details))
-                        .await?;
+                let reason = Box::pin(self.end(
+                    &session,
+                    EndReason::Revoked,
+                    Actor::System,
+                    recheck_failed(denial),
+                ))
+                .await?;
                 return Err(Error::Ended(reason));
             }
         };
@@ -1318,15 +1330,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .await
             {
                 Ok(()) => {}
-                Err(StoreError::Conflict(id)) => {
-                    return match self.store.session(id).await? {
-                        Some(Session {
-                            state: SessionState::Ended(reason),
-                            ..
-                        }) => Err(Error::Ended(reason)),
-                        _ => Err(Error::Store(StoreError::Conflict(id))),
-                    };
-                }
+                Err(StoreError::Conflict(id)) => return Err(self.ended_or_conflict(id).await),
                 Err(e) => return Err(e.into()),
             }
             session.last_checked_at = now;
@@ -1719,15 +1723,62 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     /// The customer consents to a pending session, which becomes active.
+    /// The pair is judged first as a re-check judges it: an agent who lost
+    /// the right to impersonate, or a customer who became protected,
+    /// while the request waited ends it as revoked ([`Error::Ended`]), as
+    /// does anything else that ended it meanwhile (with its reason).
     pub async fn grant_consent(
         &self,
         session: SessionId,
         by: &Principal,
     ) -> Result<Session, Error> {
         let found = self.pending_for(session, by, "grant_consent").await?;
+        // The pair as the policy judges it now, as a session's re-check
+        // would: an agent demoted, or a customer who became protected,
+        // while the request waited does not get a session that the first
+        // use would end; it ends now, as revoked.
+        if let Err(denial) = self.pair_verdict(&found).await? {
+            let reason = Box::pin(self.end(
+                &found,
+                EndReason::Revoked,
+                Actor::System,
+                recheck_failed(denial),
+            ))
+            .await?;
+            return Err(Error::Ended(reason));
+        }
         let transition = found.activate(actor_of(by), self.now())?;
-        let (active, _) = self.store.transition(transition).await?;
-        Ok(active)
+        match self.store.transition(transition).await {
+            Ok((active, _)) => Ok(active),
+            // Ended meanwhile (stopped, revoked): the answer says so.
+            Err(StoreError::Conflict(id)) => Err(self.ended_or_conflict(id).await),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The answer to a write that conflicted on session `id`: the reason
+    /// it ended, if it has, else the conflict.
+    async fn ended_or_conflict(&self, id: SessionId) -> Error {
+        match self.store.session(id).await {
+            Ok(Some(Session {
+                state: SessionState::Ended(reason),
+                ..
+            })) => Error::Ended(reason),
+            Ok(_) => Error::Store(StoreError::Conflict(id)),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// The session's agent and customer as the directory has them now,
+    /// judged by the policy's rules for the pair: the customer, or why not.
+    async fn pair_verdict(&self, session: &Session) -> Result<Result<Principal, Denial>, Error> {
+        let agent = self.directory.principal(&session.agent.id).await?;
+        let target = self.directory.principal(&session.subject.id).await?;
+        Ok(match (agent, target) {
+            (None, _) => Err(Denial::UnknownAgent),
+            (_, None) => Err(Denial::UnknownTarget),
+            (Some(a), Some(t)) => self.policy.permits_pair(&a, &t).map(|()| t),
+        })
     }
 
     /// The customer declines a pending session: `Ok(ConsentDenied)` when
@@ -1770,7 +1821,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             ..LiveFilter::default()
         };
         let mut sessions = self.store.live_sessions(&filter).await?;
-        sessions.retain(|s| s.state == SessionState::Pending);
+        // Not one whose consent window has passed: no answer would start
+        // it (it is ended as expired when next met).
+        let now = self.now();
+        sessions.retain(|s| s.state == SessionState::Pending && s.lapse_at(now).is_none());
         Ok(sessions)
     }
 

@@ -1652,6 +1652,52 @@ impl Directory for DownDirectory {
     }
 }
 
+/// A directory that folds case: it answers for `OLIVE` with Olive, whose
+/// id is `olive`.
+struct FoldingDirectory(MemoryDirectory);
+
+#[async_trait]
+impl Directory for FoldingDirectory {
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, DirectoryError> {
+        let folded = UserId::new(id.as_str().to_lowercase())
+            .map_err(|e| DirectoryError::new(e.to_string()))?;
+        self.0.principal(&folded).await
+    }
+}
+
+/// A start names the customer by the directory's own id: the fences and
+/// the session's keys are by the id asked for, so a directory's answer
+/// for another id (one that folds case) is refused as an unknown target,
+/// on the trail, and no session starts.
+#[tokio::test]
+async fn a_start_by_an_id_the_directory_folds_is_refused() {
+    let f = fixture();
+    let directory = MemoryDirectory::new();
+    for p in [agent("sam"), customer("olive")] {
+        directory.insert(p);
+    }
+    let folding = Impersonation::new(f.service.store().clone(), FoldingDirectory(directory))
+        .with_clock(f.clock.clone());
+    let refused = folding
+        .start(
+            Requester::User(&agent("sam")),
+            StartRequest::new(id("OLIVE"), "Customer cannot see bookings"),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Denied(Denial::UnknownTarget))),
+        "{refused:?}"
+    );
+    assert_eq!(denied(&f, "unknown_target").await, 1);
+    let started = folding
+        .start(
+            Requester::User(&agent("sam")),
+            StartRequest::new(id("olive"), "Customer cannot see bookings"),
+        )
+        .await;
+    assert!(started.is_ok(), "{started:?}");
+}
+
 #[tokio::test]
 async fn a_directory_outage_fails_closed_without_ending_the_session() {
     let f = fixture();
@@ -2195,6 +2241,73 @@ async fn declining_a_session_stopped_meanwhile_says_it_had_ended() {
     assert!(
         matches!(declined, Err(Error::Ended(EndReason::Stopped))),
         "{declined:?}"
+    );
+}
+
+/// Consent given to a session stopped meanwhile says it had ended (not
+/// a conflict, a 503); consent given after the agent lost the right to
+/// impersonate ends the session as revoked, on the trail, rather than
+/// starting one the first use would end; and a request whose window has
+/// passed is no longer listed as awaiting an answer.
+#[tokio::test]
+async fn consent_is_judged_as_the_pair_and_the_session_stand_now() {
+    let consent = Policy::default().consent(Consent::Required {
+        timeout: Duration::minutes(10),
+    });
+    let f = fixture_with(BusyChain::stop_race(), consent.clone(), Config::default());
+    let started = f.sam_on_olive().await;
+    let granted = f
+        .service
+        .grant_consent(started.session.id, &customer("olive"))
+        .await;
+    assert!(
+        matches!(granted, Err(Error::Ended(EndReason::Stopped))),
+        "{granted:?}"
+    );
+
+    let f = fixture_with(BusyChain::new(false), consent, Config::default());
+    let started = f.sam_on_olive().await;
+    f.directory.insert(
+        Principal::new(id("sam"), "sam", TenantId::new("vendor").unwrap())
+            .with_permissions(["bookings:read"]),
+    );
+    let granted = f
+        .service
+        .grant_consent(started.session.id, &customer("olive"))
+        .await;
+    assert!(
+        matches!(granted, Err(Error::Ended(EndReason::Revoked))),
+        "{granted:?}"
+    );
+    let events = session_events(&f, started.session.id).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.action != AuditAction::SessionStarted
+                || e.details.get("consented_by").is_none()),
+        "{events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last.action, AuditAction::SessionEnded);
+    assert!(last.details.get("denial").is_some(), "{last:?}");
+
+    let kim = f
+        .service
+        .start(Requester::User(&agent("kim")), req("olive"))
+        .await
+        .unwrap();
+    let waiting = f.service.pending_consents(&id("olive")).await.unwrap();
+    assert_eq!(
+        waiting.iter().map(|s| s.id).collect::<Vec<_>>(),
+        [kim.session.id]
+    );
+    f.clock.advance(Duration::minutes(11));
+    assert!(
+        f.service
+            .pending_consents(&id("olive"))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

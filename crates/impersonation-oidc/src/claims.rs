@@ -60,6 +60,14 @@ fn check_actors(first: Option<&serde_json::Value>, what: &str) -> Result<(), Str
         if !matches!(object.get("sub"), Some(serde_json::Value::String(s)) if !s.is_empty()) {
             return Err(format!("{what}'s sub must be a non-empty string"));
         }
+        // `iss` names whose `sub` it is (RFC 8693 §4.1): absent, or a
+        // non-empty string, as the top-level actor's is.
+        if object
+            .get("iss")
+            .is_some_and(|iss| !matches!(iss, serde_json::Value::String(s) if !s.is_empty()))
+        {
+            return Err(format!("{what}'s iss must be a non-empty string"));
+        }
         actor = object.get("act");
     }
     Ok(())
@@ -211,5 +219,14 @@ mod tests {
         for bad in [r#"{"sub":"sam","iss":5}"#, r#"{"sub":"sam","iss":""}"#] {
             assert!(read(bad).is_err(), "{bad}");
         }
+        // So is a prior actor's.
+        for bad in [
+            r#"{"sub":"sam","act":{"sub":"lee","iss":null}}"#,
+            r#"{"sub":"sam","act":{"sub":"lee","iss":5}}"#,
+            r#"{"sub":"sam","act":{"sub":"lee","act":{"sub":"kim","iss":""}}}"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        assert!(read(r#"{"sub":"sam","act":{"sub":"lee","iss":"https://op.example"}}"#).is_ok());
     }
 }

@@ -321,7 +321,19 @@ impl ClientCredentials {
         form_client: Option<&(String, Option<String>)>,
     ) -> Result<Self, OAuthError> {
         match (authorization, form_client) {
-            (Some(_), Some(_)) => Err(invalid(
+            // A bare `client_id` beside the header is no second method
+            // (many client libraries always send it): it must name the
+            // header's client.
+            (Some(header), Some((id, None))) => {
+                let basic = Self::from_basic(header)?;
+                if basic.id != *id {
+                    return Err(invalid_client(
+                        "the body's client_id is not the client the header authenticates",
+                    ));
+                }
+                Ok(basic)
+            }
+            (Some(_), Some((_, Some(_)))) => Err(invalid(
                 "authenticate the client one way only (header or body)",
             )),
             (Some(header), None) => Self::from_basic(header),
@@ -415,6 +427,27 @@ mod tests {
         }
         assert!(ClientCredentials::from_basic(&format!("Bearer {encoded}")).is_err());
         assert!(ClientCredentials::from_basic("Basic").is_err());
+    }
+
+    /// A bare `client_id` in the body beside the Basic header is no second
+    /// method (RFC 6749 §2.3.1 forbids two): accepted when it names the
+    /// header's client; a body secret beside the header is refused.
+    #[test]
+    fn a_bare_client_id_beside_the_basic_header_must_name_its_client() {
+        use base64::Engine;
+        let header = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("app:secret")
+        );
+        let same = ("app".to_owned(), None);
+        let read = ClientCredentials::from_parts(Some(&header), Some(&same)).unwrap();
+        assert_eq!((read.id.as_str(), read.secret.as_str()), ("app", "secret"));
+        let other = ("other".to_owned(), None);
+        let refused = ClientCredentials::from_parts(Some(&header), Some(&other)).unwrap_err();
+        assert_eq!(refused.error.as_str(), "invalid_client");
+        let both = ("app".to_owned(), Some("secret".to_owned()));
+        let refused = ClientCredentials::from_parts(Some(&header), Some(&both)).unwrap_err();
+        assert_eq!(refused.error.as_str(), "invalid_request");
     }
 
     /// A parameter sent without a value counts as omitted (RFC 6749

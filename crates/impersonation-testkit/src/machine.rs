@@ -745,8 +745,15 @@ impl<S: Store> Case<S> {
         let customer = self.target(agent, model.subject);
         if grant {
             let result = self.service.grant_consent(model.id, &customer).await;
+            let demoted = self.demoted[agent];
             match result {
-                Ok(active) if now < model.expires_at => {
+                // The pair is judged as a re-check would: an agent who
+                // lost the right meanwhile gets no session.
+                Err(Error::Ended(EndReason::Revoked)) if demoted && now < model.expires_at => {
+                    self.end_model(agent, EndReason::Revoked);
+                    Ok(())
+                }
+                Ok(active) if !demoted && now < model.expires_at => {
                     prop_assert_eq!(active.state, SessionState::Active);
                     if let Some((m, _)) = self.latest.get_mut(&agent) {
                         m.state = SessionState::Active;

@@ -16,11 +16,13 @@ USAGE: cargo xtask demo [OPTIONS]
 
 OPTIONS:
   --store KIND     sqlite (default), postgres, mariadb, redis or memory
-  --url URL        the store's URL (default: a file under target/demo for
-                   SQLite, the local server for the others); without
+  --url URL        the store's URL (default: a file under target/demo, or
+                   $CARGO_TARGET_DIR/demo, for SQLite, the local server
+                   for the others); without
                    --store, the store its scheme names
   --port N         port on 127.0.0.1 (default 3000; 0 picks a free one)
-  --walkthrough    play the story over HTTP and print the audit table, then exit
+  --walkthrough    play the story over HTTP (on a free port) and print the
+                   audit table, then exit
   -h, --help       this text";
 
 struct Args {
@@ -76,8 +78,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
     Ok(Some(parsed))
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` when set (as for the
+/// tests' files and the screenshots), else the workspace's `target/`.
 fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
 }
 
 #[tokio::main]

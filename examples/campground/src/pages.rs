@@ -1231,6 +1231,19 @@ pub struct AuditParams {
     since: Option<String>,
 }
 
+impl AuditParams {
+    /// `since` as a time: `None` if not given (or empty), an error if it is
+    /// no RFC 3339 time.
+    fn since(&self) -> Result<Option<OffsetDateTime>, &'static str> {
+        match self.since.as_deref().filter(|s| !s.is_empty()) {
+            None => Ok(None),
+            Some(since) => OffsetDateTime::parse(since, &Rfc3339)
+                .map(Some)
+                .map_err(|_| "since: expected an RFC 3339 time"),
+        }
+    }
+}
+
 fn audit_scope(v: &Viewer, demo: &Demo) -> Result<AuditQuery, (StatusCode, &'static str)> {
     let Some(real) = &v.real else {
         return Err((StatusCode::UNAUTHORIZED, "Sign in first."));
@@ -1286,6 +1299,12 @@ async fn audit_page(
     };
     query.order = Order::Newest;
     query.limit = 50;
+    query.since = match params.since() {
+        Ok(since) => since,
+        Err(message) => {
+            return refused(v, demo, StatusCode::BAD_REQUEST, "Audit trail", message);
+        }
+    };
     query.cursor = match params.cursor.as_deref().map(AuditCursor::decode) {
         None => None,
         Some(Ok(cursor)) => Some(cursor),
@@ -1327,8 +1346,20 @@ async fn audit_page(
     if let Some(next) = &page_of.next {
         let _ = write!(
             body,
-            "<p><a href=\"/audit?cursor={}\">Older events →</a></p>",
-            attr(&next.encode())
+            "<p><a href=\"/audit?cursor={}{}\">Older events →</a></p>",
+            attr(&next.encode()),
+            attr(
+                &params
+                    .since
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .map_or_else(String::new, |since| {
+                        format!(
+                            "&since={}",
+                            form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
+                        )
+                    })
+            )
         );
     }
     page(v, demo, "Audit trail", &body)
@@ -1433,15 +1464,10 @@ pub async fn audit_text(
         Ok(q) => q,
         Err((status, message)) => return (status, message).into_response(),
     };
-    if let Some(since) = params.since.as_deref().filter(|s| !s.is_empty()) {
-        match OffsetDateTime::parse(since, &Rfc3339) {
-            Ok(at) => query.since = Some(at),
-            Err(_) => {
-                return (StatusCode::BAD_REQUEST, "since: expected an RFC 3339 time")
-                    .into_response();
-            }
-        }
-    }
+    query.since = match params.since() {
+        Ok(since) => since,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
     query.limit = impersonation_core::MAX_PAGE;
     // The first page before the answer, so that a store that is down is a
     // 503; then page by page, so a long trail is never held whole. A store
@@ -1481,6 +1507,8 @@ pub async fn audit_text(
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
             // Like every page of the demo: someone's own, kept by no cache.
             (header::CACHE_CONTROL, "no-store"),
+            // Text people typed (reasons, names) is never sniffed as markup.
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         axum::body::Body::from_stream(body),
     )

@@ -268,6 +268,15 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
     assert_eq!(status, StatusCode::NOT_FOUND, "an unknown session");
     let (status, _) = lee.get("/audit?cursor=not-a-cursor").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a cursor that is not one");
+    // `since` filters the page as it does the plain text.
+    impersonate(&mut sam, "olive").await;
+    let (status, _) = lee.get("/audit?since=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a time that is not one");
+    let (_, all) = lee.get("/audit").await;
+    assert!(all.contains("<tr data-action="), "{all}");
+    let (status, later) = lee.get("/audit?since=2999-01-01T00%3A00%3A00Z").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!later.contains("<tr data-action="), "{later}");
 }
 
 /// Sam's trail shows his session with Olive revoked by his sign-out.
