@@ -348,6 +348,10 @@ impl DurabilityReport {
 
 type HeadCache = Arc<tokio::sync::Mutex<Option<Option<ChainHead>>>>;
 
+/// Most chain heads a store remembers before it lets go of those no
+/// write holds.
+const HEADS_CAPACITY: usize = 4_096;
+
 /// The Redis store. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -812,6 +816,13 @@ impl RedisStore {
 
     fn chain_cache(&self, chain: &ChainKey) -> HeadCache {
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded, as the Diesel store's: one entry per chain ever written
+        // (every agent, every customer revoked) would grow for the
+        // process's life. Only entries no write holds go; a chain that
+        // lost its entry reads its head once more.
+        if heads.len() >= HEADS_CAPACITY && !heads.contains_key(chain) {
+            heads.retain(|_, cache| Arc::strong_count(cache) > 1);
+        }
         Arc::clone(heads.entry(chain.clone()).or_default())
     }
 
@@ -1161,7 +1172,13 @@ impl RedisStore {
     }
 
     async fn forget_live(&self, session: &Session, route: &str) -> Result<(), StoreError> {
-        self.run_all(self.live_removals(session, route)).await
+        let mut cmds = self.live_removals(session, route);
+        // And its route, written before the start, which would otherwise
+        // stay for the session's validity and retention.
+        let mut c = redis::cmd("DEL");
+        c.arg(where_key(&self.ns, session.id));
+        cmds.push(c);
+        self.run_all(cmds).await
     }
 
     /// The commands that take `session` out of the live sets and the live

@@ -461,6 +461,35 @@ async fn a_chain_head_missing_a_field_is_reported_as_corrupt() {
     store.append(access(), guard).await.unwrap();
 }
 
+/// A refused start leaves nothing of the session it did not create: not
+/// its route key (written before the script), which would otherwise stay
+/// for the session's validity and retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_leaves_no_route_behind() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    for _ in 0..3 {
+        let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
+        assert!(
+            matches!(
+                refused,
+                Ok(impersonation_core::StartOutcome::Refused { .. })
+            ),
+            "{refused:?}"
+        );
+    }
+    let mut raw = common::raw(common::SINGLE).await;
+    let routes: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:where:*"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(routes, [format!("{ns}:where:{}", session.id)]);
+}
+
 /// An agent's live-session marker that names no session id (damage) does
 /// not fail a listing of the agent's sessions, which a revocation of them
 /// all rests on: the agent's live session is found among all live ones.
