@@ -554,7 +554,7 @@ mod sqlite_setup {
     use std::pin::Pin;
 
     use diesel::connection::SimpleConnection;
-    use diesel::{Connection, ConnectionResult, SqliteConnection};
+    use diesel::{Connection, ConnectionResult, RunQueryDsl, SqliteConnection};
     use diesel_async::sync_connection_wrapper::SpawnBlocking;
 
     /// Runs the wrapper's "blocking" tasks at once, on the calling thread:
@@ -599,14 +599,24 @@ mod sqlite_setup {
             // there could deadlock): processes opening a new file at once
             // try again, for as long as the busy timeout.
             let deadline = std::time::Instant::now() + std::time::Duration::from_millis(busy_ms);
-            loop {
-                match conn.batch_execute("PRAGMA journal_mode = WAL") {
-                    Ok(()) => break,
+            // SQLite answers the mode it is in, and no error, when it
+            // cannot switch (a file system without shared memory).
+            let mode = loop {
+                match diesel::sql_query("PRAGMA journal_mode = WAL")
+                    .get_result::<crate::rows::JournalMode>(&mut conn)
+                {
+                    Ok(mode) => break mode.journal_mode,
                     Err(e) if crate::ops::retryable(&e) && std::time::Instant::now() < deadline => {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
                     Err(e) => return Err(bad(e)),
                 }
+            };
+            if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+                tracing::warn!(
+                    journal_mode = %mode,
+                    "SQLite could not switch this database to WAL: readers will hold up writers' commits"
+                );
             }
             conn.batch_execute("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
                 .map_err(bad)?;

@@ -24,6 +24,14 @@ pub(crate) fn to_json<T: serde::Serialize>(what: &str, value: &T) -> Result<Stri
     serde_json::to_string(value).map_err(|e| corrupt(what, e))
 }
 
+/// What `PRAGMA journal_mode` answers (SQLite).
+#[cfg(feature = "sqlite")]
+#[derive(QueryableByName)]
+pub(crate) struct JournalMode {
+    #[diesel(sql_type = Text)]
+    pub(crate) journal_mode: String,
+}
+
 /// A session row: the record as JSON, plus the columns that change without a
 /// transition (the idle touch, the re-check) and therefore win over the JSON.
 #[derive(QueryableByName)]
