@@ -984,6 +984,14 @@ impl DieselStore {
                     .await
                     .map_err(|e| fail(&e))?;
                 }
+                let applied = diesel_async::RunQueryDsl::load::<rows::MigrationVersion>(
+                    diesel::sql_query(APPLIED_MIGRATIONS),
+                    &mut conn,
+                )
+                .await;
+                if applied.is_ok_and(|a| all_applied::<diesel::pg::Pg>(&migrations::POSTGRES, &a)) {
+                    return Ok(());
+                }
                 migrate_async(conn, migrations::POSTGRES).await
             }
             #[cfg(feature = "mysql")]
@@ -1008,6 +1016,14 @@ impl DieselStore {
                     return Err(DieselError::Migration(format!(
                         "another process held the migration lock for {secs} s"
                     )));
+                }
+                let applied = diesel::sql_query(APPLIED_MIGRATIONS)
+                    .load::<rows::MigrationVersion>(&mut conn)
+                    .await;
+                if applied
+                    .is_ok_and(|a| all_applied::<diesel::mysql::Mysql>(&migrations::MYSQL, &a))
+                {
+                    return Ok(());
                 }
                 migrate_async(conn, migrations::MYSQL).await
             }
@@ -1050,6 +1066,30 @@ mod migrations {
     #[cfg(feature = "sqlite")]
     pub(crate) const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 }
+
+/// Whether every migration in `migrations` is among those diesel's
+/// harness recorded as run (`applied`, read from its table).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn all_applied<DB: diesel::backend::Backend>(
+    migrations: &diesel_migrations::EmbeddedMigrations,
+    applied: &[rows::MigrationVersion],
+) -> bool {
+    use diesel::migration::MigrationSource;
+    MigrationSource::<DB>::migrations(migrations).is_ok_and(|embedded| {
+        embedded.iter().all(|m| {
+            let version = m.name().version().to_string();
+            applied.iter().any(|a| a.version == version)
+        })
+    })
+}
+
+/// The query of the migrations diesel's harness recorded as run. Read
+/// before the harness runs: with nothing pending, `migrate` is done
+/// without it, since it creates its own table (`IF NOT EXISTS`) on every
+/// run, a right a role that only reads and writes the store's tables
+/// does not have.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const APPLIED_MIGRATIONS: &str = "SELECT version FROM __diesel_schema_migrations";
 
 /// Runs sync diesel_migrations on an async connection, on a blocking thread.
 #[cfg(any(feature = "postgres", feature = "mysql"))]

@@ -120,6 +120,14 @@ impl SessionColumns {
     }
 }
 
+/// A migration diesel's harness recorded as run.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[derive(QueryableByName)]
+pub(crate) struct MigrationVersion {
+    #[diesel(sql_type = Text)]
+    pub(crate) version: String,
+}
+
 /// `GET_LOCK`'s answer: 1 when the lock is held.
 #[cfg(feature = "mysql")]
 #[derive(QueryableByName)]
