@@ -136,6 +136,8 @@ pub(crate) struct RequestState {
     /// The secret came in `Authorization: Bearer` (an API client's own
     /// credential, which a browser never sends on its own), not a cookie.
     pub(crate) bearer: bool,
+    /// A signed token in `Authorization` named the session (no secret).
+    pub(crate) from_token: bool,
     /// Set once the request has been handed to the service, which audits
     /// it (start, stop), so the layer does not audit it twice.
     pub(crate) audited: AtomicBool,
@@ -492,6 +494,8 @@ where
             let mut clear_secret = false;
             // What was presented, resolved, and whether a refusal only
             // clears the browser's cookie (rather than answering 401).
+            // Whether a signed token named the session (it carries no secret).
+            let from_token = signed_token.is_some();
             let resolved = if let Some(result) = signed_token {
                 Some((result, false))
             } else if let Some(parsed) = presented {
@@ -696,6 +700,7 @@ where
             let state = Arc::new(RequestState {
                 shared: Arc::clone(&shared),
                 bearer: !from_cookie && kept_secret.is_some(),
+                from_token,
                 secret: kept_secret,
                 audited: AtomicBool::new(false),
                 guard_refused: AtomicBool::new(false),

@@ -312,7 +312,7 @@ async fn stop(req: Request) -> Response {
     // and no form is needed. The outcome is audited by the service as for
     // a browser's stop (another agent's attempt is a refusal on the
     // trail); the answer is 204, with no redirect and no cookie.
-    let signed = state.secret.is_none() && parts.extensions.get::<Context>().is_some();
+    let signed = state.from_token && parts.extensions.get::<Context>().is_some();
     if (state.bearer && state.secret.is_some()) || signed {
         let principal = match (principal, parts.extensions.get::<Context>()) {
             (Some(principal), _) => principal,

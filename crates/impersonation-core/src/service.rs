@@ -428,6 +428,17 @@ fn person(p: &Principal) -> PersonRef {
     }
 }
 
+/// The break of a chain whose head does not decode: it cannot say where
+/// the chain ends.
+fn damaged_head(chain: &ChainKey, position: u64, why: &str) -> ChainBreak {
+    tracing::error!(chain = %chain, error = %why, "an audit chain's head does not decode");
+    ChainBreak {
+        chain: chain.clone(),
+        position,
+        kind: BreakKind::HeadMismatch,
+    }
+}
+
 /// The details of an end for a policy re-check that refused the pair.
 fn recheck_failed(denial: Denial) -> Details {
     Details::new()
@@ -1774,7 +1785,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     async fn pair_verdict(&self, session: &Session) -> Result<Result<Principal, Denial>, Error> {
         let agent = self.directory.principal(&session.agent.id).await?;
         let target = self.directory.principal(&session.subject.id).await?;
+        // An answer for another id (a directory that folds case, accounts
+        // merged since) is no answer for this session's people: its keys,
+        // fences and trail are by their ids, as the start refuses.
         Ok(match (agent, target) {
+            (Some(a), _) if a.id != session.agent.id => Err(Denial::UnknownAgent),
+            (_, Some(t)) if t.id != session.subject.id => Err(Denial::UnknownTarget),
             (None, _) => Err(Denial::UnknownAgent),
             (_, None) => Err(Denial::UnknownTarget),
             (Some(a), Some(t)) => self.policy.permits_pair(&a, &t).map(|()| t),
@@ -2072,27 +2088,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         &self,
         chain: &ChainKey,
     ) -> Result<Result<ChainReport, ChainBreak>, Error> {
-        let first = self.store.chain_head(chain).await?;
+        // A record or head that does not decode is a break like any other
+        // (and `verify_all` goes on to the next chain).
+        let first = match self.store.chain_head(chain).await {
+            Ok(head) => head,
+            Err(StoreError::Corrupt(why)) => return Ok(Err(damaged_head(chain, 0, &why))),
+            Err(e) => return Err(e.into()),
+        };
         let mut verifier = ChainVerifier::new(chain.clone());
         // The hash found at the first head's position, and how many events
         // were read in all.
         let mut at_first = None;
         let mut read = 0_u64;
         loop {
-            let page = match self.store.chain_events(chain, read, VERIFY_PAGE).await {
-                Ok(page) => page,
-                // A record that does not decode is a break like any other
-                // (and `verify_all` goes on to the next chain).
-                Err(StoreError::Corrupt(why)) => {
-                    tracing::error!(chain = %chain, position = read, error = %why, "an audit event does not decode");
-                    return Ok(Err(ChainBreak {
-                        chain: chain.clone(),
-                        position: read,
-                        kind: BreakKind::Unreadable,
-                    }));
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let (page, unreadable) = self.chain_page(chain, read).await?;
             for event in &page {
                 if let Err(b) = verifier.push(event) {
                     return Ok(Err(b));
@@ -2102,6 +2111,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 }
             }
             read += page.len() as u64;
+            if let Some(why) = unreadable {
+                tracing::error!(chain = %chain, position = read, error = %why, "an audit event does not decode");
+                return Ok(Err(ChainBreak {
+                    chain: chain.clone(),
+                    position: read,
+                    kind: BreakKind::Unreadable,
+                }));
+            }
             if page.len() < VERIFY_PAGE as usize {
                 break;
             }
@@ -2129,7 +2146,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             {
                 return broken(h.seq);
             }
-            match self.store.chain_head(chain).await?.or(first) {
+            let again = match self.store.chain_head(chain).await {
+                Ok(head) => head,
+                Err(StoreError::Corrupt(why)) => {
+                    return Ok(Err(damaged_head(chain, read - 1, &why)));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match again.or(first) {
                 Some(now) if now.seq.saturating_add(1) > read => None,
                 Some(now) => Some(now),
                 None => return broken(read - 1),
@@ -2138,6 +2162,34 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             first
         };
         Ok(verifier.finish(head))
+    }
+
+    /// A page of `chain` from `from`, for verification: the events read,
+    /// and, if one does not decode, why. The page is then read again one
+    /// event at a time, so that those before it are verified and the
+    /// break is placed at the event itself.
+    async fn chain_page(
+        &self,
+        chain: &ChainKey,
+        from: u64,
+    ) -> Result<(Vec<crate::AuditEvent>, Option<String>), Error> {
+        match self.store.chain_events(chain, from, VERIFY_PAGE).await {
+            Ok(page) => return Ok((page, None)),
+            Err(StoreError::Corrupt(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut page = Vec::new();
+        while page.len() < VERIFY_PAGE as usize {
+            let at = from + page.len() as u64;
+            match self.store.chain_events(chain, at, 1).await {
+                Ok(one) if one.is_empty() => break,
+                Ok(one) => page.extend(one),
+                Err(StoreError::Corrupt(why)) => return Ok((page, Some(why))),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Read whole one by one (changed since): as it reads now.
+        Ok((page, None))
     }
 
     /// Verifies every chain in the store.

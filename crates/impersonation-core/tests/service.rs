@@ -1698,6 +1698,46 @@ async fn a_start_by_an_id_the_directory_folds_is_refused() {
     assert!(started.is_ok(), "{started:?}");
 }
 
+/// A directory that answers for Olive with an account merged into
+/// another (`olive-merged`).
+struct MergingDirectory(MemoryDirectory);
+
+#[async_trait]
+impl Directory for MergingDirectory {
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, DirectoryError> {
+        let found = self.0.principal(id).await?;
+        Ok(found.map(|mut p| {
+            if p.id.as_str() == "olive" {
+                p.id = UserId::new("olive-merged").unwrap_or_else(|_| p.id.clone());
+            }
+            p
+        }))
+    }
+}
+
+/// A re-check whose directory now answers for the customer with another
+/// account ends the session, as revoked: the shadow user is never that
+/// other person, whom the session's keys and trail do not name.
+#[tokio::test]
+async fn a_recheck_that_finds_another_account_ends_the_session() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let merging = Impersonation::new(
+        f.service.store().clone(),
+        MergingDirectory(f.directory.clone()),
+    )
+    .with_clock(f.clock.clone());
+    let resolved = merging.resolve_fresh(&started.secret).await;
+    assert!(
+        matches!(resolved, Err(Error::Ended(EndReason::Revoked))),
+        "{resolved:?}"
+    );
+    let events = session_events(&f, started.session.id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.action, AuditAction::SessionEnded);
+    assert_eq!(last.details.get("denial"), Some("unknown_target"));
+}
+
 #[tokio::test]
 async fn a_directory_outage_fails_closed_without_ending_the_session() {
     let f = fixture();

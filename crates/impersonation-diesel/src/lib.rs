@@ -989,7 +989,7 @@ impl DieselStore {
                     &mut conn,
                 )
                 .await;
-                if applied.is_ok_and(|a| all_applied::<diesel::pg::Pg>(&migrations::POSTGRES, &a)) {
+                if all_applied::<diesel::pg::Pg>(&migrations::POSTGRES, applied) {
                     return Ok(());
                 }
                 migrate_async(conn, migrations::POSTGRES).await
@@ -1020,9 +1020,7 @@ impl DieselStore {
                 let applied = diesel::sql_query(APPLIED_MIGRATIONS)
                     .load::<rows::MigrationVersion>(&mut conn)
                     .await;
-                if applied
-                    .is_ok_and(|a| all_applied::<diesel::mysql::Mysql>(&migrations::MYSQL, &a))
-                {
+                if all_applied::<diesel::mysql::Mysql>(&migrations::MYSQL, applied) {
                     return Ok(());
                 }
                 migrate_async(conn, migrations::MYSQL).await
@@ -1068,13 +1066,21 @@ mod migrations {
 }
 
 /// Whether every migration in `migrations` is among those diesel's
-/// harness recorded as run (`applied`, read from its table).
+/// harness recorded as run (`applied`, as read from its table, which may
+/// not exist yet).
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 fn all_applied<DB: diesel::backend::Backend>(
     migrations: &diesel_migrations::EmbeddedMigrations,
-    applied: &[rows::MigrationVersion],
+    applied: diesel::QueryResult<Vec<rows::MigrationVersion>>,
 ) -> bool {
     use diesel::migration::MigrationSource;
+    let applied = match applied {
+        Ok(applied) => applied,
+        Err(e) => {
+            tracing::debug!(error = %e, "no table of migrations run to read; running diesel's harness");
+            return false;
+        }
+    };
     MigrationSource::<DB>::migrations(migrations).is_ok_and(|embedded| {
         embedded.iter().all(|m| {
             let version = m.name().version().to_string();

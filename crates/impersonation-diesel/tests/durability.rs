@@ -436,11 +436,24 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
     .await
     .unwrap();
     let b = svc.verify_chain(&chain).await.unwrap().unwrap_err();
-    assert_eq!(b.kind, BreakKind::Unreadable);
+    assert_eq!((b.position, b.kind), (3, BreakKind::Unreadable));
+    // A head that does not decode: a break of its chain, not an error
+    // that stops the check of the others.
+    let damaged = six_event_chain(&db.store).await;
+    let c = damaged.as_str();
+    raw(
+        &db.place,
+        &format!("UPDATE impersonation_audit_chains SET hash = 'not hex' WHERE chain = '{c}'"),
+    )
+    .await
+    .unwrap();
+    let b = svc.verify_chain(&damaged).await.unwrap().unwrap_err();
+    assert_eq!(b.kind, BreakKind::HeadMismatch);
     let all = svc.verify_all().await.unwrap();
     for (chain, kind) in [
         (&headless, BreakKind::HeadMismatch),
         (&chain, BreakKind::Unreadable),
+        (&damaged, BreakKind::HeadMismatch),
     ] {
         assert!(
             all.broken

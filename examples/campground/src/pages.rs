@@ -1322,12 +1322,22 @@ async fn audit_page(
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "audit query failed");
+            // A verification's outcome still shows: the trail may fail to
+            // list for the very record it found unreadable.
+            let message = "The audit trail is unavailable right now.";
+            if let Some(result) = verified {
+                let body = format!("{result}<p class=\"note\">{message}</p>");
+                return html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    layout(v, demo, "Audit trail", &body),
+                );
+            }
             return refused(
                 v,
                 demo,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Audit trail",
-                "The audit trail is unavailable right now.",
+                message,
             );
         }
     };
