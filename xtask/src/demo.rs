@@ -14,22 +14,19 @@ const DEMO_PACKAGE: &str = "campground-demo";
 /// local service that store's default URL points at, if it is down.
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     let text: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
-    let store = text
-        .iter()
-        .position(|a| *a == "--store")
-        .and_then(|i| text.get(i + 1))
-        .copied()
-        .or_else(|| text.iter().find_map(|a| a.strip_prefix("--store=")));
+    let store = store_of(&text);
     let own_url = text
         .iter()
         .any(|a| *a == "--url" || a.starts_with("--url="));
+    // Asking for the help starts nothing.
+    let help = text.iter().any(|a| *a == "-h" || *a == "--help");
     let service = match store.map(str::to_ascii_lowercase).as_deref() {
         Some("postgres" | "pg") => Some("postgresql"),
         Some("mariadb" | "mysql") => Some("mariadb"),
         Some("redis") => Some("redis"),
         _ => None,
     };
-    if let (Some(service), false) = (service, own_url) {
+    if let (Some(service), false, false) = (service, own_url, help) {
         crate::services::up_one(service)?;
     }
     let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
@@ -38,4 +35,36 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
         .collect();
     cargo_args.extend_from_slice(args);
     crate::run_cargo_passthrough(cargo_args)
+}
+
+/// The last `--store` given (`--store x` or `--store=x`), as the demo
+/// reads its options.
+fn store_of<'a>(text: &[&'a str]) -> Option<&'a str> {
+    text.iter()
+        .enumerate()
+        .filter_map(|(i, a)| match a.strip_prefix("--store") {
+            Some("") => text.get(i + 1).copied(),
+            Some(rest) => rest.strip_prefix('='),
+            None => None,
+        })
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_of;
+
+    #[test]
+    fn the_last_store_given_counts_as_the_demo_reads_it() {
+        assert_eq!(
+            store_of(&["--store", "memory", "--store=postgres"]),
+            Some("postgres")
+        );
+        assert_eq!(
+            store_of(&["--store=redis", "--store", "mariadb"]),
+            Some("mariadb")
+        );
+        assert_eq!(store_of(&["--port", "0", "--storex", "y"]), None);
+        assert_eq!(store_of(&["--store"]), None);
+    }
 }

@@ -111,7 +111,10 @@ impl StoreKind {
             Self::Sqlite => diesel == Some(BackendKind::Sqlite),
             Self::Postgres => diesel == Some(BackendKind::Postgres),
             Self::Mariadb => diesel == Some(BackendKind::Mysql),
-            Self::Redis => matches!(scheme, "redis" | "rediss" | "redis+unix" | "unix"),
+            Self::Redis => matches!(
+                scheme,
+                "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster"
+            ),
         }
     }
 
@@ -193,6 +196,10 @@ mod tests {
             ("mariadb://root@127.0.0.1/test", Some(StoreKind::Mariadb)),
             ("redis://127.0.0.1:6379", Some(StoreKind::Redis)),
             ("rediss://cache.example:6380", Some(StoreKind::Redis)),
+            (
+                "redis+cluster://127.0.0.1:7001,127.0.0.1:7002",
+                Some(StoreKind::Redis),
+            ),
             ("memory", Some(StoreKind::Memory)),
             ("http://127.0.0.1", None),
             ("/tmp/x.sqlite3", None),
