@@ -1850,11 +1850,16 @@ impl Store for RedisStore {
             Some(agent) => {
                 let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
                 let mut conn = self.conn.clone();
-                let live: Option<String> = redis::cmd("GET")
+                let live: Option<String> = match redis::cmd("GET")
                     .arg(slot.live())
                     .query_async(&mut conn)
                     .await
-                    .map_err(unavailable)?;
+                {
+                    Ok(live) => live,
+                    // A key of another type: damaged, as the scripts read it.
+                    Err(e) if e.code() == Some("WRONGTYPE") => Some("damaged".to_owned()),
+                    Err(e) => return Err(unavailable(e)),
+                };
                 match live.map(|id| id.parse::<SessionId>()) {
                     None => true,
                     Some(Ok(id)) => {

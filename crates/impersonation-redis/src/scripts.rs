@@ -32,6 +32,15 @@ local function head_of(k)
   if not h[1] and not h[2] then return '-1', '' end
   return h[1] or '', h[2] or ''
 end
+-- An agent's live marker: the session id it holds, false if none, or
+-- 'damaged' if the key holds no string (a hand edit, a partial restore),
+-- which names no session either, read without the error that would stop
+-- a script after its first writes.
+local function marker(k)
+  local v = redis.pcall('GET', k)
+  if type(v) == 'table' and v.err then return 'damaged' end
+  return v
+end
 local function head_is(k, seq, hash)
   local s, h = head_of(k)
   return s == seq and h == hash
@@ -68,11 +77,11 @@ if not head_is(KEYS[1], ARGV[1], ARGV[2]) then
   local s, h = head_of(KEYS[1])
   if landed(KEYS[1], KEYS[2], ARGV[6], ARGV[5]) then return {'started', s, h} end
   if landed(KEYS[1], KEYS[2], ARGV[9], ARGV[8]) then
-    return {'refused', redis.call('GET', KEYS[3]) or '', s, h}
+    return {'refused', marker(KEYS[3]) or '', s, h}
   end
   return moved(KEYS[1])
 end
-local live = redis.call('GET', KEYS[3])
+local live = marker(KEYS[3])
 if live then
   append(KEYS[1], KEYS[2], ARGV[9], ARGV[10], ARGV[8])
   return {'refused', live}
@@ -102,6 +111,7 @@ end
 local v = redis.call('HGET', KEYS[4], 'version')
 if not v then return {'notfound'} end
 if v ~= ARGV[3] then return {'conflict'} end
+local live = marker(KEYS[3])
 -- The event first, as in START.
 append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 redis.call('HSET', KEYS[4], 'record', ARGV[9], 'shadow', ARGV[10], 'state', ARGV[11], 'version', ARGV[12],
@@ -109,7 +119,9 @@ redis.call('HSET', KEYS[4], 'record', ARGV[9], 'shadow', ARGV[10], 'state', ARGV
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
 if ARGV[11] == 'ended' then
-  if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+  -- (A damaged marker can have named only this session: one live session
+  -- per agent.)
+  if live == ARGV[4] or live == 'damaged' then redis.call('DEL', KEYS[3]) end
 else
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 end
@@ -209,7 +221,7 @@ return 'ok'
 /// none was found). ARGV: the damaged value, the found session's id (or
 /// ''). Answers 1 if the marker names the session now, 0 if not.
 const REPAIR_LIVE_MARKER: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if marker(KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then
   local state = redis.call('HGET', KEYS[2], 'state')
   local ttl = redis.call('PTTL', KEYS[2])
@@ -252,7 +264,7 @@ pub(crate) static TRANSITION_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelu
 pub(crate) static APPEND_MANY_SCRIPT: LazyLock<Lua> = LazyLock::new(|| with_prelude(APPEND_MANY));
 pub(crate) static RESOLVE_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESOLVE.to_owned()));
 pub(crate) static REPAIR_LIVE_MARKER_SCRIPT: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(REPAIR_LIVE_MARKER.to_owned()));
+    LazyLock::new(|| with_prelude(REPAIR_LIVE_MARKER));
 pub(crate) static RECORD_CHECK_SCRIPT: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(RECORD_CHECK.to_owned()));
 

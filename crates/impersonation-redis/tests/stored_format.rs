@@ -490,6 +490,64 @@ async fn a_refused_start_leaves_no_route_behind() {
     assert_eq!(routes, [format!("{ns}:where:{}", session.id)]);
 }
 
+/// Ends `session` as stopped by its agent.
+async fn stopped_by_its_agent<S: Store>(store: &S, session: &impersonation_core::Session) {
+    let end = session
+        .end(
+            EndReason::Stopped,
+            Actor::user(session.agent.id.clone(), "agent"),
+            epoch(),
+            Details::new(),
+        )
+        .unwrap();
+    store.transition(end).await.unwrap();
+}
+
+/// An agent's live-session marker that holds no string at all (a hash,
+/// after a hand edit or a partial restore): the agent's session is still
+/// listed, a start is refused for it, its end goes through whole and
+/// takes the marker with it, and the next start goes ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    let mut raw = common::raw(common::SINGLE).await;
+    let damage = redis::pipe()
+        .cmd("DEL")
+        .arg(&marker_key)
+        .cmd("HSET")
+        .arg(&marker_key)
+        .arg("f")
+        .arg("v")
+        .clone();
+    let _: () = damage.query_async(&mut raw).await.unwrap();
+    let filter = impersonation_core::LiveFilter {
+        agent: Some(agent.id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(live_ids(&store, &filter).await, vec![session.id]);
+    match store.start(w.begin(&agent, &customer, epoch()).0).await {
+        Ok(impersonation_core::StartOutcome::Refused { live, .. }) => assert_eq!(live, session.id),
+        other => panic!("{other:?}"),
+    }
+    // (The refused start put the marker right; damaged again, the end
+    // meets it.)
+    let _: () = damage.query_async(&mut raw).await.unwrap();
+    let current = store.session(session.id).await.unwrap().unwrap();
+    stopped_by_its_agent(&store, &current).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&marker_key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+}
+
 /// An agent's live-session marker that names no session id (damage) does
 /// not fail a listing of the agent's sessions, which a revocation of them
 /// all rests on: the agent's live session is found among all live ones.
@@ -544,15 +602,7 @@ async fn a_damaged_live_marker_still_lists_the_agents_session() {
     assert_eq!(marker().await, Some(session.id.to_string()));
     // With no live session left, a damaged marker is cleared by the start
     // that meets it (a 503: try again), and the next start goes ahead.
-    let end = session
-        .end(
-            EndReason::Stopped,
-            Actor::user(agent.id.clone(), "agent"),
-            epoch(),
-            Details::new(),
-        )
-        .unwrap();
-    store.transition(end).await.unwrap();
+    stopped_by_its_agent(&store, &session).await;
     damage(marker_key.clone()).await;
     let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
     assert!(
