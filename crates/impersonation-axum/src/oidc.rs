@@ -36,10 +36,18 @@ fn answer(endpoint: TokenEndpointResponse) -> Response {
     response
 }
 
+/// The `Authorization` header as sent. One that cannot be read (not
+/// visible ASCII) or that came twice is `Some("")`, which no client
+/// authentication passes: the client tried the header and is answered
+/// `invalid_client` with `WWW-Authenticate` (RFC 6749 §5.2), not as if it
+/// had sent none.
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let mut sent = headers.get_all(header::AUTHORIZATION).iter();
+    let first = sent.next()?;
+    if sent.next().is_some() {
+        return Some("");
+    }
+    Some(first.to_str().unwrap_or(""))
 }
 
 /// The issuer's endpoints, to nest at the path of its issuer URL:

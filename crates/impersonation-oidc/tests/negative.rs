@@ -342,6 +342,41 @@ async fn an_agent_who_lost_the_permission_gets_no_token_and_loses_the_one_held()
 
 // ---- The client and the request, at the token endpoint. ----
 
+/// An `Authorization` header that cannot be read, or that came twice, is a
+/// client authentication tried and failed: `invalid_client` with
+/// `WWW-Authenticate` (RFC 6749 §5.2), not a request with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_or_repeated_authorization_header_is_a_failed_client_authentication() {
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let http = impersonation_oidc::http_client().unwrap();
+    let good = basic(CLIENT, CLIENT_SECRET);
+    let unreadable =
+        openidconnect::reqwest::header::HeaderValue::from_bytes(b"Basic \xffbm90LWFzY2lp").unwrap();
+    for values in [
+        vec![unreadable],
+        vec![
+            openidconnect::reqwest::header::HeaderValue::from_str(&good).unwrap(),
+            openidconnect::reqwest::header::HeaderValue::from_str(&good).unwrap(),
+        ],
+    ] {
+        let mut request = http
+            .post(format!("{}/token", f.served.url))
+            .form(&form(&sam, "olive"));
+        for value in values {
+            request = request.header(openidconnect::reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let www = response.headers().get("www-authenticate").is_some();
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(
+            (status, body["error"].as_str(), www),
+            (401, Some("invalid_client"), true)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_and_requests_are_refused_with_their_rfc_errors() {
     let f = fixture().await;
