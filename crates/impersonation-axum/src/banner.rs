@@ -192,7 +192,7 @@ pub(crate) fn inject(
     charset_known: bool,
 ) -> Result<Vec<u8>, &'static str> {
     let mut metas = Vec::new();
-    let at = scan(html, &mut metas);
+    let (at, form_open) = scan(html, &mut metas);
     if !charset_known
         && metas
             .iter()
@@ -205,10 +205,19 @@ pub(crate) fn inject(
         .into_iter()
         .filter_map(|tag| crate::csp::rewrite_meta(&html[tag.clone()], stop).map(|new| (tag, new)))
         .collect();
-    edits.push((at..at, banner.as_bytes().to_vec()));
+    // A form the page left open where the banner goes is closed first
+    // (it ends there anyway, at `</body>`), so that the banner's Stop is a
+    // form of its own, which the app's submit handlers and `target` do
+    // not meet.
+    let placed = if form_open {
+        [b"</form>".as_slice(), banner.as_bytes()].concat()
+    } else {
+        banner.as_bytes().to_vec()
+    };
+    edits.push((at..at, placed));
     // A meta tag ends before the banner's place, or begins after it.
     edits.sort_by_key(|(range, _)| (range.start, range.end));
-    let mut out = Vec::with_capacity(html.len() + banner.len());
+    let mut out = Vec::with_capacity(html.len() + banner.len() + "</form>".len());
     let mut from = 0;
     for (range, new) in edits {
         out.extend_from_slice(&html[from..range.start]);
@@ -286,7 +295,7 @@ fn declared_charset(tag: &[u8]) -> Option<String> {
 ///
 /// Every `<meta>` start tag passed on the way (markup, not text) goes into
 /// `metas`, from its `<` to its `>`.
-fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
+fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     /// Openers of text, and what ends each.
     const RAW: [(&[u8], &[u8]); 10] = [
         (b"<script", b"</script"),
@@ -300,7 +309,10 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         (b"<noframes", b"</noframes"),
         (b"<!--", b"-->"),
     ];
-    let mut last = None;
+    // The banner's place, and whether a form is open there (the HTML
+    // parser's form element pointer).
+    let mut last: Option<(usize, bool)> = None;
+    let mut form_open = false;
     let mut at = 0;
     // The elements open inside an svg or a math, innermost last (empty
     // outside them).
@@ -309,13 +321,13 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         let here = at + lt;
         let rest = &html[here..];
         if tag_at(rest, b"</body") {
-            last = Some(here);
+            last = Some((here, form_open));
             // Passed over to its `>`, as any end tag: attributes (quoted
             // ones too) may follow its name. Left open, it takes in the
             // rest of the page.
             match tag_end(rest) {
                 Some(end) => at = here + end + 1,
-                None => return here,
+                None => return (here, form_open),
             }
             continue;
         }
@@ -323,7 +335,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         if foreign.in_its_namespace() && rest.starts_with(b"<![CDATA[") {
             match rest.windows(3).position(|w| w == b"]]>") {
                 Some(end) => at = here + end + b"]]>".len(),
-                None => return last.unwrap_or(here),
+                None => return last.unwrap_or((here, form_open)),
             }
             continue;
         }
@@ -347,7 +359,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
                 // and `<script/>` a script.
                 match tag_end(rest) {
                     Some(end) => here + end + 1,
-                    None => return last.unwrap_or(here),
+                    None => return last.unwrap_or((here, form_open)),
                 }
             };
             let closed = if *open == b"<script" {
@@ -364,14 +376,14 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
                 // open takes in what follows, the banner included.
                 Some((end, _)) => match tag_end(&html[inside + end..]) {
                     Some(gt) => at = inside + end + gt + 1,
-                    None => return last.unwrap_or(here),
+                    None => return last.unwrap_or((here, form_open)),
                 },
-                None => return last.unwrap_or(here),
+                None => return last.unwrap_or((here, form_open)),
             }
             continue;
         }
         if as_html && tag_at(rest, b"<plaintext") {
-            return last.unwrap_or(here);
+            return last.unwrap_or((here, form_open));
         }
         // Any other tag, start or end, is passed over whole: a quoted
         // attribute value (a customer's text in a `title`) holding `<!--`,
@@ -381,7 +393,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         let is_end = rest.get(1) == Some(&b'/');
         if letter(1) || (is_end && letter(2)) {
             let Some(end) = tag_end(rest) else {
-                return last.unwrap_or(here);
+                return last.unwrap_or((here, form_open));
             };
             let name_at = if is_end { 2 } else { 1 };
             let name_len = rest[name_at..]
@@ -389,6 +401,11 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
                 .take_while(|b| !matches!(b, b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r' | 0x0c))
                 .count();
             let name = rest[name_at..name_at + name_len].to_ascii_lowercase();
+            // A form opens where HTML is read (in an svg, `<form>` is the
+            // svg's own element); `</form>` ends the one open.
+            if name == b"form" && (is_end || foreign.reads_html()) {
+                form_open = !is_end;
+            }
             if is_end {
                 foreign.end(&name);
             } else {
@@ -404,13 +421,13 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> usize {
         if matches!(rest.get(1), Some(b'!' | b'?' | b'/')) {
             match rest.iter().position(|&b| b == b'>') {
                 Some(end) => at = here + end + 1,
-                None => return last.unwrap_or(here),
+                None => return last.unwrap_or((here, form_open)),
             }
             continue;
         }
         at = here + 1;
     }
-    last.unwrap_or(html.len())
+    last.unwrap_or((html.len(), form_open))
 }
 
 /// Whether the start tag `tag`, whose `>` is at `end`, closes itself
@@ -1462,6 +1479,30 @@ mod tests {
         let dom = scraper::Html::parse_document(&injected);
         let found = scraper::Selector::parse("#impersonation-banner").unwrap();
         assert_eq!(dom.select(&found).count(), 1, "{injected}");
+    }
+
+    #[test]
+    fn a_form_left_open_is_closed_before_the_banner_and_only_then() {
+        for (page, placed_as) in [
+            (
+                "<form><input name=q></body>",
+                "<form><input name=q></form>[B]</body>",
+            ),
+            (
+                "<form action=/a><input></FORM><p>x</body>",
+                "<form action=/a><input></FORM><p>x[B]</body>",
+            ),
+            ("<p>x</body>", "<p>x[B]</body>"),
+            // In an svg, `<form>` is the svg's element, and no HTML form.
+            (
+                "<svg><form></form></svg><p>x</body>",
+                "<svg><form></form></svg><p>x[B]</body>",
+            ),
+            // The form that is open where the banner goes counts.
+            ("<p>x</body><form>", "<p>x[B]</body><form>"),
+        ] {
+            assert_eq!(placed(page), placed_as, "{page}");
+        }
     }
 
     #[test]

@@ -1167,14 +1167,11 @@ fn has_charset(headers: &HeaderMap) -> bool {
         .is_some_and(|t| charset_of(t.split(';').skip(1)).is_some())
 }
 
-/// The banner's markup for a page of `markup`. In HTML it first closes a
-/// form the page may have left open (an end tag with none open is
-/// ignored): the banner goes before `</body>`, where the page's forms end
-/// anyway, and so its Stop is a form of its own, which the app's submit
-/// handlers and `target` do not meet.
+/// The banner's markup for a page of `markup` (in HTML, a form the page
+/// left open is closed before it: `crate::banner::inject`).
 fn banner_for(markup: Markup, html: String) -> String {
     match markup {
-        Markup::Html => format!("</form>{html}"),
+        Markup::Html => html,
         Markup::Xhtml => crate::xhtml::banner(&html),
     }
 }
