@@ -100,16 +100,17 @@ impl Settings {
     /// Exactly those two: with the routes mounted at the root, every other
     /// route still is checked.
     pub(crate) fn own_route(&self, route: &str) -> bool {
-        route
-            .strip_prefix(self.mount.as_str())
-            .is_some_and(|rest| rest == "/start" || rest == "/stop")
+        matches!(self.under_mount(route), Some("/start" | "/stop"))
     }
 
     /// Whether `route` is the SDK's stop route (under the mount point).
     pub(crate) fn stop_route(&self, route: &str) -> bool {
-        route
-            .strip_prefix(self.mount.as_str())
-            .is_some_and(|rest| rest == "/stop")
+        self.under_mount(route) == Some("/stop")
+    }
+
+    /// `route`'s part under the mount point, if it is under it.
+    fn under_mount<'a>(&self, route: &'a str) -> Option<&'a str> {
+        route.strip_prefix(self.mount.as_str())
     }
 
     pub(crate) fn stop_path(&self) -> String {

@@ -312,9 +312,10 @@ async fn stop(req: Request) -> Response {
     // and no form is needed. The outcome is audited by the service as for
     // a browser's stop (another agent's attempt is a refusal on the
     // trail); the answer is 204, with no redirect and no cookie.
-    let signed = state.from_token && parts.extensions.get::<Context>().is_some();
+    let ctx = parts.extensions.get::<Context>();
+    let signed = state.from_token && ctx.is_some();
     if (state.bearer && state.secret.is_some()) || signed {
-        let principal = match (principal, parts.extensions.get::<Context>()) {
+        let principal = match (principal, ctx) {
             (Some(principal), _) => principal,
             // No one signed in by the host: the secret is the agent's own
             // credential (the layer serves the session on it alone), and
@@ -333,7 +334,7 @@ async fn stop(req: Request) -> Response {
             (None, None) => return text(StatusCode::UNAUTHORIZED, "sign in first".into()),
         };
         state.audited.store(true, Ordering::SeqCst);
-        let session = parts.extensions.get::<Context>().map(Context::session);
+        let session = ctx.map(Context::session);
         return stop_failed(stop_to_end(&state, principal, session).await)
             .unwrap_or_else(|| no_store(StatusCode::NO_CONTENT.into_response()));
     }
@@ -342,7 +343,7 @@ async fn stop(req: Request) -> Response {
         .get::<CsrfToken>()
         .cloned()
         .map(|token| CsrfCheck::of(&parts, settings, token));
-    let live = parts.extensions.get::<Context>().is_some();
+    let live = ctx.is_some();
     // Before the body is read: no one signed in gets nothing read.
     let (Some(principal), Some(check)) = (principal, check) else {
         return text(StatusCode::UNAUTHORIZED, "sign in first".into());

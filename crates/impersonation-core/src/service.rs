@@ -428,27 +428,6 @@ fn person(p: &Principal) -> PersonRef {
     }
 }
 
-/// The break of a chain whose head does not decode: it cannot say where
-/// the chain ends.
-fn damaged_head(chain: &ChainKey, position: u64, why: &str) -> ChainBreak {
-    tracing::error!(chain = %chain, error = %why, "an audit chain's head does not decode");
-    ChainBreak {
-        chain: chain.clone(),
-        position,
-        kind: BreakKind::HeadMismatch,
-    }
-}
-
-/// The details of an end for a policy re-check that refused the pair.
-fn recheck_failed(denial: Denial) -> Details {
-    Details::new()
-        .with(
-            "cause",
-            format!("policy re-check failed: {}", denial.code()),
-        )
-        .with("denial", denial.code())
-}
-
 fn actor_of(p: &Principal) -> Actor {
     Actor::user(p.id.clone(), p.display_name.as_str())
 }
@@ -1312,19 +1291,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     async fn recheck(&self, mut session: Session, now: OffsetDateTime) -> Result<Session, Error> {
-        let target = match self.pair_verdict(&session).await? {
-            Ok(target) => target,
-            Err(denial) => {
-                let reason = Box::pin(self.end(
-                    &session,
-                    EndReason::Revoked,
-                    Actor::System,
-                    recheck_failed(denial),
-                ))
-                .await?;
-                return Err(Error::Ended(reason));
-            }
-        };
+        let target = self.pair_or_end(&session).await?;
         // Under the policy as it stands now: a permission it has come to
         // deny since the start leaves the shadow user here.
         let denying_now = self.policy.denying_now(&session.grant);
@@ -1748,16 +1715,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // would: an agent demoted, or a customer who became protected,
         // while the request waited does not get a session that the first
         // use would end; it ends now, as revoked.
-        if let Err(denial) = self.pair_verdict(&found).await? {
-            let reason = Box::pin(self.end(
-                &found,
-                EndReason::Revoked,
-                Actor::System,
-                recheck_failed(denial),
-            ))
-            .await?;
-            return Err(Error::Ended(reason));
-        }
+        self.pair_or_end(&found).await?;
         let transition = found.activate(actor_of(by), self.now())?;
         match self.store.transition(transition).await {
             Ok((active, _)) => Ok(active),
@@ -1781,20 +1739,36 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     /// The session's agent and customer as the directory has them now,
-    /// judged by the policy's rules for the pair: the customer, or why not.
-    async fn pair_verdict(&self, session: &Session) -> Result<Result<Principal, Denial>, Error> {
+    /// judged by the policy's rules for the pair: the customer; or, refused,
+    /// the session ends as revoked (the denial in its details) and the
+    /// answer is [`Error::Ended`].
+    async fn pair_or_end(&self, session: &Session) -> Result<Principal, Error> {
         let agent = self.directory.principal(&session.agent.id).await?;
         let target = self.directory.principal(&session.subject.id).await?;
         // An answer for another id (a directory that folds case, accounts
         // merged since) is no answer for this session's people: its keys,
         // fences and trail are by their ids, as the start refuses.
-        Ok(match (agent, target) {
+        let verdict = match (agent, target) {
             (Some(a), _) if a.id != session.agent.id => Err(Denial::UnknownAgent),
             (_, Some(t)) if t.id != session.subject.id => Err(Denial::UnknownTarget),
             (None, _) => Err(Denial::UnknownAgent),
             (_, None) => Err(Denial::UnknownTarget),
             (Some(a), Some(t)) => self.policy.permits_pair(&a, &t).map(|()| t),
-        })
+        };
+        match verdict {
+            Ok(target) => Ok(target),
+            Err(denial) => {
+                let details = Details::new()
+                    .with(
+                        "cause",
+                        format!("policy re-check failed: {}", denial.code()),
+                    )
+                    .with("denial", denial.code());
+                let reason =
+                    Box::pin(self.end(session, EndReason::Revoked, Actor::System, details)).await?;
+                Err(Error::Ended(reason))
+            }
+        }
     }
 
     /// The customer declines a pending session: `Ok(ConsentDenied)` when
@@ -2090,10 +2064,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     ) -> Result<Result<ChainReport, ChainBreak>, Error> {
         // A record or head that does not decode is a break like any other
         // (and `verify_all` goes on to the next chain).
-        let first = match self.store.chain_head(chain).await {
+        let first = match self.head_or_break(chain, 0).await? {
             Ok(head) => head,
-            Err(StoreError::Corrupt(why)) => return Ok(Err(damaged_head(chain, 0, &why))),
-            Err(e) => return Err(e.into()),
+            Err(b) => return Ok(Err(b)),
         };
         let mut verifier = ChainVerifier::new(chain.clone());
         // The hash found at the first head's position, and how many events
@@ -2146,12 +2119,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             {
                 return broken(h.seq);
             }
-            let again = match self.store.chain_head(chain).await {
+            let again = match self.head_or_break(chain, read - 1).await? {
                 Ok(head) => head,
-                Err(StoreError::Corrupt(why)) => {
-                    return Ok(Err(damaged_head(chain, read - 1, &why)));
-                }
-                Err(e) => return Err(e.into()),
+                Err(b) => return Ok(Err(b)),
             };
             match again.or(first) {
                 Some(now) if now.seq.saturating_add(1) > read => None,
@@ -2162,6 +2132,28 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             first
         };
         Ok(verifier.finish(head))
+    }
+
+    /// The head of `chain`, for verification; one that does not decode
+    /// cannot say where the chain ends: a `HeadMismatch` break at
+    /// `position`.
+    async fn head_or_break(
+        &self,
+        chain: &ChainKey,
+        position: u64,
+    ) -> Result<Result<Option<ChainHead>, ChainBreak>, Error> {
+        match self.store.chain_head(chain).await {
+            Ok(head) => Ok(Ok(head)),
+            Err(StoreError::Corrupt(why)) => {
+                tracing::error!(chain = %chain, error = %why, "an audit chain's head does not decode");
+                Ok(Err(ChainBreak {
+                    chain: chain.clone(),
+                    position,
+                    kind: BreakKind::HeadMismatch,
+                }))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A page of `chain` from `from`, for verification: the events read,

@@ -2269,9 +2269,7 @@ async fn a_stranger_is_refused_even_on_an_ended_session_and_audited() {
 /// is told it had ended (stopped), not that the decline ended it.
 #[tokio::test]
 async fn declining_a_session_stopped_meanwhile_says_it_had_ended() {
-    let consent = Policy::default().consent(Consent::Required {
-        timeout: Duration::minutes(10),
-    });
+    let consent = consent_policy();
     let f = fixture_with(BusyChain::stop_race(), consent, Config::default());
     let started = f.sam_on_olive().await;
     let declined = f
@@ -2291,9 +2289,7 @@ async fn declining_a_session_stopped_meanwhile_says_it_had_ended() {
 /// passed is no longer listed as awaiting an answer.
 #[tokio::test]
 async fn consent_is_judged_as_the_pair_and_the_session_stand_now() {
-    let consent = Policy::default().consent(Consent::Required {
-        timeout: Duration::minutes(10),
-    });
+    let consent = consent_policy();
     let f = fixture_with(BusyChain::stop_race(), consent.clone(), Config::default());
     let started = f.sam_on_olive().await;
     let granted = f
@@ -2356,9 +2352,7 @@ async fn consent_is_judged_as_the_pair_and_the_session_stand_now() {
 /// and goes on to the others: every session on the customer ends.
 #[tokio::test]
 async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
-    let consent = Policy::default().consent(Consent::Required {
-        timeout: Duration::minutes(10),
-    });
+    let consent = consent_policy();
     let f = fixture_with(BusyChain::consent_race(), consent, Config::default());
     let mut started = Vec::new();
     for who in ["sam", "kim"] {
@@ -2646,9 +2640,7 @@ async fn a_revocation_is_recorded_in_the_agents_chain() {
 /// again and ended all the same, never left live with a secret nobody has.
 #[tokio::test]
 async fn an_overtaken_start_consented_meanwhile_is_ended_all_the_same() {
-    let consent = Policy::default().consent(Consent::Required {
-        timeout: Duration::minutes(10),
-    });
+    let consent = consent_policy();
     let (_, started, _, live) = start_overtaken_by_revocation(
         |store| BusyChain {
             consent_race: true.into(),

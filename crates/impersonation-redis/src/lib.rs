@@ -1850,25 +1850,26 @@ impl Store for RedisStore {
             Some(agent) => {
                 let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
                 let mut conn = self.conn.clone();
-                let live: Option<String> = match redis::cmd("GET")
+                let read: redis::RedisResult<Option<String>> = redis::cmd("GET")
                     .arg(slot.live())
                     .query_async(&mut conn)
-                    .await
-                {
-                    Ok(live) => live,
+                    .await;
+                let marker = match read {
+                    Ok(None) => Ok(None),
+                    Ok(Some(id)) => id.parse::<SessionId>().map(Some).map_err(|e| e.to_string()),
                     // A key of another type: damaged, as the scripts read it.
-                    Err(e) if e.code() == Some("WRONGTYPE") => Some("damaged".to_owned()),
+                    Err(e) if e.code() == Some("WRONGTYPE") => Err(e.to_string()),
                     Err(e) => return Err(unavailable(e)),
                 };
-                match live.map(|id| id.parse::<SessionId>()) {
-                    None => true,
-                    Some(Ok(id)) => {
+                match marker {
+                    Ok(None) => true,
+                    Ok(Some(id)) => {
                         if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
                             found.push(s);
                         }
                         true
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(
                             error = %e,
                             "an agent's live-session marker is damaged; looking among all live sessions"
