@@ -508,14 +508,17 @@ impl Policy {
         self
     }
 
-    /// The longest a session may last (default one hour).
+    /// The longest a session may last (default one hour). A shorter one
+    /// than a live session began under binds it too, from its next read:
+    /// it expires at its activation plus this.
     #[must_use]
     pub fn max_duration(mut self, duration: Duration) -> Self {
         self.max_duration = duration;
         self
     }
 
-    /// How long a session may sit unused (default fifteen minutes).
+    /// How long a session may sit unused (default fifteen minutes), for
+    /// the sessions started under it.
     #[must_use]
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
@@ -555,7 +558,8 @@ impl Policy {
         self
     }
 
-    /// Makes every session read-only, whatever the request says.
+    /// Makes every session read-only, whatever the request says: the live
+    /// ones too, at their next re-check.
     #[must_use]
     pub fn read_only_always(mut self) -> Self {
         self.read_only_by_default = true;
@@ -752,12 +756,16 @@ impl Policy {
     }
 
     /// `grant` as it stands under this policy now: with what the policy
-    /// denies today added to what it denied when the session started. A
-    /// pattern denied since (a permission withdrawn after an incident)
-    /// reaches a live session at its next re-check; one no longer denied
-    /// does not come back to it. `None` (and no copy) when the grant
-    /// denies all of it already.
-    pub(crate) fn denying_now(&self, grant: &Grant) -> Option<Grant> {
+    /// denies today added to what it denied when the session started, and
+    /// read-only if the policy makes every session so today. A pattern
+    /// denied since (a permission withdrawn after an incident), or
+    /// [`Policy::read_only_always`] switched on since, reaches a live
+    /// session at its next re-check; one no longer denied, or read-only
+    /// switched off, does not come back to it. A session made read-only
+    /// this way keeps what today's [`Policy::read_only_permissions`]
+    /// allow; one read-only from its start keeps its own list. `None` (and
+    /// no copy) when the grant already stands as the policy has it.
+    pub(crate) fn grant_as_now(&self, grant: &Grant) -> Option<Grant> {
         let covered = self
             .denied_permissions
             .iter()
@@ -765,7 +773,8 @@ impl Policy {
             && [&self.impersonate_permission, &self.admin_permission]
                 .iter()
                 .all(|permission| any_matches(&grant.denied, permission));
-        if covered {
+        let read_only_since = self.read_only_by_default && !grant.read_only;
+        if covered && !read_only_since {
             return None;
         }
         let mut now = grant.clone();
@@ -774,7 +783,39 @@ impl Policy {
                 now.denied.push(pattern);
             }
         }
+        if read_only_since {
+            now.read_only = true;
+            now.read_only_allowed.clone_from(&self.read_only_allowed);
+        }
         Some(now)
+    }
+
+    /// `session` as this policy bounds it now, in time: a session that
+    /// began under a longer [`Policy::max_duration`] than today's is held
+    /// to today's (its expiry brought forward to its activation plus
+    /// today's longest duration); one of a shorter one keeps its own. A
+    /// pending session's duration, once the customer consents, is today's
+    /// at most too. Applied to every record the service reads, so a policy
+    /// tightened after an incident and redeployed reaches the sessions
+    /// already live at their next request. (The record keeps its own
+    /// expiry until the session's next write.) A shorter
+    /// [`Policy::idle_timeout`] reaches only sessions started under it: a
+    /// store writes a request's idle touch by the session's own timeout,
+    /// before the service sees the record.
+    pub(crate) fn bound(&self, mut session: crate::Session) -> crate::Session {
+        if matches!(session.state, crate::SessionState::Ended(_)) {
+            return session;
+        }
+        if let Some(activated) = session.activated_at {
+            let most = crate::clock::normalize(activated.saturating_add(self.max_duration));
+            if most < session.expires_at {
+                session.expires_at = most;
+            }
+        }
+        if session.grant.duration > self.max_duration {
+            std::sync::Arc::make_mut(&mut session.grant).duration = self.max_duration;
+        }
+        session
     }
 
     /// Whether `permission` is one a shadow user never holds.

@@ -665,7 +665,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         touch: Touch,
     ) -> Result<Option<Session>, StoreError> {
         if self.store.batching().lookups == 0 {
-            return self.store.find_by_secret(&lookup, Some(touch)).await;
+            return Ok(self
+                .store
+                .find_by_secret(&lookup, Some(touch))
+                .await?
+                .map(|s| self.policy.bound(s)));
         }
         let run = |lookups: Vec<SecretLookup>| async move {
             // Stamped when the call starts: no earlier than any request in it.
@@ -694,6 +698,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .submit(lookup, run)
             .await
             .unwrap_or_else(|Interrupted| Err(interrupted()))
+            .map(|found| found.map(|s| self.policy.bound(s)))
     }
 
     async fn audit_denial(
@@ -768,8 +773,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
         };
         let live = self
-            .store
-            .live_sessions(&LiveFilter {
+            .live_records(&LiveFilter {
                 agent: Some(agent.id.clone()),
                 ..LiveFilter::default()
             })
@@ -1017,7 +1021,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let (session, reason, by, details) = match session.lapse_at(now) {
             None => (session, reason, by, details),
             Some(_) => {
-                fresh = match self.store.session(session.id).await? {
+                fresh = match self.session_record(session.id).await? {
                     Some(s) => s,
                     None => return Ok(Ending::Gone),
                 };
@@ -1060,7 +1064,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 tracing::info!(reason = reason.code(), session = %ended.id, "impersonation session ended");
                 Ok(Ending::Ended(reason))
             }
-            Err(StoreError::Conflict(id)) => Ok(match self.store.session(id).await? {
+            Err(StoreError::Conflict(id)) => Ok(match self.session_record(id).await? {
                 Some(Session {
                     state: SessionState::Ended(actual),
                     ..
@@ -1136,6 +1140,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok(ctx)
     }
 
+    /// The store's record of session `id`, as the policy bounds it now
+    /// ([`Policy::bound`]).
+    async fn session_record(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        Ok(self.store.session(id).await?.map(|s| self.policy.bound(s)))
+    }
+
+    /// The store's live sessions under `filter`, as the policy bounds
+    /// them now ([`Policy::bound`]).
+    async fn live_records(&self, filter: &LiveFilter) -> Result<Vec<Session>, StoreError> {
+        let listed = self.store.live_sessions(filter).await?;
+        Ok(listed.into_iter().map(|s| self.policy.bound(s)).collect())
+    }
+
     /// The idle touch of a read of the store at `now`: written at most once
     /// a [`Config::touch_interval`], but at least twice an idle timeout,
     /// or a busy session would never count as used and idle out.
@@ -1198,7 +1215,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 // Read before the store, as for a secret.
                 let epoch = self.reuse.epoch();
                 let touch = self.touch(now);
-                let Some(found) = self.store.session(id).await? else {
+                let Some(found) = self.session_record(id).await? else {
                     return Err(Error::Unauthenticated);
                 };
                 // The idle touch goes through the lookup by secret hash (once a
@@ -1243,7 +1260,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         );
         async {
             let now = self.now();
-            let Some(session) = self.store.session(id).await? else {
+            let Some(session) = self.session_record(id).await? else {
                 return Err(Error::Unauthenticated);
             };
             self.judge(session, now, None, &span).await
@@ -1293,11 +1310,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     async fn recheck(&self, mut session: Session, now: OffsetDateTime) -> Result<Session, Error> {
         let target = self.pair_or_end(&session).await?;
         // Under the policy as it stands now: a permission it has come to
-        // deny since the start leaves the shadow user here.
-        let denying_now = self.policy.denying_now(&session.grant);
+        // deny since the start leaves the shadow user here, and a policy
+        // that has made every session read-only since makes this one so.
+        let as_now = self.policy.grant_as_now(&session.grant);
         let shadow = self
             .projection
-            .project(&target, denying_now.as_ref().unwrap_or(&session.grant));
+            .project(&target, as_now.as_ref().unwrap_or(&session.grant));
         // Persisting the check is only needed to space re-checks out, or to
         // keep a changed shadow user; an unchanged every-request check costs
         // no write, so resolve stays one round trip.
@@ -1321,7 +1339,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     pub async fn stop(&self, secret: &SessionSecret, by: &Principal) -> Result<EndReason, Error> {
         let span = stop_span();
         async {
-            let found = self.store.find_by_secret(&secret.lookup(), None).await?;
+            let found = self
+                .store
+                .find_by_secret(&secret.lookup(), None)
+                .await?
+                .map(|s| self.policy.bound(s));
             self.stop_found(found, by).await
         }
         .instrument(span)
@@ -1334,7 +1356,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     pub async fn stop_session(&self, id: SessionId, by: &Principal) -> Result<EndReason, Error> {
         let span = stop_span();
         async {
-            let found = self.store.session(id).await?;
+            let found = self.session_record(id).await?;
             self.stop_found(found, by).await
         }
         .instrument(span)
@@ -1378,7 +1400,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         by: &Principal,
         note: &str,
     ) -> Result<EndReason, Error> {
-        let Some(found) = self.store.session(session).await? else {
+        let Some(found) = self.session_record(session).await? else {
             return Err(Error::UnknownSession);
         };
         // Who asks before how it stands, as for a stop.
@@ -1418,7 +1440,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // returned once every session has been tried.
         let mut failed = None;
         let details = revocation_details(Details::new(), cause, note);
-        for listed in self.store.live_sessions(&filter).await? {
+        for listed in self.live_records(&filter).await? {
             let mut session = listed;
             // A session that changed since it was listed (a consent came
             // in) is ended as it now stands.
@@ -1613,14 +1635,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         async {
             let mut ended = Vec::new();
             let mut failed = None;
-            for listed in self.store.live_sessions(&LiveFilter::default()).await? {
+            for listed in self.live_records(&LiveFilter::default()).await? {
                 // The listing may be older than a touch, never newer: a
                 // session it shows live in time is, and one it shows
                 // lapsed is judged again on the store's record.
                 if listed.lapse_at(self.now()).is_none() {
                     continue;
                 }
-                let mut current = match self.store.session(listed.id).await {
+                let mut current = match self.session_record(listed.id).await {
                     Ok(Some(session)) => session,
                     Ok(None) => continue,
                     Err(e) => {
@@ -1679,7 +1701,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         by: &Principal,
         attempt: &str,
     ) -> Result<Session, Error> {
-        let Some(found) = self.store.session(session).await? else {
+        let Some(found) = self.session_record(session).await? else {
             return Err(Error::UnknownSession);
         };
         if by.id != found.subject.id {
@@ -1716,7 +1738,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // while the request waited does not get a session that the first
         // use would end; it ends now, as revoked.
         self.pair_or_end(&found).await?;
-        let transition = found.activate(actor_of(by), self.now())?;
+        // The window judged again once the directory has answered (a slow
+        // one may have taken it past its close): a consent that comes too
+        // late ends the request as expired, as any later use would.
+        let now = self.now();
+        if let Some(lapse) = found.lapse_at(now) {
+            return Err(match self.end_lapse(&found, lapse).await? {
+                Ok(reason) => Error::Ended(reason),
+                // Changed meanwhile (consented, stopped elsewhere).
+                Err(changed) => self.ended_or_conflict(changed.id).await,
+            });
+        }
+        let transition = found.activate(actor_of(by), now)?;
         match self.store.transition(transition).await {
             Ok((active, _)) => Ok(active),
             // Ended meanwhile (stopped, revoked): the answer says so.
@@ -1728,7 +1761,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The answer to a write that conflicted on session `id`: the reason
     /// it ended, if it has, else the conflict.
     async fn ended_or_conflict(&self, id: SessionId) -> Error {
-        match self.store.session(id).await {
+        match self.session_record(id).await {
             Ok(Some(Session {
                 state: SessionState::Ended(reason),
                 ..
@@ -1810,7 +1843,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             subject: Some(subject.clone()),
             ..LiveFilter::default()
         };
-        let mut sessions = self.store.live_sessions(&filter).await?;
+        let mut sessions = self.live_records(&filter).await?;
         // Not one whose consent window has passed: no answer would start
         // it (it is ended as expired when next met).
         let now = self.now();
@@ -1904,7 +1937,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         ctx: &Context,
         now: OffsetDateTime,
     ) -> Result<(), Error> {
-        let lapsed = match self.store.session(ctx.0.session).await? {
+        let lapsed = match self.session_record(ctx.0.session).await? {
             None => true,
             Some(found) => match found.lapse_at(now) {
                 // Ended as it lapsed (or as it ended first), or found in

@@ -1425,6 +1425,67 @@ async fn a_permission_denied_since_the_start_leaves_the_live_shadow_user() {
 }
 
 #[tokio::test]
+async fn a_policy_made_read_only_since_the_start_reaches_the_live_session() {
+    let (f, _) = two_processes();
+    let started = f.sam_on_olive().await;
+    let write = Permission::new("bookings:write");
+    assert!(
+        !f.service
+            .resolve(&started.secret)
+            .await
+            .unwrap()
+            .read_only()
+    );
+    let redeployed = Impersonation::new(Arc::clone(f.service.store()), f.directory.clone())
+        .with_clock(f.clock.clone())
+        .with_policy(Policy::default().read_only_always());
+    let ctx = redeployed.resolve(&started.secret).await.unwrap();
+    assert!(ctx.read_only());
+    assert!(!ctx.shadow().has_permission(&write));
+    assert!(
+        ctx.shadow()
+            .has_permission(&Permission::new("bookings:read"))
+    );
+    // A change is refused now, and the refusal audited.
+    let refused = redeployed
+        .admit(&ctx, ActivityKind::Modification, "POST /bookings")
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Denied(Denial::ReadOnlySession))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_shorter_longest_duration_since_the_start_ends_the_live_session_on_time() {
+    let (f, _) = two_processes();
+    let started = f.sam_on_olive().await;
+    let redeployed = Impersonation::new(Arc::clone(f.service.store()), f.directory.clone())
+        .with_clock(f.clock.clone())
+        .with_policy(Policy::default().max_duration(Duration::minutes(5)));
+    // Within today's bound, the session is live, and shows today's end.
+    f.clock.advance(Duration::minutes(4));
+    let ctx = redeployed.resolve(&started.secret).await.unwrap();
+    let activated = started.session.activated_at.unwrap();
+    assert_eq!(ctx.expires_at(), activated + Duration::minutes(5));
+    // Past it (and well inside the start's hour and idle timeout), it
+    // has expired, on the trail as such.
+    f.clock.advance(Duration::minutes(2));
+    let err = redeployed.resolve(&started.secret).await.unwrap_err();
+    assert!(matches!(err, Error::Ended(EndReason::Expired)), "{err:?}");
+    let stored = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, SessionState::Ended(EndReason::Expired));
+    // The old policy's process finds it ended too.
+    assert!(f.service.resolve(&started.secret).await.is_err());
+}
+
+#[tokio::test]
 async fn malformed_and_unknown_secrets_are_unauthenticated() {
     let f = fixture();
     let other = impersonation_core::SessionSecret::generate(
@@ -2280,6 +2341,50 @@ async fn declining_a_session_stopped_meanwhile_says_it_had_ended() {
         matches!(declined, Err(Error::Ended(EndReason::Stopped))),
         "{declined:?}"
     );
+}
+
+/// A directory that takes 11 minutes (on the shared manual clock) to
+/// answer its next lookup once `slow` is set.
+struct SlowDirectory {
+    inner: MemoryDirectory,
+    clock: ManualClock,
+    slow: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Directory for SlowDirectory {
+    async fn principal(&self, id: &UserId) -> Result<Option<Principal>, DirectoryError> {
+        if self.slow.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.clock.advance(Duration::minutes(11));
+        }
+        self.inner.principal(id).await
+    }
+}
+
+/// A consent whose directory check takes the request past the window's
+/// close activates nothing: the session has expired, on the trail.
+#[tokio::test]
+async fn a_consent_that_the_directory_holds_past_the_window_expires_the_session() {
+    let f = fixture_with(MemoryStore::new(), consent_policy(), Config::default());
+    let started = f.sam_on_olive().await;
+    let directory = Arc::new(SlowDirectory {
+        inner: f.directory.clone(),
+        clock: f.clock.clone(),
+        slow: std::sync::atomic::AtomicBool::new(true),
+    });
+    let slow = Impersonation::new(f.service.store().clone(), directory)
+        .with_clock(f.clock.clone())
+        .with_policy(consent_policy());
+    let granted = slow
+        .grant_consent(started.session.id, &customer("olive"))
+        .await;
+    assert!(
+        matches!(granted, Err(Error::Ended(EndReason::Expired))),
+        "{granted:?}"
+    );
+    let stored = f.stored(started.session.id).await;
+    assert_eq!(stored.state, SessionState::Ended(EndReason::Expired));
+    assert_eq!(stored.activated_at, None);
 }
 
 /// Consent given to a session stopped meanwhile says it had ended (not
