@@ -53,15 +53,24 @@ fn attr(text: &str) -> String {
 /// Content-Security-Policy hashes, see [`crate::banner_style_sources`].)
 pub(crate) const STYLES: [&str; 4] = [
     // `!important` in the element's own style outranks a page's
-    // stylesheet (a customer's theme) that would hide it.
+    // stylesheet (a customer's theme) that would hide it, move it off
+    // the screen, clip it or paint it out: no stylesheet rule can then
+    // set these. (A page's script can still remove it; nothing a banner
+    // does stops that.)
     concat!(
-        "position:fixed!important;top:0!important;left:0;right:0;z-index:2147483647!important;",
-        "display:flex!important;visibility:visible!important;opacity:1!important;gap:1em;align-items:center;",
-        "padding:.6em 1em;background:#b91c1c;color:#fff;font:600 15px/1.4 system-ui,sans-serif"
+        "position:fixed!important;top:0!important;left:0!important;right:0!important;bottom:auto!important;",
+        "z-index:2147483647!important;display:flex!important;visibility:visible!important;opacity:1!important;",
+        "transform:none!important;clip-path:none!important;filter:none!important;",
+        "width:auto!important;height:auto!important;margin:0!important;gap:1em;align-items:center;",
+        "padding:.6em 1em!important;background:#b91c1c!important;color:#fff!important;",
+        "font:600 15px/1.4 system-ui,sans-serif!important"
     ),
     "font-weight:400",
     "margin:0 0 0 auto",
-    "font:inherit;padding:.2em .8em;white-space:nowrap",
+    concat!(
+        "display:inline-block!important;visibility:visible!important;opacity:1!important;",
+        "font:inherit;padding:.2em .8em;white-space:nowrap"
+    ),
 ];
 
 /// Marks a response whose page already holds the banner (the app rendered
@@ -194,10 +203,11 @@ pub(crate) fn inject(
     let mut metas = Vec::new();
     let (at, form_open) = scan(html, &mut metas);
     if !charset_known
-        && metas
+        && (metas
             .iter()
             .find_map(|tag| declared_charset(&html[tag.clone()]))
             .is_some_and(|charset| !meta_keeps_ascii(&charset))
+            || prescanned_charset(html).is_some_and(|charset| !meta_keeps_ascii(&charset)))
     {
         return Err("the page's <meta> charset is not one known to keep ASCII as ASCII");
     }
@@ -226,6 +236,43 @@ pub(crate) fn inject(
     }
     out.extend_from_slice(&html[from..]);
     Ok(out)
+}
+
+/// How far into a page a browser's prescan looks for a `<meta>` charset
+/// (the HTML Standard's "prescan a byte stream": its first 1024 bytes).
+const PRESCAN_BYTES: usize = 1024;
+
+/// The charset the first `<meta>` that declares one names in the page's
+/// first [`PRESCAN_BYTES`], read as a browser's prescan reads them: byte
+/// for byte, blind to `<script>`, `<style>` and the other elements whose
+/// text the scanner skips (a `<meta charset=iso-2022-jp>` in a script's
+/// string is the page's charset to the prescan). Comments are not
+/// skipped: a tag in one counts too, which can only refuse a banner.
+fn prescanned_charset(html: &[u8]) -> Option<String> {
+    let head = &html[..html.len().min(PRESCAN_BYTES)];
+    let mut from = 0;
+    while let Some(at) = head[from..]
+        .windows(5)
+        .position(|w| w.eq_ignore_ascii_case(b"<meta"))
+    {
+        let start = from + at;
+        from = start + 5;
+        // A tag name that goes on (`<metadata>`) is another element.
+        if head
+            .get(from)
+            .is_some_and(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'/'))
+        {
+            continue;
+        }
+        // Its `>`, not one in a quoted value (`x=">"`).
+        let Some(len) = tag_end(&head[start..]) else {
+            break;
+        };
+        if let Some(charset) = declared_charset(&head[start..=start + len]) {
+            return Some(charset);
+        }
+    }
+    None
 }
 
 /// Whether a page read in the charset its `<meta>` names keeps ASCII as
@@ -317,11 +364,17 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     // The elements open inside an svg or a math, innermost last (empty
     // outside them).
     let mut foreign = Foreign::default();
+    // How many `<template>`s are open: a `</body>` in one is the
+    // template's inert content (an email preview's whole document), which
+    // the parser keeps out of the page and never shows.
+    let mut templates = 0_usize;
     while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
         let here = at + lt;
         let rest = &html[here..];
         if tag_at(rest, b"</body") {
-            last = Some((here, form_open));
+            if templates == 0 {
+                last = Some((here, form_open));
+            }
             // Passed over to its `>`, as any end tag: attributes (quoted
             // ones too) may follow its name. Left open, it takes in the
             // rest of the page.
@@ -405,6 +458,13 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
             // svg's own element); `</form>` ends the one open.
             if name == b"form" && (is_end || foreign.reads_html()) {
                 form_open = !is_end;
+            }
+            if name == b"template" && foreign.reads_html() {
+                templates = if is_end {
+                    templates.saturating_sub(1)
+                } else {
+                    templates.saturating_add(1)
+                };
             }
             if is_end {
                 foreign.end(&name);
@@ -1248,6 +1308,90 @@ mod tests {
         assert_eq!(super::tag_end(b"<p =\"a>\" b>"), Some(6));
         assert_eq!(super::tag_end(b"<p x =\"a>\" b>"), Some(12));
         assert_eq!(super::tag_end(b"<p/=\"a>\">"), Some(6));
+    }
+
+    /// The banner's and its Stop button's own styles mark what would hide
+    /// them `!important`, which no stylesheet rule outranks.
+    #[test]
+    fn the_banners_styles_hold_against_a_pages_stylesheet() {
+        for property in [
+            "position:fixed",
+            "top:0",
+            "left:0",
+            "right:0",
+            "display:flex",
+            "visibility:visible",
+            "opacity:1",
+            "transform:none",
+            "clip-path:none",
+            "filter:none",
+            "color:#fff",
+            "background:#b91c1c",
+        ] {
+            assert!(
+                super::STYLES[0].contains(&format!("{property}!important")),
+                "{property}"
+            );
+        }
+        for property in ["display:inline-block", "visibility:visible", "opacity:1"] {
+            assert!(
+                super::STYLES[3].contains(&format!("{property}!important")),
+                "{property}"
+            );
+        }
+    }
+
+    /// A `</body>` inside a `<template>` is the template's inert content,
+    /// never shown: the banner goes before the page's own, or is appended.
+    #[test]
+    fn a_body_end_inside_a_template_is_not_the_pages() {
+        let page = "<p>x</p><template id=preview><html><body>y</body></html></template>";
+        assert_eq!(placed(page), format!("{page}[B]"));
+        let nested = "<template><template></template></body></template><p>x</p></body>";
+        assert_eq!(
+            placed(nested),
+            "<template><template></template></body></template><p>x</p>[B]</body>"
+        );
+        // An svg's own `<template>` element opens no HTML template.
+        let svg = "<svg><template></template></svg><p>x</p></body>";
+        assert_eq!(
+            placed(svg),
+            "<svg><template></template></svg><p>x</p>[B]</body>"
+        );
+    }
+
+    /// A `<meta>` charset quoted in a script's text, in the page's first
+    /// 1024 bytes, is the page's charset to a browser's prescan, which
+    /// does not know scripts: one that does not keep ASCII refuses the
+    /// banner, even with a UTF-8 `<meta>` after it, a `>` in a quoted
+    /// value before it, or in another case. Past the prescan's bytes, or
+    /// with the charset in the header, it is only text.
+    #[test]
+    fn a_meta_charset_the_prescan_reads_in_a_script_refuses_the_banner() {
+        for page in [
+            "<script>var n=\"<meta charset=iso-2022-jp>\"</script><meta charset=utf-8><p>x</p></body>",
+            "<script>var n='<META x=\">\" CHARSET=iso-2022-jp>'</script><p>x</p></body>",
+            "<style>/*<meta http-equiv=content-type content='text/html; charset=iso-2022-jp'>*/</style><p>x</p></body>",
+        ] {
+            assert!(
+                inject(page.as_bytes(), "[B]", &[], false).is_err(),
+                "{page}"
+            );
+            assert!(inject(page.as_bytes(), "[B]", &[], true).is_ok(), "{page}");
+        }
+        // The prescan's first charset decides: an ASCII-keeping one first.
+        let first_utf8 =
+            "<script>x=\"<meta charset=utf-8>\"</script><meta charset=utf-8><p>x</p></body>";
+        assert!(inject(first_utf8.as_bytes(), "[B]", &[], false).is_ok());
+        // `<metadata>` is another element.
+        let other = "<script>x=\"<metadata charset=iso-2022-jp>\"</script><p>x</p></body>";
+        assert!(inject(other.as_bytes(), "[B]", &[], false).is_ok());
+        // Past the first 1024 bytes the prescan does not look.
+        let late = format!(
+            "<p>{}</p><script>x=\"<meta charset=iso-2022-jp>\"</script></body>",
+            "a".repeat(1100)
+        );
+        assert!(inject(late.as_bytes(), "[B]", &[], false).is_ok());
     }
 
     fn placed(page: &str) -> String {

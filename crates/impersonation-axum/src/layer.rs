@@ -36,6 +36,14 @@ mod futures_like {
 /// refused (500) rather than served without it.
 pub const MAX_BANNER_BODY: usize = 8 * 1024 * 1024;
 
+/// Longest the layer reads an impersonated HTML page's body to inject the
+/// banner: a page still coming after that (a forever-frame, a page that
+/// streams a live log) is refused (500) rather than held open or served
+/// without it. Read for longer than the layer's stream check
+/// ([`ImpersonationLayer::check_streams_every`](crate::ImpersonationLayer::check_streams_every)),
+/// a page is watched as a stream is: its session's end stops the read.
+pub const MAX_BANNER_READ_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A choice made per request, by method and route template: which
 /// requests under impersonation are audited, which are changes.
 pub(crate) type RouteFilter = Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>;
@@ -889,6 +897,8 @@ where
                 // seen before the banner step may replace the answer (a
                 // page too large for it: 500).
                 let as_refused = Answer::refusal_in(&state, &res);
+                // The app's own refusal, which the trail records as one.
+                let denied = res.extensions().get::<Denied>().map(|d| d.0.clone());
                 if let Some(g) = &mut given_up {
                     g.answered_refusal = as_refused;
                 }
@@ -941,9 +951,19 @@ where
                             settings,
                             page_host.as_ref().and_then(|h| h.to_str().ok()),
                         );
-                        match AssertUnwindSafe(with_banner(res, &banner, &stop, markup, route))
-                            .catch_unwind()
-                            .await
+                        let watch = || {
+                            watch_session(Arc::clone(&shared.api), c, settings.stream_check, None)
+                        };
+                        let read = Reading {
+                            watch,
+                            quiet: settings.stream_check,
+                            limit: MAX_BANNER_READ_TIME,
+                        };
+                        match AssertUnwindSafe(with_banner(
+                            res, &banner, &stop, markup, route, read,
+                        ))
+                        .catch_unwind()
+                        .await
                         {
                             Ok(page) => {
                                 res = page;
@@ -970,7 +990,11 @@ where
                 // From here the request is audited below, whatever happens.
                 AuditIfGivenUp::disarm(given_up);
                 let status = res.status().as_u16();
-                let answer = Answer { status, as_refused };
+                let answer = Answer {
+                    status,
+                    as_refused,
+                    denied,
+                };
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
                 match audit_request(&shared, &state, c, method, route, is_change, answer).await {
@@ -1276,21 +1300,77 @@ pub(crate) fn keeps_ascii(label: &str) -> bool {
     encoding_rs::Encoding::for_label(label.as_bytes()).is_some_and(|e| e.is_ascii_compatible())
 }
 
-/// The page with the banner in, or a 500 when it cannot be read whole
-/// (larger than [`MAX_BANNER_BODY`], or its body failed): a page under
-/// impersonation is not served without its banner.
-async fn with_banner(
+/// How an impersonated page's body is read for its banner.
+pub(crate) struct Reading<W> {
+    /// Starts a watch of the session, answering once it has ended.
+    pub(crate) watch: W,
+    /// How long a read goes unwatched (most pages are read by then).
+    pub(crate) quiet: std::time::Duration,
+    /// How long a read may take in all.
+    pub(crate) limit: std::time::Duration,
+}
+
+/// Why a page's body was not read whole.
+enum Unread {
+    /// Larger than [`MAX_BANNER_BODY`], or its body failed.
+    Failed(axum::BoxError),
+    /// Its session ended while it was read.
+    SessionOver,
+    /// Still coming after [`Reading::limit`].
+    TooSlow,
+}
+
+/// `body` read whole (up to [`MAX_BANNER_BODY`]): unwatched for
+/// `read.quiet`, then while the session's watch runs, for `read.limit`
+/// in all.
+async fn read_page<W>(
+    body: Body,
+    read: Reading<W>,
+) -> Result<http_body_util::Collected<axum::body::Bytes>, Unread>
+where
+    W: FnOnce() -> tokio::sync::oneshot::Receiver<()>,
+{
+    let collect = http_body_util::Limited::new(body, MAX_BANNER_BODY).collect();
+    // Outside a tokio runtime (an executor of the app's own) there is no
+    // timer to bound the read and no task to watch it: it is read as it
+    // comes. (A tokio runtime built without its timer cannot serve an
+    // impersonated page.)
+    if tokio::runtime::Handle::try_current().is_err() {
+        return collect.await.map_err(Unread::Failed);
+    }
+    tokio::pin!(collect);
+    let quiet = read.quiet.min(read.limit);
+    if let Ok(done) = tokio::time::timeout(quiet, &mut collect).await {
+        return done.map_err(Unread::Failed);
+    }
+    // (A watch that stops without an answer ends the read too: it fails
+    // closed, as a stream's does.)
+    let end = (read.watch)();
+    tokio::select! {
+        done = &mut collect => done.map_err(Unread::Failed),
+        _ = end => Err(Unread::SessionOver),
+        () = tokio::time::sleep(read.limit.saturating_sub(quiet)) => Err(Unread::TooSlow),
+    }
+}
+
+/// The page with the banner in; a 500 when it cannot be read whole
+/// (larger than [`MAX_BANNER_BODY`], still coming after
+/// [`MAX_BANNER_READ_TIME`], or its body failed), a 401 when its session
+/// ended while it was read: a page under impersonation is not served
+/// without its banner.
+async fn with_banner<W>(
     res: Response,
     banner: &str,
     stop: &[String],
     markup: Markup,
     route: &str,
-) -> Response {
+    read: Reading<W>,
+) -> Response
+where
+    W: FnOnce() -> tokio::sync::oneshot::Receiver<()>,
+{
     let (mut parts, body) = res.into_parts();
-    match http_body_util::Limited::new(body, MAX_BANNER_BODY)
-        .collect()
-        .await
-    {
+    match read_page(body, read).await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
             // A UTF-16 or UTF-32 byte-order mark overrides the header's
@@ -1340,7 +1420,25 @@ async fn with_banner(
             crate::csp::allow_banner(&mut parts.headers, stop);
             Response::from_parts(parts, Body::from(page))
         }
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        Err(Unread::SessionOver) => {
+            tracing::warn!(
+                route,
+                "the impersonation session ended while its HTML page was read; withholding the page"
+            );
+            plain(StatusCode::UNAUTHORIZED, "impersonation session ended")
+        }
+        Err(Unread::TooSlow) => {
+            tracing::error!(
+                route,
+                limit_secs = MAX_BANNER_READ_TIME.as_secs(),
+                "an impersonated HTML page took too long to read for the banner; answering 500"
+            );
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "page too slow to show the impersonation banner",
+            )
+        }
+        Err(Unread::Failed(e)) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::error!(
                 limit = MAX_BANNER_BODY,
                 "an impersonated HTML page is too large for the banner; answering 500"
@@ -1350,7 +1448,7 @@ async fn with_banner(
                 "page too large to show the impersonation banner",
             )
         }
-        Err(e) => {
+        Err(Unread::Failed(e)) => {
             tracing::error!(error = %e, "an impersonated HTML page's body failed; answering 500");
             plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -1378,6 +1476,24 @@ async fn audit_request(
     is_change: bool,
     answer: Answer,
 ) -> Option<Result<(), impersonation_core::Error>> {
+    // An app's refusal is recorded as the denial it names (whatever
+    // `audit_when` says of its route, as the guard's is): only a 4xx
+    // answer counts as one, so that no marker turns a request served into
+    // a refusal on the trail.
+    if let Some(denial) = answer
+        .denied
+        .filter(|_| (400..500).contains(&answer.status))
+        && !state.audited.load(Ordering::SeqCst)
+        && !answer.as_refused
+    {
+        let api = Arc::clone(&shared.api);
+        let ctx = ctx.clone();
+        let attempt = format!("{method} {route}");
+        return Some(
+            run_to_end(async move { api.record_denied(&ctx, denial, &attempt).await.map(drop) })
+                .await,
+        );
+    }
     if !needs_record(shared, state, method, route, answer.as_refused) {
         return None;
     }
@@ -1398,7 +1514,7 @@ async fn write_record(
 }
 
 /// How a request under impersonation was answered, for its record.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Answer {
     /// The answer's status.
     status: u16,
@@ -1407,6 +1523,8 @@ struct Answer {
     /// ([`crate::NotImpersonatingRejection::answer_with`]): the denial
     /// the guard wrote is the request's record.
     as_refused: bool,
+    /// The denial the app marked its answer with ([`Denied`]).
+    denied: Option<impersonation_core::Denial>,
 }
 
 impl Answer {
@@ -1423,7 +1541,47 @@ impl Answer {
         Self {
             status,
             as_refused: false,
+            denied: None,
         }
+    }
+}
+
+/// Marks a response as the app's own refusal of a request: under
+/// impersonation the layer records it on the trail as a denied attempt
+/// with this denial (the request's one record), not as an access or a
+/// change. For the refusals the app makes itself, past the
+/// [`crate::NotImpersonating`] guard: a customer's form naming another
+/// tenant's campground ([`Denial::TenantBoundary`](impersonation_core::Denial::TenantBoundary)),
+/// a permission the shadow user lacks ([`Denial::ScopeExceedsAgent`](impersonation_core::Denial::ScopeExceedsAgent)).
+///
+/// The marker is the app's word that the request changed nothing, and
+/// counts only on a `4xx` answer: on any other the request is recorded
+/// as it would be without it. Outside impersonation it does nothing.
+///
+/// ```
+/// use axum::http::StatusCode;
+/// use axum::response::IntoResponse;
+/// use impersonation_axum::Denied;
+/// use impersonation_core::Denial;
+///
+/// async fn add_booking() -> impl IntoResponse {
+///     // ... the campground named is not one of the customer's:
+///     (StatusCode::FORBIDDEN, Denied(Denial::TenantBoundary), "not your campground")
+/// }
+/// # let _ = axum::Router::<()>::new().route("/bookings", axum::routing::post(add_booking));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied(pub impersonation_core::Denial);
+
+impl axum::response::IntoResponseParts for Denied {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(
+        self,
+        mut res: axum::response::ResponseParts,
+    ) -> Result<axum::response::ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
     }
 }
 

@@ -30,8 +30,9 @@
 //! request is audited once (access for safe methods, modification for the
 //! others, with method, route template and status), and `text/html`
 //! responses get the banner before `</body>`. HTML bodies are buffered to
-//! inject it (up to [`MAX_BANNER_BODY`]); a streamed HTML page is therefore
-//! sent whole. Cookies are `__Host-` prefixed, `Secure` and
+//! inject it (up to [`MAX_BANNER_BODY`], read for at most
+//! [`MAX_BANNER_READ_TIME`], and cut short with a 401 if the session ends
+//! meanwhile); a streamed HTML page is therefore sent whole. Cookies are `__Host-` prefixed, `Secure` and
 //! `SameSite=Strict`, and the session cookie is `HttpOnly` (the CSRF cookie,
 //! a double-submit token, is not); [`ImpersonationLayer::development_mode`]
 //! drops the prefix and `Secure` for plain `http://localhost`.
@@ -74,7 +75,10 @@ pub use extract::{
     RealUser,
 };
 pub use impersonation_core::ImpersonationApi;
-pub use layer::{CsrfToken, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY};
+pub use layer::{
+    CsrfToken, Denied, ImpersonationLayer, ImpersonationService, MAX_BANNER_BODY,
+    MAX_BANNER_READ_TIME,
+};
 pub use routes::{MAX_FORM, StartForm, StopForm, routes};
 pub use watch::SessionEnd;
 

@@ -121,6 +121,27 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                 "saved"
             }),
         )
+        // The app's own refusal (a campground of another tenant), and a
+        // marker on an answer that is no refusal.
+        .route(
+            "/bookings/{id}/move",
+            post(|| async {
+                (
+                    StatusCode::FORBIDDEN,
+                    impersonation_axum::Denied(impersonation_core::Denial::TenantBoundary),
+                    "not one of your campgrounds",
+                )
+            }),
+        )
+        .route(
+            "/bookings/{id}/copy",
+            post(|| async {
+                (
+                    impersonation_axum::Denied(impersonation_core::Denial::TenantBoundary),
+                    "copied",
+                )
+            }),
+        )
         .route(
             "/racing-change",
             post(move |Impersonating(ctx): Impersonating| async move {
@@ -1067,6 +1088,39 @@ async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
     assert_eq!(last.action, AuditAction::Denied);
     assert_eq!(last.details.get("denial"), Some("sensitive_action"));
     assert_eq!(last.details.get("attempt"), Some("GET /billing"));
+    stop_elsewhere(&f.svc, &b).await;
+}
+
+/// An answer the app marks as its own refusal is the request's one event,
+/// a denied attempt with the app's denial; the marker on an answer that
+/// is no refusal (a 200) changes nothing: the change is recorded as one.
+#[tokio::test]
+async fn an_apps_own_refusal_is_audited_as_a_denied_attempt() {
+    let (f, mut b) = sam_on_olive().await;
+    let before = events(&f).await.len();
+    let refused = b
+        .send(Method::POST, "/bookings/7/move", Some(String::new()), &[])
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let copied = b
+        .send(Method::POST, "/bookings/7/copy", Some(String::new()), &[])
+        .await;
+    assert_eq!(copied.status, StatusCode::OK, "{}", copied.body);
+    let new: Vec<AuditEvent> = events(&f).await.into_iter().skip(before).collect();
+    assert_eq!(new.len(), 2, "{new:?}");
+    assert_eq!(new[0].action, AuditAction::Denied);
+    assert_eq!(new[0].details.get("denial"), Some("tenant_boundary"));
+    assert_eq!(
+        new[0].details.get("attempt"),
+        Some("POST /bookings/{id}/move")
+    );
+    assert_eq!(new[0].actor.id().map(UserId::as_str), Some("sam"));
+    assert_eq!(
+        new[0].subject.as_ref().map(|s| s.id.as_str()),
+        Some("olive")
+    );
+    assert_eq!(new[1].action, AuditAction::Modification);
+    assert_eq!(new[1].details.get("status"), Some("200"));
     stop_elsewhere(&f.svc, &b).await;
 }
 

@@ -679,3 +679,80 @@ async fn a_check_under_way_at_expiry_does_not_hold_the_cut_back() {
     let end = end_on_trail(&fx, &started).await;
     assert_eq!(end.details.get("reason"), Some("expired"));
 }
+
+/// An HTML page that begins and never ends (a forever-frame, a live log).
+fn endless_page() -> Response {
+    use futures_util::StreamExt as _;
+    let start = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from_static(
+        b"<html><body><p>live log</p>",
+    ))]);
+    let body = start.chain(futures_util::stream::pending());
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// A page read whole for its banner is watched once its read takes longer
+/// than the stream check: stopping the session ends the read, and the
+/// page is withheld (401), not held open until it ends.
+#[tokio::test]
+async fn an_endless_html_page_ends_with_its_session() {
+    let fx = fixture(StdDuration::from_millis(20), None);
+    let started = start(&fx, olive()).await;
+    let app = behind_the_layer(
+        &fx,
+        Router::new().route("/live", get(|| async { endless_page() })),
+        StdDuration::from_millis(20),
+    );
+    let pending = tokio::spawn(app.oneshot(sams_request(Method::GET, "/live", &started)));
+    tokio::time::sleep(StdDuration::from_millis(100)).await;
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    let res = tokio::time::timeout(StdDuration::from_secs(10), pending)
+        .await
+        .expect("the page was held open after its session ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(!body.windows(8).any(|w| w == b"live log"), "{body:?}");
+    // The read the session's end withheld is not on the trail as served.
+    let events = trail(&fx, &started).await;
+    assert!(
+        events.iter().all(|e| e.action != AuditAction::Access),
+        "{events:?}"
+    );
+}
+
+/// A page still coming after the read's time limit, its session live, is
+/// refused (500) rather than held open or served without the banner.
+/// (Tokio's clock is paused: the minute is counted, not slept.)
+#[tokio::test(start_paused = true)]
+async fn an_html_page_still_coming_after_the_read_limit_is_refused() {
+    let fx = fixture(StdDuration::from_secs(5), None);
+    let started = start(&fx, olive()).await;
+    let app = behind_the_layer(
+        &fx,
+        Router::new().route("/live", get(|| async { endless_page() })),
+        StdDuration::from_secs(5),
+    );
+    let res = tokio::time::timeout(
+        impersonation_axum::MAX_BANNER_READ_TIME + StdDuration::from_secs(5),
+        app.oneshot(sams_request(Method::GET, "/live", &started)),
+    )
+    .await
+    .expect("the page was held open past the read limit")
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+    // Audited once, as the 500 it was answered with.
+    let events = trail(&fx, &started).await;
+    let access: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == AuditAction::Access)
+        .collect();
+    assert_eq!(access.len(), 1, "{events:?}");
+    assert_eq!(access[0].details.get("status"), Some("500"));
+}
