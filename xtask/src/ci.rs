@@ -222,6 +222,16 @@ impl Ci {
     /// in `test_output` (stderr, where cargo reports progress, is inherited).
     fn cargo_test(&mut self, args: &[&str]) -> Result<()> {
         let shown = format!("cargo test {}", args.join(" "));
+        // Its own deadline, or what is left of the run's, if sooner: a
+        // run whose budget the steps before spent fails here, saying so,
+        // rather than starting tests only to stop them.
+        let limit = TEST_DEADLINE.min(self.deadline.saturating_duration_since(Instant::now()));
+        if limit < LEAST_TEST_TIME {
+            bail!(
+                "the run's time was spent before `{shown}` could run ({} s left)",
+                limit.as_secs()
+            );
+        }
         eprintln!("$ {shown}");
         let mut child = Command::new(crate::cargo())
             .arg("test")
@@ -232,8 +242,6 @@ impl Ci {
             .spawn()
             .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child has no stdout pipe")?;
-        // Its own deadline, or what is left of the run's, if sooner.
-        let limit = TEST_DEADLINE.min(self.deadline.saturating_duration_since(Instant::now()));
         let watchdog = Watchdog::start(child.id(), limit, shown.clone());
 
         // Bytes, not `lines()`: a test may print invalid UTF-8, which must
@@ -255,8 +263,8 @@ impl Ci {
         let status = child.wait()?;
         if watchdog.finish() {
             bail!(
-                "`{shown}` ran past {} minutes and was stopped (a test hangs?)",
-                limit.as_secs() / 60
+                "`{shown}` ran past its {} s and was stopped (a test hangs?)",
+                limit.as_secs()
             );
         }
         if !status.success() {
@@ -309,6 +317,10 @@ fn descendants(pid: u32) -> Vec<u32> {
 /// it: a hung test fails the run instead of holding the machine (and the
 /// test-services lock) forever. A cold run takes under 10 minutes here.
 const TEST_DEADLINE: Duration = Duration::from_secs(45 * 60);
+
+/// The least time a `cargo test` run is started with: less is left only
+/// when the steps before it spent the run's time.
+const LEAST_TEST_TIME: Duration = Duration::from_secs(60);
 
 /// How long the whole run may take before its test runs are stopped (CI
 /// allows 90 minutes; a cold run takes about ten).

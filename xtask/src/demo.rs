@@ -29,7 +29,9 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     if let (Some(service), false, false) = (service, own_url, help) {
         crate::services::up_one(service)?;
     }
-    let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
+    // Not `--quiet`: a fresh clone's first build takes minutes, and
+    // cargo's progress shows it is under way.
+    let mut cargo_args: Vec<OsString> = ["run", "--package", DEMO_PACKAGE, "--"]
         .into_iter()
         .map(OsString::from)
         .collect();

@@ -15,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use xshell::Shell;
 
 /// Printed for `help` and, on stderr, for an unknown command.
@@ -109,10 +109,34 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 /// A shell whose current directory is the workspace root.
+///
+/// Its `psql` gives up on a server that does not answer within 10 s (a
+/// port held by something that accepts and never speaks would otherwise
+/// hold it, and the run, forever), and its `PATH` holds the `sbin`
+/// directories, where root's tools live (`runuser`, `start-stop-daemon`,
+/// and `ldconfig`, which dpkg looks for): a `PATH` kept by `su` or given
+/// by `sudo env PATH=…` may lack them.
 fn root_shell() -> Result<Shell> {
     let sh = Shell::new()?;
     sh.change_dir(workspace_root()?);
+    sh.set_var("PGCONNECT_TIMEOUT", "10");
+    sh.set_var("PATH", with_sbin(std::env::var_os("PATH")));
     Ok(sh)
+}
+
+/// `path` with the `sbin` directories appended that it lacks.
+fn with_sbin(path: Option<OsString>) -> OsString {
+    let mut dirs: Vec<PathBuf> = path
+        .as_deref()
+        .map(|p| std::env::split_paths(p).collect())
+        .unwrap_or_default();
+    for sbin in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        if !dirs.iter().any(|d| d == Path::new(sbin)) {
+            dirs.push(sbin.into());
+        }
+    }
+    // Only a directory holding `:` cannot be joined; such a PATH is kept.
+    std::env::join_paths(&dirs).unwrap_or_else(|_| path.unwrap_or_default())
 }
 
 /// The cargo to run: `$CARGO` (set by `cargo run`, so nested builds use the
@@ -122,8 +146,9 @@ fn cargo() -> OsString {
 }
 
 /// Runs `cargo <args>` from the workspace root with inherited stdin/stdout/
-/// stderr (a demo may be interactive), echoing the command first, and passes
-/// the child's exit code through.
+/// stderr (a demo may be interactive), echoing the command first: in
+/// xtask's place on Unix (its exit code is cargo's), else as a child whose
+/// exit code is passed through.
 fn run_cargo_passthrough<I, S>(args: I) -> Result<ExitCode>
 where
     I: IntoIterator<Item = S>,
@@ -159,14 +184,27 @@ where
         .collect::<Vec<_>>()
         .join(" ");
     eprintln!("$ {shown}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{shown}`"))?;
-    match status.code() {
-        Some(0) => Ok(ExitCode::SUCCESS),
-        // Exit codes are 0..=255 on Unix; anything else still means failure.
-        Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
-        None => bail!("`{shown}` was killed by a signal ({status})"),
+    // On Unix xtask becomes cargo (which `cargo run` in turn replaces with
+    // the program): a signal sent to xtask's pid (a script's `kill`, an
+    // IDE's stop button) reaches the demo, and no child is left serving
+    // its port after xtask has gone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let error = cmd.exec();
+        Err(error).with_context(|| format!("could not start `{shown}`"))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd
+            .status()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        match status.code() {
+            Some(0) => Ok(ExitCode::SUCCESS),
+            // Exit codes are 0..=255 on Unix; anything else still means failure.
+            Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
+            None => anyhow::bail!("`{shown}` was killed by a signal ({status})"),
+        }
     }
 }
 

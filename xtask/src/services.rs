@@ -125,6 +125,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/psql", "postgresql-client"),
     ("/usr/bin/mariadb", "mariadb-client"),
     ("/usr/bin/redis-cli", "redis-tools"),
+    // The CI watchdog stops a hung test run with `kill` (procps is not
+    // Essential: minimal images lack it).
+    ("/usr/bin/kill", "procps"),
 ];
 
 /// The apt packages of `tools` (binary, package) whose binary is missing.
@@ -576,10 +579,29 @@ fn postgres_binary() -> Option<PathBuf> {
     postgres_server_version().map(|v| Path::new(POSTGRES_LIB).join(v).join("bin/postgres"))
 }
 
-/// The version of the newest existing `main` cluster, if any.
+/// The version of the `main` cluster the tests use: the one set to port
+/// 5432 (after a Debian upgrade the old version's keeps 5432 and the new
+/// one's gets 5433), else the newest, if any.
 fn postgres_cluster() -> Option<String> {
     let versions = pg_versions(POSTGRES_CONF, |p| p.join("main/postgresql.conf").exists());
-    versions.into_iter().next()
+    let on_5432 = versions.iter().find(|v| {
+        std::fs::read_to_string(format!("{POSTGRES_CONF}/{v}/main/postgresql.conf"))
+            .is_ok_and(|conf| conf_port(&conf) == Some(5432))
+    });
+    on_5432.or(versions.first()).cloned()
+}
+
+/// The `port` a `postgresql.conf` sets (its last setting, as the server
+/// reads it), if any.
+fn conf_port(conf: &str) -> Option<u16> {
+    conf.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?.trim();
+            let value = line.strip_prefix("port")?.trim_start();
+            let value = value.strip_prefix('=').unwrap_or(value).trim();
+            value.trim_matches('\'').parse().ok()
+        })
+        .next_back()
 }
 
 fn postgres_start(sh: &Shell) -> Result<()> {
@@ -625,7 +647,7 @@ fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     let tcp_select = || {
         check(cmd!(
             sh,
-            "psql -w -X -h 127.0.0.1 -U postgres -d test -c 'select 1'"
+            "timeout 60 psql -w -X -h 127.0.0.1 -U postgres -d test -c 'select 1'"
         ))
     };
     // A machine set up by an earlier version trusts every database and
@@ -730,11 +752,19 @@ fn mariadb_start(sh: &Shell) -> Result<()> {
 fn mariadb_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     const OK: &str = "database `test` exists, root reaches it over TCP without password";
     let sql = "CREATE DATABASE IF NOT EXISTS test";
-    let create_test = || check(cmd!(sh, "mariadb -uroot -h127.0.0.1 -e {sql}"));
+    let create_test = || {
+        check(cmd!(
+            sh,
+            "timeout 60 mariadb --connect-timeout=10 -uroot -h127.0.0.1 -e {sql}"
+        ))
+    };
     // Someone's own server: only looked at.
     if repair == Repair::No {
         let select = "SELECT 1";
-        return match check(cmd!(sh, "mariadb -uroot -h127.0.0.1 -D test -e {select}")) {
+        return match check(cmd!(
+            sh,
+            "timeout 60 mariadb --connect-timeout=10 -uroot -h127.0.0.1 -D test -e {select}"
+        )) {
             Ok(()) => Ok(OK),
             Err(stderr) => {
                 bail!("`mariadb -uroot -h127.0.0.1 -D test` without a password: {stderr}")
@@ -745,9 +775,12 @@ fn mariadb_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
         return Ok(OK);
     }
     println!("mariadb: root cannot log in over TCP, fixing it over the unix socket");
-    cmd!(sh, "mariadb -e {MARIADB_ROOT_OVER_TCP}")
-        .run()
-        .context("cannot fix root's access as root over MariaDB's unix socket")?;
+    cmd!(
+        sh,
+        "timeout 60 mariadb --connect-timeout=10 -e {MARIADB_ROOT_OVER_TCP}"
+    )
+    .run()
+    .context("cannot fix root's access as root over MariaDB's unix socket")?;
     create_test().map_err(|stderr| {
         anyhow!("`mariadb -uroot -h127.0.0.1` still fails after granting root@127.0.0.1: {stderr}")
     })?;
@@ -784,7 +817,7 @@ fn redis_start(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
-// Every `redis-cli` runs under coreutils' `timeout`: a listener that
+// Every `redis-cli` (and `psql`, `mariadb`) runs under coreutils' `timeout`: a listener that
 // accepts a connection and never answers must not hold `services up` (and
 // CI, which no watchdog covers at that step) forever.
 fn redis_access(sh: &Shell, _: Repair) -> Result<&'static str> {
@@ -1083,7 +1116,21 @@ fn wait_for_cluster(sh: &Shell) -> Result<()> {
 /// answer: nodes left from a run that never created the cluster are joined
 /// now, and a broken cluster is rebuilt from scratch.
 fn redis_cluster_access(sh: &Shell, _: Repair) -> Result<&'static str> {
-    match cluster_health(sh) {
+    let health = cluster_health(sh);
+    // Rebuilding stops the nodes, whose files are root's: checked before
+    // any node is stopped, so that a run without root leaves them as
+    // they were and says why.
+    if !matches!(health, ClusterHealth::Healthy) && !is_root(sh) {
+        bail!(
+            "the Redis cluster on 7001-7003 needs rebuilding ({}), which needs root: `{}`",
+            match &health {
+                ClusterHealth::Broken(why) => why.as_str(),
+                _ => "its nodes form no cluster",
+            },
+            up_as_root()
+        );
+    }
+    match health {
         ClusterHealth::Healthy => return Ok(CLUSTER_OK),
         ClusterHealth::Unformed => {
             println!("redis-cluster: nodes run but form no cluster yet");
@@ -1211,7 +1258,7 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     let wait = "SET lock_timeout = '10s'";
     cmd!(
         sh,
-        "psql -w -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -c {quiet} -c {wait} -c {drop_schemas}"
+        "timeout 300 psql -w -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1 -c {quiet} -c {wait} -c {drop_schemas}"
     )
     .quiet()
     .run()
@@ -1219,9 +1266,12 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     let list = format!(
         "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE '{TEST_PREFIX}%'"
     );
-    let databases = cmd!(sh, "mariadb -uroot -h127.0.0.1 -N -B -e {list}")
-        .read()
-        .context("listing leftover MariaDB test databases")?;
+    let databases = cmd!(
+        sh,
+        "timeout 60 mariadb --connect-timeout=10 -uroot -h127.0.0.1 -N -B -e {list}"
+    )
+    .read()
+    .context("listing leftover MariaDB test databases")?;
     let drops: String = databases
         .lines()
         .map(str::trim)
@@ -1236,12 +1286,15 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
         // `lock_wait_timeout`'s default year. Read from stdin, `--force`
         // goes on past a failed statement (with `-e` it stops there).
         let drops = format!("SET SESSION lock_wait_timeout = 10;\n{drops}");
-        let out = cmd!(sh, "mariadb -uroot -h127.0.0.1 --force")
-            .stdin(drops)
-            .quiet()
-            .ignore_status()
-            .output()
-            .context("dropping leftover MariaDB test databases")?;
+        let out = cmd!(
+            sh,
+            "timeout 300 mariadb --connect-timeout=10 -uroot -h127.0.0.1 --force"
+        )
+        .stdin(drops)
+        .quiet()
+        .ignore_status()
+        .output()
+        .context("dropping leftover MariaDB test databases")?;
         if !out.status.success() || !out.stderr.is_empty() {
             eprintln!(
                 "reset: some MariaDB test databases were left (in use?): {}",
@@ -1306,6 +1359,15 @@ fn remove_test_dirs(dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The port a `postgresql.conf` sets: its last uncommented `port`.
+    #[test]
+    fn the_port_of_a_postgres_conf_is_its_last_setting() {
+        let debian = "#port = 5432\nport = 5433\t\t\t\t# (change requires restart)\n";
+        assert_eq!(conf_port(debian), Some(5433));
+        assert_eq!(conf_port("port=5432\nport = '5434'\n"), Some(5434));
+        assert_eq!(conf_port("# port = 5432\nports = 1\n"), None);
+    }
 
     /// Only `imptest_*` directories go; files and other directories stay.
     #[test]
