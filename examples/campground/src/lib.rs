@@ -33,7 +33,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::{Next, from_fn_with_state};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use impersonation_axum::{ImpersonationLayer, SiteOrigin};
 use impersonation_core::{Impersonation, MemoryDirectory, Principal, Store, UserId};
@@ -170,9 +170,11 @@ impl Demo {
         // rebinding) cannot use the demo's password-free sign-in to post
         // as a seeded person.
         let mut layer = layer.site_origin(SiteOrigin::of_url(base)?);
+        let mut hosts: Vec<String> = vec![authority(base).to_ascii_lowercase()];
         if base.contains("//127.0.0.1:") {
             let twin = base.replacen("//127.0.0.1:", "//localhost:", 1);
             layer = layer.site_origin(SiteOrigin::of_url(&twin)?);
+            hosts.push(authority(&twin).to_ascii_lowercase());
         }
         Ok(Router::new()
             .route("/", get(pages::home))
@@ -203,7 +205,40 @@ impl Demo {
             // the policy (and lets its own styles through it).
             .layer(axum::middleware::map_response(with_policy))
             .layer(layer)
-            .layer(from_fn_with_state(Arc::clone(self), sign_in)))
+            .layer(from_fn_with_state(Arc::clone(self), sign_in))
+            // Reads too answer only at the demo's own address: a page
+            // under another name that resolves to 127.0.0.1 (DNS
+            // rebinding) can set the sign-in cookie itself, and would
+            // read a customer's pages otherwise.
+            .layer(from_fn_with_state(Arc::new(hosts), only_at_home)))
+    }
+}
+
+/// The `host[:port]` of a URL (`http://127.0.0.1:3000/` → `127.0.0.1:3000`).
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// Answers 421 to a request for any host but the demo's (`Host`, or the
+/// URI's authority for HTTP/2), before anything reads it.
+async fn only_at_home(State(hosts): State<Arc<Vec<String>>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(str::to_ascii_lowercase);
+    match host {
+        Some(host) if hosts.contains(&host) => next.run(req).await,
+        _ => (
+            axum::http::StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this demo answers only at http://{}/",
+                hosts.first().map_or("", String::as_str)
+            ),
+        )
+            .into_response(),
     }
 }
 

@@ -507,8 +507,11 @@ pub const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// tab left open stops updating the customer's count (what the page
 /// showed before stays on screen until it is reloaded).
 pub async fn live(State(demo): AppState, v: Viewer) -> Response {
-    if v.real.is_none() || !v.can("bookings:read") {
-        return (StatusCode::FORBIDDEN, "sign in with bookings:read").into_response();
+    if v.real.is_none() {
+        return (StatusCode::UNAUTHORIZED, "sign in first").into_response();
+    }
+    if !v.can("bookings:read") {
+        return (StatusCode::FORBIDDEN, "you may not read bookings").into_response();
     }
     let tenants: Vec<&'static str> = v.campgrounds().iter().map(|c| c.tenant).collect();
     let events = futures_util::stream::unfold(true, move |first| {
@@ -674,13 +677,19 @@ pub async fn add_booking(
         (tenant, all) => all.iter().find(|c| c.tenant == tenant).copied(),
     };
     let Some(campground) = chosen else {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Add a booking",
-            "Choose one of the campgrounds you manage.",
-        );
+        // Under impersonation the trail records it as the refusal it is
+        // (a campground outside the customer's tenants), not as a change.
+        return (
+            impersonation_axum::Denied(Denial::TenantBoundary),
+            refused(
+                &v,
+                &demo,
+                StatusCode::FORBIDDEN,
+                "Add a booking",
+                "Choose one of the campgrounds you manage.",
+            ),
+        )
+            .into_response();
     };
     demo.data()
         .bookings
@@ -871,17 +880,24 @@ pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
          <tr><th>Email</th><td id=\"email\">{email}</td></tr>\
          <tr><th>Phone</th><td id=\"phone\">{phone}</td></tr>\
          <tr><th>Card on file</th><td id=\"card\">{card}</td></tr>\
-         <tr><th>Password last changed</th><td>{changed}</td></tr></table></div>\
-         <form class=\"card\" method=\"post\" action=\"/profile/password\"><h2>Change password</h2>\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <label>New password <input type=\"password\" name=\"password\" minlength=\"12\" required></label>\
-         <button type=\"submit\">Change password</button></form>",
+         <tr><th>Password last changed</th><td>{changed}</td></tr></table></div>{form}",
+        // Under impersonation the form stays, to show its refusal.
+        form = if v.ctx.is_some() || v.can("password:change") {
+            format!(
+                "<form class=\"card\" method=\"post\" action=\"/profile/password\"><h2>Change password</h2>\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <label>New password <input type=\"password\" name=\"password\" minlength=\"12\" required></label>\
+                 <button type=\"submit\">Change password</button></form>",
+                attr(v.csrf())
+            )
+        } else {
+            "<p class=\"note\">This account's password is not changed here.</p>".to_owned()
+        },
         name = esc(v.effective_name()),
         email = esc(&v.attribute("email")),
         phone = esc(&v.attribute("phone")),
         card = esc(&v.attribute("card_number")),
         changed = esc(&changed),
-        csrf = attr(v.csrf()),
     );
     page(&v, &demo, "Profile", &body)
 }
@@ -911,6 +927,15 @@ pub async fn change_password(
     };
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
+    }
+    if !v.can("password:change") {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Change password",
+            "This account's password is not changed here.",
+        );
     }
     if form.password.chars().count() < 12 {
         return refused(

@@ -182,6 +182,25 @@ fn expect_banner(page: &Page, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A page that must be free of the banner (its session over).
+fn no_banner(page: &Page, what: &str) -> Result<()> {
+    if page.has_banner() {
+        bail!("the banner is still shown after {what}");
+    }
+    Ok(())
+}
+
+/// The support console's refusal on `page`, which must give `code`.
+fn refusal(page: &Page, code: &str) -> Result<String> {
+    let text = page
+        .text_of("id=\"denied\"")
+        .context("a refusal is shown")?;
+    if !text.contains(&format!("({code})")) {
+        bail!("refused, but not for {code}: {text}");
+    }
+    Ok(text)
+}
+
 /// The session ids in the live-sessions rows naming `agent`.
 fn live_sessions_of(page: &Page, agent: &str) -> Vec<String> {
     page.body
@@ -251,21 +270,13 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     let page = sam
         .start("ada", "Checking the admin settings page", "SUP-1040")
         .await?;
-    o.line(
-        &page
-            .text_of("id=\"denied\"")
-            .context("a refusal is shown")?,
-    )?;
+    o.line(&refusal(&page, "protected_role")?)?;
 
     o.step("Sam tries Paula Partner, who holds a permission he lacks: refused")?;
     let page = sam
         .start("paula", "Partner cannot open the report", "SUP-1041")
         .await?;
-    o.line(
-        &page
-            .text_of("id=\"denied\"")
-            .context("a refusal is shown")?,
-    )?;
+    o.line(&refusal(&page, "escalation")?)?;
 
     o.step("Sam starts impersonating Olive Owner, with a reason and a ticket")?;
     let page = sam
@@ -307,18 +318,23 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
 
     o.step("Olive's profile as the shadow user shows it")?;
     let page = sam.get("/profile").await?;
-    o.line(&format!(
-        "email: {}",
-        page.text_of("id=\"email\"").unwrap_or_default()
-    ))?;
-    o.line(&format!(
-        "phone: {}",
-        page.text_of("id=\"phone\"").unwrap_or_default()
-    ))?;
-    o.line(&format!(
-        "card on file: {}",
-        page.text_of("id=\"card\"").unwrap_or_default()
-    ))?;
+    expect_banner(&page, "Olive's profile")?;
+    let (email, phone, card) = (
+        page.text_of("id=\"email\"").unwrap_or_default(),
+        page.text_of("id=\"phone\"").unwrap_or_default(),
+        page.text_of("id=\"card\"").unwrap_or_default(),
+    );
+    // The projection's rules, as the shadow user holds them: contact
+    // data redacted, the card masked to its last digits.
+    if phone != "[redacted]" || email != "[redacted]" {
+        bail!("Olive's contact data reached the shadow user: {email} / {phone}");
+    }
+    if card.matches(|c: char| c.is_ascii_digit()).count() > 4 {
+        bail!("Olive's card reached the shadow user unmasked: {card}");
+    }
+    o.line(&format!("email: {email}"))?;
+    o.line(&format!("phone: {phone}"))?;
+    o.line(&format!("card on file: {card}"))?;
 
     o.step("Billing and the password change are refused while impersonating")?;
     let page = sam.get("/billing").await?;
@@ -348,6 +364,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     o.step("Sam stops: the banner is gone")?;
     let page = sam.post("/impersonation/stop", &[]).await?;
     expect(&page, StatusCode::OK, "stop")?;
+    no_banner(&page, "Sam's stop")?;
     o.line(&format!(
         "after stop: {} at {}, banner shown: {}",
         page.status,
@@ -379,6 +396,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     let page = ada.post("/support/revoke", &[("session", &id)]).await?;
     expect(&page, StatusCode::OK, "revoke")?;
     let page = lee.get("/dashboard").await?;
+    no_banner(&page, "Ada's revoke")?;
     o.line(&format!(
         "Lee's next page: {}, banner shown: {}",
         page.status,
@@ -396,6 +414,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
         .await?;
     expect(&page, StatusCode::OK, "password change")?;
     let page = sam.get("/dashboard").await?;
+    no_banner(&page, "Olive's password change")?;
     o.line(&format!(
         "Sam's next page: {}, banner shown: {}",
         page.status,
@@ -481,7 +500,13 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
         listing["impersonated_by"].as_str().unwrap_or("nobody"),
         listing["bookings"].as_array().map_or(0, Vec::len)
     ))?;
+    if status != StatusCode::OK || listing["impersonated_by"].as_str().is_none() {
+        bail!("the impersonation token was not served as Olive, Sam beside: {status} {text}");
+    }
     let (status, text) = call(own.clone()).await?;
+    if status != StatusCode::OK {
+        bail!("Sam's own token was refused: {status} {text}");
+    }
     let listing: serde_json::Value = serde_json::from_str(&text)?;
     o.line(&format!(
         "with Sam's own token instead: {status}, as {}, {} bookings",
@@ -507,11 +532,13 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
 
     o.step("Ada verifies the audit chains")?;
     let page = ada.post("/audit/verify", &[]).await?;
-    o.line(
-        &page
-            .text_of("id=\"verified\"")
-            .context("a verification result")?,
-    )?;
+    let verified = page
+        .text_of("id=\"verified\"")
+        .context("a verification result")?;
+    if !verified.starts_with('✓') {
+        bail!("the audit chains did not verify: {verified}");
+    }
+    o.line(&verified)?;
 
     o.step("The audit trail of this walkthrough")?;
     let table = ada.get(&format!("/audit.txt?since={since}")).await?;

@@ -157,7 +157,7 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
     assert_eq!(res.status(), StatusCode::FORBIDDEN, "another origin");
     // A page of another name that resolves to 127.0.0.1 (DNS rebinding):
     // its `Host` and `Origin` agree with each other, not with the demo's
-    // address, and the post is refused.
+    // address, and the post is refused before anything reads it (421).
     let port = base.rsplit(':').next().unwrap();
     let res = olive
         .client
@@ -168,7 +168,11 @@ async fn app_forms_need_the_csrf_token_and_bad_input_gets_a_400() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), StatusCode::FORBIDDEN, "a rebound name");
+    assert_eq!(
+        res.status(),
+        StatusCode::MISDIRECTED_REQUEST,
+        "a rebound name"
+    );
     // The demo's own address under its other name passes.
     let res = olive
         .client
@@ -296,8 +300,13 @@ async fn signing_out_ends_the_impersonation() {
     impersonate(&mut sam, "olive").await;
     let (status, _) = sam.post("/signout", &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let mut sam = User::sign_in(&base, "sam").await;
+    // The same browser (its cookies kept), signed in again as Sam: the
+    // session's cookie, if it were still honoured, would bring the banner.
+    sam.get("/").await;
+    let (status, _) = sam.post("/signin", &[("user", "sam")]).await;
+    assert_eq!(status, StatusCode::OK);
     let (_, page) = sam.get("/dashboard").await;
+    assert!(page.contains("Sam Support"), "{page}");
     assert!(!page.contains("impersonation-banner"));
     assert_sign_out_ended_the_session(&base).await;
 }
@@ -1021,4 +1030,106 @@ async fn the_live_line_is_cut_when_the_impersonation_ends() {
             .matches("event: bookings")
             .count();
     }
+}
+
+/// A page under another name that resolves to 127.0.0.1 (DNS rebinding)
+/// can set the demo's sign-in cookie itself: the demo answers it nothing
+/// (421), a read no more than a post. Its own address and the `localhost`
+/// twin are served.
+#[tokio::test]
+async fn the_demo_answers_only_at_its_own_address() {
+    let base = demo().await;
+    let port = base.rsplit(':').next().unwrap();
+    let client = reqwest::Client::new();
+    for host in [format!("rebound.example:{port}"), "127.0.0.1".to_owned()] {
+        let res = client
+            .get(format!("{base}/billing"))
+            .header(reqwest::header::HOST, &host)
+            .header(reqwest::header::COOKIE, "campground_user=olive")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::MISDIRECTED_REQUEST, "{host}");
+        let body = res.text().await.unwrap();
+        assert!(!body.contains("4242"), "{body}");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("LOCALHOST:{port}")] {
+        let res = client
+            .get(format!("{base}/billing"))
+            .header(reqwest::header::HOST, &host)
+            .header(reqwest::header::COOKIE, "campground_user=olive")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{host}");
+        assert!(res.text().await.unwrap().contains("4242"));
+    }
+}
+
+/// The password form is for people who hold `password:change`: Sam, an
+/// agent, is refused (and not shown the form); the live line asks whoever
+/// is not signed in to sign in (401), not for a permission.
+#[tokio::test]
+async fn the_password_form_needs_its_permission_and_the_live_line_a_sign_in() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, profile) = sam.get("/profile").await;
+    assert!(
+        !profile.contains("action=\"/profile/password\""),
+        "{profile}"
+    );
+    let (status, body) = sam
+        .post("/profile/password", &[("password", "a long enough one")])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (_, profile) = olive.get("/profile").await;
+    assert!(
+        profile.contains("action=\"/profile/password\""),
+        "{profile}"
+    );
+
+    let nobody = reqwest::Client::new();
+    let res = nobody
+        .get(format!("{base}/dashboard/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// Under impersonation, a booking into another tenant's campground is
+/// refused and goes on the trail as a denied attempt (tenant boundary),
+/// not as a change.
+#[tokio::test]
+async fn a_booking_across_tenants_under_impersonation_is_a_denied_attempt() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    sam.get("/dashboard").await;
+    let (status, body) = sam
+        .post(
+            "/bookings",
+            &[
+                ("guest", "K. Lindqvist"),
+                ("site", "Pitch 4"),
+                ("arrival", "2026-12-08"),
+                ("nights", "2"),
+                ("campground", "redrock"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    sam.post("/impersonation/stop", &[]).await;
+    let (_, table) = sam.get("/audit.txt").await;
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("POST /bookings"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{table}");
+    assert!(
+        rows[0].contains("| Denied Attempt | Sam Support | Olive Owner |"),
+        "{table}"
+    );
+    assert!(rows[0].contains("tenant"), "{table}");
 }

@@ -45,6 +45,7 @@ async fn story(kind: StoreKind, url: &str) {
         "dashboard as Olive Owner: 3 bookings",
         "dashboard now lists 4 bookings",
         "email: [redacted]",
+        "phone: [redacted]",
         "card on file: •••••••••••••••4242 (masked)",
         "GET /billing → 403 Forbidden",
         "POST /profile/password → 403 Forbidden",

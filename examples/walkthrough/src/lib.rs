@@ -249,10 +249,20 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
     )?;
     clock.advance(Duration::minutes(1));
     let ctx = service.resolve(&started.secret).await?;
+    // What an app's guard does for its billing route: the shadow user
+    // holds no billing permission (the policy's default denials), and
+    // the attempt goes on the trail.
+    let billing = impersonation_core::Permission::new("billing:manage");
+    if ctx.shadow().has_permission(&billing) {
+        bail!("the shadow user holds billing:manage");
+    }
     let refusal = service
         .record_denied(&ctx, Denial::SensitiveAction, "GET /billing")
         .await?;
-    writeln!(out, "   billing page while impersonating -> {refusal}")?;
+    writeln!(
+        out,
+        "   billing page while impersonating -> {refusal} (the shadow user has no billing:manage)"
+    )?;
     match service
         .start(
             Requester::Impersonating(&ctx),
@@ -260,12 +270,12 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
         )
         .await
     {
-        Err(e) => writeln!(
+        Err(e @ Error::Denied(Denial::Nesting)) => writeln!(
             out,
             "   start from inside the session   -> {e} ({})",
             e.code()
         )?,
-        Ok(_) => bail!("a nested session was started"),
+        other => bail!("a nested session was not refused as nesting: {other:?}"),
     }
     match service
         .start(
@@ -274,7 +284,7 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
         )
         .await
     {
-        Err(e @ Error::Denied(_)) => {
+        Err(e @ Error::Denied(Denial::ProtectedRole)) => {
             writeln!(
                 out,
                 "   Sam impersonating Ada Admin     -> {e} ({})",

@@ -18,6 +18,13 @@ async fn the_walkthrough_ends_in_the_audit_table_and_a_verified_chain() {
         "no ANSI codes when colour is off"
     );
     assert!(text.contains("password_hash") && text.contains("(dropped)"));
+    // The refusals are the ones the story names, for its reasons.
+    assert!(
+        text.contains("(the shadow user has no billing:manage)"),
+        "{text}"
+    );
+    assert!(text.contains("(nesting)"), "{text}");
+    assert!(text.contains("(protected_role)"), "{text}");
     assert!(
         text.contains(
             "| Timestamp | Action | User Performing Action | Impersonated User | Details |"
