@@ -48,25 +48,29 @@ fn attr(text: &str) -> String {
 }
 
 /// The banner's `style` attributes, in the order they appear: the banner,
-/// its details, the Stop form and button. (Plain ASCII with no `"` or `&`:
+/// its message, its details, the Stop form and button. (Plain ASCII with no `"` or `&`:
 /// each attribute's value is the text itself, which is what a page's
 /// Content-Security-Policy hashes, see [`crate::banner_style_sources`].)
-pub(crate) const STYLES: [&str; 4] = [
+pub(crate) const STYLES: [&str; 5] = [
     // `!important` in the element's own style outranks a page's
     // stylesheet (a customer's theme) that would hide it, move it off
-    // the screen, clip it or paint it out: no stylesheet rule can then
-    // set these. (A page's script can still remove it; nothing a banner
-    // does stops that.)
+    // the screen, shrink, clip or paint it out: no stylesheet rule can
+    // then set these. (A page's script can still remove it; nothing a
+    // banner does stops that.)
     concat!(
         "position:fixed!important;top:0!important;left:0!important;right:0!important;bottom:auto!important;",
         "z-index:2147483647!important;display:flex!important;visibility:visible!important;opacity:1!important;",
-        "transform:none!important;clip-path:none!important;filter:none!important;",
-        "width:auto!important;height:auto!important;margin:0!important;gap:1em;align-items:center;",
+        "transform:none!important;translate:none!important;scale:none!important;rotate:none!important;",
+        "zoom:1!important;clip:auto!important;clip-path:none!important;filter:none!important;",
+        "mask:none!important;content-visibility:visible!important;overflow:visible!important;",
+        "width:auto!important;height:auto!important;min-height:0!important;max-height:none!important;",
+        "max-width:none!important;margin:0!important;gap:1em;align-items:center;",
         "padding:.6em 1em!important;background:#b91c1c!important;color:#fff!important;",
-        "font:600 15px/1.4 system-ui,sans-serif!important"
+        "-webkit-text-fill-color:#fff!important;font:600 15px/1.4 system-ui,sans-serif!important"
     ),
-    "font-weight:400",
-    "margin:0 0 0 auto",
+    "display:inline!important;visibility:visible!important;opacity:1!important",
+    "display:inline!important;visibility:visible!important;opacity:1!important;font-weight:400",
+    "display:block!important;visibility:visible!important;opacity:1!important;margin:0 0 0 auto",
     concat!(
         "display:inline-block!important;visibility:visible!important;opacity:1!important;",
         "font:inherit;padding:.2em .8em;white-space:nowrap"
@@ -140,12 +144,18 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
     } else {
         ""
     };
-    let [banner_style, details_style, form_style, button_style] = STYLES;
+    let [
+        banner_style,
+        message_style,
+        details_style,
+        form_style,
+        button_style,
+    ] = STYLES;
     ascii_only(format!(
         concat!(
             "<div id=\"impersonation-banner\" role=\"alert\" aria-live=\"assertive\" ",
             "style=\"{banner_style}\">",
-            "<span class=\"impersonation-message\">{message}</span>",
+            "<span class=\"impersonation-message\" style=\"{message_style}\">{message}</span>",
             "<span style=\"{details_style}\">reason: <span class=\"impersonation-reason\">{reason}</span>{ticket}{read_only}",
             " · <span class=\"impersonation-time-left\" data-seconds-left=\"{seconds}\">{left}</span> left</span>",
             "<form method=\"post\" action=\"{action}\" style=\"{form_style}\">",
@@ -165,6 +175,7 @@ pub fn banner_html(ctx: &Context, now: OffsetDateTime, stop_action: &str, csrf: 
             "</form></div>"
         ),
         banner_style = banner_style,
+        message_style = message_style,
         details_style = details_style,
         form_style = form_style,
         button_style = button_style,
@@ -243,33 +254,44 @@ pub(crate) fn inject(
 const PRESCAN_BYTES: usize = 1024;
 
 /// The charset the first `<meta>` that declares one names in the page's
-/// first [`PRESCAN_BYTES`], read as a browser's prescan reads them: byte
-/// for byte, blind to `<script>`, `<style>` and the other elements whose
-/// text the scanner skips (a `<meta charset=iso-2022-jp>` in a script's
-/// string is the page's charset to the prescan). Comments are not
-/// skipped: a tag in one counts too, which can only refuse a banner.
+/// first [`PRESCAN_BYTES`], read as a browser's prescan reads them (the
+/// HTML Standard's "prescan a byte stream"): comments and other tags (with
+/// their attributes) passed over, and the text between tags read byte for
+/// byte, blind to `<script>`, `<style>` and the other elements whose text
+/// the scanner skips (a `<meta charset=iso-2022-jp>` in a script's string
+/// is the page's charset to the prescan).
 fn prescanned_charset(html: &[u8]) -> Option<String> {
     let head = &html[..html.len().min(PRESCAN_BYTES)];
-    let mut from = 0;
-    while let Some(at) = head[from..]
-        .windows(5)
-        .position(|w| w.eq_ignore_ascii_case(b"<meta"))
-    {
-        let start = from + at;
-        from = start + 5;
-        // A tag name that goes on (`<metadata>`) is another element.
-        if head
-            .get(from)
-            .is_some_and(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'/'))
-        {
+    let mut at = 0;
+    while let Some(lt) = head[at..].iter().position(|&b| b == b'<') {
+        let here = at + lt;
+        let rest = &head[here..];
+        if rest.starts_with(b"<!--") {
+            // To the first `>` after `<!` that ends a `-->` (`<!-->` too).
+            let end = rest[2..].windows(3).position(|w| w == b"-->")?;
+            at = here + 2 + end + 3;
             continue;
         }
-        // Its `>`, not one in a quoted value (`x=">"`).
-        let Some(len) = tag_end(&head[start..]) else {
-            break;
+        let letter = |i: usize| rest.get(i).is_some_and(u8::is_ascii_alphabetic);
+        let space_or_slash = |i: usize| {
+            rest.get(i)
+                .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'/'))
         };
-        if let Some(charset) = declared_charset(&head[start..=start + len]) {
-            return Some(charset);
+        if rest.len() > 5 && rest[..5].eq_ignore_ascii_case(b"<meta") && space_or_slash(5) {
+            // Its `>`, not one in a quoted value (`x=">"`).
+            let end = tag_end(rest)?;
+            if let Some(charset) = declared_charset(&rest[..=end]) {
+                return Some(charset);
+            }
+            at = here + end + 1;
+        } else if letter(1) || (rest.get(1) == Some(&b'/') && letter(2)) {
+            // Another tag, passed over with its attributes: a `<meta` in
+            // a quoted value is text.
+            at = here + tag_end(rest)? + 1;
+        } else if matches!(rest.get(1), Some(b'!' | b'/' | b'?')) {
+            at = here + rest.iter().position(|&b| b == b'>')? + 1;
+        } else {
+            at = here + 1;
         }
     }
     None
@@ -1323,9 +1345,17 @@ mod tests {
             "visibility:visible",
             "opacity:1",
             "transform:none",
+            "translate:none",
+            "scale:none",
+            "rotate:none",
+            "clip:auto",
             "clip-path:none",
             "filter:none",
+            "max-height:none",
+            "overflow:visible",
+            "content-visibility:visible",
             "color:#fff",
+            "-webkit-text-fill-color:#fff",
             "background:#b91c1c",
         ] {
             assert!(
@@ -1333,12 +1363,17 @@ mod tests {
                 "{property}"
             );
         }
-        for property in ["display:inline-block", "visibility:visible", "opacity:1"] {
-            assert!(
-                super::STYLES[3].contains(&format!("{property}!important")),
-                "{property}"
-            );
+        // Its message, details, form and button each hold their own too.
+        for style in &super::STYLES[1..] {
+            for property in [
+                "display:",
+                "visibility:visible!important",
+                "opacity:1!important",
+            ] {
+                assert!(style.contains(property), "{style}: {property}");
+            }
         }
+        assert!(super::STYLES[4].contains("display:inline-block!important"));
     }
 
     /// A `</body>` inside a `<template>` is the template's inert content,
@@ -1353,11 +1388,8 @@ mod tests {
             "<template><template></template></body></template><p>x</p>[B]</body>"
         );
         // An svg's own `<template>` element opens no HTML template.
-        let svg = "<svg><template></template></svg><p>x</p></body>";
-        assert_eq!(
-            placed(svg),
-            "<svg><template></template></svg><p>x</p>[B]</body>"
-        );
+        let svg = "<svg><template></svg><p>x</p></body>";
+        assert_eq!(placed(svg), "<svg><template></svg><p>x</p>[B]</body>");
     }
 
     /// A `<meta>` charset quoted in a script's text, in the page's first
@@ -1378,6 +1410,14 @@ mod tests {
                 "{page}"
             );
             assert!(inject(page.as_bytes(), "[B]", &[], true).is_ok(), "{page}");
+        }
+        // A `<meta` in another tag's attribute, or in a comment, is no
+        // charset to the prescan.
+        for page in [
+            "<input value=\"<meta charset=iso-2022-jp>\"><p>x</p></body>",
+            "<!-- <meta charset=iso-2022-jp> --><p>x</p></body>",
+        ] {
+            assert!(inject(page.as_bytes(), "[B]", &[], false).is_ok(), "{page}");
         }
         // The prescan's first charset decides: an ASCII-keeping one first.
         let first_utf8 =

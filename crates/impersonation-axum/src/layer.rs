@@ -1477,14 +1477,16 @@ async fn audit_request(
     answer: Answer,
 ) -> Option<Result<(), impersonation_core::Error>> {
     // An app's refusal is recorded as the denial it names (whatever
-    // `audit_when` says of its route, as the guard's is): only a 4xx
-    // answer counts as one, so that no marker turns a request served into
-    // a refusal on the trail.
+    // `audit_when` says of its route, as the guard's is), in a session
+    // still live: only a 4xx answer counts as one, so that no marker
+    // turns a request served into a refusal on the trail. A session that
+    // ended while the handler ran goes the usual way (a read withheld).
     if let Some(denial) = answer
         .denied
         .filter(|_| (400..500).contains(&answer.status))
         && !state.audited.load(Ordering::SeqCst)
         && !answer.as_refused
+        && shared.api.check_session(ctx.session()).await.is_ok()
     {
         let api = Arc::clone(&shared.api);
         let ctx = ctx.clone();

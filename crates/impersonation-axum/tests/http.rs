@@ -92,7 +92,10 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
     let (saved, raced) = (Arc::clone(&changes), Arc::clone(&changes));
     // Another process of the app, which ends the session while the
     // handler of `/racing-change` is making its change.
-    let other = Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone());
+    let other = Arc::new(
+        Impersonation::new(Arc::clone(&store), directory.clone()).with_clock(clock.clone()),
+    );
+    let other_denying = Arc::clone(&other);
     let app = Router::new()
         // A page with a form: it takes the CSRF token (and so gives a
         // browser without the cookie its cookie).
@@ -126,6 +129,22 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
         .route(
             "/bookings/{id}/move",
             post(|| async {
+                (
+                    StatusCode::FORBIDDEN,
+                    impersonation_axum::Denied(impersonation_core::Denial::TenantBoundary),
+                    "not one of your campgrounds",
+                )
+            }),
+        )
+        // The app's refusal, in a session its agent's other tab stops
+        // while the handler runs.
+        .route(
+            "/bookings/{id}/move-racing",
+            post(move |Impersonating(ctx): Impersonating| async move {
+                other_denying
+                    .stop_session(ctx.session(), &agent("sam"))
+                    .await
+                    .unwrap();
                 (
                     StatusCode::FORBIDDEN,
                     impersonation_axum::Denied(impersonation_core::Denial::TenantBoundary),
@@ -692,7 +711,7 @@ async fn a_page_that_allows_no_inline_style_lets_the_banners_own_through() {
             )
         })
         .collect();
-    assert_eq!(hashes.len(), 4, "{}", page.body);
+    assert_eq!(hashes.len(), 5, "{}", page.body);
     assert_eq!(sources, format!("'unsafe-hashes' {}", hashes.join(" ")));
 }
 
@@ -1122,6 +1141,32 @@ async fn an_apps_own_refusal_is_audited_as_a_denied_attempt() {
     assert_eq!(new[1].action, AuditAction::Modification);
     assert_eq!(new[1].details.get("status"), Some("200"));
     stop_elsewhere(&f.svc, &b).await;
+}
+
+/// The app's refusal in a session that ended while its handler ran is no
+/// denial inside a live session: the request goes the usual way (the
+/// session's end answers it), and nothing follows the end as a denial.
+#[tokio::test]
+async fn an_apps_refusal_in_a_session_ended_meanwhile_is_not_a_denial_after_the_end() {
+    let (f, mut b) = sam_on_olive().await;
+    let reply = b
+        .send(
+            Method::POST,
+            "/bookings/7/move-racing",
+            Some(String::new()),
+            &[],
+        )
+        .await;
+    assert_ne!(reply.status, StatusCode::OK, "{}", reply.body);
+    let all = events(&f).await;
+    let end = all
+        .iter()
+        .position(|e| e.action == AuditAction::SessionEnded)
+        .unwrap();
+    assert!(
+        all[end..].iter().all(|e| e.action != AuditAction::Denied),
+        "{all:?}"
+    );
 }
 
 #[tokio::test]
