@@ -339,7 +339,7 @@ impl Issuer {
                 headers: json_headers(),
                 body,
             },
-            Err(e) => self.refusal(authorization, &e),
+            Err(e) => Self::refusal(&e),
         }
     }
 
@@ -347,6 +347,15 @@ impl Issuer {
         &self,
         credentials: &ClientCredentials,
     ) -> Result<&ClientRegistration, OAuthError> {
+        // An empty secret is none (as one left out of a form is): a client
+        // registered with one, its secret unset by mistake, does not turn
+        // public through `Basic Y2xpZW50Og==` (`client:`).
+        if credentials.secret.is_empty() {
+            return Err(oauth(
+                ErrorCode::InvalidClient,
+                "client authentication is required",
+            ));
+        }
         // Every registration of the id is tried: one client registered twice,
         // with the old secret and the new, is how a secret is rotated.
         self.config
@@ -434,13 +443,15 @@ impl Issuer {
                 headers: json_headers(),
                 body: "{}".into(),
             },
-            Err(e) => self.refusal(authorization, &e),
+            Err(e) => Self::refusal(&e),
         }
     }
 
-    fn refusal(&self, authorization: Option<&str>, e: &OAuthError) -> TokenEndpointResponse {
+    fn refusal(e: &OAuthError) -> TokenEndpointResponse {
         let mut headers = json_headers();
-        if e.error == ErrorCode::InvalidClient && authorization.is_some() {
+        // A 401 names the scheme it asks for (RFC 9110 §15.5.2), whichever
+        // way the client tried: HTTP Basic is the one accepted here.
+        if e.error == ErrorCode::InvalidClient {
             headers.push(("WWW-Authenticate", r#"Basic realm="token""#.into()));
         }
         tracing::info!(error = %e.error, description = %e.error_description, "token request refused");

@@ -404,10 +404,14 @@ impl RevocationRequest {
             0,
         )?;
         let take = |name: &str| form.take(name);
-        Ok(Self {
-            token: take("token").ok_or_else(|| invalid("`token` is required"))?,
-            form_client: take("client_id").map(|id| (id, take("client_secret"))),
-        })
+        let token = take("token").ok_or_else(|| invalid("`token` is required"))?;
+        let form_client = take("client_id").map(|id| (id, take("client_secret")));
+        // As at the token endpoint: a secret in the body without its id is
+        // a second way to authenticate beside the header (RFC 6749 §2.3).
+        if form_client.is_none() && take("client_secret").is_some() {
+            return Err(invalid("`client_secret` without `client_id`"));
+        }
+        Ok(Self { token, form_client })
     }
 }
 

@@ -536,3 +536,51 @@ async fn a_token_revoked_after_its_agent_left_the_directory_ends_its_session() {
         impersonation_core::SessionState::Ended(impersonation_core::EndReason::Revoked)
     );
 }
+
+/// Client authentication, as RFC 6749 §2.3 and RFC 9110 ask: an empty
+/// secret is none (a client registered with one, by mistake, does not
+/// turn public through `Basic client:`), every `invalid_client` 401 names
+/// the scheme it asks for, and a revocation with the header and a
+/// `client_secret` in the body (two ways at once) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_authentication_refuses_an_empty_secret_and_two_ways_at_once() {
+    let (op, provider) = forged_provider();
+    let service = Arc::new(Impersonation::new(MemoryStore::new(), directory()));
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let issuer = Issuer::new(
+        IssuerConfig::new(&url)
+            .unwrap()
+            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API]))
+            .client(ClientRegistration::new("unset", "", [API])),
+        KeyRing::new(SigningKey::generate().unwrap()),
+        provider,
+        service,
+    );
+    let actor = op.op_token("sam", |_, _| {});
+    let body = encode(&form(&actor, "olive"));
+    let challenged = |answer: &impersonation_oidc::TokenEndpointResponse| {
+        answer.headers.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("www-authenticate") && value.starts_with("Basic")
+        })
+    };
+
+    let answer = issuer
+        .exchange(Some(&basic("unset", "")), body.as_bytes())
+        .await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert!(answer.body.contains("invalid_client"), "{}", answer.body);
+    assert!(challenged(&answer));
+
+    // A wrong secret in the body: 401, and the header says which scheme.
+    let in_body = format!("{body}&client_id={CLIENT}&client_secret=wrong-secret");
+    let answer = issuer.exchange(None, in_body.as_bytes()).await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert!(challenged(&answer), "{:?}", answer.headers);
+
+    let revoke = encode(&[("token", "a.b.c"), ("client_secret", CLIENT_SECRET)]);
+    let answer = issuer
+        .revoke(Some(&basic(CLIENT, CLIENT_SECRET)), revoke.as_bytes())
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("invalid_request"), "{}", answer.body);
+}
