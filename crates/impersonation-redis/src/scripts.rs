@@ -33,12 +33,13 @@ local function head_of(k)
   return h[1] or '', h[2] or ''
 end
 -- An agent's live marker: the session id it holds, false if none, or
--- 'damaged' if the key holds no string (a hand edit, a partial restore),
--- which names no session either, read without the error that would stop
--- a script after its first writes.
+-- 'damaged' if the key holds no string or an empty one (a hand edit, a
+-- partial restore), which names no session either (and '' would read as
+-- a lost reply's), read without the error that would stop a script
+-- after its first writes.
 local function marker(k)
   local v = redis.pcall('GET', k)
-  if type(v) == 'table' and v.err then return 'damaged' end
+  if (type(v) == 'table' and v.err) or v == '' then return 'damaged' end
   return v
 end
 local function head_is(k, seq, hash)

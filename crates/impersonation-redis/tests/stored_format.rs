@@ -548,6 +548,52 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
 }
 
+/// An empty live marker names no session (nor a lost reply's empty
+/// answer): a start meets it as a damaged one, refused for the live
+/// session and the marker repaired, or, with none live, cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_live_marker_is_a_damaged_one() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    let empty = || async {
+        let mut raw = common::raw(common::SINGLE).await;
+        let _: () = redis::cmd("SET")
+            .arg(&marker_key)
+            .arg("")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    };
+    let marker = || async {
+        let mut raw = common::raw(common::SINGLE).await;
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&marker_key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        value
+    };
+    empty().await;
+    match store.start(w.begin(&agent, &customer, epoch()).0).await {
+        Ok(impersonation_core::StartOutcome::Refused { live, .. }) => assert_eq!(live, session.id),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(marker().await, Some(session.id.to_string()));
+    stopped_by_its_agent(&store, &session).await;
+    empty().await;
+    let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
+    assert!(
+        matches!(refused, Err(impersonation_core::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(marker().await, None);
+    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+}
+
 /// An agent's live-session marker that names no session id (damage) does
 /// not fail a listing of the agent's sessions, which a revocation of them
 /// all rests on: the agent's live session is found among all live ones.
