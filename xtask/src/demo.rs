@@ -9,7 +9,8 @@ use anyhow::Result;
 /// The example package that demonstrates the SDK end to end.
 const DEMO_PACKAGE: &str = "campground-demo";
 
-/// Runs `cargo run --quiet --package campground-demo -- [args...]`; with
+/// Builds the demo, then runs `cargo run --quiet --package campground-demo --
+/// [args...]` in xtask's place; with
 /// `--store postgres|mariadb|redis` and no `--url`, first brings up the
 /// local service that store's default URL points at, if it is down.
 pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
@@ -29,14 +30,19 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     if let (Some(service), false, false) = (service, own_url, help) {
         crate::services::up_one(service)?;
     }
-    // Not `--quiet`: a fresh clone's first build takes minutes, and
-    // cargo's progress shows it is under way.
-    let mut cargo_args: Vec<OsString> = ["run", "--package", DEMO_PACKAGE, "--"]
+    // Built first, with cargo's progress (a fresh clone's first build
+    // takes minutes), then run `--quiet`: cargo's own `Running …` line
+    // would print the arguments, a `--url`'s password with them.
+    let built = crate::run_cargo_passthrough(["build", "--package", DEMO_PACKAGE])?;
+    if built != ExitCode::SUCCESS {
+        return Ok(built);
+    }
+    let mut cargo_args: Vec<OsString> = ["run", "--quiet", "--package", DEMO_PACKAGE, "--"]
         .into_iter()
         .map(OsString::from)
         .collect();
     cargo_args.extend_from_slice(args);
-    crate::run_cargo_passthrough(cargo_args)
+    crate::exec_cargo(cargo_args, &[])
 }
 
 /// The last `--store` given (`--store x` or `--store=x`), as the demo

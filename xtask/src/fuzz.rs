@@ -41,5 +41,5 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     .into_iter()
     .map(OsString::from)
     .collect();
-    crate::run_cargo_with_env(cargo_args, &[("IMP_FUZZ_CASES", cases.to_string())])
+    crate::exec_cargo(cargo_args, &[("IMP_FUZZ_CASES", cases.to_string())])
 }

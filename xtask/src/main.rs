@@ -124,19 +124,21 @@ fn root_shell() -> Result<Shell> {
     Ok(sh)
 }
 
-/// `path` with the `sbin` directories appended that it lacks.
+/// `path` with the `sbin` directories appended that it lacks: with no
+/// `PATH`, the system's usual one; an empty entry (the current
+/// directory, to a shell) is dropped.
 fn with_sbin(path: Option<OsString>) -> OsString {
-    let mut dirs: Vec<PathBuf> = path
-        .as_deref()
-        .map(|p| std::env::split_paths(p).collect())
-        .unwrap_or_default();
+    let path = path.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .collect();
     for sbin in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
         if !dirs.iter().any(|d| d == Path::new(sbin)) {
             dirs.push(sbin.into());
         }
     }
     // Only a directory holding `:` cannot be joined; such a PATH is kept.
-    std::env::join_paths(&dirs).unwrap_or_else(|_| path.unwrap_or_default())
+    std::env::join_paths(&dirs).unwrap_or(path)
 }
 
 /// The cargo to run: `$CARGO` (set by `cargo run`, so nested builds use the
@@ -146,19 +148,63 @@ fn cargo() -> OsString {
 }
 
 /// Runs `cargo <args>` from the workspace root with inherited stdin/stdout/
-/// stderr (a demo may be interactive), echoing the command first: in
-/// xtask's place on Unix (its exit code is cargo's), else as a child whose
-/// exit code is passed through.
+/// stderr, echoing the command first, as a child whose exit code is passed
+/// through. For a command that holds a lock while cargo runs (`bench`):
+/// the lock's descriptor would not survive an `exec`.
 fn run_cargo_passthrough<I, S>(args: I) -> Result<ExitCode>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    run_cargo_with_env(args, &[])
+    let (mut cmd, shown) = cargo_command(args, &[])?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    match status.code() {
+        Some(0) => Ok(ExitCode::SUCCESS),
+        // Exit codes are 0..=255 on Unix; anything else still means failure.
+        Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
+        None => anyhow::bail!("`{shown}` was killed by a signal ({status})"),
+    }
 }
 
-/// [`run_cargo_passthrough`] with extra environment for the child.
-fn run_cargo_with_env<I, S>(args: I, env: &[(&str, String)]) -> Result<ExitCode>
+/// Runs `cargo <args>` (with extra environment) in xtask's place, echoing
+/// the command first: on Unix xtask becomes cargo (which `cargo run` in
+/// turn replaces with the program), so that a signal sent to xtask's pid
+/// (a script's `kill`, an IDE's stop button) reaches the demo, and no
+/// child is left serving its port after xtask has gone. Elsewhere, as
+/// [`run_cargo_passthrough`].
+fn exec_cargo<I, S>(args: I, env: &[(&str, String)]) -> Result<ExitCode>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let (mut cmd, shown) = cargo_command(args, env)?;
+        let error = cmd.exec();
+        Err(error).with_context(|| format!("could not start `{shown}`"))
+    }
+    #[cfg(not(unix))]
+    {
+        let (mut cmd, shown) = cargo_command(args, env)?;
+        let status = cmd
+            .status()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        match status.code() {
+            Some(0) => Ok(ExitCode::SUCCESS),
+            Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
+            None => anyhow::bail!("`{shown}` was killed by a signal ({status})"),
+        }
+    }
+}
+
+/// `cargo <args>` from the workspace root with `env`, and the command as
+/// echoed (already printed): a URL with credentials in it (`--url
+/// postgres://app:pw@db/x`) is not shown; the demo prints it itself,
+/// password masked.
+fn cargo_command<I, S>(args: I, env: &[(&str, String)]) -> Result<(Command, String)>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -168,14 +214,11 @@ where
     for (name, value) in env {
         cmd.env(name, value);
     }
-    // A URL with credentials in it (`--url postgres://app:pw@db/x`) is not
-    // echoed: the demo prints it itself, password masked.
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy().into_owned())
         .map(|arg| {
-            let lower = arg.to_ascii_lowercase();
-            if lower.contains("://") && (lower.contains('@') || lower.contains("password=")) {
+            if holds_credentials(&arg) {
                 "<url with credentials>".to_owned()
             } else {
                 arg
@@ -184,28 +227,13 @@ where
         .collect::<Vec<_>>()
         .join(" ");
     eprintln!("$ {shown}");
-    // On Unix xtask becomes cargo (which `cargo run` in turn replaces with
-    // the program): a signal sent to xtask's pid (a script's `kill`, an
-    // IDE's stop button) reaches the demo, and no child is left serving
-    // its port after xtask has gone.
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt as _;
-        let error = cmd.exec();
-        Err(error).with_context(|| format!("could not start `{shown}`"))
-    }
-    #[cfg(not(unix))]
-    {
-        let status = cmd
-            .status()
-            .with_context(|| format!("could not start `{shown}`"))?;
-        match status.code() {
-            Some(0) => Ok(ExitCode::SUCCESS),
-            // Exit codes are 0..=255 on Unix; anything else still means failure.
-            Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
-            None => anyhow::bail!("`{shown}` was killed by a signal ({status})"),
-        }
-    }
+    Ok((cmd, shown))
+}
+
+/// Whether an argument is a URL with credentials in it.
+fn holds_credentials(arg: &str) -> bool {
+    let lower = arg.to_ascii_lowercase();
+    lower.contains("://") && (lower.contains('@') || lower.contains("password="))
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` if set, else `target/`
@@ -215,4 +243,34 @@ fn target_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| workspace_root().ok().map(|root| root.join("target")))
         .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root's `sbin` directories join a `PATH` that lacks them, once; no
+    /// `PATH` is the system's usual one; an empty entry is dropped.
+    #[test]
+    fn sbin_joins_the_path() {
+        let joined = |p: Option<&str>| {
+            with_sbin(p.map(OsString::from))
+                .into_string()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            joined(Some("/usr/bin:/bin")),
+            "/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+        );
+        assert_eq!(
+            joined(Some("/usr/sbin:/usr/bin")),
+            "/usr/sbin:/usr/bin:/usr/local/sbin:/sbin"
+        );
+        assert_eq!(
+            joined(None),
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+        );
+        assert!(!joined(Some(":/usr/bin")).starts_with(':'));
+        assert!(!joined(Some("/usr/bin::/bin")).contains("::"));
+    }
 }

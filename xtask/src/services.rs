@@ -1116,35 +1116,29 @@ fn wait_for_cluster(sh: &Shell) -> Result<()> {
 /// answer: nodes left from a run that never created the cluster are joined
 /// now, and a broken cluster is rebuilt from scratch.
 fn redis_cluster_access(sh: &Shell, _: Repair) -> Result<&'static str> {
-    let health = cluster_health(sh);
-    // Rebuilding stops the nodes, whose files are root's: checked before
-    // any node is stopped, so that a run without root leaves them as
-    // they were and says why.
-    if !matches!(health, ClusterHealth::Healthy) && !is_root(sh) {
-        bail!(
-            "the Redis cluster on 7001-7003 needs rebuilding ({}), which needs root: `{}`",
-            match &health {
-                ClusterHealth::Broken(why) => why.as_str(),
-                _ => "its nodes form no cluster",
-            },
-            up_as_root()
-        );
-    }
-    match health {
+    // Rebuilding stops the nodes, whose files are root's: a run without
+    // root leaves them as they were and says why.
+    let rebuild = |why: &str| -> Result<()> {
+        if !is_root(sh) {
+            bail!(
+                "the Redis cluster on 7001-7003 needs rebuilding ({why}), which needs root: `{}`",
+                up_as_root()
+            );
+        }
+        println!("redis-cluster: {why}; rebuilding it from scratch");
+        redis_cluster_start(sh)
+    };
+    match cluster_health(sh) {
         ClusterHealth::Healthy => return Ok(CLUSTER_OK),
         ClusterHealth::Unformed => {
             println!("redis-cluster: nodes run but form no cluster yet");
             // A failed create may leave nodes half-joined; starting over
             // is the one fix that works from any state.
             if let Err(err) = create_cluster(sh) {
-                println!("redis-cluster: {err:#}; rebuilding it from scratch");
-                redis_cluster_start(sh)?;
+                rebuild(&format!("{err:#}"))?;
             }
         }
-        ClusterHealth::Broken(why) => {
-            println!("redis-cluster: broken cluster ({why}); rebuilding it from scratch");
-            redis_cluster_start(sh)?;
-        }
+        ClusterHealth::Broken(why) => rebuild(&format!("broken cluster ({why})"))?,
     }
     match cluster_health(sh) {
         ClusterHealth::Healthy => Ok(CLUSTER_OK),
