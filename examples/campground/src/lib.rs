@@ -176,6 +176,12 @@ impl Demo {
             layer = layer.site_origin(SiteOrigin::of_url(&twin)?);
             hosts.push(authority(&twin).to_ascii_lowercase());
         }
+        // On http's own port, browsers send the host alone.
+        let bare: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| h.strip_suffix(":80").map(str::to_owned))
+            .collect();
+        hosts.extend(bare);
         Ok(Router::new()
             .route("/", get(pages::home))
             .route("/signin", post(pages::sign_in))

@@ -1064,6 +1064,26 @@ async fn the_demo_answers_only_at_its_own_address() {
         assert_eq!(res.status(), StatusCode::OK, "{host}");
         assert!(res.text().await.unwrap().contains("4242"));
     }
+    // On http's own port a browser sends the host alone.
+    let demo = Demo::open(StoreKind::Memory, "memory").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let real = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo.router("http://127.0.0.1:80").unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for (host, status) in [
+        ("127.0.0.1", StatusCode::OK),
+        ("localhost", StatusCode::OK),
+        ("127.0.0.1:80", StatusCode::OK),
+        ("127.0.0.1:8080", StatusCode::MISDIRECTED_REQUEST),
+    ] {
+        let res = client
+            .get(format!("{real}/"))
+            .header(reqwest::header::HOST, host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{host}");
+    }
 }
 
 /// The password form is for people who hold `password:change`: Sam, an
