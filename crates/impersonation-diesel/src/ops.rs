@@ -658,11 +658,18 @@ macro_rules! store_ops {
                     sql = sql.arg(hash.to_hex());
                 }
                 if touch_in_query {
-                    // (`idle_us` in the coalescing is the session's: `prev`
-                    // has no such column.)
+                    // (`idle_us` in the coalescing is the session's: `free`
+                    // has no such column.) Only rows no one holds are
+                    // touched: a lookup is a read, and must not wait on,
+                    // or fail for, a row another transaction has locked
+                    // (a host that died mid-write holds its locks until
+                    // TCP notices); the touch is bookkeeping, which the
+                    // next request tries again.
                     sql.push(&format!(
-                        "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
-                         WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
+                        "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? \
+                         FROM (SELECT id FROM impersonation_sessions WHERE id IN (SELECT id FROM prev) \
+                         FOR UPDATE SKIP LOCKED) free \
+                         WHERE s.id = free.id AND s.state = 'active' AND s.expires_us > ? \
                          AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - {} RETURNING s.id) \
                          SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
                         d::COALESCE
@@ -703,7 +710,12 @@ macro_rules! store_ops {
                         " AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - {}",
                         d::COALESCE
                     ));
-                    sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await?;
+                    // A touch that fails (a row another transaction holds,
+                    // past the lock timeout) fails no lookup: the rows are
+                    // read, and the next request tries the touch again.
+                    if let Err(e) = sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await {
+                        tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
+                    }
                 }
                 Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned().transpose()).collect())
             }

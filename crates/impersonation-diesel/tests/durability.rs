@@ -281,6 +281,111 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
     .await;
 }
 
+/// Another connection holds the row of one agent's session (a host that
+/// died mid-transition). A lookup is a read: the batch that holds that
+/// session's lookup and another's answers both, the held row untouched,
+/// rather than waiting on the lock and failing every lookup in it.
+/// Returns the second session's id, whose touch went through where the
+/// backend can touch one row while another is held.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn a_held_session_row_fails_no_lookup<H>(
+    store: &DieselStore,
+    hold: impl AsyncFnOnce(impersonation_core::SessionId) -> H,
+    release: impl AsyncFnOnce(H),
+) -> impersonation_core::SessionId {
+    let w = World::new();
+    let (first, first_secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (first, _) = must_start(store, first).await;
+    let (second, second_secret) = w.begin(&w.agent(2), &w.customer(2, "t1"), epoch());
+    let (second, _) = must_start(store, second).await;
+    let holder = hold(first.id).await;
+    let touch = impersonation_core::Touch {
+        now: epoch() + time::Duration::seconds(5),
+        coalesce: time::Duration::ZERO,
+    };
+    let found = tokio::time::timeout(
+        // A guard against a stall, not a timing assertion.
+        std::time::Duration::from_secs(120),
+        store.find_by_secrets(
+            &[first_secret.lookup(), second_secret.lookup()],
+            Some(touch),
+        ),
+    )
+    .await
+    .expect("the lookup waited on the lock for two minutes");
+    let ids: Vec<_> = found
+        .into_iter()
+        .map(|r| r.map(|s| s.map(|s| s.id)).map_err(|e| e.to_string()))
+        .collect();
+    assert_eq!(ids, vec![Ok(Some(first.id)), Ok(Some(second.id))]);
+    release(holder).await;
+    second.id
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_row_fails_no_lookup_on_postgres() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let schema = common::unique("imptest");
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(common::PG_URL)
+            .schema(schema.clone())
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let touched = a_held_session_row_fails_no_lookup(
+        &store,
+        async move |id| {
+            let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+                .await
+                .unwrap();
+            conn.batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; BEGIN; \
+                 SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE"
+            ))
+            .await
+            .unwrap();
+            conn
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
+    .await;
+    // The row no one held was touched in the same statement.
+    let stored = store.session(touched).await.unwrap().unwrap();
+    assert_eq!(stored.last_seen_at, epoch() + time::Duration::seconds(5));
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_row_fails_no_lookup_on_mariadb() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let url = common::mysql_database().await;
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(url.clone())
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    a_held_session_row_fails_no_lookup(
+        &store,
+        async move |id| {
+            let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
+                .await
+                .unwrap();
+            conn.batch_execute("START TRANSACTION").await.unwrap();
+            conn.batch_execute(&format!(
+                "SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE"
+            ))
+            .await
+            .unwrap();
+            conn
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
+    .await;
+}
+
 // --- tampering ----------------------------------------------------------------
 
 /// Starts a session, records four accesses and stops: a chain of six events.
