@@ -248,8 +248,24 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
     {
         return false;
     }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
+    // With no `Origin` (a browser from before it sent one on every POST),
+    // the `Referer`'s origin stands in for it; with neither, the token
+    // and the `SameSite=Strict` cookie decide.
+    let referer_origin;
+    let origin = match headers.get(header::ORIGIN) {
+        Some(origin) => origin,
+        None => match headers
+            .get(header::REFERER)
+            .map(|r| origin_of_url(r.as_bytes()))
+        {
+            None => return true,
+            Some(Some(origin)) => {
+                referer_origin = origin;
+                &referer_origin
+            }
+            // A `Referer` that names no origin this site could be.
+            Some(None) => return false,
+        },
     };
     let Ok(origin) = origin.to_str() else {
         return false;
@@ -265,6 +281,18 @@ pub(crate) fn from_this_site(headers: &HeaderMap, uri: &Uri, settings: &Settings
         secure: settings.secure_cookies,
     }
     .is(origin)
+}
+
+/// The origin (`scheme://host[:port]`) of an absolute URL, as a header
+/// value: what a `Referer` says of the page that sent a request.
+fn origin_of_url(url: &[u8]) -> Option<HeaderValue> {
+    let url = std::str::from_utf8(url).ok()?;
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    HeaderValue::from_str(&format!("{}://{}", scheme.to_ascii_lowercase(), authority)).ok()
 }
 
 /// The host (and port) a request names: its `Host` or, over HTTP/2 (which

@@ -349,12 +349,19 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
 /// header.
 fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Option<&'a str>; N] {
     let mut found: [Option<Option<&'a str>>; N] = [None; N];
+    // Pair by pair: a pair that is not visible ASCII (another site on
+    // this host, another port, can set one) is passed over alone, not
+    // the whole header with the session's and the token's cookies in it.
     let parsed = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(Cookie::split_parse)
-        .filter_map(Result::ok);
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(|pair| std::str::from_utf8(pair).ok())
+        .filter(|pair| {
+            pair.bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        })
+        .filter_map(|pair| Cookie::parse(pair.trim()).ok());
     for c in parsed {
         if let Some(i) = names.iter().position(|n| *n == c.name())
             && found[i].is_none()
@@ -607,9 +614,12 @@ where
                     // customer's consent is valid still: not refused as
                     // one that is not (a client would throw it away), and
                     // the SDK's stop, as the host's signed-in agent, may
-                    // withdraw it.
+                    // withdraw it (a bearer secret: the stop reads a
+                    // signed token only from a live session's context).
                     Err(impersonation_core::Error::PendingConsent) => {
-                        if !settings.stop_route(route_of(req.extensions(), req.uri())) {
+                        if !(settings.stop_route(route_of(req.extensions(), req.uri()))
+                            && kept_secret.is_some())
+                        {
                             return Ok(plain(
                                 StatusCode::FORBIDDEN,
                                 "impersonation session waits for the customer's consent",

@@ -151,6 +151,42 @@ async fn a_host_form_passes_the_csrf_check_only_from_this_site() {
         header::HeaderValue::from_static("same-origin"),
     );
     assert_eq!(status(&app, same).await, StatusCode::OK);
+    // No `Origin`: the `Referer`'s origin stands in for it.
+    let referred = |from: &'static str| {
+        let mut req = form("/bookings", here, true, TOKEN, None);
+        req.headers_mut().remove(header::ORIGIN);
+        req.headers_mut()
+            .insert(header::REFERER, header::HeaderValue::from_static(from));
+        req
+    };
+    assert_eq!(
+        status(&app, referred("https://app.example/bookings?x=1")).await,
+        StatusCode::OK
+    );
+    for from in [
+        "https://app.example:8443/x",
+        "https://evil.example/",
+        "not a url",
+    ] {
+        assert_eq!(
+            status(&app, referred(from)).await,
+            StatusCode::FORBIDDEN,
+            "{from}"
+        );
+    }
+    // A cookie pair that is not ASCII (set by a page on another port)
+    // hides none of the others.
+    let mut foreign = form("/bookings", here, true, TOKEN, None);
+    let cookies = foreign.headers().get(header::COOKIE).cloned();
+    if let Some(cookies) = cookies {
+        let mut with = b"x=\xc3\xa9; ".to_vec();
+        with.extend_from_slice(cookies.as_bytes());
+        foreign.headers_mut().insert(
+            header::COOKIE,
+            header::HeaderValue::from_bytes(&with).unwrap(),
+        );
+    }
+    assert_eq!(status(&app, foreign).await, StatusCode::OK);
     // A browser that says the request came from another site.
     let mut cross = form("/bookings", here, true, TOKEN, None);
     cross.headers_mut().insert(

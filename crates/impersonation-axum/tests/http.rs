@@ -325,7 +325,7 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
             ),
         )
         .nest("/impersonation", routes())
-        .layer(ImpersonationLayer::new(svc.clone()))
+        .layer(ImpersonationLayer::new(svc.clone()).accept_tokens(PendingTokens))
         .layer(from_fn_with_state(directory, auth));
     Fixture {
         app,
@@ -1635,6 +1635,43 @@ async fn a_bearer_secret_waiting_for_consent_is_refused_as_waiting_and_can_be_wi
     assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{}", after.body);
     let ended = events(&f).await.pop().unwrap();
     assert_eq!(ended.action, AuditAction::SessionEnded);
+}
+
+/// A host's token kind whose one token (`pending-token`) names a session
+/// that waits for its customer's consent.
+struct PendingTokens;
+
+#[async_trait::async_trait]
+impl impersonation_core::TokenResolver for PendingTokens {
+    async fn resolve_token(
+        &self,
+        token: &str,
+    ) -> Option<Result<impersonation_core::Context, impersonation_core::Error>> {
+        (token == "pending-token").then_some(Err(impersonation_core::Error::PendingConsent))
+    }
+}
+
+/// A signed token whose session waits for consent is refused as waiting,
+/// on the stop route too: the stop reads a token only from a live
+/// session's context, so it could not withdraw it (a bearer secret it can).
+#[tokio::test]
+async fn a_signed_token_waiting_for_consent_is_refused_as_waiting_at_stop_too() {
+    let f = fixture();
+    let mut api = Browser::new(&f, "sam");
+    for (method, path) in [(Method::GET, "/"), (Method::POST, "/impersonation/stop")] {
+        let reply = api.bearer(method, path, "Bearer pending-token").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("waits for the customer"),
+            "{path}: {}",
+            reply.body
+        );
+    }
 }
 
 /// A page opened from another site while the browser impersonates comes
