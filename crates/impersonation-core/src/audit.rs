@@ -1127,7 +1127,14 @@ impl ChainVerifier {
             }
             if head.seq.saturating_add(1) < self.next || head.hash != self.prev {
                 let mut b = self.broken(BreakKind::HeadMismatch);
-                b.position = self.next.saturating_sub(1);
+                // The first event the head does not vouch for: past a
+                // head that is behind, every event is as unanchored as
+                // the last.
+                b.position = if head.seq.saturating_add(1) < self.next {
+                    head.seq.saturating_add(1)
+                } else {
+                    self.next.saturating_sub(1)
+                };
                 return Err(b);
             }
         }

@@ -501,6 +501,23 @@ fn truncating_the_chain_is_caught_by_the_head() {
     assert_eq!(b.position, 4);
 }
 
+/// Events appended past a head that did not move: the break is at the
+/// first one the head does not vouch for, not the last (the ones between
+/// are no better anchored); a head that names the last position with
+/// another hash breaks there.
+#[test]
+fn a_head_behind_its_events_breaks_at_the_first_it_does_not_cover() {
+    let (chain, events) = chain_of(9);
+    let b = verify_chain(&chain, &events, Some(events[5].head())).unwrap_err();
+    assert_eq!((b.position, b.kind), (6, BreakKind::HeadMismatch));
+    let other = ChainHead {
+        seq: 8,
+        hash: events[7].hash,
+    };
+    let b = verify_chain(&chain, &events, Some(other)).unwrap_err();
+    assert_eq!((b.position, b.kind), (8, BreakKind::HeadMismatch));
+}
+
 /// A head at the last place there is (only a damaged store holds one)
 /// is a break to report, not an overflow; and an event placed after it
 /// takes that same last place, which the chain then refuses.
