@@ -309,6 +309,9 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
     )
     .await;
     assert_eq!(ends.len(), 1, "exactly one end event");
+    // Started and ended: the refused change left no event on the chain
+    // (an event written before the version check was lost would).
+    assert_eq!(assert_chain_verifies(&store, &session.chain()).await, 2);
 
     // The version decides, not the state: on a session still live, a
     // change made from a copy an activation has overtaken conflicts too
@@ -351,6 +354,9 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
         (now.state, now.version),
         (SessionState::Active, active.version)
     );
+    // Requested and started, no more: neither stale change wrote its
+    // event (a second start, an end of a live session).
+    assert_eq!(assert_chain_verifies(&store, &pending.chain()).await, 2);
 }
 
 /// A transition on a session the store never saw is `SessionNotFound`, and writes nothing.
@@ -840,20 +846,52 @@ pub async fn audit_filters_select_exactly<S: Store>(store: S) {
 /// (Under a PAD SPACE collation, as MySQL's and MariaDB's `utf8mb4_bin`
 /// are, `'ann' = 'ann '`.)
 pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S) {
+    ids_stay_apart(&store, |id| format!("{id} "), "t1", "Agent 1").await;
+}
+
+/// Ids that differ only by case, or by an accent, name different people
+/// too, as they do to the host (under a case- or accent-insensitive
+/// collation, MySQL 8's default `utf8mb4_0900_ai_ci` say, `'Sam' =
+/// 'sam'` and `'José' = 'Jose'`); and a name beyond the Basic
+/// Multilingual Plane (four bytes in UTF-8, which MySQL's `utf8mb3`
+/// cannot hold) reads back exactly, its record's hash intact.
+pub async fn ids_differing_by_case_or_accent_stay_apart<S: Store>(store: S) {
+    ids_stay_apart(&store, str::to_uppercase, "t1", "Agent \u{1F6F6} 1").await;
+    ids_stay_apart(
+        &store,
+        |id| id.replacen('e', "\u{e9}", 1),
+        "te1",
+        "Ag\u{e9}nt \u{1D11E} 1",
+    )
+    .await;
+}
+
+/// Two agents, customers and tenants (the first named `tenant`) whose
+/// ids differ only as `vary` makes them: their live-session slots,
+/// chains, live lists and audit views stay apart; the varied agent's
+/// change is recorded under `name`.
+async fn ids_stay_apart<S: Store>(
+    store: &S,
+    vary: impl Fn(&str) -> String,
+    tenant: &str,
+    name: &str,
+) {
     let w = World::new();
-    let spaced = |id: &UserId| UserId::new(format!("{id} ")).unwrap_or_else(|e| panic!("{e}"));
-    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let varied = |id: &UserId| UserId::new(vary(id.as_str())).unwrap_or_else(|e| panic!("{e}"));
+    let (agent, customer) = (w.agent(1), w.customer(1, tenant));
     let mut agent_sp = agent.clone();
-    agent_sp.id = spaced(&agent.id);
-    let mut customer_sp = w.customer(1, "t1 ");
-    customer_sp.id = spaced(&customer.id);
-    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    agent_sp.id = varied(&agent.id);
+    let mut customer_sp = w.customer(1, &vary(tenant));
+    customer_sp.id = varied(&customer.id);
+    assert_ne!(agent.id, agent_sp.id);
+    assert_ne!(customer.tenant, customer_sp.tenant);
+    let (session, _) = must_start(store, w.begin(&agent, &customer, epoch()).0).await;
     // Refused here if the store took the agent's slot for the other's.
-    let (session_sp, _) = must_start(&store, w.begin(&agent_sp, &customer_sp, epoch()).0).await;
+    let (session_sp, _) = must_start(store, w.begin(&agent_sp, &customer_sp, epoch()).0).await;
     let draft = session_sp.draft(
         epoch() + Duration::minutes(1),
         AuditAction::Modification,
-        Actor::user(agent_sp.id.clone(), "Agent 1"),
+        Actor::user(agent_sp.id.clone(), name),
     );
     store
         .append(draft, AppendGuard::SessionActive(session_sp.id))
@@ -865,7 +903,7 @@ pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S
     ] {
         let who = format!("{:?}", agent.id);
         assert_eq!(
-            assert_chain_verifies(&store, &session.chain()).await,
+            assert_chain_verifies(store, &session.chain()).await,
             events,
             "{who}'s chain"
         );
@@ -885,7 +923,7 @@ pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S
         ];
         for filter in filters {
             assert_eq!(
-                live_ids(&store, &filter).await,
+                live_ids(store, &filter).await,
                 vec![session.id],
                 "{filter:?}"
             );
@@ -906,7 +944,7 @@ pub async fn ids_differing_only_by_trailing_spaces_stay_apart<S: Store>(store: S
             },
         ];
         for query in queries {
-            let found = all_events(&store, query.clone()).await;
+            let found = all_events(store, query.clone()).await;
             assert_eq!(found.len(), events as usize, "{query:?}");
             assert!(
                 found.iter().all(|e| e.session == Some(session.id)),
@@ -1912,7 +1950,10 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
+    // The same cases as `store_conformance_tests!`, in its order (a test
+    // below holds the two lists together).
     start_writes_the_session_and_its_event(factory().await).await;
+    session_times_keep_their_microseconds(factory().await).await;
     start_refuses_a_second_live_session_and_audits_it(factory().await).await;
     a_pending_session_counts_as_live(factory().await).await;
     agents_hold_sessions_independently(factory().await).await;
@@ -1929,6 +1970,7 @@ where
     chains_are_listed_in_order_with_paging(factory().await).await;
     audit_filters_select_exactly(factory().await).await;
     ids_differing_only_by_trailing_spaces_stay_apart(factory().await).await;
+    ids_differing_by_case_or_accent_stay_apart(factory().await).await;
     audit_pages_visit_every_event_once_in_order(factory().await).await;
     a_page_holds_at_most_max_page_events(factory().await).await;
     audit_pages_over_batches_match_a_sorted_scan(factory().await).await;
@@ -1936,6 +1978,7 @@ where
     live_sessions_filter_and_exclude_ended(factory().await).await;
     racing_starts_leave_one_live_session(factory().await).await;
     racing_ends_touches_and_appends_leave_one_end(factory().await).await;
+    racing_touches_keep_the_latest(factory().await).await;
     concurrent_appends_keep_the_chain_valid(factory().await).await;
     append_batch_judges_each_event_and_keeps_order(factory().await).await;
     find_by_secrets_answers_each_lookup_in_order(factory().await).await;
@@ -1998,6 +2041,7 @@ macro_rules! store_conformance_tests {
             chains_are_listed_in_order_with_paging,
             audit_filters_select_exactly,
             ids_differing_only_by_trailing_spaces_stay_apart,
+            ids_differing_by_case_or_accent_stay_apart,
             audit_pages_visit_every_event_once_in_order,
             a_page_holds_at_most_max_page_events,
             audit_pages_over_batches_match_a_sorted_scan,
@@ -2076,5 +2120,26 @@ mod tests {
     #[tokio::test]
     async fn a_case_that_finishes_passes() {
         super::within(Duration::from_secs(5), "a_quick_case", async {}).await;
+    }
+
+    /// `run_all` runs the cases `store_conformance_tests!` makes tests
+    /// of, every one, in the same order: read off this file's source.
+    #[test]
+    fn run_all_and_the_macro_run_the_same_cases() {
+        let source = include_str!("conformance.rs");
+        let body = |from: &str, to: &str| -> Vec<String> {
+            let start = source.find(from).unwrap_or(0) + from.len();
+            let end = start + source[start..].find(to).unwrap_or(0);
+            source[start..end]
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("//"))
+                .map(|l| l.split(['(', ',']).next().unwrap_or_default().to_owned())
+                .collect()
+        };
+        let run_all = body("Fut: std::future::Future<Output = S>,\n{\n", "\n}\n");
+        let macro_cases = body("(@cases $factory;\n", ");\n");
+        assert!(macro_cases.len() > 25, "{macro_cases:?}");
+        assert_eq!(run_all, macro_cases);
     }
 }
