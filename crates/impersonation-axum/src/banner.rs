@@ -71,9 +71,14 @@ pub(crate) const STYLES: [&str; 5] = [
     "display:inline!important;visibility:visible!important;opacity:1!important",
     "display:inline!important;visibility:visible!important;opacity:1!important;font-weight:400",
     "display:block!important;visibility:visible!important;opacity:1!important;margin:0 0 0 auto",
+    // The button's own colours: the banner's white text (and its
+    // `-webkit-text-fill-color`, which inherits) would be white on the
+    // button's light face.
     concat!(
         "display:inline-block!important;visibility:visible!important;opacity:1!important;",
-        "font:inherit;padding:.2em .8em;white-space:nowrap"
+        "color:#7f1d1d!important;-webkit-text-fill-color:#7f1d1d!important;",
+        "background:#fff!important;border:1px solid #fff!important;border-radius:4px;",
+        "font:inherit;padding:.2em .8em;white-space:nowrap;cursor:pointer"
     ),
 ];
 
@@ -1374,6 +1379,14 @@ mod tests {
             }
         }
         assert!(super::STYLES[4].contains("display:inline-block!important"));
+        // The button's text is not the banner's white, which it would
+        // inherit onto its white face.
+        for property in [
+            "color:#7f1d1d!important",
+            "-webkit-text-fill-color:#7f1d1d!important",
+        ] {
+            assert!(super::STYLES[4].contains(property), "{property}");
+        }
     }
 
     /// A `</body>` inside a `<template>` is the template's inert content,

@@ -18,8 +18,9 @@ use crate::layer::{CsrfToken, Handle, Settings, cookie, session_token};
 /// equals the request's [`CsrfToken`] (the cookie's, or under an
 /// impersonation session one bound to it; compared in constant time),
 /// `Sec-Fetch-Site` (if sent) is
-/// `same-origin` or `none`, and `Origin` (if sent) is this site: its host,
-/// and `https` outside development mode. The origin check is what stops a
+/// `same-origin` or `none`, and `Origin` (if sent; else the `Referer`'s
+/// origin, if that is sent) is this site: its host, and `https` outside
+/// development mode. The origin check is what stops a
 /// page on another port of the same host, which can set the cookie
 /// (browsers do not keep cookies apart by port) but cannot send this site's
 /// origin.
@@ -71,8 +72,8 @@ impl CsrfCheck {
 
     /// Whether the request comes from this site's own pages: the browser
     /// sent the CSRF cookie (`SameSite=Strict`, so never with a request
-    /// another site starts) and neither `Origin` nor `Sec-Fetch-Site` names
-    /// another origin. [`CsrfCheck::verify`] asks this and the token.
+    /// another site starts) and neither `Origin` (or, without one, the
+    /// `Referer`) nor `Sec-Fetch-Site` names another origin. [`CsrfCheck::verify`] asks this and the token.
     ///
     /// This alone serves a form that may outlive its token and does no
     /// harm posted as whoever the browser is now: sign-out, whose form may

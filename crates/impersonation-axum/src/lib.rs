@@ -28,7 +28,8 @@
 //!
 //! Under impersonation every response is `Cache-Control: no-store`, every
 //! request is audited once (access for safe methods, modification for the
-//! others, with method, route template and status), and `text/html`
+//! others, with method, route template and status; a denied attempt for
+//! an answer the app marks [`Denied`]), and `text/html`
 //! responses get the banner before `</body>`. HTML bodies are buffered to
 //! inject it (up to [`MAX_BANNER_BODY`], read for at most
 //! [`MAX_BANNER_READ_TIME`], and cut short with a 401 if the session ends
@@ -187,7 +188,8 @@ impl ImpersonationLayer {
     }
 
     /// Which impersonated requests are audited, by method and route template
-    /// (default: all). Refusals by [`NotImpersonating`] are always audited.
+    /// (default: all). Refusals by [`NotImpersonating`], and answers the app
+    /// marks [`Denied`], are always audited.
     #[must_use]
     pub fn audit_when(
         self,

@@ -177,7 +177,7 @@ pub struct TokenEndpointResponse {
     /// The status code.
     pub status: u16,
     /// Headers to set (`Content-Type`, `Cache-Control: no-store`, and on a
-    /// failed Basic authentication `WWW-Authenticate`).
+    /// failed client authentication, `invalid_client`, `WWW-Authenticate`).
     pub headers: Vec<(&'static str, String)>,
     /// The JSON body.
     pub body: String,

@@ -273,6 +273,21 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
             serde_json::json!(["fixed", 0, "rgb(185, 28, 28)"]),
             "the banner's styles were blocked"
         );
+        // The Stop button's text is readable on its face: not the
+        // banner's white, which it would inherit.
+        let button = client
+            .execute(
+                "const s = getComputedStyle(document.querySelector('#impersonation-banner button')); \
+                 return [s.webkitTextFillColor, s.backgroundColor];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            button,
+            serde_json::json!(["rgb(127, 29, 29)", "rgb(255, 255, 255)"]),
+            "the Stop button's colours"
+        );
         assert_eq!(text(client, "#effective-user").await, "Olive Owner");
         // The live line (server-sent events through the layer) fills in
         // with the count of Olive's bookings.
