@@ -156,7 +156,12 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let (mut cmd, shown) = cargo_command(args, &[])?;
+    let (cmd, shown) = cargo_command(args, &[])?;
+    run_child(cmd, &shown)
+}
+
+/// Runs `cmd` (echoed as `shown`) to its end; its exit code.
+fn run_child(mut cmd: Command, shown: &str) -> Result<ExitCode> {
     let status = cmd
         .status()
         .with_context(|| format!("could not start `{shown}`"))?;
@@ -188,15 +193,8 @@ where
     }
     #[cfg(not(unix))]
     {
-        let (mut cmd, shown) = cargo_command(args, env)?;
-        let status = cmd
-            .status()
-            .with_context(|| format!("could not start `{shown}`"))?;
-        match status.code() {
-            Some(0) => Ok(ExitCode::SUCCESS),
-            Some(code) => Ok(u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)),
-            None => anyhow::bail!("`{shown}` was killed by a signal ({status})"),
-        }
+        let (cmd, shown) = cargo_command(args, env)?;
+        run_child(cmd, &shown)
     }
 }
 

@@ -349,19 +349,29 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
 /// header.
 fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Option<&'a str>; N] {
     let mut found: [Option<Option<&'a str>>; N] = [None; N];
-    // Pair by pair: a pair that is not visible ASCII (another site on
-    // this host, another port, can set one) is passed over alone, not
-    // the whole header with the session's and the token's cookies in it.
+    // A header of visible ASCII is parsed in place, as a whole; one that
+    // is not is read pair by pair: a pair that is not (another site on
+    // this host, another port, can set one) is passed over alone, not the
+    // whole header with the session's and the token's cookies in it.
     let parsed = headers
         .get_all(header::COOKIE)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .filter_map(|pair| std::str::from_utf8(pair).ok())
-        .filter(|pair| {
-            pair.bytes()
-                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .flat_map(|v| {
+            let whole = v.to_str().ok();
+            let pairs = whole
+                .is_none()
+                .then(|| v.as_bytes().split(|&b| b == b';'))
+                .into_iter()
+                .flatten()
+                .filter_map(|pair| std::str::from_utf8(pair).ok())
+                .filter(|pair| {
+                    pair.bytes()
+                        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+                })
+                .map(|pair| Cookie::parse(pair.trim()));
+            whole.into_iter().flat_map(Cookie::split_parse).chain(pairs)
         })
-        .filter_map(|pair| Cookie::parse(pair.trim()).ok());
+        .filter_map(Result::ok);
     for c in parsed {
         if let Some(i) = names.iter().position(|n| *n == c.name())
             && found[i].is_none()
