@@ -548,22 +548,23 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
 }
 
-/// An empty live marker names no session (nor a lost reply's empty
-/// answer): a start meets it as a damaged one, refused for the live
-/// session and the marker repaired, or, with none live, cleared.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_live_marker_is_a_damaged_one() {
-    let ns = common::unique("imptest");
-    let store = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
+/// A start that meets the agent's live marker set to `value` (damage):
+/// refused for the agent's live `session`, the marker naming it again;
+/// with no session live, the marker cleared (a 503: try again), and the
+/// next start goes ahead.
+async fn a_start_repairs_a_damaged_marker(
+    store: &impersonation_redis::RedisStore,
+    w: &World,
+    session: &impersonation_core::Session,
+    marker_key: &str,
+    value: &str,
+) {
     let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
-    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
-    let empty = || async {
+    let set = || async {
         let mut raw = common::raw(common::SINGLE).await;
         let _: () = redis::cmd("SET")
-            .arg(&marker_key)
-            .arg("")
+            .arg(marker_key)
+            .arg(value)
             .query_async(&mut raw)
             .await
             .unwrap();
@@ -571,27 +572,43 @@ async fn an_empty_live_marker_is_a_damaged_one() {
     let marker = || async {
         let mut raw = common::raw(common::SINGLE).await;
         let value: Option<String> = redis::cmd("GET")
-            .arg(&marker_key)
+            .arg(marker_key)
             .query_async(&mut raw)
             .await
             .unwrap();
         value
     };
-    empty().await;
+    set().await;
     match store.start(w.begin(&agent, &customer, epoch()).0).await {
         Ok(impersonation_core::StartOutcome::Refused { live, .. }) => assert_eq!(live, session.id),
-        other => panic!("{other:?}"),
+        other => panic!("{value:?}: {other:?}"),
     }
     assert_eq!(marker().await, Some(session.id.to_string()));
-    stopped_by_its_agent(&store, &session).await;
-    empty().await;
+    stopped_by_its_agent(store, session).await;
+    set().await;
     let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
     assert!(
         matches!(refused, Err(impersonation_core::StoreError::Unavailable(_))),
-        "{refused:?}"
+        "{value:?}: {refused:?}"
     );
     assert_eq!(marker().await, None);
-    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    must_start(store, w.begin(&agent, &customer, epoch()).0).await;
+}
+
+/// An empty live marker names no session (nor a lost reply's empty
+/// answer): a start meets it as a damaged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_live_marker_is_a_damaged_one() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (session, _) = must_start(
+        &store,
+        w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
+    )
+    .await;
+    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    a_start_repairs_a_damaged_marker(&store, &w, &session, &marker_key, "").await;
 }
 
 /// An agent's live-session marker that names no session id (damage) does
@@ -631,30 +648,6 @@ async fn a_damaged_live_marker_still_lists_the_agents_session() {
     assert_ne!(session.id, other.id);
 
     // A start meets the damaged marker: refused for the agent's live
-    // session, found among all, and the marker names it again.
-    let marker = || async {
-        let mut raw = common::raw(common::SINGLE).await;
-        let value: Option<String> = redis::cmd("GET")
-            .arg(&marker_key)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        value
-    };
-    match store.start(w.begin(&agent, &customer, epoch()).0).await {
-        Ok(impersonation_core::StartOutcome::Refused { live, .. }) => assert_eq!(live, session.id),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(marker().await, Some(session.id.to_string()));
-    // With no live session left, a damaged marker is cleared by the start
-    // that meets it (a 503: try again), and the next start goes ahead.
-    stopped_by_its_agent(&store, &session).await;
-    damage(marker_key.clone()).await;
-    let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
-    assert!(
-        matches!(refused, Err(impersonation_core::StoreError::Unavailable(_))),
-        "{refused:?}"
-    );
-    assert_eq!(marker().await, None);
-    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    // session, and the marker names it again; with none live, cleared.
+    a_start_repairs_a_damaged_marker(&store, &w, &session, &marker_key, "not a session id").await;
 }
