@@ -1500,20 +1500,20 @@ async fn audit_request(
     // `audit_when` says of its route, as the guard's is), in a session
     // still live: only a 4xx answer counts as one, so that no marker
     // turns a request served into a refusal on the trail. A session that
-    // ended while the handler ran goes the usual way (a read withheld).
+    // ended while the handler ran refuses the record (guarded, as any
+    // request's), and the answer goes as for any request of an ended
+    // session: a read withheld.
     if let Some(denial) = answer
         .denied
         .filter(|_| (400..500).contains(&answer.status))
         && !state.audited.load(Ordering::SeqCst)
         && !answer.as_refused
-        && shared.api.check_session(ctx.session()).await.is_ok()
     {
         let api = Arc::clone(&shared.api);
         let ctx = ctx.clone();
         let attempt = format!("{method} {route}");
         return Some(
-            run_to_end(async move { api.record_denied(&ctx, denial, &attempt).await.map(drop) })
-                .await,
+            run_to_end(async move { api.record_refused(&ctx, denial, &attempt).await }).await,
         );
     }
     if !needs_record(shared, state, method, route, answer.as_refused) {

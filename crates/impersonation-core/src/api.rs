@@ -64,6 +64,13 @@ pub trait ImpersonationApi: Send + Sync + 'static {
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error>;
+    /// See [`Impersonation::record_refused`].
+    async fn record_refused(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<(), Error>;
     /// See [`Impersonation::record_used_by_other`].
     async fn record_used_by_other(
         &self,
@@ -141,6 +148,14 @@ where
     ) -> Result<Error, Error> {
         Impersonation::record_denied(self, ctx, denial, attempt).await
     }
+    async fn record_refused(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<(), Error> {
+        Impersonation::record_refused(self, ctx, denial, attempt).await
+    }
     async fn record_used_by_other(
         &self,
         ctx: &Context,
@@ -217,6 +232,14 @@ impl<T: ImpersonationApi + ?Sized> ImpersonationApi for Arc<T> {
         attempt: &str,
     ) -> Result<Error, Error> {
         (**self).record_denied(ctx, denial, attempt).await
+    }
+    async fn record_refused(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<(), Error> {
+        (**self).record_refused(ctx, denial, attempt).await
     }
     async fn record_used_by_other(
         &self,

@@ -2064,6 +2064,42 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         self.audit_denial(draft, denial, attempt).await
     }
 
+    /// Audits the app's own refusal of a request inside the session (a
+    /// form naming another tenant's record, say): a `Denied` event with
+    /// `denial` and `attempt`, appended only while the session is active,
+    /// as [`Impersonation::record_completed`] appends. A session that
+    /// ended meanwhile (stopped in another tab) refuses it: nothing is
+    /// recorded after the end, and the answer is `Unauthenticated`.
+    pub async fn record_refused(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+    ) -> Result<(), Error> {
+        let mut draft = ctx.draft(self.now(), AuditAction::Denied);
+        for (key, value) in denial_details(&denial, attempt).iter() {
+            draft.details.insert(key, value);
+        }
+        match self
+            .append(draft, AppendGuard::SessionActive(ctx.0.session))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(
+                    denial = denial.code(),
+                    attempt,
+                    "impersonated request refused by the app"
+                );
+                Ok(())
+            }
+            Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
+                self.reuse.forget(ctx.0.session);
+                Err(Error::Unauthenticated)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Audits a use of a session's credential by `by`, who is not its
     /// agent (a bearer secret or token sent beside someone else signed
     /// in): a `Denied` event on the session's trail, naming `by` as acting

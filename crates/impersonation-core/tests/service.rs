@@ -1485,6 +1485,38 @@ async fn a_shorter_longest_duration_since_the_start_ends_the_live_session_on_tim
     assert!(f.service.resolve(&started.secret).await.is_err());
 }
 
+/// The app's own refusal is a denied event inside a live session, and
+/// none once the session has ended: the append is guarded, as a
+/// request's record is.
+#[tokio::test]
+async fn an_apps_refusal_is_recorded_only_in_a_live_session() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    f.service
+        .record_refused(&ctx, Denial::TenantBoundary, "POST /bookings")
+        .await
+        .unwrap();
+    let last = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(last.action, AuditAction::Denied);
+    assert_eq!(last.details.get("denial"), Some("tenant_boundary"));
+    assert_eq!(last.details.get("attempt"), Some("POST /bookings"));
+    f.service
+        .stop(&started.secret, &agent("sam"))
+        .await
+        .unwrap();
+    let refused = f
+        .service
+        .record_refused(&ctx, Denial::TenantBoundary, "POST /bookings")
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Unauthenticated)),
+        "{refused:?}"
+    );
+    let last = session_events(&f, started.session.id).await.pop().unwrap();
+    assert_eq!(last.action, AuditAction::SessionEnded);
+}
+
 #[tokio::test]
 async fn malformed_and_unknown_secrets_are_unauthenticated() {
     let f = fixture();

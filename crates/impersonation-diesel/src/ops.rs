@@ -49,6 +49,21 @@ pub(crate) fn retryable(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// Whether a statement gave up waiting for a lock another transaction
+/// holds (PostgreSQL's `lock_timeout`, InnoDB's lock wait, SQLite's busy
+/// timeout).
+pub(crate) fn lock_timed_out(e: &diesel::result::Error) -> bool {
+    match e {
+        diesel::result::Error::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("lock timeout")
+                || m.contains("Lock wait timeout")
+                || m.contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
 #[allow(dead_code)] // each dialect uses only what its backend needs
 pub(crate) mod dialect {
     pub(crate) mod postgres {
@@ -643,33 +658,32 @@ macro_rules! store_ops {
                     .map(|t| i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX))
                     .unwrap_or_default();
                 let touch_in_query = d::ONE_STATEMENT_TOUCH && touch.is_some();
-                let mut sql = if touch_in_query {
-                    Sql::new(
+                // The lookup alone: a read.
+                let plain = || {
+                    let mut sql = Sql::new(format!(
+                        "SELECT secret_hash, id, {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash IN "
+                    ));
+                    markers(&mut sql, hashes.len());
+                    for hash in hashes {
+                        sql = sql.arg(hash.to_hex());
+                    }
+                    sql
+                };
+                let rows = if touch_in_query {
+                    let mut sql = Sql::new(
                         "WITH prev AS (SELECT id, secret_hash, record, shadow, last_seen_us, last_checked_us, version \
                          FROM impersonation_sessions WHERE secret_hash IN ",
-                    )
-                } else {
-                    Sql::new(format!(
-                        "SELECT secret_hash, id, {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash IN "
-                    ))
-                };
-                markers(&mut sql, hashes.len());
-                for hash in hashes {
-                    sql = sql.arg(hash.to_hex());
-                }
-                if touch_in_query {
-                    // (`idle_us` in the coalescing is the session's: `free`
-                    // has no such column.) Only rows no one holds are
-                    // touched: a lookup is a read, and must not wait on,
-                    // or fail for, a row another transaction has locked
-                    // (a host that died mid-write holds its locks until
-                    // TCP notices); the touch is bookkeeping, which the
-                    // next request tries again.
+                    );
+                    markers(&mut sql, hashes.len());
+                    for hash in hashes {
+                        sql = sql.arg(hash.to_hex());
+                    }
+                    // (`idle_us` in the coalescing is the session's: `prev`
+                    // has no such column.) Only the rows whose touch is due
+                    // are updated, so only they are locked.
                     sql.push(&format!(
-                        "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? \
-                         FROM (SELECT id FROM impersonation_sessions WHERE id IN (SELECT id FROM prev) \
-                         FOR UPDATE SKIP LOCKED) free \
-                         WHERE s.id = free.id AND s.state = 'active' AND s.expires_us > ? \
+                        "), touched AS (UPDATE impersonation_sessions s SET last_seen_us = ? FROM prev \
+                         WHERE s.id = prev.id AND s.state = 'active' AND s.expires_us > ? \
                          AND s.idle_us > ? - s.last_seen_us AND s.last_seen_us <= ? - {} RETURNING s.id) \
                          SELECT secret_hash, id, record, shadow, last_seen_us, last_checked_us, version FROM prev",
                         d::COALESCE
@@ -677,7 +691,24 @@ macro_rules! store_ops {
                     // `idle_us` may be i64::MAX (never idle): the sums are
                     // written as differences, which cannot overflow BIGINT.
                     sql = sql.arg(now).arg(now).arg(now).arg(now).arg(coalesce);
-                }
+                    match sql.load::<KeyedSessionRow>(conn).await {
+                        Ok(rows) => rows,
+                        // A touch that waited out the lock timeout on a row
+                        // another transaction holds (a host that died
+                        // mid-write holds its locks until TCP notices)
+                        // fails no lookup: the rows are read again,
+                        // untouched, and the next request tries the touch.
+                        // (Touches wait for each other, rather than skip a
+                        // row one holds, so that the latest one stands.)
+                        Err(e) if crate::ops::lock_timed_out(&e) => {
+                            tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
+                            plain().load::<KeyedSessionRow>(conn).await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                } else {
+                    plain().load::<KeyedSessionRow>(conn).await?
+                };
                 let asked: HashMap<String, SecretHash> = hashes.iter().map(|h| (h.to_hex(), *h)).collect();
                 // Each row decoded on its own: one that cannot be (damaged,
                 // or written by a version whose records this one refuses)
@@ -685,7 +716,7 @@ macro_rules! store_ops {
                 // which holds other requests' lookups.
                 let mut found: HashMap<String, Result<Session, StoreError>> = HashMap::new();
                 let mut due = Vec::new();
-                for keyed in sql.load::<KeyedSessionRow>(conn).await? {
+                for keyed in rows {
                     let session = match asked.get(&keyed.secret_hash) {
                         Some(key) => keyed.row.into_session_via(*key, decoded),
                         None => keyed.row.into_session(),
@@ -710,11 +741,18 @@ macro_rules! store_ops {
                         " AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - {}",
                         d::COALESCE
                     ));
-                    // A touch that fails (a row another transaction holds,
-                    // past the lock timeout) fails no lookup: the rows are
-                    // read, and the next request tries the touch again.
-                    if let Err(e) = sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await {
-                        tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
+                    // A touch that waited out the lock timeout on a row
+                    // another transaction holds fails no lookup: the rows
+                    // are read, and the next request tries the touch
+                    // again. Any other failure (a lost connection, a
+                    // read-only server) is the store's, as ever.
+                    match sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await {
+                        Err(e) if crate::ops::lock_timed_out(&e) || crate::ops::retryable(&e) => {
+                            tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
+                        }
+                        other => {
+                            other?;
+                        }
                     }
                 }
                 Ok(hashes.iter().map(|h| found.get(&h.to_hex()).cloned().transpose()).collect())

@@ -285,14 +285,12 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
 /// died mid-transition). A lookup is a read: the batch that holds that
 /// session's lookup and another's answers both, the held row untouched,
 /// rather than waiting on the lock and failing every lookup in it.
-/// Returns the second session's id, whose touch went through where the
-/// backend can touch one row while another is held.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_session_row_fails_no_lookup<H>(
     store: &DieselStore,
     hold: impl AsyncFnOnce(impersonation_core::SessionId) -> H,
     release: impl AsyncFnOnce(H),
-) -> impersonation_core::SessionId {
+) {
     let w = World::new();
     let (first, first_secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
     let (first, _) = must_start(store, first).await;
@@ -319,7 +317,6 @@ async fn a_held_session_row_fails_no_lookup<H>(
         .collect();
     assert_eq!(ids, vec![Ok(Some(first.id)), Ok(Some(second.id))]);
     release(holder).await;
-    second.id
 }
 
 #[cfg(feature = "postgres")]
@@ -334,7 +331,7 @@ async fn a_held_session_row_fails_no_lookup_on_postgres() {
     )
     .await
     .unwrap();
-    let touched = a_held_session_row_fails_no_lookup(
+    a_held_session_row_fails_no_lookup(
         &store,
         async move |id| {
             let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
@@ -351,9 +348,53 @@ async fn a_held_session_row_fails_no_lookup_on_postgres() {
         async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
     )
     .await;
-    // The row no one held was touched in the same statement.
-    let stored = store.session(touched).await.unwrap().unwrap();
-    assert_eq!(stored.last_seen_at, epoch() + time::Duration::seconds(5));
+}
+
+/// A lookup whose idle touch is not due (coalesced) is a read: it locks
+/// no row (a row lock is a write, flushed at commit), so the session's
+/// row has no locker after it.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_whose_touch_is_not_due_locks_nothing_on_postgres() {
+    use diesel::QueryableByName;
+    use diesel::sql_types::Text;
+    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    let db = common::postgres_db(2).await;
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&db.store, start).await;
+    let touch = impersonation_core::Touch {
+        now: epoch() + time::Duration::seconds(5),
+        coalesce: time::Duration::hours(1),
+    };
+    let found = db
+        .store
+        .find_by_secrets(&[secret.lookup()], Some(touch))
+        .await;
+    assert!(matches!(found.as_slice(), [Ok(Some(_))]), "{found:?}");
+    let Place::Postgres { schema } = &db.place else {
+        panic!("a PostgreSQL test database");
+    };
+    #[derive(QueryableByName)]
+    struct Locker {
+        #[diesel(sql_type = Text)]
+        xmax: String,
+    }
+    let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+        .await
+        .unwrap();
+    conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .await
+        .unwrap();
+    let lockers = diesel::sql_query(format!(
+        "SELECT xmax::text AS xmax FROM impersonation_sessions WHERE id = '{}'",
+        session.id
+    ))
+    .load::<Locker>(&mut conn)
+    .await
+    .unwrap();
+    let lockers: Vec<String> = lockers.into_iter().map(|l| l.xmax).collect();
+    assert_eq!(lockers, ["0"]);
 }
 
 #[cfg(feature = "mysql")]
