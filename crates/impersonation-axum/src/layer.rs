@@ -977,7 +977,6 @@ where
                         let read = Reading {
                             watch,
                             quiet: settings.stream_check,
-                            limit: MAX_BANNER_READ_TIME,
                         };
                         match AssertUnwindSafe(with_banner(
                             res, &banner, &stop, markup, route, read,
@@ -1326,8 +1325,6 @@ pub(crate) struct Reading<W> {
     pub(crate) watch: W,
     /// How long a read goes unwatched (most pages are read by then).
     pub(crate) quiet: std::time::Duration,
-    /// How long a read may take in all.
-    pub(crate) limit: std::time::Duration,
 }
 
 /// Why a page's body was not read whole.
@@ -1336,13 +1333,13 @@ enum Unread {
     Failed(axum::BoxError),
     /// Its session ended while it was read.
     SessionOver,
-    /// Still coming after [`Reading::limit`].
+    /// Still coming after [`MAX_BANNER_READ_TIME`].
     TooSlow,
 }
 
 /// `body` read whole (up to [`MAX_BANNER_BODY`]): unwatched for
-/// `read.quiet`, then while the session's watch runs, for `read.limit`
-/// in all.
+/// `read.quiet`, then while the session's watch runs, for
+/// [`MAX_BANNER_READ_TIME`] in all.
 async fn read_page<W>(
     body: Body,
     read: Reading<W>,
@@ -1359,7 +1356,7 @@ where
         return collect.await.map_err(Unread::Failed);
     }
     tokio::pin!(collect);
-    let quiet = read.quiet.min(read.limit);
+    let quiet = read.quiet.min(MAX_BANNER_READ_TIME);
     if let Ok(done) = tokio::time::timeout(quiet, &mut collect).await {
         return done.map_err(Unread::Failed);
     }
@@ -1369,7 +1366,7 @@ where
     tokio::select! {
         done = &mut collect => done.map_err(Unread::Failed),
         _ = end => Err(Unread::SessionOver),
-        () = tokio::time::sleep(read.limit.saturating_sub(quiet)) => Err(Unread::TooSlow),
+        () = tokio::time::sleep(MAX_BANNER_READ_TIME.saturating_sub(quiet)) => Err(Unread::TooSlow),
     }
 }
 

@@ -488,6 +488,14 @@ fn stop_span() -> Span {
     )
 }
 
+/// `draft` with the details that name `denial` and the `attempt` refused.
+fn with_denial(mut draft: AuditDraft, denial: &Denial, attempt: &str) -> AuditDraft {
+    for (key, value) in denial_details(denial, attempt).iter() {
+        draft.details.insert(key, value);
+    }
+    draft
+}
+
 fn denial_details(denial: &Denial, attempt: &str) -> Details {
     Details::new()
         .with("denial", denial.code())
@@ -707,11 +715,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error> {
-        let mut draft = draft;
-        for (key, value) in denial_details(&denial, attempt).iter() {
-            draft.details.insert(key, value);
-        }
-        self.append(draft, AppendGuard::None).await?;
+        self.append(with_denial(draft, &denial, attempt), AppendGuard::None)
+            .await?;
         tracing::warn!(
             denial = denial.code(),
             attempt,
@@ -2076,12 +2081,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         denial: Denial,
         attempt: &str,
     ) -> Result<(), Error> {
-        let mut draft = ctx.draft(self.now(), AuditAction::Denied);
-        for (key, value) in denial_details(&denial, attempt).iter() {
-            draft.details.insert(key, value);
-        }
+        let draft = ctx.draft(self.now(), AuditAction::Denied);
         match self
-            .append(draft, AppendGuard::SessionActive(ctx.0.session))
+            .append(
+                with_denial(draft, &denial, attempt),
+                AppendGuard::SessionActive(ctx.0.session),
+            )
             .await
         {
             Ok(_) => {
