@@ -222,10 +222,10 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it<H>(
     assert_eq!(after.state, SessionState::Ended(EndReason::Stopped));
 }
 
+/// A PostgreSQL store on a schema of its own whose waits for a lock give
+/// up after 1 s; and the schema.
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+async fn postgres_waiting_1s() -> (DieselStore, String) {
     let schema = common::unique("imptest");
     let store = DieselStore::connect_and_migrate(
         impersonation_diesel::DieselConfig::new(common::PG_URL)
@@ -234,19 +234,63 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
     )
     .await
     .unwrap();
+    (store, schema)
+}
+
+/// Another connection to `schema`, in a transaction that has run `lock`
+/// and goes on holding what it locked.
+#[cfg(feature = "postgres")]
+async fn postgres_holding(schema: &str, lock: &str) -> diesel_async::AsyncPgConnection {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+        .await
+        .unwrap();
+    conn.batch_execute(&format!("SET search_path TO \"{schema}\"; BEGIN; {lock}"))
+        .await
+        .unwrap();
+    conn
+}
+
+/// A MariaDB store on a database of its own whose waits for a lock give
+/// up after 1 s; and the database's URL.
+#[cfg(feature = "mysql")]
+async fn mariadb_waiting_1s() -> (DieselStore, String) {
+    let url = common::mysql_database().await;
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(url.clone())
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    (store, url)
+}
+
+/// Another connection to `url`, in a transaction that has run `lock` and
+/// goes on holding what it locked.
+#[cfg(feature = "mysql")]
+async fn mariadb_holding(url: &str, lock: &str) -> diesel_async::AsyncMysqlConnection {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let mut conn = diesel_async::AsyncMysqlConnection::establish(url)
+        .await
+        .unwrap();
+    conn.batch_execute("START TRANSACTION").await.unwrap();
+    conn.batch_execute(lock).await.unwrap();
+    conn
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
+    use diesel_async::SimpleAsyncConnection;
+    let (store, schema) = postgres_waiting_1s().await;
     a_held_lock_fails_a_write_instead_of_stalling_it(
         store,
         async move || {
-            let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
-                .await
-                .unwrap();
-            conn.batch_execute(&format!(
-                "SET search_path TO \"{schema}\"; BEGIN; \
-                 SELECT * FROM impersonation_audit_chains FOR UPDATE"
-            ))
+            postgres_holding(
+                &schema,
+                "SELECT * FROM impersonation_audit_chains FOR UPDATE",
+            )
             .await
-            .unwrap();
-            conn
         },
         async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
     )
@@ -256,25 +300,12 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let url = common::mysql_database().await;
-    let store = DieselStore::connect_and_migrate(
-        impersonation_diesel::DieselConfig::new(url.clone())
-            .busy_timeout(std::time::Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
+    use diesel_async::SimpleAsyncConnection;
+    let (store, url) = mariadb_waiting_1s().await;
     a_held_lock_fails_a_write_instead_of_stalling_it(
         store,
         async move || {
-            let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
-                .await
-                .unwrap();
-            conn.batch_execute("START TRANSACTION").await.unwrap();
-            conn.batch_execute("SELECT * FROM impersonation_audit_chains FOR UPDATE")
-                .await
-                .unwrap();
-            conn
+            mariadb_holding(&url, "SELECT * FROM impersonation_audit_chains FOR UPDATE").await
         },
         async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
     )
@@ -322,28 +353,13 @@ async fn a_held_session_row_fails_no_lookup<H>(
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_row_fails_no_lookup_on_postgres() {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let schema = common::unique("imptest");
-    let store = DieselStore::connect_and_migrate(
-        impersonation_diesel::DieselConfig::new(common::PG_URL)
-            .schema(schema.clone())
-            .busy_timeout(std::time::Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
+    use diesel_async::SimpleAsyncConnection;
+    let (store, schema) = postgres_waiting_1s().await;
     a_held_session_row_fails_no_lookup(
         &store,
         async move |id| {
-            let mut conn = diesel_async::AsyncPgConnection::establish(common::PG_URL)
-                .await
-                .unwrap();
-            conn.batch_execute(&format!(
-                "SET search_path TO \"{schema}\"; BEGIN; \
-                 SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE"
-            ))
-            .await
-            .unwrap();
-            conn
+            let lock = format!("SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE");
+            postgres_holding(&schema, &lock).await
         },
         async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
     )
@@ -400,27 +416,13 @@ async fn a_lookup_whose_touch_is_not_due_locks_nothing_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_row_fails_no_lookup_on_mariadb() {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let url = common::mysql_database().await;
-    let store = DieselStore::connect_and_migrate(
-        impersonation_diesel::DieselConfig::new(url.clone())
-            .busy_timeout(std::time::Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
+    use diesel_async::SimpleAsyncConnection;
+    let (store, url) = mariadb_waiting_1s().await;
     a_held_session_row_fails_no_lookup(
         &store,
         async move |id| {
-            let mut conn = diesel_async::AsyncMysqlConnection::establish(&url)
-                .await
-                .unwrap();
-            conn.batch_execute("START TRANSACTION").await.unwrap();
-            conn.batch_execute(&format!(
-                "SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE"
-            ))
-            .await
-            .unwrap();
-            conn
+            let lock = format!("SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE");
+            mariadb_holding(&url, &lock).await
         },
         async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
     )
