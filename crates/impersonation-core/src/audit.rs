@@ -1080,6 +1080,7 @@ pub struct ChainVerifier {
     chain: ChainKey,
     next: u64,
     prev: EventHash,
+    head: Option<ChainHead>,
 }
 
 impl ChainVerifier {
@@ -1089,6 +1090,20 @@ impl ChainVerifier {
             chain,
             next: 0,
             prev: EventHash::GENESIS,
+            head: None,
+        }
+    }
+
+    /// A verifier that also holds each event against a head read before
+    /// the events: the event at the head's position must be the one it
+    /// names, or the chain breaks there ([`BreakKind::HeadMismatch`]).
+    /// [`ChainVerifier::finish`] alone sees only the last event's hash,
+    /// so a head that is behind its events and names another hash would
+    /// be reported at the first event past it.
+    pub fn with_head(chain: ChainKey, head: Option<ChainHead>) -> Self {
+        Self {
+            head,
+            ..Self::new(chain)
         }
     }
 
@@ -1113,6 +1128,12 @@ impl ChainVerifier {
         }
         if event.compute_hash() != event.hash {
             return Err(self.broken(BreakKind::HashMismatch));
+        }
+        if self
+            .head
+            .is_some_and(|h| h.seq == event.seq && h.hash != event.hash)
+        {
+            return Err(self.broken(BreakKind::HeadMismatch));
         }
         self.prev = event.hash;
         self.next = self.next.saturating_add(1);
@@ -1163,7 +1184,7 @@ pub fn verify_chain<'a>(
     events: impl IntoIterator<Item = &'a AuditEvent>,
     head: Option<ChainHead>,
 ) -> Result<ChainReport, ChainBreak> {
-    let mut verifier = ChainVerifier::new(chain.clone());
+    let mut verifier = ChainVerifier::with_head(chain.clone(), head);
     for event in events {
         verifier.push(event)?;
     }

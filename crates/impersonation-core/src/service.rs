@@ -2142,19 +2142,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             Ok(head) => head,
             Err(b) => return Ok(Err(b)),
         };
-        let mut verifier = ChainVerifier::new(chain.clone());
-        // The hash found at the first head's position, and how many events
-        // were read in all.
-        let mut at_first = None;
+        // The event at the first head's position must be the one it names
+        // (the verifier holds each event against it as it passes).
+        let mut verifier = ChainVerifier::with_head(chain.clone(), first);
+        // How many events were read in all.
         let mut read = 0_u64;
         loop {
             let (page, unreadable) = self.chain_page(chain, read).await?;
             for event in &page {
                 if let Err(b) = verifier.push(event) {
                     return Ok(Err(b));
-                }
-                if first.is_some_and(|h| h.seq == event.seq) {
-                    at_first = Some(event.hash);
                 }
             }
             read += page.len() as u64;
@@ -2174,25 +2171,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // appended while the chain was read (an agent at work), or written
         // without moving the head, or the head was taken away (with events
         // cut off the end, say, which only the head would tell). The first
-        // head must match what was read at its position, and the head read
+        // head matched what was read at its position (the verifier saw to
+        // that), and the head read
         // again must cover them: exactly, and it is compared as usual; past
         // them, more was appended since, and the chain is verified as far
         // as read; short of them, they are past any head; none at all, the
         // chain has lost its head.
         let past_first = first.map_or(read > 0, |h| read > h.seq.saturating_add(1));
         let head = if past_first {
-            let broken = |position| {
-                Ok(Err(ChainBreak {
-                    chain: chain.clone(),
-                    position,
-                    kind: BreakKind::HeadMismatch,
-                }))
-            };
-            if let Some(h) = first
-                && at_first != Some(h.hash)
-            {
-                return broken(h.seq);
-            }
             let again = match self.head_or_break(chain, read - 1).await? {
                 Ok(head) => head,
                 Err(b) => return Ok(Err(b)),
@@ -2200,7 +2186,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             match again.or(first) {
                 Some(now) if now.seq.saturating_add(1) > read => None,
                 Some(now) => Some(now),
-                None => return broken(read - 1),
+                None => {
+                    return Ok(Err(ChainBreak {
+                        chain: chain.clone(),
+                        position: read - 1,
+                        kind: BreakKind::HeadMismatch,
+                    }));
+                }
             }
         } else {
             first

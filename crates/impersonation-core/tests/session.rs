@@ -516,6 +516,24 @@ fn a_head_behind_its_events_breaks_at_the_first_it_does_not_cover() {
     };
     let b = verify_chain(&chain, &events, Some(other)).unwrap_err();
     assert_eq!((b.position, b.kind), (8, BreakKind::HeadMismatch));
+    // Behind its events and naming another hash: the break is where the
+    // head points, the event it does not name, not one past it.
+    let wrong = ChainHead {
+        seq: 5,
+        hash: events[4].hash,
+    };
+    let b = verify_chain(&chain, &events, Some(wrong)).unwrap_err();
+    assert_eq!((b.position, b.kind), (5, BreakKind::HeadMismatch));
+    // Streamed with the head given only at the end, the verifier cannot
+    // know; given it first, it can.
+    let mut late = impersonation_core::ChainVerifier::new(chain.clone());
+    let mut early = impersonation_core::ChainVerifier::with_head(chain.clone(), Some(wrong));
+    for e in &events {
+        late.push(e).unwrap();
+    }
+    assert_eq!(late.finish(Some(wrong)).unwrap_err().position, 6);
+    let b = events.iter().find_map(|e| early.push(e).err()).unwrap();
+    assert_eq!((b.position, b.kind), (5, BreakKind::HeadMismatch));
 }
 
 /// A head at the last place there is (only a damaged store holds one)
