@@ -427,10 +427,11 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 use impersonation_core::unix_micros as micros;
 
-fn from_micros(text: &str) -> Result<OffsetDateTime, StoreError> {
-    let us: i64 = text.parse().map_err(|e| corrupt("timestamp", e))?;
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .map_err(|e| corrupt("timestamp", e))
+/// A time stored as microseconds since the epoch, in the session hash's
+/// `field`.
+fn from_micros(field: &str, text: &str) -> Result<OffsetDateTime, StoreError> {
+    let us: i64 = text.parse().map_err(|e| corrupt(field, e))?;
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).map_err(|e| corrupt(field, e))
 }
 
 /// An event's record could not be written (it cannot happen for the
@@ -474,6 +475,14 @@ fn damaged(missing: &[&str]) -> StoreError {
     )
 }
 
+/// A session hash whose fields the scripts read as numbers are not.
+fn not_numbers(fields: &[&str]) -> StoreError {
+    corrupt(
+        "session hash",
+        format!("fields not numbers: {}", fields.join(", ")),
+    )
+}
+
 /// A session from `[record, shadow, last_seen_us, last_checked_us, version]`,
 /// reusing the last decode of this secret's session (`key`) when its
 /// stored texts are unchanged.
@@ -496,8 +505,8 @@ fn decode_session(
         None => DecodedSessions::parse(record, shadow),
     }
     .map_err(|e| corrupt("session record", e))?;
-    session.last_seen_at = from_micros(seen)?;
-    session.last_checked_at = from_micros(checked)?;
+    session.last_seen_at = from_micros("last_seen_us", seen)?;
+    session.last_checked_at = from_micros("last_checked_us", checked)?;
     session.version = version.parse().map_err(|e| corrupt("version", e))?;
     Ok(session)
 }
@@ -1233,6 +1242,20 @@ impl RedisStore {
         if !missing.is_empty() {
             return Err(damaged(&missing));
         }
+        // The fields only the scripts read must be numbers too, as the
+        // lookup by secret finds them, or that lookup fails where this
+        // one answers.
+        let bad: Vec<&str> = SESSION_FIELDS[DECODED_FIELDS..]
+            .iter()
+            .zip(&fields[DECODED_FIELDS..])
+            .filter(|(name, f)| {
+                **name != "state" && f.as_deref().is_none_or(|f| f.parse::<i128>().is_err())
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        if !bad.is_empty() {
+            return Err(not_numbers(&bad));
+        }
         decode_session(&fields[..DECODED_FIELDS], None).map(Some)
     }
 
@@ -1813,6 +1836,14 @@ impl Store for RedisStore {
                 let missing: Vec<&str> =
                     reply.iter().skip(1).flatten().map(String::as_str).collect();
                 Err(damaged(&missing))
+            }
+            Some(reply)
+                if reply
+                    .first()
+                    .is_some_and(|f| f.as_deref() == Some("malformed")) =>
+            {
+                let bad: Vec<&str> = reply.iter().skip(1).flatten().map(String::as_str).collect();
+                Err(not_numbers(&bad))
             }
             Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))).map(Some),
             None => Ok(None),

@@ -178,8 +178,9 @@ return {'ok'}
 
 /// The per-request lookup, one command. KEYS: secret key.
 /// ARGV: session key prefix (same slot), now µs, coalesce µs (-1: no touch).
-/// Reply: nil (no session), `{'damaged', missing field names...}`, or
-/// the fields the client decodes (`SESSION_FIELDS`).
+/// Reply: nil (no session), `{'damaged', missing field names...}`,
+/// `{'malformed', names of fields that are not numbers...}`, or the
+/// fields the client decodes (`SESSION_FIELDS`).
 const RESOLVE: &str = r#"
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
@@ -193,6 +194,13 @@ end
 if #missing > #names then return false end
 -- Some fields but not all: a damaged hash, for the client to report.
 if #missing > 1 then return missing end
+-- Fields this script reads as numbers: one that is not is as damaged as
+-- one missing, for the client to report, not a script error (an outage).
+local bad = {'malformed'}
+for _, i in ipairs({3, 7, 8}) do
+  if not tonumber(s[i]) then table.insert(bad, names[i]) end
+end
+if #bad > 1 then return bad end
 if ARGV[3] ~= '-1' then
   local now = tonumber(ARGV[2])
   local seen = tonumber(s[3])

@@ -252,6 +252,58 @@ async fn a_session_hash_missing_fields_is_reported_as_corrupt() {
     );
 }
 
+/// A session hash whose fields only the scripts read hold something that
+/// is not a number is damage too: reported as corrupt by every lookup,
+/// touched or not (the script once failed on it, an outage), and left
+/// out of listings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_hash_with_fields_not_numbers_is_reported_as_corrupt() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let customer = w.customer(1, "t1");
+    let mut raw = common::raw(common::SINGLE).await;
+    let touch = impersonation_core::Touch {
+        now: epoch() + Duration::seconds(30),
+        coalesce: Duration::seconds(1),
+    };
+    for (n, field) in (1..).zip(["expires_us", "idle_us", "last_seen_us"]) {
+        let (start, secret) = w.begin(&w.agent(n), &customer, epoch());
+        let (session, _) = must_start(&store, start).await;
+        let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
+        let _: redis::Value = redis::cmd("HSET")
+            .arg(&key)
+            .arg(field)
+            .arg("soon")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        for (how, found) in [
+            (
+                "touched",
+                store.find_by_secret(&secret.lookup(), Some(touch)).await,
+            ),
+            (
+                "untouched",
+                store.find_by_secret(&secret.lookup(), None).await,
+            ),
+            ("by id", store.session(session.id).await),
+        ] {
+            match found {
+                Err(impersonation_core::StoreError::Corrupt(why)) => {
+                    assert!(why.contains(field), "{field} {how}: {why}");
+                }
+                other => panic!("{field} {how}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            live_ids(&store, &impersonation_core::LiveFilter::default()).await,
+            vec![],
+            "{field}"
+        );
+    }
+}
+
 /// A session key overwritten with another type, or holding a field that
 /// is not UTF-8, is damage like a missing field: reported as corrupt, and
 /// left out of listings that go on to list the others (not an outage
