@@ -85,6 +85,12 @@ pub enum Denial {
     /// A route or action is refused while impersonating (billing, passwords, credentials, export).
     #[error("this action is not available while impersonating")]
     SensitiveAction,
+    /// The app refused the action because the effective user (under
+    /// impersonation, the shadow user, with the customer's permissions)
+    /// lacks a permission of the app's own, as it would refuse the
+    /// customer.
+    #[error("the user lacks a permission this action requires")]
+    NotPermitted,
 }
 
 impl Denial {
@@ -113,11 +119,12 @@ impl Denial {
             Self::NotSubject => "not_subject",
             Self::ReadOnlySession => "read_only_session",
             Self::SensitiveAction => "sensitive_action",
+            Self::NotPermitted => "not_permitted",
         }
     }
 
     /// Every denial, for exhaustive tests and documentation.
-    pub const ALL: [Denial; 22] = [
+    pub const ALL: [Denial; 23] = [
         Self::MissingPermission,
         Self::SelfImpersonation,
         Self::ProtectedRole,
@@ -140,6 +147,7 @@ impl Denial {
         Self::NotSubject,
         Self::ReadOnlySession,
         Self::SensitiveAction,
+        Self::NotPermitted,
     ];
 }
 

@@ -308,6 +308,17 @@ fn refused(v: &Viewer, demo: &Demo, status: StatusCode, title: &str, message: &s
     )
 }
 
+/// A 403 for a user who lacks one of the app's permissions. Under
+/// impersonation the trail records it as the refusal it is (the customer
+/// would be refused too), a denied attempt, not as an access or a change.
+fn not_permitted(v: &Viewer, demo: &Demo, title: &str, message: &str) -> Response {
+    (
+        impersonation_axum::Denied(Denial::NotPermitted),
+        refused(v, demo, StatusCode::FORBIDDEN, title, message),
+    )
+        .into_response()
+}
+
 fn sign_in_first() -> Response {
     Redirect::to("/").into_response()
 }
@@ -641,13 +652,7 @@ pub async fn add_booking(
         return bad_csrf(&v, &demo);
     }
     if !v.can("bookings:write") {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Add a booking",
-            "You may not change bookings.",
-        );
+        return not_permitted(&v, &demo, "Add a booking", "You may not change bookings.");
     }
     let date = time::macros::format_description!("[year]-[month]-[day]");
     let nights = form
@@ -711,13 +716,7 @@ pub async fn settings(State(demo): AppState, v: Viewer) -> Response {
         return sign_in_first();
     };
     if !v.can("settings:read") {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Settings",
-            "You may not read settings.",
-        );
+        return not_permitted(&v, &demo, "Settings", "You may not read settings.");
     }
     let (tz, lang) = demo.data().settings.get(&id).cloned().unwrap_or_default();
     let editable = v.can("settings:write");
@@ -763,13 +762,7 @@ pub async fn save_settings(
         return bad_csrf(&v, &demo);
     }
     if !v.can("settings:write") {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Settings",
-            "You may not change settings.",
-        );
+        return not_permitted(&v, &demo, "Settings", "You may not change settings.");
     }
     let (tz, lang) = (form.timezone.trim(), form.language.trim());
     // Counted in characters, as the fields' `maxlength` counts them.
@@ -843,10 +836,9 @@ pub async fn billing(
         return sign_in_first();
     }
     if !v.can("billing:manage") {
-        return refused(
+        return not_permitted(
             &v,
             &demo,
-            StatusCode::FORBIDDEN,
             "Billing",
             "Only a campground's owner manages its billing.",
         );
@@ -929,10 +921,9 @@ pub async fn change_password(
         return bad_csrf(&v, &demo);
     }
     if !v.can("password:change") {
-        return refused(
+        return not_permitted(
             &v,
             &demo,
-            StatusCode::FORBIDDEN,
             "Change password",
             "This account's password is not changed here.",
         );

@@ -440,8 +440,8 @@ async fn settings_take_what_their_fields_allow() {
 
 /// Settings are shown only to a user who may read them, and to an agent
 /// impersonating one: Stan, without `settings:read` in this directory, is
-/// refused the page, and so is Sam while impersonating him; Olive's page
-/// is still there.
+/// refused the page, and so is Sam while impersonating him (a denied
+/// attempt on the trail); Olive's page is still there.
 #[tokio::test]
 async fn settings_are_shown_only_with_settings_read() {
     use campground_demo::seed;
@@ -472,6 +472,17 @@ async fn settings_are_shown_only_with_settings_read() {
     let (status, body) = sam.get("/settings").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("impersonation-banner"), "{body}");
+    // On the trail, the app's refusal is a denied attempt, not an access.
+    sam.post("/impersonation/stop", &[]).await;
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, trail) = lee.get("/audit.txt").await;
+    let rows: Vec<&str> = trail
+        .lines()
+        .filter(|l| l.contains("GET /settings"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{trail}");
+    assert!(rows[0].contains("| Denied Attempt |"), "{trail}");
+    assert!(rows[0].contains("lacks a permission"), "{trail}");
 
     let mut olive = User::sign_in(&base, "olive").await;
     let (status, body) = olive.get("/settings").await;
