@@ -79,6 +79,8 @@ pub(crate) mod dialect {
         /// The column a live session's agent is matched on (with
         /// `state IN ('pending', 'active')`, the partial index's condition).
         pub(crate) const LIVE_AGENT: &str = "agent";
+        /// The partial indexes' condition says it already.
+        pub(crate) const ALL_LIVE: &str = "";
     }
     pub(crate) mod mysql {
         /// The coalescing a touch applies to a session, given the asked
@@ -95,6 +97,12 @@ pub(crate) mod dialect {
         /// has no index of its own here: matched on it, a start's locking
         /// read scans every session ever held).
         pub(crate) const LIVE_AGENT: &str = "live_agent";
+        /// What narrows a listing of every live session to an index: the
+        /// one-live-session index holds NULL for every ended session, so
+        /// its non-NULL range is the live ones (`state` has no index of
+        /// its own here, and matched on it alone, the listing reads every
+        /// session ever held).
+        pub(crate) const ALL_LIVE: &str = " AND live_agent IS NOT NULL";
     }
     pub(crate) mod sqlite {
         /// The coalescing a touch applies to a session, given the asked
@@ -108,6 +116,8 @@ pub(crate) mod dialect {
         pub(crate) const UPSERT_FIRST: bool = true;
         pub(crate) const ONE_STATEMENT_TOUCH: bool = false;
         pub(crate) const LIVE_AGENT: &str = "agent";
+        /// The partial indexes' condition says it already.
+        pub(crate) const ALL_LIVE: &str = "";
     }
 }
 
@@ -791,6 +801,9 @@ macro_rules! store_ops {
                 }
                 if let Some(tenant) = &filter.tenant {
                     sql.push_arg(" AND tenant = ?", tenant.as_str());
+                }
+                if filter.agent.is_none() && filter.subject.is_none() && filter.tenant.is_none() {
+                    sql.push(d::ALL_LIVE);
                 }
                 sql.push(" ORDER BY id");
                 let rows = sql.load::<SessionRow>(conn).await?;
