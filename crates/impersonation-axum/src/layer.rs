@@ -1370,6 +1370,18 @@ where
     }
 }
 
+/// A page read whole, as a body again: its bytes, then its trailers if it
+/// had any.
+fn with_trailers(bytes: axum::body::Bytes, trailers: Option<HeaderMap>) -> Body {
+    match trailers {
+        None => Body::from(bytes),
+        Some(trailers) => Body::new(http_body_util::BodyExt::with_trailers(
+            http_body_util::Full::new(bytes),
+            std::future::ready(Some(Ok::<_, std::convert::Infallible>(trailers))),
+        )),
+    }
+}
+
 /// The page with the banner in; a 500 when it cannot be read whole
 /// (larger than [`MAX_BANNER_BODY`], still coming after
 /// [`MAX_BANNER_READ_TIME`], or its body failed), a 401 when its session
@@ -1389,7 +1401,11 @@ where
     let (mut parts, body) = res.into_parts();
     match read_page(body, read).await {
         Ok(collected) => {
+            // Trailers (a checksum, a server timing) go out after the page
+            // as they came, banner or not.
+            let trailers = collected.trailers().cloned();
             let bytes = collected.to_bytes();
+            let rebuilt = |bytes: axum::body::Bytes| with_trailers(bytes, trailers);
             // A UTF-16 or UTF-32 byte-order mark overrides the header's
             // charset (`FF FE` also begins UTF-32LE's).
             if bytes.starts_with(&[0xFE, 0xFF])
@@ -1399,7 +1415,7 @@ where
                 tracing::warn!(
                     "an impersonated HTML page in UTF-16 or UTF-32 (byte-order mark) is served without the banner"
                 );
-                return Response::from_parts(parts, Body::from(bytes));
+                return Response::from_parts(parts, rebuilt(bytes));
             }
             let charset_known = has_charset(&parts.headers);
             let placed = match markup {
@@ -1426,7 +1442,7 @@ where
                         why,
                         "an impersonated HTML page is served without the banner"
                     );
-                    return Response::from_parts(parts, Body::from(bytes));
+                    return Response::from_parts(parts, rebuilt(bytes));
                 }
             };
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -1435,7 +1451,7 @@ where
             // (and its Stop form's post, past a `form-action` that allows
             // not even this site).
             crate::csp::allow_banner(&mut parts.headers, stop);
-            Response::from_parts(parts, Body::from(page))
+            Response::from_parts(parts, rebuilt(page.into()))
         }
         Err(Unread::SessionOver) => {
             tracing::warn!(

@@ -981,6 +981,42 @@ async fn a_page_that_cannot_carry_the_banner_is_a_500_on_the_trail_too() {
     }
 }
 
+/// A page read whole for its banner keeps its trailers (a checksum, a
+/// server timing): they follow the page with the banner in, and the page
+/// the banner cannot go into (UTF-16) alike.
+#[tokio::test]
+async fn a_page_read_for_its_banner_keeps_its_trailers() {
+    for (page, banner) in [
+        (&b"<html><body>Bookings</body></html>"[..], true),
+        (&b"\xFF\xFE<\0h\0t\0m\0l\0>\0"[..], false),
+    ] {
+        let route = axum::routing::post(move || async move {
+            let mut trailers = axum::http::HeaderMap::new();
+            trailers.insert("x-checksum", axum::http::HeaderValue::from_static("abc123"));
+            let body = http_body_util::Full::new(axum::body::Bytes::from_static(page))
+                .with_trailers(std::future::ready(Some(Ok::<_, std::convert::Infallible>(
+                    trailers,
+                ))));
+            ([(header::CONTENT_TYPE, "text/html")], Body::new(body))
+        });
+        let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let (app, req) = one_route(&store, route).await;
+        let res = app.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().and_then(|t| t.get("x-checksum")),
+            Some(&axum::http::HeaderValue::from_static("abc123")),
+            "banner: {banner}"
+        );
+        let bytes = collected.to_bytes();
+        let shown = bytes
+            .windows(b"impersonation-banner".len())
+            .any(|w| w == b"impersonation-banner");
+        assert_eq!(shown, banner);
+    }
+}
+
 /// A page the app renders with `banner_html` itself and marks
 /// `BannerRendered` keeps its one banner, however large, and streams as
 /// written; the request is audited once and the page is `no-store`, as
