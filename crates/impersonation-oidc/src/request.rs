@@ -363,15 +363,18 @@ impl ClientCredentials {
         let (id, secret) = decoded
             .split_once(':')
             .ok_or_else(|| invalid_client("malformed Basic credentials"))?;
-        let unescape = |s: &str| -> String {
-            form_urlencoded::parse(format!("v={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+        // Each half form-urlencoded (RFC 6749 §2.3.1): `+` a space, `%XX`
+        // a byte, and every other character as it is, `&` and `=` too (a
+        // client that did not encode its secret still sends all of it).
+        let unescape = |s: &str| -> Result<String, OAuthError> {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8()
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| invalid_client("malformed Basic credentials"))
         };
         Ok(Self {
-            id: unescape(id),
-            secret: unescape(secret),
+            id: unescape(id)?,
+            secret: unescape(secret)?,
             basic: true,
         })
     }
@@ -431,6 +434,26 @@ mod tests {
         }
         assert!(ClientCredentials::from_basic(&format!("Bearer {encoded}")).is_err());
         assert!(ClientCredentials::from_basic("Basic").is_err());
+    }
+
+    /// Each half of Basic credentials is form-urlencoded (RFC 6749
+    /// §2.3.1) and decoded whole: a `&` or `=` the client left as it is
+    /// stays in the secret (it was once cut there), `+` is a space, and an
+    /// escape that is not UTF-8 is malformed, not a lossy secret.
+    #[test]
+    fn basic_credentials_are_decoded_whole() {
+        use base64::Engine;
+        let basic = |pair: &[u8]| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            ClientCredentials::from_basic(&format!("Basic {encoded}"))
+        };
+        let read = basic(b"my+app:a&b=c%2B+d").unwrap();
+        assert_eq!(
+            (read.id.as_str(), read.secret.as_str()),
+            ("my app", "a&b=c+ d")
+        );
+        let refused = basic(b"app:%FF%FE").unwrap_err();
+        assert_eq!(refused.error.as_str(), "invalid_client");
     }
 
     /// A bare `client_id` in the body beside the Basic header is no second
