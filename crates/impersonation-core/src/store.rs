@@ -325,7 +325,8 @@ impl AuditQuery {
 pub struct AuditPage {
     /// The events, in the query's order.
     pub events: Vec<AuditEvent>,
-    /// Where the next page starts; `None` on the last page.
+    /// Where the next page starts; `None` on the last page (a page short
+    /// of the page size may have one: see [`Store::audit`]).
     pub next: Option<AuditCursor>,
 }
 
@@ -432,7 +433,10 @@ pub trait Store: Send + Sync {
         shadow: &ShadowUser,
     ) -> Result<(), StoreError>;
 
-    /// A page of audit events.
+    /// A page of audit events. A page may hold fewer events than the
+    /// page size, even none, and still have a `next` cursor (a store may
+    /// bound each call's work, as [`crate::views::PageReader`] does):
+    /// only a `None` cursor ends the trail.
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
 
     /// Up to `limit` events of a chain from position `from_seq`, in order of position.

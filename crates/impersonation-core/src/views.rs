@@ -226,10 +226,26 @@ fn micros_rounded(at: time::OffsetDateTime, up: bool) -> i64 {
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// The fewest events a page call reads, matched or not, before it may
+/// answer with what it has ([`PageReader::scan_bound`]).
+pub const MIN_SCAN: usize = 1_024;
+
+/// Events a page call may read per event of its page size, past
+/// [`MIN_SCAN`] ([`PageReader::scan_bound`]).
+pub const SCAN_PER_EVENT: usize = 16;
+
 /// Gathers one page of `query` from its view's entries, read a batch at a
 /// time in the query's order (by placement) within [`entry_bounds`]: hand
 /// it each batch's events with [`PageReader::push`] until it says the page
 /// is complete, then take the page with [`PageReader::finish`].
+///
+/// A query whose filters its view does not narrow (an action alone, say,
+/// read from every event) may read many events for each it matches. Past
+/// [`PageReader::scan_bound`] events read, a call answers with the events
+/// it has found so far that no unread entry can precede, possibly fewer
+/// than the page size or none, and a cursor to go on from there: every
+/// call's work is bounded, and following `next` still yields every
+/// matching event once, in order.
 #[derive(Debug)]
 pub struct PageReader<'q> {
     query: &'q AuditQuery,
@@ -237,6 +253,10 @@ pub struct PageReader<'q> {
     events: Vec<AuditEvent>,
     // An entry left by an attempt that lost a race may list an event again.
     seen: HashSet<EventId>,
+    scanned: usize,
+    /// The placement of the last entry read when the scan bound stopped
+    /// the call short of a full page.
+    stopped_at: Option<i64>,
 }
 
 impl<'q> PageReader<'q> {
@@ -248,12 +268,48 @@ impl<'q> PageReader<'q> {
             limit,
             events: Vec::with_capacity(limit + 1),
             seen: HashSet::new(),
+            scanned: 0,
+            stopped_at: None,
         }
     }
 
     /// How many entries to read at a time.
     pub fn batch(&self) -> usize {
         (self.limit / 2).clamp(16, 128)
+    }
+
+    /// How many events, matched or not, a call reads before it answers
+    /// short of a full page: [`SCAN_PER_EVENT`] per event of the page
+    /// size, at least [`MIN_SCAN`].
+    pub fn scan_bound(&self) -> usize {
+        self.limit.saturating_mul(SCAN_PER_EVENT).max(MIN_SCAN)
+    }
+
+    /// Where a page stopped by the scan bound at placement `last` goes on
+    /// from: past every event no unread entry can precede (the oldest
+    /// first: those before `last`; the newest first: those after `last +
+    /// RUN_SPAN_US`). `None` if that is no further than the query already
+    /// starts (many events placed within one span): the call reads on.
+    fn resume_at(&self, last: i64) -> Option<AuditCursor> {
+        let nil = EventId::from_uuid(uuid::Uuid::nil());
+        let micros =
+            |us: i64| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok();
+        match self.query.order {
+            Order::Oldest => {
+                let at = micros(last)?;
+                let cursor = AuditCursor { at, id: nil };
+                let past_cursor = self.query.cursor.is_none_or(|c| cursor > c);
+                let past_since = self.query.since.is_none_or(|s| at > s);
+                (past_cursor && past_since).then_some(cursor)
+            }
+            Order::Newest => {
+                let at = micros(last.checked_add(RUN_SPAN_US + 1)?)?;
+                let cursor = AuditCursor { at, id: nil };
+                let before_cursor = self.query.cursor.is_none_or(|c| cursor < c);
+                let before_until = self.query.until.is_none_or(|u| at < u);
+                (before_cursor && before_until).then_some(cursor)
+            }
+        }
     }
 
     /// Takes the events of the entries just read (in any order; those the
@@ -268,6 +324,7 @@ impl<'q> PageReader<'q> {
         last_placed: Option<i64>,
     ) -> bool {
         for event in events {
+            self.scanned = self.scanned.saturating_add(1);
             if self.query.matches(&event)
                 && self.query.after_cursor(&event)
                 && self.seen.insert(event.id)
@@ -278,26 +335,44 @@ impl<'q> PageReader<'q> {
         let Some(last) = last_placed else {
             return true;
         };
-        if self.events.len() <= self.limit {
-            return false;
+        if self.events.len() > self.limit {
+            self.sort();
+            self.events.truncate(self.limit + 1);
+            let cut = self.events.last().map_or(0, |e| unix_micros(e.at));
+            let complete = match self.query.order {
+                Order::Oldest => last > cut,
+                Order::Newest => last.saturating_add(RUN_SPAN_US) < cut,
+            };
+            if complete {
+                return true;
+            }
         }
-        self.sort();
-        self.events.truncate(self.limit + 1);
-        let cut = self.events.last().map_or(0, |e| unix_micros(e.at));
-        match self.query.order {
-            Order::Oldest => last > cut,
-            Order::Newest => last.saturating_add(RUN_SPAN_US) < cut,
+        if self.scanned >= self.scan_bound() && self.resume_at(last).is_some() {
+            self.stopped_at = Some(last);
+            return true;
         }
+        false
     }
 
     /// The page, in the query's exact `(at, id)` order, with its cursor.
     pub fn finish(mut self) -> AuditPage {
+        // Stopped by the scan bound: only the events no unread entry can
+        // precede, and on from past them.
+        let mut resume = None;
+        if let Some(last) = self.stopped_at {
+            resume = self.resume_at(last);
+            let horizon = last.saturating_add(RUN_SPAN_US);
+            self.events.retain(|e| match self.query.order {
+                Order::Oldest => unix_micros(e.at) < last,
+                Order::Newest => unix_micros(e.at) > horizon,
+            });
+        }
         self.sort();
         let next = if self.events.len() > self.limit {
             self.events.truncate(self.limit);
             self.events.last().map(AuditCursor::after)
         } else {
-            None
+            resume
         };
         AuditPage {
             events: self.events,
