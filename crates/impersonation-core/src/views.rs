@@ -241,11 +241,13 @@ pub const SCAN_PER_EVENT: usize = 16;
 ///
 /// A query whose filters its view does not narrow (an action alone, say,
 /// read from every event) may read many events for each it matches. Past
-/// [`PageReader::scan_bound`] events read, a call answers with the events
-/// it has found so far that no unread entry can precede, possibly fewer
-/// than the page size or none, and a cursor to go on from there: every
-/// call's work is bounded, and following `next` still yields every
-/// matching event once, in order.
+/// [`PageReader::scan_bound`] events read, at the first batch that has
+/// also moved at least [`RUN_SPAN_US`] past where the query starts, a call
+/// answers with the events it has found so far that no unread entry can
+/// precede, possibly fewer than the page size or none, and a cursor to go
+/// on from there. A call's work is bounded by that and by the events
+/// placed in one span; paging through reads each entry at most twice; and
+/// following `next` still yields every matching event once, in order.
 #[derive(Debug)]
 pub struct PageReader<'q> {
     query: &'q AuditQuery,
@@ -288,26 +290,39 @@ impl<'q> PageReader<'q> {
     /// Where a page stopped by the scan bound at placement `last` goes on
     /// from: past every event no unread entry can precede (the oldest
     /// first: those before `last`; the newest first: those after `last +
-    /// RUN_SPAN_US`). `None` if that is no further than the query already
-    /// starts (many events placed within one span): the call reads on.
+    /// RUN_SPAN_US`), whatever their ids. `None` unless that is at least
+    /// one span past where the query starts: each call re-reads the span
+    /// before its start (entries placed there may reach into it), so
+    /// moving on by less would read a crowded span again at every call;
+    /// short of it, the call reads on.
     fn resume_at(&self, last: i64) -> Option<AuditCursor> {
-        let nil = EventId::from_uuid(uuid::Uuid::nil());
-        let micros =
-            |us: i64| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok();
+        let at = |us: i64, nanos: i128| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000 + nanos).ok()
+        };
+        let span = time::Duration::microseconds(RUN_SPAN_US);
         match self.query.order {
             Order::Oldest => {
-                let at = micros(last)?;
-                let cursor = AuditCursor { at, id: nil };
-                let past_cursor = self.query.cursor.is_none_or(|c| cursor > c);
-                let past_since = self.query.since.is_none_or(|s| at > s);
-                (past_cursor && past_since).then_some(cursor)
+                let cursor = AuditCursor {
+                    at: at(last, -1)?,
+                    id: EventId::from_uuid(uuid::Uuid::max()),
+                };
+                let start = self.query.cursor.map(|c| c.at).max(self.query.since);
+                let far_enough =
+                    start.is_none_or(|s| s.checked_add(span).is_some_and(|s| cursor.at >= s));
+                far_enough.then_some(cursor)
             }
             Order::Newest => {
-                let at = micros(last.checked_add(RUN_SPAN_US + 1)?)?;
-                let cursor = AuditCursor { at, id: nil };
-                let before_cursor = self.query.cursor.is_none_or(|c| cursor < c);
-                let before_until = self.query.until.is_none_or(|u| at < u);
-                (before_cursor && before_until).then_some(cursor)
+                let cursor = AuditCursor {
+                    at: at(last.checked_add(RUN_SPAN_US)?, 1)?,
+                    id: EventId::from_uuid(uuid::Uuid::nil()),
+                };
+                let start = match (self.query.cursor.map(|c| c.at), self.query.until) {
+                    (Some(c), Some(u)) => Some(c.min(u)),
+                    (c, u) => c.or(u),
+                };
+                let far_enough =
+                    start.is_none_or(|s| s.checked_sub(span).is_some_and(|s| cursor.at <= s));
+                far_enough.then_some(cursor)
             }
         }
     }
