@@ -475,6 +475,14 @@ fn damaged(missing: &[&str]) -> StoreError {
     )
 }
 
+/// Whether a stored number is an integer as the client writes them: an
+/// optional `-` and decimal digits, nothing else (the resolve script's
+/// pattern, `^%-?%d+$`).
+fn is_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// A session hash whose fields the scripts read as numbers are not.
 fn not_numbers(fields: &[&str]) -> StoreError {
     corrupt(
@@ -523,6 +531,10 @@ const SESSION_FIELDS: [&str; 8] = [
     "expires_us",
     "idle_us",
 ];
+
+/// The fields of `SESSION_FIELDS` the resolve script reads as numbers
+/// (it checks them with the pattern `is_integer` follows).
+const SCRIPT_NUMBERS: [&str; 3] = ["last_seen_us", "expires_us", "idle_us"];
 
 /// How many of `SESSION_FIELDS` the client decodes.
 const DECODED_FIELDS: usize = 5;
@@ -1242,14 +1254,14 @@ impl RedisStore {
         if !missing.is_empty() {
             return Err(damaged(&missing));
         }
-        // The fields only the scripts read must be numbers too, as the
-        // lookup by secret finds them, or that lookup fails where this
-        // one answers.
-        let bad: Vec<&str> = SESSION_FIELDS[DECODED_FIELDS..]
+        // The fields the resolve script reads as numbers must be integers
+        // as it finds them, or a lookup by secret fails where this one
+        // answers.
+        let bad: Vec<&str> = SESSION_FIELDS
             .iter()
-            .zip(&fields[DECODED_FIELDS..])
+            .zip(&fields)
             .filter(|(name, f)| {
-                **name != "state" && f.as_deref().is_none_or(|f| f.parse::<i128>().is_err())
+                SCRIPT_NUMBERS.contains(*name) && !f.as_deref().is_some_and(is_integer)
             })
             .map(|(name, _)| *name)
             .collect();

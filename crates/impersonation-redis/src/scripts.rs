@@ -194,11 +194,13 @@ end
 if #missing > #names then return false end
 -- Some fields but not all: a damaged hash, for the client to report.
 if #missing > 1 then return missing end
--- Fields this script reads as numbers: one that is not is as damaged as
--- one missing, for the client to report, not a script error (an outage).
+-- Fields this script reads as numbers: one that is not an integer, as
+-- the client writes them (tonumber would take '1e6', '0x1F' or ' 12 '),
+-- is as damaged as one missing, for the client to report, not a script
+-- error (an outage). The client checks the same on a lookup by id.
 local bad = {'malformed'}
 for _, i in ipairs({3, 7, 8}) do
-  if not tonumber(s[i]) then table.insert(bad, names[i]) end
+  if not string.match(s[i], '^%-?%d+$') then table.insert(bad, names[i]) end
 end
 if #bad > 1 then return bad end
 if ARGV[3] ~= '-1' then

@@ -267,14 +267,24 @@ async fn a_session_hash_with_fields_not_numbers_is_reported_as_corrupt() {
         now: epoch() + Duration::seconds(30),
         coalesce: Duration::seconds(1),
     };
-    for (n, field) in (1..).zip(["expires_us", "idle_us", "last_seen_us"]) {
+    // Not numbers, or numbers the script's `tonumber` would take but the
+    // client never writes.
+    let damage = [
+        ("expires_us", "soon"),
+        ("idle_us", "1e6"),
+        ("last_seen_us", " 12 "),
+        ("expires_us", "0x1F"),
+        ("idle_us", "+5"),
+        ("last_seen_us", "+5"),
+    ];
+    for (n, (field, value)) in (1..).zip(damage) {
         let (start, secret) = w.begin(&w.agent(n), &customer, epoch());
         let (session, _) = must_start(&store, start).await;
         let key = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
         let _: redis::Value = redis::cmd("HSET")
             .arg(&key)
             .arg(field)
-            .arg("soon")
+            .arg(value)
             .query_async(&mut raw)
             .await
             .unwrap();
@@ -291,9 +301,9 @@ async fn a_session_hash_with_fields_not_numbers_is_reported_as_corrupt() {
         ] {
             match found {
                 Err(impersonation_core::StoreError::Corrupt(why)) => {
-                    assert!(why.contains(field), "{field} {how}: {why}");
+                    assert!(why.contains(field), "{field}={value:?} {how}: {why}");
                 }
-                other => panic!("{field} {how}: {other:?}"),
+                other => panic!("{field}={value:?} {how}: {other:?}"),
             }
         }
         assert_eq!(
