@@ -1370,6 +1370,11 @@ where
     }
 }
 
+/// Trailers that digest a body's bytes (RFC 9530's `Content-Digest` and
+/// `Repr-Digest`, the older `Digest` and `Content-MD5`): dropped from a
+/// page the banner went into.
+const DIGEST_TRAILERS: [&str; 4] = ["content-digest", "repr-digest", "digest", "content-md5"];
+
 /// A page read whole, as a body again: its bytes, then its trailers if it
 /// had any.
 fn with_trailers(bytes: axum::body::Bytes, trailers: Option<HeaderMap>) -> Body {
@@ -1401,11 +1406,19 @@ where
     let (mut parts, body) = res.into_parts();
     match read_page(body, read).await {
         Ok(collected) => {
-            // Trailers (a checksum, a server timing) go out after the page
-            // as they came, banner or not.
-            let trailers = collected.trailers().cloned();
+            // Trailers (a server timing, a checksum) go out after the page
+            // as they came; with the banner in, not a digest of the bytes
+            // the app wrote, which they no longer are.
+            let mut trailers = collected.trailers().cloned();
             let bytes = collected.to_bytes();
-            let rebuilt = |bytes: axum::body::Bytes| with_trailers(bytes, trailers);
+            let mut rebuilt = |bytes: axum::body::Bytes, changed: bool| {
+                if let (true, Some(t)) = (changed, trailers.as_mut()) {
+                    for digest in DIGEST_TRAILERS {
+                        t.remove(digest);
+                    }
+                }
+                with_trailers(bytes, trailers.take().filter(|t| !t.is_empty()))
+            };
             // A UTF-16 or UTF-32 byte-order mark overrides the header's
             // charset (`FF FE` also begins UTF-32LE's).
             if bytes.starts_with(&[0xFE, 0xFF])
@@ -1415,7 +1428,7 @@ where
                 tracing::warn!(
                     "an impersonated HTML page in UTF-16 or UTF-32 (byte-order mark) is served without the banner"
                 );
-                return Response::from_parts(parts, rebuilt(bytes));
+                return Response::from_parts(parts, rebuilt(bytes, false));
             }
             let charset_known = has_charset(&parts.headers);
             let placed = match markup {
@@ -1442,7 +1455,7 @@ where
                         why,
                         "an impersonated HTML page is served without the banner"
                     );
-                    return Response::from_parts(parts, rebuilt(bytes));
+                    return Response::from_parts(parts, rebuilt(bytes, false));
                 }
             };
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -1451,7 +1464,7 @@ where
             // (and its Stop form's post, past a `form-action` that allows
             // not even this site).
             crate::csp::allow_banner(&mut parts.headers, stop);
-            Response::from_parts(parts, rebuilt(page.into()))
+            Response::from_parts(parts, rebuilt(page.into(), true))
         }
         Err(Unread::SessionOver) => {
             tracing::warn!(
