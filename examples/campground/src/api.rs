@@ -220,7 +220,12 @@ pub async fn bookings(State(demo): State<Arc<Demo>>, v: Viewer) -> Response {
         return res;
     };
     if !v.can("bookings:read") {
-        return error(StatusCode::FORBIDDEN, "may not read bookings");
+        // Under impersonation, a denied attempt on the trail.
+        return (
+            impersonation_axum::Denied(impersonation_core::Denial::NotPermitted),
+            error(StatusCode::FORBIDDEN, "may not read bookings"),
+        )
+            .into_response();
     }
     let data = demo.data();
     let campgrounds = v.campgrounds();

@@ -522,7 +522,12 @@ pub async fn live(State(demo): AppState, v: Viewer) -> Response {
         return (StatusCode::UNAUTHORIZED, "sign in first").into_response();
     }
     if !v.can("bookings:read") {
-        return (StatusCode::FORBIDDEN, "you may not read bookings").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            impersonation_axum::Denied(Denial::NotPermitted),
+            "you may not read bookings",
+        )
+            .into_response();
     }
     let tenants: Vec<&'static str> = v.campgrounds().iter().map(|c| c.tenant).collect();
     let events = futures_util::stream::unfold(true, move |first| {

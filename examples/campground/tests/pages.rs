@@ -439,9 +439,10 @@ async fn settings_take_what_their_fields_allow() {
 }
 
 /// Settings are shown only to a user who may read them, and to an agent
-/// impersonating one: Stan, without `settings:read` in this directory, is
-/// refused the page, and so is Sam while impersonating him (a denied
-/// attempt on the trail); Olive's page is still there.
+/// impersonating one: Stan, without `settings:read` (nor `bookings:read`)
+/// in this directory, is refused the page, and so is Sam while
+/// impersonating him, the live bookings line too (denied attempts on the
+/// trail); Olive's page is still there.
 #[tokio::test]
 async fn settings_are_shown_only_with_settings_read() {
     use campground_demo::seed;
@@ -449,9 +450,14 @@ async fn settings_are_shown_only_with_settings_read() {
     use std::sync::Arc;
 
     let directory = seed::directory().unwrap();
-    let unread = Permission::new("settings:read");
+    let unread = [
+        Permission::new("settings:read"),
+        Permission::new("bookings:read"),
+    ];
     assert!(directory.update(&UserId::new("stan").unwrap(), |stan| {
-        stan.permissions.remove(&unread);
+        for permission in &unread {
+            stan.permissions.remove(permission);
+        }
     }));
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let service = Impersonation::new(store, directory)
@@ -472,17 +478,18 @@ async fn settings_are_shown_only_with_settings_read() {
     let (status, body) = sam.get("/settings").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("impersonation-banner"), "{body}");
-    // On the trail, the app's refusal is a denied attempt, not an access.
+    let (status, body) = sam.get("/dashboard/live").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // On the trail, the app's refusals are denied attempts, not accesses.
     sam.post("/impersonation/stop", &[]).await;
     let mut lee = User::sign_in(&base, "lee").await;
     let (_, trail) = lee.get("/audit.txt").await;
-    let rows: Vec<&str> = trail
-        .lines()
-        .filter(|l| l.contains("GET /settings"))
-        .collect();
-    assert_eq!(rows.len(), 1, "{trail}");
-    assert!(rows[0].contains("| Denied Attempt |"), "{trail}");
-    assert!(rows[0].contains("lacks a permission"), "{trail}");
+    for route in ["GET /settings", "GET /dashboard/live"] {
+        let rows: Vec<&str> = trail.lines().filter(|l| l.contains(route)).collect();
+        assert_eq!(rows.len(), 1, "{route}: {trail}");
+        assert!(rows[0].contains("| Denied Attempt |"), "{route}: {trail}");
+        assert!(rows[0].contains("lacks a permission"), "{route}: {trail}");
+    }
 
     let mut olive = User::sign_in(&base, "olive").await;
     let (status, body) = olive.get("/settings").await;
