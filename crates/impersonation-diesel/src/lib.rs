@@ -825,7 +825,15 @@ fn store_error(e: OpError) -> StoreError {
             })
         }
         OpError::Db(e) => StoreError::unavailable(e),
+        OpError::ChainLocked(chain) => chain_locked(&chain),
     }
+}
+
+/// An append on `chain` that gave up waiting for its head row.
+fn chain_locked(chain: &ChainKey) -> StoreError {
+    StoreError::unavailable_because(format!(
+        "audit chain {chain} is locked by another transaction past the lock timeout"
+    ))
 }
 
 impl DieselStore {
@@ -1354,26 +1362,67 @@ impl Store for DieselStore {
             return results;
         }
         let n = batch.len();
-        let batch = Arc::new(batch);
-        let outcome = self
-            .write(|| async {
-                with_conn!(self, write, [batch], |conn, ops| ops::append_batch(
-                    conn, &batch
-                )
-                .await)
-            })
-            .await;
-        match outcome {
-            Ok(results) => {
-                self.remember_heads(results.iter().filter_map(|r| r.as_ref().ok()));
-                results
-            }
-            // The transaction rolled back: nothing in it was written.
-            Err(e) => {
-                self.forget_heads(batch.iter().map(|(d, _)| &d.chain));
-                vec![Err(e); n]
+        let mut results: Vec<Option<Result<AuditEvent, StoreError>>> = vec![None; n];
+        // The positions still to append: a chain whose head row another
+        // transaction holds (a writer that died holding it, say) fails its
+        // own events, and the batch goes on without them, so that one
+        // stuck chain does not fail other agents' appends.
+        let mut left: Vec<usize> = (0..n).collect();
+        let mut batch: Vec<Option<(AuditDraft, AppendGuard)>> =
+            batch.into_iter().map(Some).collect();
+        while !left.is_empty() {
+            let part: Arc<Vec<(AuditDraft, AppendGuard)>> =
+                Arc::new(left.iter().filter_map(|&i| batch[i].clone()).collect());
+            let outcome = self
+                .write(|| async {
+                    with_conn!(self, write, [part], |conn, ops| {
+                        match ops::append_batch(conn, &part).await {
+                            Err(OpError::ChainLocked(chain)) => Ok(Err(chain)),
+                            other => other.map(Ok),
+                        }
+                    })
+                })
+                .await;
+            match outcome {
+                Ok(Ok(appended)) => {
+                    self.remember_heads(appended.iter().filter_map(|r| r.as_ref().ok()));
+                    for (&i, result) in left.iter().zip(appended) {
+                        results[i] = Some(result);
+                    }
+                    left.clear();
+                }
+                Ok(Err(chain)) => {
+                    tracing::warn!(chain = %chain, "an audit chain's head row is held past the lock timeout; appending the batch without its events");
+                    self.forget_heads(std::iter::once(&chain));
+                    left.retain(|&i| {
+                        let locked = batch[i].as_ref().is_some_and(|(d, _)| d.chain == chain);
+                        if locked {
+                            results[i] = Some(Err(chain_locked(&chain)));
+                            batch[i] = None;
+                        }
+                        !locked
+                    });
+                }
+                // The transaction rolled back: nothing in it was written.
+                Err(e) => {
+                    self.forget_heads(part.iter().map(|(d, _)| &d.chain));
+                    for &i in &left {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    left.clear();
+                }
             }
         }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(StoreError::unavailable_because(
+                        "an append was not attempted",
+                    ))
+                })
+            })
+            .collect()
     }
 
     async fn find_by_secrets(

@@ -18,6 +18,10 @@ use crate::sql::Sql;
 pub(crate) enum OpError {
     Db(diesel::result::Error),
     Store(StoreError),
+    /// An append batch gave up waiting for this chain's head row, which
+    /// another transaction holds (a row lock; SQLite's whole-database lock
+    /// is a `Db` error, retried whole). The batch wrote nothing.
+    ChainLocked(impersonation_core::ChainKey),
 }
 
 impl From<diesel::result::Error> for OpError {
@@ -580,7 +584,17 @@ macro_rules! store_ops {
                     let mut heads: BTreeMap<&ChainKey, Option<ChainHead>> =
                         batch.iter().map(|(d, _)| (&d.chain, None)).collect();
                     for (chain, head) in heads.iter_mut() {
-                        *head = lock_chain(conn, chain).await?;
+                        // Every lock comes before any write: a chain whose
+                        // row another transaction holds past the lock
+                        // timeout fails the batch with nothing written,
+                        // naming the chain, for the caller to append the
+                        // others without it.
+                        *head = match lock_chain(conn, chain).await {
+                            Err(OpError::Db(e)) if !d::LOCK.is_empty() && crate::ops::lock_timed_out(&e) => {
+                                return Err(OpError::ChainLocked((*chain).clone()));
+                            }
+                            other => other?,
+                        };
                     }
                     let guarded = guarded_sessions(batch);
                     // Each guarding session's agent and state.

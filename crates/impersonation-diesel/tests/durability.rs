@@ -312,6 +312,97 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
     .await;
 }
 
+/// Another connection holds one agent's chain head row (a writer that
+/// died holding it). A batch of appends on that chain and others fails
+/// that chain's events only, once the lock wait gives up: the others are
+/// appended, not failed with it (on MariaDB, not after six retries of
+/// the whole batch either), and the held chain takes appends again once
+/// the row is let go.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn a_held_chain_fails_only_its_own_appends<H>(
+    store: &DieselStore,
+    hold: impl AsyncFnOnce(String) -> H,
+    release: impl AsyncFnOnce(H),
+) {
+    use impersonation_core::AppendGuard;
+    use impersonation_testkit::conformance::assert_chain_verifies;
+    let w = World::new();
+    let mut sessions = Vec::new();
+    for n in 1..=3 {
+        let (start, _) = w.begin(&w.agent(n), &w.customer(n, "t1"), epoch());
+        sessions.push(must_start(store, start).await.0);
+    }
+    let held = sessions[1].chain();
+    let holder = hold(held.as_str().to_owned()).await;
+    let draft = |s: &impersonation_core::Session| {
+        (
+            s.draft(epoch(), AuditAction::Access, Actor::System),
+            AppendGuard::None,
+        )
+    };
+    let batch: Vec<_> = [0, 1, 2, 1, 0]
+        .iter()
+        .map(|&i| draft(&sessions[i]))
+        .collect();
+    let results = tokio::time::timeout(
+        // A guard against a stall, not a timing assertion.
+        std::time::Duration::from_secs(120),
+        store.append_batch(batch),
+    )
+    .await
+    .expect("the batch waited on the lock for two minutes");
+    for (i, result) in [0, 1, 2, 1, 0].into_iter().zip(&results) {
+        match (i, result) {
+            (1, Err(StoreError::Unavailable(_))) => {}
+            (0 | 2, Ok(event)) => assert_eq!(event.chain, sessions[i].chain()),
+            other => panic!("{other:?}"),
+        }
+    }
+    release(holder).await;
+    for result in store.append_batch(vec![draft(&sessions[1])]).await {
+        result.unwrap();
+    }
+    for (s, events) in sessions.iter().zip([3, 2, 2]) {
+        assert_eq!(assert_chain_verifies(store, &s.chain()).await, events);
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_chain_fails_only_its_own_appends_on_postgres() {
+    use diesel_async::SimpleAsyncConnection;
+    let (store, schema) = postgres_waiting_1s().await;
+    a_held_chain_fails_only_its_own_appends(
+        &store,
+        async |chain| {
+            let lock = format!(
+                "SELECT * FROM impersonation_audit_chains WHERE chain = '{chain}' FOR UPDATE"
+            );
+            postgres_holding(&schema, &lock).await
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
+    use diesel_async::SimpleAsyncConnection;
+    let (store, url) = mariadb_waiting_1s().await;
+    a_held_chain_fails_only_its_own_appends(
+        &store,
+        async |chain| {
+            let lock = format!(
+                "SELECT * FROM impersonation_audit_chains WHERE chain = '{chain}' FOR UPDATE"
+            );
+            mariadb_holding(&url, &lock).await
+        },
+        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+    )
+    .await;
+}
+
 /// Another connection holds the row of one agent's session (a host that
 /// died mid-transition). A lookup is a read: the batch that holds that
 /// session's lookup and another's answers both, the held row untouched,
