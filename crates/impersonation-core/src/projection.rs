@@ -94,9 +94,16 @@ pub enum ShadowValue {
 ///     .rule("email", AttributeRule::Redact);
 /// assert_eq!(rules.rule_for("password_hash"), AttributeRule::Drop);
 /// ```
+///
+/// Roles are copied, as permissions are (cut to the grant): an app that
+/// checks roles rather than permissions for what the policy's denials
+/// cover (billing, credentials, export) withholds those roles from the
+/// shadow user with [`ProjectionRules::withhold_role`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectionRules {
     rules: BTreeMap<String, AttributeRule>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    withheld_roles: BTreeSet<Role>,
 }
 
 impl ProjectionRules {
@@ -110,6 +117,33 @@ impl ProjectionRules {
     pub fn rule(mut self, attribute: impl Into<String>, rule: AttributeRule) -> Self {
         self.rules.insert(attribute.into(), rule);
         self
+    }
+
+    /// Withholds a role from the shadow user (matched ignoring case, as
+    /// the policy's protected roles are): a role that stands for access
+    /// the policy denies during impersonation (`billing_admin`, say),
+    /// where the app checks that role rather than a permission.
+    ///
+    /// ```
+    /// use impersonation_core::ProjectionRules;
+    /// let rules = ProjectionRules::new().withhold_role("billing_admin");
+    /// assert!(rules.withholds_role("Billing_Admin"));
+    /// assert!(!rules.withholds_role("staff"));
+    /// ```
+    #[must_use]
+    pub fn withhold_role(mut self, role: impl Into<Role>) -> Self {
+        self.withheld_roles.insert(role.into());
+        self
+    }
+
+    /// Whether `role` is withheld from the shadow user.
+    pub fn withholds_role(&self, role: &str) -> bool {
+        self.withheld_roles.iter().any(|w| {
+            w.as_str()
+                .chars()
+                .flat_map(char::to_lowercase)
+                .eq(role.chars().flat_map(char::to_lowercase))
+        })
     }
 
     /// The rule for an attribute (`Drop` when none was set).
@@ -146,7 +180,16 @@ impl ProjectionRules {
             id: target.id.clone(),
             display_name: target.display_name.as_str().into(),
             tenant: target.tenant.clone(),
-            roles: target.roles.clone(),
+            roles: if self.withheld_roles.is_empty() {
+                target.roles.clone()
+            } else {
+                target
+                    .roles
+                    .iter()
+                    .filter(|r| !self.withholds_role(r.as_str()))
+                    .cloned()
+                    .collect()
+            },
             permissions: grant.effective_permissions(&target.permissions),
             attributes,
             relationships: target.relationships.clone(),

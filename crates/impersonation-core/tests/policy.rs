@@ -223,6 +223,31 @@ fn wildcard_permissions_never_reach_the_shadow_user() {
     );
 }
 
+/// Roles reach the shadow user as the customer holds them, but for those
+/// the projection withholds (ignoring case): an app that checks a role
+/// for billing sees the shadow user without it. Rules written before
+/// roles could be withheld still read back.
+#[test]
+fn withheld_roles_never_reach_the_shadow_user() {
+    use impersonation_core::{ProjectionRules, Role};
+
+    let owner = customer().with_role("Billing_Admin").with_role("staff");
+    let grant = Policy::default()
+        .authorize(&agent(), &owner, &request(&owner), PolicyContext::default())
+        .unwrap();
+    let all = ProjectionRules::new().project(&owner, &grant);
+    assert!(all.roles().contains(&Role::new("Billing_Admin")));
+    let rules = ProjectionRules::new().withhold_role("billing_admin");
+    let shadow = rules.project(&owner, &grant);
+    let held: Vec<&str> = shadow.roles().iter().map(Role::as_str).collect();
+    assert_eq!(held, ["staff"]);
+    let old: ProjectionRules = serde_json::from_str(r#"{"rules":{}}"#).unwrap();
+    assert_eq!(old, ProjectionRules::new());
+    let again: ProjectionRules =
+        serde_json::from_value(serde_json::to_value(&rules).unwrap()).unwrap();
+    assert_eq!(again, rules);
+}
+
 #[test]
 fn a_target_with_a_permission_the_agent_lacks_is_escalation() {
     let reporter = customer().with_permission("reports:run");
