@@ -275,7 +275,8 @@ impl ShadowUser {
         &self.0.tenant
     }
 
-    /// The customer's roles.
+    /// The customer's roles, less any the projection withholds
+    /// ([`ProjectionRules::withhold_role`]).
     pub fn roles(&self) -> &BTreeSet<Role> {
         &self.0.roles
     }

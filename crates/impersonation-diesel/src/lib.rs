@@ -1366,7 +1366,11 @@ impl Store for DieselStore {
         // The positions still to append: a chain whose head row another
         // transaction holds (a writer that died holding it, say) fails its
         // own events, and the batch goes on without them, so that one
-        // stuck chain does not fail other agents' appends.
+        // stuck chain does not fail other agents' appends. Once: a second
+        // held chain (many a dead writer held, or a lock on the whole
+        // table) fails the rest, so that a batch waits at most two lock
+        // timeouts, with every append of the process queued behind it.
+        let mut set_aside = false;
         let mut left: Vec<usize> = (0..n).collect();
         let mut batch: Vec<Option<(AuditDraft, AppendGuard)>> =
             batch.into_iter().map(Some).collect();
@@ -1391,8 +1395,18 @@ impl Store for DieselStore {
                     }
                     left.clear();
                 }
+                Ok(Err(chain)) if set_aside => {
+                    tracing::warn!(chain = %chain, "a second audit chain's head row is held past the lock timeout; failing the rest of the batch");
+                    let e = chain_locked(&chain);
+                    self.forget_heads(part.iter().map(|(d, _)| &d.chain));
+                    for &i in &left {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    left.clear();
+                }
                 Ok(Err(chain)) => {
                     tracing::warn!(chain = %chain, "an audit chain's head row is held past the lock timeout; appending the batch without its events");
+                    set_aside = true;
                     self.forget_heads(std::iter::once(&chain));
                     left.retain(|&i| {
                         let locked = batch[i].as_ref().is_some_and(|(d, _)| d.chain == chain);

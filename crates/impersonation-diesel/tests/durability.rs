@@ -317,12 +317,13 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
 /// that chain's events only, once the lock wait gives up: the others are
 /// appended, not failed with it (on MariaDB, not after six retries of
 /// the whole batch either), and the held chain takes appends again once
-/// the row is let go.
+/// the row is let go. Two held chains fail the whole batch, after two
+/// lock waits rather than one per held chain.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_chain_fails_only_its_own_appends<H>(
     store: &DieselStore,
-    hold: impl AsyncFnOnce(String) -> H,
-    release: impl AsyncFnOnce(H),
+    hold: impl AsyncFn(String) -> H,
+    release: impl AsyncFn(H),
 ) {
     use impersonation_core::AppendGuard;
     use impersonation_testkit::conformance::assert_chain_verifies;
@@ -332,31 +333,47 @@ async fn a_held_chain_fails_only_its_own_appends<H>(
         let (start, _) = w.begin(&w.agent(n), &w.customer(n, "t1"), epoch());
         sessions.push(must_start(store, start).await.0);
     }
-    let held = sessions[1].chain();
-    let holder = hold(held.as_str().to_owned()).await;
+    let chains: Vec<String> = sessions
+        .iter()
+        .map(|s| format!("'{}'", s.chain()))
+        .collect();
     let draft = |s: &impersonation_core::Session| {
         (
             s.draft(epoch(), AuditAction::Access, Actor::System),
             AppendGuard::None,
         )
     };
-    let batch: Vec<_> = [0, 1, 2, 1, 0]
-        .iter()
-        .map(|&i| draft(&sessions[i]))
-        .collect();
-    let results = tokio::time::timeout(
-        // A guard against a stall, not a timing assertion.
-        std::time::Duration::from_secs(120),
-        store.append_batch(batch),
-    )
-    .await
-    .expect("the batch waited on the lock for two minutes");
-    for (i, result) in [0, 1, 2, 1, 0].into_iter().zip(&results) {
+    let order = [0, 1, 2, 1, 0];
+    let batch = || {
+        order
+            .iter()
+            .map(|&i| draft(&sessions[i]))
+            .collect::<Vec<_>>()
+    };
+    let appended = async |batch| {
+        tokio::time::timeout(
+            // A guard against a stall, not a timing assertion.
+            std::time::Duration::from_secs(120),
+            store.append_batch(batch),
+        )
+        .await
+        .expect("the batch waited on the lock for two minutes")
+    };
+    let holder = hold(chains[1].clone()).await;
+    for (i, result) in order.into_iter().zip(&appended(batch()).await) {
         match (i, result) {
             (1, Err(StoreError::Unavailable(_))) => {}
             (0 | 2, Ok(event)) => assert_eq!(event.chain, sessions[i].chain()),
             other => panic!("{other:?}"),
         }
+    }
+    release(holder).await;
+    let holder = hold(format!("{}, {}", chains[1], chains[2])).await;
+    for result in appended(batch()).await {
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
     }
     release(holder).await;
     for result in store.append_batch(vec![draft(&sessions[1])]).await {
@@ -374,9 +391,9 @@ async fn a_held_chain_fails_only_its_own_appends_on_postgres() {
     let (store, schema) = postgres_waiting_1s().await;
     a_held_chain_fails_only_its_own_appends(
         &store,
-        async |chain| {
+        async |chains| {
             let lock = format!(
-                "SELECT * FROM impersonation_audit_chains WHERE chain = '{chain}' FOR UPDATE"
+                "SELECT * FROM impersonation_audit_chains WHERE chain IN ({chains}) FOR UPDATE"
             );
             postgres_holding(&schema, &lock).await
         },
@@ -392,9 +409,9 @@ async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
     let (store, url) = mariadb_waiting_1s().await;
     a_held_chain_fails_only_its_own_appends(
         &store,
-        async |chain| {
+        async |chains| {
             let lock = format!(
-                "SELECT * FROM impersonation_audit_chains WHERE chain = '{chain}' FOR UPDATE"
+                "SELECT * FROM impersonation_audit_chains WHERE chain IN ({chains}) FOR UPDATE"
             );
             mariadb_holding(&url, &lock).await
         },
