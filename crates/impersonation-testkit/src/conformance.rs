@@ -1912,30 +1912,7 @@ pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
             limit,
             ..filters[filter].clone()
         };
-        let mut want: Vec<&AuditEvent> = every.iter().filter(|e| query.matches(e)).collect();
-        want.sort_by_key(|e| (e.at, e.id));
-        if newest {
-            want.reverse();
-        }
-        let mut q = query.clone();
-        let mut seen = Vec::new();
-        loop {
-            let page = store.audit(&q).await.unwrap();
-            assert!(page.events.len() <= limit as usize);
-            seen.extend(page.events);
-            match page.next {
-                Some(c) => q.cursor = Some(c),
-                None => break,
-            }
-        }
-        // The unfiltered query also meets other cases' events when the
-        // factory hands every case one database: of what its pages
-        // visited, this case's own must be exactly the expected ones. The
-        // filtered ones that name this case's people meet no others.
-        assert!(seen.iter().all(|e| query.matches(e)), "{query:?}");
-        let ours = [sa.chain(), sb.chain()];
-        let seen: Vec<&AuditEvent> = seen.iter().filter(|e| ours.contains(&e.chain)).collect();
-        assert_eq!(seen, want, "{query:?}");
+        assert_pages_to_exactly(&store, &query, &every, &[sa.chain(), sb.chain()]).await;
     }
 }
 
@@ -1990,32 +1967,44 @@ pub async fn sparse_audit_queries_find_every_match<S: Store>(store: S) {
                     limit,
                     ..AuditQuery::default()
                 };
-                let mut want: Vec<&AuditEvent> =
-                    every.iter().filter(|e| query.matches(e)).collect();
-                want.sort_by_key(|e| (e.at, e.id));
-                if order == Order::Newest {
-                    want.reverse();
-                }
-                let mut q = query.clone();
-                let mut seen = Vec::new();
-                for _ in 0..10_000 {
-                    let page = store.audit(&q).await.unwrap();
-                    assert!(page.events.len() <= limit as usize, "{query:?}");
-                    seen.extend(page.events);
-                    match page.next {
-                        Some(c) => q.cursor = Some(c),
-                        None => break,
-                    }
-                }
-                // Other cases' events, where the factory hands every case
-                // one database, are left aside.
-                let ours = [sa.chain(), sb.chain()];
-                let seen: Vec<&AuditEvent> =
-                    seen.iter().filter(|e| ours.contains(&e.chain)).collect();
-                assert_eq!(seen, want, "{query:?}");
+                assert_pages_to_exactly(&store, &query, &every, &[sa.chain(), sb.chain()]).await;
             }
         }
     }
+}
+
+/// Pages through `query`, following `next`, and checks that each page
+/// holds at most the page size and that, of what the pages visited, the
+/// events of `ours` are exactly those of `every` the query matches, in
+/// its order, each once. (Other cases' events, where the factory hands
+/// every case one database, are left aside: an unfiltered query meets
+/// them.)
+async fn assert_pages_to_exactly<S: Store>(
+    store: &S,
+    query: &AuditQuery,
+    every: &[AuditEvent],
+    ours: &[ChainKey],
+) {
+    let mut want: Vec<&AuditEvent> = every.iter().filter(|e| query.matches(e)).collect();
+    want.sort_by_key(|e| (e.at, e.id));
+    if query.order == Order::Newest {
+        want.reverse();
+    }
+    let mut q = query.clone();
+    let mut seen = Vec::new();
+    for pages in 1.. {
+        assert!(pages <= 100_000, "paging does not end: {query:?}");
+        let page = store.audit(&q).await.unwrap();
+        assert!(page.events.len() <= query.page_size(), "{query:?}");
+        seen.extend(page.events);
+        match page.next {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert!(seen.iter().all(|e| query.matches(e)), "{query:?}");
+    let seen: Vec<&AuditEvent> = seen.iter().filter(|e| ours.contains(&e.chain)).collect();
+    assert_eq!(seen, want, "{query:?}");
 }
 
 /// Runs every case against stores from `factory` (one fresh store per case).
