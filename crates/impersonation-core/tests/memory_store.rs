@@ -2,7 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
 
 use impersonation_core::MemoryStore;
-use impersonation_testkit::machine::{MachineConfig, Op, ReasonKind, run_ops, run_state_machine};
+use impersonation_testkit::machine::{
+    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
+};
 
 mod conformance {
     impersonation_testkit::store_conformance_tests!(async {
@@ -48,50 +50,18 @@ fn state_machine_invariants_hold_on_the_memory_store() {
     );
 }
 
-/// The state machine's model at the edges random sequences rarely reach:
-/// a resolve served from the reuse cache, or one whose touch is
-/// coalesced, does not move the store's `last_seen`, so the session idles
-/// out 15 minutes after the last touch, not after the last resolve (a
-/// model that counted every resolve expects it live a fraction of a second
-/// too long, and the step after fails).
+/// The state machine's model at the edges random sequences rarely reach
+/// (`machine::idle_edge_sequences`): a resolve served from the reuse
+/// cache, or one whose touch is coalesced, does not move the store's
+/// `last_seen` (a model that counted every resolve expects the last
+/// resolve to find the session live, and fails there).
 #[test]
 fn the_machine_follows_reuse_and_touch_coalescing_to_the_idle_edge() {
-    let start = Op::Start {
-        agent: 0,
-        target: 0,
-        reason: ReasonKind::Valid,
-        nested: false,
-    };
-    let resolve = Op::Resolve { agent: 0 };
-    let sequences = [
-        // Read at the start (a touch coalesced), then reused half a second
-        // later; the idle edge falls between the two resolves' times.
-        vec![
-            start.clone(),
-            resolve.clone(),
-            Op::Tick { millis: 500 },
-            resolve.clone(),
-            Op::Advance { secs: 899 },
-            Op::Tick { millis: 700 },
-            resolve.clone(),
-        ],
-        // Touched a second after the start, reused after that.
-        vec![
-            start,
-            Op::Tick { millis: 1_000 },
-            resolve.clone(),
-            Op::Tick { millis: 500 },
-            resolve.clone(),
-            Op::Advance { secs: 899 },
-            Op::Tick { millis: 600 },
-            resolve,
-        ],
-    ];
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    for ops in sequences {
+    for ops in idle_edge_sequences() {
         runtime
             .block_on(run_ops(MemoryStore::new(), false, &ops))
             .unwrap_or_else(|e| panic!("{e}"));

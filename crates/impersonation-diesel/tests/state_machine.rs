@@ -9,7 +9,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_diesel::DieselStore;
-use impersonation_testkit::machine::{MachineConfig, run_state_machine};
+use impersonation_testkit::machine::{
+    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
+};
 
 fn cases() -> u32 {
     std::env::var("IMPERSONATION_DB_MACHINE_CASES")
@@ -58,4 +60,24 @@ fn state_machine_on_sqlite_file() {
 #[test]
 fn state_machine_on_sqlite_memory() {
     run(common::sqlite_memory);
+}
+
+/// The sequences that end a session's idle timeout between its last touch
+/// and its last resolve, on every backend: the SQL's touch rule at the
+/// idle edge, in microseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_edge_on_every_backend() {
+    async fn on(store: DieselStore) {
+        for ops in idle_edge_sequences() {
+            run_ops(store.clone(), false, &ops)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    on(common::sqlite_file().await).await;
+    on(common::sqlite_memory().await).await;
+    #[cfg(feature = "postgres")]
+    on(common::postgres().await).await;
+    #[cfg(feature = "mysql")]
+    on(common::mysql().await).await;
 }

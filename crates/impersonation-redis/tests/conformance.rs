@@ -8,7 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_redis::RedisStore;
-use impersonation_testkit::machine::{MachineConfig, run_state_machine};
+use impersonation_testkit::machine::{
+    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
+};
 
 mod single {
     impersonation_testkit::store_conformance_tests!(super::common::single());
@@ -74,4 +76,17 @@ fn state_machine_on_redis() {
 #[test]
 fn state_machine_on_redis_cluster() {
     run(common::cluster);
+}
+
+/// The sequences that end a session's idle timeout between its last touch
+/// and its last resolve: the resolve script's touch rule at the idle edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_edge_on_redis() {
+    for store in [common::single().await, common::cluster().await] {
+        for ops in idle_edge_sequences() {
+            run_ops(store.clone(), false, &ops)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }
