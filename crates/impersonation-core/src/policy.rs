@@ -9,7 +9,7 @@ use time::Duration;
 use crate::id::{SessionId, TenantId, UserId};
 use crate::principal::{
     Permission, PermissionPattern, Principal, RelationKind, Relationship, Role, TenantScope,
-    any_matches,
+    any_matches, eq_ignoring_case,
 };
 
 /// Every reason a request is refused, each with a stable machine-readable code
@@ -679,17 +679,11 @@ impl Policy {
         if agent.id == target.id {
             return Err(Denial::SelfImpersonation);
         }
-        // Ignoring case, as permission patterns do: `Admin` is protected by
-        // `admin`, whatever casing the host app gives its roles.
-        let same = |a: &str, b: &str| {
-            a.chars()
-                .flat_map(char::to_lowercase)
-                .eq(b.chars().flat_map(char::to_lowercase))
-        };
+        // Ignoring case: `Admin` is protected by `admin`.
         if target.roles.iter().any(|r| {
             self.protected_roles
                 .iter()
-                .any(|p| same(p.as_str(), r.as_str()))
+                .any(|p| eq_ignoring_case(p.as_str(), r.as_str()))
         }) {
             return Err(Denial::ProtectedRole);
         }
@@ -703,7 +697,9 @@ impl Policy {
                 let held = PermissionPattern::new(held.as_str());
                 names.iter().any(|name| held.matches(name))
             } else {
-                names.iter().any(|name| same(held.as_str(), name.as_str()))
+                names
+                    .iter()
+                    .any(|name| eq_ignoring_case(held.as_str(), name.as_str()))
             }
         };
         if self.protect_agents && target.permissions.iter().any(agent_permission) {

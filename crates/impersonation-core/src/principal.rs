@@ -48,6 +48,16 @@ name_newtype! {
     Role
 }
 
+/// Whether two names are the same ignoring case, as permission patterns
+/// match: `Admin` is `admin`, whatever casing the host app gives its roles
+/// and permissions (the policy's protected roles and agents, the
+/// projection's withheld roles).
+pub(crate) fn eq_ignoring_case(a: &str, b: &str) -> bool {
+    a.chars()
+        .flat_map(char::to_lowercase)
+        .eq(b.chars().flat_map(char::to_lowercase))
+}
+
 name_newtype! {
     /// A permission of the host app (`"bookings:read"`, `"billing:manage"`).
     ///

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{TenantId, UserId};
 use crate::policy::Grant;
-use crate::principal::{Permission, Principal, Relationship, Role};
+use crate::principal::{Permission, Principal, Relationship, Role, eq_ignoring_case};
 
 /// How one attribute reaches the shadow user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,12 +138,9 @@ impl ProjectionRules {
 
     /// Whether `role` is withheld from the shadow user.
     pub fn withholds_role(&self, role: &str) -> bool {
-        self.withheld_roles.iter().any(|w| {
-            w.as_str()
-                .chars()
-                .flat_map(char::to_lowercase)
-                .eq(role.chars().flat_map(char::to_lowercase))
-        })
+        self.withheld_roles
+            .iter()
+            .any(|w| eq_ignoring_case(w.as_str(), role))
     }
 
     /// The rule for an attribute (`Drop` when none was set).

@@ -256,9 +256,9 @@ pub struct PageReader<'q> {
     // An entry left by an attempt that lost a race may list an event again.
     seen: HashSet<EventId>,
     scanned: usize,
-    /// The placement of the last entry read when the scan bound stopped
-    /// the call short of a full page.
-    stopped_at: Option<i64>,
+    /// When the scan bound stopped the call short of a full page: the
+    /// placement of the last entry read, and where the next call resumes.
+    stopped: Option<(i64, AuditCursor)>,
 }
 
 impl<'q> PageReader<'q> {
@@ -271,7 +271,7 @@ impl<'q> PageReader<'q> {
             events: Vec::with_capacity(limit + 1),
             seen: HashSet::new(),
             scanned: 0,
-            stopped_at: None,
+            stopped: None,
         }
     }
 
@@ -362,8 +362,10 @@ impl<'q> PageReader<'q> {
                 return true;
             }
         }
-        if self.scanned >= self.scan_bound() && self.resume_at(last).is_some() {
-            self.stopped_at = Some(last);
+        if self.scanned >= self.scan_bound()
+            && let Some(resume) = self.resume_at(last)
+        {
+            self.stopped = Some((last, resume));
             return true;
         }
         false
@@ -374,8 +376,8 @@ impl<'q> PageReader<'q> {
         // Stopped by the scan bound: only the events no unread entry can
         // precede, and on from past them.
         let mut resume = None;
-        if let Some(last) = self.stopped_at {
-            resume = self.resume_at(last);
+        if let Some((last, cursor)) = self.stopped {
+            resume = Some(cursor);
             let horizon = last.saturating_add(RUN_SPAN_US);
             self.events.retain(|e| match self.query.order {
                 Order::Oldest => unix_micros(e.at) < last,
