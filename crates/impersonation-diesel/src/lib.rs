@@ -1372,11 +1372,10 @@ impl Store for DieselStore {
         // timeouts, with every append of the process queued behind it.
         let mut set_aside = false;
         let mut left: Vec<usize> = (0..n).collect();
-        let mut batch: Vec<Option<(AuditDraft, AppendGuard)>> =
-            batch.into_iter().map(Some).collect();
-        while !left.is_empty() {
-            let part: Arc<Vec<(AuditDraft, AppendGuard)>> =
-                Arc::new(left.iter().filter_map(|&i| batch[i].clone()).collect());
+        let batch = Arc::new(batch);
+        // The whole batch, unless a chain was set aside.
+        let mut part = Arc::clone(&batch);
+        loop {
             let outcome = self
                 .write(|| async {
                     with_conn!(self, write, [part], |conn, ops| {
@@ -1387,45 +1386,43 @@ impl Store for DieselStore {
                     })
                 })
                 .await;
-            match outcome {
+            let failed = match outcome {
                 Ok(Ok(appended)) => {
                     self.remember_heads(appended.iter().filter_map(|r| r.as_ref().ok()));
                     for (&i, result) in left.iter().zip(appended) {
                         results[i] = Some(result);
                     }
-                    left.clear();
+                    break;
                 }
-                Ok(Err(chain)) if set_aside => {
-                    tracing::warn!(chain = %chain, "a second audit chain's head row is held past the lock timeout; failing the rest of the batch");
-                    let e = chain_locked(&chain);
-                    self.forget_heads(part.iter().map(|(d, _)| &d.chain));
-                    for &i in &left {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                    left.clear();
-                }
-                Ok(Err(chain)) => {
+                Ok(Err(chain)) if !set_aside => {
                     tracing::warn!(chain = %chain, "an audit chain's head row is held past the lock timeout; appending the batch without its events");
                     set_aside = true;
                     self.forget_heads(std::iter::once(&chain));
                     left.retain(|&i| {
-                        let locked = batch[i].as_ref().is_some_and(|(d, _)| d.chain == chain);
+                        let locked = batch[i].0.chain == chain;
                         if locked {
                             results[i] = Some(Err(chain_locked(&chain)));
-                            batch[i] = None;
                         }
                         !locked
                     });
+                    if left.is_empty() {
+                        break;
+                    }
+                    part = Arc::new(left.iter().map(|&i| batch[i].clone()).collect());
+                    continue;
+                }
+                Ok(Err(chain)) => {
+                    tracing::warn!(chain = %chain, "a second audit chain's head row is held past the lock timeout; failing the rest of the batch");
+                    chain_locked(&chain)
                 }
                 // The transaction rolled back: nothing in it was written.
-                Err(e) => {
-                    self.forget_heads(part.iter().map(|(d, _)| &d.chain));
-                    for &i in &left {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                    left.clear();
-                }
+                Err(e) => e,
+            };
+            self.forget_heads(part.iter().map(|(d, _)| &d.chain));
+            for &i in &left {
+                results[i] = Some(Err(failed.clone()));
             }
+            break;
         }
         results
             .into_iter()

@@ -682,26 +682,26 @@ macro_rules! store_ops {
                     .map(|t| i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX))
                     .unwrap_or_default();
                 let touch_in_query = d::ONE_STATEMENT_TOUCH && touch.is_some();
-                // The lookup alone: a read.
-                let plain = || {
-                    let mut sql = Sql::new(format!(
-                        "SELECT secret_hash, id, {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash IN "
-                    ));
+                // `head` and the list of the asked hashes.
+                let asking = |head: &str| {
+                    let mut sql = Sql::new(head);
                     markers(&mut sql, hashes.len());
                     for hash in hashes {
                         sql = sql.arg(hash.to_hex());
                     }
                     sql
                 };
+                // The lookup alone: a read.
+                let plain = || {
+                    asking(&format!(
+                        "SELECT secret_hash, id, {SESSION_COLUMNS} FROM impersonation_sessions WHERE secret_hash IN "
+                    ))
+                };
                 let rows = if touch_in_query {
-                    let mut sql = Sql::new(
+                    let mut sql = asking(
                         "WITH prev AS (SELECT id, secret_hash, record, shadow, last_seen_us, last_checked_us, version \
                          FROM impersonation_sessions WHERE secret_hash IN ",
                     );
-                    markers(&mut sql, hashes.len());
-                    for hash in hashes {
-                        sql = sql.arg(hash.to_hex());
-                    }
                     // (`idle_us` in the coalescing is the session's: `prev`
                     // has no such column.) Only the rows whose touch is due
                     // are updated, so only they are locked.
