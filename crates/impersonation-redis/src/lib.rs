@@ -1839,26 +1839,22 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let reply: Option<Vec<Option<String>>> =
             inv.invoke(&mut conn).await.map_err(unavailable)?;
-        match reply {
-            Some(reply)
-                if reply
-                    .first()
-                    .is_some_and(|f| f.as_deref() == Some("damaged")) =>
-            {
-                let missing: Vec<&str> =
-                    reply.iter().skip(1).flatten().map(String::as_str).collect();
-                Err(damaged(&missing))
-            }
-            Some(reply)
-                if reply
-                    .first()
-                    .is_some_and(|f| f.as_deref() == Some("malformed")) =>
-            {
-                let bad: Vec<&str> = reply.iter().skip(1).flatten().map(String::as_str).collect();
-                Err(not_numbers(&bad))
-            }
-            Some(fields) => decode_session(&fields, Some((secret.hash, &self.decoded))).map(Some),
-            None => Ok(None),
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
+        // A tagged reply names the fields the script found damaged.
+        let named = || {
+            reply
+                .iter()
+                .skip(1)
+                .flatten()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        };
+        match reply.first().and_then(Option::as_deref) {
+            Some("damaged") => Err(damaged(&named())),
+            Some("malformed") => Err(not_numbers(&named())),
+            _ => decode_session(&reply, Some((secret.hash, &self.decoded))).map(Some),
         }
     }
 
