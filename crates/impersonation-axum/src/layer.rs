@@ -1376,9 +1376,15 @@ where
 const DIGEST_TRAILERS: [&str; 4] = ["content-digest", "repr-digest", "digest", "content-md5"];
 
 /// A page read whole, as a body again: its bytes, then its trailers if it
-/// had any.
-fn with_trailers(bytes: axum::body::Bytes, trailers: Option<HeaderMap>) -> Body {
-    match trailers {
+/// had any; with the banner in (`changed`), not a digest of the bytes the
+/// app wrote, which they no longer are.
+fn with_trailers(bytes: axum::body::Bytes, mut trailers: Option<HeaderMap>, changed: bool) -> Body {
+    if let (true, Some(t)) = (changed, trailers.as_mut()) {
+        for digest in DIGEST_TRAILERS {
+            t.remove(digest);
+        }
+    }
+    match trailers.filter(|t| !t.is_empty()) {
         None => Body::from(bytes),
         Some(trailers) => Body::new(http_body_util::BodyExt::with_trailers(
             http_body_util::Full::new(bytes),
@@ -1406,19 +1412,9 @@ where
     let (mut parts, body) = res.into_parts();
     match read_page(body, read).await {
         Ok(collected) => {
-            // Trailers (a server timing, a checksum) go out after the page
-            // as they came; with the banner in, not a digest of the bytes
-            // the app wrote, which they no longer are.
-            let mut trailers = collected.trailers().cloned();
+            // Trailers (a server timing, a checksum) go out after the page.
+            let trailers = collected.trailers().cloned();
             let bytes = collected.to_bytes();
-            let mut rebuilt = |bytes: axum::body::Bytes, changed: bool| {
-                if let (true, Some(t)) = (changed, trailers.as_mut()) {
-                    for digest in DIGEST_TRAILERS {
-                        t.remove(digest);
-                    }
-                }
-                with_trailers(bytes, trailers.take().filter(|t| !t.is_empty()))
-            };
             // A UTF-16 or UTF-32 byte-order mark overrides the header's
             // charset (`FF FE` also begins UTF-32LE's).
             if bytes.starts_with(&[0xFE, 0xFF])
@@ -1428,7 +1424,7 @@ where
                 tracing::warn!(
                     "an impersonated HTML page in UTF-16 or UTF-32 (byte-order mark) is served without the banner"
                 );
-                return Response::from_parts(parts, rebuilt(bytes, false));
+                return Response::from_parts(parts, with_trailers(bytes, trailers, false));
             }
             let charset_known = has_charset(&parts.headers);
             let placed = match markup {
@@ -1455,7 +1451,7 @@ where
                         why,
                         "an impersonated HTML page is served without the banner"
                     );
-                    return Response::from_parts(parts, rebuilt(bytes, false));
+                    return Response::from_parts(parts, with_trailers(bytes, trailers, false));
                 }
             };
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -1464,7 +1460,7 @@ where
             // (and its Stop form's post, past a `form-action` that allows
             // not even this site).
             crate::csp::allow_banner(&mut parts.headers, stop);
-            Response::from_parts(parts, rebuilt(page.into(), true))
+            Response::from_parts(parts, with_trailers(page.into(), trailers, true))
         }
         Err(Unread::SessionOver) => {
             tracing::warn!(
