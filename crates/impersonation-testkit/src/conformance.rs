@@ -1796,6 +1796,27 @@ pub async fn a_session_is_served_by_either_instance<S: Store>((a, b): (S, S)) {
     assert_eq!(whole_chain(&a, &chain).await, whole_chain(&b, &chain).await);
 }
 
+/// An access (or a modification) on `session` at `at` by `actor`, the
+/// `n`th event of its case (a detail, so that no two are alike), to
+/// append unguarded.
+fn numbered(
+    session: &Session,
+    at: OffsetDateTime,
+    actor: Actor,
+    modification: bool,
+    n: i64,
+) -> (AuditDraft, AppendGuard) {
+    let action = if modification {
+        AuditAction::Modification
+    } else {
+        AuditAction::Access
+    };
+    let draft = session
+        .draft(at, action, actor)
+        .details(Details::new().with("n", n));
+    (draft, AppendGuard::None)
+}
+
 /// Batches whose events' times run out of order, tie, and spread over
 /// seconds (as concurrent requests do), on two chains: every filter and
 /// window, in both orders and at any page size, pages through exactly the
@@ -1840,15 +1861,7 @@ pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
                     Actor::user(who.id.clone(), "agent")
                 };
                 n += 1;
-                let action = if modification {
-                    AuditAction::Modification
-                } else {
-                    AuditAction::Access
-                };
-                let draft = session
-                    .draft(at, action, actor)
-                    .details(Details::new().with("n", n));
-                (draft, AppendGuard::None)
+                numbered(session, at, actor, modification, n)
             })
             .collect();
         for result in store.append_batch(batch).await {
@@ -1937,16 +1950,8 @@ pub async fn sparse_audit_queries_find_every_match<S: Store>(store: S) {
                 n += 1;
                 // Ten events a second, out of order within their batch.
                 let at = epoch() + Duration::milliseconds(round * 2_000 + (i * 7) % 20 * 100);
-                let action = if n % 250 == 0 {
-                    AuditAction::Modification
-                } else {
-                    AuditAction::Access
-                };
                 let actor = Actor::user(who.id.clone(), "agent");
-                let draft = session
-                    .draft(at, action, actor)
-                    .details(Details::new().with("n", n));
-                (draft, AppendGuard::None)
+                numbered(session, at, actor, n % 250 == 0, n)
             })
             .collect();
         for result in store.append_batch(batch).await {
