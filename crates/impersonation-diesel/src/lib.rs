@@ -345,6 +345,8 @@ pub struct DieselStore {
     decoded: Arc<DecodedSessions>,
     /// SQLite: this process's writers, one at a time.
     writes: WriteGate,
+    /// The sessions whose idle touch waited out the lock timeout lately.
+    held: Arc<ops::HeldTouches>,
 }
 
 /// SQLite lets one writer in at a time, and a writer that finds the lock
@@ -920,6 +922,7 @@ impl DieselStore {
             heads: Arc::default(),
             decoded: Arc::default(),
             writes: WriteGate::default(),
+            held: Arc::default(),
         };
         store.writes = WriteGate::for_backend(store.kind());
         let ping: Result<(), OpError> =
@@ -1442,11 +1445,11 @@ impl Store for DieselStore {
         touch: Option<Touch>,
     ) -> Vec<Result<Option<Session>, StoreError>> {
         let hashes: Arc<Vec<_>> = Arc::new(lookups.iter().map(|l| l.hash).collect());
-        let (decoded, writes) = (&self.decoded, &self.writes);
+        let (decoded, writes, held) = (&self.decoded, &self.writes, &self.held);
         let outcome = self
             .write(|| async {
-                with_conn!(self, [hashes, decoded, writes], |conn, ops| {
-                    ops::find_by_secrets(conn, &hashes, touch, &decoded, &writes).await
+                with_conn!(self, [hashes, decoded, writes, held], |conn, ops| {
+                    ops::find_by_secrets(conn, &hashes, touch, &decoded, &writes, &held).await
                 })
             })
             .await;
@@ -1473,12 +1476,11 @@ impl Store for DieselStore {
         secret: &SecretLookup,
         touch: Option<Touch>,
     ) -> Result<Option<Session>, StoreError> {
-        let (hash, decoded, writes) = (secret.hash, &self.decoded, &self.writes);
+        let (hash, decoded, writes, held) = (secret.hash, &self.decoded, &self.writes, &self.held);
         self.write(|| async {
-            with_conn!(self, [decoded, writes], |conn, ops| ops::find_by_secret(
-                conn, &hash, touch, &decoded, &writes
-            )
-            .await)
+            with_conn!(self, [decoded, writes, held], |conn, ops| {
+                ops::find_by_secret(conn, &hash, touch, &decoded, &writes, &held).await
+            })
         })
         .await
     }

@@ -68,6 +68,72 @@ pub(crate) fn lock_timed_out(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// The sessions whose idle touch last waited out the lock timeout, by the
+/// hash of the secret they were looked up by, each with the time (the
+/// touch's `now`) until which their touches are left out.
+///
+/// Such a touch met a row another transaction holds: one a host that died
+/// mid-write left open, say, which the server keeps until TCP notices
+/// (minutes; hours without keepalives). Without this, every lookup batch
+/// asking for that session waited `busy_timeout` again, and every other
+/// request in the batch with it. With it, such a row costs one wait per
+/// window. The window is at most [`HeldTouches::WINDOW`] and a quarter of
+/// the session's idle timeout: a touch coalesces at most half of it, so a
+/// session in use never idles out for a touch left out. Every session whose
+/// touch was in the statement that timed out is noted (the database does
+/// not say which row held it up): a batch-mate's touch waits out the
+/// window too, which is as harmless.
+#[derive(Debug, Default)]
+pub(crate) struct HeldTouches(
+    std::sync::Mutex<std::collections::HashMap<String, time::OffsetDateTime>>,
+);
+
+impl HeldTouches {
+    /// The longest a touch is left out after it timed out.
+    pub(crate) const WINDOW: time::Duration = time::Duration::seconds(30);
+
+    fn entries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, time::OffsetDateTime>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any of `hashes` (hex) has its touch left out at `now`;
+    /// forgets the entries whose window has passed.
+    pub(crate) fn any(
+        &self,
+        hashes: &[impersonation_core::SecretHash],
+        now: time::OffsetDateTime,
+    ) -> bool {
+        let mut entries = self.entries();
+        if entries.is_empty() {
+            return false;
+        }
+        entries.retain(|_, until| *until > now);
+        !entries.is_empty() && hashes.iter().any(|h| entries.contains_key(&h.to_hex()))
+    }
+
+    /// Whether the touch of the session looked up by `hash` (hex) is left
+    /// out at `now`.
+    pub(crate) fn skips(&self, hash: &str, now: time::OffsetDateTime) -> bool {
+        self.entries().get(hash).is_some_and(|until| *until > now)
+    }
+
+    /// Leaves out the touches of `sessions` (the hash hex of each, and its
+    /// idle timeout) from `now` on, each for its window.
+    pub(crate) fn note<'a>(
+        &self,
+        sessions: impl IntoIterator<Item = (&'a str, time::Duration)>,
+        now: time::OffsetDateTime,
+    ) {
+        let mut entries = self.entries();
+        for (hash, idle_timeout) in sessions {
+            let window = Self::WINDOW.min(idle_timeout / 4_i32);
+            entries.insert(hash.to_owned(), now.saturating_add(window));
+        }
+    }
+}
+
 #[allow(dead_code)] // each dialect uses only what its backend needs
 pub(crate) mod dialect {
     pub(crate) mod postgres {
@@ -673,6 +739,7 @@ macro_rules! store_ops {
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
                 writes: &crate::WriteGate,
+                held: &crate::ops::HeldTouches,
             ) -> Result<Vec<Result<Option<Session>, StoreError>>, OpError> {
                 if hashes.is_empty() {
                     return Ok(Vec::new());
@@ -681,7 +748,14 @@ macro_rules! store_ops {
                 let coalesce = touch
                     .map(|t| i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX))
                     .unwrap_or_default();
-                let touch_in_query = d::ONE_STATEMENT_TOUCH && touch.is_some();
+                // A session whose touch waited out the lock timeout lately
+                // is left out of the touch (`HeldTouches`): the statement
+                // that touches in the lookup cannot leave it out, so the
+                // batch that asks for one touches in a second statement.
+                let touch_in_query =
+                    d::ONE_STATEMENT_TOUCH && touch.is_some_and(|t| !held.any(hashes, t.now));
+                // The touch in the lookup waited out the lock timeout.
+                let mut touch_timed_out = false;
                 // `head` and the list of the asked hashes.
                 let asking = |head: &str| {
                     let mut sql = Sql::new(head);
@@ -725,7 +799,8 @@ macro_rules! store_ops {
                         // (Touches wait for each other, rather than skip a
                         // row one holds, so that the latest one stands.)
                         Err(e) if crate::ops::lock_timed_out(&e) => {
-                            tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
+                            tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it, and the touch is left out for a while");
+                            touch_timed_out = true;
                             plain().load::<KeyedSessionRow>(conn).await?
                         }
                         Err(e) => return Err(e.into()),
@@ -739,27 +814,45 @@ macro_rules! store_ops {
                 // answers its own lookup as corrupt, not the whole batch,
                 // which holds other requests' lookups.
                 let mut found: HashMap<String, Result<Session, StoreError>> = HashMap::new();
+                // The sessions whose touch is due: their ids, and the
+                // hashes they were asked by.
                 let mut due = Vec::new();
                 for keyed in rows {
                     let session = match asked.get(&keyed.secret_hash) {
                         Some(key) => keyed.row.into_session_via(*key, decoded),
                         None => keyed.row.into_session(),
                     };
-                    if !touch_in_query
+                    if (!touch_in_query || touch_timed_out)
                         && let Ok(session) = &session
-                        && touch.is_some_and(|t| t.applies_to(session))
+                        && let Some(t) = touch
+                        && t.applies_to(session)
+                        && !held.skips(&keyed.secret_hash, t.now)
                     {
-                        due.push(keyed.id);
+                        due.push((keyed.id, keyed.secret_hash.clone()));
                     }
                     found.insert(keyed.secret_hash, session);
                 }
-                if !due.is_empty() {
+                // Leaves out the touches of the `due` sessions for a while.
+                let note_held = |due: &[(String, String)]| {
+                    if let Some(t) = touch {
+                        held.note(
+                            due.iter().filter_map(|(_, hash)| {
+                                let session = found.get(hash)?.as_ref().ok()?;
+                                Some((hash.as_str(), session.grant.idle_timeout))
+                            }),
+                            t.now,
+                        );
+                    }
+                };
+                if touch_timed_out {
+                    note_held(&due);
+                } else if !due.is_empty() {
                     // The lookup itself read without waiting; the touch is a write.
                     let _turn = writes.hold().await;
                     let mut sql = Sql::new("UPDATE impersonation_sessions SET last_seen_us = ? WHERE id IN ").arg(now);
                     markers(&mut sql, due.len());
-                    for id in due {
-                        sql = sql.arg(id);
+                    for (id, _) in &due {
+                        sql = sql.arg(id.clone());
                     }
                     sql.push(&format!(
                         " AND state = 'active' AND expires_us > ? AND idle_us > ? - last_seen_us AND last_seen_us <= ? - {}",
@@ -771,7 +864,11 @@ macro_rules! store_ops {
                     // again. Any other failure (a lost connection, a
                     // read-only server) is the store's, as ever.
                     match sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await {
-                        Err(e) if crate::ops::lock_timed_out(&e) || crate::ops::retryable(&e) => {
+                        Err(e) if crate::ops::lock_timed_out(&e) => {
+                            tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it, and the touch is left out for a while");
+                            note_held(&due);
+                        }
+                        Err(e) if crate::ops::retryable(&e) => {
                             tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it");
                         }
                         other => {
@@ -788,8 +885,9 @@ macro_rules! store_ops {
                 touch: Option<Touch>,
                 decoded: &DecodedSessions,
                 writes: &crate::WriteGate,
+                held: &crate::ops::HeldTouches,
             ) -> Result<Option<Session>, OpError> {
-                let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded, writes).await?;
+                let found = find_by_secrets(conn, std::slice::from_ref(hash), touch, decoded, writes, held).await?;
                 Ok(found.into_iter().next().transpose()?.flatten())
             }
 
@@ -989,3 +1087,43 @@ store_ops!(pg, diesel_async::AsyncPgConnection, postgres);
 store_ops!(mysql, diesel_async::AsyncMysqlConnection, mysql);
 #[cfg(feature = "sqlite")]
 store_ops!(sqlite, crate::SqliteConn, sqlite);
+
+#[cfg(test)]
+mod tests {
+    use super::HeldTouches;
+    use impersonation_core::SecretHash;
+    use time::{Duration, OffsetDateTime};
+
+    fn hash(n: u8) -> SecretHash {
+        SecretHash::from_hex(&format!("{n:02x}").repeat(32)).expect("64 hex digits")
+    }
+
+    /// A touch is left out for 30 s, or a quarter of the session's idle
+    /// timeout if that is shorter (a touch coalesces at most half of it,
+    /// so a session in use cannot idle out meanwhile); then it is
+    /// forgotten.
+    #[test]
+    fn a_touch_is_left_out_for_its_window_then_forgotten() {
+        let held = HeldTouches::default();
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let (long, short, other) = (hash(1), hash(2), hash(3));
+        held.note(
+            [
+                (long.to_hex().as_str(), Duration::hours(1)),
+                (short.to_hex().as_str(), Duration::minutes(1)),
+            ],
+            t0,
+        );
+        let at = |s: i64| t0 + Duration::seconds(s);
+        assert!(held.skips(&long.to_hex(), at(29)));
+        assert!(!held.skips(&long.to_hex(), at(30)));
+        assert!(held.skips(&short.to_hex(), at(14)));
+        assert!(!held.skips(&short.to_hex(), at(15)));
+        assert!(!held.skips(&other.to_hex(), at(0)));
+        assert!(held.any(&[other, short], at(14)));
+        assert!(!held.any(&[other], at(14)));
+        // Past the windows the entries go.
+        assert!(!held.any(&[long, short], at(30)));
+        assert!(held.entries().is_empty());
+    }
+}

@@ -423,7 +423,11 @@ async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
 /// Another connection holds the row of one agent's session (a host that
 /// died mid-transition). A lookup is a read: the batch that holds that
 /// session's lookup and another's answers both, the held row untouched,
-/// rather than waiting on the lock and failing every lookup in it.
+/// rather than waiting on the lock and failing every lookup in it. The
+/// touch that waited out the lock timeout is left out for a while (30 s
+/// here), so the next batches do not wait on the row again: their
+/// lookups touch neither session, held or not, even once the row is
+/// free, until the window has passed.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_session_row_fails_no_lookup<H>(
     store: &DieselStore,
@@ -431,31 +435,53 @@ async fn a_held_session_row_fails_no_lookup<H>(
     release: impl AsyncFnOnce(H),
 ) {
     let w = World::new();
-    let (first, first_secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    // An idle timeout of an hour: a window of 30 s.
+    let policy = w.policy.clone().idle_timeout(time::Duration::hours(1));
+    let (first, first_secret) = w.begin_with(&policy, &w.agent(1), &w.customer(1, "t1"), epoch());
     let (first, _) = must_start(store, first).await;
-    let (second, second_secret) = w.begin(&w.agent(2), &w.customer(2, "t1"), epoch());
+    let (second, second_secret) = w.begin_with(&policy, &w.agent(2), &w.customer(2, "t1"), epoch());
     let (second, _) = must_start(store, second).await;
-    let holder = hold(first.id).await;
-    let touch = impersonation_core::Touch {
-        now: epoch() + time::Duration::seconds(5),
-        coalesce: time::Duration::ZERO,
+    let lookups = [first_secret.lookup(), second_secret.lookup()];
+    let look_up = async |seconds: i64| {
+        let touch = impersonation_core::Touch {
+            now: epoch() + time::Duration::seconds(seconds),
+            coalesce: time::Duration::ZERO,
+        };
+        let found = tokio::time::timeout(
+            // A guard against a stall, not a timing assertion.
+            std::time::Duration::from_secs(120),
+            store.find_by_secrets(&lookups, Some(touch)),
+        )
+        .await
+        .expect("the lookup waited on the lock for two minutes");
+        let ids: Vec<_> = found
+            .into_iter()
+            .map(|r| r.map(|s| s.map(|s| s.id)).map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(ids, vec![Ok(Some(first.id)), Ok(Some(second.id))]);
     };
-    let found = tokio::time::timeout(
-        // A guard against a stall, not a timing assertion.
-        std::time::Duration::from_secs(120),
-        store.find_by_secrets(
-            &[first_secret.lookup(), second_secret.lookup()],
-            Some(touch),
-        ),
-    )
-    .await
-    .expect("the lookup waited on the lock for two minutes");
-    let ids: Vec<_> = found
-        .into_iter()
-        .map(|r| r.map(|s| s.map(|s| s.id)).map_err(|e| e.to_string()))
-        .collect();
-    assert_eq!(ids, vec![Ok(Some(first.id)), Ok(Some(second.id))]);
+    let last_seen = async || {
+        let mut seen = Vec::new();
+        for id in [first.id, second.id] {
+            let session = store.session(id).await.unwrap().unwrap();
+            seen.push((session.last_seen_at - epoch()).whole_seconds());
+        }
+        seen
+    };
+    let holder = hold(first.id).await;
+    look_up(5).await;
+    assert_eq!(last_seen().await, [0, 0], "the touch waited out the lock");
+    look_up(6).await;
+    assert_eq!(last_seen().await, [0, 0], "both touches are left out");
     release(holder).await;
+    look_up(34).await;
+    assert_eq!(last_seen().await, [0, 0], "still left out at 34 s");
+    look_up(35).await;
+    assert_eq!(
+        last_seen().await,
+        [35, 35],
+        "touched once the window passed"
+    );
 }
 
 #[cfg(feature = "postgres")]
