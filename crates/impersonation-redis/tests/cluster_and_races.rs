@@ -658,3 +658,133 @@ async fn a_write_sent_again_after_others_followed_it_is_applied_once() {
         .collect();
     assert_eq!(ids.len(), 7, "no event written twice");
 }
+
+/// The masters of the test cluster, as (id, port), and the id of the one
+/// that serves `slot`, read from `CLUSTER NODES`.
+async fn masters_and_owner(slot: u16) -> (Vec<(String, u16)>, String) {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut node(7001).await)
+        .await
+        .unwrap();
+    let mut masters = Vec::new();
+    let mut owner = None;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || !fields[2].contains("master") {
+            continue;
+        }
+        let port: u16 = fields[1]
+            .split(['@', ':'])
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        let serves = fields[8..].iter().any(|range| {
+            // `[…]` marks a slot in the middle of a move.
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            match (from.parse::<u16>(), to.parse::<u16>()) {
+                (Ok(from), Ok(to)) => (from..=to).contains(&slot),
+                _ => false,
+            }
+        });
+        if serves {
+            owner = Some(fields[0].to_owned());
+        }
+        masters.push((fields[0].to_owned(), port));
+    }
+    (masters, owner.expect("a master serves every slot"))
+}
+
+/// Moves `keys` from the node at `from` to the one at `to` (`MIGRATE`).
+async fn migrate(from: &mut redis::aio::MultiplexedConnection, to: u16, keys: &[String]) {
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(keys)
+        .query_async(from)
+        .await
+        .unwrap();
+}
+
+/// A cluster in the middle of moving an agent's slot to another node
+/// (resharding) has some of its keys on the new node and the rest on the
+/// old one. A lookup whose session has gone ahead while its secret has not
+/// must not answer that there is no such session: the layer would clear
+/// the agent's cookie of a session that lives on, which would then stand
+/// in the way of the agent's next one. Meanwhile it fails as an
+/// unreachable store does (503, to be tried again: Redis 7 refuses the
+/// resolve script's read of the session's key, which it no longer holds),
+/// and once the slot has moved it finds the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_in_the_middle_of_a_slot_move_does_not_lose_the_session() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::CLUSTER, &ns).await;
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let lookup = secret.lookup();
+    let session_key = format!("{ns}:{{{}}}:s:{}", lookup.route, session.id);
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&session_key)
+        .query_async(&mut node(7001).await)
+        .await
+        .unwrap();
+    let (masters, owner) = masters_and_owner(slot).await;
+    let source_port = masters.iter().find(|(id, _)| *id == owner).unwrap().1;
+    let (target, target_port) = masters.iter().find(|(id, _)| *id != owner).unwrap().clone();
+    let (mut source, mut dest) = (node(source_port).await, node(target_port).await);
+    let set_slot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    let _: () = set_slot("IMPORTING", &owner)
+        .query_async(&mut dest)
+        .await
+        .unwrap();
+    let _: () = set_slot("MIGRATING", &target)
+        .query_async(&mut source)
+        .await
+        .unwrap();
+    // The session has gone ahead; its secret has not.
+    migrate(&mut source, target_port, std::slice::from_ref(&session_key)).await;
+    let found = store.find_by_secret(&lookup, None).await;
+    match &found {
+        Ok(Some(s)) => assert_eq!(s.id, session.id),
+        Ok(None) => panic!("a lookup in the middle of the move lost the session"),
+        Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}"),
+    }
+    // The rest of the slot follows, and the slot is the target's.
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        migrate(&mut source, target_port, &keys).await;
+    }
+    let _: () = set_slot("NODE", &target)
+        .query_async(&mut dest)
+        .await
+        .unwrap();
+    for (_, port) in &masters {
+        if *port != target_port {
+            let _: () = set_slot("NODE", &target)
+                .query_async(&mut node(*port).await)
+                .await
+                .unwrap();
+        }
+    }
+    let found = store.find_by_secret(&lookup, None).await.unwrap();
+    assert_eq!(found.map(|s| s.id), Some(session.id));
+}
