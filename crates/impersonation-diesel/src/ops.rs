@@ -78,11 +78,12 @@ pub(crate) fn lock_timed_out(e: &diesel::result::Error) -> bool {
 /// asking for that session waited `busy_timeout` again, and every other
 /// request in the batch with it. With it, such a row costs one wait per
 /// window. The window is at most [`HeldTouches::WINDOW`] and a quarter of
-/// the session's idle timeout: a touch coalesces at most half of it, so a
-/// session in use never idles out for a touch left out. Every session whose
-/// touch was in the statement that timed out is noted (the database does
-/// not say which row held it up): a batch-mate's touch waits out the
-/// window too, which is as harmless.
+/// the session's idle timeout, and ends at least that long before the
+/// session's idle deadline: the next request after it still touches in
+/// time, so a session in use does not idle out for a touch left out.
+/// Every session whose touch was in the statement that timed out is noted
+/// (the database does not say which row held it up): a batch-mate's touch
+/// waits out the window too.
 #[derive(Debug, Default)]
 pub(crate) struct HeldTouches(
     std::sync::Mutex<std::collections::HashMap<String, time::OffsetDateTime>>,
@@ -119,17 +120,24 @@ impl HeldTouches {
         self.entries().get(hash).is_some_and(|until| *until > now)
     }
 
-    /// Leaves out the touches of `sessions` (the hash hex of each, and its
-    /// idle timeout) from `now` on, each for its window.
+    /// Leaves out the touches of `sessions` (the hash hex of each, its
+    /// idle timeout and its idle deadline) from `now` on, each for its
+    /// window; forgets the entries whose window has passed.
     pub(crate) fn note<'a>(
         &self,
-        sessions: impl IntoIterator<Item = (&'a str, time::Duration)>,
+        sessions: impl IntoIterator<Item = (&'a str, time::Duration, time::OffsetDateTime)>,
         now: time::OffsetDateTime,
     ) {
         let mut entries = self.entries();
-        for (hash, idle_timeout) in sessions {
+        entries.retain(|_, until| *until > now);
+        for (hash, idle_timeout, idle_deadline) in sessions {
             let window = Self::WINDOW.min(idle_timeout / 4_i32);
-            entries.insert(hash.to_owned(), now.saturating_add(window));
+            let until = now
+                .saturating_add(window)
+                .min(idle_deadline.saturating_sub(window));
+            if until > now {
+                entries.insert(hash.to_owned(), until);
+            }
         }
     }
 }
@@ -795,7 +803,8 @@ macro_rules! store_ops {
                         // another transaction holds (a host that died
                         // mid-write holds its locks until TCP notices)
                         // fails no lookup: the rows are read again,
-                        // untouched, and the next request tries the touch.
+                        // untouched, and their touches are left out for a
+                        // while (`HeldTouches`).
                         // (Touches wait for each other, rather than skip a
                         // row one holds, so that the latest one stands.)
                         Err(e) if crate::ops::lock_timed_out(&e) => {
@@ -838,7 +847,7 @@ macro_rules! store_ops {
                         held.note(
                             due.iter().filter_map(|(_, hash)| {
                                 let session = found.get(hash)?.as_ref().ok()?;
-                                Some((hash.as_str(), session.grant.idle_timeout))
+                                Some((hash.as_str(), session.grant.idle_timeout, session.idle_deadline()))
                             }),
                             t.now,
                         );
@@ -860,9 +869,10 @@ macro_rules! store_ops {
                     ));
                     // A touch that waited out the lock timeout on a row
                     // another transaction holds fails no lookup: the rows
-                    // are read, and the next request tries the touch
-                    // again. Any other failure (a lost connection, a
-                    // read-only server) is the store's, as ever.
+                    // are read, and their touches are left out for a while
+                    // (`HeldTouches`). Any other failure (a lost
+                    // connection, a read-only server) is the store's, as
+                    // ever.
                     match sql.arg(now).arg(now).arg(now).arg(coalesce).execute(conn).await {
                         Err(e) if crate::ops::lock_timed_out(&e) => {
                             tracing::warn!(error = %e, "an idle touch could not be written; the lookup answers without it, and the touch is left out for a while");
@@ -1107,10 +1117,11 @@ mod tests {
         let held = HeldTouches::default();
         let t0 = OffsetDateTime::UNIX_EPOCH;
         let (long, short, other) = (hash(1), hash(2), hash(3));
+        let far = t0 + Duration::hours(1);
         held.note(
             [
-                (long.to_hex().as_str(), Duration::hours(1)),
-                (short.to_hex().as_str(), Duration::minutes(1)),
+                (long.to_hex().as_str(), Duration::hours(1), far),
+                (short.to_hex().as_str(), Duration::minutes(1), far),
             ],
             t0,
         );
@@ -1125,5 +1136,40 @@ mod tests {
         // Past the windows the entries go.
         assert!(!held.any(&[long, short], at(30)));
         assert!(held.entries().is_empty());
+    }
+
+    /// A session near its idle deadline gets a shorter window, or none:
+    /// the window ends at least its own length before the deadline, so the
+    /// next request after it still touches in time. (Idle timeout 2 min,
+    /// last seen at 0, looked up at 100 s: a window to 130 s would let it
+    /// idle out at 120 s although it was in use.)
+    #[test]
+    fn a_touch_near_the_idle_deadline_is_not_left_out_past_it() {
+        let held = HeldTouches::default();
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let at = |s: i64| t0 + Duration::seconds(s);
+        let (late, early) = (hash(1), hash(2));
+        held.note(
+            [
+                (late.to_hex().as_str(), Duration::minutes(2), at(120)),
+                (early.to_hex().as_str(), Duration::minutes(2), at(120)),
+            ],
+            at(100),
+        );
+        assert!(!held.skips(&late.to_hex(), at(100)));
+        assert!(held.entries().is_empty(), "nothing to leave out");
+        held.note(
+            [(early.to_hex().as_str(), Duration::minutes(2), at(120))],
+            at(80),
+        );
+        assert!(held.skips(&early.to_hex(), at(89)));
+        assert!(!held.skips(&early.to_hex(), at(90)));
+        // Noting forgets the windows that have passed (on MySQL and
+        // SQLite nothing else does).
+        held.note(
+            [(late.to_hex().as_str(), Duration::minutes(2), at(300))],
+            at(95),
+        );
+        assert_eq!(held.entries().len(), 1);
     }
 }

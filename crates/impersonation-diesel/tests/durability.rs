@@ -427,7 +427,8 @@ async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
 /// touch that waited out the lock timeout is left out for a while (30 s
 /// here), so the next batches do not wait on the row again: their
 /// lookups touch neither session, held or not, even once the row is
-/// free, until the window has passed.
+/// free, until the window has passed. A third session, looked up beside
+/// them meanwhile, is touched (on PostgreSQL in a statement of its own).
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_session_row_fails_no_lookup<H>(
     store: &DieselStore,
@@ -441,12 +442,18 @@ async fn a_held_session_row_fails_no_lookup<H>(
     let (first, _) = must_start(store, first).await;
     let (second, second_secret) = w.begin_with(&policy, &w.agent(2), &w.customer(2, "t1"), epoch());
     let (second, _) = must_start(store, second).await;
-    let lookups = [first_secret.lookup(), second_secret.lookup()];
-    let look_up = async |seconds: i64| {
+    let (third, third_secret) = w.begin_with(&policy, &w.agent(3), &w.customer(3, "t1"), epoch());
+    let (third, _) = must_start(store, third).await;
+    let both = [
+        (first_secret.lookup(), first.id),
+        (second_secret.lookup(), second.id),
+    ];
+    let look_up = async |seconds: i64, asked: &[(impersonation_core::SecretLookup, _)]| {
         let touch = impersonation_core::Touch {
             now: epoch() + time::Duration::seconds(seconds),
             coalesce: time::Duration::ZERO,
         };
+        let lookups: Vec<_> = asked.iter().map(|(l, _)| l.clone()).collect();
         let found = tokio::time::timeout(
             // A guard against a stall, not a timing assertion.
             std::time::Duration::from_secs(120),
@@ -458,28 +465,42 @@ async fn a_held_session_row_fails_no_lookup<H>(
             .into_iter()
             .map(|r| r.map(|s| s.map(|s| s.id)).map_err(|e| e.to_string()))
             .collect();
-        assert_eq!(ids, vec![Ok(Some(first.id)), Ok(Some(second.id))]);
+        let expected: Vec<_> = asked.iter().map(|(_, id)| Ok(Some(*id))).collect();
+        assert_eq!(ids, expected);
     };
     let last_seen = async || {
         let mut seen = Vec::new();
-        for id in [first.id, second.id] {
+        for id in [first.id, second.id, third.id] {
             let session = store.session(id).await.unwrap().unwrap();
             seen.push((session.last_seen_at - epoch()).whole_seconds());
         }
         seen
     };
     let holder = hold(first.id).await;
-    look_up(5).await;
-    assert_eq!(last_seen().await, [0, 0], "the touch waited out the lock");
-    look_up(6).await;
-    assert_eq!(last_seen().await, [0, 0], "both touches are left out");
-    release(holder).await;
-    look_up(34).await;
-    assert_eq!(last_seen().await, [0, 0], "still left out at 34 s");
-    look_up(35).await;
+    look_up(5, &both).await;
     assert_eq!(
         last_seen().await,
-        [35, 35],
+        [0, 0, 0],
+        "the touch waited out the lock"
+    );
+    let all = [
+        both[0].clone(),
+        both[1].clone(),
+        (third_secret.lookup(), third.id),
+    ];
+    look_up(6, &all).await;
+    assert_eq!(
+        last_seen().await,
+        [0, 0, 6],
+        "both touches are left out, the third's is written"
+    );
+    release(holder).await;
+    look_up(34, &both).await;
+    assert_eq!(last_seen().await, [0, 0, 6], "still left out at 34 s");
+    look_up(35, &both).await;
+    assert_eq!(
+        last_seen().await,
+        [35, 35, 6],
         "touched once the window passed"
     );
 }
