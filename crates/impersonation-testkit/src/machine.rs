@@ -162,6 +162,18 @@ pub enum Op {
         /// Milliseconds.
         millis: i64,
     },
+    /// The clock moves to `millis` from the idle deadline of the agent's
+    /// latest session (its last touch in the store, plus the idle timeout),
+    /// if that is ahead; otherwise it stays. Random sequences of `Advance`
+    /// and `Tick` seldom land within a second of that edge, where a resolve
+    /// served from the reuse cache, or one whose touch is coalesced, meets
+    /// a session that has idled out since its last touch.
+    ToIdleEdge {
+        /// Agent.
+        agent: usize,
+        /// Milliseconds from the deadline (negative: before it).
+        millis: i64,
+    },
     /// The agent loses (or regains) the impersonate permission.
     SetPermission {
         /// Agent 0 or 1.
@@ -190,11 +202,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (agent.clone(), 0..3_usize).prop_map(|(agent, by)| Op::Revoke { agent, by }),
         1 => agent.clone().prop_map(|agent| Op::RevokeAllForAgent { agent }),
         1 => (0..4_usize).prop_map(|target| Op::RevokeAllForSubject { target }),
-        2 => (agent, any::<bool>()).prop_map(|(agent, grant)| Op::Consent { agent, grant }),
+        2 => (agent.clone(), any::<bool>()).prop_map(|(agent, grant)| Op::Consent { agent, grant }),
         4 => prop_oneof![0..120_i64, 300..1_200_i64, Just(3_600_i64), Just(899_i64), Just(900_i64)]
             .prop_map(|secs| Op::Advance { secs }),
         3 => prop_oneof![1..1_000_i64, Just(500_i64), Just(999_i64), Just(1_000_i64)]
             .prop_map(|millis| Op::Tick { millis }),
+        3 => (agent, prop_oneof![-1_000..=1_000_i64, -1_500..1_500_i64, Just(-1_i64), Just(0_i64), Just(1_i64)])
+            .prop_map(|(agent, millis)| Op::ToIdleEdge { agent, millis }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
         1 => Just(Op::EndLapsed),
     ]
@@ -473,6 +487,16 @@ impl<S: Store> Case<S> {
             }
             Op::Tick { millis } => {
                 self.clock.advance(Duration::milliseconds(millis));
+                Ok(())
+            }
+            Op::ToIdleEdge { agent, millis } => {
+                if let Some((m, _)) = self.latest.get(&agent) {
+                    let to = m.last_seen + IDLE + Duration::milliseconds(millis);
+                    let now = self.now();
+                    if to > now {
+                        self.clock.advance(to - now);
+                    }
+                }
                 Ok(())
             }
             Op::SetPermission { agent, granted } => {
