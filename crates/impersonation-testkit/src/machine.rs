@@ -174,6 +174,13 @@ pub enum Op {
         /// Milliseconds from the deadline (negative: before it).
         millis: i64,
     },
+    /// Resolve the secret of one of the case's ended sessions, long after
+    /// the agent moved on: it must still answer that the session ended,
+    /// and why (`pick` is taken modulo their number).
+    ResolveRetired {
+        /// Which one.
+        pick: usize,
+    },
     /// The agent loses (or regains) the impersonate permission.
     SetPermission {
         /// Agent 0 or 1.
@@ -209,6 +216,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|millis| Op::Tick { millis }),
         3 => (agent, prop_oneof![-1_000..=1_000_i64, -1_500..1_500_i64, Just(-1_i64), Just(0_i64), Just(1_i64)])
             .prop_map(|(agent, millis)| Op::ToIdleEdge { agent, millis }),
+        2 => (0..8_usize).prop_map(|pick| Op::ResolveRetired { pick }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
         1 => Just(Op::EndLapsed),
     ]
@@ -246,6 +254,9 @@ struct Case<S: Store> {
     /// Every session ever started, by id, with its agent.
     sessions: BTreeMap<SessionId, usize>,
     denials: usize,
+    /// The sessions the agents started before their latest, all ended:
+    /// id, why, and secret.
+    retired: Vec<(SessionId, EndReason, SessionSecret)>,
 }
 
 const IDLE: Duration = Duration::minutes(15);
@@ -329,6 +340,7 @@ impl<S: Store> Case<S> {
             reused: BTreeMap::new(),
             sessions: BTreeMap::new(),
             denials: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -453,6 +465,18 @@ impl<S: Store> Case<S> {
                 Ok(())
             }
             Op::Consent { agent, grant } => self.consent(agent, grant).await,
+            Op::ResolveRetired { pick } => {
+                if self.retired.is_empty() {
+                    return Ok(());
+                }
+                let (id, reason, secret) = &self.retired[pick % self.retired.len()];
+                match self.service.resolve(secret).await {
+                    Err(Error::Ended(r)) if r == *reason => Ok(()),
+                    other => Err(fail(format!(
+                        "the secret of session {id}, ended ({reason:?}): {other:?}"
+                    ))),
+                }
+            }
             Op::EndLapsed => {
                 let ended = self
                     .service
@@ -575,7 +599,19 @@ impl<S: Store> Case<S> {
                     last_seen: now,
                 };
                 self.sessions.insert(s.id, agent);
-                self.latest.insert(agent, (model, started.secret));
+                // A start is refused while the latest session is live,
+                // so the one it replaces has ended.
+                if let Some((old, secret)) = self.latest.insert(agent, (model, started.secret)) {
+                    match old.state {
+                        SessionState::Ended(reason) => self.retired.push((old.id, reason, secret)),
+                        state => {
+                            return Err(fail(format!(
+                                "session {} replaced while {state:?}",
+                                old.id
+                            )));
+                        }
+                    }
+                }
                 self.contexts.remove(&agent);
                 Ok(())
             }
