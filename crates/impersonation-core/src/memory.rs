@@ -301,7 +301,19 @@ impl Store for MemoryStore {
             Order::Oldest => Box::new(window.iter()),
             Order::Newest => Box::new(window.iter().rev()),
         };
-        for event in candidates.filter_map(lookup) {
+        // A query the index does not narrow (an action alone, say) may read
+        // many events for each it matches, under the store's lock: past as
+        // many as a view-backed store reads (`views::PageReader`), the call
+        // answers with what it has found, possibly fewer than a page or
+        // none, and a cursor after the last event it read.
+        let bound = crate::views::scan_bound_for(limit);
+        let mut last_read = None;
+        for (read, event) in candidates.filter_map(lookup).enumerate() {
+            if read == bound {
+                let next = last_read.map(AuditCursor::after);
+                return Ok(AuditPage { events, next });
+            }
+            last_read = Some(event);
             if query.matches(event) && query.after_cursor(event) {
                 events.push(event.clone());
                 if events.len() > limit {

@@ -234,6 +234,12 @@ pub const MIN_SCAN: usize = 1_024;
 /// [`MIN_SCAN`] ([`PageReader::scan_bound`]).
 pub const SCAN_PER_EVENT: usize = 16;
 
+/// [`PageReader::scan_bound`] for a page of `limit` events (the memory
+/// store keeps it too).
+pub(crate) fn scan_bound_for(limit: usize) -> usize {
+    limit.saturating_mul(SCAN_PER_EVENT).max(MIN_SCAN)
+}
+
 /// Gathers one page of `query` from its view's entries, read a batch at a
 /// time in the query's order (by placement) within [`entry_bounds`]: hand
 /// it each batch's events with [`PageReader::push`] until it says the page
@@ -284,7 +290,7 @@ impl<'q> PageReader<'q> {
     /// short of a full page: [`SCAN_PER_EVENT`] per event of the page
     /// size, at least [`MIN_SCAN`].
     pub fn scan_bound(&self) -> usize {
-        self.limit.saturating_mul(SCAN_PER_EVENT).max(MIN_SCAN)
+        scan_bound_for(self.limit)
     }
 
     /// Where a page stopped by the scan bound at placement `last` goes on

@@ -67,3 +67,63 @@ fn the_machine_follows_reuse_and_touch_coalescing_to_the_idle_edge() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A query the memory store's index does not narrow (an action alone)
+/// reads at most `views::MIN_SCAN` events per call (for a small page),
+/// as the view-backed stores do: on a trail of 3,000 accesses and one
+/// change at its end, the first page comes back empty with a cursor, and
+/// following the cursors finds the change, once.
+#[tokio::test]
+async fn a_sparse_query_reads_a_bounded_number_of_events_per_call() {
+    use impersonation_core::{
+        Actor, AppendGuard, AuditAction, AuditQuery, Order, Store, views::MIN_SCAN,
+    };
+    use impersonation_testkit::conformance::must_start;
+    use impersonation_testkit::{World, epoch};
+    let store = MemoryStore::new();
+    let w = World::new();
+    let agent = w.agent(1);
+    let (session, _) = must_start(&store, w.begin(&agent, &w.customer(1, "t1"), epoch()).0).await;
+    let actor = Actor::user(agent.id.clone(), "agent");
+    for chunk in 0..30_i64 {
+        let batch = (0..100_i64)
+            .map(|i| {
+                let n = chunk * 100 + i;
+                let action = if n == 2_999 {
+                    AuditAction::Modification
+                } else {
+                    AuditAction::Access
+                };
+                let at = epoch() + time::Duration::milliseconds(1 + n);
+                (session.draft(at, action, actor.clone()), AppendGuard::None)
+            })
+            .collect();
+        for result in store.append_batch(batch).await {
+            result.unwrap();
+        }
+    }
+    let mut query = AuditQuery {
+        action: Some(AuditAction::Modification),
+        order: Order::Oldest,
+        limit: 1,
+        ..AuditQuery::default()
+    };
+    let first = store.audit(&query).await.unwrap();
+    assert!(first.events.is_empty(), "{} events", first.events.len());
+    assert!(first.next.is_some(), "a cursor to go on from");
+    let mut found = Vec::new();
+    let mut calls = 0;
+    query.cursor = None;
+    loop {
+        calls += 1;
+        let page = store.audit(&query).await.unwrap();
+        found.extend(page.events.into_iter().map(|e| e.action));
+        match page.next {
+            Some(next) => query.cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(found, [AuditAction::Modification]);
+    // 3,001 events (the start's too), at most MIN_SCAN read per call.
+    assert_eq!(calls, 3_001_usize.div_ceil(MIN_SCAN));
+}
