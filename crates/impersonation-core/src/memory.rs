@@ -301,11 +301,12 @@ impl Store for MemoryStore {
             Order::Oldest => Box::new(window.iter()),
             Order::Newest => Box::new(window.iter().rev()),
         };
-        // A query the index does not narrow (an action alone, say) may read
-        // many events for each it matches, under the store's lock: past as
-        // many as a view-backed store reads (`views::PageReader`), the call
-        // answers with what it has found, possibly fewer than a page or
-        // none, and a cursor after the last event it read.
+        // The index narrows a query by time alone: any other filter (an
+        // action, an agent, a session) may read many events for each it
+        // matches, under the store's lock. Past as many as a view-backed
+        // store reads (`views::PageReader`), the call answers with what it
+        // has found, possibly fewer than a page or none, and a cursor after
+        // the last event it read.
         let bound = crate::views::scan_bound_for(limit);
         let mut last_read = None;
         for (read, event) in candidates.filter_map(lookup).enumerate() {

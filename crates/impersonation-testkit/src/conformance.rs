@@ -1934,7 +1934,8 @@ pub async fn audit_pages_over_batches_match_a_sorted_scan<S: Store>(store: S) {
 /// `next` finds each match once, in order, in both orders and within a
 /// window. A store may answer such a query a part at a time, pages short
 /// of the page size or empty with a cursor to go on (the Diesel and Redis
-/// stores stop each call at `views::PageReader::scan_bound`), but never
+/// stores stop each call at `views::PageReader::scan_bound`, the memory
+/// store at as many events read), but never
 /// leaves a match out or shows one twice.
 pub async fn sparse_audit_queries_find_every_match<S: Store>(store: S) {
     let w = World::new();

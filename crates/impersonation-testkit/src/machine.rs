@@ -162,13 +162,16 @@ pub enum Op {
         /// Milliseconds.
         millis: i64,
     },
-    /// The clock moves to `millis` from the idle deadline of the agent's
-    /// latest session (its last touch in the store, plus the idle timeout),
-    /// if that is ahead; otherwise it stays. Random sequences of `Advance`
-    /// and `Tick` seldom land within a second of that edge, where a resolve
-    /// served from the reuse cache, or one whose touch is coalesced, meets
-    /// a session that has idled out since its last touch.
-    ToIdleEdge {
+    /// The clock moves to `millis` from the next deadline of the agent's
+    /// latest session, as the model knows it, if that is ahead; otherwise
+    /// it stays. The deadline is the end of the consent window for a
+    /// pending session, else the earlier of its idle deadline (its last
+    /// touch, plus the idle timeout) and its expiry; an ended session has
+    /// none. Random sequences of `Advance` and `Tick` seldom land within a
+    /// second of such an edge, where a resolve served from the reuse cache,
+    /// or one whose touch is coalesced, meets a session that has idled out
+    /// since its last touch.
+    ToDeadline {
         /// Agent.
         agent: usize,
         /// Milliseconds from the deadline (negative: before it).
@@ -215,7 +218,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => prop_oneof![1..1_000_i64, Just(500_i64), Just(999_i64), Just(1_000_i64)]
             .prop_map(|millis| Op::Tick { millis }),
         3 => (agent, prop_oneof![-1_000..=1_000_i64, -1_500..1_500_i64, Just(-1_i64), Just(0_i64), Just(1_i64)])
-            .prop_map(|(agent, millis)| Op::ToIdleEdge { agent, millis }),
+            .prop_map(|(agent, millis)| Op::ToDeadline { agent, millis }),
         2 => (0..8_usize).prop_map(|pick| Op::ResolveRetired { pick }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
         1 => Just(Op::EndLapsed),
@@ -513,9 +516,14 @@ impl<S: Store> Case<S> {
                 self.clock.advance(Duration::milliseconds(millis));
                 Ok(())
             }
-            Op::ToIdleEdge { agent, millis } => {
-                if let Some((m, _)) = self.latest.get(&agent) {
-                    let to = m.last_seen + IDLE + Duration::milliseconds(millis);
+            Op::ToDeadline { agent, millis } => {
+                let deadline = self.latest.get(&agent).and_then(|(m, _)| match m.state {
+                    SessionState::Pending => Some(m.expires_at),
+                    SessionState::Active => Some(m.expires_at.min(m.last_seen + IDLE)),
+                    _ => None,
+                });
+                if let Some(deadline) = deadline {
+                    let to = deadline + Duration::milliseconds(millis);
                     let now = self.now();
                     if to > now {
                         self.clock.advance(to - now);
