@@ -93,7 +93,9 @@ impl ReasonKind {
 /// tenant) and 2 (the lead: every tenant, and the admin permission).
 /// Targets are 0 (t1 owner), 1 (t1 staff), 2 (t2 owner), 3 (t1 user holding
 /// a permission no agent has), 4 (t1 admin), 5 (the lead), 6 (the agent itself).
+/// New kinds of step come as the model grows: match with a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// Start, possibly from inside the agent's own session.
     Start {
