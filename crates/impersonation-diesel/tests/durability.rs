@@ -194,7 +194,7 @@ async fn a_thousand_concurrent_records_on_sqlite() {
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_lock_fails_a_write_instead_of_stalling_it<H>(
     store: DieselStore,
-    hold: impl AsyncFnOnce() -> H,
+    hold: impl AsyncFnOnce(String) -> H,
     release: impl AsyncFnOnce(H),
 ) {
     let w = World::new();
@@ -205,7 +205,7 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it<H>(
             .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
             .unwrap()
     };
-    let holder = hold().await;
+    let holder = hold("SELECT * FROM impersonation_audit_chains FOR UPDATE".into()).await;
     let waited = tokio::time::timeout(
         // A guard against the stall itself, not a timing assertion.
         std::time::Duration::from_secs(120),
@@ -251,6 +251,12 @@ async fn postgres_holding(schema: &str, lock: &str) -> diesel_async::AsyncPgConn
     conn
 }
 
+/// Lets go of what a holder's transaction locked.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn rolled_back<C: diesel_async::SimpleAsyncConnection>(mut holder: C) {
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// A MariaDB store on a database of its own whose waits for a lock give
 /// up after 1 s; and the database's URL.
 #[cfg(feature = "mysql")]
@@ -281,18 +287,11 @@ async fn mariadb_holding(url: &str, lock: &str) -> diesel_async::AsyncMysqlConne
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, schema) = postgres_waiting_1s().await;
     a_held_lock_fails_a_write_instead_of_stalling_it(
         store,
-        async move || {
-            postgres_holding(
-                &schema,
-                "SELECT * FROM impersonation_audit_chains FOR UPDATE",
-            )
-            .await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async move |lock| postgres_holding(&schema, &lock).await,
+        rolled_back,
     )
     .await;
 }
@@ -300,14 +299,11 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lock_fails_a_write_instead_of_stalling_it_on_mariadb() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, url) = mariadb_waiting_1s().await;
     a_held_lock_fails_a_write_instead_of_stalling_it(
         store,
-        async move || {
-            mariadb_holding(&url, "SELECT * FROM impersonation_audit_chains FOR UPDATE").await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async move |lock| mariadb_holding(&url, &lock).await,
+        rolled_back,
     )
     .await;
 }
@@ -359,7 +355,10 @@ async fn a_held_chain_fails_only_its_own_appends<H>(
         .await
         .expect("the batch waited on the lock for two minutes")
     };
-    let holder = hold(chains[1].clone()).await;
+    let lock = |chains: &str| {
+        format!("SELECT * FROM impersonation_audit_chains WHERE chain IN ({chains}) FOR UPDATE")
+    };
+    let holder = hold(lock(&chains[1])).await;
     for (i, result) in order.into_iter().zip(&appended(batch()).await) {
         match (i, result) {
             (1, Err(StoreError::Unavailable(_))) => {}
@@ -368,7 +367,7 @@ async fn a_held_chain_fails_only_its_own_appends<H>(
         }
     }
     release(holder).await;
-    let holder = hold(format!("{}, {}", chains[1], chains[2])).await;
+    let holder = hold(lock(&format!("{}, {}", chains[1], chains[2]))).await;
     for result in appended(batch()).await {
         assert!(
             matches!(result, Err(StoreError::Unavailable(_))),
@@ -387,17 +386,11 @@ async fn a_held_chain_fails_only_its_own_appends<H>(
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_chain_fails_only_its_own_appends_on_postgres() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, schema) = postgres_waiting_1s().await;
     a_held_chain_fails_only_its_own_appends(
         &store,
-        async |chains| {
-            let lock = format!(
-                "SELECT * FROM impersonation_audit_chains WHERE chain IN ({chains}) FOR UPDATE"
-            );
-            postgres_holding(&schema, &lock).await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async |lock| postgres_holding(&schema, &lock).await,
+        rolled_back,
     )
     .await;
 }
@@ -405,17 +398,11 @@ async fn a_held_chain_fails_only_its_own_appends_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, url) = mariadb_waiting_1s().await;
     a_held_chain_fails_only_its_own_appends(
         &store,
-        async |chains| {
-            let lock = format!(
-                "SELECT * FROM impersonation_audit_chains WHERE chain IN ({chains}) FOR UPDATE"
-            );
-            mariadb_holding(&url, &lock).await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async |lock| mariadb_holding(&url, &lock).await,
+        rolled_back,
     )
     .await;
 }
@@ -432,7 +419,7 @@ async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn a_held_session_row_fails_no_lookup<H>(
     store: &DieselStore,
-    hold: impl AsyncFnOnce(impersonation_core::SessionId) -> H,
+    hold: impl AsyncFnOnce(String) -> H,
     release: impl AsyncFnOnce(H),
 ) {
     let w = World::new();
@@ -476,7 +463,11 @@ async fn a_held_session_row_fails_no_lookup<H>(
         }
         seen
     };
-    let holder = hold(first.id).await;
+    let holder = hold(format!(
+        "SELECT * FROM impersonation_sessions WHERE id = '{}' FOR UPDATE",
+        first.id
+    ))
+    .await;
     look_up(5, &both).await;
     assert_eq!(
         last_seen().await,
@@ -508,15 +499,11 @@ async fn a_held_session_row_fails_no_lookup<H>(
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_row_fails_no_lookup_on_postgres() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, schema) = postgres_waiting_1s().await;
     a_held_session_row_fails_no_lookup(
         &store,
-        async move |id| {
-            let lock = format!("SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE");
-            postgres_holding(&schema, &lock).await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async move |lock| postgres_holding(&schema, &lock).await,
+        rolled_back,
     )
     .await;
 }
@@ -571,15 +558,11 @@ async fn a_lookup_whose_touch_is_not_due_locks_nothing_on_postgres() {
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_row_fails_no_lookup_on_mariadb() {
-    use diesel_async::SimpleAsyncConnection;
     let (store, url) = mariadb_waiting_1s().await;
     a_held_session_row_fails_no_lookup(
         &store,
-        async move |id| {
-            let lock = format!("SELECT * FROM impersonation_sessions WHERE id = '{id}' FOR UPDATE");
-            mariadb_holding(&url, &lock).await
-        },
-        async |mut conn| conn.batch_execute("ROLLBACK").await.unwrap(),
+        async move |lock| mariadb_holding(&url, &lock).await,
+        rolled_back,
     )
     .await;
 }
