@@ -203,6 +203,17 @@ fn a_sparse_query_stops_at_its_scan_bound_and_misses_nothing() {
     assert!(short > 0, "some calls stopped short of a full page");
 }
 
+/// A query its view does not narrow (changes alone, read from every
+/// event), one event a page.
+fn one_change_a_page(order: Order) -> AuditQuery {
+    AuditQuery {
+        action: Some(AuditAction::Modification),
+        order,
+        limit: 1,
+        ..AuditQuery::default()
+    }
+}
+
 /// More events placed within one run's span than a call may read: the
 /// call cannot stop there without going back to where it began, so it
 /// reads on to where it can; paging still ends and misses nothing.
@@ -219,12 +230,7 @@ fn a_crowded_second_is_read_past_rather_than_paged_forever() {
     }
     trail.append(&sam, &[(5_000, true), (9_000, false), (12_000, true)]);
     for order in [Order::Oldest, Order::Newest] {
-        let query = AuditQuery {
-            action: Some(AuditAction::Modification),
-            order,
-            limit: 1,
-            ..AuditQuery::default()
-        };
+        let query = one_change_a_page(order);
         let pages = trail.all_pages(&query);
         let seen: Vec<&AuditEvent> = pages.iter().flat_map(|(p, _)| &p.events).collect();
         assert_eq!(seen, trail.expected(&query), "{order:?}");
@@ -260,12 +266,7 @@ fn an_event_at_the_stop_is_left_for_the_next_page_whatever_its_id() {
         event
     };
     for order in [Order::Oldest, Order::Newest] {
-        let query = AuditQuery {
-            action: Some(AuditAction::Modification),
-            order,
-            limit: 1,
-            ..AuditQuery::default()
-        };
+        let query = one_change_a_page(order);
         let mut reader = PageReader::new(&query);
         // Filler the query does not match, then a match exactly at the
         // last placement read (oldest first) or just inside the span past
