@@ -83,8 +83,8 @@ pub(crate) fn lock_timed_out(e: &diesel::result::Error) -> bool {
 /// time, so a session in use does not idle out for a touch left out.
 /// Every session whose touch was in the statement that timed out is noted
 /// (the database does not say which row held it up): a batch-mate's touch
-/// waits out the window too.
-#[derive(Debug, Default)]
+/// waits out the window too. (No `Debug`: it would print secret hashes.)
+#[derive(Default)]
 pub(crate) struct HeldTouches(
     std::sync::Mutex<std::collections::HashMap<String, time::OffsetDateTime>>,
 );
