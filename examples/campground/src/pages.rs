@@ -16,9 +16,9 @@ use impersonation_axum::{
     CsrfCheck, EffectiveUser, NotImpersonating, NotImpersonatingRejection, RenewCsrfToken,
 };
 use impersonation_core::{
-    AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Permission,
-    Principal, RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId,
-    table_rows, table_timestamp,
+    AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Principal,
+    RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId, table_rows,
+    table_timestamp,
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -40,20 +40,60 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
         match Form::<T>::from_request(req, state).await {
             Ok(Form(value)) => Ok(Self(value)),
-            Err(rejection) => Err((
-                // Too large and not a form keep their own status.
+            // Too large and not a form keep their own status.
+            Err(rejection) => Err(bad_request(
                 match rejection.status() {
                     s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
                     _ => StatusCode::BAD_REQUEST,
                 },
-                axum::response::Html(format!(
-                    "<!doctype html><html><head><title>Bad request</title></head><body>\
-                     <h1>Bad request</h1><p>{}</p><p><a href=\"/\">Back</a></p></body></html>",
-                    esc(&rejection.body_text())
-                )),
-            )
-                .into_response()),
+                &rejection.body_text(),
+            )),
         }
+    }
+}
+
+/// A query string, as axum's `Query`, whose rejection (a field repeated,
+/// a value of the wrong kind) is a 400 HTML page rather than axum's text.
+pub struct AppQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for AppQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(bad_request(StatusCode::BAD_REQUEST, &rejection.body_text())),
+        }
+    }
+}
+
+/// A short HTML page for a request the app cannot read (under
+/// impersonation the layer adds the banner to it, as to any page).
+fn bad_request(status: StatusCode, why: &str) -> Response {
+    (
+        status,
+        axum::response::Html(format!(
+            "<!doctype html><html><head><title>Bad request</title></head><body>\
+             <h1>Bad request</h1><p>{}</p><p><a href=\"/\">Back</a></p></body></html>",
+            esc(why)
+        )),
+    )
+        .into_response()
+}
+
+/// What a page says of an SDK error: a refusal's own words and its code;
+/// for a failure of the store or the directory (5xx) only the code, as
+/// the SDK's routes answer, with the whole text (a driver's message) in
+/// the log.
+fn shown_error(e: &impersonation_core::Error) -> String {
+    if e.http_status() >= 500 {
+        tracing::warn!(error = %e, "a page's call to the SDK failed");
+        format!(
+            "the service is unavailable, try again shortly ({})",
+            e.code()
+        )
+    } else {
+        format!("{e} ({})", e.code())
     }
 }
 
@@ -333,13 +373,14 @@ fn bad_csrf(v: &Viewer, demo: &Demo) -> Response {
     )
 }
 
-/// `GET /`: the sign-in picker (a demo), or on to the dashboard.
+/// `GET /`: the sign-in picker (a demo), or on to the dashboard (an
+/// agent, not impersonating: the support console).
 pub async fn home(State(demo): AppState, v: Viewer) -> Response {
-    if let Some(real) = &v.real {
-        let to = if v.is_agent(&demo)
-            && v.ctx.is_none()
-            && !real.has_permission(&Permission::new("bookings:read"))
-        {
+    if v.real.is_some() {
+        // An agent's work is the console (an agent holds read permissions
+        // too, to impersonate customers who hold them, but has no
+        // campground of their own).
+        let to = if v.is_agent(&demo) && v.ctx.is_none() {
             "/support"
         } else {
             "/dashboard"
@@ -878,8 +919,13 @@ pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
          <tr><th>Phone</th><td id=\"phone\">{phone}</td></tr>\
          <tr><th>Card on file</th><td id=\"card\">{card}</td></tr>\
          <tr><th>Password last changed</th><td>{changed}</td></tr></table></div>{form}",
-        // Under impersonation the form stays, to show its refusal.
-        form = if v.ctx.is_some() || v.can("password:change") {
+        // Under impersonation the form stays, to show its refusal (a
+        // read-only session is refused every change, by the layer).
+        form = if v.ctx.as_ref().is_some_and(|c| c.shadow().read_only()) {
+            "<p class=\"note\" id=\"read-only\">This impersonation is read-only: \
+             the password is not changed here.</p>"
+                .to_owned()
+        } else if v.ctx.is_some() || v.can("password:change") {
             format!(
                 "<form class=\"card\" method=\"post\" action=\"/profile/password\"><h2>Change password</h2>\
                  <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
@@ -969,8 +1015,8 @@ pub async fn change_password(
             "Change password",
             &format!(
                 "The password changed, but support's access to your account may not have \
-                 ended: {e} ({}).",
-                e.code()
+                 ended: {}.",
+                shown_error(&e)
             ),
         );
     }
@@ -1016,10 +1062,17 @@ fn live_table(sessions: &[Session], v: &Viewer, now: OffsetDateTime) -> String {
         "<table id=\"live-sessions\"><tr><th>Agent</th><th>Customer</th><th>Reason</th><th>Ticket</th><th>Started</th><th>Ends in</th><th></th></tr>",
     );
     for s in sessions {
-        let left = (s.expires_at - now).whole_minutes().max(0);
+        // The earlier of its end and its idle deadline (the console lists
+        // a session that lapsed until someone ends it).
+        let ends = s.expires_at.min(s.idle_deadline());
+        let left = if ends > now {
+            format!("{} min", (ends - now).whole_minutes())
+        } else {
+            "lapsed".to_owned()
+        };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{left} min</td><td>\
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{left}</td><td>\
              <form method=\"post\" action=\"/support/revoke\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <input type=\"hidden\" name=\"session\" value=\"{}\"><button type=\"submit\">Revoke</button></form></td></tr>",
             esc(&s.agent.name),
@@ -1041,9 +1094,10 @@ pub async fn support(
     State(demo): AppState,
     v: Viewer,
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
-    Query(query): Query<SupportQuery>,
+    query: Result<AppQuery<SupportQuery>, Response>,
 ) -> Response {
-    // The guard first, as for billing.
+    // The guard first, as for billing (then a query string that does not
+    // parse).
     if let Some(ctx) = &v.ctx
         && let Some(refusal) = refused_while_impersonating(
             guard,
@@ -1059,6 +1113,10 @@ pub async fn support(
     {
         return refusal;
     }
+    let AppQuery(query) = match query {
+        Ok(query) => query,
+        Err(bad) => return bad,
+    };
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
@@ -1076,8 +1134,15 @@ pub async fn support(
     if let Some(code) = &query.denied {
         let _ = write!(
             body,
-            "<div class=\"card refused\" id=\"denied\">Impersonation refused: {}. The attempt is in the audit trail.</div>",
-            esc(&denial_text(code))
+            "<div class=\"card refused\" id=\"denied\">Impersonation refused: {}.{}</div>",
+            esc(&denial_text(code)),
+            // A denial is recorded; the other refusals (a session that
+            // ended meanwhile, say) are not attempts the policy refused.
+            if Denial::ALL.iter().any(|d| d.code() == code) {
+                " The attempt is in the audit trail."
+            } else {
+                ""
+            }
         );
     }
     let q = query.q.trim().to_lowercase();
@@ -1122,7 +1187,8 @@ pub async fn support(
                      <input type=\"hidden\" name=\"return_to\" value=\"/dashboard\">\
                      <input type=\"hidden\" name=\"error_to\" value=\"/support?q={q}\">\
                      <label>Reason <input type=\"text\" name=\"reason\" minlength=\"8\" maxlength=\"500\" required></label>\
-                     <label>Ticket <input type=\"text\" name=\"ticket\" maxlength=\"64\" placeholder=\"SUP-1234\"></label>\
+                     <label>Ticket <input type=\"text\" name=\"ticket\" maxlength=\"64\" placeholder=\"SUP-1234\" \
+                     pattern=\"[A-Za-z0-9_#.\\/:\\-]+\" title=\"Letters, digits and - _ # . / : only, as SUP-1234\"></label>\
                      <label><input type=\"checkbox\" name=\"read_only\"> read only</label>\
                      <button type=\"submit\">Impersonate {name}</button></form>",
                     id = attr(p.id.as_str()),
@@ -1237,7 +1303,7 @@ pub async fn revoke(
                 &demo,
                 status,
                 "Revoke",
-                &format!("Not revoked: {e} ({}).", e.code()),
+                &format!("Not revoked: {}.", shown_error(&e)),
             )
         }
     }
@@ -1402,11 +1468,15 @@ pub async fn audit(
     State(demo): AppState,
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
-    Query(params): Query<AuditParams>,
+    params: Result<AppQuery<AuditParams>, Response>,
 ) -> Response {
     if let Some(refusal) = guarded(guard, &v, &demo, "Audit trail", "The audit trail") {
         return refusal;
     }
+    let AppQuery(params) = match params {
+        Ok(params) => params,
+        Err(bad) => return bad,
+    };
     audit_page(&demo, &v, &params, None).await
 }
 
@@ -1485,12 +1555,16 @@ pub async fn audit_text(
     State(demo): AppState,
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
-    Query(params): Query<AuditParams>,
+    params: Result<AppQuery<AuditParams>, Response>,
 ) -> Response {
     // An export: refused while impersonating, the refusal audited.
     if let Err(refusal) = guard {
         return refusal.into_response();
     }
+    let AppQuery(params) = match params {
+        Ok(params) => params,
+        Err(bad) => return bad,
+    };
     let mut query = match audit_scope(&v, &demo) {
         Ok(q) => q,
         Err((status, message)) => return (status, message).into_response(),

@@ -334,7 +334,10 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
             assert!(Instant::now() < deadline, "the banner stays after stop");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(text(client, "#effective-user").await, "Sam Support");
+        // Back as himself, on the support console (refused while
+        // impersonating).
+        assert_eq!(text(client, "#signed-in").await, "Sam Support");
+        text(client, "#search").await;
         shot(client, screenshots, "6-stopped.png").await;
 
         // The audit page lists start, access, refusal and stop, and verifies.

@@ -521,11 +521,24 @@ async fn a_read_only_session_offers_no_changes_and_may_sign_out() {
     let base = demo().await;
     let mut sam = User::sign_in(&base, "sam").await;
     impersonate_with(&mut sam, "olive", &[("read_only", "on")]).await;
-    let (_, dashboard) = sam.get("/dashboard").await;
+    let (status, dashboard) = sam.get("/dashboard").await;
+    assert_eq!(status, StatusCode::OK, "{dashboard}");
     assert!(dashboard.contains("impersonation-banner"));
+    assert!(dashboard.contains("id=\"effective-user\""), "{dashboard}");
     assert!(!dashboard.contains("Add a booking"), "{dashboard}");
-    let (_, settings) = sam.get("/settings").await;
+    let (status, settings) = sam.get("/settings").await;
+    assert_eq!(status, StatusCode::OK, "{settings}");
+    assert!(settings.contains("impersonation-banner"), "{settings}");
     assert!(!settings.contains("Save settings"), "{settings}");
+    // The password form, which the layer would refuse with a bare 403,
+    // gives way to a note.
+    let (status, profile) = sam.get("/profile").await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+    assert!(
+        !profile.contains("action=\"/profile/password\""),
+        "{profile}"
+    );
+    assert!(profile.contains("id=\"read-only\""), "{profile}");
     let (status, body) = sam.post("/signin", &[("user", "lee")]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "a change, read-only");
     assert!(body.contains("the session is read-only"), "{body}");
@@ -596,6 +609,63 @@ async fn the_console_echoes_no_made_up_refusal() {
     assert!(!page.contains("suspended"), "{page}");
     let (_, page) = sam.get("/support?denied=session_ended").await;
     assert!(page.contains("session_ended"), "{page}");
+}
+
+/// A console refusal that is not a denial (the session ended meanwhile)
+/// does not claim to be in the audit trail; a denial does.
+#[tokio::test]
+async fn only_a_denial_is_said_to_be_in_the_trail() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, page) = sam.get("/support?denied=session_ended").await;
+    assert!(page.contains("id=\"denied\""), "{page}");
+    assert!(!page.contains("in the audit trail"), "{page}");
+    let (_, page) = sam.get("/support?denied=protected_role").await;
+    assert!(page.contains("in the audit trail"), "{page}");
+}
+
+/// A query string the pages cannot read is a 400 page, not axum's text;
+/// under impersonation a guarded page's refusal comes first.
+#[tokio::test]
+async fn a_bad_query_string_gets_a_400_page() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    for path in [
+        "/support?q=a&q=b",
+        "/audit?since=x&since=y",
+        "/audit.txt?since=a&since=b",
+    ] {
+        let res = sam.open(path).await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{path}");
+        let kind = res.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(kind.starts_with("text/html"), "{path}: {kind}");
+        let body = res.text().await.unwrap();
+        assert!(body.contains("<h1>Bad request</h1>"), "{path}: {body}");
+        assert!(body.contains("duplicate field"), "{path}: {body}");
+    }
+    impersonate(&mut sam, "olive").await;
+    let (status, body) = sam.get("/support?q=a&q=b").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("Stop first"), "{body}");
+    assert!(body.contains("impersonation-banner"), "{body}");
+}
+
+/// An agent who signs in lands on the support console (the browser test
+/// follows a stop there too); a customer on their dashboard.
+#[tokio::test]
+async fn an_agent_lands_on_the_console() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (status, page) = sam.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"search\""), "{page}");
+    let mut olive = User::sign_in(&base, "olive").await;
+    let (_, page) = olive.get("/").await;
+    assert!(!page.contains("id=\"search\""), "{page}");
+    assert!(page.contains("id=\"effective-user\""), "{page}");
 }
 
 /// A partner sees every campground its company manages, and an agent
@@ -703,9 +773,6 @@ async fn a_refused_start_returns_to_the_search_with_its_reason() {
     );
 }
 
-/// A sign-out whose session was revoked a moment before by another
-/// process of the app (this one may still hold the session as it was a
-/// moment ago) signs out all the same.
 /// A customer who changes their password ends every impersonation of
 /// them: the agent's next page has no banner, and the trail holds the
 /// revocation, by the customer, and the session's end.
@@ -736,6 +803,9 @@ async fn changing_a_password_ends_the_impersonations_of_its_owner() {
     assert!(page.contains("impersonation-banner"), "{page}");
 }
 
+/// A sign-out whose session was revoked a moment before by another
+/// process of the app (this one may still hold the session as it was a
+/// moment ago) signs out all the same.
 #[tokio::test]
 async fn signing_out_of_a_session_revoked_elsewhere_a_moment_ago_still_signs_out() {
     // Two processes of the app on one SQLite database.
@@ -832,6 +902,7 @@ async fn revoking_a_session_whose_time_was_up_ends_it_without_an_error() {
 
     let mut lee = User::sign_in(&base, "lee").await;
     let (_, console) = lee.get("/support").await;
+    assert!(console.contains("<td>lapsed</td>"), "{console}");
     let marker = "name=\"session\" value=\"";
     let at = console.find(marker).expect("the lapsed session listed") + marker.len();
     let session = console[at..].split('"').next().unwrap().to_owned();

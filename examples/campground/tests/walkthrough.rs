@@ -50,7 +50,7 @@ async fn story(kind: StoreKind, url: &str) {
         "GET /billing → 403 Forbidden",
         "POST /profile/password → 403 Forbidden",
         "impersonating: true, subject: \"Olive Owner\"",
-        "after stop: 200 OK at /dashboard, banner shown: false",
+        "after stop: 200 OK at /support, banner shown: false",
         "banner: \"You are impersonating Paula Partner (ParkCo Management)\"; dashboard shows 2 campgrounds",
         "Lee's next page: 200 OK, banner shown: false",
         "Sam's next page: 200 OK, banner shown: false",
