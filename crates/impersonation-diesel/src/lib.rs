@@ -395,7 +395,7 @@ fn valid_schema(schema: &str) -> bool {
 #[cfg(feature = "postgres")]
 mod pg_setup {
     use diesel::ConnectionResult;
-    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
     /// How a connection is secured, built once per store.
     #[derive(Clone)]
@@ -487,6 +487,41 @@ mod pg_setup {
         AsyncPgConnection::establish(url).await
     }
 
+    /// Sets the session's `lc_messages` to `C` where the role may (a
+    /// superuser, or a role granted `SET ON PARAMETER lc_messages`), and
+    /// notes in `impersonation.english_messages` whether the server's
+    /// messages are English after it, by a division by zero's.
+    ///
+    /// The store tells a lock timeout and a deadlock by their messages
+    /// (diesel-async keeps a PostgreSQL error's message, not its
+    /// SQLSTATE), which a server with a German `lc_messages`, say, words
+    /// in German: a held session row would then fail lookups, and a
+    /// deadlocked write would not be tried again. Both refusals are
+    /// caught in the block, so neither reaches the server's log.
+    const ENGLISH_MESSAGES: &str = "DO $$ DECLARE m text; BEGIN \
+         BEGIN PERFORM set_config('lc_messages', 'C', false); \
+         EXCEPTION WHEN insufficient_privilege THEN NULL; END; \
+         BEGIN PERFORM 1 / 0; \
+         EXCEPTION WHEN division_by_zero THEN GET STACKED DIAGNOSTICS m = MESSAGE_TEXT; END; \
+         PERFORM set_config('impersonation.english_messages', (m = 'division by zero')::text, false); \
+         END $$";
+
+    /// Warns, once a process, that the server's messages are not English
+    /// and the role may not change that.
+    fn warn_of_messages() {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "PostgreSQL answers this role in a language other than English (lc_messages), \
+                 and the role may not change it: the store recognises a lock timeout and a \
+                 deadlock by their English messages, so a held session row fails lookups and a \
+                 deadlocked write is not tried again. As a superuser, run \
+                 `ALTER ROLE <role> SET lc_messages = 'C'` (or, on PostgreSQL 15 and later, \
+                 `GRANT SET ON PARAMETER lc_messages TO <role>`)"
+            );
+        }
+    }
+
     pub(crate) async fn establish(
         url: String,
         schema: Option<String>,
@@ -500,9 +535,21 @@ mod pg_setup {
         // hours): past it the write fails closed instead of taking a pooled
         // connection with it. PostgreSQL's own default is to wait forever.
         let ms = super::whole_millis(lock_timeout);
-        conn.batch_execute(&format!("SET lock_timeout = '{ms}ms'"))
+        // The server's messages in English where the role may have them
+        // (`ENGLISH_MESSAGES`), and whether they are, in the same round
+        // trip as the lock timeout.
+        conn.batch_execute(&format!("SET lock_timeout = '{ms}ms'; {ENGLISH_MESSAGES}"))
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        let english: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+            "current_setting('impersonation.english_messages')",
+        ))
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+        if english != "true" {
+            warn_of_messages();
+        }
         if let Some(schema) = schema {
             // The schema name was validated: letters, digits and `_` only.
             conn.batch_execute(&format!("SET search_path TO \"{schema}\""))
@@ -538,9 +585,14 @@ mod mysql_setup {
         // (InnoDB counts whole seconds; its default is 50), and for a
         // table's metadata lock (an `ALTER` behind a long transaction, or
         // a statement behind the `ALTER`; the default is a year).
+        // And its messages in English, whatever the server's
+        // `lc_messages`: the store tells a lock wait timeout and a deadlock
+        // by their messages (diesel-async keeps a MySQL error's message,
+        // not its code). Any user may set it for their session.
         let secs = super::whole_seconds(lock_timeout);
         conn.batch_execute(&format!(
-            "SET SESSION innodb_lock_wait_timeout = {secs}; SET SESSION lock_wait_timeout = {secs}"
+            "SET SESSION innodb_lock_wait_timeout = {secs}; SET SESSION lock_wait_timeout = {secs}; \
+             SET SESSION lc_messages = 'en_US'"
         ))
         .await
         .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;

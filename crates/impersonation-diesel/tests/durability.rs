@@ -226,9 +226,15 @@ async fn a_held_lock_fails_a_write_instead_of_stalling_it<H>(
 /// up after 1 s; and the schema.
 #[cfg(feature = "postgres")]
 async fn postgres_waiting_1s() -> (DieselStore, String) {
+    postgres_waiting_1s_at(common::PG_URL.to_owned()).await
+}
+
+/// As [`postgres_waiting_1s`], over `url`.
+#[cfg(feature = "postgres")]
+async fn postgres_waiting_1s_at(url: String) -> (DieselStore, String) {
     let schema = common::unique("imptest");
     let store = DieselStore::connect_and_migrate(
-        impersonation_diesel::DieselConfig::new(common::PG_URL)
+        impersonation_diesel::DieselConfig::new(url)
             .schema(schema.clone())
             .busy_timeout(std::time::Duration::from_secs(1)),
     )
@@ -508,6 +514,95 @@ async fn a_held_session_row_fails_no_lookup_on_postgres() {
     .await;
 }
 
+/// `PG_URL` with the server's messages in German for each connection, as
+/// a server set up in a German locale words them (`cargo xtask services
+/// up` generates the `de_DE.UTF-8` locale), and `more` options.
+#[cfg(feature = "postgres")]
+fn german_postgres_url(more: &str) -> String {
+    format!(
+        "{}?options=-c%20lc_messages%3Dde_DE.UTF-8{more}",
+        common::PG_URL
+    )
+}
+
+/// On a server that words its messages in German, the store asks for
+/// English ones (its role may), so it still tells a lock timeout: the
+/// held row fails no lookup. (Worded in German, the timeout was an
+/// unknown error, and each lookup of the session failed.)
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_row_fails_no_lookup_on_a_german_postgres() {
+    let (store, schema) = postgres_waiting_1s_at(german_postgres_url("")).await;
+    a_held_session_row_fails_no_lookup(
+        &store,
+        async move |lock| postgres_holding(&schema, &lock).await,
+        rolled_back,
+    )
+    .await;
+}
+
+/// A role that may not change its `lc_messages` (no superuser, no grant)
+/// on a server that words its messages in German: the store's check of
+/// the messages' language is refused quietly, its connections open, and
+/// it serves a start and a lookup as ever (it warns once that it cannot
+/// tell a lock timeout; `docs/diesel.md` says what to grant).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_change_its_messages_is_served_on_postgres() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let (owner, schema) = postgres_waiting_1s().await;
+    drop(owner);
+    // A role the tests' superuser may become (`SET ROLE`, here through the
+    // connection's `role` option), with the store's tables of this schema
+    // only. Roles are the cluster's: made once, and raced quietly.
+    let mut admin = diesel_async::AsyncPgConnection::establish(common::PG_URL)
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE impersonation_plain NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             GRANT USAGE ON SCHEMA \"{schema}\" TO impersonation_plain; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA \"{schema}\" TO impersonation_plain; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA \"{schema}\" TO impersonation_plain"
+        ))
+        .await
+        .unwrap();
+    let store = DieselStore::connect(
+        impersonation_diesel::DieselConfig::new(german_postgres_url(
+            "%20-c%20role%3Dimpersonation_plain",
+        ))
+        .schema(schema.clone()),
+    )
+    .await
+    .unwrap();
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let found = store.find_by_secrets(&[secret.lookup()], None).await;
+    assert!(
+        matches!(found.as_slice(), [Ok(Some(s))] if s.id == session.id),
+        "{found:?}"
+    );
+    // The store's connections act as the role (the grants above are all
+    // it has): it could not have set its messages to English.
+    let mut conn = diesel_async::AsyncPgConnection::establish(&german_postgres_url(
+        "%20-c%20role%3Dimpersonation_plain",
+    ))
+    .await
+    .unwrap();
+    let refused = conn
+        .batch_execute("SET lc_messages = 'C'")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("lc_messages"), "{refused}");
+    assert!(
+        !refused.contains("permission denied"),
+        "worded in German: {refused}"
+    );
+}
+
 /// A lookup whose idle touch is not due (coalesced) is a read: it locks
 /// no row (a row lock is a write, flushed at commit), so the session's
 /// row has no locker after it.
@@ -559,6 +654,56 @@ async fn a_lookup_whose_touch_is_not_due_locks_nothing_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_session_row_fails_no_lookup_on_mariadb() {
     let (store, url) = mariadb_waiting_1s().await;
+    a_held_session_row_fails_no_lookup(
+        &store,
+        async move |lock| mariadb_holding(&url, &lock).await,
+        rolled_back,
+    )
+    .await;
+}
+
+/// On a server whose messages are German for the store's user (its
+/// `init_connect` sets them so for every user without SUPER, as a server
+/// set to `lc_messages = de_DE` would for all), the store asks for English
+/// ones, so it still tells a lock wait timeout: the held row fails no
+/// lookup.
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_row_fails_no_lookup_on_a_german_mariadb() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let (owner, url) = mariadb_waiting_1s().await;
+    drop(owner);
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    // The user and `init_connect` are the server's: made once, the same
+    // for every run. `init_connect` runs for users without SUPER only, and
+    // the tests' other connections are root's, so it touches none of them.
+    let mut admin = diesel_async::AsyncMysqlConnection::establish(&url)
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE USER IF NOT EXISTS 'impersonation_de'@'%'; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.* TO 'impersonation_de'@'%'; \
+             SET GLOBAL init_connect = 'SET lc_messages = ''de_DE'''"
+        ))
+        .await
+        .unwrap();
+    let german = format!("mysql://impersonation_de@127.0.0.1:3306/{db}");
+    let mut plain = diesel_async::AsyncMysqlConnection::establish(&german)
+        .await
+        .unwrap();
+    let worded = plain
+        .batch_execute("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(worded.contains("existiert nicht"), "in German: {worded}");
+    let store = DieselStore::connect(
+        impersonation_diesel::DieselConfig::new(german)
+            .busy_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
     a_held_session_row_fails_no_lookup(
         &store,
         async move |lock| mariadb_holding(&url, &lock).await,
