@@ -128,7 +128,31 @@ const TOOLS: &[(&str, &str)] = &[
     // The CI watchdog stops a hung test run with `kill` (procps is not
     // Essential: minimal images lack it).
     ("/usr/bin/kill", "procps"),
+    // The German locale's source: the Diesel tests have PostgreSQL word
+    // its messages in German (`GERMAN_LOCALE`).
+    ("/usr/share/i18n/locales/de_DE", "locales"),
 ];
+
+/// The locale the Diesel tests ask PostgreSQL to word its messages in (a
+/// server set up in a German locale), as `locale -a` names it once made.
+const GERMAN_LOCALE: &str = "de_DE.utf8";
+
+/// Makes [`GERMAN_LOCALE`] if the machine lacks it (Debian's `locales`
+/// package holds its source; `localedef` is in libc-bin). A PostgreSQL
+/// server started before sees it only once restarted ([`postgres_access`]).
+fn ensure_german_locale(sh: &Shell) -> Result<()> {
+    let have = cmd!(sh, "locale -a").read().unwrap_or_default();
+    if have.lines().any(|l| l.trim() == GERMAN_LOCALE) {
+        return Ok(());
+    }
+    println!(
+        "locales: making {GERMAN_LOCALE} (the Diesel tests read PostgreSQL's messages in German)"
+    );
+    cmd!(sh, "localedef -i de_DE -f UTF-8 de_DE.UTF-8")
+        .run()
+        .context("could not make the de_DE.UTF-8 locale")?;
+    Ok(())
+}
 
 /// The apt packages of `tools` (binary, package) whose binary is missing.
 fn missing_tools<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
@@ -354,6 +378,10 @@ pub(crate) fn up() -> Result<()> {
     if let Err(err) = npm_projects(&sh) {
         eprintln!("npm: FAILED: {err:#}");
         failures.push(format!("npm packages ({err:#})"));
+    }
+    if let Err(err) = ensure_german_locale(&sh) {
+        eprintln!("locales: FAILED: {err:#}");
+        failures.push(format!("the de_DE.UTF-8 locale ({err:#})"));
     }
     for service in SERVICES {
         if let Err(err) = bring_up(&sh, service) {
@@ -640,6 +668,48 @@ fn pg_reload(sh: &Shell, version: &str) -> Result<()> {
 }
 
 fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
+    let login = postgres_login(sh, repair)?;
+    if repair == Repair::No {
+        // Someone's own server, found by the demo: it needs no German.
+        return Ok(login);
+    }
+    let _dir = sh.push_dir("/");
+    let url = "postgres://postgres@127.0.0.1:5432/test?options=-c%20lc_messages%3Dde_DE.UTF-8";
+    let german = || check(cmd!(sh, "timeout 60 psql -w -X {url} -c 'select 1'"));
+    if german().is_ok() {
+        return Ok(
+            "database `test` reachable over TCP as postgres without password, messages in German on request",
+        );
+    }
+    // A server started before the locale was made does not see it.
+    let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
+    println!("postgresql: restarting {version}/main, so that it sees the {GERMAN_LOCALE} locale");
+    cmd!(
+        sh,
+        "pg_ctlcluster --skip-systemctl-redirect {version} main restart"
+    )
+    .run()?;
+    wait_for_port(5432)?;
+    let mut last = String::new();
+    for _ in 0..20 {
+        match german() {
+            Ok(()) => {
+                return Ok(
+                    "database `test` reachable over TCP as postgres without password, messages in German on request (after a restart)",
+                );
+            }
+            Err(stderr) => last = stderr,
+        }
+        sleep(Duration::from_millis(250));
+    }
+    Err(anyhow!(
+        "PostgreSQL refuses `lc_messages = de_DE.UTF-8` even after a restart (is the {GERMAN_LOCALE} locale made? `locale -a`): {last}"
+    ))
+}
+
+/// Checks, and with `Repair::Yes` repairs, that database `test` is
+/// reachable over TCP as `postgres` without a password.
+fn postgres_login(sh: &Shell, repair: Repair) -> Result<&'static str> {
     const OK: &str = "database `test` reachable over TCP as postgres without password";
     // `runuser -u postgres` would warn that it cannot enter /work/...
     let _dir = sh.push_dir("/");
