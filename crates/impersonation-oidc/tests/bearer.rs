@@ -227,7 +227,7 @@ async fn after_revocation_the_token_gets_401_on_the_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_own_token_never_carries_the_customers_rights() {
     let f = fixture().await;
-    let _impersonating = f.token().await;
+    let impersonating = f.token().await;
     // The agent's provider token, even while a session runs: the agent.
     let own = f.op.op_token("sam", |_, _| {});
     let (status, body, _) = f.get(&own).await;
@@ -239,13 +239,36 @@ async fn the_agents_own_token_never_carries_the_customers_rights() {
         f.get(&olive).await.1,
         "bookings of Customer olive (shadow: false)"
     );
-    // And a forged impersonation token is refused outright.
-    let forged = f.op.sign(
-        &serde_json::json!({"alg": "RS256", "kid": f.op.kid()}),
-        &serde_json::json!({"iss": f.served.url, "sub": "olive", "aud": API,
-            "iat": now(), "exp": now() + 60, "sid": "x", "jti": "x", "act": {"sub": "sam"}}),
+    // And a forged impersonation token is refused outright: one right in
+    // every respect but its signature (the genuine token's header, with
+    // `typ` and the issuer's `kid`, and its claims, naming the live
+    // session), signed by another key, or with its signature altered.
+    assert_eq!(f.get(&impersonating).await.0, StatusCode::OK);
+    let (header, claims) = decode(&impersonating);
+    assert_eq!(
+        (&header["typ"], &header["kid"]),
+        (
+            &serde_json::json!("at+jwt"),
+            &serde_json::json!(f.served.issuer.keys().current().kid())
+        )
     );
-    assert_eq!(f.get(&forged).await.0, StatusCode::UNAUTHORIZED);
+    let another_key = Forger { key: rsa_key().0 };
+    let (signed, signature) = impersonating.rsplit_once('.').unwrap();
+    let altered = if signature.starts_with('A') { "B" } else { "A" };
+    for forged in [
+        another_key.sign(&header, &claims),
+        format!("{signed}.{altered}{}", &signature[1..]),
+    ] {
+        let refused = f.served.issuer.verifier(API).verify(&forged);
+        assert!(
+            matches!(&refused, Err(impersonation_oidc::TokenError::Signature(why)) if why.starts_with("Crypto error")),
+            "{refused:?}"
+        );
+        let (status, body, _) = f.get(&forged).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(!body.contains("olive"), "{body}");
+    }
+    assert_eq!(f.get(&impersonating).await.0, StatusCode::OK);
 }
 
 /// As with a cookie: a read by token may be answered from a session this

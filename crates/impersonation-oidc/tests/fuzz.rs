@@ -264,6 +264,8 @@ impl Mutation {
 struct World {
     rt: tokio::runtime::Runtime,
     served: Served,
+    /// The provider's key: agents' and customers' tokens.
+    op: Forger,
     ours: Forger,
     stranger: Forger,
     good: Value,
@@ -278,7 +280,7 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .unwrap();
-        let (served, good, ours) = rt.block_on(async {
+        let (served, good, ours, op) = rt.block_on(async {
             let (op, provider) = forged_provider();
             let served = serve_issuer(provider).await;
             let actor = op.op_token("sam", |_, _| {});
@@ -288,12 +290,13 @@ fn world() -> &'static World {
             let ours = Forger {
                 key: served.key.clone(),
             };
-            (served, good, ours)
+            (served, good, ours, op)
         });
         let issuer = served.url.clone();
         World {
             rt,
             served,
+            op,
             ours,
             stranger: Forger { key: rsa_key().0 },
             good,
@@ -420,14 +423,408 @@ proptest! {
     /// The whole token endpoint on hostile bodies: an RFC error or a token,
     /// a token only for a well-formed request with a good actor token.
     #[test]
-    fn the_token_endpoint_answers_hostile_bodies_with_rfc_errors(body in body()) {
+    fn the_token_endpoint_answers_hostile_bodies_with_rfc_errors(body in body(), authenticated in any::<bool>()) {
         let w = world();
-        let answer = w.rt.block_on(w.served.issuer.exchange(None, &body));
+        // With the client authenticated or not: a body that parses then
+        // reaches the actor token's check.
+        let authorization = authenticated.then(|| basic(CLIENT, CLIENT_SECRET));
+        let answer = w.rt.block_on(w.served.issuer.exchange(authorization.as_deref(), &body));
         let json: Value = serde_json::from_str(&answer.body).unwrap();
         prop_assert!(
             [400u16, 401].contains(&answer.status),
             "status {} for {:?}", answer.status, String::from_utf8_lossy(&body)
         );
         prop_assert!(json["error"].is_string());
+    }
+}
+
+// ---- The token endpoint, from a good request ----
+
+/// The agent and customer of the endpoint's fuzzing from a good request:
+/// not the verifier's (sam and olive, whose session must live on), so the
+/// two run side by side. An agent has one live session at most: each
+/// token issued here has its session revoked at once.
+const AGENT: &str = "kim";
+const CUSTOMER: &str = "oscar";
+const REASON: &str = "Customer cannot see next week's bookings";
+
+/// `*_token_type` values: the first three are the types the endpoint
+/// takes; 4 leaves the parameter out, 5 puts a token in it.
+const TOKEN_TYPES: [&str; 4] = [
+    ACCESS_TOKEN,
+    "urn:ietf:params:oauth:token-type:jwt",
+    "urn:ietf:params:oauth:token-type:id_token",
+    "urn:ietf:params:oauth:token-type:saml2",
+];
+
+/// Bytes a changed token byte may become.
+const TOKEN_BYTES: [u8; 11] = *b"AB-_.zaQ09+";
+
+/// How a token request departs from a good one. In each field the low
+/// values are good (see [`Exchange::acceptable`]), the others each break
+/// the request in one way.
+#[derive(Debug, Clone)]
+struct Exchange {
+    /// 0: Basic, 1: in the body (`client_secret_post`), 2: Basic and the
+    /// same `client_id` in the body; 3: a wrong secret, 4: none, 5: a
+    /// client registered without token exchange, 6: Basic and another
+    /// `client_id` in the body, 7: Basic and a secret in the body.
+    client: u8,
+    /// 0: token exchange; 1: `client_credentials`, 2: missing, 3: twice.
+    grant: u8,
+    /// 0: the agent's; 1: signed by a stranger under the provider's `kid`,
+    /// 2: expired, 3: delegated (names an actor), 4: of an agent without
+    /// the impersonate permission, 5: for another audience, 6: one byte
+    /// changed, 7: not a JWT, 8: missing.
+    actor: u8,
+    /// An index into [`TOKEN_TYPES`] (0-2 good), 4: missing, 5: the token.
+    actor_type: u8,
+    /// 0: `requested_subject`, 1: a subject token (good with a good type);
+    /// 2: a protected user, 3: an unknown user, 4: the agent, 5: both
+    /// forms, 6: neither, 7: a subject token with one byte changed, 8: one
+    /// signed by a stranger under the provider's `kid`.
+    subject: u8,
+    /// As `actor_type`, for `subject_token_type` (sent with any subject).
+    subject_type: u8,
+    /// 0: none, 1: the API, 2: the API twice, 3: the API as `resource`,
+    /// 4: an empty value; 5: another, 6: the API and another, 7: more
+    /// than `MAX_TARGETS`.
+    audience: u8,
+    /// 0: none, 1: a permission agent and customer hold, 2: an empty
+    /// value; 3: one the agent lacks, 4: one the customer lacks,
+    /// 5: malformed.
+    scope: u8,
+    /// 0: none, 1: access token, 2: JWT; 3: ID token, 4: garbage.
+    requested: u8,
+    /// 0: good; 1: missing, 2: too short, 3: too long, 4: a control
+    /// character.
+    reason: u8,
+    /// 0: none, 1: good; 2: malformed.
+    ticket: u8,
+    /// 0: none, 1: an unknown parameter, 2: an empty `scope`; 3: `ticket`
+    /// twice, 4: `requested_token_type` twice, 5: a client assertion.
+    extra: u8,
+    /// Where a changed byte is, and what it becomes.
+    at: proptest::sample::Index,
+    byte: u8,
+    /// The order the parameters are sent in.
+    order: Vec<usize>,
+}
+
+/// Mostly one of `good`, sometimes one of `bad`.
+fn choice(good: std::ops::Range<u8>, bad: std::ops::Range<u8>) -> impl Strategy<Value = u8> {
+    prop_oneof![12 => good, 1 => bad]
+}
+
+fn exchange_request() -> impl Strategy<Value = Exchange> {
+    let who = (
+        choice(0..3, 3..8),
+        choice(0..1, 1..4),
+        choice(0..1, 1..9),
+        choice(0..3, 3..6),
+        choice(0..2, 2..9),
+        choice(0..3, 3..6),
+    );
+    let what = (
+        choice(0..5, 5..8),
+        choice(0..3, 3..6),
+        choice(0..3, 3..5),
+        choice(0..1, 1..5),
+        choice(0..2, 2..3),
+        choice(0..3, 3..6),
+    );
+    let how = (
+        any::<proptest::sample::Index>(),
+        proptest::sample::select(&TOKEN_BYTES[..]),
+        Just((0..32).collect::<Vec<usize>>()).prop_shuffle(),
+    );
+    (who, what, how).prop_map(
+        |(
+            (client, grant, actor, actor_type, subject, subject_type),
+            (audience, scope, requested, reason, ticket, extra),
+            (at, byte, order),
+        )| Exchange {
+            client,
+            grant,
+            actor,
+            actor_type,
+            subject,
+            subject_type,
+            audience,
+            scope,
+            requested,
+            reason,
+            ticket,
+            extra,
+            at,
+            byte,
+            order,
+        },
+    )
+}
+
+impl Exchange {
+    /// The oracle: the endpoint must issue a token for exactly these.
+    fn acceptable(&self) -> bool {
+        let subject = match self.subject {
+            0 => true,
+            1 => self.subject_type <= 2,
+            _ => false,
+        };
+        self.client <= 2
+            && self.grant == 0
+            && self.actor == 0
+            && self.actor_type <= 2
+            && subject
+            && self.audience <= 4
+            && self.scope <= 2
+            && self.requested <= 2
+            && self.reason == 0
+            && self.ticket <= 1
+            && self.extra <= 2
+    }
+
+    /// `token` with the byte at `at` changed.
+    fn altered(&self, token: &str) -> String {
+        let mut bytes = token.as_bytes().to_vec();
+        let i = self.at.index(bytes.len());
+        bytes[i] = if bytes[i] == self.byte {
+            if self.byte == b'A' { b'B' } else { b'A' }
+        } else {
+            self.byte
+        };
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// The request: its `Authorization` header, its body, and the tokens
+    /// and secrets it holds (which no answer may repeat).
+    fn build(&self, w: &World) -> (Option<String>, Vec<u8>, Vec<String>) {
+        let op = &w.op;
+        // A stranger's signature under the provider's key id.
+        let forged = |sub: &str| w.stranger.op_token(sub, |h, _| h["kid"] = json!(op.kid()));
+        let actor = match self.actor {
+            0 | 8 => op.op_token(AGENT, |_, _| {}),
+            1 => forged(AGENT),
+            2 => op.op_token(AGENT, |_, p| {
+                p["iat"] = json!(now() - 7200);
+                p["exp"] = json!(now() - 60);
+            }),
+            3 => op.op_token(AGENT, |_, p| p["act"] = json!({"sub": "lee"})),
+            4 => op.op_token("mallory", |_, _| {}),
+            5 => op.op_token(AGENT, |_, p| p["aud"] = json!("https://other.test/")),
+            6 => self.altered(&op.op_token(AGENT, |_, _| {})),
+            _ => AGENT.to_owned(),
+        };
+        let subject_token = match self.subject {
+            1 | 5 => Some(op.op_token(CUSTOMER, |_, _| {})),
+            7 => Some(self.altered(&op.op_token(CUSTOMER, |_, _| {}))),
+            8 => Some(forged(CUSTOMER)),
+            _ => None,
+        };
+        let mut params: Vec<(&str, String)> = Vec::new();
+        let mut add = |name: &'static str, value: &str| params.push((name, value.to_owned()));
+        match self.grant {
+            0 => add("grant_type", TOKEN_EXCHANGE),
+            1 => add("grant_type", "client_credentials"),
+            2 => {}
+            _ => {
+                add("grant_type", TOKEN_EXCHANGE);
+                add("grant_type", TOKEN_EXCHANGE);
+            }
+        }
+        if self.actor != 8 {
+            add("actor_token", &actor);
+        }
+        let token_type = |mode: u8, token: &str| match mode {
+            0..=3 => Some(TOKEN_TYPES[usize::from(mode)].to_owned()),
+            4 => None,
+            _ => Some(token.to_owned()),
+        };
+        if let Some(t) = token_type(self.actor_type, &actor) {
+            add("actor_token_type", &t);
+        }
+        match self.subject {
+            0 | 5 => add("requested_subject", CUSTOMER),
+            2 => add("requested_subject", "ada"),
+            3 => add("requested_subject", "nobody"),
+            4 => add("requested_subject", AGENT),
+            _ => {}
+        }
+        if let Some(token) = &subject_token {
+            add("subject_token", token);
+        }
+        let typed = subject_token.as_deref().unwrap_or(&actor);
+        if let Some(t) = token_type(self.subject_type, typed) {
+            add("subject_token_type", &t);
+        }
+        match self.audience {
+            0 => {}
+            1 => add("audience", API),
+            2 => {
+                add("audience", API);
+                add("audience", API);
+            }
+            3 => add("resource", API),
+            4 => add("audience", ""),
+            5 => add("audience", "https://other.test/"),
+            6 => {
+                add("audience", API);
+                add("resource", "https://other.test/");
+            }
+            _ => {
+                for _ in 0..=MAX_TARGETS {
+                    add("audience", API);
+                }
+            }
+        }
+        match self.scope {
+            0 => {}
+            1 => add("scope", "bookings:read"),
+            2 => add("scope", ""),
+            3 => add("scope", "bookings:write"),
+            4 => add("scope", "impersonation:start"),
+            _ => add("scope", "bookings:read  bookings:read"),
+        }
+        match self.requested {
+            0 => {}
+            1 => add("requested_token_type", ACCESS_TOKEN),
+            2 => add("requested_token_type", TOKEN_TYPES[1]),
+            3 => add("requested_token_type", TOKEN_TYPES[2]),
+            _ => add("requested_token_type", "Bearer"),
+        }
+        match self.reason {
+            0 => add("reason", REASON),
+            1 => {}
+            2 => add("reason", "short"),
+            3 => add("reason", &"x".repeat(501)),
+            _ => add("reason", "Customer \u{1b}[2J cannot log in"),
+        }
+        match self.ticket {
+            0 => {}
+            1 => add("ticket", "SUP-1234"),
+            _ => add("ticket", "SUP 1234!"),
+        }
+        match self.extra {
+            0 => {}
+            1 => add("x-trace", "7"),
+            2 => add("scope", ""),
+            3 => {
+                add("ticket", "SUP-1234");
+                add("ticket", "SUP-1234");
+            }
+            4 => {
+                add("requested_token_type", ACCESS_TOKEN);
+                add("requested_token_type", ACCESS_TOKEN);
+            }
+            _ => add("client_assertion", "a.b.c"),
+        }
+        let header = |id: &str, secret: &str| Some(basic(id, secret));
+        let authorization = match self.client {
+            0 => header(CLIENT, CLIENT_SECRET),
+            1 => {
+                add("client_id", CLIENT);
+                add("client_secret", CLIENT_SECRET);
+                None
+            }
+            2 => {
+                add("client_id", CLIENT);
+                header(CLIENT, CLIENT_SECRET)
+            }
+            3 => header(CLIENT, "not-the-secret-9f2"),
+            4 => None,
+            5 => header("reporting", "reporting-secret"),
+            6 => {
+                add("client_id", "reporting");
+                header(CLIENT, CLIENT_SECRET)
+            }
+            _ => {
+                add("client_id", CLIENT);
+                add("client_secret", CLIENT_SECRET);
+                header(CLIENT, CLIENT_SECRET)
+            }
+        };
+        // Sent in a shuffled order: no parameter's place matters.
+        let mut ordered: Vec<(usize, (&str, String))> = params
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (self.order.get(i).copied().unwrap_or(i), p))
+            .collect();
+        ordered.sort_by_key(|(key, _)| *key);
+        let pairs: Vec<(&str, &str)> = ordered.iter().map(|(_, (k, v))| (*k, v.as_str())).collect();
+        let mut kept = vec![
+            actor,
+            CLIENT_SECRET.to_owned(),
+            "not-the-secret-9f2".to_owned(),
+            "reporting-secret".to_owned(),
+        ];
+        kept.extend(subject_token);
+        (authorization, encode(&pairs).into_bytes(), kept)
+    }
+}
+
+/// The RFC 6749 §5.2 and RFC 8693 codes the token endpoint may refuse a
+/// request with (`temporarily_unavailable` would be an outage: none here).
+const REFUSALS: [&str; 6] = [
+    "invalid_request",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_target",
+    "invalid_scope",
+];
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The whole token endpoint from a good request (an authenticated
+    /// client, the agent's and the customer's good tokens), one parameter
+    /// at a time made hostile: client authentication, the actor and
+    /// subject tokens (their bytes included), their types, audience,
+    /// scope, requested token type, reason, ticket, extra and repeated
+    /// parameters. An RFC error or a token that verifies, a token exactly
+    /// for the good requests, and no token or secret in any answer.
+    #[test]
+    fn the_token_endpoint_issues_exactly_for_good_requests(r in exchange_request()) {
+        let w = world();
+        let (authorization, body, kept) = r.build(w);
+        let answer = w.rt.block_on(w.served.issuer.exchange(authorization.as_deref(), &body));
+        let json: Value = serde_json::from_str(&answer.body).unwrap();
+        let header = |name: &str| {
+            answer.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        };
+        prop_assert_eq!(header("Cache-Control"), Some("no-store"));
+        for secret in &kept {
+            prop_assert!(!answer.body.contains(secret.as_str()), "{:?} repeats what it was sent", answer);
+        }
+        prop_assert_eq!(answer.status == 200, r.acceptable(), "{:?}: {}", r, answer.body);
+        if answer.status == 200 {
+            let token = json["access_token"].as_str().unwrap();
+            let context = w.rt.block_on(w.served.issuer.verifier(API).authorize(token));
+            prop_assert!(context.is_ok(), "{:?}", context.err());
+            let verified = w.served.issuer.verifier(API).verify(token).unwrap();
+            prop_assert_eq!(
+                (verified.subject.as_str(), verified.actor.as_str(), verified.client_id.as_deref()),
+                (CUSTOMER, AGENT, Some(CLIENT))
+            );
+            prop_assert_eq!(&json["token_type"], "Bearer");
+            let issued = if r.requested == 2 { TOKEN_TYPES[1] } else { ACCESS_TOKEN };
+            prop_assert_eq!(&json["issued_token_type"], issued);
+            prop_assert!(json["expires_in"].as_i64().is_some_and(|s| (1..=300).contains(&s)), "{}", json);
+            let scope = (r.scope == 1).then(|| json!("bookings:read"));
+            prop_assert_eq!(json.get("scope"), scope.as_ref());
+            // One live session per agent: this one ends before the next case.
+            w.rt.block_on(w.served.service.revoke_all_for_agent(
+                &impersonation_core::UserId::new(AGENT).unwrap(),
+                impersonation_core::Initiator::System,
+                "fuzz case done",
+            )).unwrap();
+        } else {
+            let error = json["error"].as_str().unwrap_or_default();
+            prop_assert!(REFUSALS.contains(&error), "{:?}: {}", r, answer.body);
+            prop_assert!(json["error_description"].is_string());
+            let client_failed = error == "invalid_client";
+            prop_assert_eq!(answer.status, if client_failed { 401 } else { 400 });
+            prop_assert_eq!(header("WWW-Authenticate").is_some(), client_failed);
+        }
     }
 }

@@ -673,23 +673,14 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
         ours.sign(&h, &p)
     };
     let now = now();
-    let public_pem = public_pem(&ours.key);
-    let nested = (0..200).fold(
+    let nested_past_the_parser = (0..200).fold(
         json!({"sub": "prior"}),
         |inner, _| json!({"sub": "x", "act": inner}),
     );
     let cases: Vec<(&str, String)> = vec![
         (
-            "alg none",
+            "alg none without a signature part (refused by its shape)",
             format!("{}.", Forger::unsigned(&json!({"alg": "none"}), &payload)),
-        ),
-        (
-            "the RSA public key as an HMAC secret",
-            Forger::hmac(
-                &json!({"alg": "HS256", "kid": header["kid"]}),
-                &payload,
-                public_pem.as_bytes(),
-            ),
         ),
         (
             "a wrong key id",
@@ -743,8 +734,8 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
             format!("{}.{}.{}", parts[0], base64_json(&p), parts[2])
         }),
         (
-            "a deeply nested act",
-            resign(&|_, p| p["act"] = nested.clone()),
+            "an act nested past the JSON parser's depth limit",
+            resign(&|_, p| p["act"] = nested_past_the_parser.clone()),
         ),
         (
             "a prior actor two down that is not an object",
@@ -791,6 +782,58 @@ async fn hostile_impersonation_tokens_are_refused_by_the_verifier() {
             "{what}: {refused:?}"
         );
     }
+
+    // Algorithm confusion. Each token is the genuine one in every respect
+    // but its algorithm: typed `at+jwt`, naming the issuer's key, the
+    // genuine claims, a signature part; so only the algorithm check can
+    // refuse it: `none` is refused as unsigned (by the `openidconnect`
+    // verifier, whatever the allow-list), HS256 by the allow-list. The same
+    // header with RS256, signed by the issuer's key, passes.
+    let with_alg = |alg: &str| json!({"alg": alg, "typ": "at+jwt", "kid": header["kid"]});
+    verifier
+        .authorize(&ours.sign(&with_alg("RS256"), &payload))
+        .await
+        .unwrap();
+    let genuine_signature = token.rsplit('.').next().unwrap();
+    let alg_none = format!(
+        "{}.{genuine_signature}",
+        Forger::unsigned(&with_alg("none"), &payload)
+    );
+    let refused = verifier.authorize(&alg_none).await;
+    assert!(
+        matches!(&refused, Err(TokenError::Signature(why)) if why.contains("No signature")),
+        "alg none: {refused:?}"
+    );
+    let public_pem = public_pem(&ours.key);
+    let hs256 = Forger::hmac(&with_alg("HS256"), &payload, public_pem.as_bytes());
+    let refused = verifier.authorize(&hs256).await;
+    assert!(
+        matches!(&refused, Err(TokenError::Signature(why))
+            if why.contains("Disallowed signature algorithm") && why.contains("`HS256` is not one of")),
+        "the RSA public key as an HMAC secret: {refused:?}"
+    );
+
+    // Prior actors: the most a token may record passes; one more, or a
+    // chain deep enough to tire a reader (but well within what the JSON
+    // parser reads), is refused by that bound, and by nothing else.
+    let with_priors = |n: usize| {
+        let priors = (1..n).fold(
+            json!({"sub": "prior"}),
+            |inner, _| json!({"sub": "prior", "act": inner}),
+        );
+        resign(&|_, p| p["act"]["act"] = priors.clone())
+    };
+    let most = impersonation_oidc::MAX_PRIOR_ACTORS;
+    verifier.authorize(&with_priors(most)).await.unwrap();
+    for n in [most + 1, 40] {
+        let refused = verifier.authorize(&with_priors(n)).await;
+        let bound = format!("more than {most} prior actors");
+        assert!(
+            matches!(&refused, Err(TokenError::Malformed(why)) if *why == bound),
+            "{n} prior actors: {refused:?}"
+        );
+    }
+
     // The genuine token still works: nothing above touched the session.
     verifier.authorize(&token).await.unwrap();
 }
