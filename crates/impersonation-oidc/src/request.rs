@@ -157,7 +157,14 @@ impl Form {
                 continue;
             }
             if value.len() > MAX_VALUE {
-                return Err(invalid(format!("`{name}` exceeds {MAX_VALUE} bytes")));
+                // A parameter of ours is named; any other name is the
+                // client's text, which no answer repeats.
+                return Err(invalid(
+                    match single.iter().chain(repeatable).find(|k| **k == name) {
+                        Some(known) => format!("`{known}` exceeds {MAX_VALUE} bytes"),
+                        None => format!("a parameter's value exceeds {MAX_VALUE} bytes"),
+                    },
+                ));
             }
             if let Some(known) = repeatable.iter().find(|k| **k == name) {
                 form.repeated.push((known, value.into_owned()));
@@ -420,7 +427,28 @@ impl RevocationRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::{ACCESS_TOKEN_TYPE, ClientCredentials, Subject};
+    use super::{ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, MAX_VALUE, Subject};
+
+    /// A value too long is refused naming its parameter when it is one of
+    /// the endpoint's; an unknown parameter's name (the client's text, up
+    /// to the body's bound) is not repeated.
+    #[test]
+    fn a_value_too_long_names_only_a_known_parameter() {
+        let long = "A".repeat(MAX_VALUE + 1);
+        let refused =
+            ExchangeRequest::parse(format!("subject_token={long}").as_bytes()).unwrap_err();
+        assert_eq!(
+            refused.error_description,
+            format!("`subject_token` exceeds {MAX_VALUE} bytes")
+        );
+        let name = "N".repeat(4_000);
+        let refused = ExchangeRequest::parse(format!("{name}={long}").as_bytes()).unwrap_err();
+        assert_eq!(refused.error.as_str(), "invalid_request");
+        assert_eq!(
+            refused.error_description,
+            format!("a parameter's value exceeds {MAX_VALUE} bytes")
+        );
+    }
 
     /// An authentication scheme's name is case-insensitive (RFC 9110
     /// §11.1): `basic` and `BASIC` are Basic; another scheme is not.
