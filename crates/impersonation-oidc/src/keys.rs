@@ -105,12 +105,50 @@ fn thumbprint(n: &[u8], e: &[u8]) -> String {
 struct Keys {
     current: SigningKey,
     previous: Option<SigningKey>,
+    /// Published ahead of signing ([`KeyRing::publish_next`]).
+    next: Option<SigningKey>,
+}
+
+impl Keys {
+    /// Whether a key of `kid` is published.
+    fn publishes(&self, kid: &str) -> bool {
+        [
+            Some(&self.current),
+            self.previous.as_ref(),
+            self.next.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|k| k.kid == kid)
+    }
 }
 
 /// The issuer's keys: tokens are signed with the current key; the JWKS
-/// publishes it and, after a rotation, the previous one, so tokens signed
+/// publishes it, the next key once [`publish_next`](Self::publish_next)
+/// announces it, and after a rotation the previous one, so tokens signed
 /// before the rotation keep verifying until they expire. Cheap to clone
 /// (clones share the keys).
+///
+/// A rotation without notice is safe for this crate's own verifiers
+/// (`TokenVerifier::fetch` fetches the key set again when a token names a
+/// key it has not seen, at most every 30 s), but a verifier that keeps
+/// the key set it fetched (for hours, say, or until restarted) refuses the
+/// new key's tokens until it fetches again. So announce the next key at
+/// least one such cache lifetime before rotating to it:
+///
+/// ```
+/// # use impersonation_oidc::{KeyRing, SigningKey};
+/// # fn main() -> Result<(), impersonation_oidc::OidcError> {
+/// let ring = KeyRing::new(SigningKey::generate()?);
+/// let next = SigningKey::generate()?;
+/// ring.publish_next(next.clone()); // in the JWKS, signing nothing yet
+/// // … a cache lifetime later:
+/// ring.rotate(next); // signs from now on
+/// // … once the last token of the previous key has expired:
+/// ring.retire_previous();
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct KeyRing {
     keys: Arc<RwLock<Keys>>,
@@ -123,6 +161,7 @@ impl KeyRing {
             keys: Arc::new(RwLock::new(Keys {
                 current,
                 previous: None,
+                next: None,
             })),
         }
     }
@@ -136,8 +175,25 @@ impl KeyRing {
         if next.kid == keys.current.kid {
             return;
         }
+        if keys.next.as_ref().is_some_and(|n| n.kid == next.kid) {
+            keys.next = None;
+        }
         let current = std::mem::replace(&mut keys.current, next);
         keys.previous = Some(current);
+    }
+
+    /// Publishes `next` in the JWKS ahead of signing with it, so that
+    /// verifiers which keep the key set they fetched hold it before the
+    /// first token it signs; [`rotate`](Self::rotate) with it later makes
+    /// it sign. A key published already (the one signing, the previous,
+    /// or the one waiting, given again) changes nothing; another key
+    /// replaces the one waiting.
+    pub fn publish_next(&self, next: SigningKey) {
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if keys.publishes(&next.kid) {
+            return;
+        }
+        keys.next = Some(next);
     }
 
     /// Stops publishing the previous key (once every token it signed has
@@ -158,10 +214,12 @@ impl KeyRing {
             .clone()
     }
 
-    /// The public keys: the current one first.
+    /// The public keys: the current one first, then the next (if
+    /// announced) and the previous (until retired).
     pub fn jwks(&self) -> CoreJsonWebKeySet {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         let mut published = vec![keys.current.public.clone()];
+        published.extend(keys.next.as_ref().map(|k| k.public.clone()));
         published.extend(keys.previous.as_ref().map(|k| k.public.clone()));
         CoreJsonWebKeySet::new(published)
     }

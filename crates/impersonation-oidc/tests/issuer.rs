@@ -584,3 +584,74 @@ async fn client_authentication_refuses_an_empty_secret_and_two_ways_at_once() {
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.body.contains("invalid_request"), "{}", answer.body);
 }
+
+/// A key announced ahead (`publish_next`) is in the JWKS before it signs:
+/// a verifier that keeps the key set it was given, and never fetches
+/// again, verifies the first token the new key signs. One given the key
+/// set from before the announcement refuses it. Announcing a published
+/// key again, or the one signing, changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_announced_ahead_verifies_its_first_token_without_a_fetch() {
+    use impersonation_oidc::TokenVerifier;
+    use impersonation_oidc::openidconnect::IssuerUrl;
+    let (op, provider) = forged_provider();
+    let served = serve_issuer(provider).await;
+    let api = served.service.clone() as Arc<dyn impersonation_core::ImpersonationApi>;
+    let keeping = |jwks: &str| {
+        TokenVerifier::new(
+            IssuerUrl::new(served.url.clone()).unwrap(),
+            API,
+            serde_json::from_str(jwks).unwrap(),
+            time::Duration::minutes(5),
+            api.clone(),
+        )
+    };
+    let kids = |jwks: &str| -> Vec<String> {
+        let jwks: serde_json::Value = serde_json::from_str(jwks).unwrap();
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = served.issuer.keys().current();
+    let unannounced = keeping(&served.issuer.jwks_json());
+
+    let next = SigningKey::generate().unwrap();
+    served.issuer.keys().publish_next(next.clone());
+    let announced_jwks = served.issuer.jwks_json();
+    assert_eq!(kids(&announced_jwks), [first.kid(), next.kid()]);
+    for again in [next.clone(), first.clone()] {
+        served.issuer.keys().publish_next(again);
+        assert_eq!(served.issuer.jwks_json(), announced_jwks, "nothing changed");
+    }
+    // Announced, it signs nothing yet.
+    let before = sams_token_for_olive(&op, &served).await;
+    assert_eq!(decode(&before).0["kid"], first.kid());
+    let announced = keeping(&announced_jwks);
+    let ctx = announced.authorize(&before).await.unwrap();
+    let sam = served
+        .directory
+        .get(&impersonation_core::UserId::new("sam").unwrap())
+        .unwrap();
+    served
+        .service
+        .stop_session(ctx.session(), &sam)
+        .await
+        .unwrap();
+
+    served.issuer.keys().rotate(next.clone());
+    assert_eq!(
+        kids(&served.issuer.jwks_json()),
+        [next.kid(), first.kid()],
+        "the announced key signs; the first stays published until retired"
+    );
+    let after = sams_token_for_olive(&op, &served).await;
+    assert_eq!(decode(&after).0["kid"], next.kid());
+    announced.authorize(&after).await.unwrap();
+    assert!(matches!(
+        unannounced.verify(&after),
+        Err(TokenError::Signature(_))
+    ));
+}
