@@ -21,6 +21,20 @@ async fn sams_token_for_olive(op: &Forger, served: &Served) -> String {
     body["access_token"].as_str().unwrap().to_owned()
 }
 
+/// Sam stops the session of `ctx` (one agent, one live session: before a
+/// second exchange).
+async fn sam_stops(served: &Served, ctx: &impersonation_core::Context) {
+    let sam = served
+        .directory
+        .get(&impersonation_core::UserId::new("sam").unwrap())
+        .unwrap();
+    served
+        .service
+        .stop_session(ctx.session(), &sam)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
     let (op, provider) = forged_provider();
@@ -60,15 +74,7 @@ async fn keys_rotate_with_two_live_and_the_kid_naming_the_signer() {
     verifier.verify(&before).unwrap();
     // One agent, one live session: end the first before a second exchange.
     let ctx = verifier.authorize(&before).await.unwrap();
-    let sam = served
-        .directory
-        .get(&impersonation_core::UserId::new("sam").unwrap())
-        .unwrap();
-    served
-        .service
-        .stop_session(ctx.session(), &sam)
-        .await
-        .unwrap();
+    sam_stops(&served, &ctx).await;
     let after = issue().await;
     assert_eq!(decode(&after).0["kid"], second_kid.as_str());
     verifier.verify(&after).unwrap();
@@ -121,20 +127,12 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
         lifetime,
         api.clone(),
     );
-    let sam = served
-        .directory
-        .get(&impersonation_core::UserId::new("sam").unwrap())
-        .unwrap();
     let issue = || sams_token_for_olive(&op, &served);
 
     let before = issue().await;
     let ctx = rotating.authorize(&before).await.unwrap();
     fixed.authorize(&before).await.unwrap();
-    served
-        .service
-        .stop_session(ctx.session(), &sam)
-        .await
-        .unwrap();
+    sam_stops(&served, &ctx).await;
 
     served.issuer.keys().rotate(SigningKey::generate().unwrap());
     let after = issue().await;
@@ -144,11 +142,7 @@ async fn a_verifier_in_another_process_follows_the_issuers_rotation() {
     ));
     let ctx = rotating.authorize(&after).await.unwrap();
     rotating.verify(&before).unwrap();
-    served
-        .service
-        .stop_session(ctx.session(), &sam)
-        .await
-        .unwrap();
+    sam_stops(&served, &ctx).await;
 
     // Retired on the issuer: refused once the copy is older than its age
     // (a known key id never asks for a fetch).
@@ -631,15 +625,7 @@ async fn a_key_announced_ahead_verifies_its_first_token_without_a_fetch() {
     assert_eq!(decode(&before).0["kid"], first.kid());
     let announced = keeping(&announced_jwks);
     let ctx = announced.authorize(&before).await.unwrap();
-    let sam = served
-        .directory
-        .get(&impersonation_core::UserId::new("sam").unwrap())
-        .unwrap();
-    served
-        .service
-        .stop_session(ctx.session(), &sam)
-        .await
-        .unwrap();
+    sam_stops(&served, &ctx).await;
 
     served.issuer.keys().rotate(next.clone());
     assert_eq!(
