@@ -1237,7 +1237,38 @@ pub async fn support(
             body.push_str("<p class=\"card refused\">Live sessions are unavailable right now.</p>");
         }
     }
+    if let Some(api) = demo.api() {
+        body.push_str(&api_card(api, &v));
+    }
     page(&v, &demo, "Support console", &body)
+}
+
+/// The console's way into the API side (RFC 8693): a button for the
+/// agent's own access token from the stand-in provider, and the two
+/// requests that exchange it and use the impersonation token.
+fn api_card(api: &crate::api::ApiState, v: &Viewer) -> String {
+    let base = api.audience.strip_suffix("/api").unwrap_or(&api.audience);
+    let commands = format!(
+        "TOKEN=…  # the access_token the button gives\n\
+         curl -u {id}:{secret} {base}/oidc/token \\\n  \
+         -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\\n  \
+         -d actor_token=$TOKEN -d actor_token_type=urn:ietf:params:oauth:token-type:access_token \\\n  \
+         -d requested_subject=olive -d audience={base}/api \\\n  \
+         -d reason='Booking sync fails through the API' -d ticket=SUP-1044\n\
+         curl -H \"Authorization: Bearer <the access_token it gives>\" {base}/api/bookings",
+        id = crate::api::CLIENT_ID,
+        secret = crate::api::CLIENT_SECRET,
+    );
+    format!(
+        "<div class=\"card\" id=\"api-access\"><h2>API access (RFC 8693 token exchange)</h2>\
+         <p>An API client impersonates by token: it exchanges the agent's own access token for \
+         an impersonation token, which names the customer as subject and the agent as actor.</p>\
+         <form method=\"post\" action=\"/idp/token\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button type=\"submit\">Get my API access token</button></form>\
+         <pre>{}</pre></div>",
+        attr(v.csrf()),
+        esc(&commands)
+    )
 }
 
 /// The revoke form.

@@ -1240,3 +1240,25 @@ async fn a_booking_across_tenants_under_impersonation_is_a_denied_attempt() {
     );
     assert!(rows[0].contains("tenant"), "{table}");
 }
+
+/// The console offers the API side: a button for the agent's own access
+/// token (a form the app accepts) and the requests that exchange it, at
+/// the demo's own address.
+#[tokio::test]
+async fn the_console_offers_the_agents_own_api_token() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    let (_, console) = sam.get("/support").await;
+    assert!(console.contains("id=\"api-access\""), "{console}");
+    assert!(console.contains("action=\"/idp/token\""), "{console}");
+    assert!(console.contains(&format!("{base}/oidc/token")), "{console}");
+    let (status, body) = sam.post("/idp/token", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        token["access_token"]
+            .as_str()
+            .is_some_and(|t| t.split('.').count() == 3),
+        "{body}"
+    );
+}
