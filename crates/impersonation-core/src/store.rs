@@ -541,12 +541,27 @@ const DECODED_CAPACITY: usize = 4_096;
 /// stored texts are exactly the ones decoded last time for that secret
 /// skips the parse. The texts are compared whole, so an edited or
 /// re-checked session is always parsed afresh.
-#[derive(Debug, Default)]
+///
+/// Its `Debug` shows how many sessions it holds, not their texts: a
+/// stored shadow user's text holds the customer's copied and masked
+/// values, which [`ShadowUser`]'s own `Debug` leaves out.
+#[derive(Default)]
 pub struct DecodedSessions {
     entries: std::sync::Mutex<std::collections::HashMap<SecretHash, Decoded>>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for DecodedSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self
+            .entries
+            .lock()
+            .map_or_else(|e| e.into_inner().len(), |e| e.len());
+        f.debug_struct("DecodedSessions")
+            .field("sessions", &held)
+            .finish()
+    }
+}
+
 struct Decoded {
     record: Box<str>,
     shadow: Box<str>,

@@ -127,3 +127,24 @@ async fn a_sparse_query_reads_a_bounded_number_of_events_per_call() {
     // 3,001 events (the start's too), at most MIN_SCAN read per call.
     assert_eq!(calls, 3_001_usize.div_ceil(MIN_SCAN));
 }
+
+/// The cache of decoded sessions that text-keeping stores share prints
+/// how many it holds, not the stored texts: a shadow user's text holds
+/// the customer's copied and masked values, which `ShadowUser`'s own
+/// `Debug` leaves out.
+#[test]
+fn decoded_sessions_print_no_stored_values() {
+    use impersonation_core::DecodedSessions;
+    use impersonation_testkit::{World, epoch};
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let record = serde_json::to_string(start.session()).unwrap();
+    let shadow = serde_json::to_string(&start.session().shadow).unwrap();
+    assert!(shadow.contains("Europe/Lisbon"), "{shadow}");
+    assert!(shadow.contains("4242"), "{shadow}");
+    let cache = DecodedSessions::new();
+    let decoded = cache.decode(secret.hash(), &record, &shadow).unwrap();
+    assert_eq!(decoded.id, start.session().id);
+    let printed = format!("{cache:?}");
+    assert_eq!(printed, "DecodedSessions { sessions: 1 }");
+}
