@@ -1192,16 +1192,22 @@ pub fn verify_chain<'a>(
 }
 
 /// Writes events as JSON lines (one event per line, every field, RFC 3339 times).
-pub fn to_json_lines<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> String {
+///
+/// # Errors
+///
+/// An event whose time RFC 3339 cannot write (a year before 0 or after
+/// 9999: only a time given to [`AuditDraft::new`] by hand gets there)
+/// fails the export rather than leave the event out of it, which would
+/// leave a chain that no longer verifies and no word why.
+pub fn to_json_lines<'a>(
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> Result<String, serde_json::Error> {
     let mut out = String::new();
     for event in events {
-        // An AuditEvent always serialises; skip rather than panic if it ever did not.
-        if let Ok(line) = serde_json::to_string(event) {
-            out.push_str(&line);
-            out.push('\n');
-        }
+        out.push_str(&serde_json::to_string(event)?);
+        out.push('\n');
     }
-    out
+    Ok(out)
 }
 
 /// The timestamp as the table shows it: `2024-11-06 10:15:03 AM UTC`.
