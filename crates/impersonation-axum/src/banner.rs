@@ -305,12 +305,13 @@ fn prescanned_charset(html: &[u8]) -> Option<String> {
 /// Whether a page read in the charset its `<meta>` names keeps ASCII as
 /// ASCII: as [`crate::layer::keeps_ascii`], except that a UTF-16 label
 /// there is read as UTF-8 (HTML's prescan: bytes that spell out a meta
-/// tag are not UTF-16).
+/// tag are not UTF-16), and a label browsers do not know is ignored, as
+/// they ignore it (the page is read in their default, which keeps ASCII).
 fn meta_keeps_ascii(label: &str) -> bool {
     match encoding_rs::Encoding::for_label(label.as_bytes()) {
         Some(e) if e == encoding_rs::UTF_16BE || e == encoding_rs::UTF_16LE => true,
         Some(e) => e.is_ascii_compatible(),
-        None => false,
+        None => true,
     }
 }
 

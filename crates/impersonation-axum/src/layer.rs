@@ -1203,12 +1203,22 @@ fn charset_of<'a>(mut params: impl Iterator<Item = &'a str>) -> Option<String> {
     })
 }
 
-/// Whether the response's `Content-Type` names a charset.
+/// The encoding a `Content-Type`'s parameters name, if they name one a
+/// browser knows: a label it does not know (`utf8mb4`, an empty one) it
+/// ignores, as if none were given (HTML's "determining the character
+/// encoding"), and reads the page's `<meta>` instead.
+fn known_charset_of<'a>(
+    params: impl Iterator<Item = &'a str>,
+) -> Option<&'static encoding_rs::Encoding> {
+    charset_of(params).and_then(|label| encoding_rs::Encoding::for_label(label.as_bytes()))
+}
+
+/// Whether the response's `Content-Type` names a charset a browser knows.
 fn has_charset(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| charset_of(t.split(';').skip(1)).is_some())
+        .is_some_and(|t| known_charset_of(t.split(';').skip(1)).is_some())
 }
 
 /// The banner's markup for a page of `markup` (in HTML, a form the page
@@ -1292,7 +1302,7 @@ fn page_kind(res: &Response) -> Page {
     {
         return Page::Other;
     }
-    let wide = charset_of(params).is_some_and(|c| !keeps_ascii(&c));
+    let wide = known_charset_of(params).is_some_and(|e| !e.is_ascii_compatible());
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
         !v.to_str()
             .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
@@ -1314,7 +1324,9 @@ fn page_kind(res: &Response) -> Page {
 /// the ISO 8859 and Windows code pages, KOI8, the Mac ones, and the CJK
 /// encodings, whose trailing bytes never fall on `<`). Not UTF-16, not
 /// ISO-2022-JP, which switches modes inside the page, and not the
-/// "replacement" encoding; an unknown label counts as not.
+/// "replacement" encoding; an unknown label counts as not (an XML
+/// declaration's: a `Content-Type`'s or a `<meta>`'s unknown label is
+/// ignored, as browsers ignore it).
 pub(crate) fn keeps_ascii(label: &str) -> bool {
     encoding_rs::Encoding::for_label(label.as_bytes()).is_some_and(|e| e.is_ascii_compatible())
 }

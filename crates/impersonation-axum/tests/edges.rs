@@ -137,6 +137,29 @@ fn fixture(root: bool) -> Fx {
             "text/html; charset=ks_c_5601-1987",
             b"<html><body>\xb0\xa1</body></html>",
         ),
+        // A label browsers do not know, in the header or a `<meta>`, or
+        // an empty one, is ignored as they ignore it: the page is read in
+        // their default (or its `<meta>`'s charset, then).
+        (
+            "/unknown-label",
+            "text/html; charset=utf8mb4",
+            b"<html><body>unknown</body></html>",
+        ),
+        (
+            "/empty-label",
+            "text/html; charset=",
+            b"<html><body>empty</body></html>",
+        ),
+        (
+            "/meta-unknown",
+            "text/html",
+            b"<html><head><meta charset=\"x-no-such\"></head><body>plain</body></html>",
+        ),
+        (
+            "/unknown-label-meta-iso-2022-jp",
+            "text/html; charset=utf8mb4",
+            b"<html><head><meta charset=\"ISO-2022-JP\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
         // The header's charset is the page's, whatever a `<meta>` says.
         (
             "/header-over-meta",
@@ -339,6 +362,13 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
             b"</body></html>",
         ),
         ("/korean", b"<html><body>\xb0\xa1", b"</body></html>"),
+        ("/unknown-label", b"<html><body>unknown", b"</body></html>"),
+        ("/empty-label", b"<html><body>empty", b"</body></html>"),
+        (
+            "/meta-unknown",
+            b"<html><head><meta charset=\"x-no-such\"></head><body>plain",
+            b"</body></html>",
+        ),
     ] {
         let page = send(&f.app, get_as("sam", uri, Some(&secret)), Body::empty()).await;
         assert_eq!(page.status, StatusCode::OK, "{uri}");
@@ -364,7 +394,11 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
     // UTF-32 one (by its mark)
     // and an ISO-2022 one, by its header or its `<meta>` (the banner
     // cannot go in; the log says so), a download, a part of a page.
-    let cases: [(&str, &[u8]); 10] = [
+    let cases: [(&str, &[u8]); 11] = [
+        (
+            "/unknown-label-meta-iso-2022-jp",
+            b"<html><head><meta charset=\"ISO-2022-JP\"></head><body>\x1b$B$3\x1b(B</body></html>",
+        ),
         (
             "/gzip",
             &[
@@ -406,7 +440,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 19);
+    assert_eq!(accesses, 2 + 10 + 11);
 }
 
 #[tokio::test]
