@@ -358,6 +358,18 @@ async fn stop(req: Request) -> Response {
         Ok(Form(fields)) => StopForm::from_fields(fields),
         Err(rejection) => return form_refused(&rejection, "expected a form"),
     };
+    // No session cookie: nothing to stop (the browser let go of it; or a
+    // request of the page's own, a poll say, reached the layer after the
+    // session ended, and its answer cleared the cookie and replaced the
+    // token the banner's form carries). The agent is sent on as for a
+    // stop; as for sign-out, the same-site check alone serves: nothing is
+    // done.
+    if state.secret.is_none() {
+        if !check.same_site() {
+            return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
+        }
+        return no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
+    }
     // A banner left open on a session that has ended since: its form
     // carries the token pages had under that session (bound to it), which
     // the cookie's session, dead, no longer gives this request.
@@ -368,11 +380,6 @@ async fn stop(req: Request) -> Response {
             .is_some_and(|secret| check.verify_bound(&form.csrf, secret.hash()));
     if !check.verify(&form.csrf) && !banner_of_ended {
         return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
-    }
-    // No session cookie: nothing to stop (the browser let go of it), and
-    // the agent is sent on as for a stop.
-    if state.secret.is_none() {
-        return no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
     }
     // From here the service audits the outcome (the end, or a refusal).
     state.audited.store(true, Ordering::SeqCst);

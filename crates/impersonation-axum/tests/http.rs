@@ -1412,10 +1412,27 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
     assert_eq!(reply.body, "saved for olive");
 
     // Olive's form, posted after the stop: refused. (The SDK's own routes
-    // say why in words a person can act on.)
+    // say why in words a person can act on; a stale Stop has nothing left
+    // to stop, and only sends the agent on.)
     sam.stop().await;
     assert_ne!(sam.csrf(), olives_form);
     assert_ne!(sam.csrf(), during);
+    let stale_start = sam
+        .send(
+            Method::POST,
+            "/impersonation/start",
+            Some(format!(
+                "target=olive&reason=Customer+cannot+see+bookings&csrf={olives_form}"
+            )),
+            &[("origin", "https://app.example")],
+        )
+        .await;
+    assert_eq!(stale_start.status, StatusCode::FORBIDDEN);
+    assert!(
+        stale_start.body.contains("out of date"),
+        "{}",
+        stale_start.body
+    );
     let stale_stop = sam
         .send(
             Method::POST,
@@ -1424,9 +1441,9 @@ async fn a_form_from_before_an_identity_change_does_not_post_as_the_new_identity
             &[("origin", "https://app.example")],
         )
         .await;
-    assert_eq!(stale_stop.status, StatusCode::FORBIDDEN);
-    assert!(
-        stale_stop.body.contains("out of date"),
+    assert_eq!(
+        stale_stop.status,
+        StatusCode::SEE_OTHER,
         "{}",
         stale_stop.body
     );
@@ -1875,6 +1892,76 @@ async fn stopping_a_session_that_has_ended_lets_the_browser_go_of_it() {
     assert_eq!(sam.secret(), None);
     let end = events(&f).await.pop().unwrap();
     assert_eq!(end.details.get("reason"), Some("idle_timeout"));
+}
+
+/// As above, but a request of the page's own (a poll, say) reached the
+/// layer between the end and the click: its answer let go of the session
+/// cookie and replaced the CSRF cookie, so the banner's token matches
+/// neither. Nothing is left to stop, and the agent is sent on all the
+/// same, not told the form is out of date. From another site, refused.
+#[tokio::test]
+async fn stopping_after_a_poll_let_go_of_the_ended_session_lets_the_browser_go() {
+    let (f, mut sam) = sam_on_olive().await;
+    let banner = sam.page_token().await;
+    let csrf_before = sam.csrf();
+    f.clock.advance(Duration::minutes(20));
+    sam.get("/").await;
+    assert_eq!(sam.secret(), None, "the poll's answer let go of it");
+    assert_ne!(sam.csrf(), csrf_before, "and replaced the token");
+    let from_elsewhere = sam
+        .send(
+            Method::POST,
+            "/impersonation/stop",
+            Some(format!("csrf={banner}")),
+            &[
+                ("origin", "https://evil.example"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+        )
+        .await;
+    assert_eq!(from_elsewhere.status, StatusCode::FORBIDDEN);
+    let stopped = sam.stop_with(&banner).await;
+    assert_eq!(stopped.status, StatusCode::SEE_OTHER, "{}", stopped.body);
+    assert_eq!(stopped.headers[header::CACHE_CONTROL], "no-store");
+    let ends = events(&f)
+        .await
+        .iter()
+        .filter(|e| e.action == AuditAction::SessionEnded)
+        .count();
+    assert_eq!(ends, 1, "the idle end, once");
+}
+
+/// Another agent's browser holding Sam's session cookie (copied, say)
+/// posts the banner's Stop with a token of its own pages: refused, on the
+/// trail, and Sam's session goes on.
+#[tokio::test]
+async fn a_browser_stop_by_another_agent_with_the_sessions_cookie_is_refused() {
+    let (f, mut sam) = sam_on_olive().await;
+    let cookie = sam.secret().unwrap();
+    let mut kim = Browser::new(&f, "kim");
+    kim.get("/").await;
+    kim.cookies.insert("__Host-impersonation".into(), cookie);
+    let token = kim.page_token().await;
+    let refused = kim.stop_with(&token).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert!(
+        events(&f)
+            .await
+            .iter()
+            .any(|e| e.details.get("denial") == Some("not_session_agent")),
+        "the attempt is on the trail"
+    );
+    assert!(
+        sam.get("/").await.body.contains("impersonation-banner"),
+        "the session goes on"
+    );
+    assert!(
+        !events(&f)
+            .await
+            .iter()
+            .any(|e| e.action == AuditAction::SessionEnded),
+        "no end"
+    );
 }
 
 #[tokio::test]
