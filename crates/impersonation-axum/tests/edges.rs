@@ -1314,8 +1314,10 @@ async fn an_upgrade_is_a_change() {
         start.read_only = read_only;
         let (app, req) =
             one_route_in(&store, axum::routing::get(|| async { "upgraded" }), start).await;
+        let before = all_events(store.inner(), AuditQuery::default()).await.len();
         let reply = send(&app, upgrade_of(&req, "websocket"), Body::empty()).await;
         let events = all_events(store.inner(), AuditQuery::default()).await;
+        assert_eq!(events.len(), before + 1, "one record of the request");
         let last = events.last().unwrap();
         if read_only {
             assert_eq!(reply.status, StatusCode::FORBIDDEN);
@@ -1455,8 +1457,10 @@ async fn an_h2c_upgrade_offer_is_no_change() {
     let mut start = StartRequest::new(UserId::new("olive").unwrap(), "Olive's bookings");
     start.read_only = true;
     let (app, req) = one_route_in(&store, axum::routing::get(|| async { "read" }), start).await;
+    let before = all_events(store.inner(), AuditQuery::default()).await.len();
     let reply = send(&app, upgrade_of(&req, "h2c"), Body::empty()).await;
     assert_eq!(reply.status, StatusCode::OK);
     let events = all_events(store.inner(), AuditQuery::default()).await;
+    assert_eq!(events.len(), before + 1, "one record of the request");
     assert_eq!(events.last().unwrap().action, AuditAction::Access);
 }
