@@ -22,10 +22,10 @@ use std::future::Future;
 
 use impersonation_core::{
     Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Consent, Context,
-    Denial, EndReason, Error, Grant, Impersonation, Initiator, LiveFilter, ManualClock,
+    Denial, EndReason, Error, Grant, Impersonation, Initiator, LiveFilter, MASK_CHAR, ManualClock,
     MemoryDirectory, Permission, Policy, Principal, RelationKind, Relationship, Requester,
-    SessionId, SessionSecret, SessionState, ShadowUser, ShadowValue, StartRequest, Store,
-    verify_chain,
+    SessionId, SessionSecret, SessionState, ShadowUser, ShadowValue, StartRequest, Store, TenantId,
+    TenantScope, verify_chain,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
@@ -92,7 +92,8 @@ impl ReasonKind {
 /// One step. Agents are 0 (support for tenant t1 only), 1 (support for every
 /// tenant) and 2 (the lead: every tenant, and the admin permission).
 /// Targets are 0 (t1 owner), 1 (t1 staff), 2 (t2 owner), 3 (t1 user holding
-/// a permission no agent has), 4 (t1 admin), 5 (the lead), 6 (the agent itself).
+/// a permission no agent has), 4 (t1 admin), 5 (the lead), 6 (the agent itself),
+/// 7 (a t1 partner whose relationship reaches t2 too: beyond agent 0's reach).
 /// New kinds of step come as the model grows: match with a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -205,7 +206,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(ReasonKind::TooLong),
     ];
     prop_oneof![
-        6 => (agent.clone(), 0..7_usize, reason, prop::bool::weighted(0.1))
+        6 => (agent.clone(), 0..8_usize, reason, prop::bool::weighted(0.1))
             .prop_map(|(agent, target, reason, nested)| Op::Start { agent, target, reason, nested }),
         6 => agent.clone().prop_map(|agent| Op::Resolve { agent }),
         4 => (agent.clone(), any::<bool>()).prop_map(|(agent, modification)| Op::Record { agent, modification }),
@@ -306,6 +307,16 @@ impl<S: Store> Case<S> {
             .with_permission("bookings:read");
         let mut staff = world.customer(1, "t1");
         staff.permissions = [Permission::new("bookings:read")].into();
+        // A partner of t1 whose company manages t2 as well: the shadow
+        // user would carry that relationship, so only an agent who reaches
+        // t2 too may impersonate them.
+        let mut partner = world.customer(7, "t1");
+        partner.relationships.push(Relationship::new(
+            RelationKind::Partner,
+            "partner-t1-t2",
+            "Partner (t1, t2)",
+            [t1.clone(), t2],
+        ));
         let targets = vec![
             world.customer(0, "t1"),
             staff,
@@ -313,8 +324,8 @@ impl<S: Store> Case<S> {
             escalated,
             admin,
             lead.clone(),
+            partner,
         ];
-        let _ = t2;
         let directory = MemoryDirectory::new();
         for p in [&agent0, &agent1, &lead].into_iter().chain(targets.iter()) {
             directory.insert(p.clone());
@@ -360,10 +371,10 @@ impl<S: Store> Case<S> {
     }
 
     fn target(&self, agent: usize, n: usize) -> Principal {
-        if n == 6 {
-            self.agent(agent)
-        } else {
-            self.targets[n].clone()
+        match n {
+            6 => self.agent(agent),
+            7 => self.targets[6].clone(),
+            n => self.targets[n].clone(),
         }
     }
 
@@ -378,7 +389,7 @@ impl<S: Store> Case<S> {
             4 => Some(Denial::ProtectedRole),
             5 => Some(Denial::TargetIsAgent),
             3 => Some(Denial::Escalation),
-            2 if agent == 0 => Some(Denial::TenantBoundary),
+            2 | 7 if agent == 0 => Some(Denial::TenantBoundary),
             _ => None,
         };
         pair.or(reason.denial()).or_else(|| {
@@ -586,12 +597,34 @@ impl<S: Store> Case<S> {
         match (result, expected) {
             (Ok(started), None) => {
                 let s = &started.session;
-                let covered = target_principal.tenant == principal.tenant
-                    || principal
-                        .relationships
-                        .iter()
-                        .any(|r| r.scope.covers(&target_principal.tenant));
-                prop_assert!(covered, "a tenant was crossed without a relationship");
+                // Only a support or partner relationship crosses tenants
+                // (a company one does not), and the shadow user's
+                // relationships reach no tenant the agent cannot.
+                let crossing: Vec<&Relationship> = principal
+                    .relationships
+                    .iter()
+                    .filter(|r| matches!(r.kind, RelationKind::Support | RelationKind::Partner))
+                    .collect();
+                let reaches = |tenant: &TenantId| {
+                    *tenant == principal.tenant || crossing.iter().any(|r| r.scope.covers(tenant))
+                };
+                prop_assert!(
+                    reaches(&target_principal.tenant),
+                    "a tenant was crossed without a relationship"
+                );
+                for r in &target_principal.relationships {
+                    let within = match &r.scope {
+                        TenantScope::Tenants(tenants) => tenants.iter().all(reaches),
+                        TenantScope::AllTenants => {
+                            crossing.iter().any(|c| c.scope == TenantScope::AllTenants)
+                        }
+                    };
+                    prop_assert!(
+                        within,
+                        "the shadow user's relationship {} reaches beyond the agent",
+                        r.id
+                    );
+                }
                 check_shadow(&s.shadow, &target_principal, &s.grant, &self.world)?;
                 prop_assert_eq!(&s.agent.id, &principal.id);
                 let state = if self.consent {
@@ -670,7 +703,7 @@ impl<S: Store> Case<S> {
                     &self.agents[agent].id,
                     "the real agent is bound to the session"
                 );
-                prop_assert_eq!(ctx.subject(), &self.targets[model.subject].id);
+                prop_assert_eq!(ctx.subject(), &self.target(agent, model.subject).id);
                 let stored = self
                     .service
                     .store()
@@ -1007,6 +1040,19 @@ impl<S: Store> Case<S> {
     }
 }
 
+/// Permission families no shadow user holds under the testkit's policy
+/// (the default deny list), written here rather than read from the policy
+/// under test: a deny list that lost one would still pass a check against
+/// itself.
+const NEVER_PROJECTED: [&str; 6] = [
+    "billing:",
+    "password:",
+    "credentials:",
+    "mfa:",
+    "export:",
+    "impersonation:",
+];
+
 /// Invariant 6: what a shadow user may hold.
 fn check_shadow(
     shadow: &ShadowUser,
@@ -1018,11 +1064,20 @@ fn check_shadow(
         let original = target.attributes.get(name);
         match (world.rules.rule_for(name), value) {
             (AttributeRule::Copy, ShadowValue::Copied(v)) => prop_assert_eq!(Some(v), original),
-            (AttributeRule::Mask(_), ShadowValue::Masked(m)) => {
+            (AttributeRule::Mask(mask), ShadowValue::Masked(m)) => {
                 if let Some(serde_json::Value::String(o)) = original {
                     prop_assert!(
                         m != o && !m.contains(o.as_str()),
                         "masked value reveals the original"
+                    );
+                    // What shows is at most the rule's last characters of
+                    // the original, nothing else.
+                    let shown: String = m.chars().filter(|c| *c != MASK_CHAR).collect();
+                    prop_assert!(
+                        shown.chars().count() <= mask.keep_last && o.ends_with(shown.as_str()),
+                        "masked value {} shows more than the last {} of the original",
+                        m,
+                        mask.keep_last
                     );
                 }
             }
@@ -1044,6 +1099,13 @@ fn check_shadow(
         }
     }
     for permission in shadow.permissions() {
+        prop_assert!(
+            !NEVER_PROJECTED
+                .iter()
+                .any(|family| permission.as_str().starts_with(family)),
+            "sensitive permission {} in the shadow user",
+            permission
+        );
         prop_assert!(
             target.permissions.contains(permission),
             "{} not held by the target",
