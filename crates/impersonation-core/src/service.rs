@@ -1908,6 +1908,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// ended as it lapsed), so the caller goes on only
     /// if this succeeds. For an activity that has already happened, call
     /// [`Impersonation::record_completed`].
+    ///
+    /// It does not ask the directory again: the agent's permission is
+    /// re-checked when a request resolves the session. A context kept past
+    /// its request (a socket's handler, a job) is not re-checked by
+    /// recording with it; call [`Impersonation::check_session`] as often as
+    /// a revoked permission must take effect (the Axum binding's watch of a
+    /// stream or socket does every 5 s).
     pub async fn record(
         &self,
         ctx: &Context,
