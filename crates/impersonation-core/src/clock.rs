@@ -58,10 +58,12 @@ impl ManualClock {
         }
     }
 
-    /// Moves the clock forward (or back, with a negative duration).
+    /// Moves the clock forward (or back, with a negative duration); past
+    /// the range `time` holds, it stops at its end, as the service's own
+    /// time arithmetic saturates.
     pub fn advance(&self, by: Duration) {
         let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now += by;
+        *now = now.saturating_add(by);
     }
 
     /// Sets the clock.
@@ -73,5 +75,23 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Clock, ManualClock};
+    use time::{Duration, OffsetDateTime, PrimitiveDateTime};
+
+    /// A test that moves the clock past the end of time gets the end of
+    /// time, not a panic.
+    #[test]
+    fn a_manual_clock_stops_at_the_ends_of_time() {
+        let clock = ManualClock::new(OffsetDateTime::UNIX_EPOCH);
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now(), PrimitiveDateTime::MAX.assume_utc());
+        clock.advance(Duration::MIN);
+        clock.advance(Duration::MIN);
+        assert_eq!(clock.now(), PrimitiveDateTime::MIN.assume_utc());
     }
 }
