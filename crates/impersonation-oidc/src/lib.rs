@@ -15,7 +15,8 @@
 //!   no later than the session's end. No refresh token. Refusals are RFC
 //!   6749 §5.2 errors, a policy refusal with the core's denial code. It
 //!   publishes its discovery document and JWKS, and rotates keys
-//!   ([`KeyRing`]: two keys live, `kid` chosen).
+//!   ([`KeyRing`]: two keys live, three while the next is announced
+//!   ahead of signing, `kid` chosen).
 //! * [`TokenVerifier`]: for resource servers. Checks the signature (by
 //!   `kid`, RS256 only), `iss`, `aud`, `exp`, `nbf`, `iat` and a lifetime
 //!   bound, reads the top-level claims and the current actor, then resolves
