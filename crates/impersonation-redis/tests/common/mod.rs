@@ -25,6 +25,29 @@ pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The members of the set at `key`, on the single server or the cluster
+/// (read as Redis holds it, not through the store, whose listing skips
+/// stale entries).
+#[allow(dead_code)] // not every test binary reads a set
+pub(crate) async fn set_members(on_cluster: bool, key: &str) -> Vec<String> {
+    let mut smembers = redis::cmd("SMEMBERS");
+    smembers.arg(key);
+    if on_cluster {
+        let client = redis::cluster::ClusterClient::new(
+            CLUSTER
+                .trim_start_matches("redis+cluster://")
+                .split(',')
+                .map(|node| format!("redis://{node}"))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut conn = client.get_async_connection().await.unwrap();
+        smembers.query_async(&mut conn).await.unwrap()
+    } else {
+        smembers.query_async(&mut raw(SINGLE).await).await.unwrap()
+    }
+}
+
 /// The prefix of the keys of `chain`'s agent in namespace `ns`
 /// (`ns:{<route>}:a:<agent>`, as keys.rs lays them out), for a test that
 /// reads or damages them: `:head`, `:chain`, `:live`.
