@@ -40,6 +40,9 @@ end
 local function marker(k)
   local v = redis.pcall('GET', k)
   if (type(v) == 'table' and v.err) or v == '' then return 'damaged' end
+  -- A string that is no session id (a UUID) is damage too: an end whose
+  -- marker it is deletes it, as it does any damaged one.
+  if v and not string.match(v, '^%x+%-%x+%-%x+%-%x+%-%x+$') then return 'damaged' end
   return v
 end
 local function head_is(k, seq, hash)

@@ -610,6 +610,39 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
 }
 
+/// An agent's live-session marker that holds a string naming no session
+/// (damage) while the session lives: the session's end takes the marker
+/// with it, as it takes one of another type, and the next start goes
+/// ahead at once (before, it met the marker: a refusal on the trail
+/// naming no live session, and a 503 to try again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_takes_a_live_marker_naming_no_session_with_it() {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    let mut raw = common::raw(common::SINGLE).await;
+    let _: () = redis::cmd("SET")
+        .arg(&marker_key)
+        .arg("not a session id")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    stopped_by_its_agent(&store, &session).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&marker_key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    let before = whole_chain(&store, &session.chain()).await.len();
+    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let after = whole_chain(&store, &session.chain()).await;
+    assert_eq!(after.len(), before + 1, "the start's event alone");
+}
+
 /// A start that meets the agent's live marker set to `value` (damage):
 /// refused for the agent's live `session`, the marker naming it again;
 /// with no session live, the marker cleared (a 503: try again), and the
