@@ -1003,17 +1003,42 @@ impl RedisStore {
     /// Appends one chain's share of a batch with one script call (more only
     /// if a guard refuses or another process moves the head). `items` carry
     /// their positions in the batch; each draft is sealed once, and only
-    /// resealed (its place and hash) when a retry finds another head.
+    /// resealed (its place and hash) when a retry finds another head. Each
+    /// position gets its result: a guard's refusal stands even if a later
+    /// attempt for the rest fails (the service records a change refused for
+    /// its ended session after the end, which an outage would not let it),
+    /// and the rest share that failure.
     async fn append_chain(
         &self,
         chain: &ChainKey,
         items: Vec<(usize, AuditDraft, AppendGuard)>,
-    ) -> Result<Vec<(usize, Result<AuditEvent, StoreError>)>, StoreError> {
+    ) -> Vec<(usize, Result<AuditEvent, StoreError>)> {
+        let positions: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
+        let mut done = Vec::with_capacity(items.len());
+        if let Err(e) = self.append_chain_deciding(chain, items, &mut done).await {
+            let decided: std::collections::HashSet<usize> = done.iter().map(|(i, _)| *i).collect();
+            done.extend(
+                positions
+                    .into_iter()
+                    .filter(|i| !decided.contains(i))
+                    .map(|i| (i, Err(e.clone()))),
+            );
+        }
+        done
+    }
+
+    /// [`Self::append_chain`]'s attempts, each position's result put in
+    /// `done` once decided.
+    async fn append_chain_deciding(
+        &self,
+        chain: &ChainKey,
+        items: Vec<(usize, AuditDraft, AppendGuard)>,
+        done: &mut Vec<(usize, Result<AuditEvent, StoreError>)>,
+    ) -> Result<(), StoreError> {
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let slot = Slot::of_chain(&self.ns, chain);
-        let mut done = Vec::with_capacity(items.len());
         let cache = self.chain_cache(chain);
         let mut cached = cache.lock().await;
         let mut drafts = Some(items);
@@ -1118,7 +1143,7 @@ impl RedisStore {
                     drop(cached);
                     after_commit("the events' views", indexed);
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
-                    return Ok(done);
+                    return Ok(());
                 }
                 Some("refused") => {
                     *cached = Some(head);
@@ -1155,7 +1180,7 @@ impl RedisStore {
                         let stale: Vec<&AuditEvent> = unwritten.iter().collect();
                         self.take_back_views("a refused batch's views", self.view_entries(&stale))
                             .await;
-                        return Ok(done);
+                        return Ok(());
                     }
                 }
                 other => return Err(corrupt("append reply", format!("{other:?}"))),
@@ -1726,26 +1751,14 @@ impl RedisStore {
                 .or_default()
                 .push((i, draft, guard));
         }
-        let writes = by_chain.into_iter().map(|(chain, items)| async move {
-            let positions: Vec<usize> = items.iter().map(|(i, _, _)| *i).collect();
-            self.append_chain(&chain, items)
-                .await
-                .map_err(|e| (positions, e))
-        });
+        let writes = by_chain
+            .into_iter()
+            .map(|(chain, items)| async move { self.append_chain(&chain, items).await });
         let mut results: Vec<Option<Result<AuditEvent, StoreError>>> =
             (0..n).map(|_| None).collect();
-        for outcome in join_all(writes).await {
-            match outcome {
-                Ok(done) => {
-                    for (i, result) in done {
-                        results[i] = Some(result);
-                    }
-                }
-                Err((positions, e)) => {
-                    for i in positions {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                }
+        for done in join_all(writes).await {
+            for (i, result) in done {
+                results[i] = Some(result);
             }
         }
         results
@@ -1778,7 +1791,7 @@ impl Store for RedisStore {
         // A batch of one: the same script, guard and retry as a batch.
         self.detached(|store| async move {
             let chain = draft.chain.clone();
-            let done = store.append_chain(&chain, vec![(0, draft, guard)]).await?;
+            let done = store.append_chain(&chain, vec![(0, draft, guard)]).await;
             match done.into_iter().next() {
                 Some((_, result)) => result,
                 None => Err(corrupt("append", "the event got no result")),

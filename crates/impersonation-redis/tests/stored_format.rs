@@ -746,3 +746,52 @@ async fn a_damaged_live_marker_still_lists_the_agents_session() {
     // session, and the marker names it again; with none live, cleared.
     a_start_repairs_a_damaged_marker(&store, &w, &session, &marker_key, "not a session id").await;
 }
+
+/// A batch whose later attempt fails (here the chain's stream is damaged,
+/// so writing the events kept after a refusal errs) still answers the
+/// refusal it decided first: the change refused for its ended session
+/// gets `SessionNotActive`, on which the service records it after the
+/// end, and only the rest gets the failure. (Before, the whole chain's
+/// share got the failure.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_decided_before_a_failed_attempt_stands() {
+    use impersonation_core::StoreError;
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (first, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    stopped_by_its_agent(&store, &first).await;
+    let (second, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let stream = format!("{}:chain", common::agent_keys(&ns, &first.chain()));
+    let mut raw = common::raw(common::SINGLE).await;
+    let damage = redis::pipe()
+        .cmd("DEL")
+        .arg(&stream)
+        .cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .clone();
+    let _: () = damage.query_async(&mut raw).await.unwrap();
+    let access = |s: &impersonation_core::Session| {
+        s.draft(
+            epoch(),
+            AuditAction::Access,
+            Actor::user(agent.id.clone(), "Agent 1"),
+        )
+    };
+    let results = store
+        .append_batch(vec![
+            (access(&first), AppendGuard::SessionActive(first.id)),
+            (access(&second), AppendGuard::SessionActive(second.id)),
+        ])
+        .await;
+    assert!(
+        matches!(&results[0], Err(StoreError::SessionNotActive(id)) if *id == first.id),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[1], Err(e) if !matches!(e, StoreError::SessionNotActive(_))),
+        "{results:?}"
+    );
+}
