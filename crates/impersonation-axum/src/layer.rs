@@ -979,7 +979,12 @@ where
                             quiet: settings.stream_check,
                         };
                         match AssertUnwindSafe(with_banner(
-                            res, &banner, &stop, markup, route, read,
+                            res,
+                            &banner,
+                            &stop,
+                            markup,
+                            (route, c.session()),
+                            read,
                         ))
                         .catch_unwind()
                         .await
@@ -1000,6 +1005,7 @@ where
                     Page::BannerCannotGoIn(why) => {
                         tracing::warn!(
                             route,
+                            session = %c.session(),
                             why,
                             "an impersonated HTML page is served without the banner"
                         );
@@ -1037,7 +1043,7 @@ where
                     // audit write refused this read, so its answer, from
                     // a session that is over, is withheld.
                     Some(Err(e)) if !is_change => {
-                        tracing::warn!(error = %e, "session ended; withholding an impersonated read");
+                        tracing::warn!(error = %e, route, session = %c.session(), "session ended; withholding an impersonated read");
                         state.found_over();
                         let mut res = session_ended(!cookie_session);
                         if cookie_session {
@@ -1060,7 +1066,7 @@ where
                     // end meanwhile: the change is made and on the trail
                     // (after the end); its answer goes out as it began.
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "session ended during an impersonated change");
+                        tracing::warn!(error = %e, route, session = %c.session(), "session ended during an impersonated change");
                         session_over = true;
                         state.found_over();
                     }
@@ -1409,18 +1415,20 @@ fn with_trailers(bytes: axum::body::Bytes, mut trailers: Option<HeaderMap>, chan
 /// (larger than [`MAX_BANNER_BODY`], still coming after
 /// [`MAX_BANNER_READ_TIME`], or its body failed), a 401 when its session
 /// ended while it was read: a page under impersonation is not served
-/// without its banner.
+/// without its banner. Its log lines name the route and the session
+/// (`at`), as the request's own do.
 async fn with_banner<W>(
     res: Response,
     banner: &str,
     stop: &[String],
     markup: Markup,
-    route: &str,
+    at: (&str, impersonation_core::SessionId),
     read: Reading<W>,
 ) -> Response
 where
     W: FnOnce() -> tokio::sync::oneshot::Receiver<()>,
 {
+    let (route, session) = at;
     let (mut parts, body) = res.into_parts();
     match read_page(body, read).await {
         Ok(collected) => {
@@ -1434,6 +1442,8 @@ where
                 || bytes.starts_with(&[0x00, 0x00, 0xFE, 0xFF])
             {
                 tracing::warn!(
+                    route,
+                    session = %session,
                     "an impersonated HTML page in UTF-16 or UTF-32 (byte-order mark) is served without the banner"
                 );
                 return Response::from_parts(parts, with_trailers(bytes, trailers, false));
@@ -1460,6 +1470,7 @@ where
                 Err(why) => {
                     tracing::warn!(
                         route,
+                        session = %session,
                         why,
                         "an impersonated HTML page is served without the banner"
                     );
@@ -1477,6 +1488,7 @@ where
         Err(Unread::SessionOver) => {
             tracing::warn!(
                 route,
+                session = %session,
                 "the impersonation session ended while its HTML page was read; withholding the page"
             );
             plain(StatusCode::UNAUTHORIZED, "impersonation session ended")
@@ -1484,6 +1496,7 @@ where
         Err(Unread::TooSlow) => {
             tracing::error!(
                 route,
+                session = %session,
                 limit_secs = MAX_BANNER_READ_TIME.as_secs(),
                 "an impersonated HTML page took too long to read for the banner; answering 500"
             );
@@ -1494,6 +1507,8 @@ where
         }
         Err(Unread::Failed(e)) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::error!(
+                route,
+                session = %session,
                 limit = MAX_BANNER_BODY,
                 "an impersonated HTML page is too large for the banner; answering 500"
             );
@@ -1503,7 +1518,7 @@ where
             )
         }
         Err(Unread::Failed(e)) => {
-            tracing::error!(error = %e, "an impersonated HTML page's body failed; answering 500");
+            tracing::error!(error = %e, route, session = %session, "an impersonated HTML page's body failed; answering 500");
             plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the page failed before the impersonation banner could be shown",

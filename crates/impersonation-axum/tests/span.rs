@@ -278,4 +278,14 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
         ],
         "{logged:?}"
     );
+    // Each names the session too, as the request's span does (a line
+    // logged once the handler has answered is outside that span).
+    let session = started.session.id.to_string();
+    assert!(
+        logged
+            .iter()
+            .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
+            .all(|e| e.get("session") == Some(&session)),
+        "{logged:?}"
+    );
 }
