@@ -1834,13 +1834,6 @@ impl Store for RedisStore {
             return Ok(None);
         }
         let slot = Slot::of_route(&self.ns, &secret.route);
-        let (now, coalesce) = match touch {
-            Some(t) => (
-                micros(t.now),
-                i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX),
-            ),
-            None => (0, -1),
-        };
         let prefix = slot.session_prefix();
         let mut inv = ScriptCall::new(
             &RESOLVE_SCRIPT,
@@ -1848,7 +1841,15 @@ impl Store for RedisStore {
             3,
             prefix.len() + 40,
         );
-        inv.arg(prefix).arg(now).arg(coalesce);
+        inv.arg(prefix);
+        // No coalescing window (empty) means no touch: any number, -1 µs
+        // included, is a window (`Touch::applies_to`).
+        match touch {
+            Some(t) => inv
+                .arg(micros(t.now))
+                .arg(i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX)),
+            None => inv.arg(0).arg(""),
+        };
         let mut conn = self.conn.clone();
         let reply: Option<Vec<Option<String>>> =
             inv.invoke(&mut conn).await.map_err(unavailable)?;

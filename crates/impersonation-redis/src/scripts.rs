@@ -180,7 +180,7 @@ return {'ok'}
 "#;
 
 /// The per-request lookup, one command. KEYS: secret key.
-/// ARGV: session key prefix (same slot), now µs, coalesce µs (-1: no touch).
+/// ARGV: session key prefix (same slot), now µs, coalesce µs (empty: no touch).
 /// Reply: nil (no session), `{'damaged', missing field names...}`,
 /// `{'malformed', names of fields that are not numbers...}`, or the
 /// fields the client decodes (`SESSION_FIELDS`).
@@ -206,7 +206,7 @@ for _, i in ipairs({3, 7, 8}) do
   if not string.match(s[i], '^%-?%d+$') then table.insert(bad, names[i]) end
 end
 if #bad > 1 then return bad end
-if ARGV[3] ~= '-1' then
+if ARGV[3] ~= '' then
   local now = tonumber(ARGV[2])
   local seen = tonumber(s[3])
   local idle = tonumber(s[8])

@@ -795,3 +795,33 @@ async fn a_refusal_decided_before_a_failed_attempt_stands() {
         "{results:?}"
     );
 }
+
+/// Any coalescing window is one, -1 µs included (a session last seen
+/// before `now` is touched, as `Touch::applies_to` says): the script's
+/// "no touch" is no window at all, not a number a caller could send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_of_any_window_is_written() {
+    let store = common::single().await;
+    let w = World::new();
+    for (agent, coalesce) in [(1, Duration::microseconds(-1)), (2, Duration::ZERO)] {
+        let (start, secret) = w.begin(&w.agent(agent), &w.customer(1, "t1"), epoch());
+        let (session, _) = must_start(&store, start).await;
+        let touch = impersonation_core::Touch {
+            now: epoch() + Duration::seconds(10),
+            coalesce,
+        };
+        assert!(touch.applies_to(&session));
+        store
+            .find_by_secret(&secret.lookup(), Some(touch))
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = store
+            .session(session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at;
+        assert_eq!(seen, touch.now, "coalescing {coalesce}");
+    }
+}
