@@ -364,20 +364,16 @@ async fn stop(req: Request) -> Response {
     // token the banner's form carries). The agent is sent on as for a
     // stop; as for sign-out, the same-site check alone serves: nothing is
     // done.
-    if state.secret.is_none() {
+    let Some(secret) = &state.secret else {
         if !check.same_site() {
             return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
         }
         return no_store(Redirect::to(&local(form.return_to.as_deref())).into_response());
-    }
+    };
     // A banner left open on a session that has ended since: its form
     // carries the token pages had under that session (bound to it), which
     // the cookie's session, dead, no longer gives this request.
-    let banner_of_ended = !live
-        && state
-            .secret
-            .as_ref()
-            .is_some_and(|secret| check.verify_bound(&form.csrf, secret.hash()));
+    let banner_of_ended = !live && check.verify_bound(&form.csrf, secret.hash());
     if !check.verify(&form.csrf) && !banner_of_ended {
         return text(StatusCode::FORBIDDEN, FORM_REFUSED.into());
     }
