@@ -690,21 +690,29 @@ fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     )
     .run()?;
     wait_for_port(5432)?;
+    match poll_psql(german) {
+        Ok(()) => Ok(
+            "database `test` reachable over TCP as postgres without password, messages in German on request (after a restart)",
+        ),
+        Err(last) => Err(anyhow!(
+            "PostgreSQL refuses `lc_messages = de_DE.UTF-8` even after a restart (is the {GERMAN_LOCALE} locale made? `locale -a`): {last}"
+        )),
+    }
+}
+
+/// Runs `check` (a `psql` call) until it passes, for up to 5 s: a server
+/// just reloaded or restarted takes a moment. The last refusal's stderr
+/// if it never does.
+fn poll_psql(check: impl Fn() -> Result<(), String>) -> Result<(), String> {
     let mut last = String::new();
     for _ in 0..20 {
-        match german() {
-            Ok(()) => {
-                return Ok(
-                    "database `test` reachable over TCP as postgres without password, messages in German on request (after a restart)",
-                );
-            }
+        match check() {
+            Ok(()) => return Ok(()),
             Err(stderr) => last = stderr,
         }
         sleep(Duration::from_millis(250));
     }
-    Err(anyhow!(
-        "PostgreSQL refuses `lc_messages = de_DE.UTF-8` even after a restart (is the {GERMAN_LOCALE} locale made? `locale -a`): {last}"
-    ))
+    Err(last)
 }
 
 /// Checks, and with `Repair::Yes` repairs, that database `test` is
@@ -770,17 +778,11 @@ fn postgres_login(sh: &Shell, repair: Repair) -> Result<&'static str> {
     }
     pg_reload(sh, &version)?;
     // A reload only signals the server: give it a moment to re-read.
-    let mut last = String::new();
-    for _ in 0..20 {
-        match tcp_select() {
-            Ok(_) => return Ok(OK),
-            Err(stderr) => last = stderr,
-        }
-        sleep(Duration::from_millis(250));
-    }
-    Err(anyhow!(
-        "`psql -h 127.0.0.1 -U postgres -d test` still fails after creating `test` and trusting 127.0.0.1 in {hba}: {last}"
-    ))
+    poll_psql(tcp_select).map(|()| OK).map_err(|last| {
+        anyhow!(
+            "`psql -h 127.0.0.1 -U postgres -d test` still fails after creating `test` and trusting 127.0.0.1 in {hba}: {last}"
+        )
+    })
 }
 
 // ------------------------------------------------------------------- MariaDB

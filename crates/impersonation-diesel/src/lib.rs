@@ -536,8 +536,8 @@ mod pg_setup {
         // connection with it. PostgreSQL's own default is to wait forever.
         let ms = super::whole_millis(lock_timeout);
         // The server's messages in English where the role may have them
-        // (`ENGLISH_MESSAGES`), and whether they are, in the same round
-        // trip as the lock timeout.
+        // (`ENGLISH_MESSAGES`), in the same round trip as the lock
+        // timeout; then whether they are, in a second (once a connection).
         conn.batch_execute(&format!("SET lock_timeout = '{ms}ms'; {ENGLISH_MESSAGES}"))
             .await
             .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
