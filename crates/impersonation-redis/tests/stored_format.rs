@@ -565,18 +565,58 @@ async fn stopped_by_its_agent<S: Store>(store: &S, session: &impersonation_core:
     store.transition(end).await.unwrap();
 }
 
+/// A store of its own where agent 1 impersonates customer 1, for the tests
+/// that damage the agent's live-session marker (`key`).
+struct LiveMarker {
+    store: impersonation_redis::RedisStore,
+    w: World,
+    agent: impersonation_core::Principal,
+    customer: impersonation_core::Principal,
+    session: impersonation_core::Session,
+    key: String,
+}
+
+async fn a_live_session_and_its_marker() -> LiveMarker {
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
+    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    LiveMarker {
+        store,
+        w,
+        agent,
+        customer,
+        session,
+        key,
+    }
+}
+
+/// Whether `key` exists on the single server.
+async fn exists(key: &str) -> bool {
+    let found: i64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut common::raw(common::SINGLE).await)
+        .await
+        .unwrap();
+    found == 1
+}
+
 /// An agent's live-session marker that holds no string at all (a hash,
 /// after a hand edit or a partial restore): the agent's session is still
 /// listed, a start is refused for it, its end goes through whole and
 /// takes the marker with it, and the next start goes ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
-    let ns = common::unique("imptest");
-    let store = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
-    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
+    let LiveMarker {
+        store,
+        w,
+        agent,
+        customer,
+        session,
+        key: marker_key,
+    } = a_live_session_and_its_marker().await;
     let mut raw = common::raw(common::SINGLE).await;
     let damage = redis::pipe()
         .cmd("DEL")
@@ -601,12 +641,7 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
     let _: () = damage.query_async(&mut raw).await.unwrap();
     let current = store.session(session.id).await.unwrap().unwrap();
     stopped_by_its_agent(&store, &current).await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(&marker_key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0);
+    assert!(!exists(&marker_key).await);
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
 }
 
@@ -617,26 +652,22 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
 /// naming no live session, and a 503 to try again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_takes_a_live_marker_naming_no_session_with_it() {
-    let ns = common::unique("imptest");
-    let store = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
-    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
-    let mut raw = common::raw(common::SINGLE).await;
+    let LiveMarker {
+        store,
+        w,
+        agent,
+        customer,
+        session,
+        key: marker_key,
+    } = a_live_session_and_its_marker().await;
     let _: () = redis::cmd("SET")
         .arg(&marker_key)
         .arg("not a session id")
-        .query_async(&mut raw)
+        .query_async(&mut common::raw(common::SINGLE).await)
         .await
         .unwrap();
     stopped_by_its_agent(&store, &session).await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(&marker_key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0);
+    assert!(!exists(&marker_key).await);
     let before = whole_chain(&store, &session.chain()).await.len();
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
     let after = whole_chain(&store, &session.chain()).await;
@@ -694,16 +725,8 @@ async fn a_start_repairs_a_damaged_marker(
 /// answer): a start meets it as a damaged one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_live_marker_is_a_damaged_one() {
-    let ns = common::unique("imptest");
-    let store = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let (session, _) = must_start(
-        &store,
-        w.begin(&w.agent(1), &w.customer(1, "t1"), epoch()).0,
-    )
-    .await;
-    let marker_key = format!("{}:live", common::agent_keys(&ns, &session.chain()));
-    a_start_repairs_a_damaged_marker(&store, &w, &session, &marker_key, "").await;
+    let m = a_live_session_and_its_marker().await;
+    a_start_repairs_a_damaged_marker(&m.store, &m.w, &m.session, &m.key, "").await;
 }
 
 /// An agent's live-session marker that names no session id (damage) does
@@ -711,14 +734,15 @@ async fn an_empty_live_marker_is_a_damaged_one() {
 /// all rests on: the agent's live session is found among all live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_live_marker_still_lists_the_agents_session() {
-    let ns = common::unique("imptest");
-    let store = common::store_at(common::SINGLE, &ns).await;
-    let w = World::new();
-    let (agent, customer) = (w.agent(1), w.customer(1, "t1"));
-    let (session, _) = must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+    let LiveMarker {
+        store,
+        w,
+        agent,
+        customer,
+        session,
+        key: marker_key,
+    } = a_live_session_and_its_marker().await;
     let (other, _) = must_start(&store, w.begin(&w.agent(2), &customer, epoch()).0).await;
-    let keys = common::agent_keys(&ns, &session.chain());
-    let marker_key = format!("{keys}:live");
     let damage = |key: String| async move {
         let mut raw = common::raw(common::SINGLE).await;
         let _: () = redis::cmd("SET")
