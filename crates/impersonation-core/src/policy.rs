@@ -440,12 +440,19 @@ impl Default for Policy {
 
 /// Permissions a shadow user never holds by default: billing, credentials,
 /// passwords, MFA, data export, and impersonation itself (no nesting).
+/// Each family in the singular and the plural where apps spell it both
+/// ways (`credential:rotate`, `credentials:read`); the patterns ignore
+/// case. An app whose names follow another scheme (`read_billing`,
+/// `billing.manage`) sets its own with [`Policy::denied_permissions`].
 pub const DEFAULT_DENIED: &[&str] = &[
     "billing:*",
     "password:*",
+    "passwords:*",
+    "credential:*",
     "credentials:*",
     "mfa:*",
     "export:*",
+    "exports:*",
     "impersonation:*",
 ];
 

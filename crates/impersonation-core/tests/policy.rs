@@ -714,6 +714,37 @@ fn denied_patterns_match_whatever_the_casing() {
     assert_eq!(held, ["Bookings:Read"]);
 }
 
+/// The default list holds each sensitive family however an app spells
+/// it, singular or plural: `credential:rotate` is as much a credential
+/// permission as `credentials:read`.
+#[test]
+fn default_denials_cover_singular_and_plural_families() {
+    use impersonation_core::ProjectionRules;
+
+    let sensitive = [
+        "billing:manage",
+        "password:change",
+        "passwords:reset",
+        "credential:rotate",
+        "credentials:read",
+        "mfa:reset",
+        "export:all",
+        "exports:csv",
+        "impersonation:start",
+    ];
+    let holder = Principal::new(UserId::new("olga").unwrap(), "Olga", tenant("pinewood"))
+        .with_permission("bookings:read")
+        .with_permissions(sensitive);
+    let agent = agent().with_permissions(sensitive);
+    let grant = Policy::default()
+        .allow_impersonating_agents()
+        .authorize(&agent, &holder, &request(&holder), PolicyContext::default())
+        .unwrap();
+    let shadow = ProjectionRules::new().project(&holder, &grant);
+    let held: Vec<&str> = shadow.permissions().iter().map(|p| p.as_str()).collect();
+    assert_eq!(held, ["bookings:read"]);
+}
+
 #[test]
 fn every_denial_has_a_unique_stable_code() {
     let codes: BTreeSet<&str> = Denial::ALL.iter().map(Denial::code).collect();
