@@ -141,7 +141,7 @@ fn decoded_sessions_print_no_stored_values() {
     let record = serde_json::to_string(start.session()).unwrap();
     let shadow = serde_json::to_string(&start.session().shadow).unwrap();
     assert!(shadow.contains("Europe/Lisbon"), "{shadow}");
-    assert!(shadow.contains("4242"), "{shadow}");
+    assert!(shadow.contains("9010"), "{shadow}");
     let cache = DecodedSessions::new();
     let decoded = cache.decode(secret.hash(), &record, &shadow).unwrap();
     assert_eq!(decoded.id, start.session().id);

@@ -44,7 +44,7 @@ fn customer(name: &str) -> Principal {
     let t = TenantId::new("pinewood").unwrap();
     Principal::new(id(name), format!("{name} owner"), t.clone())
         .with_permissions(["bookings:read", "bookings:write", "billing:manage"])
-        .with_attribute("card_number", "4242424242424242")
+        .with_attribute("card_number", "4000123456789010")
         .with_attribute("timezone", "Europe/Lisbon")
         .with_relationship(Relationship::new(
             RelationKind::Company,
@@ -191,7 +191,7 @@ async fn start_resolve_record_stop_audits_every_step() {
     assert_eq!(ctx.subject(), &id("olive"));
     assert_eq!(
         ctx.shadow().attribute("card_number"),
-        Some(&ShadowValue::Masked("••••••••••••4242".into()))
+        Some(&ShadowValue::Masked("••••••••••••9010".into()))
     );
     assert!(
         !ctx.shadow()

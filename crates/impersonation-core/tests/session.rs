@@ -32,7 +32,7 @@ fn customer() -> Principal {
             "export:csv",
         ])
         .with_attribute("timezone", "Europe/Lisbon")
-        .with_attribute("card_number", "4242424242424242")
+        .with_attribute("card_number", "4000123456789010")
         .with_attribute("pin", "1234")
         .with_attribute("email", "user123@example.com")
         .with_attribute("address", serde_json::json!({"city": "Porto"}))
@@ -309,14 +309,14 @@ fn copy_mask_redact_and_drop_each_apply() {
     );
     assert_eq!(
         shadow.attribute("card_number"),
-        Some(&ShadowValue::Masked("••••••••••••4242".into()))
+        Some(&ShadowValue::Masked("••••••••••••9010".into()))
     );
     assert_eq!(shadow.attribute("email"), Some(&ShadowValue::Redacted));
     assert_eq!(shadow.attribute("password_hash"), None);
     let json = serde_json::to_string(&shadow).unwrap();
     for secret in [
         "user123@example.com",
-        "4242424242424242",
+        "4000123456789010",
         "argon2id",
         "Porto",
     ] {

@@ -320,12 +320,9 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
     let consent = Policy::default().consent(impersonation_core::Consent::Required {
         timeout: Duration::minutes(10),
     });
-    let (pending, _) = must_start(
-        &store,
-        w.begin_with(&consent, &w.agent(2), &w.customer(1, "t1"), epoch())
-            .0,
-    )
-    .await;
+    let (pending_start, pending_secret) =
+        w.begin_with(&consent, &w.agent(2), &w.customer(1, "t1"), epoch());
+    let (pending, _) = must_start(&store, pending_start).await;
     let activate = pending
         .activate(Actor::System, epoch() + Duration::seconds(5))
         .unwrap();
@@ -351,12 +348,38 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
     }
     let now = store.session(pending.id).await.unwrap().unwrap();
     assert_eq!(
-        (now.state, now.version),
-        (SessionState::Active, active.version)
+        now, active,
+        "the activated record, as the transition wrote it"
     );
     // Requested and started, no more: neither stale change wrote its
     // event (a second start, an end of a live session).
     assert_eq!(assert_chain_verifies(&store, &pending.chain()).await, 2);
+    // The activation moved the expiry (from the consent window's end to
+    // the session's hour): a touch past the window's end applies, as a
+    // store that judged by the pending expiry would refuse it.
+    assert!(active.expires_at > pending.expires_at);
+    let past_window = pending.expires_at + Duration::minutes(1);
+    let found = store
+        .find_by_secret(
+            &pending_secret.lookup(),
+            Some(Touch {
+                now: past_window,
+                coalesce: Duration::ZERO,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found, Some(active.clone()), "as it was before the touch");
+    assert_eq!(
+        store
+            .session(pending.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_at,
+        past_window,
+        "touched past the consent window"
+    );
 }
 
 /// A transition on a session the store never saw is `SessionNotFound`, and writes nothing.
@@ -1606,6 +1629,11 @@ pub async fn find_by_secrets_answers_each_lookup_in_order<S: Store>(store: S) {
     let (_, unknown) = w.begin(&w.agent(3), &w.customer(1, "t1"), epoch());
     let (s1, _) = must_start(&store, start1).await;
     let (s2, _) = must_start(&store, start2).await;
+    let untouched = [
+        store.session(s2.id).await.unwrap(),
+        None,
+        store.session(s1.id).await.unwrap(),
+    ];
     let now = epoch() + Duration::seconds(30);
     let touch = Touch {
         now,
@@ -1617,11 +1645,9 @@ pub async fn find_by_secrets_answers_each_lookup_in_order<S: Store>(store: S) {
             Some(touch),
         )
         .await;
-    let ids: Vec<Option<_>> = found
-        .into_iter()
-        .map(|r| r.unwrap().map(|s| s.id))
-        .collect();
-    assert_eq!(ids, [Some(s2.id), None, Some(s1.id)]);
+    let found: Vec<Option<_>> = found.into_iter().map(|r| r.unwrap()).collect();
+    assert!(untouched[0].is_some() && untouched[2].is_some());
+    assert_eq!(found, untouched, "in order, as they were before the touch");
     for id in [s1.id, s2.id] {
         assert_eq!(
             store.session(id).await.unwrap().unwrap().last_seen_at,

@@ -250,6 +250,9 @@ struct Case<S: Store> {
     /// The revoke-alls of each agent's sessions so far: each is on record
     /// in the agent's chain, whether or not it ended a session.
     agent_revocations: [usize; 3],
+    /// The revoke-alls on each target so far, by index into `targets`:
+    /// each is on record in the customer's revocation chain.
+    subject_revocations: Vec<usize>,
     /// Latest session and secret of each agent.
     latest: BTreeMap<usize, (ModelSession, SessionSecret)>,
     /// Last context each agent resolved.
@@ -337,6 +340,7 @@ impl<S: Store> Case<S> {
                 timeout: CONSENT_WINDOW,
             });
         }
+        let target_count = targets.len();
         let service = Impersonation::new(store, directory.clone())
             .with_policy(policy)
             .with_projection(world.rules.clone())
@@ -351,6 +355,7 @@ impl<S: Store> Case<S> {
             targets,
             demoted: [false; 3],
             agent_revocations: [0; 3],
+            subject_revocations: vec![0; target_count],
             latest: BTreeMap::new(),
             contexts: BTreeMap::new(),
             reused: BTreeMap::new(),
@@ -459,6 +464,7 @@ impl<S: Store> Case<S> {
                     .revoke_all_for_subject(&subject, Initiator::System, "password changed")
                     .await
                     .map_err(|e| fail(format!("revoke_all_for_subject: {e}")))?;
+                self.subject_revocations[target] += 1;
                 revoked.sort();
                 let mut expected: Vec<SessionId> = Vec::new();
                 let now = self.now();
@@ -694,8 +700,10 @@ impl<S: Store> Case<S> {
         };
         match (result, expected) {
             (Ok(ctx), Ok(())) => {
+                // Invariant 4: the context's deadlines are the session's.
+                prop_assert_eq!(ctx.expires_at(), model.expires_at, "the context's expiry");
                 prop_assert!(
-                    now < model.expires_at && now < model.last_seen + IDLE,
+                    now < ctx.expires_at() && now < ctx.idle_deadline(),
                     "resolve returned a lapsed session"
                 );
                 prop_assert_eq!(
@@ -732,6 +740,15 @@ impl<S: Store> Case<S> {
                 }
                 if !reused {
                     self.reused.insert(agent, (model.id, now));
+                    // Read from the store: idle from its `last_seen` as
+                    // touched now, and never past the expiry.
+                    if let Some((m, _)) = self.latest.get(&agent) {
+                        prop_assert_eq!(
+                            ctx.idle_deadline(),
+                            (m.last_seen + IDLE).min(m.expires_at),
+                            "the context's idle deadline"
+                        );
+                    }
                 }
                 self.contexts.insert(agent, ctx.clone());
                 Ok(Some(ctx))
@@ -954,9 +971,20 @@ impl<S: Store> Case<S> {
             );
             events.extend(chain_events);
         }
-        // The customers' revocation chains, which no agent's is, verify too.
-        for target in &self.targets {
-            verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
+        // The customers' revocation chains, which no agent's is, verify
+        // too, and hold each revoke-all on the customer.
+        for (target, expected) in self.targets.iter().zip(&self.subject_revocations) {
+            let chain = verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
+            let revocations = chain
+                .iter()
+                .filter(|e| e.action == AuditAction::SessionsRevoked)
+                .count();
+            prop_assert_eq!(
+                revocations,
+                *expected,
+                "customer {}'s revoke-alls on record",
+                target.id
+            );
         }
         // Refusals by people outside the three agents' chains would be missed
         // above; the model has none, and this query proves it.
@@ -1044,12 +1072,15 @@ impl<S: Store> Case<S> {
 /// (the default deny list), written here rather than read from the policy
 /// under test: a deny list that lost one would still pass a check against
 /// itself.
-const NEVER_PROJECTED: [&str; 6] = [
+const NEVER_PROJECTED: [&str; 9] = [
     "billing:",
     "password:",
+    "passwords:",
+    "credential:",
     "credentials:",
     "mfa:",
     "export:",
+    "exports:",
     "impersonation:",
 ];
 
@@ -1187,8 +1218,10 @@ pub async fn run_ops<S: Store + 'static>(
 /// from the reuse cache, or one whose touch is coalesced, does not move
 /// the store's `last_seen`, so the session idles out 15 minutes after the
 /// last touch. A model (or a store) that counted every resolve as a touch
-/// expects the last resolve to find the session live, and fails. Run
-/// each with [`run_ops`].
+/// expects the last resolve to find the session live, and fails. And one
+/// that keeps a session in use into its last quarter hour, where the
+/// expiry comes before the idle timeout: the context's idle deadline is
+/// the expiry then. Run each with [`run_ops`].
 pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
     let start = Op::Start {
         agent: 0,
@@ -1211,15 +1244,20 @@ pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
         ],
         // Touched a second after the start, reused after that.
         vec![
-            start,
+            start.clone(),
             Op::Tick { millis: 1_000 },
             resolve.clone(),
             Op::Tick { millis: 500 },
             resolve.clone(),
             Op::Advance { secs: 899 },
             Op::Tick { millis: 600 },
-            resolve,
+            resolve.clone(),
         ],
+        // Read every ten minutes: at 50 minutes in, idle would end at 65,
+        // the session's hour at 60.
+        std::iter::once(start)
+            .chain((0..5).flat_map(|_| [Op::Advance { secs: 600 }, resolve.clone()]))
+            .collect(),
     ]
 }
 

@@ -89,9 +89,10 @@ impl World {
             "bookings:write",
             "settings:read",
             "billing:manage",
+            "credential:rotate",
         ])
         .with_attribute("timezone", "Europe/Lisbon")
-        .with_attribute("card_number", "4242424242424242")
+        .with_attribute("card_number", "4000123456789010")
         .with_attribute("email", format!("customer{n}@example.com"))
         .with_attribute("password_hash", "$argon2id$v=19$secret")
         .with_relationship(Relationship::new(
