@@ -1298,6 +1298,15 @@ impl DieselStore {
                     .map(|s| Ok(s.event))
                     .collect(),
             ),
+            // It waited out the lock timeout on the head row, which
+            // another transaction holds (a host that died mid-write): the
+            // transaction path would only wait on the same row again. The
+            // statement wrote nothing; its chain's events fail at once, as
+            // the transaction path fails them, after one wait, not two.
+            Err(OpError::Db(e)) if ops::lock_timed_out(&e) => {
+                self.forget_heads(std::iter::once(chain));
+                Some(batch.iter().map(|_| Err(chain_locked(chain))).collect())
+            }
             // Not written (or, on an error, unknown): the transaction path
             // re-reads the head and seals the drafts again. Should the
             // statement have committed after all, their event ids meet the

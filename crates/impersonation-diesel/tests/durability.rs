@@ -401,6 +401,69 @@ async fn a_held_chain_fails_only_its_own_appends_on_postgres() {
     .await;
 }
 
+/// PostgreSQL appends a one-chain batch whose head the process knows in
+/// one statement (compare-and-set). Should that statement wait out the
+/// lock timeout on a held head row, the batch fails then: the
+/// transaction path would only wait on the same row a second time. Once
+/// the row is free, the next append finds the head again.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_head_fails_a_one_chain_batch_after_one_wait_on_postgres() {
+    use impersonation_core::AppendGuard;
+    use impersonation_testkit::conformance::assert_chain_verifies;
+    let schema = common::unique("imptest");
+    let counter = impersonation_diesel::QueryCounter::new();
+    let store = DieselStore::connect_and_migrate(
+        impersonation_diesel::DieselConfig::new(common::PG_URL)
+            .schema(schema.clone())
+            .busy_timeout(std::time::Duration::from_secs(1))
+            .query_counter(counter.clone()),
+    )
+    .await
+    .unwrap();
+    let w = World::new();
+    let (start, _) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    // Started here: the process knows its chain's head.
+    let (session, _) = must_start(&store, start).await;
+    let draft = || {
+        vec![(
+            session.draft(epoch(), AuditAction::Access, Actor::System),
+            AppendGuard::None,
+        )]
+    };
+    let holder = postgres_holding(
+        &schema,
+        &format!(
+            "SELECT * FROM impersonation_audit_chains WHERE chain = '{}' FOR UPDATE",
+            session.chain()
+        ),
+    )
+    .await;
+    let before = counter.queries();
+    let results = tokio::time::timeout(
+        // A guard against a stall, not a timing assertion.
+        std::time::Duration::from_secs(120),
+        store.append_batch(draft()),
+    )
+    .await
+    .expect("the batch waited on the lock for two minutes");
+    assert!(
+        matches!(results.as_slice(), [Err(StoreError::Unavailable(_))]),
+        "{results:?}"
+    );
+    assert_eq!(
+        counter.queries() - before,
+        1,
+        "the compare-and-set alone, no transaction after it: {:?}",
+        counter.recent()
+    );
+    rolled_back(holder).await;
+    for result in store.append_batch(draft()).await {
+        result.unwrap();
+    }
+    assert_eq!(assert_chain_verifies(&store, &session.chain()).await, 2);
+}
+
 #[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_chain_fails_only_its_own_appends_on_mariadb() {

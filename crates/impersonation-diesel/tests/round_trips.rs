@@ -109,6 +109,16 @@ async fn costs(config: DieselConfig) -> Costs {
     }
 }
 
+/// `start`, `record` and `stop` (the service's calls) cost what
+/// `docs/diesel.md`'s table says on this backend.
+fn assert_calls(c: &Costs, (start, record, stop): (u64, u64, u64)) {
+    assert_eq!(
+        (c.start, c.record, c.stop),
+        (start, record, stop),
+        "start, record and stop: update docs/diesel.md's cost table with a change"
+    );
+}
+
 fn report(name: &str, c: &Costs) {
     println!(
         "{name}: start {} statements, resolve {} (touch written) / {} (touch coalesced) / {} (reused), record {}, stop {}, newly prepared {}",
@@ -138,6 +148,7 @@ async fn resolve_is_one_cached_statement_on_postgres() {
         c.prepared_in_steady_state, 0,
         "every statement comes from the cache: one round trip each"
     );
+    assert_calls(&c, (13, 1, 9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,6 +162,7 @@ async fn resolve_costs_on_sqlite() {
         "select, then the touch only when due"
     );
     assert_eq!(c.resolve_reused, 0, "a session read a moment ago is reused");
+    assert_calls(&c, (14, 8, 10));
 }
 
 #[cfg(feature = "mysql")]
@@ -168,6 +180,7 @@ async fn resolve_costs_on_mariadb() {
         "select, then the touch only when due"
     );
     assert_eq!(c.resolve_reused, 0, "a session read a moment ago is reused");
+    assert_calls(&c, (13, 7, 9));
 }
 
 #[tokio::test]
