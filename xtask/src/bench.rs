@@ -34,7 +34,7 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     let _lock = crate::services::lock_test_services()?;
     crate::services::up()?;
     if args.first().and_then(|a| a.to_str()) == Some("http") {
-        crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk")])?;
+        crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk"), ("/usr/bin/curl", "curl")])?;
         if args.iter().any(|a| a == "--instructions") {
             crate::services::ensure_tools(&[("/usr/bin/valgrind", "valgrind")])?;
         }

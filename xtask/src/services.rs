@@ -32,6 +32,9 @@ pub(crate) struct Service {
     /// Checks, and with `Repair::Yes` where possible repairs, the access
     /// the tests rely on; returns a short description of what was checked.
     ensure_access: fn(&Shell, Repair) -> Result<&'static str>,
+    /// What `up` sets up for the tests alone, beyond the access the demo
+    /// needs too (PostgreSQL's German messages); a description.
+    for_tests: Option<fn(&Shell) -> Result<&'static str>>,
 }
 
 /// Whether an access check may change the server's setup (its auth rules,
@@ -53,7 +56,8 @@ pub(crate) const SERVICES: &[Service] = &[
         apt_package: "postgresql",
         server_binary: postgres_binary,
         start: postgres_start,
-        ensure_access: postgres_access,
+        ensure_access: postgres_login,
+        for_tests: Some(postgres_german),
     },
     Service {
         name: "mariadb",
@@ -62,6 +66,7 @@ pub(crate) const SERVICES: &[Service] = &[
         server_binary: || existing("/usr/sbin/mariadbd"),
         start: mariadb_start,
         ensure_access: mariadb_access,
+        for_tests: None,
     },
     Service {
         name: "redis",
@@ -70,6 +75,7 @@ pub(crate) const SERVICES: &[Service] = &[
         server_binary: || existing("/usr/bin/redis-server"),
         start: redis_start,
         ensure_access: redis_access,
+        for_tests: None,
     },
     Service {
         name: "redis-cluster",
@@ -80,6 +86,7 @@ pub(crate) const SERVICES: &[Service] = &[
         server_binary: || existing("/usr/bin/redis-server"),
         start: redis_cluster_start,
         ensure_access: redis_cluster_access,
+        for_tests: None,
     },
 ];
 
@@ -139,7 +146,7 @@ const GERMAN_LOCALE: &str = "de_DE.utf8";
 
 /// Makes [`GERMAN_LOCALE`] if the machine lacks it (Debian's `locales`
 /// package holds its source; `localedef` is in libc-bin). A PostgreSQL
-/// server started before sees it only once restarted ([`postgres_access`]).
+/// server started before sees it only once restarted ([`postgres_german`]).
 fn ensure_german_locale(sh: &Shell) -> Result<()> {
     let have = cmd!(sh, "locale -a").read().unwrap_or_default();
     if have.lines().any(|l| l.trim() == GERMAN_LOCALE) {
@@ -151,6 +158,21 @@ fn ensure_german_locale(sh: &Shell) -> Result<()> {
     cmd!(sh, "localedef -i de_DE -f UTF-8 de_DE.UTF-8")
         .run()
         .context("could not make the de_DE.UTF-8 locale")?;
+    // Listed for `locale-gen`, which the `locales` package runs on an
+    // upgrade and which otherwise drops a locale it was not asked for.
+    let list = Path::new("/etc/locale.gen");
+    let listed = std::fs::read_to_string(list).unwrap_or_default();
+    if !listed
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("de_DE.UTF-8"))
+    {
+        let mut text = listed;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str("de_DE.UTF-8 UTF-8\n");
+        std::fs::write(list, text).context("could not list de_DE.UTF-8 in /etc/locale.gen")?;
+    }
     Ok(())
 }
 
@@ -384,7 +406,14 @@ pub(crate) fn up() -> Result<()> {
         failures.push(format!("the de_DE.UTF-8 locale ({err:#})"));
     }
     for service in SERVICES {
-        if let Err(err) = bring_up(&sh, service) {
+        let outcome = bring_up(&sh, service).and_then(|()| {
+            service.for_tests.map_or(Ok(()), |set_up| {
+                let done = set_up(&sh)?;
+                println!("{}: ok: {done}", service.name);
+                Ok(())
+            })
+        });
+        if let Err(err) = outcome {
             eprintln!("{}: FAILED: {err:#}", service.name);
             failures.push(format!("{} ({err:#})", service.name));
         }
@@ -667,19 +696,17 @@ fn pg_reload(sh: &Shell, version: &str) -> Result<()> {
     Ok(())
 }
 
-fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
-    let login = postgres_login(sh, repair)?;
-    if repair == Repair::No {
-        // Someone's own server, found by the demo: it needs no German.
-        return Ok(login);
-    }
+/// Checks that PostgreSQL words its messages in German when a connection
+/// asks (the Diesel tests do), restarting a server that started before
+/// [`ensure_german_locale`] made the locale. For `up` only: the demo
+/// needs no German, and a fresh machine's `demo --store postgres` has no
+/// such locale.
+fn postgres_german(sh: &Shell) -> Result<&'static str> {
     let _dir = sh.push_dir("/");
     let url = "postgres://postgres@127.0.0.1:5432/test?options=-c%20lc_messages%3Dde_DE.UTF-8";
     let german = || check(cmd!(sh, "timeout 60 psql -w -X {url} -c 'select 1'"));
     if german().is_ok() {
-        return Ok(
-            "database `test` reachable over TCP as postgres without password, messages in German on request",
-        );
+        return Ok("messages in German on request");
     }
     // A server started before the locale was made does not see it.
     let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
@@ -691,9 +718,7 @@ fn postgres_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
     .run()?;
     wait_for_port(5432)?;
     match poll_psql(german) {
-        Ok(()) => Ok(
-            "database `test` reachable over TCP as postgres without password, messages in German on request (after a restart)",
-        ),
+        Ok(()) => Ok("messages in German on request (after a restart)"),
         Err(last) => Err(anyhow!(
             "PostgreSQL refuses `lc_messages = de_DE.UTF-8` even after a restart (is the {GERMAN_LOCALE} locale made? `locale -a`): {last}"
         )),
@@ -981,24 +1006,52 @@ enum ClusterHealth {
 /// Asks the node on `port` for `cluster info`; the error says why there is
 /// no usable answer (connection refused, cluster mode disabled, ...).
 fn node_view(sh: &Shell, port: u16) -> Result<NodeView, String> {
+    let (stdout, stderr) = cluster_cli(sh, port, "info")?;
+    NodeView::parse(&stdout).ok_or_else(|| answered("info", &stdout, &stderr))
+}
+
+/// `redis-cli cluster {what}` on the node on `port`: its stdout and stderr.
+fn cluster_cli(sh: &Shell, port: u16, what: &str) -> Result<(String, String), String> {
     let port = port.to_string();
     let out = cmd!(
         sh,
-        "timeout 30 redis-cli -h 127.0.0.1 -p {port} cluster info"
+        "timeout 30 redis-cli -h 127.0.0.1 -p {port} cluster {what}"
     )
     .ignore_status()
     .output()
     .map_err(|err| err.to_string())?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    NodeView::parse(&stdout).ok_or_else(|| {
-        // redis-cli prints an error reply on stdout, a connection error on
-        // stderr; show whichever there is.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        format!(
-            "`cluster info` answered {:?}",
-            format!("{stdout}{stderr}").trim()
-        )
-    })
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Why `cluster {what}` gave no usable answer: redis-cli prints an error
+/// reply on stdout, a connection error on stderr; whichever there is.
+fn answered(what: &str, stdout: &str, stderr: &str) -> String {
+    format!(
+        "`cluster {what}` answered {:?}",
+        format!("{stdout}{stderr}").trim()
+    )
+}
+
+/// The slots the node on `port` holds open for a move, as `cluster nodes`
+/// lists them on its own line (`[slot->-node]` migrating, `[slot-<-node]`
+/// importing).
+fn moving_slots(sh: &Shell, port: u16) -> Result<Vec<String>, String> {
+    let (stdout, stderr) = cluster_cli(sh, port, "nodes")?;
+    match stdout.lines().find(|line| line.contains("myself")) {
+        Some(own) => Ok(half_moved(own)),
+        None => Err(answered("nodes", &stdout, &stderr)),
+    }
+}
+
+/// The half-moved slots in one line of `cluster nodes`.
+fn half_moved(line: &str) -> Vec<String> {
+    line.split_whitespace()
+        .filter(|field| field.starts_with('[') && (field.contains("->-") || field.contains("-<-")))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Checks every node, so that a node restarted on its own (which has
@@ -1012,6 +1065,22 @@ fn cluster_health(sh: &Shell) -> ClusterHealth {
         }
     }
     if views.iter().all(|(_, view)| view.healthy()) {
+        // All slots served, and none left half-moved: a slot a test (or
+        // someone) left MIGRATING or IMPORTING still reads
+        // `cluster_state:ok`, and answers later tests' keys in it with
+        // ASK or TRYAGAIN.
+        for &port in CLUSTER_PORTS {
+            match moving_slots(sh, port) {
+                Ok(moving) if moving.is_empty() => {}
+                Ok(moving) => {
+                    return ClusterHealth::Broken(format!(
+                        "127.0.0.1:{port} has slots half-moved: {}",
+                        moving.join(" ")
+                    ));
+                }
+                Err(why) => return ClusterHealth::Broken(format!("127.0.0.1:{port}: {why}")),
+            }
+        }
         ClusterHealth::Healthy
     } else if views.iter().all(|(_, view)| view.unformed()) {
         ClusterHealth::Unformed
@@ -1455,6 +1524,25 @@ mod tests {
         left.sort();
         assert_eq!(left, ["imptest_file", "keep_me"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A node's own line of `cluster nodes` names the slots it holds open
+    /// for a move; a settled line (slot ranges only) names none.
+    #[test]
+    fn half_moved_slots_are_read_from_a_node_line() {
+        let settled = "07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:7001@17001 \
+                       myself,master - 0 0 1 connected 0-5460";
+        assert!(half_moved(settled).is_empty());
+        let moving = "07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:7001@17001 \
+                      myself,master - 0 0 1 connected 0-5460 [93->-292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f] \
+                      [77-<-e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca]";
+        assert_eq!(
+            half_moved(moving),
+            [
+                "[93->-292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f]",
+                "[77-<-e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca]"
+            ]
+        );
     }
 
     #[test]

@@ -357,7 +357,11 @@ impl Drop for Server {
 }
 
 fn curl(args: &[&str]) -> Result<String> {
-    let out = Command::new("curl").arg("-s").args(args).output()?;
+    let out = Command::new("curl")
+        .arg("-s")
+        .args(args)
+        .output()
+        .context("could not run curl (is it installed?)")?;
     if !out.status.success() {
         bail!("curl {args:?} failed");
     }
