@@ -90,6 +90,9 @@ impl World {
             "settings:read",
             "billing:manage",
             "credential:rotate",
+            "passwords:reset",
+            "mfa:reset",
+            "exports:csv",
         ])
         .with_attribute("timezone", "Europe/Lisbon")
         .with_attribute("card_number", "4000123456789010")
