@@ -70,6 +70,9 @@ fn node_program() -> PathBuf {
 
 pub use impersonation_testkit::scratch::released_port as free_port;
 
+/// How a provider that never said it was listening is reported.
+const NO_READY: &str = "no READY within 60 s";
+
 impl TestProvider {
     pub async fn start() -> Self {
         Self::start_as(None).await
@@ -86,13 +89,20 @@ impl TestProvider {
         );
         // The port is free when drawn, then released for the provider to
         // bind: should another test's server take it meanwhile, the
-        // provider exits (EADDRINUSE), and another port is drawn.
-        let mut attempt = 0;
+        // provider exits (EADDRINUSE), and another port is drawn. A
+        // provider that says nothing for a minute (once, under a full CI
+        // run, for no reason its output showed) is stopped and started
+        // again, once, on another port.
+        let (mut attempt, mut silent) = (0, 0);
         loop {
             attempt += 1;
             match Self::start_on(free_port(), issuer).await {
                 Ok(provider) => return provider,
                 Err(why) if attempt < 5 && why.contains("EADDRINUSE") => {}
+                Err(why) if silent == 0 && why.contains(NO_READY) => {
+                    silent += 1;
+                    eprintln!("starting the provider again: {why}");
+                }
                 Err(why) => panic!("{why}"),
             }
         }
@@ -141,13 +151,30 @@ impl TestProvider {
             Ok(Some(issuer)) => issuer,
             outcome => {
                 let status = child.try_wait();
+                // Where a live one waits (its state and kernel wait
+                // channel), and who holds the port, to tell a stall from a
+                // slow start next time.
+                let waits = child.id().map(|pid| {
+                    let read = |what: &str| {
+                        std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default()
+                    };
+                    let stat = read("stat");
+                    let state = stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .next();
+                    format!("state {state:?}, wchan {:?}", read("wchan"))
+                });
+                let bound = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
                 // What it said before its stderr closed.
                 tokio::time::sleep(StdDuration::from_millis(100)).await;
                 let said: Vec<String> = said.lock().unwrap().iter().cloned().collect();
                 return Err(format!(
-                    "the provider on port {port} did not come up ({}, after {:?}; process: {status:?}); its stderr:\n{}",
+                    "the provider on port {port} did not come up ({}, after {:?}; process: {status:?}, {waits:?}; port accepts connections: {bound}); its stderr:\n{}",
                     if outcome.is_err() {
-                        "no READY within 60 s"
+                        NO_READY
                     } else {
                         "its stdout closed"
                     },
