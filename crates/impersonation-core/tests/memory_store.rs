@@ -2,9 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failed test
 
 use impersonation_core::MemoryStore;
-use impersonation_testkit::machine::{
-    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
-};
+use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
 
 mod conformance {
     impersonation_testkit::store_conformance_tests!(async {
@@ -51,17 +49,18 @@ fn state_machine_invariants_hold_on_the_memory_store() {
 }
 
 /// The state machine's model at the edges random sequences rarely reach
-/// (`machine::idle_edge_sequences`): a resolve served from the reuse
-/// cache, or one whose touch is coalesced, does not move the store's
-/// `last_seen` (a model that counted every resolve expects the last
-/// resolve to find the session live, and fails there).
+/// (`machine::edge_sequences`): a resolve served from the reuse cache, or
+/// one whose touch is coalesced, does not move the store's `last_seen` (a
+/// model that counted every resolve expects the last resolve to find the
+/// session live, and fails there); the expiry caps the idle deadline; a
+/// customer's change refreshes the stored shadow user.
 #[test]
-fn the_machine_follows_reuse_and_touch_coalescing_to_the_idle_edge() {
+fn the_machine_follows_the_edge_sequences() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    for ops in idle_edge_sequences() {
+    for ops in edge_sequences() {
         runtime
             .block_on(run_ops(MemoryStore::new(), false, &ops))
             .unwrap_or_else(|e| panic!("{e}"));

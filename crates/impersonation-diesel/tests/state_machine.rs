@@ -9,9 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_diesel::DieselStore;
-use impersonation_testkit::machine::{
-    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
-};
+use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
 
 fn cases() -> u32 {
     std::env::var("IMPERSONATION_DB_MACHINE_CASES")
@@ -62,13 +60,14 @@ fn state_machine_on_sqlite_memory() {
     run(common::sqlite_memory);
 }
 
-/// The sequences that end a session's idle timeout between its last touch
-/// and its last resolve, on every backend: the SQL's touch rule at the
-/// idle edge, in microseconds.
+/// The edge sequences on every backend: those that end a session's idle
+/// timeout between its last touch and its last resolve (the SQL's touch
+/// rule at the idle edge, in microseconds), the expiry's cap on the idle
+/// deadline, and a re-check's refreshed shadow user kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_idle_edge_on_every_backend() {
+async fn the_edge_sequences_on_every_backend() {
     async fn on(store: DieselStore) {
-        for ops in idle_edge_sequences() {
+        for ops in edge_sequences() {
             run_ops(store.clone(), false, &ops)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));

@@ -8,9 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_redis::RedisStore;
-use impersonation_testkit::machine::{
-    MachineConfig, idle_edge_sequences, run_ops, run_state_machine,
-};
+use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
 
 mod single {
     impersonation_testkit::store_conformance_tests!(super::common::single());
@@ -78,12 +76,14 @@ fn state_machine_on_redis_cluster() {
     run(common::cluster);
 }
 
-/// The sequences that end a session's idle timeout between its last touch
-/// and its last resolve: the resolve script's touch rule at the idle edge.
+/// The edge sequences: those that end a session's idle timeout between
+/// its last touch and its last resolve (the resolve script's touch rule at
+/// the idle edge), the expiry's cap on the idle deadline, and a re-check's
+/// refreshed shadow user kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_idle_edge_on_redis() {
+async fn the_edge_sequences_on_redis() {
     for store in [common::single().await, common::cluster().await] {
-        for ops in idle_edge_sequences() {
+        for ops in edge_sequences() {
             run_ops(store.clone(), false, &ops)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));

@@ -196,6 +196,15 @@ pub enum Op {
         /// Whether they hold it.
         granted: bool,
     },
+    /// A customer (targets 0-2) moves to another time zone: an attribute
+    /// the shadow user copies, so that the next re-check refreshes the
+    /// shadow user and the store keeps the new one (`record_check`).
+    SetTimezone {
+        /// Target 0, 1 or 2.
+        target: usize,
+        /// Lisbon, or Toronto.
+        lisbon: bool,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -226,6 +235,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(agent, millis)| Op::ToDeadline { agent, millis }),
         2 => (0..8_usize).prop_map(|pick| Op::ResolveRetired { pick }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
+        1 => (0..3_usize, any::<bool>()).prop_map(|(target, lisbon)| Op::SetTimezone { target, lisbon }),
         1 => Just(Op::EndLapsed),
     ]
 }
@@ -572,6 +582,19 @@ impl<S: Store> Case<S> {
                 self.demoted[agent] = !granted;
                 Ok(())
             }
+            Op::SetTimezone { target, lisbon } => {
+                let zone = if lisbon {
+                    "Europe/Lisbon"
+                } else {
+                    "America/Toronto"
+                };
+                let moved = |p: &mut Principal| {
+                    p.attributes.insert("timezone".into(), zone.into());
+                };
+                self.directory.update(&self.targets[target].id, moved);
+                moved(&mut self.targets[target]);
+                Ok(())
+            }
         }
     }
 
@@ -727,16 +750,28 @@ impl<S: Store> Case<S> {
                     .store()
                     .session(model.id)
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
-                let grant = stored
-                    .map(|s| s.grant)
+                    .map_err(|e| fail(e.to_string()))?
                     .ok_or_else(|| fail("resolved session vanished".into()))?;
-                check_shadow(
-                    ctx.shadow(),
-                    &self.target(agent, model.subject),
-                    &grant,
-                    &self.world,
-                )?;
+                if reused {
+                    // The context read a moment ago, as it was then (a
+                    // customer's change waits for the next read).
+                    let before = self.contexts.get(&agent).map(Context::shadow);
+                    prop_assert_eq!(Some(ctx.shadow()), before, "a reused context changed");
+                } else {
+                    // Re-checked against the customer as they are now, and
+                    // the store keeps the shadow user the context carries.
+                    check_shadow(
+                        ctx.shadow(),
+                        &self.target(agent, model.subject),
+                        &stored.grant,
+                        &self.world,
+                    )?;
+                    prop_assert_eq!(
+                        &stored.shadow,
+                        ctx.shadow(),
+                        "the store keeps the re-checked shadow user"
+                    );
+                }
                 // The store's `last_seen`, as the model keeps it: a read
                 // from the store touches it unless a touch came less than
                 // the coalescing ago (the touch interval, at most half the
@@ -1236,23 +1271,27 @@ pub async fn run_ops<S: Store + 'static>(
         .map_err(|e| e.to_string())
 }
 
-/// Sequences that end a session's idle timeout a fraction of a second
-/// after its last touch and before its last resolve: a resolve served
-/// from the reuse cache, or one whose touch is coalesced, does not move
-/// the store's `last_seen`, so the session idles out 15 minutes after the
-/// last touch. A model (or a store) that counted every resolve as a touch
-/// expects the last resolve to find the session live, and fails. And one
-/// that keeps a session in use into its last quarter hour, where the
-/// expiry comes before the idle timeout: the context's idle deadline is
-/// the expiry then. Run each with [`run_ops`].
-pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
+/// Agent 0's start on customer 0 and resolve, of which the edge
+/// sequences are made.
+fn agent_0_starts_and_resolves() -> (Op, Op) {
     let start = Op::Start {
         agent: 0,
         target: 0,
         reason: ReasonKind::Valid,
         nested: false,
     };
-    let resolve = Op::Resolve { agent: 0 };
+    (start, Op::Resolve { agent: 0 })
+}
+
+/// Sequences that end a session's idle timeout a fraction of a second
+/// after its last touch and before its last resolve: a resolve served
+/// from the reuse cache, or one whose touch is coalesced, does not move
+/// the store's `last_seen`, so the session idles out 15 minutes after the
+/// last touch. A model (or a store) that counted every resolve as a touch
+/// expects the last resolve to find the session live, and fails. Run
+/// each with [`run_ops`]; [`edge_sequences`] holds these and more.
+pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
+    let (start, resolve) = agent_0_starts_and_resolves();
     vec![
         // Read at the start (a touch coalesced), then reused half a second
         // later; the idle edge falls between the two resolves' times.
@@ -1274,14 +1313,46 @@ pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
             resolve.clone(),
             Op::Advance { secs: 899 },
             Op::Tick { millis: 600 },
-            resolve.clone(),
+            resolve,
         ],
-        // Read every ten minutes: at 50 minutes in, idle would end at 65,
-        // the session's hour at 60.
-        std::iter::once(start)
+    ]
+}
+
+/// Sequences at edges that random runs reach seldom, for every store to
+/// run with [`run_ops`]: the [`idle_edge_sequences`]; a session in use
+/// into its last quarter hour, where the expiry comes before the idle
+/// timeout (the context's idle deadline is the expiry then); and a
+/// customer's change read by the next resolve, whose re-check refreshes
+/// the shadow user, which the store must keep (`Store::record_check`).
+pub fn edge_sequences() -> Vec<Vec<Op>> {
+    let (start, resolve) = agent_0_starts_and_resolves();
+    let mut sequences = idle_edge_sequences();
+    // Read every ten minutes: at 50 minutes in, idle would end at 65,
+    // the session's hour at 60.
+    sequences.push(
+        std::iter::once(start.clone())
             .chain((0..5).flat_map(|_| [Op::Advance { secs: 600 }, resolve.clone()]))
             .collect(),
-    ]
+    );
+    // Moved to Toronto while impersonated, read past the reuse window, and
+    // back to Lisbon.
+    sequences.push(vec![
+        start,
+        resolve.clone(),
+        Op::SetTimezone {
+            target: 0,
+            lisbon: false,
+        },
+        Op::Advance { secs: 2 },
+        resolve.clone(),
+        Op::SetTimezone {
+            target: 0,
+            lisbon: true,
+        },
+        Op::Advance { secs: 2 },
+        resolve,
+    ]);
+    sequences
 }
 
 async fn run_case<S: Store + 'static>(
