@@ -25,7 +25,7 @@ use std::future::Future;
 use impersonation_core::{
     Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Consent, Context,
     Denial, EndReason, Error, Grant, Impersonation, Initiator, LiveFilter, MASK_CHAR, ManualClock,
-    MemoryDirectory, Permission, Policy, Principal, RelationKind, Relationship, Requester,
+    MemoryDirectory, Permission, Policy, Principal, RelationKind, Relationship, Requester, Role,
     SessionId, SessionSecret, SessionState, ShadowUser, ShadowValue, StartRequest, Store, TenantId,
     TenantScope, verify_chain,
 };
@@ -205,6 +205,15 @@ pub enum Op {
         /// Lisbon, or Toronto.
         lisbon: bool,
     },
+    /// A customer (targets 0-2) is made an administrator, a role nobody
+    /// may impersonate, or is one no longer: a session on them ends as
+    /// revoked at its next re-check, and a start on them is refused.
+    SetAdmin {
+        /// Target 0, 1 or 2.
+        target: usize,
+        /// Whether they hold the role.
+        admin: bool,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -236,6 +245,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (0..8_usize).prop_map(|pick| Op::ResolveRetired { pick }),
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
         1 => (0..3_usize, any::<bool>()).prop_map(|(target, lisbon)| Op::SetTimezone { target, lisbon }),
+        1 => (0..3_usize, any::<bool>()).prop_map(|(target, admin)| Op::SetAdmin { target, admin }),
         1 => Just(Op::EndLapsed),
     ]
 }
@@ -259,6 +269,8 @@ struct Case<S: Store> {
     agents: Vec<Principal>,
     targets: Vec<Principal>,
     demoted: [bool; 3],
+    /// Which of targets 0-2 hold the protected role now.
+    protected: [bool; 3],
     /// The revoke-alls of each agent's sessions so far: each is on record
     /// in the agent's chain, whether or not it ended a session.
     agent_revocations: [usize; 3],
@@ -374,6 +386,7 @@ impl<S: Store> Case<S> {
             agents: vec![agent0, agent1, lead],
             targets,
             demoted: [false; 3],
+            protected: [false; 3],
             agent_revocations: [0; 3],
             subject_revocations: vec![0; target_count],
             latest: BTreeMap::new(),
@@ -403,6 +416,19 @@ impl<S: Store> Case<S> {
         }
     }
 
+    /// Whether target `n` (as `Op::Start` numbers them) holds the
+    /// protected role now.
+    fn is_protected(&self, n: usize) -> bool {
+        n == 4 || self.protected.get(n).copied().unwrap_or(false)
+    }
+
+    /// Whether a re-check of a session of `agent`'s on target `n` ends it:
+    /// the agent lost the right to impersonate, or the customer became
+    /// someone nobody may impersonate.
+    fn recheck_ends(&self, agent: usize, n: usize) -> bool {
+        self.demoted[agent] || self.is_protected(n)
+    }
+
     /// The policy decision the model expects, rule by rule in the policy's order.
     fn expected_denial(&self, agent: usize, target: usize, reason: ReasonKind) -> Option<Denial> {
         if self.demoted[agent] {
@@ -411,7 +437,7 @@ impl<S: Store> Case<S> {
         let pair = match target {
             6 => Some(Denial::SelfImpersonation),
             5 if agent == 2 => Some(Denial::SelfImpersonation),
-            4 => Some(Denial::ProtectedRole),
+            n if self.is_protected(n) => Some(Denial::ProtectedRole),
             5 => Some(Denial::TargetIsAgent),
             3 => Some(Denial::Escalation),
             2 | 7 if agent == 0 => Some(Denial::TenantBoundary),
@@ -595,6 +621,19 @@ impl<S: Store> Case<S> {
                 moved(&mut self.targets[target]);
                 Ok(())
             }
+            Op::SetAdmin { target, admin } => {
+                let role = |p: &mut Principal| {
+                    if admin {
+                        p.roles.insert(Role::new("admin"));
+                    } else {
+                        p.roles.remove(&Role::new("admin"));
+                    }
+                };
+                self.directory.update(&self.targets[target].id, role);
+                role(&mut self.targets[target]);
+                self.protected[target] = admin;
+                Ok(())
+            }
         }
     }
 
@@ -710,10 +749,10 @@ impl<S: Store> Case<S> {
 
     async fn resolve(&mut self, agent: usize) -> Result<Option<Context>, TestCaseError> {
         let now = self.now();
-        let demoted = self.demoted[agent];
         let Some((model, secret)) = self.latest.get(&agent) else {
             return Ok(None);
         };
+        let ends = self.recheck_ends(agent, model.subject);
         let model = model.clone();
         let result = self.service.resolve(secret).await;
         // A session this service read a moment ago is reused without a
@@ -728,7 +767,7 @@ impl<S: Store> Case<S> {
             (SessionState::Ended(r), _) => Err(Error::Ended(r)),
             (_, Some(lapse)) => Err(Error::Ended(lapse)),
             (SessionState::Pending, None) => Err(Error::PendingConsent),
-            _ if demoted && !reused => Err(Error::Ended(EndReason::Revoked)),
+            _ if ends && !reused => Err(Error::Ended(EndReason::Revoked)),
             _ => Ok(()),
         };
         match (result, expected) {
@@ -931,15 +970,16 @@ impl<S: Store> Case<S> {
         let customer = self.target(agent, model.subject);
         if grant {
             let result = self.service.grant_consent(model.id, &customer).await;
-            let demoted = self.demoted[agent];
+            let ends = self.recheck_ends(agent, model.subject);
             match result {
                 // The pair is judged as a re-check would: an agent who
-                // lost the right meanwhile gets no session.
-                Err(Error::Ended(EndReason::Revoked)) if demoted && now < model.expires_at => {
+                // lost the right meanwhile, or a customer made an
+                // administrator, gets no session.
+                Err(Error::Ended(EndReason::Revoked)) if ends && now < model.expires_at => {
                     self.end_model(agent, EndReason::Revoked);
                     Ok(())
                 }
-                Ok(active) if !demoted && now < model.expires_at => {
+                Ok(active) if !ends && now < model.expires_at => {
                     prop_assert_eq!(active.state, SessionState::Active);
                     if let Some((m, _)) = self.latest.get_mut(&agent) {
                         m.state = SessionState::Active;
