@@ -32,7 +32,11 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     // The benches make schemas and keys of their own; a CI run starting
     // meanwhile would clear them (and skew the figures).
     let _lock = crate::services::lock_test_services()?;
-    crate::services::up()?;
+    // Only the servers the benches use (SQLite is embedded): not the test
+    // tools, the browser or the German locale `services up` adds.
+    for service in ["postgresql", "redis"] {
+        crate::services::up_one(service, "the bench", "Give it that access")?;
+    }
     if args.first().and_then(|a| a.to_str()) == Some("http") {
         crate::services::ensure_tools(&[("/usr/bin/wrk", "wrk"), ("/usr/bin/curl", "curl")])?;
         if args.iter().any(|a| a == "--instructions") {

@@ -28,7 +28,7 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
         _ => None,
     };
     if let (Some(service), false, false) = (service, own_url, help) {
-        crate::services::up_one(service)?;
+        crate::services::up_one(service, "the demo", "Pass --url with your own credentials")?;
     }
     // Built first, with cargo's progress (a fresh clone's first build
     // takes minutes), then run `--quiet`: cargo's own `Running …` line

@@ -441,17 +441,18 @@ fn up_as_root() -> String {
 
 /// Brings up one service (by name) if it is not reachable: installs its
 /// server if missing and starts it, as `up` does, without the others or
-/// the test tools. For `cargo xtask demo --store …`.
+/// the test tools. For `cargo xtask demo --store …` and `cargo xtask
+/// bench` (`user`, as messages name it).
 ///
-/// A server that is reachable may still not be set up as the demo needs
-/// (one a package started, with its own auth rules and no `test`
-/// database): its access is checked but not changed, since it is someone's
-/// own (a failed check says how to pass credentials with `--url`, or to
-/// let `services up` set it up). A check that fails or cannot tell (no
-/// client tools beside a server in a container, say) is only a warning:
-/// opening the store says the rest. A server this starts is set up as
-/// `up` sets it up.
-pub(crate) fn up_one(name: &str) -> Result<()> {
+/// A server that is reachable may still not be set up as they need (one
+/// a package started, with its own auth rules and no `test` database):
+/// its access is checked but not changed, since it is someone's own (a
+/// failed check says `own_credentials`, how to use it anyway, or to let
+/// `services up` set it up). A check that fails or cannot tell (no client
+/// tools beside a server in a container, say) is only a warning: opening
+/// the store says the rest. A server this starts is set up as `up` sets
+/// it up.
+pub(crate) fn up_one(name: &str, user: &str, own_credentials: &str) -> Result<()> {
     let service = SERVICES
         .iter()
         .find(|s| s.name == name)
@@ -462,9 +463,9 @@ pub(crate) fn up_one(name: &str) -> Result<()> {
         // grant of theirs is loosened behind their back).
         if let Err(err) = (service.ensure_access)(&sh, Repair::No) {
             eprintln!(
-                "{name}: running on {}, but the demo's default URL may not reach it: {err:#}. \
-                 Pass --url with your own credentials, or run `{}`, which sets up password-free \
-                 access to its `test` database from this machine. Trying it as it is.",
+                "{name}: running on {}, but {user}'s default URL may not reach it: {err:#}. \
+                 {own_credentials}, or run `{}`, which sets up password-free access to its \
+                 `test` database from this machine. Trying it as it is.",
                 service.addresses(),
                 up_as_root()
             );
