@@ -351,12 +351,22 @@ impl Watchdog {
                 // of its choosing (seen: `sh` ending 0 after its `wait`).
                 // Its children, found before it dies (then they belong to
                 // init), follow in the same command.
+                // The shell's own `kill`: a machine without procps has no
+                // `kill` program, and a kill that failed would leave the
+                // run hung, holding the test-services lock.
                 let mut tree = vec![pid];
                 tree.extend(descendants(pid));
-                let _ = Command::new("kill")
-                    .args(["-s", "KILL", "--"])
+                let killed = Command::new("sh")
+                    .args(["-c", "kill -9 \"$@\"", "sh"])
                     .args(tree.iter().map(u32::to_string))
                     .status();
+                match killed {
+                    Ok(status) if status.success() => {}
+                    // Some may have ended on their own meanwhile; the rest
+                    // are gone, or the run waits on them still.
+                    Ok(status) => eprintln!("`kill -9 {tree:?}` ended with {status}"),
+                    Err(err) => eprintln!("could not stop `{what}` ({tree:?}): {err}"),
+                }
             }
         });
         Self { done, fired }
