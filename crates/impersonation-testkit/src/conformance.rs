@@ -369,7 +369,7 @@ pub async fn stale_transition_conflicts_and_writes_nothing<S: Store>(store: S) {
         )
         .await
         .unwrap();
-    assert_eq!(found, Some(active.clone()), "as it was before the touch");
+    assert_eq!(found, Some(active), "as it was before the touch");
     assert_eq!(
         store
             .session(pending.id)

@@ -269,8 +269,6 @@ struct Case<S: Store> {
     agents: Vec<Principal>,
     targets: Vec<Principal>,
     demoted: [bool; 3],
-    /// Which of targets 0-2 hold the protected role now.
-    protected: [bool; 3],
     /// The revoke-alls of each agent's sessions so far: each is on record
     /// in the agent's chain, whether or not it ended a session.
     agent_revocations: [usize; 3],
@@ -295,6 +293,8 @@ struct Case<S: Store> {
     retired: Vec<(SessionId, EndReason, SessionSecret)>,
 }
 
+/// The role the default policy lets nobody impersonate.
+const PROTECTED_ROLE: &str = "admin";
 const IDLE: Duration = Duration::minutes(15);
 const MAX: Duration = Duration::hours(1);
 const CONSENT_WINDOW: Duration = Duration::minutes(10);
@@ -338,7 +338,7 @@ impl<S: Store> Case<S> {
         let escalated = Principal::new(world.user("escalated"), "Escalated", t1.clone())
             .with_permission("reports:run");
         let admin = Principal::new(world.user("admin"), "Admin", t1.clone())
-            .with_role("admin")
+            .with_role(PROTECTED_ROLE)
             .with_permission("bookings:read");
         let mut staff = world.customer(1, "t1");
         staff.permissions = [Permission::new("bookings:read")].into();
@@ -386,7 +386,6 @@ impl<S: Store> Case<S> {
             agents: vec![agent0, agent1, lead],
             targets,
             demoted: [false; 3],
-            protected: [false; 3],
             agent_revocations: [0; 3],
             subject_revocations: vec![0; target_count],
             latest: BTreeMap::new(),
@@ -416,17 +415,25 @@ impl<S: Store> Case<S> {
         }
     }
 
-    /// Whether target `n` (as `Op::Start` numbers them) holds the
-    /// protected role now.
-    fn is_protected(&self, n: usize) -> bool {
-        n == 4 || self.protected.get(n).copied().unwrap_or(false)
+    /// Whether target `n` of `agent` (as `Op::Start` numbers them) holds
+    /// the role nobody may impersonate now.
+    fn is_protected(&self, agent: usize, n: usize) -> bool {
+        self.target(agent, n)
+            .roles
+            .contains(&Role::new(PROTECTED_ROLE))
     }
 
     /// Whether a re-check of a session of `agent`'s on target `n` ends it:
     /// the agent lost the right to impersonate, or the customer became
     /// someone nobody may impersonate.
     fn recheck_ends(&self, agent: usize, n: usize) -> bool {
-        self.demoted[agent] || self.is_protected(n)
+        self.demoted[agent] || self.is_protected(agent, n)
+    }
+
+    /// Changes customer `target` (0-2) in the directory and in the model.
+    fn change_target(&mut self, target: usize, change: impl Fn(&mut Principal)) {
+        self.directory.update(&self.targets[target].id, &change);
+        change(&mut self.targets[target]);
     }
 
     /// The policy decision the model expects, rule by rule in the policy's order.
@@ -437,7 +444,7 @@ impl<S: Store> Case<S> {
         let pair = match target {
             6 => Some(Denial::SelfImpersonation),
             5 if agent == 2 => Some(Denial::SelfImpersonation),
-            n if self.is_protected(n) => Some(Denial::ProtectedRole),
+            n if self.is_protected(agent, n) => Some(Denial::ProtectedRole),
             5 => Some(Denial::TargetIsAgent),
             3 => Some(Denial::Escalation),
             2 | 7 if agent == 0 => Some(Denial::TenantBoundary),
@@ -614,24 +621,19 @@ impl<S: Store> Case<S> {
                 } else {
                     "America/Toronto"
                 };
-                let moved = |p: &mut Principal| {
+                self.change_target(target, |p| {
                     p.attributes.insert("timezone".into(), zone.into());
-                };
-                self.directory.update(&self.targets[target].id, moved);
-                moved(&mut self.targets[target]);
+                });
                 Ok(())
             }
             Op::SetAdmin { target, admin } => {
-                let role = |p: &mut Principal| {
+                self.change_target(target, |p| {
                     if admin {
-                        p.roles.insert(Role::new("admin"));
+                        p.roles.insert(Role::new(PROTECTED_ROLE));
                     } else {
-                        p.roles.remove(&Role::new("admin"));
+                        p.roles.remove(&Role::new(PROTECTED_ROLE));
                     }
-                };
-                self.directory.update(&self.targets[target].id, role);
-                role(&mut self.targets[target]);
-                self.protected[target] = admin;
+                });
                 Ok(())
             }
         }
@@ -1044,22 +1046,14 @@ impl<S: Store> Case<S> {
                 "invariant 3: agent {}'s live sessions differ from the model's",
                 agent.id
             );
-            let revocations = chain_events
-                .iter()
-                .filter(|e| e.action == AuditAction::SessionsRevoked)
-                .count();
             prop_assert_eq!(
-                revocations,
+                count_of(&chain_events, AuditAction::SessionsRevoked),
                 self.agent_revocations[index],
                 "agent {}'s revoke-alls on record",
                 agent.id
             );
-            let denied = chain_events
-                .iter()
-                .filter(|e| e.action == AuditAction::Denied)
-                .count();
             prop_assert_eq!(
-                denied,
+                count_of(&chain_events, AuditAction::Denied),
                 self.denials[index],
                 "invariant 9: every denied attempt is audited, in agent {}'s chain",
                 agent.id
@@ -1070,12 +1064,8 @@ impl<S: Store> Case<S> {
         // too, and hold each revoke-all on the customer.
         for (target, expected) in self.targets.iter().zip(&self.subject_revocations) {
             let chain = verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
-            let revocations = chain
-                .iter()
-                .filter(|e| e.action == AuditAction::SessionsRevoked)
-                .count();
             prop_assert_eq!(
-                revocations,
+                count_of(&chain, AuditAction::SessionsRevoked),
                 *expected,
                 "customer {}'s revoke-alls on record",
                 target.id
@@ -1181,6 +1171,11 @@ const NEVER_PROJECTED: [&str; 9] = [
     "exports:",
     "impersonation:",
 ];
+
+/// How many of `events` are `action`s.
+fn count_of(events: &[AuditEvent], action: AuditAction) -> usize {
+    events.iter().filter(|e| e.action == action).count()
+}
 
 /// Invariant 6: what a shadow user may hold.
 fn check_shadow(
@@ -1346,7 +1341,7 @@ pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
         ],
         // Touched a second after the start, reused after that.
         vec![
-            start.clone(),
+            start,
             Op::Tick { millis: 1_000 },
             resolve.clone(),
             Op::Tick { millis: 500 },
