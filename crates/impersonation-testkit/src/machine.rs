@@ -1356,9 +1356,11 @@ pub fn idle_edge_sequences() -> Vec<Vec<Op>> {
 /// Sequences at edges that random runs reach seldom, for every store to
 /// run with [`run_ops`]: the [`idle_edge_sequences`]; a session in use
 /// into its last quarter hour, where the expiry comes before the idle
-/// timeout (the context's idle deadline is the expiry then); and a
+/// timeout (the context's idle deadline is the expiry then); a
 /// customer's change read by the next resolve, whose re-check refreshes
-/// the shadow user, which the store must keep (`Store::record_check`).
+/// the shadow user, which the store must keep (`Store::record_check`);
+/// and a customer made an administrator while impersonated, whose session
+/// the next re-check ends.
 pub fn edge_sequences() -> Vec<Vec<Op>> {
     let (start, resolve) = agent_0_starts_and_resolves();
     let mut sequences = idle_edge_sequences();
@@ -1372,7 +1374,7 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
     // Moved to Toronto while impersonated, read past the reuse window, and
     // back to Lisbon.
     sequences.push(vec![
-        start,
+        start.clone(),
         resolve.clone(),
         Op::SetTimezone {
             target: 0,
@@ -1385,7 +1387,20 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
             lisbon: true,
         },
         Op::Advance { secs: 2 },
+        resolve.clone(),
+    ]);
+    // Made an administrator: the next read ends the session as revoked,
+    // a start is refused; no longer one, a start goes ahead.
+    let admin = |admin| Op::SetAdmin { target: 0, admin };
+    sequences.push(vec![
+        start.clone(),
+        resolve.clone(),
+        admin(true),
+        Op::Advance { secs: 2 },
         resolve,
+        start.clone(),
+        admin(false),
+        start,
     ]);
     sequences
 }
