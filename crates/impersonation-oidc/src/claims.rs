@@ -168,19 +168,62 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
     }
 }
 
-/// What the issuer reads of a subject token beyond the registered claims.
 /// What the issuer reads from an agent's access token beyond the standard
-/// claims: only whether it names an actor (`act`, of any shape), which
-/// makes it a delegated token, not the agent's own. Other claims, whatever
-/// their types, are left alone.
+/// claims: whether it names an actor (`act`, of any shape), which makes it
+/// a delegated token, not the agent's own; and, for an issuer that requires
+/// them ([`crate::IssuerConfig::require_actor_scope`],
+/// [`crate::IssuerConfig::require_actor_client`]), its scope and the client
+/// it was issued to. Those are read as any shape here and judged only when
+/// required, so a provider's odd claim refuses no token of an issuer that
+/// does not look at it. Other claims, whatever their types, are left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ActorTokenClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) act: Option<serde_json::Value>,
+    /// RFC 9068 §2.2.3 / RFC 8693 §4.2: space-separated scope values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) scope: Option<serde_json::Value>,
+    /// What several providers send instead (Microsoft Entra ID a
+    /// space-separated string, Okta an array).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) scp: Option<serde_json::Value>,
+    /// RFC 9068 §2.2: the client the token was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_id: Option<serde_json::Value>,
+}
+
+impl ActorTokenClaims {
+    /// Whether the token grants `wanted`: its `scope`, or without one its
+    /// `scp`, holds it as a whole value (`impersonate` is not granted by
+    /// `impersonate:read`). A claim of another shape grants nothing.
+    pub(crate) fn grants_scope(&self, wanted: &str) -> bool {
+        let holds = |value: &serde_json::Value| match value {
+            serde_json::Value::String(text) => text.split(' ').any(|s| s == wanted),
+            serde_json::Value::Array(items) => items.iter().any(|i| i.as_str() == Some(wanted)),
+            _ => false,
+        };
+        match (&self.scope, &self.scp) {
+            // An array is not RFC 9068's shape for `scope`.
+            (Some(serde_json::Value::String(text)), _) => text.split(' ').any(|s| s == wanted),
+            (Some(_), _) | (None, None) => false,
+            (None, Some(scp)) => holds(scp),
+        }
+    }
+
+    /// The client the token was issued to: its `client_id`, or without one
+    /// the `azp` the standard claims carry.
+    pub(crate) fn client<'a>(&'a self, azp: Option<&'a str>) -> Option<&'a str> {
+        match &self.client_id {
+            Some(serde_json::Value::String(id)) => Some(id),
+            Some(_) => None,
+            None => azp,
+        }
+    }
 }
 
 impl AdditionalClaims for ActorTokenClaims {}
 
+/// What the issuer reads of a subject token beyond the registered claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SubjectClaims {
     /// Who may act for the subject, if the token says.
@@ -198,7 +241,45 @@ impl AdditionalClaims for SubjectClaims {}
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::ActorClaim;
+    use super::{ActorClaim, ActorTokenClaims};
+    use serde_json::json;
+
+    /// A required scope is granted by `scope` as a whole space-separated
+    /// value, or without `scope` by `scp` (a string or an array); any other
+    /// shape grants nothing, and an odd claim still parses (it is judged
+    /// only by an issuer that requires it).
+    #[test]
+    fn an_actor_tokens_scope_and_client_are_read_as_providers_send_them() {
+        let read =
+            |json: serde_json::Value| serde_json::from_value::<ActorTokenClaims>(json).unwrap();
+        let grants = |json: serde_json::Value| read(json).grants_scope("impersonate");
+        assert!(grants(json!({"scope": "api impersonate"})));
+        assert!(grants(json!({"scope": "impersonate"})));
+        assert!(!grants(json!({"scope": "api impersonate:read"})));
+        assert!(!grants(json!({"scope": "api  Impersonate"})));
+        assert!(!grants(json!({})));
+        assert!(grants(json!({"scp": "api impersonate"})));
+        assert!(grants(json!({"scp": ["api", "impersonate"]})));
+        assert!(!grants(json!({"scp": ["api impersonate"]})));
+        assert!(!grants(json!({"scp": 1})));
+        // `scope` decides when present, whatever `scp` says.
+        assert!(!grants(json!({"scope": "api", "scp": ["impersonate"]})));
+        assert!(!grants(json!({"scope": ["impersonate"]})));
+        // A `null` claim is an absent one.
+        assert!(grants(json!({"scope": null, "scp": "impersonate"})));
+
+        let console = read(json!({"client_id": "console-ui"}));
+        assert_eq!(console.client(Some("other")), Some("console-ui"));
+        assert_eq!(
+            read(json!({})).client(Some("console-ui")),
+            Some("console-ui")
+        );
+        assert_eq!(read(json!({})).client(None), None);
+        assert_eq!(
+            read(json!({"client_id": 7})).client(Some("console-ui")),
+            None
+        );
+    }
 
     /// The current actor keeps the issuer a token names for it, and
     /// writes none when it has none; one that is not a string is refused.

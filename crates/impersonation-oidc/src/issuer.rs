@@ -112,6 +112,10 @@ pub struct IssuerConfig {
     issuer: IssuerUrl,
     token_lifetime: Duration,
     clients: Vec<ClientRegistration>,
+    /// A scope every actor token must grant, if any.
+    actor_scope: Option<String>,
+    /// The clients an actor token may have been issued to (none: any).
+    actor_clients: Vec<String>,
 }
 
 impl IssuerConfig {
@@ -124,6 +128,8 @@ impl IssuerConfig {
             issuer,
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             clients: Vec::new(),
+            actor_scope: None,
+            actor_clients: Vec::new(),
         })
     }
 
@@ -144,6 +150,59 @@ impl IssuerConfig {
             .saturating_add(i64::from(lifetime.subsec_nanoseconds() > 0));
         self.token_lifetime = Duration::seconds(whole.max(1));
         self
+    }
+
+    /// Takes as an actor token only an access token that grants `scope`
+    /// (its `scope` claim, RFC 9068 §2.2.3, or a provider's `scp`): a
+    /// scope the provider gives only to the support console, say
+    /// `impersonate`. By default any of the agent's access tokens for the
+    /// provider's audience serves, so any app the agent signed in to with
+    /// that audience could start an impersonation as them. A token without
+    /// it gets `invalid_request` naming the scope.
+    #[must_use]
+    pub fn require_actor_scope(mut self, scope: impl Into<String>) -> Self {
+        self.actor_scope = Some(scope.into());
+        self
+    }
+
+    /// Takes as an actor token only one issued to `client` (its
+    /// `client_id`, RFC 9068 §2.2, or else its `azp`); called again, each
+    /// client named is taken. By default a token issued to any client
+    /// serves.
+    #[must_use]
+    pub fn require_actor_client(mut self, client: impl Into<String>) -> Self {
+        self.actor_clients.push(client.into());
+        self
+    }
+
+    /// Whether an actor token is one this issuer takes: it grants the
+    /// required scope and was issued to a required client.
+    fn actor_token_allowed(
+        &self,
+        actor: &IdTokenClaims<ActorTokenClaims, CoreGenderClaim>,
+    ) -> Result<(), OAuthError> {
+        let claims = actor.additional_claims();
+        if let Some(scope) = &self.actor_scope
+            && !claims.grants_scope(scope)
+        {
+            return Err(oauth(
+                ErrorCode::InvalidRequest,
+                format!("actor_token: it does not grant the scope `{scope}` this issuer requires"),
+            ));
+        }
+        if !self.actor_clients.is_empty() {
+            let azp = actor.authorized_party().map(|azp| azp.as_str());
+            if !claims
+                .client(azp)
+                .is_some_and(|id| self.actor_clients.iter().any(|c| c == id))
+            {
+                return Err(oauth(
+                    ErrorCode::InvalidRequest,
+                    "actor_token: it was not issued to a client this issuer takes actor tokens from",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -488,6 +547,7 @@ impl Issuer {
                 "actor_token: a delegated token (it names an actor); present the agent's own",
             ));
         }
+        self.config.actor_token_allowed(&actor)?;
         let (target, prior) = match &request.subject {
             Subject::Requested(id) => (
                 UserId::new(id.as_str()).map_err(|e| {

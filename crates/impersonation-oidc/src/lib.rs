@@ -45,7 +45,11 @@
 //! .await?;
 //! let issuer = Issuer::new(
 //!     IssuerConfig::new("https://api.example.com/impersonation")?
-//!         .client(ClientRegistration::new("support-console", "s3cret", ["https://api.example.com"])),
+//!         .client(ClientRegistration::new("support-console", "s3cret", ["https://api.example.com"]))
+//!         // Only the console's own tokens, granting a scope only it gets,
+//!         // may start an impersonation (not any app the agent uses).
+//!         .require_actor_client("support-console-ui")
+//!         .require_actor_scope("impersonate"),
 //!     KeyRing::new(SigningKey::generate()?),
 //!     provider,
 //!     service.clone(),

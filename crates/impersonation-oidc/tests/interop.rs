@@ -93,6 +93,70 @@ async fn an_agents_token_from_a_real_provider_becomes_an_impersonation_token_a_r
     assert_eq!(ctx.agent().id.as_str(), "sam");
 }
 
+/// An issuer that takes actor tokens only from the support console's own
+/// front end, granting `impersonate`: the agent's token without that
+/// scope, or from another app of the same API, starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_requiring_a_scope_and_a_client_takes_only_such_actor_tokens() {
+    let op = TestProvider::start().await;
+    let provider = Provider::discover(&op.issuer, API, http_client().unwrap())
+        .await
+        .unwrap();
+    let served = serve_issuer_with(provider, |config| {
+        config
+            .require_actor_scope("impersonate")
+            .require_actor_client("console-ui")
+    })
+    .await;
+    let console = ("console-ui", "console-ui-secret");
+    let other_app = ("agent-app", "agent-app-secret");
+
+    let refused = [
+        (
+            op.token_from(console, "sam", "api").await,
+            "scope `impersonate`",
+        ),
+        // A scope value that only begins with the one required.
+        (
+            op.token_from(console, "sam", "api impersonate:read").await,
+            "scope `impersonate`",
+        ),
+        (
+            op.token_from(other_app, "sam", "api impersonate").await,
+            "not issued to a client",
+        ),
+    ];
+    for (token, says) in &refused {
+        let (status, body) = exchange(&served.url, &form(token, "olive")).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"], "invalid_request", "{body}");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(description.starts_with("actor_token: "), "{description}");
+        assert!(description.contains(says), "{description}");
+    }
+    let trail = impersonation_testkit::conformance::all_events(
+        served.service.store(),
+        AuditQuery::default(),
+    )
+    .await;
+    assert!(
+        trail.is_empty(),
+        "a refused actor token started nothing: {trail:?}"
+    );
+
+    let token = op.token_from(console, "sam", "api impersonate").await;
+    let (status, body) = exchange(&served.url, &form(&token, "olive")).await;
+    assert_eq!(status, 200, "{body}");
+    let ctx = served
+        .issuer
+        .verifier(API)
+        .authorize(body["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ctx.agent().id.as_str(), "sam");
+    assert_eq!(ctx.subject().as_str(), "olive");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_part_exchanges_at_a_real_provider_and_reads_its_act_claim() {
     let op = TestProvider::start().await;

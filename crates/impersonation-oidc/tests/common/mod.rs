@@ -194,14 +194,22 @@ impl TestProvider {
 
     /// A user's access token for the API, from the provider's test grant.
     pub async fn token_for(&self, user: &str) -> String {
+        self.token_from(("agent-app", "agent-app-secret"), user, "api")
+            .await
+    }
+
+    /// A user's access token for the API issued to `client` (id, secret),
+    /// granting `scope`.
+    pub async fn token_from(&self, client: (&str, &str), user: &str, scope: &str) -> String {
         let response = http_client()
             .unwrap()
             .post(format!("{}/token", self.direct))
-            .basic_auth("agent-app", Some("agent-app-secret"))
+            .basic_auth(client.0, Some(client.1))
             .form(&[
                 ("grant_type", "urn:test:grant-type:login"),
                 ("username", user),
                 ("resource", API),
+                ("token_scope", scope),
             ])
             .send()
             .await
@@ -299,19 +307,29 @@ pub struct Served {
 }
 
 pub async fn serve_issuer(provider: Provider) -> Served {
+    serve_issuer_with(provider, |config| config).await
+}
+
+/// [`serve_issuer`] with its settings changed by `configure`.
+pub async fn serve_issuer_with(
+    provider: Provider,
+    configure: impl FnOnce(IssuerConfig) -> IssuerConfig,
+) -> Served {
     let directory = directory();
     let service = Arc::new(Impersonation::new(MemoryStore::new(), directory.clone()));
     let (key, signing) = rsa_key();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let issuer = Issuer::new(
-        IssuerConfig::new(&url)
-            .unwrap()
-            .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API]))
-            .client(
-                ClientRegistration::new("reporting", "reporting-secret", [API])
-                    .without_token_exchange(),
-            ),
+        configure(
+            IssuerConfig::new(&url)
+                .unwrap()
+                .client(ClientRegistration::new(CLIENT, CLIENT_SECRET, [API]))
+                .client(
+                    ClientRegistration::new("reporting", "reporting-secret", [API])
+                        .without_token_exchange(),
+                ),
+        ),
         KeyRing::new(signing),
         provider,
         service.clone(),

@@ -51,6 +51,16 @@ const provider = new Provider(issuer, {
       response_types: [],
       token_endpoint_auth_method: 'client_secret_basic',
     },
+    {
+      // The support console's own front end: tests that take actor tokens
+      // only from it.
+      client_id: 'console-ui',
+      client_secret: 'console-ui-secret',
+      grant_types: [TEST_LOGIN],
+      redirect_uris: [],
+      response_types: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+    },
   ],
   features: {
     devInteractions: { enabled: false },
@@ -67,11 +77,11 @@ const provider = new Provider(issuer, {
   findAccount: (_ctx, id) => (users.has(id) ? { accountId: id, claims: () => ({ sub: id }) } : undefined),
 });
 
-async function accessToken(ctx, accountId) {
+async function accessToken(ctx, accountId, scope = 'api') {
   const token = new ctx.oidc.provider.AccessToken({
     accountId,
     client: ctx.oidc.client,
-    scope: 'api',
+    scope,
   });
   token.resourceServer = new ResourceServer(api, resourceInfo);
   const value = await token.save();
@@ -80,16 +90,17 @@ async function accessToken(ctx, accountId) {
     issued_token_type: 'urn:ietf:params:oauth:token-type:access_token',
     token_type: 'Bearer',
     expires_in: token.expiration,
-    scope: 'api',
+    scope,
   };
 }
 
-// A user's access token without a browser: tests only.
+// A user's access token without a browser: tests only. `token_scope`
+// (default `api`) is the scope the token grants.
 provider.registerGrantType(TEST_LOGIN, async (ctx) => {
-  const { username } = ctx.oidc.params;
+  const { username, token_scope: tokenScope } = ctx.oidc.params;
   if (!users.has(username)) throw new errors.InvalidGrant('unknown user');
-  await accessToken(ctx, username);
-}, ['username']);
+  await accessToken(ctx, username, tokenScope || 'api');
+}, ['username', 'token_scope']);
 
 async function verified(token) {
   try {
