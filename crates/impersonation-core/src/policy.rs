@@ -181,18 +181,19 @@ pub(crate) fn has_forbidden_chars(text: &str) -> bool {
     text.chars().any(is_forbidden_char)
 }
 
-/// Characters that stand on their own: all but the invisible format
-/// characters (zero-width spaces and joiners, the soft hyphen, the
-/// byte-order mark), combining marks (which only change the character
-/// before them) and the letters and symbols that are drawn blank (the
-/// Hangul fillers, the blank braille pattern), so that eight zero-width
-/// spaces, eight Hangul fillers or one letter under seven accents are no
-/// reason.
-fn visible_chars(text: &str) -> usize {
+/// The characters that say something: letters and digits, in any script.
+/// Not spaces, punctuation or symbols (eight dots, or a word padded with
+/// dashes, are no reason), nor the invisible format characters (zero-width
+/// spaces and joiners, the soft hyphen, the byte-order mark), combining
+/// marks (which only change the character before them) and the letters
+/// drawn blank (the Hangul fillers), so that eight Hangul fillers or one
+/// letter under seven accents are no reason either.
+fn meaningful_chars(text: &str) -> usize {
     use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
     text.chars()
         .filter(|c| {
-            c.general_category() != GeneralCategory::Format
+            c.is_alphanumeric()
+                && c.general_category() != GeneralCategory::Format
                 && c.general_category_group() != GeneralCategoryGroup::Mark
                 && !matches!(
                     c,
@@ -508,7 +509,11 @@ impl Policy {
         self
     }
 
-    /// Bounds on the reason's length in characters (default 8 to 500).
+    /// Bounds on the reason's length in characters (default 8 to 500). The
+    /// minimum counts letters and digits only (in any script: not spaces,
+    /// punctuation, symbols, invisible or blank characters, nor accents
+    /// apart from their letter), so a reason cannot be padded up to it;
+    /// the maximum counts every character.
     #[must_use]
     pub fn reason_length(mut self, min_chars: usize, max_chars: usize) -> Self {
         self.reason_min_chars = min_chars.max(1);
@@ -845,7 +850,7 @@ impl Policy {
         if has_forbidden_chars(text) {
             return Err(Denial::ReasonInvalidCharacters);
         }
-        if visible_chars(text) < self.reason_min_chars {
+        if meaningful_chars(text) < self.reason_min_chars {
             return Err(Denial::ReasonTooShort);
         }
         if text.chars().count() > self.reason_max_chars {

@@ -443,6 +443,26 @@ fn reasons_are_required_bounded_and_free_of_control_characters() {
         Err(Denial::ReasonTooShort)
     );
     assert_eq!(with("Cafe\u{301} bookings vanish"), Ok(()));
+    // The minimum counts letters and digits: punctuation, spaces and
+    // symbols pad nothing up to it.
+    for padded in [
+        "........",
+        "a.b.c.d.e.f.g",
+        "- - - - - - - -",
+        "?!?!?!?!",
+        "Bug 123",
+        "★★★★★★★★",
+    ] {
+        assert_eq!(with(padded), Err(Denial::ReasonTooShort), "{padded:?}");
+    }
+    for enough in [
+        "Bug 12345",
+        "Ticket #4711",
+        "預約在週末不見了的問題",
+        "Бронь пропала",
+    ] {
+        assert_eq!(with(enough), Ok(()), "{enough:?}");
+    }
     let lenient = Policy::default().reason_length(1, 20);
     assert_eq!(
         decide(
