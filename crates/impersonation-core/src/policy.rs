@@ -181,24 +181,22 @@ pub(crate) fn has_forbidden_chars(text: &str) -> bool {
     text.chars().any(is_forbidden_char)
 }
 
-/// The characters that say something: letters and digits, in any script.
-/// Not spaces, punctuation or symbols (eight dots, or a word padded with
-/// dashes, are no reason), nor the invisible format characters (zero-width
-/// spaces and joiners, the soft hyphen, the byte-order mark), combining
-/// marks (which only change the character before them) and the letters
-/// drawn blank (the Hangul fillers), so that eight Hangul fillers or one
-/// letter under seven accents are no reason either.
+/// The characters that say something: letters (Unicode's general category
+/// L) and decimal digits (Nd), in any script. Not spaces, punctuation or
+/// symbols (eight dots, or a word padded with dashes, are no reason; nor
+/// are circled letters, which are symbols, or ①, ² and ½), nor the
+/// invisible format characters (zero-width spaces and joiners, the soft
+/// hyphen, the byte-order mark), combining marks (which only change the
+/// character before them) and the letters drawn blank (the Hangul
+/// fillers), so that eight Hangul fillers or one letter under seven
+/// accents are no reason either.
 fn meaningful_chars(text: &str) -> usize {
     use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
     text.chars()
         .filter(|c| {
-            c.is_alphanumeric()
-                && c.general_category() != GeneralCategory::Format
-                && c.general_category_group() != GeneralCategoryGroup::Mark
-                && !matches!(
-                    c,
-                    '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
-                )
+            (c.general_category_group() == GeneralCategoryGroup::Letter
+                || c.general_category() == GeneralCategory::DecimalNumber)
+                && !matches!(c, '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}')
         })
         .count()
 }
@@ -510,10 +508,10 @@ impl Policy {
     }
 
     /// Bounds on the reason's length in characters (default 8 to 500). The
-    /// minimum counts letters and digits only (in any script: not spaces,
-    /// punctuation, symbols, invisible or blank characters, nor accents
-    /// apart from their letter), so a reason cannot be padded up to it;
-    /// the maximum counts every character.
+    /// minimum counts letters and decimal digits only (in any script: not
+    /// spaces, punctuation, symbols, invisible or blank characters, nor
+    /// accents apart from their letter), so a reason cannot be padded up
+    /// to it; the maximum counts every character.
     #[must_use]
     pub fn reason_length(mut self, min_chars: usize, max_chars: usize) -> Self {
         self.reason_min_chars = min_chars.max(1);

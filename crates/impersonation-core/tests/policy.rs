@@ -450,8 +450,11 @@ fn reasons_are_required_bounded_and_free_of_control_characters() {
         "a.b.c.d.e.f.g",
         "- - - - - - - -",
         "?!?!?!?!",
-        "Bug 123",
+        "Bug 1234",
         "★★★★★★★★",
+        "ⒶⒷⒸⒹⒺⒻⒼⒽ",
+        "①②③④⑤⑥⑦⑧",
+        "½½½½ ²²²²",
     ] {
         assert_eq!(with(padded), Err(Denial::ReasonTooShort), "{padded:?}");
     }

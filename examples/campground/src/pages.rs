@@ -1186,7 +1186,8 @@ pub async fn support(
                      <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
                      <input type=\"hidden\" name=\"return_to\" value=\"/dashboard\">\
                      <input type=\"hidden\" name=\"error_to\" value=\"/support?q={q}\">\
-                     <label>Reason <input type=\"text\" name=\"reason\" minlength=\"8\" maxlength=\"500\" required></label>\
+                     <label>Reason <input type=\"text\" name=\"reason\" minlength=\"8\" maxlength=\"500\" required \
+                     title=\"At least 8 letters or digits: why you need to see the account\"></label>\
                      <label>Ticket <input type=\"text\" name=\"ticket\" maxlength=\"64\" placeholder=\"SUP-1234\" \
                      pattern=\"[A-Za-z0-9_#.\\/:\\-]+\" title=\"Letters, digits and - _ # . / : only, as SUP-1234\"></label>\
                      <label><input type=\"checkbox\" name=\"read_only\"> read only</label>\
