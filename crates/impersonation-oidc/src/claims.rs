@@ -174,8 +174,10 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
 /// them ([`crate::IssuerConfig::require_actor_scope`],
 /// [`crate::IssuerConfig::require_actor_client`]), its scope and the client
 /// it was issued to. Those are read as any shape here and judged only when
-/// required, so a provider's odd claim refuses no token of an issuer that
-/// does not look at it. Other claims, whatever their types, are left alone.
+/// required, so a claim of an odd shape refuses no token of an issuer that
+/// does not look at it (a token naming one of these claims twice is
+/// refused, as one naming `act` twice always was). Other claims, whatever
+/// their types, are left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ActorTokenClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,6 +192,12 @@ pub(crate) struct ActorTokenClaims {
     /// RFC 9068 §2.2: the client the token was issued to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) client_id: Option<serde_json::Value>,
+    /// Okta's name for the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cid: Option<serde_json::Value>,
+    /// Microsoft Entra ID's (v1 tokens; v2 tokens carry `azp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) appid: Option<serde_json::Value>,
 }
 
 impl ActorTokenClaims {
@@ -210,14 +218,20 @@ impl ActorTokenClaims {
         }
     }
 
-    /// The client the token was issued to: its `client_id`, or without one
-    /// the `azp` the standard claims carry.
+    /// The client the token was issued to: the first of `client_id`
+    /// (RFC 9068), `azp` (the standard claims carry it), `cid` and `appid`
+    /// that the token has decides, and only as a string.
     pub(crate) fn client<'a>(&'a self, azp: Option<&'a str>) -> Option<&'a str> {
-        match &self.client_id {
-            Some(serde_json::Value::String(id)) => Some(id),
-            Some(_) => None,
-            None => azp,
-        }
+        let named = |claim: &'a Option<serde_json::Value>| {
+            claim
+                .as_ref()
+                .map(|value| value.as_str().unwrap_or_default())
+        };
+        named(&self.client_id)
+            .or(azp)
+            .or_else(|| named(&self.cid))
+            .or_else(|| named(&self.appid))
+            .filter(|id| !id.is_empty())
     }
 }
 
@@ -279,6 +293,24 @@ mod tests {
             read(json!({"client_id": 7})).client(Some("console-ui")),
             None
         );
+        assert_eq!(
+            read(json!({"client_id": ""})).client(Some("console-ui")),
+            None
+        );
+        // `client_id` decides over `azp`, `azp` over a provider's own names.
+        assert_eq!(
+            read(json!({"cid": "okta-app", "appid": "entra-app"})).client(Some("console-ui")),
+            Some("console-ui")
+        );
+        assert_eq!(
+            read(json!({"cid": "okta-app"})).client(None),
+            Some("okta-app")
+        );
+        assert_eq!(
+            read(json!({"appid": "entra-app"})).client(None),
+            Some("entra-app")
+        );
+        assert_eq!(read(json!({"cid": ["okta-app"]})).client(None), None);
     }
 
     /// The current actor keeps the issuer a token names for it, and

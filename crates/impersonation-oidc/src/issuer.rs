@@ -112,8 +112,8 @@ pub struct IssuerConfig {
     issuer: IssuerUrl,
     token_lifetime: Duration,
     clients: Vec<ClientRegistration>,
-    /// A scope every actor token must grant, if any.
-    actor_scope: Option<String>,
+    /// The scopes every actor token must grant.
+    actor_scopes: Vec<String>,
     /// The clients an actor token may have been issued to (none: any).
     actor_clients: Vec<String>,
 }
@@ -128,7 +128,7 @@ impl IssuerConfig {
             issuer,
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             clients: Vec::new(),
-            actor_scope: None,
+            actor_scopes: Vec::new(),
             actor_clients: Vec::new(),
         })
     }
@@ -153,21 +153,35 @@ impl IssuerConfig {
     }
 
     /// Takes as an actor token only an access token that grants `scope`
-    /// (its `scope` claim, RFC 9068 §2.2.3, or a provider's `scp`): a
-    /// scope the provider gives only to the support console, say
-    /// `impersonate`. By default any of the agent's access tokens for the
-    /// provider's audience serves, so any app the agent signed in to with
-    /// that audience could start an impersonation as them. A token without
-    /// it gets `invalid_request` naming the scope.
-    #[must_use]
-    pub fn require_actor_scope(mut self, scope: impl Into<String>) -> Self {
-        self.actor_scope = Some(scope.into());
-        self
+    /// (its `scope` claim, RFC 9068 §2.2.3, as one of its space-separated
+    /// values; without one, a provider's `scp`, string or array): a scope
+    /// the provider gives only to the support console, say `impersonate`.
+    /// By default any of the agent's access tokens for the provider's
+    /// audience serves, so any app the agent signed in to with that
+    /// audience could start an impersonation as them. Called again, every
+    /// scope named is required. A token without one gets `invalid_request`
+    /// naming it. A scope that is not one scope value (empty, or with a
+    /// space, a quote or a backslash: RFC 6749 §3.3) is a configuration
+    /// error.
+    pub fn require_actor_scope(mut self, scope: impl Into<String>) -> Result<Self, OidcError> {
+        let scope = scope.into();
+        if scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+        {
+            return Err(OidcError::Config(format!(
+                "actor scope {scope:?}: not one scope value (RFC 6749 §3.3)"
+            )));
+        }
+        self.actor_scopes.push(scope);
+        Ok(self)
     }
 
-    /// Takes as an actor token only one issued to `client` (its
-    /// `client_id`, RFC 9068 §2.2, or else its `azp`); called again, each
-    /// client named is taken. By default a token issued to any client
+    /// Takes as an actor token only one issued to `client`: the first of
+    /// its `client_id` (RFC 9068 §2.2), `azp`, `cid` (Okta) and `appid`
+    /// (Microsoft Entra ID v1) that it has names the client. Called again,
+    /// each client named is taken. By default a token issued to any client
     /// serves.
     #[must_use]
     pub fn require_actor_client(mut self, client: impl Into<String>) -> Self {
@@ -182,9 +196,7 @@ impl IssuerConfig {
         actor: &IdTokenClaims<ActorTokenClaims, CoreGenderClaim>,
     ) -> Result<(), OAuthError> {
         let claims = actor.additional_claims();
-        if let Some(scope) = &self.actor_scope
-            && !claims.grants_scope(scope)
-        {
+        if let Some(scope) = self.actor_scopes.iter().find(|s| !claims.grants_scope(s)) {
             return Err(oauth(
                 ErrorCode::InvalidRequest,
                 format!("actor_token: it does not grant the scope `{scope}` this issuer requires"),

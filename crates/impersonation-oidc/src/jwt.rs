@@ -65,8 +65,13 @@ pub(crate) fn to_chrono(at: OffsetDateTime) -> DateTime<Utc> {
     DateTime::from_timestamp(at.unix_timestamp(), 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-/// Shape checks that need no parsing: size, three non-empty base64url parts.
+/// Shape checks that need no parsing: size, three non-empty parts in
+/// canonical base64url. Canonical: a last character with bits the bytes do
+/// not use (the signature's last character can take four values that
+/// decode to the same bytes) is refused, so that no token changed in one
+/// character still verifies.
 pub(crate) fn check_shape(token: &str) -> Result<(), TokenError> {
+    use base64::Engine;
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed("token too long".into()));
     }
@@ -81,6 +86,11 @@ pub(crate) fn check_shape(token: &str) -> Result<(), TokenError> {
         !p.is_empty()
             && p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            // Rejects trailing bits (and padding, and a length no encoding
+            // gives).
+            && base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .is_ok()
     };
     if !parts.iter().all(base64url) {
         return Err(TokenError::Malformed("parts must be base64url".into()));

@@ -49,7 +49,7 @@
 //!         // Only the console's own tokens, granting a scope only it gets,
 //!         // may start an impersonation (not any app the agent uses).
 //!         .require_actor_client("support-console-ui")
-//!         .require_actor_scope("impersonate"),
+//!         .require_actor_scope("impersonate")?,
 //!     KeyRing::new(SigningKey::generate()?),
 //!     provider,
 //!     service.clone(),

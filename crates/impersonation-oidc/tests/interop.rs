@@ -104,8 +104,9 @@ async fn an_issuer_requiring_a_scope_and_a_client_takes_only_such_actor_tokens()
         .unwrap();
     let served = serve_issuer_with(provider, |config| {
         config
-            .require_actor_scope("impersonate")
             .require_actor_client("console-ui")
+            .require_actor_scope("impersonate")
+            .unwrap()
     })
     .await;
     let console = ("console-ui", "console-ui-secret");

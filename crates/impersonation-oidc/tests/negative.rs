@@ -175,18 +175,164 @@ async fn hostile_actor_tokens_are_invalid_requests() {
     assert_nothing_audited(&f).await;
 }
 
-/// The issuer reads only `act` beyond the standard claims of an agent's
-/// token: claims it has no use for pass whatever their shape (a provider's
-/// numeric `sid`, say).
+/// Beyond the standard claims of an agent's token, the issuer reads `act`,
+/// and the scope and client claims only when it requires them: claims it
+/// has no use for pass whatever their shape (a provider's numeric `sid`,
+/// say; a `scope` array, a numeric `client_id` to an issuer that requires
+/// neither).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_token_with_claims_of_other_shapes_is_accepted() {
     let f = fixture().await;
     let actor = f.op.op_token("sam", |_, p| {
         p["sid"] = json!(42);
         p["roles"] = json!({"values": [1, 2]});
+        p["scope"] = json!(["api"]);
+        p["scp"] = json!({"api": true});
+        p["client_id"] = json!(7);
+        p["cid"] = json!(null);
     });
     let (status, body) = f.exchange(&form(&actor, "olive")).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// An issuer requiring a scope and a client reads them as providers send
+/// them: RFC 9068's `scope` and `client_id`, else `azp`, Okta's `scp`
+/// array and `cid`; the first claim present decides, and every scope
+/// required must be granted. A scope that is not one value is refused
+/// when configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_tokens_scope_and_client_are_read_as_providers_send_them() {
+    let (op, provider) = forged_provider();
+    let served = serve_issuer_with(provider, |config| {
+        config
+            .require_actor_client("console-ui")
+            .require_actor_scope("impersonate")
+            .and_then(|c| c.require_actor_scope("support"))
+            .unwrap()
+    })
+    .await;
+    let f = Fixture { served, op };
+    let token = |claims: Value| {
+        f.op.op_token("sam", |_, p| {
+            let p = p.as_object_mut().unwrap();
+            p.remove("client_id");
+            p.remove("scope");
+            p.extend(claims.as_object().unwrap().clone());
+        })
+    };
+    let taken = [
+        json!({"client_id": "console-ui", "scope": "api support impersonate"}),
+        json!({"azp": "console-ui", "scope": "impersonate support"}),
+        json!({"cid": "console-ui", "scp": ["impersonate", "support"]}),
+        json!({"appid": "console-ui", "scp": "support impersonate"}),
+    ];
+    for claims in &taken {
+        let (status, body) = f.exchange(&form(&token(claims.clone()), "olive")).await;
+        assert_eq!(status, 200, "{claims}: {body}");
+        f.served
+            .service
+            .revoke_all_for_agent(&UserId::new("sam").unwrap(), Initiator::System, "next")
+            .await
+            .unwrap();
+    }
+    let refused = [
+        // `client_id` decides, whatever `azp` says.
+        (
+            json!({"client_id": "agent-app", "azp": "console-ui", "scope": "impersonate support"}),
+            "not issued to a client",
+        ),
+        (
+            json!({"client_id": ["console-ui"], "scope": "impersonate support"}),
+            "not issued to a client",
+        ),
+        (
+            json!({"scope": "impersonate support"}),
+            "not issued to a client",
+        ),
+        // `scope` decides, whatever `scp` says.
+        (
+            json!({"client_id": "console-ui", "scope": "api", "scp": ["impersonate", "support"]}),
+            "scope `impersonate`",
+        ),
+        (
+            json!({"client_id": "console-ui", "scope": "impersonate"}),
+            "scope `support`",
+        ),
+        (
+            json!({"client_id": "console-ui", "scope": "impersonate\tsupport"}),
+            "scope `impersonate`",
+        ),
+    ];
+    let before = impersonation_testkit::conformance::all_events(
+        f.served.service.store(),
+        AuditQuery::default(),
+    )
+    .await
+    .len();
+    for (claims, says) in &refused {
+        let answer = f.exchange(&form(&token(claims.clone()), "olive")).await;
+        assert_refused(&answer, 400, "invalid_request");
+        let description = answer.1["error_description"].as_str().unwrap();
+        assert!(description.contains(says), "{claims}: {description}");
+    }
+    let after = impersonation_testkit::conformance::all_events(
+        f.served.service.store(),
+        AuditQuery::default(),
+    )
+    .await
+    .len();
+    assert_eq!(before, after, "a refused actor token reaches no policy");
+
+    for scope in [
+        "",
+        "impersonate support",
+        "say\"what",
+        "back\\slash",
+        "tab\t",
+    ] {
+        let refused = impersonation_oidc::IssuerConfig::new("https://issuer.test")
+            .unwrap()
+            .require_actor_scope(scope);
+        assert!(refused.is_err(), "{scope:?}");
+    }
+}
+
+/// A signature's last base64url character carries bits its bytes do not
+/// use: the other spellings of the same signature are refused, for the
+/// provider's tokens at the token endpoint and for ours at the verifier,
+/// so that no token changed in one character verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_stray_bits_in_its_last_character_is_refused() {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let respelled = |token: &str| -> Vec<String> {
+        let (rest, last) = token.split_at(token.len() - 1);
+        let value = ALPHABET
+            .iter()
+            .position(|&c| c == last.as_bytes()[0])
+            .unwrap();
+        let unused = match token.rsplit('.').next().unwrap().len() % 4 {
+            2 => 4,
+            3 => 2,
+            _ => 0,
+        };
+        assert_eq!(unused, 4, "a 256-byte signature ends one byte into a group");
+        (1..1 << unused)
+            .map(|stray| format!("{rest}{}", char::from(ALPHABET[value ^ stray])))
+            .collect()
+    };
+    let f = fixture().await;
+    let actor = f.op.op_token("sam", |_, _| {});
+    for token in respelled(&actor) {
+        let answer = f.exchange(&form(&token, "olive")).await;
+        assert_refused(&answer, 400, "invalid_request");
+    }
+    assert_nothing_audited(&f).await;
+    let ours = f.issue("sam", "olive").await;
+    let verifier = f.served.issuer.verifier(API);
+    for token in respelled(&ours) {
+        assert!(verifier.verify(&token).is_err(), "{token}");
+    }
+    assert!(verifier.verify(&ours).is_ok());
 }
 
 /// OpenID Connect lets a provider that publishes one key leave `kid` out
