@@ -168,6 +168,17 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
     }
 }
 
+/// A claim read as present when its name is, even with a `null` value
+/// (which serde's `Option` takes for absent): a token cannot lift a
+/// check by sending `null` where the check looks for the claim.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// What the issuer reads from an agent's access token beyond the standard
 /// claims: whether it names an actor (`act`, of any shape), which makes it
 /// a delegated token, not the agent's own; and, for an issuer that requires
@@ -180,7 +191,13 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
 /// their types, are left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ActorTokenClaims {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Present, whatever its value: `"act": null` is a token that names an
+    /// actor slot all the same, not one without.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub(crate) act: Option<serde_json::Value>,
     /// RFC 9068 §2.2.3 / RFC 8693 §4.2: space-separated scope values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,13 +257,22 @@ impl AdditionalClaims for ActorTokenClaims {}
 /// What the issuer reads of a subject token beyond the registered claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SubjectClaims {
-    /// Who may act for the subject, if the token says.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Who may act for the subject, if the token says (`null` is no
+    /// `may_act` object, and refuses the token, not one without).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub(crate) may_act: Option<MayActClaim>,
     /// Who already acts for the subject (a delegated token): the issued
     /// token names them as prior actors. Read as strictly as any `act`,
-    /// and kept whole.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// and kept whole (`null` too: it refuses the token).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub(crate) act: Option<ActorChain>,
 }
 

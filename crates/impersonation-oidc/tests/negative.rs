@@ -153,6 +153,10 @@ async fn hostile_actor_tokens_are_invalid_requests() {
             signed(&|_, p| p["act"] = json!({"sub": "lee"})),
         ),
         (
+            "an actor slot left null",
+            signed(&|_, p| p["act"] = json!(null)),
+        ),
+        (
             "a typ that is not a token",
             signed(&|h, _| h["typ"] = json!("application/pdf")),
         ),
@@ -675,6 +679,8 @@ async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
         json!("sam"),
         json!({"sub": ""}),
         json!({"sub": "sam", "iss": 7}),
+        // Sent, but null: not a token without `may_act`.
+        json!(null),
     ] {
         let answer = exchange_for(refused.clone()).await;
         assert_refused(&answer, 400, "invalid_request");
@@ -787,6 +793,8 @@ async fn a_subject_tokens_delegation_chain_becomes_the_issued_tokens_prior_actor
         json!("scheduler-app"),
         json!({"sub": ""}),
         json!({"sub": "scheduler-app", "act": [1]}),
+        // Sent, but null: not a token without `act`.
+        json!(null),
         deep,
     ] {
         let answer = exchange_for(refused.clone()).await;
