@@ -31,6 +31,17 @@ fn the_state_machine_holds_through_the_fault_wrapper() {
 }
 
 #[test]
+fn the_trail_holds_through_random_store_faults() {
+    let config = MachineConfig {
+        cases: 200,
+        max_steps: 40,
+    };
+    impersonation_testkit::fault_sequences::run_fault_sequences(config, || async {
+        MemoryStore::new()
+    });
+}
+
+#[test]
 fn cases_may_share_one_store() {
     // What a database adapter does: every case gets the same store, and the
     // cases' namespaces keep them apart.

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_diesel::DieselStore;
+use impersonation_testkit::fault_sequences::run_fault_sequences;
 use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
 
 fn cases() -> u32 {
@@ -23,19 +24,36 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = DieselStore> + Send,
 {
+    run_as(make, false);
+}
+
+/// The state machine, or with `faults` the fault sequences (half as many
+/// cases) on one store shared by the cases.
+fn run_as<F, Fut>(make: F, faults: bool)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = DieselStore> + Send,
+{
     let cell = Arc::new(tokio::sync::OnceCell::new());
     let make = Arc::new(make);
-    run_state_machine(
-        MachineConfig {
+    let factory = move || {
+        let cell = Arc::clone(&cell);
+        let make = Arc::clone(&make);
+        async move { cell.get_or_init(|| make()).await.clone() }
+    };
+    if faults {
+        let config = MachineConfig {
+            cases: cases().div_ceil(2),
+            max_steps: 40,
+        };
+        run_fault_sequences(config, factory);
+    } else {
+        let config = MachineConfig {
             cases: cases(),
             max_steps: 50,
-        },
-        move || {
-            let cell = Arc::clone(&cell);
-            let make = Arc::clone(&make);
-            async move { cell.get_or_init(|| make()).await.clone() }
-        },
-    );
+        };
+        run_state_machine(config, factory);
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -58,6 +76,24 @@ fn state_machine_on_sqlite_file() {
 #[test]
 fn state_machine_on_sqlite_memory() {
     run(common::sqlite_memory);
+}
+
+/// The trail under random store faults (`run_fault_sequences`).
+#[cfg(feature = "postgres")]
+#[test]
+fn fault_sequences_on_postgres() {
+    run_as(common::postgres, true);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn fault_sequences_on_mariadb() {
+    run_as(common::mysql, true);
+}
+
+#[test]
+fn fault_sequences_on_sqlite_file() {
+    run_as(common::sqlite_file, true);
 }
 
 /// The edge sequences on every backend: those that end a session's idle

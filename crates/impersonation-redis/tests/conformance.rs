@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use impersonation_redis::RedisStore;
+use impersonation_testkit::fault_sequences::run_fault_sequences;
 use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
 
 mod single {
@@ -47,33 +48,53 @@ fn cases() -> u32 {
         .unwrap_or(128)
 }
 
-fn run<F, Fut>(make: F)
+/// The state machine, or with `faults` the fault sequences (half as many
+/// cases) on one store shared by the cases.
+fn run<F, Fut>(make: F, faults: bool)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = RedisStore> + Send,
 {
     let cell = Arc::new(tokio::sync::OnceCell::new());
     let make = Arc::new(make);
-    run_state_machine(
-        MachineConfig {
+    let factory = move || {
+        let (cell, make) = (Arc::clone(&cell), Arc::clone(&make));
+        async move { cell.get_or_init(|| make()).await.clone() }
+    };
+    if faults {
+        let config = MachineConfig {
+            cases: cases().div_ceil(2),
+            max_steps: 40,
+        };
+        run_fault_sequences(config, factory);
+    } else {
+        let config = MachineConfig {
             cases: cases(),
             max_steps: 50,
-        },
-        move || {
-            let (cell, make) = (Arc::clone(&cell), Arc::clone(&make));
-            async move { cell.get_or_init(|| make()).await.clone() }
-        },
-    );
+        };
+        run_state_machine(config, factory);
+    }
 }
 
 #[test]
 fn state_machine_on_redis() {
-    run(common::single);
+    run(common::single, false);
 }
 
 #[test]
 fn state_machine_on_redis_cluster() {
-    run(common::cluster);
+    run(common::cluster, false);
+}
+
+/// The trail under random store faults (`run_fault_sequences`).
+#[test]
+fn fault_sequences_on_redis() {
+    run(common::single, true);
+}
+
+#[test]
+fn fault_sequences_on_redis_cluster() {
+    run(common::cluster, true);
 }
 
 /// The edge sequences: those that end a session's idle timeout between

@@ -14,6 +14,11 @@
 //!   write, to show the service fails closed around a store call that
 //!   fails (it wraps whole calls: that a failed write of your store leaves
 //!   neither half is for a test against your database itself);
+//! * [`fault_sequences::run_fault_sequences`]: random sequences of service
+//!   calls on your store behind that wrapper, a random call failing before
+//!   or after your store acts, and the trail checked for completeness (no
+//!   session without its record, one end event each, chains that verify)
+//!   after every step;
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel
 //!   tests apart on shared servers.
 //!
@@ -35,6 +40,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod conformance;
+pub mod fault_sequences;
 pub mod faults;
 pub mod machine;
 pub mod scratch;

@@ -1017,19 +1017,7 @@ impl<S: Store> Case<S> {
         let mut events: Vec<AuditEvent> = Vec::new();
         for (index, agent) in self.agents.iter().enumerate() {
             let chain_events = verified_chain(store, &ChainKey::for_agent(&agent.id)).await?;
-            let live = store
-                .live_sessions(&LiveFilter {
-                    agent: Some(agent.id.clone()),
-                    ..LiveFilter::default()
-                })
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            prop_assert!(
-                live.len() <= 1,
-                "invariant 3: agent {} has {} live sessions",
-                agent.id,
-                live.len()
-            );
+            let live = live_of(store, agent).await?;
             // And exactly the model's: its latest session while that is
             // live (pending or active, lapsed by the clock or not), else none.
             let listed: Vec<SessionId> = live.iter().map(|s| s.id).collect();
@@ -1106,42 +1094,7 @@ impl<S: Store> Case<S> {
         }
 
         for (id, agent) in &self.sessions {
-            let session = store
-                .session(*id)
-                .await
-                .map_err(|e| fail(e.to_string()))?
-                .ok_or_else(|| fail(format!("session {id} vanished")))?;
-            let mine: Vec<&AuditEvent> = events
-                .iter()
-                .filter(|e| e.session == Some(*id) && e.action != AuditAction::Denied)
-                .collect();
-            let first = mine.first().map(|e| e.action);
-            prop_assert!(
-                matches!(
-                    first,
-                    Some(AuditAction::SessionStarted | AuditAction::SessionRequested)
-                ),
-                "invariant 1: session {} has no start event first ({:?})",
-                id,
-                first
-            );
-            let ends = mine
-                .iter()
-                .filter(|e| e.action == AuditAction::SessionEnded)
-                .count();
-            match session.state {
-                SessionState::Ended(reason) => {
-                    prop_assert_eq!(
-                        ends,
-                        1,
-                        "invariant 2: ended session has {} end events",
-                        ends
-                    );
-                    let last = mine.last().map(|e| (e.action, e.details.get("reason")));
-                    prop_assert_eq!(last, Some((AuditAction::SessionEnded, Some(reason.code()))));
-                }
-                _ => prop_assert_eq!(ends, 0, "invariant 2: live session has an end event"),
-            }
+            let session = stored_with_its_events(store, *id, &events).await?;
             if let Some((model, _)) = self.latest.get(agent)
                 && model.id == *id
             {
@@ -1154,6 +1107,81 @@ impl<S: Store> Case<S> {
         }
         Ok(())
     }
+}
+
+/// The agent's live sessions, at most one (invariant 3).
+pub(crate) async fn live_of<S: Store + ?Sized>(
+    store: &S,
+    agent: &Principal,
+) -> Result<Vec<impersonation_core::Session>, TestCaseError> {
+    let live = store
+        .live_sessions(&LiveFilter {
+            agent: Some(agent.id.clone()),
+            ..LiveFilter::default()
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    prop_assert!(
+        live.len() <= 1,
+        "invariant 3: agent {} has {} live sessions",
+        agent.id,
+        live.len()
+    );
+    Ok(live)
+}
+
+/// Invariants 1 and 2 for one session: the store holds it, its first
+/// event (of `events`, refusals aside) starts it, and it has exactly one
+/// end event, its last, with the state's reason, if it has ended, none if
+/// it is live. Returns the stored session.
+pub(crate) async fn stored_with_its_events<S: Store + ?Sized>(
+    store: &S,
+    id: SessionId,
+    events: &[AuditEvent],
+) -> Result<impersonation_core::Session, TestCaseError> {
+    let session = store
+        .session(id)
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail(format!("session {id} vanished")))?;
+    let mine: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.session == Some(id) && e.action != AuditAction::Denied)
+        .collect();
+    let first = mine.first().map(|e| e.action);
+    prop_assert!(
+        matches!(
+            first,
+            Some(AuditAction::SessionStarted | AuditAction::SessionRequested)
+        ),
+        "invariant 1: session {} has no start event first ({:?})",
+        id,
+        first
+    );
+    let ends = mine
+        .iter()
+        .filter(|e| e.action == AuditAction::SessionEnded)
+        .count();
+    match session.state {
+        SessionState::Ended(reason) => {
+            prop_assert_eq!(
+                ends,
+                1,
+                "invariant 2: session {} has {} end events",
+                id,
+                ends
+            );
+            let last = mine.last().map(|e| (e.action, e.details.get("reason")));
+            prop_assert_eq!(
+                last,
+                Some((AuditAction::SessionEnded, Some(reason.code()))),
+                "invariant 2: session {}'s end event is not its last, with its reason",
+                id
+            );
+        }
+        _ => prop_assert_eq!(ends, 0, "invariant 2: live session {} has an end event", id),
+    }
+    Ok(session)
 }
 
 /// Permission families no shadow user holds under the testkit's policy
@@ -1249,6 +1277,25 @@ fn check_shadow(
     Ok(())
 }
 
+/// A runtime of its own for a property run, and its runner: `config.cases`
+/// cases, none persisted (a store's failure is for its own run to show).
+pub(crate) fn runtime_and_runner(config: MachineConfig) -> (tokio::runtime::Runtime, TestRunner) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("could not build a tokio runtime: {e}"),
+    };
+    let runner = TestRunner::new(ProptestConfig {
+        cases: config.cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    (runtime, runner)
+}
+
 /// Runs the property test: `config.cases` random sequences of up to
 /// `config.max_steps` steps, each against a store from `factory`, on a
 /// runtime of its own. Call it from a plain `#[test]` (not `#[tokio::test]`).
@@ -1259,19 +1306,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = S>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("could not build a tokio runtime: {e}"),
-    };
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: config.cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let (runtime, mut runner) = runtime_and_runner(config);
     let strategy = (
         prop::bool::weighted(0.25),
         prop::collection::vec(op_strategy(), 1..=config.max_steps),
@@ -1423,7 +1458,7 @@ async fn run_case<S: Store + 'static>(
 }
 
 /// A chain's events, once they verify against its head (invariant 5).
-async fn verified_chain<S: Store + ?Sized>(
+pub(crate) async fn verified_chain<S: Store + ?Sized>(
     store: &S,
     chain: &ChainKey,
 ) -> Result<Vec<AuditEvent>, TestCaseError> {

@@ -1,0 +1,274 @@
+//! Random sequences of service calls with store faults among them: the
+//! [`FaultyStore`] wrapper fails a random call of a step, before the inner
+//! store runs it or after (the store acted, the caller got an error), and
+//! the trail must hold whatever happened. No model of outcomes: a call
+//! that failed may or may not have acted, so each check reads the store
+//! alone, after every step, with the fault healed:
+//!
+//! 1. every session the store holds has its start event first in its
+//!    agent's chain (no session without its audit record), and every
+//!    session an event names is one the store holds;
+//! 2. an ended session has exactly one end event, last, with the state's
+//!    reason; a live one none;
+//! 3. at most one live session per agent;
+//! 4. every chain verifies against its head (the agents' and the
+//!    customers' revocation chains).
+//!
+//! Run it on a store beside [`crate::machine::run_state_machine`]: that one
+//! checks the outcomes against a model with no fault, this one the trail's
+//! completeness under faults.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+
+use impersonation_core::{
+    Activity, AuditEvent, ChainKey, Impersonation, Initiator, ManualClock, MemoryDirectory, Policy,
+    Principal, Requester, SessionId, SessionSecret, StartRequest, Store,
+};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use time::Duration;
+
+use crate::faults::{Calls, FaultyStore, When};
+use crate::machine::{
+    MachineConfig, live_of, runtime_and_runner, stored_with_its_events, verified_chain,
+};
+use crate::world::{World, epoch};
+
+/// Agents in a case.
+const AGENTS: usize = 2;
+/// Customers in a case.
+const TARGETS: usize = 2;
+
+/// One call of a sequence.
+#[derive(Debug, Clone)]
+enum Call {
+    Start { agent: usize, target: usize },
+    Resolve { agent: usize },
+    Record { agent: usize, modification: bool },
+    Stop { agent: usize },
+    RevokeAllForAgent { agent: usize },
+    RevokeAllForSubject { target: usize },
+    EndLapsed,
+    Advance { minutes: i64 },
+}
+
+/// A call, and the fault planned for it: its `nth` store call (of those
+/// counted) fails.
+#[derive(Debug, Clone)]
+struct Step {
+    call: Call,
+    fault: Option<(usize, When, Calls)>,
+}
+
+fn call_strategy() -> impl Strategy<Value = Call> {
+    prop_oneof![
+        3 => (0..AGENTS, 0..TARGETS).prop_map(|(agent, target)| Call::Start { agent, target }),
+        3 => (0..AGENTS).prop_map(|agent| Call::Resolve { agent }),
+        3 => (0..AGENTS, any::<bool>())
+            .prop_map(|(agent, modification)| Call::Record { agent, modification }),
+        2 => (0..AGENTS).prop_map(|agent| Call::Stop { agent }),
+        1 => (0..AGENTS).prop_map(|agent| Call::RevokeAllForAgent { agent }),
+        1 => (0..TARGETS).prop_map(|target| Call::RevokeAllForSubject { target }),
+        1 => Just(Call::EndLapsed),
+        1 => (1_i64..=90).prop_map(|minutes| Call::Advance { minutes }),
+    ]
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    let fault = prop::option::weighted(
+        0.6,
+        (
+            0_usize..4,
+            prop_oneof![Just(When::Before), Just(When::After)],
+            prop_oneof![Just(Calls::All), Just(Calls::Writes)],
+        ),
+    );
+    (call_strategy(), fault).prop_map(|(call, fault)| Step { call, fault })
+}
+
+fn fail(msg: String) -> TestCaseError {
+    TestCaseError::fail(msg)
+}
+
+struct Case<S: Store> {
+    service: Impersonation<FaultyStore<S>, MemoryDirectory>,
+    clock: ManualClock,
+    agents: [Principal; AGENTS],
+    targets: [Principal; TARGETS],
+    /// Each agent's latest secret, from a start that answered.
+    secrets: BTreeMap<usize, SessionSecret>,
+    /// Each agent's latest context, from a resolve that answered.
+    contexts: BTreeMap<usize, impersonation_core::Context>,
+    /// Every session seen: started with an answer, or listed live by a
+    /// check (a start whose answer a fault lost).
+    seen: BTreeSet<SessionId>,
+}
+
+impl<S: Store> Case<S> {
+    fn new(store: S) -> Self {
+        let world = World::new();
+        let agents: [Principal; AGENTS] = [world.agent(0), world.agent(1)];
+        let targets: [Principal; TARGETS] = [world.customer(0, "t1"), world.customer(1, "t1")];
+        let directory = MemoryDirectory::new();
+        for p in agents.iter().chain(&targets) {
+            directory.insert(p.clone());
+        }
+        let clock = ManualClock::new(epoch());
+        let policy = Policy::default()
+            .max_duration(Duration::hours(2))
+            .idle_timeout(Duration::minutes(30));
+        let service = Impersonation::new(FaultyStore::new(store), directory)
+            .with_policy(policy)
+            .with_projection(world.rules.clone())
+            .with_clock(clock.clone());
+        Self {
+            service,
+            clock,
+            agents,
+            targets,
+            secrets: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// Runs one call; what it answers is not judged (a fault may fail any
+    /// of them), only what it leaves in the store.
+    async fn run(&mut self, call: &Call) {
+        match *call {
+            Call::Start { agent, target } => {
+                let request = StartRequest::new(
+                    self.targets[target].id.clone(),
+                    "Customer reports missing bookings",
+                );
+                if let Ok(started) = self
+                    .service
+                    .start(Requester::User(&self.agents[agent]), request)
+                    .await
+                {
+                    self.seen.insert(started.session.id);
+                    self.secrets.insert(agent, started.secret);
+                }
+            }
+            Call::Resolve { agent } => {
+                if let Some(secret) = self.secrets.get(&agent) {
+                    match self.service.resolve(secret).await {
+                        Ok(ctx) => {
+                            self.contexts.insert(agent, ctx);
+                        }
+                        Err(_) => {
+                            self.contexts.remove(&agent);
+                        }
+                    }
+                }
+            }
+            Call::Record {
+                agent,
+                modification,
+            } => {
+                if let Some(ctx) = self.contexts.get(&agent) {
+                    let activity = if modification {
+                        Activity::modification("PUT /bookings/{id}")
+                    } else {
+                        Activity::access("GET /bookings")
+                    };
+                    let _ = self.service.record(ctx, activity).await;
+                }
+            }
+            Call::Stop { agent } => {
+                if let Some(secret) = self.secrets.get(&agent) {
+                    let _ = self.service.stop(secret, &self.agents[agent]).await;
+                }
+            }
+            Call::RevokeAllForAgent { agent } => {
+                let _ = self
+                    .service
+                    .revoke_all_for_agent(&self.agents[agent].id, Initiator::System, "offboarded")
+                    .await;
+            }
+            Call::RevokeAllForSubject { target } => {
+                let _ = self
+                    .service
+                    .revoke_all_for_subject(
+                        &self.targets[target].id,
+                        Initiator::System,
+                        "password changed",
+                    )
+                    .await;
+            }
+            Call::EndLapsed => {
+                let _ = self.service.end_lapsed().await;
+            }
+            Call::Advance { minutes } => self.clock.advance(Duration::minutes(minutes)),
+        }
+    }
+
+    /// The invariants, read from the store alone.
+    async fn check(&mut self) -> Result<(), TestCaseError> {
+        let store = self.service.store().inner();
+        let mut events: Vec<AuditEvent> = Vec::new();
+        for agent in &self.agents {
+            events.extend(verified_chain(store, &ChainKey::for_agent(&agent.id)).await?);
+            let live = live_of(store, agent).await?;
+            self.seen.extend(live.iter().map(|s| s.id));
+        }
+        for target in &self.targets {
+            verified_chain(store, &ChainKey::revocations_of(&target.id)).await?;
+        }
+        for event in &events {
+            if let Some(id) = event.session {
+                prop_assert!(
+                    self.seen.contains(&id)
+                        || store
+                            .session(id)
+                            .await
+                            .map_err(|e| fail(e.to_string()))?
+                            .is_some(),
+                    "invariant 1: the trail names session {}, which the store does not hold",
+                    id
+                );
+            }
+        }
+        for id in &self.seen {
+            stored_with_its_events(store, *id, &events).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn run_case<S: Store>(store: S, steps: &[Step]) -> Result<(), TestCaseError> {
+    let mut case = Case::new(store);
+    for (n, step) in steps.iter().enumerate() {
+        if let Some((nth, when, calls)) = step.fault {
+            case.service.store().fail_nth(nth, when, calls);
+        }
+        case.run(&step.call).await;
+        case.service.store().heal();
+        case.check()
+            .await
+            .map_err(|e| fail(format!("after step {n} ({step:?}): {e}")))?;
+    }
+    Ok(())
+}
+
+/// Runs the fault sequences: `config.cases` random sequences of up to
+/// `config.max_steps` calls, each against a store from `factory` wrapped
+/// in a [`FaultyStore`], on a runtime of its own. Call it from a plain
+/// `#[test]` (not `#[tokio::test]`). Stores from the factory may share a
+/// database: every case namespaces its ids.
+pub fn run_fault_sequences<S, F, Fut>(config: MachineConfig, factory: F)
+where
+    S: Store + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let (runtime, mut runner) = runtime_and_runner(config);
+    let strategy = prop::collection::vec(step_strategy(), 1..=config.max_steps);
+    let result = runner.run(&strategy, |steps| {
+        runtime.block_on(async { run_case(factory().await, &steps).await })
+    });
+    if let Err(e) = result {
+        panic!("fault-sequence property failed: {e}");
+    }
+}
