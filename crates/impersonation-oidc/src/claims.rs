@@ -171,7 +171,7 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MayActClaim {
 /// A claim read as present when its name is, even with a `null` value
 /// (which serde's `Option` takes for absent): a token cannot lift a
 /// check by sending `null` where the check looks for the claim.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

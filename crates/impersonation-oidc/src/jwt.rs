@@ -194,10 +194,11 @@ pub(crate) fn verify<AC: AdditionalClaims>(
     Ok(claims)
 }
 
-/// A verified payload's `nbf` (a NumericDate, which may have a fraction).
+/// A verified payload's `nbf` (a NumericDate, which may have a fraction;
+/// `null` is none, and refuses the token, not one without).
 #[derive(Debug, serde::Deserialize)]
 struct NotBefore {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::claims::present")]
     nbf: Option<f64>,
 }
 

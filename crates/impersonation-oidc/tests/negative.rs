@@ -157,6 +157,10 @@ async fn hostile_actor_tokens_are_invalid_requests() {
             signed(&|_, p| p["act"] = json!(null)),
         ),
         (
+            "an nbf sent as null",
+            signed(&|_, p| p["nbf"] = json!(null)),
+        ),
+        (
             "a typ that is not a token",
             signed(&|h, _| h["typ"] = json!("application/pdf")),
         ),
