@@ -238,9 +238,24 @@ fn live_script(impersonating: bool) -> String {
     )
 }
 
+/// The support console's script: a start the SDK refuses sends the browser
+/// back to the console (`error_to`), which would lose what the agent typed.
+/// The form's reason, ticket and read-only box are kept in the tab's
+/// `sessionStorage` on submit, put back into that customer's form when the
+/// console comes back with a refusal, and dropped on the next console page
+/// either way.
+const CONSOLE_SCRIPT: &str = "(()=>{const k='impersonation-start',\
+saved=JSON.parse(sessionStorage.getItem(k)||'null');sessionStorage.removeItem(k);\
+for(const f of document.querySelectorAll('form[id^=\"start-\"]')){\
+f.addEventListener('submit',()=>sessionStorage.setItem(k,JSON.stringify(\
+{form:f.id,reason:f.reason.value,ticket:f.ticket.value,readOnly:f.read_only.checked})))}\
+const f=saved&&new URLSearchParams(location.search).has('denied')&&document.getElementById(saved.form);\
+if(f){f.reason.value=saved.reason;f.ticket.value=saved.ticket;f.read_only.checked=saved.readOnly;f.reason.focus()}})()";
+
 /// The policy every page is served under: nothing inline but the pages'
-/// own stylesheet and the live line's two scripts, by their hashes. (The
-/// SDK lets its banner's styles through it when it injects the banner.)
+/// own stylesheet, the live line's two scripts and the console's, by their
+/// hashes. (The SDK lets its banner's styles through it when it injects
+/// the banner.)
 pub(crate) fn content_security_policy() -> &'static str {
     static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         use base64::Engine;
@@ -252,10 +267,11 @@ pub(crate) fn content_security_policy() -> &'static str {
             )
         };
         format!(
-            "default-src 'self'; script-src {} {}; style-src {}; object-src 'none'; \
+            "default-src 'self'; script-src {} {} {}; style-src {}; object-src 'none'; \
              base-uri 'none'; form-action 'self'",
             hash(&live_script(false)),
             hash(&live_script(true)),
+            hash(CONSOLE_SCRIPT),
             hash(STYLE)
         )
     });
@@ -1212,6 +1228,7 @@ pub async fn support(
         }
     }
     body.push_str("</div>");
+    let _ = write!(body, "<script>{CONSOLE_SCRIPT}</script>");
     let filter = if v.is_admin(&demo) {
         LiveFilter::default()
     } else {

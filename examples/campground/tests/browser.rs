@@ -156,6 +156,17 @@ async fn click(client: &Client, css: &str) {
         .unwrap();
 }
 
+/// The DOM property `name` of the element `css` finds.
+async fn prop(client: &Client, css: &str, name: &str) -> Option<String> {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .prop(name)
+        .await
+        .unwrap()
+}
+
 async fn banner_count(client: &Client) -> usize {
     client
         .find_all(Locator::Css("#impersonation-banner"))
@@ -190,8 +201,8 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_impersonates_a_customer_in_chromium() {
+/// The demo on SQLite (a scratch file) on a free loopback port; its base URL.
+async fn serve_demo() -> String {
     let db = scratch_file("imptest_browser", "db");
     let demo = Demo::open(StoreKind::Sqlite, &format!("sqlite://{}", db.display()))
         .await
@@ -199,8 +210,62 @@ async fn an_agent_impersonates_a_customer_in_chromium() {
     let (listener, base) = loopback().await;
     let app = demo.router(&base).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_impersonates_a_customer_in_chromium() {
+    let base = serve_demo().await;
     in_chromium(|client, screenshots| async move { walk(&client, &base, &screenshots).await })
         .await;
+}
+
+/// A start the SDK refuses (a reason padded to the field's length with
+/// spaces: too few letters and digits) comes back to the console with the
+/// refusal, and the customer's form holds what the agent typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_keeps_what_the_agent_typed_in_chromium() {
+    let base = serve_demo().await;
+    in_chromium(|client, screenshots| async move {
+        client.goto(&base).await.unwrap();
+        click(&client, "#sign-in-sam").await;
+        assert_eq!(text(&client, "#signed-in").await, "Sam Support");
+        client
+            .goto(&format!("{base}/support?q=olive"))
+            .await
+            .unwrap();
+        let form = client.find(Locator::Css("#start-olive")).await.unwrap();
+        let typed = [
+            ("input[name=reason]", "Bug 1 2 3 4"),
+            ("input[name=ticket]", "SUP-1042"),
+        ];
+        for (field, value) in typed {
+            form.find(Locator::Css(field))
+                .await
+                .unwrap()
+                .send_keys(value)
+                .await
+                .unwrap();
+        }
+        click(&client, "#start-olive input[name=read_only]").await;
+        click(&client, "#start-olive button[type=submit]").await;
+        assert!(
+            text(&client, "#denied").await.contains("too short"),
+            "the refusal is shown"
+        );
+        shot(&client, &screenshots, "refused-start.png").await;
+        for (field, value) in typed {
+            let kept = prop(&client, &format!("#start-olive {field}"), "value").await;
+            assert_eq!(kept.as_deref(), Some(value), "{field}");
+        }
+        let read_only = prop(&client, "#start-olive input[name=read_only]", "checked").await;
+        assert_eq!(read_only.as_deref(), Some("true"));
+        // The next console page (no refusal) starts afresh.
+        client.goto(&format!("{base}/support")).await.unwrap();
+        let reason = prop(&client, "#start-olive input[name=reason]", "value").await;
+        assert_eq!(reason.as_deref(), Some(""));
+    })
+    .await;
 }
 
 async fn walk(client: &Client, base: &str, screenshots: &Path) {
