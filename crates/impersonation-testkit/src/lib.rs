@@ -17,8 +17,8 @@
 //! * [`fault_sequences::run_fault_sequences`]: random sequences of service
 //!   calls on your store behind that wrapper, a random call failing before
 //!   or after your store acts, and the trail checked for completeness (no
-//!   session without its record, one end event each, chains that verify)
-//!   after every step;
+//!   session found without its start record, one end event each, chains
+//!   that verify) after every step;
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel
 //!   tests apart on shared servers.
 //!
