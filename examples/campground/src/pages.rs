@@ -241,11 +241,14 @@ fn live_script(impersonating: bool) -> String {
 /// The support console's script: a start the SDK refuses sends the browser
 /// back to the console (`error_to`), which would lose what the agent typed.
 /// The form's reason, ticket and read-only box are kept in the tab's
-/// `sessionStorage` on submit, put back into that customer's form when the
-/// console comes back with a refusal, and dropped on the next console page
-/// either way.
+/// `sessionStorage` on submit, and taken out on the next console page:
+/// put back into that customer's form if the page comes with a refusal,
+/// dropped otherwise. (After a start that succeeds they stay in the tab
+/// until the console is next shown; a value that does not parse is
+/// dropped.)
 const CONSOLE_SCRIPT: &str = "(()=>{const k='impersonation-start',\
-saved=JSON.parse(sessionStorage.getItem(k)||'null');sessionStorage.removeItem(k);\
+stored=sessionStorage.getItem(k);sessionStorage.removeItem(k);let saved=null;\
+try{saved=JSON.parse(stored)}catch(e){}\
 for(const f of document.querySelectorAll('form[id^=\"start-\"]')){\
 f.addEventListener('submit',()=>sessionStorage.setItem(k,JSON.stringify(\
 {form:f.id,reason:f.reason.value,ticket:f.ticket.value,readOnly:f.read_only.checked})))}\

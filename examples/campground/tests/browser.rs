@@ -220,9 +220,10 @@ async fn an_agent_impersonates_a_customer_in_chromium() {
         .await;
 }
 
-/// A start the SDK refuses (a reason padded to the field's length with
-/// spaces: too few letters and digits) comes back to the console with the
-/// refusal, and the customer's form holds what the agent typed.
+/// A start the SDK refuses (a reason long enough for the field, with too
+/// few letters and digits among its spaces) comes back to the console
+/// with the refusal, and the customer's form holds what the agent typed;
+/// the next console page starts afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_keeps_what_the_agent_typed_in_chromium() {
     let base = serve_demo().await;
@@ -262,8 +263,12 @@ async fn a_refused_start_keeps_what_the_agent_typed_in_chromium() {
         assert_eq!(read_only.as_deref(), Some("true"));
         // The next console page (no refusal) starts afresh.
         client.goto(&format!("{base}/support")).await.unwrap();
-        let reason = prop(&client, "#start-olive input[name=reason]", "value").await;
-        assert_eq!(reason.as_deref(), Some(""));
+        for (field, _) in typed {
+            let value = prop(&client, &format!("#start-olive {field}"), "value").await;
+            assert_eq!(value.as_deref(), Some(""), "{field}");
+        }
+        let read_only = prop(&client, "#start-olive input[name=read_only]", "checked").await;
+        assert_eq!(read_only.as_deref(), Some("false"));
     })
     .await;
 }
