@@ -446,3 +446,40 @@ async fn status(req: Request) -> Response {
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::local;
+
+    /// Only one path on this site is a redirect target; anything a
+    /// browser could read as another host, or that a `Location` header
+    /// cannot carry, goes to `/`.
+    #[test]
+    fn only_a_local_path_is_a_redirect_target() {
+        for path in [
+            "/",
+            "/support?q=kim",
+            "/a/b#frag",
+            "/%2F%2Fevil.example",
+            "/..",
+        ] {
+            assert_eq!(local(Some(path)), path, "{path}");
+        }
+        for outside in [
+            "//evil.example",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/ok\\..\\evil",
+            "https://evil.example",
+            "evil.example",
+            "",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/ space",
+            "/caf\u{e9}",
+        ] {
+            assert_eq!(local(Some(outside)), "/", "{outside:?}");
+        }
+        assert_eq!(local(None), "/");
+    }
+}

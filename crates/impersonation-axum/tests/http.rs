@@ -1285,11 +1285,21 @@ async fn a_refused_start_can_go_back_to_the_form_with_the_denial_code() {
         refused_start("/support%23start").await,
         "/support?denied=target_is_agent#start"
     );
-    // An outside address is never a redirect target.
-    assert_eq!(
-        refused_start("//evil.example/").await,
-        "/?denied=target_is_agent"
-    );
+    // An outside address is never a redirect target: scheme-relative, with
+    // a backslash browsers read as a slash, absolute, or no path at all.
+    for outside in [
+        "//evil.example/",
+        "%2F%5Cevil.example",
+        "%5C%5Cevil.example",
+        "https%3A%2F%2Fevil.example",
+        "evil.example",
+    ] {
+        assert_eq!(
+            refused_start(outside).await,
+            "/?denied=target_is_agent",
+            "{outside}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1866,6 +1866,9 @@ impl Store for RedisStore {
                 .collect::<Vec<_>>()
         };
         match reply.first().and_then(Option::as_deref) {
+            Some("absent") => Err(StoreError::unavailable_because(
+                "the secret names a session this node does not hold: its slot is moving, or the session's hash was removed; try again",
+            )),
             Some("damaged") => Err(damaged(&named())),
             Some("malformed") => Err(not_numbers(&named())),
             _ => decode_session(&reply, Some((secret.hash, &self.decoded))).map(Some),

@@ -181,7 +181,8 @@ return {'ok'}
 
 /// The per-request lookup, one command. KEYS: secret key.
 /// ARGV: session key prefix (same slot), now µs, coalesce µs (empty: no touch).
-/// Reply: nil (no session), `{'damaged', missing field names...}`,
+/// Reply: nil (no session), `{'absent'}` (the secret names a session whose
+/// hash this node does not hold), `{'damaged', missing field names...}`,
 /// `{'malformed', names of fields that are not numbers...}`, or the
 /// fields the client decodes (`SESSION_FIELDS`).
 const RESOLVE: &str = r#"
@@ -194,7 +195,12 @@ local missing = {'damaged'}
 for i = 1, #names do
   if not s[i] then table.insert(missing, names[i]) end
 end
-if #missing > #names then return false end
+-- None at all: the secret's key and the session's hash are written and
+-- expire together, in one script each time, so this node holds the one
+-- and not the other only while their slot moves (the secret's key gone
+-- ahead: Redis sent this lookup here with ASK) or after damage. Not "no
+-- session", which would clear a live session's cookie.
+if #missing > #names then return {'absent'} end
 -- Some fields but not all: a damaged hash, for the client to report.
 if #missing > 1 then return missing end
 -- Fields this script reads as numbers: one that is not an integer, as

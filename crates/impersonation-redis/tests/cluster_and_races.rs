@@ -721,6 +721,21 @@ async fn migrate(from: &mut redis::aio::MultiplexedConnection, to: u16, keys: &[
 /// and once the slot has moved it finds the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_in_the_middle_of_a_slot_move_does_not_lose_the_session() {
+    lookup_in_the_middle_of_a_slot_move(false).await;
+}
+
+/// As above, the other way round: the secret's key has gone ahead, the
+/// session's has not. Redis sends the lookup to the new node (`ASK`),
+/// where the session's key is not yet: there it must not read as no
+/// session either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_whose_secret_moved_ahead_of_its_session_does_not_lose_it() {
+    lookup_in_the_middle_of_a_slot_move(true).await;
+}
+
+/// Moves an agent's slot to another master key by key, the secret's key
+/// first or the session's, and looks the session up between the two.
+async fn lookup_in_the_middle_of_a_slot_move(secret_first: bool) {
     let ns = common::unique("imptest");
     let store = common::store_at(common::CLUSTER, &ns).await;
     let w = World::new();
@@ -751,8 +766,14 @@ async fn a_lookup_in_the_middle_of_a_slot_move_does_not_lose_the_session() {
         .query_async(&mut source)
         .await
         .unwrap();
-    // The session has gone ahead; its secret has not.
-    migrate(&mut source, target_port, std::slice::from_ref(&session_key)).await;
+    // One of the two has gone ahead; the other has not.
+    let secret_key = format!("{ns}:{{{}}}:k:{}", lookup.route, lookup.hash.to_hex());
+    let ahead = if secret_first {
+        secret_key
+    } else {
+        session_key
+    };
+    migrate(&mut source, target_port, std::slice::from_ref(&ahead)).await;
     let found = store.find_by_secret(&lookup, None).await;
     match &found {
         Ok(Some(s)) => assert_eq!(s.id, session.id),
