@@ -6,11 +6,12 @@
 mod common;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use impersonation_diesel::DieselStore;
 use impersonation_testkit::fault_sequences::run_fault_sequences;
-use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
+use impersonation_testkit::machine::{
+    MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
+};
 
 fn cases() -> u32 {
     std::env::var("IMPERSONATION_DB_MACHINE_CASES")
@@ -19,28 +20,14 @@ fn cases() -> u32 {
         .unwrap_or(128)
 }
 
-fn run<F, Fut>(make: F)
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = DieselStore> + Send,
-{
-    run_as(make, false);
-}
-
 /// The state machine, or with `faults` the fault sequences (half as many
-/// cases) on one store shared by the cases.
-fn run_as<F, Fut>(make: F, faults: bool)
+/// cases), on one store shared by the cases.
+fn run<F, Fut>(make: F, faults: bool)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = DieselStore> + Send,
+    Fut: Future<Output = DieselStore> + Send + 'static,
 {
-    let cell = Arc::new(tokio::sync::OnceCell::new());
-    let make = Arc::new(make);
-    let factory = move || {
-        let cell = Arc::clone(&cell);
-        let make = Arc::clone(&make);
-        async move { cell.get_or_init(|| make()).await.clone() }
-    };
+    let factory = shared_store(make);
     if faults {
         let config = MachineConfig {
             cases: cases().div_ceil(2),
@@ -59,41 +46,41 @@ where
 #[cfg(feature = "postgres")]
 #[test]
 fn state_machine_on_postgres() {
-    run(common::postgres);
+    run(common::postgres, false);
 }
 
 #[cfg(feature = "mysql")]
 #[test]
 fn state_machine_on_mariadb() {
-    run(common::mysql);
+    run(common::mysql, false);
 }
 
 #[test]
 fn state_machine_on_sqlite_file() {
-    run(common::sqlite_file);
+    run(common::sqlite_file, false);
 }
 
 #[test]
 fn state_machine_on_sqlite_memory() {
-    run(common::sqlite_memory);
+    run(common::sqlite_memory, false);
 }
 
 /// The trail under random store faults (`run_fault_sequences`).
 #[cfg(feature = "postgres")]
 #[test]
 fn fault_sequences_on_postgres() {
-    run_as(common::postgres, true);
+    run(common::postgres, true);
 }
 
 #[cfg(feature = "mysql")]
 #[test]
 fn fault_sequences_on_mariadb() {
-    run_as(common::mysql, true);
+    run(common::mysql, true);
 }
 
 #[test]
 fn fault_sequences_on_sqlite_file() {
-    run_as(common::sqlite_file, true);
+    run(common::sqlite_file, true);
 }
 
 /// The edge sequences on every backend: those that end a session's idle

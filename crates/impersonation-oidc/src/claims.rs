@@ -229,9 +229,8 @@ impl ActorTokenClaims {
         };
         match (&self.scope, &self.scp) {
             // An array is not RFC 9068's shape for `scope`.
-            (Some(serde_json::Value::String(text)), _) => text.split(' ').any(|s| s == wanted),
+            (Some(scope @ serde_json::Value::String(_)), _) | (None, Some(scope)) => holds(scope),
             (Some(_), _) | (None, None) => false,
-            (None, Some(scp)) => holds(scp),
         }
     }
 

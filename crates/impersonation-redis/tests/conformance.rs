@@ -5,11 +5,12 @@
 mod common;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use impersonation_redis::RedisStore;
 use impersonation_testkit::fault_sequences::run_fault_sequences;
-use impersonation_testkit::machine::{MachineConfig, edge_sequences, run_ops, run_state_machine};
+use impersonation_testkit::machine::{
+    MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
+};
 
 mod single {
     impersonation_testkit::store_conformance_tests!(super::common::single());
@@ -53,14 +54,9 @@ fn cases() -> u32 {
 fn run<F, Fut>(make: F, faults: bool)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = RedisStore> + Send,
+    Fut: Future<Output = RedisStore> + Send + 'static,
 {
-    let cell = Arc::new(tokio::sync::OnceCell::new());
-    let make = Arc::new(make);
-    let factory = move || {
-        let (cell, make) = (Arc::clone(&cell), Arc::clone(&make));
-        async move { cell.get_or_init(|| make()).await.clone() }
-    };
+    let factory = shared_store(make);
     if faults {
         let config = MachineConfig {
             cases: cases().div_ceil(2),

@@ -34,7 +34,7 @@ use time::Duration;
 
 use crate::faults::{Calls, FaultyStore, When};
 use crate::machine::{
-    MachineConfig, live_of, runtime_and_runner, stored_with_its_events, verified_chain,
+    MachineConfig, fail, live_of, runtime_and_runner, stored_with_its_events, verified_chain,
 };
 use crate::world::{World, epoch};
 
@@ -92,10 +92,6 @@ fn step_strategy() -> impl Strategy<Value = Step> {
     (call_strategy(), fault).prop_map(|(call, fault)| Step { call, fault })
 }
 
-fn fail(msg: String) -> TestCaseError {
-    TestCaseError::fail(msg)
-}
-
 struct Case<S: Store> {
     service: Impersonation<FaultyStore<S>, MemoryDirectory>,
     clock: ManualClock,
@@ -105,8 +101,9 @@ struct Case<S: Store> {
     secrets: BTreeMap<usize, SessionSecret>,
     /// Each agent's latest context, from a resolve that answered.
     contexts: BTreeMap<usize, impersonation_core::Context>,
-    /// Every session seen: started with an answer, or listed live by a
-    /// check (a start whose answer a fault lost).
+    /// Every session seen: started with an answer, listed live by a check
+    /// (a start whose answer a fault lost), or named by an event (one made
+    /// and ended in a step).
     seen: BTreeSet<SessionId>,
 }
 

@@ -21,6 +21,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use impersonation_core::{
     Activity, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Consent, Context,
@@ -310,7 +312,7 @@ fn lapse_of(m: &ModelSession, now: OffsetDateTime) -> Option<EndReason> {
     }
 }
 
-fn fail(msg: String) -> TestCaseError {
+pub(crate) fn fail(msg: String) -> TestCaseError {
     TestCaseError::fail(msg)
 }
 
@@ -1294,6 +1296,25 @@ pub(crate) fn runtime_and_runner(config: MachineConfig) -> (tokio::runtime::Runt
         ..ProptestConfig::default()
     });
     (runtime, runner)
+}
+
+/// A factory for [`run_state_machine`] and
+/// [`crate::fault_sequences::run_fault_sequences`] that hands every case
+/// one store, made by `make` for the first case inside the run's runtime
+/// (a pooled connection belongs to the runtime that made it): what a store
+/// on a database wants, its cases kept apart by their namespaced ids.
+pub fn shared_store<S, F, Fut>(make: F) -> impl Fn() -> Pin<Box<dyn Future<Output = S> + Send>>
+where
+    S: Clone + Send + Sync + 'static,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = S> + Send + 'static,
+{
+    let cell = Arc::new(tokio::sync::OnceCell::new());
+    let make = Arc::new(make);
+    move || {
+        let (cell, make) = (Arc::clone(&cell), Arc::clone(&make));
+        Box::pin(async move { cell.get_or_init(|| make()).await.clone() })
+    }
 }
 
 /// Runs the property test: `config.cases` random sequences of up to
