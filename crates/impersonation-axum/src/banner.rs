@@ -366,7 +366,10 @@ fn declared_charset(tag: &[u8]) -> Option<String> {
 /// itself), the open elements are followed as HTML's parser follows them,
 /// out to the HTML elements that end them and in to the ones (an svg's
 /// `<foreignObject>`, `<desc>` and `<title>`, MathML's `<mi>`, `<mo>`,
-/// `<mn>`, `<ms>` and `<mtext>`) whose content is HTML again.
+/// `<mn>`, `<ms>` and `<mtext>`) whose content is HTML again. A
+/// `</body>` inside a `<template>` is the template's inert content, and a
+/// template left open holds the rest of the page: the banner then goes
+/// before that template, unless a `</body>` came earlier.
 ///
 /// Every `<meta>` start tag passed on the way (markup, not text) goes into
 /// `metas`, from its `<` to its `>`.
@@ -396,6 +399,12 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     // template's inert content (an email preview's whole document), which
     // the parser keeps out of the page and never shows.
     let mut templates = 0_usize;
+    // Where the outermost template left open begins (and whether a form
+    // was open there): whatever follows it is inert to its end, and a
+    // banner placed there would never show, so it goes before the
+    // template instead (a customer's stray `<template>` in an email
+    // preview leaves the page's own open).
+    let mut open_template: Option<(usize, bool)> = None;
     while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
         let here = at + lt;
         let rest = &html[here..];
@@ -408,7 +417,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
             // rest of the page.
             match tag_end(rest) {
                 Some(end) => at = here + end + 1,
-                None => return (here, form_open),
+                None => return open_template.unwrap_or((here, form_open)),
             }
             continue;
         }
@@ -416,7 +425,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         if foreign.in_its_namespace() && rest.starts_with(b"<![CDATA[") {
             match rest.windows(3).position(|w| w == b"]]>") {
                 Some(end) => at = here + end + b"]]>".len(),
-                None => return last.unwrap_or((here, form_open)),
+                None => return last.or(open_template).unwrap_or((here, form_open)),
             }
             continue;
         }
@@ -440,7 +449,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 // and `<script/>` a script.
                 match tag_end(rest) {
                     Some(end) => here + end + 1,
-                    None => return last.unwrap_or((here, form_open)),
+                    None => return last.or(open_template).unwrap_or((here, form_open)),
                 }
             };
             let closed = if *open == b"<script" {
@@ -457,14 +466,14 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 // open takes in what follows, the banner included.
                 Some((end, _)) => match tag_end(&html[inside + end..]) {
                     Some(gt) => at = inside + end + gt + 1,
-                    None => return last.unwrap_or((here, form_open)),
+                    None => return last.or(open_template).unwrap_or((here, form_open)),
                 },
-                None => return last.unwrap_or((here, form_open)),
+                None => return last.or(open_template).unwrap_or((here, form_open)),
             }
             continue;
         }
         if as_html && tag_at(rest, b"<plaintext") {
-            return last.unwrap_or((here, form_open));
+            return last.or(open_template).unwrap_or((here, form_open));
         }
         // Any other tag, start or end, is passed over whole: a quoted
         // attribute value (a customer's text in a `title`) holding `<!--`,
@@ -474,7 +483,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         let is_end = rest.get(1) == Some(&b'/');
         if letter(1) || (is_end && letter(2)) {
             let Some(end) = tag_end(rest) else {
-                return last.unwrap_or((here, form_open));
+                return last.or(open_template).unwrap_or((here, form_open));
             };
             let name_at = if is_end { 2 } else { 1 };
             let name_len = rest[name_at..]
@@ -488,11 +497,17 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 form_open = !is_end;
             }
             if name == b"template" && foreign.reads_html() {
-                templates = if is_end {
-                    templates.saturating_sub(1)
+                if is_end {
+                    templates = templates.saturating_sub(1);
+                    if templates == 0 {
+                        open_template = None;
+                    }
                 } else {
-                    templates.saturating_add(1)
-                };
+                    if templates == 0 {
+                        open_template = Some((here, form_open));
+                    }
+                    templates = templates.saturating_add(1);
+                }
             }
             if is_end {
                 foreign.end(&name);
@@ -509,13 +524,13 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         if matches!(rest.get(1), Some(b'!' | b'?' | b'/')) {
             match rest.iter().position(|&b| b == b'>') {
                 Some(end) => at = here + end + 1,
-                None => return last.unwrap_or((here, form_open)),
+                None => return last.or(open_template).unwrap_or((here, form_open)),
             }
             continue;
         }
         at = here + 1;
     }
-    last.unwrap_or((html.len(), form_open))
+    last.or(open_template).unwrap_or((html.len(), form_open))
 }
 
 /// Whether the start tag `tag`, whose `>` is at `end`, closes itself
@@ -1274,6 +1289,10 @@ mod tests {
             Just("</span>".to_owned()),
             Just("<svg/>".to_owned()),
             Just("</body data-x=\"<!--\">".to_owned()),
+            // A template's content is inert, whatever it holds; one left
+            // open holds the rest of the page.
+            Just("<template>".to_owned()),
+            Just("</template>".to_owned()),
             // (Not an `<annotation-xml encoding="text/html">`: the parser
             // here, html5ever as `scraper` drives it, does not read its
             // content as HTML, as browsers do; a test below says where the
@@ -1326,6 +1345,15 @@ mod tests {
             let dom = scraper::Html::parse_document(&injected);
             let found = scraper::Selector::parse("#impersonation-banner").unwrap();
             prop_assert_eq!(dom.select(&found).count(), 1, "page: {}", injected);
+            // Not inside an HTML template, whose content never shows (an
+            // svg's own `template` element is no such thing).
+            let banner = dom.select(&found).next().unwrap();
+            let in_template = banner.ancestors().any(|a| {
+                a.value().as_element().is_some_and(|e| {
+                    e.name() == "template" && &*e.name.ns == "http://www.w3.org/1999/xhtml"
+                })
+            });
+            prop_assert!(!in_template, "in a template: {}", injected);
         }
     }
 
@@ -1404,6 +1432,33 @@ mod tests {
         // An svg's own `<template>` element opens no HTML template.
         let svg = "<svg><template></svg><p>x</p></body>";
         assert_eq!(placed(svg), "<svg><template></svg><p>x</p>[B]</body>");
+    }
+
+    /// A template left open (a customer's stray `<template>` in a preview
+    /// of their email) holds the rest of the page, the page's own
+    /// `</body>` included: the banner goes before it, where it shows, or
+    /// before a `</body>` that came earlier.
+    #[test]
+    fn a_template_left_open_does_not_take_the_banner_in() {
+        let preview = "<p>x</p><template id=preview>a<template>b</template></body></html>";
+        assert_eq!(
+            placed(preview),
+            "<p>x</p>[B]<template id=preview>a<template>b</template></body></html>"
+        );
+        // A form open before it is closed first, as before a `</body>`.
+        let form = "<form><input name=q><template><p>y</p></body>";
+        assert_eq!(
+            placed(form),
+            "<form><input name=q></form>[B]<template><p>y</p></body>"
+        );
+        // Left open inside a script's text after it, the place stays.
+        let script = "<template><p>y</p><script>var a = 1;";
+        assert_eq!(placed(script), format!("[B]{script}"));
+        let earlier = "<p>x</p></body><template><p>y</p>";
+        assert_eq!(placed(earlier), "<p>x</p>[B]</body><template><p>y</p>");
+        // Closed again, it moves nothing.
+        let closed = "<template><p>y</p></template><p>x</p>";
+        assert_eq!(placed(closed), format!("{closed}[B]"));
     }
 
     /// A `<meta>` charset quoted in a script's text, in the page's first

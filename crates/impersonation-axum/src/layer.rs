@@ -758,12 +758,16 @@ where
                     // file; a compression layer outside this one still
                     // compresses the answer), and not "unchanged" (a 304
                     // shows the browser's copy from before the
-                    // impersonation, without the banner). A change keeps
-                    // its preconditions (`If-Match`); a range request keeps
-                    // its range (a video, a resumed download: no page).
+                    // impersonation, without the banner; on a `GET` or
+                    // `HEAD` these two can mean nothing else, even on a
+                    // route the app counts as a change). A change keeps
+                    // its preconditions (`If-Match`, and `If-None-Match: *`
+                    // on a `PUT`); a range request keeps its range (a
+                    // video, a resumed download: no page).
+                    let reads = matches!(method, Method::GET | Method::HEAD);
                     let headers = req.headers_mut();
                     headers.remove(header::ACCEPT_ENCODING);
-                    if !is_change {
+                    if reads || !is_change {
                         headers.remove(header::IF_NONE_MATCH);
                         headers.remove(header::IF_MODIFIED_SINCE);
                     }
@@ -943,10 +947,12 @@ where
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<u64>().ok());
                         // (The GET's page may differ: an XHTML one's
-                        // empty `<body/>` adds its end tag, one with no
-                        // body gets no banner, and a `<meta>` policy the
-                        // banner rewrites grows. A missing length would
-                        // read as 0 to the router, which fills it in.)
+                        // empty `<body/>` adds its end tag, one that
+                        // leaves a form open gets its `</form>` before the
+                        // banner, one with no body gets no banner, and a
+                        // `<meta>` policy the banner rewrites grows. A
+                        // missing length would read as 0 to the router,
+                        // which fills it in.)
                         if let Some(n) = announced {
                             mark_taken(taken.as_ref());
                             let banner = banner_for(
@@ -955,6 +961,8 @@ where
                             );
                             let with =
                                 n.saturating_add(u64::try_from(banner.len()).unwrap_or(u64::MAX));
+                            // The GET's headers, as the banner leaves them.
+                            forget_the_apps_bytes(res.headers_mut());
                             res.headers_mut()
                                 .insert(header::CONTENT_LENGTH, HeaderValue::from(with));
                         }
@@ -1275,9 +1283,10 @@ fn page_kind(res: &Response) -> Page {
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     let status = res.status();
-    // A status that carries no body.
+    // A status that carries no body (205: RFC 9110, 15.3.6).
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
+        || status == StatusCode::RESET_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let no_body = bodiless || HttpBody::size_hint(res.body()).exact() == Some(0);
     let Some(content_type) = text(header::CONTENT_TYPE) else {
@@ -1388,10 +1397,21 @@ where
     }
 }
 
-/// Trailers that digest a body's bytes (RFC 9530's `Content-Digest` and
+/// Fields that digest a body's bytes (RFC 9530's `Content-Digest` and
 /// `Repr-Digest`, the older `Digest` and `Content-MD5`): dropped from a
-/// page the banner went into.
+/// page the banner went into, as headers and as trailers.
 const DIGEST_TRAILERS: [&str; 4] = ["content-digest", "repr-digest", "digest", "content-md5"];
+
+/// What described the app's bytes and not the page with the banner in it:
+/// its length, its digests and its `ETag` (a validator of those bytes,
+/// which a cache or a client would match against the app's own copy).
+fn forget_the_apps_bytes(headers: &mut HeaderMap) {
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::ETAG);
+    for digest in DIGEST_TRAILERS {
+        headers.remove(digest);
+    }
+}
 
 /// A page read whole, as a body again: its bytes, then its trailers if it
 /// had any; with the banner in (`changed`), not a digest of the bytes the
@@ -1477,7 +1497,7 @@ where
                     return Response::from_parts(parts, with_trailers(bytes, trailers, false));
                 }
             };
-            parts.headers.remove(header::CONTENT_LENGTH);
+            forget_the_apps_bytes(&mut parts.headers);
             // A policy that blocks inline styles would leave the banner
             // unstyled, at the foot of the page: its own styles go through
             // (and its Stop form's post, past a `form-action` that allows

@@ -1034,12 +1034,26 @@ async fn a_page_read_for_its_banner_keeps_its_trailers() {
                 .with_trailers(std::future::ready(Some(Ok::<_, std::convert::Infallible>(
                     trailers,
                 ))));
-            ([(header::CONTENT_TYPE, "text/html")], Body::new(body))
+            (
+                [
+                    (header::CONTENT_TYPE, "text/html"),
+                    (header::ETAG, "\"v1\""),
+                    (
+                        header::HeaderName::from_static("repr-digest"),
+                        "sha-256=:abc=:",
+                    ),
+                ],
+                Body::new(body),
+            )
         });
         let store = Arc::new(FaultyStore::new(MemoryStore::new()));
         let (app, req) = one_route(&store, route).await;
         let res = app.oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
+        // So do its headers that describe the app's bytes.
+        for name in [header::ETAG.as_str(), "repr-digest"] {
+            assert_eq!(res.headers().contains_key(name), !banner, "{name}");
+        }
         let collected = res.into_body().collect().await.unwrap();
         let trailers = collected.trailers().cloned().unwrap_or_default();
         assert_eq!(
@@ -1058,6 +1072,24 @@ async fn a_page_read_for_its_banner_keeps_its_trailers() {
             .any(|w| w == b"impersonation-banner");
         assert_eq!(shown, banner);
     }
+}
+
+/// A 205 (Reset Content) carries no body, whatever its type says: it
+/// gets no banner.
+#[tokio::test]
+async fn a_reset_content_answer_stays_empty() {
+    let route = axum::routing::post(|| async {
+        (
+            StatusCode::RESET_CONTENT,
+            [(header::CONTENT_TYPE, "text/html")],
+        )
+    });
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, req) = one_route(&store, route).await;
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::RESET_CONTENT);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty(), "{body:?}");
 }
 
 /// A page the app renders with `banner_html` itself and marks

@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use impersonation_axum::{CsrfCheck, CsrfToken, EffectiveUser, ImpersonationLayer, RenewCsrfToken};
@@ -79,6 +80,18 @@ fn app_with(
         )
         // A WebSocket's handshake (the test sends its headers only).
         .route("/live", axum::routing::any(|| async { "switching" }))
+        // A report the app caches by ETag (a 304 for the copy the browser
+        // has), which a host may count as a change (`changes_when`: kept
+        // out of read-only sessions).
+        .route(
+            "/report",
+            get(|headers: axum::http::HeaderMap| async move {
+                if headers.contains_key(header::IF_NONE_MATCH) {
+                    return StatusCode::NOT_MODIFIED.into_response();
+                }
+                axum::response::Html("<html><body>the report</body></html>").into_response()
+            }),
+        )
         .route(
             "/read-only",
             get(|user: EffectiveUser| async move {
@@ -581,6 +594,47 @@ async fn changes_on_trail(store: &Arc<MemoryStore>) -> Vec<(AuditAction, String)
             (e.action, what)
         })
         .collect()
+}
+
+/// A `GET` the host counts as a change still comes back as rendered now,
+/// with the banner: its `If-None-Match` can only ask for a 304 (the
+/// browser's copy from before the impersonation, without the banner), not
+/// guard a change, so it goes as for any page.
+#[tokio::test]
+async fn a_get_counted_as_a_change_is_never_a_304_under_impersonation() {
+    let store = Arc::new(MemoryStore::new());
+    let directory = people();
+    let app = app_with(&store, &directory, |layer| {
+        layer.changes_when(|method, route| !method.is_safe() || route == "/report")
+    });
+    let secret = sams_session(&store, &directory, false).await;
+    let res = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/report")
+                .header(header::HOST, "app.example")
+                .header(header::IF_NONE_MATCH, "\"v1\"")
+                .header(header::IF_MODIFIED_SINCE, "Mon, 07 Dec 2026 01:00:00 GMT")
+                .header(header::COOKIE, format!("__Host-impersonation={secret}"))
+                .header("x-test-user", "sam")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("impersonation-banner"), "{body}");
+    let trail = changes_on_trail(&store).await;
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(
+        trail[0],
+        (AuditAction::Modification, "GET /report (200)".to_owned())
+    );
 }
 
 /// An upgrade is a change whatever `changes_when` says of its method: the
