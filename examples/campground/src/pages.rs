@@ -177,7 +177,7 @@ impl Viewer {
     /// An attribute as the effective user sees it: the real value when not
     /// impersonating, the projection (copied, masked, redacted or absent)
     /// when impersonating.
-    fn attribute(&self, name: &str) -> String {
+    fn attribute(&self, demo: &Demo, name: &str) -> String {
         match (&self.ctx, &self.real) {
             (Some(ctx), _) => match ctx.shadow().attribute(name) {
                 Some(ShadowValue::Copied(v)) => {
@@ -185,7 +185,15 @@ impl Viewer {
                 }
                 Some(ShadowValue::Masked(m)) => format!("{m} (masked)"),
                 Some(ShadowValue::Redacted) => "[redacted]".into(),
-                None => "(not shared with support)".into(),
+                // Absent from the shadow user: dropped by the rules, or
+                // one the customer does not have (a rule that keeps it
+                // in some form would have kept it).
+                None if demo.service().projection().rule_for(name)
+                    == impersonation_core::AttributeRule::Drop =>
+                {
+                    "(not shared with support)".into()
+                }
+                None => "-".into(),
             },
             (None, Some(real)) => real
                 .attributes
@@ -271,7 +279,7 @@ pub(crate) fn content_security_policy() -> &'static str {
         };
         format!(
             "default-src 'self'; script-src {} {} {}; style-src {}; object-src 'none'; \
-             base-uri 'none'; form-action 'self'",
+             base-uri 'none'; form-action 'self'; frame-ancestors 'self'",
             hash(&live_script(false)),
             hash(&live_script(true)),
             hash(CONSOLE_SCRIPT),
@@ -376,6 +384,20 @@ fn not_permitted(v: &Viewer, demo: &Demo, title: &str, message: &str) -> Respons
         refused(v, demo, StatusCode::FORBIDDEN, title, message),
     )
         .into_response()
+}
+
+/// The console's refusal of anyone but a support agent (or an
+/// administrator), `None` for them.
+fn for_agents_only(v: &Viewer, demo: &Demo, title: &str) -> Option<Response> {
+    (!v.is_agent(demo)).then(|| {
+        refused(
+            v,
+            demo,
+            StatusCode::FORBIDDEN,
+            title,
+            "The support console is for support agents.",
+        )
+    })
 }
 
 fn sign_in_first() -> Response {
@@ -532,12 +554,14 @@ pub async fn sign_out(
         )
     {
         tracing::warn!(error = %e, "could not end the impersonation on sign-out");
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return refused(
             &v,
             &demo,
-            StatusCode::SERVICE_UNAVAILABLE,
+            status,
             "Sign out",
-            "The impersonation could not be ended; try again.",
+            &format!("The impersonation could not be ended: {}.", shown_error(&e)),
         );
     }
     let mut res = (RenewCsrfToken, Redirect::to("/")).into_response();
@@ -756,7 +780,7 @@ pub async fn add_booking(
                 &demo,
                 StatusCode::FORBIDDEN,
                 "Add a booking",
-                "Choose one of the campgrounds you manage.",
+                "You may only add bookings to the campgrounds you manage.",
             ),
         )
             .into_response();
@@ -911,7 +935,7 @@ pub async fn billing(
     let body = format!(
         "<div class=\"card\"><h2>Plan</h2><p>Campground Cloud Pro · €49 a month</p></div>\
          <div class=\"card\"><h2>Card on file</h2><p id=\"card\">{}</p></div>",
-        esc(&v.attribute("card_number"))
+        esc(&v.attribute(&demo, "card_number"))
     );
     page(&v, &demo, "Billing", &body)
 }
@@ -956,9 +980,9 @@ pub async fn profile(State(demo): AppState, v: Viewer) -> Response {
             "<p class=\"note\">This account's password is not changed here.</p>".to_owned()
         },
         name = esc(v.effective_name()),
-        email = esc(&v.attribute("email")),
-        phone = esc(&v.attribute("phone")),
-        card = esc(&v.attribute("card_number")),
+        email = esc(&v.attribute(&demo, "email")),
+        phone = esc(&v.attribute(&demo, "phone")),
+        card = esc(&v.attribute(&demo, "card_number")),
         changed = esc(&changed),
     );
     page(&v, &demo, "Profile", &body)
@@ -1139,14 +1163,8 @@ pub async fn support(
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
-    if !v.is_agent(&demo) {
-        return refused(
-            &v,
-            &demo,
-            StatusCode::FORBIDDEN,
-            "Support console",
-            "The support console is for support agents.",
-        );
+    if let Some(refusal) = for_agents_only(&v, &demo, "Support console") {
+        return refusal;
     }
     let service = demo.service();
     let mut body = String::new();
@@ -1258,7 +1276,11 @@ pub async fn support(
             body.push_str("<p class=\"card refused\">Live sessions are unavailable right now.</p>");
         }
     }
-    if let Some(api) = demo.api() {
+    // The API way in is for those who may impersonate (an administrator
+    // who may not sees the console, not the card).
+    if let Some(api) = demo.api()
+        && real.has_permission(demo.service().policy().impersonate_permission_name())
+    {
         body.push_str(&api_card(api, &v));
     }
     page(&v, &demo, "Support console", &body)
@@ -1326,6 +1348,9 @@ pub async fn revoke(
     };
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
+    }
+    if let Some(refusal) = for_agents_only(&v, &demo, "Revoke") {
+        return refusal;
     }
     let Ok(session) = form.session.trim().parse::<SessionId>() else {
         return refused(

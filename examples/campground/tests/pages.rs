@@ -58,12 +58,17 @@ impl User {
             .unwrap()
     }
 
-    /// From the support console: revokes the first session it lists.
-    async fn revoke_the_first_live_session(&mut self) {
+    /// The id of the first session the support console lists.
+    async fn first_live_session(&mut self) -> String {
         let (_, console) = self.get("/support").await;
         let marker = "name=\"session\" value=\"";
         let at = console.find(marker).expect("a live session") + marker.len();
-        let session = console[at..].split('"').next().unwrap().to_owned();
+        console[at..].split('"').next().unwrap().to_owned()
+    }
+
+    /// From the support console: revokes the first session it lists.
+    async fn revoke_the_first_live_session(&mut self) {
+        let session = self.first_live_session().await;
         let (status, body) = self.post("/support/revoke", &[("session", &session)]).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
@@ -1261,4 +1266,70 @@ async fn the_console_offers_the_agents_own_api_token() {
             .is_some_and(|t| t.split('.').count() == 3),
         "{body}"
     );
+}
+
+/// Under impersonation the profile tells a card the customer does not
+/// have from data the rules keep from support: Stan has no card ("-"),
+/// and his email is there but redacted.
+#[tokio::test]
+async fn a_card_the_customer_does_not_have_is_shown_as_none() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "stan").await;
+    let (_, profile) = sam.get("/profile").await;
+    assert!(profile.contains("<td id=\"card\">-</td>"), "{profile}");
+    assert!(
+        profile.contains("<td id=\"email\">[redacted]</td>"),
+        "{profile}"
+    );
+}
+
+/// The console's revoke, like the console, is for support agents: a
+/// customer who posts it with a live session's id is refused before the
+/// SDK is asked, and the session goes on with nothing on its trail.
+#[tokio::test]
+async fn only_an_agent_may_post_a_revoke() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "stan").await;
+    let mut lee = User::sign_in(&base, "lee").await;
+    let session = lee.first_live_session().await;
+
+    let mut olive = User::sign_in(&base, "olive").await;
+    olive.get("/dashboard").await;
+    let (status, body) = olive
+        .post("/support/revoke", &[("session", &session)])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("for support agents"), "{body}");
+    let (status, body) = sam.get("/dashboard").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("impersonation-banner"), "{body}");
+    let (_, trail) = lee.get("/audit.txt").await;
+    assert!(trail.contains("| Sam Support | Stan"), "{trail}");
+    assert!(!trail.contains("| Olive Owner |"), "{trail}");
+}
+
+/// An administrator who may not impersonate sees the console (its live
+/// sessions, to revoke) but not the API card, whose exchange would refuse
+/// her.
+#[tokio::test]
+async fn the_api_card_is_for_those_who_may_impersonate() {
+    let base = demo().await;
+    let mut ada = User::sign_in(&base, "ada").await;
+    let (status, console) = ada.get("/support").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!console.contains("id=\"api-access\""), "{console}");
+}
+
+/// No page of the demo may be framed by another site (a page on another
+/// port of this host counts as the same site to the cookies), impersonated
+/// or not: a framed console could have a lead click Revoke unseen.
+#[tokio::test]
+async fn no_page_may_be_framed_by_another_origin() {
+    let base = demo().await;
+    let lee = User::sign_in(&base, "lee").await;
+    let res = lee.open("/support").await;
+    let policy = res.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("frame-ancestors 'self'"), "{policy}");
 }
