@@ -399,12 +399,18 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     // template's inert content (an email preview's whole document), which
     // the parser keeps out of the page and never shows.
     let mut templates = 0_usize;
-    // Where the outermost template left open begins (and whether a form
-    // was open there): whatever follows it is inert to its end, and a
-    // banner placed there would never show, so it goes before the
+    // Where the outermost inert template left open begins (and whether a
+    // form was open there): whatever follows it is inert to its end, and
+    // a banner placed there would never show, so it goes before the
     // template instead (a customer's stray `<template>` in an email
-    // preview leaves the page's own open).
+    // preview leaves the page's own open). A declarative shadow root's
+    // template (`shadowrootmode`) is no such thing: its content is shown,
+    // in its host's shadow tree, and the banner stays in it (before it,
+    // the banner would be the host's light child, which a shadow tree
+    // with no slot does not show). `inert_depth`: how many templates
+    // were open around it.
     let mut open_template: Option<(usize, bool)> = None;
+    let mut inert_depth = 0_usize;
     while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
         let here = at + lt;
         let rest = &html[here..];
@@ -496,15 +502,24 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
             if name == b"form" && (is_end || foreign.reads_html()) {
                 form_open = !is_end;
             }
-            if name == b"template" && foreign.reads_html() {
+            // A `<template>` read as HTML opens one (in an svg, it is the
+            // svg's own element); a `</template>` ends the nearest one,
+            // unless an svg's own `template` is nearer.
+            let html_template = if is_end {
+                foreign.ends_an_html_template()
+            } else {
+                foreign.reads_html()
+            };
+            if name == b"template" && html_template {
                 if is_end {
                     templates = templates.saturating_sub(1);
-                    if templates == 0 {
+                    if templates <= inert_depth {
                         open_template = None;
                     }
                 } else {
-                    if templates == 0 {
+                    if open_template.is_none() && !hosts_a_shadow_root(&rest[..=end]) {
                         open_template = Some((here, form_open));
+                        inert_depth = templates;
                     }
                     templates = templates.saturating_add(1);
                 }
@@ -542,6 +557,17 @@ fn closes_itself(tag: &[u8], end: usize) -> bool {
         && Attributes::of(&tag[..=end])
             .last()
             .is_none_or(|a| a.span.end != end)
+}
+
+/// Whether a `<template>` start tag (`tag`) declares a shadow root
+/// (`shadowrootmode` `open` or `closed`, as HTML's parser reads it: its
+/// first such attribute), whose content is shown, not kept inert.
+fn hosts_a_shadow_root(tag: &[u8]) -> bool {
+    Attributes::of(tag)
+        .find(|a| a.name.eq_ignore_ascii_case(b"shadowrootmode"))
+        .is_some_and(|a| {
+            a.value.eq_ignore_ascii_case(b"open") || a.value.eq_ignore_ascii_case(b"closed")
+        })
 }
 
 /// Whether a MathML `<annotation-xml>` start tag (`tag`) makes its content
@@ -680,6 +706,19 @@ impl Foreign {
         }
     }
 
+    /// Whether a `</template>` here ends an HTML template (if one is
+    /// open): the nearest element of that name open inside the svg or
+    /// math is none of theirs (or there is none, and the end tag reaches
+    /// HTML's rules, which end the nearest template whatever is inside).
+    fn ends_an_html_template(&self) -> bool {
+        !self
+            .open
+            .iter()
+            .rev()
+            .find(|(open, _)| open == b"template")
+            .is_some_and(|(_, kind)| matches!(kind, Kind::Foreign(_) | Kind::Integration(_)))
+    }
+
     fn end(&mut self, name: &[u8]) {
         if !self.reads_html() && (name == b"p" || name == b"br") {
             self.break_out();
@@ -687,6 +726,15 @@ impl Foreign {
         }
         if let Some(at) = self.open.iter().rposition(|(open, _)| open == name) {
             self.open.truncate(at);
+            return;
+        }
+        // `</template>` ends the template open around the svg or math,
+        // and everything inside it, whatever stands between.
+        if name == b"template" {
+            if let Some(at) = self.around.iter().rposition(|open| open == name) {
+                self.open.clear();
+                self.around.truncate(at);
+            }
             return;
         }
         // `</html>` changes no element, as `</body>` does not.
@@ -1293,6 +1341,8 @@ mod tests {
             // open holds the rest of the page.
             Just("<template>".to_owned()),
             Just("</template>".to_owned()),
+            // A declarative shadow root's, whose content is shown.
+            Just("<div><template shadowrootmode=open>".to_owned()),
             // (Not an `<annotation-xml encoding="text/html">`: the parser
             // here, html5ever as `scraper` drives it, does not read its
             // content as HTML, as browsers do; a test below says where the
@@ -1346,11 +1396,15 @@ mod tests {
             let found = scraper::Selector::parse("#impersonation-banner").unwrap();
             prop_assert_eq!(dom.select(&found).count(), 1, "page: {}", injected);
             // Not inside an HTML template, whose content never shows (an
-            // svg's own `template` element is no such thing).
+            // svg's own `template` element is no such thing, nor is a
+            // declarative shadow root's, which this parser keeps as a
+            // template and browsers show).
             let banner = dom.select(&found).next().unwrap();
             let in_template = banner.ancestors().any(|a| {
                 a.value().as_element().is_some_and(|e| {
-                    e.name() == "template" && &*e.name.ns == "http://www.w3.org/1999/xhtml"
+                    e.name() == "template"
+                        && &*e.name.ns == "http://www.w3.org/1999/xhtml"
+                        && !matches!(e.attr("shadowrootmode"), Some("open" | "closed"))
                 })
             });
             prop_assert!(!in_template, "in a template: {}", injected);
@@ -1459,6 +1513,54 @@ mod tests {
         // Closed again, it moves nothing.
         let closed = "<template><p>y</p></template><p>x</p>";
         assert_eq!(placed(closed), format!("{closed}[B]"));
+        // A `</template>` inside an svg ends the template (and the svg),
+        // unless the svg's own `template` is open: then it ends that one.
+        let in_svg = "<template><svg><path d=M0></template><p>x</p></body>";
+        assert_eq!(
+            placed(in_svg),
+            "<template><svg><path d=M0></template><p>x</p>[B]</body>"
+        );
+        let svgs_own = "<template><svg><template></template></svg><p>x</p></body>";
+        assert_eq!(placed(svgs_own), format!("[B]{svgs_own}"));
+        // One left open inside another that closes: the banner goes
+        // before the one left open.
+        let inner = "<template><p>y</p></template><p>x</p><template>z</body>";
+        assert_eq!(
+            placed(inner),
+            "<template><p>y</p></template><p>x</p>[B]<template>z</body>"
+        );
+    }
+
+    /// A declarative shadow root's template (`shadowrootmode`) is shown,
+    /// in its host's shadow tree: left open, it keeps the banner, which
+    /// before it would be a light child the shadow tree does not show.
+    /// An inert template left open inside it still puts the banner
+    /// before that one.
+    #[test]
+    fn a_shadow_roots_template_left_open_keeps_the_banner() {
+        let shadow = "<div id=preview><template shadowrootmode=open><p>hi</p></body></html>";
+        assert_eq!(placed(shadow), format!("{shadow}[B]"));
+        let closed = "<div><template SHADOWROOTMODE=\"closed\"><p>hi</p>";
+        assert_eq!(placed(closed), format!("{closed}[B]"));
+        let inert = "<div><template shadowrootmode=open><p>hi</p><template>z</body>";
+        assert_eq!(
+            placed(inert),
+            "<div><template shadowrootmode=open><p>hi</p>[B]<template>z</body>"
+        );
+        // A `</template>` inside an svg ends the shadow root's template
+        // (and the svg): the `<textarea>` after it is HTML's, its text
+        // left open, and the banner goes before it.
+        let svg = "<div><template shadowrootmode=open><svg><path d=M0></template><textarea>a";
+        assert_eq!(
+            placed(svg),
+            "<div><template shadowrootmode=open><svg><path d=M0></template>[B]<textarea>a"
+        );
+        // Not a mode the parser knows: an inert template like any other.
+        let unknown = "<p>x</p><template shadowrootmode=none><p>y</p></body>";
+        assert_eq!(
+            placed(unknown),
+            "<p>x</p>[B]<template shadowrootmode=none><p>y</p></body>"
+        );
     }
 
     /// A `<meta>` charset quoted in a script's text, in the page's first

@@ -953,6 +953,8 @@ where
                         // `<meta>` policy the banner rewrites grows. A
                         // missing length would read as 0 to the router,
                         // which fills it in.)
+                        // The GET's headers, as the banner leaves them.
+                        forget_the_apps_bytes(res.headers_mut());
                         if let Some(n) = announced {
                             mark_taken(taken.as_ref());
                             let banner = banner_for(
@@ -961,8 +963,6 @@ where
                             );
                             let with =
                                 n.saturating_add(u64::try_from(banner.len()).unwrap_or(u64::MAX));
-                            // The GET's headers, as the banner leaves them.
-                            forget_the_apps_bytes(res.headers_mut());
                             res.headers_mut()
                                 .insert(header::CONTENT_LENGTH, HeaderValue::from(with));
                         }

@@ -276,6 +276,7 @@ fn fixture_with(policy: impersonation_core::Policy) -> Fixture {
                     [
                         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
                         (header::CONTENT_LENGTH, "34"),
+                        (header::ETAG, "\"v1\""),
                     ],
                     "",
                 )
@@ -2069,6 +2070,12 @@ async fn an_explicit_head_announces_the_length_with_the_banner() {
     assert_eq!(
         head.headers[header::CONTENT_LENGTH],
         page.body.len().to_string()
+    );
+    // Nor does it validate the app's bytes, as the GET's page would not.
+    assert!(
+        !head.headers.contains_key(header::ETAG),
+        "{:?}",
+        head.headers
     );
 }
 
