@@ -386,20 +386,6 @@ fn not_permitted(v: &Viewer, demo: &Demo, title: &str, message: &str) -> Respons
         .into_response()
 }
 
-/// The console's refusal of anyone but a support agent (or an
-/// administrator), `None` for them.
-fn for_agents_only(v: &Viewer, demo: &Demo, title: &str) -> Option<Response> {
-    (!v.is_agent(demo)).then(|| {
-        refused(
-            v,
-            demo,
-            StatusCode::FORBIDDEN,
-            title,
-            "The support console is for support agents.",
-        )
-    })
-}
-
 fn sign_in_first() -> Response {
     Redirect::to("/").into_response()
 }
@@ -1163,8 +1149,14 @@ pub async fn support(
     let Some(real) = v.real.clone() else {
         return sign_in_first();
     };
-    if let Some(refusal) = for_agents_only(&v, &demo, "Support console") {
-        return refusal;
+    if !v.is_agent(&demo) {
+        return refused(
+            &v,
+            &demo,
+            StatusCode::FORBIDDEN,
+            "Support console",
+            "The support console is for support agents.",
+        );
     }
     let service = demo.service();
     let mut body = String::new();
@@ -1324,6 +1316,9 @@ pub struct RevokeForm {
 }
 
 /// `POST /support/revoke`: its own agent or a lead/admin ends a session.
+/// Anyone else is refused by the SDK, which puts the attempt on the
+/// session's trail (a customer who holds a session's id is worth seeing
+/// there), so the form is not refused here first.
 pub async fn revoke(
     State(demo): AppState,
     v: Viewer,
@@ -1348,9 +1343,6 @@ pub async fn revoke(
     };
     if !v.csrf_ok(&form.csrf) {
         return bad_csrf(&v, &demo);
-    }
-    if let Some(refusal) = for_agents_only(&v, &demo, "Revoke") {
-        return refusal;
     }
     let Ok(session) = form.session.trim().parse::<SessionId>() else {
         return refused(
