@@ -16,7 +16,12 @@
 //! it waited stays queued, and the next call carries it (a write still
 //! lands): the caller told to run next, or, when no caller is left
 //! waiting, the one whose call just finished; whoever runs a call always
-//! carries its own item among them.
+//! carries its own item among them. One case is left: a caller told to
+//! run and dropped before it ran, with no caller left to pass the place
+//! to, leaves the queued items (its own among them) to the next call in
+//! this process, whenever one comes (there is no task of its own to run
+//! them; a binding that must land a write runs it to its end, as the
+//! Axum binding does).
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -832,12 +832,15 @@ impl Policy {
         session
     }
 
-    /// Whether `permission` is one a shadow user never holds.
+    /// Whether `permission` is one a shadow user never holds: as
+    /// [`Policy::never_held`] matches them (the SDK's own two ignoring
+    /// case, as its patterns do).
     fn never_holds(&self, permission: &Permission) -> bool {
         is_wildcard(permission)
             || any_matches(&self.denied_permissions, permission)
-            || *permission == self.impersonate_permission
-            || *permission == self.admin_permission
+            || [&self.impersonate_permission, &self.admin_permission]
+                .iter()
+                .any(|own| eq_ignoring_case(own.as_str(), permission.as_str()))
     }
 
     fn validate_reason(&self, text: &str) -> Result<Reason, Denial> {

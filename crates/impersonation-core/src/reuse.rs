@@ -33,13 +33,30 @@ struct Entry {
 }
 
 /// What a context was resolved from: a session secret, or a session id
-/// named by a verified token.
+/// named by a verified token; each under the settings of the service that
+/// resolved it ([`Settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ReuseKey {
     /// Resolved from this secret (its hash).
-    Secret(SecretHash),
+    Secret(Settings, SecretHash),
     /// Resolved by id, for a signed token that names the session.
-    Session(SessionId),
+    Session(Settings, SessionId),
+}
+
+/// Which settings (policy, projection, config, clock) a service resolves
+/// under. Clones of a service share its reuse map, so that an end made
+/// through any of them is seen by all; a clone given other settings
+/// (`with_projection`, say) gets a new value, so that it never reuses a
+/// context judged and projected under the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Settings(u64);
+
+impl Settings {
+    /// A value no service in this process has had.
+    pub(crate) fn fresh() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -178,7 +195,10 @@ mod tests {
             .await
             .unwrap();
         let ctx = service.resolve(&started.secret).await.unwrap();
-        (ctx, ReuseKey::Secret(started.secret.hash()))
+        (
+            ctx,
+            ReuseKey::Secret(Settings::fresh(), started.secret.hash()),
+        )
     }
 
     fn second() -> Duration {
@@ -252,7 +272,7 @@ mod tests {
             let mut bytes = [0_u8; 32];
             bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
             reuse.put(
-                ReuseKey::Secret(SecretHash::from_bytes(bytes)),
+                ReuseKey::Secret(Settings::fresh(), SecretHash::from_bytes(bytes)),
                 &ctx,
                 at,
                 reuse.epoch(),
@@ -262,7 +282,7 @@ mod tests {
         assert_eq!(reuse.len(), PURGE_FLOOR);
         // One interval on, the next insert finds them all stale.
         reuse.put(
-            ReuseKey::Session(ctx.session()),
+            ReuseKey::Session(Settings::fresh(), ctx.session()),
             &ctx,
             at + second(),
             reuse.epoch(),

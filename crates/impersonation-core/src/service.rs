@@ -17,7 +17,7 @@ use crate::id::{SessionId, TenantId, UserId};
 use crate::policy::{Denial, Policy, PolicyContext, Reason, StartRequest, Ticket};
 use crate::principal::{Directory, DirectoryError, Principal};
 use crate::projection::{ProjectionRules, ShadowUser};
-use crate::reuse::{Reuse, ReuseKey};
+use crate::reuse::{Reuse, ReuseKey, Settings};
 use crate::secret::{SecretError, SecretHash, SecretLookup, SessionSecret};
 use crate::session::{Begin, EndReason, PersonRef, Session, SessionState, TransitionError};
 use crate::store::{
@@ -117,7 +117,13 @@ pub struct Config {
     /// other request within this interval; so does a permission removed in
     /// the directory. Requests that change something
     /// ([`Impersonation::resolve_fresh`]) always read the store.
-    /// `Duration::ZERO` reads the store on every request.
+    /// `Duration::ZERO` reads the store on every request; an interval
+    /// above half the policy's idle timeout is taken as half of it (a
+    /// reused read writes no idle touch). Clones of a
+    /// service share what it reuses and every end it makes; a clone given
+    /// other settings (`with_policy`, `with_projection`, `with_config`,
+    /// `with_clock`) still sees those ends at once, but reuses only the
+    /// sessions it resolved itself.
     pub reuse_interval: Duration,
     /// When `resolve` reads the store, it re-checks through the directory
     /// that the agent still holds the impersonate permission and the policy
@@ -558,10 +564,17 @@ pub struct Impersonation<S, D> {
     clock: Arc<dyn Clock>,
     // Group commit, for stores whose `batches()` says so; clones share them.
     appends: Arc<Coalescer<(AuditDraft, AppendGuard), Result<AuditEvent, StoreError>>>,
-    lookups: Arc<Coalescer<SecretLookup, Result<Option<Session>, StoreError>>>,
+    lookups: Arc<Coalescer<SecretLookup, Result<Touched, StoreError>>>,
     // Sessions resolved a moment ago (`Config::reuse_interval`); clones share them.
     reuse: Arc<Reuse>,
+    // Which of them this service may reuse: those resolved under its settings.
+    settings: Settings,
 }
+
+/// A lookup's answer (the record as it was before the touch) and the
+/// touch the store was sent with it: a batched lookup's touch is stamped
+/// when its call starts, after the request's own time.
+type Touched = (Option<Session>, Touch);
 
 /// The store call that carried a write or lookup was abandoned before it
 /// answered (its caller was cancelled); whether a write took effect is
@@ -589,6 +602,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             appends: Arc::new(Coalescer::new(batching.appends)),
             lookups: Arc::new(Coalescer::new(batching.lookups)),
             reuse: Arc::default(),
+            settings: Settings::fresh(),
         }
     }
 
@@ -596,6 +610,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     #[must_use]
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self.settings = Settings::fresh();
         self
     }
 
@@ -603,6 +618,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     #[must_use]
     pub fn with_projection(mut self, projection: ProjectionRules) -> Self {
         self.projection = projection;
+        self.settings = Settings::fresh();
         self
     }
 
@@ -610,6 +626,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     #[must_use]
     pub fn with_config(mut self, config: Config) -> Self {
         self.config = config;
+        self.settings = Settings::fresh();
         self
     }
 
@@ -617,6 +634,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self.settings = Settings::fresh();
         self
     }
 
@@ -666,18 +684,17 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     /// The per-request lookup, through the group commit when the store
-    /// batches (identical secrets in one batch are looked up once).
+    /// batches (identical secrets in one batch are looked up once), and
+    /// the touch it was sent with (whose time decides whether it was
+    /// written: [`Touch::applies_to`]).
     async fn find_touching(
         &self,
         lookup: SecretLookup,
         touch: Touch,
-    ) -> Result<Option<Session>, StoreError> {
+    ) -> Result<Touched, StoreError> {
         if self.store.batching().lookups == 0 {
-            return Ok(self
-                .store
-                .find_by_secret(&lookup, Some(touch))
-                .await?
-                .map(|s| self.policy.bound(s)));
+            let found = self.store.find_by_secret(&lookup, Some(touch)).await?;
+            return Ok((found.map(|s| self.policy.bound(s)), touch));
         }
         let run = |lookups: Vec<SecretLookup>| async move {
             // Stamped when the call starts: no earlier than any request in it.
@@ -699,14 +716,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             let found = self.store.find_by_secrets(&distinct, Some(touch)).await;
             slots
                 .into_iter()
-                .map(|i| found.get(i).cloned().unwrap_or_else(|| Err(interrupted())))
+                .map(|i| match found.get(i) {
+                    Some(Ok(session)) => Ok((session.clone(), touch)),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err(interrupted()),
+                })
                 .collect()
         };
         self.lookups
             .submit(lookup, run)
             .await
             .unwrap_or_else(|Interrupted| Err(interrupted()))
-            .map(|found| found.map(|s| self.policy.bound(s)))
+            .map(|(found, touch)| (found.map(|s| self.policy.bound(s)), touch))
     }
 
     async fn audit_denial(
@@ -1109,7 +1130,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonation.session = Empty,
         );
         let now = self.now();
-        let key = ReuseKey::Secret(secret.hash());
+        let key = ReuseKey::Secret(self.settings, secret.hash());
         if reuse && let Some(ctx) = self.reused(&key, now, &span) {
             return Ok(ctx);
         }
@@ -1135,13 +1156,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // Read before the store: an end that lands meanwhile keeps this
         // answer out of the reuse map.
         let epoch = self.reuse.epoch();
-        let touch = self.touch(now);
-        let Some(session) = self.find_touching(secret.lookup(), touch).await? else {
+        let (found, touch) = self.find_touching(secret.lookup(), self.touch(now)).await?;
+        let Some(session) = found else {
             return Err(Error::Unauthenticated);
         };
         let ctx = self.judge(session, now, Some(touch), &span).await?;
-        self.reuse
-            .put(key, &ctx, now, epoch, self.config.reuse_interval);
+        self.reuse.put(key, &ctx, now, epoch, self.reuse_interval());
         Ok(ctx)
     }
 
@@ -1161,6 +1181,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The idle touch of a read of the store at `now`: written at most once
     /// a [`Config::touch_interval`], but at least twice an idle timeout,
     /// or a busy session would never count as used and idle out.
+    /// [`Config::reuse_interval`], at most half the policy's idle timeout:
+    /// a reused read writes no idle touch, so a longer one would let a
+    /// session in constant use idle out.
+    fn reuse_interval(&self) -> Duration {
+        let most: Duration = self.policy.idle_timeout_duration() / 2_i32;
+        self.config.reuse_interval.min(most.max(Duration::ZERO))
+    }
+
     fn touch(&self, now: OffsetDateTime) -> Touch {
         let most: Duration = self.policy.idle_timeout_duration() / 2_i32;
         Touch {
@@ -1175,7 +1203,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The context this process resolved for `key` within
     /// [`Config::reuse_interval`], if any, its session recorded on `span`.
     fn reused(&self, key: &ReuseKey, now: OffsetDateTime, span: &Span) -> Option<Context> {
-        let interval = self.config.reuse_interval;
+        let interval = self.reuse_interval();
         if interval <= Duration::ZERO {
             return None;
         }
@@ -1210,7 +1238,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             impersonation.session = %id,
         );
         let now = self.now();
-        let key = ReuseKey::Session(id);
+        let key = ReuseKey::Session(self.settings, id);
         if reuse && let Some(ctx) = self.reused(&key, now, &span) {
             return Ok(ctx);
         }
@@ -1225,21 +1253,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 };
                 // The idle touch goes through the lookup by secret hash (once a
                 // touch interval), which every store writes in one step.
-                let session = if touch.applies_to(&found) {
+                let (session, touch) = if touch.applies_to(&found) {
                     let lookup = SecretLookup {
                         hash: found.secret_hash,
                         route: found.chain().route(),
                     };
                     match self.find_touching(lookup, touch).await? {
-                        Some(session) if session.id == id => session,
+                        (Some(session), sent) if session.id == id => (session, sent),
                         _ => return Err(Error::Unauthenticated),
                     }
                 } else {
-                    found
+                    (found, touch)
                 };
                 let ctx = self.judge(session, now, Some(touch), &span).await?;
-                self.reuse
-                    .put(key, &ctx, now, epoch, self.config.reuse_interval);
+                self.reuse.put(key, &ctx, now, epoch, self.reuse_interval());
                 Ok(ctx)
             }
             .instrument(span.clone()),
@@ -1284,6 +1311,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     ) -> Result<Context, Error> {
         record_session(span, &session);
         if let SessionState::Ended(reason) = session.state {
+            // Ended by another process: this one stops reusing it too.
+            self.reuse.forget(session.id);
             return Err(Error::Ended(reason));
         }
         if let Some(lapse) = session.lapse_at(now) {
@@ -1299,8 +1328,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         if session.state == SessionState::Pending {
             return Err(Error::PendingConsent);
         }
-        if touch.is_some_and(|t| t.applies_to(&session)) {
-            session.last_seen_at = now;
+        // The touch as the store was sent it: a batched lookup's is stamped
+        // when its call ran, which may be past the idle deadline that this
+        // request's own time is within (then the store wrote nothing).
+        if let Some(t) = touch
+            && t.applies_to(&session)
+        {
+            session.last_seen_at = t.now;
         }
         // A check stamped ahead of this clock (another server's runs fast)
         // is due too, or a skew would put off every re-check until this

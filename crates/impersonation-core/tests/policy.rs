@@ -223,6 +223,29 @@ fn wildcard_permissions_never_reach_the_shadow_user() {
     );
 }
 
+/// Where agents may be impersonated, an agent's permission held by the
+/// target in another casing is no escalation: the shadow user never gets
+/// it (the projection drops it ignoring case), so an agent without it
+/// may impersonate them.
+#[test]
+fn the_sdks_own_permissions_in_another_casing_are_no_escalation() {
+    // Names of the host's own, outside the `impersonation:*` the policy
+    // always denies.
+    let policy = Policy::default()
+        .impersonate_permission("support.impersonate")
+        .admin_permission("support.admin")
+        .allow_impersonating_agents();
+    let sam = agent().with_permission("support.impersonate");
+    for held in ["Support.Admin", "SUPPORT.IMPERSONATE"] {
+        let lead = customer().with_permission(held);
+        assert_eq!(
+            decide(&policy, &sam, &lead, &request(&lead)),
+            Ok(()),
+            "{held}"
+        );
+    }
+}
+
 /// Roles reach the shadow user as the customer holds them, but for those
 /// the projection withholds (ignoring case): an app that checks a role
 /// for billing sees the shadow user without it. Rules written before

@@ -749,6 +749,75 @@ async fn a_demoted_agent_loses_the_session_once_the_reuse_interval_is_over() {
     ));
 }
 
+/// A clone given other settings never reuses a context resolved under
+/// the first's (its shadow user is projected by its own rules), yet an
+/// end made through either is seen by both at once.
+#[tokio::test]
+async fn a_clone_with_other_rules_reuses_nothing_of_the_first_but_sees_its_ends() {
+    let f = fixture();
+    let loose = f
+        .service
+        .clone()
+        .with_projection(ProjectionRules::new().rule("card_number", AttributeRule::Copy));
+    let strict = loose.clone().with_projection(ProjectionRules::new());
+    let started = f.sam_on_olive().await;
+    let seen = loose.resolve(&started.secret).await.unwrap();
+    assert!(seen.shadow().attribute("card_number").is_some());
+    let seen = strict.resolve(&started.secret).await.unwrap();
+    assert_eq!(seen.shadow().attribute("card_number"), None);
+    // A plain clone shares the settings, and what they resolved.
+    let same = loose.clone().resolve(&started.secret).await.unwrap();
+    assert!(same.shadow().attribute("card_number").is_some());
+    strict.stop(&started.secret, &agent("sam")).await.unwrap();
+    assert!(matches!(
+        loose.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+}
+
+/// A lookup batched behind another's call runs after its request's own
+/// time. When that run falls past the session's idle deadline the store
+/// writes no touch, and the request's context keeps the deadline the
+/// store has, not one counted from the request's time (which a reused or
+/// kept context would serve for another idle timeout).
+#[tokio::test]
+async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
+    let (reached, held) = tokio::sync::oneshot::channel();
+    let (go, wait) = tokio::sync::oneshot::channel();
+    let f = fixture_with(
+        Arc::new(BusyChain::hold_lookup(reached, wait)),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    let other = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    let deadline = started.session.idle_deadline();
+    f.clock
+        .advance(deadline - epoch() - Duration::milliseconds(20));
+    // Kim's lookup holds the one call in flight; Sam's, at 20 ms before
+    // his deadline, queues behind it.
+    let service = f.service.clone();
+    let first = tokio::spawn(async move { service.resolve(&other.secret).await });
+    held.await.unwrap();
+    let service = f.service.clone();
+    let secret = started.secret;
+    let second = tokio::spawn(async move { service.resolve(&secret).await });
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    f.clock.advance(Duration::milliseconds(25));
+    go.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    let ctx = second.await.unwrap().unwrap();
+    assert_eq!(ctx.idle_deadline(), deadline);
+    let stored = f.stored(started.session.id).await;
+    assert_eq!(stored.last_seen_at, started.session.last_seen_at);
+}
+
 #[tokio::test]
 async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval() {
     for reuse in [Duration::ZERO, Duration::seconds(1)] {
@@ -769,6 +838,45 @@ async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval()
             "reuse interval {reuse}"
         );
     }
+}
+
+/// A reuse interval longer than half the idle timeout is taken as half
+/// of it: a session in constant use is read, and touched, often enough
+/// not to idle out.
+#[tokio::test]
+async fn a_long_reuse_interval_does_not_let_a_session_in_use_idle_out() {
+    let config = Config {
+        reuse_interval: Duration::hours(1),
+        ..Config::default()
+    };
+    let f = fixture_with(MemoryStore::new(), Policy::default(), config);
+    let started = f.sam_on_olive().await;
+    let idle = started.session.grant.idle_timeout;
+    for _ in 0..4 {
+        f.clock.advance(idle / 2_i32);
+        f.service.resolve(&started.secret).await.unwrap();
+    }
+    let stored = f.stored(started.session.id).await;
+    assert_eq!(stored.last_seen_at, f.service.now());
+}
+
+/// A change that reads the store and finds the session ended by another
+/// process ends its reuse here too: the next read is refused at once, not
+/// served for the rest of the reuse interval.
+#[tokio::test]
+async fn a_change_that_finds_the_session_ended_elsewhere_ends_its_reuse() {
+    let (f, other) = two_processes();
+    let started = f.sam_on_olive().await;
+    f.service.resolve(&started.secret).await.unwrap();
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    assert!(matches!(
+        f.service.resolve_fresh(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
 }
 
 #[tokio::test]
@@ -2051,6 +2159,10 @@ struct BusyChain {
     /// Holds the first start before it reaches the store: says so on the
     /// first channel, goes on when the second says.
     start_gate: StartGate,
+    /// Holds the first lookup by secret likewise.
+    lookup_gate: StartGate,
+    /// Lookups batched, one call in flight (as the SQL and Redis stores).
+    batched_lookups: bool,
 }
 
 type StartGate = std::sync::Mutex<
@@ -2073,6 +2185,21 @@ impl BusyChain {
             gone_after_first_read: false,
             reads: 0.into(),
             start_gate: std::sync::Mutex::new(None),
+            lookup_gate: std::sync::Mutex::new(None),
+            batched_lookups: false,
+        }
+    }
+
+    /// Batches lookups, and holds the first until `go`; `reached` says it
+    /// is held.
+    fn hold_lookup(
+        reached: tokio::sync::oneshot::Sender<()>,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> Self {
+        Self {
+            lookup_gate: std::sync::Mutex::new(Some((reached, go))),
+            batched_lookups: true,
+            ..Self::new(false)
         }
     }
 
@@ -2196,11 +2323,26 @@ impl Store for BusyChain {
     ) -> Result<AuditEvent, impersonation_core::StoreError> {
         self.inner.append(e, g).await
     }
+    fn batching(&self) -> impersonation_core::Batching {
+        impersonation_core::Batching {
+            lookups: usize::from(self.batched_lookups),
+            ..impersonation_core::Batching::OFF
+        }
+    }
     async fn find_by_secret(
         &self,
         l: &impersonation_core::SecretLookup,
         t: Option<impersonation_core::Touch>,
     ) -> Result<Option<impersonation_core::Session>, impersonation_core::StoreError> {
+        let gate = self
+            .lookup_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((reached, go)) = gate {
+            let _ = reached.send(());
+            let _ = go.await;
+        }
         let mut found = self.inner.find_by_secret(l, t).await?;
         if let Some(s) = &mut found {
             s.last_seen_at -= self.found_before;
