@@ -832,15 +832,15 @@ impl Policy {
         session
     }
 
-    /// Whether `permission` is one a shadow user never holds: as
-    /// [`Policy::never_held`] matches them (the SDK's own two ignoring
-    /// case, as its patterns do).
+    /// Whether `permission` is one a shadow user never holds, matched as
+    /// the projection matches them ([`Policy::never_held`]'s patterns:
+    /// the SDK's own two as patterns too, ignoring case).
     fn never_holds(&self, permission: &Permission) -> bool {
         is_wildcard(permission)
             || any_matches(&self.denied_permissions, permission)
             || [&self.impersonate_permission, &self.admin_permission]
                 .iter()
-                .any(|own| eq_ignoring_case(own.as_str(), permission.as_str()))
+                .any(|own| PermissionPattern::new(own.as_str()).matches(permission))
     }
 
     fn validate_reason(&self, text: &str) -> Result<Reason, Denial> {

@@ -30,6 +30,8 @@ const PURGE_FLOOR: usize = 1024;
 struct Entry {
     context: Context,
     fetched_at: OffsetDateTime,
+    /// How long this entry may be reused (its session's own bound).
+    interval: Duration,
 }
 
 /// What a context was resolved from: a session secret, or a session id
@@ -90,6 +92,7 @@ impl Reuse {
     ) -> Option<Context> {
         let inner = self.lock();
         let entry = inner.entries.get(key)?;
+        let interval = interval.min(entry.interval);
         let fresh = entry.fetched_at <= now && now - entry.fetched_at < interval;
         (fresh && entry.context.in_time(now)).then(|| entry.context.clone())
     }
@@ -100,7 +103,8 @@ impl Reuse {
     }
 
     /// Keeps `context`, resolved at `now` from a store read that began in
-    /// `epoch`, unless a session has been forgotten since.
+    /// `epoch`, unless a session has been forgotten since; for at most
+    /// `interval`.
     pub(crate) fn put(
         &self,
         key: ReuseKey,
@@ -127,6 +131,7 @@ impl Reuse {
             Entry {
                 context: context.clone(),
                 fetched_at: now,
+                interval,
             },
         );
     }
@@ -137,6 +142,19 @@ impl Reuse {
         let mut inner = self.lock();
         inner.epoch = inner.epoch.wrapping_add(1);
         inner.entries.retain(|_, e| e.context.session() != session);
+    }
+
+    /// Drops the entries of `session`, if any, as [`Reuse::forget`] does;
+    /// with none kept, nothing changes (a session found ended is read
+    /// often, by a client still sending its secret, and would otherwise
+    /// keep every lookup under way from putting its answer back).
+    pub(crate) fn forget_if_kept(&self, session: SessionId) {
+        let mut inner = self.lock();
+        let before = inner.entries.len();
+        inner.entries.retain(|_, e| e.context.session() != session);
+        if inner.entries.len() != before {
+            inner.epoch = inner.epoch.wrapping_add(1);
+        }
     }
 
     /// Forgets `session` when the guard is dropped: after a store call that
@@ -236,6 +254,36 @@ mod tests {
         );
         assert_eq!(reuse.get(&hash, ctx.idle_deadline(), interval), None);
         assert_eq!(reuse.get(&hash, ctx.expires_at(), interval), None);
+    }
+
+    /// A session found ended that this process does not keep changes
+    /// nothing: lookups of other sessions under way still put theirs.
+    /// One it keeps is dropped as `forget` drops it.
+    #[tokio::test]
+    async fn forgetting_a_session_not_kept_refuses_no_lookup() {
+        let (ctx, hash) = context().await;
+        let reuse = Reuse::default();
+        let at = ctx.started_at();
+        let before = reuse.epoch();
+        reuse.forget_if_kept(ctx.session());
+        reuse.put(hash, &ctx, at, before, second());
+        assert_eq!(reuse.len(), 1);
+        reuse.forget_if_kept(ctx.session());
+        assert_eq!(reuse.len(), 0);
+        reuse.put(hash, &ctx, at, before, second());
+        assert_eq!(reuse.len(), 0, "begun before the session was dropped");
+    }
+
+    /// An entry is reused no longer than the interval it was kept for,
+    /// whatever a later reader asks.
+    #[tokio::test]
+    async fn an_entry_is_reused_no_longer_than_it_was_kept_for() {
+        let (ctx, hash) = context().await;
+        let reuse = Reuse::default();
+        let at = ctx.started_at();
+        reuse.put(hash, &ctx, at, reuse.epoch(), second());
+        let later = at + second();
+        assert_eq!(reuse.get(&hash, later, Duration::minutes(5)), None);
     }
 
     #[tokio::test]

@@ -118,8 +118,8 @@ pub struct Config {
     /// the directory. Requests that change something
     /// ([`Impersonation::resolve_fresh`]) always read the store.
     /// `Duration::ZERO` reads the store on every request; an interval
-    /// above half the policy's idle timeout is taken as half of it (a
-    /// reused read writes no idle touch). Clones of a
+    /// above half a session's idle timeout is taken as half of it for
+    /// that session (a reused read writes no idle touch). Clones of a
     /// service share what it reuses and every end it makes; a clone given
     /// other settings (`with_policy`, `with_projection`, `with_config`,
     /// `with_clock`) still sees those ends at once, but reuses only the
@@ -1160,8 +1160,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let Some(session) = found else {
             return Err(Error::Unauthenticated);
         };
+        let interval = self.reuse_interval_for(session.grant.idle_timeout);
         let ctx = self.judge(session, now, Some(touch), &span).await?;
-        self.reuse.put(key, &ctx, now, epoch, self.reuse_interval());
+        self.reuse.put(key, &ctx, now, epoch, interval);
         Ok(ctx)
     }
 
@@ -1178,17 +1179,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok(listed.into_iter().map(|s| self.policy.bound(s)).collect())
     }
 
-    /// The idle touch of a read of the store at `now`: written at most once
-    /// a [`Config::touch_interval`], but at least twice an idle timeout,
-    /// or a busy session would never count as used and idle out.
-    /// [`Config::reuse_interval`], at most half the policy's idle timeout:
-    /// a reused read writes no idle touch, so a longer one would let a
-    /// session in constant use idle out.
-    fn reuse_interval(&self) -> Duration {
-        let most: Duration = self.policy.idle_timeout_duration() / 2_i32;
+    /// [`Config::reuse_interval`] for a session whose idle timeout is
+    /// `idle`: at most half of it, since a reused read writes no idle
+    /// touch, and a longer one would let a session in constant use idle
+    /// out.
+    fn reuse_interval_for(&self, idle: Duration) -> Duration {
+        let most: Duration = idle / 2_i32;
         self.config.reuse_interval.min(most.max(Duration::ZERO))
     }
 
+    /// The idle touch of a read of the store at `now`: written at most once
+    /// a [`Config::touch_interval`], but at least twice an idle timeout,
+    /// or a busy session would never count as used and idle out.
     fn touch(&self, now: OffsetDateTime) -> Touch {
         let most: Duration = self.policy.idle_timeout_duration() / 2_i32;
         Touch {
@@ -1203,7 +1205,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// The context this process resolved for `key` within
     /// [`Config::reuse_interval`], if any, its session recorded on `span`.
     fn reused(&self, key: &ReuseKey, now: OffsetDateTime, span: &Span) -> Option<Context> {
-        let interval = self.reuse_interval();
+        let interval = self.config.reuse_interval;
         if interval <= Duration::ZERO {
             return None;
         }
@@ -1265,8 +1267,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 } else {
                     (found, touch)
                 };
+                let interval = self.reuse_interval_for(session.grant.idle_timeout);
                 let ctx = self.judge(session, now, Some(touch), &span).await?;
-                self.reuse.put(key, &ctx, now, epoch, self.reuse_interval());
+                self.reuse.put(key, &ctx, now, epoch, interval);
                 Ok(ctx)
             }
             .instrument(span.clone()),
@@ -1312,7 +1315,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         record_session(span, &session);
         if let SessionState::Ended(reason) = session.state {
             // Ended by another process: this one stops reusing it too.
-            self.reuse.forget(session.id);
+            self.reuse.forget_if_kept(session.id);
             return Err(Error::Ended(reason));
         }
         if let Some(lapse) = session.lapse_at(now) {

@@ -858,6 +858,22 @@ async fn a_long_reuse_interval_does_not_let_a_session_in_use_idle_out() {
     }
     let stored = f.stored(started.session.id).await;
     assert_eq!(stored.last_seen_at, f.service.now());
+    // Capped by each session's own idle timeout: one started under a
+    // shorter one than the policy's today.
+    let started = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    let idle = started.session.grant.idle_timeout;
+    let longer = f
+        .service
+        .clone()
+        .with_policy(Policy::default().idle_timeout(idle * 4_i32));
+    for _ in 0..4 {
+        f.clock.advance(idle / 2_i32);
+        longer.resolve(&started.secret).await.unwrap();
+    }
 }
 
 /// A change that reads the store and finds the session ended by another
