@@ -877,6 +877,9 @@ where
             // A panic is caught to be audited, then passed on. (In two
             // steps: the inner service's error need not be `Send`, so it is
             // not held across the audit write's await.)
+            // The request's span goes on past the handler: the banner step
+            // and the audit write log inside it too.
+            let request_span = span.clone();
             let served = {
                 let caught = AssertUnwindSafe(inner.call(req).instrument(span))
                     .catch_unwind()
@@ -986,14 +989,10 @@ where
                             watch,
                             quiet: settings.stream_check,
                         };
-                        match AssertUnwindSafe(with_banner(
-                            res,
-                            &banner,
-                            &stop,
-                            markup,
-                            (route, c.session()),
-                            read,
-                        ))
+                        match AssertUnwindSafe(
+                            with_banner(res, &banner, &stop, markup, (route, c.session()), read)
+                                .instrument(request_span.clone()),
+                        )
                         .catch_unwind()
                         .await
                         {
@@ -1011,6 +1010,7 @@ where
                         }
                     }
                     Page::BannerCannotGoIn(why) => {
+                        let _in_request = request_span.enter();
                         tracing::warn!(
                             route,
                             session = %c.session(),
@@ -1030,7 +1030,10 @@ where
                 };
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
-                match audit_request(&shared, &state, c, method, route, is_change, answer).await {
+                match audit_request(&shared, &state, c, method, route, is_change, answer)
+                    .instrument(request_span)
+                    .await
+                {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
                     // A change has been made by then: the log line is
@@ -1712,7 +1715,8 @@ fn needs_record(
 pub(crate) async fn run_to_end<T: Send + 'static>(
     write: impl Future<Output = Result<T, impersonation_core::Error>> + Send + 'static,
 ) -> Result<T, impersonation_core::Error> {
-    let mut write = Box::pin(write);
+    // On a task of its own the write logs in the caller's span still.
+    let mut write = Box::pin(write.in_current_span());
     // A store that panics here answers as one that failed on its task
     // (a 503), as before the first poll moved out of the task.
     let first = std::future::poll_fn(|cx| {

@@ -143,11 +143,18 @@ impl Events {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+impl<S> tracing_subscriber::Layer<S> for Events
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
         if *event.metadata().level() == self.level {
             let mut fields = Fields::default();
             event.record(&mut fields);
+            // The span it was logged in, under a name no field has.
+            if let Some(span) = ctx.event_span(event) {
+                fields.0.insert("(span)".into(), span.name().to_owned());
+            }
             self.seen.lock().unwrap().push(fields.0);
         }
     }
@@ -278,14 +285,16 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
         ],
         "{logged:?}"
     );
-    // Each names the session too, as the request's span does (a line
-    // logged once the handler has answered is outside that span).
+    // Each names the session too, and is logged in the request's span,
+    // which names the agent and the customer, though the handler has
+    // answered by then.
     let session = started.session.id.to_string();
     assert!(
         logged
             .iter()
             .filter(|e| e["message"] == "an impersonated HTML page is served without the banner")
-            .all(|e| e.get("session") == Some(&session)),
+            .all(|e| e.get("session") == Some(&session)
+                && e.get("(span)").map(String::as_str) == Some("impersonation.request")),
         "{logged:?}"
     );
 }
