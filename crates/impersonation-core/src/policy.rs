@@ -716,11 +716,14 @@ impl Policy {
             return Err(Denial::TargetIsAgent);
         }
         if self.no_escalation {
-            // Permissions the shadow user never gets cannot escalate anything.
+            // Permissions the shadow user never gets cannot escalate
+            // anything: those the grant's `allows` refuses whatever it
+            // holds, matched by the same patterns.
+            let never = self.never_held();
             let escalates = target
                 .permissions
                 .iter()
-                .any(|p| !self.never_holds(p) && !agent.has_permission(p));
+                .any(|p| !(is_wildcard(p) || any_matches(&never, p) || agent.has_permission(p)));
             if escalates {
                 return Err(Denial::Escalation);
             }
@@ -830,17 +833,6 @@ impl Policy {
             std::sync::Arc::make_mut(&mut session.grant).duration = self.max_duration;
         }
         session
-    }
-
-    /// Whether `permission` is one a shadow user never holds, matched as
-    /// the projection matches them ([`Policy::never_held`]'s patterns:
-    /// the SDK's own two as patterns too, ignoring case).
-    fn never_holds(&self, permission: &Permission) -> bool {
-        is_wildcard(permission)
-            || any_matches(&self.denied_permissions, permission)
-            || [&self.impersonate_permission, &self.admin_permission]
-                .iter()
-                .any(|own| PermissionPattern::new(own.as_str()).matches(permission))
     }
 
     fn validate_reason(&self, text: &str) -> Result<Reason, Denial> {

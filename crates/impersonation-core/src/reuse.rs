@@ -70,6 +70,15 @@ struct Inner {
     purge_at: usize,
 }
 
+impl Inner {
+    /// Drops every entry of `session`; whether there was one.
+    fn drop_session(&mut self, session: SessionId) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.context.session() != session);
+        self.entries.len() != before
+    }
+}
+
 /// The reuse map. Shared by clones of a service.
 #[derive(Debug, Default)]
 pub(crate) struct Reuse {
@@ -140,8 +149,8 @@ impl Reuse {
     /// way from putting theirs back.
     pub(crate) fn forget(&self, session: SessionId) {
         let mut inner = self.lock();
+        inner.drop_session(session);
         inner.epoch = inner.epoch.wrapping_add(1);
-        inner.entries.retain(|_, e| e.context.session() != session);
     }
 
     /// Drops the entries of `session`, if any, as [`Reuse::forget`] does;
@@ -150,9 +159,7 @@ impl Reuse {
     /// keep every lookup under way from putting its answer back).
     pub(crate) fn forget_if_kept(&self, session: SessionId) {
         let mut inner = self.lock();
-        let before = inner.entries.len();
-        inner.entries.retain(|_, e| e.context.session() != session);
-        if inner.entries.len() != before {
+        if inner.drop_session(session) {
             inner.epoch = inner.epoch.wrapping_add(1);
         }
     }
