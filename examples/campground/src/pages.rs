@@ -97,6 +97,25 @@ fn shown_error(e: &impersonation_core::Error) -> String {
     }
 }
 
+/// A page refusing what an SDK call refused or failed: its status, and
+/// `what` followed by [`shown_error`].
+fn refused_for(
+    v: &Viewer,
+    demo: &Demo,
+    title: &str,
+    what: &str,
+    e: &impersonation_core::Error,
+) -> Response {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    refused(
+        v,
+        demo,
+        status,
+        title,
+        &format!("{what}: {}.", shown_error(e)),
+    )
+}
+
 fn esc(text: &str) -> String {
     html_escape::encode_text(text).into_owned()
 }
@@ -539,15 +558,12 @@ pub async fn sign_out(
             impersonation_core::Error::Ended(_) | impersonation_core::Error::UnknownSession
         )
     {
-        tracing::warn!(error = %e, "could not end the impersonation on sign-out");
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return refused(
+        return refused_for(
             &v,
             &demo,
-            status,
             "Sign out",
-            &format!("The impersonation could not be ended: {}.", shown_error(&e)),
+            "The impersonation could not be ended",
+            &e,
         );
     }
     let mut res = (RenewCsrfToken, Redirect::to("/")).into_response();
@@ -1035,18 +1051,12 @@ pub async fn change_password(
         )
         .await
     {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return refused(
+        return refused_for(
             &v,
             &demo,
-            status,
             "Change password",
-            &format!(
-                "The password changed, but support's access to your account may not have \
-                 ended: {}.",
-                shown_error(&e)
-            ),
+            "The password changed, but support's access to your account may not have ended",
+            &e,
         );
     }
     Redirect::to("/profile").into_response()
@@ -1364,17 +1374,7 @@ pub async fn revoke(
         Ok(_) | Err(impersonation_core::Error::Ended(_)) => {
             Redirect::to("/support").into_response()
         }
-        Err(e) => {
-            let status =
-                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            refused(
-                &v,
-                &demo,
-                status,
-                "Revoke",
-                &format!("Not revoked: {}.", shown_error(&e)),
-            )
-        }
+        Err(e) => refused_for(&v, &demo, "Revoke", "Not revoked", &e),
     }
 }
 
