@@ -409,6 +409,37 @@ pub struct Policy {
     read_only_by_default: bool,
 }
 
+/// `d` rounded up to whole seconds (saturating at the longest duration
+/// `time` holds).
+fn round_up_to_seconds(d: Duration) -> Duration {
+    let secs = d.whole_seconds();
+    if d.subsec_nanoseconds() > 0 {
+        Duration::seconds(secs.saturating_add(1))
+    } else {
+        Duration::seconds(secs)
+    }
+}
+
+/// A policy duration as the stores keep it: whole seconds, rounded up, and
+/// at least one. A session's terms are written in whole seconds (its grant
+/// is stored as JSON), so a fraction would read back shorter than the
+/// process that began the session held it (an idle timeout of half a second
+/// as none at all), and a zero or negative one would end every session
+/// before its first request; the latter is warned about, as a mistake.
+fn whole_seconds(what: &'static str, d: Duration) -> Duration {
+    if d < Duration::SECOND {
+        if d <= Duration::ZERO {
+            tracing::warn!(
+                setting = what,
+                given = %d,
+                "a policy duration must be positive; one second is used"
+            );
+        }
+        return Duration::SECOND;
+    }
+    round_up_to_seconds(d)
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -528,25 +559,34 @@ impl Policy {
 
     /// The longest a session may last (default one hour). A shorter one
     /// than a live session began under binds it too, from its next read:
-    /// it expires at its activation plus this.
+    /// it expires at its activation plus this. Kept in whole seconds, as
+    /// the stores keep a session's terms: a fraction is rounded up, and
+    /// anything under a second (zero, negative) is taken as one second.
     #[must_use]
     pub fn max_duration(mut self, duration: Duration) -> Self {
-        self.max_duration = duration;
+        self.max_duration = whole_seconds("max_duration", duration);
         self
     }
 
     /// How long a session may sit unused (default fifteen minutes), for
-    /// the sessions started under it.
+    /// the sessions started under it. Kept in whole seconds, at least one,
+    /// as [`Self::max_duration`].
     #[must_use]
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+        self.idle_timeout = whole_seconds("idle_timeout", timeout);
         self
     }
 
-    /// Whether the customer must consent first.
+    /// Whether the customer must consent first. A consent timeout is kept
+    /// in whole seconds, at least one, as [`Self::max_duration`].
     #[must_use]
     pub fn consent(mut self, consent: Consent) -> Self {
-        self.consent = consent;
+        self.consent = match consent {
+            Consent::Required { timeout } => Consent::Required {
+                timeout: whole_seconds("consent timeout", timeout),
+            },
+            Consent::NotRequired => Consent::NotRequired,
+        };
         self
     }
 
@@ -637,7 +677,8 @@ impl Policy {
             Some(d) if d <= Duration::ZERO || d > self.max_duration => {
                 return Err(Denial::DurationNotAllowed);
             }
-            Some(d) => d,
+            // Within the (whole-second) maximum, so rounding up stays in it.
+            Some(d) => round_up_to_seconds(d),
             None => self.max_duration,
         };
         let permissions = match &request.scope {

@@ -576,6 +576,42 @@ fn durations_beyond_the_maximum_or_not_positive_are_refused() {
     assert_eq!(grant.duration, Duration::minutes(10));
 }
 
+/// A session's terms are stored in whole seconds (its grant as JSON): the
+/// policy keeps its durations so, rounded up and at least one second, and
+/// a grant reads back from storage as the process that made it held it.
+#[test]
+fn policy_durations_are_whole_seconds_of_at_least_one() {
+    use impersonation_core::Consent;
+    let ms = Duration::milliseconds;
+    let policy = Policy::default()
+        .max_duration(ms(90_500))
+        .idle_timeout(ms(500))
+        .consent(Consent::Required { timeout: ms(-3) });
+    assert_eq!(policy.max_session_duration(), Duration::seconds(91));
+    assert_eq!(policy.idle_timeout_duration(), Duration::SECOND);
+    let (zero, negative) = (
+        Policy::default().idle_timeout(Duration::ZERO),
+        Policy::default().max_duration(Duration::minutes(-5)),
+    );
+    assert_eq!(zero.idle_timeout_duration(), Duration::SECOND);
+    assert_eq!(negative.max_session_duration(), Duration::SECOND);
+
+    let c = customer();
+    let asked = request(&c).duration(ms(1_200));
+    let grant = policy
+        .authorize(&agent(), &c, &asked, PolicyContext::default())
+        .unwrap();
+    assert_eq!(grant.duration, Duration::seconds(2));
+    assert_eq!(grant.idle_timeout, Duration::SECOND);
+    assert_eq!(grant.consent_timeout, Some(Duration::SECOND));
+    let stored = serde_json::to_string(&grant).unwrap();
+    let read: impersonation_core::Grant = serde_json::from_str(&stored).unwrap();
+    assert_eq!(
+        (read.duration, read.idle_timeout, read.consent_timeout),
+        (grant.duration, grant.idle_timeout, grant.consent_timeout)
+    );
+}
+
 #[test]
 fn scopes_narrow_the_grant_and_cannot_exceed_the_agent() {
     let c = customer();
