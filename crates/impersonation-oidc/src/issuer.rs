@@ -18,8 +18,7 @@ use openidconnect::core::{
 };
 use openidconnect::{
     AdditionalProviderMetadata, Audience, AuthUrl, IdTokenClaims, IssuerUrl, JsonWebKey,
-    JsonWebKeySetUrl, PrivateSigningKey, ResponseTypes, StandardClaims, SubjectIdentifier,
-    TokenUrl,
+    JsonWebKeySetUrl, PrivateSigningKey, StandardClaims, SubjectIdentifier, TokenUrl,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -34,8 +33,8 @@ use crate::jwt::{ACCESS_TOKEN_JWT_TYPE, MAX_TOKEN_LEN, to_chrono};
 use crate::keys::KeyRing;
 use crate::provider::Provider;
 use crate::request::{
-    ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, JWT_TOKEN_TYPE, RevocationRequest,
-    Subject, TOKEN_EXCHANGE,
+    ACCESS_TOKEN_TYPE, ClientCredentials, ExchangeRequest, ID_TOKEN_TYPE, JWT_TOKEN_TYPE,
+    RevocationRequest, Subject, TOKEN_EXCHANGE,
 };
 use crate::verifier::{MAX_PRIOR_ACTORS, TokenVerifier};
 
@@ -298,6 +297,33 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
+/// Refuses a token whose own header contradicts the type its request
+/// declares for it (`actor_token_type`, `subject_token_type`): one declared
+/// an ID token that types itself an access token (`typ: at+jwt`, RFC 9068
+/// §2.1) is invalid (RFC 8693 §2.2.2), whatever its signature, so that one
+/// token does not serve as either kind as the client says. (An ID token
+/// declared an access token carries no such mark; a provider held to
+/// [`Provider::require_typed_access_tokens`] refuses it.)
+fn declared_type_holds(field: &str, declared: &str, token: &str) -> Result<(), OAuthError> {
+    let typed_access = crate::jwt::unverified_header(token)
+        .ok()
+        .and_then(|header| header.typ)
+        .is_some_and(|typ| {
+            let typ = typ.to_ascii_lowercase();
+            typ == ACCESS_TOKEN_JWT_TYPE || typ == "application/at+jwt"
+        });
+    if declared == ID_TOKEN_TYPE && typed_access {
+        return Err(oauth(
+            ErrorCode::InvalidRequest,
+            format!(
+                "{field}: declared an ID token, but the token is typed as an access token \
+                 (typ {ACCESS_TOKEN_JWT_TYPE}); declare `{ACCESS_TOKEN_TYPE}`"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn oauth(error: ErrorCode, description: impl Into<String>) -> OAuthError {
     OAuthError::new(error, description)
 }
@@ -377,7 +403,10 @@ impl Issuer {
             AuthUrl::new(url(paths::AUTHORIZE)).map_err(|e| OidcError::Config(e.to_string()))?,
             JsonWebKeySetUrl::new(url(paths::JWKS))
                 .map_err(|e| OidcError::Config(e.to_string()))?,
-            vec![ResponseTypes::new(vec![CoreResponseType::Token])],
+            // None: the `authorize` endpoint is listed because OpenID
+            // discovery requires one, and refuses every response type
+            // (`["token"]` would advertise the implicit flow).
+            Vec::new(),
             vec![CoreSubjectIdentifierType::Public],
             vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
             RevocationMetadata {
@@ -542,6 +571,14 @@ impl Issuer {
                 ErrorCode::UnauthorizedClient,
                 "this client may not use token exchange",
             ));
+        }
+        declared_type_holds(
+            "actor_token",
+            &request.actor_token_type,
+            &request.actor_token,
+        )?;
+        if let Subject::Token { token, token_type } = &request.subject {
+            declared_type_holds("subject_token", token_type, token)?;
         }
         let audiences = self.audiences(client, &request)?;
         let now = self.api.now();

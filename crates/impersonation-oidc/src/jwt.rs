@@ -214,12 +214,11 @@ pub(crate) fn unverified_header(token: &str) -> Result<RawHeader, TokenError> {
     decode_part(part)
 }
 
-/// The unverified payload, for routing only (which issuer?), never for a
-/// decision.
+/// The unverified payload's `exp`, never for a decision (the revocation
+/// endpoint reads it to tell an expired token from a live one before it
+/// verifies the token).
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct RawPayload {
-    #[serde(default)]
-    pub(crate) iss: Option<String>,
     #[serde(default)]
     pub(crate) exp: Option<i64>,
 }
@@ -230,6 +229,33 @@ pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> 
     check_shape(token)?;
     payload(token)
 }
+
+/// Whether `token`'s payload names `issuer` as its `iss`, read without
+/// verifying, to decide who verifies it and nothing more. Only `iss` is
+/// read, from any JSON object (an `exp` of the wrong type, a claim
+/// [`RawPayload`] could not read, and tokens over [`MAX_TOKEN_LEN`] up to
+/// [`MAX_ROUTED_LEN`] still name their issuer): a token of this issuer
+/// that fails verification is refused (401), not handed on as someone
+/// else's.
+pub(crate) fn names_issuer(token: &str, issuer: &str) -> bool {
+    use base64::Engine;
+    if token.len() > MAX_ROUTED_LEN {
+        return false;
+    }
+    let Some(part) = token.split('.').nth(1) else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_some_and(|payload| payload.get("iss").and_then(|v| v.as_str()) == Some(issuer))
+}
+
+/// The longest bearer value [`names_issuer`] reads: far above any token
+/// this crate verifies ([`MAX_TOKEN_LEN`]), so that an oversized one of
+/// this issuer is refused as such; beyond it a value is not read at all.
+pub(crate) const MAX_ROUTED_LEN: usize = 64 * 1024;
 
 /// The payload of `token` (its second part), read as `T`: for a decision
 /// only once the signature is verified.

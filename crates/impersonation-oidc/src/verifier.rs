@@ -13,7 +13,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::claims::ImpersonationClaims;
 use crate::error::TokenError;
-use crate::jwt::{Expect, Typ, unverified_payload, verify};
+use crate::jwt::{Expect, Typ, verify};
 use crate::keys::KeyRing;
 
 /// The most prior actors (a nested `act` chain, RFC 8693 §4.1) a token may
@@ -306,12 +306,12 @@ impl TokenVerifier {
     }
 
     /// Whether the token claims to come from this verifier's issuer (read
-    /// without verifying: it only decides who should verify it).
+    /// without verifying: it only decides who should verify it). Only its
+    /// `iss` is read: a token of this issuer whose other claims are
+    /// malformed, or that is too long to verify, still claims to be one
+    /// (and is refused by verification).
     pub fn is_from_issuer(&self, token: &str) -> bool {
-        unverified_payload(token)
-            .ok()
-            .and_then(|p| p.iss)
-            .is_some_and(|iss| iss == self.issuer.as_str())
+        crate::jwt::names_issuer(token, self.issuer.as_str())
     }
 }
 

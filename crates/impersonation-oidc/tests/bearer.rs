@@ -271,6 +271,48 @@ async fn the_agents_own_token_never_carries_the_customers_rights() {
     assert_eq!(f.get(&impersonating).await.0, StatusCode::OK);
 }
 
+/// A token that names this issuer is this issuer's to judge, however
+/// malformed its other claims or however long it is: refused (401), not
+/// handed on to the host's own authentication as another issuer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_token_of_this_issuer_is_refused_not_handed_on() {
+    use impersonation_core::{Error, TokenResolver};
+    let f = fixture().await;
+    let genuine = f.token().await;
+    let (header, claims) = decode(&genuine);
+    let ours = Forger { key: rsa_key().0 };
+    let with = |name: &str, value: serde_json::Value| {
+        let mut claims = claims.clone();
+        claims[name] = value;
+        ours.sign(&header, &claims)
+    };
+    let verifier = f.served.issuer.verifier(API);
+    for (case, token) in [
+        ("exp a string", with("exp", serde_json::json!("x"))),
+        ("exp a fraction", with("exp", serde_json::json!(1.7e9))),
+        (
+            "too long to verify",
+            with("pad", serde_json::json!("p".repeat(9_000))),
+        ),
+    ] {
+        assert!(verifier.is_from_issuer(&token), "{case}");
+        assert!(
+            matches!(
+                verifier.resolve_token(&token).await,
+                Some(Err(Error::Unauthenticated))
+            ),
+            "{case}"
+        );
+        let (status, body, _) = f.get(&token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{case}: {body}");
+    }
+    // Another issuer's token, or a bearer value that is no token, is not
+    // this issuer's.
+    assert!(!verifier.is_from_issuer(&f.op.op_token("sam", |_, _| {})));
+    assert!(!verifier.is_from_issuer("not.a.token"));
+    assert!(!verifier.is_from_issuer(&format!("{genuine}{}", "A".repeat(70_000))));
+}
+
 /// As with a cookie: a read by token may be answered from a session this
 /// process resolved a moment ago, but its audit write checks the store, so
 /// a session another process ended is not served; a change by token reads

@@ -477,7 +477,8 @@ struct Exchange {
     /// the impersonate permission, 5: for another audience, 6: one byte
     /// changed, 7: not a JWT, 8: missing.
     actor: u8,
-    /// An index into [`TOKEN_TYPES`] (0-2 good), 4: missing, 5: the token.
+    /// An index into [`TOKEN_TYPES`] (0-1 good; 2, an ID token, contradicts
+    /// the tokens' own `typ: at+jwt`), 4: missing, 5: the token.
     actor_type: u8,
     /// 0: `requested_subject`, 1: a subject token (good with a good type);
     /// 2: a protected user, 3: an unknown user, 4: the agent, 5: both
@@ -568,13 +569,13 @@ impl Exchange {
     fn acceptable(&self) -> bool {
         let subject = match self.subject {
             0 => true,
-            1 => self.subject_type <= 2,
+            1 => self.subject_type <= 1,
             _ => false,
         };
         self.client <= 2
             && self.grant == 0
             && self.actor == 0
-            && self.actor_type <= 2
+            && self.actor_type <= 1
             && subject
             && self.audience <= 4
             && self.scope <= 2

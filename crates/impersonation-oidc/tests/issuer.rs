@@ -285,7 +285,9 @@ async fn discovery_names_the_endpoints_and_the_one_algorithm() {
         doc["id_token_signing_alg_values_supported"],
         serde_json::json!(["RS256"])
     );
-    // The authorize route OpenID discovery requires refuses politely.
+    // The authorize route OpenID discovery requires refuses politely, and
+    // no response type is advertised for it.
+    assert_eq!(doc["response_types_supported"], serde_json::json!([]));
     let answer = impersonation_oidc::http_client()
         .unwrap()
         .get(format!("{}/authorize", served.url))

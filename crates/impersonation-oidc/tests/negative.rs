@@ -670,6 +670,56 @@ async fn a_subject_token_names_the_customer() {
     assert_refused(&f.exchange(&params).await, 400, "invalid_request");
 }
 
+/// A token typed as an access token (`typ: at+jwt`) declared an ID token,
+/// as actor or as subject, contradicts its declaration: `invalid_request`,
+/// nothing started or audited. Declared as what it is, it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_declared_an_id_token_but_typed_as_an_access_token_is_refused() {
+    const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+    let f = fixture().await;
+    let sam = f.op.op_token("sam", |_, _| {});
+    let mut as_actor = form(&sam, "olive");
+    for (k, v) in &mut as_actor {
+        if *k == "actor_token_type" {
+            *v = ID_TOKEN;
+        }
+    }
+    let refused = f.exchange(&as_actor).await;
+    assert_refused(&refused, 400, "invalid_request");
+    assert!(
+        refused.1["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("actor_token: declared an ID token"),
+        "{}",
+        refused.1
+    );
+    let olive = f.op.op_token("olive", |_, _| {});
+    let subject = |token_type| {
+        let mut params = form(&sam, "");
+        params.retain(|(k, _)| *k != "requested_subject");
+        params.push(("subject_token", &olive));
+        params.push(("subject_token_type", token_type));
+        params
+    };
+    assert_refused(
+        &f.exchange(&subject(ID_TOKEN)).await,
+        400,
+        "invalid_request",
+    );
+    assert_nothing_audited(&f).await;
+    // Untyped, it may be either.
+    let untyped = f.op.op_token("olive", |h, _| {
+        h.as_object_mut().unwrap().remove("typ");
+    });
+    let mut params = form(&sam, "");
+    params.retain(|(k, _)| *k != "requested_subject");
+    params.push(("subject_token", &untyped));
+    params.push(("subject_token_type", ID_TOKEN));
+    let (status, body) = f.exchange(&params).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subject_tokens_may_act_names_the_only_actor_it_allows() {
     let f = fixture().await;
