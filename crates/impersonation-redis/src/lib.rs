@@ -1307,15 +1307,28 @@ impl RedisStore {
     /// (written before its start script, taken out when it ends), so a
     /// missing key is looked up there, in one step, before the answer is
     /// "no such session".
+    ///
+    /// A key that holds no route (damage: a hand edit, a partial restore)
+    /// is taken as missing, so that it cannot send the lookup to another
+    /// slot and answer "no such session" for a live one.
     async fn route_of(&self, id: SessionId) -> Result<Option<(String, bool)>, StoreError> {
         let mut conn = self.conn.clone();
-        let route: Option<String> = redis::cmd("GET")
+        let read: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET")
             .arg(where_key(&self.ns, id))
             .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if let Some(route) = route {
-            return Ok(Some((route, false)));
+            .await;
+        let route = match read {
+            Ok(bytes) => bytes.and_then(|b| String::from_utf8(b).ok()),
+            Err(e) if e.code() == Some("WRONGTYPE") => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        match route {
+            Some(route) if is_route(&route) => return Ok(Some((route, false))),
+            Some(_) => tracing::warn!(
+                session = %id,
+                "a session's route key is damaged; looking among the live routes"
+            ),
+            None => {}
         }
         let live: Option<String> = redis::cmd("HGET")
             .arg(live_routes(&self.ns))
@@ -1906,25 +1919,42 @@ impl Store for RedisStore {
             Some(agent) => {
                 let slot = Slot::of_chain(&self.ns, &ChainKey::for_agent(agent));
                 let mut conn = self.conn.clone();
-                let read: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                let read: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET")
                     .arg(slot.live())
                     .query_async(&mut conn)
                     .await;
                 let marker = match read {
                     Ok(None) => Ok(None),
-                    Ok(Some(id)) => id.parse::<SessionId>().map(Some).map_err(|e| e.to_string()),
+                    // Bytes that are no text are damage too.
+                    Ok(Some(id)) => std::str::from_utf8(&id)
+                        .map_err(|e| e.to_string())
+                        .and_then(|id| id.parse::<SessionId>().map_err(|e| e.to_string()))
+                        .map(Some),
                     // A key of another type: damaged, as the scripts read it.
                     Err(e) if e.code() == Some("WRONGTYPE") => Err(e.to_string()),
                     Err(e) => return Err(unavailable(e)),
                 };
                 match marker {
                     Ok(None) => true,
-                    Ok(Some(id)) => {
-                        if let Some(s) = listed(id, self.session_in(&slot, id).await)?.flatten() {
+                    Ok(Some(id)) => match listed(id, self.session_in(&slot, id).await)? {
+                        Some(Some(s)) => {
                             found.push(s);
+                            true
                         }
-                        true
-                    }
+                        // Damaged: left out, as a listing leaves one out.
+                        None => true,
+                        // A session that is gone (its hash deleted by hand,
+                        // not restored), which the marker and its session's
+                        // hash, written and living together, never name
+                        // otherwise: damage, looked past as above.
+                        Some(None) => {
+                            tracing::warn!(
+                                session = %id,
+                                "an agent's live-session marker names a session that is gone; looking among all live sessions"
+                            );
+                            false
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(
                             error = %e,
@@ -1942,11 +1972,17 @@ impl Store for RedisStore {
                 (None, None) => live_all(&self.ns),
             };
             let mut conn = self.conn.clone();
-            let members: Vec<String> = redis::cmd("SMEMBERS")
+            let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
                 .arg(&set)
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
+            // A member that is no text (damage) names no session: skipped,
+            // as one that names none is, not a failure of the whole list.
+            let members: Vec<String> = members
+                .into_iter()
+                .filter_map(|m| String::from_utf8(m).ok())
+                .collect();
             let lookups = members.iter().filter_map(|m| {
                 let (route, id) = m.split_once('|')?;
                 let id: SessionId = id.parse().ok()?;

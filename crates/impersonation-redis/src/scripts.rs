@@ -32,17 +32,26 @@ local function head_of(k)
   if not h[1] and not h[2] then return '-1', '' end
   return h[1] or '', h[2] or ''
 end
--- An agent's live marker: the session id it holds, false if none, or
+-- A session id as the client writes it: a hyphenated UUID.
+local UUID = '^' .. string.rep('%x', 8) .. '%-' .. string.rep('%x', 4) .. '%-' ..
+  string.rep('%x', 4) .. '%-' .. string.rep('%x', 4) .. '%-' .. string.rep('%x', 12) .. '$'
+-- An agent's live marker `k`: the session id it holds, false if none, or
 -- 'damaged' if the key holds no string or an empty one (a hand edit, a
 -- partial restore), which names no session either (and '' would read as
 -- a lost reply's), read without the error that would stop a script
--- after its first writes.
-local function marker(k)
+-- after its first writes. `sk` is a session key of the marker's slot
+-- (`...:s:<id>`), whose prefix names the marker's session there.
+local function marker(k, sk)
   local v = redis.pcall('GET', k)
   if (type(v) == 'table' and v.err) or v == '' then return 'damaged' end
-  -- A string that is no session id (a UUID) is damage too: an end whose
-  -- marker it is deletes it, as it does any damaged one.
-  if v and not string.match(v, '^%x+%-%x+%-%x+%-%x+%-%x+$') then return 'damaged' end
+  -- A string that is no session id is damage too, and so is the id of a
+  -- session that is gone (its hash deleted by hand, or not restored):
+  -- the marker and its session's hash are written, and live, together.
+  -- An end whose marker it is deletes it, as it does any damaged one.
+  if v and not string.match(v, UUID) then return 'damaged' end
+  if v and redis.call('EXISTS', string.match(sk, '^(.*:s:)') .. v) == 0 then
+    return 'damaged'
+  end
   return v
 end
 local function head_is(k, seq, hash)
@@ -81,11 +90,11 @@ if not head_is(KEYS[1], ARGV[1], ARGV[2]) then
   local s, h = head_of(KEYS[1])
   if landed(KEYS[1], KEYS[2], ARGV[6], ARGV[5]) then return {'started', s, h} end
   if landed(KEYS[1], KEYS[2], ARGV[9], ARGV[8]) then
-    return {'refused', marker(KEYS[3]) or '', s, h}
+    return {'refused', marker(KEYS[3], KEYS[4]) or '', s, h}
   end
   return moved(KEYS[1])
 end
-local live = marker(KEYS[3])
+local live = marker(KEYS[3], KEYS[4])
 if live then
   append(KEYS[1], KEYS[2], ARGV[9], ARGV[10], ARGV[8])
   return {'refused', live}
@@ -115,7 +124,7 @@ end
 local v = redis.call('HGET', KEYS[4], 'version')
 if not v then return {'notfound'} end
 if v ~= ARGV[3] then return {'conflict'} end
-local live = marker(KEYS[3])
+local live = marker(KEYS[3], KEYS[4])
 -- The event first, as in START.
 append(KEYS[1], KEYS[2], ARGV[7], ARGV[8], ARGV[6])
 redis.call('HSET', KEYS[4], 'record', ARGV[9], 'shadow', ARGV[10], 'state', ARGV[11], 'version', ARGV[12],
@@ -241,7 +250,7 @@ return 'ok'
 /// none was found). ARGV: the damaged value, the found session's id (or
 /// ''). Answers 1 if the marker names the session now, 0 if not.
 const REPAIR_LIVE_MARKER: &str = r#"
-if marker(KEYS[1]) ~= ARGV[1] then return 0 end
+if marker(KEYS[1], KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then
   local state = redis.call('HGET', KEYS[2], 'state')
   local ttl = redis.call('PTTL', KEYS[2])

@@ -650,8 +650,20 @@ async fn a_live_marker_of_another_type_neither_blocks_nor_breaks_the_agent() {
 /// with it, as it takes one of another type, and the next start goes
 /// ahead at once (before, it met the marker: a refusal on the trail
 /// naming no live session, and a 503 to try again).
+/// So does one that only looks like a session id (hex groups), and one
+/// naming a session whose hash is gone (deleted by hand, not restored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_takes_a_live_marker_naming_no_session_with_it() {
+    for value in [
+        "not a session id".to_owned(),
+        "0-0-0-0-0".to_owned(),
+        impersonation_core::SessionId::new().to_string(),
+    ] {
+        an_end_takes_the_marker(&value).await;
+    }
+}
+
+async fn an_end_takes_the_marker(value: &str) {
     let LiveMarker {
         store,
         w,
@@ -662,12 +674,12 @@ async fn an_end_takes_a_live_marker_naming_no_session_with_it() {
     } = a_live_session_and_its_marker().await;
     let _: () = redis::cmd("SET")
         .arg(&marker_key)
-        .arg("not a session id")
+        .arg(value)
         .query_async(&mut common::raw(common::SINGLE).await)
         .await
         .unwrap();
     stopped_by_its_agent(&store, &session).await;
-    assert!(!exists(&marker_key).await);
+    assert!(!exists(&marker_key).await, "{value}");
     let before = whole_chain(&store, &session.chain()).await.len();
     must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
     let after = whole_chain(&store, &session.chain()).await;
@@ -727,6 +739,79 @@ async fn a_start_repairs_a_damaged_marker(
 async fn an_empty_live_marker_is_a_damaged_one() {
     let m = a_live_session_and_its_marker().await;
     a_start_repairs_a_damaged_marker(&m.store, &m.w, &m.session, &m.key, "").await;
+}
+
+/// A live marker that only looks like a session id, or names a session
+/// whose hash is gone (an operator deleted it to end it, say), is met as a
+/// damaged one: before, the agent's every start was refused for a session
+/// nothing could end, until the marker ran out a day or more later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_naming_no_stored_session_is_a_damaged_one() {
+    for value in [
+        "0-0-0-0-0".to_owned(),
+        impersonation_core::SessionId::new().to_string(),
+    ] {
+        let m = a_live_session_and_its_marker().await;
+        a_start_repairs_a_damaged_marker(&m.store, &m.w, &m.session, &m.key, &value).await;
+    }
+}
+
+/// A live marker or a live-set member holding bytes that are no text
+/// (damage) fails no listing: the agent's session is found among all live
+/// ones, and the member is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_no_text_in_a_marker_or_live_set_fail_no_listing() {
+    let LiveMarker {
+        store,
+        agent,
+        session,
+        key: marker_key,
+        ..
+    } = a_live_session_and_its_marker().await;
+    let ns = marker_key.split(':').next().unwrap().to_owned();
+    let mut raw = common::raw(common::SINGLE).await;
+    let damage = redis::pipe()
+        .cmd("SET")
+        .arg(&marker_key)
+        .arg(&b"\xff\xfe"[..])
+        .cmd("SADD")
+        .arg(format!("{ns}:live:all"))
+        .arg(&b"\xff|\xfe"[..])
+        .clone();
+    let _: () = damage.query_async(&mut raw).await.unwrap();
+    let filter = impersonation_core::LiveFilter {
+        agent: Some(agent.id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(live_ids(&store, &filter).await, vec![session.id]);
+    assert_eq!(
+        live_ids(&store, &impersonation_core::LiveFilter::default()).await,
+        vec![session.id]
+    );
+}
+
+/// A session's route key (`where`) that holds no route (damage) does not
+/// hide the live session from a lookup by id, which a revocation by id
+/// rests on: it is found by its live route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_route_key_does_not_hide_a_live_session() {
+    let LiveMarker {
+        store,
+        session,
+        key: marker_key,
+        ..
+    } = a_live_session_and_its_marker().await;
+    let ns = marker_key.split(':').next().unwrap().to_owned();
+    for damage in [&b"x"[..], &b"\xff"[..], &b"0123456789abcdef0"[..]] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{ns}:where:{}", session.id))
+            .arg(damage)
+            .query_async(&mut common::raw(common::SINGLE).await)
+            .await
+            .unwrap();
+        let found = store.session(session.id).await.unwrap();
+        assert_eq!(found.map(|s| s.id), Some(session.id), "{damage:?}");
+    }
 }
 
 /// An agent's live-session marker that names no session id (damage) does
