@@ -409,8 +409,9 @@ pub struct Policy {
     read_only_by_default: bool,
 }
 
-/// `d` rounded up to whole seconds (saturating at the longest duration
-/// `time` holds).
+/// `d` rounded up to whole seconds (saturating at `i64::MAX` seconds, the
+/// longest whole-second duration `time` holds, a hair under
+/// `Duration::MAX`).
 fn round_up_to_seconds(d: Duration) -> Duration {
     let secs = d.whole_seconds();
     if d.subsec_nanoseconds() > 0 {
@@ -673,12 +674,13 @@ impl Policy {
             _ if self.require_ticket => return Err(Denial::TicketRequired),
             _ => None,
         };
-        let duration = match request.duration {
+        // Compared as kept: rounded up to whole seconds, as the maximum is
+        // (`Duration::MAX` asked under a maximum of `Duration::MAX` fits).
+        let duration = match request.duration.map(round_up_to_seconds) {
             Some(d) if d <= Duration::ZERO || d > self.max_duration => {
                 return Err(Denial::DurationNotAllowed);
             }
-            // Within the (whole-second) maximum, so rounding up stays in it.
-            Some(d) => round_up_to_seconds(d),
+            Some(d) => d,
             None => self.max_duration,
         };
         let permissions = match &request.scope {

@@ -880,6 +880,13 @@ fn durations_as_long_as_time_allows_saturate_the_session_clock() {
         .idle_timeout(Duration::MAX);
     let (start, _) = w.begin_with(&unbounded, &agent, &customer, epoch());
     let session = start.session();
+    // Asking for as long as the policy allows fits it.
+    let all = StartRequest::new(customer.id.clone(), "Customer reported a broken page")
+        .duration(Duration::MAX);
+    let grant = unbounded
+        .authorize(&agent, &customer, &all, PolicyContext::default())
+        .unwrap();
+    assert_eq!(grant.duration, unbounded.max_session_duration());
     let far = epoch() + Duration::days(365 * 5000);
     assert!(session.expires_at > far && session.idle_deadline() > far);
     assert_eq!(session.lapse_at(far), None);

@@ -572,6 +572,7 @@ impl Issuer {
                 "this client may not use token exchange",
             ));
         }
+        let audiences = self.audiences(client, &request)?;
         declared_type_holds(
             "actor_token",
             &request.actor_token_type,
@@ -580,7 +581,6 @@ impl Issuer {
         if let Subject::Token { token, token_type } = &request.subject {
             declared_type_holds("subject_token", token_type, token)?;
         }
-        let audiences = self.audiences(client, &request)?;
         let now = self.api.now();
         let (agent_id, actor) = self
             .provider

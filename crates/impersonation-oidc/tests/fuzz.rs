@@ -522,9 +522,9 @@ fn exchange_request() -> impl Strategy<Value = Exchange> {
         choice(0..3, 3..8),
         choice(0..1, 1..4),
         choice(0..1, 1..9),
-        choice(0..3, 3..6),
+        choice(0..2, 2..6),
         choice(0..2, 2..9),
-        choice(0..3, 3..6),
+        choice(0..2, 2..6),
     );
     let what = (
         choice(0..5, 5..8),

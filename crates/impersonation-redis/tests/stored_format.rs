@@ -756,6 +756,38 @@ async fn a_marker_naming_no_stored_session_is_a_damaged_one() {
     }
 }
 
+/// The case an operator makes: a live session's hash deleted by hand (to
+/// end it). Its marker, left naming it, is met as damage: the agent's next
+/// start is refused and audited with a 503 to try again, the marker
+/// cleared, and the start after goes ahead (before, every start was
+/// refused for the gone session until the marker ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_hash_deleted_by_hand_does_not_block_its_agent() {
+    let LiveMarker {
+        store,
+        w,
+        agent,
+        customer,
+        session,
+        key: marker_key,
+    } = a_live_session_and_its_marker().await;
+    let ns = marker_key.split(':').next().unwrap().to_owned();
+    let hash = format!("{ns}:{{{}}}:s:{}", session.chain().route(), session.id);
+    assert!(exists(&hash).await, "{hash}");
+    let _: () = redis::cmd("DEL")
+        .arg(&hash)
+        .query_async(&mut common::raw(common::SINGLE).await)
+        .await
+        .unwrap();
+    let refused = store.start(w.begin(&agent, &customer, epoch()).0).await;
+    assert!(
+        matches!(refused, Err(impersonation_core::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(!exists(&marker_key).await);
+    must_start(&store, w.begin(&agent, &customer, epoch()).0).await;
+}
+
 /// A live marker or a live-set member holding bytes that are no text
 /// (damage) fails no listing: the agent's session is found among all live
 /// ones, and the member is skipped.
