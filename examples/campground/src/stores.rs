@@ -113,7 +113,7 @@ impl StoreKind {
             Self::Mariadb => diesel == Some(BackendKind::Mysql),
             Self::Redis => matches!(
                 scheme,
-                "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster"
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
             ),
         }
     }
@@ -201,6 +201,9 @@ mod tests {
                 Some(StoreKind::Redis),
             ),
             ("memory", Some(StoreKind::Memory)),
+            // A socket URL the Redis store does not take is no store's.
+            ("unix:///run/redis.sock", None),
+            ("redis+unix:///run/redis.sock", None),
             ("http://127.0.0.1", None),
             ("/tmp/x.sqlite3", None),
         ] {
