@@ -439,7 +439,9 @@ pub trait Store: Send + Sync {
     /// only a `None` cursor ends the trail.
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
 
-    /// Up to `limit` events of a chain from position `from_seq`, in order of position.
+    /// Up to `limit` events of a chain from position `from_seq`, in order
+    /// of position: `limit` of them while the chain has that many more (a
+    /// shorter list is the chain's end, as verification reads it).
     async fn chain_events(
         &self,
         chain: &ChainKey,
@@ -450,8 +452,9 @@ pub trait Store: Send + Sync {
     /// The head of a chain, `None` if it has no events.
     async fn chain_head(&self, chain: &ChainKey) -> Result<Option<ChainHead>, StoreError>;
 
-    /// Chain keys in order, after `after`, up to `limit`. Every chain with
-    /// an event is listed; a store that lists a chain before its first
+    /// Chain keys in order, after `after`, up to `limit`: `limit` of them
+    /// while more follow (a shorter page ends the listing, as
+    /// `verify_all` reads it). Every chain with an event is listed; a store that lists a chain before its first
     /// write (as an intent, beside the write) may also list one whose
     /// first write then failed: it has no events, and its head is `None`.
     async fn chains(

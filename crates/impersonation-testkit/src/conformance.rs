@@ -166,15 +166,16 @@ pub async fn start_refuses_a_second_live_session_and_audits_it<S: Store>(store: 
     let (live, _) = must_start(&store, first).await;
     let (second, secret2) = w.begin(&agent, &w.customer(2, "t1"), epoch());
     let second_id = second.session().id;
-    match store.start(second).await.unwrap() {
+    let refusal = match store.start(second).await.unwrap() {
         StartOutcome::Refused { live: id, event } => {
             assert_eq!(id, live.id);
             assert_eq!(event.action, AuditAction::Denied);
             assert_eq!(event.details.get("denial"), Some("active_session_exists"));
             assert_eq!(event.seq, 1);
+            event
         }
         StartOutcome::Started { .. } => panic!("second live session for one agent was started"),
-    }
+    };
     assert!(store.session(second_id).await.unwrap().is_none());
     assert!(
         store
@@ -192,6 +193,16 @@ pub async fn start_refuses_a_second_live_session_and_audits_it<S: Store>(store: 
         .unwrap();
     assert_eq!(live_now.len(), 1);
     assert_eq!(assert_chain_verifies(&store, &live.chain()).await, 2);
+    // The refusal is stored as answered, and found by the trail's queries
+    // (a store that keeps views must write the refusal's too).
+    let stored = whole_chain(&store, &live.chain()).await;
+    assert_eq!(stored[1], refusal);
+    let denied = AuditQuery {
+        agent: Some(agent.id.clone()),
+        action: Some(AuditAction::Denied),
+        ..AuditQuery::default()
+    };
+    assert_eq!(all_events(&store, denied).await, vec![refusal]);
 }
 
 /// A pending session also holds the agent's one slot.
@@ -206,10 +217,11 @@ pub async fn a_pending_session_counts_as_live<S: Store>(store: S) {
     assert_eq!(pending.state, SessionState::Pending);
     assert_eq!(event.action, AuditAction::SessionRequested);
     let (second, _) = w.begin(&agent, &w.customer(2, "t1"), epoch());
-    assert!(matches!(
-        store.start(second).await.unwrap(),
-        StartOutcome::Refused { .. }
-    ));
+    match store.start(second).await.unwrap() {
+        StartOutcome::Refused { live, .. } => assert_eq!(live, pending.id),
+        StartOutcome::Started { .. } => panic!("a second session beside a pending one"),
+    }
+    assert_eq!(assert_chain_verifies(&store, &pending.chain()).await, 2);
 }
 
 /// Different agents hold sessions independently, even on one customer.
@@ -401,22 +413,22 @@ pub async fn transition_of_an_unknown_session_is_not_found<S: Store>(store: S) {
 pub async fn find_by_secret_finds_only_by_hash<S: Store>(store: S) {
     let w = World::new();
     let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
-    must_start(&store, start).await;
+    let stored = must_start(&store, start).await.0;
+    // Unknown secrets: another agent's (another route), and one of the
+    // same agent's, which shares the stored secret's route.
     let (_, other) = w.begin(&w.agent(2), &w.customer(1, "t1"), epoch());
-    assert!(
-        store
-            .find_by_secret(&other.lookup(), None)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        store
-            .find_by_secret(&secret.lookup(), None)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let (_, same_route) = w.begin(&w.agent(1), &w.customer(2, "t1"), epoch());
+    for unknown in [other, same_route] {
+        assert!(
+            store
+                .find_by_secret(&unknown.lookup(), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let found = store.find_by_secret(&secret.lookup(), None).await.unwrap();
+    assert_eq!(found.map(|s| s.id), Some(stored.id));
 }
 
 /// `find_by_secret` with the idle touch at `now`: the record as before it.
@@ -430,6 +442,27 @@ async fn touch<S: Store>(
         .find_by_secret(&secret.lookup(), Some(Touch { now, coalesce }))
         .await
         .unwrap()
+}
+
+/// A touch never moves `last_seen_at` back: one sent with a time before
+/// the stored one (another process's clock behind, a request that waited)
+/// finds the session and leaves the time, whatever the coalescing.
+pub async fn a_touch_never_moves_last_seen_back<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let later = epoch() + Duration::seconds(16);
+    touch(&store, &secret, later, Duration::ZERO).await;
+    assert_eq!(last_seen(&store, session.id).await, later);
+    let found = touch(
+        &store,
+        &secret,
+        epoch() + Duration::seconds(5),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(found.map(|s| s.id), Some(session.id));
+    assert_eq!(last_seen(&store, session.id).await, later);
 }
 
 /// When the stored session was last seen.
@@ -599,7 +632,7 @@ pub async fn guarded_append_requires_an_active_session<S: Store>(store: S) {
                 AppendGuard::SessionActive(ghost.session().id)
             )
             .await,
-        Err(StoreError::SessionNotFound(_) | StoreError::SessionNotActive(_))
+        Err(StoreError::SessionNotFound(_))
     ));
     let unguarded = store
         .append(access(epoch()), AppendGuard::None)
@@ -715,6 +748,24 @@ pub async fn chains_are_listed_in_order_with_paging<S: Store>(store: S) {
         store.append(draft, AppendGuard::None).await.unwrap();
         keys.push(chain);
     }
+    // Chains begun by a batch (as a group commit begins them).
+    let batch: Vec<(AuditDraft, AppendGuard)> = (7..9)
+        .map(|n| {
+            let agent = w.agent(n);
+            let chain = ChainKey::for_agent(&agent.id);
+            keys.push(chain.clone());
+            let draft = AuditDraft::new(
+                epoch(),
+                AuditAction::Denied,
+                Actor::user(agent.id.clone(), "A"),
+                chain,
+            );
+            (draft, AppendGuard::None)
+        })
+        .collect();
+    for result in store.append_batch(batch).await {
+        result.unwrap();
+    }
     // A chain begun by a start (as every agent's is), with no append.
     for n in 5..7 {
         let (session, _) = must_start(
@@ -734,7 +785,14 @@ pub async fn chains_are_listed_in_order_with_paging<S: Store>(store: S) {
             break;
         }
         assert!(page.windows(2).all(|p| p[0] < p[1]), "chains out of order");
-        after = page.last().cloned();
+        // A short page ends the listing (`verify_all` reads it so): while
+        // chains of this test follow, a page is full. (Other tests' chains
+        // may come between, in a store they share, but never fewer.)
+        let last = page.last().cloned();
+        if keys.iter().any(|k| Some(k) > last.as_ref()) {
+            assert_eq!(page.len(), 2, "a short page before the listing's end");
+        }
+        after = last;
         listed.extend(page);
     }
     let ours: Vec<ChainKey> = listed
@@ -862,6 +920,41 @@ pub async fn audit_filters_select_exactly<S: Store>(store: S) {
         ..AuditQuery::default()
     };
     assert_eq!(count(none).await, 0, "filters combine with AND");
+
+    // An event that names a customer outside any session (a refused
+    // start): found by its subject and tenant, not by a session's.
+    let refused = AuditDraft::new(
+        epoch() + Duration::minutes(10),
+        AuditAction::Denied,
+        Actor::user(a1.id.clone(), "x"),
+        s1.chain(),
+    )
+    .subject(c2.id.clone(), "Customer 2", w.tenant("t2"));
+    let refused = store.append(refused, AppendGuard::None).await.unwrap();
+    for query in [
+        AuditQuery {
+            subject: Some(c2.id.clone()),
+            ..AuditQuery::default()
+        },
+        AuditQuery {
+            tenant: Some(w.tenant("t2")),
+            ..AuditQuery::default()
+        },
+    ] {
+        let found = all_events(&store, query).await;
+        assert_eq!(found.len(), 4);
+        assert_eq!(found.last(), Some(&refused));
+    }
+    assert_eq!(count(agent_query(&a1)).await, 4);
+    assert_eq!(
+        count(AuditQuery {
+            session: Some(s1.id),
+            ..AuditQuery::default()
+        })
+        .await,
+        3,
+        "a session's events only"
+    );
 }
 
 /// Ids that differ only by trailing spaces name different people: their
@@ -1097,6 +1190,12 @@ pub async fn a_page_holds_at_most_max_page_events<S: Store>(store: S) {
         assert!(rest.next.is_none());
     }
     assert_eq!(assert_chain_verifies(&store, &chain).await, total as u64);
+    // A chain read holds `limit` events while the chain has them (a
+    // shorter one is its end, as verification reads it): beyond a
+    // store's own page size too.
+    assert_eq!(store.chain_events(&chain, 0, 500).await.unwrap().len(), 500);
+    let tail = store.chain_events(&chain, 1_000, 500).await.unwrap();
+    assert_eq!(tail[..], written[1_000..]);
 }
 
 /// `record_check` stores the re-check and the refreshed shadow, on the current version only.
@@ -2064,6 +2163,7 @@ where
     touch_updates_last_seen_and_is_coalesced(factory().await).await;
     a_session_that_never_idles_is_found_and_touched(factory().await).await;
     a_touch_is_coalesced_at_most_half_the_idle_timeout(factory().await).await;
+    a_touch_never_moves_last_seen_back(factory().await).await;
     touch_never_revives_a_lapsed_session(factory().await).await;
     guarded_append_requires_an_active_session(factory().await).await;
     events_read_back_exactly_and_chains_verify(factory().await).await;
@@ -2136,6 +2236,7 @@ macro_rules! store_conformance_tests {
             touch_updates_last_seen_and_is_coalesced,
             a_session_that_never_idles_is_found_and_touched,
             a_touch_is_coalesced_at_most_half_the_idle_timeout,
+            a_touch_never_moves_last_seen_back,
             touch_never_revives_a_lapsed_session,
             guarded_append_requires_an_active_session,
             events_read_back_exactly_and_chains_verify,
