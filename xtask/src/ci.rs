@@ -103,7 +103,7 @@ fn steps() -> Vec<Step> {
             },
         },
         Step {
-            name: "the load bench builds, lint-free, from its Cargo.lock",
+            name: "the load bench builds, formatted and lint-free, from its Cargo.lock",
             run: |ci| {
                 // The load bench is a workspace of its own (it keeps sqlx
                 // and fred out of the SDK's build), built with `--locked`
@@ -112,6 +112,7 @@ fn steps() -> Vec<Step> {
                 // not built for speed: the bench's release build is its own.
                 let cargo = crate::cargo();
                 let manifest = crate::bench::HTTP_BENCH;
+                cmd!(ci.sh, "{cargo} fmt --manifest-path {manifest} --check").run()?;
                 cmd!(
                     ci.sh,
                     "{cargo} clippy --locked --manifest-path {manifest} --all-targets -- -D warnings"
@@ -233,6 +234,7 @@ impl Ci {
             .arg("test")
             .args(args)
             .current_dir(self.sh.current_dir())
+            .envs(crate::child_env())
             .env("RUST_BACKTRACE", "1")
             .stdout(Stdio::piped())
             .spawn()
@@ -245,13 +247,19 @@ impl Ci {
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
         let mut out = std::io::stdout().lock();
+        // Echoed while stdout takes it: a reader that goes away (`| head`,
+        // a log pipe closed) stops the echo, not the reading, so the run
+        // goes on to its end under the watchdog and holds its lock till
+        // then, and its counts are still taken.
+        let mut echo = true;
         loop {
             line.clear();
             if reader.read_until(b'\n', &mut line)? == 0 {
                 break;
             }
-            out.write_all(&line)?;
-            out.flush()?;
+            if echo && out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                echo = false;
+            }
             self.test_output.push_str(&String::from_utf8_lossy(&line));
         }
         drop(out);

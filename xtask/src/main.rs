@@ -121,7 +121,47 @@ fn root_shell() -> Result<Shell> {
     sh.change_dir(workspace_root()?);
     sh.set_var("PGCONNECT_TIMEOUT", "10");
     sh.set_var("PATH", with_sbin(std::env::var_os("PATH")));
+    for (name, value) in child_env() {
+        sh.set_var(name, value);
+    }
     Ok(sh)
+}
+
+/// What every command xtask runs gets besides its own environment:
+///
+/// - the loopback addresses in `NO_PROXY` and `no_proxy`: the tests and
+///   the walkthrough talk to servers on 127.0.0.1 through HTTP clients
+///   that honour `http_proxy` (reqwest does, for loopback too), which a
+///   machine behind a proxy sets for apt and npm;
+/// - `CARGO_TARGET_DIR`, when unset, as [`target_dir`]: the load bench is
+///   a workspace of its own, and would otherwise build a second tree in
+///   `benches/http-load/target`, outside what `cargo clean` clears.
+fn child_env() -> Vec<(&'static str, OsString)> {
+    let mut env = Vec::new();
+    for name in ["NO_PROXY", "no_proxy"] {
+        env.push((name, with_loopback(std::env::var(name).ok())));
+    }
+    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+        env.push(("CARGO_TARGET_DIR", target_dir().into_os_string()));
+    }
+    env
+}
+
+/// `list` (comma-separated hosts) with the loopback names it lacks.
+fn with_loopback(list: Option<String>) -> OsString {
+    let mut hosts: Vec<String> = list
+        .iter()
+        .flat_map(|l| l.split(','))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for loopback in ["127.0.0.1", "localhost", "::1"] {
+        if !hosts.iter().any(|h| h == loopback) {
+            hosts.push(loopback.to_owned());
+        }
+    }
+    hosts.join(",").into()
 }
 
 /// `path` with the `sbin` directories appended that it lacks: with no
@@ -208,7 +248,9 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(cargo());
-    cmd.args(args).current_dir(workspace_root()?);
+    cmd.args(args)
+        .current_dir(workspace_root()?)
+        .envs(child_env());
     for (name, value) in env {
         cmd.env(name, value);
     }
@@ -246,6 +288,21 @@ fn target_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loopback names join a `NO_PROXY` list once each, after the
+    /// hosts it had; an unset or empty one gets them alone.
+    #[test]
+    fn loopback_joins_the_no_proxy_list_once() {
+        assert_eq!(with_loopback(None), "127.0.0.1,localhost,::1");
+        assert_eq!(
+            with_loopback(Some(String::new())),
+            "127.0.0.1,localhost,::1"
+        );
+        assert_eq!(
+            with_loopback(Some(" corp.example , localhost".into())),
+            "corp.example,localhost,127.0.0.1,::1"
+        );
+    }
 
     /// Root's `sbin` directories join a `PATH` that lacks them, once; no
     /// `PATH` is the system's usual one; an empty entry is dropped.

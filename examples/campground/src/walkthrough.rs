@@ -61,10 +61,20 @@ impl Page {
     }
 }
 
+/// A client for the demo this process serves on loopback: no proxy (one
+/// set for the machine's downloads, `http_proxy`, would otherwise carry
+/// these requests too, and fail them), and a bound on each request, so
+/// that a stuck server fails the walkthrough instead of hanging it.
+fn demo_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30))
+}
+
 impl Browser {
     fn new(base: &str) -> Result<Self> {
         Ok(Self {
-            client: reqwest::Client::builder().cookie_store(true).build()?,
+            client: demo_client().cookie_store(true).build()?,
             base: base.trim_end_matches('/').to_owned(),
             csrf: String::new(),
         })
@@ -437,7 +447,7 @@ pub async fn run(base: &str, out: &mut impl Write, color: bool) -> Result<()> {
     o.step(
         "It exchanges that token for an impersonation token for Olive (RFC 8693, POST /oidc/token)",
     )?;
-    let api = reqwest::Client::new();
+    let api = demo_client().build()?;
     let audience = format!("{base}/api");
     let exchanged = api
         .post(format!("{base}/oidc/token"))
