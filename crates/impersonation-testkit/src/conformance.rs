@@ -1423,8 +1423,8 @@ async fn racing_starts_over<S: Store + 'static>(handles: &[Arc<S>]) {
 
 /// Ends, idle touches and guarded appends racing on one session: exactly
 /// one end lands (the others, built on the same version, conflict), no
-/// touch puts the ended session back, and no guarded append lands after
-/// the end. A store that reads, then writes, outside one atomic step
+/// touch or policy re-check (`record_check`) puts the ended session back,
+/// and no guarded append lands after the end. A store that reads, then writes, outside one atomic step
 /// fails this.
 pub async fn racing_ends_touches_and_appends_leave_one_end<S: Store + 'static>(store: S) {
     racing_ends_over(&[Arc::new(store)]).await;
@@ -1501,9 +1501,21 @@ async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
     let w = World::new();
     let store = nth(handles, 0);
     let agent = w.agent(1);
-    let (start, secret) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let customer = w.customer(1, "t1");
+    let (start, secret) = w.begin(&agent, &customer, epoch());
+    let grant = start.session().grant.clone();
     let (session, _) = must_start(&*store, start).await;
     let secret = Arc::new(secret);
+    // Policy re-checks race the ends too: one that read the record before
+    // an end must not write the live version back over it.
+    let shadow = Arc::new(
+        w.rules.project(
+            &customer
+                .clone()
+                .with_attribute("timezone", "America/Toronto"),
+            &grant,
+        ),
+    );
     let mut ends = tokio::task::JoinSet::new();
     let mut others = tokio::task::JoinSet::new();
     for i in 0..8_i64 {
@@ -1521,6 +1533,19 @@ async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
             )
             .unwrap();
         let n = usize::try_from(i).unwrap_or_default();
+        // (Spawned before the end, so that on one thread too a re-check
+        // may read the record before the end and write after it.)
+        let (s, shadow) = (nth(handles, n + 1), Arc::clone(&shadow));
+        let checked = epoch() + Duration::seconds(22 + i);
+        others.spawn(async move {
+            match s
+                .record_check(session.id, session.version, checked, &shadow)
+                .await
+            {
+                Ok(()) | Err(StoreError::Conflict(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
         let s = nth(handles, n);
         ends.spawn(async move { s.transition(end).await.map(|(after, _)| after.state) });
         // Half the touches and appends go through the batched calls,
@@ -1575,12 +1600,16 @@ async fn racing_ends_over<S: Store + 'static>(handles: &[Arc<S>]) {
         match result.expect("task") {
             Ok(Some(seq)) => appended.push(seq),
             Ok(None) => {}
-            Err(e) => panic!("racing touch or append failed: {e}"),
+            Err(e) => panic!("racing touch, re-check or append failed: {e}"),
         }
     }
     for store in handles {
         let stored = store.session(session.id).await.unwrap().unwrap();
-        assert_eq!(stored.state, landed[0], "no touch put the session back");
+        assert_eq!(
+            stored.state, landed[0],
+            "no touch or re-check put the session back"
+        );
+        assert!(stored.version > session.version, "the end's version stands");
     }
     let chain = ChainKey::for_agent(&agent.id);
     let events = whole_chain(&*store, &chain).await;
