@@ -35,6 +35,9 @@ pub(crate) struct Service {
     /// What `up` sets up for the tests alone, beyond the access the demo
     /// needs too (PostgreSQL's German messages); a description.
     for_tests: Option<fn(&Shell) -> Result<&'static str>>,
+    /// Where the server, started by `up`, writes why it stopped: named
+    /// when it does not come up.
+    logs: &'static str,
 }
 
 /// Whether an access check may change the server's setup (its auth rules,
@@ -58,6 +61,7 @@ pub(crate) const SERVICES: &[Service] = &[
         start: postgres_start,
         ensure_access: postgres_login,
         for_tests: Some(postgres_german),
+        logs: "/var/log/postgresql/postgresql-*-main.log",
     },
     Service {
         name: "mariadb",
@@ -67,6 +71,7 @@ pub(crate) const SERVICES: &[Service] = &[
         start: mariadb_start,
         ensure_access: mariadb_access,
         for_tests: None,
+        logs: "/var/log/mysql/ci.log",
     },
     Service {
         name: "redis",
@@ -76,6 +81,7 @@ pub(crate) const SERVICES: &[Service] = &[
         start: redis_start,
         ensure_access: redis_access,
         for_tests: None,
+        logs: "/var/log/redis/ci.log",
     },
     Service {
         name: "redis-cluster",
@@ -87,6 +93,7 @@ pub(crate) const SERVICES: &[Service] = &[
         start: redis_cluster_start,
         ensure_access: redis_cluster_access,
         for_tests: None,
+        logs: "/var/log/redis/cluster-700*.log",
     },
 ];
 
@@ -544,8 +551,9 @@ fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
         // package's postinst started a moment ago), so the port decides.
         let started = (service.start)(sh);
         if let Err(err) = wait_for_ports(service) {
+            let err = err.context(format!("{name} did not come up; its log: {}", service.logs));
             return Err(match started {
-                Err(start_err) => start_err.context(err.to_string()),
+                Err(start_err) => start_err.context(format!("{err:#}")),
                 Ok(()) => err,
             });
         }
