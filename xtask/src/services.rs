@@ -715,7 +715,7 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
     let url = "postgres://postgres@127.0.0.1:5432/test?options=-c%20lc_messages%3Dde_DE.UTF-8";
     let german = || check(cmd!(sh, "timeout 60 psql -w -X {url} -c 'select 1'"));
     if german().is_ok() {
-        return Ok("messages in German on request");
+        return worded_in_german(sh, url).map(|()| "messages in German on request");
     }
     // A server started before the locale was made does not see it.
     let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
@@ -727,10 +727,32 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
     .run()?;
     wait_for_port(5432)?;
     match poll_psql(german) {
-        Ok(()) => Ok("messages in German on request (after a restart)"),
+        Ok(()) => {
+            worded_in_german(sh, url).map(|()| "messages in German on request (after a restart)")
+        }
         Err(last) => Err(anyhow!(
             "PostgreSQL refuses `lc_messages = de_DE.UTF-8` even after a restart (is the {GERMAN_LOCALE} locale made? `locale -a`): {last}"
         )),
+    }
+}
+
+/// Whether PostgreSQL, asked for German at `url`, words a message in
+/// German: a server takes the locale even where its translations were
+/// never installed (a slim image's dpkg leaves out `/usr/share/locale`),
+/// and then the tests that read its messages in German fail for no
+/// reason of theirs.
+fn worded_in_german(sh: &Shell, url: &str) -> Result<()> {
+    let query = "select * from impersonation_no_such_table";
+    match check(cmd!(sh, "timeout 60 psql -w -X {url} -c {query}")) {
+        Err(stderr) if stderr.contains("existiert nicht") => Ok(()),
+        Err(stderr) => bail!(
+            "PostgreSQL takes `lc_messages = de_DE.UTF-8` but words its messages otherwise \
+             ({}): its German translations are not installed. On a slim image, let dpkg \
+             keep them (drop the /usr/share/locale exclusion in /etc/dpkg/dpkg.cfg.d/) \
+             and reinstall the postgresql package",
+            stderr.lines().next().unwrap_or_default().trim()
+        ),
+        Ok(()) => bail!("a table named {query:?} exists in database `test`; drop it"),
     }
 }
 
