@@ -1468,6 +1468,33 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
             );
         }
     }
+    // What the Diesel suite's German-messages tests made server-wide: the
+    // MariaDB user (with a grant per run's database) and `init_connect`
+    // (only if it is still the tests' own), and the PostgreSQL role (its
+    // grants went with the schemas). Left with a warning if in use.
+    let mariadb_undo = "DROP USER IF EXISTS 'impersonation_de'@'%'; \
+         SET GLOBAL init_connect = IF(@@GLOBAL.init_connect = 'SET lc_messages = ''de_DE''', '', @@GLOBAL.init_connect);";
+    let postgres_undo = "DROP ROLE IF EXISTS impersonation_plain";
+    for (what, undone) in [
+        (
+            "the MariaDB test user and init_connect",
+            check(cmd!(
+                sh,
+                "timeout 60 mariadb --connect-timeout=10 -uroot -h127.0.0.1 -e {mariadb_undo}"
+            )),
+        ),
+        (
+            "the PostgreSQL test role",
+            check(cmd!(
+                sh,
+                "timeout 60 psql -w -X -q -h 127.0.0.1 -U postgres -d test -c {postgres_undo}"
+            )),
+        ),
+    ] {
+        if let Err(why) = undone {
+            eprintln!("reset: {what} were left: {why}");
+        }
+    }
     // Redis: the test suites' namespaces, on the single server and on each
     // cluster node (keys live on the node that owns their slot).
     for port in ["6379", "7001", "7002", "7003"] {
