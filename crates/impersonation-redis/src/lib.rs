@@ -576,6 +576,17 @@ fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
     )
 }
 
+/// What a lookup by id writes back of a session's route key (`where`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PutBack {
+    /// Nothing: the key held the route.
+    No,
+    /// The route, unless a key has come meanwhile: it was missing.
+    IfMissing,
+    /// The route, over what is there: it held something else (damage).
+    OverDamage,
+}
+
 /// A write that follows a committed script (views, live sets, the route
 /// key), whose data derives from what the script wrote. Its failure is
 /// logged, not returned: a caller told that a committed change failed
@@ -1297,7 +1308,8 @@ impl RedisStore {
     }
 
     /// Session `id`'s route, and whether it came from the live sets
-    /// because its own key (`where`) was missing.
+    /// because its own key (`where`) was missing or damaged (what to put
+    /// back).
     ///
     /// The `where` key lives as long as the session's keys, but the write
     /// that extends it after an activation follows the committed script
@@ -1310,25 +1322,28 @@ impl RedisStore {
     ///
     /// A key that holds no route (damage: a hand edit, a partial restore)
     /// is taken as missing, so that it cannot send the lookup to another
-    /// slot and answer "no such session" for a live one.
-    async fn route_of(&self, id: SessionId) -> Result<Option<(String, bool)>, StoreError> {
+    /// slot and answer "no such session" for a live one; the route found
+    /// then is written over it.
+    async fn route_of(&self, id: SessionId) -> Result<Option<(String, PutBack)>, StoreError> {
         let mut conn = self.conn.clone();
         let read: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET")
             .arg(where_key(&self.ns, id))
             .query_async(&mut conn)
             .await;
-        let route = match read {
-            Ok(bytes) => bytes.and_then(|b| String::from_utf8(b).ok()),
-            Err(e) if e.code() == Some("WRONGTYPE") => None,
+        let put_back = match read {
+            Ok(None) => PutBack::IfMissing,
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                Ok(route) if is_route(&route) => return Ok(Some((route, PutBack::No))),
+                _ => PutBack::OverDamage,
+            },
+            Err(e) if e.code() == Some("WRONGTYPE") => PutBack::OverDamage,
             Err(e) => return Err(unavailable(e)),
         };
-        match route {
-            Some(route) if is_route(&route) => return Ok(Some((route, false))),
-            Some(_) => tracing::warn!(
+        if put_back == PutBack::OverDamage {
+            tracing::warn!(
                 session = %id,
                 "a session's route key is damaged; looking among the live routes"
-            ),
-            None => {}
+            );
         }
         let live: Option<String> = redis::cmd("HGET")
             .arg(live_routes(&self.ns))
@@ -1336,7 +1351,7 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(live.filter(|r| is_route(r)).map(|r| (r, true)))
+        Ok(live.filter(|r| is_route(r)).map(|r| (r, put_back)))
     }
 
     /// Rebuilds the derived views (audit indexes, chain list) from the chains
@@ -1889,19 +1904,24 @@ impl Store for RedisStore {
     }
 
     async fn session(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
-        let Some((route, from_live_set)) = self.route_of(id).await? else {
+        let Some((route, put_back)) = self.route_of(id).await? else {
             return Ok(None);
         };
         let found = self
             .session_in(&Slot::of_route(&self.ns, &route), id)
             .await?;
-        if let (Some(s), true) = (&found, from_live_set) {
-            // Put the missing key back, to live as long as the session's.
+        if let (Some(s), PutBack::IfMissing | PutBack::OverDamage) = (&found, put_back) {
+            // Put the key back, to live as long as the session's.
             let ttl = ttl_ms(s.expires_at, OffsetDateTime::now_utc(), self.retention);
-            // Not over a key an activation has just written meanwhile.
-            let mut put_back = self.set_route(id, &route, ttl);
-            put_back.arg("NX");
-            if let Err(e) = self.run_all(vec![put_back]).await {
+            let mut put_back_cmd = self.set_route(id, &route, ttl);
+            // Not over a key an activation has just written meanwhile;
+            // over a damaged one (a session's route never changes, so at
+            // worst an activation's longer expiry is shortened, and the
+            // live routes find the session past it).
+            if put_back == PutBack::IfMissing {
+                put_back_cmd.arg("NX");
+            }
+            if let Err(e) = self.run_all(vec![put_back_cmd]).await {
                 tracing::warn!(error = %e, session = %id, "the session's missing route key could not be put back; it is found through the live sets meanwhile");
             }
         }

@@ -834,15 +834,27 @@ async fn a_damaged_route_key_does_not_hide_a_live_session() {
         ..
     } = a_live_session_and_its_marker().await;
     let ns = marker_key.split(':').next().unwrap().to_owned();
+    let where_key = format!("{ns}:where:{}", session.id);
+    let read_where = || async {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&where_key)
+            .query_async(&mut common::raw(common::SINGLE).await)
+            .await
+            .unwrap();
+        value
+    };
+    let route = read_where().await.expect("the route key");
     for damage in [&b"x"[..], &b"\xff"[..], &b"0123456789abcdef0"[..]] {
         let _: () = redis::cmd("SET")
-            .arg(format!("{ns}:where:{}", session.id))
+            .arg(&where_key)
             .arg(damage)
             .query_async(&mut common::raw(common::SINGLE).await)
             .await
             .unwrap();
         let found = store.session(session.id).await.unwrap();
         assert_eq!(found.map(|s| s.id), Some(session.id), "{damage:?}");
+        // And the key is put right, so the next lookup goes straight there.
+        assert_eq!(read_where().await.as_ref(), Some(&route), "{damage:?}");
     }
 }
 
