@@ -48,11 +48,15 @@ pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
             "--locked",
             "--manifest-path",
             HTTP_BENCH,
-            "--",
         ]
         .into_iter()
         .map(OsString::from)
         .collect();
+        // In the workspace's own target directory, not a second tree
+        // under benches/http-load.
+        cargo_args.push("--target-dir".into());
+        cargo_args.push(crate::cargo_target_dir().into_os_string());
+        cargo_args.push("--".into());
         cargo_args.extend_from_slice(&args[1..]);
         return crate::run_cargo_passthrough(cargo_args);
     }

@@ -15,6 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use xshell::{Shell, cmd};
 
+/// `println!` that goes on when stdout has gone (`| head`, a log pipe
+/// closed): the run still ends as its steps say, with its exit code.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// One CI step. Steps run in the order of [`steps`]; append to that list to
 /// add one (e.g. a browser test).
 struct Step {
@@ -112,10 +120,13 @@ fn steps() -> Vec<Step> {
                 // not built for speed: the bench's release build is its own.
                 let cargo = crate::cargo();
                 let manifest = crate::bench::HTTP_BENCH;
+                // In the workspace's own target directory, not a second
+                // tree under benches/http-load.
+                let target = crate::cargo_target_dir();
                 cmd!(ci.sh, "{cargo} fmt --manifest-path {manifest} --check").run()?;
                 cmd!(
                     ci.sh,
-                    "{cargo} clippy --locked --manifest-path {manifest} --all-targets -- -D warnings"
+                    "{cargo} clippy --locked --manifest-path {manifest} --target-dir {target} --all-targets -- -D warnings"
                 )
                 .run()?;
                 Ok(())
@@ -175,38 +186,38 @@ pub(crate) fn run() -> Result<ExitCode> {
 
     let mut failed_steps = Vec::new();
     for step in steps() {
-        println!("\n==> {}", step.name);
+        say!("\n==> {}", step.name);
         let step_started = Instant::now();
         let result = (step.run)(&mut ci);
         let elapsed = step_started.elapsed().as_secs_f64();
         match result {
-            Ok(()) => println!("==> {}: ok ({elapsed:.1}s)", step.name),
+            Ok(()) => say!("==> {}: ok ({elapsed:.1}s)", step.name),
             Err(err) => {
-                println!("==> {}: FAILED ({elapsed:.1}s): {err:#}", step.name);
+                say!("==> {}: FAILED ({elapsed:.1}s): {err:#}", step.name);
                 failed_steps.push(step.name);
             }
         }
     }
 
     let counts = count_tests(&ci.test_output);
-    println!("\n==> summary ({:.1}s)", started.elapsed().as_secs_f64());
+    say!("\n==> summary ({:.1}s)", started.elapsed().as_secs_f64());
     let mut ok = true;
     if !failed_steps.is_empty() {
-        println!("failed steps: {}", failed_steps.join(", "));
+        say!("failed steps: {}", failed_steps.join(", "));
         ok = false;
     }
     if counts.passed == 0 {
-        println!("no test passed: a run that executes no test is a failure");
+        say!("no test passed: a run that executes no test is a failure");
         ok = false;
     }
     // A failed test also fails its step; checked anyway in case a step
     // ever tolerates its command's exit code.
     if counts.failed > 0 {
-        println!("{} test(s) failed", counts.failed);
+        say!("{} test(s) failed", counts.failed);
         ok = false;
     }
     // The verdict line, last and alone on its line, for CI to read.
-    println!("{} passed, {} failed", counts.passed, counts.failed);
+    say!("{} passed, {} failed", counts.passed, counts.failed);
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

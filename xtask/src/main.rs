@@ -127,41 +127,58 @@ fn root_shell() -> Result<Shell> {
     Ok(sh)
 }
 
-/// What every command xtask runs gets besides its own environment:
-///
-/// - the loopback addresses in `NO_PROXY` and `no_proxy`: the tests and
-///   the walkthrough talk to servers on 127.0.0.1 through HTTP clients
-///   that honour `http_proxy` (reqwest does, for loopback too), which a
-///   machine behind a proxy sets for apt and npm;
-/// - `CARGO_TARGET_DIR`, when unset, as [`target_dir`]: the load bench is
-///   a workspace of its own, and would otherwise build a second tree in
-///   `benches/http-load/target`, outside what `cargo clean` clears.
+/// What every command xtask runs gets besides its own environment: the
+/// loopback addresses in `NO_PROXY` and `no_proxy`. The tests and the
+/// walkthrough talk to servers on 127.0.0.1 through HTTP clients that
+/// honour `http_proxy` (reqwest does, for loopback too), which a machine
+/// behind a proxy sets for apt and npm. Both names get the hosts either
+/// held (tools read one or the other first), and a `*` (every host)
+/// leaves them as they are.
 fn child_env() -> Vec<(&'static str, OsString)> {
-    let mut env = Vec::new();
-    for name in ["NO_PROXY", "no_proxy"] {
-        env.push((name, with_loopback(std::env::var(name).ok())));
+    let lists = ["NO_PROXY", "no_proxy"].map(|name| std::env::var(name).ok());
+    match with_loopback(&lists) {
+        Some(hosts) => vec![("NO_PROXY", hosts.clone()), ("no_proxy", hosts)],
+        None => Vec::new(),
     }
-    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
-        env.push(("CARGO_TARGET_DIR", target_dir().into_os_string()));
-    }
-    env
 }
 
-/// `list` (comma-separated hosts) with the loopback names it lacks.
-fn with_loopback(list: Option<String>) -> OsString {
-    let mut hosts: Vec<String> = list
+/// The hosts of `lists` (comma-separated, each at most once) with the
+/// loopback names they lack; `None` if one of them is `*`.
+fn with_loopback(lists: &[Option<String>]) -> Option<OsString> {
+    let mut hosts: Vec<String> = Vec::new();
+    let given = lists
         .iter()
+        .flatten()
         .flat_map(|l| l.split(','))
         .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .map(str::to_owned)
-        .collect();
-    for loopback in ["127.0.0.1", "localhost", "::1"] {
-        if !hosts.iter().any(|h| h == loopback) {
-            hosts.push(loopback.to_owned());
+        .filter(|h| !h.is_empty());
+    for host in given.chain(["127.0.0.1", "localhost", "::1"]) {
+        if host == "*" {
+            return None;
+        }
+        if !hosts.iter().any(|h| h == host) {
+            hosts.push(host.to_owned());
         }
     }
-    hosts.join(",").into()
+    Some(hosts.join(",").into())
+}
+
+/// Cargo's target directory for this workspace as cargo resolves it
+/// (`CARGO_TARGET_DIR`, a config's `build.target-dir`, else `target/`):
+/// `cargo metadata`'s `target_directory`, or [`target_dir`]'s reading if
+/// that cannot be had.
+fn cargo_target_dir() -> PathBuf {
+    let metadata = Command::new(cargo())
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(workspace_root().unwrap_or_default())
+        .stderr(std::process::Stdio::null())
+        .output();
+    metadata
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+        .and_then(|m| m["target_directory"].as_str().map(PathBuf::from))
+        .unwrap_or_else(target_dir)
 }
 
 /// `path` with the `sbin` directories appended that it lacks: with no
@@ -289,19 +306,25 @@ fn target_dir() -> PathBuf {
 mod tests {
     use super::*;
 
-    /// The loopback names join a `NO_PROXY` list once each, after the
-    /// hosts it had; an unset or empty one gets them alone.
+    /// The loopback names join the hosts of both `NO_PROXY` spellings,
+    /// once each; unset or empty ones give them alone; a `*` (every host)
+    /// is left alone.
     #[test]
-    fn loopback_joins_the_no_proxy_list_once() {
-        assert_eq!(with_loopback(None), "127.0.0.1,localhost,::1");
+    fn loopback_joins_the_no_proxy_lists_once() {
+        let lists = |upper: Option<&str>, lower: Option<&str>| {
+            with_loopback(&[upper.map(str::to_owned), lower.map(str::to_owned)])
+        };
+        assert_eq!(lists(None, None).unwrap(), "127.0.0.1,localhost,::1");
+        assert_eq!(lists(Some(""), None).unwrap(), "127.0.0.1,localhost,::1");
         assert_eq!(
-            with_loopback(Some(String::new())),
-            "127.0.0.1,localhost,::1"
+            lists(None, Some(" corp.mirror , localhost")).unwrap(),
+            "corp.mirror,localhost,127.0.0.1,::1"
         );
         assert_eq!(
-            with_loopback(Some(" corp.example , localhost".into())),
-            "corp.example,localhost,127.0.0.1,::1"
+            lists(Some("a.example"), Some("b.example,a.example")).unwrap(),
+            "a.example,b.example,127.0.0.1,localhost,::1"
         );
+        assert_eq!(lists(Some("*"), None), None);
     }
 
     /// Root's `sbin` directories join a `PATH` that lacks them, once; no

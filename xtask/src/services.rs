@@ -1471,7 +1471,10 @@ pub(crate) fn reset_test_databases(sh: &Shell, target_dir: &Path) -> Result<()> 
     // What the Diesel suite's German-messages tests made server-wide: the
     // MariaDB user (with a grant per run's database) and `init_connect`
     // (only if it is still the tests' own), and the PostgreSQL role (its
-    // grants went with the schemas). Left with a warning if in use.
+    // grants went with the schemas; a role a schema left in use still
+    // holds is kept, with a warning). MariaDB drops a user even while it
+    // is connected: as for the keys below, a run outside the CI lock (in
+    // another checkout) loses it mid-test.
     let mariadb_undo = "DROP USER IF EXISTS 'impersonation_de'@'%'; \
          SET GLOBAL init_connect = IF(@@GLOBAL.init_connect = 'SET lc_messages = ''de_DE''', '', @@GLOBAL.init_connect);";
     let postgres_undo = "DROP ROLE IF EXISTS impersonation_plain";
