@@ -252,14 +252,20 @@ impl Viewer {
 
 /// The dashboard's live line, as its `<script>` holds it: listening to the
 /// bookings' events, and under impersonation closing for good on an error.
+/// Under impersonation (where a start that succeeded lands) it also drops
+/// what the console kept of the start form ([`CONSOLE_SCRIPT`]): the
+/// reason stays on the trail, not in the tab.
 fn live_script(impersonating: bool) -> String {
-    let on_error = if impersonating {
-        "s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'};"
+    let (forget, on_error) = if impersonating {
+        (
+            "sessionStorage.removeItem('impersonation-start');",
+            "s.onerror=()=>{s.close();live.textContent='(ended: reload the page)'};",
+        )
     } else {
-        ""
+        ("", "")
     };
     format!(
-        "(()=>{{const live=document.getElementById('live'),\
+        "(()=>{{{forget}const live=document.getElementById('live'),\
          s=new EventSource('/dashboard/live');\
          s.addEventListener('bookings',e=>{{live.textContent=e.data}});{on_error}}})()"
     )
@@ -270,9 +276,8 @@ fn live_script(impersonating: bool) -> String {
 /// The form's reason, ticket and read-only box are kept in the tab's
 /// `sessionStorage` on submit, and taken out on the next console page:
 /// put back into that customer's form if the page comes with a refusal,
-/// dropped otherwise. (After a start that succeeds they stay in the tab
-/// until the console is next shown; a value that does not parse is
-/// dropped.)
+/// dropped otherwise. (A start that succeeds lands on the dashboard,
+/// whose script drops them; a value that does not parse is dropped.)
 const CONSOLE_SCRIPT: &str = "(()=>{const k='impersonation-start',\
 stored=sessionStorage.getItem(k);sessionStorage.removeItem(k);let saved=null;\
 try{saved=JSON.parse(stored)}catch(e){}\

@@ -310,6 +310,20 @@ async fn walk(client: &Client, base: &str, screenshots: &Path) {
 
         // The banner, with the customer's name and the reason.
         let message = text(client, "#impersonation-banner .impersonation-message").await;
+        // What the console kept of the form, for a refusal, is gone from
+        // the tab once the start went through.
+        let kept = client
+            .execute(
+                "return sessionStorage.getItem('impersonation-start');",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            kept,
+            serde_json::Value::Null,
+            "the typed reason left in the tab"
+        );
         assert_eq!(
             message,
             "You are impersonating Olive Owner (Pinewood Campground)"
