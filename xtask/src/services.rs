@@ -159,6 +159,14 @@ fn ensure_german_locale(sh: &Shell) -> Result<()> {
     if have.lines().any(|l| l.trim() == GERMAN_LOCALE) {
         return Ok(());
     }
+    if !is_root(sh) {
+        bail!(
+            "the Diesel tests read PostgreSQL's messages in German, and making the \
+             {GERMAN_LOCALE} locale needs root: run `{}`, or make it yourself \
+             (`localedef -i de_DE -f UTF-8 de_DE.UTF-8`)",
+            up_as_root()
+        );
+    }
     println!(
         "locales: making {GERMAN_LOCALE} (the Diesel tests read PostgreSQL's messages in German)"
     );
@@ -718,6 +726,14 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
         return worded_in_german(sh, url).map(|()| "messages in German on request");
     }
     // A server started before the locale was made does not see it.
+    if !is_root(sh) {
+        bail!(
+            "PostgreSQL does not take `lc_messages = de_DE.UTF-8` (started before the \
+             {GERMAN_LOCALE} locale was made?); restarting it needs root: run `{}`, or \
+             restart it yourself",
+            up_as_root()
+        );
+    }
     let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
     println!("postgresql: restarting {version}/main, so that it sees the {GERMAN_LOCALE} locale");
     cmd!(
