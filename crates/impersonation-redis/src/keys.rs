@@ -132,6 +132,12 @@ pub(crate) fn chains(ns: &str) -> String {
     format!("{ns}:chains")
 }
 
+/// The chains whose events' view entries could not be written after their
+/// script committed: `audit` rebuilds their views before it reads.
+pub(crate) fn stale_views(ns: &str) -> String {
+    format!("{ns}:views:stale")
+}
+
 #[cfg(test)]
 mod tests {
     use impersonation_core::UserId;

@@ -48,7 +48,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use time::{Duration, OffsetDateTime};
 
 use crate::keys::{
-    Slot, audit_all, audit_index, chains, is_route, live_all, live_routes, live_set, where_key,
+    Slot, audit_all, audit_index, chains, is_route, live_all, live_routes, live_set, stale_views,
+    where_key,
 };
 use crate::scripts::{
     APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, REPAIR_LIVE_MARKER_SCRIPT, RESOLVE_SCRIPT,
@@ -956,6 +957,62 @@ impl RedisStore {
         }
     }
 
+    /// The end of a committed script's view writes (`written`): a failure
+    /// is logged, as [`after_commit`] logs it, and `chain` is marked in
+    /// the stale-views set, so that the next `audit` rebuilds its views
+    /// before it reads (the events are on the chain; only the views that
+    /// find them are missing). If the mark cannot be written either, the
+    /// views stay as they are until `rebuild_indexes`.
+    async fn views_written(&self, what: &str, chain: &ChainKey, written: Result<(), StoreError>) {
+        if written.is_ok() {
+            return;
+        }
+        after_commit(what, written);
+        let mut mark = redis::cmd("SADD");
+        mark.arg(stale_views(&self.ns)).arg(chain.as_str());
+        if let Err(e) = self.write_views(vec![mark]).await {
+            tracing::error!(
+                error = %e,
+                chain = %chain,
+                "the chain could not be marked for a rebuild of its views either; \
+                 RedisStore::rebuild_indexes puts them back"
+            );
+        }
+    }
+
+    /// Rebuilds the views of the chains marked stale ([`Self::views_written`]),
+    /// before `audit` reads them: the marks are taken first, and put back
+    /// if the rebuild fails (which fails the read: its answer would miss
+    /// events).
+    async fn heal_stale_views(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let marked: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(stale_views(&self.ns))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let chains: Vec<ChainKey> = marked.iter().cloned().map(ChainKey::from_stored).collect();
+        let mut take = redis::cmd("SREM");
+        take.arg(stale_views(&self.ns)).arg(&marked);
+        let _: Value = take.query_async(&mut conn).await.map_err(unavailable)?;
+        for chain in &chains {
+            if let Err(e) = self.reindex_chain(chain).await {
+                let mut back = redis::cmd("SADD");
+                back.arg(stale_views(&self.ns)).arg(&marked);
+                let _: redis::RedisResult<Value> = back.query_async(&mut conn).await;
+                return Err(e);
+            }
+        }
+        tracing::warn!(
+            chains = chains.len(),
+            "audit views missing after a failed write were rebuilt from their chains"
+        );
+        Ok(())
+    }
+
     /// Takes back view entries written beside a script for an outcome that
     /// did not happen; a failure is logged as `what` (readers skip such an
     /// entry meanwhile: no event of its id is at its place).
@@ -1152,7 +1209,8 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(next));
                     drop(cached);
-                    after_commit("the events' views", indexed);
+                    self.views_written("the events' views", chain, indexed)
+                        .await;
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
                     return Ok(());
                 }
@@ -1385,18 +1443,7 @@ impl RedisStore {
         }
         let mut indexed = 0;
         for chain in chains_to_scan {
-            let mut from = 0;
-            loop {
-                let page = self.chain_events(chain, from, 500).await?;
-                let events: Vec<&AuditEvent> = page.iter().collect();
-                self.run_all(view_commands(&self.view_entries(&events), "ZADD"))
-                    .await?;
-                indexed += page.len() as u64;
-                if page.len() < 500 {
-                    break;
-                }
-                from += page.len() as u64;
-            }
+            indexed += self.reindex_chain(chain).await?;
             let mut conn = self.conn.clone();
             let _: Value = redis::cmd("ZADD")
                 .arg(chains(&self.ns))
@@ -1407,6 +1454,24 @@ impl RedisStore {
                 .map_err(unavailable)?;
         }
         Ok(indexed)
+    }
+
+    /// Writes the view entries of every event of `chain` (idempotent);
+    /// the events indexed.
+    async fn reindex_chain(&self, chain: &ChainKey) -> Result<u64, StoreError> {
+        let mut indexed = 0;
+        let mut from = 0;
+        loop {
+            let page = self.chain_events(chain, from, 500).await?;
+            let events: Vec<&AuditEvent> = page.iter().collect();
+            self.run_all(view_commands(&self.view_entries(&events), "ZADD"))
+                .await?;
+            indexed += page.len() as u64;
+            if page.len() < 500 {
+                return Ok(indexed);
+            }
+            from += page.len() as u64;
+        }
     }
 
     /// The events a view entry lists, read from their chain in one
@@ -1566,7 +1631,8 @@ impl RedisStore {
                 Some("started") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(started.head())));
                     drop(cached);
-                    after_commit("the start's views", indexed);
+                    self.views_written("the start's views", &started.chain, indexed)
+                        .await;
                     self.take_back_views(
                         "the unused refusal's view entries",
                         views_without(refused_views, &started_views),
@@ -1585,7 +1651,8 @@ impl RedisStore {
                         "the refused start's live-set entries",
                         self.forget_live(&session, &slot.route).await,
                     );
-                    after_commit("the refusal's views", indexed);
+                    self.views_written("the refusal's views", &refused.chain, indexed)
+                        .await;
                     self.take_back_views(
                         "the unused start's view entries",
                         views_without(started_views, &refused_views),
@@ -1739,7 +1806,8 @@ impl RedisStore {
                         "the session's route and live sets",
                         self.run_all(after).await,
                     );
-                    after_commit("the transition's views", indexed);
+                    self.views_written("the transition's views", &event.chain, indexed)
+                        .await;
                     return Ok((next, event));
                 }
                 Some("notfound") => {
@@ -2079,6 +2147,7 @@ impl Store for RedisStore {
     }
 
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        self.heal_stale_views().await?;
         let index = match View::for_query(query) {
             (View::All, _) => audit_all(&self.ns),
             (view, key) => audit_index(&self.ns, view.code(), &key),

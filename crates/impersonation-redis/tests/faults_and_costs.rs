@@ -816,6 +816,15 @@ async fn a_live_session_whose_route_key_ran_out_is_still_found_and_revoked() {
 /// write everything but the audit views (the chains, sessions, routes and
 /// live sets, not the views, `ns:audit:…`), and one with every key.
 async fn without_views(server: &OwnServer, ns: &str) -> (RedisStore, RedisStore) {
+    without_views_but(server, ns, &[]).await
+}
+
+/// [`without_views`], the user also let write the keys `also` names.
+async fn without_views_but(
+    server: &OwnServer,
+    ns: &str,
+    also: &[String],
+) -> (RedisStore, RedisStore) {
     let mut conn = admin(server).await;
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
@@ -826,6 +835,7 @@ async fn without_views(server: &OwnServer, ns: &str) -> (RedisStore, RedisStore)
         .arg(format!("~{ns}:where:*"))
         .arg(format!("~{ns}:live:*"))
         .arg(format!("~{ns}:chains"))
+        .arg(also.iter().map(|k| format!("~{k}")).collect::<Vec<_>>())
         .arg("+@all")
         .query_async(&mut conn)
         .await
@@ -898,6 +908,63 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
     assert!(all_events(&whole, by_session()).await.is_empty());
     assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
     assert_eq!(all_events(&whole, by_session()).await, chain);
+}
+
+/// When the views cannot be written after a committed script but the
+/// chain can be marked for them, the next `audit` rebuilds the marked
+/// chain's views before it reads: the events are found without anyone
+/// running `rebuild_indexes` (before, they were missing from every query
+/// until then, with no error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_that_failed_are_rebuilt_by_the_next_audit_read() {
+    use impersonation_core::{AppendGuard, AuditQuery};
+    use impersonation_testkit::conformance::all_events;
+
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let stale = format!("{ns}:views:stale");
+    let (limited, whole) = without_views_but(&server, &ns, std::slice::from_ref(&stale)).await;
+
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = limited.start(start).await.unwrap() else {
+        panic!("refused");
+    };
+    let access = session.draft(
+        epoch(),
+        AuditAction::Access,
+        Actor::user(agent.id.clone(), "Agent 1"),
+    );
+    limited
+        .append(access, AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    limited.transition(stop).await.unwrap();
+
+    let mut conn = admin(&server).await;
+    let marked: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(marked, vec![session.chain().as_str().to_owned()]);
+    let by_session = AuditQuery {
+        session: Some(session.id),
+        ..AuditQuery::default()
+    };
+    let chain = whole_chain(&whole, &session.chain()).await;
+    assert_eq!(chain.len(), 3);
+    assert_eq!(all_events(&whole, by_session).await, chain);
+    let left: i64 = redis::cmd("SCARD")
+        .arg(&stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the mark is taken once the views are back");
 }
 
 /// An append refused for its ended session is answered as refused even
