@@ -133,7 +133,8 @@ pub(crate) fn chains(ns: &str) -> String {
 }
 
 /// The chains whose events' view entries could not be written after their
-/// script committed: `audit` rebuilds their views before it reads.
+/// script committed (a hash: chain → first position missing, and a
+/// nonce): `audit` rebuilds their views before it reads.
 pub(crate) fn stale_views(ns: &str) -> String {
     format!("{ns}:views:stale")
 }

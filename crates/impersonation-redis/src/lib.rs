@@ -577,6 +577,29 @@ fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
     )
 }
 
+/// Marks a chain's views stale from a position: KEYS[1] the stale-views
+/// hash; ARGV the chain, the position, a nonce. The mark is
+/// `<lowest position>|<nonce>`.
+const MARK_STALE: &str = r#"
+local seq = tonumber(ARGV[2])
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local s = tonumber(string.match(cur, '^(%d+)|'))
+  if s and s < seq then seq = s end
+end
+redis.call('HSET', KEYS[1], ARGV[1], seq .. '|' .. ARGV[3])
+return 1
+"#;
+
+/// Takes a chain's stale mark if it is still the one read: KEYS[1] the
+/// stale-views hash; ARGV the chain, the mark.
+const UNMARK_STALE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
 /// What a lookup by id writes back of a session's route key (`where`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PutBack {
@@ -959,17 +982,32 @@ impl RedisStore {
 
     /// The end of a committed script's view writes (`written`): a failure
     /// is logged, as [`after_commit`] logs it, and `chain` is marked in
-    /// the stale-views set, so that the next `audit` rebuilds its views
-    /// before it reads (the events are on the chain; only the views that
-    /// find them are missing). If the mark cannot be written either, the
-    /// views stay as they are until `rebuild_indexes`.
-    async fn views_written(&self, what: &str, chain: &ChainKey, written: Result<(), StoreError>) {
+    /// the stale-views hash from `seq` (its first event the views miss; an
+    /// earlier mark's lower place is kept), so that the next `audit`
+    /// rebuilds its views from there before it reads (the events are on the
+    /// chain; only the views that find them are missing). If the mark
+    /// cannot be written either, the views stay as they are until
+    /// `rebuild_indexes`.
+    async fn views_written(
+        &self,
+        what: &str,
+        chain: &ChainKey,
+        seq: u64,
+        written: Result<(), StoreError>,
+    ) {
         if written.is_ok() {
             return;
         }
         after_commit(what, written);
-        let mut mark = redis::cmd("SADD");
-        mark.arg(stale_views(&self.ns)).arg(chain.as_str());
+        // A fresh nonce each time, so that a rebuild that read the chain
+        // before this failure does not take this mark with its own.
+        let mut mark = redis::cmd("EVAL");
+        mark.arg(MARK_STALE)
+            .arg(1)
+            .arg(stale_views(&self.ns))
+            .arg(chain.as_str())
+            .arg(seq)
+            .arg(uuid::Uuid::now_v7().simple().to_string());
         if let Err(e) = self.write_views(vec![mark]).await {
             tracing::error!(
                 error = %e,
@@ -980,37 +1018,61 @@ impl RedisStore {
         }
     }
 
-    /// Rebuilds the views of the chains marked stale ([`Self::views_written`]),
-    /// before `audit` reads them: the marks are taken first, and put back
-    /// if the rebuild fails (which fails the read: its answer would miss
-    /// events).
-    async fn heal_stale_views(&self) -> Result<(), StoreError> {
+    /// Rebuilds the views of the chains marked stale ([`Self::views_written`])
+    /// before `audit` reads them, each from its first missing event; a
+    /// chain's mark is taken only once its views are back, and only if no
+    /// later failure marked it again meanwhile. A chain whose views cannot
+    /// be rebuilt (the server gone again, a damaged entry) keeps its mark
+    /// and is logged at `error`, and the read goes on without it: one bad
+    /// chain does not fail every query of the trail.
+    async fn heal_stale_views(&self) {
         let mut conn = self.conn.clone();
-        let marked: Vec<String> = redis::cmd("SMEMBERS")
+        let read: redis::RedisResult<Vec<(String, String)>> = redis::cmd("HGETALL")
             .arg(stale_views(&self.ns))
             .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if marked.is_empty() {
-            return Ok(());
-        }
-        let chains: Vec<ChainKey> = marked.iter().cloned().map(ChainKey::from_stored).collect();
-        let mut take = redis::cmd("SREM");
-        take.arg(stale_views(&self.ns)).arg(&marked);
-        let _: Value = take.query_async(&mut conn).await.map_err(unavailable)?;
-        for chain in &chains {
-            if let Err(e) = self.reindex_chain(chain).await {
-                let mut back = redis::cmd("SADD");
-                back.arg(stale_views(&self.ns)).arg(&marked);
-                let _: redis::RedisResult<Value> = back.query_async(&mut conn).await;
-                return Err(e);
+            .await;
+        let marked = match read {
+            Ok(marked) => marked,
+            Err(e) => {
+                tracing::warn!(error = %e, "the stale audit views could not be read; reading the views as they are");
+                return;
+            }
+        };
+        for (chain, mark) in marked {
+            let from = mark
+                .split_once('|')
+                .and_then(|(seq, _)| seq.parse::<u64>().ok())
+                .unwrap_or(0);
+            let key = ChainKey::from_stored(chain.clone());
+            let healed = match self.reindex_chain(&key, from).await {
+                Ok(indexed) => {
+                    let mut take = redis::cmd("EVAL");
+                    take.arg(UNMARK_STALE)
+                        .arg(1)
+                        .arg(stale_views(&self.ns))
+                        .arg(&chain)
+                        .arg(&mark);
+                    take.query_async::<Value>(&mut conn)
+                        .await
+                        .map(|_| indexed)
+                        .map_err(unavailable)
+                }
+                Err(e) => Err(e),
+            };
+            match healed {
+                Ok(indexed) => tracing::warn!(
+                    chain = %key,
+                    events = indexed,
+                    "audit views missing after a failed write were rebuilt from the chain"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    chain = %key,
+                    "audit views missing after a failed write could not be rebuilt; \
+                     this read may miss the chain's events (RedisStore::rebuild_indexes)"
+                ),
             }
         }
-        tracing::warn!(
-            chains = chains.len(),
-            "audit views missing after a failed write were rebuilt from their chains"
-        );
-        Ok(())
     }
 
     /// Takes back view entries written beside a script for an outcome that
@@ -1209,7 +1271,8 @@ impl RedisStore {
                 Some("ok") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(next));
                     drop(cached);
-                    self.views_written("the events' views", chain, indexed)
+                    let first = sealed.first().map_or(0, |(_, e, _)| e.seq);
+                    self.views_written("the events' views", chain, first, indexed)
                         .await;
                     done.extend(sealed.into_iter().map(|(i, e, _)| (i, Ok(e))));
                     return Ok(());
@@ -1443,7 +1506,7 @@ impl RedisStore {
         }
         let mut indexed = 0;
         for chain in chains_to_scan {
-            indexed += self.reindex_chain(chain).await?;
+            indexed += self.reindex_chain(chain, 0).await?;
             let mut conn = self.conn.clone();
             let _: Value = redis::cmd("ZADD")
                 .arg(chains(&self.ns))
@@ -1456,11 +1519,11 @@ impl RedisStore {
         Ok(indexed)
     }
 
-    /// Writes the view entries of every event of `chain` (idempotent);
-    /// the events indexed.
-    async fn reindex_chain(&self, chain: &ChainKey) -> Result<u64, StoreError> {
+    /// Writes the view entries of every event of `chain` from position
+    /// `from` (idempotent); the events indexed.
+    async fn reindex_chain(&self, chain: &ChainKey, from: u64) -> Result<u64, StoreError> {
         let mut indexed = 0;
-        let mut from = 0;
+        let mut from = from;
         loop {
             let page = self.chain_events(chain, from, 500).await?;
             let events: Vec<&AuditEvent> = page.iter().collect();
@@ -1631,7 +1694,7 @@ impl RedisStore {
                 Some("started") => {
                     *cached = Some(reported_head(&reply, 1)?.unwrap_or(Some(started.head())));
                     drop(cached);
-                    self.views_written("the start's views", &started.chain, indexed)
+                    self.views_written("the start's views", &started.chain, started.seq, indexed)
                         .await;
                     self.take_back_views(
                         "the unused refusal's view entries",
@@ -1651,7 +1714,7 @@ impl RedisStore {
                         "the refused start's live-set entries",
                         self.forget_live(&session, &slot.route).await,
                     );
-                    self.views_written("the refusal's views", &refused.chain, indexed)
+                    self.views_written("the refusal's views", &refused.chain, refused.seq, indexed)
                         .await;
                     self.take_back_views(
                         "the unused start's view entries",
@@ -1806,7 +1869,7 @@ impl RedisStore {
                         "the session's route and live sets",
                         self.run_all(after).await,
                     );
-                    self.views_written("the transition's views", &event.chain, indexed)
+                    self.views_written("the transition's views", &event.chain, event.seq, indexed)
                         .await;
                     return Ok((next, event));
                 }
@@ -2147,7 +2210,7 @@ impl Store for RedisStore {
     }
 
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
-        self.heal_stale_views().await?;
+        self.heal_stale_views().await;
         let index = match View::for_query(query) {
             (View::All, _) => audit_all(&self.ns),
             (view, key) => audit_index(&self.ns, view.code(), &key),

@@ -946,25 +946,54 @@ async fn views_that_failed_are_rebuilt_by_the_next_audit_read() {
     limited.transition(stop).await.unwrap();
 
     let mut conn = admin(&server).await;
-    let marked: Vec<String> = redis::cmd("SMEMBERS")
+    let marked: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(&stale)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(marked, vec![session.chain().as_str().to_owned()]);
-    let by_session = AuditQuery {
+    assert_eq!(marked.len(), 1, "{marked:?}");
+    assert_eq!(marked[0].0, session.chain().as_str());
+    assert!(
+        marked[0].1.starts_with("0|"),
+        "from the start's place: {marked:?}"
+    );
+    let by_session = || AuditQuery {
         session: Some(session.id),
         ..AuditQuery::default()
     };
     let chain = whole_chain(&whole, &session.chain()).await;
     assert_eq!(chain.len(), 3);
-    assert_eq!(all_events(&whole, by_session).await, chain);
-    let left: i64 = redis::cmd("SCARD")
+    assert_eq!(all_events(&whole, by_session()).await, chain);
+    let left: i64 = redis::cmd("HLEN")
         .arg(&stale)
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_eq!(left, 0, "the mark is taken once the views are back");
+
+    // A marked chain whose views cannot be rebuilt (its stream damaged)
+    // keeps its mark, and fails no read of the rest of the trail.
+    let other = impersonation_core::ChainKey::for_agent(&w.agent(2).id);
+    let stream = format!("{}:chain", common::agent_keys(&ns, &other));
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .cmd("HSET")
+        .arg(&stale)
+        .arg(other.as_str())
+        .arg("0|n")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(all_events(&whole, by_session()).await, chain);
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(&stale)
+        .arg(other.as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("0|n"));
 }
 
 /// An append refused for its ended session is answered as refused even
