@@ -581,11 +581,13 @@ fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
 /// hash; ARGV the chain, the position, a nonce. The mark is
 /// `<lowest position>|<nonce>`.
 const MARK_STALE: &str = r#"
-local seq = tonumber(ARGV[2])
+-- Positions compared as numbers but written as the strings they came
+-- as: Lua 5.1 would print a large number as 1e+14.
+local seq = ARGV[2]
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
-  local s = tonumber(string.match(cur, '^(%d+)|'))
-  if s and s < seq then seq = s end
+  local s = string.match(cur, '^(%d+)|')
+  if s and tonumber(s) < tonumber(seq) then seq = s end
 end
 redis.call('HSET', KEYS[1], ARGV[1], seq .. '|' .. ARGV[3])
 return 1
