@@ -305,14 +305,7 @@ impl std::fmt::Debug for Issuer {
 /// declared an access token carries no such mark; a provider held to
 /// [`Provider::require_typed_access_tokens`] refuses it.)
 fn declared_type_holds(field: &str, declared: &str, token: &str) -> Result<(), OAuthError> {
-    let typed_access = crate::jwt::unverified_header(token)
-        .ok()
-        .and_then(|header| header.typ)
-        .is_some_and(|typ| {
-            let typ = typ.to_ascii_lowercase();
-            typ == ACCESS_TOKEN_JWT_TYPE || typ == "application/at+jwt"
-        });
-    if declared == ID_TOKEN_TYPE && typed_access {
+    if declared == ID_TOKEN_TYPE && crate::jwt::typed_as_access_token(token) {
         return Err(oauth(
             ErrorCode::InvalidRequest,
             format!(

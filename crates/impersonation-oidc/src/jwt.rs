@@ -238,7 +238,6 @@ pub(crate) fn unverified_payload(token: &str) -> Result<RawPayload, TokenError> 
 /// that fails verification is refused (401), not handed on as someone
 /// else's.
 pub(crate) fn names_issuer(token: &str, issuer: &str) -> bool {
-    use base64::Engine;
     if token.len() > MAX_ROUTED_LEN {
         return false;
     }
@@ -252,12 +251,22 @@ pub(crate) fn names_issuer(token: &str, issuer: &str) -> bool {
         #[serde(default)]
         iss: Option<serde_json::Value>,
     }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
+    decode_part::<Iss>(part)
         .ok()
-        .and_then(|bytes| serde_json::from_slice::<Iss>(&bytes).ok())
         .and_then(|payload| payload.iss)
         .is_some_and(|iss| iss.as_str() == Some(issuer))
+}
+
+/// Whether `token`'s header types it as an access token (`typ: at+jwt`,
+/// RFC 9068 §2.1), read without verifying and normalised as the verifier
+/// reads `typ` (case, the optional `application/` prefix).
+pub(crate) fn typed_as_access_token(token: &str) -> bool {
+    let access_token = JsonWebTokenType::new(ACCESS_TOKEN_JWT_TYPE.into()).normalize();
+    unverified_header(token)
+        .ok()
+        .and_then(|header| header.typ)
+        .and_then(|typ| JsonWebTokenType::new(typ).normalize().ok())
+        .is_some_and(|typ| access_token.is_ok_and(|at| at == typ))
 }
 
 /// The longest bearer value [`names_issuer`] reads: far above any token
@@ -277,4 +286,28 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenErr
         .decode(part)
         .map_err(|_| TokenError::Malformed("not base64url".into()))?;
     serde_json::from_slice(&bytes).map_err(|e| TokenError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+
+    fn with_typ(typ: &str) -> String {
+        let header = serde_json::json!({"alg": "RS256", "typ": typ}).to_string();
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(&header), b64("{}"))
+    }
+
+    /// `typ` is read as the verifier reads it: case aside, and with or
+    /// without its `application/` prefix.
+    #[test]
+    fn an_access_token_is_known_by_its_typ_however_written() {
+        for typ in ["at+jwt", "AT+JWT", "application/at+jwt"] {
+            assert!(super::typed_as_access_token(&with_typ(typ)), "{typ}");
+        }
+        for typ in ["JWT", "id+jwt", ""] {
+            assert!(!super::typed_as_access_token(&with_typ(typ)), "{typ}");
+        }
+        assert!(!super::typed_as_access_token("not a token"));
+    }
 }
