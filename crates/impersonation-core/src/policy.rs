@@ -428,17 +428,14 @@ fn round_up_to_seconds(d: Duration) -> Duration {
 /// as none at all), and a zero or negative one would end every session
 /// before its first request; the latter is warned about, as a mistake.
 fn whole_seconds(what: &'static str, d: Duration) -> Duration {
-    if d < Duration::SECOND {
-        if d <= Duration::ZERO {
-            tracing::warn!(
-                setting = what,
-                given = %d,
-                "a policy duration must be positive; one second is used"
-            );
-        }
-        return Duration::SECOND;
+    if d <= Duration::ZERO {
+        tracing::warn!(
+            setting = what,
+            given = %d,
+            "a policy duration must be positive; one second is used"
+        );
     }
-    round_up_to_seconds(d)
+    round_up_to_seconds(d).max(Duration::SECOND)
 }
 
 impl Default for Policy {
