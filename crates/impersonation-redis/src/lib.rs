@@ -52,8 +52,8 @@ use crate::keys::{
     where_key,
 };
 use crate::scripts::{
-    APPEND_MANY_SCRIPT, RECORD_CHECK_SCRIPT, REPAIR_LIVE_MARKER_SCRIPT, RESOLVE_SCRIPT,
-    START_SCRIPT, ScriptCall, TRANSITION_SCRIPT,
+    APPEND_MANY_SCRIPT, MARK_STALE, RECORD_CHECK_SCRIPT, REPAIR_LIVE_MARKER_SCRIPT, RESOLVE_SCRIPT,
+    START_SCRIPT, ScriptCall, TRANSITION_SCRIPT, UNMARK_STALE,
 };
 
 /// Why connecting failed.
@@ -577,31 +577,6 @@ fn moved_head(reply: &[String]) -> Result<Option<ChainHead>, StoreError> {
     )
 }
 
-/// Marks a chain's views stale from a position: KEYS[1] the stale-views
-/// hash; ARGV the chain, the position, a nonce. The mark is
-/// `<lowest position>|<nonce>`.
-const MARK_STALE: &str = r#"
--- Positions compared as numbers but written as the strings they came
--- as: Lua 5.1 would print a large number as 1e+14.
-local seq = ARGV[2]
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local s = string.match(cur, '^(%d+)|')
-  if s and tonumber(s) < tonumber(seq) then seq = s end
-end
-redis.call('HSET', KEYS[1], ARGV[1], seq .. '|' .. ARGV[3])
-return 1
-"#;
-
-/// Takes a chain's stale mark if it is still the one read: KEYS[1] the
-/// stale-views hash; ARGV the chain, the mark.
-const UNMARK_STALE: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-"#;
-
 /// What a lookup by id writes back of a session's route key (`where`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PutBack {
@@ -1041,27 +1016,8 @@ impl RedisStore {
             }
         };
         for (chain, mark) in marked {
-            let from = mark
-                .split_once('|')
-                .and_then(|(seq, _)| seq.parse::<u64>().ok())
-                .unwrap_or(0);
-            let key = ChainKey::from_stored(chain.clone());
-            let healed = match self.reindex_chain(&key, from).await {
-                Ok(indexed) => {
-                    let mut take = redis::cmd("EVAL");
-                    take.arg(UNMARK_STALE)
-                        .arg(1)
-                        .arg(stale_views(&self.ns))
-                        .arg(&chain)
-                        .arg(&mark);
-                    take.query_async::<Value>(&mut conn)
-                        .await
-                        .map(|_| indexed)
-                        .map_err(unavailable)
-                }
-                Err(e) => Err(e),
-            };
-            match healed {
+            let key = ChainKey::from_stored(chain);
+            match self.heal_chain(&key, &mark).await {
                 Ok(indexed) => tracing::warn!(
                     chain = %key,
                     events = indexed,
@@ -1075,6 +1031,27 @@ impl RedisStore {
                 ),
             }
         }
+    }
+
+    /// Rebuilds `chain`'s views from the position its stale `mark` names,
+    /// then takes the mark if it is still that one; the events indexed.
+    async fn heal_chain(&self, chain: &ChainKey, mark: &str) -> Result<u64, StoreError> {
+        let from = mark
+            .split_once('|')
+            .and_then(|(seq, _)| seq.parse::<u64>().ok())
+            .unwrap_or(0);
+        let indexed = self.reindex_chain(chain, from).await?;
+        let mut take = redis::cmd("EVAL");
+        take.arg(UNMARK_STALE)
+            .arg(1)
+            .arg(stale_views(&self.ns))
+            .arg(chain.as_str())
+            .arg(mark);
+        let mut conn = self.conn.clone();
+        take.query_async::<Value>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(indexed)
     }
 
     /// Takes back view entries written beside a script for an outcome that

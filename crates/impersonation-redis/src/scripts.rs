@@ -263,6 +263,34 @@ redis.call('DEL', KEYS[1])
 return 0
 "#;
 
+/// Marks a chain's audit views stale from a position: KEYS[1] the
+/// stale-views hash; ARGV the chain, the position, a nonce. The mark is
+/// `<lowest position>|<nonce>`. Sent by its source (`EVAL`), not its
+/// hash: it is sent on a failure, tried again as the view writes are, and
+/// must not depend on the server knowing it.
+pub(crate) const MARK_STALE: &str = r#"
+-- Positions compared as numbers but written as the strings they came
+-- as: Lua 5.1 would print a large number as 1e+14.
+local seq = ARGV[2]
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local s = string.match(cur, '^(%d+)|')
+  if s and tonumber(s) < tonumber(seq) then seq = s end
+end
+redis.call('HSET', KEYS[1], ARGV[1], seq .. '|' .. ARGV[3])
+return 1
+"#;
+
+/// Takes a chain's stale mark if it is still the one read: KEYS[1] the
+/// stale-views hash; ARGV the chain, the mark. Sent by its source, as
+/// [`MARK_STALE`].
+pub(crate) const UNMARK_STALE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
 /// A script and its source: calls go by its hash (`EVALSHA`), and by its
 /// source when the server does not know it (`EVAL`).
 pub(crate) struct Lua {

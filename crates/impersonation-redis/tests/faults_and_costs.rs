@@ -853,6 +853,34 @@ async fn without_views_but(
     (limited, store(server.url()).await)
 }
 
+/// Agent 1 of a fresh world starts impersonating customer 1 on `store`,
+/// records an access and stops: three events, each written through
+/// `store`. The session, ended.
+async fn start_access_stop(store: &RedisStore) -> impersonation_core::Session {
+    use impersonation_core::AppendGuard;
+    let w = World::new();
+    let agent = w.agent(1);
+    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
+    let StartOutcome::Started { session, .. } = store.start(start).await.unwrap() else {
+        panic!("refused");
+    };
+    let access = session.draft(
+        epoch(),
+        AuditAction::Access,
+        Actor::user(agent.id.clone(), "Agent 1"),
+    );
+    store
+        .append(access, AppendGuard::SessionActive(session.id))
+        .await
+        .unwrap();
+    let stop = session
+        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
+        .unwrap();
+    let (ended, _) = store.transition(stop).await.unwrap();
+    assert!(!ended.state.is_live());
+    ended
+}
+
 /// A write after a committed script (views, live sets, the route key) that
 /// fails does not make the change a failure: a start would lose its
 /// secret while its session blocks the agent, an append would be sent
@@ -861,33 +889,14 @@ async fn without_views_but(
 /// views stands in for a connection lost right after the script.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
-    use impersonation_core::{AppendGuard, AuditQuery};
+    use impersonation_core::AuditQuery;
     use impersonation_testkit::conformance::all_events;
 
     let server = OwnServer::start();
     let ns = common::unique("imptest");
     let (limited, whole) = without_views(&server, &ns).await;
 
-    let w = World::new();
-    let agent = w.agent(1);
-    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
-    let StartOutcome::Started { session, .. } = limited.start(start).await.unwrap() else {
-        panic!("refused");
-    };
-    let access = session.draft(
-        epoch(),
-        AuditAction::Access,
-        Actor::user(agent.id.clone(), "Agent 1"),
-    );
-    limited
-        .append(access, AppendGuard::SessionActive(session.id))
-        .await
-        .unwrap();
-    let stop = session
-        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
-        .unwrap();
-    let (ended, _) = limited.transition(stop).await.unwrap();
-    assert!(!ended.state.is_live());
+    let session = start_access_stop(&limited).await;
 
     // All three are on the chain, each once; the views list none of them
     // until they are rebuilt from it.
@@ -917,7 +926,7 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
 /// until then, with no error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_that_failed_are_rebuilt_by_the_next_audit_read() {
-    use impersonation_core::{AppendGuard, AuditQuery};
+    use impersonation_core::AuditQuery;
     use impersonation_testkit::conformance::all_events;
 
     let server = OwnServer::start();
@@ -926,24 +935,7 @@ async fn views_that_failed_are_rebuilt_by_the_next_audit_read() {
     let (limited, whole) = without_views_but(&server, &ns, std::slice::from_ref(&stale)).await;
 
     let w = World::new();
-    let agent = w.agent(1);
-    let (start, _) = w.begin(&agent, &w.customer(1, "t1"), epoch());
-    let StartOutcome::Started { session, .. } = limited.start(start).await.unwrap() else {
-        panic!("refused");
-    };
-    let access = session.draft(
-        epoch(),
-        AuditAction::Access,
-        Actor::user(agent.id.clone(), "Agent 1"),
-    );
-    limited
-        .append(access, AppendGuard::SessionActive(session.id))
-        .await
-        .unwrap();
-    let stop = session
-        .end(EndReason::Stopped, Actor::System, epoch(), Details::new())
-        .unwrap();
-    limited.transition(stop).await.unwrap();
+    let session = start_access_stop(&limited).await;
 
     let mut conn = admin(&server).await;
     let marked: Vec<(String, String)> = redis::cmd("HGETALL")
