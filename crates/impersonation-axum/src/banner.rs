@@ -498,8 +498,11 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 .count();
             let name = rest[name_at..name_at + name_len].to_ascii_lowercase();
             // A form opens where HTML is read (in an svg, `<form>` is the
-            // svg's own element); `</form>` ends the one open.
-            if name == b"form" && (is_end || foreign.reads_html()) {
+            // svg's own element); `</form>` ends the one open. Inside a
+            // template neither moves the parser's form element pointer:
+            // a form there is the template's own, and a `</form>` there
+            // cannot reach one open outside it.
+            if name == b"form" && templates == 0 && (is_end || foreign.reads_html()) {
                 form_open = !is_end;
             }
             // A `<template>` read as HTML opens one (in an svg, it is the
@@ -1855,8 +1858,26 @@ mod tests {
             ),
             // The form that is open where the banner goes counts.
             ("<p>x</body><form>", "<p>x[B]</body><form>"),
+            // A template's forms are its own: a `</form>` in one leaves
+            // the page's form open, and a `<form>` in one opens none.
+            (
+                "<form><template></form></template><p>x</body>",
+                "<form><template></form></template><p>x</form>[B]</body>",
+            ),
+            (
+                "<template><form></template><p>x</body>",
+                "<template><form></template><p>x[B]</body>",
+            ),
         ] {
             assert_eq!(placed(page), placed_as, "{page}");
+            // A real parser keeps the banner's form as a form of its own
+            // (it drops a `<form>` met while another is open).
+            let banner = "<div><form id=\"stop\"><button>Stop</button></form></div>";
+            let injected =
+                String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
+            let dom = scraper::Html::parse_document(&injected);
+            let stop = scraper::Selector::parse("form#stop button").unwrap();
+            assert_eq!(dom.select(&stop).count(), 1, "{injected}");
         }
     }
 
