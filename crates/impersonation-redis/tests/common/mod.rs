@@ -16,11 +16,17 @@ pub(crate) async fn store_at(url: &str, ns: &str) -> RedisStore {
 }
 
 /// A plain connection to the server at `url`, for a test that reads,
-/// damages or counts stored keys itself.
+/// damages, moves or counts stored keys itself. It waits up to 30 s for
+/// an answer, not the client's default half second: a cluster's first
+/// `MIGRATE` opens a connection between two nodes, which on a machine
+/// busy with the rest of a test run took longer than that.
 pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    let patient = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(30)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&patient)
         .await
         .unwrap()
 }
