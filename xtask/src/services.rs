@@ -802,7 +802,7 @@ fn postgres_login(sh: &Shell, repair: Repair) -> Result<&'static str> {
     };
     // A machine set up by an earlier version trusts every database and
     // user over local TCP: narrowed to what the tests use.
-    if let Some(version) = postgres_cluster().filter(|_| repair == Repair::Yes) {
+    if let Some(version) = postgres_cluster().filter(|_| repair == Repair::Yes && is_root(sh)) {
         let hba = format!("{POSTGRES_CONF}/{version}/main/pg_hba.conf");
         if let Ok(content) = sh.read_file(&hba)
             && let Some(rest) = content.strip_prefix(PG_HBA_TRUST_BEFORE)
@@ -818,6 +818,14 @@ fn postgres_login(sh: &Shell, repair: Repair) -> Result<&'static str> {
         Err(stderr) if repair == Repair::No => {
             bail!("`psql -h 127.0.0.1 -U postgres -d test` without a password: {stderr}")
         }
+        // The repairs below run as the postgres user and edit its
+        // pg_hba.conf.
+        Err(stderr) if !is_root(sh) => bail!(
+            "`psql -h 127.0.0.1 -U postgres -d test` without a password: {stderr}; \
+             creating database `test` and trusting 127.0.0.1 in pg_hba.conf needs root: \
+             run `{}`, or do it yourself",
+            up_as_root()
+        ),
         Err(_) => {}
     }
 
@@ -915,8 +923,17 @@ fn mariadb_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
             }
         };
     }
-    if create_test().is_ok() {
-        return Ok(OK);
+    let stderr = match create_test() {
+        Ok(()) => return Ok(OK),
+        Err(stderr) => stderr,
+    };
+    // The repair logs in as the system's root over the unix socket.
+    if !is_root(sh) {
+        bail!(
+            "`mariadb -uroot -h127.0.0.1` without a password: {stderr}; letting root in over \
+             TCP needs root: run `{}`, or do it yourself",
+            up_as_root()
+        );
     }
     println!("mariadb: root cannot log in over TCP, fixing it over the unix socket");
     cmd!(
