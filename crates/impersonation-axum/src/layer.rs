@@ -590,8 +590,12 @@ where
                             // itself (and answers 403).
                             Some(id) if id != c.agent().id => {
                                 let route = route_of(req.extensions(), req.uri());
-                                let stop_answers =
-                                    settings.stop_route(route) && kept_secret.is_some();
+                                // Only a `POST` reaches the stop (any other
+                                // method gets the router's 405, which
+                                // records nothing).
+                                let stop_answers = *req.method() == Method::POST
+                                    && settings.stop_route(route)
+                                    && kept_secret.is_some();
                                 if !(from_cookie || stop_answers)
                                     && let Some(by) = req.extensions().get::<Principal>().cloned()
                                 {
@@ -627,7 +631,8 @@ where
                     // withdraw it (a bearer secret: the stop reads a
                     // signed token only from a live session's context).
                     Err(impersonation_core::Error::PendingConsent) => {
-                        if !(settings.stop_route(route_of(req.extensions(), req.uri()))
+                        if !(*req.method() == Method::POST
+                            && settings.stop_route(route_of(req.extensions(), req.uri()))
                             && kept_secret.is_some())
                         {
                             return Ok(plain(

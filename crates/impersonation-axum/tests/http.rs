@@ -1019,6 +1019,43 @@ async fn stop_is_accepted_only_from_the_sessions_own_agent() {
     );
 }
 
+/// Another person's use of an agent's bearer secret on the stop route is
+/// the stop's own refusal only for a `POST`, the one method that reaches
+/// it: with any other it is refused and recorded as on any route, not
+/// left to the router's 405, which records nothing.
+#[tokio::test]
+async fn a_bearer_secret_used_by_another_on_the_stop_route_with_get_is_recorded() {
+    let (f, mut sam) = sam_on_olive().await;
+    let bearer = format!("Bearer {}", sam.secret().unwrap());
+    let mut kim_api = Browser::new(&f, "kim");
+    for method in [Method::GET, Method::PUT] {
+        let before = events(&f).await.len();
+        let refused = kim_api
+            .bearer(method.clone(), "/impersonation/stop", &bearer)
+            .await;
+        assert_eq!(
+            refused.status,
+            StatusCode::UNAUTHORIZED,
+            "{method}: {}",
+            refused.body
+        );
+        let new = events(&f).await;
+        let denials: Vec<_> = new[before..]
+            .iter()
+            .filter(|e| e.details.get("denial") == Some("not_session_agent"))
+            .collect();
+        assert_eq!(denials.len(), 1, "{method}: {new:?}");
+        assert_eq!(
+            denials[0].details.get("attempt"),
+            Some(format!("{method} /impersonation/stop").as_str())
+        );
+    }
+    assert!(
+        sam.get("/").await.body.contains("impersonation-banner"),
+        "the session goes on"
+    );
+}
+
 /// An API client stops with its own bearer secret: no CSRF cookie, no
 /// form, answered 204; another agent's attempt with it is refused (403)
 /// and on the trail, as a browser's is.
