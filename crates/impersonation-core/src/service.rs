@@ -2118,13 +2118,26 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// `denial` and `attempt`, appended only while the session is active,
     /// as [`Impersonation::record_completed`] appends. A session that
     /// ended meanwhile (stopped in another tab) refuses it: nothing is
-    /// recorded after the end, and the answer is `Unauthenticated`.
+    /// recorded after the end, and the answer is `Unauthenticated`. So
+    /// does one whose time ran out while the request ran, which is ended
+    /// as it lapsed, as `record_completed` ends it.
     pub async fn record_refused(
         &self,
         ctx: &Context,
         denial: Denial,
         attempt: &str,
     ) -> Result<(), Error> {
+        match self.refuse_if_lapsed(ctx, self.now()).await {
+            Ok(()) => {}
+            // Lapsed, and not ended (its record gone, or changed and
+            // lapsed still): over all the same, and the refusal changed
+            // nothing that would need a record after the end.
+            Err(Error::UnknownSession | Error::Store(StoreError::Conflict(_))) => {
+                self.reuse.forget(ctx.0.session);
+                return Err(Error::Unauthenticated);
+            }
+            Err(e) => return Err(e),
+        }
         let draft = ctx.draft(self.now(), AuditAction::Denied);
         match self
             .append(

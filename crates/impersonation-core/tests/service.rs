@@ -1641,6 +1641,40 @@ async fn an_apps_refusal_is_recorded_only_in_a_live_session() {
     assert_eq!(last.action, AuditAction::SessionEnded);
 }
 
+/// A refusal made after the session's time ran out (a slow handler) is
+/// no event in a live session: the session is ended as it lapsed, and the
+/// answer is `Unauthenticated`, as for a completed request.
+#[tokio::test]
+async fn an_apps_refusal_after_the_session_lapsed_ends_it_and_is_not_recorded() {
+    let f = fixture();
+    let started = f.sam_on_olive().await;
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(16));
+    let refused = f
+        .service
+        .record_refused(&ctx, Denial::TenantBoundary, "POST /bookings")
+        .await;
+    assert!(
+        matches!(refused, Err(Error::Unauthenticated)),
+        "{refused:?}"
+    );
+    let events = session_events(&f, started.session.id).await;
+    assert!(
+        !events.iter().any(|e| e.action == AuditAction::Denied),
+        "{events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last.action, AuditAction::SessionEnded);
+    let stored = f
+        .service
+        .store()
+        .session(started.session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, SessionState::Ended(EndReason::IdleTimeout));
+}
+
 #[tokio::test]
 async fn malformed_and_unknown_secrets_are_unauthenticated() {
     let f = fixture();
