@@ -1193,6 +1193,13 @@ pub fn verify_chain<'a>(
 
 /// Writes events as JSON lines (one event per line, every field, RFC 3339 times).
 ///
+/// Line separators, other control characters and bidirectional controls
+/// (from a display name, which is kept as written) are written as `\u`
+/// escapes, which read back as the same characters: a reader that also
+/// splits lines at U+2028, U+2029 or U+0085 (Python's `splitlines`, some
+/// log viewers) sees one event per line, and no text reorders how a line
+/// shows.
+///
 /// # Errors
 ///
 /// An event whose time RFC 3339 cannot write (a year before 0 or after
@@ -1202,12 +1209,41 @@ pub fn verify_chain<'a>(
 pub fn to_json_lines<'a>(
     events: impl IntoIterator<Item = &'a AuditEvent>,
 ) -> Result<String, serde_json::Error> {
-    let mut out = String::new();
+    let mut out = Vec::new();
     for event in events {
-        out.push_str(&serde_json::to_string(event)?);
-        out.push('\n');
+        event.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            EscapingFormatter,
+        ))?;
+        out.push(b'\n');
     }
-    Ok(out)
+    // The serializer writes whole characters and ASCII escapes only.
+    String::from_utf8(out).map_err(serde::ser::Error::custom)
+}
+
+/// serde_json's compact output, with every [`is_forbidden_char`] in a
+/// string written as a `\u` escape (serde_json escapes only those below
+/// U+0020).
+struct EscapingFormatter;
+
+impl serde_json::ser::Formatter for EscapingFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut from = 0;
+        for (at, c) in fragment.char_indices() {
+            if is_forbidden_char(c) {
+                writer.write_all(&fragment.as_bytes()[from..at])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(writer, "\\u{unit:04x}")?;
+                }
+                from = at + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[from..])
+    }
 }
 
 /// The timestamp as the table shows it: `2024-11-06 10:15:03 AM UTC`.

@@ -665,6 +665,34 @@ fn json_lines_round_trip_and_still_verify() {
     assert!(verify_chain(&chain, &back, None).is_ok());
 }
 
+/// A display name is kept as written, line separators and direction
+/// controls included: the export writes them as escapes, so no reader
+/// that splits lines at U+2028 or U+0085 sees a second, forged event, and
+/// each line still reads back as the event it was.
+#[test]
+fn json_lines_escape_line_separators_and_direction_controls_in_names() {
+    let chain = ChainKey::for_agent(&UserId::from(1_u64));
+    let forged = "Jane\u{2028}{\"id\":\"forged\"}\u{85}\u{202E}evil\u{2066}\u{7f}";
+    let draft = AuditDraft::new(
+        datetime!(2024-11-06 10:15:03 UTC),
+        AuditAction::Access,
+        Actor::user(UserId::from(1_u64), forged),
+        chain.clone(),
+    )
+    .subject(UserId::from(2_u64), forged, TenantId::from(1_u64));
+    let events = vec![draft.seal(None)];
+    let text = to_json_lines(&events).unwrap();
+    for c in ['\u{2028}', '\u{85}', '\u{202E}', '\u{2066}', '\u{7f}'] {
+        assert!(!text.contains(c), "{c:?} in {text:?}");
+    }
+    assert!(text.contains("Jane\\u2028{"), "{text}");
+    assert_eq!(text.lines().count(), 1);
+    let back: AuditEvent = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(back.actor.name(), forged);
+    assert_eq!(back, events[0]);
+    assert!(verify_chain(&chain, &[back], None).is_ok());
+}
+
 /// An event whose time RFC 3339 cannot write (year -1, given by hand)
 /// fails the export: it is not left out of it.
 #[test]
