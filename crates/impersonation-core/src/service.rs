@@ -562,7 +562,8 @@ pub struct Impersonation<S, D> {
     projection: ProjectionRules,
     config: Config,
     clock: Arc<dyn Clock>,
-    // Group commit, for stores whose `batches()` says so; clones share them.
+    // Group commit, for stores whose `batches()` says so; clones share
+    // them (lookups, until a clone gets a config or clock of its own).
     appends: Arc<Coalescer<(AuditDraft, AppendGuard), Result<AuditEvent, StoreError>>>,
     lookups: Arc<Coalescer<SecretLookup, Result<Touched, StoreError>>>,
     // Sessions resolved a moment ago (`Config::reuse_interval`); clones share them.
@@ -622,20 +623,32 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         self
     }
 
-    /// Replaces the config.
+    /// Replaces the config. (A clone given its own config batches its
+    /// lookups apart from the service it was cloned from: a batch is
+    /// touched with the interval of the service that runs it.)
     #[must_use]
     pub fn with_config(mut self, config: Config) -> Self {
         self.config = config;
         self.settings = Settings::fresh();
+        self.lookups_apart();
         self
     }
 
-    /// Replaces the clock.
+    /// Replaces the clock. (A clone given its own clock batches its
+    /// lookups apart, as for [`Self::with_config`]: a batch is touched at
+    /// the time of the service that runs it.)
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
         self.settings = Settings::fresh();
+        self.lookups_apart();
         self
+    }
+
+    /// A group commit of lookups of this service's own, not shared with
+    /// the clones it was cloned beside.
+    fn lookups_apart(&mut self) {
+        self.lookups = Arc::new(Coalescer::new(self.store.batching().lookups));
     }
 
     /// The store.

@@ -818,6 +818,55 @@ async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
     assert_eq!(stored.last_seen_at, started.session.last_seen_at);
 }
 
+/// A clone given a clock (or config) of its own batches its lookups
+/// apart: its lookup is never carried by another clone's call, which
+/// would touch the session at that clone's time (here: no touch at all,
+/// at the time the session started) instead of its own.
+#[tokio::test]
+async fn a_clone_with_its_own_clock_touches_its_lookups_at_its_own_time() {
+    let (reached, held) = tokio::sync::oneshot::channel();
+    let (go, wait) = tokio::sync::oneshot::channel();
+    let f = fixture_with(
+        Arc::new(BusyChain::hold_lookup(reached, wait)),
+        Policy::default(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    let other = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    let third_session = f
+        .service
+        .start(Requester::User(&lead()), req("oscar"))
+        .await
+        .unwrap();
+    let later = epoch() + Duration::minutes(5);
+    let own_clock = f.service.clone().with_clock(ManualClock::new(later));
+    // Kim's lookup holds the original's one call in flight; another of
+    // the original's queues behind it, then the clone's of Sam's.
+    let service = f.service.clone();
+    let first = tokio::spawn(async move { service.resolve(&other.secret).await });
+    held.await.unwrap();
+    let service = f.service.clone();
+    let second = tokio::spawn(async move { service.resolve(&third_session.secret).await });
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    let secret = started.secret;
+    let third = tokio::spawn(async move { own_clock.resolve(&secret).await });
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    go.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    let stored = f.stored(started.session.id).await;
+    assert_eq!(stored.last_seen_at, later);
+}
+
 #[tokio::test]
 async fn a_demoted_agent_loses_the_session_on_the_next_read_after_the_interval() {
     for reuse in [Duration::ZERO, Duration::seconds(1)] {
