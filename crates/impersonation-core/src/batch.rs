@@ -18,8 +18,9 @@
 //! waiting, the one whose call just finished; whoever runs a call always
 //! carries its own item among them. One case is left: a caller told to
 //! run and dropped before it ran, with no caller left to pass the place
-//! to, leaves the queued items (its own among them) to the next call in
-//! this process, whenever one comes (there is no task of its own to run
+//! to and no other call in flight (one in flight carries them), leaves
+//! the queued items (its own among them) to the next call in this
+//! process, whenever one comes (there is no task of its own to run
 //! them; a binding that must land a write runs it to its end, as the
 //! Axum binding does).
 
@@ -165,7 +166,17 @@ impl<I, O> Drop for Caller<'_, I, O> {
         // Closing first means no message can arrive after the check.
         self.run.close();
         if let Ok(Some(())) = self.run.try_recv() {
-            self.coalescer.lock().hand_over();
+            let mut lane = self.coalescer.lock();
+            // Told, it will not run after all: its item (if still queued)
+            // is an orphan's, which a call in flight carries.
+            if let Some(mine) = lane
+                .pending
+                .iter_mut()
+                .find(|w| w.done.is_connected_to(&self.done))
+            {
+                mine.turn = Turn::Gone;
+            }
+            lane.hand_over();
         }
     }
 }
@@ -432,6 +443,45 @@ mod tests {
         );
         assert!(c.lock().pending.is_empty());
         assert_eq!(c.lock().running, 0);
+    }
+
+    /// A caller told to run and dropped before it ran leaves its item, and
+    /// those of callers gone while they waited, to a call still in flight
+    /// (two calls at once here), which carries them before it returns.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_in_flight_carries_the_items_of_a_caller_told_to_run_and_dropped() {
+        let c = Coalescer::<usize, usize>::new(2);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let gate = tokio::sync::Notify::new();
+        let run = |items: Vec<usize>| {
+            seen.lock().unwrap().push(items.clone());
+            let gate = &gate;
+            async move {
+                if items == [1] {
+                    gate.notified().await;
+                }
+                items
+            }
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Another call is in flight beside the one this test runs.
+        c.lock().running = 1;
+        let mut in_flight = Box::pin(c.submit(1, &run));
+        assert!(in_flight.as_mut().poll(&mut cx).is_pending());
+        let mut told = Box::pin(c.submit(2, &run));
+        assert!(told.as_mut().poll(&mut cx).is_pending());
+        let mut gone = Box::pin(c.submit(3, &run));
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        drop(gone);
+        // The other call ends and tells the oldest waiting caller to run,
+        // who is dropped before it does.
+        c.lock().hand_over();
+        drop(told);
+        gate.notify_one();
+        assert_eq!(in_flight.as_mut().poll(&mut cx), Poll::Ready(Ok(1)));
+        assert_eq!(*seen.lock().unwrap(), [vec![1], vec![2, 3]]);
+        let lane = c.lock();
+        assert!(lane.pending.is_empty() && lane.running == 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
