@@ -17,6 +17,16 @@
 //! 4. every chain verifies against its head (the agents' and the
 //!    customers' revocation chains).
 //!
+//! And the answers that matter fail closed:
+//!
+//! 5. a resolve or record during which a fault fired answers an error
+//!    (it is never served, or reported recorded, past a store call that
+//!    failed);
+//! 6. a resolve that answers serves a session the store holds active and
+//!    in time;
+//! 7. a record that answers returned an event that is on its agent's
+//!    chain, once.
+//!
 //! Run it on a store beside [`crate::machine::run_state_machine`]: that one
 //! checks the outcomes against a model with no fault, this one the trail's
 //! completeness under faults.
@@ -105,6 +115,8 @@ struct Case<S: Store> {
     /// (a start whose answer a fault lost), or named by an event (one made
     /// and ended in a step).
     seen: BTreeSet<SessionId>,
+    /// Events a record answered with, by id: each must be on the trail.
+    recorded: BTreeSet<impersonation_core::EventId>,
 }
 
 impl<S: Store> Case<S> {
@@ -132,12 +144,16 @@ impl<S: Store> Case<S> {
             secrets: BTreeMap::new(),
             contexts: BTreeMap::new(),
             seen: BTreeSet::new(),
+            recorded: BTreeSet::new(),
         }
     }
 
-    /// Runs one call; what it answers is not judged (a fault may fail any
-    /// of them), only what it leaves in the store.
-    async fn run(&mut self, call: &Call) {
+    /// Runs one call. What most answer is not judged (a fault may fail
+    /// any of them), only what they leave in the store; a resolve's and a
+    /// record's answers are (invariants 5 to 7).
+    async fn run(&mut self, call: &Call) -> Result<(), TestCaseError> {
+        let faults_before = self.service.store().injected();
+        let faulted = |case: &Self| case.service.store().injected() > faults_before;
         match *call {
             Call::Start { agent, target } => {
                 let request = StartRequest::new(
@@ -157,6 +173,12 @@ impl<S: Store> Case<S> {
                 if let Some(secret) = self.secrets.get(&agent) {
                     match self.service.resolve(secret).await {
                         Ok(ctx) => {
+                            if faulted(self) {
+                                return Err(fail(
+                                    "a resolve answered past a failed store call".into(),
+                                ));
+                            }
+                            self.serves_a_live_session(&ctx).await?;
                             self.contexts.insert(agent, ctx);
                         }
                         Err(_) => {
@@ -175,7 +197,12 @@ impl<S: Store> Case<S> {
                     } else {
                         Activity::access("GET /bookings")
                     };
-                    let _ = self.service.record(ctx, activity).await;
+                    if let Ok(event) = self.service.record(ctx, activity).await {
+                        if faulted(self) {
+                            return Err(fail("a record answered past a failed store call".into()));
+                        }
+                        self.recorded.insert(event.id);
+                    }
                 }
             }
             Call::Stop { agent } => {
@@ -204,6 +231,36 @@ impl<S: Store> Case<S> {
             }
             Call::Advance { minutes } => self.clock.advance(Duration::minutes(minutes)),
         }
+        Ok(())
+    }
+
+    /// Invariant 6: `ctx`'s session, as the store holds it (read past the
+    /// fault wrapper), is active and in time now.
+    async fn serves_a_live_session(
+        &self,
+        ctx: &impersonation_core::Context,
+    ) -> Result<(), TestCaseError> {
+        let stored = self
+            .service
+            .store()
+            .inner()
+            .session(ctx.session())
+            .await
+            .map_err(|e| fail(format!("reading a served session: {e}")))?
+            .ok_or_else(|| fail("a resolve served a session the store does not hold".into()))?;
+        let now = self.service.now();
+        if stored.state != impersonation_core::SessionState::Active
+            || stored.lapse_at(now).is_some()
+        {
+            return Err(fail(format!(
+                "a resolve served session {} at {now}, which the store holds {:?} (expires {}, idle at {})",
+                stored.id,
+                stored.state,
+                stored.expires_at,
+                stored.idle_deadline()
+            )));
+        }
+        Ok(())
     }
 
     /// The invariants, read from the store alone.
@@ -225,6 +282,15 @@ impl<S: Store> Case<S> {
         for id in &self.seen {
             stored_with_its_events(store, *id, &events).await?;
         }
+        // Invariant 7: what a record answered with is on the trail, once.
+        for id in &self.recorded {
+            let on_trail = events.iter().filter(|e| e.id == *id).count();
+            if on_trail != 1 {
+                return Err(fail(format!(
+                    "recorded event {id} is on the trail {on_trail} times"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -239,8 +305,9 @@ async fn run_case<S: Store>(
         if let Some((nth, when, calls)) = step.fault {
             case.service.store().fail_nth(nth, when, calls);
         }
-        case.run(&step.call).await;
+        let answered = case.run(&step.call).await;
         case.service.store().heal();
+        answered.map_err(|e| fail(format!("at step {n} ({step:?}): {e}")))?;
         case.check()
             .await
             .map_err(|e| fail(format!("after step {n} ({step:?}): {e}")))?;
