@@ -17,7 +17,9 @@
 //! 7. no nesting: a start from inside a session is always refused;
 //! 8. no tenant is crossed without a relationship covering it;
 //! 9. every denied attempt is audited, in the chain it belongs to (the
-//!    model's count per agent's chain, and none elsewhere).
+//!    model's count per agent's chain, and none elsewhere);
+//! 10. every access and change a record answered for is on its agent's
+//!     chain once, and the chain holds no other.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -290,6 +292,11 @@ struct Case<S: Store> {
     /// starts, and strangers' stops and revokes of the agent's sessions
     /// (which go on the session's chain).
     denials: [usize; 3],
+    /// Accesses and changes on record in each agent's chain: every record
+    /// that answered with its event.
+    activities: [usize; 3],
+    /// The events those records answered with: each on the trail once.
+    recorded: Vec<impersonation_core::EventId>,
     /// The sessions the agents started before their latest, all ended:
     /// id, why, and secret.
     retired: Vec<(SessionId, EndReason, SessionSecret)>,
@@ -395,6 +402,8 @@ impl<S: Store> Case<S> {
             reused: BTreeMap::new(),
             sessions: BTreeMap::new(),
             denials: [0; 3],
+            activities: [0; 3],
+            recorded: Vec::new(),
             retired: Vec::new(),
         }
     }
@@ -884,6 +893,8 @@ impl<S: Store> Case<S> {
             (Ok(event), true) if lapse.is_none() => {
                 prop_assert_eq!(event.session, Some(ctx.session()));
                 prop_assert_eq!(event.actor.id(), Some(&self.agents[agent].id));
+                self.activities[agent] += 1;
+                self.recorded.push(event.id);
                 Ok(())
             }
             (Err(Error::Unauthenticated), false) => Ok(()),
@@ -1048,6 +1059,13 @@ impl<S: Store> Case<S> {
                 "invariant 9: every denied attempt is audited, in agent {}'s chain",
                 agent.id
             );
+            prop_assert_eq!(
+                count_of(&chain_events, AuditAction::Access)
+                    + count_of(&chain_events, AuditAction::Modification),
+                self.activities[index],
+                "invariant 10: every access and change that answered is on agent {}'s chain, and no other",
+                agent.id
+            );
             events.extend(chain_events);
         }
         // The customers' revocation chains, which no agent's is, verify
@@ -1095,6 +1113,14 @@ impl<S: Store> Case<S> {
             }
         }
 
+        for id in &self.recorded {
+            prop_assert_eq!(
+                events.iter().filter(|e| e.id == *id).count(),
+                1,
+                "invariant 10: a recorded event is on the trail once: {}",
+                id
+            );
+        }
         for (id, agent) in &self.sessions {
             let session = stored_with_its_events(store, *id, &events).await?;
             if let Some((model, _)) = self.latest.get(agent)
