@@ -151,12 +151,16 @@ pub enum Op {
         /// Target.
         target: usize,
     },
-    /// The customer answers the agent's pending request.
+    /// The customer answers the agent's latest request (pending, or in
+    /// any other state, which no answer changes), or someone else tries
+    /// to (`stranger`: another agent), which is refused and audited.
     Consent {
         /// Agent.
         agent: usize,
         /// Yes or no.
         grant: bool,
+        /// Answered by another agent instead of the customer.
+        stranger: bool,
     },
     /// Host code ends every lapsed session (`Impersonation::end_lapsed`).
     EndLapsed,
@@ -239,7 +243,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (agent.clone(), 0..3_usize).prop_map(|(agent, by)| Op::Revoke { agent, by }),
         1 => agent.clone().prop_map(|agent| Op::RevokeAllForAgent { agent }),
         1 => (0..4_usize).prop_map(|target| Op::RevokeAllForSubject { target }),
-        2 => (agent.clone(), any::<bool>()).prop_map(|(agent, grant)| Op::Consent { agent, grant }),
+        2 => (agent.clone(), any::<bool>(), prop::bool::weighted(0.25))
+            .prop_map(|(agent, grant, stranger)| Op::Consent { agent, grant, stranger }),
         4 => prop_oneof![0..120_i64, 300..1_200_i64, Just(3_600_i64), Just(899_i64), Just(900_i64)]
             .prop_map(|secs| Op::Advance { secs }),
         3 => prop_oneof![1..1_000_i64, Just(500_i64), Just(999_i64), Just(1_000_i64)]
@@ -550,7 +555,11 @@ impl<S: Store> Case<S> {
                 prop_assert_eq!(revoked, expected);
                 Ok(())
             }
-            Op::Consent { agent, grant } => self.consent(agent, grant).await,
+            Op::Consent {
+                agent,
+                grant,
+                stranger,
+            } => self.consent(agent, grant, stranger).await,
             Op::ResolveRetired { pick } => {
                 if self.retired.is_empty() {
                     return Ok(());
@@ -973,16 +982,46 @@ impl<S: Store> Case<S> {
         }
     }
 
-    async fn consent(&mut self, agent: usize, grant: bool) -> Result<(), TestCaseError> {
+    async fn consent(
+        &mut self,
+        agent: usize,
+        grant: bool,
+        stranger: bool,
+    ) -> Result<(), TestCaseError> {
         let Some((model, _)) = self.latest.get(&agent) else {
             return Ok(());
         };
-        if model.state != SessionState::Pending {
-            return Ok(());
-        }
         let model = model.clone();
         let now = self.now();
         let customer = self.target(agent, model.subject);
+        if stranger {
+            // Who answers before how it stands: refused, on the agent's
+            // chain, whatever the state.
+            let other = self.agents[(agent + 1) % self.agents.len()].clone();
+            let result = if grant {
+                self.service
+                    .grant_consent(model.id, &other)
+                    .await
+                    .map(|_| ())
+            } else {
+                self.service
+                    .deny_consent(model.id, &other)
+                    .await
+                    .map(|_| ())
+            };
+            return match result {
+                Err(Error::Denied(Denial::NotSubject)) => {
+                    self.denials[agent] += 1;
+                    Ok(())
+                }
+                other => Err(fail(format!("consent by a stranger: {other:?}"))),
+            };
+        }
+        if model.state != SessionState::Pending {
+            return self
+                .consent_to_no_request(agent, &model, &customer, grant)
+                .await;
+        }
         if grant {
             let result = self.service.grant_consent(model.id, &customer).await;
             let ends = self.recheck_ends(agent, model.subject);
@@ -1021,6 +1060,55 @@ impl<S: Store> Case<S> {
                 }
                 other => Err(fail(format!("deny_consent: {other:?}"))),
             }
+        }
+    }
+
+    /// The customer answers a session that awaits no answer: an ended one
+    /// says how it ended; one whose time is up now ends as it lapsed; a
+    /// consent is judged as a re-check first (which may end it as
+    /// revoked); else no answer changes it.
+    async fn consent_to_no_request(
+        &mut self,
+        agent: usize,
+        model: &ModelSession,
+        customer: &Principal,
+        grant: bool,
+    ) -> Result<(), TestCaseError> {
+        let now = self.now();
+        let result = if grant {
+            self.service
+                .grant_consent(model.id, customer)
+                .await
+                .map(|_| ())
+        } else {
+            self.service
+                .deny_consent(model.id, customer)
+                .await
+                .map(|_| ())
+        };
+        let lapse = lapse_of(model, now);
+        let ends = grant && self.recheck_ends(agent, model.subject);
+        match (result, model.state) {
+            (Err(Error::Ended(reason)), SessionState::Ended(ended)) if reason == ended => Ok(()),
+            (Err(Error::Ended(reason)), _) if lapse == Some(reason) => {
+                self.end_model(agent, reason);
+                Ok(())
+            }
+            (Err(Error::Ended(EndReason::Revoked)), SessionState::Active)
+                if lapse.is_none() && ends =>
+            {
+                self.end_model(agent, EndReason::Revoked);
+                Ok(())
+            }
+            (Err(Error::Transition(_)), SessionState::Active) if lapse.is_none() && !ends => Ok(()),
+            (other, state) => Err(fail(format!(
+                "{} of a session {state}: {other:?}",
+                if grant {
+                    "grant_consent"
+                } else {
+                    "deny_consent"
+                }
+            ))),
         }
     }
 
