@@ -222,6 +222,25 @@ pub enum Op {
         /// Whether they hold the role.
         admin: bool,
     },
+    /// A customer (targets 0-2) gains a permission no agent holds
+    /// (`reports:run`), or loses it: impersonating them would escalate,
+    /// so a session on them ends as revoked at its next re-check, and a
+    /// start on them is refused.
+    SetEscalating {
+        /// Target 0, 1 or 2.
+        target: usize,
+        /// Whether they hold it.
+        granted: bool,
+    },
+    /// A customer of t1 (target 0 or 1) moves to tenant t2, or back: out of
+    /// agent 0's reach (support for t1 only), whose session on them ends as
+    /// revoked at its next re-check; agents 1 and 2 reach every tenant.
+    MoveToT2 {
+        /// Target 0 or 1.
+        target: usize,
+        /// In t2 (else t1).
+        moved: bool,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -255,6 +274,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (0..2_usize, any::<bool>()).prop_map(|(agent, granted)| Op::SetPermission { agent, granted }),
         1 => (0..3_usize, any::<bool>()).prop_map(|(target, lisbon)| Op::SetTimezone { target, lisbon }),
         1 => (0..3_usize, any::<bool>()).prop_map(|(target, admin)| Op::SetAdmin { target, admin }),
+        1 => (0..3_usize, any::<bool>())
+            .prop_map(|(target, granted)| Op::SetEscalating { target, granted }),
+        1 => (0..2_usize, any::<bool>()).prop_map(|(target, moved)| Op::MoveToT2 { target, moved }),
         1 => Just(Op::EndLapsed),
     ]
 }
@@ -309,6 +331,8 @@ struct Case<S: Store> {
 
 /// The role the default policy lets nobody impersonate.
 const PROTECTED_ROLE: &str = "admin";
+/// A permission customers may hold and no agent does.
+const ESCALATING_PERMISSION: &str = "reports:run";
 const IDLE: Duration = Duration::minutes(15);
 const MAX: Duration = Duration::hours(1);
 const CONSENT_WINDOW: Duration = Duration::minutes(10);
@@ -350,7 +374,7 @@ impl<S: Store> Case<S> {
         let agent1 = support(1);
         let lead = support(2).with_permission("impersonation:admin");
         let escalated = Principal::new(world.user("escalated"), "Escalated", t1.clone())
-            .with_permission("reports:run");
+            .with_permission(ESCALATING_PERMISSION);
         let admin = Principal::new(world.user("admin"), "Admin", t1.clone())
             .with_role(PROTECTED_ROLE)
             .with_permission("bookings:read");
@@ -440,10 +464,32 @@ impl<S: Store> Case<S> {
     }
 
     /// Whether a re-check of a session of `agent`'s on target `n` ends it:
-    /// the agent lost the right to impersonate, or the customer became
-    /// someone nobody may impersonate.
+    /// the agent lost the right to impersonate, or the pair is refused now
+    /// (the customer became someone nobody may impersonate, holds a
+    /// permission the agent lacks, or moved out of the agent's reach).
     fn recheck_ends(&self, agent: usize, n: usize) -> bool {
-        self.demoted[agent] || self.is_protected(agent, n)
+        self.demoted[agent] || self.pair_denial(agent, n).is_some()
+    }
+
+    /// The policy's refusal of the pair as it stands now, rule by rule in
+    /// the policy's order (the agent's permission aside).
+    fn pair_denial(&self, agent: usize, n: usize) -> Option<Denial> {
+        let target = self.target(agent, n);
+        let escalates = target
+            .permissions
+            .contains(&Permission::new(ESCALATING_PERMISSION));
+        // Agent 0 supports t1 alone: a customer elsewhere (target 2, or one
+        // moved), or the partner whose company reaches t2 too, is beyond.
+        let beyond_agent0 = n == 7 || target.tenant != self.world.tenant("t1");
+        match n {
+            6 => Some(Denial::SelfImpersonation),
+            5 if agent == 2 => Some(Denial::SelfImpersonation),
+            n if self.is_protected(agent, n) => Some(Denial::ProtectedRole),
+            5 => Some(Denial::TargetIsAgent),
+            _ if escalates => Some(Denial::Escalation),
+            _ if agent == 0 && beyond_agent0 => Some(Denial::TenantBoundary),
+            _ => None,
+        }
     }
 
     /// Changes customer `target` (0-2) in the directory and in the model.
@@ -457,15 +503,7 @@ impl<S: Store> Case<S> {
         if self.demoted[agent] {
             return Some(Denial::MissingPermission);
         }
-        let pair = match target {
-            6 => Some(Denial::SelfImpersonation),
-            5 if agent == 2 => Some(Denial::SelfImpersonation),
-            n if self.is_protected(agent, n) => Some(Denial::ProtectedRole),
-            5 => Some(Denial::TargetIsAgent),
-            3 => Some(Denial::Escalation),
-            2 | 7 if agent == 0 => Some(Denial::TenantBoundary),
-            _ => None,
-        };
+        let pair = self.pair_denial(agent, target);
         pair.or(reason.denial()).or_else(|| {
             self.latest
                 .get(&agent)
@@ -644,6 +682,22 @@ impl<S: Store> Case<S> {
                 self.change_target(target, |p| {
                     p.attributes.insert("timezone".into(), zone.into());
                 });
+                Ok(())
+            }
+            Op::SetEscalating { target, granted } => {
+                self.change_target(target, |p| {
+                    if granted {
+                        p.permissions.insert(Permission::new(ESCALATING_PERMISSION));
+                    } else {
+                        p.permissions
+                            .remove(&Permission::new(ESCALATING_PERMISSION));
+                    }
+                });
+                Ok(())
+            }
+            Op::MoveToT2 { target, moved } => {
+                let tenant = self.world.tenant(if moved { "t2" } else { "t1" });
+                self.change_target(target, |p| p.tenant = tenant.clone());
                 Ok(())
             }
             Op::SetAdmin { target, admin } => {
@@ -1567,9 +1621,43 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
         resolve.clone(),
         admin(true),
         Op::Advance { secs: 2 },
-        resolve,
+        resolve.clone(),
         start.clone(),
         admin(false),
+        start.clone(),
+    ]);
+    // Given a permission no agent holds: the next read ends the session as
+    // revoked (escalation), a start is refused; without it, one goes ahead.
+    let escalating = |granted| Op::SetEscalating { target: 0, granted };
+    sequences.push(vec![
+        start.clone(),
+        resolve.clone(),
+        escalating(true),
+        Op::Advance { secs: 2 },
+        resolve.clone(),
+        start.clone(),
+        escalating(false),
+        start.clone(),
+    ]);
+    // Moved to t2, beyond agent 0's reach: the next read ends agent 0's
+    // session as revoked (tenant boundary), a start is refused; agent 1,
+    // who reaches every tenant, may start; moved back, agent 0 may too.
+    let moved = |moved| Op::MoveToT2 { target: 0, moved };
+    sequences.push(vec![
+        start.clone(),
+        resolve.clone(),
+        moved(true),
+        Op::Advance { secs: 2 },
+        resolve,
+        start.clone(),
+        Op::Start {
+            agent: 1,
+            target: 0,
+            reason: ReasonKind::Valid,
+            nested: false,
+        },
+        Op::Resolve { agent: 1 },
+        moved(false),
         start,
     ]);
     sequences
