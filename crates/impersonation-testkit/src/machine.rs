@@ -19,7 +19,8 @@
 //! 9. every denied attempt is audited, in the chain it belongs to (the
 //!    model's count per agent's chain, and none elsewhere);
 //! 10. every access and change a record answered for is on its agent's
-//!     chain once, and the chain holds no other.
+//!     chain once, and the chain holds no other (a change that finished
+//!     after its session ended too, after the end, marked `after_end`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -122,6 +123,16 @@ pub enum Op {
     },
     /// Record an activity with the agent's last context.
     Record {
+        /// Agent.
+        agent: usize,
+        /// A modification rather than an access.
+        modification: bool,
+    },
+    /// Record an activity that has already taken place with the agent's
+    /// last context (`record_completed`, as a binding records a request
+    /// once its handler answered): a change made in a session that has
+    /// ended since (or lapsed) is recorded after the end, `after_end`.
+    Complete {
         /// Agent.
         agent: usize,
         /// A modification rather than an access.
@@ -257,6 +268,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(agent, target, reason, nested)| Op::Start { agent, target, reason, nested }),
         6 => agent.clone().prop_map(|agent| Op::Resolve { agent }),
         4 => (agent.clone(), any::<bool>()).prop_map(|(agent, modification)| Op::Record { agent, modification }),
+        2 => (agent.clone(), any::<bool>()).prop_map(|(agent, modification)| Op::Complete { agent, modification }),
         2 => (agent.clone(), prop::sample::select(vec![0_usize, 1, 2, 0, 1, 2, 9]))
             .prop_map(|(agent, by)| Op::Stop { agent, by: if by == 9 { agent } else { by } }),
         1 => (agent.clone(), 0..3_usize).prop_map(|(agent, by)| Op::Revoke { agent, by }),
@@ -535,6 +547,10 @@ impl<S: Store> Case<S> {
                 agent,
                 modification,
             } => self.record(agent, modification).await,
+            Op::Complete {
+                agent,
+                modification,
+            } => self.complete(agent, modification).await,
             Op::Stop { agent, by } => self.stop(agent, by).await,
             Op::Revoke { agent, by } => self.revoke(agent, by).await,
             Op::RevokeAllForAgent { agent } => {
@@ -967,6 +983,48 @@ impl<S: Store> Case<S> {
         }
     }
 
+    async fn complete(&mut self, agent: usize, modification: bool) -> Result<(), TestCaseError> {
+        let Some(ctx) = self.contexts.get(&agent).cloned() else {
+            return Ok(());
+        };
+        let activity = if modification {
+            Activity::modification("Updated a booking.").detail("method", "POST")
+        } else {
+            Activity::access("Viewed bookings.").detail("method", "GET")
+        };
+        let now = self.now();
+        let result = self.service.record_completed(&ctx, activity).await;
+        let (active, lapse) = self
+            .latest
+            .get(&agent)
+            .filter(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active)
+            .map_or((false, None), |(s, _)| (true, lapse_of(s, now)));
+        match result {
+            Ok(event) if active && lapse.is_none() => {
+                prop_assert_eq!(event.session, Some(ctx.session()));
+                prop_assert!(event.details.get("after_end").is_none());
+                self.activities[agent] += 1;
+                self.recorded.push(event.id);
+                Ok(())
+            }
+            // Over (ended, or its time up, which ends it now): an access
+            // is withheld, unrecorded; a change made is on the trail,
+            // after the end.
+            Err(Error::Unauthenticated) if !active || lapse.is_some() => {
+                if let Some(reason) = lapse {
+                    self.end_model(agent, reason);
+                }
+                if modification {
+                    self.activities[agent] += 1;
+                }
+                Ok(())
+            }
+            other => Err(fail(format!(
+                "record_completed (session active: {active}, lapse: {lapse:?}): got {other:?}"
+            ))),
+        }
+    }
+
     async fn stop(&mut self, agent: usize, by: usize) -> Result<(), TestCaseError> {
         let Some((model, secret)) = self.latest.get(&agent) else {
             return Ok(());
@@ -1314,10 +1372,25 @@ pub(crate) async fn stored_with_its_events<S: Store + ?Sized>(
         .await
         .map_err(|e| fail(e.to_string()))?
         .ok_or_else(|| fail(format!("session {id} vanished")))?;
-    let mine: Vec<&AuditEvent> = events
+    // A change that finished after the session ended is recorded after
+    // its end, marked so (`record_completed`): the end is last but for
+    // those.
+    let (late, mine): (Vec<&AuditEvent>, Vec<&AuditEvent>) = events
         .iter()
         .filter(|e| e.session == Some(id) && e.action != AuditAction::Denied)
-        .collect();
+        .partition(|e| e.details.get("after_end") == Some("true"));
+    let end_seq = mine
+        .iter()
+        .find(|e| e.action == AuditAction::SessionEnded)
+        .map(|e| e.seq);
+    for event in &late {
+        prop_assert!(
+            event.action == AuditAction::Modification && end_seq.is_some_and(|s| s < event.seq),
+            "invariant 2: session {}'s {:?} marked after_end is no change after its end",
+            id,
+            event.action
+        );
+    }
     let first = mine.first().map(|e| e.action);
     prop_assert!(
         matches!(
