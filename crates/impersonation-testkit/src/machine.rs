@@ -2,7 +2,9 @@
 //! resolve / record / revoke / consent / lapse sweeps / clock moves /
 //! directory changes from
 //! several agents, run against the real service on any store, checked
-//! against a reference model after every step.
+//! against a reference model after every step. A second process of the
+//! app on the same store stops sessions too, whose end this process's
+//! reuse map does not see.
 //!
 //! Invariants checked after every step:
 //! 1. no session without its start event (the session's first event starts it);
@@ -138,6 +140,14 @@ pub enum Op {
         /// A modification rather than an access.
         modification: bool,
     },
+    /// The agent stops their latest session in another process of the
+    /// app (another instance behind the load balancer): the store has it
+    /// ended, while this process may still serve a read from its reuse map
+    /// for `Config::reuse_interval`, but records nothing more in it.
+    StopElsewhere {
+        /// Agent.
+        agent: usize,
+    },
     /// Stop the agent's latest session, as `by`.
     Stop {
         /// Agent.
@@ -271,6 +281,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (agent.clone(), any::<bool>()).prop_map(|(agent, modification)| Op::Complete { agent, modification }),
         2 => (agent.clone(), prop::sample::select(vec![0_usize, 1, 2, 0, 1, 2, 9]))
             .prop_map(|(agent, by)| Op::Stop { agent, by: if by == 9 { agent } else { by } }),
+        1 => agent.clone().prop_map(|agent| Op::StopElsewhere { agent }),
         1 => (agent.clone(), 0..3_usize).prop_map(|(agent, by)| Op::Revoke { agent, by }),
         1 => agent.clone().prop_map(|agent| Op::RevokeAllForAgent { agent }),
         1 => (0..4_usize).prop_map(|target| Op::RevokeAllForSubject { target }),
@@ -305,7 +316,10 @@ struct ModelSession {
 
 struct Case<S: Store> {
     world: World,
-    service: Impersonation<S, MemoryDirectory>,
+    service: Impersonation<Arc<S>, MemoryDirectory>,
+    /// A second process of the app on the same store: its ends do not
+    /// reach the first's reuse map (`Op::StopElsewhere`).
+    elsewhere: Impersonation<Arc<S>, MemoryDirectory>,
     directory: MemoryDirectory,
     clock: ManualClock,
     consent: bool,
@@ -423,13 +437,19 @@ impl<S: Store> Case<S> {
             });
         }
         let target_count = targets.len();
-        let service = Impersonation::new(store, directory.clone())
-            .with_policy(policy)
-            .with_projection(world.rules.clone())
-            .with_clock(clock.clone());
+        let store = Arc::new(store);
+        let process = |store: Arc<S>| {
+            Impersonation::new(store, directory.clone())
+                .with_policy(policy.clone())
+                .with_projection(world.rules.clone())
+                .with_clock(clock.clone())
+        };
+        let service = process(Arc::clone(&store));
+        let elsewhere = process(store);
         Self {
             world,
             service,
+            elsewhere,
             directory,
             clock,
             consent,
@@ -551,7 +571,8 @@ impl<S: Store> Case<S> {
                 agent,
                 modification,
             } => self.complete(agent, modification).await,
-            Op::Stop { agent, by } => self.stop(agent, by).await,
+            Op::Stop { agent, by } => self.stop(agent, by, false).await,
+            Op::StopElsewhere { agent } => self.stop(agent, agent, true).await,
             Op::Revoke { agent, by } => self.revoke(agent, by).await,
             Op::RevokeAllForAgent { agent } => {
                 let revoked = self
@@ -855,7 +876,14 @@ impl<S: Store> Case<S> {
             .reused
             .get(&agent)
             .is_some_and(|&(id, at)| id == model.id && at <= now && now - at < reuse);
+        // Ended in another process: this one serves what it read a moment
+        // ago, while that is in time (its deadlines as read then).
+        let kept_in_time = reused
+            && self.contexts.get(&agent).is_some_and(|c| {
+                c.session() == model.id && now < c.expires_at() && now < c.idle_deadline()
+            });
         let expected: Result<(), Error> = match (model.state, lapse_of(&model, now)) {
+            (SessionState::Ended(_), _) if kept_in_time => Ok(()),
             (SessionState::Ended(r), _) => Err(Error::Ended(r)),
             (_, Some(lapse)) => Err(Error::Ended(lapse)),
             (SessionState::Pending, None) => Err(Error::PendingConsent),
@@ -976,7 +1004,12 @@ impl<S: Store> Case<S> {
                 self.recorded.push(event.id);
                 Ok(())
             }
-            (Err(Error::Unauthenticated), false) => Ok(()),
+            // Ended (here, or in another process): refused, and this
+            // process stops reusing it.
+            (Err(Error::Unauthenticated), false) => {
+                self.reused.remove(&agent);
+                Ok(())
+            }
             (result, active) => Err(fail(format!(
                 "record (session active: {active}): got {result:?}"
             ))),
@@ -1011,6 +1044,7 @@ impl<S: Store> Case<S> {
             // is withheld, unrecorded; a change made is on the trail,
             // after the end.
             Err(Error::Unauthenticated) if !active || lapse.is_some() => {
+                self.reused.remove(&agent);
                 if let Some(reason) = lapse {
                     self.end_model(agent, reason);
                 }
@@ -1025,13 +1059,28 @@ impl<S: Store> Case<S> {
         }
     }
 
-    async fn stop(&mut self, agent: usize, by: usize) -> Result<(), TestCaseError> {
+    async fn stop(
+        &mut self,
+        agent: usize,
+        by: usize,
+        elsewhere: bool,
+    ) -> Result<(), TestCaseError> {
         let Some((model, secret)) = self.latest.get(&agent) else {
             return Ok(());
         };
         let state = model.state;
         let lapse = lapse_of(model, self.now());
-        let result = self.service.stop(secret, &self.agent(by)).await;
+        let process = if elsewhere {
+            &self.elsewhere
+        } else {
+            &self.service
+        };
+        let result = process.stop(secret, &self.agent(by)).await;
+        // This process's reuse map keeps what it read: an end elsewhere
+        // does not reach it.
+        let kept = elsewhere
+            .then(|| self.reused.get(&agent).copied())
+            .flatten();
         // Who asks comes first: a stranger is refused, ended or not.
         match (result, state) {
             (Err(Error::Ended(r)), SessionState::Ended(m)) if by == agent => {
@@ -1042,6 +1091,9 @@ impl<S: Store> Case<S> {
             (Err(Error::Ended(r)), s) if s.is_live() && by == agent && lapse.is_some() => {
                 prop_assert_eq!(Some(r), lapse);
                 self.end_model(agent, r);
+                if let Some(kept) = kept {
+                    self.reused.insert(agent, kept);
+                }
                 Ok(())
             }
             (Err(Error::Denied(Denial::NotSessionAgent)), _) if by != agent => {
@@ -1050,6 +1102,9 @@ impl<S: Store> Case<S> {
             }
             (Ok(EndReason::Stopped), s) if s.is_live() && by == agent && lapse.is_none() => {
                 self.end_model(agent, EndReason::Stopped);
+                if let Some(kept) = kept {
+                    self.reused.insert(agent, kept);
+                }
                 Ok(())
             }
             (result, state) => Err(fail(format!(
@@ -1721,7 +1776,7 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
         resolve.clone(),
         moved(true),
         Op::Advance { secs: 2 },
-        resolve,
+        resolve.clone(),
         start.clone(),
         Op::Start {
             agent: 1,
@@ -1731,7 +1786,28 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
         },
         Op::Resolve { agent: 1 },
         moved(false),
+        start.clone(),
+    ]);
+    // Stopped in another process: this one serves a read from its reuse
+    // map a moment longer, but records nothing more in the session (a
+    // change made meanwhile lands after the end), and its next read from
+    // the store finds the session ended.
+    sequences.push(vec![
         start,
+        resolve.clone(),
+        Op::StopElsewhere { agent: 0 },
+        resolve.clone(),
+        Op::Complete {
+            agent: 0,
+            modification: true,
+        },
+        Op::Record {
+            agent: 0,
+            modification: false,
+        },
+        resolve.clone(),
+        Op::Tick { millis: 1_000 },
+        resolve,
     ]);
     sequences
 }
