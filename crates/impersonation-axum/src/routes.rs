@@ -413,7 +413,9 @@ async fn stop_to_end(
 /// asked for holds then, and the client is let go of it as for a stop.
 fn stop_failed<T>(outcome: Result<T, Error>) -> Option<Response> {
     match outcome {
-        Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated) => None,
+        // `UnknownSession`: its record went from the store between the
+        // stop's lookup and its end (an operator's delete, say).
+        Ok(_) | Err(Error::Ended(_) | Error::Unauthenticated | Error::UnknownSession) => None,
         Err(e) => Some(error(&e)),
     }
 }
@@ -449,7 +451,35 @@ async fn status(req: Request) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::local;
+    use super::{local, stop_failed};
+    use axum::http::StatusCode;
+    use impersonation_core::{Denial, EndReason, Error, StoreError};
+
+    /// A stop is done when the session ended now or before, or is gone
+    /// from the store (also between the stop's lookup and its end): the
+    /// client is let go of it (no answer of its own here, so the route
+    /// clears the cookie). A refusal or an outage is answered as such.
+    #[test]
+    fn a_stop_whose_session_is_over_or_gone_is_done() {
+        for done in [
+            Ok(()),
+            Err(Error::Ended(EndReason::Revoked)),
+            Err(Error::Unauthenticated),
+            Err(Error::UnknownSession),
+        ] {
+            let shown = format!("{done:?}");
+            assert!(stop_failed(done).is_none(), "{shown}");
+        }
+        let refused = stop_failed::<()>(Err(Error::Denied(Denial::NotSessionAgent)));
+        assert_eq!(refused.map(|r| r.status()), Some(StatusCode::FORBIDDEN));
+        let outage = stop_failed::<()>(Err(Error::Store(StoreError::unavailable(
+            std::io::Error::other("down"),
+        ))));
+        assert_eq!(
+            outage.map(|r| r.status()),
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
+    }
 
     /// Only one path on this site is a redirect target; anything a
     /// browser could read as another host, or that a `Location` header
