@@ -115,8 +115,9 @@ struct Case<S: Store> {
     /// (a start whose answer a fault lost), or named by an event (one made
     /// and ended in a step).
     seen: BTreeSet<SessionId>,
-    /// Events a record answered with, by id: each must be on the trail.
-    recorded: BTreeSet<impersonation_core::EventId>,
+    /// Events a record answered with, by id, with their agents: each
+    /// must be on that agent's chain.
+    recorded: BTreeSet<(usize, impersonation_core::EventId)>,
 }
 
 impl<S: Store> Case<S> {
@@ -201,7 +202,7 @@ impl<S: Store> Case<S> {
                         if faulted(self) {
                             return Err(fail("a record answered past a failed store call".into()));
                         }
-                        self.recorded.insert(event.id);
+                        self.recorded.insert((agent, event.id));
                     }
                 }
             }
@@ -282,12 +283,17 @@ impl<S: Store> Case<S> {
         for id in &self.seen {
             stored_with_its_events(store, *id, &events).await?;
         }
-        // Invariant 7: what a record answered with is on the trail, once.
-        for id in &self.recorded {
-            let on_trail = events.iter().filter(|e| e.id == *id).count();
-            if on_trail != 1 {
+        // Invariant 7: what a record answered with is on its agent's
+        // chain, once.
+        for (agent, id) in &self.recorded {
+            let chain = ChainKey::for_agent(&self.agents[*agent].id);
+            let on_chain = events
+                .iter()
+                .filter(|e| e.id == *id && e.chain == chain)
+                .count();
+            if on_chain != 1 {
                 return Err(fail(format!(
-                    "recorded event {id} is on the trail {on_trail} times"
+                    "recorded event {id} is on agent {agent}'s chain {on_chain} times"
                 )));
             }
         }

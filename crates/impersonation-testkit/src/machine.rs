@@ -338,7 +338,7 @@ struct Case<S: Store> {
     contexts: BTreeMap<usize, Context>,
     /// The session each agent's last store read resolved, and when: the
     /// service reuses it for `Config::reuse_interval`.
-    reused: BTreeMap<usize, (SessionId, OffsetDateTime)>,
+    reused: BTreeMap<SessionId, (OffsetDateTime, Context)>,
     /// Every session ever started, by id, with its agent.
     sessions: BTreeMap<SessionId, usize>,
     /// Refused attempts on record in each agent's chain: the agent's own
@@ -346,10 +346,12 @@ struct Case<S: Store> {
     /// (which go on the session's chain).
     denials: [usize; 3],
     /// Accesses and changes on record in each agent's chain: every record
-    /// that answered with its event.
-    activities: [usize; 3],
-    /// The events those records answered with: each on the trail once.
-    recorded: Vec<impersonation_core::EventId>,
+    /// that answered with its event (and every change made after its
+    /// session's end), as `[accesses, changes]`.
+    activities: [[usize; 2]; 3],
+    /// The events those records answered with, and their agents: each on
+    /// that agent's chain once.
+    recorded: Vec<(usize, impersonation_core::EventId)>,
     /// The sessions the agents started before their latest, all ended:
     /// id, why, and secret.
     retired: Vec<(SessionId, EndReason, SessionSecret)>,
@@ -463,7 +465,7 @@ impl<S: Store> Case<S> {
             reused: BTreeMap::new(),
             sessions: BTreeMap::new(),
             denials: [0; 3],
-            activities: [0; 3],
+            activities: [[0; 2]; 3],
             recorded: Vec::new(),
             retired: Vec::new(),
         }
@@ -544,12 +546,24 @@ impl<S: Store> Case<S> {
         })
     }
 
+    /// The context this process read for session `id` less than
+    /// `Config::reuse_interval` before `now`, which it serves again (if
+    /// still in time) without reading the store.
+    fn reused_at(&self, id: SessionId, now: OffsetDateTime) -> Option<&Context> {
+        let reuse = self.service.config().reuse_interval;
+        self.reused
+            .get(&id)
+            .filter(|(at, _)| *at <= now && now - *at < reuse)
+            .map(|(_, ctx)| ctx)
+    }
+
     fn end_model(&mut self, agent: usize, reason: EndReason) {
-        // Every end goes through the service, which stops reusing the session.
-        self.reused.remove(&agent);
         if let Some((s, _)) = self.latest.get_mut(&agent)
             && s.state.is_live()
         {
+            // Every end goes through the service, which stops reusing the
+            // session (an ended one it meets is no end of its own).
+            self.reused.remove(&s.id);
             s.state = SessionState::Ended(reason);
         }
     }
@@ -640,10 +654,22 @@ impl<S: Store> Case<S> {
                     return Ok(());
                 }
                 let (id, reason, secret) = &self.retired[pick % self.retired.len()];
-                match self.service.resolve(secret).await {
-                    Err(Error::Ended(r)) if r == *reason => Ok(()),
-                    other => Err(fail(format!(
-                        "the secret of session {id}, ended ({reason:?}): {other:?}"
+                let now = self.now();
+                // Ended in another process a moment after this one read it:
+                // served from its reuse map while that read is in time.
+                let kept = self
+                    .reused_at(*id, now)
+                    .filter(|c| now < c.expires_at() && now < c.idle_deadline())
+                    .cloned();
+                match (self.service.resolve(secret).await, kept) {
+                    (Ok(ctx), Some(kept)) if ctx.session() == *id => {
+                        prop_assert_eq!(ctx.shadow(), kept.shadow(), "a reused context changed");
+                        Ok(())
+                    }
+                    (Err(Error::Ended(r)), None) if r == *reason => Ok(()),
+                    (other, kept) => Err(fail(format!(
+                        "the secret of session {id}, ended ({reason:?}; kept here: {}): {other:?}",
+                        kept.is_some()
                     ))),
                 }
             }
@@ -871,17 +897,13 @@ impl<S: Store> Case<S> {
         // A session this service read a moment ago is reused without a
         // store read or a policy re-check (so a demotion waits for the
         // next read), unless it has lapsed by the clock.
-        let reuse = self.service.config().reuse_interval;
-        let reused = self
-            .reused
-            .get(&agent)
-            .is_some_and(|&(id, at)| id == model.id && at <= now && now - at < reuse);
+        let kept = self.reused_at(model.id, now).cloned();
+        let reused = kept.is_some();
         // Ended in another process: this one serves what it read a moment
         // ago, while that is in time (its deadlines as read then).
-        let kept_in_time = reused
-            && self.contexts.get(&agent).is_some_and(|c| {
-                c.session() == model.id && now < c.expires_at() && now < c.idle_deadline()
-            });
+        let kept_in_time = kept
+            .as_ref()
+            .is_some_and(|c| now < c.expires_at() && now < c.idle_deadline());
         let expected: Result<(), Error> = match (model.state, lapse_of(&model, now)) {
             (SessionState::Ended(_), _) if kept_in_time => Ok(()),
             (SessionState::Ended(r), _) => Err(Error::Ended(r)),
@@ -911,11 +933,10 @@ impl<S: Store> Case<S> {
                     .await
                     .map_err(|e| fail(e.to_string()))?
                     .ok_or_else(|| fail("resolved session vanished".into()))?;
-                if reused {
+                if let Some(kept) = &kept {
                     // The context read a moment ago, as it was then (a
                     // customer's change waits for the next read).
-                    let before = self.contexts.get(&agent).map(Context::shadow);
-                    prop_assert_eq!(Some(ctx.shadow()), before, "a reused context changed");
+                    prop_assert_eq!(ctx.shadow(), kept.shadow(), "a reused context changed");
                 } else {
                     // Re-checked against the customer as they are now, and
                     // the store keeps the shadow user the context carries.
@@ -943,7 +964,7 @@ impl<S: Store> Case<S> {
                     m.last_seen = now;
                 }
                 if !reused {
-                    self.reused.insert(agent, (model.id, now));
+                    self.reused.insert(model.id, (now, ctx.clone()));
                     // Read from the store: idle from its `last_seen` as
                     // touched now, and never past the expiry.
                     if let Some((m, _)) = self.latest.get(&agent) {
@@ -1000,14 +1021,15 @@ impl<S: Store> Case<S> {
             (Ok(event), true) if lapse.is_none() => {
                 prop_assert_eq!(event.session, Some(ctx.session()));
                 prop_assert_eq!(event.actor.id(), Some(&self.agents[agent].id));
-                self.activities[agent] += 1;
-                self.recorded.push(event.id);
+                prop_assert_eq!(event.action, activity_action(modification));
+                self.activities[agent][usize::from(modification)] += 1;
+                self.recorded.push((agent, event.id));
                 Ok(())
             }
             // Ended (here, or in another process): refused, and this
             // process stops reusing it.
             (Err(Error::Unauthenticated), false) => {
-                self.reused.remove(&agent);
+                self.reused.remove(&ctx.session());
                 Ok(())
             }
             (result, active) => Err(fail(format!(
@@ -1036,20 +1058,21 @@ impl<S: Store> Case<S> {
             Ok(event) if active && lapse.is_none() => {
                 prop_assert_eq!(event.session, Some(ctx.session()));
                 prop_assert!(event.details.get("after_end").is_none());
-                self.activities[agent] += 1;
-                self.recorded.push(event.id);
+                prop_assert_eq!(event.action, activity_action(modification));
+                self.activities[agent][usize::from(modification)] += 1;
+                self.recorded.push((agent, event.id));
                 Ok(())
             }
             // Over (ended, or its time up, which ends it now): an access
             // is withheld, unrecorded; a change made is on the trail,
             // after the end.
             Err(Error::Unauthenticated) if !active || lapse.is_some() => {
-                self.reused.remove(&agent);
+                self.reused.remove(&ctx.session());
                 if let Some(reason) = lapse {
                     self.end_model(agent, reason);
                 }
                 if modification {
-                    self.activities[agent] += 1;
+                    self.activities[agent][1] += 1;
                 }
                 Ok(())
             }
@@ -1078,9 +1101,8 @@ impl<S: Store> Case<S> {
         let result = process.stop(secret, &self.agent(by)).await;
         // This process's reuse map keeps what it read: an end elsewhere
         // does not reach it.
-        let kept = elsewhere
-            .then(|| self.reused.get(&agent).copied())
-            .flatten();
+        let id = model.id;
+        let kept = elsewhere.then(|| self.reused.get(&id).cloned()).flatten();
         // Who asks comes first: a stranger is refused, ended or not.
         match (result, state) {
             (Err(Error::Ended(r)), SessionState::Ended(m)) if by == agent => {
@@ -1092,7 +1114,7 @@ impl<S: Store> Case<S> {
                 prop_assert_eq!(Some(r), lapse);
                 self.end_model(agent, r);
                 if let Some(kept) = kept {
-                    self.reused.insert(agent, kept);
+                    self.reused.insert(id, kept);
                 }
                 Ok(())
             }
@@ -1103,7 +1125,7 @@ impl<S: Store> Case<S> {
             (Ok(EndReason::Stopped), s) if s.is_live() && by == agent && lapse.is_none() => {
                 self.end_model(agent, EndReason::Stopped);
                 if let Some(kept) = kept {
-                    self.reused.insert(agent, kept);
+                    self.reused.insert(id, kept);
                 }
                 Ok(())
             }
@@ -1315,12 +1337,22 @@ impl<S: Store> Case<S> {
                 agent.id
             );
             prop_assert_eq!(
-                count_of(&chain_events, AuditAction::Access)
-                    + count_of(&chain_events, AuditAction::Modification),
+                [
+                    count_of(&chain_events, AuditAction::Access),
+                    count_of(&chain_events, AuditAction::Modification)
+                ],
                 self.activities[index],
                 "invariant 10: every access and change that answered is on agent {}'s chain, and no other",
                 agent.id
             );
+            for (_, id) in self.recorded.iter().filter(|(a, _)| *a == index) {
+                prop_assert_eq!(
+                    chain_events.iter().filter(|e| e.id == *id).count(),
+                    1,
+                    "invariant 10: a recorded event is on its agent's chain once: {}",
+                    id
+                );
+            }
             events.extend(chain_events);
         }
         // The customers' revocation chains, which no agent's is, verify
@@ -1368,14 +1400,6 @@ impl<S: Store> Case<S> {
             }
         }
 
-        for id in &self.recorded {
-            prop_assert_eq!(
-                events.iter().filter(|e| e.id == *id).count(),
-                1,
-                "invariant 10: a recorded event is on the trail once: {}",
-                id
-            );
-        }
         for (id, agent) in &self.sessions {
             let session = stored_with_its_events(store, *id, &events).await?;
             if let Some((model, _)) = self.latest.get(agent)
@@ -1415,8 +1439,9 @@ pub(crate) async fn live_of<S: Store + ?Sized>(
 
 /// Invariants 1 and 2 for one session: the store holds it, its first
 /// event (of `events`, refusals aside) starts it, and it has exactly one
-/// end event, its last, with the state's reason, if it has ended, none if
-/// it is live. Returns the stored session.
+/// end event, its last (but for changes recorded after it, each marked
+/// `after_end`), with the state's reason, if it has ended, none if it is
+/// live. Returns the stored session.
 pub(crate) async fn stored_with_its_events<S: Store + ?Sized>(
     store: &S,
     id: SessionId,
@@ -1499,6 +1524,15 @@ const NEVER_PROJECTED: [&str; 9] = [
 ];
 
 /// How many of `events` are `action`s.
+/// The action a recorded activity is on the trail as.
+fn activity_action(modification: bool) -> AuditAction {
+    if modification {
+        AuditAction::Modification
+    } else {
+        AuditAction::Access
+    }
+}
+
 fn count_of(events: &[AuditEvent], action: AuditAction) -> usize {
     events.iter().filter(|e| e.action == action).count()
 }
@@ -1807,6 +1841,21 @@ pub fn edge_sequences() -> Vec<Vec<Op>> {
         },
         resolve.clone(),
         Op::Tick { millis: 1_000 },
+        resolve.clone(),
+    ]);
+    // Stopped in another process: a revoke-all here finds nothing live and
+    // leaves this process's read of a moment ago in its reuse map; so does
+    // a new start, and the old secret is served from it a moment longer.
+    sequences.push(vec![
+        agent_0_starts_and_resolves().0,
+        resolve.clone(),
+        Op::StopElsewhere { agent: 0 },
+        Op::RevokeAllForAgent { agent: 0 },
+        resolve.clone(),
+        agent_0_starts_and_resolves().0,
+        Op::ResolveRetired { pick: 0 },
+        Op::Tick { millis: 1_000 },
+        Op::ResolveRetired { pick: 0 },
         resolve,
     ]);
     sequences
