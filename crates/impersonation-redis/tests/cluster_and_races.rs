@@ -695,8 +695,15 @@ async fn masters_and_owner(slot: u16) -> (Vec<(String, u16)>, String) {
     (masters, owner.expect("a master serves every slot"))
 }
 
+/// One `MIGRATE` at a time in this test binary: a node blocks while it
+/// migrates, waiting for the target's answer, so two tests migrating in
+/// opposite directions between the same two nodes at once wait on each
+/// other until `MIGRATE`'s own timeout (seen: both failed with `IOERR`).
+static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Moves `keys` from the node at `from` to the one at `to` (`MIGRATE`).
 async fn migrate(from: &mut redis::aio::MultiplexedConnection, to: u16, keys: &[String]) {
+    let _one_at_a_time = MIGRATING.lock().await;
     let _: () = redis::cmd("MIGRATE")
         .arg("127.0.0.1")
         .arg(to)

@@ -17,9 +17,9 @@ pub(crate) async fn store_at(url: &str, ns: &str) -> RedisStore {
 
 /// A plain connection to the server at `url`, for a test that reads,
 /// damages, moves or counts stored keys itself. It waits up to 30 s for
-/// an answer, not the client's default half second: a cluster's first
-/// `MIGRATE` opens a connection between two nodes, which on a machine
-/// busy with the rest of a test run took longer than that.
+/// an answer, not the client's default half second, which a `MIGRATE`
+/// (bounded by its own timeout) can take on a machine busy with the rest
+/// of a test run.
 pub(crate) async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     let patient = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(30)))
