@@ -993,22 +993,27 @@ impl<S: Store> Case<S> {
         }
     }
 
+    /// Whether `ctx`'s session is the agent's latest and active, as the
+    /// model has it, and how it lapses `now` if its time is up.
+    fn standing_of(
+        &self,
+        agent: usize,
+        ctx: &Context,
+        now: OffsetDateTime,
+    ) -> (bool, Option<EndReason>) {
+        self.latest
+            .get(&agent)
+            .filter(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active)
+            .map_or((false, None), |(s, _)| (true, lapse_of(s, now)))
+    }
+
     async fn record(&mut self, agent: usize, modification: bool) -> Result<(), TestCaseError> {
         let Some(ctx) = self.contexts.get(&agent).cloned() else {
             return Ok(());
         };
-        let activity = if modification {
-            Activity::modification("Updated a booking.").detail("method", "POST")
-        } else {
-            Activity::access("Viewed bookings.").detail("method", "GET")
-        };
         let now = self.now();
-        let result = self.service.record(&ctx, activity).await;
-        let (active, lapse) = self
-            .latest
-            .get(&agent)
-            .filter(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active)
-            .map_or((false, None), |(s, _)| (true, lapse_of(s, now)));
+        let result = self.service.record(&ctx, activity(modification)).await;
+        let (active, lapse) = self.standing_of(agent, &ctx, now);
         match (result, active) {
             // Its time was up: it ends as expired or idle, and nothing is
             // done in it.
@@ -1042,18 +1047,12 @@ impl<S: Store> Case<S> {
         let Some(ctx) = self.contexts.get(&agent).cloned() else {
             return Ok(());
         };
-        let activity = if modification {
-            Activity::modification("Updated a booking.").detail("method", "POST")
-        } else {
-            Activity::access("Viewed bookings.").detail("method", "GET")
-        };
         let now = self.now();
-        let result = self.service.record_completed(&ctx, activity).await;
-        let (active, lapse) = self
-            .latest
-            .get(&agent)
-            .filter(|(s, _)| s.id == ctx.session() && s.state == SessionState::Active)
-            .map_or((false, None), |(s, _)| (true, lapse_of(s, now)));
+        let result = self
+            .service
+            .record_completed(&ctx, activity(modification))
+            .await;
+        let (active, lapse) = self.standing_of(agent, &ctx, now);
         match result {
             Ok(event) if active && lapse.is_none() => {
                 prop_assert_eq!(event.session, Some(ctx.session()));
@@ -1524,6 +1523,15 @@ const NEVER_PROJECTED: [&str; 9] = [
 ];
 
 /// How many of `events` are `action`s.
+/// The activity a record step records.
+fn activity(modification: bool) -> Activity {
+    if modification {
+        Activity::modification("Updated a booking.").detail("method", "POST")
+    } else {
+        Activity::access("Viewed bookings.").detail("method", "GET")
+    }
+}
+
 /// The action a recorded activity is on the trail as.
 fn activity_action(modification: bool) -> AuditAction {
     if modification {
