@@ -382,6 +382,15 @@ fn cookies<'a, const N: usize>(headers: &'a HeaderMap, names: [&str; N]) -> [Opt
     found.map(Option::flatten)
 }
 
+/// Whether the SDK's stop answers `req` itself (and records what it
+/// refuses): a `POST` to the stop route with a session secret. Any other
+/// method there gets the router's 405, which records nothing.
+fn stop_answers(req: &Request, settings: &Settings, has_secret: bool) -> bool {
+    *req.method() == Method::POST
+        && has_secret
+        && settings.stop_route(route_of(req.extensions(), req.uri()))
+}
+
 /// The route a request is for, as the audit names it: its template
 /// (`/bookings/{id}`) when a router matched it, its path otherwise.
 pub(crate) fn route_of<'a>(
@@ -590,13 +599,8 @@ where
                             // itself (and answers 403).
                             Some(id) if id != c.agent().id => {
                                 let route = route_of(req.extensions(), req.uri());
-                                // Only a `POST` reaches the stop (any other
-                                // method gets the router's 405, which
-                                // records nothing).
-                                let stop_answers = *req.method() == Method::POST
-                                    && settings.stop_route(route)
-                                    && kept_secret.is_some();
-                                if !(from_cookie || stop_answers)
+                                if !(from_cookie
+                                    || stop_answers(&req, settings, kept_secret.is_some()))
                                     && let Some(by) = req.extensions().get::<Principal>().cloned()
                                 {
                                     let attempt = format!("{} {route}", req.method());
@@ -631,10 +635,7 @@ where
                     // withdraw it (a bearer secret: the stop reads a
                     // signed token only from a live session's context).
                     Err(impersonation_core::Error::PendingConsent) => {
-                        if !(*req.method() == Method::POST
-                            && settings.stop_route(route_of(req.extensions(), req.uri()))
-                            && kept_secret.is_some())
-                        {
+                        if !stop_answers(&req, settings, kept_secret.is_some()) {
                             return Ok(plain(
                                 StatusCode::FORBIDDEN,
                                 "impersonation session waits for the customer's consent",
