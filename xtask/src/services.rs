@@ -159,14 +159,14 @@ fn ensure_german_locale(sh: &Shell) -> Result<()> {
     if have.lines().any(|l| l.trim() == GERMAN_LOCALE) {
         return Ok(());
     }
-    if !is_root(sh) {
-        bail!(
+    needs_root(
+        sh,
+        format_args!(
             "the Diesel tests read PostgreSQL's messages in German, and making the \
-             {GERMAN_LOCALE} locale needs root: run `{}`, or make it yourself \
-             (`localedef -i de_DE -f UTF-8 de_DE.UTF-8`)",
-            up_as_root()
-        );
-    }
+             {GERMAN_LOCALE} locale"
+        ),
+        "make it yourself (`localedef -i de_DE -f UTF-8 de_DE.UTF-8`)",
+    )?;
     println!(
         "locales: making {GERMAN_LOCALE} (the Diesel tests read PostgreSQL's messages in German)"
     );
@@ -501,6 +501,15 @@ pub(crate) fn up_one(name: &str, user: &str, own_credentials: &str) -> Result<()
     bring_up(&sh, service)
 }
 
+/// Fails unless this runs as root, saying that `what` needs root, the
+/// command that runs it so, and what else to do (`instead`).
+fn needs_root(sh: &Shell, what: std::fmt::Arguments<'_>, instead: &str) -> Result<()> {
+    if is_root(sh) {
+        return Ok(());
+    }
+    bail!("{what} needs root: run `{}`, or {instead}", up_as_root())
+}
+
 fn is_root(sh: &Shell) -> bool {
     cmd!(sh, "id -u")
         .quiet()
@@ -726,14 +735,14 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
         return worded_in_german(sh, url).map(|()| "messages in German on request");
     }
     // A server started before the locale was made does not see it.
-    if !is_root(sh) {
-        bail!(
+    needs_root(
+        sh,
+        format_args!(
             "PostgreSQL does not take `lc_messages = de_DE.UTF-8` (started before the \
-             {GERMAN_LOCALE} locale was made?); restarting it needs root: run `{}`, or \
-             restart it yourself",
-            up_as_root()
-        );
-    }
+             {GERMAN_LOCALE} locale was made?); restarting it"
+        ),
+        "restart it yourself",
+    )?;
     let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
     println!("postgresql: restarting {version}/main, so that it sees the {GERMAN_LOCALE} locale");
     cmd!(
@@ -820,13 +829,14 @@ fn postgres_login(sh: &Shell, repair: Repair) -> Result<&'static str> {
         }
         // The repairs below run as the postgres user and edit its
         // pg_hba.conf.
-        Err(stderr) if !is_root(sh) => bail!(
-            "`psql -h 127.0.0.1 -U postgres -d test` without a password: {stderr}; \
-             creating database `test` and trusting 127.0.0.1 in pg_hba.conf needs root: \
-             run `{}`, or do it yourself",
-            up_as_root()
-        ),
-        Err(_) => {}
+        Err(stderr) => needs_root(
+            sh,
+            format_args!(
+                "`psql -h 127.0.0.1 -U postgres -d test` without a password: {stderr}; \
+                 creating database `test` and trusting 127.0.0.1 in pg_hba.conf"
+            ),
+            "do it yourself",
+        )?,
     }
 
     // The database can be created over the unix socket (peer auth as the
@@ -928,13 +938,13 @@ fn mariadb_access(sh: &Shell, repair: Repair) -> Result<&'static str> {
         Err(stderr) => stderr,
     };
     // The repair logs in as the system's root over the unix socket.
-    if !is_root(sh) {
-        bail!(
-            "`mariadb -uroot -h127.0.0.1` without a password: {stderr}; letting root in over \
-             TCP needs root: run `{}`, or do it yourself",
-            up_as_root()
-        );
-    }
+    needs_root(
+        sh,
+        format_args!(
+            "`mariadb -uroot -h127.0.0.1` without a password: {stderr}; letting root in over TCP"
+        ),
+        "do it yourself",
+    )?;
     println!("mariadb: root cannot log in over TCP, fixing it over the unix socket");
     cmd!(
         sh,
