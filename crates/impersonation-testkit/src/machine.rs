@@ -546,14 +546,20 @@ impl<S: Store> Case<S> {
         })
     }
 
-    /// The context this process read for session `id` less than
-    /// `Config::reuse_interval` before `now`, which it serves again (if
-    /// still in time) without reading the store.
+    /// The context this process serves for session `id` at `now` without
+    /// reading the store, as its reuse map does: one it read less than
+    /// `Config::reuse_interval` before, still within the deadlines it had
+    /// then (whatever the store holds now, ended elsewhere included).
     fn reused_at(&self, id: SessionId, now: OffsetDateTime) -> Option<&Context> {
         let reuse = self.service.config().reuse_interval;
         self.reused
             .get(&id)
-            .filter(|(at, _)| *at <= now && now - *at < reuse)
+            .filter(|(at, ctx)| {
+                *at <= now
+                    && now - *at < reuse
+                    && now < ctx.expires_at()
+                    && now < ctx.idle_deadline()
+            })
             .map(|(_, ctx)| ctx)
     }
 
@@ -657,10 +663,7 @@ impl<S: Store> Case<S> {
                 let now = self.now();
                 // Ended in another process a moment after this one read it:
                 // served from its reuse map while that read is in time.
-                let kept = self
-                    .reused_at(*id, now)
-                    .filter(|c| now < c.expires_at() && now < c.idle_deadline())
-                    .cloned();
+                let kept = self.reused_at(*id, now).cloned();
                 match (self.service.resolve(secret).await, kept) {
                     (Ok(ctx), Some(kept)) if ctx.session() == *id => {
                         prop_assert_eq!(ctx.shadow(), kept.shadow(), "a reused context changed");
@@ -899,13 +902,10 @@ impl<S: Store> Case<S> {
         // next read), unless it has lapsed by the clock.
         let kept = self.reused_at(model.id, now).cloned();
         let reused = kept.is_some();
-        // Ended in another process: this one serves what it read a moment
-        // ago, while that is in time (its deadlines as read then).
-        let kept_in_time = kept
-            .as_ref()
-            .is_some_and(|c| now < c.expires_at() && now < c.idle_deadline());
         let expected: Result<(), Error> = match (model.state, lapse_of(&model, now)) {
-            (SessionState::Ended(_), _) if kept_in_time => Ok(()),
+            // Ended in another process: this one serves what it read a
+            // moment ago.
+            (SessionState::Ended(_), _) if reused => Ok(()),
             (SessionState::Ended(r), _) => Err(Error::Ended(r)),
             (_, Some(lapse)) => Err(Error::Ended(lapse)),
             (SessionState::Pending, None) => Err(Error::PendingConsent),
