@@ -1831,11 +1831,20 @@ mod tests {
     /// A real HTML parser finds the banner injected into `page` as one
     /// element.
     fn assert_banner_is_an_element(page: &str) {
-        let banner = "<div id=\"impersonation-banner\">B</div>";
+        assert_injected_once(
+            page,
+            "<div id=\"impersonation-banner\">B</div>",
+            "#impersonation-banner",
+        );
+    }
+
+    /// A real HTML parser finds `selector` once in `page` with `banner`
+    /// injected.
+    fn assert_injected_once(page: &str, banner: &str, selector: &str) {
         let injected =
             String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
         let dom = scraper::Html::parse_document(&injected);
-        let found = scraper::Selector::parse("#impersonation-banner").unwrap();
+        let found = scraper::Selector::parse(selector).unwrap();
         assert_eq!(dom.select(&found).count(), 1, "{injected}");
     }
 
@@ -1872,12 +1881,11 @@ mod tests {
             assert_eq!(placed(page), placed_as, "{page}");
             // A real parser keeps the banner's form as a form of its own
             // (it drops a `<form>` met while another is open).
-            let banner = "<div><form id=\"stop\"><button>Stop</button></form></div>";
-            let injected =
-                String::from_utf8(inject(page.as_bytes(), banner, &[], true).unwrap()).unwrap();
-            let dom = scraper::Html::parse_document(&injected);
-            let stop = scraper::Selector::parse("form#stop button").unwrap();
-            assert_eq!(dom.select(&stop).count(), 1, "{injected}");
+            assert_injected_once(
+                page,
+                "<div><form id=\"stop\"><button>Stop</button></form></div>",
+                "form#stop button",
+            );
         }
     }
 

@@ -775,13 +775,16 @@ async fn a_clone_with_other_rules_reuses_nothing_of_the_first_but_sees_its_ends(
     ));
 }
 
-/// A lookup batched behind another's call runs after its request's own
-/// time. When that run falls past the session's idle deadline the store
-/// writes no touch, and the request's context keeps the deadline the
-/// store has, not one counted from the request's time (which a reused or
-/// kept context would serve for another idle timeout).
-#[tokio::test]
-async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
+/// A service on a store that batches lookups and holds the first until
+/// `go` (`held` says it is held), with Sam's session on Olive and Kim's on
+/// Oscar.
+async fn held_lookups() -> (
+    Fixture<Arc<BusyChain>>,
+    Started,
+    Started,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let (reached, held) = tokio::sync::oneshot::channel();
     let (go, wait) = tokio::sync::oneshot::channel();
     let f = fixture_with(
@@ -795,6 +798,17 @@ async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
         .start(Requester::User(&agent("kim")), req("oscar"))
         .await
         .unwrap();
+    (f, started, other, held, go)
+}
+
+/// A lookup batched behind another's call runs after its request's own
+/// time. When that run falls past the session's idle deadline the store
+/// writes no touch, and the request's context keeps the deadline the
+/// store has, not one counted from the request's time (which a reused or
+/// kept context would serve for another idle timeout).
+#[tokio::test]
+async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
+    let (f, started, other, held, go) = held_lookups().await;
     let deadline = started.session.idle_deadline();
     f.clock
         .advance(deadline - epoch() - Duration::milliseconds(20));
@@ -824,19 +838,7 @@ async fn a_batched_lookup_run_past_the_idle_deadline_moves_no_deadline() {
 /// at the time the session started) instead of its own.
 #[tokio::test]
 async fn a_clone_with_its_own_clock_touches_its_lookups_at_its_own_time() {
-    let (reached, held) = tokio::sync::oneshot::channel();
-    let (go, wait) = tokio::sync::oneshot::channel();
-    let f = fixture_with(
-        Arc::new(BusyChain::hold_lookup(reached, wait)),
-        Policy::default(),
-        Config::default(),
-    );
-    let started = f.sam_on_olive().await;
-    let other = f
-        .service
-        .start(Requester::User(&agent("kim")), req("oscar"))
-        .await
-        .unwrap();
+    let (f, started, other, held, go) = held_lookups().await;
     let third_session = f
         .service
         .start(Requester::User(&lead()), req("oscar"))
