@@ -201,8 +201,11 @@ pub struct NotImpersonatingRejection {
 }
 
 impl NotImpersonatingRejection {
-    /// 403 for a refusal on the trail, 503 when the trail could not take
-    /// it, 500 when the impersonation layer is missing.
+    /// 403 for a refusal on the trail, 401 when the session turned out to
+    /// be over (ended elsewhere, or its time up: nothing recorded after
+    /// its end, and the layer answers as for an ended session), 503 when
+    /// the trail could not take it, 500 when the impersonation layer is
+    /// missing.
     pub fn status(&self) -> StatusCode {
         self.status
     }
@@ -274,11 +277,22 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
         let written = write.await;
         state.refusal_in_flight.store(false, Ordering::SeqCst);
         match written {
-            Ok(_) => Err(refusal(
+            Ok(impersonation_core::Error::Denied(_)) => Err(refusal(
                 StatusCode::FORBIDDEN,
                 "This page is not available while impersonating a customer.",
                 true,
             )),
+            // The session was over (ended by another process, or its time
+            // up): nothing is on the trail after its end, and the layer
+            // answers as for any request of an ended session.
+            Ok(_) => {
+                state.refused_over.store(true, Ordering::SeqCst);
+                Err(refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "impersonation session ended",
+                    true,
+                ))
+            }
             Err(_) => Err(refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit unavailable",

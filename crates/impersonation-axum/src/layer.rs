@@ -158,6 +158,10 @@ pub(crate) struct RequestState {
     pub(crate) guard_refused: AtomicBool,
     /// Set while the guard's refusal is being written.
     pub(crate) refusal_in_flight: AtomicBool,
+    /// Set when the guard found the session over instead (ended by
+    /// another process, or its time up): nothing was recorded, and an
+    /// answer that is the guard's refusal is the session's end.
+    pub(crate) refused_over: AtomicBool,
     /// Set to true once the layer finds the session ended while the
     /// request was served; made only when a [`crate::SessionEnd`] asks.
     pub(crate) over: std::sync::OnceLock<tokio::sync::watch::Sender<bool>>,
@@ -740,6 +744,7 @@ where
                 audited: AtomicBool::new(false),
                 guard_refused: AtomicBool::new(false),
                 refusal_in_flight: AtomicBool::new(false),
+                refused_over: AtomicBool::new(false),
                 over: std::sync::OnceLock::new(),
             });
             req.extensions_mut().insert(Handle(Arc::clone(&state)));
@@ -1036,6 +1041,9 @@ where
                 };
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
+                // The guard's refusal, of a session it found over: the
+                // request did nothing, and is answered as a read would be.
+                let refused_over = as_refused && state.refused_over.load(Ordering::SeqCst);
                 match audit_request(&shared, &state, c, method, route, is_change, answer)
                     .instrument(request_span)
                     .await
@@ -1057,10 +1065,11 @@ where
                         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "audit unavailable"));
                     }
                     // The session has ended (revoked elsewhere, say): the
-                    // audit write refused this read, so its answer, from
-                    // a session that is over, is withheld.
-                    Some(Err(e)) if !is_change => {
-                        tracing::warn!(error = %e, route, session = %c.session(), "session ended; withholding an impersonated read");
+                    // audit write refused this read (or the guard its
+                    // refusal), so its answer, from a session that is
+                    // over, is withheld.
+                    Some(Err(e)) if !is_change || refused_over => {
+                        tracing::warn!(error = %e, route, session = %c.session(), "session ended; withholding an impersonated answer");
                         state.found_over();
                         let mut res = session_ended(!cookie_session);
                         if cookie_session {
@@ -1574,6 +1583,11 @@ async fn audit_request(
     is_change: bool,
     answer: Answer,
 ) -> Option<Result<(), impersonation_core::Error>> {
+    // The guard found the session over: nothing to record, and the
+    // answer is withheld as any in an ended session.
+    if answer.as_refused && state.refused_over.load(Ordering::SeqCst) {
+        return Some(Err(impersonation_core::Error::Unauthenticated));
+    }
     // An app's refusal is recorded as the denial it names (whatever
     // `audit_when` says of its route, as the guard's is), in a session
     // still live: only a 4xx answer counts as one, so that no marker

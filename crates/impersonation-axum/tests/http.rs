@@ -1148,6 +1148,33 @@ async fn a_refused_billing_route_is_audited_as_the_requests_one_event() {
     stop_elsewhere(&f.svc, &b).await;
 }
 
+/// The guard's refusal in a session another process has ended (this one
+/// still reuses it within the interval) is no denial after the end:
+/// nothing is recorded, and the answer is the session's end, as a read's
+/// would be: 401, the dead cookie cleared, the customer's forms' token
+/// replaced.
+#[tokio::test]
+async fn a_refused_billing_route_in_a_session_ended_elsewhere_records_nothing() {
+    let (f, mut b) = sam_on_olive().await;
+    // Served here a moment ago: this process reuses the session.
+    assert!(b.get("/").await.body.contains("impersonation-banner"));
+    stop_elsewhere(&f.other_process(), &b).await;
+    let before = events(&f).await.len();
+    let olives_form = b.csrf();
+    let refused = b.get("/billing").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+    assert_eq!(refused.body, "impersonation session ended");
+    assert_eq!(b.secret(), None, "the dead cookie is cleared");
+    assert_ne!(b.csrf(), olives_form);
+    assert_eq!(
+        events(&f).await.len(),
+        before,
+        "nothing recorded after the end"
+    );
+    let page = b.get("/billing").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+}
+
 /// An answer the app marks as its own refusal is the request's one event,
 /// a denied attempt with the app's denial; the marker on an answer that
 /// is no refusal (a 200) changes nothing: the change is recorded as one.

@@ -2115,15 +2115,24 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         ctx.draft(now, action).details(details)
     }
 
-    /// Audits a refused action inside a session (a billing route, say).
+    /// Audits a refused action inside a session (a billing route, say) and
+    /// gives the error to answer with: `Denied(denial)`, the refusal on
+    /// the trail. The session is judged as [`Impersonation::record`]
+    /// judges it: one that has ended meanwhile (stopped by another
+    /// process, whose end this process's reuse of the session did not
+    /// see) or whose time is up (ended then, as it lapsed) gets nothing
+    /// recorded after its end, and the answer is `Unauthenticated`.
     pub async fn record_denied(
         &self,
         ctx: &Context,
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error> {
-        let draft = ctx.draft(self.now(), AuditAction::Denied);
-        self.audit_denial(draft, denial, attempt).await
+        match self.record_refused(ctx, denial.clone(), attempt).await {
+            Ok(()) => Ok(Error::Denied(denial)),
+            Err(Error::Unauthenticated) => Ok(Error::Unauthenticated),
+            Err(e) => Err(e),
+        }
     }
 
     /// Audits the app's own refusal of a request inside the session (a

@@ -1447,6 +1447,54 @@ async fn recording_after_the_session_ended_is_refused() {
     assert_eq!(err.http_status(), 401);
 }
 
+/// A refusal of a sensitive action in a session another process has
+/// ended (this one reuses it within the interval) records nothing after
+/// the end: the answer is `Unauthenticated`, and the session is not
+/// reused any more. So for a context kept past the session's time: the
+/// session is ended as it lapsed, with no refusal after it.
+#[tokio::test]
+async fn a_refused_sensitive_route_in_a_session_over_records_nothing() {
+    let (f, other) = two_processes();
+    let started = f.sam_on_olive().await;
+    f.service.resolve(&started.secret).await.unwrap();
+    other.stop(&started.secret, &agent("sam")).await.unwrap();
+    let reused = f.service.resolve(&started.secret).await.unwrap();
+    let before = session_events(&f, started.session.id).await;
+    let answer = f
+        .service
+        .record_denied(&reused, Denial::SensitiveAction, "GET /billing")
+        .await
+        .unwrap();
+    assert!(matches!(answer, Error::Unauthenticated), "{answer:?}");
+    assert_eq!(answer.http_status(), 401);
+    assert_eq!(session_events(&f, started.session.id).await, before);
+    assert!(matches!(
+        f.service.resolve(&started.secret).await,
+        Err(Error::Ended(EndReason::Stopped))
+    ));
+
+    let started = f
+        .service
+        .start(Requester::User(&agent("kim")), req("oscar"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    f.clock.advance(Duration::minutes(20));
+    let answer = f
+        .service
+        .record_denied(&ctx, Denial::SensitiveAction, "GET /billing")
+        .await
+        .unwrap();
+    assert!(matches!(answer, Error::Unauthenticated), "{answer:?}");
+    let events = session_events(&f, started.session.id).await;
+    let end = events.last().unwrap();
+    assert_eq!(
+        (end.action, end.details.get("reason")),
+        (AuditAction::SessionEnded, Some("idle_timeout"))
+    );
+    assert!(events.iter().all(|e| e.action != AuditAction::Denied));
+}
+
 /// A context kept past its session's time (a socket's handler, a job)
 /// lets nothing more be done: before an activity the session is judged on
 /// the store's record, which other requests may have kept in use, and
