@@ -44,6 +44,19 @@ fn the_trail_holds_through_random_store_faults() {
     });
 }
 
+/// The trail with calls racing each other: two or three at a time, each
+/// a task of its own on two workers.
+#[test]
+fn the_trail_holds_with_calls_racing_each_other() {
+    let config = MachineConfig {
+        cases: 500,
+        max_steps: 40,
+    };
+    impersonation_testkit::fault_sequences::run_concurrent_sequences(config, || async {
+        MemoryStore::new()
+    });
+}
+
 #[test]
 fn cases_may_share_one_store() {
     // What a database adapter does: every case gets the same store, and the

@@ -8,7 +8,7 @@ mod common;
 use std::future::Future;
 
 use impersonation_diesel::DieselStore;
-use impersonation_testkit::fault_sequences::run_fault_sequences;
+use impersonation_testkit::fault_sequences::{run_concurrent_sequences, run_fault_sequences};
 use impersonation_testkit::machine::{
     MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
 };
@@ -20,67 +20,98 @@ fn cases() -> u32 {
         .unwrap_or(128)
 }
 
-/// The state machine, or with `faults` the fault sequences (half as many
-/// cases), on one store shared by the cases.
-fn run<F, Fut>(make: F, faults: bool)
+/// Which property a test runs.
+#[derive(Clone, Copy)]
+enum Run {
+    /// The state machine.
+    Machine,
+    /// The fault sequences (half as many cases).
+    Faults,
+    /// The concurrent sequences (half as many cases).
+    Concurrent,
+}
+
+/// Runs `what` on one store shared by the cases.
+fn run<F, Fut>(make: F, what: Run)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = DieselStore> + Send + 'static,
 {
     let factory = shared_store(make);
-    if faults {
-        let config = MachineConfig {
-            cases: cases().div_ceil(2),
-            max_steps: 40,
-        };
-        run_fault_sequences(config, factory);
-    } else {
-        let config = MachineConfig {
-            cases: cases(),
-            max_steps: 50,
-        };
-        run_state_machine(config, factory);
+    let half = MachineConfig {
+        cases: cases().div_ceil(2),
+        max_steps: 40,
+    };
+    match what {
+        Run::Machine => run_state_machine(
+            MachineConfig {
+                cases: cases(),
+                max_steps: 50,
+            },
+            factory,
+        ),
+        Run::Faults => run_fault_sequences(half, factory),
+        Run::Concurrent => run_concurrent_sequences(half, factory),
     }
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn state_machine_on_postgres() {
-    run(common::postgres, false);
+    run(common::postgres, Run::Machine);
 }
 
 #[cfg(feature = "mysql")]
 #[test]
 fn state_machine_on_mariadb() {
-    run(common::mysql, false);
+    run(common::mysql, Run::Machine);
 }
 
 #[test]
 fn state_machine_on_sqlite_file() {
-    run(common::sqlite_file, false);
+    run(common::sqlite_file, Run::Machine);
 }
 
 #[test]
 fn state_machine_on_sqlite_memory() {
-    run(common::sqlite_memory, false);
+    run(common::sqlite_memory, Run::Machine);
 }
 
 /// The trail under random store faults (`run_fault_sequences`).
 #[cfg(feature = "postgres")]
 #[test]
 fn fault_sequences_on_postgres() {
-    run(common::postgres, true);
+    run(common::postgres, Run::Faults);
 }
 
 #[cfg(feature = "mysql")]
 #[test]
 fn fault_sequences_on_mariadb() {
-    run(common::mysql, true);
+    run(common::mysql, Run::Faults);
 }
 
 #[test]
 fn fault_sequences_on_sqlite_file() {
-    run(common::sqlite_file, true);
+    run(common::sqlite_file, Run::Faults);
+}
+
+/// The trail with service calls racing each other
+/// (`run_concurrent_sequences`).
+#[cfg(feature = "postgres")]
+#[test]
+fn concurrent_sequences_on_postgres() {
+    run(common::postgres, Run::Concurrent);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn concurrent_sequences_on_mariadb() {
+    run(common::mysql, Run::Concurrent);
+}
+
+#[test]
+fn concurrent_sequences_on_sqlite_file() {
+    run(common::sqlite_file, Run::Concurrent);
 }
 
 /// The edge sequences on every backend: those that end a session's idle

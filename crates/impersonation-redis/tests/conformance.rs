@@ -7,7 +7,7 @@ mod common;
 use std::future::Future;
 
 use impersonation_redis::RedisStore;
-use impersonation_testkit::fault_sequences::run_fault_sequences;
+use impersonation_testkit::fault_sequences::{run_concurrent_sequences, run_fault_sequences};
 use impersonation_testkit::machine::{
     MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
 };
@@ -49,48 +49,72 @@ fn cases() -> u32 {
         .unwrap_or(128)
 }
 
-/// The state machine, or with `faults` the fault sequences (half as many
-/// cases) on one store shared by the cases.
-fn run<F, Fut>(make: F, faults: bool)
+/// Which property a test runs.
+#[derive(Clone, Copy)]
+enum Run {
+    /// The state machine.
+    Machine,
+    /// The fault sequences (half as many cases).
+    Faults,
+    /// The concurrent sequences (half as many cases).
+    Concurrent,
+}
+
+/// Runs `what` on one store shared by the cases.
+fn run<F, Fut>(make: F, what: Run)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = RedisStore> + Send + 'static,
 {
     let factory = shared_store(make);
-    if faults {
-        let config = MachineConfig {
-            cases: cases().div_ceil(2),
-            max_steps: 40,
-        };
-        run_fault_sequences(config, factory);
-    } else {
-        let config = MachineConfig {
-            cases: cases(),
-            max_steps: 50,
-        };
-        run_state_machine(config, factory);
+    let half = MachineConfig {
+        cases: cases().div_ceil(2),
+        max_steps: 40,
+    };
+    match what {
+        Run::Machine => run_state_machine(
+            MachineConfig {
+                cases: cases(),
+                max_steps: 50,
+            },
+            factory,
+        ),
+        Run::Faults => run_fault_sequences(half, factory),
+        Run::Concurrent => run_concurrent_sequences(half, factory),
     }
 }
 
 #[test]
 fn state_machine_on_redis() {
-    run(common::single, false);
+    run(common::single, Run::Machine);
 }
 
 #[test]
 fn state_machine_on_redis_cluster() {
-    run(common::cluster, false);
+    run(common::cluster, Run::Machine);
 }
 
 /// The trail under random store faults (`run_fault_sequences`).
 #[test]
 fn fault_sequences_on_redis() {
-    run(common::single, true);
+    run(common::single, Run::Faults);
 }
 
 #[test]
 fn fault_sequences_on_redis_cluster() {
-    run(common::cluster, true);
+    run(common::cluster, Run::Faults);
+}
+
+/// The trail with service calls racing each other
+/// (`run_concurrent_sequences`).
+#[test]
+fn concurrent_sequences_on_redis() {
+    run(common::single, Run::Concurrent);
+}
+
+#[test]
+fn concurrent_sequences_on_redis_cluster() {
+    run(common::cluster, Run::Concurrent);
 }
 
 /// The edge sequences: those that end a session's idle timeout between

@@ -30,9 +30,19 @@
 //! Run it on a store beside [`crate::machine::run_state_machine`]: that one
 //! checks the outcomes against a model with no fault, this one the trail's
 //! completeness under faults.
+//!
+//! [`run_concurrent_sequences`] runs the same calls with no fault, two or
+//! three at a time, each a task of its own on a runtime of two workers
+//! (starts racing starts and revocations, records racing stops, lapses
+//! ended twice): the same invariants, 1 to 4 and 7, must hold after each
+//! step, and 5 and 6 after every step of one call (a session one call
+//! served must be active: a read that raced an end must not have put the
+//! ended session back for reuse).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use impersonation_core::{
     Activity, AuditEvent, ChainKey, Impersonation, Initiator, ManualClock, MemoryDirectory, Policy,
@@ -56,14 +66,36 @@ const TARGETS: usize = 2;
 /// One call of a sequence.
 #[derive(Debug, Clone)]
 enum Call {
-    Start { agent: usize, target: usize },
-    Resolve { agent: usize },
-    Record { agent: usize, modification: bool },
-    Stop { agent: usize },
-    RevokeAllForAgent { agent: usize },
-    RevokeAllForSubject { target: usize },
+    Start {
+        agent: usize,
+        target: usize,
+    },
+    Resolve {
+        agent: usize,
+    },
+    Record {
+        agent: usize,
+        modification: bool,
+    },
+    /// `record_completed`: a change made in a session that ended
+    /// meanwhile is recorded after its end.
+    Complete {
+        agent: usize,
+        modification: bool,
+    },
+    Stop {
+        agent: usize,
+    },
+    RevokeAllForAgent {
+        agent: usize,
+    },
+    RevokeAllForSubject {
+        target: usize,
+    },
     EndLapsed,
-    Advance { minutes: i64 },
+    Advance {
+        minutes: i64,
+    },
 }
 
 /// A call, and the fault planned for it: its `nth` store call (of those
@@ -80,6 +112,8 @@ fn call_strategy() -> impl Strategy<Value = Call> {
         3 => (0..AGENTS).prop_map(|agent| Call::Resolve { agent }),
         3 => (0..AGENTS, any::<bool>())
             .prop_map(|(agent, modification)| Call::Record { agent, modification }),
+        1 => (0..AGENTS, any::<bool>())
+            .prop_map(|(agent, modification)| Call::Complete { agent, modification }),
         2 => (0..AGENTS).prop_map(|agent| Call::Stop { agent }),
         1 => (0..AGENTS).prop_map(|agent| Call::RevokeAllForAgent { agent }),
         1 => (0..TARGETS).prop_map(|target| Call::RevokeAllForSubject { target }),
@@ -102,8 +136,36 @@ fn step_strategy() -> impl Strategy<Value = Step> {
     (call_strategy(), fault).prop_map(|(call, fault)| Step { call, fault })
 }
 
+/// The service under test, shared by the tasks of a step.
+type Service<S> = Arc<Impersonation<FaultyStore<S>, MemoryDirectory>>;
+
+/// A call under way, holding all it needs (so that it runs as a task of
+/// its own beside others).
+type Running = Pin<Box<dyn Future<Output = Effect> + Send>>;
+
+/// What a call's answer tells the case.
+enum Effect {
+    Nothing,
+    Started {
+        agent: usize,
+        session: SessionId,
+        secret: SessionSecret,
+    },
+    Resolved {
+        agent: usize,
+        ctx: impersonation_core::Context,
+    },
+    Unresolved {
+        agent: usize,
+    },
+    Recorded {
+        agent: usize,
+        event: impersonation_core::EventId,
+    },
+}
+
 struct Case<S: Store> {
-    service: Impersonation<FaultyStore<S>, MemoryDirectory>,
+    service: Service<S>,
     clock: ManualClock,
     agents: [Principal; AGENTS],
     targets: [Principal; TARGETS],
@@ -120,7 +182,7 @@ struct Case<S: Store> {
     recorded: BTreeSet<(usize, impersonation_core::EventId)>,
 }
 
-impl<S: Store> Case<S> {
+impl<S: Store + 'static> Case<S> {
     fn new(store: S) -> Self {
         let world = World::new();
         let agents: [Principal; AGENTS] = [world.agent(0), world.agent(1)];
@@ -133,10 +195,12 @@ impl<S: Store> Case<S> {
         let policy = Policy::default()
             .max_duration(Duration::hours(2))
             .idle_timeout(Duration::minutes(30));
-        let service = Impersonation::new(FaultyStore::new(store), directory)
-            .with_policy(policy)
-            .with_projection(world.rules.clone())
-            .with_clock(clock.clone());
+        let service = Arc::new(
+            Impersonation::new(FaultyStore::new(store), directory)
+                .with_policy(policy)
+                .with_projection(world.rules.clone())
+                .with_clock(clock.clone()),
+        );
         Self {
             service,
             clock,
@@ -154,85 +218,167 @@ impl<S: Store> Case<S> {
     /// record's answers are (invariants 5 to 7).
     async fn run(&mut self, call: &Call) -> Result<(), TestCaseError> {
         let faults_before = self.service.store().injected();
-        let faulted = |case: &Self| case.service.store().injected() > faults_before;
+        let effect = self.call(call).await;
+        let faulted = self.service.store().injected() > faults_before;
+        match &effect {
+            Effect::Resolved { ctx, .. } => {
+                if faulted {
+                    return Err(fail("a resolve answered past a failed store call".into()));
+                }
+                self.serves_a_live_session(ctx).await?;
+            }
+            Effect::Recorded { .. } if faulted => {
+                return Err(fail("a record answered past a failed store call".into()));
+            }
+            _ => {}
+        }
+        self.learn(effect);
+        Ok(())
+    }
+
+    /// Runs `calls` side by side, each a task of its own.
+    async fn run_together(&mut self, calls: &[Call]) -> Result<(), TestCaseError> {
+        let tasks: Vec<_> = calls.iter().map(|c| tokio::spawn(self.call(c))).collect();
+        for task in tasks {
+            let effect = task
+                .await
+                .map_err(|e| fail(format!("a call failed as a task: {e}")))?;
+            self.learn(effect);
+        }
+        Ok(())
+    }
+
+    /// `call`, as a future of its own, on what the case knows now.
+    fn call(&self, call: &Call) -> Running {
+        let service = Arc::clone(&self.service);
         match *call {
             Call::Start { agent, target } => {
+                let who = self.agents[agent].clone();
                 let request = StartRequest::new(
                     self.targets[target].id.clone(),
                     "Customer reports missing bookings",
                 );
-                if let Ok(started) = self
-                    .service
-                    .start(Requester::User(&self.agents[agent]), request)
-                    .await
-                {
-                    self.seen.insert(started.session.id);
-                    self.secrets.insert(agent, started.secret);
-                }
+                Box::pin(async move {
+                    match service.start(Requester::User(&who), request).await {
+                        Ok(started) => Effect::Started {
+                            agent,
+                            session: started.session.id,
+                            secret: started.secret,
+                        },
+                        Err(_) => Effect::Nothing,
+                    }
+                })
             }
             Call::Resolve { agent } => {
-                if let Some(secret) = self.secrets.get(&agent) {
-                    match self.service.resolve(secret).await {
-                        Ok(ctx) => {
-                            if faulted(self) {
-                                return Err(fail(
-                                    "a resolve answered past a failed store call".into(),
-                                ));
-                            }
-                            self.serves_a_live_session(&ctx).await?;
-                            self.contexts.insert(agent, ctx);
-                        }
-                        Err(_) => {
-                            self.contexts.remove(&agent);
-                        }
+                let Some(secret) = self.secret_of(agent) else {
+                    return Box::pin(std::future::ready(Effect::Nothing));
+                };
+                Box::pin(async move {
+                    match service.resolve(&secret).await {
+                        Ok(ctx) => Effect::Resolved { agent, ctx },
+                        Err(_) => Effect::Unresolved { agent },
                     }
-                }
+                })
             }
             Call::Record {
                 agent,
                 modification,
+            }
+            | Call::Complete {
+                agent,
+                modification,
             } => {
-                if let Some(ctx) = self.contexts.get(&agent) {
+                let Some(ctx) = self.contexts.get(&agent).cloned() else {
+                    return Box::pin(std::future::ready(Effect::Nothing));
+                };
+                let completed = matches!(call, Call::Complete { .. });
+                Box::pin(async move {
                     let activity = if modification {
                         Activity::modification("PUT /bookings/{id}")
                     } else {
                         Activity::access("GET /bookings")
                     };
-                    if let Ok(event) = self.service.record(ctx, activity).await {
-                        if faulted(self) {
-                            return Err(fail("a record answered past a failed store call".into()));
-                        }
-                        self.recorded.insert((agent, event.id));
+                    let answer = if completed {
+                        service.record_completed(&ctx, activity).await
+                    } else {
+                        service.record(&ctx, activity).await
+                    };
+                    match answer {
+                        Ok(event) => Effect::Recorded {
+                            agent,
+                            event: event.id,
+                        },
+                        Err(_) => Effect::Nothing,
                     }
-                }
+                })
             }
             Call::Stop { agent } => {
-                if let Some(secret) = self.secrets.get(&agent) {
-                    let _ = self.service.stop(secret, &self.agents[agent]).await;
-                }
+                let Some(secret) = self.secret_of(agent) else {
+                    return Box::pin(std::future::ready(Effect::Nothing));
+                };
+                let who = self.agents[agent].clone();
+                Box::pin(async move {
+                    let _ = service.stop(&secret, &who).await;
+                    Effect::Nothing
+                })
             }
             Call::RevokeAllForAgent { agent } => {
-                let _ = self
-                    .service
-                    .revoke_all_for_agent(&self.agents[agent].id, Initiator::System, "offboarded")
-                    .await;
+                let agent = self.agents[agent].id.clone();
+                Box::pin(async move {
+                    let _ = service
+                        .revoke_all_for_agent(&agent, Initiator::System, "offboarded")
+                        .await;
+                    Effect::Nothing
+                })
             }
             Call::RevokeAllForSubject { target } => {
-                let _ = self
-                    .service
-                    .revoke_all_for_subject(
-                        &self.targets[target].id,
-                        Initiator::System,
-                        "password changed",
-                    )
-                    .await;
+                let target = self.targets[target].id.clone();
+                Box::pin(async move {
+                    let _ = service
+                        .revoke_all_for_subject(&target, Initiator::System, "password changed")
+                        .await;
+                    Effect::Nothing
+                })
             }
-            Call::EndLapsed => {
-                let _ = self.service.end_lapsed().await;
+            Call::EndLapsed => Box::pin(async move {
+                let _ = service.end_lapsed().await;
+                Effect::Nothing
+            }),
+            Call::Advance { minutes } => {
+                self.clock.advance(Duration::minutes(minutes));
+                Box::pin(std::future::ready(Effect::Nothing))
             }
-            Call::Advance { minutes } => self.clock.advance(Duration::minutes(minutes)),
         }
-        Ok(())
+    }
+
+    /// The agent's latest secret, a copy for a call of its own.
+    fn secret_of(&self, agent: usize) -> Option<SessionSecret> {
+        let held = self.secrets.get(&agent)?;
+        SessionSecret::parse(held.expose()).ok()
+    }
+
+    /// Takes in what a call's answer tells.
+    fn learn(&mut self, effect: Effect) {
+        match effect {
+            Effect::Nothing => {}
+            Effect::Started {
+                agent,
+                session,
+                secret,
+            } => {
+                self.seen.insert(session);
+                self.secrets.insert(agent, secret);
+            }
+            Effect::Resolved { agent, ctx } => {
+                self.contexts.insert(agent, ctx);
+            }
+            Effect::Unresolved { agent } => {
+                self.contexts.remove(&agent);
+            }
+            Effect::Recorded { agent, event } => {
+                self.recorded.insert((agent, event));
+            }
+        }
     }
 
     /// Invariant 6: `ctx`'s session, as the store holds it (read past the
@@ -301,7 +447,7 @@ impl<S: Store> Case<S> {
     }
 }
 
-async fn run_case<S: Store>(
+async fn run_case<S: Store + 'static>(
     store: S,
     steps: &[Step],
     injected: &std::sync::atomic::AtomicUsize,
@@ -351,4 +497,49 @@ where
         "no fault was injected in {} cases",
         config.cases
     );
+}
+
+/// Runs `steps`, each a set of calls side by side, with no fault.
+async fn run_concurrent_case<S: Store + 'static>(
+    store: S,
+    steps: &[Vec<Call>],
+) -> Result<(), TestCaseError> {
+    let mut case = Case::new(store);
+    // A store that answers at once (the memory store) would let each
+    // call run through uninterrupted; over a network calls interleave.
+    case.service.store().yield_on_every_call();
+    for (n, calls) in steps.iter().enumerate() {
+        let answered = match calls.as_slice() {
+            [one] => case.run(one).await,
+            _ => case.run_together(calls).await,
+        };
+        answered.map_err(|e| fail(format!("at step {n} ({calls:?}): {e}")))?;
+        case.check()
+            .await
+            .map_err(|e| fail(format!("after step {n} ({calls:?}): {e}")))?;
+    }
+    Ok(())
+}
+
+/// Runs the concurrent sequences: `config.cases` random sequences of up
+/// to `config.max_steps` steps, each of one to three calls that run side
+/// by side as tasks of their own, against a store from `factory` (no
+/// fault), on a runtime of two workers. The invariants of the module's
+/// head hold after every step. Call it from a plain `#[test]`; stores
+/// from the factory may share a database.
+pub fn run_concurrent_sequences<S, F, Fut>(config: MachineConfig, factory: F)
+where
+    S: Store + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let (runtime, mut runner) = runtime_and_runner(config);
+    let step = prop::collection::vec(call_strategy(), 1..=3);
+    let strategy = prop::collection::vec(step, 1..=config.max_steps);
+    let result = runner.run(&strategy, |steps| {
+        runtime.block_on(async { run_concurrent_case(factory().await, &steps).await })
+    });
+    if let Err(e) = result {
+        panic!("concurrent-sequence property failed: {e}");
+    }
 }

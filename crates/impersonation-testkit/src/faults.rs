@@ -68,6 +68,10 @@ pub struct FaultyStore<S> {
     plan: Mutex<Option<Plan>>,
     counted: AtomicUsize,
     injected: AtomicUsize,
+    /// Every call yields before and after the inner store's.
+    yielding: std::sync::atomic::AtomicBool,
+    /// Calls made, to vary the yields.
+    calls: AtomicUsize,
 }
 
 /// The error a faulty call returns.
@@ -90,7 +94,19 @@ impl<S: Store> FaultyStore<S> {
             plan: Mutex::new(None),
             counted: AtomicUsize::new(0),
             injected: AtomicUsize::new(0),
+            yielding: std::sync::atomic::AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
         }
+    }
+
+    /// From now on every call, besides any fault planned, yields to the
+    /// runtime a few times before the inner store sees it and after it has
+    /// answered, as a call to a server waits on the network: calls
+    /// made side by side interleave at every store call, even on a store
+    /// that answers at once (the memory store), and so race as they
+    /// would over a network.
+    pub fn yield_on_every_call(&self) {
+        self.yielding.store(true, Ordering::SeqCst);
     }
 
     /// The wrapped store (to inspect what was really written).
@@ -137,6 +153,28 @@ impl<S: Store> FaultyStore<S> {
     }
 
     async fn run<T, F>(&self, is_write: bool, call: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        if self.yielding.load(Ordering::SeqCst) {
+            // Zero to three times each side, varied from call to call, so
+            // that the calls of a step meet in different orders.
+            let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            let spread = n.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize) >> 7;
+            for _ in 0..spread % 4 {
+                tokio::task::yield_now().await;
+            }
+            let answer = self.run_planned(is_write, call).await;
+            for _ in 0..(spread >> 2) % 4 {
+                tokio::task::yield_now().await;
+            }
+            return answer;
+        }
+        self.run_planned(is_write, call).await
+    }
+
+    /// [`FaultyStore::run`], as the plan has it.
+    async fn run_planned<T, F>(&self, is_write: bool, call: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, StoreError>>,
     {

@@ -19,6 +19,10 @@
 //!   or after your store acts, and the trail checked for completeness (no
 //!   session found without its start record, one end event each, chains
 //!   that verify) after every step;
+//! * [`fault_sequences::run_concurrent_sequences`]: the same calls with
+//!   no fault, two or three at a time as tasks of their own, so that
+//!   starts race revocations and records race stops on your store, and
+//!   the same checks after every step;
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel
 //!   tests apart on shared servers.
 //!
