@@ -49,7 +49,7 @@ fn the_trail_holds_through_random_store_faults() {
 #[test]
 fn the_trail_holds_with_calls_racing_each_other() {
     let config = MachineConfig {
-        cases: 500,
+        cases: 1000,
         max_steps: 40,
     };
     impersonation_testkit::fault_sequences::run_concurrent_sequences(config, || async {

@@ -35,9 +35,10 @@
 //! three at a time, each a task of its own on a runtime of two workers
 //! (starts racing starts and revocations, records racing stops, lapses
 //! ended twice): the same invariants, 1 to 4 and 7, must hold after each
-//! step, and 5 and 6 after every step of one call (a session one call
-//! served must be active: a read that raced an end must not have put the
-//! ended session back for reuse).
+//! step, and 6 for a resolve on its own: each step of one call, and each
+//! agent's latest secret resolved after every step of several (a read
+//! that raced an end must not have put the ended session back for
+//! reuse).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -499,6 +500,22 @@ where
     );
 }
 
+/// Runs `calls` side by side, then resolves each agent's latest secret
+/// on its own: what a resolve racing an end left for reuse must be
+/// active and in time (invariant 6).
+async fn probed<S: Store + 'static>(
+    case: &mut Case<S>,
+    calls: &[Call],
+) -> Result<(), TestCaseError> {
+    case.run_together(calls).await?;
+    for agent in 0..AGENTS {
+        case.run(&Call::Resolve { agent })
+            .await
+            .map_err(|e| fail(format!("resolving agent {agent} after the step: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Runs `steps`, each a set of calls side by side, with no fault.
 async fn run_concurrent_case<S: Store + 'static>(
     store: S,
@@ -511,7 +528,7 @@ async fn run_concurrent_case<S: Store + 'static>(
     for (n, calls) in steps.iter().enumerate() {
         let answered = match calls.as_slice() {
             [one] => case.run(one).await,
-            _ => case.run_together(calls).await,
+            _ => probed(&mut case, calls).await,
         };
         answered.map_err(|e| fail(format!("at step {n} ({calls:?}): {e}")))?;
         case.check()
