@@ -157,7 +157,9 @@ impl<S: Send + Sync> FromRequestParts<S> for EffectiveUser {
 }
 
 /// A guard for billing, password, credential and export routes: while
-/// impersonating it refuses with 403 and audits the refusal.
+/// impersonating it refuses with 403 and audits the refusal (in a
+/// session found over, ended elsewhere or its time up, it records nothing
+/// and the layer answers 401 as for any request of an ended session).
 ///
 /// Answered with its refusal ([`NotImpersonatingRejection`], as is or
 /// dressed by [`NotImpersonatingRejection::answer_with`]), the request's
@@ -170,9 +172,10 @@ pub struct NotImpersonating;
 
 /// The [`NotImpersonating`] guard's refusal.
 ///
-/// As a response it is a plain-text 403 (or a 503 when the refusal could
-/// not be put on the trail, or a 500 when the impersonation layer is
-/// missing). An app that renders its own refusal page, or redirects,
+/// As a response it is a plain-text 403 (or a 401 when the session
+/// turned out to be over, a 503 when the refusal could not be put on the
+/// trail, or a 500 when the impersonation layer is missing). An app that
+/// renders its own refusal page, or redirects,
 /// answers with [`answer_with`](Self::answer_with), so that the denial
 /// stays the request's one record:
 ///
@@ -195,8 +198,11 @@ pub struct NotImpersonating;
 pub struct NotImpersonatingRejection {
     status: StatusCode,
     text: &'static str,
-    /// The denial is on the trail: an answer made of this refusal is
-    /// marked as the refusal, so the layer writes no second record.
+    /// The guard settled the request's record: the denial is on the
+    /// trail (403), or the session was over and nothing is to be
+    /// recorded (401). An answer made of this refusal is marked as the
+    /// refusal, so the layer writes no record of its own (and answers a
+    /// 401's as for an ended session).
     recorded: bool,
 }
 
@@ -218,6 +224,9 @@ impl NotImpersonatingRejection {
     ///
     /// A refusal that did not reach the trail (503) or found no layer
     /// (500) marks nothing: the layer then records the request itself.
+    /// One of a session found over (401) is marked, and the layer
+    /// replaces the answer with its own for an ended session (the cookie
+    /// cleared): nothing the handler made of it is sent.
     pub fn answer_with(self, response: impl IntoResponse) -> Response {
         let mut res = response.into_response();
         if self.recorded {
@@ -285,7 +294,7 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
             // The session was over (ended by another process, or its time
             // up): nothing is on the trail after its end, and the layer
             // answers as for any request of an ended session.
-            Ok(_) => {
+            Ok(impersonation_core::Error::Unauthenticated) => {
                 state.refused_over.store(true, Ordering::SeqCst);
                 Err(refusal(
                     StatusCode::UNAUTHORIZED,
@@ -293,7 +302,9 @@ impl<S: Send + Sync> FromRequestParts<S> for NotImpersonating {
                     true,
                 ))
             }
-            Err(_) => Err(refusal(
+            // A store that failed (or an answer the service does not
+            // give): nothing is known to be on the trail.
+            Ok(_) | Err(_) => Err(refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit unavailable",
                 false,

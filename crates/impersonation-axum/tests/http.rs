@@ -1878,26 +1878,32 @@ async fn a_bearer_credential_sent_by_someone_other_than_its_agent_is_refused() {
 
 /// A bearer credential whose session another process ended, used within
 /// this one's reuse interval: the read is withheld with a 401 that says,
-/// as every refused bearer credential's does, to get a new token.
+/// as every refused bearer credential's does, to get a new token; so is a
+/// guarded route's refusal, in the session found over. Nothing is
+/// recorded after the end.
 #[tokio::test]
 async fn a_bearer_read_of_a_session_ended_elsewhere_says_the_token_is_invalid() {
-    let (f, sam) = sam_on_olive().await;
-    let bearer = format!("Bearer {}", sam.secret().unwrap());
-    let mut api = Browser::new(&f, "sam");
-    let served = api
-        .send(Method::GET, "/", None, &[("authorization", &bearer)])
-        .await;
-    assert_eq!(served.status, StatusCode::OK, "{}", served.body);
-    stop_elsewhere(&f.other_process(), &sam).await;
-    let refused = api
-        .send(Method::GET, "/", None, &[("authorization", &bearer)])
-        .await;
-    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
-    assert_eq!(refused.body, "impersonation session ended");
-    assert_eq!(
-        refused.headers[header::WWW_AUTHENTICATE],
-        "Bearer error=\"invalid_token\""
-    );
+    for path in ["/", "/billing"] {
+        let (f, sam) = sam_on_olive().await;
+        let bearer = format!("Bearer {}", sam.secret().unwrap());
+        let mut api = Browser::new(&f, "sam");
+        let served = api
+            .send(Method::GET, "/", None, &[("authorization", &bearer)])
+            .await;
+        assert_eq!(served.status, StatusCode::OK, "{}", served.body);
+        stop_elsewhere(&f.other_process(), &sam).await;
+        let before = events(&f).await.len();
+        let refused = api
+            .send(Method::GET, path, None, &[("authorization", &bearer)])
+            .await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+        assert_eq!(refused.body, "impersonation session ended");
+        assert_eq!(
+            refused.headers[header::WWW_AUTHENTICATE],
+            "Bearer error=\"invalid_token\""
+        );
+        assert_eq!(events(&f).await.len(), before, "{path}");
+    }
 }
 
 /// A request the page sent before its Stop and answered after it (with

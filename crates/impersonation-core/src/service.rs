@@ -494,6 +494,15 @@ fn stop_span() -> Span {
     )
 }
 
+/// Who refused a request inside a session, for the log line.
+#[derive(Clone, Copy)]
+enum Refuser {
+    /// The SDK's guard of a sensitive route.
+    Sdk,
+    /// The app ([`Impersonation::record_refused`]).
+    App,
+}
+
 /// `draft` with the details that name `denial` and the `attempt` refused.
 fn with_denial(mut draft: AuditDraft, denial: &Denial, attempt: &str) -> AuditDraft {
     for (key, value) in denial_details(denial, attempt).iter() {
@@ -2117,18 +2126,23 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Audits a refused action inside a session (a billing route, say) and
     /// gives the error to answer with: `Denied(denial)`, the refusal on
-    /// the trail. The session is judged as [`Impersonation::record`]
-    /// judges it: one that has ended meanwhile (stopped by another
+    /// the trail. A session that has ended meanwhile (stopped by another
     /// process, whose end this process's reuse of the session did not
-    /// see) or whose time is up (ended then, as it lapsed) gets nothing
-    /// recorded after its end, and the answer is `Unauthenticated`.
+    /// see) gets nothing recorded after its end, and neither does one
+    /// whose time is up on the store's record, which this call then ends
+    /// as it lapsed (its `SessionEnded` event written); the answer is
+    /// then `Ok(Unauthenticated)`, whichever way the session turned out
+    /// to be over. `Err` is a store that failed.
     pub async fn record_denied(
         &self,
         ctx: &Context,
         denial: Denial,
         attempt: &str,
     ) -> Result<Error, Error> {
-        match self.record_refused(ctx, denial.clone(), attempt).await {
+        match self
+            .refuse_in_session(ctx, denial.clone(), attempt, Refuser::Sdk)
+            .await
+        {
             Ok(()) => Ok(Error::Denied(denial)),
             Err(Error::Unauthenticated) => Ok(Error::Unauthenticated),
             Err(e) => Err(e),
@@ -2148,6 +2162,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         ctx: &Context,
         denial: Denial,
         attempt: &str,
+    ) -> Result<(), Error> {
+        self.refuse_in_session(ctx, denial, attempt, Refuser::App)
+            .await
+    }
+
+    /// [`Impersonation::record_refused`], for a refusal made by `by`.
+    async fn refuse_in_session(
+        &self,
+        ctx: &Context,
+        denial: Denial,
+        attempt: &str,
+        by: Refuser,
     ) -> Result<(), Error> {
         match self.refuse_if_lapsed(ctx, self.now()).await {
             Ok(()) => {}
@@ -2169,11 +2195,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .await
         {
             Ok(_) => {
-                tracing::warn!(
-                    denial = denial.code(),
-                    attempt,
-                    "impersonated request refused by the app"
-                );
+                match by {
+                    Refuser::Sdk => tracing::warn!(
+                        denial = denial.code(),
+                        attempt,
+                        "impersonation attempt refused"
+                    ),
+                    Refuser::App => tracing::warn!(
+                        denial = denial.code(),
+                        attempt,
+                        "impersonated request refused by the app"
+                    ),
+                }
                 Ok(())
             }
             Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {

@@ -256,9 +256,13 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
     if ctx.shadow().has_permission(&billing) {
         bail!("the shadow user holds billing:manage");
     }
-    let refusal = service
+    let refusal = match service
         .record_denied(&ctx, Denial::SensitiveAction, "GET /billing")
-        .await?;
+        .await?
+    {
+        e @ Error::Denied(Denial::SensitiveAction) => e,
+        other => bail!("the billing page was not refused as sensitive: {other:?}"),
+    };
     writeln!(
         out,
         "   billing page while impersonating -> {refusal} (the shadow user has no billing:manage)"
