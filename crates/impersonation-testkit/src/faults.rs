@@ -72,6 +72,9 @@ pub struct FaultyStore<S> {
     yielding: std::sync::atomic::AtomicBool,
     /// Calls made, to vary the yields.
     calls: AtomicUsize,
+    /// The group commit the wrapper asks for, in place of the inner
+    /// store's.
+    batching: Option<Batching>,
 }
 
 /// The error a faulty call returns.
@@ -96,7 +99,18 @@ impl<S: Store> FaultyStore<S> {
             injected: AtomicUsize::new(0),
             yielding: std::sync::atomic::AtomicBool::new(false),
             calls: AtomicUsize::new(0),
+            batching: None,
         }
+    }
+
+    /// Has the service batch appends and lookups as `batching` says, in
+    /// place of the inner store's own choice (set before the service is
+    /// made: it reads it once). A store that answers at once (the memory
+    /// store) turns group commit off; with it on, calls made side by side
+    /// share batched store calls, as they would on a database.
+    pub fn with_batching(mut self, batching: Batching) -> Self {
+        self.batching = Some(batching);
+        self
     }
 
     /// From now on every call, besides any fault planned, yields to the
@@ -160,7 +174,7 @@ impl<S: Store> FaultyStore<S> {
             // Zero to three times each side, varied from call to call, so
             // that the calls of a step meet in different orders.
             let n = self.calls.fetch_add(1, Ordering::Relaxed);
-            let spread = n.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as usize) >> 7;
+            let spread = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7;
             for _ in 0..spread % 4 {
                 tokio::task::yield_now().await;
             }
@@ -242,7 +256,7 @@ impl<S: Store> Store for FaultyStore<S> {
             .await
     }
     fn batching(&self) -> Batching {
-        self.inner.batching()
+        self.batching.unwrap_or_else(|| self.inner.batching())
     }
     async fn find_by_secret(
         &self,

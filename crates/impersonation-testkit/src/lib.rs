@@ -20,7 +20,7 @@
 //!   session found without its start record, one end event each, chains
 //!   that verify) after every step;
 //! * [`fault_sequences::run_concurrent_sequences`]: the same calls with
-//!   no fault, two or three at a time as tasks of their own, so that
+//!   no fault, up to three at a time as tasks of their own, so that
 //!   starts race revocations and records race stops on your store, and
 //!   the same checks after every step;
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel

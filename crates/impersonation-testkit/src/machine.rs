@@ -1636,8 +1636,9 @@ pub(crate) fn runtime_and_runner(config: MachineConfig) -> (tokio::runtime::Runt
     (runtime, runner)
 }
 
-/// A factory for [`run_state_machine`] and
-/// [`crate::fault_sequences::run_fault_sequences`] that hands every case
+/// A factory for [`run_state_machine`],
+/// [`crate::fault_sequences::run_fault_sequences`] and
+/// [`crate::fault_sequences::run_concurrent_sequences`] that hands every case
 /// one store, made by `make` for the first case inside the run's runtime
 /// (a pooled connection belongs to the runtime that made it): what a store
 /// on a database wants, its cases kept apart by their namespaced ids.
