@@ -57,6 +57,19 @@ fn the_trail_holds_with_calls_racing_each_other() {
     });
 }
 
+/// The same with two processes of the app on one store.
+#[test]
+fn the_trail_holds_with_calls_racing_across_two_processes() {
+    let config = MachineConfig {
+        cases: 500,
+        max_steps: 40,
+    };
+    impersonation_testkit::fault_sequences::run_concurrent_sequences_in_two_processes(
+        config,
+        || async { Arc::new(MemoryStore::new()) },
+    );
+}
+
 #[test]
 fn cases_may_share_one_store() {
     // What a database adapter does: every case gets the same store, and the

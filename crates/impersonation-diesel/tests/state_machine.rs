@@ -8,7 +8,9 @@ mod common;
 use std::future::Future;
 
 use impersonation_diesel::DieselStore;
-use impersonation_testkit::fault_sequences::{run_concurrent_sequences, run_fault_sequences};
+use impersonation_testkit::fault_sequences::{
+    run_concurrent_sequences, run_concurrent_sequences_in_two_processes, run_fault_sequences,
+};
 use impersonation_testkit::machine::{
     MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
 };
@@ -29,6 +31,8 @@ enum Run {
     Faults,
     /// The concurrent sequences (half as many cases).
     Concurrent,
+    /// The concurrent sequences in two processes (half as many cases).
+    TwoProcesses,
 }
 
 /// Runs `what` on one store shared by the cases.
@@ -52,6 +56,7 @@ where
         ),
         Run::Faults => run_fault_sequences(half, factory),
         Run::Concurrent => run_concurrent_sequences(half, factory),
+        Run::TwoProcesses => run_concurrent_sequences_in_two_processes(half, factory),
     }
 }
 
@@ -112,6 +117,25 @@ fn concurrent_sequences_on_mariadb() {
 #[test]
 fn concurrent_sequences_on_sqlite_file() {
     run(common::sqlite_file, Run::Concurrent);
+}
+
+/// The same, calls spread over two processes of the app
+/// (`run_concurrent_sequences_in_two_processes`).
+#[cfg(feature = "postgres")]
+#[test]
+fn two_process_sequences_on_postgres() {
+    run(common::postgres, Run::TwoProcesses);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn two_process_sequences_on_mariadb() {
+    run(common::mysql, Run::TwoProcesses);
+}
+
+#[test]
+fn two_process_sequences_on_sqlite_file() {
+    run(common::sqlite_file, Run::TwoProcesses);
 }
 
 /// The edge sequences on every backend: those that end a session's idle

@@ -7,7 +7,9 @@ mod common;
 use std::future::Future;
 
 use impersonation_redis::RedisStore;
-use impersonation_testkit::fault_sequences::{run_concurrent_sequences, run_fault_sequences};
+use impersonation_testkit::fault_sequences::{
+    run_concurrent_sequences, run_concurrent_sequences_in_two_processes, run_fault_sequences,
+};
 use impersonation_testkit::machine::{
     MachineConfig, edge_sequences, run_ops, run_state_machine, shared_store,
 };
@@ -58,6 +60,8 @@ enum Run {
     Faults,
     /// The concurrent sequences (half as many cases).
     Concurrent,
+    /// The concurrent sequences in two processes (half as many cases).
+    TwoProcesses,
 }
 
 /// Runs `what` on one store shared by the cases.
@@ -81,6 +85,7 @@ where
         ),
         Run::Faults => run_fault_sequences(half, factory),
         Run::Concurrent => run_concurrent_sequences(half, factory),
+        Run::TwoProcesses => run_concurrent_sequences_in_two_processes(half, factory),
     }
 }
 
@@ -115,6 +120,18 @@ fn concurrent_sequences_on_redis() {
 #[test]
 fn concurrent_sequences_on_redis_cluster() {
     run(common::cluster, Run::Concurrent);
+}
+
+/// The same, calls spread over two processes of the app
+/// (`run_concurrent_sequences_in_two_processes`).
+#[test]
+fn two_process_sequences_on_redis() {
+    run(common::single, Run::TwoProcesses);
+}
+
+#[test]
+fn two_process_sequences_on_redis_cluster() {
+    run(common::cluster, Run::TwoProcesses);
 }
 
 /// The edge sequences: those that end a session's idle timeout between

@@ -44,6 +44,9 @@
 //! deadlock between the calls) fails its case. How the calls meet
 //! depends on the scheduler, so a failing case may not fail again when
 //! run alone, and proptest's shrinking may stop short of the smallest.
+//! [`run_concurrent_sequences_in_two_processes`] spreads the calls over
+//! two services on the store (two instances of the app), for invariants
+//! 1 to 4 and 7.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -178,6 +181,10 @@ enum Effect {
 
 struct Case<S: Store> {
     service: Service<S>,
+    /// A second process of the app on the same store, if the case has
+    /// one: its own reuse map and group commit, the same directory and
+    /// clock.
+    elsewhere: Option<Service<S>>,
     clock: ManualClock,
     agents: [Principal; AGENTS],
     targets: [Principal; TARGETS],
@@ -201,17 +208,20 @@ impl<S: Store + 'static> Case<S> {
     /// call yields a few times, and an answer-at-once store gets group
     /// commit (so that racing calls share batched calls, as on a
     /// database).
-    fn new(store: S, racing: bool) -> Self {
-        let mut wrapped = FaultyStore::new(store);
-        if racing {
-            wrapped.yield_on_every_call();
-            if wrapped.batching() == Batching::OFF {
-                wrapped = wrapped.with_batching(Batching {
-                    appends: 1,
-                    lookups: 1,
-                });
+    fn new(store: S, racing: bool, second: Option<S>) -> Self {
+        let wrap = |store: S| {
+            let mut wrapped = FaultyStore::new(store);
+            if racing {
+                wrapped.yield_on_every_call();
+                if wrapped.batching() == Batching::OFF {
+                    wrapped = wrapped.with_batching(Batching {
+                        appends: 1,
+                        lookups: 1,
+                    });
+                }
             }
-        }
+            wrapped
+        };
         let world = World::new();
         let agents: [Principal; AGENTS] = [world.agent(0), world.agent(1)];
         let targets: [Principal; TARGETS] = [world.customer(0, "t1"), world.customer(1, "t1")];
@@ -223,14 +233,17 @@ impl<S: Store + 'static> Case<S> {
         let policy = Policy::default()
             .max_duration(Duration::hours(2))
             .idle_timeout(Duration::minutes(30));
-        let service = Arc::new(
-            Impersonation::new(wrapped, directory)
-                .with_policy(policy)
-                .with_projection(world.rules.clone())
-                .with_clock(clock.clone()),
-        );
+        let process = |store: S| {
+            Arc::new(
+                Impersonation::new(wrap(store), directory.clone())
+                    .with_policy(policy.clone())
+                    .with_projection(world.rules.clone())
+                    .with_clock(clock.clone()),
+            )
+        };
         Self {
-            service,
+            service: process(store),
+            elsewhere: second.map(process),
             clock,
             agents,
             targets,
@@ -247,14 +260,20 @@ impl<S: Store + 'static> Case<S> {
     /// record's answers are (invariants 5 to 7).
     async fn run(&mut self, call: &Call) -> Result<(), TestCaseError> {
         let faults_before = self.service.store().injected();
-        let effect = self.call(call).await;
+        let effect = self.call(call, false).await;
         let faulted = self.service.store().injected() > faults_before;
         match &effect {
             Effect::Resolved { ctx, .. } => {
                 if faulted {
                     return Err(fail("a resolve answered past a failed store call".into()));
                 }
-                self.serves_a_live_session(ctx).await?;
+                // With a second process, an end made there is not seen
+                // by this one's reuse map until it reads the store (an
+                // audited request is refused there): invariant 6 holds
+                // for one process alone.
+                if self.elsewhere.is_none() {
+                    self.serves_a_live_session(ctx).await?;
+                }
             }
             Effect::Recorded { .. } if faulted => {
                 return Err(fail("a record answered past a failed store call".into()));
@@ -267,10 +286,10 @@ impl<S: Store + 'static> Case<S> {
 
     /// Runs `calls` side by side, each a task of its own (all of them
     /// aborted if one fails as a task).
-    async fn run_together(&mut self, calls: &[Call]) -> Result<(), TestCaseError> {
+    async fn run_together(&mut self, calls: &[(Call, bool)]) -> Result<(), TestCaseError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for call in calls {
-            tasks.spawn(self.call(call));
+        for (call, elsewhere) in calls {
+            tasks.spawn(self.call(call, *elsewhere));
         }
         while let Some(done) = tasks.join_next().await {
             let effect = done.map_err(|e| fail(format!("a call failed as a task: {e}")))?;
@@ -288,7 +307,7 @@ impl<S: Store + 'static> Case<S> {
     async fn probe(&self) -> Result<(), TestCaseError> {
         for agent in 0..AGENTS {
             for call in [Call::Resolve { agent }, Call::ResolveById { agent }] {
-                if let Effect::Resolved { ctx, .. } = self.call(&call).await {
+                if let Effect::Resolved { ctx, .. } = self.call(&call, false).await {
                     self.serves_a_live_session(&ctx)
                         .await
                         .map_err(|e| fail(format!("probing with {call:?}: {e}")))?;
@@ -298,9 +317,13 @@ impl<S: Store + 'static> Case<S> {
         Ok(())
     }
 
-    /// `call`, as a future of its own, on what the case knows now.
-    fn call(&self, call: &Call) -> Running {
-        let service = Arc::clone(&self.service);
+    /// `call`, as a future of its own, on what the case knows now; in
+    /// the second process if `elsewhere` (and the case has one).
+    fn call(&self, call: &Call, elsewhere: bool) -> Running {
+        let service = match &self.elsewhere {
+            Some(other) if elsewhere => Arc::clone(other),
+            _ => Arc::clone(&self.service),
+        };
         match *call {
             Call::Start { agent, target } => {
                 let who = self.agents[agent].clone();
@@ -517,7 +540,7 @@ async fn run_case<S: Store + 'static>(
     steps: &[Step],
     injected: &std::sync::atomic::AtomicUsize,
 ) -> Result<(), TestCaseError> {
-    let mut case = Case::new(store, false);
+    let mut case = Case::new(store, false, None);
     for (n, step) in steps.iter().enumerate() {
         if let Some((nth, when, calls)) = step.fault {
             case.service.store().fail_nth(nth, when, calls);
@@ -564,21 +587,27 @@ where
     );
 }
 
-/// Runs `steps`, each a set of calls side by side, with no fault; a step
+/// Runs `steps`, each a set of calls side by side (each in the second
+/// process where it says so, if the case has one), with no fault; a step
 /// that runs past [`crate::conformance::CASE_DEADLINE`] (a deadlock
 /// between the racing calls, say) fails the case.
 async fn run_concurrent_case<S: Store + 'static>(
     store: S,
-    steps: &[Vec<Call>],
+    second: Option<S>,
+    steps: &[Vec<(Call, bool)>],
 ) -> Result<(), TestCaseError> {
-    let mut case = Case::new(store, true);
+    let mut case = Case::new(store, true, second);
     for (n, calls) in steps.iter().enumerate() {
         let step = async {
             match calls.as_slice() {
-                [one] => case.run(one).await,
+                [(one, false)] => case.run(one).await,
                 _ => {
                     case.run_together(calls).await?;
-                    case.probe().await
+                    // Invariant 6 holds for one process alone (see `run`).
+                    if case.elsewhere.is_none() {
+                        case.probe().await?;
+                    }
+                    Ok(())
                 }
             }
         };
@@ -606,12 +635,42 @@ where
     Fut: Future<Output = S>,
 {
     let (runtime, mut runner) = runtime_and_runner(config);
-    let step = prop::collection::vec(call_strategy(), 1..=3);
+    let step = prop::collection::vec((call_strategy(), Just(false)), 1..=3);
     let strategy = prop::collection::vec(step, 1..=config.max_steps);
     let result = runner.run(&strategy, |steps| {
-        runtime.block_on(async { run_concurrent_case(factory().await, &steps).await })
+        runtime.block_on(async { run_concurrent_case(factory().await, None, &steps).await })
     });
     if let Err(e) = result {
         panic!("concurrent-sequence property failed: {e}");
+    }
+}
+
+/// [`run_concurrent_sequences`] with two processes of the app on the
+/// store (two services on clones of the store from `factory`, each with
+/// its own reuse map and group commit, as two instances behind a load
+/// balancer): each call runs in one or the other, so starts race across
+/// processes, an end made in one meets reads and records in the other,
+/// and the trail's invariants (1 to 4 and 7) must hold after every step.
+/// Invariant 6 is left out: a process serves a read from its reuse map
+/// for up to `Config::reuse_interval` after the other ended the session
+/// (its audit write is what refuses it).
+pub fn run_concurrent_sequences_in_two_processes<S, F, Fut>(config: MachineConfig, factory: F)
+where
+    S: Store + Clone + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let (runtime, mut runner) = runtime_and_runner(config);
+    let step = prop::collection::vec((call_strategy(), any::<bool>()), 1..=3);
+    let strategy = prop::collection::vec(step, 1..=config.max_steps);
+    let result = runner.run(&strategy, |steps| {
+        runtime.block_on(async {
+            let store = factory().await;
+            let second = store.clone();
+            run_concurrent_case(store, Some(second), &steps).await
+        })
+    });
+    if let Err(e) = result {
+        panic!("two-process concurrent-sequence property failed: {e}");
     }
 }

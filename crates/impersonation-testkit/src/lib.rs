@@ -22,7 +22,9 @@
 //! * [`fault_sequences::run_concurrent_sequences`]: the same calls with
 //!   no fault, up to three at a time as tasks of their own, so that
 //!   starts race revocations and records race stops on your store, and
-//!   the same checks after every step;
+//!   the same checks after every step (and
+//!   [`fault_sequences::run_concurrent_sequences_in_two_processes`], the
+//!   calls spread over two instances of the app);
 //! * [`scratch`]: unique names and SQLite file paths that keep parallel
 //!   tests apart on shared servers.
 //!
