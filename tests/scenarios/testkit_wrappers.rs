@@ -66,7 +66,10 @@ fn the_trail_holds_with_calls_racing_across_two_processes() {
     };
     impersonation_testkit::fault_sequences::run_concurrent_sequences_in_two_processes(
         config,
-        || async { Arc::new(MemoryStore::new()) },
+        || async {
+            let store = Arc::new(MemoryStore::new());
+            (Arc::clone(&store), store)
+        },
     );
 }
 

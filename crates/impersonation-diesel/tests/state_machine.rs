@@ -31,8 +31,6 @@ enum Run {
     Faults,
     /// The concurrent sequences (half as many cases).
     Concurrent,
-    /// The concurrent sequences in two processes (half as many cases).
-    TwoProcesses,
 }
 
 /// Runs `what` on one store shared by the cases.
@@ -56,8 +54,21 @@ where
         ),
         Run::Faults => run_fault_sequences(half, factory),
         Run::Concurrent => run_concurrent_sequences(half, factory),
-        Run::TwoProcesses => run_concurrent_sequences_in_two_processes(half, factory),
     }
+}
+
+/// The concurrent sequences in two processes (half as many cases), on one
+/// pair of stores on the same data, shared by the cases.
+fn run_two<F, Fut>(make: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (DieselStore, DieselStore)> + Send + 'static,
+{
+    let config = MachineConfig {
+        cases: cases().div_ceil(2),
+        max_steps: 40,
+    };
+    run_concurrent_sequences_in_two_processes(config, shared_store(make));
 }
 
 #[cfg(feature = "postgres")]
@@ -124,18 +135,18 @@ fn concurrent_sequences_on_sqlite_file() {
 #[cfg(feature = "postgres")]
 #[test]
 fn two_process_sequences_on_postgres() {
-    run(common::postgres, Run::TwoProcesses);
+    run_two(common::postgres_pair);
 }
 
 #[cfg(feature = "mysql")]
 #[test]
 fn two_process_sequences_on_mariadb() {
-    run(common::mysql, Run::TwoProcesses);
+    run_two(common::mysql_pair);
 }
 
 #[test]
 fn two_process_sequences_on_sqlite_file() {
-    run(common::sqlite_file, Run::TwoProcesses);
+    run_two(common::sqlite_file_pair);
 }
 
 /// The edge sequences on every backend: those that end a session's idle

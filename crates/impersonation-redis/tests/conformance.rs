@@ -26,21 +26,15 @@ mod cluster {
 /// chain heads: two processes of an app.
 mod two_instances {
     mod single {
-        impersonation_testkit::store_pair_conformance_tests!(async {
-            let ns = super::super::common::unique("imptest");
-            let url = super::super::common::SINGLE;
-            let first = super::super::common::store_at(url, &ns).await;
-            (first, super::super::common::store_at(url, &ns).await)
-        });
+        impersonation_testkit::store_pair_conformance_tests!(super::super::common::pair_at(
+            super::super::common::SINGLE
+        ));
     }
 
     mod cluster {
-        impersonation_testkit::store_pair_conformance_tests!(async {
-            let ns = super::super::common::unique("imptest");
-            let url = super::super::common::CLUSTER;
-            let first = super::super::common::store_at(url, &ns).await;
-            (first, super::super::common::store_at(url, &ns).await)
-        });
+        impersonation_testkit::store_pair_conformance_tests!(super::super::common::pair_at(
+            super::super::common::CLUSTER
+        ));
     }
 }
 
@@ -60,8 +54,6 @@ enum Run {
     Faults,
     /// The concurrent sequences (half as many cases).
     Concurrent,
-    /// The concurrent sequences in two processes (half as many cases).
-    TwoProcesses,
 }
 
 /// Runs `what` on one store shared by the cases.
@@ -85,8 +77,21 @@ where
         ),
         Run::Faults => run_fault_sequences(half, factory),
         Run::Concurrent => run_concurrent_sequences(half, factory),
-        Run::TwoProcesses => run_concurrent_sequences_in_two_processes(half, factory),
     }
+}
+
+/// The concurrent sequences in two processes (half as many cases), on one
+/// pair of stores on the same data, shared by the cases.
+fn run_two<F, Fut>(make: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (RedisStore, RedisStore)> + Send + 'static,
+{
+    let config = MachineConfig {
+        cases: cases().div_ceil(2),
+        max_steps: 40,
+    };
+    run_concurrent_sequences_in_two_processes(config, shared_store(make));
 }
 
 #[test]
@@ -126,12 +131,12 @@ fn concurrent_sequences_on_redis_cluster() {
 /// (`run_concurrent_sequences_in_two_processes`).
 #[test]
 fn two_process_sequences_on_redis() {
-    run(common::single, Run::TwoProcesses);
+    run_two(|| common::pair_at(common::SINGLE));
 }
 
 #[test]
 fn two_process_sequences_on_redis_cluster() {
-    run(common::cluster, Run::TwoProcesses);
+    run_two(|| common::pair_at(common::CLUSTER));
 }
 
 /// The edge sequences: those that end a session's idle timeout between

@@ -105,7 +105,7 @@ impl<S: Store> FaultyStore<S> {
 
     /// Has the service batch appends and lookups as `batching` says, in
     /// place of the inner store's own choice (set before the service is
-    /// made: it reads it once). A store that answers at once (the memory
+    /// made, which sizes its group commit by it). A store that answers at once (the memory
     /// store) turns group commit off; with it on, calls made side by side
     /// share batched store calls, as they would on a database.
     pub fn with_batching(mut self, batching: Batching) -> Self {

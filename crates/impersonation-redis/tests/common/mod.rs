@@ -15,6 +15,13 @@ pub(crate) async fn store_at(url: &str, ns: &str) -> RedisStore {
         .expect("Redis test store")
 }
 
+/// Two stores on one new namespace at `url`, each with its own
+/// connection and cached chain heads: two processes of an app.
+pub(crate) async fn pair_at(url: &str) -> (RedisStore, RedisStore) {
+    let ns = unique("imptest");
+    (store_at(url, &ns).await, store_at(url, &ns).await)
+}
+
 /// A plain connection to the server at `url`, for a test that reads,
 /// damages, moves or counts stored keys itself. It waits up to 30 s for
 /// an answer, not the client's default half second, which a `MIGRATE`
