@@ -50,7 +50,7 @@ pub const SIGN_IN_COOKIE: &str = "campground_user";
 
 /// The sign-out route: no change for a read-only session, and audited by
 /// the service as the session's end rather than by the layer.
-const SIGN_OUT: &str = "/signout";
+pub(crate) const SIGN_OUT: &str = "/signout";
 const VERIFY: &str = "/audit/verify";
 
 /// The app's own data, kept in memory (the SDK's sessions and audit trail

@@ -549,6 +549,28 @@ pub async fn sign_out(
     // it can only sign them out, so it needs only to come from this site
     // (its token is not compared).
     if !v.csrf.as_ref().is_some_and(CsrfCheck::same_site) {
+        // The route is left out of the layer's audit (a sign-out's record
+        // is the session's end); refused, it ends nothing, and is on the
+        // trail as the request it was, as the layer would put it.
+        if let Some(ctx) = &v.ctx {
+            let refused = impersonation_core::Activity::access("POST /signout (403)")
+                .detail("method", "POST")
+                .detail("route", crate::SIGN_OUT)
+                .detail("status", 403);
+            match demo.service().record_completed(ctx, refused).await {
+                // Or the session ended meanwhile: nothing to record in it.
+                Ok(_) | Err(impersonation_core::Error::Unauthenticated) => {}
+                Err(e) => {
+                    return refused_for(
+                        &v,
+                        &demo,
+                        "Sign out",
+                        "The sign-out could not be audited",
+                        &e,
+                    );
+                }
+            }
+        }
         return bad_csrf(&v, &demo);
     }
     // A session that ended meanwhile (elsewhere, or by expiry) needs no

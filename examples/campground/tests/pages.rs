@@ -860,6 +860,36 @@ async fn a_sign_out_form_from_an_ended_session_still_signs_out_from_this_site() 
     assert!(page.contains("Sign in"), "{page}");
 }
 
+/// A sign-out refused on its form's origin under a live impersonation
+/// ends nothing, and is on the trail as the request it was (the route is
+/// left out of the layer's audit, whose record of a sign-out is the
+/// session's end).
+#[tokio::test]
+async fn a_refused_sign_out_under_impersonation_is_on_the_trail() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    impersonate(&mut sam, "olive").await;
+    sam.get("/dashboard").await;
+    let res = sam
+        .client
+        .post(format!("{base}/signout"))
+        .header("origin", "https://elsewhere.example")
+        .form(&[("csrf", &sam.csrf.clone())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let (_, page) = sam.get("/dashboard").await;
+    assert!(page.contains("impersonation-banner"), "still on: {page}");
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (_, trail) = lee.get("/audit.txt").await;
+    let line = trail
+        .lines()
+        .find(|l| l.contains("POST /signout (403)"))
+        .unwrap_or_else(|| panic!("{trail}"));
+    assert!(line.contains("Olive"), "{line}");
+}
+
 /// A form rendered for Sam, left open in one tab, does not post as Lee
 /// once the browser has signed in as Lee in another.
 #[tokio::test]
