@@ -294,7 +294,13 @@ impl<S: Store + 'static> Case<S> {
     /// aborted if one fails as a task).
     async fn run_together(&mut self, calls: &[(Call, bool)]) -> Result<(), TestCaseError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (call, elsewhere) in calls {
+        // The clock moves before any call runs: one that moved it while
+        // another was under way would date that one's reads and writes
+        // apart (an end at the old time, a read at the new).
+        let (moves, others): (Vec<_>, Vec<_>) = calls
+            .iter()
+            .partition(|(call, _)| matches!(call, Call::Advance { .. }));
+        for (call, elsewhere) in moves.into_iter().chain(others) {
             tasks.spawn(self.call(call, *elsewhere));
         }
         while let Some(done) = tasks.join_next().await {
@@ -506,7 +512,7 @@ impl<S: Store + 'static> Case<S> {
         let now = self.service.now();
         let ended_lately = stored
             .ended_at
-            .is_some_and(|at| now - at < impersonation_core::Config::default().reuse_interval);
+            .is_some_and(|at| now - at < self.service.config().reuse_interval);
         let live = stored.state == impersonation_core::SessionState::Active
             && stored.lapse_at(now).is_none();
         let allowed = live || (reused && ended_lately);
@@ -678,10 +684,11 @@ where
 /// behind a load balancer. Each call runs in one or the other, so starts
 /// race across processes, an end made in one meets reads and records in
 /// the other, and the trail's invariants (1 to 4 and 7) must hold after
-/// every step. Invariant 6 is weaker for a read the reuse map may answer:
-/// a process serves one for up to `Config::reuse_interval` after the
-/// other ended the session (its audit write is what refuses it), so the
-/// session it serves must be live, or have ended within that interval; a
+/// every step. Invariant 6 is checked on the steps of one call in the
+/// first process, and weaker for a read the reuse map may answer: a
+/// process serves one for up to `Config::reuse_interval` after the other
+/// ended the session (its audit write is what refuses it), so the session
+/// it serves must be live, or have ended within that interval; a
 /// `resolve_fresh` must serve a live one. When a case fails, shrinking
 /// tends to move calls into the first process.
 pub fn run_concurrent_sequences_in_two_processes<S, F, Fut>(config: MachineConfig, factory: F)

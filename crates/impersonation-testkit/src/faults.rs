@@ -114,8 +114,8 @@ impl<S: Store> FaultyStore<S> {
     }
 
     /// From now on every call, besides any fault planned, yields to the
-    /// runtime a few times before the inner store sees it and after it has
-    /// answered, as a call to a server waits on the network: calls
+    /// runtime zero to three times (varied from call to call) before the
+    /// inner store sees it, and as many again after it has answered, as a call to a server waits on the network: calls
     /// made side by side interleave at every store call, even on a store
     /// that answers at once (the memory store), and so race as they
     /// would over a network.
