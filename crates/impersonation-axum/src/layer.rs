@@ -1042,12 +1042,17 @@ where
                 // Whether the audit found the session ended meanwhile.
                 let mut session_over = false;
                 // The guard's refusal, of a session it found over: the
-                // request did nothing, and is answered as a read would be.
+                // request did nothing, needs no record, and is answered as
+                // a read in an ended session is.
                 let refused_over = as_refused && state.refused_over.load(Ordering::SeqCst);
-                match audit_request(&shared, &state, c, method, route, is_change, answer)
-                    .instrument(request_span)
-                    .await
-                {
+                let audited = if refused_over {
+                    Some(Err(impersonation_core::Error::Unauthenticated))
+                } else {
+                    audit_request(&shared, &state, c, method, route, is_change, answer)
+                        .instrument(request_span)
+                        .await
+                };
+                match audited {
                     None | Some(Ok(())) => {}
                     // Nothing is served that the audit trail does not show.
                     // A change has been made by then: the log line is
@@ -1583,11 +1588,6 @@ async fn audit_request(
     is_change: bool,
     answer: Answer,
 ) -> Option<Result<(), impersonation_core::Error>> {
-    // The guard found the session over: nothing to record, and the
-    // answer is withheld as any in an ended session.
-    if answer.as_refused && state.refused_over.load(Ordering::SeqCst) {
-        return Some(Err(impersonation_core::Error::Unauthenticated));
-    }
     // An app's refusal is recorded as the denial it names (whatever
     // `audit_when` says of its route, as the guard's is), in a session
     // still live: only a 4xx answer counts as one, so that no marker
