@@ -494,15 +494,6 @@ fn stop_span() -> Span {
     )
 }
 
-/// Who refused a request inside a session, for the log line.
-#[derive(Clone, Copy)]
-enum Refuser {
-    /// The SDK's guard of a sensitive route.
-    Sdk,
-    /// The app ([`Impersonation::record_refused`]).
-    App,
-}
-
 /// `draft` with the details that name `denial` and the `attempt` refused.
 fn with_denial(mut draft: AuditDraft, denial: &Denial, attempt: &str) -> AuditDraft {
     for (key, value) in denial_details(denial, attempt).iter() {
@@ -2140,7 +2131,12 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         attempt: &str,
     ) -> Result<Error, Error> {
         match self
-            .refuse_in_session(ctx, denial.clone(), attempt, Refuser::Sdk)
+            .refuse_in_session(
+                ctx,
+                denial.clone(),
+                attempt,
+                "impersonation attempt refused",
+            )
             .await
         {
             Ok(()) => Ok(Error::Denied(denial)),
@@ -2163,17 +2159,23 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         denial: Denial,
         attempt: &str,
     ) -> Result<(), Error> {
-        self.refuse_in_session(ctx, denial, attempt, Refuser::App)
-            .await
+        self.refuse_in_session(
+            ctx,
+            denial,
+            attempt,
+            "impersonated request refused by the app",
+        )
+        .await
     }
 
-    /// [`Impersonation::record_refused`], for a refusal made by `by`.
+    /// [`Impersonation::record_refused`], logged once on the trail with
+    /// `message` (which says who refused).
     async fn refuse_in_session(
         &self,
         ctx: &Context,
         denial: Denial,
         attempt: &str,
-        by: Refuser,
+        message: &'static str,
     ) -> Result<(), Error> {
         match self.refuse_if_lapsed(ctx, self.now()).await {
             Ok(()) => {}
@@ -2195,18 +2197,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .await
         {
             Ok(_) => {
-                match by {
-                    Refuser::Sdk => tracing::warn!(
-                        denial = denial.code(),
-                        attempt,
-                        "impersonation attempt refused"
-                    ),
-                    Refuser::App => tracing::warn!(
-                        denial = denial.code(),
-                        attempt,
-                        "impersonated request refused by the app"
-                    ),
-                }
+                tracing::warn!(denial = denial.code(), attempt, "{message}");
                 Ok(())
             }
             Err(StoreError::SessionNotActive(_) | StoreError::SessionNotFound(_)) => {
