@@ -54,7 +54,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use impersonation_core::{
-    Activity, AuditEvent, Batching, ChainKey, Impersonation, Initiator, ManualClock,
+    Activity, AuditEvent, Batching, ChainKey, Error, Impersonation, Initiator, ManualClock,
     MemoryDirectory, Policy, Principal, Requester, SessionId, SessionSecret, StartRequest, Store,
 };
 use proptest::prelude::*;
@@ -183,6 +183,16 @@ enum Effect {
         agent: usize,
         event: impersonation_core::EventId,
     },
+}
+
+impl Effect {
+    /// What a resolve of `agent`'s session answered.
+    fn resolved(agent: usize, answer: Result<impersonation_core::Context, Error>) -> Self {
+        match answer {
+            Ok(ctx) => Self::Resolved { agent, ctx },
+            Err(_) => Self::Unresolved { agent },
+        }
+    }
 }
 
 struct Case<S: Store> {
@@ -354,26 +364,18 @@ impl<S: Store + 'static> Case<S> {
                     }
                 })
             }
-            Call::Resolve { agent } => {
+            Call::Resolve { agent } | Call::ResolveFresh { agent } => {
                 let Some(secret) = self.secret_of(agent) else {
                     return Box::pin(std::future::ready(Effect::Nothing));
                 };
+                let fresh = matches!(call, Call::ResolveFresh { .. });
                 Box::pin(async move {
-                    match service.resolve(&secret).await {
-                        Ok(ctx) => Effect::Resolved { agent, ctx },
-                        Err(_) => Effect::Unresolved { agent },
-                    }
-                })
-            }
-            Call::ResolveFresh { agent } => {
-                let Some(secret) = self.secret_of(agent) else {
-                    return Box::pin(std::future::ready(Effect::Nothing));
-                };
-                Box::pin(async move {
-                    match service.resolve_fresh(&secret).await {
-                        Ok(ctx) => Effect::Resolved { agent, ctx },
-                        Err(_) => Effect::Unresolved { agent },
-                    }
+                    let answer = if fresh {
+                        service.resolve_fresh(&secret).await
+                    } else {
+                        service.resolve(&secret).await
+                    };
+                    Effect::resolved(agent, answer)
                 })
             }
             Call::ResolveById { agent } => {
@@ -381,10 +383,7 @@ impl<S: Store + 'static> Case<S> {
                     return Box::pin(std::future::ready(Effect::Nothing));
                 };
                 Box::pin(async move {
-                    match service.resolve_session_reusing(id).await {
-                        Ok(ctx) => Effect::Resolved { agent, ctx },
-                        Err(_) => Effect::Unresolved { agent },
-                    }
+                    Effect::resolved(agent, service.resolve_session_reusing(id).await)
                 })
             }
             Call::Record {

@@ -5,7 +5,7 @@
 //! a test against its database.)
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use impersonation_core::{
@@ -68,8 +68,9 @@ pub struct FaultyStore<S> {
     plan: Mutex<Option<Plan>>,
     counted: AtomicUsize,
     injected: AtomicUsize,
-    /// Every call yields before and after the inner store's.
-    yielding: std::sync::atomic::AtomicBool,
+    /// Every call yields before and after the inner store's
+    /// ([`FaultyStore::yield_on_every_call`]).
+    yielding: AtomicBool,
     /// Calls made, to vary the yields.
     calls: AtomicUsize,
     /// The group commit the wrapper asks for, in place of the inner
@@ -97,7 +98,7 @@ impl<S: Store> FaultyStore<S> {
             plan: Mutex::new(None),
             counted: AtomicUsize::new(0),
             injected: AtomicUsize::new(0),
-            yielding: std::sync::atomic::AtomicBool::new(false),
+            yielding: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             batching: None,
         }
@@ -105,20 +106,21 @@ impl<S: Store> FaultyStore<S> {
 
     /// Has the service batch appends and lookups as `batching` says, in
     /// place of the inner store's own choice (set before the service is
-    /// made, which sizes its group commit by it). A store that answers at once (the memory
-    /// store) turns group commit off; with it on, calls made side by side
-    /// share batched store calls, as they would on a database.
+    /// made, which sizes its group commit by it). A store that answers at
+    /// once (the memory store) turns group commit off; with it on, calls
+    /// made side by side share batched store calls, as they would on a
+    /// database.
     pub fn with_batching(mut self, batching: Batching) -> Self {
         self.batching = Some(batching);
         self
     }
 
     /// From now on every call, besides any fault planned, yields to the
-    /// runtime zero to three times (varied from call to call) before the
-    /// inner store sees it, and as many again after it has answered, as a call to a server waits on the network: calls
-    /// made side by side interleave at every store call, even on a store
-    /// that answers at once (the memory store), and so race as they
-    /// would over a network.
+    /// runtime zero to three times before the inner store sees it and zero
+    /// to three times after it has answered (varied from call to call), as
+    /// a call to a server waits on the network: calls made side by side
+    /// interleave at every store call, even on a store that answers at
+    /// once (the memory store), and so race as they would over a network.
     pub fn yield_on_every_call(&self) {
         self.yielding.store(true, Ordering::SeqCst);
     }
