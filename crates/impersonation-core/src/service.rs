@@ -1002,7 +1002,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     /// Ends a session by transition, tolerating a concurrent end: returns the
-    /// reason the session actually ended with.
+    /// reason the session actually ended with. One that changed under the
+    /// call and is still live (a consent came in) is ended as it now
+    /// stands, as a revoke-all does, if `reason` may end it as it stands
+    /// (a decline ends only a pending session: a [`TransitionError`]
+    /// otherwise); a conflict once it has changed [`CHANGED_RETRIES`] times.
     async fn end(
         &self,
         session: &Session,
@@ -1010,12 +1014,27 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         by: Actor,
         details: Details,
     ) -> Result<EndReason, Error> {
-        match self.try_end(session, reason, by, details).await? {
-            Ending::Ended(reason) => Ok(reason),
-            // Changed but still live (a consent, say): the caller retries.
-            Ending::Changed(now) => Err(Error::Store(StoreError::Conflict(now.id))),
-            Ending::Gone => Err(Error::UnknownSession),
+        let mut changed: Option<Box<Session>> = None;
+        for attempt in 1..=CHANGED_RETRIES {
+            let current = changed.as_deref().unwrap_or(session);
+            match self
+                .try_end(current, reason, by.clone(), details.clone())
+                .await?
+            {
+                Ending::Ended(reason) => return Ok(reason),
+                // A lapse is judged on the copy it is ended with: one the
+                // store's record no longer shows is not made.
+                Ending::Changed(now)
+                    if attempt < CHANGED_RETRIES
+                        && !matches!(reason, EndReason::Expired | EndReason::IdleTimeout) =>
+                {
+                    changed = Some(now);
+                }
+                Ending::Changed(now) => return Err(Error::Store(StoreError::Conflict(now.id))),
+                Ending::Gone => return Err(Error::UnknownSession),
+            }
         }
+        Err(Error::Store(StoreError::Conflict(session.id)))
     }
 
     /// Ends a session the caller's copy shows lapsed (`lapse`: expired or
@@ -1875,6 +1894,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
             .into());
         }
+        // A consent granted meanwhile (another tab) stands: only a pending
+        // session can be declined.
         let reason = self
             .end(
                 &found,

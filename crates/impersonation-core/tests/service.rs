@@ -10,7 +10,7 @@ use impersonation_core::{
     Consent, Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator,
     LiveFilter, ManualClock, Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal,
     ProjectionRules, RelationKind, Relationship, Requester, SessionState, ShadowValue,
-    StartRequest, Started, Store, TenantId, UserId, verify_chain,
+    StartRequest, Started, Store, TenantId, TransitionError, UserId, verify_chain,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -2801,6 +2801,89 @@ async fn a_revoke_all_ends_a_session_that_changed_since_it_was_listed() {
         let now = f.stored(session).await;
         assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
     }
+}
+
+/// A stop, a revoke and the policy re-check's revocation that meet a
+/// consent (the session they end was activated since they read it) end
+/// the session as it now stands, as a revoke-all does: the agent asked to
+/// end it, and it must not stay live for its whole duration.
+#[tokio::test]
+async fn a_stop_or_revoke_racing_a_consent_still_ends_the_session() {
+    let f = fixture_with(
+        BusyChain::consent_race(),
+        consent_policy(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    assert_eq!(started.session.state, SessionState::Pending);
+    let stopped = f.service.stop(&started.secret, &agent("sam")).await;
+    assert!(matches!(stopped, Ok(EndReason::Stopped)), "{stopped:?}");
+    assert_eq!(
+        f.stored(started.session.id).await.state,
+        SessionState::Ended(EndReason::Stopped)
+    );
+
+    let f = fixture_with(
+        BusyChain::consent_race(),
+        consent_policy(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    let revoked = f
+        .service
+        .revoke(started.session.id, &lead(), "customer called")
+        .await;
+    assert!(matches!(revoked, Ok(EndReason::Revoked)), "{revoked:?}");
+    let now = f.stored(started.session.id).await;
+    assert_eq!(now.state, SessionState::Ended(EndReason::Revoked));
+    // One end on the trail, the revoke's, after the consent.
+    let trail = f
+        .service
+        .store()
+        .chain_events(&ChainKey::for_agent(&id("sam")), 0, 10)
+        .await
+        .unwrap();
+    let trail: Vec<_> = trail
+        .iter()
+        .map(|e| (e.action, e.details.get("reason").map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            // The busy chain's own write, as the start first read its head.
+            (AuditAction::Access, None),
+            (AuditAction::SessionRequested, None),
+            (AuditAction::SessionStarted, None),
+            (AuditAction::SessionEnded, Some("revoked".to_owned())),
+        ]
+    );
+
+    // A decline that meets a consent (the customer's other tab) leaves the
+    // consent standing: only a session still pending is declined.
+    let f = fixture_with(
+        BusyChain::consent_race(),
+        consent_policy(),
+        Config::default(),
+    );
+    let started = f.sam_on_olive().await;
+    let declined = f
+        .service
+        .deny_consent(started.session.id, &customer("olive"))
+        .await;
+    assert!(
+        matches!(
+            declined,
+            Err(Error::Transition(TransitionError {
+                from: SessionState::Active,
+                to: SessionState::Ended(EndReason::ConsentDenied),
+            }))
+        ),
+        "{declined:?}"
+    );
+    assert_eq!(
+        f.stored(started.session.id).await.state,
+        SessionState::Active
+    );
 }
 
 /// Whose sessions a revoke-all ends.
