@@ -196,8 +196,12 @@ impl KeyRing {
         keys.next = Some(next);
     }
 
-    /// Stops publishing the previous key (once every token it signed has
-    /// expired).
+    /// Stops publishing the previous key: once every token it signed has
+    /// expired, and every session such a token was issued for has ended
+    /// (at the latest, the policy's longest session after the rotation).
+    /// A client ends its session by revoking its expired token, which only
+    /// the key that signed it verifies: revoked after its key retired, the
+    /// token is answered 200 as any invalid one, and its session lives on.
     pub fn retire_previous(&self) {
         self.keys
             .write()

@@ -144,6 +144,16 @@ impl Form {
         if std::str::from_utf8(body).is_err() {
             return Err(invalid("the body is not UTF-8"));
         }
+        // Nor may an escape decode to something that is not: the form
+        // decoder would make it U+FFFD, and two different values (a secret
+        // among them) the same. `&`, `=` and `+` are ASCII, so the body
+        // decodes to UTF-8 exactly when each of its names and values does.
+        if percent_encoding::percent_decode(body)
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(invalid("a percent-escape in the body is not UTF-8"));
+        }
         let mut form = Self {
             single: Vec::new(),
             repeated: Vec::new(),
@@ -219,9 +229,7 @@ impl ExchangeRequest {
             }
         }
         if take("client_assertion").is_some() {
-            return Err(invalid(
-                "client assertions are not supported; use client_secret_basic or client_secret_post",
-            ));
+            return Err(assertion_refused());
         }
         let token_type = |name: &str| -> Result<String, OAuthError> {
             let value = take(name).ok_or_else(|| invalid(format!("`{name}` is required")))?;
@@ -308,6 +316,15 @@ impl std::fmt::Debug for ClientCredentials {
 
 fn invalid_client(description: &str) -> OAuthError {
     OAuthError::new(ErrorCode::InvalidClient, description)
+}
+
+/// A client assertion (RFC 7523) is an authentication method this issuer
+/// does not support: `invalid_client` (RFC 6749 §5.2), whether or not the
+/// client also authenticated another way, at every endpoint.
+fn assertion_refused() -> OAuthError {
+    invalid_client(
+        "client assertions are not supported; use client_secret_basic or client_secret_post",
+    )
 }
 
 impl ClientCredentials {
@@ -409,11 +426,20 @@ impl RevocationRequest {
     pub fn parse(body: &[u8]) -> Result<Self, OAuthError> {
         let form = Form::parse(
             body,
-            &["token", "token_type_hint", "client_id", "client_secret"],
+            &[
+                "token",
+                "token_type_hint",
+                "client_id",
+                "client_secret",
+                "client_assertion",
+            ],
             &[],
             0,
         )?;
         let take = |name: &str| form.take(name);
+        if take("client_assertion").is_some() {
+            return Err(assertion_refused());
+        }
         let token = take("token").ok_or_else(|| invalid("`token` is required"))?;
         let form_client = take("client_id").map(|id| (id, take("client_secret")));
         // As at the token endpoint: a secret in the body without its id is

@@ -579,6 +579,51 @@ async fn client_authentication_refuses_an_empty_secret_and_two_ways_at_once() {
         .await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.body.contains("invalid_request"), "{}", answer.body);
+
+    // A client assertion is a method this issuer does not support
+    // (`invalid_client`, RFC 6749 §5.2) at both endpoints, alone or beside
+    // a method it does: a revocation does not pass on the header while
+    // the assertion is ignored.
+    let exchanged = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), body.as_bytes())
+        .await;
+    assert_eq!(exchanged.status, 200, "{}", exchanged.body);
+    let token = serde_json::from_str::<serde_json::Value>(&exchanged.body).unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let assertion = [
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", "a.b.c"),
+    ];
+    let mut revoke = vec![("token", token.as_str())];
+    revoke.extend(assertion);
+    let answer = issuer
+        .revoke(
+            Some(&basic(CLIENT, CLIENT_SECRET)),
+            encode(&revoke).as_bytes(),
+        )
+        .await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert!(answer.body.contains("invalid_client"), "{}", answer.body);
+    assert!(
+        issuer.verifier(API).authorize(&token).await.is_ok(),
+        "the session lives on"
+    );
+    let alone = format!("{body}&client_id={CLIENT}&{}", encode(&assertion));
+    let answer = issuer.exchange(None, alone.as_bytes()).await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert!(answer.body.contains("invalid_client"), "{}", answer.body);
+
+    // An escape that does not decode to UTF-8 is malformed, in the body as
+    // in the header: not a lossy secret that two values share.
+    let lossy = format!("{body}&client_id={CLIENT}&client_secret=%FE");
+    let answer = issuer.exchange(None, lossy.as_bytes()).await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("invalid_request"), "{}", answer.body);
 }
 
 /// A key announced ahead (`publish_next`) is in the JWKS before it signs:
