@@ -217,7 +217,7 @@ pub(crate) fn inject(
     charset_known: bool,
 ) -> Result<Vec<u8>, &'static str> {
     let mut metas = Vec::new();
-    let (at, form_open) = scan(html, &mut metas);
+    let (at, form_open, left_open) = scan(html, &mut metas);
     if !charset_known
         && (metas
             .iter()
@@ -234,12 +234,10 @@ pub(crate) fn inject(
     // A form the page left open where the banner goes is closed first
     // (it ends there anyway, at `</body>`), so that the banner's Stop is a
     // form of its own, which the app's submit handlers and `target` do
-    // not meet.
-    let placed = if form_open {
-        [b"</form>".as_slice(), banner.as_bytes()].concat()
-    } else {
-        banner.as_bytes().to_vec()
-    };
+    // not meet; so are the elements left open that would hide the banner,
+    // swallow it or take its clicks (`LeftOpen`).
+    let mut placed = left_open.closing(form_open);
+    placed.extend_from_slice(banner.as_bytes());
     edits.push((at..at, placed));
     // A meta tag ends before the banner's place, or begins after it.
     edits.sort_by_key(|(range, _)| (range.start, range.end));
@@ -373,7 +371,7 @@ fn declared_charset(tag: &[u8]) -> Option<String> {
 ///
 /// Every `<meta>` start tag passed on the way (markup, not text) goes into
 /// `metas`, from its `<` to its `>`.
-fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
+fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, LeftOpen) {
     /// Openers of text, and what ends each.
     const RAW: [(&[u8], &[u8]); 10] = [
         (b"<script", b"</script"),
@@ -389,8 +387,9 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     ];
     // The banner's place, and whether a form is open there (the HTML
     // parser's form element pointer).
-    let mut last: Option<(usize, bool)> = None;
+    let mut last: Option<(usize, bool, LeftOpen)> = None;
     let mut form_open = false;
+    let mut left_open = LeftOpen::default();
     let mut at = 0;
     // The elements open inside an svg or a math, innermost last (empty
     // outside them).
@@ -409,21 +408,21 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
     // the banner would be the host's light child, which a shadow tree
     // with no slot does not show). `inert_depth`: how many templates
     // were open around it.
-    let mut open_template: Option<(usize, bool)> = None;
+    let mut open_template: Option<(usize, bool, LeftOpen)> = None;
     let mut inert_depth = 0_usize;
     while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
         let here = at + lt;
         let rest = &html[here..];
         if tag_at(rest, b"</body") {
             if templates == 0 {
-                last = Some((here, form_open));
+                last = Some((here, form_open, left_open.clone()));
             }
             // Passed over to its `>`, as any end tag: attributes (quoted
             // ones too) may follow its name. Left open, it takes in the
             // rest of the page.
             match tag_end(rest) {
                 Some(end) => at = here + end + 1,
-                None => return open_template.unwrap_or((here, form_open)),
+                None => return open_template.unwrap_or((here, form_open, left_open)),
             }
             continue;
         }
@@ -431,7 +430,11 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         if foreign.in_its_namespace() && rest.starts_with(b"<![CDATA[") {
             match rest.windows(3).position(|w| w == b"]]>") {
                 Some(end) => at = here + end + b"]]>".len(),
-                None => return last.or(open_template).unwrap_or((here, form_open)),
+                None => {
+                    return last
+                        .or(open_template)
+                        .unwrap_or((here, form_open, left_open));
+                }
             }
             continue;
         }
@@ -455,7 +458,11 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 // and `<script/>` a script.
                 match tag_end(rest) {
                     Some(end) => here + end + 1,
-                    None => return last.or(open_template).unwrap_or((here, form_open)),
+                    None => {
+                        return last
+                            .or(open_template)
+                            .unwrap_or((here, form_open, left_open));
+                    }
                 }
             };
             let closed = if *open == b"<script" {
@@ -472,14 +479,24 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                 // open takes in what follows, the banner included.
                 Some((end, _)) => match tag_end(&html[inside + end..]) {
                     Some(gt) => at = inside + end + gt + 1,
-                    None => return last.or(open_template).unwrap_or((here, form_open)),
+                    None => {
+                        return last
+                            .or(open_template)
+                            .unwrap_or((here, form_open, left_open));
+                    }
                 },
-                None => return last.or(open_template).unwrap_or((here, form_open)),
+                None => {
+                    return last
+                        .or(open_template)
+                        .unwrap_or((here, form_open, left_open));
+                }
             }
             continue;
         }
         if as_html && tag_at(rest, b"<plaintext") {
-            return last.or(open_template).unwrap_or((here, form_open));
+            return last
+                .or(open_template)
+                .unwrap_or((here, form_open, left_open));
         }
         // Any other tag, start or end, is passed over whole: a quoted
         // attribute value (a customer's text in a `title`) holding `<!--`,
@@ -489,7 +506,9 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         let is_end = rest.get(1) == Some(&b'/');
         if letter(1) || (is_end && letter(2)) {
             let Some(end) = tag_end(rest) else {
-                return last.or(open_template).unwrap_or((here, form_open));
+                return last
+                    .or(open_template)
+                    .unwrap_or((here, form_open, left_open));
             };
             let name_at = if is_end { 2 } else { 1 };
             let name_len = rest[name_at..]
@@ -505,6 +524,9 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
             if name == b"form" && templates == 0 && (is_end || foreign.reads_html()) {
                 form_open = !is_end;
             }
+            // Read as HTML before it (an svg's own root included), or
+            // once it has broken out of one (`<svg><table>`).
+            let read_as_html = foreign.reads_html();
             // A `<template>` read as HTML opens one (in an svg, it is the
             // svg's own element); a `</template>` ends the nearest one,
             // unless an svg's own `template` is nearer.
@@ -521,7 +543,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
                     }
                 } else {
                     if open_template.is_none() && !hosts_a_shadow_root(&rest[..=end]) {
-                        open_template = Some((here, form_open));
+                        open_template = Some((here, form_open, left_open.clone()));
                         inert_depth = templates;
                     }
                     templates = templates.saturating_add(1);
@@ -529,9 +551,20 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
             }
             if is_end {
                 foreign.end(&name);
+                // An end tag that HTML reads (one in an svg that ends it,
+                // `</a>` there, included).
+                if templates == 0 && foreign.reads_html() {
+                    left_open.end(&name);
+                }
             } else {
                 if name == b"meta" {
                     metas.push(here..here + end + 1);
+                }
+                let html_element = read_as_html
+                    || breaks_out(&name)
+                    || (name == b"font" && font_breaks_out(&rest[..end]));
+                if templates == 0 && html_element {
+                    left_open.start(&name, &rest[..=end]);
                 }
                 foreign.start(name, &rest[..end], closes_itself(rest, end));
             }
@@ -542,13 +575,138 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool) {
         if matches!(rest.get(1), Some(b'!' | b'?' | b'/')) {
             match rest.iter().position(|&b| b == b'>') {
                 Some(end) => at = here + end + 1,
-                None => return last.or(open_template).unwrap_or((here, form_open)),
+                None => {
+                    return last
+                        .or(open_template)
+                        .unwrap_or((here, form_open, left_open));
+                }
             }
             continue;
         }
         at = here + 1;
     }
-    last.or(open_template).unwrap_or((html.len(), form_open))
+    last.or(open_template)
+        .unwrap_or((html.len(), form_open, left_open))
+}
+
+/// Elements a page left open where the banner goes that would hide it (any
+/// element `hidden`, `inert` or `aria-hidden`; a closed `<details>` or
+/// `<dialog>`; the fallback content of an `<object>`, `<video>`, `<audio>`
+/// or `<canvas>`), swallow it (a `<select>` or `<datalist>`, in which the
+/// parser drops the banner's tags or shows none of them; a `<table>`,
+/// which moves it) or take its clicks (a `<button>`, `<a>` or `<label>`
+/// around it): each is ended before the banner, as the `</body>` after it
+/// would end it, so nothing of the page moves. Counted by name from the
+/// first one that counts: an end tag for one the parser closed by its
+/// own rules meanwhile (a second `<button>` ends the first) is an end
+/// tag for no open element, which the parser ignores.
+#[derive(Clone, Default)]
+struct LeftOpen {
+    /// Each name, how many of it are open, in the order first met.
+    open: Vec<(Vec<u8>, usize)>,
+}
+
+impl LeftOpen {
+    /// Elements that, left open, always count.
+    const CONTAINERS: [&'static [u8]; 12] = [
+        b"select",
+        b"datalist",
+        b"button",
+        b"a",
+        b"label",
+        b"details",
+        b"dialog",
+        b"object",
+        b"video",
+        b"audio",
+        b"canvas",
+        b"table",
+    ];
+
+    /// Elements that have no end tag, and so never stay open.
+    const VOID: [&'static [u8]; 18] = [
+        b"area",
+        b"base",
+        b"basefont",
+        b"bgsound",
+        b"br",
+        b"col",
+        b"embed",
+        b"frame",
+        b"hr",
+        b"img",
+        b"input",
+        b"keygen",
+        b"link",
+        b"meta",
+        b"param",
+        b"source",
+        b"track",
+        b"wbr",
+    ];
+
+    /// A start tag of `name` (lower case), read as HTML: `tag` is the
+    /// whole tag, from `<` to `>`.
+    fn start(&mut self, name: &[u8], tag: &[u8]) {
+        if Self::VOID.contains(&name) {
+            return;
+        }
+        // The document's own, and a template (its content is inert, and
+        // `scan` places the banner before one left open).
+        if matches!(name, b"html" | b"head" | b"body" | b"template") {
+            return;
+        }
+        if let Some((_, count)) = self.open.iter_mut().find(|(n, _)| n == name) {
+            *count += 1;
+        } else if Self::CONTAINERS.contains(&name) || hides(tag) {
+            self.open.push((name.to_vec(), 1));
+        }
+    }
+
+    /// An end tag of `name` (lower case), read as HTML.
+    fn end(&mut self, name: &[u8]) {
+        if let Some((_, count)) = self.open.iter_mut().find(|(n, _)| n == name) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// The end tags that go before the banner: a `<select>`'s first (in
+    /// one, the parser ignores every other end tag), then the form's if
+    /// one is open (which also lets the banner's own form be one: the
+    /// parser ignores a `<form>` while its form pointer is set, as an
+    /// element closed around the form would leave it), then the others,
+    /// the last met first.
+    fn closing(&self, form_open: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut end = |name: &[u8], count: usize| {
+            for _ in 0..count {
+                out.extend_from_slice(b"</");
+                out.extend_from_slice(name);
+                out.push(b'>');
+            }
+        };
+        let selects = self.open.iter().find(|(n, _)| n == b"select");
+        end(b"select", selects.map_or(0, |(_, count)| *count));
+        if form_open {
+            end(b"form", 1);
+        }
+        for (name, count) in self.open.iter().rev().filter(|(n, _)| n != b"select") {
+            end(name, *count);
+        }
+        out
+    }
+}
+
+/// Whether a start tag (`tag`) hides its element and what it holds:
+/// `hidden` (any value: `until-found` hides too), `inert`, or
+/// `aria-hidden` other than `false`.
+fn hides(tag: &[u8]) -> bool {
+    Attributes::of(tag).any(|a| {
+        a.name.eq_ignore_ascii_case(b"hidden")
+            || a.name.eq_ignore_ascii_case(b"inert")
+            || (a.name.eq_ignore_ascii_case(b"aria-hidden")
+                && !a.value.eq_ignore_ascii_case(b"false"))
+    })
 }
 
 /// Whether the start tag `tag`, whose `>` is at `end`, closes itself
@@ -1846,6 +2004,70 @@ mod tests {
         let dom = scraper::Html::parse_document(&injected);
         let found = scraper::Selector::parse(selector).unwrap();
         assert_eq!(dom.select(&found).count(), 1, "{injected}");
+    }
+
+    /// An element the page left open where the banner goes that would hide
+    /// it, swallow it or take its clicks is ended before it (`LeftOpen`),
+    /// as a real parser then reads the page: the banner is an element of
+    /// its own, its Stop a form of its own outside the page's button, and
+    /// none of its ancestors hides it. Nothing is ended that the page
+    /// closed itself.
+    #[test]
+    fn elements_left_open_that_would_hide_the_banner_are_ended_before_it() {
+        // In a `<select>`, the parser drops the banner's tags.
+        assert_banner_is_an_element("<p>x</p><select name=s><option>a</body></html>");
+        assert_banner_is_an_element("<select><select><option>a</body>");
+        assert_injected_once(
+            "<form><button>Save</body>",
+            "<div id=\"b\"><form><button id=\"stop\">Stop</button></form></div>",
+            "body > #b > form > button#stop",
+        );
+        for page in [
+            "<div hidden>x</body>",
+            "<div hidden><div>a</div><div>b</body>",
+            "<details><summary>More</summary>x</body>",
+            "<dialog>x</body>",
+            "<video src=v.mp4>x</body>",
+            "<object data=x.pdf>x</body>",
+            "<section aria-hidden=true><div>x</div></body>",
+            "<main inert><p>x</body>",
+            "<a href=/x><span>x</body>",
+            "<label>Name <input></body>",
+            "<table><tr><td><div hidden>x</body>",
+            "<div hidden><object><div>x</body>",
+            "<datalist id=d><option>b</body>",
+            // An HTML element that ends the svg around it is HTML's.
+            "<svg><circle r=1><div hidden>x</body>",
+        ] {
+            let injected = String::from_utf8(
+                inject(page.as_bytes(), "<div id=\"b\">B</div>", &[], true).unwrap(),
+            )
+            .unwrap();
+            let dom = scraper::Html::parse_document(&injected);
+            let found = scraper::Selector::parse("#b").unwrap();
+            let banners: Vec<_> = dom.select(&found).collect();
+            assert_eq!(banners.len(), 1, "{injected}");
+            for ancestor in banners[0].ancestors().filter_map(scraper::ElementRef::wrap) {
+                let element = ancestor.value();
+                assert!(
+                    matches!(element.name(), "html" | "body")
+                        && !["hidden", "inert", "aria-hidden"]
+                            .iter()
+                            .any(|a| element.attr(a).is_some()),
+                    "{page}: the banner is in a <{}>: {injected}",
+                    element.name()
+                );
+            }
+        }
+        for page in [
+            "<div hidden>x</div><button>b</button><p>y</body>",
+            "<select><option>a</select><a href=/>x</a><table><tr><td>1</table></body>",
+            "<svg><a><text>x</text></a></svg><p>y</body>",
+            "<input hidden><img hidden src=x><br></body>",
+        ] {
+            let (head, tail) = page.split_at(page.len() - "</body>".len());
+            assert_eq!(placed(page), format!("{head}[B]{tail}"), "{page}");
+        }
     }
 
     #[test]

@@ -1210,12 +1210,42 @@ fn mark_taken(taken: Option<&Arc<AtomicBool>>) {
 
 /// Whether a response is a page (`text/html` or XHTML), by its type alone.
 fn is_page(res: &Response) -> bool {
-    res.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    content_type(res.headers())
         .and_then(|v| v.split(';').next())
         .and_then(|essence| markup_of(essence.trim()))
         .is_some()
+}
+
+/// The response's media type (with its parameters) as a browser reads it
+/// (Fetch's "extract a MIME type"): the last valid one of every
+/// `Content-Type` value and comma-separated item, so that
+/// `text/plain, text/html` is a page. `None` when none is valid.
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    fn token(s: &str) -> bool {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    }
+    headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .rfind(|item| {
+            let essence = item.split(';').next().unwrap_or_default().trim();
+            essence
+                .split_once('/')
+                .is_some_and(|(kind, sub)| token(kind) && token(sub))
+        })
+}
+
+/// Whether a media type's essence asks the browser to sniff the body's
+/// type (MIME Sniffing's "unknown" types), as no `Content-Type` does.
+fn sniffed(essence: &str) -> bool {
+    ["unknown/unknown", "application/unknown", "*/*"]
+        .iter()
+        .any(|t| essence.eq_ignore_ascii_case(t))
 }
 
 /// How a page of the media type `essence` (a `Content-Type` without its
@@ -1252,10 +1282,7 @@ fn known_charset_of<'a>(
 
 /// Whether the response's `Content-Type` names a charset a browser knows.
 fn has_charset(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| known_charset_of(t.split(';').skip(1)).is_some())
+    content_type(headers).is_some_and(|t| known_charset_of(t.split(';').skip(1)).is_some())
 }
 
 /// The banner's markup for a page of `markup` (in HTML, a form the page
@@ -1312,7 +1339,7 @@ fn page_kind(res: &Response) -> Page {
         || status == StatusCode::RESET_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let no_body = bodiless || HttpBody::size_hint(res.body()).exact() == Some(0);
-    let Some(content_type) = text(header::CONTENT_TYPE) else {
+    let Some(content_type) = content_type(headers) else {
         // A browser sniffs a body of no stated type, and may show it as
         // a page: one without the banner. (Its type is the app's to set.)
         return if no_body {
@@ -1325,6 +1352,15 @@ fn page_kind(res: &Response) -> Page {
     };
     let mut params = content_type.split(';').map(str::trim);
     let essence = params.next().unwrap_or_default();
+    if sniffed(essence) {
+        return if no_body {
+            Page::Other
+        } else {
+            Page::BannerCannotGoIn(
+                "the response's Content-Type leaves its type to the browser (it may take it for a page)",
+            )
+        };
+    }
     let Some(markup) = markup_of(essence) else {
         return Page::Other;
     };
@@ -1333,12 +1369,13 @@ fn page_kind(res: &Response) -> Page {
             .next()
             .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
     });
-    if attachment
-        || status == StatusCode::PARTIAL_CONTENT
-        || headers.contains_key(header::CONTENT_RANGE)
-        || bodiless
-    {
+    if attachment || status == StatusCode::PARTIAL_CONTENT || bodiless {
         return Page::Other;
+    }
+    // A browser shows the whole body of any other status, whatever its
+    // `Content-Range` says; the banner would make the two disagree.
+    if headers.contains_key(header::CONTENT_RANGE) {
+        return Page::BannerCannotGoIn("the page carries a Content-Range");
     }
     let wide = known_charset_of(params).is_some_and(|e| !e.is_ascii_compatible());
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {

@@ -53,7 +53,7 @@ fn fixture(root: bool) -> Fx {
             let mut res = Body::from(body).into_response();
             for (name, value) in headers {
                 res.headers_mut()
-                    .insert(name, header::HeaderValue::from_static(value));
+                    .append(name, header::HeaderValue::from_static(value));
             }
             res
         }
@@ -166,9 +166,23 @@ fn fixture(root: bool) -> Fx {
             "text/html; charset=utf-8",
             b"<html><head><meta charset=\"iso-2022-jp\"></head><body>plain</body></html>",
         ),
+        // A browser takes the last valid type of a list (Fetch).
+        (
+            "/two-types",
+            "text/plain, text/html",
+            b"<html><body>two</body></html>",
+        ),
     ] {
         app = app.route(path, get(page(vec![(html.clone(), content_type)], body)));
     }
+    // And of every `Content-Type` header.
+    app = app.route(
+        "/two-headers",
+        get(page(
+            vec![(html.clone(), "text/plain"), (html.clone(), "text/html")],
+            b"<html><body>two</body></html>",
+        )),
+    );
     let mut app = app
         .route(
             "/gzip",
@@ -362,6 +376,8 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
             b"</body></html>",
         ),
         ("/korean", b"<html><body>\xb0\xa1", b"</body></html>"),
+        ("/two-types", b"<html><body>two", b"</body></html>"),
+        ("/two-headers", b"<html><body>two", b"</body></html>"),
         ("/unknown-label", b"<html><body>unknown", b"</body></html>"),
         ("/empty-label", b"<html><body>empty", b"</body></html>"),
         (
@@ -440,7 +456,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 2 + 10 + 11);
+    assert_eq!(accesses, 2 + 12 + 11);
 }
 
 #[tokio::test]

@@ -213,9 +213,11 @@ async fn a_change_that_cannot_be_audited_is_logged_with_all_the_trail_would_show
 }
 
 /// A response under impersonation that a browser may show as a page but
-/// the banner cannot go into (no `Content-Type`, which browsers sniff, or
-/// XHTML with no body, or in an encoding that switches modes) is served as it is, with a warning naming the route
-/// and why; an empty answer of no type is no page and gets none.
+/// the banner cannot go into (no `Content-Type` or an "unknown" one, which
+/// browsers sniff, XHTML with no body, an encoding that switches modes, a
+/// `Content-Range` on a status a browser shows whole) is served as it is,
+/// with a warning naming the route and why; an empty answer of no type is
+/// no page and gets none.
 #[tokio::test(flavor = "current_thread")]
 async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
     let warnings = Events::at(tracing::Level::WARN);
@@ -248,10 +250,38 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
                 )
             }),
         )
+        .route(
+            "/sniffed",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/unknown")],
+                    "<!doctype html><html><body>x</body></html>",
+                )
+            }),
+        )
+        .route(
+            "/ranged",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/html"),
+                        (header::CONTENT_RANGE, "bytes */100"),
+                    ],
+                    "<html><body>x</body></html>",
+                )
+            }),
+        )
         .route("/empty", get(|| async {}))
         .layer(ImpersonationLayer::new(service));
     let bearer = format!("Bearer {}", started.secret.expose());
-    for path in ["/untyped", "/xhtml", "/xhtml-jis", "/empty"] {
+    for path in [
+        "/untyped",
+        "/xhtml",
+        "/xhtml-jis",
+        "/sniffed",
+        "/ranged",
+        "/empty",
+    ] {
         let req = Request::get(path)
             .header(header::AUTHORIZATION, &bearer)
             .body(Body::empty())
@@ -282,6 +312,11 @@ async fn a_page_the_banner_cannot_go_into_is_served_with_a_warning() {
                 "\"/xhtml-jis\"",
                 "\"the XHTML page's declared encoding is not one known to keep ASCII as ASCII\""
             ),
+            (
+                "\"/sniffed\"",
+                "\"the response's Content-Type leaves its type to the browser (it may take it for a page)\""
+            ),
+            ("\"/ranged\"", "\"the page carries a Content-Range\""),
         ],
         "{logged:?}"
     );
