@@ -108,6 +108,17 @@ impl Touch {
     pub fn coalesce_for(&self, session: &Session) -> Duration {
         self.coalesce.min(session.grant.idle_timeout / 2_i32)
     }
+
+    /// The coalescing asked, in whole microseconds for a store's own
+    /// arithmetic (SQL, a script): held within ±2⁶² µs (146,000 years),
+    /// so that no sum or difference with a time in microseconds overflows
+    /// 64 bits, and it means what the window itself means for any time a
+    /// session holds; its sign kept (a negative window is always due).
+    pub fn coalesce_micros(&self) -> i64 {
+        const BOUND: i128 = 1 << 62;
+        let clamped = self.coalesce.whole_microseconds().clamp(-BOUND, BOUND);
+        i64::try_from(clamped).unwrap_or_default()
+    }
 }
 
 /// How many batched calls of each kind a store serves at once (see

@@ -754,7 +754,7 @@ macro_rules! store_ops {
                 }
                 let now = touch.map(|t| micros(t.now)).unwrap_or_default();
                 let coalesce = touch
-                    .map(|t| i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX))
+                    .map(|t| t.coalesce_micros())
                     .unwrap_or_default();
                 // A session whose touch waited out the lock timeout lately
                 // is left out of the touch (`HeldTouches`): the statement

@@ -1983,9 +1983,7 @@ impl Store for RedisStore {
         // No coalescing window (empty) means no touch: any number, -1 µs
         // included, is a window (`Touch::applies_to`).
         match touch {
-            Some(t) => inv
-                .arg(micros(t.now))
-                .arg(i64::try_from(t.coalesce.whole_microseconds()).unwrap_or(i64::MAX)),
+            Some(t) => inv.arg(micros(t.now)).arg(t.coalesce_micros()),
             None => inv.arg(0).arg(""),
         };
         let mut conn = self.conn.clone();

@@ -484,6 +484,28 @@ pub async fn a_session_that_never_idles_is_found_and_touched<S: Store>(store: S)
     assert_eq!(last_seen(&store, session.id).await, t1);
 }
 
+/// A touch of a window before its own time (negative, as far as a
+/// `Duration` goes) is due whatever the session's last use, as
+/// [`Touch::applies_to`] has it: nothing in the store's arithmetic on the
+/// window overflows or turns its sign.
+pub async fn a_touch_of_a_negative_window_is_always_due<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    for (seconds, coalesce) in [
+        (1, Duration::MIN),
+        (2, Duration::microseconds(-1)),
+        (3, Duration::MIN),
+    ] {
+        let now = epoch() + Duration::seconds(seconds);
+        let current = store.session(session.id).await.unwrap().unwrap();
+        assert!(Touch { now, coalesce }.applies_to(&current), "{coalesce}");
+        let found = touch(&store, &secret, now, coalesce).await;
+        assert_eq!(found.map(|s| s.id), Some(session.id), "{coalesce}");
+        assert_eq!(last_seen(&store, session.id).await, now, "{coalesce}");
+    }
+}
+
 /// A touch is coalesced at most half the session's own idle timeout,
 /// whatever the caller asks: a longer coalescing would let a session used
 /// every few minutes idle out.
@@ -2192,6 +2214,7 @@ where
     touch_updates_last_seen_and_is_coalesced(factory().await).await;
     a_session_that_never_idles_is_found_and_touched(factory().await).await;
     a_touch_is_coalesced_at_most_half_the_idle_timeout(factory().await).await;
+    a_touch_of_a_negative_window_is_always_due(factory().await).await;
     a_touch_never_moves_last_seen_back(factory().await).await;
     touch_never_revives_a_lapsed_session(factory().await).await;
     guarded_append_requires_an_active_session(factory().await).await;
@@ -2265,6 +2288,7 @@ macro_rules! store_conformance_tests {
             touch_updates_last_seen_and_is_coalesced,
             a_session_that_never_idles_is_found_and_touched,
             a_touch_is_coalesced_at_most_half_the_idle_timeout,
+            a_touch_of_a_negative_window_is_always_due,
             a_touch_never_moves_last_seen_back,
             touch_never_revives_a_lapsed_session,
             guarded_append_requires_an_active_session,
