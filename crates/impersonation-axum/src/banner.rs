@@ -236,7 +236,11 @@ pub(crate) fn inject(
     // form of its own, which the app's submit handlers and `target` do
     // not meet; so are the elements left open that would hide the banner,
     // swallow it or take its clicks (`LeftOpen`).
-    let mut placed = left_open.closing(form_open);
+    let mut placed = if nothing_follows(&html[at..]) {
+        left_open.closing(form_open)
+    } else {
+        LeftOpen::default().closing(form_open)
+    };
     placed.extend_from_slice(banner.as_bytes());
     edits.push((at..at, placed));
     // A meta tag ends before the banner's place, or begins after it.
@@ -594,12 +598,16 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
 /// `<dialog>`; the fallback content of an `<object>`, `<video>`, `<audio>`
 /// or `<canvas>`), swallow it (a `<select>` or `<datalist>`, in which the
 /// parser drops the banner's tags or shows none of them; a `<table>`,
-/// which moves it) or take its clicks (a `<button>`, `<a>` or `<label>`
-/// around it): each is ended before the banner, as the `</body>` after it
-/// would end it, so nothing of the page moves. Counted by name from the
-/// first one that counts: an end tag for one the parser closed by its
-/// own rules meanwhile (a second `<button>` ends the first) is an end
-/// tag for no open element, which the parser ignores.
+/// which moves it) or take its clicks (a `<button>` or `<label>` around
+/// it): each is ended before the banner when nothing of the page follows
+/// it there (`nothing_follows`), so that ending them moves nothing.
+/// Counted by name from the first one that counts: an end tag for one the
+/// parser closed by its own rules meanwhile (a second `<button>` ends the
+/// first) is an end tag for no open element, which the parser ignores.
+/// Not counted: the elements whose end tag does something when none is
+/// open (`</p>` makes an empty paragraph) or moves what they hold (the
+/// formatting elements, `<a>`, `<b>`…, which the parser's adoption agency
+/// takes apart), and a form (ended apart, `closing`).
 #[derive(Clone, Default)]
 struct LeftOpen {
     /// Each name, how many of it are open, in the order first met.
@@ -608,11 +616,10 @@ struct LeftOpen {
 
 impl LeftOpen {
     /// Elements that, left open, always count.
-    const CONTAINERS: [&'static [u8]; 12] = [
+    const CONTAINERS: [&'static [u8]; 11] = [
         b"select",
         b"datalist",
         b"button",
-        b"a",
         b"label",
         b"details",
         b"dialog",
@@ -621,6 +628,32 @@ impl LeftOpen {
         b"audio",
         b"canvas",
         b"table",
+    ];
+
+    /// Elements never counted, `hidden` or not: the document's own, a
+    /// template (inert; `scan` places the banner before one left open), a
+    /// form, a paragraph, and the formatting elements.
+    const NEVER: [&'static [u8]; 20] = [
+        b"html",
+        b"head",
+        b"body",
+        b"template",
+        b"form",
+        b"p",
+        b"a",
+        b"b",
+        b"big",
+        b"code",
+        b"em",
+        b"font",
+        b"i",
+        b"nobr",
+        b"s",
+        b"small",
+        b"strike",
+        b"strong",
+        b"tt",
+        b"u",
     ];
 
     /// Elements that have no end tag, and so never stay open.
@@ -648,12 +681,7 @@ impl LeftOpen {
     /// A start tag of `name` (lower case), read as HTML: `tag` is the
     /// whole tag, from `<` to `>`.
     fn start(&mut self, name: &[u8], tag: &[u8]) {
-        if Self::VOID.contains(&name) {
-            return;
-        }
-        // The document's own, and a template (its content is inert, and
-        // `scan` places the banner before one left open).
-        if matches!(name, b"html" | b"head" | b"body" | b"template") {
+        if Self::VOID.contains(&name) || Self::NEVER.contains(&name) {
             return;
         }
         if let Some((_, count)) = self.open.iter_mut().find(|(n, _)| n == name) {
@@ -694,6 +722,36 @@ impl LeftOpen {
             end(name, *count);
         }
         out
+    }
+}
+
+/// Whether nothing of the page follows the banner's place (`tail`, from
+/// there on): only `</body>` and `</html>` end tags, comments and white
+/// space. `</body>` ends no element (what follows it still goes into the
+/// ones open), so an element ended before the banner would let content
+/// after `</body>` out of it.
+fn nothing_follows(mut tail: &[u8]) -> bool {
+    loop {
+        tail = tail.trim_ascii_start();
+        if tail.is_empty() {
+            return true;
+        }
+        let next = if let Some(text) = tail.strip_prefix(b"<!--") {
+            // `<!-->` and `<!--->` end where they begin.
+            match [&b">"[..], b"->"].iter().find(|e| text.starts_with(e)) {
+                Some(end) => Some(4 + end.len()),
+                None => comment_end(text).map(|(end, len)| 4 + end + len),
+            }
+        } else if tag_at(tail, b"</body") || tag_at(tail, b"</html") {
+            tag_end(tail).map(|gt| gt + 1)
+        } else {
+            return false;
+        };
+        match next {
+            Some(next) => tail = &tail[next..],
+            // Left open, it takes in the rest: nothing of the page.
+            None => return true,
+        }
     }
 }
 
@@ -2031,7 +2089,6 @@ mod tests {
             "<object data=x.pdf>x</body>",
             "<section aria-hidden=true><div>x</div></body>",
             "<main inert><p>x</body>",
-            "<a href=/x><span>x</body>",
             "<label>Name <input></body>",
             "<table><tr><td><div hidden>x</body>",
             "<div hidden><object><div>x</body>",
@@ -2064,10 +2121,47 @@ mod tests {
             "<select><option>a</select><a href=/>x</a><table><tr><td>1</table></body>",
             "<svg><a><text>x</text></a></svg><p>y</body>",
             "<input hidden><img hidden src=x><br></body>",
+            // An end tag that would make an element (`</p>`) or take the
+            // page's content apart (`</a>`, `</b>`: the adoption agency).
+            "<p hidden>e</p><p>a<p>b</body>",
+            "<a href=/x class=card><div id=c>card</body>",
+            "<b hidden><div>x</body>",
         ] {
             let (head, tail) = page.split_at(page.len() - "</body>".len());
             assert_eq!(placed(page), format!("{head}[B]{tail}"), "{page}");
         }
+        // Nor when the page goes on after `</body>` (which ends nothing):
+        // what follows stays where the page put it.
+        for (page, selector) in [
+            ("<div hidden>x</body><p id=t>late</p>", "div[hidden] #t"),
+            (
+                "<table><tr><td>a</body><td id=t>b</td></tr></table>",
+                "td#t",
+            ),
+            (
+                "<select><option>a</body><option id=t>b</select>",
+                "select #t",
+            ),
+        ] {
+            assert_eq!(
+                placed(page),
+                page.replacen("</body>", "[B]</body>", 1),
+                "{page}"
+            );
+            let dom = scraper::Html::parse_document(&placed(page));
+            let found = scraper::Selector::parse(selector).unwrap();
+            assert_eq!(dom.select(&found).count(), 1, "{page}");
+        }
+        // (An empty comment, `<!-->`, ends where it begins.)
+        assert_eq!(
+            placed("<dialog>x</body><!--><p>late"),
+            "<dialog>x[B]</body><!--><p>late"
+        );
+        // Comments and `</html>` after it are nothing of the page.
+        assert_eq!(
+            placed("<dialog>x</body>\n<!-- built 12:00 -->\n</html>\n"),
+            "<dialog>x</dialog>[B]</body>\n<!-- built 12:00 -->\n</html>\n"
+        );
     }
 
     #[test]

@@ -1210,79 +1210,31 @@ fn mark_taken(taken: Option<&Arc<AtomicBool>>) {
 
 /// Whether a response is a page (`text/html` or XHTML), by its type alone.
 fn is_page(res: &Response) -> bool {
-    content_type(res.headers())
-        .and_then(|v| v.split(';').next())
-        .and_then(|essence| markup_of(essence.trim()))
-        .is_some()
-}
-
-/// The response's media type (with its parameters) as a browser reads it
-/// (Fetch's "extract a MIME type"): the last valid one of every
-/// `Content-Type` value and comma-separated item, so that
-/// `text/plain, text/html` is a page. `None` when none is valid.
-fn content_type(headers: &HeaderMap) -> Option<&str> {
-    fn token(s: &str) -> bool {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    }
-    headers
-        .get_all(header::CONTENT_TYPE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .rfind(|item| {
-            let essence = item.split(';').next().unwrap_or_default().trim();
-            essence
-                .split_once('/')
-                .is_some_and(|(kind, sub)| token(kind) && token(sub))
-        })
+    crate::media_type::of(res.headers()).is_some_and(|t| markup_of(&t).is_some())
 }
 
 /// Whether a media type's essence asks the browser to sniff the body's
-/// type (MIME Sniffing's "unknown" types), as no `Content-Type` does.
-fn sniffed(essence: &str) -> bool {
-    ["unknown/unknown", "application/unknown", "*/*"]
-        .iter()
-        .any(|t| essence.eq_ignore_ascii_case(t))
+/// type (MIME Sniffing's "unknown" types), as no `Content-Type` does
+/// (`*/*` is passed over as if it were none: `media_type::of`).
+fn sniffed(media: &crate::media_type::MediaType<'_>) -> bool {
+    media.is("unknown/unknown") || media.is("application/unknown")
 }
 
-/// How a page of the media type `essence` (a `Content-Type` without its
-/// parameters) is parsed, or `None` if it is no page.
-fn markup_of(essence: &str) -> Option<Markup> {
-    if essence.eq_ignore_ascii_case("text/html") {
+/// How a page of the media type `media` is parsed, or `None` if it is no
+/// page.
+fn markup_of(media: &crate::media_type::MediaType<'_>) -> Option<Markup> {
+    if media.is("text/html") {
         Some(Markup::Html)
-    } else if essence.eq_ignore_ascii_case("application/xhtml+xml") {
+    } else if media.is("application/xhtml+xml") {
         Some(Markup::Xhtml)
     } else {
         None
     }
 }
 
-/// The charset a `Content-Type`'s parameters name (lower case), if any.
-fn charset_of<'a>(mut params: impl Iterator<Item = &'a str>) -> Option<String> {
-    params.find_map(|p| match p.split_once('=') {
-        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
-            Some(value.trim().trim_matches('"').to_ascii_lowercase())
-        }
-        _ => None,
-    })
-}
-
-/// The encoding a `Content-Type`'s parameters name, if they name one a
-/// browser knows: a label it does not know (`utf8mb4`, an empty one) it
-/// ignores, as if none were given (HTML's "determining the character
-/// encoding"), and reads the page's `<meta>` instead.
-fn known_charset_of<'a>(
-    params: impl Iterator<Item = &'a str>,
-) -> Option<&'static encoding_rs::Encoding> {
-    charset_of(params).and_then(|label| encoding_rs::Encoding::for_label(label.as_bytes()))
-}
-
 /// Whether the response's `Content-Type` names a charset a browser knows.
 fn has_charset(headers: &HeaderMap) -> bool {
-    content_type(headers).is_some_and(|t| known_charset_of(t.split(';').skip(1)).is_some())
+    crate::media_type::of(headers).is_some_and(|t| t.encoding().is_some())
 }
 
 /// The banner's markup for a page of `markup` (in HTML, a form the page
@@ -1339,7 +1291,7 @@ fn page_kind(res: &Response) -> Page {
         || status == StatusCode::RESET_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let no_body = bodiless || HttpBody::size_hint(res.body()).exact() == Some(0);
-    let Some(content_type) = content_type(headers) else {
+    let Some(media) = crate::media_type::of(headers) else {
         // A browser sniffs a body of no stated type, and may show it as
         // a page: one without the banner. (Its type is the app's to set.)
         return if no_body {
@@ -1350,9 +1302,7 @@ fn page_kind(res: &Response) -> Page {
             )
         };
     };
-    let mut params = content_type.split(';').map(str::trim);
-    let essence = params.next().unwrap_or_default();
-    if sniffed(essence) {
+    if sniffed(&media) {
         return if no_body {
             Page::Other
         } else {
@@ -1361,7 +1311,7 @@ fn page_kind(res: &Response) -> Page {
             )
         };
     }
-    let Some(markup) = markup_of(essence) else {
+    let Some(markup) = markup_of(&media) else {
         return Page::Other;
     };
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
@@ -1377,7 +1327,7 @@ fn page_kind(res: &Response) -> Page {
     if headers.contains_key(header::CONTENT_RANGE) {
         return Page::BannerCannotGoIn("the page carries a Content-Range");
     }
-    let wide = known_charset_of(params).is_some_and(|e| !e.is_ascii_compatible());
+    let wide = media.encoding().is_some_and(|e| !e.is_ascii_compatible());
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
         !v.to_str()
             .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))

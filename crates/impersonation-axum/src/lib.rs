@@ -58,6 +58,7 @@ mod csp;
 mod csrf;
 mod extract;
 mod layer;
+mod media_type;
 #[cfg(feature = "oidc")]
 pub mod oidc;
 mod routes;

@@ -166,23 +166,48 @@ fn fixture(root: bool) -> Fx {
             "text/html; charset=utf-8",
             b"<html><head><meta charset=\"iso-2022-jp\"></head><body>plain</body></html>",
         ),
-        // A browser takes the last valid type of a list (Fetch).
+        // A browser takes the last valid type of a list (Fetch), and a
+        // comma in a quoted value separates nothing.
         (
             "/two-types",
             "text/plain, text/html",
             b"<html><body>two</body></html>",
         ),
+        (
+            "/quoted-comma-type",
+            "text/html; x=\"a,text/plain;b\"",
+            b"<html><body>two</body></html>",
+        ),
+        (
+            "/quoted-comma-charset",
+            "text/html; a=\"x,y\"; charset=utf-16",
+            b"<\0/\0b\0o\0d\0y\0>\0",
+        ),
     ] {
         app = app.route(path, get(page(vec![(html.clone(), content_type)], body)));
     }
-    // And of every `Content-Type` header.
-    app = app.route(
-        "/two-headers",
-        get(page(
-            vec![(html.clone(), "text/plain"), (html.clone(), "text/html")],
+    // And of every `Content-Type` header, passing over `*/*`; a charset
+    // carries over to a later one of the same type that names none.
+    for (path, types, body) in [
+        (
+            "/two-headers",
+            ["text/plain", "text/html"],
+            &b"<html><body>two</body></html>"[..],
+        ),
+        (
+            "/star-after",
+            ["text/html", "*/*"],
             b"<html><body>two</body></html>",
-        )),
-    );
+        ),
+        (
+            "/charset-carried",
+            ["text/html; charset=utf-16", "text/html"],
+            b"<\0/\0b\0o\0d\0y\0>\0",
+        ),
+    ] {
+        let headers = types.iter().map(|t| (html.clone(), *t)).collect();
+        app = app.route(path, get(page(headers, body)));
+    }
     let mut app = app
         .route(
             "/gzip",
@@ -378,6 +403,8 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         ("/korean", b"<html><body>\xb0\xa1", b"</body></html>"),
         ("/two-types", b"<html><body>two", b"</body></html>"),
         ("/two-headers", b"<html><body>two", b"</body></html>"),
+        ("/star-after", b"<html><body>two", b"</body></html>"),
+        ("/quoted-comma-type", b"<html><body>two", b"</body></html>"),
         ("/unknown-label", b"<html><body>unknown", b"</body></html>"),
         ("/empty-label", b"<html><body>empty", b"</body></html>"),
         (
@@ -410,7 +437,9 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
     // UTF-32 one (by its mark)
     // and an ISO-2022 one, by its header or its `<meta>` (the banner
     // cannot go in; the log says so), a download, a part of a page.
-    let cases: [(&str, &[u8]); 11] = [
+    let cases: [(&str, &[u8]); 13] = [
+        ("/charset-carried", b"<\0/\0b\0o\0d\0y\0>\0"),
+        ("/quoted-comma-charset", b"<\0/\0b\0o\0d\0y\0>\0"),
         (
             "/unknown-label-meta-iso-2022-jp",
             b"<html><head><meta charset=\"ISO-2022-JP\"></head><body>\x1b$B$3\x1b(B</body></html>",
@@ -456,7 +485,7 @@ async fn the_banner_goes_into_whole_pages_in_any_ascii_compatible_charset() {
         .into_iter()
         .filter(|e| e.action == AuditAction::Access)
         .count();
-    assert_eq!(accesses, 2 + 12 + 11);
+    assert_eq!(accesses, 2 + 14 + 13);
 }
 
 #[tokio::test]

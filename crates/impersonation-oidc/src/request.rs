@@ -144,15 +144,25 @@ impl Form {
         if std::str::from_utf8(body).is_err() {
             return Err(invalid("the body is not UTF-8"));
         }
-        // Nor may an escape decode to something that is not: the form
-        // decoder would make it U+FFFD, and two different values (a secret
-        // among them) the same. `&`, `=` and `+` are ASCII, so the body
-        // decodes to UTF-8 exactly when each of its names and values does.
-        if percent_encoding::percent_decode(body)
-            .decode_utf8()
-            .is_err()
-        {
-            return Err(invalid("a percent-escape in the body is not UTF-8"));
+        // Nor may an escape in one of ours decode to something that is
+        // not: the form decoder would make it U+FFFD, and two different
+        // values (a secret among them) the same. An unknown parameter's
+        // value is ignored, whatever it holds.
+        for pair in body.split(|&b| b == b'&') {
+            let (name, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &[][..]),
+            };
+            let name = percent_encoding::percent_decode(name).decode_utf8_lossy();
+            if let Some(known) = single.iter().chain(repeatable).find(|k| **k == name)
+                && percent_encoding::percent_decode(value)
+                    .decode_utf8()
+                    .is_err()
+            {
+                return Err(invalid(format!(
+                    "`{known}` is not UTF-8 once percent-decoded"
+                )));
+            }
         }
         let mut form = Self {
             single: Vec::new(),

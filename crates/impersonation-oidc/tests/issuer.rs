@@ -624,6 +624,18 @@ async fn client_authentication_refuses_an_empty_secret_and_two_ways_at_once() {
     let answer = issuer.exchange(None, lossy.as_bytes()).await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.body.contains("invalid_request"), "{}", answer.body);
+    // An unknown parameter's value is ignored, whatever it holds (RFC 6749
+    // §3.2): the request goes on to the policy (which finds Sam's session
+    // from the exchange above still live).
+    let unknown = format!("{body}&x_trace=%FF");
+    let answer = issuer
+        .exchange(Some(&basic(CLIENT, CLIENT_SECRET)), unknown.as_bytes())
+        .await;
+    assert!(
+        answer.body.contains("active_session_exists"),
+        "{}",
+        answer.body
+    );
 }
 
 /// A key announced ahead (`publish_next`) is in the JWKS before it signs:
