@@ -8,23 +8,29 @@ use std::borrow::Cow;
 
 use axum::http::{HeaderMap, header};
 
-/// A valid media type: its type and subtype (any case) and the charset it
-/// names, if any (as written, without quotes). Read without copying, but
-/// for a quoted charset with escapes in it.
-#[derive(Debug, Clone)]
+/// A valid media type: its type and subtype (any case), and its
+/// parameters, read for the charset only when asked (most responses are
+/// no page, and need no charset). Read without copying.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct MediaType<'a> {
     kind: &'a [u8],
     subtype: &'a [u8],
-    pub(crate) charset: Option<Cow<'a, [u8]>>,
+    /// Its parameters, from the `;` after the subtype on.
+    params: &'a [u8],
+    /// The parameters of the first item of the run of this type it ends
+    /// (Fetch's carried `charset`), if another.
+    first: Option<&'a [u8]>,
 }
 
-impl MediaType<'_> {
+impl<'a> MediaType<'a> {
     /// Whether its essence is `essence` (lower case), in any case.
     pub(crate) fn is(&self, essence: &str) -> bool {
-        essence.split_once('/').is_some_and(|(kind, subtype)| {
-            self.kind.eq_ignore_ascii_case(kind.as_bytes())
-                && self.subtype.eq_ignore_ascii_case(subtype.as_bytes())
-        })
+        let essence = essence.as_bytes();
+        // Told apart by length first: this runs for every response.
+        essence.len() == self.kind.len() + 1 + self.subtype.len()
+            && essence[..self.kind.len()].eq_ignore_ascii_case(self.kind)
+            && essence[self.kind.len()] == b'/'
+            && essence[self.kind.len() + 1..].eq_ignore_ascii_case(self.subtype)
     }
 
     fn same_essence(&self, other: &MediaType<'_>) -> bool {
@@ -32,12 +38,18 @@ impl MediaType<'_> {
             && self.subtype.eq_ignore_ascii_case(other.subtype)
     }
 
+    /// The charset it names (as written, without quotes), or else the one
+    /// the first item of its run named.
+    pub(crate) fn charset(&self) -> Option<Cow<'a, [u8]>> {
+        charset_in(self.params).or_else(|| self.first.and_then(charset_in))
+    }
+
     /// The encoding its charset names, if a browser knows the label: one
     /// it does not know (`utf8mb4`, an empty one) it ignores, as if none
     /// were given (HTML's "determining the character encoding"), and
     /// reads the page's `<meta>` instead.
     pub(crate) fn encoding(&self) -> Option<&'static encoding_rs::Encoding> {
-        self.charset
+        self.charset()
             .as_deref()
             .and_then(encoding_rs::Encoding::for_label)
     }
@@ -50,6 +62,13 @@ impl MediaType<'_> {
 /// charset keeps that one's. `None` when no item is valid: the browser
 /// then sniffs the body's type.
 pub(crate) fn of(headers: &HeaderMap) -> Option<MediaType<'_>> {
+    // Nearly always one value of one item: read as it is.
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    if let (Some(only), None) = (values.next(), values.next())
+        && !only.as_bytes().contains(&b',')
+    {
+        return parse(only.as_bytes()).filter(|t| !t.is("*/*"));
+    }
     // The first item of the run of one type the last item is in (Fetch's
     // `essence` and `charset`).
     let mut run: Option<MediaType<'_>> = None;
@@ -62,13 +81,9 @@ pub(crate) fn of(headers: &HeaderMap) -> Option<MediaType<'_>> {
             if parsed.is("*/*") {
                 continue;
             }
-            match &run {
-                Some(first) if first.same_essence(&parsed) => {
-                    if parsed.charset.is_none() {
-                        parsed.charset.clone_from(&first.charset);
-                    }
-                }
-                _ => run = Some(parsed.clone()),
+            match run {
+                Some(first) if first.same_essence(&parsed) => parsed.first = Some(first.params),
+                _ => run = Some(parsed),
             }
             found = Some(parsed);
         }
@@ -140,9 +155,8 @@ impl<'a> Iterator for Items<'a> {
 }
 
 /// One item parsed as MIME Sniffing parses a MIME type: `None` if its type
-/// or subtype is missing or not a token. Of its parameters only the first
-/// `charset` with a value is kept (a quoted one unescaped); a malformed
-/// parameter is passed over, as browsers pass it over.
+/// or subtype is missing or not a token. Its parameters are kept as they
+/// are, for `charset_in`.
 fn parse(item: &[u8]) -> Option<MediaType<'_>> {
     let item = trim(item);
     let slash = item.iter().position(|&b| b == b'/')?;
@@ -153,22 +167,34 @@ fn parse(item: &[u8]) -> Option<MediaType<'_>> {
     if !is_token(kind) || !is_token(subtype) {
         return None;
     }
-    let mut charset = None;
-    let mut at = semicolon;
+    Some(MediaType {
+        kind,
+        subtype,
+        params: &rest[semicolon..],
+        first: None,
+    })
+}
+
+/// The first `charset` with a value among `params` (from a `;` on), as
+/// MIME Sniffing reads parameters: a quoted value unescaped, a malformed
+/// parameter passed over, as browsers pass it over.
+fn charset_in(rest: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut at = 0;
     // At a `;` (or the end): one parameter after another.
     while at < rest.len() {
         at += 1;
         while rest.get(at).copied().is_some_and(is_http_space) {
             at += 1;
         }
-        let until = |from: usize, stop: &[u8]| {
+        // Where the first byte `stop` takes is, from `from` on.
+        let until = |from: usize, stop: fn(u8) -> bool| {
             rest[from.min(rest.len())..]
                 .iter()
-                .position(|b| stop.contains(b))
+                .position(|&b| stop(b))
                 .map_or(rest.len(), |n| from + n)
         };
-        let name_end = until(at, b";=");
-        let name = &rest[at..name_end];
+        let name_end = until(at, |b| b == b';' || b == b'=');
+        let name = &rest[at.min(name_end)..name_end];
         at = name_end;
         if rest.get(at) != Some(&b'=') {
             continue;
@@ -196,29 +222,25 @@ fn parse(item: &[u8]) -> Option<MediaType<'_>> {
             }
             let value = match unescaped {
                 Some(copy) => Cow::Owned(copy),
-                None => Cow::Borrowed(&rest[start..at.min(rest.len())]),
+                None => Cow::Borrowed(&rest[start.min(rest.len())..at.min(rest.len())]),
             };
             // Whatever follows the closing quote, up to the next `;`.
-            at = until(at, b";");
+            at = until(at, |b| b == b';');
             value
         } else {
-            let end = until(at, b";");
-            let value = trim(&rest[at..end]);
+            let end = until(at, |b| b == b';');
+            let value = trim(&rest[at.min(end)..end]);
             at = end;
             if value.is_empty() {
                 continue;
             }
             Cow::Borrowed(value)
         };
-        if charset.is_none() && name.eq_ignore_ascii_case(b"charset") {
-            charset = Some(value);
+        if name.eq_ignore_ascii_case(b"charset") {
+            return Some(value);
         }
     }
-    Some(MediaType {
-        kind,
-        subtype,
-        charset,
-    })
+    None
 }
 
 #[cfg(test)]
@@ -243,7 +265,8 @@ mod tests {
             assert!(t.is(&essence.to_ascii_lowercase()));
             (
                 essence.to_ascii_lowercase(),
-                t.charset.map(|c| String::from_utf8_lossy(&c).into_owned()),
+                t.charset()
+                    .map(|c| String::from_utf8_lossy(&c).into_owned()),
             )
         })
     }
