@@ -1210,31 +1210,22 @@ fn mark_taken(taken: Option<&Arc<AtomicBool>>) {
 
 /// Whether a response is a page (`text/html` or XHTML), by its type alone.
 fn is_page(res: &Response) -> bool {
-    crate::media_type::of(res.headers()).is_some_and(|t| markup_of(&t).is_some())
+    crate::media_type::of(res.headers()).is_some_and(|t| markup_of(t.kind).is_some())
 }
 
-/// Whether a media type's essence asks the browser to sniff the body's
-/// type (MIME Sniffing's "unknown" types), as no `Content-Type` does
-/// (`*/*` is passed over as if it were none: `media_type::of`).
-fn sniffed(media: &crate::media_type::MediaType<'_>) -> bool {
-    media.is("unknown/unknown") || media.is("application/unknown")
-}
-
-/// How a page of the media type `media` is parsed, or `None` if it is no
+/// How a page of the media type `kind` is parsed, or `None` if it is no
 /// page.
-fn markup_of(media: &crate::media_type::MediaType<'_>) -> Option<Markup> {
-    if media.is("text/html") {
-        Some(Markup::Html)
-    } else if media.is("application/xhtml+xml") {
-        Some(Markup::Xhtml)
-    } else {
-        None
+fn markup_of(kind: crate::media_type::Kind) -> Option<Markup> {
+    match kind {
+        crate::media_type::Kind::Html => Some(Markup::Html),
+        crate::media_type::Kind::Xhtml => Some(Markup::Xhtml),
+        _ => None,
     }
 }
 
 /// Whether the response's `Content-Type` names a charset a browser knows.
 fn has_charset(headers: &HeaderMap) -> bool {
-    crate::media_type::of(headers).is_some_and(|t| t.encoding().is_some())
+    crate::media_type::of(headers).is_some_and(|t| t.encoding.is_some())
 }
 
 /// The banner's markup for a page of `markup` (in HTML, a form the page
@@ -1302,7 +1293,7 @@ fn page_kind(res: &Response) -> Page {
             )
         };
     };
-    if sniffed(&media) {
+    if media.kind == crate::media_type::Kind::Sniffed {
         return if no_body {
             Page::Other
         } else {
@@ -1311,7 +1302,7 @@ fn page_kind(res: &Response) -> Page {
             )
         };
     }
-    let Some(markup) = markup_of(&media) else {
+    let Some(markup) = markup_of(media.kind) else {
         return Page::Other;
     };
     let attachment = text(header::CONTENT_DISPOSITION).is_some_and(|d| {
@@ -1327,7 +1318,7 @@ fn page_kind(res: &Response) -> Page {
     if headers.contains_key(header::CONTENT_RANGE) {
         return Page::BannerCannotGoIn("the page carries a Content-Range");
     }
-    let wide = media.encoding().is_some_and(|e| !e.is_ascii_compatible());
+    let wide = media.encoding.is_some_and(|e| !e.is_ascii_compatible());
     let encoded = headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
         !v.to_str()
             .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
