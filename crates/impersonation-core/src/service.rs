@@ -522,8 +522,9 @@ enum Ending {
     Gone,
 }
 
-/// How many times a revoke-all reads again a session that keeps changing
-/// under it before it moves on (reporting the conflict).
+/// How many times an end (`Impersonation::end`: a stop, a revoke, a
+/// revoke-all's) tries a session that keeps changing under it before it
+/// gives up on it (reporting the conflict).
 const CHANGED_RETRIES: usize = 3;
 
 /// Ties the policy, projection, store, directory and clock together.
@@ -982,23 +983,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// revoke-all does. Its secret is not handed out whatever happens: if
     /// it cannot be ended, nobody can use it, and it ends when its time is
     /// up.
-    async fn end_overtaken(&self, mut session: Session) {
-        for attempt in 1..=CHANGED_RETRIES {
-            let details = Details::new().with("cause", "revoked_while_starting");
-            match self
-                .try_end(&session, EndReason::Revoked, Actor::System, details)
-                .await
-            {
-                Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => session = *now,
-                Ok(Ending::Ended(_) | Ending::Gone) => return,
-                Ok(Ending::Changed(_)) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, session = %session.id, "a session a revocation overtook could not be ended; its secret was not handed out");
-                    return;
-                }
+    async fn end_overtaken(&self, session: Session) {
+        let details = Details::new().with("cause", "revoked_while_starting");
+        match self
+            .end(&session, EndReason::Revoked, Actor::System, details)
+            .await
+        {
+            Ok(_) | Err(Error::UnknownSession) => {}
+            Err(Error::Store(StoreError::Conflict(_))) => {
+                tracing::warn!(session = %session.id, "a session a revocation overtook kept changing and was not ended; its secret was not handed out");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, session = %session.id, "a session a revocation overtook could not be ended; its secret was not handed out");
             }
         }
-        tracing::warn!(session = %session.id, "a session a revocation overtook kept changing and was not ended; its secret was not handed out");
     }
 
     /// Ends a session by transition, tolerating a concurrent end: returns the
@@ -1514,33 +1512,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         // returned once every session has been tried.
         let mut failed = None;
         let details = revocation_details(Details::new(), cause, note);
-        for listed in self.live_records(&filter).await? {
-            let mut session = listed;
+        for session in self.live_records(&filter).await? {
             // A session that changed since it was listed (a consent came
-            // in) is ended as it now stands.
-            for attempt in 1..=CHANGED_RETRIES {
-                match self
-                    .try_end(&session, EndReason::Revoked, actor.clone(), details.clone())
-                    .await
-                {
-                    Ok(Ending::Ended(EndReason::Revoked)) => revoked.push(session.id),
-                    Ok(Ending::Changed(now)) if attempt < CHANGED_RETRIES => {
-                        session = *now;
-                        continue;
-                    }
-                    Ok(Ending::Changed(now)) => {
-                        failed.get_or_insert(Error::Store(StoreError::Conflict(now.id)));
-                    }
-                    // Ended otherwise meanwhile.
-                    Ok(Ending::Ended(_)) => {}
-                    Ok(Ending::Gone) => {
-                        failed.get_or_insert(Error::UnknownSession);
-                    }
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
+            // in) is ended as it now stands (`end`).
+            match self
+                .end(&session, EndReason::Revoked, actor.clone(), details.clone())
+                .await
+            {
+                Ok(EndReason::Revoked) => revoked.push(session.id),
+                // Ended otherwise meanwhile.
+                Ok(_) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
-                break;
             }
         }
         match failed {
