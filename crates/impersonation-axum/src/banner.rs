@@ -217,7 +217,7 @@ pub(crate) fn inject(
     charset_known: bool,
 ) -> Result<Vec<u8>, &'static str> {
     let mut metas = Vec::new();
-    let (at, form_open, left_open) = scan(html, &mut metas);
+    let (at, left_open) = scan(html, &mut metas);
     if !charset_known
         && (metas
             .iter()
@@ -236,11 +236,7 @@ pub(crate) fn inject(
     // form of its own, which the app's submit handlers and `target` do
     // not meet; so are the elements left open that would hide the banner,
     // swallow it or take its clicks (`LeftOpen`).
-    let mut placed = if nothing_follows(&html[at..]) {
-        left_open.closing(form_open)
-    } else {
-        LeftOpen::default().closing(form_open)
-    };
+    let mut placed = left_open.closing(nothing_follows(&html[at..]));
     placed.extend_from_slice(banner.as_bytes());
     edits.push((at..at, placed));
     // A meta tag ends before the banner's place, or begins after it.
@@ -375,7 +371,7 @@ fn declared_charset(tag: &[u8]) -> Option<String> {
 ///
 /// Every `<meta>` start tag passed on the way (markup, not text) goes into
 /// `metas`, from its `<` to its `>`.
-fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, LeftOpen) {
+fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, LeftOpen) {
     /// Openers of text, and what ends each.
     const RAW: [(&[u8], &[u8]); 10] = [
         (b"<script", b"</script"),
@@ -389,10 +385,8 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
         (b"<noframes", b"</noframes"),
         (b"<!--", b"-->"),
     ];
-    // The banner's place, and whether a form is open there (the HTML
-    // parser's form element pointer).
-    let mut last: Option<(usize, bool, LeftOpen)> = None;
-    let mut form_open = false;
+    // The banner's place, and what is open there.
+    let mut last: Option<(usize, LeftOpen)> = None;
     let mut left_open = LeftOpen::default();
     let mut at = 0;
     // The elements open inside an svg or a math, innermost last (empty
@@ -412,21 +406,21 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
     // the banner would be the host's light child, which a shadow tree
     // with no slot does not show). `inert_depth`: how many templates
     // were open around it.
-    let mut open_template: Option<(usize, bool, LeftOpen)> = None;
+    let mut open_template: Option<(usize, LeftOpen)> = None;
     let mut inert_depth = 0_usize;
     while let Some(lt) = html[at..].iter().position(|&b| b == b'<') {
         let here = at + lt;
         let rest = &html[here..];
         if tag_at(rest, b"</body") {
             if templates == 0 {
-                last = Some((here, form_open, left_open.clone()));
+                last = Some((here, left_open.clone()));
             }
             // Passed over to its `>`, as any end tag: attributes (quoted
             // ones too) may follow its name. Left open, it takes in the
             // rest of the page.
             match tag_end(rest) {
                 Some(end) => at = here + end + 1,
-                None => return open_template.unwrap_or((here, form_open, left_open)),
+                None => return open_template.unwrap_or((here, left_open)),
             }
             continue;
         }
@@ -435,9 +429,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
             match rest.windows(3).position(|w| w == b"]]>") {
                 Some(end) => at = here + end + b"]]>".len(),
                 None => {
-                    return last
-                        .or(open_template)
-                        .unwrap_or((here, form_open, left_open));
+                    return last.or(open_template).unwrap_or((here, left_open));
                 }
             }
             continue;
@@ -463,9 +455,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
                 match tag_end(rest) {
                     Some(end) => here + end + 1,
                     None => {
-                        return last
-                            .or(open_template)
-                            .unwrap_or((here, form_open, left_open));
+                        return last.or(open_template).unwrap_or((here, left_open));
                     }
                 }
             };
@@ -484,23 +474,17 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
                 Some((end, _)) => match tag_end(&html[inside + end..]) {
                     Some(gt) => at = inside + end + gt + 1,
                     None => {
-                        return last
-                            .or(open_template)
-                            .unwrap_or((here, form_open, left_open));
+                        return last.or(open_template).unwrap_or((here, left_open));
                     }
                 },
                 None => {
-                    return last
-                        .or(open_template)
-                        .unwrap_or((here, form_open, left_open));
+                    return last.or(open_template).unwrap_or((here, left_open));
                 }
             }
             continue;
         }
         if as_html && tag_at(rest, b"<plaintext") {
-            return last
-                .or(open_template)
-                .unwrap_or((here, form_open, left_open));
+            return last.or(open_template).unwrap_or((here, left_open));
         }
         // Any other tag, start or end, is passed over whole: a quoted
         // attribute value (a customer's text in a `title`) holding `<!--`,
@@ -510,9 +494,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
         let is_end = rest.get(1) == Some(&b'/');
         if letter(1) || (is_end && letter(2)) {
             let Some(end) = tag_end(rest) else {
-                return last
-                    .or(open_template)
-                    .unwrap_or((here, form_open, left_open));
+                return last.or(open_template).unwrap_or((here, left_open));
             };
             let name_at = if is_end { 2 } else { 1 };
             let name_len = rest[name_at..]
@@ -526,7 +508,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
             // a form there is the template's own, and a `</form>` there
             // cannot reach one open outside it.
             if name == b"form" && templates == 0 && (is_end || foreign.reads_html()) {
-                form_open = !is_end;
+                left_open.form = !is_end;
             }
             // Read as HTML before it (an svg's own root included), or
             // once it has broken out of one (`<svg><table>`).
@@ -547,7 +529,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
                     }
                 } else {
                     if open_template.is_none() && !hosts_a_shadow_root(&rest[..=end]) {
-                        open_template = Some((here, form_open, left_open.clone()));
+                        open_template = Some((here, left_open.clone()));
                         inert_depth = templates;
                     }
                     templates = templates.saturating_add(1);
@@ -564,9 +546,7 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
                 if name == b"meta" {
                     metas.push(here..here + end + 1);
                 }
-                let html_element = read_as_html
-                    || breaks_out(&name)
-                    || (name == b"font" && font_breaks_out(&rest[..end]));
+                let html_element = read_as_html || ends_foreign(&name, &rest[..end]);
                 if templates == 0 && html_element {
                     left_open.start(&name, &rest[..=end]);
                 }
@@ -580,17 +560,14 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
             match rest.iter().position(|&b| b == b'>') {
                 Some(end) => at = here + end + 1,
                 None => {
-                    return last
-                        .or(open_template)
-                        .unwrap_or((here, form_open, left_open));
+                    return last.or(open_template).unwrap_or((here, left_open));
                 }
             }
             continue;
         }
         at = here + 1;
     }
-    last.or(open_template)
-        .unwrap_or((html.len(), form_open, left_open))
+    last.or(open_template).unwrap_or((html.len(), left_open))
 }
 
 /// Elements a page left open where the banner goes that would hide it (any
@@ -607,9 +584,12 @@ fn scan(html: &[u8], metas: &mut Vec<std::ops::Range<usize>>) -> (usize, bool, L
 /// Not counted: the elements whose end tag does something when none is
 /// open (`</p>` makes an empty paragraph) or moves what they hold (the
 /// formatting elements, `<a>`, `<b>`…, which the parser's adoption agency
-/// takes apart), and a form (ended apart, `closing`).
+/// takes apart), and a form, which is the parser's form element pointer
+/// (`form`), ended whatever follows.
 #[derive(Clone, Default)]
 struct LeftOpen {
+    /// Whether a form is open (the HTML parser's form element pointer).
+    form: bool,
     /// Each name, how many of it are open, in the order first met.
     open: Vec<(Vec<u8>, usize)>,
 }
@@ -656,32 +636,10 @@ impl LeftOpen {
         b"u",
     ];
 
-    /// Elements that have no end tag, and so never stay open.
-    const VOID: [&'static [u8]; 18] = [
-        b"area",
-        b"base",
-        b"basefont",
-        b"bgsound",
-        b"br",
-        b"col",
-        b"embed",
-        b"frame",
-        b"hr",
-        b"img",
-        b"input",
-        b"keygen",
-        b"link",
-        b"meta",
-        b"param",
-        b"source",
-        b"track",
-        b"wbr",
-    ];
-
     /// A start tag of `name` (lower case), read as HTML: `tag` is the
     /// whole tag, from `<` to `>`.
     fn start(&mut self, name: &[u8], tag: &[u8]) {
-        if Self::VOID.contains(&name) || Self::NEVER.contains(&name) {
+        if is_void(name) || Self::NEVER.contains(&name) {
             return;
         }
         if let Some((_, count)) = self.open.iter_mut().find(|(n, _)| n == name) {
@@ -703,8 +661,8 @@ impl LeftOpen {
     /// one is open (which also lets the banner's own form be one: the
     /// parser ignores a `<form>` while its form pointer is set, as an
     /// element closed around the form would leave it), then the others,
-    /// the last met first.
-    fn closing(&self, form_open: bool) -> Vec<u8> {
+    /// the last met first. The form's only, unless `all`.
+    fn closing(&self, all: bool) -> Vec<u8> {
         let mut out = Vec::new();
         let mut end = |name: &[u8], count: usize| {
             for _ in 0..count {
@@ -713,12 +671,13 @@ impl LeftOpen {
                 out.push(b'>');
             }
         };
-        let selects = self.open.iter().find(|(n, _)| n == b"select");
+        let open = if all { &self.open[..] } else { &[] };
+        let selects = open.iter().find(|(n, _)| n == b"select");
         end(b"select", selects.map_or(0, |(_, count)| *count));
-        if form_open {
+        if self.form {
             end(b"form", 1);
         }
-        for (name, count) in self.open.iter().rev().filter(|(n, _)| n != b"select") {
+        for (name, count) in open.iter().rev().filter(|(n, _)| n != b"select") {
             end(name, *count);
         }
         out
@@ -874,7 +833,7 @@ impl Foreign {
             // In an svg's or a math's own element, a tag is theirs (an
             // `<svg>` in a math is a math element), unless it is one of
             // HTML's that end them.
-            Some(_) if breaks_out(&name) || (name == b"font" && font_breaks_out(tag)) => {
+            Some(_) if ends_foreign(&name, tag) => {
                 self.break_out();
                 // An HTML element: a `/` before its `>` closes nothing.
                 if is_void(&name) {
@@ -1134,24 +1093,37 @@ fn is_special(name: &[u8]) -> bool {
     )
 }
 
-/// HTML's void elements, which have no end tag and hold nothing.
+/// HTML's void elements (the obsolete ones too: `<param>`, `<keygen>`…),
+/// which have no end tag and hold nothing.
 fn is_void(name: &[u8]) -> bool {
     matches!(
         name,
         b"area"
             | b"base"
+            | b"basefont"
+            | b"bgsound"
             | b"br"
             | b"col"
             | b"embed"
+            | b"frame"
             | b"hr"
             | b"img"
             | b"input"
+            | b"keygen"
             | b"link"
             | b"meta"
+            | b"param"
             | b"source"
             | b"track"
             | b"wbr"
     )
+}
+
+/// Whether the start tag `tag` (up to its `>`), named `name` (lower case),
+/// ends the svg or math it appears in: a breakout element's, or a `<font>`
+/// with the attributes that make it one.
+fn ends_foreign(name: &[u8], tag: &[u8]) -> bool {
+    breaks_out(name) || (name == b"font" && font_breaks_out(tag))
 }
 
 /// Whether a start tag named `name` (lower case) ends the svg or math it
