@@ -1644,7 +1644,8 @@ impl Answer {
 /// change. For the refusals the app makes itself, past the
 /// [`crate::NotImpersonating`] guard: a customer's form naming another
 /// tenant's campground ([`Denial::TenantBoundary`](impersonation_core::Denial::TenantBoundary)),
-/// a permission the shadow user lacks ([`Denial::ScopeExceedsAgent`](impersonation_core::Denial::ScopeExceedsAgent)).
+/// a permission the shadow user lacks, as the customer would
+/// ([`Denial::NotPermitted`](impersonation_core::Denial::NotPermitted)).
 ///
 /// The marker is the app's word that the request changed nothing, and
 /// counts only on a `4xx` answer: on any other the request is recorded

@@ -45,7 +45,8 @@ pub struct StartForm {
     /// The support ticket.
     #[serde(default)]
     pub ticket: Option<String>,
-    /// `on` for a read-only session.
+    /// Present, with any value (a checked checkbox sends `on`), for a
+    /// read-only session.
     #[serde(default)]
     pub read_only: Option<String>,
     /// The CSRF token.
