@@ -165,6 +165,8 @@ type Detail = (Cow<'static, str>, String);
 fn known_key(key: &str) -> Option<&'static str> {
     Some(match key {
         "after_end" => "after_end",
+        "agent" => "agent",
+        "agent_name" => "agent_name",
         "attempt" => "attempt",
         "cause" => "cause",
         "consented_by" => "consented_by",
@@ -355,10 +357,7 @@ fn sanitize(text: String) -> String {
     if text.len() <= MAX_DETAIL_VALUE && !has_forbidden_chars(&text) {
         return text;
     }
-    let cleaned: String = text
-        .chars()
-        .map(|c| if is_forbidden_char(c) { '\u{FFFD}' } else { c })
-        .collect();
+    let cleaned = display_text(&text).into_owned();
     if cleaned.chars().count() > MAX_DETAIL_VALUE {
         let mut cut: String = cleaned.chars().take(MAX_DETAIL_VALUE - 1).collect();
         cut.push('…');
@@ -1007,15 +1006,22 @@ impl AuditEvent {
                 }
             }
         };
+        // Whose session it was, when someone else acted on it (the system
+        // ending it, an admin revoking it, the customer consenting).
+        if let Some(agent) = d.get("agent_name").or(d.get("agent")) {
+            let _ = write!(text, " Agent: {agent}.");
+        }
         for key in ["reason_text", "ticket", "note", "cause"] {
             if let Some(value) = d.get(key) {
-                let label = match key {
-                    "reason_text" => "Reason",
-                    "ticket" => "Ticket",
-                    "note" => "Note",
-                    _ => "Cause",
+                let _ = match key {
+                    // Free text goes in quotes, with the quotes it holds
+                    // made plain, so it cannot pass for the row's own words
+                    // (a reason ending "Ticket: SUP-1", say).
+                    "reason_text" => write!(text, " Reason: \u{201C}{}\u{201D}.", quoted(value)),
+                    "note" => write!(text, " Note: \u{201C}{}\u{201D}.", quoted(value)),
+                    "ticket" => write!(text, " Ticket: {value}."),
+                    _ => write!(text, " Cause: {value}."),
                 };
-                let _ = write!(text, " {label}: {value}.");
             }
         }
         text
@@ -1246,6 +1252,38 @@ impl serde_json::ser::Formatter for EscapingFormatter {
     }
 }
 
+/// A name or other text as the trail shows it: line breaks, other
+/// control characters and bidirectional controls as U+FFFD, as in
+/// [`to_table`]. For a page that renders the trail itself: a display name
+/// holding U+202E would otherwise show its letters reversed (escape the
+/// result for HTML as well).
+///
+/// ```
+/// assert_eq!(impersonation_core::display_text("Sam\u{202E}troppuS"), "Sam\u{FFFD}troppuS");
+/// assert_eq!(impersonation_core::display_text("Olive Owner"), "Olive Owner");
+/// ```
+pub fn display_text(text: &str) -> Cow<'_, str> {
+    if text.contains(is_forbidden_char) {
+        Cow::Owned(
+            text.chars()
+                .map(|c| if is_forbidden_char(c) { '\u{FFFD}' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// Free text as [`AuditEvent::describe`] quotes it: its own curly double
+/// quotes made straight, so the closing quote is the row's.
+fn quoted(text: &str) -> Cow<'_, str> {
+    if text.contains(['\u{201C}', '\u{201D}']) {
+        Cow::Owned(text.replace(['\u{201C}', '\u{201D}'], "\""))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 /// The timestamp as the table shows it: `2024-11-06 10:15:03 AM UTC`.
 pub fn table_timestamp(at: OffsetDateTime) -> String {
     let format = time::macros::format_description!(
@@ -1259,12 +1297,18 @@ pub fn table_timestamp(at: OffsetDateTime) -> String {
 /// A table cell: `\` and `|` escaped, and line breaks, other control
 /// characters and bidirectional controls (from a display name, say)
 /// shown as U+FFFD, so no text can end its row or start a forged one.
+/// `<`, `&` and `[` are escaped too, so that a Markdown renderer shows
+/// them as written: a name cannot become HTML that ends the row, a
+/// character reference (`&#x202E;`) or a link whose text hides it.
 fn cell(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
             '|' => out.push_str("\\|"),
+            '<' => out.push_str("\\<"),
+            '&' => out.push_str("\\&"),
+            '[' => out.push_str("\\["),
             c if is_forbidden_char(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }

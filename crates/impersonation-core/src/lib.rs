@@ -80,8 +80,8 @@ pub use api::{ImpersonationApi, TokenResolver};
 pub use audit::{
     Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainHead, ChainKey,
     ChainReport, ChainVerifier, Details, EventHash, MAX_DETAIL_ENTRIES, MAX_DETAIL_KEY,
-    MAX_DETAIL_VALUE, Party, TABLE_HEAD, table_rows, table_timestamp, to_json_lines, to_table,
-    verify_chain,
+    MAX_DETAIL_VALUE, Party, TABLE_HEAD, display_text, table_rows, table_timestamp, to_json_lines,
+    to_table, verify_chain,
 };
 pub use clock::{Clock, ManualClock, SystemClock, normalize, unix_micros};
 pub use id::{EventId, IdError, MAX_ID_LEN, SessionId, TenantId, UserId};

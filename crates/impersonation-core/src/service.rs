@@ -799,7 +799,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     "impersonation.agent",
                     tracing::field::display(&ctx.0.agent.id),
                 );
-                let draft = ctx.draft(now, AuditAction::Denied);
+                // The row names the session the agent is in (its subject);
+                // the customer asked for goes in as `target`.
+                let draft = ctx
+                    .draft(now, AuditAction::Denied)
+                    .details(Details::new().with("target", &request.target));
                 return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
             }
         };

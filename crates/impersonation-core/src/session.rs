@@ -255,6 +255,16 @@ impl Session {
             .session(self.id)
     }
 
+    /// The agent's id and name as details of an event someone else acts
+    /// in (the system ending the session, an admin revoking it, the
+    /// customer consenting), so that its row says whose session it was.
+    fn name_agent_unless(&self, by: &Actor, details: &mut Details) {
+        if by.id() != Some(&self.agent.id) {
+            details.insert("agent", &self.agent.id);
+            details.insert("agent_name", &self.agent.name);
+        }
+    }
+
     fn agent_actor(&self) -> Actor {
         Actor::user(self.agent.id.clone(), self.agent.name.clone())
     }
@@ -347,6 +357,7 @@ impl Session {
         if let Some(id) = by.id() {
             details.insert("consented_by", id);
         }
+        self.name_agent_unless(&by, &mut details);
         let event = self
             .draft(now, AuditAction::SessionStarted, by)
             .details(details);
@@ -386,6 +397,7 @@ impl Session {
         next.version = self.version.saturating_add(1);
         let mut all = details;
         all.insert("reason", reason.code());
+        self.name_agent_unless(&by, &mut all);
         let event = self.draft(now, AuditAction::SessionEnded, by).details(all);
         Ok(Transition {
             next,

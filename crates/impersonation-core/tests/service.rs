@@ -347,6 +347,24 @@ async fn starting_from_inside_a_session_is_refused_as_nesting() {
         .unwrap_err();
     assert!(matches!(err, Error::Denied(Denial::Nesting)));
     assert_eq!(denied(&f, "nesting").await, 1);
+    // The row is about the session the agent is in; the customer asked
+    // for is named too.
+    let refusal = all_events(
+        f.service.store(),
+        AuditQuery {
+            action: Some(AuditAction::Denied),
+            ..AuditQuery::default()
+        },
+    )
+    .await
+    .into_iter()
+    .find(|e| e.details.get("denial") == Some("nesting"))
+    .unwrap();
+    assert_eq!(
+        refusal.subject.as_ref().map(|s| s.id.as_str()),
+        Some("olive")
+    );
+    assert_eq!(refusal.details.get("target"), Some("oscar"));
 }
 
 #[tokio::test]
@@ -740,7 +758,7 @@ async fn a_demoted_agent_loses_the_session_once_the_reuse_interval_is_over() {
     assert_eq!(end.details.get("denial"), Some("missing_permission"));
     assert_eq!(
         end.describe(),
-        "Ended impersonation session (revoked). Cause: policy re-check failed: missing_permission."
+        "Ended impersonation session (revoked). Agent: sam. Cause: policy re-check failed: missing_permission."
     );
     // The end, made here, is seen at once by reads too.
     assert!(matches!(
@@ -3206,7 +3224,7 @@ async fn a_revocation_is_recorded_in_the_customers_revocation_chain() {
     assert_eq!(event.subject.as_ref().map(|p| p.id.as_str()), Some("olive"));
     assert_eq!(
         event.describe(),
-        "Revoked every impersonation of the customer. Note: password changed. Cause: subject_changed."
+        "Revoked every impersonation of the customer. Note: \u{201C}password changed\u{201D}. Cause: subject_changed."
     );
     let head = f.service.store().chain_head(&chain).await.unwrap();
     verify_chain(&chain, &events, head).unwrap();

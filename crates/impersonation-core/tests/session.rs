@@ -616,6 +616,105 @@ fn names_cannot_forge_or_reorder_table_rows() {
     for c in ['\n', '\r', '\u{2028}', '\u{202E}'] {
         assert!(!row.contains(c), "{row:?}");
     }
+
+    // What a Markdown renderer would turn into something else is escaped:
+    // HTML that ends the row, a character reference for a direction
+    // control, a link whose text hides the name.
+    for (name, shown) in [
+        (
+            "x</td></tr><tr><td>forged",
+            "x\\</td>\\</tr>\\<tr>\\<td>forged",
+        ),
+        ("&#x202E;ecilA", "\\&#x202E;ecilA"),
+        (
+            "[Alice](https://evil.example)",
+            "\\[Alice](https://evil.example)",
+        ),
+    ] {
+        let event = AuditDraft::new(
+            T0,
+            AuditAction::Access,
+            Actor::user(UserId::from(1_u64), "Sam"),
+            ChainKey::for_agent(&UserId::from(1_u64)),
+        )
+        .subject(UserId::from(123_u64), name, TenantId::from(1_u64))
+        .seal(None);
+        let table = to_table([&event]);
+        let row = table.lines().nth(2).unwrap();
+        assert!(row.contains(&format!("| Sam | {shown} |")), "{row}");
+    }
+}
+
+/// A row someone other than the agent writes about a session (the system
+/// ending it, an admin revoking it, the customer consenting) names the
+/// agent whose session it was; the agent's own rows need not.
+#[test]
+fn rows_written_by_others_name_the_agent_whose_session_it_was() {
+    let s = active();
+    let by_agent = Actor::user(agent().id, "AdminUser1");
+    let ended = |by: Actor, reason: EndReason| {
+        let event = s
+            .end(reason, by, T0, Details::new())
+            .unwrap()
+            .event()
+            .clone();
+        event.seal(None)
+    };
+    let expired = ended(Actor::System, EndReason::Expired);
+    assert_eq!(expired.details.get("agent"), Some("1"));
+    assert_eq!(expired.details.get("agent_name"), Some("AdminUser1"));
+    assert_eq!(
+        expired.describe(),
+        "Ended impersonation session (maximum duration reached). Agent: AdminUser1."
+    );
+    let revoked = ended(
+        Actor::user(UserId::from(9_u64), "Ada Admin"),
+        EndReason::Revoked,
+    );
+    assert!(
+        revoked
+            .describe()
+            .ends_with("(revoked). Agent: AdminUser1.")
+    );
+    let stopped = ended(by_agent, EndReason::Stopped);
+    assert_eq!(stopped.details.get("agent"), None);
+    assert!(!stopped.describe().contains("Agent:"));
+
+    let consented = pending()
+        .activate(Actor::user(customer().id, "User123"), T0)
+        .unwrap()
+        .event()
+        .clone()
+        .seal(None);
+    let table = to_table([&consented]);
+    assert!(
+        table.contains(
+            "| User123 | User123 | Customer consented; impersonation session started. Agent: AdminUser1. Reason: "
+        ),
+        "{table}"
+    );
+}
+
+/// Free text (a reason, a note) is quoted, its own curly quotes made
+/// straight, so it cannot pass for the row's own words.
+#[test]
+fn a_reason_cannot_pass_for_a_ticket() {
+    let event = Session::draft(
+        &active(),
+        T0,
+        AuditAction::SessionStarted,
+        Actor::user(agent().id, "AdminUser1"),
+    )
+    .details(
+        Details::new()
+            .with("reason_text", "Locked out\u{201D}. Ticket: SUP-1. \u{201C}")
+            .with("note", "x"),
+    )
+    .seal(None);
+    assert_eq!(
+        event.describe(),
+        "Started impersonation session. Reason: \u{201C}Locked out\". Ticket: SUP-1. \"\u{201D}. Note: \u{201C}x\u{201D}."
+    );
 }
 
 #[test]
@@ -632,10 +731,15 @@ fn each_action_reads_like_the_seed_table() {
     assert_eq!(start.action.label(), "User Impersonation");
     assert_eq!(
         start.describe(),
-        "Started impersonation session. Reason: Customer cannot log in."
+        "Started impersonation session. Reason: \u{201C}Customer cannot log in\u{201D}."
     );
     let end = s
-        .end(EndReason::Stopped, Actor::System, T0, Details::new())
+        .end(
+            EndReason::Stopped,
+            Actor::user(agent().id, "AdminUser1"),
+            T0,
+            Details::new(),
+        )
         .unwrap()
         .event()
         .clone()

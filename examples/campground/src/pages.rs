@@ -17,8 +17,8 @@ use impersonation_axum::{
 };
 use impersonation_core::{
     AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Principal,
-    RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId, table_rows,
-    table_timestamp,
+    RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId, display_text,
+    table_rows, table_timestamp,
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -1461,8 +1461,10 @@ fn audit_rows(events: &[AuditEvent]) -> String {
             e.action.code(),
             esc(&table_timestamp(e.at)),
             esc(e.action.label()),
-            esc(e.actor.name()),
-            esc(e.subject.as_ref().map_or("", |s| &*s.name)),
+            // Names as the trail shows them: a direction control in one
+            // would reverse what the row says.
+            esc(&display_text(e.actor.name())),
+            esc(&display_text(e.subject.as_ref().map_or("", |s| &*s.name))),
             esc(&e.describe()),
         );
     }

@@ -293,7 +293,7 @@ async fn assert_sign_out_ended_the_session(base: &str) {
     let mut sam = User::sign_in(base, "sam").await;
     let (_, table) = sam.get("/audit.txt").await;
     assert!(
-        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: agent signed out. |"),
+        table.contains("| Sam Support | Olive Owner | Ended impersonation session (revoked). Note: \u{201C}agent signed out\u{201D}. |"),
         "{table}"
     );
 }

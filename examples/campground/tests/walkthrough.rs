@@ -97,17 +97,19 @@ async fn story(kind: StoreKind, url: &str) {
         "{table}"
     );
     assert!(table.contains("| Sam Support | Olive Owner | GET /api/bookings (200)"));
-    assert!(
-        table.contains("Reason: Olive's booking sync fails through the API. Ticket: SUP-1044.")
-    );
+    assert!(table.contains(
+        "Reason: \u{201C}Olive's booking sync fails through the API\u{201D}. Ticket: SUP-1044."
+    ));
     assert!(table.contains("| Sam Support | Olive Owner | Refused GET /billing"));
     // The status endpoint is a read under impersonation like any other.
     assert!(table.contains("| Sam Support | Olive Owner | GET /impersonation/status (200)"));
     assert!(table.contains("| Ada Admin | Paula Partner | Ended impersonation session (revoked)"));
     assert!(table.contains(
-        "| Olive Owner | Olive Owner | Revoked every impersonation of the customer. Note: password changed."
+        "| Olive Owner | Olive Owner | Revoked every impersonation of the customer. Note: \u{201C}password changed\u{201D}."
     ));
-    assert!(table.contains("| Olive Owner | Olive Owner | Ended impersonation session (revoked)"));
+    assert!(table.contains(
+        "| Olive Owner | Olive Owner | Ended impersonation session (revoked). Agent: Sam Support."
+    ));
 }
 
 /// Sessions of Sam's and Lee's left running (the demo tried by hand
