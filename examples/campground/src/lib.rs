@@ -264,7 +264,10 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
         });
     let mut user = user.and_then(|id| UserId::new(id).ok());
     // API clients: the (stand-in) identity provider's access token signs
-    // its person in. An impersonation token is the layer's business.
+    // its person in, on the API alone (its audience): elsewhere it would be
+    // a sign-in that outlives signing out. An impersonation token is the
+    // layer's business.
+    let on_api = req.uri().path().starts_with("/api/");
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -272,7 +275,7 @@ async fn sign_in(State(demo): State<Arc<Demo>>, mut req: Request, next: Next) ->
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    if let (None, Some(token), Some(api)) = (&user, bearer, demo.api())
+    if let (None, true, Some(token), Some(api)) = (&user, on_api, bearer, demo.api())
         && let Ok(id) = api.provider().user_of(token, demo.service.now()).await
     {
         user = Some(id);

@@ -601,13 +601,28 @@ pub async fn sign_out(State(demo): AppState, v: Viewer) -> Response {
     res
 }
 
+/// The most bookings a campground's table shows (the latest): a page
+/// without a bound would one day pass what the layer reads to put its
+/// banner in (`MAX_BANNER_BODY`), and the agent could no longer see the
+/// busiest customers' dashboards.
+pub const BOOKINGS_SHOWN: usize = 100;
+
 fn bookings_table(rows: &[Booking]) -> String {
     if rows.is_empty() {
         return "<p class=\"note\">No bookings yet.</p>".into();
     }
-    let mut out =
-        String::from("<table><tr><th>Guest</th><th>Site</th><th>Arrival</th><th>Nights</th></tr>");
-    for b in rows {
+    let shown = &rows[rows.len().saturating_sub(BOOKINGS_SHOWN)..];
+    let mut out = String::new();
+    if shown.len() < rows.len() {
+        let _ = write!(
+            out,
+            "<p class=\"note\">The latest {} of {} bookings.</p>",
+            shown.len(),
+            rows.len()
+        );
+    }
+    out.push_str("<table><tr><th>Guest</th><th>Site</th><th>Arrival</th><th>Nights</th></tr>");
+    for b in shown {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -1533,7 +1548,7 @@ async fn audit_page(
     let _ = write!(
         body,
         "<form method=\"post\" action=\"/audit/verify\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered row breaks it.</p>\
+         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered event breaks it. Verify reads the chains themselves; this listing reads an index kept beside them.</p>\
          <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt\">plain text</a></form>",
         attr(v.csrf())
     );
@@ -1716,4 +1731,37 @@ pub async fn audit_text(
         axum::body::Body::from_stream(body),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BOOKINGS_SHOWN, Booking, bookings_table};
+
+    fn booking(n: usize) -> Booking {
+        Booking {
+            guest: format!("Guest {n}"),
+            site: "A1".into(),
+            arrival: "2026-12-24".into(),
+            nights: 1,
+        }
+    }
+
+    #[test]
+    fn a_campground_table_shows_the_latest_bookings_and_says_how_many_there_are() {
+        let few: Vec<Booking> = (0..3).map(booking).collect();
+        let table = bookings_table(&few);
+        assert!(table.contains("Guest 0") && table.contains("Guest 2"));
+        assert!(!table.contains("The latest"));
+
+        let many: Vec<Booking> = (0..BOOKINGS_SHOWN + 50).map(booking).collect();
+        let table = bookings_table(&many);
+        assert!(table.contains(&format!(
+            "The latest {BOOKINGS_SHOWN} of {} bookings.",
+            BOOKINGS_SHOWN + 50
+        )));
+        assert_eq!(table.matches("<tr><td>").count(), BOOKINGS_SHOWN);
+        assert!(!table.contains("<td>Guest 49</td>"));
+        assert!(table.contains("<td>Guest 50</td>"));
+        assert!(table.contains(&format!("<td>Guest {}</td>", BOOKINGS_SHOWN + 49)));
+    }
 }

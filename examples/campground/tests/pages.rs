@@ -1062,6 +1062,14 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_tok
         .await
         .unwrap();
     assert_eq!(own_call.status(), StatusCode::OK);
+    // It is for the API (its audience): on a page it signs nobody in.
+    let own_page = api
+        .get(format!("{base}/audit.txt"))
+        .bearer_auth(own["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own_page.status(), StatusCode::UNAUTHORIZED);
     // Without a token the API asks for one (RFC 6750 §3).
     let bare = api
         .get(format!("{base}/api/bookings"))
