@@ -114,9 +114,14 @@ impl Touch {
     /// so that no sum or difference with a time in microseconds overflows
     /// 64 bits, and it means what the window itself means for any time a
     /// session holds; its sign kept (a negative window is always due).
+    /// Rounded up to the next microsecond: session times are whole
+    /// microseconds, so `last_seen + window <= now` holds exactly when it
+    /// holds with the window rounded up, never a part of one sooner.
     pub fn coalesce_micros(&self) -> i64 {
         const BOUND: i128 = 1 << 62;
-        let clamped = self.coalesce.whole_microseconds().clamp(-BOUND, BOUND);
+        let nanos = self.coalesce.whole_nanoseconds();
+        let up = nanos.div_euclid(1_000) + i128::from(nanos.rem_euclid(1_000) != 0);
+        let clamped = up.clamp(-BOUND, BOUND);
         i64::try_from(clamped).unwrap_or_default()
     }
 }

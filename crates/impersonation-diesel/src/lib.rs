@@ -318,6 +318,42 @@ impl DieselConfig {
     }
 }
 
+/// How SQLite opens a filename (diesel opens it with `SQLITE_OPEN_URI`).
+#[cfg(feature = "sqlite")]
+#[derive(Debug, PartialEq, Eq)]
+enum SqliteOpen {
+    /// A file, shared by every connection.
+    File,
+    /// A database of each connection's own: `:memory:`, `file::memory:`,
+    /// a `file:` URI with `mode=memory`.
+    PerConnection,
+    /// No name (`sqlite://`, `file:`): a temporary file of each
+    /// connection's own, deleted when it closes.
+    Temporary,
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite_open(path: &str) -> SqliteOpen {
+    if path.is_empty() {
+        return SqliteOpen::Temporary;
+    }
+    if path == ":memory:" {
+        return SqliteOpen::PerConnection;
+    }
+    let Some(uri) = path.strip_prefix("file:") else {
+        return SqliteOpen::File;
+    };
+    let uri = uri.split_once('#').map_or(uri, |(before, _)| before);
+    let (name, query) = uri.split_once('?').unwrap_or((uri, ""));
+    if name == ":memory:" || query.split('&').any(|param| param == "mode=memory") {
+        SqliteOpen::PerConnection
+    } else if name.is_empty() {
+        SqliteOpen::Temporary
+    } else {
+        SqliteOpen::File
+    }
+}
+
 #[derive(Clone)]
 enum Backend {
     #[cfg(feature = "postgres")]
@@ -943,9 +979,19 @@ impl DieselStore {
                 let path = config.sqlite_path();
                 let busy_ms = whole_millis(config.busy_timeout);
                 let mut config = config.clone();
-                if path == ":memory:" {
-                    // Each connection to :memory: is its own database.
-                    config.max_connections = 1;
+                match sqlite_open(&path) {
+                    SqliteOpen::File => {}
+                    // Each connection would be its own database: one
+                    // connection, kept, holds the store.
+                    SqliteOpen::PerConnection => config.max_connections = 1,
+                    SqliteOpen::Temporary => {
+                        return Err(DieselError::Config(
+                            "the SQLite URL names no file: an empty name opens a temporary \
+                             database that is deleted when its connection closes (name a \
+                             file, or `:memory:` for a database that lives with the store)"
+                                .into(),
+                        ));
+                    }
                 }
                 let counter = config.counter.clone();
                 let pool = build_pool!(SqliteConn, config, move |_url: &str| {
@@ -1632,6 +1678,35 @@ impl Store for DieselStore {
 #[cfg(test)]
 mod tests {
     use super::DieselConfig;
+
+    /// The names SQLite opens as a database per connection, or as a
+    /// temporary file, are told from a file's.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn sqlite_names_that_are_no_shared_file_are_told_apart() {
+        use super::{SqliteOpen, sqlite_open};
+        for path in [
+            "trail.db",
+            "/var/lib/app/trail.db",
+            "file:trail.db",
+            "file:trail.db?mode=rwc",
+            "file:memory.db",
+        ] {
+            assert_eq!(sqlite_open(path), SqliteOpen::File, "{path}");
+        }
+        for path in [
+            ":memory:",
+            "file::memory:",
+            "file:trail?mode=memory",
+            "file:trail?cache=shared&mode=memory",
+            "file::memory:?cache=shared",
+        ] {
+            assert_eq!(sqlite_open(path), SqliteOpen::PerConnection, "{path}");
+        }
+        for path in ["", "file:", "file:?mode=rwc", "file:#x"] {
+            assert_eq!(sqlite_open(path), SqliteOpen::Temporary, "{path}");
+        }
+    }
 
     /// A statement whose markers and arguments disagree (a bug of ours)
     /// fails as an error on a counted connection, not as a panic in the

@@ -200,6 +200,59 @@ async fn an_unreachable_database_is_a_typed_error() {
     ));
 }
 
+/// A SQLite database that lives in one connection (`:memory:` in any of
+/// its spellings) is served by that one connection: calls at once all
+/// find the tables the migration made. A URL naming no file (a temporary
+/// database per connection, deleted when it closes) is refused.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_sqlite_database_of_one_connection_keeps_to_it_and_a_nameless_one_is_refused() {
+    for url in [
+        "sqlite://:memory:",
+        "sqlite://file::memory:",
+        "sqlite://file:trail?mode=memory",
+    ] {
+        let store = DieselStore::connect_and_migrate(DieselConfig::new(url).max_connections(8))
+            .await
+            .unwrap();
+        let w = World::new();
+        let directory = MemoryDirectory::new();
+        let customer = w.customer(1, "t1");
+        directory.insert(customer.clone());
+        let agents: Vec<Principal> = (1..=8).map(|n| w.agent(n)).collect();
+        for agent in &agents {
+            directory.insert(agent.clone());
+        }
+        let svc = Arc::new(Impersonation::new(store, directory));
+        let mut starts = tokio::task::JoinSet::new();
+        for agent in agents {
+            let (svc, target) = (Arc::clone(&svc), customer.id.clone());
+            starts.spawn(async move {
+                svc.start(
+                    Requester::User(&agent),
+                    StartRequest::new(target, "Checking one connection"),
+                )
+                .await
+                .map(|started| started.session.id)
+            });
+        }
+        let mut started = 0;
+        while let Some(outcome) = starts.join_next().await {
+            outcome.unwrap().unwrap_or_else(|e| panic!("{url}: {e}"));
+            started += 1;
+        }
+        assert_eq!(started, 8, "{url}");
+    }
+    for url in ["sqlite://", "sqlite://file:"] {
+        match DieselStore::connect(DieselConfig::new(url)).await {
+            Err(DieselError::Config(message)) => {
+                assert!(message.contains("names no file"), "{message}")
+            }
+            other => panic!("{url}: expected a configuration error, got {other:?}"),
+        }
+    }
+}
+
 /// A TCP proxy between the store and PostgreSQL, which the test can cut.
 #[cfg(feature = "postgres")]
 struct Proxy {

@@ -506,6 +506,34 @@ pub async fn a_touch_of_a_negative_window_is_always_due<S: Store>(store: S) {
     }
 }
 
+/// A window with a part of a microsecond is not cut to the microsecond
+/// below: 1.5 µs after the last use is not yet due at 1 µs, and is at 2.
+pub async fn a_touch_window_of_part_of_a_microsecond_is_not_cut_short<S: Store>(store: S) {
+    let w = World::new();
+    let (start, secret) = w.begin(&w.agent(1), &w.customer(1, "t1"), epoch());
+    let (session, _) = must_start(&store, start).await;
+    let coalesce = Duration::nanoseconds(1_500);
+    let seen = session.last_seen_at;
+    let early = seen + Duration::microseconds(1);
+    let current = store.session(session.id).await.unwrap().unwrap();
+    assert!(
+        !Touch {
+            now: early,
+            coalesce
+        }
+        .applies_to(&current)
+    );
+    touch(&store, &secret, early, coalesce).await;
+    assert_eq!(
+        last_seen(&store, session.id).await,
+        seen,
+        "1 µs of 1.5: not due"
+    );
+    let due = seen + Duration::microseconds(2);
+    touch(&store, &secret, due, coalesce).await;
+    assert_eq!(last_seen(&store, session.id).await, due, "2 µs of 1.5: due");
+}
+
 /// A touch is coalesced at most half the session's own idle timeout,
 /// whatever the caller asks: a longer coalescing would let a session used
 /// every few minutes idle out.
@@ -2215,6 +2243,7 @@ where
     a_session_that_never_idles_is_found_and_touched(factory().await).await;
     a_touch_is_coalesced_at_most_half_the_idle_timeout(factory().await).await;
     a_touch_of_a_negative_window_is_always_due(factory().await).await;
+    a_touch_window_of_part_of_a_microsecond_is_not_cut_short(factory().await).await;
     a_touch_never_moves_last_seen_back(factory().await).await;
     touch_never_revives_a_lapsed_session(factory().await).await;
     guarded_append_requires_an_active_session(factory().await).await;
@@ -2289,6 +2318,7 @@ macro_rules! store_conformance_tests {
             a_session_that_never_idles_is_found_and_touched,
             a_touch_is_coalesced_at_most_half_the_idle_timeout,
             a_touch_of_a_negative_window_is_always_due,
+            a_touch_window_of_part_of_a_microsecond_is_not_cut_short,
             a_touch_never_moves_last_seen_back,
             touch_never_revives_a_lapsed_session,
             guarded_append_requires_an_active_session,
