@@ -127,7 +127,11 @@ pub struct Config {
     pub reuse_interval: Duration,
     /// When `resolve` reads the store, it re-checks through the directory
     /// that the agent still holds the impersonate permission and the policy
-    /// still allows the pair if the last check is this old.
+    /// still allows the pair if the last check is this old, and projects
+    /// the shadow user again under this service's rules. Between checks a
+    /// session is served with the shadow user the store holds, projected
+    /// by the process that started or last checked it: a projection rule
+    /// changed in one process reaches a live session at its next check.
     /// `Duration::ZERO` (the default) checks at every read.
     pub recheck_interval: Duration,
     /// Write the idle touch at most this often (default: one second, so a
