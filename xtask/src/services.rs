@@ -548,7 +548,16 @@ fn apt_install(sh: &Shell, packages: &[&str]) -> Result<()> {
         "apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends {packages...}"
     )
     .run()
-    .with_context(|| format!("could not install {}", packages.join(" ")))
+    .with_context(|| {
+        // `apt-get update` succeeds when its sources cannot be reached
+        // (it only warns), and the install then finds no package.
+        format!(
+            "could not install {} (if apt-get update warned that index files failed to \
+             download, this machine cannot reach its package sources: offline, or a proxy \
+             to set?)",
+            packages.join(" ")
+        )
+    })
 }
 
 fn bring_up(sh: &Shell, service: &Service) -> Result<()> {
@@ -703,22 +712,16 @@ fn postgres_start(sh: &Shell) -> Result<()> {
             version
         }
     };
-    // --skip-systemctl-redirect: there is no systemd in containers/CI.
-    cmd!(
-        sh,
-        "pg_ctlcluster --skip-systemctl-redirect {version} main start"
-    )
-    .run()?;
+    // pg_ctlcluster goes through systemctl where systemd runs (so the
+    // unit stays in charge of its server) and starts the server itself
+    // where it does not (a container).
+    cmd!(sh, "pg_ctlcluster {version} main start").run()?;
     Ok(())
 }
 
 /// Has the cluster re-read its configuration (it only signals the server).
 fn pg_reload(sh: &Shell, version: &str) -> Result<()> {
-    cmd!(
-        sh,
-        "pg_ctlcluster --skip-systemctl-redirect {version} main reload"
-    )
-    .run()?;
+    cmd!(sh, "pg_ctlcluster {version} main reload").run()?;
     Ok(())
 }
 
@@ -745,11 +748,9 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
     )?;
     let version = postgres_cluster().context("no PostgreSQL cluster in /etc/postgresql")?;
     println!("postgresql: restarting {version}/main, so that it sees the {GERMAN_LOCALE} locale");
-    cmd!(
-        sh,
-        "pg_ctlcluster --skip-systemctl-redirect {version} main restart"
-    )
-    .run()?;
+    // Through systemctl where systemd runs: a restart that skipped it
+    // would leave the unit failed and the server outside it.
+    cmd!(sh, "pg_ctlcluster {version} main restart").run()?;
     wait_for_port(5432)?;
     match poll_psql(german) {
         Ok(()) => {
