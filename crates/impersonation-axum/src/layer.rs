@@ -25,7 +25,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::banner::{banner_html, inject};
-use crate::watch::{EndsWithSession, ended, watch_session};
+use crate::watch::{EndsWithSession, Over, ended, watch_session};
 use impersonation_core::{ImpersonationApi, TokenResolver};
 
 mod futures_like {
@@ -1137,7 +1137,7 @@ where
                 };
                 if watched {
                     let end = if session_over && length.is_none() {
-                        ended()
+                        ended(Over::Ended)
                     } else {
                         watch_session(Arc::clone(&shared.api), c, settings.stream_check, None)
                     };
@@ -1361,6 +1361,9 @@ enum Unread {
     Failed(axum::BoxError),
     /// Its session ended while it was read.
     SessionOver,
+    /// Its session could not be confirmed while it was read (the store
+    /// or the directory out of reach, or too slow).
+    Unconfirmed,
     /// Still coming after [`MAX_BANNER_READ_TIME`].
     TooSlow,
 }
@@ -1373,7 +1376,7 @@ async fn read_page<W>(
     read: Reading<W>,
 ) -> Result<http_body_util::Collected<axum::body::Bytes>, Unread>
 where
-    W: FnOnce() -> tokio::sync::oneshot::Receiver<()>,
+    W: FnOnce() -> tokio::sync::oneshot::Receiver<Over>,
 {
     let collect = http_body_util::Limited::new(body, MAX_BANNER_BODY).collect();
     // Outside a tokio runtime (an executor of the app's own) there is no
@@ -1388,12 +1391,16 @@ where
     if let Ok(done) = tokio::time::timeout(quiet, &mut collect).await {
         return done.map_err(Unread::Failed);
     }
-    // (A watch that stops without an answer ends the read too: it fails
-    // closed, as a stream's does.)
+    // (A watch that cannot confirm the session ends the read too: it fails
+    // closed, as a stream's does, with 503 where an end gets 401.)
     let end = (read.watch)();
     tokio::select! {
         done = &mut collect => done.map_err(Unread::Failed),
-        _ = end => Err(Unread::SessionOver),
+        over = end => Err(match over {
+            Ok(Over::Ended) => Unread::SessionOver,
+            // (A watch that stopped without an answer confirmed nothing.)
+            Ok(Over::Unconfirmed) | Err(_) => Unread::Unconfirmed,
+        }),
         () = tokio::time::sleep(MAX_BANNER_READ_TIME.saturating_sub(quiet)) => Err(Unread::TooSlow),
     }
 }
@@ -1447,7 +1454,7 @@ async fn with_banner<W>(
     read: Reading<W>,
 ) -> Response
 where
-    W: FnOnce() -> tokio::sync::oneshot::Receiver<()>,
+    W: FnOnce() -> tokio::sync::oneshot::Receiver<Over>,
 {
     let (route, session) = at;
     let (mut parts, body) = res.into_parts();
@@ -1513,6 +1520,17 @@ where
                 "the impersonation session ended while its HTML page was read; withholding the page"
             );
             plain(StatusCode::UNAUTHORIZED, "impersonation session ended")
+        }
+        Err(Unread::Unconfirmed) => {
+            tracing::warn!(
+                route,
+                session = %session,
+                "the impersonation session could not be confirmed while its HTML page was read; withholding the page"
+            );
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "impersonation session could not be confirmed",
+            )
         }
         Err(Unread::TooSlow) => {
             tracing::error!(

@@ -52,13 +52,13 @@ pub(crate) fn watch_session(
     ctx: &Context,
     every: Duration,
     over: Option<watch::Receiver<bool>>,
-) -> oneshot::Receiver<()> {
+) -> oneshot::Receiver<Over> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::error!(
             session = %ctx.session(),
             "no tokio runtime to watch an impersonated stream on: it is ended at once"
         );
-        return ended();
+        return ended(Over::Unconfirmed);
     };
     let (mut tx, rx) = oneshot::channel();
     let id = ctx.session();
@@ -88,14 +88,14 @@ pub(crate) fn watch_session(
         let check = || tokio::time::timeout(budget, api.check_session(id));
         // Why it ends, whether by expiry (a check then writes that end on
         // the trail), and a check still running, to let finish.
-        let (why, expired, running): (Cow<'static, str>, bool, _) = loop {
+        let (why, expired, running, end): (Cow<'static, str>, bool, _, Over) = loop {
             tokio::select! {
                 () = tx.closed() => return,
-                () = &mut ended_while_served => break (SERVED_OVER.into(), false, None),
+                () = &mut ended_while_served => break (SERVED_OVER.into(), false, None, Over::Ended),
                 () = tokio::time::sleep(every.min(until(deadline))) => {}
             }
             if api.now() >= expires {
-                break (EXPIRED.into(), true, None);
+                break (EXPIRED.into(), true, None, Over::Ended);
             }
             // While the check runs, what needs no answer still ends it:
             // the listener may go, the request's finding or the expiry
@@ -106,19 +106,23 @@ pub(crate) fn watch_session(
             tokio::select! {
                 checked = &mut running => match checked {
                     Ok(Ok(now)) => deadline = now.expires_at().min(now.idle_deadline()),
-                    Ok(Err(e)) => break (e.to_string().into(), false, None),
-                    Err(_) => break ("the check of it did not answer in time".into(), false, None),
+                    // An outage is no end: it could not be confirmed.
+                    Ok(Err(e)) => {
+                        let end = if e.http_status() >= 500 { Over::Unconfirmed } else { Over::Ended };
+                        break (e.to_string().into(), false, None, end);
+                    }
+                    Err(_) => break ("the check of it did not answer in time".into(), false, None, Over::Unconfirmed),
                 },
                 () = tx.closed() => {
                     let _ = running.await;
                     return;
                 }
-                () = &mut ended_while_served => break (SERVED_OVER.into(), false, Some(running)),
-                () = tokio::time::sleep(until(expires)) => break (EXPIRED.into(), true, Some(running)),
+                () = &mut ended_while_served => break (SERVED_OVER.into(), false, Some(running), Over::Ended),
+                () = tokio::time::sleep(until(expires)) => break (EXPIRED.into(), true, Some(running), Over::Ended),
             }
         };
         tracing::info!(session = %id, why = %why, "impersonation session over: ending what outlived its request");
-        let _ = tx.send(());
+        let _ = tx.send(end);
         if let Some(running) = running {
             let _ = running.await;
         }
@@ -138,10 +142,21 @@ fn watch_lost() {
     );
 }
 
+/// Why a watch ended what it watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// The session ended: stopped, revoked, expired, idle.
+    Ended,
+    /// The session could not be confirmed: a check failed or did not
+    /// answer in time, or nothing could watch it. It fails closed, as a
+    /// request does, but the session may well go on.
+    Unconfirmed,
+}
+
 /// An end already known: the channel answers at once.
-pub(crate) fn ended() -> oneshot::Receiver<()> {
+pub(crate) fn ended(over: Over) -> oneshot::Receiver<Over> {
     let (tx, rx) = oneshot::channel();
-    let _ = tx.send(());
+    let _ = tx.send(over);
     rx
 }
 
@@ -169,11 +184,11 @@ const MOST_CHECK_TIME: Duration = Duration::from_secs(5);
 pub(crate) struct EndsWithSession {
     inner: Body,
     /// Answers (or is dropped) once the session has ended.
-    end: Option<oneshot::Receiver<()>>,
+    end: Option<oneshot::Receiver<Over>>,
 }
 
 impl EndsWithSession {
-    pub(crate) fn new(inner: Body, end: oneshot::Receiver<()>) -> Self {
+    pub(crate) fn new(inner: Body, end: oneshot::Receiver<Over>) -> Self {
         Self {
             inner,
             end: Some(end),
@@ -265,7 +280,7 @@ enum Watch {
     /// Not impersonating: it never completes.
     Never,
     /// Watching the session.
-    Watching(oneshot::Receiver<()>),
+    Watching(oneshot::Receiver<Over>),
     /// Completed: every later poll is ready too.
     Over,
 }

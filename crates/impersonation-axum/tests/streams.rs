@@ -694,11 +694,13 @@ fn endless_page() -> Response {
         .into_response()
 }
 
-/// A page read whole for its banner is watched once its read takes longer
-/// than the stream check: stopping the session ends the read, and the
-/// page is withheld (401), not held open until it ends.
-#[tokio::test]
-async fn an_endless_html_page_ends_with_its_session() {
+/// Sam's GET of an endless page, under way for 100 ms (past the 20 ms
+/// stream check, so its read is watched).
+async fn endless_page_being_read() -> (
+    Fx,
+    Started,
+    tokio::task::JoinHandle<Result<Response, Infallible>>,
+) {
     let fx = fixture(StdDuration::from_millis(20), None);
     let started = start(&fx, olive()).await;
     let app = behind_the_layer(
@@ -708,12 +710,29 @@ async fn an_endless_html_page_ends_with_its_session() {
     );
     let pending = tokio::spawn(app.oneshot(sams_request(Method::GET, "/live", &started)));
     tokio::time::sleep(StdDuration::from_millis(100)).await;
-    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
-    let res = tokio::time::timeout(StdDuration::from_secs(10), pending)
+    (fx, started, pending)
+}
+
+/// The answer to a pending request, or `None` after 10 s.
+async fn answer_within_10s(
+    pending: tokio::task::JoinHandle<Result<Response, Infallible>>,
+) -> Option<Response> {
+    let answered = tokio::time::timeout(StdDuration::from_secs(10), pending)
         .await
-        .expect("the page was held open after its session ended")
-        .unwrap()
-        .unwrap();
+        .ok()?;
+    Some(answered.unwrap().unwrap())
+}
+
+/// A page read whole for its banner is watched once its read takes longer
+/// than the stream check: stopping the session ends the read, and the
+/// page is withheld (401), not held open until it ends.
+#[tokio::test]
+async fn an_endless_html_page_ends_with_its_session() {
+    let (fx, started, pending) = endless_page_being_read().await;
+    fx.svc.stop(&started.secret, &agent("sam")).await.unwrap();
+    let res = answer_within_10s(pending)
+        .await
+        .expect("the page was held open after its session ended");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -724,6 +743,36 @@ async fn an_endless_html_page_ends_with_its_session() {
         events.iter().all(|e| e.action != AuditAction::Access),
         "{events:?}"
     );
+}
+
+/// A page whose session cannot be confirmed while it is read (the store
+/// fails the watch's check, or does not answer it) is withheld too, as
+/// unavailable (503), not as ended: the session goes on, and the trail
+/// says 503.
+#[tokio::test]
+async fn an_html_page_whose_session_cannot_be_confirmed_is_withheld_as_unavailable() {
+    for when in [When::Before, When::Hang] {
+        let (fx, started, pending) = endless_page_being_read().await;
+        // The watch's next check fails, or never answers.
+        fx.store.fail_nth(1, when, Calls::All);
+        let res = answer_within_10s(pending)
+            .await
+            .expect("the page was held open unchecked");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{when:?}");
+        assert_eq!(fx.store.injected(), 1, "{when:?}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"impersonation session could not be confirmed");
+        assert!(
+            fx.svc.resolve(&started.secret).await.is_ok(),
+            "{when:?}: the session goes on"
+        );
+        let events = trail(&fx, &started).await;
+        let read = events
+            .iter()
+            .find(|e| e.details.get("route") == Some("/live"))
+            .unwrap_or_else(|| panic!("{when:?}: the request is not on the trail: {events:?}"));
+        assert_eq!(read.details.get("status"), Some("503"), "{when:?}");
+    }
 }
 
 /// A page still coming after the read's time limit, its session live, is
