@@ -1007,9 +1007,17 @@ impl AuditEvent {
             }
         };
         // Whose session it was, when someone else acted on it (the system
-        // ending it, an admin revoking it, the customer consenting).
-        if let Some(agent) = d.get("agent_name").or(d.get("agent")) {
-            let _ = write!(text, " Agent: {agent}.");
+        // ending it, an admin revoking it, the customer consenting); a
+        // name is free text, quoted.
+        let by_the_agent = d
+            .get("agent")
+            .is_some_and(|agent| self.actor.id().is_some_and(|id| id.as_str() == agent));
+        if !by_the_agent {
+            if let Some(name) = d.get("agent_name") {
+                let _ = write!(text, " Agent: \u{201C}{}\u{201D}.", quoted(name));
+            } else if let Some(id) = d.get("agent") {
+                let _ = write!(text, " Agent: {id}.");
+            }
         }
         for key in ["reason_text", "ticket", "note", "cause"] {
             if let Some(value) = d.get(key) {
@@ -1275,10 +1283,16 @@ pub fn display_text(text: &str) -> Cow<'_, str> {
 }
 
 /// Free text as [`AuditEvent::describe`] quotes it: its own curly double
-/// quotes made straight, so the closing quote is the row's.
+/// quotes, and the marks drawn like them (double primes, the fullwidth
+/// and CJK double quotes), made straight, so the closing quote is the
+/// row's.
 fn quoted(text: &str) -> Cow<'_, str> {
-    if text.contains(['\u{201C}', '\u{201D}']) {
-        Cow::Owned(text.replace(['\u{201C}', '\u{201D}'], "\""))
+    const LOOK_LIKE_QUOTES: [char; 10] = [
+        '\u{201C}', '\u{201D}', '\u{201E}', '\u{201F}', '\u{2033}', '\u{2036}', '\u{301D}',
+        '\u{301E}', '\u{301F}', '\u{FF02}',
+    ];
+    if text.contains(LOOK_LIKE_QUOTES) {
+        Cow::Owned(text.replace(LOOK_LIKE_QUOTES, "\""))
     } else {
         Cow::Borrowed(text)
     }

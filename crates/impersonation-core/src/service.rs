@@ -803,11 +803,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     "impersonation.agent",
                     tracing::field::display(&ctx.0.agent.id),
                 );
-                // The row names the session the agent is in (its subject);
-                // the customer asked for goes in as `target`.
-                let draft = ctx
-                    .draft(now, AuditAction::Denied)
-                    .details(Details::new().with("target", &request.target));
+                let draft = ctx.draft(now, AuditAction::Denied);
                 return Err(self.audit_denial(draft, Denial::Nesting, "start").await?);
             }
         };
@@ -2238,6 +2234,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
         let mut draft = ctx.draft(self.now(), AuditAction::Denied);
         draft.actor = actor_of(by);
+        // Whose session it is, as on the rows of a session's own draft.
+        draft.details.insert("agent", &ctx.agent().id);
+        draft.details.insert("agent_name", &ctx.agent().name);
         self.audit_denial(draft, Denial::NotSessionAgent, attempt)
             .await
     }

@@ -245,24 +245,25 @@ impl Session {
     }
 
     /// A draft naming this session's agent chain, customer and tenant.
+    ///
+    /// An event someone other than the agent acts in (the system ending
+    /// the session, an admin revoking it, the customer consenting, a
+    /// stranger's refused stop) carries the agent's id and name as the
+    /// details `agent` and `agent_name`, so that its row says whose
+    /// session it was.
     pub fn draft(&self, at: OffsetDateTime, action: AuditAction, actor: Actor) -> AuditDraft {
-        AuditDraft::new(at, action, actor, self.chain())
+        let mut draft = AuditDraft::new(at, action, actor, self.chain())
             .subject(
                 self.subject.id.clone(),
                 self.subject.name.clone(),
                 self.subject.tenant.clone(),
             )
-            .session(self.id)
-    }
-
-    /// The agent's id and name as details of an event someone else acts
-    /// in (the system ending the session, an admin revoking it, the
-    /// customer consenting), so that its row says whose session it was.
-    fn name_agent_unless(&self, by: &Actor, details: &mut Details) {
-        if by.id() != Some(&self.agent.id) {
-            details.insert("agent", &self.agent.id);
-            details.insert("agent_name", &self.agent.name);
+            .session(self.id);
+        if draft.actor.id() != Some(&self.agent.id) {
+            draft.details.insert("agent", &self.agent.id);
+            draft.details.insert("agent_name", &self.agent.name);
         }
+        draft
     }
 
     fn agent_actor(&self) -> Actor {
@@ -357,10 +358,10 @@ impl Session {
         if let Some(id) = by.id() {
             details.insert("consented_by", id);
         }
-        self.name_agent_unless(&by, &mut details);
-        let event = self
-            .draft(now, AuditAction::SessionStarted, by)
-            .details(details);
+        let mut event = self.draft(now, AuditAction::SessionStarted, by);
+        for (key, value) in details.iter() {
+            event.details.insert(key, value);
+        }
         Ok(Transition {
             next,
             expected_version: self.version,
@@ -395,10 +396,11 @@ impl Session {
         next.state = to;
         next.ended_at = Some(now);
         next.version = self.version.saturating_add(1);
-        let mut all = details;
-        all.insert("reason", reason.code());
-        self.name_agent_unless(&by, &mut all);
-        let event = self.draft(now, AuditAction::SessionEnded, by).details(all);
+        let mut event = self.draft(now, AuditAction::SessionEnded, by);
+        for (key, value) in details.iter() {
+            event.details.insert(key, value);
+        }
+        event.details.insert("reason", reason.code());
         Ok(Transition {
             next,
             expected_version: self.version,

@@ -665,7 +665,7 @@ fn rows_written_by_others_name_the_agent_whose_session_it_was() {
     assert_eq!(expired.details.get("agent_name"), Some("AdminUser1"));
     assert_eq!(
         expired.describe(),
-        "Ended impersonation session (maximum duration reached). Agent: AdminUser1."
+        "Ended impersonation session (maximum duration reached). Agent: \u{201C}AdminUser1\u{201D}."
     );
     let revoked = ended(
         Actor::user(UserId::from(9_u64), "Ada Admin"),
@@ -674,11 +674,20 @@ fn rows_written_by_others_name_the_agent_whose_session_it_was() {
     assert!(
         revoked
             .describe()
-            .ends_with("(revoked). Agent: AdminUser1.")
+            .ends_with("(revoked). Agent: \u{201C}AdminUser1\u{201D}.")
     );
-    let stopped = ended(by_agent, EndReason::Stopped);
+    let stopped = ended(by_agent.clone(), EndReason::Stopped);
     assert_eq!(stopped.details.get("agent"), None);
     assert!(!stopped.describe().contains("Agent:"));
+    // An agent revoking their own sessions is named once, as the actor.
+    let own = AuditDraft::new(T0, AuditAction::SessionsRevoked, by_agent, s.chain())
+        .details(
+            Details::new()
+                .with("agent", &agent().id)
+                .with("cause", "agent_revoked"),
+        )
+        .seal(None);
+    assert!(!own.describe().contains("Agent:"), "{}", own.describe());
 
     let consented = pending()
         .activate(Actor::user(customer().id, "User123"), T0)
@@ -689,7 +698,7 @@ fn rows_written_by_others_name_the_agent_whose_session_it_was() {
     let table = to_table([&consented]);
     assert!(
         table.contains(
-            "| User123 | User123 | Customer consented; impersonation session started. Agent: AdminUser1. Reason: "
+            "| User123 | User123 | Customer consented; impersonation session started. Agent: \u{201C}AdminUser1\u{201D}. Reason: "
         ),
         "{table}"
     );
@@ -708,13 +717,30 @@ fn a_reason_cannot_pass_for_a_ticket() {
     .details(
         Details::new()
             .with("reason_text", "Locked out\u{201D}. Ticket: SUP-1. \u{201C}")
+            .with("ticket", "SUP-2")
             .with("note", "x"),
     )
     .seal(None);
     assert_eq!(
         event.describe(),
-        "Started impersonation session. Reason: \u{201C}Locked out\". Ticket: SUP-1. \"\u{201D}. Note: \u{201C}x\u{201D}."
+        "Started impersonation session. Reason: \u{201C}Locked out\". Ticket: SUP-1. \"\u{201D}. Ticket: SUP-2. Note: \u{201C}x\u{201D}."
     );
+    // Marks drawn like a closing quote are made straight too.
+    for mark in ['\u{201F}', '\u{2033}', '\u{2036}', '\u{301E}', '\u{FF02}'] {
+        let event = AuditDraft::new(
+            T0,
+            AuditAction::SessionStarted,
+            Actor::user(agent().id, "AdminUser1"),
+            ChainKey::for_agent(&agent().id),
+        )
+        .details(Details::new().with("reason_text", format!("Locked out{mark}. Ticket: SUP-1")))
+        .seal(None);
+        assert_eq!(
+            event.describe(),
+            "Started impersonation session. Reason: \u{201C}Locked out\". Ticket: SUP-1\u{201D}.",
+            "{mark:?}"
+        );
+    }
 }
 
 #[test]

@@ -108,7 +108,7 @@ async fn story(kind: StoreKind, url: &str) {
         "| Olive Owner | Olive Owner | Revoked every impersonation of the customer. Note: \u{201C}password changed\u{201D}."
     ));
     assert!(table.contains(
-        "| Olive Owner | Olive Owner | Ended impersonation session (revoked). Agent: Sam Support."
+        "| Olive Owner | Olive Owner | Ended impersonation session (revoked). Agent: \u{201C}Sam Support\u{201D}."
     ));
 }
 
