@@ -750,7 +750,15 @@ fn postgres_german(sh: &Shell) -> Result<&'static str> {
     println!("postgresql: restarting {version}/main, so that it sees the {GERMAN_LOCALE} locale");
     // Through systemctl where systemd runs: a restart that skipped it
     // would leave the unit failed and the server outside it.
-    cmd!(sh, "pg_ctlcluster {version} main restart").run()?;
+    cmd!(sh, "pg_ctlcluster {version} main restart")
+        .run()
+        .with_context(|| {
+            format!(
+                "could not restart PostgreSQL {version}/main (if systemd runs here and the \
+                 server was started outside it, by an earlier `services up` say, stop it with \
+                 `pg_ctlcluster --skip-systemctl-redirect {version} main stop` and run this again)"
+            )
+        })?;
     wait_for_port(5432)?;
     match poll_psql(german) {
         Ok(()) => {

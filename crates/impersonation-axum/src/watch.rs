@@ -121,7 +121,10 @@ pub(crate) fn watch_session(
                 () = tokio::time::sleep(until(expires)) => break (EXPIRED.into(), true, Some(running), Over::Ended),
             }
         };
-        tracing::info!(session = %id, why = %why, "impersonation session over: ending what outlived its request");
+        match end {
+            Over::Ended => tracing::info!(session = %id, why = %why, "impersonation session over: ending what outlived its request"),
+            Over::Unconfirmed => tracing::warn!(session = %id, why = %why, "impersonation session could not be confirmed: ending what outlived its request"),
+        }
         let _ = tx.send(end);
         if let Some(running) = running {
             let _ = running.await;

@@ -325,13 +325,18 @@ enum SqliteOpen {
     /// A file, shared by every connection.
     File,
     /// A database of each connection's own: `:memory:`, `file::memory:`,
-    /// a `file:` URI with `mode=memory`.
+    /// a `file:` URI with `mode=memory`, or with `vfs=memdb` and a name
+    /// not beginning with `/`.
     PerConnection,
-    /// No name (`sqlite://`, `file:`): a temporary file of each
-    /// connection's own, deleted when it closes.
+    /// No name (`sqlite://`, `file:`, `file://localhost`): a temporary file
+    /// of each connection's own, deleted when it closes.
     Temporary,
 }
 
+/// Reads `path` as SQLite's `sqlite3ParseUri` does: a `file:` URI
+/// (the scheme in any case) drops an empty or `localhost` authority, ends
+/// its name at `?` and its query at `#`, decodes `%HH` escapes in the
+/// name and in each parameter, and ends either at a `%00`.
 #[cfg(feature = "sqlite")]
 fn sqlite_open(path: &str) -> SqliteOpen {
     if path.is_empty() {
@@ -340,12 +345,40 @@ fn sqlite_open(path: &str) -> SqliteOpen {
     if path == ":memory:" {
         return SqliteOpen::PerConnection;
     }
-    let Some(uri) = path.strip_prefix("file:") else {
+    let is_uri = path
+        .get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file:"));
+    let Some(mut uri) = path.get(5..).filter(|_| is_uri) else {
         return SqliteOpen::File;
     };
+    if let Some(rest) = uri.strip_prefix("//") {
+        let end = rest.find('/').unwrap_or(rest.len());
+        // Another authority is an error when SQLite opens it: let it say so.
+        if !matches!(&rest[..end], "" | "localhost") {
+            return SqliteOpen::File;
+        }
+        uri = &rest[end..];
+    }
     let uri = uri.split_once('#').map_or(uri, |(before, _)| before);
     let (name, query) = uri.split_once('?').unwrap_or((uri, ""));
-    if name == ":memory:" || query.split('&').any(|param| param == "mode=memory") {
+    let decoded = |text: &str| -> Vec<u8> {
+        percent_encoding::percent_decode_str(text)
+            .take_while(|&b| b != 0)
+            .collect()
+    };
+    let name = decoded(name);
+    let param = |key: &[u8]| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .filter(|(k, _)| decoded(k) == key)
+            .map(|(_, value)| decoded(value))
+            .next_back()
+    };
+    let memory = name == b":memory:"
+        || param(b"mode").is_some_and(|mode| mode == b"memory")
+        || (param(b"vfs").is_some_and(|vfs| vfs == b"memdb") && !name.starts_with(b"/"));
+    if memory {
         SqliteOpen::PerConnection
     } else if name.is_empty() {
         SqliteOpen::Temporary
@@ -1691,6 +1724,10 @@ mod tests {
             "file:trail.db",
             "file:trail.db?mode=rwc",
             "file:memory.db",
+            "file:///var/lib/app/trail.db",
+            "file://localhost/var/lib/app/trail.db",
+            "file:/tmp/trail?vfs=memdb",
+            "FILE:trail.db",
         ] {
             assert_eq!(sqlite_open(path), SqliteOpen::File, "{path}");
         }
@@ -1700,10 +1737,24 @@ mod tests {
             "file:trail?mode=memory",
             "file:trail?cache=shared&mode=memory",
             "file::memory:?cache=shared",
+            "file:trail?vfs=memdb",
+            "file:%3Amemory%3A",
+            "file:x?mode=%6Demory",
+            "file:x?%6Dode=memory",
+            "FILE::memory:",
+            "file://localhost/:memory:?mode=memory",
         ] {
             assert_eq!(sqlite_open(path), SqliteOpen::PerConnection, "{path}");
         }
-        for path in ["", "file:", "file:?mode=rwc", "file:#x"] {
+        for path in [
+            "",
+            "file:",
+            "file:?mode=rwc",
+            "file:#x",
+            "file://",
+            "file://localhost",
+            "file:%00trail.db",
+        ] {
             assert_eq!(sqlite_open(path), SqliteOpen::Temporary, "{path}");
         }
     }
