@@ -1283,16 +1283,20 @@ pub fn display_text(text: &str) -> Cow<'_, str> {
 }
 
 /// Free text as [`AuditEvent::describe`] quotes it: its own curly double
-/// quotes, and the marks drawn like them (double primes, the fullwidth
-/// and CJK double quotes), made straight, so the closing quote is the
-/// row's.
+/// quotes, and the marks drawn like them (double primes, the modifier
+/// letters and the Hebrew gershayim, the fullwidth and CJK double quotes,
+/// ditto marks, two right single quotes), made straight, so the closing
+/// quote is the row's. (A list: a mark missing from it shows as written.)
 fn quoted(text: &str) -> Cow<'_, str> {
-    const LOOK_LIKE_QUOTES: [char; 10] = [
-        '\u{201C}', '\u{201D}', '\u{201E}', '\u{201F}', '\u{2033}', '\u{2036}', '\u{301D}',
-        '\u{301E}', '\u{301F}', '\u{FF02}',
+    const LOOK_LIKE_QUOTES: [char; 14] = [
+        '\u{02BA}', '\u{02EE}', '\u{05F4}', '\u{201C}', '\u{201D}', '\u{201E}', '\u{201F}',
+        '\u{2033}', '\u{2036}', '\u{3003}', '\u{301D}', '\u{301E}', '\u{301F}', '\u{FF02}',
     ];
-    if text.contains(LOOK_LIKE_QUOTES) {
-        Cow::Owned(text.replace(LOOK_LIKE_QUOTES, "\""))
+    if text.contains(LOOK_LIKE_QUOTES) || text.contains("\u{2019}\u{2019}") {
+        Cow::Owned(
+            text.replace("\u{2019}\u{2019}", "\"")
+                .replace(LOOK_LIKE_QUOTES, "\""),
+        )
     } else {
         Cow::Borrowed(text)
     }

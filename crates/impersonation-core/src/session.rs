@@ -396,11 +396,16 @@ impl Session {
         next.state = to;
         next.ended_at = Some(now);
         next.version = self.version.saturating_add(1);
+        // The end's own details first (its reason, and whose session it
+        // was), so that neither a caller's detail of the same name nor a
+        // full list of them takes their place.
         let mut event = self.draft(now, AuditAction::SessionEnded, by);
-        for (key, value) in details.iter() {
-            event.details.insert(key, value);
-        }
         event.details.insert("reason", reason.code());
+        for (key, value) in details.iter() {
+            if !matches!(key, "reason" | "agent" | "agent_name") {
+                event.details.insert(key, value);
+            }
+        }
         Ok(Transition {
             next,
             expected_version: self.version,

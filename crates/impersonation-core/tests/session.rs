@@ -679,6 +679,32 @@ fn rows_written_by_others_name_the_agent_whose_session_it_was() {
     let stopped = ended(by_agent.clone(), EndReason::Stopped);
     assert_eq!(stopped.details.get("agent"), None);
     assert!(!stopped.describe().contains("Agent:"));
+    // The end's own details stand against a caller's of the same name, and
+    // against a full list of them.
+    let mut crowded = Details::new().with("agent", "9").with("reason", "stopped");
+    for n in 0..40 {
+        crowded.insert(&format!("k{n:02}"), n);
+    }
+    let ended_by_ada = s
+        .end(
+            EndReason::Revoked,
+            Actor::user(UserId::from(9_u64), "Ada Admin"),
+            T0,
+            crowded,
+        )
+        .unwrap()
+        .event()
+        .clone()
+        .seal(None);
+    assert_eq!(ended_by_ada.details.get("agent"), Some("1"));
+    assert_eq!(ended_by_ada.details.get("reason"), Some("revoked"));
+    assert!(
+        ended_by_ada.describe().starts_with(
+            "Ended impersonation session (revoked). Agent: \u{201C}AdminUser1\u{201D}."
+        ),
+        "{}",
+        ended_by_ada.describe()
+    );
     // An agent revoking their own sessions is named once, as the actor.
     let own = AuditDraft::new(T0, AuditAction::SessionsRevoked, by_agent, s.chain())
         .details(
@@ -726,7 +752,17 @@ fn a_reason_cannot_pass_for_a_ticket() {
         "Started impersonation session. Reason: \u{201C}Locked out\". Ticket: SUP-1. \"\u{201D}. Ticket: SUP-2. Note: \u{201C}x\u{201D}."
     );
     // Marks drawn like a closing quote are made straight too.
-    for mark in ['\u{201F}', '\u{2033}', '\u{2036}', '\u{301E}', '\u{FF02}'] {
+    for mark in [
+        "\u{201F}",
+        "\u{2033}",
+        "\u{2036}",
+        "\u{301E}",
+        "\u{FF02}",
+        "\u{02EE}",
+        "\u{02BA}",
+        "\u{05F4}",
+        "\u{2019}\u{2019}",
+    ] {
         let event = AuditDraft::new(
             T0,
             AuditAction::SessionStarted,

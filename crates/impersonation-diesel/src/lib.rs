@@ -334,7 +334,7 @@ enum SqliteOpen {
 }
 
 /// Reads `path` as SQLite's `sqlite3ParseUri` does: a `file:` URI
-/// (the scheme in any case) drops an empty or `localhost` authority, ends
+/// (the scheme in lower case, as SQLite compares it) drops an empty or `localhost` authority, ends
 /// its name at `?` and its query at `#`, decodes `%HH` escapes in the
 /// name and in each parameter, and ends either at a `%00`.
 #[cfg(feature = "sqlite")]
@@ -345,10 +345,7 @@ fn sqlite_open(path: &str) -> SqliteOpen {
     if path == ":memory:" {
         return SqliteOpen::PerConnection;
     }
-    let is_uri = path
-        .get(..5)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file:"));
-    let Some(mut uri) = path.get(5..).filter(|_| is_uri) else {
+    let Some(mut uri) = path.strip_prefix("file:") else {
         return SqliteOpen::File;
     };
     if let Some(rest) = uri.strip_prefix("//") {
@@ -375,9 +372,12 @@ fn sqlite_open(path: &str) -> SqliteOpen {
             .map(|(_, value)| decoded(value))
             .next_back()
     };
+    // memdb shares a database between connections only under a name of
+    // more than one byte beginning with `/` or `\`.
+    let memdb_shared = name.len() > 1 && matches!(name.first(), Some(b'/' | b'\\'));
     let memory = name == b":memory:"
         || param(b"mode").is_some_and(|mode| mode == b"memory")
-        || (param(b"vfs").is_some_and(|vfs| vfs == b"memdb") && !name.starts_with(b"/"));
+        || (param(b"vfs").is_some_and(|vfs| vfs == b"memdb") && !memdb_shared);
     if memory {
         SqliteOpen::PerConnection
     } else if name.is_empty() {
@@ -1728,6 +1728,8 @@ mod tests {
             "file://localhost/var/lib/app/trail.db",
             "file:/tmp/trail?vfs=memdb",
             "FILE:trail.db",
+            "FILE::memory:",
+            "FILE:",
         ] {
             assert_eq!(sqlite_open(path), SqliteOpen::File, "{path}");
         }
@@ -1741,8 +1743,10 @@ mod tests {
             "file:%3Amemory%3A",
             "file:x?mode=%6Demory",
             "file:x?%6Dode=memory",
-            "FILE::memory:",
             "file://localhost/:memory:?mode=memory",
+            "file:/?vfs=memdb",
+            "file:///?vfs=memdb",
+            "file:%2F?vfs=memdb",
         ] {
             assert_eq!(sqlite_open(path), SqliteOpen::PerConnection, "{path}");
         }
