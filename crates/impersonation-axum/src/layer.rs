@@ -1443,8 +1443,8 @@ fn with_trailers(bytes: axum::body::Bytes, mut trailers: Option<HeaderMap>, chan
 /// (larger than [`MAX_BANNER_BODY`], still coming after
 /// [`MAX_BANNER_READ_TIME`], or its body failed), a 401 when its session
 /// ended while it was read, a 503 when it could not be confirmed then: a
-/// page under impersonation is not served without its banner. Its log lines name the route and the session
-/// (`at`), as the request's own do.
+/// page under impersonation is not served without its banner. Its log
+/// lines name the route and the session (`at`), as the request's own do.
 async fn with_banner<W>(
     res: Response,
     banner: &str,

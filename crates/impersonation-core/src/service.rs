@@ -2234,9 +2234,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
         let mut draft = ctx.draft(self.now(), AuditAction::Denied);
         draft.actor = actor_of(by);
-        // Whose session it is, as on the rows of a session's own draft.
-        draft.details.insert("agent", &ctx.agent().id);
-        draft.details.insert("agent_name", &ctx.agent().name);
+        crate::session::name_the_agent(&mut draft, ctx.agent());
         self.audit_denial(draft, Denial::NotSessionAgent, attempt)
             .await
     }

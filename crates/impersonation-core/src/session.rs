@@ -233,6 +233,15 @@ pub struct Begin {
     pub secret_hash: SecretHash,
 }
 
+/// Names `agent` in `draft` (the details `agent` and `agent_name`) when
+/// someone else acts in it, so that its row says whose session it was.
+pub(crate) fn name_the_agent(draft: &mut AuditDraft, agent: &PersonRef) {
+    if draft.actor.id() != Some(&agent.id) {
+        draft.details.insert("agent", &agent.id);
+        draft.details.insert("agent_name", &agent.name);
+    }
+}
+
 impl Session {
     /// The chain this session's events go to: its agent's.
     pub fn chain(&self) -> ChainKey {
@@ -259,10 +268,7 @@ impl Session {
                 self.subject.tenant.clone(),
             )
             .session(self.id);
-        if draft.actor.id() != Some(&self.agent.id) {
-            draft.details.insert("agent", &self.agent.id);
-            draft.details.insert("agent_name", &self.agent.name);
-        }
+        name_the_agent(&mut draft, &self.agent);
         draft
     }
 
@@ -352,15 +358,13 @@ impl Session {
         next.expires_at = normalize(now.saturating_add(self.grant.duration));
         next.last_seen_at = now;
         next.version = self.version.saturating_add(1);
-        let mut details = Details::new()
-            .with("reason_text", self.grant.reason.as_str())
-            .with("expires_at", next.expires_at);
-        if let Some(id) = by.id() {
-            details.insert("consented_by", id);
-        }
         let mut event = self.draft(now, AuditAction::SessionStarted, by);
-        for (key, value) in details.iter() {
-            event.details.insert(key, value);
+        event
+            .details
+            .insert("reason_text", self.grant.reason.as_str());
+        event.details.insert("expires_at", next.expires_at);
+        if let Some(id) = event.actor.id() {
+            event.details.insert("consented_by", id);
         }
         Ok(Transition {
             next,

@@ -326,17 +326,19 @@ enum SqliteOpen {
     File,
     /// A database of each connection's own: `:memory:`, `file::memory:`,
     /// a `file:` URI with `mode=memory`, or with `vfs=memdb` and a name
-    /// not beginning with `/`.
+    /// that memdb does not share (one not beginning with `/` or `\`, or
+    /// `/` alone).
     PerConnection,
     /// No name (`sqlite://`, `file:`, `file://localhost`): a temporary file
     /// of each connection's own, deleted when it closes.
     Temporary,
 }
 
-/// Reads `path` as SQLite's `sqlite3ParseUri` does: a `file:` URI
-/// (the scheme in lower case, as SQLite compares it) drops an empty or `localhost` authority, ends
-/// its name at `?` and its query at `#`, decodes `%HH` escapes in the
-/// name and in each parameter, and ends either at a `%00`.
+/// Reads `path` as SQLite's `sqlite3ParseUri` does: a `file:` URI (the
+/// scheme in lower case, as SQLite compares it) drops an empty or
+/// `localhost` authority, ends its name at `?` and its query at `#`,
+/// decodes `%HH` escapes in the name and in each parameter, and ends
+/// either at a `%00`.
 #[cfg(feature = "sqlite")]
 fn sqlite_open(path: &str) -> SqliteOpen {
     if path.is_empty() {
@@ -1718,7 +1720,7 @@ mod tests {
     #[test]
     fn sqlite_names_that_are_no_shared_file_are_told_apart() {
         use super::{SqliteOpen, sqlite_open};
-        for path in [
+        let files = [
             "trail.db",
             "/var/lib/app/trail.db",
             "file:trail.db",
@@ -1730,10 +1732,8 @@ mod tests {
             "FILE:trail.db",
             "FILE::memory:",
             "FILE:",
-        ] {
-            assert_eq!(sqlite_open(path), SqliteOpen::File, "{path}");
-        }
-        for path in [
+        ];
+        let per_connection = [
             ":memory:",
             "file::memory:",
             "file:trail?mode=memory",
@@ -1747,10 +1747,8 @@ mod tests {
             "file:/?vfs=memdb",
             "file:///?vfs=memdb",
             "file:%2F?vfs=memdb",
-        ] {
-            assert_eq!(sqlite_open(path), SqliteOpen::PerConnection, "{path}");
-        }
-        for path in [
+        ];
+        let temporary = [
             "",
             "file:",
             "file:?mode=rwc",
@@ -1758,8 +1756,15 @@ mod tests {
             "file://",
             "file://localhost",
             "file:%00trail.db",
+        ];
+        for (paths, how) in [
+            (&files[..], SqliteOpen::File),
+            (&per_connection[..], SqliteOpen::PerConnection),
+            (&temporary[..], SqliteOpen::Temporary),
         ] {
-            assert_eq!(sqlite_open(path), SqliteOpen::Temporary, "{path}");
+            for path in paths {
+                assert_eq!(sqlite_open(path), how, "{path}");
+            }
         }
     }
 
