@@ -97,8 +97,8 @@ pub use principal::{
 pub use projection::{AttributeRule, MASK_CHAR, Mask, ProjectionRules, ShadowUser, ShadowValue};
 pub use secret::{SecretError, SecretHash, SecretLookup, SessionSecret, TOKEN_LEN};
 pub use service::{
-    Activity, ActivityKind, Banner, Config, Context, Error, Impersonation, Initiator, Requester,
-    Started, VerifyReport,
+    Activity, ActivityKind, Banner, Config, Context, Error, Impersonation, Initiator,
+    ListingMismatch, Requester, Started, VerifyReport,
 };
 pub use session::{
     Begin, EndReason, PersonRef, Session, SessionState, Start, Transition, TransitionError,

@@ -119,6 +119,21 @@ impl MemoryStore {
         }
     }
 
+    /// Takes an event out of the listing's time index, leaving its chain
+    /// whole. For tamper tests only: it is how someone with database access
+    /// would hide a row from the trail's readers where the listing is an
+    /// index beside the chains. Whether it was listed.
+    #[doc(hidden)]
+    pub fn tamper_unlist_event(&self, chain: &ChainKey, seq: u64) -> bool {
+        let mut inner = self.lock();
+        let index = usize::try_from(seq).unwrap_or(usize::MAX);
+        let before = inner.by_time.len();
+        inner
+            .by_time
+            .retain(|entry| !(entry.chain == *chain && entry.index == index));
+        inner.by_time.len() < before
+    }
+
     /// Removes a stored event, bypassing the append-only contract. For tamper tests only:
     /// the time index keeps its old positions, so `audit` pages may skip or
     /// repeat events afterwards (chain reads and verification see the change).

@@ -9,7 +9,7 @@ use tracing::{Instrument, Span, field::Empty};
 
 use crate::audit::{
     Actor, AuditAction, AuditDraft, AuditEvent, BreakKind, ChainBreak, ChainHead, ChainKey,
-    ChainReport, ChainVerifier, Details,
+    ChainReport, ChainVerifier, Details, EventHash,
 };
 use crate::batch::{Coalescer, Interrupted};
 use crate::clock::{Clock, SystemClock, normalize};
@@ -409,25 +409,111 @@ impl Activity {
     }
 }
 
-/// The result of verifying every chain.
+/// The result of verifying every chain, and the trail's listing against
+/// them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Chains that verified.
     pub verified: Vec<ChainReport>,
     /// Chains that did not, with their first bad position.
     pub broken: Vec<ChainBreak>,
+    /// Where the listing ([`Store::audit`], what people read) does not
+    /// show the verified chains' events one for one, as verified: an event
+    /// hidden from it or shown in another's place, or a chain the store's
+    /// list of chains leaves out.
+    pub listing: Vec<ListingMismatch>,
 }
 
 impl VerifyReport {
-    /// Whether every chain verified.
+    /// Whether every chain verified and the listing shows each of their
+    /// events once.
     pub fn is_ok(&self) -> bool {
-        self.broken.is_empty()
+        self.broken.is_empty() && self.listing.is_empty()
     }
 
     /// Events verified in all.
     pub fn events(&self) -> u64 {
         self.verified.iter().map(|c| c.events).sum()
     }
+}
+
+/// How the trail's listing differs from the verified chains (see
+/// [`Impersonation::verify_all`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ListingMismatch {
+    /// The listing shows `listed` events of the `chained` positions
+    /// verified in `chain`: fewer hides events from whoever reads the
+    /// trail.
+    #[error("the listing shows {listed} of the {chained} events of chain {chain}")]
+    Count {
+        /// The chain.
+        chain: ChainKey,
+        /// Events verified in the chain.
+        chained: u64,
+        /// Of those positions, events the listing shows.
+        listed: u64,
+    },
+    /// The listing shows `listed` events of a chain the store's list of
+    /// chains ([`Store::chains`]) leaves out, so verification never read
+    /// it.
+    #[error(
+        "the listing shows {listed} events of chain {chain}, which the list of chains leaves out"
+    )]
+    UnlistedChain {
+        /// The chain.
+        chain: ChainKey,
+        /// Events of it the listing shows.
+        listed: u64,
+    },
+    /// The listing of one agent's events ([`Impersonation::verify_agent`])
+    /// shows `listed` events of another chain.
+    #[error("the listing of one chain shows {listed} events of chain {chain}")]
+    OtherChain {
+        /// The other chain.
+        chain: ChainKey,
+        /// Events of it the listing shows.
+        listed: u64,
+    },
+    /// The listing shows as many events of `chain` as were verified, but
+    /// not the same ones: an event in another's place, or edited in the
+    /// copy the listing reads.
+    #[error("the listing shows events of chain {chain} that are not the chain's")]
+    Altered {
+        /// The chain.
+        chain: ChainKey,
+    },
+    /// A page of the listing did not decode, and the comparison stopped
+    /// there (the event is a chain's break too, if its chain holds it).
+    #[error("the listing does not decode past {read} events")]
+    Unreadable {
+        /// Events read before the page that did not decode.
+        read: u64,
+    },
+}
+
+/// The hashes of a set of events folded together (XOR), in any order:
+/// the chain's events as verified against the same positions as listed.
+/// An event missing, shown twice or shown altered changes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Digest([u8; 32]);
+
+impl Digest {
+    fn add(&mut self, hash: &EventHash) {
+        for (d, h) in self.0.iter_mut().zip(hash.as_bytes()) {
+            *d ^= h;
+        }
+    }
+}
+
+/// A verification under way: the report, and each verified chain's
+/// [`Digest`].
+#[derive(Default)]
+struct Verification {
+    report: VerifyReport,
+    digests: HashMap<ChainKey, Digest>,
 }
 
 fn person(p: &Principal) -> PersonRef {
@@ -2249,6 +2335,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         &self,
         chain: &ChainKey,
     ) -> Result<Result<ChainReport, ChainBreak>, Error> {
+        Ok(self
+            .verify_chain_digest(chain)
+            .await?
+            .map(|(report, _)| report))
+    }
+
+    /// [`Impersonation::verify_chain`], and the [`Digest`] of the events
+    /// it verified.
+    async fn verify_chain_digest(
+        &self,
+        chain: &ChainKey,
+    ) -> Result<Result<(ChainReport, Digest), ChainBreak>, Error> {
         // A record or head that does not decode is a break like any other
         // (and `verify_all` goes on to the next chain).
         let first = match self.head_or_break(chain, 0).await? {
@@ -2260,12 +2358,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let mut verifier = ChainVerifier::with_head(chain.clone(), first);
         // How many events were read in all.
         let mut read = 0_u64;
+        let mut digest = Digest::default();
         loop {
             let (page, unreadable) = self.chain_page(chain, read).await?;
             for event in &page {
                 if let Err(b) = verifier.push(event) {
                     return Ok(Err(b));
                 }
+                // Pushed: its hash is its content's.
+                digest.add(&event.hash);
             }
             read += page.len() as u64;
             if let Some(why) = unreadable {
@@ -2310,7 +2411,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         } else {
             first
         };
-        Ok(verifier.finish(head))
+        Ok(verifier.finish(head).map(|report| (report, digest)))
     }
 
     /// The head of `chain`, for verification; one that does not decode
@@ -2363,23 +2464,222 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok((page, None))
     }
 
-    /// Verifies every chain in the store.
+    /// Verifies every chain in the store, then reads the listing of every
+    /// event ([`Store::audit`] unfiltered, the trail as people read it)
+    /// and checks that it shows each verified event once, as verified: a
+    /// store whose listing is an index beside the chains (Redis's views,
+    /// the Diesel store's run rows) could otherwise hide an event from
+    /// every reader, or show another in its place, while its chain
+    /// verifies. The filtered listings (by customer, tenant, session) are
+    /// not compared. The trail is read twice.
+    ///
+    /// Events appended while it runs are past what was verified and not
+    /// counted; a chain begun meanwhile is verified when the listing shows
+    /// it. Where they differ, the listing is read again once, for a
+    /// listing write still in flight the first time (a Redis view write
+    /// the store is still retrying after a fault, up to about 150 ms, can
+    /// outlast both reads: run it again before acting on a `Count`).
     pub async fn verify_all(&self) -> Result<VerifyReport, Error> {
-        let mut report = VerifyReport::default();
-        let mut after: Option<ChainKey> = None;
-        loop {
-            let keys = self.store.chains(after.as_ref(), VERIFY_PAGE).await?;
-            for key in &keys {
-                match self.verify_chain(key).await? {
-                    Ok(ok) => report.verified.push(ok),
-                    Err(b) => report.broken.push(b),
+        let mut run = Verification::default();
+        for key in self.all_chains().await? {
+            self.verify_into(&key, &mut run).await?;
+        }
+        self.compare_twice(&mut run, &AuditQuery::default(), false)
+            .await?;
+        Ok(run.report)
+    }
+
+    /// [`Impersonation::verify_all`] for one agent: verifies the agent's
+    /// chain, then reads the listing of that agent's events
+    /// ([`AuditQuery::agent`]) and checks that it shows each verified event
+    /// once, as verified. For an agent who may check their own trail and
+    /// no one else's.
+    pub async fn verify_agent(&self, agent: &UserId) -> Result<VerifyReport, Error> {
+        let mut run = Verification::default();
+        self.verify_into(&ChainKey::for_agent(agent), &mut run)
+            .await?;
+        let base = AuditQuery {
+            agent: Some(agent.clone()),
+            ..AuditQuery::default()
+        };
+        self.compare_twice(&mut run, &base, true).await?;
+        Ok(run.report)
+    }
+
+    /// Compares the listing `base` selects with the verified chains, and
+    /// again where they differ. Of the whole listing (`one_chain` false),
+    /// a chain it shows that the list of chains names by then was begun
+    /// meanwhile: verified, not reported. A listing of one chain shows no
+    /// other.
+    async fn compare_twice(
+        &self,
+        run: &mut Verification,
+        base: &AuditQuery,
+        one_chain: bool,
+    ) -> Result<(), Error> {
+        let mut mismatches = self.compare_listing(run, base).await?;
+        if !one_chain {
+            self.verify_born_meanwhile(run, &mut mismatches).await?;
+        }
+        let again = mismatches
+            .iter()
+            .any(|m| !matches!(m, ListingMismatch::Unreadable { .. }));
+        if again {
+            mismatches = self.compare_listing(run, base).await?;
+            if !one_chain {
+                self.verify_born_meanwhile(run, &mut mismatches).await?;
+            }
+        }
+        if one_chain {
+            for m in &mut mismatches {
+                if let ListingMismatch::UnlistedChain { chain, listed } = m {
+                    *m = ListingMismatch::OtherChain {
+                        chain: chain.clone(),
+                        listed: *listed,
+                    };
                 }
             }
-            if keys.len() < VERIFY_PAGE as usize {
-                break;
-            }
-            after = keys.last().cloned();
         }
-        Ok(report)
+        run.report.listing = mismatches;
+        Ok(())
+    }
+
+    /// Takes out of `mismatches` each chain the list of chains now names
+    /// (no store shows a chain's event before it lists the chain, so it
+    /// was begun after the list was read), and verifies it.
+    async fn verify_born_meanwhile(
+        &self,
+        run: &mut Verification,
+        mismatches: &mut Vec<ListingMismatch>,
+    ) -> Result<(), Error> {
+        if !mismatches
+            .iter()
+            .any(|m| matches!(m, ListingMismatch::UnlistedChain { .. }))
+        {
+            return Ok(());
+        }
+        let known: std::collections::HashSet<ChainKey> =
+            self.all_chains().await?.into_iter().collect();
+        let mut born = Vec::new();
+        mismatches.retain(|m| match m {
+            ListingMismatch::UnlistedChain { chain, .. } if known.contains(chain) => {
+                born.push(chain.clone());
+                false
+            }
+            _ => true,
+        });
+        for chain in born {
+            if !run.digests.contains_key(&chain) {
+                self.verify_into(&chain, run).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every chain key the store lists, in order.
+    async fn all_chains(&self) -> Result<Vec<ChainKey>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let keys = self.store.chains(all.last(), VERIFY_PAGE).await?;
+            let done = keys.len() < VERIFY_PAGE as usize;
+            all.extend(keys);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    async fn verify_into(&self, chain: &ChainKey, run: &mut Verification) -> Result<(), Error> {
+        match self.verify_chain_digest(chain).await? {
+            Ok((ok, digest)) => {
+                run.digests.insert(chain.clone(), digest);
+                run.report.verified.push(ok);
+            }
+            Err(b) => run.report.broken.push(b),
+        }
+        Ok(())
+    }
+
+    /// Reads the listing `base` selects (all of it) and compares, for each
+    /// verified chain, the events it shows at the verified positions: how
+    /// many, and the [`Digest`] of their hashes, each computed again from
+    /// the event as listed. A broken chain's events are not compared (its
+    /// break is reported). A page that does not decode ends the
+    /// comparison: it answers `Unreadable` alone.
+    async fn compare_listing(
+        &self,
+        run: &Verification,
+        base: &AuditQuery,
+    ) -> Result<Vec<ListingMismatch>, Error> {
+        // Per chain: events verified, events listed, their digest.
+        let mut seen: HashMap<&ChainKey, (u64, u64, Digest)> = run
+            .report
+            .verified
+            .iter()
+            .map(|c| (&c.chain, (c.events, 0, Digest::default())))
+            .collect();
+        let broken: std::collections::HashSet<&ChainKey> =
+            run.report.broken.iter().map(|b| &b.chain).collect();
+        let mut unknown: std::collections::BTreeMap<ChainKey, u64> = Default::default();
+        let mut query = AuditQuery {
+            limit: crate::store::MAX_PAGE,
+            cursor: None,
+            ..base.clone()
+        };
+        let mut read = 0_u64;
+        loop {
+            let page = match self.store.audit(&query).await {
+                Ok(page) => page,
+                Err(StoreError::Corrupt(why)) => {
+                    tracing::error!(position = read, error = %why, "the audit listing does not decode");
+                    return Ok(vec![ListingMismatch::Unreadable { read }]);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            read += page.events.len() as u64;
+            for event in &page.events {
+                if broken.contains(&event.chain) {
+                    continue;
+                }
+                match seen.get_mut(&event.chain) {
+                    Some((chained, listed, digest)) => {
+                        if event.seq < *chained {
+                            *listed += 1;
+                            digest.add(&event.compute_hash());
+                        }
+                    }
+                    None => *unknown.entry(event.chain.clone()).or_default() += 1,
+                }
+            }
+            match page.next {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => break,
+            }
+        }
+        let mut mismatches = Vec::new();
+        for c in &run.report.verified {
+            let (Some(&(chained, listed, digest)), Some(verified)) =
+                (seen.get(&c.chain), run.digests.get(&c.chain))
+            else {
+                continue;
+            };
+            if chained != listed {
+                mismatches.push(ListingMismatch::Count {
+                    chain: c.chain.clone(),
+                    chained,
+                    listed,
+                });
+            } else if digest != *verified {
+                mismatches.push(ListingMismatch::Altered {
+                    chain: c.chain.clone(),
+                });
+            }
+        }
+        mismatches.extend(
+            unknown
+                .into_iter()
+                .map(|(chain, listed)| ListingMismatch::UnlistedChain { chain, listed }),
+        );
+        Ok(mismatches)
     }
 }

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use impersonation_core::{
     Activity, ActivityKind, AttributeRule, AuditAction, AuditEvent, AuditQuery, ChainKey, Config,
     Consent, Denial, Directory, DirectoryError, EndReason, Error, Impersonation, Initiator,
-    LiveFilter, ManualClock, Mask, MemoryDirectory, MemoryStore, Permission, Policy, Principal,
-    ProjectionRules, RelationKind, Relationship, Requester, SessionState, ShadowValue,
-    StartRequest, Started, Store, TenantId, TransitionError, UserId, verify_chain,
+    ListingMismatch, LiveFilter, ManualClock, Mask, MemoryDirectory, MemoryStore, Permission,
+    Policy, Principal, ProjectionRules, RelationKind, Relationship, Requester, SessionState,
+    ShadowValue, StartRequest, Started, Store, TenantId, TransitionError, UserId, verify_chain,
 };
 use impersonation_testkit::conformance::all_events;
 use impersonation_testkit::epoch;
@@ -234,6 +234,102 @@ async fn start_resolve_record_stop_audits_every_step() {
         Err(Error::Ended(EndReason::Stopped))
     ));
     assert!(f.service.verify_all().await.unwrap().is_ok());
+}
+
+/// Sam starts impersonating Olive and reads her settings: two events.
+async fn sam_reads_olives_settings<S: Store>(f: &Fixture<S>) -> Started {
+    let started = f
+        .service
+        .start(Requester::User(&agent("sam")), req("olive"))
+        .await
+        .unwrap();
+    let ctx = f.service.resolve(&started.secret).await.unwrap();
+    f.service
+        .record(&ctx, Activity::access("Accessed account settings."))
+        .await
+        .unwrap();
+    started
+}
+
+/// Every chain verifies, and yet the listing people read (an index beside
+/// the chains) has lost an event: `verify_all` says which chain, and how
+/// many of its events the listing shows. A broken chain's events are not
+/// counted again (its break is the report).
+#[tokio::test]
+async fn verify_all_finds_an_event_hidden_from_the_listing() {
+    let f = fixture();
+    let sam = agent("sam");
+    let started = sam_reads_olives_settings(&f).await;
+    f.service.stop(&started.secret, &sam).await.unwrap();
+    let report = f.service.verify_all().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!((report.verified.len(), report.events()), (1, 3));
+
+    let chain = started.session.chain();
+    assert!(f.service.store().tamper_unlist_event(&chain, 1));
+    assert_eq!(session_events(&f, started.session.id).await.len(), 2);
+    let report = f.service.verify_all().await.unwrap();
+    assert!(report.broken.is_empty(), "the chain itself is whole");
+    assert_eq!(
+        report.listing,
+        [ListingMismatch::Count {
+            chain: chain.clone(),
+            chained: 3,
+            listed: 2
+        }]
+    );
+    assert!(!report.is_ok());
+    assert_eq!(
+        report.listing[0].to_string(),
+        format!("the listing shows 2 of the 3 events of chain {chain}")
+    );
+
+    // Once the chain itself is cut, its break is what is reported.
+    assert!(f.service.store().tamper_remove_event(&chain, 0));
+    let report = f.service.verify_all().await.unwrap();
+    assert_eq!(report.broken.len(), 1);
+    assert!(report.listing.is_empty(), "{report:?}");
+}
+
+/// A listing that shows as many events as the chain holds, but one of
+/// them edited in the copy it reads (its hash kept, or computed again to
+/// match): the chain verifies, and `verify_all` and `verify_agent` say
+/// the listing shows events that are not the chain's.
+#[tokio::test]
+async fn verify_all_finds_an_event_the_listing_shows_altered() {
+    fn edit_kept_hash(e: &mut AuditEvent) {
+        if e.seq == 1 {
+            e.details.insert("description", "Nothing happened.");
+        }
+    }
+    fn edit_new_hash(e: &mut AuditEvent) {
+        edit_kept_hash(e);
+        if e.seq == 1 {
+            e.hash = e.compute_hash();
+        }
+    }
+    for edit in [edit_kept_hash as fn(&mut AuditEvent), edit_new_hash] {
+        let store = FaultyStore::new(MemoryStore::new());
+        let f = fixture_with(store, Policy::default(), Config::default());
+        let sam = agent("sam");
+        let started = sam_reads_olives_settings(&f).await;
+        assert!(f.service.verify_all().await.unwrap().is_ok());
+        f.service.store().edit_listing(edit);
+        let chain = started.session.chain();
+        let altered = [ListingMismatch::Altered {
+            chain: chain.clone(),
+        }];
+        let report = f.service.verify_all().await.unwrap();
+        assert!(report.broken.is_empty(), "the chain itself is whole");
+        assert_eq!(report.listing, altered);
+        let report = f.service.verify_agent(&sam.id).await.unwrap();
+        assert_eq!((report.verified.len(), report.events()), (1, 2));
+        assert_eq!(report.listing, altered);
+        assert_eq!(
+            report.listing[0].to_string(),
+            format!("the listing shows events of chain {chain} that are not the chain's")
+        );
+    }
 }
 
 #[tokio::test]

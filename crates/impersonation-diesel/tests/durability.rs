@@ -12,8 +12,8 @@ mod common;
 use common::{Place, TestDb, raw};
 use impersonation_core::{
     Activity, Actor, AuditAction, AuditQuery, BreakKind, ChainKey, Denial, Details, EndReason,
-    Error, Impersonation, MemoryDirectory, Principal, Requester, SessionState, StartRequest, Store,
-    StoreError,
+    Error, Impersonation, ListingMismatch, MemoryDirectory, Principal, Requester, SessionState,
+    StartRequest, Store, StoreError,
 };
 use impersonation_diesel::DieselStore;
 use impersonation_testkit::conformance::{all_events, must_start, whole_chain};
@@ -805,7 +805,8 @@ fn bypass_triggers(place: &Place) -> &'static str {
         // limit of database-level append-only (see docs/diesel.md).
         Place::Postgres { .. } => "SET session_replication_role = replica;",
         Place::Mysql { .. } | Place::Sqlite { .. } => {
-            "DROP TRIGGER IF EXISTS impersonation_audit_events_no_update; DROP TRIGGER IF EXISTS impersonation_audit_events_no_delete;"
+            "DROP TRIGGER IF EXISTS impersonation_audit_events_no_update; DROP TRIGGER IF EXISTS impersonation_audit_events_no_delete; \
+             DROP TRIGGER IF EXISTS impersonation_audit_runs_no_update; DROP TRIGGER IF EXISTS impersonation_audit_runs_no_delete;"
         }
     }
 }
@@ -915,6 +916,30 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
     assert_eq!((b.position, b.kind), (4, BreakKind::HeadMismatch));
     // Verifying the whole store still finds that chain by its events.
     let headless = chain;
+
+    // Take an event out of the listing alone (its run in the view of
+    // every event): the chain verifies, and `verify_all`, reading the
+    // listing beside the chains, says what it hides.
+    let hidden = six_event_chain(&db.store).await;
+    let c = hidden.as_str();
+    raw(
+        &db.place,
+        &format!("{bypass} DELETE FROM impersonation_audit_runs WHERE view_name = 'all' AND chain = '{c}' AND first_seq <= 2 AND last_seq >= 2"),
+    )
+    .await
+    .unwrap();
+    assert!(svc.verify_chain(&hidden).await.unwrap().is_ok());
+    let all = svc.verify_all().await.unwrap();
+    // (Every other chain here is broken, and its events not compared.)
+    assert_eq!(
+        all.listing,
+        [ListingMismatch::Count {
+            chain: hidden,
+            chained: 6,
+            listed: 5
+        }],
+        "{all:?}"
+    );
 
     // A detail key written twice (a reader keeping the first value would
     // show one the hash never covered): the record does not read, which

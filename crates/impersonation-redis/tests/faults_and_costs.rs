@@ -915,8 +915,58 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
         ..AuditQuery::default()
     };
     assert!(all_events(&whole, by_session()).await.is_empty());
+    // The chain verifies, and `verify_all` says the listing hides it.
+    let service = Impersonation::new(whole.clone(), MemoryDirectory::new());
+    let report = service.verify_all().await.unwrap();
+    assert!(report.broken.is_empty(), "{report:?}");
+    assert_eq!(
+        report.listing,
+        [impersonation_core::ListingMismatch::Count {
+            chain: session.chain(),
+            chained: 3,
+            listed: 0
+        }]
+    );
+    assert!(!report.is_ok());
     assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
     assert_eq!(all_events(&whole, by_session()).await, chain);
+    let report = service.verify_all().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.events(), 3);
+}
+
+/// A chain the list of chains leaves out (its `ns:chains` entry taken
+/// away by someone with the database) is never verified by `verify_all`
+/// alone; the listing shows its events, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_all_reports_a_listed_chain_the_list_of_chains_leaves_out() {
+    let server = OwnServer::start();
+    let ns = common::unique("imptest");
+    let (_, store) = without_views(&server, &ns).await;
+    let session = start_access_stop(&store).await;
+    let service = Impersonation::new(store.clone(), MemoryDirectory::new());
+    let report = service.verify_all().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.events(), 3);
+
+    let mut conn = admin(&server).await;
+    let removed: u32 = redis::cmd("ZREM")
+        .arg(format!("{ns}:chains"))
+        .arg(session.chain().as_str())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let report = service.verify_all().await.unwrap();
+    assert!(report.verified.is_empty() && report.broken.is_empty());
+    assert_eq!(
+        report.listing,
+        [impersonation_core::ListingMismatch::UnlistedChain {
+            chain: session.chain(),
+            listed: 3
+        }]
+    );
+    assert!(!report.is_ok());
 }
 
 /// When the views cannot be written after a committed script but the

@@ -76,6 +76,9 @@ pub struct FaultyStore<S> {
     /// The group commit the wrapper asks for, in place of the inner
     /// store's.
     batching: Option<Batching>,
+    /// Applied to every event of an `audit` page
+    /// ([`FaultyStore::edit_listing`]).
+    listing_edit: Mutex<Option<fn(&mut AuditEvent)>>,
 }
 
 /// The error a faulty call returns.
@@ -101,7 +104,16 @@ impl<S: Store> FaultyStore<S> {
             yielding: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             batching: None,
+            listing_edit: Mutex::new(None),
         }
+    }
+
+    /// From now on every event an `audit` page lists passes through
+    /// `edit` (the chains, `chain_events`, are read as stored): the
+    /// listing someone with the database changed where it is an index
+    /// beside the chains, with a copy of its own.
+    pub fn edit_listing(&self, edit: fn(&mut AuditEvent)) {
+        *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner()) = Some(edit);
     }
 
     /// Has the service batch appends and lookups as `batching` says, in
@@ -283,7 +295,12 @@ impl<S: Store> Store for FaultyStore<S> {
         self.run(true, self.inner.record_check(id, v, at, s)).await
     }
     async fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
-        self.run(false, self.inner.audit(q)).await
+        let mut page = self.run(false, self.inner.audit(q)).await?;
+        let edit = *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(edit) = edit {
+            page.events.iter_mut().for_each(edit);
+        }
+        Ok(page)
     }
     async fn chain_events(
         &self,

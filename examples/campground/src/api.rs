@@ -6,7 +6,9 @@
 //!   impersonation), `GET /idp/jwks.json` its keys;
 //! - `/oidc`: the SDK's token-exchange issuer (`impersonation-oidc`), which
 //!   trusts that provider for agents' tokens;
-//! - `GET /api/bookings`: bookings of the effective user as JSON; accepts
+//! - `GET /api/bookings`: bookings of the effective user as JSON (the
+//!   latest [`crate::pages::BOOKINGS_SHOWN`] of each campground, and how
+//!   many there are in all, as the dashboard shows them); accepts
 //!   the provider's tokens (the person themself) and the issuer's
 //!   impersonation tokens (the customer, with the agent beside).
 
@@ -229,13 +231,14 @@ pub async fn bookings(State(demo): State<Arc<Demo>>, v: Viewer) -> Response {
     }
     let data = demo.data();
     let campgrounds = v.campgrounds();
+    let mut total = 0;
     let rows: Vec<BookingJson<'_>> = campgrounds
         .iter()
         .flat_map(|c| {
-            data.bookings
-                .get(c.tenant)
-                .into_iter()
-                .flatten()
+            let all = data.bookings.get(c.tenant).map_or(&[][..], Vec::as_slice);
+            total += all.len();
+            crate::pages::latest_bookings(all)
+                .iter()
                 .map(|b| BookingJson {
                     campground: c.name,
                     guest: &b.guest,
@@ -251,6 +254,7 @@ pub async fn bookings(State(demo): State<Arc<Demo>>, v: Viewer) -> Response {
             "user": user.as_str(),
             "name": v.effective_name(),
             "impersonated_by": v.ctx.as_ref().map(|c| c.agent().id.as_str()),
+            "total": total,
             "bookings": rows,
         }),
     )

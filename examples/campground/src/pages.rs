@@ -16,7 +16,7 @@ use impersonation_axum::{
     CsrfCheck, EffectiveUser, NotImpersonating, NotImpersonatingRejection, RenewCsrfToken,
 };
 use impersonation_core::{
-    AuditCursor, AuditEvent, AuditQuery, ChainKey, Context, Denial, LiveFilter, Order, Principal,
+    AuditCursor, AuditEvent, AuditQuery, Context, Denial, LiveFilter, Order, Principal,
     RelationKind, Session, SessionId, ShadowValue, TABLE_HEAD, TenantId, UserId, display_text,
     table_rows, table_timestamp,
 };
@@ -605,13 +605,19 @@ pub async fn sign_out(State(demo): AppState, v: Viewer) -> Response {
 /// without a bound would one day pass what the layer reads to put its
 /// banner in (`MAX_BANNER_BODY`), and the agent could no longer see the
 /// busiest customers' dashboards.
+/// `GET /api/bookings` lists as many of each campground's.
 pub const BOOKINGS_SHOWN: usize = 100;
+
+/// The latest [`BOOKINGS_SHOWN`] of a campground's bookings (all, if fewer).
+pub fn latest_bookings(rows: &[Booking]) -> &[Booking] {
+    &rows[rows.len().saturating_sub(BOOKINGS_SHOWN)..]
+}
 
 fn bookings_table(rows: &[Booking]) -> String {
     if rows.is_empty() {
         return "<p class=\"note\">No bookings yet.</p>".into();
     }
-    let shown = &rows[rows.len().saturating_sub(BOOKINGS_SHOWN)..];
+    let shown = latest_bookings(rows);
     let mut out = String::new();
     if shown.len() < rows.len() {
         let _ = write!(
@@ -1548,7 +1554,7 @@ async fn audit_page(
     let _ = write!(
         body,
         "<form method=\"post\" action=\"/audit/verify\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered event breaks it. Verify reads the chains themselves; this listing reads an index kept beside them.</p>\
+         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered event breaks it. Verify reads the chains themselves, then checks that this listing, an index kept beside them, shows each of their events once, as the chain holds it.</p>\
          <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt\">plain text</a></form>",
         attr(v.csrf())
     );
@@ -1616,39 +1622,39 @@ pub async fn verify(
         Err((status, message)) => return refused(&v, &demo, status, "Audit trail", message),
     };
     let service = demo.service();
-    let outcome = if let Some(agent) = &scope.agent {
-        service
-            .verify_chain(&ChainKey::for_agent(agent))
-            .await
-            .map(|r| match r {
-                Ok(report) => Ok(format!("your chain, {} events", report.events)),
-                Err(broken) => Err(broken.to_string()),
-            })
-    } else {
-        service.verify_all().await.map(|report| {
-            if report.is_ok() {
-                Ok(format!(
-                    "{} chains, {} events",
-                    report.verified.len(),
-                    report.events()
-                ))
-            } else {
-                Err(report
-                    .broken
-                    .iter()
-                    .map(|b| b.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "))
-            }
-        })
+    let verified = match &scope.agent {
+        Some(agent) => service.verify_agent(agent).await,
+        None => service.verify_all().await,
     };
+    let outcome = verified.map(|report| {
+        if report.is_ok() && scope.agent.is_some() {
+            Ok(format!(
+                "your chain, {} events, each listed once",
+                report.events()
+            ))
+        } else if report.is_ok() {
+            Ok(format!(
+                "{} chains, {} events, each listed once",
+                report.verified.len(),
+                report.events()
+            ))
+        } else {
+            Err(report
+                .broken
+                .iter()
+                .map(|b| b.to_string())
+                .chain(report.listing.iter().map(|m| m.to_string()))
+                .collect::<Vec<_>>()
+                .join("; "))
+        }
+    });
     let result = match outcome {
         Ok(Ok(text)) => format!(
             "<div class=\"card ok\" id=\"verified\">✓ Chain verified: {}.</div>",
             esc(&text)
         ),
         Ok(Err(text)) => format!(
-            "<div class=\"card refused\" id=\"verified\">✗ Chain broken: {}.</div>",
+            "<div class=\"card refused\" id=\"verified\">✗ Verification failed: {}.</div>",
             esc(&text)
         ),
         Err(e) => {
@@ -1735,7 +1741,7 @@ pub async fn audit_text(
 
 #[cfg(test)]
 mod tests {
-    use super::{BOOKINGS_SHOWN, Booking, bookings_table};
+    use super::{BOOKINGS_SHOWN, Booking, bookings_table, latest_bookings};
 
     fn booking(n: usize) -> Booking {
         Booking {
@@ -1763,5 +1769,10 @@ mod tests {
         assert!(!table.contains("<td>Guest 49</td>"));
         assert!(table.contains("<td>Guest 50</td>"));
         assert!(table.contains(&format!("<td>Guest {}</td>", BOOKINGS_SHOWN + 49)));
+        // The API's listing takes the same ones.
+        let latest = latest_bookings(&many);
+        assert_eq!(latest.len(), BOOKINGS_SHOWN);
+        assert_eq!(latest[0].guest, "Guest 50");
+        assert_eq!(latest_bookings(&few).len(), 3);
     }
 }

@@ -338,6 +338,15 @@ async fn the_audit_page_is_for_agents_and_shows_an_agent_their_own_chain() {
     impersonate(&mut lee, "paula").await;
     lee.post("/impersonation/stop", &[]).await;
 
+    // Sam verifies his own chain, and its listing.
+    let (status, body) = sam.post("/audit/verify", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains("✓ Chain verified: your chain, ")
+            && body.contains(" events, each listed once."),
+        "{body}"
+    );
+
     let (status, sams) = sam.get("/audit.txt").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
@@ -966,6 +975,40 @@ async fn revoking_a_session_whose_time_was_up_ends_it_without_an_error() {
     );
 }
 
+/// An event the listing's index has lost (its chain whole) fails the
+/// Verify button, for the lead (every chain) and for the agent (their own),
+/// naming the chain and how many of its events the listing shows.
+#[tokio::test]
+async fn verify_fails_on_an_event_the_listing_hides() {
+    use campground_demo::seed;
+    use impersonation_core::{ChainKey, Impersonation, MemoryStore, Store, UserId};
+    use std::sync::Arc;
+
+    let store = MemoryStore::new();
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    let service = Impersonation::new(shared, seed::directory().unwrap())
+        .with_policy(seed::policy())
+        .with_projection(seed::projection());
+    let demo = Demo::with_service(service, StoreKind::Memory);
+    long_trail(&demo, 2).await;
+    let base = serve(&demo).await;
+    let chain = ChainKey::for_agent(&UserId::new("sam").unwrap());
+    assert!(store.tamper_unlist_event(&chain, 1));
+    let mut lee = User::sign_in(&base, "lee").await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    for (who, body) in [
+        ("lee", lee.post("/audit/verify", &[]).await.1),
+        ("sam", sam.post("/audit/verify", &[]).await.1),
+    ] {
+        assert!(
+            body.contains(
+                "✗ Verification failed: the listing shows 2 of the 3 events of chain sam."
+            ),
+            "{who}: {body}"
+        );
+    }
+}
+
 /// A store that fails after the first page of an export: the response
 /// ends in an error (hyper closes the connection before the chunked body
 /// ends), never as if it were the whole trail, and the next export, with
@@ -1062,6 +1105,19 @@ async fn a_token_client_is_refused_a_guarded_page_with_a_403_and_asked_for_a_tok
         .await
         .unwrap();
     assert_eq!(own_call.status(), StatusCode::OK);
+    // Olive's, under the impersonation token: each campground's latest
+    // bookings (here all of them), and how many there are.
+    let olives = api
+        .get(format!("{base}/api/bookings"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(olives.status(), StatusCode::OK);
+    let olives: serde_json::Value = serde_json::from_str(&olives.text().await.unwrap()).unwrap();
+    let listed = olives["bookings"].as_array().unwrap().len();
+    assert!(listed > 0, "{olives}");
+    assert_eq!(olives["total"].as_u64(), Some(listed as u64));
     // It is for the API (its audience): on a page it signs nobody in.
     let own_page = api
         .get(format!("{base}/audit.txt"))

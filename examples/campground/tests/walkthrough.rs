@@ -60,7 +60,7 @@ async fn story(kind: StoreKind, url: &str) {
         "200 OK: as Olive Owner (impersonated by sam), 4 bookings",
         "with Sam's own token instead: 200 OK, as Sam Support, 0 bookings",
         "revocation: 200 OK; the same token next: 401 Unauthorized",
-        "✓ Chain verified: 3 chains, 21 events.",
+        "✓ Chain verified: 3 chains, 21 events, each listed once.",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }

@@ -320,7 +320,11 @@ pub async fn run(out: &mut impl Write, color: bool) -> Result<()> {
     writeln!(out, "{}", to_table(&page.events))?;
     let report = service.verify_all().await?;
     if !report.is_ok() {
-        bail!("audit chain broken: {:?}", report.broken);
+        bail!(
+            "the audit trail did not verify: chains {:?}, listing {:?}",
+            report.broken,
+            report.listing
+        );
     }
     writeln!(
         out,
