@@ -447,7 +447,7 @@ pub enum ListingMismatch {
     /// The listing shows `listed` events of the `chained` positions
     /// verified in `chain`: fewer hides events from whoever reads the
     /// trail.
-    #[error("the listing shows {listed} of the {chained} events of chain {chain}")]
+    #[error("the listing shows {listed} entries for the {chained} events of chain {chain}")]
     Count {
         /// The chain.
         chain: ChainKey,
@@ -478,8 +478,9 @@ pub enum ListingMismatch {
         listed: u64,
     },
     /// The listing shows as many events of `chain` as were verified, but
-    /// not the same ones: an event in another's place, or edited in the
-    /// copy the listing reads.
+    /// not the same ones (an event in another's place, or edited in the
+    /// copy the listing reads), or events past them that the chain does
+    /// not hold as listed.
     #[error("the listing shows events of chain {chain} that are not the chain's")]
     Altered {
         /// The chain.
@@ -494,26 +495,61 @@ pub enum ListingMismatch {
     },
 }
 
-/// The hashes of a set of events folded together (XOR), in any order:
-/// the chain's events as verified against the same positions as listed.
-/// An event missing, shown twice or shown altered changes it.
+/// A set of event hashes folded together in any order: the XOR of
+/// SHA-256(key, hash) over the set, under a key drawn for one verification
+/// and never shown, so that nobody can choose events whose fold matches
+/// another set's (an unkeyed XOR of hashes is a linear system to solve).
+/// The chain's events as verified, against the same positions as listed:
+/// an event missing, shown twice or shown altered changes it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Digest([u8; 32]);
 
 impl Digest {
-    fn add(&mut self, hash: &EventHash) {
-        for (d, h) in self.0.iter_mut().zip(hash.as_bytes()) {
-            *d ^= h;
+    fn add(&mut self, key: &DigestKey, hash: &EventHash) {
+        use sha2::Digest as _;
+        let keyed = sha2::Sha256::new()
+            .chain_update(key.0)
+            .chain_update(hash.as_bytes())
+            .finalize();
+        for (d, k) in self.0.iter_mut().zip(keyed) {
+            *d ^= k;
         }
     }
 }
 
+/// The key of one verification's [`Digest`]s.
+struct DigestKey([u8; 32]);
+
 /// A verification under way: the report, and each verified chain's
-/// [`Digest`].
-#[derive(Default)]
+/// [`Digest`] under the run's key.
 struct Verification {
     report: VerifyReport,
     digests: HashMap<ChainKey, Digest>,
+    key: DigestKey,
+}
+
+impl Verification {
+    fn new() -> Result<Self, Error> {
+        let mut key = [0; 32];
+        getrandom::fill(&mut key).map_err(|_| Error::Random)?;
+        Ok(Self {
+            report: VerifyReport::default(),
+            digests: HashMap::new(),
+            key: DigestKey(key),
+        })
+    }
+}
+
+/// What the listing shows of one verified chain.
+#[derive(Default)]
+struct Listed {
+    /// Events at the verified positions.
+    count: u64,
+    /// Their [`Digest`], each hash computed again from the event as listed.
+    digest: Digest,
+    /// Events past them (appended since it was verified, if they are the
+    /// chain's): position and hash computed again.
+    past: Vec<(u64, EventHash)>,
 }
 
 fn person(p: &Principal) -> PersonRef {
@@ -2336,16 +2372,17 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         chain: &ChainKey,
     ) -> Result<Result<ChainReport, ChainBreak>, Error> {
         Ok(self
-            .verify_chain_digest(chain)
+            .verify_chain_digest(chain, None)
             .await?
             .map(|(report, _)| report))
     }
 
     /// [`Impersonation::verify_chain`], and the [`Digest`] of the events
-    /// it verified.
+    /// it verified under `key` (none without one).
     async fn verify_chain_digest(
         &self,
         chain: &ChainKey,
+        key: Option<&DigestKey>,
     ) -> Result<Result<(ChainReport, Digest), ChainBreak>, Error> {
         // A record or head that does not decode is a break like any other
         // (and `verify_all` goes on to the next chain).
@@ -2366,7 +2403,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     return Ok(Err(b));
                 }
                 // Pushed: its hash is its content's.
-                digest.add(&event.hash);
+                if let Some(key) = key {
+                    digest.add(key, &event.hash);
+                }
             }
             read += page.len() as u64;
             if let Some(why) = unreadable {
@@ -2470,8 +2509,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// store whose listing is an index beside the chains (Redis's views,
     /// the Diesel store's run rows) could otherwise hide an event from
     /// every reader, or show another in its place, while its chain
-    /// verifies. The filtered listings (by customer, tenant, session) are
-    /// not compared. The trail is read twice.
+    /// verifies. Events it shows past a chain's verified end are held to
+    /// the chain read on from there. The filtered listings (by agent,
+    /// customer, tenant, actor, session) are not compared. The trail is
+    /// read twice.
     ///
     /// Events appended while it runs are past what was verified and not
     /// counted; a chain begun meanwhile is verified when the listing shows
@@ -2480,7 +2521,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// the store is still retrying after a fault, up to about 150 ms, can
     /// outlast both reads: run it again before acting on a `Count`).
     pub async fn verify_all(&self) -> Result<VerifyReport, Error> {
-        let mut run = Verification::default();
+        let mut run = Verification::new()?;
         for key in self.all_chains().await? {
             self.verify_into(&key, &mut run).await?;
         }
@@ -2495,7 +2536,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// once, as verified. For an agent who may check their own trail and
     /// no one else's.
     pub async fn verify_agent(&self, agent: &UserId) -> Result<VerifyReport, Error> {
-        let mut run = Verification::default();
+        let mut run = Verification::new()?;
         self.verify_into(&ChainKey::for_agent(agent), &mut run)
             .await?;
         let base = AuditQuery {
@@ -2518,12 +2559,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         one_chain: bool,
     ) -> Result<(), Error> {
         let mut mismatches = self.compare_listing(run, base).await?;
-        if !one_chain {
-            self.verify_born_meanwhile(run, &mut mismatches).await?;
-        }
-        let again = mismatches
-            .iter()
-            .any(|m| !matches!(m, ListingMismatch::Unreadable { .. }));
+        // A chain begun meanwhile, now verified, is compared the second
+        // time.
+        let born = !one_chain && self.verify_born_meanwhile(run, &mut mismatches).await?;
+        let again = born
+            || mismatches
+                .iter()
+                .any(|m| !matches!(m, ListingMismatch::Unreadable { .. }));
         if again {
             mismatches = self.compare_listing(run, base).await?;
             if !one_chain {
@@ -2546,17 +2588,18 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Takes out of `mismatches` each chain the list of chains now names
     /// (no store shows a chain's event before it lists the chain, so it
-    /// was begun after the list was read), and verifies it.
+    /// was begun after the list was read), and verifies it; whether there
+    /// was one.
     async fn verify_born_meanwhile(
         &self,
         run: &mut Verification,
         mismatches: &mut Vec<ListingMismatch>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         if !mismatches
             .iter()
             .any(|m| matches!(m, ListingMismatch::UnlistedChain { .. }))
         {
-            return Ok(());
+            return Ok(false);
         }
         let known: std::collections::HashSet<ChainKey> =
             self.all_chains().await?.into_iter().collect();
@@ -2568,12 +2611,13 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
             _ => true,
         });
+        let any = !born.is_empty();
         for chain in born {
             if !run.digests.contains_key(&chain) {
                 self.verify_into(&chain, run).await?;
             }
         }
-        Ok(())
+        Ok(any)
     }
 
     /// Every chain key the store lists, in order.
@@ -2590,7 +2634,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     async fn verify_into(&self, chain: &ChainKey, run: &mut Verification) -> Result<(), Error> {
-        match self.verify_chain_digest(chain).await? {
+        match self.verify_chain_digest(chain, Some(&run.key)).await? {
             Ok((ok, digest)) => {
                 run.digests.insert(chain.clone(), digest);
                 run.report.verified.push(ok);
@@ -2602,21 +2646,21 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
 
     /// Reads the listing `base` selects (all of it) and compares, for each
     /// verified chain, the events it shows at the verified positions: how
-    /// many, and the [`Digest`] of their hashes, each computed again from
-    /// the event as listed. A broken chain's events are not compared (its
-    /// break is reported). A page that does not decode ends the
-    /// comparison: it answers `Unreadable` alone.
+    /// many, and their [`Digest`], each hash computed again from the event
+    /// as listed; and the events it shows past them with the chain's own,
+    /// read now. A broken chain's events are not compared (its break is
+    /// reported). A page that does not decode ends the comparison: it
+    /// answers `Unreadable` alone.
     async fn compare_listing(
         &self,
         run: &Verification,
         base: &AuditQuery,
     ) -> Result<Vec<ListingMismatch>, Error> {
-        // Per chain: events verified, events listed, their digest.
-        let mut seen: HashMap<&ChainKey, (u64, u64, Digest)> = run
+        let mut seen: HashMap<&ChainKey, (&ChainReport, Listed)> = run
             .report
             .verified
             .iter()
-            .map(|c| (&c.chain, (c.events, 0, Digest::default())))
+            .map(|c| (&c.chain, (c, Listed::default())))
             .collect();
         let broken: std::collections::HashSet<&ChainKey> =
             run.report.broken.iter().map(|b| &b.chain).collect();
@@ -2642,12 +2686,11 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     continue;
                 }
                 match seen.get_mut(&event.chain) {
-                    Some((chained, listed, digest)) => {
-                        if event.seq < *chained {
-                            *listed += 1;
-                            digest.add(&event.compute_hash());
-                        }
+                    Some((report, listed)) if event.seq < report.events => {
+                        listed.count += 1;
+                        listed.digest.add(&run.key, &event.compute_hash());
                     }
+                    Some((_, listed)) => listed.past.push((event.seq, event.compute_hash())),
                     None => *unknown.entry(event.chain.clone()).or_default() += 1,
                 }
             }
@@ -2658,18 +2701,19 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
         let mut mismatches = Vec::new();
         for c in &run.report.verified {
-            let (Some(&(chained, listed, digest)), Some(verified)) =
-                (seen.get(&c.chain), run.digests.get(&c.chain))
+            let (Some((_, listed)), Some(digest)) =
+                (seen.get_mut(&c.chain), run.digests.get(&c.chain))
             else {
                 continue;
             };
-            if chained != listed {
+            if listed.count != c.events {
                 mismatches.push(ListingMismatch::Count {
                     chain: c.chain.clone(),
-                    chained,
-                    listed,
+                    chained: c.events,
+                    listed: listed.count,
                 });
-            } else if digest != *verified {
+            } else if listed.digest != *digest || !self.past_is_chained(c, &mut listed.past).await?
+            {
                 mismatches.push(ListingMismatch::Altered {
                     chain: c.chain.clone(),
                 });
@@ -2681,5 +2725,51 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .map(|(chain, listed)| ListingMismatch::UnlistedChain { chain, listed }),
         );
         Ok(mismatches)
+    }
+
+    /// Whether the events a listing shows past a verified chain's end
+    /// (`past`: position, hash computed again) are the chain's, each once:
+    /// the chain is read on from its end, each event held to its place
+    /// and its link, as far as the last one listed.
+    async fn past_is_chained(
+        &self,
+        verified: &ChainReport,
+        past: &mut [(u64, EventHash)],
+    ) -> Result<bool, Error> {
+        past.sort_unstable_by_key(|(seq, _)| *seq);
+        if past.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Ok(false);
+        }
+        let mut wanted = past.iter().peekable();
+        let mut prev = verified.last_hash;
+        let mut next = verified.events;
+        while wanted.peek().is_some() {
+            let (page, unreadable) = self.chain_page(&verified.chain, next).await?;
+            for event in &page {
+                let linked = event.chain == verified.chain
+                    && event.seq == next
+                    && event.prev_hash == prev
+                    && event.compute_hash() == event.hash;
+                if !linked {
+                    return Ok(false);
+                }
+                if let Some((_, hash)) = wanted.next_if(|(seq, _)| *seq == next)
+                    && *hash != event.hash
+                {
+                    return Ok(false);
+                }
+                if wanted.peek().is_none() {
+                    return Ok(true);
+                }
+                prev = event.hash;
+                next += 1;
+            }
+            if unreadable.is_some() || page.len() < VERIFY_PAGE as usize {
+                // The chain ends (or stops reading) before an event listed
+                // past it.
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }

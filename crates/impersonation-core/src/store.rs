@@ -452,7 +452,9 @@ pub trait Store: Send + Sync {
     /// A page of audit events. A page may hold fewer events than the
     /// page size, even none, and still have a `next` cursor (a store may
     /// bound each call's work, as [`crate::views::PageReader`] does):
-    /// only a `None` cursor ends the trail.
+    /// only a `None` cursor ends the trail. It shows each chained event
+    /// once, as [`Store::chain_events`] reads it, and only of chains that
+    /// [`Store::chains`] lists: `verify_all` holds it to that.
     async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
 
     /// Up to `limit` events of a chain from position `from_seq`, in order

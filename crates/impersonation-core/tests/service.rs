@@ -281,7 +281,7 @@ async fn verify_all_finds_an_event_hidden_from_the_listing() {
     assert!(!report.is_ok());
     assert_eq!(
         report.listing[0].to_string(),
-        format!("the listing shows 2 of the 3 events of chain {chain}")
+        format!("the listing shows 2 entries for the 3 events of chain {chain}")
     );
 
     // Once the chain itself is cut, its break is what is reported.
@@ -293,22 +293,38 @@ async fn verify_all_finds_an_event_hidden_from_the_listing() {
 
 /// A listing that shows as many events as the chain holds, but one of
 /// them edited in the copy it reads (its hash kept, or computed again to
-/// match): the chain verifies, and `verify_all` and `verify_agent` say
-/// the listing shows events that are not the chain's.
+/// match), or one more past them, linked to the last as the next would
+/// be: the chain verifies, and `verify_all` and `verify_agent` say the
+/// listing shows events that are not the chain's.
 #[tokio::test]
 async fn verify_all_finds_an_event_the_listing_shows_altered() {
-    fn edit_kept_hash(e: &mut AuditEvent) {
-        if e.seq == 1 {
-            e.details.insert("description", "Nothing happened.");
-        }
+    fn edit(e: &mut AuditEvent) {
+        e.details.insert("description", "Nothing happened.");
     }
-    fn edit_new_hash(e: &mut AuditEvent) {
-        edit_kept_hash(e);
-        if e.seq == 1 {
+    #[allow(clippy::ptr_arg)] // the type of every edit: some add events
+    fn edit_kept_hash(page: &mut Vec<AuditEvent>) {
+        page.iter_mut().filter(|e| e.seq == 1).for_each(edit);
+    }
+    #[allow(clippy::ptr_arg)] // the type of every edit: some add events
+    fn edit_new_hash(page: &mut Vec<AuditEvent>) {
+        for e in page.iter_mut().filter(|e| e.seq == 1) {
+            edit(e);
             e.hash = e.compute_hash();
         }
     }
-    for edit in [edit_kept_hash as fn(&mut AuditEvent), edit_new_hash] {
+    fn one_more(page: &mut Vec<AuditEvent>) {
+        if let Some(last) = page.iter().max_by_key(|e| e.seq).cloned() {
+            let mut next = last.clone();
+            next.id = impersonation_core::EventId::new();
+            next.seq = last.seq + 1;
+            next.prev_hash = last.hash;
+            edit(&mut next);
+            next.hash = next.compute_hash();
+            page.push(next);
+        }
+    }
+    type Edit = fn(&mut Vec<AuditEvent>);
+    for edit in [edit_kept_hash as Edit, edit_new_hash, one_more] {
         let store = FaultyStore::new(MemoryStore::new());
         let f = fixture_with(store, Policy::default(), Config::default());
         let sam = agent("sam");
@@ -2706,6 +2722,13 @@ async fn a_chain_written_to_while_it_is_verified_still_verifies() {
     // The next check covers what was appended during the first.
     let again = f.service.verify_chain(&chain).await.unwrap().unwrap();
     assert!(again.events >= 2, "{again:?}");
+    // The whole trail too: its listing shows an event appended past what
+    // was verified (at the second read of the head), and it is the
+    // chain's.
+    let all = f.service.verify_all().await.unwrap();
+    assert!(all.is_ok(), "{all:?}");
+    let all = f.service.verify_agent(&id("sam")).await.unwrap();
+    assert!(all.is_ok(), "{all:?}");
 
     // Events past a head that never moves are still a mismatch.
     let f = fixture_with(BusyChain::new(true), Policy::default(), Config::default());

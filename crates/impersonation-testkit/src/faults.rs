@@ -61,6 +61,9 @@ struct Plan {
     calls: Calls,
 }
 
+/// An edit of an `audit` page's events ([`FaultyStore::edit_listing`]).
+pub type ListingEdit = fn(&mut Vec<AuditEvent>);
+
 /// Wraps a store and fails the `nth` counted call.
 #[derive(Debug)]
 pub struct FaultyStore<S> {
@@ -76,9 +79,8 @@ pub struct FaultyStore<S> {
     /// The group commit the wrapper asks for, in place of the inner
     /// store's.
     batching: Option<Batching>,
-    /// Applied to every event of an `audit` page
-    /// ([`FaultyStore::edit_listing`]).
-    listing_edit: Mutex<Option<fn(&mut AuditEvent)>>,
+    /// Applied to every `audit` page ([`FaultyStore::edit_listing`]).
+    listing_edit: Mutex<Option<ListingEdit>>,
 }
 
 /// The error a faulty call returns.
@@ -108,11 +110,11 @@ impl<S: Store> FaultyStore<S> {
         }
     }
 
-    /// From now on every event an `audit` page lists passes through
-    /// `edit` (the chains, `chain_events`, are read as stored): the
-    /// listing someone with the database changed where it is an index
-    /// beside the chains, with a copy of its own.
-    pub fn edit_listing(&self, edit: fn(&mut AuditEvent)) {
+    /// From now on the events of every `audit` page pass through `edit`
+    /// (the chains, `chain_events`, are read as stored): the listing
+    /// someone with the database changed where it is an index beside the
+    /// chains, with copies of its own.
+    pub fn edit_listing(&self, edit: ListingEdit) {
         *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner()) = Some(edit);
     }
 
@@ -298,7 +300,7 @@ impl<S: Store> Store for FaultyStore<S> {
         let mut page = self.run(false, self.inner.audit(q)).await?;
         let edit = *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(edit) = edit {
-            page.events.iter_mut().for_each(edit);
+            edit(&mut page.events);
         }
         Ok(page)
     }

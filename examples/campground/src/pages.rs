@@ -1599,7 +1599,8 @@ pub async fn audit(
     audit_page(&demo, &v, &params, None).await
 }
 
-/// `POST /audit/verify`: verifies the hash chains in view.
+/// `POST /audit/verify`: verifies the hash chains in view, and the
+/// listing against them.
 pub async fn verify(
     State(demo): AppState,
     guard: Result<NotImpersonating, NotImpersonatingRejection>,

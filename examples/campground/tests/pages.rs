@@ -1002,7 +1002,7 @@ async fn verify_fails_on_an_event_the_listing_hides() {
     ] {
         assert!(
             body.contains(
-                "✗ Verification failed: the listing shows 2 of the 3 events of chain sam."
+                "✗ Verification failed: the listing shows 2 entries for the 3 events of chain sam."
             ),
             "{who}: {body}"
         );
