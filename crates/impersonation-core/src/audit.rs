@@ -1121,6 +1121,16 @@ impl ChainVerifier {
         }
     }
 
+    /// A verifier that goes on from a verified chain's end: its next
+    /// event must follow `report`'s last.
+    pub(crate) fn after(report: &ChainReport) -> Self {
+        Self {
+            next: report.events,
+            prev: report.last_hash,
+            ..Self::new(report.chain.clone())
+        }
+    }
+
     fn broken(&self, kind: BreakKind) -> ChainBreak {
         ChainBreak {
             chain: self.chain.clone(),

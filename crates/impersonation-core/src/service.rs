@@ -2741,19 +2741,15 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             return Ok(false);
         }
         let mut wanted = past.iter().peekable();
-        let mut prev = verified.last_hash;
+        let mut verifier = ChainVerifier::after(verified);
         let mut next = verified.events;
         while wanted.peek().is_some() {
             let (page, unreadable) = self.chain_page(&verified.chain, next).await?;
             for event in &page {
-                let linked = event.chain == verified.chain
-                    && event.seq == next
-                    && event.prev_hash == prev
-                    && event.compute_hash() == event.hash;
-                if !linked {
+                if verifier.push(event).is_err() {
                     return Ok(false);
                 }
-                if let Some((_, hash)) = wanted.next_if(|(seq, _)| *seq == next)
+                if let Some((_, hash)) = wanted.next_if(|(seq, _)| *seq == event.seq)
                     && *hash != event.hash
                 {
                     return Ok(false);
@@ -2761,9 +2757,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 if wanted.peek().is_none() {
                     return Ok(true);
                 }
-                prev = event.hash;
-                next += 1;
             }
+            next += page.len() as u64;
             if unreadable.is_some() || page.len() < VERIFY_PAGE as usize {
                 // The chain ends (or stops reading) before an event listed
                 // past it.
