@@ -409,7 +409,7 @@ impl Activity {
     }
 }
 
-/// The result of verifying every chain, and the trail's listing against
+/// The result of verifying the chains, and a listing of the trail against
 /// them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -423,6 +423,11 @@ pub struct VerifyReport {
     /// hidden from it or shown in another's place, or a chain the store's
     /// list of chains leaves out.
     pub listing: Vec<ListingMismatch>,
+    /// Of the verified events, those the listing's filters select: all of
+    /// them for [`Impersonation::verify_all`], a customer's for a
+    /// listing by customer ([`Impersonation::verify_listing`]). When the
+    /// report is ok, the listing shows each of them once.
+    pub selected: u64,
 }
 
 impl VerifyReport {
@@ -445,13 +450,14 @@ impl VerifyReport {
 #[non_exhaustive]
 pub enum ListingMismatch {
     /// The listing shows `listed` events of the `chained` positions
-    /// verified in `chain`: fewer hides events from whoever reads the
-    /// trail.
+    /// verified in `chain` that its filters select: fewer hides events
+    /// from whoever reads the trail.
     #[error("the listing shows {listed} entries for the {chained} events of chain {chain}")]
     Count {
         /// The chain.
         chain: ChainKey,
-        /// Events verified in the chain.
+        /// Events verified in the chain that the listing's filters select
+        /// (every one, unfiltered).
         chained: u64,
         /// Of those positions, events the listing shows.
         listed: u64,
@@ -477,10 +483,11 @@ pub enum ListingMismatch {
         /// Events of it the listing shows.
         listed: u64,
     },
-    /// The listing shows as many events of `chain` as were verified, but
-    /// not the same ones (an event in another's place, or edited in the
-    /// copy the listing reads), or events past them that the chain does
-    /// not hold as listed.
+    /// The listing shows as many events of `chain` as were verified (and
+    /// its filters select), but not the same ones (an event in another's
+    /// place, or edited in the copy the listing reads, or one its filters
+    /// leave out), or events past them that the chain does not hold as
+    /// listed.
     #[error("the listing shows events of chain {chain} that are not the chain's")]
     Altered {
         /// The chain.
@@ -520,19 +527,29 @@ impl Digest {
 /// The key of one verification's [`Digest`]s.
 struct DigestKey([u8; 32]);
 
-/// A verification under way: the report, and each verified chain's
+/// A verification under way: the listing's filters, the report, and of
+/// each verified chain the events the filters select: how many, and their
 /// [`Digest`] under the run's key.
 struct Verification {
+    filter: AuditQuery,
     report: VerifyReport,
-    digests: HashMap<ChainKey, Digest>,
+    digests: HashMap<ChainKey, (u64, Digest)>,
     key: DigestKey,
 }
 
 impl Verification {
-    fn new() -> Result<Self, Error> {
+    /// A verification of the listing `query` selects (its filters; its
+    /// cursor, order and page size aside).
+    fn new(query: &AuditQuery) -> Result<Self, Error> {
         let mut key = [0; 32];
         getrandom::fill(&mut key).map_err(|_| Error::Random)?;
         Ok(Self {
+            filter: AuditQuery {
+                cursor: None,
+                order: crate::store::Order::Oldest,
+                limit: crate::store::MAX_PAGE,
+                ..query.clone()
+            },
             report: VerifyReport::default(),
             digests: HashMap::new(),
             key: DigestKey(key),
@@ -550,6 +567,8 @@ struct Listed {
     /// Events past them (appended since it was verified, if they are the
     /// chain's): position and hash computed again.
     past: Vec<(u64, EventHash)>,
+    /// Whether it shows an event its filters leave out.
+    stray: bool,
 }
 
 fn person(p: &Principal) -> PersonRef {
@@ -2377,13 +2396,14 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             .map(|(report, _)| report))
     }
 
-    /// [`Impersonation::verify_chain`], and the [`Digest`] of the events
-    /// it verified under `key` (none without one).
+    /// [`Impersonation::verify_chain`], and of the events it verified
+    /// those `select`ed (none without it): how many, and their [`Digest`]
+    /// under its key.
     async fn verify_chain_digest(
         &self,
         chain: &ChainKey,
-        key: Option<&DigestKey>,
-    ) -> Result<Result<(ChainReport, Digest), ChainBreak>, Error> {
+        select: Option<(&AuditQuery, &DigestKey)>,
+    ) -> Result<Result<(ChainReport, (u64, Digest)), ChainBreak>, Error> {
         // A record or head that does not decode is a break like any other
         // (and `verify_all` goes on to the next chain).
         let first = match self.head_or_break(chain, 0).await? {
@@ -2395,6 +2415,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let mut verifier = ChainVerifier::with_head(chain.clone(), first);
         // How many events were read in all.
         let mut read = 0_u64;
+        let mut selected = 0_u64;
         let mut digest = Digest::default();
         loop {
             let (page, unreadable) = self.chain_page(chain, read).await?;
@@ -2403,7 +2424,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     return Ok(Err(b));
                 }
                 // Pushed: its hash is its content's.
-                if let Some(key) = key {
+                if let Some((filter, key)) = select
+                    && filter.matches(event)
+                {
+                    selected += 1;
                     digest.add(key, &event.hash);
                 }
             }
@@ -2450,7 +2474,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         } else {
             first
         };
-        Ok(verifier.finish(head).map(|report| (report, digest)))
+        Ok(verifier
+            .finish(head)
+            .map(|report| (report, (selected, digest))))
     }
 
     /// The head of `chain`, for verification; one that does not decode
@@ -2511,8 +2537,8 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// every reader, or show another in its place, while its chain
     /// verifies. Events it shows past a chain's verified end are held to
     /// the chain read on from there. The filtered listings (by agent,
-    /// customer, tenant, actor, session) are not compared. The trail is
-    /// read twice.
+    /// customer, tenant, actor, session) are compared by
+    /// [`Impersonation::verify_listing`]. The trail is read twice.
     ///
     /// Events appended while it runs are past what was verified and not
     /// counted; a chain begun meanwhile is verified when the listing shows
@@ -2521,13 +2547,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// the store is still retrying after a fault, up to about 150 ms, can
     /// outlast both reads: run it again before acting on a `Count`).
     pub async fn verify_all(&self) -> Result<VerifyReport, Error> {
-        let mut run = Verification::new()?;
-        for key in self.all_chains().await? {
-            self.verify_into(&key, &mut run).await?;
-        }
-        self.compare_twice(&mut run, &AuditQuery::default(), false)
-            .await?;
-        Ok(run.report)
+        self.verify_listing(&AuditQuery::default()).await
     }
 
     /// [`Impersonation::verify_all`] for one agent: verifies the agent's
@@ -2536,29 +2556,78 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// once, as verified. For an agent who may check their own trail and
     /// no one else's.
     pub async fn verify_agent(&self, agent: &UserId) -> Result<VerifyReport, Error> {
-        let mut run = Verification::new()?;
-        self.verify_into(&ChainKey::for_agent(agent), &mut run)
-            .await?;
-        let base = AuditQuery {
+        self.verify_listing(&AuditQuery {
             agent: Some(agent.clone()),
             ..AuditQuery::default()
+        })
+        .await
+    }
+
+    /// [`Impersonation::verify_all`] for the listing `query` selects (its
+    /// filters; its cursor, order and page size aside): verifies the
+    /// chains its events can come from (the agent's, when it names one;
+    /// every chain otherwise), then reads that listing whole and checks
+    /// that it shows each verified event its filters select once, as
+    /// verified, and nothing else of the verified chains. A store may
+    /// answer a filtered listing from an index of its own (Redis keeps one
+    /// per customer, tenant, actor and session), which can lose an entry
+    /// (a view write that failed) or be edited while the listing of every
+    /// event and the chains agree: this is the check of what one reader
+    /// sees, a customer shown the sessions that impersonated them, say.
+    /// It reads every chain the listing can draw from, whatever the
+    /// filters.
+    ///
+    /// ```
+    /// use impersonation_core::*;
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let t = TenantId::new("pinewood").unwrap();
+    /// let agent = Principal::new(UserId::from(1_u64), "Sam Support", t.clone())
+    ///     .with_permission("impersonation:start");
+    /// let carol = Principal::new(UserId::from(2_u64), "Carol", t);
+    /// let directory = MemoryDirectory::new();
+    /// directory.insert(agent.clone());
+    /// directory.insert(carol.clone());
+    /// let service = Impersonation::new(MemoryStore::new(), directory);
+    /// let started = service
+    ///     .start(Requester::User(&agent), StartRequest::new(carol.id.clone(), "Bookings page is empty"))
+    ///     .await?;
+    /// service.stop(&started.secret, &agent).await?;
+    ///
+    /// // What Carol is shown of the trail: the events about her.
+    /// let hers = AuditQuery { subject: Some(carol.id.clone()), ..AuditQuery::new() };
+    /// let report = service.verify_listing(&hers).await?;
+    /// assert!(report.is_ok());
+    /// assert_eq!(report.selected, 2); // the start and the stop, each listed once
+    /// # Ok::<(), Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn verify_listing(&self, query: &AuditQuery) -> Result<VerifyReport, Error> {
+        let mut run = Verification::new(query)?;
+        let one_chain = match &query.agent {
+            Some(agent) => {
+                self.verify_into(&ChainKey::for_agent(agent), &mut run)
+                    .await?;
+                true
+            }
+            None => {
+                for key in self.all_chains().await? {
+                    self.verify_into(&key, &mut run).await?;
+                }
+                false
+            }
         };
-        self.compare_twice(&mut run, &base, true).await?;
+        self.compare_twice(&mut run, one_chain).await?;
+        run.report.selected = run.digests.values().map(|(n, _)| n).sum();
         Ok(run.report)
     }
 
-    /// Compares the listing `base` selects with the verified chains, and
-    /// again where they differ. Of the whole listing (`one_chain` false),
-    /// a chain it shows that the list of chains names by then was begun
-    /// meanwhile: verified, not reported. A listing of one chain shows no
-    /// other.
-    async fn compare_twice(
-        &self,
-        run: &mut Verification,
-        base: &AuditQuery,
-        one_chain: bool,
-    ) -> Result<(), Error> {
-        let mut mismatches = self.compare_listing(run, base).await?;
+    /// Compares the listing the run's filters select with the verified
+    /// chains, and again where they differ. Of a listing of every chain
+    /// (`one_chain` false), a chain it shows that the list of chains names
+    /// by then was begun meanwhile: verified, not reported. A listing of
+    /// one chain shows no other.
+    async fn compare_twice(&self, run: &mut Verification, one_chain: bool) -> Result<(), Error> {
+        let mut mismatches = self.compare_listing(run).await?;
         // A chain begun meanwhile, now verified, is compared the second
         // time.
         let born = !one_chain && self.verify_born_meanwhile(run, &mut mismatches).await?;
@@ -2567,7 +2636,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .iter()
                 .any(|m| !matches!(m, ListingMismatch::Unreadable { .. }));
         if again {
-            mismatches = self.compare_listing(run, base).await?;
+            mismatches = self.compare_listing(run).await?;
             if !one_chain {
                 self.verify_born_meanwhile(run, &mut mismatches).await?;
             }
@@ -2634,7 +2703,10 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     }
 
     async fn verify_into(&self, chain: &ChainKey, run: &mut Verification) -> Result<(), Error> {
-        match self.verify_chain_digest(chain, Some(&run.key)).await? {
+        match self
+            .verify_chain_digest(chain, Some((&run.filter, &run.key)))
+            .await?
+        {
             Ok((ok, digest)) => {
                 run.digests.insert(chain.clone(), digest);
                 run.report.verified.push(ok);
@@ -2644,18 +2716,16 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         Ok(())
     }
 
-    /// Reads the listing `base` selects (all of it) and compares, for each
-    /// verified chain, the events it shows at the verified positions: how
-    /// many, and their [`Digest`], each hash computed again from the event
-    /// as listed; and the events it shows past them with the chain's own,
-    /// read now. A broken chain's events are not compared (its break is
-    /// reported). A page that does not decode ends the comparison: it
-    /// answers `Unreadable` alone.
-    async fn compare_listing(
-        &self,
-        run: &Verification,
-        base: &AuditQuery,
-    ) -> Result<Vec<ListingMismatch>, Error> {
+    /// Reads the listing the run's filters select (all of it) and
+    /// compares, for each verified chain, the events it shows at the
+    /// verified positions with those the filters select there: how many,
+    /// and their [`Digest`], each hash computed again from the event as
+    /// listed; and the events it shows past them with the chain's own,
+    /// read now. An event the filters leave out is out of place anywhere.
+    /// A broken chain's events are not compared (its break is reported).
+    /// A page that does not decode ends the comparison: it answers
+    /// `Unreadable` alone.
+    async fn compare_listing(&self, run: &Verification) -> Result<Vec<ListingMismatch>, Error> {
         let mut seen: HashMap<&ChainKey, (&ChainReport, Listed)> = run
             .report
             .verified
@@ -2665,11 +2735,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         let broken: std::collections::HashSet<&ChainKey> =
             run.report.broken.iter().map(|b| &b.chain).collect();
         let mut unknown: std::collections::BTreeMap<ChainKey, u64> = Default::default();
-        let mut query = AuditQuery {
-            limit: crate::store::MAX_PAGE,
-            cursor: None,
-            ..base.clone()
-        };
+        let mut query = run.filter.clone();
         let mut read = 0_u64;
         loop {
             let page = match self.store.audit(&query).await {
@@ -2686,6 +2752,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                     continue;
                 }
                 match seen.get_mut(&event.chain) {
+                    Some((_, listed)) if !run.filter.matches(event) => listed.stray = true,
                     Some((report, listed)) if event.seq < report.events => {
                         listed.count += 1;
                         listed.digest.add(&run.key, &event.compute_hash());
@@ -2701,18 +2768,20 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
         }
         let mut mismatches = Vec::new();
         for c in &run.report.verified {
-            let (Some((_, listed)), Some(digest)) =
+            let (Some((_, listed)), Some((selected, digest))) =
                 (seen.get_mut(&c.chain), run.digests.get(&c.chain))
             else {
                 continue;
             };
-            if listed.count != c.events {
+            if listed.count != *selected {
                 mismatches.push(ListingMismatch::Count {
                     chain: c.chain.clone(),
-                    chained: c.events,
+                    chained: *selected,
                     listed: listed.count,
                 });
-            } else if listed.digest != *digest || !self.past_is_chained(c, &mut listed.past).await?
+            } else if listed.stray
+                || listed.digest != *digest
+                || !self.past_is_chained(c, &mut listed.past).await?
             {
                 mismatches.push(ListingMismatch::Altered {
                     chain: c.chain.clone(),

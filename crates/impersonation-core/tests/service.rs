@@ -236,6 +236,81 @@ async fn start_resolve_record_stop_audits_every_step() {
     assert!(f.service.verify_all().await.unwrap().is_ok());
 }
 
+/// A listing by customer is what that customer's reader is shown, and a
+/// store may answer it from an index of its own: an event hidden from it
+/// alone, one shown altered in it, or another customer's event shown in
+/// it, each with the listing of every event as stored. `verify_all` finds
+/// nothing; `verify_listing` for the customer says what is wrong, and
+/// counts the customer's events.
+#[tokio::test]
+async fn verify_listing_checks_one_customers_listing() {
+    let by_olive = AuditQuery {
+        subject: Some(id("olive")),
+        ..AuditQuery::default()
+    };
+    for case in ["hidden", "altered", "another customer's"] {
+        let store = FaultyStore::new(MemoryStore::new());
+        let f = fixture_with(store, Policy::default(), Config::default());
+        let sam = agent("sam");
+        let on_olive = sam_reads_olives_settings(&f).await;
+        f.service.stop(&on_olive.secret, &sam).await.unwrap();
+        let on_oscar = f
+            .service
+            .start(Requester::User(&sam), req("oscar"))
+            .await
+            .unwrap();
+        f.service.stop(&on_oscar.secret, &sam).await.unwrap();
+        let report = f.service.verify_listing(&by_olive).await.unwrap();
+        assert!(report.is_ok(), "{case}: {report:?}");
+        assert_eq!((report.events(), report.selected), (5, 3), "{case}");
+
+        let oscars = all_events(
+            f.service.store(),
+            AuditQuery {
+                subject: Some(id("oscar")),
+                ..AuditQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(oscars.len(), 2);
+        f.service
+            .store()
+            .edit_listing(move |q: &AuditQuery, page: &mut Vec<AuditEvent>| {
+                if q.subject.is_none() {
+                    return;
+                }
+                match case {
+                    "hidden" => page.retain(|e| e.action != AuditAction::Access),
+                    "altered" => {
+                        for e in page.iter_mut() {
+                            e.details.insert("reason", "Routine check.");
+                            e.hash = e.compute_hash();
+                        }
+                    }
+                    _ => page.extend(oscars.iter().cloned()),
+                }
+            });
+        assert!(f.service.verify_all().await.unwrap().is_ok(), "{case}");
+        let report = f.service.verify_listing(&by_olive).await.unwrap();
+        assert!(
+            report.broken.is_empty(),
+            "{case}: the chain itself is whole"
+        );
+        let chain = on_olive.session.chain();
+        let expected = if case == "hidden" {
+            ListingMismatch::Count {
+                chain,
+                chained: 3,
+                listed: 2,
+            }
+        } else {
+            ListingMismatch::Altered { chain }
+        };
+        assert_eq!(report.listing, [expected], "{case}");
+        assert!(!report.is_ok(), "{case}");
+    }
+}
+
 /// Sam starts impersonating Olive and reads her settings: two events.
 async fn sam_reads_olives_settings<S: Store>(f: &Fixture<S>) -> Started {
     let started = f
@@ -302,17 +377,17 @@ async fn verify_all_finds_an_event_the_listing_shows_altered() {
         e.details.insert("description", "Nothing happened.");
     }
     #[allow(clippy::ptr_arg)] // the type of every edit: some add events
-    fn edit_kept_hash(page: &mut Vec<AuditEvent>) {
+    fn edit_kept_hash(_: &AuditQuery, page: &mut Vec<AuditEvent>) {
         page.iter_mut().filter(|e| e.seq == 1).for_each(edit);
     }
     #[allow(clippy::ptr_arg)] // the type of every edit: some add events
-    fn edit_new_hash(page: &mut Vec<AuditEvent>) {
+    fn edit_new_hash(_: &AuditQuery, page: &mut Vec<AuditEvent>) {
         for e in page.iter_mut().filter(|e| e.seq == 1) {
             edit(e);
             e.hash = e.compute_hash();
         }
     }
-    fn one_more(page: &mut Vec<AuditEvent>) {
+    fn one_more(_: &AuditQuery, page: &mut Vec<AuditEvent>) {
         if let Some(last) = page.iter().max_by_key(|e| e.seq).cloned() {
             let mut next = last.clone();
             next.id = impersonation_core::EventId::new();
@@ -323,7 +398,7 @@ async fn verify_all_finds_an_event_the_listing_shows_altered() {
             page.push(next);
         }
     }
-    type Edit = fn(&mut Vec<AuditEvent>);
+    type Edit = fn(&AuditQuery, &mut Vec<AuditEvent>);
     for edit in [edit_kept_hash as Edit, edit_new_hash, one_more] {
         let store = FaultyStore::new(MemoryStore::new());
         let f = fixture_with(store, Policy::default(), Config::default());

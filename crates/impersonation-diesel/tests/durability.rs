@@ -940,6 +940,39 @@ async fn tampering_is_refused_then_detected(db: TestDb) {
         }],
         "{all:?}"
     );
+    // Take a customer's events out of their listing alone (their runs in
+    // the view by customer): the listing of every event still shows them,
+    // and `verify_listing` for the customer says what theirs hides.
+    let chain = six_event_chain(&db.store).await;
+    let c = chain.as_str();
+    let customer = whole_chain(&db.store, &chain).await[0]
+        .subject
+        .clone()
+        .unwrap()
+        .id;
+    raw(
+        &db.place,
+        &format!("{bypass} DELETE FROM impersonation_audit_runs WHERE view_name = 'subject' AND chain = '{c}'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(svc.verify_all().await.unwrap().listing, all.listing);
+    let theirs = svc
+        .verify_listing(&impersonation_core::AuditQuery {
+            subject: Some(customer),
+            ..impersonation_core::AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        theirs.listing,
+        [ListingMismatch::Count {
+            chain,
+            chained: 6,
+            listed: 0
+        }],
+        "{theirs:?}"
+    );
 
     // A detail key written twice (a reader keeping the first value would
     // show one the hash never covered): the record does not read, which

@@ -928,11 +928,24 @@ async fn a_view_write_that_fails_after_its_script_does_not_fail_the_change() {
         }]
     );
     assert!(!report.is_ok());
+    // The session's own listing (a view of its own) likewise.
+    let report = service.verify_listing(&by_session()).await.unwrap();
+    assert_eq!(
+        report.listing,
+        [impersonation_core::ListingMismatch::Count {
+            chain: session.chain(),
+            chained: 3,
+            listed: 0
+        }]
+    );
     assert_eq!(whole.rebuild_indexes(&[session.chain()]).await.unwrap(), 3);
     assert_eq!(all_events(&whole, by_session()).await, chain);
     let report = service.verify_all().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.events(), 3);
+    let report = service.verify_listing(&by_session()).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.selected, 3);
 }
 
 /// A chain the list of chains leaves out (its `ns:chains` entry taken

@@ -978,3 +978,84 @@ async fn a_touch_of_any_window_is_written() {
         assert_eq!(seen, touch.now, "coalescing {coalesce}");
     }
 }
+
+/// A customer's listing is read from a view of its own (`ns:audit:subject:
+/// <id>`): its entries taken out by someone with the database, the chain
+/// and the listing of every event stay as they were. `verify_all` finds
+/// nothing; `verify_listing` for the customer says the listing hides their
+/// events, and once the views are rebuilt from the chain, that it shows
+/// each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_listing_finds_a_customers_view_emptied_by_hand() {
+    use impersonation_core::{
+        Activity, AuditQuery, Impersonation, ListingMismatch, MemoryDirectory, Requester,
+        StartRequest,
+    };
+    let ns = common::unique("imptest");
+    let store = common::store_at(common::SINGLE, &ns).await;
+    let w = World::new();
+    let agent = w.agent(1);
+    let customers = [w.customer(1, "t1"), w.customer(2, "t1")];
+    let directory = MemoryDirectory::new();
+    directory.insert(agent.clone());
+    for c in &customers {
+        directory.insert(c.clone());
+    }
+    let service = Impersonation::new(store.clone(), directory);
+    for c in &customers {
+        let started = service
+            .start(
+                Requester::User(&agent),
+                StartRequest::new(c.id.clone(), "Customer cannot see bookings"),
+            )
+            .await
+            .unwrap();
+        let ctx = service.resolve(&started.secret).await.unwrap();
+        service
+            .record(&ctx, Activity::access("Viewed bookings."))
+            .await
+            .unwrap();
+        service.stop(&started.secret, &agent).await.unwrap();
+    }
+    let first = AuditQuery {
+        subject: Some(customers[0].id.clone()),
+        ..AuditQuery::default()
+    };
+    let report = service.verify_listing(&first).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!((report.events(), report.selected), (6, 3));
+
+    let view = format!("{ns}:audit:subject:{}", customers[0].id.as_str());
+    let mut conn = common::raw(common::SINGLE).await;
+    let removed: u32 = redis::cmd("ZREMRANGEBYRANK")
+        .arg(&view)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(removed > 0);
+    assert!(service.verify_all().await.unwrap().is_ok());
+    let report = service.verify_listing(&first).await.unwrap();
+    assert!(report.broken.is_empty(), "{report:?}");
+    let chain = impersonation_core::ChainKey::for_agent(&agent.id);
+    assert_eq!(
+        report.listing,
+        [ListingMismatch::Count {
+            chain: chain.clone(),
+            chained: 3,
+            listed: 0
+        }]
+    );
+    // The other customer's listing is as it was.
+    let second = AuditQuery {
+        subject: Some(customers[1].id.clone()),
+        ..AuditQuery::default()
+    };
+    assert!(service.verify_listing(&second).await.unwrap().is_ok());
+
+    assert_eq!(store.rebuild_indexes(&[chain]).await.unwrap(), 6);
+    let report = service.verify_listing(&first).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.selected, 3);
+}

@@ -61,8 +61,19 @@ struct Plan {
     calls: Calls,
 }
 
-/// An edit of an `audit` page's events ([`FaultyStore::edit_listing`]).
-pub type ListingEdit = fn(&mut Vec<AuditEvent>);
+/// An edit of an `audit` page's events, given the query it answers
+/// ([`FaultyStore::edit_listing`]).
+#[derive(Clone)]
+pub struct ListingEdit(std::sync::Arc<EditFn>);
+
+/// What a [`ListingEdit`] calls.
+type EditFn = dyn Fn(&AuditQuery, &mut Vec<AuditEvent>) + Send + Sync;
+
+impl std::fmt::Debug for ListingEdit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ListingEdit")
+    }
+}
 
 /// Wraps a store and fails the `nth` counted call.
 #[derive(Debug)]
@@ -114,8 +125,12 @@ impl<S: Store> FaultyStore<S> {
     /// (the chains, `chain_events`, are read as stored): the listing
     /// someone with the database changed where it is an index beside the
     /// chains, with copies of its own.
-    pub fn edit_listing(&self, edit: ListingEdit) {
-        *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner()) = Some(edit);
+    pub fn edit_listing(
+        &self,
+        edit: impl Fn(&AuditQuery, &mut Vec<AuditEvent>) + Send + Sync + 'static,
+    ) {
+        *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(ListingEdit(std::sync::Arc::new(edit)));
     }
 
     /// Has the service batch appends and lookups as `batching` says, in
@@ -298,9 +313,13 @@ impl<S: Store> Store for FaultyStore<S> {
     }
     async fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
         let mut page = self.run(false, self.inner.audit(q)).await?;
-        let edit = *self.listing_edit.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(edit) = edit {
-            edit(&mut page.events);
+        let edit = self
+            .listing_edit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(ListingEdit(edit)) = edit {
+            edit(q, &mut page.events);
         }
         Ok(page)
     }
