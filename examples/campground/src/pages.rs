@@ -529,14 +529,6 @@ pub async fn sign_in(
     res
 }
 
-/// A form that carries only the CSRF token.
-/// No `Debug`: it holds the CSRF token.
-#[derive(Deserialize)]
-pub struct TokenForm {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// `POST /signout`: ends a running impersonation first (revoked by its own agent).
 ///
 /// It reads no form: its check is the post's origin alone (below), and a
@@ -1426,16 +1418,52 @@ pub async fn revoke(
     }
 }
 
-/// The audit page's query string.
-#[derive(Debug, Deserialize)]
+/// The audit page's query string: a page, and the filters.
+#[derive(Debug, Default, Deserialize)]
 pub struct AuditParams {
     #[serde(default)]
     cursor: Option<String>,
     #[serde(default)]
     since: Option<String>,
+    /// The impersonated customer's user id: their events alone.
+    #[serde(default)]
+    customer: Option<String>,
 }
 
 impl AuditParams {
+    /// Narrows `query` to the filters given: `since`, `customer`.
+    fn filter(&self, query: &mut AuditQuery) -> Result<(), &'static str> {
+        query.since = self.since()?;
+        query.subject = match self.customer.as_deref().filter(|c| !c.is_empty()) {
+            None => None,
+            Some(id) => Some(UserId::new(id).map_err(|_| "customer: expected a user id")?),
+        };
+        Ok(())
+    }
+
+    /// The filters as a query string's tail (`&since=…&customer=…`), for
+    /// the link to the next page.
+    fn filter_tail(&self) -> String {
+        let mut tail = String::new();
+        for (name, value) in [("since", &self.since), ("customer", &self.customer)] {
+            if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+                let _ = write!(
+                    tail,
+                    "&{name}={}",
+                    form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
+                );
+            }
+        }
+        tail
+    }
+
+    /// Whether any filter is given.
+    fn filtered(&self) -> bool {
+        [&self.since, &self.customer]
+            .iter()
+            .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()))
+    }
+
     /// `since` as a time: `None` if not given (or empty), an error if it is
     /// no RFC 3339 time.
     fn since(&self) -> Result<Option<OffsetDateTime>, &'static str> {
@@ -1505,12 +1533,9 @@ async fn audit_page(
     };
     query.order = Order::Newest;
     query.limit = 50;
-    query.since = match params.since() {
-        Ok(since) => since,
-        Err(message) => {
-            return refused(v, demo, StatusCode::BAD_REQUEST, "Audit trail", message);
-        }
-    };
+    if let Err(message) = params.filter(&mut query) {
+        return refused(v, demo, StatusCode::BAD_REQUEST, "Audit trail", message);
+    }
     query.cursor = match params.cursor.as_deref().map(AuditCursor::decode) {
         None => None,
         Some(Ok(cursor)) => Some(cursor),
@@ -1551,12 +1576,22 @@ async fn audit_page(
     if let Some(result) = verified {
         body.push_str(&result);
     }
+    body.push_str(&customer_filter(demo, params));
     let _ = write!(
         body,
         "<form method=\"post\" action=\"/audit/verify\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered event breaks it. Verify reads the chains themselves, then checks that this listing, an index kept beside them, shows each of their events once, as the chain holds it.</p>\
-         <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt\">plain text</a></form>",
-        attr(v.csrf())
+         <input type=\"hidden\" name=\"since\" value=\"{}\"><input type=\"hidden\" name=\"customer\" value=\"{}\">\
+         <p class=\"note\">Newest first. Every agent's events form a hash chain: an edited, removed or reordered event breaks it. Verify reads the chains themselves, then checks that this listing, an index kept beside them, shows each of their events {}once, as the chain holds it.</p>\
+         <button type=\"submit\" id=\"verify\">Verify chain</button> <a href=\"/audit.txt{}\">plain text</a></form>",
+        attr(v.csrf()),
+        attr(params.since.as_deref().unwrap_or_default()),
+        attr(params.customer.as_deref().unwrap_or_default()),
+        if params.filtered() {
+            "that its filters select "
+        } else {
+            ""
+        },
+        attr(&params.filter_tail().replacen('&', "?", 1)),
     );
     body.push_str(&audit_rows(&page_of.events));
     if let Some(next) = &page_of.next {
@@ -1564,21 +1599,49 @@ async fn audit_page(
             body,
             "<p><a href=\"/audit?cursor={}{}\">Older events →</a></p>",
             attr(&next.encode()),
-            attr(
-                &params
-                    .since
-                    .as_deref()
-                    .filter(|s| !s.is_empty())
-                    .map_or_else(String::new, |since| {
-                        format!(
-                            "&since={}",
-                            form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
-                        )
-                    })
-            )
+            attr(&params.filter_tail())
         );
     }
     page(v, demo, "Audit trail", &body)
+}
+
+/// The audit page's choice of customer: everyone, or one customer's
+/// events (the people nobody could mistake for staff: neither agents nor
+/// admins).
+fn customer_filter(demo: &Demo, params: &AuditParams) -> String {
+    let service = demo.service();
+    let policy = service.policy();
+    let mut customers: Vec<Principal> = service
+        .directory()
+        .all()
+        .into_iter()
+        .filter(|p| policy.permits_agent(p).is_err() && !policy.is_admin(p))
+        .collect();
+    customers.sort_by(|a, b| a.display_name.cmp(&b.display_name));
+    let chosen = params.customer.as_deref().unwrap_or_default();
+    let mut out = String::from(
+        "<form method=\"get\" action=\"/audit\" class=\"card\" id=\"filter\"><label>Impersonated user \
+         <select name=\"customer\"><option value=\"\">everyone</option>",
+    );
+    for c in &customers {
+        let _ = write!(
+            out,
+            "<option value=\"{}\"{}>{}</option>",
+            attr(c.id.as_str()),
+            if c.id.as_str() == chosen {
+                " selected"
+            } else {
+                ""
+            },
+            esc(&c.display_name)
+        );
+    }
+    let _ = write!(
+        out,
+        "</select></label><input type=\"hidden\" name=\"since\" value=\"{}\"> <button type=\"submit\">Show</button></form>",
+        attr(params.since.as_deref().unwrap_or_default())
+    );
+    out
 }
 
 /// `GET /audit`: the trail as the SDK's table (an agent sees their own
@@ -1605,7 +1668,7 @@ pub async fn verify(
     State(demo): AppState,
     guard: Result<NotImpersonating, NotImpersonatingRejection>,
     v: Viewer,
-    AppForm(form): AppForm<TokenForm>,
+    AppForm(form): AppForm<VerifyForm>,
 ) -> Response {
     if let Some(refusal) = guarded(guard, &v, &demo, "Audit trail", "The audit trail") {
         return refusal;
@@ -1618,27 +1681,37 @@ pub async fn verify(
     }
     // Who may read the trail may verify it, and what they may read: every
     // chain, or their own. Nobody else makes the server read the chains.
-    let scope = match audit_scope(&v, &demo) {
+    let mut scope = match audit_scope(&v, &demo) {
         Ok(scope) => scope,
         Err((status, message)) => return refused(&v, &demo, status, "Audit trail", message),
     };
-    let service = demo.service();
-    let verified = match &scope.agent {
-        Some(agent) => service.verify_agent(agent).await,
-        None => service.verify_all().await,
+    // The listing the page showed, with its filters.
+    let params = AuditParams {
+        cursor: None,
+        since: form.since,
+        customer: form.customer,
     };
+    if let Err(message) = params.filter(&mut scope) {
+        return refused(&v, &demo, StatusCode::BAD_REQUEST, "Audit trail", message);
+    }
+    let verified = demo.service().verify_listing(&scope).await;
     let outcome = verified.map(|report| {
-        if report.is_ok() && scope.agent.is_some() {
-            Ok(format!(
-                "your chain, {} events, each listed once",
-                report.events()
-            ))
-        } else if report.is_ok() {
-            Ok(format!(
-                "{} chains, {} events, each listed once",
+        let chains = if scope.agent.is_some() {
+            format!("your chain, {} events", report.events())
+        } else {
+            format!(
+                "{} chains, {} events",
                 report.verified.len(),
                 report.events()
+            )
+        };
+        if report.is_ok() && params.filtered() {
+            Ok(format!(
+                "{chains}; the {} events of this listing, each listed once",
+                report.selected
             ))
+        } else if report.is_ok() {
+            Ok(format!("{chains}, each listed once"))
         } else {
             Err(report
                 .broken
@@ -1663,11 +1736,19 @@ pub async fn verify(
             "<div class=\"card refused\" id=\"verified\">The store could not be read; nothing was verified.</div>".into()
         }
     };
-    let params = AuditParams {
-        cursor: None,
-        since: None,
-    };
     audit_page(&demo, &v, &params, Some(result)).await
+}
+
+/// The Verify button's form: the token, and the filters of the listing it
+/// verifies. No `Debug`: it holds the CSRF token.
+#[derive(Deserialize)]
+pub struct VerifyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    customer: Option<String>,
 }
 
 /// `GET /audit.txt?since=RFC3339`: the trail as the SDK's Markdown table, oldest first.
@@ -1689,10 +1770,9 @@ pub async fn audit_text(
         Ok(q) => q,
         Err((status, message)) => return (status, message).into_response(),
     };
-    query.since = match params.since() {
-        Ok(since) => since,
-        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
-    };
+    if let Err(message) = params.filter(&mut query) {
+        return (StatusCode::BAD_REQUEST, message).into_response();
+    }
     query.limit = impersonation_core::MAX_PAGE;
     // The first page before the answer, so that a store that is down is a
     // 503; then page by page, so a long trail is never held whole. A store

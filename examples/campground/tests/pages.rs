@@ -1009,6 +1009,67 @@ async fn verify_fails_on_an_event_the_listing_hides() {
     }
 }
 
+/// The trail narrowed to one customer: only the rows that name them, the
+/// filter kept by the plain text and by Verify, which checks that listing
+/// against the chains and says how many events it holds. A customer that
+/// is no user id is a 400.
+#[tokio::test]
+async fn the_trail_of_one_customer_is_listed_and_verified_as_shown() {
+    let base = demo().await;
+    let mut sam = User::sign_in(&base, "sam").await;
+    for customer in ["olive", "stan"] {
+        impersonate(&mut sam, customer).await;
+        sam.get("/dashboard").await;
+        sam.post("/impersonation/stop", &[]).await;
+    }
+    let mut lee = User::sign_in(&base, "lee").await;
+    let (status, page) = lee.get("/audit?customer=olive").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("<option value=\"olive\" selected>Olive Owner</option>"),
+        "{page}"
+    );
+    let rows = page.matches("<tr data-action=").count();
+    assert!(rows >= 3, "start, access, end: {page}");
+    assert_eq!(page.matches("<td>Olive Owner</td>").count(), rows, "{page}");
+    assert!(!page.contains("<td>Stan Staff</td>"), "{page}");
+
+    let (status, body) = lee.post("/audit/verify", &[("customer", "olive")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.contains(&format!(
+            "; the {rows} events of this listing, each listed once."
+        )),
+        "{body}"
+    );
+    assert_eq!(body.matches("<tr data-action=").count(), rows, "{body}");
+    let (_, body) = lee.post("/audit/verify", &[]).await;
+    assert!(body.contains(" events, each listed once."), "{body}");
+    // An agent: their own chain, and the listing of one customer in it.
+    sam.get("/audit?customer=stan").await;
+    let (_, body) = sam.post("/audit/verify", &[("customer", "stan")]).await;
+    assert!(
+        body.contains("✓ Chain verified: your chain, ")
+            && body.contains(" events of this listing, each listed once."),
+        "{body}"
+    );
+
+    let (_, table) = lee.get("/audit.txt?customer=olive").await;
+    let lines: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(lines.len(), rows, "{table}");
+    assert!(
+        lines.iter().all(|l| l.contains("| Olive Owner |")),
+        "{table}"
+    );
+
+    let long = "x".repeat(300);
+    let (status, _) = lee.get(&format!("/audit?customer={long}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    lee.get("/audit").await;
+    let (status, _) = lee.post("/audit/verify", &[("customer", &long)]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
 /// A store that fails after the first page of an export: the response
 /// ends in an error (hyper closes the connection before the chunked body
 /// ends), never as if it were the whole trail, and the next export, with
