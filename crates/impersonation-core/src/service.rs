@@ -423,10 +423,12 @@ pub struct VerifyReport {
     /// hidden from it or shown in another's place, or a chain the store's
     /// list of chains leaves out.
     pub listing: Vec<ListingMismatch>,
-    /// Of the verified events, those the listing's filters select: all of
-    /// them for [`Impersonation::verify_all`], a customer's for a
-    /// listing by customer ([`Impersonation::verify_listing`]). When the
-    /// report is ok, the listing shows each of them once.
+    /// Of the verified events, those the listing's filters select and the
+    /// comparison covered: all of them for [`Impersonation::verify_all`]
+    /// (but a chain begun between its two reads of the listing, verified
+    /// and not compared), a customer's for a listing by customer
+    /// ([`Impersonation::verify_listing`]). When the report is ok, the
+    /// listing shows each of them once.
     pub selected: u64,
 }
 
@@ -554,6 +556,11 @@ impl Verification {
             digests: HashMap::new(),
             key: DigestKey(key),
         })
+    }
+
+    /// The events the filters select in the chains verified so far.
+    fn selected(&self) -> u64 {
+        self.digests.values().map(|(n, _)| n).sum()
     }
 }
 
@@ -2617,7 +2624,6 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
         };
         self.compare_twice(&mut run, one_chain).await?;
-        run.report.selected = run.digests.values().map(|(n, _)| n).sum();
         Ok(run.report)
     }
 
@@ -2628,6 +2634,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// one chain shows no other.
     async fn compare_twice(&self, run: &mut Verification, one_chain: bool) -> Result<(), Error> {
         let mut mismatches = self.compare_listing(run).await?;
+        let mut selected = run.selected();
         // A chain begun meanwhile, now verified, is compared the second
         // time.
         let born = !one_chain && self.verify_born_meanwhile(run, &mut mismatches).await?;
@@ -2637,6 +2644,9 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
                 .any(|m| !matches!(m, ListingMismatch::Unreadable { .. }));
         if again {
             mismatches = self.compare_listing(run).await?;
+            selected = run.selected();
+            // (A chain begun since is verified, not compared: it counts
+            // among neither `selected` nor the mismatches.)
             if !one_chain {
                 self.verify_born_meanwhile(run, &mut mismatches).await?;
             }
@@ -2652,6 +2662,7 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
             }
         }
         run.report.listing = mismatches;
+        run.report.selected = selected;
         Ok(())
     }
 

@@ -311,6 +311,56 @@ async fn verify_listing_checks_one_customers_listing() {
     }
 }
 
+/// The listing of one agent's events showing another agent's as well (a
+/// store whose index by agent mixed two up): `verify_agent` names the
+/// other chain and how many of its events the listing shows.
+#[tokio::test]
+async fn verify_agent_reports_another_chain_in_the_agents_listing() {
+    let store = FaultyStore::new(MemoryStore::new());
+    let f = fixture_with(store, Policy::default(), Config::default());
+    let sam = agent("sam");
+    sam_reads_olives_settings(&f).await;
+    let kim = agent("kim");
+    let on_oscar = f
+        .service
+        .start(Requester::User(&kim), req("oscar"))
+        .await
+        .unwrap();
+    f.service.stop(&on_oscar.secret, &kim).await.unwrap();
+    assert!(f.service.verify_agent(&sam.id).await.unwrap().is_ok());
+    let kims = all_events(
+        f.service.store(),
+        AuditQuery {
+            agent: Some(kim.id.clone()),
+            ..AuditQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(kims.len(), 2);
+    f.service
+        .store()
+        .edit_listing(move |q: &AuditQuery, page: &mut Vec<AuditEvent>| {
+            if q.agent == Some(id("sam")) && q.cursor.is_none() {
+                page.extend(kims.iter().cloned());
+            }
+        });
+    let report = f.service.verify_agent(&sam.id).await.unwrap();
+    assert!(report.broken.is_empty(), "{report:?}");
+    assert_eq!(
+        report.listing,
+        [ListingMismatch::OtherChain {
+            chain: on_oscar.session.chain(),
+            listed: 2
+        }]
+    );
+    assert_eq!(
+        report.listing[0].to_string(),
+        "the listing of one chain shows 2 events of chain kim"
+    );
+    // The listing of every event is as stored.
+    assert!(f.service.verify_all().await.unwrap().is_ok());
+}
+
 /// Sam starts impersonating Olive and reads her settings: two events.
 async fn sam_reads_olives_settings<S: Store>(f: &Fixture<S>) -> Started {
     let started = f

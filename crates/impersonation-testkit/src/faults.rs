@@ -64,7 +64,7 @@ struct Plan {
 /// An edit of an `audit` page's events, given the query it answers
 /// ([`FaultyStore::edit_listing`]).
 #[derive(Clone)]
-pub struct ListingEdit(std::sync::Arc<EditFn>);
+struct ListingEdit(std::sync::Arc<EditFn>);
 
 /// What a [`ListingEdit`] calls.
 type EditFn = dyn Fn(&AuditQuery, &mut Vec<AuditEvent>) + Send + Sync;

@@ -1633,7 +1633,17 @@ fn customer_filter(demo: &Demo, params: &AuditParams) -> String {
             } else {
                 ""
             },
-            esc(&c.display_name)
+            esc(&display_text(&c.display_name))
+        );
+    }
+    // An id given in the address that is no customer's still shows as
+    // the filter in force.
+    if !chosen.is_empty() && !customers.iter().any(|c| c.id.as_str() == chosen) {
+        let _ = write!(
+            out,
+            "<option value=\"{}\" selected>{}</option>",
+            attr(chosen),
+            esc(&display_text(chosen))
         );
     }
     let _ = write!(

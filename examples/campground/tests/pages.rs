@@ -1033,6 +1033,15 @@ async fn the_trail_of_one_customer_is_listed_and_verified_as_shown() {
     assert!(rows >= 3, "start, access, end: {page}");
     assert_eq!(page.matches("<td>Olive Owner</td>").count(), rows, "{page}");
     assert!(!page.contains("<td>Stan Staff</td>"), "{page}");
+    // The Verify button and the plain text keep the filter.
+    assert!(
+        page.contains("<input type=\"hidden\" name=\"customer\" value=\"olive\">"),
+        "{page}"
+    );
+    assert!(
+        page.contains("href=\"/audit.txt?customer=olive\""),
+        "{page}"
+    );
 
     let (status, body) = lee.post("/audit/verify", &[("customer", "olive")]).await;
     assert_eq!(status, StatusCode::OK);
@@ -1065,6 +1074,14 @@ async fn the_trail_of_one_customer_is_listed_and_verified_as_shown() {
     let long = "x".repeat(300);
     let (status, _) = lee.get(&format!("/audit?customer={long}")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = lee.get(&format!("/audit.txt?customer={long}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // An id that is no customer's shows as the filter in force.
+    let (_, page) = lee.get("/audit?customer=sam").await;
+    assert!(
+        page.contains("<option value=\"sam\" selected>sam</option>"),
+        "{page}"
+    );
     lee.get("/audit").await;
     let (status, _) = lee.post("/audit/verify", &[("customer", &long)]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
