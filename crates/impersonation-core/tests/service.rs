@@ -12,7 +12,7 @@ use impersonation_core::{
     Policy, Principal, ProjectionRules, RelationKind, Relationship, Requester, SessionState,
     ShadowValue, StartRequest, Started, Store, TenantId, TransitionError, UserId, verify_chain,
 };
-use impersonation_testkit::conformance::all_events;
+use impersonation_testkit::conformance::{all_events, whole_chain};
 use impersonation_testkit::epoch;
 use impersonation_testkit::faults::{Calls, FaultyStore, When};
 use time::Duration;
@@ -3547,4 +3547,120 @@ async fn checking_a_session_finds_it_stopped_or_revoked() {
             .await,
         Err(Error::Unauthenticated)
     ));
+}
+
+/// The filters of one generated listing: agent, customer, tenant, actor
+/// (each one of a few, some matching nothing, or none past them), action,
+/// and a time window in steps of 2 s from the epoch (none from 8).
+type Filters = (u8, u8, u8, u8, u8, u8, u8);
+
+/// The listing `filters` select.
+fn filtered(filters: Filters) -> AuditQuery {
+    let (agent, subject, tenant, actor, action, since, until) = filters;
+    let person = |n: u8, names: [&str; 2]| names.get(usize::from(n)).map(|s| id(s));
+    let at = |s: u8| (s < 8).then(|| epoch() + Duration::seconds(i64::from(s) * 2));
+    AuditQuery {
+        agent: person(agent, ["sam", "kim"]),
+        subject: person(subject, ["olive", "oscar"]),
+        tenant: ["pinewood", "vendor"]
+            .get(usize::from(tenant))
+            .map(|t| TenantId::new(*t).unwrap()),
+        actor: person(actor, ["kim", "olive"]),
+        action: [
+            AuditAction::SessionStarted,
+            AuditAction::Access,
+            AuditAction::SessionEnded,
+        ]
+        .get(usize::from(action))
+        .copied(),
+        since: at(since),
+        until: at(until),
+        ..AuditQuery::default()
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever its filters, the listing of an intact store verifies, and
+    /// `selected` is the number of chained events they select; with one of
+    /// those events taken out of every listing, `verify_listing` names its
+    /// chain and counts one fewer listed.
+    #[test]
+    fn any_filtered_listing_verifies_and_one_hidden_event_is_found(
+        visits in proptest::collection::vec(
+            (proptest::bool::ANY, proptest::bool::ANY, 0_u8..3, 0_u8..3),
+            1..6,
+        ),
+        // Each filter left out more often than not.
+        filters in (0_u8..5, 0_u8..5, 0_u8..5, 0_u8..5, 0_u8..7, 0_u8..16, 0_u8..16),
+        hide in 0_usize..64,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let f = fixture_with(
+                FaultyStore::new(MemoryStore::new()),
+                Policy::default(),
+                Config::default(),
+            );
+            // Each visit: an agent impersonates a customer, reads some
+            // pages a second apart, and stops.
+            for (by_kim, of_oscar, reads, gap) in visits {
+                f.clock.advance(Duration::seconds(i64::from(gap)));
+                let agent = agent(if by_kim { "kim" } else { "sam" });
+                let started = f
+                    .service
+                    .start(Requester::User(&agent), req(if of_oscar { "oscar" } else { "olive" }))
+                    .await
+                    .unwrap();
+                let ctx = f.service.resolve(&started.secret).await.unwrap();
+                for _ in 0..reads {
+                    f.clock.advance(Duration::seconds(1));
+                    f.service
+                        .record(&ctx, Activity::access("Viewed bookings."))
+                        .await
+                        .unwrap();
+                }
+                f.service.stop(&started.secret, &agent).await.unwrap();
+            }
+            let query = filtered(filters);
+            let mut chosen = Vec::new();
+            for agent in ["sam", "kim"] {
+                let chain = ChainKey::for_agent(&id(agent));
+                chosen.extend(
+                    whole_chain(f.service.store(), &chain)
+                        .await
+                        .into_iter()
+                        .filter(|e| query.matches(e)),
+                );
+            }
+            let report = f.service.verify_listing(&query).await.unwrap();
+            assert!(report.is_ok(), "{query:?}: {report:?}");
+            assert_eq!(report.selected, chosen.len() as u64, "{query:?}");
+
+            let Some(hidden) = chosen.get(hide % chosen.len().max(1)).cloned() else {
+                return;
+            };
+            let in_chain = chosen.iter().filter(|e| e.chain == hidden.chain).count() as u64;
+            let hidden_id = hidden.id;
+            f.service
+                .store()
+                .edit_listing(move |_: &AuditQuery, page: &mut Vec<AuditEvent>| {
+                    page.retain(|e| e.id != hidden_id);
+                });
+            let report = f.service.verify_listing(&query).await.unwrap();
+            assert_eq!(
+                report.listing,
+                [ListingMismatch::Count {
+                    chain: hidden.chain.clone(),
+                    chained: in_chain,
+                    listed: in_chain - 1,
+                }],
+                "{query:?}"
+            );
+        });
+    }
 }
