@@ -2163,3 +2163,47 @@ async fn the_guard_without_the_layer_is_a_500_not_a_pass() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+/// A stop (or a start from inside the session) whose CSRF check fails is
+/// a request served under impersonation like any other: recorded once, a
+/// change answered 403, naming the agent and the customer, and the
+/// session goes on.
+#[tokio::test]
+async fn a_stop_refused_on_its_csrf_check_is_recorded_once() {
+    let (f, mut sam) = sam_on_olive().await;
+    for (path, form) in [
+        ("/impersonation/stop", "csrf=forged"),
+        (
+            "/impersonation/start",
+            "target=oscar&reason=Customer+cannot+see+bookings&csrf=forged",
+        ),
+    ] {
+        let before = events(&f).await.len();
+        let reply = sam
+            .send(
+                Method::POST,
+                path,
+                Some(form.to_owned()),
+                &[("origin", "https://app.example")],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        let all = events(&f).await;
+        let new = &all[before..];
+        assert_eq!(new.len(), 1, "{path}: {new:?}");
+        let e = &new[0];
+        assert_eq!(e.action, AuditAction::Modification, "{path}: {e:?}");
+        assert_eq!(e.details.get("status"), Some("403"), "{path}: {e:?}");
+        assert_eq!(e.details.get("route"), Some(path), "{path}: {e:?}");
+        assert_eq!(e.actor.id(), Some(&UserId::new("sam").unwrap()));
+        assert_eq!(
+            e.subject.as_ref().map(|s| s.id.as_str()),
+            Some("olive"),
+            "{path}"
+        );
+    }
+    assert!(
+        sam.get("/").await.body.contains("impersonation-banner"),
+        "the session goes on"
+    );
+}
