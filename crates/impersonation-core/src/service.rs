@@ -2610,29 +2610,28 @@ impl<S: Store, D: Directory> Impersonation<S, D> {
     /// ```
     pub async fn verify_listing(&self, query: &AuditQuery) -> Result<VerifyReport, Error> {
         let mut run = Verification::new(query)?;
-        let one_chain = match &query.agent {
+        match &query.agent {
             Some(agent) => {
                 self.verify_into(&ChainKey::for_agent(agent), &mut run)
                     .await?;
-                true
             }
             None => {
                 for key in self.all_chains().await? {
                     self.verify_into(&key, &mut run).await?;
                 }
-                false
             }
-        };
-        self.compare_twice(&mut run, one_chain).await?;
+        }
+        self.compare_twice(&mut run).await?;
         Ok(run.report)
     }
 
     /// Compares the listing the run's filters select with the verified
     /// chains, and again where they differ. Of a listing of every chain
-    /// (`one_chain` false), a chain it shows that the list of chains names
+    /// (no agent filter), a chain it shows that the list of chains names
     /// by then was begun meanwhile: verified, not reported. A listing of
-    /// one chain shows no other.
-    async fn compare_twice(&self, run: &mut Verification, one_chain: bool) -> Result<(), Error> {
+    /// one agent's chain shows no other.
+    async fn compare_twice(&self, run: &mut Verification) -> Result<(), Error> {
+        let one_chain = run.filter.agent.is_some();
         let mut mismatches = self.compare_listing(run).await?;
         let mut selected = run.selected();
         // A chain begun meanwhile, now verified, is compared the second

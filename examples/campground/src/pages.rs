@@ -1419,7 +1419,7 @@ pub async fn revoke(
 }
 
 /// The audit page's query string: a page, and the filters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct AuditParams {
     #[serde(default)]
     cursor: Option<String>,
@@ -1459,9 +1459,7 @@ impl AuditParams {
 
     /// Whether any filter is given.
     fn filtered(&self) -> bool {
-        [&self.since, &self.customer]
-            .iter()
-            .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()))
+        !self.filter_tail().is_empty()
     }
 
     /// `since` as a time: `None` if not given (or empty), an error if it is
